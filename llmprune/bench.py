@@ -1,0 +1,333 @@
+"""Decode benchmark: dense vs compressed tokens/s, effective GB/s, peak memory; kernel microbench.
+
+Decode is memory-bound, so the number that matters is bytes of weights read per step x steps/s
+(gpt-fast's "effective bandwidth"), compared with the device's bandwidth (H200: 4.8 TB/s spec;
+the issue's target uses 4.3 TB/s achievable). KV-cache reads are not counted in those bytes.
+Protocol: random prompt of `prompt_len` tokens, prefill, then `new_tokens` greedy decode steps with
+a static KV cache; on CUDA one decode step is captured in a CUDA graph and replayed; the first
+`warmup` steps are excluded; every step is timed on its own (median and p90).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+H200_SPEC_GBS = 4800.0
+H200_TARGET_GBS = 4300.0
+
+LLAMA_SHAPES = {  # name -> (out, in) of the fused linears
+    "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (22016, 4096), "7b.down": (4096, 11008),
+    "70b.qkv": (10240, 8192), "70b.o": (8192, 8192), "70b.gate_up": (57344, 8192), "70b.down": (8192, 28672),
+}
+
+
+def _load(model, dtype, device):
+    """An nn.Module, an llmprune output folder (packed or dense), or a model spec for models.load."""
+    if isinstance(model, torch.nn.Module):
+        return model.to(device).eval()
+    p = Path(str(model))
+    if (p / "llmprune.json").is_file():
+        from llmprune import checkpoint
+
+        return checkpoint.load(p, dtype=dtype, device=device)[0]
+    from llmprune import models
+
+    return models.load(str(model), dtype=dtype, device=device)[0]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter/buffer once (tied ones once), minus
+    input embeddings not shared with the output head (a step reads only its tokens' rows) and
+    rotary tables (not weights)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    skip = set()
+    if emb is not None and (head is None or head.weight.data_ptr() != emb.weight.data_ptr()):
+        skip.add(emb.weight.data_ptr())
+    skip |= {t.data_ptr() for n, t in model.named_buffers() if "rotary" in n or n.endswith("inv_freq")}
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in skip:
+            skip.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@torch.no_grad()
+def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, warmup: int = 3,
+                 cuda_graphs: bool = True, seed: int = 0) -> dict:
+    """Per-step decode latencies (ms) after a prefill, static KV cache, CUDA graph when possible."""
+    from transformers import StaticCache
+
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + warmup)
+    pos = torch.arange(prompt_len, device=device)
+    logits = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    tok = logits[:, -1:].argmax(-1)  # (batch, 1) static input of the decode step
+    cpos = torch.tensor([prompt_len], device=device)  # updated in place: graph replays read it
+
+    def step():
+        out = model(input_ids=tok, past_key_values=cache, cache_position=cpos, use_cache=True).logits
+        return out[:, -1:].argmax(-1)
+
+    graph, note = None, "eager"
+    if cuda_graphs and device.type == "cuda":
+        try:
+            s = torch.cuda.Stream(device)
+            s.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(s):  # warm-up on a side stream, as capture requires
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                nxt = step()
+            note = "cuda_graph"
+        except Exception as e:  # a model that cannot be captured still gets an (eager) number
+            graph, note = None, f"eager (CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]})"
+            torch.cuda.synchronize(device)
+    # the warm-up/capture steps above wrote cache slots at cpos; the timed steps overwrite them
+    times, toks = [], [tok.clone()]
+    for i in range(warmup + new_tokens):
+        cpos.fill_(prompt_len + i)
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            if graph is not None:
+                graph.replay()
+                tok.copy_(nxt)
+            else:
+                tok.copy_(step())
+            b.record()
+            b.synchronize()
+            ms = a.elapsed_time(b)
+        else:
+            t0 = time.perf_counter()
+            tok.copy_(step())
+            ms = (time.perf_counter() - t0) * 1e3
+        toks.append(tok.clone())
+        if i >= warmup:
+            times.append(ms)
+    return {"ms": times, "mode": note, "prompt": ids.cpu(), "tokens": torch.cat(toks, 1).cpu()}
+
+
+def _summary(times: list[float], batch: int, wbytes: int) -> dict:
+    med = statistics.median(times)
+    p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    gbs = wbytes / (med / 1e3) / 1e9  # weights are read once per step, whatever the batch
+    return {"ms_per_step_median": med, "ms_per_step_p90": p90, "tokens_per_s": batch * 1e3 / med,
+            "effective_GBps": gbs, "pct_of_spec_bw": 100 * gbs / H200_SPEC_GBS,
+            "pct_of_target_bw": 100 * gbs / H200_TARGET_GBS}
+
+
+def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, new_tokens: int = 128,
+              device: str | None = None, dtype=None, warmup: int = 3, cuda_graphs: bool = True) -> dict:
+    """End-to-end decode of `model` (and `dense_model` if given): one row per (model, batch)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for label, spec in (("dense", dense_model), ("compressed", model)):
+        if spec is None:
+            continue
+        m = _load(spec, dtype, device)
+        wb = weight_bytes(m)
+        for b in batches:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            r = decode_steps(m, b, prompt_len, new_tokens, device, warmup, cuda_graphs)
+            rows.append({"model": label, "batch": b, "weight_bytes": wb, "mode": r["mode"],
+                         **_summary(r["ms"], b, wb), "peak_mem_MiB": _peak_mib(device)})
+        del m
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,
+           "bandwidth_reference_GBps": {"h200_spec": H200_SPEC_GBS, "issue_target": H200_TARGET_GBS},
+           "notes": "effective_GBps = weight bytes per step / median step time; KV-cache reads excluded"}
+    dense = {r["batch"]: r for r in rows if r["model"] == "dense"}
+    for r in rows:
+        if r["model"] == "compressed" and r["batch"] in dense:
+            r["speedup_vs_dense"] = dense[r["batch"]]["ms_per_step_median"] / r["ms_per_step_median"]
+    return out
+
+
+# --- kernel microbenchmark -----------------------------------------------------------------------
+
+def random_packed(fmt: str, out: int, n_in: int, dtype=torch.float16, device="cpu", seed: int = 0) -> dict:
+    """Valid packed tensors of a random weight, built directly (packing a 57344 x 8192 weight just to
+    time it would dominate the benchmark)."""
+    device = torch.device(device)
+    g = torch.Generator(device).manual_seed(seed)  # generated where used: 70B shapes are large
+    pairs = torch.tensor([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], device=device)
+
+    def meta():
+        sel = pairs[torch.randint(6, (out, n_in // 4), generator=g, device=device)]  # (out, in/4, 2)
+        nib = sel[..., 0] | (sel[..., 1] << 2)
+        return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)  # (out, in/8)
+
+    def u8(*s):
+        return torch.randint(0, 256, s, generator=g, dtype=torch.int32, device=device).to(torch.uint8)
+
+    def scales(*s):
+        return (torch.rand(*s, generator=g, device=device) * 0.01 + 1e-3).half()
+
+    if fmt == "sparse24":
+        p = {"values": (torch.randn(out, n_in // 2, generator=g, device=device) * 0.02).to(dtype), "meta": meta()}
+    elif fmt == "w4g128":
+        p = {"codes": u8(out, n_in // 2), "scales": scales(out, n_in // 128)}
+    elif fmt == "w4s24":
+        p = {"codes": u8(out, n_in // 4), "meta": meta(), "scales": scales(out, n_in // 128)}
+    elif fmt == "w4s50":
+        ng, k = n_in // 16, n_in // 32
+        gidx = torch.rand(out, ng, generator=g, device=device).argsort(1)[:, :k].sort(1).values.to(torch.int16)
+        p = {"codes": u8(out, k * 8), "gidx": gidx, "scales": scales(out, k)}
+    else:
+        from llmprune.errors import LLMPruneError
+
+        raise LLMPruneError(f"unknown format {fmt!r} for the microbenchmark")
+    return p
+
+
+def _time(fn, device, reps: int, flush) -> float:
+    """Median ms of fn() over reps, L2 flushed before each run on CUDA."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            flush.zero_()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def kernel_microbench(shapes: dict | None = None, Ms=(1, 2, 4, 8, 16, 512),
+                      formats=("sparse24", "w4g128", "w4s24", "w4s50"), device: str | None = None,
+                      dtype=None, reps: int = 20) -> list[dict]:
+    """ms of ops.linear per (shape, M, format) vs dense F.linear (and 2:4 to_sparse_semi_structured
+    on CUDA), with effective GB/s of the bytes each reads."""
+    import torch.nn.functional as F
+
+    from llmprune.kernels import ops
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    shapes = shapes or LLAMA_SHAPES
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    rows = []
+    for name, (out, n_in) in shapes.items():
+        w = (torch.randn(out, n_in, device=device) * 0.02).to(dtype)
+        semi = None
+        if device.type == "cuda" and "sparse24" in formats:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                w24 = w.view(out, n_in // 4, 4).clone()
+                w24[..., 2:] = 0  # any valid 2:4 mask times the same
+                semi = to_sparse_semi_structured(w24.view(out, n_in))
+            except Exception as e:  # older GPUs / builds without cuSPARSELt or CUTLASS 2:4
+                semi = f"unavailable: {type(e).__name__}"
+        packs = {f: random_packed(f, out, n_in, dtype, device) for f in formats}
+        for M in Ms:
+            x = torch.randn(M, n_in, device=device).to(dtype)
+            dense_ms = _time(lambda: F.linear(x, w), device, reps, flush)
+            base = {"shape": name, "out": out, "in": n_in, "M": M, "dtype": str(dtype).replace("torch.", "")}
+            rows.append({**base, "format": "dense", "ms": dense_ms, "bytes": w.numel() * w.element_size(),
+                         "speedup_vs_dense": 1.0})
+            if semi is not None and not isinstance(semi, str):
+                try:
+                    ms = _time(lambda: F.linear(x, semi), device, reps, flush)
+                    rows.append({**base, "format": "torch_semi_structured", "ms": ms,
+                                 "bytes": w.numel() * w.element_size() * 9 // 16,
+                                 "speedup_vs_dense": dense_ms / ms})
+                except Exception as e:
+                    rows.append({**base, "format": "torch_semi_structured", "error": str(e)[:200]})
+            for f, p in packs.items():
+                ms = _time(lambda: ops.linear(f, x, p), device, reps, flush)
+                nbytes = sum(t.numel() * t.element_size() for t in p.values())
+                rows.append({**base, "format": f, "ms": ms, "bytes": nbytes, "speedup_vs_dense": dense_ms / ms})
+    for r in rows:
+        if "ms" in r:
+            r["effective_GBps"] = r["bytes"] / (r["ms"] / 1e3) / 1e9
+            r["pct_of_spec_bw"] = 100 * r["effective_GBps"] / H200_SPEC_GBS
+    return rows
+
+
+def format_table(rows: list[dict], cols: tuple[str, ...]) -> str:
+    """A plain-text table of the given columns (floats to 3 significant digits)."""
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    body = [[cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+DECODE_COLS = ("model", "batch", "mode", "ms_per_step_median", "ms_per_step_p90", "tokens_per_s",
+               "effective_GBps", "pct_of_target_bw", "peak_mem_MiB", "speedup_vs_dense")
+MICRO_COLS = ("shape", "M", "format", "ms", "effective_GBps", "pct_of_spec_bw", "speedup_vs_dense")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m llmprune.bench OUT [--dense MODEL] ... (the flags `llmprune bench` takes)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="llmprune bench", description="decode benchmark, dense vs compressed")
+    ap.add_argument("model", nargs="?", help="compressed output folder (or any model spec)")
+    ap.add_argument("--dense", help="dense model to compare with")
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--device")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="also run the kernel microbenchmark")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+    dtype = getattr(torch, a.dtype) if a.dtype else None
+    res = {}
+    if a.model:
+        res["decode"] = run_bench(a.model, a.dense, [int(b) for b in a.batch.split(",")], a.prompt_len,
+                                  a.new_tokens, a.device, dtype, cuda_graphs=not a.no_cuda_graphs)
+        d = res["decode"]
+        print(f"decode on {d['device']} ({d['dtype']}), context {d['context_len']} "
+              f"(prompt {d['prompt_len']} + {d['new_tokens']} new)")
+        print(format_table(d["rows"], DECODE_COLS))
+    if a.kernels:
+        res["kernels"] = kernel_microbench(device=a.device, dtype=dtype)
+        print(format_table(res["kernels"], MICRO_COLS))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Calibration data: token windows of shape (nsamples, seqlen), seeded and reproducible.
+
+Named sets follow the papers' loaders (SparseGPT/Wanda datautils): C4 draws a random document
+longer than seqlen and a random window inside it; WikiText-2 draws random windows from the joined
+text. Files: .txt, .jsonl ("text"), .parquet ("text"), or .safetensors holding `input_ids`
+(nsamples, seqlen) used as is, so two tools can be compared on identical tokens.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from ..errors import LLMPruneError
+from . import sources
+
+NAMED = ("c4", "wikitext2")
+
+
+def _windows_from_stream(ids: torch.Tensor, nsamples: int, seqlen: int, rnd: random.Random, what: str):
+    if ids.numel() < seqlen + 1:
+        raise LLMPruneError(
+            f"calibration data {what} has {ids.numel()} tokens, fewer than --seqlen + 1 = {seqlen + 1}: "
+            f"give a longer text or lower --seqlen"
+        )
+    starts = [rnd.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])  # (nsamples, seqlen)
+
+
+def _c4_windows(docs: list[str], tok, nsamples: int, seqlen: int, rnd: random.Random):
+    """The SparseGPT/Wanda C4 sampler: a random document longer than seqlen, a random window in it.
+    A small offline sample may hold too few long documents; then windows come from the documents
+    joined into one stream (recorded in the source)."""
+    lengths: dict[int, torch.Tensor] = {}
+    long_docs = 0
+    for i in range(len(docs)):  # count once so the fallback is decided up front, not by luck
+        if len(docs[i]) > seqlen:  # characters >= tokens: a cheap pre-filter
+            ids = tok(docs[i], return_tensors="pt").input_ids[0]
+            lengths[i] = ids
+            long_docs += ids.numel() > seqlen
+    if long_docs < min(nsamples, 16):
+        stream = tok("\n\n".join(docs), return_tensors="pt").input_ids[0]
+        return _windows_from_stream(stream, nsamples, seqlen, rnd, "c4"), "documents joined (too few long ones)"
+    out = []
+    for _ in range(nsamples):
+        while True:
+            i = rnd.randint(0, len(docs) - 1)
+            ids = lengths.get(i)
+            if ids is not None and ids.numel() > seqlen:
+                break
+        s = rnd.randint(0, ids.numel() - seqlen - 1)
+        out.append(ids[s : s + seqlen])
+    return torch.stack(out), "random long document, random window"
+
+
+def _file_texts(path: Path) -> list[str]:
+    suf = path.suffix.lower()
+    if suf == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suf == ".jsonl":
+        import json
+
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if rows and "text" not in rows[0]:
+            raise LLMPruneError(f"{path}: jsonl rows need a 'text' field")
+        return [r["text"] for r in rows]
+    if suf == ".parquet":
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(path)
+        if "text" not in t.column_names:
+            raise LLMPruneError(f"{path}: parquet needs a 'text' column (has {t.column_names})")
+        return [str(x) for x in t.column("text").to_pylist()]
+    raise LLMPruneError(f"calibration file {path} has an unknown type: use .txt, .jsonl, .parquet or .safetensors")
+
+
+def load(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Returns (input_ids (nsamples, seqlen) int64, source facts for the manifest)."""
+    if nsamples < 1 or seqlen < 2:
+        raise LLMPruneError("--nsamples must be >= 1 and --seqlen >= 2")
+    rnd = random.Random(seed)
+    info = {"name": spec, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    if spec == "c4":
+        docs, where = sources.c4_docs("train")
+        ids, how = _c4_windows(docs, tokenizer, nsamples, seqlen, rnd)
+        info.update(source=where, sampling=how)
+        return ids, info
+    if spec == "wikitext2":
+        text, where = sources.wikitext2("train")
+        stream = tokenizer(text, return_tensors="pt").input_ids[0]
+        info.update(source=where, sampling="random windows of the joined text")
+        return _windows_from_stream(stream, nsamples, seqlen, rnd, "wikitext2"), info
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise LLMPruneError(f"unknown calibration set {spec!r}: use c4, wikitext2, or a .txt/.jsonl/.parquet/.safetensors file")
+    info["source"] = str(path.resolve())
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(path)).get("input_ids")
+        except Exception as e:
+            raise LLMPruneError(f"{path} is not a readable safetensors file ({e})") from None
+        if t is None or t.dim() != 2 or t.shape[1] < 2:
+            raise LLMPruneError(f"{path} must hold an 'input_ids' tensor of shape (nsamples, seqlen)")
+        info.update(nsamples=t.shape[0], seqlen=t.shape[1], sampling="used as is")
+        return t.long(), info
+    texts = [t for t in _file_texts(path) if t.strip()]
+    if not texts:
+        raise LLMPruneError(f"calibration file {path} is empty: give a file with text")
+    stream = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    info["sampling"] = "random windows of the joined text"
+    return _windows_from_stream(stream, nsamples, seqlen, rnd, str(path)), info

@@ -1,0 +1,71 @@
+"""Where named text sets come from: the Hub when reachable (as the papers do), else the small
+real samples shipped in llmprune/calibration/data. The returned `where` string is recorded."""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+_WT2_NOTE = "rows of wiki.test.raw without its blank rows, joined with '\\n\\n'"
+
+
+@functools.lru_cache(maxsize=1)
+def online() -> bool:
+    """Whether the Hub is worth trying: not forced offline and its host resolves and answers."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub(fn):
+    if not online():
+        return None
+    try:
+        return fn()
+    except Exception:  # unreachable mid-way, gated, or renamed: fall back to the shipped sample
+        return None
+
+
+def wikitext2(split: str) -> tuple[str, str]:
+    """The text joined with "\\n\\n" (the SparseGPT protocol for the test split; train is joined
+    the same way here)."""
+    def hub():
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        return "\n\n".join(rows), f"hub:wikitext/wikitext-2-raw-v1:{split}"
+
+    got = _hub(hub)
+    if got:
+        return got
+    rows = [r for r in (DATA / "wikitext2_test.raw").read_text(encoding="utf-8").split("\n") if r.strip()]
+    where = f"offline:wikitext2_test.raw ({_WT2_NOTE})"
+    if split != "test":
+        where += "; the train split is not shipped: the test text is used, so calibration overlaps evaluation"
+    return "\n\n".join(rows), where
+
+
+def c4_docs(split: str) -> tuple[list[str], str]:
+    """C4 en documents: train shard 0 (calibration, as the papers) or validation shard 0 (eval)."""
+    def hub():
+        from datasets import load_dataset
+
+        f = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        docs = load_dataset("allenai/c4", data_files={split: f}, split=split)["text"]
+        return list(docs), f"hub:allenai/c4:{f}"
+
+    got = _hub(hub)
+    if got:
+        return got
+    import pyarrow.parquet as pq
+
+    docs = [str(t) for t in pq.read_table(DATA / "c4_validation_sample.parquet").column("text").to_pylist()]
+    if split == "train":  # calibration takes the second half, evaluation reads from the start
+        return docs[500:], "offline:c4_validation_sample.parquet docs 500-999 (no train split shipped)"
+    return docs, "offline:c4_validation_sample.parquet (1,000 validation docs)"

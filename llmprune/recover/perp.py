@@ -1,0 +1,307 @@
+"""PERP: Parameter-Efficient Retraining after Pruning (Zimmer et al. 2023, arXiv 2312.15230).
+
+After pruning, retraining a tiny, expressive subset of parameters recovers most of the lost
+quality (sec. 3): the normalization scales, the biases, and low-rank adapters that respect the
+keep-masks (MaskLoRA, ScaleLoRA; see lora.py). Everything else stays frozen, the adapters are
+merged at the end, and the merged weights keep exactly the zeros (so the N:M structure) they had.
+
+The loop is ordinary causal-LM training through accelerate, so the same code runs on the CPU,
+one GPU or several: AdamW, linear warmup then cosine decay, gradient accumulation, activation
+checkpointing to bound memory.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import LLMPruneError
+from . import lora
+
+TRAINABLE = ("norms", "biases", "masklora", "scalelora")
+SCHEDULES = ("cosine", "linear", "constant")
+
+# Default learning rate, not tuned here: PERP tunes it per method (sec. 4). With ~200 steps and B = 0
+# at the start, a step a little above LoRA fine-tuning's usual 1e-4 moves the adapters and norm
+# scales enough; lower it if the loss spikes in the first steps.
+DEFAULT_LR = 2e-4
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def derive_keep_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight != 0) of the pruned linears: every nn.Linear with at least one zero,
+    except the output head (tied to the embeddings in small models, never pruned)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    masks = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod is not head:
+            keep = mod.weight.detach() != 0
+            if not bool(keep.all()):
+                masks[name] = keep
+    return masks
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # RMSNorm / LayerNorm classes of any architecture (LlamaRMSNorm, Gemma3RMSNorm, nn.LayerNorm...)
+    return "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _select(model: nn.Module, train: tuple[str, ...]) -> tuple[dict[str, list[nn.Parameter]], list[str]]:
+    """The existing parameters to unfreeze, per kind ("norms", "biases"), and notes for the info."""
+    chosen: dict[str, list[nn.Parameter]] = {}
+    notes = []
+    if "norms" in train:
+        chosen["norms"] = [p for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)]
+        if not chosen["norms"]:
+            notes.append("no normalization layers found: 'norms' trains nothing")
+    if "biases" in train:
+        chosen["biases"] = [m.bias for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]
+        if not chosen["biases"]:
+            notes.append(f"{type(model).__name__} has no linear biases: 'biases' trains nothing")
+    return chosen, notes
+
+
+def _check(lr, steps, batch_size, grad_accum, method, train, schedule, train_ids, rank, mixed_precision) -> None:
+    if method != "perp":
+        raise LLMPruneError(f"unknown recovery method {method!r}: use --method perp")
+    if not lr > 0:
+        raise LLMPruneError(f"--lr {lr} must be > 0, e.g. --lr {DEFAULT_LR:g}")
+    if steps <= 0:
+        raise LLMPruneError(f"--steps {steps} must be >= 1, e.g. --steps 200")
+    if batch_size <= 0 or grad_accum <= 0:
+        raise LLMPruneError(f"--batch {batch_size} and --grad-accum {grad_accum} must be >= 1")
+    bad = [t for t in train if t not in TRAINABLE]
+    if bad or not train:
+        raise LLMPruneError(f"--train {','.join(train) or '(empty)'}: choose from {','.join(TRAINABLE)}, "
+                            f"e.g. --train norms,biases,masklora")
+    if mixed_precision not in PRECISIONS:
+        raise LLMPruneError(f"mixed precision {mixed_precision!r}: use one of {', '.join(PRECISIONS)}")
+    if schedule not in SCHEDULES:
+        raise LLMPruneError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if "masklora" in train and rank < 1:
+        raise LLMPruneError(f"--rank {rank} must be >= 1 for masklora, e.g. --rank 16")
+    if train_ids.dim() != 2 or train_ids.shape[0] < 1 or train_ids.shape[1] < 2:
+        raise LLMPruneError(f"training data must be token windows (n, seqlen >= 2), got shape "
+                            f"{tuple(train_ids.shape)}: check --data and --seqlen")
+
+
+def _scheduler(name: str, optimizer, warmup: int, steps: int):
+    import transformers
+
+    if name == "cosine":
+        return transformers.get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    if name == "linear":
+        return transformers.get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    return transformers.get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def _order(n: int, total: int, seed: int) -> list[int]:
+    """`total` window indices: seeded shuffles of range(n), back to back (each window once per epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx: list[int] = []
+    while len(idx) < total:
+        idx += torch.randperm(n, generator=gen).tolist()
+    return idx[:total]
+
+
+def _upcast(model: nn.Module) -> dict[int, torch.dtype]:
+    """Cast every floating parameter and buffer to fp32 in place; returns their former dtypes."""
+    dtypes = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32 and id(t) not in dtypes:
+            dtypes[id(t)] = t.dtype
+            t.data = t.data.float()
+    return dtypes
+
+
+def _restore(model: nn.Module, dtypes: dict[int, torch.dtype]) -> None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in dtypes:
+            t.data = t.data.to(dtypes[id(t)])
+
+
+@contextmanager
+def _training_mode(model, grad_checkpointing: bool):
+    """Train mode + activation checkpointing (use_reentrant=False) + no KV cache; all undone after."""
+    was_training, cfg = model.training, getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    had_gc = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    turned_on = False
+    if grad_checkpointing and not had_gc and getattr(model, "supports_gradient_checkpointing", False):
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        turned_on = True
+    if cfg is not None and use_cache is not None:
+        cfg.use_cache = False
+    model.train()
+    try:
+        yield turned_on or had_gc
+    finally:
+        model.train(was_training)
+        if cfg is not None and use_cache is not None:
+            cfg.use_cache = use_cache
+        if turned_on:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hooks", None):
+                model.disable_input_require_grads()  # the embedding hook that checkpointing added
+
+
+def recover(
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    keep_masks: dict[str, torch.Tensor] | None = None,
+    method: str = "perp",
+    train: tuple[str, ...] | list[str] = ("norms", "biases", "masklora"),
+    rank: int = 16,
+    steps: int = 200,
+    lr: float = DEFAULT_LR,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup: int | None = None,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    grad_checkpointing: bool = True,
+    progress: bool = True,
+    alpha: float | None = None,
+    max_grad_norm: float | None = 1.0,
+    mixed_precision: str = "no",
+) -> dict:
+    """Retrain the selected subset of a pruned causal LM in place (PERP, arXiv 2312.15230).
+
+    model: a transformers causal LM whose pruned linears hold zeros. train_ids: (n, seqlen) token
+    windows, trained on with labels = input ids. keep_masks: {linear name: bool (out, in), True =
+    weight stays}; None derives them from the zeros of each linear. train: any of "norms", "biases",
+    "masklora", "scalelora". steps counts optimizer updates, each over batch_size * grad_accum
+    windows per process; warmup defaults to 10% of steps. alpha: MaskLoRA scaling alpha / rank
+    (default alpha = rank). mixed_precision is passed to accelerate ("bf16" on a GPU).
+
+    Afterwards the adapters are merged, every module is a plain nn.Linear again, the zeros of each
+    pruned weight are unchanged bit for bit, and the model is back in its dtype, device and mode.
+    Returns info: trainable parameter counts and fraction, the loss of every step, wall time.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    train = tuple(train)
+    _check(lr, steps, batch_size, grad_accum, method, train, schedule, train_ids, rank, mixed_precision)
+    if keep_masks is None:
+        keep_masks = derive_keep_masks(model)
+    adapt = "masklora" in train or "scalelora" in train
+    _check_masks(model, keep_masks, rank if "masklora" in train else 0)
+
+    # Count before any adapter exists; tied weights once (parameters() deduplicates them).
+    n_total = sum(p.numel() for p in model.parameters())
+    chosen, notes = _select(model, train)
+    if adapt and not keep_masks:
+        notes.append("no pruned linears (no zeros in any weight, no keep_masks): no adapters attached")
+    n_existing = sum(p.numel() for ps in chosen.values() for p in ps)
+    if n_existing == 0 and not (adapt and keep_masks):
+        raise LLMPruneError(f"--train {','.join(train)} selects no parameters in this model: "
+                            f"add masklora or norms, e.g. --train norms,masklora")
+
+    device0 = next(model.parameters()).device
+    requires0 = {id(p): p.requires_grad for p in model.parameters()}
+    set_seed(seed)  # dropout, if the model has any; adapter init and data order use their own generators
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
+    except ValueError as e:  # accelerate fixes the precision once per process
+        raise LLMPruneError(f"mixed precision {mixed_precision!r} differs from an earlier run in this "
+                            f"process: run recovery in a fresh process") from e
+    t0, losses, merged, wrapped = time.perf_counter(), [], False, {}
+    # Train in fp32: AdamW steps of ~1e-4 vanish in bf16, and frozen weights cast back exactly
+    # (fp32 holds every bf16/fp16 value). Each tensor returns to its own dtype afterwards.
+    dtypes0 = _upcast(model)
+    try:
+        model.requires_grad_(False)
+        for ps in chosen.values():
+            for p in ps:
+                p.requires_grad_(True)
+        if adapt:
+            wrapped = lora.attach(model, keep_masks, rank if "masklora" in train else 0, "scalelora" in train,
+                                  alpha, seed)
+        counts = {k: sum(p.numel() for p in ps) for k, ps in chosen.items()}
+        for kind, attr in (("masklora", "lora_"), ("scalelora", "s_")):
+            if kind in train:
+                counts[kind] = sum(p.numel() for w in wrapped.values() for n, p in w.named_parameters()
+                                   if n.startswith(attr))
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in params)
+        with _training_mode(model, grad_checkpointing) as checkpointing:
+            n_windows = steps * grad_accum * batch_size * accelerator.num_processes
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(train_ids.long()), batch_size=batch_size,
+                sampler=_order(train_ids.shape[0], n_windows, seed),
+            )
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            # The scheduler stays outside prepare(): it steps once per optimizer update, on every process.
+            sched = _scheduler(schedule, optimizer, steps // 10 if warmup is None else warmup, steps)
+            pmodel, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+            bar = tqdm(total=steps, desc="PERP", disable=not (progress and accelerator.is_local_main_process))
+            micro = []
+            for (batch,) in loader:
+                with accelerator.accumulate(pmodel):
+                    loss = pmodel(input_ids=batch, labels=batch).loss
+                    accelerator.backward(loss)  # divides by grad_accum itself
+                    micro.append(loss.detach())
+                    if accelerator.sync_gradients and max_grad_norm:
+                        accelerator.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()  # a no-op until the last micro-batch of the accumulation
+                    optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    sched.step()
+                    losses.append(accelerator.reduce(torch.stack(micro).mean(), "mean").item())
+                    micro = []
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.close()
+            accelerator.free_memory()
+        merged = True
+    finally:
+        # On failure drop the adapters unmerged so the model's classes are never left wrapped.
+        n_merged = lora.detach(model, merge=merged)
+        for p in model.parameters():
+            p.requires_grad_(requires0.get(id(p), False))
+        model.to(device0)
+        _restore(model, dtypes0)
+
+    return {
+        "method": "perp",
+        "cite": "Zimmer et al. 2023, arXiv 2312.15230",
+        "train": list(train),
+        "rank": rank if "masklora" in train else 0,
+        "n_trainable": n_trainable,
+        "n_total": n_total,
+        "fraction": n_trainable / n_total,
+        "trainable_by_kind": counts,
+        "adapted_linears": n_merged,
+        "steps": len(losses),
+        "losses": losses,
+        "lr": lr,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "grad_checkpointing": bool(checkpointing),
+        "wall_s": time.perf_counter() - t0,
+        "notes": notes,
+    }
+
+
+def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor], rank: int) -> None:
+    for name, keep in keep_masks.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise LLMPruneError(f"keep-mask for {name!r}: the model has no such module; "
+                                f"use full module names such as model.layers.0.mlp.up_proj") from None
+        if not isinstance(mod, nn.Linear):
+            raise LLMPruneError(f"keep-mask for {name!r}: it is a {type(mod).__name__}, not an nn.Linear")
+        if tuple(keep.shape) != tuple(mod.weight.shape) or keep.dtype != torch.bool:
+            raise LLMPruneError(f"keep-mask for {name!r} is {keep.dtype} {tuple(keep.shape)}, the weight is "
+                                f"{tuple(mod.weight.shape)}: give a bool mask of the weight's shape")
+        if rank > min(mod.weight.shape):
+            raise LLMPruneError(f"--rank {rank} exceeds min(out, in) = {min(mod.weight.shape)} of {name}: "
+                                f"use --rank {min(mod.weight.shape)} or less")

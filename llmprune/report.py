@@ -1,0 +1,187 @@
+"""Results side by side: a Markdown table over several outputs' manifests (llmprune.json), and the
+sweep files: one flat row per run -> sweep.csv + sweep.json, and a PNG of ppl (and zero-shot mean)
+against sparsity, one line per solver.
+
+Rows are flat dicts so the CSV needs no schema; `sweep_row(manifest)` makes one from a manifest:
+  model, solver, pattern, target, sparsity (measured, else target), ppl_<dataset>, dense_ppl_<dataset>,
+  zeroshot_mean, compress_s.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LLMPruneError
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return format(v, spec) if (v := _num(x)) is not None else "-"
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * v:.1f}%" if (v := _num(x)) is not None else "-"
+
+
+def _model_name(m: dict) -> str:
+    model = m.get("model")
+    if isinstance(model, dict):
+        return str(model.get("asked") or model.get("loaded") or model.get("hub_id") or "-")
+    return str(model) if model is not None else "-"
+
+
+def _sparsity(m: dict) -> tuple[float | None, float | None]:
+    """(target, measured); a bare number in the manifest is taken as the target."""
+    s = m.get("sparsity")
+    if isinstance(s, dict):
+        return _num(s.get("target")), _num(s.get("measured"))
+    return _num(s), None
+
+
+def _zeroshot_mean(m: dict) -> float | None:
+    mean = (m.get("zeroshot") or {}).get("mean")
+    return _num(mean.get("acc") if isinstance(mean, dict) else mean)
+
+
+def _cell(x: Any) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")  # a pipe would split the Markdown cell
+
+
+def markdown_table(manifests: list[dict], names: list[str]) -> str:
+    """One row per manifest: name, model, solver, pattern, sparsity target / measured, ppl and dense
+    ppl for every dataset any manifest measured, zero-shot mean (when any has one), compress time."""
+    if len(manifests) != len(names):
+        raise LLMPruneError(f"markdown_table got {len(manifests)} manifests but {len(names)} names: pass one name each")
+    datasets = list(dict.fromkeys(d for m in manifests for d, r in (m.get("eval") or {}).items() if isinstance(r, dict)))
+    has_zs = any(_zeroshot_mean(m) is not None for m in manifests)
+    head = ["output", "model", "solver", "pattern", "target", "measured"]
+    head += [c for d in datasets for c in (f"{d} ppl", f"{d} dense")]
+    head += ["zero-shot mean"] * has_zs + ["compress time"]
+    lines = ["| " + " | ".join(map(_cell, head)) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    for m, name in zip(manifests, names):
+        target, measured = _sparsity(m)
+        ev = m.get("eval") or {}
+        row = [name, _model_name(m), m.get("solver") or "-", m.get("pattern") or "-", _pct(target), _pct(measured)]
+        row += [_fmt((ev.get(d) or {}).get(k)) for d in datasets for k in ("ppl", "dense_ppl")]
+        row += [_fmt(_zeroshot_mean(m), ".3f")] * has_zs
+        compress_s = _num((m.get("timings") or {}).get("compress_s"))
+        row.append(f"{compress_s:.1f} s" if compress_s is not None else "-")
+        lines.append("| " + " | ".join(map(_cell, row)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_manifests(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
+    """Read the manifests of output folders (or manifest files); names are the folder names."""
+    from .checkpoint import MANIFEST, read_manifest
+
+    if not paths:
+        raise LLMPruneError("no output given: pass one or more llmprune output folders")
+    manifests, names = [], []
+    for p in map(Path, paths):
+        folder = p.parent if p.is_file() and p.name == MANIFEST else p
+        manifests.append(read_manifest(folder))
+        names.append(folder.resolve().name)
+    return manifests, names
+
+
+def sweep_row(manifest: dict) -> dict[str, Any]:
+    """Flatten one run's manifest into a sweep row (see the module docstring for the keys)."""
+    target, measured = _sparsity(manifest)
+    row: dict[str, Any] = {
+        "model": _model_name(manifest), "solver": manifest.get("solver"), "pattern": manifest.get("pattern"),
+        "target": target, "sparsity": measured if measured is not None else target,
+    }
+    for d, r in (manifest.get("eval") or {}).items():
+        if isinstance(r, dict):
+            row[f"ppl_{d}"], row[f"dense_ppl_{d}"] = _num(r.get("ppl")), _num(r.get("dense_ppl"))
+    row["zeroshot_mean"] = _zeroshot_mean(manifest)
+    row["compress_s"] = _num((manifest.get("timings") or {}).get("compress_s"))
+    return row
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, newline="")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def write_sweep(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write rows to out_dir/sweep.csv (columns: union of the rows' keys, first-seen order; nested
+    values as JSON) and out_dir/sweep.json (the rows as given). Returns (csv_path, json_path)."""
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise LLMPruneError("write_sweep needs a non-empty list of row dicts (one per sweep run)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, restval="", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v) for k, v in r.items()})
+    csv_path, json_path = out / "sweep.csv", out / "sweep.json"
+    _atomic_write(csv_path, buf.getvalue())
+    _atomic_write(json_path, json.dumps(rows, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def plot_sweep(rows: list[dict], png_path: str | Path, dense_ppl: dict[str, float] | None = None) -> Path:
+    """PNG of ppl (log axis) against sparsity, one panel per dataset and one line per solver (per
+    solver and pattern when rows mix patterns), dense ppl as a dashed horizontal line; plus a panel
+    of zero-shot mean accuracy when any row has one. dense_ppl defaults to the rows' dense_ppl_*."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state to leak
+    from matplotlib.ticker import FuncFormatter
+
+    if not rows:
+        raise LLMPruneError("plot_sweep needs at least one row")
+    datasets = list(dict.fromkeys(k[4:] for r in rows for k in r if k.startswith("ppl_")))
+    if not datasets:
+        raise LLMPruneError("plot_sweep rows have no ppl_<dataset> values: evaluate perplexity in the sweep")
+    dense = dict(dense_ppl or {})
+    for d in datasets:  # fill from the rows what the caller did not give
+        vals = [v for r in rows if (v := _num(r.get(f"dense_ppl_{d}"))) is not None]
+        if d not in dense and vals:
+            dense[d] = vals[0]
+    mixed = len({str(r.get("pattern")) for r in rows}) > 1
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        label = str(r.get("solver")) + (f" {r.get('pattern')}" if mixed else "")
+        lines.setdefault(label, []).append(r)
+    has_zs = any(_num(r.get("zeroshot_mean")) is not None for r in rows)
+
+    panels = len(datasets) + has_zs
+    fig = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    for ax, key, title in [(axes[i], f"ppl_{d}", d) for i, d in enumerate(datasets)] + \
+            ([(axes[-1], "zeroshot_mean", "zero-shot")] if has_zs else []):
+        for label, rs in lines.items():
+            pts = sorted((x, y) for r in rs if (x := _num(r.get("sparsity"))) is not None
+                         and (y := _num(r.get(key))) is not None and (key == "zeroshot_mean" or y > 0))
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        if key == "zeroshot_mean":
+            ax.set_ylabel("mean accuracy")
+        else:
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda y, _: f"{y:g}")  # 30, 40 rather than 3x10^1, 4x10^1
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.set_ylabel("perplexity (log)")
+            if _num(dense.get(title)) is not None:
+                ax.axhline(dense[title], color="gray", linestyle="--", label=f"dense {dense[title]:.2f}")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    return png_path

@@ -1,0 +1,129 @@
+"""DSnoT: Dynamic Sparse No Training (Zhang et al. 2023, arXiv 2310.08915).
+
+Training-free fine-tuning of a mask: start from a pruning solver's mask and swap weights one
+pair at a time per output row (all rows in parallel) to shrink the expected reconstruction
+error of the row, eps = E[(w - w') . x] = sum_j (w_j - w'_j) mu_j  (sec. 4.1):
+
+- grow  j = argmax over pruned j of  sign(eps) * w_j mu_j / Var(x_j)^pow_of_var_regrowing   (eq. 5)
+  (restoring w_j moves eps by -w_j mu_j; low-variance inputs are preferred, they add little noise);
+- prune k = argmin over kept k of  |w'_k| ||x_k||_2 * Var(x_k)^pow_of_var_pruning        (eq. 6)
+  among those with sign(w'_k mu_k) = -sign(eps) (pruning moves eps by +w'_k mu_k);
+  for N:M, k is taken from j's block of M inputs and the sign is not restricted (as the reference).
+
+A row stops (for good) at its first rejected swap; a swap is rejected when |eps| is already within
+`update_threshold`, when it would flip the sign of eps (the reference's rule), or when it would
+increase the modelled squared error E||(w - w') x||^2 (our addition, so a swap never hurts):
+with the exact second moment E[x x^T] = H/2 when a Hessian was collected (init="sparsegpt"),
+otherwise with inputs taken as uncorrelated: eps^2 + sum_j (w_j - w'_j)^2 Var(x_j).
+Each swap exchanges one pruned and one kept weight of the same row (and the same M-block), so the
+per-row count and the N:M pattern hold at every step. Weights already swapped are frozen: never
+swapped back. Kept weights keep the init solver's values (SparseGPT's updates); grown weights get
+their original value, as the reference does.
+
+The reference never reads pow_of_var_pruning, so its default here is 0 (= the reference).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import LLMPruneError
+from ..patterns import Pattern
+from . import Solved, Solver
+
+INITS = ("wanda", "sparsegpt", "magnitude")
+_TINY = 1e-12  # variance floor: a constant input has zero variance
+
+
+def _init_solver(init: str) -> Solver:
+    if init not in INITS:
+        raise LLMPruneError(f"dsnot --init {init!r} is not a mask solver: choose one of {', '.join(INITS)}")
+    from . import get
+
+    return get(init)
+
+
+@torch.no_grad()
+def dsnot(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, init: str = "wanda",
+          max_cycles: int = 50, update_threshold: float = 0.1, pow_of_var_regrowing: float = 1,
+          pow_of_var_pruning: float = 0, **opts) -> Solved:
+    """Refine the init solver's mask of one linear layer (out, in) by DSnoT's grow/prune cycles."""
+    solver = _init_solver(init)
+    if pattern.kind == "group":
+        raise LLMPruneError("dsnot swaps single weights, so it cannot keep a group:G pattern: "
+                            "use --solver sparsegpt or wanda for group patterns")
+    if max_cycles < 0:
+        raise LLMPruneError(f"--max-cycles {max_cycles} must be >= 0, e.g. 50")
+    first = solver.fn(weight, stats, pattern, sparsity, **opts)
+    w = weight.to(torch.float32)  # (out, in)
+    keep = first.keep.clone()
+    cur = first.weight.to(torch.float32).clone()  # w' (out, in): zero where pruned
+    out_f, in_f = w.shape
+    dev = w.device
+    mu = stats.mean.to(dev, torch.float32)  # (in,)
+    var = stats.var.to(dev, torch.float32).clamp_min(_TINY)  # (in,)
+    norm = stats.sq_norm.to(dev, torch.float32).sqrt()  # (in,) ||x_j||_2
+    grow_base = w * mu / var.pow(pow_of_var_regrowing)  # (out, in) eq. 5 without the sign
+    prune_scale = norm * var.pow(pow_of_var_pruning)  # (in,) eq. 6 is |w'_k| * this
+
+    exact = "hessian" in getattr(stats, "needs", ())
+    c = stats.hessian.to(dev, torch.float32) / 2 if exact else None  # (in, in) E[x x^T]
+    d = w - cur  # (out, in) what the layer lost
+    eps = d @ mu  # (out,) expected error per row
+    cd = d @ c if exact else None  # (out, in) E[x x^T] d, kept up to date for the exact model
+
+    frozen = torch.zeros_like(keep)
+    active = torch.ones(out_f, dtype=torch.bool, device=dev)
+    rows = torch.arange(out_f, device=dev)
+    cols = torch.arange(in_f, device=dev)
+    swaps = cycles = 0
+    for cycles in range(1, max_cycles + 1):
+        active &= eps.abs() > update_threshold
+        if not bool(active.any()):
+            cycles -= 1
+            break
+        sgn = torch.sign(eps)[:, None]  # (out, 1)
+        g_score = (sgn * grow_base).masked_fill(keep | frozen, -float("inf"))
+        g_score = g_score.masked_fill(g_score <= 0, -float("inf"))  # only growths that shrink |eps|
+        g_best, j = g_score.max(1)  # (out,)
+        p_ok = keep & ~frozen
+        if pattern.kind == "nm":
+            p_ok &= (cols // pattern.m)[None, :] == (j // pattern.m)[:, None]  # j's block only
+        else:
+            p_ok &= sgn * cur * mu < 0
+        p_score = (cur.abs() * prune_scale).masked_fill(~p_ok, float("inf"))
+        p_best, k = p_score.min(1)  # (out,)
+
+        wj, ck = w[rows, j], cur[rows, k]  # grown weight's value, pruned weight's current value
+        eps_new = eps - wj * mu[j] + ck * mu[k]
+        dj, dk = -d[rows, j], ck  # change of d at j (to 0) and at k (to w_k)
+        # change of the modelled E||(w - w')x||^2 per row if it makes this swap; < 0 = better
+        if exact:
+            change = (2 * (dj * cd[rows, j] + dk * cd[rows, k]) + dj.pow(2) * c[j, j] + dk.pow(2) * c[k, k]
+                    + 2 * dj * dk * c[j, k])
+        else:
+            change = (eps_new.pow(2) - eps.pow(2) + var[k] * (w[rows, k].pow(2) - d[rows, k].pow(2))
+                    - var[j] * d[rows, j].pow(2))
+        ok = (active & torch.isfinite(g_best) & torch.isfinite(p_best)
+              & (torch.sign(eps_new) == sgn[:, 0]) & (change < 0))
+        active &= ok
+        if not bool(ok.any()):
+            break
+        r, j, k = rows[ok], j[ok], k[ok]
+        keep[r, j], keep[r, k] = True, False
+        cur[r, j], cur[r, k] = w[r, j], 0.0
+        frozen[r, j] = frozen[r, k] = True
+        if exact:
+            cd[r] += dj[ok, None] * c[j] + dk[ok, None] * c[k]
+        d[r, j], d[r, k] = 0.0, w[r, k]
+        eps = torch.where(ok, eps_new, eps)
+        swaps += int(ok.sum())
+    info = {**first.info, "dsnot_init": init, "dsnot_swaps": swaps, "dsnot_cycles": cycles}
+    return Solved((cur * keep).to(weight.dtype), keep, info)
+
+
+def _needs(opts: dict) -> frozenset:
+    return frozenset({"moments", "norms"}) | _init_solver(opts.get("init", "wanda")).needs
+
+
+SOLVER = Solver("dsnot", dsnot, needs=frozenset({"moments", "norms"}), sequential=False,
+                cite="Zhang et al. 2023, arXiv 2310.08915", needs_fn=_needs)

@@ -1,0 +1,56 @@
+"""Accumulators over a linear layer's inputs X (tokens, in_features), filled by forward hooks.
+
+Which statistics are collected is chosen by the solver (`needs`), so Wanda pays for a norm and
+SparseGPT for a Hessian, and nobody pays for what it does not use.
+"""
+from __future__ import annotations
+
+import torch
+
+KINDS = ("norms", "moments", "hessian")
+
+
+class LayerStats:
+    def __init__(self, in_features: int, needs: frozenset[str] | set[str], device="cpu"):
+        unknown = set(needs) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; valid: {KINDS}")
+        self.in_features = in_features
+        self.needs = frozenset(needs)
+        self.n = 0  # tokens seen
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.sum = z(in_features) if "moments" in needs else None
+        self.sumsq = z(in_features) if needs & {"norms", "moments"} else None
+        # X^T X in fp32: a (tokens x in) @ (in x tokens) product is the dominant cost, fp64 doubles it.
+        self.xtx = torch.zeros(in_features, in_features, device=device) if "hessian" in needs else None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features)  # (tokens, in)
+        self.n += x.shape[0]
+        if self.sumsq is not None:
+            self.sumsq += x.double().pow(2).sum(0)
+        if self.sum is not None:
+            self.sum += x.double().sum(0)
+        if self.xtx is not None:
+            xf = x.float()
+            self.xtx.addmm_(xf.T, xf)
+
+    # --- derived quantities, in the papers' notation ---
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """||X_j||_2^2 per input feature j (Wanda)."""
+        return self.sumsq
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sumsq / max(self.n, 1) - self.mean.pow(2)).clamp_min(0)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n (SparseGPT, eq. 2, averaged over tokens as in the reference code)."""
+        return self.xtx * (2.0 / max(self.n, 1))

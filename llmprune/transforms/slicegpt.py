@@ -1,0 +1,399 @@
+"""SliceGPT: rotate the residual stream onto its principal components and delete the weakest ones
+(Ashkboos et al. 2024, "SliceGPT: Compress Large Language Models by Deleting Rows and Columns",
+arXiv:2401.15024). The result is a smaller dense model: every weight that reads or writes the residual
+stream loses rows or columns, nothing is masked.
+
+After `fuse_norms` the network is invariant to an orthogonal Q on the residual stream (sec. 3.2):
+in the paper's x @ W notation the embedding and every linear that writes the stream are multiplied
+by Q on the right, every linear that reads it by Q^T on the left (torch (out, in) weights: writers
+W <- Q^T W, readers W <- W Q). Q holds the eigenvectors of the stream's covariance X^T X sorted by eigenvalue, so
+keeping its first d columns keeps the d directions the calibration data uses most (sec. 3.3).
+
+Two modes:
+- "per-block" (the paper, sec. 3.4): each residual point gets its own Q (block input, MLP input),
+  computed sequentially on the already-sliced model. A residual that crosses from basis Q_a to basis
+  Q_b goes through a (d, d) shortcut Q_a^T Q_b, held by `SlicedDecoderLayer`.
+- "shared": one Q for the whole stream, from the covariance summed over every point a norm reads it
+  (each block's two norms and the final norm) in one dense pass. Each token vector is RMS-normalized
+  first: a norm only reads directions, and without it the deepest blocks' larger residuals and a few
+  outlier tokens would pick the basis for everyone. No shortcuts: the result is a standard
+  checkpoint of the same class with hidden_size = d (config.head_dim set explicitly).
+
+Tied embeddings are untied, necessarily: the head reads diag(g_final) and the last
+basis, the embedding writes the first one, so they stop being one tensor; the vocab-sized head then
+counts against the savings of small models.
+
+RMSNorm after slicing: a standard RMSNorm divides by sqrt(mean over d of x^2 + eps) while the dense
+model divided by sqrt(mean over D of x^2 + eps). Multiplying every reading linear by sqrt(D/d) and
+using eps' = eps * D / d makes the sliced norm compute exactly x / sqrt(||x||^2 / D + eps), i.e.
+the reference code's RMSN(mean_dim=D), with a plain unit-weight RMSNorm that transformers can load.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..arch import get
+from ..errors import LLMPruneError
+from .fuse import Layout, fuse_norms, layout_of, set_linear
+
+CITE = "Ashkboos et al. 2024, SliceGPT, arXiv:2401.15024"
+ROTATIONS = ("per-block", "shared")
+
+
+class SlicedDecoderLayer(nn.Module):
+    """Mixin for a pre-norm decoder block whose residual connections carry SliceGPT's basis changes:
+
+        h   = attn_shortcut(x) + attn(norm1(x))      # x in the block-input basis, h in the MLP-input basis
+        out = mlp_shortcut(h)  + mlp(norm2(h))       # out in the next block's basis
+
+    `add_shortcuts` turns a block into an instance of a subclass of (this, the block's own class), in
+    place: attributes, state-dict keys (plus `attn_shortcut.weight`, `mlp_shortcut.weight`) and
+    isinstance checks (transformers' hidden-state capture, gradient checkpointing) stay as they were.
+    A shortcut of None is the identity.
+    """
+
+    attn_shortcut: nn.Linear | None
+    mlp_shortcut: nn.Linear | None
+    _slicegpt_names: tuple[str, str, str, str]  # norm1, attn, norm2, mlp
+
+    def attn_residual(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        norm1, attn, _, _ = self._slicegpt_names
+        a = getattr(self, attn)(hidden_states=getattr(self, norm1)(x), **kwargs)[0]
+        return (x if self.attn_shortcut is None else self.attn_shortcut(x)) + a
+
+    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
+        _, _, norm2, mlp = self._slicegpt_names
+        m = getattr(self, mlp)(getattr(self, norm2)(h))
+        return (h if self.mlp_shortcut is None else self.mlp_shortcut(h)) + m
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.mlp_residual(self.attn_residual(hidden_states, **kwargs))
+
+
+_SLICED: dict[type, type] = {}
+
+
+def add_shortcuts(block: nn.Module, lay: Layout, attn_shortcut: nn.Linear | None = None,
+                  mlp_shortcut: nn.Linear | None = None) -> SlicedDecoderLayer:
+    """Make `block` a SlicedDecoderLayer in place (see there) holding the given shortcuts."""
+    base = type(block)
+    if not isinstance(block, SlicedDecoderLayer):
+        if base not in _SLICED:
+            _SLICED[base] = type(f"Sliced{base.__name__}", (SlicedDecoderLayer, base), {"__module__": __name__})
+        block.__class__ = _SLICED[base]
+    (norm1, _), (norm2, _) = lay.reads
+    block._slicegpt_names = (norm1, lay.attn, norm2, lay.mlp)
+    block.attn_shortcut = attn_shortcut
+    block.mlp_shortcut = mlp_shortcut
+    return block
+
+
+def new_dim_for(hidden: int, slicing: float, round_to: int = 8) -> int:
+    """The kept width: (1 - slicing) * hidden rounded DOWN to a multiple of round_to (as the reference
+    code does), so the model is never larger than asked and the width stays kernel-friendly."""
+    if not 0.0 < slicing < 1.0:
+        raise LLMPruneError(f"--slicing must be in (0, 1), the fraction of the hidden size to delete; got {slicing}")
+    if round_to < 1:
+        raise LLMPruneError(f"--round-to must be a positive integer, got {round_to}")
+    d = math.floor((1.0 - slicing) * hidden + 1e-9) // round_to * round_to
+    if d < 1:
+        raise LLMPruneError(f"slicing {slicing} of hidden size {hidden} rounded down to a multiple of "
+                            f"{round_to} leaves nothing; lower --slicing or --round-to")
+    return d
+
+
+class _Cov:
+    """Accumulates X^T X over tokens in float64 (the paper's PCA is on the uncentered covariance)."""
+
+    def __init__(self, dim: int, device, normalize: bool = False):
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.n = 0
+        self.normalize = normalize
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, D)
+        if self.normalize:  # every token counts once, whatever its norm: RMSNorm only reads directions
+            x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        self.xtx.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+    def pca(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending) and eigenvectors as columns of an orthogonal Q (D, D), float64."""
+        evals, evecs = torch.linalg.eigh(self.xtx / max(self.n, 1))
+        order = torch.argsort(evals, descending=True)
+        return evals[order], evecs[:, order]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _batches(ids: torch.Tensor, batch_size: int):
+    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def _block0_inputs(model, lay: Layout, ids: torch.Tensor, batch_size: int) -> tuple[list, list]:
+    """Run the model up to the first block; returns its hidden-state inputs and call kwargs per batch."""
+    xs, kws = [], []
+
+    def grab(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        xs.append(args[0] if args else kwargs.pop("hidden_states"))
+        kws.append(kwargs)
+        raise _Stop
+
+    hook = get(model, lay.blocks)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for b in _batches(ids, batch_size):
+            try:
+                model(input_ids=b, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    return xs, kws
+
+
+@torch.no_grad()
+def _shared_cov(model, lay: Layout, ids: torch.Tensor, batch_size: int) -> _Cov:
+    """Covariance of the residual stream at every point a norm reads it (all block norms + final norm)."""
+    norm_f = get(model, lay.norm)
+    acc = _Cov(norm_f.weight.shape[0], norm_f.weight.device, normalize=True)
+
+    def add(_mod, args):
+        acc.add(args[0])
+
+    def add_and_stop(_mod, args):
+        acc.add(args[0])
+        raise _Stop  # the head is not needed
+
+    norms = [get(blk, n) for blk in get(model, lay.blocks) for n, _ in lay.reads]
+    hooks = [m.register_forward_pre_hook(add) for m in norms] + [norm_f.register_forward_pre_hook(add_and_stop)]
+    try:
+        for b in _batches(ids, batch_size):
+            try:
+                model(input_ids=b, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return acc
+
+
+def _read(lin: nn.Linear, q: torch.Tensor, scale: float) -> None:
+    """A linear that reads the stream: W <- sqrt(D/d) W Q_d, (out, D) @ (D, d) -> (out, d)."""
+    set_linear(lin, lin.weight.double() @ q * scale)
+
+
+def _write(lin: nn.Linear, q: torch.Tensor) -> None:
+    """A linear that writes the stream: W <- Q_d^T W, b <- b Q_d, (d, D) @ (D, in) -> (d, in)."""
+    bias = None if lin.bias is None else lin.bias.double() @ q
+    set_linear(lin, q.T @ lin.weight.double(), bias)
+
+
+def _unit_norm(norm: nn.Module, d: int, eps: float) -> None:
+    norm.weight = nn.Parameter(torch.ones(d, dtype=norm.weight.dtype, device=norm.weight.device),
+                               requires_grad=norm.weight.requires_grad)
+    for attr in ("variance_epsilon", "eps"):
+        if hasattr(norm, attr):
+            setattr(norm, attr, eps)
+
+
+def _shortcut(weight: torch.Tensor, like: torch.Tensor) -> nn.Linear:
+    """nn.Linear computing x @ S for S = weight^T; weight is (out, in) like any linear's."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=like.device, dtype=like.dtype)
+    set_linear(lin, weight)
+    return lin
+
+
+def _check(model, ids: torch.Tensor, rotation: str) -> Layout:
+    lay = layout_of(model)
+    if getattr(model.config, "slicegpt", None):
+        raise LLMPruneError("this model is already per-block sliced; slice the dense model once with the total --slicing")
+    if rotation not in ROTATIONS:
+        raise LLMPruneError(f"--rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+        raise LLMPruneError("SliceGPT calibration must be token ids of shape (samples, seqlen)")
+    hidden = get(model, lay.embed).weight.shape[1]
+    if ids.numel() < hidden:
+        raise LLMPruneError(f"SliceGPT needs at least {hidden} calibration tokens (the hidden size) for a "
+                            f"full-rank covariance, got {ids.numel()}; raise --nsamples or --seqlen "
+                            f"(the paper uses 1024 x 2048)")
+    return lay
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def slice_model(model, calib_input_ids: torch.Tensor, slicing: float, rotation: str = "per-block",
+                round_to: int = 8, batch_size: int = 8, progress: bool = True) -> dict:
+    """Fuse norms, rotate by PCA and slice the hidden size to (1 - slicing) * hidden (rounded down to
+    a multiple of round_to), in place. Returns an info dict for the manifest; its "manifest" entry is
+    what `rebuild_per_block` needs to rebuild a saved per-block model. arXiv:2401.15024."""
+    lay = _check(model, calib_input_ids, rotation)
+    d = new_dim_for(get(model, lay.embed).weight.shape[1], slicing, round_to)
+    info = rotate_and_slice(model, calib_input_ids, d, rotation, batch_size, progress)
+    info.update(slicing=slicing, round_to=round_to)
+    return info
+
+
+@torch.no_grad()
+def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotation: str = "per-block",
+                     batch_size: int = 8, progress: bool = True) -> dict:
+    """The transform itself for an explicit kept width new_dim (new_dim = hidden: rotation only)."""
+    lay = _check(model, calib_input_ids, rotation)
+    embed, blocks = get(model, lay.embed), get(model, lay.blocks)
+    hidden = embed.weight.shape[1]
+    if not 1 <= new_dim <= hidden:
+        raise LLMPruneError(f"new width must be in [1, {hidden}], got {new_dim}")
+    params_before = _n_params(model)
+    was_training = model.training
+    model.eval()
+    ids = calib_input_ids.to(embed.weight.device)
+    fused = fuse_norms(model)
+    cfg = model.config
+    eps = cfg.rms_norm_eps * hidden / new_dim
+    scale = math.sqrt(hidden / new_dim)  # see the module docstring: RMSNorm over d instead of D
+    head_dim = get(blocks[0], lay.attn).head_dim
+
+    if rotation == "shared":
+        kept = _shared(model, lay, ids, new_dim, scale, eps, batch_size)
+    else:
+        kept = _per_block(model, lay, ids, new_dim, scale, eps, batch_size, progress)
+    _unit_norm(get(model, lay.norm), new_dim, eps)
+
+    cfg.head_dim = head_dim  # hidden_size / num_heads no longer gives it
+    cfg.hidden_size = new_dim
+    cfg.rms_norm_eps = eps
+    manifest = {"method": "slicegpt", "rotation": rotation, "hidden_size": hidden, "new_dim": new_dim,
+                "shortcuts": list(range(len(blocks))) if rotation == "per-block" else []}
+    if rotation == "per-block":
+        cfg.slicegpt = manifest  # saved in config.json so `load_sliced` needs only the folder
+    model.train(was_training)
+    return {"method": "slicegpt", "cite": CITE, "rotation": rotation, "hidden_size": hidden,
+            "new_dim": new_dim, "calib_tokens": ids.numel(), "untied_head": fused["untied"],
+            "params_before": params_before, "params_after": _n_params(model),
+            "kept_variance": kept, "manifest": manifest}
+
+
+def _kept(evals: torch.Tensor, d: int) -> float:
+    return float(evals[:d].sum() / evals.sum().clamp_min(1e-30))
+
+
+def _shared(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int) -> list[float]:
+    """One Q from every residual read point of a dense pass; no shortcuts needed."""
+    evals, Q = _shared_cov(model, lay, ids, batch_size).pca()
+    q = Q[:, :d]  # (D, d)
+    embed = get(model, lay.embed)
+    embed.weight = nn.Parameter((embed.weight.double() @ q).to(embed.weight.dtype))  # (vocab, d)
+    embed.embedding_dim = d
+    for block in get(model, lay.blocks):
+        for norm, readers in lay.reads:
+            _unit_norm(get(block, norm), d, eps)
+            for r in readers:
+                _read(get(block, r), q, scale)
+        for w in lay.writes:
+            _write(get(block, w), q)
+    _read(get(model, lay.head), q, scale)
+    return [_kept(evals, d)]
+
+
+def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int,
+               progress: bool) -> list[float]:
+    """Sequential per-block PCA (arXiv:2401.15024 sec. 3.4 and the reference rotate_and_slice_sequential):
+    each Q is computed from signals of the model sliced so far, so later blocks see earlier slicing."""
+    from tqdm.auto import tqdm
+
+    blocks = get(model, lay.blocks)
+    embed = get(model, lay.embed)
+    dtype = embed.weight.dtype
+    xs, kws = _block0_inputs(model, lay, ids, batch_size)  # (b, s, D) each
+
+    def pca_of(signals):
+        acc = _Cov(signals[0].shape[-1], signals[0].device)
+        for s in signals:
+            acc.add(s)
+        return acc.pca()
+
+    evals, Q = pca_of(xs)
+    kept = [_kept(evals, d)]
+    q_in = Q[:, :d]  # (D, d): the basis of block 0's input
+    embed.weight = nn.Parameter((embed.weight.double() @ q_in).to(dtype))  # (vocab, d)
+    embed.embedding_dim = d
+    xs = [x @ q_in.to(dtype) for x in xs]  # (b, s, d)
+    (n1, attn_readers), (n2, mlp_readers) = lay.reads
+    w_attn, w_mlp = lay.writes
+    for i in tqdm(range(len(blocks)), desc="slicegpt", disable=not progress):
+        # Residual back to full width (shortcut Q_in^T) so the MLP-input signal can be measured.
+        layer = add_shortcuts(blocks[i], lay, attn_shortcut=_shortcut(q_in, embed.weight))
+        _unit_norm(get(layer, n1), d, eps)
+        _unit_norm(get(layer, n2), d, eps)
+        for r in attn_readers:
+            _read(get(layer, r), q_in, scale)
+        mids = [layer.attn_residual(x, **kw) for x, kw in zip(xs, kws)]  # (b, s, D)
+        evals, Q = pca_of(mids)
+        kept.append(_kept(evals, d))
+        q_mid = Q[:, :d]
+        _write(get(layer, w_attn), q_mid)
+        layer.attn_shortcut = _shortcut(q_mid.T @ q_in, embed.weight)  # weight (d, d) = (Q_in^T Q_mid)^T
+        for r in mlp_readers:
+            _read(get(layer, r), q_mid, scale)
+        mids = [m @ q_mid.to(dtype) for m in mids]  # (b, s, d)
+        layer.mlp_shortcut = _shortcut(q_mid, embed.weight)
+        outs = [layer.mlp_residual(m) for m in mids]  # (b, s, D)
+        del mids
+        evals, Q = pca_of(outs)
+        kept.append(_kept(evals, d))
+        q_out = Q[:, :d]
+        _write(get(layer, w_mlp), q_out)
+        layer.mlp_shortcut = _shortcut(q_out.T @ q_mid, embed.weight)  # (d, d) = (Q_mid^T Q_out)^T
+        xs = [o @ q_out.to(dtype) for o in outs]  # (b, s, d)
+        del outs
+        q_in = q_out
+    _read(get(model, lay.head), q_in, scale)
+    return kept
+
+
+def rebuild_per_block(model, manifest: dict | None = None) -> None:
+    """Give a model built from a saved per-block config its shortcut modules (weights uninitialized),
+    so a state dict saved from a per-block sliced model loads into it. manifest defaults to
+    model.config.slicegpt (written by `slice_model`)."""
+    man = manifest if manifest is not None else getattr(model.config, "slicegpt", None)
+    if not man or man.get("method") != "slicegpt":
+        raise LLMPruneError("this checkpoint has no SliceGPT manifest (config.slicegpt); it is not per-block sliced")
+    lay = layout_of(model)
+    blocks = get(model, lay.blocks)
+    d, like = man["new_dim"], get(model, lay.embed).weight
+    for i in man["shortcuts"]:
+        if not isinstance(blocks[i], SlicedDecoderLayer):
+            attn, mlp = (_shortcut(torch.empty(d, d, dtype=like.dtype, device=like.device), like) for _ in "am")
+            add_shortcuts(blocks[i], lay, attn, mlp)
+
+
+def load_sliced(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a folder saved with `save_pretrained` after per-block (or shared) slicing, strictly:
+    every tensor in the folder must find its place and every parameter must be filled."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = AutoConfig.from_pretrained(path)
+    if dtype is None:
+        dtype = getattr(cfg, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if getattr(cfg, "slicegpt", None):
+        rebuild_per_block(model, cfg.slicegpt)
+    sd = {}
+    for f in sorted(path.glob("*.safetensors")):
+        sd.update(load_file(f))
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,146 @@
+"""The sequential calibration engine: block by block, as SparseGPT and Wanda do, but general.
+
+1. catch: every decoder block is swapped for a recorder and the model runs once per batch of
+   calibration samples; the recorders keep each block's positional and keyword arguments (rotary
+   embeddings, per-layer masks, cache position: whatever this transformers version passes) and
+   the first block's hidden states. Only embeddings and mask building run here.
+2. walk: one block at a time on the compute device, the caller collects statistics through
+   forward hooks (`collect`) while running the block (`run`), changes the block's weights, and
+   the walker reruns the block with the new weights to produce the next block's inputs.
+Memory holds one block plus the calibration activations, never a second copy of the model.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import arch as archmod
+from .stats import LayerStats
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early once what we need has been seen."""
+
+
+class _Recorder(nn.Module):
+    def __init__(self, inner: nn.Module, calls: list, last: bool):
+        super().__init__()
+        self.calls, self.last = calls, last
+        object.__setattr__(self, "inner", inner)  # not a submodule: keeps its weights off the device
+
+    def __getattr__(self, name):  # the model's loop may read attributes such as attention_type
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "inner"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.calls.append((hidden, args[1:], kwargs))
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class Block:
+    """One decoder block with its calibration inputs; `run()` pushes every batch through it."""
+
+    def __init__(self, index: int, module: nn.Module, inputs: list[torch.Tensor], calls: list):
+        self.index, self.module, self.inputs, self.calls = index, module, inputs, calls
+
+    @torch.no_grad()
+    def run(self, stop_after: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """Run all batches; with stop_after, end each forward once that module has run (its
+        hooks have fired) and return None."""
+        handle = stop_after.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if stop_after else None
+        outs = []
+        try:
+            for h, (_, args, kwargs) in zip(self.inputs, self.calls):
+                try:
+                    outs.append(_first(self.module(h, *args, **kwargs)))
+                except _Stop:
+                    pass
+        finally:
+            if handle:
+                handle.remove()
+        return None if stop_after else outs
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list[torch.Tensor], list[list]]:
+    """Returns (first block's hidden states per batch, per block: per batch (args, kwargs))."""
+    layers = archmod.blocks(model)
+    n = len(layers)
+    calls: list[list] = [[] for _ in range(n)]
+    originals = list(layers)
+    home = next(model.parameters()).device
+    try:
+        for i in range(n):
+            layers[i] = _Recorder(originals[i], calls[i], last=i == n - 1)
+        model.to(device)  # only what is left outside the blocks: embeddings, norm, head, rotary
+        for batch in input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i in range(n):
+            layers[i] = originals[i]
+        model.to(home)
+    hidden = [h for h, _, _ in calls[0]]
+    return hidden, [[(_to(a, device), _to(k, device)) for _, a, k in per] for per in calls]
+
+
+def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", progress: bool = True,
+         desc: str = "blocks") -> Iterator[Block]:
+    """Yield each decoder block (on `device`) with its calibration inputs, in order. After the
+    caller returns control, the block is rerun with its current weights to make the next
+    block's inputs, and moved back where it was. The final hidden states are kept in
+    `walk.last_outputs` of the generator's last Block (block.outputs)."""
+    from tqdm.auto import tqdm
+
+    hidden, calls = catch(model, input_ids, batch_size, device)
+    layers = archmod.blocks(model)
+    for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
+        module = layers[i]
+        home = next(module.parameters()).device
+        module.to(device)
+        block = Block(i, module, hidden, [(None, a, k) for a, k in calls[i]])
+        try:
+            yield block
+            hidden = block.run()
+            block.outputs = hidden
+        finally:
+            module.to(home)
+
+
+@contextmanager
+def collect(modules: dict[str, nn.Module], needs) -> Iterator[dict[str, LayerStats]]:
+    """Forward hooks that accumulate each module's input statistics; always removed."""
+    stats = {name: LayerStats(m.in_features, needs, device=m.weight.device) for name, m in modules.items()}
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0].detach()))
+        for name, m in modules.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,23 @@
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from llmprune.testing import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def calib_txt(tmp_path_factory):
+    from llmprune.testing import random_text
+
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(random_text(4000, seed=1))
+    return p

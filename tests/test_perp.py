@@ -1,0 +1,256 @@
+"""PERP recovery (arXiv 2312.15230): adapters against an independent formula, training on a tiny
+random llama pruned 50% unstructured and 2:4, sparsity kept bit for bit, frozen parameters untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llmprune.errors import LLMPruneError
+from llmprune.patterns import keep_mask, parse, satisfies
+from llmprune.recover import lora
+from llmprune.recover.perp import derive_keep_masks, recover
+from llmprune.testing import tiny_model
+
+PATTERNS = {"unstructured": (parse("unstructured"), 0.5), "2:4": (parse("2:4"), 0.5)}
+
+
+def pruned_model(pattern: str = "2:4", arch: str = "llama", seed: int = 0, dtype=torch.float32):
+    """A tiny random model whose block linears are magnitude-pruned in place; returns (model, masks)."""
+    pat, sp = PATTERNS[pattern]
+    model = tiny_model(arch, seed)
+    masks = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and ".layers." in name:
+                masks[name] = keep_mask(mod.weight.abs(), pat, sp, scope="row")
+                mod.weight.mul_(masks[name])
+    return model.to(dtype), masks
+
+
+def repetitive_ids(n: int = 8, seqlen: int = 33, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, 256, (13,), generator=g)
+    return motif.repeat(n * seqlen // 13 + 1)[: n * seqlen].reshape(n, seqlen)  # (n, seqlen)
+
+
+def lm_loss(model, ids) -> float:
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+FAST = {"steps": 20, "lr": 5e-3, "rank": 4, "batch_size": 4, "progress": False}
+
+
+# ---- adapters against the paper's formulas ---------------------------------------------------
+
+@pytest.mark.parametrize("rank,scale,bias", [(3, False, True), (0, True, True), (5, True, False)])
+def test_adapter_forward_and_merge_match_formula(rank, scale, bias):
+    torch.manual_seed(0)
+    base = nn.Linear(37, 23, bias=bias)  # odd shapes
+    keep = torch.rand(23, 37) > 0.6
+    with torch.no_grad():
+        base.weight.mul_(keep)
+        base.weight[~keep] = -0.0  # a signed zero must come back as itself, bit for bit
+    w0 = base.weight.detach().clone()
+    holder = nn.Sequential(base)
+    wrapper = lora.attach(holder, {"0": keep}, rank=rank, scale=scale, alpha=2.0 * max(rank, 1))["0"]
+    with torch.no_grad():  # move the adapters off their identity init
+        for name, p in wrapper.named_parameters():
+            if not name.startswith("base."):
+                p.normal_(0, 0.3)
+    x = torch.randn(5, 37)
+    # Oracle: MaskLoRA (W + s B A) ⊙ K, then ScaleLoRA ⊙ (1 + s_row)(1 + s_col)^T.
+    w = w0.clone()
+    if rank:
+        w = (w + 2.0 * wrapper.lora_B @ wrapper.lora_A) * keep
+    if scale:
+        w = w * (1 + wrapper.s_row)[:, None] * (1 + wrapper.s_col)[None, :]
+    expect = F.linear(x, w, base.bias).detach()
+    torch.testing.assert_close(holder(x).detach(), expect, rtol=1e-5, atol=1e-5)
+    assert lora.detach(holder) == 1 and type(holder[0]) is nn.Linear
+    torch.testing.assert_close(holder(x).detach(), expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bits(holder[0].weight[~keep]), bits(w0[~keep]))  # zeros, signs included
+    assert bool((holder[0].weight[keep] != w0[keep]).any())
+
+
+def test_adapters_start_at_identity():
+    torch.manual_seed(1)
+    base = nn.Linear(16, 12)
+    holder = nn.Sequential(base)
+    x = torch.randn(3, 16)
+    ref = base(x).detach()
+    lora.attach(holder, {"0": torch.rand(12, 16) > 0.5}, rank=4, scale=True)
+    torch.testing.assert_close(holder(x).detach(), ref)
+
+
+# ---- training --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_recover_lowers_loss_and_keeps_the_zeros(pattern):
+    model, masks = pruned_model(pattern)
+    ids = repetitive_ids()
+    before, loss0 = snapshot(model), lm_loss(model, ids)
+    info = recover(model, ids, train=("norms", "biases", "masklora"), **FAST)
+
+    assert lm_loss(model, ids) < loss0 - 0.5
+    assert len(info["losses"]) == 20 and sum(info["losses"][-3:]) < sum(info["losses"][:3]) - 1.0
+    after = model.state_dict()
+    assert after.keys() == before.keys()  # plain HF layout again, no adapter keys left
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in masks)
+    pat, sp = PATTERNS[pattern]
+    for name, keep in masks.items():
+        w0, w1 = before[name + ".weight"], after[name + ".weight"]
+        assert torch.equal(w1 == 0, w0 == 0) and torch.equal(bits(w1[~keep]), bits(w0[~keep]))
+        assert satisfies(w1 != 0, pat, sp)
+        assert not torch.equal(w1, w0)  # kept weights were retrained
+    norms = {k for k in before if k.endswith("norm.weight")}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == norms | {n + ".weight" for n in masks}
+    assert "no linear biases" in " ".join(info["notes"])
+
+
+@pytest.mark.parametrize("train", [("norms",), ("scalelora",)])
+def test_only_the_selected_parameters_change(train):
+    model, masks = pruned_model("2:4")
+    before = snapshot(model)
+    recover(model, repetitive_ids(), train=train, **{**FAST, "steps": 5})
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    selected = ({k for k in before if k.endswith("norm.weight")} if train == ("norms",)
+                else {n + ".weight" for n in masks})
+    assert changed == selected
+    for name in masks:  # scalelora keeps zeros too
+        assert torch.equal(after[name + ".weight"] == 0, before[name + ".weight"] == 0)
+
+
+def test_fraction_of_trainable_parameters():
+    model, masks = pruned_model("unstructured")
+    # Independent count: RMSNorm scales by name, rank * (out + in) per pruned linear, unique params.
+    norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    lora_n = sum(3 * (k.shape[0] + k.shape[1]) for k in masks.values())
+    scale_n = sum(k.shape[0] + k.shape[1] for k in masks.values())
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    info = recover(model, repetitive_ids(), train=("norms", "masklora", "scalelora"),
+                   **{**FAST, "steps": 2, "rank": 3})
+    assert info["n_total"] == total
+    assert info["trainable_by_kind"] == {"norms": norms, "masklora": lora_n, "scalelora": scale_n}
+    assert info["n_trainable"] == norms + lora_n + scale_n
+    assert info["fraction"] == pytest.approx((norms + lora_n + scale_n) / total)
+    assert info["adapted_linears"] == len(masks) == 14
+
+
+def test_derived_masks_equal_given_masks_and_runs_are_seeded():
+    m1, masks = pruned_model("unstructured")
+    m2, _ = pruned_model("unstructured")
+    assert derive_keep_masks(m1).keys() == masks.keys()
+    assert all(torch.equal(derive_keep_masks(m1)[k], masks[k]) for k in masks)
+    i1 = recover(m1, repetitive_ids(), keep_masks=None, **{**FAST, "steps": 4})
+    i2 = recover(m2, repetitive_ids(), keep_masks=masks, **{**FAST, "steps": 4})
+    assert i1["losses"] == i2["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_gradient_accumulation_matches_a_larger_batch():
+    # Equal-length windows: the mean of two half-batch means is the full-batch mean, so the updates agree.
+    m1, _ = pruned_model("2:4")
+    m2, _ = pruned_model("2:4")
+    i1 = recover(m1, repetitive_ids(), **{**FAST, "steps": 4, "batch_size": 4, "grad_accum": 1})
+    i2 = recover(m2, repetitive_ids(), **{**FAST, "steps": 4, "batch_size": 2, "grad_accum": 2})
+    assert i1["losses"] == pytest.approx(i2["losses"], abs=1e-4)
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_model_state_restored_after_training():
+    model, _ = pruned_model("2:4", dtype=torch.bfloat16)
+    before = snapshot(model)
+    info = recover(model, repetitive_ids(), train=("norms",), **{**FAST, "steps": 3})
+    assert info["grad_checkpointing"]
+    assert not model.training and model.config.use_cache
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not getattr(model, "_require_grads_hooks", None)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    after = model.state_dict()
+    for k in before:  # frozen parameters survive the fp32 round trip exactly
+        if not k.endswith("norm.weight"):
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_gemma3_runs():
+    model, masks = pruned_model("2:4", arch="gemma3")
+    before = snapshot(model)
+    info = recover(model, repetitive_ids(), **{**FAST, "steps": 3})
+    assert len(info["losses"]) == 3 and info["adapted_linears"] == len(masks)
+    for n in masks:
+        assert torch.equal(model.state_dict()[n + ".weight"] == 0, before[n + ".weight"] == 0)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": 0.0}, "--lr"),
+    ({"lr": -1e-4}, "--lr"),
+    ({"steps": 0}, "--steps"),
+    ({"rank": 65}, "--rank 64 or less"),
+    ({"rank": 0}, "--rank"),
+    ({"train": ()}, "--train"),
+    ({"train": ("norms", "embeddings")}, "choose from"),
+    ({"train": ("biases",)}, "selects no parameters"),
+    ({"method": "lora"}, "--method perp"),
+    ({"schedule": "step"}, "schedule"),
+    ({"mixed_precision": "fp8"}, "mixed precision"),
+    ({"keep_masks": {"model.layers.0.nope": torch.ones(2, 2, dtype=torch.bool)}}, "no such module"),
+    ({"keep_masks": {"model.layers.0.mlp.up_proj": torch.ones(64, 128, dtype=torch.bool)}}, "shape"),
+])
+def test_bad_input_raises_and_leaves_the_model_alone(kwargs, match):
+    model, _ = pruned_model("2:4")
+    before = snapshot(model)
+    with pytest.raises(LLMPruneError, match=match):
+        recover(model, repetitive_ids(), **{**FAST, **kwargs})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) is not lora.SparseAdapterLinear for m in model.modules())
+
+
+def test_bad_training_data_raises():
+    model, _ = pruned_model("2:4")
+    with pytest.raises(LLMPruneError, match="seqlen"):
+        recover(model, torch.zeros(10, dtype=torch.long), **FAST)
+
+
+def test_checkpointing_gives_the_same_training():
+    # Recomputing activations must not change the gradients (use_reentrant=False with frozen inputs).
+    m1, _ = pruned_model("unstructured")
+    m2, _ = pruned_model("unstructured")
+    calls = {1: 0, 2: 0}
+    for i, m in ((1, m1), (2, m2)):  # a checkpointed block runs its forward twice per step
+        m.model.layers[0].input_layernorm.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    i1 = recover(m1, repetitive_ids(), grad_checkpointing=True, **{**FAST, "steps": 4})
+    i2 = recover(m2, repetitive_ids(), grad_checkpointing=False, **{**FAST, "steps": 4})
+    assert i1["grad_checkpointing"] and not i2["grad_checkpointing"]
+    assert calls == {1: 8, 2: 4}
+    assert i1["losses"] == pytest.approx(i2["losses"], abs=1e-5)
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_failure_mid_training_leaves_a_plain_unchanged_model():
+    model, _ = pruned_model("2:4", dtype=torch.bfloat16)
+    before = snapshot(model)
+    requires = [p.requires_grad for p in model.parameters()]
+    bad_ids = torch.full((4, 9), 10_000)  # out of the vocabulary: the embedding lookup fails in step 1
+    with pytest.raises(IndexError):
+        recover(model, bad_ids, **FAST)
+    assert all(type(m) is not lora.SparseAdapterLinear for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == requires
+    assert all(torch.equal(before[k], v) and before[k].dtype == v.dtype for k, v in model.state_dict().items())
+    assert not model.training

@@ -1,0 +1,142 @@
+"""RTN and GPTQ after pruning: oracles on random data, zeros kept bit for bit, bad input rejected."""
+import pytest
+import torch
+
+from llmprune.errors import LLMPruneError
+from llmprune.patterns import keep_mask, parse
+from llmprune.quant import gptq as gptq_mod
+from llmprune.quant.gptq import collect_hessians, gptq
+from llmprune.quant.rtn import rtn
+
+
+def correlated(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g)
+    a = torch.randn(d, d, generator=g) / d**0.5 + 0.5 * torch.eye(d)
+    return (z @ a).double()  # (n, d): strongly correlated features
+
+
+def hess(x):
+    return (2 * x.T @ x / x.shape[0]).float()
+
+
+def recon_err(w, wq, x):
+    return torch.linalg.norm((w.double() - wq.double()) @ x.T).item()
+
+
+def test_rtn_matches_a_scalar_oracle_and_keeps_zeros():
+    torch.manual_seed(0)
+    w = torch.randn(6, 40)
+    keep = torch.rand(6, 40) > 0.5
+    for sym in (False, True):
+        q = rtn(w * keep, keep, group_size=8, symmetric=sym)
+        dq = q.dequantize()
+        for r in range(6):
+            for g0 in range(0, 40, 8):
+                vals = [(w[r, c] * keep[r, c]).item() for c in range(g0, g0 + 8) if keep[r, c]]
+                if sym:
+                    s, z = max([abs(v) for v in vals], default=0) / 7, 8
+                else:
+                    lo, hi = min(vals + [0.0]), max(vals + [0.0])
+                    s = (hi - lo) / 15
+                s = float(torch.tensor(s if s else 1.0).half())
+                if not sym:
+                    z = min(max(round(-lo / s), 0), 15)
+                assert q.scales[r, g0 // 8].item() == s and q.zeros[r, g0 // 8].item() == z
+                for c in range(g0, g0 + 8):
+                    want = (min(max(round(w[r, c].item() / s) + z, 0), 15) - z) * s if keep[r, c] else 0.0
+                    assert dq[r, c].item() == pytest.approx(want, abs=0, rel=0)
+        assert torch.equal(q.codes[~keep], q.zeros.repeat_interleave(8, 1)[~keep])
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs_and_keeps_zeros(pattern, sym):
+    torch.manual_seed(1)
+    x = correlated(1024, 64)
+    w = torch.randn(48, 64)
+    keep = keep_mask(w.abs(), parse(pattern), 0.5)
+    w = w * keep
+    qr = rtn(w, keep, group_size=32, symmetric=sym)
+    qg = gptq(w, hess(x), keep, group_size=32, symmetric=sym, blocksize=32)
+    dg = qg.dequantize()
+    assert bool((dg[~keep] == 0).all()) and bool((dg[~keep].view(torch.int32) == 0).all())  # +0.0, bit for bit
+    assert torch.equal(qg.codes[~keep], qg.zeros.repeat_interleave(32, 1)[~keep])
+    assert recon_err(w, dg, x) < 0.95 * recon_err(w, qr.dequantize(), x)
+
+
+def test_gptq_is_rtn_for_a_diagonal_hessian():
+    """A diagonal H means no correlations: GPTQ's update vanishes and it must round like RTN."""
+    torch.manual_seed(2)
+    w = torch.randn(16, 48)
+    keep = keep_mask(w.abs(), parse("2:4"), 0.5)
+    h = torch.diag(torch.rand(48) + 0.1)
+    for sym in (False, True):
+        a, b = gptq(w * keep, h, keep, group_size=16, symmetric=sym), rtn(w * keep, keep, 16, sym)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_gptq_matches_sequential_obs_oracle():
+    """GPTQ (Cholesky rows, lazy blocks) equals the textbook sequential OBS update with explicit
+    inverses of the not-yet-quantized columns' Hessian (arXiv 2210.17323, eq. 2-3), fp64; a pruned
+    weight is 'quantized' to 0 and its error compensated like any other."""
+    torch.manual_seed(3)
+    d, G = 12, 4
+    x = correlated(256, d, seed=3)
+    w = torch.randn(3, d).double()
+    keep = keep_mask(w.abs(), parse("2:4"), 0.5)
+    w = w * keep
+    H = 2 * x.T @ x / x.shape[0]
+    H = H + 0.01 * torch.diag(H).mean() * torch.eye(d, dtype=torch.float64)
+    W = w.clone()
+    out = torch.zeros_like(W)
+    for j in range(d):
+        if j % G == 0:  # the group's grid from its current kept weights (asymmetric)
+            blk = torch.where(keep[:, j:j + G], W[:, j:j + G], 0.0)
+            lo, hi = blk.amin(1).clamp(max=0), blk.amax(1).clamp(min=0)
+            s = ((hi - lo) / 15).float().half().double()
+            z = torch.round(-lo / s).clamp(0, 15)
+        q = torch.where(keep[:, j], (torch.clamp(torch.round(W[:, j] / s) + z, 0, 15) - z) * s, 0.0)
+        out[:, j] = q
+        Hinv = torch.linalg.inv(H[j:, j:])  # inverse over the remaining columns F = j..d-1
+        delta = -((W[:, j] - q) / Hinv[0, 0])[:, None] * Hinv[0, :][None, :]  # (rows, |F|)
+        W[:, j:] = W[:, j:] + delta
+    got = gptq(w.float(), H.float(), keep, group_size=G, symmetric=False, damp=1e-9, blocksize=8).dequantize()
+    assert torch.allclose(got.double(), out, atol=1e-4)
+
+
+def test_gptq_handles_dead_inputs_and_rejects_bad_input():
+    torch.manual_seed(4)
+    x = correlated(256, 16)
+    x[:, 3] = 0  # a dead input: zero diagonal
+    w = torch.randn(4, 16)
+    q = gptq(w, hess(x), None, group_size=8)
+    assert torch.isfinite(q.dequantize()).all()
+    with pytest.raises(LLMPruneError, match="--damp"):
+        gptq(w, hess(x), None, group_size=8, damp=0)
+    with pytest.raises(LLMPruneError, match="raise --damp"):
+        gptq(w, -torch.eye(16), None, group_size=8)
+    with pytest.raises(LLMPruneError, match="Hessian shape"):
+        gptq(w, torch.eye(8), None, group_size=8)
+    with pytest.raises(LLMPruneError, match="--group-size"):
+        gptq(w, hess(x), None, group_size=6)
+
+
+def test_collect_hessians_matches_definition():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    xs = [torch.randn(5, 8), torch.randn(3, 8)]
+    hs = collect_hessians(model, ["0", "2"], xs)
+    x0 = torch.cat(xs)
+    x2 = torch.relu(model[0](x0)).detach()
+    assert torch.allclose(hs["0"], 2 * x0.T @ x0 / 8, atol=1e-5)
+    assert torch.allclose(hs["2"], 2 * x2.T @ x2 / 8, atol=1e-5)
+    assert not model[0]._forward_pre_hooks  # hooks removed
+
+
+def test_quant_registry():
+    from llmprune import quant
+
+    assert quant.get("rtn") is rtn and quant.get("gptq") is gptq_mod.gptq
+    with pytest.raises(LLMPruneError, match="rtn or gptq"):
+        quant.get("awq")

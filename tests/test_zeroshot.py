@@ -1,0 +1,213 @@
+"""Zero-shot through lm-eval: the offline tasks load and score, and agree with an independent oracle
+(log-likelihood of each choice computed here with the model, lm-eval's prompts re-derived from the
+raw files, lm-eval's acc / acc_norm rules), plus bad inputs."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from llmprune.errors import LLMPruneError
+from llmprune.eval import zeroshot as zs
+from llmprune.testing import byte_tokenizer, tiny_model
+
+LIMIT = 5
+DATA = zs.TASKS_DIR
+
+
+def _rows(file: str, n: int) -> list[dict]:
+    if file.endswith(".tsv"):
+        with open(DATA / file, newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+    with open(DATA / file) as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+def _requests(task: str, d: dict) -> tuple[list[tuple[str, str]], list[str], int]:
+    """(context, continuation) pairs, the choice strings lm-eval normalises acc_norm by, gold index:
+    lm-eval's upstream prompts (piqa.yaml, arc_easy.yaml, openbookqa.yaml, super_glue boolq / copa,
+    winogrande preprocess, glue rte) written out from the raw fields."""
+    if task == "winogrande":  # partial scoring: one continuation under each filled-in context
+        return [(c, " " + d["continuation"]) for c in d["context_options"]], d["context_options"], d["gold"]
+    if task == "rte":
+        ctx = f"{d['sentence1']}\nQuestion: {d['sentence2']} True or False?\nAnswer:"
+        return [(ctx, " " + c) for c in ("True", "False")], ["True", "False"], int(d["label"])
+    q, choices = d["query"], d["choices"]
+    ctx = {"piqa": q + "Answer:", "arc_easy": q + "\nAnswer:", "arc_challenge": q + "\nAnswer:",
+           "openbookqa": q, "copa": q, "boolq": q.removeprefix("Passage: ") + "\nAnswer:"}[task]
+    if task == "copa":  # lm-eval's copa choices carry their own leading space, then the " " delimiter
+        choices = [" " + c for c in choices]
+    return [(ctx, " " + c) for c in choices], choices, int(d["gold"])
+
+
+@torch.no_grad()
+def _loglik(model, tok, ctx: str, cont: str) -> float:
+    c = tok(ctx, add_special_tokens=False)["input_ids"]
+    w = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([w])  # (1, T)
+    logp = model(ids).logits.float().log_softmax(-1)[0]  # (T, vocab)
+    tgt = ids[0, len(c):]  # (T - len(c),)
+    return logp[len(c) - 1: len(w) - 1].gather(-1, tgt[:, None]).sum().item()
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    # 4096 positions: no boolq passage gets truncated, so the oracle needs no truncation rule
+    return tiny_model("llama", seed=1, max_position_embeddings=4096), byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def all_offline(model_tok):
+    model, tok = model_tok
+    raw, ran = zs.run_lm_eval(model, tok, list(zs.LOCAL_TASKS), limit=LIMIT, batch_size=4,
+                              tasks_dir=DATA, log_samples=True)
+    return raw, ran
+
+
+@pytest.mark.parametrize("task", list(zs.LOCAL_TASKS))
+def test_offline_task_matches_oracle(task, model_tok, all_offline):
+    model, tok = model_tok
+    raw, ran = all_offline
+    assert ran[task] == f"llmprune_{task}"
+    samples = sorted(raw["samples"][ran[task]], key=lambda s: s["doc_id"])
+    docs = _rows(zs.LOCAL_TASKS[task][1], LIMIT)
+    assert len(samples) == LIMIT
+    accs, norms = [], []
+    for s, d in zip(samples, docs):
+        pairs, choices, gold = _requests(task, d)
+        assert [tuple(a) for a in s["arguments"]] == pairs  # lm-eval built the prompts we expect
+        lls = torch.tensor([_loglik(model, tok, c, x) for c, x in pairs])
+        got = torch.tensor([r[0] for r in s["filtered_resps"]], dtype=lls.dtype)
+        torch.testing.assert_close(got, lls, rtol=1e-4, atol=1e-3)
+        accs.append(float(lls.argmax() == gold))
+        norms.append(float((lls / torch.tensor([float(len(c)) for c in choices])).argmax() == gold))
+    res = zs.summarize(raw, ran)[task]
+    assert res["n"] == LIMIT and res["source"] == f"llmprune_{task}"
+    assert res["acc"] == pytest.approx(sum(accs) / LIMIT)
+    if task in ("piqa", "arc_easy", "arc_challenge", "openbookqa"):  # lm-eval's tasks with acc_norm
+        assert res["acc_norm"] == pytest.approx(sum(norms) / LIMIT)
+    else:
+        assert res["acc_norm"] is None
+
+
+def test_summary_mean_and_names(all_offline):
+    raw, ran = all_offline
+    out = zs.summarize(raw, ran)
+    assert set(out) == set(zs.LOCAL_TASKS) | {"mean"}
+    assert out["mean"] == pytest.approx(sum(out[t]["acc"] for t in zs.LOCAL_TASKS) / len(zs.LOCAL_TASKS))
+
+
+def test_yaml_data_files_match_table():
+    for task, (name, file) in zs.LOCAL_TASKS.items():
+        text = next(p.read_text() for p in DATA.glob("*.yaml") if f"task: {name}\n" in p.read_text())
+        assert re.search(rf"data_files: {re.escape(file)}\n", text), task
+        assert (DATA / file).is_file()
+
+
+def test_zeroshot_reads_tasks_dir_and_moves_nothing(tmp_path, model_tok):
+    model, tok = model_tok
+    (tmp_path / "copa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in _rows("copa.jsonl", 3)))
+    out = zs.zeroshot(model, tok, ["copa"], tasks_dir=tmp_path, device="cpu")  # no limit: the whole file
+    assert out["copa"]["n"] == 3 and out["mean"] == out["copa"]["acc"]
+
+
+def test_unreachable_hub_uses_shipped_tasks(monkeypatch, model_tok):
+    model, tok = model_tok
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(zs, "_hub_reachable", lambda timeout=3.0: False)
+    out = zs.zeroshot(model, tok, "rte", limit=2)
+    assert out["rte"]["source"] == "llmprune_rte" and out["rte"]["n"] == 2
+
+
+def test_builtin_data_failure_falls_back(monkeypatch, model_tok):
+    """Online mode where lm-eval's own piqa cannot fetch its data: the shipped copy runs instead."""
+    model, tok = model_tok
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # makes the builtin download fail fast
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(zs, "_env_offline", lambda: False)
+    monkeypatch.setattr(zs, "_hub_reachable", lambda timeout=3.0: True)
+    out = zs.zeroshot(model, tok, ["piqa"], limit=1)
+    assert out["piqa"]["source"] == "llmprune_piqa" and out["piqa"]["n"] == 1
+
+
+def test_env_offline_flags(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert not zs._env_offline()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
+    assert zs._env_offline()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    assert not zs._env_offline()
+
+
+@pytest.mark.parametrize("tasks, match", [
+    (["piqa", "mmlu"], "unknown zero-shot task mmlu: valid tasks are boolq, rte"),
+    ("", "no zero-shot task given"),
+    (["hellaswag"], "hellaswag needs the Hub.*offline tasks are boolq, rte, winogrande"),
+    (["lambada", "piqa"], "lambada needs the Hub"),
+])
+def test_bad_tasks(tasks, match, monkeypatch, model_tok):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LLMPruneError, match=match):
+        zs.zeroshot(*model_tok, tasks, limit=1)
+
+
+@pytest.mark.parametrize("limit", [0, -3, 1.5, True, "5"])
+def test_bad_limit(limit, model_tok):
+    with pytest.raises(LLMPruneError, match="--limit must be a positive whole number"):
+        zs.zeroshot(*model_tok, ["piqa"], limit=limit, tasks_dir=DATA)
+
+
+def test_bad_tasks_dir(tmp_path, model_tok):
+    with pytest.raises(LLMPruneError, match=r"has no rte_dev.tsv \(needed by rte\)"):
+        zs.zeroshot(*model_tok, ["rte"], limit=1, tasks_dir=tmp_path)
+    with pytest.raises(LLMPruneError, match="is not a folder"):
+        zs.zeroshot(*model_tok, ["rte"], limit=1, tasks_dir=tmp_path / "nope")
+    assert len(str(LLMPruneError("x")).splitlines()) == 1
+
+
+def test_check_tasks_normalises():
+    assert zs.check_tasks(" piqa, copa,piqa ") == ["piqa", "copa"]
+    assert set(zs.LOCAL_TASKS) < set(zs.HUB_TASKS) and zs.HUB_TASKS["lambada"] == "lambada_openai"
+
+
+def test_builtin_task_folders_exist():
+    """The fast online path indexes only these lm-eval folders; each must define its task."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    for name, folder in zs._HUB_DIRS.items():
+        text = "".join(p.read_text() for p in (root / folder).glob("*.yaml"))
+        assert f"task: {zs.HUB_TASKS[name]}\n" in text, name
+
+
+def test_caller_rng_untouched(tmp_path, model_tok):
+    """lm-eval reseeds every generator; zeroshot must hand the caller's streams back as they were."""
+    import random
+
+    import numpy as np
+
+    (tmp_path / "copa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in _rows("copa.jsonl", 1)))
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expect = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    zs.zeroshot(*model_tok, ["copa"], tasks_dir=tmp_path)
+    assert torch.equal(torch.rand(3), expect[0]) and random.random() == expect[1] and np.random.rand() == expect[2]
+
+
+def test_summarize_reads_lm_eval_keys():
+    """Shapes of lm-eval 0.4.13 output for a builtin multiple-choice task and for lambada_openai."""
+    raw = {"results": {"piqa": {"alias": "piqa", "acc,none": 0.5, "acc_norm,none": 0.75, "acc_stderr,none": "N/A"},
+                       "lambada_openai": {"acc,none": 0.25, "perplexity,none": 80.5}},
+           "n-samples": {"piqa": {"original": 1838, "effective": 4}, "lambada_openai": {"original": 5153, "effective": 8}}}
+    out = zs.summarize(raw, {"piqa": "piqa", "lambada": "lambada_openai"})
+    assert out["piqa"] == {"acc": 0.5, "acc_norm": 0.75, "n": 4, "source": "piqa"}
+    assert out["lambada"] == {"acc": 0.25, "acc_norm": None, "n": 8, "source": "lambada_openai", "ppl": 80.5}
+    assert out["mean"] == pytest.approx(0.375)
