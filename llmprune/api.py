@@ -65,6 +65,9 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
 
     cfg = config if config is not None else CompressConfig.from_dict(kwargs)
     t_start = time.perf_counter()
+    device = pick_device(cfg.device)
+    cfg = cfg.resolved(device)
+    eval_windows = cfg.eval_windows or None  # 0: all
     # --- validate everything that can be checked before a model is loaded ---
     pattern = patterns.parse(cfg.pattern)
     sparsity = patterns.resolve_sparsity(pattern, cfg.sparsity if cfg.sparsity is not None or pattern.kind == "nm" else 0.5)
@@ -79,9 +82,14 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
             re.compile(cfg.ignore)
         except re.error as e:
             raise LLMPruneError(f"--ignore {cfg.ignore!r} is not a valid regex ({e})") from None
+    if cfg.owl and pattern.kind == "nm":
+        raise LLMPruneError(f"--owl varies the sparsity per layer, but pattern {pattern} fixes it: drop --owl or use unstructured")
+    if cfg.recover:
+        from .recover import perp
+
+        perp.check_options(**{k: v for k, v in cfg.recover.items() if k not in ("data", "seqlen")})
     out = cfg.out or default_out(cfg, sparsity)
     checkpoint.check_out(out, cfg.overwrite)
-    device = pick_device(cfg.device)
 
     # --- load ---
     from . import models, prune
@@ -94,7 +102,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     if cfg.eval and cfg.eval_dense:
         t0 = time.perf_counter()
         model.to(device)
-        dense = _eval_all(model, tok, cfg.eval, cfg.eval_seqlen, cfg.eval_windows, cfg.progress, eval_cache)
+        dense = _eval_all(model, tok, cfg.eval, cfg.eval_seqlen, eval_windows, cfg.progress, eval_cache)
         model.to("cpu")
         results = {d: {"dense_ppl": r["ppl"]} for d, r in dense.items()}
         timings["dense_eval_s"] = round(time.perf_counter() - t0, 2)
@@ -118,7 +126,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     if cfg.slicegpt:
         from .transforms import slicegpt
 
-        sl = slicegpt.slice_model(model, calib_ids, progress=cfg.progress, **cfg.slicegpt)
+        sl = slicegpt.slice_model(model, calib_ids, batch_size=cfg.calib_batch, progress=cfg.progress, **cfg.slicegpt)
         manifest["solver"] = "slicegpt"
         manifest["slicegpt"] = sl
     else:
@@ -150,32 +158,50 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         manifest["calibration"] = calib_info
 
     if cfg.recover:
+        from . import calibration
         from .recover import perp
 
         t0 = time.perf_counter()
-        manifest["recover"] = perp.recover_from_config(model, tok, cfg.recover, progress=cfg.progress)
+        opts = {k: v for k, v in cfg.recover.items() if k not in ("data", "seqlen")}
+        n = opts.get("steps", 200) * opts.get("batch_size", 4) * opts.get("grad_accum", 1)
+        ids, data_info = calibration.load(cfg.recover.get("data", cfg.calib), tok, n, cfg.recover.get("seqlen", 512),
+                                          cfg.seed + 1)  # other windows than the pruning calibration
+        model.to(device)
+        info = perp.recover(model, ids.to(device), progress=cfg.progress, **opts)
+        model.to("cpu")
+        info["data"] = data_info
+        manifest["recover"] = info
+        if "sparsity" in manifest:
+            manifest["sparsity"]["measured_after_recover"] = prune.measured_sparsity(model, names)
         timings["recover_s"] = round(time.perf_counter() - t0, 2)
 
     # --- evaluate the compressed model ---
     if cfg.eval:
         t0 = time.perf_counter()
         model.to(device)
-        after = _eval_all(model, tok, cfg.eval, cfg.eval_seqlen, cfg.eval_windows, cfg.progress, eval_cache)
+        after = _eval_all(model, tok, cfg.eval, cfg.eval_seqlen, eval_windows, cfg.progress, eval_cache)
         model.to("cpu")
         for d, r in after.items():
             results[d] = {**r, **results.get(d, {})}
         timings["eval_s"] = round(time.perf_counter() - t0, 2)
         manifest["eval"] = results
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
-    manifest.update(timings=timings, peak_rss_mib=peak_rss_mib(), device=device, dtype=cfg.dtype,
+    manifest.update(timings=timings, peak_rss_mib=peak_rss_mib(), device=device, dtype=cfg.dtype, protocol=cfg.protocol,
                     versions=versions(), config=cfg.as_dict())
     if command:
         manifest["command"] = command
     if cfg.format != "dense":
         from . import packed
 
-        packed.save_packed(model, out, cfg.format, quant=cfg.quant, tokenizer=tok, manifest=manifest,
-                           overwrite=cfg.overwrite)
+        hessians = None
+        if cfg.quant == "gptq":  # Hessians of the pruned model, block by block
+            t0 = time.perf_counter()
+            hessians = collect_hessians(model, tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.calib_batch,
+                                        device, cfg.progress)
+            timings["hessians_s"] = round(time.perf_counter() - t0, 2)
+        manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, hessians=hessians,
+                                                tokenizer=tok, manifest=manifest, overwrite=cfg.overwrite,
+                                                group_size=cfg.group_size, progress=cfg.progress)
     else:
         checkpoint.save(model, tok, out, manifest, overwrite=cfg.overwrite)
     manifest["out"] = str(out)
@@ -201,14 +227,216 @@ def load(path_or_spec: str, dtype="float32", device="cpu"):
 
 
 def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2048, windows: int | None = None,
-             device: str | None = None, progress: bool = True, save: bool = True) -> dict:
-    """Perplexity of an output folder (results merged into its manifest) or of any model spec."""
+             device: str | None = None, progress: bool = True, save: bool = True, tasks: tuple[str, ...] = (),
+             limit: int | None = None, tasks_dir: str | None = None, batch_size: int = 8) -> dict:
+    """Perplexity and zero-shot accuracy of an output folder (results merged into its manifest)
+    or of any model spec. Returns {"eval": {dataset: ...}, "zeroshot": {task: ...}}."""
+    from .eval.perplexity import DATASETS
+
+    for d in ppl:
+        if d not in DATASETS:
+            raise LLMPruneError(f"unknown perplexity dataset {d!r}: choose from {', '.join(DATASETS)}")
+    if tasks:
+        from .eval import zeroshot
+
+        tasks = tuple(zeroshot.check_tasks(list(tasks)))
+        if limit is not None and limit <= 0:
+            raise LLMPruneError(f"--limit {limit} must be >= 1 (or leave it out for every example)")
     model, tok, manifest = load(target, device=pick_device(device))
-    results = _eval_all(model, tok, ppl, seqlen, windows, progress, {})
+    out: dict = {}
+    if ppl:
+        results = _eval_all(model, tok, ppl, seqlen, windows, progress, {})
+        if manifest is not None:
+            old = manifest.get("eval", {})
+            for d, r in results.items():  # keep the dense reference measured at compress time
+                if d in old and "dense_ppl" in old[d] and (old[d].get("seqlen"), old[d].get("windows")) == (seqlen, r["windows"]):
+                    r["dense_ppl"] = old[d]["dense_ppl"]
+        out["eval"] = results
+    if tasks:
+        from .eval import zeroshot
+
+        zs = zeroshot.zeroshot(model, tok, list(tasks), limit=limit, batch_size=batch_size, tasks_dir=tasks_dir)
+        zs["limit"] = limit
+        out["zeroshot"] = zs
     if manifest is not None and save:
+        checkpoint.update_manifest(target, **out)
+    return out
+
+
+def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda"), sparsities=(0.5,),
+          pattern: str = "unstructured", out: str = "sweep", calib: str = "c4", nsamples: int | None = None,
+          seqlen: int | None = None, seed: int = 0, eval: tuple[str, ...] = ("wikitext2",), eval_seqlen: int = 2048,
+          eval_windows: int | None = None, tasks: tuple[str, ...] = (), limit: int | None = None,
+          device: str | None = None, calib_batch: int = 8, progress: bool = True, protocol: str = "auto") -> dict:
+    """Run a solver x sparsity grid on one model: the dense model, its dense evaluation and the
+    calibration windows are made once and reused; each point restores the dense weights, prunes,
+    evaluates. Writes sweep.csv, sweep.json and sweep.png into `out`."""
+    from . import calibration, models, prune, report
+    from .config import CompressConfig
+
+    dev = pick_device(device)
+    cfg = CompressConfig(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, protocol=protocol,
+                         eval_windows=eval_windows).resolved(dev)
+    pat = patterns.parse(pattern)
+    grid = [(solvers.get(s), patterns.resolve_sparsity(pat, sp)) for s in solvers_ for sp in sparsities]
+    if tasks:
+        from .eval import zeroshot
+
+        tasks = tuple(zeroshot.check_tasks(list(tasks)))
+    m, tok, info = models.load(model)
+    names = prune.target_linears(m)
+    prune.check_shapes(m, names, pat)
+    dense_state = {k: v.clone() for k, v in m.state_dict().items()}
+    ids, calib_info = calibration.load(calib, tok, cfg.nsamples, cfg.seqlen, seed)
+    windows = cfg.eval_windows or None
+    cache: dict = {}
+
+    def measure(model_) -> dict:
+        model_.to(dev)
+        r: dict = {"eval": _eval_all(model_, tok, eval, eval_seqlen, windows, progress, cache)}
+        if tasks:
+            from .eval import zeroshot
+
+            r["zeroshot"] = zeroshot.zeroshot(model_, tok, list(tasks), limit=limit)
+        model_.to("cpu")
+        return r
+
+    dense = measure(m)
+    rows = [report.sweep_row({"model": info.as_dict(), "solver": "dense", "pattern": "dense",
+                              "sparsity": {"target": 0.0, "measured": 0.0}, **dense})]
+    for solver, sp in grid:
+        m.load_state_dict(dense_state)
+        t0 = time.perf_counter()
+        prune.prune(m, solver, pat, {n: sp for n in names}, ids, {}, calib_batch, dev, progress)
+        took = time.perf_counter() - t0
+        r = measure(m)
+        for d, x in r["eval"].items():
+            x["dense_ppl"] = dense["eval"][d]["ppl"]
+        man = {"model": info.as_dict(), "solver": solver.name, "pattern": str(pat),
+               "sparsity": {"target": sp, "measured": prune.measured_sparsity(m, names)},
+               "timings": {"compress_s": round(took, 2)}, **r}
+        rows.append(report.sweep_row(man))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = report.write_sweep(rows, out)
+    png = report.plot_sweep([r for r in rows if r["solver"] != "dense"], Path(out) / "sweep.png",
+                            {d: dense["eval"][d]["ppl"] for d in eval})
+    meta = {"model": info.as_dict(), "calibration": calib_info, "protocol": cfg.protocol, "eval_seqlen": eval_seqlen,
+            "eval_windows": windows, "tasks": list(tasks), "limit": limit, "versions": versions()}
+    (Path(out) / "sweep_meta.json").write_text(__import__("json").dumps(meta, indent=2) + "\n")
+    return {"rows": rows, "csv": str(csv_path), "json": str(json_path), "png": str(png)}
+
+
+def _source_manifest(src: str) -> dict:
+    from .checkpoint import read_manifest
+
+    if not Path(src).is_dir():
+        raise LLMPruneError(f"{src} is not a folder: give an llmprune output folder (made by `llmprune compress`)")
+    return read_manifest(src)
+
+
+def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int = 0, nsamples: int | None = None,
+            eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
+            device: str | None = None, overwrite: bool = False, progress: bool = True, command: str | None = None,
+            **perp_opts) -> dict:
+    """PERP recovery of a pruned output folder into a new folder (arXiv 2312.15230)."""
+    from . import calibration
+    from .recover import perp
+
+    manifest = _source_manifest(src)
+    if (manifest.get("format") or {}).get("name", "dense") != "dense":
+        raise LLMPruneError(f"{src} is packed ({manifest['format']['name']}): recover the dense output, then pack it")
+    checkpoint.check_out(out, overwrite)
+    perp.check_options(**perp_opts)
+    dev = pick_device(device)
+    model, tok, _ = checkpoint.load(src)
+    steps, batch, accum = perp_opts.get("steps", 200), perp_opts.get("batch_size", 4), perp_opts.get("grad_accum", 1)
+    n = nsamples or steps * batch * accum  # each window seen once
+    ids, data_info = calibration.load(data, tok, n, seqlen, seed)
+    cache: dict = {}
+    before = {}
+    if eval:
+        model.to(dev)
+        before = _eval_all(model, tok, eval, eval_seqlen, eval_windows, progress, cache)
+        model.to("cpu")
+    keep = perp.derive_keep_masks(model)
+    zeros_before = {k: int((~v).sum()) for k, v in keep.items()}
+    t0 = time.perf_counter()
+    model.to(dev)
+    info = perp.recover(model, ids.to(dev), keep, progress=progress, **perp_opts)
+    model.to("cpu")
+    info["wall_s"] = round(time.perf_counter() - t0, 2)
+    info["data"] = data_info
+    zeros_after = {k: int((archget(model, k).weight == 0).sum()) for k in keep}
+    info["zeros_unchanged"] = zeros_after == zeros_before
+    new = {k: v for k, v in manifest.items() if k not in ("eval", "out")}
+    if eval:
+        model.to(dev)
+        after = _eval_all(model, tok, eval, eval_seqlen, eval_windows, progress, cache)
+        model.to("cpu")
         old = manifest.get("eval", {})
-        for d, r in results.items():  # keep the dense reference measured at compress time
-            if d in old and "dense_ppl" in old[d] and (old[d].get("seqlen"), old[d].get("windows")) == (seqlen, r["windows"]):
-                r["dense_ppl"] = old[d]["dense_ppl"]
-        checkpoint.update_manifest(target, eval=results)
-    return results
+        new["eval"] = {d: {**r, "before_recover_ppl": before[d]["ppl"],
+                           **({"dense_ppl": old[d]["dense_ppl"]} if "dense_ppl" in old.get(d, {})
+                              and old[d].get("seqlen") == r["seqlen"] and old[d].get("windows") == r["windows"] else {})}
+                       for d, r in after.items()}
+    if "sparsity" in new:
+        from . import prune
+
+        names = [n for n in prune.target_linears(model, manifest.get("ignore")) if n in keep or True]
+        new["sparsity"] = {**new["sparsity"], "measured": prune.measured_sparsity(model, names)}
+    info.pop("losses_full", None)
+    new["recover"] = info
+    new["recovered_from"] = str(src)
+    new["peak_rss_mib"] = peak_rss_mib()
+    if command:
+        new["command"] = command
+    checkpoint.save(model, tok, out, new, overwrite=overwrite)
+    new["out"] = str(out)
+    return new
+
+
+def archget(model, name):
+    from . import arch
+
+    return arch.get(model, name)
+
+
+def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="auto", calib: str = "c4",
+         nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
+         command: str | None = None) -> dict:
+    """Pack a dense output folder (zeros in place) into a smaller format; GPTQ collects the
+    Hessians from calibration data first."""
+    from . import packed
+
+    manifest = _source_manifest(src)
+    checkpoint.check_out(out, overwrite)
+    model, tok, _ = checkpoint.load(src)
+    hessians = None
+    if quant == "gptq":
+        hessians = collect_hessians(model, tok, calib, nsamples, seqlen, seed, progress=progress)
+    new = {k: v for k, v in manifest.items() if k != "out"}
+    if command:
+        new["command"] = command
+    new["packed_from"] = str(src)
+    section = packed.save_packed(model, out, fmt, quant=quant, hessians=hessians, tokenizer=tok, manifest=new,
+                                 overwrite=overwrite, group_size=group_size, progress=progress)
+    return {**new, "format": section, "out": str(out)}
+
+
+def collect_hessians(model, tok, calib: str, nsamples: int, seqlen: int, seed: int, batch_size: int = 8,
+                     device="cpu", progress: bool = True) -> dict:
+    """H = 2 X^T X / n of every prunable linear, block by block through the engine (the inputs
+    of each block come from the blocks before it as they are now)."""
+    from . import calibration, prune, walker
+    from . import arch as archmod
+
+    ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
+    a = archmod.arch_of(model)
+    wanted = set(prune.target_linears(model))
+    out = {}
+    for block in walker.walk(model, ids, batch_size, device, progress, desc="hessians"):
+        prefix = f"{a.blocks}.{block.index}."
+        mods = {prefix + n: archmod.get(block.module, n) for g in a.groups for n in g if prefix + n in wanted}
+        with walker.collect(mods, {"hessian"}) as stats:
+            block.run(stop_after=archmod.get(block.module, a.groups[-1][-1]))
+        out.update({n: s.hessian.cpu() for n, s in stats.items()})
+    return out

@@ -101,7 +101,7 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
             with torch.cuda.graph(graph):
                 nxt = step()
             note = "cuda_graph"
-        except Exception as e:  # a model that cannot be captured still gets an (eager) number
+        except Exception as e:  # noqa: BLE001  a model that cannot be captured still gets an (eager) number
             graph, note = None, f"eager (CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]})"
             torch.cuda.synchronize(device)
     # the warm-up/capture steps above wrote cache slots at cpos; the timed steps overwrite them
@@ -131,7 +131,7 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
 
 def _summary(times: list[float], batch: int, wbytes: int) -> dict:
     med = statistics.median(times)
-    p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    p90 = sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     gbs = wbytes / (med / 1e3) / 1e9  # weights are read once per step, whatever the batch
     return {"ms_per_step_median": med, "ms_per_step_p90": p90, "tokens_per_s": batch * 1e3 / med,
             "effective_GBps": gbs, "pct_of_spec_bw": 100 * gbs / H200_SPEC_GBS,
@@ -250,25 +250,25 @@ def kernel_microbench(shapes: dict | None = None, Ms=(1, 2, 4, 8, 16, 512),
                 w24 = w.view(out, n_in // 4, 4).clone()
                 w24[..., 2:] = 0  # any valid 2:4 mask times the same
                 semi = to_sparse_semi_structured(w24.view(out, n_in))
-            except Exception as e:  # older GPUs / builds without cuSPARSELt or CUTLASS 2:4
+            except Exception as e:  # noqa: BLE001  older GPUs / builds without cuSPARSELt or CUTLASS 2:4
                 semi = f"unavailable: {type(e).__name__}"
         packs = {f: random_packed(f, out, n_in, dtype, device) for f in formats}
         for M in Ms:
             x = torch.randn(M, n_in, device=device).to(dtype)
-            dense_ms = _time(lambda: F.linear(x, w), device, reps, flush)
+            dense_ms = _time(lambda: F.linear(x, w), device, reps, flush)  # noqa: B023  called at once
             base = {"shape": name, "out": out, "in": n_in, "M": M, "dtype": str(dtype).replace("torch.", "")}
             rows.append({**base, "format": "dense", "ms": dense_ms, "bytes": w.numel() * w.element_size(),
                          "speedup_vs_dense": 1.0})
             if semi is not None and not isinstance(semi, str):
                 try:
-                    ms = _time(lambda: F.linear(x, semi), device, reps, flush)
+                    ms = _time(lambda: F.linear(x, semi), device, reps, flush)  # noqa: B023
                     rows.append({**base, "format": "torch_semi_structured", "ms": ms,
                                  "bytes": w.numel() * w.element_size() * 9 // 16,
                                  "speedup_vs_dense": dense_ms / ms})
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001  recorded, not fatal
                     rows.append({**base, "format": "torch_semi_structured", "error": str(e)[:200]})
             for f, p in packs.items():
-                ms = _time(lambda: ops.linear(f, x, p), device, reps, flush)
+                ms = _time(lambda: ops.linear(f, x, p), device, reps, flush)  # noqa: B023
                 nbytes = sum(t.numel() * t.element_size() for t in p.values())
                 rows.append({**base, "format": f, "ms": ms, "bytes": nbytes, "speedup_vs_dense": dense_ms / ms})
     for r in rows:

@@ -34,8 +34,11 @@ def _add_compress(sub):
     g.add_argument("--round-to", type=int, default=8)
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", default="c4", help="c4 | wikitext2 | FILE (.txt .jsonl .parquet .safetensors)")
-    g.add_argument("--nsamples", type=int, default=128)
-    g.add_argument("--seqlen", type=int, default=2048)
+    g.add_argument("--protocol", default="auto", choices=["auto", "paper", "cpu"],
+                   help="defaults for --nsamples/--seqlen/--eval-windows: paper = 128 x 2048 and all windows; "
+                        "cpu = 64 x 512 and 16 windows; auto = paper on CUDA, cpu on CPU")
+    g.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: from --protocol)")
+    g.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: from --protocol)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--calib-batch", type=int, default=8, help="calibration samples pushed through a block at once")
     g = p.add_argument_group("output and evaluation")
@@ -43,14 +46,16 @@ def _add_compress(sub):
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--format", default="dense", help="dense | sparse24 | w4g128 | w4s24 | w4s50")
     g.add_argument("--quant", default=None, help="rtn | gptq (int4 formats)")
-    g.add_argument("--eval", default="", help="perplexity datasets, e.g. wikitext2,c4")
+    g.add_argument("--group-size", default="auto", help="int4 scale group: 128, 64, ... or auto")
+    g.add_argument("--eval", default="wikitext2", help="perplexity datasets: wikitext2,c4 or none")
     g.add_argument("--eval-seqlen", type=int, default=2048)
-    g.add_argument("--eval-windows", type=int, default=None, help="number of windows (default: all)")
+    g.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default: from --protocol; 0 = all)")
     g.add_argument("--no-dense-eval", action="store_true", help="skip measuring the dense model first")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--dtype", default="float32")
-    g.add_argument("--recover", default=None, help="perp: retrain a tiny subset after pruning")
+    g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=200)
+    g.add_argument("--recover-lr", type=float, default=None)
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compress)
 
@@ -68,14 +73,19 @@ def cmd_compress(a) -> int:
     cfg = CompressConfig(
         model=a.model, solver=a.solver, pattern=a.pattern, sparsity=a.sparsity, scope=a.scope, ignore=a.ignore,
         solver_opts=opts, owl={"m": a.owl_m, "lam": a.owl_lambda} if a.owl else None,
-        calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, calib_batch=a.calib_batch,
+        calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, protocol=a.protocol, seed=a.seed,
+        calib_batch=a.calib_batch,
         device=a.device, dtype=a.dtype, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
-        eval=tuple(x for x in a.eval.split(",") if x), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
+        eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, slicegpt=slicegpt, format=a.format, quant=a.quant,
-        recover={"method": a.recover, "steps": a.recover_steps} if a.recover else None,
+        group_size=a.group_size if a.group_size == "auto" else int(a.group_size),
+        recover=({"method": a.recover, "steps": a.recover_steps,
+                  **({"lr": a.recover_lr} if a.recover_lr else {})} if a.recover else None),
     )
     m = api.compress(cfg, command=a.command_line)
     print_summary(m)
+    if "format" in m:
+        print_format(m)
     return 0
 
 
@@ -101,11 +111,16 @@ def print_eval(ev: dict) -> None:
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of an output folder or a model")
-    p.add_argument("target", help="an llmprune output folder, or anything --model accepts")
-    p.add_argument("--ppl", default=None, help="perplexity datasets, e.g. wikitext2,c4 (default wikitext2 when no --tasks)")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of an output folder or a model")
+    p.add_argument("target", help="an llmprune output folder, or anything --model accepts (e.g. llama)")
+    p.add_argument("--ppl", default=None, help="perplexity datasets: wikitext2,c4 (default wikitext2 without --tasks)")
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=None)
+    p.add_argument("--windows", type=int, default=None, help="windows evaluated (default all)")
+    p.add_argument("--tasks", default="", help="zero-shot tasks through lm-eval, e.g. boolq,rte,winogrande,arc_easy,"
+                                               "arc_challenge,openbookqa,piqa")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--tasks-dir", default=None, help="folder with the offline task files (default: shipped copies)")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true")
@@ -115,13 +130,214 @@ def _add_eval(sub):
 def cmd_eval(a) -> int:
     from . import api
 
-    ppl = tuple(x for x in (a.ppl or "wikitext2").split(",") if x)
-    res = api.evaluate(a.target, ppl, a.seqlen, a.windows, a.device, progress=not a.no_progress)
-    print_eval(res)
+    tasks = tuple(x for x in a.tasks.split(",") if x)
+    ppl = tuple(x for x in (a.ppl if a.ppl is not None else ("" if tasks else "wikitext2")).split(",") if x and x != "none")
+    res = api.evaluate(a.target, ppl, a.seqlen, a.windows, a.device, progress=not a.no_progress, tasks=tasks,
+                       limit=a.limit, tasks_dir=a.tasks_dir, batch_size=a.batch_size)
+    print_eval(res.get("eval", {}))
+    print_zeroshot(res.get("zeroshot", {}))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+            json.dump(res.get("zeroshot", res.get("eval")) if len(res) == 1 else res, f, indent=2)
     return 0
+
+
+def print_zeroshot(zs: dict) -> None:
+    if not zs:
+        return
+    print(f"\n{'task':<15} {'acc':>7} {'acc_norm':>9} {'n':>6}")
+    for t, r in zs.items():
+        if isinstance(r, dict):
+            an = f"{r['acc_norm']:.4f}" if r.get("acc_norm") is not None else "-"
+            print(f"{t:<15} {r['acc']:>7.4f} {an:>9} {r['n']:>6}")
+    print(f"{'mean':<15} {zs['mean']:>7.4f}" + (f"   (first {zs['limit']} examples of each task)" if zs.get("limit") else ""))
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="a solver x sparsity grid with a CSV, JSON and plot")
+    p.add_argument("--model", default="llama")
+    p.add_argument("--solvers", default="magnitude,wanda")
+    p.add_argument("--sparsity", default="0.3:0.8:0.1", help="start:stop:step (stop included) or a list 0.5,0.6")
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--eval", default="wikitext2", help="perplexity datasets")
+    p.add_argument("--tasks", default="", help="zero-shot tasks too (slow)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--calib", default="c4")
+    p.add_argument("--protocol", default="auto", choices=["auto", "paper", "cpu"])
+    p.add_argument("--nsamples", type=int, default=None)
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="sweep")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+def parse_range(s: str) -> list[float]:
+    from .errors import LLMPruneError
+
+    try:
+        if ":" in s:
+            a, b, c = (float(x) for x in s.split(":"))
+            n = int(round((b - a) / c)) + 1
+            return [round(a + i * c, 6) for i in range(n)]
+        return [float(x) for x in s.split(",") if x]
+    except ValueError:
+        raise LLMPruneError(f"--sparsity {s!r}: use start:stop:step (e.g. 0.3:0.8:0.1) or a list (0.5,0.6)") from None
+
+
+def cmd_sweep(a) -> int:
+    from . import api
+
+    res = api.sweep(a.model, tuple(a.solvers.split(",")), parse_range(a.sparsity), a.pattern, a.out, a.calib,
+                    a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
+                    a.eval_windows, tuple(x for x in a.tasks.split(",") if x), a.limit, a.device,
+                    progress=not a.no_progress, protocol=a.protocol)
+    from .bench import format_table
+
+    cols = [c for c in res["rows"][0] if c not in ("model",)]
+    print(format_table(res["rows"], tuple(cols)))
+    print(f"\nwrote {res['csv']}, {res['json']}, {res['png']}")
+    return 0
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="a Markdown table of several outputs side by side")
+    p.add_argument("outs", nargs="+")
+    p.add_argument("--md", default=None, help="write the table to this file too")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(a) -> int:
+    from . import report
+
+    table = report.markdown_table(*report.load_manifests(a.outs))
+    print(table)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def _add_recover(sub):
+    p = sub.add_parser("recover", help="PERP: retrain norms and mask-respecting adapters of a pruned output")
+    p.add_argument("src", help="an llmprune output folder (dense format)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="perp", help="perp")
+    p.add_argument("--train", default="norms,biases,masklora", help="norms,biases,masklora,scalelora")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%% of --steps)")
+    p.add_argument("--schedule", default="cosine", help="cosine | linear | constant")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", default="no", help="no | bf16 | fp16 (GPU)")
+    p.add_argument("--data", default="c4", help="c4 | wikitext2 | FILE")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=int, default=None, help="training windows (default steps x batch x accum)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_eval_flags(p)
+    p.set_defaults(func=cmd_recover)
+
+
+def _add_eval_flags(p):
+    p.add_argument("--eval", default="", help="perplexity datasets before and after, e.g. wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_recover(a) -> int:
+    from . import api
+
+    opts = dict(method=a.method, train=tuple(x for x in a.train.split(",") if x), rank=a.rank, steps=a.steps,
+                batch_size=a.batch, grad_accum=a.grad_accum, warmup=a.warmup, schedule=a.schedule,
+                weight_decay=a.weight_decay, grad_checkpointing=not a.no_grad_checkpointing,
+                mixed_precision=a.mixed_precision, seed=a.seed)
+    if a.lr is not None:
+        opts["lr"] = a.lr
+    m = api.recover(a.src, a.out, data=a.data, seqlen=a.seqlen, nsamples=a.nsamples,
+                    eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen,
+                    eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
+                    progress=not a.no_progress, command=a.command_line, **opts)
+    r = m["recover"]
+    print(f"\nsaved {m['out']}  (PERP {r['steps']} steps, {r['n_trainable']:,} trainable = {100 * r['fraction']:.3f}%,"
+          f" {r['wall_s']:.0f}s, zeros unchanged: {r['zeros_unchanged']})")
+    ev = m.get("eval", {})
+    for d, x in ev.items():
+        print(f"{d}: ppl {x['before_recover_ppl']:.3f} -> {x['ppl']:.3f}"
+              + (f" (dense {x['dense_ppl']:.3f})" if "dense_ppl" in x else ""))
+    return 0
+
+
+def _add_pack(sub):
+    p = sub.add_parser("pack", help="pack a pruned output into a smaller format (sparse24, w4g128, w4s24, w4s50)")
+    p.add_argument("src")
+    p.add_argument("--format", required=True, help="sparse24 | w4g128 | w4s24 | w4s50")
+    p.add_argument("--quant", default=None, help="rtn | gptq (int4 formats; default rtn)")
+    p.add_argument("--group-size", default="auto", help="int4 scale group: 128, 64, ... or auto (largest that divides)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--calib", default="c4")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
+
+def cmd_pack(a) -> int:
+    from . import api
+
+    gs = a.group_size if a.group_size == "auto" else int(a.group_size)
+    m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
+                 progress=not a.no_progress, command=a.command_line)
+    print_format(m)
+    return 0
+
+
+def print_format(m: dict) -> None:
+    f = m["format"]
+    layers = f.get("layers", {})
+    packed = sum(x["bytes"] for x in layers.values())
+    dense = sum(x["dense_bytes"] for x in layers.values())
+    print(f"saved {m['out']}  format {f['name']}" + (f" ({f.get('quant')})" if f.get("quant") else ""))
+    if dense:
+        print(f"packed linears: {len(layers)}, {packed / 2**20:.1f} MiB vs {dense / 2**20:.1f} MiB fp16 "
+              f"({packed / dense:.3f}x); left dense: {len(f.get('left_dense', {}))}")
+
+
+def _add_push(sub):
+    p = sub.add_parser("push", help="upload an output folder to the Hugging Face Hub with a model card")
+    p.add_argument("src")
+    p.add_argument("--repo", required=True, help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to push to")
+    p.add_argument("--token-env", default=None, help="read the token from this environment variable")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(a) -> int:
+    from . import hub
+
+    token = hub.token_from_env(a.token_env) if a.token_env else None
+    url = hub.push(a.src, a.repo, private=a.private, revision=a.revision, token=token, commit_message=a.message)
+    print(f"pushed {a.src} to {url}")
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="decode benchmark, dense vs compressed (see `llmprune bench -h`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("llmprune.bench", fromlist=["main"]).main(a.rest))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_eval(sub)
+    _add_recover(sub)
+    _add_pack(sub)
+    _add_push(sub)
+    _add_bench(sub)
+    _add_sweep(sub)
+    _add_report(sub)
     return p
 
 

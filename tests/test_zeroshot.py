@@ -211,3 +211,14 @@ def test_summarize_reads_lm_eval_keys():
     assert out["piqa"] == {"acc": 0.5, "acc_norm": 0.75, "n": 4, "source": "piqa"}
     assert out["lambada"] == {"acc": 0.25, "acc_norm": None, "n": 8, "source": "lambada_openai", "ppl": 80.5}
     assert out["mean"] == pytest.approx(0.375)
+
+
+def test_yaml_standalone_reads_shipped_file():
+    """Without llmprune's metadata (e.g. `lm_eval --include_path llmprune/eval/tasks`), the loader
+    finds the data beside the YAMLs."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(DATA), include_defaults=False)
+    task = tm.load(["llmprune_rte"])["tasks"]["llmprune_rte"]
+    docs = task.test_docs()
+    assert len(docs) == 277 and docs[0]["sentence2"] == _rows("rte_dev.tsv", 1)[0]["sentence2"]

@@ -85,8 +85,8 @@ def _local_tasks(names: list[str], tasks_dir: str | Path | None) -> dict[str, An
     data_dir = Path(tasks_dir) if tasks_dir is not None else TASKS_DIR
     for n in names:
         if not (data_dir / LOCAL_TASKS[n][1]).is_file():
-            raise LLMPruneError(f"tasks dir {data_dir} has no {LOCAL_TASKS[n][1]} (needed by {n}): "
-                                f"copy it there or drop --tasks-dir")
+            fix = "copy it there or drop --tasks-dir" if tasks_dir is not None else "reinstall llmprune"
+            raise LLMPruneError(f"tasks dir {data_dir} has no {LOCAL_TASKS[n][1]} (needed by {n}): {fix}")
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
                      metadata={"tasks_dir": str(data_dir.resolve())})
     built = tm.load([LOCAL_TASKS[n][0] for n in names])["tasks"]

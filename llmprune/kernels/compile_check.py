@@ -69,9 +69,9 @@ def check_one(fmt: str, dtype: str, M: int) -> dict:
     kernel = tg._gemv_kernel if cfg.kind == "gemv" else tg._tile_kernel
     sig, aligned = _signature(fmt, dtype, cfg.kind)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    const = dict(FMT=tg.FMT_IDS[fmt], G=GROUP if fmt in ("w4g128", "w4s24") else 16, HAS_Z=False,
-                 HAS_BIAS=False, CDT={"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
-                 BW=cfg.BW, BT=cfg.BT, BK=cfg.BK)
+    const = {"FMT": tg.FMT_IDS[fmt], "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
+             "HAS_BIAS": False, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
+             "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK}
     if cfg.kind == "gemv":
         const["FINAL"] = False
     sig.update({k: "constexpr" for k in const})
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             "vector_loads", "cp_async")
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:
-        print(" ".join(f"{str(r[c]):>12}" for c in cols))
+        print(" ".join(f"{r[c]!s:>12}" for c in cols))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

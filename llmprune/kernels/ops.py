@@ -12,7 +12,6 @@ w4s24 {codes, meta, scales, zeros?}; w4s50 {codes, gidx (or bitmap), scales}.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -153,24 +152,24 @@ def _triton(fmt: str, x: Tensor, args: tuple, out: int, bias: Tensor | None, con
 # --- custom ops: one per format, CPU -> reference, CUDA -> Triton, fake -> shape only -------------
 
 @torch.library.custom_op("llmprune::sparse24_linear", mutates_args=())
-def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor]) -> Tensor:
+def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
     return _reference("sparse24", x, (values, meta), bias)
 
 
 @torch.library.custom_op("llmprune::w4g128_linear", mutates_args=())
-def w4g128_linear(x: Tensor, codes: Tensor, scales: Tensor, zeros: Optional[Tensor],
-                  bias: Optional[Tensor]) -> Tensor:
+def w4g128_linear(x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None,
+                  bias: Tensor | None) -> Tensor:
     return _reference("w4g128", x, (codes, scales, zeros), bias)
 
 
 @torch.library.custom_op("llmprune::w4s24_linear", mutates_args=())
-def w4s24_linear(x: Tensor, codes: Tensor, meta: Tensor, scales: Tensor, zeros: Optional[Tensor],
-                 bias: Optional[Tensor]) -> Tensor:
+def w4s24_linear(x: Tensor, codes: Tensor, meta: Tensor, scales: Tensor, zeros: Tensor | None,
+                 bias: Tensor | None) -> Tensor:
     return _reference("w4s24", x, (codes, meta, scales, zeros), bias)
 
 
 @torch.library.custom_op("llmprune::w4s50_linear", mutates_args=())
-def w4s50_linear(x: Tensor, codes: Tensor, gidx: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+def w4s50_linear(x: Tensor, codes: Tensor, gidx: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     return _reference("w4s50", x, (codes, gidx, scales), bias)
 
 

@@ -54,7 +54,7 @@ def _gemv_kernel(x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, s
     tok = tl.arange(0, BT)
     acc = tl.zeros((BW, BT), tl.float32)
     n_it = tl.minimum(ITERS, tl.cdiv(KK, BK) - pid_k * ITERS)
-    for i in range(0, n_it):
+    for i in range(n_it):
         kk = (pid_k * ITERS + i) * BK
         if FMT == 3:  # walk kept columns, gather x per row
             w, cols, okc = w4s50_slot_tile(A, B, C, sa, sb, sc, rows, rmask, kk, KG, BW, BK, CDT)
@@ -161,8 +161,8 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     cdt = _TL[x2d.dtype]
     fid = FMT_IDS[fmt]
     bias_arg = bias if bias is not None else x2d
-    common = dict(FMT=fid, G=G, HAS_Z=has_z, HAS_BIAS=bias is not None, CDT=cdt, BW=cfg.BW, BT=cfg.BT,
-                  BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = {"FMT": fid, "G": G, "HAS_Z": has_z, "HAS_BIAS": bias is not None, "CDT": cdt, "BW": cfg.BW,
+              "BT": cfg.BT, "BK": cfg.BK, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if cfg.kind == "tile":
         y = torch.empty((M, n_out), dtype=x2d.dtype, device=x2d.device)
         grid = (triton.cdiv(n_out, cfg.BW), triton.cdiv(M, cfg.BT))

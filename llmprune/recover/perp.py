@@ -63,6 +63,13 @@ def _select(model: nn.Module, train: tuple[str, ...]) -> tuple[dict[str, list[nn
     return chosen, notes
 
 
+def check_options(method="perp", train=("norms", "biases", "masklora"), rank=16, steps=200, lr=DEFAULT_LR,
+                  batch_size=4, grad_accum=1, schedule="cosine", mixed_precision="no", **_) -> None:
+    """Validate recovery options before any model or data is loaded (the CLI fails fast)."""
+    _check(lr, steps, batch_size, grad_accum, method, tuple(train), schedule, torch.zeros(1, 2, dtype=torch.long),
+           rank, mixed_precision)
+
+
 def _check(lr, steps, batch_size, grad_accum, method, train, schedule, train_ids, rank, mixed_precision) -> None:
     if method != "perp":
         raise LLMPruneError(f"unknown recovery method {method!r}: use --method perp")

@@ -1,0 +1,101 @@
+"""The other subcommands end to end on a tiny model: recover, pack, eval --tasks, sweep, report."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from llmprune import checkpoint, patterns
+from llmprune.cli import main
+
+FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
+
+
+@pytest.fixture(scope="module")
+def pruned_24(tmp_path_factory, tiny_dir, calib_txt):
+    out = tmp_path_factory.mktemp("p") / "w24"
+    assert main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt),
+                 "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_recover_keeps_zeros_and_records(tmp_path, capsys, pruned_24, calib_txt):
+    out = tmp_path / "rec"
+    rc = main(["recover", str(pruned_24), "--out", str(out), "--steps", "3", "--batch", "2", "--data", str(calib_txt),
+               "--seqlen", "32", "--rank", "4", "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["recover"]["zeros_unchanged"] is True and m["recover"]["steps"] == 3
+    assert 0 < m["recover"]["fraction"] < 1
+    assert "before_recover_ppl" in m["eval"]["wikitext2"]
+    a, _, _ = checkpoint.load(pruned_24)
+    b, _, _ = checkpoint.load(out)
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        if x.dim() == 2 and "layers" in n:
+            assert torch.equal(x == 0, y == 0), n
+            assert patterns.satisfies(y != 0, patterns.parse("2:4"), 0.5)
+
+
+def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
+    (tmp_path / "plain").mkdir()
+    for argv, msg in [([str(tmp_path / "plain")], "not an llmprune output"),
+                      ([str(pruned_24), "--lr", "0"], "--lr"),
+                      ([str(pruned_24), "--steps", "0"], "--steps")]:
+        rc = main(["recover", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
+
+
+def test_pack_sparse24_roundtrip(tmp_path, capsys, pruned_24):
+    out = tmp_path / "packed"
+    assert main(["pack", str(pruned_24), "--format", "sparse24", "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["format"]["name"] == "sparse24" and m["solver"] == "wanda"
+    dense, _, _ = checkpoint.load(pruned_24)
+    small, _, _ = checkpoint.load(out)
+    ids = torch.randint(0, 256, (2, 12))
+    assert torch.equal(dense(ids).logits, small(ids).logits)
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(out) < size(pruned_24)
+
+
+def test_compress_with_format_and_gptq(tmp_path, capsys, tiny_dir, calib_txt):
+    out = tmp_path / "w4"
+    rc = main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt), "--out", str(out),
+               "--format", "w4s24", "--quant", "gptq", "--group-size", "32", *FAST])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["format"]["name"] == "w4s24" and m["format"]["quant"] == "gptq"
+    model, _, _ = checkpoint.load(out)
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
+
+
+def test_eval_tasks_and_report(tmp_path, capsys, pruned_24):
+    rc = main(["eval", str(pruned_24), "--tasks", "copa,rte", "--limit", "3", "--json", str(tmp_path / "zs.json"),
+               "--no-progress"])
+    so = capsys.readouterr().out
+    assert rc == 0 and "copa" in so and "mean" in so
+    zs = json.loads((tmp_path / "zs.json").read_text())
+    assert zs["copa"]["n"] == 3 and 0 <= zs["mean"] <= 1
+    assert json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]["rte"]["n"] == 3
+    for argv, msg in [(["--tasks", "nope"], "unknown"), (["--tasks", "copa", "--limit", "0"], "limit")]:
+        assert main(["eval", str(pruned_24), *argv, "--no-progress"]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["report", str(pruned_24)]) == 0
+    assert "| " in capsys.readouterr().out
+
+
+def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
+    out = tmp_path / "sw"
+    rc = main(["sweep", "--model", str(tiny_dir), "--solvers", "magnitude,wanda", "--sparsity", "0.3:0.5:0.2",
+               "--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "64",
+               "--eval-windows", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert len(lines) == 1 + 1 + 4  # header, dense, 2 solvers x 2 sparsities
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["solver"] for r in rows] == ["dense", "magnitude", "magnitude", "wanda", "wanda"]
+    assert all(abs(r["sparsity"] - r["target"]) < 0.01 for r in rows)
+    with Image.open(out / "sweep.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
