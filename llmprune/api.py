@@ -61,8 +61,6 @@ def _eval_all(model, tok, names, seqlen, windows, progress, tokens_cache) -> dic
 def compress(config: CompressConfig | None = None, command: str | None = None, **kwargs) -> dict:
     """Prune (or slice) a model, save it, evaluate it. Returns the manifest with `out`.
     `command` (the CLI line) is recorded so the model card can say how to reproduce it."""
-    import torch
-
     cfg = config if config is not None else CompressConfig.from_dict(kwargs)
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
@@ -97,6 +95,18 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     t0 = time.perf_counter()
     model, tok, info = models.load(cfg.model, dtype=cfg.dtype)
     timings = {"load_s": round(time.perf_counter() - t0, 2)}
+    # everything that can still fail on the input is checked before the long steps
+    names = prune.target_linears(model, cfg.ignore)
+    if not cfg.slicegpt:
+        prune.check_shapes(model, names, pattern)
+    calib_info = None
+    calib_ids = None
+    if cfg.slicegpt or solver.needs_for(cfg.solver_opts) or cfg.owl or cfg.quant == "gptq":
+        from . import calibration
+
+        t0 = time.perf_counter()
+        calib_ids, calib_info = calibration.load(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed)
+        timings["calib_load_s"] = round(time.perf_counter() - t0, 2)
     eval_cache: dict = {}
     results: dict = {}
     if cfg.eval and cfg.eval_dense:
@@ -107,16 +117,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         results = {d: {"dense_ppl": r["ppl"]} for d, r in dense.items()}
         timings["dense_eval_s"] = round(time.perf_counter() - t0, 2)
 
-    # --- calibrate and compress ---
-    names = prune.target_linears(model, cfg.ignore)
-    calib_info = None
-    calib_ids = None
-    if cfg.slicegpt or solver.needs_for(cfg.solver_opts) or cfg.owl:
-        from . import calibration
-
-        t0 = time.perf_counter()
-        calib_ids, calib_info = calibration.load(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed)
-        timings["calib_load_s"] = round(time.perf_counter() - t0, 2)
+    # --- compress ---
     manifest: dict = {
         "format_version": checkpoint.FORMAT_VERSION,
         "llmprune_version": __version__,
@@ -130,7 +131,6 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         manifest["solver"] = "slicegpt"
         manifest["slicegpt"] = sl
     else:
-        prune.check_shapes(model, names, pattern)
         if cfg.scope == "global":
             from .solvers.magnitude import global_sparsities
 
@@ -196,8 +196,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         hessians = None
         if cfg.quant == "gptq":  # Hessians of the pruned model, block by block
             t0 = time.perf_counter()
-            hessians = collect_hessians(model, tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.calib_batch,
-                                        device, cfg.progress)
+            hessians = collect_hessians(model, calib_ids, cfg.calib_batch, device, cfg.progress)
             timings["hessians_s"] = round(time.perf_counter() - t0, 2)
         manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, hessians=hessians,
                                                 tokenizer=tok, manifest=manifest, overwrite=cfg.overwrite,
@@ -263,6 +262,30 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     return out
 
 
+def parse_solver_spec(spec: str):
+    """'wanda', 'dsnot+init=sparsegpt', 'sparsegpt+owl', 'wanda+owl+owl_lambda=0.1' ->
+    (label, Solver, OWL options or None, solver options)."""
+    name, *parts = spec.split("+")
+    solver = solvers.get(name)
+    opts, owl_opts = {}, None
+    for p in parts:
+        if p == "owl":
+            owl_opts = owl_opts or {}
+        elif "=" in p:
+            k, v = p.split("=", 1)
+            try:
+                v = int(v) if v.isdigit() else float(v)
+            except ValueError:
+                pass  # a word, such as init=sparsegpt
+            if k in ("owl_m", "owl_lambda"):
+                owl_opts = {**(owl_opts or {}), {"owl_m": "m", "owl_lambda": "lam"}[k]: float(v)}
+            else:
+                opts[k] = v
+        else:
+            raise LLMPruneError(f"solver spec {spec!r}: options look like name+key=value or name+owl")
+    return spec, solver, owl_opts, opts
+
+
 def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda"), sparsities=(0.5,),
           pattern: str = "unstructured", out: str = "sweep", calib: str = "c4", nsamples: int | None = None,
           seqlen: int | None = None, seed: int = 0, eval: tuple[str, ...] = ("wikitext2",), eval_seqlen: int = 2048,
@@ -278,7 +301,9 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     cfg = CompressConfig(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, protocol=protocol,
                          eval_windows=eval_windows).resolved(dev)
     pat = patterns.parse(pattern)
-    grid = [(solvers.get(s), patterns.resolve_sparsity(pat, sp)) for s in solvers_ for sp in sparsities]
+    grid = [(*parse_solver_spec(s), patterns.resolve_sparsity(pat, sp)) for s in solvers_ for sp in sparsities]
+    if any(owl_opts for _, _, owl_opts, _, _ in grid) and pat.kind == "nm":
+        raise LLMPruneError(f"+owl varies the sparsity per layer, but pattern {pat} fixes it: drop +owl")
     if tasks:
         from .eval import zeroshot
 
@@ -304,15 +329,21 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     dense = measure(m)
     rows = [report.sweep_row({"model": info.as_dict(), "solver": "dense", "pattern": "dense",
                               "sparsity": {"target": 0.0, "measured": 0.0}, **dense})]
-    for solver, sp in grid:
+    for label, solver, owl_opts, opts, sp in grid:
         m.load_state_dict(dense_state)
         t0 = time.perf_counter()
-        prune.prune(m, solver, pat, {n: sp for n in names}, ids, {}, calib_batch, dev, progress)
+        layer_s = {n: sp for n in names}
+        if owl_opts is not None:
+            from . import owl
+
+            layer_s = owl.layer_sparsities(m, names, ids, sp, batch_size=calib_batch, device=dev, progress=progress,
+                                           **owl_opts)
+        prune.prune(m, solver, pat, layer_s, ids, opts, calib_batch, dev, progress)
         took = time.perf_counter() - t0
         r = measure(m)
         for d, x in r["eval"].items():
             x["dense_ppl"] = dense["eval"][d]["ppl"]
-        man = {"model": info.as_dict(), "solver": solver.name, "pattern": str(pat),
+        man = {"model": info.as_dict(), "solver": label, "pattern": str(pat),
                "sparsity": {"target": sp, "measured": prune.measured_sparsity(m, names)},
                "timings": {"compress_s": round(took, 2)}, **r}
         rows.append(report.sweep_row(man))
@@ -381,9 +412,8 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     if "sparsity" in new:
         from . import prune
 
-        names = [n for n in prune.target_linears(model, manifest.get("ignore")) if n in keep or True]
+        names = prune.target_linears(model, manifest.get("ignore"))
         new["sparsity"] = {**new["sparsity"], "measured": prune.measured_sparsity(model, names)}
-    info.pop("losses_full", None)
     new["recover"] = info
     new["recovered_from"] = str(src)
     new["peak_rss_mib"] = peak_rss_mib()
@@ -412,7 +442,10 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     model, tok, _ = checkpoint.load(src)
     hessians = None
     if quant == "gptq":
-        hessians = collect_hessians(model, tok, calib, nsamples, seqlen, seed, progress=progress)
+        from . import calibration
+
+        ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
+        hessians = collect_hessians(model, ids, progress=progress)
     new = {k: v for k, v in manifest.items() if k != "out"}
     if command:
         new["command"] = command
@@ -422,14 +455,12 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     return {**new, "format": section, "out": str(out)}
 
 
-def collect_hessians(model, tok, calib: str, nsamples: int, seqlen: int, seed: int, batch_size: int = 8,
-                     device="cpu", progress: bool = True) -> dict:
+def collect_hessians(model, ids, batch_size: int = 8, device="cpu", progress: bool = True) -> dict:
     """H = 2 X^T X / n of every prunable linear, block by block through the engine (the inputs
     of each block come from the blocks before it as they are now)."""
-    from . import calibration, prune, walker
     from . import arch as archmod
+    from . import prune, walker
 
-    ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
     a = archmod.arch_of(model)
     wanted = set(prune.target_linears(model))
     out = {}

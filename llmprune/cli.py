@@ -156,7 +156,8 @@ def print_zeroshot(zs: dict) -> None:
 def _add_sweep(sub):
     p = sub.add_parser("sweep", help="a solver x sparsity grid with a CSV, JSON and plot")
     p.add_argument("--model", default="llama")
-    p.add_argument("--solvers", default="magnitude,wanda")
+    p.add_argument("--solvers", default="magnitude,wanda",
+                   help="solver specs: name[+key=value...][+owl], e.g. wanda,sparsegpt,dsnot+init=sparsegpt,wanda+owl")
     p.add_argument("--sparsity", default="0.3:0.8:0.1", help="start:stop:step (stop included) or a list 0.5,0.6")
     p.add_argument("--pattern", default="unstructured")
     p.add_argument("--eval", default="wikitext2", help="perplexity datasets")
@@ -181,7 +182,7 @@ def parse_range(s: str) -> list[float]:
     try:
         if ":" in s:
             a, b, c = (float(x) for x in s.split(":"))
-            n = int(round((b - a) / c)) + 1
+            n = round((b - a) / c) + 1
             return [round(a + i * c, 6) for i in range(n)]
         return [float(x) for x in s.split(",") if x]
     except ValueError:

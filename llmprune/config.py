@@ -55,7 +55,7 @@ class CompressConfig:
     version: int = CONFIG_VERSION
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CompressConfig":
+    def from_dict(cls, d: dict) -> CompressConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -80,7 +80,7 @@ class CompressConfig:
         if self.eval_windows is not None and self.eval_windows < 0:
             raise LLMPruneError("--eval-windows must be >= 1, or 0 for all windows")
 
-    def resolved(self, device: str) -> "CompressConfig":
+    def resolved(self, device: str) -> CompressConfig:
         """The config with protocol defaults filled in for the device the run uses."""
         name = self.protocol if self.protocol != "auto" else ("paper" if device.startswith("cuda") else "cpu")
         p = PROTOCOLS[name]

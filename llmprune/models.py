@@ -143,7 +143,7 @@ def _resolve_hub(repo_id: str) -> ModelInfo:
 
     try:
         folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
+    except Exception as e:  # noqa: BLE001  # offline, unknown repo, gated: all end the same way for the user
         raise LLMPruneError(
             f"cannot fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): check the id and your "
             f"connection, or pass a local folder, a .gguf file, or an alias (llama, gemma3)"

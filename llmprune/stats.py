@@ -18,7 +18,7 @@ class LayerStats:
         self.in_features = in_features
         self.needs = frozenset(needs)
         self.n = 0  # tokens seen
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
         self.sum = z(in_features) if "moments" in needs else None
         self.sumsq = z(in_features) if needs & {"norms", "moments"} else None
         # X^T X in fp32: a (tokens x in) @ (in x tokens) product is the dominant cost, fp64 doubles it.

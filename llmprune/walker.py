@@ -11,8 +11,8 @@ Memory holds one block plus the calibration activations, never a second copy of 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from llmprune import checkpoint
 from llmprune.cli import main
 
-COMMON = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress"]
+COMMON = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
 
 
 def _run(capsys, *argv):
@@ -25,7 +25,7 @@ def test_compress_end_to_end(tmp_path, capsys, tiny_dir, calib_txt, solver, patt
     out = tmp_path / "out"
     rc, so, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", solver, "--pattern", pattern,
                       "--calib", calib_txt, "--out", out, "--eval", "wikitext2", "--eval-seqlen", "64",
-                      "--eval-windows", "2", *COMMON, *extra)
+                      "--eval-windows", "2", *COMMON[:-2], *extra)
     assert rc == 0, se
     m = json.loads((out / "llmprune.json").read_text())
     for k in ("format_version", "llmprune_version", "model", "solver", "pattern", "sparsity", "timings",
@@ -88,7 +88,7 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, tiny_dir, calib_txt, arg
     for i in range(0, len(argv), 2):
         base[argv[i]] = argv[i + 1]
     args = [x for kv in base.items() for x in kv]
-    rc, so, se = _run(capsys, "compress", *args, "--out", out, *COMMON)
+    rc, so, se = _run(capsys, "compress", *COMMON, *args, "--out", out)  # argv wins over COMMON
     assert rc == 2
     lines = se.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llmprune: error:") and msg in lines[0], se

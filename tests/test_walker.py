@@ -67,7 +67,7 @@ def reference_wanda(model, ids, sparsity, pattern):
         scaler = {n: torch.zeros(m.in_features) for n, m in lins.items()}
         count = {n: 0 for n in lins}
 
-        def hook(name):
+        def hook(name, scaler=scaler, count=count):
             def f(mod, inp, out):
                 x = inp[0][0].float()  # (seq, in)
                 t = 1

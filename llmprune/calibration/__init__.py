@@ -100,7 +100,7 @@ def load(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: in
 
         try:
             t = load_file(str(path)).get("input_ids")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise LLMPruneError(f"{path} is not a readable safetensors file ({e})") from None
         if t is None or t.dim() != 2 or t.shape[1] < 2:
             raise LLMPruneError(f"{path} must hold an 'input_ids' tensor of shape (nsamples, seqlen)")

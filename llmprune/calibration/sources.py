@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
-_WT2_NOTE = "rows of wiki.test.raw without its blank rows, joined with '\\n\\n'"
+_WT2_NOTE = "lines of wiki.test.raw, each with its line end as in the Hub dataset's rows, blank rows missing, joined with '\\n\\n'"
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,7 +28,7 @@ def _hub(fn):
         return None
     try:
         return fn()
-    except Exception:  # unreachable mid-way, gated, or renamed: fall back to the shipped sample
+    except Exception:  # noqa: BLE001  # unreachable mid-way, gated, or renamed: fall back to the shipped sample
         return None
 
 
@@ -44,7 +44,9 @@ def wikitext2(split: str) -> tuple[str, str]:
     got = _hub(hub)
     if got:
         return got
-    rows = [r for r in (DATA / "wikitext2_test.raw").read_text(encoding="utf-8").split("\n") if r.strip()]
+    # The Hub's rows keep their trailing "\n"; so do these, which makes the join token-for-token the
+    # paper protocol's apart from the release's blank rows (SmolLM2: 20.43 here, 20.82 on the file as is).
+    rows = [r + "\n" for r in (DATA / "wikitext2_test.raw").read_text(encoding="utf-8").split("\n") if r.strip()]
     where = f"offline:wikitext2_test.raw ({_WT2_NOTE})"
     if split != "test":
         where += "; the train split is not shipped: the test text is used, so calibration overlaps evaluation"

@@ -5,8 +5,9 @@ the pattern and the layer's sparsity, and returns the new weight and its keep-ma
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Protocol P-cpu on this repo's 2-core CPU machine: fp32, CPU, calibration C4 64 x 512 seed 0,
+# WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
+# step whose output folder exists is skipped, so the script resumes where it stopped.
+#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers perp slicegpt
+# Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
+# every command's console output is appended to bench/results/p_cpu.log.
+set -u
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+R=runs; B=bench/results; LOG=$B/p_cpu.log
+mkdir -p $R $B
+P="--protocol cpu --no-progress"
+run() {  # run NAME CMD...: skip when runs/NAME exists; record the command, its output, the manifest
+  local name=$1; shift
+  if [ -e "$R/$name/llmprune.json" ]; then echo "skip $name (exists)"; return 0; fi
+  { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ $*"; } >> $LOG
+  /usr/bin/time -f "wall %e s, max RSS %M KiB" "$@" >> $LOG 2>&1
+  local rc=$?
+  [ -e "$R/$name/llmprune.json" ] && cp "$R/$name/llmprune.json" "$B/$name.json"
+  echo "$name rc=$rc" | tee -a $LOG
+}
+evalp() {  # evalp NAME: WikiText-2 ppl of a packed output (through its runtime modules)
+  { echo; echo "### eval $1  $(date -u +%FT%TZ)"; echo "\$ llmprune eval $R/$1 --ppl wikitext2 --windows 16"; } >> $LOG
+  python -m llmprune.cli eval $R/$1 --ppl wikitext2 --windows 16 --no-progress >> $LOG 2>&1
+  cp "$R/$1/llmprune.json" "$B/$1.json"
+}
+L="python -m llmprune.cli"
+stage_base() {
+  run llama-wanda-50 $L compress --model llama --solver wanda --sparsity 0.5 $P --out $R/llama-wanda-50
+  run llama-wanda-24 $L compress --model llama --solver wanda --pattern 2:4 $P --out $R/llama-wanda-24
+  run llama-magnitude-50 $L compress --model llama --solver magnitude --sparsity 0.5 $P --out $R/llama-magnitude-50
+  run gemma3-wanda-50 $L compress --model gemma3 --solver wanda --sparsity 0.5 $P --out $R/gemma3-wanda-50
+}
+stage_formats() {
+  run llama-wanda-24-sparse24 $L pack $R/llama-wanda-24 --format sparse24 --out $R/llama-wanda-24-sparse24 --no-progress
+  run llama-wanda-24-w4s24-rtn $L pack $R/llama-wanda-24 --format w4s24 --quant rtn --out $R/llama-wanda-24-w4s24-rtn --no-progress && evalp llama-wanda-24-w4s24-rtn
+  run llama-wanda-24-w4s24-gptq $L pack $R/llama-wanda-24 --format w4s24 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-wanda-24-w4s24-gptq --no-progress && evalp llama-wanda-24-w4s24-gptq
+  run llama-dense $L compress --model llama --solver magnitude --sparsity 0 $P --out $R/llama-dense
+  run llama-dense-w4g128-rtn $L pack $R/llama-dense --format w4g128 --quant rtn --out $R/llama-dense-w4g128-rtn --no-progress && evalp llama-dense-w4g128-rtn
+  run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
+  run llama-wanda-g16 $L compress --model llama --solver wanda --pattern group:16 --sparsity 0.5 $P --out $R/llama-wanda-g16
+  run llama-wanda-g16-w4s50-rtn $L pack $R/llama-wanda-g16 --format w4s50 --quant rtn --out $R/llama-wanda-g16-w4s50-rtn --no-progress && evalp llama-wanda-g16-w4s50-rtn
+  run llama-wanda-g16-w4s50-gptq $L pack $R/llama-wanda-g16 --format w4s50 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-wanda-g16-w4s50-gptq --no-progress && evalp llama-wanda-g16-w4s50-gptq
+  # Gemma-3-270M: sizes only (the layout, not the solver, sets the bytes): magnitude needs no calibration
+  run gemma3-dense $L compress --model gemma3 --solver magnitude --sparsity 0 --eval none $P --out $R/gemma3-dense
+  run gemma3-mag-24 $L compress --model gemma3 --solver magnitude --pattern 2:4 --eval none $P --out $R/gemma3-mag-24
+  run gemma3-mag-g16 $L compress --model gemma3 --solver magnitude --pattern group:16 --sparsity 0.5 --eval none $P --out $R/gemma3-mag-g16
+  run gemma3-sparse24 $L pack $R/gemma3-mag-24 --format sparse24 --out $R/gemma3-sparse24 --no-progress
+  run gemma3-w4s24 $L pack $R/gemma3-mag-24 --format w4s24 --out $R/gemma3-w4s24 --no-progress
+  run gemma3-w4g128 $L pack $R/gemma3-dense --format w4g128 --out $R/gemma3-w4g128 --no-progress
+  run gemma3-w4s50 $L pack $R/gemma3-mag-g16 --format w4s50 --out $R/gemma3-w4s50 --no-progress
+}
+stage_zeroshot() {
+  T=boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa
+  for n in llama-dense llama-wanda-50 llama-wanda-24; do
+    { echo; echo "### zeroshot $n  $(date -u +%FT%TZ)"; echo "\$ llmprune eval $R/$n --tasks $T --limit 100"; } >> $LOG
+    /usr/bin/time -f "wall %e s" $L eval $R/$n --tasks $T --limit 100 --json $B/zeroshot-$n.json --no-progress >> $LOG 2>&1
+  done
+}
+stage_sweep() {
+  { echo; echo "### sweep  $(date -u +%FT%TZ)"; } >> $LOG
+  [ -e $B/sweep/sweep.csv ] || $L sweep --model llama --solvers magnitude,wanda --sparsity 0.3:0.8:0.1 $P --out $B/sweep >> $LOG 2>&1
+}
+stage_solvers() {
+  S=magnitude,wanda,sparsegpt,dsnot+init=wanda,dsnot+init=sparsegpt
+  [ -e $B/solvers-24/sweep.csv ] || $L sweep --model llama --solvers $S --pattern 2:4 $P --out $B/solvers-24 >> $LOG 2>&1
+  [ -e $B/solvers-70/sweep.csv ] || $L sweep --model llama --solvers $S,wanda+owl,sparsegpt+owl,dsnot+init=wanda+owl,magnitude+owl,dsnot+init=sparsegpt+owl --sparsity 0.7 $P --out $B/solvers-70 >> $LOG 2>&1
+  [ -e $B/solvers-60/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.6 $P --out $B/solvers-60 >> $LOG 2>&1
+  [ -e $B/solvers-50/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.5 $P --out $B/solvers-50 >> $LOG 2>&1
+  run llama-sparsegpt-50 $L compress --model llama --solver sparsegpt --sparsity 0.5 --eval none $P --out $R/llama-sparsegpt-50
+}
+stage_perp() {
+  run llama-wanda-70 $L compress --model llama --solver wanda --sparsity 0.7 $P --out $R/llama-wanda-70
+  run llama-wanda-70-perp $L recover $R/llama-wanda-70 --steps 200 --batch 4 --seqlen 512 --eval wikitext2 --eval-windows 16 --out $R/llama-wanda-70-perp --no-progress
+  run llama-wanda-60 $L compress --model llama --solver wanda --sparsity 0.6 $P --out $R/llama-wanda-60
+  run llama-wanda-60-perp $L recover $R/llama-wanda-60 --steps 200 --batch 4 --seqlen 512 --eval wikitext2 --eval-windows 16 --out $R/llama-wanda-60-perp --no-progress
+}
+stage_slicegpt() {
+  for s in 0.1 0.2 0.25 0.3; do for r in shared per-block; do
+    run llama-slicegpt-$r-$s $L compress --model llama --solver slicegpt --slicing $s --rotation $r $P --out $R/llama-slicegpt-$r-$s
+  done; done
+}
+stages=${*:-base formats zeroshot sweep solvers perp slicegpt}
+for s in $stages; do "stage_$s"; done
