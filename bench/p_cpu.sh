@@ -77,9 +77,14 @@ stage_perp() {
   run llama-wanda-60-perp $L recover $R/llama-wanda-60 --steps 200 --batch 4 --seqlen 512 --eval wikitext2 --eval-windows 16 --out $R/llama-wanda-60-perp --no-progress
 }
 stage_slicegpt() {
-  for s in 0.1 0.2 0.25 0.3; do for r in shared per-block; do
+  for s in 0.25 0.1 0.2 0.3; do for r in shared per-block; do
     run llama-slicegpt-$r-$s $L compress --model llama --solver slicegpt --slicing $s --rotation $r $P --out $R/llama-slicegpt-$r-$s
   done; done
+  for r in shared per-block; do  # decode speed on this CPU, dense vs sliced, batch 1
+    [ -e $B/bench-slicegpt-$r-0.25.json ] || { echo "### bench slicegpt $r 0.25" >> $LOG;
+      $L bench $R/llama-slicegpt-$r-0.25 --dense llama --batch 1 --prompt-len 128 --new-tokens 64 \
+        --json $B/bench-slicegpt-$r-0.25.json >> $LOG 2>&1; }
+  done
 }
 stages=${*:-base formats zeroshot sweep solvers perp slicegpt}
 for s in $stages; do "stage_$s"; done

@@ -190,9 +190,9 @@ def parse_range(s: str) -> list[float]:
 
 
 def cmd_sweep(a) -> int:
-    from . import api
+    from . import sweep
 
-    res = api.sweep(a.model, tuple(a.solvers.split(",")), parse_range(a.sparsity), a.pattern, a.out, a.calib,
+    res = sweep.sweep(a.model, tuple(a.solvers.split(",")), parse_range(a.sparsity), a.pattern, a.out, a.calib,
                     a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
                     a.eval_windows, tuple(x for x in a.tasks.split(",") if x), a.limit, a.device,
                     progress=not a.no_progress, protocol=a.protocol)

