@@ -200,11 +200,20 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
             timings["hessians_s"] = round(time.perf_counter() - t0, 2)
         manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, hessians=hessians,
                                                 tokenizer=tok, manifest=manifest, overwrite=cfg.overwrite,
-                                                group_size=cfg.group_size, progress=cfg.progress)
+                                                group_size=cfg.group_size, progress=cfg.progress,
+                                                dtype=_torch_dtype(cfg.save_dtype))
     else:
         checkpoint.save(model, tok, out, manifest, overwrite=cfg.overwrite)
     manifest["out"] = str(out)
     return manifest
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in ("float16", "bfloat16", "float32"):
+        raise LLMPruneError(f"--save-dtype {name!r}: use float16, bfloat16 or float32")
+    return getattr(torch, name)
 
 
 def _weight(model, name):
@@ -337,7 +346,7 @@ def archget(model, name):
 
 def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="auto", calib: str = "c4",
          nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
-         command: str | None = None) -> dict:
+         command: str | None = None, save_dtype: str = "float16") -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ collects the
     Hessians from calibration data first."""
     from . import packed
@@ -356,7 +365,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         new["command"] = command
     new["packed_from"] = str(src)
     section = packed.save_packed(model, out, fmt, quant=quant, hessians=hessians, tokenizer=tok, manifest=new,
-                                 overwrite=overwrite, group_size=group_size, progress=progress)
+                                 overwrite=overwrite, group_size=group_size, progress=progress,
+                                 dtype=_torch_dtype(save_dtype))
     return {**new, "format": section, "out": str(out)}
 
 

@@ -47,6 +47,7 @@ def _add_compress(sub):
     g.add_argument("--format", default="dense", help="dense | sparse24 | w4g128 | w4s24 | w4s50")
     g.add_argument("--quant", default=None, help="rtn | gptq (int4 formats)")
     g.add_argument("--group-size", default="auto", help="int4 scale group: 128, 64, ... or auto")
+    g.add_argument("--save-dtype", default="float16", help="packed formats store floats in float16 | bfloat16 | float32")
     g.add_argument("--eval", default="wikitext2", help="perplexity datasets: wikitext2,c4 or none")
     g.add_argument("--eval-seqlen", type=int, default=2048)
     g.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default: from --protocol; 0 = all)")
@@ -78,7 +79,7 @@ def cmd_compress(a) -> int:
         device=a.device, dtype=a.dtype, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, slicegpt=slicegpt, format=a.format, quant=a.quant,
-        group_size=a.group_size if a.group_size == "auto" else int(a.group_size),
+        group_size=a.group_size if a.group_size == "auto" else int(a.group_size), save_dtype=a.save_dtype,
         recover=({"method": a.recover, "steps": a.recover_steps,
                   **({"lr": a.recover_lr} if a.recover_lr else {})} if a.recover else None),
     )
@@ -284,6 +285,7 @@ def _add_pack(sub):
     p.add_argument("--format", required=True, help="sparse24 | w4g128 | w4s24 | w4s50")
     p.add_argument("--quant", default=None, help="rtn | gptq (int4 formats; default rtn)")
     p.add_argument("--group-size", default="auto", help="int4 scale group: 128, 64, ... or auto (largest that divides)")
+    p.add_argument("--save-dtype", default="float16", help="floats are stored in float16 | bfloat16 | float32")
     p.add_argument("--out", required=True)
     p.add_argument("--calib", default="c4")
     p.add_argument("--nsamples", type=int, default=128)
@@ -299,7 +301,7 @@ def cmd_pack(a) -> int:
 
     gs = a.group_size if a.group_size == "auto" else int(a.group_size)
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
-                 progress=not a.no_progress, command=a.command_line)
+                 progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype)
     print_format(m)
     return 0
 
@@ -311,7 +313,7 @@ def print_format(m: dict) -> None:
     dense = sum(x["dense_bytes"] for x in layers.values())
     print(f"saved {m['out']}  format {f['name']}" + (f" ({f.get('quant')})" if f.get("quant") else ""))
     if dense:
-        print(f"packed linears: {len(layers)}, {packed / 2**20:.1f} MiB vs {dense / 2**20:.1f} MiB fp16 "
+        print(f"packed linears: {len(layers)}, {packed / 2**20:.1f} MiB vs {dense / 2**20:.1f} MiB as fp16 "
               f"({packed / dense:.3f}x); left dense: {len(f.get('left_dense', {}))}")
 
 

@@ -51,6 +51,7 @@ class CompressConfig:
     format: str = "dense"
     quant: str | None = None  # rtn | gptq, for the int4 formats
     group_size: int | str = "auto"  # int4 scale group; auto: the largest of 128/64/32/16 that divides
+    save_dtype: str = "float16"  # floating tensors of packed formats (dense outputs keep --dtype)
     recover: dict | None = None  # {"method": "perp", "steps": 200, ...}
     version: int = CONFIG_VERSION
 

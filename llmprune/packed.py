@@ -64,7 +64,8 @@ def _linears_to_pack(model: nn.Module, keep_masks: dict | None, tied: dict[str, 
 def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
                 quant: str | None = None, hessians: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
                 group_size: int | str = 128, symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128,
-                manifest: dict | None = None, overwrite: bool = False, progress: bool = False) -> dict:
+                manifest: dict | None = None, overwrite: bool = False, progress: bool = False,
+                dtype: torch.dtype | None = torch.float16) -> dict:
     """Pack the model's linears into `fmt` and write a loadable folder; returns the manifest's format section.
 
     keep_masks: layer name -> keep-mask (True = stays); None packs every linear except the output
@@ -75,6 +76,9 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
     in_features (SmolLM2's 576 = 9 x 64 has no 128 group). Recorded per layer in the manifest.
     The folder is written next to `out_dir` and renamed at the end (checkpoint.atomic_dir); an
     existing `out_dir` is replaced only with overwrite=True.
+    dtype: floating tensors are stored in it (sparse24 values, biases, embeddings, norms; int4
+    scales are fp16 by definition); fp16 by default, the baseline packed sizes are measured against.
+    None keeps the model's dtype.
     """
     from safetensors.torch import save_file
 
@@ -94,6 +98,11 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
     checkpoint.check_out(out_dir, overwrite)  # fail before the work, not after
     tied = _tied(model)
     names = _linears_to_pack(model, keep_masks, tied)
+
+    def store(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return t.contiguous().cpu()
+
     layers, left_dense, tensors = {}, {}, {}
     it = names
     if progress:
@@ -103,6 +112,7 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
     for name in it:
         mod = model.get_submodule(name)
         w = mod.weight.detach()
+        w = w.to(dtype) if dtype is not None else w
         keep = None if keep_masks is None else keep_masks[name].to(w.device).bool()
         opts = dict(base)
         if opts.get("group_size") == "auto":
@@ -126,20 +136,21 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
         for tname, t in f.stored(packed).items():
             tensors[f"{name}.{tname}"] = t.contiguous().cpu()
         if mod.bias is not None:
-            tensors[f"{name}.bias"] = mod.bias.detach().contiguous().cpu()
+            tensors[f"{name}.bias"] = store(mod.bias.detach())
         layers[name] = {"format": fmt, "pattern": f.pattern or "dense", "shape": [mod.out_features, mod.in_features],
                         **opts, "bytes": formats.nbytes(f.stored(packed)),
-                        "dense_bytes": w.numel() * w.element_size()}
+                        "dense_bytes": w.numel() * 2}  # the fp16 baseline
     if not layers:
         raise LLMPruneError(f"no layer fits --format {fmt}: " + (next(iter(left_dense.values()), "no linear layers")))
 
     skip = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers} | set(tied)
     for key, t in model.state_dict().items():
         if key not in skip:
-            tensors[key] = t.detach().contiguous().cpu()
+            tensors[key] = store(t.detach())
     section = {
         "format_version": FORMAT_VERSION, "name": fmt, "quant": quant if f.quantized else None, **base,
         "layers": layers, "left_dense": left_dense, "tied": tied,
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "bytes": {"packed_layers": sum(v["bytes"] for v in layers.values()),
                   "packed_layers_dense": sum(v["dense_bytes"] for v in layers.values()),
                   "file": sum(t.numel() * t.element_size() for t in tensors.values())},

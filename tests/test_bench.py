@@ -35,7 +35,7 @@ def test_run_bench_dense_vs_packed(tmp_path):
     masks = {n: keep_mask(mod.weight.abs(), parse("2:4"), 0.5) for n, mod in dense.named_modules()
              if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers")}
     out = tmp_path / "packed"
-    save_packed(dense, out, "sparse24", masks)
+    save_packed(dense, out, "sparse24", masks, dtype=None)
     res = bench.run_bench(out, dense_model=dense, batches=(1, 3), prompt_len=8, new_tokens=3, device="cpu",
                           warmup=1)
     assert res["context_len"] == 11 and res["device"] == "cpu"

@@ -49,7 +49,8 @@ def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
 
 def test_pack_sparse24_roundtrip(tmp_path, capsys, pruned_24):
     out = tmp_path / "packed"
-    assert main(["pack", str(pruned_24), "--format", "sparse24", "--out", str(out), "--no-progress"]) == 0
+    assert main(["pack", str(pruned_24), "--format", "sparse24", "--out", str(out), "--save-dtype", "float32",
+                 "--no-progress"]) == 0
     m = json.loads((out / "llmprune.json").read_text())
     assert m["format"]["name"] == "sparse24" and m["solver"] == "wanda"
     dense, _, _ = checkpoint.load(pruned_24)
@@ -99,3 +100,18 @@ def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
     assert all(abs(r["sparsity"] - r["target"]) < 0.01 for r in rows)
     with Image.open(out / "sweep.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_push_cli_refuses_a_plain_folder_offline(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    assert main(["push", str(tmp_path / "plain"), "--repo", "user/name"]) == 2
+    err = capsys.readouterr().err
+    assert "not an llmprune output" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_cli_on_a_tiny_output(tmp_path, capsys, pruned_24):
+    js = tmp_path / "b.json"
+    assert main(["bench", str(pruned_24), "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
+                 "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["decode"]["rows"]
+    assert rows and rows[0]["tokens_per_s"] > 0
