@@ -299,7 +299,7 @@ def test_default_storage_is_fp16_and_exact_for_the_fp16_weights(tmp_path):
     sec = save_packed(model, tmp_path / "o", "sparse24", masks)
     assert sec["dtype"] == "float16"
     with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as fh:
-        assert {fh.get_tensor(k).dtype for k in fh.keys()} <= {torch.float16, torch.uint8}
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} <= {torch.float16, torch.uint8}  # noqa: SIM118
     ref = tiny_model("llama", seed=1)
     ref.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
     loaded = load_packed(tmp_path / "o", dtype=torch.float32)
