@@ -260,6 +260,16 @@ def wait_quiet(max_load: float, budget: dict) -> dict:
     return {"waited_s": round(time.time() - t0), "load_before": round(load, 2)}
 
 
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def make_calib(tok, n: int, seqlen: int, path: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -421,23 +431,36 @@ def driver(a) -> None:
             m = masks[r["tool"]]
             r["sparsity"] = 1 - sum(int(k.sum()) for k in m.values()) / sum(k.numel() for k in m.values())
     evals = [t for t in a.eval.split(",") if t and t != "none"]
-    if evals or a.eval_dense:
+    # Perplexity depends only on the mask (and the dense weights), not on how long pruning took, so
+    # results are cached by the mask file's hash: a rerun for timings does not re-evaluate.
+    cache_path = work / "ppl-cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    setting = f"wikitext2-{a.eval_seqlen}x{a.eval_windows}"
+    keys = {r["tool"]: f"{setting}-{file_sha256(r['masks'])}" for r in res["tools"] if r.get("ok")}
+    todo = [t for t in evals if t in keys and keys[t] not in cache]
+    if todo or (a.eval_dense and f"{setting}-dense" not in cache):
         from llmprune.eval.perplexity import eval_tokens, perplexity
 
         model, tok, _ = models.load("llama")
         dense = {n: m.weight.data.clone() for n, m in block_linears(model).items()}
         toks, _ = eval_tokens("wikitext2", tok)
-        if a.eval_dense:
-            res["dense_ppl"] = perplexity(model, tok, "wikitext2", a.eval_seqlen, a.eval_windows, progress=False,
-                                          tokens=toks)
-        for r in res["tools"]:
-            if r["tool"] not in evals or not r.get("ok"):
-                continue
+        if a.eval_dense and f"{setting}-dense" not in cache:
+            cache[f"{setting}-dense"] = perplexity(model, tok, "wikitext2", a.eval_seqlen, a.eval_windows,
+                                                   progress=False, tokens=toks)
+        for t in todo:
             for n, mod in block_linears(model).items():
-                mod.weight.data.copy_(dense[n] * masks[r["tool"]][n])
-            r["ppl"] = perplexity(model, tok, "wikitext2", a.eval_seqlen, a.eval_windows, progress=False, tokens=toks)
-            print(f"[compare_tools] ppl {r['tool']}: {r['ppl']['ppl']:.3f}", flush=True)
+                mod.weight.data.copy_(dense[n] * masks[t][n])
+            cache[keys[t]] = perplexity(model, tok, "wikitext2", a.eval_seqlen, a.eval_windows, progress=False,
+                                        tokens=toks)
+            print(f"[compare_tools] ppl {t}: {cache[keys[t]]['ppl']:.3f}", flush=True)
+            cache_path.write_text(json.dumps(cache, indent=2) + "\n")
         del model
+        cache_path.write_text(json.dumps(cache, indent=2) + "\n")
+    if a.eval_dense:
+        res["dense_ppl"] = cache[f"{setting}-dense"]
+    for r in res["tools"]:
+        if r["tool"] in evals and r["tool"] in keys:
+            r["ppl"] = cache[keys[r["tool"]]]
     res["versions"] = {"python": sys.version.split()[0], "torch": torch.__version__,
                        "transformers": __import__("transformers").__version__}
     res["notes"] = notes(res)

@@ -51,11 +51,13 @@ stage_formats() {
   run gemma3-w4g128 $L pack $R/gemma3-dense --format w4g128 --out $R/gemma3-w4g128 --no-progress
   run gemma3-w4s50 $L pack $R/gemma3-mag-g16 --format w4s50 --out $R/gemma3-w4s50 --no-progress
 }
-stage_zeroshot() {
+stage_zeroshot() {  # the dense model through its alias; first 100 examples of each task
   T=boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa
-  for n in llama-dense llama-wanda-50 llama-wanda-24; do
-    { echo; echo "### zeroshot $n  $(date -u +%FT%TZ)"; echo "\$ llmprune eval $R/$n --tasks $T --limit 100"; } >> $LOG
-    /usr/bin/time -f "wall %e s" $L eval $R/$n --tasks $T --limit 100 --json $B/zeroshot-$n.json --no-progress >> $LOG 2>&1
+  for n in llama $R/llama-wanda-50 $R/llama-wanda-24; do
+    name=$(basename $n); [ $name = llama ] && name=llama-dense
+    [ -e $B/zeroshot-$name.json ] && continue
+    { echo; echo "### zeroshot $name  $(date -u +%FT%TZ)"; echo "\$ llmprune eval $n --tasks $T --limit 100"; } >> $LOG
+    /usr/bin/time -f "wall %e s" $L eval $n --tasks $T --limit 100 --json $B/zeroshot-$name.json --no-progress >> $LOG 2>&1
   done
 }
 stage_sweep() {

@@ -360,7 +360,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
 
         ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
         hessians = collect_hessians(model, ids, progress=progress)
-    new = {k: v for k, v in manifest.items() if k != "out"}
+    # the source's quality figures describe the unpacked weights: they do not carry over
+    new = {k: v for k, v in manifest.items() if k not in ("out", "eval", "zeroshot")}
     if command:
         new["command"] = command
     new["packed_from"] = str(src)

@@ -76,6 +76,7 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
         return r
 
     dense = measure(m)
+    Path(out).mkdir(parents=True, exist_ok=True)
     rows = [report.sweep_row({"model": info.as_dict(), "solver": "dense", "pattern": "dense",
                               "sparsity": {"target": 0.0, "measured": 0.0}, **dense})]
     for label, solver, owl_opts, opts, sp in grid:
@@ -96,7 +97,7 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
                "sparsity": {"target": sp, "measured": prune.measured_sparsity(m, names)},
                "timings": {"compress_s": round(took, 2)}, **r}
         rows.append(report.sweep_row(man))
-    Path(out).mkdir(parents=True, exist_ok=True)
+        report.write_sweep(rows, out)  # after every point: a stopped sweep keeps what it measured
     csv_path, json_path = report.write_sweep(rows, out)
     png = report.plot_sweep([r for r in rows if r["solver"] != "dense"], Path(out) / "sweep.png",
                             {d: dense["eval"][d]["ppl"] for d in eval})

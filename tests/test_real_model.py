@@ -39,12 +39,15 @@ def test_compress_real_model_end_to_end(tmp_path):
     assert rc == 0
     m = json.loads((out / "llmprune.json").read_text())
     assert m["model"]["sha256"] and m["calibration"]["source"].startswith("offline:c4")
-    assert m["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-6)
+    # measured counts every zero: the 4-bit source grid has a few kept weights that are exactly 0
+    assert 0.5 <= m["sparsity"]["measured"] < 0.5 + 1e-4
     ev = m["eval"]["wikitext2"]
     assert ev["dense_ppl"] < ev["ppl"] < 20 * ev["dense_ppl"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     plain = AutoModelForCausalLM.from_pretrained(out)  # loads without llmprune
+    w = plain.model.layers[3].mlp.up_proj.weight
+    assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
     tok = AutoTokenizer.from_pretrained(out)
     from llmprune import checkpoint
 
@@ -64,6 +67,6 @@ def test_gemma3_compresses(tmp_path):
                "--eval", "wikitext2", "--eval-seqlen", "256", "--eval-windows", "1", "--out", str(out), "--no-progress"])
     assert rc == 0
     m = json.loads((out / "llmprune.json").read_text())
-    assert m["model"]["asked"] == "gemma3" and m["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-6)
+    assert m["model"]["asked"] == "gemma3" and 0.5 <= m["sparsity"]["measured"] < 0.5 + 1e-4
     ev = m["eval"]["wikitext2"]
     assert ev["dense_ppl"] < ev["ppl"] and ev["ppl"] < 1e4
