@@ -361,6 +361,14 @@ def write_md(res: dict, path: Path) -> None:
          f"seed 0, one `input_ids` file read by every tool. Perplexity: WikiText-2, {c['eval_seqlen']} x "
          f"{c['eval_windows']} windows, llmprune's evaluator, dense weights with each tool's mask."),
         "",
+    ]
+    busy = [r for r in res["tools"] if r.get("ok") and r["contention"]["others_cores_during"] > c["quiet_load"]]
+    if busy:
+        lines += [(f"**Contended timings:** other processes kept ~{max(r['contention']['others_cores_during'] for r in busy):.1f} "
+                   f"of the {os.cpu_count()} cores busy while {', '.join(r['tool'] for r in busy)} ran, so those walls "
+                   "and CPU seconds are inflated and their ratios are not a fair comparison; masks and perplexities "
+                   "do not depend on it. Rerun on an idle machine for timings (perplexities are cached)."), ""]
+    lines += [
         ("| tool | version | prune wall (s) | vs llmprune | prune CPU (s) | other load (cores) | peak RSS (MiB) "
          "| RSS loaded (MiB) | masks vs llmprune | WikiText-2 ppl |"),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",

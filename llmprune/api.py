@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, checkpoint, patterns, solvers
+from . import __version__, arch, checkpoint, patterns, solvers
 from .config import CompressConfig
 from .errors import LLMPruneError
 
@@ -134,7 +134,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         if cfg.scope == "global":
             from .solvers.magnitude import global_sparsities
 
-            layer_s = global_sparsities({n: _weight(model, n) for n in names}, sparsity)
+            layer_s = global_sparsities({n: arch.get(model, n).weight.data for n in names}, sparsity)
         elif cfg.owl:
             from . import owl
 
@@ -214,12 +214,6 @@ def _torch_dtype(name: str):
     if name not in ("float16", "bfloat16", "float32"):
         raise LLMPruneError(f"--save-dtype {name!r}: use float16, bfloat16 or float32")
     return getattr(torch, name)
-
-
-def _weight(model, name):
-    from . import arch
-
-    return arch.get(model, name).weight.data
 
 
 def load(path_or_spec: str, dtype="float32", device="cpu"):
@@ -311,7 +305,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     model.to("cpu")
     info["wall_s"] = round(time.perf_counter() - t0, 2)
     info["data"] = data_info
-    zeros_after = {k: int((archget(model, k).weight == 0).sum()) for k in keep}
+    zeros_after = {k: int((arch.get(model, k).weight == 0).sum()) for k in keep}
     info["zeros_unchanged"] = zeros_after == zeros_before
     new = {k: v for k, v in manifest.items() if k not in ("eval", "out")}
     if eval:
@@ -336,12 +330,6 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     checkpoint.save(model, tok, out, new, overwrite=overwrite)
     new["out"] = str(out)
     return new
-
-
-def archget(model, name):
-    from . import arch
-
-    return arch.get(model, name)
 
 
 def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="auto", calib: str = "c4",
