@@ -23,7 +23,8 @@ def f(x, spec=".2f", dash="-"):
 def base_table() -> str:
     rows = ["| model | solver | pattern | sparsity (measured) | dense ppl | ppl | compress s (forward / solve) | peak RSS MiB |",
             "|---|---|---|---|---|---|---|---|"]
-    for n in ("llama-wanda-50", "llama-wanda-24", "llama-magnitude-50", "llama-sparsegpt-50", "gemma3-wanda-50"):
+    for n in ("llama-wanda-50", "llama-wanda-24", "llama-sparsegpt-24", "llama-magnitude-50", "llama-sparsegpt-50",
+              "gemma3-wanda-50"):
         m = load(n)
         if not m:
             continue
