@@ -362,16 +362,15 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
 def collect_hessians(model, ids, batch_size: int = 8, device="cpu", progress: bool = True) -> dict:
     """H = 2 X^T X / n of every prunable linear, block by block through the engine (the inputs
     of each block come from the blocks before it as they are now)."""
-    from . import arch as archmod
     from . import prune, walker
 
-    a = archmod.arch_of(model)
+    a = arch.arch_of(model)
     wanted = set(prune.target_linears(model))
     out = {}
     for block in walker.walk(model, ids, batch_size, device, progress, desc="hessians"):
         prefix = f"{a.blocks}.{block.index}."
-        mods = {prefix + n: archmod.get(block.module, n) for g in a.groups for n in g if prefix + n in wanted}
+        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g if prefix + n in wanted}
         with walker.collect(mods, {"hessian"}) as stats:
-            block.run(stop_after=archmod.get(block.module, a.groups[-1][-1]))
+            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
         out.update({n: s.hessian.cpu() for n, s in stats.items()})
     return out

@@ -11,16 +11,28 @@ DATA = Path(__file__).parent / "data"
 _WT2_NOTE = "lines of wiki.test.raw, each with its line end as in the Hub dataset's rows, blank rows missing, joined with '\\n\\n'"
 
 
-@functools.lru_cache(maxsize=1)
-def online() -> bool:
-    """Whether the Hub is worth trying: not forced offline and its host resolves and answers."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
+def env_offline() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set to a true value."""
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host (HF_ENDPOINT, default huggingface.co) answers on its port."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def online() -> bool:
+    """Whether the Hub is worth trying: not forced offline and its host answers."""
+    return not env_offline() and hub_reachable()
 
 
 def _hub(fn):

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmprune.calibration import sources
 from llmprune.errors import LLMPruneError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -56,21 +57,8 @@ def check_tasks(tasks: list[str] | str) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
-def _env_offline() -> bool:
-    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(f in ("1", "true", "yes", "on") for f in flags)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+# the one Hub check of the package; module attributes so tests can replace them
+_env_offline, _hub_reachable = sources.env_offline, sources.hub_reachable
 
 
 def _local_tasks(names: list[str], tasks_dir: str | Path | None) -> dict[str, Any]:
