@@ -95,15 +95,71 @@ def sweep_table(folder: str) -> str:
     return "\n".join(out)
 
 
+PAPER_TASKS = ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]  # + hellaswag: online only
+
+
 def zeroshot_table() -> str:
-    tasks = ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
-    out = ["| model | " + " | ".join(tasks) + " | mean (7) |", "|---" * (len(tasks) + 2) + "|"]
+    """acc per task; the mean of the six of the papers' seven tasks that run offline (HellaSwag and
+    LAMBADA have no offline copy), then PIQA and the mean of all seven that ran."""
+    tasks = PAPER_TASKS + ["piqa"]
+    out = ["| model | " + " | ".join(tasks[:-1]) + " | mean (6 paper tasks) | piqa | mean (7 run) | limit | wall s |",
+           "|---" * (len(tasks) + 5) + "|"]
     for n in ("llama-dense", "llama-wanda-50", "llama-wanda-24"):
         p = R / f"zeroshot-{n}.json"
         if not p.exists():
             continue
         z = json.loads(p.read_text())
-        out.append(f"| {n} | " + " | ".join(f(z[t]["acc"], ".3f") for t in tasks) + f" | {z['mean']:.3f} |")
+        paper = sum(z[t]["acc"] for t in PAPER_TASKS) / len(PAPER_TASKS)
+        wall = (load(f"zeroshot-{n}-time") or {}).get("wall_s")
+        out.append(f"| {n} | " + " | ".join(f(z[t]["acc"], ".3f") for t in PAPER_TASKS) + f" | {paper:.3f} | "
+                   f"{f(z['piqa']['acc'], '.3f')} | {z['mean']:.3f} | {z[PAPER_TASKS[0]]['n']} | {f(wall, '.0f')} |")
+    return "\n".join(out)
+
+
+def slicegpt_table() -> str:
+    out = ["| rotation | slicing | hidden | params | params vs dense | WikiText-2 ppl | file MiB (fp32) | compress s |",
+           "|---|---|---|---|---|---|---|---|"]
+    dense = load("llama-dense")
+    if dense:
+        out.append(f"| dense | 0 | 576 | - | 1 | {dense['eval']['wikitext2']['ppl']:.2f} | {file_mib('llama-dense'):.0f} | - |")
+    for r in ("shared", "per-block"):
+        for s in ("0.1", "0.2", "0.25", "0.3"):
+            m = load(f"llama-slicegpt-{r}-{s}")
+            if not m:
+                continue
+            sl = m["slicegpt"]
+            out.append(f"| {r} | {s} | {sl['new_dim']} | {sl['params_after']:,} | {sl['params_after'] / sl['params_before']:.3f} | "
+                       f"{m['eval']['wikitext2']['ppl']:.2f} | {file_mib(f'llama-slicegpt-{r}-{s}'):.0f} | "
+                       f"{m['timings']['compress_s']:.0f} |")
+    return "\n".join(out)
+
+
+def slicegpt_bench_table() -> str:
+    out = ["| model | batch | ms / token (median) | tokens/s | speedup vs dense |", "|---|---|---|---|---|"]
+    for r in ("shared", "per-block"):
+        b = load(f"bench-slicegpt-{r}-0.25")
+        if not b:
+            continue
+        for row in b["decode"]["rows"]:
+            out.append(f"| {row['model'] if row['model'] == 'dense' else f'slicegpt {r} 0.25'} | {row['batch']} | "
+                       f"{row['ms_per_step_median']:.1f} | {row['tokens_per_s']:.1f} | {f(row.get('speedup_vs_dense'))} |")
+    return "\n".join(out)
+
+
+def perp_table() -> str:
+    out = ["| pruned | ppl pruned | ppl after PERP | dense ppl | gap closed | steps | trainable | wall s | peak RSS MiB |"
+           " sparsity before / after |", "|---|---|---|---|---|---|---|---|---|---|"]
+    dense = (load("llama-dense") or {}).get("eval", {}).get("wikitext2", {}).get("ppl")
+    for s in ("60", "70"):
+        src, m = load(f"llama-wanda-{s}"), load(f"llama-wanda-{s}-perp")
+        if not (src and m):
+            continue
+        ev, rc = m["eval"]["wikitext2"], m["recover"]
+        before, after = ev["before_recover_ppl"], ev["ppl"]
+        closed = (before - after) / (before - dense) if dense else None
+        out.append(f"| Wanda {s}% | {before:.2f} | {after:.2f} | {f(dense)} | {f(closed, '.0%')} | {rc['steps']} | "
+                   f"{rc['fraction']:.3%} | {rc['wall_s']:.0f} | {m['peak_rss_mib']:.0f} | "
+                   f"{src['sparsity']['measured']:.4f} / {m['sparsity']['measured']:.4f} |")
     return "\n".join(out)
 
 
@@ -114,6 +170,8 @@ if __name__ == "__main__":
         t = sweep_table(s)
         if t:
             print(f"\n## {s}\n\n{t}")
-    z = zeroshot_table()
-    if z.count("\n") > 1:
-        print("\n## Zero-shot (first 100 examples of each task)\n\n" + z)
+    for title, t in (("Zero-shot (first `limit` examples of each task, offline task copies)", zeroshot_table()),
+                     ("SliceGPT (P-cpu)", slicegpt_table()), ("SliceGPT decode on this CPU", slicegpt_bench_table()),
+                     ("PERP recovery (P-cpu)", perp_table())):
+        if t.count("\n") > 1:
+            print(f"\n## {title}\n\n{t}")

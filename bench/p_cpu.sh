@@ -57,7 +57,9 @@ stage_zeroshot() {  # the dense model through its alias; first 100 examples of e
     name=$(basename $n); [ $name = llama ] && name=llama-dense
     [ -e $B/zeroshot-$name.json ] && continue
     { echo; echo "### zeroshot $name  $(date -u +%FT%TZ)"; echo "\$ llmprune eval $n --tasks $T --limit 100"; } >> $LOG
+    t0=$(date +%s)
     /usr/bin/time -f "wall %e s" $L eval $n --tasks $T --limit 100 --json $B/zeroshot-$name.json --no-progress >> $LOG 2>&1
+    echo "{\"wall_s\": $(( $(date +%s) - t0 ))}" > $B/zeroshot-$name-time.json
   done
 }
 stage_sweep() {
@@ -72,15 +74,16 @@ stage_solvers() {
   [ -e $B/solvers-50/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.5 $P --out $B/solvers-50 >> $LOG 2>&1
   run llama-sparsegpt-50 $L compress --model llama --solver sparsegpt --sparsity 0.5 --eval none $P --out $R/llama-sparsegpt-50
 }
-stage_perp() {
-  run llama-wanda-70 $L compress --model llama --solver wanda --sparsity 0.7 $P --out $R/llama-wanda-70
-  run llama-wanda-70-perp $L recover $R/llama-wanda-70 --steps 200 --batch 4 --seqlen 512 --eval wikitext2 --eval-windows 16 --out $R/llama-wanda-70-perp --no-progress
-  run llama-wanda-60 $L compress --model llama --solver wanda --sparsity 0.6 $P --out $R/llama-wanda-60
-  run llama-wanda-60-perp $L recover $R/llama-wanda-60 --steps 200 --batch 4 --seqlen 512 --eval wikitext2 --eval-windows 16 --out $R/llama-wanda-60-perp --no-progress
+stage_perp() {  # rank 4: norms + MaskLoRA stay under 1% of the parameters; one 512-token window a step
+  Q="--steps 200 --rank 4 --lr 5e-4 --batch 1 --seqlen 512 --no-grad-checkpointing --eval wikitext2 --eval-windows 16 --no-progress"
+  run llama-wanda-70 $L compress --model llama --solver wanda --sparsity 0.7 --no-dense-eval $P --out $R/llama-wanda-70
+  run llama-wanda-70-perp $L recover $R/llama-wanda-70 $Q --out $R/llama-wanda-70-perp
+  run llama-wanda-60 $L compress --model llama --solver wanda --sparsity 0.6 --no-dense-eval $P --out $R/llama-wanda-60
+  run llama-wanda-60-perp $L recover $R/llama-wanda-60 $Q --out $R/llama-wanda-60-perp
 }
 stage_slicegpt() {
   for s in 0.25 0.1 0.2 0.3; do for r in shared per-block; do
-    run llama-slicegpt-$r-$s $L compress --model llama --solver slicegpt --slicing $s --rotation $r $P --out $R/llama-slicegpt-$r-$s
+    run llama-slicegpt-$r-$s $L compress --model llama --solver slicegpt --slicing $s --rotation $r --no-dense-eval $P --out $R/llama-slicegpt-$r-$s
   done; done
   for r in shared per-block; do  # decode speed on this CPU, dense vs sliced, batch 1
     [ -e $B/bench-slicegpt-$r-0.25.json ] || { echo "### bench slicegpt $r 0.25" >> $LOG;

@@ -200,12 +200,20 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
             timings["hessians_s"] = round(time.perf_counter() - t0, 2)
         manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, hessians=hessians,
                                                 tokenizer=tok, manifest=manifest, overwrite=cfg.overwrite,
-                                                group_size=cfg.group_size, progress=cfg.progress,
+                                                group_size=cfg.group_size, symmetric=_symmetric(cfg.grid),
+                                                progress=cfg.progress,
                                                 dtype=_torch_dtype(cfg.save_dtype))
     else:
         checkpoint.save(model, tok, out, manifest, overwrite=cfg.overwrite)
     manifest["out"] = str(out)
     return manifest
+
+
+def _symmetric(grid: str) -> bool | None:
+    """--grid sym | asym | auto -> save_packed's symmetric (None: the format's default)."""
+    if grid not in ("auto", "sym", "asym"):
+        raise LLMPruneError(f"--grid {grid!r}: use sym, asym or auto")
+    return None if grid == "auto" else grid == "sym"
 
 
 def _torch_dtype(name: str):
@@ -294,8 +302,13 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     cache: dict = {}
     before = {}
     if eval:
+        # the source's own figures describe these very weights: reuse them when measured the same way
+        old = manifest.get("eval", {})
+        same = {d: old[d] for d in eval if "ppl" in old.get(d, {}) and old[d].get("seqlen") == eval_seqlen
+                and eval_windows is not None and old[d].get("windows") == eval_windows}
+        todo = tuple(d for d in eval if d not in same)
         model.to(dev)
-        before = _eval_all(model, tok, eval, eval_seqlen, eval_windows, progress, cache)
+        before = {**same, **(_eval_all(model, tok, todo, eval_seqlen, eval_windows, progress, cache) if todo else {})}
         model.to("cpu")
     keep = perp.derive_keep_masks(model)
     zeros_before = {k: int((~v).sum()) for k, v in keep.items()}
@@ -334,7 +347,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
 
 def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="auto", calib: str = "c4",
          nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
-         command: str | None = None, save_dtype: str = "float16") -> dict:
+         command: str | None = None, save_dtype: str = "float16", grid: str = "auto") -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ collects the
     Hessians from calibration data first."""
     from . import packed
@@ -354,7 +367,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         new["command"] = command
     new["packed_from"] = str(src)
     section = packed.save_packed(model, out, fmt, quant=quant, hessians=hessians, tokenizer=tok, manifest=new,
-                                 overwrite=overwrite, group_size=group_size, progress=progress,
+                                 overwrite=overwrite, group_size=group_size, symmetric=_symmetric(grid),
+                                 progress=progress,
                                  dtype=_torch_dtype(save_dtype))
     return {**new, "format": section, "out": str(out)}
 

@@ -14,8 +14,13 @@ class Arch:
     norm: str
     head: str
     groups: tuple[tuple[str, ...], ...]  # linears inside a block, relative names, in compute order
+    # (sublayer, its last linear): the sublayer returns that linear's output, so once the linear is
+    # solved the engine replays the sublayer from the linear's recorded inputs instead of rerunning it
+    # (checked on every batch when recorded; a sublayer that does not match is rerun as usual)
+    sublayers: tuple[tuple[str, str], ...] = ()
 
 
+_LLAMA_SUBLAYERS = (("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
 _LLAMA_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -24,10 +29,10 @@ _LLAMA_GROUPS = (
 )
 
 ARCHS: dict[str, Arch] = {
-    "llama": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS),
-    "mistral": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS),
-    "qwen2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS),
-    "gemma3_text": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS),
+    "llama": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
+    "mistral": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
+    "qwen2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
+    "gemma3_text": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
 }
 
 

@@ -51,6 +51,7 @@ class CompressConfig:
     format: str = "dense"
     quant: str | None = None  # rtn | gptq, for the int4 formats
     group_size: int | str = "auto"  # int4 scale group; auto: the largest of 128/64/32/16 that divides
+    grid: str = "auto"  # int4 grid: sym | asym | auto (the format's default: w4g128 asym, w4s24/w4s50 sym)
     save_dtype: str = "float16"  # floating tensors of packed formats (dense outputs keep --dtype)
     recover: dict | None = None  # {"method": "perp", "steps": 200, ...}
     version: int = CONFIG_VERSION

@@ -83,8 +83,9 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
     from safetensors.torch import save_file
 
     f = formats.get(fmt)
-    if not f.quantized and quant is not None:
-        raise LLMPruneError(f"--format {fmt} stores unquantized values: drop --quant, or use --format w4s24")
+    if not f.quantized and (quant is not None or symmetric is not None):
+        what = "--quant" if quant is not None else "--grid"
+        raise LLMPruneError(f"--format {fmt} stores unquantized values: drop {what}, or use --format w4s24")
     if f.quantized:
         quant = quant or "rtn"
         if quant not in ("rtn", "gptq"):
@@ -93,7 +94,7 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
             raise LLMPruneError("--quant gptq needs calibration Hessians: run it inside compress, or use --quant rtn")
         symmetric = (fmt != "w4g128") if symmetric is None else symmetric
         if fmt == "w4s50" and not symmetric:
-            raise LLMPruneError("w4s50 is symmetric only: drop --asymmetric")
+            raise LLMPruneError("w4s50 is symmetric only: use --grid sym (or auto)")
     base = {"group_size": 16 if fmt == "w4s50" else group_size, "symmetric": symmetric} if f.quantized else {}
     checkpoint.check_out(out_dir, overwrite)  # fail before the work, not after
     tied = _tied(model)

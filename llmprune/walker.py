@@ -49,21 +49,37 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class Tape:
+    """One sublayer's recorded calls, batch by batch: its last linear's input and the rest of the
+    sublayer's output (e.g. attention weights, None under SDPA). `exact` stays True while every
+    batch's sublayer output was exactly that linear's output."""
+
+    def __init__(self):
+        self.inputs: list[torch.Tensor] = []
+        self.rests: list[tuple | None] = []
+        self.exact = True
+
+
 class Block:
     """One decoder block with its calibration inputs; `run()` pushes every batch through it."""
 
     def __init__(self, index: int, module: nn.Module, inputs: list[torch.Tensor], calls: list[tuple]):
         self.index, self.module, self.inputs, self.calls = index, module, inputs, calls  # calls: (args, kwargs)
         self.outputs: list[torch.Tensor] | None = None  # set once the walker has rerun the block
+        self._replays: list[tuple[nn.Module, nn.Module, Tape]] = []
+        self._batch = 0
 
     @torch.no_grad()
     def run(self, stop_after: nn.Module | None = None) -> list[torch.Tensor] | None:
         """Run all batches; with stop_after, end each forward once that module has run (its
-        hooks have fired) and return None."""
+        hooks have fired) and return None. Replayed sublayers (`replay`) are not recomputed."""
         handle = stop_after.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if stop_after else None
+        for sub, linear, tape in self._replays:
+            sub.forward = self._replayer(linear, tape)  # instance attribute: shadows the class's forward
         outs = []
         try:
-            for h, (args, kwargs) in zip(self.inputs, self.calls):
+            for k, (h, (args, kwargs)) in enumerate(zip(self.inputs, self.calls)):
+                self._batch = k
                 try:
                     outs.append(_first(self.module(h, *args, **kwargs)))
                 except _Stop:
@@ -71,7 +87,47 @@ class Block:
         finally:
             if handle:
                 handle.remove()
+            for sub, _, _ in self._replays:
+                del sub.forward
         return None if stop_after else outs
+
+    @contextmanager
+    def record(self, sub: nn.Module, linear: nn.Module) -> Iterator[Tape]:
+        """Record `linear`'s input and `sub`'s output for each batch of the runs inside the block."""
+        tape, last = Tape(), {}
+
+        def on_linear(mod, inp, out):
+            last["in"], last["out"] = inp[0].detach(), out
+
+        def on_sub(mod, inp, out):
+            first, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
+            seen = last.pop("out", None)
+            tape.exact &= seen is not None and (first is seen or torch.equal(first, seen))
+            tape.inputs.append(last.pop("in", None))
+            tape.rests.append(rest)
+
+        handles = [linear.register_forward_hook(on_linear), sub.register_forward_hook(on_sub)]
+        try:
+            yield tape
+        finally:
+            for h in handles:
+                h.remove()
+
+    def replay(self, sub: nn.Module, linear: nn.Module, tape: Tape) -> bool:
+        """From now on, `sub` is not recomputed: its output is `linear` (with its current weights)
+        applied to the recorded input. Only for a complete, exact tape; returns whether it is used."""
+        if not tape.exact or len(tape.inputs) != len(self.inputs) or any(x is None for x in tape.inputs):
+            return False
+        self._replays.append((sub, linear, tape))
+        return True
+
+    def _replayer(self, linear: nn.Module, tape: Tape):
+        def forward(*_, **__):
+            out = linear(tape.inputs[self._batch])
+            rest = tape.rests[self._batch]
+            return out if rest is None else (out, *rest)
+
+        return forward
 
 
 def _to(obj, device):

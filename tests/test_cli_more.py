@@ -37,6 +37,26 @@ def test_recover_keeps_zeros_and_records(tmp_path, capsys, pruned_24, calib_txt)
             assert patterns.satisfies(y != 0, patterns.parse("2:4"), 0.5)
 
 
+
+def test_recover_before_figure_is_the_sources_or_measured(tmp_path, capsys, tiny_dir, calib_txt):
+    """The ppl before recovery is the source manifest's when measured the same way (same weights),
+    and measured afresh otherwise; both equal a direct evaluation of the source."""
+    from llmprune.eval.perplexity import perplexity
+
+    src = tmp_path / "src"
+    ev = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
+    assert main(["compress", "--model", str(tiny_dir), "--sparsity", "0.5", "--calib", str(calib_txt), "--out", str(src),
+                 *FAST[:-2], *ev]) == 0
+    model, tok, _ = checkpoint.load(src)
+    for windows in ("2", "3"):
+        out = tmp_path / f"rec{windows}"
+        rc = main(["recover", str(src), "--out", str(out), "--steps", "1", "--batch", "1", "--data", str(calib_txt),
+                   "--seqlen", "32", "--rank", "2", *ev[:-1], windows, "--no-progress"])
+        assert rc == 0, capsys.readouterr().err
+        before = json.loads((out / "llmprune.json").read_text())["eval"]["wikitext2"]["before_recover_ppl"]
+        direct = perplexity(model, tok, "wikitext2", 64, int(windows), progress=False)["ppl"]
+        assert before == pytest.approx(direct, rel=1e-9)
+
 def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
     (tmp_path / "plain").mkdir()
     for argv, msg in [([str(tmp_path / "plain")], "not an llmprune output"),
@@ -71,6 +91,36 @@ def test_compress_with_format_and_gptq(tmp_path, capsys, tiny_dir, calib_txt):
     model, _, _ = checkpoint.load(out)
     assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
 
+
+
+def test_pack_grid_asym_w4s24_matches_the_rtn_reference(tmp_path, capsys, pruned_24):
+    """--grid asym stores a zero point per group; the packed model computes with exactly the
+    asymmetric RTN weights (quant.rtn), and the zeros of the 2:4 mask stay."""
+    from llmprune.quant.rtn import rtn
+
+    out = tmp_path / "asym"
+    assert main(["pack", str(pruned_24), "--format", "w4s24", "--grid", "asym", "--group-size", "16", "--save-dtype", "float32",
+                 "--out", str(out), "--no-progress"]) == 0
+    m = json.loads((out / "llmprune.json").read_text())
+    layer = next(iter(m["format"]["layers"].values()))
+    assert layer["symmetric"] is False and layer["group_size"] == 16
+    dense, _, _ = checkpoint.load(pruned_24)
+    ref, _, _ = checkpoint.load(pruned_24)
+    for name in m["format"]["layers"]:
+        lin = ref.get_submodule(name)
+        w = lin.weight.detach()
+        lin.weight.data = rtn(w, w != 0, 16, symmetric=False).dequantize()
+    small, _, _ = checkpoint.load(out)
+    ids = torch.randint(0, 256, (2, 12))
+    torch.testing.assert_close(small(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(small(ids).logits, dense(ids).logits, atol=1e-4)  # it did quantize
+    capsys.readouterr()
+    # the grid is for int4 formats; w4s50 has no asymmetric layout
+    assert main(["pack", str(pruned_24), "--format", "sparse24", "--grid", "asym", "--out", str(tmp_path / "x")]) == 2
+    assert "drop --grid" in capsys.readouterr().err
+    assert main(["pack", str(pruned_24), "--format", "w4s50", "--grid", "asym", "--out", str(tmp_path / "y")]) == 2
+    assert "--grid sym" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 def test_eval_tasks_and_report(tmp_path, capsys, pruned_24):
     rc = main(["eval", str(pruned_24), "--tasks", "copa,rte", "--limit", "3", "--json", str(tmp_path / "zs.json"),
@@ -115,3 +165,12 @@ def test_bench_cli_on_a_tiny_output(tmp_path, capsys, pruned_24):
                  "--json", str(js)]) == 0
     rows = json.loads(js.read_text())["decode"]["rows"]
     assert rows and rows[0]["tokens_per_s"] > 0
+
+
+def test_bench_help_and_errors_go_through_the_cli(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "-h"])
+    assert e.value.code == 0 and "--new-tokens" in capsys.readouterr().out
+    assert main(["bench", "/nonexistent/folder-xyz", "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmprune: error:") and "Traceback" not in err

@@ -107,3 +107,46 @@ def test_wanda_equals_reference_loop(pat):
     reference_wanda(ref, ids, 0.5, pat)
     for n in names:
         assert torch.equal(arch.get(ours, n).weight == 0, arch.get(ref, n).weight == 0), n
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+@pytest.mark.parametrize("solver", ["sparsegpt", "noop-seq"])
+def test_sublayer_replay_is_bit_identical_to_rerunning(name, solver, monkeypatch):
+    """Sequential solvers replay a finished attention / MLP from its last linear's recorded inputs;
+    weights and logits must equal those of rerunning the sublayers (replay budget 0)."""
+    ids = torch.randint(0, 256, (6, 29))
+    s = get("sparsegpt") if solver == "sparsegpt" else Solver(
+        "noop-seq", lambda w, st, p, sp, **_: Solved(w * 0.5, torch.ones_like(w, dtype=torch.bool), {}),
+        needs=frozenset({"norms"}), sequential=True)  # halves each weight: later groups see changed inputs
+    results = []
+    for budget in (0, prune.REPLAY_BUDGET):
+        monkeypatch.setattr(prune, "REPLAY_BUDGET", budget)
+        m = tiny_model(name)
+        names = prune.target_linears(m)
+        res = prune.prune(m, s, patterns.parse("2:4"), {n: 0.5 for n in names}, ids, batch_size=4, progress=False)
+        results.append((res["replayed_sublayers"], m.state_dict(), m(ids).logits))
+    (r0, sd0, l0), (r1, sd1, l1) = results
+    n_blocks = len(arch.blocks(tiny_model(name)))
+    assert r0 == 0 and r1 == 2 * n_blocks  # attention and MLP of every block
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert torch.equal(l0, l1)
+
+
+def test_replay_refuses_a_sublayer_that_is_not_its_last_linear():
+    """A tape is used only when every batch's sublayer output was exactly the linear's output."""
+    m = tiny_model("llama")
+    ids = torch.randint(0, 256, (4, 12))
+    block = next(walker.walk(m, ids, batch_size=2, progress=False))
+    attn, o = block.module.self_attn, block.module.self_attn.o_proj
+    with block.record(attn, o) as tape:
+        block.run(stop_after=attn)
+    assert tape.exact and len(tape.inputs) == 2
+    assert block.replay(attn, o, tape)
+    h = attn.register_forward_hook(lambda mod, inp, out: (out[0] + 1, *out[1:]))  # something after o_proj
+    try:
+        with block.record(block.module.mlp, o) as bad:  # the MLP does not return o_proj's output
+            block.run(stop_after=block.module.mlp)
+    finally:
+        h.remove()
+    assert not bad.exact and not block.replay(block.module.mlp, o, bad)
+    assert "forward" not in vars(attn)  # the replay patch is undone after each run

@@ -1,0 +1,98 @@
+"""Which int4 grid keeps a 2:4-pruned model closest to its unquantized perplexity? (issue 6)
+
+Quantizes the pruned linears of a dense llmprune output IN MEMORY (dequantized weights put back in
+place, the same codes the w4s24 / w4g128 formats pack) and measures WikiText-2 ppl under P-cpu
+(C4 64 x 512 seed 0 calibration, 16 windows of 2048), one configuration after another:
+
+    python bench/quant_ablation.py runs/llama-sparsegpt-24 \
+        --configs rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:sym:64:seq,gptq:asym:64:seq
+
+A config is quantizer:grid:group[:seq]. `seq` quantizes block by block through the engine, so each
+block's Hessian comes from inputs that already went through the quantized blocks before it (GPTQ's
+sequential mode); without it every Hessian comes from the unquantized pruned model (what
+`llmprune pack --quant gptq` does today). Prints one line per config and writes --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def quantize_layer(w, keep, quant, sym, group, hessian):
+    from llmprune.packed import _auto_group
+    from llmprune.quant.gptq import gptq
+    from llmprune.quant.rtn import rtn
+
+    g = _auto_group(w.shape[1]) if group == "auto" else int(group)
+    if quant == "gptq":
+        return gptq(w.float() * keep, hessian, keep, g, sym).dequantize()
+    return rtn(w.float() * keep, keep, g, sym).dequantize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("src")
+    ap.add_argument("--configs", default="rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:asym:64:seq")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+
+    from llmprune import api, arch, calibration, checkpoint, prune, walker
+    from llmprune.eval.perplexity import perplexity
+
+    model, tok, _ = checkpoint.load(a.src)
+    names = prune.target_linears(model)
+    # fp16 weights first: the packed formats start from them
+    orig = {n: model.get_submodule(n).weight.detach().half().float().clone() for n in names}
+    keeps = {n: w != 0 for n, w in orig.items()}
+    ids, _ = calibration.load("c4", tok, 64, 512, 0)
+    t0 = time.perf_counter()
+    hess = None
+    rows = []
+
+    def ppl():
+        return perplexity(model, tok, "wikitext2", 2048, 16, progress=False)["ppl"]
+
+    def restore():
+        for n in names:
+            model.get_submodule(n).weight.data.copy_(orig[n])
+
+    restore()
+    rows.append({"config": "unquantized (fp16 weights)", "ppl": ppl()})
+    print(f"{rows[-1]['config']:28s} ppl {rows[-1]['ppl']:.3f}", flush=True)
+    for spec in a.configs.split(","):
+        quant, grid, group, *seq = spec.split(":")
+        sym = grid == "sym"
+        t = time.perf_counter()
+        restore()
+        if seq:  # quantize each block before the walker computes the next block's inputs
+            a_ = arch.arch_of(model)
+            wanted = set(names)
+            for block in walker.walk(model, ids, 8, "cpu", False, desc="gptq-seq"):
+                prefix = f"{a_.blocks}.{block.index}."
+                mods = {prefix + n: arch.get(block.module, n) for g in a_.groups for n in g if prefix + n in wanted}
+                with walker.collect(mods, {"hessian"}) as stats:
+                    block.run(stop_after=arch.get(block.module, a_.groups[-1][-1]))
+                for n, m in mods.items():
+                    m.weight.data.copy_(quantize_layer(orig[n], keeps[n], quant, sym, group, stats[n].hessian))
+        else:
+            if quant == "gptq" and hess is None:
+                th = time.perf_counter()
+                hess = api.collect_hessians(model, ids, progress=False)
+                print(f"hessians {time.perf_counter() - th:.0f}s", flush=True)
+            for n in names:
+                model.get_submodule(n).weight.data.copy_(
+                    quantize_layer(orig[n], keeps[n], quant, sym, group, None if hess is None else hess[n]))
+        assert all(bool((model.get_submodule(n).weight[~keeps[n]] == 0).all()) for n in names), "zeros moved"
+        rows.append({"config": spec, "ppl": ppl(), "s": round(time.perf_counter() - t, 1)})
+        print(f"{spec:28s} ppl {rows[-1]['ppl']:.3f}  ({rows[-1]['s']}s)", flush=True)
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"src": a.src, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
