@@ -147,8 +147,8 @@ def slicegpt_bench_table() -> str:
 
 
 def perp_table() -> str:
-    out = ["| pruned | ppl pruned | ppl after PERP | dense ppl | gap closed | steps | trainable | wall s | peak RSS MiB |"
-           " sparsity before / after |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [("| pruned | ppl pruned | ppl after PERP | dense ppl | gap closed | steps | trainable | wall s | peak RSS MiB |"
+            " sparsity before / after |"), "|---|---|---|---|---|---|---|---|---|---|"]
     dense = (load("llama-dense") or {}).get("eval", {}).get("wikitext2", {}).get("ppl")
     for s in ("60", "70"):
         src, m = load(f"llama-wanda-{s}"), load(f"llama-wanda-{s}-perp")

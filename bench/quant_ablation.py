@@ -18,8 +18,6 @@ import argparse
 import json
 import time
 
-import torch
-
 
 def quantize_layer(w, keep, quant, sym, group, hessian):
     from llmprune.packed import _auto_group

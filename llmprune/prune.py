@@ -21,7 +21,6 @@ from . import walker
 from .patterns import Pattern
 from .solvers import Solver
 
-
 # Recorded sublayer inputs kept per block for replay (fp32 bytes). P-cpu on SmolLM2 needs 0.27 GiB; a
 # 7B model under the paper protocol would need ~16 GiB, so it falls back to rerunning the sublayers.
 REPLAY_BUDGET = 4 * 2**30
@@ -66,7 +65,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     groups = a.groups if solver.sequential else (tuple(n for g in a.groups for n in g),)
     # sequential solvers: a sublayer whose last linear is solved is replayed from that linear's
     # recorded inputs in the later passes over the block (walker.Block.replay), within a memory budget
-    ends = dict((lin, sub) for sub, lin in a.sublayers) if solver.sequential else {}
+    ends = {lin: sub for sub, lin in a.sublayers} if solver.sequential else {}
     t0 = time.perf_counter()
     replayed = 0
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks"):
