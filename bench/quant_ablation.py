@@ -7,10 +7,10 @@ place, the same codes the w4s24 / w4g128 formats pack) and measures WikiText-2 p
     python bench/quant_ablation.py runs/llama-sparsegpt-24 \
         --configs rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:sym:64:seq,gptq:asym:64:seq
 
-A config is quantizer:grid:group[:seq]. `seq` quantizes block by block through the engine, so each
-block's Hessian comes from inputs that already went through the quantized blocks before it (GPTQ's
-sequential mode); without it every Hessian comes from the unquantized pruned model (what
-`llmprune pack --quant gptq` does today). Prints one line per config and writes --json.
+A config is quantizer:grid:group[:seq]. `seq` is llmprune's GPTQ (packed.gptq_sequential, what
+`--quant gptq` runs): block by block, each block's Hessian from inputs that went through the
+quantized blocks before it; without it every Hessian comes from the unquantized pruned model
+(what `--quant gptq` did before). Run on a 2:4 model (the w4s24 layout). Prints one line per config and writes --json.
 """
 from __future__ import annotations
 
@@ -30,6 +30,20 @@ def quantize_layer(w, keep, quant, sym, group, hessian):
     return rtn(w.float() * keep, keep, g, sym).dequantize()
 
 
+def hessians(model, ids) -> dict:
+    """H of every block linear from one walk over the model as it is (not sequential)."""
+    from llmprune import arch, walker
+
+    a, out = arch.arch_of(model), {}
+    for block in walker.walk(model, ids, 8, "cpu", False, desc="hessians"):
+        prefix = f"{a.blocks}.{block.index}."
+        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g}
+        with walker.collect(mods, {"hessian"}) as stats:
+            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
+        out.update({n: s.hessian for n, s in stats.items()})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("src")
@@ -37,8 +51,9 @@ def main(argv=None):
     ap.add_argument("--json")
     a = ap.parse_args(argv)
 
-    from llmprune import api, arch, calibration, checkpoint, prune, walker
+    from llmprune import calibration, checkpoint, prune
     from llmprune.eval.perplexity import perplexity
+    from llmprune.packed import gptq_sequential
 
     model, tok, _ = checkpoint.load(a.src)
     names = prune.target_linears(model)
@@ -65,20 +80,13 @@ def main(argv=None):
         sym = grid == "sym"
         t = time.perf_counter()
         restore()
-        if seq:  # quantize each block before the walker computes the next block's inputs
-            a_ = arch.arch_of(model)
-            wanted = set(names)
-            for block in walker.walk(model, ids, 8, "cpu", False, desc="gptq-seq"):
-                prefix = f"{a_.blocks}.{block.index}."
-                mods = {prefix + n: arch.get(block.module, n) for g in a_.groups for n in g if prefix + n in wanted}
-                with walker.collect(mods, {"hessian"}) as stats:
-                    block.run(stop_after=arch.get(block.module, a_.groups[-1][-1]))
-                for n, m in mods.items():
-                    m.weight.data.copy_(quantize_layer(orig[n], keeps[n], quant, sym, group, stats[n].hessian))
+        if seq:  # llmprune's own GPTQ pass: block by block, each block after the quantized ones
+            assert quant == "gptq", "seq is a GPTQ mode"
+            gptq_sequential(model, ids, "w4s24", "auto" if group == "auto" else int(group), sym, dtype=None)
         else:
             if quant == "gptq" and hess is None:
                 th = time.perf_counter()
-                hess = api.collect_hessians(model, ids, progress=False)
+                hess = hessians(model, ids)
                 print(f"hessians {time.perf_counter() - th:.0f}s", flush=True)
             for n in names:
                 model.get_submodule(n).weight.data.copy_(

@@ -193,12 +193,14 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     if cfg.format != "dense":
         from . import packed
 
-        hessians = None
-        if cfg.quant == "gptq":  # Hessians of the pruned model, block by block
+        quantized = None
+        if cfg.quant == "gptq":  # block by block, each block seeing the quantized ones before it
             t0 = time.perf_counter()
-            hessians = collect_hessians(model, calib_ids, cfg.calib_batch, device, cfg.progress)
-            timings["hessians_s"] = round(time.perf_counter() - t0, 2)
-        manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, hessians=hessians,
+            quantized = packed.gptq_sequential(model, calib_ids, cfg.format, cfg.group_size, _symmetric(cfg.grid),
+                                               batch_size=cfg.calib_batch, device=device, progress=cfg.progress,
+                                               dtype=_torch_dtype(cfg.save_dtype))
+            timings["gptq_s"] = round(time.perf_counter() - t0, 2)
+        manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, quantized=quantized,
                                                 tokenizer=tok, manifest=manifest, overwrite=cfg.overwrite,
                                                 group_size=cfg.group_size, symmetric=_symmetric(cfg.grid),
                                                 progress=cfg.progress,
@@ -348,43 +350,29 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
 def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="auto", calib: str = "c4",
          nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
          command: str | None = None, save_dtype: str = "float16", grid: str = "auto") -> dict:
-    """Pack a dense output folder (zeros in place) into a smaller format; GPTQ collects the
-    Hessians from calibration data first."""
+    """Pack a dense output folder (zeros in place) into a smaller format; GPTQ quantizes block by
+    block on calibration data first (packed.gptq_sequential)."""
     from . import packed
 
     manifest = _source_manifest(src)
     checkpoint.check_out(out, overwrite)
     model, tok, _ = checkpoint.load(src)
-    hessians = None
+    quantized = None
     if quant == "gptq":
         from . import calibration
 
+        _symmetric(grid)
+        packed.format_options(fmt)  # an unknown format fails here, before the calibration work
         ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
-        hessians = collect_hessians(model, ids, progress=progress)
+        quantized = packed.gptq_sequential(model, ids, fmt, group_size, _symmetric(grid), progress=progress,
+                                           device=pick_device(None), dtype=_torch_dtype(save_dtype))
     # the source's quality figures describe the unpacked weights: they do not carry over
     new = {k: v for k, v in manifest.items() if k not in ("out", "eval", "zeroshot")}
     if command:
         new["command"] = command
     new["packed_from"] = str(src)
-    section = packed.save_packed(model, out, fmt, quant=quant, hessians=hessians, tokenizer=tok, manifest=new,
+    section = packed.save_packed(model, out, fmt, quant=quant, quantized=quantized, tokenizer=tok, manifest=new,
                                  overwrite=overwrite, group_size=group_size, symmetric=_symmetric(grid),
                                  progress=progress,
                                  dtype=_torch_dtype(save_dtype))
     return {**new, "format": section, "out": str(out)}
-
-
-def collect_hessians(model, ids, batch_size: int = 8, device="cpu", progress: bool = True) -> dict:
-    """H = 2 X^T X / n of every prunable linear, block by block through the engine (the inputs
-    of each block come from the blocks before it as they are now)."""
-    from . import prune, walker
-
-    a = arch.arch_of(model)
-    wanted = set(prune.target_linears(model))
-    out = {}
-    for block in walker.walk(model, ids, batch_size, device, progress, desc="hessians"):
-        prefix = f"{a.blocks}.{block.index}."
-        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g if prefix + n in wanted}
-        with walker.collect(mods, {"hessian"}) as stats:
-            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
-        out.update({n: s.hessian.cpu() for n, s in stats.items()})
-    return out

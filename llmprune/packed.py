@@ -65,13 +65,14 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
                 quant: str | None = None, hessians: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
                 group_size: int | str = 128, symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128,
                 manifest: dict | None = None, overwrite: bool = False, progress: bool = False,
-                dtype: torch.dtype | None = torch.float16) -> dict:
+                dtype: torch.dtype | None = torch.float16, quantized: dict | None = None) -> dict:
     """Pack the model's linears into `fmt` and write a loadable folder; returns the manifest's format section.
 
     keep_masks: layer name -> keep-mask (True = stays); None packs every linear except the output
     head whose non-zeros fit the format (others stay dense, listed in "left_dense").
     quant: None | "rtn" | "gptq" for the int4 formats (None means rtn); "gptq" needs `hessians`
-    (layer name -> H = 2 X^T X / n, as stats.LayerStats.hessian).
+    (layer name -> H = 2 X^T X / n, as stats.LayerStats.hessian) or `quantized` (layer name ->
+    quant.Quantized, as made by gptq_sequential, whose codes are packed as they are).
     group_size: int4 scale group; "auto" picks per layer the largest of 128/64/32/16 dividing
     in_features (SmolLM2's 576 = 9 x 64 has no 128 group). Recorded per layer in the manifest.
     The folder is written next to `out_dir` and renamed at the end (checkpoint.atomic_dir); an
@@ -90,12 +91,11 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
         quant = quant or "rtn"
         if quant not in ("rtn", "gptq"):
             raise LLMPruneError(f"unknown --quant {quant!r}: choose rtn or gptq")
-        if quant == "gptq" and hessians is None:
+        if quant == "gptq" and hessians is None and quantized is None:
             raise LLMPruneError("--quant gptq needs calibration Hessians: run it inside compress, or use --quant rtn")
-        symmetric = (fmt != "w4g128") if symmetric is None else symmetric
-        if fmt == "w4s50" and not symmetric:
+        if fmt == "w4s50" and symmetric is False:
             raise LLMPruneError("w4s50 is symmetric only: use --grid sym (or auto)")
-    base = {"group_size": 16 if fmt == "w4s50" else group_size, "symmetric": symmetric} if f.quantized else {}
+    base = format_options(fmt, group_size, symmetric)
     checkpoint.check_out(out_dir, overwrite)  # fail before the work, not after
     tied = _tied(model)
     names = _linears_to_pack(model, keep_masks, tied)
@@ -115,24 +115,23 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
         w = mod.weight.detach()
         w = w.to(dtype) if dtype is not None else w
         keep = None if keep_masks is None else keep_masks[name].to(w.device).bool()
-        opts = dict(base)
-        if opts.get("group_size") == "auto":
-            opts["group_size"] = _auto_group(mod.in_features)
         try:  # does the layer fit the format? (structure, sizes); RTN codes are cheap to compute
-            k = keep if keep is not None else _infer_keep(f, w)
-            packed = f.pack(w.float() if f.quantized else w, k, **opts)
+            k, opts, packed = plan_layer(f, w, keep, base)
         except LLMPruneError as e:
             if keep_masks is not None:
                 raise LLMPruneError(f"{name}: {e}") from None
             left_dense[name] = str(e)
             continue
         if quant == "gptq":
-            if name not in hessians:
-                raise LLMPruneError(f"--quant gptq: no Hessian for {name}: collect statistics for every packed layer")
-            from .quant.gptq import gptq
+            if quantized is not None and name in quantized:  # already quantized (sequential GPTQ)
+                q = quantized[name]
+            elif hessians is not None and name in hessians:
+                from .quant.gptq import gptq
 
-            q = gptq(w.float() * k, hessians[name].to(w.device), k, opts["group_size"], opts["symmetric"],
-                     damp=damp, blocksize=blocksize)
+                q = gptq(w.float() * k, hessians[name].to(w.device), k, opts["group_size"], opts["symmetric"],
+                         damp=damp, blocksize=blocksize)
+            else:
+                raise LLMPruneError(f"--quant gptq: no Hessian for {name}: collect statistics for every packed layer")
             packed = f.pack(w.float(), k, quant=q, **opts)
         for tname, t in f.stored(packed).items():
             tensors[f"{name}.{tname}"] = t.contiguous().cpu()
@@ -167,6 +166,63 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
                **(manifest or {}), "format": section}
         checkpoint.write_manifest(tmp, doc)
     return section
+
+
+def format_options(fmt: str, group_size: int | str = 128, symmetric: bool | None = None) -> dict:
+    """The quantization options every layer of `fmt` starts from (group size, grid)."""
+    f = formats.get(fmt)
+    if not f.quantized:
+        return {}
+    symmetric = (fmt != "w4g128") if symmetric is None else symmetric
+    return {"group_size": 16 if fmt == "w4s50" else group_size, "symmetric": symmetric}
+
+
+def plan_layer(f: formats.Format, w: torch.Tensor, keep: torch.Tensor | None, base: dict):
+    """(keep-mask, layer options, RTN-packed tensors) for weight w in format f; raises LLMPruneError
+    when the layer does not fit the format (structure, sizes)."""
+    opts = dict(base)
+    if opts.get("group_size") == "auto":
+        opts["group_size"] = _auto_group(w.shape[1])
+    k = keep if keep is not None else _infer_keep(f, w)
+    return k, opts, f.pack(w.float() if f.quantized else w, k, **opts)
+
+
+@torch.no_grad()
+def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_size: int | str = 128,
+                    symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
+                    device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16) -> dict:
+    """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
+    Hessians come from calibration inputs that went through the already-quantized blocks before
+    it, and each quantized linear computes with its dequantized weights from then on. Returns
+    {layer name: Quantized} for `save_packed(..., quantized=...)`; layers that do not fit the
+    format are left alone (save_packed keeps them dense and says why)."""
+    from . import arch, walker
+    from .quant.gptq import gptq
+
+    f = formats.get(fmt)
+    base = format_options(fmt, group_size, symmetric)
+    a = arch.arch_of(model)
+    tied_src = set(_tied(model)) | set(_tied(model).values())
+    out = {}
+    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks"):
+        prefix = f"{a.blocks}.{block.index}."
+        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g
+                if f"{prefix}{n}.weight" not in tied_src}
+        with walker.collect(mods, {"hessian"}) as stats:
+            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
+        for name, mod in mods.items():
+            w = mod.weight.detach()
+            w = w.to(dtype) if dtype is not None else w  # what save_packed starts from
+            try:
+                k, opts, _ = plan_layer(f, w, None, base)
+            except LLMPruneError:
+                continue
+            q = gptq(w.float() * k, stats[name].hessian, k, opts["group_size"], opts["symmetric"], damp=damp,
+                     blocksize=blocksize)
+            mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
+            out[name] = q
+        # handing control back: the walker reruns the block with the quantized weights
+    return out
 
 
 def _auto_group(in_f: int) -> int:
