@@ -1,6 +1,7 @@
 """Render the README's result tables from bench/results (made by bench/p_cpu.sh).
 
     python bench/make_tables.py > bench/results/tables.md
+    python bench/make_tables.py --replot    # also re-render results/*/sweep.png from sweep.json
 """
 from __future__ import annotations
 
@@ -163,7 +164,20 @@ def perp_table() -> str:
     return "\n".join(out)
 
 
+def replot() -> None:
+    """Re-render each sweep's PNG from its sweep.json (what `llmprune sweep` plotted at the end)."""
+    from llmprune import report
+
+    for d in sorted(p.parent for p in R.glob("*/sweep.json")):
+        rows = json.loads((d / "sweep.json").read_text())
+        report.plot_sweep([r for r in rows if r["solver"] != "dense"], d / "sweep.png")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--replot" in sys.argv:
+        replot()
     print("## Pruning (P-cpu)\n\n" + base_table())
     print("\n## Formats\n\n" + formats_table() + "\n\n" + FORMAT_NOTES)
     for s in ("solvers-50", "solvers-60", "solvers-70", "solvers-24", "sweep"):

@@ -138,7 +138,7 @@ def plot_sweep(rows: list[dict], png_path: str | Path, dense_ppl: dict[str, floa
     solver and pattern when rows mix patterns), dense ppl as a dashed horizontal line; plus a panel
     of zero-shot mean accuracy when any row has one. dense_ppl defaults to the rows' dense_ppl_*."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state to leak
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     if not rows:
         raise LLMPruneError("plot_sweep needs at least one row")
@@ -171,12 +171,15 @@ def plot_sweep(rows: list[dict], png_path: str | Path, dense_ppl: dict[str, floa
             ax.set_ylabel("mean accuracy")
         else:
             ax.set_yscale("log")
-            plain = FuncFormatter(lambda y, _: f"{y:g}")  # 30, 40 rather than 3x10^1, 4x10^1
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
             ax.set_ylabel("perplexity (log)")
             if _num(dense.get(title)) is not None:
                 ax.axhline(dense[title], color="gray", linestyle="--", label=f"dense {dense[title]:.2f}")
+            plain = FuncFormatter(lambda y, _: f"{y:g}")  # 30, 40 rather than 3x10^1, 4x10^1
+            ax.yaxis.set_major_formatter(plain)
+            lo, hi = ax.get_ylim()
+            # label the 2..9 ticks too only when the axis spans little more than a decade: beyond
+            # that they overlap, and the powers of ten say enough
+            ax.yaxis.set_minor_formatter(plain if hi / lo < 30 else NullFormatter())
         ax.set_xlabel("sparsity (%)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
