@@ -43,9 +43,10 @@ def _bytes(m: dict) -> tuple[int, int]:
 
 
 def formats_table() -> str:
-    rows = ["| model | format | quant | linears packed | linear bytes vs fp16 | file MiB | WikiText-2 ppl |",
-            "|---|---|---|---|---|---|---|"]
-    sets = [("llama", "llama-wanda-24", [("llama-wanda-24-sparse24", "llama-wanda-24"), ("llama-wanda-24-w4s24-rtn", None),
+    rows = ["| model | source | format | quant (grid, group) | linears packed | linear bytes vs fp16 | file MiB | WikiText-2 ppl |"
+            " vs unpacked |", "|---|---|---|---|---|---|---|---|---|"]
+    sets = [("llama", "llama-sparsegpt-24", [("llama-sparsegpt-24-w4s24-rtn", None), ("llama-sparsegpt-24-w4s24-gptq", None)]),
+            ("llama", "llama-wanda-24", [("llama-wanda-24-sparse24", "llama-wanda-24"), ("llama-wanda-24-w4s24-rtn", None),
                                          ("llama-wanda-24-w4s24-gptq", None)]),
             ("llama", "llama-dense", [("llama-dense-w4g128-rtn", None), ("llama-dense-w4g128-gptq", None)]),
             ("llama", "llama-wanda-g16", [("llama-wanda-g16-w4s50-rtn", None), ("llama-wanda-g16-w4s50-gptq", None)]),
@@ -53,9 +54,13 @@ def formats_table() -> str:
                               ("gemma3-w4s50", None)])]
     for model, src, outs in sets:
         s = load(src) if src else None
+        base_ppl = (s or {}).get("eval", {}).get("wikitext2", {}).get("ppl")
+        what = "-"
+        if s:
+            what = f"{s['solver']} {s['pattern']}" if s.get("sparsity", {}).get("target") else "unpruned"
         if s and "eval" in s:
-            rows.append(f"| {model} | dense (zeros in place), {s['pattern'] if s.get('sparsity', {}).get('target') else 'unpruned'}"
-                        f" | - | - | 1 (fp32 file: 2x) | {file_mib(src):.0f} | {f(s['eval']['wikitext2']['ppl'])} |")
+            rows.append(f"| {model} | {what} | dense (zeros in place) | - | - | 1 (fp32 file: 2x) | {file_mib(src):.0f} | "
+                        f"{f(base_ppl)} | 1 |")
         for name, same_ppl_as in outs:
             m = load(name)
             if not m or "format" not in m:
@@ -68,15 +73,24 @@ def formats_table() -> str:
             note = ""
             if ppl is None and same_ppl_as and load(same_ppl_as):
                 ppl, note = load(same_ppl_as)["eval"]["wikitext2"]["ppl"], " (= the 2:4 model: lossless for its fp16 weights)"
-            rows.append(f"| {model} | {m['format']['name']} | {m['format'].get('quant') or '-'} | {len(m['format']['layers'])} | "
-                        f"{packed / dense:.3f} | {file_mib(name):.0f} | {f(ppl)}{note} |")
+            fm = m["format"]
+            q = "-"
+            if fm.get("quant"):
+                lay = next(iter(fm["layers"].values()))
+                groups = sorted({x["group_size"] for x in fm["layers"].values()})
+                q = f"{fm['quant']} ({'sym' if lay['symmetric'] else 'asym'}, {'/'.join(map(str, groups))})"
+            rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
+            rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
+                        f"{packed / dense:.3f} | {file_mib(name):.0f} | {f(ppl)}{note} | {rel} |")
     return "\n".join(rows)
 
 
 FORMAT_NOTES = """Byte ratios count the packed linear layers against fp16; file MiB is the whole safetensors
 file (fp16 embeddings and norms). `--group-size auto` picks 64 for SmolLM2's 576-wide inputs and 128
-for its 1536-wide `down_proj`. The two w4s24 files were written before fp16 storage became the
-default and keep fp32 embeddings (hence 149 MiB); their linear bytes are unaffected."""
+for its 1536-wide `down_proj`. The two Wanda w4s24 files were written before fp16 storage became the
+default and keep fp32 embeddings (hence 149 MiB); their linear bytes are unaffected. Their GPTQ
+row predates block-sequential GPTQ (every Hessian from the unquantized model); every other GPTQ row
+is block-sequential (`packed.gptq_sequential`). Gemma-3 rows are sizes only (magnitude masks, RTN)."""
 
 
 def file_mib(name: str) -> float:

@@ -2,7 +2,7 @@
 # Protocol P-cpu on this repo's 2-core CPU machine: fp32, CPU, calibration C4 64 x 512 seed 0,
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
-#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers perp slicegpt
+#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers perp slicegpt speed
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
 # every command's console output is appended to bench/results/p_cpu.log.
 set -u
@@ -33,13 +33,14 @@ stage_base() {
   run gemma3-wanda-50 $L compress --model gemma3 --solver wanda --sparsity 0.5 $P --out $R/gemma3-wanda-50
 }
 stage_formats() {
+  # SparseGPT 2:4 + int4 (w4s24): RTN, and GPTQ (block-sequential) on the grid that won the ablation
+  G=$(python -c "import json; r={x['config']: x['ppl'] for x in json.load(open('$B/quant_ablation.json'))['rows']}; print('--grid asym --group-size 64' if r.get('gptq:asym:64', 1e9) < r.get('gptq:sym:auto', 1e9) else '')" 2>/dev/null)
+  run llama-sparsegpt-24-w4s24-rtn $L pack $R/llama-sparsegpt-24 --format w4s24 --quant rtn $G --out $R/llama-sparsegpt-24-w4s24-rtn --no-progress && evalp llama-sparsegpt-24-w4s24-rtn
+  run llama-sparsegpt-24-w4s24-gptq $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G --nsamples 64 --seqlen 512 --out $R/llama-sparsegpt-24-w4s24-gptq --no-progress && evalp llama-sparsegpt-24-w4s24-gptq
   run llama-wanda-24-sparse24 $L pack $R/llama-wanda-24 --format sparse24 --out $R/llama-wanda-24-sparse24 --no-progress
   run llama-wanda-24-w4s24-rtn $L pack $R/llama-wanda-24 --format w4s24 --quant rtn --out $R/llama-wanda-24-w4s24-rtn --no-progress && evalp llama-wanda-24-w4s24-rtn
   run llama-wanda-24-w4s24-gptq $L pack $R/llama-wanda-24 --format w4s24 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-wanda-24-w4s24-gptq --no-progress && evalp llama-wanda-24-w4s24-gptq
-  run llama-dense $L compress --model llama --solver magnitude --sparsity 0 $P --out $R/llama-dense
-  run llama-dense-w4g128-rtn $L pack $R/llama-dense --format w4g128 --quant rtn --out $R/llama-dense-w4g128-rtn --no-progress && evalp llama-dense-w4g128-rtn
-  run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
-  run llama-wanda-g16 $L compress --model llama --solver wanda --pattern group:16 --sparsity 0.5 $P --out $R/llama-wanda-g16
+  run llama-wanda-g16 $L compress --model llama --solver wanda --pattern group:16 --sparsity 0.5 --no-dense-eval $P --out $R/llama-wanda-g16
   run llama-wanda-g16-w4s50-rtn $L pack $R/llama-wanda-g16 --format w4s50 --quant rtn --out $R/llama-wanda-g16-w4s50-rtn --no-progress && evalp llama-wanda-g16-w4s50-rtn
   run llama-wanda-g16-w4s50-gptq $L pack $R/llama-wanda-g16 --format w4s50 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-wanda-g16-w4s50-gptq --no-progress && evalp llama-wanda-g16-w4s50-gptq
   # Gemma-3-270M: sizes only (the layout, not the solver, sets the bytes): magnitude needs no calibration
@@ -50,6 +51,9 @@ stage_formats() {
   run gemma3-w4s24 $L pack $R/gemma3-mag-24 --format w4s24 --out $R/gemma3-w4s24 --no-progress
   run gemma3-w4g128 $L pack $R/gemma3-dense --format w4g128 --out $R/gemma3-w4g128 --no-progress
   run gemma3-w4s50 $L pack $R/gemma3-mag-g16 --format w4s50 --out $R/gemma3-w4s50 --no-progress
+  run llama-dense $L compress --model llama --solver magnitude --sparsity 0 $P --out $R/llama-dense
+  run llama-dense-w4g128-rtn $L pack $R/llama-dense --format w4g128 --quant rtn --out $R/llama-dense-w4g128-rtn --no-progress && evalp llama-dense-w4g128-rtn
+  run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
 }
 stage_zeroshot() {  # the dense model through its alias; first 100 examples of each task
   T=boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa
@@ -72,7 +76,10 @@ stage_solvers() {
   [ -e $B/solvers-70/sweep.csv ] || $L sweep --model llama --solvers $S,wanda+owl,sparsegpt+owl,dsnot+init=wanda+owl,magnitude+owl,dsnot+init=sparsegpt+owl --sparsity 0.7 $P --out $B/solvers-70 >> $LOG 2>&1
   [ -e $B/solvers-60/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.6 $P --out $B/solvers-60 >> $LOG 2>&1
   [ -e $B/solvers-50/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.5 $P --out $B/solvers-50 >> $LOG 2>&1
-  run llama-sparsegpt-50 $L compress --model llama --solver sparsegpt --sparsity 0.5 --eval none $P --out $R/llama-sparsegpt-50
+  stage_speed
+}
+stage_speed() {  # compress wall time of SparseGPT against Wanda (llama-wanda-50), each alone on the machine
+  run llama-sparsegpt-50 $L compress --model llama --solver sparsegpt --sparsity 0.5 --no-dense-eval $P --out $R/llama-sparsegpt-50
 }
 stage_perp() {  # rank 4: norms + MaskLoRA stay under 1% of the parameters; one 512-token window a step
   Q="--steps 200 --rank 4 --lr 5e-4 --batch 1 --seqlen 512 --no-grad-checkpointing --eval wikitext2 --eval-windows 16 --no-progress"
