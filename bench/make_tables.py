@@ -43,8 +43,8 @@ def _bytes(m: dict) -> tuple[int, int]:
 
 
 def formats_table() -> str:
-    rows = ["| model | source | format | quant (grid, group) | linears packed | linear bytes vs fp16 | file MiB | WikiText-2 ppl |"
-            " vs unpacked |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| model | source | format | quant (grid, group) | linears packed | linear bytes vs fp16 | file MiB |"
+             " WikiText-2 ppl | vs unpacked |"), "|---|---|---|---|---|---|---|---|---|"]
     sets = [("llama", "llama-sparsegpt-24", [("llama-sparsegpt-24-w4s24-rtn", None), ("llama-sparsegpt-24-w4s24-gptq", None)]),
             ("llama", "llama-wanda-24", [("llama-wanda-24-sparse24", "llama-wanda-24"), ("llama-wanda-24-w4s24-rtn", None),
                                          ("llama-wanda-24-w4s24-gptq", None)]),
