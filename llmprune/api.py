@@ -99,6 +99,11 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     names = prune.target_linears(model, cfg.ignore)
     if not cfg.slicegpt:
         prune.check_shapes(model, names, pattern)
+    else:  # the kept width must exist (and make a config transformers accepts) before any work
+        from .transforms.slicegpt import new_dim_for
+
+        new_dim_for(model.config.hidden_size, cfg.slicegpt.get("slicing", 0.25), cfg.slicegpt.get("round_to", 8),
+                    getattr(model.config, "num_attention_heads", 1))
     calib_info = None
     calib_ids = None
     if cfg.slicegpt or solver.needs_for(cfg.solver_opts) or cfg.owl or cfg.quant == "gptq":

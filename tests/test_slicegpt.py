@@ -240,6 +240,23 @@ def test_new_dim_rounds_down():
         d = new_dim_for(h, s, r)
         assert d % r == 0 and d <= (1 - s) * h + 1e-6 < d + r
     assert new_dim_for(576, 0.25, 8) == 432
+    # a multiple of the head count too: SmolLM2 has 9 heads, so 8 -> 72 and 1 -> 9
+    assert [new_dim_for(576, s, 8, 9) for s in (0.1, 0.2, 0.25, 0.3)] == [504, 432, 432, 360]
+    assert [new_dim_for(576, s, 1, 9) for s in (0.1, 0.2, 0.25, 0.3)] == [513, 459, 432, 396]
+    with pytest.raises(LLMPruneError, match="multiple of 72"):
+        new_dim_for(100, 0.5, 8, 9)
+
+
+def test_sliced_width_is_a_config_transformers_accepts(tmp_path):
+    """9 heads of 8 (SmolLM2's head count): 10% slicing of 72 keeps 63 = 7 x 9, not 64, and the
+    saved folder loads with plain transformers (which rejects hidden % heads != 0)."""
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_model("llama", dtype=F64, hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)
+    info = slice_model(m, _ids(), slicing=0.1, rotation="shared", round_to=1, progress=False)
+    assert info["new_dim"] == 63 and info["slicing_actual"] == pytest.approx(1 / 8)
+    m.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.hidden_size == 63
 
 
 def test_bad_inputs():

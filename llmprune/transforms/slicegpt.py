@@ -93,17 +93,23 @@ def add_shortcuts(block: nn.Module, lay: Layout, attn_shortcut: nn.Linear | None
     return block
 
 
-def new_dim_for(hidden: int, slicing: float, round_to: int = 8) -> int:
+def new_dim_for(hidden: int, slicing: float, round_to: int = 8, heads: int = 1) -> int:
     """The kept width: (1 - slicing) * hidden rounded DOWN to a multiple of round_to (as the reference
-    code does), so the model is never larger than asked and the width stays kernel-friendly."""
+    code does), so the model is never larger than asked and the width stays kernel-friendly; and to
+    a multiple of the attention head count, because transformers (5.x) refuses to save or load a
+    config whose hidden_size is not one, even with head_dim given (SmolLM2's 9 heads and the
+    default 8: multiples of 72)."""
     if not 0.0 < slicing < 1.0:
         raise LLMPruneError(f"--slicing must be in (0, 1), the fraction of the hidden size to delete; got {slicing}")
     if round_to < 1:
         raise LLMPruneError(f"--round-to must be a positive integer, got {round_to}")
-    d = math.floor((1.0 - slicing) * hidden + 1e-9) // round_to * round_to
+    step = math.lcm(round_to, max(1, heads))
+    d = math.floor((1.0 - slicing) * hidden + 1e-9) // step * step
     if d < 1:
-        raise LLMPruneError(f"slicing {slicing} of hidden size {hidden} rounded down to a multiple of "
-                            f"{round_to} leaves nothing; lower --slicing or --round-to")
+        why = f"a multiple of {round_to}" if step == round_to else \
+            f"a multiple of {step} (--round-to {round_to} and the {heads} attention heads)"
+        raise LLMPruneError(f"slicing {slicing} of hidden size {hidden} rounded down to {why} leaves nothing; "
+                            f"lower --slicing or --round-to")
     return d
 
 
@@ -214,12 +220,13 @@ def _n_params(model) -> int:
 def slice_model(model, calib_input_ids: torch.Tensor, slicing: float, rotation: str = "per-block",
                 round_to: int = 8, batch_size: int = 8, progress: bool = True) -> dict:
     """Fuse norms, rotate by PCA and slice the hidden size to (1 - slicing) * hidden (rounded down to
-    a multiple of round_to), in place. Returns an info dict for the manifest; its "manifest" entry is
+    a multiple of round_to and of the head count: new_dim_for), in place. Returns an info dict for the manifest; its "manifest" entry is
     what `rebuild_per_block` needs to rebuild a saved per-block model. arXiv:2401.15024."""
     lay = _check(model, calib_input_ids, rotation)
-    d = new_dim_for(get(model, lay.embed).weight.shape[1], slicing, round_to)
+    hidden = get(model, lay.embed).weight.shape[1]
+    d = new_dim_for(hidden, slicing, round_to, getattr(model.config, "num_attention_heads", 1))
     info = rotate_and_slice(model, calib_input_ids, d, rotation, batch_size, progress)
-    info.update(slicing=slicing, round_to=round_to)
+    info.update(slicing=slicing, round_to=round_to, slicing_actual=1 - d / hidden)
     return info
 
 
