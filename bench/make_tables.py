@@ -2,6 +2,7 @@
 
     python bench/make_tables.py > bench/results/tables.md
     python bench/make_tables.py --replot    # also re-render results/*/sweep.png from sweep.json
+    python bench/make_tables.py --readme    # rewrite the README's <!-- table:NAME --> spans in place
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def f(x, spec=".2f", dash="-"):
 def base_table() -> str:
     rows = ["| model | solver | pattern | sparsity (measured) | dense ppl | ppl | compress s (forward / solve) | peak RSS MiB |",
             "|---|---|---|---|---|---|---|---|"]
-    for n in ("llama-wanda-50", "llama-wanda-24", "llama-sparsegpt-24", "llama-magnitude-50", "llama-sparsegpt-50",
+    for n in ("llama-wanda-50", "llama-sparsegpt-50", "llama-wanda-60", "llama-wanda-70", "llama-wanda-24",
+              "llama-sparsegpt-24", "llama-magnitude-50",
               "gemma3-wanda-50"):
         m = load(n)
         if not m:
@@ -113,6 +115,32 @@ def sweep_table(folder: str) -> str:
 PAPER_TASKS = ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]  # + hellaswag: online only
 
 
+def sweep_wide(folder: str = "sweep") -> str:
+    """One row per sparsity, one ppl column per solver (the table the sweep plot draws)."""
+    p = R / folder / "sweep.csv"
+    if not p.exists():
+        return ""
+    rows = [r for r in csv.DictReader(p.open()) if r["solver"] != "dense"]
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    grid = {(r["solver"], r["target"]): float(r["ppl_wikitext2"]) for r in rows}
+    out = ["| sparsity | " + " | ".join(solvers) + " |", "|---" * (len(solvers) + 1) + "|"]
+    for t in dict.fromkeys(r["target"] for r in rows):
+        out.append(f"| {float(t):.0%} | " + " | ".join(f(grid.get((s, t)), ",.2f") for s in solvers) + " |")
+    return "\n".join(out)
+
+
+def quant_ablation_table() -> str:
+    a = load("quant_ablation")
+    if not a:
+        return ""
+    base = a["rows"][0]["ppl"]
+    out = ["| int4 of the SparseGPT 2:4 model (quantizer:grid:group[:seq]) | WikiText-2 ppl | vs unquantized |",
+           "|---|---|---|"]
+    for r in a["rows"]:
+        out.append(f"| {r['config']} | {r['ppl']:.2f} | {r['ppl'] / base:.3f} |")
+    return "\n".join(out)
+
+
 def zeroshot_table() -> str:
     """acc per task; the mean of the six of the papers' seven tasks that run offline (HellaSwag and
     LAMBADA have no offline copy), then PIQA and the mean of all seven that ran."""
@@ -187,18 +215,41 @@ def replot() -> None:
         report.plot_sweep([r for r in rows if r["solver"] != "dense"], d / "sweep.png")
 
 
+TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "quant": quant_ablation_table,
+          "zeroshot": zeroshot_table, "slicegpt": slicegpt_table, "slicegpt-bench": slicegpt_bench_table,
+          "perp": perp_table}
+
+
+def fill_readme(path: Path) -> None:
+    """Replace each `<!-- table:NAME -->` ... `<!-- /table -->` span of the README with TABLES[NAME]()."""
+    import re
+
+    text = path.read_text()
+
+    def fill(m):
+        body = TABLES[m.group(1)]()
+        return f"<!-- table:{m.group(1)} -->\n{body or '(not measured yet)'}\n<!-- /table -->"
+
+    path.write_text(re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", fill, text, flags=re.DOTALL))
+
+
 if __name__ == "__main__":
     import sys
 
     if "--replot" in sys.argv:
         replot()
+    if "--readme" in sys.argv:
+        fill_readme(Path(__file__).parents[1] / "README.md")
+        sys.exit(0)
     print("## Pruning (P-cpu)\n\n" + base_table())
     print("\n## Formats\n\n" + formats_table() + "\n\n" + FORMAT_NOTES)
     for s in ("solvers-50", "solvers-60", "solvers-70", "solvers-24", "sweep"):
         t = sweep_table(s)
         if t:
             print(f"\n## {s}\n\n{t}")
-    for title, t in (("Zero-shot (first `limit` examples of each task, offline task copies)", zeroshot_table()),
+    for title, t in (("Sweep (WikiText-2 ppl; bench/results/sweep/sweep.png)", sweep_wide()),
+                     ("int4 grid ablation (bench/quant_ablation.py)", quant_ablation_table()),
+                     ("Zero-shot (first `limit` examples of each task, offline task copies)", zeroshot_table()),
                      ("SliceGPT (P-cpu)", slicegpt_table()), ("SliceGPT decode on this CPU", slicegpt_bench_table()),
                      ("PERP recovery (P-cpu)", perp_table())):
         if t.count("\n") > 1:
