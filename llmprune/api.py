@@ -86,6 +86,12 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         from .recover import perp
 
         perp.check_options(**{k: v for k, v in cfg.recover.items() if k not in ("data", "seqlen")})
+    if cfg.format == "dense" and (cfg.quant is not None or cfg.grid != "auto"):
+        raise LLMPruneError("--quant and --grid quantize the packed int4 formats: add --format w4g128, w4s24 or w4s50")
+    if cfg.format != "dense":
+        from .packed import check_options
+
+        check_options(cfg.format, cfg.quant, _symmetric(cfg.grid))
     out = cfg.out or default_out(cfg, sparsity)
     checkpoint.check_out(out, cfg.overwrite)
 
@@ -360,14 +366,13 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     from . import packed
 
     manifest = _source_manifest(src)
+    packed.check_options(fmt, quant, _symmetric(grid))  # before loading anything
     checkpoint.check_out(out, overwrite)
     model, tok, _ = checkpoint.load(src)
     quantized = None
     if quant == "gptq":
         from . import calibration
 
-        _symmetric(grid)
-        packed.format_options(fmt)  # an unknown format fails here, before the calibration work
         ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
         quantized = packed.gptq_sequential(model, ids, fmt, group_size, _symmetric(grid), progress=progress,
                                            device=pick_device(None), dtype=_torch_dtype(save_dtype))

@@ -84,17 +84,9 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
     from safetensors.torch import save_file
 
     f = formats.get(fmt)
-    if not f.quantized and (quant is not None or symmetric is not None):
-        what = "--quant" if quant is not None else "--grid"
-        raise LLMPruneError(f"--format {fmt} stores unquantized values: drop {what}, or use --format w4s24")
-    if f.quantized:
-        quant = quant or "rtn"
-        if quant not in ("rtn", "gptq"):
-            raise LLMPruneError(f"unknown --quant {quant!r}: choose rtn or gptq")
-        if quant == "gptq" and hessians is None and quantized is None:
-            raise LLMPruneError("--quant gptq needs calibration Hessians: run it inside compress, or use --quant rtn")
-        if fmt == "w4s50" and symmetric is False:
-            raise LLMPruneError("w4s50 is symmetric only: use --grid sym (or auto)")
+    quant = check_options(fmt, quant, symmetric)
+    if quant == "gptq" and hessians is None and quantized is None:
+        raise LLMPruneError("--quant gptq needs calibration Hessians: run it inside compress, or use --quant rtn")
     base = format_options(fmt, group_size, symmetric)
     checkpoint.check_out(out_dir, overwrite)  # fail before the work, not after
     tied = _tied(model)
@@ -168,6 +160,23 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
     return section
 
 
+def check_options(fmt: str, quant: str | None = None, symmetric: bool | None = None) -> str | None:
+    """Validate a format with its quantizer and grid (before any work); returns the quantizer that
+    will run (rtn by default for the int4 formats, None for the others)."""
+    f = formats.get(fmt)
+    if not f.quantized:
+        if quant is not None or symmetric is not None:
+            what = "--quant" if quant is not None else "--grid"
+            raise LLMPruneError(f"--format {fmt} stores unquantized values: drop {what}, or use --format w4s24")
+        return None
+    quant = quant or "rtn"
+    if quant not in ("rtn", "gptq"):
+        raise LLMPruneError(f"unknown --quant {quant!r}: choose rtn or gptq")
+    if fmt == "w4s50" and symmetric is False:
+        raise LLMPruneError("w4s50 is symmetric only: use --grid sym (or auto)")
+    return quant
+
+
 def format_options(fmt: str, group_size: int | str = 128, symmetric: bool | None = None) -> dict:
     """The quantization options every layer of `fmt` starts from (group size, grid)."""
     f = formats.get(fmt)
@@ -200,6 +209,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     from .quant.gptq import gptq
 
     f = formats.get(fmt)
+    check_options(fmt, "gptq", symmetric)
     base = format_options(fmt, group_size, symmetric)
     a = arch.arch_of(model)
     tied_src = set(_tied(model)) | set(_tied(model).values())

@@ -174,3 +174,14 @@ def test_bench_help_and_errors_go_through_the_cli(capsys):
     assert main(["bench", "/nonexistent/folder-xyz", "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llmprune: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,msg", [(["--format", "sparse24", "--quant", "gptq"], "drop --quant"),
+                                       (["--quant", "rtn"], "add --format"),
+                                       (["--format", "w4s50", "--grid", "asym"], "--grid sym"),
+                                       (["--format", "w4s24", "--quant", "awq"], "rtn or gptq")])
+def test_compress_rejects_format_options_before_any_work(tmp_path, capsys, tiny_dir, extra, msg):
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(tiny_dir), "--out", str(out), *extra, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "saved" not in err and not out.exists(), err
