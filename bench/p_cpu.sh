@@ -72,7 +72,7 @@ stage_sweep() {
 }
 stage_solvers() {
   S=magnitude,wanda,sparsegpt,dsnot+init=wanda,dsnot+init=sparsegpt
-  [ -e $B/solvers-24/sweep.csv ] || $L sweep --model llama --solvers $S --pattern 2:4 $P --out $B/solvers-24 >> $LOG 2>&1
+  [ -e $B/solvers-24/sweep.csv ] || $L sweep --model llama --solvers $S --pattern 2:4 --sparsity 0.5 $P --out $B/solvers-24 >> $LOG 2>&1
   [ -e $B/solvers-70/sweep.csv ] || $L sweep --model llama --solvers $S,wanda+owl,sparsegpt+owl,dsnot+init=wanda+owl,magnitude+owl,dsnot+init=sparsegpt+owl --sparsity 0.7 $P --out $B/solvers-70 >> $LOG 2>&1
   [ -e $B/solvers-60/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.6 $P --out $B/solvers-60 >> $LOG 2>&1
   [ -e $B/solvers-50/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.5 $P --out $B/solvers-50 >> $LOG 2>&1

@@ -160,7 +160,8 @@ def _add_sweep(sub):
     p.add_argument("--model", default="llama")
     p.add_argument("--solvers", default="magnitude,wanda",
                    help="solver specs: name[+key=value...][+owl], e.g. wanda,sparsegpt,dsnot+init=sparsegpt,wanda+owl")
-    p.add_argument("--sparsity", default="0.3:0.8:0.1", help="start:stop:step (stop included) or a list 0.5,0.6")
+    p.add_argument("--sparsity", default=None,
+                   help="start:stop:step (stop included) or a list 0.5,0.6 (default 0.3:0.8:0.1; N:M: the implied one)")
     p.add_argument("--pattern", default="unstructured")
     p.add_argument("--eval", default="wikitext2", help="perplexity datasets")
     p.add_argument("--tasks", default="", help="zero-shot tasks too (slow)")
@@ -193,8 +194,11 @@ def parse_range(s: str) -> list[float]:
 
 def cmd_sweep(a) -> int:
     from . import sweep
+    from .patterns import parse
 
-    res = sweep.sweep(a.model, tuple(a.solvers.split(",")), parse_range(a.sparsity), a.pattern, a.out, a.calib,
+    spars = a.sparsity or ("0.3:0.8:0.1" if parse(a.pattern).implied_sparsity is None else "")
+    grid = parse_range(spars) if spars else (parse(a.pattern).implied_sparsity,)
+    res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
                     a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
                     a.eval_windows, tuple(x for x in a.tasks.split(",") if x), a.limit, a.device,
                     progress=not a.no_progress, protocol=a.protocol)

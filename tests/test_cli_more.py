@@ -152,6 +152,17 @@ def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
         assert im.size[0] > 100 and im.size[1] > 100
 
 
+
+def test_sweep_of_an_nm_pattern_needs_no_sparsity(tmp_path, capsys, tiny_dir, calib_txt):
+    """`--pattern 2:4` implies 50%: the default range is not applied to it."""
+    out = tmp_path / "sw24"
+    rc = main(["sweep", "--model", str(tiny_dir), "--solvers", "magnitude", "--pattern", "2:4", "--calib", str(calib_txt),
+               "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows", "2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [(r["solver"], r["target"]) for r in rows] == [("dense", 0.0), ("magnitude", 0.5)]
+
 def test_push_cli_refuses_a_plain_folder_offline(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     assert main(["push", str(tmp_path / "plain"), "--repo", "user/name"]) == 2
