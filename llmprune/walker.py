@@ -74,6 +74,7 @@ class Block:
         """Run all batches; with stop_after, end each forward once that module has run (its
         hooks have fired) and return None. Replayed sublayers (`replay`) are not recomputed."""
         handle = stop_after.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if stop_after else None
+        saved = [(sub, vars(sub).get("forward")) for sub, _, _ in self._replays]  # e.g. an accelerate hook
         for sub, linear, tape in self._replays:
             sub.forward = self._replayer(linear, tape)  # instance attribute: shadows the class's forward
         outs = []
@@ -87,8 +88,11 @@ class Block:
         finally:
             if handle:
                 handle.remove()
-            for sub, _, _ in self._replays:
-                del sub.forward
+            for sub, prev in saved:
+                if prev is None:
+                    del sub.forward
+                else:
+                    sub.forward = prev
         return None if stop_after else outs
 
     @contextmanager

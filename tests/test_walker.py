@@ -150,3 +150,8 @@ def test_replay_refuses_a_sublayer_that_is_not_its_last_linear():
         h.remove()
     assert not bad.exact and not block.replay(block.module.mlp, o, bad)
     assert "forward" not in vars(attn)  # the replay patch is undone after each run
+    own = attn.forward  # a forward set on the instance (as accelerate's hooks do) is put back, not dropped
+    attn.forward = lambda *a, **k: own(*a, **k)
+    mine = attn.forward
+    block.run(stop_after=block.module.mlp)
+    assert vars(attn)["forward"] is mine
