@@ -11,9 +11,10 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 R=runs; B=bench/results; LOG=$B/p_cpu.log
 mkdir -p $R $B
 P="--protocol cpu --no-progress"
-run() {  # run NAME CMD...: skip when runs/NAME exists; record the command, its output, the manifest
+run() {  # run NAME CMD...: skip when runs/NAME exists (returns 1 then, so `run ... && evalp ...` skips
+  # the evaluation too); record the command, its output, the manifest
   local name=$1; shift
-  if [ -e "$R/$name/llmprune.json" ]; then echo "skip $name (exists)"; return 0; fi
+  if [ -e "$R/$name/llmprune.json" ]; then echo "skip $name (exists)"; return 1; fi
   { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ $*"; } >> $LOG
   /usr/bin/time -f "wall %e s, max RSS %M KiB" "$@" >> $LOG 2>&1
   local rc=$?
