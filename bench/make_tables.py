@@ -52,21 +52,23 @@ def formats_table() -> str:
                                          ("llama-wanda-24-w4s24-gptq", None)]),
             ("llama", "llama-dense", [("llama-dense-w4g128-rtn", None), ("llama-dense-w4g128-gptq", None)]),
             ("llama", "llama-wanda-g16", [("llama-wanda-g16-w4s50-rtn", None), ("llama-wanda-g16-w4s50-gptq", None)]),
-            ("gemma3", None, [("gemma3-sparse24", None), ("gemma3-w4s24", None), ("gemma3-w4g128", None),
-                              ("gemma3-w4s50", None)])]
+            ("gemma3", "gemma3-dense", [("gemma3-sparse24", None), ("gemma3-w4s24", None), ("gemma3-w4g128", None),
+                                        ("gemma3-w4s50", None)])]
     for model, src, outs in sets:
         s = load(src) if src else None
         base_ppl = (s or {}).get("eval", {}).get("wikitext2", {}).get("ppl")
         what = "-"
         if s:
             what = f"{s['solver']} {s['pattern']}" if s.get("sparsity", {}).get("target") else "unpruned"
-        if s and "eval" in s:
+        if s:
             rows.append(f"| {model} | {what} | dense (zeros in place) | - | - | 1 (fp32 file: 2x) | {file_mib(src):.0f} | "
                         f"{f(base_ppl)} | 1 |")
         for name, same_ppl_as in outs:
             m = load(name)
             if not m or "format" not in m:
                 continue
+            if m.get("solver"):  # what was packed (a source of its own, as Gemma-3's magnitude masks)
+                what = f"{m['solver']} {m['pattern']}" if m.get("sparsity", {}).get("target") else "unpruned"
             packed, dense = _bytes(m)
             ppl = (m.get("eval", {}).get("wikitext2") or {}).get("ppl")
             src_m = load(Path(m["packed_from"]).name) if m.get("packed_from") else None
