@@ -219,7 +219,7 @@ def replot() -> None:
 
 TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "quant": quant_ablation_table,
           "zeroshot": zeroshot_table, "slicegpt": slicegpt_table, "slicegpt-bench": slicegpt_bench_table,
-          "perp": perp_table}
+          "perp": perp_table, "solvers-24": lambda: sweep_table("solvers-24")}
 
 
 def fill_readme(path: Path) -> None:
