@@ -12,6 +12,7 @@ PackedLinear, and reads tensors with safetensors only: pickle files are refused,
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -230,7 +231,8 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
             q = gptq(w.float() * k, stats[name].hessian, k, opts["group_size"], opts["symmetric"], damp=damp,
                      blocksize=blocksize)
             mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
-            out[name] = q
+            out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+            # (the model returns to the CPU after each block; save_packed packs there)
         # handing control back: the walker reruns the block with the quantized weights
     return out
 
