@@ -30,20 +30,6 @@ def quantize_layer(w, keep, quant, sym, group, hessian):
     return rtn(w.float() * keep, keep, g, sym).dequantize()
 
 
-def hessians(model, ids) -> dict:
-    """H of every block linear from one walk over the model as it is (not sequential)."""
-    from llmprune import arch, walker
-
-    a, out = arch.arch_of(model), {}
-    for block in walker.walk(model, ids, 8, "cpu", False, desc="hessians"):
-        prefix = f"{a.blocks}.{block.index}."
-        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g}
-        with walker.collect(mods, {"hessian"}) as stats:
-            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
-        out.update({n: s.hessian for n, s in stats.items()})
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("src")
@@ -54,6 +40,7 @@ def main(argv=None):
     from llmprune import calibration, checkpoint, prune
     from llmprune.eval.perplexity import perplexity
     from llmprune.packed import gptq_sequential
+    from llmprune.quant.gptq import collect_hessians
 
     model, tok, _ = checkpoint.load(a.src)
     names = prune.target_linears(model)
@@ -86,7 +73,7 @@ def main(argv=None):
         else:
             if quant == "gptq" and hess is None:
                 th = time.perf_counter()
-                hess = hessians(model, ids)
+                hess = collect_hessians(model, names, list(ids.split(8)))  # one pass of the model as it is
                 print(f"hessians {time.perf_counter() - th:.0f}s", flush=True)
             for n in names:
                 model.get_submodule(n).weight.data.copy_(

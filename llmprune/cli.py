@@ -196,8 +196,8 @@ def cmd_sweep(a) -> int:
     from . import sweep
     from .patterns import parse
 
-    spars = a.sparsity or ("0.3:0.8:0.1" if parse(a.pattern).implied_sparsity is None else "")
-    grid = parse_range(spars) if spars else (parse(a.pattern).implied_sparsity,)
+    implied = parse(a.pattern).implied_sparsity  # N:M fixes it; other patterns sweep 30-80% by default
+    grid = parse_range(a.sparsity) if a.sparsity else (implied,) if implied is not None else parse_range("0.3:0.8:0.1")
     res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
                     a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
                     a.eval_windows, tuple(x for x in a.tasks.split(",") if x), a.limit, a.device,

@@ -213,7 +213,8 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     check_options(fmt, "gptq", symmetric)
     base = format_options(fmt, group_size, symmetric)
     a = arch.arch_of(model)
-    tied_src = set(_tied(model)) | set(_tied(model).values())
+    tied = _tied(model)
+    tied_src = set(tied) | set(tied.values())
     out = {}
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks"):
         prefix = f"{a.blocks}.{block.index}."
