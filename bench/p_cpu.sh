@@ -71,12 +71,14 @@ stage_sweep() {
   { echo; echo "### sweep  $(date -u +%FT%TZ)"; } >> $LOG
   [ -e $B/sweep/sweep.csv ] || $L sweep --model llama --solvers magnitude,wanda --sparsity 0.3:0.8:0.1 $P --out $B/sweep >> $LOG 2>&1
 }
-stage_solvers() {
+stage_solvers() {  # each unstructured row with and without OWL (OWL cannot vary an N:M pattern's sparsity)
   S=magnitude,wanda,sparsegpt,dsnot+init=wanda,dsnot+init=sparsegpt
+  O=magnitude+owl,wanda+owl,sparsegpt+owl,dsnot+init=wanda+owl,dsnot+init=sparsegpt+owl
   [ -e $B/solvers-24/sweep.csv ] || $L sweep --model llama --solvers $S --pattern 2:4 --sparsity 0.5 $P --out $B/solvers-24 >> $LOG 2>&1
-  [ -e $B/solvers-70/sweep.csv ] || $L sweep --model llama --solvers $S,wanda+owl,sparsegpt+owl,dsnot+init=wanda+owl,magnitude+owl,dsnot+init=sparsegpt+owl --sparsity 0.7 $P --out $B/solvers-70 >> $LOG 2>&1
-  [ -e $B/solvers-60/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.6 $P --out $B/solvers-60 >> $LOG 2>&1
-  [ -e $B/solvers-50/sweep.csv ] || $L sweep --model llama --solvers $S --sparsity 0.5 $P --out $B/solvers-50 >> $LOG 2>&1
+  for s in 70 60 50; do
+    [ -e $B/solvers-$s/sweep_meta.json ] || { echo "### sweep solvers-$s  $(date -u +%FT%TZ)" >> $LOG;
+      $L sweep --model llama --solvers $S,$O --sparsity 0.$s $P --out $B/solvers-$s >> $LOG 2>&1; }
+  done
   stage_speed
 }
 stage_speed() {  # compress wall time of SparseGPT against Wanda (llama-wanda-50), each alone on the machine

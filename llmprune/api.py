@@ -17,7 +17,27 @@ from .errors import LLMPruneError
 
 
 def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    """The process's peak resident memory in MiB: Linux's VmHWM (which reset_peak_rss() can restart),
+    else getrusage's ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-memory count at the current resident size (Linux >= 4.0: writing 5 to
+    /proc/self/clear_refs), so one process can measure the peak of each of several runs. Returns
+    False where that is not possible; peak_rss_mib() then stays the process-wide peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def pick_device(device: str | None) -> str:

@@ -4,7 +4,7 @@ against sparsity, one line per solver.
 
 Rows are flat dicts so the CSV needs no schema; `sweep_row(manifest)` makes one from a manifest:
   model, solver, pattern, target, sparsity (measured, else target), ppl_<dataset>, dense_ppl_<dataset>,
-  zeroshot_mean, compress_s.
+  zeroshot_mean, compress_s, peak_rss_mib.
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def sweep_row(manifest: dict) -> dict[str, Any]:
             row[f"ppl_{d}"], row[f"dense_ppl_{d}"] = _num(r.get("ppl")), _num(r.get("dense_ppl"))
     row["zeroshot_mean"] = _zeroshot_mean(manifest)
     row["compress_s"] = _num((manifest.get("timings") or {}).get("compress_s"))
+    row["peak_rss_mib"] = _num(manifest.get("peak_rss_mib"))
     return row
 
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import patterns, solvers
-from .api import _eval_all, pick_device, versions
+from .api import _eval_all, peak_rss_mib, pick_device, reset_peak_rss, versions
 from .errors import LLMPruneError
 
 
@@ -81,6 +81,7 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
                               "sparsity": {"target": 0.0, "measured": 0.0}, **dense})]
     for label, solver, owl_opts, opts, sp in grid:
         m.load_state_dict(dense_state)
+        per_point_rss = reset_peak_rss()
         t0 = time.perf_counter()
         layer_s = {n: sp for n in names}
         if owl_opts is not None:
@@ -90,12 +91,13 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
                                            **owl_opts)
         prune.prune(m, solver, pat, layer_s, ids, opts, calib_batch, dev, progress)
         took = time.perf_counter() - t0
+        rss = peak_rss_mib()  # of the pruning only: the dense copy and the calibration windows included
         r = measure(m)
         for d, x in r["eval"].items():
             x["dense_ppl"] = dense["eval"][d]["ppl"]
         man = {"model": info.as_dict(), "solver": label, "pattern": str(pat),
                "sparsity": {"target": sp, "measured": prune.measured_sparsity(m, names)},
-               "timings": {"compress_s": round(took, 2)}, **r}
+               "timings": {"compress_s": round(took, 2)}, "peak_rss_mib": rss if per_point_rss else None, **r}
         rows.append(report.sweep_row(man))
         report.write_sweep(rows, out)  # after every point: a stopped sweep keeps what it measured
     csv_path, json_path = report.write_sweep(rows, out)

@@ -139,3 +139,18 @@ def test_plot_sweep_bad_rows(tmp_path):
         report.plot_sweep([], tmp_path / "x.png")
     with pytest.raises(LLMPruneError, match="no ppl_<dataset> values"):
         report.plot_sweep([{"solver": "wanda", "sparsity": 0.5}], tmp_path / "x.png")
+
+
+def test_peak_rss_restarts_per_run():
+    """sweep reports each point's peak memory: after reset_peak_rss() the peak drops back below a
+    large buffer freed earlier (where the platform allows the reset)."""
+    import numpy as np
+
+    from llmprune.api import peak_rss_mib, reset_peak_rss
+
+    buf = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    high = peak_rss_mib()
+    del buf
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot restart the peak-memory count")
+    assert peak_rss_mib() < high - 300
