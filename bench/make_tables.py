@@ -131,6 +131,37 @@ def sweep_wide(folder: str = "sweep") -> str:
     return "\n".join(out)
 
 
+GRID = [("solvers-50", "50%"), ("solvers-60", "60%"), ("solvers-70", "70%"), ("solvers-24", "2:4")]
+
+
+def _grid_rows() -> dict:
+    """{(base solver, with OWL, column): row} over the solvers-* sweeps."""
+    rows = {}
+    for folder, col in GRID:
+        p = R / folder / "sweep.csv"
+        for r in (csv.DictReader(p.open()) if p.exists() else []):
+            if r["solver"] != "dense":
+                base = r["solver"].replace("+owl", "")
+                rows[(base, r["solver"].endswith("+owl"), col)] = r
+    return rows
+
+
+def solver_grid(key: str = "ppl_wikitext2", spec: str = ",.2f") -> str:
+    """Solvers down, sparsity (uniform, +OWL) across: WikiText-2 ppl, or another sweep.csv column."""
+    rows = _grid_rows()
+    if not rows:
+        return ""
+    solvers = list(dict.fromkeys(b for b, _, _ in rows))
+    cols = [(c, o) for _, c in GRID for o in ((False, True) if c != "2:4" else (False,))
+            if any((b, o, c) in rows for b in solvers)]
+    out = ["| solver | " + " | ".join(f"{c}{' +OWL' if o else ''}" for c, o in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for b in solvers:
+        cells = [rows.get((b, o, c), {}).get(key) or None for c, o in cols]
+        cells = [float(x) if x is not None else None for x in cells]
+        out.append(f"| {b} | " + " | ".join(f(x, spec) for x in cells) + " |")
+    return "\n".join(out)
+
+
 def quant_ablation_table() -> str:
     a = load("quant_ablation")
     if not a:
@@ -219,7 +250,9 @@ def replot() -> None:
 
 TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "quant": quant_ablation_table,
           "zeroshot": zeroshot_table, "slicegpt": slicegpt_table, "slicegpt-bench": slicegpt_bench_table,
-          "perp": perp_table, "solvers-24": lambda: sweep_table("solvers-24")}
+          "perp": perp_table, "solvers-24": lambda: sweep_table("solvers-24"), "solvers": solver_grid,
+          "solvers-time": lambda: solver_grid("compress_s", ".0f"),
+          "solvers-rss": lambda: solver_grid("peak_rss_mib", ",.0f")}
 
 
 def fill_readme(path: Path) -> None:

@@ -112,6 +112,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         from .packed import check_options
 
         check_options(cfg.format, cfg.quant, _symmetric(cfg.grid))
+        gptq_options(cfg.gptq, cfg.quant)
     out = cfg.out or default_out(cfg, sparsity)
     checkpoint.check_out(out, cfg.overwrite)
 
@@ -227,19 +228,38 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         quantized = None
         if cfg.quant == "gptq":  # block by block, each block seeing the quantized ones before it
             t0 = time.perf_counter()
+            gopts = gptq_options(cfg.gptq)
             quantized = packed.gptq_sequential(model, calib_ids, cfg.format, cfg.group_size, _symmetric(cfg.grid),
                                                batch_size=cfg.calib_batch, device=device, progress=cfg.progress,
-                                               dtype=_torch_dtype(cfg.save_dtype))
+                                               dtype=_torch_dtype(cfg.save_dtype), **gopts)
             timings["gptq_s"] = round(time.perf_counter() - t0, 2)
         manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, quantized=quantized,
                                                 tokenizer=tok, manifest=manifest, overwrite=cfg.overwrite,
                                                 group_size=cfg.group_size, symmetric=_symmetric(cfg.grid),
                                                 progress=cfg.progress,
-                                                dtype=_torch_dtype(cfg.save_dtype))
+                                                dtype=_torch_dtype(cfg.save_dtype),
+                                                quant_opts=gopts if cfg.quant == "gptq" else None)
     else:
         checkpoint.save(model, tok, out, manifest, overwrite=cfg.overwrite)
     manifest["out"] = str(out)
     return manifest
+
+
+def gptq_options(given: dict | None, quant: str | None = "gptq") -> dict:
+    """packed.GPTQ_DEFAULTS updated with the user's {"act_order", "sink_weight"}, checked."""
+    from .packed import GPTQ_DEFAULTS
+
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    if given and quant != "gptq":
+        raise LLMPruneError("--act-order / --sink-weight tune GPTQ: add --quant gptq or drop them")
+    unknown = set(given) - set(GPTQ_DEFAULTS)
+    if unknown:
+        raise LLMPruneError(f"unknown GPTQ options {sorted(unknown)}: valid are {sorted(GPTQ_DEFAULTS)}")
+    opts = {**GPTQ_DEFAULTS, **given}
+    if not (isinstance(opts["sink_weight"], (int, float)) and opts["sink_weight"] >= 1):
+        raise LLMPruneError(f"--sink-weight {opts['sink_weight']}: must be >= 1 (1 counts the first token like any other)")
+    opts["sink_weight"] = float(opts["sink_weight"])
+    return opts
 
 
 def _symmetric(grid: str) -> bool | None:
@@ -380,13 +400,14 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
 
 def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="auto", calib: str = "c4",
          nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
-         command: str | None = None, save_dtype: str = "float16", grid: str = "auto") -> dict:
+         command: str | None = None, save_dtype: str = "float16", grid: str = "auto", gptq: dict | None = None) -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ quantizes block by
     block on calibration data first (packed.gptq_sequential)."""
     from . import packed
 
     manifest = _source_manifest(src)
     packed.check_options(fmt, quant, _symmetric(grid))  # before loading anything
+    gopts = gptq_options(gptq, quant)
     checkpoint.check_out(out, overwrite)
     model, tok, _ = checkpoint.load(src)
     quantized = None
@@ -395,7 +416,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
 
         ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
         quantized = packed.gptq_sequential(model, ids, fmt, group_size, _symmetric(grid), progress=progress,
-                                           device=pick_device(None), dtype=_torch_dtype(save_dtype))
+                                           device=pick_device(None), dtype=_torch_dtype(save_dtype), **gopts)
     # the source's quality figures describe the unpacked weights: they do not carry over
     new = {k: v for k, v in manifest.items() if k not in ("out", "eval", "zeroshot")}
     if command:
@@ -404,5 +425,5 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     section = packed.save_packed(model, out, fmt, quant=quant, quantized=quantized, tokenizer=tok, manifest=new,
                                  overwrite=overwrite, group_size=group_size, symmetric=_symmetric(grid),
                                  progress=progress,
-                                 dtype=_torch_dtype(save_dtype))
+                                 dtype=_torch_dtype(save_dtype), quant_opts=gopts if quant == "gptq" else None)
     return {**new, "format": section, "out": str(out)}

@@ -48,6 +48,7 @@ def _add_compress(sub):
     g.add_argument("--quant", default=None, help="rtn | gptq (int4 formats)")
     g.add_argument("--group-size", default="auto", help="int4 scale group: 128, 64, ... or auto")
     g.add_argument("--grid", default="auto", choices=GRIDS, help=GRID_HELP)
+    _add_gptq_args(g)
     g.add_argument("--save-dtype", default="float16", help="packed formats store floats in float16 | bfloat16 | float32")
     g.add_argument("--eval", default="wikitext2", help="perplexity datasets: wikitext2,c4 or none")
     g.add_argument("--eval-seqlen", type=int, default=2048)
@@ -81,6 +82,7 @@ def cmd_compress(a) -> int:
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
+        gptq=_gptq_opts(a),
         recover=({"method": a.recover, "steps": a.recover_steps,
                   **({"lr": a.recover_lr} if a.recover_lr else {})} if a.recover else None),
     )
@@ -285,6 +287,17 @@ def cmd_recover(a) -> int:
 
 
 GRIDS = ("auto", "sym", "asym")
+
+
+def _add_gptq_args(g) -> None:
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (default on)")
+    g.add_argument("--sink-weight", type=float, default=None,
+                   help="GPTQ: times each calibration window's first token counts in the Hessian (default 64; 1 = paper)")
+
+
+def _gptq_opts(a) -> dict:
+    return {"act_order": a.act_order, "sink_weight": a.sink_weight}
 GRID_HELP = "int4 grid: sym (zero point 8), asym (a zero point per group), auto (w4g128 asym, w4s24/w4s50 sym)"
 
 
@@ -295,6 +308,7 @@ def _add_pack(sub):
     p.add_argument("--quant", default=None, help="rtn | gptq (int4 formats; default rtn)")
     p.add_argument("--group-size", default="auto", help="int4 scale group: 128, 64, ... or auto (largest that divides)")
     p.add_argument("--grid", default="auto", choices=GRIDS, help=GRID_HELP)
+    _add_gptq_args(p)
     p.add_argument("--save-dtype", default="float16", help="floats are stored in float16 | bfloat16 | float32")
     p.add_argument("--out", required=True)
     p.add_argument("--calib", default="c4")
@@ -311,7 +325,8 @@ def cmd_pack(a) -> int:
 
     gs = a.group_size if a.group_size == "auto" else int(a.group_size)
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
-                 progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid)
+                 progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
+                 gptq=_gptq_opts(a))
     print_format(m)
     return 0
 

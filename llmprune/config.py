@@ -53,6 +53,7 @@ class CompressConfig:
     group_size: int | str = "auto"  # int4 scale group; auto: the largest of 128/64/32/16 that divides
     grid: str = "auto"  # int4 grid: sym | asym | auto (the format's default: w4g128 asym, w4s24/w4s50 sym)
     save_dtype: str = "float16"  # floating tensors of packed formats (dense outputs keep --dtype)
+    gptq: dict | None = None  # {"act_order": bool, "sink_weight": float}: overrides packed.GPTQ_DEFAULTS
     recover: dict | None = None  # {"method": "perp", "steps": 200, ...}
     version: int = CONFIG_VERSION
 

@@ -66,7 +66,8 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
                 quant: str | None = None, hessians: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
                 group_size: int | str = 128, symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128,
                 manifest: dict | None = None, overwrite: bool = False, progress: bool = False,
-                dtype: torch.dtype | None = torch.float16, quantized: dict | None = None) -> dict:
+                dtype: torch.dtype | None = torch.float16, quantized: dict | None = None,
+                quant_opts: dict | None = None) -> dict:
     """Pack the model's linears into `fmt` and write a loadable folder; returns the manifest's format section.
 
     keep_masks: layer name -> keep-mask (True = stays); None packs every linear except the output
@@ -142,6 +143,7 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
             tensors[key] = store(t.detach())
     section = {
         "format_version": FORMAT_VERSION, "name": fmt, "quant": quant if f.quantized else None, **base,
+        **({"quant_options": quant_opts} if quant_opts and f.quantized else {}),
         "layers": layers, "left_dense": left_dense, "tied": tied,
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "bytes": {"packed_layers": sum(v["bytes"] for v in layers.values()),
@@ -197,15 +199,25 @@ def plan_layer(f: formats.Format, w: torch.Tensor, keep: torch.Tensor | None, ba
     return k, opts, f.pack(w.float() if f.quantized else w, k, **opts)
 
 
+# GPTQ as llmprune runs it by default. act_order: columns by decreasing H_jj with static group grids.
+# sink_weight: each calibration window's first token counts this many times in the Hessian. Both
+# answer the same failure on SmolLM2-135M: plain GPTQ cut every layer's error on ordinary tokens
+# 2-4x but raised it 5-15x on the first token of a window, the attention sink every later token
+# attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (bench/README.md).
+GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 64.0}
+
+
 @torch.no_grad()
 def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_size: int | str = 128,
                     symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
-                    device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16) -> dict:
+                    device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16,
+                    act_order: bool = GPTQ_DEFAULTS["act_order"], sink_weight: float = GPTQ_DEFAULTS["sink_weight"]) -> dict:
     """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
     Hessians come from calibration inputs that went through the already-quantized blocks before
     it, and each quantized linear computes with its dequantized weights from then on. Returns
     {layer name: Quantized} for `save_packed(..., quantized=...)`; layers that do not fit the
-    format are left alone (save_packed keeps them dense and says why)."""
+    format are left alone (save_packed keeps them dense and says why). act_order and sink_weight:
+    see GPTQ_DEFAULTS."""
     from . import arch, walker
     from .quant.gptq import gptq
 
@@ -220,7 +232,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         prefix = f"{a.blocks}.{block.index}."
         mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g
                 if f"{prefix}{n}.weight" not in tied_src}
-        with walker.collect(mods, {"hessian"}) as stats:
+        with walker.collect(mods, {"hessian"}, sink_weight=sink_weight) as stats:
             block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
         for name, mod in mods.items():
             w = mod.weight.detach()
@@ -230,7 +242,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
             except LLMPruneError:
                 continue
             q = gptq(w.float() * k, stats[name].hessian, k, opts["group_size"], opts["symmetric"], damp=damp,
-                     blocksize=blocksize)
+                     blocksize=blocksize, act_order=act_order)
             mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
             out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
             # (the model returns to the CPU after each block; save_packed packs there)

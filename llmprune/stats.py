@@ -11,13 +11,18 @@ KINDS = ("norms", "moments", "hessian")
 
 
 class LayerStats:
-    def __init__(self, in_features: int, needs: frozenset[str] | set[str], device="cpu"):
+    def __init__(self, in_features: int, needs: frozenset[str] | set[str], device="cpu", sink_weight: float = 1.0):
         unknown = set(needs) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; valid: {KINDS}")
         self.in_features = in_features
         self.needs = frozenset(needs)
         self.n = 0  # tokens seen
+        # the Hessian may count each sequence's first token sink_weight times (see add); its own total
+        if not sink_weight > 0:
+            raise ValueError(f"sink_weight {sink_weight} must be > 0 (1 counts every token once)")
+        self.sink_weight = float(sink_weight)
+        self.h_n = 0.0
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
         self.sum = z(in_features) if "moments" in needs else None
         self.sumsq = z(in_features) if needs & {"norms", "moments"} else None
@@ -26,6 +31,9 @@ class LayerStats:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        """x: (batch, seq, in) or (tokens, in). With sink_weight != 1 and a sequence axis, the
+        Hessian counts each sequence's first token sink_weight times (the attention-sink token)."""
+        first = x[:, 0, :] if x.dim() == 3 and self.sink_weight != 1 and self.xtx is not None else None
         x = x.reshape(-1, self.in_features)  # (tokens, in)
         self.n += x.shape[0]
         if self.sumsq is not None:
@@ -35,6 +43,11 @@ class LayerStats:
         if self.xtx is not None:
             xf = x.float()
             self.xtx.addmm_(xf.T, xf)
+            self.h_n += x.shape[0]
+            if first is not None:
+                f0 = first.float()
+                self.xtx.addmm_(f0.T, f0, alpha=self.sink_weight - 1)
+                self.h_n += (self.sink_weight - 1) * f0.shape[0]
 
     # --- derived quantities, in the papers' notation ---
     @property
@@ -52,5 +65,6 @@ class LayerStats:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / n (SparseGPT, eq. 2, averaged over tokens as in the reference code)."""
-        return self.xtx * (2.0 / max(self.n, 1))
+        """H = 2 X^T X / n (SparseGPT, eq. 2, averaged over tokens as in the reference code); with
+        sink_weight w each sequence's first token counts w times, in X^T X and in n."""
+        return self.xtx * (2.0 / max(self.h_n, 1))

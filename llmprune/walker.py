@@ -192,9 +192,10 @@ def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", prog
 
 
 @contextmanager
-def collect(modules: dict[str, nn.Module], needs) -> Iterator[dict[str, LayerStats]]:
+def collect(modules: dict[str, nn.Module], needs, sink_weight: float = 1.0) -> Iterator[dict[str, LayerStats]]:
     """Forward hooks that accumulate each module's input statistics; always removed."""
-    stats = {name: LayerStats(m.in_features, needs, device=m.weight.device) for name, m in modules.items()}
+    stats = {name: LayerStats(m.in_features, needs, device=m.weight.device, sink_weight=sink_weight)
+             for name, m in modules.items()}
     handles = [
         m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0].detach()))
         for name, m in modules.items()

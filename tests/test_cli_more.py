@@ -88,9 +88,20 @@ def test_compress_with_format_and_gptq(tmp_path, capsys, tiny_dir, calib_txt):
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "llmprune.json").read_text())
     assert m["format"]["name"] == "w4s24" and m["format"]["quant"] == "gptq"
+    assert m["format"]["quant_options"] == {"act_order": True, "sink_weight": 64.0}  # the defaults, recorded
     model, _, _ = checkpoint.load(out)
     assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
 
+
+
+def test_pack_gptq_options_reach_the_manifest(tmp_path, capsys, pruned_24, calib_txt):
+    out = tmp_path / "g"
+    rc = main(["pack", str(pruned_24), "--format", "w4s24", "--quant", "gptq", "--group-size", "32", "--no-act-order",
+               "--sink-weight", "1", "--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "16", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["format"]["quant_options"] == {"act_order": False, "sink_weight": 1.0}
 
 
 def test_pack_grid_asym_w4s24_matches_the_rtn_reference(tmp_path, capsys, pruned_24):
@@ -191,7 +202,9 @@ def test_bench_help_and_errors_go_through_the_cli(capsys):
 @pytest.mark.parametrize("extra,msg", [(["--format", "sparse24", "--quant", "gptq"], "drop --quant"),
                                        (["--quant", "rtn"], "add --format"),
                                        (["--format", "w4s50", "--grid", "asym"], "--grid sym"),
-                                       (["--format", "w4s24", "--quant", "awq"], "rtn or gptq")])
+                                       (["--format", "w4s24", "--quant", "awq"], "rtn or gptq"),
+                                       (["--format", "w4s24", "--quant", "rtn", "--sink-weight", "8"], "add --quant gptq"),
+                                       (["--format", "w4s24", "--quant", "gptq", "--sink-weight", "0.5"], "must be >= 1")])
 def test_compress_rejects_format_options_before_any_work(tmp_path, capsys, tiny_dir, extra, msg):
     out = tmp_path / "o"
     assert main(["compress", "--model", str(tiny_dir), "--out", str(out), *extra, *FAST]) == 2

@@ -121,8 +121,9 @@ def test_gptq_pack_keeps_zeros_and_beats_rtn_on_the_calibration_data(tmp_path):
 
 
 
-@pytest.mark.parametrize("fmt,grid", [("w4s24", None), ("w4g128", False)])
-def test_gptq_sequential_matches_a_plain_forward_oracle_and_packs_what_it_computes(tmp_path, fmt, grid):
+@pytest.mark.parametrize("fmt,grid,act_order,sink", [("w4s24", None, True, 64.0), ("w4g128", False, True, 64.0),
+                                                     ("w4s24", None, False, 1.0)])
+def test_gptq_sequential_matches_a_plain_forward_oracle_and_packs_what_it_computes(tmp_path, fmt, grid, act_order, sink):
     """Block l is quantized with Hessians from the model whose blocks < l are already quantized
     (and block l is not): re-derived here with plain forward hooks on a copy of the model. The
     packed folder then computes exactly what the in-memory quantized model computes."""
@@ -132,7 +133,8 @@ def test_gptq_sequential_matches_a_plain_forward_oracle_and_packs_what_it_comput
     model, masks = pruned()
     orig = {n: m.weight.detach().clone() for n, m in block_linears(model).items()}
     ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
-    qs = gptq_sequential(model, ids, fmt, group_size=16, symmetric=grid, batch_size=4, dtype=None)
+    qs = gptq_sequential(model, ids, fmt, group_size=16, symmetric=grid, batch_size=4, dtype=None,
+                         act_order=act_order, sink_weight=sink)
     assert set(qs) == set(orig)
     n_blocks = len(model.model.layers)
     for layer in range(n_blocks):
@@ -141,10 +143,10 @@ def test_gptq_sequential_matches_a_plain_forward_oracle_and_packs_what_it_comput
             if int(n.split(".")[2]) < layer:
                 m.weight.data.copy_(qs[n].dequantize())
         names = [n for n in orig if int(n.split(".")[2]) == layer]
-        hs = collect_hessians(oracle, names, list(ids.split(4)))
+        hs = collect_hessians(oracle, names, list(ids.split(4)), sink_weight=sink)
         for n in names:
             keep = masks[n] if fmt == "w4s24" else orig[n] != 0
-            q = gptq(orig[n] * keep, hs[n], keep, 16, qs[n].symmetric)
+            q = gptq(orig[n] * keep, hs[n], keep, 16, qs[n].symmetric, act_order=act_order)
             assert torch.equal(q.codes, qs[n].codes) and torch.equal(q.scales, qs[n].scales), n
             assert torch.equal(model.get_submodule(n).weight, qs[n].dequantize()), n  # computes with it
     save_packed(model, tmp_path / "q", fmt, quant="gptq", quantized=qs, group_size=16, symmetric=grid, dtype=None)

@@ -76,32 +76,43 @@ def test_gptq_is_rtn_for_a_diagonal_hessian():
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
 
 
-def test_gptq_matches_sequential_obs_oracle():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_matches_sequential_obs_oracle(act_order):
     """GPTQ (Cholesky rows, lazy blocks) equals the textbook sequential OBS update with explicit
     inverses of the not-yet-quantized columns' Hessian (arXiv 2210.17323, eq. 2-3), fp64; a pruned
-    weight is 'quantized' to 0 and its error compensated like any other."""
+    weight is 'quantized' to 0 and its error compensated like any other. act_order: the columns in
+    order of decreasing H_jj, each group's grid fixed from the unquantized weights."""
     torch.manual_seed(3)
     d, G = 12, 4
-    x = correlated(256, d, seed=3)
+    x = correlated(256, d, seed=3) * torch.linspace(0.5, 2.0, d, dtype=torch.float64)[torch.randperm(d)]
     w = torch.randn(3, d).double()
     keep = keep_mask(w.abs(), parse("2:4"), 0.5)
     w = w * keep
     H = 2 * x.T @ x / x.shape[0]
     H = H + 0.01 * torch.diag(H).mean() * torch.eye(d, dtype=torch.float64)
+
+    def grid(blk):  # asymmetric grid of a group's kept weights
+        lo, hi = blk.amin(1).clamp(max=0), blk.amax(1).clamp(min=0)
+        s = ((hi - lo) / 15).float().half().double()
+        return s, torch.round(-lo / s).clamp(0, 15)
+
+    static = [grid(torch.where(keep[:, c:c + G], w[:, c:c + G], 0.0)) for c in range(0, d, G)]
+    order = sorted(range(d), key=lambda j: -H[j, j].item()) if act_order else list(range(d))
+    assert order != list(range(d)) or not act_order  # the test really permutes
     W = w.clone()
     out = torch.zeros_like(W)
-    for j in range(d):
-        if j % G == 0:  # the group's grid from its current kept weights (asymmetric)
-            blk = torch.where(keep[:, j:j + G], W[:, j:j + G], 0.0)
-            lo, hi = blk.amin(1).clamp(max=0), blk.amax(1).clamp(min=0)
-            s = ((hi - lo) / 15).float().half().double()
-            z = torch.round(-lo / s).clamp(0, 15)
+    for t, j in enumerate(order):
+        if act_order:
+            s, z = static[j // G]
+        elif j % G == 0:  # the group's grid from its current kept weights
+            s, z = grid(torch.where(keep[:, j:j + G], W[:, j:j + G], 0.0))
         q = torch.where(keep[:, j], (torch.clamp(torch.round(W[:, j] / s) + z, 0, 15) - z) * s, 0.0)
         out[:, j] = q
-        Hinv = torch.linalg.inv(H[j:, j:])  # inverse over the remaining columns F = j..d-1
-        delta = -((W[:, j] - q) / Hinv[0, 0])[:, None] * Hinv[0, :][None, :]  # (rows, |F|)
-        W[:, j:] = W[:, j:] + delta
-    got = gptq(w.float(), H.float(), keep, group_size=G, symmetric=False, damp=1e-9, blocksize=8).dequantize()
+        F = order[t:]  # the remaining columns, j first
+        Hinv = torch.linalg.inv(H[F][:, F])
+        W[:, F] = W[:, F] - ((W[:, j] - q) / Hinv[0, 0])[:, None] * Hinv[0, :][None, :]
+    got = gptq(w.float(), H.float(), keep, group_size=G, symmetric=False, damp=1e-9, blocksize=8,
+               act_order=act_order).dequantize()
     assert torch.allclose(got.double(), out, atol=1e-4)
 
 
@@ -132,6 +143,28 @@ def test_collect_hessians_matches_definition():
     assert torch.allclose(hs["0"], 2 * x0.T @ x0 / 8, atol=1e-5)
     assert torch.allclose(hs["2"], 2 * x2.T @ x2 / 8, atol=1e-5)
     assert not model[0]._forward_pre_hooks  # hooks removed
+
+
+def test_sink_weight_counts_each_sequence_first_token_w_times():
+    """H = 2 (X^T X + (w - 1) X0^T X0) / (n + (w - 1) b) for b sequences whose first tokens are X0;
+    the norms/moments statistics still count every token once."""
+    from llmprune.stats import LayerStats
+
+    torch.manual_seed(6)
+    xs = [torch.randn(3, 7, 5), torch.randn(2, 7, 5)]
+    st = LayerStats(5, {"hessian", "moments"}, sink_weight=9.0)
+    for x in xs:
+        st.add(x)
+    flat, first = torch.cat([x.reshape(-1, 5) for x in xs]), torch.cat([x[:, 0] for x in xs])
+    want = 2 * (flat.T @ flat + 8 * first.T @ first) / (35 + 8 * 5)
+    assert torch.allclose(st.hessian, want, atol=1e-5)
+    assert torch.allclose(st.mean.float(), flat.mean(0), atol=1e-6)
+    plain = LayerStats(5, {"hessian"})
+    for x in xs:
+        plain.add(x)
+    assert torch.allclose(plain.hessian, 2 * flat.T @ flat / 35, atol=1e-5)
+    with pytest.raises(ValueError, match="sink_weight"):
+        LayerStats(5, {"hessian"}, sink_weight=0)
 
 
 def test_quant_registry():

@@ -11,7 +11,8 @@ exactly zero, bit for bit. (Masking the update instead, so pruned weights never 
 coupling through them: on correlated inputs it gains ~1% over RTN where this gains ~8%.) This is
 SparseGPT's joint sparsification and quantization (arXiv 2301.00774) with the mask given.
 A group's scale/zero are computed when its first column is reached, from the group's current
-(already error-corrected) kept weights. act_order is off. Dampening and dead inputs as in
+(already error-corrected) kept weights; with act_order (columns by decreasing H_jj) the grids are
+fixed up front from the unquantized weights instead ("static groups"). Dampening and dead inputs as in
 SparseGPT: H += damp * mean(diag H) * I; inputs with H_jj = 0 get weight 0.
 """
 from __future__ import annotations
@@ -38,8 +39,15 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None = None, group_size: int = 128,
-         symmetric: bool = False, damp: float = 0.01, blocksize: int = 128, **_) -> Quantized:
-    """Quantize weight (out, in) to int4 given H = 2 X^T X / n (in, in); pruned weights stay 0."""
+         symmetric: bool = False, damp: float = 0.01, blocksize: int = 128, act_order: bool = False,
+         **_) -> Quantized:
+    """Quantize weight (out, in) to int4 given H = 2 X^T X / n (in, in); pruned weights stay 0.
+
+    act_order: quantize the columns in order of decreasing H_jj (the inputs with the most energy
+    first, while the most columns remain to absorb their error), with every group's grid fixed up
+    front from the unquantized weights ("static groups"), so the groups stay the contiguous input
+    ranges the formats store.
+    """
     out_f, in_f = weight.shape
     check_group(in_f, group_size)
     if tuple(hessian.shape) != (in_f, in_f):
@@ -51,14 +59,21 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None 
     H[dead, dead] = 1
     W[:, dead] = 0
     W *= keep
+    ng = in_f // group_size
+    group_of = torch.arange(in_f, device=W.device) // group_size
+    scales = torch.empty(out_f, ng, device=W.device)
+    zeros = torch.empty(out_f, ng, device=W.device)
+    if act_order:
+        for g in range(ng):
+            cols = slice(g * group_size, (g + 1) * group_size)
+            scales[:, g], zeros[:, g] = group_grid(W[:, cols], keep[:, cols], symmetric)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, keep, H, group_of = W[:, perm], keep[:, perm], H[perm][:, perm], group_of[perm]
     Hinv = inverse_hessian_cholesky(H, damp)
 
     # lazy blocks hold whole groups, so a group's grid is computed from its fully updated columns
     B = group_size * max(1, blocksize // group_size)
-    ng = in_f // group_size
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
-    scales = torch.empty(out_f, ng, device=W.device)
-    zeros = torch.empty(out_f, ng, device=W.device)
     for b0 in range(0, in_f, B):
         b1 = min(b0 + B, in_f)
         W1 = W[:, b0:b1].clone()  # (out, B)
@@ -66,10 +81,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None 
         Err1 = torch.zeros_like(W1)
         for i in range(b1 - b0):
             j = b0 + i
-            if j % group_size == 0:
-                g = j // group_size
+            g = int(group_of[j])
+            if not act_order and j % group_size == 0:
                 scales[:, g], zeros[:, g] = group_grid(W1[:, i:i + group_size], keep[:, j:j + group_size], symmetric)
-            s, z = scales[:, j // group_size], zeros[:, j // group_size]
+            s, z = scales[:, g], zeros[:, g]
             w = W1[:, i]
             q = torch.where(keep[:, j], quantize(w, s, z), z)  # pruned: q = z, dequantized 0
             err = (w - torch.where(keep[:, j], (q - z) * s, 0.0)) / Hinv1[i, i]
@@ -77,11 +92,13 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None 
             codes[:, j] = q.to(torch.uint8)
             Err1[:, i] = err
         W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
     return Quantized(codes, scales.half(), zeros.to(torch.uint8), group_size, symmetric)
 
 
 @torch.no_grad()
-def collect_hessians(model: torch.nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
+def collect_hessians(model: torch.nn.Module, names: list[str], batches, sink_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / n for the named linears from one dense pass over `batches` of input ids.
 
     For `llmprune pack --quant gptq` on an already pruned checkpoint (not sequential: each layer
@@ -93,7 +110,7 @@ def collect_hessians(model: torch.nn.Module, names: list[str], batches) -> dict[
     try:
         for name in names:
             mod = model.get_submodule(name)
-            stats[name] = st = LayerStats(mod.in_features, {"hessian"}, device=mod.weight.device)
+            stats[name] = st = LayerStats(mod.in_features, {"hessian"}, device=mod.weight.device, sink_weight=sink_weight)
             hooks.append(mod.register_forward_pre_hook(lambda m, args, st=st: st.add(args[0])))
         for ids in batches:
             model(ids)
