@@ -293,7 +293,7 @@ def _add_gptq_args(g) -> None:
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (default on)")
     g.add_argument("--sink-weight", type=float, default=None,
-                   help="GPTQ: times each calibration window's first token counts in the Hessian (default 64; 1 = paper)")
+                   help="GPTQ: times each calibration window's first token counts in the Hessian (default 16; 1 = paper)")
 
 
 def _gptq_opts(a) -> dict:

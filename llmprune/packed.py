@@ -204,7 +204,7 @@ def plan_layer(f: formats.Format, w: torch.Tensor, keep: torch.Tensor | None, ba
 # answer the same failure on SmolLM2-135M: plain GPTQ cut every layer's error on ordinary tokens
 # 2-4x but raised it 5-15x on the first token of a window, the attention sink every later token
 # attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (bench/README.md).
-GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 64.0}
+GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 16.0}
 
 
 @torch.no_grad()

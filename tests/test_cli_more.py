@@ -88,7 +88,7 @@ def test_compress_with_format_and_gptq(tmp_path, capsys, tiny_dir, calib_txt):
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "llmprune.json").read_text())
     assert m["format"]["name"] == "w4s24" and m["format"]["quant"] == "gptq"
-    assert m["format"]["quant_options"] == {"act_order": True, "sink_weight": 64.0}  # the defaults, recorded
+    assert m["format"]["quant_options"] == {"act_order": True, "sink_weight": 16.0}  # the defaults, recorded
     model, _, _ = checkpoint.load(out)
     assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
 
