@@ -62,10 +62,11 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
         return {"layers": infos, "timings": {"forward_s": 0.0, "solve_s": round(time.perf_counter() - t0, 2)}}
 
     a = archmod.arch_of(model)
-    groups = a.groups if solver.sequential else (tuple(n for g in a.groups for n in g),)
+    sequential = solver.sequential_for(opts)
+    groups = a.groups if sequential else (tuple(n for g in a.groups for n in g),)
     # sequential solvers: a sublayer whose last linear is solved is replayed from that linear's
     # recorded inputs in the later passes over the block (walker.Block.replay), within a memory budget
-    ends = {lin: sub for sub, lin in a.sublayers} if solver.sequential else {}
+    ends = {lin: sub for sub, lin in a.sublayers} if sequential else {}
     t0 = time.perf_counter()
     replayed = 0
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks"):

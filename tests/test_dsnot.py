@@ -156,3 +156,22 @@ def test_bad_inputs_and_needs():
     assert s.needs_for({"init": "sparsegpt"}) == {"moments", "norms", "hessian"}
     with pytest.raises(LLMPruneError, match="not a mask solver"):
         s.needs_for({"init": "x"})
+
+
+def test_dsnot_follows_its_init_solvers_order_in_the_model():
+    """dsnot --init sparsegpt runs true-sequential like SparseGPT itself, so with zero cycles it
+    gives SparseGPT's model exactly (solved in one pass it would see unpruned inputs and differ)."""
+    from llmprune import patterns, prune
+    from llmprune.testing import tiny_model
+
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
+    p = patterns.parse("unstructured")
+    models = []
+    for solver, opts in ((get("sparsegpt"), {}), (get("dsnot"), {"init": "sparsegpt", "max_cycles": 0})):
+        m = tiny_model()
+        names = prune.target_linears(m)
+        prune.prune(m, solver, p, {n: 0.6 for n in names}, ids, opts, batch_size=3, progress=False)
+        models.append(m)
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), n
+    assert get("dsnot").sequential_for({"init": "sparsegpt"}) and not get("dsnot").sequential_for({})

@@ -31,9 +31,14 @@ class Solver:
     cite: str = ""
     # Optional: statistics needed for given options (e.g. DSnoT's init solver adds its own needs).
     needs_fn: Callable[[dict], frozenset] | None = None
+    # Optional: whether the given options make it sequential (DSnoT follows its init solver).
+    sequential_fn: Callable[[dict], bool] | None = None
 
     def needs_for(self, opts: dict) -> frozenset:
         return self.needs_fn(opts) if self.needs_fn else self.needs
+
+    def sequential_for(self, opts: dict) -> bool:
+        return self.sequential_fn(opts) if self.sequential_fn else self.sequential
 
 
 def _registry() -> dict[str, Solver]:

@@ -126,4 +126,5 @@ def _needs(opts: dict) -> frozenset:
 
 
 SOLVER = Solver("dsnot", dsnot, needs=frozenset({"moments", "norms"}), sequential=False,
-                cite="Zhang et al. 2023, arXiv 2310.08915", needs_fn=_needs)
+                cite="Zhang et al. 2023, arXiv 2310.08915", needs_fn=_needs,
+                sequential_fn=lambda opts: _init_solver(opts.get("init", "wanda")).sequential)
