@@ -47,11 +47,15 @@ def _bytes(m: dict) -> tuple[int, int]:
 def formats_table() -> str:
     rows = [("| model | source | format | quant (grid, group) | linears packed | linear bytes vs fp16 | file MiB |"
              " WikiText-2 ppl | vs unpacked |"), "|---|---|---|---|---|---|---|---|---|"]
-    sets = [("llama", "llama-sparsegpt-24", [("llama-sparsegpt-24-w4s24-rtn", None), ("llama-sparsegpt-24-w4s24-gptq", None)]),
+    # "-plain": GPTQ as the paper runs it (no act-order, every token once), kept for comparison
+    sets = [("llama", "llama-sparsegpt-24", [("llama-sparsegpt-24-w4s24-rtn", None), ("llama-sparsegpt-24-w4s24-gptq-plain", None),
+                                             ("llama-sparsegpt-24-w4s24-gptq", None)]),
             ("llama", "llama-wanda-24", [("llama-wanda-24-sparse24", "llama-wanda-24"), ("llama-wanda-24-w4s24-rtn", None),
-                                         ("llama-wanda-24-w4s24-gptq", None)]),
-            ("llama", "llama-dense", [("llama-dense-w4g128-rtn", None), ("llama-dense-w4g128-gptq", None)]),
-            ("llama", "llama-wanda-g16", [("llama-wanda-g16-w4s50-rtn", None), ("llama-wanda-g16-w4s50-gptq", None)]),
+                                         ("llama-wanda-24-w4s24-gptq-plain", None), ("llama-wanda-24-w4s24-gptq", None)]),
+            ("llama", "llama-dense", [("llama-dense-w4g128-rtn", None), ("llama-dense-w4g128-gptq-plain", None),
+                                      ("llama-dense-w4g128-gptq", None)]),
+            ("llama", "llama-wanda-g16", [("llama-wanda-g16-w4s50-rtn", None), ("llama-wanda-g16-w4s50-gptq-plain", None),
+                                          ("llama-wanda-g16-w4s50-gptq", None)]),
             ("gemma3", "gemma3-dense", [("gemma3-sparse24", None), ("gemma3-w4s24", None), ("gemma3-w4g128", None),
                                         ("gemma3-w4s50", None)])]
     for model, src, outs in sets:
@@ -83,6 +87,9 @@ def formats_table() -> str:
                 lay = next(iter(fm["layers"].values()))
                 groups = sorted({x["group_size"] for x in fm["layers"].values()})
                 q = f"{fm['quant']} ({'sym' if lay['symmetric'] else 'asym'}, {'/'.join(map(str, groups))})"
+                if fm["quant"] == "gptq":
+                    o = fm.get("quant_options") or {"act_order": False, "sink_weight": 1}  # before the options: plain
+                    q += f", {'act-order' if o['act_order'] else 'no act-order'}, sink {o['sink_weight']:g}"
             rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
             rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
                         f"{packed / dense:.3f} | {file_mib(name):.0f} | {f(ppl)}{note} | {rel} |")
@@ -137,12 +144,12 @@ GRID = [("solvers-50", "50%"), ("solvers-60", "60%"), ("solvers-70", "70%"), ("s
 def _grid_rows() -> dict:
     """{(base solver, with OWL, column): row} over the solvers-* sweeps."""
     rows = {}
-    for folder, col in GRID:
-        p = R / folder / "sweep.csv"
-        for r in (csv.DictReader(p.open()) if p.exists() else []):
-            if r["solver"] != "dense":
-                base = r["solver"].replace("+owl", "")
-                rows[(base, r["solver"].endswith("+owl"), col)] = r
+    for folder, col in GRID:  # FOLDER-fix: points re-measured after a fix, they replace FOLDER's
+        for p in (R / folder / "sweep.csv", R / f"{folder}-fix" / "sweep.csv"):
+            for r in (csv.DictReader(p.open()) if p.exists() else []):
+                if r["solver"] != "dense":
+                    base = r["solver"].replace("+owl", "")
+                    rows[(base, r["solver"].endswith("+owl"), col)] = r
     return rows
 
 
