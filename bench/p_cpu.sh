@@ -56,6 +56,9 @@ stage_formats() {
   run llama-dense-w4g128-rtn $L pack $R/llama-dense --format w4g128 --quant rtn --out $R/llama-dense-w4g128-rtn --no-progress && evalp llama-dense-w4g128-rtn
   run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
 }
+stage_formats-dense-gptq() {  # the unpruned model's GPTQ row alone (GPTQ's defaults changed after stage formats ran)
+  run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
+}
 stage_zeroshot() {  # the dense model through its alias; first 100 examples of each task
   T=boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa
   for n in llama $R/llama-wanda-50 $R/llama-wanda-24; do

@@ -203,7 +203,7 @@ def plan_layer(f: formats.Format, w: torch.Tensor, keep: torch.Tensor | None, ba
 # sink_weight: each calibration window's first token counts this many times in the Hessian. Both
 # answer the same failure on SmolLM2-135M: plain GPTQ cut every layer's error on ordinary tokens
 # 2-4x but raised it 5-15x on the first token of a window, the attention sink every later token
-# attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (bench/README.md).
+# attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (README: Formats).
 GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 16.0}
 
 
