@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+from llmprune.packed import _auto_group  # --group-size auto: 64 for 576 inputs, 128 for down_proj's 1536
+
 
 def setup():
     from llmprune import models, prune
@@ -30,10 +32,6 @@ def setup():
     m, tok, _ = models.load("llama")
     m.eval()
     return m, tok, prune.target_linears(m)
-
-
-def group_of(w):
-    return 64 if w.shape[1] % 128 else 128
 
 
 def hessians(m, tok, names, sink: float, cache: dict) -> dict:
@@ -64,8 +62,8 @@ def tokens():
         h.remove()
     for n in probe:
         x, w = xs[n], m.get_submodule(n).weight.float()  # x: (4, 512, in)
-        y = (x @ w.T).pow(2).sum(-1)  # (4, 512)
-        for label, q in (("rtn", rtn(w, group_size=group_of(w))), ("gptq", gptq(w, H[n], group_size=group_of(w)))):
+        y, g = (x @ w.T).pow(2).sum(-1), _auto_group(w.shape[1])  # (4, 512)
+        for label, q in (("rtn", rtn(w, group_size=g)), ("gptq", gptq(w, H[n], group_size=g))):
             e = (x @ (w - q.dequantize()).T).pow(2).sum(-1)
             print(f"{n.replace('model.layers.', 'L')} {label}: first token {(e[:, 0] / y[:, 0]).mean():.4f}, "
                   f"the rest {e[:, 1:].sum() / y[:, 1:].sum():.4f}", flush=True)
@@ -85,8 +83,8 @@ def ppl(variants: list[str]):
         act = v.endswith("act")
         H = None if v == "rtn" else hessians(m, tok, names, float(v.removesuffix("act")), cache)
         for n in names:
-            w = orig[n]
-            q = rtn(w, group_size=group_of(w)) if H is None else gptq(w, H[n], group_size=group_of(w), act_order=act)
+            w, g = orig[n], _auto_group(orig[n].shape[1])
+            q = rtn(w, group_size=g) if H is None else gptq(w, H[n], group_size=g, act_order=act)
             m.get_submodule(n).weight.copy_(q.dequantize())
         print(f"{v} {perplexity(m, tok, 'wikitext2', 2048, 6, progress=False)['ppl']:.3f}", flush=True)
 

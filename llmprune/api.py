@@ -108,11 +108,11 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         perp.check_options(**{k: v for k, v in cfg.recover.items() if k not in ("data", "seqlen")})
     if cfg.format == "dense" and (cfg.quant is not None or cfg.grid != "auto"):
         raise LLMPruneError("--quant and --grid quantize the packed int4 formats: add --format w4g128, w4s24 or w4s50")
+    gopts = gptq_options(cfg.gptq, cfg.quant)  # once, before any work; also refuses them without --quant gptq
     if cfg.format != "dense":
         from .packed import check_options
 
         check_options(cfg.format, cfg.quant, _symmetric(cfg.grid))
-        gptq_options(cfg.gptq, cfg.quant)
     out = cfg.out or default_out(cfg, sparsity)
     checkpoint.check_out(out, cfg.overwrite)
 
@@ -228,7 +228,6 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         quantized = None
         if cfg.quant == "gptq":  # block by block, each block seeing the quantized ones before it
             t0 = time.perf_counter()
-            gopts = gptq_options(cfg.gptq)
             quantized = packed.gptq_sequential(model, calib_ids, cfg.format, cfg.group_size, _symmetric(cfg.grid),
                                                batch_size=cfg.calib_batch, device=device, progress=cfg.progress,
                                                dtype=_torch_dtype(cfg.save_dtype), **gopts)

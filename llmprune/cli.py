@@ -287,6 +287,7 @@ def cmd_recover(a) -> int:
 
 
 GRIDS = ("auto", "sym", "asym")
+GRID_HELP = "int4 grid: sym (zero point 8), asym (a zero point per group), auto (w4g128 asym, w4s24/w4s50 sym)"
 
 
 def _add_gptq_args(g) -> None:
@@ -298,7 +299,6 @@ def _add_gptq_args(g) -> None:
 
 def _gptq_opts(a) -> dict:
     return {"act_order": a.act_order, "sink_weight": a.sink_weight}
-GRID_HELP = "int4 grid: sym (zero point 8), asym (a zero point per group), auto (w4g128 asym, w4s24/w4s50 sym)"
 
 
 def _add_pack(sub):

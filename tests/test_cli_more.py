@@ -204,6 +204,7 @@ def test_bench_help_and_errors_go_through_the_cli(capsys):
                                        (["--format", "w4s50", "--grid", "asym"], "--grid sym"),
                                        (["--format", "w4s24", "--quant", "awq"], "rtn or gptq"),
                                        (["--format", "w4s24", "--quant", "rtn", "--sink-weight", "8"], "add --quant gptq"),
+                                       (["--sink-weight", "8"], "add --quant gptq"),
                                        (["--format", "w4s24", "--quant", "gptq", "--sink-weight", "0.5"], "must be >= 1")])
 def test_compress_rejects_format_options_before_any_work(tmp_path, capsys, tiny_dir, extra, msg):
     out = tmp_path / "o"
