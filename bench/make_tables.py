@@ -49,7 +49,8 @@ def formats_table() -> str:
              " WikiText-2 ppl | vs unpacked |"), "|---|---|---|---|---|---|---|---|---|"]
     # "-plain": GPTQ as the paper runs it (no act-order, every token once), kept for comparison
     sets = [("llama", "llama-sparsegpt-24", [("llama-sparsegpt-24-w4s24-rtn", None), ("llama-sparsegpt-24-w4s24-gptq-plain", None),
-                                             ("llama-sparsegpt-24-w4s24-gptq", None)]),
+                                             ("llama-sparsegpt-24-w4s24-gptq", None), ("llama-sparsegpt-24-w4s24-rtn-g48", None),
+                                             ("llama-sparsegpt-24-w4s24-gptq-g48", None)]),
             ("llama", "llama-wanda-24", [("llama-wanda-24-sparse24", "llama-wanda-24"), ("llama-wanda-24-w4s24-rtn", None),
                                          ("llama-wanda-24-w4s24-gptq-plain", None), ("llama-wanda-24-w4s24-gptq", None)]),
             ("llama", "llama-dense", [("llama-dense-w4g128-rtn", None), ("llama-dense-w4g128-gptq-plain", None),
@@ -98,10 +99,11 @@ def formats_table() -> str:
 
 FORMAT_NOTES = """Byte ratios count the packed linear layers against fp16; file MiB is the whole safetensors
 file (fp16 embeddings and norms). `--group-size auto` picks 64 for SmolLM2's 576-wide inputs and 128
-for its 1536-wide `down_proj`. The two Wanda w4s24 files were written before fp16 storage became the
-default and keep fp32 embeddings (hence 149 MiB); their linear bytes are unaffected. Their GPTQ
-row predates block-sequential GPTQ (every Hessian from the unquantized model); every other GPTQ row
-is block-sequential (`packed.gptq_sequential`). Gemma-3 rows are sizes only (magnitude masks, RTN)."""
+for its 1536-wide `down_proj`. The Wanda w4s24 RTN and plain-GPTQ files were written before fp16
+storage became the default and keep fp32 embeddings (hence 149 MiB); their linear bytes are
+unaffected. That plain-GPTQ row also predates block-sequential GPTQ (every Hessian from the
+unquantized model); every other GPTQ row is block-sequential (`packed.gptq_sequential`). Gemma-3
+rows are sizes only (magnitude masks, RTN)."""
 
 
 def file_mib(name: str) -> float:
@@ -169,12 +171,40 @@ def solver_grid(key: str = "ppl_wikitext2", spec: str = ",.2f") -> str:
     return "\n".join(out)
 
 
+def seed_table(col: str = "70%") -> str:
+    """The solvers re-run with other calibration seeds (solvers-70-seedK*): ppl per seed, the mean, and
+    each +OWL or DSnoT cell against its baseline under the same seed (a paired ratio)."""
+    seeds = {0: {(b + ("+owl" if o else "")): r for (b, o, c), r in _grid_rows().items() if c == col}}
+    for p in sorted(R.glob(f"solvers-{col.rstrip('%')}-seed*/sweep.csv")):
+        k = int(p.parent.name.split("-seed")[1].rstrip("abcdef"))
+        for r in csv.DictReader(p.open()):
+            if r["solver"] != "dense":
+                seeds.setdefault(k, {})[r["solver"]] = r
+    if len(seeds) < 2:
+        return ""
+    ks = sorted(seeds)
+    names = [n for n in dict.fromkeys(n for k in ks[1:] for n in seeds[k])]
+    ppl = {(n, k): float(seeds[k][n]["ppl_wikitext2"]) for k in ks for n in seeds[k]}
+    base = {"dsnot+init=sparsegpt": "sparsegpt", "sparsegpt+owl": "sparsegpt", "dsnot+init=sparsegpt+owl": "sparsegpt+owl",
+            "dsnot+init=wanda": "wanda", "wanda+owl": "wanda", "dsnot+init=wanda+owl": "wanda+owl"}
+    out = [f"| {col} solver | " + " | ".join(f"seed {k}" for k in ks) + " | mean | against | ratio per seed |",
+           "|---" * (len(ks) + 4) + "|"]
+    for n in names:
+        vals = [ppl.get((n, k)) for k in ks]
+        got = [v for v in vals if v is not None]
+        b = base.get(n)
+        ratios = [f"{ppl[(n, k)] / ppl[(b, k)]:.3f}" for k in ks if b and (n, k) in ppl and (b, k) in ppl]
+        out.append(f"| {n} | " + " | ".join(f(v, ",.2f") for v in vals) + f" | {sum(got) / len(got):,.2f} | "
+                   f"{b or '-'} | {', '.join(ratios) or '-'} |")
+    return "\n".join(out)
+
+
 def quant_ablation_table() -> str:
     a = load("quant_ablation")
     if not a:
         return ""
     base = a["rows"][0]["ppl"]
-    out = ["| int4 of the SparseGPT 2:4 model (quantizer:grid:group[:seq]) | WikiText-2 ppl | vs unquantized |",
+    out = ["| int4 of the SparseGPT 2:4 model (quantizer:grid:group[:seq][:act][:sinkW][ nN]) | WikiText-2 ppl | vs unquantized |",
            "|---|---|---|"]
     for r in a["rows"]:
         out.append(f"| {r['config']} | {r['ppl']:.2f} | {r['ppl'] / base:.3f} |")
@@ -257,7 +287,7 @@ def replot() -> None:
 
 TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "quant": quant_ablation_table,
           "zeroshot": zeroshot_table, "slicegpt": slicegpt_table, "slicegpt-bench": slicegpt_bench_table,
-          "perp": perp_table, "solvers-24": lambda: sweep_table("solvers-24"), "solvers": solver_grid,
+          "perp": perp_table, "solvers-seeds": seed_table, "solvers-24": lambda: sweep_table("solvers-24"), "solvers": solver_grid,
           "solvers-time": lambda: solver_grid("compress_s", ".0f"),
           "solvers-rss": lambda: solver_grid("peak_rss_mib", ",.0f")}
 
@@ -293,6 +323,7 @@ if __name__ == "__main__":
                      ("int4 grid ablation (bench/quant_ablation.py)", quant_ablation_table()),
                      ("Zero-shot (first `limit` examples of each task, offline task copies)", zeroshot_table()),
                      ("SliceGPT (P-cpu)", slicegpt_table()), ("SliceGPT decode on this CPU", slicegpt_bench_table()),
-                     ("PERP recovery (P-cpu)", perp_table())):
+                     ("PERP recovery (P-cpu)", perp_table()),
+                     ("70% across calibration seeds", seed_table())):
         if t.count("\n") > 1:
             print(f"\n## {title}\n\n{t}")

@@ -2,7 +2,7 @@
 # Protocol P-cpu on this repo's 2-core CPU machine: fp32, CPU, calibration C4 64 x 512 seed 0,
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
-#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers perp slicegpt speed
+#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
 # every command's console output is appended to bench/results/p_cpu.log.
 set -u
@@ -38,6 +38,11 @@ stage_formats() {
   G=$(python -c "import json; r={x['config']: x['ppl'] for x in json.load(open('$B/quant_ablation.json'))['rows']}; print('--grid asym --group-size 64' if r.get('gptq:asym:64', 1e9) < r.get('gptq:sym:auto', 1e9) else '')" 2>/dev/null)
   run llama-sparsegpt-24-w4s24-rtn $L pack $R/llama-sparsegpt-24 --format w4s24 --quant rtn $G --out $R/llama-sparsegpt-24-w4s24-rtn --no-progress && evalp llama-sparsegpt-24-w4s24-rtn
   run llama-sparsegpt-24-w4s24-gptq $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G --nsamples 64 --seqlen 512 --out $R/llama-sparsegpt-24-w4s24-gptq --no-progress && evalp llama-sparsegpt-24-w4s24-gptq
+  # groups of 48 inputs: the finest asymmetric grid that fits w4s24's 0.22x budget (3 + 24/48 bits a weight)
+  # and the best of bench/quant_ablation.py's grids (README: Formats)
+  G48="--grid asym --group-size 48"
+  run llama-sparsegpt-24-w4s24-rtn-g48 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant rtn $G48 --out $R/llama-sparsegpt-24-w4s24-rtn-g48 --no-progress && evalp llama-sparsegpt-24-w4s24-rtn-g48
+  run llama-sparsegpt-24-w4s24-gptq-g48 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G48 --nsamples 64 --seqlen 512 --out $R/llama-sparsegpt-24-w4s24-gptq-g48 --no-progress && evalp llama-sparsegpt-24-w4s24-gptq-g48
   run llama-wanda-24-sparse24 $L pack $R/llama-wanda-24 --format sparse24 --out $R/llama-wanda-24-sparse24 --no-progress
   run llama-wanda-24-w4s24-rtn $L pack $R/llama-wanda-24 --format w4s24 --quant rtn --out $R/llama-wanda-24-w4s24-rtn --no-progress && evalp llama-wanda-24-w4s24-rtn
   run llama-wanda-24-w4s24-gptq $L pack $R/llama-wanda-24 --format w4s24 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-wanda-24-w4s24-gptq --no-progress && evalp llama-wanda-24-w4s24-gptq
@@ -59,6 +64,11 @@ stage_formats() {
 stage_formats-dense-gptq() {  # the unpruned model's GPTQ row alone (GPTQ's defaults changed after stage formats ran)
   run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
 }
+stage_quant() {  # the int4 grid ablation on the SparseGPT 2:4 model (README: Formats), about 45 min; not a default stage
+  python bench/quant_ablation.py $R/llama-sparsegpt-24 --json $B/quant_ablation.json --configs \
+    rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:asym:64:seq,gptq:asym:64:act:sink16,gptq:sym:32:act:sink16,gptq:asym:48:act:sink8,gptq:asym:48:act:sink16,gptq:asym:48:act:sink32,gptq:asym:32:act:sink16,gptq:asym:24:act:sink16 >> $LOG 2>&1
+  python bench/quant_ablation.py $R/llama-sparsegpt-24 --json $B/quant_ablation.json --nsamples 256 --configs gptq:asym:64:act:sink16 >> $LOG 2>&1
+}
 stage_zeroshot() {  # the dense model through its alias; first 100 examples of each task
   T=boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa
   for n in llama $R/llama-wanda-50 $R/llama-wanda-24; do
@@ -78,11 +88,25 @@ stage_solvers() {  # each unstructured row with and without OWL (OWL cannot vary
   S=magnitude,wanda,sparsegpt,dsnot+init=wanda,dsnot+init=sparsegpt
   O=magnitude+owl,wanda+owl,sparsegpt+owl,dsnot+init=wanda+owl,dsnot+init=sparsegpt+owl
   [ -e $B/solvers-24/sweep.csv ] || $L sweep --model llama --solvers $S --pattern 2:4 --sparsity 0.5 $P --out $B/solvers-24 >> $LOG 2>&1
-  for s in 70 60 50; do
-    [ -e $B/solvers-$s/sweep_meta.json ] || { echo "### sweep solvers-$s  $(date -u +%FT%TZ)" >> $LOG;
+  for s in 70 60 50; do  # solvers-50 stopped early: its -fix sweep below has the cells it lacked
+    [ -e $B/solvers-$s/sweep_meta.json ] || [ -e $B/solvers-$s-fix/sweep_meta.json ] || {
+      echo "### sweep solvers-$s  $(date -u +%FT%TZ)" >> $LOG;
       $L sweep --model llama --solvers $S,$O --sparsity 0.$s $P --out $B/solvers-$s >> $LOG 2>&1; }
   done
+  sweep1 solvers-50-fix --solvers sparsegpt+owl,dsnot+init=wanda+owl,dsnot+init=sparsegpt+owl,magnitude+owl --sparsity 0.5
+  stage_seeds
   stage_speed
+}
+sweep1() {  # sweep1 FOLDER ARGS...: one llmprune sweep into bench/results/FOLDER unless it finished
+  local d=$1; shift
+  [ -e $B/$d/sweep_meta.json ] && return
+  echo "### sweep $d  $(date -u +%FT%TZ)" >> $LOG
+  $L sweep --model llama "$@" $P --out $B/$d >> $LOG 2>&1
+}
+stage_seeds() {  # the 70% SparseGPT-based cells under other calibration seeds (one seed per cell is not enough)
+  sweep1 solvers-70-seed1 --solvers sparsegpt --sparsity 0.7 --seed 1
+  sweep1 solvers-70-seed1b --solvers dsnot+init=sparsegpt,sparsegpt+owl,dsnot+init=sparsegpt+owl --sparsity 0.7 --seed 1
+  sweep1 solvers-70-seed2 --solvers sparsegpt,dsnot+init=sparsegpt --sparsity 0.7 --seed 2
 }
 stage_speed() {  # compress wall time of SparseGPT against Wanda (llama-wanda-50), each alone on the machine
   run llama-sparsegpt-50 $L compress --model llama --solver sparsegpt --sparsity 0.5 --no-dense-eval $P --out $R/llama-sparsegpt-50

@@ -2,7 +2,8 @@
 
 Quantizes the pruned linears of a dense llmprune output IN MEMORY (dequantized weights put back in
 place, the same codes the w4s24 / w4g128 formats pack) and measures WikiText-2 ppl under P-cpu
-(C4 64 x 512 seed 0 calibration, 16 windows of 2048), one configuration after another:
+(C4 64 x 512 seed 0 calibration, or --nsamples N windows of 512; 16 windows of 2048), one
+configuration after another:
 
     python bench/quant_ablation.py runs/llama-sparsegpt-24 \
         --configs rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:sym:64:seq,gptq:asym:64:seq
@@ -38,6 +39,7 @@ def main(argv=None):
     ap.add_argument("src")
     ap.add_argument("--configs", default="rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:asym:64:seq")
     ap.add_argument("--json")
+    ap.add_argument("--nsamples", type=int, default=64, help="calibration windows of 512 (P-cpu: 64); rows get ' nN' otherwise")
     a = ap.parse_args(argv)
 
     from llmprune import calibration, checkpoint, prune
@@ -50,7 +52,8 @@ def main(argv=None):
     # fp16 weights first: the packed formats start from them
     orig = {n: model.get_submodule(n).weight.detach().half().float().clone() for n in names}
     keeps = {n: w != 0 for n, w in orig.items()}
-    ids, _ = calibration.load("c4", tok, 64, 512, 0)
+    ids, _ = calibration.load("c4", tok, a.nsamples, 512, 0)
+    tag = "" if a.nsamples == 64 else f" n{a.nsamples}"
     t0 = time.perf_counter()
     hess = {}  # sink weight -> Hessians of the unquantized model
     rows = []
@@ -84,8 +87,8 @@ def main(argv=None):
                 model.get_submodule(n).weight.data.copy_(quantize_layer(
                     orig[n], keeps[n], quant, sym, group, hess[sink][n] if quant == "gptq" else None, act))
         assert all(bool((model.get_submodule(n).weight[~keeps[n]] == 0).all()) for n in names), "zeros moved"
-        rows.append({"config": spec, "ppl": ppl(), "s": round(time.perf_counter() - t, 1)})
-        print(f"{spec:28s} ppl {rows[-1]['ppl']:.3f}  ({rows[-1]['s']}s)", flush=True)
+        rows.append({"config": spec + tag, "ppl": ppl(), "s": round(time.perf_counter() - t, 1)})
+        print(f"{spec + tag:28s} ppl {rows[-1]['ppl']:.3f}  ({rows[-1]['s']}s)", flush=True)
     print(f"total {time.perf_counter() - t0:.0f}s")
     if a.json:
         from pathlib import Path
