@@ -146,8 +146,8 @@ GRID = [("solvers-50", "50%"), ("solvers-60", "60%"), ("solvers-70", "70%"), ("s
 def _grid_rows() -> dict:
     """{(base solver, with OWL, column): row} over the solvers-* sweeps."""
     rows = {}
-    for folder, col in GRID:  # FOLDER-fix: points re-measured after a fix, they replace FOLDER's
-        for p in (R / folder / "sweep.csv", R / f"{folder}-fix" / "sweep.csv"):
+    for folder, col in GRID:  # FOLDER-fix*: points re-measured later (a fix, a missing figure); they replace FOLDER's
+        for p in [R / folder / "sweep.csv", *sorted(R.glob(f"{folder}-fix*/sweep.csv"))]:
             for r in (csv.DictReader(p.open()) if p.exists() else []):
                 if r["solver"] != "dense":
                     base = r["solver"].replace("+owl", "")

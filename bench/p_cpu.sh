@@ -94,6 +94,8 @@ stage_solvers() {  # each unstructured row with and without OWL (OWL cannot vary
       $L sweep --model llama --solvers $S,$O --sparsity 0.$s $P --out $B/solvers-$s >> $LOG 2>&1; }
   done
   sweep1 solvers-50-fix --solvers sparsegpt+owl,dsnot+init=wanda+owl,dsnot+init=sparsegpt+owl,magnitude+owl --sparsity 0.5
+  # the 2:4 sweep predates per-point peak RSS: its points again, for that column (DSnoT(SparseGPT)'s is in -fix)
+  sweep1 solvers-24-fix2 --solvers magnitude,wanda,sparsegpt,dsnot+init=wanda --pattern 2:4 --sparsity 0.5
   stage_seeds
   stage_speed
 }
