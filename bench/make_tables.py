@@ -185,14 +185,16 @@ def seed_table(col: str = "70%") -> str:
     ks = sorted(seeds)
     names = [n for n in dict.fromkeys(n for k in ks[1:] for n in seeds[k])]
     ppl = {(n, k): float(seeds[k][n]["ppl_wikitext2"]) for k in ks for n in seeds[k]}
-    base = {"dsnot+init=sparsegpt": "sparsegpt", "sparsegpt+owl": "sparsegpt", "dsnot+init=sparsegpt+owl": "sparsegpt+owl",
-            "dsnot+init=wanda": "wanda", "wanda+owl": "wanda", "dsnot+init=wanda+owl": "wanda+owl"}
+
+    def base(n: str) -> str | None:  # DSnoT against its initial mask's solver, +OWL against uniform
+        return n.removeprefix("dsnot+init=") if n.startswith("dsnot+init=") else n.removesuffix("+owl") if n.endswith("+owl") else None
+
     out = [f"| {col} solver | " + " | ".join(f"seed {k}" for k in ks) + " | mean | against | ratio per seed |",
            "|---" * (len(ks) + 4) + "|"]
     for n in names:
         vals = [ppl.get((n, k)) for k in ks]
         got = [v for v in vals if v is not None]
-        b = base.get(n)
+        b = base(n)
         ratios = [f"{ppl[(n, k)] / ppl[(b, k)]:.3f}" for k in ks if b and (n, k) in ppl and (b, k) in ppl]
         out.append(f"| {n} | " + " | ".join(f(v, ",.2f") for v in vals) + f" | {sum(got) / len(got):,.2f} | "
                    f"{b or '-'} | {', '.join(ratios) or '-'} |")

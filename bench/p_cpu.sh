@@ -61,9 +61,6 @@ stage_formats() {
   run llama-dense-w4g128-rtn $L pack $R/llama-dense --format w4g128 --quant rtn --out $R/llama-dense-w4g128-rtn --no-progress && evalp llama-dense-w4g128-rtn
   run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
 }
-stage_formats-dense-gptq() {  # the unpruned model's GPTQ row alone (GPTQ's defaults changed after stage formats ran)
-  run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
-}
 stage_quant() {  # the int4 grid ablation on the SparseGPT 2:4 model (README: Formats), about 45 min; not a default stage
   python bench/quant_ablation.py $R/llama-sparsegpt-24 --json $B/quant_ablation.json --configs \
     rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:asym:64:seq,gptq:asym:64:act:sink16,gptq:sym:32:act:sink16,gptq:asym:48:act:sink8,gptq:asym:48:act:sink16,gptq:asym:48:act:sink32,gptq:asym:32:act:sink16,gptq:asym:24:act:sink16 >> $LOG 2>&1
@@ -89,9 +86,7 @@ stage_solvers() {  # each unstructured row with and without OWL (OWL cannot vary
   O=magnitude+owl,wanda+owl,sparsegpt+owl,dsnot+init=wanda+owl,dsnot+init=sparsegpt+owl
   [ -e $B/solvers-24/sweep.csv ] || $L sweep --model llama --solvers $S --pattern 2:4 --sparsity 0.5 $P --out $B/solvers-24 >> $LOG 2>&1
   for s in 70 60 50; do  # solvers-50 stopped early: its -fix sweep below has the cells it lacked
-    [ -e $B/solvers-$s/sweep_meta.json ] || [ -e $B/solvers-$s-fix/sweep_meta.json ] || {
-      echo "### sweep solvers-$s  $(date -u +%FT%TZ)" >> $LOG;
-      $L sweep --model llama --solvers $S,$O --sparsity 0.$s $P --out $B/solvers-$s >> $LOG 2>&1; }
+    [ -e $B/solvers-$s-fix/sweep_meta.json ] || sweep1 solvers-$s --solvers $S,$O --sparsity 0.$s
   done
   sweep1 solvers-50-fix --solvers sparsegpt+owl,dsnot+init=wanda+owl,dsnot+init=sparsegpt+owl,magnitude+owl --sparsity 0.5
   # the 2:4 sweep predates per-point peak RSS: its points again, for that column (DSnoT(SparseGPT)'s is in -fix)
