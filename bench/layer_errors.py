@@ -11,9 +11,11 @@ held-out C4 (8 x 512, seed 777) tokens other than each window's first; `first` t
 `swaps` DSnoT's accepted swaps.
 """
 import torch
-from llmprune import models, calibration, patterns
-from llmprune.stats import LayerStats
+
+from llmprune import calibration, models, patterns
 from llmprune.solvers import get
+from llmprune.stats import LayerStats
+
 m, tok, _ = models.load("llama"); m.eval()
 layers = [f"model.layers.{i}.{p}" for i in (2, 10, 20) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
 calib, _ = calibration.load("c4", tok, 32, 512, 0)

@@ -50,18 +50,25 @@ def formats_table() -> str:
     # "-plain": GPTQ as the paper runs it (no act-order, every token once), kept for comparison
     sets = [("llama", "llama-sparsegpt-24", [("llama-sparsegpt-24-w4s24-rtn", None), ("llama-sparsegpt-24-w4s24-gptq-plain", None),
                                              ("llama-sparsegpt-24-w4s24-gptq", None), ("llama-sparsegpt-24-w4s24-rtn-g48", None),
-                                             ("llama-sparsegpt-24-w4s24-gptq-g48", None)]),
+                                             ("llama-sparsegpt-24-w4s24-gptq-g48", None),
+                                             ("llama-sparsegpt-24-w4s24-gptq-g48-tune64", None)]),
             ("llama", "llama-wanda-24", [("llama-wanda-24-sparse24", "llama-wanda-24"), ("llama-wanda-24-w4s24-rtn", None),
-                                         ("llama-wanda-24-w4s24-gptq-plain", None), ("llama-wanda-24-w4s24-gptq", None)]),
+                                         ("llama-wanda-24-w4s24-gptq-plain", None), ("llama-wanda-24-w4s24-gptq", None),
+                                         ("llama-wanda-24-w4s24-gptq-tune64", None)]),
             ("llama", "llama-dense", [("llama-dense-w4g128-rtn", None), ("llama-dense-w4g128-gptq-plain", None),
-                                      ("llama-dense-w4g128-gptq", None)]),
+                                      ("llama-dense-w4g128-gptq", None), ("llama-dense-w4g128-gptq-tune64", None)]),
             ("llama", "llama-wanda-g16", [("llama-wanda-g16-w4s50-rtn", None), ("llama-wanda-g16-w4s50-gptq-plain", None),
                                           ("llama-wanda-g16-w4s50-gptq", None)]),
             ("gemma3", "gemma3-dense", [("gemma3-sparse24", None), ("gemma3-w4s24", None), ("gemma3-w4g128", None),
-                                        ("gemma3-w4s50", None)])]
+                                        ("gemma3-w4s50", None), ("gemma3-w4g128-rtn", None), ("gemma3-w4g128-gptq", None)]),
+            ("gemma3", "gemma3-sparsegpt-24", [("gemma3-sparsegpt-24-w4s24-rtn", None),
+                                               ("gemma3-sparsegpt-24-w4s24-gptq", None)])]
     for model, src, outs in sets:
         s = load(src) if src else None
         base_ppl = (s or {}).get("eval", {}).get("wikitext2", {}).get("ppl")
+        if src == "gemma3-dense" and base_ppl is None and load("gemma3-wanda-50"):
+            # measured once, by the Wanda run's dense evaluation (same protocol): not again for 12 min
+            base_ppl = load("gemma3-wanda-50")["eval"]["wikitext2"].get("dense_ppl")
         what = "-"
         if s:
             what = f"{s['solver']} {s['pattern']}" if s.get("sparsity", {}).get("target") else "unpruned"
@@ -91,6 +98,9 @@ def formats_table() -> str:
                 if fm["quant"] == "gptq":
                     o = fm.get("quant_options") or {"act_order": False, "sink_weight": 1}  # before the options: plain
                     q += f", {'act-order' if o['act_order'] else 'no act-order'}, sink {o['sink_weight']:g}"
+                    if o.get("tune_steps"):  # scale tuning after GPTQ (quant/tune.py); "gptq": it did not help
+                        t = o.get("tune", {})
+                        q += f", + scales tuned {o['tune_steps']} steps" + (" (not kept)" if t.get("kept") == "gptq" else "")
             rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
             rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
                         f"{packed / dense:.3f} | {file_mib(name):.0f} | {f(ppl)}{note} | {rel} |")

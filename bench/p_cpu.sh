@@ -2,7 +2,7 @@
 # Protocol P-cpu on this repo's 2-core CPU machine: fp32, CPU, calibration C4 64 x 512 seed 0,
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
-#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant
+#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
 # every command's console output is appended to bench/results/p_cpu.log.
 set -u
@@ -43,6 +43,12 @@ stage_formats() {
   G48="--grid asym --group-size 48"
   run llama-sparsegpt-24-w4s24-rtn-g48 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant rtn $G48 --out $R/llama-sparsegpt-24-w4s24-rtn-g48 --no-progress && evalp llama-sparsegpt-24-w4s24-rtn-g48
   run llama-sparsegpt-24-w4s24-gptq-g48 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G48 --nsamples 64 --seqlen 512 --out $R/llama-sparsegpt-24-w4s24-gptq-g48 --no-progress && evalp llama-sparsegpt-24-w4s24-gptq-g48
+  # + end-to-end scale tuning after GPTQ (quant/tune.py): 64 steps of 2 windows, KL to the unquantized model
+  T="--nsamples 64 --seqlen 512 --tune-steps 64"
+  run llama-sparsegpt-24-w4s24-gptq-g48-tune64 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G48 $T --out $R/llama-sparsegpt-24-w4s24-gptq-g48-tune64 --no-progress && evalp llama-sparsegpt-24-w4s24-gptq-g48-tune64
+  # the same with calibration seed 1 (other C4 windows for GPTQ and tuning): is 1.03x a lucky draw?
+  run llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G48 $T --seed 1 --out $R/llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1 --no-progress && evalp llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1
+  run llama-sparsegpt-24-w4s24-gptq-g48-seed1 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G48 --nsamples 64 --seqlen 512 --seed 1 --out $R/llama-sparsegpt-24-w4s24-gptq-g48-seed1 --no-progress && evalp llama-sparsegpt-24-w4s24-gptq-g48-seed1
   run llama-wanda-24-sparse24 $L pack $R/llama-wanda-24 --format sparse24 --out $R/llama-wanda-24-sparse24 --no-progress
   run llama-wanda-24-w4s24-rtn $L pack $R/llama-wanda-24 --format w4s24 --quant rtn --out $R/llama-wanda-24-w4s24-rtn --no-progress && evalp llama-wanda-24-w4s24-rtn
   run llama-wanda-24-w4s24-gptq $L pack $R/llama-wanda-24 --format w4s24 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-wanda-24-w4s24-gptq --no-progress && evalp llama-wanda-24-w4s24-gptq
@@ -60,6 +66,17 @@ stage_formats() {
   run llama-dense $L compress --model llama --solver magnitude --sparsity 0 $P --out $R/llama-dense
   run llama-dense-w4g128-rtn $L pack $R/llama-dense --format w4g128 --quant rtn --out $R/llama-dense-w4g128-rtn --no-progress && evalp llama-dense-w4g128-rtn
   run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
+  run llama-dense-w4g128-gptq-tune64 $L pack $R/llama-dense --format w4g128 --quant gptq $T --out $R/llama-dense-w4g128-gptq-tune64 --no-progress && evalp llama-dense-w4g128-gptq-tune64
+  run llama-wanda-24-w4s24-gptq-tune64 $L pack $R/llama-wanda-24 --format w4s24 --quant gptq $T --out $R/llama-wanda-24-w4s24-gptq-tune64 --no-progress && evalp llama-wanda-24-w4s24-gptq-tune64
+}
+stage_gemma() {  # Gemma-3-270M's quality per format (an eval takes ~6.5 min here: 262k vocabulary); not a default
+  # stage. Its inputs are 640 and 2048 wide: asymmetric groups of 64 (0.211x) for w4s24
+  run gemma3-sparsegpt-24 $L compress --model gemma3 --solver sparsegpt --pattern 2:4 --no-dense-eval $P --out $R/gemma3-sparsegpt-24
+  G64="--grid asym --group-size 64"
+  run gemma3-sparsegpt-24-w4s24-rtn $L pack $R/gemma3-sparsegpt-24 --format w4s24 --quant rtn $G64 --out $R/gemma3-sparsegpt-24-w4s24-rtn --no-progress && evalp gemma3-sparsegpt-24-w4s24-rtn
+  run gemma3-sparsegpt-24-w4s24-gptq $L pack $R/gemma3-sparsegpt-24 --format w4s24 --quant gptq $G64 --nsamples 64 --seqlen 512 --out $R/gemma3-sparsegpt-24-w4s24-gptq --no-progress && evalp gemma3-sparsegpt-24-w4s24-gptq
+  run gemma3-w4g128-rtn $L pack $R/gemma3-dense --format w4g128 --quant rtn --out $R/gemma3-w4g128-rtn --no-progress && evalp gemma3-w4g128-rtn
+  run gemma3-w4g128-gptq $L pack $R/gemma3-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/gemma3-w4g128-gptq --no-progress && evalp gemma3-w4g128-gptq
 }
 stage_quant() {  # the int4 grid ablation on the SparseGPT 2:4 model (README: Formats), about 45 min; not a default stage
   python bench/quant_ablation.py $R/llama-sparsegpt-24 --json $B/quant_ablation.json --configs \

@@ -225,19 +225,19 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     if cfg.format != "dense":
         from . import packed
 
-        quantized = None
+        quantized, qinfo = None, {}
         if cfg.quant == "gptq":  # block by block, each block seeing the quantized ones before it
             t0 = time.perf_counter()
             quantized = packed.gptq_sequential(model, calib_ids, cfg.format, cfg.group_size, _symmetric(cfg.grid),
                                                batch_size=cfg.calib_batch, device=device, progress=cfg.progress,
-                                               dtype=_torch_dtype(cfg.save_dtype), **gopts)
+                                               dtype=_torch_dtype(cfg.save_dtype), info=qinfo, **gopts)
             timings["gptq_s"] = round(time.perf_counter() - t0, 2)
         manifest["format"] = packed.save_packed(model, out, cfg.format, quant=cfg.quant, quantized=quantized,
                                                 tokenizer=tok, manifest=manifest, overwrite=cfg.overwrite,
                                                 group_size=cfg.group_size, symmetric=_symmetric(cfg.grid),
                                                 progress=cfg.progress,
                                                 dtype=_torch_dtype(cfg.save_dtype),
-                                                quant_opts=gopts if cfg.quant == "gptq" else None)
+                                                quant_opts={**gopts, **qinfo} if cfg.quant == "gptq" else None)
     else:
         checkpoint.save(model, tok, out, manifest, overwrite=cfg.overwrite)
     manifest["out"] = str(out)
@@ -245,12 +245,13 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
 
 
 def gptq_options(given: dict | None, quant: str | None = "gptq") -> dict:
-    """packed.GPTQ_DEFAULTS updated with the user's {"act_order", "sink_weight"}, checked."""
+    """packed.GPTQ_DEFAULTS updated with the user's {"act_order", "sink_weight", "tune_steps", "tune_lr"}, checked."""
     from .packed import GPTQ_DEFAULTS
 
     given = {k: v for k, v in (given or {}).items() if v is not None}
     if given and quant != "gptq":
-        raise LLMPruneError("--act-order / --sink-weight tune GPTQ: add --quant gptq or drop them")
+        raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: "
+                            "add --quant gptq or drop them")
     unknown = set(given) - set(GPTQ_DEFAULTS)
     if unknown:
         raise LLMPruneError(f"unknown GPTQ options {sorted(unknown)}: valid are {sorted(GPTQ_DEFAULTS)}")
@@ -258,6 +259,10 @@ def gptq_options(given: dict | None, quant: str | None = "gptq") -> dict:
     if not (isinstance(opts["sink_weight"], (int, float)) and opts["sink_weight"] >= 1):
         raise LLMPruneError(f"--sink-weight {opts['sink_weight']}: must be >= 1 (1 counts the first token like any other)")
     opts["sink_weight"] = float(opts["sink_weight"])
+    from .quant.tune import check
+
+    check(opts["tune_steps"], opts["tune_lr"])
+    opts["tune_lr"] = float(opts["tune_lr"])
     return opts
 
 
@@ -409,13 +414,14 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     gopts = gptq_options(gptq, quant)
     checkpoint.check_out(out, overwrite)
     model, tok, _ = checkpoint.load(src)
-    quantized = None
+    quantized, qinfo = None, {}
     if quant == "gptq":
         from . import calibration
 
         ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
         quantized = packed.gptq_sequential(model, ids, fmt, group_size, _symmetric(grid), progress=progress,
-                                           device=pick_device(None), dtype=_torch_dtype(save_dtype), **gopts)
+                                           device=pick_device(None), dtype=_torch_dtype(save_dtype), info=qinfo,
+                                           **gopts)
     # the source's quality figures describe the unpacked weights: they do not carry over
     new = {k: v for k, v in manifest.items() if k not in ("out", "eval", "zeroshot")}
     if command:
@@ -424,5 +430,6 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     section = packed.save_packed(model, out, fmt, quant=quant, quantized=quantized, tokenizer=tok, manifest=new,
                                  overwrite=overwrite, group_size=group_size, symmetric=_symmetric(grid),
                                  progress=progress,
-                                 dtype=_torch_dtype(save_dtype), quant_opts=gopts if quant == "gptq" else None)
+                                 dtype=_torch_dtype(save_dtype),
+                                 quant_opts={**gopts, **qinfo} if quant == "gptq" else None)
     return {**new, "format": section, "out": str(out)}

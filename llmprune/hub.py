@@ -173,7 +173,9 @@ def _format(fmt: dict) -> str:
     """e.g. "sparse24, packed layers 62.5% of their dense bytes, file 80.1 MiB"."""
     if not fmt.get("name"):
         return "dense HF checkpoint (the pruned weights are stored as zeros)"
-    parts = [str(fmt["name"]) + (f" (quant {fmt['quant']})" if fmt.get("quant") else "")]
+    tune = (fmt.get("quant_options") or {}).get("tune") or {}
+    tuned = f" + {tune['steps']} steps of scale tuning" if tune.get("kept") == "tuned" else ""
+    parts = [str(fmt["name"]) + (f" (quant {fmt['quant']}{tuned})" if fmt.get("quant") else "")]
     b = fmt.get("bytes") or {}
     if b.get("packed_layers") and b.get("packed_layers_dense"):
         parts.append(

@@ -204,20 +204,24 @@ def plan_layer(f: formats.Format, w: torch.Tensor, keep: torch.Tensor | None, ba
 # answer the same failure on SmolLM2-135M: plain GPTQ cut every layer's error on ordinary tokens
 # 2-4x but raised it 5-15x on the first token of a window, the attention sink every later token
 # attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (README: Formats).
-GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 16.0}
+# tune_steps / tune_lr: end-to-end tuning of the scales after GPTQ (quant/tune.py), off by default.
+GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 16.0, "tune_steps": 0, "tune_lr": 1e-3}
 
 
 @torch.no_grad()
 def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_size: int | str = 128,
                     symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
                     device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16,
-                    act_order: bool = GPTQ_DEFAULTS["act_order"], sink_weight: float = GPTQ_DEFAULTS["sink_weight"]) -> dict:
+                    act_order: bool = GPTQ_DEFAULTS["act_order"], sink_weight: float = GPTQ_DEFAULTS["sink_weight"],
+                    tune_steps: int = GPTQ_DEFAULTS["tune_steps"], tune_lr: float = GPTQ_DEFAULTS["tune_lr"],
+                    info: dict | None = None) -> dict:
     """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
     Hessians come from calibration inputs that went through the already-quantized blocks before
     it, and each quantized linear computes with its dequantized weights from then on. Returns
     {layer name: Quantized} for `save_packed(..., quantized=...)`; layers that do not fit the
     format are left alone (save_packed keeps them dense and says why). act_order and sink_weight:
-    see GPTQ_DEFAULTS."""
+    see GPTQ_DEFAULTS. tune_steps > 0: then train the scales end to end against the unquantized
+    model on the same windows (quant/tune.py); what it did goes into `info["tune"]`."""
     from . import arch, walker
     from .quant.gptq import gptq
 
@@ -227,6 +231,13 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     a = arch.arch_of(model)
     tied = _tied(model)
     tied_src = set(tied) | set(tied.values())
+    targets = None
+    if tune_steps:
+        from .quant import tune
+
+        tune.check(tune_steps, tune_lr)
+        targets = tune.teacher_states(model, calib_ids, batch_size, device)  # before any weight changes
+        model.to("cpu")
     out = {}
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks"):
         prefix = f"{a.blocks}.{block.index}."
@@ -247,6 +258,14 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
             out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
             # (the model returns to the CPU after each block; save_packed packs there)
         # handing control back: the walker reruns the block with the quantized weights
+    if tune_steps and out:
+        out, tinfo = tune.tune_scales(model, out, calib_ids, targets, tune_steps, tune_lr, device=device,
+                                      progress=progress)
+        model.to("cpu")
+        out = {n: dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+               for n, q in out.items()}
+        if info is not None:
+            info["tune"] = tinfo
     return out
 
 

@@ -88,7 +88,8 @@ def test_compress_with_format_and_gptq(tmp_path, capsys, tiny_dir, calib_txt):
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "llmprune.json").read_text())
     assert m["format"]["name"] == "w4s24" and m["format"]["quant"] == "gptq"
-    assert m["format"]["quant_options"] == {"act_order": True, "sink_weight": 16.0}  # the defaults, recorded
+    assert m["format"]["quant_options"] == {"act_order": True, "sink_weight": 16.0, "tune_steps": 0,
+                                              "tune_lr": 1e-3}  # the defaults, recorded
     model, _, _ = checkpoint.load(out)
     assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
 
@@ -101,7 +102,7 @@ def test_pack_gptq_options_reach_the_manifest(tmp_path, capsys, pruned_24, calib
                "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "llmprune.json").read_text())
-    assert m["format"]["quant_options"] == {"act_order": False, "sink_weight": 1.0}
+    assert m["format"]["quant_options"] == {"act_order": False, "sink_weight": 1.0, "tune_steps": 0, "tune_lr": 1e-3}
 
 
 def test_pack_grid_asym_w4s24_matches_the_rtn_reference(tmp_path, capsys, pruned_24):

@@ -1,0 +1,169 @@
+"""End-to-end tuning of the int4 scales after GPTQ: the codes stay, the fp16 scales learn.
+
+EfficientQAT's E2E-QP (Chen et al. 2024, arXiv 2407.11062, sec. 3.3) and PEQA (Kim et al. 2023,
+arXiv 2305.14152): with the integer codes, the zero points and the sparsity mask frozen, the
+per-group scales are the only parameters, trained end to end. GPTQ fits each layer to its own
+inputs; the errors it leaves in 200 layers add up, and this corrects them jointly. The format and
+the bytes do not change.
+
+The loss is distillation from the model being quantized, on its calibration windows:
+    L = KL(p_unquantized || p_quantized), per token, averaged,
+so tuning removes quantization error only: the target is the unquantized pruned model, not the
+data (next-token training would also repair pruning damage; that is `llmprune recover`).
+Each scale is s = s0 (1 + t) with t from 0, trained with Adam (so the learning rate is a relative
+step), linear warmup then cosine decay. Scales are rounded to fp16 at the end, as stored; if the
+rounded result is not closer to the unquantized model on the calibration windows than GPTQ's
+scales were, GPTQ's are kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LLMPruneError
+from . import Quantized
+from .rtn import FP16_MAX, FP16_TINY
+
+BATCH = 2  # calibration windows per optimizer step
+DEFAULT_LR = 1e-3  # relative: with 64 steps the scales move by 0.4% on average (SmolLM2-135M, README)
+
+
+def check(steps: int, lr: float) -> None:
+    if not isinstance(steps, int) or steps < 0:
+        raise LLMPruneError(f"--tune-steps {steps}: must be an integer >= 0 (0 = no tuning, e.g. 64)")
+    if not lr > 0:
+        raise LLMPruneError(f"--tune-lr {lr}: must be > 0, e.g. {DEFAULT_LR:g}")
+
+
+def _head_logp(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """log p over the vocabulary from final hidden states (the output head, logit soft-capping if any)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.log_softmax(logits, -1)
+
+
+def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def teacher_states(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device="cpu") -> torch.Tensor:
+    """Final hidden states (n, seqlen, hidden) of the model as it is now (call before quantizing), on
+    the CPU: n x seqlen x hidden floats instead of n x seqlen x vocab logits."""
+    model.to(device)
+    return torch.cat([_hidden(model, b.to(device)).float().cpu() for b in ids.split(batch_size)])
+
+
+def _kl(model: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(target || model) over the windows of `ids` (n, seqlen)."""
+    student = _head_logp(model, _hidden(model, ids))
+    teacher = _head_logp(model, target.to(student.device))
+    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def _mean_kl(model, ids, targets, device) -> float:
+    return sum(_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]).item() for i in range(len(ids))) / len(ids)
+
+
+class _Scaled(nn.Module):
+    """A quantized linear whose group scales train: w = (q - z) * s0 * (1 + t)."""
+
+    def __init__(self, q: Quantized, bias: torch.Tensor | None, device):
+        super().__init__()
+        g = q.group_size
+        levels = q.codes.float() - q.zeros.float().repeat_interleave(g, dim=1)  # 0 where pruned (q = z)
+        self.register_buffer("levels", levels.to(device))
+        self.register_buffer("s0", q.scales.float().to(device))
+        self.t = nn.Parameter(torch.zeros_like(self.s0))
+        self.bias, self.group_size = bias, g
+
+    def scales(self) -> torch.Tensor:
+        return self.s0 * (1 + self.t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.levels * self.scales().repeat_interleave(self.group_size, dim=1)
+        return F.linear(x, w.to(x.dtype), self.bias)
+
+    def stored_scales(self) -> torch.Tensor:
+        """The trained scales as fp16, the way the formats store them."""
+        s = self.scales().detach()
+        if not torch.isfinite(s).all():
+            raise LLMPruneError("scale tuning diverged (non-finite scales): lower --tune-lr, e.g. 3e-4")
+        return s.clamp(FP16_TINY, FP16_MAX).half()
+
+
+def _set(model: nn.Module, name: str, mod: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, mod)
+
+
+def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Tensor, targets: torch.Tensor,
+                steps: int = 64, lr: float = DEFAULT_LR, batch: int = BATCH, seed: int = 0, device="cpu",
+                progress: bool = False) -> tuple[dict[str, Quantized], dict]:
+    """Train the scales of the `quantized` linears of `model` to match `targets` (teacher_states of the
+    unquantized model on `ids`); returns ({name: Quantized with the new scales}, info). Codes and
+    zero points are unchanged. The model's named linears end with the returned dequantized weights.
+    """
+    check(steps, lr)
+    if targets.shape[:2] != ids.shape:
+        raise LLMPruneError(f"scale tuning: targets {tuple(targets.shape)} do not match the windows {tuple(ids.shape)}")
+    t0 = time.perf_counter()
+    model.to(device)
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    originals = {n: model.get_submodule(n) for n in quantized}
+    scaled = {}
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for n, q in quantized.items():
+            lin = originals[n]
+            scaled[n] = _Scaled(q, lin.bias, device)
+            _set(model, n, scaled[n])
+        kl_before = _mean_kl(model, ids, targets, device)
+        params = [m.t for m in scaled.values()]
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.cat([torch.randperm(len(ids), generator=gen) for _ in range(steps * batch // len(ids) + 1)])
+        it = range(steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="tune scales")
+        with torch.enable_grad():  # callers such as gptq_sequential run under no_grad
+            for s in it:
+                opt.zero_grad(set_to_none=True)
+                for i in order[s * batch:(s + 1) * batch].tolist():  # one window at a time: bounded memory
+                    (_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]) / batch).backward()
+                opt.step()
+                sched.step()
+        with torch.no_grad():
+            for m in scaled.values():
+                m.t.copy_(m.stored_scales().float() / m.s0 - 1)  # evaluate what will be stored
+        kl_after = _mean_kl(model, ids, targets, device)
+        kept = kl_after < kl_before
+        out = {n: dataclasses.replace(q, scales=scaled[n].stored_scales().cpu()) if kept else q
+               for n, q in quantized.items()}
+    finally:
+        for n, lin in originals.items():
+            _set(model, n, lin)
+        for p, rg in frozen.items():
+            p.requires_grad_(rg)
+    with torch.no_grad():
+        for n, q in out.items():
+            lin = originals[n]
+            lin.weight.copy_(q.dequantize().to(lin.weight.device, lin.weight.dtype))
+    info = {"steps": steps, "lr": lr, "batch": batch, "windows": len(ids), "loss": "kl to the unquantized model",
+            "kl_before": float(f"{kl_before:.5g}"), "kl_after": float(f"{kl_after:.5g}"), "kept": "tuned" if kept else "gptq",
+            "seconds": round(time.perf_counter() - t0, 1)}
+    return out, info

@@ -1,0 +1,173 @@
+"""End-to-end scale tuning after GPTQ (llmprune/quant/tune.py): only the scales move, the distance
+to the unquantized model goes down, and a tuning that does not help is not kept."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmprune.cli import main
+from llmprune.errors import LLMPruneError
+from llmprune.quant import tune
+from llmprune.quant.rtn import rtn
+from llmprune.testing import tiny_model
+
+
+def _keep24(w):
+    """Magnitude 2:4 keep-mask (the two largest of every four inputs)."""
+    g = w.abs().reshape(w.shape[0], -1, 4)
+    idx = g.topk(2, dim=-1).indices
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).reshape(w.shape)
+
+
+def _linears(model):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+
+
+def _kl_oracle(student, teacher, ids):
+    """Mean per-token KL(teacher || student) from the two models' own logits (no shared code)."""
+    with torch.no_grad():
+        p = F.log_softmax(teacher(ids).logits.float(), -1)
+        q = F.log_softmax(student(ids).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _setup(seed=0, group=16):
+    """A tiny model pruned 2:4 (the teacher) and a copy quantized with coarse RTN (the student)."""
+    teacher = tiny_model("llama", seed=seed)
+    quantized = {}
+    for n in _linears(teacher):
+        lin = teacher.get_submodule(n)
+        keep = _keep24(lin.weight.detach())
+        lin.weight.data *= keep
+        quantized[n] = rtn(lin.weight.detach(), keep, group, symmetric=False)
+    student = copy.deepcopy(teacher)
+    for n, q in quantized.items():
+        student.get_submodule(n).weight.data.copy_(q.dequantize())
+    ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(seed))
+    return teacher, student, quantized, ids
+
+
+@pytest.mark.parametrize("arch,over", [("llama", {}), ("gemma3", {"final_logit_softcapping": 5.0})])
+def test_head_log_probs_match_the_model_logits(arch, over):
+    """The loss reads log p from the final hidden states through the output head (and the soft cap):
+    it must equal log_softmax of the model's own logits."""
+    model = tiny_model(arch, seed=1, **over)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        ref = F.log_softmax(model(ids).logits.float(), -1)
+        got = tune._head_logp(model, tune.teacher_states(model, ids))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scaled_linear_computes_with_the_trained_scales():
+    w = torch.randn(8, 32)
+    keep = _keep24(w)
+    q = rtn(w * keep, keep, 16, symmetric=False)
+    m = tune._Scaled(q, None, "cpu")
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(m(x), x @ q.dequantize().T)
+    with torch.no_grad():
+        m.t.normal_(0, 0.1)
+    s = q.scales.float() * (1 + m.t.detach())
+    w_ref = (q.codes.float() - q.zeros.float().repeat_interleave(16, 1)) * s.repeat_interleave(16, 1)
+    torch.testing.assert_close(m(x), x @ w_ref.T)
+    assert bool((w_ref[~keep] == 0).all())
+
+
+def test_tuning_moves_only_the_scales_and_lowers_the_kl():
+    teacher, student, quantized, ids = _setup()
+    targets = tune.teacher_states(teacher, ids)
+    before = _kl_oracle(student, teacher, ids)
+    out, info = tune.tune_scales(student, quantized, ids, targets, steps=30, lr=2e-2)
+    after = _kl_oracle(student, teacher, ids)
+    assert info["kept"] == "tuned" and info["kl_after"] < info["kl_before"]
+    assert after < 0.9 * before, (before, after)
+    assert info["kl_before"] == pytest.approx(before, rel=1e-3) and info["kl_after"] == pytest.approx(after, rel=1e-3)
+    changed = 0
+    for n, q in quantized.items():
+        new = out[n]
+        assert torch.equal(new.codes, q.codes) and torch.equal(new.zeros, q.zeros)
+        assert new.scales.dtype == torch.float16 and new.group_size == q.group_size
+        changed += int((new.scales != q.scales).sum())
+        w = student.get_submodule(n).weight.detach()
+        assert torch.equal(w, new.dequantize())  # the model ends with what will be stored
+        assert bool((w[teacher.get_submodule(n).weight == 0] == 0).all())  # pruned weights stay exactly 0
+        assert student.get_submodule(n).weight.requires_grad  # flags restored as they were
+    assert changed > 0
+    assert isinstance(student.get_submodule(_linears(student)[0]), torch.nn.Linear)  # modules put back
+
+
+def test_tuning_that_does_not_help_keeps_the_gptq_scales():
+    """With a step far below fp16's resolution the stored scales cannot change: KL is not lower, and
+    the input scales come back unchanged."""
+    teacher, student, quantized, ids = _setup(seed=2)
+    out, info = tune.tune_scales(student, quantized, ids, tune.teacher_states(teacher, ids), steps=3, lr=1e-9)
+    assert info["kept"] == "gptq" and info["kl_after"] == info["kl_before"]
+    for n, q in quantized.items():
+        assert torch.equal(out[n].scales, q.scales)
+        assert torch.equal(student.get_submodule(n).weight.detach(), q.dequantize())
+
+
+def test_bad_options_and_targets():
+    with pytest.raises(LLMPruneError, match="--tune-steps"):
+        tune.check(-1, 1e-3)
+    with pytest.raises(LLMPruneError, match="--tune-lr"):
+        tune.check(4, 0.0)
+    teacher, student, quantized, ids = _setup()
+    with pytest.raises(LLMPruneError, match="do not match"):
+        tune.tune_scales(student, quantized, ids[:3], tune.teacher_states(teacher, ids), steps=1)
+
+
+FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tiny_dir, calib_txt):
+    out = tmp_path_factory.mktemp("t") / "w24"
+    assert main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt),
+                 "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned, calib_txt):
+    """`pack --quant gptq --tune-steps N`: the same codes, mask and zero points as plain GPTQ, other
+    scales, recorded in the manifest; loaded back, it is closer to the unquantized model."""
+    from safetensors.torch import load_file
+
+    from llmprune import checkpoint
+
+    args = ["pack", str(pruned), "--format", "w4s24", "--quant", "gptq", "--grid", "asym", "--group-size", "16",
+            "--calib", str(calib_txt), "--nsamples", "6", "--seqlen", "32", "--save-dtype", "float32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "g")]) == 0, capsys.readouterr().err
+    assert main([*args, "--tune-steps", "20", "--tune-lr", "5e-3", "--out", str(tmp_path / "t")]) == 0, \
+        capsys.readouterr().err
+    m = json.loads((tmp_path / "t" / "llmprune.json").read_text())["format"]["quant_options"]
+    assert m["tune_steps"] == 20 and m["tune"]["kept"] == "tuned" and m["tune"]["kl_after"] < m["tune"]["kl_before"]
+    out = capsys.readouterr().out
+    assert "scales tuned 20 steps" in out and "tuned scales kept" in out, out
+    from llmprune.hub import model_card
+
+    card = model_card(json.loads((tmp_path / "t" / "llmprune.json").read_text()), "user/tiny")
+    assert "quant gptq + 20 steps of scale tuning" in card
+    a, b = load_file(tmp_path / "g" / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
+    assert a.keys() == b.keys()
+    differ = {k.rsplit(".", 1)[-1] for k in a if not torch.equal(a[k], b[k])}
+    assert differ == {"scales"}, differ
+    src, tok, _ = checkpoint.load(pruned)
+    plain, _, _ = checkpoint.load(tmp_path / "g")
+    tuned, _, _ = checkpoint.load(tmp_path / "t")
+    from llmprune import calibration
+
+    ids, _ = calibration.load(str(calib_txt), tok, 6, 32, 0)
+    assert _kl_oracle(tuned, src, ids) < _kl_oracle(plain, src, ids)
+
+
+def test_tune_options_need_gptq(tmp_path, capsys, pruned):
+    for extra, msg in [(["--quant", "rtn", "--tune-steps", "4"], "GPTQ options"),
+                       (["--quant", "gptq", "--tune-steps", "-1"], "--tune-steps"),
+                       (["--quant", "gptq", "--tune-steps", "4", "--tune-lr", "0"], "--tune-lr")]:
+        rc = main(["pack", str(pruned), "--format", "w4s24", *extra, "--out", str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
