@@ -51,7 +51,9 @@ def formats_table() -> str:
     sets = [("llama", "llama-sparsegpt-24", [("llama-sparsegpt-24-w4s24-rtn", None), ("llama-sparsegpt-24-w4s24-gptq-plain", None),
                                              ("llama-sparsegpt-24-w4s24-gptq", None), ("llama-sparsegpt-24-w4s24-rtn-g48", None),
                                              ("llama-sparsegpt-24-w4s24-gptq-g48", None),
-                                             ("llama-sparsegpt-24-w4s24-gptq-g48-tune64", None)]),
+                                             ("llama-sparsegpt-24-w4s24-gptq-g48-tune64", None),
+                                             ("llama-sparsegpt-24-w4s24-gptq-g48-seed1", None),
+                                             ("llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1", None)]),
             ("llama", "llama-wanda-24", [("llama-wanda-24-sparse24", "llama-wanda-24"), ("llama-wanda-24-w4s24-rtn", None),
                                          ("llama-wanda-24-w4s24-gptq-plain", None), ("llama-wanda-24-w4s24-gptq", None),
                                          ("llama-wanda-24-w4s24-gptq-tune64", None)]),
@@ -101,6 +103,8 @@ def formats_table() -> str:
                     if o.get("tune_steps"):  # scale tuning after GPTQ (quant/tune.py); "gptq": it did not help
                         t = o.get("tune", {})
                         q += f", + scales tuned {o['tune_steps']} steps" + (" (not kept)" if t.get("kept") == "gptq" else "")
+                    if (o.get("calibration") or {}).get("seed", 0):
+                        q += f", calibration seed {o['calibration']['seed']}"
             rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
             rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
                         f"{packed / dense:.3f} | {file_mib(name):.0f} | {f(ppl)}{note} | {rel} |")

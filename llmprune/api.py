@@ -418,7 +418,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     if quant == "gptq":
         from . import calibration
 
-        ids, _ = calibration.load(calib, tok, nsamples, seqlen, seed)
+        ids, cinfo = calibration.load(calib, tok, nsamples, seqlen, seed)
+        qinfo["calibration"] = cinfo  # what GPTQ (and the tuning) saw; the source's is the pruning's
         quantized = packed.gptq_sequential(model, ids, fmt, group_size, _symmetric(grid), progress=progress,
                                            device=pick_device(None), dtype=_torch_dtype(save_dtype), info=qinfo,
                                            **gopts)

@@ -102,7 +102,10 @@ def test_pack_gptq_options_reach_the_manifest(tmp_path, capsys, pruned_24, calib
                "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "llmprune.json").read_text())
-    assert m["format"]["quant_options"] == {"act_order": False, "sink_weight": 1.0, "tune_steps": 0, "tune_lr": 1e-3}
+    o = m["format"]["quant_options"]
+    assert {k: o[k] for k in ("act_order", "sink_weight", "tune_steps", "tune_lr")} == \
+        {"act_order": False, "sink_weight": 1.0, "tune_steps": 0, "tune_lr": 1e-3}
+    assert {k: o["calibration"][k] for k in ("nsamples", "seqlen", "seed")} == {"nsamples": 4, "seqlen": 16, "seed": 0}
 
 
 def test_pack_grid_asym_w4s24_matches_the_rtn_reference(tmp_path, capsys, pruned_24):

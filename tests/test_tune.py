@@ -171,3 +171,13 @@ def test_tune_options_need_gptq(tmp_path, capsys, pruned):
         rc = main(["pack", str(pruned), "--format", "w4s24", *extra, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
+
+
+def test_compress_runs_the_tuning_too(tmp_path, capsys, tiny_dir, calib_txt):
+    out = tmp_path / "c"
+    rc = main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt), "--out", str(out),
+               "--format", "w4s24", "--quant", "gptq", "--group-size", "16", "--tune-steps", "5", "--tune-lr", "5e-3",
+               *FAST])
+    assert rc == 0, capsys.readouterr().err
+    t = json.loads((out / "llmprune.json").read_text())["format"]["quant_options"]["tune"]
+    assert t["steps"] == 5 and t["windows"] == 6 and t["kl_after"] <= t["kl_before"]

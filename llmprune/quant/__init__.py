@@ -3,6 +3,7 @@
 A quantizer returns `Quantized`: codes (out, in) in [0, 15], one fp16 scale and one integer zero
 point per group of `group_size` consecutive inputs, w ~= (q - z) * s. Pruned weights get q = z,
 so they dequantize to exactly 0. Formats pack these codes; they never re-derive the grid.
+rtn.py and gptq.py make them; tune.py then trains the scales of GPTQ's codes end to end.
 """
 from __future__ import annotations
 
