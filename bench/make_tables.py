@@ -63,8 +63,10 @@ def formats_table() -> str:
                                           ("llama-wanda-g16-w4s50-gptq", None)]),
             ("gemma3", "gemma3-dense", [("gemma3-sparse24", None), ("gemma3-w4s24", None), ("gemma3-w4g128", None),
                                         ("gemma3-w4s50", None), ("gemma3-w4g128-rtn", None), ("gemma3-w4g128-gptq", None)]),
-            ("gemma3", "gemma3-sparsegpt-24", [("gemma3-sparsegpt-24-w4s24-rtn", None),
-                                               ("gemma3-sparsegpt-24-w4s24-gptq", None)])]
+            ("gemma3", "gemma3-sparsegpt-24", [("gemma3-sparsegpt-24-sparse24", "gemma3-sparsegpt-24"),
+                                               ("gemma3-sparsegpt-24-w4s24-rtn", None),
+                                               ("gemma3-sparsegpt-24-w4s24-gptq", None),
+                                               ("gemma3-sparsegpt-24-w4s24-gptq-tune64", None)])]
     for model, src, outs in sets:
         s = load(src) if src else None
         base_ppl = (s or {}).get("eval", {}).get("wikitext2", {}).get("ppl")

@@ -72,9 +72,11 @@ stage_formats() {
 stage_gemma() {  # Gemma-3-270M's quality per format (an eval takes ~6.5 min here: 262k vocabulary); not a default
   # stage. Its inputs are 640 and 2048 wide: asymmetric groups of 64 (0.211x) for w4s24
   run gemma3-sparsegpt-24 $L compress --model gemma3 --solver sparsegpt --pattern 2:4 --no-dense-eval $P --out $R/gemma3-sparsegpt-24
+  run gemma3-sparsegpt-24-sparse24 $L pack $R/gemma3-sparsegpt-24 --format sparse24 --out $R/gemma3-sparsegpt-24-sparse24 --no-progress
   G64="--grid asym --group-size 64"
   run gemma3-sparsegpt-24-w4s24-rtn $L pack $R/gemma3-sparsegpt-24 --format w4s24 --quant rtn $G64 --out $R/gemma3-sparsegpt-24-w4s24-rtn --no-progress && evalp gemma3-sparsegpt-24-w4s24-rtn
   run gemma3-sparsegpt-24-w4s24-gptq $L pack $R/gemma3-sparsegpt-24 --format w4s24 --quant gptq $G64 --nsamples 64 --seqlen 512 --out $R/gemma3-sparsegpt-24-w4s24-gptq --no-progress && evalp gemma3-sparsegpt-24-w4s24-gptq
+  run gemma3-sparsegpt-24-w4s24-gptq-tune64 $L pack $R/gemma3-sparsegpt-24 --format w4s24 --quant gptq $G64 --nsamples 64 --seqlen 512 --tune-steps 64 --out $R/gemma3-sparsegpt-24-w4s24-gptq-tune64 --no-progress && evalp gemma3-sparsegpt-24-w4s24-gptq-tune64
   run gemma3-w4g128-rtn $L pack $R/gemma3-dense --format w4g128 --quant rtn --out $R/gemma3-w4g128-rtn --no-progress && evalp gemma3-w4g128-rtn
   run gemma3-w4g128-gptq $L pack $R/gemma3-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/gemma3-w4g128-gptq --no-progress && evalp gemma3-w4g128-gptq
 }

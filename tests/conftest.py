@@ -21,3 +21,18 @@ def calib_txt(tmp_path_factory):
     p = tmp_path_factory.mktemp("calib") / "calib.txt"
     p.write_text(random_text(4000, seed=1))
     return p
+
+
+# compress options for the tiny model: seconds, no evaluation
+FAST_CLI = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
+
+
+@pytest.fixture(scope="session")
+def pruned_24(tmp_path_factory, tiny_dir, calib_txt):
+    """The tiny model pruned 2:4 by Wanda, as a dense llmprune output folder."""
+    from llmprune.cli import main
+
+    out = tmp_path_factory.mktemp("p") / "w24"
+    assert main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt),
+                 "--out", str(out), *FAST_CLI]) == 0
+    return out

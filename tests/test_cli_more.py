@@ -8,15 +8,7 @@ from PIL import Image
 from llmprune import checkpoint, patterns
 from llmprune.cli import main
 
-FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
-
-
-@pytest.fixture(scope="module")
-def pruned_24(tmp_path_factory, tiny_dir, calib_txt):
-    out = tmp_path_factory.mktemp("p") / "w24"
-    assert main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt),
-                 "--out", str(out), *FAST]) == 0
-    return out
+FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]  # conftest's FAST_CLI
 
 
 def test_recover_keeps_zeros_and_records(tmp_path, capsys, pruned_24, calib_txt):

@@ -123,22 +123,14 @@ def test_bad_options_and_targets():
 FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
 
 
-@pytest.fixture(scope="module")
-def pruned(tmp_path_factory, tiny_dir, calib_txt):
-    out = tmp_path_factory.mktemp("t") / "w24"
-    assert main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt),
-                 "--out", str(out), *FAST]) == 0
-    return out
-
-
-def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned, calib_txt):
+def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned_24, calib_txt):
     """`pack --quant gptq --tune-steps N`: the same codes, mask and zero points as plain GPTQ, other
     scales, recorded in the manifest; loaded back, it is closer to the unquantized model."""
     from safetensors.torch import load_file
 
     from llmprune import checkpoint
 
-    args = ["pack", str(pruned), "--format", "w4s24", "--quant", "gptq", "--grid", "asym", "--group-size", "16",
+    args = ["pack", str(pruned_24), "--format", "w4s24", "--quant", "gptq", "--grid", "asym", "--group-size", "16",
             "--calib", str(calib_txt), "--nsamples", "6", "--seqlen", "32", "--save-dtype", "float32", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "g")]) == 0, capsys.readouterr().err
     assert main([*args, "--tune-steps", "20", "--tune-lr", "5e-3", "--out", str(tmp_path / "t")]) == 0, \
@@ -155,7 +147,7 @@ def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned, calib_t
     assert a.keys() == b.keys()
     differ = {k.rsplit(".", 1)[-1] for k in a if not torch.equal(a[k], b[k])}
     assert differ == {"scales"}, differ
-    src, tok, _ = checkpoint.load(pruned)
+    src, tok, _ = checkpoint.load(pruned_24)
     plain, _, _ = checkpoint.load(tmp_path / "g")
     tuned, _, _ = checkpoint.load(tmp_path / "t")
     from llmprune import calibration
@@ -164,11 +156,11 @@ def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned, calib_t
     assert _kl_oracle(tuned, src, ids) < _kl_oracle(plain, src, ids)
 
 
-def test_tune_options_need_gptq(tmp_path, capsys, pruned):
+def test_tune_options_need_gptq(tmp_path, capsys, pruned_24):
     for extra, msg in [(["--quant", "rtn", "--tune-steps", "4"], "GPTQ options"),
                        (["--quant", "gptq", "--tune-steps", "-1"], "--tune-steps"),
                        (["--quant", "gptq", "--tune-steps", "4", "--tune-lr", "0"], "--tune-lr")]:
-        rc = main(["pack", str(pruned), "--format", "w4s24", *extra, "--out", str(tmp_path / "o"), "--no-progress"])
+        rc = main(["pack", str(pruned_24), "--format", "w4s24", *extra, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
 
