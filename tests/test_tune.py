@@ -123,14 +123,16 @@ def test_bad_options_and_targets():
 FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
 
 
-def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned_24, calib_txt):
+@pytest.mark.parametrize("fmt", ["w4s24", "w4g128"])
+def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned_24, calib_txt, fmt):
     """`pack --quant gptq --tune-steps N`: the same codes, mask and zero points as plain GPTQ, other
-    scales, recorded in the manifest; loaded back, it is closer to the unquantized model."""
+    scales, recorded in the manifest; loaded back, it is closer to the unquantized model, by the KL
+    the manifest reports."""
     from safetensors.torch import load_file
 
     from llmprune import checkpoint
 
-    args = ["pack", str(pruned_24), "--format", "w4s24", "--quant", "gptq", "--grid", "asym", "--group-size", "16",
+    args = ["pack", str(pruned_24), "--format", fmt, "--quant", "gptq", "--grid", "asym", "--group-size", "16",
             "--calib", str(calib_txt), "--nsamples", "6", "--seqlen", "32", "--save-dtype", "float32", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "g")]) == 0, capsys.readouterr().err
     assert main([*args, "--tune-steps", "20", "--tune-lr", "5e-3", "--out", str(tmp_path / "t")]) == 0, \
@@ -154,6 +156,8 @@ def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned_24, cali
 
     ids, _ = calibration.load(str(calib_txt), tok, 6, 32, 0)
     assert _kl_oracle(tuned, src, ids) < _kl_oracle(plain, src, ids)
+    assert _kl_oracle(tuned, src, ids) == pytest.approx(m["tune"]["kl_after"], rel=1e-3)  # what was stored
+    assert _kl_oracle(plain, src, ids) == pytest.approx(m["tune"]["kl_before"], rel=1e-3)
 
 
 def test_tune_options_need_gptq(tmp_path, capsys, pruned_24):
