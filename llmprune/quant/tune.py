@@ -148,8 +148,9 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
                 opt.step()
                 sched.step()
         with torch.no_grad():
-            for m in scaled.values():
-                m.t.copy_(m.stored_scales().float() / m.s0 - 1)  # evaluate what will be stored
+            for m in scaled.values():  # evaluate exactly what will be stored
+                m.s0.copy_(m.stored_scales().float())
+                m.t.zero_()
         kl_after = _mean_kl(model, ids, targets, device)
         kept = kl_after < kl_before
         out = {n: dataclasses.replace(q, scales=scaled[n].stored_scales().cpu()) if kept else q
