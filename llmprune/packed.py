@@ -21,6 +21,7 @@ from torch import nn
 from . import __version__, checkpoint, formats
 from .errors import LLMPruneError
 from .modules import PackedLinear
+from .quant.tune import DEFAULT_LR as TUNE_LR
 
 FORMAT_VERSION = 1  # of the manifest's "format" section
 WEIGHTS = "model.safetensors"
@@ -205,7 +206,7 @@ def plan_layer(f: formats.Format, w: torch.Tensor, keep: torch.Tensor | None, ba
 # 2-4x but raised it 5-15x on the first token of a window, the attention sink every later token
 # attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (README: Formats).
 # tune_steps / tune_lr: end-to-end tuning of the scales after GPTQ (quant/tune.py), off by default.
-GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 16.0, "tune_steps": 0, "tune_lr": 1e-3}
+GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 16.0, "tune_steps": 0, "tune_lr": TUNE_LR}
 
 
 @torch.no_grad()
