@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 
 VOCAB = 256 + 2  # bytes + <bos>, <eos>
+# `llmprune compress` options that make a tiny-model run take seconds: little calibration, no evaluation
+FAST_CLI = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
 
 
 def byte_tokenizer():

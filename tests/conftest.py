@@ -23,14 +23,12 @@ def calib_txt(tmp_path_factory):
     return p
 
 
-# compress options for the tiny model: seconds, no evaluation
-FAST_CLI = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
-
 
 @pytest.fixture(scope="session")
 def pruned_24(tmp_path_factory, tiny_dir, calib_txt):
     """The tiny model pruned 2:4 by Wanda, as a dense llmprune output folder."""
     from llmprune.cli import main
+    from llmprune.testing import FAST_CLI
 
     out = tmp_path_factory.mktemp("p") / "w24"
     assert main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt),

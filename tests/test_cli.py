@@ -8,8 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from llmprune import checkpoint
 from llmprune.cli import main
-
-COMMON = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
+from llmprune.testing import FAST_CLI
 
 
 def _run(capsys, *argv):
@@ -25,7 +24,7 @@ def test_compress_end_to_end(tmp_path, capsys, tiny_dir, calib_txt, solver, patt
     out = tmp_path / "out"
     rc, so, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", solver, "--pattern", pattern,
                       "--calib", calib_txt, "--out", out, "--eval", "wikitext2", "--eval-seqlen", "64",
-                      "--eval-windows", "2", *COMMON[:-2], *extra)
+                      "--eval-windows", "2", *FAST_CLI[:-2], *extra)
     assert rc == 0, se
     m = json.loads((out / "llmprune.json").read_text())
     for k in ("format_version", "llmprune_version", "model", "solver", "pattern", "sparsity", "timings",
@@ -88,7 +87,7 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, tiny_dir, calib_txt, arg
     for i in range(0, len(argv), 2):
         base[argv[i]] = argv[i + 1]
     args = [x for kv in base.items() for x in kv]
-    rc, so, se = _run(capsys, "compress", *COMMON, *args, "--out", out)  # argv wins over COMMON
+    rc, so, se = _run(capsys, "compress", *FAST_CLI, *args, "--out", out)  # argv wins over FAST_CLI
     assert rc == 2
     lines = se.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llmprune: error:") and msg in lines[0], se
@@ -101,7 +100,7 @@ def test_empty_and_short_calibration_files(tmp_path, capsys, tiny_dir):
     for text, msg in [("", "empty"), ("abc", "fewer than")]:
         f = tmp_path / "c.txt"
         f.write_text(text)
-        rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", f, "--out", tmp_path / "o", *COMMON)
+        rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", f, "--out", tmp_path / "o", *FAST_CLI)
         assert rc == 2 and msg in se and not (tmp_path / "o").exists()
 
 
@@ -109,9 +108,9 @@ def test_existing_out_needs_overwrite(tmp_path, capsys, tiny_dir, calib_txt):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *COMMON)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI)
     assert rc == 2 and "--overwrite" in se and (out / "keep.txt").read_text() == "mine"
-    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, "--overwrite", *COMMON)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, "--overwrite", *FAST_CLI)
     assert rc == 0 and (out / "llmprune.json").exists() and not (out / "keep.txt").exists()
 
 
@@ -126,7 +125,7 @@ def test_interrupt_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_tx
 
     monkeypatch.setattr(ck, "write_manifest", interrupted)
     out = tmp_path / "o"
-    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *COMMON)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI)
     assert rc == 130 and "interrupted" in se
     assert list(Path(tmp_path).iterdir()) == []
 
@@ -135,5 +134,5 @@ def test_eval_of_a_folder_without_manifest_and_missing_alias_package(tmp_path, c
     from llmprune import models
 
     monkeypatch.setitem(models.ALIASES, "ghost", models.Alias("x", "no_such_pkg_xyz", "pip install ghost-pkg==1"))
-    rc, _, se = _run(capsys, "compress", "--model", "ghost", "--out", tmp_path / "o", *COMMON)
+    rc, _, se = _run(capsys, "compress", "--model", "ghost", "--out", tmp_path / "o", *FAST_CLI)
     assert rc == 2 and "pip install ghost-pkg==1" in se

@@ -7,8 +7,7 @@ from PIL import Image
 
 from llmprune import checkpoint, patterns
 from llmprune.cli import main
-
-FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]  # conftest's FAST_CLI
+from llmprune.testing import FAST_CLI
 
 
 def test_recover_keeps_zeros_and_records(tmp_path, capsys, pruned_24, calib_txt):
@@ -38,7 +37,7 @@ def test_recover_before_figure_is_the_sources_or_measured(tmp_path, capsys, tiny
     src = tmp_path / "src"
     ev = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
     assert main(["compress", "--model", str(tiny_dir), "--sparsity", "0.5", "--calib", str(calib_txt), "--out", str(src),
-                 *FAST[:-2], *ev]) == 0
+                 *FAST_CLI[:-2], *ev]) == 0
     model, tok, _ = checkpoint.load(src)
     for windows in ("2", "3"):
         out = tmp_path / f"rec{windows}"
@@ -76,7 +75,7 @@ def test_pack_sparse24_roundtrip(tmp_path, capsys, pruned_24):
 def test_compress_with_format_and_gptq(tmp_path, capsys, tiny_dir, calib_txt):
     out = tmp_path / "w4"
     rc = main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt), "--out", str(out),
-               "--format", "w4s24", "--quant", "gptq", "--group-size", "32", *FAST])
+               "--format", "w4s24", "--quant", "gptq", "--group-size", "32", *FAST_CLI])
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "llmprune.json").read_text())
     assert m["format"]["name"] == "w4s24" and m["format"]["quant"] == "gptq"
@@ -204,6 +203,6 @@ def test_bench_help_and_errors_go_through_the_cli(capsys):
                                        (["--format", "w4s24", "--quant", "gptq", "--sink-weight", "0.5"], "must be >= 1")])
 def test_compress_rejects_format_options_before_any_work(tmp_path, capsys, tiny_dir, extra, msg):
     out = tmp_path / "o"
-    assert main(["compress", "--model", str(tiny_dir), "--out", str(out), *extra, *FAST]) == 2
+    assert main(["compress", "--model", str(tiny_dir), "--out", str(out), *extra, *FAST_CLI]) == 2
     err = capsys.readouterr().err
     assert msg in err and "saved" not in err and not out.exists(), err

@@ -11,7 +11,7 @@ from llmprune.cli import main
 from llmprune.errors import LLMPruneError
 from llmprune.quant import tune
 from llmprune.quant.rtn import rtn
-from llmprune.testing import tiny_model
+from llmprune.testing import FAST_CLI, tiny_model
 
 
 def _keep24(w):
@@ -120,9 +120,6 @@ def test_bad_options_and_targets():
         tune.tune_scales(student, quantized, ids[:3], tune.teacher_states(teacher, ids), steps=1)
 
 
-FAST = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
-
-
 @pytest.mark.parametrize("fmt", ["w4s24", "w4g128"])
 def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned_24, calib_txt, fmt):
     """`pack --quant gptq --tune-steps N`: the same codes, mask and zero points as plain GPTQ, other
@@ -173,7 +170,7 @@ def test_compress_runs_the_tuning_too(tmp_path, capsys, tiny_dir, calib_txt):
     out = tmp_path / "c"
     rc = main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt), "--out", str(out),
                "--format", "w4s24", "--quant", "gptq", "--group-size", "16", "--tune-steps", "5", "--tune-lr", "5e-3",
-               *FAST])
+               *FAST_CLI])
     assert rc == 0, capsys.readouterr().err
     t = json.loads((out / "llmprune.json").read_text())["format"]["quant_options"]["tune"]
     assert t["steps"] == 5 and t["windows"] == 6 and t["kl_after"] <= t["kl_before"]
