@@ -69,8 +69,8 @@ stage_formats() {
   run llama-dense-w4g128-gptq-tune64 $L pack $R/llama-dense --format w4g128 --quant gptq $T --out $R/llama-dense-w4g128-gptq-tune64 --no-progress && evalp llama-dense-w4g128-gptq-tune64
   run llama-wanda-24-w4s24-gptq-tune64 $L pack $R/llama-wanda-24 --format w4s24 --quant gptq $T --out $R/llama-wanda-24-w4s24-gptq-tune64 --no-progress && evalp llama-wanda-24-w4s24-gptq-tune64
 }
-stage_gemma() {  # Gemma-3-270M's quality per format (an eval takes ~6.5 min here: 262k vocabulary); not a default
-  # stage. Its inputs are 640 and 2048 wide: asymmetric groups of 64 (0.211x) for w4s24
+stage_gemma() {  # Gemma-3-270M's quality per format (~55 min here, the tuning 26 of them); not a default stage.
+  # Its inputs are 640, 1024 and 2048 wide (no groups of 48): asymmetric groups of 64 (0.211x) for w4s24
   run gemma3-sparsegpt-24 $L compress --model gemma3 --solver sparsegpt --pattern 2:4 --no-dense-eval $P --out $R/gemma3-sparsegpt-24
   run gemma3-sparsegpt-24-sparse24 $L pack $R/gemma3-sparsegpt-24 --format sparse24 --out $R/gemma3-sparsegpt-24-sparse24 --no-progress
   G64="--grid asym --group-size 64"

@@ -262,9 +262,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     if tune_steps and out:
         out, tinfo = tune.tune_scales(model, out, calib_ids, targets, tune_steps, tune_lr, device=device,
                                       progress=progress)
-        model.to("cpu")
-        out = {n: dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
-               for n, q in out.items()}
+        model.to("cpu")  # (tune_scales returns CPU tensors: the codes it got, scales it made on the CPU)
         if info is not None:
             info["tune"] = tinfo
     return out
