@@ -1,25 +1,61 @@
 #!/usr/bin/env bash
-# One H200 session (one call, < 10 min): kernel correctness on CUDA, kernel microbenchmarks, and
-# end-to-end decode of a LLaMA-7B-shaped random model (dense vs sparse24, w4s24).
-# Installs nothing; run from the repository root. Results and logs go to $OUT (default bench/out).
-# Each stage has its own time limit so one slow stage cannot eat the others' budget.
+# One H200 call (< 10 min): compile the kernels in parallel, check them against an fp64 oracle on
+# CUDA, sweep their launch shapes against cuBLAS / torch 2:4 / torch int4, decode a LLaMA-3-8B-shaped
+# model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
+#   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
+#                                          use_tuned microbench e2e e2e_compiled compress
+# (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
+# after it run the launch shapes just measured)
+# Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
+# $OUT is also packed into DIR/results.tgz after every stage (a caller that gets back a few files).
 set -u
 OUT=${OUT:-bench/out}
+PY=${PY:-python3}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-{ nvidia-smi --query-gpu=name,memory.total,clocks.max.mem --format=csv; python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; git rev-parse HEAD 2>/dev/null; } > "$OUT/env.txt" 2>&1
+STAGES=${*:-env precompile correctness tune use_tuned e2e compress}
 rc=0
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local r=$?
+  timeout "$secs" bash -c "$*" > "$OUT/$name.log" 2>&1; local r=$?
   echo "$name rc=$r $((SECONDS - t0))s" | tee -a "$OUT/stages.txt"
   [ $r -ne 0 ] && rc=1
+  [ -n "${PACK:-}" ] && tar czf "$PACK/results.tgz" -C "$OUT" .
   return 0
 }
-stage correctness 150 python bench/gpu_check.py "$OUT/correctness.json"
-stage microbench 200 python -m llmprune.bench --kernels --json "$OUT/microbench.json"
-stage e2e_7b 200 python bench/e2e_7b.py "$OUT/e2e_7b.json" --batch 1,16 --new-tokens 128
-tail -n 3 "$OUT"/*.log
+envinfo() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+  $PY -c "import torch, triton, transformers, accelerate, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__); p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, 'SMs', round(p.total_memory / 2**30, 1), 'GiB')"
+  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+}
+compress() {  # compression on CUDA: a SmolLM2-shaped random model (the real one does not fit the transfer)
+  local m=/tmp/smollm2-135m-synthetic
+  $PY bench/make_synthetic.py $m --arch smollm2-135m --dtype float32 || return 1
+  local common="--model $m --protocol paper --no-progress --overwrite"
+  $PY -m llmprune.cli compress $common --solver wanda --out /tmp/o-wanda --eval wikitext2 || return 1
+  $PY -m llmprune.cli compress $common --solver sparsegpt --out /tmp/o-sparsegpt --eval none || return 1
+  $PY -m llmprune.cli compress $common --solver sparsegpt --pattern 2:4 --format w4s24 --quant gptq \
+      --out /tmp/o-sparsegpt-w4s24-gptq --eval none || return 1
+  for o in wanda sparsegpt sparsegpt-w4s24-gptq; do cp /tmp/o-$o/llmprune.json "$OUT/compress-$o.json"; done
+}
+export -f envinfo compress
+export OUT PY
+stage env 30 envinfo
+stage precompile 60 $PY bench/gpu_precompile.py --workers 14
+stage correctness 70 $PY bench/gpu_check.py "$OUT/correctness.json"
+stage tune 140 $PY bench/gpu_tune.py "$OUT" --reps 10
+stage use_tuned 5 "mkdir -p llmprune/kernels/tuned && cp $OUT/sm90.json llmprune/kernels/tuned/sm90.json"
+stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
+stage e2e 100 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128
+stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
+    --formats w4s24 --compile dense,w4s24 --compiled-only
+stage compress 90 compress
+cat "$OUT/env.log" 2>/dev/null | head -4
+tail -n 40 "$OUT/tune.log" 2>/dev/null
+tail -n 12 "$OUT"/correctness.log "$OUT"/e2e*.log "$OUT"/precompile.log 2>/dev/null
+grep -h '"compress_s"\|peak_gpu' "$OUT"/compress-*.json 2>/dev/null
+cat "$OUT/stages.txt"
 exit $rc

@@ -29,6 +29,15 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
 
 
+def peak_gpu_mib(device: str) -> float | None:
+    """Peak memory torch allocated on a CUDA device in this process (None elsewhere)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+
+
 def reset_peak_rss() -> bool:
     """Restart the peak-memory count at the current resident size (Linux >= 4.0: writing 5 to
     /proc/self/clear_refs), so one process can measure the peak of each of several runs. Returns
@@ -220,6 +229,8 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     manifest.update(timings=timings, peak_rss_mib=peak_rss_mib(), device=device, dtype=cfg.dtype, protocol=cfg.protocol,
                     versions=versions(), config=cfg.as_dict())
+    if peak_gpu_mib(device) is not None:
+        manifest["peak_gpu_mib"] = peak_gpu_mib(device)
     if command:
         manifest["command"] = command
     if cfg.format != "dense":

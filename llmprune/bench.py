@@ -70,8 +70,9 @@ def _peak_mib(device: torch.device) -> float:
 
 @torch.no_grad()
 def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, warmup: int = 3,
-                 cuda_graphs: bool = True, seed: int = 0) -> dict:
-    """Per-step decode latencies (ms) after a prefill, static KV cache, CUDA graph when possible."""
+                 cuda_graphs: bool = True, seed: int = 0, step_model=None) -> dict:
+    """Per-step decode latencies (ms) after a prefill, static KV cache, CUDA graph when possible.
+    `step_model`: what runs the decode steps (e.g. a torch.compile'd model), default `model`."""
     from transformers import StaticCache
 
     device = torch.device(device)
@@ -84,8 +85,10 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
     tok = logits[:, -1:].argmax(-1)  # (batch, 1) static input of the decode step
     cpos = torch.tensor([prompt_len], device=device)  # updated in place: graph replays read it
 
+    stepper = model if step_model is None else step_model
+
     def step():
-        out = model(input_ids=tok, past_key_values=cache, cache_position=cpos, use_cache=True).logits
+        out = stepper(input_ids=tok, past_key_values=cache, cache_position=cpos, use_cache=True).logits
         return out[:, -1:].argmax(-1)
 
     graph, note = None, "eager"

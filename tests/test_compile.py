@@ -40,6 +40,12 @@ def test_tile_kernels_use_wgmma_and_gemv_does_not(rows):
             assert not r["tensor_cores"], r
 
 
+def test_split_k_reduction_takes_one_acq_rel_ticket(rows):
+    """Decode launches reduce split-K partials in-kernel: a gpu-scope acq_rel atomic (the ticket)."""
+    for r in rows:
+        assert r["atomic_acq_rel"] == r["reduce"], r
+
+
 def test_weight_loads_are_vectorized(rows):
     bad = [(r["format"], r["dtype"], r["M"]) for r in rows if not r["vector_loads"]]
     assert not bad, bad
@@ -53,4 +59,5 @@ def test_signature_mismatch_is_caught():
     from llmprune.kernels.compile_check import _signature
 
     sig, aligned = _signature("w4s50", "fp16", "gemv")
-    assert sig["B"] == "*i16" and sig["y_ptr"] == "*fp32" and "M" not in aligned
+    assert sig["B"] == "*i16" and sig["ws_ptr"] == "*fp32" and sig["cnt_ptr"] == "*i32"
+    assert "M" not in aligned and "SPLIT" not in aligned and "KK" in aligned

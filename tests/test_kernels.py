@@ -237,3 +237,79 @@ def test_torch_compile_fullgraph(ops):
     x = torch.randn(4, 128)
     y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(y, torch.relu(x @ w.T) @ w2.T, rtol=1e-4, atol=1e-4)
+
+
+# --- split-K with the in-kernel reduction, and the recorded launch shapes --------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind,split", [("tile", 3), ("tile", 5), ("gemv", 3), ("gemv", 7)])
+def test_forced_splits_agree_and_rearm_counters(ops, fmt, kind, split):
+    """Any number of K splits (also ones that do not divide the K loop) gives the oracle's result,
+    the same bits on a second launch, and leaves the ticket counters at zero for the next launch."""
+    from llmprune.kernels import triton_gemm as tg
+
+    p, w = rand_packed(fmt, 40, 1024, torch.float32, seed=split, G=64)  # 40 rows: a partial row block
+    x = torch.randn(3 if kind == "tile" else 2, 1024, generator=torch.Generator().manual_seed(7))
+    b = torch.randn(40)
+    cfg = tg.Config(kind, 32 if kind == "gemv" else 64, 16, 64, split=split)
+    y = ops.triton_linear(fmt, x, p, b, config=cfg)
+    assert_close(y, oracle(x, w, b), 1024)
+    assert torch.equal(ops.triton_linear(fmt, x, p, b, config=cfg), y)
+    assert int(tg._counters(x.device).abs().sum()) == 0
+
+
+def test_split_count_never_leaves_an_empty_split():
+    from llmprune.kernels.triton_gemm import Config, _split
+
+    for n_iter in range(1, 40):
+        for forced in range(1, 50):
+            split, iters = _split(Config("tile", 64, 16, 64, split=forced), n_iter, 3, torch.device("cpu"))
+            assert 1 <= split <= n_iter and (split - 1) * iters < n_iter <= split * iters
+
+
+def test_tuned_table_lookup(ops, monkeypatch, tmp_path):
+    """A recorded table is used for its device arch: exact shape, else the nearest swept size; a
+    bucket it lacks falls back to the default launch shape, and it never applies off CUDA."""
+    import json
+
+    from llmprune.kernels import triton_gemm as tg
+    from llmprune.kernels import tuned
+
+    table = {"w4s24": {"1": {"default": ["gemv", 16, 1, 256, 4, 3, 2], "4096x4096": ["tile", 64, 16, 128, 4, 4, 1],
+                             "28672x8192": ["tile", 128, 16, 256, 8, 3, 4]}}}
+    (tmp_path / "sm90.json").write_text(json.dumps({"configs": table}))
+    monkeypatch.setattr(tuned, "DIR", tmp_path)
+    monkeypatch.setattr(tuned, "arch", lambda device: "sm90")
+    tuned.table.cache_clear()
+    try:
+        c = tg.pick_config("w4s24", 1, 4096, 4096, "cuda")
+        assert (c.kind, c.BW, c.BK, c.num_stages, c.waves) == ("tile", 64, 128, 4, 1)
+        c = tg.pick_config("w4s24", 1, 8192, 30000, "cuda")  # nearest swept size: the 70B MLP shape
+        assert (c.BW, c.BK, c.waves) == (128, 256, 4)
+        c = tg.pick_config("w4s24", 1, 384, 96, "cuda")  # BK adapted to what divides 384
+        assert c.BK == 128 and 384 % c.BK == 0
+        assert tg.pick_config("w4s24", 16, 4096, 4096, "cuda") == tg.default_config("w4s24", 16, 4096)
+        assert tg.pick_config("w4g128", 1, 4096, 4096, "cuda") == tg.default_config("w4g128", 1, 4096)
+        monkeypatch.setattr(tuned, "arch", lambda device: None)
+        assert tg.pick_config("w4s24", 1, 4096, 4096, "cpu") == tg.default_config("w4s24", 1, 4096)
+    finally:
+        tuned.table.cache_clear()
+
+
+def test_shipped_tuned_tables_are_valid():
+    """Every recorded entry names a launch shape the kernels accept."""
+    import json
+
+    from llmprune.kernels import tuned
+    from llmprune.kernels.triton_gemm import Config
+
+    for path in tuned.DIR.glob("*.json"):
+        d = json.loads(path.read_text())
+        assert d["env"]["device"] and d["configs"], path
+        for fmt, buckets in d["configs"].items():
+            assert fmt in FORMATS
+            for bucket, entries in buckets.items():
+                assert int(bucket) in (1, 2, 4, 8, 16, 64, 512) and "default" in entries
+                for c in entries.values():
+                    cfg = Config(*c)
+                    assert cfg.kind in ("gemv", "tile") and cfg.BK & (cfg.BK - 1) == 0 and cfg.BW >= 16

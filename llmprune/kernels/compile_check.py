@@ -1,7 +1,7 @@
 """Compile every kernel configuration for Hopper (sm_90) without a GPU and inspect the result.
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs the whole pipeline down to
-ptxas, which ships with Triton. For each config pick_config() can choose we record: registers and
+ptxas, which ships with Triton. For each config default_config() chooses (and any config passed in) we record: registers and
 spill bytes (ptxas -v, since metadata.n_spills is only filled when a driver loads the binary),
 whether the tile kernels use tensor cores (wgmma / mma) and whether weight loads are vectorized
 (ld.global.v4 / v2 or cp.async). Run: python -m llmprune.kernels.compile_check [--json PATH]
@@ -28,16 +28,10 @@ def _signature(fmt: str, dtype: str, kind: str) -> tuple[dict, list[str]]:
     """Argument types, and the arguments the JIT would find 16-divisible for aligned 7B shapes."""
     wt = {"sparse24": (f"*{dtype}", "*u8", "*u8", "*u8"), "w4g128": ("*u8", "*fp16", "*u8", "*fp16"),
           "w4s24": ("*u8", "*u8", "*fp16", "*u8"), "w4s50": ("*u8", "*i16", "*fp16", "*fp16")}[fmt]
-    y = "*fp32" if kind == "gemv" else f"*{dtype}"  # the GEMV's split-K partials are fp32
-    names = ["x_ptr", "y_ptr", "bias_ptr", "A", "B", "C", "D", "sa", "sb", "sc", "M", "N"]
-    types = [f"*{dtype}", y, f"*{dtype}", *wt, "i32", "i32", "i32", "i32", "i32"]
-    if kind == "gemv":
-        names += ["KK", "KG", "sxm", "ITERS"]
-        types += ["i32"] * 4
-    else:
-        names += ["KIN", "KG", "sxm"]
-        types += ["i32"] * 3
-    return dict(zip(names, types)), [n for n in names if n not in ("M", "ITERS", "KG")]
+    names = ["x_ptr", "y_ptr", "bias_ptr", "ws_ptr", "cnt_ptr", "A", "B", "C", "D", "sa", "sb", "sc", "M", "N",
+             "KK" if kind == "gemv" else "KIN", "KG", "sxm", "ITERS", "SPLIT"]
+    types = [f"*{dtype}", f"*{dtype}", f"*{dtype}", "*fp32", "*i32", *wt] + ["i32"] * 10
+    return dict(zip(names, types)), [n for n in names if n not in ("M", "ITERS", "KG", "SPLIT")]
 
 
 def _ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
@@ -56,8 +50,9 @@ def _ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
     return {"n_regs": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
 
 
-def check_one(fmt: str, dtype: str, M: int) -> dict:
-    """Compile the config pick_config(fmt, M, 4096) chooses, for sm_90; returns a result row."""
+def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = None) -> dict:
+    """Compile `config` (default: the one default_config(fmt, M, 4096) chooses) for sm_90; returns a
+    result row. `reduce`: compile the split-K variant (default: decode shapes split, prefill not)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -65,15 +60,14 @@ def check_one(fmt: str, dtype: str, M: int) -> dict:
 
     from llmprune.kernels import triton_gemm as tg
 
-    cfg = tg.pick_config(fmt, M, IN_FEATURES)
+    cfg = config or tg.default_config(fmt, M, IN_FEATURES)
+    reduce = (M <= 16) if reduce is None else reduce
     kernel = tg._gemv_kernel if cfg.kind == "gemv" else tg._tile_kernel
     sig, aligned = _signature(fmt, dtype, cfg.kind)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     const = {"FMT": tg.FMT_IDS[fmt], "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
-             "HAS_BIAS": False, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
+             "HAS_BIAS": False, "REDUCE": reduce, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
              "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK}
-    if cfg.kind == "gemv":
-        const["FINAL"] = False
     sig.update({k: "constexpr" for k in const})
     names = kernel.arg_names  # ASTSource wants the kernel's parameter order
     assert sorted(names) == sorted(sig), (names, sig)
@@ -82,9 +76,10 @@ def check_one(fmt: str, dtype: str, M: int) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = compiled.asm["ptx"]
-    row = {"format": fmt, "dtype": dtype, "M": M, **asdict(cfg), **_ptxas_usage(ptx),
+    row = {"format": fmt, "dtype": dtype, "M": M, "reduce": reduce, **asdict(cfg), **_ptxas_usage(ptx),
            "wgmma": "wgmma.mma_async" in ptx, "mma": bool(re.search(r"\bmma\.sync", ptx)),
            "ld_v4": "ld.global.v4" in ptx, "ld_v2": "ld.global.v2" in ptx, "cp_async": "cp.async" in ptx,
+           "atomic_acq_rel": bool(re.search(r"atom\.global\.(gpu\.)?acq_rel|atom\.acq_rel\.gpu", ptx)),
            "shared_bytes": compiled.metadata.shared}
     row["tensor_cores"] = row["wgmma"] or row["mma"]
     row["vector_loads"] = row["ld_v4"] or row["ld_v2"] or row["cp_async"]

@@ -1,13 +1,18 @@
 """Triton matmul y = x @ W^T + b with W in a packed format, decoded tile by tile in registers.
 
 Two kernels share the per-format tile decoders (triton_sparse24.py, triton_w4.py):
-- `_gemv_kernel`, split-K GEMV for M <= 2 tokens: no MMA (a 16-row MMA would waste 15/16 of it);
-  every program reads a (BW rows x ITERS*BK inputs) slab of packed weight once, partial sums over
-  K splits go to an fp32 buffer (deterministic, summed by torch) so that small matrices still
-  fill the GPU.
-- `_tile_kernel` for M > 2 (decode up to 16, and prefill): acc (BW weight rows, BT tokens) =
-  W_tile (BW, BK) @ x_tile^T (BK, BT), weight rows on the MMA's M dimension (swap-AB, as in
-  Marlin-style decode kernels) so that BT can be as small as 16 tokens; prefill uses 128 x 128.
+- `_gemv_kernel` for a few tokens (M <= 4): no MMA; every program reads a (BW rows x ITERS*BK
+  inputs) slab of packed weight once and reduces it against each token with FMAs.
+- `_tile_kernel` for everything else: acc (BW weight rows, BT tokens) = W_tile (BW, BK) @
+  x_tile^T (BK, BT), weight rows on the MMA's M dimension (swap-AB, as in Marlin-style decode
+  kernels) so that BT can be as small as 16 tokens; Triton pipelines the packed-weight loads
+  through shared memory (cp.async, num_stages deep); prefill uses 128 x 128 tiles.
+Both split K over programs when the row blocks alone would not fill the GPU (decode shapes). The
+split-K partial sums are reduced inside the same launch: each program writes its fp32 partial
+tile to a workspace, takes a ticket from a per-tile counter, and the last program of a tile sums
+the partials in a fixed order (deterministic), adds the bias, writes y and re-arms the counter
+(the serial split-K "semaphore" of CUTLASS/stream-K). No second kernel, so a decode step under a
+CUDA graph costs one launch per linear.
 Accumulation is fp32; activations fp16 or bf16 (fp32 only for the CPU interpreter and tests).
 
 Format ids (FMT) and pointer roles (A, B, C, D):
@@ -43,10 +48,39 @@ def _dense_tile(A, B, C, D, sa, sb, sc, rows, rmask, k0, FMT: tl.constexpr, G: t
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm, ITERS,
-                 FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 FINAL: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr,
-                 BK: tl.constexpr):
+def _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tmask, N, SPLIT, pid_k, tile,
+            HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr):
+    """Write acc (BW rows, BT tokens) to y (M, N): directly, or through the split-K reduction."""
+    omask = rmask[:, None] & tmask[None, :]
+    done = True
+    if REDUCE:
+        # partial tile -> workspace (tiles, SPLIT, BW, BT); the last of the SPLIT programs sums them
+        slab = (tile * SPLIT).to(tl.int64) * (BW * BT)
+        offs = tl.arange(0, BW)[:, None] * BT + tl.arange(0, BT)[None, :]
+        tl.store(ws_ptr + slab + pid_k * (BW * BT) + offs, acc)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        done = ticket == SPLIT - 1
+        if done:
+            acc = tl.zeros((BW, BT), tl.float32)
+            for s in range(SPLIT):  # fixed order: the same sum whichever program comes last
+                acc += tl.load(ws_ptr + slab + s * (BW * BT) + offs, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")  # re-arm for the next launch
+    if done:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + tok[None, :] * N + rows[:, None], acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+# token count, K-loop length and split count change from call to call: no recompilation for them
+_RUNTIME_INTS = ["M", "KG", "ITERS", "SPLIT"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _gemv_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm,
+                 ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr):
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_w * BW + tl.arange(0, BW)
@@ -67,28 +101,35 @@ def _gemv_kernel(x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, s
             xm = tl.load(x_ptr + m * sxm + cols, mask=okc & (m < M), other=0.0).to(tl.float32)
             part = tl.sum(wf * xm, axis=1)  # (BW,)
             acc += tl.where(tok[None, :] == m, part[:, None], 0.0)
-    omask = rmask[:, None] & (tok[None, :] < M)
-    if FINAL:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + tok[None, :] * N + rows[:, None], acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:  # fp32 partials (SPLIT, M, N)
-        tl.store(y_ptr + pid_k * M * N + tok[None, :] * N + rows[:, None], acc, mask=omask)
+    _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
+            HAS_BIAS, REDUCE, BW, BT)
 
 
-@triton.jit
-def _tile_kernel(x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc, M, N, KIN, KG, sxm,
-                 FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 CDT: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _tile_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KIN, KG, sxm,
+                 ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr):
     pid_w = tl.program_id(0)
     pid_t = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rows = pid_w * BW + tl.arange(0, BW)
     rmask = rows < N
     tok = pid_t * BT + tl.arange(0, BT)
     tmask = tok < M
     acc = tl.zeros((BW, BT), tl.float32)
-    pos = tl.zeros((BW,), tl.int32)  # w4s50: kept groups before k0, per row
-    for k0 in range(0, KIN, BK):
+    it0 = pid_k * ITERS
+    n_it = tl.minimum(ITERS, tl.cdiv(KIN, BK) - it0)
+    pos = tl.zeros((BW,), tl.int32)  # w4s50: kept groups before the tile's first input, per row
+    if FMT == 3:
+        if REDUCE:  # this split starts at input it0*BK: count each row's kept groups before it
+            for j0 in range(0, KG, 64):
+                j = j0 + tl.arange(0, 64)
+                ok = rmask[:, None] & (j[None, :] < KG)
+                gi = tl.load(B + rows[:, None] * sb + j[None, :], mask=ok, other=0).to(tl.int32)
+                pos += tl.sum((ok & (gi * 16 < it0 * BK)).to(tl.int32), axis=1)
+    for i in range(n_it):
+        k0 = (it0 + i) * BK
         if FMT == 3:
             w, pos = w4s50_dense_tile(A, B, C, sa, sb, sc, rows, rmask, k0, pos, KG, BW, BK, CDT)
         else:
@@ -99,21 +140,26 @@ def _tile_kernel(x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc, M, N, KIN, KG, 
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
             acc = tl.dot(w, xt, acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + tok[None, :] * N + rows[:, None], acc.to(y_ptr.dtype.element_ty),
-             mask=rmask[:, None] & tmask[None, :])
+    tile = pid_w * tl.num_programs(1) + pid_t
+    _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tmask, N, SPLIT, pid_k, tile,
+            HAS_BIAS, REDUCE, BW, BT)
 
 
 @dataclass(frozen=True)
 class Config:
-    """One launch shape; compile_check.py compiles exactly these."""
+    """One launch shape. `waves`: split K until about waves x SMs programs run (1 = no split
+    beyond what fills the GPU once); `split` > 0 forces the number of K splits."""
     kind: str  # "gemv" | "tile"
     BW: int
     BT: int
     BK: int
     num_warps: int = 4
     num_stages: int = 3
+    waves: int = 2
+    split: int = 0
+
+    def as_list(self) -> list:
+        return [self.kind, self.BW, self.BT, self.BK, self.num_warps, self.num_stages, self.waves]
 
 
 def _pow2_divisor(n: int, cap: int, floor: int = 16) -> int:
@@ -124,20 +170,68 @@ def _pow2_divisor(n: int, cap: int, floor: int = 16) -> int:
     return bk
 
 
-def pick_config(fmt: str, M: int, in_features: int) -> Config:
-    """Launch shape by token count: GEMV for M <= 2, decode tile to 16, larger tiles for prefill."""
+def _walk_len(fmt: str, in_features: int) -> int:
+    """Length of the K axis the GEMV walks: w4s50 walks its K*16 kept columns."""
+    return (in_features // 32) * 16 if fmt == "w4s50" else in_features
+
+
+def m_bucket(M: int) -> int:
+    """Token-count buckets that share a launch shape (and a tuned entry)."""
+    for b in (1, 2, 4, 8, 16, 64):
+        if M <= b:
+            return b
+    return 512
+
+
+def default_config(fmt: str, M: int, in_features: int) -> Config:
+    """Launch shape by token count when no tuned entry applies: GEMV for M <= 2, the MMA tile with
+    16 tokens to M = 16, larger tiles for prefill."""
     if M <= 2:
-        # w4s50's GEMV walks the K*16 kept columns instead of the inputs
-        bk = _pow2_divisor((in_features // 32) * 16 if fmt == "w4s50" else in_features, 128)
+        bk = _pow2_divisor(_walk_len(fmt, in_features), 128)
         return Config("gemv", BW=32, BT=1 if M == 1 else 2, BK=bk, num_warps=4, num_stages=3)
     if M <= 16:
         return Config("tile", BW=64, BT=16, BK=_pow2_divisor(in_features, 128), num_warps=4, num_stages=3)
     if M <= 64:
         return Config("tile", BW=64, BT=64, BK=_pow2_divisor(in_features, 64), num_warps=4, num_stages=3)
-    return Config("tile", BW=128, BT=128, BK=_pow2_divisor(in_features, 64), num_warps=8, num_stages=3)
+    return Config("tile", BW=128, BT=128, BK=_pow2_divisor(in_features, 64), num_warps=8, num_stages=3,
+                  waves=1)
+
+
+def fit_config(cfg: Config, fmt: str, M: int, in_features: int) -> Config:
+    """Adapt a (tuned) config to this call: BK must divide the walked K axis, BT cover M for the GEMV."""
+    k = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features
+    bk = _pow2_divisor(k, cfg.BK)
+    bt = cfg.BT
+    if cfg.kind == "gemv":
+        bt = 1 << max(0, (M - 1).bit_length())  # next power of two >= M
+        if bt > 8:  # the GEMV unrolls over tokens: beyond 8 the tile kernel is the right shape
+            return default_config(fmt, M, in_features)
+    return Config(cfg.kind, cfg.BW, bt, bk, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
+
+
+def pick_config(fmt: str, M: int, in_features: int, out_features: int | None = None,
+                device: torch.device | None = None) -> Config:
+    """The tuned launch shape for this device and layer shape if one was recorded
+    (kernels/tuned.py), else the default by token count."""
+    from llmprune.kernels import tuned
+
+    cfg = tuned.lookup(fmt, m_bucket(M), in_features, out_features, device)
+    return fit_config(cfg, fmt, M, in_features) if cfg is not None else default_config(fmt, M, in_features)
 
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_COUNTERS: dict = {}  # device -> int32 zeros: split-K tickets, re-armed to 0 by every launch
+MAX_TILES = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Per-device ticket counters. Allocated once (before any CUDA-graph capture: the first call of a
+    layer runs eagerly); every launch leaves them at zero. Launches that split K must not run
+    concurrently on two streams of one device (they share these counters)."""
+    key = (device.type, device.index)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def _n_sms(device: torch.device) -> int:
@@ -150,39 +244,44 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _split(cfg: Config, n_iter: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(split, iterations per split): enough programs for cfg.waves x SMs, never an empty split."""
+    if tiles > MAX_TILES:
+        return 1, n_iter
+    split = cfg.split or triton.cdiv(cfg.waves * _n_sms(device), tiles)
+    split = max(1, min(n_iter, split))
+    iters = triton.cdiv(n_iter, split)
+    return triton.cdiv(n_iter, iters), iters
+
+
 def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features: int, kg: int, G: int,
            has_z: bool, bias: torch.Tensor | None, config: Config | None = None) -> torch.Tensor:
     """y (M, n_out) = x2d (M, in) @ W^T + bias. `tensors` are (A, B, C, D) as in the module
     docstring (unused roles may repeat a tensor); shapes were validated by ops.py."""
     M = x2d.shape[0]
-    cfg = config or pick_config(fmt, M, in_features)
+    cfg = fit_config(config, fmt, M, in_features) if config else pick_config(fmt, M, in_features, n_out,
+                                                                               x2d.device)
     A, B, C, D = tensors
     sa, sb, sc = A.stride(0), B.stride(0), C.stride(0)
-    cdt = _TL[x2d.dtype]
-    fid = FMT_IDS[fmt]
     bias_arg = bias if bias is not None else x2d
-    common = {"FMT": fid, "G": G, "HAS_Z": has_z, "HAS_BIAS": bias is not None, "CDT": cdt, "BW": cfg.BW,
-              "BT": cfg.BT, "BK": cfg.BK, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if cfg.kind == "tile":
-        y = torch.empty((M, n_out), dtype=x2d.dtype, device=x2d.device)
-        grid = (triton.cdiv(n_out, cfg.BW), triton.cdiv(M, cfg.BT))
-        _tile_kernel[grid](x2d, y, bias_arg, A, B, C, D, sa, sb, sc, M, n_out, in_features, kg,
-                           x2d.stride(0), **common)
-        return y
-    kk = kg * 16 if fmt == "w4s50" else in_features  # length of the walked K axis
+    kk = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features  # the K axis walked
     n_iter = triton.cdiv(kk, cfg.BK)
     row_blocks = triton.cdiv(n_out, cfg.BW)
-    split = max(1, min(n_iter, triton.cdiv(2 * _n_sms(x2d.device), row_blocks)))
-    iters = triton.cdiv(n_iter, split)
-    split = triton.cdiv(n_iter, iters)
-    final = split == 1
-    y = (torch.empty((M, n_out), dtype=x2d.dtype, device=x2d.device) if final
-         else torch.empty((split, M, n_out), dtype=torch.float32, device=x2d.device))
-    _gemv_kernel[(row_blocks, split)](x2d, y, bias_arg, A, B, C, D, sa, sb, sc, M, n_out, kk, kg,
-                                      x2d.stride(0), iters, FINAL=final, **common)
-    if final:
-        return y
-    y = y.sum(0)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x2d.dtype)
+    tok_blocks = 1 if cfg.kind == "gemv" else triton.cdiv(M, cfg.BT)
+    split, iters = _split(cfg, n_iter, row_blocks * tok_blocks, x2d.device)
+    y = torch.empty((M, n_out), dtype=x2d.dtype, device=x2d.device)
+    if split > 1:
+        ws = torch.empty((row_blocks * tok_blocks, split, cfg.BW, cfg.BT), dtype=torch.float32,
+                         device=x2d.device)
+        cnt = _counters(x2d.device)
+    else:
+        ws = cnt = y  # unused
+    meta = {"FMT": FMT_IDS[fmt], "G": G, "HAS_Z": has_z, "HAS_BIAS": bias is not None, "REDUCE": split > 1,
+            "CDT": _TL[x2d.dtype], "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK, "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages}
+    args = (x2d, y, bias_arg, ws, cnt, A, B, C, D, sa, sb, sc, M, n_out, kk, kg, x2d.stride(0), iters, split)
+    if cfg.kind == "tile":
+        _tile_kernel[(row_blocks, tok_blocks, split)](*args, **meta)
+    else:
+        _gemv_kernel[(row_blocks, split)](*args, **meta)
+    return y

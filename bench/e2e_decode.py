@@ -1,0 +1,174 @@
+"""End-to-end decode of a LLaMA-3-8B-shaped model with random weights: dense fp16 against the packed
+formats (run by gpu_kernels.sh). Packed layers get random valid packed tensors (decode speed does
+not depend on the values). Static KV cache, one decode step captured in a CUDA graph.
+
+    python3 bench/e2e_decode.py OUT.json [--arch llama3-8b] [--layers 32] [--batch 1,16]
+        [--formats sparse24,w4g128,w4s24] [--compile dense,w4s24] [--device cuda]
+
+Per model and batch: ms per step (median, p90), tokens/s, effective GB/s (weight bytes per step x
+steps/s), peak memory. Also, per format, a step of the decoder's linears alone (every linear of
+every layer in one CUDA graph, nothing else): what the kernels cost inside a decode step. With
+--compile, the decode step of the named models also runs through torch.compile (inductor fuses
+the norms, rotary and residual adds that otherwise cost a kernel launch each; the packed linears
+stay our custom ops) and is then captured in the same CUDA graph.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmprune.bench import DECODE_COLS, _peak_mib, _summary, decode_steps, format_table, random_packed, weight_bytes
+from llmprune.modules import PackedLinear
+
+sys.path.insert(0, "bench")
+from make_synthetic import config as arch_config  # noqa: E402
+
+
+def dense_model(arch: str, layers: int | None, device: str, **over) -> torch.nn.Module:
+    cfg = arch_config(arch, num_hidden_layers=layers, **over)
+    dt = torch.float16 if device == "cuda" else torch.float32  # fp32: the CPU dry run
+    with torch.device(device):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    return m.eval()
+
+
+def packed_copy(m: torch.nn.Module, fmt: str, device: str) -> torch.nn.Module:
+    """A model sharing m's embeddings, norms and head, every decoder linear replaced by PackedLinear."""
+    dt = next(m.parameters()).dtype
+    with torch.device("meta"):
+        c = AutoModelForCausalLM.from_config(m.config, dtype=dt)
+    c.load_state_dict(m.state_dict(), assign=True)  # shares m's tensors: no copy
+    for name, mod in list(c.named_modules()):
+        for child, lin in list(mod.named_children()):
+            if isinstance(lin, torch.nn.Linear) and name.startswith("model.layers"):
+                p = random_packed(fmt, lin.out_features, lin.in_features, dt, device)
+                setattr(mod, child, PackedLinear(fmt, p, None, lin.in_features, lin.out_features))
+    c.model.rotary_emb = m.model.rotary_emb  # non-persistent buffers are not in the state dict
+    return c.eval()
+
+
+@torch.no_grad()
+def linears_step(model: torch.nn.Module, batch: int, device, reps: int = 20) -> dict:
+    """ms of running every decoder linear once (one CUDA graph), and the bytes they read."""
+    lins = [m for n, m in model.named_modules() if n.startswith("model.layers")
+            and isinstance(m, (torch.nn.Linear, PackedLinear))]
+    dt = next(model.parameters()).dtype
+    xs = {f: torch.randn(batch, f, device=device, dtype=dt) for f in {m.in_features for m in lins}}
+
+    def run():
+        for m in lins:
+            m(xs[m.in_features])
+
+    run()
+    nbytes = sum(m.nbytes if isinstance(m, PackedLinear) else m.weight.numel() * 2 for m in lins)
+    if device.type != "cuda":  # dry run
+        t0 = time.perf_counter()
+        run()
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"batch": batch, "n_linears": len(lins), "ms": ms, "bytes": nbytes, "GBps": nbytes / ms / 1e6}
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(a.elapsed_time(b) for a, b in ev)
+    return {"batch": batch, "n_linears": len(lins), "ms": ms, "bytes": nbytes, "GBps": nbytes / ms / 1e6}
+
+
+def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]:
+    rows = []
+    wb = weight_bytes(m)
+    step_model = torch.compile(m) if compiled else None
+    for b in batches:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.time()
+        r = decode_steps(m, b, a.prompt_len, a.new_tokens, device, 3, True, step_model=step_model)
+        rows.append({"model": label + (" compiled" if compiled else ""), "batch": b, "weight_bytes": wb,
+                     "mode": r["mode"], **_summary(r["ms"], b, wb),
+                     "peak_mem_MiB": _peak_mib(device), "wall_s": time.time() - t0})
+        print(format_table(rows[-1:], DECODE_COLS), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--arch", default="llama3-8b")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--formats", default="sparse24,w4g128,w4s24")
+    ap.add_argument("--compile", default="", help="models whose decode step also runs compiled, e.g. dense,w4s24")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compiled-only", action="store_true", help="skip the eager rows")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer, 256-wide model: the CPU dry run")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    batches = [int(b) for b in a.batch.split(",")]
+    compiled = [c for c in a.compile.split(",") if c]
+    tiny = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=1000) if a.tiny else {}
+    dense = dense_model(a.arch, a.layers, a.device, **tiny)
+    res = {"arch": a.arch, "config": {k: getattr(dense.config, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size")}, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+        "dtype": str(next(dense.parameters()).dtype)[6:], "rows": [], "linears": [],
+        "command": "python3 bench/e2e_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    order = ["dense", *a.formats.split(",")]
+
+    def save():  # after every model: a stage stopped by its time limit keeps what it has
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    for compiled_pass in ((True,) if a.compiled_only else (False, True)):  # every eager row first; the compiled ones (slow to build) last
+        for label in order:
+            if compiled_pass and label not in compiled:
+                continue
+            try:
+                m = dense if label == "dense" else packed_copy(dense, label, a.device)
+                if not compiled_pass:
+                    for b in batches:
+                        res["linears"].append({"model": label, **linears_step(m, b, device)})
+                        print("linears only", res["linears"][-1], flush=True)
+                res["rows"] += bench_model(label, m, batches[:1] if compiled_pass else batches, a, device,
+                                           compiled_pass)
+            except Exception as e:  # noqa: BLE001  recorded; the other models still run
+                res["rows"].append({"model": label + (" compiled" if compiled_pass else ""),
+                                    "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print("FAILED:", res["rows"][-1], flush=True)
+            if compiled_pass:
+                torch._dynamo.reset()
+            if label != "dense":
+                m = None
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            save()
+    dense_ms = {(r["model"], r["batch"]): r["ms_per_step_median"] for r in res["rows"] if "batch" in r}
+    for r in res["rows"]:
+        base = dense_ms.get(("dense compiled" if r.get("model", "").endswith("compiled") else "dense", r.get("batch")))
+        if base and "ms_per_step_median" in r:
+            r["speedup_vs_dense"] = base / r["ms_per_step_median"]
+    save()
+    print(format_table([r for r in res["rows"] if "batch" in r], DECODE_COLS + ("wall_s",)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
