@@ -23,11 +23,19 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmprune.bench import DECODE_COLS, _peak_mib, _summary, decode_steps, format_table, random_packed, weight_bytes
+from llmprune.bench import (
+    DECODE_COLS,
+    _peak_mib,
+    _summary,
+    decode_steps,
+    format_table,
+    random_packed,
+    weight_bytes,
+)
 from llmprune.modules import PackedLinear
 
 sys.path.insert(0, "bench")
-from make_synthetic import config as arch_config  # noqa: E402
+from make_synthetic import config as arch_config
 
 
 def dense_model(arch: str, layers: int | None, device: str, **over) -> torch.nn.Module:

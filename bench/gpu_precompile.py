@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import time
-
-import os
 
 SMALL = (256, 2048)
 DEVICE = os.environ.get("PRECOMPILE_DEVICE", "cuda")  # cpu: a dry run under TRITON_INTERPRET=1  # out, in: every stride 16-aligned, as in the LLaMA shapes

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             dense_ms = None
             for name, (fn, nbytes) in base_fns.items():
                 try:
-                    ms, mode = time_ms(lambda fn=fn: fn(x), flush, a.reps)
+                    ms, mode = time_ms(lambda fn=fn, x=x: fn(x), flush, a.reps)
                     dense_ms = ms if name == "dense" else dense_ms
                     rows.append({**base, "format": name, "ms": ms, "bytes": nbytes, "mode": mode})
                 except Exception as e:  # noqa: BLE001
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                 xb = x.to(torch.bfloat16)
                 try:
                     err = rel_err(fn(xb), xb.double() @ deq.to(torch.bfloat16).double().T)
-                    ms, mode = time_ms(lambda: fn(xb), flush, a.reps)
+                    ms, mode = time_ms(lambda fn=fn, xb=xb: fn(xb), flush, a.reps)
                     rows.append({**base, "format": "torch_int4", "ms": ms, "bytes": nbytes, "mode": mode,
                                  "rel_err": err, "dtype": "bfloat16"})
                 except Exception as e:  # noqa: BLE001
@@ -210,8 +210,9 @@ def main(argv=None) -> int:
                         if err > (3e-3 if dtype == torch.float16 else 1e-5):
                             r["error"] = "wrong result"
                         else:
-                            r["ms"], r["mode"] = time_ms(lambda cfg=cfg: ops.triton_linear(fmt, x, p, config=cfg),
-                                                         flush, a.reps)
+                            r["ms"], r["mode"] = time_ms(
+                                lambda cfg=cfg, fmt=fmt, x=x, p=p: ops.triton_linear(fmt, x, p, config=cfg),
+                                flush, a.reps)
                     except Exception as e:  # noqa: BLE001
                         r["error"] = f"{type(e).__name__}: {e}"[:300]
                     if dense_ms and "ms" in r:

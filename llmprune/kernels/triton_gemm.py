@@ -121,13 +121,12 @@ def _tile_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
     it0 = pid_k * ITERS
     n_it = tl.minimum(ITERS, tl.cdiv(KIN, BK) - it0)
     pos = tl.zeros((BW,), tl.int32)  # w4s50: kept groups before the tile's first input, per row
-    if FMT == 3:
-        if REDUCE:  # this split starts at input it0*BK: count each row's kept groups before it
-            for j0 in range(0, KG, 64):
-                j = j0 + tl.arange(0, 64)
-                ok = rmask[:, None] & (j[None, :] < KG)
-                gi = tl.load(B + rows[:, None] * sb + j[None, :], mask=ok, other=0).to(tl.int32)
-                pos += tl.sum((ok & (gi * 16 < it0 * BK)).to(tl.int32), axis=1)
+    if FMT == 3 and REDUCE:  # w4s50 split starting at input it0*BK: each row's kept groups before it
+        for j0 in range(0, KG, 64):
+            j = j0 + tl.arange(0, 64)
+            ok = rmask[:, None] & (j[None, :] < KG)
+            gi = tl.load(B + rows[:, None] * sb + j[None, :], mask=ok, other=0).to(tl.int32)
+            pos += tl.sum((ok & (gi * 16 < it0 * BK)).to(tl.int32), axis=1)
     for i in range(n_it):
         k0 = (it0 + i) * BK
         if FMT == 3:

@@ -25,7 +25,7 @@ def arch(device: torch.device | None) -> str | None:
     return f"sm{major}{minor}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def table(arch_name: str) -> dict:
     path = DIR / f"{arch_name}.json"
     return json.loads(path.read_text())["configs"] if path.is_file() else {}
