@@ -21,7 +21,7 @@ import torch
 from llmprune.bench import random_packed
 from llmprune.kernels import ops
 
-FORMATS = ("sparse24", "w4g128", "w4s24", "w4s50")
+FORMATS = tuple(__import__("llmprune.formats", fromlist=["names"]).names())
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),
           (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672),
           (1000, 1024), (72, 384), (4000, 2048))

@@ -26,7 +26,7 @@ from llmprune.bench import random_packed
 from llmprune.kernels import ops
 from llmprune.kernels.triton_gemm import Config, m_bucket, pick_config
 
-FORMATS = ("sparse24", "w4g128", "w4s24", "w4s50")
+FORMATS = tuple(__import__("llmprune.formats", fromlist=["names"]).names())
 SHAPES = {  # (out, in) of the linears a LLaMA-3 decoder layer runs (HF: q, k, v, o, gate, up, down)
     "8b.q_o": (4096, 4096), "8b.k_v": (1024, 4096), "8b.gate_up": (14336, 4096), "8b.down": (4096, 14336),
     "70b.q_o": (8192, 8192), "70b.k_v": (1024, 8192), "70b.gate_up": (28672, 8192), "70b.down": (8192, 28672),

@@ -52,6 +52,22 @@ def get(module, dotted: str):
     return module
 
 
+def set_module(model, dotted: str, new) -> None:
+    """Replace the submodule at `dotted` (e.g. "model.layers.0.mlp.up_proj") with `new`."""
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(get(model, parent) if parent else model, leaf, new)
+
+
+def logits(model, hidden):
+    """Output-head logits (fp32) of final hidden states, with the architecture's final logit
+    soft-capping (Gemma-2/3: cap * tanh(logits / cap)) when its config sets one."""
+    import torch
+
+    out = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(out / cap) * cap if cap else out
+
+
 def blocks(model):
     return get(model, arch_of(model).blocks)
 

@@ -63,7 +63,7 @@ def _sync(device: torch.device) -> None:
 def _peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from .api import peak_rss_mib
+    from .runinfo import peak_rss_mib
 
     return peak_rss_mib()
 
@@ -174,38 +174,13 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
 # --- kernel microbenchmark -----------------------------------------------------------------------
 
 def random_packed(fmt: str, out: int, n_in: int, dtype=torch.float16, device="cpu", seed: int = 0) -> dict:
-    """Valid packed tensors of a random weight, built directly (packing a 57344 x 8192 weight just to
-    time it would dominate the benchmark)."""
+    """Valid packed tensors of a random weight, built directly by the format (packing a 28672 x 8192
+    weight just to time it would dominate the benchmark)."""
+    from .formats import get
+
     device = torch.device(device)
     g = torch.Generator(device).manual_seed(seed)  # generated where used: 70B shapes are large
-    pairs = torch.tensor([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], device=device)
-
-    def meta():
-        sel = pairs[torch.randint(6, (out, n_in // 4), generator=g, device=device)]  # (out, in/4, 2)
-        nib = sel[..., 0] | (sel[..., 1] << 2)
-        return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)  # (out, in/8)
-
-    def u8(*s):
-        return torch.randint(0, 256, s, generator=g, dtype=torch.int32, device=device).to(torch.uint8)
-
-    def scales(*s):
-        return (torch.rand(*s, generator=g, device=device) * 0.01 + 1e-3).half()
-
-    if fmt == "sparse24":
-        p = {"values": (torch.randn(out, n_in // 2, generator=g, device=device) * 0.02).to(dtype), "meta": meta()}
-    elif fmt == "w4g128":
-        p = {"codes": u8(out, n_in // 2), "scales": scales(out, n_in // 128)}
-    elif fmt == "w4s24":
-        p = {"codes": u8(out, n_in // 4), "meta": meta(), "scales": scales(out, n_in // 128)}
-    elif fmt == "w4s50":
-        ng, k = n_in // 16, n_in // 32
-        gidx = torch.rand(out, ng, generator=g, device=device).argsort(1)[:, :k].sort(1).values.to(torch.int16)
-        p = {"codes": u8(out, k * 8), "gidx": gidx, "scales": scales(out, k)}
-    else:
-        from llmprune.errors import LLMPruneError
-
-        raise LLMPruneError(f"unknown format {fmt!r} for the microbenchmark")
-    return p
+    return get(fmt).random(out, n_in, dtype, device, g)
 
 
 def _time(fn, device, reps: int, flush) -> float:
@@ -230,7 +205,7 @@ def _time(fn, device, reps: int, flush) -> float:
 
 @torch.no_grad()
 def kernel_microbench(shapes: dict | None = None, Ms=(1, 2, 4, 8, 16, 512),
-                      formats=("sparse24", "w4g128", "w4s24", "w4s50"), device: str | None = None,
+                      formats: tuple[str, ...] | None = None, device: str | None = None,
                       dtype=None, reps: int = 20) -> list[dict]:
     """ms of ops.linear per (shape, M, format) vs dense F.linear (and 2:4 to_sparse_semi_structured
     on CUDA), with effective GB/s of the bytes each reads."""
@@ -241,6 +216,10 @@ def kernel_microbench(shapes: dict | None = None, Ms=(1, 2, 4, 8, 16, 512),
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     shapes = shapes or LLAMA_SHAPES
+    if formats is None:
+        from .formats import names
+
+        formats = tuple(names())
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
     rows = []
     for name, (out, n_in) in shapes.items():

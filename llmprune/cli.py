@@ -12,6 +12,10 @@ def _float_or_none(s):
     return None if s in (None, "") else float(s)
 
 
+def _datasets(s: str) -> tuple[str, ...]:
+    return tuple(x for x in (s or "").split(",") if x and x != "none")
+
+
 def _add_compress(sub):
     p = sub.add_parser("compress", help="prune (or slice) a model, save it, evaluate it")
     p.add_argument("--model", default="llama", help="Hub id, local HF folder, .gguf file, or alias (llama, gemma3)")
@@ -82,7 +86,7 @@ def cmd_compress(a) -> int:
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
-        gptq=_gptq_opts(a),
+        gptq=_gptq_opts(a) or None,
         recover=({"method": a.recover, "steps": a.recover_steps,
                   **({"lr": a.recover_lr} if a.recover_lr else {})} if a.recover else None),
     )
@@ -112,6 +116,10 @@ def print_eval(ev: dict) -> None:
     for d, r in ev.items():
         dense = f"{r['dense_ppl']:.3f}" if "dense_ppl" in r else "-"
         print(f"{d:<10} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>8} {dense:>10} {r['ppl']:>10.3f}")
+    ons = {r.get("measured_on") for r in ev.values()} - {None}
+    if ons:
+        print(f"ppl: of the {' / '.join(sorted(ons))}" + ("; dense ppl: the model before compression"
+                                                          if any("dense_ppl" in r for r in ev.values()) else ""))
 
 
 def _add_eval(sub):
@@ -126,6 +134,8 @@ def _add_eval(sub):
     p.add_argument("--tasks-dir", default=None, help="folder with the offline task files (default: shipped copies)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the one the output was made in, else "
+                                                 "float32)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -137,7 +147,7 @@ def cmd_eval(a) -> int:
     tasks = tuple(x for x in a.tasks.split(",") if x)
     ppl = tuple(x for x in (a.ppl if a.ppl is not None else ("" if tasks else "wikitext2")).split(",") if x and x != "none")
     res = api.evaluate(a.target, ppl, a.seqlen, a.windows, a.device, progress=not a.no_progress, tasks=tasks,
-                       limit=a.limit, tasks_dir=a.tasks_dir, batch_size=a.batch_size)
+                       limit=a.limit, tasks_dir=a.tasks_dir, batch_size=a.batch_size, dtype=a.dtype)
     print_eval(res.get("eval", {}))
     print_zeroshot(res.get("zeroshot", {}))
     if a.json:
@@ -302,7 +312,9 @@ def _add_gptq_args(g) -> None:
 
 
 def _gptq_opts(a) -> dict:
-    return {"act_order": a.act_order, "sink_weight": a.sink_weight, "tune_steps": a.tune_steps, "tune_lr": a.tune_lr}
+    """The GPTQ flags that were given (the others keep GPTQConfig's defaults)."""
+    given = {"act_order": a.act_order, "sink_weight": a.sink_weight, "tune_steps": a.tune_steps, "tune_lr": a.tune_lr}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _add_pack(sub):
@@ -319,6 +331,10 @@ def _add_pack(sub):
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", default="none", help="perplexity of the packed folder as saved: wikitext2,c4 or none")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default all)")
+    p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pack)
@@ -330,8 +346,10 @@ def cmd_pack(a) -> int:
     gs = a.group_size if a.group_size == "auto" else int(a.group_size)
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
                  progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
-                 gptq=_gptq_opts(a))
+                 gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
+                 device=a.device)
     print_format(m)
+    print_eval(m.get("eval", {}))
     return 0
 
 

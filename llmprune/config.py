@@ -1,13 +1,20 @@
-"""Configuration as frozen, validated dataclasses. Unknown keys are rejected, so a typo in a
-Python call or a JSON recipe fails loudly instead of being ignored."""
+"""Configuration as frozen, validated dataclasses, one per pipeline stage (pipeline.py), composed
+by CompressConfig, the recipe `llmprune compress` runs. Unknown keys are rejected, so a typo in a
+Python call or a JSON recipe fails loudly instead of being ignored; each stage's options are
+checked where they are defined, once, before any model is loaded. Sub-configs may be given as
+dicts (JSON recipes, Python kwargs): they are converted and checked the same way.
+
+Importing this module is cheap: no torch.
+"""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from .errors import LLMPruneError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 # Calibration and evaluation settings that defaults come from. "paper" is the SparseGPT/Wanda
 # protocol (128 x 2048 C4 windows, every WikiText-2 window); "cpu" (P-cpu) keeps a run on a
@@ -16,10 +23,120 @@ PROTOCOLS = {
     "paper": {"nsamples": 128, "seqlen": 2048, "eval_windows": 0},
     "cpu": {"nsamples": 64, "seqlen": 512, "eval_windows": 16},
 }
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+TUNE_LR = 1e-3  # scale tuning's relative Adam step (quant/tune.py)
+EVAL_DATASETS = ("wikitext2", "c4")
+
+
+def _from(cls, value, what: str):
+    """A sub-config from a dict (unknown keys rejected), an instance, or None."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise LLMPruneError(f"{what} must be a dict of options, not {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise LLMPruneError(f"unknown {what} options {unknown}: valid are {', '.join(sorted(known))}")
+    return cls(**value)
+
+
+@dataclass(frozen=True)
+class OwlConfig:
+    """OWL outlier-weighted layer-wise sparsity (Yin et al. 2024, arXiv 2310.05175)."""
+    m: float = 5.0  # outlier threshold: |W| x ||X|| > m x the layer's mean
+    lam: float = 0.08  # layer sparsities vary within target +- lam
+
+    def __post_init__(self):
+        if not self.m > 0:
+            raise LLMPruneError(f"--owl-m {self.m} must be > 0, e.g. 5")
+        if not 0 <= self.lam < 1:
+            raise LLMPruneError(f"--owl-lambda {self.lam} must be in [0, 1), e.g. 0.08")
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """SliceGPT (Ashkboos et al. 2024, arXiv 2401.15024): delete rows and columns."""
+    slicing: float = 0.25
+    rotation: str = "per-block"
+    round_to: int = 8
+
+    def __post_init__(self):
+        if not 0.0 < self.slicing < 1.0:
+            raise LLMPruneError(f"--slicing must be in (0, 1), the fraction of the hidden size to delete; "
+                                f"got {self.slicing}")
+        if self.rotation not in ("per-block", "shared"):
+            raise LLMPruneError(f"--rotation must be per-block or shared, got {self.rotation!r}")
+        if self.round_to < 1:
+            raise LLMPruneError(f"--round-to must be a positive integer, got {self.round_to}")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ as `--quant gptq` runs it (defaults: quant/sequential.GPTQ_DEFAULTS) and the optional
+    end-to-end scale tuning after it (quant/tune.py)."""
+    act_order: bool = True
+    sink_weight: float = 16.0
+    tune_steps: int = 0
+    tune_lr: float = TUNE_LR
+
+    def __post_init__(self):
+        if not (isinstance(self.sink_weight, (int, float)) and self.sink_weight >= 1):
+            raise LLMPruneError(f"--sink-weight {self.sink_weight}: must be >= 1 (1 counts the first token like any "
+                                f"other)")
+        if not (isinstance(self.tune_steps, int) and self.tune_steps >= 0):
+            raise LLMPruneError(f"--tune-steps {self.tune_steps}: must be a whole number >= 0 (0: no tuning)")
+        if not self.tune_lr > 0:
+            raise LLMPruneError(f"--tune-lr {self.tune_lr}: must be > 0, e.g. 1e-3")
+        object.__setattr__(self, "sink_weight", float(self.sink_weight))
+        object.__setattr__(self, "tune_lr", float(self.tune_lr))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """PERP retraining after pruning (Zimmer et al. 2023, arXiv 2312.15230); options of perp.recover."""
+    method: str = "perp"
+    steps: int = 200
+    lr: float | None = None  # None: perp's default
+    rank: int = 16
+    train: tuple[str, ...] = ("norms", "biases", "masklora")
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup: int | None = None
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_checkpointing: bool = True
+    mixed_precision: str = "no"
+    seed: int = 0
+    data: str | None = None  # None: the pruning's calibration set
+    seqlen: int = 512
+    nsamples: int | None = None  # None: steps x batch_size x grad_accum (each window seen once)
+
+    def __post_init__(self):
+        if isinstance(self.train, str):
+            object.__setattr__(self, "train", tuple(x for x in self.train.split(",") if x))
+        if self.method != "perp":
+            raise LLMPruneError(f"--recover {self.method!r}: the only recovery method is perp")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.seqlen < 2:
+            raise LLMPruneError("PERP needs --steps, --batch and --grad-accum >= 1 and --seqlen >= 2")
+
+    def perp_options(self) -> dict:
+        """The keyword arguments of perp.recover / perp.check_options."""
+        d = dataclasses.asdict(self)
+        for k in ("data", "seqlen", "nsamples"):
+            d.pop(k)
+        if d["lr"] is None:
+            d.pop("lr")
+        return d
 
 
 @dataclass(frozen=True)
 class CompressConfig:
+    """The recipe of `llmprune compress`: load -> calibrate -> prune or slice -> recover -> export
+    -> evaluate the saved output -> manifest (pipeline.compress)."""
     model: str = "llama"
     solver: str = "wanda"
     pattern: str = "unstructured"
@@ -27,7 +144,7 @@ class CompressConfig:
     scope: str = "layer"  # magnitude: "layer" or "global" (Global MP)
     ignore: str | None = None  # regex of linear names left dense
     solver_opts: dict = field(default_factory=dict)  # e.g. damp, blocksize, init, max_cycles
-    owl: dict | None = None  # {"m": 5.0, "lam": 0.08} for OWL layer-wise sparsity
+    owl: OwlConfig | None = None
     # calibration
     calib: str = "c4"
     nsamples: int | None = None  # None: from the protocol
@@ -41,20 +158,20 @@ class CompressConfig:
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
-    # evaluation
+    # evaluation (of the saved output)
     eval: tuple[str, ...] = ()
     eval_seqlen: int = 2048
     eval_windows: int | None = None  # None: from the protocol; 0: all windows
-    eval_dense: bool = True
-    # transforms, formats, recovery (each validated by its own module)
-    slicegpt: dict | None = None  # {"slicing": 0.25, "rotation": "per-block", "round_to": 8}
+    eval_dense: bool = True  # also measure the dense model first (its figure is kept as dense_ppl)
+    # transforms, formats, recovery
+    slicegpt: SliceConfig | None = None
     format: str = "dense"
     quant: str | None = None  # rtn | gptq, for the int4 formats
     group_size: int | str = "auto"  # int4 scale group; auto: the largest of 128/64/32/16 that divides
     grid: str = "auto"  # int4 grid: sym | asym | auto (the format's default: w4g128 asym, w4s24/w4s50 sym)
     save_dtype: str = "float16"  # floating tensors of packed formats (dense outputs keep --dtype)
-    gptq: dict | None = None  # {"act_order": bool, "sink_weight": float}: overrides packed.GPTQ_DEFAULTS
-    recover: dict | None = None  # {"method": "perp", "steps": 200, ...}
+    gptq: GPTQConfig | None = None  # None: the defaults, when --quant gptq
+    recover: RecoverConfig | None = None
     version: int = CONFIG_VERSION
 
     @classmethod
@@ -66,8 +183,14 @@ class CompressConfig:
         return cls(**d)
 
     def __post_init__(self):
+        s = object.__setattr__
         if isinstance(self.eval, str):
-            object.__setattr__(self, "eval", tuple(x for x in self.eval.split(",") if x))
+            s(self, "eval", tuple(x for x in self.eval.split(",") if x and x != "none"))
+        s(self, "eval", tuple(self.eval))
+        s(self, "owl", _from(OwlConfig, self.owl, "--owl"))
+        s(self, "slicegpt", _from(SliceConfig, self.slicegpt, "SliceGPT"))
+        s(self, "gptq", _from(GPTQConfig, self.gptq, "GPTQ"))
+        s(self, "recover", _from(RecoverConfig, self.recover, "--recover"))
         if self.protocol not in ("auto", *PROTOCOLS):
             raise LLMPruneError(f"--protocol {self.protocol!r}: use auto, {', '.join(PROTOCOLS)}")
         if (self.nsamples is not None and self.nsamples < 1) or (self.seqlen is not None and self.seqlen < 2):
@@ -78,10 +201,37 @@ class CompressConfig:
             raise LLMPruneError(f"--scope {self.scope!r}: use layer or global")
         if self.scope == "global" and self.solver != "magnitude":
             raise LLMPruneError("--scope global is Global Magnitude Pruning: use it with --solver magnitude")
-        if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
-            raise LLMPruneError(f"--dtype {self.dtype!r}: use float32, float16, bfloat16 or float64")
+        if self.dtype not in DTYPES:
+            raise LLMPruneError(f"--dtype {self.dtype!r}: use {', '.join(DTYPES)}")
+        if self.save_dtype not in ("float16", "bfloat16", "float32"):
+            raise LLMPruneError(f"--save-dtype {self.save_dtype!r}: use float16, bfloat16 or float32")
+        if self.grid not in ("auto", "sym", "asym"):
+            raise LLMPruneError(f"--grid {self.grid!r}: use sym, asym or auto")
         if self.eval_windows is not None and self.eval_windows < 0:
             raise LLMPruneError("--eval-windows must be >= 1, or 0 for all windows")
+        if self.eval_seqlen < 2:
+            raise LLMPruneError("--eval-seqlen must be >= 2")
+        for d in self.eval:
+            if d not in EVAL_DATASETS:
+                raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+        if self.ignore:
+            try:
+                re.compile(self.ignore)
+            except re.error as e:
+                raise LLMPruneError(f"--ignore {self.ignore!r} is not a valid regex ({e})") from None
+        if self.group_size != "auto" and not (isinstance(self.group_size, int) and self.group_size > 0):
+            raise LLMPruneError(f"--group-size {self.group_size!r}: a positive integer (e.g. 128) or auto")
+        if self.format == "dense" and (self.quant is not None or self.grid != "auto"):
+            raise LLMPruneError("--quant and --grid quantize the packed int4 formats: add --format w4g128, w4s24 "
+                                "or w4s50")
+        if self.gptq is not None and self.quant != "gptq" and self.gptq != GPTQConfig():
+            raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: "
+                                "add --quant gptq or drop them")
+
+    @property
+    def symmetric(self) -> bool | None:
+        """--grid as the packer takes it: None = the format's default."""
+        return None if self.grid == "auto" else self.grid == "sym"
 
     def resolved(self, device: str) -> CompressConfig:
         """The config with protocol defaults filled in for the device the run uses."""

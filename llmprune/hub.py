@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import MANIFEST, read_manifest
+from .manifest import NAME as MANIFEST
+from .manifest import Manifest, read
 from .errors import LLMPruneError
 
 CARD = "README.md"
@@ -88,8 +89,8 @@ def _eval_results(manifest: dict) -> list[Any]:
 
     out = []
     for name, r in (manifest.get("eval") or {}).items():
-        if not isinstance(r, dict) or r.get("ppl") is None:
-            continue
+        if not isinstance(r, dict) or r.get("ppl") is None or not _of_these_files(r):
+            continue  # only figures of these very files are published as the checkpoint's results
         ds_type, ds_config, ds_name = _HUB_DATASETS.get(name, (name, None, name))
         out.append(
             EvalResult(
@@ -104,6 +105,14 @@ def _eval_results(manifest: dict) -> list[Any]:
             )
         )
     return out
+
+
+def _of_these_files(r: dict) -> bool:
+    """Was this eval entry measured on the saved files? (entries without the mark: yes, unless the
+    manifest migration marked them otherwise)."""
+    from .manifest import SAVED
+
+    return r.get("measured_on", SAVED) == SAVED
 
 
 def _num(x: Any, fmt: str = ".2f") -> str:
@@ -125,6 +134,9 @@ def _eval_table(manifest: dict) -> list[str]:
             f"| {name} | {_num(dense)} | {_num(ppl)} | {change} | {r.get('seqlen', '-')} "
             f"| {r.get('windows', '-')} | {r.get('tokens', '-')} |"
         )
+    other = sorted({r.get("measured_on") for _, r in rows if not _of_these_files(r)})
+    lines += ["", "The compressed figures were measured on these files as saved (loaded with `llmprune.load`)."
+              if not other else f"Caution: some compressed figures describe the {'; '.join(other)}, not these files."]
     return lines
 
 
@@ -235,6 +247,35 @@ def _how_to_load(manifest: dict, repo_id: str) -> list[str]:
     ]
 
 
+def _what_was_done(manifest: dict) -> str:
+    """The card's one-line account of the steps (manifest "steps"): pruning or slicing,
+    quantization, scale tuning, retraining, packing; and whether any of it trained anything."""
+    try:
+        m = Manifest.from_dict({"format_version": 1, "llmprune_version": "", "model": {}, **manifest})
+    except LLMPruneError:
+        m = None
+    steps = list(m.steps) if m is not None else []
+    fmt = manifest.get("format") or {}
+    said = []
+    if "prune" in steps:
+        said.append("pruned")
+    if "slice" in steps:
+        said.append("sliced with SliceGPT")
+    if "recover" in steps:
+        r = manifest.get("recover") or {}
+        said.append(f"retrained with PERP ({r.get('steps', '?')} steps, "
+                    f"{_pct(r['fraction']) if isinstance(r.get('fraction'), (int, float)) else '?'} of the parameters)")
+    if "quantize" in steps:
+        said.append(f"quantized to int4 ({str(fmt.get('quant') or '').upper() or 'RTN'})")
+    if "tune-scales" in steps:
+        tune = (fmt.get("quant_options") or {}).get("tune") or {}
+        said.append(f"int4 scales tuned end to end ({tune.get('steps', '?')} steps; codes and mask fixed)")
+    if "pack" in steps:
+        said.append(f"packed as {fmt.get('name')}")
+    trained = "recover" in steps or "tune-scales" in steps
+    return "; ".join(said + ["post-training" + (", with the training above" if trained else ", no retraining")])
+
+
 def model_card(manifest: dict, repo_id: str) -> str:
     """A Hugging Face model card (README.md text) for a compressed checkpoint.
 
@@ -271,7 +312,7 @@ def model_card(manifest: dict, repo_id: str) -> str:
         intro = f"{source} pruned to {_pct(s)} sparsity{how} with **{solver}**"
     else:
         intro = f"{source} compressed with **{solver}**"
-    intro += " by llmprune (post-training, no retraining)."
+    intro += f" by llmprune ({_what_was_done(manifest)})."
     lines = [
         MARKER,
         "",
@@ -388,7 +429,7 @@ def push(
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     out = Path(out_dir)
-    manifest = read_manifest(out)  # LLMPruneError "... not an llmprune output folder ..." without one
+    manifest = read(out).to_dict()  # LLMPruneError "... not an llmprune output folder ..." without one
     if not isinstance(repo_id, str) or not _HUB_ID.fullmatch(repo_id):
         raise LLMPruneError(f"--repo {repo_id!r} is not a Hub repo id: use user/name, e.g. me/smollm2-2of4")
     token = token or get_token()

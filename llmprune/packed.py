@@ -12,20 +12,20 @@ PackedLinear, and reads tensors with safetensors only: pickle files are refused,
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, formats
+from . import formats, outdir
+from . import manifest as mf
+from .arch import set_module
 from .errors import LLMPruneError
 from .modules import PackedLinear
-from .quant.tune import DEFAULT_LR as TUNE_LR
 
 FORMAT_VERSION = 1  # of the manifest's "format" section
 WEIGHTS = "model.safetensors"
-MANIFEST = checkpoint.MANIFEST
+MANIFEST = mf.NAME
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 LAYER_KEYS = ("format", "shape")
 
@@ -63,35 +63,32 @@ def _linears_to_pack(model: nn.Module, keep_masks: dict | None, tied: dict[str, 
 
 
 @torch.no_grad()
-def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
-                quant: str | None = None, hessians: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
-                group_size: int | str = 128, symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128,
-                manifest: dict | None = None, overwrite: bool = False, progress: bool = False,
-                dtype: torch.dtype | None = torch.float16, quantized: dict | None = None,
-                quant_opts: dict | None = None) -> dict:
-    """Pack the model's linears into `fmt` and write a loadable folder; returns the manifest's format section.
+def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
+                 quant: str | None = None, *, group_size: int | str = 128, symmetric: bool | None = None,
+                 progress: bool = False, dtype: torch.dtype | None = torch.float16, quantized: dict | None = None,
+                 quant_opts: dict | None = None) -> dict:
+    """Pack the model's linears into `fmt` and write the weights and config into the existing
+    `folder`; returns the manifest's format section.
 
     keep_masks: layer name -> keep-mask (True = stays); None packs every linear except the output
     head whose non-zeros fit the format (others stay dense, listed in "left_dense").
-    quant: None | "rtn" | "gptq" for the int4 formats (None means rtn); "gptq" needs `hessians`
-    (layer name -> H = 2 X^T X / n, as stats.LayerStats.hessian) or `quantized` (layer name ->
-    quant.Quantized, as made by gptq_sequential, whose codes are packed as they are).
+    quant: None | "rtn" | "gptq" for the int4 formats (None means rtn); "gptq" needs `quantized`
+    (layer name -> quant.Quantized, e.g. from quant.sequential.gptq_sequential), packed as they are.
     group_size: int4 scale group; "auto" picks per layer the largest of 128/64/32/16 dividing
     in_features (SmolLM2's 576 = 9 x 64 has no 128 group). Recorded per layer in the manifest.
-    The folder is written next to `out_dir` and renamed at the end (checkpoint.atomic_dir); an
-    existing `out_dir` is replaced only with overwrite=True.
     dtype: floating tensors are stored in it (sparse24 values, biases, embeddings, norms; int4
     scales are fp16 by definition); fp16 by default, the baseline packed sizes are measured against.
     None keeps the model's dtype.
     """
     from safetensors.torch import save_file
 
+    folder = Path(folder)
     f = formats.get(fmt)
-    quant = check_options(fmt, quant, symmetric)
-    if quant == "gptq" and hessians is None and quantized is None:
-        raise LLMPruneError("--quant gptq needs calibration Hessians: run it inside compress, or use --quant rtn")
-    base = format_options(fmt, group_size, symmetric)
-    checkpoint.check_out(out_dir, overwrite)  # fail before the work, not after
+    quant = f.check_options(quant, symmetric)
+    if quant == "gptq" and quantized is None:
+        raise LLMPruneError("--quant gptq needs the GPTQ codes (quant.sequential.gptq_sequential): run it through "
+                            "compress or pack, or use --quant rtn")
+    base = f.options(group_size, symmetric)
     tied = _tied(model)
     names = _linears_to_pack(model, keep_masks, tied)
 
@@ -118,23 +115,15 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
             left_dense[name] = str(e)
             continue
         if quant == "gptq":
-            if quantized is not None and name in quantized:  # already quantized (sequential GPTQ)
-                q = quantized[name]
-            elif hessians is not None and name in hessians:
-                from .quant.gptq import gptq
-
-                q = gptq(w.float() * k, hessians[name].to(w.device), k, opts["group_size"], opts["symmetric"],
-                         damp=damp, blocksize=blocksize)
-            else:
-                raise LLMPruneError(f"--quant gptq: no Hessian for {name}: collect statistics for every packed layer")
-            packed = f.pack(w.float(), k, quant=q, **opts)
+            if name not in quantized:
+                raise LLMPruneError(f"--quant gptq: no GPTQ codes for {name}: quantize every packed layer")
+            packed = f.pack(w.float(), k, quant=quantized[name], **opts)
         for tname, t in f.stored(packed).items():
             tensors[f"{name}.{tname}"] = t.contiguous().cpu()
         if mod.bias is not None:
             tensors[f"{name}.bias"] = store(mod.bias.detach())
         layers[name] = {"format": fmt, "pattern": f.pattern or "dense", "shape": [mod.out_features, mod.in_features],
-                        **opts, "bytes": formats.nbytes(f.stored(packed)),
-                        "dense_bytes": w.numel() * 2}  # the fp16 baseline
+                        **opts, "bytes": f.nbytes(packed), "dense_bytes": w.numel() * 2}  # the fp16 baseline
     if not layers:
         raise LLMPruneError(f"no layer fits --format {fmt}: " + (next(iter(left_dense.values()), "no linear layers")))
 
@@ -151,144 +140,48 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
                   "packed_layers_dense": sum(v["dense_bytes"] for v in layers.values()),
                   "file": sum(t.numel() * t.element_size() for t in tensors.values())},
     }
-    with checkpoint.atomic_dir(out_dir, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "llmprune": fmt})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        doc = {"format_version": checkpoint.FORMAT_VERSION, "llmprune_version": __version__, "model": {},
-               **(manifest or {}), "format": section}
-        checkpoint.write_manifest(tmp, doc)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "llmprune": fmt})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
     return section
 
 
-def check_options(fmt: str, quant: str | None = None, symmetric: bool | None = None) -> str | None:
-    """Validate a format with its quantizer and grid (before any work); returns the quantizer that
-    will run (rtn by default for the int4 formats, None for the others)."""
+def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
+                quant: str | None = None, *, tokenizer=None, manifest: dict | None = None, overwrite: bool = False,
+                **opts) -> dict:
+    """write_packed into a new output folder (written next to it and renamed at the end) with the
+    tokenizer and a manifest; returns the format section. For library use: the pipeline composes
+    write_packed with its own evaluation of the folder."""
     f = formats.get(fmt)
-    if not f.quantized:
-        if quant is not None or symmetric is not None:
-            what = "--quant" if quant is not None else "--grid"
-            raise LLMPruneError(f"--format {fmt} stores unquantized values: drop {what}, or use --format w4s24")
-        return None
-    quant = quant or "rtn"
-    if quant not in ("rtn", "gptq"):
-        raise LLMPruneError(f"unknown --quant {quant!r}: choose rtn or gptq")
-    if fmt == "w4s50" and symmetric is False:
-        raise LLMPruneError("w4s50 is symmetric only: use --grid sym (or auto)")
-    return quant
-
-
-def format_options(fmt: str, group_size: int | str = 128, symmetric: bool | None = None) -> dict:
-    """The quantization options every layer of `fmt` starts from (group size, grid)."""
-    f = formats.get(fmt)
-    if not f.quantized:
-        return {}
-    symmetric = (fmt != "w4g128") if symmetric is None else symmetric
-    return {"group_size": 16 if fmt == "w4s50" else group_size, "symmetric": symmetric}
+    f.check_options(quant, opts.get("symmetric"))  # fail before the work, not after
+    outdir.check_out(out_dir, overwrite)
+    with outdir.atomic_dir(out_dir, overwrite) as tmp:
+        section = write_packed(model, tmp, fmt, keep_masks, quant, **opts)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        doc = mf.Manifest.from_dict({"format_version": mf.VERSION, "llmprune_version": mf.Manifest().llmprune_version,
+                                     "model": {}, **(manifest or {})})
+        doc.format = section
+        doc.steps = [*doc.steps, *(["quantize"] if section["quant"] else []), "pack"]
+        mf.write(tmp, doc)
+    return section
 
 
 def plan_layer(f: formats.Format, w: torch.Tensor, keep: torch.Tensor | None, base: dict):
     """(keep-mask, layer options, RTN-packed tensors) for weight w in format f; raises LLMPruneError
     when the layer does not fit the format (structure, sizes)."""
-    opts = dict(base)
-    if opts.get("group_size") == "auto":
-        opts["group_size"] = _auto_group(w.shape[1])
-    k = keep if keep is not None else _infer_keep(f, w)
+    opts = f.layer_options(base, w.shape[1])
+    k = keep if keep is not None else f.infer_keep(w)
     return k, opts, f.pack(w.float() if f.quantized else w, k, **opts)
-
-
-# GPTQ as llmprune runs it by default. act_order: columns by decreasing H_jj with static group grids.
-# sink_weight: each calibration window's first token counts this many times in the Hessian. Both
-# answer the same failure on SmolLM2-135M: plain GPTQ cut every layer's error on ordinary tokens
-# 2-4x but raised it 5-15x on the first token of a window, the attention sink every later token
-# attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (README: Formats).
-# tune_steps / tune_lr: end-to-end tuning of the scales after GPTQ (quant/tune.py), off by default.
-GPTQ_DEFAULTS = {"act_order": True, "sink_weight": 16.0, "tune_steps": 0, "tune_lr": TUNE_LR}
-
-
-@torch.no_grad()
-def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_size: int | str = 128,
-                    symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
-                    device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16,
-                    act_order: bool = GPTQ_DEFAULTS["act_order"], sink_weight: float = GPTQ_DEFAULTS["sink_weight"],
-                    tune_steps: int = GPTQ_DEFAULTS["tune_steps"], tune_lr: float = GPTQ_DEFAULTS["tune_lr"],
-                    info: dict | None = None) -> dict:
-    """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
-    Hessians come from calibration inputs that went through the already-quantized blocks before
-    it, and each quantized linear computes with its dequantized weights from then on. Returns
-    {layer name: Quantized} for `save_packed(..., quantized=...)`; layers that do not fit the
-    format are left alone (save_packed keeps them dense and says why). act_order and sink_weight:
-    see GPTQ_DEFAULTS. tune_steps > 0: then train the scales end to end against the unquantized
-    model on the same windows (quant/tune.py); what it did goes into `info["tune"]`."""
-    from . import arch, walker
-    from .quant.gptq import gptq
-
-    f = formats.get(fmt)
-    check_options(fmt, "gptq", symmetric)
-    base = format_options(fmt, group_size, symmetric)
-    a = arch.arch_of(model)
-    tied = _tied(model)
-    tied_src = set(tied) | set(tied.values())
-    targets = None
-    if tune_steps:
-        from .quant import tune
-
-        tune.check(tune_steps, tune_lr)
-        targets = tune.teacher_states(model, calib_ids, batch_size, device)  # before any weight changes
-        model.to("cpu")
-    out = {}
-    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks"):
-        prefix = f"{a.blocks}.{block.index}."
-        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g
-                if f"{prefix}{n}.weight" not in tied_src}
-        with walker.collect(mods, {"hessian"}, sink_weight=sink_weight) as stats:
-            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
-        for name, mod in mods.items():
-            w = mod.weight.detach()
-            w = w.to(dtype) if dtype is not None else w  # what save_packed starts from
-            try:
-                k, opts, _ = plan_layer(f, w, None, base)
-            except LLMPruneError:
-                continue
-            q = gptq(w.float() * k, stats[name].hessian, k, opts["group_size"], opts["symmetric"], damp=damp,
-                     blocksize=blocksize, act_order=act_order)
-            mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
-            out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
-            # (the model returns to the CPU after each block; save_packed packs there)
-        # handing control back: the walker reruns the block with the quantized weights
-    if tune_steps and out:
-        out, tinfo = tune.tune_scales(model, out, calib_ids, targets, tune_steps, tune_lr, device=device,
-                                      progress=progress)
-        model.to("cpu")  # (tune_scales returns CPU tensors: the codes it got, scales it made on the CPU)
-        if info is not None:
-            info["tune"] = tinfo
-    return out
-
-
-def _auto_group(in_f: int) -> int:
-    return next((g for g in (128, 64, 32, 16) if in_f % g == 0), 128)  # 128: fails with the usual message
-
-
-def _infer_keep(f: formats.Format, w: torch.Tensor) -> torch.Tensor:
-    """The keep-mask a format infers from the non-zeros (GPTQ must know it before packing)."""
-    from .formats import bits, w4s50
-
-    if f.pattern is None:
-        return w != 0
-    if f.pattern == "2:4":
-        return bits.keep_24(w, None, f.name)
-    return w4s50._group_keep(w, None).repeat_interleave(w4s50.GROUP, dim=1)
 
 
 # ----------------------------------------------------------------------------------------- load
 def read_manifest(out_dir: str | Path) -> dict:
-    """llmprune.json with a valid "format" section (version, layers with format and shape)."""
+    """llmprune.json (as a dict) with a valid "format" section (version, layers with format and shape)."""
     path = Path(out_dir) / MANIFEST
-    doc = checkpoint.read_manifest(out_dir)  # exists, JSON, top-level keys and version
-    sec = doc.get("format") if isinstance(doc, dict) else None
+    doc = mf.read(out_dir).to_dict()  # exists, JSON, top-level keys and version
+    sec = doc.get("format")
     if not isinstance(sec, dict) or not isinstance(sec.get("layers", {}), dict):
         raise LLMPruneError(f"{path} has no \"format\" section: a dense checkpoint, load it with llmprune.load")
     missing = [k for k in ("format_version", "name", "layers") if k not in sec]
@@ -332,11 +225,6 @@ def _get(fh, key: str, path: Path) -> torch.Tensor:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LLMPruneError(f"{path}: tensor {key} cannot be read ({str(e).splitlines()[0][:120]}): "
                             f"the file is corrupted, re-create the folder") from None
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 @torch.no_grad()
@@ -396,7 +284,7 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
             bias = _get(fh, f"{name}.bias", path)
             bias = bias.to(dtype) if dtype is not None else bias
             used.add(f"{name}.bias")
-        _set_module(model, name, PackedLinear(f.name, packed, bias, in_f, out_f, derived=f.derived))
+        set_module(model, name, PackedLinear(f.name, packed, bias, in_f, out_f, derived=f.derived))
 
     expected = model.state_dict()
     dense = {}

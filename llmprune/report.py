@@ -79,14 +79,15 @@ def markdown_table(manifests: list[dict], names: list[str]) -> str:
 
 def load_manifests(paths: list[str | Path]) -> tuple[list[dict], list[str]]:
     """Read the manifests of output folders (or manifest files); names are the folder names."""
-    from .checkpoint import MANIFEST, read_manifest
+    from .manifest import NAME as MANIFEST
+    from .manifest import read
 
     if not paths:
         raise LLMPruneError("no output given: pass one or more llmprune output folders")
     manifests, names = [], []
     for p in map(Path, paths):
         folder = p.parent if p.is_file() and p.name == MANIFEST else p
-        manifests.append(read_manifest(folder))
+        manifests.append(read(folder).to_dict())
         names.append(folder.resolve().name)
     return manifests, names
 

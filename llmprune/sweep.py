@@ -1,14 +1,16 @@
 """A solver x sparsity grid on one model, for the README's plots: the dense model, its dense
-evaluation and the calibration windows are made once and reused across the points."""
+evaluation and the calibration windows are made once and reused across the points. Points are
+not saved (nothing is published as an artifact): each is evaluated in memory, with the same stage
+functions `compress` uses (pipeline.py)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from . import patterns, solvers
-from .api import _eval_all, peak_rss_mib, pick_device, reset_peak_rss, versions
+from . import patterns, pipeline, solvers
 from .errors import LLMPruneError
+from .runinfo import peak_rss_mib, pick_device, reset_peak_rss, versions
 
 
 def parse_solver_spec(spec: str):
@@ -32,6 +34,7 @@ def parse_solver_spec(spec: str):
                 opts[k] = v
         else:
             raise LLMPruneError(f"solver spec {spec!r}: options look like name+key=value or name+owl")
+    pipeline.check_solver_options(solver, opts)
     return spec, solver, owl_opts, opts
 
 
@@ -43,31 +46,36 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     """Run a solver x sparsity grid on one model: the dense model, its dense evaluation and the
     calibration windows are made once and reused; each point restores the dense weights, prunes,
     evaluates. Writes sweep.csv, sweep.json and sweep.png into `out`."""
-    from . import calibration, models, prune, report
-    from .config import CompressConfig
+    import dataclasses
+
+    from . import prune, report
+    from .config import CompressConfig, OwlConfig
 
     dev = pick_device(device)
     cfg = CompressConfig(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, protocol=protocol,
-                         eval_windows=eval_windows).resolved(dev)
+                         eval_windows=eval_windows, eval=eval, eval_seqlen=eval_seqlen).resolved(dev)
     pat = patterns.parse(pattern)
     grid = [(*parse_solver_spec(s), patterns.resolve_sparsity(pat, sp)) for s in solvers_ for sp in sparsities]
-    if any(owl_opts for _, _, owl_opts, _, _ in grid) and pat.kind == "nm":
+    if any(owl_opts is not None for _, _, owl_opts, _, _ in grid) and pat.kind == "nm":
         raise LLMPruneError(f"+owl varies the sparsity per layer, but pattern {pat} fixes it: drop +owl")
     if tasks:
         from .eval import zeroshot
 
         tasks = tuple(zeroshot.check_tasks(list(tasks)))
-    m, tok, info = models.load(model)
+    m, tok, info = pipeline.load_model(model)
+    pipeline.check_finite(m)
     names = prune.target_linears(m)
     prune.check_shapes(m, names, pat)
+    pipeline.check_context(m, cfg.seqlen, "--seqlen")
+    pipeline.check_context(m, eval_seqlen, "--eval-seqlen")
     dense_state = {k: v.clone() for k, v in m.state_dict().items()}
-    ids, calib_info = calibration.load(calib, tok, cfg.nsamples, cfg.seqlen, seed)
+    ids, calib_info = pipeline.calibrate(calib, tok, cfg.nsamples, cfg.seqlen, seed)
     windows = cfg.eval_windows or None
     cache: dict = {}
 
     def measure(model_) -> dict:
         model_.to(dev)
-        r: dict = {"eval": _eval_all(model_, tok, eval, eval_seqlen, windows, progress, cache)}
+        r: dict = {"eval": pipeline.evaluate_model(model_, tok, cfg.eval, eval_seqlen, windows, progress, cache)}
         if tasks:
             from .eval import zeroshot
 
@@ -88,7 +96,7 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
             from . import owl
 
             layer_s = owl.layer_sparsities(m, names, ids, sp, batch_size=calib_batch, device=dev, progress=progress,
-                                           **owl_opts)
+                                           **dataclasses.asdict(OwlConfig(**owl_opts)))
         prune.prune(m, solver, pat, layer_s, ids, opts, calib_batch, dev, progress)
         took = time.perf_counter() - t0
         rss = peak_rss_mib()  # of the pruning only: the dense copy and the calibration windows included
@@ -102,8 +110,9 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
         report.write_sweep(rows, out)  # after every point: a stopped sweep keeps what it measured
     csv_path, json_path = report.write_sweep(rows, out)
     png = report.plot_sweep([r for r in rows if r["solver"] != "dense"], Path(out) / "sweep.png",
-                            {d: dense["eval"][d]["ppl"] for d in eval})
+                            {d: dense["eval"][d]["ppl"] for d in cfg.eval})
     meta = {"model": info.as_dict(), "calibration": calib_info, "protocol": cfg.protocol, "eval_seqlen": eval_seqlen,
-            "eval_windows": windows, "tasks": list(tasks), "limit": limit, "versions": versions()}
+            "eval_windows": windows, "tasks": list(tasks), "limit": limit, "versions": versions(),
+            "measured_on": "the pruned model in memory (dense weights with zeros, --dtype float32); not saved"}
     (Path(out) / "sweep_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {"rows": rows, "csv": str(csv_path), "json": str(json_path), "png": str(png)}

@@ -115,15 +115,15 @@ def test_existing_out_needs_overwrite(tmp_path, capsys, tiny_dir, calib_txt):
 
 
 def test_interrupt_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
-    import llmprune.checkpoint as ck
+    import llmprune.manifest as mf
 
-    real = ck.write_manifest
+    real = mf.write
 
     def interrupted(folder, manifest):  # Ctrl-C after the weights were written
         real(folder, manifest)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "write_manifest", interrupted)
+    monkeypatch.setattr(mf, "write", interrupted)
     out = tmp_path / "o"
     rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI)
     assert rc == 130 and "interrupted" in se

@@ -12,6 +12,7 @@ from llmprune.modules import PackedLinear
 from llmprune.packed import load_packed, save_packed
 from llmprune.patterns import keep_mask, parse
 from llmprune.quant.gptq import collect_hessians
+from llmprune.quant.sequential import gptq_layers
 from llmprune.testing import byte_tokenizer, tiny_model
 
 IDS = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(0))
@@ -51,7 +52,8 @@ def test_sparse24_round_trip_is_bit_exact(tmp_path, arch):
     assert layer["format"] == "sparse24" and layer["pattern"] == "2:4" and layer["shape"] == [64, 128]
     assert layer["bytes"] == 64 * 64 * 4 + 64 * 16 and layer["dense_bytes"] == 64 * 128 * 2  # vs fp16
     manifest = json.loads((tmp_path / "o" / "llmprune.json").read_text())
-    assert manifest["format"]["name"] == "sparse24" and manifest["format_version"] == 1
+    assert manifest["format"]["name"] == "sparse24" and manifest["format_version"] == 2
+    assert manifest["steps"] == ["pack"]
     assert (tmp_path / "o" / "tokenizer.json").exists()
 
     loaded = load_packed(tmp_path / "o")
@@ -109,7 +111,8 @@ def test_gptq_pack_keeps_zeros_and_beats_rtn_on_the_calibration_data(tmp_path):
     model, masks = pruned()
     calib = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     hs = collect_hessians(model, list(masks), calib)
-    save_packed(model, tmp_path / "g", "w4s24", masks, quant="gptq", hessians=hs, group_size=32, dtype=None)
+    qs = gptq_layers(model, hs, "w4s24", masks, group_size=32)
+    save_packed(model, tmp_path / "g", "w4s24", masks, quant="gptq", quantized=qs, group_size=32, dtype=None)
     save_packed(model, tmp_path / "r", "w4s24", masks, quant="rtn", group_size=32, dtype=None)
     g, r = load_packed(tmp_path / "g"), load_packed(tmp_path / "r")
     for n, keep in masks.items():
@@ -127,7 +130,7 @@ def test_gptq_sequential_matches_a_plain_forward_oracle_and_packs_what_it_comput
     """Block l is quantized with Hessians from the model whose blocks < l are already quantized
     (and block l is not): re-derived here with plain forward hooks on a copy of the model. The
     packed folder then computes exactly what the in-memory quantized model computes."""
-    from llmprune.packed import gptq_sequential
+    from llmprune.quant.sequential import gptq_sequential
     from llmprune.quant.gptq import gptq
 
     model, masks = pruned()
@@ -166,7 +169,7 @@ def test_save_rejects_bad_input(tmp_path):
     model, masks = pruned()
     with pytest.raises(LLMPruneError, match="drop --quant"):
         save_packed(model, tmp_path / "a", "sparse24", masks, quant="rtn")
-    with pytest.raises(LLMPruneError, match="Hessians"):
+    with pytest.raises(LLMPruneError, match="needs the GPTQ codes"):
         save_packed(model, tmp_path / "a", "w4s24", masks, quant="gptq", group_size=32)
     with pytest.raises(LLMPruneError, match="rtn or gptq"):
         save_packed(model, tmp_path / "a", "w4s24", masks, quant="awq", group_size=32)

@@ -68,7 +68,7 @@ def test_markdown_table_name_count_mismatch():
 
 
 def test_load_manifests(tmp_path):
-    from llmprune.checkpoint import write_manifest
+    from llmprune.manifest import write as write_manifest
 
     rnd = random.Random(1)
     for name in ("run_a", "run_b"):
@@ -146,7 +146,7 @@ def test_peak_rss_restarts_per_run():
     large buffer freed earlier (where the platform allows the reset)."""
     import numpy as np
 
-    from llmprune.api import peak_rss_mib, reset_peak_rss
+    from llmprune.runinfo import peak_rss_mib, reset_peak_rss
 
     buf = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
     high = peak_rss_mib()

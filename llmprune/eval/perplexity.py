@@ -12,6 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .. import arch
 from ..calibration import sources
 from ..errors import LLMPruneError
 
@@ -33,14 +34,10 @@ def window_nll(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Summed next-token NLL of each row of ids (B, S), fp32. The head runs over `chunk`
     positions at a time, so a 262k vocabulary never materializes a whole window's logits."""
     hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # (B, S, H)
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
     total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
     for s in range(0, ids.shape[1] - 1, chunk):
         e = min(s + chunk, ids.shape[1] - 1)
-        logits = head(hidden[:, s:e]).float()  # (B, c, V)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        logits = arch.logits(model, hidden[:, s:e])  # (B, c, V) fp32, soft-capped where the model does
         nll = F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(), reduction="none")
         total += nll.view(ids.shape[0], -1).sum(1).double()
     return total

@@ -35,6 +35,7 @@ w4s50     group sparsity (groups of 16 inputs, 50%: every row keeps K = (in/16)/
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -43,17 +44,28 @@ import torch
 from ..errors import LLMPruneError
 from .bits import nbytes
 
+# The one list of packed formats: name -> module. Adding a format is adding its file and a line here;
+# packing, loading, the kernels' custom ops, compile checks and benchmarks read the registry.
 _MODULES = {"sparse24": "sparse24", "w4g128": "w4g128", "w4s24": "w4s24", "w4s50": "w4s50"}
+QUANTIZERS = ("rtn", "gptq")
+GROUPS = (128, 64, 32, 16)  # --group-size auto: the largest of these dividing in_features
 
 
 @dataclass(frozen=True)
 class Format:
+    """A packed format: its layout (the module's pack / unpack / shapes / derive), its defaults and
+    option checks, keep-mask inference, byte accounting, and the tensors its kernel takes, in order."""
     name: str
     pattern: str | None  # the sparsity pattern the format stores ("2:4", "group:16"), None = dense
     quantized: bool
     derived: tuple[str, ...]  # runtime tensors rebuilt at load, not stored on disk
+    kernel: tuple[str, ...]  # the kernel op's tensor arguments after x, in order; "name?" = optional
+    kernel_id: int  # FMT in the Triton kernels (kernels/triton_gemm.py)
+    default_symmetric: bool | None  # int4 grid when --grid auto (None: not quantized)
+    fixed_group: int | None  # a group size the layout fixes (w4s50: 16)
     module: object
 
+    # -- layout ------------------------------------------------------------------------------------
     def pack(self, weight: torch.Tensor, keep: torch.Tensor | None = None, **opts) -> dict[str, torch.Tensor]:
         return self.module.pack(weight, keep, **opts)
 
@@ -71,12 +83,63 @@ class Format:
     def stored(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in packed.items() if k not in self.derived}
 
+    def nbytes(self, packed: dict[str, torch.Tensor]) -> int:
+        """Bytes on disk (derived tensors not counted)."""
+        return nbytes(self.stored(packed))
 
+    # -- options -----------------------------------------------------------------------------------
+    def check_options(self, quant: str | None = None, symmetric: bool | None = None) -> str | None:
+        """Validate the quantizer and grid for this format before any work; returns the quantizer
+        that will run (rtn by default for the int4 formats, None for the others)."""
+        if not self.quantized:
+            if quant is not None or symmetric is not None:
+                what = "--quant" if quant is not None else "--grid"
+                raise LLMPruneError(f"--format {self.name} stores unquantized values: drop {what}, or use "
+                                    f"--format w4s24")
+            return None
+        quant = quant or "rtn"
+        if quant not in QUANTIZERS:
+            raise LLMPruneError(f"unknown --quant {quant!r}: choose {' or '.join(QUANTIZERS)}")
+        if self.fixed_group is not None and symmetric is False:
+            raise LLMPruneError(f"{self.name} is symmetric only: use --grid sym (or auto)")
+        return quant
+
+    def options(self, group_size: int | str = "auto", symmetric: bool | None = None) -> dict:
+        """The quantization options every layer starts from (group size, grid); {} if unquantized."""
+        if not self.quantized:
+            return {}
+        sym = self.default_symmetric if symmetric is None else symmetric
+        return {"group_size": self.fixed_group or group_size, "symmetric": sym}
+
+    def layer_options(self, base: dict, in_features: int) -> dict:
+        """`options()` resolved for one layer: group_size "auto" -> the largest of GROUPS dividing it."""
+        opts = dict(base)
+        if opts.get("group_size") == "auto":
+            opts["group_size"] = next((g for g in GROUPS if in_features % g == 0), GROUPS[0])
+        return opts
+
+    # -- masks, kernels, fixtures ------------------------------------------------------------------
+    def infer_keep(self, weight: torch.Tensor) -> torch.Tensor:
+        """The keep-mask (out, in) this format reads off a weight's non-zeros (raises if it cannot)."""
+        return self.module.infer_keep(weight)
+
+    def kernel_args(self, in_features: int, packed: dict) -> tuple[tuple, int]:
+        """(tensors in `kernel` order, out_features) for a layer of `in_features` inputs; shapes
+        checked (LLMPruneError naming what is wrong)."""
+        return self.module.kernel_args(in_features, packed)
+
+    def random(self, out_f: int, in_f: int, dtype=torch.float16, device="cpu", generator=None) -> dict:
+        """Valid packed tensors of a random weight, built directly (benchmarks, kernel checks)."""
+        return self.module.random(out_f, in_f, dtype, torch.device(device), generator)
+
+
+@functools.cache
 def get(name: str) -> Format:
     if name not in _MODULES:
         raise LLMPruneError(f"unknown format {name!r}: choose one of {', '.join(names())}")
     mod = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    return Format(name, mod.PATTERN, mod.QUANTIZED, getattr(mod, "DERIVED", ()), mod)
+    return Format(name, mod.PATTERN, mod.QUANTIZED, getattr(mod, "DERIVED", ()), mod.KERNEL, mod.KERNEL_ID,
+                  getattr(mod, "DEFAULT_SYMMETRIC", None), getattr(mod, "FIXED_GROUP", None), mod)
 
 
 def names() -> list[str]:

@@ -133,3 +133,51 @@ def quantized(weight: torch.Tensor, keep: torch.Tensor, group_size: int, symmetr
         raise LLMPruneError(f"{fmt}: codes are {'' if quant.symmetric else 'a'}symmetric but the format wants "
                             f"{'' if symmetric else 'a'}symmetric: quantize with the format's setting")
     return quant
+
+
+# --- shared by the formats' kernel_args / random -------------------------------------------------
+def need(packed, fmt: str, key: str) -> torch.Tensor:
+    if key not in packed:
+        raise LLMPruneError(f"packed {fmt} weight lacks {key!r} (has {sorted(packed)}); repack it with "
+                            f"llmprune.formats")
+    return packed[key]
+
+
+def shape_err(fmt: str, what: str, got, want, in_f: int) -> LLMPruneError:
+    return LLMPruneError(f"{fmt}: {what} has shape {tuple(got)}, expected {tuple(want)} for {in_f} input "
+                         f"features; x's last dimension must equal the packed layer's in_features")
+
+
+def check_shapes(fmt: str, in_f: int, tensors: dict) -> None:
+    """tensors: name -> (tensor, expected shape)."""
+    for name, (t, want) in tensors.items():
+        if tuple(t.shape) != tuple(want):
+            raise shape_err(fmt, name, t.shape, want, in_f)
+
+
+def group_count(fmt: str, in_f: int, scales: torch.Tensor) -> int:
+    """Scale groups per row, checked: equal groups of a multiple of 8 inputs."""
+    ng = scales.shape[1] if scales.dim() == 2 else 0
+    if ng == 0 or in_f % ng or (in_f // ng) % 8:
+        raise LLMPruneError(f"{fmt}: scales {tuple(scales.shape)} do not split {in_f} inputs into equal groups "
+                            f"of a multiple of 8; use a group size that divides in_features")
+    return ng
+
+
+_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+
+
+def random_meta_24(out_f: int, in_f: int, device, g) -> torch.Tensor:
+    """Valid random 2:4 metadata (out, in/8)."""
+    pairs = torch.tensor(_PAIRS, device=device)
+    sel = pairs[torch.randint(6, (out_f, in_f // 4), generator=g, device=device)]  # (out, in/4, 2)
+    nib = sel[..., 0] | (sel[..., 1] << 2)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)  # (out, in/8)
+
+
+def random_u8(shape, device, g) -> torch.Tensor:
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.int32, device=device).to(torch.uint8)
+
+
+def random_scales(shape, device, g) -> torch.Tensor:
+    return (torch.rand(*shape, generator=g, device=device) * 0.01 + 1e-3).half()

@@ -8,10 +8,23 @@ from __future__ import annotations
 import torch
 
 from ..errors import LLMPruneError
-from .bits import check_2d, check_keep, decode_meta_24, encode_meta_24, keep_24, kept_index_24, meta_24_valid
+from .bits import (
+    check_2d,
+    check_keep,
+    check_shapes,
+    decode_meta_24,
+    encode_meta_24,
+    keep_24,
+    kept_index_24,
+    meta_24_valid,
+    need,
+    random_meta_24,
+)
 
 PATTERN = "2:4"
 QUANTIZED = False
+KERNEL = ("values", "meta")
+KERNEL_ID = 0
 
 
 def pack(weight: torch.Tensor, keep: torch.Tensor | None = None, quant=None, **_) -> dict[str, torch.Tensor]:
@@ -40,3 +53,20 @@ def derive(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not meta_24_valid(packed["meta"]):
         raise LLMPruneError("sparse24 metadata is corrupted (positions not ascending): re-create the checkpoint")
     return dict(packed)
+
+
+def infer_keep(weight: torch.Tensor) -> torch.Tensor:
+    return keep_24(weight, None, "sparse24")
+
+
+def kernel_args(in_f: int, packed) -> tuple[tuple, int]:
+    v, m = need(packed, "sparse24", "values"), need(packed, "sparse24", "meta")
+    if in_f % 8:
+        raise LLMPruneError(f"sparse24 needs in_features divisible by 8, got {in_f}")
+    check_shapes("sparse24", in_f, {"values": (v, (v.shape[0], in_f // 2)), "meta": (m, (v.shape[0], in_f // 8))})
+    return (v, m), v.shape[0]
+
+
+def random(out_f: int, in_f: int, dtype, device, g) -> dict:
+    return {"values": (torch.randn(out_f, in_f // 2, generator=g, device=device) * 0.02).to(dtype),
+            "meta": random_meta_24(out_f, in_f, device, g)}

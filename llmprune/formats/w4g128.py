@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import torch
 
-from .bits import check_2d, check_keep, pack_nibbles, quantized, unpack_nibbles
+from .bits import (
+    check_2d,
+    check_keep,
+    check_shapes,
+    group_count,
+    need,
+    pack_nibbles,
+    quantized,
+    random_scales,
+    random_u8,
+    unpack_nibbles,
+)
 
 PATTERN = None
 QUANTIZED = True
+DEFAULT_SYMMETRIC = False
+KERNEL = ("codes", "scales", "zeros?")
+KERNEL_ID = 1
 
 
 def pack(weight: torch.Tensor, keep: torch.Tensor | None = None, group_size: int = 128, symmetric: bool = False,
@@ -44,3 +58,19 @@ def shapes(out_f: int, in_f: int, group_size: int = 128, symmetric: bool = False
 
 def derive(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(packed)
+
+
+def infer_keep(weight: torch.Tensor) -> torch.Tensor:
+    return weight != 0
+
+
+def kernel_args(in_f: int, packed) -> tuple[tuple, int]:
+    c, s, z = need(packed, "w4g128", "codes"), need(packed, "w4g128", "scales"), packed.get("zeros")
+    group_count("w4g128", in_f, s)
+    out = s.shape[0]
+    check_shapes("w4g128", in_f, {"codes": (c, (out, in_f // 2)), **({"zeros": (z, s.shape)} if z is not None else {})})
+    return (c, s, z), out
+
+
+def random(out_f: int, in_f: int, dtype, device, g) -> dict:
+    return {"codes": random_u8((out_f, in_f // 2), device, g), "scales": random_scales((out_f, in_f // 128), device, g)}

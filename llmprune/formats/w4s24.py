@@ -11,18 +11,27 @@ from ..errors import LLMPruneError
 from .bits import (
     check_2d,
     check_keep,
+    check_shapes,
     decode_meta_24,
     encode_meta_24,
+    group_count,
     keep_24,
     kept_index_24,
     meta_24_valid,
+    need,
     pack_nibbles,
     quantized,
+    random_meta_24,
+    random_scales,
+    random_u8,
     unpack_nibbles,
 )
 
 PATTERN = "2:4"
 QUANTIZED = True
+DEFAULT_SYMMETRIC = True
+KERNEL = ("codes", "meta", "scales", "zeros?")
+KERNEL_ID = 2
 
 
 def pack(weight: torch.Tensor, keep: torch.Tensor | None = None, group_size: int = 128, symmetric: bool = True,
@@ -68,3 +77,22 @@ def derive(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not meta_24_valid(packed["meta"]):
         raise LLMPruneError("w4s24 metadata is corrupted (positions not ascending): re-create the checkpoint")
     return dict(packed)
+
+
+def infer_keep(weight: torch.Tensor) -> torch.Tensor:
+    return keep_24(weight, None, "w4s24")
+
+
+def kernel_args(in_f: int, packed) -> tuple[tuple, int]:
+    c, s, z = need(packed, "w4s24", "codes"), need(packed, "w4s24", "scales"), packed.get("zeros")
+    group_count("w4s24", in_f, s)
+    out = s.shape[0]
+    check_shapes("w4s24", in_f, {"codes": (c, (out, in_f // 4)), **({"zeros": (z, s.shape)} if z is not None else {})})
+    m = need(packed, "w4s24", "meta")
+    check_shapes("w4s24", in_f, {"meta": (m, (out, in_f // 8))})
+    return (c, m, s, z), out
+
+
+def random(out_f: int, in_f: int, dtype, device, g) -> dict:
+    return {"codes": random_u8((out_f, in_f // 4), device, g), "meta": random_meta_24(out_f, in_f, device, g),
+            "scales": random_scales((out_f, in_f // 128), device, g)}

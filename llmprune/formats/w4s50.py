@@ -10,11 +10,27 @@ import torch
 
 from ..errors import LLMPruneError
 from ..patterns import Pattern, keep_mask
-from .bits import check_2d, check_keep, pack_bitmap, pack_nibbles, quantized, unpack_bitmap, unpack_nibbles
+from .bits import (
+    check_2d,
+    check_keep,
+    check_shapes,
+    need,
+    pack_bitmap,
+    pack_nibbles,
+    quantized,
+    random_scales,
+    random_u8,
+    unpack_bitmap,
+    unpack_nibbles,
+)
 
 PATTERN = "group:16"
 QUANTIZED = True
 DERIVED = ("gidx",)
+DEFAULT_SYMMETRIC = True
+FIXED_GROUP = 16
+KERNEL = ("codes", "gidx", "scales")
+KERNEL_ID = 3
 GROUP = 16
 
 
@@ -87,3 +103,34 @@ def derive(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not bool((gkeep.sum(1) == k).all()) or (extra and unpack_bitmap(packed["bitmap"], 2 * k + extra)[:, 2 * k:].any()):
         raise LLMPruneError("w4s50 bitmap is corrupted (not K kept groups per row): re-create the checkpoint")
     return {**packed, "gidx": _gidx(packed["bitmap"], 2 * k, k).to(torch.int16)}
+
+
+def infer_keep(weight: torch.Tensor) -> torch.Tensor:
+    return _group_keep(weight, None).repeat_interleave(GROUP, dim=1)
+
+
+def gidx_from_bitmap(bitmap: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sorted kept-group indices (out, K) int16 from a bitmap; rows must keep equally many groups."""
+    bits = unpack_bitmap(bitmap, n_groups)  # (out, n_groups)
+    k = int(bits[0].sum()) if bits.shape[0] else 0
+    if not bool((bits.sum(1) == k).all()):
+        raise LLMPruneError("w4s50: rows keep different numbers of groups; repack with pattern group:16")
+    return torch.sort((~bits).to(torch.uint8), dim=1, stable=True).indices[:, :k].to(torch.int16)
+
+
+def kernel_args(in_f: int, packed) -> tuple[tuple, int]:
+    c, s = need(packed, "w4s50", "codes"), need(packed, "w4s50", "scales")
+    if in_f % GROUP:
+        raise LLMPruneError(f"w4s50 needs in_features divisible by 16 (groups of 16), got {in_f}")
+    out, k = s.shape[0], (in_f // GROUP) // 2
+    g = packed.get("gidx")
+    if g is None:
+        g = gidx_from_bitmap(need(packed, "w4s50", "bitmap"), in_f // GROUP)
+    check_shapes("w4s50", in_f, {"scales": (s, (out, k)), "gidx": (g, (out, k)), "codes": (c, (out, k * 8))})
+    return (c, g, s), out
+
+
+def random(out_f: int, in_f: int, dtype, device, g) -> dict:
+    ng, k = in_f // GROUP, in_f // (2 * GROUP)
+    gidx = torch.rand(out_f, ng, generator=g, device=device).argsort(1)[:, :k].sort(1).values.to(torch.int16)
+    return {"codes": random_u8((out_f, k * 8), device, g), "gidx": gidx, "scales": random_scales((out_f, k), device, g)}

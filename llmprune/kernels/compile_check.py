@@ -16,7 +16,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 
-FORMATS = ("sparse24", "w4g128", "w4s24", "w4s50")
+FORMATS = tuple(__import__("llmprune.formats", fromlist=["names"]).names())
 DTYPES = ("fp16", "bf16")
 # token counts that select each launch shape (GEMV M=1, 2; decode tile; mid; prefill)
 MS = (1, 2, 16, 64, 512)
@@ -24,10 +24,22 @@ IN_FEATURES = 4096  # a LLaMA-7B hidden size: every BK divides it
 GROUP = 128
 
 
+_TT = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.uint8": "u8",
+       "torch.int16": "i16", "torch.int32": "i32"}
+
+
 def _signature(fmt: str, dtype: str, kind: str) -> tuple[dict, list[str]]:
-    """Argument types, and the arguments the JIT would find 16-divisible for aligned 7B shapes."""
-    wt = {"sparse24": (f"*{dtype}", "*u8", "*u8", "*u8"), "w4g128": ("*u8", "*fp16", "*u8", "*fp16"),
-          "w4s24": ("*u8", "*u8", "*fp16", "*u8"), "w4s50": ("*u8", "*i16", "*fp16", "*fp16")}[fmt]
+    """Argument types (the format's kernel tensors as the runtime passes them: formats registry ->
+    triton_gemm.pointer_roles), and the arguments the JIT would find 16-divisible for 7B shapes."""
+    import torch
+
+    from llmprune import formats
+    from llmprune.kernels.triton_gemm import pointer_roles
+
+    td = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    f = formats.get(fmt)
+    args, _ = f.kernel_args(256, f.random(16, 256, td))
+    wt = tuple(f"*{_TT[str(t.dtype)]}" for t in pointer_roles(args))
     names = ["x_ptr", "y_ptr", "bias_ptr", "ws_ptr", "cnt_ptr", "A", "B", "C", "D", "sa", "sb", "sc", "M", "N",
              "KK" if kind == "gemv" else "KIN", "KG", "sxm", "ITERS", "SPLIT"]
     types = [f"*{dtype}", f"*{dtype}", f"*{dtype}", "*fp32", "*i32", *wt] + ["i32"] * 10
@@ -65,7 +77,7 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
     kernel = tg._gemv_kernel if cfg.kind == "gemv" else tg._tile_kernel
     sig, aligned = _signature(fmt, dtype, cfg.kind)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    const = {"FMT": tg.FMT_IDS[fmt], "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
+    const = {"FMT": tg.fmt_id(fmt), "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
              "HAS_BIAS": False, "REDUCE": reduce, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
              "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK}
     sig.update({k: "constexpr" for k in const})

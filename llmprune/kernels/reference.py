@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ..errors import LLMPruneError
 
 
-def _linear(x: torch.Tensor, fmt: str, packed: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+def linear(fmt: str, x: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for W packed in `fmt` (same signature as llmprune.kernels.ops.linear)."""
     from ..formats import get
 
     w = get(fmt).unpack(packed, dtype=x.dtype)  # (out, in)
@@ -24,27 +25,10 @@ def _linear(x: torch.Tensor, fmt: str, packed: dict[str, torch.Tensor], bias: to
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def linear_sparse24(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _linear(x, "sparse24", packed, bias)
+def __getattr__(name: str):
+    """linear_<format>(x, packed, bias): `linear` with the format fixed, for every registered format."""
+    from ..formats import names
 
-
-def linear_w4g128(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _linear(x, "w4g128", packed, bias)
-
-
-def linear_w4s24(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _linear(x, "w4s24", packed, bias)
-
-
-def linear_w4s50(x: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _linear(x, "w4s50", packed, bias)
-
-
-OPS = {"sparse24": linear_sparse24, "w4g128": linear_w4g128, "w4s24": linear_w4s24, "w4s50": linear_w4s50}
-
-
-def linear(fmt: str, x: torch.Tensor, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch by format name (same signature as llmprune.kernels.ops.linear)."""
-    if fmt not in OPS:
-        raise LLMPruneError(f"unknown format {fmt!r}: choose one of {', '.join(OPS)}")
-    return OPS[fmt](x, packed, bias)
+    if name.startswith("linear_") and name[7:] in names():
+        return lambda x, packed, bias=None: linear(name[7:], x, packed, bias)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,22 @@ import triton.language as tl
 from llmprune.kernels.triton_sparse24 import sparse24_tile
 from llmprune.kernels.triton_w4 import w4g_tile, w4s24_tile, w4s50_dense_tile, w4s50_slot_tile
 
-FMT_IDS = {"sparse24": 0, "w4g128": 1, "w4s24": 2, "w4s50": 3}
+
+def fmt_id(fmt: str) -> int:
+    """The format's FMT branch below (formats registry: kernel_id)."""
+    from llmprune.formats import get
+
+    return get(fmt).kernel_id
+
+
+def pointer_roles(args: tuple) -> tuple:
+    """A format's kernel tensors (formats registry order) -> the kernels' pointers (A, B, C, D): an
+    absent optional tensor (zeros of a symmetric grid) and unused roles repeat the previous one."""
+    out = []
+    for t in args:
+        out.append(t if t is not None else out[-1])
+    out += [out[-1]] * (4 - len(out))
+    return tuple(t.contiguous() for t in out)
 
 
 @triton.jit
@@ -275,7 +290,7 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
         cnt = _counters(x2d.device)
     else:
         ws = cnt = y  # unused
-    meta = {"FMT": FMT_IDS[fmt], "G": G, "HAS_Z": has_z, "HAS_BIAS": bias is not None, "REDUCE": split > 1,
+    meta = {"FMT": fmt_id(fmt), "G": G, "HAS_Z": has_z, "HAS_BIAS": bias is not None, "REDUCE": split > 1,
             "CDT": _TL[x2d.dtype], "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK, "num_warps": cfg.num_warps,
             "num_stages": cfg.num_stages}
     args = (x2d, y, bias_arg, ws, cnt, A, B, C, D, sa, sb, sc, M, n_out, kk, kg, x2d.stride(0), iters, split)

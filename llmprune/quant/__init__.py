@@ -23,6 +23,7 @@ class Quantized:
     zeros: torch.Tensor  # (out, in/G) uint8 (all 8 when symmetric)
     group_size: int
     symmetric: bool
+    damp: float | None = None  # GPTQ: the Hessian dampening used (raised when the first failed)
 
     def dequantize(self) -> torch.Tensor:
         """(out, in) fp32: (q - z) * s, exact in fp32 (a small integer times an fp16 value)."""

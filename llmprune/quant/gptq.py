@@ -20,21 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import LLMPruneError
+from ..linalg import inverse_hessian_cholesky
 from . import Quantized
 from .rtn import check_group, group_grid, quantize
-
-
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, fp32."""
-    if not damp > 0:
-        raise LLMPruneError(f"--damp {damp} must be > 0 (a fraction of the mean Hessian diagonal, e.g. 0.01)")
-    H = hessian.detach().float().clone()
-    n = H.shape[0]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=H.device)
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() != 0:
-        raise LLMPruneError(f"GPTQ: the Hessian is not positive definite with --damp {damp}: raise --damp (e.g. 0.1)")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
 @torch.no_grad()
@@ -69,7 +57,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None 
             scales[:, g], zeros[:, g] = group_grid(W[:, cols], keep[:, cols], symmetric)
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, keep, H, group_of = W[:, perm], keep[:, perm], H[perm][:, perm], group_of[perm]
-    Hinv = inverse_hessian_cholesky(H, damp)
+    Hinv, damp_used, _ = inverse_hessian_cholesky(H, damp, "GPTQ")
 
     # lazy blocks hold whole groups, so a group's grid is computed from its fully updated columns
     B = group_size * max(1, blocksize // group_size)
@@ -94,7 +82,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None 
         W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    return Quantized(codes, scales.half(), zeros.to(torch.uint8), group_size, symmetric)
+    return Quantized(codes, scales.half(), zeros.to(torch.uint8), group_size, symmetric, damp=damp_used)
 
 
 @torch.no_grad()

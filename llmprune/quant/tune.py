@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import logits, set_module
+from ..config import TUNE_LR
 from ..errors import LLMPruneError
 from . import Quantized
 from .rtn import FP16_MAX, FP16_TINY
 
 BATCH = 2  # calibration windows per optimizer step
-DEFAULT_LR = 1e-3  # relative: with 64 steps the scales move by 0.4% on average (SmolLM2-135M, README)
+DEFAULT_LR = TUNE_LR  # relative: with 64 steps the scales move by 0.4% on average (SmolLM2-135M, README)
 
 
 def check(steps: int, lr: float) -> None:
@@ -42,11 +44,7 @@ def check(steps: int, lr: float) -> None:
 
 def _head_logp(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """log p over the vocabulary from final hidden states (the output head, logit soft-capping if any)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.log_softmax(logits, -1)
+    return F.log_softmax(logits(model, hidden), -1)
 
 
 def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -100,11 +98,6 @@ class _Scaled(nn.Module):
         return s.clamp(FP16_TINY, FP16_MAX).half()
 
 
-def _set(model: nn.Module, name: str, mod: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, mod)
-
-
 def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Tensor, targets: torch.Tensor,
                 steps: int = 64, lr: float = DEFAULT_LR, batch: int = BATCH, seed: int = 0, device="cpu",
                 progress: bool = False) -> tuple[dict[str, Quantized], dict]:
@@ -126,7 +119,7 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
         for n, q in quantized.items():
             lin = originals[n]
             scaled[n] = _Scaled(q, lin.bias, device)
-            _set(model, n, scaled[n])
+            set_module(model, n, scaled[n])
         kl_before = _mean_kl(model, ids, targets, device)
         params = [m.t for m in scaled.values()]
         opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
@@ -157,7 +150,7 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
                for n, q in quantized.items()}
     finally:
         for n, lin in originals.items():
-            _set(model, n, lin)
+            set_module(model, n, lin)
         for p, rg in frozen.items():
             p.requires_grad_(rg)
     with torch.no_grad():

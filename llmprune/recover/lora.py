@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..arch import set_module
+
 
 class SparseAdapterLinear(nn.Module):
     """A frozen nn.Linear plus a MaskLoRA and/or ScaleLoRA adapter; `merged_weight` folds them in."""
@@ -84,10 +86,8 @@ def attach(model: nn.Module, keep_masks: dict[str, torch.Tensor], rank: int = 0,
     gen = torch.Generator().manual_seed(seed)
     wrapped = {}
     for name, keep in keep_masks.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        wrapper = SparseAdapterLinear(getattr(parent, child), keep, rank, scale, alpha, gen)
-        setattr(parent, child, wrapper)
+        wrapper = SparseAdapterLinear(model.get_submodule(name), keep, rank, scale, alpha, gen)
+        set_module(model, name, wrapper)
         wrapped[name] = wrapper
     return wrapped
 
@@ -101,6 +101,5 @@ def detach(model: nn.Module, merge: bool = True) -> int:
         base = wrapper.base
         if merge:
             base.weight.copy_(wrapper.merged_weight())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, base)
+        set_module(model, name, base)
     return len(found)

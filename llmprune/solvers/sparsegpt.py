@@ -29,30 +29,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import LLMPruneError
+from ..linalg import inverse_hessian_cholesky
 from ..patterns import Pattern, keep_mask, n_pruned
 from . import Solved, Solver
-
-MAX_DAMP_RAISES = 4  # each x10: 0.01 -> 100 x mean(diag H) at most
-
-
-def _hinv_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1; on failure damp is raised x10.
-
-    Returns (U, damp used, times raised). A Hessian from few tokens, or from fp32 rounding, can
-    be singular or slightly indefinite; more dampening regularises it (sec. 4, "dampening")."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = h.diagonal().mean()
-    for raised in range(MAX_DAMP_RAISES + 1):
-        d = damp * 10.0**raised
-        chol, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u, d, raised
-    raise LLMPruneError(
-        f"SparseGPT: the Hessian is not positive definite even with dampening {d:g} x mean(diag H): "
-        f"raise --damp (now {damp:g}) or use more calibration samples (--nsamples)"
-    )
 
 
 def _block_keep(score: torch.Tensor, pattern: Pattern, sparsity: float, start: int, end: int,
@@ -86,14 +65,11 @@ def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, da
     bs = -(-blocksize // unit) * unit  # N:M groups and pruning groups never straddle two blocks
 
     h = stats.hessian.to(weight.device, torch.float32).clone()  # (in, in)
-    if not bool(torch.isfinite(h).all()):
-        raise LLMPruneError("SparseGPT: the Hessian has inf/NaN (activations overflowed): load the model in "
-                            "float32 or bfloat16 (--dtype) instead of float16")
     w = weight.to(torch.float32).clone()  # (out, in)
     dead = h.diagonal() == 0  # inputs that were always zero: any weight works, so zero it (as the reference)
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u, damp_used, raised = _hinv_cholesky(h, damp)
+    u, damp_used, raised = inverse_hessian_cholesky(h, damp, "SparseGPT")
 
     keep = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)

@@ -1,0 +1,35 @@
+"""The inverse-Hessian factor that SparseGPT and GPTQ both use (one function, one behaviour)."""
+from __future__ import annotations
+
+import torch
+
+from .errors import LLMPruneError
+
+MAX_DAMP_RAISES = 4  # each x10: 0.01 -> 100 x mean(diag H) at most
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float, who: str = "SparseGPT") -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 in H's dtype; on failure the
+    dampening is raised x10 (at most MAX_DAMP_RAISES times). Returns (U, damp used, times raised).
+
+    A Hessian from few tokens, or from fp32 rounding, can be singular or slightly indefinite; more
+    dampening regularises it (SparseGPT arXiv 2301.00774 sec. 4 and GPTQ arXiv 2210.17323 sec. 4,
+    "dampening"). The caller records when it was raised."""
+    if not damp > 0:
+        raise LLMPruneError(f"--damp {damp} must be > 0 (a fraction of the mean Hessian diagonal, e.g. 0.01)")
+    if not bool(torch.isfinite(h).all()):
+        raise LLMPruneError(f"{who}: the Hessian has inf/NaN: the layer's inputs overflowed; compute in float32 or "
+                            f"bfloat16 (--dtype), or check the weights of the blocks before it")
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = h.diagonal().mean()
+    for raised in range(MAX_DAMP_RAISES + 1):
+        d = damp * 10.0**raised
+        chol, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u, d, raised
+    raise LLMPruneError(
+        f"{who}: the Hessian is not positive definite even with dampening {d:g} x mean(diag H): "
+        f"raise --damp (now {damp:g}) or use more calibration samples (--nsamples)"
+    )

@@ -1,0 +1,177 @@
+"""The manifest, llmprune.json: one schema, read and written here only.
+
+Every output folder holds one. It says what was done to the model (`steps`, in order, and each
+step's section), what it was calibrated on, what the stored format is, and what was measured on
+the folder itself. Version 2 (this llmprune) guarantees that every `eval` entry was measured on the
+saved output, loaded the way a user loads it (`llmprune.load`), and says so in `measured_on`; a
+figure of an intermediate model is kept only under its own name (`dense_ppl`: the dense model
+before compression; `before_recover_ppl`: the pruned model before PERP).
+
+Version 1 manifests (llmprune <= 0.1 first wave) load: they are migrated in memory, and their eval
+entries are marked with what they measured: for packed outputs, the model before packing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import LLMPruneError
+
+NAME = "llmprune.json"
+VERSION = 2
+SAVED = "saved output, loaded with llmprune.load"
+STEPS = ("prune", "slice", "recover", "quantize", "tune-scales", "pack")
+
+
+@dataclass
+class Manifest:
+    model: dict = field(default_factory=dict)  # where the base model came from (models.ModelInfo)
+    steps: list[str] = field(default_factory=list)  # what was done, in order (STEPS)
+    # pruning
+    solver: str | None = None
+    solver_opts: dict = field(default_factory=dict)
+    scope: str | None = None
+    pattern: str | None = None
+    ignore: str | None = None
+    sparsity: dict | None = None  # {"target", "measured", "linears", ...}
+    owl: dict | None = None
+    damp_raised: dict | None = None
+    slicegpt: dict | None = None
+    calibration: dict | None = None
+    recover: dict | None = None
+    format: dict | None = None  # packed formats: packed.FormatSection as a dict
+    # quality, measured on this folder
+    eval: dict = field(default_factory=dict)  # dataset -> {"ppl", "seqlen", "windows", ..., "measured_on"}
+    zeroshot: dict | None = None
+    # how it ran
+    timings: dict = field(default_factory=dict)
+    peak_rss_mib: float | None = None
+    peak_gpu_mib: float | None = None
+    device: str | None = None
+    dtype: str | None = None
+    protocol: str | None = None
+    versions: dict = field(default_factory=dict)
+    config: dict | None = None
+    command: str | None = None
+    recovered_from: str | None = None
+    packed_from: str | None = None
+    format_version: int = VERSION
+    llmprune_version: str = __version__
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were
+
+    # -- conversion ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"format_version": self.format_version, "llmprune_version": self.llmprune_version, "model": self.model,
+             "steps": self.steps}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("format_version", "llmprune_version", "extra", "model", "steps") or v in (None, {}, []):
+                continue
+            d[f.name] = v
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> Manifest:
+        if not isinstance(d, dict):
+            raise LLMPruneError(f"{where} must be a JSON object, not {type(d).__name__}: re-create the output")
+        missing = [k for k in ("format_version", "llmprune_version", "model") if k not in d]
+        if missing:
+            raise LLMPruneError(f"{where} lacks the keys {missing}: the manifest is damaged; re-create the output")
+        try:
+            version = int(d["format_version"])
+        except (TypeError, ValueError):
+            raise LLMPruneError(f"{where}: format_version {d['format_version']!r} is not a number") from None
+        if version > VERSION:
+            raise LLMPruneError(f"{where} has format_version {version}, newer than this llmprune reads ({VERSION}): "
+                                f"upgrade llmprune")
+        if version < 2:
+            d = _migrate_v1(d)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        m = cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+        for name, kind in (("model", dict), ("eval", dict), ("timings", dict), ("steps", list)):
+            if not isinstance(getattr(m, name), kind):
+                raise LLMPruneError(f"{where}: {name!r} must be a {kind.__name__}: the manifest is damaged")
+        return m
+
+    # -- what a reader asks ----------------------------------------------------------------------
+    @property
+    def format_name(self) -> str:
+        return (self.format or {}).get("name", "dense")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """dict-style access for readers of optional sections."""
+        return self.to_dict().get(key, default)
+
+
+def _migrate_v1(d: dict) -> dict:
+    """Version 1 -> 2: steps derived from the sections; eval entries say what they measured."""
+    d = dict(d)
+    fmt = (d.get("format") or {}).get("name", "dense")
+    steps = []
+    if d.get("solver") and d.get("solver") != "slicegpt":
+        steps.append("prune")
+    if d.get("slicegpt"):
+        steps.append("slice")
+    if d.get("recover"):
+        steps.append("recover")
+    if fmt != "dense":
+        if (d.get("format") or {}).get("quant"):
+            steps.append("quantize")
+        if ((d["format"].get("quant_options") or {}).get("tune") or {}).get("kept") == "tuned":
+            steps.append("tune-scales")
+        steps.append("pack")
+    d["steps"] = steps
+    # v1 compress evaluated the model before packing; `llmprune eval` on a folder measured the folder
+    what = "model before packing (version 1 manifest)" if fmt != "dense" and not d.get("packed_from") else SAVED
+    d["eval"] = {k: ({"measured_on": what, **v} if isinstance(v, dict) else v) for k, v in (d.get("eval") or {}).items()}
+    d["format_version"] = 2
+    return d
+
+
+def path(folder: str | Path) -> Path:
+    return Path(folder) / NAME
+
+
+def exists(folder: str | Path) -> bool:
+    return path(folder).is_file()
+
+
+def read(folder: str | Path) -> Manifest:
+    p = path(folder)
+    if not p.exists():
+        raise LLMPruneError(f"{folder} has no {NAME}: it is not an llmprune output folder "
+                            f"(make one with `llmprune compress`)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise LLMPruneError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return Manifest.from_dict(d, str(p))
+
+
+def write(folder: str | Path, m: Manifest | dict) -> None:
+    """Write (atomically: a reader never sees half a manifest)."""
+    d = m.to_dict() if isinstance(m, Manifest) else Manifest.from_dict(m).to_dict()
+    p = path(folder)
+    tmp = p.with_name(f".{NAME}.tmp")
+    tmp.write_text(json.dumps(d, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+def update(folder: str | Path, **sections) -> Manifest:
+    """Merge sections into an output's manifest (dict sections merge key by key)."""
+    m = read(folder)
+    d = m.to_dict()
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    m = Manifest.from_dict(d)
+    write(folder, m)
+    return m

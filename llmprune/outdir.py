@@ -1,0 +1,89 @@
+"""Output folders that appear whole or not at all.
+
+Every command writes into a temporary sibling `.<name>.tmp-<pid>-<id>` and renames it over `<name>`
+at the end. An error, Ctrl-C or a full disk removes the temporary folder and leaves `<name>` as it
+was; a run killed outright (SIGKILL, the OOM killer) cannot clean up, so the next run to the same
+output removes the siblings whose process is gone (a 70B model leaves 140 GB behind otherwise).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import LLMPruneError
+
+
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output (unless overwrite) before any work is done."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LLMPruneError(f"output folder {out} exists: pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise LLMPruneError(f"output path {out} is a file: choose another --out")
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove temporary siblings of `out` left by runs that died (their process no longer exists).
+    Siblings named without a pid (older llmprune) are removed too: no live run can own them."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(?:(\d+)-)?[0-9a-f]{{8}}$")
+    for p in out.parent.iterdir():
+        m = pat.match(p.name)
+        if m and p.is_dir() and not (m[2] and _alive(int(m[2])) and int(m[2]) != os.getpid()):
+            if m[2] and int(m[2]) == os.getpid():
+                continue  # ours, in use
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield a fresh temporary folder next to `out`; on success it replaces `out`, on any error
+    (KeyboardInterrupt included) it is removed and `out` is left as it was. A full disk becomes a
+    one-line LLMPruneError."""
+    out = check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.tmp-{tag}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tag}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise LLMPruneError(f"no space left on the disk of {out.parent.resolve()} while writing {out.name}: "
+                                f"free space there or choose another --out (nothing was left behind)") from None
+        raise

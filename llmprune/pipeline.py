@@ -1,0 +1,332 @@
+"""The stages every command composes (api.py): plan -> load -> calibrate -> transform -> recover ->
+export -> evaluate the saved output -> manifest.
+
+    plan(cfg)                   every check that needs no model: options, formats, the output path
+    load_model / check_model    the model, then the checks that need it (shapes, context, finite weights)
+    calibrate                   token windows, seeded
+    transform                   prune (solver, OWL, global magnitude) or slice (SliceGPT), in place
+    recover                     PERP retraining, optional
+    export                      write a dense HF folder or a packed format (RTN or GPTQ, + scale tuning)
+    evaluate_saved              perplexity of the folder as written, loaded with llmprune.load
+The figures an output publishes come from `evaluate_saved`, so they describe the files, not the
+model before it was packed; a figure of an intermediate model keeps its own name (dense_ppl).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import manifest as mf
+from . import outdir, patterns, solvers
+from .config import CompressConfig, GPTQConfig
+from .errors import LLMPruneError
+from .runinfo import pick_device
+
+
+class Timer:
+    """Stage timings for the manifest: `with t("load_s"):`."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.s: dict[str, float] = {}
+
+    def __call__(self, key: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.s[key] = round(timer.s.get(key, 0.0) + time.perf_counter() - self.t, 2)
+
+        return _Span()
+
+    def total(self) -> dict:
+        return {**self.s, "total_s": round(time.perf_counter() - self.t0, 2)}
+
+
+# --- plan: everything that can be checked before a model is loaded ------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: CompressConfig  # protocol defaults filled in
+    device: str
+    pattern: patterns.Pattern
+    sparsity: float
+    solver: solvers.Solver | None  # None: SliceGPT
+    quant: str | None  # what the packer runs: None (dense, sparse24), rtn, gptq
+    gptq: GPTQConfig | None  # with quant == "gptq"
+    out: Path
+
+    @property
+    def needs_calibration(self) -> bool:
+        c = self.cfg
+        return bool(c.slicegpt or c.owl or self.quant == "gptq" or self.solver.needs_for(c.solver_opts))
+
+
+def default_out(cfg: CompressConfig, sparsity: float) -> str:
+    name = Path(cfg.model).stem if ("/" in cfg.model or cfg.model.endswith(".gguf")) else cfg.model
+    method = "slicegpt" if cfg.slicegpt else cfg.solver
+    tag = f"{cfg.slicegpt.slicing:.2f}" if cfg.slicegpt else f"{cfg.pattern.replace(':', 'of')}-{sparsity:.2f}"
+    fmt = "" if cfg.format == "dense" else f"-{cfg.format}" + (f"-{cfg.quant}" if cfg.quant else "")
+    return str(Path("out") / re.sub(r"[^\w.-]+", "_", f"{name}-{method}-{tag}{fmt}"))
+
+
+def check_solver_options(solver: solvers.Solver, opts: dict) -> None:
+    """Every option must be a parameter of the solver (or, for DSnoT, of its initial solver):
+    an option a solver would silently ignore is refused, naming the valid ones."""
+    def params(fn) -> set[str]:
+        ps = inspect.signature(fn).parameters
+        return {n for n, p in list(ps.items())[4:] if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    valid = params(solver.fn)
+    if "init" in valid:
+        init = opts.get("init") or inspect.signature(solver.fn).parameters["init"].default
+        valid |= params(solvers.get(init).fn)
+    bad = sorted(set(opts) - valid)
+    if bad:
+        flags = ", ".join("--" + b.replace("_", "-") for b in bad)
+        raise LLMPruneError(f"{flags} {'is' if len(bad) == 1 else 'are'} not an option of --solver {solver.name} "
+                            f"(its options: {', '.join(sorted(valid)) or 'none'}): drop {flags}")
+
+
+def plan(cfg: CompressConfig) -> Plan:
+    """Resolve the protocol and check every option that needs no model; raises LLMPruneError."""
+    from . import formats
+
+    device = pick_device(cfg.device)
+    cfg = cfg.resolved(device)
+    pattern = patterns.parse(cfg.pattern)
+    default = cfg.sparsity if cfg.sparsity is not None or pattern.kind == "nm" else 0.5
+    sparsity = patterns.resolve_sparsity(pattern, default)
+    solver = None
+    if not cfg.slicegpt:
+        solver = solvers.get(cfg.solver)
+        check_solver_options(solver, cfg.solver_opts)
+    if cfg.owl and pattern.kind == "nm":
+        raise LLMPruneError(f"--owl varies the sparsity per layer, but pattern {pattern} fixes it: drop --owl or "
+                            f"use unstructured")
+    if cfg.recover:
+        from .recover import perp
+
+        perp.check_options(**cfg.recover.perp_options())
+    quant = None
+    if cfg.format != "dense":
+        quant = formats.get(cfg.format).check_options(cfg.quant, cfg.symmetric)
+    gptq = (cfg.gptq or GPTQConfig()) if quant == "gptq" else None
+    out = Path(cfg.out or default_out(cfg, sparsity))
+    outdir.check_out(out, cfg.overwrite)
+    return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out)
+
+
+# --- load -----------------------------------------------------------------------------------------
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer, models.ModelInfo) for anything --model accepts."""
+    from . import models
+
+    return models.load(spec, dtype=dtype, device=device)
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_context(model, seqlen: int, flag: str) -> None:
+    """A window longer than the model's context is refused before it computes for hours."""
+    ctx = context_length(model)
+    if ctx and seqlen > ctx:
+        raise LLMPruneError(f"{flag} {seqlen} is longer than the model's context ({ctx} tokens, "
+                            f"max_position_embeddings): use {flag} {ctx} or less")
+
+
+def check_finite(model) -> None:
+    """A NaN or inf in the weights is named (a damaged file), not found later as a singular Hessian."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise LLMPruneError(f"{name} holds NaN/inf values: the model file is damaged; re-download or "
+                                f"re-create it")
+
+
+def check_model(p: Plan, model) -> list[str]:
+    """The checks that need the model; returns the names of the linears to prune."""
+    from . import prune
+
+    c = p.cfg
+    check_finite(model)
+    names = prune.target_linears(model, c.ignore)
+    if c.slicegpt:  # the kept width must exist (and make a config transformers accepts) before any work
+        from .transforms.slicegpt import new_dim_for
+
+        new_dim_for(model.config.hidden_size, c.slicegpt.slicing, c.slicegpt.round_to,
+                    getattr(model.config, "num_attention_heads", 1))
+    else:
+        prune.check_shapes(model, names, p.pattern)
+    if p.needs_calibration:
+        check_context(model, c.seqlen, "--seqlen")
+    if c.recover:
+        check_context(model, c.recover.seqlen, "--recover-seqlen")
+    if c.eval:
+        check_context(model, c.eval_seqlen, "--eval-seqlen")
+    return names
+
+
+# --- calibrate ------------------------------------------------------------------------------------
+
+def calibrate(spec: str, tok, nsamples: int, seqlen: int, seed: int):
+    """(input_ids (nsamples, seqlen), source facts for the manifest)."""
+    from . import calibration
+
+    return calibration.load(spec, tok, nsamples, seqlen, seed)
+
+
+# --- transform ------------------------------------------------------------------------------------
+
+def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
+    """Prune (or slice) the model in place; returns its manifest sections."""
+    c = p.cfg
+    if c.slicegpt:
+        from .transforms import slicegpt
+
+        with timer("compress_s"):
+            info = slicegpt.slice_model(model, ids, batch_size=c.calib_batch, progress=c.progress,
+                                        **dataclasses.asdict(c.slicegpt))
+        return {"solver": "slicegpt", "slicegpt": info, "steps": ["slice"]}
+    from . import arch, prune
+
+    sec: dict = {}
+    with timer("compress_s"):
+        if c.scope == "global":
+            from .solvers.magnitude import global_sparsities
+
+            layer_s = global_sparsities({n: arch.get(model, n).weight.data for n in names}, p.sparsity)
+        elif c.owl:
+            from . import owl
+
+            layer_s = owl.layer_sparsities(model, names, ids, p.sparsity, batch_size=c.calib_batch,
+                                           device=p.device, progress=c.progress, **dataclasses.asdict(c.owl))
+            per_layer = list(layer_s.values())
+            sec["owl"] = {**dataclasses.asdict(c.owl), "per_layer": sorted(set(per_layer), key=per_layer.index)}
+        else:
+            layer_s = {n: p.sparsity for n in names}
+        res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
+                          c.progress)
+    for k, v in res["timings"].items():
+        timer.s[k] = v
+    sec.update(solver=p.solver.name, solver_opts=c.solver_opts, scope=c.scope, pattern=str(p.pattern),
+               ignore=c.ignore, steps=["prune"],
+               sparsity={"target": p.sparsity, "measured": prune.measured_sparsity(model, names),
+                         "linears": len(names)})
+    raised = {n: i["damp_raised"] for n, i in res["layers"].items() if i.get("damp_raised")}
+    if raised:
+        sec["damp_raised"] = raised
+    return sec
+
+
+# --- recover --------------------------------------------------------------------------------------
+
+def recover(model, tok, rcfg, calib: str, seed: int, device: str, progress: bool, keep=None) -> dict:
+    """PERP in place on training windows drawn apart from the pruning calibration (seed + 1)."""
+    from .recover import perp
+
+    opts = rcfg.perp_options()
+    n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum  # each window seen once
+    ids, data_info = calibrate(rcfg.data or calib, tok, n, rcfg.seqlen, seed)
+    model.to(device)
+    info = perp.recover(model, ids.to(device), keep, progress=progress, **opts)
+    model.to("cpu")
+    info["data"] = data_info
+    return info
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def export(model, tok, folder: Path, fmt: str = "dense", quant: str | None = None, group_size="auto",
+           symmetric: bool | None = None, save_dtype: str = "float16", gptq: GPTQConfig | None = None,
+           ids=None, calib_info: dict | None = None, device: str = "cpu", batch_size: int = 8,
+           progress: bool = False, timer: Timer | None = None) -> dict | None:
+    """Write the model into `folder`: a dense HF folder, or packed (GPTQ block by block first when
+    quant == "gptq"). Returns the packed format section (None for dense)."""
+    import torch
+
+    from . import checkpoint, packed
+
+    timer = timer or Timer()
+    if fmt == "dense":
+        with timer("save_s"):
+            checkpoint.save_dense(model, tok, folder)
+        return None
+    dtype = getattr(torch, save_dtype)
+    quantized, qinfo = None, {}
+    if quant == "gptq":
+        from .quant.sequential import gptq_sequential
+
+        with timer("gptq_s"):
+            quantized = gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=device,
+                                        progress=progress, dtype=dtype, info=qinfo, **gptq.as_dict())
+        if calib_info is not None:
+            qinfo["calibration"] = calib_info
+    with timer("save_s"):
+        section = packed.write_packed(model, folder, fmt, quant=quant, quantized=quantized, group_size=group_size,
+                                      symmetric=symmetric, progress=progress, dtype=dtype,
+                                      quant_opts={**gptq.as_dict(), **qinfo} if quant == "gptq" else None)
+        if tok is not None:
+            tok.save_pretrained(folder)
+    return section
+
+
+def export_steps(section: dict | None) -> list[str]:
+    if not section:
+        return []
+    tune = (section.get("quant_options") or {}).get("tune") or {}
+    return [*(["quantize"] if section.get("quant") else []), *(["tune-scales"] if tune.get("kept") == "tuned" else []),
+            "pack"]
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+def evaluate_model(model, tok, datasets, seqlen: int, windows: int | None, progress: bool, cache: dict) -> dict:
+    """Perplexity of a model in memory, per dataset (test tokens cached across calls in `cache`)."""
+    from .eval.perplexity import eval_tokens, perplexity
+
+    out = {}
+    for d in datasets:
+        if d not in cache:
+            cache[d] = eval_tokens(d, tok)
+        toks, where = cache[d]
+        r = perplexity(model, tok, d, seqlen, windows, progress=progress, tokens=toks)
+        r["source"] = where
+        out[d] = r
+    return out
+
+
+def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, device: str, dtype: str,
+                   progress: bool, cache: dict) -> dict:
+    """Perplexity of an output folder as a user loads it (llmprune.load), each entry marked so."""
+    from . import checkpoint
+
+    model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
+    res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
+    return {d: {**r, "measured_on": mf.SAVED} for d, r in res.items()}
+
+
+def merge_dense(results: dict, dense: dict) -> dict:
+    """Attach the dense model's figure (dense_ppl) where it was measured the same way. `dense`:
+    dataset -> the dense model's result (its "ppl")."""
+    for d, r in results.items():
+        ref = dense.get(d)
+        if ref and (ref.get("seqlen"), ref.get("windows")) == (r.get("seqlen"), r.get("windows")):
+            r["dense_ppl"] = ref["ppl"]
+    return results
+
+
+def dense_refs(old_eval: dict) -> dict:
+    """The dense figures an output's manifest recorded, in merge_dense's form."""
+    return {d: {**r, "ppl": r["dense_ppl"]} for d, r in old_eval.items() if isinstance(r, dict) and "dense_ppl" in r}

@@ -1,0 +1,117 @@
+"""GPTQ over a whole model, block by block: the calibration pass behind `--quant gptq`.
+
+Storage (packed.py) packs the codes this returns; it never runs an algorithm itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .. import formats
+from ..config import GPTQConfig
+from ..errors import LLMPruneError
+
+# GPTQ as llmprune runs it by default. act_order: columns by decreasing H_jj with static group grids.
+# sink_weight: each calibration window's first token counts this many times in the Hessian. Both
+# answer the same failure on SmolLM2-135M: plain GPTQ cut every layer's error on ordinary tokens
+# 2-4x but raised it 5-15x on the first token of a window, the attention sink every later token
+# attends to (arXiv 2402.17762, 2403.01241), and ended worse than round-to-nearest (docs/quantization.md).
+# tune_steps / tune_lr: end-to-end tuning of the scales after GPTQ (quant/tune.py), off by default.
+# The values live in config.GPTQConfig (one source).
+GPTQ_DEFAULTS = GPTQConfig().as_dict()
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names of tensors that share storage with another (tied embeddings): not packed."""
+    seen, tied = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.device.type != "meta" and key in seen:
+            tied |= {name, seen[key]}
+        else:
+            seen[key] = name
+    return tied
+
+
+@torch.no_grad()
+def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_size: int | str = 128,
+                    symmetric: bool | None = None, damp: float = 0.01, blocksize: int = 128, batch_size: int = 8,
+                    device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16,
+                    act_order: bool = GPTQConfig.act_order, sink_weight: float = GPTQConfig.sink_weight,
+                    tune_steps: int = GPTQConfig.tune_steps, tune_lr: float = GPTQConfig.tune_lr,
+                    info: dict | None = None) -> dict:
+    """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
+    Hessians come from calibration inputs that went through the already-quantized blocks before
+    it, and each quantized linear computes with its dequantized weights from then on. Returns
+    {layer name: Quantized} for `packed.write_packed(..., quantized=...)`; layers that do not fit
+    the format are left alone (the packer keeps them dense and says why). act_order and
+    sink_weight: see GPTQ_DEFAULTS. tune_steps > 0: then train the scales end to end against the
+    unquantized model on the same windows (quant/tune.py); what it did goes into `info["tune"]`;
+    dampening raised for a layer goes into `info["damp_raised"]`."""
+    from .. import arch, walker
+    from ..packed import plan_layer
+    from .gptq import gptq
+
+    f = formats.get(fmt)
+    f.check_options("gptq", symmetric)
+    base = f.options(group_size, symmetric)
+    a = arch.arch_of(model)
+    tied = _tied_names(model)
+    targets = None
+    if tune_steps:
+        from . import tune
+
+        tune.check(tune_steps, tune_lr)
+        targets = tune.teacher_states(model, calib_ids, batch_size, device)  # before any weight changes
+        model.to("cpu")
+    out = {}
+    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks"):
+        prefix = f"{a.blocks}.{block.index}."
+        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g
+                if f"{prefix}{n}.weight" not in tied}
+        with walker.collect(mods, {"hessian"}, sink_weight=sink_weight) as stats:
+            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
+        for name, mod in mods.items():
+            w = mod.weight.detach()
+            w = w.to(dtype) if dtype is not None else w  # what the packer starts from
+            try:
+                k, opts, _ = plan_layer(f, w, None, base)
+            except LLMPruneError:
+                continue
+            q = gptq(w.float() * k, stats[name].hessian, k, opts["group_size"], opts["symmetric"], damp=damp,
+                     blocksize=blocksize, act_order=act_order)
+            if info is not None and q.damp is not None and q.damp != damp:
+                info.setdefault("damp_raised", {})[name] = q.damp
+            mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
+            out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+        # handing control back: the walker reruns the block with the quantized weights
+    if tune_steps and out:
+        out, tinfo = tune.tune_scales(model, out, calib_ids, targets, tune_steps, tune_lr, device=device,
+                                      progress=progress)
+        model.to("cpu")  # (tune_scales returns CPU tensors: the codes it got, scales it made on the CPU)
+        if info is not None:
+            info["tune"] = tinfo
+    return out
+
+
+@torch.no_grad()
+def gptq_layers(model: nn.Module, hessians: dict[str, torch.Tensor], fmt: str, keep_masks: dict | None = None,
+                group_size: int | str = 128, symmetric: bool | None = None, dtype: torch.dtype | None = None,
+                **gptq_opts) -> dict:
+    """GPTQ of each named layer from a given Hessian (no block-sequential pass): {name: Quantized}."""
+    from ..packed import plan_layer
+    from .gptq import gptq
+
+    f = formats.get(fmt)
+    f.check_options("gptq", symmetric)
+    base = f.options(group_size, symmetric)
+    out = {}
+    for name, h in hessians.items():
+        w = model.get_submodule(name).weight.detach()
+        w = w.to(dtype) if dtype is not None else w
+        keep = None if keep_masks is None else keep_masks[name].bool()
+        k, opts, _ = plan_layer(f, w, keep, base)
+        out[name] = gptq(w.float() * k, h.to(w.device), k, opts["group_size"], opts["symmetric"], **gptq_opts)
+    return out

@@ -1,0 +1,67 @@
+"""Facts about the run itself for the manifest: device choice, peak memory, library versions."""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+from .errors import LLMPruneError
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LLMPruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory in MiB: Linux's VmHWM (which reset_peak_rss() can restart),
+    else getrusage's ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-memory count at the current resident size (Linux >= 4.0: writing 5 to
+    /proc/self/clear_refs), so one process can measure the peak of each of several runs. Returns
+    False where that is not possible; peak_rss_mib() then stays the process-wide peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_gpu_mib(device: str) -> float | None:
+    """Peak memory torch allocated on a CUDA device in this process (None elsewhere)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def memory(device: str) -> dict:
+    """Manifest fields: peak RSS, and peak GPU memory on CUDA."""
+    out = {"peak_rss_mib": peak_rss_mib()}
+    gpu = peak_gpu_mib(device)
+    if gpu is not None:
+        out["peak_gpu_mib"] = gpu
+    return out
