@@ -109,7 +109,7 @@ def load(folder: str | Path, dtype="float32", device="cpu"):
         from . import packed
 
         model = packed.load_packed(folder, dtype=dt, device=device)
-    elif (m.get("slicegpt") or {}).get("rotation") == "per-block":
+    elif (m.get("slicegpt") or {}).get("rotation") == "per-block" or (m.get("slicegpt") or {}).get("standard") is False:
         from .transforms import slicegpt
 
         model = slicegpt.load_sliced(folder, dtype=dt, device=device)

@@ -37,6 +37,8 @@ def _add_compress(sub):
     g.add_argument("--slicing", type=float, default=None, help="fraction of the hidden size removed")
     g.add_argument("--rotation", default="per-block", choices=["per-block", "shared"])
     g.add_argument("--round-to", type=int, default=8)
+    g.add_argument("--slice-head", action="store_true",
+                   help="also slice the LM head and the last residual (the reference keeps them at full width)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", default="c4", help="c4 | wikitext2 | FILE (.txt .jsonl .parquet .safetensors)")
     g.add_argument("--protocol", default="auto", choices=["auto", "paper", "cpu"],
@@ -78,7 +80,7 @@ def cmd_compress(a) -> int:
     slicegpt = None
     if a.solver == "slicegpt" or a.slicing is not None:
         slicegpt = {"slicing": 0.25 if a.slicing is None else a.slicing, "rotation": a.rotation,
-                    "round_to": a.round_to}
+                    "round_to": a.round_to, **({"slice_head": True} if a.slice_head else {})}
     cfg = CompressConfig(
         model=a.model, solver=a.solver, pattern=a.pattern, sparsity=a.sparsity, scope=a.scope, ignore=a.ignore,
         solver_opts=opts, owl={"m": a.owl_m, "lam": a.owl_lambda} if a.owl else None,
