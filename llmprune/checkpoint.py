@@ -67,7 +67,8 @@ def load(folder: str | Path, dtype="float32", device="cpu"):
         model = packed.load_packed(folder, dtype=dt, device=device)
     else:
         check_weight_files(folder)
-        if (m.slicegpt or {}).get("rotation") == "per-block":
+        sl = m.slicegpt or {}
+        if sl.get("rotation") == "per-block" or sl.get("standard") is False:  # shortcuts: not a stock class
             from .transforms import slicegpt
 
             model = slicegpt.load_sliced(folder, dtype=dt, device=device)

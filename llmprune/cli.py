@@ -19,7 +19,7 @@ def _datasets(s: str) -> tuple[str, ...]:
 def _add_compress(sub):
     p = sub.add_parser("compress", help="prune (or slice) a model, save it, evaluate it")
     p.add_argument("--model", default="llama", help="Hub id, local HF folder, .gguf file, or alias (llama, gemma3)")
-    p.add_argument("--solver", default="wanda", help="magnitude | wanda | sparsegpt | dsnot | slicegpt")
+    p.add_argument("--solver", default="wanda", help="magnitude | wanda | sparsegpt | alps | dsnot | slicegpt")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (e.g. 2:4) | group:G")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights zeroed (default 0.5; N:M implies 1-N/M)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"], help="magnitude: rank per layer or globally")
@@ -27,8 +27,13 @@ def _add_compress(sub):
     g = p.add_argument_group("solver options")
     g.add_argument("--damp", type=float, default=None, help="SparseGPT/GPTQ Hessian dampening (fraction of mean diag)")
     g.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size")
-    g.add_argument("--init", default=None, help="DSnoT initial mask: wanda | sparsegpt | magnitude")
+    g.add_argument("--init", default=None, help="DSnoT initial mask: wanda | sparsegpt | alps | magnitude")
     g.add_argument("--max-cycles", type=int, default=None, help="DSnoT grow/prune cycles")
+    g.add_argument("--lower-error", action="store_true", default=None,
+                   help="DSnoT: accept a swap only if it also lowers the modelled squared error (off: the reference)")
+    g.add_argument("--rho", type=float, default=None, help="ALPS initial ADMM penalty (default 0.1)")
+    g.add_argument("--max-iter", type=int, default=None, help="ALPS ADMM iterations at most (default 300)")
+    g.add_argument("--pcg-steps", type=int, default=None, help="ALPS conjugate-gradient steps on the kept weights (default 10)")
     g.add_argument("--owl", action="store_true", help="OWL non-uniform layer-wise sparsity")
     g.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
     g.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity range lambda")
@@ -36,6 +41,8 @@ def _add_compress(sub):
     g.add_argument("--slicing", type=float, default=None, help="fraction of the hidden size removed")
     g.add_argument("--rotation", default="per-block", choices=["per-block", "shared"])
     g.add_argument("--round-to", type=int, default=8)
+    g.add_argument("--slice-head", action="store_true",
+                   help="also slice the LM head and the last residual (the reference keeps them at full width)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", default="c4", help="c4 | wikitext2 | FILE (.txt .jsonl .parquet .safetensors)")
     g.add_argument("--protocol", default="auto", choices=["auto", "paper", "cpu"],
@@ -72,11 +79,12 @@ def cmd_compress(a) -> int:
     from .config import CompressConfig
 
     opts = {k: v for k, v in {"damp": a.damp, "blocksize": a.blocksize, "init": a.init,
-                              "max_cycles": a.max_cycles}.items() if v is not None}
+                              "max_cycles": a.max_cycles, "lower_error": a.lower_error, "rho": a.rho,
+                              "max_iter": a.max_iter, "pcg_steps": a.pcg_steps}.items() if v is not None}
     slicegpt = None
     if a.solver == "slicegpt" or a.slicing is not None:
         slicegpt = {"slicing": 0.25 if a.slicing is None else a.slicing, "rotation": a.rotation,
-                    "round_to": a.round_to}
+                    "round_to": a.round_to, **({"slice_head": True} if a.slice_head else {})}
     cfg = CompressConfig(
         model=a.model, solver=a.solver, pattern=a.pattern, sparsity=a.sparsity, scope=a.scope, ignore=a.ignore,
         solver_opts=opts, owl={"m": a.owl_m, "lam": a.owl_lambda} if a.owl else None,

@@ -60,6 +60,7 @@ class SliceConfig:
     slicing: float = 0.25
     rotation: str = "per-block"
     round_to: int = 8
+    slice_head: bool = False  # also slice the head and the last residual (the reference does not)
 
     def __post_init__(self):
         if not 0.0 < self.slicing < 1.0:

@@ -42,7 +42,7 @@ def check_shapes(model, names: list[str], pattern: Pattern) -> None:
 
 def _solve(mod, name, solver: Solver, stats, pattern, sparsity, opts, infos) -> None:
     w = mod.weight.data
-    res = solver.fn(w.float(), stats, pattern, sparsity, **opts)
+    res = solver.fn(w.float(), stats, pattern, sparsity, layer=name, **opts)  # layer: its full name
     mod.weight.data.copy_(res.weight.to(w.dtype))
     infos[name] = {"sparsity": sparsity, "zeros": int((~res.keep).sum()), "numel": res.keep.numel(), **res.info}
 

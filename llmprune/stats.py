@@ -18,6 +18,7 @@ class LayerStats:
         self.in_features = in_features
         self.needs = frozenset(needs)
         self.n = 0  # tokens seen
+        self.n_seqs = 0  # sequences seen (a 2-D input counts as one), for per-sequence averages (DSnoT)
         # the Hessian may count each sequence's first token sink_weight times (see add); its own total
         if not sink_weight > 0:
             raise ValueError(f"sink_weight {sink_weight} must be > 0 (1 counts every token once)")
@@ -34,6 +35,7 @@ class LayerStats:
         """x: (batch, seq, in) or (tokens, in). With sink_weight != 1 and a sequence axis, the
         Hessian counts each sequence's first token sink_weight times (the attention-sink token)."""
         first = x[:, 0, :] if x.dim() == 3 and self.sink_weight != 1 and self.xtx is not None else None
+        self.n_seqs += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, self.in_features)  # (tokens, in)
         self.n += x.shape[0]
         if self.sumsq is not None:

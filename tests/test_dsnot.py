@@ -1,4 +1,5 @@
-"""DSnoT: swaps never hurt the measured error, keep the pattern, and follow the paper's greedy rule."""
+"""DSnoT: the reference's rules (per-sequence error scale, sign rule, MLP skip), our optional error check,
+the pattern kept, and a per-row greedy oracle."""
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ def correlated(n, d, seed):
 
 
 def stats_of(x, needs=("norms", "moments")):
-    s = LayerStats(x.shape[1], set(needs))
+    s = LayerStats(x.shape[-1], set(needs))
     s.add(x)
     return s
 
@@ -45,7 +46,7 @@ def test_never_worse_than_init_and_keeps_counts(init, spec, s):
     x = uncorrelated(512, 32, seed=1)
     st, p = stats_of(x), parse(spec)
     first = get(init).fn(W, st, p, s)
-    r = dsnot(W, st, p, s, init=init, update_threshold=0.0)
+    r = dsnot(W, st, p, s, init=init, update_threshold=0.0, lower_error=True)
     assert r.info["dsnot_swaps"] > 0  # means far from zero: there is something to fix
     before, after = msq_err(W, first.weight, x), msq_err(W, r.weight, x)
     assert bool((after <= before * (1 + 1e-5)).all())
@@ -60,7 +61,7 @@ def test_correlated_wanda_init_shrinks_expected_error_per_row():
     x = correlated(512, 32, seed=2)
     st, p = stats_of(x), parse("unstructured")
     first = get("wanda").fn(W, st, p, 0.5)
-    r = dsnot(W, st, p, 0.5, update_threshold=0.0)
+    r = dsnot(W, st, p, 0.5, update_threshold=0.0, same_sign=True)
     mu = x.double().mean(0)
     eps0, eps1 = (W - first.weight).double() @ mu, (W - r.weight).double() @ mu
     assert r.info["dsnot_swaps"] > 0
@@ -74,7 +75,7 @@ def test_sparsegpt_init_uses_exact_second_moment(spec):
     x = correlated(512, 32, seed=3)
     st, p = stats_of(x, ("norms", "moments", "hessian")), parse(spec)
     first = get("sparsegpt").fn(W, st, p, 0.5)
-    r = dsnot(W, st, p, 0.5, init="sparsegpt", update_threshold=0.0)
+    r = dsnot(W, st, p, 0.5, init="sparsegpt", update_threshold=0.0, lower_error=True)
     before, after = msq_err(W, first.weight, x), msq_err(W, r.weight, x)
     assert bool((after <= before * (1 + 1e-4) + 1e-6).all())
     assert torch.equal(r.keep.sum(1), first.keep.sum(1))
@@ -84,10 +85,13 @@ def test_sparsegpt_init_uses_exact_second_moment(spec):
     assert r.info["damp_used"] == 0.01  # the init solver's info is kept
 
 
-def greedy_oracle(w, x, keep, threshold, cycles, m=0):
-    """The rule of the docstring, one row at a time in plain Python (diagonal model); m > 0: N:M."""
-    x = x.double()
-    w, mu, var = w.double(), x.mean(0), x.var(0, unbiased=False)
+def greedy_oracle(w, x3, keep, threshold, cycles, m=0, same_sign=False, lower_error=False):
+    """The rule of the docstring, one row at a time in plain Python (diagonal error model); m > 0: N:M.
+    x3 (sequences, tokens, in); eps is the reference's: sum_j d_j * (sum over tokens of x_j) / sequences."""
+    x = x3.reshape(-1, x3.shape[-1]).double()
+    w, var = w.double(), x.var(0, unbiased=False)
+    mu_seq = x.sum(0) / x3.shape[0]  # lib/layerwrapper.py: sum_metric_row
+    mu = x.mean(0)
     norm = x.pow(2).sum(0).sqrt()
     keep = keep.clone()
     for r in range(w.shape[0]):
@@ -95,7 +99,7 @@ def greedy_oracle(w, x, keep, threshold, cycles, m=0):
         frozen = set()
         for _ in range(cycles):
             d = w[r] - cur
-            eps = float(d @ mu)
+            eps = float(d @ mu_seq)
             if abs(eps) <= threshold:
                 break
             sg = 1.0 if eps > 0 else -1.0
@@ -112,24 +116,58 @@ def greedy_oracle(w, x, keep, threshold, cycles, m=0):
             new = cur.clone()
             new[j], new[k] = w[r, j], 0.0
             d2 = w[r] - new
-            eps2 = float(d2 @ mu)
-            gain = (eps2**2 + float((d2**2 * var).sum())) - (eps**2 + float((d**2 * var).sum()))
-            if eps2 * sg <= 0 or gain >= 0:
+            eps2 = float(d2 @ mu_seq)
+            e_tok, e2_tok = float(d @ mu), float(d2 @ mu)
+            gain = (e2_tok**2 + float((d2**2 * var).sum())) - (e_tok**2 + float((d**2 * var).sum()))
+            if (same_sign and eps2 * sg <= 0) or (lower_error and gain >= 0):
                 break
             cur, keep[r, j], keep[r, k] = new, True, False
             frozen |= {j, k}
     return keep
 
 
-@pytest.mark.parametrize("spec", ["unstructured", "2:4"])
-def test_matches_per_row_greedy_oracle(spec):
-    x = uncorrelated(1024, 96, seed=4, mean=1.0)
+@pytest.mark.parametrize("spec,rules", [("unstructured", {}), ("2:4", {}),
+                                        ("unstructured", {"same_sign": True, "lower_error": True}),
+                                        ("2:4", {"lower_error": True}), ("unstructured", {"lower_error": True})])
+def test_matches_per_row_greedy_oracle(spec, rules):
+    x3 = uncorrelated(1024, 96, seed=4, mean=1.0).reshape(16, 64, 96)  # 16 sequences of 64 tokens
     w = torch.randn(8, 96, generator=torch.Generator().manual_seed(5))
-    st, p = stats_of(x), parse(spec)
+    st, p = stats_of(x3), parse(spec)
     first = get("wanda").fn(w, st, p, 0.5)
-    r = dsnot(w, st, p, 0.5, update_threshold=1e-3, max_cycles=20)
+    r = dsnot(w, st, p, 0.5, update_threshold=0.05, max_cycles=20, **rules)
     assert r.info["dsnot_cycles"] >= 3  # some row swapped more than once
-    assert torch.equal(r.keep, greedy_oracle(w, x, first.keep, 1e-3, 20, m=p.m))
+    same_sign = rules.get("same_sign", p.kind == "nm")  # the reference applies the sign rule to N:M only
+    want = greedy_oracle(w, x3, first.keep, 0.05, 20, m=p.m, same_sign=same_sign,
+                         lower_error=rules.get("lower_error", False))
+    assert torch.equal(r.keep, want)
+
+
+def test_threshold_is_on_the_per_sequence_scale():
+    """The same tokens cut into 16 sequences of 64, or given as one sequence of 1024, with the threshold
+    scaled by the 16 sequences: the same swaps. And a threshold that the per-token mean error never
+    reaches still lets the per-sequence error (64x larger) swap."""
+    x = uncorrelated(1024, 64, seed=8, mean=1.0)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(9))
+    p = parse("unstructured")
+    a = dsnot(w, stats_of(x.reshape(16, 64, 64)), p, 0.5, update_threshold=0.3)
+    b = dsnot(w, stats_of(x.reshape(1, 1024, 64)), p, 0.5, update_threshold=0.3 * 16)
+    assert torch.equal(a.keep, b.keep) and a.info["dsnot_swaps"] > 0
+    eps_tok = (w - get("wanda").fn(w, stats_of(x), p, 0.5).weight).double() @ x.double().mean(0)
+    thr = 2 * float(eps_tok.abs().max())  # above every row's per-token error, below most per-sequence ones
+    assert dsnot(w, stats_of(x.reshape(16, 64, 64)), p, 0.5, update_threshold=thr).info["dsnot_swaps"] > 0
+
+
+def test_skips_the_mlp_by_default_as_the_reference():
+    x3 = uncorrelated(512, 32, seed=10).reshape(8, 64, 32)
+    st, p = stats_of(x3), parse("unstructured")
+    first = get("wanda").fn(W, st, p, 0.5)
+    mlp = dsnot(W, st, p, 0.5, layer="model.layers.3.mlp.up_proj")
+    assert torch.equal(mlp.keep, first.keep) and mlp.info["dsnot_skipped"]
+    attn = dsnot(W, st, p, 0.5, layer="model.layers.3.self_attn.q_proj")
+    assert attn.info["dsnot_swaps"] > 0 and not torch.equal(attn.keep, first.keep)
+    assert torch.equal(dsnot(W, st, p, 0.5, layer="model.layers.3.mlp.up_proj", skip="none").keep, attn.keep)
+    assert torch.equal(dsnot(W, st, p, 0.5, layer="model.layers.3.self_attn.q_proj", skip="self_attn").keep,
+                       first.keep)
 
 
 def test_zero_cycles_or_large_threshold_is_the_init():
@@ -145,12 +183,14 @@ def test_bad_inputs_and_needs():
     x = uncorrelated(64, 32, seed=7)
     st = stats_of(x)
     for bad in ("dsnot", "sparsgpt", "owl"):
-        with pytest.raises(LLMPruneError, match="wanda, sparsegpt, magnitude"):
+        with pytest.raises(LLMPruneError, match="wanda, sparsegpt, alps, magnitude"):
             dsnot(W, st, parse("unstructured"), 0.5, init=bad)
     with pytest.raises(LLMPruneError, match="group"):
         dsnot(W, st, parse("group:4"), 0.5)
     with pytest.raises(LLMPruneError, match="--max-cycles"):
         dsnot(W, st, parse("unstructured"), 0.5, max_cycles=-1)
+    with pytest.raises(LLMPruneError, match="skip"):
+        dsnot(W, st, parse("unstructured"), 0.5, skip="attn")
     s = get("dsnot")
     assert s.needs_for({}) == {"moments", "norms"}
     assert s.needs_for({"init": "sparsegpt"}) == {"moments", "norms", "hessian"}

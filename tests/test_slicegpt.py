@@ -144,33 +144,89 @@ def test_shared_basis_is_pca_of_all_read_points():
     _assert_diag_desc(total)
 
 
-def _formula(cfg, d, layers, shortcuts, vocab, bias=False):
-    """Parameter count of a sliced llama: every residual-facing size is d; head untied."""
+def _formula(cfg, d, layers, shortcuts, vocab, head=None):
+    """Parameter count of a sliced llama: every residual-facing size is d; head untied. head = D: the
+    head, the final norm and the last block's MLP output keep the full width D (its shortcut (D, d))."""
     hd, h, kv, inter = 16, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
     mlp = 3 * d * inter
     per_layer = attn + mlp + 2 * d + (2 * d * d if shortcuts else 0)
-    return vocab * d + layers * per_layer + d + vocab * d
+    n = vocab * d + layers * per_layer + d + vocab * d
+    if head is not None:  # + the head's and the final norm's extra width, the last down_proj's rows, its shortcut
+        n += (head - d) * (vocab + 1 + inter) + (head - d) * d + (0 if shortcuts else d * d)
+    return n
 
 
 @pytest.mark.parametrize("rotation", ["per-block", "shared"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_parameter_count_after_slicing(rotation, tied):
+@pytest.mark.parametrize("slice_head", [False, True])
+def test_parameter_count_after_slicing(rotation, tied, slice_head):
     m = _model(tied)
-    info = slice_model(m, _ids(), slicing=0.25, rotation=rotation, progress=False)
+    info = slice_model(m, _ids(), slicing=0.25, rotation=rotation, progress=False, slice_head=slice_head)
     assert info["new_dim"] == 48 and m.config.hidden_size == 48 and m.config.head_dim == 16
     n = sum(p.numel() for p in m.parameters())
-    assert n == info["params_after"] == _formula(m.config, 48, 2, rotation == "per-block", 258)
+    head = None if slice_head else 64
+    assert n == info["params_after"] == _formula(m.config, 48, 2, rotation == "per-block", 258, head)
     assert info["params_before"] == _formula(m.config, 64, 2, False, 258) - (258 * 64 if tied else 0)
-    assert m.model.embed_tokens.weight.shape == (258, 48) and m.lm_head.weight.shape == (258, 48)
-    assert all(torch.equal(p, torch.ones(48, dtype=F64)) for n_, p in m.named_parameters() if "norm" in n_)
+    w = 48 if slice_head else 64
+    assert m.model.embed_tokens.weight.shape == (258, 48) and m.lm_head.weight.shape == (258, w)
+    assert m.model.norm.weight.shape == (w,) and m.model.layers[-1].mlp.down_proj.weight.shape == (w, 128)
+    assert all(torch.equal(p, torch.ones_like(p)) for n_, p in m.named_parameters() if "norm" in n_)
+    assert info["slice_head"] is slice_head and info["head_width"] == w
+    assert info["standard"] is (rotation == "shared" and slice_head)
+
+
+@pytest.mark.parametrize("rotation", ["per-block", "shared"])
+def test_unsliced_head_as_the_reference(rotation, tmp_path):
+    """By default the head and the last residual keep the full width (TransformerCompression's
+    do_slice_head off): the last block's MLP writes all D rotated components, the final norm reads
+    them with the dense eps, the head is only rotated. Closer to the dense logits than slicing the
+    head too, and the folder reloads exactly."""
+    ids = _ids()
+    errs = {}
+    for slice_head in (False, True):
+        m = _model(tied=True)
+        ref = _logits(m, ids)
+        slice_model(m, _ids(seed=2), slicing=0.25, rotation=rotation, progress=False, slice_head=slice_head)
+        errs[slice_head] = _rel(_logits(m, ids), ref)
+        if not slice_head:
+            assert m.model.norm.variance_epsilon == _model().config.rms_norm_eps
+            assert m.model.layers[-1].mlp_shortcut.weight.shape == (64, 48)
+            m.save_pretrained(tmp_path)
+            loaded = load_sliced(tmp_path, dtype=F64)
+            assert torch.equal(_logits(loaded, ids), _logits(m, ids))
+    assert errs[False] < errs[True]
+
+
+def test_unsliced_head_folder_loads_through_llmprune_load(tmp_path, tiny_dir, calib_txt):
+    """A shared-rotation output with the full-width head needs the last block's shortcut: llmprune.load
+    rebuilds it (and the logits are the saved model's); --slice-head gives a plain checkpoint again."""
+    from transformers import AutoModelForCausalLM
+
+    import llmprune
+    from llmprune.cli import main
+
+    outs = {}
+    for extra in ([], ["--slice-head"]):
+        out = tmp_path / f"o{len(extra)}"
+        rc = main([str(a) for a in ("compress", "--model", tiny_dir, "--solver", "slicegpt",
+                                        "--rotation", "shared", "--slicing", "0.25", "--calib", calib_txt,
+                                        "--out", out, "--nsamples", "8", "--seqlen", "32", "--no-progress",
+                                        "--eval", "none", *extra)])
+        assert rc == 0
+        outs[bool(extra)] = out
+    model, _, man = llmprune.load(outs[False], dtype="float64")
+    assert man["slicegpt"]["head_width"] == 64 and model.lm_head.weight.shape[1] == 64
+    assert isinstance(model.model.layers[-1], SlicedDecoderLayer)
+    plain = AutoModelForCausalLM.from_pretrained(outs[True])
+    assert plain.lm_head.weight.shape[1] == plain.config.hidden_size == 48
 
 
 def test_shared_folder_loads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     m, ids = _model(tied=True), _ids()
-    slice_model(m, _ids(seed=2), slicing=0.25, rotation="shared", progress=False)
+    slice_model(m, _ids(seed=2), slicing=0.25, rotation="shared", progress=False, slice_head=True)
     m.save_pretrained(tmp_path)
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=F64, output_loading_info=True)
     assert type(loaded) is LlamaForCausalLM
@@ -196,7 +252,8 @@ def test_per_block_generates_and_reloads(tmp_path):
     assert out.shape == (1, 14)
     m.save_pretrained(tmp_path)
     loaded = load_sliced(tmp_path, dtype=F64)
-    assert loaded.model.layers[1].mlp_shortcut.weight.shape == (48, 48)
+    assert loaded.model.layers[0].mlp_shortcut.weight.shape == (48, 48)
+    assert loaded.model.layers[1].mlp_shortcut.weight.shape == (64, 48)  # into the full-width last residual
     assert torch.equal(_logits(loaded, _ids()), _logits(m, _ids()))
     assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), out)
 
@@ -253,7 +310,7 @@ def test_sliced_width_is_a_config_transformers_accepts(tmp_path):
     from transformers import AutoModelForCausalLM
 
     m = tiny_model("llama", dtype=F64, hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)
-    info = slice_model(m, _ids(), slicing=0.1, rotation="shared", round_to=1, progress=False)
+    info = slice_model(m, _ids(), slicing=0.1, rotation="shared", round_to=1, progress=False, slice_head=True)
     assert info["new_dim"] == 63 and info["slicing_actual"] == pytest.approx(1 / 8)
     m.save_pretrained(tmp_path)
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.hidden_size == 63
@@ -278,7 +335,7 @@ def test_bad_inputs():
     # nothing above touched the model
     assert m.config.hidden_size == 64 and m.model.norm.weight.shape == (64,)
     slice_model(m, _ids(), slicing=0.25, progress=False)
-    with pytest.raises(LLMPruneError, match="already per-block sliced"):
+    with pytest.raises(LLMPruneError, match="already sliced"):
         slice_model(m, _ids(), slicing=0.25, progress=False)
 
 

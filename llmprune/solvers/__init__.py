@@ -1,7 +1,9 @@
 """Solver registry: name -> Solver. Each solver is a pure function in its own file.
 
 A solver takes one linear layer's weight (out, in), the statistics the engine collected for it,
-the pattern and the layer's sparsity, and returns the new weight and its keep-mask.
+the pattern and the layer's sparsity, and returns the new weight and its keep-mask. The engine also
+passes `layer=` (the linear's full name) and the user's solver options as keywords; a solver
+ignores the ones it does not use (`**_`).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def _registry() -> dict[str, Solver]:
     from . import magnitude, wanda
 
     solvers = [magnitude.SOLVER, wanda.SOLVER]
-    for mod in ("sparsegpt", "dsnot"):  # added by their own files when present
+    for mod in ("sparsegpt", "alps", "dsnot"):  # added by their own files when present
         try:
             solvers.append(__import__(f"{__name__}.{mod}", fromlist=["SOLVER"]).SOLVER)
         except ModuleNotFoundError:

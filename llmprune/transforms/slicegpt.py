@@ -19,6 +19,15 @@ Two modes:
   outlier tokens would pick the basis for everyone. No shortcuts: the result is a standard
   checkpoint of the same class with hidden_size = d (config.head_dim set explicitly).
 
+The LM head and the last residual stay at full width by default, as in the reference code
+(microsoft/TransformerCompression, `do_slice_head` off): the last block's MLP writes all D rotated
+components (its residual shortcut maps the d kept ones into D), the final norm and the head read
+D (the head only rotated). A small model's vocabulary-sized head is where that costs parameters
+(SmolLM2 at 25%: 49,152 x 144 = 7.1M), and slicing it (`slice_head=True`, `--slice-head`) costs
+perplexity the reference does not pay. With "shared" rotation an unsliced head also needs that one
+shortcut (a (D, d) identity embedding) in the last block, so the folder loads through `load_sliced`
+(`llmprune.load`) rather than plain transformers; with `--slice-head` it stays a standard checkpoint.
+
 Tied embeddings are untied, necessarily: the head reads diag(g_final) and the last
 basis, the embedding writes the first one, so they stop being one tensor; the vocab-sized head then
 counts against the savings of small models.
@@ -200,7 +209,8 @@ def _shortcut(weight: torch.Tensor, like: torch.Tensor) -> nn.Linear:
 def _check(model, ids: torch.Tensor, rotation: str) -> Layout:
     lay = layout_of(model)
     if getattr(model.config, "slicegpt", None):
-        raise LLMPruneError("this model is already per-block sliced; slice the dense model once with the total --slicing")
+        raise LLMPruneError("this model is already sliced (per-block, or with a full-width head); slice the dense "
+                            "model once with the total --slicing")
     if rotation not in ROTATIONS:
         raise LLMPruneError(f"--rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
@@ -218,22 +228,23 @@ def _n_params(model) -> int:
 
 
 def slice_model(model, calib_input_ids: torch.Tensor, slicing: float, rotation: str = "per-block",
-                round_to: int = 8, batch_size: int = 8, progress: bool = True) -> dict:
+                round_to: int = 8, batch_size: int = 8, progress: bool = True, slice_head: bool = False) -> dict:
     """Fuse norms, rotate by PCA and slice the hidden size to (1 - slicing) * hidden (rounded down to
     a multiple of round_to and of the head count: new_dim_for), in place. Returns an info dict for the manifest; its "manifest" entry is
     what `rebuild_per_block` needs to rebuild a saved per-block model. arXiv:2401.15024."""
     lay = _check(model, calib_input_ids, rotation)
     hidden = get(model, lay.embed).weight.shape[1]
     d = new_dim_for(hidden, slicing, round_to, getattr(model.config, "num_attention_heads", 1))
-    info = rotate_and_slice(model, calib_input_ids, d, rotation, batch_size, progress)
+    info = rotate_and_slice(model, calib_input_ids, d, rotation, batch_size, progress, slice_head)
     info.update(slicing=slicing, round_to=round_to, slicing_actual=1 - d / hidden)
     return info
 
 
 @torch.no_grad()
 def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotation: str = "per-block",
-                     batch_size: int = 8, progress: bool = True) -> dict:
-    """The transform itself for an explicit kept width new_dim (new_dim = hidden: rotation only)."""
+                     batch_size: int = 8, progress: bool = True, slice_head: bool = False) -> dict:
+    """The transform itself for an explicit kept width new_dim (new_dim = hidden: rotation only); the
+    head and the last residual keep the full width unless slice_head."""
     lay = _check(model, calib_input_ids, rotation)
     embed, blocks = get(model, lay.embed), get(model, lay.blocks)
     hidden = embed.weight.shape[1]
@@ -245,26 +256,34 @@ def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotatio
     ids = calib_input_ids.to(embed.weight.device)
     fused = fuse_norms(model)
     cfg = model.config
-    eps = cfg.rms_norm_eps * hidden / new_dim
+    eps0 = cfg.rms_norm_eps
+    eps = eps0 * hidden / new_dim
     scale = math.sqrt(hidden / new_dim)  # see the module docstring: RMSNorm over d instead of D
     head_dim = get(blocks[0], lay.attn).head_dim
+    head_width = new_dim if slice_head else hidden  # the last residual, the final norm and the head
 
     if rotation == "shared":
-        kept = _shared(model, lay, ids, new_dim, scale, eps, batch_size)
+        kept = _shared(model, lay, ids, new_dim, scale, eps, batch_size, head_width)
     else:
-        kept = _per_block(model, lay, ids, new_dim, scale, eps, batch_size, progress)
-    _unit_norm(get(model, lay.norm), new_dim, eps)
+        kept = _per_block(model, lay, ids, new_dim, scale, eps, batch_size, progress, head_width)
+    _unit_norm(get(model, lay.norm), head_width, eps if head_width == new_dim else eps0)  # full width: as dense
 
     cfg.head_dim = head_dim  # hidden_size / num_heads no longer gives it
     cfg.hidden_size = new_dim
     cfg.rms_norm_eps = eps
     manifest = {"method": "slicegpt", "rotation": rotation, "hidden_size": hidden, "new_dim": new_dim,
                 "shortcuts": list(range(len(blocks))) if rotation == "per-block" else []}
-    if rotation == "per-block":
+    standard = rotation == "shared" and head_width == new_dim  # a plain transformers checkpoint
+    if head_width != new_dim:
+        manifest.update(head_width=head_width, norm_eps=eps0)
+        if rotation == "shared":
+            manifest["mlp_shortcuts"] = [len(blocks) - 1]
+    if not standard:
         cfg.slicegpt = manifest  # saved in config.json so `load_sliced` needs only the folder
     model.train(was_training)
     return {"method": "slicegpt", "cite": CITE, "rotation": rotation, "hidden_size": hidden,
-            "new_dim": new_dim, "calib_tokens": ids.numel(), "untied_head": fused["untied"],
+            "new_dim": new_dim, "head_width": head_width, "slice_head": head_width == new_dim,
+            "standard": standard, "calib_tokens": ids.numel(), "untied_head": fused["untied"],
             "params_before": params_before, "params_after": _n_params(model),
             "kept_variance": kept, "manifest": manifest}
 
@@ -273,26 +292,32 @@ def _kept(evals: torch.Tensor, d: int) -> float:
     return float(evals[:d].sum() / evals.sum().clamp_min(1e-30))
 
 
-def _shared(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int) -> list[float]:
-    """One Q from every residual read point of a dense pass; no shortcuts needed."""
+def _shared(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, head_width: int) -> list[float]:
+    """One Q from every residual read point of a dense pass; no shortcuts needed, except that an
+    unsliced head (head_width = D) makes the last block's MLP write all D components, its residual
+    embedded into them by a (D, d) shortcut."""
     evals, Q = _shared_cov(model, lay, ids, batch_size).pca()
     q = Q[:, :d]  # (D, d)
     embed = get(model, lay.embed)
     embed.weight = nn.Parameter((embed.weight.double() @ q).to(embed.weight.dtype))  # (vocab, d)
     embed.embedding_dim = d
-    for block in get(model, lay.blocks):
+    blocks = get(model, lay.blocks)
+    q_head = Q[:, :head_width]  # (D, head_width)
+    for i, block in enumerate(blocks):
         for norm, readers in lay.reads:
             _unit_norm(get(block, norm), d, eps)
             for r in readers:
                 _read(get(block, r), q, scale)
         for w in lay.writes:
-            _write(get(block, w), q)
-    _read(get(model, lay.head), q, scale)
+            _write(get(block, w), q_head if i == len(blocks) - 1 and w == lay.writes[-1] else q)
+    if head_width != d:
+        add_shortcuts(blocks[-1], lay, None, _shortcut(q_head.T @ q, embed.weight))  # weight (D, d) = [I; 0]
+    _read(get(model, lay.head), q_head, scale if head_width == d else 1.0)
     return [_kept(evals, d)]
 
 
 def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int,
-               progress: bool) -> list[float]:
+               progress: bool, head_width: int) -> list[float]:
     """Sequential per-block PCA (arXiv:2401.15024 sec. 3.4 and the reference rotate_and_slice_sequential):
     each Q is computed from signals of the model sliced so far, so later blocks see earlier slicing."""
     from tqdm.auto import tqdm
@@ -337,14 +362,15 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
         outs = [layer.mlp_residual(m) for m in mids]  # (b, s, D)
         del mids
         evals, Q = pca_of(outs)
-        kept.append(_kept(evals, d))
-        q_out = Q[:, :d]
+        width = head_width if i == len(blocks) - 1 else d  # the last residual: as wide as the head reads
+        kept.append(_kept(evals, width))
+        q_out = Q[:, :width]
         _write(get(layer, w_mlp), q_out)
-        layer.mlp_shortcut = _shortcut(q_out.T @ q_mid, embed.weight)  # (d, d) = (Q_mid^T Q_out)^T
-        xs = [o @ q_out.to(dtype) for o in outs]  # (b, s, d)
+        layer.mlp_shortcut = _shortcut(q_out.T @ q_mid, embed.weight)  # (width, d) = (Q_mid^T Q_out)^T
+        xs = [o @ q_out.to(dtype) for o in outs]  # (b, s, width)
         del outs
         q_in = q_out
-    _read(get(model, lay.head), q_in, scale)
+    _read(get(model, lay.head), q_in, scale if head_width == d else 1.0)
     return kept
 
 
@@ -358,10 +384,21 @@ def rebuild_per_block(model, manifest: dict | None = None) -> None:
     lay = layout_of(model)
     blocks = get(model, lay.blocks)
     d, like = man["new_dim"], get(model, lay.embed).weight
+    empty = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)
     for i in man["shortcuts"]:
         if not isinstance(blocks[i], SlicedDecoderLayer):
-            attn, mlp = (_shortcut(torch.empty(d, d, dtype=like.dtype, device=like.device), like) for _ in "am")
-            add_shortcuts(blocks[i], lay, attn, mlp)
+            add_shortcuts(blocks[i], lay, _shortcut(empty(d, d), like), _shortcut(empty(d, d), like))
+    for i in man.get("mlp_shortcuts", []):
+        if not isinstance(blocks[i], SlicedDecoderLayer):
+            add_shortcuts(blocks[i], lay, None, _shortcut(empty(d, d), like))
+    width = man.get("head_width", d)
+    if width != d:  # the head, the final norm and the last block's MLP output keep the full width
+        last, head = blocks[-1], get(model, lay.head)
+        down = get(last, lay.writes[-1])
+        set_linear(down, empty(width, down.in_features), None if down.bias is None else empty(width))
+        last.mlp_shortcut = _shortcut(empty(width, d), like)
+        set_linear(head, empty(head.out_features, width), None if head.bias is None else head.bias.data)
+        _unit_norm(get(model, lay.norm), width, man["norm_eps"])
 
 
 def load_sliced(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
