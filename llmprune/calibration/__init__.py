@@ -4,10 +4,16 @@ Named sets follow the papers' loaders (SparseGPT/Wanda datautils): C4 draws a ra
 longer than seqlen and a random window inside it; WikiText-2 draws random windows from the joined
 text. Files: .txt, .jsonl ("text"), .parquet ("text"), or .safetensors holding `input_ids`
 (nsamples, seqlen) used as is, so two tools can be compared on identical tokens.
+
+Text files are refused when they overlap the evaluation text (see check_overlap): a model
+calibrated on the text it is then measured on gets a figure that is biased low.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +22,8 @@ from ..errors import LLMPruneError
 from . import sources
 
 NAMED = ("c4", "wikitext2")
+OVERLAP_MIN_CHARS = 64  # shorter lines (headings, "Contact us", blank) are common to unrelated texts
+_NONWORD = re.compile(r"\W+")
 
 
 def _windows_from_stream(ids: torch.Tensor, nsamples: int, seqlen: int, rnd: random.Random, what: str):
@@ -75,6 +83,65 @@ def _file_texts(path: Path) -> list[str]:
     raise LLMPruneError(f"calibration file {path} has an unknown type: use .txt, .jsonl, .parquet or .safetensors")
 
 
+def _units(texts):
+    """Each line of the texts, normalized (every run of non-word characters -> one space, case folded,
+    so WikiText's " @-@ " / " , " spacing matches plain text), if it keeps >= OVERLAP_MIN_CHARS chars."""
+    for text in texts:
+        for line in text.split("\n"):
+            u = _NONWORD.sub(" ", line).strip().casefold()
+            if len(u) >= OVERLAP_MIN_CHARS:
+                yield u
+
+
+def _digest(unit: str) -> bytes:
+    return hashlib.blake2b(unit.encode("utf-8"), digest_size=8).digest()
+
+
+@functools.lru_cache(maxsize=1)
+def _eval_digests() -> dict[bytes, str]:
+    """Digest of each evaluation line -> the set it belongs to (built once per process, ~0.2 s)."""
+    e = sources.C4_EVAL_DOCS
+    sets = (("the WikiText-2 test text", sources.wikitext2_test_rows()),
+            (f"the C4 evaluation docs {e.start}-{e.stop - 1}", sources.c4_eval_docs_offline()))
+    out: dict[bytes, str] = {}
+    for name, texts in sets:
+        for u in _units(texts):
+            out.setdefault(_digest(u), name)
+    return out
+
+
+def check_overlap(texts: list[str], what: str) -> str:
+    """Refuse calibration text that overlaps the evaluation text; return what was checked (recorded).
+
+    Overlap: any line of the calibration texts equals a line of an evaluation text after
+    normalization (see _units; lines shorter than OVERLAP_MIN_CHARS are ignored). Compared against
+    both named evaluation sets whichever the run evaluates, as shipped with the package: the
+    WikiText-2 test text (the same lines as the Hub's test split) and the offline C4 evaluation docs
+    (sources.C4_EVAL_DOCS). Online C4 evaluation reads the Hub's first 1,100 validation docs, which
+    are not on disk and are not checked here. Only verbatim reuse is caught (modulo spacing,
+    punctuation and case), not paraphrase; each calibration line costs one hash.
+    """
+    ev = _eval_digests()
+    hits: dict[str, int] = {}
+    first = None
+    n = 0
+    for u in _units(texts):
+        n += 1
+        name = ev.get(_digest(u))
+        if name:
+            hits[name] = hits.get(name, 0) + 1
+            first = first or u
+    if hits:
+        k = sum(hits.values())
+        raise LLMPruneError(
+            f"calibration file {what} overlaps the evaluation text: {k} of its {n} lines are in "
+            f"{' and '.join(hits)} (e.g. {first[:48]!r}...): remove those lines from the file, or calibrate on "
+            f"other text (e.g. --calib c4)")
+    e = sources.C4_EVAL_DOCS
+    return (f"none: no line (>= {OVERLAP_MIN_CHARS} chars, normalized) in common with the WikiText-2 test "
+            f"text or the shipped C4 evaluation docs {e.start}-{e.stop - 1}")
+
+
 def load(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Returns (input_ids (nsamples, seqlen) int64, source facts for the manifest)."""
     if nsamples < 1 or seqlen < 2:
@@ -109,6 +176,7 @@ def load(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: in
     texts = [t for t in _file_texts(path) if t.strip()]
     if not texts:
         raise LLMPruneError(f"calibration file {path} is empty: give a file with text")
+    info["eval_overlap"] = check_overlap(texts, str(path))
     stream = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
     info["sampling"] = "random windows of the joined text"
     return _windows_from_stream(stream, nsamples, seqlen, rnd, str(path)), info

@@ -2,7 +2,8 @@
 cut into non-overlapping windows of `seqlen`, mean token NLL over the windows, exp.
 
 WikiText-2 raw test rows are joined with "\\n\\n"; C4 joins the first 1,100 validation documents
-with " " and keeps at most 256 windows. `windows` bounds the cost; what was used is returned.
+with " " and keeps at most 256 windows (offline: the shipped docs 0-499, which C4 calibration never
+draws; see calibration.sources). `windows` bounds the cost; what was used is returned.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..calibration import sources
 from ..errors import LLMPruneError
 
 DATASETS = ("wikitext2", "c4")
+C4_DOCS = 1100  # the papers' C4 evaluation: the first 1,100 validation documents
 
 
 def eval_tokens(dataset: str, tokenizer) -> tuple[torch.Tensor, str]:
@@ -25,7 +27,9 @@ def eval_tokens(dataset: str, tokenizer) -> tuple[torch.Tensor, str]:
         return tokenizer(text, return_tensors="pt").input_ids[0], where
     if dataset == "c4":
         docs, where = sources.c4_docs("validation")
-        return tokenizer(" ".join(docs[:1100]), return_tensors="pt").input_ids[0], where + ", first 1,100 docs joined with ' '"
+        docs = docs[:C4_DOCS]
+        ids = tokenizer(" ".join(docs), return_tensors="pt").input_ids[0]
+        return ids, f"{where}, its first {len(docs):,} docs joined with ' '"
     raise LLMPruneError(f"unknown perplexity dataset {dataset!r}: choose from {', '.join(DATASETS)}")
 
 

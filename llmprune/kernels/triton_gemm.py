@@ -113,7 +113,10 @@ def _gemv_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
             okc = cols < KK
         wf = w.to(tl.float32)
         for m in tl.static_range(BT):
-            xm = tl.load(x_ptr + m * sxm + cols, mask=okc & (m < M), other=0.0).to(tl.float32)
+            # m < M as a block, not a scalar: Triton 3.9's interpreter splats a scalar comparison as int32,
+            # which tl.load then refuses as a mask ("mask has unsupported dtype"); the compiled code is the same
+            okm = okc & (tl.full(cols.shape, m, tl.int32) < M)
+            xm = tl.load(x_ptr + m * sxm + cols, mask=okm, other=0.0).to(tl.float32)
             part = tl.sum(wf * xm, axis=1)  # (BW,)
             acc += tl.where(tok[None, :] == m, part[:, None], 0.0)
     _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
