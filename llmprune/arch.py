@@ -11,13 +11,19 @@ from .errors import LLMPruneError
 class Arch:
     blocks: str  # dotted path of the ModuleList of decoder blocks
     embed: str
-    norm: str
+    norm: str  # final norm, read by the head
     head: str
     groups: tuple[tuple[str, ...], ...]  # linears inside a block, relative names, in compute order
     # (sublayer, its last linear): the sublayer returns that linear's output, so once the linear is
     # solved the engine replays the sublayer from the linear's recorded inputs instead of rerunning it
     # (checked on every batch when recorded; a sublayer that does not match is rerun as usual)
     sublayers: tuple[tuple[str, str], ...] = ()
+    # where a pre-norm block reads and writes its residual stream (SliceGPT's rotation, transforms/fuse.py):
+    reads: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (norm, linears that read its output), in order
+    writes: tuple[str, ...] = ()  # linears whose outputs are added to the residual stream
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    not_invariant: str | None = None  # why the residual stream cannot be rotated (None: it can)
 
 
 _LLAMA_SUBLAYERS = (("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
@@ -28,11 +34,21 @@ _LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
+_LLAMA_READS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+_LLAMA_WRITES = ("self_attn.o_proj", "mlp.down_proj")
+_LLAMA = Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS,
+              _LLAMA_READS, _LLAMA_WRITES)
+_GEMMA = ("{name} blocks are not rotation-invariant: their extra post-sublayer norms "
+          "(post_attention_layernorm / post_feedforward_layernorm after attention and MLP) normalize the "
+          "sublayer outputs before they join the residual stream, and their RMSNorm scales by (1 + weight)")
+
 ARCHS: dict[str, Arch] = {
-    "llama": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
-    "mistral": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
-    "qwen2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
-    "gemma3_text": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma3_text": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head", _LLAMA_GROUPS, _LLAMA_SUBLAYERS,
+                        not_invariant=_GEMMA.format(name="Gemma-3")),
 }
 
 

@@ -69,9 +69,9 @@ def load(folder: str | Path, dtype="float32", device="cpu"):
         check_weight_files(folder)
         sl = m.slicegpt or {}
         if sl.get("rotation") == "per-block" or sl.get("standard") is False:  # shortcuts: not a stock class
-            from .transforms import slicegpt
+            from .sliced import load_sliced
 
-            model = slicegpt.load_sliced(folder, dtype=dt, device=device)
+            model = load_sliced(folder, dtype=dt, device=device)
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True).to(device)

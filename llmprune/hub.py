@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .errors import LLMPruneError
 from .manifest import NAME as MANIFEST
 from .manifest import Manifest, read
-from .errors import LLMPruneError
 
 CARD = "README.md"
 # A card carrying this line is ours and is regenerated on every push; delete the line to keep

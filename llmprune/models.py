@@ -83,11 +83,21 @@ def alias_gguf(alias: str) -> Path:
     return target
 
 
+def check_gguf(path: Path) -> None:
+    """A .gguf path must be a GGUF file (magic bytes "GGUF"), not e.g. a renamed safetensors file."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise LLMPruneError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'): give a real .gguf "
+                            f"file, or a Hugging Face model folder")
+
+
 def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF once into a cached plain HF folder; returns (folder, sha256)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     sha = _sha256(gguf)
     folder = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
@@ -95,8 +105,12 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, OSError) as e:  # a GGUF transformers cannot read (architecture, damage)
+            raise LLMPruneError(f"transformers cannot read {gguf.name} ({str(e).splitlines()[0][:160]}): convert it "
+                                f"to a Hugging Face folder, or use a supported GGUF") from None
         # The weights are plain tensors already; the GGUF quantizer marker only blocks saving.
         model.hf_quantizer = None
         model.is_quantized = False

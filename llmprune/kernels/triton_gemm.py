@@ -232,8 +232,8 @@ def pick_config(fmt: str, M: int, in_features: int, out_features: int | None = N
     (kernels/tuned.py), else the default by token count."""
     from llmprune.kernels import tuned
 
-    cfg = tuned.lookup(fmt, m_bucket(M), in_features, out_features, device)
-    return fit_config(cfg, fmt, M, in_features) if cfg is not None else default_config(fmt, M, in_features)
+    entry = tuned.lookup(fmt, m_bucket(M), in_features, out_features, device)
+    return fit_config(Config(*entry), fmt, M, in_features) if entry else default_config(fmt, M, in_features)
 
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -31,10 +31,9 @@ def table(arch_name: str) -> dict:
     return json.loads(path.read_text())["configs"] if path.is_file() else {}
 
 
-def lookup(fmt: str, bucket: int, in_features: int, out_features: int | None, device) -> object:
-    """The tuned Config for (fmt, bucket, shape) on this device, or None."""
-    from llmprune.kernels.triton_gemm import Config
-
+def lookup(fmt: str, bucket: int, in_features: int, out_features: int | None, device) -> list | None:
+    """The tuned entry [kind, BW, BT, BK, num_warps, num_stages, waves] for (fmt, bucket, shape) on
+    this device, or None."""
     a = arch(device)
     entries = table(a).get(fmt, {}).get(str(bucket)) if a else None
     if not entries:
@@ -47,4 +46,4 @@ def lookup(fmt: str, bucket: int, in_features: int, out_features: int | None, de
         else:  # the swept shape of the nearest size (log of out * in)
             size = math.log(out_features * in_features)
             key = min(shapes, key=lambda k: abs(math.log(math.prod(map(int, k.split("x")))) - size))
-    return Config(*entries[key]) if key else None
+    return list(entries[key]) if key else None

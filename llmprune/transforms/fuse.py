@@ -9,71 +9,33 @@ and the fusion itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..arch import get
+from ..arch import ARCHS, Arch, get
 from ..errors import LLMPruneError
+from ..sliced import set_linear
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a pre-norm block reads and writes its residual stream (names relative to a block)."""
-
-    blocks: str
-    embed: str
-    norm: str  # final norm, read by the head
-    head: str
-    reads: tuple[tuple[str, tuple[str, ...]], ...]  # (norm, linears that read its output), in order
-    writes: tuple[str, ...]  # linears whose outputs are added to the residual stream
-    attn: str = "self_attn"
-    mlp: str = "mlp"
-
-
-_LLAMA = Layout(
-    "model.layers", "model.embed_tokens", "model.norm", "lm_head",
-    reads=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
-    writes=("self_attn.o_proj", "mlp.down_proj"),
-)
-# The lead's llmprune/arch.py lists these families too; SliceGPT also needs the norm wiring above,
-# and only architectures whose blocks are invariant to a residual rotation may appear here.
-LAYOUTS: dict[str, Layout] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
-
-_GEMMA = ("{mt} blocks are not rotation-invariant: their extra post-sublayer norms "
-          "(post_attention_layernorm / post_feedforward_layernorm after attention and MLP) normalize the "
-          "sublayer outputs before they join the residual stream, and their RMSNorm scales by (1 + weight)")
-NOT_INVARIANT = {mt: _GEMMA.format(mt=name) for mt, name in
-                 (("gemma", "Gemma"), ("gemma2", "Gemma-2"), ("gemma3", "Gemma-3"), ("gemma3_text", "Gemma-3"))}
+Layout = Arch  # the residual wiring lives in arch.py (reads, writes, attn, mlp), one table
 
 
 def layout_of(model) -> Layout:
-    """The model's layout, or an LLMPruneError saying why SliceGPT cannot rotate it."""
+    """The model's layout (arch.py), or an LLMPruneError saying why SliceGPT cannot rotate it."""
     mt = model.config.model_type
-    if mt in NOT_INVARIANT:
-        raise LLMPruneError(f"SliceGPT cannot slice {mt!r}: {NOT_INVARIANT[mt]}; use an unstructured or N:M solver")
-    if mt not in LAYOUTS:
-        raise LLMPruneError(f"SliceGPT supports {', '.join(sorted(LAYOUTS))} (RMSNorm pre-norm blocks), "
-                            f"not {mt!r}; add its layout to llmprune/transforms/fuse.py")
-    lay = LAYOUTS[mt]
-    for i, block in enumerate(get(model, lay.blocks)):
+    a = ARCHS.get(mt)
+    if a is not None and a.not_invariant:
+        raise LLMPruneError(f"SliceGPT cannot slice {mt!r}: {a.not_invariant}; use an unstructured or N:M solver")
+    if a is None or not a.reads:
+        ok = sorted(n for n, x in ARCHS.items() if x.reads and not x.not_invariant)
+        raise LLMPruneError(f"SliceGPT supports {', '.join(ok)} (RMSNorm pre-norm blocks), not {mt!r}; add its "
+                            f"residual wiring (reads, writes) to llmprune/arch.py")
+    for i, block in enumerate(get(model, a.blocks)):
         norms = {n for n, m in block.named_children() if "norm" in type(m).__name__.lower() or n.endswith("norm")}
-        extra = norms - {n for n, _ in lay.reads}
+        extra = norms - {n for n, _ in a.reads}
         if extra:  # e.g. a sandwich norm: the sublayer output is normalized, the rotation cannot pass it
             raise LLMPruneError(f"SliceGPT cannot slice block {i} of {mt!r}: extra norms {sorted(extra)} "
                                 "break the rotation invariance")
-    return lay
-
-
-def set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Replace a linear's weight (out, in) (and bias) in place, keeping its dtype, device and sizes in sync."""
-    old = lin.weight
-    lin.weight = nn.Parameter(weight.to(old.device, old.dtype).contiguous(), requires_grad=old.requires_grad)
-    lin.out_features, lin.in_features = weight.shape
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.to(old.device, old.dtype).contiguous(), requires_grad=old.requires_grad)
+    return a
 
 
 def untie_head(model) -> bool:

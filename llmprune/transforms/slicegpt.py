@@ -40,7 +40,6 @@ the reference code's RMSN(mean_dim=D), with a plain unit-weight RMSNorm that tra
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,58 +47,13 @@ from torch import nn
 from .. import walker
 from ..arch import get
 from ..errors import LLMPruneError
-from .fuse import Layout, fuse_norms, layout_of, set_linear
+from ..sliced import add_shortcuts, set_linear
+from ..sliced import shortcut as _shortcut
+from ..sliced import unit_norm as _unit_norm
+from .fuse import Layout, fuse_norms, layout_of
 
 CITE = "Ashkboos et al. 2024, SliceGPT, arXiv:2401.15024"
 ROTATIONS = ("per-block", "shared")
-
-
-class SlicedDecoderLayer(nn.Module):
-    """Mixin for a pre-norm decoder block whose residual connections carry SliceGPT's basis changes:
-
-        h   = attn_shortcut(x) + attn(norm1(x))      # x in the block-input basis, h in the MLP-input basis
-        out = mlp_shortcut(h)  + mlp(norm2(h))       # out in the next block's basis
-
-    `add_shortcuts` turns a block into an instance of a subclass of (this, the block's own class), in
-    place: attributes, state-dict keys (plus `attn_shortcut.weight`, `mlp_shortcut.weight`) and
-    isinstance checks (transformers' hidden-state capture, gradient checkpointing) stay as they were.
-    A shortcut of None is the identity.
-    """
-
-    attn_shortcut: nn.Linear | None
-    mlp_shortcut: nn.Linear | None
-    _slicegpt_names: tuple[str, str, str, str]  # norm1, attn, norm2, mlp
-
-    def attn_residual(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        norm1, attn, _, _ = self._slicegpt_names
-        a = getattr(self, attn)(hidden_states=getattr(self, norm1)(x), **kwargs)[0]
-        return (x if self.attn_shortcut is None else self.attn_shortcut(x)) + a
-
-    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
-        _, _, norm2, mlp = self._slicegpt_names
-        m = getattr(self, mlp)(getattr(self, norm2)(h))
-        return (h if self.mlp_shortcut is None else self.mlp_shortcut(h)) + m
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.mlp_residual(self.attn_residual(hidden_states, **kwargs))
-
-
-_SLICED: dict[type, type] = {}
-
-
-def add_shortcuts(block: nn.Module, lay: Layout, attn_shortcut: nn.Linear | None = None,
-                  mlp_shortcut: nn.Linear | None = None) -> SlicedDecoderLayer:
-    """Make `block` a SlicedDecoderLayer in place (see there) holding the given shortcuts."""
-    base = type(block)
-    if not isinstance(block, SlicedDecoderLayer):
-        if base not in _SLICED:
-            _SLICED[base] = type(f"Sliced{base.__name__}", (SlicedDecoderLayer, base), {"__module__": __name__})
-        block.__class__ = _SLICED[base]
-    (norm1, _), (norm2, _) = lay.reads
-    block._slicegpt_names = (norm1, lay.attn, norm2, lay.mlp)
-    block.attn_shortcut = attn_shortcut
-    block.mlp_shortcut = mlp_shortcut
-    return block
 
 
 def new_dim_for(hidden: int, slicing: float, round_to: int = 8, heads: int = 1) -> int:
@@ -145,38 +99,24 @@ class _Cov:
         return evals[order], evecs[:, order]
 
 
-class _Stop(Exception):
-    pass
-
-
-def _batches(ids: torch.Tensor, batch_size: int):
-    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-
-
-@torch.no_grad()
 def _shared_cov(model, lay: Layout, ids: torch.Tensor, batch_size: int) -> _Cov:
-    """Covariance of the residual stream at every point a norm reads it (all block norms + final norm)."""
-    norm_f = get(model, lay.norm)
-    acc = _Cov(norm_f.weight.shape[0], norm_f.weight.device, normalize=True)
-
-    def add(_mod, args):
-        acc.add(args[0])
-
-    def add_and_stop(_mod, args):
-        acc.add(args[0])
-        raise _Stop  # the head is not needed
-
-    norms = [get(blk, n) for blk in get(model, lay.blocks) for n, _ in lay.reads]
-    hooks = [m.register_forward_pre_hook(add) for m in norms] + [norm_f.register_forward_pre_hook(add_and_stop)]
+    """Covariance of the residual stream at every point a norm reads it (each block's norms and the
+    final norm), block by block through the calibration engine (walker.walk): its rerun of each
+    block fires the norms' hooks; the final norm reads the last block's outputs."""
+    dev = get(model, lay.embed).weight.device
+    acc = _Cov(get(model, lay.norm).weight.shape[0], dev, normalize=True)
+    hooks, block = [], None
     try:
-        for b in _batches(ids, batch_size):
-            try:
-                model(input_ids=b, use_cache=False)
-            except _Stop:
-                pass
+        for block in walker.walk(model, ids, batch_size, device=dev, progress=False, desc="slicegpt covariance"):
+            for h in hooks:  # the previous block has been rerun: its norms were read
+                h.remove()
+            hooks = [get(block.module, n).register_forward_pre_hook(lambda _m, args: acc.add(args[0]))
+                     for n, _ in lay.reads]
     finally:
         for h in hooks:
             h.remove()
+    for out in block.outputs:  # (b, s, D): what the final norm reads
+        acc.add(out)
     return acc
 
 
@@ -189,21 +129,6 @@ def _write(lin: nn.Linear, q: torch.Tensor) -> None:
     """A linear that writes the stream: W <- Q_d^T W, b <- b Q_d, (d, D) @ (D, in) -> (d, in)."""
     bias = None if lin.bias is None else lin.bias.double() @ q
     set_linear(lin, q.T @ lin.weight.double(), bias)
-
-
-def _unit_norm(norm: nn.Module, d: int, eps: float) -> None:
-    norm.weight = nn.Parameter(torch.ones(d, dtype=norm.weight.dtype, device=norm.weight.device),
-                               requires_grad=norm.weight.requires_grad)
-    for attr in ("variance_epsilon", "eps"):
-        if hasattr(norm, attr):
-            setattr(norm, attr, eps)
-
-
-def _shortcut(weight: torch.Tensor, like: torch.Tensor) -> nn.Linear:
-    """nn.Linear computing x @ S for S = weight^T; weight is (out, in) like any linear's."""
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=like.device, dtype=like.dtype)
-    set_linear(lin, weight)
-    return lin
 
 
 def _check(model, ids: torch.Tensor, rotation: str) -> Layout:
@@ -372,51 +297,3 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
         q_in = q_out
     _read(get(model, lay.head), q_in, scale if head_width == d else 1.0)
     return kept
-
-
-def rebuild_per_block(model, manifest: dict | None = None) -> None:
-    """Give a model built from a saved per-block config its shortcut modules (weights uninitialized),
-    so a state dict saved from a per-block sliced model loads into it. manifest defaults to
-    model.config.slicegpt (written by `slice_model`)."""
-    man = manifest if manifest is not None else getattr(model.config, "slicegpt", None)
-    if not man or man.get("method") != "slicegpt":
-        raise LLMPruneError("this checkpoint has no SliceGPT manifest (config.slicegpt); it is not per-block sliced")
-    lay = layout_of(model)
-    blocks = get(model, lay.blocks)
-    d, like = man["new_dim"], get(model, lay.embed).weight
-    empty = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)
-    for i in man["shortcuts"]:
-        if not isinstance(blocks[i], SlicedDecoderLayer):
-            add_shortcuts(blocks[i], lay, _shortcut(empty(d, d), like), _shortcut(empty(d, d), like))
-    for i in man.get("mlp_shortcuts", []):
-        if not isinstance(blocks[i], SlicedDecoderLayer):
-            add_shortcuts(blocks[i], lay, None, _shortcut(empty(d, d), like))
-    width = man.get("head_width", d)
-    if width != d:  # the head, the final norm and the last block's MLP output keep the full width
-        last, head = blocks[-1], get(model, lay.head)
-        down = get(last, lay.writes[-1])
-        set_linear(down, empty(width, down.in_features), None if down.bias is None else empty(width))
-        last.mlp_shortcut = _shortcut(empty(width, d), like)
-        set_linear(head, empty(head.out_features, width), None if head.bias is None else head.bias.data)
-        _unit_norm(get(model, lay.norm), width, man["norm_eps"])
-
-
-def load_sliced(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a folder saved with `save_pretrained` after per-block (or shared) slicing, strictly:
-    every tensor in the folder must find its place and every parameter must be filled."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    cfg = AutoConfig.from_pretrained(path)
-    if dtype is None:
-        dtype = getattr(cfg, "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    if getattr(cfg, "slicegpt", None):
-        rebuild_per_block(model, cfg.slicegpt)
-    sd = {}
-    for f in sorted(path.glob("*.safetensors")):
-        sd.update(load_file(f))
-    model.load_state_dict(sd, strict=True)
-    return model.to(device).eval()
