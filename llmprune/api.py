@@ -24,16 +24,33 @@ from .runinfo import memory, pick_device, versions
 
 def compress(config: CompressConfig | None = None, command: str | None = None, **kwargs) -> dict:
     """Prune (or slice) a model, save it, evaluate the saved output. Returns the manifest with `out`.
-    `command` (the CLI line) is recorded so the model card can say how to reproduce it."""
+    `command` (the CLI line) is recorded so the model card can say how to reproduce it. The model
+    stays on disk and is walked block by block (onload.py) unless a step needs it whole."""
     cfg = config if config is not None else CompressConfig.from_dict(kwargs)
     t = pipeline.Timer()
     p = pipeline.plan(cfg)
+    run = _compress_onload if p.onload else _compress_whole
+    m = run(p, t, command)
+    return {**m.to_dict(), "out": str(p.out)}
+
+
+def _finish(m: mf.Manifest, p, t, command) -> None:
+    c = p.cfg
+    m.timings = t.total()
+    m.device, m.dtype, m.protocol, m.versions, m.config = p.device, c.dtype, c.protocol, versions(), c.as_dict()
+    m.command = command
+    for k, v in memory(p.device).items():
+        setattr(m, k, v)
+
+
+def _compress_whole(p, t, command) -> mf.Manifest:
+    """The model in memory: the path of SliceGPT, PERP, global magnitude and scale tuning."""
     c = p.cfg
     windows = c.eval_windows or None  # 0: all
     with t("load_s"):
         model, tok, info = pipeline.load_model(c.model, c.dtype)
     names = pipeline.check_model(p, model)
-    m = mf.Manifest(model=info.as_dict())
+    m = mf.Manifest(model=info.as_dict(), extra={"onload": "whole"})
     ids = None
     if p.needs_calibration:
         with t("calib_load_s"):
@@ -45,6 +62,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
             model.to(p.device)
             dense = pipeline.evaluate_model(model, tok, c.eval, c.eval_seqlen, windows, c.progress, cache)
             model.to("cpu")
+    src_dtype = pipeline.source_dtype(model.config)
     sec = pipeline.transform(p, model, names, ids, t)
     m.steps = sec.pop("steps")
     for k, v in sec.items():
@@ -58,8 +76,11 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         if m.sparsity:
             m.sparsity["measured_after_recover"] = prune.measured_sparsity(model, names)
     with outdir.atomic_dir(p.out, c.overwrite) as tmp:
-        m.format = pipeline.export(model, tok, tmp, c.format, p.quant, c.group_size, c.symmetric, c.save_dtype, p.gptq,
-                                   ids, None, p.device, c.calib_batch, c.progress, t)  # GPTQ saw `calibration`
+        if c.format == "dense" and not c.slicegpt:
+            model.to(pipeline.save_dtype(c, src_dtype))
+        m.format = pipeline.export(model, tok, tmp, c.format, p.quant, c.group_size, c.symmetric,
+                                   pipeline.save_dtype_name(c, src_dtype), p.gptq, ids, None, p.device,
+                                   c.calib_batch, c.progress, t)  # GPTQ saw `calibration`
         m.steps += pipeline.export_steps(m.format)
         del model  # evaluation loads the folder; the in-memory model is not needed any more
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
@@ -67,13 +88,51 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
             with t("eval_s"):
                 m.eval = pipeline.merge_dense(pipeline.evaluate_saved(
                     tmp, c.eval, c.eval_seqlen, windows, p.device, c.dtype, c.progress, cache), dense)
-        m.timings = t.total()
-        m.device, m.dtype, m.protocol, m.versions, m.config = p.device, c.dtype, c.protocol, versions(), c.as_dict()
-        m.command = command
-        for k, v in memory(p.device).items():
-            setattr(m, k, v)
+        _finish(m, p, t, command)
         mf.write(tmp, m)
-    return {**m.to_dict(), "out": str(p.out)}
+    return m
+
+
+def _compress_onload(p, t, command) -> mf.Manifest:
+    """The model on disk, its blocks read, solved, written and freed one at a time."""
+    from . import onload, packed
+
+    c = p.cfg
+    windows = c.eval_windows or None
+    with t("load_s"):
+        lz, tok, info = onload.open_model(c.model, c.dtype)
+    names = pipeline.check_model(p, lz.model)
+    m = mf.Manifest(model=info.as_dict(), extra={"onload": "blocks"})
+    ids = None
+    if p.needs_calibration:
+        with t("calib_load_s"):
+            ids, m.calibration = pipeline.calibrate(c.calib, tok, c.nsamples, c.seqlen, c.seed)
+    cache: dict = {}
+    dense = {}
+    if c.eval and c.eval_dense:
+        with t("dense_eval_s"):
+            dense = onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
+    save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.config))
+    with outdir.atomic_dir(p.out, c.overwrite) as tmp:
+        packer = None if c.format == "dense" else packed.PackWriter(
+            tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
+        out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
+        sec = onload.transform(p, lz, names, ids, t, out, tmp)
+        m.steps = sec.pop("steps")
+        for k, v in sec.items():
+            setattr(m, k, v)
+        with t("save_s"):
+            m.format = out.outside(tok)
+        m.steps += pipeline.export_steps(m.format)
+        mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
+        if c.eval:
+            with t("eval_s"):
+                saved = onload.open_output(tmp, c.dtype, m.to_dict())
+                res = onload.evaluate(saved, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
+                m.eval = pipeline.merge_dense({d: {**r, "measured_on": mf.SAVED} for d, r in res.items()}, dense)
+        _finish(m, p, t, command)
+        mf.write(tmp, m)
+    return m
 
 
 def load(path_or_spec: str, dtype="float32", device="cpu"):

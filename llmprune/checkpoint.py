@@ -32,25 +32,11 @@ def save(model, tokenizer, out: str | Path, manifest: dict | mf.Manifest, overwr
 
 
 def check_weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files, each header read (cheap): a truncated or damaged file is an
-    LLMPruneError naming it, not a traceback from deep inside a loader."""
-    from safetensors import SafetensorError, safe_open
+    """The folder's safetensors files, each header read (cheap): a truncated, damaged or pickle
+    file is an LLMPruneError naming it, not a traceback from deep inside a loader."""
+    from .lazy import WeightFiles
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-        if pickles:
-            raise LLMPruneError(f"{folder} holds {pickles[0]}, pickle weights: llmprune loads safetensors only "
-                                f"(pickle can run code): convert it with a trusted tool first")
-        raise LLMPruneError(f"{folder} has no .safetensors weights: re-create the folder")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as fh:
-                fh.keys()
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LLMPruneError(f"{f} is corrupted or truncated ({str(e).splitlines()[0][:120]}): "
-                                f"re-create the folder") from None
-    return files
+    return sorted(set(WeightFiles(folder).where.values()))
 
 
 def load(folder: str | Path, dtype="float32", device="cpu"):

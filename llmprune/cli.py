@@ -60,13 +60,19 @@ def _add_compress(sub):
     g.add_argument("--group-size", default="auto", help="int4 scale group: 128, 64, ... or auto")
     g.add_argument("--grid", default="auto", choices=GRIDS, help=GRID_HELP)
     _add_gptq_args(g)
-    g.add_argument("--save-dtype", default="float16", help="packed formats store floats in float16 | bfloat16 | float32")
+    g.add_argument("--save-dtype", default="auto", help="stored floats: auto (dense: the source's dtype; packed: "
+                                                        "float16) | float16 | bfloat16 | float32")
     g.add_argument("--eval", default="wikitext2", help="perplexity datasets: wikitext2,c4 or none")
     g.add_argument("--eval-seqlen", type=int, default=2048)
     g.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default: from --protocol; 0 = all)")
     g.add_argument("--no-dense-eval", action="store_true", help="skip measuring the dense model first")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                                                   "bfloat16, float16; statistics are accumulated in fp32/fp64")
+    g.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
+                   help="blocks: the weights stay on disk and are read one decoder block at a time (any size on one "
+                        "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
+                        "the whole model (SliceGPT, PERP, global magnitude, scale tuning)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=200)
     g.add_argument("--recover-lr", type=float, default=None)
@@ -90,7 +96,7 @@ def cmd_compress(a) -> int:
         solver_opts=opts, owl={"m": a.owl_m, "lam": a.owl_lambda} if a.owl else None,
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, protocol=a.protocol, seed=a.seed,
         calib_batch=a.calib_batch,
-        device=a.device, dtype=a.dtype, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
+        device=a.device, dtype=a.dtype, onload=a.onload, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,

@@ -23,7 +23,7 @@ PROTOCOLS = {
     "paper": {"nsamples": 128, "seqlen": 2048, "eval_windows": 0},
     "cpu": {"nsamples": 64, "seqlen": 512, "eval_windows": 16},
 }
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # auto: bfloat16 on CUDA, float32 on CPU
 TUNE_LR = 1e-3  # scale tuning's relative Adam step (quant/tune.py)
 EVAL_DATASETS = ("wikitext2", "c4")
 
@@ -155,7 +155,8 @@ class CompressConfig:
     calib_batch: int = 8
     # run
     device: str | None = None  # None: cuda when available, else cpu
-    dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype; statistics (norms, Hessians, covariances) are always fp32 or fp64
+    onload: str = "auto"  # blocks: weights read block by block from disk; whole: the model in memory; auto
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -170,7 +171,7 @@ class CompressConfig:
     quant: str | None = None  # rtn | gptq, for the int4 formats
     group_size: int | str = "auto"  # int4 scale group; auto: the largest of 128/64/32/16 that divides
     grid: str = "auto"  # int4 grid: sym | asym | auto (the format's default: w4g128 asym, w4s24/w4s50 sym)
-    save_dtype: str = "float16"  # floating tensors of packed formats (dense outputs keep --dtype)
+    save_dtype: str = "auto"  # stored floats: auto = packed formats float16, dense outputs the source's dtype
     gptq: GPTQConfig | None = None  # None: the defaults, when --quant gptq
     recover: RecoverConfig | None = None
     version: int = CONFIG_VERSION
@@ -204,8 +205,10 @@ class CompressConfig:
             raise LLMPruneError("--scope global is Global Magnitude Pruning: use it with --solver magnitude")
         if self.dtype not in DTYPES:
             raise LLMPruneError(f"--dtype {self.dtype!r}: use {', '.join(DTYPES)}")
-        if self.save_dtype not in ("float16", "bfloat16", "float32"):
-            raise LLMPruneError(f"--save-dtype {self.save_dtype!r}: use float16, bfloat16 or float32")
+        if self.save_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise LLMPruneError(f"--save-dtype {self.save_dtype!r}: use auto, float16, bfloat16 or float32")
+        if self.onload not in ("auto", "blocks", "whole"):
+            raise LLMPruneError(f"--onload {self.onload!r}: use auto, blocks or whole")
         if self.grid not in ("auto", "sym", "asym"):
             raise LLMPruneError(f"--grid {self.grid!r}: use sym, asym or auto")
         if self.eval_windows is not None and self.eval_windows < 0:
@@ -239,6 +242,8 @@ class CompressConfig:
         name = self.protocol if self.protocol != "auto" else ("paper" if device.startswith("cuda") else "cpu")
         p = PROTOCOLS[name]
         fill = {k: p[k] for k in ("nsamples", "seqlen", "eval_windows") if getattr(self, k) is None}
+        if self.dtype == "auto":
+            fill["dtype"] = "bfloat16" if device.startswith("cuda") else "float32"
         return dataclasses.replace(self, protocol=name, **fill)
 
     def as_dict(self) -> dict:

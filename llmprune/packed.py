@@ -12,21 +12,19 @@ PackedLinear, and reads tensors with safetensors only: pickle files are refused,
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import formats, outdir
+from . import formats, lazy, outdir
 from . import manifest as mf
 from .arch import set_module
 from .errors import LLMPruneError
-from .modules import PackedLinear
 
 FORMAT_VERSION = 1  # of the manifest's "format" section
-WEIGHTS = "model.safetensors"
 MANIFEST = mf.NAME
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 LAYER_KEYS = ("format", "shape")
 
 
@@ -62,6 +60,105 @@ def _linears_to_pack(model: nn.Module, keep_masks: dict | None, tied: dict[str, 
             if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src]
 
 
+class PackWriter:
+    """Pack linears into `fmt` one at a time and write the folder's tensors shard by shard, so the
+    sequential (block by block) pipeline never holds the whole model; `write_packed` drives it over
+    a model in memory. `finish` writes the index and returns the manifest's format section."""
+
+    def __init__(self, folder: str | Path, fmt: str, quant: str | None = None, group_size: int | str = 128,
+                 symmetric: bool | None = None, dtype: torch.dtype | None = torch.float16,
+                 quant_opts: dict | None = None, shard_bytes: int = 2 * 2**30):
+        self.folder = Path(folder)
+        self.f = formats.get(fmt)
+        self.quant = self.f.check_options(quant, symmetric)
+        self.base = self.f.options(group_size, symmetric)
+        self.dtype, self.quant_opts, self.shard_bytes = dtype, quant_opts, shard_bytes
+        self.layers, self.left_dense, self.tied = {}, {}, {}
+        self.shard: dict[str, torch.Tensor] = {}
+        self.files: dict[str, str] = {}  # tensor name -> file
+        self.bytes_file = 0
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+        return t.detach().contiguous().cpu()
+
+    def _put(self, name: str, t: torch.Tensor) -> None:
+        self.shard[name] = t
+        self.bytes_file += t.numel() * t.element_size()
+        if sum(x.numel() * x.element_size() for x in self.shard.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.shard:
+            return
+        name = f"model-packed-{len(set(self.files.values())) + 1:05d}.safetensors"
+        save_file(self.shard, str(self.folder / name), metadata={"format": "pt", "llmprune": self.f.name})
+        self.files.update({k: name for k in self.shard})
+        self.shard = {}
+
+    @torch.no_grad()
+    def add_linear(self, name: str, mod: nn.Module, keep: torch.Tensor | None = None, quantized=None,
+                   strict: bool = False) -> bool:
+        """Pack one linear (its weight in the storage dtype); a layer the format cannot hold is kept
+        dense (recorded in left_dense) unless `strict`. Returns whether it was packed."""
+        w = mod.weight.detach()
+        w = w.to(self.dtype) if self.dtype is not None else w
+        keep = None if keep is None else keep.to(w.device).bool()
+        try:  # does the layer fit the format? (structure, sizes); RTN codes are cheap to compute
+            k, opts, packed = plan_layer(self.f, w, keep, self.base)
+        except LLMPruneError as e:
+            if strict:
+                raise LLMPruneError(f"{name}: {e}") from None
+            self.left_dense[name] = str(e)
+            self.add_tensor(f"{name}.weight", mod.weight)
+            if mod.bias is not None:
+                self.add_tensor(f"{name}.bias", mod.bias)
+            return False
+        if self.quant == "gptq":
+            if quantized is None:
+                raise LLMPruneError(f"--quant gptq: no GPTQ codes for {name}: quantize every packed layer")
+            packed = self.f.pack(w.float(), k, quant=quantized, **opts)
+        for tname, t in self.f.stored(packed).items():
+            self._put(f"{name}.{tname}", t.contiguous().cpu())
+        if mod.bias is not None:
+            self._put(f"{name}.bias", self._store(mod.bias))
+        self.layers[name] = {"format": self.f.name, "pattern": self.f.pattern or "dense",
+                             "shape": [mod.out_features, mod.in_features], **opts, "bytes": self.f.nbytes(packed),
+                             "dense_bytes": w.numel() * 2}  # the fp16 baseline
+        return True
+
+    def add_tensor(self, name: str, t: torch.Tensor) -> None:
+        """A tensor stored as it is (norms, embeddings, the head, layers left dense)."""
+        self._put(name, self._store(t))
+
+    def finish(self, config, generation_config=None) -> dict:
+        if not self.layers:
+            raise LLMPruneError(f"no layer fits --format {self.f.name}: "
+                                + (next(iter(self.left_dense.values()), "no linear layers")))
+        self.flush()
+        shards = sorted(set(self.files.values()))
+        if len(shards) == 1:  # a small model: one plain model.safetensors, as transformers writes it
+            (self.folder / shards[0]).rename(self.folder / "model.safetensors")
+            self.files = dict.fromkeys(self.files, "model.safetensors")
+        else:
+            (self.folder / lazy.INDEX).write_text(json.dumps({"metadata": {"total_size": self.bytes_file},
+                                                              "weight_map": dict(sorted(self.files.items()))}, indent=2))
+        config.save_pretrained(self.folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(self.folder)
+        return {
+            "format_version": FORMAT_VERSION, "name": self.f.name, "quant": self.quant if self.f.quantized else None,
+            **self.base, **({"quant_options": self.quant_opts} if self.quant_opts and self.f.quantized else {}),
+            "layers": self.layers, "left_dense": self.left_dense, "tied": self.tied,
+            "dtype": str(self.dtype).replace("torch.", "") if self.dtype is not None else None,
+            "bytes": {"packed_layers": sum(v["bytes"] for v in self.layers.values()),
+                      "packed_layers_dense": sum(v["dense_bytes"] for v in self.layers.values()),
+                      "file": self.bytes_file},
+        }
+
+
 @torch.no_grad()
 def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
                  quant: str | None = None, *, group_size: int | str = 128, symmetric: bool | None = None,
@@ -80,71 +177,27 @@ def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dic
     scales are fp16 by definition); fp16 by default, the baseline packed sizes are measured against.
     None keeps the model's dtype.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    f = formats.get(fmt)
-    quant = f.check_options(quant, symmetric)
-    if quant == "gptq" and quantized is None:
+    w = PackWriter(folder, fmt, quant, group_size, symmetric, dtype, quant_opts)
+    if w.quant == "gptq" and quantized is None:
         raise LLMPruneError("--quant gptq needs the GPTQ codes (quant.sequential.gptq_sequential): run it through "
                             "compress or pack, or use --quant rtn")
-    base = f.options(group_size, symmetric)
-    tied = _tied(model)
-    names = _linears_to_pack(model, keep_masks, tied)
-
-    def store(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        return t.contiguous().cpu()
-
-    layers, left_dense, tensors = {}, {}, {}
+    w.tied = _tied(model)
+    names = _linears_to_pack(model, keep_masks, w.tied)
     it = names
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(names, desc=f"pack {fmt}")
+    done = set()
     for name in it:
         mod = model.get_submodule(name)
-        w = mod.weight.detach()
-        w = w.to(dtype) if dtype is not None else w
-        keep = None if keep_masks is None else keep_masks[name].to(w.device).bool()
-        try:  # does the layer fit the format? (structure, sizes); RTN codes are cheap to compute
-            k, opts, packed = plan_layer(f, w, keep, base)
-        except LLMPruneError as e:
-            if keep_masks is not None:
-                raise LLMPruneError(f"{name}: {e}") from None
-            left_dense[name] = str(e)
-            continue
-        if quant == "gptq":
-            if name not in quantized:
-                raise LLMPruneError(f"--quant gptq: no GPTQ codes for {name}: quantize every packed layer")
-            packed = f.pack(w.float(), k, quant=quantized[name], **opts)
-        for tname, t in f.stored(packed).items():
-            tensors[f"{name}.{tname}"] = t.contiguous().cpu()
-        if mod.bias is not None:
-            tensors[f"{name}.bias"] = store(mod.bias.detach())
-        layers[name] = {"format": fmt, "pattern": f.pattern or "dense", "shape": [mod.out_features, mod.in_features],
-                        **opts, "bytes": f.nbytes(packed), "dense_bytes": w.numel() * 2}  # the fp16 baseline
-    if not layers:
-        raise LLMPruneError(f"no layer fits --format {fmt}: " + (next(iter(left_dense.values()), "no linear layers")))
-
-    skip = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers} | set(tied)
+        keep = None if keep_masks is None else keep_masks[name]
+        w.add_linear(name, mod, keep, (quantized or {}).get(name), strict=keep_masks is not None)
+        done |= {f"{name}.weight", f"{name}.bias"}
     for key, t in model.state_dict().items():
-        if key not in skip:
-            tensors[key] = store(t.detach())
-    section = {
-        "format_version": FORMAT_VERSION, "name": fmt, "quant": quant if f.quantized else None, **base,
-        **({"quant_options": quant_opts} if quant_opts and f.quantized else {}),
-        "layers": layers, "left_dense": left_dense, "tied": tied,
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-        "bytes": {"packed_layers": sum(v["bytes"] for v in layers.values()),
-                  "packed_layers_dense": sum(v["dense_bytes"] for v in layers.values()),
-                  "file": sum(t.numel() * t.element_size() for t in tensors.values())},
-    }
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "llmprune": fmt})
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    return section
+        if key not in done and key not in w.tied:
+            w.add_tensor(key, t)
+    return w.finish(model.config, getattr(model, "generation_config", None))
 
 
 def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
@@ -197,36 +250,6 @@ def read_manifest(out_dir: str | Path) -> dict:
     return doc
 
 
-def _open_weights(out_dir: Path):
-    from safetensors import SafetensorError, safe_open
-
-    path = out_dir / WEIGHTS
-    if not path.is_file():
-        pickles = sorted(p.name for p in out_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise LLMPruneError(f"{out_dir} holds {pickles[0]}, a pickle file, which llmprune never loads (it can run "
-                                f"code): convert it to {WEIGHTS} with a trusted tool first")
-        raise LLMPruneError(f"{out_dir} has no {WEIGHTS}: re-create the folder with llmprune pack")
-    with open(path, "rb") as fh:
-        head = fh.read(9)  # safetensors: u64 header length, then the JSON header's "{"
-    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):  # torch.save zip / raw pickle stream
-        raise LLMPruneError(f"{path} is a pickle file, not safetensors; llmprune never unpickles: re-create the folder")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LLMPruneError(f"{path} is corrupted or truncated ({str(e).splitlines()[0][:120]}): re-create the folder") from None
-
-
-def _get(fh, key: str, path: Path) -> torch.Tensor:
-    from safetensors import SafetensorError
-
-    try:
-        return fh.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LLMPruneError(f"{path}: tensor {key} cannot be read ({str(e).splitlines()[0][:120]}): "
-                            f"the file is corrupted, re-create the folder") from None
-
-
 @torch.no_grad()
 def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Build the model from config.json with packed linears as PackedLinear; tensors read with safetensors.
@@ -242,9 +265,8 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         raise LLMPruneError(f"{out} is not a folder: give the output folder of llmprune pack / compress")
     doc = read_manifest(out)
     sec = doc["format"]
-    path = out / WEIGHTS
-    fh = _open_weights(out)
-    keys = set(fh.keys())
+    files = lazy.WeightFiles(out)
+    keys = set(files.keys())
     try:
         config = AutoConfig.from_pretrained(out)
     except (OSError, ValueError) as e:
@@ -254,7 +276,6 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
 
     used = set()
     for name, layer in sec["layers"].items():
-        f = formats.get(layer["format"])
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -262,36 +283,15 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         if not isinstance(mod, nn.Linear) or [mod.out_features, mod.in_features] != list(layer["shape"]):
             raise LLMPruneError(f"manifest layer {name} {layer['shape']} does not match a linear of config.json: "
                                 f"the folder is inconsistent, re-create it")
-        out_f, in_f = layer["shape"]
-        opts = {k: layer[k] for k in ("group_size", "symmetric") if k in layer}
-        if f.quantized and "group_size" not in opts:
-            raise LLMPruneError(f"{MANIFEST}: layer {name} lacks group_size: re-create the folder")
-        packed = {}
-        for tname, (shape, tdtype) in f.shapes(out_f, in_f, **opts).items():
-            key = f"{name}.{tname}"
-            if key not in keys:
-                raise LLMPruneError(f"{path} lacks {key}, which the manifest's {f.name} layer needs: re-create the folder")
-            t = _get(fh, key, path)
-            if tuple(t.shape) != tuple(shape) or (tdtype is not None and t.dtype != tdtype) or \
-                    (tdtype is None and not t.is_floating_point()):
-                raise LLMPruneError(f"{key} is {tuple(t.shape)} {t.dtype} but the manifest's {f.name} layer "
-                                    f"{layer['shape']} needs {tuple(shape)} {tdtype or 'float'}: re-create the folder")
-            packed[tname] = t.to(dtype) if (tdtype is None and dtype is not None) else t
-            used.add(key)
-        packed = f.derive(packed)
-        bias = None
-        if f"{name}.bias" in keys:
-            bias = _get(fh, f"{name}.bias", path)
-            bias = bias.to(dtype) if dtype is not None else bias
-            used.add(f"{name}.bias")
-        set_module(model, name, PackedLinear(f.name, packed, bias, in_f, out_f, derived=f.derived))
+        set_module(model, name, lazy.build_layer(files, name, layer, dtype))
+        used |= {k for k in keys if k.startswith(f"{name}.")}
 
     expected = model.state_dict()
     dense = {}
     for key in sorted(keys - used):
         if key not in expected:
-            raise LLMPruneError(f"{path} has {key}, which the model of config.json does not: re-create the folder")
-        t = _get(fh, key, path)
+            raise LLMPruneError(f"{out} has {key}, which the model of config.json does not: re-create the folder")
+        t = files.get(key)
         if tuple(t.shape) != tuple(expected[key].shape):
             raise LLMPruneError(f"{key} is {tuple(t.shape)} but config.json implies {tuple(expected[key].shape)}: "
                                 f"re-create the folder")
@@ -303,5 +303,5 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         setattr(model.get_submodule(parent), leaf, getattr(model.get_submodule(sparent), sleaf))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
-        raise LLMPruneError(f"{path} lacks {left[0]} (and {len(left) - 1} more): re-create the folder")
+        raise LLMPruneError(f"{out} lacks {left[0]} (and {len(left) - 1} more): re-create the folder")
     return model.to(device).eval()

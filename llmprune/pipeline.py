@@ -62,6 +62,7 @@ class Plan:
     quant: str | None  # what the packer runs: None (dense, sparse24), rtn, gptq
     gptq: GPTQConfig | None  # with quant == "gptq"
     out: Path
+    onload: bool  # the model stays on disk, its blocks read one at a time (onload.py)
 
     @property
     def needs_calibration(self) -> bool:
@@ -121,7 +122,19 @@ def plan(cfg: CompressConfig) -> Plan:
     gptq = (cfg.gptq or GPTQConfig()) if quant == "gptq" else None
     out = Path(cfg.out or default_out(cfg, sparsity))
     outdir.check_out(out, cfg.overwrite)
-    return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out)
+    return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, _onload(cfg, gptq))
+
+
+def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> bool:
+    """Blocks from disk one at a time unless a step needs the whole model in memory."""
+    whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),
+                                 ("PERP (--recover) backpropagates through the whole model", cfg.recover),
+                                 ("--scope global ranks every weight of the model at once", cfg.scope == "global"),
+                                 ("scale tuning (--tune-steps) trains through the whole model",
+                                  gptq is not None and gptq.tune_steps)) if on]
+    if cfg.onload == "blocks" and whole:
+        raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
+    return cfg.onload != "whole" and not whole
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -156,11 +169,13 @@ def check_finite(model) -> None:
 
 
 def check_model(p: Plan, model) -> list[str]:
-    """The checks that need the model; returns the names of the linears to prune."""
+    """The checks that need the model (its config and shapes; the weights too when in memory: on
+    disk, each block is checked as it is read); returns the names of the linears to prune."""
     from . import prune
 
     c = p.cfg
-    check_finite(model)
+    if not p.onload:
+        check_finite(model)
     names = prune.target_linears(model, c.ignore)
     if c.slicegpt:  # the kept width must exist (and make a config transformers accepts) before any work
         from .transforms.slicegpt import new_dim_for
@@ -176,6 +191,28 @@ def check_model(p: Plan, model) -> list[str]:
     if c.eval:
         check_context(model, c.eval_seqlen, "--eval-seqlen")
     return names
+
+
+def source_dtype(config):
+    """The dtype a checkpoint stores its weights in (config.json), float32 when it does not say."""
+    import torch
+
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return getattr(torch, dt) if isinstance(dt, str) else dt
+
+
+def save_dtype(cfg: CompressConfig, src_dtype):
+    """--save-dtype: auto stores dense outputs in the source checkpoint's dtype, packed formats'
+    floats in float16 (the baseline their sizes are measured against)."""
+    import torch
+
+    if cfg.save_dtype != "auto":
+        return getattr(torch, cfg.save_dtype)
+    return src_dtype if cfg.format == "dense" else torch.float16
+
+
+def save_dtype_name(cfg: CompressConfig, src_dtype) -> str:
+    return str(save_dtype(cfg, src_dtype)).replace("torch.", "")
 
 
 # --- calibrate ------------------------------------------------------------------------------------

@@ -57,8 +57,22 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     t_solve = 0.0
     if not needs:  # no calibration: the weights alone decide
         t0 = time.perf_counter()
-        for name, s in sparsities.items():
-            _solve(archmod.get(model, name), name, solver, None, pattern, s, opts, infos)
+        store = walker.store_of(model)
+        if store is None:
+            for name, s in sparsities.items():
+                _solve(archmod.get(model, name), name, solver, None, pattern, s, opts, infos)
+        else:  # sequential onloading: one block of weights at a time
+            a = archmod.arch_of(model)
+            for i in range(len(archmod.blocks(model))):
+                prefix = f"{a.blocks}.{i}."
+                store.load_block(i, device)
+                try:
+                    for name, s in sparsities.items():
+                        if name.startswith(prefix):
+                            _solve(archmod.get(model, name), name, solver, None, pattern, s, opts, infos)
+                    store.done(i, archmod.blocks(model)[i])
+                finally:
+                    store.release_block(i)
         return {"layers": infos, "timings": {"forward_s": 0.0, "solve_s": round(time.perf_counter() - t0, 2)}}
 
     a = archmod.arch_of(model)

@@ -8,6 +8,12 @@
    forward hooks (`collect`) while running the block (`run`), changes the block's weights, and
    the walker reruns the block with the new weights to produce the next block's inputs.
 Memory holds one block plus the calibration activations, never a second copy of the model.
+
+Sequential onloading: inside `onload(model, store)` the model's weights may live on disk (a
+lazy.LazyModel on the meta device); every walk then asks the store to place a block's weights
+before the block is used (`store.load_block`), hands it the block once rerun (`store.done`: the
+block is final for this pass, e.g. written to the output) and frees it (`store.release_block`);
+the catch pass places only what runs before the first block (`store.load_outside`).
 """
 from __future__ import annotations
 
@@ -144,6 +150,23 @@ def _to(obj, device):
     return obj
 
 
+_STORE = "_llmprune_onload"  # model attribute holding the store of an `onload` context
+
+
+@contextmanager
+def onload(model, store):
+    """Within this context every walk over `model` places and frees its blocks through `store`."""
+    object.__setattr__(model, _STORE, store)
+    try:
+        yield store
+    finally:
+        object.__delattr__(model, _STORE)
+
+
+def store_of(model):
+    return getattr(model, _STORE, None)
+
+
 @torch.no_grad()
 def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list[torch.Tensor], list[list]]:
     """Returns (first block's hidden states per batch, per block: per batch (args, kwargs))."""
@@ -151,11 +174,15 @@ def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list
     n = len(layers)
     calls: list[list] = [[] for _ in range(n)]
     originals = list(layers)
-    home = next(model.parameters()).device
+    store = store_of(model)
+    home = None if store else next(model.parameters()).device
     try:
         for i in range(n):
             layers[i] = _Recorder(originals[i], calls[i], last=i == n - 1)
-        model.to(device)  # only what is left outside the blocks: embeddings, norm, head, rotary
+        if store:
+            store.load_outside(device)  # what runs before the first block (embeddings, rotary tables)
+        else:
+            model.to(device)  # only what is left outside the blocks: embeddings, norm, head, rotary
         for batch in input_ids.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
@@ -164,7 +191,10 @@ def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list
     finally:
         for i in range(n):
             layers[i] = originals[i]
-        model.to(home)
+        if store:
+            store.release_outside()
+        else:
+            model.to(home)
     hidden = [h for h, _, _ in calls[0]]
     return hidden, [[(_to(a, device), _to(k, device)) for _, a, k in per] for per in calls]
 
@@ -178,17 +208,26 @@ def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", prog
 
     hidden, calls = catch(model, input_ids, batch_size, device)
     layers = archmod.blocks(model)
+    store = store_of(model)
     for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
+        if store:
+            store.load_block(i, device)
         module = layers[i]
-        home = next(module.parameters()).device
-        module.to(device)
+        home = None if store else next(module.parameters()).device
+        if not store:
+            module.to(device)
         block = Block(i, module, hidden, calls[i])
         try:
             yield block
             hidden = block.run()
             block.outputs = hidden
+            if store:
+                store.done(i, module)
         finally:
-            module.to(home)
+            if store:
+                store.release_block(i)
+            else:
+                module.to(home)
 
 
 @contextmanager

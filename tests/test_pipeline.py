@@ -110,17 +110,23 @@ def test_a_file_named_gguf_that_is_not_gguf(tmp_path, capsys):
     assert _nothing_left(tmp_path, "o")
 
 
-def test_disk_full_while_saving(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
+@pytest.mark.parametrize("onload", ["blocks", "whole"])
+def test_disk_full_while_saving(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch, onload):
     import errno
+
+    import safetensors.torch
 
     from llmprune import checkpoint
 
-    def full(model, tok, folder):
-        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+    def full(*_, **__):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_dense", full)
-    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI)
+    if onload == "blocks":  # the shards are written by safetensors as blocks finish
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    else:
+        monkeypatch.setattr(checkpoint, "save_dense", full)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", tmp_path / "o",
+                     "--onload", onload, *FAST_CLI)
     assert rc == 2 and "no space left" in se and "--out" in se and len(se.strip().splitlines()) == 1
     assert _nothing_left(tmp_path, "o")
 

@@ -34,10 +34,10 @@ def eval_tokens(dataset: str, tokenizer) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Summed next-token NLL of each row of ids (B, S), fp32. The head runs over `chunk`
-    positions at a time, so a 262k vocabulary never materializes a whole window's logits."""
-    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # (B, S, H)
+def window_nll_from_hidden(model, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed next-token NLL of each row of ids (B, S) from the final (normed) hidden states
+    (B, S, H), fp64. The head runs over `chunk` positions at a time, so a 262k vocabulary never
+    materializes a whole window's logits."""
     total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
     for s in range(0, ids.shape[1] - 1, chunk):
         e = min(s + chunk, ids.shape[1] - 1)
@@ -45,6 +45,24 @@ def window_nll(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         nll = F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(), reduction="none")
         total += nll.view(ids.shape[0], -1).sum(1).double()
     return total
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed next-token NLL of each row of ids (B, S) through the whole model in memory."""
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # (B, S, H)
+    return window_nll_from_hidden(model, hidden, ids, chunk)
+
+
+def windows_of(dataset: str, tokens: torch.Tensor, seqlen: int, windows: int | None) -> tuple[torch.Tensor, int]:
+    """(the first `windows` non-overlapping windows (n, seqlen), how many the text has)."""
+    available = tokens.numel() // seqlen
+    if dataset == "c4":
+        available = min(available, 256)
+    if available == 0:
+        raise LLMPruneError(f"{dataset} has {tokens.numel()} tokens, fewer than one window of {seqlen}: lower --eval-seqlen")
+    n = available if windows is None else min(windows, available)
+    return tokens[: n * seqlen].view(n, seqlen), available
 
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, windows: int | None = None,
@@ -58,14 +76,9 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     where = None
     if tokens is None:
         tokens, where = eval_tokens(dataset, tokenizer)
-    available = tokens.numel() // seqlen
-    if dataset == "c4":
-        available = min(available, 256)
-    if available == 0:
-        raise LLMPruneError(f"{dataset} has {tokens.numel()} tokens, fewer than one window of {seqlen}: lower --eval-seqlen")
-    n = available if windows is None else min(windows, available)
+    data, available = windows_of(dataset, tokens, seqlen, windows)  # (windows, seqlen)
+    n = data.shape[0]
     device = next(model.parameters()).device
-    data = tokens[: n * seqlen].view(n, seqlen)  # (windows, seqlen)
     t0 = time.perf_counter()
     nll = 0.0
     for batch in tqdm(data.split(batch_size), desc=f"ppl {dataset}", disable=not progress):

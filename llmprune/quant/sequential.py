@@ -41,7 +41,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
                     device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16,
                     act_order: bool = GPTQConfig.act_order, sink_weight: float = GPTQConfig.sink_weight,
                     tune_steps: int = GPTQConfig.tune_steps, tune_lr: float = GPTQConfig.tune_lr,
-                    info: dict | None = None) -> dict:
+                    info: dict | None = None, on_block=None) -> dict:
     """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
     Hessians come from calibration inputs that went through the already-quantized blocks before
     it, and each quantized linear computes with its dequantized weights from then on. Returns
@@ -49,7 +49,9 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     the format are left alone (the packer keeps them dense and says why). act_order and
     sink_weight: see GPTQ_DEFAULTS. tune_steps > 0: then train the scales end to end against the
     unquantized model on the same windows (quant/tune.py); what it did goes into `info["tune"]`;
-    dampening raised for a layer goes into `info["damp_raised"]`."""
+    dampening raised for a layer goes into `info["damp_raised"]`. on_block(index, {name: Quantized}):
+    called with each block's codes instead of collecting them (sequential onloading: the packer takes
+    them block by block)."""
     from .. import arch, walker
     from ..packed import plan_layer
     from .gptq import gptq
@@ -71,6 +73,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         prefix = f"{a.blocks}.{block.index}."
         mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g
                 if f"{prefix}{n}.weight" not in tied}
+        block_out = {}
         with walker.collect(mods, {"hessian"}, sink_weight=sink_weight) as stats:
             block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
         for name, mod in mods.items():
@@ -85,7 +88,11 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
             if info is not None and q.damp is not None and q.damp != damp:
                 info.setdefault("damp_raised", {})[name] = q.damp
             mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
-            out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+            block_out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+        if on_block is not None:
+            on_block(block.index, block_out)
+        else:
+            out.update(block_out)
         # handing control back: the walker reruns the block with the quantized weights
     if tune_steps and out:
         out, tinfo = tune.tune_scales(model, out, calib_ids, targets, tune_steps, tune_lr, device=device,

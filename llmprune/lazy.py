@@ -1,0 +1,298 @@
+"""Models whose weights stay on disk until a block needs them (sequential onloading), and output
+folders written shard by shard. Think in 70B: nothing here holds more than one block (plus, for
+the writer, the block tensors of one unfinished shard).
+
+- `WeightFiles`: a folder's safetensors tensors (one file, or shards with their index), read one
+  tensor at a time through safetensors' memory-mapped safe_open.
+- `LazyModel`: the transformers model of a folder built on the meta device (accelerate's
+  init_empty_weights); `load(prefix, device)` reads the tensors under a module prefix and places
+  them with accelerate's set_module_tensor_to_device in the compute dtype, `release(prefix)` puts
+  them back on meta. Packed outputs get PackedLinear modules for their packed layers.
+- `ShardWriter`: a dense HF folder written as standard sharded safetensors + index, a shard as
+  soon as its last tensor arrives.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import formats
+from .errors import LLMPruneError
+from .modules import PackedLinear
+
+INDEX = "model.safetensors.index.json"
+SHARD_BYTES = 2 * 2**30  # dense outputs: at most this much per file
+
+
+class WeightFiles:
+    """name -> tensor over a folder's safetensors files, opened lazily, each header checked."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+            if pickles:
+                raise LLMPruneError(f"{self.folder} holds {pickles[0]}, pickle weights: llmprune loads safetensors "
+                                    f"only (pickle can run code): convert it with a trusted tool first")
+            raise LLMPruneError(f"{self.folder} has no .safetensors weights: re-create the folder")
+        self.where: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        for f in files:
+            with open(f, "rb") as raw:
+                head = raw.read(9)  # safetensors: u64 header length, then the JSON header's "{"
+            if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):  # torch.save zip / pickle stream
+                raise LLMPruneError(f"{f} is a pickle file, not safetensors; llmprune never unpickles: re-create the "
+                                    f"folder")
+            try:
+                fh = safe_open(str(f), framework="pt", device="cpu")
+                names = list(fh.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise LLMPruneError(f"{f} is corrupted or truncated ({str(e).splitlines()[0][:120]}): "
+                                    f"re-create the folder") from None
+            self._open[f] = fh
+            for n in names:
+                self.where[n] = f
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        if name not in self.where:
+            raise LLMPruneError(f"{self.folder} lacks {name}: re-create the folder")
+        try:
+            return self._open[self.where[name]].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LLMPruneError(f"{self.where[name]}: tensor {name} cannot be read ({str(e).splitlines()[0][:120]}): "
+                                f"the file is corrupted, re-create the folder") from None
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self._open)
+
+
+def build_layer(files: WeightFiles, name: str, layer: dict, dtype: torch.dtype | None) -> PackedLinear:
+    """The PackedLinear of one manifest layer, its tensors read from `files` and checked against
+    the format's shapes and dtypes (a mismatch is a damaged folder, named)."""
+    f = formats.get(layer["format"])
+    out_f, in_f = layer["shape"]
+    opts = {k: layer[k] for k in ("group_size", "symmetric") if k in layer}
+    if f.quantized and "group_size" not in opts:
+        raise LLMPruneError(f"llmprune.json: layer {name} lacks group_size: re-create the folder")
+    packed = {}
+    for tname, (shape, tdtype) in f.shapes(out_f, in_f, **opts).items():
+        key = f"{name}.{tname}"
+        if key not in files:
+            raise LLMPruneError(f"{files.folder} lacks {key}, which the manifest's {f.name} layer needs: "
+                                f"re-create the folder")
+        t = files.get(key)
+        if tuple(t.shape) != tuple(shape) or (tdtype is not None and t.dtype != tdtype) or \
+                (tdtype is None and not t.is_floating_point()):
+            raise LLMPruneError(f"{key} is {tuple(t.shape)} {t.dtype} but the manifest's {f.name} layer "
+                                f"{layer['shape']} needs {tuple(shape)} {tdtype or 'float'}: re-create the folder")
+        packed[tname] = t.to(dtype) if (tdtype is None and dtype is not None) else t
+    packed = f.derive(packed)
+    bias = files.get(f"{name}.bias") if f"{name}.bias" in files else None
+    if bias is not None and dtype is not None:
+        bias = bias.to(dtype)
+    return PackedLinear(f.name, packed, bias, in_f, out_f, derived=f.derived)
+
+
+def _tensor_names(model: nn.Module) -> list[str]:
+    """State-dict names (persistent tensors) in order, tied duplicates once."""
+    return list(model.state_dict(keep_vars=True))
+
+
+class LazyModel:
+    """A folder's model on the meta device, its tensors placed block by block on demand."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype, packed_section: dict | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = Path(folder)
+        try:
+            config = AutoConfig.from_pretrained(self.folder)
+        except (OSError, ValueError) as e:
+            raise LLMPruneError(f"{self.folder}/config.json cannot be read ({str(e).splitlines()[0][:120]}): "
+                                f"re-create the folder") from None
+        with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers (rotary) real
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.files = WeightFiles(self.folder)
+        self.dtype = dtype
+        self.section = packed_section
+        emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.tied = head is not None and emb is not None and bool(getattr(text, "tie_word_embeddings", False))
+        self._names = [n for n in _tensor_names(self.model)]
+        self._meta_modules: dict[str, nn.Module] = {}
+        self._loaded: set[str] = set()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def names(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> list[str]:
+        return [n for n in self._names if n.startswith(prefix) and not any(n.startswith(e) for e in exclude)]
+
+    def _packed_layers(self, names: list[str]) -> dict:
+        layers = (self.section or {}).get("layers", {})
+        return {ln: spec for ln, spec in layers.items() if f"{ln}.weight" in names}
+
+    @torch.no_grad()
+    def load(self, prefix: str = "", device="cpu", exclude: tuple[str, ...] = ()) -> None:
+        """Place every tensor under `prefix` (minus `exclude`) on `device` in the compute dtype."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        from .arch import set_module
+
+        names = self.names(prefix, exclude)
+        packed = self._packed_layers(names)
+        skip = set()
+        for ln, spec in packed.items():
+            self._meta_modules.setdefault(ln, self.model.get_submodule(ln))
+            set_module(self.model, ln, build_layer(self.files, ln, spec, self.dtype).to(device))
+            skip |= {f"{ln}.weight", f"{ln}.bias"}
+        head = self.model.get_output_embeddings()
+        head_name = next((n for n, m in self.model.named_modules() if m is head), None)
+        for n in names:
+            if n in skip:
+                continue
+            if self.tied and head_name and n == f"{head_name}.weight" and n not in self.files:
+                continue  # re-tied below
+            t = self.files.get(n)
+            set_module_tensor_to_device(self.model, n, device, value=t,
+                                        dtype=self.dtype if t.is_floating_point() else None)
+            self._loaded.add(n)
+        if self.tied and head_name:
+            emb = self.model.get_input_embeddings()
+            if emb.weight.device.type != "meta":
+                head.weight = emb.weight  # one Parameter, as transformers ties them
+        for n, b in self.model.named_buffers():  # computed buffers (rotary tables) follow the device
+            if n.startswith(prefix) and b.device.type != "meta" and b.device != torch.device(device):
+                set_module_tensor_to_device(self.model, n, device, value=b)
+
+    @torch.no_grad()
+    def release(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:
+        """Put the tensors under `prefix` back on the meta device (their memory is freed)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        from .arch import set_module
+
+        for ln, mod in list(self._meta_modules.items()):
+            if ln.startswith(prefix) and not any(ln.startswith(e) for e in exclude):
+                set_module(self.model, ln, mod)
+                del self._meta_modules[ln]
+        for n in self.names(prefix, exclude):
+            if n in self._loaded:
+                set_module_tensor_to_device(self.model, n, "meta")
+                self._loaded.discard(n)
+        if self.tied:  # the head shares the embedding's Parameter: point it at the (meta) embedding again
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+
+
+class ShardWriter:
+    """Write a dense model as sharded safetensors (+ index) into `folder`: `add(name, tensor)` in any
+    order; a shard is written as soon as it is complete. The plan groups whole units (a decoder
+    block, or each tensor outside the blocks) into shards of at most `shard_bytes`, in state-dict
+    order, so blocks finished one after another never wait for tensors written at the end."""
+
+    def __init__(self, folder: str | Path, sizes: list[tuple[str, int]], unit_of, shard_bytes: int = SHARD_BYTES):
+        self.folder = Path(folder)
+        units: list[list[str]] = []
+        for name, _ in sizes:
+            u = unit_of(name)
+            if units and unit_of(units[-1][-1]) == u:
+                units[-1].append(name)
+            else:
+                units.append([name])
+        size = dict(sizes)
+        if sum(size.values()) <= shard_bytes:  # a small model: one file (buffered whole: under shard_bytes)
+            units = [[n for n, _ in sizes]]
+            unit_of = lambda _n: 0
+        shards: list[list[str]] = []
+        cur, cur_b, cur_block = [], 0, None
+        for unit in units:
+            b = sum(size[n] for n in unit)
+            is_block = unit_of(unit[0]) is not None
+            if cur and (cur_b + b > shard_bytes or is_block != cur_block):
+                shards.append(cur)
+                cur, cur_b = [], 0
+            cur, cur_b, cur_block = cur + unit, cur_b + b, is_block
+        if cur:
+            shards.append(cur)
+        n = len(shards)
+        self.file_of = {name: (f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors")
+                        for i, s in enumerate(shards, 1) for name in s}
+        self.pending = {f: set() for f in set(self.file_of.values())}
+        for name, f in self.file_of.items():
+            self.pending[f].add(name)
+        self.buffer: dict[str, dict[str, torch.Tensor]] = {f: {} for f in self.pending}
+        self.total = sum(size.values())
+        self.written_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        f = self.file_of.get(name)
+        if f is None:
+            raise LLMPruneError(f"internal: {name} is not in the output's shard plan")
+        self.buffer[f][name] = tensor.detach().contiguous().cpu()
+        self.pending[f].discard(name)
+        if not self.pending[f]:
+            save_file(self.buffer[f], str(self.folder / f), metadata={"format": "pt"})
+            self.written_bytes += (self.folder / f).stat().st_size
+            self.buffer[f] = {}
+
+    def finish(self) -> None:
+        left = sorted(n for p in self.pending.values() for n in p)
+        if left:
+            raise LLMPruneError(f"internal: the output lacks {left[0]} (and {len(left) - 1} more)")
+        if len(self.pending) > 1:  # one file needs no index, as transformers writes small models
+            (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
+                                                         "weight_map": dict(sorted(self.file_of.items()))}, indent=2))
+
+
+class BlockStore:
+    """What walker.onload needs to walk a LazyModel: place and free its decoder blocks, and hand
+    each block finished by a pass to `sink(index, block)` (None: a read-only pass, e.g. OWL's or an
+    evaluation). Loaded tensors are checked finite (a damaged file is named, not found later as a
+    singular Hessian). `late` prefixes (the head, the final norm) are not needed before the blocks."""
+
+    def __init__(self, lazy: LazyModel, blocks: str, late: tuple[str, ...] = (), sink=None, check: bool = True):
+        self.lazy, self.blocks, self.late, self.sink, self.check = lazy, blocks, late, sink, check
+
+    def _check(self, prefix: str) -> None:
+        if not self.check:
+            return
+        for n, t in self.lazy.model.named_parameters():
+            if n.startswith(prefix) and t.is_floating_point() and t.device.type != "meta" \
+                    and not bool(torch.isfinite(t).all()):
+                raise LLMPruneError(f"{n} holds NaN/inf values: the model file is damaged; re-download or re-create it")
+
+    def load_block(self, i: int, device) -> None:
+        self.lazy.load(f"{self.blocks}.{i}.", device)
+        self._check(f"{self.blocks}.{i}.")
+
+    def done(self, i: int, module: nn.Module) -> None:
+        if self.sink is not None:
+            self.sink(i, module)
+
+    def release_block(self, i: int) -> None:
+        self.lazy.release(f"{self.blocks}.{i}.")
+
+    def load_outside(self, device) -> None:
+        self.lazy.load("", device, exclude=(f"{self.blocks}.", *self.late))
+        self._check("")
+
+    def release_outside(self) -> None:
+        self.lazy.release("", exclude=(f"{self.blocks}.",))

@@ -1,0 +1,267 @@
+"""The pipeline's stages for models that stay on disk (sequential onloading, arXiv-free plumbing in
+the spirit of llm-compressor's sequential pipeline and SparseGPT's layer-by-layer `llama_eval`).
+
+The model is a lazy.LazyModel on the meta device; every pass over it (OWL's outlier pass, the
+solver's pass, GPTQ's) walks the blocks through walker.onload: a block's weights are read when the
+block is reached, in the compute dtype, and freed after it. The pass that finishes a block writes
+it straight into the output (dense shards or packed tensors); when another pass follows (GPTQ after
+pruning), blocks go to a scratch folder inside the output's temporary folder instead and are read
+back from there. Evaluation walks the saved output the same way. Peak memory: one block, the
+calibration (or evaluation) activations, and one unfinished output shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import arch as archmod
+from . import lazy, walker
+from .errors import LLMPruneError
+
+SCRATCH = ".blocks"  # inside the output's temporary folder
+EVAL_ACTIVATIONS = 2 * 2**30  # evaluation windows walked together: at most this many bytes of hidden states
+
+
+def open_model(spec: str, dtype: str):
+    """(LazyModel on the meta device, tokenizer, models.ModelInfo) for anything --model accepts."""
+    from transformers import AutoTokenizer
+
+    from . import models
+
+    info = models.resolve(spec)
+    lz = lazy.LazyModel(info.path, getattr(torch, dtype))
+    tok = AutoTokenizer.from_pretrained(info.path)
+    return lz, tok, info
+
+
+def open_output(folder: str | Path, dtype: str, manifest: dict) -> lazy.LazyModel | None:
+    """A LazyModel of an llmprune output, or None for outputs that only load whole (SliceGPT's
+    per-block shortcuts are not a stock architecture)."""
+    sl = manifest.get("slicegpt") or {}
+    if sl.get("rotation") == "per-block" or sl.get("standard") is False:
+        return None
+    section = manifest.get("format") if (manifest.get("format") or {}).get("name", "dense") != "dense" else None
+    return lazy.LazyModel(folder, getattr(torch, dtype), section)
+
+
+def _store(lz: lazy.LazyModel, sink=None) -> lazy.BlockStore:
+    a = archmod.arch_of(lz.model)
+    late = () if lz.tied else (a.head,)
+    return lazy.BlockStore(lz, a.blocks, late=(*late, a.norm), sink=sink)
+
+
+# --- the output, written block by block ----------------------------------------------------------
+
+class Output:
+    """Receives every finished block (`block`) and, at the end, what lies outside the blocks
+    (`outside`); counts the zeros of the pruned linears on the way (measured sparsity)."""
+
+    def __init__(self, lz: lazy.LazyModel, folder: Path, fmt: str, save_dtype: torch.dtype, targets: list[str],
+                 packer=None, shard_bytes: int = lazy.SHARD_BYTES):
+        self.lz, self.folder, self.fmt, self.save_dtype, self.packer = lz, folder, fmt, save_dtype, packer
+        self.targets = set(targets)
+        self.zeros = self.total = 0
+        a = archmod.arch_of(lz.model)
+        self.blocks = a.blocks
+        names = lz.names()
+        if fmt == "dense":
+            meta = lz.model.state_dict(keep_vars=True)
+            head = f"{a.head}.weight"
+            sizes = [(n, meta[n].numel() * (save_dtype.itemsize if meta[n].is_floating_point()
+                                             else meta[n].element_size()))
+                     for n in names if not (lz.tied and n == head)]
+            self.writer = lazy.ShardWriter(folder, sizes, self._unit, shard_bytes)
+
+    def _unit(self, name: str):
+        """The block a tensor belongs to (None: outside the blocks)."""
+        if name.startswith(self.blocks + "."):
+            return int(name[len(self.blocks) + 1:].split(".")[0])
+        return None
+
+    def _count(self, prefix: str, module: nn.Module) -> None:
+        for n, m in module.named_modules():
+            full = f"{prefix}{n}" if n else prefix.rstrip(".")
+            if full in self.targets and isinstance(m, nn.Linear):
+                self.zeros += int((m.weight == 0).sum())
+                self.total += m.weight.numel()
+
+    @torch.no_grad()
+    def block(self, i: int, module: nn.Module, quantized: dict | None = None) -> None:
+        prefix = f"{self.blocks}.{i}."
+        self._count(prefix, module)
+        if self.fmt == "dense":
+            for n, t in module.state_dict().items():
+                self.writer.add(prefix + n, t.to(self.save_dtype) if t.is_floating_point() else t)
+            return
+        done = set()
+        for n, m in module.named_modules():
+            if isinstance(m, nn.Linear):
+                full = prefix + n
+                self.packer.add_linear(full, m, quantized=(quantized or {}).get(full))
+                done |= {f"{n}.weight", f"{n}.bias"}
+        for n, t in module.state_dict().items():
+            if n not in done:
+                self.packer.add_tensor(prefix + n, t)
+
+    @torch.no_grad()
+    def outside(self, tokenizer) -> dict | None:
+        """Write the tensors outside the blocks (streamed from the source files one at a time: they
+        are not changed by pruning), config, generation config and tokenizer; returns the packed
+        format section (None for dense)."""
+        a = archmod.arch_of(self.lz.model)
+        head = f"{a.head}.weight"
+        cfg = self.lz.model.config
+        section = None
+        for n in self.lz.names(exclude=(f"{a.blocks}.",)):
+            if self.lz.tied and n == head:
+                continue
+            t = self.lz.files.get(n)
+            if self.fmt == "dense":
+                self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
+            else:
+                self.packer.add_tensor(n, t)
+            del t
+        if self.fmt == "dense":
+            self.writer.finish()
+            cfg.dtype = str(self.save_dtype).replace("torch.", "")
+            cfg.save_pretrained(self.folder)
+            gen = getattr(self.lz.model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(self.folder)
+        else:
+            if self.lz.tied:
+                self.packer.tied = {head: f"{a.embed}.weight"}
+            section = self.packer.finish(cfg, getattr(self.lz.model, "generation_config", None))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+        return section
+
+
+class Scratch:
+    """Blocks finished by a pass that is not the last, kept on disk in the compute dtype (exact) and
+    read back by the next pass: the LazyModel reads a block from here once it was written."""
+
+    def __init__(self, lz: lazy.LazyModel, folder: Path):
+        self.lz, self.dir = lz, folder / SCRATCH
+        self.dir.mkdir()
+        self.base = lz.files
+
+    @torch.no_grad()
+    def block(self, i: int, module: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        a = archmod.arch_of(self.lz.model)
+        prefix = f"{a.blocks}.{i}."
+        path = self.dir / f"block-{i:05d}.safetensors"
+        save_file({prefix + n: t.detach().contiguous().cpu() for n, t in module.state_dict().items()}, str(path))
+        overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
+        fresh = lazy.WeightFiles(self.dir)
+        overlay.folder, overlay.where, overlay._open = self.base.folder, {**self.base.where, **fresh.where}, \
+            {**self.base._open, **fresh._open}
+        self.lz.files = overlay
+
+    def close(self) -> None:
+        self.lz.files = self.base
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, folder: Path) -> dict:
+    """Prune block by block (OWL's outlier pass first when asked; GPTQ's pass after, through the
+    scratch folder); the last pass writes each block into `out`."""
+    from . import prune
+
+    c = p.cfg
+    model = lz.model
+    if c.scope == "global":
+        raise LLMPruneError("--scope global ranks every weight of the model at once: run it with --onload whole")
+    sec: dict = {}
+    with timer("compress_s"):
+        layer_s = {n: p.sparsity for n in names}
+        if c.owl:
+            from . import owl
+
+            with walker.onload(model, _store(lz)):
+                layer_s = owl.layer_sparsities(model, names, ids, p.sparsity, batch_size=c.calib_batch,
+                                               device=p.device, progress=c.progress, **dataclasses.asdict(c.owl))
+            per_layer = list(layer_s.values())
+            sec["owl"] = {**dataclasses.asdict(c.owl), "per_layer": sorted(set(per_layer), key=per_layer.index)}
+        scratch = Scratch(lz, folder) if p.quant == "gptq" else None
+        sink = scratch.block if scratch else out.block
+        with walker.onload(model, _store(lz, sink)):
+            res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
+                              c.progress)
+    for k, v in res["timings"].items():
+        timer.s[k] = v
+    if scratch:
+        out.zeros = out.total = 0  # counted again by the GPTQ pass, on what is written
+        gptq_pass(p, lz, ids, timer, out)
+        scratch.close()
+    sec.update(solver=p.solver.name, solver_opts=c.solver_opts, scope=c.scope, pattern=str(p.pattern),
+               ignore=c.ignore, steps=["prune"],
+               sparsity={"target": p.sparsity, "measured": out.zeros / max(out.total, 1), "linears": len(names)})
+    raised = {n: i["damp_raised"] for n, i in res["layers"].items() if i.get("damp_raised")}
+    if raised:
+        sec["damp_raised"] = raised
+    return sec
+
+
+def gptq_pass(p, lz: lazy.LazyModel, ids, timer, out: Output) -> dict:
+    """GPTQ block by block; each block's codes go straight to the packer (never the whole model's)."""
+    from .quant.sequential import gptq_sequential
+
+    info: dict = {}
+    pending: dict[int, dict] = {}
+    model = lz.model
+    store = _store(lz, sink=lambda i, m: out.block(i, m, quantized=pending.pop(i, {})))
+    with timer("gptq_s"), walker.onload(model, store):
+        gptq_sequential(model, ids, p.cfg.format, p.cfg.group_size, p.cfg.symmetric, batch_size=p.cfg.calib_batch,
+                        device=p.device, progress=p.cfg.progress, dtype=out.packer.dtype, info=info,
+                        on_block=pending.__setitem__, **p.gptq.as_dict())
+    out.packer.quant_opts = {**p.gptq.as_dict(), **info}
+    return info
+
+
+@torch.no_grad()
+def evaluate(lz: lazy.LazyModel, tok, datasets, seqlen: int, windows: int | None, device: str, progress: bool,
+             cache: dict) -> dict:
+    """Perplexity with one block of weights in memory at a time (SparseGPT's `llama_eval` for large
+    models): every window walks the blocks, then the final norm and the head. The same numbers as
+    eval.perplexity on the whole model (tested)."""
+    import math
+    import time
+
+    from .eval.perplexity import eval_tokens, window_nll_from_hidden, windows_of
+
+    model = lz.model
+    a = archmod.arch_of(model)
+    out = {}
+    for d in datasets:
+        if d not in cache:
+            cache[d] = eval_tokens(d, tok)
+        tokens, where = cache[d]
+        data, available = windows_of(d, tokens, seqlen, windows)  # (n, seqlen)
+        t0 = time.perf_counter()
+        per = max(1, EVAL_ACTIVATIONS // (seqlen * model.config.hidden_size * lz.dtype.itemsize))
+        nll = 0.0
+        for chunk in data.split(per):  # windows walked together, each chunk one pass over the weights
+            with walker.onload(model, _store(lz)):
+                hidden = None
+                for block in walker.walk(model, chunk, 1, device, progress, desc=f"ppl {d} blocks"):
+                    pass
+                hidden = block.outputs  # (1, seqlen, hidden) per window
+            lz.load("", device, exclude=(f"{a.blocks}.", a.embed) if not lz.tied else (f"{a.blocks}.",))
+            norm = archmod.get(model, a.norm)
+            for ids, h in zip(chunk.split(1), hidden):
+                nll += float(window_nll_from_hidden(model, norm(h), ids.to(device)).sum())
+            lz.release("", exclude=(f"{a.blocks}.",))
+        predicted = data.shape[0] * (seqlen - 1)
+        out[d] = {"ppl": math.exp(nll / predicted), "seqlen": seqlen, "windows": data.shape[0],
+                  "windows_available": available, "tokens": predicted, "seconds": round(time.perf_counter() - t0, 2),
+                  "source": where, "blockwise": True}
+    return out
