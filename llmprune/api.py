@@ -50,7 +50,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
     with t("load_s"):
         model, tok, info = pipeline.load_model(c.model, c.dtype)
     names = pipeline.check_model(p, model)
-    m = mf.Manifest(model=info.as_dict(), extra={"onload": "whole"})
+    m = mf.Manifest(model=info.as_dict(), onload="whole" + (f": {p.whole_because}" if p.whole_because else ""))
     ids = None
     if p.needs_calibration:
         with t("calib_load_s"):
@@ -102,7 +102,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     with t("load_s"):
         lz, tok, info = onload.open_model(c.model, c.dtype)
     names = pipeline.check_model(p, lz.model)
-    m = mf.Manifest(model=info.as_dict(), extra={"onload": "blocks"})
+    m = mf.Manifest(model=info.as_dict(), onload="blocks")
     ids = None
     if p.needs_calibration:
         with t("calib_load_s"):

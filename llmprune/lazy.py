@@ -28,7 +28,9 @@ SHARD_BYTES = 2 * 2**30  # dense outputs: at most this much per file
 
 
 class WeightFiles:
-    """name -> tensor over a folder's safetensors files, opened lazily, each header checked."""
+    """name -> tensor over a folder's safetensors files, each header checked up front. Files are
+    opened (memory-mapped) only while tensors are copied out of them and closed right after: a file
+    kept mapped would count every page read so far in the process's resident memory."""
 
     def __init__(self, folder: str | Path):
         from safetensors import SafetensorError, safe_open
@@ -42,7 +44,6 @@ class WeightFiles:
                                     f"only (pickle can run code): convert it with a trusted tool first")
             raise LLMPruneError(f"{self.folder} has no .safetensors weights: re-create the folder")
         self.where: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
         for f in files:
             with open(f, "rb") as raw:
                 head = raw.read(9)  # safetensors: u64 header length, then the JSON header's "{"
@@ -50,12 +51,11 @@ class WeightFiles:
                 raise LLMPruneError(f"{f} is a pickle file, not safetensors; llmprune never unpickles: re-create the "
                                     f"folder")
             try:
-                fh = safe_open(str(f), framework="pt", device="cpu")
-                names = list(fh.keys())
+                with safe_open(str(f), framework="pt", device="cpu") as fh:
+                    names = list(fh.keys())
             except (SafetensorError, OSError, ValueError) as e:
                 raise LLMPruneError(f"{f} is corrupted or truncated ({str(e).splitlines()[0][:120]}): "
                                     f"re-create the folder") from None
-            self._open[f] = fh
             for n in names:
                 self.where[n] = f
 
@@ -65,19 +65,31 @@ class WeightFiles:
     def keys(self) -> list[str]:
         return list(self.where)
 
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """The named tensors (copied out of the files, each file opened once)."""
+        from safetensors import SafetensorError, safe_open
 
-        if name not in self.where:
-            raise LLMPruneError(f"{self.folder} lacks {name}: re-create the folder")
-        try:
-            return self._open[self.where[name]].get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise LLMPruneError(f"{self.where[name]}: tensor {name} cannot be read ({str(e).splitlines()[0][:120]}): "
-                                f"the file is corrupted, re-create the folder") from None
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.where:
+                raise LLMPruneError(f"{self.folder} lacks {n}: re-create the folder")
+            by_file.setdefault(self.where[n], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as fh:
+                    for n in ns:
+                        out[n] = fh.get_tensor(n)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise LLMPruneError(f"{f}: a tensor cannot be read ({str(e).splitlines()[0][:120]}): the file is "
+                                    f"corrupted, re-create the folder") from None
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.read([name])[name]
 
     def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self._open)
+        return sum(f.stat().st_size for f in set(self.where.values()))
 
 
 def build_layer(files: WeightFiles, name: str, layer: dict, dtype: torch.dtype | None) -> PackedLinear:
@@ -164,12 +176,9 @@ class LazyModel:
             skip |= {f"{ln}.weight", f"{ln}.bias"}
         head = self.model.get_output_embeddings()
         head_name = next((n for n, m in self.model.named_modules() if m is head), None)
-        for n in names:
-            if n in skip:
-                continue
-            if self.tied and head_name and n == f"{head_name}.weight" and n not in self.files:
-                continue  # re-tied below
-            t = self.files.get(n)
+        todo = [n for n in names if n not in skip
+                and not (self.tied and head_name and n == f"{head_name}.weight" and n not in self.files)]
+        for n, t in self.files.read(todo).items():  # (the tied head is re-tied below)
             set_module_tensor_to_device(self.model, n, device, value=t,
                                         dtype=self.dtype if t.is_floating_point() else None)
             self._loaded.add(n)
@@ -206,8 +215,9 @@ class ShardWriter:
     block, or each tensor outside the blocks) into shards of at most `shard_bytes`, in state-dict
     order, so blocks finished one after another never wait for tensors written at the end."""
 
-    def __init__(self, folder: str | Path, sizes: list[tuple[str, int]], unit_of, shard_bytes: int = SHARD_BYTES):
+    def __init__(self, folder: str | Path, sizes: list[tuple[str, int]], unit_of, shard_bytes: int | None = None):
         self.folder = Path(folder)
+        shard_bytes = shard_bytes or SHARD_BYTES
         units: list[list[str]] = []
         for name, _ in sizes:
             u = unit_of(name)

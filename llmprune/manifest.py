@@ -52,6 +52,8 @@ class Manifest:
     timings: dict = field(default_factory=dict)
     peak_rss_mib: float | None = None
     peak_gpu_mib: float | None = None
+    io_bytes: dict | None = None  # /proc/self/io of the run: rchar, wchar, read_bytes, write_bytes
+    onload: str | None = None  # "blocks": the weights were read block by block; "whole": in memory (why)
     device: str | None = None
     dtype: str | None = None
     protocol: str | None = None

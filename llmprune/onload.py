@@ -61,10 +61,11 @@ class Output:
     (`outside`); counts the zeros of the pruned linears on the way (measured sparsity)."""
 
     def __init__(self, lz: lazy.LazyModel, folder: Path, fmt: str, save_dtype: torch.dtype, targets: list[str],
-                 packer=None, shard_bytes: int = lazy.SHARD_BYTES):
+                 packer=None, shard_bytes: int | None = None):
         self.lz, self.folder, self.fmt, self.save_dtype, self.packer = lz, folder, fmt, save_dtype, packer
         self.targets = set(targets)
         self.zeros = self.total = 0
+        self.counting = True  # off for a pass after the pruning's (GPTQ rounds some kept weights to 0)
         a = archmod.arch_of(lz.model)
         self.blocks = a.blocks
         names = lz.names()
@@ -83,6 +84,8 @@ class Output:
         return None
 
     def _count(self, prefix: str, module: nn.Module) -> None:
+        if not self.counting:
+            return
         for n, m in module.named_modules():
             full = f"{prefix}{n}" if n else prefix.rstrip(".")
             if full in self.targets and isinstance(m, nn.Linear):
@@ -159,9 +162,8 @@ class Scratch:
         path = self.dir / f"block-{i:05d}.safetensors"
         save_file({prefix + n: t.detach().contiguous().cpu() for n, t in module.state_dict().items()}, str(path))
         overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
-        fresh = lazy.WeightFiles(self.dir)
-        overlay.folder, overlay.where, overlay._open = self.base.folder, {**self.base.where, **fresh.where}, \
-            {**self.base._open, **fresh._open}
+        overlay.folder = self.base.folder
+        overlay.where = {**self.lz.files.where, **dict.fromkeys(module.state_dict(prefix=prefix), path)}
         self.lz.files = overlay
 
     def close(self) -> None:
@@ -192,14 +194,20 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
             per_layer = list(layer_s.values())
             sec["owl"] = {**dataclasses.asdict(c.owl), "per_layer": sorted(set(per_layer), key=per_layer.index)}
         scratch = Scratch(lz, folder) if p.quant == "gptq" else None
-        sink = scratch.block if scratch else out.block
+
+        def sink(i, module):
+            if scratch is None:
+                return out.block(i, module)
+            out._count(f"{out.blocks}.{i}.", module)  # the pruning's sparsity, before GPTQ's pass
+            scratch.block(i, module)
+
         with walker.onload(model, _store(lz, sink)):
             res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
                               c.progress)
     for k, v in res["timings"].items():
         timer.s[k] = v
     if scratch:
-        out.zeros = out.total = 0  # counted again by the GPTQ pass, on what is written
+        out.counting = False
         gptq_pass(p, lz, ids, timer, out)
         scratch.close()
     sec.update(solver=p.solver.name, solver_opts=c.solver_opts, scope=c.scope, pattern=str(p.pattern),

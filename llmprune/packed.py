@@ -67,12 +67,12 @@ class PackWriter:
 
     def __init__(self, folder: str | Path, fmt: str, quant: str | None = None, group_size: int | str = 128,
                  symmetric: bool | None = None, dtype: torch.dtype | None = torch.float16,
-                 quant_opts: dict | None = None, shard_bytes: int = 2 * 2**30):
+                 quant_opts: dict | None = None, shard_bytes: int | None = None):
         self.folder = Path(folder)
         self.f = formats.get(fmt)
         self.quant = self.f.check_options(quant, symmetric)
         self.base = self.f.options(group_size, symmetric)
-        self.dtype, self.quant_opts, self.shard_bytes = dtype, quant_opts, shard_bytes
+        self.dtype, self.quant_opts, self.shard_bytes = dtype, quant_opts, shard_bytes or lazy.SHARD_BYTES
         self.layers, self.left_dense, self.tied = {}, {}, {}
         self.shard: dict[str, torch.Tensor] = {}
         self.files: dict[str, str] = {}  # tensor name -> file

@@ -63,6 +63,7 @@ class Plan:
     gptq: GPTQConfig | None  # with quant == "gptq"
     out: Path
     onload: bool  # the model stays on disk, its blocks read one at a time (onload.py)
+    whole_because: str | None = None  # why the model is loaded whole, when it is
 
     @property
     def needs_calibration(self) -> bool:
@@ -122,10 +123,11 @@ def plan(cfg: CompressConfig) -> Plan:
     gptq = (cfg.gptq or GPTQConfig()) if quant == "gptq" else None
     out = Path(cfg.out or default_out(cfg, sparsity))
     outdir.check_out(out, cfg.overwrite)
-    return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, _onload(cfg, gptq))
+    onload, why = _onload(cfg, gptq)
+    return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, onload, why)
 
 
-def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> bool:
+def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> tuple[bool, str | None]:
     """Blocks from disk one at a time unless a step needs the whole model in memory."""
     whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),
                                  ("PERP (--recover) backpropagates through the whole model", cfg.recover),
@@ -134,7 +136,9 @@ def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> bool:
                                   gptq is not None and gptq.tune_steps)) if on]
     if cfg.onload == "blocks" and whole:
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
-    return cfg.onload != "whole" and not whole
+    if cfg.onload == "whole":
+        return False, "--onload whole"
+    return not whole, (whole[0] if whole else None)
 
 
 # --- load -----------------------------------------------------------------------------------------

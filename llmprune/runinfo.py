@@ -58,10 +58,23 @@ def versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def io_bytes() -> dict | None:
+    """This process's I/O so far (Linux /proc/self/io): bytes read and written through system calls
+    (rchar, wchar) and from / to the storage device (read_bytes, write_bytes); None elsewhere."""
+    try:
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return None
+    return {k: int(fields[k]) for k in ("rchar", "wchar", "read_bytes", "write_bytes") if k in fields}
+
+
 def memory(device: str) -> dict:
-    """Manifest fields: peak RSS, and peak GPU memory on CUDA."""
+    """Manifest fields: peak RSS, peak GPU memory on CUDA, and the process's I/O."""
     out = {"peak_rss_mib": peak_rss_mib()}
     gpu = peak_gpu_mib(device)
     if gpu is not None:
         out["peak_gpu_mib"] = gpu
+    io = io_bytes()
+    if io is not None:
+        out["io_bytes"] = io
     return out

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
+# disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
+#   bash bench/scale_cpu.sh [8b] [depth]        (SYN=/some/disk for the synthetic models; ~60 GB free)
+# Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
+# the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=bench/results/scale
+S=${SYN:-/tmp/llmprune-synthetic}
+mkdir -p "$R" "$S"
+STAGES=${*:-8b depth}
+LOG=$R/scale.log
+C="--calib c4 --no-progress --overwrite"
+
+run() {  # run NAME ARGS...: compress, keep the manifest and the log, drop the output
+  local name=$1; shift
+  [ -f "$R/$name.json" ] && { echo "skip $name"; return 0; }
+  { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ llmprune compress $*"; } >> "$LOG"
+  python -m llmprune.cli compress "$@" --out "$S/out-$name" >> "$LOG" 2>&1
+  cp "$S/out-$name/llmprune.json" "$R/$name.json"
+  du -sb "$S/out-$name" | cut -f1 > "$R/$name.bytes"
+  rm -rf "$S/out-$name"
+}
+
+synth() {  # synth NAME ARGS...: the synthetic source, written once
+  [ -f "$S/$1/config.json" ] || python bench/make_synthetic.py "$S/$1" "${@:2}" >> "$LOG" 2>&1
+}
+
+if [[ " $STAGES " == *" 8b "* ]]; then
+  synth llama3-8b --arch llama3-8b --dtype bfloat16
+  run llama3-8b-wanda-50 --model "$S/llama3-8b" --solver wanda --sparsity 0.5 --nsamples 8 --seqlen 256 \
+      --eval wikitext2 --eval-seqlen 256 --eval-windows 2 --no-dense-eval $C
+  run llama3-8b-sparsegpt-24 --model "$S/llama3-8b" --solver sparsegpt --pattern 2:4 --nsamples 8 --seqlen 256 \
+      --eval wikitext2 --eval-seqlen 256 --eval-windows 2 --no-dense-eval $C
+fi
+if [[ " $STAGES " == *" depth "* ]]; then  # the same width, 4 / 8 / 16 / 32 blocks: peak RSS should be flat
+  for n in 4 8 16; do
+    synth llama3-8b-l$n --arch llama3-8b --dtype bfloat16 --layers $n
+    run depth-l$n-wanda-50 --model "$S/llama3-8b-l$n" --solver wanda --sparsity 0.5 --nsamples 8 --seqlen 256 \
+        --eval none $C
+  done
+  run depth-l32-wanda-50 --model "$S/llama3-8b" --solver wanda --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C
+fi
