@@ -127,9 +127,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
         if c.eval:
             with t("eval_s"):
-                saved = onload.open_output(tmp, c.dtype, m.to_dict())
-                res = onload.evaluate(saved, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
-                m.eval = pipeline.merge_dense({d: {**r, "measured_on": mf.SAVED} for d, r in res.items()}, dense)
+                m.eval = pipeline.merge_dense(pipeline.evaluate_saved(
+                    tmp, c.eval, c.eval_seqlen, windows, p.device, c.dtype, c.progress, cache), dense)
         _finish(m, p, t, command)
         mf.write(tmp, m)
     return m
@@ -165,13 +164,12 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
             raise LLMPruneError(f"--limit {limit} must be >= 1 (or leave it out for every example)")
     is_output = Path(target).is_dir() and mf.exists(target)
     old = mf.read(target) if is_output else None
-    dtype = dtype or (old.dtype if old is not None and old.dtype else "float32")
-    model, tok, _ = load(target, dtype=dtype, device=pick_device(device))
-    if ppl:
-        pipeline.check_context(model, seqlen, "--seqlen")
+    dtype = dtype or (old.dtype if old is not None and old.dtype not in (None, "auto") else
+                      CompressConfig().resolved(pick_device(device)).dtype)
+    dev = pick_device(device)
     out: dict = {}
     if ppl:
-        results = pipeline.evaluate_model(model, tok, ppl, seqlen, windows, progress, {})
+        results = _perplexity(target, old, ppl, seqlen, windows, dev, dtype, progress)
         if old is not None:
             for r in results.values():
                 r["measured_on"] = mf.SAVED
@@ -180,12 +178,51 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     if tasks:
         from .eval import zeroshot
 
+        model, tok = _placed(target, old, dtype, dev)
         zs = zeroshot.zeroshot(model, tok, list(tasks), limit=limit, batch_size=batch_size, tasks_dir=tasks_dir)
         zs["limit"] = limit
         out["zeroshot"] = zs
     if is_output and save:
         mf.update(target, **out)
     return out
+
+
+def _perplexity(target: str, old: mf.Manifest | None, datasets, seqlen: int, windows: int | None, device: str,
+                dtype: str, progress: bool) -> dict:
+    """Block by block from disk (one block in memory), unless the output only loads whole."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import onload
+
+    folder = Path(target) if old is not None else Path(pipeline.resolve_model(target).path)
+    lz = onload.open_output(folder, dtype, old.to_dict() if old is not None else {})
+    tok = AutoTokenizer.from_pretrained(folder)
+    if lz is not None:
+        pipeline.check_context(lz.model, seqlen, "--seqlen")
+        return onload.evaluate(lz, tok, datasets, seqlen, windows, device, progress, {})
+    model, tok, _ = load(target, dtype=dtype, device=device)
+    pipeline.check_context(model, seqlen, "--seqlen")
+    with torch.no_grad():
+        return pipeline.evaluate_model(model, tok, datasets, seqlen, windows, progress, {})
+
+
+def _placed(target: str, old: mf.Manifest | None, dtype: str, device: str):
+    """The whole model for lm-eval: dense folders placed by accelerate (device_map="auto": the GPUs,
+    then CPU memory, then disk), packed and sliced outputs through llmprune.load."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if old is not None and (old.format_name != "dense" or old.slicegpt):
+        model, tok, _ = load(target, dtype=dtype, device=device)
+        return model, tok
+    folder = Path(target) if old is not None else Path(pipeline.resolve_model(target).path)
+    offload = tempfile.mkdtemp(prefix="llmprune-offload-")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map="auto",
+                                                 offload_folder=offload).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def _source(src: str) -> mf.Manifest:

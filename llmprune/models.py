@@ -93,10 +93,11 @@ def check_gguf(path: Path) -> None:
 
 
 def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
-    """Dequantize a GGUF once into a cached plain HF folder; returns (folder, sha256)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Dequantize a GGUF once into a cached plain HF folder (fp32, sharded safetensors); returns
+    (folder, sha256). Tensor by tensor: the file is memory-mapped, each tensor dequantized, mapped to
+    its transformers name by transformers' own GGUF tables and processors (the llama q/k permutation,
+    Gemma's norm offsets, ...), written into its shard, and its pages released, so a 70B GGUF never
+    becomes a 70B float model in memory."""
     check_gguf(gguf)
     sha = _sha256(gguf)
     folder = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
@@ -104,24 +105,71 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
         return folder, sha
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            _stream_gguf(gguf, tmp)
         except (ValueError, KeyError, OSError) as e:  # a GGUF transformers cannot read (architecture, damage)
             raise LLMPruneError(f"transformers cannot read {gguf.name} ({str(e).splitlines()[0][:160]}): convert it "
                                 f"to a Hugging Face folder, or use a supported GGUF") from None
-        # The weights are plain tensors already; the GGUF quantizer marker only blocks saving.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
         os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, sha
+
+
+def _stream_gguf(gguf: Path, out: Path) -> None:
+    import mmap
+
+    import numpy as np
+    import torch
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    from . import arch, lazy
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    reader = GGUFReader(gguf)
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        config=parsed.get("config", {}))
+    mapping = get_gguf_hf_weights_map(skeleton, processor)
+    present = {mapping[n] for n in (t.name for t in reader.tensors) if n in mapping}
+    names = [n for n in skeleton.state_dict() if n in present]
+    try:
+        blocks = arch.arch_of(skeleton).blocks
+    except LLMPruneError:
+        blocks = "model.layers"
+
+    def unit(name):
+        return int(name[len(blocks) + 1:].split(".")[0]) if name.startswith(blocks + ".") else None
+
+    sd = skeleton.state_dict()
+    writer = lazy.ShardWriter(out, [(n, sd[n].numel() * 4) for n in names], unit)
+    raw = getattr(reader.data, "_mmap", None)
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type)
+        res = processor.process(weights=w, name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+        if res.name in mapping and mapping[res.name] in present:
+            writer.add(mapping[res.name], torch.from_numpy(np.copy(res.weights)).to(torch.float32))
+        del w, res
+        if raw is not None:  # the pages of this tensor leave our resident memory
+            start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+            raw.madvise(mmap.MADV_DONTNEED, start, int(t.data_offset) + int(t.n_bytes) - start)
+    writer.finish()
+    config.dtype = "float32"
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -143,6 +143,13 @@ def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> tuple[bool, str | N
 
 # --- load -----------------------------------------------------------------------------------------
 
+def resolve_model(spec: str):
+    """models.ModelInfo (with the local folder) for anything --model accepts, nothing loaded."""
+    from . import models
+
+    return models.resolve(spec)
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer, models.ModelInfo) for anything --model accepts."""
     from . import models
@@ -350,11 +357,19 @@ def evaluate_model(model, tok, datasets, seqlen: int, windows: int | None, progr
 
 def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, device: str, dtype: str,
                    progress: bool, cache: dict) -> dict:
-    """Perplexity of an output folder as a user loads it (llmprune.load), each entry marked so."""
-    from . import checkpoint
+    """Perplexity of an output folder as a user loads it, each entry marked so: block by block from
+    disk (onload.evaluate) where the output allows it, else through llmprune.load."""
+    from . import checkpoint, onload
 
-    model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
-    res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
+    lz = onload.open_output(folder, dtype, mf.read(folder).to_dict())
+    if lz is not None:
+        from transformers import AutoTokenizer
+
+        res = onload.evaluate(lz, AutoTokenizer.from_pretrained(folder), datasets, seqlen, windows, device, progress,
+                              cache)
+    else:
+        model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
+        res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
     return {d: {**r, "measured_on": mf.SAVED} for d, r in res.items()}
 
 
