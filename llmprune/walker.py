@@ -69,8 +69,10 @@ class Tape:
 class Block:
     """One decoder block with its calibration inputs; `run()` pushes every batch through it."""
 
-    def __init__(self, index: int, module: nn.Module, inputs: list[torch.Tensor], calls: list[tuple]):
+    def __init__(self, index: int, module: nn.Module, inputs: list[torch.Tensor], calls: list[tuple],
+                 device=None):
         self.index, self.module, self.inputs, self.calls = index, module, inputs, calls  # calls: (args, kwargs)
+        self.device = device  # where the block computes; inputs may live elsewhere (CPU) and move per batch
         self.outputs: list[torch.Tensor] | None = None  # set once the walker has rerun the block
         self._replays: list[tuple[nn.Module, nn.Module, Tape]] = []
         self._batch = 0
@@ -88,7 +90,10 @@ class Block:
             for k, (h, (args, kwargs)) in enumerate(zip(self.inputs, self.calls)):
                 self._batch = k
                 try:
-                    outs.append(_first(self.module(h, *args, **kwargs)))
+                    home = h.device
+                    if self.device is not None and home != torch.device(self.device):
+                        h = h.to(self.device, non_blocking=True)
+                    outs.append(_first(self.module(h, *args, **kwargs)).to(home))
                 except _Stop:
                     pass
         finally:
@@ -199,6 +204,23 @@ def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list
     return hidden, [[(_to(a, device), _to(k, device)) for _, a, k in per] for per in calls]
 
 
+ACTIVATIONS_ON_DEVICE = 0.25  # at most this fraction of a GPU's memory holds calibration activations
+
+
+def activation_home(model, input_ids: torch.Tensor, device) -> torch.device:
+    """Where the calibration activations live between blocks: on the compute device when they fit
+    in ACTIVATIONS_ON_DEVICE of it (twice: a block's inputs and outputs), else in CPU memory, moved
+    to the device one batch at a time (a 70B model's 128 x 2048 windows are 4 GiB in bf16)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    p = next((t for t in model.parameters()), None)
+    item = p.element_size() if p is not None and p.is_floating_point() else 4
+    need = 2 * input_ids.numel() * model.config.hidden_size * item
+    total = torch.cuda.get_device_properties(device).total_memory
+    return device if need <= ACTIVATIONS_ON_DEVICE * total else torch.device("cpu")
+
+
 def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", progress: bool = True,
          desc: str = "blocks") -> Iterator[Block]:
     """Yield each decoder block (on `device`) with its calibration inputs, in order. When the
@@ -207,6 +229,9 @@ def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", prog
     from tqdm.auto import tqdm
 
     hidden, calls = catch(model, input_ids, batch_size, device)
+    act = activation_home(model, input_ids, device)
+    if act != torch.device(device):
+        hidden = [h.to(act) for h in hidden]
     layers = archmod.blocks(model)
     store = store_of(model)
     for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
@@ -216,7 +241,7 @@ def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", prog
         home = None if store else next(module.parameters()).device
         if not store:
             module.to(device)
-        block = Block(i, module, hidden, calls[i])
+        block = Block(i, module, hidden, calls[i], device)
         try:
             yield block
             hidden = block.run()
