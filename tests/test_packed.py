@@ -130,8 +130,8 @@ def test_gptq_sequential_matches_a_plain_forward_oracle_and_packs_what_it_comput
     """Block l is quantized with Hessians from the model whose blocks < l are already quantized
     (and block l is not): re-derived here with plain forward hooks on a copy of the model. The
     packed folder then computes exactly what the in-memory quantized model computes."""
-    from llmprune.quant.sequential import gptq_sequential
     from llmprune.quant.gptq import gptq
+    from llmprune.quant.sequential import gptq_sequential
 
     model, masks = pruned()
     orig = {n: m.weight.detach().clone() for n, m in block_linears(model).items()}

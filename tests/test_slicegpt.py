@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from llmprune.errors import LLMPruneError
+from llmprune.sliced import SlicedDecoderLayer, load_sliced
 from llmprune.testing import tiny_model
 from llmprune.transforms.fuse import fuse_norms
-from llmprune.sliced import SlicedDecoderLayer, load_sliced
 from llmprune.transforms.slicegpt import new_dim_for, rotate_and_slice, slice_model
 
 F64 = torch.float64
