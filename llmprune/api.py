@@ -179,7 +179,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     new.recover, new.recovered_from = info, str(src)
     new.steps = [*old.steps, "recover"]
     if new.sparsity:
-        names = prune.target_linears(model, old.ignore)
+        names = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
         new.sparsity = {**new.sparsity, "measured": prune.measured_sparsity(model, names)}
     with outdir.atomic_dir(out, overwrite) as tmp:
         pipeline.export(model, tok, tmp, timer=t)
@@ -226,6 +226,9 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     dev = pick_device(device)
     t = pipeline.Timer()
     model, tok, _ = checkpoint.load(src, dtype=old.dtype or "float32")
+    from .packed import check_packable
+
+    check_packable(model, fmt)  # before GPTQ's work
     ids = cinfo = None
     if quant == "gptq":
         pipeline.check_context(model, seqlen, "--seqlen")
