@@ -184,11 +184,12 @@ def is_dense(rel: str, gates: bool = False) -> bool:
     return any(re.search(p, rel) for p in ROUTERS + (() if gates else GATES))
 
 
-def block_targets(model, index: int, gates: bool = False) -> dict:
-    """Relative name -> target of block `index`, in module order (see the module docstring)."""
+def block_targets(model, index: int, gates: bool = False, module: nn.Module | None = None) -> dict:
+    """Relative name -> target of block `index` (or of `module`, the block as the walker holds it),
+    in module order (see the module docstring)."""
     a = arch_of(model)
     splits = dict(a.splits)
-    block = get(model, a.blocks)[index]
+    block = module if module is not None else get(model, a.blocks)[index]
     out: dict = {}
     inside_experts: list[str] = []
     for rel, m in block.named_modules():
@@ -245,7 +246,7 @@ class Planner:
 
     def __call__(self, block) -> BlockPlan:
         """block: a walker.Block (its index, module and calibration inputs)."""
-        targets = block_targets(self.model, block.index, self.gates)
+        targets = block_targets(self.model, block.index, self.gates, block.module)
         a = self.arch
         if a.groups is not None:
             lins = tuple(n for n, m in block.module.named_modules() if isinstance(m, nn.Linear))

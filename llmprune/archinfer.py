@@ -83,9 +83,8 @@ def infer(model: nn.Module) -> dict:
         raise LLMPruneError(f"{mt!r} blocks ({type(first).__name__}) hold no nn.Linear layers (they hold "
                             f"{', '.join(kinds)}): llmprune prunes nn.Linear and fused experts; add {mt!r} to "
                             f"llmprune/arch.py OVERRIDES with targets it can prune, or convert the model")
-    names = {n for n, _ in first.named_modules()}
-    llama = all(n in names for n, _ in _LLAMA_READS) and all(r in names for _, rs in _LLAMA_READS for r in rs) \
-        and all(w in names for w in _LLAMA_WRITES)
+    wiring = [n for n, _ in _LLAMA_READS] + [r for _, rs in _LLAMA_READS for r in rs] + list(_LLAMA_WRITES)
+    llama = all(set(wiring) <= {n for n, _ in b.named_modules()} for b in blocks)  # every block (hybrids differ)
     experts = any(moe.is_fused_experts(m) for b in blocks for m in b.modules())
     not_inv = None
     if experts:

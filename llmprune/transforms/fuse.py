@@ -40,10 +40,10 @@ def layout_of(model) -> Layout:
     a = arch_of(model)
     if a.not_invariant:
         raise LLMPruneError(f"SliceGPT cannot slice {mt!r}: {a.not_invariant}; use an unstructured or N:M solver")
-    if not a.reads:
+    if not a.reads or a.norm is None:
         raise LLMPruneError(f"SliceGPT needs pre-norm blocks with LLaMA's residual wiring (input_layernorm -> "
                             f"q/k/v_proj, post_attention_layernorm -> gate/up_proj, o_proj and down_proj write the "
-                            f"stream), which {mt!r} blocks lack: add its reads and writes to llmprune/arch.py "
+                            f"stream) and a final norm, which {mt!r} lacks: add its reads and writes to llmprune/arch.py "
                             f"OVERRIDES, or use an unstructured or N:M solver")
     blocks = get(model, a.blocks)
     for i, block in enumerate(blocks):
