@@ -101,6 +101,13 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     windows = c.eval_windows or None
     with t("load_s"):
         lz, tok, info = onload.open_model(c.model, c.dtype)
+    why = onload.stored_as_in_memory(lz)
+    if why:  # tensors stored under converted names: only transformers' whole load reads them
+        if c.onload == "blocks":
+            raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
+        import dataclasses
+
+        return _compress_whole(dataclasses.replace(p, onload=False, whole_because=why), t, command)
     names = pipeline.check_model(p, lz.model)
     m = mf.Manifest(model=info.as_dict(), onload="blocks")
     ids = None
@@ -275,7 +282,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     new.recover, new.recovered_from = info, str(src)
     new.steps = [*old.steps, "recover"]
     if new.sparsity:
-        names = prune.target_linears(model, old.ignore)
+        names = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
         new.sparsity = {**new.sparsity, "measured": prune.measured_sparsity(model, names)}
     with outdir.atomic_dir(out, overwrite) as tmp:
         pipeline.export(model, tok, tmp, timer=t)
@@ -322,6 +329,9 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     dev = pick_device(device)
     t = pipeline.Timer()
     model, tok, _ = checkpoint.load(src, dtype=old.dtype or "float32")
+    from .packed import check_packable
+
+    check_packable(model, fmt)  # before GPTQ's work
     ids = cinfo = None
     if quant == "gptq":
         pipeline.check_context(model, seqlen, "--seqlen")

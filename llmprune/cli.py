@@ -24,6 +24,13 @@ def _add_compress(sub):
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights zeroed (default 0.5; N:M implies 1-N/M)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"], help="magnitude: rank per layer or globally")
     p.add_argument("--ignore", default=None, help="regex of linear names to leave dense")
+    g = p.add_argument_group("Mixture-of-Experts")
+    g.add_argument("--expert-min-tokens", type=int, default=64,
+                   help="experts routed fewer calibration tokens than this take --expert-fallback (default 64)")
+    g.add_argument("--expert-fallback", default="pooled", choices=["pooled", "magnitude"],
+                   help="pooled: statistics of every token that reached the layer pushed through the expert; "
+                        "magnitude: |W| alone")
+    g.add_argument("--prune-gates", action="store_true", help="also prune shared experts' gates (routers stay dense)")
     g = p.add_argument_group("solver options")
     g.add_argument("--damp", type=float, default=None, help="SparseGPT/GPTQ Hessian dampening (fraction of mean diag)")
     g.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size")
@@ -93,6 +100,7 @@ def cmd_compress(a) -> int:
                     "round_to": a.round_to, **({"slice_head": True} if a.slice_head else {})}
     cfg = CompressConfig(
         model=a.model, solver=a.solver, pattern=a.pattern, sparsity=a.sparsity, scope=a.scope, ignore=a.ignore,
+        expert_min_tokens=a.expert_min_tokens, expert_fallback=a.expert_fallback, prune_gates=a.prune_gates,
         solver_opts=opts, owl={"m": a.owl_m, "lam": a.owl_lambda} if a.owl else None,
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, protocol=a.protocol, seed=a.seed,
         calib_batch=a.calib_batch,

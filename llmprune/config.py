@@ -26,6 +26,7 @@ PROTOCOLS = {
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # auto: bfloat16 on CUDA, float32 on CPU
 TUNE_LR = 1e-3  # scale tuning's relative Adam step (quant/tune.py)
 EVAL_DATASETS = ("wikitext2", "c4")
+EXPERT_FALLBACKS = ("pooled", "magnitude")  # moe.FALLBACKS (kept here: this module imports no torch)
 
 
 def _from(cls, value, what: str):
@@ -144,6 +145,11 @@ class CompressConfig:
     sparsity: float | None = None  # None: 0.5, or what an N:M pattern implies
     scope: str = "layer"  # magnitude: "layer" or "global" (Global MP)
     ignore: str | None = None  # regex of linear names left dense
+    # Mixture-of-Experts (moe.py): experts with fewer routed calibration tokens than expert_min_tokens
+    # take expert_fallback (pooled | magnitude); shared experts' gates stay dense unless prune_gates
+    expert_min_tokens: int = 64
+    expert_fallback: str = "pooled"
+    prune_gates: bool = False
     solver_opts: dict = field(default_factory=dict)  # e.g. damp, blocksize, init, max_cycles
     owl: OwlConfig | None = None
     # calibration
@@ -218,6 +224,10 @@ class CompressConfig:
         for d in self.eval:
             if d not in EVAL_DATASETS:
                 raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+        if self.expert_fallback not in EXPERT_FALLBACKS:
+            raise LLMPruneError(f"--expert-fallback {self.expert_fallback!r}: use {' or '.join(EXPERT_FALLBACKS)}")
+        if not (isinstance(self.expert_min_tokens, int) and self.expert_min_tokens >= 0):
+            raise LLMPruneError(f"--expert-min-tokens {self.expert_min_tokens!r} must be a whole number >= 0")
         if self.ignore:
             try:
                 re.compile(self.ignore)

@@ -41,6 +41,7 @@ class Manifest:
     sparsity: dict | None = None  # {"target", "measured", "linears", ...}
     owl: dict | None = None
     damp_raised: dict | None = None
+    experts: dict | None = None  # Mixture-of-Experts: {"min_tokens", "fallback", "fell_back", "per_expert"}
     slicegpt: dict | None = None
     calibration: dict | None = None
     recover: dict | None = None

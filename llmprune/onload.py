@@ -38,6 +38,19 @@ def open_model(spec: str, dtype: str):
     return lz, tok, info
 
 
+def stored_as_in_memory(lz: lazy.LazyModel) -> str | None:
+    """None when every tensor of the model is stored under its in-memory name, else why not: some
+    checkpoints store tensors that transformers converts at load (Mixtral's, Qwen3-MoE's and OLMoE's
+    experts are saved one by one and fused into 3-D parameters), which only a whole load does."""
+    a = archmod.arch_of(lz.model)
+    head = f"{a.head}.weight"
+    missing = [n for n in lz.names() if n not in lz.files and not (lz.tied and n == head)]
+    if missing:
+        return (f"the checkpoint stores {missing[0]} (and {len(missing) - 1} more) under other names that "
+                f"transformers converts when it loads the whole model")
+    return None
+
+
 def open_output(folder: str | Path, dtype: str, manifest: dict) -> lazy.LazyModel | None:
     """A LazyModel of an llmprune output, or None for outputs that only load whole (SliceGPT's
     per-block shortcuts are not a stock architecture)."""
@@ -84,13 +97,14 @@ class Output:
         return None
 
     def _count(self, prefix: str, module: nn.Module) -> None:
+        """Zeros of this block's pruning targets (linears, parts of fused projections, experts)."""
         if not self.counting:
             return
-        for n, m in module.named_modules():
-            full = f"{prefix}{n}" if n else prefix.rstrip(".")
-            if full in self.targets and isinstance(m, nn.Linear):
-                self.zeros += int((m.weight == 0).sum())
-                self.total += m.weight.numel()
+        for name in self.targets:
+            if name.startswith(prefix):
+                w = archmod.target(self.lz.model, name).weight
+                self.zeros += int((w == 0).sum())
+                self.total += w.numel()
 
     @torch.no_grad()
     def block(self, i: int, module: nn.Module, quantized: dict | None = None) -> None:
@@ -203,7 +217,8 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
 
         with walker.onload(model, _store(lz, sink)):
             res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
-                              c.progress)
+                              c.progress, expert_min_tokens=c.expert_min_tokens, expert_fallback=c.expert_fallback,
+                              gates=c.prune_gates)
     for k, v in res["timings"].items():
         timer.s[k] = v
     if scratch:
@@ -213,6 +228,10 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
     sec.update(solver=p.solver.name, solver_opts=c.solver_opts, scope=c.scope, pattern=str(p.pattern),
                ignore=c.ignore, steps=["prune"],
                sparsity={"target": p.sparsity, "measured": out.zeros / max(out.total, 1), "linears": len(names)})
+    if res.get("experts"):  # Mixture-of-Experts: routed tokens and statistics used, per expert
+        per = res["experts"]
+        sec["experts"] = {"min_tokens": c.expert_min_tokens, "fallback": c.expert_fallback,
+                          "fell_back": sum(e["stats"] != "routed" for e in per.values()), "per_expert": per}
     raised = {n: i["damp_raised"] for n, i in res["layers"].items() if i.get("damp_raised")}
     if raised:
         sec["damp_raised"] = raised

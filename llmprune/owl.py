@@ -69,16 +69,17 @@ def layer_sparsities(model, names: list[str], calib_ids: torch.Tensor, sparsity:
     from .solvers.wanda import wanda_score
 
     a = archmod.arch_of(model)
-    rel = [n for g in a.groups for n in g]  # in compute order: the last one ends each statistics pass
+    planner = archmod.Planner(model, gates=True)  # every target; `names` says which are pruned
     per_block: list[list[str]] = []
     ratios: list[float] = []
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="OWL outlier ratios"):
         prefix = f"{a.blocks}.{block.index}."
-        mods = {prefix + n: archmod.get(block.module, n) for n in rel if prefix + n in names}
+        plan = planner(block)  # targets in compute order: the last one ends the statistics pass
+        mods = {prefix + n: plan.targets[n] for n in plan.order if prefix + n in names}
         if not mods:
             continue
         with walker.collect(mods, {"norms"}) as stats:
-            block.run(stop_after=archmod.get(block.module, rel[-1]))
+            block.run(stop_after=archmod.owner(plan.targets[plan.order[-1]]))
         scores = [wanda_score(mod.weight.data, stats[n].sq_norm) for n, mod in mods.items()]
         ratios.append(outlier_ratio(scores, m))
         del scores

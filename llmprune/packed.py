@@ -159,6 +159,18 @@ class PackWriter:
         }
 
 
+def check_packable(model: nn.Module, fmt: str) -> None:
+    """The formats pack nn.Linear layers: a model whose experts are fused 3-D parameters (transformers 5
+    Mixture-of-Experts, moe.py) would keep most of its weights dense, so it is refused."""
+    from .moe import is_fused_experts
+
+    fused = next((n for n, m in model.named_modules() if is_fused_experts(m)), None)
+    if fused is not None:
+        raise LLMPruneError(f"--format {fmt} packs nn.Linear layers, but {model.config.model_type!r} keeps its experts "
+                            f"as 3-D parameters ({fused}.down_proj, ...) that no packed format stores: use --format "
+                            f"dense")
+
+
 @torch.no_grad()
 def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
                  quant: str | None = None, *, group_size: int | str = 128, symmetric: bool | None = None,
@@ -181,6 +193,7 @@ def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dic
     if w.quant == "gptq" and quantized is None:
         raise LLMPruneError("--quant gptq needs the GPTQ codes (quant.sequential.gptq_sequential): run it through "
                             "compress or pack, or use --quant rtn")
+    check_packable(model, fmt)
     w.tied = _tied(model)
     names = _linears_to_pack(model, keep_masks, w.tied)
     it = names

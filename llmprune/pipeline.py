@@ -179,6 +179,23 @@ def check_finite(model) -> None:
                                 f"re-create it")
 
 
+def check_family(p: Plan, model) -> None:
+    """What the model family allows (arch.py): its blocks must be found (else a one-line error naming
+    what to add), SliceGPT needs a rotation-invariant residual stream, and the packed formats store
+    nn.Linear layers, not fused 3-D experts."""
+    from . import arch
+
+    arch.arch_of(model)  # blocks found, or the one-line error naming what to add
+    if p.cfg.slicegpt:
+        from .transforms.fuse import layout_of
+
+        layout_of(model)
+    if p.cfg.format != "dense":  # before any work, not when writing
+        from .packed import check_packable
+
+        check_packable(model, p.cfg.format)
+
+
 def check_model(p: Plan, model) -> list[str]:
     """The checks that need the model (its config and shapes; the weights too when in memory: on
     disk, each block is checked as it is read); returns the names of the linears to prune."""
@@ -187,7 +204,8 @@ def check_model(p: Plan, model) -> list[str]:
     c = p.cfg
     if not p.onload:
         check_finite(model)
-    names = prune.target_linears(model, c.ignore)
+    check_family(p, model)
+    names = prune.target_linears(model, c.ignore, c.prune_gates)
     if c.slicegpt:  # the kept width must exist (and make a config transformers accepts) before any work
         from .transforms.slicegpt import new_dim_for
 
@@ -254,7 +272,7 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
         if c.scope == "global":
             from .solvers.magnitude import global_sparsities
 
-            layer_s = global_sparsities({n: arch.get(model, n).weight.data for n in names}, p.sparsity)
+            layer_s = global_sparsities({n: arch.target(model, n).weight.data for n in names}, p.sparsity)
         elif c.owl:
             from . import owl
 
@@ -265,13 +283,18 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
         else:
             layer_s = {n: p.sparsity for n in names}
         res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
-                          c.progress)
+                          c.progress, expert_min_tokens=c.expert_min_tokens, expert_fallback=c.expert_fallback,
+                          gates=c.prune_gates)
     for k, v in res["timings"].items():
         timer.s[k] = v
     sec.update(solver=p.solver.name, solver_opts=c.solver_opts, scope=c.scope, pattern=str(p.pattern),
                ignore=c.ignore, steps=["prune"],
                sparsity={"target": p.sparsity, "measured": prune.measured_sparsity(model, names),
                          "linears": len(names)})
+    if res.get("experts"):  # Mixture-of-Experts: routed tokens and statistics used, per expert
+        per = res["experts"]
+        sec["experts"] = {"min_tokens": c.expert_min_tokens, "fallback": c.expert_fallback,
+                          "fell_back": sum(e["stats"] != "routed" for e in per.values()), "per_expert": per}
     raised = {n: i["damp_raised"] for n, i in res["layers"].items() if i.get("damp_raised")}
     if raised:
         sec["damp_raised"] = raised

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from . import arch as archmod
-from . import walker
+from . import moe, solvers, walker
 from .patterns import Pattern
 from .solvers import Solver
 
@@ -26,9 +26,10 @@ from .solvers import Solver
 REPLAY_BUDGET = 4 * 2**30
 
 
-def target_linears(model, ignore: str | None = None) -> list[str]:
-    """Full names of the linears to prune: every block linear not matched by `ignore`."""
-    names = archmod.linear_names(model)
+def target_linears(model, ignore: str | None = None, gates: bool = False) -> list[str]:
+    """Full names of the targets to prune (arch.py: linears, parts of fused linears, experts'
+    projections): every one in the blocks not matched by `ignore`; shared experts' gates with gates."""
+    names = archmod.linear_names(model, gates)
     if ignore:
         rx = re.compile(ignore)
         names = [n for n in names if not rx.search(n)]
@@ -37,7 +38,7 @@ def target_linears(model, ignore: str | None = None) -> list[str]:
 
 def check_shapes(model, names: list[str], pattern: Pattern) -> None:
     for n in names:
-        pattern.check_shape(archmod.get(model, n).in_features, n)
+        pattern.check_shape(archmod.target(model, n).in_features, n)
 
 
 def _solve(mod, name, solver: Solver, stats, pattern, sparsity, opts, infos) -> None:
@@ -48,10 +49,16 @@ def _solve(mod, name, solver: Solver, stats, pattern, sparsity, opts, infos) -> 
 
 
 def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float], calib_ids: torch.Tensor | None,
-          opts: dict | None = None, batch_size: int = 8, device="cpu", progress: bool = True) -> dict:
-    """Prune the linears named in `sparsities` in place. Returns {"layers": per-linear info,
-    "timings": {"forward_s", "solve_s"}[, "replayed_sublayers": how many sublayers were replayed]}."""
+          opts: dict | None = None, batch_size: int = 8, device="cpu", progress: bool = True,
+          expert_min_tokens: int = moe.MIN_TOKENS, expert_fallback: str = "pooled", gates: bool = False) -> dict:
+    """Prune the targets named in `sparsities` in place. Returns {"layers": per-target info,
+    "timings": {"forward_s", "solve_s"}[, "replayed_sublayers": how many sublayers were replayed]
+    [, "experts": {expert: {"tokens", "stats"}} for Mixture-of-Experts models]}.
+
+    Experts' projections see only the tokens routed to their expert (moe.py); an expert with fewer
+    than `expert_min_tokens` takes `expert_fallback` (moe.FALLBACKS), recorded per expert."""
     opts = opts or {}
+    moe.check_fallback(expert_fallback, expert_min_tokens)
     infos: dict[str, dict] = {}
     needs = solver.needs_for(opts)
     t_solve = 0.0
@@ -60,7 +67,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
         store = walker.store_of(model)
         if store is None:
             for name, s in sparsities.items():
-                _solve(archmod.get(model, name), name, solver, None, pattern, s, opts, infos)
+                _solve(archmod.target(model, name), name, solver, None, pattern, s, opts, infos)
         else:  # sequential onloading: one block of weights at a time
             a = archmod.arch_of(model)
             for i in range(len(archmod.blocks(model))):
@@ -69,52 +76,68 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                 try:
                     for name, s in sparsities.items():
                         if name.startswith(prefix):
-                            _solve(archmod.get(model, name), name, solver, None, pattern, s, opts, infos)
+                            _solve(archmod.target(model, name), name, solver, None, pattern, s, opts, infos)
                     store.done(i, archmod.blocks(model)[i])
                 finally:
                     store.release_block(i)
         return {"layers": infos, "timings": {"forward_s": 0.0, "solve_s": round(time.perf_counter() - t0, 2)}}
 
     a = archmod.arch_of(model)
+    planner = archmod.Planner(model, gates)
     sequential = solver.sequential_for(opts)
-    groups = a.groups if sequential else (tuple(n for g in a.groups for n in g),)
-    # sequential solvers: a sublayer whose last linear is solved is replayed from that linear's
-    # recorded inputs in the later passes over the block (walker.Block.replay), within a memory budget
-    ends = {lin: sub for sub, lin in a.sublayers} if sequential else {}
     t0 = time.perf_counter()
     replayed = 0
+    experts: dict[str, dict] = {}
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks"):
         prefix = f"{a.blocks}.{block.index}."
+        plan = planner(block)  # targets in compute order (traced once per block structure)
+        groups = plan.groups if sequential else (plan.order,)
+        # sequential solvers: a sublayer whose last linear is solved is replayed from that linear's
+        # recorded inputs in the later passes over the block (walker.Block.replay), within a memory budget
+        ends = {lin: sub for sub, lin in plan.sublayers} if sequential else {}
         taped = 0
         for group in groups:
-            mods = {prefix + n: archmod.get(block.module, n) for n in group if prefix + n in sparsities}
+            mods = {prefix + n: plan.targets[n] for n in group if prefix + n in sparsities}
             if not mods:
                 continue
-            last = archmod.get(block.module, group[-1])
+            last = plan.targets[group[-1]]
             tape_bytes = calib_ids.numel() * last.in_features * 4
             sub = archmod.get(block.module, ends[group[-1]]) if group[-1] in ends else None
             if sub is not None and taped + tape_bytes > REPLAY_BUDGET:
                 sub = None
             with walker.collect(mods, needs) as stats, \
                     (block.record(sub, last) if sub is not None else nullcontext()) as tape:
-                block.run(stop_after=sub if sub is not None else last)
+                block.run(stop_after=sub if sub is not None else archmod.owner(last))
+            use = moe.fallbacks(mods, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
+            if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
+                views = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
+                with walker.collect(views, needs) as pooled:
+                    block.run(stop_after=archmod.owner(next(iter(views.values()))))
+                stats = {**stats, **pooled}
             t2 = time.perf_counter()
             for name, mod in mods.items():
-                _solve(mod, name, solver, stats[name], pattern, sparsities[name], opts, infos)
+                how = use.get(name)
+                s = solvers.get("magnitude") if how == "magnitude" else solver
+                _solve(mod, name, s, stats[name], pattern, sparsities[name], opts if s is solver else {}, infos)
+                if how:
+                    infos[name]["stats"] = how
             t_solve += time.perf_counter() - t2
             if sub is not None and block.replay(sub, last, tape):
                 taped += tape_bytes
                 replayed += 1
         # handing control back: the walker reruns the block with the new weights
     total = time.perf_counter() - t0
-    return {"layers": infos, "timings": {"forward_s": round(total - t_solve, 2), "solve_s": round(t_solve, 2)},
-            "replayed_sublayers": replayed}
+    out = {"layers": infos, "timings": {"forward_s": round(total - t_solve, 2), "solve_s": round(t_solve, 2)},
+           "replayed_sublayers": replayed}
+    if experts:
+        out["experts"] = experts
+    return out
 
 
 def measured_sparsity(model, names: list[str]) -> float:
     zeros = total = 0
     for n in names:
-        w = archmod.get(model, n).weight
+        w = archmod.target(model, n).weight
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)

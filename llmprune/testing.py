@@ -24,24 +24,54 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
 
 
-def tiny_config(arch: str = "llama", **over):
-    from transformers import Gemma3TextConfig, LlamaConfig
+# Tiny configs of every family llmprune is tested on (README "Supported model families"), built from
+# transformers' own config classes: model type -> options over the common ones (hidden 64, 2 layers).
+# MoE families: 8 experts of width 32, 2 per token, so a tiny calibration set leaves some experts
+# with few tokens.
+_MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.0)
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "qwen3_5_text": {"head_dim": 16, "layer_types": ["linear_attention", "full_attention"],
+                     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                     "linear_value_head_dim": 16},
+    "phi3": {"pad_token_id": 0},
+    "gemma2": {"head_dim": 16, "sliding_window": 16},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    "olmo2": {},
+    "glm4": {"head_dim": 16},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64, "enable_bias": True, "do_layer_norm_before": True},
+    "mixtral": {**_MOE, "num_local_experts": 8, "intermediate_size": 32, "sliding_window": None},
+    "qwen3_moe": {**_MOE, "num_experts": 8, "moe_intermediate_size": 32, "head_dim": 16, "norm_topk_prob": True},
+    "olmoe": {**_MOE, "num_experts": 8, "intermediate_size": 32},
+    "gpt_oss": {**_MOE, "num_local_experts": 8, "intermediate_size": 32, "head_dim": 16, "sliding_window": 16,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
+    "qwen2_moe": {**_MOE, "num_experts": 8, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64},
+}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe")
 
+
+def tiny_config(arch: str = "llama", **over):
+    """A tiny config of `arch`: "llama", "gemma3" (= gemma3_text) or any model type in FAMILIES."""
+    from transformers import AutoConfig
+
+    arch = {"gemma3": "gemma3_text"}.get(arch, arch)
+    if arch not in FAMILIES:
+        raise ValueError(f"tiny models exist for {', '.join(FAMILIES)}, not {arch!r}")
     common = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=256, eos_token_id=257, pad_token_id=257, tie_word_embeddings=True,
     )
+    if arch == "opt":  # OPT names its sizes differently and has no GQA
+        common = {k: v for k, v in common.items() if k not in ("intermediate_size", "num_key_value_heads")}
+    common.update(FAMILIES[arch])
     common.update(over)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "gemma3":
-        common.setdefault("head_dim", 16)
-        common.setdefault("sliding_window", 16)
-        common.setdefault("layer_types", ["sliding_attention", "full_attention"][: common["num_hidden_layers"]]
-                          if common["num_hidden_layers"] <= 2 else None)
-        return Gemma3TextConfig(**common)
-    raise ValueError(f"tiny models exist for llama and gemma3, not {arch!r}")
+    if arch == "gemma3_text" and common["num_hidden_layers"] != 2 and "layer_types" not in over:
+        common["layer_types"] = None
+    return AutoConfig.for_model(arch, **common)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **over):
@@ -52,7 +82,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **over):
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **over), dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # matrices, and fused experts' (experts, out, in) stacks
                 p.normal_(0, 0.08)
     return model.eval()
 

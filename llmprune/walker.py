@@ -257,14 +257,21 @@ def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", prog
 
 @contextmanager
 def collect(modules: dict[str, nn.Module], needs, sink_weight: float = 1.0) -> Iterator[dict[str, LayerStats]]:
-    """Forward hooks that accumulate each module's input statistics; always removed."""
-    stats = {name: LayerStats(m.in_features, needs, device=m.weight.device, sink_weight=sink_weight)
-             for name, m in modules.items()}
-    handles = [
-        m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0].detach()))
-        for name, m in modules.items()
-    ]
+    """Forward hooks that accumulate each module's input statistics; always removed. Targets with
+    the same `stats_key` (parts of one fused linear, an expert's gate and up: arch.py) read the same
+    inputs and share one accumulator and one hook."""
+    shared: dict = {}
+    stats, handles = {}, []
     try:
+        for name, m in modules.items():
+            key = getattr(m, "stats_key", None)
+            if key is not None and key in shared:
+                stats[name] = shared[key]
+                continue
+            stats[name] = LayerStats(m.in_features, needs, device=m.weight.device, sink_weight=sink_weight)
+            if key is not None:
+                shared[key] = stats[name]
+            handles.append(m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0].detach())))
         yield stats
     finally:
         for h in handles:

@@ -77,6 +77,7 @@ BAD = [
     (["--calib", "missing.txt"], "unknown calibration"),
     (["--eval", "lambada"], "unknown --eval"),
     (["--ignore", "("], "not a valid regex"),
+    (["--expert-min-tokens", "-1"], "--expert-min-tokens -1 must be"),
 ]
 
 

@@ -63,7 +63,8 @@ def reference_wanda(model, ids, sparsity, pattern):
     pos = torch.arange(ids.shape[1])[None]
     pe = model.model.rotary_emb(hs, pos)
     for layer in layers:
-        lins = {n: arch.get(layer, n) for g in arch.ARCHS["llama"].groups for n in g}
+        lins = {n: arch.get(layer, n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
         scaler = {n: torch.zeros(m.in_features) for n, m in lins.items()}
         count = {n: 0 for n in lins}
 

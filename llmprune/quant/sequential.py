@@ -69,13 +69,16 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         targets = tune.teacher_states(model, calib_ids, batch_size, device)  # before any weight changes
         model.to("cpu")
     out = {}
+    planner = arch.Planner(model, gates=True)
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks"):
         prefix = f"{a.blocks}.{block.index}."
-        mods = {prefix + n: arch.get(block.module, n) for g in a.groups for n in g
-                if f"{prefix}{n}.weight" not in tied}
+        lins = [n for n in planner(block).linears if not arch.is_dense(n, gates=True)]  # in the order they run
+        mods = {prefix + n: arch.get(block.module, n) for n in lins if f"{prefix}{n}.weight" not in tied}
+        if not mods:
+            continue
         block_out = {}
         with walker.collect(mods, {"hessian"}, sink_weight=sink_weight) as stats:
-            block.run(stop_after=arch.get(block.module, a.groups[-1][-1]))
+            block.run(stop_after=arch.get(block.module, lins[-1]))
         for name, mod in mods.items():
             w = mod.weight.detach()
             w = w.to(dtype) if dtype is not None else w  # what the packer starts from

@@ -12,29 +12,54 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import ARCHS, Arch, get
+from ..arch import Arch, arch_of, get
 from ..errors import LLMPruneError
 from ..sliced import set_linear
 
 Layout = Arch  # the residual wiring lives in arch.py (reads, writes, attn, mlp), one table
 
 
+def _scales_like_rmsnorm(norm: nn.Module) -> bool:
+    """Whether norm(x) == x / rms(x) * weight (what the fusion folds), checked on random rows."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or getattr(norm, "bias", None) is not None:
+        return False
+    if w.device.type == "meta":  # weights still on disk: fuse_norms checks again once they are loaded
+        return True
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)  # (3, D)
+    with torch.no_grad():
+        got = norm(x).float()
+    xf = x.float()
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    tol = 1e-4 if w.element_size() >= 4 else 2e-2
+    return bool(torch.allclose(got, want, rtol=tol, atol=tol))
+
+
 def layout_of(model) -> Layout:
     """The model's layout (arch.py), or an LLMPruneError saying why SliceGPT cannot rotate it."""
     mt = model.config.model_type
-    a = ARCHS.get(mt)
-    if a is not None and a.not_invariant:
+    a = arch_of(model)
+    if a.not_invariant:
         raise LLMPruneError(f"SliceGPT cannot slice {mt!r}: {a.not_invariant}; use an unstructured or N:M solver")
-    if a is None or not a.reads:
-        ok = sorted(n for n, x in ARCHS.items() if x.reads and not x.not_invariant)
-        raise LLMPruneError(f"SliceGPT supports {', '.join(ok)} (RMSNorm pre-norm blocks), not {mt!r}; add its "
-                            f"residual wiring (reads, writes) to llmprune/arch.py")
-    for i, block in enumerate(get(model, a.blocks)):
+    if not a.reads or a.norm is None:
+        raise LLMPruneError(f"SliceGPT needs pre-norm blocks with LLaMA's residual wiring (input_layernorm -> "
+                            f"q/k/v_proj, post_attention_layernorm -> gate/up_proj, o_proj and down_proj write the "
+                            f"stream) and a final norm, which {mt!r} lacks: add its reads and writes to llmprune/arch.py "
+                            f"OVERRIDES, or use an unstructured or N:M solver")
+    blocks = get(model, a.blocks)
+    for i, block in enumerate(blocks):
         norms = {n for n, m in block.named_children() if "norm" in type(m).__name__.lower() or n.endswith("norm")}
         extra = norms - {n for n, _ in a.reads}
         if extra:  # e.g. a sandwich norm: the sublayer output is normalized, the rotation cannot pass it
             raise LLMPruneError(f"SliceGPT cannot slice block {i} of {mt!r}: extra norms {sorted(extra)} "
                                 "break the rotation invariance")
+    for name in [f"{a.blocks}.0.{n}" for n, _ in a.reads] + ([a.norm] if a.norm else []):
+        norm = get(model, name)
+        if not _scales_like_rmsnorm(norm):
+            raise LLMPruneError(f"SliceGPT cannot slice {mt!r}: its norm {name} ({type(norm).__name__}) does not "
+                                f"compute x / rms(x) * weight, which the rotation needs (fuse.py folds RMSNorm "
+                                f"only); use an unstructured or N:M solver")
     return a
 
 

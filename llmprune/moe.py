@@ -1,0 +1,192 @@
+"""Mixture-of-Experts: the experts of a fused experts module as prunable (out, in) matrices, each
+with statistics from the tokens its router sent to it.
+
+transformers 5 stores the experts of Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, DeepSeek-V3 and most
+other MoE families as one 3-D parameter per projection in a module decorated by
+`transformers.integrations.moe.use_experts_implementation`, which also records the layout:
+
+    gate_up_proj  (experts, 2 I, H), or (experts, H, 2 I) when is_transposed (gpt-oss)
+                  gate and up concatenated ([gate; up], is_concatenated) or interleaved
+                  (gate0, up0, gate1, ...: gpt-oss); only `up_proj` when not has_gate
+    down_proj     (experts, H, I), or (experts, I, H) when is_transposed
+    *_bias        (experts, out) when has_bias (gpt-oss)
+    forward(hidden (tokens, H), top_k_index (tokens, k), top_k_weights (tokens, k))
+
+Expert e's projections are exposed as `ExpertProj` views named `<experts>[e].gate_proj`,
+`<experts>[e].up_proj`, `<experts>[e].down_proj`: their `.weight` is an (out, in) view into the 3-D
+parameter (writes go to the model), and a forward hook on the experts module hands each view the
+inputs its expert computes on: gate/up see the hidden states of the tokens routed to e
+(top_k_index == e), down sees act(gate) * up of those tokens, recomputed with the current weights
+(so a sequential solver's down projection sees its pruned gate/up). The router (`mlp.gate` or
+`mlp.router`, not an nn.Linear in these families) is never a target: it stays dense.
+
+An expert that received fewer than `min_tokens` calibration tokens is under-calibrated; the
+engine (prune.py) then uses one of FALLBACKS for it and records which in the manifest:
+  pooled     statistics over every calibration token that reached the layer (the tokens routed to
+             any expert), pushed through this expert (`ExpertProj(..., routed=False)`)
+  magnitude  no statistics: |W| decides (magnitude pruning) with the same pattern and sparsity
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FALLBACKS = ("pooled", "magnitude")
+MIN_TOKENS = 64  # default: experts with fewer routed calibration tokens take the fallback
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers 5 experts module: 3-D expert weights and the layout flags of
+    `use_experts_implementation`."""
+    down = getattr(module, "down_proj", None)
+    return (isinstance(down, nn.Parameter) and down.dim() == 3 and hasattr(module, "is_transposed")
+            and hasattr(module, "has_gate"))
+
+
+def projections(experts: nn.Module) -> tuple[str, ...]:
+    return ("gate_proj", "up_proj", "down_proj") if experts.has_gate else ("up_proj", "down_proj")
+
+
+def num_experts(experts: nn.Module) -> int:
+    return experts.down_proj.shape[0]
+
+
+def _rows(experts: nn.Module, proj: str, out: int):
+    """Which rows of the fused (out, in) matrix hold `proj` (a slice: a view, not a copy)."""
+    if proj == "down_proj" or not experts.has_gate:
+        return slice(None)
+    half = out // 2
+    if getattr(experts, "is_concatenated", True):  # [gate; up]
+        return slice(0, half) if proj == "gate_proj" else slice(half, out)
+    return slice(0, out, 2) if proj == "gate_proj" else slice(1, out, 2)  # interleaved (gpt-oss)
+
+
+def _param(experts: nn.Module, proj: str) -> str:
+    return "down_proj" if proj == "down_proj" else ("gate_up_proj" if experts.has_gate else "up_proj")
+
+
+def _oi(experts: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """(out, in) view of one expert's stored matrix."""
+    return w.T if experts.is_transposed else w
+
+
+def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (tokens, H), top_k_index (tokens, k)) from an experts forward call."""
+    vals = list(args) + list(kwargs.values())  # forward(hidden, index, weights) under any parameter names
+    index = next(v for v in vals[1:] if isinstance(v, torch.Tensor) and not v.is_floating_point())
+    return vals[0], index
+
+
+class ExpertProj:
+    """One projection of one expert as the engine sees a linear: weight (out, in), in_features,
+    register_forward_hook (inputs from the tokens routed to the expert; all tokens when not routed)."""
+
+    def __init__(self, experts: nn.Module, index: int, proj: str, routed: bool = True):
+        if proj not in projections(experts):
+            raise KeyError(f"{proj!r} is not a projection of {type(experts).__name__} "
+                           f"(has {', '.join(projections(experts))})")
+        if not 0 <= index < num_experts(experts):
+            raise KeyError(f"expert {index} out of range: {type(experts).__name__} has {num_experts(experts)}")
+        self.experts, self.index, self.proj, self.routed = experts, index, proj, routed
+        self.owner = experts  # the module whose forward computes this view's output
+        which = "down" if proj == "down_proj" else "in"  # gate and up read the same inputs
+        self.stats_key = (id(experts), index, which, routed)  # views with one key share one statistics
+
+    def _full(self) -> torch.Tensor:
+        return _oi(self.experts, getattr(self.experts, _param(self.experts, self.proj)).data[self.index])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        full = self._full()  # (out_all, in)
+        return full[_rows(self.experts, self.proj, full.shape[0])]  # (out, in) view into the parameter
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.experts, _param(self.experts, self.proj) + "_bias", None)
+        if b is None or not getattr(self.experts, "has_bias", False):
+            return None
+        return b.data[self.index][_rows(self.experts, self.proj, b.shape[-1])]
+
+    @property
+    def in_features(self) -> int:
+        return self._full().shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """Positions of the tokens routed to this expert: index (tokens, k) -> (n,)."""
+        return (index == self.index).any(-1).nonzero().squeeze(-1)
+
+    @torch.no_grad()
+    def inputs(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """This projection's inputs (n, in) for one experts call."""
+        x = hidden.reshape(-1, hidden.shape[-1])
+        if self.routed:
+            x = x[self.tokens(index.reshape(-1, index.shape[-1]))]  # (n, H)
+        if self.proj != "down_proj":
+            return x
+        e, p = self.experts, _param(self.experts, "up_proj")
+        w = _oi(e, getattr(e, p)[self.index])  # (2I or I, H)
+        b = getattr(e, p + "_bias")[self.index] if getattr(e, "has_bias", False) else None
+        h = F.linear(x, w, b)  # (n, 2I)
+        return e._apply_gate(h) if e.has_gate else e.act_fn(h)  # (n, I): what down_proj reads
+
+    def register_forward_hook(self, fn):
+        """fn(view, (inputs (n, in),), None) after each experts call in which the expert computed (n > 0)."""
+        def hook(mod, args, kwargs, out):
+            hidden, index = _routing(args, kwargs)
+            x = self.inputs(hidden, index)
+            if x.shape[0]:
+                fn(self, (x,), None)
+
+        return self.experts.register_forward_hook(hook, with_kwargs=True)
+
+
+def expert_name(view_name: str) -> str:
+    """'model.layers.0.mlp.experts[3].down_proj' -> 'model.layers.0.mlp.experts[3]'."""
+    return view_name.rsplit(".", 1)[0]
+
+
+def view_names(experts_rel: str, experts: nn.Module) -> list[str]:
+    """Relative names of every expert's projections, expert by expert."""
+    return [f"{experts_rel}[{e}].{p}" for e in range(num_experts(experts)) for p in projections(experts)]
+
+
+def resolve(experts: nn.Module, inner: str, rest: str) -> ExpertProj:
+    """'3', '.gate_proj' -> the ExpertProj of expert 3's gate projection."""
+    return ExpertProj(experts, int(inner), rest.lstrip("."))
+
+
+def pooled(view: ExpertProj) -> ExpertProj:
+    """The same projection fed every token that reached the layer (the `pooled` fallback)."""
+    return ExpertProj(view.experts, view.index, view.proj, routed=False)
+
+
+def fallbacks(targets: dict, stats: dict, min_tokens: int, fallback: str, record: dict) -> dict[str, str]:
+    """{target name: fallback} for the experts' projections among `targets` whose expert received
+    fewer than max(min_tokens, 1) routed tokens (an expert without tokens always falls back: its
+    statistics are empty). Every expert seen is recorded once in `record`:
+    {expert name: {"tokens": routed tokens, "stats": "routed" | fallback}}."""
+    use = {}
+    for name, t in targets.items():
+        if not isinstance(t, ExpertProj):
+            continue
+        n = stats[name].n
+        low = n < max(min_tokens, 1)
+        record.setdefault(expert_name(name), {"tokens": n, "stats": fallback if low else "routed"})
+        if low:
+            use[name] = fallback
+    return use
+
+
+def check_fallback(fallback: str, min_tokens: int) -> None:
+    from .errors import LLMPruneError
+
+    if fallback not in FALLBACKS:
+        raise LLMPruneError(f"--expert-fallback {fallback!r}: use {' or '.join(FALLBACKS)}")
+    if not (isinstance(min_tokens, int) and min_tokens >= 0):
+        raise LLMPruneError(f"--expert-min-tokens {min_tokens!r} must be a whole number >= 0 (0: only "
+                            f"experts without tokens fall back)")

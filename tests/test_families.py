@@ -1,0 +1,353 @@
+"""Every supported model family, on tiny random models built from transformers' own config classes:
+the engine is exact on it, pruning with Wanda and SparseGPT (unstructured and 2:4) saves a folder
+that plain transformers reloads to the same logits, measured sparsity is exact, and the packed
+formats and SliceGPT either work or refuse in one line. Mixture-of-Experts: each expert's statistics
+come from its routed tokens only (checked against the router run by hand) and under-calibrated
+experts fall back as recorded."""
+import copy
+
+import pytest
+import torch
+
+from llmprune import api, arch, patterns, prune, walker
+from llmprune.errors import LLMPruneError
+from llmprune.moe import ExpertProj
+from llmprune.patterns import n_pruned
+from llmprune.solvers import get
+from llmprune.testing import FAMILIES, MOE_FAMILIES, tiny_model, tiny_model_dir
+
+DENSE = [f for f in FAMILIES if f not in MOE_FAMILIES]
+
+
+def _ids(n=8, seqlen=24, seed=0):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_block_inputs_are_the_models_own_hidden_states(family):
+    """The walker's calibration inputs of every block equal the model's hidden states there, batch by
+    batch (a Mixture-of-Experts layer's output depends on which tokens share its batch in the last
+    bit, so the reference runs the same batches), and the last block's outputs through the final
+    norm equal the model's last hidden state."""
+    m = tiny_model(family)
+    ids = _ids(4, 17)
+    bs = 2
+    ref = [torch.cat(h) for h in zip(*(m(b, output_hidden_states=True).hidden_states for b in ids.split(bs)))]
+    a = arch.arch_of(m)
+    last = None
+    for blk in walker.walk(m, ids, batch_size=bs, progress=False):
+        assert torch.equal(torch.cat(blk.inputs), ref[blk.index]), (family, blk.index)
+        last = blk
+    n = len(arch.blocks(m))
+    out = torch.cat(last.outputs)
+    assert torch.equal(arch.get(m, a.norm)(out), ref[n]) if len(ref) == n + 1 else torch.equal(out, ref[n])
+
+
+def _expected_zeros(t, pattern, sparsity) -> int:
+    out_f, in_f = t.weight.shape
+    return out_f * in_f // 2 if pattern == "2:4" else n_pruned(out_f * in_f, sparsity)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prune_save_reload_with_plain_transformers(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model(family)
+    calib, ids = _ids(4, 32), _ids(2, 16, seed=1)
+    names = prune.target_linears(base)
+    for solver in ("wanda", "sparsegpt"):
+        for pat in ("unstructured", "2:4"):
+            m = copy.deepcopy(base)
+            prune.prune(m, get(solver), patterns.parse(pat), {n: 0.5 for n in names}, calib, batch_size=4,
+                        progress=False, expert_min_tokens=4)
+            folder = tmp_path / f"{solver}-{pat.replace(':', '')}"
+            m.save_pretrained(folder)
+            r = AutoModelForCausalLM.from_pretrained(folder).eval()
+            assert torch.equal(r(ids).logits, m(ids).logits), (solver, pat)
+            for n in names:  # exact per target (SparseGPT/Wanda count per layer / row / group of 4)
+                t = arch.target(r, n)
+                assert int((t.weight == 0).sum()) == _expected_zeros(t, pat, 0.5), (solver, pat, n)
+            assert prune.measured_sparsity(r, names) == 0.5
+            if pat == "2:4" and solver == "wanda":
+                _check_packed(m, family, tmp_path / "packed", ids)
+
+
+def _check_packed(m, family, out, ids):
+    """sparse24 packs every 2:4 linear of a dense family (biases, GQA, fused projections, tied
+    embeddings) to the same logits; Mixture-of-Experts models are refused in one line."""
+    from llmprune.packed import load_packed, save_packed
+
+    if family in MOE_FAMILIES:
+        with pytest.raises(LLMPruneError, match="3-D parameters.*--format dense"):
+            save_packed(m, out, "sparse24", dtype=None)
+        return
+    sec = save_packed(m, out, "sparse24", dtype=None)
+    assert not sec["left_dense"], sec["left_dense"]
+    loaded = load_packed(out)
+    torch.testing.assert_close(loaded(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _plans(m, ids=None):
+    planner = arch.Planner(m)
+    return [planner(b) for b in walker.walk(m, _ids(2, 8) if ids is None else ids, batch_size=2, progress=False)]
+
+
+def test_traced_compute_order():
+    """Tracing finds the order the llmprune table used to spell out for LLaMA, OPT's q,k,v before its
+    out_proj though OPT registers k_proj first, Phi-3's fused projections as their parts, and
+    Qwen3.5's two kinds of blocks (linear attention, full attention)."""
+    p = _plans(tiny_model("llama"))[0]
+    assert p.groups == LLAMA_GROUPS
+    assert p.sublayers == (("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
+    opt = _plans(tiny_model("opt"))[0]
+    assert opt.groups == (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
+                          ("fc1",), ("fc2",))
+    phi = tiny_model("phi3", num_key_value_heads=1)
+    p = _plans(phi)[0]
+    assert p.groups[0] == ("self_attn.qkv_proj[q]", "self_attn.qkv_proj[k]", "self_attn.qkv_proj[v]")
+    assert p.groups[2] == ("mlp.gate_up_proj[gate]", "mlp.gate_up_proj[up]")
+    qkv = phi.model.layers[0].self_attn.qkv_proj.weight
+    assert [tuple(p.targets[f"self_attn.qkv_proj[{x}]"].weight.shape) for x in "qkv"] == [(64, 64), (16, 64), (16, 64)]
+    assert p.targets["self_attn.qkv_proj[k]"].weight.data_ptr() == qkv[64:80].data_ptr()  # a view: writes reach it
+    q35 = _plans(tiny_model("qwen3_5_text"))
+    assert q35[0].groups[0] == ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
+                                "linear_attn.in_proj_a")
+    assert q35[1].groups == ((*LLAMA_GROUPS[0],), *LLAMA_GROUPS[1:])
+
+
+def test_routers_and_shared_expert_gates_stay_dense_unless_asked():
+    m = tiny_model("qwen2_moe")
+    names = prune.target_linears(m)
+    assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in names)
+    assert "model.layers.0.mlp.shared_expert.down_proj" in names and "model.layers.0.mlp.experts[7].down_proj" in names
+    gates = set(prune.target_linears(m, gates=True)) - set(names)
+    assert gates == {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)}
+
+
+# --- Mixture-of-Experts: statistics from routed tokens only ----------------------------------------
+
+def _moe_input(m, ids, layer=0):
+    """The MoE layer's input (tokens, hidden), captured from a plain forward of the model."""
+    got = []
+    h = m.model.layers[layer].mlp.register_forward_pre_hook(lambda mod, args: got.append(args[0]))
+    with torch.no_grad():
+        m(ids)
+    h.remove()
+    return got[0].reshape(-1, got[0].shape[-1])
+
+
+def _router(m, x, layer=0):
+    """Top-k expert indices (tokens, k), the router run by hand: top-k of the logits (a softmax before
+    or after top-k does not change which experts win)."""
+    mlp = m.model.layers[layer].mlp
+    r = getattr(mlp, "router", None) or mlp.gate
+    logits = x @ r.weight.T + (r.bias if getattr(r, "bias", None) is not None else 0)
+    return logits.topk(m.config.num_experts_per_tok, dim=-1).indices
+
+
+def _expert_mats(m, e, layer=0):
+    """(gate (I, H), up (I, H), down (H, I), biases) of expert e, read off the stored layout by hand."""
+    ex = m.model.layers[layer].mlp.experts
+    gu, dn = ex.gate_up_proj[e], ex.down_proj[e]
+    if m.config.model_type == "gpt_oss":  # (H, 2I) interleaved gate/up, (I, H), with biases
+        return gu[:, ::2].T, gu[:, 1::2].T, dn.T, (ex.gate_up_proj_bias[e][::2], ex.gate_up_proj_bias[e][1::2])
+    i = gu.shape[0] // 2  # (2I, H) = [gate; up], (H, I)
+    return gu[:i], gu[i:], dn, (0, 0)
+
+
+def _act(m, g, u):
+    if m.config.model_type == "gpt_oss":  # clamped SwiGLU of the gpt-oss reference
+        c, alpha = m.config.swiglu_limit, m.config.swiglu_alpha
+        g, u = g.clamp(max=c), u.clamp(-c, c)
+        return (u + 1) * (g * torch.sigmoid(g * alpha))
+    return torch.nn.functional.silu(g) * u
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"])
+def test_expert_statistics_come_from_its_routed_tokens(family):
+    m = tiny_model(family)
+    ids = _ids(4, 16)
+    x = _moe_input(m, ids)  # (tokens, H)
+    idx = _router(m, x)  # (tokens, k)
+    block = next(walker.walk(m, ids, batch_size=4, progress=False))
+    targets = {n: t for n, t in arch.block_targets(m, 0).items() if isinstance(t, ExpertProj)}
+    with walker.collect(targets, {"norms", "hessian"}) as stats:
+        block.run()
+    counts = []
+    with torch.no_grad():
+        for e in range(m.config.num_local_experts if hasattr(m.config, "num_local_experts") else m.config.num_experts):
+            xe = x[(idx == e).any(-1)]  # (n_e, H): only the tokens routed to e
+            g, u, _, (bg, bu) = _expert_mats(m, e)
+            he = _act(m, xe @ g.T + bg, xe @ u.T + bu)  # (n_e, I): what down_proj reads
+            counts.append(xe.shape[0])
+            for proj, inp in (("gate_proj", xe), ("up_proj", xe), ("down_proj", he)):
+                s = stats[f"mlp.experts[{e}].{proj}"]
+                assert s.n == xe.shape[0]
+                torch.testing.assert_close(s.sq_norm.float(), inp.pow(2).sum(0), rtol=1e-4, atol=1e-6)
+                if xe.shape[0]:
+                    torch.testing.assert_close(s.hessian, 2 * inp.T @ inp / inp.shape[0], rtol=1e-4, atol=1e-6)
+    assert sum(counts) == x.shape[0] * m.config.num_experts_per_tok and len(set(counts)) > 1
+
+
+def test_expert_weights_are_views_in_the_stored_layout():
+    """gpt-oss stores (experts, in, out) with gate and up interleaved: the views are (out, in) and
+    writing through them reaches the right stored entries."""
+    m = tiny_model("gpt_oss")
+    ex = m.model.layers[0].mlp.experts
+    t = arch.target(m, "model.layers.0.mlp.experts[3].up_proj")
+    assert tuple(t.weight.shape) == (32, 64) and torch.equal(t.weight, ex.gate_up_proj[3][:, 1::2].T)
+    t.weight.data.zero_()
+    assert bool((ex.gate_up_proj[3][:, 1::2] == 0).all()) and bool((ex.gate_up_proj[3][:, ::2] != 0).all())
+    d = arch.target(m, "model.layers.1.mlp.experts[0].down_proj")
+    assert tuple(d.weight.shape) == (64, 32) and torch.equal(d.bias, m.model.layers[1].mlp.experts.down_proj_bias[0])
+
+
+@pytest.mark.parametrize("fallback", ["pooled", "magnitude"])
+def test_under_calibrated_experts_fall_back_as_recorded(fallback):
+    """gpt-oss with expert 0's router bias at -1e4 (no token reaches it) and a threshold that some
+    other experts miss: each expert's record holds its routed token count (counted by hand) and
+    the statistics used; pooled experts are solved from every token of the layer pushed through
+    them, magnitude ones from |W| alone."""
+    m = tiny_model("gpt_oss")
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.mlp.router.bias[0] = -1e4
+    ids = _ids(4, 16)
+    x = _moe_input(m, ids)
+    counts = torch.bincount(_router(m, x).flatten(), minlength=8)
+    assert counts[0] == 0
+    min_tokens = int(counts[1:].float().median())  # about half the experts fall below
+    ref = copy.deepcopy(m)
+    names = [n for n in prune.target_linears(m) if ".0.mlp.experts[" in n]
+    res = prune.prune(m, get("wanda"), patterns.parse("unstructured"), {n: 0.5 for n in names}, ids, batch_size=4,
+                      progress=False, expert_min_tokens=min_tokens, expert_fallback=fallback)
+    rec = res["experts"]
+    assert set(rec) == {f"model.layers.0.mlp.experts[{e}]" for e in range(8)}
+    for e in range(8):
+        r = rec[f"model.layers.0.mlp.experts[{e}]"]
+        assert r["tokens"] == int(counts[e])
+        assert r["stats"] == (fallback if counts[e] < max(min_tokens, 1) else "routed")
+    low = [e for e in range(8) if counts[e] < min_tokens]
+    assert 0 in low and len(low) < 8
+    with torch.no_grad():
+        for e in low:
+            g, u, _, (bg, bu) = _expert_mats(ref, e)
+            for proj, inp in (("gate_proj", x), ("down_proj", _act(ref, x @ g.T + bg, x @ u.T + bu))):
+                w = arch.target(ref, f"model.layers.0.mlp.experts[{e}].{proj}").weight
+                score = w.abs() * (inp.pow(2).sum(0).sqrt() if fallback == "pooled" else 1)
+                keep = patterns.keep_mask(score, patterns.parse("unstructured"), 0.5,
+                                          scope="row" if fallback == "pooled" else "layer")
+                got = arch.target(m, f"model.layers.0.mlp.experts[{e}].{proj}").weight != 0
+                assert torch.equal(got, keep), (e, proj)
+
+
+def test_moe_compress_end_to_end_records_experts(tmp_path, calib_txt):
+    """`compress` on a Qwen3-MoE folder: the manifest says, per expert, how many routed tokens it saw
+    and which statistics pruned it; the folder reloads with plain transformers; packed formats and
+    SliceGPT refuse the model in one line before any work."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir(tmp_path / "src", "qwen3_moe")
+    common = dict(model=str(src), calib=str(calib_txt), nsamples=4, seqlen=16, calib_batch=4, progress=False,
+                  eval=())
+    m = api.compress(solver="sparsegpt", pattern="2:4", out=str(tmp_path / "o"), expert_min_tokens=12, **common)
+    ex = m["experts"]
+    assert ex["min_tokens"] == 12 and ex["fallback"] == "pooled" and len(ex["per_expert"]) == 16
+    assert sum(e["tokens"] for e in ex["per_expert"].values()) == 2 * 4 * 16 * 2  # layers x tokens x top-2
+    assert ex["fell_back"] == sum(e["stats"] == "pooled" for e in ex["per_expert"].values()) > 0
+    assert m["sparsity"]["measured"] == 0.5
+    AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    with pytest.raises(LLMPruneError, match="3-D parameters"):
+        api.compress(format="sparse24", pattern="2:4", out=str(tmp_path / "p"), **common)
+    with pytest.raises(LLMPruneError, match="Mixture-of-Experts"):
+        api.compress(solver="slicegpt", slicegpt={"slicing": 0.25}, out=str(tmp_path / "s"), **common)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+
+
+# --- what SliceGPT and unknown families are told ----------------------------------------------------
+
+@pytest.mark.parametrize("family,why", [("gemma2", "post_feedforward_layernorm"), ("gemma3_text", "1 \\+ weight"),
+                                        ("glm4", "post_mlp_layernorm"), ("olmo2", "post-norm"),
+                                        ("opt", "residual wiring"), ("phi3", "residual wiring"),
+                                        ("qwen3_5_text", "residual wiring"), ("mixtral", "Mixture-of-Experts")])
+def test_slicegpt_refuses_families_it_cannot_rotate(family, why):
+    from llmprune.transforms.fuse import layout_of
+
+    with pytest.raises(LLMPruneError, match=why) as e:
+        layout_of(tiny_model(family))
+    assert "\n" not in str(e.value)
+
+
+def test_slicegpt_checks_the_norm_computes_rmsnorm():
+    from llmprune.transforms.fuse import layout_of
+
+    m = tiny_model("llama")
+    m.model.layers[0].input_layernorm.forward = lambda x: x - x.mean(-1, keepdim=True)  # a LayerNorm-like norm
+    with pytest.raises(LLMPruneError, match="x / rms\\(x\\) \\* weight"):
+        layout_of(m)
+
+
+def test_an_unsupported_family_names_what_to_add():
+    """GPT-2 blocks compute with transformers' Conv1D, not nn.Linear."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    m = AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=258))
+    with pytest.raises(LLMPruneError, match="hold no nn.Linear.*llmprune/arch.py OVERRIDES") as e:
+        prune.target_linears(m)
+    assert "\n" not in str(e.value)
+
+
+def test_magnitude_global_magnitude_and_owl_see_parts_and_experts():
+    """Magnitude needs no calibration and reaches experts through their views; Global MP ranks the
+    experts with everything else; OWL gives every part and expert its block's sparsity."""
+    from llmprune import owl
+    from llmprune.solvers.magnitude import global_sparsities
+
+    m = tiny_model("mixtral")
+    names = prune.target_linears(m)
+    prune.prune(m, get("magnitude"), patterns.parse("2:4"), {n: 0.5 for n in names}, None, progress=False)
+    assert prune.measured_sparsity(m, names) == 0.5
+    m = tiny_model("mixtral")
+    s = global_sparsities({n: arch.target(m, n).weight.data for n in names}, 0.5)
+    prune.prune(m, get("magnitude"), patterns.parse("unstructured"), s, None, progress=False)
+    assert prune.measured_sparsity(m, names) == pytest.approx(0.5, abs=1e-6)
+    phi = tiny_model("phi3")
+    pnames = prune.target_linears(phi, ignore=r"\[k\]")
+    assert "model.layers.0.self_attn.qkv_proj[q]" in pnames and "model.layers.0.self_attn.qkv_proj[k]" not in pnames
+    per = owl.layer_sparsities(phi, pnames, _ids(4, 16), 0.5, batch_size=4, progress=False, lam=0.05)
+    assert set(per) == set(pnames) and len(set(per.values())) == 2
+
+
+def test_an_override_can_fix_the_order(monkeypatch):
+    """An OVERRIDES entry with `groups` replaces the trace for every block."""
+    order = (*LLAMA_GROUPS[2:], *LLAMA_GROUPS[:2])
+    monkeypatch.setitem(arch.OVERRIDES, "llama", {"groups": order, "sublayers": ()})
+    p = _plans(tiny_model("llama"))[1]
+    assert p.groups == order and p.sublayers == ()
+    monkeypatch.setitem(arch.OVERRIDES, "llama", {"groups": order[1:]})
+    with pytest.raises(LLMPruneError, match="leave out mlp.gate_proj of block 0"):
+        _plans(tiny_model("llama"))
+
+
+def test_cli_expert_options_reach_the_manifest(tmp_path, capsys, calib_txt):
+    import json
+
+    from llmprune.cli import main
+    from llmprune.testing import FAST_CLI
+
+    src = tiny_model_dir(tmp_path / "src", "olmoe")
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(src), "--calib", str(calib_txt), "--out", str(out), *FAST_CLI,
+                 "--expert-min-tokens", "100000", "--expert-fallback", "magnitude"]) == 0
+    ex = json.loads((out / "llmprune.json").read_text())["experts"]
+    assert ex["fallback"] == "magnitude" and ex["fell_back"] == 16
+    assert {e["stats"] for e in ex["per_expert"].values()} == {"magnitude"}
+    capsys.readouterr()
+    assert main(["compress", "--model", str(src), "--out", str(tmp_path / "bad"), *FAST_CLI, "--pattern", "2:4",
+                 "--format", "sparse24"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3-D parameters" in err[0] and not (tmp_path / "bad").exists()
