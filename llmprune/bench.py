@@ -9,6 +9,8 @@ a static KV cache; on CUDA one decode step is captured in a CUDA graph and repla
 """
 from __future__ import annotations
 
+import contextlib
+
 import statistics
 import time
 from pathlib import Path
@@ -84,6 +86,16 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
     logits = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
     tok = logits[:, -1:].argmax(-1)  # (batch, 1) static input of the decode step
     cpos = torch.tensor([prompt_len], device=device)  # updated in place: graph replays read it
+    # transformers' static layers write at their own running counter, not at cache_position (5.17+):
+    # every step, the warm-up and capture steps included, advances it; so each step is put back at
+    # its position (in place, so a graph replay reads it), else the extra steps run past the cache
+    counters = [c for c in (getattr(layer, "cumulative_length", None) for layer in getattr(cache, "layers", ()))
+                if torch.is_tensor(c)]
+
+    def seek(p: int) -> None:
+        cpos.fill_(p)
+        for c in counters:
+            c.fill_(p)
 
     stepper = model if step_model is None else step_model
 
@@ -92,26 +104,31 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
         return out[:, -1:].argmax(-1)
 
     graph, note = None, "eager"
-    if cuda_graphs and device.type == "cuda":
+    cuda = device.type == "cuda"
+    s = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s) if cuda else contextlib.nullcontext():  # warm-up on a side stream, as capture requires
+        for _ in range(2):
+            seek(prompt_len)
+            step()
+    if cuda:
+        torch.cuda.current_stream(device).wait_stream(s)
+    if cuda_graphs and cuda:
         try:
-            s = torch.cuda.Stream(device)
-            s.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(s):  # warm-up on a side stream, as capture requires
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream(device).wait_stream(s)
             graph = torch.cuda.CUDAGraph()
+            seek(prompt_len)
             with torch.cuda.graph(graph):
                 nxt = step()
             note = "cuda_graph"
         except Exception as e:  # noqa: BLE001  a model that cannot be captured still gets an (eager) number
             graph, note = None, f"eager (CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]})"
             torch.cuda.synchronize(device)
-    # the warm-up/capture steps above wrote cache slots at cpos; the timed steps overwrite them
+    # the warm-up/capture steps above wrote cache slots at prompt_len; the timed steps overwrite them
     times, toks = [], [tok.clone()]
     for i in range(warmup + new_tokens):
-        cpos.fill_(prompt_len + i)
-        if device.type == "cuda":
+        seek(prompt_len + i)
+        if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             if graph is not None:

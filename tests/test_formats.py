@@ -267,3 +267,34 @@ def test_reference_linear_and_module(fmt, opts):
     assert set(mod.state_dict()) == {*f.stored(p), "bias"}
     with pytest.raises(LLMPruneError, match="features"):
         reference.linear(fmt, torch.randn(3, 32), p)
+
+
+@pytest.mark.parametrize("name", ["w4s24", "w4g128", "w4s50", "sparse24"])
+def test_pack_hands_the_layout_one_device(name):
+    """GPTQ codes kept on the CPU while the block's weight sits on the GPU crashed w4s24 packing on
+    the H200 (gather across devices). Format.pack moves keep and codes to the weight's device; here
+    the weight is on `meta` (a second device on a CPU-only machine) and a recorder stands in for the layout."""
+    from dataclasses import replace
+
+    from llmprune.quant import Quantized
+
+    f = formats.get(name)
+    seen = {}
+
+    class Recorder:
+        def pack(self, weight, keep, quant=None, **_):
+            seen.update(weight=weight.device, keep=keep.device,
+                        quant={t.device for t in (quant.codes, quant.scales, quant.zeros)} if quant else None)
+            return {}
+
+    orig = f.module
+    object.__setattr__(f, "module", Recorder())  # the registry's Format is a frozen dataclass
+    q = Quantized(torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2, dtype=torch.float16),
+                  torch.full((8, 2), 8, dtype=torch.uint8), 16, True)
+    try:
+        f.pack(torch.empty(8, 32, device="meta"), torch.ones(8, 32, dtype=torch.bool), quant=q)
+    finally:
+        object.__setattr__(f, "module", orig)
+    assert seen["weight"] == seen["keep"] == torch.device("meta")
+    assert seen["quant"] == {torch.device("meta")}
+    assert replace(q).codes.device.type == "cpu"  # the caller's codes are not moved in place

@@ -67,6 +67,11 @@ class Format:
 
     # -- layout ------------------------------------------------------------------------------------
     def pack(self, weight: torch.Tensor, keep: torch.Tensor | None = None, **opts) -> dict[str, torch.Tensor]:
+        # every input on the weight's device: sequential GPTQ hands its codes over on the CPU while the
+        # block being written is on the GPU (found on the H200: w4s24 + GPTQ through onloading)
+        keep = None if keep is None else keep.to(weight.device)
+        if hasattr(opts.get("quant"), "to"):  # the layout itself refuses codes it cannot store
+            opts["quant"] = opts["quant"].to(weight.device)
         return self.module.pack(weight, keep, **opts)
 
     def unpack(self, packed: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ rtn.py and gptq.py make them; tune.py then trains the scales of GPTQ's codes end
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,6 +24,10 @@ class Quantized:
     group_size: int
     symmetric: bool
     damp: float | None = None  # GPTQ: the Hessian dampening used (raised when the first failed)
+
+    def to(self, device) -> Quantized:
+        """The same codes and grid on `device` (GPTQ may keep them on the CPU while the layer is on the GPU)."""
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device))
 
     def dequantize(self) -> torch.Tensor:
         """(out, in) fp32: (q - z) * s, exact in fp32 (a small integer times an fp16 value)."""
