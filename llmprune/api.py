@@ -29,6 +29,11 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     t = pipeline.Timer()
     p = pipeline.plan(cfg)
     c = p.cfg
+    if c.export:
+        from . import export
+
+        export.precheck(c.export, c.export_types)
+        outdir.check_out(export.default_out(p.out, c.export), c.overwrite)
     windows = c.eval_windows or None  # 0: all
     with t("load_s"):
         model, tok, info = pipeline.load_model(c.model, c.dtype)
@@ -73,13 +78,30 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         for k, v in memory(p.device).items():
             setattr(m, k, v)
         mf.write(tmp, m)
-    return {**m.to_dict(), "out": str(p.out)}
+    res = {**m.to_dict(), "out": str(p.out)}
+    if c.export:
+        res["exported"] = _export_after(c, p.out, command)
+    return res
+
+
+def _export_after(c: CompressConfig, out: Path, command: str | None) -> dict:
+    """`compress --export`: the output just written, exported into OUT-<target> (same calibration for GPTQ)."""
+    from . import export
+
+    return export.export(out, c.export, types=c.export_types, quant=c.export_quant, calib=c.calib,
+                         nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, overwrite=c.overwrite,
+                         progress=c.progress, command=command, device=c.device)
 
 
 def load(path_or_spec: str, dtype="float32", device="cpu"):
     """An llmprune output folder -> (model, tokenizer, manifest); anything --model accepts ->
     (model, tokenizer, None)."""
     p = Path(path_or_spec)
+    if p.is_dir() and mf.exists(p) and mf.read(p).export:  # a folder for another engine: read as that engine's
+        from . import export  # transformers reader reads it
+
+        model, tok = export.load(p, dtype=dtype, device=device)
+        return model, tok, mf.read(p).to_dict()
     if p.is_dir() and mf.exists(p):
         from . import checkpoint
 

@@ -32,6 +32,14 @@ def _target(to: str):
     return t
 
 
+def precheck(to: str, types=("f16",)) -> None:
+    """What `compress --export` can check before it computes: the target, its package, GGUF types."""
+    t = _target(to)
+    t.require()
+    if to == "gguf":
+        t.parse_types(types)
+
+
 def default_out(src: str | Path, to: str) -> Path:
     src = Path(src)
     return src.with_name(f"{src.name}-{to}")
@@ -95,14 +103,16 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval) -> 
         raise LLMPruneError(f"--grid {grid!r}: use sym, asym or auto")
     if save_dtype not in ("float16", "bfloat16", "float32"):
         raise LLMPruneError(f"--save-dtype {save_dtype!r}: use float16, bfloat16 or float32")
-    symmetric = None if grid == "auto" else grid == "sym"
+    # compressed-tensors' W4A16 is symmetric, and transformers (5.25, compressed-tensors 0.20) cannot load an
+    # asymmetric pack-quantized checkpoint (weight_zero_point size mismatch): auto means symmetric here
+    symmetric = True if grid == "auto" else grid == "sym"
     given = {k: v for k, v in (gptq or {}).items() if v is not None}
     if to == "gguf":
-        if quant is not None or symmetric is not None or group_size != "auto" or given:
+        if quant is not None or grid != "auto" or group_size != "auto" or given:
             raise LLMPruneError("--quant / --grid / --group-size / GPTQ options quantize compressed-tensors exports; "
                                 "GGUF quantizes with its own types: use --type q8_0 (or q4_0, ...)")
         return {"types": t.check(s, types)}
-    q = t.check(s, quant, group_size, symmetric)
+    q = t.check(s, quant, group_size, None if grid == "auto" else symmetric)
     if given and q != "gptq":
         raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: add --quant gptq "
                             "or drop them")

@@ -26,6 +26,8 @@ from .source import Source, tied_names
 NAME = "compressed-tensors"
 MARLIN_GROUPS = (32, 64, 128)  # the group sizes vLLM's Marlin W4A16 kernels take
 PIP = "pip install 'llmprune[export]'"
+ASYM_NOTE = ("asymmetric int4 (zero points): vLLM reads it; transformers 5.25 with compressed-tensors 0.20 cannot "
+             "(weight_zero_point size mismatch, an upstream bug): repack with --grid sym for transformers")
 
 
 def check(src: Source, quant: str | None, group_size, symmetric: bool | None) -> str | None:
@@ -154,7 +156,8 @@ def write(model, tok, folder: Path, quantized: dict, save_dtype: torch.dtype = t
             "scheme": "W4A16", "layers": len(quantized), "ignore": ignore,
             "groups": sorted({q.group_size for q in quantized.values()}),
             "symmetric": sorted({q.symmetric for q in quantized.values()}),
-            "dtype": str(save_dtype).replace("torch.", ""), "compressed_tensors": _version()}
+            "dtype": str(save_dtype).replace("torch.", ""), "compressed_tensors": _version(),
+            **({"note": ASYM_NOTE} if not all(q.symmetric for q in quantized.values()) else {})}
 
 
 def _version() -> str:

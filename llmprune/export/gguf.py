@@ -55,6 +55,15 @@ def require() -> None:
 def check(src: Source, types) -> tuple[str, ...]:
     import json
 
+    types = parse_types(types)
+    mt = json.loads((src.folder / "config.json").read_text()).get("model_type")
+    if mt not in ARCHS:
+        raise LLMPruneError(f"--to gguf writes {', '.join(sorted(ARCHS))} models, not {mt!r}: use --to "
+                            f"compressed-tensors")
+    return types
+
+
+def parse_types(types) -> tuple[str, ...]:
     types = tuple(x.strip().lower() for x in (types.split(",") if isinstance(types, str) else types) if x.strip())
     if not types:
         raise LLMPruneError(f"--type: give one or more of {', '.join(TYPES)}")
@@ -64,10 +73,6 @@ def check(src: Source, types) -> tuple[str, ...]:
                                 f"llama.cpp's `llama-quantize FILE-F16.gguf OUT.gguf {t.upper()}`, or use q4_0 / q8_0")
         if t not in TYPES:
             raise LLMPruneError(f"unknown --type {t!r}: choose from {', '.join(TYPES)}")
-    mt = json.loads((src.folder / "config.json").read_text()).get("model_type")
-    if mt not in ARCHS:
-        raise LLMPruneError(f"--to gguf writes {', '.join(sorted(ARCHS))} models, not {mt!r}: use --to "
-                            f"compressed-tensors")
     return types
 
 
@@ -245,8 +250,7 @@ def write_file(model, path: Path, want: str, a: GGUFArch, tokenizer_from: Path, 
 
 @torch.no_grad()
 def write(model, tok, folder: Path, types: tuple[str, ...], src: Source, progress: bool = False) -> dict:
-    """One GGUF file per type into `folder` (plus the tokenizer files, for transformers' GGUF loader
-    needs none but users like them); returns the export section."""
+    """One GGUF file per type into `folder` (the tokenizer is inside each); returns the export section."""
     a = ARCHS[model.config.model_type]
     gg = source_gguf(src)
     tokenizer_from = gg or src.folder
