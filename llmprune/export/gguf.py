@@ -53,14 +53,28 @@ def require() -> None:
 
 
 def check(src: Source, types) -> tuple[str, ...]:
-    import json
+    from transformers import AutoConfig
 
     types = parse_types(types)
-    mt = json.loads((src.folder / "config.json").read_text()).get("model_type")
-    if mt not in ARCHS:
-        raise LLMPruneError(f"--to gguf writes {', '.join(sorted(ARCHS))} models, not {mt!r}: use --to "
+    cfg = AutoConfig.from_pretrained(src.folder)
+    if cfg.model_type not in ARCHS:
+        raise LLMPruneError(f"--to gguf writes {', '.join(sorted(ARCHS))} models, not {cfg.model_type!r}: use --to "
                             f"compressed-tensors")
+    _rope_theta(cfg)
+    if ARCHS[cfg.model_type].name == "GEMMA3":
+        check_gemma3(cfg)
     return types
+
+
+def check_gemma3(cfg) -> None:
+    """What llama.cpp's gemma3 (and transformers' GGUF reader) assume rather than read: every 6th layer
+    global, the others sliding with RoPE base 10000, queries scaled by 1/sqrt(head_dim)."""
+    standard = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
+    local = ((getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}).get("rope_theta", 10000.0)
+    if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != cfg.head_dim or float(local) != 10000.0:
+        raise LLMPruneError("this Gemma-3 variant (layer pattern, query scale or local RoPE base) differs from what "
+                            "GGUF readers assume for gemma3 (5 sliding : 1 global, 1/sqrt(head_dim), base 10000): "
+                            "use --to compressed-tensors")
 
 
 def parse_types(types) -> tuple[str, ...]:
@@ -205,16 +219,19 @@ def hf_tokenizer(w, folder: Path, n_vocab: int) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise LLMPruneError(f"{folder}: only GPT-2-style BPE tokenizers are written from tokenizer.json ({e}); "
                             f"export a model loaded from a GGUF (its tokenizer is copied)") from None
-    tokens, types = [], []
-    for text, _score, kind in vocab.all_tokens():
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
         tokens.append(text.encode() if isinstance(text, str) else text)
+        scores.append(score)
         types.append(kind)
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
+    w.add_token_scores(scores)  # transformers' reader rebuilds merges from them when a vocabulary has none
     w.add_token_types(types)
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 

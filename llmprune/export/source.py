@@ -57,9 +57,10 @@ def open_source(folder: str | Path) -> Source:
                             f"it came from ({m.exported_from or 'see its llmprune.json'})")
     src = Source(folder, m)
     if src.per_block_slicegpt:
-        raise LLMPruneError(f"{folder} is a SliceGPT per-block output: its residual shortcuts are no stock "
-                            f"architecture, so neither compressed-tensors nor GGUF can express it; export a "
-                            f"--rotation shared SliceGPT output, or any pruned or packed (w4g128, w4s24, sparse24) one")
+        raise LLMPruneError(f"{folder} is a SliceGPT output with residual shortcuts (--rotation per-block, or shared "
+                            f"without --slice-head): no stock architecture, so neither compressed-tensors nor GGUF "
+                            f"can express it; export a --rotation shared --slice-head SliceGPT output, or any pruned "
+                            f"or packed (w4g128, w4s24, sparse24) one")
     return src
 
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Exports of SmolLM2-135M (dense and Wanda 50%) to compressed-tensors and GGUF, each read back by another
+# engine: transformers (compressed-tensors decompressed on the CPU) and llama.cpp (llama-cpp-python), on the
+# P-cpu protocol's WikiText-2 windows (16 x 2048). Console output and commands: bench/results/export/export.log;
+# llama.cpp figures: bench/results/export/llamacpp.jsonl; manifests: bench/results/export/*.json.
+# Resumable: a step whose output exists is skipped. Needs llama-cpp-python in $LLAMACPP_PY's environment:
+#   python -m venv /root/venvs/llamacpp && /root/venvs/llamacpp/bin/pip install llama-cpp-python==0.3.36 numpy
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-$PWD}"
+R=${R:-runs/export}
+RES=bench/results/export
+L=$RES/export.log
+LLAMACPP_PY=${LLAMACPP_PY:-/root/venvs/llamacpp/bin/python}
+mkdir -p "$R" "$RES"
+run() {  # log the command, its output, wall time and peak RSS
+  echo "\$ $* # $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+  /usr/bin/time -f "wall %e s, peak RSS %M KB" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]|^Applying|^Compressing|^Decompressing" \
+    | tee -a "$L"
+}
+lp() { run python -m llmprune.cli "$@"; }
+keep() { cp "$1/llmprune.json" "$RES/$2.json"; }
+
+# sources: the unpruned model (magnitude at sparsity 0 prunes nothing) and Wanda 50%, P-cpu
+[ -d $R/llama-dense ] || lp compress --model llama --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --no-progress --out $R/llama-dense
+[ -d $R/llama-wanda-50 ] || lp compress --model llama --sparsity 0.5 --protocol cpu --no-dense-eval --no-progress --out $R/llama-wanda-50
+# llmprune's own int4: w4g128 RTN, symmetric (compressed-tensors' W4A16 grid; transformers reads only symmetric)
+for s in dense wanda-50; do
+  [ -d $R/llama-$s-w4g128 ] || lp pack $R/llama-$s --format w4g128 --quant rtn --grid sym --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-w4g128
+  keep $R/llama-$s llama-$s; keep $R/llama-$s-w4g128 llama-$s-w4g128
+done
+# compressed-tensors: the int4 outputs' codes as they are, and the dense Wanda output quantized on export
+# (RTN, symmetric: the same codes); perplexity of each export loaded by transformers' from_pretrained
+for s in dense-w4g128 wanda-50-w4g128 wanda-50; do
+  q=""; [ $s = wanda-50 ] && q="--quant rtn"
+  [ -d $R/llama-$s-ct ] || lp export $R/llama-$s --to compressed-tensors $q --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-ct
+  keep $R/llama-$s-ct llama-$s-ct
+done
+# GGUF F16 / Q8_0 / Q4_0 (tokenizer and chat template copied from the source GGUF)
+for s in dense wanda-50; do
+  [ -d $R/llama-$s-gguf ] || lp export $R/llama-$s --to gguf --type f16,q8_0,q4_0 --no-progress --out $R/llama-$s-gguf
+  keep $R/llama-$s-gguf llama-$s-gguf
+done
+# llama.cpp perplexity on llmprune's own evaluation windows
+NPY=$R/wt2-16x2048.npy
+[ -f $NPY ] || run python bench/llamacpp_ppl.py windows $R/llama-dense --seqlen 2048 --windows 16 --npy $NPY
+for s in dense wanda-50; do
+  for t in F16 Q8_0 Q4_0; do
+    f=$R/llama-$s-gguf/llama-$s-$t.gguf
+    grep -q "\"$f\"" $RES/llamacpp.jsonl 2>/dev/null && continue
+    echo "\$ $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $NPY # load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+    $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $NPY 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
+  done
+done
+ls -l $R/*/model.safetensors $R/*/*.gguf | tee $RES/sizes.txt
