@@ -4,7 +4,9 @@
 # P-cpu protocol's WikiText-2 windows (16 x 2048). Console output and commands: bench/results/export/export.log;
 # llama.cpp figures: bench/results/export/llamacpp.jsonl; manifests: bench/results/export/*.json.
 # Resumable: a step whose output exists is skipped. Needs llama-cpp-python in $LLAMACPP_PY's environment:
-#   python -m venv /root/venvs/llamacpp && /root/venvs/llamacpp/bin/pip install llama-cpp-python==0.3.36 numpy
+#   python -m venv /root/venvs/llamacpp && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+#   -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" /root/venvs/llamacpp/bin/pip install numpy \
+#   llama-cpp-python==0.3.36   (AMX off: its matmul segfaults on this machine, bench/README.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-$PWD}"
@@ -29,13 +31,22 @@ for s in dense wanda-50; do
   [ -d $R/llama-$s-w4g128 ] || lp pack $R/llama-$s --format w4g128 --quant rtn --grid sym --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-w4g128
   keep $R/llama-$s llama-$s; keep $R/llama-$s-w4g128 llama-$s-w4g128
 done
-# compressed-tensors: the int4 outputs' codes as they are, and the dense Wanda output quantized on export
-# (RTN, symmetric: the same codes); perplexity of each export loaded by transformers' from_pretrained
-for s in dense-w4g128 wanda-50-w4g128 wanda-50; do
-  q=""; [ $s = wanda-50 ] && q="--quant rtn"
-  [ -d $R/llama-$s-ct ] || lp export $R/llama-$s --to compressed-tensors $q --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-ct
+# compressed-tensors: the int4 outputs' codes as they are; perplexity of each export loaded by transformers'
+# from_pretrained (compressed-tensors decompresses on the CPU)
+for s in dense-w4g128 wanda-50-w4g128; do
+  [ -d $R/llama-$s-ct ] || lp export $R/llama-$s --to compressed-tensors --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-ct
   keep $R/llama-$s-ct llama-$s-ct
 done
+# and the dense Wanda output quantized on export (RTN, symmetric, auto groups): the same tensors as the export
+# of its w4g128 pack, so its perplexity is that one's (checked tensor by tensor, not re-measured)
+[ -d $R/llama-wanda-50-ct ] || lp export $R/llama-wanda-50 --to compressed-tensors --quant rtn --no-progress --out $R/llama-wanda-50-ct
+keep $R/llama-wanda-50-ct llama-wanda-50-ct
+run python -c "
+from safetensors.torch import load_file
+import torch, sys
+a, b = (load_file(sys.argv[i] + '/model.safetensors') for i in (1, 2))
+same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+print('quantized on export == export of the w4g128 pack, every tensor:', same)" $R/llama-wanda-50-ct $R/llama-wanda-50-w4g128-ct
 # GGUF F16 / Q8_0 / Q4_0 (tokenizer and chat template copied from the source GGUF)
 for s in dense wanda-50; do
   [ -d $R/llama-$s-gguf ] || lp export $R/llama-$s --to gguf --type f16,q8_0,q4_0 --no-progress --out $R/llama-$s-gguf
@@ -44,8 +55,8 @@ done
 # llama.cpp perplexity on llmprune's own evaluation windows
 NPY=$R/wt2-16x2048.npy
 [ -f $NPY ] || run python bench/llamacpp_ppl.py windows $R/llama-dense --seqlen 2048 --windows 16 --npy $NPY
-for s in dense wanda-50; do
-  for t in F16 Q8_0 Q4_0; do
+for t in F16 Q8_0 Q4_0; do
+  for s in dense wanda-50; do
     f=$R/llama-$s-gguf/llama-$s-$t.gguf
     grep -q "\"$f\"" $RES/llamacpp.jsonl 2>/dev/null && continue
     echo "\$ $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $NPY # load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"

@@ -182,7 +182,11 @@ def load(folder, dtype="float32", device="cpu"):
     e = mf.read(folder).export or {}
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kw = {"gguf_file": e["files"][0]} if e.get("to") == "gguf" else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **kw).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **kw).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as err:
+        why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
+        raise LLMPruneError(f"transformers cannot load {folder} ({str(err).splitlines()[0][:100]}): {why}") from None
     tok = AutoTokenizer.from_pretrained(folder, **kw)
     return model, tok
 
