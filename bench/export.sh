@@ -64,3 +64,20 @@ for t in F16 Q8_0 Q4_0; do
   done
 done
 ls -l $R/*/model.safetensors $R/*/*.gguf | tee $RES/sizes.txt
+
+# Gemma-3-270M, unpruned, as GGUF F16 and Q8_0 through llama.cpp: 4 windows of 2048 on both sides (its 262k
+# vocabulary makes each window's logits 2 GB in llama.cpp); `bash bench/export.sh gemma`
+[ "${1:-}" = gemma ] || exit 0
+[ -d $R/gemma3-dense ] || lp compress --model gemma3 --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --eval-windows 4 --no-progress --out $R/gemma3-dense
+keep $R/gemma3-dense gemma3-dense
+[ -d $R/gemma3-dense-gguf ] || lp export $R/gemma3-dense --to gguf --type f16,q8_0 --no-progress --out $R/gemma3-dense-gguf
+keep $R/gemma3-dense-gguf gemma3-dense-gguf
+GNPY=$R/gemma3-wt2-4x2048.npy
+[ -f $GNPY ] || run python bench/llamacpp_ppl.py windows $R/gemma3-dense --seqlen 2048 --windows 4 --npy $GNPY
+for t in F16 Q8_0; do
+  f=$R/gemma3-dense-gguf/gemma3-dense-$t.gguf
+  grep -q "\"$f\"" $RES/llamacpp.jsonl 2>/dev/null && continue
+  echo "\$ $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $GNPY # load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+  $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $GNPY 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
+done
+ls -l $R/*/model.safetensors $R/*/*.gguf | tee $RES/sizes.txt

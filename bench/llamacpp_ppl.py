@@ -43,10 +43,12 @@ def ppl(args) -> None:
     for w in data:
         llm.reset()
         llm.eval(w.tolist())
-        logits = np.asarray(llm.scores[: seqlen - 1], dtype=np.float64)  # (seqlen-1, vocab)
-        m = logits.max(1, keepdims=True)
-        logz = (m[:, 0] + np.log(np.exp(logits - m).sum(1)))  # (seqlen-1,)
-        nll += float((logz - logits[np.arange(seqlen - 1), w[1:]]).sum())
+        for s in range(0, seqlen - 1, 256):  # rows in chunks: a 262k vocabulary (Gemma-3) stays small
+            e = min(s + 256, seqlen - 1)
+            logits = np.asarray(llm.scores[s:e], dtype=np.float64)  # (rows, vocab)
+            m = logits.max(1, keepdims=True)
+            logz = m[:, 0] + np.log(np.exp(logits - m).sum(1))  # (rows,)
+            nll += float((logz - logits[np.arange(e - s), w[s + 1 : e + 1]]).sum())
         count += seqlen - 1
     print(json.dumps({"gguf": args.gguf, "ppl": math.exp(nll / count), "windows": int(n), "seqlen": int(seqlen),
                       "tokens": count, "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads,
