@@ -24,12 +24,16 @@ lp() { run python -m llmprune.cli "$@"; }
 keep() { cp "$1/llmprune.json" "$RES/$2.json"; }
 
 # sources: the unpruned model (magnitude at sparsity 0 prunes nothing) and Wanda 50%, P-cpu
+STAGE=${1:-all}  # all | ct | gguf | gemma
 [ -d $R/llama-dense ] || lp compress --model llama --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --no-progress --out $R/llama-dense
 [ -d $R/llama-wanda-50 ] || lp compress --model llama --sparsity 0.5 --protocol cpu --no-dense-eval --no-progress --out $R/llama-wanda-50
+for s in dense wanda-50; do keep $R/llama-$s llama-$s; done
+
+if [ $STAGE = all ] || [ $STAGE = ct ]; then
 # llmprune's own int4: w4g128 RTN, symmetric (compressed-tensors' W4A16 grid; transformers reads only symmetric)
 for s in dense wanda-50; do
   [ -d $R/llama-$s-w4g128 ] || lp pack $R/llama-$s --format w4g128 --quant rtn --grid sym --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-w4g128
-  keep $R/llama-$s llama-$s; keep $R/llama-$s-w4g128 llama-$s-w4g128
+  keep $R/llama-$s-w4g128 llama-$s-w4g128
 done
 # compressed-tensors: the int4 outputs' codes as they are; perplexity of each export loaded by transformers'
 # from_pretrained (compressed-tensors decompresses on the CPU)
@@ -47,37 +51,44 @@ import torch, sys
 a, b = (load_file(sys.argv[i] + '/model.safetensors') for i in (1, 2))
 same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 print('quantized on export == export of the w4g128 pack, every tensor:', same)" $R/llama-wanda-50-ct $R/llama-wanda-50-w4g128-ct
-# GGUF F16 / Q8_0 / Q4_0 (tokenizer and chat template copied from the source GGUF)
+fi
+
+llamacpp() {  # GGUF file, windows: llama.cpp's perplexity into llamacpp.jsonl (once)
+  grep -q "\"$1\"" $RES/llamacpp.jsonl 2>/dev/null && return
+  echo "\$ OMP_WAIT_POLICY=PASSIVE $LLAMACPP_PY bench/llamacpp_ppl.py ppl $1 --npy $2 # $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+  OMP_WAIT_POLICY=PASSIVE $LLAMACPP_PY bench/llamacpp_ppl.py ppl $1 --npy $2 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
+}
+reference() {  # llmprune output, windows: llmprune's own figure on the same windows (once)
+  grep -q "\"src\": \"$1\".*\"windows\": $3," $RES/llamacpp.jsonl 2>/dev/null && return
+  echo "\$ python bench/llamacpp_ppl.py ref $1 --npy $2 # $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+  python bench/llamacpp_ppl.py ref $1 --npy $2 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
+}
+
+if [ $STAGE = all ] || [ $STAGE = gguf ]; then
+# GGUF F16 / Q8_0 / Q4_0 (tokenizer and chat template copied from the source GGUF), then llama.cpp's perplexity
+# on 8 of the P-cpu windows (llama.cpp runs one thread here: 8 x 2048 tokens take ~6 min a file) next to
+# llmprune's own figure on the same 8 windows
 for s in dense wanda-50; do
   [ -d $R/llama-$s-gguf ] || lp export $R/llama-$s --to gguf --type f16,q8_0,q4_0 --no-progress --out $R/llama-$s-gguf
   keep $R/llama-$s-gguf llama-$s-gguf
 done
-# llama.cpp perplexity on llmprune's own evaluation windows
-NPY=$R/wt2-16x2048.npy
-[ -f $NPY ] || run python bench/llamacpp_ppl.py windows $R/llama-dense --seqlen 2048 --windows 16 --npy $NPY
+NPY=$R/wt2-8x2048.npy
+[ -f $NPY ] || run python bench/llamacpp_ppl.py windows $R/llama-dense --seqlen 2048 --windows 8 --npy $NPY
+for s in dense wanda-50; do reference $R/llama-$s $NPY 8; done
 for t in F16 Q8_0 Q4_0; do
-  for s in dense wanda-50; do
-    f=$R/llama-$s-gguf/llama-$s-$t.gguf
-    grep -q "\"$f\"" $RES/llamacpp.jsonl 2>/dev/null && continue
-    echo "\$ $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $NPY # load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
-    $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $NPY 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
-  done
+  for s in dense wanda-50; do llamacpp $R/llama-$s-gguf/llama-$s-$t.gguf $NPY; done
 done
-ls -l $R/*/model.safetensors $R/*/*.gguf | tee $RES/sizes.txt
+fi
 
-# Gemma-3-270M, unpruned, as GGUF F16 and Q8_0 through llama.cpp: 4 windows of 2048 on both sides (its 262k
-# vocabulary makes each window's logits 2 GB in llama.cpp); `bash bench/export.sh gemma`
-[ "${1:-}" = gemma ] || exit 0
-[ -d $R/gemma3-dense ] || lp compress --model gemma3 --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --eval-windows 4 --no-progress --out $R/gemma3-dense
-keep $R/gemma3-dense gemma3-dense
+# Gemma-3-270M, unpruned, as GGUF F16 and Q8_0 through llama.cpp: 2 windows of 2048 on both sides (its 262k
+# vocabulary: 2 GB of logits a window in llama.cpp, 15 s a window in llmprune)
+if [ $STAGE = gemma ]; then
+[ -d $R/gemma3-dense ] || lp compress --model gemma3 --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --eval none --no-progress --out $R/gemma3-dense
 [ -d $R/gemma3-dense-gguf ] || lp export $R/gemma3-dense --to gguf --type f16,q8_0 --no-progress --out $R/gemma3-dense-gguf
 keep $R/gemma3-dense-gguf gemma3-dense-gguf
-GNPY=$R/gemma3-wt2-4x2048.npy
-[ -f $GNPY ] || run python bench/llamacpp_ppl.py windows $R/gemma3-dense --seqlen 2048 --windows 4 --npy $GNPY
-for t in F16 Q8_0; do
-  f=$R/gemma3-dense-gguf/gemma3-dense-$t.gguf
-  grep -q "\"$f\"" $RES/llamacpp.jsonl 2>/dev/null && continue
-  echo "\$ $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $GNPY # load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
-  $LLAMACPP_PY bench/llamacpp_ppl.py ppl $f --npy $GNPY 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
-done
-ls -l $R/*/model.safetensors $R/*/*.gguf | tee $RES/sizes.txt
+GNPY=$R/gemma3-wt2-2x2048.npy
+[ -f $GNPY ] || run python bench/llamacpp_ppl.py windows $R/gemma3-dense --seqlen 2048 --windows 2 --npy $GNPY
+reference $R/gemma3-dense $GNPY 2
+for t in F16 Q8_0; do llamacpp $R/gemma3-dense-gguf/gemma3-dense-$t.gguf $GNPY; done
+fi
+ls -l $R/*/model.safetensors $R/*/*.gguf > $RES/sizes.txt

@@ -7,6 +7,8 @@ Two steps, two environments (llama-cpp-python is built from PyPI in its own venv
     python bench/llamacpp_ppl.py windows OUT_DIR --seqlen 2048 --windows 16 --npy /tmp/wt2-16x2048.npy
     # 2. the perplexity, with llama.cpp: next-token NLL of every position, mean over all windows, exp
     /root/venvs/llamacpp/bin/python bench/llamacpp_ppl.py ppl FILE.gguf --npy /tmp/wt2-16x2048.npy
+    # 3. llmprune's own figure of an output on the same windows (llmprune.load, fp32)
+    python bench/llamacpp_ppl.py ref OUT_DIR --npy /tmp/wt2-16x2048.npy
 """
 from __future__ import annotations
 
@@ -28,6 +30,23 @@ def windows(args) -> None:
     data = ids[: n * args.seqlen].view(n, args.seqlen).numpy().astype(np.int32)  # (windows, seqlen)
     np.save(args.npy, data)
     print(json.dumps({"npy": args.npy, "windows": n, "seqlen": args.seqlen, "source": where}))
+
+
+def ref(args) -> None:
+    import numpy as np
+    import torch
+
+    import llmprune
+    from llmprune.eval.perplexity import window_nll
+
+    model, _, _ = llmprune.load(args.src)
+    data = torch.from_numpy(np.load(args.npy)).long()  # (windows, seqlen)
+    t0 = time.perf_counter()
+    nll = sum(float(window_nll(model, w[None]).sum()) for w in data)
+    n, seqlen = data.shape
+    print(json.dumps({"src": args.src, "ppl": math.exp(nll / (n * (seqlen - 1))), "windows": int(n),
+                      "seqlen": int(seqlen), "seconds": round(time.perf_counter() - t0, 1),
+                      "engine": "llmprune.load (fp32)"}))
 
 
 def ppl(args) -> None:
@@ -66,10 +85,14 @@ def main() -> None:
     q = sub.add_parser("ppl")
     q.add_argument("gguf")
     q.add_argument("--npy", required=True)
-    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine OpenMP's second thread "
+                                                            "spins and costs 3x (bench/README.md)")
     q.add_argument("--batch", type=int, default=512)
+    r = sub.add_parser("ref")
+    r.add_argument("src", help="an llmprune output")
+    r.add_argument("--npy", required=True)
     a = p.parse_args()
-    (windows if a.cmd == "windows" else ppl)(a)
+    {"windows": windows, "ppl": ppl, "ref": ref}[a.cmd](a)
 
 
 if __name__ == "__main__":
