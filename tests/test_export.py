@@ -309,6 +309,10 @@ def test_compress_export_python_call_load_and_card(tmp_path, capsys, tiny_dir, c
     assert m["out"] == str(tmp_path / "ct")
     model, tok, man = llmprune.load(str(g))  # through transformers' GGUF reader
     assert man["export"]["to"] == "gguf" and model(_ids()).logits.shape[-1] == model.config.vocab_size
+    from llmprune.eval.perplexity import window_nll
+
+    ct, _, _ = llmprune.load(str(tmp_path / "ct"))  # decompressed for the base-model forward perplexity uses
+    assert torch.isfinite(window_nll(ct, _ids())).all()
     cards = {to: hub.model_card(json.loads((d / "llmprune.json").read_text()), "me/x")
              for to, d in (("gguf", g), ("compressed-tensors", tmp_path / "ct"))}
     assert "library_name: gguf" in cards["gguf"] and "- gguf" in cards["gguf"]

@@ -187,6 +187,9 @@ def load(folder, dtype="float32", device="cpu"):
     except (OSError, ValueError, RuntimeError) as err:
         why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
         raise LLMPruneError(f"transformers cannot load {folder} ({str(err).splitlines()[0][:100]}): {why}") from None
+    if hasattr(model, "ct_decompress_hook"):  # compressed-tensors decompresses on the whole model's first forward
+        with torch.no_grad():  # (a pre-hook); llmprune's perplexity calls model.base_model, so run that one here
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
     tok = AutoTokenizer.from_pretrained(folder, **kw)
     return model, tok
 
