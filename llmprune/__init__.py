@@ -8,6 +8,7 @@ _LAZY = {
     "compress": ("llmprune.api", "compress"),
     "evaluate": ("llmprune.api", "evaluate"),
     "load": ("llmprune.api", "load"),
+    "export": ("llmprune.export", "export"),
     "CompressConfig": ("llmprune.config", "CompressConfig"),
     "LLMPruneError": ("llmprune.errors", "LLMPruneError"),
 }

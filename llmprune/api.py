@@ -29,9 +29,18 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     cfg = config if config is not None else CompressConfig.from_dict(kwargs)
     t = pipeline.Timer()
     p = pipeline.plan(cfg)
+    c = p.cfg
+    if c.export:  # refused before any work: an unknown target or an export folder in the way
+        from . import export
+
+        export.precheck(c.export, c.export_types)
+        outdir.check_out(export.default_out(p.out, c.export), c.overwrite)
     run = _compress_onload if p.onload else _compress_whole
     m = run(p, t, command)
-    return {**m.to_dict(), "out": str(p.out)}
+    res = {**m.to_dict(), "out": str(p.out)}
+    if c.export:
+        res["exported"] = _export_after(c, p.out, command)
+    return res
 
 
 def _finish(m: mf.Manifest, p, t, command) -> None:
@@ -141,10 +150,24 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     return m
 
 
+def _export_after(c: CompressConfig, out: Path, command: str | None) -> dict:
+    """`compress --export`: the output just written, exported into OUT-<target> (same calibration for GPTQ)."""
+    from . import export
+
+    return export.export(out, c.export, types=c.export_types, quant=c.export_quant, calib=c.calib,
+                         nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, overwrite=c.overwrite,
+                         progress=c.progress, command=command, device=c.device)
+
+
 def load(path_or_spec: str, dtype="float32", device="cpu"):
     """An llmprune output folder -> (model, tokenizer, manifest); anything --model accepts ->
     (model, tokenizer, None)."""
     p = Path(path_or_spec)
+    if p.is_dir() and mf.exists(p) and mf.read(p).export:  # a folder for another engine: read as that engine's
+        from . import export  # transformers reader reads it
+
+        model, tok = export.load(p, dtype=dtype, device=device)
+        return model, tok, mf.read(p).to_dict()
     if p.is_dir() and mf.exists(p):
         from . import checkpoint
 

@@ -84,6 +84,11 @@ def _add_compress(sub):
     g.add_argument("--recover-steps", type=int, default=200)
     g.add_argument("--recover-lr", type=float, default=None)
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--export", default=None, choices=["compressed-tensors", "gguf"],
+                   help="also export the output for another engine, into OUT-<target> (see `llmprune export -h`)")
+    g.add_argument("--export-type", default="f16", help="with --export gguf: f16,q8_0,q4_0,... (one file each)")
+    g.add_argument("--export-quant", default=None, help="with --export compressed-tensors of an unquantized "
+                                                        "output: rtn (default) | gptq")
     p.set_defaults(func=cmd_compress)
 
 
@@ -111,11 +116,14 @@ def cmd_compress(a) -> int:
         gptq=_gptq_opts(a) or None,
         recover=({"method": a.recover, "steps": a.recover_steps,
                   **({"lr": a.recover_lr} if a.recover_lr else {})} if a.recover else None),
+        export=a.export, export_types=a.export_type, export_quant=a.export_quant,
     )
     m = api.compress(cfg, command=a.command_line)
     print_summary(m)
     if "format" in m:
         print_format(m)
+    if m.get("exported"):
+        print_export(m["exported"])
     return 0
 
 
@@ -390,6 +398,57 @@ def print_format(m: dict) -> None:
               f"{t['kl_after']:.4g}, " + ("tuned scales kept" if t["kept"] == "tuned" else "no gain: GPTQ's scales kept"))
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="write an output for another engine: compressed-tensors (vLLM, SGLang) or "
+                                      "GGUF (llama.cpp, Ollama)")
+    p.add_argument("src", help="an llmprune output folder")
+    p.add_argument("--to", required=True, choices=["compressed-tensors", "gguf"])
+    p.add_argument("--out", default=None, help="output folder (default: SRC-<target>)")
+    p.add_argument("--type", default="f16", help="gguf: f32,f16,bf16,q8_0,q4_0,q4_1,q5_0,q5_1 (comma list: one file "
+                                                 "each)")
+    g = p.add_argument_group("compressed-tensors of an unquantized output (dense, sparse24): int4 on export")
+    g.add_argument("--quant", default=None, help="rtn (default) | gptq")
+    g.add_argument("--group-size", default="auto", help="128, 64, 32 or auto (the largest that divides each layer)")
+    g.add_argument("--grid", default="auto", choices=GRIDS, help="int4 grid (auto: sym, compressed-tensors' W4A16)")
+    _add_gptq_args(g)
+    g.add_argument("--calib", default="c4")
+    g.add_argument("--nsamples", type=int, default=128)
+    g.add_argument("--seqlen", type=int, default=2048)
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dtype", default="float16", help="compressed-tensors: the unquantized tensors' dtype")
+    p.add_argument("--eval", default="none", help="perplexity of the export read back by transformers: wikitext2,c4")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a) -> int:
+    from . import export
+
+    gs = a.group_size if a.group_size == "auto" else int(a.group_size)
+    m = export.export(a.src, a.to, a.out, quant=a.quant, group_size=gs, grid=a.grid, types=a.type,
+                      save_dtype=a.save_dtype, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                      gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen,
+                      eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
+                      progress=not a.no_progress, command=a.command_line)
+    print_export(m)
+    print_eval(m.get("eval", {}))
+    return 0
+
+
+def print_export(m: dict) -> None:
+    e = m["export"]
+    sizes = e["bytes"] if isinstance(e["bytes"], dict) else {e["files"][0]: e["bytes"]}
+    print(f"exported {m['out']}  ({e['to']}, from {e['source_format']})")
+    for f, b in sizes.items():
+        print(f"  {f}  {b / 2**20:.1f} MiB")
+    if e.get("note"):
+        print(f"  note: {e['note']}")
+
+
 def _add_push(sub):
     p = sub.add_parser("push", help="upload an output folder to the Hugging Face Hub with a model card")
     p.add_argument("src")
@@ -426,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_recover(sub)
     _add_pack(sub)
+    _add_export(sub)
     _add_push(sub)
     _add_bench(sub)
     _add_sweep(sub)

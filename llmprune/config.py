@@ -180,6 +180,10 @@ class CompressConfig:
     save_dtype: str = "auto"  # stored floats: auto = packed formats float16, dense outputs the source's dtype
     gptq: GPTQConfig | None = None  # None: the defaults, when --quant gptq
     recover: RecoverConfig | None = None
+    # export for another engine after the output is written (llmprune/export): "compressed-tensors" | "gguf"
+    export: str | None = None
+    export_types: str = "f16"  # gguf: comma list of types
+    export_quant: str | None = None  # compressed-tensors of an unquantized output: rtn | gptq
     version: int = CONFIG_VERSION
 
     @classmethod
@@ -238,6 +242,10 @@ class CompressConfig:
         if self.format == "dense" and (self.quant is not None or self.grid != "auto"):
             raise LLMPruneError("--quant and --grid quantize the packed int4 formats: add --format w4g128, w4s24 "
                                 "or w4s50")
+        if self.export not in (None, "compressed-tensors", "gguf"):
+            raise LLMPruneError(f"--export {self.export!r}: choose compressed-tensors or gguf")
+        if self.export_quant not in (None, "rtn", "gptq"):
+            raise LLMPruneError(f"--export-quant {self.export_quant!r}: choose rtn or gptq")
         if self.gptq is not None and self.quant != "gptq" and self.gptq != GPTQConfig():
             raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: "
                                 "add --quant gptq or drop them")

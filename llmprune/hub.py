@@ -80,7 +80,42 @@ def _tags(manifest: dict) -> list[str]:
         tags.append(str(fmt["name"]))
     if fmt.get("quant"):
         tags.append("quantized")
+    exp = manifest.get("export") or {}
+    if exp.get("to"):
+        tags += EXPORT_TAGS.get(exp["to"], [str(exp["to"])])
     return list(dict.fromkeys(tags))  # unique, order kept
+
+
+# What the Hub expects of an export (llmprune/export): its library and tags, so the Hub offers the engine's
+# own "use this model" snippets (vLLM for compressed-tensors, llama.cpp / Ollama for GGUF).
+EXPORT_LIBRARY = {"compressed-tensors": "transformers", "gguf": "gguf"}
+EXPORT_TAGS = {"compressed-tensors": ["compressed-tensors", "int4", "w4a16", "quantized"], "gguf": ["gguf"]}
+
+
+def _library(manifest: dict) -> str:
+    return EXPORT_LIBRARY.get((manifest.get("export") or {}).get("to"), "transformers")
+
+
+def _export_lines(manifest: dict, repo_id: str) -> list[str]:
+    """How to load an export, and what its engine does with a pruned model's zeros."""
+    e = manifest.get("export") or {}
+    _, measured = _sparsity(manifest)
+    zeros = []
+    if measured:
+        zeros = ["", (f"The pruned weights ({_pct(measured)} of the pruned layers) are stored as exact zeros, but the "
+                      "serving engine computes with them as with any dense weight: it does not exploit the sparsity, "
+                      "so size and speed are those of a dense model in this format.")]
+    hf = "from transformers import AutoModelForCausalLM"
+    if e.get("to") == "gguf":
+        files = e.get("files") or ["model.gguf"]
+        quant = Path(files[0]).stem.rsplit("-", 1)[-1]
+        load = f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", gguf_file="{files[0]}")'
+        return [f"GGUF files for llama.cpp and Ollama: {', '.join(files)}.", "", "```bash",
+                f"llama-cli -hf {repo_id}:{quant}", "```", "", "```python", hf, "", load, "```", *zeros]
+    load = f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")  # with compressed-tensors installed'
+    note = ["", f"Note: {e['note']}."] if e.get("note") else []
+    return ["A compressed-tensors `pack-quantized` W4A16 checkpoint (int4 weights, 16-bit activations):", "",
+            "```bash", f"vllm serve {repo_id}", "```", "", "```python", hf, "", load, "```", *note, *zeros]
 
 
 def _eval_results(manifest: dict) -> list[Any]:
@@ -198,6 +233,15 @@ def _format(fmt: dict) -> str:
     return ", ".join(parts)
 
 
+def _export_format(e: dict | None) -> str | None:
+    if not e:
+        return None
+    sizes = e["bytes"] if isinstance(e.get("bytes"), dict) else {f: e.get("bytes") for f in e.get("files", [])}
+    files = ", ".join(f"{f} {b / 2**20:.1f} MiB" for f, b in sizes.items() if isinstance(b, (int, float)))
+    what = e.get("scheme") or ", ".join(e.get("types", []))
+    return f"{e.get('to')} ({what}) from llmprune {e.get('source_format')}: {files}"
+
+
 def _recipe(manifest: dict) -> list[str]:
     model = manifest.get("model") or {}
     target, measured = _sparsity(manifest)
@@ -210,7 +254,7 @@ def _recipe(manifest: dict) -> list[str]:
         ("sparsity target", _pct(target) if target is not None else None),
         ("sparsity measured", _pct(measured) if measured is not None else None),
         ("calibration", _calibration(manifest.get("calibration") or {})),
-        ("stored format", _format(manifest.get("format") or {})),
+        ("stored format", _export_format(manifest.get("export")) or _format(manifest.get("format") or {})),
         ("compress time", _unit((manifest.get("timings") or {}).get("compress_s"), "s")),
         ("peak RSS", _unit(manifest.get("peak_rss_mib"), "MiB")),
         ("llmprune", manifest.get("llmprune_version")),
@@ -220,6 +264,8 @@ def _recipe(manifest: dict) -> list[str]:
 
 
 def _how_to_load(manifest: dict, repo_id: str) -> list[str]:
+    if manifest.get("export"):
+        return _export_lines(manifest, repo_id)
     fmt = (manifest.get("format") or {}).get("name")
     if fmt:
         return [
@@ -272,6 +318,8 @@ def _what_was_done(manifest: dict) -> str:
         said.append(f"int4 scales tuned end to end ({tune.get('steps', '?')} steps; codes and mask fixed)")
     if "pack" in steps:
         said.append(f"packed as {fmt.get('name')}")
+    if "export" in steps:
+        said.append(f"exported to {(manifest.get('export') or {}).get('to')}")
     trained = "recover" in steps or "tune-scales" in steps
     return "; ".join(said + ["post-training" + (", with the training above" if trained else ", no retraining")])
 
@@ -296,7 +344,7 @@ def model_card(manifest: dict, repo_id: str) -> str:
     results = _eval_results(manifest)
     data = ModelCardData(
         base_model=base,
-        library_name="transformers",
+        library_name=_library(manifest),
         pipeline_tag="text-generation",
         license=license_,
         tags=_tags(manifest),

@@ -25,7 +25,7 @@ from .errors import LLMPruneError
 NAME = "llmprune.json"
 VERSION = 2
 SAVED = "saved output, loaded with llmprune.load"
-STEPS = ("prune", "slice", "recover", "quantize", "tune-scales", "pack")
+STEPS = ("prune", "slice", "recover", "quantize", "tune-scales", "pack", "export")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Manifest:
     calibration: dict | None = None
     recover: dict | None = None
     format: dict | None = None  # packed formats: packed.FormatSection as a dict
+    export: dict | None = None  # a folder for another engine (llmprune/export): {"to", "files", ...}
     # quality, measured on this folder
     eval: dict = field(default_factory=dict)  # dataset -> {"ppl", "seqlen", "windows", ..., "measured_on"}
     zeroshot: dict | None = None
@@ -63,6 +64,7 @@ class Manifest:
     command: str | None = None
     recovered_from: str | None = None
     packed_from: str | None = None
+    exported_from: str | None = None
     format_version: int = VERSION
     llmprune_version: str = __version__
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as they were

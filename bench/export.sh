@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Exports of SmolLM2-135M (dense and Wanda 50%) to compressed-tensors and GGUF, each read back by another
+# engine: transformers (compressed-tensors decompressed on the CPU) and llama.cpp (llama-cpp-python), on the
+# P-cpu protocol's WikiText-2 windows (16 x 2048). Console output and commands: bench/results/export/export.log;
+# llama.cpp figures: bench/results/export/llamacpp.jsonl; manifests: bench/results/export/*.json.
+# Resumable: a step whose output exists is skipped. Needs llama-cpp-python in $LLAMACPP_PY's environment:
+#   python -m venv /root/venvs/llamacpp && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+#   -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" /root/venvs/llamacpp/bin/pip install numpy \
+#   llama-cpp-python==0.3.36   (AMX off: its matmul segfaults on this machine, bench/README.md)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-$PWD}"
+R=${R:-runs/export}
+RES=bench/results/export
+L=$RES/export.log
+LLAMACPP_PY=${LLAMACPP_PY:-/root/venvs/llamacpp/bin/python}
+mkdir -p "$R" "$RES"
+run() {  # log the command, its output, wall time and peak RSS
+  echo "\$ $* # $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+  /usr/bin/time -f "wall %e s, peak RSS %M KB" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]|^Applying|^Compressing|^Decompressing" \
+    | tee -a "$L"
+}
+lp() { run python -m llmprune.cli "$@"; }
+keep() { cp "$1/llmprune.json" "$RES/$2.json"; }
+
+# sources: the unpruned model (magnitude at sparsity 0 prunes nothing) and Wanda 50%, P-cpu
+STAGE=${1:-all}  # all | ct | gguf | gemma
+[ -d $R/llama-dense ] || lp compress --model llama --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --no-progress --out $R/llama-dense
+[ -d $R/llama-wanda-50 ] || lp compress --model llama --sparsity 0.5 --protocol cpu --no-dense-eval --no-progress --out $R/llama-wanda-50
+for s in dense wanda-50; do keep $R/llama-$s llama-$s; done
+
+if [ $STAGE = all ] || [ $STAGE = ct ]; then
+# llmprune's own int4: w4g128 RTN, symmetric (compressed-tensors' W4A16 grid; transformers reads only symmetric)
+for s in dense wanda-50; do
+  [ -d $R/llama-$s-w4g128 ] || lp pack $R/llama-$s --format w4g128 --quant rtn --grid sym --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-w4g128
+  keep $R/llama-$s-w4g128 llama-$s-w4g128
+done
+# compressed-tensors: the int4 outputs' codes as they are; perplexity of each export loaded by transformers'
+# from_pretrained (compressed-tensors decompresses on the CPU)
+for s in dense-w4g128 wanda-50-w4g128; do
+  [ -d $R/llama-$s-ct ] || lp export $R/llama-$s --to compressed-tensors --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-ct
+  keep $R/llama-$s-ct llama-$s-ct
+done
+# and the dense Wanda output quantized on export (RTN, symmetric, auto groups): the same tensors as the export
+# of its w4g128 pack, so its perplexity is that one's (checked tensor by tensor, not re-measured)
+[ -d $R/llama-wanda-50-ct ] || lp export $R/llama-wanda-50 --to compressed-tensors --quant rtn --no-progress --out $R/llama-wanda-50-ct
+keep $R/llama-wanda-50-ct llama-wanda-50-ct
+run python -c "
+from safetensors.torch import load_file
+import torch, sys
+a, b = (load_file(sys.argv[i] + '/model.safetensors') for i in (1, 2))
+same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+print('quantized on export == export of the w4g128 pack, every tensor:', same)" $R/llama-wanda-50-ct $R/llama-wanda-50-w4g128-ct
+fi
+
+llamacpp() {  # GGUF file, windows: llama.cpp's perplexity into llamacpp.jsonl (once)
+  grep -q "\"$1\"" $RES/llamacpp.jsonl 2>/dev/null && return
+  echo "\$ OMP_WAIT_POLICY=PASSIVE $LLAMACPP_PY bench/llamacpp_ppl.py ppl $1 --npy $2 # $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+  OMP_WAIT_POLICY=PASSIVE $LLAMACPP_PY bench/llamacpp_ppl.py ppl $1 --npy $2 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
+}
+reference() {  # llmprune output, windows: llmprune's own figure on the same windows (once)
+  grep -q "\"src\": \"$1\".*\"windows\": $3," $RES/llamacpp.jsonl 2>/dev/null && return
+  echo "\$ python bench/llamacpp_ppl.py ref $1 --npy $2 # $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$L"
+  python bench/llamacpp_ppl.py ref $1 --npy $2 2>>"$L" | tee -a "$L" >> $RES/llamacpp.jsonl
+}
+
+if [ $STAGE = all ] || [ $STAGE = gguf ]; then
+# GGUF F16 / Q8_0 / Q4_0 (tokenizer and chat template copied from the source GGUF), then llama.cpp's perplexity
+# on 8 of the P-cpu windows (llama.cpp runs one thread here: 8 x 2048 tokens take ~6 min a file) next to
+# llmprune's own figure on the same 8 windows
+for s in dense wanda-50; do
+  [ -d $R/llama-$s-gguf ] || lp export $R/llama-$s --to gguf --type f16,q8_0,q4_0 --no-progress --out $R/llama-$s-gguf
+  keep $R/llama-$s-gguf llama-$s-gguf
+done
+NPY=$R/wt2-8x2048.npy
+[ -f $NPY ] || run python bench/llamacpp_ppl.py windows $R/llama-dense --seqlen 2048 --windows 8 --npy $NPY
+for s in dense wanda-50; do reference $R/llama-$s $NPY 8; done
+for t in F16 Q8_0 Q4_0; do
+  for s in dense wanda-50; do llamacpp $R/llama-$s-gguf/llama-$s-$t.gguf $NPY; done
+done
+fi
+
+# Gemma-3-270M, unpruned, as GGUF F16 and Q8_0 through llama.cpp: 2 windows of 2048 on both sides (its 262k
+# vocabulary: 2 GB of logits a window in llama.cpp, 15 s a window in llmprune)
+if [ $STAGE = gemma ]; then
+[ -d $R/gemma3-dense ] || lp compress --model gemma3 --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --eval none --no-progress --out $R/gemma3-dense
+[ -d $R/gemma3-dense-gguf ] || lp export $R/gemma3-dense --to gguf --type f16,q8_0 --no-progress --out $R/gemma3-dense-gguf
+keep $R/gemma3-dense-gguf gemma3-dense-gguf
+GNPY=$R/gemma3-wt2-2x2048.npy
+[ -f $GNPY ] || run python bench/llamacpp_ppl.py windows $R/gemma3-dense --seqlen 2048 --windows 2 --npy $GNPY
+reference $R/gemma3-dense $GNPY 2
+for t in F16 Q8_0; do llamacpp $R/gemma3-dense-gguf/gemma3-dense-$t.gguf $GNPY; done
+fi
+ls -l $R/*/model.safetensors $R/*/*.gguf > $RES/sizes.txt

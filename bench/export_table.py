@@ -1,0 +1,72 @@
+"""The README's export table from bench/results/export (made by bench/export.sh): for each SmolLM2 source,
+llmprune's own outputs next to their exports, each file's size and its WikiText-2 perplexity as the reader
+named in the row computes it. Rows compared with each other use the same token windows: 16 x 2048 for
+llmprune's formats and compressed-tensors, 8 x 2048 (the first 8 of those) for llama.cpp and the
+llmprune figure it is compared with.
+
+    python bench/export_table.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RES = Path(__file__).resolve().parent / "results" / "export"
+
+
+def sizes() -> dict[str, int]:
+    """"<folder>/<file>" -> bytes, from the `ls -l` listing in sizes.txt."""
+    out = {}
+    for line in (RES / "sizes.txt").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 9:
+            out["/".join(Path(parts[-1]).parts[-2:])] = int(parts[4])
+    return out
+
+
+def manifest_ppl(name: str) -> float | None:
+    p = RES / f"{name}.json"
+    if not p.exists():
+        return None
+    return ((json.loads(p.read_text()).get("eval") or {}).get("wikitext2") or {}).get("ppl")
+
+
+def jsonl() -> list[dict]:
+    p = RES / "llamacpp.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+def rows(src: str, label: str) -> list[str]:
+    sz, runs = sizes(), jsonl()
+    lcpp = {"/".join(Path(r["gguf"]).parts[-2:]): r for r in runs if "gguf" in r}
+    ref8 = next((r["ppl"] for r in runs if r.get("src", "").endswith(f"/llama-{src}")), None)
+    dense16, w4 = manifest_ppl(f"llama-{src}"), manifest_ppl(f"llama-{src}-w4g128")
+
+    def line(what, reader, file, windows, p, ref, ref_name):
+        mib = f"{sz[file] / 2**20:.0f}" if file in sz else "-"
+        vs = f"{p / ref:.4f} (vs {ref_name})" if p and ref else "-"
+        return f"| {label} | {what} | {reader} | {mib} | {windows} | {f'{p:.2f}' if p else '-'} | {vs} |"
+
+    out = [line("llmprune dense (fp32, zeros in place)", "llmprune.load", f"llama-{src}/model.safetensors", 16,
+                dense16, None, ""),
+           line("llmprune w4g128 (RTN, symmetric)", "llmprune.load", f"llama-{src}-w4g128/model.safetensors", 16,
+                w4, dense16, "dense"),
+           line("compressed-tensors W4A16 of that w4g128", "transformers", f"llama-{src}-w4g128-ct/model.safetensors",
+                16, manifest_ppl(f"llama-{src}-w4g128-ct"), w4, "w4g128"),
+           line("llmprune dense (fp32, zeros in place)", "llmprune.load", f"llama-{src}/model.safetensors", 8, ref8,
+                None, "")]
+    for t in ("F16", "Q8_0", "Q4_0"):
+        f = f"llama-{src}-gguf/llama-{src}-{t}.gguf"
+        out.append(line(f"GGUF {t}", "llama.cpp", f, 8, (lcpp.get(f) or {}).get("ppl"), ref8, "dense, 8 windows"))
+    return out
+
+
+def main() -> None:
+    print("| model | artifact | read by | MiB | windows of 2048 | WikiText-2 ppl | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for src, label in (("dense", "SmolLM2-135M"), ("wanda-50", "Wanda 50%")):
+        print("\n".join(rows(src, label)))
+
+
+if __name__ == "__main__":
+    main()

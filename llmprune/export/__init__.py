@@ -1,0 +1,202 @@
+"""Export an llmprune output to a format other engines serve: one file per target.
+
+    compressed_tensors.py   pack-quantized W4A16 (vLLM, SGLang; transformers decompresses it)
+    gguf.py                 GGUF F16/BF16/Q8_0/Q4_0/... with the tokenizer and chat template (llama.cpp, Ollama)
+
+    export(src, to, out)    open the source (source.py: refusals, dense weights, int4 codes) -> check the
+                            target's options -> [quantize: RTN or GPTQ, compressed-tensors from unquantized
+                            sources] -> write into a temporary sibling -> manifest (llmprune.json with an
+                            "export" section) -> [perplexity through the target's independent reader] -> rename
+
+`llmprune.export(...)` calls `export`: this package is callable (see the end of the file), because
+importing `llmprune.export.gguf` makes the attribute `llmprune.export` this module.
+"""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+from ..errors import LLMPruneError
+
+TARGETS = ("compressed-tensors", "gguf")
+
+
+def _target(to: str):
+    if to == "compressed-tensors":
+        from . import compressed_tensors as t
+    elif to == "gguf":
+        from . import gguf as t
+    else:
+        raise LLMPruneError(f"unknown export target {to!r}: choose {' or '.join(TARGETS)}")
+    return t
+
+
+def precheck(to: str, types=("f16",)) -> None:
+    """What `compress --export` can check before it computes: the target, its package, GGUF types."""
+    t = _target(to)
+    t.require()
+    if to == "gguf":
+        t.parse_types(types)
+
+
+def default_out(src: str | Path, to: str) -> Path:
+    src = Path(src)
+    return src.with_name(f"{src.name}-{to}")
+
+
+def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: str | None = None,
+           group_size: int | str = "auto", grid: str = "auto", types: tuple[str, ...] | str = ("f16",),
+           save_dtype: str = "float16", calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+           gptq: dict | None = None, eval: tuple[str, ...] = (), eval_seqlen: int = 2048,
+           eval_windows: int | None = None, device: str | None = None, overwrite: bool = False,
+           progress: bool = True, command: str | None = None) -> dict:
+    """Write the llmprune output `src` as `to` ("compressed-tensors" or "gguf") into `out` (default:
+    `<src>-<to>`). compressed-tensors: int4 sources keep their codes; dense and sparse24 sources are
+    quantized on export (quant rtn|gptq, group_size, grid sym|asym|auto, GPTQ's calibration options).
+    gguf: `types` (e.g. "f16,q8_0") are written as one file each. `eval`: perplexity of the export read
+    back by transformers (not llmprune's loader). Returns the export's manifest with `out`."""
+    import torch
+
+    from .. import manifest as mf
+    from .. import outdir
+    from .source import dense_model, open_source
+
+    s = open_source(src)
+    t = _target(to)
+    t.require()
+    out = Path(out) if out is not None else default_out(src, to)
+    opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval)
+    outdir.check_out(out, overwrite)
+    model, tok = dense_model(s)
+    new = mf.Manifest.from_dict({**s.manifest.to_dict(), "eval": {}, "zeroshot": None, "format": None})
+    new.exported_from, new.command = str(src), command
+    steps = []
+    with outdir.atomic_dir(out, overwrite) as tmp:
+        if to == "compressed-tensors":
+            codes, qinfo = _codes(s, model, tok, opts["quant"], group_size, opts["symmetric"], calib, nsamples,
+                                  seqlen, seed, opts["gptq"], device, progress)
+            steps += ["quantize"] if opts["quant"] else []
+            section = t.write(model, tok, tmp, codes, getattr(torch, save_dtype))
+            if qinfo:
+                section["quant"] = qinfo
+        else:
+            section = t.write(model, tok, tmp, opts["types"], s, progress=progress)
+        section["source_format"] = s.describe()
+        new.export, new.steps = section, [*s.manifest.steps, *steps, "export"]
+        del model
+        mf.write(tmp, new)
+        if eval:
+            new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress)
+            mf.write(tmp, new)
+    return {**new.to_dict(), "out": str(out)}
+
+
+def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval) -> dict:
+    """Every option checked before the model is loaded."""
+    from ..config import EVAL_DATASETS, GPTQConfig
+
+    for d in eval:
+        if d not in EVAL_DATASETS:
+            raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+    if grid not in ("auto", "sym", "asym"):
+        raise LLMPruneError(f"--grid {grid!r}: use sym, asym or auto")
+    if save_dtype not in ("float16", "bfloat16", "float32"):
+        raise LLMPruneError(f"--save-dtype {save_dtype!r}: use float16, bfloat16 or float32")
+    # compressed-tensors' W4A16 is symmetric, and transformers (5.25, compressed-tensors 0.20) cannot load an
+    # asymmetric pack-quantized checkpoint (weight_zero_point size mismatch): auto means symmetric here
+    symmetric = True if grid == "auto" else grid == "sym"
+    given = {k: v for k, v in (gptq or {}).items() if v is not None}
+    if to == "gguf":
+        if quant is not None or grid != "auto" or group_size != "auto" or given:
+            raise LLMPruneError("--quant / --grid / --group-size / GPTQ options quantize compressed-tensors exports; "
+                                "GGUF quantizes with its own types: use --type q8_0 (or q4_0, ...)")
+        return {"types": t.check(s, types)}
+    q = t.check(s, quant, group_size, None if grid == "auto" else symmetric)
+    if given and q != "gptq":
+        raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: add --quant gptq "
+                            "or drop them")
+    return {"quant": q, "symmetric": symmetric, "gptq": GPTQConfig(**given) if q == "gptq" else None}
+
+
+def _codes(s, model, tok, quant, group_size, symmetric, calib, nsamples, seqlen, seed, gcfg, device, progress):
+    """{layer: quant.Quantized} for compressed-tensors, and what quantizing recorded ({} for int4 sources)."""
+    from .source import stored_codes
+
+    if quant is None:
+        return stored_codes(s, model), {}
+    import torch
+
+    from .. import arch, formats
+    from ..quant.rtn import rtn
+    from ..runinfo import pick_device
+
+    f = formats.get("w4g128")  # dense int4 groups: the grid, defaults and layer checks of llmprune's own w4g128
+    base = f.options(group_size, symmetric)
+    info = {"quant": quant, "group_size": group_size, "symmetric": base["symmetric"]}
+    if quant == "gptq":
+        from .. import pipeline
+        from ..quant.sequential import gptq_sequential
+
+        ids, info["calibration"] = pipeline.calibrate(calib, tok, nsamples, seqlen, seed)
+        qinfo: dict = {}
+        codes = gptq_sequential(model, ids, "w4g128", group_size, symmetric, device=pick_device(device),
+                                progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
+        info.update(gcfg.as_dict(), **qinfo)
+        return codes, info
+    codes = {}
+    for name in arch.linear_names(model):
+        w = model.get_submodule(name).weight.detach().to(torch.float16).float()  # what fp16 storage holds
+        opts = f.layer_options(base, w.shape[1])
+        if w.shape[1] % opts["group_size"]:
+            continue  # left dense (listed in the export's ignore)
+        codes[name] = rtn(w, w != 0, opts["group_size"], opts["symmetric"])
+    return codes, info
+
+
+def evaluate(folder, datasets, seqlen: int, windows: int | None, progress: bool) -> dict:
+    """Perplexity of an export as another engine's reader sees it: transformers loads the folder
+    (compressed-tensors decompressed, GGUF dequantized), llmprune only computes the protocol."""
+    from ..pipeline import evaluate_model
+
+    model, tok = load(folder)
+    res = evaluate_model(model, tok, datasets, seqlen, windows, progress, {})
+    return {d: {**r, "measured_on": f"export, loaded with transformers ({reader(folder)})"} for d, r in res.items()}
+
+
+def reader(folder) -> str:
+    from .. import manifest as mf
+
+    e = mf.read(folder).export or {}
+    return "gguf_file=" + e["files"][0] if e.get("to") == "gguf" else "from_pretrained"
+
+
+def load(folder, dtype="float32", device="cpu"):
+    """(model, tokenizer) of an export folder, read by transformers alone (GGUF: its first file)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import manifest as mf
+
+    folder = Path(folder)
+    e = mf.read(folder).export or {}
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kw = {"gguf_file": e["files"][0]} if e.get("to") == "gguf" else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **kw).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as err:
+        why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
+        raise LLMPruneError(f"transformers cannot load {folder} ({str(err).splitlines()[0][:100]}): {why}") from None
+    if hasattr(model, "ct_decompress_hook"):  # compressed-tensors decompresses on the whole model's first forward
+        with torch.no_grad():  # (a pre-hook); llmprune's perplexity calls model.base_model, so run that one here
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    return model, tok
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

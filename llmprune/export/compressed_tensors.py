@@ -1,0 +1,173 @@
+"""compressed-tensors `pack-quantized` W4A16: the int4 checkpoint vLLM and SGLang serve (Marlin kernels)
+and transformers loads (decompressing on the CPU).
+
+Each decoder linear is stored as compressed-tensors' own compressor writes it (PackedQuantizationCompressor:
+`weight_packed` int32, eight signed int4 codes per word, `weight_scale` fp16 per group, `weight_zero_point`
+packed the same way when asymmetric, `weight_shape`); llmprune's codes q in [0, 15] with zero point z are
+its signed codes q - 8 with zero point z - 8, so the dequantized weights are the source's, exactly (checked
+per layer after packing). The head (and any linear the source left dense) is listed in `ignore`.
+
+Where the codes come from:
+  w4g128, w4s24   the stored codes, as they are (w4s24's pruned weights become code z: dense int4 groups
+                  of the same size reproduce the 2:4 weights exactly; the 2:4 structure is not kept)
+  dense, sparse24 quantized on export by llmprune's RTN or GPTQ (quant/), pruned weights held at code z
+  w4s50           refused: its groups of 16 have no vLLM kernel (Marlin takes 32, 64, 128)
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import LLMPruneError
+from .source import Source, tied_names
+
+NAME = "compressed-tensors"
+MARLIN_GROUPS = (32, 64, 128)  # the group sizes vLLM's Marlin W4A16 kernels take
+PIP = "pip install 'llmprune[export]'"
+ASYM_NOTE = ("asymmetric int4 (zero points): vLLM reads it; transformers 5.25 with compressed-tensors 0.20 cannot "
+             "(weight_zero_point size mismatch, an upstream bug): repack with --grid sym for transformers")
+
+
+def check(src: Source, quant: str | None, group_size, symmetric: bool | None) -> str | None:
+    """Refuse what this target cannot express, before any model is loaded; returns the quantizer to run
+    (None: the source's own codes)."""
+    if src.fmt == "w4s50":
+        raise LLMPruneError(f"{src.folder} is w4s50: its int4 groups of 16 inputs have no vLLM kernel (Marlin "
+                            f"takes {', '.join(map(str, MARLIN_GROUPS))}); export the dense output it was packed "
+                            f"from (quantized on export with --quant rtn|gptq), or use --to gguf")
+    if src.fmt in ("w4g128", "w4s24"):
+        if quant is not None or symmetric is not None or group_size != "auto":
+            raise LLMPruneError(f"{src.folder} is already int4 ({src.fmt}): its codes are exported as they are; "
+                                f"drop --quant / --grid / --group-size")
+        groups = sorted({layer["group_size"] for layer in (src.manifest.format or {}).get("layers", {}).values()})
+        bad = [g for g in groups if g not in MARLIN_GROUPS]
+        if bad:
+            raise LLMPruneError(f"{src.folder} has int4 groups of {bad[0]} inputs, which vLLM's Marlin kernels do "
+                                f"not take ({', '.join(map(str, MARLIN_GROUPS))}): repack its dense source with "
+                                f"--group-size 128 (or 64, 32), or export that dense output with --quant")
+        return None
+    if group_size != "auto" and group_size not in MARLIN_GROUPS:
+        raise LLMPruneError(f"--group-size {group_size}: vLLM's Marlin kernels take groups of "
+                            f"{', '.join(map(str, MARLIN_GROUPS))} (or auto)")
+    quant = quant or "rtn"
+    if quant not in ("rtn", "gptq"):
+        raise LLMPruneError(f"unknown --quant {quant!r}: choose rtn or gptq")
+    return quant
+
+
+def scheme_args(group_size: int, symmetric: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=symmetric,
+                            dynamic=False)
+
+
+def pack_layer(q, scheme) -> dict[str, torch.Tensor]:
+    """compressed-tensors' compressor on one layer's codes (quant.Quantized); the result's codes checked."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor, unpack_from_int32
+
+    zp = (q.zeros.to(torch.int16) - 8).to(torch.int8)  # (out, in/G): llmprune's z in [0, 15] -> signed
+    state = {"weight": q.dequantize(), "weight_scale": q.scales, "weight_zero_point": zp}
+    out = PackedQuantizationCompressor.compress(state, scheme)
+    signed = (q.codes.to(torch.int16) - 8).to(torch.int8)  # (out, in)
+    got = unpack_from_int32(out["weight_packed"], 4, torch.Size(q.codes.shape))
+    if not torch.equal(got.to(torch.int8), signed):
+        raise LLMPruneError("compressed-tensors packed other int4 codes than llmprune's: this compressed-tensors "
+                            f"version differs from the tested one; {PIP}")
+    return out
+
+
+def _groups(quantized: dict, blocks: str) -> dict[tuple[int, bool], list[str]]:
+    """(group size, symmetric) -> targets: one regex per relative linear name (e.g. mlp.down_proj) when
+    every block agrees, else the layers' full names."""
+    by_rel: dict[str, set] = {}
+    for name, q in quantized.items():
+        rel = re.sub(rf"^{re.escape(blocks)}\.\d+\.", "", name)
+        by_rel.setdefault(rel, set()).add((q.group_size, q.symmetric))
+    out: dict[tuple[int, bool], list[str]] = {}
+    for name, q in quantized.items():
+        rel = re.sub(rf"^{re.escape(blocks)}\.\d+\.", "", name)
+        key = (q.group_size, q.symmetric)
+        if len(by_rel[rel]) == 1 and rel != name:
+            target = rf"re:.*\.{re.escape(rel)}$"
+            if target not in out.setdefault(key, []):
+                out[key].append(target)
+        else:
+            out.setdefault(key, []).append(name)
+    return out
+
+
+def quantization_config(quantized: dict, ignore: list[str], blocks: str):
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    groups = {}
+    for i, ((g, sym), targets) in enumerate(sorted(_groups(quantized, blocks).items())):
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=scheme_args(g, sym))
+    return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                              ignore=ignore)
+
+
+def check_marlin(quantized: dict) -> None:
+    bad = sorted({q.group_size for q in quantized.values()} - set(MARLIN_GROUPS))
+    if bad:
+        raise LLMPruneError(f"a layer's width gives int4 groups of {bad[0]}, which vLLM's Marlin kernels do not take "
+                            f"({', '.join(map(str, MARLIN_GROUPS))}): pass --group-size 32 (or 64, 128 where they "
+                            f"divide every layer)")
+
+
+@torch.no_grad()
+def write(model, tok, folder: Path, quantized: dict, save_dtype: torch.dtype = torch.float16) -> dict:
+    """Write `model` into `folder` with the linears in `quantized` ({name: quant.Quantized}) packed; the
+    rest (embeddings, norms, head, linears left dense) in save_dtype. Returns the export section."""
+    from compressed_tensors.compressors.model_compressors import ModelCompressor
+    from safetensors.torch import save_file
+
+    from .. import arch
+
+    check_marlin(quantized)
+    blocks = arch.arch_of(model).blocks
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ignore = [n for n in linears if n not in quantized]
+    qcfg = quantization_config(quantized, ignore, blocks)
+    schemes = {}
+    for scheme in qcfg.config_groups.values():
+        for name, q in quantized.items():
+            if (q.group_size, q.symmetric) == (scheme.weights.group_size, scheme.weights.symmetric):
+                schemes[name] = scheme
+    tensors, skip = {}, tied_names(model) | {f"{n}.weight" for n in quantized}
+    for name, q in quantized.items():
+        for k, t in pack_layer(q, schemes[name]).items():
+            tensors[f"{name}.{k}"] = t.contiguous()
+    for key, t in model.state_dict().items():
+        if key not in skip:
+            tensors[key] = (t.to(save_dtype) if t.is_floating_point() else t).contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.config.dtype = save_dtype
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tok is not None:
+        tok.save_pretrained(folder)
+    ModelCompressor(quantization_config=qcfg).update_config(str(folder))
+    nbytes = (folder / "model.safetensors").stat().st_size
+    return {"to": NAME, "files": ["model.safetensors"], "bytes": nbytes, "format": "pack-quantized",
+            "scheme": "W4A16", "layers": len(quantized), "ignore": ignore,
+            "groups": sorted({q.group_size for q in quantized.values()}),
+            "symmetric": sorted({q.symmetric for q in quantized.values()}),
+            "dtype": str(save_dtype).replace("torch.", ""), "compressed_tensors": _version(),
+            **({"note": ASYM_NOTE} if not all(q.symmetric for q in quantized.values()) else {})}
+
+
+def _version() -> str:
+    import compressed_tensors
+
+    return compressed_tensors.__version__
+
+
+def require() -> None:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise LLMPruneError(f"--to {NAME} needs the compressed-tensors package: {PIP}") from None

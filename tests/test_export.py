@@ -1,0 +1,322 @@
+"""`llmprune export`: every export is read back by another engine's reader, never by llmprune's loader.
+
+compressed-tensors: transformers' `from_pretrained` with compressed-tensors installed (it decompresses on
+the CPU), or compressed-tensors' own decompressor where transformers cannot read the file (asymmetric).
+GGUF: transformers' GGUF loader (`gguf_file=`), and gguf's GGUFReader for the metadata. The reference is
+`llmprune.load` of the source folder.
+"""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from llmprune.cli import main
+from llmprune.testing import FAST_CLI
+
+# found, not imported: compressed_tensors imports triton, which tests/test_kernels.py must import first
+# (under TRITON_INTERPRET=1, set when it is collected)
+if importlib.util.find_spec("compressed_tensors") is None:
+    pytest.skip("needs compressed-tensors (pip install 'llmprune[export]')", allow_module_level=True)
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def outs(tmp_path_factory, tiny_dir, calib_txt):
+    """Tiny outputs: dense Wanda 50%, its w4g128 packs (sym, asym), a 2:4 one and its w4s24 / w4s50 packs."""
+    d = tmp_path_factory.mktemp("exp")
+    o = {"dense": d / "w50", "24": d / "w24", "g16": d / "g16"}
+    for key, pattern in (("dense", "unstructured"), ("24", "2:4"), ("g16", "group:16")):
+        assert main([str(a) for a in ("compress", "--model", tiny_dir, "--pattern", pattern, "--calib", calib_txt,
+                                      "--out", o[key], *FAST_CLI)]) == 0
+    for key, src, fmt, extra in (("w4sym", "dense", "w4g128", ["--grid", "sym"]), ("w4asym", "dense", "w4g128", []),
+                                 ("w4s24", "24", "w4s24", []), ("w4s50", "g16", "w4s50", [])):
+        o[key] = d / key
+        assert main([str(a) for a in ("pack", o[src], "--format", fmt, "--group-size", "32", *extra, "--out", o[key],
+                                      "--no-progress")]) == 0
+    return o
+
+
+def _ids(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (2, n), generator=g)
+
+
+def _ref_logits(folder):
+    import llmprune
+
+    model, _, _ = llmprune.load(str(folder))
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def _ct_logits(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # plain transformers
+    with torch.no_grad():
+        return model, model(_ids()).logits
+
+
+# --- compressed-tensors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("src", ["w4sym", "w4s24"])
+def test_ct_of_int4_output_is_its_codes_exactly(tmp_path, capsys, outs, src):
+    """w4g128 and w4s24 codes re-laid as pack-quantized: transformers computes what llmprune.load computes."""
+    out = tmp_path / "ct"
+    rc, so, se = _run(capsys, "export", outs[src], "--to", "compressed-tensors", "--out", out, "--no-progress")
+    assert rc == 0, se
+    model, got = _ct_logits(out)
+    want = _ref_logits(outs[src])
+    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), (got - want).abs().max()
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    assert q["quantization_status"] == "compressed" and "lm_head" in q["ignore"]
+    (w,) = [g["weights"] for g in q["config_groups"].values()]
+    assert (w["num_bits"], w["type"], w["strategy"], w["group_size"], w["symmetric"]) == (4, "int", "group", 32, True)
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["steps"][-1] == "export" and m["export"]["to"] == "compressed-tensors" and "format" not in m
+
+
+def test_ct_quantized_on_export_keeps_zeros_within_int4_tolerance(tmp_path, capsys, outs):
+    import llmprune
+    from llmprune.quant.rtn import rtn
+
+    out = tmp_path / "ct"
+    rc, _, se = _run(capsys, "export", outs["dense"], "--to", "compressed-tensors", "--group-size", "32", "--out", out,
+                     "--no-progress")
+    assert rc == 0, se
+    model, got = _ct_logits(out)
+    src, _, _ = llmprune.load(str(outs["dense"]))
+    want = src(_ids()).logits.detach()
+    assert (got - want).norm() / want.norm() < 0.3  # int4 of a random tiny model: its RTN error, and no more:
+    packed = _ref_logits(outs["w4sym"])  # llmprune's own w4g128 of the same weights, same grid
+    assert torch.allclose(got, packed, atol=2e-3, rtol=1e-3), (got - packed).abs().max()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w_src = src.get_submodule(name).weight.detach()
+        w_ct = model.get_submodule(name).weight.detach()
+        assert bool((w_ct[w_src == 0] == 0).all())  # pruned weights are exact zeros
+        ref = rtn(w_src.half().float(), w_src != 0, 32, True).dequantize()  # llmprune's RTN, symmetric
+        assert torch.equal(w_ct.float(), ref)
+
+
+def test_ct_gptq_on_export(tmp_path, capsys, outs, calib_txt):
+    out = tmp_path / "ct"
+    rc, _, se = _run(capsys, "export", outs["dense"], "--to", "compressed-tensors", "--quant", "gptq", "--calib",
+                     calib_txt, "--nsamples", "4", "--seqlen", "32", "--out", out, "--no-progress")
+    assert rc == 0, se
+    _, got = _ct_logits(out)
+    want = _ref_logits(outs["dense"])
+    assert (got - want).norm() / want.norm() < 0.3
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["steps"] == ["prune", "quantize", "export"] and m["export"]["quant"]["quant"] == "gptq"
+
+
+def test_ct_asymmetric_source_decompresses_exactly_with_compressed_tensors(tmp_path, capsys, outs):
+    """Asymmetric codes are written with their zero points (what vLLM reads); transformers 5.25 cannot load
+    them (an upstream bug, said in the manifest), so the reader here is compressed-tensors' decompressor."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    import llmprune
+
+    out = tmp_path / "ct"
+    rc, so, se = _run(capsys, "export", outs["w4asym"], "--to", "compressed-tensors", "--out", out, "--no-progress")
+    assert rc == 0, se
+    assert "transformers" in so  # the note is printed
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = cfg["config_groups"].values()
+    assert group["weights"]["symmetric"] is False
+    scheme = QuantizationScheme(**{k: v for k, v in group.items() if k != "format"})
+    tensors = load_file(out / "model.safetensors")
+    src, _, man = llmprune.load(str(outs["w4asym"]))
+    assert "note" in json.loads((out / "llmprune.json").read_text())["export"]
+    for name in man["format"]["layers"]:
+        sd = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        w = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]  # in the scales' dtype, fp16
+        assert torch.equal(w, src.get_submodule(name).dequantize().half()), name  # (q - z) * s, rounded once
+
+
+# --- GGUF -------------------------------------------------------------------------------------------
+
+def _gguf_model(folder, fname):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gguf_read_by_transformers(tmp_path, capsys, calib_txt, arch):
+    """F16 is the fp16 model; Q8_0 close; Q4_0 within int4 noise; zeros survive in all three."""
+    import gguf
+
+    import llmprune
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    src_model = tmp_path / "m"
+    # Gemma-3 as GGUF readers assume it (llama.cpp and transformers alike): every 6th layer global,
+    # queries scaled by 1/sqrt(head_dim) (check_gemma3 refuses other variants)
+    over = {"num_hidden_layers": 6, "head_dim": 256, "query_pre_attn_scalar": 256} if arch == "gemma3" else {}
+    tiny_model(arch, **over).save_pretrained(src_model)
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(src_model)
+    src = tmp_path / "w50"
+    assert main([str(a) for a in ("compress", "--model", src_model, "--calib", calib_txt, "--out", src,
+                                  *FAST_CLI)]) == 0
+    out = tmp_path / "g"
+    rc, so, se = _run(capsys, "export", src, "--to", "gguf", "--type", "f16,q8_0,q4_0", "--out", out,
+                      "--no-progress")
+    assert rc == 0, se
+    ref, _, _ = llmprune.load(str(src))
+    want = ref(_ids()).logits.detach()
+    files = json.loads((out / "llmprune.json").read_text())["export"]["files"]
+    assert [f.rsplit("-", 1)[1] for f in files] == ["F16.gguf", "Q8_0.gguf", "Q4_0.gguf"]
+    for fname, tol in zip(files, (5e-3, 3e-2, 0.4)):  # Q4_0: int4 noise through a random 6-layer model
+        model = _gguf_model(out, fname)
+        got = model(_ids()).logits.detach()
+        assert (got - want).norm() / want.norm() < tol, (fname, (got - want).norm() / want.norm())
+        name = "model.layers.1.mlp.up_proj"
+        w_ref = ref.get_submodule(name).weight
+        assert bool((model.get_submodule(name).weight[w_ref == 0] == 0).all()), fname  # pruned: exact zeros
+        r = gguf.GGUFReader(out / fname)
+        assert r.fields["tokenizer.chat_template"].contents() == tok.chat_template
+        assert r.fields["general.architecture"].contents() == ("llama" if arch == "llama" else "gemma3")
+
+
+def test_gguf_of_a_sliced_model_keeps_odd_rows_f16(tmp_path, capsys, tiny_dir, calib_txt):
+    """SliceGPT shared + --slice-head is a stock model of hidden 48: rows of 48 are no Q8_0 blocks, so stay F16."""
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", tiny_dir, "--solver", "slicegpt", "--rotation", "shared",
+                                  "--slicing", "0.25", "--slice-head", "--calib", calib_txt, "--out", src,
+                                  *FAST_CLI)]) == 0
+    out = tmp_path / "g"
+    rc, _, se = _run(capsys, "export", src, "--to", "gguf", "--type", "q8_0", "--out", out, "--no-progress")
+    assert rc == 0, se
+    e = json.loads((out / "llmprune.json").read_text())["export"]
+    assert e["tensor_types"][e["files"][0]]["f16"] > 0
+    got = _gguf_model(out, e["files"][0])(_ids()).logits.detach()
+    want = _ref_logits(src)
+    assert (got - want).norm() / want.norm() < 3e-2
+
+
+def test_gguf_round_trip_copies_the_source_gguf_tokenizer(tmp_path, capsys, tiny_dir, calib_txt):
+    """GGUF in -> pruned -> GGUF out: the tokenizer keys of the GGUF the model came from, verbatim."""
+    import gguf
+
+    first = tmp_path / "dense"
+    assert main([str(a) for a in ("compress", "--model", tiny_dir, "--sparsity", "0", "--solver", "magnitude",
+                                  "--out", first, *FAST_CLI)]) == 0
+    assert _run(capsys, "export", first, "--to", "gguf", "--type", "f32", "--out", tmp_path / "g0",
+                "--no-progress")[0] == 0
+    src_gguf = next((tmp_path / "g0").glob("*.gguf"))
+    pruned = tmp_path / "p"
+    assert main([str(a) for a in ("compress", "--model", src_gguf, "--calib", calib_txt, "--out", pruned,
+                                  *FAST_CLI)]) == 0
+    rc, _, se = _run(capsys, "export", pruned, "--to", "gguf", "--type", "q8_0", "--out", tmp_path / "g1",
+                     "--no-progress")
+    assert rc == 0, se
+    m = json.loads((tmp_path / "g1" / "llmprune.json").read_text())
+    assert m["export"]["tokenizer"] == f"copied from {src_gguf.name}"
+    a, b = gguf.GGUFReader(src_gguf), gguf.GGUFReader(next((tmp_path / "g1").glob("*.gguf")))
+    keys = sorted(k for k in a.fields if k.startswith("tokenizer."))
+    assert keys == sorted(k for k in b.fields if k.startswith("tokenizer.")) and "tokenizer.ggml.tokens" in keys
+    for k in keys:
+        assert a.fields[k].contents() == b.fields[k].contents(), k
+
+
+# --- what cannot be exported, and nothing half written ---------------------------------------------------
+
+def _refused(capsys, tmp_path, *argv, want: str):
+    out = tmp_path / "x"
+    rc, _, err = _run(capsys, "export", *argv, "--out", out, "--no-progress")
+    assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_refusals(tmp_path, capsys, outs):
+    _refused(capsys, tmp_path, outs["w4s50"], "--to", "compressed-tensors", want="w4s50")
+    _refused(capsys, tmp_path, outs["w4sym"], "--to", "compressed-tensors", "--quant", "gptq", want="already int4")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--type", "q4_k_m", want="llama-quantize")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--type", "q3", want="choose from")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--quant", "rtn", want="GGUF quantizes")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "compressed-tensors", "--group-size", "16", want="Marlin")
+    _refused(capsys, tmp_path, tmp_path / "nowhere", "--to", "gguf", want="not a folder")
+    ok = tmp_path / "ok"
+    assert _run(capsys, "export", outs["w4s50"], "--to", "gguf", "--type", "q8_0", "--out", ok, "--no-progress")[0] == 0
+    _refused(capsys, tmp_path, ok, "--to", "gguf", want="already an export")
+
+
+def test_gemma3_variant_gguf_cannot_express_is_refused(tmp_path, capsys, calib_txt):
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    m = tmp_path / "m"
+    tiny_model("gemma3").save_pretrained(m)  # 2 layers, one sliding one global: not the 5:1 pattern
+    byte_tokenizer().save_pretrained(m)
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    _refused(capsys, tmp_path, src, "--to", "gguf", want="Gemma-3 variant")
+
+
+def test_slicegpt_with_shortcuts_is_refused(tmp_path, capsys, tiny_dir, calib_txt):
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", tiny_dir, "--solver", "slicegpt", "--rotation", "per-block",
+                                  "--slicing", "0.25", "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    _refused(capsys, tmp_path, src, "--to", "gguf", want="SliceGPT")
+    _refused(capsys, tmp_path, src, "--to", "compressed-tensors", want="SliceGPT")
+
+
+def test_failure_midway_leaves_nothing(tmp_path, capsys, outs, monkeypatch):
+    from llmprune.export import gguf as target
+
+    calls = []
+    real = target.write_file
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, "write_file", second_fails)
+    out = tmp_path / "g"
+    rc, _, err = _run(capsys, "export", outs["dense"], "--to", "gguf", "--type", "f16,q8_0", "--out", out,
+                      "--no-progress")
+    assert rc == 2 and "no space left" in err and not out.exists() and not list(tmp_path.glob(".g.*"))
+
+
+# --- compress --export, the Python call, llmprune.load, cards ------------------------------------------
+
+def test_compress_export_python_call_load_and_card(tmp_path, capsys, tiny_dir, calib_txt):
+    import llmprune
+    import llmprune.export.gguf  # (makes llmprune.export the package: still callable)
+    from llmprune import hub
+
+    out = tmp_path / "o"
+    rc, so, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI,
+                      "--export", "gguf", "--export-type", "q8_0")
+    assert rc == 0, se
+    assert "exported" in so
+    g = tmp_path / "o-gguf"
+    assert next(g.glob("*-Q8_0.gguf")).is_file()
+    m = llmprune.export(str(out), "compressed-tensors", str(tmp_path / "ct"), progress=False)
+    assert m["out"] == str(tmp_path / "ct")
+    model, tok, man = llmprune.load(str(g))  # through transformers' GGUF reader
+    assert man["export"]["to"] == "gguf" and model(_ids()).logits.shape[-1] == model.config.vocab_size
+    from llmprune.eval.perplexity import window_nll
+
+    ct, _, _ = llmprune.load(str(tmp_path / "ct"))  # decompressed for the base-model forward perplexity uses
+    assert torch.isfinite(window_nll(ct, _ids())).all()
+    cards = {to: hub.model_card(json.loads((d / "llmprune.json").read_text()), "me/x")
+             for to, d in (("gguf", g), ("compressed-tensors", tmp_path / "ct"))}
+    assert "library_name: gguf" in cards["gguf"] and "- gguf" in cards["gguf"]
+    assert "library_name: transformers" in cards["compressed-tensors"] and "- compressed-tensors" in \
+        cards["compressed-tensors"]
+    for card in cards.values():
+        assert "does not exploit the sparsity" in card
