@@ -171,7 +171,7 @@ ORDER = ("magnitude", "wanda", "sparsegpt", "alps", "dsnot")
 
 
 def _label(r: dict, folder: str) -> str:
-    new = folder.endswith(("-dsnot", "-dsnot-noskip"))
+    new = "-dsnot" in folder  # solvers-COL[-seedK]-dsnot*: measured with the reference's rules
     return r["solver"] + (OLD_DSNOT if r["solver"].startswith("dsnot") and not new else "")
 
 

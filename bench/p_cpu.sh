@@ -3,7 +3,7 @@
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
 #   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma
-#                                      alps alps60 alps_seeds alps_speed dsnot dsnot_seeds gemma_alps
+#                                      alps alps60 alps_owl50 alps_seeds alps_speed dsnot dsnot_seeds gemma_alps
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
 # every command's console output is appended to bench/results/p_cpu.log.
 set -u
@@ -146,16 +146,22 @@ stage_alps() {  # ALPS (arXiv 2406.07831): 2:4, 70%, 50%, 60%, unstructured with
 stage_alps60() {
   sweep1 solvers-60-alps --solvers alps,alps+owl --sparsity 0.6
 }
+stage_alps_owl50() {  # the first 50% sweep was stopped after its ALPS point (other jobs had the cores): its +OWL point
+  sweep1 solvers-50-alps-owl --solvers alps+owl --sparsity 0.5
+}
 stage_alps_seeds() {  # ALPS against SparseGPT with calibration seed 1, in the same sweep (also their time ratio)
   sweep1 solvers-24-seed1-alps --solvers sparsegpt,alps --pattern 2:4 --sparsity 0.5 --seed 1
   sweep1 solvers-70-seed1-alps --solvers alps --sparsity 0.7 --seed 1  # SparseGPT seed 1 and 2: solvers-70-seed1, -seed2
   sweep1 solvers-50-seed1-alps --solvers sparsegpt,alps --sparsity 0.5 --seed 1
 }
 stage_dsnot() {  # DSnoT as the reference defines it (zyxxmu/DSnoT 4c029df), and with our extra acceptance rule
-  stage_dsnot70; stage_dsnot60; stage_dsnot_noskip
+  stage_dsnot70; stage_dsnot70_sign; stage_dsnot60; stage_dsnot_noskip
 }
 stage_dsnot70() {
   sweep1 solvers-70-dsnot --solvers dsnot+init=wanda,dsnot+init=sparsegpt,dsnot+init=wanda+lower_error=1,dsnot+init=sparsegpt+lower_error=1 --sparsity 0.7
+}
+stage_dsnot70_sign() {  # the first release's sign rule (reject a swap that flips the sign of eps) in the unstructured case too
+  sweep1 solvers-70-dsnot-sign --solvers dsnot+init=wanda+same_sign=1,dsnot+init=sparsegpt+same_sign=1 --sparsity 0.7
 }
 stage_dsnot60() {
   sweep1 solvers-60-dsnot --solvers dsnot+init=wanda,dsnot+init=sparsegpt,dsnot+init=wanda+lower_error=1,dsnot+init=sparsegpt+lower_error=1 --sparsity 0.6
