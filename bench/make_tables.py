@@ -3,6 +3,7 @@
     python bench/make_tables.py > bench/results/tables.md
     python bench/make_tables.py --replot    # also re-render results/*/sweep.png from sweep.json
     python bench/make_tables.py --readme    # rewrite the README's <!-- table:NAME --> spans in place
+    python bench/make_tables.py --readme solvers slicegpt    # only those spans
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def base_table() -> str:
             "|---|---|---|---|---|---|---|---|"]
     for n in ("llama-wanda-50", "llama-sparsegpt-50", "llama-wanda-60", "llama-wanda-70", "llama-wanda-24",
               "llama-sparsegpt-24", "llama-magnitude-50",
-              "gemma3-wanda-50"):
+              "gemma3-wanda-50", "gemma3-sparsegpt-24", "gemma3-alps-24"):
         m = load(n)
         if not m:
             continue
@@ -124,8 +125,13 @@ and the unpruned one, whose 25.05 comes from the Wanda 50% run's dense evaluatio
 
 
 def file_mib(name: str) -> float:
+    """The safetensors MiB of runs/NAME, or as recorded in results/file_sizes.json (p_cpu.sh's `run` records
+    each output's bytes there: runs/ is not kept; the entries older than that are the README's rounded MiB)."""
     d = Path(__file__).parents[1] / "runs" / name
-    return sum(p.stat().st_size for p in d.glob("*.safetensors")) / 2**20 if d.exists() else float("nan")
+    if d.exists():
+        return sum(p.stat().st_size for p in d.glob("*.safetensors")) / 2**20
+    sizes = load("file_sizes") or {}
+    return sizes[name] / 2**20 if name in sizes else float("nan")
 
 
 def sweep_table(folder: str) -> str:
@@ -158,18 +164,38 @@ def sweep_wide(folder: str = "sweep") -> str:
 
 
 GRID = [("solvers-50", "50%"), ("solvers-60", "60%"), ("solvers-70", "70%"), ("solvers-24", "2:4")]
+# Sweeps made before DSnoT followed its reference's rules (per-sequence threshold, no sign rule for
+# unstructured, MLP skipped, no error check): their DSnoT rows are kept under this label.
+OLD_DSNOT = " (old rules)"
+ORDER = ("magnitude", "wanda", "sparsegpt", "alps", "dsnot")
+
+
+def _label(r: dict, folder: str) -> str:
+    new = "-dsnot" in folder  # solvers-COL[-seedK]-dsnot*: measured with the reference's rules
+    return r["solver"] + (OLD_DSNOT if r["solver"].startswith("dsnot") and not new else "")
+
+
+def _overlays(folder: str) -> list[Path]:
+    """FOLDER's sweep, then the later ones that add or replace its points (FOLDER-fix*, -alps, -dsnot*)."""
+    more = [p for p in sorted(R.glob(f"{folder}-*/sweep.csv")) if "-seed" not in p.parent.name]
+    return [R / folder / "sweep.csv", *more]
 
 
 def _grid_rows() -> dict:
     """{(base solver, with OWL, column): row} over the solvers-* sweeps."""
     rows = {}
-    for folder, col in GRID:  # FOLDER-fix*: points re-measured later (a fix, a missing figure); they replace FOLDER's
-        for p in [R / folder / "sweep.csv", *sorted(R.glob(f"{folder}-fix*/sweep.csv"))]:
+    for folder, col in GRID:
+        for p in _overlays(folder):
             for r in (csv.DictReader(p.open()) if p.exists() else []):
                 if r["solver"] != "dense":
-                    base = r["solver"].replace("+owl", "")
-                    rows[(base, r["solver"].endswith("+owl"), col)] = r
+                    r["label"] = label = _label(r, p.parent.name)
+                    rows[(label.replace("+owl", ""), "+owl" in label, col)] = r
     return rows
+
+
+def _order(label: str) -> tuple:
+    name = label.split("+")[0].split(" ")[0]
+    return (ORDER.index(name) if name in ORDER else len(ORDER), OLD_DSNOT not in label, label)
 
 
 def solver_grid(key: str = "ppl_wikitext2", spec: str = ",.2f") -> str:
@@ -177,7 +203,7 @@ def solver_grid(key: str = "ppl_wikitext2", spec: str = ",.2f") -> str:
     rows = _grid_rows()
     if not rows:
         return ""
-    solvers = list(dict.fromkeys(b for b, _, _ in rows))
+    solvers = sorted(dict.fromkeys(b for b, _, _ in rows), key=_order)
     cols = [(c, o) for _, c in GRID for o in ((False, True) if c != "2:4" else (False,))
             if any((b, o, c) in rows for b in solvers)]
     out = ["| solver | " + " | ".join(f"{c}{' +OWL' if o else ''}" for c, o in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -188,33 +214,46 @@ def solver_grid(key: str = "ppl_wikitext2", spec: str = ",.2f") -> str:
     return "\n".join(out)
 
 
+def _against(n: str) -> str | None:
+    """What a row is compared with under the same seed: DSnoT with its initial mask's solver, ALPS with
+    SparseGPT, +OWL with uniform."""
+    n = n.replace(OLD_DSNOT, "")
+    if n.startswith("dsnot+init="):
+        init, *opts = n.removeprefix("dsnot+init=").split("+")
+        return init + ("+owl" if "owl" in opts else "")
+    if n.startswith("alps"):
+        return n.replace("alps", "sparsegpt", 1)
+    return n.removesuffix("+owl") if n.endswith("+owl") else None
+
+
 def seed_table(col: str = "70%") -> str:
-    """The solvers re-run with other calibration seeds (solvers-70-seedK*): ppl per seed, the mean, and
-    each +OWL or DSnoT cell against its baseline under the same seed (a paired ratio)."""
-    seeds = {0: {(b + ("+owl" if o else "")): r for (b, o, c), r in _grid_rows().items() if c == col}}
-    for p in sorted(R.glob(f"solvers-{col.rstrip('%')}-seed*/sweep.csv")):
-        k = int(p.parent.name.split("-seed")[1].rstrip("abcdef"))
+    """The solvers re-run with other calibration seeds (solvers-COL-seedK*): ppl per seed, the mean, and
+    each row against its baseline under the same seed (a paired ratio; see _against)."""
+    import re
+
+    key = col.rstrip("%").replace(":", "")
+    seeds = {0: {r["label"]: r for (_, _, c), r in _grid_rows().items() if c == col}}
+    for p in sorted(R.glob(f"solvers-{key}-seed*/sweep.csv")):
+        k = int(re.search(r"-seed(\d+)", p.parent.name)[1])
         for r in csv.DictReader(p.open()):
             if r["solver"] != "dense":
-                seeds.setdefault(k, {})[r["solver"]] = r
+                seeds.setdefault(k, {})[_label(r, p.parent.name)] = r
     if len(seeds) < 2:
         return ""
     ks = sorted(seeds)
-    names = [n for n in dict.fromkeys(n for k in ks[1:] for n in seeds[k])]
+    names = sorted(dict.fromkeys(n for k in ks[1:] for n in seeds[k]), key=_order)
     ppl = {(n, k): float(seeds[k][n]["ppl_wikitext2"]) for k in ks for n in seeds[k]}
-
-    def base(n: str) -> str | None:  # DSnoT against its initial mask's solver, +OWL against uniform
-        return n.removeprefix("dsnot+init=") if n.startswith("dsnot+init=") else n.removesuffix("+owl") if n.endswith("+owl") else None
-
-    out = [f"| {col} solver | " + " | ".join(f"seed {k}" for k in ks) + " | mean | against | ratio per seed |",
-           "|---" * (len(ks) + 4) + "|"]
+    out = [f"| {col} solver | " + " | ".join(f"seed {k}" for k in ks) + " | mean | against | ratio per seed | ratio of means |",
+           "|---" * (len(ks) + 5) + "|"]
     for n in names:
         vals = [ppl.get((n, k)) for k in ks]
         got = [v for v in vals if v is not None]
-        b = base(n)
-        ratios = [f"{ppl[(n, k)] / ppl[(b, k)]:.3f}" for k in ks if b and (n, k) in ppl and (b, k) in ppl]
+        b = _against(n)
+        paired = [k for k in ks if b and (n, k) in ppl and (b, k) in ppl]
+        ratios = [f"{ppl[(n, k)] / ppl[(b, k)]:.3f}" for k in paired]
+        rm = (sum(ppl[(n, k)] for k in paired) / sum(ppl[(b, k)] for k in paired)) if paired else None
         out.append(f"| {n} | " + " | ".join(f(v, ",.2f") for v in vals) + f" | {sum(got) / len(got):,.2f} | "
-                   f"{b or '-'} | {', '.join(ratios) or '-'} |")
+                   f"{b or '-'} | {', '.join(ratios) or '-'} | {f(rm, '.3f')} |")
     return "\n".join(out)
 
 
@@ -249,20 +288,23 @@ def zeroshot_table() -> str:
 
 
 def slicegpt_table() -> str:
-    out = ["| rotation | slicing | hidden | params | params vs dense | WikiText-2 ppl | file MiB (fp32) | compress s |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| rotation | slicing | hidden | LM head | params | params vs dense | WikiText-2 ppl | file MiB (fp32) | compress s |",
+           "|---|---|---|---|---|---|---|---|---|"]
     dense = load("llama-dense")
     if dense:
-        out.append(f"| dense | 0 | 576 | - | 1 | {dense['eval']['wikitext2']['ppl']:.2f} | {file_mib('llama-dense'):.0f} | - |")
+        out.append(f"| dense | 0 | 576 | 576 | - | 1 | {dense['eval']['wikitext2']['ppl']:.2f} | {file_mib('llama-dense'):.0f} | - |")
     for r in ("shared", "per-block"):
-        for s in ("0.1", "0.2", "0.25", "0.3"):
-            m = load(f"llama-slicegpt-{r}-{s}")
-            if not m:
-                continue
-            sl = m["slicegpt"]
-            out.append(f"| {r} | {s} | {sl['new_dim']} | {sl['params_after']:,} | {sl['params_after'] / sl['params_before']:.3f} | "
-                       f"{m['eval']['wikitext2']['ppl']:.2f} | {file_mib(f'llama-slicegpt-{r}-{s}'):.0f} | "
-                       f"{m['timings']['compress_s']:.0f} |")
+        for tail in ("", "-slicehead"):  # the head at full width (the default, as the reference), then sliced
+            for s in ("0.1", "0.2", "0.25", "0.3"):
+                name = f"llama-slicegpt-{r}-{s}{tail}"
+                m = load(name)
+                if not m:
+                    continue
+                sl = m["slicegpt"]
+                head = sl.get("head_width", sl["new_dim"])  # manifests before the option sliced the head
+                out.append(f"| {r} | {s} | {sl['new_dim']} | {head}{' (sliced)' if head == sl['new_dim'] else ''} | "
+                           f"{sl['params_after']:,} | {sl['params_after'] / sl['params_before']:.3f} | "
+                           f"{m['eval']['wikitext2']['ppl']:.2f} | {file_mib(name):.0f} | {m['timings']['compress_s']:.0f} |")
     return "\n".join(out)
 
 
@@ -306,18 +348,22 @@ def replot() -> None:
 
 TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "quant": quant_ablation_table,
           "zeroshot": zeroshot_table, "slicegpt": slicegpt_table, "slicegpt-bench": slicegpt_bench_table,
-          "perp": perp_table, "solvers-seeds": seed_table, "solvers-24": lambda: sweep_table("solvers-24"), "solvers": solver_grid,
+          "perp": perp_table, "solvers-seeds": seed_table, "solvers-seeds-24": lambda: seed_table("2:4"),
+          "solvers-seeds-50": lambda: seed_table("50%"), "solvers-24": lambda: sweep_table("solvers-24"), "solvers": solver_grid,
           "solvers-time": lambda: solver_grid("compress_s", ".0f"),
           "solvers-rss": lambda: solver_grid("peak_rss_mib", ",.0f")}
 
 
-def fill_readme(path: Path) -> None:
-    """Replace each `<!-- table:NAME -->` ... `<!-- /table -->` span of the README with TABLES[NAME]()."""
+def fill_readme(path: Path, only: set[str] | None = None) -> None:
+    """Replace each `<!-- table:NAME -->` ... `<!-- /table -->` span of the README with TABLES[NAME]()
+    (only the NAMEs in `only`, when given)."""
     import re
 
     text = path.read_text()
 
     def fill(m):
+        if only and m.group(1) not in only:
+            return m.group(0)
         body = TABLES[m.group(1)]()
         return f"<!-- table:{m.group(1)} -->\n{body or '(not measured yet)'}\n<!-- /table -->"
 
@@ -329,8 +375,9 @@ if __name__ == "__main__":
 
     if "--replot" in sys.argv:
         replot()
-    if "--readme" in sys.argv:
-        fill_readme(Path(__file__).parents[1] / "README.md")
+    if "--readme" in sys.argv:  # --readme [TABLE ...]: only those tables
+        names = set(sys.argv[sys.argv.index("--readme") + 1:]) - {"--replot"}
+        fill_readme(Path(__file__).parents[1] / "README.md", names or None)
         sys.exit(0)
     print("## Pruning (P-cpu)\n\n" + base_table())
     print("\n## Formats\n\n" + formats_table() + "\n\n" + FORMAT_NOTES)

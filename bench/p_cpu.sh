@@ -3,6 +3,7 @@
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
 #   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma
+#                                      alps alps60 alps_owl50 alps_seeds alps_speed dsnot dsnot_seeds gemma_alps
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
 # every command's console output is appended to bench/results/p_cpu.log.
 set -u
@@ -18,8 +19,18 @@ run() {  # run NAME CMD...: skip when runs/NAME exists (returns 1 then, so `run 
   { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ $*"; } >> $LOG
   /usr/bin/time -f "wall %e s, max RSS %M KiB" "$@" >> $LOG 2>&1
   local rc=$?
-  [ -e "$R/$name/llmprune.json" ] && cp "$R/$name/llmprune.json" "$B/$name.json"
+  [ -e "$R/$name/llmprune.json" ] && cp "$R/$name/llmprune.json" "$B/$name.json" && sizes "$name"
   echo "$name rc=$rc" | tee -a $LOG
+}
+sizes() {  # sizes NAME: record runs/NAME's safetensors bytes in results/file_sizes.json (runs/ is not kept)
+  python - "$1" <<'PY'
+import json, sys
+from pathlib import Path
+name, p = sys.argv[1], Path("bench/results/file_sizes.json")
+d = json.loads(p.read_text()) if p.exists() else {}
+d[name] = sum(f.stat().st_size for f in Path("runs", name).glob("*.safetensors"))
+p.write_text(json.dumps(dict(sorted(d.items())), indent=1) + "\n")
+PY
 }
 evalp() {  # evalp NAME: WikiText-2 ppl of a packed output (through its runtime modules)
   { echo; echo "### eval $1  $(date -u +%FT%TZ)"; echo "\$ llmprune eval $R/$1 --ppl wikitext2 --windows 16"; } >> $LOG
@@ -127,6 +138,50 @@ stage_seeds() {  # the 70% SparseGPT-based cells under other calibration seeds (
 stage_speed() {  # compress wall time of SparseGPT against Wanda (llama-wanda-50), each alone on the machine
   run llama-sparsegpt-50 $L compress --model llama --solver sparsegpt --sparsity 0.5 --no-dense-eval $P --out $R/llama-sparsegpt-50
 }
+stage_alps() {  # ALPS (arXiv 2406.07831): 2:4, 70%, 50%, 60%, unstructured with and without OWL
+  sweep1 solvers-24-alps --solvers alps --pattern 2:4 --sparsity 0.5
+  sweep1 solvers-70-alps --solvers alps,alps+owl --sparsity 0.7
+  sweep1 solvers-50-alps --solvers alps,alps+owl --sparsity 0.5
+}
+stage_alps60() {
+  sweep1 solvers-60-alps --solvers alps,alps+owl --sparsity 0.6
+}
+stage_alps_owl50() {  # the first 50% sweep was stopped after its ALPS point (other jobs had the cores): its +OWL point
+  sweep1 solvers-50-alps-owl --solvers alps+owl --sparsity 0.5
+}
+stage_alps_seeds() {  # ALPS against SparseGPT with calibration seed 1, in the same sweep (also their time ratio)
+  sweep1 solvers-24-seed1-alps --solvers sparsegpt,alps --pattern 2:4 --sparsity 0.5 --seed 1
+  sweep1 solvers-70-seed1-alps --solvers alps --sparsity 0.7 --seed 1  # SparseGPT seed 1 and 2: solvers-70-seed1, -seed2
+  sweep1 solvers-50-seed1-alps --solvers sparsegpt,alps --sparsity 0.5 --seed 1
+}
+stage_dsnot() {  # DSnoT as the reference defines it (zyxxmu/DSnoT 4c029df), and with our extra acceptance rule
+  stage_dsnot70; stage_dsnot70_sign; stage_dsnot60; stage_dsnot_noskip
+}
+stage_dsnot70() {
+  sweep1 solvers-70-dsnot --solvers dsnot+init=wanda,dsnot+init=sparsegpt,dsnot+init=wanda+lower_error=1,dsnot+init=sparsegpt+lower_error=1 --sparsity 0.7
+}
+stage_dsnot70_sign() {  # the first release's sign rule (reject a swap that flips the sign of eps) in the unstructured case too
+  sweep1 solvers-70-dsnot-sign --solvers dsnot+init=wanda+same_sign=1,dsnot+init=sparsegpt+same_sign=1 --sparsity 0.7
+}
+stage_dsnot60() {
+  sweep1 solvers-60-dsnot --solvers dsnot+init=wanda,dsnot+init=sparsegpt,dsnot+init=wanda+lower_error=1,dsnot+init=sparsegpt+lower_error=1 --sparsity 0.6
+}
+stage_dsnot_noskip() {  # every linear refined (the reference's release skips the MLP)
+  sweep1 solvers-70-dsnot-noskip --solvers dsnot+init=wanda+skip=none,dsnot+init=sparsegpt+skip=none --sparsity 0.7
+}
+stage_dsnot_seeds() {  # 70%, calibration seeds 1 and 2: DSnoT against its initial mask under the same seed
+  sweep1 solvers-70-seed1-dsnot --solvers wanda,dsnot+init=wanda --sparsity 0.7 --seed 1
+  sweep1 solvers-70-seed2-dsnot --solvers wanda,dsnot+init=wanda --sparsity 0.7 --seed 2
+}
+stage_alps_speed() {  # compress wall time of ALPS and SparseGPT back to back (2:4 and 70%), nothing else running
+  run llama-alps-24 $L compress --model llama --solver alps --pattern 2:4 --no-dense-eval $P --out $R/llama-alps-24
+  run llama-sparsegpt-24-again $L compress --model llama --solver sparsegpt --pattern 2:4 --no-dense-eval $P --out $R/llama-sparsegpt-24-again
+  run llama-alps-70 $L compress --model llama --solver alps --sparsity 0.7 --no-dense-eval $P --out $R/llama-alps-70
+  run llama-sparsegpt-70 $L compress --model llama --solver sparsegpt --sparsity 0.7 --no-dense-eval $P --out $R/llama-sparsegpt-70
+}
+stage_gemma_alps() {  # Gemma-3-270M 2:4: ALPS next to SparseGPT (gemma3-sparsegpt-24, stage gemma)
+  run gemma3-alps-24 $L compress --model gemma3 --solver alps --pattern 2:4 --no-dense-eval $P --out $R/gemma3-alps-24
+}
 stage_perp() {  # rank 4: norms + MaskLoRA stay under 1% of the parameters; one 512-token window a step
   Q="--steps 200 --rank 4 --lr 5e-4 --batch 1 --seqlen 512 --no-grad-checkpointing --eval wikitext2 --eval-windows 16 --no-progress"
   run llama-wanda-70 $L compress --model llama --solver wanda --sparsity 0.7 --no-dense-eval $P --out $R/llama-wanda-70
@@ -136,11 +191,13 @@ stage_perp() {  # rank 4: norms + MaskLoRA stay under 1% of the parameters; one 
 }
 stage_slicegpt() {
   # --round-to 1: the width is then a multiple of SmolLM2's 9 heads only (513, 459, 432, 396), closest to
-  # the asked fraction; the default 8 would make it a multiple of 72 (504, 432, 432, 360)
+  # the asked fraction; the default 8 would make it a multiple of 72 (504, 432, 432, 360).
+  # The LM head and the last residual stay at full width (the reference's default); the first runs sliced
+  # them too (now --slice-head): their manifests are results/llama-slicegpt-*-slicehead.json
   for s in 0.25 0.1 0.2 0.3; do for r in shared per-block; do
     run llama-slicegpt-$r-$s $L compress --model llama --solver slicegpt --slicing $s --rotation $r --round-to 1 --no-dense-eval $P --out $R/llama-slicegpt-$r-$s
   done; done
-  for r in shared per-block; do  # decode speed on this CPU, dense vs sliced, batch 1
+  for r in shared per-block; do  # decode speed on this CPU, dense vs sliced, batch 1 (measured with the head sliced)
     [ -e $B/bench-slicegpt-$r-0.25.json ] || { echo "### bench slicegpt $r 0.25" >> $LOG;
       $L bench $R/llama-slicegpt-$r-0.25 --dense llama --batch 1 --prompt-len 128 --new-tokens 64 \
         --json $B/bench-slicegpt-$r-0.25.json >> $LOG 2>&1; }
