@@ -39,16 +39,23 @@ DECODE_TILE = [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3)
                (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]
 PREFILL = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
            (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)]  # BW, BT, BK, warps, stages
+# the compact 2:4 GEMV (sparse24, w4s24): longer K steps, so that each thread has more bytes in
+# flight (the first H200 sweep found every GEMV far below the bandwidth); none spills at M <= 8 (sm_90)
+GEMV24 = [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8), (16, 1024, 8)]
 WAVES = (1, 2, 4)
 
 
-def candidates(M: int) -> list[Config]:
-    """The launch shapes tried at M tokens."""
+def candidates(M: int, fmt: str | None = None) -> list[Config]:
+    """The launch shapes tried at M tokens (for `fmt`: the compact 2:4 GEMV where it applies)."""
+    from llmprune.kernels.triton_gemm import COMPACT_FORMATS
+
     if M > 64:
         return [Config("tile", bw, bt, bk, w, s, 1) for bw, bt, bk, w, s in PREFILL]
     out = [Config("tile", bw, 16, bk, w, s, wv) for bw, bk, w, s in DECODE_TILE for wv in WAVES]
     if M <= 4:
         out += [Config("gemv", bw, M, bk, w, 3, wv) for bw, bk, w in GEMV for wv in WAVES]
+    if M <= 8 and fmt in COMPACT_FORMATS:
+        out += [Config("gemv24", bw, M, bk, w, 3, wv) for bw, bk, w in GEMV24 for wv in WAVES]
     return out
 
 
@@ -59,9 +66,9 @@ def compile_jobs(formats=FORMATS, Ms=MS, dtypes=(torch.float16,)) -> list[tuple]
     for f in formats:
         for d in dtypes:
             for M in Ms:
-                for c in candidates(M):
+                for c in candidates(M, f):
                     base = Config(c.kind, c.BW, c.BT, c.BK, c.num_warps, c.num_stages)
-                    m = M if c.kind == "gemv" else (16 if M <= 64 else 512)
+                    m = M if c.kind in ("gemv", "gemv24") else (16 if M <= 64 else 512)
                     for split in ((1,) if M > 64 else (1, 2)):
                         jobs.add((f, d, m, base, split))
     return sorted(jobs, key=str)
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
                 ref = x.double() @ wd.double().T
                 del wd
                 nbytes = sum(t.numel() * t.element_size() for t in p.values())
-                for cfg in ([None] if a.tuned_only else candidates(M)):
+                for cfg in ([None] if a.tuned_only else candidates(M, fmt)):
                     shown = cfg or pick_config(fmt, M, n_in, n_out, dev)
                     r = {**base, "format": fmt, "config": shown.as_list(), "bytes": nbytes,
                          "picked": cfg is None}

@@ -10,7 +10,6 @@ a static KV cache; on CUDA one decode step is captured in a CUDA graph and repla
 from __future__ import annotations
 
 import contextlib
-
 import statistics
 import time
 from pathlib import Path

@@ -61,3 +61,29 @@ def test_signature_mismatch_is_caught():
     sig, aligned = _signature("w4s50", "fp16", "gemv")
     assert sig["B"] == "*i16" and sig["ws_ptr"] == "*fp32" and sig["cnt_ptr"] == "*i32"
     assert "M" not in aligned and "SPLIT" not in aligned and "KK" in aligned
+
+
+def test_compact_24_gemv_compiles_without_spills():
+    """The compact 2:4 GEMV shapes the H200 sweep tries (bench/gpu_tune.py GEMV24) at M = 1 and 8:
+    no spills, no tensor cores, and fewer shared-memory round trips than the expanding GEMV."""
+    pytest.importorskip("triton")
+    code = """
+import json, sys
+sys.path.insert(0, "bench")
+from gpu_tune import GEMV24
+from llmprune.kernels.compile_check import check_one
+from llmprune.kernels.triton_gemm import Config
+rows = [check_one(f, "fp16", m, Config(k, bw, m, bk, w, 3), reduce=True) for f in ("sparse24", "w4s24")
+        for bw, bk, w in GEMV24[2:4] for m in (1, 8) for k in ("gemv24", "gemv")]
+print(json.dumps(rows))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600, capture_output=True,
+                         text=True, cwd=root).stdout
+    rows = json.loads(out.strip().splitlines()[-1])
+    compact = [r for r in rows if r["kind"] == "gemv24"]
+    assert compact and all(r["spill_bytes"] == 0 and not r["tensor_cores"] for r in compact), compact
+    for c in compact:
+        e = next(r for r in rows if r["kind"] == "gemv" and all(r[k] == c[k] for k in ("format", "M", "BW", "BK")))
+        assert c["shared_ops"] <= e["shared_ops"], (c, e)

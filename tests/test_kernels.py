@@ -140,7 +140,8 @@ def test_every_launch_shape_agrees(ops, fmt):
     p, w = rand_packed(fmt, 96, 512, torch.float32, seed=4, G=32)
     x = torch.randn(2, 512)
     ref = oracle(x, w)
-    for cfg in (Config("gemv", 32, 2, 64), Config("gemv", 128, 2, 128), Config("tile", 64, 16, 32),
+    for cfg in (Config("gemv", 32, 2, 64), Config("gemv", 128, 2, 128), Config("gemv24", 32, 2, 64),
+                Config("tile", 64, 16, 32),
                 Config("tile", 128, 128, 64, num_warps=8)):
         assert_close(ops.triton_linear(fmt, x, p, config=cfg), ref, 512)
 
@@ -313,3 +314,20 @@ def test_shipped_tuned_tables_are_valid():
                 for c in entries.values():
                     cfg = Config(*c)
                     assert cfg.kind in ("gemv", "tile") and cfg.BK & (cfg.BK - 1) == 0 and cfg.BW >= 16
+
+
+@pytest.mark.parametrize("fmt,zeros,G", [("sparse24", False, 128), ("w4s24", False, 32), ("w4s24", True, 64),
+                                         ("w4s24", False, 128)])
+def test_compact_gemv_of_the_24_formats(ops, fmt, zeros, G):
+    """The 2:4 GEMV that selects inputs instead of expanding the weight (gemv24): odd row counts,
+    M = 1..8, K tiles inside and across scale groups, forced split-K, bias, asymmetric grid."""
+    from llmprune.kernels.triton_gemm import Config
+
+    p, w = rand_packed(fmt, 72, 384, torch.float32 if fmt == "sparse24" else torch.float16, seed=7, G=G,
+                       zeros=zeros)
+    b = torch.randn(72)
+    for M in (1, 3, 8):
+        x = torch.randn(M, 384, generator=torch.Generator().manual_seed(M))
+        for cfg in (Config("gemv24", 32, M, 128), Config("gemv24", 16, M, 32, split=3),
+                    Config("gemv24", 64, M, 64, split=2)):
+            assert_close(ops.triton_linear(fmt, x, p, b, config=cfg), oracle(x, w, b), 384)

@@ -41,7 +41,7 @@ def _signature(fmt: str, dtype: str, kind: str) -> tuple[dict, list[str]]:
     args, _ = f.kernel_args(256, f.random(16, 256, td))
     wt = tuple(f"*{_TT[str(t.dtype)]}" for t in pointer_roles(args))
     names = ["x_ptr", "y_ptr", "bias_ptr", "ws_ptr", "cnt_ptr", "A", "B", "C", "D", "sa", "sb", "sc", "M", "N",
-             "KK" if kind == "gemv" else "KIN", "KG", "sxm", "ITERS", "SPLIT"]
+             "KIN" if kind == "tile" else "KK", "KG", "sxm", "ITERS", "SPLIT"]
     types = [f"*{dtype}", f"*{dtype}", f"*{dtype}", "*fp32", "*i32", *wt] + ["i32"] * 10
     return dict(zip(names, types)), [n for n in names if n not in ("M", "ITERS", "KG", "SPLIT")]
 
@@ -74,7 +74,7 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
 
     cfg = config or tg.default_config(fmt, M, IN_FEATURES)
     reduce = (M <= 16) if reduce is None else reduce
-    kernel = tg._gemv_kernel if cfg.kind == "gemv" else tg._tile_kernel
+    kernel = {"gemv": tg._gemv_kernel, "gemv24": tg._gemv24_kernel, "tile": tg._tile_kernel}[cfg.kind]
     sig, aligned = _signature(fmt, dtype, cfg.kind)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     const = {"FMT": tg.fmt_id(fmt), "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
@@ -92,7 +92,8 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
            "wgmma": "wgmma.mma_async" in ptx, "mma": bool(re.search(r"\bmma\.sync", ptx)),
            "ld_v4": "ld.global.v4" in ptx, "ld_v2": "ld.global.v2" in ptx, "cp_async": "cp.async" in ptx,
            "atomic_acq_rel": bool(re.search(r"atom\.global\.(gpu\.)?acq_rel|atom\.acq_rel\.gpu", ptx)),
-           "shared_bytes": compiled.metadata.shared}
+           "shared_bytes": compiled.metadata.shared, "ptx_lines": ptx.count("\n"),
+           "shared_ops": len(re.findall(r"\b(?:st|ld)\.shared", ptx))}
     row["tensor_cores"] = row["wgmma"] or row["mma"]
     row["vector_loads"] = row["ld_v4"] or row["ld_v2"] or row["cp_async"]
     return row

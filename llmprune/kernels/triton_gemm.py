@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmprune.kernels.triton_sparse24 import sparse24_tile
-from llmprune.kernels.triton_w4 import w4g_tile, w4s24_tile, w4s50_dense_tile, w4s50_slot_tile
+from llmprune.kernels.triton_sparse24 import select4, sparse24_compact, sparse24_tile
+from llmprune.kernels.triton_w4 import w4g_tile, w4s24_compact, w4s24_tile, w4s50_dense_tile, w4s50_slot_tile
 
 
 def fmt_id(fmt: str) -> int:
@@ -124,6 +124,50 @@ def _gemv_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm,
+                   ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr):
+    """The GEMV of the 2:4 formats (sparse24, w4s24) without expanding the weight: each kept value
+    multiplies the input its 2-bit index selects (select4 over the group's 4 inputs), so a row costs
+    half the multiply-adds and no register shuffles of the (BW, BK) expansion the MMA tile needs."""
+    pid_w = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_w * BW + tl.arange(0, BW)
+    rmask = rows < N
+    tok = tl.arange(0, BT)
+    acc = tl.zeros((BW, BT), tl.float32)
+    NB: tl.constexpr = BK // 8
+    n_it = tl.minimum(ITERS, tl.cdiv(KK, BK) - pid_k * ITERS)
+    for i in range(n_it):
+        kk = (pid_k * ITERS + i) * BK
+        if FMT == 0:
+            a0, a1, b0, b1, ia0, ia1, ib0, ib1 = sparse24_compact(A, B, sa, sb, rows, rmask, kk, BW, BK)
+        else:
+            a0, a1, b0, b1, ia0, ia1, ib0, ib1 = w4s24_compact(A, B, C, D, sa, sb, sc, rows, rmask, kk, BW, BK,
+                                                               G, HAS_Z)
+        c8 = kk + 8 * tl.arange(0, NB)  # (NB,) first input of each meta byte's 8
+        okc = c8 < KK
+        for m in tl.static_range(BT):
+            okm = okc & (tl.full(c8.shape, m, tl.int32) < M)  # a block, not a scalar (see _gemv_kernel)
+            xp = x_ptr + m * sxm + c8
+            x0 = tl.load(xp + 0, mask=okm, other=0.0).to(tl.float32)[None, :]
+            x1 = tl.load(xp + 1, mask=okm, other=0.0).to(tl.float32)[None, :]
+            x2 = tl.load(xp + 2, mask=okm, other=0.0).to(tl.float32)[None, :]
+            x3 = tl.load(xp + 3, mask=okm, other=0.0).to(tl.float32)[None, :]
+            x4 = tl.load(xp + 4, mask=okm, other=0.0).to(tl.float32)[None, :]
+            x5 = tl.load(xp + 5, mask=okm, other=0.0).to(tl.float32)[None, :]
+            x6 = tl.load(xp + 6, mask=okm, other=0.0).to(tl.float32)[None, :]
+            x7 = tl.load(xp + 7, mask=okm, other=0.0).to(tl.float32)[None, :]
+            t = a0 * select4(ia0, x0, x1, x2, x3) + a1 * select4(ia1, x0, x1, x2, x3)
+            t += b0 * select4(ib0, x4, x5, x6, x7) + b1 * select4(ib1, x4, x5, x6, x7)
+            part = tl.sum(t, axis=1)  # (BW,)
+            acc += tl.where(tok[None, :] == m, part[:, None], 0.0)
+    _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
+            HAS_BIAS, REDUCE, BW, BT)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _tile_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KIN, KG, sxm,
                  ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
@@ -166,7 +210,7 @@ def _tile_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
 class Config:
     """One launch shape. `waves`: split K until about waves x SMs programs run (1 = no split
     beyond what fills the GPU once); `split` > 0 forces the number of K splits."""
-    kind: str  # "gemv" | "tile"
+    kind: str  # "gemv" | "gemv24" (2:4 formats: compact, no expansion) | "tile"
     BW: int
     BT: int
     BK: int
@@ -190,6 +234,9 @@ def _pow2_divisor(n: int, cap: int, floor: int = 16) -> int:
 def _walk_len(fmt: str, in_features: int) -> int:
     """Length of the K axis the GEMV walks: w4s50 walks its K*16 kept columns."""
     return (in_features // 32) * 16 if fmt == "w4s50" else in_features
+
+
+COMPACT_FORMATS = ("sparse24", "w4s24")  # the formats _gemv24_kernel runs
 
 
 def m_bucket(M: int) -> int:
@@ -216,14 +263,17 @@ def default_config(fmt: str, M: int, in_features: int) -> Config:
 
 def fit_config(cfg: Config, fmt: str, M: int, in_features: int) -> Config:
     """Adapt a (tuned) config to this call: BK must divide the walked K axis, BT cover M for the GEMV."""
-    k = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features
+    kind = cfg.kind
+    if kind == "gemv24" and fmt not in COMPACT_FORMATS:
+        kind = "gemv"  # a table entry or sweep shape of the 2:4 formats, asked of another format
+    k = _walk_len(fmt, in_features) if kind == "gemv" else in_features
     bk = _pow2_divisor(k, cfg.BK)
     bt = cfg.BT
-    if cfg.kind == "gemv":
+    if kind in ("gemv", "gemv24"):
         bt = 1 << max(0, (M - 1).bit_length())  # next power of two >= M
         if bt > 8:  # the GEMV unrolls over tokens: beyond 8 the tile kernel is the right shape
             return default_config(fmt, M, in_features)
-    return Config(cfg.kind, cfg.BW, bt, bk, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
+    return Config(kind, cfg.BW, bt, bk, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
 
 
 def pick_config(fmt: str, M: int, in_features: int, out_features: int | None = None,
@@ -284,7 +334,7 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     kk = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features  # the K axis walked
     n_iter = triton.cdiv(kk, cfg.BK)
     row_blocks = triton.cdiv(n_out, cfg.BW)
-    tok_blocks = 1 if cfg.kind == "gemv" else triton.cdiv(M, cfg.BT)
+    tok_blocks = triton.cdiv(M, cfg.BT) if cfg.kind == "tile" else 1
     split, iters = _split(cfg, n_iter, row_blocks * tok_blocks, x2d.device)
     y = torch.empty((M, n_out), dtype=x2d.dtype, device=x2d.device)
     if split > 1:
@@ -299,6 +349,8 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     args = (x2d, y, bias_arg, ws, cnt, A, B, C, D, sa, sb, sc, M, n_out, kk, kg, x2d.stride(0), iters, split)
     if cfg.kind == "tile":
         _tile_kernel[(row_blocks, tok_blocks, split)](*args, **meta)
+    elif cfg.kind == "gemv24":
+        _gemv24_kernel[(row_blocks, split)](*args, **meta)
     else:
         _gemv_kernel[(row_blocks, split)](*args, **meta)
     return y

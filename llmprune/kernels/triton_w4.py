@@ -12,7 +12,7 @@ bytes (the memory-bound decode win). Layouts are those of llmprune/formats:
 import triton
 import triton.language as tl
 
-from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices
+from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices, meta_pairs
 
 
 @triton.jit
@@ -67,6 +67,29 @@ def w4s24_tile(code_ptr, meta_ptr, s_ptr, z_ptr, s_code, s_meta, s_scale, rows, 
     v1 = _dequant(c >> 4, s_ptr, z_ptr, s_scale, rows, rmask, k0 // G, BW, BK // 4, G // 4, HAS_Z)
     i0, i1 = meta_indices(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
     return expand24(v0.to(CDT), v1.to(CDT), i0, i1, BW, BK)
+
+
+@triton.jit
+def w4s24_compact(code_ptr, meta_ptr, s_ptr, z_ptr, s_code, s_meta, s_scale, rows, rmask, k0,
+                  BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr):
+    """A w4s24 tile left compact for the GEMV: per meta byte b (groups 2b, 2b+1; G % 8 == 0, so both
+    share one scale), the four dequantized kept values (fp32) and their positions 0..3 in the group."""
+    NB: tl.constexpr = BK // 8
+    c = tl.load(code_ptr + rows[:, None] * s_code + (k0 // 4 + tl.arange(0, BK // 4))[None, :],
+                mask=rmask[:, None], other=0x88).to(tl.int32)  # (BW, BK/4): byte g = group g
+    ca, cb = tl.split(tl.reshape(c, (BW, NB, 2)))  # groups 2b, 2b+1
+    offs = rows[:, None] * s_scale + ((k0 + 8 * tl.arange(0, NB)) // G)[None, :]  # (BW, NB)
+    s = tl.load(s_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + offs, mask=rmask[:, None], other=8).to(tl.float32)
+    else:
+        z = tl.full((BW, NB), 8.0, tl.float32)
+    a0 = ((ca & 15).to(tl.float32) - z) * s
+    a1 = ((ca >> 4).to(tl.float32) - z) * s
+    b0 = ((cb & 15).to(tl.float32) - z) * s
+    b1 = ((cb >> 4).to(tl.float32) - z) * s
+    ia0, ia1, ib0, ib1 = meta_pairs(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
+    return a0, a1, b0, b1, ia0, ia1, ib0, ib1
 
 
 @triton.jit
