@@ -38,11 +38,14 @@ compress() {  # compression on CUDA: a SmolLM2-shaped random model (the real one
   # offline C4 (the paper's calibration) is read with pyarrow; without it, calibrate on WikiText-2
   # and skip the evaluation (it would overlap the calibration text)
   $PY -c "import pyarrow" 2>/dev/null || { common="$common --calib wikitext2"; ev=none; echo "no pyarrow: --calib wikitext2"; }
-  $PY -m llmprune.cli compress $common --solver wanda --out /tmp/o-wanda --eval $ev || return 1
-  $PY -m llmprune.cli compress $common --solver sparsegpt --out /tmp/o-sparsegpt --eval none || return 1
-  $PY -m llmprune.cli compress $common --solver sparsegpt --pattern 2:4 --format w4s24 --quant gptq \
-      --out /tmp/o-sparsegpt-w4s24-gptq --eval none || return 1
-  for o in wanda sparsegpt sparsegpt-w4s24-gptq; do cp /tmp/o-$o/llmprune.json "$OUT/compress-$o.json"; done
+  local rc=0
+  one() {  # one NAME ARGS...: compress, keep the manifest whatever the next run does
+    $PY -m llmprune.cli compress $common "${@:2}" --out /tmp/o-$1 && cp /tmp/o-$1/llmprune.json "$OUT/compress-$1.json" || rc=1
+  }
+  one wanda --solver wanda --eval $ev
+  one sparsegpt --solver sparsegpt --eval none
+  one sparsegpt-w4s24-gptq --solver sparsegpt --pattern 2:4 --format w4s24 --quant gptq --eval none
+  return $rc
 }
 export -f envinfo compress
 export OUT PY HF_HUB_OFFLINE=1
