@@ -1,17 +1,24 @@
-"""Render the README's result tables from bench/results (made by bench/p_cpu.sh).
+"""Render the result tables of README.md and docs/*.md from bench/results (made by bench/p_cpu.sh).
 
     python bench/make_tables.py > bench/results/tables.md
     python bench/make_tables.py --replot    # also re-render results/*/sweep.png from sweep.json
-    python bench/make_tables.py --readme    # rewrite the README's <!-- table:NAME --> spans in place
+    python bench/make_tables.py --readme    # rewrite every <!-- table:NAME --> span of README.md and docs/*.md
     python bench/make_tables.py --readme solvers slicegpt    # only those spans
+    python bench/make_tables.py --readme --check    # exit 1, naming the spans, if regenerating would change a file
+
+A span is a line `<!-- table:NAME -->`, the table, and a line `<!-- /table -->`; its body is TABLES[NAME](). A
+span whose NAME is not in TABLES is left as it is, with a warning.
 """
 from __future__ import annotations
 
 import csv
 import json
+import re
+import sys
 from pathlib import Path
 
 R = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name: str) -> dict | None:
@@ -124,14 +131,32 @@ magnitude rows are sizes only; its quality rows (`bash bench/p_cpu.sh gemma`) us
 and the unpruned one, whose 25.05 comes from the Wanda 50% run's dense evaluation."""
 
 
+# Whole-file MiB of outputs that no record above holds: measured when runs/ still existed and printed in
+# the README's tables then (rounded), before p_cpu.sh recorded sizes in results/file_sizes.json.
+RECORDED_MIB = {"gemma3-dense": 1023}
+
+
 def file_mib(name: str) -> float:
-    """The safetensors MiB of runs/NAME, or as recorded in results/file_sizes.json (p_cpu.sh's `run` records
-    each output's bytes there: runs/ is not kept; the entries older than that are the README's rounded MiB)."""
+    """The safetensors MiB of runs/NAME; else as recorded in results/file_sizes.json (p_cpu.sh's `run` records
+    each output's bytes there: runs/ is not kept); else the file bytes a packed output's manifest records
+    (format.bytes.file); else, for an unsliced dense-format output, the bytes of its model's unpruned dense
+    output (MODEL-dense: same tensors, same dtype, zeros stored); else RECORDED_MIB; else nan."""
     d = Path(__file__).parents[1] / "runs" / name
     if d.exists():
         return sum(p.stat().st_size for p in d.glob("*.safetensors")) / 2**20
     sizes = load("file_sizes") or {}
-    return sizes[name] / 2**20 if name in sizes else float("nan")
+    if name in sizes:
+        return sizes[name] / 2**20
+    m = load(name) or {}
+    fb = ((m.get("format") or {}).get("bytes") or {}).get("file")
+    if fb:
+        return fb / 2**20
+    model = (m.get("model") or {}).get("asked")
+    if m and not m.get("format") and not m.get("slicegpt") and model and name != f"{model}-dense":
+        base = load(f"{model}-dense") or {}
+        if base.get("dtype") == m.get("dtype"):
+            return file_mib(f"{model}-dense")
+    return RECORDED_MIB.get(name, float("nan"))
 
 
 def sweep_table(folder: str) -> str:
@@ -346,39 +371,207 @@ def replot() -> None:
         report.plot_sweep([r for r in rows if r["solver"] != "dense"], d / "sweep.png")
 
 
+# --- headline tables (README): SmolLM2-135M, P-cpu, one row per saved output -----------------------------
+
+def _ppl(m: dict | None) -> float | None:
+    return ((m or {}).get("eval", {}).get("wikitext2") or {}).get("ppl")
+
+
+def pack_wall(name: str) -> float | None:
+    """Wall seconds of the `llmprune pack` (or other) command that made runs/NAME, from p_cpu.log: the last
+    `### NAME` section (a rerun's header may add a note in parentheses); None when that section has no
+    `wall` line (a command run by hand)."""
+    p = R / "p_cpu.log"
+    if not p.exists():
+        return None
+    mine, wall = False, None
+    for line in p.read_text(errors="replace").splitlines():
+        if line.startswith("### "):
+            mine = bool(re.match(rf"### {re.escape(name)}(\s\s|\s\(|$)", line))
+            if mine:
+                wall = None  # a later run of NAME replaces the earlier one
+        elif mine and (w := re.match(r"wall ([\d.]+) s", line)):
+            wall = float(w[1])
+    return wall
+
+
+PRUNE_ROWS = [("llama-dense", "unpruned"), ("llama-magnitude-50", "magnitude 50%"), ("llama-wanda-50", "Wanda 50%"),
+              ("llama-sparsegpt-50", "SparseGPT 50%"), ("llama-wanda-60", "Wanda 60%"), ("llama-wanda-70", "Wanda 70%"),
+              ("llama-wanda-24", "Wanda 2:4"), ("llama-sparsegpt-24", "SparseGPT 2:4")]
+
+
+def head_prune() -> str:
+    """Pruned SmolLM2, saved dense (zeros in place, fp32): ppl, file, compress time."""
+    out = ["| SmolLM2-135M | sparsity (measured) | WikiText-2 ppl | file MiB | compress s | manifest |",
+           "|---|---|---|---|---|---|"]
+    for name, label in PRUNE_ROWS:
+        m = load(name)
+        if not m:
+            continue
+        pruned = bool(m.get("sparsity", {}).get("target"))
+        out.append(f"| {label} | {m['sparsity']['measured']:.4f} | {f(_ppl(m))} | {file_mib(name):.0f} | "
+                   f"{f(m['timings']['compress_s'] if pruned else None, '.0f')} | `{name}` |")
+    return "\n".join(out)
+
+
+FORMAT_ROWS = ["llama-dense", "llama-dense-w4g128-rtn", "llama-dense-w4g128-gptq", "llama-dense-w4g128-gptq-tune64",
+               "llama-wanda-24-sparse24", "llama-sparsegpt-24-w4s24-rtn-g48", "llama-sparsegpt-24-w4s24-gptq-g48",
+               "llama-sparsegpt-24-w4s24-gptq-g48-tune64", "llama-wanda-g16-w4s50-gptq"]
+
+
+def head_formats() -> str:
+    """SmolLM2 packed: format, what it packs, quantizer; ppl of the packed folder, file, time to make it."""
+    out = [("| format | from | int4 (grid, group) | WikiText-2 ppl | vs source | file MiB | compress s (prune + pack) "
+            "| manifest |"), "|---|---|---|---|---|---|---|---|"]
+    for name in FORMAT_ROWS:
+        m = load(name)
+        if not m:
+            continue
+        fm = m.get("format") or {}
+        src = load(Path(m["packed_from"]).name) if m.get("packed_from") else m
+        pruned = bool((src or {}).get("sparsity", {}).get("target"))
+        what = f"{src['solver']} {src['pattern']}" if pruned else "unpruned"
+        q = "-"
+        if fm.get("quant"):
+            lay = next(iter(fm["layers"].values()))
+            groups = "/".join(map(str, sorted({x["group_size"] for x in fm["layers"].values()})))
+            q = f"{fm['quant']} ({'sym' if lay['symmetric'] else 'asym'}, {groups})"
+            o = fm.get("quant_options") or {}
+            if o.get("tune_steps"):
+                q += f" + scales tuned {o['tune_steps']} steps" + (" (not kept)" if o.get("tune", {}).get("kept") == "gptq"
+                                                                     else "")
+        ppl, note = _ppl(m), ""
+        if ppl is None and fm.get("name") == "sparse24":  # exact: the source's fp16 weights, as stored
+            ppl, note = _ppl(src), " (= source)"
+        rel = f"{ppl / _ppl(src):.3f}" if ppl and _ppl(src) and src is not m else "-"
+        parts = [f(src["timings"]["compress_s"], ".0f")] if pruned else []  # the source's pruning
+        if src is not m:
+            parts.append(f(pack_wall(name), ".0f"))  # this pack command ("-": not in p_cpu.log)
+        t = " + ".join(parts) or "-"
+        out.append(f"| {fm.get('name', 'dense (fp32)')} | {what} | {q} | {f(ppl)}{note} | {rel} | "
+                   f"{file_mib(name):.0f} | {t} | `{name}` |")
+    return "\n".join(out)
+
+
+def head_slicegpt() -> str:
+    out = ["| rotation | slicing | hidden | WikiText-2 ppl | params vs dense | file MiB (fp32) | compress s | manifest |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in ("shared", "per-block"):
+        for s in ("0.1", "0.2", "0.25", "0.3"):
+            for tail in ("", "-slicehead"):
+                name = f"llama-slicegpt-{r}-{s}{tail}"
+                m = load(name)
+                if not m:
+                    continue
+                sl = m["slicegpt"]
+                head = sl.get("head_width", sl["new_dim"])
+                out.append(f"| {r}{', head sliced' if head == sl['new_dim'] else ''} | {s} | {sl['new_dim']} | "
+                           f"{f(_ppl(m))} | {sl['params_after'] / sl['params_before']:.3f} | {file_mib(name):.0f} | "
+                           f"{m['timings']['compress_s']:.0f} | `{name}` |")
+    return "\n".join(out)
+
+
+def head_perp() -> str:
+    out = ["| pruned | ppl pruned | ppl after PERP | file MiB | compress s (prune + recover) | manifest |",
+           "|---|---|---|---|---|---|"]
+    for s in ("60", "70"):
+        src, m = load(f"llama-wanda-{s}"), load(f"llama-wanda-{s}-perp")
+        if not (src and m):
+            continue
+        ev = m["eval"]["wikitext2"]
+        out.append(f"| Wanda {s}% | {ev['before_recover_ppl']:.2f} | {ev['ppl']:.2f} | {file_mib(f'llama-wanda-{s}-perp'):.0f} "
+                   f"| {src['timings']['compress_s']:.0f} + {m['recover']['wall_s']:.0f} | `llama-wanda-{s}-perp` |")
+    return "\n".join(out)
+
+
+def gpu_section(heading: str) -> str:
+    """The first Markdown table under `## HEADING...` of results/gpu/SUMMARY.md (bench/gpu_summary.py)."""
+    p = R / "gpu" / "SUMMARY.md"
+    if not p.exists():
+        return ""
+    lines, inside, table = p.read_text().splitlines(), False, []
+    for line in lines:
+        if line.startswith("## "):
+            if table:
+                break
+            inside = line[3:].startswith(heading)
+        elif inside and line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    return "\n".join(table)
+
+
+def export_table() -> str:
+    """bench/export_table.py's table (bench/results/export, made by bench/export.sh)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_table", Path(__file__).parent / "export_table.py")
+    et = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(et)
+    if not (et.RES / "sizes.txt").exists():
+        return ""
+    rows = ["| model | artifact | read by | MiB | windows of 2048 | WikiText-2 ppl | ratio |", "|---|---|---|---|---|---|---|"]
+    for src, label in (("dense", "SmolLM2-135M"), ("wanda-50", "Wanda 50%")):
+        rows += et.rows(src, label)
+    return "\n".join(rows)
+
+
 TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "quant": quant_ablation_table,
           "zeroshot": zeroshot_table, "slicegpt": slicegpt_table, "slicegpt-bench": slicegpt_bench_table,
           "perp": perp_table, "solvers-seeds": seed_table, "solvers-seeds-24": lambda: seed_table("2:4"),
           "solvers-seeds-50": lambda: seed_table("50%"), "solvers-24": lambda: sweep_table("solvers-24"), "solvers": solver_grid,
           "solvers-time": lambda: solver_grid("compress_s", ".0f"),
-          "solvers-rss": lambda: solver_grid("peak_rss_mib", ",.0f")}
+          "solvers-rss": lambda: solver_grid("peak_rss_mib", ",.0f"),
+          "head-prune": head_prune, "head-formats": head_formats, "head-slicegpt": head_slicegpt, "head-perp": head_perp,
+          "gpu-kernels": lambda: gpu_section("Kernels against the targets"),
+          "gpu-decode": lambda: gpu_section("End-to-end decode"), "gpu-shapes": lambda: gpu_section("Kernel times per shape"),
+          "gpu-linears": lambda: gpu_section("The decoder linears alone"), "export": export_table}
+
+SPAN = re.compile(r"^<!-- table:([\w-]+) -->.*?^<!-- /table -->", re.DOTALL | re.MULTILINE)  # markers open lines
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """The files whose spans are filled: README.md and every docs/*.md."""
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.exists()]
+
+
+def fill(paths: list[Path], only: set[str] | None = None, write: bool = True, root: Path | None = None) -> list[str]:
+    """Replace each `<!-- table:NAME -->` ... `<!-- /table -->` span of the files with TABLES[NAME]() (only the
+    NAMEs in `only`, when given). Returns "FILE: table NAME" for each span whose text changes (or would, with
+    write=False); unknown NAMEs are left as they are, with a warning on stderr. Each table is computed once."""
+    cache: dict[str, str] = {}
+    changed: list[str] = []
+    for path in paths:
+        text = path.read_text()
+        shown = path.relative_to(root) if root and path.is_relative_to(root) else path
+
+        def one(m, shown=shown):
+            name = m.group(1)
+            if only and name not in only:
+                return m.group(0)
+            if name not in TABLES:
+                print(f"make_tables: warning: {shown}: no table named {name!r}; span left as it is", file=sys.stderr)
+                return m.group(0)
+            if name not in cache:
+                cache[name] = TABLES[name]() or "(not measured yet)"
+            new = f"<!-- table:{name} -->\n{cache[name]}\n<!-- /table -->"
+            if new != m.group(0):
+                changed.append(f"{shown}: table {name}")
+            return new
+
+        new_text = SPAN.sub(one, text)
+        if write and new_text != text:
+            path.write_text(new_text)
+    return changed
 
 
 def fill_readme(path: Path, only: set[str] | None = None) -> None:
-    """Replace each `<!-- table:NAME -->` ... `<!-- /table -->` span of the README with TABLES[NAME]()
-    (only the NAMEs in `only`, when given)."""
-    import re
-
-    text = path.read_text()
-
-    def fill(m):
-        if only and m.group(1) not in only:
-            return m.group(0)
-        body = TABLES[m.group(1)]()
-        return f"<!-- table:{m.group(1)} -->\n{body or '(not measured yet)'}\n<!-- /table -->"
-
-    path.write_text(re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", fill, text, flags=re.DOTALL))
+    """One file's spans (kept for callers of the single-file version)."""
+    fill([path], only)
 
 
-if __name__ == "__main__":
-    import sys
-
-    if "--replot" in sys.argv:
-        replot()
-    if "--readme" in sys.argv:  # --readme [TABLE ...]: only those tables
-        names = set(sys.argv[sys.argv.index("--readme") + 1:]) - {"--replot"}
-        fill_readme(Path(__file__).parents[1] / "README.md", names or None)
-        sys.exit(0)
+def print_all() -> None:
     print("## Pruning (P-cpu)\n\n" + base_table())
     print("\n## Formats\n\n" + formats_table() + "\n\n" + FORMAT_NOTES)
     for s in ("solvers-50", "solvers-60", "solvers-70", "solvers-24", "sweep"):
@@ -393,3 +586,35 @@ if __name__ == "__main__":
                      ("70% across calibration seeds", seed_table())):
         if t.count("\n") > 1:
             print(f"\n## {title}\n\n{t}")
+
+
+def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Render the result tables from bench/results.")
+    ap.add_argument("--replot", action="store_true", help="re-render results/*/sweep.png from sweep.json")
+    ap.add_argument("--readme", action="store_true", help="fill the table spans of README.md and docs/*.md")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a span would change")
+    ap.add_argument("tables", nargs="*", help="only these span names (default: every span)")
+    a = ap.parse_args(argv)
+    if a.replot:
+        replot()
+    if a.readme or a.check:
+        changed = fill(pages(root), set(a.tables) or None, write=not a.check, root=root)
+        if a.check:
+            if changed:
+                print("make_tables: stale (run `python bench/make_tables.py --readme`):\n  " + "\n  ".join(changed),
+                      file=sys.stderr)
+                return 1
+            print("make_tables: every table span matches bench/results")
+        else:
+            print("make_tables: " + (f"rewrote {len(changed)} span(s): " + ", ".join(changed) if changed
+                                     else "every table span already matched"))
+        return 0
+    if not a.replot:
+        print_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""bench/make_tables.py fills the <!-- table:NAME --> spans of README.md and docs/*.md, --check finds stale
+ones, unknown names are left alone. A fake table and a temporary tree: nothing of bench/results is read."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "make_tables.py"
+
+
+@pytest.fixture()
+def mt(monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_tables_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "TABLES", {"fake": lambda: "| a |\n|---|\n| 1 |"})
+    return mod
+
+
+def _tree(tmp_path: Path) -> Path:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# x\n\n<!-- table:fake -->\nold\n<!-- /table -->\n\n"
+                                        "<!-- table:nope -->\nhand-made\n<!-- /table -->\n"
+                                        "A span is `<!-- table:NAME -->` ... `<!-- /table -->` (prose, not a span)\n")
+    (tmp_path / "docs" / "a.md").write_text("text\n<!-- table:fake -->\n<!-- /table -->\nmore\n")
+    return tmp_path
+
+
+FILLED = "<!-- table:fake -->\n| a |\n|---|\n| 1 |\n<!-- /table -->"
+
+
+def test_fill_check_and_unknown_spans(mt, tmp_path, capsys):
+    root = _tree(tmp_path)
+    before = {p: p.read_text() for p in (root / "README.md", root / "docs" / "a.md")}
+
+    assert mt.main(["--readme", "--check"], root=root) == 1  # stale: reported, nothing written
+    err = capsys.readouterr().err
+    assert "README.md: table fake" in err and "docs/a.md: table fake" in err
+    assert {p: p.read_text() for p in before} == before
+
+    assert mt.main(["--readme"], root=root) == 0
+    err = capsys.readouterr().err
+    readme, doc = (root / "README.md").read_text(), (root / "docs" / "a.md").read_text()
+    assert FILLED in readme and doc == f"text\n{FILLED}\nmore\n"
+    assert "<!-- table:nope -->\nhand-made\n<!-- /table -->" in readme  # unknown: untouched, warned about
+    assert "no table named 'nope'" in err and "'NAME'" not in err
+    assert "A span is `<!-- table:NAME -->` ... `<!-- /table -->` (prose" in readme
+
+    assert mt.main(["--readme", "--check"], root=root) == 0  # now in step
+    assert mt.main(["--check", "fake"], root=root) == 0
+
+
+def test_only_the_named_tables_are_filled(mt, tmp_path, monkeypatch):
+    root = _tree(tmp_path)
+    monkeypatch.setitem(mt.TABLES, "other", lambda: "new")
+    (root / "docs" / "b.md").write_text("<!-- table:other -->\nold\n<!-- /table -->\n")
+    assert mt.main(["--readme", "other"], root=root) == 0
+    assert (root / "docs" / "b.md").read_text() == "<!-- table:other -->\nnew\n<!-- /table -->\n"
+    assert "\nold\n" in (root / "README.md").read_text()  # fake not asked for: left stale
+    assert mt.main(["--check"], root=root) == 1
+
+
+def test_an_empty_table_says_so(mt, tmp_path, monkeypatch):
+    root = _tree(tmp_path)
+    monkeypatch.setitem(mt.TABLES, "fake", lambda: "")
+    mt.main(["--readme"], root=root)
+    assert "<!-- table:fake -->\n(not measured yet)\n<!-- /table -->" in (root / "README.md").read_text()
