@@ -8,7 +8,11 @@ model's inputs (C4 32 x 512, seed 0). Per rule set: the relative squared error
 (W - W') H (W - W')^T / W H W^T, the mean |eps| per row on the reference's per-sequence scale (what
 DSnoT drives below update_threshold 0.1), and the swaps accepted. `ref`: the reference's rules
 (zyxxmu/DSnoT 4c029df: no sign rule for unstructured); `sign`: + the first release's sign rule;
-`lower`: + our lower_error check.
+`lower`: + our lower_error check. `allvar`: `ref` with Var(x_j) over all tokens (what llmprune used before it
+took the reference's within-sequence variance); `t2048`: `ref` with update_threshold 0.1 x 512/2048, the
+reference's tolerance per token with its 2048-token sequences; `c7`: `ref` with max_cycles 7 = 50 x 576/4096,
+the share of a row the reference may swap on LLaMA-7B's 4096 inputs. `mean share`: the part of Wanda's squared
+error that is the mean term sum_i eps_i^2 (the only part DSnoT's criteria see; the rest is d Cov d^T).
 """
 import torch
 
@@ -31,6 +35,21 @@ for h in hk:
     h.remove()
 
 
+class AllTokenVar:
+    """The statistics with Var(x_j) over all tokens in place of the within-sequence variance."""
+
+    def __init__(self, s):
+        self.s = s
+
+    def __getattr__(self, k):
+        return self.s.var if k == "seq_var" else getattr(self.s, k)
+
+
+def mean_share(w, w2, s):
+    h, mu, d = s.hessian.double() / 2, s.mean.double(), (w - w2).double()
+    return float((d @ mu).pow(2).sum() / ((d @ h) * d).sum())
+
+
 def errs(w, w2, s):
     """(relative squared error, mean |eps| per row on the per-sequence scale)"""
     h, mu, d = s.hessian.double(), s.mean.double(), (w - w2).double()
@@ -42,9 +61,10 @@ p = patterns.parse("unstructured")
 for n in layers:
     w, s = m.get_submodule(n).weight.detach().float(), st[n]
     e, ep = errs(w, get("wanda").fn(w, s, p, 0.7).weight, s)
-    out = [f"wanda {e:.4f} |eps| {ep:.3f}"]
-    for lab, kw in (("ref", {}), ("sign", {"same_sign": True}), ("lower", {"lower_error": True})):
-        r = get("dsnot").fn(w, s, p, 0.7, init="wanda", **kw)
+    out = [f"wanda {e:.4f} |eps| {ep:.3f} mean share {mean_share(w, get('wanda').fn(w, s, p, 0.7).weight, s):.3f}"]
+    for lab, kw in (("ref", {}), ("allvar", {}), ("t2048", {"update_threshold": 0.1 * 512 / 2048}), ("c7", {"max_cycles": 7}),
+                    ("sign", {"same_sign": True}), ("lower", {"lower_error": True})):
+        r = get("dsnot").fn(w, AllTokenVar(s) if lab == "allvar" else s, p, 0.7, init="wanda", **kw)
         e, ep = errs(w, r.weight, s)
         out.append(f"{lab} {e:.4f} |eps| {ep:.3f} sw {r.info['dsnot_swaps']}")
     print(n.replace("model.layers.", "L"), " | ".join(out), flush=True)

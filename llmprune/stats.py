@@ -27,6 +27,8 @@ class LayerStats:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
         self.sum = z(in_features) if "moments" in needs else None
         self.sumsq = z(in_features) if needs & {"norms", "moments"} else None
+        # sum over sequences of (the sequence's sum)^2 / its tokens: for the within-sequence variance
+        self.seq_sq = z(in_features) if "moments" in needs else None
         # X^T X in fp32: a (tokens x in) @ (in x tokens) product is the dominant cost, fp64 doubles it.
         self.xtx = torch.zeros(in_features, in_features, device=device) if "hessian" in needs else None
 
@@ -36,6 +38,9 @@ class LayerStats:
         Hessian counts each sequence's first token sink_weight times (the attention-sink token)."""
         first = x[:, 0, :] if x.dim() == 3 and self.sink_weight != 1 and self.xtx is not None else None
         self.n_seqs += x.shape[0] if x.dim() == 3 else 1
+        if self.seq_sq is not None and x.shape[-2] > 0:  # (an expert may get no token from a batch)
+            seq_sum = x.double().sum(-2).reshape(-1, self.in_features)  # (sequences, in)
+            self.seq_sq += seq_sum.pow(2).sum(0) / x.shape[-2]
         x = x.reshape(-1, self.in_features)  # (tokens, in)
         self.n += x.shape[0]
         if self.sumsq is not None:
@@ -64,6 +69,13 @@ class LayerStats:
     @property
     def var(self) -> torch.Tensor:
         return (self.sumsq / max(self.n, 1) - self.mean.pow(2)).clamp_min(0)
+
+    @property
+    def seq_var(self) -> torch.Tensor:
+        """Variance within each sequence (about the sequence's own mean), averaged over the tokens: the
+        DSnoT reference's `var` (lib/layerwrapper.py: torch.var of each batch of one sequence, averaged
+        weighted by tokens). It leaves out the spread of the sequences' means that `var` includes."""
+        return ((self.sumsq - self.seq_sq) / max(self.n, 1)).clamp_min(0)
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""DSnoT: the reference's rules (per-sequence error scale, sign rule, MLP skip), our optional error check,
-the pattern kept, and a per-row greedy oracle."""
+"""DSnoT: the reference's rules (per-sequence error scale, within-sequence variance, sign rule, MLP skip),
+our optional error check, the pattern kept, a per-row greedy oracle and a transcription of the reference's loop."""
 import pytest
 import torch
 
@@ -85,14 +85,16 @@ def test_sparsegpt_init_uses_exact_second_moment(spec):
     assert r.info["damp_used"] == 0.01  # the init solver's info is kept
 
 
-def greedy_oracle(w, x3, keep, threshold, cycles, m=0, same_sign=False, lower_error=False):
+def greedy_oracle(w, x3, keep, threshold, cycles, m=0, same_sign=False, lower_error=False, by_norm=True):
     """The rule of the docstring, one row at a time in plain Python (diagonal error model); m > 0: N:M.
-    x3 (sequences, tokens, in); eps is the reference's: sum_j d_j * (sum over tokens of x_j) / sequences."""
+    x3 (sequences, tokens, in); eps is the reference's: sum_j d_j * (sum over tokens of x_j) / sequences.
+    by_norm=False: a kept weight's score is |w'_k| alone (the reference's N:M rule after a magnitude init)."""
     x = x3.reshape(-1, x3.shape[-1]).double()
     w, var = w.double(), x.var(0, unbiased=False)
+    seq_var = x3.double().var(1, unbiased=False).mean(0)  # lib/layerwrapper.py: var within each sequence
     mu_seq = x.sum(0) / x3.shape[0]  # lib/layerwrapper.py: sum_metric_row
     mu = x.mean(0)
-    norm = x.pow(2).sum(0).sqrt()
+    norm = x.pow(2).sum(0).sqrt() if by_norm else torch.ones(x.shape[1], dtype=torch.float64)
     keep = keep.clone()
     for r in range(w.shape[0]):
         cur = w[r] * keep[r]
@@ -103,7 +105,7 @@ def greedy_oracle(w, x3, keep, threshold, cycles, m=0, same_sign=False, lower_er
             if abs(eps) <= threshold:
                 break
             sg = 1.0 if eps > 0 else -1.0
-            grow = [(sg * w[r, j] * mu[j] / var[j], j) for j in range(w.shape[1])
+            grow = [(sg * w[r, j] * mu[j] / seq_var[j], j) for j in range(w.shape[1])
                     if not keep[r, j] and j not in frozen and sg * w[r, j] * mu[j] > 0]
             if not grow:
                 break
@@ -140,6 +142,92 @@ def test_matches_per_row_greedy_oracle(spec, rules):
     want = greedy_oracle(w, x3, first.keep, 0.05, 20, m=p.m, same_sign=same_sign,
                          lower_error=rules.get("lower_error", False))
     assert torch.equal(r.keep, want)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "unstructured"])
+def test_magnitude_init_prunes_by_the_init_score_in_nm_blocks(spec):
+    """lib/prune.py L623-629: an N:M block gives up its kept weight of lowest init score (|w| after a
+    magnitude init); unstructured ranks by Wanda's score whatever the init (L691)."""
+    x3 = uncorrelated(1024, 96, seed=14, mean=1.0).reshape(16, 64, 96) * torch.linspace(0.2, 3, 96)
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(15))
+    st, p = stats_of(x3), parse(spec)
+    first = get("magnitude").fn(w, st, p, 0.5)
+    r = dsnot(w, st, p, 0.5, init="magnitude", update_threshold=0.05, max_cycles=20)
+    want = greedy_oracle(w, x3, first.keep, 0.05, 20, m=p.m, same_sign=p.kind == "nm", by_norm=p.kind != "nm")
+    assert torch.equal(r.keep, want) and r.info["dsnot_swaps"] > 0
+    if p.kind == "nm":  # ranked by Wanda's score the blocks would give up other weights
+        assert not torch.equal(want, greedy_oracle(w, x3, first.keep, 0.05, 20, m=p.m, same_sign=True))
+
+
+def reference_oracle(w, x3, sparsity, threshold, cycles):
+    """zyxxmu/DSnoT 4c029df, unstructured, init Wanda, default flags (without_same_sign), one row at a time:
+    lib/layerwrapper.py L47-60 (statistics fed one sequence at a time) and lib/prune.py L483-488, L666-855,
+    with its sorted candidate lists and the two pointers into each. x3: (sequences, tokens, in)."""
+    x3, w = x3.double(), w.double()
+    seqs = x3.shape[0]
+    sum_metric_row = x3.sum((0, 1)) / seqs  # each sequence's sum over its tokens, averaged over sequences
+    scaler_row = x3.pow(2).sum((0, 1)) / seqs
+    var = x3.var(1, unbiased=False).mean(0)  # torch.var of each batch (one sequence), token-weighted average
+    keep = torch.ones(w.shape, dtype=torch.bool)
+    n_prune = int(w.shape[1] * sparsity)
+    for r in range(w.shape[0]):
+        dsnot_metric = w[r] * sum_metric_row  # L483
+        wanda = (w[r].abs() * scaler_row.sqrt()).tolist()  # L486, L691
+        order = sorted(range(w.shape[1]), key=lambda j: wanda[j])  # stable: ties keep index order
+        pruned, kept = order[:n_prune], order[n_prune:]  # L674
+        keep[r, pruned] = False
+        eps = float(dsnot_metric[pruned].sum())  # L696: sum over pruned j of w_j * mu_j
+        # L701-709: pruned weights by w_j mu_j / var_j ascending (the kept ones sit at 0 in the middle,
+        # never reached here); eps > 0 takes from the top, else from the bottom
+        grow = sorted(pruned, key=lambda j: float(dsnot_metric[j] / var[j]))
+        # L711-722 + return_reorder_indice: the kept weights by Wanda's score ascending, those with
+        # w_k mu_k < 0 first, then those > 0 in reverse; eps >= 0 takes from the front, eps < 0 from the back
+        neg = [k for k in kept if dsnot_metric[k] < 0]
+        pos = [k for k in kept if dsnot_metric[k] > 0]
+        for _ in range(cycles):  # L758
+            if not abs(eps) > threshold:  # L827-829: the row stops for good
+                break
+            j, k = (grow.pop(), neg.pop(0)) if eps > 0 else (grow.pop(0), pos.pop(0))  # L762-819
+            keep[r, j], keep[r, k] = True, False  # L840-841
+            eps += float(dsnot_metric[k] - dsnot_metric[j])  # L843-852
+    return keep
+
+
+class _AllTokenVar:
+    def __init__(self, s):
+        self.s = s
+
+    def __getattr__(self, k):
+        return self.s.var if k == "seq_var" else getattr(self.s, k)
+
+
+def test_matches_the_reference_code_at_70_percent():
+    """Default options against a transcription of the reference's loop, on sequences whose means differ
+    (so the variance within sequences, which the reference divides by, is not the variance over all
+    tokens: with the latter the masks differ)."""
+    g = torch.Generator().manual_seed(11)
+    d = 160
+    x3 = (torch.randn(12, 48, d, generator=g) * (0.3 + torch.rand(d, generator=g)) + torch.randn(d, generator=g)
+          + torch.randn(12, 1, d, generator=g) * torch.rand(d, generator=g))
+    w = torch.randn(24, d, generator=torch.Generator().manual_seed(12))
+    st, p = stats_of(x3), parse("unstructured")
+    want = reference_oracle(w, x3, 0.7, 0.5, 12)
+    r = dsnot(w, st, p, 0.7, update_threshold=0.5, max_cycles=12)
+    assert 0 < r.info["dsnot_swaps"] < 24 * 12  # some rows stop below the threshold
+    assert torch.equal(r.keep, want)
+    assert not torch.equal(dsnot(w, _AllTokenVar(st), p, 0.7, update_threshold=0.5, max_cycles=12).keep, want)
+
+
+def test_within_sequence_variance():
+    g = torch.Generator().manual_seed(13)
+    x3 = torch.randn(6, 20, 5, generator=g) + torch.randn(6, 1, 5, generator=g) * 3
+    want = x3.double().var(1, unbiased=False).mean(0)
+    for parts in ((x3,), x3.split(4), [s[0] for s in x3.split(1)]):  # batches of sequences, or 2-D ones
+        s = LayerStats(5, {"moments"})
+        for part in parts:
+            s.add(part)
+        assert torch.allclose(s.seq_var, want, rtol=1e-10)
+        assert bool((s.var > s.seq_var * 1.5).all())  # the spread of the sequences' means is left out
 
 
 def test_threshold_is_on_the_per_sequence_scale():

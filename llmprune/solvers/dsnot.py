@@ -8,30 +8,41 @@ error of the row, eps = sum_j (w_j - w'_j) mu_j  (sec. 4.1):
   (restoring w_j moves eps by -w_j mu_j; low-variance inputs are preferred, they add little noise);
 - prune k = argmin over kept k of  |w'_k| ||x_k||_2 * Var(x_k)^pow_of_var_pruning        (eq. 6)
   among those with sign(w'_k mu_k) = -sign(eps) (pruning moves eps by +w'_k mu_k);
-  for N:M, k is taken from j's block of M inputs and the sign is not restricted.
+  for N:M, k is taken from j's block of M inputs and the sign is not restricted (and with
+  init magnitude it is ranked by |w'_k| alone: the reference ranks a block by the init's score).
 
 Reference followed: zyxxmu/DSnoT at 4c029df (2024-01-16), whose main.py defaults date from 297993f
 (2023-12-02): update_threshold 0.1, max_cycle_time 50, pow_of_var_regrowing 1, skip_layer "mlp",
 without_same_sign True. Hence, as there:
 - mu_j is the input's sum over a sequence's tokens averaged over sequences (its per-token mean
-  times the tokens per sequence, `lib/layerwrapper.py`), so eps is a per-sequence error and
-  `update_threshold` 0.1 is compared with it: a row stops once |eps| <= 0.1 on that scale;
+  times the tokens per sequence, `lib/layerwrapper.py` L60), so eps is a per-sequence error and
+  `update_threshold` 0.1 is compared with it: a row stops once |eps| <= 0.1 on that scale (the
+  calibration's own sequence length: 2048 tokens there, 512 under our P-cpu protocol);
+- Var(x_j) is the variance within each sequence (about its own mean) averaged over sequences, as
+  `lib/layerwrapper.py` L47-53 computes it one sequence at a time (`stats.seq_var`), not the
+  variance over all tokens;
 - the sign rule (reject a swap that would flip the sign of eps) applies to N:M only; the
   unstructured branch skips it because that release's `--without_same_sign` is an argparse
-  `type=bool` defaulting to True. The first release (dd4e2ee, 2023-10-14: threshold 0, 10 cycles,
-  power 0, no skip) applied it in both branches: same_sign=True gives that rule;
+  `type=bool` defaulting to True. The first commit (dd4e2ee, 2023-10-14: threshold 0, 10 cycles,
+  power 0, no skip) applied it in both branches (2da5814, the same day, dropped it for unstructured
+  and set skip "mlp"): same_sign=True gives that rule;
 - `skip` "mlp": the MLP linears keep the init solver's mask (layer names come from the engine);
   skip="none" refines every linear, "self_attn" only the MLP.
 A row stops (for good) at its first rejected swap, or when no candidate is left. Our extra rule,
 off by default (lower_error=True): also reject a swap that would increase the modelled squared
 error E||(w - w') x||^2, with the exact second moment E[x x^T] = H/2 when a Hessian was collected
-(init sparsegpt or alps), otherwise with inputs taken as uncorrelated: eps^2 + sum_j (w_j - w'_j)^2 Var(x_j).
+(init sparsegpt or alps), otherwise with inputs taken as uncorrelated: eps^2 + sum_j (w_j - w'_j)^2 Var(x_j)
+(eps per token, Var over all tokens).
 Each swap exchanges one pruned and one kept weight of the same row (and the same M-block), so the
 per-row count and the N:M pattern hold at every step. Weights already swapped are frozen: never
-swapped back. Kept weights keep the init solver's values (SparseGPT's or ALPS's updates; the
-reference ranks by SparseGPT's saliency but keeps the dense values); grown weights get their
-original value, as the reference does. The reference never reads pow_of_var_pruning, so its
-default here is 0 (= the reference).
+swapped back. (The reference walks fixed sorted lists with two pointers per row, which is the same
+choice as long as a row has candidates; a row here stops when none is left, where the reference's
+pointers run on into kept weights and can break the row's count or N:M pattern: not reproduced.)
+Kept weights keep the init solver's values (SparseGPT's or ALPS's updates; the reference takes a
+per-row mask from SparseGPT's saliency w^2/U_jj^2 (U: H^-1's Cholesky factor) but keeps the dense
+values, and ranks an N:M block by that saliency where we use Wanda's score); grown weights get their
+original value, as the reference does. The reference never reads pow_of_var_pruning, so its default here is 0 (= the
+reference).
 """
 from __future__ import annotations
 
@@ -79,10 +90,16 @@ def dsnot(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, init: 
     dev = w.device
     mu = stats.mean.to(dev, torch.float32)  # (in,) per token
     per_seq = stats.n / max(stats.n_seqs, 1)  # tokens per sequence: eps * per_seq is the reference's eps
+    # Var(x_j) of eqs. 5-6 as the reference computes it: within each sequence, averaged over them
+    # (lib/layerwrapper.py L47-53); the lower_error model needs the variance over all tokens (var)
+    seq_var = stats.seq_var.to(dev, torch.float32).clamp_min(_TINY)  # (in,)
     var = stats.var.to(dev, torch.float32).clamp_min(_TINY)  # (in,)
     norm = stats.sq_norm.to(dev, torch.float32).sqrt()  # (in,) ||x_j||_2
-    grow_base = w * mu / var.pow(pow_of_var_regrowing)  # (out, in) eq. 5 without the sign
-    prune_scale = norm * var.pow(pow_of_var_pruning)  # (in,) eq. 6 is |w'_k| * this
+    grow_base = w * mu / seq_var.pow(pow_of_var_regrowing)  # (out, in) eq. 5 without the sign
+    # eq. 6 is |w'_k| * prune_scale (in,): Wanda's score, as the reference ranks (lib/prune.py L691), but
+    # for N:M it ranks j's block by the init's own score (L627 initial_metric): |w| for magnitude
+    own = pattern.kind == "nm" and init == "magnitude"
+    prune_scale = (torch.ones_like(norm) if own else norm) * seq_var.pow(pow_of_var_pruning)
 
     exact = lower_error and "hessian" in getattr(stats, "needs", ())
     c = stats.hessian.to(dev, torch.float32) / 2 if exact else None  # (in, in) E[x x^T]
