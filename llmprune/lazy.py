@@ -1,6 +1,5 @@
 """Models whose weights stay on disk until a block needs them (sequential onloading), and output
-folders written shard by shard. Think in 70B: nothing here holds more than one block (plus, for
-the writer, the block tensors of one unfinished shard).
+folders written shard by shard. Think in 70B: nothing here holds more than one block.
 
 - `WeightFiles`: a folder's safetensors tensors (one file, or shards with their index), read one
   tensor at a time through safetensors' memory-mapped safe_open.
@@ -8,12 +7,15 @@ the writer, the block tensors of one unfinished shard).
   init_empty_weights); `load(prefix, device)` reads the tensors under a module prefix and places
   them with accelerate's set_module_tensor_to_device in the compute dtype, `release(prefix)` puts
   them back on meta. Packed outputs get PackedLinear modules for their packed layers.
-- `ShardWriter`: a dense HF folder written as standard sharded safetensors + index, a shard as
-  soon as its last tensor arrives.
+- `ShardWriter`: a dense HF folder written as standard sharded safetensors + index; every shard's
+  header is fixed up front, so each tensor goes to its offset as it arrives (nothing buffered), and
+  unchanged tensors are streamed file to file in chunks.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,6 +27,31 @@ from .modules import PackedLinear
 
 INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 2 * 2**30  # dense outputs: at most this much per file
+
+
+# safetensors' dtype names (the format's spec); a header is JSON after its u64 length
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+COPY_CHUNK = 64 * 2**20  # bytes moved at a time when a tensor is copied file to file
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(the JSON header, where the data starts) of a safetensors file, read without mapping it."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+@functools.lru_cache(maxsize=256)
+def _header_at(path: str, size: int, mtime: int) -> tuple[dict, int]:
+    return safetensors_header(Path(path))
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    st = path.stat()
+    return _header_at(str(path), st.st_size, st.st_mtime_ns)
 
 
 class WeightFiles:
@@ -66,27 +93,42 @@ class WeightFiles:
         return list(self.where)
 
     def read(self, names) -> dict[str, torch.Tensor]:
-        """The named tensors (copied out of the files, each file opened once)."""
-        from safetensors import SafetensorError, safe_open
+        """The named tensors, as stored."""
+        return {n: self.get(n) for n in names}
 
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            if n not in self.where:
-                raise LLMPruneError(f"{self.folder} lacks {n}: re-create the folder")
-            by_file.setdefault(self.where[n], []).append(n)
-        out = {}
-        for f, ns in by_file.items():
-            try:
-                with safe_open(str(f), framework="pt", device="cpu") as fh:
-                    for n in ns:
-                        out[n] = fh.get_tensor(n)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise LLMPruneError(f"{f}: a tensor cannot be read ({str(e).splitlines()[0][:120]}): the file is "
-                                    f"corrupted, re-create the folder") from None
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read with plain file reads (no mapping: the file's pages never count in our
+        resident memory) straight into its tensor; a floating tensor converted to `dtype` chunk by
+        chunk, so a conversion holds the result and one chunk, not the tensor twice."""
+        if name not in self.where:
+            raise LLMPruneError(f"{self.folder} lacks {name}: re-create the folder")
+        path = self.where[name]
+        try:
+            head, start = _header(path)
+            e = head[name]
+            sdt, shape = ST_DTYPES[e["dtype"]], tuple(e["shape"])
+        except (OSError, ValueError, KeyError) as err:
+            raise LLMPruneError(f"{path}: {name} cannot be read ({str(err)[:120]}): the file is corrupted, "
+                                f"re-create the folder") from None
+        a, b = e["data_offsets"]
+        want = dtype if (dtype is not None and sdt.is_floating_point) else sdt
+        out = torch.empty(shape, dtype=want)
+        flat = out.view(-1)
+        with open(path, "rb") as f:
+            f.seek(start + a)
+            if want == sdt:
+                got = f.readinto(flat.view(torch.uint8).numpy()) if b > a else 0
+                if got != b - a:
+                    raise LLMPruneError(f"{path} is truncated ({name}): re-create the folder")
+                return out
+            step = COPY_CHUNK // sdt.itemsize
+            for i in range(0, flat.numel(), step):
+                k = min(step, flat.numel() - i)
+                buf = f.read(k * sdt.itemsize)
+                if len(buf) != k * sdt.itemsize:
+                    raise LLMPruneError(f"{path} is truncated ({name}): re-create the folder")
+                flat[i:i + k] = torch.frombuffer(bytearray(buf), dtype=sdt)
         return out
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.read([name])[name]
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.where.values()))
@@ -178,9 +220,8 @@ class LazyModel:
         head_name = next((n for n, m in self.model.named_modules() if m is head), None)
         todo = [n for n in names if n not in skip
                 and not (self.tied and head_name and n == f"{head_name}.weight" and n not in self.files)]
-        for n, t in self.files.read(todo).items():  # (the tied head is re-tied below)
-            set_module_tensor_to_device(self.model, n, device, value=t,
-                                        dtype=self.dtype if t.is_floating_point() else None)
+        for n in todo:  # one tensor at a time, read in the compute dtype (the tied head is re-tied below)
+            set_module_tensor_to_device(self.model, n, device, value=self.files.get(n, self.dtype))
             self._loaded.add(n)
         if self.tied and head_name:
             emb = self.model.get_input_embeddings()
@@ -210,24 +251,28 @@ class LazyModel:
 
 
 class ShardWriter:
-    """Write a dense model as sharded safetensors (+ index) into `folder`: `add(name, tensor)` in any
-    order; a shard is written as soon as it is complete. The plan groups whole units (a decoder
-    block, or each tensor outside the blocks) into shards of at most `shard_bytes`, in state-dict
-    order, so blocks finished one after another never wait for tensors written at the end."""
+    """Write a dense model as sharded safetensors (+ index) into `folder`. `specs` (name, shape,
+    dtype) in state-dict order fix every shard's header up front, so each tensor is written at its
+    offset the moment it arrives (`add`) and nothing is buffered: peak memory is the tensor being
+    written. `copy` streams a tensor that is not changed (embeddings, head) from its source file in
+    chunks, converting the dtype on the way, without reading it whole. The plan groups whole units (a
+    decoder block, or each tensor outside the blocks) into shards of at most `shard_bytes`."""
 
-    def __init__(self, folder: str | Path, sizes: list[tuple[str, int]], unit_of, shard_bytes: int | None = None):
+    def __init__(self, folder: str | Path, specs: list[tuple[str, tuple, torch.dtype]], unit_of,
+                 shard_bytes: int | None = None):
         self.folder = Path(folder)
         shard_bytes = shard_bytes or SHARD_BYTES
+        self.spec = {n: (tuple(shape), dtype) for n, shape, dtype in specs}
+        size = {n: math.prod(shape) * dtype.itemsize for n, (shape, dtype) in self.spec.items()}
         units: list[list[str]] = []
-        for name, _ in sizes:
+        for name in self.spec:
             u = unit_of(name)
             if units and unit_of(units[-1][-1]) == u:
                 units[-1].append(name)
             else:
                 units.append([name])
-        size = dict(sizes)
-        if sum(size.values()) <= shard_bytes:  # a small model: one file (buffered whole: under shard_bytes)
-            units = [[n for n, _ in sizes]]
+        if sum(size.values()) <= shard_bytes:  # a small model: one file
+            units = [list(self.spec)]
             unit_of = lambda _n: 0
         shards: list[list[str]] = []
         cur, cur_b, cur_block = [], 0, None
@@ -240,28 +285,84 @@ class ShardWriter:
             cur, cur_b, cur_block = cur + unit, cur_b + b, is_block
         if cur:
             shards.append(cur)
-        n = len(shards)
-        self.file_of = {name: (f"model-{i:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors")
-                        for i, s in enumerate(shards, 1) for name in s}
-        self.pending = {f: set() for f in set(self.file_of.values())}
+        k = len(shards)
+        self.file_of, self.offset, self.headers = {}, {}, {}
+        for i, names in enumerate(shards, 1):
+            f = f"model-{i:05d}-of-{k:05d}.safetensors" if k > 1 else "model.safetensors"
+            head, pos = {"__metadata__": {"format": "pt"}}, 0
+            for n in names:
+                shape, dtype = self.spec[n]
+                head[n] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size[n]]}
+                self.file_of[n], self.offset[n] = f, pos
+                pos += size[n]
+            raw = json.dumps(head, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # data 8-byte aligned, as safetensors writes it
+            self.headers[f] = (raw, pos)
+        self.pending = {f: set() for f in self.headers}
         for name, f in self.file_of.items():
             self.pending[f].add(name)
-        self.buffer: dict[str, dict[str, torch.Tensor]] = {f: {} for f in self.pending}
+        self.open: dict[str, object] = {}
         self.total = sum(size.values())
         self.written_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
+    def _file(self, name: str):
         f = self.file_of.get(name)
         if f is None:
             raise LLMPruneError(f"internal: {name} is not in the output's shard plan")
-        self.buffer[f][name] = tensor.detach().contiguous().cpu()
+        if f not in self.open:
+            fh = open(self.folder / f, "wb")
+            raw, _ = self.headers[f]
+            fh.write(len(raw).to_bytes(8, "little"))
+            fh.write(raw)
+            self.open[f] = fh
+        fh = self.open[f]
+        fh.seek(8 + len(self.headers[f][0]) + self.offset[name])
+        return f, fh
+
+    def _done(self, f: str, name: str) -> None:
         self.pending[f].discard(name)
         if not self.pending[f]:
-            save_file(self.buffer[f], str(self.folder / f), metadata={"format": "pt"})
+            fh = self.open.pop(f)
+            fh.close()
             self.written_bytes += (self.folder / f).stat().st_size
-            self.buffer[f] = {}
+
+    def _check(self, name: str, shape, dtype) -> None:
+        want = self.spec.get(name)
+        if want is not None and want != (tuple(shape), dtype):
+            raise LLMPruneError(f"internal: {name} is {tuple(shape)} {dtype}, the shard plan says {want[0]} {want[1]}")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        self._check(name, t.shape, t.dtype)
+        f, fh = self._file(name)
+        fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's own memory, no copy
+        self._done(f, name)
+
+    def copy(self, name: str, src: Path, src_name: str | None = None) -> None:
+        """Stream tensor `src_name` (default `name`) of safetensors file `src` into the output as
+        `name`, in COPY_CHUNK pieces, converting to the planned dtype."""
+        head, start = safetensors_header(src)
+        e = head[src_name or name]
+        sdt = ST_DTYPES[e["dtype"]]
+        shape, dtype = self.spec[name]
+        if tuple(e["shape"]) != shape:
+            raise LLMPruneError(f"internal: {src}: {src_name or name} is {e['shape']}, the plan says {shape}")
+        a, b = e["data_offsets"]
+        step = COPY_CHUNK // sdt.itemsize * sdt.itemsize
+        f, fh = self._file(name)
+        with open(src, "rb") as r:
+            r.seek(start + a)
+            left = b - a
+            while left:
+                chunk = r.read(min(step, left))
+                if not chunk:
+                    raise LLMPruneError(f"{src} is truncated: re-create the folder")
+                left -= len(chunk)
+                if sdt != dtype:
+                    t = torch.frombuffer(bytearray(chunk), dtype=sdt).to(dtype)
+                    chunk = memoryview(t.view(torch.uint8).numpy())
+                fh.write(chunk)
+        self._done(f, name)
 
     def finish(self) -> None:
         left = sorted(n for p in self.pending.values() for n in p)
@@ -285,8 +386,8 @@ class BlockStore:
         if not self.check:
             return
         for n, t in self.lazy.model.named_parameters():
-            if n.startswith(prefix) and t.is_floating_point() and t.device.type != "meta" \
-                    and not bool(torch.isfinite(t).all()):
+            if n.startswith(prefix) and t.is_floating_point() and t.device.type != "meta" and \
+                    not all(bool(torch.isfinite(c).all()) for c in t.detach().view(-1).split(1 << 24)):
                 raise LLMPruneError(f"{n} holds NaN/inf values: the model file is damaged; re-download or re-create it")
 
     def load_block(self, i: int, device) -> None:

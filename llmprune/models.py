@@ -155,7 +155,7 @@ def _stream_gguf(gguf: Path, out: Path) -> None:
         return int(name[len(blocks) + 1:].split(".")[0]) if name.startswith(blocks + ".") else None
 
     sd = skeleton.state_dict()
-    writer = lazy.ShardWriter(out, [(n, sd[n].numel() * 4) for n in names], unit)
+    writer = lazy.ShardWriter(out, [(n, tuple(sd[n].shape), torch.float32) for n in names], unit)
     raw = getattr(reader.data, "_mmap", None)
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type)

@@ -85,10 +85,9 @@ class Output:
         if fmt == "dense":
             meta = lz.model.state_dict(keep_vars=True)
             head = f"{a.head}.weight"
-            sizes = [(n, meta[n].numel() * (save_dtype.itemsize if meta[n].is_floating_point()
-                                             else meta[n].element_size()))
+            specs = [(n, tuple(meta[n].shape), save_dtype if meta[n].is_floating_point() else meta[n].dtype)
                      for n in names if not (lz.tied and n == head)]
-            self.writer = lazy.ShardWriter(folder, sizes, self._unit, shard_bytes)
+            self.writer = lazy.ShardWriter(folder, specs, self._unit, shard_bytes)
 
     def _unit(self, name: str):
         """The block a tensor belongs to (None: outside the blocks)."""
@@ -136,12 +135,10 @@ class Output:
         for n in self.lz.names(exclude=(f"{a.blocks}.",)):
             if self.lz.tied and n == head:
                 continue
-            t = self.lz.files.get(n)
-            if self.fmt == "dense":
-                self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
+            if self.fmt == "dense":  # file to file in chunks: a 70B model's embeddings are 2 GiB
+                self.writer.copy(n, self.lz.files.where[n])
             else:
-                self.packer.add_tensor(n, t)
-            del t
+                self.packer.add_tensor(n, self.lz.files.get(n))
         if self.fmt == "dense":
             self.writer.finish()
             cfg.dtype = str(self.save_dtype).replace("torch.", "")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmprune.cli import main
+from llmprune.errors import LLMPruneError
 from llmprune.testing import FAST_CLI
 
 EVAL = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
@@ -148,3 +149,67 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path, calib_txt, layers):
     grow_blocks = peaks[(layers[1], "blocks")] - peaks[(layers[0], "blocks")]
     assert grow_whole > 0.5 * extra_blocks_mib, peaks
     assert grow_blocks < 0.1 * extra_blocks_mib, peaks
+
+
+def test_shard_writer_writes_at_offsets_and_streams_copies(tmp_path, monkeypatch):
+    """Tensors arrive in any order and go straight to their offsets; `copy` streams a source tensor
+    in small chunks converting its dtype; safetensors reads every shard back exactly."""
+    from safetensors.torch import save_file
+
+    from llmprune import lazy
+
+    g = torch.Generator().manual_seed(0)
+    src = {"emb": torch.randn(37, 16, generator=g).to(torch.bfloat16), "head": torch.randn(37, 16, generator=g)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    blocks = {f"b.{i}.w": torch.randn(8, 16, generator=g) for i in range(3)}
+    extra = {"b.1.mask": torch.rand(8, 16, generator=g) > 0.5, "b.2.idx": torch.arange(5, dtype=torch.int32)}
+    out = tmp_path / "out"
+    out.mkdir()
+    specs = [("emb", (37, 16), torch.float32), *[(n, tuple(t.shape), torch.bfloat16) for n, t in blocks.items()],
+             *[(n, tuple(t.shape), t.dtype) for n, t in extra.items()], ("head", (37, 16), torch.float16)]
+
+    def unit(n):
+        return int(n.split(".")[1]) if n.startswith("b.") else None
+
+    monkeypatch.setattr(lazy, "COPY_CHUNK", 96)  # many chunks, not a multiple of the rows
+    w = lazy.ShardWriter(out, specs, unit, shard_bytes=1200)
+    for n in ("b.2.idx", "b.2.w", "b.1.mask", "b.0.w", "b.1.w"):  # out of order, blocks split over shards
+        w.add(n, (blocks | extra)[n].to(torch.bfloat16) if n in blocks else extra[n])
+    w.copy("head", tmp_path / "src.safetensors")
+    w.copy("emb", tmp_path / "src.safetensors")
+    w.finish()
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 2 and (out / lazy.INDEX).exists()
+    got = {}
+    for f in files:
+        got.update(load_file(str(f)))
+    assert torch.equal(got["emb"], src["emb"].float()) and torch.equal(got["head"], src["head"].half())
+    for n, t in blocks.items():
+        assert torch.equal(got[n], t.to(torch.bfloat16))
+    for n, t in extra.items():
+        assert got[n].dtype == t.dtype and torch.equal(got[n], t)
+    with pytest.raises(LLMPruneError, match="shard plan"):
+        w.add("b.0.w", torch.zeros(3, 3))
+
+
+def test_shard_writer_copy_holds_one_chunk(tmp_path):
+    """Streaming a 512 MiB tensor into an output raises the resident memory by a few chunks, not by
+    the tensor (a 70B model's embeddings are 2 GiB; they used to be read whole and buffered)."""
+    code = """
+import resource, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from llmprune import lazy
+d = Path(sys.argv[1])
+save_file({"emb": torch.ones(2**17, 1024)}, str(d / "src.safetensors"))  # 512 MiB fp32
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+(d / "out").mkdir()
+w = lazy.ShardWriter(d / "out", [("emb", (2**17, 1024), torch.bfloat16)], lambda n: None)
+w.copy("emb", d / "src.safetensors")
+w.finish()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert grew < 200, f"copying 512 MiB raised the peak RSS by {grew} MiB"

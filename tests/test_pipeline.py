@@ -114,15 +114,13 @@ def test_a_file_named_gguf_that_is_not_gguf(tmp_path, capsys):
 def test_disk_full_while_saving(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch, onload):
     import errno
 
-    import safetensors.torch
-
-    from llmprune import checkpoint
+    from llmprune import checkpoint, lazy
 
     def full(*_, **__):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    if onload == "blocks":  # the shards are written by safetensors as blocks finish
-        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    if onload == "blocks":  # the shards are written tensor by tensor as blocks finish
+        monkeypatch.setattr(lazy.ShardWriter, "_file", full)
     else:
         monkeypatch.setattr(checkpoint, "save_dense", full)
     rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", tmp_path / "o",
