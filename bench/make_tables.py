@@ -532,6 +532,46 @@ def export_table() -> str:
     return "\n".join(rows)
 
 
+def scale_table() -> str:
+    """The Llama-3-8B-shaped runs of bench/scale_cpu.sh (random weights, bf16 on disk, fp32 compute on
+    this 2-core CPU, 8 x 256 calibration): time, peak RSS, bytes read and written."""
+    rows = []
+    for p in sorted((R / "scale").glob("*.json")):
+        if p.name.startswith("old-"):
+            continue
+        m = json.loads(p.read_text())
+        cfg = m.get("model", {})
+        layers = (m.get("config") or {}).get("model", "")
+        n = re.search(r"-l(\d+)$", str(layers))
+        io = m.get("io_bytes") or {}
+        t = m["timings"]
+        rows.append((int(n[1]) if n else 32, p.stem, m.get("solver"), m.get("pattern"), t.get("compress_s"),
+                     t.get("total_s"), m.get("peak_rss_mib"), io.get("read_bytes"), io.get("write_bytes"), _ppl(m),
+                     m.get("onload"), cfg))
+    if not rows:
+        return ""
+    out = ["| run | blocks | solver | compress s | total s | peak RSS MiB | disk read GB | written GB | onload |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for n, name, solver, pat, cs, ts, rss, rd, wr, ppl, onl, _ in sorted(rows, key=lambda r: (r[1][:5], r[0])):
+        out.append(f"| `{name}` | {n} | {solver} {pat} | {f(cs, '.0f')} | {f(ts, '.0f')} | {f(rss, ',.0f')} | "
+                   f"{f(rd / 1e9 if rd else None, '.1f')} | {f(wr / 1e9 if wr else None, '.1f')} | {onl} |")
+    return "\n".join(out)
+
+
+def scale_estimate_table() -> str:
+    """bench/scale_estimate.py's per-GPU table (arithmetic from the public configs, not a measurement)."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import scale_estimate
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        scale_estimate.main([])
+    return "\n".join(line for line in buf.getvalue().splitlines() if line.startswith("|"))
+
+
 TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "quant": quant_ablation_table,
           "zeroshot": zeroshot_table, "slicegpt": slicegpt_table, "slicegpt-bench": slicegpt_bench_table,
           "perp": perp_table, "solvers-seeds": seed_table, "solvers-seeds-24": lambda: seed_table("2:4"),
@@ -541,7 +581,8 @@ TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "qu
           "head-prune": head_prune, "head-formats": head_formats, "head-slicegpt": head_slicegpt, "head-perp": head_perp,
           "gpu-kernels": lambda: gpu_section("Kernels against the targets"),
           "gpu-decode": lambda: gpu_section("End-to-end decode"), "gpu-shapes": lambda: gpu_section("Kernel times per shape"),
-          "gpu-linears": lambda: gpu_section("The decoder linears alone"), "export": export_table}
+          "gpu-linears": lambda: gpu_section("The decoder linears alone"), "export": export_table,
+          "scale": scale_table, "scale-estimate": scale_estimate_table}
 
 SPAN = re.compile(r"^<!-- table:([\w-]+) -->.*?^<!-- /table -->", re.DOTALL | re.MULTILINE)  # markers open lines
 

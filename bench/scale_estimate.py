@@ -1,0 +1,76 @@
+"""What a sequential (block-by-block) compression holds in memory, from a model's shape: the
+arithmetic behind docs/scale.md's per-GPU guidance, checked against the 8B-shaped CPU runs.
+
+    python bench/scale_estimate.py [--nsamples 128] [--seqlen 2048] [--gpu-gib 24,80]
+
+Per decoder block, at its peak (llmprune/onload.py walks one block at a time):
+  weights   the block in the compute dtype (bf16 on CUDA, fp32 on CPU)
+  acts      the calibration activations, a block's inputs and outputs: 2 x N x S x hidden; kept on
+            the GPU when they take <= 25% of it (walker.activation_home), else in CPU memory
+  stats     SparseGPT / ALPS / GPTQ: one fp32 Gram matrix per distinct linear input (LLaMA: attention
+            input, o_proj input, MLP input, down_proj input) = 3 x hidden^2 + intermediate^2; Wanda:
+            one fp32 vector per input (negligible)
+  solve     the largest linear being solved in fp32 plus its inverse-Hessian factor (SparseGPT)
+The embeddings and head are visited alone (before and after the blocks) and are smaller than a
+block's peak for the models below. Not counted: the CUDA context (~0.5 GiB), allocator slack.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+GIB = 2**30
+MODELS = {  # hidden, intermediate, layers, heads, kv heads, vocab (the public configs)
+    "Llama-3-8B": (4096, 14336, 32, 32, 8, 128256),
+    "Qwen2.5-32B": (5120, 27648, 64, 40, 8, 152064),
+    "Llama-3.3-70B": (8192, 28672, 80, 64, 8, 128256),
+}
+
+
+def block_params(h: int, i: int, heads: int, kv: int) -> int:
+    d = h // heads
+    return h * h * 2 + 2 * h * kv * d + 3 * h * i  # q, o; k, v; gate, up, down
+
+
+def estimate(h, i, layers, heads, kv, vocab, n, s, item, gpu_bytes=None, solver="sparsegpt") -> dict:
+    w = block_params(h, i, heads, kv) * item
+    acts = 2 * n * s * h * item
+    on_gpu = gpu_bytes is None or acts <= 0.25 * gpu_bytes
+    stats = (3 * h * h + i * i) * 4 if solver != "wanda" else (3 * h + i) * 4
+    solve = (h * i * 4 + i * i * 4) if solver != "wanda" else h * i * 4
+    batch = 2 * min(n, 8) * s * h * item  # one batch's inputs and outputs, when the rest waits on the CPU
+    dev = w + stats + solve + (acts if on_gpu else batch)
+    return {"params_B": (block_params(h, i, heads, kv) * layers + 2 * vocab * h) / 1e9,
+            "block_GiB": w / GIB, "acts_GiB": acts / GIB, "acts_on": "gpu" if on_gpu else "cpu",
+            "stats_GiB": stats / GIB, "solve_GiB": solve / GIB, "device_peak_GiB": dev / GIB,
+            "disk_GiB": (block_params(h, i, heads, kv) * layers + 2 * vocab * h) * item / GIB}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--gpu-gib", default="24,80")
+    a = ap.parse_args(argv)
+    print(f"calibration {a.nsamples} x {a.seqlen}, bf16 compute; activations moved to CPU memory when over 25% "
+          f"of the GPU (then one batch of 8 at a time on it)")
+    print("| model | params | GPU | solver | block | activations | Gram matrices | solve | GPU peak (est.) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for name, (h, i, l, hd, kv, v) in MODELS.items():
+        for g in (int(x) for x in a.gpu_gib.split(",")):
+            for solver in ("wanda", "sparsegpt"):
+                e = estimate(h, i, l, hd, kv, v, a.nsamples, a.seqlen, 2, g * GIB, solver)
+                print(f"| {name} | {e['params_B']:.1f}B | {g} GiB | {solver} | {e['block_GiB']:.2f} | "
+                      f"{e['acts_GiB']:.2f} ({e['acts_on']}) | {e['stats_GiB']:.2f} | {e['solve_GiB']:.2f} | "
+                      f"{e['device_peak_GiB']:.1f} |")
+    print("\nThe CPU runs of bench/scale_cpu.sh (fp32, 8 x 256 calibration) for comparison with their measured RSS:")
+    h, i, l, hd, kv, v = MODELS["Llama-3-8B"]
+    for solver in ("wanda", "sparsegpt"):
+        e = estimate(h, i, l, hd, kv, v, 8, 256, 4, None, solver)
+        print(f"  Llama-3-8B-shaped, {solver}: block + activations + statistics + solve = "
+              f"{e['device_peak_GiB']:.2f} GiB (plus the Python/torch runtime, ~0.6 GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
