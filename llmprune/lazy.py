@@ -310,7 +310,7 @@ class ShardWriter:
         if f is None:
             raise LLMPruneError(f"internal: {name} is not in the output's shard plan")
         if f not in self.open:
-            fh = open(self.folder / f, "wb")
+            fh = open(self.folder / f, "wb")  # noqa: SIM115  # open until the shard's last tensor is written
             raw, _ = self.headers[f]
             fh.write(len(raw).to_bytes(8, "little"))
             fh.write(raw)
