@@ -186,3 +186,29 @@ def test_non_finite_hessian_and_bad_shape():
 def test_registered():
     s = get("sparsegpt")
     assert s.needs == frozenset({"hessian"}) and s.sequential and "2301.00774" in s.cite
+
+
+def test_inverse_hessian_factor_holds_few_copies(tmp_path):
+    """The factor of a 4096-wide Hessian (64 MiB in fp32) raises the peak RSS by at most about three
+    matrices (one working copy plus LAPACK's column-major copies); the chain of temporaries held five
+    (a 70B down_proj's Hessian is 3.3 GB)."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from llmprune.linalg import inverse_hessian_cholesky
+n = 4096
+x = torch.randn(2 * n, n, generator=torch.Generator().manual_seed(0))
+h = x.T @ x / (2 * n)
+del x
+base = int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])
+inverse_hessian_cholesky(h, 0.01)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / (n * n * 4 / 1024))
+"""
+    import os
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    copies = float(out.stdout.strip().splitlines()[-1])
+    assert copies < 3.6, f"the factor held {copies:.1f} Hessian-sized matrices at its peak"
