@@ -64,12 +64,10 @@ def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, da
     unit = pattern.m if pattern.kind == "nm" else pattern.group if pattern.kind == "group" else 1
     bs = -(-blocksize // unit) * unit  # N:M groups and pruning groups never straddle two blocks
 
-    h = stats.hessian.to(weight.device, torch.float32).clone()  # (in, in)
+    h = stats.hessian.to(weight.device, torch.float32)  # (in, in), not copied: the factor takes its own
     w = weight.to(torch.float32).clone()  # (out, in)
-    dead = h.diagonal() == 0  # inputs that were always zero: any weight works, so zero it (as the reference)
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    u, damp_used, raised = inverse_hessian_cholesky(h, damp, "SparseGPT")
+    w[:, h.diagonal() == 0] = 0.0  # inputs that were always zero: any weight works, so zero it (as the reference)
+    u, damp_used, raised = inverse_hessian_cholesky(h, damp, "SparseGPT")  # (dead inputs: 1 on the diagonal)
 
     keep = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
