@@ -71,7 +71,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
             model.to(p.device)
             dense = pipeline.evaluate_model(model, tok, c.eval, c.eval_seqlen, windows, c.progress, cache)
             model.to("cpu")
-    src_dtype = pipeline.source_dtype(model.config)
+    src_dtype = pipeline.source_dtype(info.path)
     sec = pipeline.transform(p, model, names, ids, t)
     m.steps = sec.pop("steps")
     for k, v in sec.items():
@@ -128,7 +128,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     if c.eval and c.eval_dense:
         with t("dense_eval_s"):
             dense = onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
-    save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.config))
+    save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
     with outdir.atomic_dir(p.out, c.overwrite) as tmp:
         packer = None if c.format == "dense" else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)

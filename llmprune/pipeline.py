@@ -222,12 +222,25 @@ def check_model(p: Plan, model) -> list[str]:
     return names
 
 
-def source_dtype(config):
-    """The dtype a checkpoint stores its weights in (config.json), float32 when it does not say."""
+def source_dtype(folder) -> "torch.dtype":
+    """The dtype a checkpoint stores its weights in: what its safetensors files hold (the floating
+    dtype with the most bytes), not the loaded model's config, which says the compute dtype. float32
+    when the folder is unknown (a model given in memory)."""
     import torch
 
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    return getattr(torch, dt) if isinstance(dt, str) else dt
+    from . import lazy
+
+    if folder is None:
+        return torch.float32
+    by: dict = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        head, _ = lazy.safetensors_header(f)
+        for k, e in head.items():
+            dt = lazy.ST_DTYPES.get(e.get("dtype")) if k != "__metadata__" else None
+            if dt is not None and dt.is_floating_point:
+                a, b = e["data_offsets"]
+                by[dt] = by.get(dt, 0) + b - a
+    return max(by, key=by.get) if by else torch.float32
 
 
 def save_dtype(cfg: CompressConfig, src_dtype):

@@ -213,3 +213,24 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     grew = int(out.stdout.strip().splitlines()[-1])
     assert grew < 200, f"copying 512 MiB raised the peak RSS by {grew} MiB"
+
+
+@pytest.mark.parametrize("onload", ["blocks", "whole"])
+def test_dense_output_keeps_the_sources_stored_dtype(tmp_path, tiny_dir, calib_txt, onload):
+    """--save-dtype auto writes a dense output in the dtype the source's files hold (bf16 here), not
+    the compute dtype the loaded config says (an 8B bf16 model was written as 32 GB of fp32)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "bf16"
+    shutil.copytree(tiny_dir, src)
+    for f in src.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(f)).items()},
+                  str(f), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(src), "--calib", str(calib_txt), "--out", str(out), "--onload", onload,
+                 *FAST_CLI]) == 0
+    got = {t.dtype for f in out.glob("*.safetensors") for t in load_file(str(f)).values() if t.is_floating_point()}
+    assert got == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
