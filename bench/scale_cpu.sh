@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [depth]        (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth]        (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -32,6 +32,11 @@ if [[ " $STAGES " == *" 8b "* ]]; then
   run llama3-8b-wanda-50 --model "$S/llama3-8b" --solver wanda --sparsity 0.5 --nsamples 8 --seqlen 256 \
       --eval wikitext2 --eval-seqlen 256 --eval-windows 2 --no-dense-eval $C
   run llama3-8b-sparsegpt-24 --model "$S/llama3-8b" --solver sparsegpt --pattern 2:4 --nsamples 8 --seqlen 256 \
+      --eval wikitext2 --eval-seqlen 256 --eval-windows 2 --no-dense-eval $C
+fi
+if [[ " $STAGES " == *" sgpt4 "* ]]; then  # SparseGPT at the full 8B width, 4 blocks (per-block memory and time)
+  synth llama3-8b-l4 --arch llama3-8b --dtype bfloat16 --layers 4
+  run depth-l4-sparsegpt-24 --model "$S/llama3-8b-l4" --solver sparsegpt --pattern 2:4 --nsamples 8 --seqlen 256 \
       --eval wikitext2 --eval-seqlen 256 --eval-windows 2 --no-dense-eval $C
 fi
 if [[ " $STAGES " == *" depth "* ]]; then  # the same width, 4 / 8 / 16 / 32 blocks: peak RSS should be flat
