@@ -550,11 +550,12 @@ def scale_table() -> str:
                      m.get("onload"), cfg))
     if not rows:
         return ""
-    out = ["| run | blocks | solver | compress s | total s | peak RSS MiB | disk read GB | written GB | onload |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| run | blocks | solver | evaluated | compress s | total s | peak RSS MiB | disk read GB | written GB |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for n, name, solver, pat, cs, ts, rss, rd, wr, ppl, onl, _ in sorted(rows, key=lambda r: (r[1][:5], r[0])):
-        out.append(f"| `{name}` | {n} | {solver} {pat} | {f(cs, '.0f')} | {f(ts, '.0f')} | {f(rss, ',.0f')} | "
-                   f"{f(rd / 1e9 if rd else None, '.1f')} | {f(wr / 1e9 if wr else None, '.1f')} | {onl} |")
+        out.append(f"| `{name}` | {n} | {solver} {pat} | {'ppl, 2 x 256' if ppl else 'no'} | {f(cs, '.0f')} | "
+                   f"{f(ts, '.0f')} | {f(rss, ',.0f')} | {f(rd / 1e9 if rd else None, '.1f')} | "
+                   f"{f(wr / 1e9 if wr else None, '.1f')} |")
     return "\n".join(out)
 
 

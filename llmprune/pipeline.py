@@ -19,12 +19,16 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import manifest as mf
 from . import outdir, patterns, solvers
 from .config import CompressConfig, GPTQConfig
 from .errors import LLMPruneError
 from .runinfo import pick_device
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Timer:
@@ -222,7 +226,7 @@ def check_model(p: Plan, model) -> list[str]:
     return names
 
 
-def source_dtype(folder) -> "torch.dtype":
+def source_dtype(folder) -> torch.dtype:
     """The dtype a checkpoint stores its weights in: what its safetensors files hold (the floating
     dtype with the most bytes), not the loaded model's config, which says the compute dtype. float32
     when the folder is unknown (a model given in memory)."""
