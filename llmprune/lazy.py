@@ -341,7 +341,7 @@ class ShardWriter:
     def copy(self, name: str, src: Path, src_name: str | None = None) -> None:
         """Stream tensor `src_name` (default `name`) of safetensors file `src` into the output as
         `name`, in COPY_CHUNK pieces, converting to the planned dtype."""
-        head, start = safetensors_header(src)
+        head, start = _header(Path(src))
         e = head[src_name or name]
         sdt = ST_DTYPES[e["dtype"]]
         shape, dtype = self.spec[name]

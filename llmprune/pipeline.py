@@ -304,18 +304,7 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
                           gates=c.prune_gates)
     for k, v in res["timings"].items():
         timer.s[k] = v
-    sec.update(solver=p.solver.name, solver_opts=c.solver_opts, scope=c.scope, pattern=str(p.pattern),
-               ignore=c.ignore, steps=["prune"],
-               sparsity={"target": p.sparsity, "measured": prune.measured_sparsity(model, names),
-                         "linears": len(names)})
-    if res.get("experts"):  # Mixture-of-Experts: routed tokens and statistics used, per expert
-        per = res["experts"]
-        sec["experts"] = {"min_tokens": c.expert_min_tokens, "fallback": c.expert_fallback,
-                          "fell_back": sum(e["stats"] != "routed" for e in per.values()), "per_expert": per}
-    raised = {n: i["damp_raised"] for n, i in res["layers"].items() if i.get("damp_raised")}
-    if raised:
-        sec["damp_raised"] = raised
-    return sec
+    return prune.manifest_section(p, res, sec, prune.measured_sparsity(model, names), len(names))
 
 
 # --- recover --------------------------------------------------------------------------------------

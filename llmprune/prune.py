@@ -141,3 +141,20 @@ def measured_sparsity(model, names: list[str]) -> float:
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)
+
+
+def manifest_section(p, res: dict, sec: dict, measured: float, n_linears: int) -> dict:
+    """The manifest's record of a pruning pass (`res` from `prune`, `p` a pipeline.Plan), added to
+    `sec`: the whole-model (pipeline) and block-by-block (onload) transforms write the same one."""
+    c = p.cfg
+    sec.update(solver=p.solver.name, solver_opts=c.solver_opts, scope=c.scope, pattern=str(p.pattern),
+               ignore=c.ignore, steps=["prune"],
+               sparsity={"target": p.sparsity, "measured": measured, "linears": n_linears})
+    if res.get("experts"):  # Mixture-of-Experts: routed tokens and statistics used, per expert
+        per = res["experts"]
+        sec["experts"] = {"min_tokens": c.expert_min_tokens, "fallback": c.expert_fallback,
+                          "fell_back": sum(e["stats"] != "routed" for e in per.values()), "per_expert": per}
+    raised = {n: i["damp_raised"] for n, i in res["layers"].items() if i.get("damp_raised")}
+    if raised:
+        sec["damp_raised"] = raised
+    return sec
