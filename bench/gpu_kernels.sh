@@ -3,7 +3,7 @@
 # CUDA, sweep their launch shapes against cuBLAS / torch 2:4 / torch int4, decode a LLaMA-3-8B-shaped
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
-#                                          use_tuned microbench e2e e2e_compiled compress
+#                                          use_tuned microbench e2e e2e_compiled compress compress_scale
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
 # Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
@@ -47,7 +47,26 @@ compress() {  # compression on CUDA: a SmolLM2-shaped random model (the real one
   one sparsegpt-w4s24-gptq --solver sparsegpt --pattern 2:4 --format w4s24 --quant gptq --eval none
   return $rc
 }
-export -f envinfo compress
+compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale.md): 4 blocks of a
+  # Llama-3-8B-shaped and 2 of a Llama-3.3-70B-shaped random model, bf16, the papers' calibration
+  # (128 x 2048 C4 tokens); manifests give compress seconds per block and the peak GPU memory.
+  # CPU dry run: DEVICE=cpu NS=2 SL=64 SPECS=llama3-8b:1 OUT=/tmp/x bash bench/gpu_kernels.sh compress_scale
+  local rc=0 d=${DEVICE:-cuda} ns=${NS:-128} sl=${SL:-2048}
+  for spec in ${SPECS:-llama3-8b:4 llama3-70b:2}; do
+    local a=${spec%%:*} n=${spec##*:} m=/tmp/syn-${spec%%:*}-l${spec##*:}
+    $PY bench/make_synthetic.py $m --arch $a --layers $n --dtype bfloat16 || { rc=1; continue; }
+    for s in "wanda --sparsity 0.5" "sparsegpt --pattern 2:4"; do
+      local name=compress-$a-l$n-${s%% *}
+      $PY -m llmprune.cli compress --model $m --solver $s --device $d --nsamples $ns --seqlen $sl --calib c4 \
+          --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-$name \
+        && cp /tmp/o-$name/llmprune.json "$OUT/$name.json" || rc=1
+      rm -rf /tmp/o-$name
+    done
+    rm -rf $m
+  done
+  return $rc
+}
+export -f envinfo compress compress_scale
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 60 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
@@ -57,11 +76,12 @@ stage use_tuned 5 "mkdir -p llmprune/kernels/tuned && cp $OUT/sm90.json llmprune
 stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
 stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128
 stage compress 200 compress
+stage compress_scale 300 compress_scale
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4
 tail -n 40 "$OUT/tune.log" 2>/dev/null
 tail -n 12 "$OUT"/correctness.log "$OUT"/e2e*.log "$OUT"/precompile.log 2>/dev/null
-grep -h '"compress_s"\|peak_gpu' "$OUT"/compress-*.json 2>/dev/null
+grep -H '"compress_s"\|peak_gpu' "$OUT"/compress-*.json 2>/dev/null
 cat "$OUT/stages.txt"
 exit $rc

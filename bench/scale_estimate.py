@@ -7,12 +7,13 @@ Per decoder block, at its peak (llmprune/onload.py walks one block at a time):
   weights   the block in the compute dtype (bf16 on CUDA, fp32 on CPU)
   acts      the calibration activations, a block's inputs and outputs: 2 x N x S x hidden; kept on
             the GPU when they take <= 25% of it (walker.activation_home), else in CPU memory
-  stats     SparseGPT / ALPS / GPTQ: one fp32 Gram matrix per distinct linear input (LLaMA: attention
-            input, o_proj input, MLP input, down_proj input) = 3 x hidden^2 + intermediate^2; Wanda:
-            one fp32 vector per input (negligible)
-  solve     the largest linear being solved in fp32 plus its inverse-Hessian factor (SparseGPT)
-The embeddings and head are visited alone (before and after the blocks) and are smaller than a
-block's peak for the models below. Not counted: the CUDA context (~0.5 GiB), allocator slack.
+  stats     SparseGPT / ALPS / GPTQ: fp32 Gram matrices of the linears solved together (llmprune/prune.py
+            collects q,k,v -> o -> gate,up -> down one group at a time), the largest group: max(3 x
+            hidden^2, intermediate^2); Wanda: one fp32 vector per input (negligible)
+  solve     the largest linear in fp32 and the solver's copy of it (2 x hidden x intermediate), plus for
+            SparseGPT the inverse-Hessian factor of down_proj: computed inside its Gram matrix on the CPU
+            (llmprune/linalg.py, LAPACK in place: nothing more), on a GPU by torch's chain (a working
+            copy and the copy its LAPACK call makes: 2 x intermediate^2)
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ def block_params(h: int, i: int, heads: int, kv: int) -> int:
     return h * h * 2 + 2 * h * kv * d + 3 * h * i  # q, o; k, v; gate, up, down
 
 
-def estimate(h, i, layers, heads, kv, vocab, n, s, item, gpu_bytes=None, solver="sparsegpt") -> dict:
+def estimate(h, i, layers, heads, kv, vocab, n, s, item, gpu_bytes=None, solver="sparsegpt", device="cuda") -> dict:
     w = block_params(h, i, heads, kv) * item
     acts = 2 * n * s * h * item
     on_gpu = gpu_bytes is None or acts <= 0.25 * gpu_bytes
-    stats = (3 * h * h + i * i) * 4 if solver != "wanda" else (3 * h + i) * 4
-    solve = (h * i * 4 + i * i * 4) if solver != "wanda" else h * i * 4
+    stats = max(3 * h * h, i * i) * 4 if solver != "wanda" else (3 * h + i) * 4
+    solve = 2 * h * i * 4 + (2 * i * i * 4 if solver != "wanda" and device == "cuda" else 0)
     batch = 2 * min(n, 8) * s * h * item  # one batch's inputs and outputs, when the rest waits on the CPU
     dev = w + stats + solve + (acts if on_gpu else batch)
     return {"params_B": (block_params(h, i, heads, kv) * layers + 2 * vocab * h) / 1e9,
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     print("\nThe CPU runs of bench/scale_cpu.sh (fp32, 8 x 256 calibration) for comparison with their measured RSS:")
     h, i, l, hd, kv, v = MODELS["Llama-3-8B"]
     for solver in ("wanda", "sparsegpt"):
-        e = estimate(h, i, l, hd, kv, v, 8, 256, 4, None, solver)
+        e = estimate(h, i, l, hd, kv, v, 8, 256, 4, None, solver, device="cpu")
         print(f"  Llama-3-8B-shaped, {solver}: block + activations + statistics + solve = "
               f"{e['device_peak_GiB']:.2f} GiB (plus the Python/torch runtime, ~0.6 GiB)")
     return 0

@@ -24,6 +24,7 @@ from torch import nn
 from . import formats
 from .errors import LLMPruneError
 from .modules import PackedLinear
+from .runinfo import trim_heap
 
 INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 2 * 2**30  # dense outputs: at most this much per file
@@ -400,6 +401,7 @@ class BlockStore:
 
     def release_block(self, i: int) -> None:
         self.lazy.release(f"{self.blocks}.{i}.")
+        trim_heap()  # what the block's work freed goes back to the OS, not into a heap that creeps up
 
     def load_outside(self, device) -> None:
         self.lazy.load("", device, exclude=(f"{self.blocks}.", *self.late))
@@ -407,3 +409,4 @@ class BlockStore:
 
     def release_outside(self) -> None:
         self.lazy.release("", exclude=(f"{self.blocks}.",))
+        trim_heap()

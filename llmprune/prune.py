@@ -20,6 +20,7 @@ from . import arch as archmod
 from . import moe, solvers, walker
 from .patterns import Pattern
 from .solvers import Solver
+from .stats import last_readers
 
 # Recorded sublayer inputs kept per block for replay (fp32 bytes). P-cpu on SmolLM2 needs 0.27 GiB; a
 # 7B model under the paper protocol would need ~16 GiB, so it falls back to rerunning the sublayers.
@@ -115,7 +116,8 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                     block.run(stop_after=archmod.owner(next(iter(views.values()))))
                 stats = {**stats, **pooled}
             t2 = time.perf_counter()
-            for name, mod in mods.items():
+            for name in last_readers(stats, list(mods)):  # a last reader may take its statistics' memory
+                mod = mods[name]
                 how = use.get(name)
                 s = solvers.get("magnitude") if how == "magnitude" else solver
                 _solve(mod, name, s, stats[name], pattern, sparsities[name], opts if s is solver else {}, infos)

@@ -5,6 +5,9 @@ SparseGPT for a Hessian, and nobody pays for what it does not use.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+
 import torch
 
 KINDS = ("norms", "moments", "hessian")
@@ -31,6 +34,9 @@ class LayerStats:
         self.seq_sq = z(in_features) if "moments" in needs else None
         # X^T X in fp32: a (tokens x in) @ (in x tokens) product is the dominant cost, fp64 doubles it.
         self.xtx = torch.zeros(in_features, in_features, device=device) if "hessian" in needs else None
+        # set by the pruning pass when the linear being solved is these statistics' last reader:
+        # take_hessian may then hand X^T X's own memory over instead of copying it
+        self.disposable = False
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -77,8 +83,32 @@ class LayerStats:
         weighted by tokens). It leaves out the spread of the sequences' means that `var` includes."""
         return ((self.sumsq - self.seq_sq) / max(self.n, 1)).clamp_min(0)
 
+    def take_hessian(self) -> torch.Tensor:
+        """The Hessian for a caller that overwrites it: a new matrix, or, when these statistics are
+        `disposable`, X^T X's own memory scaled in place and handed over (one n x n matrix less at the
+        peak: a 70B down_proj's is 3.3 GB in fp32). Reading the Hessian again then raises."""
+        if not self.disposable:
+            return self.hessian
+        h, self.xtx = self.xtx, None
+        if h is None:
+            raise RuntimeError("the Hessian was already handed over by take_hessian(): read it before")
+        return h.mul_(2.0 / max(self.h_n, 1))
+
     @property
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n (SparseGPT, eq. 2, averaged over tokens as in the reference code); with
-        sink_weight w each sequence's first token counts w times, in X^T X and in n."""
+        sink_weight w each sequence's first token counts w times, in X^T X and in n. A new matrix on
+        each call: the caller owns it."""
+        if self.xtx is None:
+            raise RuntimeError("the Hessian was handed over by take_hessian() to an earlier reader")
         return self.xtx * (2.0 / max(self.h_n, 1))
+
+
+def last_readers(stats: dict[str, LayerStats], names) -> Iterator[str]:
+    """The names in order, each one's statistics marked `disposable` when it is their last reader
+    (parts of a fused linear share one accumulator: only the last part solved may take it over)."""
+    left = Counter(id(stats[n]) for n in names)
+    for n in names:
+        left[id(stats[n])] -= 1
+        stats[n].disposable = left[id(stats[n])] == 0
+        yield n

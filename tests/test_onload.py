@@ -234,3 +234,30 @@ def test_dense_output_keeps_the_sources_stored_dtype(tmp_path, tiny_dir, calib_t
     got = {t.dtype for f in out.glob("*.safetensors") for t in load_file(str(f)).values() if t.is_floating_point()}
     assert got == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_trim_heap_returns_fragmented_heap_memory():
+    """The mechanism behind the per-block trim (runinfo.trim_heap, lazy.py): after a large free glibc
+    serves 256 KiB tensors from the heap; freeing all but the last leaves them resident until a trim."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from llmprune.runinfo import trim_heap
+def anon():
+    return int([l for l in open("/proc/self/status") if l.startswith("RssAnon")][0].split()[1]) // 1024
+big = torch.ones(4 << 20)  # 16 MiB, mmapped; freeing it raises glibc's mmap threshold to 16 MiB
+del big
+ts = [torch.ones(1 << 16) for _ in range(1200)]  # 1200 x 256 KiB, now from the heap
+keep = ts[-1]
+del ts
+before = anon()
+trim_heap()
+print(before - anon())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    freed = int(out.stdout.strip().splitlines()[-1])
+    assert freed > 200, f"trim_heap returned only {freed} MiB of the ~300 MiB freed in the heap"

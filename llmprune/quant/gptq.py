@@ -28,13 +28,13 @@ from .rtn import check_group, group_grid, quantize
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None = None, group_size: int = 128,
          symmetric: bool = False, damp: float = 0.01, blocksize: int = 128, act_order: bool = False,
-         **_) -> Quantized:
+         overwrite_hessian: bool = False, **_) -> Quantized:
     """Quantize weight (out, in) to int4 given H = 2 X^T X / n (in, in); pruned weights stay 0.
 
     act_order: quantize the columns in order of decreasing H_jj (the inputs with the most energy
     first, while the most columns remain to absorb their error), with every group's grid fixed up
     front from the unquantized weights ("static groups"), so the groups stay the contiguous input
-    ranges the formats store.
+    ranges the formats store. overwrite_hessian: the caller gives `hessian` up (it is modified).
     """
     out_f, in_f = weight.shape
     check_group(in_f, group_size)
@@ -42,7 +42,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None 
         raise LLMPruneError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match in_features {in_f}")
     W = weight.detach().float().clone()
     keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.bool().to(W.device)
-    H = hessian.detach().float().clone().to(W.device)
+    H = hessian.detach().float().to(W.device)
+    H = H if overwrite_hessian else H.clone()
     dead = torch.diag(H) == 0  # inputs never active: any weight works; the reference zeroes them
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -57,7 +58,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None 
             scales[:, g], zeros[:, g] = group_grid(W[:, cols], keep[:, cols], symmetric)
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, keep, H, group_of = W[:, perm], keep[:, perm], H[perm][:, perm], group_of[perm]
-    Hinv, damp_used, _ = inverse_hessian_cholesky(H, damp, "GPTQ")
+    Hinv, damp_used, _ = inverse_hessian_cholesky(H, damp, "GPTQ", overwrite=True)  # H: our copy
+    del H
 
     # lazy blocks hold whole groups, so a group's grid is computed from its fully updated columns
     B = group_size * max(1, blocksize // group_size)

@@ -12,6 +12,7 @@ from torch import nn
 from .. import formats
 from ..config import GPTQConfig
 from ..errors import LLMPruneError
+from ..stats import last_readers
 
 # GPTQ as llmprune runs it by default. act_order: columns by decreasing H_jj with static group grids.
 # sink_weight: each calibration window's first token counts this many times in the Hessian. Both
@@ -79,15 +80,16 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         block_out = {}
         with walker.collect(mods, {"hessian"}, sink_weight=sink_weight) as stats:
             block.run(stop_after=arch.get(block.module, lins[-1]))
-        for name, mod in mods.items():
+        for name in last_readers(stats, list(mods)):
+            mod = mods[name]
             w = mod.weight.detach()
             w = w.to(dtype) if dtype is not None else w  # what the packer starts from
             try:
                 k, opts, _ = plan_layer(f, w, None, base)
             except LLMPruneError:
                 continue
-            q = gptq(w.float() * k, stats[name].hessian, k, opts["group_size"], opts["symmetric"], damp=damp,
-                     blocksize=blocksize, act_order=act_order)
+            q = gptq(w.float() * k, stats[name].take_hessian(), k, opts["group_size"], opts["symmetric"], damp=damp,
+                     blocksize=blocksize, act_order=act_order, overwrite_hessian=True)
             if info is not None and q.damp is not None and q.damp != damp:
                 info.setdefault("damp_raised", {})[name] = q.damp
             mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))

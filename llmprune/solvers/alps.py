@@ -96,7 +96,7 @@ def alps(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, rho: fl
         raise LLMPruneError(f"alps scope {scope!r}: use 'layer' or 'row'")
     out_f, in_f = weight.shape
     pattern.check_shape(in_f)
-    h = stats.hessian.to(weight.device, torch.float32).clone()  # (in, in); its scale cancels below
+    h = stats.hessian.to(weight.device, torch.float32)  # (in, in), a new matrix; its scale cancels below
     if not bool(torch.isfinite(h).all()):
         raise LLMPruneError("ALPS: the Hessian has inf/NaN (activations overflowed): load the model in "
                             "float32 or bfloat16 (--dtype) instead of float16")

@@ -79,6 +79,9 @@ def dsnot(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, init: 
         raise LLMPruneError(f"--max-cycles {max_cycles} must be >= 0, e.g. 50")
     if skip not in SKIPS:
         raise LLMPruneError(f"dsnot skip {skip!r}: choose one of {', '.join(SKIPS)}")
+    exact = lower_error and "hessian" in getattr(stats, "needs", ())
+    # (read before the init solver: SparseGPT may take the statistics' Hessian over, LayerStats.take_hessian)
+    c = stats.hessian.to(weight.device, torch.float32) / 2 if exact else None  # (in, in) E[x x^T]
     first = solver.fn(weight, stats, pattern, sparsity, layer=layer, **opts)
     if skip != "none" and layer is not None and skip in layer.split("."):
         return Solved(first.weight, first.keep, {**first.info, "dsnot_init": init, "dsnot_skipped": True})
@@ -101,8 +104,6 @@ def dsnot(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, init: 
     own = pattern.kind == "nm" and init == "magnitude"
     prune_scale = (torch.ones_like(norm) if own else norm) * seq_var.pow(pow_of_var_pruning)
 
-    exact = lower_error and "hessian" in getattr(stats, "needs", ())
-    c = stats.hessian.to(dev, torch.float32) / 2 if exact else None  # (in, in) E[x x^T]
     d = w - cur  # (out, in) what the layer lost
     eps = d @ mu  # (out,) expected error per row
     cd = d @ c if exact else None  # (out, in) E[x x^T] d, kept up to date for the exact model

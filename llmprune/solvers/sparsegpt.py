@@ -64,10 +64,11 @@ def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, da
     unit = pattern.m if pattern.kind == "nm" else pattern.group if pattern.kind == "group" else 1
     bs = -(-blocksize // unit) * unit  # N:M groups and pruning groups never straddle two blocks
 
-    h = stats.hessian.to(weight.device, torch.float32)  # (in, in), not copied: the factor takes its own
+    h = stats.take_hessian().to(weight.device, torch.float32)  # (in, in), ours: factored in place
     w = weight.to(torch.float32).clone()  # (out, in)
     w[:, h.diagonal() == 0] = 0.0  # inputs that were always zero: any weight works, so zero it (as the reference)
-    u, damp_used, raised = inverse_hessian_cholesky(h, damp, "SparseGPT")  # (dead inputs: 1 on the diagonal)
+    u, damp_used, raised = inverse_hessian_cholesky(h, damp, "SparseGPT", overwrite=True)  # dead inputs: 1 there
+    del h
 
     keep = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
@@ -93,7 +94,7 @@ def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, da
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]  # lazy batch update of the columns right of the block
     info = {"damp_used": damp_used, "damp_raised": raised, "obs_loss": float(loss)}
-    return Solved((w * keep).to(weight.dtype), keep, info)
+    return Solved(w.mul_(keep).to(weight.dtype), keep, info)
 
 
 SOLVER = Solver("sparsegpt", sparsegpt, needs=frozenset({"hessian"}), sequential=True,
