@@ -76,7 +76,7 @@ stage use_tuned 5 "mkdir -p llmprune/kernels/tuned && cp $OUT/sm90.json llmprune
 stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
 stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128
 stage compress 200 compress
-stage compress_scale 300 compress_scale
+stage compress_scale 420 compress_scale
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4
