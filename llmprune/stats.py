@@ -100,7 +100,8 @@ class LayerStats:
         sink_weight w each sequence's first token counts w times, in X^T X and in n. A new matrix on
         each call: the caller owns it."""
         if self.xtx is None:
-            raise RuntimeError("the Hessian was handed over by take_hessian() to an earlier reader")
+            raise RuntimeError("the Hessian was handed over by take_hessian() to an earlier reader"
+                               if "hessian" in self.needs else "these statistics were collected without 'hessian'")
         return self.xtx * (2.0 / max(self.h_n, 1))
 
 
