@@ -23,6 +23,7 @@ from torch import nn
 
 from . import formats
 from .errors import LLMPruneError
+from .linalg import all_finite
 from .modules import PackedLinear
 from .runinfo import trim_heap
 
@@ -388,7 +389,7 @@ class BlockStore:
             return
         for n, t in self.lazy.model.named_parameters():
             if n.startswith(prefix) and t.is_floating_point() and t.device.type != "meta" and \
-                    not all(bool(torch.isfinite(c).all()) for c in t.detach().view(-1).split(1 << 24)):
+                    not all_finite(t.detach()):
                 raise LLMPruneError(f"{n} holds NaN/inf values: the model file is damaged; re-download or re-create it")
 
     def load_block(self, i: int, device) -> None:

@@ -87,11 +87,9 @@ class LayerStats:
         """The Hessian for a caller that overwrites it: a new matrix, or, when these statistics are
         `disposable`, X^T X's own memory scaled in place and handed over (one n x n matrix less at the
         peak: a 70B down_proj's is 3.3 GB in fp32). Reading the Hessian again then raises."""
-        if not self.disposable:
-            return self.hessian
+        if not self.disposable or self.xtx is None:
+            return self.hessian  # (which raises when X^T X was handed over already)
         h, self.xtx = self.xtx, None
-        if h is None:
-            raise RuntimeError("the Hessian was already handed over by take_hessian(): read it before")
         return h.mul_(2.0 / max(self.h_n, 1))
 
     @property

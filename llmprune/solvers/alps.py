@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LLMPruneError
+from ..linalg import all_finite
 from ..patterns import Pattern, n_pruned
 from . import Solved, Solver
 
@@ -97,7 +98,7 @@ def alps(weight: torch.Tensor, stats, pattern: Pattern, sparsity: float, rho: fl
     out_f, in_f = weight.shape
     pattern.check_shape(in_f)
     h = stats.hessian.to(weight.device, torch.float32)  # (in, in), a new matrix; its scale cancels below
-    if not bool(torch.isfinite(h).all()):
+    if not all_finite(h):
         raise LLMPruneError("ALPS: the Hessian has inf/NaN (activations overflowed): load the model in "
                             "float32 or bfloat16 (--dtype) instead of float16")
     w0 = weight.to(torch.float32).clone()  # (out, in) Ŵ
