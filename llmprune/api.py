@@ -19,7 +19,7 @@ from . import manifest as mf
 from . import outdir, pipeline
 from .config import EVAL_DATASETS, CompressConfig, GPTQConfig, RecoverConfig
 from .errors import LLMPruneError
-from .runinfo import memory, pick_device, versions
+from .runinfo import memory, pick_device, pick_devices, versions
 
 
 def compress(config: CompressConfig | None = None, command: str | None = None, **kwargs) -> dict:
@@ -46,9 +46,10 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
 def _finish(m: mf.Manifest, p, t, command) -> None:
     c = p.cfg
     m.timings = t.total()
-    m.device, m.dtype, m.protocol, m.versions, m.config = p.device, c.dtype, c.protocol, versions(), c.as_dict()
+    m.device = ",".join(p.devices) if len(p.devices) > 1 else p.device
+    m.dtype, m.protocol, m.versions, m.config = c.dtype, c.protocol, versions(), c.as_dict()
     m.command = command
-    for k, v in memory(p.device).items():
+    for k, v in memory(m.device).items():
         setattr(m, k, v)
 
 
@@ -89,7 +90,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
             model.to(pipeline.save_dtype(c, src_dtype))
         m.format = pipeline.export(model, tok, tmp, c.format, p.quant, c.group_size, c.symmetric,
                                    pipeline.save_dtype_name(c, src_dtype), p.gptq, ids, None, p.device,
-                                   c.calib_batch, c.progress, t)  # GPTQ saw `calibration`
+                                   c.calib_batch, c.progress, t, p.devices)  # GPTQ saw `calibration`
         m.steps += pipeline.export_steps(m.format)
         del model  # evaluation loads the folder; the in-memory model is not needed any more
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
@@ -349,7 +350,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         if d not in EVAL_DATASETS:
             raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
     outdir.check_out(out, overwrite)
-    dev = pick_device(device)
+    devs = pick_devices(device)
     t = pipeline.Timer()
     model, tok, _ = checkpoint.load(src, dtype=old.dtype or "float32")
     from .packed import check_packable
@@ -364,13 +365,13 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     new.packed_from, new.command = str(src), command
     with outdir.atomic_dir(out, overwrite) as tmp:
         new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids, cinfo,
-                                     dev, 8, progress, t)
+                                     devs[0], 8, progress, t, devs)
         new.steps = [*old.steps, *pipeline.export_steps(new.format)]
         del model
         mf.write(tmp, new)  # the loader reads the format from it; rewritten below with the figures
         if eval:
             with t("eval_s"):
-                new.eval = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, dev, old.dtype or "float32",
+                new.eval = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, devs[0], old.dtype or "float32",
                                                    progress, {})
         new.timings = {**old.timings, "pack": t.total()}
         mf.write(tmp, new)

@@ -73,7 +73,9 @@ def _add_compress(sub):
     g.add_argument("--eval-seqlen", type=int, default=2048)
     g.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default: from --protocol; 0 = all)")
     g.add_argument("--no-dense-eval", action="store_true", help="skip measuring the dense model first")
-    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | a list such as cuda:0,cuda:1: the blocks run "
+                                                  "on the first, each block's linears are solved on all at once "
+                                                  "(default: every GPU when there is one, else cpu)")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
                                                    "bfloat16, float16; statistics are accumulated in fp32/fp64")
     g.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],

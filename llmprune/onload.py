@@ -215,7 +215,7 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
         with walker.onload(model, _store(lz, sink)):
             res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
                               c.progress, expert_min_tokens=c.expert_min_tokens, expert_fallback=c.expert_fallback,
-                              gates=c.prune_gates)
+                              gates=c.prune_gates, devices=p.devices)
     for k, v in res["timings"].items():
         timer.s[k] = v
     if scratch:
@@ -236,7 +236,7 @@ def gptq_pass(p, lz: lazy.LazyModel, ids, timer, out: Output) -> dict:
     with timer("gptq_s"), walker.onload(model, store):
         gptq_sequential(model, ids, p.cfg.format, p.cfg.group_size, p.cfg.symmetric, batch_size=p.cfg.calib_batch,
                         device=p.device, progress=p.cfg.progress, dtype=out.packer.dtype, info=info,
-                        on_block=pending.__setitem__, **p.gptq.as_dict())
+                        on_block=pending.__setitem__, devices=p.devices, **p.gptq.as_dict())
     out.packer.quant_opts = {**p.gptq.as_dict(), **info}
     return info
 

@@ -25,7 +25,7 @@ from . import manifest as mf
 from . import outdir, patterns, solvers
 from .config import CompressConfig, GPTQConfig
 from .errors import LLMPruneError
-from .runinfo import pick_device
+from .runinfo import pick_devices
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +68,7 @@ class Plan:
     out: Path
     onload: bool  # the model stays on disk, its blocks read one at a time (onload.py)
     whole_because: str | None = None  # why the model is loaded whole, when it is
+    devices: tuple[str, ...] = ()  # every device the solves use (parallel.py), `device` first
 
     @property
     def needs_calibration(self) -> bool:
@@ -105,7 +106,8 @@ def plan(cfg: CompressConfig) -> Plan:
     """Resolve the protocol and check every option that needs no model; raises LLMPruneError."""
     from . import formats
 
-    device = pick_device(cfg.device)
+    devices = pick_devices(cfg.device)
+    device = devices[0]
     cfg = cfg.resolved(device)
     pattern = patterns.parse(cfg.pattern)
     default = cfg.sparsity if cfg.sparsity is not None or pattern.kind == "nm" else 0.5
@@ -128,7 +130,7 @@ def plan(cfg: CompressConfig) -> Plan:
     out = Path(cfg.out or default_out(cfg, sparsity))
     outdir.check_out(out, cfg.overwrite)
     onload, why = _onload(cfg, gptq)
-    return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, onload, why)
+    return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, onload, why, devices)
 
 
 def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> tuple[bool, str | None]:
@@ -301,7 +303,7 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
             layer_s = {n: p.sparsity for n in names}
         res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
                           c.progress, expert_min_tokens=c.expert_min_tokens, expert_fallback=c.expert_fallback,
-                          gates=c.prune_gates)
+                          gates=c.prune_gates, devices=p.devices)
     for k, v in res["timings"].items():
         timer.s[k] = v
     return prune.manifest_section(p, res, sec, prune.measured_sparsity(model, names), len(names))
@@ -328,9 +330,9 @@ def recover(model, tok, rcfg, calib: str, seed: int, device: str, progress: bool
 def export(model, tok, folder: Path, fmt: str = "dense", quant: str | None = None, group_size="auto",
            symmetric: bool | None = None, save_dtype: str = "float16", gptq: GPTQConfig | None = None,
            ids=None, calib_info: dict | None = None, device: str = "cpu", batch_size: int = 8,
-           progress: bool = False, timer: Timer | None = None) -> dict | None:
+           progress: bool = False, timer: Timer | None = None, devices: tuple[str, ...] | None = None) -> dict | None:
     """Write the model into `folder`: a dense HF folder, or packed (GPTQ block by block first when
-    quant == "gptq"). Returns the packed format section (None for dense)."""
+    quant == "gptq"; on all `devices` at once when several). Returns the packed format section (None for dense)."""
     import torch
 
     from . import checkpoint, packed
@@ -347,7 +349,7 @@ def export(model, tok, folder: Path, fmt: str = "dense", quant: str | None = Non
 
         with timer("gptq_s"):
             quantized = gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=device,
-                                        progress=progress, dtype=dtype, info=qinfo, **gptq.as_dict())
+                                        progress=progress, dtype=dtype, info=qinfo, devices=devices, **gptq.as_dict())
         if calib_info is not None:
             qinfo["calibration"] = calib_info
     with timer("save_s"):

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from . import arch as archmod
-from . import moe, solvers, walker
+from . import moe, parallel, solvers, walker
 from .patterns import Pattern
 from .solvers import Solver
 from .stats import last_readers
@@ -44,15 +44,31 @@ def check_shapes(model, names: list[str], pattern: Pattern) -> None:
 
 def _solve(mod, name, solver: Solver, stats, pattern, sparsity, opts, infos) -> None:
     w = mod.weight.data
-    res = solver.fn(w.float(), stats, pattern, sparsity, layer=name, **opts)  # layer: its full name
+    dev = stats.device if stats is not None else w.device  # where its statistics are (parallel.py)
+    res = solver.fn(w.to(dev).float(), stats, pattern, sparsity, layer=name, **opts)  # layer: its full name
     mod.weight.data.copy_(res.weight.to(w.dtype))
     infos[name] = {"sparsity": sparsity, "zeros": int((~res.keep).sum()), "numel": res.keep.numel(), **res.info}
 
 
+def _job(mod, name, solver: Solver, stats, last: bool, pattern, sparsity, opts, how):
+    """One linear's solve for parallel.run: its info. `last`: it is its statistics' last reader."""
+    def job():
+        stats.disposable = last
+        info: dict = {}
+        _solve(mod, name, solver, stats, pattern, sparsity, opts, info)
+        if how:
+            info[name]["stats"] = how
+        return info[name]
+
+    return stats.slot, job
+
+
 def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float], calib_ids: torch.Tensor | None,
           opts: dict | None = None, batch_size: int = 8, device="cpu", progress: bool = True,
-          expert_min_tokens: int = moe.MIN_TOKENS, expert_fallback: str = "pooled", gates: bool = False) -> dict:
-    """Prune the targets named in `sparsities` in place. Returns {"layers": per-target info,
+          expert_min_tokens: int = moe.MIN_TOKENS, expert_fallback: str = "pooled", gates: bool = False,
+          devices: tuple[str, ...] | None = None) -> dict:
+    """Prune the targets named in `sparsities` in place. The blocks run on `device`; with several
+    `devices` their linears are solved on all of them at once (parallel.py). Returns {"layers": per-target info,
     "timings": {"forward_s", "solve_s"}[, "replayed_sublayers": how many sublayers were replayed]
     [, "experts": {expert: {"tokens", "stats"}} for Mixture-of-Experts models]}.
 
@@ -106,23 +122,23 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
             sub = archmod.get(block.module, ends[group[-1]]) if group[-1] in ends else None
             if sub is not None and taped + tape_bytes > REPLAY_BUDGET:
                 sub = None
-            with walker.collect(mods, needs) as stats, \
+            with walker.collect(mods, needs, devices=devices) as stats, \
                     (block.record(sub, last) if sub is not None else nullcontext()) as tape:
                 block.run(stop_after=sub if sub is not None else archmod.owner(last))
             use = moe.fallbacks(mods, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
             if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
                 views = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
-                with walker.collect(views, needs) as pooled:
+                with walker.collect(views, needs, devices=devices) as pooled:
                     block.run(stop_after=archmod.owner(next(iter(views.values()))))
                 stats = {**stats, **pooled}
             t2 = time.perf_counter()
-            for name in last_readers(stats, list(mods)):  # a last reader may take its statistics' memory
-                mod = mods[name]
+            jobs, names = [], list(mods)
+            for name in last_readers(stats, names):  # a last reader may take its statistics' memory
                 how = use.get(name)
                 s = solvers.get("magnitude") if how == "magnitude" else solver
-                _solve(mod, name, s, stats[name], pattern, sparsities[name], opts if s is solver else {}, infos)
-                if how:
-                    infos[name]["stats"] = how
+                jobs.append(_job(mods[name], name, s, stats[name], stats[name].disposable, pattern,
+                                 sparsities[name], opts if s is solver else {}, how))
+            infos.update(zip(names, parallel.run(jobs, devices)))  # one thread per device
             t_solve += time.perf_counter() - t2
             if sub is not None and block.replay(sub, last, tape):
                 taped += tape_bytes

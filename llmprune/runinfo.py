@@ -8,14 +8,39 @@ from pathlib import Path
 from .errors import LLMPruneError
 
 
-def pick_device(device: str | None) -> str:
+def pick_devices(device: str | None) -> tuple[str, ...]:
+    """The devices a run uses, the first one walking the blocks: `None`/"auto" is every visible GPU
+    ("cuda" when there is one, "cuda:0", "cuda:1", ... when several: the linears of a block are then
+    solved on all of them, parallel.py), else the CPU; "cuda:0,cuda:1" names them."""
     import torch
 
     if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LLMPruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return device
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return ("cpu",) if n == 0 else ("cuda",) if n == 1 else tuple(f"cuda:{i}" for i in range(n))
+    names = tuple(d.strip() for d in device.split(","))
+    for d in names:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise LLMPruneError(f"--device {device}: {d!r} is not a device: use cpu, cuda, cuda:N or a comma "
+                                f"list such as cuda:0,cuda:1") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise LLMPruneError(f"--device {device}: no CUDA device is available here; use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise LLMPruneError(f"--device {device}: {d} does not exist (this machine has "
+                                    f"{torch.cuda.device_count()} GPU(s)): use cuda:0 to "
+                                    f"cuda:{torch.cuda.device_count() - 1}")
+        elif dev.type != "cpu":
+            raise LLMPruneError(f"--device {device}: {d!r}: llmprune runs on cpu or cuda devices")
+    if len(set(names)) != len(names) and any(torch.device(d).type == "cuda" for d in names):
+        raise LLMPruneError(f"--device {device} names a GPU twice: list each GPU once")
+    return names
+
+
+def pick_device(device: str | None) -> str:
+    """The one device of a command that runs on one (evaluation, bench): the first of pick_devices."""
+    return pick_devices(device)[0]
 
 
 def peak_rss_mib() -> float:
@@ -66,12 +91,12 @@ def trim_heap() -> None:
 
 
 def peak_gpu_mib(device: str) -> float | None:
-    """Peak memory torch allocated on a CUDA device in this process (None elsewhere)."""
+    """Peak memory torch allocated on a CUDA device in this process (None elsewhere); for a comma
+    list of devices, the largest of their peaks."""
     import torch
 
-    if not str(device).startswith("cuda"):
-        return None
-    return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+    peaks = [torch.cuda.max_memory_allocated(torch.device(d)) for d in str(device).split(",") if d.startswith("cuda")]
+    return round(max(peaks) / 2**20, 1) if peaks else None
 
 
 def versions() -> dict:

@@ -20,6 +20,8 @@ class LayerStats:
             raise ValueError(f"unknown statistics {sorted(unknown)}; valid: {KINDS}")
         self.in_features = in_features
         self.needs = frozenset(needs)
+        self.device = torch.device(device)  # where the accumulators live; inputs elsewhere are copied here
+        self.slot = 0  # which of the run's devices solves the linears reading these statistics (parallel.py)
         self.n = 0  # tokens seen
         self.n_seqs = 0  # sequences seen (a 2-D input counts as one), for per-sequence averages (DSnoT)
         # the Hessian may count each sequence's first token sink_weight times (see add); its own total
@@ -42,6 +44,8 @@ class LayerStats:
     def add(self, x: torch.Tensor) -> None:
         """x: (batch, seq, in) or (tokens, in). With sink_weight != 1 and a sequence axis, the
         Hessian counts each sequence's first token sink_weight times (the attention-sink token)."""
+        if x.device != self.device:  # accumulated on the device that solves the linear (parallel.py)
+            x = x.to(self.device, non_blocking=True)
         first = x[:, 0, :] if x.dim() == 3 and self.sink_weight != 1 and self.xtx is not None else None
         self.n_seqs += x.shape[0] if x.dim() == 3 else 1
         if self.seq_sq is not None and x.shape[-2] > 0:  # (an expert may get no token from a batch)

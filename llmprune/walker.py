@@ -17,7 +17,7 @@ the catch pass places only what runs before the first block (`store.load_outside
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -256,21 +256,27 @@ def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", prog
 
 
 @contextmanager
-def collect(modules: dict[str, nn.Module], needs, sink_weight: float = 1.0) -> Iterator[dict[str, LayerStats]]:
+def collect(modules: dict[str, nn.Module], needs, sink_weight: float = 1.0,
+            devices: Sequence[str] | None = None) -> Iterator[dict[str, LayerStats]]:
     """Forward hooks that accumulate each module's input statistics; always removed. Targets with
     the same `stats_key` (parts of one fused linear, an expert's gate and up: arch.py) read the same
-    inputs and share one accumulator and one hook."""
+    inputs and share one accumulator and one hook. With several `devices`, the accumulators take them
+    in turn (parallel.slots; `LayerStats.slot` says which) and the inputs are copied there."""
+    from . import parallel
+
+    keys = {name: getattr(m, "stats_key", None) or name for name, m in modules.items()}
+    spread = parallel.slots(list(keys.values()), devices) if devices and len(devices) > 1 else None
     shared: dict = {}
     stats, handles = {}, []
     try:
         for name, m in modules.items():
-            key = getattr(m, "stats_key", None)
-            if key is not None and key in shared:
+            key = keys[name]
+            if key in shared:
                 stats[name] = shared[key]
                 continue
-            stats[name] = LayerStats(m.in_features, needs, device=m.weight.device, sink_weight=sink_weight)
-            if key is not None:
-                shared[key] = stats[name]
+            dev = devices[spread[key]] if spread else m.weight.device
+            stats[name] = shared[key] = LayerStats(m.in_features, needs, device=dev, sink_weight=sink_weight)
+            stats[name].slot = spread[key] if spread else 0
             handles.append(m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0].detach())))
         yield stats
     finally:

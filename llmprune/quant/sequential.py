@@ -42,7 +42,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
                     device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16,
                     act_order: bool = GPTQConfig.act_order, sink_weight: float = GPTQConfig.sink_weight,
                     tune_steps: int = GPTQConfig.tune_steps, tune_lr: float = GPTQConfig.tune_lr,
-                    info: dict | None = None, on_block=None) -> dict:
+                    info: dict | None = None, on_block=None, devices: tuple[str, ...] | None = None) -> dict:
     """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
     Hessians come from calibration inputs that went through the already-quantized blocks before
     it, and each quantized linear computes with its dequantized weights from then on. Returns
@@ -52,10 +52,9 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     unquantized model on the same windows (quant/tune.py); what it did goes into `info["tune"]`;
     dampening raised for a layer goes into `info["damp_raised"]`. on_block(index, {name: Quantized}):
     called with each block's codes instead of collecting them (sequential onloading: the packer takes
-    them block by block)."""
-    from .. import arch, walker
-    from ..packed import plan_layer
-    from .gptq import gptq
+    them block by block). With several `devices` the linears of a block are quantized on all of them at
+    once (parallel.py)."""
+    from .. import arch, parallel, walker
 
     f = formats.get(fmt)
     f.check_options("gptq", symmetric)
@@ -77,23 +76,11 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         mods = {prefix + n: arch.get(block.module, n) for n in lins if f"{prefix}{n}.weight" not in tied}
         if not mods:
             continue
-        block_out = {}
-        with walker.collect(mods, {"hessian"}, sink_weight=sink_weight) as stats:
+        with walker.collect(mods, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
             block.run(stop_after=arch.get(block.module, lins[-1]))
-        for name in last_readers(stats, list(mods)):
-            mod = mods[name]
-            w = mod.weight.detach()
-            w = w.to(dtype) if dtype is not None else w  # what the packer starts from
-            try:
-                k, opts, _ = plan_layer(f, w, None, base)
-            except LLMPruneError:
-                continue
-            q = gptq(w.float() * k, stats[name].take_hessian(), k, opts["group_size"], opts["symmetric"], damp=damp,
-                     blocksize=blocksize, act_order=act_order, overwrite_hessian=True)
-            if info is not None and q.damp is not None and q.damp != damp:
-                info.setdefault("damp_raised", {})[name] = q.damp
-            mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
-            block_out[name] = dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+        jobs = [(stats[n].slot, _job(mods[n], n, stats[n], stats[n].disposable, f, base, damp, blocksize, act_order,
+                                     dtype, info)) for n in last_readers(stats, list(mods))]
+        block_out = {n: q for n, q in zip(mods, parallel.run(jobs, devices)) if q is not None}
         if on_block is not None:
             on_block(block.index, block_out)
         else:
@@ -106,6 +93,32 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         if info is not None:
             info["tune"] = tinfo
     return out
+
+
+def _job(mod, name, stats, last: bool, f, base, damp, blocksize, act_order, dtype, info):
+    """One linear's GPTQ for parallel.run, on its statistics' device: its codes (on the CPU), or None
+    when the layer does not fit the format. `last`: it is its statistics' last reader."""
+    from ..packed import plan_layer
+    from .gptq import gptq
+
+    @torch.no_grad()
+    def job():
+        stats.disposable = last
+        w = mod.weight.detach()
+        w = w.to(dtype) if dtype is not None else w  # what the packer starts from
+        try:
+            k, opts, _ = plan_layer(f, w, None, base)
+        except LLMPruneError:
+            return None
+        w = w.to(stats.device)
+        q = gptq(w.float() * k.to(w.device), stats.take_hessian(), k.to(w.device), opts["group_size"],
+                 opts["symmetric"], damp=damp, blocksize=blocksize, act_order=act_order, overwrite_hessian=True)
+        if info is not None and q.damp is not None and q.damp != damp:
+            info.setdefault("damp_raised", {})[name] = q.damp
+        mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
+        return dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+
+    return job
 
 
 @torch.no_grad()
