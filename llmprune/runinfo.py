@@ -99,11 +99,25 @@ def peak_gpu_mib(device: str) -> float | None:
     return round(max(peaks) / 2**20, 1) if peaks else None
 
 
-def versions() -> dict:
-    import torch
-    import transformers
+# Libraries whose version can move a figure, recorded when installed: SparseGPT 2:4 on SmolLM2 went from 80.02
+# (2026-11-29, transformers 5.23) to 76.97 (2026-12-04, transformers 5.25 and whatever else had moved) with the
+# same llmprune code, and the manifests then named only torch and transformers
+_RECORDED = ("transformers", "tokenizers", "datasets", "accelerate", "safetensors", "gguf", "scipy", "numpy", "triton",
+             "lm_eval")
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+def versions() -> dict:
+    from importlib import metadata
+
+    import torch
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in _RECORDED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def io_bytes() -> dict | None:

@@ -74,3 +74,14 @@ def test_makefile_pins_inside_declared_ranges():
         assert m, f"the Makefile pins no {name}==VERSION"
         for r in _declared(name):
             assert r.specifier.contains(Version(m.group(1))), f"Makefile pins {name}=={m.group(1)} outside {r}"
+
+
+def test_manifests_record_every_library_that_moves_a_figure():
+    """The versions a manifest records include the data and tokenizer stack, not just torch and transformers,
+    and each is the installed one."""
+    from llmprune.runinfo import versions
+
+    v = versions()
+    for name in ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "numpy"):
+        assert name in v, name
+    assert v["tokenizers"] == metadata.version("tokenizers") and v["datasets"] == metadata.version("datasets")
