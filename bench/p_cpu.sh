@@ -3,7 +3,7 @@
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
 #   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma
-#                                      alps alps60 alps_owl50 alps_seeds alps_speed dsnot dsnot_seeds gemma_alps
+#                                      alps alps60 alps_owl50 alps_seeds alps_speed dsnot dsnot_seeds gemma_alps gemma_dsnot rerun
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
 # every command's console output is appended to bench/results/p_cpu.log.
 set -u
@@ -172,6 +172,17 @@ stage_dsnot_noskip() {  # every linear refined (the reference's release skips th
 stage_dsnot_seeds() {  # 70%, calibration seeds 1 and 2: DSnoT against its initial mask under the same seed
   sweep1 solvers-70-seed1-dsnot --solvers wanda,dsnot+init=wanda --sparsity 0.7 --seed 1
   sweep1 solvers-70-seed2-dsnot --solvers wanda,dsnot+init=wanda --sparsity 0.7 --seed 2
+}
+stage_rerun() {  # the baselines ALPS and DSnoT are compared with, again under transformers 5.25 (the Nov 29
+  # cells came from 5.23, which gives other calibration activations: SparseGPT 2:4 80.02 there, 77.18 here)
+  sweep1 solvers-24-rerun --solvers wanda,sparsegpt --pattern 2:4 --sparsity 0.5
+  for s in 50 60 70; do sweep1 solvers-$s-rerun --solvers wanda,sparsegpt,sparsegpt+owl --sparsity 0.$s; done
+  sweep1 solvers-70-seed1-rerun --solvers sparsegpt --sparsity 0.7 --seed 1  # ALPS's seed-1 baseline
+}
+stage_gemma_dsnot() {  # DSnoT(Wanda) against Wanda at 70% on a second architecture (Gemma-3-270M)
+  [ -e $B/gemma3-dsnot-70/sweep_meta.json ] && return
+  echo "### sweep gemma3-dsnot-70  $(date -u +%FT%TZ)" >> $LOG
+  $L sweep --model gemma3 --solvers wanda,dsnot+init=wanda,dsnot+init=wanda+lower_error=1 --sparsity 0.7 $P --out $B/gemma3-dsnot-70 >> $LOG 2>&1
 }
 stage_alps_speed() {  # compress wall time of ALPS and SparseGPT back to back (2:4 and 70%), nothing else running
   run llama-alps-24 $L compress --model llama --solver alps --pattern 2:4 --no-dense-eval $P --out $R/llama-alps-24

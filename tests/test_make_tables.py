@@ -65,3 +65,32 @@ def test_an_empty_table_says_so(mt, tmp_path, monkeypatch):
     monkeypatch.setitem(mt.TABLES, "fake", lambda: "")
     mt.main(["--readme"], root=root)
     assert "<!-- table:fake -->\n(not measured yet)\n<!-- /table -->" in (root / "README.md").read_text()
+
+
+def _sweep(root: Path, folder: str, transformers: str | None, rows: dict) -> None:
+    import json
+
+    d = root / folder
+    d.mkdir(parents=True)
+    lines = ["model,solver,pattern,target,sparsity,ppl_wikitext2"] + [f"llama,{s},unstructured,0.7,0.7,{p}"
+                                                                      for s, p in rows.items()]
+    (d / "sweep.csv").write_text("\n".join(lines) + "\n")
+    if transformers:
+        (d / "sweep_meta.json").write_text(json.dumps({"versions": {"transformers": transformers}}))
+
+
+def test_seed_ratios_pair_rows_measured_under_the_same_libraries(mt, tmp_path, monkeypatch):
+    """A baseline re-measured under newer libraries replaces the older cell (marked * when old), but each
+    row is compared with the baseline measured under its own libraries."""
+    monkeypatch.setattr(mt, "R", tmp_path)
+    _sweep(tmp_path, "solvers-70", "5.23.0", {"sparsegpt": 200, "dsnot+init=sparsegpt": 210})
+    _sweep(tmp_path, "solvers-70-alps", "5.25.0", {"alps": 100})
+    _sweep(tmp_path, "solvers-70-rerun", "5.25.0", {"sparsegpt": 250})
+    _sweep(tmp_path, "solvers-70-seed1", "5.23.0", {"sparsegpt": 300, "dsnot+init=sparsegpt": 270})
+    _sweep(tmp_path, "solvers-70-seed1-alps", "5.25.0", {"alps": 150})
+    grid = mt.solver_grid()
+    assert "| sparsegpt | 250.00 |" in grid and "210.00 * |" in grid and "| alps | 100.00 |" in grid
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in mt.seed_table().splitlines()[2:]}
+    assert "| 0.400 |" in rows["alps"]  # 100 / 250 (seed 0, same libraries); seed 1 has no 5.25 baseline
+    assert "1.050, 0.900" in rows["dsnot+init=sparsegpt (old rules)"]  # 210 / 200, 270 / 300: both under 5.23
+    assert "250.00 |" in rows["sparsegpt"] and "300.00 * |" in rows["sparsegpt"]
