@@ -42,23 +42,21 @@ def check_shapes(model, names: list[str], pattern: Pattern) -> None:
         pattern.check_shape(archmod.target(model, n).in_features, n)
 
 
-def _solve(mod, name, solver: Solver, stats, pattern, sparsity, opts, infos) -> None:
+def _solve(mod, name, solver: Solver, stats, pattern, sparsity, opts) -> dict:
+    """Solve one linear in place (on its statistics' device, parallel.py); returns its info."""
     w = mod.weight.data
-    dev = stats.device if stats is not None else w.device  # where its statistics are (parallel.py)
+    dev = stats.device if stats is not None else w.device
     res = solver.fn(w.to(dev).float(), stats, pattern, sparsity, layer=name, **opts)  # layer: its full name
     mod.weight.data.copy_(res.weight.to(w.dtype))
-    infos[name] = {"sparsity": sparsity, "zeros": int((~res.keep).sum()), "numel": res.keep.numel(), **res.info}
+    return {"sparsity": sparsity, "zeros": int((~res.keep).sum()), "numel": res.keep.numel(), **res.info}
 
 
 def _job(mod, name, solver: Solver, stats, last: bool, pattern, sparsity, opts, how):
     """One linear's solve for parallel.run: its info. `last`: it is its statistics' last reader."""
     def job():
-        stats.disposable = last
-        info: dict = {}
-        _solve(mod, name, solver, stats, pattern, sparsity, opts, info)
-        if how:
-            info[name]["stats"] = how
-        return info[name]
+        stats.disposable = last  # its solver may then take X^T X's memory (LayerStats.take_hessian)
+        info = _solve(mod, name, solver, stats, pattern, sparsity, opts)
+        return {**info, "stats": how} if how else info
 
     return stats.slot, job
 
@@ -84,7 +82,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
         store = walker.store_of(model)
         if store is None:
             for name, s in sparsities.items():
-                _solve(archmod.target(model, name), name, solver, None, pattern, s, opts, infos)
+                infos[name] = _solve(archmod.target(model, name), name, solver, None, pattern, s, opts)
         else:  # sequential onloading: one block of weights at a time
             a = archmod.arch_of(model)
             for i in range(len(archmod.blocks(model))):
@@ -93,7 +91,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                 try:
                     for name, s in sparsities.items():
                         if name.startswith(prefix):
-                            _solve(archmod.target(model, name), name, solver, None, pattern, s, opts, infos)
+                            infos[name] = _solve(archmod.target(model, name), name, solver, None, pattern, s, opts)
                     store.done(i, archmod.blocks(model)[i])
                 finally:
                     store.release_block(i)
@@ -133,11 +131,11 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                 stats = {**stats, **pooled}
             t2 = time.perf_counter()
             jobs, names = [], list(mods)
-            for name in last_readers(stats, names):  # a last reader may take its statistics' memory
+            for name, taker in last_readers(stats, names):  # a last reader may take its statistics' memory
                 how = use.get(name)
                 s = solvers.get("magnitude") if how == "magnitude" else solver
-                jobs.append(_job(mods[name], name, s, stats[name], stats[name].disposable, pattern,
-                                 sparsities[name], opts if s is solver else {}, how))
+                jobs.append(_job(mods[name], name, s, stats[name], taker, pattern, sparsities[name],
+                                 opts if s is solver else {}, how))
             infos.update(zip(names, parallel.run(jobs, devices)))  # one thread per device
             t_solve += time.perf_counter() - t2
             if sub is not None and block.replay(sub, last, tape):

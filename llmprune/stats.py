@@ -107,11 +107,10 @@ class LayerStats:
         return self.xtx * (2.0 / max(self.h_n, 1))
 
 
-def last_readers(stats: dict[str, LayerStats], names) -> Iterator[str]:
-    """The names in order, each one's statistics marked `disposable` when it is their last reader
-    (parts of a fused linear share one accumulator: only the last part solved may take it over)."""
+def last_readers(stats: dict[str, LayerStats], names) -> Iterator[tuple[str, bool]]:
+    """(name, whether it is its statistics' last reader) in order: parts of a fused linear share one
+    accumulator, and only the last part solved may take it over (its solve sets `disposable`)."""
     left = Counter(id(stats[n]) for n in names)
     for n in names:
         left[id(stats[n])] -= 1
-        stats[n].disposable = left[id(stats[n])] == 0
-        yield n
+        yield n, left[id(stats[n])] == 0

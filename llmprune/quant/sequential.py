@@ -78,8 +78,8 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
             continue
         with walker.collect(mods, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
             block.run(stop_after=arch.get(block.module, lins[-1]))
-        jobs = [(stats[n].slot, _job(mods[n], n, stats[n], stats[n].disposable, f, base, damp, blocksize, act_order,
-                                     dtype, info)) for n in last_readers(stats, list(mods))]
+        jobs = [(stats[n].slot, _job(mods[n], n, stats[n], last, f, base, damp, blocksize, act_order, dtype, info))
+                for n, last in last_readers(stats, list(mods))]
         block_out = {n: q for n, q in zip(mods, parallel.run(jobs, devices)) if q is not None}
         if on_block is not None:
             on_block(block.index, block_out)
