@@ -39,23 +39,28 @@ DECODE_TILE = [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3)
                (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]
 PREFILL = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
            (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)]  # BW, BT, BK, warps, stages
-# the compact 2:4 GEMV (sparse24, w4s24): longer K steps, so that each thread has more bytes in
-# flight (the first H200 sweep found every GEMV far below the bandwidth); none spills at M <= 8 (sm_90)
-GEMV24 = [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8), (16, 1024, 8)]
+# the lean GEMVs (w4g128: gemv4; sparse24, w4s24: gemv24), about 5 thread instructions per weight at
+# M = 1 where the first sweep's GEMVs spent 10-26 (compile_check); none spills at M <= 2 (sm_90).
+# BW, BK, warps; cp.async 3 deep. At M = 4 only the small shapes (the larger ones spill there).
+LEAN = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (256, 128, 8), (32, 128, 2)]
+LEAN_M4 = [(64, 128, 4), (32, 128, 2)]
+LEAN_WAVES = (2, 4, 8)  # the first sweep's GEMVs were fastest at its largest, 4
 WAVES = (1, 2, 4)
 
 
 def candidates(M: int, fmt: str | None = None) -> list[Config]:
     """The launch shapes tried at M tokens (for `fmt`: the compact 2:4 GEMV where it applies)."""
-    from llmprune.kernels.triton_gemm import COMPACT_FORMATS
+    from llmprune.kernels.triton_gemm import COMPACT_FORMATS, WORD_FORMATS
 
     if M > 64:
         return [Config("tile", bw, bt, bk, w, s, 1) for bw, bt, bk, w, s in PREFILL]
     out = [Config("tile", bw, 16, bk, w, s, wv) for bw, bk, w, s in DECODE_TILE for wv in WAVES]
     if M <= 4:
         out += [Config("gemv", bw, M, bk, w, 3, wv) for bw, bk, w in GEMV for wv in WAVES]
-    if M <= 8 and fmt in COMPACT_FORMATS:
-        out += [Config("gemv24", bw, M, bk, w, 3, wv) for bw, bk, w in GEMV24 for wv in WAVES]
+    lean = "gemv4" if fmt in WORD_FORMATS else "gemv24" if fmt in COMPACT_FORMATS else None
+    if M <= 4 and lean:
+        out += [Config(lean, bw, M, bk, w, 3, wv) for bw, bk, w in (LEAN if M <= 2 else LEAN_M4)
+                for wv in LEAN_WAVES]
     return out
 
 
@@ -68,7 +73,7 @@ def compile_jobs(formats=FORMATS, Ms=MS, dtypes=(torch.float16,)) -> list[tuple]
             for M in Ms:
                 for c in candidates(M, f):
                     base = Config(c.kind, c.BW, c.BT, c.BK, c.num_warps, c.num_stages)
-                    m = M if c.kind in ("gemv", "gemv24") else (16 if M <= 64 else 512)
+                    m = M if c.kind in ("gemv", "gemv24", "gemv4") else (16 if M <= 64 else 512)
                     for split in ((1,) if M > 64 else (1, 2)):
                         jobs.add((f, d, m, base, split))
     return sorted(jobs, key=str)

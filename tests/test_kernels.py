@@ -141,7 +141,7 @@ def test_every_launch_shape_agrees(ops, fmt):
     x = torch.randn(2, 512)
     ref = oracle(x, w)
     for cfg in (Config("gemv", 32, 2, 64), Config("gemv", 128, 2, 128), Config("gemv24", 32, 2, 64),
-                Config("tile", 64, 16, 32),
+                Config("gemv4", 32, 2, 64), Config("tile", 64, 16, 32),
                 Config("tile", 128, 128, 64, num_warps=8)):
         assert_close(ops.triton_linear(fmt, x, p, config=cfg), ref, 512)
 
@@ -313,21 +313,60 @@ def test_shipped_tuned_tables_are_valid():
                 assert int(bucket) in (1, 2, 4, 8, 16, 64, 512) and "default" in entries
                 for c in entries.values():
                     cfg = Config(*c)
-                    assert cfg.kind in ("gemv", "tile") and cfg.BK & (cfg.BK - 1) == 0 and cfg.BW >= 16
+                    assert cfg.kind in ("gemv", "gemv24", "gemv4", "tile") and cfg.BK & (cfg.BK - 1) == 0
+                    assert cfg.BW >= 16
 
 
 @pytest.mark.parametrize("fmt,zeros,G", [("sparse24", False, 128), ("w4s24", False, 32), ("w4s24", True, 64),
-                                         ("w4s24", False, 128)])
-def test_compact_gemv_of_the_24_formats(ops, fmt, zeros, G):
-    """The 2:4 GEMV that selects inputs instead of expanding the weight (gemv24): odd row counts,
-    M = 1..8, K tiles inside and across scale groups, forced split-K, bias, asymmetric grid."""
+                                         ("w4s24", False, 128), ("w4g128", False, 16), ("w4g128", True, 128)])
+def test_lean_gemvs(ops, fmt, zeros, G):
+    """The lean GEMVs (gemv24: the 2:4 formats select the input of each kept value; gemv4: w4g128 as
+    int32 words): odd row counts, M = 1..4, K tiles inside and across scale groups, forced split-K,
+    bias, asymmetric grid; sparse24 with fp16 values (the int32-word path) and fp32 ones."""
     from llmprune.kernels.triton_gemm import Config
 
-    p, w = rand_packed(fmt, 72, 384, torch.float32 if fmt == "sparse24" else torch.float16, seed=7, G=G,
-                       zeros=zeros)
+    kind = "gemv4" if fmt == "w4g128" else "gemv24"
+    p, w = rand_packed(fmt, 72, 384, torch.float32 if fmt == "sparse24" and zeros is False and G == 128 else
+                       torch.float16, seed=7, G=G, zeros=zeros)
     b = torch.randn(72)
-    for M in (1, 3, 8):
+    for M in (1, 2, 3):
         x = torch.randn(M, 384, generator=torch.Generator().manual_seed(M))
-        for cfg in (Config("gemv24", 32, M, 128), Config("gemv24", 16, M, 32, split=3),
-                    Config("gemv24", 64, M, 64, split=2)):
+        for cfg in (Config(kind, 32, M, 128), Config(kind, 16, M, 32, split=3), Config(kind, 64, M, 64, split=2)):
             assert_close(ops.triton_linear(fmt, x, p, b, config=cfg), oracle(x, w, b), 384)
+    if fmt == "sparse24":  # the same weight with fp16 values: 2 per int32 word
+        p16 = {**p, "values": p["values"].half()}
+        x = torch.randn(2, 384)
+        assert_close(ops.triton_linear(fmt, x, p16, config=Config(kind, 32, 2, 128)),
+                     oracle(x, w.half().float()), 384)
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "w4g128", "w4s24"])
+def test_lean_gemvs_small_inputs_and_unaligned_views(ops, fmt):
+    """16 and 48 inputs (one word or unit per row and tile) and packed tensors that are views at an
+    odd byte offset (the launcher copies them: the lean kernels read int32 / int16)."""
+    from llmprune.kernels.triton_gemm import Config
+
+    kind = "gemv4" if fmt == "w4g128" else "gemv24"
+    for n_in in (16, 48):
+        p, w = rand_packed(fmt, 24, n_in, torch.float16, seed=n_in, G=16)
+        x = torch.randn(1, n_in)
+        assert_close(ops.triton_linear(fmt, x, p, config=Config(kind, 16, 1, 128)), oracle(x, w), n_in)
+    p, w = rand_packed(fmt, 24, 64, torch.float16, seed=5, G=16)
+    odd = {k: torch.cat([torch.zeros(1, dtype=t.dtype), t.reshape(-1)])[1:].view(t.shape) for k, t in p.items()}
+    assert any(t.data_ptr() % 4 for t in odd.values())
+    x = torch.randn(2, 64)
+    for cfg in (Config(kind, 16, 2, 32), Config("tile", 64, 16, 32)):
+        assert_close(ops.triton_linear(fmt, x, odd, config=cfg), oracle(x, w), 64)
+
+
+def test_nibble_floats_are_exact(ops):
+    """Every code 0..15 at every nibble position of an int32 word comes out of the magic-number decode
+    as code * 16^j' exactly (the kernels fold the 16^-j' into the input or the scale)."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    q = torch.stack([codes.roll(j) for j in range(8)], 1)  # (16, 8): word i holds code (i - j) % 16 at nibble j
+    words = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # (16, 4) bytes, low nibble first
+    out = torch.zeros(16 * 8)
+    from nibble_probe import decode
+
+    decode[(1,)](words, out, N=16)
+    assert torch.equal(out.view(16, 8), q.float())

@@ -4,7 +4,12 @@
 ptxas, which ships with Triton. For each config default_config() chooses (and any config passed in) we record: registers and
 spill bytes (ptxas -v, since metadata.n_spills is only filled when a driver loads the binary),
 whether the tile kernels use tensor cores (wgmma / mma) and whether weight loads are vectorized
-(ld.global.v4 / v2 or cp.async). Run: python -m llmprune.kernels.compile_check [--json PATH]
+(ld.global.v4 / v2 or cp.async), and the cost of the K loop: the SASS of its body (nvdisasm, also
+shipped with Triton) counted per weight element. Decode is memory-bound only if that count is low:
+an H200 SM issues 4 warp instructions per clock, 128 thread instructions, so reading int4 weights at
+4 TB/s over 132 SMs at ~1.9 GHz leaves about 4 thread instructions per weight (the first H200 sweep
+ran the GEMVs at 10-14 and measured them instruction-bound, at 300-1,400 GB/s).
+Run: python -m llmprune.kernels.compile_check [--json PATH]
 """
 from __future__ import annotations
 
@@ -62,6 +67,38 @@ def _ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
     return {"n_regs": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
 
 
+def _nvdisasm(cubin: bytes) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+
+
+def loop_body(sass: str) -> list[str]:
+    """The instructions of the longest loop (a backward branch to a label) of a SASS listing."""
+    ins, labels, best = [], {}, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append(m.group(1))
+            b = re.search(r"\bBRA\b.*?(\.L_x_\d+)", m.group(1))
+            if b and labels.get(b.group(1), len(ins)) < len(ins) and len(ins) - labels[b.group(1)] > len(best):
+                best = ins[labels[b.group(1)]:]
+    return best
+
+
+def opcode(instr: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0]
+
+
 def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = None) -> dict:
     """Compile `config` (default: the one default_config(fmt, M, 4096) chooses) for sm_90; returns a
     result row. `reduce`: compile the split-K variant (default: decode shapes split, prefill not)."""
@@ -74,12 +111,12 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
 
     cfg = config or tg.default_config(fmt, M, IN_FEATURES)
     reduce = (M <= 16) if reduce is None else reduce
-    kernel = {"gemv": tg._gemv_kernel, "gemv24": tg._gemv24_kernel, "tile": tg._tile_kernel}[cfg.kind]
+    kernel = getattr(tg, f"_{cfg.kind}_kernel")  # by name: bench/sass_model.py runs this on older kernels
     sig, aligned = _signature(fmt, dtype, cfg.kind)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     const = {"FMT": tg.fmt_id(fmt), "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
              "HAS_BIAS": False, "REDUCE": reduce, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
-             "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK}
+             "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK, **({"STAGES": cfg.num_stages} if cfg.kind in ("gemv4", "gemv24") else {})}
     sig.update({k: "constexpr" for k in const})
     names = kernel.arg_names  # ASTSource wants the kernel's parameter order
     assert sorted(names) == sorted(sig), (names, sig)
@@ -94,6 +131,14 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
            "atomic_acq_rel": bool(re.search(r"atom\.global\.(gpu\.)?acq_rel|atom\.acq_rel\.gpu", ptx)),
            "shared_bytes": compiled.metadata.shared, "ptx_lines": ptx.count("\n"),
            "shared_ops": len(re.findall(r"\b(?:st|ld)\.shared", ptx))}
+    body = loop_body(_nvdisasm(compiled.asm["cubin"]))
+    ops = [opcode(i) for i in body]
+    threads = 32 * cfg.num_warps
+    walked = tg._walk_len(fmt, IN_FEATURES) if cfg.kind == "gemv" else IN_FEATURES
+    per_iter = cfg.BW * cfg.BK * IN_FEATURES / walked  # weight elements (of the dense matrix) per iteration
+    row.update(loop_instructions=len(body), instr_per_weight=round(len(body) * threads / per_iter, 3),
+               loop_int_to_float=sum(o.startswith("I2F") for o in ops),  # I2F, I2FP: not full-rate on sm_90
+               loop_shared=sum(o.startswith(("LDS", "STS", "BAR")) for o in ops))
     row["tensor_cores"] = row["wgmma"] or row["mma"]
     row["vector_loads"] = row["ld_v4"] or row["ld_v2"] or row["cp_async"]
     return row
@@ -114,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     rows = run_all(a.formats.split(","), a.dtypes.split(","), [int(m) for m in a.ms.split(",")])
     cols = ("format", "dtype", "M", "kind", "BW", "BT", "BK", "n_regs", "spill_bytes", "tensor_cores",
-            "vector_loads", "cp_async")
+            "vector_loads", "cp_async", "instr_per_weight")
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]!s:>12}" for c in cols))

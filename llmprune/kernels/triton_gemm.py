@@ -1,13 +1,18 @@
 """Triton matmul y = x @ W^T + b with W in a packed format, decoded tile by tile in registers.
 
-Two kernels share the per-format tile decoders (triton_sparse24.py, triton_w4.py):
-- `_gemv_kernel` for a few tokens (M <= 4): no MMA; every program reads a (BW rows x ITERS*BK
-  inputs) slab of packed weight once and reduces it against each token with FMAs.
+Kernels (the tile decoders are in triton_sparse24.py, triton_w4.py):
+- `_gemv4_kernel` (w4g128) and `_gemv24_kernel` (sparse24, w4s24) for 1-4 tokens, lean: the first
+  H200 sweep measured the GEMVs instruction-bound (10-26 thread instructions per weight, 300-1,400
+  GB/s), so these spend about 5 (compile_check counts the loop's SASS): int32-word loads, one word
+  column of several rows per thread, int4 -> fp32 by the magic-number trick, 2:4 positions by two
+  selects of the input, scales per word, row sums after the K loop, cp.async pipelining.
+- `_gemv_kernel` for a few tokens (M <= 8) of any format (w4s50's GEMV): no MMA; every program reads
+  a (BW rows x ITERS*BK inputs) slab of packed weight once and reduces it against each token.
 - `_tile_kernel` for everything else: acc (BW weight rows, BT tokens) = W_tile (BW, BK) @
   x_tile^T (BK, BT), weight rows on the MMA's M dimension (swap-AB, as in Marlin-style decode
   kernels) so that BT can be as small as 16 tokens; Triton pipelines the packed-weight loads
   through shared memory (cp.async, num_stages deep); prefill uses 128 x 128 tiles.
-Both split K over programs when the row blocks alone would not fill the GPU (decode shapes). The
+All split K over programs when the row blocks alone would not fill the GPU (decode shapes). The
 split-K partial sums are reduced inside the same launch: each program writes its fp32 partial
 tile to a workspace, takes a ticket from a per-tile counter, and the last program of a tile sums
 the partials in a fixed order (deterministic), adds the bias, writes y and re-arms the counter
@@ -28,8 +33,18 @@ import torch
 import triton
 import triton.language as tl
 
-from llmprune.kernels.triton_sparse24 import select4, sparse24_compact, sparse24_tile
-from llmprune.kernels.triton_w4 import w4g_tile, w4s24_compact, w4s24_tile, w4s50_dense_tile, w4s50_slot_tile
+from llmprune.kernels.triton_sparse24 import sparse24_tile
+from llmprune.kernels.triton_w4 import (
+    MAGIC,
+    MAGIC_F,
+    nibble_bits,
+    nibble_float,
+    nibble_unscale,
+    w4g_tile,
+    w4s24_tile,
+    w4s50_dense_tile,
+    w4s50_slot_tile,
+)
 
 
 def fmt_id(fmt: str) -> int:
@@ -123,47 +138,215 @@ def _gemv_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
             HAS_BIAS, REDUCE, BW, BT)
 
 
+@triton.jit
+def _pick(b0, b1, xa, xb, xc, second: tl.constexpr):
+    """The input a kept 2:4 value multiplies, from its 2-bit position (bits b1 b0) in its group of 4,
+    positions ascending (the formats validate it): the first kept one sits at 0, 1 or 2 (xa, xb, xc =
+    x0, x1, x2), the second at 1, 2 or 3 (xa, xb, xc = x1, x2, x3). Two selects, not three."""
+    if second:
+        v = tl.where(b1, tl.where(b0, xc, xb), xa)  # 1 = 01, 2 = 10, 3 = 11
+    else:
+        v = tl.where(b1, xc, tl.where(b0, xb, xa))  # 0 = 00, 1 = 01, 2 = 10
+    return v
+
+
+@triton.jit
+def _s24_token(acc, vals, x_ptr, m: tl.constexpr, sxm, M, k0, ucol, meta, s, FMT: tl.constexpr,
+               VT: tl.constexpr):
+    """One token's share of a 2:4 GEMV step over units of 16 inputs (4 groups, 8 kept values e = 0..7,
+    value e in group e // 2): acc += s * sum_e v_e * x[position of e]. For w4s24 v_e is code e scaled by
+    16^e' (nibble_float), so the group's 4 inputs are scaled by 16^-e' here, once per thread for all
+    its rows."""
+    ok = tl.full(ucol.shape, m, tl.int32) < M
+    xp = x_ptr + m * sxm + k0 + 16 * ucol
+    part = tl.zeros(meta.shape, tl.float32)
+    for g in tl.static_range(4):
+        x0 = tl.load(xp + 4 * g + 0, mask=ok, other=0.0).to(tl.float32)[None, :]
+        x1 = tl.load(xp + 4 * g + 1, mask=ok, other=0.0).to(tl.float32)[None, :]
+        x2 = tl.load(xp + 4 * g + 2, mask=ok, other=0.0).to(tl.float32)[None, :]
+        x3 = tl.load(xp + 4 * g + 3, mask=ok, other=0.0).to(tl.float32)[None, :]
+        for e in tl.static_range(2):
+            b0 = (meta & (1 << (4 * g + 2 * e))) != 0
+            b1 = (meta & (2 << (4 * g + 2 * e))) != 0
+            if FMT == 0:
+                u = 1.0
+            else:
+                u = nibble_unscale(2 * g + e)
+            if e == 0:
+                xv = _pick(b0, b1, x0 * u, x1 * u, x2 * u, False)
+            else:
+                xv = _pick(b0, b1, x1 * u, x2 * u, x3 * u, True)
+            part += _kept(vals, g, e, FMT, VT) * xv
+    if FMT == 0:
+        acc += part
+    else:
+        acc += part * s
+    return acc
+
+
+@triton.jit
+def _kept(vals, g: tl.constexpr, e: tl.constexpr, FMT: tl.constexpr, VT: tl.constexpr):
+    """Kept value j = 2g + e (0..7: group g, first or second) of a unit as fp32. sparse24: `vals` = 8 fp32 values, or 4 int32 words of 2
+    fp16 / bf16 values (type VT, low half first); w4s24: (words | MAGIC,
+    (words >> 20) | MAGIC, then the 8 offsets 2^23 + z * 16^j') for nibble_bits."""
+    if FMT == 0:
+        if len(vals) == 8:
+            v = vals[2 * g + e]
+        else:
+            w = vals[g]
+            if e == 0:
+                h = w.to(tl.int16)
+            else:
+                h = (w >> 16).to(tl.int16)
+            v = h.to(VT, bitcast=True).to(tl.float32)
+    else:
+        v = nibble_bits(vals[0], vals[1], 2 * g + e) - vals[2 + 2 * g + e]
+    return v
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm,
                    ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
                    HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr):
-    """The GEMV of the 2:4 formats (sparse24, w4s24) without expanding the weight: each kept value
-    multiplies the input its 2-bit index selects (select4 over the group's 4 inputs), so a row costs
-    half the multiply-adds and no register shuffles of the (BW, BK) expansion the MMA tile needs."""
+                   BT: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    """The GEMV of the 2:4 formats (sparse24, w4s24; 1, 2 or 4 tokens) without expanding the weight:
+    each kept value multiplies the input its 2-bit position selects (two selects), so a row costs half
+    the multiply-adds. As in _gemv4_kernel, each thread holds one unit of 16 inputs of several rows
+    (its 16 inputs loaded once for all of them), w4s24 codes become fp32 without a conversion
+    instruction (nibble_float), scales apply per unit, the row sums across threads happen after the
+    K loop, and the weight loads are software-pipelined (STAGES deep). Per unit and row: sparse24 8
+    fp16 values (4 int32 words), w4s24 8 int4 codes (1 int32 word); meta 2 bytes (1 int16)."""
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_w * BW + tl.arange(0, BW)
     rmask = rows < N
-    tok = tl.arange(0, BT)
-    acc = tl.zeros((BW, BT), tl.float32)
-    NB: tl.constexpr = BK // 8
+    NU: tl.constexpr = BK // 16
+    ucol = tl.max_contiguous(tl.arange(0, NU), 1)  # one unit per thread and row (see _gemv4_kernel)
+    mptr = B.to(tl.pointer_type(tl.int16)) + rows[:, None] * (sb // 2) + ucol[None, :]
+    VT: tl.constexpr = A.dtype.element_ty
+    if FMT == 0 and VT == tl.float32:  # the interpreter's values: 8 per unit
+        vptr = A + rows[:, None] * sa + 8 * ucol[None, :]
+    elif FMT == 0:  # fp16 / bf16 values: 4 int32 words of 2 per unit
+        vptr = A.to(tl.pointer_type(tl.int32)) + rows[:, None] * (sa // 2) + 4 * ucol[None, :]
+    else:  # w4s24: one int32 word of 8 codes per unit
+        vptr = A.to(tl.pointer_type(tl.int32)) + rows[:, None] * (sa // 4) + ucol[None, :]
+    acc0 = tl.zeros((BW, NU), tl.float32)
+    acc1 = tl.zeros((BW, NU), tl.float32)
+    acc2 = tl.zeros((BW, NU), tl.float32)
+    acc3 = tl.zeros((BW, NU), tl.float32)
     n_it = tl.minimum(ITERS, tl.cdiv(KK, BK) - pid_k * ITERS)
-    for i in range(n_it):
-        kk = (pid_k * ITERS + i) * BK
-        if FMT == 0:
-            a0, a1, b0, b1, ia0, ia1, ib0, ib1 = sparse24_compact(A, B, sa, sb, rows, rmask, kk, BW, BK)
+    for i in tl.range(n_it, num_stages=STAGES):
+        k0 = (pid_k * ITERS + i) * BK
+        rm = rmask[:, None]
+        meta = tl.load(mptr + k0 // 16, mask=rm, other=0x44).to(tl.int32) & 0xFFFF  # (BW, NU)
+        s = 1.0
+        if FMT == 0 and VT == tl.float32:
+            p = vptr + k0 // 2
+            vals = (tl.load(p, mask=rm, other=0.0), tl.load(p + 1, mask=rm, other=0.0),
+                    tl.load(p + 2, mask=rm, other=0.0), tl.load(p + 3, mask=rm, other=0.0),
+                    tl.load(p + 4, mask=rm, other=0.0), tl.load(p + 5, mask=rm, other=0.0),
+                    tl.load(p + 6, mask=rm, other=0.0), tl.load(p + 7, mask=rm, other=0.0))
+        elif FMT == 0:
+            p = vptr + k0 // 4
+            vals = (tl.load(p, mask=rm, other=0), tl.load(p + 1, mask=rm, other=0),
+                    tl.load(p + 2, mask=rm, other=0), tl.load(p + 3, mask=rm, other=0))
         else:
-            a0, a1, b0, b1, ia0, ia1, ib0, ib1 = w4s24_compact(A, B, C, D, sa, sb, sc, rows, rmask, kk, BW, BK,
-                                                               G, HAS_Z)
-        c8 = kk + 8 * tl.arange(0, NB)  # (NB,) first input of each meta byte's 8
-        okc = c8 < KK
-        for m in tl.static_range(BT):
-            okm = okc & (tl.full(c8.shape, m, tl.int32) < M)  # a block, not a scalar (see _gemv_kernel)
-            xp = x_ptr + m * sxm + c8
-            x0 = tl.load(xp + 0, mask=okm, other=0.0).to(tl.float32)[None, :]
-            x1 = tl.load(xp + 1, mask=okm, other=0.0).to(tl.float32)[None, :]
-            x2 = tl.load(xp + 2, mask=okm, other=0.0).to(tl.float32)[None, :]
-            x3 = tl.load(xp + 3, mask=okm, other=0.0).to(tl.float32)[None, :]
-            x4 = tl.load(xp + 4, mask=okm, other=0.0).to(tl.float32)[None, :]
-            x5 = tl.load(xp + 5, mask=okm, other=0.0).to(tl.float32)[None, :]
-            x6 = tl.load(xp + 6, mask=okm, other=0.0).to(tl.float32)[None, :]
-            x7 = tl.load(xp + 7, mask=okm, other=0.0).to(tl.float32)[None, :]
-            t = a0 * select4(ia0, x0, x1, x2, x3) + a1 * select4(ia1, x0, x1, x2, x3)
-            t += b0 * select4(ib0, x4, x5, x6, x7) + b1 * select4(ib1, x4, x5, x6, x7)
-            part = tl.sum(t, axis=1)  # (BW,)
-            acc += tl.where(tok[None, :] == m, part[:, None], 0.0)
-    _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
+            wrd = tl.load(vptr + k0 // 16, mask=rm, other=0)
+            offs = rows[:, None] * sc + ((k0 + 16 * ucol) // G)[None, :]  # a unit never straddles a group
+            s = tl.load(C + offs, mask=rm, other=0.0).to(tl.float32)  # (BW, NU)
+            wm = wrd | MAGIC
+            hm = ((wrd >> 20) & 0xFFF) | MAGIC
+            if HAS_Z:  # the codes' offsets 2^23 + z * 16^j' (exact), per row and nibble
+                z = tl.load(D + offs, mask=rm, other=8).to(tl.float32)
+                vals = (wm, hm, z + MAGIC_F, z * 16.0 + MAGIC_F, z * 256.0 + MAGIC_F, z * 4096.0 + MAGIC_F,
+                        z * 65536.0 + MAGIC_F, z + MAGIC_F, z * 16.0 + MAGIC_F, z * 256.0 + MAGIC_F)
+            else:
+                vals = (wm, hm, MAGIC_F + 8.0, MAGIC_F + 128.0, MAGIC_F + 2048.0, MAGIC_F + 32768.0,
+                        MAGIC_F + 524288.0, MAGIC_F + 8.0, MAGIC_F + 128.0, MAGIC_F + 2048.0)
+        acc0 = _s24_token(acc0, vals, x_ptr, 0, sxm, M, k0, ucol, meta, s, FMT, VT)
+        if BT > 1:
+            acc1 = _s24_token(acc1, vals, x_ptr, 1, sxm, M, k0, ucol, meta, s, FMT, VT)
+        if BT > 2:
+            acc2 = _s24_token(acc2, vals, x_ptr, 2, sxm, M, k0, ucol, meta, s, FMT, VT)
+            acc3 = _s24_token(acc3, vals, x_ptr, 3, sxm, M, k0, ucol, meta, s, FMT, VT)
+    tok = tl.arange(0, BT)
+    out = tl.where(tok[None, :] == 0, tl.sum(acc0, axis=1)[:, None], 0.0)  # (BW, BT)
+    if BT > 1:
+        out = tl.where(tok[None, :] == 1, tl.sum(acc1, axis=1)[:, None], out)
+    if BT > 2:
+        out = tl.where(tok[None, :] == 2, tl.sum(acc2, axis=1)[:, None], out)
+        out = tl.where(tok[None, :] == 3, tl.sum(acc3, axis=1)[:, None], out)
+    _finish(out, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
+            HAS_BIAS, REDUCE, BW, BT)
+
+
+@triton.jit
+def _w4_token(acc, part, x_ptr, m: tl.constexpr, sxm, M, k0, wcol, wm, hm, s, z):
+    """One token's share of a w4g128 GEMV step: part = sum_j code_j * x_j per word (nibble_float's
+    scaling folded into x), then acc += s * (part - z * sum_j x_j): the zero point and the scale are
+    applied once per word of 8 codes, not per code."""
+    ok = tl.full(wcol.shape, m, tl.int32) < M  # a block, not a scalar (see _gemv_kernel)
+    xp = x_ptr + m * sxm + k0 + 8 * wcol
+    xs = tl.zeros(wcol.shape, tl.float32)
+    for j in tl.static_range(8):
+        xj = tl.load(xp + j, mask=ok, other=0.0).to(tl.float32)
+        xs += xj
+        part += nibble_float(wm, hm, j) * (xj * nibble_unscale(j))[None, :]
+    return acc + (part - z * xs[None, :]) * s
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm,
+                  ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    """The w4g128 GEMV (1, 2 or 4 tokens) at few instructions per weight: the codes are read as int32
+    words of 8, each thread holds one word column of several rows (so each input is loaded and
+    scaled once per thread for all its rows), a code becomes fp32 in one LOP3 + one FADD (magic
+    number, no conversion instruction), its product is one FFMA per token; scales and zero points
+    apply per word, and the per-row sums across threads happen once, after the K loop. The word
+    loads are software-pipelined (cp.async, STAGES deep). Codes: (out, in/2) uint8 = (out, in/8)
+    int32 (the launcher checks the alignment); scales (and zeros) (out, in/G), G >= 16."""
+    pid_w = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_w * BW + tl.arange(0, BW)
+    rmask = rows < N
+    NW: tl.constexpr = BK // 8
+    # one word per thread and row: without the hint the loads would be vectorized along the row,
+    # giving each thread several words of one row and the inputs of all of them
+    wcol = tl.max_contiguous(tl.arange(0, NW), 1)
+    words = A.to(tl.pointer_type(tl.int32)) + rows[:, None] * (sa // 4) + wcol[None, :]
+    acc0 = tl.zeros((BW, NW), tl.float32)
+    acc1 = tl.zeros((BW, NW), tl.float32)
+    acc2 = tl.zeros((BW, NW), tl.float32)
+    acc3 = tl.zeros((BW, NW), tl.float32)
+    n_it = tl.minimum(ITERS, tl.cdiv(KK, BK) - pid_k * ITERS)
+    for i in tl.range(n_it, num_stages=STAGES):
+        k0 = (pid_k * ITERS + i) * BK
+        wrd = tl.load(words + k0 // 8, mask=rmask[:, None], other=0)  # (BW, NW) int32
+        wm = wrd | MAGIC
+        hm = ((wrd >> 20) & 0xFFF) | MAGIC
+        offs = rows[:, None] * sb + ((k0 + 8 * wcol) // G)[None, :]  # a word never straddles a group
+        s = tl.load(B + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # (BW, NW)
+        if HAS_Z:
+            z = tl.load(C + offs, mask=rmask[:, None], other=8).to(tl.float32)
+        else:
+            z = 8.0
+        zero = tl.zeros((BW, NW), tl.float32)
+        acc0 = _w4_token(acc0, zero, x_ptr, 0, sxm, M, k0, wcol, wm, hm, s, z)
+        if BT > 1:
+            acc1 = _w4_token(acc1, zero, x_ptr, 1, sxm, M, k0, wcol, wm, hm, s, z)
+        if BT > 2:
+            acc2 = _w4_token(acc2, zero, x_ptr, 2, sxm, M, k0, wcol, wm, hm, s, z)
+            acc3 = _w4_token(acc3, zero, x_ptr, 3, sxm, M, k0, wcol, wm, hm, s, z)
+    tok = tl.arange(0, BT)
+    out = tl.where(tok[None, :] == 0, tl.sum(acc0, axis=1)[:, None], 0.0)  # (BW, BT)
+    if BT > 1:
+        out = tl.where(tok[None, :] == 1, tl.sum(acc1, axis=1)[:, None], out)
+    if BT > 2:
+        out = tl.where(tok[None, :] == 2, tl.sum(acc2, axis=1)[:, None], out)
+        out = tl.where(tok[None, :] == 3, tl.sum(acc3, axis=1)[:, None], out)
+    _finish(out, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
             HAS_BIAS, REDUCE, BW, BT)
 
 
@@ -210,7 +393,7 @@ def _tile_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
 class Config:
     """One launch shape. `waves`: split K until about waves x SMs programs run (1 = no split
     beyond what fills the GPU once); `split` > 0 forces the number of K splits."""
-    kind: str  # "gemv" | "gemv24" (2:4 formats: compact, no expansion) | "tile"
+    kind: str  # "gemv" | "gemv24" (2:4 formats: compact, no expansion) | "gemv4" (w4g128: int32 words) | "tile"
     BW: int
     BT: int
     BK: int
@@ -237,6 +420,7 @@ def _walk_len(fmt: str, in_features: int) -> int:
 
 
 COMPACT_FORMATS = ("sparse24", "w4s24")  # the formats _gemv24_kernel runs
+WORD_FORMATS = ("w4g128",)  # the formats _gemv4_kernel runs
 
 
 def m_bucket(M: int) -> int:
@@ -249,7 +433,11 @@ def m_bucket(M: int) -> int:
 
 def default_config(fmt: str, M: int, in_features: int) -> Config:
     """Launch shape by token count when no tuned entry applies: GEMV for M <= 2, the MMA tile with
-    16 tokens to M = 16, larger tiles for prefill."""
+    16 tokens to M = 16, larger tiles for prefill. The GEMVs of w4g128 (gemv4) and the 2:4 formats
+    (gemv24) were chosen by their instruction count per weight (compile_check), not yet by a GPU timing."""
+    if M <= 2 and (fmt in WORD_FORMATS or fmt in COMPACT_FORMATS):
+        return Config("gemv4" if fmt in WORD_FORMATS else "gemv24", BW=128 if M == 1 else 64, BT=M,
+                      BK=_pow2_divisor(in_features, 128), num_warps=4, num_stages=3)
     if M <= 2:
         bk = _pow2_divisor(_walk_len(fmt, in_features), 128)
         return Config("gemv", BW=32, BT=1 if M == 1 else 2, BK=bk, num_warps=4, num_stages=3)
@@ -264,14 +452,14 @@ def default_config(fmt: str, M: int, in_features: int) -> Config:
 def fit_config(cfg: Config, fmt: str, M: int, in_features: int) -> Config:
     """Adapt a (tuned) config to this call: BK must divide the walked K axis, BT cover M for the GEMV."""
     kind = cfg.kind
-    if kind == "gemv24" and fmt not in COMPACT_FORMATS:
-        kind = "gemv"  # a table entry or sweep shape of the 2:4 formats, asked of another format
+    if (kind == "gemv24" and fmt not in COMPACT_FORMATS) or (kind == "gemv4" and fmt not in WORD_FORMATS):
+        kind = "gemv"  # a table entry or sweep shape of one format family, asked of another format
     k = _walk_len(fmt, in_features) if kind == "gemv" else in_features
     bk = _pow2_divisor(k, cfg.BK)
     bt = cfg.BT
-    if kind in ("gemv", "gemv24"):
+    if kind in ("gemv", "gemv24", "gemv4"):
         bt = 1 << max(0, (M - 1).bit_length())  # next power of two >= M
-        if bt > 8:  # the GEMV unrolls over tokens: beyond 8 the tile kernel is the right shape
+        if bt > (8 if kind == "gemv" else 4):  # the GEMVs unroll over tokens: beyond, the tile kernel
             return default_config(fmt, M, in_features)
     return Config(kind, cfg.BW, bt, bk, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
 
@@ -329,6 +517,11 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     cfg = fit_config(config, fmt, M, in_features) if config else pick_config(fmt, M, in_features, n_out,
                                                                                x2d.device)
     A, B, C, D = tensors
+    # read as int32 words (w4g128 codes; the compact 2:4 GEMV's values or codes) and int16 (its meta):
+    # aligned unless a view starts at an odd offset (rows are multiples of 8 bytes): then a copy
+    if fmt in WORD_FORMATS or cfg.kind == "gemv24":
+        A = A if A.data_ptr() % 4 == 0 else A.clone()
+        B = B if B.data_ptr() % 4 == 0 or fmt in WORD_FORMATS else B.clone()
     sa, sb, sc = A.stride(0), B.stride(0), C.stride(0)
     bias_arg = bias if bias is not None else x2d
     kk = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features  # the K axis walked
@@ -349,8 +542,10 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     args = (x2d, y, bias_arg, ws, cnt, A, B, C, D, sa, sb, sc, M, n_out, kk, kg, x2d.stride(0), iters, split)
     if cfg.kind == "tile":
         _tile_kernel[(row_blocks, tok_blocks, split)](*args, **meta)
+    elif cfg.kind == "gemv4":
+        _gemv4_kernel[(row_blocks, split)](*args, **meta, STAGES=cfg.num_stages)
     elif cfg.kind == "gemv24":
-        _gemv24_kernel[(row_blocks, split)](*args, **meta)
+        _gemv24_kernel[(row_blocks, split)](*args, **meta, STAGES=cfg.num_stages)
     else:
         _gemv_kernel[(row_blocks, split)](*args, **meta)
     return y

@@ -12,6 +12,12 @@ bytes (the memory-bound decode win). Layouts are those of llmprune/formats:
 import triton
 import triton.language as tl
 
+# int4 -> fp32 without an int-to-float conversion (quarter-rate on sm_90): OR-ing a code into the mantissa
+# of 2^23 gives the float 2^23 + code exactly, and one FADD removes 2^23 (the "magic number" dequant of
+# Kim et al. 2022, arXiv 2211.10017, and FasterTransformer; here in fp32, exact)
+MAGIC = tl.constexpr(0x4B000000)  # bits of 2^23
+MAGIC_F = tl.constexpr(8388608.0)
+
 from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices, meta_pairs
 
 
@@ -48,11 +54,40 @@ def _nibbles(c, BW: tl.constexpr, N: tl.constexpr):
 @triton.jit
 def w4g_tile(code_ptr, s_ptr, z_ptr, s_code, s_scale, rows, rmask, k0,
              BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
-    """Dense (BW, BK) tile of a w4g128 weight for inputs [k0, k0+BK)."""
-    c = tl.load(code_ptr + rows[:, None] * s_code + (k0 // 2 + tl.arange(0, BK // 2))[None, :],
-                mask=rmask[:, None], other=0)  # (BW, BK/2)
-    q = _nibbles(c, BW, BK // 2)  # (BW, BK)
-    return _dequant(q, s_ptr, z_ptr, s_scale, rows, rmask, k0 // G, BW, BK, G, HAS_Z).to(CDT)
+    """Dense (BW, BK) tile of a w4g128 weight for inputs [k0, k0+BK): the codes read as int32 words of 8
+    (the launcher guarantees 4-byte alignment), each code made fp32 by nibble_float (no conversion
+    instruction) and w = (q - z) * s as one FFMA of exact terms, so the only rounding is the spec's."""
+    NW: tl.constexpr = BK // 8
+    wrd = tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (s_code // 4)
+                  + (k0 // 8 + tl.arange(0, NW))[None, :], mask=rmask[:, None], other=0)  # (BW, NW)
+    wm = wrd | MAGIC
+    hm = ((wrd >> 20) & 0xFFF) | MAGIC
+    if BK <= G:  # one scale group per row: scale and zero point per row
+        s = tl.load(s_ptr + rows * s_scale + k0 // G, mask=rmask, other=0.0).to(tl.float32)[:, None]  # (BW, 1)
+        if HAS_Z:
+            z = tl.load(z_ptr + rows * s_scale + k0 // G, mask=rmask, other=8).to(tl.float32)[:, None]
+        else:
+            z = 8.0
+    else:
+        offs = rows[:, None] * s_scale + ((k0 + 8 * tl.arange(0, NW)) // G)[None, :]
+        s = tl.load(s_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # (BW, NW)
+        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=rmask[:, None], other=8).to(tl.float32)
+        else:
+            z = 8.0
+    zs = -z * s  # exact: a 4-bit integer times an fp16 scale
+    # (q * 16^j') * (s / 16^j') - z * s: both products exact, one rounding in the FFMA, as in the spec
+    v0 = (nibble_float(wm, hm, 0) * (s * nibble_unscale(0)) + zs).to(CDT)
+    v1 = (nibble_float(wm, hm, 1) * (s * nibble_unscale(1)) + zs).to(CDT)
+    v2 = (nibble_float(wm, hm, 2) * (s * nibble_unscale(2)) + zs).to(CDT)
+    v3 = (nibble_float(wm, hm, 3) * (s * nibble_unscale(3)) + zs).to(CDT)
+    v4 = (nibble_float(wm, hm, 4) * (s * nibble_unscale(4)) + zs).to(CDT)
+    v5 = (nibble_float(wm, hm, 5) * (s * nibble_unscale(5)) + zs).to(CDT)
+    v6 = (nibble_float(wm, hm, 6) * (s * nibble_unscale(6)) + zs).to(CDT)
+    v7 = (nibble_float(wm, hm, 7) * (s * nibble_unscale(7)) + zs).to(CDT)
+    # code 8w + j at column 8w + j: join's new axis is the fastest, so pair j with j + 4, then j + 2, then j + 1
+    t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(t, (BW, BK))
 
 
 @triton.jit
@@ -136,3 +171,33 @@ def w4s50_slot_tile(code_ptr, gidx_ptr, s_ptr, s_code, s_gidx, s_scale, rows, rm
     cols = tl.reshape(gi[:, :, None] * 16 + tl.arange(0, 16)[None, None, :], (BW, BK))  # (BW, BK)
     okc = tl.reshape(tl.broadcast_to(ok[:, :, None], (BW, NS, 16)), (BW, BK))
     return w.to(CDT), cols, okc
+
+
+@triton.jit
+def nibble_bits(wm, hm, j: tl.constexpr):
+    """Nibble j (0..7) of int32 words as the fp32 2^23 + code * 16^j' (exact), one LOP3 per value: `wm` =
+    words | MAGIC, `hm` = (words >> 20) | MAGIC (the caller's two operations per word). Nibbles 0..4 are
+    masked in place (code * 16^j stays inside the 23-bit mantissa; the caller folds 16^-j into the
+    input or the scale, nibble_unscale), nibbles 5..7 come from the word shifted by 20 (j' = j - 5).
+    Subtracting 2^23 (+ z * 16^j' for a zero point z) is one exact FADD."""
+    if j < 5:
+        bits = wm & (MAGIC | (15 << (4 * j)))
+    else:
+        bits = hm & (MAGIC | (15 << (4 * (j - 5))))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def nibble_float(wm, hm, j: tl.constexpr):
+    """code * 16^j' of nibble j as fp32 (nibble_bits less 2^23)."""
+    return nibble_bits(wm, hm, j) - MAGIC_F
+
+
+@triton.jit
+def nibble_unscale(j: tl.constexpr):
+    """1 / 16^j': what the input of nibble j is multiplied by (exact: a power of two)."""
+    if j < 5:
+        r = 1.0 / (1 << (4 * j))
+    else:
+        r = 1.0 / (1 << (4 * (j - 5)))
+    return r
