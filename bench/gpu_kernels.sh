@@ -69,9 +69,9 @@ compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale
 export -f envinfo compress compress_scale
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
-stage precompile 60 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
+stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
 stage correctness 70 $PY bench/gpu_check.py "$OUT/correctness.json"
-stage tune 140 $PY bench/gpu_tune.py "$OUT" --reps 10
+stage tune 170 $PY bench/gpu_tune.py "$OUT" --reps 10
 stage use_tuned 5 "mkdir -p llmprune/kernels/tuned && cp $OUT/sm90.json llmprune/kernels/tuned/sm90.json"
 stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
 stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128

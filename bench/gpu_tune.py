@@ -39,10 +39,10 @@ DECODE_TILE = [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3)
                (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]
 PREFILL = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
            (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)]  # BW, BT, BK, warps, stages
-# the lean GEMVs (w4g128: gemv4; sparse24, w4s24: gemv24), about 5 thread instructions per weight at
-# M = 1 where the first sweep's GEMVs spent 10-26 (compile_check); none spills at M <= 2 (sm_90).
+# the lean GEMVs (w4g128: gemv4; sparse24, w4s24: gemv24), 5-7 thread instructions per weight at
+# M = 1 where the first sweep's GEMVs spent 10-14 (compile_check); none spills at M <= 2 (sm_90).
 # BW, BK, warps; cp.async 3 deep. At M = 4 only the small shapes (the larger ones spill there).
-LEAN = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (256, 128, 8), (32, 128, 2)]
+LEAN = [(64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8), (32, 128, 2)]  # BK <= G = 128 (launcher)
 LEAN_M4 = [(64, 128, 4), (32, 128, 2)]
 LEAN_WAVES = (2, 4, 8)  # the first sweep's GEMVs were fastest at its largest, 4
 WAVES = (1, 2, 4)

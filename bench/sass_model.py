@@ -10,6 +10,9 @@ Then the same bounds for the lean GEMVs (gemv4, gemv24) that replace them at M <
 static: the next H200 call measures the kernels themselves.
 
     python bench/sass_model.py [--run bench/results/gpu/run1/tune.json] [--shapes 8b.down,...]
+
+Counts depend on the Triton version (the layout it picks): run it with the run's Triton (3.6 for run1,
+e.g. in a venv with `pip install triton==3.6.0`) to model what ran.
 """
 from __future__ import annotations
 
@@ -79,6 +82,9 @@ def main(argv=None) -> int:
     jobs = sorted({(f, tuple(cfg_of(r["config"]))) for _, f, r in measured})
     old = dict(zip(jobs, counts_at(rev, [(f, list(c)) for f, c in jobs])))
 
+    import triton
+
+    print(f"triton {triton.__version__} compiling for sm_90a (the run's compiler is in its env.log)")
     print(f"The first sweep at M = 1 (measured; kernels of {rev[:10]}) against its lower bounds")
     print(f"{'shape':12} {'format':9} {'config':34} {'instr/w':>7} {'issue us':>8} {'bytes us':>8} "
           f"{'measured':>8} {'x floor':>7}")

@@ -64,7 +64,7 @@ def test_signature_mismatch_is_caught():
 
 
 def test_decode_gemvs_spend_few_instructions_per_weight(rows):
-    """The first H200 sweep measured the GEMVs instruction-bound: 10-26 thread instructions per weight
+    """The first H200 sweep measured the GEMVs instruction-bound: 10-14 thread instructions per weight
     in the K loop, 300-1,400 GB/s. The default M = 1 launch of sparse24, w4g128 and w4s24 must stay
     near the ~4 an H200 can afford at full bandwidth (compile_check's docstring), with no int-to-float
     conversion instruction in the loop; prefill and the tile kernels may spend more."""

@@ -2,8 +2,8 @@
 
 Kernels (the tile decoders are in triton_sparse24.py, triton_w4.py):
 - `_gemv4_kernel` (w4g128) and `_gemv24_kernel` (sparse24, w4s24) for 1-4 tokens, lean: the first
-  H200 sweep measured the GEMVs instruction-bound (10-26 thread instructions per weight, 300-1,400
-  GB/s), so these spend about 5 (compile_check counts the loop's SASS): int32-word loads, one word
+  H200 sweep measured the GEMVs instruction-bound (10-14 thread instructions per weight, 300-1,400
+  GB/s), so these spend 5-7 (compile_check counts the loop's SASS): int32-word loads, one word
   column of several rows per thread, int4 -> fp32 by the magic-number trick, 2:4 positions by two
   selects of the input, scales per word, row sums after the K loop, cp.async pipelining.
 - `_gemv_kernel` for a few tokens (M <= 8) of any format (w4s50's GEMV): no MMA; every program reads
@@ -139,6 +139,23 @@ def _gemv_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
 
 
 @triton.jit
+def _scattered(N: tl.constexpr):
+    """0..N-1 (N a power of two) as adjacent pairs in scattered order (pair p at 5p mod N/2), for the
+    word or unit column of the lean GEMVs: told that columns come in aligned pairs and no longer runs,
+    Triton (3.6 to 3.9) lays threads along the row with two columns each and gives each thread several
+    rows, so that each input is loaded and scaled once per thread for all its rows. (With no
+    contiguity at all the thread order is a tie that Triton 3.6 and 3.7 break differently: 3.6 gave
+    each thread a whole row, twice the instructions.) A warp still reads whole row segments."""
+    if N == 1:
+        c = tl.arange(0, 1)
+    else:
+        i = tl.arange(0, N)
+        c = 2 * (((i // 2) * 5) % (N // 2)) + i % 2
+        c = tl.max_contiguous(tl.multiple_of(c, 2), 2)
+    return c
+
+
+@triton.jit
 def _pick(b0, b1, xa, xb, xc, second: tl.constexpr):
     """The input a kept 2:4 value multiplies, from its 2-bit position (bits b1 b0) in its group of 4,
     positions ascending (the formats validate it): the first kept one sits at 0, 1 or 2 (xa, xb, xc =
@@ -186,8 +203,8 @@ def _s24_token(acc, vals, x_ptr, m: tl.constexpr, sxm, M, k0, ucol, meta, s, FMT
 
 @triton.jit
 def _kept(vals, g: tl.constexpr, e: tl.constexpr, FMT: tl.constexpr, VT: tl.constexpr):
-    """Kept value j = 2g + e (0..7: group g, first or second) of a unit as fp32. sparse24: `vals` = 8 fp32 values, or 4 int32 words of 2
-    fp16 / bf16 values (type VT, low half first); w4s24: (words | MAGIC,
+    """Kept value j = 2g + e (group g, first or second) of a unit as fp32. sparse24: `vals` = 8 fp32
+    values, or 4 int32 words of 2 fp16 / bf16 values (type VT, low half first); w4s24: (words | MAGIC,
     (words >> 20) | MAGIC, then the 8 offsets 2^23 + z * 16^j') for nibble_bits."""
     if FMT == 0:
         if len(vals) == 8:
@@ -221,7 +238,7 @@ def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, 
     rows = pid_w * BW + tl.arange(0, BW)
     rmask = rows < N
     NU: tl.constexpr = BK // 16
-    ucol = tl.max_contiguous(tl.arange(0, NU), 1)  # one unit per thread and row (see _gemv4_kernel)
+    ucol = _scattered(NU)  # one unit per thread and row
     mptr = B.to(tl.pointer_type(tl.int16)) + rows[:, None] * (sb // 2) + ucol[None, :]
     VT: tl.constexpr = A.dtype.element_ty
     if FMT == 0 and VT == tl.float32:  # the interpreter's values: 8 per unit
@@ -238,7 +255,7 @@ def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, 
     for i in tl.range(n_it, num_stages=STAGES):
         k0 = (pid_k * ITERS + i) * BK
         rm = rmask[:, None]
-        meta = tl.load(mptr + k0 // 16, mask=rm, other=0x44).to(tl.int32) & 0xFFFF  # (BW, NU)
+        meta = tl.load(mptr + k0 // 16, mask=rm, other=0x4444).to(tl.int32) & 0xFFFF  # (BW, NU)
         s = 1.0
         if FMT == 0 and VT == tl.float32:
             p = vptr + k0 // 2
@@ -252,12 +269,13 @@ def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, 
                     tl.load(p + 2, mask=rm, other=0), tl.load(p + 3, mask=rm, other=0))
         else:
             wrd = tl.load(vptr + k0 // 16, mask=rm, other=0)
-            offs = rows[:, None] * sc + ((k0 + 16 * ucol) // G)[None, :]  # a unit never straddles a group
-            s = tl.load(C + offs, mask=rm, other=0.0).to(tl.float32)  # (BW, NU)
+            # one scale per row (the launcher keeps BK <= G): a 1-D load, so that the 2-D ones (words,
+            # meta) alone choose the layout of the tile
+            s = tl.load(C + rows * sc + k0 // G, mask=rmask, other=0.0).to(tl.float32)[:, None]
             wm = wrd | MAGIC
             hm = ((wrd >> 20) & 0xFFF) | MAGIC
             if HAS_Z:  # the codes' offsets 2^23 + z * 16^j' (exact), per row and nibble
-                z = tl.load(D + offs, mask=rm, other=8).to(tl.float32)
+                z = tl.load(D + rows * sc + k0 // G, mask=rmask, other=8).to(tl.float32)[:, None]
                 vals = (wm, hm, z + MAGIC_F, z * 16.0 + MAGIC_F, z * 256.0 + MAGIC_F, z * 4096.0 + MAGIC_F,
                         z * 65536.0 + MAGIC_F, z + MAGIC_F, z * 16.0 + MAGIC_F, z * 256.0 + MAGIC_F)
             else:
@@ -270,14 +288,22 @@ def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, 
             acc2 = _s24_token(acc2, vals, x_ptr, 2, sxm, M, k0, ucol, meta, s, FMT, VT)
             acc3 = _s24_token(acc3, vals, x_ptr, 3, sxm, M, k0, ucol, meta, s, FMT, VT)
     tok = tl.arange(0, BT)
-    out = tl.where(tok[None, :] == 0, tl.sum(acc0, axis=1)[:, None], 0.0)  # (BW, BT)
+    out = _row_sums(acc0, acc1, acc2, acc3, tok, BT)
+    _finish(out, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
+            HAS_BIAS, REDUCE, BW, BT)
+
+
+@triton.jit
+def _row_sums(acc0, acc1, acc2, acc3, tok, BT: tl.constexpr):
+    """(BW, BT) per-row sums of the lean GEMVs' per-token accumulators (BW, columns): the reduction
+    across a row's threads, once after the K loop."""
+    out = tl.where(tok[None, :] == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
     if BT > 1:
         out = tl.where(tok[None, :] == 1, tl.sum(acc1, axis=1)[:, None], out)
     if BT > 2:
         out = tl.where(tok[None, :] == 2, tl.sum(acc2, axis=1)[:, None], out)
         out = tl.where(tok[None, :] == 3, tl.sum(acc3, axis=1)[:, None], out)
-    _finish(out, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
-            HAS_BIAS, REDUCE, BW, BT)
+    return out
 
 
 @triton.jit
@@ -306,15 +332,14 @@ def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, s
     number, no conversion instruction), its product is one FFMA per token; scales and zero points
     apply per word, and the per-row sums across threads happen once, after the K loop. The word
     loads are software-pipelined (cp.async, STAGES deep). Codes: (out, in/2) uint8 = (out, in/8)
-    int32 (the launcher checks the alignment); scales (and zeros) (out, in/G), G >= 16."""
+    int32 (the launcher copies a misaligned view); scales (and zeros) (out, in/G), G >= 16, BK <= G
+    (the launcher's choice), so one scale per row and K step."""
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_w * BW + tl.arange(0, BW)
     rmask = rows < N
     NW: tl.constexpr = BK // 8
-    # one word per thread and row: without the hint the loads would be vectorized along the row,
-    # giving each thread several words of one row and the inputs of all of them
-    wcol = tl.max_contiguous(tl.arange(0, NW), 1)
+    wcol = _scattered(NW)  # one word per thread and row
     words = A.to(tl.pointer_type(tl.int32)) + rows[:, None] * (sa // 4) + wcol[None, :]
     acc0 = tl.zeros((BW, NW), tl.float32)
     acc1 = tl.zeros((BW, NW), tl.float32)
@@ -326,10 +351,11 @@ def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, s
         wrd = tl.load(words + k0 // 8, mask=rmask[:, None], other=0)  # (BW, NW) int32
         wm = wrd | MAGIC
         hm = ((wrd >> 20) & 0xFFF) | MAGIC
-        offs = rows[:, None] * sb + ((k0 + 8 * wcol) // G)[None, :]  # a word never straddles a group
-        s = tl.load(B + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # (BW, NW)
+        # one scale per row (the launcher keeps BK <= G): a 1-D load, so that the words alone choose the
+        # layout of the tile
+        s = tl.load(B + rows * sb + k0 // G, mask=rmask, other=0.0).to(tl.float32)[:, None]  # (BW, 1)
         if HAS_Z:
-            z = tl.load(C + offs, mask=rmask[:, None], other=8).to(tl.float32)
+            z = tl.load(C + rows * sb + k0 // G, mask=rmask, other=8).to(tl.float32)[:, None]
         else:
             z = 8.0
         zero = tl.zeros((BW, NW), tl.float32)
@@ -340,12 +366,7 @@ def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, s
             acc2 = _w4_token(acc2, zero, x_ptr, 2, sxm, M, k0, wcol, wm, hm, s, z)
             acc3 = _w4_token(acc3, zero, x_ptr, 3, sxm, M, k0, wcol, wm, hm, s, z)
     tok = tl.arange(0, BT)
-    out = tl.where(tok[None, :] == 0, tl.sum(acc0, axis=1)[:, None], 0.0)  # (BW, BT)
-    if BT > 1:
-        out = tl.where(tok[None, :] == 1, tl.sum(acc1, axis=1)[:, None], out)
-    if BT > 2:
-        out = tl.where(tok[None, :] == 2, tl.sum(acc2, axis=1)[:, None], out)
-        out = tl.where(tok[None, :] == 3, tl.sum(acc3, axis=1)[:, None], out)
+    out = _row_sums(acc0, acc1, acc2, acc3, tok, BT)
     _finish(out, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,
             HAS_BIAS, REDUCE, BW, BT)
 
@@ -421,6 +442,7 @@ def _walk_len(fmt: str, in_features: int) -> int:
 
 COMPACT_FORMATS = ("sparse24", "w4s24")  # the formats _gemv24_kernel runs
 WORD_FORMATS = ("w4g128",)  # the formats _gemv4_kernel runs
+INT4_WORD_FORMATS = ("w4g128", "w4s24")  # codes read as int32 words by every kernel
 
 
 def m_bucket(M: int) -> int:
@@ -517,11 +539,14 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     cfg = fit_config(config, fmt, M, in_features) if config else pick_config(fmt, M, in_features, n_out,
                                                                                x2d.device)
     A, B, C, D = tensors
-    # read as int32 words (w4g128 codes; the compact 2:4 GEMV's values or codes) and int16 (its meta):
-    # aligned unless a view starts at an odd offset (rows are multiples of 8 bytes): then a copy
-    if fmt in WORD_FORMATS or cfg.kind == "gemv24":
-        A = A if A.data_ptr() % 4 == 0 else A.clone()
-        B = B if B.data_ptr() % 4 == 0 or fmt in WORD_FORMATS else B.clone()
+    if cfg.kind in ("gemv4", "gemv24") and fmt != "sparse24" and cfg.BK > G:  # one scale group per tile row
+        cfg = Config(cfg.kind, cfg.BW, cfg.BT, G, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
+    # int4 codes and the 2:4 GEMV's values are read as int32 words, its meta as int16: aligned unless a
+    # view starts at an odd offset (rows are multiples of 8 bytes), which is copied
+    if (fmt in INT4_WORD_FORMATS or cfg.kind == "gemv24") and A.data_ptr() % 4:
+        A = A.clone()
+    if cfg.kind == "gemv24" and B.data_ptr() % 2:
+        B = B.clone()
     sa, sb, sc = A.stride(0), B.stride(0), C.stride(0)
     bias_arg = bias if bias is not None else x2d
     kk = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features  # the K axis walked

@@ -49,39 +49,3 @@ def sparse24_tile(val_ptr, meta_ptr, s_val, s_meta, rows, rmask, k0,
     v0, v1 = tl.split(tl.reshape(v, (BW, BK // 4, 2)))  # (BW, BK/4) each
     i0, i1 = meta_indices(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
     return expand24(v0, v1, i0, i1, BW, BK)
-
-
-@triton.jit
-def select4(i, x0, x1, x2, x3):
-    """x_i elementwise, i in [0, 3]: the input of its group of 4 a kept 2:4 value multiplies."""
-    return tl.where(i < 2, tl.where(i == 0, x0, x1), tl.where(i == 2, x2, x3))
-
-
-@triton.jit
-def kept_pairs(v, BW: tl.constexpr, NB: tl.constexpr):
-    """(BW, 4*NB) kept values of groups 2b, 2b+1 (two each, in order) -> four (BW, NB): first and
-    second kept value of group 2b, first and second of group 2b+1."""
-    first, second = tl.split(tl.reshape(v, (BW, NB, 2, 2)))  # (BW, NB, 2): [.., g] group 2b+g
-    a0, b0 = tl.split(first)
-    a1, b1 = tl.split(second)
-    return a0, a1, b0, b1
-
-
-@triton.jit
-def meta_pairs(meta_ptr, s_meta, rows, rmask, k0, BW: tl.constexpr, BK: tl.constexpr):
-    """Kept indices (BW, BK/8) each of the meta bytes covering [k0, k0+BK), one byte per two groups:
-    first and second of group 2b (0..3), first and second of group 2b+1 (0..3)."""
-    m = tl.load(meta_ptr + rows[:, None] * s_meta + (k0 // 8 + tl.arange(0, BK // 8))[None, :],
-                mask=rmask[:, None], other=0x44).to(tl.int32)  # (BW, BK/8); 0x44: indices 0, 1
-    return m & 3, (m >> 2) & 3, (m >> 4) & 3, (m >> 6) & 3
-
-
-@triton.jit
-def sparse24_compact(val_ptr, meta_ptr, s_val, s_meta, rows, rmask, k0, BW: tl.constexpr, BK: tl.constexpr):
-    """A sparse24 tile left compact for the GEMV (no expansion to (BW, BK)): per meta byte b, the
-    four kept values (fp32) of groups 2b, 2b+1 and their input positions 0..3 within each group."""
-    v = tl.load(val_ptr + rows[:, None] * s_val + (k0 // 2 + tl.arange(0, BK // 2))[None, :],
-                mask=rmask[:, None], other=0.0).to(tl.float32)  # (BW, BK/2)
-    a0, a1, b0, b1 = kept_pairs(v, BW, BK // 8)
-    ia0, ia1, ib0, ib1 = meta_pairs(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
-    return a0, a1, b0, b1, ia0, ia1, ib0, ib1

@@ -12,36 +12,14 @@ bytes (the memory-bound decode win). Layouts are those of llmprune/formats:
 import triton
 import triton.language as tl
 
+from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices
+
 # int4 -> fp32 without an int-to-float conversion (quarter-rate on sm_90): OR-ing a code into the mantissa
 # of 2^23 gives the float 2^23 + code exactly, and one FADD removes 2^23 (the "magic number" dequant of
 # Kim et al. 2022, arXiv 2211.10017, and FasterTransformer; here in fp32, exact)
 MAGIC = tl.constexpr(0x4B000000)  # bits of 2^23
 MAGIC_F = tl.constexpr(8388608.0)
 
-from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices, meta_pairs
-
-
-@triton.jit
-def _dequant(q, s_ptr, z_ptr, s_stride, rows, rmask, g0, BW: tl.constexpr, NQ: tl.constexpr,
-             QPG: tl.constexpr, HAS_Z: tl.constexpr):
-    """(q - z) * s in fp32 for codes q (BW, NQ) whose scale group g0 + j covers QPG columns."""
-    if NQ <= QPG:  # the whole tile lies in one group: one scale per row
-        s = tl.load(s_ptr + rows * s_stride + g0, mask=rmask, other=0.0).to(tl.float32)  # (BW,)
-        if HAS_Z:
-            z = tl.load(z_ptr + rows * s_stride + g0, mask=rmask, other=8).to(tl.float32)
-        else:
-            z = tl.full((BW,), 8.0, tl.float32)
-        return (q.to(tl.float32) - z[:, None]) * s[:, None]
-    else:
-        NS: tl.constexpr = NQ // QPG
-        offs = rows[:, None] * s_stride + (g0 + tl.arange(0, NS))[None, :]
-        s = tl.load(s_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # (BW, NS)
-        if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=rmask[:, None], other=8).to(tl.float32)
-        else:
-            z = tl.full((BW, NS), 8.0, tl.float32)
-        q3 = tl.reshape(q, (BW, NS, QPG)).to(tl.float32)  # (BW, NS, QPG)
-        return tl.reshape((q3 - z[:, :, None]) * s[:, :, None], (BW, NQ))
 
 
 @triton.jit
@@ -52,39 +30,53 @@ def _nibbles(c, BW: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
+def _word_scales(s_ptr, z_ptr, s_scale, rows, rmask, k0, BW: tl.constexpr, NW: tl.constexpr, SPAN: tl.constexpr,
+                 G: tl.constexpr, HAS_Z: tl.constexpr):
+    """Scale s and -z * s (fp32; exact: a 4-bit integer times an fp16 scale) of each of NW words of codes
+    covering SPAN inputs each from k0 on: (BW, 1) when the whole tile lies in one group, else (BW, NW)."""
+    if NW * SPAN <= G:  # one scale group per row: scale and zero point per row
+        s = tl.load(s_ptr + rows * s_scale + k0 // G, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        if HAS_Z:
+            z = tl.load(z_ptr + rows * s_scale + k0 // G, mask=rmask, other=8).to(tl.float32)[:, None]
+        else:
+            z = 8.0
+    else:  # a word never straddles a group (G >= 16)
+        offs = rows[:, None] * s_scale + ((k0 + SPAN * tl.arange(0, NW)) // G)[None, :]
+        s = tl.load(s_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=rmask[:, None], other=8).to(tl.float32)
+        else:
+            z = 8.0
+    return s, -z * s
+
+
+@triton.jit
+def _word_value(wm, hm, j: tl.constexpr, s, zs, CDT: tl.constexpr):
+    """(q - z) * s of nibble j, rounded once to CDT: (q * 16^j') * (s / 16^j') + (-z * s), both products
+    exact, the FFMA's rounding the only one in fp32, as in the spec."""
+    return (nibble_float(wm, hm, j) * (s * nibble_unscale(j)) + zs).to(CDT)
+
+
+@triton.jit
 def w4g_tile(code_ptr, s_ptr, z_ptr, s_code, s_scale, rows, rmask, k0,
              BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
     """Dense (BW, BK) tile of a w4g128 weight for inputs [k0, k0+BK): the codes read as int32 words of 8
     (the launcher guarantees 4-byte alignment), each code made fp32 by nibble_float (no conversion
-    instruction) and w = (q - z) * s as one FFMA of exact terms, so the only rounding is the spec's."""
+    instruction)."""
     NW: tl.constexpr = BK // 8
     wrd = tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (s_code // 4)
                   + (k0 // 8 + tl.arange(0, NW))[None, :], mask=rmask[:, None], other=0)  # (BW, NW)
     wm = wrd | MAGIC
     hm = ((wrd >> 20) & 0xFFF) | MAGIC
-    if BK <= G:  # one scale group per row: scale and zero point per row
-        s = tl.load(s_ptr + rows * s_scale + k0 // G, mask=rmask, other=0.0).to(tl.float32)[:, None]  # (BW, 1)
-        if HAS_Z:
-            z = tl.load(z_ptr + rows * s_scale + k0 // G, mask=rmask, other=8).to(tl.float32)[:, None]
-        else:
-            z = 8.0
-    else:
-        offs = rows[:, None] * s_scale + ((k0 + 8 * tl.arange(0, NW)) // G)[None, :]
-        s = tl.load(s_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # (BW, NW)
-        if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=rmask[:, None], other=8).to(tl.float32)
-        else:
-            z = 8.0
-    zs = -z * s  # exact: a 4-bit integer times an fp16 scale
-    # (q * 16^j') * (s / 16^j') - z * s: both products exact, one rounding in the FFMA, as in the spec
-    v0 = (nibble_float(wm, hm, 0) * (s * nibble_unscale(0)) + zs).to(CDT)
-    v1 = (nibble_float(wm, hm, 1) * (s * nibble_unscale(1)) + zs).to(CDT)
-    v2 = (nibble_float(wm, hm, 2) * (s * nibble_unscale(2)) + zs).to(CDT)
-    v3 = (nibble_float(wm, hm, 3) * (s * nibble_unscale(3)) + zs).to(CDT)
-    v4 = (nibble_float(wm, hm, 4) * (s * nibble_unscale(4)) + zs).to(CDT)
-    v5 = (nibble_float(wm, hm, 5) * (s * nibble_unscale(5)) + zs).to(CDT)
-    v6 = (nibble_float(wm, hm, 6) * (s * nibble_unscale(6)) + zs).to(CDT)
-    v7 = (nibble_float(wm, hm, 7) * (s * nibble_unscale(7)) + zs).to(CDT)
+    s, zs = _word_scales(s_ptr, z_ptr, s_scale, rows, rmask, k0, BW, NW, 8, G, HAS_Z)
+    v0 = _word_value(wm, hm, 0, s, zs, CDT)
+    v1 = _word_value(wm, hm, 1, s, zs, CDT)
+    v2 = _word_value(wm, hm, 2, s, zs, CDT)
+    v3 = _word_value(wm, hm, 3, s, zs, CDT)
+    v4 = _word_value(wm, hm, 4, s, zs, CDT)
+    v5 = _word_value(wm, hm, 5, s, zs, CDT)
+    v6 = _word_value(wm, hm, 6, s, zs, CDT)
+    v7 = _word_value(wm, hm, 7, s, zs, CDT)
     # code 8w + j at column 8w + j: join's new axis is the fastest, so pair j with j + 4, then j + 2, then j + 1
     t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
     return tl.reshape(t, (BW, BK))
@@ -94,37 +86,23 @@ def w4g_tile(code_ptr, s_ptr, z_ptr, s_code, s_scale, rows, rmask, k0,
 def w4s24_tile(code_ptr, meta_ptr, s_ptr, z_ptr, s_code, s_meta, s_scale, rows, rmask, k0,
                BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
                CDT: tl.constexpr):
-    """Dense (BW, BK) tile of a w4s24 weight: one code byte per group of 4 inputs."""
-    c = tl.load(code_ptr + rows[:, None] * s_code + (k0 // 4 + tl.arange(0, BK // 4))[None, :],
-                mask=rmask[:, None], other=0x88).to(tl.int32)  # (BW, BK/4)
-    # a scale group of G inputs holds G/4 code bytes
-    v0 = _dequant(c & 15, s_ptr, z_ptr, s_scale, rows, rmask, k0 // G, BW, BK // 4, G // 4, HAS_Z)
-    v1 = _dequant(c >> 4, s_ptr, z_ptr, s_scale, rows, rmask, k0 // G, BW, BK // 4, G // 4, HAS_Z)
+    """Dense (BW, BK) tile of a w4s24 weight: one code byte per group of 4 inputs, read as int32 words
+    of 4 groups (nibble 2g + e: the e-th kept value of group g), decoded as in w4g_tile."""
+    NU: tl.constexpr = BK // 16
+    wrd = tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (s_code // 4)
+                  + (k0 // 16 + tl.arange(0, NU))[None, :], mask=rmask[:, None], other=0)  # (BW, NU)
+    wm = wrd | MAGIC
+    hm = ((wrd >> 20) & 0xFFF) | MAGIC
+    s, zs = _word_scales(s_ptr, z_ptr, s_scale, rows, rmask, k0, BW, NU, 16, G, HAS_Z)
+    # first (v0) and second (v1) kept value of the groups 4u + g: g = 2 g1 + g0, g0 the fastest axis
+    v0 = tl.reshape(tl.join(tl.join(_word_value(wm, hm, 0, s, zs, CDT), _word_value(wm, hm, 4, s, zs, CDT)),
+                            tl.join(_word_value(wm, hm, 2, s, zs, CDT), _word_value(wm, hm, 6, s, zs, CDT))),
+                    (BW, BK // 4))
+    v1 = tl.reshape(tl.join(tl.join(_word_value(wm, hm, 1, s, zs, CDT), _word_value(wm, hm, 5, s, zs, CDT)),
+                            tl.join(_word_value(wm, hm, 3, s, zs, CDT), _word_value(wm, hm, 7, s, zs, CDT))),
+                    (BW, BK // 4))
     i0, i1 = meta_indices(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
-    return expand24(v0.to(CDT), v1.to(CDT), i0, i1, BW, BK)
-
-
-@triton.jit
-def w4s24_compact(code_ptr, meta_ptr, s_ptr, z_ptr, s_code, s_meta, s_scale, rows, rmask, k0,
-                  BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr):
-    """A w4s24 tile left compact for the GEMV: per meta byte b (groups 2b, 2b+1; G % 8 == 0, so both
-    share one scale), the four dequantized kept values (fp32) and their positions 0..3 in the group."""
-    NB: tl.constexpr = BK // 8
-    c = tl.load(code_ptr + rows[:, None] * s_code + (k0 // 4 + tl.arange(0, BK // 4))[None, :],
-                mask=rmask[:, None], other=0x88).to(tl.int32)  # (BW, BK/4): byte g = group g
-    ca, cb = tl.split(tl.reshape(c, (BW, NB, 2)))  # groups 2b, 2b+1
-    offs = rows[:, None] * s_scale + ((k0 + 8 * tl.arange(0, NB)) // G)[None, :]  # (BW, NB)
-    s = tl.load(s_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + offs, mask=rmask[:, None], other=8).to(tl.float32)
-    else:
-        z = tl.full((BW, NB), 8.0, tl.float32)
-    a0 = ((ca & 15).to(tl.float32) - z) * s
-    a1 = ((ca >> 4).to(tl.float32) - z) * s
-    b0 = ((cb & 15).to(tl.float32) - z) * s
-    b1 = ((cb >> 4).to(tl.float32) - z) * s
-    ia0, ia1, ib0, ib1 = meta_pairs(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
-    return a0, a1, b0, b1, ia0, ia1, ib0, ib1
+    return expand24(v0, v1, i0, i1, BW, BK)
 
 
 @triton.jit
