@@ -3,7 +3,8 @@
 Every format x M in {1, 2, 4, 8, 16, 33, 128, 512} x fp16/bf16 on LLaMA-3-8B and 70B layer shapes
 and odd shapes, through `ops.linear` (the custom op a model calls: CUDA -> Triton, the tuned or
 default launch shape); the output buffer is poisoned with NaN first, so an unwritten element fails.
-Split-K launches are repeated and must be bit-identical (the in-kernel reduction is deterministic; a
+The lean GEMVs (gemv4, gemv24) are also forced at M <= 4 whatever the tuned table picks. Split-K
+launches are repeated and must be bit-identical (the in-kernel reduction is deterministic; a
 race would move the result) and leave the ticket counters at zero. Then the custom ops under
 torch.compile with CUDA graphs (mode="reduce-overhead"). Writes JSON rows; exit 1 on a failure.
 
@@ -105,6 +106,18 @@ def main(path: str, device: str = "cuda") -> int:
             rows.append(row)
             if not ok:
                 print("FAIL", row, flush=True)
+            lean = "gemv4" if fmt in tg.WORD_FORMATS else "gemv24" if fmt in tg.COMPACT_FORMATS else None
+            if lean and M <= 4:  # the lean GEMVs whether or not the tuned table picks them (other GPUs do)
+                cfg = tg.Config(lean, 128 if M == 1 else 64, M, 128, 4, 3)
+                _poison((M, out), dtype, dev)
+                y = ops.triton_linear(fmt, x, p, b, config=cfg)
+                _sync(dev)
+                err = ((y.double() - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+                ok = bool(torch.isfinite(y).all()) and err <= TOL[dtype] and y.dtype == dtype
+                rows.append({**row, "rel_err": err, "config": cfg.as_list(), "forced": True, "ok": ok})
+                bad += not ok
+                if not ok:
+                    print("FAIL", rows[-1], flush=True)
         del p, wd
         print(f"{fmt} {out}x{n_in} {str(dtype)[6:]} done ({time.time() - t0:.0f} s)", flush=True)
     # torch.compile + CUDA graphs through each custom op
