@@ -46,14 +46,18 @@ LEAN = [(64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8), (32, 128, 2)]
 LEAN_M4 = [(64, 128, 4), (32, 128, 2)]
 LEAN_WAVES = (2, 4, 8)  # the first sweep's GEMVs were fastest at its largest, 4
 WAVES = (1, 2, 4)
+UNPACK = [(64, 128, 4), (32, 256, 4), (128, 128, 8)]  # prefill: decode tile BW x BK, warps
 
 
 def candidates(M: int, fmt: str | None = None) -> list[Config]:
     """The launch shapes tried at M tokens (for `fmt`: the compact 2:4 GEMV where it applies)."""
-    from llmprune.kernels.triton_gemm import COMPACT_FORMATS, WORD_FORMATS
+    from llmprune.kernels.triton_gemm import COMPACT_FORMATS, UNPACK_FORMATS, WORD_FORMATS
 
     if M > 64:
-        return [Config("tile", bw, bt, bk, w, s, 1) for bw, bt, bk, w, s in PREFILL]
+        out = [Config("tile", bw, bt, bk, w, s, 1) for bw, bt, bk, w, s in PREFILL]
+        if fmt in UNPACK_FORMATS:  # the dense weight decoded once, then cuBLAS
+            out += [Config("unpack", bw, 128, bk, w, 1, 1) for bw, bk, w in UNPACK]
+        return out
     out = [Config("tile", bw, 16, bk, w, s, wv) for bw, bk, w, s in DECODE_TILE for wv in WAVES]
     if M <= 4:
         out += [Config("gemv", bw, M, bk, w, 3, wv) for bw, bk, w in GEMV for wv in WAVES]

@@ -134,14 +134,15 @@ def test_bias_batch_dims_and_bf16(ops, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_launch_shape_agrees(ops, fmt):
-    """GEMV with split-K, GEMV unsplit, decode tile and prefill tile give the same result for one M."""
+    """GEMV with split-K, GEMV unsplit, the lean GEMVs, decode tile, prefill tile and the dense unpack
+    (+ torch's matmul) give the same result for one M."""
     from llmprune.kernels.triton_gemm import Config
 
     p, w = rand_packed(fmt, 96, 512, torch.float32, seed=4, G=32)
     x = torch.randn(2, 512)
     ref = oracle(x, w)
     for cfg in (Config("gemv", 32, 2, 64), Config("gemv", 128, 2, 128), Config("gemv24", 32, 2, 64),
-                Config("gemv4", 32, 2, 64), Config("tile", 64, 16, 32),
+                Config("gemv4", 32, 2, 64), Config("tile", 64, 16, 32), Config("unpack", 32, 128, 64),
                 Config("tile", 128, 128, 64, num_warps=8)):
         assert_close(ops.triton_linear(fmt, x, p, config=cfg), ref, 512)
 
@@ -370,3 +371,17 @@ def test_nibble_floats_are_exact(ops):
 
     decode[(1,)](words, out, N=16)
     assert torch.equal(out.view(16, 8), q.float())
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "w4g128", "w4s24"])
+def test_prefill_decodes_the_weight_then_matmul(ops, fmt):
+    """From M = 65 on the default is the dense weight decoded by _unpack_kernel, then torch's matmul:
+    the spec's numerics (the weight rounded once to x's dtype); odd rows, bias, zeros, fp16 values."""
+    from llmprune.kernels.triton_gemm import UNPACK_FROM_M, pick_config
+
+    assert pick_config(fmt, UNPACK_FROM_M, 256).kind == "unpack"
+    assert pick_config(fmt, UNPACK_FROM_M - 1, 256).kind == "tile"
+    p, w = rand_packed(fmt, 40, 256, torch.float16, seed=9, G=64, zeros=True)
+    x = torch.randn(UNPACK_FROM_M + 2, 256, generator=torch.Generator().manual_seed(9))
+    b = torch.randn(40)
+    assert_close(ops.triton_linear(fmt, x, p, b), oracle(x, w, b), 256)

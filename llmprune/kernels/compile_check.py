@@ -46,7 +46,7 @@ def _signature(fmt: str, dtype: str, kind: str) -> tuple[dict, list[str]]:
     args, _ = f.kernel_args(256, f.random(16, 256, td))
     wt = tuple(f"*{_TT[str(t.dtype)]}" for t in pointer_roles(args))
     names = ["x_ptr", "y_ptr", "bias_ptr", "ws_ptr", "cnt_ptr", "A", "B", "C", "D", "sa", "sb", "sc", "M", "N",
-             "KIN" if kind == "tile" else "KK", "KG", "sxm", "ITERS", "SPLIT"]
+             "KIN" if kind in ("tile", "unpack") else "KK", "KG", "sxm", "ITERS", "SPLIT"]
     types = [f"*{dtype}", f"*{dtype}", f"*{dtype}", "*fp32", "*i32", *wt] + ["i32"] * 10
     return dict(zip(names, types)), [n for n in names if n not in ("M", "ITERS", "KG", "SPLIT")]
 
@@ -78,8 +78,9 @@ def _nvdisasm(cubin: bytes) -> str:
         return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
 
 
-def loop_body(sass: str) -> list[str]:
-    """The instructions of the longest loop (a backward branch to a label) of a SASS listing."""
+def loop_body(sass: str, whole: bool = False) -> list[str]:
+    """The instructions of the longest loop (a backward branch to a label) of a SASS listing; all of
+    them with `whole` (a kernel without a K loop: one tile per program)."""
     ins, labels, best = [], {}, []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -92,7 +93,7 @@ def loop_body(sass: str) -> list[str]:
             b = re.search(r"\bBRA\b.*?(\.L_x_\d+)", m.group(1))
             if b and labels.get(b.group(1), len(ins)) < len(ins) and len(ins) - labels[b.group(1)] > len(best):
                 best = ins[labels[b.group(1)]:]
-    return best
+    return ins if whole else best
 
 
 def opcode(instr: str) -> str:
@@ -131,7 +132,7 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
            "atomic_acq_rel": bool(re.search(r"atom\.global\.(gpu\.)?acq_rel|atom\.acq_rel\.gpu", ptx)),
            "shared_bytes": compiled.metadata.shared, "ptx_lines": ptx.count("\n"),
            "shared_ops": len(re.findall(r"\b(?:st|ld)\.shared", ptx))}
-    body = loop_body(_nvdisasm(compiled.asm["cubin"]))
+    body = loop_body(_nvdisasm(compiled.asm["cubin"]), whole=cfg.kind == "unpack")
     ops = [opcode(i) for i in body]
     threads = 32 * cfg.num_warps
     walked = tg._walk_len(fmt, IN_FEATURES) if cfg.kind == "gemv" else IN_FEATURES

@@ -8,6 +8,8 @@ Kernels (the tile decoders are in triton_sparse24.py, triton_w4.py):
   selects of the input, scales per word, row sums after the K loop, cp.async pipelining.
 - `_gemv_kernel` for a few tokens (M <= 8) of any format (w4s50's GEMV): no MMA; every program reads
   a (BW rows x ITERS*BK inputs) slab of packed weight once and reduces it against each token.
+- `_unpack_kernel` for prefill (M > 64; sparse24, w4g128, w4s24): the dense weight decoded once, then
+  cuBLAS: 2-2.5 more bytes per weight but cuBLAS's matmul, where the MMA tile below ran 0.27-0.45x.
 - `_tile_kernel` for everything else: acc (BW weight rows, BT tokens) = W_tile (BW, BK) @
   x_tile^T (BK, BT), weight rows on the MMA's M dimension (swap-AB, as in Marlin-style decode
   kernels) so that BT can be as small as 16 tokens; Triton pipelines the packed-weight loads
@@ -410,11 +412,26 @@ def _tile_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc
             HAS_BIAS, REDUCE, BW, BT)
 
 
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _unpack_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KIN, KG, sxm,
+                   ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr):
+    """Prefill: the dense weight (N, KIN) into y_ptr, one (BW, BK) tile per program, decoded as the tile
+    kernel decodes it (the spec's rounding); cuBLAS then runs the matmul (launch, kind "unpack").
+    The other arguments keep the kernels' common signature and are unused."""
+    rows = tl.program_id(0) * BW + tl.arange(0, BW)
+    rmask = rows < N
+    k0 = tl.program_id(1) * BK
+    w = _dense_tile(A, B, C, D, sa, sb, sc, rows, rmask, k0, FMT, G, HAS_Z, CDT, BW, BK)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * KIN + (k0 + tl.arange(0, BK))[None, :], w, mask=rmask[:, None])
+
+
 @dataclass(frozen=True)
 class Config:
     """One launch shape. `waves`: split K until about waves x SMs programs run (1 = no split
     beyond what fills the GPU once); `split` > 0 forces the number of K splits."""
-    kind: str  # "gemv" | "gemv24" (2:4 formats: compact, no expansion) | "gemv4" (w4g128: int32 words) | "tile"
+    kind: str  # "gemv" | "gemv24" (2:4 formats) | "gemv4" (w4g128) | "tile" | "unpack" (dense + cuBLAS)
     BW: int
     BT: int
     BK: int
@@ -443,6 +460,8 @@ def _walk_len(fmt: str, in_features: int) -> int:
 COMPACT_FORMATS = ("sparse24", "w4s24")  # the formats _gemv24_kernel runs
 WORD_FORMATS = ("w4g128",)  # the formats _gemv4_kernel runs
 INT4_WORD_FORMATS = ("w4g128", "w4s24")  # codes read as int32 words by every kernel
+UNPACK_FORMATS = ("sparse24", "w4g128", "w4s24")  # tiles decoded in input order: _unpack_kernel
+UNPACK_FROM_M = 65  # prefill from here: dense weight + cuBLAS (the MMA tile ran 0.27-0.45x cuBLAS at M = 512)
 
 
 def m_bucket(M: int) -> int:
@@ -467,6 +486,8 @@ def default_config(fmt: str, M: int, in_features: int) -> Config:
         return Config("tile", BW=64, BT=16, BK=_pow2_divisor(in_features, 128), num_warps=4, num_stages=3)
     if M <= 64:
         return Config("tile", BW=64, BT=64, BK=_pow2_divisor(in_features, 64), num_warps=4, num_stages=3)
+    if M >= UNPACK_FROM_M and fmt in UNPACK_FORMATS:  # 2-2.5 extra bytes per weight, then cuBLAS's speed
+        return Config("unpack", BW=64, BT=128, BK=_pow2_divisor(in_features, 128), num_warps=4, num_stages=1)
     return Config("tile", BW=128, BT=128, BK=_pow2_divisor(in_features, 64), num_warps=8, num_stages=3,
                   waves=1)
 
@@ -476,6 +497,8 @@ def fit_config(cfg: Config, fmt: str, M: int, in_features: int) -> Config:
     kind = cfg.kind
     if (kind == "gemv24" and fmt not in COMPACT_FORMATS) or (kind == "gemv4" and fmt not in WORD_FORMATS):
         kind = "gemv"  # a table entry or sweep shape of one format family, asked of another format
+    if kind == "unpack" and fmt not in UNPACK_FORMATS:
+        return default_config(fmt, M, in_features)
     k = _walk_len(fmt, in_features) if kind == "gemv" else in_features
     bk = _pow2_divisor(k, cfg.BK)
     bt = cfg.BT
@@ -548,6 +571,13 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     if cfg.kind == "gemv24" and B.data_ptr() % 2:
         B = B.clone()
     sa, sb, sc = A.stride(0), B.stride(0), C.stride(0)
+    if cfg.kind == "unpack":  # prefill: decode the weight once, then cuBLAS
+        w = torch.empty((n_out, in_features), dtype=x2d.dtype, device=x2d.device)
+        _unpack_kernel[(triton.cdiv(n_out, cfg.BW), in_features // cfg.BK)](
+            x2d, w, x2d, x2d, x2d, A, B, C, D, sa, sb, sc, M, n_out, in_features, kg, x2d.stride(0), 1, 1,
+            FMT=fmt_id(fmt), G=G, HAS_Z=has_z, HAS_BIAS=False, REDUCE=False, CDT=_TL[x2d.dtype], BW=cfg.BW,
+            BT=cfg.BT, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
     bias_arg = bias if bias is not None else x2d
     kk = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features  # the K axis walked
     n_iter = triton.cdiv(kk, cfg.BK)
