@@ -385,3 +385,15 @@ def test_prefill_decodes_the_weight_then_matmul(ops, fmt):
     x = torch.randn(UNPACK_FROM_M + 2, 256, generator=torch.Generator().manual_seed(9))
     b = torch.randn(40)
     assert_close(ops.triton_linear(fmt, x, p, b), oracle(x, w, b), 256)
+
+
+def test_prefill_decodes_in_row_chunks(ops, monkeypatch):
+    """The dense buffer is capped (UNPACK_BYTES): 40 rows in chunks of 16, 16 and 8, one result."""
+    from llmprune.kernels import triton_gemm as tg
+
+    monkeypatch.setattr(tg, "UNPACK_BYTES", 16 * 256 * 4)  # 16 fp32 rows of 256
+    for fmt in ("sparse24", "w4g128", "w4s24"):
+        p, w = rand_packed(fmt, 40, 256, torch.float16, seed=3, G=128, zeros=fmt == "w4g128")
+        x = torch.randn(5, 256)
+        b = torch.randn(40)
+        assert_close(ops.triton_linear(fmt, x, p, b, config=tg.Config("unpack", 16, 128, 64)), oracle(x, w, b), 256)

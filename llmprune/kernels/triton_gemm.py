@@ -554,6 +554,35 @@ def _split(cfg: Config, n_iter: int, tiles: int, device: torch.device) -> tuple[
     return triton.cdiv(n_iter, iters), iters
 
 
+UNPACK_BYTES = 256 << 20  # the dense buffer of a prefill matmul, at most (decoded in row chunks)
+
+
+def _unpack_matmul(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features: int, kg: int, G: int,
+                   has_z: bool, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    """Prefill: decode the weight (_unpack_kernel) into a dense buffer, rows in chunks of at most
+    UNPACK_BYTES (a 70B MLP weight is 470 MB in bf16), and multiply each chunk with cuBLAS."""
+    rows = max(cfg.BW, UNPACK_BYTES // (in_features * x2d.element_size()) // cfg.BW * cfg.BW)
+    buf = torch.empty((min(rows, n_out), in_features), dtype=x2d.dtype, device=x2d.device)
+    b = None if bias is None else bias.to(x2d.dtype)
+    if rows >= n_out:
+        ys = None
+    else:
+        ys = torch.empty((x2d.shape[0], n_out), dtype=x2d.dtype, device=x2d.device)
+    for r0 in range(0, n_out, rows):
+        n = min(rows, n_out - r0)
+        part = tuple(t[r0:r0 + n] for t in tensors)  # row views: every packed tensor has a row per output
+        _unpack_kernel[(triton.cdiv(n, cfg.BW), in_features // cfg.BK)](
+            x2d, buf, x2d, x2d, x2d, *part, *(t.stride(0) for t in part[:3]), x2d.shape[0], n, in_features, kg,
+            x2d.stride(0), 1, 1, FMT=fmt_id(fmt), G=G, HAS_Z=has_z, HAS_BIAS=False, REDUCE=False,
+            CDT=_TL[x2d.dtype], BW=cfg.BW, BT=cfg.BT, BK=cfg.BK, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        y = torch.nn.functional.linear(x2d, buf[:n], None if b is None else b[r0:r0 + n])
+        if ys is None:
+            return y
+        ys[:, r0:r0 + n] = y
+    return ys
+
+
 def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features: int, kg: int, G: int,
            has_z: bool, bias: torch.Tensor | None, config: Config | None = None) -> torch.Tensor:
     """y (M, n_out) = x2d (M, in) @ W^T + bias. `tensors` are (A, B, C, D) as in the module
@@ -571,13 +600,8 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     if cfg.kind == "gemv24" and B.data_ptr() % 2:
         B = B.clone()
     sa, sb, sc = A.stride(0), B.stride(0), C.stride(0)
-    if cfg.kind == "unpack":  # prefill: decode the weight once, then cuBLAS
-        w = torch.empty((n_out, in_features), dtype=x2d.dtype, device=x2d.device)
-        _unpack_kernel[(triton.cdiv(n_out, cfg.BW), in_features // cfg.BK)](
-            x2d, w, x2d, x2d, x2d, A, B, C, D, sa, sb, sc, M, n_out, in_features, kg, x2d.stride(0), 1, 1,
-            FMT=fmt_id(fmt), G=G, HAS_Z=has_z, HAS_BIAS=False, REDUCE=False, CDT=_TL[x2d.dtype], BW=cfg.BW,
-            BT=cfg.BT, BK=cfg.BK, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+    if cfg.kind == "unpack":
+        return _unpack_matmul(fmt, x2d, (A, B, C, D), n_out, in_features, kg, G, has_z, bias, cfg)
     bias_arg = bias if bias is not None else x2d
     kk = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features  # the K axis walked
     n_iter = triton.cdiv(kk, cfg.BK)
