@@ -117,7 +117,9 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     const = {"FMT": tg.fmt_id(fmt), "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
              "HAS_BIAS": False, "REDUCE": reduce, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
-             "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK, **({"STAGES": cfg.num_stages} if cfg.kind in ("gemv4", "gemv24") else {})}
+             "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK}
+    if cfg.kind in ("gemv4", "gemv24"):  # the lean GEMVs pipeline their loop with tl.range(num_stages=)
+        const["STAGES"] = cfg.num_stages
     sig.update({k: "constexpr" for k in const})
     names = kernel.arg_names  # ASTSource wants the kernel's parameter order
     assert sorted(names) == sorted(sig), (names, sig)

@@ -14,12 +14,11 @@ import triton.language as tl
 
 from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices
 
-# int4 -> fp32 without an int-to-float conversion (quarter-rate on sm_90): OR-ing a code into the mantissa
-# of 2^23 gives the float 2^23 + code exactly, and one FADD removes 2^23 (the "magic number" dequant of
-# Kim et al. 2022, arXiv 2211.10017, and FasterTransformer; here in fp32, exact)
+# int4 -> fp32 without an int-to-float conversion instruction (not full-rate on sm_90): OR-ing a code
+# into the mantissa of 2^23 gives the float 2^23 + code exactly, and one FADD removes 2^23 (the "magic
+# number" dequant of FasterTransformer and Kim et al. 2022, arXiv 2211.10017; here in fp32, exact)
 MAGIC = tl.constexpr(0x4B000000)  # bits of 2^23
 MAGIC_F = tl.constexpr(8388608.0)
-
 
 
 @triton.jit
