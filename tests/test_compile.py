@@ -77,8 +77,9 @@ def test_decode_gemvs_spend_few_instructions_per_weight(rows):
 
 
 def test_lean_gemvs_compile_without_spills_and_beat_the_old_gemv():
-    """Every lean GEMV shape the H200 sweep tries (bench/gpu_tune.py LEAN at M = 1, 2; LEAN_M4 at 4):
-    no spills, no tensor cores, and fewer instructions per weight than the first sweep's GEMV."""
+    """Every lean GEMV shape the H200 sweep tries (bench/gpu_tune.py LEAN at M = 1, 2; LEAN_M4 at 4; and
+    the bf16 zero-point + bias variant): no spills, no tensor cores, and fewer instructions per weight
+    than the first sweep's GEMV."""
     pytest.importorskip("triton")
     code = """
 import json, sys
@@ -92,6 +93,9 @@ for f, k in (("sparse24", "gemv24"), ("w4s24", "gemv24"), ("w4g128", "gemv4")):
         for bw, bk, w in (LEAN if m <= 2 else LEAN_M4)[:2]:
             rows.append(check_one(f, "fp16", m, Config(k, bw, m, bk, w, 3), reduce=True))
         rows.append(check_one(f, "fp16", m, Config("gemv", 64, m, 128, 8, 3), reduce=True))  # the old best
+    # bf16 with an asymmetric grid (zero points) and a bias
+    rows.append(check_one(f, "bf16", 1, Config(k, 128, 1, 128, 4, 3), reduce=True, has_z=f != "sparse24",
+                          has_bias=True))
 print(json.dumps(rows))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

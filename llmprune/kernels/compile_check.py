@@ -100,9 +100,11 @@ def opcode(instr: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0]
 
 
-def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = None) -> dict:
+def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = None, has_z: bool = False,
+              has_bias: bool = False) -> dict:
     """Compile `config` (default: the one default_config(fmt, M, 4096) chooses) for sm_90; returns a
-    result row. `reduce`: compile the split-K variant (default: decode shapes split, prefill not)."""
+    result row. `reduce`: compile the split-K variant (default: decode shapes split, prefill not);
+    `has_z`, `has_bias`: the zero-point (asymmetric grid) and bias variants."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -115,8 +117,8 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
     kernel = getattr(tg, f"_{cfg.kind}_kernel")  # by name: bench/sass_model.py runs this on older kernels
     sig, aligned = _signature(fmt, dtype, cfg.kind)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    const = {"FMT": tg.fmt_id(fmt), "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": False,
-             "HAS_BIAS": False, "REDUCE": reduce, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
+    const = {"FMT": tg.fmt_id(fmt), "G": GROUP if fmt in ("w4g128", "w4s24") else 16, "HAS_Z": has_z,
+             "HAS_BIAS": has_bias, "REDUCE": reduce, "CDT": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype],
              "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK}
     if cfg.kind in ("gemv4", "gemv24"):  # the lean GEMVs pipeline their loop with tl.range(num_stages=)
         const["STAGES"] = cfg.num_stages
