@@ -474,8 +474,9 @@ def m_bucket(M: int) -> int:
 
 def default_config(fmt: str, M: int, in_features: int) -> Config:
     """Launch shape by token count when no tuned entry applies: GEMV for M <= 2, the MMA tile with
-    16 tokens to M = 16, larger tiles for prefill. The GEMVs of w4g128 (gemv4) and the 2:4 formats
-    (gemv24) were chosen by their instruction count per weight (compile_check), not yet by a GPU timing."""
+    16 tokens to M = 16 and 64 to M = 64; beyond, the dense weight decoded once + cuBLAS (sparse24,
+    w4g128, w4s24) or 128 x 128 tiles (w4s50). The lean GEMVs (gemv4, gemv24) and the prefill unpack
+    were chosen by instruction count and bytes (compile_check, docs/formats.md), not yet by a GPU timing."""
     if M <= 2 and (fmt in WORD_FORMATS or fmt in COMPACT_FORMATS):
         return Config("gemv4" if fmt in WORD_FORMATS else "gemv24", BW=128 if M == 1 else 64, BT=M,
                       BK=_pow2_divisor(in_features, 128), num_warps=4, num_stages=3)
