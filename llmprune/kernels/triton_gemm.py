@@ -37,8 +37,8 @@ import triton.language as tl
 
 from llmprune.kernels.triton_sparse24 import sparse24_tile
 from llmprune.kernels.triton_w4 import (
-    MAGIC,
     MAGIC_F,
+    magic_words,
     nibble_bits,
     nibble_float,
     nibble_unscale,
@@ -206,8 +206,8 @@ def _s24_token(acc, vals, x_ptr, m: tl.constexpr, sxm, M, k0, ucol, meta, s, FMT
 @triton.jit
 def _kept(vals, g: tl.constexpr, e: tl.constexpr, FMT: tl.constexpr, VT: tl.constexpr):
     """Kept value j = 2g + e (group g, first or second) of a unit as fp32. sparse24: `vals` = 8 fp32
-    values, or 4 int32 words of 2 fp16 / bf16 values (type VT, low half first); w4s24: (words | MAGIC,
-    (words >> 20) | MAGIC, then the 8 offsets 2^23 + z * 16^j') for nibble_bits."""
+    values, or 4 int32 words of 2 fp16 / bf16 values (type VT, low half first); w4s24: magic_words'
+    two, then the 8 offsets 2^23 + z * 16^j') for nibble_bits."""
     if FMT == 0:
         if len(vals) == 8:
             v = vals[2 * g + e]
@@ -274,8 +274,7 @@ def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, 
             # one scale per row (the launcher keeps BK <= G): a 1-D load, so that the 2-D ones (words,
             # meta) alone choose the layout of the tile
             s = tl.load(C + rows * sc + k0 // G, mask=rmask, other=0.0).to(tl.float32)[:, None]
-            wm = wrd | MAGIC
-            hm = ((wrd >> 20) & 0xFFF) | MAGIC
+            wm, hm = magic_words(wrd)
             if HAS_Z:  # the codes' offsets 2^23 + z * 16^j' (exact), per row and nibble
                 z = tl.load(D + rows * sc + k0 // G, mask=rmask, other=8).to(tl.float32)[:, None]
                 vals = (wm, hm, z + MAGIC_F, z * 16.0 + MAGIC_F, z * 256.0 + MAGIC_F, z * 4096.0 + MAGIC_F,
@@ -309,13 +308,14 @@ def _row_sums(acc0, acc1, acc2, acc3, tok, BT: tl.constexpr):
 
 
 @triton.jit
-def _w4_token(acc, part, x_ptr, m: tl.constexpr, sxm, M, k0, wcol, wm, hm, s, z):
+def _w4_token(acc, x_ptr, m: tl.constexpr, sxm, M, k0, wcol, wm, hm, s, z):
     """One token's share of a w4g128 GEMV step: part = sum_j code_j * x_j per word (nibble_float's
     scaling folded into x), then acc += s * (part - z * sum_j x_j): the zero point and the scale are
     applied once per word of 8 codes, not per code."""
     ok = tl.full(wcol.shape, m, tl.int32) < M  # a block, not a scalar (see _gemv_kernel)
     xp = x_ptr + m * sxm + k0 + 8 * wcol
     xs = tl.zeros(wcol.shape, tl.float32)
+    part = tl.zeros(wm.shape, tl.float32)
     for j in tl.static_range(8):
         xj = tl.load(xp + j, mask=ok, other=0.0).to(tl.float32)
         xs += xj
@@ -350,9 +350,7 @@ def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, s
     n_it = tl.minimum(ITERS, tl.cdiv(KK, BK) - pid_k * ITERS)
     for i in tl.range(n_it, num_stages=STAGES):
         k0 = (pid_k * ITERS + i) * BK
-        wrd = tl.load(words + k0 // 8, mask=rmask[:, None], other=0)  # (BW, NW) int32
-        wm = wrd | MAGIC
-        hm = ((wrd >> 20) & 0xFFF) | MAGIC
+        wm, hm = magic_words(tl.load(words + k0 // 8, mask=rmask[:, None], other=0))  # (BW, NW) each
         # one scale per row (the launcher keeps BK <= G): a 1-D load, so that the words alone choose the
         # layout of the tile
         s = tl.load(B + rows * sb + k0 // G, mask=rmask, other=0.0).to(tl.float32)[:, None]  # (BW, 1)
@@ -360,13 +358,12 @@ def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, s
             z = tl.load(C + rows * sb + k0 // G, mask=rmask, other=8).to(tl.float32)[:, None]
         else:
             z = 8.0
-        zero = tl.zeros((BW, NW), tl.float32)
-        acc0 = _w4_token(acc0, zero, x_ptr, 0, sxm, M, k0, wcol, wm, hm, s, z)
+        acc0 = _w4_token(acc0, x_ptr, 0, sxm, M, k0, wcol, wm, hm, s, z)
         if BT > 1:
-            acc1 = _w4_token(acc1, zero, x_ptr, 1, sxm, M, k0, wcol, wm, hm, s, z)
+            acc1 = _w4_token(acc1, x_ptr, 1, sxm, M, k0, wcol, wm, hm, s, z)
         if BT > 2:
-            acc2 = _w4_token(acc2, zero, x_ptr, 2, sxm, M, k0, wcol, wm, hm, s, z)
-            acc3 = _w4_token(acc3, zero, x_ptr, 3, sxm, M, k0, wcol, wm, hm, s, z)
+            acc2 = _w4_token(acc2, x_ptr, 2, sxm, M, k0, wcol, wm, hm, s, z)
+            acc3 = _w4_token(acc3, x_ptr, 3, sxm, M, k0, wcol, wm, hm, s, z)
     tok = tl.arange(0, BT)
     out = _row_sums(acc0, acc1, acc2, acc3, tok, BT)
     _finish(out, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tok < M, N, SPLIT, pid_k, pid_w,

@@ -57,16 +57,21 @@ def _word_value(wm, hm, j: tl.constexpr, s, zs, CDT: tl.constexpr):
 
 
 @triton.jit
+def _tile_words(code_ptr, s_code, rows, rmask, k0, N: tl.constexpr, SPAN: tl.constexpr):
+    """The N int32 code words of each row from input k0 on, a word covering SPAN inputs (8: w4g128,
+    16: w4s24; the launcher guarantees 4-byte alignment), as magic_words (BW, N) each."""
+    wrd = tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (s_code // 4)
+                  + (k0 // SPAN + tl.arange(0, N))[None, :], mask=rmask[:, None], other=0)
+    return magic_words(wrd)
+
+
+@triton.jit
 def w4g_tile(code_ptr, s_ptr, z_ptr, s_code, s_scale, rows, rmask, k0,
              BW: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr, CDT: tl.constexpr):
     """Dense (BW, BK) tile of a w4g128 weight for inputs [k0, k0+BK): the codes read as int32 words of 8
-    (the launcher guarantees 4-byte alignment), each code made fp32 by nibble_float (no conversion
-    instruction)."""
+    each code made fp32 by nibble_float (no conversion instruction)."""
     NW: tl.constexpr = BK // 8
-    wrd = tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (s_code // 4)
-                  + (k0 // 8 + tl.arange(0, NW))[None, :], mask=rmask[:, None], other=0)  # (BW, NW)
-    wm = wrd | MAGIC
-    hm = ((wrd >> 20) & 0xFFF) | MAGIC
+    wm, hm = _tile_words(code_ptr, s_code, rows, rmask, k0, NW, 8)
     s, zs = _word_scales(s_ptr, z_ptr, s_scale, rows, rmask, k0, BW, NW, 8, G, HAS_Z)
     v0 = _word_value(wm, hm, 0, s, zs, CDT)
     v1 = _word_value(wm, hm, 1, s, zs, CDT)
@@ -88,10 +93,7 @@ def w4s24_tile(code_ptr, meta_ptr, s_ptr, z_ptr, s_code, s_meta, s_scale, rows, 
     """Dense (BW, BK) tile of a w4s24 weight: one code byte per group of 4 inputs, read as int32 words
     of 4 groups (nibble 2g + e: the e-th kept value of group g), decoded as in w4g_tile."""
     NU: tl.constexpr = BK // 16
-    wrd = tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (s_code // 4)
-                  + (k0 // 16 + tl.arange(0, NU))[None, :], mask=rmask[:, None], other=0)  # (BW, NU)
-    wm = wrd | MAGIC
-    hm = ((wrd >> 20) & 0xFFF) | MAGIC
+    wm, hm = _tile_words(code_ptr, s_code, rows, rmask, k0, NU, 16)
     s, zs = _word_scales(s_ptr, z_ptr, s_scale, rows, rmask, k0, BW, NU, 16, G, HAS_Z)
     # first (v0) and second (v1) kept value of the groups 4u + g: g = 2 g1 + g0, g0 the fastest axis
     v0 = tl.reshape(tl.join(tl.join(_word_value(wm, hm, 0, s, zs, CDT), _word_value(wm, hm, 4, s, zs, CDT)),
@@ -148,6 +150,13 @@ def w4s50_slot_tile(code_ptr, gidx_ptr, s_ptr, s_code, s_gidx, s_scale, rows, rm
     cols = tl.reshape(gi[:, :, None] * 16 + tl.arange(0, 16)[None, None, :], (BW, BK))  # (BW, BK)
     okc = tl.reshape(tl.broadcast_to(ok[:, :, None], (BW, NS, 16)), (BW, BK))
     return w.to(CDT), cols, okc
+
+
+@triton.jit
+def magic_words(wrd):
+    """int32 words of 8 codes -> (wm, hm), what nibble_bits reads: the words with MAGIC's bits set, and
+    the words shifted by 20 (nibbles 5-7 at the bottom) with MAGIC's bits set."""
+    return wrd | MAGIC, ((wrd >> 20) & 0xFFF) | MAGIC
 
 
 @triton.jit
