@@ -6,7 +6,8 @@ not depend on the values). Static KV cache, one decode step captured in a CUDA g
         [--formats sparse24,w4g128,w4s24] [--compile dense,w4s24] [--device cuda]
 
 Per model and batch: ms per step (median, p90), tokens/s, effective GB/s (weight bytes per step x
-steps/s), peak memory. Also, per format, a step of the decoder's linears alone (every linear of
+steps/s), peak memory (each model alone: the dense decoder linears are freed before the packed models
+run), and at the first batch the kernels of one step (`profile`: count, GPU-busy ms, the costliest). Also, per format, a step of the decoder's linears alone (every linear of
 every layer in one CUDA graph, nothing else): what the kernels cost inside a decode step. With
 --compile, the decode step of the named models also runs through torch.compile (inductor fuses
 the norms, rotary and residual adds that otherwise cost a kernel launch each; the packed linears
@@ -50,19 +51,37 @@ def dense_model(arch: str, layers: int | None, device: str, **over) -> torch.nn.
     return m.eval()
 
 
+def decoder_linears(m: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute, module) of every nn.Linear / PackedLinear inside the decoder layers."""
+    return [(mod, child, lin) for name, mod in m.named_modules() if name.startswith("model.layers")
+            for child, lin in mod.named_children() if isinstance(lin, (torch.nn.Linear, PackedLinear))]
+
+
 def packed_copy(m: torch.nn.Module, fmt: str, device: str) -> torch.nn.Module:
-    """A model sharing m's embeddings, norms and head, every decoder linear replaced by PackedLinear."""
-    dt = next(m.parameters()).dtype
+    """A model sharing m's embeddings, norms and head, every decoder linear replaced by PackedLinear
+    (m's decoder linears are not read: they may already be dropped, see `drop_linears`)."""
+    dt = next(m.model.norm.parameters()).dtype
     with torch.device("meta"):
         c = AutoModelForCausalLM.from_config(m.config, dtype=dt)
-    c.load_state_dict(m.state_dict(), assign=True)  # shares m's tensors: no copy
-    for name, mod in list(c.named_modules()):
-        for child, lin in list(mod.named_children()):
-            if isinstance(lin, torch.nn.Linear) and name.startswith("model.layers"):
-                p = random_packed(fmt, lin.out_features, lin.in_features, dt, device)
-                setattr(mod, child, PackedLinear(fmt, p, None, lin.in_features, lin.out_features))
+    for mod, child, lin in decoder_linears(c):
+        p = random_packed(fmt, lin.out_features, lin.in_features, dt, device)
+        setattr(mod, child, PackedLinear(fmt, p, None, lin.in_features, lin.out_features))
+    packed = {k for k, v in c.state_dict().items() if v.device.type != "meta"}
+    c.load_state_dict({k: v for k, v in m.state_dict().items() if k in c.state_dict() and k not in packed},
+                      assign=True, strict=False)  # shares m's tensors: no copy
+    c.tie_weights()
     c.model.rotary_emb = m.model.rotary_emb  # non-persistent buffers are not in the state dict
+    left = [k for k, v in c.state_dict().items() if v.device.type == "meta"]
+    assert not left, f"packed copy left on meta: {left[:3]}"
     return c.eval()
+
+
+def drop_linears(m: torch.nn.Module) -> None:
+    """Frees m's decoder linear weights (they become meta tensors), so that the packed models measured
+    next hold only their own weights: their peak memory is theirs, not theirs plus the dense model's."""
+    for _, _, lin in decoder_linears(m):
+        if isinstance(lin, torch.nn.Linear):
+            lin.weight = torch.nn.Parameter(lin.weight.to("meta"), requires_grad=False)
 
 
 @torch.no_grad()
@@ -106,10 +125,12 @@ def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
-        r = decode_steps(m, b, a.prompt_len, a.new_tokens, device, 3, True, step_model=step_model)
+        r = decode_steps(m, b, a.prompt_len, a.new_tokens, device, 3, True, step_model=step_model,
+                         profile=b == batches[0])
         rows.append({"model": label + (" compiled" if compiled else ""), "batch": b, "weight_bytes": wb,
                      "mode": r["mode"], **_summary(r["ms"], b, wb),
-                     "peak_mem_MiB": _peak_mib(device), "wall_s": time.time() - t0})
+                     "peak_mem_MiB": _peak_mib(device), "peak_of": "this model alone", "wall_s": time.time() - t0,
+                     **({"profile": r["profile"]} if "profile" in r else {})})
         print(format_table(rows[-1:], DECODE_COLS), flush=True)
     return rows
 
@@ -146,12 +167,16 @@ def main(argv=None) -> int:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    for compiled_pass in ((True,) if a.compiled_only else (False, True)):  # every eager row first; the compiled ones (slow to build) last
-        for label in order:
-            if compiled_pass and label not in compiled:
-                continue
+    # model by model: dense first (its eager rows, then compiled), then its decoder linears are freed, so
+    # each packed model is measured holding only its own weights (gpu_kernels.sh runs the eager and the
+    # compiled rows as two stages, two processes)
+    for label in order:
+        passes = ([] if a.compiled_only else [False]) + ([True] if label in compiled else [])
+        m = None
+        for compiled_pass in passes:
             try:
-                m = dense if label == "dense" else packed_copy(dense, label, a.device)
+                if m is None:
+                    m = dense if label == "dense" else packed_copy(dense, label, a.device)
                 if not compiled_pass:
                     for b in batches:
                         res["linears"].append({"model": label, **linears_step(m, b, device)})
@@ -164,10 +189,11 @@ def main(argv=None) -> int:
                 print("FAILED:", res["rows"][-1], flush=True)
             if compiled_pass:
                 torch._dynamo.reset()
-            if label != "dense":
-                m = None
-                torch.cuda.empty_cache() if device.type == "cuda" else None
             save()
+        if label == "dense":
+            drop_linears(dense)
+        m = None
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     dense_ms = {(r["model"], r["batch"]): r["ms_per_step_median"] for r in res["rows"] if "batch" in r}
     for r in res["rows"]:
         base = dense_ms.get(("dense compiled" if r.get("model", "").endswith("compiled") else "dense", r.get("batch")))

@@ -54,10 +54,33 @@ def e2e_table(*docs: dict) -> str:
             if "batch" not in r:
                 out.append(f"| {r['model']} | - | failed: {r['error'][:60]} | | | | | | |")
                 continue
+            peak = f"{r['peak_mem_MiB'] / 1024:.1f}"
+            if "peak_of" not in r and not r["model"].startswith("dense"):
+                peak += " (with the dense linears)"  # run2: the script held the dense model alongside
             out.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['ms_per_step_median']:.2f} | "
                        f"{r['ms_per_step_p90']:.2f} | {r['tokens_per_s']:.0f} | {r['effective_GBps']:.0f} | "
-                       f"{r['peak_mem_MiB'] / 1024:.1f} | {r.get('speedup_vs_dense', float('nan')):.2f} |")
+                       f"{peak} | {r.get('speedup_vs_dense', float('nan')):.2f} |")
     return "\n".join(out)
+
+
+def profile_table(*docs: dict) -> str:
+    """Where one decode step goes: its kernels (one eager step under torch.profiler) against the
+    CUDA-graph step time. Empty for runs before the profile was recorded."""
+    out = ["| model | batch | step ms (graph) | kernels | GPU-busy ms | gaps ms | costliest kernels (count, ms) |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for d in docs:
+        for r in d["rows"]:
+            p = r.get("profile")
+            if not p:
+                continue
+            if "error" in p:
+                out.append(f"| {r['model']} | {r['batch']} | {r['ms_per_step_median']:.2f} | profile failed: "
+                           f"{p['error'][:80]} | | | |")
+                continue
+            top = "; ".join(f"{t['name'][:48]} ({t['count']}, {t['ms']:.2f})" for t in p["top"][:4])
+            out.append(f"| {r['model']} | {r['batch']} | {r['ms_per_step_median']:.2f} | {p['n_kernels']} | "
+                       f"{p['busy_ms']:.2f} | {r['ms_per_step_median'] - p['busy_ms']:.2f} | {top} |")
+    return "\n".join(out) if len(out) > 2 else ""
 
 
 def linears_table(d: dict) -> str:
@@ -70,16 +93,26 @@ def linears_table(d: dict) -> str:
     return "\n".join(out)
 
 
+def latest(root: Path, rel: str) -> tuple[str, dict]:
+    """The newest run (highest runN/ folder) that has `rel`, and that file's JSON."""
+    runs = sorted((d for d in root.glob("run*") if d.name[3:].isdigit() and (d / rel).exists()),
+                  key=lambda d: int(d.name[3:]))
+    if not runs:
+        raise SystemExit(f"gpu_summary: no run*/{rel} under {root}; put the GPU results there first")
+    return runs[-1].name, json.loads((runs[-1] / rel).read_text())
+
+
 def main(argv=None) -> int:
     root = Path((argv or sys.argv[1:] or ["bench/results/gpu"])[0])
-    tune = json.loads((root / "run1/micro/tune.json").read_text())
-    corr = json.loads((root / "run1/correctness.json").read_text())
-    e2e = json.loads((root / "run2/e2e.json").read_text())
-    comp = json.loads((root / "run2/e2e_compiled.json").read_text())
+    run_t, tune = latest(root, "micro/tune.json")
+    run_c, corr = latest(root, "correctness.json")
+    run_e, e2e = latest(root, "e2e.json")
+    run_ec, comp = latest(root, "e2e_compiled.json")
     env = tune["env"]
     picked = [r for r in tune["rows"] if r.get("picked", True)]
     print(f"# H200 results\n\n{env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-          f"CUDA {env.get('cuda')}; driver in run1/env.log.\n")
+          f"CUDA {env.get('cuda')}; driver in {run_t}/env.log. Kernels: {run_t}, correctness: {run_c}, "
+          f"decode: {run_e} and {run_ec} (the newest run holding each file).\n")
     print(f"## Correctness\n\n{len(corr['rows'])} checks (formats x shapes x M x fp16/bf16, split-K repeat "
           f"determinism, counters re-armed, torch.compile): {corr['failures']} failures.\n")
     print("## Kernels against the targets (launch shape ops.linear picks, CUDA graph, L2 flushed, median)\n")
@@ -87,6 +120,10 @@ def main(argv=None) -> int:
     print("## Kernel times per shape\n\n" + kernel_table(picked) + "\n")
     print("## End-to-end decode, LLaMA-3-8B-shaped, fp16, prompt 128 + 128 tokens\n")
     print(e2e_table(e2e, comp) + "\n")
+    prof = profile_table(e2e, comp)
+    if prof:
+        print("## Where a decode step goes (batch 1: kernels of one eager step against the graph step)\n\n"
+              + prof + "\n")
     print("## The decoder linears alone (what the kernels cost inside a step)\n\n" + linears_table(e2e))
     return 0
 

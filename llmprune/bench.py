@@ -71,9 +71,10 @@ def _peak_mib(device: torch.device) -> float:
 
 @torch.no_grad()
 def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, warmup: int = 3,
-                 cuda_graphs: bool = True, seed: int = 0, step_model=None) -> dict:
+                 cuda_graphs: bool = True, seed: int = 0, step_model=None, profile: bool = False) -> dict:
     """Per-step decode latencies (ms) after a prefill, static KV cache, CUDA graph when possible.
-    `step_model`: what runs the decode steps (e.g. a torch.compile'd model), default `model`."""
+    `step_model`: what runs the decode steps (e.g. a torch.compile'd model), default `model`.
+    `profile`: also the kernels of one step (`profile_step`), under "profile"."""
     from transformers import StaticCache
 
     device = torch.device(device)
@@ -113,6 +114,13 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
             step()
     if cuda:
         torch.cuda.current_stream(device).wait_stream(s)
+    prof = None
+    if profile:
+        seek(prompt_len)
+        try:
+            prof = profile_step(step, device)
+        except Exception as e:  # noqa: BLE001  a profiler that fails must not cost the timing
+            prof = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     if cuda_graphs and cuda:
         try:
             graph = torch.cuda.CUDAGraph()
@@ -145,7 +153,36 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
         toks.append(tok.clone())
         if i >= warmup:
             times.append(ms)
-    return {"ms": times, "mode": note, "prompt": ids.cpu(), "tokens": torch.cat(toks, 1).cpu()}
+    out = {"ms": times, "mode": note, "prompt": ids.cpu(), "tokens": torch.cat(toks, 1).cpu()}
+    return out if prof is None else {**out, "profile": prof}
+
+
+def profile_step(step, device, top: int = 15) -> dict:
+    """The kernels one call of `step` launches, run eagerly under torch.profiler: how many, their summed
+    time (GPU-busy ms) and the costliest by name. Set against the CUDA-graph step time, busy time is
+    what the kernels take and the rest is the gaps between them. On CPU (dry runs): top-level ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    if cuda:
+        evs = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        evs = [e for e in p.events() if e.cpu_parent is None]
+    by_name: dict[str, list] = {}
+    for e in evs:
+        c = by_name.setdefault(e.name[:100], [0, 0.0])
+        c[0] += 1
+        c[1] += e.time_range.elapsed_us() / 1e3
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return {"n_kernels": len(evs), "busy_ms": sum(c[1] for c in by_name.values()),
+            "top": [{"name": n, "count": c, "ms": ms} for n, (c, ms) in ranked[:top]],
+            "what": "GPU kernels of one eager step" if cuda else "top-level CPU ops of one step"}
 
 
 def _summary(times: list[float], batch: int, wbytes: int) -> dict:

@@ -76,3 +76,49 @@ def test_kernel_microbench_cpu_and_cli(tmp_path, capsys):
     assert bench.main([str(d), "--batch", "1", "--prompt-len", "4", "--new-tokens", "2", "--json", str(j)]) == 0
     assert "context 6" in capsys.readouterr().out
     assert json.loads(j.read_text())["decode"]["rows"][0]["batch"] == 1
+
+
+def test_decode_steps_profile_leaves_decoding_alone():
+    """profile=True records one step's ops (count, busy time, the costliest) and the tokens stay the same."""
+    m = tiny_model("llama", seed=1)
+    plain = bench.decode_steps(m, batch=1, prompt_len=5, new_tokens=3, device="cpu", warmup=1)
+    res = bench.decode_steps(m, batch=1, prompt_len=5, new_tokens=3, device="cpu", warmup=1, profile=True)
+    assert torch.equal(res["tokens"], plain["tokens"])
+    p = res["profile"]
+    assert p["n_kernels"] >= len(p["top"]) > 0 and p["busy_ms"] > 0
+    names = [t["name"] for t in p["top"]]
+    assert "aten::linear" in names, names
+    assert sum(t["ms"] for t in p["top"]) <= p["busy_ms"] + 1e-9
+    json.dumps(p)
+
+
+def test_e2e_decode_measures_each_model_alone(tmp_path, monkeypatch):
+    """bench/e2e_decode.py (CPU dry run): the packed models are built after the dense decoder linears are
+    freed (peak memory is each model's own), share the dense embeddings/norms/head, and every row records
+    its batch-1 profile."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import e2e_decode
+
+    dense = e2e_decode.dense_model("llama3-8b", 1, "cpu", hidden_size=256, intermediate_size=512,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    ids = torch.randint(0, 300, (1, 5))
+    e2e_decode.drop_linears(dense)
+    assert all(lin.weight.is_meta for _, _, lin in e2e_decode.decoder_linears(dense))
+    c = e2e_decode.packed_copy(dense, "w4s24", "cpu")
+    assert not any(t.is_meta for t in c.state_dict().values())
+    assert c.model.embed_tokens.weight.data_ptr() == dense.model.embed_tokens.weight.data_ptr()  # shared
+    assert len(e2e_decode.decoder_linears(c)) == 7
+    with torch.no_grad():
+        assert torch.isfinite(c(ids).logits).all()
+    out = tmp_path / "e.json"
+    assert e2e_decode.main([str(out), "--device", "cpu", "--tiny", "--layers", "1", "--batch", "1,2",
+                            "--new-tokens", "2", "--prompt-len", "3", "--formats", "sparse24,w4s24"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [(m, b) for m in ("dense", "sparse24", "w4s24")
+                                                        for b in (1, 2)], rows
+    assert all(r["peak_of"] == "this model alone" for r in rows)
+    assert [("profile" in r) for r in rows] == [True, False] * 3
+    sys.modules.pop("e2e_decode")
