@@ -10,6 +10,7 @@ a static KV cache; on CUDA one decode step is captured in a CUDA graph and repla
 from __future__ import annotations
 
 import contextlib
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -83,7 +84,9 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + warmup)
     pos = torch.arange(prompt_len, device=device)
-    logits = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    # the cache argument is `cache` in transformers >= 5.2x, `past_key_values` before (removed in 5.40)
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    logits = model(input_ids=ids, **{kw: cache}, cache_position=pos, use_cache=True).logits
     tok = logits[:, -1:].argmax(-1)  # (batch, 1) static input of the decode step
     cpos = torch.tensor([prompt_len], device=device)  # updated in place: graph replays read it
     # transformers' static layers write at their own running counter, not at cache_position (5.17+):
@@ -100,7 +103,7 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
     stepper = model if step_model is None else step_model
 
     def step():
-        out = stepper(input_ids=tok, past_key_values=cache, cache_position=cpos, use_cache=True).logits
+        out = stepper(input_ids=tok, **{kw: cache}, cache_position=cpos, use_cache=True).logits
         return out[:, -1:].argmax(-1)
 
     graph, note = None, "eager"
