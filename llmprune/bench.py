@@ -198,8 +198,12 @@ def _summary(times: list[float], batch: int, wbytes: int) -> dict:
 
 
 def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, new_tokens: int = 128,
-              device: str | None = None, dtype=None, warmup: int = 3, cuda_graphs: bool = True) -> dict:
-    """End-to-end decode of `model` (and `dense_model` if given): one row per (model, batch)."""
+              device: str | None = None, dtype=None, warmup: int = 3, cuda_graphs: bool = True,
+              compile: bool = False, profile: bool = False) -> dict:
+    """End-to-end decode of `model` (and `dense_model` if given): one row per (model, batch).
+    compile: the decode step through torch.compile (fuses the norms, rotary and residual adds; the
+    packed linears stay llmprune's custom ops), then captured in the CUDA graph as usual.
+    profile: the kernels of one step at the first batch (`profile_step`), in that row's "profile"."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     rows = []
@@ -208,13 +212,19 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
             continue
         m = _load(spec, dtype, device)
         wb = weight_bytes(m)
+        step_model = torch.compile(m) if compile else None
         for b in batches:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            r = decode_steps(m, b, prompt_len, new_tokens, device, warmup, cuda_graphs)
-            rows.append({"model": label, "batch": b, "weight_bytes": wb, "mode": r["mode"],
-                         **_summary(r["ms"], b, wb), "peak_mem_MiB": _peak_mib(device)})
-        del m
+            r = decode_steps(m, b, prompt_len, new_tokens, device, warmup, cuda_graphs, step_model=step_model,
+                             profile=profile and b == batches[0])
+            rows.append({"model": label, "batch": b, "weight_bytes": wb,
+                         "mode": r["mode"] + (" + torch.compile" if compile else ""),
+                         **_summary(r["ms"], b, wb), "peak_mem_MiB": _peak_mib(device),
+                         **({"profile": r["profile"]} if "profile" in r else {})})
+        del m, step_model
+        if compile:
+            torch._dynamo.reset()
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
            "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,
@@ -347,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device")
     ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"))
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the decode step through torch.compile (fuses the small ops between the linears)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the kernels of one decode step at the first batch (count, busy ms, costliest)")
     ap.add_argument("--kernels", action="store_true", help="also run the kernel microbenchmark")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
@@ -354,11 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     res = {}
     if a.model:
         res["decode"] = run_bench(a.model, a.dense, [int(b) for b in a.batch.split(",")], a.prompt_len,
-                                  a.new_tokens, a.device, dtype, cuda_graphs=not a.no_cuda_graphs)
+                                  a.new_tokens, a.device, dtype, cuda_graphs=not a.no_cuda_graphs,
+                                  compile=a.compile, profile=a.profile)
         d = res["decode"]
         print(f"decode on {d['device']} ({d['dtype']}), context {d['context_len']} "
               f"(prompt {d['prompt_len']} + {d['new_tokens']} new)")
         print(format_table(d["rows"], DECODE_COLS))
+        for r in d["rows"]:
+            if "profile" in r and "error" not in r["profile"]:
+                p = r["profile"]
+                print(f"{r['model']} batch {r['batch']}: {p['n_kernels']} kernels per step ({p['what']}), "
+                      f"{p['busy_ms']:.3f} ms busy; costliest: "
+                      + ", ".join(f"{t['name'][:40]} x{t['count']} {t['ms']:.3f} ms" for t in p["top"][:5]))
     if a.kernels:
         res["kernels"] = kernel_microbench(device=a.device, dtype=dtype)
         print(format_table(res["kernels"], MICRO_COLS))

@@ -122,3 +122,24 @@ def test_e2e_decode_measures_each_model_alone(tmp_path, monkeypatch):
     assert all(r["peak_of"] == "this model alone" for r in rows)
     assert [("profile" in r) for r in rows] == [True, False] * 3
     sys.modules.pop("e2e_decode")
+
+
+def test_bench_cli_compile_and_profile(tmp_path, capsys):
+    """`llmprune bench OUT --compile --profile`: the decode step runs through torch.compile and decodes the
+    same tokens as the eager step; the first batch's row carries the profile and it is printed."""
+    from llmprune.packed import save_packed
+
+    dense = tiny_model("llama", seed=3)
+    eager = bench.decode_steps(dense, batch=1, prompt_len=5, new_tokens=3, device="cpu", warmup=1)
+    compiled = bench.decode_steps(dense, batch=1, prompt_len=5, new_tokens=3, device="cpu", warmup=1,
+                                  step_model=torch.compile(dense))
+    assert torch.equal(compiled["tokens"], eager["tokens"])
+    out = tmp_path / "packed"
+    save_packed(dense, out, "w4g128", None, dtype=None, group_size=64)
+    js = tmp_path / "b.json"
+    assert bench.main([str(out), "--batch", "1,2", "--prompt-len", "4", "--new-tokens", "2", "--device", "cpu",
+                       "--compile", "--profile", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["decode"]["rows"]
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["mode"].endswith("+ torch.compile") for r in rows)
+    assert "profile" in rows[0] and "profile" not in rows[1]
+    assert "kernels per step" in capsys.readouterr().out
