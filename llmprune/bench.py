@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in d["rows"]:
             if "profile" in r and "error" not in r["profile"]:
                 p = r["profile"]
-                print(f"{r['model']} batch {r['batch']}: {p['n_kernels']} kernels per step ({p['what']}), "
+                print(f"{r['model']} batch {r['batch']}, {p['what']}: {p['n_kernels']}, "
                       f"{p['busy_ms']:.3f} ms busy; costliest: "
                       + ", ".join(f"{t['name'][:40]} x{t['count']} {t['ms']:.3f} ms" for t in p["top"][:5]))
     if a.kernels:

@@ -142,4 +142,4 @@ def test_bench_cli_compile_and_profile(tmp_path, capsys):
     rows = json.loads(js.read_text())["decode"]["rows"]
     assert [r["batch"] for r in rows] == [1, 2] and all(r["mode"].endswith("+ torch.compile") for r in rows)
     assert "profile" in rows[0] and "profile" not in rows[1]
-    assert "kernels per step" in capsys.readouterr().out
+    assert "top-level CPU ops of one step: " in capsys.readouterr().out
