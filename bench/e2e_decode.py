@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from llmprune.bench import (
     DECODE_COLS,
     _peak_mib,
+    _reset_peak,
     _summary,
     decode_steps,
     format_table,
@@ -122,8 +123,7 @@ def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]
     wb = weight_bytes(m)
     step_model = torch.compile(m) if compiled else None
     for b in batches:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_peak(device)
         t0 = time.time()
         r = decode_steps(m, b, a.prompt_len, a.new_tokens, device, 3, True, step_model=step_model,
                          profile=b == batches[0])

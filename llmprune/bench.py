@@ -62,6 +62,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reset_peak(device: torch.device) -> None:
+    """Restart the peak-memory count, so that the next _peak_mib is this run's: the CUDA allocator's
+    peak, or on CPU the process's resident peak after handing freed heap back to the OS (else a model
+    measured earlier in the same process would count in the next one's peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    import gc
+
+    from .runinfo import reset_peak_rss, trim_heap
+
+    gc.collect()
+    trim_heap()
+    reset_peak_rss()
+
+
 def _peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -213,8 +229,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
         wb = weight_bytes(m)
         step_model = torch.compile(m) if compile else None
         for b in batches:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            _reset_peak(device)
             r = decode_steps(m, b, prompt_len, new_tokens, device, warmup, cuda_graphs, step_model=step_model,
                              profile=profile and b == batches[0])
             rows.append({"model": label, "batch": b, "weight_bytes": wb,
@@ -224,6 +239,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
         del m, step_model
         if compile:
             torch._dynamo.reset()
+        _reset_peak(device)  # frees the model just measured before the next one loads
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
            "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,

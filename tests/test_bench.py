@@ -143,3 +143,18 @@ def test_bench_cli_compile_and_profile(tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 2] and all(r["mode"].endswith("+ torch.compile") for r in rows)
     assert "profile" in rows[0] and "profile" not in rows[1]
     assert "top-level CPU ops of one step: " in capsys.readouterr().out
+
+
+def test_reset_peak_restarts_the_cpu_count():
+    """Between the models of one `llmprune bench` run the peak restarts: a 320 MB buffer freed before the
+    reset does not count in the next model's peak (it did: VmHWM is process-wide)."""
+    from llmprune.runinfo import reset_peak_rss
+
+    cpu = torch.device("cpu")
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here: the peak stays process-wide")
+    x = torch.ones(80_000_000)  # 320 MB, touched
+    before = bench._peak_mib(cpu)
+    del x
+    bench._reset_peak(cpu)
+    assert bench._peak_mib(cpu) < before - 250
