@@ -44,6 +44,11 @@ PREFILL = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64,
 # BW, BK, warps; cp.async 3 deep. At M = 4 only the small shapes (the larger ones spill there).
 LEAN = [(64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8), (32, 128, 2)]  # BK <= G = 128 (launcher)
 LEAN_M4 = [(64, 128, 4), (32, 128, 2)]
+# At M = 1 the int4 GEMVs also with more rows per thread (each input loaded and scaled for more rows):
+# 4.3-4.8 instructions per weight instead of 4.9-5.4, at 168-255 registers (fewer warps per SM,
+# the cp.async pipeline keeping the bytes in flight); no spills at M = 1, fp16 or bf16 with zero points
+# and bias (sparse24 spills there, M = 2 too: not tried)
+LEAN_M1_INT4 = [(128, 128, 2), (64, 128, 1), (256, 128, 4)]
 LEAN_WAVES = (2, 4, 8)  # the first sweep's GEMVs were fastest at its largest, 4
 WAVES = (1, 2, 4)
 UNPACK = [(64, 128, 4), (32, 256, 4), (128, 128, 8)]  # prefill: decode tile BW x BK, warps
@@ -51,7 +56,7 @@ UNPACK = [(64, 128, 4), (32, 256, 4), (128, 128, 8)]  # prefill: decode tile BW 
 
 def candidates(M: int, fmt: str | None = None) -> list[Config]:
     """The launch shapes tried at M tokens (for `fmt`: the compact 2:4 GEMV where it applies)."""
-    from llmprune.kernels.triton_gemm import COMPACT_FORMATS, UNPACK_FORMATS, WORD_FORMATS
+    from llmprune.kernels.triton_gemm import COMPACT_FORMATS, INT4_WORD_FORMATS, UNPACK_FORMATS, WORD_FORMATS
 
     if M > 64:
         out = [Config("tile", bw, bt, bk, w, s, 1) for bw, bt, bk, w, s in PREFILL]
@@ -63,8 +68,10 @@ def candidates(M: int, fmt: str | None = None) -> list[Config]:
         out += [Config("gemv", bw, M, bk, w, 3, wv) for bw, bk, w in GEMV for wv in WAVES]
     lean = "gemv4" if fmt in WORD_FORMATS else "gemv24" if fmt in COMPACT_FORMATS else None
     if M <= 4 and lean:
-        out += [Config(lean, bw, M, bk, w, 3, wv) for bw, bk, w in (LEAN if M <= 2 else LEAN_M4)
-                for wv in LEAN_WAVES]
+        shapes = LEAN if M <= 2 else LEAN_M4
+        if M == 1 and fmt in INT4_WORD_FORMATS:
+            shapes = shapes + LEAN_M1_INT4
+        out += [Config(lean, bw, M, bk, w, 3, wv) for bw, bk, w in shapes for wv in LEAN_WAVES]
     return out
 
 

@@ -77,14 +77,14 @@ def test_decode_gemvs_spend_few_instructions_per_weight(rows):
 
 
 def test_lean_gemvs_compile_without_spills_and_beat_the_old_gemv():
-    """Every lean GEMV shape the H200 sweep tries (bench/gpu_tune.py LEAN at M = 1, 2; LEAN_M4 at 4; and
-    the bf16 zero-point + bias variant): no spills, no tensor cores, and fewer instructions per weight
-    than the first sweep's GEMV."""
+    """Every lean GEMV shape the H200 sweep tries (bench/gpu_tune.py LEAN at M = 1, 2; LEAN_M4 at 4;
+    LEAN_M1_INT4 at 1; and the bf16 zero-point + bias variant): no spills, no tensor cores, and fewer
+    instructions per weight than the first sweep's GEMV."""
     pytest.importorskip("triton")
     code = """
 import json, sys
 sys.path.insert(0, "bench")
-from gpu_tune import LEAN, LEAN_M4
+from gpu_tune import LEAN, LEAN_M1_INT4, LEAN_M4
 from llmprune.kernels.compile_check import check_one
 from llmprune.kernels.triton_gemm import Config
 rows = []
@@ -96,6 +96,11 @@ for f, k in (("sparse24", "gemv24"), ("w4s24", "gemv24"), ("w4g128", "gemv4")):
     # bf16 with an asymmetric grid (zero points) and a bias
     rows.append(check_one(f, "bf16", 1, Config(k, 128, 1, 128, 4, 3), reduce=True, has_z=f != "sparse24",
                           has_bias=True))
+    if f != "sparse24":  # more rows per thread at M = 1, both variants
+        for bw, bk, w in LEAN_M1_INT4:
+            rows.append(check_one(f, "fp16", 1, Config(k, bw, 1, bk, w, 3), reduce=True))
+            rows.append(check_one(f, "bf16", 1, Config(k, bw, 1, bk, w, 3), reduce=True, has_z=True,
+                                  has_bias=True))
 print(json.dumps(rows))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
