@@ -47,8 +47,9 @@ LEAN_M4 = [(64, 128, 4), (32, 128, 2)]
 # At M = 1 the int4 GEMVs also with more rows per thread (each input loaded and scaled for more rows):
 # 4.3-4.8 instructions per weight instead of 4.9-5.4, at 168-255 registers (fewer warps per SM,
 # the cp.async pipeline keeping the bytes in flight); no spills at M = 1, fp16 or bf16 with zero points
-# and bias (sparse24 spills there, M = 2 too: not tried)
-LEAN_M1_INT4 = [(128, 128, 2), (64, 128, 1), (256, 128, 4)]
+# and bias, under Triton 3.6 (the H200's) and 3.7.1 (sparse24 spills there, M = 2 too: not tried;
+# 64 x 1 warp spills w4g128 under 3.6)
+LEAN_M1_INT4 = [(128, 128, 2), (256, 128, 4)]
 LEAN_WAVES = (2, 4, 8)  # the first sweep's GEMVs were fastest at its largest, 4
 WAVES = (1, 2, 4)
 UNPACK = [(64, 128, 4), (32, 256, 4), (128, 128, 8)]  # prefill: decode tile BW x BK, warps
