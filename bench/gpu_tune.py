@@ -53,6 +53,11 @@ LEAN_M1_INT4 = [(128, 128, 2), (256, 128, 4)]
 LEAN_WAVES = (2, 4, 8)  # the first sweep's GEMVs were fastest at its largest, 4
 WAVES = (1, 2, 4)
 UNPACK = [(64, 128, 4), (32, 256, 4), (128, 128, 8)]  # prefill: decode tile BW x BK, warps
+# A 32-row tile (2 warps) takes mma.sync with register operands instead of the warpgroup MMA, which waits
+# on a shared-memory copy of the decoded tile each step: run1's wgmma tiles at M = 16 ran 2.5-3.9x above
+# their larger floor (bench/results/gpu/sass_model.txt), so the shorter chain is worth a timing. No
+# spills but for w4s50 (not tried).
+DECODE_TILE_MMA2 = [(32, 128, 2, 3)]
 
 
 def candidates(M: int, fmt: str | None = None) -> list[Config]:
@@ -65,6 +70,8 @@ def candidates(M: int, fmt: str | None = None) -> list[Config]:
             out += [Config("unpack", bw, 128, bk, w, 1, 1) for bw, bk, w in UNPACK]
         return out
     out = [Config("tile", bw, 16, bk, w, s, wv) for bw, bk, w, s in DECODE_TILE for wv in WAVES]
+    if fmt is not None and fmt != "w4s50":
+        out += [Config("tile", bw, 16, bk, w, s, wv) for bw, bk, w, s in DECODE_TILE_MMA2 for wv in WAVES]
     if M <= 4:
         out += [Config("gemv", bw, M, bk, w, 3, wv) for bw, bk, w in GEMV for wv in WAVES]
     lean = "gemv4" if fmt in WORD_FORMATS else "gemv24" if fmt in COMPACT_FORMATS else None

@@ -6,8 +6,9 @@ hash in the run's env.log, extracted with `git archive`) for sm_90 here (no GPU)
 instructions of its K loop per weight element (compile_check), and compare the measured time with
 two lower bounds: instruction issue (an SM issues 4 warp instructions = 128 thread instructions per
 clock; 132 SMs at 1.98 GHz) and bytes (the packed weight at the 3.3 TB/s cuBLAS reached there).
-Then the same bounds for the lean GEMVs (gemv4, gemv24) that replace them at M <= 2. The bounds are
-static: the next H200 call measures the kernels themselves.
+Then the same bounds for the lean GEMVs (gemv4, gemv24) that replace them at M <= 2, and for the MMA
+tiles at M = 16 (the first sweep's fastest, measured, next to today's default). The bounds are static:
+the next H200 call measures the kernels themselves.
 
     python bench/sass_model.py [--run bench/results/gpu/run1/tune.json] [--shapes 8b.down,...]
 
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from llmprune.kernels.compile_check import check_one
-from llmprune.kernels.triton_gemm import default_config
+from llmprune.kernels.triton_gemm import Config, default_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--run", default="bench/results/gpu/run1/tune.json")
     ap.add_argument("--shapes", default="8b.q_o,8b.gate_up,8b.down,70b.gate_up,70b.down")
     a = ap.parse_args(argv)
-    rows = [r for r in json.loads(Path(a.run).read_text())["rows"] if r.get("M") == 1 and "ms" in r]
+    every = [r for r in json.loads(Path(a.run).read_text())["rows"] if "ms" in r]
+    rows = [r for r in every if r.get("M") == 1]
+    rows16 = [r for r in every if r.get("M") == 16]
     env_log = Path(a.run).with_name("env.log").read_text()
     rev = re.search(r"^([0-9a-f]{40})$", env_log, re.MULTILINE).group(1)
     shapes = a.shapes.split(",")
@@ -76,10 +79,18 @@ def main(argv=None) -> int:
                 if k:
                     measured.append((shape, fmt, k[0]))
 
+    tiles16 = []  # (shape, format, row): the fastest MMA tile at M = 16
+    for shape in shapes:
+        for fmt in ("sparse24", "w4g128", "w4s24"):
+            k = sorted((r for r in rows16 if r["shape"] == shape and r["format"] == fmt
+                        and (r.get("config") or [None])[0] == "tile"), key=lambda r: r["ms"])
+            if k:
+                tiles16.append((shape, fmt, k[0]))
+
     def cfg_of(c: list) -> list:
         return [c[0], c[1], 1 if c[0] != "tile" else c[2], *c[3:7]]
 
-    jobs = sorted({(f, tuple(cfg_of(r["config"]))) for _, f, r in measured})
+    jobs = sorted({(f, tuple(cfg_of(r["config"]))) for _, f, r in measured + tiles16})
     old = dict(zip(jobs, counts_at(rev, [(f, list(c)) for f, c in jobs])))
 
     import triton
@@ -109,6 +120,22 @@ def main(argv=None) -> int:
             iss, byt = floors(r["out"], r["in"], n, r["bytes"])
             print(f"{shape:12} {fmt:9} {cfg.as_list()!s:34} {n:7.2f} {iss:8.1f} {byt:8.1f} "
                   f"{dense['ms'] * 1e3:9.1f} {dense['ms'] * 1e3 / max(iss, byt):21.2f}")
+    print("\nThe MMA tiles at M = 16: the first sweep's fastest (measured), today's kernel at that launch shape")
+    print("and at the default one (lower bounds only; the 2:4 tiles now place their kept values by shifts)")
+    print(f"{'shape':12} {'format':9} {'config':34} {'instr/w':>7} {'issue us':>8} {'bytes us':>8} "
+          f"{'measured':>8} {'cuBLAS us':>9} {'x cuBLAS':>8}")
+    for shape in shapes:
+        dense = next((r for r in rows16 if r["shape"] == shape and r["format"] == "dense"), None)
+        for _, fmt, r in (t for t in tiles16 if t[0] == shape):
+            n = old[(fmt, tuple(cfg_of(r["config"])))]
+            iss, byt = floors(r["out"], r["in"], n, r["bytes"])
+            print(f"{shape:12} {fmt:9} {r['config']!s:34} {n:7.2f} {iss:8.1f} {byt:8.1f} {r['ms'] * 1e3:8.1f} "
+                  f"{dense['ms'] * 1e3:9.1f} {dense['ms'] / r['ms']:8.2f}")
+            for label, cfg in (("  now", Config(*cfg_of(r["config"]))), ("  default", default_config(fmt, 16, r["in"]))):
+                n = check_one(fmt, "fp16", 16, cfg, reduce=True)["instr_per_weight"]
+                iss, byt = floors(r["out"], r["in"], n, r["bytes"])
+                print(f"{'':12} {label:9} {cfg.as_list()!s:34} {n:7.2f} {iss:8.1f} {byt:8.1f} {'floor':>8} "
+                      f"{dense['ms'] * 1e3:9.1f} {dense['ms'] * 1e3 / max(iss, byt):8.2f}")
     return 0
 
 

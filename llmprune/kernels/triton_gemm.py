@@ -591,9 +591,9 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     A, B, C, D = tensors
     if cfg.kind in ("gemv4", "gemv24") and fmt != "sparse24" and cfg.BK > G:  # one scale group per tile row
         cfg = Config(cfg.kind, cfg.BW, cfg.BT, G, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
-    # int4 codes and the 2:4 GEMV's values are read as int32 words, its meta as int16: aligned unless a
-    # view starts at an odd offset (rows are multiples of 8 bytes), which is copied
-    if (fmt in INT4_WORD_FORMATS or cfg.kind == "gemv24") and A.data_ptr() % 4:
+    # int4 codes and sparse24's 16-bit value pairs are read as int32 words, the 2:4 GEMV's meta as int16:
+    # aligned unless a view starts at an odd offset (rows are multiples of 8 bytes), which is copied
+    if (fmt in INT4_WORD_FORMATS or fmt == "sparse24") and A.data_ptr() % 4:
         A = A.clone()
     if cfg.kind == "gemv24" and B.data_ptr() % 2:
         B = B.clone()

@@ -41,11 +41,31 @@ def expand24(v0, v1, i0, i1, BW: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def expand24_bits(b0, b1, i0, i1, BW: tl.constexpr, BK: tl.constexpr, CDT: tl.constexpr):
+    """expand24 for 16-bit values, without a compare or a select: b0, b1 (BW, BK/4) are the bits of each
+    group's first and second kept value (CDT, as uint32); the group's 4 dense values are the 64-bit word
+    b0 << 16 i0 | b1 << 16 i1 (shifts below 64), whose low and high halves hold (d0, d1) and (d2, d3)."""
+    d = (b0.to(tl.uint64) << (i0 * 16).to(tl.uint64)) | (b1.to(tl.uint64) << (i1 * 16).to(tl.uint64))
+    lo = d.to(tl.uint32)
+    hi = (d >> 32).to(tl.uint32)
+    d0 = (lo & 0xFFFF).to(tl.uint16).to(CDT, bitcast=True)
+    d1 = (lo >> 16).to(tl.uint16).to(CDT, bitcast=True)
+    d2 = (hi & 0xFFFF).to(tl.uint16).to(CDT, bitcast=True)
+    d3 = (hi >> 16).to(tl.uint16).to(CDT, bitcast=True)
+    return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BW, BK))
+
+
+@triton.jit
 def sparse24_tile(val_ptr, meta_ptr, s_val, s_meta, rows, rmask, k0,
                   BW: tl.constexpr, BK: tl.constexpr, CDT: tl.constexpr):
     """Dense (BW, BK) tile of a sparse24 weight for inputs [k0, k0+BK), in dtype CDT."""
+    i0, i1 = meta_indices(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
+    if val_ptr.dtype.element_ty == CDT and CDT.primitive_bitwidth == 16:  # a group's pair is one int32 word
+        ab = tl.load(val_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (s_val // 2)
+                     + (k0 // 4 + tl.arange(0, BK // 4))[None, :], mask=rmask[:, None], other=0)
+        ab = ab.to(tl.uint32, bitcast=True)
+        return expand24_bits(ab & 0xFFFF, ab >> 16, i0, i1, BW, BK, CDT)
     v = tl.load(val_ptr + rows[:, None] * s_val + (k0 // 2 + tl.arange(0, BK // 2))[None, :],
                 mask=rmask[:, None], other=0.0).to(CDT)  # (BW, BK/2), contiguous -> vector loads
     v0, v1 = tl.split(tl.reshape(v, (BW, BK // 4, 2)))  # (BW, BK/4) each
-    i0, i1 = meta_indices(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
     return expand24(v0, v1, i0, i1, BW, BK)

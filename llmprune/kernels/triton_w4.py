@@ -12,7 +12,7 @@ bytes (the memory-bound decode win). Layouts are those of llmprune/formats:
 import triton
 import triton.language as tl
 
-from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, meta_indices
+from llmprune.kernels.triton_sparse24 import _pair_groups, expand24, expand24_bits, meta_indices
 
 # int4 -> fp32 without an int-to-float conversion instruction (not full-rate on sm_90): OR-ing a code
 # into the mantissa of 2^23 gives the float 2^23 + code exactly, and one FADD removes 2^23 (the "magic
@@ -103,6 +103,9 @@ def w4s24_tile(code_ptr, meta_ptr, s_ptr, z_ptr, s_code, s_meta, s_scale, rows, 
                             tl.join(_word_value(wm, hm, 3, s, zs, CDT), _word_value(wm, hm, 7, s, zs, CDT))),
                     (BW, BK // 4))
     i0, i1 = meta_indices(meta_ptr, s_meta, rows, rmask, k0, BW, BK)
+    if CDT.primitive_bitwidth == 16:  # placed by bit shifts, no selects
+        return expand24_bits(v0.to(tl.uint16, bitcast=True).to(tl.uint32),
+                             v1.to(tl.uint16, bitcast=True).to(tl.uint32), i0, i1, BW, BK, CDT)
     return expand24(v0, v1, i0, i1, BW, BK)
 
 
