@@ -7,8 +7,9 @@ not depend on the values). Static KV cache, one decode step captured in a CUDA g
 
 Per model and batch: ms per step (median, p90), tokens/s, effective GB/s (weight bytes per step x
 steps/s), peak memory (each model alone: the dense decoder linears are freed before the packed models
-run), and at the first batch the kernels of one step (`profile`: count, GPU-busy ms, the costliest). Also, per format, a step of the decoder's linears alone (every linear of
-every layer in one CUDA graph, nothing else): what the kernels cost inside a decode step. With
+run), and at the first batch the kernels of one step (`profile`: count, GPU-busy ms, the costliest).
+Also, per format, a step of the decoder's linears alone (every linear of every layer in one CUDA
+graph, nothing else): what the kernels cost inside a decode step. With
 --compile, the decode step of the named models also runs through torch.compile (inductor fuses
 the norms, rotary and residual adds that otherwise cost a kernel launch each; the packed linears
 stay our custom ops) and is then captured in the same CUDA graph.

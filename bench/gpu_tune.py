@@ -54,7 +54,7 @@ LEAN_WAVES = (2, 4, 8)  # the first sweep's GEMVs were fastest at its largest, 4
 WAVES = (1, 2, 4)
 UNPACK = [(64, 128, 4), (32, 256, 4), (128, 128, 8)]  # prefill: decode tile BW x BK, warps
 # A 32-row tile (2 warps) takes mma.sync with register operands instead of the warpgroup MMA, which waits
-# on a shared-memory copy of the decoded tile each step: run1's wgmma tiles at M = 16 ran 2.5-3.9x above
+# on a shared-memory copy of the decoded tile each step: run1's wgmma tiles at M = 16 ran 1.9-4.1x above
 # their larger floor (bench/results/gpu/sass_model.txt), so the shorter chain is worth a timing. No
 # spills but for w4s50 (not tried).
 DECODE_TILE_MMA2 = [(32, 128, 2, 3)]

@@ -100,7 +100,7 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + warmup)
     pos = torch.arange(prompt_len, device=device)
-    # the cache argument is `cache` in transformers >= 5.2x, `past_key_values` before (removed in 5.40)
+    # the cache argument: `cache` in newer transformers (5.25 here), `past_key_values` before (gone in 5.40)
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     logits = model(input_ids=ids, **{kw: cache}, cache_position=pos, use_cache=True).logits
     tok = logits[:, -1:].argmax(-1)  # (batch, 1) static input of the decode step
