@@ -510,10 +510,17 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     args.command_line = shlex.join(["llmprune", *argv])
 
+    import torch
+
     try:
         return args.func(args)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:  # one line, not a traceback; outputs are written to a temp folder first
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        print(f"llmprune: error: {first[:200]} -- free the device, lower --batch / --batch-size / --nsamples, "
+              f"or use --device cpu; no output was written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmprune: interrupted; no output was written", file=sys.stderr)

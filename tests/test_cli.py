@@ -131,6 +131,25 @@ def test_interrupt_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_tx
     assert list(Path(tmp_path).iterdir()) == []
 
 
+def test_out_of_memory_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_txt,
+                                                                 monkeypatch):
+    """A device running out of memory mid-command (here: when the manifest is written) prints one line that
+    names the fixes, exits 2, and leaves no half-written output folder."""
+    import torch
+
+    import llmprune.manifest as mf
+
+    def oom(folder, manifest):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(mf, "write", oom)
+    out = tmp_path / "o"
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI)
+    assert rc == 2 and len(se.strip().splitlines()) == 1, se
+    assert "Tried to allocate 2.00 GiB" in se and "--device cpu" in se and "Traceback" not in se
+    assert list(Path(tmp_path).iterdir()) == []
+
+
 def test_eval_of_a_folder_without_manifest_and_missing_alias_package(tmp_path, capsys, monkeypatch):
     from llmprune import models
 
