@@ -89,8 +89,7 @@ def drop_linears(m: torch.nn.Module) -> None:
 @torch.no_grad()
 def linears_step(model: torch.nn.Module, batch: int, device, reps: int = 20) -> dict:
     """ms of running every decoder linear once (one CUDA graph), and the bytes they read."""
-    lins = [m for n, m in model.named_modules() if n.startswith("model.layers")
-            and isinstance(m, (torch.nn.Linear, PackedLinear))]
+    lins = [lin for _, _, lin in decoder_linears(model)]
     dt = next(model.parameters()).dtype
     xs = {f: torch.randn(batch, f, device=device, dtype=dt) for f in {m.in_features for m in lins}}
 
