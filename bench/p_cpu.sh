@@ -2,10 +2,11 @@
 # Protocol P-cpu on this repo's 2-core CPU machine: fp32, CPU, calibration C4 64 x 512 seed 0,
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
-#   bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma
+#   [ONLY="NAME ..."] bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma
 #                                      alps alps60 alps_owl50 alps_seeds alps_speed dsnot dsnot_seeds gemma_alps gemma_dsnot rerun
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
-# every command's console output is appended to bench/results/p_cpu.log.
+# every command's console output is appended to bench/results/p_cpu.log. ONLY="NAME ...": run just those
+# outputs of the stages (e.g. the README's rows again, on their saved files).
 set -u
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -15,6 +16,7 @@ P="--protocol cpu --no-progress"
 run() {  # run NAME CMD...: skip when runs/NAME exists (returns 1 then, so `run ... && evalp ...` skips
   # the evaluation too); record the command, its output, the manifest
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 1; fi
   if [ -e "$R/$name/llmprune.json" ]; then echo "skip $name (exists)"; return 1; fi
   { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ $*"; } >> $LOG
   /usr/bin/time -f "wall %e s, max RSS %M KiB" "$@" >> $LOG 2>&1
@@ -45,6 +47,8 @@ stage_base() {
   run gemma3-wanda-50 $L compress --model gemma3 --solver wanda --sparsity 0.5 $P --out $R/gemma3-wanda-50
 }
 stage_formats() {
+  # the source of the w4s24 packs (the first one was run by hand, 2026-11-29)
+  run llama-sparsegpt-24 $L compress --model llama --solver sparsegpt --pattern 2:4 --no-dense-eval $P --out $R/llama-sparsegpt-24
   # SparseGPT 2:4 + int4 (w4s24): RTN, and GPTQ (block-sequential) on the grid that won the ablation
   G=$(python -c "import json; r={x['config']: x['ppl'] for x in json.load(open('$B/quant_ablation.json'))['rows']}; print('--grid asym --group-size 64' if r.get('gptq:asym:64', 1e9) < r.get('gptq:sym:auto', 1e9) else '')" 2>/dev/null)
   run llama-sparsegpt-24-w4s24-rtn $L pack $R/llama-sparsegpt-24 --format w4s24 --quant rtn $G --out $R/llama-sparsegpt-24-w4s24-rtn --no-progress && evalp llama-sparsegpt-24-w4s24-rtn
@@ -60,7 +64,7 @@ stage_formats() {
   # the same with calibration seed 1 (other C4 windows for GPTQ and tuning): is 1.03x a lucky draw?
   run llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G48 $T --seed 1 --out $R/llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1 --no-progress && evalp llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1
   run llama-sparsegpt-24-w4s24-gptq-g48-seed1 $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq $G48 --nsamples 64 --seqlen 512 --seed 1 --out $R/llama-sparsegpt-24-w4s24-gptq-g48-seed1 --no-progress && evalp llama-sparsegpt-24-w4s24-gptq-g48-seed1
-  run llama-wanda-24-sparse24 $L pack $R/llama-wanda-24 --format sparse24 --out $R/llama-wanda-24-sparse24 --no-progress
+  run llama-wanda-24-sparse24 $L pack $R/llama-wanda-24 --format sparse24 --out $R/llama-wanda-24-sparse24 --no-progress && evalp llama-wanda-24-sparse24
   run llama-wanda-24-w4s24-rtn $L pack $R/llama-wanda-24 --format w4s24 --quant rtn --out $R/llama-wanda-24-w4s24-rtn --no-progress && evalp llama-wanda-24-w4s24-rtn
   run llama-wanda-24-w4s24-gptq $L pack $R/llama-wanda-24 --format w4s24 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-wanda-24-w4s24-gptq --no-progress && evalp llama-wanda-24-w4s24-gptq
   run llama-wanda-g16 $L compress --model llama --solver wanda --pattern group:16 --sparsity 0.5 --no-dense-eval $P --out $R/llama-wanda-g16
