@@ -69,9 +69,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
     dense = {}
     if c.eval and c.eval_dense:
         with t("dense_eval_s"):
-            model.to(p.device)
-            dense = pipeline.evaluate_model(model, tok, c.eval, c.eval_seqlen, windows, c.progress, cache)
-            model.to("cpu")
+            dense = _evaluate_dense(info.path, model, tok, c, windows, p.device, cache)
     src_dtype = pipeline.source_dtype(info.path)
     sec = pipeline.transform(p, model, names, ids, t)
     m.steps = sec.pop("steps")
@@ -101,6 +99,24 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         _finish(m, p, t, command)
         mf.write(tmp, m)
     return m
+
+
+def _evaluate_dense(path, model, tok, c, windows, device, cache) -> dict:
+    """The model's figures before compression. On a GPU, block by block from its folder (onload.evaluate,
+    the same figures): the whole model would not fit one GPU at 70B. On the CPU, the model in memory."""
+    import torch
+
+    from . import lazy, onload
+
+    if torch.device(device).type != "cpu":
+        lz = lazy.LazyModel(path, getattr(torch, c.dtype))
+        if not onload.stored_as_in_memory(lz):
+            return onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, device, c.progress, cache)
+    model.to(device)
+    try:
+        return pipeline.evaluate_model(model, tok, c.eval, c.eval_seqlen, windows, c.progress, cache)
+    finally:
+        model.to("cpu")
 
 
 def _compress_onload(p, t, command) -> mf.Manifest:
@@ -330,11 +346,13 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
          nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
          command: str | None = None, save_dtype: str = "float16", grid: str = "auto", gptq: dict | None = None,
          eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
-         device: str | None = None) -> dict:
+         device: str | None = None, onload: str = "auto") -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ quantizes block by
-    block on calibration data first (quant.sequential.gptq_sequential). With `eval`, the packed
-    folder is evaluated as saved."""
+    block on calibration data first (quant.sequential.gptq_sequential). The source stays on disk and
+    is read one block at a time (onload.pack), unless scale tuning (--tune-steps) needs it whole or
+    `onload` is "whole". With `eval`, the packed folder is evaluated as saved."""
     from . import checkpoint, formats
+    from . import onload as onl
 
     old = _source(src)
     if old.format_name != "dense":
@@ -349,10 +367,28 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     for d in eval:
         if d not in EVAL_DATASETS:
             raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+    if onload not in ("auto", "blocks", "whole"):
+        raise LLMPruneError(f"--onload {onload!r}: use auto, blocks or whole")
     outdir.check_out(out, overwrite)
     devs = pick_devices(device)
     t = pipeline.Timer()
-    model, tok, _ = checkpoint.load(src, dtype=old.dtype or "float32")
+    dtype = old.dtype or "float32"
+    why = "scale tuning (--tune-steps) trains through the whole model" if gcfg and gcfg.tune_steps else None
+    lz = None
+    if not why and onload != "whole":
+        lz = onl.open_output(src, dtype, old.to_dict())
+        why = ("it is a SliceGPT output with residual shortcuts, which only load whole" if lz is None
+               else onl.stored_as_in_memory(lz))
+    if why and onload == "blocks":
+        raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
+    if why:
+        lz = None
+    if lz is None:
+        model, tok, _ = checkpoint.load(src, dtype=dtype)
+    else:
+        from transformers import AutoTokenizer
+
+        model, tok = lz.model, AutoTokenizer.from_pretrained(src)  # the model on the meta device
     from .packed import check_packable
 
     check_packable(model, fmt)  # before GPTQ's work
@@ -364,15 +400,23 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     new = mf.Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None})
     new.packed_from, new.command = str(src), command
     with outdir.atomic_dir(out, overwrite) as tmp:
-        new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids, cinfo,
-                                     devs[0], 8, progress, t, devs)
+        if lz is None:
+            new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids,
+                                         cinfo, devs[0], 8, progress, t, devs)
+        else:
+            import torch
+
+            new.format = onl.pack(lz, tok, tmp, fmt, quant, group_size, symmetric, getattr(torch, save_dtype), gcfg,
+                                  ids, cinfo, devs, 8, progress, t)
         new.steps = [*old.steps, *pipeline.export_steps(new.format)]
-        del model
+        del model, lz
         mf.write(tmp, new)  # the loader reads the format from it; rewritten below with the figures
         if eval:
             with t("eval_s"):
                 new.eval = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, devs[0], old.dtype or "float32",
                                                    progress, {})
         new.timings = {**old.timings, "pack": t.total()}
+        for k, v in memory(devs[0]).items():  # this command's, as its timings (the source's: its own manifest)
+            setattr(new, k, v)
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}

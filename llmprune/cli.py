@@ -367,6 +367,9 @@ def _add_pack(sub):
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default all)")
     p.add_argument("--device", default=None)
+    p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
+                   help="blocks: the source stays on disk and is packed one decoder block at a time; whole: in "
+                        "memory; auto: blocks unless scale tuning (--tune-steps) needs the whole model")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pack)
@@ -379,7 +382,7 @@ def cmd_pack(a) -> int:
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
                  progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
                  gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
-                 device=a.device)
+                 device=a.device, onload=a.onload)
     print_format(m)
     print_eval(m.get("eval", {}))
     return 0

@@ -6,7 +6,9 @@ folders written shard by shard. Think in 70B: nothing here holds more than one b
 - `LazyModel`: the transformers model of a folder built on the meta device (accelerate's
   init_empty_weights); `load(prefix, device)` reads the tensors under a module prefix and places
   them with accelerate's set_module_tensor_to_device in the compute dtype, `release(prefix)` puts
-  them back on meta. Packed outputs get PackedLinear modules for their packed layers.
+  them back on meta. Packed outputs get PackedLinear modules for their packed layers, or (`unpack`)
+  nn.Linear modules holding the weights those tensors encode, for passes that read dense weights
+  (exports, GPTQ on an export).
 - `ShardWriter`: a dense HF folder written as standard sharded safetensors + index; every shard's
   header is fixed up front, so each tensor goes to its offset as it arrives (nothing buffered), and
   unchanged tensors are streamed file to file in chunks.
@@ -163,6 +165,15 @@ def build_layer(files: WeightFiles, name: str, layer: dict, dtype: torch.dtype |
     return PackedLinear(f.name, packed, bias, in_f, out_f, derived=f.derived)
 
 
+def unpacked(layer: PackedLinear, dtype: torch.dtype) -> nn.Linear:
+    """The nn.Linear holding the dense weight a packed layer encodes (exact: its dequantization)."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype)
+    lin.weight = nn.Parameter(layer.dequantize(torch.float32).to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    return lin
+
+
 def _tensor_names(model: nn.Module) -> list[str]:
     """State-dict names (persistent tensors) in order, tied duplicates once."""
     return list(model.state_dict(keep_vars=True))
@@ -171,7 +182,8 @@ def _tensor_names(model: nn.Module) -> list[str]:
 class LazyModel:
     """A folder's model on the meta device, its tensors placed block by block on demand."""
 
-    def __init__(self, folder: str | Path, dtype: torch.dtype, packed_section: dict | None = None):
+    def __init__(self, folder: str | Path, dtype: torch.dtype, packed_section: dict | None = None,
+                 unpack: bool = False):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -186,6 +198,7 @@ class LazyModel:
         self.files = WeightFiles(self.folder)
         self.dtype = dtype
         self.section = packed_section
+        self.unpack = unpack
         emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.tied = head is not None and emb is not None and bool(getattr(text, "tie_word_embeddings", False))
@@ -216,7 +229,8 @@ class LazyModel:
         skip = set()
         for ln, spec in packed.items():
             self._meta_modules.setdefault(ln, self.model.get_submodule(ln))
-            set_module(self.model, ln, build_layer(self.files, ln, spec, self.dtype).to(device))
+            layer = build_layer(self.files, ln, spec, self.dtype)
+            set_module(self.model, ln, (unpacked(layer, self.dtype) if self.unpack else layer).to(device))
             skip |= {f"{ln}.weight", f"{ln}.bias"}
         head = self.model.get_output_embeddings()
         head_name = next((n for n, m in self.model.named_modules() if m is head), None)
@@ -373,6 +387,50 @@ class ShardWriter:
         if len(self.pending) > 1:  # one file needs no index, as transformers writes small models
             (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
                                                          "weight_map": dict(sorted(self.file_of.items()))}, indent=2))
+
+
+class ShardBuffer:
+    """Tensors gathered into safetensors files of about `shard_bytes` (save_file needs a file's tensors
+    together), each written as soon as it is full: peak memory one shard. `finish` names a single file
+    model.safetensors, as transformers does, or writes the index of several."""
+
+    def __init__(self, folder: str | Path, stem: str, metadata: dict[str, str] | None = None,
+                 shard_bytes: int | None = None):
+        self.folder, self.stem = Path(folder), stem
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shard_bytes = shard_bytes or SHARD_BYTES
+        self.shard: dict[str, torch.Tensor] = {}
+        self.files: dict[str, str] = {}  # tensor name -> file
+        self.nbytes = 0  # of every tensor put
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().contiguous().cpu()
+        self.shard[name] = t
+        self.nbytes += t.numel() * t.element_size()
+        if sum(x.numel() * x.element_size() for x in self.shard.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.shard:
+            return
+        name = f"{self.stem}-{len(set(self.files.values())) + 1:05d}.safetensors"
+        save_file(self.shard, str(self.folder / name), metadata=self.metadata)
+        self.files.update(dict.fromkeys(self.shard, name))
+        self.shard = {}
+
+    def finish(self) -> list[str]:
+        """Write what is left, the index when there are several files; returns the file names."""
+        self.flush()
+        shards = sorted(set(self.files.values()))
+        if len(shards) == 1:  # a small model: one plain model.safetensors
+            (self.folder / shards[0]).rename(self.folder / "model.safetensors")
+            self.files = dict.fromkeys(self.files, "model.safetensors")
+            return ["model.safetensors"]
+        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": self.nbytes},
+                                                     "weight_map": dict(sorted(self.files.items()))}, indent=2))
+        return shards
 
 
 class BlockStore:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -56,11 +57,32 @@ def cache_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
+    """The file's sha256, remembered in the cache (sha256.json) under its path, size and mtime: a 40 GB
+    GGUF is read once, not on every command that names it; a changed file is hashed again."""
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
+    book = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(book.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict) and known[key].get("stamp") == stamp:
+        return known[key]["sha256"]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    return h.hexdigest()
+    sha = h.hexdigest()
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"stamp": stamp, "sha256": sha}
+    try:  # written whole or not at all (another process may be writing it too)
+        book.parent.mkdir(parents=True, exist_ok=True)
+        tmp = book.with_name(f"{book.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, book)
+    except OSError:
+        pass  # a read-only cache: hashed again next time
+    return sha
 
 
 def alias_gguf(alias: str) -> Path:

@@ -44,7 +44,8 @@ def stored_as_in_memory(lz: lazy.LazyModel) -> str | None:
     experts are saved one by one and fused into 3-D parameters), which only a whole load does."""
     a = archmod.arch_of(lz.model)
     head = f"{a.head}.weight"
-    missing = [n for n in lz.names() if n not in lz.files and not (lz.tied and n == head)]
+    packed = {f"{ln}.{t}" for ln in ((lz.section or {}).get("layers") or {}) for t in ("weight", "bias")}
+    missing = [n for n in lz.names() if n not in lz.files and not (lz.tied and n == head) and n not in packed]
     if missing:
         return (f"the checkpoint stores {missing[0]} (and {len(missing) - 1} more) under other names that "
                 f"transformers converts when it loads the whole model")
@@ -220,12 +221,14 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
         timer.s[k] = v
     if scratch:
         out.counting = False
-        gptq_pass(p, lz, ids, timer, out)
+        gptq_pass(lz, ids, out, timer, c.format, c.group_size, c.symmetric, p.gptq, c.calib_batch, p.devices,
+                  c.progress)
         scratch.close()
     return prune.manifest_section(p, res, sec, out.zeros / max(out.total, 1), len(names))
 
 
-def gptq_pass(p, lz: lazy.LazyModel, ids, timer, out: Output) -> dict:
+def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size, symmetric, gptq, batch_size: int,
+              devices: tuple[str, ...], progress: bool) -> dict:
     """GPTQ block by block; each block's codes go straight to the packer (never the whole model's)."""
     from .quant.sequential import gptq_sequential
 
@@ -234,11 +237,44 @@ def gptq_pass(p, lz: lazy.LazyModel, ids, timer, out: Output) -> dict:
     model = lz.model
     store = _store(lz, sink=lambda i, m: out.block(i, m, quantized=pending.pop(i, {})))
     with timer("gptq_s"), walker.onload(model, store):
-        gptq_sequential(model, ids, p.cfg.format, p.cfg.group_size, p.cfg.symmetric, batch_size=p.cfg.calib_batch,
-                        device=p.device, progress=p.cfg.progress, dtype=out.packer.dtype, info=info,
-                        on_block=pending.__setitem__, devices=p.devices, **p.gptq.as_dict())
-    out.packer.quant_opts = {**p.gptq.as_dict(), **info}
+        gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
+                        progress=progress, dtype=out.packer.dtype, info=info, on_block=pending.__setitem__,
+                        devices=devices, **gptq.as_dict())
+    out.packer.quant_opts = {**gptq.as_dict(), **info}
     return info
+
+
+def each_block(lz: lazy.LazyModel, device, sink, progress: bool = False, desc: str = "blocks") -> None:
+    """A pass with no forward (RTN packing, exports): every block read, handed to `sink(i, block)`,
+    freed."""
+    from tqdm.auto import tqdm
+
+    store = _store(lz, sink)
+    blocks = archmod.blocks(lz.model)
+    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress):
+        store.load_block(i, device)
+        store.done(i, blocks[i])
+        store.release_block(i)
+
+
+def pack(lz: lazy.LazyModel, tok, folder: Path, fmt: str, quant: str | None, group_size, symmetric,
+         save_dtype: torch.dtype, gptq, ids, calib_info: dict | None, devices: tuple[str, ...], batch_size: int,
+         progress: bool, timer) -> dict:
+    """`llmprune pack` of a saved dense output, block by block: each block read, packed (RTN here, or
+    GPTQ's pass on calibration data), written, freed. Returns the manifest's format section."""
+    from . import packed
+
+    packer = packed.PackWriter(folder, fmt, quant, group_size, symmetric, save_dtype)
+    out = Output(lz, folder, fmt, save_dtype, [], packer)
+    out.counting = False  # the source's sparsity stands
+    if packer.quant == "gptq":
+        gptq_pass(lz, ids, out, timer, fmt, group_size, symmetric, gptq, batch_size, devices, progress)
+        if calib_info is not None:
+            packer.quant_opts["calibration"] = calib_info
+    with timer("save_s"):
+        if packer.quant != "gptq":
+            each_block(lz, devices[0], out.block, progress, desc=f"pack {fmt}")
+        return out.outside(tok)
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ PackedLinear, and reads tensors with safetensors only: pickle files are refused,
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -72,31 +71,13 @@ class PackWriter:
         self.f = formats.get(fmt)
         self.quant = self.f.check_options(quant, symmetric)
         self.base = self.f.options(group_size, symmetric)
-        self.dtype, self.quant_opts, self.shard_bytes = dtype, quant_opts, shard_bytes or lazy.SHARD_BYTES
+        self.dtype, self.quant_opts = dtype, quant_opts
         self.layers, self.left_dense, self.tied = {}, {}, {}
-        self.shard: dict[str, torch.Tensor] = {}
-        self.files: dict[str, str] = {}  # tensor name -> file
-        self.bytes_file = 0
+        self.out = lazy.ShardBuffer(self.folder, "model-packed", {"llmprune": self.f.name}, shard_bytes)
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
         return t.detach().contiguous().cpu()
-
-    def _put(self, name: str, t: torch.Tensor) -> None:
-        self.shard[name] = t
-        self.bytes_file += t.numel() * t.element_size()
-        if sum(x.numel() * x.element_size() for x in self.shard.values()) >= self.shard_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.shard:
-            return
-        name = f"model-packed-{len(set(self.files.values())) + 1:05d}.safetensors"
-        save_file(self.shard, str(self.folder / name), metadata={"format": "pt", "llmprune": self.f.name})
-        self.files.update({k: name for k in self.shard})
-        self.shard = {}
 
     @torch.no_grad()
     def add_linear(self, name: str, mod: nn.Module, keep: torch.Tensor | None = None, quantized=None,
@@ -121,9 +102,9 @@ class PackWriter:
                 raise LLMPruneError(f"--quant gptq: no GPTQ codes for {name}: quantize every packed layer")
             packed = self.f.pack(w.float(), k, quant=quantized, **opts)
         for tname, t in self.f.stored(packed).items():
-            self._put(f"{name}.{tname}", t.contiguous().cpu())
+            self.out.put(f"{name}.{tname}", t.contiguous().cpu())
         if mod.bias is not None:
-            self._put(f"{name}.bias", self._store(mod.bias))
+            self.out.put(f"{name}.bias", self._store(mod.bias))
         self.layers[name] = {"format": self.f.name, "pattern": self.f.pattern or "dense",
                              "shape": [mod.out_features, mod.in_features], **opts, "bytes": self.f.nbytes(packed),
                              "dense_bytes": w.numel() * 2}  # the fp16 baseline
@@ -131,20 +112,13 @@ class PackWriter:
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         """A tensor stored as it is (norms, embeddings, the head, layers left dense)."""
-        self._put(name, self._store(t))
+        self.out.put(name, self._store(t))
 
     def finish(self, config, generation_config=None) -> dict:
         if not self.layers:
             raise LLMPruneError(f"no layer fits --format {self.f.name}: "
                                 + (next(iter(self.left_dense.values()), "no linear layers")))
-        self.flush()
-        shards = sorted(set(self.files.values()))
-        if len(shards) == 1:  # a small model: one plain model.safetensors, as transformers writes it
-            (self.folder / shards[0]).rename(self.folder / "model.safetensors")
-            self.files = dict.fromkeys(self.files, "model.safetensors")
-        else:
-            (self.folder / lazy.INDEX).write_text(json.dumps({"metadata": {"total_size": self.bytes_file},
-                                                              "weight_map": dict(sorted(self.files.items()))}, indent=2))
+        self.out.finish()
         config.save_pretrained(self.folder)
         if generation_config is not None:
             generation_config.save_pretrained(self.folder)
@@ -155,7 +129,7 @@ class PackWriter:
             "dtype": str(self.dtype).replace("torch.", "") if self.dtype is not None else None,
             "bytes": {"packed_layers": sum(v["bytes"] for v in self.layers.values()),
                       "packed_layers_dense": sum(v["dense_bytes"] for v in self.layers.values()),
-                      "file": self.bytes_file},
+                      "file": self.out.nbytes},
         }
 
 

@@ -114,7 +114,9 @@ def rebuild_per_block(model, manifest: dict | None = None) -> None:
 
 def load_sliced(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a folder saved with `save_pretrained` after per-block (or shared) slicing, strictly:
-    every tensor in the folder must find its place and every parameter must be filled."""
+    every tensor in the folder must find its place and every parameter must be filled. The model is
+    built on the meta device and takes the tensors one shard at a time: the model's size, not twice it."""
+    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -123,11 +125,22 @@ def load_sliced(path: str | Path, dtype: torch.dtype | None = None, device: str 
     if dtype is None:
         dtype = getattr(cfg, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    if getattr(cfg, "slicegpt", None):
-        rebuild_per_block(model, cfg.slicegpt)
-    sd = {}
+    with init_empty_weights(include_buffers=False):  # computed buffers (rotary tables) stay real
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        if getattr(cfg, "slicegpt", None):
+            rebuild_per_block(model, cfg.slicegpt)
+    expected = set(model.state_dict())
     for f in sorted(path.glob("*.safetensors")):
-        sd.update(load_file(f))
-    model.load_state_dict(sd, strict=True)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(f).items()}
+        extra = sorted(set(sd) - expected)
+        if extra:
+            raise LLMPruneError(f"{f} holds {extra[0]} (and {len(extra) - 1} more), which this model has no place "
+                                f"for: the folder is damaged; re-create it")
+        model.load_state_dict(sd, strict=False, assign=True)
+        del sd
+    if getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    empty = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if empty:
+        raise LLMPruneError(f"{path} lacks {empty[0]} (and {len(empty) - 1} more): the folder is damaged; re-create it")
     return model.to(device).eval()

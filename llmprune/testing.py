@@ -102,3 +102,29 @@ def random_text(n_words: int = 2000, seed: int = 0) -> str:
     words = ["the", "model", "prunes", "weights", "of", "a", "layer", "and", "keeps", "quality", "sparse",
              "dense", "tokens", "calibration", "data", "is", "small", "fast", "kernel", "matrix"]
     return " ".join(rnd.choice(words) for _ in range(n_words))
+
+
+def hold_one_block(monkeypatch) -> list[int]:
+    """Within `monkeypatch`'s context, fail if anything loads a whole model (llmprune's loader,
+    transformers' from_pretrained) or holds the weights of two decoder blocks at once; returns [the
+    most blocks held at once], updated as blocks are loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune import arch, checkpoint, lazy
+
+    def whole(*a, **k):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(checkpoint, "load", whole)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", whole)
+    most = [0]
+    real = lazy.LazyModel.load
+
+    def load(self, prefix="", device="cpu", exclude=()):
+        real(self, prefix, device, exclude)
+        held = sum(any(p.device.type != "meta" for p in b.parameters()) for b in arch.blocks(self.model))
+        most[0] = max(most[0], held)
+        assert held <= 1, f"{held} blocks in memory"
+
+    monkeypatch.setattr(lazy.LazyModel, "load", load)
+    return most

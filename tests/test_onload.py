@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from llmprune.cli import main
 from llmprune.errors import LLMPruneError
-from llmprune.testing import FAST_CLI
+from llmprune.testing import FAST_CLI, hold_one_block
 
 EVAL = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
 CHEAP = FAST_CLI[:-2]
@@ -94,6 +94,30 @@ def test_blockwise_perplexity_equals_the_whole_model_forward(tiny_dir):
     blocks = onload.evaluate(lz, tok, ("wikitext2",), 64, 3, "cpu", False, {})["wikitext2"]
     assert blocks["ppl"] == whole["ppl"] and blocks["windows"] == whole["windows"] == 3
     assert all(p.device.type == "meta" for p in lz.model.parameters())  # every block released again
+
+
+def test_dense_figures_of_a_whole_load_walk_the_folder_on_a_gpu(tiny_dir, monkeypatch):
+    """compress's whole-model path (SliceGPT, PERP, ...) measures the dense model before compressing: on a
+    GPU block by block from its folder (a 70B model in memory does not fit one GPU), on the CPU in place."""
+    from llmprune import api, onload
+    from llmprune.config import CompressConfig
+    from llmprune.models import load
+    from llmprune.testing import byte_tokenizer
+
+    model, _, _ = load(str(tiny_dir))
+    c = CompressConfig(eval=("wikitext2",), eval_seqlen=64).resolved("cpu")
+    on_cpu = api._evaluate_dense(tiny_dir, model, byte_tokenizer(), c, 3, "cpu", {})["wikitext2"]
+    seen, real = {}, onload.evaluate
+
+    def walked(lz, tok, datasets, seqlen, windows, device, progress, cache):  # (this machine has no GPU)
+        seen["device"] = device
+        return real(lz, tok, datasets, seqlen, windows, "cpu", progress, cache)
+
+    monkeypatch.setattr(onload, "evaluate", walked)
+    monkeypatch.setattr(model, "to", lambda *a, **k: pytest.fail("the whole model was moved to the GPU"))
+    on_gpu = api._evaluate_dense(tiny_dir, model, byte_tokenizer(), c, 3, "cuda:0", {})["wikitext2"]
+    assert seen["device"] == "cuda:0" and on_gpu["blockwise"]
+    assert on_gpu["ppl"] == pytest.approx(on_cpu["ppl"], rel=1e-6)
 
 
 def test_onload_blocks_refuses_what_needs_the_whole_model(tmp_path, capsys, tiny_dir):
@@ -261,3 +285,72 @@ print(before - anon())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     freed = int(out.stdout.strip().splitlines()[-1])
     assert freed > 200, f"trim_heap returned only {freed} MiB of the ~300 MiB freed in the heap"
+
+
+# --- pack and export read the source one block at a time -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded_24(tmp_path_factory, tiny_dir, calib_txt):
+    """The tiny model pruned 2:4 (SparseGPT), written in several shards."""
+    from llmprune import lazy
+
+    out = tmp_path_factory.mktemp("s24") / "src"
+    old, lazy.SHARD_BYTES = lazy.SHARD_BYTES, 30_000
+    try:
+        assert main([str(a) for a in ("compress", "--model", tiny_dir, "--solver", "sparsegpt", "--pattern", "2:4",
+                                      "--calib", calib_txt, "--out", out, *FAST_CLI)]) == 0
+    finally:
+        lazy.SHARD_BYTES = old
+    assert len(list(out.glob("*.safetensors"))) > 1
+    return out
+
+
+PACKS = [("sparse24", []), ("w4s24", ["--group-size", "32"]), ("w4g128", ["--quant", "gptq", "--group-size", "32"]),
+         ("w4s24", ["--quant", "gptq", "--group-size", "32", "--act-order"])]
+
+
+@pytest.mark.parametrize("fmt,extra", PACKS, ids=[f"{f}-{'gptq' if '--quant' in e else 'rtn'}" for f, e in PACKS])
+def test_pack_reads_one_block_at_a_time_and_writes_what_the_whole_load_writes(tmp_path, capsys, sharded_24,
+                                                                              calib_txt, fmt, extra, monkeypatch):
+    gptq = ["--calib", calib_txt, "--nsamples", "4", "--seqlen", "32"] if "gptq" in extra else []
+    outs = {}
+    rc, _, se = _run(capsys, "pack", sharded_24, "--format", fmt, *extra, *gptq, "--onload", "whole",
+                     "--out", tmp_path / "whole", "--no-progress")
+    assert rc == 0, se
+    outs["whole"] = tmp_path / "whole"
+    with monkeypatch.context() as m:
+        most = hold_one_block(m)
+        rc, _, se = _run(capsys, "pack", sharded_24, "--format", fmt, *extra, *gptq, "--out", tmp_path / "blocks",
+                         "--no-progress")
+        assert rc == 0, se
+        assert most[0] == 1
+    outs["blocks"] = tmp_path / "blocks"
+    a, b = _tensors(outs["whole"]), _tensors(outs["blocks"])
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    fa, fb = (json.loads((outs[x] / "llmprune.json").read_text())["format"] for x in ("whole", "blocks"))
+    fa["bytes"].pop("file"), fb["bytes"].pop("file")  # (the files' sizes: the same tensors, other shard headers)
+    assert fa == fb
+
+
+def test_pack_onload_blocks_refuses_scale_tuning(tmp_path, capsys, sharded_24, calib_txt):
+    rc, _, se = _run(capsys, "pack", sharded_24, "--format", "w4s24", "--quant", "gptq", "--tune-steps", "2",
+                     "--onload", "blocks", "--calib", calib_txt, "--out", tmp_path / "o", "--no-progress")
+    assert rc == 2 and "--tune-steps" in se and "--onload whole" in se and not (tmp_path / "o").exists()
+
+
+def test_pack_and_export_record_their_own_peak_memory(tmp_path, capsys, sharded_24, monkeypatch):
+    """A packed or exported folder's manifest gives the memory of the command that wrote it (as its
+    timings do), not the figure of the compress run it started from (that stays in the source's)."""
+    from llmprune import runinfo
+
+    monkeypatch.setattr(runinfo, "peak_rss_mib", lambda: 4242.0)
+    rc, _, se = _run(capsys, "pack", sharded_24, "--format", "sparse24", "--out", tmp_path / "p", "--no-progress")
+    assert rc == 0, se
+    rc, _, se = _run(capsys, "export", sharded_24, "--to", "gguf", "--type", "f16", "--out", tmp_path / "g",
+                     "--no-progress")
+    assert rc == 0, se
+    src = json.loads((sharded_24 / "llmprune.json").read_text())["peak_rss_mib"]
+    for out in ("p", "g"):
+        assert json.loads((tmp_path / out / "llmprune.json").read_text())["peak_rss_mib"] == 4242.0 != src

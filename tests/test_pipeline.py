@@ -110,6 +110,29 @@ def test_a_file_named_gguf_that_is_not_gguf(tmp_path, capsys):
     assert _nothing_left(tmp_path, "o")
 
 
+def test_a_gguf_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """The cache key of a GGUF (its sha256, also recorded in manifests) is remembered under the file's
+    path, size and mtime: a 40 GB file is not read again by every command that names it."""
+    import hashlib
+    import os
+
+    from llmprune import models
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    want = real(f.read_bytes()).hexdigest()
+    assert models._sha256(f) == want and models._sha256(f) == want and len(reads) == 1
+    f.write_bytes(b"GGUF" + bytes(64))  # changed (size and time): hashed again
+    os.utime(f, ns=(1, 1))
+    assert models._sha256(f) == real(f.read_bytes()).hexdigest() and len(reads) == 2
+    (tmp_path / "cache" / "sha256.json").write_text("{not json")  # a damaged book is rebuilt, not fatal
+    assert models._sha256(f) == real(f.read_bytes()).hexdigest() and len(reads) == 3
+
+
 @pytest.mark.parametrize("onload", ["blocks", "whole"])
 def test_disk_full_while_saving(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch, onload):
     import errno

@@ -251,6 +251,17 @@ def test_per_block_generates_and_reloads(tmp_path):
     assert loaded.model.layers[1].mlp_shortcut.weight.shape == (64, 48)  # into the full-width last residual
     assert torch.equal(_logits(loaded, _ids()), _logits(m, _ids()))
     assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), out)
+    # strict: a tensor missing from the folder, or one with no place in the model, names the damage
+    from safetensors.torch import load_file, save_file
+
+    (f,) = tmp_path.glob("*.safetensors")
+    sd = load_file(f)
+    save_file({k: v for k, v in sd.items() if not k.endswith("1.mlp_shortcut.weight")}, f)
+    with pytest.raises(LLMPruneError, match="lacks model.layers.1.mlp_shortcut.weight"):
+        load_sliced(tmp_path)
+    save_file({**sd, "model.layers.9.extra": torch.zeros(2)}, f)
+    with pytest.raises(LLMPruneError, match="model.layers.9.extra"):
+        load_sliced(tmp_path)
 
 
 def _low_rank(seed, k, noise):

@@ -73,3 +73,17 @@ def test_global_magnitude_matches_oracle():
     want[order] = False
     got = np.concatenate([k.flatten().numpy() for k in keeps.values()])
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_smallest_abs_is_kthvalue_of_the_concatenation(seed):
+    """Radix select over several tensors (ties, zeros, negatives, tiny and huge values, odd sizes) against
+    torch.kthvalue of their concatenation, at the ends and in between."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randint(-4, 5, (7, 3), generator=g).float() * 0.25,
+          torch.randn(11, 5, generator=g) * 10 ** torch.randint(-30, 30, (11, 5), generator=g).float(),
+          torch.zeros(3), torch.randn(1, 13, generator=g).to(torch.bfloat16)]
+    flat = torch.cat([w.abs().float().flatten() for w in ws])
+    for k in (1, 2, 17, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+        got = magnitude.kth_smallest_abs(ws, k)
+        assert got.dtype == torch.float32 and torch.equal(got, flat.kthvalue(k).values), k

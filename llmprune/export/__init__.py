@@ -60,7 +60,8 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
 
     from .. import manifest as mf
     from .. import outdir
-    from .source import dense_model, open_source
+    from ..runinfo import memory, pick_device
+    from .source import Weights, open_source
 
     s = open_source(src)
     t = _target(to)
@@ -68,27 +69,31 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     out = Path(out) if out is not None else default_out(src, to)
     opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval)
     outdir.check_out(out, overwrite)
-    model, tok = dense_model(s)
+    # scale tuning trains through the whole model; every other export reads one block at a time
+    weights = Weights(s, whole=bool(opts.get("gptq") and opts["gptq"].tune_steps))
     new = mf.Manifest.from_dict({**s.manifest.to_dict(), "eval": {}, "zeroshot": None, "format": None})
     new.exported_from, new.command = str(src), command
     steps = []
     with outdir.atomic_dir(out, overwrite) as tmp:
         if to == "compressed-tensors":
-            codes, qinfo = _codes(s, model, tok, opts["quant"], group_size, opts["symmetric"], calib, nsamples,
-                                  seqlen, seed, opts["gptq"], device, progress)
+            w = t.Writer(tmp, getattr(torch, save_dtype))
+            qinfo = _write_ct(s, weights, w, opts["quant"], group_size, opts["symmetric"], calib, nsamples, seqlen,
+                              seed, opts["gptq"], device, progress)
             steps += ["quantize"] if opts["quant"] else []
-            section = t.write(model, tok, tmp, codes, getattr(torch, save_dtype))
+            section = w.finish(weights.model, weights.tok)
             if qinfo:
                 section["quant"] = qinfo
         else:
-            section = t.write(model, tok, tmp, opts["types"], s, progress=progress)
+            section = t.write(weights, tmp, opts["types"], s, progress=progress)
         section["source_format"] = s.describe()
         new.export, new.steps = section, [*s.manifest.steps, *steps, "export"]
-        del model
+        del weights
         mf.write(tmp, new)
         if eval:
             new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress)
-            mf.write(tmp, new)
+        for k, v in memory(pick_device(device)).items():  # this command's (the source's: its own manifest)
+            setattr(new, k, v)
+        mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}
 
 
@@ -119,39 +124,74 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval) -> 
     return {"quant": q, "symmetric": symmetric, "gptq": GPTQConfig(**given) if q == "gptq" else None}
 
 
-def _codes(s, model, tok, quant, group_size, symmetric, calib, nsamples, seqlen, seed, gcfg, device, progress):
-    """{layer: quant.Quantized} for compressed-tensors, and what quantizing recorded ({} for int4 sources)."""
-    from .source import stored_codes
-
-    if quant is None:
-        return stored_codes(s, model), {}
+def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seqlen, seed, gcfg, device,
+              progress) -> dict:
+    """Every tensor of the source into the compressed-tensors Writer `w`, one decoder block in memory at a
+    time: int4 sources' linears as their stored codes; dense and sparse24 ones quantized here (RTN per
+    layer, or GPTQ's block-sequential pass, each block written as it is done). Returns what quantizing
+    recorded ({} for int4 sources)."""
     import torch
 
     from .. import arch, formats
     from ..quant.rtn import rtn
-    from ..runinfo import pick_device
+    from .source import stored_code
 
+    def put(key, t, code_of):  # code_of(layer, weight) -> its codes, or None: stored as it is
+        layer = key.removesuffix(".weight")
+        q = code_of(layer, t) if layer != key else None
+        if q is not None:
+            w.linear(layer, q)
+        else:
+            w.tensor(key, t)
+
+    if quant is None:
+        for key, t in weights.tensors():
+            put(key, t, lambda name, t: stored_code(s, name, t))
+        return {}
     f = formats.get("w4g128")  # dense int4 groups: the grid, defaults and layer checks of llmprune's own w4g128
     base = f.options(group_size, symmetric)
     info = {"quant": quant, "group_size": group_size, "symmetric": base["symmetric"]}
-    if quant == "gptq":
-        from .. import pipeline
-        from ..quant.sequential import gptq_sequential
+    if quant == "rtn":
+        targets = set(arch.linear_names(weights.model))
 
-        ids, info["calibration"] = pipeline.calibrate(calib, tok, nsamples, seqlen, seed)
-        qinfo: dict = {}
-        codes = gptq_sequential(model, ids, "w4g128", group_size, symmetric, device=pick_device(device),
-                                progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
-        info.update(gcfg.as_dict(), **qinfo)
-        return codes, info
-    codes = {}
-    for name in arch.linear_names(model):
-        w = model.get_submodule(name).weight.detach().to(torch.float16).float()  # what fp16 storage holds
-        opts = f.layer_options(base, w.shape[1])
-        if w.shape[1] % opts["group_size"]:
-            continue  # left dense (listed in the export's ignore)
-        codes[name] = rtn(w, w != 0, opts["group_size"], opts["symmetric"])
-    return codes, info
+        def rtn_code(name, t):
+            if name not in targets:
+                return None
+            t = t.detach().to(torch.float16).float()  # what fp16 storage holds
+            opts = f.layer_options(base, t.shape[1])
+            if t.shape[1] % opts["group_size"]:
+                return None  # left dense (listed in the export's ignore)
+            return rtn(t, t != 0, opts["group_size"], opts["symmetric"])
+
+        for key, t in weights.tensors():
+            put(key, t, rtn_code)
+        return info
+    from .. import pipeline, walker
+    from ..onload import _store
+    from ..quant.sequential import gptq_sequential
+    from ..runinfo import pick_device
+
+    ids, info["calibration"] = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
+    qinfo: dict = {}
+    run = dict(device=pick_device(device), progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
+    if weights.lazy is None:  # in memory (scale tuning, or tensors stored under converted names)
+        codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)
+        for key, t in weights.tensors():
+            put(key, t, lambda name, t: codes.pop(name, None))
+    else:
+        pending: dict[int, dict] = {}
+
+        def sink(i, block):  # a block done by GPTQ: its tensors, its layers' codes
+            codes = pending.pop(i, {})
+            for key, t in block.state_dict(prefix=f"{arch.arch_of(weights.model).blocks}.{i}.").items():
+                put(key, t, lambda name, t: codes.get(name))
+
+        with walker.onload(weights.model, _store(weights.lazy, sink)):
+            gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__, **run)
+        for key, t in weights.tensors(blocks=False):
+            put(key, t, lambda name, t: None)
+    info.update(gcfg.as_dict(), **qinfo)
+    return info
 
 
 def evaluate(folder, datasets, seqlen: int, windows: int | None, progress: bool) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LLMPruneError
-from .source import Source, tied_names
+from .source import Source
 
 NAME = "compressed-tensors"
 MARLIN_GROUPS = (32, 64, 128)  # the group sizes vLLM's Marlin W4A16 kernels take
@@ -79,17 +79,16 @@ def pack_layer(q, scheme) -> dict[str, torch.Tensor]:
     return out
 
 
-def _groups(quantized: dict, blocks: str) -> dict[tuple[int, bool], list[str]]:
+def _groups(grids: dict[str, tuple[int, bool]], blocks: str) -> dict[tuple[int, bool], list[str]]:
     """(group size, symmetric) -> targets: one regex per relative linear name (e.g. mlp.down_proj) when
-    every block agrees, else the layers' full names."""
+    every block agrees, else the layers' full names. `grids`: layer -> (group size, symmetric)."""
     by_rel: dict[str, set] = {}
-    for name, q in quantized.items():
+    for name, key in grids.items():
         rel = re.sub(rf"^{re.escape(blocks)}\.\d+\.", "", name)
-        by_rel.setdefault(rel, set()).add((q.group_size, q.symmetric))
+        by_rel.setdefault(rel, set()).add(key)
     out: dict[tuple[int, bool], list[str]] = {}
-    for name, q in quantized.items():
+    for name, key in grids.items():
         rel = re.sub(rf"^{re.escape(blocks)}\.\d+\.", "", name)
-        key = (q.group_size, q.symmetric)
         if len(by_rel[rel]) == 1 and rel != name:
             target = rf"re:.*\.{re.escape(rel)}$"
             if target not in out.setdefault(key, []):
@@ -99,65 +98,78 @@ def _groups(quantized: dict, blocks: str) -> dict[tuple[int, bool], list[str]]:
     return out
 
 
-def quantization_config(quantized: dict, ignore: list[str], blocks: str):
+def quantization_config(grids: dict[str, tuple[int, bool]], ignore: list[str], blocks: str):
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     groups = {}
-    for i, ((g, sym), targets) in enumerate(sorted(_groups(quantized, blocks).items())):
+    for i, ((g, sym), targets) in enumerate(sorted(_groups(grids, blocks).items())):
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=scheme_args(g, sym))
     return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
                               ignore=ignore)
 
 
-def check_marlin(quantized: dict) -> None:
-    bad = sorted({q.group_size for q in quantized.values()} - set(MARLIN_GROUPS))
-    if bad:
-        raise LLMPruneError(f"a layer's width gives int4 groups of {bad[0]}, which vLLM's Marlin kernels do not take "
-                            f"({', '.join(map(str, MARLIN_GROUPS))}): pass --group-size 32 (or 64, 128 where they "
-                            f"divide every layer)")
+def check_marlin(group_size: int) -> None:
+    if group_size not in MARLIN_GROUPS:
+        raise LLMPruneError(f"a layer's width gives int4 groups of {group_size}, which vLLM's Marlin kernels do not "
+                            f"take ({', '.join(map(str, MARLIN_GROUPS))}): pass --group-size 32 (or 64, 128 where "
+                            f"they divide every layer)")
 
 
-@torch.no_grad()
-def write(model, tok, folder: Path, quantized: dict, save_dtype: torch.dtype = torch.float16) -> dict:
-    """Write `model` into `folder` with the linears in `quantized` ({name: quant.Quantized}) packed; the
-    rest (embeddings, norms, head, linears left dense) in save_dtype. Returns the export section."""
-    from compressed_tensors.compressors.model_compressors import ModelCompressor
-    from safetensors.torch import save_file
+class Writer:
+    """A compressed-tensors folder written as the model's tensors arrive, shard by shard (lazy.ShardBuffer):
+    `linear` packs one layer's codes, `tensor` stores anything else in save_dtype, `finish` writes the
+    config with its quantization_config. Peak memory: one layer's codes and one unfinished shard."""
 
-    from .. import arch
+    def __init__(self, folder: Path, save_dtype: torch.dtype = torch.float16):
+        from ..lazy import ShardBuffer
 
-    check_marlin(quantized)
-    blocks = arch.arch_of(model).blocks
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    ignore = [n for n in linears if n not in quantized]
-    qcfg = quantization_config(quantized, ignore, blocks)
-    schemes = {}
-    for scheme in qcfg.config_groups.values():
-        for name, q in quantized.items():
-            if (q.group_size, q.symmetric) == (scheme.weights.group_size, scheme.weights.symmetric):
-                schemes[name] = scheme
-    tensors, skip = {}, tied_names(model) | {f"{n}.weight" for n in quantized}
-    for name, q in quantized.items():
-        for k, t in pack_layer(q, schemes[name]).items():
-            tensors[f"{name}.{k}"] = t.contiguous()
-    for key, t in model.state_dict().items():
-        if key not in skip:
-            tensors[key] = (t.to(save_dtype) if t.is_floating_point() else t).contiguous()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    model.config.dtype = save_dtype
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tok is not None:
-        tok.save_pretrained(folder)
-    ModelCompressor(quantization_config=qcfg).update_config(str(folder))
-    nbytes = (folder / "model.safetensors").stat().st_size
-    return {"to": NAME, "files": ["model.safetensors"], "bytes": nbytes, "format": "pack-quantized",
-            "scheme": "W4A16", "layers": len(quantized), "ignore": ignore,
-            "groups": sorted({q.group_size for q in quantized.values()}),
-            "symmetric": sorted({q.symmetric for q in quantized.values()}),
-            "dtype": str(save_dtype).replace("torch.", ""), "compressed_tensors": _version(),
-            **({"note": ASYM_NOTE} if not all(q.symmetric for q in quantized.values()) else {})}
+        self.folder, self.save_dtype = folder, save_dtype
+        self.out = ShardBuffer(folder, "model")
+        self.grids: dict[str, tuple[int, bool]] = {}  # packed layer -> (group size, symmetric)
+        self.schemes: dict[tuple[int, bool], object] = {}
+
+    @torch.no_grad()
+    def linear(self, name: str, q) -> None:
+        """One layer's codes (quant.Quantized), as compressed-tensors' compressor lays them out."""
+        from compressed_tensors.quantization import QuantizationScheme
+
+        check_marlin(q.group_size)
+        key = (q.group_size, q.symmetric)
+        if key not in self.schemes:
+            self.schemes[key] = QuantizationScheme(targets=["Linear"], weights=scheme_args(*key))
+        for k, t in pack_layer(q, self.schemes[key]).items():
+            self.out.put(f"{name}.{k}", t)
+        self.grids[name] = key
+
+    def tensor(self, key: str, t: torch.Tensor) -> None:
+        self.out.put(key, t.to(self.save_dtype) if t.is_floating_point() else t)
+
+    def finish(self, model, tok) -> dict:
+        """Config (quantization_config: every nn.Linear not packed is in `ignore`), tokenizer; the
+        export section. `model` may be on the meta device."""
+        from compressed_tensors.compressors.model_compressors import ModelCompressor
+
+        from .. import arch
+
+        if not self.grids:
+            raise LLMPruneError("no linear layer could be packed as int4 groups: nothing to export as W4A16")
+        files = self.out.finish()
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        ignore = [n for n in linears if n not in self.grids]
+        qcfg = quantization_config(self.grids, ignore, arch.arch_of(model).blocks)
+        model.config.dtype = self.save_dtype
+        model.config.save_pretrained(self.folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(self.folder)
+        if tok is not None:
+            tok.save_pretrained(self.folder)
+        ModelCompressor(quantization_config=qcfg).update_config(str(self.folder))
+        keys = set(self.grids.values())
+        return {"to": NAME, "files": files, "bytes": sum((self.folder / f).stat().st_size for f in files),
+                "format": "pack-quantized", "scheme": "W4A16", "layers": len(self.grids), "ignore": ignore,
+                "groups": sorted({g for g, _ in keys}), "symmetric": sorted({s for _, s in keys}),
+                "dtype": str(self.save_dtype).replace("torch.", ""), "compressed_tensors": _version(),
+                **({"note": ASYM_NOTE} if not all(s for _, s in keys) else {})}
 
 
 def _version() -> str:

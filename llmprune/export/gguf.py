@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LLMPruneError
-from .source import Source, tied_names
+from .source import Source, Weights
 
 NAME = "gguf"
 PIP = "pip install 'llmprune[export]'"
@@ -99,38 +99,40 @@ def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, out_f // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model, a: GGUFArch):
-    """(gguf name, fp32 numpy array) for every tensor of the model, in state-dict order."""
+def gguf_names(model, a: GGUFArch, keys) -> dict[str, str]:
+    """HF state-dict key -> GGUF tensor name, for `keys`."""
     import gguf
 
-    cfg = model.config
-    arch = getattr(gguf.MODEL_ARCH, a.name)
-    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    tied = tied_names(model)
-    for key, t in model.state_dict().items():
-        if key in tied:
-            continue
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, a.name), model.config.num_hidden_layers)
+    out = {}
+    for key in keys:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LLMPruneError(f"{key} has no GGUF name for {a.name.lower()}: this architecture variant cannot be "
                                 f"exported to GGUF; use --to compressed-tensors")
-        t = t.detach().float()
-        if a.permute_qk and key.endswith("q_proj.weight"):
-            t = permute_rows(t, cfg.num_attention_heads)
-        elif a.permute_qk and key.endswith("k_proj.weight"):
-            t = permute_rows(t, cfg.num_key_value_heads)
-        if a.norm_plus_one and key.endswith("norm.weight"):
-            t = t + 1
-        yield name, t.numpy()
+        out[key] = name
+    return out
 
 
-def tensor_type(name: str, data: np.ndarray, want: str) -> str:
+def to_gguf(key: str, t: torch.Tensor, a: GGUFArch, cfg) -> np.ndarray:
+    """One HF tensor as llama.cpp lays it out (module docstring), fp32."""
+    t = t.detach().float()
+    if a.permute_qk and key.endswith("q_proj.weight"):
+        t = permute_rows(t, cfg.num_attention_heads)
+    elif a.permute_qk and key.endswith("k_proj.weight"):
+        t = permute_rows(t, cfg.num_key_value_heads)
+    if a.norm_plus_one and key.endswith("norm.weight"):
+        t = t + 1
+    return t.numpy()
+
+
+def tensor_type(name: str, shape: tuple[int, ...], want: str) -> str:
     """The type a tensor is stored in (module docstring)."""
-    if data.ndim < 2 or want == "f32":
+    if len(shape) < 2 or want == "f32":
         return "f32"
     if want in ("f16", "bf16"):
         return want
-    if data.shape[-1] % 32:
+    if shape[-1] % 32:
         return "f16"
     if name == "token_embd.weight" and want.startswith(("q4", "q5")):
         return "q8_0"
@@ -138,7 +140,7 @@ def tensor_type(name: str, data: np.ndarray, want: str) -> str:
 
 
 def encode(data: np.ndarray, t: str):
-    """(array for GGUFWriter.add_tensor, raw GGML type or None)."""
+    """(array for GGUFWriter.write_tensor_data, raw GGML type or None)."""
     import gguf
 
     if t == "f32":
@@ -147,6 +149,19 @@ def encode(data: np.ndarray, t: str):
         return data.astype(np.float16), None
     q = getattr(gguf.GGMLQuantizationType, t.upper())
     return gguf.quants.quantize(data.astype(np.float32), q), q
+
+
+def tensor_info(shape: tuple[int, ...], t: str) -> tuple[tuple[int, ...], np.dtype, int, object]:
+    """(shape, dtype, bytes, raw GGML type) of what `encode` makes of a tensor of `shape` as type `t`,
+    known before the data (GGUF's header lists every tensor first)."""
+    import gguf
+
+    if t in ("f32", "f16"):
+        dt = np.dtype(np.float32 if t == "f32" else np.float16)
+        return tuple(shape), dt, int(np.prod(shape)) * dt.itemsize, None
+    q = getattr(gguf.GGMLQuantizationType, t.upper())
+    raw = gguf.quants.quant_shape_to_byte_shape(shape, q)  # quantize() returns uint8 rows of this shape
+    return tuple(raw), np.dtype(np.uint8), int(np.prod(raw)), q
 
 
 # --- metadata -------------------------------------------------------------------------------------
@@ -238,45 +253,60 @@ def hf_tokenizer(w, folder: Path, n_vocab: int) -> None:
 
 # --- write ----------------------------------------------------------------------------------------
 
-def write_file(model, path: Path, want: str, a: GGUFArch, tokenizer_from: Path, from_gguf: bool,
-               name: str) -> dict:
-    """One GGUF file; returns {gguf type: tensor count}."""
+def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, tokenizer_from: Path, from_gguf: bool, name: str):
+    """A GGUFWriter for one type with its metadata and every tensor's info written (`plan`: (gguf name,
+    shape) in data order); returns (writer, {gguf type: tensor count}). The data follows tensor by tensor."""
     import gguf
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, a.name)])
     w.add_name(name)
     w.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if want == "f32" else f"MOSTLY_{want.upper()}"))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_hparams(w, model.config, a)
+    add_hparams(w, cfg, a)
     if from_gguf:
         copy_tokenizer(w, tokenizer_from)
     else:
-        hf_tokenizer(w, tokenizer_from, model.config.vocab_size)
+        hf_tokenizer(w, tokenizer_from, cfg.vocab_size)
     counts: dict[str, int] = {}
-    for tname, data in gguf_tensors(model, a):
-        t = tensor_type(tname, data, want)
-        arr, raw = encode(data, t)
-        w.add_tensor(tname, arr, raw_dtype=raw)
+    for tname, shape in plan:
+        t = tensor_type(tname, shape, want)
+        w.add_tensor_info(tname, *tensor_info(shape, t))
         counts[t] = counts.get(t, 0) + 1
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return counts
+    w.write_ti_data_to_file()
+    return w, counts
 
 
 @torch.no_grad()
-def write(model, tok, folder: Path, types: tuple[str, ...], src: Source, progress: bool = False) -> dict:
-    """One GGUF file per type into `folder` (the tokenizer is inside each); returns the export section."""
+def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, progress: bool = False) -> dict:
+    """One GGUF file per type into `folder` (the tokenizer is inside each); returns the export section.
+    Every file's header is written first (names, shapes, types are known without the data), then each
+    tensor is encoded into every file as it arrives from the source (one decoder block in memory)."""
+    from tqdm.auto import tqdm
+
+    model = weights.model
     a = ARCHS[model.config.model_type]
+    cfg = model.config
     gg = source_gguf(src)
     tokenizer_from = gg or src.folder
     name = Path(src.folder).name
-    files, layout = [], {}
-    for t in types:
-        fname = f"{name}-{t.upper()}.gguf"
-        layout[fname] = write_file(model, folder / fname, t, a, tokenizer_from, gg is not None, name)
-        files.append(fname)
+    shapes = weights.shapes()
+    gnames = gguf_names(model, a, shapes)
+    plan = [(gnames[k], shapes[k]) for k in shapes]
+    files = [f"{name}-{t.upper()}.gguf" for t in types]
+    writers, layout = {}, {}
+    try:
+        for t, fname in zip(types, files):
+            writers[t], layout[fname] = open_file(folder / fname, t, a, cfg, plan, tokenizer_from, gg is not None, name)
+        for key, tensor in tqdm(weights.tensors(), total=len(shapes), desc="gguf", disable=not progress):
+            gname = gnames[key]
+            data = to_gguf(key, tensor, a, cfg)
+            for t, w in writers.items():
+                w.write_tensor_data(encode(data, tensor_type(gname, data.shape, t))[0])
+    finally:
+        for w in writers.values():
+            w.close()
     return {"to": NAME, "files": files, "bytes": {f: (folder / f).stat().st_size for f in files},
             "types": list(types), "tensor_types": layout,
             "exact_zeros": [t for t in types if t in EXACT_ZEROS],

@@ -8,11 +8,11 @@ w bit for bit. This works the same for w4g128 and for w4s24, whose pruned weight
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import manifest as mf
 from ..errors import LLMPruneError
@@ -28,6 +28,13 @@ class Source:
     @property
     def fmt(self) -> str:
         return self.manifest.format_name
+
+    @functools.cached_property
+    def files(self):
+        """lazy.WeightFiles of the folder (headers read once)."""
+        from ..lazy import WeightFiles
+
+        return WeightFiles(self.folder)
 
     @property
     def per_block_slicegpt(self) -> bool:
@@ -64,45 +71,104 @@ def open_source(folder: str | Path) -> Source:
     return src
 
 
-def dense_model(src: Source, dtype=torch.float32):
-    """(model with every linear an nn.Linear holding its exact dense weight, tokenizer)."""
-    from ..checkpoint import load
+class Weights:
+    """The source's weights for one pass in state-dict order, packed linears as the dense weights they
+    encode (exact). `model` names the tensors and gives their shapes; it is on the meta device when the
+    folder is read one decoder block at a time (`lazy`, the default: think in 70B), or in memory when
+    its tensors are stored under names transformers converts at load (only a whole load reads those)."""
 
-    model, tok, _ = load(src.folder, dtype=dtype)
+    def __init__(self, src: Source, dtype=torch.float32, whole: bool = False):
+        from ..lazy import LazyModel
+        from ..onload import stored_as_in_memory
+
+        section = (src.manifest.format or None) if src.fmt != "dense" else None
+        self.lazy = LazyModel(src.folder, dtype, section, unpack=True)
+        self.tok = _tokenizer(src.folder)
+        if whole or stored_as_in_memory(self.lazy):
+            self.lazy = None
+            self.model = _whole(src, dtype)
+        else:
+            self.model = self.lazy.model
+        self.keys = [k for k in self.model.state_dict(keep_vars=True) if k not in self._tied()]
+
+    def _tied(self) -> set[str]:
+        if self.lazy is None:
+            return tied_names(self.model)
+        head = self.model.get_output_embeddings()
+        name = next((n for n, m in self.model.named_modules() if m is head), None)
+        return {f"{name}.weight"} if self.lazy.tied and name else set()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        sd = self.model.state_dict(keep_vars=True)
+        return {k: tuple(sd[k].shape) for k in self.keys}
+
+    def blocks(self) -> str:
+        from ..arch import arch_of
+
+        return arch_of(self.model).blocks
+
+    @torch.no_grad()
+    def tensors(self, blocks: bool = True):
+        """(name, tensor) for every key in order (`blocks` False: only those outside the decoder blocks);
+        from disk, one decoder block (or one tensor outside the blocks) in memory at a time."""
+        inside = self.blocks() + "."
+        keys = self.keys if blocks else [k for k in self.keys if not k.startswith(inside)]
+        if self.lazy is None:
+            sd = self.model.state_dict()
+            yield from ((k, sd[k]) for k in keys)
+            return
+        i = 0
+        while i < len(keys):
+            k = keys[i]
+            prefix = inside + k[len(inside):].split(".")[0] + "." if k.startswith(inside) else k
+            self.lazy.load(prefix)
+            sd = self.model.state_dict()
+            while i < len(keys) and keys[i].startswith(prefix):
+                yield keys[i], sd[keys[i]]
+                i += 1
+            del sd
+            self.lazy.release(prefix)
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+
+
+def _whole(src: Source, dtype):
+    """The output loaded whole, every packed linear an nn.Linear holding its exact dense weight."""
+    from ..checkpoint import load
+    from ..lazy import unpacked
+
+    model, _, _ = load(src.folder, dtype=dtype)
     for name, mod in list(model.named_modules()):
         if hasattr(mod, "dequantize") and hasattr(mod, "packed"):  # modules.PackedLinear
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=dtype)
-            lin.weight.data = mod.dequantize(torch.float32).to(dtype)
-            if mod.bias is not None:
-                lin.bias.data = mod.bias.detach().to(dtype)
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, lin)
-    return model, tok
+            setattr(model.get_submodule(parent) if parent else model, leaf, unpacked(mod, dtype))
+    return model
 
 
-def stored_codes(src: Source, model) -> dict:
-    """{layer: quant.Quantized} of the source's int4 layers, recovered exactly (module docstring)."""
-    from ..lazy import WeightFiles
+def stored_code(src: Source, name: str, w: torch.Tensor):
+    """quant.Quantized of the source's int4 layer `name` with dense weight `w`, recovered exactly (module
+    docstring); None when the layer is not stored as int4."""
     from ..quant import MAXQ, SYM_ZERO, Quantized
 
-    out = {}
-    files = WeightFiles(src.folder)  # one file or shards with an index
-    for name in (src.manifest.format or {}).get("layers") or {}:
-        grid = src.layer_grid(name)
-        if grid is None:
-            continue
-        w = model.get_submodule(name).weight.detach().float()  # (out, in)
-        g = grid["group_size"]
-        s = files.read([f"{name}.scales"])[f"{name}.scales"]  # (out, in/G) fp16
-        z = (files.read([f"{name}.zeros"])[f"{name}.zeros"] if f"{name}.zeros" in files
-             else torch.full_like(s, SYM_ZERO, dtype=torch.uint8))  # (out, in/G)
-        sf, zf = s.float().repeat_interleave(g, 1), z.float().repeat_interleave(g, 1)  # (out, in)
-        q = torch.clamp(torch.round(w / sf) + zf, 0, MAXQ)
-        if not torch.equal((q - zf) * sf, w):
-            raise LLMPruneError(f"{name}: the stored int4 grid does not reproduce the weights exactly: the "
-                                f"folder is damaged; re-create it with llmprune pack")
-        out[name] = Quantized(q.to(torch.uint8), s, z, g, grid["symmetric"])
-    return out
+    grid = src.layer_grid(name)
+    if grid is None:
+        return None
+    files = src.files
+    w = w.detach().float()  # (out, in)
+    g = grid["group_size"]
+    s = files.get(f"{name}.scales")  # (out, in/G) fp16
+    z = (files.get(f"{name}.zeros") if f"{name}.zeros" in files
+         else torch.full_like(s, SYM_ZERO, dtype=torch.uint8))  # (out, in/G)
+    sf, zf = s.float().repeat_interleave(g, 1), z.float().repeat_interleave(g, 1)  # (out, in)
+    q = torch.clamp(torch.round(w / sf) + zf, 0, MAXQ)
+    if not torch.equal((q - zf) * sf, w):
+        raise LLMPruneError(f"{name}: the stored int4 grid does not reproduce the weights exactly: the "
+                            f"folder is damaged; re-create it with llmprune pack")
+    return Quantized(q.to(torch.uint8), s, z, g, grid["symmetric"])
 
 
 def tied_names(model) -> set[str]:
