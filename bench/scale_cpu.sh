@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth]        (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -21,6 +21,16 @@ run() {  # run NAME ARGS...: compress, keep the manifest and the log, drop the o
   cp "$S/out-$name/llmprune.json" "$R/$name.json"
   du -sb "$S/out-$name" | cut -f1 > "$R/$name.bytes"
   rm -rf "$S/out-$name"
+}
+
+step() {  # step NAME CMD ARGS... --out DIR: any llmprune command; keeps its manifest (+ /usr/bin/time's max RSS)
+  local name=$1; shift
+  [ -f "$R/$name.json" ] && { echo "skip $name"; return 0; }
+  { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ llmprune $*"; } >> "$LOG"
+  /usr/bin/time -f "wall %e s, max RSS %M KiB" python -m llmprune.cli "$@" --no-progress >> "$LOG" 2>&1
+  local out="${*: -1}"
+  cp "$out/llmprune.json" "$R/$name.json"
+  du -sb "$out" | cut -f1 > "$R/$name.bytes"
 }
 
 synth() {  # synth NAME ARGS...: the synthetic source, written once
@@ -46,4 +56,20 @@ if [[ " $STAGES " == *" depth "* ]]; then  # the same width, 4 / 8 / 16 / 32 blo
         --eval none $C
   done
   run depth-l32-wanda-50 --model "$S/llama3-8b" --solver wanda --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C
+fi
+if [[ " $STAGES " == *" pack_export "* ]]; then  # pack and export a saved output at 8B width, 4 and 16 blocks:
+  # each reads its source one block at a time, so the peak should not grow with depth; pack --onload whole
+  # at 4 blocks for contrast (the whole model in fp32, the compute dtype here)
+  for n in 4 16; do
+    synth llama3-8b-l$n --arch llama3-8b --dtype bfloat16 --layers $n
+    k=$S/keep-l$n-wanda-50
+    [ -f "$k/llmprune.json" ] || python -m llmprune.cli compress --model "$S/llama3-8b-l$n" --solver wanda \
+        --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C --out "$k" >> "$LOG" 2>&1
+    step pack-l$n-w4g128 pack "$k" --format w4g128 --overwrite --out "$S/pack-l$n"
+    step export-l$n-ct export "$S/pack-l$n" --to compressed-tensors --overwrite --out "$S/ct-l$n"
+    step export-l$n-gguf export "$k" --to gguf --type q4_0 --overwrite --out "$S/gguf-l$n"
+    rm -rf "$S/pack-l$n" "$S/ct-l$n" "$S/gguf-l$n"
+  done
+  step pack-l4-w4g128-whole pack "$S/keep-l4-wanda-50" --format w4g128 --onload whole --overwrite --out "$S/pack-l4-whole"
+  rm -rf "$S/pack-l4-whole"
 fi
