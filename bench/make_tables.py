@@ -40,9 +40,13 @@ def base_table() -> str:
         if not m:
             continue
         ev, t = m.get("eval", {}).get("wikitext2", {}), m["timings"]
+        mark = " †" if in_memory_figure(m) else ""
         rows.append(f"| {m['model']['asked']} | {m['solver']} | {m['pattern']} | {m['sparsity']['measured']:.4f} | "
-                    f"{f(ev.get('dense_ppl'))} | {f(ev.get('ppl'))} | {t['compress_s']:.0f} ({t.get('forward_s', 0):.0f} / "
-                    f"{t.get('solve_s', 0):.0f}) | {m['peak_rss_mib']:.0f} |")
+                    f"{f(ev.get('dense_ppl'))} | {f(ev.get('ppl'))}{mark} | {t['compress_s']:.0f} "
+                    f"({t.get('forward_s', 0):.0f} / {t.get('solve_s', 0):.0f}) | {m['peak_rss_mib']:.0f} |")
+    if any(" †" in r for r in rows):
+        rows.append("\n† measured on the model in memory right after pruning, by a release that did not yet evaluate "
+                    "the saved file (manifest format 1); not re-measured yet.")
     return "\n".join(rows)
 
 
@@ -87,7 +91,7 @@ def formats_table() -> str:
         if s:
             rows.append(f"| {model} | {what} | dense (zeros in place) | - | - | 1 (fp32 file: 2x) | {file_mib(src):.0f} | "
                         f"{f(base_ppl)} | 1 |")
-        for name, same_ppl_as in outs:
+        for name, unmeasured in outs:
             m = load(name)
             if not m or "format" not in m:
                 continue
@@ -98,9 +102,8 @@ def formats_table() -> str:
             src_m = load(Path(m["packed_from"]).name) if m.get("packed_from") else None
             if src_m and ppl == (src_m.get("eval", {}).get("wikitext2") or {}).get("ppl"):
                 ppl = None  # copied from the source by an older `pack`, not measured on the packed model
-            note = ""
-            if ppl is None and same_ppl_as and load(same_ppl_as):
-                ppl, note = load(same_ppl_as)["eval"]["wikitext2"]["ppl"], " (= the 2:4 model: lossless for its fp16 weights)"
+            # a packed folder's figure is measured on it or not shown: never its source's
+            note = " (not measured on the packed folder)" if ppl is None and unmeasured else ""
             fm = m["format"]
             q = "-"
             if fm.get("quant"):
@@ -435,8 +438,7 @@ PRUNE_ROWS = [("llama-dense", "unpruned"), ("llama-magnitude-50", "magnitude 50%
               ("llama-sparsegpt-50", "SparseGPT 50%"), ("llama-wanda-60", "Wanda 60%"), ("llama-wanda-70", "Wanda 70%"),
               ("llama-wanda-24", "Wanda 2:4"), ("llama-sparsegpt-24", "SparseGPT 2:4"),
               # bash bench/p_cpu.sh alps_speed: ALPS and SparseGPT back to back, alone on the machine
-              ("llama-sparsegpt-24-again", "SparseGPT 2:4 (again)"), ("llama-alps-24", "ALPS 2:4"),
-              ("llama-sparsegpt-70", "SparseGPT 70%"), ("llama-alps-70", "ALPS 70%")]
+              ("llama-alps-24", "ALPS 2:4"), ("llama-sparsegpt-70", "SparseGPT 70%"), ("llama-alps-70", "ALPS 70%")]
 
 
 def head_prune() -> str:
@@ -455,19 +457,7 @@ def head_prune() -> str:
                    f"{f(m['timings']['compress_s'] if pruned else None, '.0f')} | `{name}` |")
     if dagger:
         out.append("\n† measured on the model in memory right after pruning, by a release that did not yet evaluate "
-                   "the saved file (manifest format 1). Re-measured on its saved file, Wanda 50% reads 44.74 where "
-                   "its in-memory figure was 44.89 (the masks are bit-identical); the others are not re-measured yet. That "
-                   "re-run shared the 2 cores with three other jobs: its 333 s compare with 112 s alone.")
-    again = load("llama-sparsegpt-24-again")
-    if again and load("llama-sparsegpt-24"):
-        old = load("llama-sparsegpt-24")
-        out.append(f"\nSparseGPT 2:4 (again): the same command gives {_ppl(again):.2f} where it gave {_ppl(old):.2f}. "
-                   f"The first ran under transformers {old['versions']['transformers']}, the "
-                   f"second under {again['versions']['transformers']} and the libraries of that day; the dense model "
-                   "reads 20.43 under both, and the November code under the December libraries gives 76.97: the "
-                   "libraries moved it (llmprune's own changes since, 76.97 to 77.18, not traced further; the tiny "
-                   "models' results are bit-identical). The rows from it down ran alone, back to back, under the "
-                   "December libraries: compare ALPS with them.")
+                   "the saved file (manifest format 1); not re-measured yet.")
     return "\n".join(out)
 
 
@@ -504,9 +494,7 @@ def head_formats() -> str:
             if o.get("tune_steps"):
                 q += f" + scales tuned {o['tune_steps']} steps" + (" (not kept)" if o.get("tune", {}).get("kept") == "gptq"
                                                                      else "")
-        ppl, note = _ppl(m), ""
-        if ppl is None and fm.get("name") == "sparse24":  # exact: the source's fp16 weights, as stored
-            ppl, note = _ppl(src), " (= source)"
+        ppl, note = _ppl(m), ""  # measured on the packed folder, or not shown (never the source's figure)
         rel = f"{ppl / _ppl(src):.3f}" if ppl and _ppl(src) and src is not m else "-"
         parts = [f(src["timings"]["compress_s"], ".0f")] if pruned else []  # the source's pruning
         if src is not m:

@@ -87,7 +87,7 @@ stage_formats() {
 stage_gemma() {  # Gemma-3-270M's quality per format (~55 min here, the tuning 26 of them); not a default stage.
   # Its inputs are 640, 1024 and 2048 wide (no groups of 48): asymmetric groups of 64 (0.211x) for w4s24
   run gemma3-sparsegpt-24 $L compress --model gemma3 --solver sparsegpt --pattern 2:4 --no-dense-eval $P --out $R/gemma3-sparsegpt-24
-  run gemma3-sparsegpt-24-sparse24 $L pack $R/gemma3-sparsegpt-24 --format sparse24 --out $R/gemma3-sparsegpt-24-sparse24 --no-progress
+  run gemma3-sparsegpt-24-sparse24 $L pack $R/gemma3-sparsegpt-24 --format sparse24 --out $R/gemma3-sparsegpt-24-sparse24 --no-progress && evalp gemma3-sparsegpt-24-sparse24
   G64="--grid asym --group-size 64"
   run gemma3-sparsegpt-24-w4s24-rtn $L pack $R/gemma3-sparsegpt-24 --format w4s24 --quant rtn $G64 --out $R/gemma3-sparsegpt-24-w4s24-rtn --no-progress && evalp gemma3-sparsegpt-24-w4s24-rtn
   run gemma3-sparsegpt-24-w4s24-gptq $L pack $R/gemma3-sparsegpt-24 --format w4s24 --quant gptq $G64 --nsamples 64 --seqlen 512 --out $R/gemma3-sparsegpt-24-w4s24-gptq --no-progress && evalp gemma3-sparsegpt-24-w4s24-gptq

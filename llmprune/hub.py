@@ -102,9 +102,18 @@ def _export_lines(manifest: dict, repo_id: str) -> list[str]:
     _, measured = _sparsity(manifest)
     zeros = []
     if measured:
-        zeros = ["", (f"The pruned weights ({_pct(measured)} of the pruned layers) are stored as exact zeros, but the "
-                      "serving engine computes with them as with any dense weight: it does not exploit the sparsity, "
-                      "so size and speed are those of a dense model in this format.")]
+        files = e.get("files") or []
+        kept = [f for f, t in zip(files, e.get("types") or []) if t not in (e.get("exact_zeros") or [])] \
+            if e.get("to") == "gguf" else []
+        stored = "are stored as exact zeros"
+        if kept:  # Q4_1 / Q5_1 store a block minimum: a zero comes back near zero
+            their = "its type keeps" if len(kept) == 1 else "their types keep"
+            stored += (f" except in {', '.join(kept)} ({their} a minimum per block, so they come back near zero, "
+                       f"not exactly)")
+        zeros = ["", (f"The pruned weights ({_pct(measured)} of the pruned layers, measured on the llmprune output "
+                      f"this was exported from) {stored}, but the serving engine computes with them as with any "
+                      "dense weight: it does not exploit the sparsity, so size and speed are those of a dense model "
+                      "in this format.")]
     hf = "from transformers import AutoModelForCausalLM"
     if e.get("to") == "gguf":
         files = e.get("files") or ["model.gguf"]

@@ -62,7 +62,8 @@ def open_output(folder: str | Path, dtype: str, manifest: dict) -> lazy.LazyMode
     return lazy.LazyModel(folder, getattr(torch, dtype), section)
 
 
-def _store(lz: lazy.LazyModel, sink=None) -> lazy.BlockStore:
+def block_store(lz: lazy.LazyModel, sink=None) -> lazy.BlockStore:
+    """What walker.onload needs to walk `lz` block by block (`sink(i, block)`: each finished block)."""
     a = archmod.arch_of(lz.model)
     late = () if lz.tied else (a.head,)
     return lazy.BlockStore(lz, a.blocks, late=(*late, a.norm), sink=sink)
@@ -200,7 +201,7 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
         if c.owl:
             from . import owl
 
-            with walker.onload(model, _store(lz)):
+            with walker.onload(model, block_store(lz)):
                 layer_s = owl.layer_sparsities(model, names, ids, p.sparsity, batch_size=c.calib_batch,
                                                device=p.device, progress=c.progress, **dataclasses.asdict(c.owl))
             per_layer = list(layer_s.values())
@@ -213,7 +214,7 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
             out._count(f"{out.blocks}.{i}.", module)  # the pruning's sparsity, before GPTQ's pass
             scratch.block(i, module)
 
-        with walker.onload(model, _store(lz, sink)):
+        with walker.onload(model, block_store(lz, sink)):
             res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
                               c.progress, expert_min_tokens=c.expert_min_tokens, expert_fallback=c.expert_fallback,
                               gates=c.prune_gates, devices=p.devices)
@@ -235,7 +236,7 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
     info: dict = {}
     pending: dict[int, dict] = {}
     model = lz.model
-    store = _store(lz, sink=lambda i, m: out.block(i, m, quantized=pending.pop(i, {})))
+    store = block_store(lz, sink=lambda i, m: out.block(i, m, quantized=pending.pop(i, {})))
     with timer("gptq_s"), walker.onload(model, store):
         gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
                         progress=progress, dtype=out.packer.dtype, info=info, on_block=pending.__setitem__,
@@ -249,7 +250,7 @@ def each_block(lz: lazy.LazyModel, device, sink, progress: bool = False, desc: s
     freed."""
     from tqdm.auto import tqdm
 
-    store = _store(lz, sink)
+    store = block_store(lz, sink)
     blocks = archmod.blocks(lz.model)
     for i in tqdm(range(len(blocks)), desc=desc, disable=not progress):
         store.load_block(i, device)
@@ -300,7 +301,7 @@ def evaluate(lz: lazy.LazyModel, tok, datasets, seqlen: int, windows: int | None
         per = max(1, EVAL_ACTIVATIONS // (seqlen * model.config.hidden_size * lz.dtype.itemsize))
         nll = 0.0
         for chunk in data.split(per):  # windows walked together, each chunk one pass over the weights
-            with walker.onload(model, _store(lz)):
+            with walker.onload(model, block_store(lz)):
                 hidden = None
                 for block in walker.walk(model, chunk, 1, device, progress, desc=f"ppl {d} blocks"):
                     pass

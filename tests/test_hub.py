@@ -187,6 +187,17 @@ def test_card_base_model_only_for_hub_ids(model, base):
     assert meta.get("base_model") == base
 
 
+def test_card_of_a_gguf_export_says_which_files_keep_exact_zeros():
+    """Q4_1 and Q5_1 store a block minimum: a pruned weight comes back near zero, and the card says so."""
+    e = {"to": "gguf", "files": ["m-F16.gguf", "m-Q4_1.gguf", "m-Q5_1.gguf"], "types": ["f16", "q4_1", "q5_1"],
+         "exact_zeros": ["f16"], "bytes": {}, "source_format": "dense (prune)"}
+    card = model_card(manifest(export=e), REPO)
+    assert "exact zeros except in m-Q4_1.gguf, m-Q5_1.gguf (their types keep a minimum per block" in card
+    e = {**e, "files": ["m-Q8_0.gguf"], "types": ["q8_0"], "exact_zeros": ["q8_0"]}
+    card = model_card(manifest(export=e), REPO)
+    assert "are stored as exact zeros, but" in card and "except in" not in card
+
+
 def test_card_redacts_token_like_strings():
     m = manifest(command=f"HF_TOKEN={TOKEN} llmprune compress llama --out out")
     card = model_card(m, REPO)

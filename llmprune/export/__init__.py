@@ -167,7 +167,7 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
             put(key, t, rtn_code)
         return info
     from .. import pipeline, walker
-    from ..onload import _store
+    from ..onload import block_store
     from ..quant.sequential import gptq_sequential
     from ..runinfo import pick_device
 
@@ -186,7 +186,7 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
             for key, t in block.state_dict(prefix=f"{arch.arch_of(weights.model).blocks}.{i}.").items():
                 put(key, t, lambda name, t: codes.get(name))
 
-        with walker.onload(weights.model, _store(weights.lazy, sink)):
+        with walker.onload(weights.model, block_store(weights.lazy, sink)):
             gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__, **run)
         for key, t in weights.tensors(blocks=False):
             put(key, t, lambda name, t: None)
