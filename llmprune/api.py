@@ -386,9 +386,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     if lz is None:
         model, tok, _ = checkpoint.load(src, dtype=dtype)
     else:
-        from transformers import AutoTokenizer
-
-        model, tok = lz.model, AutoTokenizer.from_pretrained(src)  # the model on the meta device
+        model, tok = lz.model, checkpoint.load_tokenizer(src)  # the model on the meta device
     from .packed import check_packable
 
     check_packable(model, fmt)  # before GPTQ's work

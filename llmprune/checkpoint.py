@@ -42,7 +42,7 @@ def check_weight_files(folder: Path) -> list[Path]:
 def load(folder: str | Path, dtype="float32", device="cpu"):
     """Load an llmprune output: (model, tokenizer, manifest as a dict)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     m = mf.read(folder)
@@ -63,5 +63,12 @@ def load(folder: str | Path, dtype="float32", device="cpu"):
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True).to(device)
             except (OSError, ValueError, RuntimeError) as e:
                 raise LLMPruneError(f"cannot load {folder}: {str(e).splitlines()[0]}") from None
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    return model.eval(), tok, m.to_dict()
+    return model.eval(), load_tokenizer(folder), m.to_dict()
+
+
+def load_tokenizer(folder: str | Path):
+    """The output's tokenizer, or None when it was saved without one."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    return AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None

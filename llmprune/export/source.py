@@ -78,12 +78,13 @@ class Weights:
     its tensors are stored under names transformers converts at load (only a whole load reads those)."""
 
     def __init__(self, src: Source, dtype=torch.float32, whole: bool = False):
+        from ..checkpoint import load_tokenizer
         from ..lazy import LazyModel
         from ..onload import stored_as_in_memory
 
         section = (src.manifest.format or None) if src.fmt != "dense" else None
         self.lazy = LazyModel(src.folder, dtype, section, unpack=True)
-        self.tok = _tokenizer(src.folder)
+        self.tok = load_tokenizer(src.folder)
         if whole or stored_as_in_memory(self.lazy):
             self.lazy = None
             self.model = _whole(src, dtype)
@@ -128,12 +129,6 @@ class Weights:
                 i += 1
             del sd
             self.lazy.release(prefix)
-
-
-def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
 
 
 def _whole(src: Source, dtype):
