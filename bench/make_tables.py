@@ -50,6 +50,11 @@ def base_table() -> str:
     return "\n".join(rows)
 
 
+def _tf(m: dict | None) -> str | None:
+    """The transformers version a manifest's command ran under (the libraries move the figures)."""
+    return ((m or {}).get("versions") or {}).get("transformers")
+
+
 def _bytes(m: dict) -> tuple[int, int]:
     """(packed bytes, fp16 bytes) of the packed linears."""
     layers = m["format"]["layers"]
@@ -118,7 +123,11 @@ def formats_table() -> str:
                         q += f", + scales tuned {o['tune_steps']} steps" + (" (not kept)" if t.get("kept") == "gptq" else "")
                     if (o.get("calibration") or {}).get("seed", 0):
                         q += f", calibration seed {o['calibration']['seed']}"
-            rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
+            # a ratio only against the source as it was when packed (a source re-run since, under other
+            # libraries, reads differently: `*`, no ratio)
+            same = not s or _tf(s) == _tf(m)
+            rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl and same else "-"
+            note += "" if same else " *"
             rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
                         f"{packed / dense:.3f} | {file_mib(name):.0f} | {f(ppl)}{note} | {rel} |")
     return "\n".join(rows)
@@ -131,7 +140,9 @@ storage became the default and keep fp32 embeddings (hence 149 MiB); their linea
 unaffected. That plain-GPTQ row also predates block-sequential GPTQ (every Hessian from the
 unquantized model); every other GPTQ row is block-sequential (`packed.gptq_sequential`). Gemma-3's
 magnitude rows are sizes only; its quality rows (`bash bench/p_cpu.sh gemma`) use a SparseGPT 2:4 model
-and the unpruned one, whose 25.05 comes from the Wanda 50% run's dense evaluation."""
+and the unpruned one, whose 25.05 comes from the Wanda 50% run's dense evaluation. `*`: packed before its
+source was run again (on its saved file, under other libraries): the figure, measured on the packed folder,
+stands; the ratio to today's source would mix two library versions and is not given."""
 
 
 # Whole-file MiB of outputs that no record above holds: measured when runs/ still existed and printed in
@@ -495,13 +506,17 @@ def head_formats() -> str:
                 q += f" + scales tuned {o['tune_steps']} steps" + (" (not kept)" if o.get("tune", {}).get("kept") == "gptq"
                                                                      else "")
         ppl, note = _ppl(m), ""  # measured on the packed folder, or not shown (never the source's figure)
-        rel = f"{ppl / _ppl(src):.3f}" if ppl and _ppl(src) and src is not m else "-"
+        same = _tf(src) == _tf(m)  # else the source was re-run since, under other libraries: no ratio
+        rel = f"{ppl / _ppl(src):.3f}" if ppl and _ppl(src) and src is not m and same else "-"
+        note += "" if same else " *"
         parts = [f(src["timings"]["compress_s"], ".0f")] if pruned else []  # the source's pruning
         if src is not m:
             parts.append(f(pack_wall(name), ".0f"))  # this pack command ("-": not in p_cpu.log)
         t = " + ".join(parts) or "-"
         out.append(f"| {fm.get('name', 'dense (fp32)')} | {what} | {q} | {f(ppl)}{note} | {rel} | "
                    f"{file_mib(name):.0f} | {t} | `{name}` |")
+    if any(" * |" in r for r in out):
+        out.append("\n`*`: packed before its source was run again under other libraries: no ratio to it.")
     return "\n".join(out)
 
 

@@ -291,6 +291,22 @@ def test_failure_midway_leaves_nothing(tmp_path, capsys, outs, monkeypatch):
     assert rc == 2 and "no space left" in err and not out.exists() and not list(tmp_path.glob(".g.*"))
 
 
+def test_export_eval_reads_the_export_with_transformers(tmp_path, capsys, outs):
+    """`--eval` measures the export as the engine's reader loads it (transformers' GGUF reader, or its
+    compressed-tensors decompression), not llmprune's loader, in the source's compute dtype."""
+    import llmprune
+
+    ev = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
+    src = llmprune.evaluate(str(outs["w4sym"]), seqlen=64, windows=2, progress=False, save=False)["eval"]["wikitext2"]
+    for to, extra, reader in (("gguf", ["--type", "f16"], "gguf_file="), ("compressed-tensors", [], "from_pretrained")):
+        out = tmp_path / to
+        rc, so, se = _run(capsys, "export", outs["w4sym"], "--to", to, *extra, *ev, "--out", out, "--no-progress")
+        assert rc == 0, se
+        r = json.loads((out / "llmprune.json").read_text())["eval"]["wikitext2"]
+        assert r["measured_on"].startswith(f"export, loaded with transformers ({reader}") and r["windows"] == 2
+        assert r["ppl"] == pytest.approx(src["ppl"], rel=2e-3)  # the same int4 weights (F16: rounded once)
+
+
 # --- one block at a time -----------------------------------------------------------------------------
 
 STREAMED = [("w4s24", "compressed-tensors", []), ("24", "compressed-tensors", ["--group-size", "32"]),

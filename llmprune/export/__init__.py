@@ -90,7 +90,8 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
         del weights
         mf.write(tmp, new)
         if eval:
-            new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress)
+            new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, pick_device(device),
+                                s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32")
         for k, v in memory(pick_device(device)).items():  # this command's (the source's: its own manifest)
             setattr(new, k, v)
         mf.write(tmp, new)
@@ -194,12 +195,14 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
     return info
 
 
-def evaluate(folder, datasets, seqlen: int, windows: int | None, progress: bool) -> dict:
+def evaluate(folder, datasets, seqlen: int, windows: int | None, progress: bool, device: str = "cpu",
+             dtype: str = "float32") -> dict:
     """Perplexity of an export as another engine's reader sees it: transformers loads the folder
-    (compressed-tensors decompressed, GGUF dequantized), llmprune only computes the protocol."""
+    (compressed-tensors decompressed, GGUF dequantized), llmprune only computes the protocol; in the
+    dtype the source was computed in, on `device` (GPUs: placed by accelerate over all of them)."""
     from ..pipeline import evaluate_model
 
-    model, tok = load(folder)
+    model, tok = load(folder, dtype=dtype, device=device)
     res = evaluate_model(model, tok, datasets, seqlen, windows, progress, {})
     return {d: {**r, "measured_on": f"export, loaded with transformers ({reader(folder)})"} for d, r in res.items()}
 
@@ -222,14 +225,16 @@ def load(folder, dtype="float32", device="cpu"):
     e = mf.read(folder).export or {}
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kw = {"gguf_file": e["files"][0]} if e.get("to") == "gguf" else {}
+    on_gpu = torch.device(device).type == "cuda"
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **kw).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, device_map="auto" if on_gpu else None, **kw)
+        model = (model if on_gpu else model.to(device)).eval()
     except (OSError, ValueError, RuntimeError) as err:
         why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
         raise LLMPruneError(f"transformers cannot load {folder} ({str(err).splitlines()[0][:100]}): {why}") from None
     if hasattr(model, "ct_decompress_hook"):  # compressed-tensors decompresses on the whole model's first forward
         with torch.no_grad():  # (a pre-hook); llmprune's perplexity calls model.base_model, so run that one here
-            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+            model(torch.zeros(1, 1, dtype=torch.long, device=model.device))
     tok = AutoTokenizer.from_pretrained(folder, **kw)
     return model, tok
 
