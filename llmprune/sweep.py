@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from . import patterns, pipeline, solvers
+from . import arch, patterns, pipeline, solvers
 from .errors import LLMPruneError
 from .runinfo import peak_rss_mib, pick_device, reset_peak_rss, versions
 
@@ -68,7 +68,9 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     prune.check_shapes(m, names, pat)
     pipeline.check_context(m, cfg.seqlen, "--seqlen")
     pipeline.check_context(m, eval_seqlen, "--eval-seqlen")
-    dense_state = {k: v.clone() for k, v in m.state_dict().items()}
+    # pruning changes only the target linears' weights: their dense copies restore the model between points
+    # (a copy of those alone, not of the whole state dict: embeddings and head are a large share of it)
+    dense_state = {n: arch.target(m, n).weight.detach().clone() for n in names}
     ids, calib_info = pipeline.calibrate(calib, tok, cfg.nsamples, cfg.seqlen, seed)
     windows = cfg.eval_windows or None
     cache: dict = {}
@@ -88,7 +90,8 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     rows = [report.sweep_row({"model": info.as_dict(), "solver": "dense", "pattern": "dense",
                               "sparsity": {"target": 0.0, "measured": 0.0}, **dense})]
     for label, solver, owl_opts, opts, sp in grid:
-        m.load_state_dict(dense_state)
+        for n, w in dense_state.items():
+            arch.target(m, n).weight.data.copy_(w)
         reset_peak_rss()  # where the platform cannot restart the count, this stays the process's peak
         t0 = time.perf_counter()
         layer_s = {n: sp for n in names}

@@ -157,6 +157,13 @@ def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
     assert all(r["peak_rss_mib"] > 50 for r in rows[1:])  # each point's own peak (Linux), or the process's
     with Image.open(out / "sweep.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
+    # the last point (after three restores of the dense weights) is what compress makes from the model
+    rc = main(["compress", "--model", str(tiny_dir), "--solver", "wanda", "--sparsity", "0.5", "--calib", str(calib_txt),
+               "--nsamples", "4", "--seqlen", "32", "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2",
+               "--no-dense-eval", "--out", str(tmp_path / "c"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    ref = json.loads((tmp_path / "c" / "llmprune.json").read_text())["eval"]["wikitext2"]["ppl"]
+    assert rows[-1]["ppl_wikitext2"] == pytest.approx(ref, rel=1e-5)
 
 
 
