@@ -389,3 +389,20 @@ def test_compress_export_python_call_load_and_card(tmp_path, capsys, tiny_dir, c
         cards["compressed-tensors"]
     for card in cards.values():
         assert "does not exploit the sparsity" in card
+
+
+@pytest.mark.parametrize("t", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "bf16"])
+def test_gguf_encodes_large_tensors_in_pieces_of_rows_exactly(t, monkeypatch):
+    """Rows go through gguf's quantizer a few at a time (bounded temporaries): the bytes are those of
+    quantizing the whole tensor at once."""
+    import gguf
+    import numpy as np
+
+    from llmprune.export import gguf as target
+
+    data = np.random.default_rng(0).standard_normal((37, 96)).astype(np.float32)
+    data[3, :40] = 0
+    monkeypatch.setattr(target, "ENCODE_CHUNK", 96 * 4 * 5)  # 5 rows a piece: 8 pieces, the last one short
+    got, q = target.encode(data, t)
+    want = gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, t.upper()))
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)

@@ -139,16 +139,27 @@ def tensor_type(name: str, shape: tuple[int, ...], want: str) -> str:
     return want
 
 
+ENCODE_CHUNK = 64 * 2**20  # bytes of fp32 rows quantized at a time (gguf's quantizers make several copies)
+
+
 def encode(data: np.ndarray, t: str):
-    """(array for GGUFWriter.write_tensor_data, raw GGML type or None)."""
+    """(array for GGUFWriter.write_tensor_data, raw GGML type or None). Block types quantize rows
+    independently, so a large tensor (a 128k-token embedding) goes through in pieces of rows: the
+    quantizer's temporaries are those of one piece, not of the whole tensor."""
     import gguf
 
     if t == "f32":
-        return data.astype(np.float32), None
+        return data.astype(np.float32, copy=False), None
     if t == "f16":
         return data.astype(np.float16), None
     q = getattr(gguf.GGMLQuantizationType, t.upper())
-    return gguf.quants.quantize(data.astype(np.float32), q), q
+    rows = data.reshape(-1, data.shape[-1])
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(data.shape, q), dtype=np.uint8)
+    flat = out.reshape(-1, out.shape[-1])
+    step = max(1, ENCODE_CHUNK // (rows.shape[1] * 4))
+    for i in range(0, rows.shape[0], step):
+        flat[i:i + step] = gguf.quants.quantize(rows[i:i + step].astype(np.float32, copy=False), q)
+    return out, q
 
 
 def tensor_info(shape: tuple[int, ...], t: str) -> tuple[tuple[int, ...], np.dtype, int, object]:

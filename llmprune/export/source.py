@@ -153,17 +153,17 @@ def stored_code(src: Source, name: str, w: torch.Tensor):
     if grid is None:
         return None
     files = src.files
-    w = w.detach().float()  # (out, in)
     g = grid["group_size"]
     s = files.get(f"{name}.scales")  # (out, in/G) fp16
     z = (files.get(f"{name}.zeros") if f"{name}.zeros" in files
          else torch.full_like(s, SYM_ZERO, dtype=torch.uint8))  # (out, in/G)
-    sf, zf = s.float().repeat_interleave(g, 1), z.float().repeat_interleave(g, 1)  # (out, in)
-    q = torch.clamp(torch.round(w / sf) + zf, 0, MAXQ)
-    if not torch.equal((q - zf) * sf, w):
+    wg = w.detach().float().reshape(w.shape[0], -1, g)  # (out, in/G, G): scales broadcast, never repeated
+    sf, zf = s.float().unsqueeze(-1), z.float().unsqueeze(-1)
+    q = (wg / sf).round_().add_(zf).clamp_(0, MAXQ)
+    if not torch.equal((q - zf).mul_(sf), wg):
         raise LLMPruneError(f"{name}: the stored int4 grid does not reproduce the weights exactly: the "
                             f"folder is damaged; re-create it with llmprune pack")
-    return Quantized(q.to(torch.uint8), s, z, g, grid["symmetric"])
+    return Quantized(q.reshape(w.shape).to(torch.uint8), s, z, g, grid["symmetric"])
 
 
 def tied_names(model) -> set[str]:
