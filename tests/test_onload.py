@@ -341,8 +341,8 @@ def test_pack_onload_blocks_refuses_scale_tuning(tmp_path, capsys, sharded_24, c
 
 
 def test_pack_and_export_record_their_own_peak_memory(tmp_path, capsys, sharded_24, monkeypatch):
-    """A packed or exported folder's manifest gives the memory of the command that wrote it (as its
-    timings do), not the figure of the compress run it started from (that stays in the source's)."""
+    """A packed or exported folder's manifest gives the memory of the command that wrote it and its time
+    (beside the source's timings), not the compress run's peak (that stays in the source's manifest)."""
     from llmprune import runinfo
 
     monkeypatch.setattr(runinfo, "peak_rss_mib", lambda: 4242.0)
@@ -351,6 +351,8 @@ def test_pack_and_export_record_their_own_peak_memory(tmp_path, capsys, sharded_
     rc, _, se = _run(capsys, "export", sharded_24, "--to", "gguf", "--type", "f16", "--out", tmp_path / "g",
                      "--no-progress")
     assert rc == 0, se
-    src = json.loads((sharded_24 / "llmprune.json").read_text())["peak_rss_mib"]
-    for out in ("p", "g"):
-        assert json.loads((tmp_path / out / "llmprune.json").read_text())["peak_rss_mib"] == 4242.0 != src
+    src = json.loads((sharded_24 / "llmprune.json").read_text())
+    for out, step in (("p", "pack"), ("g", "export")):
+        m = json.loads((tmp_path / out / "llmprune.json").read_text())
+        assert m["peak_rss_mib"] == 4242.0 != src["peak_rss_mib"]
+        assert m["timings"][step]["total_s"] > 0 and m["timings"]["compress_s"] == src["timings"]["compress_s"]

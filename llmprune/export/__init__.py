@@ -60,9 +60,11 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
 
     from .. import manifest as mf
     from .. import outdir
+    from ..pipeline import Timer
     from ..runinfo import memory, pick_device
     from .source import Weights, open_source
 
+    timer = Timer()
     s = open_source(src)
     t = _target(to)
     t.require()
@@ -75,23 +77,26 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     new.exported_from, new.command = str(src), command
     steps = []
     with outdir.atomic_dir(out, overwrite) as tmp:
-        if to == "compressed-tensors":
-            w = t.Writer(tmp, getattr(torch, save_dtype))
-            qinfo = _write_ct(s, weights, w, opts["quant"], group_size, opts["symmetric"], calib, nsamples, seqlen,
-                              seed, opts["gptq"], device, progress)
-            steps += ["quantize"] if opts["quant"] else []
-            section = w.finish(weights.model, weights.tok)
-            if qinfo:
-                section["quant"] = qinfo
-        else:
-            section = t.write(weights, tmp, opts["types"], s, progress=progress)
+        with timer("write_s"):
+            if to == "compressed-tensors":
+                w = t.Writer(tmp, getattr(torch, save_dtype))
+                qinfo = _write_ct(s, weights, w, opts["quant"], group_size, opts["symmetric"], calib, nsamples,
+                                  seqlen, seed, opts["gptq"], device, progress)
+                steps += ["quantize"] if opts["quant"] else []
+                section = w.finish(weights.model, weights.tok)
+                if qinfo:
+                    section["quant"] = qinfo
+            else:
+                section = t.write(weights, tmp, opts["types"], s, progress=progress)
         section["source_format"] = s.describe()
         new.export, new.steps = section, [*s.manifest.steps, *steps, "export"]
         del weights
         mf.write(tmp, new)
         if eval:
-            new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, pick_device(device),
-                                s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32")
+            with timer("eval_s"):
+                new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, pick_device(device),
+                                    s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32")
+        new.timings = {**(s.manifest.timings or {}), "export": timer.total()}  # the source's, and this command's
         for k, v in memory(pick_device(device)).items():  # this command's (the source's: its own manifest)
             setattr(new, k, v)
         mf.write(tmp, new)
