@@ -427,11 +427,11 @@ def _ppl(m: dict | None) -> float | None:
     return ((m or {}).get("eval", {}).get("wikitext2") or {}).get("ppl")
 
 
-def pack_wall(name: str) -> float | None:
-    """Wall seconds of the `llmprune pack` (or other) command that made runs/NAME, from p_cpu.log: the last
-    `### NAME` section (a rerun's header may add a note in parentheses); None when that section has no
+def pack_wall(name: str, log: str = "p_cpu.log") -> float | None:
+    """Wall seconds of the `llmprune pack` (or other) command that made runs/NAME, from `log` (p_cpu.log): the
+    last `### NAME` section (a rerun's header may add a note in parentheses); None when that section has no
     `wall` line (a command run by hand)."""
-    p = R / "p_cpu.log"
+    p = R / log
     if not p.exists():
         return None
     mine, wall = False, None
@@ -589,9 +589,9 @@ def scale_table() -> str:
     this 2-core CPU, 8 x 256 calibration): time, peak RSS, bytes read and written."""
     rows = []
     for p in sorted((R / "scale").glob("*.json")):
-        if p.name.startswith("old-"):
-            continue
         m = json.loads(p.read_text())
+        if p.name.startswith("old-") or m.get("packed_from") or m.get("exported_from"):
+            continue  # (packs and exports: scale_pack_table)
         cfg = m.get("model", {})
         layers = (m.get("config") or {}).get("model", "")
         n = re.search(r"-l(\d+)$", str(layers))
@@ -609,6 +609,32 @@ def scale_table() -> str:
                    f"{f(ts, '.0f')} | {f(rss, ',.0f')} | {f(rd / 1e9 if rd else None, '.1f')} | "
                    f"{f(wr / 1e9 if wr else None, '.1f')} |")
     return "\n".join(out)
+
+
+def scale_pack_table() -> str:
+    """bench/scale_cpu.sh pack_export: pack and export of a saved 8B-width output, 4 and 16 blocks; each
+    command's own peak RSS (its manifest) and wall time (scale.log)."""
+    out = ["| run | blocks | command | reads the source | wall s | peak RSS MiB | disk read GB | written GB |",
+           "|---|---:|---|---|---:|---:|---:|---:|"]
+    def order(p: Path):  # by command, then depth
+        n = re.search(r"-l(\d+)-", p.stem)
+        return re.sub(r"-l\d+-", "-", p.stem), int(n[1]) if n else 0
+
+    for p in sorted((R / "scale").glob("*.json"), key=order):
+        m = json.loads(p.read_text())
+        if not (m.get("packed_from") or m.get("exported_from")):
+            continue
+        n = re.search(r"-l(\d+)-", p.stem)
+        e = m.get("export") or {}
+        what = (f"export --to {e['to']}" + (f" --type {','.join(e['types'])}" if e.get("types") else "")
+                + f" (from {e.get('source_format', '').split(' ')[0]})") if e else \
+            f"pack --format {m['format']['name']} ({m['format'].get('quant') or 'rtn'})"
+        io = m.get("io_bytes") or {}
+        rd, wr = io.get("read_bytes"), io.get("write_bytes")
+        out.append(f"| `{p.stem}` | {n[1] if n else '-'} | {what} | {'whole' if 'whole' in p.stem else 'block by block'} "
+                   f"| {f(pack_wall(p.stem, 'scale/scale.log'), '.0f')} | {f(m.get('peak_rss_mib'), ',.0f')} | "
+                   f"{f(rd / 1e9 if rd else None, '.1f')} | {f(wr / 1e9 if wr else None, '.1f')} |")
+    return "\n".join(out) if len(out) > 2 else ""
 
 
 def scale_estimate_table() -> str:
@@ -635,7 +661,7 @@ TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "qu
           "gpu-kernels": lambda: gpu_section("Kernels against the targets"),
           "gpu-decode": lambda: gpu_section("End-to-end decode"), "gpu-shapes": lambda: gpu_section("Kernel times per shape"),
           "gpu-linears": lambda: gpu_section("The decoder linears alone"), "export": export_table,
-          "scale": scale_table, "scale-estimate": scale_estimate_table}
+          "scale": scale_table, "scale-pack": scale_pack_table, "scale-estimate": scale_estimate_table}
 
 SPAN = re.compile(r"^<!-- table:([\w-]+) -->.*?^<!-- /table -->", re.DOTALL | re.MULTILINE)  # markers open lines
 
