@@ -251,6 +251,14 @@ def _export_format(e: dict | None) -> str | None:
     return f"{e.get('to')} ({what}) from llmprune {e.get('source_format')}: {files}"
 
 
+def _peak_label(manifest: dict) -> str:
+    """"peak RSS", naming the command when it is not compress: a packed or exported folder records the
+    memory of the command that wrote it (the compress run's is in its source's manifest)."""
+    words = str(manifest.get("command") or "").split()
+    cmd = words[1] if len(words) > 1 and words[0].endswith("llmprune") else None
+    return f"peak RSS ({cmd})" if cmd in ("pack", "export", "recover") else "peak RSS"
+
+
 def _recipe(manifest: dict) -> list[str]:
     model = manifest.get("model") or {}
     target, measured = _sparsity(manifest)
@@ -265,7 +273,7 @@ def _recipe(manifest: dict) -> list[str]:
         ("calibration", _calibration(manifest.get("calibration") or {})),
         ("stored format", _export_format(manifest.get("export")) or _format(manifest.get("format") or {})),
         ("compress time", _unit((manifest.get("timings") or {}).get("compress_s"), "s")),
-        ("peak RSS", _unit(manifest.get("peak_rss_mib"), "MiB")),
+        (_peak_label(manifest), _unit(manifest.get("peak_rss_mib"), "MiB")),
         ("llmprune", manifest.get("llmprune_version")),
         ("versions", ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())),
     ]

@@ -131,6 +131,8 @@ def test_card_metadata_and_tables():
     assert recipe["solver"] == ["sparsegpt"] and recipe["pattern"] == ["2:4"]
     assert recipe["sparsity measured"] == ["49.87%"]
     assert recipe["compress time"] == ["123 s"] and recipe["peak RSS"] == ["2048 MiB"]
+    packed = table(model_card({**m, "command": "llmprune pack OUT --format w4s24 --out P"}, REPO), "setting")
+    assert packed["peak RSS (pack)"] == ["2048 MiB"] and "peak RSS" not in packed  # that command's own
     assert recipe["calibration"] == ["c4 (c4_validation_sample.parquet), nsamples 128, seqlen 512, seed 0"]
     assert "/home/someone" not in card  # no local paths on a public card
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}")' in card
