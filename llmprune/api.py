@@ -379,9 +379,9 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         lz = onl.open_output(src, dtype, old.to_dict())
         why = ("it is a SliceGPT output with residual shortcuts, which only load whole" if lz is None
                else onl.stored_as_in_memory(lz))
-    if why and onload == "blocks":
-        raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
     if why:
+        if onload == "blocks":
+            raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
         lz = None
     if lz is None:
         model, tok, _ = checkpoint.load(src, dtype=dtype)

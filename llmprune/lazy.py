@@ -400,14 +400,16 @@ class ShardBuffer:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shard_bytes = shard_bytes or SHARD_BYTES
         self.shard: dict[str, torch.Tensor] = {}
+        self.shard_nbytes = 0  # of the tensors gathered for the next file
         self.files: dict[str, str] = {}  # tensor name -> file
         self.nbytes = 0  # of every tensor put
 
     def put(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous().cpu()
         self.shard[name] = t
+        self.shard_nbytes += t.numel() * t.element_size()
         self.nbytes += t.numel() * t.element_size()
-        if sum(x.numel() * x.element_size() for x in self.shard.values()) >= self.shard_bytes:
+        if self.shard_nbytes >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -418,7 +420,7 @@ class ShardBuffer:
         name = f"{self.stem}-{len(set(self.files.values())) + 1:05d}.safetensors"
         save_file(self.shard, str(self.folder / name), metadata=self.metadata)
         self.files.update(dict.fromkeys(self.shard, name))
-        self.shard = {}
+        self.shard, self.shard_nbytes = {}, 0
 
     def finish(self) -> list[str]:
         """Write what is left, the index when there are several files; returns the file names."""

@@ -76,8 +76,7 @@ class PackWriter:
         self.out = lazy.ShardBuffer(self.folder, "model-packed", {"llmprune": self.f.name}, shard_bytes)
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
-        return t.detach().contiguous().cpu()
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     @torch.no_grad()
     def add_linear(self, name: str, mod: nn.Module, keep: torch.Tensor | None = None, quantized=None,
@@ -102,7 +101,7 @@ class PackWriter:
                 raise LLMPruneError(f"--quant gptq: no GPTQ codes for {name}: quantize every packed layer")
             packed = self.f.pack(w.float(), k, quant=quantized, **opts)
         for tname, t in self.f.stored(packed).items():
-            self.out.put(f"{name}.{tname}", t.contiguous().cpu())
+            self.out.put(f"{name}.{tname}", t)
         if mod.bias is not None:
             self.out.put(f"{name}.bias", self._store(mod.bias))
         self.layers[name] = {"format": self.f.name, "pattern": self.f.pattern or "dense",

@@ -65,6 +65,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     from .source import Weights, open_source
 
     timer = Timer()
+    dev = pick_device(device)
     s = open_source(src)
     t = _target(to)
     t.require()
@@ -81,7 +82,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
             if to == "compressed-tensors":
                 w = t.Writer(tmp, getattr(torch, save_dtype))
                 qinfo = _write_ct(s, weights, w, opts["quant"], group_size, opts["symmetric"], calib, nsamples,
-                                  seqlen, seed, opts["gptq"], device, progress)
+                                  seqlen, seed, opts["gptq"], dev, progress)
                 steps += ["quantize"] if opts["quant"] else []
                 section = w.finish(weights.model, weights.tok)
                 if qinfo:
@@ -94,10 +95,10 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
         mf.write(tmp, new)
         if eval:
             with timer("eval_s"):
-                new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, pick_device(device),
+                new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, dev,
                                     s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32")
         new.timings = {**(s.manifest.timings or {}), "export": timer.total()}  # the source's, and this command's
-        for k, v in memory(pick_device(device)).items():  # this command's (the source's: its own manifest)
+        for k, v in memory(dev).items():  # this command's (the source's: its own manifest)
             setattr(new, k, v)
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}
@@ -175,11 +176,10 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
     from .. import pipeline, walker
     from ..onload import block_store
     from ..quant.sequential import gptq_sequential
-    from ..runinfo import pick_device
 
     ids, info["calibration"] = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
     qinfo: dict = {}
-    run = dict(device=pick_device(device), progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
+    run = dict(device=device, progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
     if weights.lazy is None:  # in memory (scale tuning, or tensors stored under converted names)
         codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)
         for key, t in weights.tensors():
@@ -189,7 +189,7 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
 
         def sink(i, block):  # a block done by GPTQ: its tensors, its layers' codes
             codes = pending.pop(i, {})
-            for key, t in block.state_dict(prefix=f"{arch.arch_of(weights.model).blocks}.{i}.").items():
+            for key, t in block.state_dict(prefix=f"{weights.blocks()}.{i}.").items():
                 put(key, t, lambda name, t: codes.get(name))
 
         with walker.onload(weights.model, block_store(weights.lazy, sink)):

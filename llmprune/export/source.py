@@ -93,11 +93,11 @@ class Weights:
         self.keys = [k for k in self.model.state_dict(keep_vars=True) if k not in self._tied()]
 
     def _tied(self) -> set[str]:
+        from ..arch import arch_of
+
         if self.lazy is None:
             return tied_names(self.model)
-        head = self.model.get_output_embeddings()
-        name = next((n for n, m in self.model.named_modules() if m is head), None)
-        return {f"{name}.weight"} if self.lazy.tied and name else set()
+        return {f"{arch_of(self.model).head}.weight"} if self.lazy.tied else set()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         sd = self.model.state_dict(keep_vars=True)
