@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -72,4 +72,19 @@ if [[ " $STAGES " == *" pack_export "* ]]; then  # pack and export a saved outpu
   done
   step pack-l4-w4g128-whole pack "$S/keep-l4-wanda-50" --format w4g128 --onload whole --overwrite --out "$S/pack-l4-whole"
   rm -rf "$S/pack-l4-whole"
+fi
+if [[ " $STAGES " == *" perp "* ]]; then  # PERP of a saved 8B-width output: the whole model trains (it must), so
+  # the peak grows with depth; what it should not hold is an fp32 copy of the frozen bf16 weights or a mask per weight.
+  # 2 steps of 1 x 128 tokens: memory, not quality (random weights)
+  for n in 4 16; do
+    synth llama3-8b-l$n --arch llama3-8b --dtype bfloat16 --layers $n
+    k=$S/keep-l$n-wanda-50
+    [ -f "$k/llmprune.json" ] || python -m llmprune.cli compress --model "$S/llama3-8b-l$n" --solver wanda \
+        --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C --out "$k" >> "$LOG" 2>&1
+    for dt in bfloat16 float32; do
+      [ $n = 16 ] && [ $dt = float32 ] && continue  # (18 GB of fp32 weights plus training: past this machine)
+      step perp-l$n-$dt recover "$k" --dtype $dt --steps 2 --batch 1 --seqlen 128 --overwrite --out "$S/perp-l$n"
+      rm -rf "$S/perp-l$n"
+    done
+  done
 fi

@@ -288,8 +288,9 @@ def _figures_of(m: mf.Manifest, datasets, seqlen: int, windows: int | None) -> d
 def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int = 0, nsamples: int | None = None,
             eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
             device: str | None = None, overwrite: bool = False, progress: bool = True, command: str | None = None,
-            **perp_opts) -> dict:
-    """PERP recovery of a pruned output folder into a new folder (arXiv 2312.15230)."""
+            dtype: str | None = None, **perp_opts) -> dict:
+    """PERP recovery of a pruned output folder into a new folder (arXiv 2312.15230). dtype: the
+    weights' dtype while training (None: the one the source was compressed in)."""
     from . import arch, checkpoint, prune
     from .recover import perp
 
@@ -299,25 +300,29 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     outdir.check_out(out, overwrite)
     rcfg = RecoverConfig(data=data, seqlen=seqlen, nsamples=nsamples, seed=seed, **perp_opts)
     perp.check_options(**rcfg.perp_options())
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise LLMPruneError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    dtype = dtype or old.dtype or "float32"
     dev = pick_device(device)
     t = pipeline.Timer()
-    model, tok, _ = checkpoint.load(src, dtype=old.dtype or "float32")
+    model, tok, _ = checkpoint.load(src, dtype=dtype)
     pipeline.check_context(model, seqlen, "--seqlen")
     cache: dict = {}
     before = {}
     if eval:
-        same = _figures_of(old, eval, eval_seqlen, eval_windows)
+        # the source's own figures where measured the same way on these weights in this dtype
+        same = _figures_of(old, eval, eval_seqlen, eval_windows) if dtype == (old.dtype or "float32") else {}
         todo = tuple(d for d in eval if d not in same)
         model.to(dev)
         before = {**same, **(pipeline.evaluate_model(model, tok, todo, eval_seqlen, eval_windows, progress, cache)
                              if todo else {})}
         model.to("cpu")
-    keep = perp.derive_keep_masks(model)
-    zeros_before = {k: int((~v).sum()) for k, v in keep.items()}
+    pruned = perp.pruned_linears(model)
+    zeros_before = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned}
     with t("recover_s"):
-        info = pipeline.recover(model, tok, rcfg, data, seed, dev, progress, keep)
-    info["wall_s"] = t.s["recover_s"]
-    info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in keep} == zeros_before
+        info = pipeline.recover(model, tok, rcfg, data, seed, dev, progress)
+    info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
+    info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
     new = mf.Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None})
     new.recover, new.recovered_from = info, str(src)
     new.steps = [*old.steps, "recover"]
@@ -330,8 +335,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         mf.write(tmp, new)  # the loader reads it; rewritten below with the figures
         if eval:
             with t("eval_s"):
-                after = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, dev, old.dtype or "float32",
-                                                progress, cache)
+                after = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, dev, dtype, progress, cache)
             new.eval = {d: {**r, "before_recover_ppl": before[d]["ppl"]} for d, r in
                         pipeline.merge_dense(after, pipeline.dense_refs(old.eval)).items()}
         new.timings = {**old.timings, "recover": t.total()}

@@ -288,6 +288,8 @@ def _add_recover(sub):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", default="no", help="no | bf16 | fp16 (GPU)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16: the weights while training "
+                   "(default: the dtype the source was compressed in); bfloat16 keeps an 8B model at ~16 GB")
     p.add_argument("--data", default="c4", help="c4 | wikitext2 | FILE")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--nsamples", type=int, default=None, help="training windows (default steps x batch x accum)")
@@ -317,7 +319,7 @@ def cmd_recover(a) -> int:
     m = api.recover(a.src, a.out, data=a.data, seqlen=a.seqlen, nsamples=a.nsamples,
                     eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen,
                     eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
-                    progress=not a.no_progress, command=a.command_line, **opts)
+                    progress=not a.no_progress, command=a.command_line, dtype=a.dtype, **opts)
     r = m["recover"]
     print(f"\nsaved {m['out']}  (PERP {r['steps']} steps, {r['n_trainable']:,} trainable = {100 * r['fraction']:.3f}%,"
           f" {r['wall_s']:.0f}s, zeros unchanged: {r['zeros_unchanged']})")

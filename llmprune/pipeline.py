@@ -311,7 +311,7 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
 
 # --- recover --------------------------------------------------------------------------------------
 
-def recover(model, tok, rcfg, calib: str, seed: int, device: str, progress: bool, keep=None) -> dict:
+def recover(model, tok, rcfg, calib: str, seed: int, device: str, progress: bool) -> dict:
     """PERP in place on training windows drawn apart from the pruning calibration (seed + 1)."""
     from .recover import perp
 
@@ -319,7 +319,7 @@ def recover(model, tok, rcfg, calib: str, seed: int, device: str, progress: bool
     n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum  # each window seen once
     ids, data_info = calibrate(rcfg.data or calib, tok, n, rcfg.seqlen, seed)
     model.to(device)
-    info = perp.recover(model, ids.to(device), keep, progress=progress, **opts)
+    info = perp.recover(model, ids.to(device), progress=progress, **opts)
     model.to("cpu")
     info["data"] = data_info
     return info

@@ -48,11 +48,33 @@ def test_recover_before_figure_is_the_sources_or_measured(tmp_path, capsys, tiny
         direct = perplexity(model, tok, "wikitext2", 64, int(windows), progress=False)["ppl"]
         assert before == pytest.approx(direct, rel=1e-9)
 
+def test_recover_in_bf16_keeps_the_weights_in_bf16(tmp_path, capsys, tiny_dir, calib_txt):
+    """--dtype bfloat16: trained with the frozen weights in bf16 under autocast; the before figure is
+    measured in bf16 (not the source's fp32 one), both figures equal direct bf16 evaluations."""
+    from llmprune.eval.perplexity import perplexity
+
+    src, out = tmp_path / "src", tmp_path / "rec"
+    ev = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
+    assert main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--calib", str(calib_txt), "--out", str(src),
+                 *FAST_CLI[:-2], *ev]) == 0
+    rc = main(["recover", str(src), "--out", str(out), "--steps", "2", "--batch", "2", "--data", str(calib_txt),
+               "--seqlen", "32", "--rank", "2", "--dtype", "bfloat16", *ev, "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "llmprune.json").read_text())
+    r = m["recover"]
+    assert (r["dtype"], r["frozen_dtype"], r["autocast"], r["zeros_unchanged"]) == ("bfloat16", "bfloat16", "bf16", True)
+    for folder, key in ((src, "before_recover_ppl"), (out, "ppl")):
+        model, tok, _ = checkpoint.load(folder, dtype="bfloat16")
+        direct = perplexity(model, tok, "wikitext2", 64, 2, progress=False)["ppl"]
+        assert m["eval"]["wikitext2"][key] == pytest.approx(direct, rel=1e-9), key
+
+
 def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
     (tmp_path / "plain").mkdir()
     for argv, msg in [([str(tmp_path / "plain")], "not an llmprune output"),
                       ([str(pruned_24), "--lr", "0"], "--lr"),
-                      ([str(pruned_24), "--steps", "0"], "--steps")]:
+                      ([str(pruned_24), "--steps", "0"], "--steps"),
+                      ([str(pruned_24), "--dtype", "float8"], "--dtype")]:
         rc = main(["recover", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from llmprune.errors import LLMPruneError
 from llmprune.patterns import keep_mask, parse, satisfies
 from llmprune.recover import lora
-from llmprune.recover.perp import derive_keep_masks, recover
+from llmprune.recover.perp import derive_keep_masks, pruned_linears, recover
 from llmprune.testing import tiny_model
 
 PATTERNS = {"unstructured": (parse("unstructured"), 0.5), "2:4": (parse("2:4"), 0.5)}
@@ -53,8 +53,9 @@ FAST = {"steps": 20, "lr": 5e-3, "rank": 4, "batch_size": 4, "progress": False}
 
 # ---- adapters against the paper's formulas ---------------------------------------------------
 
-@pytest.mark.parametrize("rank,scale,bias", [(3, False, True), (0, True, True), (5, True, False)])
-def test_adapter_forward_and_merge_match_formula(rank, scale, bias):
+@pytest.mark.parametrize("rank,scale,bias,given", [(3, False, True, True), (0, True, True, True),
+                                                   (5, True, False, True), (3, True, True, False)])
+def test_adapter_forward_and_merge_match_formula(rank, scale, bias, given):
     torch.manual_seed(0)
     base = nn.Linear(37, 23, bias=bias)  # odd shapes
     keep = torch.rand(23, 37) > 0.6
@@ -63,7 +64,10 @@ def test_adapter_forward_and_merge_match_formula(rank, scale, bias):
         base.weight[~keep] = -0.0  # a signed zero must come back as itself, bit for bit
     w0 = base.weight.detach().clone()
     holder = nn.Sequential(base)
-    wrapper = lora.attach(holder, {"0": keep}, rank=rank, scale=scale, alpha=2.0 * max(rank, 1))["0"]
+    # given=False: no mask, K read off the weight's zeros (and no (out, in) buffer held)
+    wrapper = lora.attach(holder, {"0": keep if given else None}, rank=rank, scale=scale,
+                          alpha=2.0 * max(rank, 1))["0"]
+    assert [b.shape for b in wrapper.buffers()] == ([keep.shape] if given else [])
     with torch.no_grad():  # move the adapters off their identity init
         for name, p in wrapper.named_parameters():
             if not name.startswith("base."):
@@ -152,7 +156,7 @@ def test_fraction_of_trainable_parameters():
 def test_derived_masks_equal_given_masks_and_runs_are_seeded():
     m1, masks = pruned_model("unstructured")
     m2, _ = pruned_model("unstructured")
-    assert derive_keep_masks(m1).keys() == masks.keys()
+    assert derive_keep_masks(m1).keys() == masks.keys() == set(pruned_linears(m1))
     assert all(torch.equal(derive_keep_masks(m1)[k], masks[k]) for k in masks)
     i1 = recover(m1, repetitive_ids(), keep_masks=None, **{**FAST, "steps": 4})
     i2 = recover(m2, repetitive_ids(), keep_masks=masks, **{**FAST, "steps": 4})
@@ -184,6 +188,72 @@ def test_model_state_restored_after_training():
     for k in before:  # frozen parameters survive the fp32 round trip exactly
         if not k.endswith("norm.weight"):
             assert torch.equal(before[k], after[k]), k
+
+
+def test_an_explicit_mask_can_keep_a_zero_weight():
+    # The default mask is W != 0; a given mask may keep a weight that happens to be zero, which then trains.
+    torch.manual_seed(2)
+    base = nn.Linear(8, 6, bias=False)
+    keep = torch.ones(6, 8, dtype=torch.bool)
+    with torch.no_grad():
+        base.weight[0, 0] = 0.0
+    for mask, grows in ((keep, True), (None, False)):
+        holder = nn.Sequential(nn.Linear(8, 6, bias=False))
+        holder[0].load_state_dict(base.state_dict())
+        wrapper = lora.attach(holder, {"0": mask}, rank=2)["0"]
+        with torch.no_grad():
+            wrapper.lora_B.normal_()
+        lora.detach(holder)
+        assert bool(holder[0].weight[0, 0] != 0) is grows
+
+
+def held_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def test_bf16_training_keeps_frozen_weights_in_bf16_and_holds_no_masks():
+    # An 8B bf16 model must not grow to its fp32 size (+ a bool mask per weight) to be retrained:
+    # during training the frozen tensors are the model's own bf16 ones, and only the trained ones are fp32.
+    model, masks = pruned_model("2:4", dtype=torch.bfloat16)
+    # Independent count: the bf16 model, + 2 bytes per norm scale (bf16 -> fp32), + fp32 rank-4 adapters.
+    expect = (held_bytes(model) + sum(p.numel() * 2 for n, p in model.named_parameters() if n.endswith("norm.weight"))
+              + sum(4 * 4 * (k.shape[0] + k.shape[1]) for k in masks.values()))
+    seen = []
+
+    def probe(mod, args):
+        seen.append((held_bytes(model), {p.dtype for p in model.parameters() if p.requires_grad},
+                     [b.shape for m in model.modules() if isinstance(m, lora.SparseAdapterLinear) for b in m.buffers()],
+                     torch.is_autocast_enabled(args[0].device.type)))
+    ids, loss0 = repetitive_ids(), lm_loss(model, repetitive_ids())
+    hook = model.model.layers[1].register_forward_pre_hook(probe)
+    info = recover(model, ids, **{**FAST, "steps": 10})
+    hook.remove()
+    assert seen and all(s == (expect, {torch.float32}, [], True) for s in seen)
+    assert info["frozen_dtype"] == "bfloat16" and info["autocast"] == "bf16"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert lm_loss(model, ids) < loss0 - 0.5
+    for n in masks:
+        assert torch.equal(model.get_submodule(n).weight != 0, masks[n])
+
+
+def test_bf16_training_follows_fp32_training():
+    # Same start, same data: bf16 frozen weights under autocast train like the fp32 model does.
+    m32, _ = pruned_model("2:4")
+    m16, _ = pruned_model("2:4", dtype=torch.bfloat16)
+    i32 = recover(m32, repetitive_ids(), **{**FAST, "steps": 10})
+    i16 = recover(m16, repetitive_ids(), **{**FAST, "steps": 10})
+    assert i32["frozen_dtype"] == "float32" and i32["autocast"] == "no"
+    assert i16["losses"] == pytest.approx(i32["losses"], rel=0.05, abs=0.05)
+
+
+def test_fp16_without_loss_scaling_trains_in_fp32_and_says_so():
+    model, _ = pruned_model("2:4", dtype=torch.float16)
+    before = snapshot(model)
+    info = recover(model, repetitive_ids(), **{**FAST, "steps": 3})
+    assert info["frozen_dtype"] == "float32" and "fp16 weights trained in fp32" in " ".join(info["notes"])
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "layers" not in k and "norm" not in k)
 
 
 def test_gemma3_runs():

@@ -8,6 +8,8 @@ variants can:
 
 Both start at the identity (B = 0, s_row = s_col = 0), so training begins at the pruned model,
 and both merge into a weight whose zeros are exactly those of W (see `merged_weight`).
+K defaults to W != 0, read off the frozen weight whenever it is needed: no mask is stored (a
+bool mask per weight would add half a bf16 model's bytes).
 ScaleLoRA never builds u v^T: y = ((x ⊙ v) W^T) ⊙ u, which costs two vector products.
 """
 from __future__ import annotations
@@ -24,17 +26,19 @@ from ..arch import set_module
 class SparseAdapterLinear(nn.Module):
     """A frozen nn.Linear plus a MaskLoRA and/or ScaleLoRA adapter; `merged_weight` folds them in."""
 
-    def __init__(self, base: nn.Linear, keep: torch.Tensor, rank: int = 0, scale: bool = False,
+    def __init__(self, base: nn.Linear, keep: torch.Tensor | None = None, rank: int = 0, scale: bool = False,
                  alpha: float | None = None, generator: torch.Generator | None = None):
         super().__init__()
         out_f, in_f = base.weight.shape
-        if keep.shape != (out_f, in_f):
+        if keep is not None and keep.shape != (out_f, in_f):
             raise ValueError(f"keep-mask {tuple(keep.shape)} does not match weight {(out_f, in_f)}")
         self.base = base
         self.rank = rank
         self.scaling = (alpha if alpha is not None else rank) / rank if rank else 0.0
         dev = base.weight.device
-        self.register_buffer("keep", keep.to(device=dev, dtype=torch.bool), persistent=False)
+        # An explicit mask is kept (it may keep a weight that is zero); None: K = W != 0, never stored.
+        self.register_buffer("keep_mask", None if keep is None else keep.to(device=dev, dtype=torch.bool),
+                             persistent=False)
         # Adapters train in fp32 whatever the model's dtype: AdamW steps of ~1e-4 vanish in bf16.
         if rank:
             a = torch.empty(rank, in_f)
@@ -51,13 +55,17 @@ class SparseAdapterLinear(nn.Module):
     def adapter_numel(self) -> int:
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("base."))
 
+    def keep(self) -> torch.Tensor:
+        """K: the given mask, else W != 0 (the frozen weight's zeros, which training never changes)."""
+        return self.keep_mask if self.keep_mask is not None else self.base.weight != 0
+
     def _weight(self) -> torch.Tensor:
         """W + s (B A) ⊙ K, in W's dtype; equal to (W + s B A) ⊙ K since W is zero where K is False."""
         w = self.base.weight
         if not self.rank:
             return w
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
-        return w + (delta * self.keep).to(w.dtype)
+        return w + torch.where(self.keep(), delta, 0).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight()
@@ -77,12 +85,13 @@ class SparseAdapterLinear(nn.Module):
         if self.scale:
             new = new * (1 + self.s_row.float())[:, None] * (1 + self.s_col.float())[None, :]
         # torch.where, not a multiply by K: (W + d) * 0 can be -0.0, which differs from 0.0 in bits.
-        return torch.where(self.keep, new.to(w.dtype), w)
+        return torch.where(self.keep(), new.to(w.dtype), w)
 
 
-def attach(model: nn.Module, keep_masks: dict[str, torch.Tensor], rank: int = 0, scale: bool = False,
+def attach(model: nn.Module, keep_masks: dict[str, torch.Tensor | None], rank: int = 0, scale: bool = False,
            alpha: float | None = None, seed: int = 0) -> dict[str, SparseAdapterLinear]:
-    """Wrap each named nn.Linear of `keep_masks` in a SparseAdapterLinear, in place."""
+    """Wrap each named nn.Linear of `keep_masks` in a SparseAdapterLinear, in place (a None mask:
+    the weight's own zeros)."""
     gen = torch.Generator().manual_seed(seed)
     wrapped = {}
     for name, keep in keep_masks.items():

@@ -30,17 +30,18 @@ DEFAULT_LR = 2e-4
 PRECISIONS = ("no", "bf16", "fp16")
 
 
-def derive_keep_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Keep-masks (weight != 0) of the pruned linears: every nn.Linear with at least one zero,
-    except the output head (tied to the embeddings in small models, never pruned)."""
+def pruned_linears(model: nn.Module) -> list[str]:
+    """The pruned linears: every nn.Linear with at least one zero, except the output head (tied to
+    the embeddings in small models, never pruned). Their keep-masks are their nonzeros."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    masks = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and mod is not head:
-            keep = mod.weight.detach() != 0
-            if not bool(keep.all()):
-                masks[name] = keep
-    return masks
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and mod is not head and not bool(mod.weight.detach().all())]
+
+
+def derive_keep_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight != 0) of the pruned linears, materialized (recover never needs them: it
+    reads each mask off its frozen weight)."""
+    return {name: model.get_submodule(name).weight.detach() != 0 for name in pruned_linears(model)}
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -113,10 +114,23 @@ def _order(n: int, total: int, seed: int) -> list[int]:
     return idx[:total]
 
 
-def _upcast(model: nn.Module) -> dict[int, torch.dtype]:
-    """Cast every floating parameter and buffer to fp32 in place; returns their former dtypes."""
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the frozen weights are stored and multiplied in: the input embedding's, else the
+    most common floating dtype of the parameters."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.is_floating_point():
+        return emb.weight.dtype
+    count: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return max(count, key=count.get) if count else torch.float32
+
+
+def _upcast(tensors) -> dict[int, torch.dtype]:
+    """Cast the given floating tensors to fp32 in place; returns their former dtypes."""
     dtypes = {}
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in tensors:
         if t.is_floating_point() and t.dtype != torch.float32 and id(t) not in dtypes:
             dtypes[id(t)] = t.dtype
             t.data = t.data.float()
@@ -159,7 +173,7 @@ def _training_mode(model, grad_checkpointing: bool):
 def recover(
     model: nn.Module,
     train_ids: torch.Tensor,
-    keep_masks: dict[str, torch.Tensor] | None = None,
+    keep_masks: dict[str, torch.Tensor | None] | None = None,
     method: str = "perp",
     train: tuple[str, ...] | list[str] = ("norms", "biases", "masklora"),
     rank: int = 16,
@@ -181,10 +195,18 @@ def recover(
 
     model: a transformers causal LM whose pruned linears hold zeros. train_ids: (n, seqlen) token
     windows, trained on with labels = input ids. keep_masks: {linear name: bool (out, in), True =
-    weight stays}; None derives them from the zeros of each linear. train: any of "norms", "biases",
+    weight stays, or None = its nonzeros}; None adapts every pruned linear (`pruned_linears`), each
+    mask read off its frozen weight, never stored. train: any of "norms", "biases",
     "masklora", "scalelora". steps counts optimizer updates, each over batch_size * grad_accum
     windows per process; warmup defaults to 10% of steps. alpha: MaskLoRA scaling alpha / rank
     (default alpha = rank). mixed_precision is passed to accelerate ("bf16" on a GPU).
+
+    Memory: the frozen weights stay in their dtype. The trained parameters (norm scales, biases,
+    adapters) are fp32 (AdamW steps of ~1e-4 vanish in bf16), and a bf16 model runs its forward
+    under bf16 autocast, as LoRA fine-tuning does; an 8B bf16 model trains in about its 16 GB plus
+    activations. fp16 weights have no such path without loss scaling (fp16 gradients underflow):
+    with mixed_precision "no" the whole model is trained in fp32, as if loaded in fp32 (2x its
+    memory; a note says so), and with "fp16" accelerate scales the loss and the weights stay fp16.
 
     Afterwards the adapters are merged, every module is a plain nn.Linear again, the zeros of each
     pruned weight are unchanged bit for bit, and the model is back in its dtype, device and mode.
@@ -197,7 +219,7 @@ def recover(
     train = tuple(train)
     _check(lr, steps, batch_size, grad_accum, method, train, schedule, train_ids, rank, mixed_precision)
     if keep_masks is None:
-        keep_masks = derive_keep_masks(model)
+        keep_masks = dict.fromkeys(pruned_linears(model))
     adapt = "masklora" in train or "scalelora" in train
     _check_masks(model, keep_masks, rank if "masklora" in train else 0)
 
@@ -220,9 +242,18 @@ def recover(
         raise LLMPruneError(f"mixed precision {mixed_precision!r} differs from an earlier run in this "
                             f"process: run recovery in a fresh process") from e
     t0, losses, merged, wrapped = time.perf_counter(), [], False, {}
-    # Train in fp32: AdamW steps of ~1e-4 vanish in bf16, and frozen weights cast back exactly
-    # (fp32 holds every bf16/fp16 value). Each tensor returns to its own dtype afterwards.
-    dtypes0 = _upcast(model)
+    # The trained tensors in fp32 (AdamW steps of ~1e-4 vanish in bf16); the frozen ones stay as they
+    # are, multiplied under autocast in their own dtype. fp16 without loss scaling: all in fp32. Each
+    # tensor returns to its own dtype afterwards (fp32 holds every bf16/fp16 value exactly).
+    compute = _compute_dtype(model)
+    autocast = compute == torch.bfloat16 and mixed_precision == "no"
+    if compute == torch.float16 and mixed_precision == "no":
+        compute = torch.float32
+        notes.append("fp16 weights trained in fp32 (fp16 gradients underflow without loss scaling): "
+                     "load the model in bfloat16, or pass mixed precision fp16, to keep them in 16 bits")
+        dtypes0 = _upcast(list(model.parameters()) + list(model.buffers()))
+    else:
+        dtypes0 = _upcast([p for ps in chosen.values() for p in ps])
     try:
         model.requires_grad_(False)
         for ps in chosen.values():
@@ -250,9 +281,11 @@ def recover(
             pmodel, optimizer, loader = accelerator.prepare(model, optimizer, loader)
             bar = tqdm(total=steps, desc="PERP", disable=not (progress and accelerator.is_local_main_process))
             micro = []
+            dev_type = next(model.parameters()).device.type
             for (batch,) in loader:
                 with accelerator.accumulate(pmodel):
-                    loss = pmodel(input_ids=batch, labels=batch).loss
+                    with torch.autocast(dev_type, dtype=compute, enabled=autocast):
+                        loss = pmodel(input_ids=batch, labels=batch).loss
                     accelerator.backward(loss)  # divides by grad_accum itself
                     micro.append(loss.detach())
                     if accelerator.sync_gradients and max_grad_norm:
@@ -292,12 +325,14 @@ def recover(
         "batch_size": batch_size,
         "grad_accum": grad_accum,
         "grad_checkpointing": bool(checkpointing),
+        "frozen_dtype": str(compute).removeprefix("torch."),
+        "autocast": "bf16" if autocast else mixed_precision,
         "wall_s": time.perf_counter() - t0,
         "notes": notes,
     }
 
 
-def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor], rank: int) -> None:
+def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor | None], rank: int) -> None:
     for name, keep in keep_masks.items():
         try:
             mod = model.get_submodule(name)
@@ -306,7 +341,7 @@ def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor], rank: in
                                 f"use full module names such as model.layers.0.mlp.up_proj") from None
         if not isinstance(mod, nn.Linear):
             raise LLMPruneError(f"keep-mask for {name!r}: it is a {type(mod).__name__}, not an nn.Linear")
-        if tuple(keep.shape) != tuple(mod.weight.shape) or keep.dtype != torch.bool:
+        if keep is not None and (tuple(keep.shape) != tuple(mod.weight.shape) or keep.dtype != torch.bool):
             raise LLMPruneError(f"keep-mask for {name!r} is {keep.dtype} {tuple(keep.shape)}, the weight is "
                                 f"{tuple(mod.weight.shape)}: give a bool mask of the weight's shape")
         if rank > min(mod.weight.shape):
