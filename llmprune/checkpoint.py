@@ -23,6 +23,14 @@ def save_dense(model, tokenizer, folder: str | Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
+def save_side_files(folder: str | Path, config=None, generation_config=None, tokenizer=None) -> None:
+    """config.json, generation_config.json and the tokenizer's files, as transformers writes them
+    (each when given): what every writer of weights (dense, packed, exported) puts beside them."""
+    for part in (config, generation_config, tokenizer):
+        if part is not None:
+            part.save_pretrained(folder)
+
+
 def save(model, tokenizer, out: str | Path, manifest: dict | mf.Manifest, overwrite: bool = False) -> Path:
     """save_dense into a new output folder that appears whole or not at all, with its manifest."""
     with outdir.atomic_dir(out, overwrite) as tmp:

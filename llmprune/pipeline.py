@@ -356,8 +356,7 @@ def export(model, tok, folder: Path, fmt: str = "dense", quant: str | None = Non
         section = packed.write_packed(model, folder, fmt, quant=quant, quantized=quantized, group_size=group_size,
                                       symmetric=symmetric, progress=progress, dtype=dtype,
                                       quant_opts={**gptq.as_dict(), **qinfo} if quant == "gptq" else None)
-        if tok is not None:
-            tok.save_pretrained(folder)
+        checkpoint.save_side_files(folder, tokenizer=tok)
     return section
 
 
