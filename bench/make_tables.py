@@ -590,8 +590,8 @@ def scale_table() -> str:
     rows = []
     for p in sorted((R / "scale").glob("*.json")):
         m = json.loads(p.read_text())
-        if p.name.startswith("old-") or m.get("packed_from") or m.get("exported_from"):
-            continue  # (packs and exports: scale_pack_table)
+        if p.name.startswith("old-") or m.get("packed_from") or m.get("exported_from") or m.get("recovered_from"):
+            continue  # (packs and exports: scale_pack_table; PERP: scale_perp_table)
         cfg = m.get("model", {})
         layers = (m.get("config") or {}).get("model", "")
         n = re.search(r"-l(\d+)$", str(layers))
@@ -637,6 +637,31 @@ def scale_pack_table() -> str:
     return "\n".join(out) if len(out) > 2 else ""
 
 
+def scale_perp_table() -> str:
+    """bench/scale_cpu.sh perp: PERP of a saved 8B-width output (2 steps of 1 x 128 tokens), each run's own
+    peak RSS against the bytes of its weights in the dtype it trained in; old-perp-*: the same command
+    before the frozen weights stayed in their dtype."""
+    out = ["| run | code | blocks | parameters | loaded in | frozen weights while training | their GB | peak RSS MiB | recover s |",
+           "|---|---|---:|---:|---|---|---:|---:|---:|"]
+    def order(p: Path):  # now before the old code, then by depth
+        n = re.search(r"-l(\d+)-", p.stem)
+        return p.stem.startswith("old-"), int(n[1]) if n else 0, p.stem
+
+    for p in sorted((R / "scale").glob("*perp-*.json"), key=order):
+        m = json.loads(p.read_text())
+        r = m.get("recover")
+        if not r:
+            continue
+        n = re.search(r"-l(\d+)-", p.stem)
+        dtype = r.get("dtype") or m.get("dtype")
+        frozen = r.get("frozen_dtype") or "float32 (upcast)"
+        nbytes = r["n_total"] * (2 if frozen in ("bfloat16", "float16") else 4)
+        out.append(f"| `{p.stem}` | {'before' if p.stem.startswith('old-') else 'now'} | {n[1] if n else '-'} | "
+                   f"{r['n_total'] / 1e9:.2f}B | {dtype} | {frozen} | {nbytes / 1e9:.1f} | "
+                   f"{f(m.get('peak_rss_mib'), ',.0f')} | {f(r.get('wall_s'), '.0f')} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def scale_estimate_table() -> str:
     """bench/scale_estimate.py's per-GPU table (arithmetic from the public configs, not a measurement)."""
     import contextlib
@@ -661,7 +686,8 @@ TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "qu
           "gpu-kernels": lambda: gpu_section("Kernels against the targets"),
           "gpu-decode": lambda: gpu_section("End-to-end decode"), "gpu-shapes": lambda: gpu_section("Kernel times per shape"),
           "gpu-linears": lambda: gpu_section("The decoder linears alone"), "export": export_table,
-          "scale": scale_table, "scale-pack": scale_pack_table, "scale-estimate": scale_estimate_table}
+          "scale": scale_table, "scale-pack": scale_pack_table,
+          "scale-perp": scale_perp_table, "scale-estimate": scale_estimate_table}
 
 SPAN = re.compile(r"^<!-- table:([\w-]+) -->.*?^<!-- /table -->", re.DOTALL | re.MULTILINE)  # markers open lines
 
