@@ -76,6 +76,44 @@ def test_scaled_linear_computes_with_the_trained_scales():
     assert bool((w_ref[~keep] == 0).all())
 
 
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
+def test_scaled_linear_gradients_match_autograd_without_keeping_the_weight(dtype, bias):
+    # Oracle: the same layer through plain autograd, W = L * s0 (1 + t) built as a tensor. The layer itself
+    # must give the same output and gradients while saving no (out, in) float tensor for its backward
+    # (that would be a second copy of the model while tuning).
+    torch.manual_seed(3)
+    w = torch.randn(12, 48)
+    keep = _keep24(w)
+    q = rtn(w * keep, keep, 16, symmetric=False)
+    b = torch.randn(12).to(dtype) if bias else None
+    m = tune._Scaled(q, b, "cpu")
+    with torch.no_grad():
+        m.t.normal_(0, 0.05)
+    x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=True)  # (batch, tokens, in): odd sizes
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    assert not [sh for sh, dt in saved if sh == (12, 48) and dt.is_floating_point], saved
+    gy = torch.randn_like(y)
+    gx, gt = torch.autograd.grad(y, (x, m.t), gy)
+
+    t = m.t.detach().clone().requires_grad_(True)
+    levels = q.codes.float() - q.zeros.float().repeat_interleave(16, 1)
+    w_ref = levels * (q.scales.float() * (1 + t)).repeat_interleave(16, 1)
+    y_ref = F.linear(x, w_ref.to(dtype), b)
+    gx_ref, gt_ref = torch.autograd.grad(y_ref, (x, t), gy)
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    torch.testing.assert_close(gt, gt_ref, **({"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else tol))
+    assert m.levels.dtype == torch.int8
+
+
 def test_tuning_moves_only_the_scales_and_lowers_the_kl():
     teacher, student, quantized, ids = _setup()
     targets = tune.teacher_states(teacher, ids)

@@ -71,14 +71,43 @@ def _mean_kl(model, ids, targets, device) -> float:
     return sum(_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]).item() for i in range(len(ids))) / len(ids)
 
 
+class _GroupScaledLinear(torch.autograd.Function):
+    """y = x W^T + b with W = L * s, s repeated over each group of g inputs; the gradient reaches s only.
+
+    Autograd would keep every layer's dequantized W from the forward pass until the backward one: a
+    second copy of the whole model (fp32 here). The backward pass rebuilds W from the int8 levels
+    and the scales instead, one layer at a time; what stays saved is x, L and s.
+    """
+
+    @staticmethod
+    def forward(ctx, x, levels, scales, group_size, bias):
+        w = levels.float() * scales.repeat_interleave(group_size, dim=1)  # (out, in)
+        ctx.save_for_backward(x, levels, scales)
+        ctx.group_size = group_size
+        return F.linear(x, w.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, levels, scales = ctx.saved_tensors
+        g = ctx.group_size
+        gx = None
+        if ctx.needs_input_grad[0]:
+            w = levels.float() * scales.repeat_interleave(g, dim=1)
+            gx = gy @ w.to(x.dtype)  # dL/dx = dL/dy W
+        gw = (gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).float()  # dL/dW = dL/dy^T x
+        gs = (gw * levels.float()).view(*scales.shape, g).sum(-1)  # dL/ds = sum over its group of dL/dW * L
+        return gx, None, gs, None, None
+
+
 class _Scaled(nn.Module):
     """A quantized linear whose group scales train: w = (q - z) * s0 * (1 + t)."""
 
     def __init__(self, q: Quantized, bias: torch.Tensor | None, device):
         super().__init__()
         g = q.group_size
-        levels = q.codes.float() - q.zeros.float().repeat_interleave(g, dim=1)  # 0 where pruned (q = z)
-        self.register_buffer("levels", levels.to(device))
+        # q - z in [-15, 15]: int8, one byte a weight (fp32 levels were four); 0 where pruned (q = z)
+        levels = q.codes.to(torch.int16) - q.zeros.to(torch.int16).repeat_interleave(g, dim=1)
+        self.register_buffer("levels", levels.to(device=device, dtype=torch.int8))
         self.register_buffer("s0", q.scales.float().to(device))
         self.t = nn.Parameter(torch.zeros_like(self.s0))
         self.bias, self.group_size = bias, g
@@ -87,8 +116,7 @@ class _Scaled(nn.Module):
         return self.s0 * (1 + self.t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.levels * self.scales().repeat_interleave(self.group_size, dim=1)
-        return F.linear(x, w.to(x.dtype), self.bias)
+        return _GroupScaledLinear.apply(x, self.levels, self.scales(), self.group_size, self.bias)
 
     def stored_scales(self) -> torch.Tensor:
         """The trained scales as fp16, the way the formats store them."""
