@@ -90,12 +90,12 @@ class _GroupScaledLinear(torch.autograd.Function):
     def backward(ctx, gy):
         x, levels, scales = ctx.saved_tensors
         g = ctx.group_size
+        lv = levels.float()
         gx = None
         if ctx.needs_input_grad[0]:
-            w = levels.float() * scales.repeat_interleave(g, dim=1)
-            gx = gy @ w.to(x.dtype)  # dL/dx = dL/dy W
+            gx = gy @ (lv * scales.repeat_interleave(g, dim=1)).to(x.dtype)  # dL/dx = dL/dy W
         gw = (gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).float()  # dL/dW = dL/dy^T x
-        gs = (gw * levels.float()).view(*scales.shape, g).sum(-1)  # dL/ds = sum over its group of dL/dW * L
+        gs = (gw.mul_(lv)).view(*scales.shape, g).sum(-1)  # dL/ds = sum over its group of dL/dW * L
         return gx, None, gs, None, None
 
 
