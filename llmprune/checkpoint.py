@@ -19,16 +19,7 @@ MANIFEST = mf.NAME
 def save_dense(model, tokenizer, folder: str | Path) -> None:
     """Write a dense (zeros in place) model as a plain HF folder into an existing `folder`."""
     model.save_pretrained(folder, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-def save_side_files(folder: str | Path, config=None, generation_config=None, tokenizer=None) -> None:
-    """config.json, generation_config.json and the tokenizer's files, as transformers writes them
-    (each when given): what every writer of weights (dense, packed, exported) puts beside them."""
-    for part in (config, generation_config, tokenizer):
-        if part is not None:
-            part.save_pretrained(folder)
+    outdir.save_side_files(folder, tokenizer=tokenizer)
 
 
 def save(model, tokenizer, out: str | Path, manifest: dict | mf.Manifest, overwrite: bool = False) -> Path:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import arch as archmod
-from . import checkpoint, lazy, walker
+from . import lazy, outdir, walker
 from .errors import LLMPruneError
 
 SCRATCH = ".blocks"  # inside the output's temporary folder
@@ -144,12 +144,12 @@ class Output:
         if self.fmt == "dense":
             self.writer.finish()
             cfg.dtype = str(self.save_dtype).replace("torch.", "")
-            checkpoint.save_side_files(self.folder, cfg, getattr(self.lz.model, "generation_config", None))
+            outdir.save_side_files(self.folder, cfg, getattr(self.lz.model, "generation_config", None))
         else:
             if self.lz.tied:
                 self.packer.tied = {head: f"{a.embed}.weight"}
             section = self.packer.finish(cfg, getattr(self.lz.model, "generation_config", None))
-        checkpoint.save_side_files(self.folder, tokenizer=tokenizer)
+        outdir.save_side_files(self.folder, tokenizer=tokenizer)
         return section
 
 

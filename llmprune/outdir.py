@@ -4,6 +4,7 @@ Every command writes into a temporary sibling `.<name>.tmp-<pid>-<id>` and renam
 at the end. An error, Ctrl-C or a full disk removes the temporary folder and leaves `<name>` as it
 was; a run killed outright (SIGKILL, the OOM killer) cannot clean up, so the next run to the same
 output removes the siblings whose process is gone (a 70B model leaves 140 GB behind otherwise).
+`save_side_files` writes what every output carries beside its weights (config, tokenizer).
 """
 from __future__ import annotations
 
@@ -88,3 +89,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
             raise LLMPruneError(f"no space left on the disk of {out.parent.resolve()} while writing {out.name}: "
                                 f"free space there or choose another --out (nothing was left behind)") from None
         raise
+
+
+def save_side_files(folder: str | Path, config=None, generation_config=None, tokenizer=None) -> None:
+    """config.json, generation_config.json and the tokenizer's files, as transformers writes them
+    (each when given): what every writer of weights (dense, packed, exported) puts beside them."""
+    for part in (config, generation_config, tokenizer):
+        if part is not None:
+            part.save_pretrained(folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, formats, lazy, outdir
+from . import formats, lazy, outdir
 from . import manifest as mf
 from .arch import set_module
 from .errors import LLMPruneError
@@ -118,7 +118,7 @@ class PackWriter:
             raise LLMPruneError(f"no layer fits --format {self.f.name}: "
                                 + (next(iter(self.left_dense.values()), "no linear layers")))
         self.out.finish()
-        checkpoint.save_side_files(self.folder, config, generation_config)
+        outdir.save_side_files(self.folder, config, generation_config)
         return {
             "format_version": FORMAT_VERSION, "name": self.f.name, "quant": self.quant if self.f.quantized else None,
             **self.base, **({"quant_options": self.quant_opts} if self.quant_opts and self.f.quantized else {}),
@@ -195,7 +195,7 @@ def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dic
     outdir.check_out(out_dir, overwrite)
     with outdir.atomic_dir(out_dir, overwrite) as tmp:
         section = write_packed(model, tmp, fmt, keep_masks, quant, **opts)
-        checkpoint.save_side_files(tmp, tokenizer=tokenizer)
+        outdir.save_side_files(tmp, tokenizer=tokenizer)
         doc = mf.Manifest.from_dict({"format_version": mf.VERSION, "llmprune_version": mf.Manifest().llmprune_version,
                                      "model": {}, **(manifest or {})})
         doc.format = section

@@ -356,7 +356,7 @@ def export(model, tok, folder: Path, fmt: str = "dense", quant: str | None = Non
         section = packed.write_packed(model, folder, fmt, quant=quant, quantized=quantized, group_size=group_size,
                                       symmetric=symmetric, progress=progress, dtype=dtype,
                                       quant_opts={**gptq.as_dict(), **qinfo} if quant == "gptq" else None)
-        checkpoint.save_side_files(folder, tokenizer=tok)
+        outdir.save_side_files(folder, tokenizer=tok)
     return section
 
 

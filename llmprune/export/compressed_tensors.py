@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import outdir
 from ..errors import LLMPruneError
 from .source import Source
 
@@ -159,7 +159,7 @@ class Writer:
         ignore = [n for n in linears if n not in self.grids]
         qcfg = quantization_config(self.grids, ignore, arch.arch_of(model).blocks)
         model.config.dtype = self.save_dtype
-        checkpoint.save_side_files(self.folder, model.config, getattr(model, "generation_config", None), tok)
+        outdir.save_side_files(self.folder, model.config, getattr(model, "generation_config", None), tok)
         ModelCompressor(quantization_config=qcfg).update_config(str(self.folder))
         keys = set(self.grids.values())
         return {"to": NAME, "files": files, "bytes": sum((self.folder / f).stat().st_size for f in files),
