@@ -203,8 +203,8 @@ def recover(
 
     Memory: the frozen weights stay in their dtype. The trained parameters (norm scales, biases,
     adapters) are fp32 (AdamW steps of ~1e-4 vanish in bf16), and a bf16 model runs its forward
-    under bf16 autocast, as LoRA fine-tuning does; an 8B bf16 model trains in about its 16 GB plus
-    activations. fp16 weights have no such path without loss scaling (fp16 gradients underflow):
+    under bf16 autocast, as LoRA fine-tuning does; an 8B bf16 model trains in about 18 GB (its 16 GB,
+    the trained tensors with their gradients and AdamW state) plus activations (docs/scale.md). fp16 weights have no such path without loss scaling (fp16 gradients underflow):
     with mixed_precision "no" the whole model is trained in fp32, as if loaded in fp32 (2x its
     memory; a note says so), and with "fp16" accelerate scales the loss and the weights stay fp16.
 
