@@ -611,27 +611,29 @@ def scale_table() -> str:
     return "\n".join(out)
 
 
+def _blocks(p: Path) -> int | None:
+    """The depth in a scale run's name (pack-l16-w4g128 -> 16)."""
+    n = re.search(r"-l(\d+)-", p.stem)
+    return int(n[1]) if n else None
+
+
 def scale_pack_table() -> str:
     """bench/scale_cpu.sh pack_export: pack and export of a saved 8B-width output, 4 and 16 blocks; each
     command's own peak RSS (its manifest) and wall time (scale.log)."""
     out = ["| run | blocks | command | reads the source | wall s | peak RSS MiB | disk read GB | written GB |",
            "|---|---:|---|---|---:|---:|---:|---:|"]
-    def order(p: Path):  # by command, then depth
-        n = re.search(r"-l(\d+)-", p.stem)
-        return re.sub(r"-l\d+-", "-", p.stem), int(n[1]) if n else 0
-
-    for p in sorted((R / "scale").glob("*.json"), key=order):
-        m = json.loads(p.read_text())
+    for p in sorted((R / "scale").glob("*.json"), key=lambda p: (re.sub(r"-l\d+-", "-", p.stem), _blocks(p) or 0)):
+        m = json.loads(p.read_text())  # by command, then depth
         if not (m.get("packed_from") or m.get("exported_from")):
             continue
-        n = re.search(r"-l(\d+)-", p.stem)
+        n = _blocks(p)
         e = m.get("export") or {}
         what = (f"export --to {e['to']}" + (f" --type {','.join(e['types'])}" if e.get("types") else "")
                 + f" (from {e.get('source_format', '').split(' ')[0]})") if e else \
             f"pack --format {m['format']['name']} ({m['format'].get('quant') or 'rtn'})"
         io = m.get("io_bytes") or {}
         rd, wr = io.get("read_bytes"), io.get("write_bytes")
-        out.append(f"| `{p.stem}` | {n[1] if n else '-'} | {what} | {'whole' if 'whole' in p.stem else 'block by block'} "
+        out.append(f"| `{p.stem}` | {n or '-'} | {what} | {'whole' if 'whole' in p.stem else 'block by block'} "
                    f"| {f(pack_wall(p.stem, 'scale/scale.log'), '.0f')} | {f(m.get('peak_rss_mib'), ',.0f')} | "
                    f"{f(rd / 1e9 if rd else None, '.1f')} | {f(wr / 1e9 if wr else None, '.1f')} |")
     return "\n".join(out) if len(out) > 2 else ""
@@ -643,20 +645,16 @@ def scale_perp_table() -> str:
     before the frozen weights stayed in their dtype."""
     out = ["| run | code | blocks | parameters | loaded in | frozen weights while training | their GB | peak RSS MiB | recover s |",
            "|---|---|---:|---:|---|---|---:|---:|---:|"]
-    def order(p: Path):  # now before the old code, then by depth
-        n = re.search(r"-l(\d+)-", p.stem)
-        return p.stem.startswith("old-"), int(n[1]) if n else 0, p.stem
-
-    for p in sorted((R / "scale").glob("*perp-*.json"), key=order):
-        m = json.loads(p.read_text())
+    for p in sorted((R / "scale").glob("*perp-*.json"), key=lambda p: (p.stem.startswith("old-"), _blocks(p) or 0, p.stem)):
+        m = json.loads(p.read_text())  # the current code first, then by depth
         r = m.get("recover")
         if not r:
             continue
-        n = re.search(r"-l(\d+)-", p.stem)
+        n = _blocks(p)
         dtype = r.get("dtype") or m.get("dtype")
         frozen = r.get("frozen_dtype") or "float32 (upcast)"
         nbytes = r["n_total"] * (2 if frozen in ("bfloat16", "float16") else 4)
-        out.append(f"| `{p.stem}` | {'before' if p.stem.startswith('old-') else 'now'} | {n[1] if n else '-'} | "
+        out.append(f"| `{p.stem}` | {'before' if p.stem.startswith('old-') else 'now'} | {n or '-'} | "
                    f"{r['n_total'] / 1e9:.2f}B | {dtype} | {frozen} | {nbytes / 1e9:.1f} | "
                    f"{f(m.get('peak_rss_mib'), ',.0f')} | {f(r.get('wall_s'), '.0f')} |")
     return "\n".join(out) if len(out) > 2 else ""
