@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -33,8 +33,24 @@ step() {  # step NAME CMD ARGS... --out DIR: any llmprune command; keeps its man
   du -sb "$out" | cut -f1 > "$R/$name.bytes"
 }
 
+zeroshot() {  # zeroshot NAME FOLDER ARGS...: `llmprune eval FOLDER --tasks ...`; its record + /usr/bin/time's wall and max RSS
+  local name=$1 folder=$2; shift 2
+  [ -f "$R/$name.json" ] && { echo "skip $name"; return 0; }
+  { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ llmprune eval $folder $*"; } >> "$LOG"
+  /usr/bin/time -o "$R/$name.time" -f "wall %e s, max RSS %M KiB" \
+      python -m llmprune.cli eval "$folder" "$@" --json "$R/$name.json" --no-progress >> "$LOG" 2>&1
+  cat "$R/$name.time" >> "$LOG"
+}
+
 synth() {  # synth NAME ARGS...: the synthetic source, written once
   [ -f "$S/$1/config.json" ] || python bench/make_synthetic.py "$S/$1" "${@:2}" >> "$LOG" 2>&1
+}
+
+keep() {  # keep N: the Wanda 50% output of the N-block 8B-width model (in $k) that pack, export, PERP and zero-shot start from
+  synth llama3-8b-l$1 --arch llama3-8b --dtype bfloat16 --layers $1
+  k=$S/keep-l$1-wanda-50
+  [ -f "$k/llmprune.json" ] || python -m llmprune.cli compress --model "$S/llama3-8b-l$1" --solver wanda \
+      --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C --out "$k" >> "$LOG" 2>&1
 }
 
 if [[ " $STAGES " == *" 8b "* ]]; then
@@ -61,10 +77,7 @@ if [[ " $STAGES " == *" pack_export "* ]]; then  # pack and export a saved outpu
   # each reads its source one block at a time, so the peak should not grow with depth; pack --onload whole
   # at 4 blocks for contrast (the whole model in fp32, the compute dtype here)
   for n in 4 16; do
-    synth llama3-8b-l$n --arch llama3-8b --dtype bfloat16 --layers $n
-    k=$S/keep-l$n-wanda-50
-    [ -f "$k/llmprune.json" ] || python -m llmprune.cli compress --model "$S/llama3-8b-l$n" --solver wanda \
-        --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C --out "$k" >> "$LOG" 2>&1
+    keep $n
     step pack-l$n-w4g128 pack "$k" --format w4g128 --overwrite --out "$S/pack-l$n"
     step export-l$n-ct export "$S/pack-l$n" --to compressed-tensors --overwrite --out "$S/ct-l$n"
     step export-l$n-gguf export "$k" --to gguf --type q4_0 --overwrite --out "$S/gguf-l$n"
@@ -77,14 +90,18 @@ if [[ " $STAGES " == *" perp "* ]]; then  # PERP of a saved 8B-width output: the
   # the peak grows with depth; what it should not hold is an fp32 copy of the frozen bf16 weights or a mask per weight.
   # 2 steps of 1 x 128 tokens: memory, not quality (random weights)
   for n in 4 16; do
-    synth llama3-8b-l$n --arch llama3-8b --dtype bfloat16 --layers $n
-    k=$S/keep-l$n-wanda-50
-    [ -f "$k/llmprune.json" ] || python -m llmprune.cli compress --model "$S/llama3-8b-l$n" --solver wanda \
-        --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C --out "$k" >> "$LOG" 2>&1
+    keep $n
     for dt in bfloat16 float32; do
       [ $n = 16 ] && [ $dt = float32 ] && continue  # (18 GB of fp32 weights plus training: past this machine)
       step perp-l$n-$dt recover "$k" --dtype $dt --steps 2 --batch 1 --seqlen 128 --overwrite --out "$S/perp-l$n"
       rm -rf "$S/perp-l$n"
     done
+  done
+fi
+if [[ " $STAGES " == *" zeroshot "* ]]; then  # zero-shot of a saved 8B-width output, 4 and 16 blocks, in bf16:
+  # walked block by block, the peak should not grow with depth (random weights: the accuracies mean nothing)
+  for n in 4 16; do
+    keep $n
+    zeroshot zeroshot-l$n-bfloat16 "$k" --tasks piqa --limit 10 --dtype bfloat16
   done
 fi

@@ -225,9 +225,11 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     if tasks:
         from .eval import zeroshot
 
-        model, tok = _placed(target, old, dtype, dev)
-        zs = zeroshot.zeroshot(model, tok, list(tasks), limit=limit, batch_size=batch_size, tasks_dir=tasks_dir)
-        zs["limit"] = limit
+        lz, tok = _walkable(target, old, dtype)  # on disk, block by block (eval/blockwise.py)
+        model, tok = (lz, tok) if lz is not None else _placed(target, old, dtype, dev)
+        zs = zeroshot.zeroshot(model, tok, list(tasks), limit=limit, batch_size=batch_size, tasks_dir=tasks_dir,
+                               device=dev if lz is not None else None, progress=progress)
+        zs["limit"], zs["blockwise"] = limit, lz is not None
         out["zeroshot"] = zs
     if is_output and save:
         mf.update(target, **out)
@@ -238,13 +240,10 @@ def _perplexity(target: str, old: mf.Manifest | None, datasets, seqlen: int, win
                 dtype: str, progress: bool) -> dict:
     """Block by block from disk (one block in memory), unless the output only loads whole."""
     import torch
-    from transformers import AutoTokenizer
 
     from . import onload
 
-    folder = Path(target) if old is not None else Path(pipeline.resolve_model(target).path)
-    lz = onload.open_output(folder, dtype, old.to_dict() if old is not None else {})
-    tok = AutoTokenizer.from_pretrained(folder)
+    lz, tok = _walkable(target, old, dtype)
     if lz is not None:
         pipeline.check_context(lz.model, seqlen, "--seqlen")
         return onload.evaluate(lz, tok, datasets, seqlen, windows, device, progress, {})
@@ -254,9 +253,20 @@ def _perplexity(target: str, old: mf.Manifest | None, datasets, seqlen: int, win
         return pipeline.evaluate_model(model, tok, datasets, seqlen, windows, progress, {})
 
 
+def _walkable(target: str, old: mf.Manifest | None, dtype: str):
+    """(a lazy.LazyModel of the output or model spec, or None when it only loads whole; its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from . import onload
+
+    folder = Path(target) if old is not None else Path(pipeline.resolve_model(target).path)
+    lz, _ = onload.open_output(folder, dtype, old.to_dict() if old is not None else {})
+    return lz, AutoTokenizer.from_pretrained(folder)
+
+
 def _placed(target: str, old: mf.Manifest | None, dtype: str, device: str):
-    """The whole model for lm-eval: dense folders placed by accelerate (device_map="auto": the GPUs,
-    then CPU memory, then disk), packed and sliced outputs through llmprune.load."""
+    """The whole model for lm-eval, for what only loads whole: dense folders placed by accelerate
+    (device_map="auto": the GPUs, then CPU memory, then disk), sliced outputs through llmprune.load."""
     import tempfile
 
     import torch
@@ -380,9 +390,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     why = "scale tuning (--tune-steps) trains through the whole model" if gcfg and gcfg.tune_steps else None
     lz = None
     if not why and onload != "whole":
-        lz = onl.open_output(src, dtype, old.to_dict())
-        why = ("it is a SliceGPT output with residual shortcuts, which only load whole" if lz is None
-               else onl.stored_as_in_memory(lz))
+        lz, why = onl.open_output(src, dtype, old.to_dict())
     if why:
         if onload == "blocks":
             raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")

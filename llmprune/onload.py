@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,14 +53,17 @@ def stored_as_in_memory(lz: lazy.LazyModel) -> str | None:
     return None
 
 
-def open_output(folder: str | Path, dtype: str, manifest: dict) -> lazy.LazyModel | None:
-    """A LazyModel of an llmprune output, or None for outputs that only load whole (SliceGPT's
-    per-block shortcuts are not a stock architecture)."""
+def open_output(folder: str | Path, dtype: str, manifest: dict) -> tuple[lazy.LazyModel | None, str | None]:
+    """(a LazyModel of an llmprune output or model folder, None) when it can be walked block by
+    block, else (None, why it only loads whole): SliceGPT's per-block shortcuts are not a stock
+    architecture, and some checkpoints store tensors under names transformers converts at load."""
     sl = manifest.get("slicegpt") or {}
     if sl.get("rotation") == "per-block" or sl.get("standard") is False:
-        return None
+        return None, "it is a SliceGPT output with residual shortcuts, which only load whole"
     section = manifest.get("format") if (manifest.get("format") or {}).get("name", "dense") != "dense" else None
-    return lazy.LazyModel(folder, getattr(torch, dtype), section)
+    lz = lazy.LazyModel(folder, getattr(torch, dtype), section)
+    why = stored_as_in_memory(lz)
+    return (None, why) if why else (lz, None)
 
 
 def block_store(lz: lazy.LazyModel, sink=None) -> lazy.BlockStore:
@@ -274,6 +278,24 @@ def pack(lz: lazy.LazyModel, tok, folder: Path, fmt: str, quant: str | None, gro
         return out.outside(tok)
 
 
+@contextmanager
+def through_blocks(lz: lazy.LazyModel, ids: torch.Tensor, batch_size: int, device, progress: bool, desc: str):
+    """Walk the token rows `ids` (n, T) through every decoder block, one block of weights in memory
+    at a time, then place what follows the blocks. Yields (the final norm, the last block's hidden
+    states per batch of `batch_size` rows, possibly in CPU memory); the weights are freed on exit."""
+    model = lz.model
+    a = archmod.arch_of(model)
+    with walker.onload(model, block_store(lz)):
+        for block in walker.walk(model, ids, batch_size, device, progress, desc=desc):
+            pass
+        hidden = block.outputs
+    lz.load("", device, exclude=(f"{a.blocks}.", a.embed) if not lz.tied else (f"{a.blocks}.",))
+    try:
+        yield archmod.get(model, a.norm), hidden
+    finally:
+        lz.release("", exclude=(f"{a.blocks}.",))
+
+
 @torch.no_grad()
 def evaluate(lz: lazy.LazyModel, tok, datasets, seqlen: int, windows: int | None, device: str, progress: bool,
              cache: dict) -> dict:
@@ -286,7 +308,6 @@ def evaluate(lz: lazy.LazyModel, tok, datasets, seqlen: int, windows: int | None
     from .eval.perplexity import eval_tokens, window_nll_from_hidden, windows_of
 
     model = lz.model
-    a = archmod.arch_of(model)
     out = {}
     for d in datasets:
         if d not in cache:
@@ -297,16 +318,9 @@ def evaluate(lz: lazy.LazyModel, tok, datasets, seqlen: int, windows: int | None
         per = max(1, EVAL_ACTIVATIONS // (seqlen * model.config.hidden_size * lz.dtype.itemsize))
         nll = 0.0
         for chunk in data.split(per):  # windows walked together, each chunk one pass over the weights
-            with walker.onload(model, block_store(lz)):
-                hidden = None
-                for block in walker.walk(model, chunk, 1, device, progress, desc=f"ppl {d} blocks"):
-                    pass
-                hidden = block.outputs  # (1, seqlen, hidden) per window
-            lz.load("", device, exclude=(f"{a.blocks}.", a.embed) if not lz.tied else (f"{a.blocks}.",))
-            norm = archmod.get(model, a.norm)
-            for ids, h in zip(chunk.split(1), hidden):
-                nll += float(window_nll_from_hidden(model, norm(h), ids.to(device)).sum())
-            lz.release("", exclude=(f"{a.blocks}.",))
+            with through_blocks(lz, chunk, 1, device, progress, f"ppl {d} blocks") as (norm, hidden):
+                for ids, h in zip(chunk.split(1), hidden):
+                    nll += float(window_nll_from_hidden(model, norm(h.to(device)), ids.to(device)).sum())
         predicted = data.shape[0] * (seqlen - 1)
         out[d] = {"ppl": math.exp(nll / predicted), "seqlen": seqlen, "windows": data.shape[0],
                   "windows_available": available, "tokens": predicted, "seconds": round(time.perf_counter() - t0, 2),

@@ -391,7 +391,7 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
     disk (onload.evaluate) where the output allows it, else through llmprune.load."""
     from . import checkpoint, onload
 
-    lz = onload.open_output(folder, dtype, mf.read(folder).to_dict())
+    lz, _ = onload.open_output(folder, dtype, mf.read(folder).to_dict())
     if lz is not None:
         from transformers import AutoTokenizer
 

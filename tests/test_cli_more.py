@@ -150,13 +150,23 @@ def test_pack_grid_asym_w4s24_matches_the_rtn_reference(tmp_path, capsys, pruned
     assert "--grid sym" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
-def test_eval_tasks_and_report(tmp_path, capsys, pruned_24):
-    rc = main(["eval", str(pruned_24), "--tasks", "copa,rte", "--limit", "3", "--json", str(tmp_path / "zs.json"),
-               "--no-progress"])
+def test_eval_tasks_and_report(tmp_path, capsys, pruned_24, monkeypatch):
+    """`eval --tasks` of an output scores it block by block from its folder (the whole model is never
+    loaded) and records what lm-eval gives the whole model."""
+    from llmprune.eval.zeroshot import zeroshot
+    from llmprune.testing import hold_one_block
+
+    with monkeypatch.context() as m:
+        most = hold_one_block(m)
+        rc = main(["eval", str(pruned_24), "--tasks", "copa,rte", "--limit", "3", "--json", str(tmp_path / "zs.json"),
+                   "--no-progress"])
     so = capsys.readouterr().out
-    assert rc == 0 and "copa" in so and "mean" in so
+    assert rc == 0 and "copa" in so and "mean" in so and most[0] == 1
     zs = json.loads((tmp_path / "zs.json").read_text())
     assert zs["copa"]["n"] == 3 and 0 <= zs["mean"] <= 1
+    model, tok, _ = checkpoint.load(pruned_24)
+    assert zs["blockwise"] and zeroshot(model, tok, "copa,rte", limit=3) == {
+        k: v for k, v in zs.items() if k not in ("limit", "blockwise")}
     assert json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]["rte"]["n"] == 3
     for argv, msg in [(["--tasks", "nope"], "unknown"), (["--tasks", "copa", "--limit", "0"], "limit")]:
         assert main(["eval", str(pruned_24), *argv, "--no-progress"]) == 2

@@ -268,6 +268,33 @@ def test_moe_compress_end_to_end_records_experts(tmp_path, calib_txt):
     assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_folders_are_evaluated_through_a_whole_load(family, tmp_path, calib_txt):
+    """Checkpoints that store their experts one by one (transformers fuses them at load) cannot be walked
+    block by block: compress's evaluation of its saved output and `llmprune eval` of a folder (perplexity
+    and zero-shot) load them whole, to the figures of the model transformers loads. (Both stopped with
+    "lacks model.layers.0.mlp.gate.weight" before.)"""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.eval.perplexity import perplexity
+    from llmprune.testing import byte_tokenizer
+
+    src = tiny_model_dir(tmp_path / "src", family)
+    m = api.compress(model=str(src), solver="wanda", out=str(tmp_path / "o"), calib=str(calib_txt), nsamples=4,
+                     seqlen=16, calib_batch=4, progress=False, eval=("wikitext2",), eval_seqlen=64, eval_windows=2)
+
+    def ppl(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            return perplexity(model, byte_tokenizer(), "wikitext2", 64, 2, progress=False)["ppl"]
+
+    e = m["eval"]["wikitext2"]
+    assert e["ppl"] == pytest.approx(ppl(tmp_path / "o"), rel=1e-6)
+    assert e["dense_ppl"] == pytest.approx(ppl(src), rel=1e-6) and e["ppl"] != e["dense_ppl"]
+    r = api.evaluate(str(src), seqlen=64, windows=2, progress=False, tasks=("copa",), limit=2)
+    assert r["eval"]["wikitext2"]["ppl"] == pytest.approx(e["dense_ppl"], rel=1e-6) and r["zeroshot"]["copa"]["n"] == 2
+
+
 # --- what SliceGPT and unknown families are told ----------------------------------------------------
 
 @pytest.mark.parametrize("family,why", [("gemma2", "post_feedforward_layernorm"), ("gemma3_text", "1 \\+ weight"),

@@ -222,3 +222,63 @@ def test_yaml_standalone_reads_shipped_file():
     task = tm.load(["llmprune_rte"])["tasks"]["llmprune_rte"]
     docs = task.test_docs()
     assert len(docs) == 277 and docs[0]["sentence2"] == _rows("rte_dev.tsv", 1)[0]["sentence2"]
+
+
+# --- a model left on disk, scored block by block (eval/blockwise.py) ------------------------------------------
+
+def test_passes_cover_every_request_within_the_budget():
+    from llmprune.eval.blockwise import passes
+
+    lengths = [5, 17, 3, 17, 9, 40, 1, 8]
+    groups = passes(lengths, 36)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
+        assert len(g) == 1 or len(g) * lengths[g[0]] <= 36  # a 40-token row alone exceeds it, in its own pass
+    assert [[lengths[i] for i in g] for g in groups] == [[40], [17, 17], [9, 8, 5, 3], [1]]
+
+
+@pytest.mark.parametrize("family,fmt", [("llama", "dense"), ("gemma2", "dense"), ("llama", "w4s24")])
+def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_path, monkeypatch):
+    """Every request of every offline task gets the log-likelihood and greedy flag lm-eval's HFLM gives
+    the whole model (lm-eval's prompts, and its left truncation: 256 positions cut the boolq passages),
+    walked in several passes with one block in memory; gemma2 soft-caps its logits and ties its head;
+    a packed output is scored through its packed modules."""
+    from llmprune import api, lazy, onload
+    from llmprune.testing import hold_one_block, tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "src", family, seed=2, max_position_embeddings=256)
+    folder = src
+    if fmt != "dense":
+        from llmprune.cli import main
+        from llmprune.testing import FAST_CLI
+
+        folder = tmp_path / "packed"
+        assert main(["compress", "--model", str(src), "--solver", "magnitude", "--pattern", "2:4", "--format", fmt,
+                     "--group-size", "16", "--out", str(folder), *FAST_CLI]) == 0
+    model, _, _ = api.load(str(folder))
+    tok = byte_tokenizer()
+    tasks = list(zs.LOCAL_TASKS)
+    whole, ran = zs.run_lm_eval(model, tok, tasks, limit=4, batch_size=3, tasks_dir=DATA, log_samples=True)
+    monkeypatch.setattr(onload, "EVAL_ACTIVATIONS", 120 * 32 * 4)  # 120 tokens of hidden states: many passes
+    walks = []
+    real = onload.through_blocks
+    monkeypatch.setattr(onload, "through_blocks", lambda *a, **k: walks.append(a[1].shape) or real(*a, **k))
+    lz = lazy.LazyModel(folder, torch.float32, (json.loads((folder / "llmprune.json").read_text())["format"]
+                                                if fmt != "dense" else None))
+    with monkeypatch.context() as m:
+        most = hold_one_block(m)
+        walked, ran2 = zs.run_lm_eval(lz, tok, tasks, limit=4, batch_size=3, tasks_dir=DATA, log_samples=True)
+    assert most[0] == 1 and ran2 == ran and len(walks) > 3
+    assert all(n * t <= 120 or n == 1 for n, t in walks)
+    assert all(p.device.type == "meta" for p in lz.model.parameters())
+    for t in ran.values():
+        a, b = (sorted(r["samples"][t], key=lambda s: s["doc_id"]) for r in (whole, walked))
+        assert len(a) == len(b) == 4
+        for sa, sb in zip(a, b):
+            assert sa["arguments"] == sb["arguments"]
+            got = torch.tensor([float(r[0]) for r in sb["filtered_resps"]])
+            want = torch.tensor([float(r[0]) for r in sa["filtered_resps"]])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            assert [bool(r[1]) for r in sb["filtered_resps"]] == [bool(r[1]) for r in sa["filtered_resps"]]
+    assert zs.summarize(walked, ran) == zs.summarize(whole, ran)

@@ -1,9 +1,10 @@
 """Zero-shot accuracy through lm-evaluation-harness (Gao et al., "A framework for few-shot language
 model evaluation", Zenodo 10.5281/zenodo.5371628), online or offline.
 
-The model is evaluated in memory (lm-eval's HFLM wraps the nn.Module we hold), so a pruned or packed
-model is scored through its runtime modules, not reloaded from disk. lm-eval does all the scoring:
-this module only picks task definitions and reads the numbers back.
+lm-eval's HFLM wraps the nn.Module we hold, so a pruned or packed model is scored through its runtime
+modules; a model left on disk (lazy.LazyModel: `llmprune eval` of a folder) is scored by
+eval/blockwise.py, HFLM with its forward pass walked block by block. lm-eval builds the requests and
+computes the metrics: this module only picks task definitions and reads the numbers back.
 
 - Online: lm-eval's own task definitions, which download their data from the Hub.
 - Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, the Hub unreachable, a builtin task that fails
@@ -19,6 +20,7 @@ from typing import Any
 
 from llmprune.calibration import sources
 from llmprune.errors import LLMPruneError
+from llmprune.lazy import LazyModel
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -104,8 +106,10 @@ def _hub_tasks(names: list[str]) -> dict[str, Any]:
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str] | str, limit: int | None = None, batch_size: int = 8,
-                tasks_dir: str | Path | None = None, log_samples: bool = False) -> tuple[dict, dict[str, str]]:
-    """Run lm-eval on the in-memory model; returns (lm-eval's raw output, {user name: lm-eval task name})."""
+                tasks_dir: str | Path | None = None, log_samples: bool = False, device=None,
+                progress: bool = False) -> tuple[dict, dict[str, str]]:
+    """Run lm-eval on `model`: an nn.Module where it is, or a lazy.LazyModel walked block by block on
+    `device` (eval/blockwise.py). Returns (lm-eval's raw output, {user name: lm-eval task name})."""
     names = check_tasks(tasks)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise LLMPruneError(f"--limit must be a positive whole number of examples per task, got {limit!r}")
@@ -121,7 +125,12 @@ def run_lm_eval(model, tokenizer, tasks: list[str] | str, limit: int | None = No
     offline = tasks_dir is not None or _env_offline() or not _hub_reachable()
     with _keep_rng():  # lm-eval reseeds python, numpy and torch: leave the caller's streams alone
         task_objs = _local_tasks(names, tasks_dir) if offline else _hub_tasks(names)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if isinstance(model, LazyModel):
+            from .blockwise import BlockwiseLM
+
+            lm = BlockwiseLM(model, tokenizer, batch_size, device or "cpu", progress)
+        else:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         raw = lm_eval.simple_evaluate(
             model=lm, tasks=list(task_objs.values()), limit=limit, num_fewshot=None,
             task_manager=TaskManager(include_defaults=False),  # tasks are built: skip indexing lm-eval's YAMLs
@@ -148,7 +157,7 @@ def _keep_rng():
 
 
 def zeroshot(model, tokenizer, tasks: list[str] | str, limit: int | None = None, batch_size: int = 8,
-             tasks_dir: str | Path | None = None, device=None) -> dict[str, Any]:
+             tasks_dir: str | Path | None = None, device=None, progress: bool = False) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on `tasks` (user-facing names, see HUB_TASKS).
 
     Returns {task: {"acc", "acc_norm", "n", "source"}, ..., "mean": mean acc over tasks}. acc_norm is
@@ -156,10 +165,15 @@ def zeroshot(model, tokenizer, tasks: list[str] | str, limit: int | None = None,
     "ppl"); n is the
     number of examples scored (the first `limit` when given); source is the lm-eval task that ran
     (llmprune_* = the shipped offline copy). `device`, when given, moves the model there for the run
-    and back afterwards; otherwise the model runs where it is.
+    and back afterwards; otherwise the model runs where it is. A lazy.LazyModel stays on disk: its
+    blocks are walked on `device` (default: the CPU), one at a time.
     """
     import torch
 
+    if isinstance(model, LazyModel):
+        raw, ran = run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, tasks_dir=tasks_dir,
+                               device=device, progress=progress)
+        return summarize(raw, ran)
     here = next(model.parameters()).device
     target = torch.device(device) if device is not None else here
     if target != here:
