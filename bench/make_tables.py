@@ -660,6 +660,24 @@ def scale_perp_table() -> str:
     return "\n".join(out) if len(out) > 2 else ""
 
 
+def scale_zeroshot_table() -> str:
+    """bench/scale_cpu.sh zeroshot: `llmprune eval --tasks` of a saved 8B-width output, 4 and 16 blocks; wall
+    time and peak RSS from /usr/bin/time (NAME.time); old-zeroshot-*: the same command before it walked the
+    blocks (the whole model placed by accelerate)."""
+    out = ["| run | code | blocks | loaded in | how | tasks (examples) | wall s | peak RSS MiB |",
+           "|---|---|---:|---|---|---|---:|---:|"]
+    for p in sorted((R / "scale").glob("*zeroshot-*.json"), key=lambda p: (p.stem.startswith("old-"), _blocks(p) or 0)):
+        zs, t = json.loads(p.read_text()), p.with_suffix(".time")
+        wall, rss = (re.search(r"wall ([\d.]+) s, max RSS (\d+) KiB", t.read_text()).groups() if t.exists()
+                     else (None, None))
+        old = p.stem.startswith("old-")
+        tasks = ", ".join(f"{k} ({v['n']})" for k, v in zs.items() if isinstance(v, dict))
+        out.append(f"| `{p.stem}` | {'before' if old else 'now'} | {_blocks(p) or '-'} | {p.stem.rsplit('-', 1)[-1]} | "
+                   f"{'whole (accelerate device_map)' if old else 'block by block'} | {tasks} | "
+                   f"{f(float(wall) if wall else None, '.0f')} | {f(int(rss) / 1024 if rss else None, ',.0f')} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def scale_estimate_table() -> str:
     """bench/scale_estimate.py's per-GPU table (arithmetic from the public configs, not a measurement)."""
     import contextlib
@@ -685,7 +703,7 @@ TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "qu
           "gpu-decode": lambda: gpu_section("End-to-end decode"), "gpu-shapes": lambda: gpu_section("Kernel times per shape"),
           "gpu-linears": lambda: gpu_section("The decoder linears alone"), "export": export_table,
           "scale": scale_table, "scale-pack": scale_pack_table,
-          "scale-perp": scale_perp_table, "scale-estimate": scale_estimate_table}
+          "scale-perp": scale_perp_table, "scale-zeroshot": scale_zeroshot_table, "scale-estimate": scale_estimate_table}
 
 SPAN = re.compile(r"^<!-- table:([\w-]+) -->.*?^<!-- /table -->", re.DOTALL | re.MULTILINE)  # markers open lines
 

@@ -279,10 +279,12 @@ def pack(lz: lazy.LazyModel, tok, folder: Path, fmt: str, quant: str | None, gro
 
 
 @contextmanager
-def through_blocks(lz: lazy.LazyModel, ids: torch.Tensor, batch_size: int, device, progress: bool, desc: str):
-    """Walk the token rows `ids` (n, T) through every decoder block, one block of weights in memory
-    at a time, then place what follows the blocks. Yields (the final norm, the last block's hidden
-    states per batch of `batch_size` rows, possibly in CPU memory); the weights are freed on exit."""
+def through_blocks(lz: lazy.LazyModel, ids: torch.Tensor | list[torch.Tensor], batch_size: int, device, progress: bool,
+                   desc: str):
+    """Walk token ids (walker.batches: (n, T) cut into `batch_size` rows, or a list of batches)
+    through every decoder block, one block of weights in memory at a time, then place what follows
+    the blocks. Yields (the final norm, the last block's hidden states per batch, possibly in CPU
+    memory); the weights are freed on exit."""
     model = lz.model
     a = archmod.arch_of(model)
     with walker.onload(model, block_store(lz)):

@@ -172,8 +172,15 @@ def store_of(model):
     return getattr(model, _STORE, None)
 
 
+def batches(input_ids: torch.Tensor | list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """The batches a walk runs: a tensor (n, T) cut into `batch_size` rows, or a list of batches (b, T_b)
+    as they are (their widths may differ: zero-shot requests padded per batch)."""
+    return list(input_ids.split(batch_size)) if isinstance(input_ids, torch.Tensor) else list(input_ids)
+
+
 @torch.no_grad()
-def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list[torch.Tensor], list[list]]:
+def catch(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int,
+          device) -> tuple[list[torch.Tensor], list[list]]:
     """Returns (first block's hidden states per batch, per block: per batch (args, kwargs))."""
     layers = archmod.blocks(model)
     n = len(layers)
@@ -188,7 +195,7 @@ def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list
             store.load_outside(device)  # what runs before the first block (embeddings, rotary tables)
         else:
             model.to(device)  # only what is left outside the blocks: embeddings, norm, head, rotary
-        for batch in input_ids.split(batch_size):
+        for batch in batches(input_ids, batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _Stop:
@@ -207,7 +214,7 @@ def catch(model, input_ids: torch.Tensor, batch_size: int, device) -> tuple[list
 ACTIVATIONS_ON_DEVICE = 0.25  # at most this fraction of a GPU's memory holds calibration activations
 
 
-def activation_home(model, input_ids: torch.Tensor, device) -> torch.device:
+def activation_home(model, input_ids: torch.Tensor | list[torch.Tensor], device) -> torch.device:
     """Where the calibration activations live between blocks: on the compute device when they fit
     in ACTIVATIONS_ON_DEVICE of it (twice: a block's inputs and outputs), else in CPU memory, moved
     to the device one batch at a time (a 70B model's 128 x 2048 windows are 4 GiB in bf16)."""
@@ -216,14 +223,15 @@ def activation_home(model, input_ids: torch.Tensor, device) -> torch.device:
         return device
     p = next((t for t in model.parameters()), None)
     item = p.element_size() if p is not None and p.is_floating_point() else 4
-    need = 2 * input_ids.numel() * model.config.hidden_size * item
+    tokens = input_ids.numel() if isinstance(input_ids, torch.Tensor) else sum(b.numel() for b in input_ids)
+    need = 2 * tokens * model.config.hidden_size * item
     total = torch.cuda.get_device_properties(device).total_memory
     return device if need <= ACTIVATIONS_ON_DEVICE * total else torch.device("cpu")
 
 
-def walk(model, input_ids: torch.Tensor, batch_size: int = 8, device="cpu", progress: bool = True,
-         desc: str = "blocks") -> Iterator[Block]:
-    """Yield each decoder block (on `device`) with its calibration inputs, in order. When the
+def walk(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int = 8, device="cpu",
+         progress: bool = True, desc: str = "blocks") -> Iterator[Block]:
+    """Yield each decoder block (on `device`) with its calibration inputs (`batches`), in order. When the
     caller hands control back, the block is rerun with its current weights; the results
     (block.outputs) are the next block's inputs, and the block moves back where it was."""
     from tqdm.auto import tqdm

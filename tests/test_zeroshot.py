@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 pytest.importorskip("lm_eval")
 
@@ -226,16 +227,15 @@ def test_yaml_standalone_reads_shipped_file():
 
 # --- a model left on disk, scored block by block (eval/blockwise.py) ------------------------------------------
 
-def test_passes_cover_every_request_within_the_budget():
-    from llmprune.eval.blockwise import passes
+def test_plan_batches_longest_first_and_passes_within_the_budget():
+    from llmprune.eval.blockwise import plan
 
-    lengths = [5, 17, 3, 17, 9, 40, 1, 8]
-    groups = passes(lengths, 36)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        assert [lengths[i] for i in g] == sorted((lengths[i] for i in g), reverse=True)
-        assert len(g) == 1 or len(g) * lengths[g[0]] <= 36  # a 40-token row alone exceeds it, in its own pass
-    assert [[lengths[i] for i in g] for g in groups] == [[40], [17, 17], [9, 8, 5, 3], [1]]
+    lengths = [5, 17, 3, 17, 9, 40, 1, 8, 2]
+    passes = plan(lengths, 2, 40)
+    assert sorted(i for p in passes for b in p for i in b) == list(range(len(lengths)))
+    assert [[[lengths[i] for i in b] for b in p] for p in passes] == [[[40, 17]], [[17, 9]], [[8, 5], [3, 2], [1]]]
+    for p in passes:  # each batch padded to its first (longest) row; a pass over budget holds one batch
+        assert len(p) == 1 or sum(len(b) * lengths[b[0]] for b in p) <= 40
 
 
 @pytest.mark.parametrize("family,fmt", [("llama", "dense"), ("gemma2", "dense"), ("llama", "w4s24")])
@@ -260,17 +260,21 @@ def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_p
     tok = byte_tokenizer()
     tasks = list(zs.LOCAL_TASKS)
     whole, ran = zs.run_lm_eval(model, tok, tasks, limit=4, batch_size=3, tasks_dir=DATA, log_samples=True)
-    monkeypatch.setattr(onload, "EVAL_ACTIVATIONS", 120 * 32 * 4)  # 120 tokens of hidden states: many passes
+    budget = 600  # tokens of hidden states a pass may hold: several passes, most of several batches
+    monkeypatch.setattr(onload, "EVAL_ACTIVATIONS", budget * model.config.hidden_size * 4)
     walks = []
     real = onload.through_blocks
-    monkeypatch.setattr(onload, "through_blocks", lambda *a, **k: walks.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setattr(onload, "through_blocks", lambda *a, **k: walks.append([b.shape for b in a[1]]) or real(*a, **k))
     lz = lazy.LazyModel(folder, torch.float32, (json.loads((folder / "llmprune.json").read_text())["format"]
                                                 if fmt != "dense" else None))
     with monkeypatch.context() as m:
         most = hold_one_block(m)
         walked, ran2 = zs.run_lm_eval(lz, tok, tasks, limit=4, batch_size=3, tasks_dir=DATA, log_samples=True)
     assert most[0] == 1 and ran2 == ran and len(walks) > 3
-    assert all(n * t <= 120 or n == 1 for n, t in walks)
+    assert all(sum(n * t for n, t in w) <= budget or len(w) == 1 for w in walks)
+    assert all(n <= 3 for w in walks for n, _ in w) and any(len(w) > 1 for w in walks)
+    widths = [t for w in walks for _, t in w]
+    assert widths == sorted(widths, reverse=True)  # batches padded to their own rows, longest first
     assert all(p.device.type == "meta" for p in lz.model.parameters())
     for t in ran.values():
         a, b = (sorted(r["samples"][t], key=lambda s: s["doc_id"]) for r in (whole, walked))
@@ -282,3 +286,32 @@ def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_p
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
             assert [bool(r[1]) for r in sb["filtered_resps"]] == [bool(r[1]) for r in sa["filtered_resps"]]
     assert zs.summarize(walked, ran) == zs.summarize(whole, ran)
+
+
+def test_requests_that_share_an_input_are_walked_once(tmp_path, monkeypatch):
+    """The choices of a one-token answer share one input (the context): it is walked once and every
+    choice is scored from it, each equal to the whole model's log-likelihood and greedy flag."""
+    from llmprune import lazy, onload
+    from llmprune.eval.blockwise import BlockwiseLM
+    from llmprune.testing import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "src", "llama", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    ctx = [int(t) for t in torch.randint(1, 256, (11,), generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        greedy = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+    conts = [[greedy], [(greedy + 1) % 256], [greedy, 9, 2], [3]]
+    requests = [(None, ctx, c) for c in conts] + [(None, ctx[:5], [4])]
+    walked = []
+    real = onload.through_blocks
+    monkeypatch.setattr(onload, "through_blocks", lambda *a, **k: walked.extend(a[1]) or real(*a, **k))
+    lm = BlockwiseLM(lazy.LazyModel(src, torch.float32), byte_tokenizer(), 1, "cpu", progress=False)
+    got = lm._loglikelihood_tokens(requests)
+    assert sorted(b.shape[1] for b in walked) == [5, 11, 13] and sum(b.shape[0] for b in walked) == 3
+    for (_, c, x), (ll, is_greedy) in zip(requests, got):
+        with torch.no_grad():
+            logp = model(torch.tensor([c + x])).logits[0].double().log_softmax(-1)
+        want = sum(float(logp[len(c) - 1 + k, t]) for k, t in enumerate(x))
+        assert ll == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert is_greedy == all(int(logp[len(c) - 1 + k].argmax()) == t for k, t in enumerate(x))
+    assert got[0][1] and not got[1][1]

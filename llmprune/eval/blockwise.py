@@ -3,11 +3,11 @@ request bookkeeping, so the prompts and the scored tokens are lm-eval's own) wit
 replaced by a walk over the decoder blocks, one block of weights in memory at a time
 (onload.through_blocks). A 70B output is scored on one GPU, or on the CPU, whatever its format.
 
-All requests are walked together: sorted by length, cut into as few passes over the weights as the
-activation budget allows (onload.EVAL_ACTIVATIONS of hidden states), each pass padded on the right
-(a causal model's tokens never see what follows them; HFLM pads the same way). Each request is then
-read off the final hidden states through the head at its continuation's positions only, so a 262k
-vocabulary never yields a whole sequence of logits. Log-probabilities are computed in fp32 (as the
+All requests are walked together: sorted by length and batched as HFLM batches them (each batch padded
+on the right to its longest row: a causal model's tokens never see what follows them), the batches
+grouped into as few passes over the weights as the activation budget allows (onload.EVAL_ACTIVATIONS
+of hidden states). Each request is then read off the final hidden states through the head at its
+continuation's positions only, so a 262k vocabulary never yields a whole sequence of logits. Log-probabilities are computed in fp32 (as the
 perplexity evaluator does; HFLM's default is the model's dtype), which equals HFLM on an fp32 model.
 """
 from __future__ import annotations
@@ -20,16 +20,21 @@ from tqdm.auto import tqdm
 from .. import arch, lazy, onload
 
 
-def passes(lengths: list[int], budget: int) -> list[list[int]]:
-    """Request indices, longest first, cut into groups whose padded size (rows x longest row) is at
-    most `budget` tokens (a longer single row is a group of its own)."""
+def plan(lengths: list[int], batch_size: int, budget: int) -> list[list[list[int]]]:
+    """Request indices, longest first, cut into batches of `batch_size` (each padded to its longest
+    row, as HFLM batches), the batches grouped into passes over the weights of at most `budget` padded
+    tokens each (a larger batch is a pass of its own). Returns passes -> batches -> indices."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[int]] = []
-    for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
-            out[-1].append(i)
+    out: list[list[list[int]]] = []
+    used = 0
+    for b in (order[k: k + batch_size] for k in range(0, len(order), batch_size)):
+        size = len(b) * lengths[b[0]]
+        if out and used + size <= budget:
+            out[-1].append(b)
+            used += size
         else:
-            out.append([i])
+            out.append([b])
+            used = size
     return out
 
 
@@ -42,32 +47,38 @@ class BlockwiseLM(HFLM):
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        rows = []  # (input tokens, continuation tokens): HFLM's truncation, causal case
-        for _, context, continuation in requests:
+        inputs: dict[tuple, list[int]] = {}  # input tokens (HFLM's truncation, causal case) -> its requests
+        for r, (_, context, continuation) in enumerate(requests):
             assert 0 < len(continuation) <= self.max_length
-            rows.append(((context + continuation)[-(self.max_length + 1):][:-1], continuation))
+            inputs.setdefault(tuple((context + continuation)[-(self.max_length + 1):][:-1]), []).append(r)
+        rows = list(inputs)  # each distinct input walked once (the choices of a one-token answer share it)
         model = self.lz.model
         budget = max(1, onload.EVAL_ACTIVATIONS // (model.config.hidden_size * self.lz.dtype.itemsize))
-        groups = passes([len(r[0]) for r in rows], budget)
-        bs = override_bs or self.batch_size
-        res: list[tuple[float, bool] | None] = [None] * len(rows)
-        bar = tqdm(total=len(rows), desc="zero-shot requests", disable=disable_tqdm or not self.progress)
-        for n, group in enumerate(groups):
-            width = len(rows[group[0]][0])
-            ids = torch.full((len(group), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-            for j, i in enumerate(group):
-                ids[j, : len(rows[i][0])] = torch.tensor(rows[i][0])
-            desc = f"zero-shot pass {n + 1}/{len(groups)}"
-            with onload.through_blocks(self.lz, ids, bs, self.device, self.progress, desc) as (norm, hidden):
-                for j, i in enumerate(group):
-                    inp, cont = rows[i]
-                    h = hidden[j // bs][j % bs, len(inp) - len(cont): len(inp)].to(self.device)  # (k, H)
-                    logp = F.log_softmax(arch.logits(model, norm(h[None]))[0], dim=-1)  # (k, V) fp32
-                    want = torch.tensor(cont, device=logp.device)
-                    answer = (float(logp.gather(-1, want[:, None]).sum()), bool((logp.argmax(-1) == want).all()))
-                    res[i] = answer
-                    if requests[i][0] is not None:  # lm-eval's request cache, as HFLM feeds it
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                    bar.update(1)
+        passes = plan([len(x) for x in rows], override_bs or self.batch_size, budget)
+        res: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="zero-shot requests", disable=disable_tqdm or not self.progress)
+        for n, batches in enumerate(passes):
+            ids = []
+            for b in batches:
+                ids.append(torch.full((len(b), len(rows[b[0]])), self.tokenizer.pad_token_id or 0, dtype=torch.long))
+                for j, i in enumerate(b):
+                    ids[-1][j, : len(rows[i])] = torch.tensor(rows[i])
+            desc = f"zero-shot pass {n + 1}/{len(passes)}"
+            with onload.through_blocks(self.lz, ids, 1, self.device, self.progress, desc) as (norm, hidden):
+                for b, h_b in zip(batches, hidden):
+                    for j, i in enumerate(b):
+                        for r in inputs[rows[i]]:
+                            res[r] = self._score(h_b[j, : len(rows[i])], requests[r][2], norm)
+                            if requests[r][0] is not None:  # lm-eval's request cache, as HFLM feeds it
+                                self.cache_hook.add_partial("loglikelihood", requests[r][0], res[r])
+                            bar.update(1)
         bar.close()
         return res
+
+    def _score(self, hidden: torch.Tensor, cont: list[int], norm) -> tuple[float, bool]:
+        """(log-likelihood of `cont`, whether it is the greedy continuation) from the last block's
+        hidden states of its input (T, H): the head at the continuation's positions only."""
+        h = hidden[len(hidden) - len(cont):].to(self.device)  # (k, H)
+        logp = F.log_softmax(arch.logits(self.lz.model, norm(h[None]))[0], dim=-1)  # (k, V) fp32
+        want = torch.tensor(cont, device=logp.device)
+        return float(logp.gather(-1, want[:, None]).sum()), bool((logp.argmax(-1) == want).all())
