@@ -590,8 +590,9 @@ def scale_table() -> str:
     rows = []
     for p in sorted((R / "scale").glob("*.json")):
         m = json.loads(p.read_text())
-        if p.name.startswith("old-") or m.get("packed_from") or m.get("exported_from") or m.get("recovered_from"):
-            continue  # (packs and exports: scale_pack_table; PERP: scale_perp_table)
+        if (p.name.startswith("old-") or m.get("packed_from") or m.get("exported_from") or m.get("recovered_from")
+                or p.stem.startswith("zeroshot-")):
+            continue  # (packs and exports: scale_pack_table; PERP: scale_perp_table; scale_zeroshot_table)
         cfg = m.get("model", {})
         layers = (m.get("config") or {}).get("model", "")
         n = re.search(r"-l(\d+)$", str(layers))
