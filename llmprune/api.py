@@ -43,6 +43,20 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     return res
 
 
+def _measure(m: mf.Manifest, p, t, tmp: Path, windows: int | None, cache: dict, dense: dict) -> None:
+    """The saved output's figures into its manifest: perplexity (with the dense model's beside it) and
+    zero-shot accuracy, each measured on the folder as written."""
+    c = p.cfg
+    if c.eval:
+        with t("eval_s"):
+            m.eval = pipeline.merge_dense(pipeline.evaluate_saved(
+                tmp, c.eval, c.eval_seqlen, windows, p.device, c.dtype, c.progress, cache), dense)
+    if c.tasks:
+        with t("zeroshot_s"):
+            m.zeroshot = pipeline.zeroshot_saved(tmp, m.to_dict(), c.tasks, c.tasks_limit, p.device, c.dtype,
+                                                 c.progress)
+
+
 def _finish(m: mf.Manifest, p, t, command) -> None:
     c = p.cfg
     m.timings = t.total()
@@ -92,10 +106,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         m.steps += pipeline.export_steps(m.format)
         del model  # evaluation loads the folder; the in-memory model is not needed any more
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
-        if c.eval:
-            with t("eval_s"):
-                m.eval = pipeline.merge_dense(pipeline.evaluate_saved(
-                    tmp, c.eval, c.eval_seqlen, windows, p.device, c.dtype, c.progress, cache), dense)
+        _measure(m, p, t, tmp, windows, cache, dense)
         _finish(m, p, t, command)
         mf.write(tmp, m)
     return m
@@ -158,10 +169,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
             m.format = out.outside(tok)
         m.steps += pipeline.export_steps(m.format)
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
-        if c.eval:
-            with t("eval_s"):
-                m.eval = pipeline.merge_dense(pipeline.evaluate_saved(
-                    tmp, c.eval, c.eval_seqlen, windows, p.device, c.dtype, c.progress, cache), dense)
+        _measure(m, p, t, tmp, windows, cache, dense)
         _finish(m, p, t, command)
         mf.write(tmp, m)
     return m
@@ -223,14 +231,8 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
             results = pipeline.merge_dense(results, pipeline.dense_refs(old.eval))  # the dense reference of compress
         out["eval"] = results
     if tasks:
-        from .eval import zeroshot
-
-        lz, tok = _walkable(target, old, dtype)  # on disk, block by block (eval/blockwise.py)
-        model, tok = (lz, tok) if lz is not None else _placed(target, old, dtype, dev)
-        zs = zeroshot.zeroshot(model, tok, list(tasks), limit=limit, batch_size=batch_size, tasks_dir=tasks_dir,
-                               device=dev if lz is not None else None, progress=progress)
-        zs["limit"], zs["blockwise"] = limit, lz is not None
-        out["zeroshot"] = zs
+        out["zeroshot"] = pipeline.zeroshot_saved(_folder(target, old), old.to_dict() if old is not None else {}, tasks,
+                                                  limit, dev, dtype, progress, batch_size, tasks_dir)
     if is_output and save:
         mf.update(target, **out)
     return out
@@ -253,33 +255,20 @@ def _perplexity(target: str, old: mf.Manifest | None, datasets, seqlen: int, win
         return pipeline.evaluate_model(model, tok, datasets, seqlen, windows, progress, {})
 
 
+def _folder(target: str, old: mf.Manifest | None) -> Path:
+    """The folder of an output, or of the model a spec names."""
+    return Path(target) if old is not None else Path(pipeline.resolve_model(target).path)
+
+
 def _walkable(target: str, old: mf.Manifest | None, dtype: str):
     """(a lazy.LazyModel of the output or model spec, or None when it only loads whole; its tokenizer)."""
     from transformers import AutoTokenizer
 
     from . import onload
 
-    folder = Path(target) if old is not None else Path(pipeline.resolve_model(target).path)
+    folder = _folder(target, old)
     lz, _ = onload.open_output(folder, dtype, old.to_dict() if old is not None else {})
     return lz, AutoTokenizer.from_pretrained(folder)
-
-
-def _placed(target: str, old: mf.Manifest | None, dtype: str, device: str):
-    """The whole model for lm-eval, for what only loads whole: dense folders placed by accelerate
-    (device_map="auto": the GPUs, then CPU memory, then disk), sliced outputs through llmprune.load."""
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if old is not None and (old.format_name != "dense" or old.slicegpt):
-        model, tok, _ = load(target, dtype=dtype, device=device)
-        return model, tok
-    folder = Path(target) if old is not None else Path(pipeline.resolve_model(target).path)
-    offload = tempfile.mkdtemp(prefix="llmprune-offload-")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map="auto",
-                                                 offload_folder=offload).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def _source(src: str) -> mf.Manifest:

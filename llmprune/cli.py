@@ -73,6 +73,9 @@ def _add_compress(sub):
     g.add_argument("--eval-seqlen", type=int, default=2048)
     g.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default: from --protocol; 0 = all)")
     g.add_argument("--no-dense-eval", action="store_true", help="skip measuring the dense model first")
+    g.add_argument("--tasks", default="", help="zero-shot tasks of the saved output through lm-eval, e.g. "
+                                               "boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
+    g.add_argument("--tasks-limit", type=int, default=None, help="the first N examples of each task (default all)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | a list such as cuda:0,cuda:1: the blocks run "
                                                   "on the first, each block's linears are solved on all at once "
                                                   "(default: every GPU when there is one, else cpu)")
@@ -113,7 +116,7 @@ def cmd_compress(a) -> int:
         calib_batch=a.calib_batch,
         device=a.device, dtype=a.dtype, onload=a.onload, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
-        eval_dense=not a.no_dense_eval, slicegpt=slicegpt, format=a.format, quant=a.quant,
+        eval_dense=not a.no_dense_eval, tasks=a.tasks, tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
         gptq=_gptq_opts(a) or None,
         recover=({"method": a.recover, "steps": a.recover_steps,
@@ -139,6 +142,7 @@ def print_summary(m: dict) -> None:
     print(f"compress {t.get('compress_s', 0):.1f}s (forward {t.get('forward_s', 0):.1f}s, solve {t.get('solve_s', 0):.1f}s)"
           f"  total {t.get('total_s', 0):.1f}s  peak RSS {m.get('peak_rss_mib', 0):.0f} MiB")
     print_eval(m.get("eval", {}))
+    print_zeroshot(m.get("zeroshot") or {})
 
 
 def print_eval(ev: dict) -> None:

@@ -171,6 +171,8 @@ class CompressConfig:
     eval_seqlen: int = 2048
     eval_windows: int | None = None  # None: from the protocol; 0: all windows
     eval_dense: bool = True  # also measure the dense model first (its figure is kept as dense_ppl)
+    tasks: tuple[str, ...] = ()  # zero-shot tasks through lm-eval (eval/zeroshot.py), e.g. ("boolq", "piqa")
+    tasks_limit: int | None = None  # the first N examples of each task (None: all)
     # transforms, formats, recovery
     slicegpt: SliceConfig | None = None
     format: str = "dense"
@@ -199,6 +201,13 @@ class CompressConfig:
         if isinstance(self.eval, str):
             s(self, "eval", tuple(x for x in self.eval.split(",") if x and x != "none"))
         s(self, "eval", tuple(self.eval))
+        if self.tasks:
+            from .eval.zeroshot import check_tasks
+
+            s(self, "tasks", tuple(check_tasks(self.tasks if isinstance(self.tasks, str) else list(self.tasks))))
+        s(self, "tasks", tuple(self.tasks))
+        if self.tasks_limit is not None and not (isinstance(self.tasks_limit, int) and self.tasks_limit >= 1):
+            raise LLMPruneError(f"--tasks-limit {self.tasks_limit!r} must be >= 1 (or leave it out for every example)")
         s(self, "owl", _from(OwlConfig, self.owl, "--owl"))
         s(self, "slicegpt", _from(SliceConfig, self.slicegpt, "SliceGPT"))
         s(self, "gptq", _from(GPTQConfig, self.gptq, "GPTQ"))

@@ -7,7 +7,8 @@ export -> evaluate the saved output -> manifest.
     transform                   prune (solver, OWL, global magnitude) or slice (SliceGPT), in place
     recover                     PERP retraining, optional
     export                      write a dense HF folder or a packed format (RTN or GPTQ, + scale tuning)
-    evaluate_saved              perplexity of the folder as written, loaded with llmprune.load
+    evaluate_saved              perplexity of the folder as written, block by block from disk or loaded whole
+    zeroshot_saved              its zero-shot accuracy (lm-eval), the same way
 The figures an output publishes come from `evaluate_saved`, so they describe the files, not the
 model before it was packed; a figure of an intermediate model keeps its own name (dense_ppl).
 """
@@ -401,6 +402,35 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
         model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
         res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
     return {d: {**r, "measured_on": mf.SAVED} for d, r in res.items()}
+
+
+def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, device: str, dtype: str, progress: bool,
+                   batch_size: int = 8, tasks_dir: str | None = None) -> dict:
+    """Zero-shot accuracy (eval/zeroshot.py) of a folder as saved: block by block from disk where it
+    allows (eval/blockwise.py), else the whole model: dense folders placed by accelerate
+    (device_map="auto": the GPUs, then CPU memory, then disk), SliceGPT outputs through llmprune.load."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import checkpoint, onload
+    from .eval import zeroshot
+
+    lz, _ = onload.open_output(folder, dtype, manifest)
+    with tempfile.TemporaryDirectory(prefix="llmprune-offload-") as offload:
+        if lz is not None:
+            model = lz
+        elif (manifest.get("format") or {}).get("name", "dense") != "dense" or manifest.get("slicegpt"):
+            model = checkpoint.load(folder, dtype=dtype, device=device)[0]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map="auto",
+                                                         offload_folder=offload).eval()
+        zs = zeroshot.zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks), limit=limit,
+                               batch_size=batch_size, tasks_dir=tasks_dir, device=device if lz is not None else None,
+                               progress=progress)
+    zs["limit"], zs["blockwise"] = limit, lz is not None
+    return zs
 
 
 def merge_dense(results: dict, dense: dict) -> dict:

@@ -175,6 +175,32 @@ def test_eval_tasks_and_report(tmp_path, capsys, pruned_24, monkeypatch):
     assert "| " in capsys.readouterr().out
 
 
+def test_compress_tasks_score_the_saved_output(tmp_path, capsys, tiny_dir, calib_txt):
+    """`compress --tasks` records the zero-shot accuracy of the folder it wrote (packed here), scored block
+    by block, equal to lm-eval on that folder loaded whole; a bad task or limit stops before any work."""
+    from llmprune.eval.zeroshot import zeroshot
+
+    out = tmp_path / "o"
+    rc = main(["compress", "--model", str(tiny_dir), "--pattern", "2:4", "--format", "w4s24", "--quant", "rtn",
+               "--group-size", "32", "--calib", str(calib_txt), "--out", str(out), "--tasks", "copa,rte",
+               "--tasks-limit", "3", *FAST_CLI])
+    so = capsys.readouterr().out
+    assert rc == 0 and "copa" in so and "mean" in so
+    m = json.loads((out / "llmprune.json").read_text())
+    zs = m["zeroshot"]
+    assert zs["blockwise"] and zs["limit"] == 3 and zs["copa"]["n"] == 3 and m["timings"]["zeroshot_s"] > 0
+    model, tok, _ = checkpoint.load(out)
+    assert zeroshot(model, tok, "copa,rte", limit=3) == {k: v for k, v in zs.items() if k not in ("limit", "blockwise")}
+    capsys.readouterr()
+    for argv, msg in [(["--tasks", "copa,nope"], "unknown zero-shot task nope"),
+                      (["--tasks", "copa", "--tasks-limit", "0"], "--tasks-limit 0 must be >= 1")]:
+        assert main(["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), "--out", str(tmp_path / "x"),
+                     *argv, *FAST_CLI]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()
+
+
 def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
     out = tmp_path / "sw"
     rc = main(["sweep", "--model", str(tiny_dir), "--solvers", "magnitude,wanda", "--sparsity", "0.3:0.5:0.2",
