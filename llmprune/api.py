@@ -214,9 +214,7 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     if tasks:
         from .eval import zeroshot
 
-        tasks = tuple(zeroshot.check_tasks(list(tasks)))
-        if limit is not None and limit <= 0:
-            raise LLMPruneError(f"--limit {limit} must be >= 1 (or leave it out for every example)")
+        tasks = zeroshot.check(tasks, limit, "--limit")
     is_output = Path(target).is_dir() and mf.exists(target)
     old = mf.read(target) if is_output else None
     dtype = dtype or (old.dtype if old is not None and old.dtype not in (None, "auto") else
@@ -287,10 +285,13 @@ def _figures_of(m: mf.Manifest, datasets, seqlen: int, windows: int | None) -> d
 def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int = 0, nsamples: int | None = None,
             eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
             device: str | None = None, overwrite: bool = False, progress: bool = True, command: str | None = None,
-            dtype: str | None = None, **perp_opts) -> dict:
+            dtype: str | None = None, tasks: tuple[str, ...] = (), tasks_limit: int | None = None,
+            **perp_opts) -> dict:
     """PERP recovery of a pruned output folder into a new folder (arXiv 2312.15230). dtype: the
-    weights' dtype while training (None: the one the source was compressed in)."""
+    weights' dtype while training (None: the one the source was compressed in). With `eval` / `tasks`,
+    the new folder's perplexity / zero-shot accuracy as saved."""
     from . import arch, checkpoint, prune
+    from .eval import zeroshot
     from .recover import perp
 
     old = _source(src)
@@ -301,6 +302,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     perp.check_options(**rcfg.perp_options())
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise LLMPruneError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")
     dtype = dtype or old.dtype or "float32"
     dev = pick_device(device)
     t = pipeline.Timer()
@@ -337,6 +339,9 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
                 after = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, dev, dtype, progress, cache)
             new.eval = {d: {**r, "before_recover_ppl": before[d]["ppl"]} for d, r in
                         pipeline.merge_dense(after, pipeline.dense_refs(old.eval)).items()}
+        if tasks:
+            with t("zeroshot_s"):
+                new.zeroshot = pipeline.zeroshot_saved(tmp, new.to_dict(), tasks, tasks_limit, dev, dtype, progress)
         new.timings = {**old.timings, "recover": t.total()}
         new.command = command
         for k, v in memory(dev).items():
@@ -349,13 +354,16 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
          nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
          command: str | None = None, save_dtype: str = "float16", grid: str = "auto", gptq: dict | None = None,
          eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
-         device: str | None = None, onload: str = "auto") -> dict:
+         device: str | None = None, onload: str = "auto", tasks: tuple[str, ...] = (),
+         tasks_limit: int | None = None) -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ quantizes block by
     block on calibration data first (quant.sequential.gptq_sequential). The source stays on disk and
     is read one block at a time (onload.pack), unless scale tuning (--tune-steps) needs it whole or
-    `onload` is "whole". With `eval`, the packed folder is evaluated as saved."""
+    `onload` is "whole". With `eval` / `tasks`, the packed folder's perplexity / zero-shot accuracy
+    as saved."""
     from . import checkpoint, formats
     from . import onload as onl
+    from .eval import zeroshot
 
     old = _source(src)
     if old.format_name != "dense":
@@ -372,6 +380,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
             raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
     if onload not in ("auto", "blocks", "whole"):
         raise LLMPruneError(f"--onload {onload!r}: use auto, blocks or whole")
+    tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")
     outdir.check_out(out, overwrite)
     devs = pick_devices(device)
     t = pipeline.Timer()
@@ -414,6 +423,10 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
             with t("eval_s"):
                 new.eval = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, devs[0], old.dtype or "float32",
                                                    progress, {})
+        if tasks:
+            with t("zeroshot_s"):
+                new.zeroshot = pipeline.zeroshot_saved(tmp, new.to_dict(), tasks, tasks_limit, devs[0],
+                                                       old.dtype or "float32", progress)
         new.timings = {**old.timings, "pack": t.total()}
         for k, v in memory(devs[0]).items():  # this command's, as its timings (the source's: its own manifest)
             setattr(new, k, v)

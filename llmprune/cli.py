@@ -73,9 +73,7 @@ def _add_compress(sub):
     g.add_argument("--eval-seqlen", type=int, default=2048)
     g.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default: from --protocol; 0 = all)")
     g.add_argument("--no-dense-eval", action="store_true", help="skip measuring the dense model first")
-    g.add_argument("--tasks", default="", help="zero-shot tasks of the saved output through lm-eval, e.g. "
-                                               "boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
-    g.add_argument("--tasks-limit", type=int, default=None, help="the first N examples of each task (default all)")
+    _add_task_flags(g)
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | a list such as cuda:0,cuda:1: the blocks run "
                                                   "on the first, each block's linears are solved on all at once "
                                                   "(default: every GPU when there is one, else cpu)")
@@ -302,10 +300,17 @@ def _add_recover(sub):
     p.set_defaults(func=cmd_recover)
 
 
+def _add_task_flags(p):
+    p.add_argument("--tasks", default="", help="zero-shot tasks of the saved output through lm-eval, e.g. "
+                                               "boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
+    p.add_argument("--tasks-limit", type=int, default=None, help="the first N examples of each task (default all)")
+
+
 def _add_eval_flags(p):
     p.add_argument("--eval", default="", help="perplexity datasets before and after, e.g. wikitext2")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=None)
+    _add_task_flags(p)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -323,7 +328,8 @@ def cmd_recover(a) -> int:
     m = api.recover(a.src, a.out, data=a.data, seqlen=a.seqlen, nsamples=a.nsamples,
                     eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen,
                     eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
-                    progress=not a.no_progress, command=a.command_line, dtype=a.dtype, **opts)
+                    progress=not a.no_progress, command=a.command_line, dtype=a.dtype, tasks=_tasks(a),
+                    tasks_limit=a.tasks_limit, **opts)
     r = m["recover"]
     print(f"\nsaved {m['out']}  (PERP {r['steps']} steps, {r['n_trainable']:,} trainable = {100 * r['fraction']:.3f}%,"
           f" {r['wall_s']:.0f}s, zeros unchanged: {r['zeros_unchanged']})")
@@ -331,6 +337,7 @@ def cmd_recover(a) -> int:
     for d, x in ev.items():
         print(f"{d}: ppl {x['before_recover_ppl']:.3f} -> {x['ppl']:.3f}"
               + (f" (dense {x['dense_ppl']:.3f})" if "dense_ppl" in x else ""))
+    print_zeroshot(m.get("zeroshot") or {})
     return 0
 
 
@@ -372,6 +379,7 @@ def _add_pack(sub):
     p.add_argument("--eval", default="none", help="perplexity of the packed folder as saved: wikitext2,c4 or none")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default all)")
+    _add_task_flags(p)
     p.add_argument("--device", default=None)
     p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
                    help="blocks: the source stays on disk and is packed one decoder block at a time; whole: in "
@@ -388,10 +396,15 @@ def cmd_pack(a) -> int:
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
                  progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
                  gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
-                 device=a.device, onload=a.onload)
+                 device=a.device, onload=a.onload, tasks=_tasks(a), tasks_limit=a.tasks_limit)
     print_format(m)
     print_eval(m.get("eval", {}))
+    print_zeroshot(m.get("zeroshot") or {})
     return 0
+
+
+def _tasks(a) -> tuple[str, ...]:
+    return tuple(x for x in a.tasks.split(",") if x)
 
 
 def print_format(m: dict) -> None:

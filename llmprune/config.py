@@ -201,13 +201,9 @@ class CompressConfig:
         if isinstance(self.eval, str):
             s(self, "eval", tuple(x for x in self.eval.split(",") if x and x != "none"))
         s(self, "eval", tuple(self.eval))
-        if self.tasks:
-            from .eval.zeroshot import check_tasks
-
-            s(self, "tasks", tuple(check_tasks(self.tasks if isinstance(self.tasks, str) else list(self.tasks))))
-        s(self, "tasks", tuple(self.tasks))
-        if self.tasks_limit is not None and not (isinstance(self.tasks_limit, int) and self.tasks_limit >= 1):
-            raise LLMPruneError(f"--tasks-limit {self.tasks_limit!r} must be >= 1 (or leave it out for every example)")
+        if isinstance(self.tasks, str):
+            s(self, "tasks", tuple(x.strip() for x in self.tasks.split(",") if x.strip()))
+        s(self, "tasks", tuple(self.tasks))  # (checked with tasks_limit by pipeline.plan)
         s(self, "owl", _from(OwlConfig, self.owl, "--owl"))
         s(self, "slicegpt", _from(SliceConfig, self.slicegpt, "SliceGPT"))
         s(self, "gptq", _from(GPTQConfig, self.gptq, "GPTQ"))

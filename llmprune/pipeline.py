@@ -110,6 +110,10 @@ def plan(cfg: CompressConfig) -> Plan:
     devices = pick_devices(cfg.device)
     device = devices[0]
     cfg = cfg.resolved(device)
+    if cfg.tasks or cfg.tasks_limit is not None:
+        from .eval import zeroshot
+
+        cfg = dataclasses.replace(cfg, tasks=zeroshot.check(cfg.tasks, cfg.tasks_limit, "--tasks-limit"))
     pattern = patterns.parse(cfg.pattern)
     default = cfg.sparsity if cfg.sparsity is not None or pattern.kind == "nm" else 0.5
     sparsity = patterns.resolve_sparsity(pattern, default)

@@ -201,6 +201,28 @@ def test_compress_tasks_score_the_saved_output(tmp_path, capsys, tiny_dir, calib
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("cmd", ["pack", "recover"])
+def test_pack_and_recover_tasks_score_the_folder_they_write(cmd, tmp_path, capsys, pruned_24):
+    """`pack --tasks` / `recover --tasks` record the zero-shot accuracy of the new folder as saved (the
+    source's is not carried over); a limit without tasks stops before any work."""
+    from llmprune.eval.zeroshot import zeroshot
+
+    out = tmp_path / cmd
+    extra = (["--format", "sparse24"] if cmd == "pack" else
+             ["--steps", "2", "--seqlen", "32", "--nsamples", "2", "--data", "wikitext2"])
+    assert main([cmd, str(pruned_24), *extra, "--out", str(out), "--tasks", "copa", "--tasks-limit", "4",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert "copa" in capsys.readouterr().out
+    zs = json.loads((out / "llmprune.json").read_text())["zeroshot"]
+    assert zs["blockwise"] and zs["copa"]["n"] == 4
+    model, tok, _ = checkpoint.load(out)
+    assert zeroshot(model, tok, "copa", limit=4) == {k: v for k, v in zs.items() if k not in ("limit", "blockwise")}
+    capsys.readouterr()
+    assert main([cmd, str(pruned_24), *extra, "--out", str(tmp_path / "x"), "--tasks-limit", "4"]) == 2
+    assert "--tasks-limit limits the zero-shot tasks: add --tasks" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
     out = tmp_path / "sw"
     rc = main(["sweep", "--model", str(tiny_dir), "--solvers", "magnitude,wanda", "--sparsity", "0.3:0.5:0.2",

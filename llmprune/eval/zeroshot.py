@@ -59,6 +59,22 @@ def check_tasks(tasks: list[str] | str) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
+def check_limit(limit, flag: str = "--limit") -> None:
+    """A limit of examples per task: None (every example) or a whole number >= 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise LLMPruneError(f"{flag} {limit!r} must be >= 1 (or leave it out for every example)")
+
+
+def check(tasks, limit, limit_flag: str) -> tuple[str, ...]:
+    """The tasks an output command is asked to score (none: ()), and their limit, checked before any work."""
+    check_limit(limit, limit_flag)
+    if not tasks:
+        if limit is not None:
+            raise LLMPruneError(f"{limit_flag} limits the zero-shot tasks: add --tasks, or drop it")
+        return ()
+    return tuple(check_tasks(tasks if isinstance(tasks, str) else list(tasks)))
+
+
 # the one Hub check of the package; module attributes so tests can replace them
 _env_offline, _hub_reachable = sources.env_offline, sources.hub_reachable
 
