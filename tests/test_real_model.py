@@ -55,21 +55,29 @@ def test_compress_real_model_end_to_end(tmp_path):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(plain(ids).logits, ours(ids).logits)
 
-    # packed (block by block from the saved folder) and measured on the packed folder; then exported to
-    # GGUF with the source GGUF's tokenizer, which transformers' GGUF reader loads to the same predictions
+    # packed (block by block from the saved folder) and measured on the packed folder, zero-shot too (the block
+    # walk scores what lm-eval scores on the packed model loaded whole); then exported to GGUF with the source
+    # GGUF's tokenizer, which transformers' GGUF reader loads to the same predictions
     packed = tmp_path / "smol-w4s24"
     assert main(["pack", str(out), "--format", "w4s24", "--eval", "wikitext2", "--eval-seqlen", "512",
-                 "--eval-windows", "1", "--out", str(packed), "--no-progress"]) == 0
+                 "--eval-windows", "1", "--tasks", "copa,arc_easy", "--tasks-limit", "6", "--out", str(packed),
+                 "--no-progress"]) == 0
     pm = json.loads((packed / "llmprune.json").read_text())
     pe = pm["eval"]["wikitext2"]
     assert pe["measured_on"] == m["eval"]["wikitext2"]["measured_on"] and pe["ppl"] != ev["ppl"]
     assert ev["ppl"] < pe["ppl"] < 3 * ev["ppl"]  # int4 RTN of the 2:4 weights (4 calibration windows): worse, not broken
+    from llmprune.eval.zeroshot import zeroshot
+
+    ref, ref_tok, _ = checkpoint.load(packed)
+    zs = pm["zeroshot"]
+    assert zs["blockwise"] and zs["copa"]["n"] == 6
+    assert zeroshot(ref, ref_tok, "copa,arc_easy", limit=6) == {k: v for k, v in zs.items()
+                                                                if k not in ("limit", "blockwise")}
     gg = tmp_path / "smol-gguf"
     assert main(["export", str(packed), "--to", "gguf", "--type", "q8_0", "--out", str(gg), "--no-progress"]) == 0
     (fname,) = json.loads((gg / "llmprune.json").read_text())["export"]["files"]
     g = AutoModelForCausalLM.from_pretrained(gg, gguf_file=fname, dtype=torch.float32)
     assert AutoTokenizer.from_pretrained(gg, gguf_file=fname)("The capital of France is").input_ids == ids[0].tolist()
-    ref, _, _ = checkpoint.load(packed)
     with torch.no_grad():
         a, b = g(ids).logits, ref(ids).logits
     assert (a - b).norm() / b.norm() < 0.05 and torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
