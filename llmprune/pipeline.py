@@ -9,8 +9,8 @@ export -> evaluate the saved output -> manifest.
     export                      write a dense HF folder or a packed format (RTN or GPTQ, + scale tuning)
     evaluate_saved              perplexity of the folder as written, block by block from disk or loaded whole
     zeroshot_saved              its zero-shot accuracy (lm-eval), the same way
-The figures an output publishes come from `evaluate_saved`, so they describe the files, not the
-model before it was packed; a figure of an intermediate model keeps its own name (dense_ppl).
+The figures an output publishes come from `evaluate_saved` and `zeroshot_saved`, so they describe the
+files, not the model before it was packed; a figure of an intermediate model keeps its own name (dense_ppl).
 """
 from __future__ import annotations
 

@@ -127,8 +127,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str] | str, limit: int | None = No
     """Run lm-eval on `model`: an nn.Module where it is, or a lazy.LazyModel walked block by block on
     `device` (eval/blockwise.py). Returns (lm-eval's raw output, {user name: lm-eval task name})."""
     names = check_tasks(tasks)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise LLMPruneError(f"--limit must be a positive whole number of examples per task, got {limit!r}")
+    check_limit(limit)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise LLMPruneError(f"batch size must be a positive integer, got {batch_size!r}")
     if tasks_dir is not None and not Path(tasks_dir).is_dir():
