@@ -156,3 +156,22 @@ def test_replay_refuses_a_sublayer_that_is_not_its_last_linear():
     mine = attn.forward
     block.run(stop_after=block.module.mlp)
     assert vars(attn)["forward"] is mine
+
+
+def test_activations_wait_in_cpu_memory_when_they_would_crowd_the_gpu(monkeypatch):
+    """Hidden states stay on the GPU while a block's inputs and outputs take at most ACTIVATIONS_ON_DEVICE
+    of it, counted over every batch, whether given as one (n, T) tensor or as batches of their own widths
+    (zero-shot requests); on the CPU they stay where they are. (No GPU here: its size is faked.)"""
+    from types import SimpleNamespace
+
+    model = tiny_model("llama")  # hidden 64 x fp32: a token's hidden state is 256 bytes, 512 in and out
+    per_token = 2 * model.config.hidden_size * 4
+    gpu = 1000 * per_token / walker.ACTIVATIONS_ON_DEVICE  # room for exactly 1000 tokens
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gpu))
+    cuda = torch.device("cuda:0")
+    assert walker.activation_home(model, torch.zeros(10, 100, dtype=torch.long), cuda) == cuda
+    assert walker.activation_home(model, torch.zeros(10, 101, dtype=torch.long), cuda) == torch.device("cpu")
+    ragged = [torch.zeros(4, 150, dtype=torch.long), torch.zeros(8, 50, dtype=torch.long)]  # 600 + 400 tokens
+    assert walker.activation_home(model, ragged, cuda) == cuda
+    assert walker.activation_home(model, [*ragged, torch.zeros(1, 1, dtype=torch.long)], cuda) == torch.device("cpu")
+    assert walker.activation_home(model, torch.zeros(100, 100, dtype=torch.long), "cpu") == torch.device("cpu")
