@@ -114,7 +114,7 @@ def cmd_compress(a) -> int:
         calib_batch=a.calib_batch,
         device=a.device, dtype=a.dtype, onload=a.onload, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
-        eval_dense=not a.no_dense_eval, tasks=a.tasks, tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
+        eval_dense=not a.no_dense_eval, tasks=_tasks(a), tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
         gptq=_gptq_opts(a) or None,
         recover=({"method": a.recover, "steps": a.recover_steps,
@@ -178,7 +178,7 @@ def _add_eval(sub):
 def cmd_eval(a) -> int:
     from . import api
 
-    tasks = tuple(x for x in a.tasks.split(",") if x)
+    tasks = _tasks(a)
     ppl = tuple(x for x in (a.ppl if a.ppl is not None else ("" if tasks else "wikitext2")).split(",") if x and x != "none")
     res = api.evaluate(a.target, ppl, a.seqlen, a.windows, a.device, progress=not a.no_progress, tasks=tasks,
                        limit=a.limit, tasks_dir=a.tasks_dir, batch_size=a.batch_size, dtype=a.dtype)
@@ -246,7 +246,7 @@ def cmd_sweep(a) -> int:
     grid = parse_range(a.sparsity) if a.sparsity else (implied,) if implied is not None else parse_range("0.3:0.8:0.1")
     res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
                     a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
-                    a.eval_windows, tuple(x for x in a.tasks.split(",") if x), a.limit, a.device,
+                    a.eval_windows, _tasks(a), a.limit, a.device,
                     progress=not a.no_progress, protocol=a.protocol)
     from .bench import format_table
 
@@ -404,6 +404,7 @@ def cmd_pack(a) -> int:
 
 
 def _tasks(a) -> tuple[str, ...]:
+    """--tasks "a,b" as the API takes it."""
     return tuple(x for x in a.tasks.split(",") if x)
 
 

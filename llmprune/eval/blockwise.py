@@ -7,8 +7,9 @@ All requests are walked together: sorted by length and batched as HFLM batches t
 on the right to its longest row: a causal model's tokens never see what follows them), the batches
 grouped into as few passes over the weights as the activation budget allows (onload.EVAL_ACTIVATIONS
 of hidden states). Each request is then read off the final hidden states through the head at its
-continuation's positions only, so a 262k vocabulary never yields a whole sequence of logits. Log-probabilities are computed in fp32 (as the
-perplexity evaluator does; HFLM's default is the model's dtype), which equals HFLM on an fp32 model.
+continuation's positions only, so a 262k vocabulary never yields a whole sequence of logits.
+Log-probabilities are computed in fp32 (as the perplexity evaluator does; HFLM's default is the
+model's dtype), which equals HFLM on an fp32 model.
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def check(tasks, limit, limit_flag: str) -> tuple[str, ...]:
         if limit is not None:
             raise LLMPruneError(f"{limit_flag} limits the zero-shot tasks: add --tasks, or drop it")
         return ()
-    return tuple(check_tasks(tasks if isinstance(tasks, str) else list(tasks)))
+    return tuple(check_tasks(tasks))
 
 
 # the one Hub check of the package; module attributes so tests can replace them
