@@ -3,7 +3,7 @@
 # CUDA, sweep their launch shapes against cuBLAS / torch 2:4 / torch int4, decode a LLaMA-3-8B-shaped
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
-#                                          use_tuned microbench e2e e2e_compiled compress compress_scale
+#                                          use_tuned microbench e2e e2e_compiled compress compress_scale perp
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
 # Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
@@ -66,7 +66,37 @@ compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale
   done
   return $rc
 }
-export -f envinfo compress compress_scale
+perp() {  # PERP on CUDA with every block on the GPU and with the blocks streamed (llmprune/recover/placement.py):
+  # 2 blocks of a Llama-3-8B-shaped model in bf16, Wanda 50%, 4 PERP steps of 2 x 512 tokens, then again with
+  # --resident-gib 2.2 (the 2.1 GB embedding and head, no block: both stream from CPU memory). The manifests
+  # give recover seconds, peak GPU memory and the GB streamed; the two folders' weights are compared.
+  # CPU dry run: DEVICE=cpu SL=64 OUT=/tmp/x bash bench/gpu_kernels.sh perp
+  local d=${DEVICE:-cuda} sl=${SL:-512} m=/tmp/syn-perp rc=0
+  $PY bench/make_synthetic.py $m --arch llama3-8b --layers 2 --dtype bfloat16 || return 1
+  $PY -m llmprune.cli compress --model $m --solver wanda --device $d --nsamples 4 --seqlen 256 --calib wikitext2 \
+      --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-perp-src || return 1
+  for r in resident 2.2; do
+    local extra=; [ $r != resident ] && extra="--resident-gib $r"
+    $PY -m llmprune.cli recover /tmp/o-perp-src --out /tmp/o-perp-$r --steps 4 --batch 2 --seqlen $sl \
+        --data wikitext2 --device $d --dtype bfloat16 --no-progress --overwrite $extra \
+      && cp /tmp/o-perp-$r/llmprune.json "$OUT/perp-$r.json" || rc=1
+  done
+  $PY - <<'PYEOF' || rc=1
+import json
+from safetensors.torch import load_file
+from pathlib import Path
+a, b = (Path(f"/tmp/o-perp-{r}") for r in ("resident", "2.2"))
+wa = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(f).items()}
+wb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
+diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+la, lb = (json.loads((p / "llmprune.json").read_text())["recover"]["losses"] for p in (a, b))
+print("losses resident", la, "streamed", lb, "max |weight difference|", diff)
+assert wa.keys() == wb.keys() and diff < 1e-2, "streamed training differs from resident training"
+PYEOF
+  rm -rf $m /tmp/o-perp-*
+  return $rc
+}
+export -f envinfo compress compress_scale perp
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
@@ -77,11 +107,14 @@ stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
 stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128
 stage compress 200 compress
 stage compress_scale 420 compress_scale
+stage perp 240 perp
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4
 tail -n 40 "$OUT/tune.log" 2>/dev/null
 tail -n 12 "$OUT"/correctness.log "$OUT"/e2e*.log "$OUT"/precompile.log 2>/dev/null
 grep -H '"compress_s"\|peak_gpu' "$OUT"/compress-*.json 2>/dev/null
+grep -H '"streamed_gb"\|"wall_s"\|peak_gpu' "$OUT"/perp-*.json 2>/dev/null
+tail -n 3 "$OUT/perp.log" 2>/dev/null
 cat "$OUT/stages.txt"
 exit $rc

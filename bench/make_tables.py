@@ -679,17 +679,17 @@ def scale_zeroshot_table() -> str:
     return "\n".join(out) if len(out) > 2 else ""
 
 
-def scale_estimate_table() -> str:
-    """bench/scale_estimate.py's per-GPU table (arithmetic from the public configs, not a measurement)."""
+def script_table(script: str, *args) -> str:
+    """The Markdown table a bench script prints: bench/scale_estimate.py's per-GPU memory, bench/perp_placement.py's
+    PERP plans (arithmetic from the public configs and llmprune's own planner, not measurements)."""
     import contextlib
+    import importlib
     import io
 
     sys.path.insert(0, str(Path(__file__).parent))
-    import scale_estimate
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        scale_estimate.main([])
+        importlib.import_module(script).main(*args)
     return "\n".join(line for line in buf.getvalue().splitlines() if line.startswith("|"))
 
 
@@ -704,7 +704,8 @@ TABLES = {"base": base_table, "formats": formats_table, "sweep": sweep_wide, "qu
           "gpu-decode": lambda: gpu_section("End-to-end decode"), "gpu-shapes": lambda: gpu_section("Kernel times per shape"),
           "gpu-linears": lambda: gpu_section("The decoder linears alone"), "export": export_table,
           "scale": scale_table, "scale-pack": scale_pack_table,
-          "scale-perp": scale_perp_table, "scale-zeroshot": scale_zeroshot_table, "scale-estimate": scale_estimate_table}
+          "scale-perp": scale_perp_table, "scale-zeroshot": scale_zeroshot_table, "scale-estimate": lambda: script_table("scale_estimate", []),
+          "scale-perp-placement": lambda: script_table("perp_placement")}
 
 SPAN = re.compile(r"^<!-- table:([\w-]+) -->.*?^<!-- /table -->", re.DOTALL | re.MULTILINE)  # markers open lines
 

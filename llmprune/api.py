@@ -93,7 +93,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         from . import prune
 
         with t("recover_s"):
-            m.recover = pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.device, c.progress)
+            m.recover = pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices, c.progress)
         m.steps.append("recover")
         if m.sparsity:
             m.sparsity["measured_after_recover"] = prune.measured_sparsity(model, names)
@@ -304,24 +304,25 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         raise LLMPruneError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")
     dtype = dtype or old.dtype or "float32"
-    dev = pick_device(device)
+    devs = pick_devices(device)
+    dev = devs[0]
     t = pipeline.Timer()
     model, tok, _ = checkpoint.load(src, dtype=dtype)
     pipeline.check_context(model, seqlen, "--seqlen")
     cache: dict = {}
     before = {}
     if eval:
-        # the source's own figures where measured the same way on these weights in this dtype
+        # the source's own figures where measured the same way on these weights in this dtype, else
+        # measured on the source folder (block by block, as the recovered one is afterwards, so a
+        # model larger than the GPU is evaluated too)
         same = _figures_of(old, eval, eval_seqlen, eval_windows) if dtype == (old.dtype or "float32") else {}
         todo = tuple(d for d in eval if d not in same)
-        model.to(dev)
-        before = {**same, **(pipeline.evaluate_model(model, tok, todo, eval_seqlen, eval_windows, progress, cache)
-                             if todo else {})}
-        model.to("cpu")
+        before = {**same, **(pipeline.evaluate_saved(Path(src), todo, eval_seqlen, eval_windows, dev, dtype, progress,
+                                                     cache) if todo else {})}
     pruned = perp.pruned_linears(model)
     zeros_before = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned}
     with t("recover_s"):
-        info = pipeline.recover(model, tok, rcfg, data, seed, dev, progress)
+        info = pipeline.recover(model, tok, rcfg, data, seed, devs, progress)
     info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
     info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
     new = mf.Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None})

@@ -296,6 +296,9 @@ def _add_recover(sub):
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--nsamples", type=int, default=None, help="training windows (default steps x batch x accum)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resident-gib", type=float, default=None,
+                   help="GiB of weights each --device keeps while training (default: what fits beside a step's "
+                        "activations); the blocks beyond stream from CPU memory (a 70B model on one GPU)")
     _add_eval_flags(p)
     p.set_defaults(func=cmd_recover)
 
@@ -322,7 +325,7 @@ def cmd_recover(a) -> int:
     opts = dict(method=a.method, train=tuple(x for x in a.train.split(",") if x), rank=a.rank, steps=a.steps,
                 batch_size=a.batch, grad_accum=a.grad_accum, warmup=a.warmup, schedule=a.schedule,
                 weight_decay=a.weight_decay, grad_checkpointing=not a.no_grad_checkpointing,
-                mixed_precision=a.mixed_precision, seed=a.seed)
+                mixed_precision=a.mixed_precision, seed=a.seed, resident_gib=a.resident_gib)
     if a.lr is not None:
         opts["lr"] = a.lr
     m = api.recover(a.src, a.out, data=a.data, seqlen=a.seqlen, nsamples=a.nsamples,

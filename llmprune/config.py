@@ -116,6 +116,7 @@ class RecoverConfig:
     data: str | None = None  # None: the pruning's calibration set
     seqlen: int = 512
     nsamples: int | None = None  # None: steps x batch_size x grad_accum (each window seen once)
+    resident_gib: float | None = None  # weights each device keeps (None: what fits); the rest streams
 
     def __post_init__(self):
         if isinstance(self.train, str):
@@ -124,6 +125,9 @@ class RecoverConfig:
             raise LLMPruneError(f"--recover {self.method!r}: the only recovery method is perp")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.seqlen < 2:
             raise LLMPruneError("PERP needs --steps, --batch and --grad-accum >= 1 and --seqlen >= 2")
+        if self.resident_gib is not None and not self.resident_gib > 0:
+            raise LLMPruneError(f"--resident-gib {self.resident_gib} must be > 0 (GiB of weights each device keeps), "
+                                f"e.g. --resident-gib 60; leave it out to keep what fits")
 
     def perp_options(self) -> dict:
         """The keyword arguments of perp.recover / perp.check_options."""

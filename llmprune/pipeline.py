@@ -316,16 +316,15 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
 
 # --- recover --------------------------------------------------------------------------------------
 
-def recover(model, tok, rcfg, calib: str, seed: int, device: str, progress: bool) -> dict:
-    """PERP in place on training windows drawn apart from the pruning calibration (seed + 1)."""
+def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], progress: bool) -> dict:
+    """PERP in place on training windows drawn apart from the pruning calibration (seed + 1), on
+    `devices` (recover/placement.py); the model stays on, and comes back to, the CPU."""
     from .recover import perp
 
     opts = rcfg.perp_options()
     n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum  # each window seen once
     ids, data_info = calibrate(rcfg.data or calib, tok, n, rcfg.seqlen, seed)
-    model.to(device)
-    info = perp.recover(model, ids.to(device), progress=progress, **opts)
-    model.to("cpu")
+    info = perp.recover(model, ids, progress=progress, devices=tuple(devices), **opts)
     info["data"] = data_info
     return info
 

@@ -29,6 +29,23 @@ def test_recover_keeps_zeros_and_records(tmp_path, capsys, pruned_24, calib_txt)
 
 
 
+def test_recover_streams_the_blocks_beyond_the_budget(tmp_path, capsys, pruned_24, calib_txt):
+    """--resident-gib below one block: every block streams from CPU memory, the manifest says so and what
+    it copied, and the folder is the one training every block in place writes, bit for bit."""
+    outs = {}
+    for extra in ([], ["--resident-gib", "0.0001"]):
+        out = outs[bool(extra)] = tmp_path / f"rec{len(extra)}"
+        rc = main(["recover", str(pruned_24), "--out", str(out), "--steps", "2", "--batch", "2", "--data",
+                   str(calib_txt), "--seqlen", "32", "--rank", "4", "--device", "cpu", "--no-progress", *extra])
+        assert rc == 0, capsys.readouterr().err
+    p = json.loads((outs[True] / "llmprune.json").read_text())["recover"]["placement"]
+    assert (p["streamed_blocks"], p["resident_blocks"], p["resident_gib"]) == (2, {"cpu": 0}, 0.0001)
+    assert p["streamed_gb"] > 0
+    a, _, _ = checkpoint.load(outs[False])
+    b, _, _ = checkpoint.load(outs[True])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_recover_before_figure_is_the_sources_or_measured(tmp_path, capsys, tiny_dir, calib_txt):
     """The ppl before recovery is the source manifest's when measured the same way (same weights),
     and measured afresh otherwise; both equal a direct evaluation of the source."""
@@ -74,7 +91,9 @@ def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
     for argv, msg in [([str(tmp_path / "plain")], "not an llmprune output"),
                       ([str(pruned_24), "--lr", "0"], "--lr"),
                       ([str(pruned_24), "--steps", "0"], "--steps"),
-                      ([str(pruned_24), "--dtype", "float8"], "--dtype")]:
+                      ([str(pruned_24), "--dtype", "float8"], "--dtype"),
+                      ([str(pruned_24), "--resident-gib", "0"], "--resident-gib 0.0 must be > 0"),
+                      ([str(pruned_24), "--resident-gib", "0.00001"], "embedding, head and final norm")]:
         rc = main(["recover", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LLMPruneError
-from . import lora
+from . import lora, placement
 
 TRAINABLE = ("norms", "biases", "masklora", "scalelora")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -190,6 +190,8 @@ def recover(
     alpha: float | None = None,
     max_grad_norm: float | None = 1.0,
     mixed_precision: str = "no",
+    devices: tuple[str, ...] | None = None,
+    resident_gib: float | None = None,
 ) -> dict:
     """Retrain the selected subset of a pruned causal LM in place (PERP, arXiv 2312.15230).
 
@@ -207,6 +209,11 @@ def recover(
     the trained tensors with their gradients and AdamW state) plus activations (docs/scale.md). fp16 weights have no such path without loss scaling (fp16 gradients underflow):
     with mixed_precision "no" the whole model is trained in fp32, as if loaded in fp32 (2x its
     memory; a note says so), and with "fp16" accelerate scales the loss and the weights stay fp16.
+
+    devices: where to train (default: the model's device). Decoder blocks fill them in order, each GPU
+    keeping what fits beside a step's activations (or `resident_gib` of weights); the blocks beyond
+    keep their frozen weights in CPU memory and stream them in as they run (placement.py: a 70B model
+    on one or a few GPUs). The model may come on the CPU; it goes back there.
 
     Afterwards the adapters are merged, every module is a plain nn.Linear again, the zeros of each
     pruned weight are unchanged bit for bit, and the model is back in its dtype, device and mode.
@@ -237,7 +244,8 @@ def recover(
     requires0 = {id(p): p.requires_grad for p in model.parameters()}
     set_seed(seed)  # dropout, if the model has any; adapter init and data order use their own generators
     try:
-        accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision)
+        accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
+                                  device_placement=False)  # placement.placed puts the model, the loop the data
     except ValueError as e:  # accelerate fixes the precision once per process
         raise LLMPruneError(f"mixed precision {mixed_precision!r} differs from an earlier run in this "
                             f"process: run recovery in a fresh process") from e
@@ -269,7 +277,13 @@ def recover(
                                    if n.startswith(attr))
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
-        with _training_mode(model, grad_checkpointing) as checkpointing:
+        if accelerator.num_processes > 1:  # one replica per process (DDP): each on its process's device
+            devices = (str(accelerator.device),)
+        devices = tuple(devices or (str(device0),))
+        blocks, where, place_info = _plan(model, devices, resident_gib, batch_size, train_ids.shape[1], compute,
+                                          grad_checkpointing, accelerator.num_processes)
+        with _training_mode(model, grad_checkpointing) as checkpointing, \
+                placement.placed(model, blocks, devices, where) as streamed:
             n_windows = steps * grad_accum * batch_size * accelerator.num_processes
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.TensorDataset(train_ids.long()), batch_size=batch_size,
@@ -281,8 +295,9 @@ def recover(
             pmodel, optimizer, loader = accelerator.prepare(model, optimizer, loader)
             bar = tqdm(total=steps, desc="PERP", disable=not (progress and accelerator.is_local_main_process))
             micro = []
-            dev_type = next(model.parameters()).device.type
+            dev_type = torch.device(devices[0]).type
             for (batch,) in loader:
+                batch = batch.to(devices[0])
                 with accelerator.accumulate(pmodel):
                     with torch.autocast(dev_type, dtype=compute, enabled=autocast):
                         loss = pmodel(input_ids=batch, labels=batch).loss
@@ -328,7 +343,45 @@ def recover(
         "frozen_dtype": str(compute).removeprefix("torch."),
         "autocast": "bf16" if autocast else mixed_precision,
         "wall_s": time.perf_counter() - t0,
+        "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)},
         "notes": notes,
+    }
+
+
+def _plan(model, devices, resident_gib, batch_size, seqlen, compute, checkpointing, n_processes):
+    """Where each decoder block trains (placement.plan over the devices' budgets) and what the manifest
+    records of it; refuses a plan that cannot run."""
+    from .. import arch
+
+    blocks = list(arch.blocks(model))
+    sizes = [placement.held_bytes(b) for b in blocks]
+    base = placement.held_bytes(model) - sum(sizes)
+    dtype_bytes = torch.finfo(compute).bits // 8
+    reserve = placement.reserve_bytes(model.config, batch_size, seqlen, len(blocks), dtype_bytes)
+    budgets = placement.budgets(devices, resident_gib, reserve, model)
+    gib = placement.GiB
+    if base > budgets[0]:
+        raise LLMPruneError(f"the embedding, head and final norm ({base / gib:.1f} GiB while training) do not fit "
+                            f"the {budgets[0] / gib:.1f} GiB {devices[0]} has for weights: free memory there, or "
+                            f"lower --batch / --seqlen")
+    where = placement.plan(sizes, base, budgets)
+    streamed = sum(s for _, s in where)
+    if streamed and n_processes > 1:
+        raise LLMPruneError(f"the model does not fit one GPU per process ({streamed} of {len(blocks)} blocks "
+                            f"would stream): run in one process, with --device listing the GPUs")
+    if streamed and not (checkpointing and getattr(model, "supports_gradient_checkpointing", False)):
+        raise LLMPruneError(f"{streamed} of {len(blocks)} blocks do not fit {', '.join(devices)} and stream from CPU "
+                            f"memory, which needs activation checkpointing (else every copy stays for the backward "
+                            f"pass): drop --no-grad-checkpointing, or give more devices")
+    resident = {d: sum(1 for i, s in where if devices[i] == d and not s) for d in devices}
+    return blocks, where, {
+        "devices": list(devices),
+        "resident_blocks": resident,
+        "streamed_blocks": streamed,
+        "budget_gib": [None if b == float("inf") else round(b / gib, 2) for b in budgets],
+        "resident_gib": resident_gib,
+        "block_gib": round(max(sizes) / gib, 6),  # the largest block, as placed (trained tensors 4x)
+        "base_gib": round(base / gib, 6),  # the embedding, final norm and head
     }
 
 

@@ -1,0 +1,142 @@
+"""Where PERP trains a model (llmprune/recover/placement.py): blocks over several devices, the rest
+streamed from CPU memory. On this CPU-only machine the "devices" are cpu and cpu:0 (distinct to torch,
+the same memory), so these tests check the bookkeeping and that training is unchanged by it; the
+speed and GPU memory it buys are for a GPU to measure."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune import arch
+from llmprune.errors import LLMPruneError
+from llmprune.recover import lora, placement
+from llmprune.recover.perp import recover
+from test_perp import FAST, bits, pruned_model, repetitive_ids
+
+KB = 1000 / placement.GiB  # resident_gib of 1,000 bytes
+
+
+def test_plan_fills_devices_in_order_and_streams_the_rest():
+    plan = placement.plan
+    assert plan([10] * 4, 5, [float("inf")]) == [(0, False)] * 4
+    # the first device holds the base (5) and two blocks; the second two; none left over
+    assert plan([10] * 4, 5, [25, 20]) == [(0, False), (0, False), (1, False), (1, False)]
+    # beyond every budget: streamed, computing on the last device
+    assert plan([10] * 5, 5, [25, 10]) == [(0, False), (0, False), (1, False), (1, True), (1, True)]
+    assert plan([10] * 3, 5, [14]) == [(0, True)] * 3
+    # a device too small for one block is skipped, the next takes the blocks in order
+    assert plan([10] * 3, 0, [5, 30]) == [(1, False)] * 3
+
+
+def test_budgets(monkeypatch):
+    gib = placement.GiB
+    assert placement.budgets(("cpu", "cpu"), 2.0, 0) == [2 * gib] * 2
+    assert placement.budgets(("cpu",), None, 10**9) == [float("inf")]
+    # a GPU keeps its free memory less the reserve (faked: 10 GiB free on GPU 0, 30 on GPU 1)
+    free = {0: 10 * gib, 1: 30 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert placement.budgets(("cuda", "cuda:1"), None, 4 * gib) == [6 * gib, 26 * gib]
+    assert placement.budgets(("cuda:0",), None, 12 * gib) == [0.0]
+
+
+def test_streamed_training_equals_resident_training():
+    """Both blocks stream (a budget that holds the embedding and head but no block): same losses and the
+    same merged weights bit for bit; every frozen weight is copied in for the forward and again for the
+    recomputation of the backward pass; the model's Parameter objects are the ones it came with."""
+    m1, _ = pruned_model("2:4")
+    m2, _ = pruned_model("2:4")
+    ids = repetitive_ids()
+    before = {n: p for n, p in m2.named_parameters()}
+    i1 = recover(m1, ids, **FAST)
+    i2 = recover(m2, ids, resident_gib=100 * KB, **FAST)  # tiny blocks: 148 kB frozen + adapters each
+    assert i1["placement"]["streamed_blocks"] == 0 and i1["placement"]["streamed_gb"] == 0
+    assert i2["placement"]["streamed_blocks"] == 2 and i2["placement"]["resident_blocks"] == {"cpu": 0}
+    frozen = sum(p.numel() * p.element_size() for b in arch.blocks(m2) for n, p in b.named_parameters()
+                 if p.dim() == 2)
+    assert i2["placement"]["streamed_gb"] == round(frozen * 2 * FAST["steps"] / 1e9, 3)
+    assert i1["losses"] == i2["losses"]
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(bits(a), bits(b)), n
+    assert all(before[n] is p for n, p in m2.named_parameters())
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in m2.modules())
+
+
+def test_a_streamed_weight_is_in_place_only_while_its_module_runs():
+    """While block 1 runs, block 0's frozen weights are their stored Parameters again (not the copies
+    made for block 0's call), and block 1's linears get copies."""
+    model, _ = pruned_model("2:4")
+    layers = model.model.layers
+    stored = {n: p for n, p in layers[0].named_parameters() if p.dim() == 2}
+    seen = []
+
+    def probe(mod, args):
+        now = {n.replace(".base.", "."): p for n, p in layers[0].named_parameters() if p.dim() == 2 and "lora" not in n}
+        seen.append(all(now[n] is p for n, p in stored.items()))
+    h = layers[1].register_forward_pre_hook(probe)
+    copies = []
+    up = layers[1].mlp.up_proj
+    hook_up = up.register_forward_hook(lambda m, a, out: copies.append(m.weight))  # runs before the hook that drops it
+    try:
+        recover(model, repetitive_ids(), resident_gib=100 * KB, **{**FAST, "steps": 2, "train": ("norms",)})
+    finally:
+        h.remove()
+        hook_up.remove()
+    assert seen and all(seen)
+    assert copies and all(c is not up.weight for c in copies)
+
+
+def test_two_devices_split_the_blocks_and_train_the_same():
+    """Two devices (cpu, cpu:0): one block on each, or the second streamed, the hidden states routed
+    between them; the training is that of one device."""
+    ref, _ = pruned_model("unstructured")
+    i0 = recover(ref, repetitive_ids(), **FAST)
+    b, base = (i0["placement"][k] * placement.GiB for k in ("block_gib", "base_gib"))  # as placed, adapters in
+    for budget, resident, streamed in ((base + 1.3 * b, {"cpu": 1, "cpu:0": 1}, 0),
+                                       (b + base / 2, {"cpu": 0, "cpu:0": 1}, 1)):
+        m, _ = pruned_model("unstructured")
+        i = recover(m, repetitive_ids(), devices=("cpu", "cpu:0"), resident_gib=budget / placement.GiB, **FAST)
+        p = i["placement"]
+        assert (p["resident_blocks"], p["streamed_blocks"], p["devices"]) == (resident, streamed, ["cpu", "cpu:0"])
+        assert i["losses"] == i0["losses"]
+        for (n, a), (_, b) in zip(ref.state_dict().items(), m.state_dict().items()):
+            assert torch.equal(a, b), n
+
+
+def test_route_moves_inputs_to_the_block_and_outputs_back():
+    """The hooks of several devices: a block's tensor inputs (args and kwargs) go to its device, the
+    last block's outputs to the first device."""
+    model, _ = pruned_model("unstructured")
+    blocks = list(arch.blocks(model))
+    moved = []
+    import accelerate.utils
+
+    real = accelerate.utils.send_to_device
+    try:
+        accelerate.utils.send_to_device = lambda x, dev: moved.append(str(dev)) or real(x, dev)
+        with placement.placed(model, blocks, ("cpu", "cpu:0"), [(0, False), (1, False)]):
+            model(input_ids=repetitive_ids(2))
+    finally:
+        accelerate.utils.send_to_device = real
+    assert moved == ["cpu:0", "cpu:0", "cpu"]  # block 1's args, its kwargs; the last block's output
+
+
+def test_a_plan_that_cannot_run_is_refused_and_the_model_left_alone():
+    model, _ = pruned_model("2:4")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LLMPruneError, match="embedding, head and final norm"):
+        recover(model, repetitive_ids(), resident_gib=1 * KB, **FAST)
+    with pytest.raises(LLMPruneError, match="activation checkpointing"):
+        recover(model, repetitive_ids(), resident_gib=100 * KB, grad_checkpointing=False, **FAST)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) is not lora.SparseAdapterLinear for m in model.modules())
+
+
+def test_failure_while_streaming_restores_the_model():
+    model, _ = pruned_model("2:4")
+    params = {n: p for n, p in model.named_parameters()}
+    bad = torch.full((4, 9), 10_000)  # out of the vocabulary: the embedding lookup fails in step 1
+    with pytest.raises(IndexError):
+        recover(model, bad, resident_gib=100 * KB, **FAST)
+    assert all(params[n] is p for n, p in model.named_parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
