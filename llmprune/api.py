@@ -345,7 +345,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
                 new.zeroshot = pipeline.zeroshot_saved(tmp, new.to_dict(), tasks, tasks_limit, dev, dtype, progress)
         new.timings = {**old.timings, "recover": t.total()}
         new.command = command
-        for k, v in memory(dev).items():
+        for k, v in memory(",".join(devs)).items():  # the largest peak of the GPUs it trained on
             setattr(new, k, v)
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}
