@@ -45,6 +45,7 @@ compress() {  # compression on CUDA: a SmolLM2-shaped random model (the real one
   one wanda --solver wanda --eval $ev
   one sparsegpt --solver sparsegpt --eval none
   one sparsegpt-w4s24-gptq --solver sparsegpt --pattern 2:4 --format w4s24 --quant gptq --eval none
+  one slicegpt --solver slicegpt --slicing 0.25 --rotation shared --eval none  # blocks rotated on the GPU
   return $rc
 }
 compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale.md): 4 blocks of a

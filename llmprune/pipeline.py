@@ -286,7 +286,7 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
         from .transforms import slicegpt
 
         with timer("compress_s"):
-            info = slicegpt.slice_model(model, ids, batch_size=c.calib_batch, progress=c.progress,
+            info = slicegpt.slice_model(model, ids, batch_size=c.calib_batch, progress=c.progress, device=p.device,
                                         **dataclasses.asdict(c.slicegpt))
         return {"solver": "slicegpt", "slicegpt": info, "steps": ["slice"]}
     from . import arch, prune

@@ -358,3 +358,52 @@ def test_low_precision_models(rotation):
     slice_model(b, _ids(seed=2), slicing=0.25, rotation=rotation, progress=False)
     assert all(p.dtype == torch.bfloat16 for p in b.parameters())
     assert b.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_vocabulary_rows_rotate_in_chunks():
+    """The embedding and the head are rotated ROWS rows at a time (a 70B model's would be 8 GiB of fp64
+    at once): the same matrix as one product, in the weight's dtype, on its device."""
+    from llmprune.transforms import slicegpt
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=F64))[0][:, :16]  # (D, d) orthonormal columns
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(37, 24, generator=g).to(dtype)  # odd row count: a short last chunk
+        want = (w.double() @ q * 1.5).to(dtype)
+        for rows in (5, 37, 8192):
+            slicegpt.ROWS = rows
+            try:
+                got = slicegpt._rotated_rows(w, q, 1.5)
+            finally:
+                slicegpt.ROWS = 8192
+            assert got.dtype == dtype and got.shape == (37, 16)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rotation", ["shared", "per-block"])
+def test_slicing_on_a_device_moves_one_block_at_a_time(rotation, monkeypatch):
+    """device=: each block goes to the device, is rotated there and comes back before the next one goes;
+    the model stays where it was and the result is the one computed in place. (On this CPU the device
+    is cpu:0, distinct to torch and the same memory: a GPU run is what shows the copies work.)"""
+    ref, m = _model(), _model()
+    slice_model(ref, _ids(seed=2), slicing=0.25, rotation=rotation, progress=False)
+    blocks = {id(b): i for i, b in enumerate(m.model.layers)}
+    moves = []
+    real_to = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        if id(self) in blocks:
+            moves.append((blocks[id(self)], str(args[0] if args else kwargs.get("device"))))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    slice_model(m, _ids(seed=2), slicing=0.25, rotation=rotation, progress=False, device="cpu:0")
+    monkeypatch.undo()
+    rotated = [mv for mv in moves if mv[1] in ("cpu:0", "cpu")]
+    pairs = [rotated[i:i + 2] for i in range(0, len(rotated), 2)]
+    n = len(m.model.layers)  # shared: the covariance walk, then the rotation; per-block: one pass
+    assert [p[0][0] for p in pairs] == list(range(n)) * (2 if rotation == "shared" else 1)
+    assert all(a[0] == b[0] and a[1] == "cpu:0" and b[1] == "cpu" for a, b in pairs)
+    assert all(p.device.type == "cpu" for p in m.parameters())
+    for (n, a), (_, b) in zip(ref.state_dict().items(), m.state_dict().items()):
+        assert torch.equal(a, b), n

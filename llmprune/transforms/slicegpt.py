@@ -86,7 +86,7 @@ class _Cov:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, D)
+        x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)  # (tokens, D)
         if self.normalize:  # every token counts once, whatever its norm: RMSNorm only reads directions
             x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
         self.xtx.addmm_(x.T, x)
@@ -99,11 +99,10 @@ class _Cov:
         return evals[order], evecs[:, order]
 
 
-def _shared_cov(model, lay: Layout, ids: torch.Tensor, batch_size: int) -> _Cov:
+def _shared_cov(model, lay: Layout, ids: torch.Tensor, batch_size: int, dev: torch.device) -> _Cov:
     """Covariance of the residual stream at every point a norm reads it (each block's norms and the
-    final norm), block by block through the calibration engine (walker.walk): its rerun of each
-    block fires the norms' hooks; the final norm reads the last block's outputs."""
-    dev = get(model, lay.embed).weight.device
+    final norm), block by block on `dev` through the calibration engine (walker.walk): its rerun of
+    each block fires the norms' hooks; the final norm reads the last block's outputs."""
     acc = _Cov(get(model, lay.norm).weight.shape[0], dev, normalize=True)
     hooks, block = [], None
     try:
@@ -120,9 +119,26 @@ def _shared_cov(model, lay: Layout, ids: torch.Tensor, batch_size: int) -> _Cov:
     return acc
 
 
+ROWS = 8192  # rows of an embedding or head rotated at a time: 0.5 GiB of fp64 at hidden 8192
+
+
+def _rotated_rows(w: torch.Tensor, q: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """w @ q * scale in fp64 on q's device, ROWS rows at a time (a 70B model's 128k-row embedding would
+    be 8 GiB in fp64 at once), back on w's device in w's dtype: (rows, D) @ (D, d) -> (rows, d)."""
+    out = torch.empty(w.shape[0], q.shape[1], dtype=w.dtype, device=w.device)
+    for r in range(0, w.shape[0], ROWS):
+        out[r:r + ROWS] = (w[r:r + ROWS].to(q.device).double() @ q * scale).to(w.device, w.dtype)
+    return out
+
+
 def _read(lin: nn.Linear, q: torch.Tensor, scale: float) -> None:
     """A linear that reads the stream: W <- sqrt(D/d) W Q_d, (out, D) @ (D, d) -> (out, d)."""
     set_linear(lin, lin.weight.double() @ q * scale)
+
+
+def _set_head(head: nn.Linear, q: torch.Tensor, scale: float) -> None:
+    """_read for the vocabulary-sized head: its rows rotated a chunk at a time on q's device."""
+    set_linear(head, _rotated_rows(head.weight, q, scale))
 
 
 def _write(lin: nn.Linear, q: torch.Tensor) -> None:
@@ -153,21 +169,24 @@ def _n_params(model) -> int:
 
 
 def slice_model(model, calib_input_ids: torch.Tensor, slicing: float, rotation: str = "per-block",
-                round_to: int = 8, batch_size: int = 8, progress: bool = True, slice_head: bool = False) -> dict:
+                round_to: int = 8, batch_size: int = 8, progress: bool = True, slice_head: bool = False,
+                device=None) -> dict:
     """Fuse norms, rotate by PCA and slice the hidden size to (1 - slicing) * hidden (rounded down to
     a multiple of round_to and of the head count: new_dim_for), in place. Returns an info dict for the manifest; its "manifest" entry is
-    what `rebuild_per_block` needs to rebuild a saved per-block model. arXiv:2401.15024."""
+    what `rebuild_per_block` needs to rebuild a saved per-block model. device: where the blocks, the
+    covariances and the rotations compute, one block there at a time (default: where the model is);
+    the model stays where it is. arXiv:2401.15024."""
     lay = _check(model, calib_input_ids, rotation)
     hidden = get(model, lay.embed).weight.shape[1]
     d = new_dim_for(hidden, slicing, round_to, getattr(model.config, "num_attention_heads", 1))
-    info = rotate_and_slice(model, calib_input_ids, d, rotation, batch_size, progress, slice_head)
+    info = rotate_and_slice(model, calib_input_ids, d, rotation, batch_size, progress, slice_head, device)
     info.update(slicing=slicing, round_to=round_to, slicing_actual=1 - d / hidden)
     return info
 
 
 @torch.no_grad()
 def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotation: str = "per-block",
-                     batch_size: int = 8, progress: bool = True, slice_head: bool = False) -> dict:
+                     batch_size: int = 8, progress: bool = True, slice_head: bool = False, device=None) -> dict:
     """The transform itself for an explicit kept width new_dim (new_dim = hidden: rotation only); the
     head and the last residual keep the full width unless slice_head."""
     lay = _check(model, calib_input_ids, rotation)
@@ -178,7 +197,8 @@ def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotatio
     params_before = _n_params(model)
     was_training = model.training
     model.eval()
-    ids = calib_input_ids.to(embed.weight.device)
+    dev = torch.device(device) if device is not None else embed.weight.device
+    ids = calib_input_ids.to(dev)
     fused = fuse_norms(model)
     cfg = model.config
     eps0 = cfg.rms_norm_eps
@@ -188,9 +208,9 @@ def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotatio
     head_width = new_dim if slice_head else hidden  # the last residual, the final norm and the head
 
     if rotation == "shared":
-        kept = _shared(model, lay, ids, new_dim, scale, eps, batch_size, head_width)
+        kept = _shared(model, lay, ids, new_dim, scale, eps, batch_size, head_width, dev)
     else:
-        kept = _per_block(model, lay, ids, new_dim, scale, eps, batch_size, progress, head_width)
+        kept = _per_block(model, lay, ids, new_dim, scale, eps, batch_size, progress, head_width, dev)
     _unit_norm(get(model, lay.norm), head_width, eps if head_width == new_dim else eps0)  # full width: as dense
 
     cfg.head_dim = head_dim  # hidden_size / num_heads no longer gives it
@@ -217,32 +237,36 @@ def _kept(evals: torch.Tensor, d: int) -> float:
     return float(evals[:d].sum() / evals.sum().clamp_min(1e-30))
 
 
-def _shared(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, head_width: int) -> list[float]:
+def _shared(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, head_width: int,
+            dev: torch.device) -> list[float]:
     """One Q from every residual read point of a dense pass; no shortcuts needed, except that an
     unsliced head (head_width = D) makes the last block's MLP write all D components, its residual
     embedded into them by a (D, d) shortcut."""
-    evals, Q = _shared_cov(model, lay, ids, batch_size).pca()
+    evals, Q = _shared_cov(model, lay, ids, batch_size, dev).pca()
     q = Q[:, :d]  # (D, d)
     embed = get(model, lay.embed)
-    embed.weight = nn.Parameter((embed.weight.double() @ q).to(embed.weight.dtype))  # (vocab, d)
+    embed.weight = nn.Parameter(_rotated_rows(embed.weight, q))  # (vocab, d)
     embed.embedding_dim = d
     blocks = get(model, lay.blocks)
     q_head = Q[:, :head_width]  # (D, head_width)
     for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(dev)
         for norm, readers in lay.reads:
             _unit_norm(get(block, norm), d, eps)
             for r in readers:
                 _read(get(block, r), q, scale)
         for w in lay.writes:
             _write(get(block, w), q_head if i == len(blocks) - 1 and w == lay.writes[-1] else q)
+        block.to(home)
     if head_width != d:
         add_shortcuts(blocks[-1], lay, None, _shortcut(q_head.T @ q, embed.weight))  # weight (D, d) = [I; 0]
-    _read(get(model, lay.head), q_head, scale if head_width == d else 1.0)
+    _set_head(get(model, lay.head), q_head, scale if head_width == d else 1.0)
     return [_kept(evals, d)]
 
 
 def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int,
-               progress: bool, head_width: int) -> list[float]:
+               progress: bool, head_width: int, dev: torch.device) -> list[float]:
     """Sequential per-block PCA (arXiv:2401.15024 sec. 3.4 and the reference rotate_and_slice_sequential):
     each Q is computed from signals of the model sliced so far, so later blocks see earlier slicing."""
     from tqdm.auto import tqdm
@@ -251,7 +275,8 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
     embed = get(model, lay.embed)
     dtype = embed.weight.dtype
     # the engine's catch pass: block 0's inputs per batch and every block's own call arguments
-    xs, calls = walker.catch(model, ids, batch_size, device=embed.weight.device)  # (b, s, D) each
+    xs, calls = walker.catch(model, ids, batch_size, device=dev)  # (b, s, D) each, on dev
+    like = torch.empty(0, dtype=dtype, device=dev)  # the shortcuts are made where the block computes
 
     def pca_of(signals):
         acc = _Cov(signals[0].shape[-1], signals[0].device)
@@ -262,14 +287,16 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
     evals, Q = pca_of(xs)
     kept = [_kept(evals, d)]
     q_in = Q[:, :d]  # (D, d): the basis of block 0's input
-    embed.weight = nn.Parameter((embed.weight.double() @ q_in).to(dtype))  # (vocab, d)
+    embed.weight = nn.Parameter(_rotated_rows(embed.weight, q_in))  # (vocab, d)
     embed.embedding_dim = d
     xs = [x @ q_in.to(dtype) for x in xs]  # (b, s, d)
     (n1, attn_readers), (n2, mlp_readers) = lay.reads
     w_attn, w_mlp = lay.writes
     for i in tqdm(range(len(blocks)), desc="slicegpt", disable=not progress):
+        home = next(blocks[i].parameters()).device
+        blocks[i].to(dev)
         # Residual back to full width (shortcut Q_in^T) so the MLP-input signal can be measured.
-        layer = add_shortcuts(blocks[i], lay, attn_shortcut=_shortcut(q_in, embed.weight))
+        layer = add_shortcuts(blocks[i], lay, attn_shortcut=_shortcut(q_in, like))
         _unit_norm(get(layer, n1), d, eps)
         _unit_norm(get(layer, n2), d, eps)
         for r in attn_readers:
@@ -279,11 +306,11 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
         kept.append(_kept(evals, d))
         q_mid = Q[:, :d]
         _write(get(layer, w_attn), q_mid)
-        layer.attn_shortcut = _shortcut(q_mid.T @ q_in, embed.weight)  # weight (d, d) = (Q_in^T Q_mid)^T
+        layer.attn_shortcut = _shortcut(q_mid.T @ q_in, like)  # weight (d, d) = (Q_in^T Q_mid)^T
         for r in mlp_readers:
             _read(get(layer, r), q_mid, scale)
         mids = [m @ q_mid.to(dtype) for m in mids]  # (b, s, d)
-        layer.mlp_shortcut = _shortcut(q_mid, embed.weight)
+        layer.mlp_shortcut = _shortcut(q_mid, like)
         outs = [layer.mlp_residual(m) for m in mids]  # (b, s, D)
         del mids
         evals, Q = pca_of(outs)
@@ -291,9 +318,10 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
         kept.append(_kept(evals, width))
         q_out = Q[:, :width]
         _write(get(layer, w_mlp), q_out)
-        layer.mlp_shortcut = _shortcut(q_out.T @ q_mid, embed.weight)  # (width, d) = (Q_mid^T Q_out)^T
+        layer.mlp_shortcut = _shortcut(q_out.T @ q_mid, like)  # (width, d) = (Q_mid^T Q_out)^T
+        layer.to(home)
         xs = [o @ q_out.to(dtype) for o in outs]  # (b, s, width)
         del outs
         q_in = q_out
-    _read(get(model, lay.head), q_in, scale if head_width == d else 1.0)
+    _set_head(get(model, lay.head), q_in, scale if head_width == d else 1.0)
     return kept
