@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_synthetic  # noqa: E402
+import make_synthetic
 
-from llmprune import arch  # noqa: E402
-from llmprune.recover import lora, perp, placement  # noqa: E402
+from llmprune import arch
+from llmprune.recover import lora, perp, placement
 
 SETUPS = {  # name: GiB of each GPU
     "1 x 24 GiB": [24], "1 x 48 GiB": [48], "1 x 80 GiB (H100)": [80], "1 x 141 GiB (H200)": [141],

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_perp import FAST, bits, pruned_model, repetitive_ids
 
 from llmprune import arch
 from llmprune.errors import LLMPruneError
 from llmprune.recover import lora, placement
 from llmprune.recover.perp import recover
-from test_perp import FAST, bits, pruned_model, repetitive_ids
 
 KB = 1000 / placement.GiB  # resident_gib of 1,000 bytes
 
