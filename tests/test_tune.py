@@ -212,3 +212,35 @@ def test_compress_runs_the_tuning_too(tmp_path, capsys, tiny_dir, calib_txt):
     assert rc == 0, capsys.readouterr().err
     t = json.loads((out / "llmprune.json").read_text())["format"]["quant_options"]["tune"]
     assert t["steps"] == 5 and t["windows"] == 6 and t["kl_after"] <= t["kl_before"]
+
+
+def test_tuning_with_streamed_blocks_is_tuning_in_place(monkeypatch):
+    """A device too small for any block (faked: a budget of the embedding and head alone): every block's
+    int8 levels, scales and biases stream in per call, the recomputation of activation checkpointing
+    copies them again, and the scales, the KL figures and the model are those of tuning in place."""
+    from llmprune.recover import placement
+
+    teacher, student, quantized, ids = _setup()
+    targets = tune.teacher_states(teacher, ids)
+    out0, info0 = tune.tune_scales(student, quantized, ids, targets, steps=4, lr=2e-2)
+    state0 = {k: v.clone() for k, v in student.state_dict().items()}
+    assert info0["placement"]["streamed_blocks"] == 0
+
+    teacher, student, quantized, ids = _setup()
+    base = sum(p.numel() * p.element_size() for n, p in student.named_parameters() if ".layers." not in n)
+    monkeypatch.setattr(placement, "budgets", lambda devices, *a, **k: [base * 1.2] * len(devices))  # no block
+    out, info = tune.tune_scales(student, quantized, ids, targets, steps=4, lr=2e-2)
+    assert info["placement"]["streamed_blocks"] == len(student.model.layers)
+    levels = sum(q.codes.numel() for q in quantized.values())  # int8: one byte a weight
+    assert info["placement"]["streamed_gb"] * 1e9 > levels * (2 * 4 * tune.BATCH + 2 * len(ids))  # train + 2 KLs
+    assert (info["kl_before"], info["kl_after"], info["kept"]) == (info0["kl_before"], info0["kl_after"], info0["kept"])
+    for n in quantized:
+        assert torch.equal(out[n].scales, out0[n].scales)
+    assert all(torch.equal(state0[k], v) for k, v in student.state_dict().items())
+    assert all(p.device.type == "cpu" and not m._forward_pre_hooks for m in student.modules() for p in m.parameters())
+
+
+def test_teacher_states_walk_the_blocks_and_match_the_whole_model():
+    teacher, _, _, ids = _setup()
+    want = torch.cat([teacher.base_model(input_ids=b, use_cache=False).last_hidden_state for b in ids.split(3)])
+    torch.testing.assert_close(tune.teacher_states(teacher, ids, batch_size=3), want.float(), rtol=0, atol=0)

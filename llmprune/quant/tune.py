@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import blocks as blocks_of
 from ..arch import logits, set_module
 from ..config import TUNE_LR
 from ..errors import LLMPruneError
@@ -54,9 +55,17 @@ def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def teacher_states(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device="cpu") -> torch.Tensor:
     """Final hidden states (n, seqlen, hidden) of the model as it is now (call before quantizing), on
-    the CPU: n x seqlen x hidden floats instead of n x seqlen x vocab logits."""
-    model.to(device)
-    return torch.cat([_hidden(model, b.to(device)).float().cpu() for b in ids.split(batch_size)])
+    the CPU: n x seqlen x hidden floats instead of n x seqlen x vocab logits. The blocks run on `device`
+    one at a time (walker.walk), so the model need not fit it."""
+    from .. import walker
+    from ..arch import arch_of, get
+
+    block = None
+    for block in walker.walk(model, ids, batch_size, device, progress=False, desc="teacher"):
+        pass  # each block runs as it is once control comes back; its outputs feed the next one
+    name = arch_of(model).norm
+    norm = get(model, name) if name else nn.Identity()
+    return torch.cat([norm(h.to(next(norm.parameters(), h).device)).float().cpu() for h in block.outputs])
 
 
 def _kl(model: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -120,7 +129,7 @@ class _Scaled(nn.Module):
 
     def stored_scales(self) -> torch.Tensor:
         """The trained scales as fp16, the way the formats store them."""
-        s = self.scales().detach()
+        s = (self.s0.to(self.t.device) * (1 + self.t)).detach()  # s0 may wait in CPU memory (streamed block)
         if not torch.isfinite(s).all():
             raise LLMPruneError("scale tuning diverged (non-finite scales): lower --tune-lr, e.g. 3e-4")
         return s.clamp(FP16_TINY, FP16_MAX).half()
@@ -136,43 +145,52 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
     check(steps, lr)
     if targets.shape[:2] != ids.shape:
         raise LLMPruneError(f"scale tuning: targets {tuple(targets.shape)} do not match the windows {tuple(ids.shape)}")
+    from ..recover import placement
+
     t0 = time.perf_counter()
-    model.to(device)
+    home = next(model.parameters()).device
     frozen = {p: p.requires_grad for p in model.parameters()}
     originals = {n: model.get_submodule(n) for n in quantized}
+    blocks = list(blocks_of(model))  # before its linears are replaced: inference looks for them
     scaled = {}
     try:
         for p in frozen:
             p.requires_grad_(False)
         for n, q in quantized.items():
             lin = originals[n]
-            scaled[n] = _Scaled(q, lin.bias, device)
+            scaled[n] = _Scaled(q, lin.bias, home)
             set_module(model, n, scaled[n])
-        kl_before = _mean_kl(model, ids, targets, device)
-        params = [m.t for m in scaled.values()]
-        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
-        warm = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.cat([torch.randperm(len(ids), generator=gen) for _ in range(steps * batch // len(ids) + 1)])
-        it = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
+        # The blocks on `device` as far as it holds them, the rest streamed from CPU memory (recover/placement.py;
+        # activation checkpointing, which streaming needs, also keeps one window's activations to one block).
+        dtype = model.get_input_embeddings().weight.dtype
+        blocks, where, place_info = placement.plan_model(model, (str(device),), None, 1, ids.shape[1], dtype, True,
+                                                         blocks=blocks)
+        with placement.training_mode(model, True), placement.placed(model, blocks, (str(device),), where) as streamed:
+            kl_before = _mean_kl(model, ids, targets, device)
+            params = [m.t for m in scaled.values()]
+            opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+            warm = max(1, steps // 10)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+            gen = torch.Generator().manual_seed(seed)
+            order = torch.cat([torch.randperm(len(ids), generator=gen) for _ in range(steps * batch // len(ids) + 1)])
+            it = range(steps)
+            if progress:
+                from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="tune scales")
-        with torch.enable_grad():  # callers such as gptq_sequential run under no_grad
-            for s in it:
-                opt.zero_grad(set_to_none=True)
-                for i in order[s * batch:(s + 1) * batch].tolist():  # one window at a time: bounded memory
-                    (_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]) / batch).backward()
-                opt.step()
-                sched.step()
-        with torch.no_grad():
-            for m in scaled.values():  # evaluate exactly what will be stored
-                m.s0.copy_(m.stored_scales().float())
-                m.t.zero_()
-        kl_after = _mean_kl(model, ids, targets, device)
+                it = tqdm(it, desc="tune scales")
+            with torch.enable_grad():  # callers such as gptq_sequential run under no_grad
+                for s in it:
+                    opt.zero_grad(set_to_none=True)
+                    for i in order[s * batch:(s + 1) * batch].tolist():  # one window at a time: bounded memory
+                        (_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]) / batch).backward()
+                    opt.step()
+                    sched.step()
+            with torch.no_grad():
+                for m in scaled.values():  # evaluate exactly what will be stored
+                    m.s0.copy_(m.stored_scales().float())
+                    m.t.zero_()
+            kl_after = _mean_kl(model, ids, targets, device)
         kept = kl_after < kl_before
         out = {n: dataclasses.replace(q, scales=scaled[n].stored_scales().cpu()) if kept else q
                for n, q in quantized.items()}
@@ -187,5 +205,6 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
             lin.weight.copy_(q.dequantize().to(lin.weight.device, lin.weight.dtype))
     info = {"steps": steps, "lr": lr, "batch": batch, "windows": len(ids), "loss": "kl to the unquantized model",
             "kl_before": float(f"{kl_before:.5g}"), "kl_after": float(f"{kl_after:.5g}"), "kept": "tuned" if kept else "gptq",
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1),
+            "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)}}
     return out, info

@@ -12,7 +12,6 @@ checkpointing to bound memory.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -143,33 +142,6 @@ def _restore(model: nn.Module, dtypes: dict[int, torch.dtype]) -> None:
             t.data = t.data.to(dtypes[id(t)])
 
 
-@contextmanager
-def _training_mode(model, grad_checkpointing: bool):
-    """Train mode + activation checkpointing (use_reentrant=False) + no KV cache; all undone after."""
-    was_training, cfg = model.training, getattr(model, "config", None)
-    use_cache = getattr(cfg, "use_cache", None)
-    had_gc = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    turned_on = False
-    if grad_checkpointing and not had_gc and getattr(model, "supports_gradient_checkpointing", False):
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-        turned_on = True
-    if cfg is not None and use_cache is not None:
-        cfg.use_cache = False
-    model.train()
-    try:
-        yield turned_on or had_gc
-    finally:
-        model.train(was_training)
-        if cfg is not None and use_cache is not None:
-            cfg.use_cache = use_cache
-        if turned_on:
-            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-            disable()
-            if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hooks", None):
-                model.disable_input_require_grads()  # the embedding hook that checkpointing added
-
-
 def recover(
     model: nn.Module,
     train_ids: torch.Tensor,
@@ -280,9 +252,9 @@ def recover(
         if accelerator.num_processes > 1:  # one replica per process (DDP): each on its process's device
             devices = (str(accelerator.device),)
         devices = tuple(devices or (str(device0),))
-        blocks, where, place_info = _plan(model, devices, resident_gib, batch_size, train_ids.shape[1], compute,
-                                          grad_checkpointing, accelerator.num_processes)
-        with _training_mode(model, grad_checkpointing) as checkpointing, \
+        blocks, where, place_info = placement.plan_model(model, devices, resident_gib, batch_size, train_ids.shape[1],
+                                                         compute, grad_checkpointing, accelerator.num_processes)
+        with placement.training_mode(model, grad_checkpointing) as checkpointing, \
                 placement.placed(model, blocks, devices, where) as streamed:
             n_windows = steps * grad_accum * batch_size * accelerator.num_processes
             loader = torch.utils.data.DataLoader(
@@ -345,43 +317,6 @@ def recover(
         "wall_s": time.perf_counter() - t0,
         "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)},
         "notes": notes,
-    }
-
-
-def _plan(model, devices, resident_gib, batch_size, seqlen, compute, checkpointing, n_processes):
-    """Where each decoder block trains (placement.plan over the devices' budgets) and what the manifest
-    records of it; refuses a plan that cannot run."""
-    from .. import arch
-
-    blocks = list(arch.blocks(model))
-    sizes = [placement.held_bytes(b) for b in blocks]
-    base = placement.held_bytes(model) - sum(sizes)
-    dtype_bytes = torch.finfo(compute).bits // 8
-    reserve = placement.reserve_bytes(model.config, batch_size, seqlen, len(blocks), dtype_bytes)
-    budgets = placement.budgets(devices, resident_gib, reserve, model)
-    gib = placement.GiB
-    if base > budgets[0]:
-        raise LLMPruneError(f"the embedding, head and final norm ({base / gib:.1f} GiB while training) do not fit "
-                            f"the {budgets[0] / gib:.1f} GiB {devices[0]} has for weights: free memory there, or "
-                            f"lower --batch / --seqlen")
-    where = placement.plan(sizes, base, budgets)
-    streamed = sum(s for _, s in where)
-    if streamed and n_processes > 1:
-        raise LLMPruneError(f"the model does not fit one GPU per process ({streamed} of {len(blocks)} blocks "
-                            f"would stream): run in one process, with --device listing the GPUs")
-    if streamed and not (checkpointing and getattr(model, "supports_gradient_checkpointing", False)):
-        raise LLMPruneError(f"{streamed} of {len(blocks)} blocks do not fit {', '.join(devices)} and stream from CPU "
-                            f"memory, which needs activation checkpointing (else every copy stays for the backward "
-                            f"pass): drop --no-grad-checkpointing, or give more devices")
-    resident = {d: sum(1 for i, s in where if devices[i] == d and not s) for d in devices}
-    return blocks, where, {
-        "devices": list(devices),
-        "resident_blocks": resident,
-        "streamed_blocks": streamed,
-        "budget_gib": [None if b == float("inf") else round(b / gib, 2) for b in budgets],
-        "resident_gib": resident_gib,
-        "block_gib": round(max(sizes) / gib, 6),  # the largest block, as placed (trained tensors 4x)
-        "base_gib": round(base / gib, 6),  # the embedding, final norm and head
     }
 
 

@@ -85,21 +85,24 @@ def budgets(devices: tuple[str, ...], resident_gib: float | None, reserve: int, 
     return out
 
 
-def _holders(block: nn.Module) -> dict[nn.Module, list[tuple[nn.Module, str]]]:
-    """The frozen parameters of a block grouped by the module whose call multiplies by them: the
-    owning module, or the adapter wrapping it (an adapter reads `base.weight` without calling base)."""
+def _holders(block: nn.Module) -> dict[nn.Module, list[tuple[nn.Module, str, str]]]:
+    """The frozen tensors of a block, (owner, name, "p" for a parameter without gradient or "b" for a
+    buffer), grouped by the module whose call reads them: the owner, or the adapter wrapping it (an
+    adapter reads `base.weight` without calling base)."""
     from .lora import SparseAdapterLinear
 
-    out: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
+    wrapped = {id(m.base): m for m in block.modules() if isinstance(m, SparseAdapterLinear)}
+    out: dict[nn.Module, list[tuple[nn.Module, str, str]]] = {}
     for mod in block.modules():
-        wrapper = mod if isinstance(mod, SparseAdapterLinear) else None
-        for child in ([mod.base] if wrapper is not None else [mod]):
-            for name, p in child.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    out.setdefault(wrapper or child, []).append((child, name))
-    for wrapper in [m for m in out if isinstance(m, SparseAdapterLinear)]:
-        out.pop(wrapper.base, None)  # listed under its wrapper
-    return out
+        holder = wrapped.get(id(mod), mod)
+        out.setdefault(holder, []).extend([(mod, n, "p") for n, p in mod.named_parameters(recurse=False)
+                                           if not p.requires_grad] +
+                                          [(mod, n, "b") for n, _ in mod.named_buffers(recurse=False)])
+    return {h: items for h, items in out.items() if items}
+
+
+def _slot(owner: nn.Module, kind: str) -> dict:
+    return owner._parameters if kind == "p" else owner._buffers
 
 
 def _move(module: nn.Module, device, frozen_to=None, frozen=()) -> None:
@@ -110,11 +113,79 @@ def _move(module: nn.Module, device, frozen_to=None, frozen=()) -> None:
 
 def _move_own(mod: nn.Module, device, frozen_to=None, frozen=()) -> None:
     """Move a module's own parameters (each Parameter object kept: the optimizer is built on them later)
-    and buffers to `device`; the parameters whose id is in `frozen` go to `frozen_to` instead."""
+    and buffers to `device`; those whose id is in `frozen` go to `frozen_to` instead."""
     for p in mod.parameters(recurse=False):
         p.data = p.data.to(frozen_to if id(p) in frozen else device)
     for name, b in list(mod.named_buffers(recurse=False)):
-        mod._buffers[name] = b.to(device)
+        mod._buffers[name] = b.to(frozen_to if id(b) in frozen else device)
+
+
+def plan_model(model, devices: tuple[str, ...], resident_gib: float | None, batch_size: int, seqlen: int,
+               compute: torch.dtype, checkpointing: bool, n_processes: int = 1, blocks=None):
+    """Where each decoder block of `model` trains (`plan` over the devices' `budgets`), as (blocks, plan,
+    what the manifest records of it); refuses a plan that cannot run: the embedding and head beyond the
+    first device, streaming without activation checkpointing or with one replica per process. blocks:
+    the decoder blocks, when the model's linears are replaced (default: arch.blocks)."""
+    from .. import arch
+    from ..errors import LLMPruneError
+
+    blocks = list(arch.blocks(model) if blocks is None else blocks)
+    sizes = [held_bytes(b) for b in blocks]
+    base = held_bytes(model) - sum(sizes)
+    dtype_bytes = torch.finfo(compute).bits // 8
+    reserve = reserve_bytes(model.config, batch_size, seqlen, len(blocks), dtype_bytes)
+    room = budgets(devices, resident_gib, reserve, model)
+    if base > room[0]:
+        raise LLMPruneError(f"the embedding, head and final norm ({base / GiB:.1f} GiB while training) do not fit "
+                            f"the {room[0] / GiB:.1f} GiB {devices[0]} has for weights: free memory there, or "
+                            f"lower --batch / --seqlen")
+    where = plan(sizes, base, room)
+    streamed = sum(s for _, s in where)
+    if streamed and n_processes > 1:
+        raise LLMPruneError(f"the model does not fit one GPU per process ({streamed} of {len(blocks)} blocks "
+                            f"would stream): run in one process, with --device listing the GPUs")
+    if streamed and not (checkpointing and getattr(model, "supports_gradient_checkpointing", False)):
+        raise LLMPruneError(f"{streamed} of {len(blocks)} blocks do not fit {', '.join(devices)} and stream from CPU "
+                            f"memory, which needs activation checkpointing (else every copy stays for the backward "
+                            f"pass): drop --no-grad-checkpointing, or give more devices")
+    resident = {d: sum(1 for i, s in where if devices[i] == d and not s) for d in devices}
+    return blocks, where, {
+        "devices": list(devices),
+        "resident_blocks": resident,
+        "streamed_blocks": streamed,
+        "budget_gib": [None if b == float("inf") else round(b / GiB, 2) for b in room],
+        "resident_gib": resident_gib,
+        "block_gib": round(max(sizes) / GiB, 6),  # the largest block, as placed (trained tensors 4x)
+        "base_gib": round(base / GiB, 6),  # the embedding, final norm and head
+    }
+
+
+@contextmanager
+def training_mode(model, grad_checkpointing: bool):
+    """Train mode + activation checkpointing (use_reentrant=False) + no KV cache, all undone after; yields
+    whether checkpointing is on. Streamed blocks need it: their recomputation copies the weights again."""
+    was_training, cfg = model.training, getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    had_gc = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    turned_on = False
+    if grad_checkpointing and not had_gc and getattr(model, "supports_gradient_checkpointing", False):
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        turned_on = True
+    if cfg is not None and use_cache is not None:
+        cfg.use_cache = False
+    model.train()
+    try:
+        yield turned_on or had_gc
+    finally:
+        model.train(was_training)
+        if cfg is not None and use_cache is not None:
+            cfg.use_cache = use_cache
+        if turned_on:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hooks", None):
+                model.disable_input_require_grads()  # the embedding hook that checkpointing added
 
 
 @contextmanager
@@ -126,7 +197,7 @@ def placed(model: nn.Module, blocks, devices: tuple[str, ...], where: list[tuple
     first = torch.device(devices[0])
     blocks = list(blocks)
     stats = {"streamed_bytes": 0}
-    hooks, stored = [], []  # stored: (owner, name, its Parameter) of every streamed weight
+    hooks, stored = [], []  # stored: (owner, name, kind, its tensor in CPU memory) of every streamed one
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     try:
         for block, (d, streamed) in zip(blocks, where):
@@ -135,12 +206,15 @@ def placed(model: nn.Module, blocks, devices: tuple[str, ...], where: list[tuple
                 _move(block, dev)
                 continue
             frozen = _holders(block)
-            _move(block, dev, "cpu", {id(o._parameters[n]) for items in frozen.values() for o, n in items})
+            _move(block, dev, "cpu", {id(_slot(o, k)[n]) for items in frozen.values() for o, n, k in items})
             for holder, items in frozen.items():
-                items = [(o, n, o._parameters[n]) for o, n in items]
                 if dev.type == "cuda":  # page-locked: copies at full bus speed, asynchronously
-                    for _, _, p in items:
-                        p.data = p.data.pin_memory()
+                    for o, n, k in items:
+                        if k == "p":
+                            o._parameters[n].data = o._parameters[n].data.pin_memory()
+                        else:
+                            o._buffers[n] = o._buffers[n].pin_memory()
+                items = [(o, n, k, _slot(o, k)[n]) for o, n, k in items]
                 stored += items
                 hooks += _stream(holder, items, dev, stats)
         for mod in model.modules():  # the embedding, final norm, head, rotary tables: the first device
@@ -151,23 +225,24 @@ def placed(model: nn.Module, blocks, devices: tuple[str, ...], where: list[tuple
     finally:
         for h in hooks:
             h.remove()
-        for owner, name, p in stored:
-            owner._parameters[name] = p
+        for owner, name, kind, t in stored:
+            _slot(owner, kind)[name] = t
         _move(model, home)
 
 
 def _stream(holder: nn.Module, items, dev: torch.device, stats: dict) -> list:
-    """Hooks on `holder`: before its call, a device copy of each stored weight in its owner's place;
-    after, the stored Parameter back. Autograd keeps the copy for the backward pass as long as it
-    needs it; activation checkpointing's rerun of the block calls the holder (and copies) again."""
+    """Hooks on `holder`: before its call, a device copy of each stored tensor in its owner's place;
+    after, the stored one back. Autograd keeps a copy for the backward pass as long as it needs it;
+    activation checkpointing's rerun of the block calls the holder (and copies) again."""
     def fetch(mod, args):
-        for owner, name, p in items:
-            owner._parameters[name] = nn.Parameter(p.data.to(dev, non_blocking=True), requires_grad=False)
-            stats["streamed_bytes"] += p.numel() * p.element_size()
+        for owner, name, kind, t in items:
+            copy = t.data.to(dev, non_blocking=True)
+            _slot(owner, kind)[name] = nn.Parameter(copy, requires_grad=False) if kind == "p" else copy
+            stats["streamed_bytes"] += t.numel() * t.element_size()
 
     def drop(mod, args, out):
-        for owner, name, p in items:
-            owner._parameters[name] = p
+        for owner, name, kind, t in items:
+            _slot(owner, kind)[name] = t
 
     return [holder.register_forward_pre_hook(fetch), holder.register_forward_hook(drop)]
 
