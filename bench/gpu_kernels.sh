@@ -67,7 +67,7 @@ compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale
   done
   return $rc
 }
-perp() {  # PERP on CUDA with every block on the GPU and with the blocks streamed (llmprune/recover/placement.py):
+perp() {  # PERP on CUDA with every block on the GPU and with the blocks streamed (llmprune/placement.py):
   # 2 blocks of a Llama-3-8B-shaped model in bf16, Wanda 50%, 4 PERP steps of 2 x 512 tokens, then again with
   # --resident-gib 2.2 (the 2.1 GB embedding and head, no block: both stream from CPU memory). The manifests
   # give recover seconds, peak GPU memory and the GB streamed; the two folders' weights are compared.

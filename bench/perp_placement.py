@@ -1,5 +1,5 @@
 """Where `llmprune recover` (PERP) would put Llama-3-8B and Llama-3.3-70B on common GPUs: the planner's
-own arithmetic (llmprune/recover/placement.py) on weightless (meta) models with the default PERP setup
+own arithmetic (llmprune/placement.py) on weightless (meta) models with the default PERP setup
 (norms, biases, rank-16 MaskLoRA, bf16 weights, batch 4 x 512 tokens). A plan, not a measurement:
 the GPU's free memory is taken as its size less 0.5 GiB (CUDA context).
 
@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic
 
-from llmprune import arch
-from llmprune.recover import lora, perp, placement
+from llmprune import arch, placement
+from llmprune.recover import lora, perp
 
 SETUPS = {  # name: GiB of each GPU
     "1 x 24 GiB": [24], "1 x 48 GiB": [48], "1 x 80 GiB (H100)": [80], "1 x 141 GiB (H200)": [141],

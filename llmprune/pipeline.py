@@ -318,7 +318,7 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
 
 def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], progress: bool) -> dict:
     """PERP in place on training windows drawn apart from the pruning calibration (seed + 1), on
-    `devices` (recover/placement.py); the model stays on, and comes back to, the CPU."""
+    `devices` (placement.py); the model stays on, and comes back to, the CPU."""
     from .recover import perp
 
     opts = rcfg.perp_options()

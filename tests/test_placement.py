@@ -1,4 +1,4 @@
-"""Where PERP trains a model (llmprune/recover/placement.py): blocks over several devices, the rest
+"""Where PERP and scale tuning train a model (llmprune/placement.py): blocks over several devices, the rest
 streamed from CPU memory. On this CPU-only machine the "devices" are cpu and cpu:0 (distinct to torch,
 the same memory), so these tests check the bookkeeping and that training is unchanged by it; the
 speed and GPU memory it buys are for a GPU to measure."""
@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_perp import FAST, bits, pruned_model, repetitive_ids
 
-from llmprune import arch
+from llmprune import arch, placement
 from llmprune.errors import LLMPruneError
-from llmprune.recover import lora, placement
+from llmprune.recover import lora
 from llmprune.recover.perp import recover
 
 KB = 1000 / placement.GiB  # resident_gib of 1,000 bytes

@@ -218,7 +218,7 @@ def test_tuning_with_streamed_blocks_is_tuning_in_place(monkeypatch):
     """A device too small for any block (faked: a budget of the embedding and head alone): every block's
     int8 levels, scales and biases stream in per call, the recomputation of activation checkpointing
     copies them again, and the scales, the KL figures and the model are those of tuning in place."""
-    from llmprune.recover import placement
+    from llmprune import placement
 
     teacher, student, quantized, ids = _setup()
     targets = tune.teacher_states(teacher, ids)

@@ -65,7 +65,12 @@ def teacher_states(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dev
         pass  # each block runs as it is once control comes back; its outputs feed the next one
     name = arch_of(model).norm
     norm = get(model, name) if name else nn.Identity()
-    return torch.cat([norm(h.to(next(norm.parameters(), h).device)).float().cpu() for h in block.outputs])
+    home = next(norm.parameters(), torch.empty(0)).device
+    norm.to(device)  # the final norm where the last block ran
+    try:
+        return torch.cat([norm(h.to(device)).float().cpu() for h in block.outputs])
+    finally:
+        norm.to(home)
 
 
 def _kl(model: nn.Module, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -145,7 +150,7 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
     check(steps, lr)
     if targets.shape[:2] != ids.shape:
         raise LLMPruneError(f"scale tuning: targets {tuple(targets.shape)} do not match the windows {tuple(ids.shape)}")
-    from ..recover import placement
+    from .. import placement
 
     t0 = time.perf_counter()
     home = next(model.parameters()).device
@@ -160,7 +165,7 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
             lin = originals[n]
             scaled[n] = _Scaled(q, lin.bias, home)
             set_module(model, n, scaled[n])
-        # The blocks on `device` as far as it holds them, the rest streamed from CPU memory (recover/placement.py;
+        # The blocks on `device` as far as it holds them, the rest streamed from CPU memory (placement.py;
         # activation checkpointing, which streaming needs, also keeps one window's activations to one block).
         dtype = model.get_input_embeddings().weight.dtype
         blocks, where, place_info = placement.plan_model(model, (str(device),), None, 1, ids.shape[1], dtype, True,

@@ -16,8 +16,9 @@ import time
 import torch
 from torch import nn
 
+from .. import placement
 from ..errors import LLMPruneError
-from . import lora, placement
+from . import lora
 
 TRAINABLE = ("norms", "biases", "masklora", "scalelora")
 SCHEDULES = ("cosine", "linear", "constant")

@@ -1,4 +1,4 @@
-"""Where a model lives while PERP trains it: resident on one or several GPUs, the rest streamed.
+"""Where a model lives while it trains (PERP, GPTQ's scale tuning): on one or several GPUs, the rest streamed.
 
 Training reads every weight at every step, so a model larger than its GPU (a 70B model is 140 GB in
 bf16) cannot simply be moved onto it. Here the decoder blocks fill the given devices in order, each
@@ -89,7 +89,7 @@ def _holders(block: nn.Module) -> dict[nn.Module, list[tuple[nn.Module, str, str
     """The frozen tensors of a block, (owner, name, "p" for a parameter without gradient or "b" for a
     buffer), grouped by the module whose call reads them: the owner, or the adapter wrapping it (an
     adapter reads `base.weight` without calling base)."""
-    from .lora import SparseAdapterLinear
+    from .recover.lora import SparseAdapterLinear
 
     wrapped = {id(m.base): m for m in block.modules() if isinstance(m, SparseAdapterLinear)}
     out: dict[nn.Module, list[tuple[nn.Module, str, str]]] = {}
@@ -126,8 +126,8 @@ def plan_model(model, devices: tuple[str, ...], resident_gib: float | None, batc
     what the manifest records of it); refuses a plan that cannot run: the embedding and head beyond the
     first device, streaming without activation checkpointing or with one replica per process. blocks:
     the decoder blocks, when the model's linears are replaced (default: arch.blocks)."""
-    from .. import arch
-    from ..errors import LLMPruneError
+    from . import arch
+    from .errors import LLMPruneError
 
     blocks = list(arch.blocks(model) if blocks is None else blocks)
     sizes = [held_bytes(b) for b in blocks]
