@@ -4,8 +4,8 @@ Training reads every weight at every step, so a model larger than its GPU (a 70B
 bf16) cannot simply be moved onto it. Here the decoder blocks fill the given devices in order, each
 device holding as many consecutive blocks as its budget allows (the first also the embedding, the
 final norm and the head); the blocks left over keep their frozen weights in CPU memory (pinned) and
-compute on the last device, each frozen weight copied in just before the module that multiplies by
-it runs and let go after. Activation checkpointing reruns a block's forward in the backward pass,
+compute on the last device, each frozen weight copied in just before the sublayer (attention, MLP,
+norm) that reads it runs and let go after. Activation checkpointing reruns a block's forward in the backward pass,
 and that rerun copies its weights in again, so the streamed weights on the GPU at any time are those
 of the block being recomputed. The trained tensors (norm scales, biases, adapters) always live on a
 device, next to their gradients and optimizer state. With several devices each block's inputs move
@@ -87,18 +87,19 @@ def budgets(devices: tuple[str, ...], resident_gib: float | None, reserve: int, 
 
 def _holders(block: nn.Module) -> dict[nn.Module, list[tuple[nn.Module, str, str]]]:
     """The frozen tensors of a block, (owner, name, "p" for a parameter without gradient or "b" for a
-    buffer), grouped by the module whose call reads them: the owner, or the adapter wrapping it (an
-    adapter reads `base.weight` without calling base)."""
-    from .recover.lora import SparseAdapterLinear
-
-    wrapped = {id(m.base): m for m in block.modules() if isinstance(m, SparseAdapterLinear)}
+    buffer), grouped by the direct child of the block (attention, MLP, a norm) whose subtree holds them:
+    a sublayer's call encloses every read of its tensors, where a leaf's need not (an adapter reads
+    `base.weight`, Qwen3.5's linear attention its conv1d's weight, without calling them). The block's
+    own tensors are not streamed: hooks on the block itself run outside transformers' checkpoint of its
+    forward, so the recomputation would not fetch them."""
     out: dict[nn.Module, list[tuple[nn.Module, str, str]]] = {}
-    for mod in block.modules():
-        holder = wrapped.get(id(mod), mod)
-        out.setdefault(holder, []).extend([(mod, n, "p") for n, p in mod.named_parameters(recurse=False)
-                                           if not p.requires_grad] +
-                                          [(mod, n, "b") for n, _ in mod.named_buffers(recurse=False)])
-    return {h: items for h, items in out.items() if items}
+    for child in block.children():
+        items = [(mod, n, "p") for mod in child.modules() for n, p in mod.named_parameters(recurse=False)
+                 if not p.requires_grad]
+        items += [(mod, n, "b") for mod in child.modules() for n, _ in mod.named_buffers(recurse=False)]
+        if items:
+            out[child] = items
+    return out
 
 
 def _slot(owner: nn.Module, kind: str) -> dict:

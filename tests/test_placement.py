@@ -155,3 +155,53 @@ def test_streaming_other_families_trains_the_same(family):
     assert i1["losses"] == i2["losses"]
     for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral", "qwen3_5_text", "gpt_oss", "opt", "olmo2", "phi3"])
+def test_every_frozen_tensor_is_read_inside_its_holders_call(family):
+    """Streaming fetches a frozen tensor in a hook on the module said to read it (`_holders`); a tensor
+    read outside that module's call would be the CPU copy, which on this CPU computes the same and on a
+    GPU fails. So here each frozen floating tensor is float64 outside its holder's call and itself only
+    inside it: a forward and a checkpointed backward must give the loss (dtype and bits) and gradients
+    of the untouched model, with norms trained and adapters attached as PERP does."""
+    def build():
+        m, _ = pruned_model("unstructured", arch=family)
+        m.requires_grad_(False)
+        for mod in m.modules():
+            if "Norm" in type(mod).__name__ and isinstance(getattr(mod, "weight", None), torch.nn.Parameter):
+                mod.weight.requires_grad_(True)
+        names = [n for n, x in m.named_modules()
+                 if isinstance(x, torch.nn.Linear) and ".layers." in n and min(x.weight.shape) >= 2]
+        lora.attach(m, dict.fromkeys(names), rank=2)
+        return m
+
+    def step(m):
+        with placement.training_mode(m, True):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss, [p.grad for p in m.parameters() if p.requires_grad]
+
+    ids = repetitive_ids(2)
+    ref_loss, ref_grads = step(build())
+    m = build()
+    for block in arch.blocks(m):
+        for holder, items in placement._holders(block).items():
+            items = [(o, n, k, placement._slot(o, k)[n]) for o, n, k in items
+                     if placement._slot(o, k)[n].is_floating_point()]
+            poisoned = [t.double() if k == "b" else torch.nn.Parameter(t.double(), requires_grad=False)
+                        for _, _, k, t in items]
+            for (o, n, k, _), bad in zip(items, poisoned):
+                placement._slot(o, k)[n] = bad
+
+            def fetch(mod, args, items=items):
+                for o, n, k, t in items:
+                    placement._slot(o, k)[n] = t
+
+            def drop(mod, args, out, items=items, poisoned=poisoned):
+                for (o, n, k, _), bad in zip(items, poisoned):
+                    placement._slot(o, k)[n] = bad
+            holder.register_forward_pre_hook(fetch)
+            holder.register_forward_hook(drop)
+    loss, grads = step(m)
+    assert loss.dtype == ref_loss.dtype and torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
