@@ -107,6 +107,9 @@ _RECORDED = ("transformers", "tokenizers", "datasets", "accelerate", "safetensor
 
 
 def versions() -> dict:
+    """The software a figure was computed with, and the processors ("cpu", and "gpu" when this process used
+    CUDA): the same code and libraries gave Wanda 50% on SmolLM2 44.74 on the machine that ran the README's
+    tables and 44.90 on an AMD EPYC (2026-12-05), so the machine is part of the record."""
     from importlib import metadata
 
     import torch
@@ -117,7 +120,25 @@ def versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    cpu = cpu_name()
+    if cpu:
+        out["cpu"] = cpu
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # never starts CUDA just to name it
+        out["gpu"] = ", ".join(sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}))
     return out
+
+
+def cpu_name() -> str | None:
+    """The processor's model name (Linux /proc/cpuinfo, else platform.processor()), or None."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def io_bytes() -> dict | None:

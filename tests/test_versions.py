@@ -79,9 +79,12 @@ def test_makefile_pins_inside_declared_ranges():
 def test_manifests_record_every_library_that_moves_a_figure():
     """The versions a manifest records include the data and tokenizer stack, not just torch and transformers,
     and each is the installed one."""
+    from llmprune import runinfo
     from llmprune.runinfo import versions
 
     v = versions()
     for name in ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "numpy"):
         assert name in v, name
     assert v["tokenizers"] == metadata.version("tokenizers") and v["datasets"] == metadata.version("datasets")
+    assert v["cpu"] and v["cpu"] == runinfo.cpu_name()  # the processor moves figures too (runinfo.versions)
+    assert "gpu" not in v  # CUDA was not used here: not started just to name it
