@@ -62,9 +62,9 @@ def test_streamed_training_equals_resident_training():
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in m2.modules())
 
 
-def test_a_streamed_weight_is_in_place_only_while_its_module_runs():
+def test_a_streamed_weight_is_in_place_only_while_its_sublayer_runs():
     """While block 1 runs, block 0's frozen weights are their stored Parameters again (not the copies
-    made for block 0's call), and block 1's linears get copies."""
+    made for block 0's sublayers), and block 1's linears compute with copies."""
     model, _ = pruned_model("2:4")
     layers = model.model.layers
     stored = {n: p for n, p in layers[0].named_parameters() if p.dim() == 2}
@@ -76,7 +76,7 @@ def test_a_streamed_weight_is_in_place_only_while_its_module_runs():
     h = layers[1].register_forward_pre_hook(probe)
     copies = []
     up = layers[1].mlp.up_proj
-    hook_up = up.register_forward_hook(lambda m, a, out: copies.append(m.weight))  # runs before the hook that drops it
+    hook_up = up.register_forward_hook(lambda m, a, out: copies.append(m.weight))  # inside the MLP's call, before its hook drops the copy
     try:
         recover(model, repetitive_ids(), resident_gib=100 * KB, **{**FAST, "steps": 2, "train": ("norms",)})
     finally:
