@@ -93,7 +93,9 @@ def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
                       ([str(pruned_24), "--steps", "0"], "--steps"),
                       ([str(pruned_24), "--dtype", "float8"], "--dtype"),
                       ([str(pruned_24), "--resident-gib", "0"], "--resident-gib 0.0 must be > 0"),
-                      ([str(pruned_24), "--resident-gib", "0.00001"], "embedding, head and final norm")]:
+                      ([str(pruned_24), "--resident-gib", "0.00001"], "embedding, head and final norm"),
+                      ([str(pruned_24), "--resident-gib", "0.0001", "--no-grad-checkpointing"],
+                       "needs activation checkpointing")]:
         rc = main(["recover", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
