@@ -336,6 +336,11 @@ def cmd_recover(a) -> int:
     r = m["recover"]
     print(f"\nsaved {m['out']}  (PERP {r['steps']} steps, {r['n_trainable']:,} trainable = {100 * r['fraction']:.3f}%,"
           f" {r['wall_s']:.0f}s, zeros unchanged: {r['zeros_unchanged']})")
+    pl = r.get("placement") or {}
+    if pl.get("streamed_blocks"):
+        n = pl["streamed_blocks"] + sum(pl["resident_blocks"].values())
+        print(f"{pl['streamed_blocks']} of {n} blocks streamed from CPU memory ({pl['streamed_gb']:.1f} GB copied to "
+              f"{pl['devices'][-1]}); resident: " + ", ".join(f"{d} {k}" for d, k in pl["resident_blocks"].items()))
     ev = m.get("eval", {})
     for d, x in ev.items():
         print(f"{d}: ppl {x['before_recover_ppl']:.3f} -> {x['ppl']:.3f}"

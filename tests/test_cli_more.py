@@ -38,6 +38,7 @@ def test_recover_streams_the_blocks_beyond_the_budget(tmp_path, capsys, pruned_2
         rc = main(["recover", str(pruned_24), "--out", str(out), "--steps", "2", "--batch", "2", "--data",
                    str(calib_txt), "--seqlen", "32", "--rank", "4", "--device", "cpu", "--no-progress", *extra])
         assert rc == 0, capsys.readouterr().err
+    assert "2 of 2 blocks streamed from CPU memory" in capsys.readouterr().out
     p = json.loads((outs[True] / "llmprune.json").read_text())["recover"]["placement"]
     assert (p["streamed_blocks"], p["resident_blocks"], p["resident_gib"]) == (2, {"cpu": 0}, 0.0001)
     assert p["streamed_gb"] > 0
