@@ -324,3 +324,26 @@ def test_failure_mid_training_leaves_a_plain_unchanged_model():
     assert [p.requires_grad for p in model.parameters()] == requires
     assert all(torch.equal(before[k], v) and before[k].dtype == v.dtype for k, v in model.state_dict().items())
     assert not model.training
+
+
+def test_rank_is_capped_for_a_narrow_linear():
+    """Qwen2-MoE's shared-expert gate is (1, hidden): rank 4 cannot exceed 1 there. It gets rank 1 (a note
+    says so), the others rank 4, and the zeros stay."""
+    model, _ = pruned_model("unstructured", arch="qwen2_moe")
+    gate = "model.layers.0.mlp.shared_expert_gate"
+    zeros = {n: m.weight == 0 for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    seen = {}
+    real = lora.SparseAdapterLinear.__init__
+
+    def spy(self, base, keep=None, rank=0, *a, **k):
+        seen[id(base)] = rank
+        real(self, base, keep, rank, *a, **k)
+    lora.SparseAdapterLinear.__init__ = spy
+    try:
+        info = recover(model, repetitive_ids(), **FAST)
+    finally:
+        lora.SparseAdapterLinear.__init__ = real
+    assert seen[id(model.get_submodule(gate))] == 1 and seen[id(model.get_submodule("model.layers.0.self_attn.q_proj"))] == 4
+    assert any("rank capped" in n and "shared_expert_gate: 1" in n for n in info["notes"])
+    for n, z in zeros.items():
+        assert torch.equal(model.get_submodule(n).weight == 0, z), n

@@ -91,11 +91,13 @@ class SparseAdapterLinear(nn.Module):
 def attach(model: nn.Module, keep_masks: dict[str, torch.Tensor | None], rank: int = 0, scale: bool = False,
            alpha: float | None = None, seed: int = 0) -> dict[str, SparseAdapterLinear]:
     """Wrap each named nn.Linear of `keep_masks` in a SparseAdapterLinear, in place (a None mask:
-    the weight's own zeros)."""
+    the weight's own zeros); a linear narrower than `rank` gets rank min(out, in), all a product B A of
+    its shape can use."""
     gen = torch.Generator().manual_seed(seed)
     wrapped = {}
     for name, keep in keep_masks.items():
-        wrapper = SparseAdapterLinear(model.get_submodule(name), keep, rank, scale, alpha, gen)
+        base = model.get_submodule(name)
+        wrapper = SparseAdapterLinear(base, keep, min(rank, *base.weight.shape), scale, alpha, gen)  # rank <= min(out, in)
         set_module(model, name, wrapper)
         wrapped[name] = wrapper
     return wrapped

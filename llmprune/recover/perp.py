@@ -201,13 +201,22 @@ def recover(
     if keep_masks is None:
         keep_masks = dict.fromkeys(pruned_linears(model))
     adapt = "masklora" in train or "scalelora" in train
-    _check_masks(model, keep_masks, rank if "masklora" in train else 0)
+    _check_masks(model, keep_masks)
 
     # Count before any adapter exists; tied weights once (parameters() deduplicates them).
     n_total = sum(p.numel() for p in model.parameters())
     chosen, notes = _select(model, train)
     if adapt and not keep_masks:
         notes.append("no pruned linears (no zeros in any weight, no keep_masks): no adapters attached")
+    if "masklora" in train and keep_masks:  # a rank above min(out, in) adds nothing: such linears get min(out, in)
+        narrow = {n: min(model.get_submodule(n).weight.shape) for n in keep_masks
+                  if min(model.get_submodule(n).weight.shape) < rank}
+        if narrow and len(narrow) == len(keep_masks):
+            raise LLMPruneError(f"--rank {rank} exceeds min(out, in) of every adapted linear: use --rank "
+                                f"{max(narrow.values())} or less")
+        if narrow:
+            n0 = next(iter(narrow))
+            notes.append(f"MaskLoRA rank capped at min(out, in) for {len(narrow)} linear(s), e.g. {n0}: {narrow[n0]}")
     n_existing = sum(p.numel() for ps in chosen.values() for p in ps)
     if n_existing == 0 and not (adapt and keep_masks):
         raise LLMPruneError(f"--train {','.join(train)} selects no parameters in this model: "
@@ -321,7 +330,7 @@ def recover(
     }
 
 
-def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor | None], rank: int) -> None:
+def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor | None]) -> None:
     for name, keep in keep_masks.items():
         try:
             mod = model.get_submodule(name)
@@ -333,6 +342,3 @@ def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor | None], r
         if keep is not None and (tuple(keep.shape) != tuple(mod.weight.shape) or keep.dtype != torch.bool):
             raise LLMPruneError(f"keep-mask for {name!r} is {keep.dtype} {tuple(keep.shape)}, the weight is "
                                 f"{tuple(mod.weight.shape)}: give a bool mask of the weight's shape")
-        if rank > min(mod.weight.shape):
-            raise LLMPruneError(f"--rank {rank} exceeds min(out, in) = {min(mod.weight.shape)} of {name}: "
-                                f"use --rank {min(mod.weight.shape)} or less")
