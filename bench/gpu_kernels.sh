@@ -69,15 +69,17 @@ compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale
 }
 perp() {  # PERP on CUDA with every block on the GPU and with the blocks streamed (llmprune/placement.py):
   # 2 blocks of a Llama-3-8B-shaped model in bf16, Wanda 50%, 4 PERP steps of 2 x 512 tokens, then again with
-  # --resident-gib 2.2 (the 2.1 GB embedding and head, no block: both stream from CPU memory). The manifests
-  # give recover seconds, peak GPU memory and the GB streamed; the two folders' weights are compared.
+  # --resident-gib 2.2 (the 2.1 GB embedding and head, no block: both stream from CPU memory), and once more
+  # resident with --onload whole (the source loaded into CPU memory first, as before session 16). The manifests
+  # give recover seconds, peak GPU memory, peak RSS (blocks read straight to the GPU should keep it far below
+  # the whole load's) and the GB streamed; the three folders' weights are compared.
   # CPU dry run: DEVICE=cpu SL=64 OUT=/tmp/x bash bench/gpu_kernels.sh perp
   local d=${DEVICE:-cuda} sl=${SL:-512} m=/tmp/syn-perp rc=0
   $PY bench/make_synthetic.py $m --arch llama3-8b --layers 2 --dtype bfloat16 || return 1
   $PY -m llmprune.cli compress --model $m --solver wanda --device $d --nsamples 4 --seqlen 256 --calib wikitext2 \
       --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-perp-src || return 1
-  for r in resident 2.2; do
-    local extra=; [ $r != resident ] && extra="--resident-gib $r"
+  for r in resident 2.2 whole; do
+    local extra=; [ $r = 2.2 ] && extra="--resident-gib $r"; [ $r = whole ] && extra="--onload whole"
     $PY -m llmprune.cli recover /tmp/o-perp-src --out /tmp/o-perp-$r --steps 4 --batch 2 --seqlen $sl \
         --data wikitext2 --device $d --dtype bfloat16 --no-progress --overwrite $extra \
       && cp /tmp/o-perp-$r/llmprune.json "$OUT/perp-$r.json" || rc=1
@@ -86,13 +88,17 @@ perp() {  # PERP on CUDA with every block on the GPU and with the blocks streame
 import json
 from safetensors.torch import load_file
 from pathlib import Path
-a, b = (Path(f"/tmp/o-perp-{r}") for r in ("resident", "2.2"))
-wa = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(f).items()}
-wb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
-diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-la, lb = (json.loads((p / "llmprune.json").read_text())["recover"]["losses"] for p in (a, b))
-print("losses resident", la, "streamed", lb, "max |weight difference|", diff)
-assert wa.keys() == wb.keys() and diff < 1e-2, "streamed training differs from resident training"
+runs = {r: Path(f"/tmp/o-perp-{r}") for r in ("resident", "2.2", "whole")}
+w = {r: {k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(f).items()} for r, p in runs.items()}
+m = {r: json.loads((p / "llmprune.json").read_text()) for r, p in runs.items()}
+for r in runs:
+    x = m[r]["recover"]
+    print(f"{r:>8}: onload {x['onload']}, recover {x['wall_s']:.1f} s, peak RSS {m[r]['peak_rss_mib']} MiB, peak GPU "
+          f"{m[r].get('peak_gpu_mib')} MiB, streamed {x['placement']['streamed_gb']} GB, losses {x['losses']}")
+for r in ("2.2", "whole"):
+    diff = max((w["resident"][k].float() - w[r][k].float()).abs().max().item() for k in w["resident"])
+    print(f"max |weight difference| resident vs {r}: {diff}")
+    assert w["resident"].keys() == w[r].keys() and diff < 1e-2, f"{r} differs from resident training"
 PYEOF
   rm -rf $m /tmp/o-perp-*
   return $rc

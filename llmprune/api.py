@@ -286,11 +286,21 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
             eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
             device: str | None = None, overwrite: bool = False, progress: bool = True, command: str | None = None,
             dtype: str | None = None, tasks: tuple[str, ...] = (), tasks_limit: int | None = None,
-            **perp_opts) -> dict:
+            onload: str = "auto", **perp_opts) -> dict:
     """PERP recovery of a pruned output folder into a new folder (arXiv 2312.15230). dtype: the
     weights' dtype while training (None: the one the source was compressed in). With `eval` / `tasks`,
-    the new folder's perplexity / zero-shot accuracy as saved."""
+    the new folder's perplexity / zero-shot accuracy as saved.
+
+    onload "blocks" (the default where the folder allows, "auto"): the placement is planned before any
+    weight is read, every tensor goes from disk straight to where it trains (a GPU, or CPU memory for
+    the blocks that stream) and the new folder is written block by block from there, so a model
+    larger than CPU memory recovers on GPUs that hold it; "whole": the model is loaded into CPU
+    memory first."""
+    import torch
+    from torch import nn
+
     from . import arch, checkpoint, prune
+    from . import onload as onl
     from .eval import zeroshot
     from .recover import perp
 
@@ -302,13 +312,26 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     perp.check_options(**rcfg.perp_options())
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise LLMPruneError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    if onload not in ("auto", "blocks", "whole"):
+        raise LLMPruneError(f"--onload {onload!r}: use auto, blocks or whole")
     tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")
     dtype = dtype or old.dtype or "float32"
     devs = pick_devices(device)
     dev = devs[0]
     t = pipeline.Timer()
-    model, tok, _ = checkpoint.load(src, dtype=dtype)
+    lz, why = (None, None) if onload == "whole" else onl.open_output(src, dtype, old.to_dict())
+    if why and onload == "blocks":
+        raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
+    if lz is None:
+        model, tok, _ = checkpoint.load(src, dtype=dtype)
+    else:  # on the meta device until placed
+        model, tok = lz.model, checkpoint.load_tokenizer(src)
     pipeline.check_context(model, seqlen, "--seqlen")
+    targets = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
+    if lz is not None:  # planned (and refused) before anything is read; the adapted linears: the pruned ones
+        adapted = dict.fromkeys(n for n in dict.fromkeys(x.split("[")[0] for x in targets)
+                                if isinstance(arch.get(model, n), nn.Linear))
+        where = perp.plan(model, adapted, devs, rcfg.seqlen, **rcfg.perp_options())
     cache: dict = {}
     before = {}
     if eval:
@@ -319,20 +342,31 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         todo = tuple(d for d in eval if d not in same)
         before = {**same, **(pipeline.evaluate_saved(Path(src), todo, eval_seqlen, eval_windows, dev, dtype, progress,
                                                      cache) if todo else {})}
+    if lz is not None:
+        with t("load_s"):
+            onl.load_placed(lz, devs, where)
     pruned = perp.pruned_linears(model)
     zeros_before = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned}
     with t("recover_s"):
         info = pipeline.recover(model, tok, rcfg, data, seed, devs, progress)
     info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
+    info["onload"] = "whole" if lz is None else "blocks"
     info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
     new = mf.Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None})
     new.recover, new.recovered_from = info, str(src)
     new.steps = [*old.steps, "recover"]
     if new.sparsity:
-        names = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
-        new.sparsity = {**new.sparsity, "measured": prune.measured_sparsity(model, names)}
+        new.sparsity = {**new.sparsity, "measured": prune.measured_sparsity(model, targets)}
     with outdir.atomic_dir(out, overwrite) as tmp:
-        pipeline.export(model, tok, tmp, timer=t)
+        if lz is None:
+            pipeline.export(model, tok, tmp, timer=t)
+        else:  # block by block from where each trained
+            with t("save_s"):
+                written = onl.Output(lz, tmp, "dense", getattr(torch, dtype), [])
+                for i, block in enumerate(arch.blocks(model)):
+                    written.block(i, block)
+                written.outside(tok, in_memory=True)
+            lz.release()
         del model
         mf.write(tmp, new)  # the loader reads it; rewritten below with the figures
         if eval:

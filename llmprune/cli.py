@@ -299,6 +299,10 @@ def _add_recover(sub):
     p.add_argument("--resident-gib", type=float, default=None,
                    help="GiB of weights each --device keeps while training (default: what fits beside a step's "
                         "activations); the blocks beyond stream from CPU memory (a 70B model on one GPU)")
+    p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
+                   help="blocks: each tensor read from disk straight onto the device it trains on (or into CPU "
+                        "memory when its block streams) and the new folder written block by block; whole: the "
+                        "model loaded into CPU memory first; auto: blocks where the folder allows")
     _add_eval_flags(p)
     p.set_defaults(func=cmd_recover)
 
@@ -332,7 +336,7 @@ def cmd_recover(a) -> int:
                     eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen,
                     eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
                     progress=not a.no_progress, command=a.command_line, dtype=a.dtype, tasks=_tasks(a),
-                    tasks_limit=a.tasks_limit, **opts)
+                    tasks_limit=a.tasks_limit, onload=a.onload, **opts)
     r = m["recover"]
     print(f"\nsaved {m['out']}  (PERP {r['steps']} steps, {r['n_trainable']:,} trainable = {100 * r['fraction']:.3f}%,"
           f" {r['wall_s']:.0f}s, zeros unchanged: {r['zeros_unchanged']})")

@@ -202,6 +202,8 @@ class LazyModel:
         emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.tied = head is not None and emb is not None and bool(getattr(text, "tie_word_embeddings", False))
+        if self.tied:  # one Parameter already on meta, as after a load (sizes of the model count it once)
+            head.weight = emb.weight
         self._names = [n for n in _tensor_names(self.model)]
         self._meta_modules: dict[str, nn.Module] = {}
         self._loaded: set[str] = set()
@@ -224,6 +226,8 @@ class LazyModel:
 
         from .arch import set_module
 
+        if torch.device(device).type == "cpu":  # one CPU memory ("cpu:0" would make accelerate drop Parameter)
+            device = "cpu"
         names = self.names(prefix, exclude)
         packed = self._packed_layers(names)
         skip = set()

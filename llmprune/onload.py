@@ -130,21 +130,26 @@ class Output:
                 self.packer.add_tensor(prefix + n, t)
 
     @torch.no_grad()
-    def outside(self, tokenizer) -> dict | None:
-        """Write the tensors outside the blocks (streamed from the source files one at a time: they
-        are not changed by pruning), config, generation config and tokenizer; returns the packed
-        format section (None for dense)."""
+    def outside(self, tokenizer, in_memory: bool = False) -> dict | None:
+        """Write the tensors outside the blocks, config, generation config and tokenizer; returns the
+        packed format section (None for dense). The tensors are streamed from the source files one at
+        a time (pruning does not change them), or, `in_memory`, taken from the loaded model (PERP
+        trains the final norm)."""
         a = archmod.arch_of(self.lz.model)
         head = f"{a.head}.weight"
         cfg = self.lz.model.config
         section = None
+        state = self.lz.model.state_dict(keep_vars=True) if in_memory else {}
         for n in self.lz.names(exclude=(f"{a.blocks}.",)):
             if self.lz.tied and n == head:
                 continue
-            if self.fmt == "dense":  # file to file in chunks: a 70B model's embeddings are 2 GiB
+            t = state[n].detach() if in_memory else None
+            if self.fmt != "dense":
+                self.packer.add_tensor(n, self.lz.files.get(n) if t is None else t)
+            elif t is not None:
+                self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
+            else:  # file to file in chunks: a 70B model's embeddings are 2 GiB
                 self.writer.copy(n, self.lz.files.where[n])
-            else:
-                self.packer.add_tensor(n, self.lz.files.get(n))
         if self.fmt == "dense":
             self.writer.finish()
             cfg.dtype = str(self.save_dtype).replace("torch.", "")
@@ -182,6 +187,17 @@ class Scratch:
     def close(self) -> None:
         self.lz.files = self.base
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def load_placed(lz: lazy.LazyModel, devices: tuple[str, ...], where: list[tuple[int, bool]]) -> None:
+    """Read the model of `lz` from disk straight to where training puts it (a placement plan: per
+    block, the index of its device and whether it streams): the embedding, final norm and head on the
+    first device, each block on its device, or in CPU memory when its weights stream. One tensor at a
+    time passes through CPU memory on its way to a GPU; a damaged tensor is named."""
+    store = lazy.BlockStore(lz, archmod.arch_of(lz.model).blocks)
+    store.load_outside(devices[0])
+    for i, (d, streamed) in enumerate(where):
+        store.load_block(i, "cpu" if streamed else devices[d])
 
 
 # --- stages ---------------------------------------------------------------------------------------

@@ -102,6 +102,12 @@ def _holders(block: nn.Module) -> dict[nn.Module, list[tuple[nn.Module, str, str
     return out
 
 
+def _devices_of(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.device]]:
+    """(owner, name, "p" / "b", device) of every parameter and buffer of `model`."""
+    return [(mod, n, k, t.device) for mod in model.modules()
+            for k, ts in (("p", mod._parameters), ("b", mod._buffers)) for n, t in ts.items() if t is not None]
+
+
 def _slot(owner: nn.Module, kind: str) -> dict:
     return owner._parameters if kind == "p" else owner._buffers
 
@@ -193,8 +199,9 @@ def training_mode(model, grad_checkpointing: bool):
 def placed(model: nn.Module, blocks, devices: tuple[str, ...], where: list[tuple[int, bool]]):
     """Apply a `plan` (`where`, one entry per block of `blocks`) to `model` inside the `with`; yields
     a dict whose "streamed_bytes" counts the bytes copied to a device by streaming. On exit every
-    tensor is back on the device the model came on, hooks removed, each Parameter object the same."""
-    home = next(model.parameters()).device
+    tensor is back on the device it came on (the model may come on the CPU, or already spread over
+    the devices as planned), hooks removed, each Parameter object the same."""
+    home = _devices_of(model)
     first = torch.device(devices[0])
     blocks = list(blocks)
     stats = {"streamed_bytes": 0}
@@ -211,10 +218,13 @@ def placed(model: nn.Module, blocks, devices: tuple[str, ...], where: list[tuple
             for holder, items in frozen.items():
                 if dev.type == "cuda":  # page-locked: copies at full bus speed, asynchronously
                     for o, n, k in items:
+                        t = _slot(o, k)[n]
+                        if t.is_pinned():
+                            continue
                         if k == "p":
-                            o._parameters[n].data = o._parameters[n].data.pin_memory()
+                            t.data = t.data.pin_memory()
                         else:
-                            o._buffers[n] = o._buffers[n].pin_memory()
+                            o._buffers[n] = t.pin_memory()
                 items = [(o, n, k, _slot(o, k)[n]) for o, n, k in items]
                 stored += items
                 hooks += _stream(holder, items, dev, stats)
@@ -228,7 +238,12 @@ def placed(model: nn.Module, blocks, devices: tuple[str, ...], where: list[tuple
             h.remove()
         for owner, name, kind, t in stored:
             _slot(owner, kind)[name] = t
-        _move(model, home)
+        for mod, name, kind, dev in home:
+            t = _slot(mod, kind)[name]
+            if kind == "p":
+                t.data = t.data.to(dev)
+            else:
+                mod._buffers[name] = t.to(dev)
 
 
 def _stream(holder: nn.Module, items, dev: torch.device, stats: dict) -> list:

@@ -47,6 +47,71 @@ def test_recover_streams_the_blocks_beyond_the_budget(tmp_path, capsys, pruned_2
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.parametrize("extra", [[], ["--resident-gib", "0.0001"], ["--device", "cpu,cpu:0", "--resident-gib", "0.0004"]])
+def test_recover_reads_each_block_straight_to_where_it_trains(tmp_path, capsys, monkeypatch, pruned_24, calib_txt,
+                                                              extra):
+    """--onload blocks (the default): the source is never loaded whole, each block is read from disk onto
+    the device of the plan made before anything was read, which is the plan training then makes (nothing
+    moves), and the folder written block by block equals the one --onload whole writes, bit for bit,
+    config and manifest figures included. Resident, every block streamed, and split over two devices."""
+    from llmprune import lazy, onload, placement
+    from llmprune.lazy import WeightFiles
+
+    base = ["recover", str(pruned_24), "--steps", "2", "--batch", "2", "--data", str(calib_txt), "--seqlen", "32",
+            "--rank", "4", "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2", "--no-progress", *extra]
+    assert main([*base, "--out", str(tmp_path / "whole"), "--onload", "whole"]) == 0, capsys.readouterr().err
+
+    plans, loads, placing = [], [], []
+    real_plan, real_load, real_placed, real_ckpt = placement.plan_model, lazy.LazyModel.load, onload.load_placed, \
+        checkpoint.load
+    monkeypatch.setattr(placement, "plan_model", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
+    monkeypatch.setattr(onload, "load_placed", lambda *a: placing.append(1) or real_placed(*a) or placing.clear())
+    monkeypatch.setattr(lazy.LazyModel, "load", lambda self, prefix="", device="cpu", exclude=():
+                        (loads.append((prefix, str(device))) if placing else None) or
+                        real_load(self, prefix, device, exclude))
+
+    def whole(folder, *a, **k):  # the evaluations load the saved folders block by block too
+        raise AssertionError(f"{folder} loaded whole")
+    monkeypatch.setattr(checkpoint, "load", whole)
+    assert main([*base, "--out", str(tmp_path / "blocks")]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(checkpoint, "load", real_ckpt)
+
+    (_, before, _), (_, during, _) = plans[0], plans[-1]  # the plan made on the meta device, the one trained with
+    assert before == during
+    devices = (extra[extra.index("--device") + 1] if "--device" in extra else "cpu").split(",")
+    assert loads[0] == ("", devices[0]) and dict(loads[1:]) == {
+        f"model.layers.{i}.": "cpu" if streams else devices[d] for i, (d, streams) in enumerate(during)}
+    if "cpu:0" in devices:
+        assert {d for d, _ in during} == {0, 1}, "the two devices should each train a block"
+    ma, mb = (json.loads((tmp_path / f / "llmprune.json").read_text()) for f in ("whole", "blocks"))
+    assert (ma["recover"]["onload"], mb["recover"]["onload"]) == ("whole", "blocks")
+    assert ma["recover"]["losses"] == mb["recover"]["losses"] and ma["eval"] == mb["eval"]
+    assert ma["sparsity"] == mb["sparsity"] and mb["recover"]["zeros_unchanged"] is True
+    wa, wb = (WeightFiles(tmp_path / f) for f in ("whole", "blocks"))
+    names = sorted(wa.keys())
+    assert names == sorted(wb.keys()) and all(torch.equal(wa.get(k), wb.get(k)) for k in names)
+    ca, cb = (json.loads((tmp_path / f / "config.json").read_text()) for f in ("whole", "blocks"))
+    assert {k: v for k, v in ca.items() if k != "transformers_version"} == \
+        {k: v for k, v in cb.items() if k != "transformers_version"}
+
+
+def test_recover_onload_blocks_refuses_what_only_loads_whole(tmp_path, capsys, tiny_dir, calib_txt):
+    """A SliceGPT output with per-block shortcuts only loads whole: --onload blocks says so in one line and
+    writes nothing; auto recovers it loaded whole and records that."""
+    src = tmp_path / "sliced"
+    assert main(["compress", "--model", str(tiny_dir), "--solver", "slicegpt", "--calib", str(calib_txt),
+                 "--out", str(src), *FAST_CLI]) == 0
+    base = ["recover", str(src), "--steps", "1", "--batch", "1", "--data", str(calib_txt), "--seqlen", "32",
+            "--no-progress"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "b"), "--onload", "blocks"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "SliceGPT" in err and "--onload whole" in err
+    assert not (tmp_path / "b").exists()
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "llmprune.json").read_text())["recover"]["onload"] == "whole"
+
+
 def test_recover_before_figure_is_the_sources_or_measured(tmp_path, capsys, tiny_dir, calib_txt):
     """The ppl before recovery is the source manifest's when measured the same way (same weights),
     and measured afresh otherwise; both equal a direct evaluation of the source."""

@@ -12,6 +12,8 @@ checkpointing to bound memory.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -143,6 +145,80 @@ def _restore(model: nn.Module, dtypes: dict[int, torch.dtype]) -> None:
             t.data = t.data.to(dtypes[id(t)])
 
 
+@contextmanager
+def _trainable(model: nn.Module, keep_masks, train: tuple[str, ...], rank: int, alpha, seed: int, mixed_precision: str):
+    """The model made ready to train, undone on exit. The selected norms and biases unfrozen and in fp32
+    (AdamW steps of ~1e-4 vanish in bf16), everything else frozen in its dtype (fp16 without loss
+    scaling: all in fp32, fp16 gradients underflow), adapters attached to the pruned linears. On exit
+    the adapters are merged if `merge` was set on the yielded namespace, else dropped (the model's
+    classes are never left wrapped), and every tensor gets its requires_grad and dtype back (fp32
+    holds every bf16/fp16 value exactly). Yields the compute dtype, autocast, the parameter counts
+    and notes; `n_merged` is set on exit."""
+    if keep_masks is None:
+        keep_masks = dict.fromkeys(pruned_linears(model))
+    adapt = "masklora" in train or "scalelora" in train
+    _check_masks(model, keep_masks)
+    # Count before any adapter exists; tied weights once (parameters() deduplicates them).
+    n_total = sum(p.numel() for p in model.parameters())
+    chosen, notes = _select(model, train)
+    if adapt and not keep_masks:
+        notes.append("no pruned linears (no zeros in any weight, no keep_masks): no adapters attached")
+    if "masklora" in train and keep_masks:  # a rank above min(out, in) adds nothing: such linears get min(out, in)
+        narrow = {n: min(model.get_submodule(n).weight.shape) for n in keep_masks
+                  if min(model.get_submodule(n).weight.shape) < rank}
+        if narrow and len(narrow) == len(keep_masks):
+            raise LLMPruneError(f"--rank {rank} exceeds min(out, in) of every adapted linear: use --rank "
+                                f"{max(narrow.values())} or less")
+        if narrow:
+            n0 = next(iter(narrow))
+            notes.append(f"MaskLoRA rank capped at min(out, in) for {len(narrow)} linear(s), e.g. {n0}: {narrow[n0]}")
+    if sum(p.numel() for ps in chosen.values() for p in ps) == 0 and not (adapt and keep_masks):
+        raise LLMPruneError(f"--train {','.join(train)} selects no parameters in this model: "
+                            f"add masklora or norms, e.g. --train norms,masklora")
+    compute = _compute_dtype(model)
+    s = SimpleNamespace(compute=compute, autocast=compute == torch.bfloat16 and mixed_precision == "no",
+                        notes=notes, n_total=n_total, counts={}, merge=False, n_merged=0)
+    requires0 = {id(p): p.requires_grad for p in model.parameters()}
+    dtypes0: dict[int, torch.dtype] = {}
+    try:
+        if compute == torch.float16 and mixed_precision == "no":
+            s.compute = torch.float32
+            notes.append("fp16 weights trained in fp32 (fp16 gradients underflow without loss scaling): "
+                         "load the model in bfloat16, or pass mixed precision fp16, to keep them in 16 bits")
+            dtypes0 = _upcast(list(model.parameters()) + list(model.buffers()))
+        else:
+            dtypes0 = _upcast([p for ps in chosen.values() for p in ps])
+        model.requires_grad_(False)
+        for ps in chosen.values():
+            for p in ps:
+                p.requires_grad_(True)
+        wrapped = lora.attach(model, keep_masks, rank if "masklora" in train else 0, "scalelora" in train,
+                              alpha, seed) if adapt else {}
+        s.counts = {k: sum(p.numel() for p in ps) for k, ps in chosen.items()}
+        for kind, attr in (("masklora", "lora_"), ("scalelora", "s_")):
+            if kind in train:
+                s.counts[kind] = sum(p.numel() for w in wrapped.values() for n, p in w.named_parameters()
+                                     if n.startswith(attr))
+        yield s
+    finally:
+        s.n_merged = lora.detach(model, merge=s.merge)
+        for p in model.parameters():
+            p.requires_grad_(requires0.get(id(p), False))
+        _restore(model, dtypes0)
+
+
+def plan(model: nn.Module, keep_masks: dict, devices: tuple[str, ...], seqlen: int,
+         train=("norms", "biases", "masklora"), rank: int = 16, batch_size: int = 4, resident_gib: float | None = None,
+         grad_checkpointing: bool = True, mixed_precision: str = "no", alpha: float | None = None, **_) -> list:
+    """Where `recover` will put each decoder block (placement.plan_model's plan), worked out before any
+    weight is read: `model`'s weights may be on the meta device, `keep_masks` names the linears to
+    adapt (their masks unread). Raises what recover's planning would refuse. Loading each block
+    straight onto its device then keeps a model larger than CPU memory out of it (api.recover)."""
+    with _trainable(model, keep_masks, tuple(train), rank, alpha, 0, mixed_precision) as s:
+        return placement.plan_model(model, tuple(devices), resident_gib, batch_size, seqlen, s.compute,
+                                    grad_checkpointing)[1]
+
+
 def recover(
     model: nn.Module,
     train_ids: torch.Tensor,
@@ -186,10 +262,11 @@ def recover(
     devices: where to train (default: the model's device). Decoder blocks fill them in order, each GPU
     keeping what fits beside a step's activations (or `resident_gib` of weights); the blocks beyond
     keep their frozen weights in CPU memory and stream them in as they run (placement.py: a 70B model
-    on one or a few GPUs). The model may come on the CPU; it goes back there.
+    on one or a few GPUs). The model may come on the CPU, or already placed as `plan` says (read
+    from disk straight onto its devices); every tensor ends on the device it came on.
 
     Afterwards the adapters are merged, every module is a plain nn.Linear again, the zeros of each
-    pruned weight are unchanged bit for bit, and the model is back in its dtype, device and mode.
+    pruned weight are unchanged bit for bit, and the model is back in its dtype, devices and mode.
     Returns info: trainable parameter counts and fraction, the loss of every step, wall time.
     """
     from accelerate import Accelerator
@@ -198,32 +275,6 @@ def recover(
 
     train = tuple(train)
     _check(lr, steps, batch_size, grad_accum, method, train, schedule, train_ids, rank, mixed_precision)
-    if keep_masks is None:
-        keep_masks = dict.fromkeys(pruned_linears(model))
-    adapt = "masklora" in train or "scalelora" in train
-    _check_masks(model, keep_masks)
-
-    # Count before any adapter exists; tied weights once (parameters() deduplicates them).
-    n_total = sum(p.numel() for p in model.parameters())
-    chosen, notes = _select(model, train)
-    if adapt and not keep_masks:
-        notes.append("no pruned linears (no zeros in any weight, no keep_masks): no adapters attached")
-    if "masklora" in train and keep_masks:  # a rank above min(out, in) adds nothing: such linears get min(out, in)
-        narrow = {n: min(model.get_submodule(n).weight.shape) for n in keep_masks
-                  if min(model.get_submodule(n).weight.shape) < rank}
-        if narrow and len(narrow) == len(keep_masks):
-            raise LLMPruneError(f"--rank {rank} exceeds min(out, in) of every adapted linear: use --rank "
-                                f"{max(narrow.values())} or less")
-        if narrow:
-            n0 = next(iter(narrow))
-            notes.append(f"MaskLoRA rank capped at min(out, in) for {len(narrow)} linear(s), e.g. {n0}: {narrow[n0]}")
-    n_existing = sum(p.numel() for ps in chosen.values() for p in ps)
-    if n_existing == 0 and not (adapt and keep_masks):
-        raise LLMPruneError(f"--train {','.join(train)} selects no parameters in this model: "
-                            f"add masklora or norms, e.g. --train norms,masklora")
-
-    device0 = next(model.parameters()).device
-    requires0 = {id(p): p.requires_grad for p in model.parameters()}
     set_seed(seed)  # dropout, if the model has any; adapter init and data order use their own generators
     try:
         accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
@@ -231,39 +282,15 @@ def recover(
     except ValueError as e:  # accelerate fixes the precision once per process
         raise LLMPruneError(f"mixed precision {mixed_precision!r} differs from an earlier run in this "
                             f"process: run recovery in a fresh process") from e
-    t0, losses, merged, wrapped = time.perf_counter(), [], False, {}
-    # The trained tensors in fp32 (AdamW steps of ~1e-4 vanish in bf16); the frozen ones stay as they
-    # are, multiplied under autocast in their own dtype. fp16 without loss scaling: all in fp32. Each
-    # tensor returns to its own dtype afterwards (fp32 holds every bf16/fp16 value exactly).
-    compute = _compute_dtype(model)
-    autocast = compute == torch.bfloat16 and mixed_precision == "no"
-    if compute == torch.float16 and mixed_precision == "no":
-        compute = torch.float32
-        notes.append("fp16 weights trained in fp32 (fp16 gradients underflow without loss scaling): "
-                     "load the model in bfloat16, or pass mixed precision fp16, to keep them in 16 bits")
-        dtypes0 = _upcast(list(model.parameters()) + list(model.buffers()))
-    else:
-        dtypes0 = _upcast([p for ps in chosen.values() for p in ps])
-    try:
-        model.requires_grad_(False)
-        for ps in chosen.values():
-            for p in ps:
-                p.requires_grad_(True)
-        if adapt:
-            wrapped = lora.attach(model, keep_masks, rank if "masklora" in train else 0, "scalelora" in train,
-                                  alpha, seed)
-        counts = {k: sum(p.numel() for p in ps) for k, ps in chosen.items()}
-        for kind, attr in (("masklora", "lora_"), ("scalelora", "s_")):
-            if kind in train:
-                counts[kind] = sum(p.numel() for w in wrapped.values() for n, p in w.named_parameters()
-                                   if n.startswith(attr))
+    t0, losses = time.perf_counter(), []
+    with _trainable(model, keep_masks, train, rank, alpha, seed, mixed_precision) as s:
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         if accelerator.num_processes > 1:  # one replica per process (DDP): each on its process's device
             devices = (str(accelerator.device),)
-        devices = tuple(devices or (str(device0),))
+        devices = tuple(devices or (str(next(model.parameters()).device),))
         blocks, where, place_info = placement.plan_model(model, devices, resident_gib, batch_size, train_ids.shape[1],
-                                                         compute, grad_checkpointing, accelerator.num_processes)
+                                                         s.compute, grad_checkpointing, accelerator.num_processes)
         with placement.training_mode(model, grad_checkpointing) as checkpointing, \
                 placement.placed(model, blocks, devices, where) as streamed:
             n_windows = steps * grad_accum * batch_size * accelerator.num_processes
@@ -281,7 +308,7 @@ def recover(
             for (batch,) in loader:
                 batch = batch.to(devices[0])
                 with accelerator.accumulate(pmodel):
-                    with torch.autocast(dev_type, dtype=compute, enabled=autocast):
+                    with torch.autocast(dev_type, dtype=s.compute, enabled=s.autocast):
                         loss = pmodel(input_ids=batch, labels=batch).loss
                     accelerator.backward(loss)  # divides by grad_accum itself
                     micro.append(loss.detach())
@@ -297,14 +324,7 @@ def recover(
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.close()
             accelerator.free_memory()
-        merged = True
-    finally:
-        # On failure drop the adapters unmerged so the model's classes are never left wrapped.
-        n_merged = lora.detach(model, merge=merged)
-        for p in model.parameters():
-            p.requires_grad_(requires0.get(id(p), False))
-        model.to(device0)
-        _restore(model, dtypes0)
+        s.merge = True
 
     return {
         "method": "perp",
@@ -312,21 +332,21 @@ def recover(
         "train": list(train),
         "rank": rank if "masklora" in train else 0,
         "n_trainable": n_trainable,
-        "n_total": n_total,
-        "fraction": n_trainable / n_total,
-        "trainable_by_kind": counts,
-        "adapted_linears": n_merged,
+        "n_total": s.n_total,
+        "fraction": n_trainable / s.n_total,
+        "trainable_by_kind": s.counts,
+        "adapted_linears": s.n_merged,
         "steps": len(losses),
         "losses": losses,
         "lr": lr,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
         "grad_checkpointing": bool(checkpointing),
-        "frozen_dtype": str(compute).removeprefix("torch."),
-        "autocast": "bf16" if autocast else mixed_precision,
+        "frozen_dtype": str(s.compute).removeprefix("torch."),
+        "autocast": "bf16" if s.autocast else mixed_precision,
         "wall_s": time.perf_counter() - t0,
         "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)},
-        "notes": notes,
+        "notes": s.notes,
     }
 
 
