@@ -73,13 +73,14 @@ perp() {  # PERP on CUDA with every block on the GPU and with the blocks streame
   # resident with --onload whole (the source loaded into CPU memory first, as before session 16). The manifests
   # give recover seconds, peak GPU memory, peak RSS (blocks read straight to the GPU should keep it far below
   # the whole load's) and the GB streamed; the three folders' weights are compared.
-  # CPU dry run: DEVICE=cpu SL=64 OUT=/tmp/x bash bench/gpu_kernels.sh perp
+  # CPU dry run: DEVICE=cpu SL=64 PERP_S=400 OUT=/tmp/x bash bench/gpu_kernels.sh perp
   local d=${DEVICE:-cuda} sl=${SL:-512} m=/tmp/syn-perp rc=0
   $PY bench/make_synthetic.py $m --arch llama3-8b --layers 2 --dtype bfloat16 || return 1
   $PY -m llmprune.cli compress --model $m --solver wanda --device $d --nsamples 4 --seqlen 256 --calib wikitext2 \
       --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-perp-src || return 1
   for r in resident 2.2 whole; do
-    local extra=; [ $r = 2.2 ] && extra="--resident-gib $r"; [ $r = whole ] && extra="--onload whole"
+    local extra="--onload blocks"; [ $r = 2.2 ] && extra="--onload blocks --resident-gib $r"
+    [ $r = whole ] && extra="--onload whole"
     $PY -m llmprune.cli recover /tmp/o-perp-src --out /tmp/o-perp-$r --steps 4 --batch 2 --seqlen $sl \
         --data wikitext2 --device $d --dtype bfloat16 --no-progress --overwrite $extra \
       && cp /tmp/o-perp-$r/llmprune.json "$OUT/perp-$r.json" || rc=1
@@ -114,7 +115,7 @@ stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
 stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128
 stage compress 200 compress
 stage compress_scale 420 compress_scale
-stage perp 240 perp
+stage perp ${PERP_S:-240} perp  # the CPU dry run needs PERP_S=400
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4

@@ -291,11 +291,11 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     weights' dtype while training (None: the one the source was compressed in). With `eval` / `tasks`,
     the new folder's perplexity / zero-shot accuracy as saved.
 
-    onload "blocks" (the default where the folder allows, "auto"): the placement is planned before any
-    weight is read, every tensor goes from disk straight to where it trains (a GPU, or CPU memory for
-    the blocks that stream) and the new folder is written block by block from there, so a model
-    larger than CPU memory recovers on GPUs that hold it; "whole": the model is loaded into CPU
-    memory first."""
+    onload "blocks": the placement is planned before any weight is read, every tensor goes from disk
+    straight to where it trains (a GPU, or CPU memory for the blocks that stream) and the new folder
+    is written block by block from there, so a model larger than CPU memory recovers on GPUs that hold
+    it; "whole": the model is loaded into CPU memory first; "auto": blocks when training on a GPU and
+    the folder allows, else whole."""
     import torch
     from torch import nn
 
@@ -319,7 +319,11 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     devs = pick_devices(device)
     dev = devs[0]
     t = pipeline.Timer()
-    lz, why = (None, None) if onload == "whole" else onl.open_output(src, dtype, old.to_dict())
+    # On the CPU alone the model ends up in CPU memory either way, and transformers' whole load leaves it
+    # backed by the files (pages the OS can drop; the embedding rows never read are never resident).
+    cpu_only = all(torch.device(d).type == "cpu" for d in devs)
+    whole = onload == "whole" or (onload == "auto" and cpu_only)
+    lz, why = (None, None) if whole else onl.open_output(src, dtype, old.to_dict())
     if why and onload == "blocks":
         raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
     if lz is None:

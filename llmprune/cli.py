@@ -302,7 +302,8 @@ def _add_recover(sub):
     p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
                    help="blocks: each tensor read from disk straight onto the device it trains on (or into CPU "
                         "memory when its block streams) and the new folder written block by block; whole: the "
-                        "model loaded into CPU memory first; auto: blocks where the folder allows")
+                        "model loaded into CPU memory first; auto: blocks when training on a GPU and the "
+                        "folder allows")
     _add_eval_flags(p)
     p.set_defaults(func=cmd_recover)
 

@@ -50,16 +50,17 @@ def test_recover_streams_the_blocks_beyond_the_budget(tmp_path, capsys, pruned_2
 @pytest.mark.parametrize("extra", [[], ["--resident-gib", "0.0001"], ["--device", "cpu,cpu:0", "--resident-gib", "0.0004"]])
 def test_recover_reads_each_block_straight_to_where_it_trains(tmp_path, capsys, monkeypatch, pruned_24, calib_txt,
                                                               extra):
-    """--onload blocks (the default): the source is never loaded whole, each block is read from disk onto
+    """--onload blocks (auto's choice on a GPU): the source is never loaded whole, each block is read from disk onto
     the device of the plan made before anything was read, which is the plan training then makes (nothing
-    moves), and the folder written block by block equals the one --onload whole writes, bit for bit,
+    moves), and the folder written block by block equals the one a whole load writes, bit for bit,
     config and manifest figures included. Resident, every block streamed, and split over two devices."""
     from llmprune import lazy, onload, placement
     from llmprune.lazy import WeightFiles
 
     base = ["recover", str(pruned_24), "--steps", "2", "--batch", "2", "--data", str(calib_txt), "--seqlen", "32",
             "--rank", "4", "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2", "--no-progress", *extra]
-    assert main([*base, "--out", str(tmp_path / "whole"), "--onload", "whole"]) == 0, capsys.readouterr().err
+    # auto loads whole when every device is the CPU (transformers' load, backed by the files)
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0, capsys.readouterr().err
 
     plans, loads, placing = [], [], []
     real_plan, real_load, real_placed, real_ckpt = placement.plan_model, lazy.LazyModel.load, onload.load_placed, \
@@ -73,7 +74,7 @@ def test_recover_reads_each_block_straight_to_where_it_trains(tmp_path, capsys, 
     def whole(folder, *a, **k):  # the evaluations load the saved folders block by block too
         raise AssertionError(f"{folder} loaded whole")
     monkeypatch.setattr(checkpoint, "load", whole)
-    assert main([*base, "--out", str(tmp_path / "blocks")]) == 0, capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "blocks"), "--onload", "blocks"]) == 0, capsys.readouterr().err
     monkeypatch.setattr(checkpoint, "load", real_ckpt)
 
     (_, before, _), (_, during, _) = plans[0], plans[-1]  # the plan made on the meta device, the one trained with
@@ -165,6 +166,19 @@ def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
         rc = main(["recover", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
+
+
+def test_recover_onload_blocks_refuses_a_plan_before_reading_a_weight(tmp_path, capsys, monkeypatch, pruned_24):
+    from llmprune import lazy
+
+    monkeypatch.setattr(lazy.WeightFiles, "get", lambda *a, **k: pytest.fail("a weight was read"))
+    for extra, msg in [(["--resident-gib", "0.00001"], "embedding, head and final norm"),
+                       (["--resident-gib", "0.0001", "--no-grad-checkpointing"], "needs activation checkpointing"),
+                       (["--rank", "100000"], "exceeds min(out, in) of every adapted linear")]:
+        rc = main(["recover", str(pruned_24), "--onload", "blocks", *extra, "--out", str(tmp_path / "o"),
+                   "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and msg in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists(), err
 
 
 def test_pack_sparse24_roundtrip(tmp_path, capsys, pruned_24):
