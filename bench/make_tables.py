@@ -55,6 +55,13 @@ def _tf(m: dict | None) -> str | None:
     return ((m or {}).get("versions") or {}).get("transformers")
 
 
+def _source_tf(m: dict | None) -> str | None:
+    """The transformers version the source of a packed or recovered folder was made under, as it was when
+    packed: the last run in its `history` (manifest.derive); older manifests copied the source's `versions`."""
+    h = (m or {}).get("history") or []
+    return (h[-1].get("versions") or {}).get("transformers") if h else _tf(m)
+
+
 def _bytes(m: dict) -> tuple[int, int]:
     """(packed bytes, fp16 bytes) of the packed linears."""
     layers = m["format"]["layers"]
@@ -125,7 +132,7 @@ def formats_table() -> str:
                         q += f", calibration seed {o['calibration']['seed']}"
             # a ratio only against the source as it was when packed (a source re-run since, under other
             # libraries, reads differently: `*`, no ratio)
-            same = not s or _tf(s) == _tf(m)
+            same = not s or _tf(s) == _source_tf(m)
             rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl and same else "-"
             note += "" if same else " *"
             rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
@@ -506,7 +513,7 @@ def head_formats() -> str:
                 q += f" + scales tuned {o['tune_steps']} steps" + (" (not kept)" if o.get("tune", {}).get("kept") == "gptq"
                                                                      else "")
         ppl, note = _ppl(m), ""  # measured on the packed folder, or not shown (never the source's figure)
-        same = _tf(src) == _tf(m)  # else the source was re-run since, under other libraries: no ratio
+        same = _tf(src) == _source_tf(m)  # else the source was re-run since, under other libraries: no ratio
         rel = f"{ppl / _ppl(src):.3f}" if ppl and _ppl(src) and src is not m and same else "-"
         note += "" if same else " *"
         parts = [f(src["timings"]["compress_s"], ".0f")] if pruned else []  # the source's pruning

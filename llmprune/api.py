@@ -356,7 +356,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
     info["onload"] = "whole" if lz is None else "blocks"
     info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
-    new = mf.Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None})
+    new = mf.derive(old, versions(), ",".join(devs))
     new.recover, new.recovered_from = info, str(src)
     new.steps = [*old.steps, "recover"]
     if new.sparsity:
@@ -444,7 +444,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         pipeline.check_context(model, seqlen, "--seqlen")
         ids, cinfo = pipeline.calibrate(calib, tok, nsamples, seqlen, seed)
     # the source's quality figures describe the unpacked weights: they do not carry over
-    new = mf.Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None})
+    new = mf.derive(old, versions(), ",".join(devs))
     new.packed_from, new.command = str(src), command
     with outdir.atomic_dir(out, overwrite) as tmp:
         if lz is None:

@@ -59,7 +59,8 @@ class Manifest:
     device: str | None = None
     dtype: str | None = None
     protocol: str | None = None
-    versions: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)  # of the run that wrote this manifest and measured its figures
+    history: list = field(default_factory=list)  # the runs that made its source, oldest first (`derive`)
     config: dict | None = None
     command: str | None = None
     recovered_from: str | None = None
@@ -112,6 +113,18 @@ class Manifest:
     def get(self, key: str, default: Any = None) -> Any:
         """dict-style access for readers of optional sections."""
         return self.to_dict().get(key, default)
+
+
+def derive(old: Manifest, versions: dict, device: str | None, **changes) -> Manifest:
+    """The manifest of a folder another command (pack, recover, export) made from `old`'s folder: its
+    sections carried over, its figures cleared (`eval`, `zeroshot` describe the old folder; `changes`
+    override more), and the run that made `old` (steps, command, device, versions) appended to
+    `history`, so that `device` and `versions` name the run whose figures this manifest holds."""
+    new = Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None, **changes})
+    new.history = [*old.history, {"steps": list(old.steps), "command": old.command, "device": old.device,
+                                  "versions": old.versions, "llmprune_version": old.llmprune_version}]
+    new.versions, new.device, new.llmprune_version = versions, device, __version__
+    return new
 
 
 def _migrate_v1(d: dict) -> dict:

@@ -94,3 +94,14 @@ def test_seed_ratios_pair_rows_measured_under_the_same_libraries(mt, tmp_path, m
     assert "| 0.400 |" in rows["alps"]  # 100 / 250 (seed 0, same libraries); seed 1 has no 5.25 baseline
     assert "1.050, 0.900" in rows["dsnot+init=sparsegpt (old rules)"]  # 210 / 200, 270 / 300: both under 5.23
     assert "250.00 |" in rows["sparsegpt"] and "300.00 * |" in rows["sparsegpt"]
+
+
+def test_a_packed_folder_is_compared_with_its_source_as_it_was_when_packed(mt):
+    """The libraries a packed folder's source was made under: the last run of its `history` (pack records its
+    own run in `versions`), or, in manifests written before `history`, the copied `versions`."""
+    now = {"versions": {"transformers": "5.30.0"}}
+    assert mt._source_tf({"versions": {"transformers": "5.30.0"},
+                          "history": [{"versions": {"transformers": "5.20.0"}}, {"versions": {"transformers": "5.25.0"}}]}) \
+        == "5.25.0"
+    assert mt._source_tf({"versions": {"transformers": "5.25.0"}}) == "5.25.0"
+    assert mt._source_tf(now) != mt._source_tf({**now, "history": [{"versions": {"transformers": "5.25.0"}}]})

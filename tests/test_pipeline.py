@@ -96,6 +96,37 @@ def test_pack_and_recover_evaluate_their_own_folders(tmp_path, capsys, pruned_24
     assert "before_recover_ppl" in r["eval"]["wikitext2"]
 
 
+def test_a_derived_folder_records_its_own_run_and_its_sources_in_history(tmp_path, capsys, pruned_24, calib_txt):
+    """pack / recover / export measure their figures in their own run: their manifest's versions and device
+    are that run's, and the runs that made the source (steps, command, device, versions) are kept, oldest
+    first, in `history`: a source made under other libraries on another device stays told apart."""
+    import shutil
+
+    from llmprune import manifest
+    from llmprune.runinfo import versions
+
+    src = tmp_path / "src"
+    shutil.copytree(pruned_24, src)
+    made = manifest.update(src, versions={"transformers": "0.0-elsewhere"}, device="cuda:7")
+    rc, _, se = _run(capsys, "recover", src, "--out", tmp_path / "r", "--steps", "1", "--batch", "1", "--seqlen", "32",
+                     "--rank", "2", "--data", calib_txt, "--device", "cpu", "--no-progress")
+    assert rc == 0, se
+    rc, _, se = _run(capsys, "pack", tmp_path / "r", "--format", "sparse24", "--out", tmp_path / "p", "--no-progress")
+    assert rc == 0, se
+    rc, _, se = _run(capsys, "export", tmp_path / "p", "--to", "compressed-tensors", "--out", tmp_path / "e",
+                     "--no-progress")
+    assert rc == 0, se
+    here = versions()
+    assert made.versions["transformers"] == "0.0-elsewhere"
+    first = {"steps": made.steps, "command": made.command, "device": "cuda:7", "versions": made.versions,
+             "llmprune_version": made.llmprune_version}
+    r, p, e = (manifest.read(tmp_path / f) for f in ("r", "p", "e"))
+    assert r.history == [first] and r.device == "cpu" and r.versions["transformers"] == here["transformers"]
+    assert p.history[:1] == [first] and len(p.history) == 2 and p.history[1]["steps"] == r.steps
+    assert p.history[1]["command"] == r.command and p.history[1]["device"] == "cpu"
+    assert [h["steps"] for h in e.history] == [made.steps, r.steps, p.steps] and e.versions["cpu"] == here["cpu"]
+
+
 # --- bad input: one line, exit 2, nothing left behind ---------------------------------------------
 
 def _nothing_left(parent: Path, name: str) -> bool:

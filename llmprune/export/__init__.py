@@ -61,7 +61,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     from .. import manifest as mf
     from .. import outdir
     from ..pipeline import Timer
-    from ..runinfo import memory, pick_device
+    from ..runinfo import memory, pick_device, versions
     from .source import Weights, open_source
 
     timer = Timer()
@@ -74,7 +74,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     outdir.check_out(out, overwrite)
     # scale tuning trains through the whole model; every other export reads one block at a time
     weights = Weights(s, whole=bool(opts.get("gptq") and opts["gptq"].tune_steps))
-    new = mf.Manifest.from_dict({**s.manifest.to_dict(), "eval": {}, "zeroshot": None, "format": None})
+    new = mf.derive(s.manifest, versions(), dev, format=None)
     new.exported_from, new.command = str(src), command
     steps = []
     with outdir.atomic_dir(out, overwrite) as tmp:
