@@ -68,7 +68,7 @@ def _finish(m: mf.Manifest, p, t, command) -> None:
 
 
 def _compress_whole(p, t, command) -> mf.Manifest:
-    """The model in memory: the path of SliceGPT, PERP, global magnitude and scale tuning."""
+    """The model in memory: the path of SliceGPT, PERP on the CPU, global magnitude and scale tuning."""
     c = p.cfg
     windows = c.eval_windows or None  # 0: all
     with t("load_s"):
@@ -146,6 +146,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
 
         return _compress_whole(dataclasses.replace(p, onload=False, whole_because=why), t, command)
     names = pipeline.check_model(p, lz.model)
+    # PERP's placement, planned (and refused) before any work: each block then goes from disk to its device
+    where = onload.recover_plan(lz, names, p.devices, c.recover) if c.recover else None
     m = mf.Manifest(model=info.as_dict(), onload="blocks")
     ids = None
     if p.needs_calibration:
@@ -161,7 +163,9 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         packer = None if c.format == "dense" else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
         out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
-        sec = onload.transform(p, lz, names, ids, t, out, tmp)
+        train = (lambda model: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices, c.progress)) \
+            if c.recover else None
+        sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where)
         m.steps = sec.pop("steps")
         for k, v in sec.items():
             setattr(m, k, v)
@@ -297,7 +301,6 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     it; "whole": the model is loaded into CPU memory first; "auto": blocks when training on a GPU and
     the folder allows, else whole."""
     import torch
-    from torch import nn
 
     from . import arch, checkpoint, prune
     from . import onload as onl
@@ -333,9 +336,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     pipeline.check_context(model, seqlen, "--seqlen")
     targets = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
     if lz is not None:  # planned (and refused) before anything is read; the adapted linears: the pruned ones
-        adapted = dict.fromkeys(n for n in dict.fromkeys(x.split("[")[0] for x in targets)
-                                if isinstance(arch.get(model, n), nn.Linear))
-        where = perp.plan(model, adapted, devs, rcfg.seqlen, **rcfg.perp_options())
+        where = onl.recover_plan(lz, targets, devs, rcfg)
     cache: dict = {}
     before = {}
     if eval:

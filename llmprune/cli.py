@@ -82,7 +82,7 @@ def _add_compress(sub):
     g.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
                    help="blocks: the weights stay on disk and are read one decoder block at a time (any size on one "
                         "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
-                        "the whole model (SliceGPT, PERP, global magnitude, scale tuning)")
+                        "the whole model (SliceGPT, global magnitude, scale tuning; PERP on the CPU)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=200)
     g.add_argument("--recover-lr", type=float, default=None)

@@ -4,10 +4,12 @@ the spirit of llm-compressor's sequential pipeline and SparseGPT's layer-by-laye
 The model is a lazy.LazyModel on the meta device; every pass over it (OWL's outlier pass, the
 solver's pass, GPTQ's) walks the blocks through walker.onload: a block's weights are read when the
 block is reached, in the compute dtype, and freed after it. The pass that finishes a block writes
-it straight into the output (dense shards or packed tensors); when another pass follows (GPTQ after
-pruning), blocks go to a scratch folder inside the output's temporary folder instead and are read
+it straight into the output (dense shards or packed tensors); when another pass follows (PERP or GPTQ
+after pruning), blocks go to a scratch folder inside the output's temporary folder instead and are read
 back from there. Evaluation walks the saved output the same way. Peak memory: one block, the
-calibration (or evaluation) activations, and one unfinished output shard.
+calibration (or evaluation) activations, and one unfinished output shard. PERP is the exception that
+trains the whole model: its blocks are read straight onto the devices that train them (`load_placed`,
+planned by placement.py), only those that stream from CPU memory staying there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch import nn
 from . import arch as archmod
 from . import lazy, outdir, walker
 from .errors import LLMPruneError
+from .runinfo import trim_heap
 
 SCRATCH = ".blocks"  # inside the output's temporary folder
 EVAL_ACTIVATIONS = 2 * 2**30  # evaluation windows walked together: at most this many bytes of hidden states
@@ -85,6 +88,7 @@ class Output:
         self.targets = set(targets)
         self.zeros = self.total = 0
         self.counting = True  # off for a pass after the pruning's (GPTQ rounds some kept weights to 0)
+        self.outside_written = False
         a = archmod.arch_of(lz.model)
         self.blocks = a.blocks
         names = lz.names()
@@ -130,15 +134,11 @@ class Output:
                 self.packer.add_tensor(prefix + n, t)
 
     @torch.no_grad()
-    def outside(self, tokenizer, in_memory: bool = False) -> dict | None:
-        """Write the tensors outside the blocks, config, generation config and tokenizer; returns the
-        packed format section (None for dense). The tensors are streamed from the source files one at
-        a time (pruning does not change them), or, `in_memory`, taken from the loaded model (PERP
-        trains the final norm)."""
+    def outside_tensors(self, in_memory: bool) -> None:
+        """Write the tensors outside the blocks: streamed from the source files one at a time (pruning
+        does not change them), or, `in_memory`, taken from the loaded model (PERP trains the final norm)."""
         a = archmod.arch_of(self.lz.model)
         head = f"{a.head}.weight"
-        cfg = self.lz.model.config
-        section = None
         state = self.lz.model.state_dict(keep_vars=True) if in_memory else {}
         for n in self.lz.names(exclude=(f"{a.blocks}.",)):
             if self.lz.tied and n == head:
@@ -150,6 +150,18 @@ class Output:
                 self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
             else:  # file to file in chunks: a 70B model's embeddings are 2 GiB
                 self.writer.copy(n, self.lz.files.where[n])
+        self.outside_written = True
+
+    @torch.no_grad()
+    def outside(self, tokenizer, in_memory: bool = False) -> dict | None:
+        """Write the tensors outside the blocks (unless `outside_tensors` did), config, generation
+        config and tokenizer; returns the packed format section (None for dense)."""
+        a = archmod.arch_of(self.lz.model)
+        head = f"{a.head}.weight"
+        cfg = self.lz.model.config
+        section = None
+        if not self.outside_written:
+            self.outside_tensors(in_memory)
         if self.fmt == "dense":
             self.writer.finish()
             cfg.dtype = str(self.save_dtype).replace("torch.", "")
@@ -184,6 +196,22 @@ class Scratch:
         overlay.where = {**self.lz.files.where, **dict.fromkeys(module.state_dict(prefix=prefix), path)}
         self.lz.files = overlay
 
+    @torch.no_grad()
+    def outside(self, model: nn.Module) -> None:
+        """The tensors outside the blocks (PERP trains the final norm), kept like a block's for a pass
+        that follows (a tied head is the embedding: not stored twice)."""
+        from safetensors.torch import save_file
+
+        a = archmod.arch_of(self.lz.model)
+        state = model.state_dict(keep_vars=True)
+        names = [n for n in self.lz.names(exclude=(f"{a.blocks}.",)) if not (self.lz.tied and n == f"{a.head}.weight")]
+        path = self.dir / "outside.safetensors"
+        save_file({n: state[n].detach().contiguous().cpu() for n in names}, str(path))
+        overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
+        overlay.folder = self.base.folder
+        overlay.where = {**self.lz.files.where, **dict.fromkeys(names, path)}
+        self.lz.files = overlay
+
     def close(self) -> None:
         self.lz.files = self.base
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -200,11 +228,47 @@ def load_placed(lz: lazy.LazyModel, devices: tuple[str, ...], where: list[tuple[
         store.load_block(i, "cpu" if streamed else devices[d])
 
 
+def recover_plan(lz: lazy.LazyModel, targets: list[str], devices: tuple[str, ...], rcfg) -> list[tuple[int, bool]]:
+    """Where PERP will train each block of `lz` (perp.plan), worked out on the meta device before any
+    weight is read, the linears among the pruning's `targets` adapted; refuses what training would."""
+    from .recover import perp
+
+    model = lz.model
+    adapted = dict.fromkeys(n for n in dict.fromkeys(t.split("[")[0] for t in targets)
+                            if isinstance(archmod.get(model, n), nn.Linear))
+    return perp.plan(model, adapted, devices, rcfg.seqlen, **rcfg.perp_options())
+
+
+def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, scratch: Scratch, where) -> tuple[dict, float]:
+    """PERP after pruning block by block (arXiv 2312.15230): the pruned blocks, read back from the scratch
+    folder, and the rest of the model go from disk straight to where they train (`load_placed`), `train(model)`
+    retrains them in place (pipeline.recover); then each block is written into `out`, or into the scratch
+    folder again when GPTQ's pass follows, and what lies outside the blocks from memory. Returns PERP's
+    info and the sparsity measured after it."""
+    from . import prune
+
+    model = lz.model
+    load_placed(lz, p.devices, where)
+    info = train(model)
+    measured = prune.measured_sparsity(model, names)
+    gptq_follows = p.quant == "gptq"
+    for i, block in enumerate(archmod.blocks(model)):
+        (scratch.block if gptq_follows else out.block)(i, block)
+    if gptq_follows:
+        scratch.outside(model)
+    out.outside_tensors(in_memory=True)
+    lz.release()
+    trim_heap()
+    return info, measured
+
+
 # --- stages ---------------------------------------------------------------------------------------
 
-def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, folder: Path) -> dict:
-    """Prune block by block (OWL's outlier pass first when asked; GPTQ's pass after, through the
-    scratch folder); the last pass writes each block into `out`."""
+def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, folder: Path, recover=None,
+              where=None) -> dict:
+    """Prune block by block (OWL's outlier pass first when asked; PERP's and GPTQ's passes after, through
+    the scratch folder: PERP's, `recover(model)`, on the devices of `where`, recover_plan); the last pass
+    writes each block into `out`."""
     from . import prune
 
     c = p.cfg
@@ -222,7 +286,7 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
                                                device=p.device, progress=c.progress, **dataclasses.asdict(c.owl))
             per_layer = list(layer_s.values())
             sec["owl"] = {**dataclasses.asdict(c.owl), "per_layer": sorted(set(per_layer), key=per_layer.index)}
-        scratch = Scratch(lz, folder) if p.quant == "gptq" else None
+        scratch = Scratch(lz, folder) if p.quant == "gptq" or c.recover else None
 
         def sink(i, module):
             if scratch is None:
@@ -238,10 +302,21 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
         timer.s[k] = v
     if scratch:
         out.counting = False
+    recovered = None
+    if c.recover:
+        with timer("recover_s"):
+            recovered = recover_pass(p, lz, recover, names, out, scratch, where)
+    if p.quant == "gptq":
         gptq_pass(lz, ids, out, timer, c.format, c.group_size, c.symmetric, p.gptq, c.calib_batch, p.devices,
                   c.progress)
+    if scratch:
         scratch.close()
-    return prune.manifest_section(p, res, sec, out.zeros / max(out.total, 1), len(names))
+    sec = prune.manifest_section(p, res, sec, out.zeros / max(out.total, 1), len(names))
+    if recovered:
+        sec["recover"] = recovered[0]
+        sec["steps"].append("recover")
+        sec["sparsity"]["measured_after_recover"] = recovered[1]
+    return sec
 
 
 def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size, symmetric, gptq, batch_size: int,

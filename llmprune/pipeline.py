@@ -134,14 +134,17 @@ def plan(cfg: CompressConfig) -> Plan:
     gptq = (cfg.gptq or GPTQConfig()) if quant == "gptq" else None
     out = Path(cfg.out or default_out(cfg, sparsity))
     outdir.check_out(out, cfg.overwrite)
-    onload, why = _onload(cfg, gptq)
+    onload, why = _onload(cfg, gptq, devices)
     return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, onload, why, devices)
 
 
-def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> tuple[bool, str | None]:
-    """Blocks from disk one at a time unless a step needs the whole model in memory."""
+def _onload(cfg: CompressConfig, gptq: GPTQConfig | None, devices: tuple[str, ...]) -> tuple[bool, str | None]:
+    """Blocks from disk one at a time unless a step needs the whole model in memory. PERP (--recover)
+    trains the whole model, each block read from disk straight to where it trains (onload.recover_pass);
+    on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files."""
+    import torch
+
     whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),
-                                 ("PERP (--recover) backpropagates through the whole model", cfg.recover),
                                  ("--scope global ranks every weight of the model at once", cfg.scope == "global"),
                                  ("scale tuning (--tune-steps) trains through the whole model",
                                   gptq is not None and gptq.tune_steps)) if on]
@@ -149,6 +152,8 @@ def _onload(cfg: CompressConfig, gptq: GPTQConfig | None) -> tuple[bool, str | N
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":
         return False, "--onload whole"
+    if cfg.onload == "auto" and cfg.recover and all(torch.device(d).type == "cpu" for d in devices):
+        whole.append("PERP (--recover) on the CPU: the whole load keeps the model backed by its files")
     return not whole, (whole[0] if whole else None)
 
 

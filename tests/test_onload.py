@@ -120,6 +120,39 @@ def test_dense_figures_of_a_whole_load_walk_the_folder_on_a_gpu(tiny_dir, monkey
     assert on_gpu["ppl"] == pytest.approx(on_cpu["ppl"], rel=1e-6)
 
 
+RECOVER = ["--recover", "perp", "--recover-steps", "2"]
+
+
+@pytest.mark.parametrize("fmt,extra", [("dense", []), ("w4s24", ["--quant", "rtn", "--group-size", "32"]),
+                                       ("w4s24", ["--quant", "gptq", "--group-size", "32"])], ids=["dense", "rtn", "gptq"])
+def test_compress_recover_block_by_block_computes_what_the_whole_model_computes(tmp_path, capsys, tiny_dir, calib_txt,
+                                                                                fmt, extra, monkeypatch):
+    """`compress --recover perp --onload blocks` (auto's choice on a GPU): pruned block by block into the scratch
+    folder, PERP on every tensor read from there straight to its device, each block then written (or passed
+    to GPTQ through the scratch folder, with the trained final norm): the folder, the losses and the figures
+    are the whole path's, and the model is never loaded whole. On the CPU alone auto loads it whole."""
+    from llmprune import lazy, pipeline
+
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 30_000)
+    outs = {m: tmp_path / m for m in ("auto", "blocks")}
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--pattern", "2:4", "--format", fmt, *extra, *RECOVER,
+                     "--calib", calib_txt, "--out", outs["auto"], *CHEAP, *EVAL)
+    assert rc == 0, se
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded whole"))
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--pattern", "2:4", "--format", fmt, *extra, *RECOVER,
+                     "--calib", calib_txt, "--out", outs["blocks"], "--onload", "blocks", *CHEAP, *EVAL)
+    assert rc == 0, se
+    a, b = _tensors(outs["auto"]), _tensors(outs["blocks"])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((outs[m] / "llmprune.json").read_text()) for m in ("auto", "blocks"))
+    assert ma["onload"] == "whole: PERP (--recover) on the CPU: the whole load keeps the model backed by its files"
+    assert mb["onload"] == "blocks" and ma["steps"] == mb["steps"] and ma["steps"][:2] == ["prune", "recover"]
+    assert ma["recover"]["losses"] == mb["recover"]["losses"] and ma["sparsity"] == mb["sparsity"]
+    assert mb["sparsity"]["measured_after_recover"] == 0.5
+    strip = lambda e: {k: v for k, v in e["wikitext2"].items() if k != "seconds"}
+    assert strip(ma["eval"]) == strip(mb["eval"])
+
+
 def test_onload_blocks_refuses_what_needs_the_whole_model(tmp_path, capsys, tiny_dir):
     rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", "slicegpt", "--onload", "blocks",
                      "--out", tmp_path / "o", *FAST_CLI)
