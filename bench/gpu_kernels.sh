@@ -72,8 +72,9 @@ perp() {  # PERP on CUDA with every block on the GPU and with the blocks streame
   # --resident-gib 2.2 (the 2.1 GB embedding and head, no block: both stream from CPU memory), and once more
   # resident with --onload whole (the source loaded into CPU memory first, as before session 16). The manifests
   # give recover seconds, peak GPU memory, peak RSS (blocks read straight to the GPU should keep it far below
-  # the whole load's) and the GB streamed; the three folders' weights are compared.
-  # CPU dry run: DEVICE=cpu SL=64 PERP_S=400 OUT=/tmp/x bash bench/gpu_kernels.sh perp
+  # the whole load's) and the GB streamed; the three folders' weights are compared. Last, `compress --recover`
+  # of the same model in one command (blocks path), with its timings and peak memory.
+  # CPU dry run: DEVICE=cpu SL=64 PERP_S=600 OUT=/tmp/x bash bench/gpu_kernels.sh perp
   local d=${DEVICE:-cuda} sl=${SL:-512} m=/tmp/syn-perp rc=0
   $PY bench/make_synthetic.py $m --arch llama3-8b --layers 2 --dtype bfloat16 || return 1
   $PY -m llmprune.cli compress --model $m --solver wanda --device $d --nsamples 4 --seqlen 256 --calib wikitext2 \
@@ -85,6 +86,13 @@ perp() {  # PERP on CUDA with every block on the GPU and with the blocks streame
         --data wikitext2 --device $d --dtype bfloat16 --no-progress --overwrite $extra \
       && cp /tmp/o-perp-$r/llmprune.json "$OUT/perp-$r.json" || rc=1
   done
+  # compress --recover in one command: pruned blocks through the scratch folder, PERP read straight to the GPU
+  $PY -m llmprune.cli compress --model $m --solver wanda --device $d --nsamples 4 --seqlen 256 --calib wikitext2 \
+      --recover perp --recover-steps 2 --onload blocks --eval none --no-dense-eval --no-progress --overwrite \
+      --out /tmp/o-perp-compress && cp /tmp/o-perp-compress/llmprune.json "$OUT/perp-compress.json" || rc=1
+  $PY -c "import json; m = json.load(open('/tmp/o-perp-compress/llmprune.json')); r = m['recover']; print('compress \
+--recover: onload', m['onload'], 'timings', m['timings'], 'peak RSS', m['peak_rss_mib'], 'MiB, peak GPU', \
+m.get('peak_gpu_mib'), 'MiB, losses', r['losses'])" || rc=1
   $PY - <<'PYEOF' || rc=1
 import json
 from safetensors.torch import load_file
@@ -115,7 +123,7 @@ stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
 stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128
 stage compress 200 compress
 stage compress_scale 420 compress_scale
-stage perp ${PERP_S:-240} perp  # the CPU dry run needs PERP_S=400
+stage perp ${PERP_S:-300} perp  # the CPU dry run needs PERP_S=600
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4
