@@ -163,8 +163,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         packer = None if c.format == "dense" else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
         out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
-        train = (lambda model: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices, c.progress)) \
-            if c.recover else None
+        train = (lambda model, where: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices,
+                                                       c.progress, where)) if c.recover else None
         sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where)
         m.steps = sec.pop("steps")
         for k, v in sec.items():
@@ -353,7 +353,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     pruned = perp.pruned_linears(model)
     zeros_before = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned}
     with t("recover_s"):
-        info = pipeline.recover(model, tok, rcfg, data, seed, devs, progress)
+        info = pipeline.recover(model, tok, rcfg, data, seed, devs, progress, where if lz is not None else None)
     info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
     info["onload"] = "whole" if lz is None else "blocks"
     info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before

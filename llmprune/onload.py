@@ -241,15 +241,15 @@ def recover_plan(lz: lazy.LazyModel, targets: list[str], devices: tuple[str, ...
 
 def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, scratch: Scratch, where) -> tuple[dict, float]:
     """PERP after pruning block by block (arXiv 2312.15230): the pruned blocks, read back from the scratch
-    folder, and the rest of the model go from disk straight to where they train (`load_placed`), `train(model)`
-    retrains them in place (pipeline.recover); then each block is written into `out`, or into the scratch
+    folder, and the rest of the model go from disk straight to where they train (`load_placed`),
+    `train(model, where)` retrains them in place there (pipeline.recover); then each block is written into `out`, or into the scratch
     folder again when GPTQ's pass follows, and what lies outside the blocks from memory. Returns PERP's
     info and the sparsity measured after it."""
     from . import prune
 
     model = lz.model
     load_placed(lz, p.devices, where)
-    info = train(model)
+    info = train(model, where)
     measured = prune.measured_sparsity(model, names)
     gptq_follows = p.quant == "gptq"
     for i, block in enumerate(archmod.blocks(model)):
@@ -267,7 +267,7 @@ def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, sc
 def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, folder: Path, recover=None,
               where=None) -> dict:
     """Prune block by block (OWL's outlier pass first when asked; PERP's and GPTQ's passes after, through
-    the scratch folder: PERP's, `recover(model)`, on the devices of `where`, recover_plan); the last pass
+    the scratch folder: PERP's, `recover(model, where)`, on the devices of `where`, recover_plan); the last pass
     writes each block into `out`."""
     from . import prune
 

@@ -321,15 +321,16 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
 
 # --- recover --------------------------------------------------------------------------------------
 
-def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], progress: bool) -> dict:
+def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], progress: bool, where=None) -> dict:
     """PERP in place on training windows drawn apart from the pruning calibration (seed + 1), on
-    `devices` (placement.py); the model stays on, and comes back to, the CPU."""
+    `devices` (placement.py; `where`: the plan the model was read onto the devices by); every tensor
+    ends where it came from."""
     from .recover import perp
 
     opts = rcfg.perp_options()
     n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum  # each window seen once
     ids, data_info = calibrate(rcfg.data or calib, tok, n, rcfg.seqlen, seed)
-    info = perp.recover(model, ids, progress=progress, devices=tuple(devices), **opts)
+    info = perp.recover(model, ids, progress=progress, devices=tuple(devices), where=where, **opts)
     info["data"] = data_info
     return info
 

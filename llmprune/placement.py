@@ -69,6 +69,8 @@ def budgets(devices: tuple[str, ...], resident_gib: float | None, reserve: int, 
     streamed weights anyway)."""
     if resident_gib is not None:
         return [resident_gib * GiB] * len(devices)
+    if any(torch.device(d).type == "cuda" for d in devices):
+        torch.cuda.empty_cache()  # what the caching allocator keeps but does not use is free for the weights
     held: dict[int, int] = {}  # GPU index -> bytes of the model already on it
     if model is not None:
         for t in [*model.parameters(), *model.buffers()]:
@@ -128,11 +130,12 @@ def _move_own(mod: nn.Module, device, frozen_to=None, frozen=()) -> None:
 
 
 def plan_model(model, devices: tuple[str, ...], resident_gib: float | None, batch_size: int, seqlen: int,
-               compute: torch.dtype, checkpointing: bool, n_processes: int = 1, blocks=None):
+               compute: torch.dtype, checkpointing: bool, n_processes: int = 1, blocks=None, where=None):
     """Where each decoder block of `model` trains (`plan` over the devices' `budgets`), as (blocks, plan,
     what the manifest records of it); refuses a plan that cannot run: the embedding and head beyond the
     first device, streaming without activation checkpointing or with one replica per process. blocks:
-    the decoder blocks, when the model's linears are replaced (default: arch.blocks)."""
+    the decoder blocks, when the model's linears are replaced (default: arch.blocks). where: a plan made
+    before (on the meta device, before the weights were read onto the devices it names), kept as it is."""
     from . import arch
     from .errors import LLMPruneError
 
@@ -142,11 +145,14 @@ def plan_model(model, devices: tuple[str, ...], resident_gib: float | None, batc
     dtype_bytes = torch.finfo(compute).bits // 8
     reserve = reserve_bytes(model.config, batch_size, seqlen, len(blocks), dtype_bytes)
     room = budgets(devices, resident_gib, reserve, model)
-    if base > room[0]:
-        raise LLMPruneError(f"the embedding, head and final norm ({base / GiB:.1f} GiB while training) do not fit "
-                            f"the {room[0] / GiB:.1f} GiB {devices[0]} has for weights: free memory there, or "
-                            f"lower --batch / --seqlen")
-    where = plan(sizes, base, room)
+    if where is None:
+        if base > room[0]:
+            raise LLMPruneError(f"the embedding, head and final norm ({base / GiB:.1f} GiB while training) do not "
+                                f"fit the {room[0] / GiB:.1f} GiB {devices[0]} has for weights: free memory there, "
+                                f"or lower --batch / --seqlen")
+        where = plan(sizes, base, room)
+    elif len(where) != len(blocks):
+        raise LLMPruneError(f"internal: a placement of {len(where)} blocks for a model of {len(blocks)}")
     streamed = sum(s for _, s in where)
     if streamed and n_processes > 1:
         raise LLMPruneError(f"the model does not fit one GPU per process ({streamed} of {len(blocks)} blocks "

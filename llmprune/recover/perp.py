@@ -241,6 +241,7 @@ def recover(
     mixed_precision: str = "no",
     devices: tuple[str, ...] | None = None,
     resident_gib: float | None = None,
+    where: list[tuple[int, bool]] | None = None,
 ) -> dict:
     """Retrain the selected subset of a pruned causal LM in place (PERP, arXiv 2312.15230).
 
@@ -262,8 +263,9 @@ def recover(
     devices: where to train (default: the model's device). Decoder blocks fill them in order, each GPU
     keeping what fits beside a step's activations (or `resident_gib` of weights); the blocks beyond
     keep their frozen weights in CPU memory and stream them in as they run (placement.py: a 70B model
-    on one or a few GPUs). The model may come on the CPU, or already placed as `plan` says (read
-    from disk straight onto its devices); every tensor ends on the device it came on.
+    on one or a few GPUs). The model may come on the CPU, or already placed as `plan` said (read
+    from disk straight onto its devices: pass that plan as `where`); every tensor ends on the device
+    it came on.
 
     Afterwards the adapters are merged, every module is a plain nn.Linear again, the zeros of each
     pruned weight are unchanged bit for bit, and the model is back in its dtype, devices and mode.
@@ -290,7 +292,8 @@ def recover(
             devices = (str(accelerator.device),)
         devices = tuple(devices or (str(next(model.parameters()).device),))
         blocks, where, place_info = placement.plan_model(model, devices, resident_gib, batch_size, train_ids.shape[1],
-                                                         s.compute, grad_checkpointing, accelerator.num_processes)
+                                                         s.compute, grad_checkpointing, accelerator.num_processes,
+                                                         where=where)
         with placement.training_mode(model, grad_checkpointing) as checkpointing, \
                 placement.placed(model, blocks, devices, where) as streamed:
             n_windows = steps * grad_accum * batch_size * accelerator.num_processes
