@@ -302,7 +302,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     the folder allows, else whole."""
     import torch
 
-    from . import arch, checkpoint, prune
+    from . import arch, checkpoint, placement, prune
     from . import onload as onl
     from .eval import zeroshot
     from .recover import perp
@@ -322,10 +322,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     devs = pick_devices(device)
     dev = devs[0]
     t = pipeline.Timer()
-    # On the CPU alone the model ends up in CPU memory either way, and transformers' whole load leaves it
-    # backed by the files (pages the OS can drop; the embedding rows never read are never resident).
-    cpu_only = all(torch.device(d).type == "cpu" for d in devs)
-    whole = onload == "whole" or (onload == "auto" and cpu_only)
+    whole = onload == "whole" or (onload == "auto" and not placement.reads_to_devices(devs))
     lz, why = (None, None) if whole else onl.open_output(src, dtype, old.to_dict())
     if why and onload == "blocks":
         raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")

@@ -142,7 +142,7 @@ def _onload(cfg: CompressConfig, gptq: GPTQConfig | None, devices: tuple[str, ..
     """Blocks from disk one at a time unless a step needs the whole model in memory. PERP (--recover)
     trains the whole model, each block read from disk straight to where it trains (onload.recover_pass);
     on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files."""
-    import torch
+    from . import placement
 
     whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),
                                  ("--scope global ranks every weight of the model at once", cfg.scope == "global"),
@@ -152,8 +152,10 @@ def _onload(cfg: CompressConfig, gptq: GPTQConfig | None, devices: tuple[str, ..
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":
         return False, "--onload whole"
-    if cfg.onload == "auto" and cfg.recover and all(torch.device(d).type == "cpu" for d in devices):
-        whole.append("PERP (--recover) on the CPU: the whole load keeps the model backed by its files")
+    if cfg.onload == "auto" and cfg.recover and not placement.reads_to_devices(devices):
+        whole.append("PERP (--recover) on the CPU: the whole load keeps the model backed by its files"
+                     if all(d.startswith("cpu") for d in devices) else
+                     "PERP (--recover) with one replica per process (WORLD_SIZE > 1): each process loads it whole")
     return not whole, (whole[0] if whole else None)
 
 

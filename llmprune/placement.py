@@ -24,6 +24,15 @@ from torch import nn
 GiB = 1 << 30
 
 
+def reads_to_devices(devices: tuple[str, ...]) -> bool:
+    """Whether training on `devices` should read the weights from disk straight onto them (a GPU, in one
+    process). On the CPU alone the model lives in CPU memory anyway, where transformers' whole load keeps
+    it backed by the files; with one replica per process (DDP, WORLD_SIZE > 1) each process places its own."""
+    import os
+
+    return any(torch.device(d).type != "cpu" for d in devices) and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
 def plan(block_bytes: list[int], base_bytes: int, budgets: list[float]) -> list[tuple[int, bool]]:
     """Per decoder block, (index of the device it computes on, whether its frozen weights stream).
 

@@ -205,3 +205,11 @@ def test_every_frozen_tensor_is_read_inside_its_holders_call(family):
     loss, grads = step(m)
     assert loss.dtype == ref_loss.dtype and torch.equal(loss, ref_loss)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+def test_weights_are_read_straight_to_the_devices_only_on_a_gpu_in_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert placement.reads_to_devices(("cuda",)) and placement.reads_to_devices(("cpu", "cuda:1"))
+    assert not placement.reads_to_devices(("cpu",)) and not placement.reads_to_devices(("cpu", "cpu:0"))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # DDP: one replica per process, each placed by its own process
+    assert not placement.reads_to_devices(("cuda",))

@@ -289,7 +289,7 @@ def recover(
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         if accelerator.num_processes > 1:  # one replica per process (DDP): each on its process's device
-            devices = (str(accelerator.device),)
+            devices, where = (str(accelerator.device),), None
         devices = tuple(devices or (str(next(model.parameters()).device),))
         blocks, where, place_info = placement.plan_model(model, devices, resident_gib, batch_size, train_ids.shape[1],
                                                          s.compute, grad_checkpointing, accelerator.num_processes,
