@@ -200,6 +200,19 @@ def test_card_of_a_gguf_export_says_which_files_keep_exact_zeros():
     assert "are stored as exact zeros, but" in card and "except in" not in card
 
 
+def test_card_reproduces_a_derived_folder_command_by_command():
+    """A packed folder made from a recovered one made from a compressed one: the card's Reproduce section
+    gives the three commands in order (history, oldest first, then its own), so the chain can be rerun."""
+    cmds = ["llmprune compress --model llama --sparsity 0.5 --out A", "llmprune recover A --out B",
+            "llmprune pack B --format w4s24 --out C"]
+    m = manifest(command=cmds[2], history=[{"steps": ["prune"], "command": cmds[0]},
+                                           {"steps": ["prune", "recover"], "command": cmds[1]}])
+    card = model_card(m, REPO)
+    assert "```bash\n" + "\n".join(cmds) + "\n```" in card and "Each command writes the folder" in card
+    alone = model_card(manifest(command=cmds[0]), REPO)
+    assert "```bash\n" + cmds[0] + "\n```" in alone and "Each command writes" not in alone
+
+
 def test_card_redacts_token_like_strings():
     m = manifest(command=f"HF_TOKEN={TOKEN} llmprune compress llama --out out")
     card = model_card(m, REPO)
