@@ -317,6 +317,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         raise LLMPruneError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     if onload not in ("auto", "blocks", "whole"):
         raise LLMPruneError(f"--onload {onload!r}: use auto, blocks or whole")
+    placement.check_blocks_onload(onload)
     tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")
     dtype = dtype or old.dtype or "float32"
     devs = pick_devices(device)
@@ -369,6 +370,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
                     written.block(i, block)
                 written.outside(tok, in_memory=True)
             lz.release()
+            placement.free_pinned()
         del model
         mf.write(tmp, new)  # the loader reads it; rewritten below with the figures
         if eval:
@@ -383,6 +385,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         new.command = command
         for k, v in memory(",".join(devs)).items():  # the largest peak of the GPUs it trained on
             setattr(new, k, v)
+        new.versions = versions()  # now that CUDA has run, if it did
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}
 
@@ -465,7 +468,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
                 new.zeroshot = pipeline.zeroshot_saved(tmp, new.to_dict(), tasks, tasks_limit, devs[0],
                                                        old.dtype or "float32", progress)
         new.timings = {**old.timings, "pack": t.total()}
-        for k, v in memory(devs[0]).items():  # this command's, as its timings (the source's: its own manifest)
+        for k, v in memory(devs[0]).items():  # this command's, as its timings (the source's: its history)
             setattr(new, k, v)
+        new.versions = versions()  # now that CUDA has run, if it did
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}

@@ -226,8 +226,11 @@ class LazyModel:
 
         from .arch import set_module
 
-        if torch.device(device).type == "cpu":  # one CPU memory ("cpu:0" would make accelerate drop Parameter)
+        dev = torch.device(device)
+        if dev.type == "cpu":  # one CPU memory ("cpu:0" would make accelerate drop Parameter)
             device = "cpu"
+        elif dev.type == "cuda" and dev.index is None:  # "cuda" is the current GPU: name it, as tensors do
+            device = torch.device("cuda", torch.cuda.current_device())
         names = self.names(prefix, exclude)
         packed = self._packed_layers(names)
         skip = set()
@@ -241,7 +244,7 @@ class LazyModel:
         todo = [n for n in names if n not in skip
                 and not (self.tied and head_name and n == f"{head_name}.weight" and n not in self.files)]
         for n in todo:  # one tensor at a time, read in the compute dtype (the tied head is re-tied below)
-            set_module_tensor_to_device(self.model, n, device, value=self.files.get(n, self.dtype))
+            set_module_tensor_to_device(self.model, n, device, value=self.files.get(n, self.dtype), clear_cache=False)
             self._loaded.add(n)
         if self.tied and head_name:
             emb = self.model.get_input_embeddings()
@@ -249,7 +252,7 @@ class LazyModel:
                 head.weight = emb.weight  # one Parameter, as transformers ties them
         for n, b in self.model.named_buffers():  # computed buffers (rotary tables) follow the device
             if n.startswith(prefix) and b.device.type != "meta" and b.device != torch.device(device):
-                set_module_tensor_to_device(self.model, n, device, value=b)
+                set_module_tensor_to_device(self.model, n, device, value=b, clear_cache=False)
 
     @torch.no_grad()
     def release(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:
@@ -264,7 +267,7 @@ class LazyModel:
                 del self._meta_modules[ln]
         for n in self.names(prefix, exclude):
             if n in self._loaded:
-                set_module_tensor_to_device(self.model, n, "meta")
+                set_module_tensor_to_device(self.model, n, "meta", clear_cache=False)
                 self._loaded.discard(n)
         if self.tied:  # the head shares the embedding's Parameter: point it at the (meta) embedding again
             self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight

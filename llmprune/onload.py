@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import arch as archmod
-from . import lazy, outdir, walker
+from . import lazy, outdir, placement, walker
 from .errors import LLMPruneError
 from .runinfo import trim_heap
 
@@ -259,6 +259,7 @@ def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, sc
     out.outside_tensors(in_memory=True)
     lz.release()
     trim_heap()
+    placement.free_pinned()
     return info, measured
 
 

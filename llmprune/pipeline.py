@@ -152,6 +152,8 @@ def _onload(cfg: CompressConfig, gptq: GPTQConfig | None, devices: tuple[str, ..
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":
         return False, "--onload whole"
+    if cfg.recover:
+        placement.check_blocks_onload(cfg.onload)
     if cfg.onload == "auto" and cfg.recover and not placement.reads_to_devices(devices):
         whole.append("PERP (--recover) on the CPU: the whole load keeps the model backed by its files"
                      if all(d.startswith("cpu") for d in devices) else

@@ -24,13 +24,35 @@ from torch import nn
 GiB = 1 << 30
 
 
+def replicas() -> int:
+    """Processes training one replica each (DDP under torchrun / accelerate launch: WORLD_SIZE)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def reads_to_devices(devices: tuple[str, ...]) -> bool:
     """Whether training on `devices` should read the weights from disk straight onto them (a GPU, in one
     process). On the CPU alone the model lives in CPU memory anyway, where transformers' whole load keeps
     it backed by the files; with one replica per process (DDP, WORLD_SIZE > 1) each process places its own."""
-    import os
+    return any(torch.device(d).type != "cpu" for d in devices) and replicas() <= 1
 
-    return any(torch.device(d).type != "cpu" for d in devices) and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+def check_blocks_onload(onload: str) -> None:
+    """--onload blocks places one model over this process's devices: refused with one replica per process."""
+    from .errors import LLMPruneError
+
+    if onload == "blocks" and replicas() > 1:
+        raise LLMPruneError(f"--onload blocks reads one model onto the devices of one process, but {replicas()} "
+                            f"processes (WORLD_SIZE) train a replica each: use --onload whole (or auto)")
+
+
+def free_pinned() -> None:
+    """Hand the page-locked CPU memory of released streamed weights back (PyTorch caches it)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+        if empty is not None:
+            empty()
 
 
 def plan(block_bytes: list[int], base_bytes: int, budgets: list[float]) -> list[tuple[int, bool]]:

@@ -176,6 +176,20 @@ def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
 
 
+def test_onload_blocks_is_refused_with_one_replica_per_process(tmp_path, capsys, monkeypatch, pruned_24, tiny_dir,
+                                                               calib_txt):
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) every process trains its own replica: reading one model
+    onto the devices of each process would load it once per process, so --onload blocks is refused in one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["recover", str(pruned_24), "--onload", "blocks"],
+                 ["compress", "--model", str(tiny_dir), "--recover", "perp", "--onload", "blocks", "--calib",
+                  str(calib_txt)]):
+        rc = main([*argv, "--out", str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "WORLD_SIZE" in err and "--onload whole" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
+
+
 def test_recover_onload_blocks_refuses_a_plan_before_reading_a_weight(tmp_path, capsys, monkeypatch, pruned_24):
     from llmprune import lazy
 

@@ -107,7 +107,7 @@ def test_a_derived_folder_records_its_own_run_and_its_sources_in_history(tmp_pat
 
     src = tmp_path / "src"
     shutil.copytree(pruned_24, src)
-    made = manifest.update(src, versions={"transformers": "0.0-elsewhere"}, device="cuda:7")
+    made = manifest.update(src, versions={"transformers": "0.0-elsewhere"}, device="cuda:7", peak_gpu_mib=12345.0)
     rc, _, se = _run(capsys, "recover", src, "--out", tmp_path / "r", "--steps", "1", "--batch", "1", "--seqlen", "32",
                      "--rank", "2", "--data", calib_txt, "--device", "cpu", "--no-progress")
     assert rc == 0, se
@@ -119,9 +119,10 @@ def test_a_derived_folder_records_its_own_run_and_its_sources_in_history(tmp_pat
     here = versions()
     assert made.versions["transformers"] == "0.0-elsewhere"
     first = {"steps": made.steps, "command": made.command, "device": "cuda:7", "versions": made.versions,
-             "llmprune_version": made.llmprune_version}
+             "llmprune_version": made.llmprune_version, "peak_rss_mib": made.peak_rss_mib, "peak_gpu_mib": 12345.0}
     r, p, e = (manifest.read(tmp_path / f) for f in ("r", "p", "e"))
     assert r.history == [first] and r.device == "cpu" and r.versions["transformers"] == here["transformers"]
+    assert r.peak_gpu_mib is None and r.peak_rss_mib and p.history[1]["peak_rss_mib"] == r.peak_rss_mib
     assert p.history[:1] == [first] and len(p.history) == 2 and p.history[1]["steps"] == r.steps
     assert p.history[1]["command"] == r.command and p.history[1]["device"] == "cpu"
     assert [h["steps"] for h in e.history] == [made.steps, r.steps, p.steps] and e.versions["cpu"] == here["cpu"]

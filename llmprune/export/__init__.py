@@ -98,8 +98,9 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
                 new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, dev,
                                     s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32")
         new.timings = {**(s.manifest.timings or {}), "export": timer.total()}  # the source's, and this command's
-        for k, v in memory(dev).items():  # this command's (the source's: its own manifest)
+        for k, v in memory(dev).items():  # this command's (the source's: its history)
             setattr(new, k, v)
+        new.versions = versions()  # now that CUDA has run, if it did
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}
 

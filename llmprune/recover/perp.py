@@ -201,10 +201,12 @@ def _trainable(model: nn.Module, keep_masks, train: tuple[str, ...], rank: int, 
                                      if n.startswith(attr))
         yield s
     finally:
-        s.n_merged = lora.detach(model, merge=s.merge)
-        for p in model.parameters():
-            p.requires_grad_(requires0.get(id(p), False))
-        _restore(model, dtypes0)
+        try:
+            s.n_merged = lora.detach(model, merge=s.merge)
+        finally:  # even if a merge fails, every tensor gets its requires_grad and dtype back
+            for p in model.parameters():
+                p.requires_grad_(requires0.get(id(p), False))
+            _restore(model, dtypes0)
 
 
 def plan(model: nn.Module, keep_masks: dict, devices: tuple[str, ...], seqlen: int,
