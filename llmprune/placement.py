@@ -74,6 +74,15 @@ def plan(block_bytes: list[int], base_bytes: int, budgets: list[float]) -> list[
     return out
 
 
+def fits(where: list[tuple[int, bool]], block_bytes: list[int], base_bytes: int, budgets: list[float]) -> bool:
+    """Whether a plan's resident blocks (and the base, on the first device) fit each device's budget."""
+    used = [0.0] * len(budgets)
+    used[0] = base_bytes
+    for (d, streamed), b in zip(where, block_bytes):
+        used[d] += 0 if streamed else b
+    return all(u <= r for u, r in zip(used, budgets))
+
+
 def held_bytes(module: nn.Module) -> int:
     """What a module's tensors take on a device while training: its frozen parameters and buffers as
     they are, each trained parameter 4 times (fp32 value, gradient and AdamW's two moments)."""
@@ -166,7 +175,7 @@ def plan_model(model, devices: tuple[str, ...], resident_gib: float | None, batc
     what the manifest records of it); refuses a plan that cannot run: the embedding and head beyond the
     first device, streaming without activation checkpointing or with one replica per process. blocks:
     the decoder blocks, when the model's linears are replaced (default: arch.blocks). where: a plan made
-    before (on the meta device, before the weights were read onto the devices it names), kept as it is."""
+    before (on the meta device, before the weights were read onto the devices it names), kept while it fits."""
     from . import arch
     from .errors import LLMPruneError
 
@@ -176,6 +185,8 @@ def plan_model(model, devices: tuple[str, ...], resident_gib: float | None, batc
     dtype_bytes = torch.finfo(compute).bits // 8
     reserve = reserve_bytes(model.config, batch_size, seqlen, len(blocks), dtype_bytes)
     room = budgets(devices, resident_gib, reserve, model)
+    if where is not None and len(where) == len(blocks) and not fits(where, sizes, base, room):
+        where = None  # what the meta-device plan did not foresee (an adapter on a linear it did not count): plan afresh
     if where is None:
         if base > room[0]:
             raise LLMPruneError(f"the embedding, head and final norm ({base / GiB:.1f} GiB while training) do not "

@@ -213,3 +213,16 @@ def test_weights_are_read_straight_to_the_devices_only_on_a_gpu_in_one_process(m
     assert not placement.reads_to_devices(("cpu",)) and not placement.reads_to_devices(("cpu", "cpu:0"))
     monkeypatch.setenv("WORLD_SIZE", "4")  # DDP: one replica per process, each placed by its own process
     assert not placement.reads_to_devices(("cuda",))
+
+
+def test_a_given_plan_is_kept_while_it_fits():
+    assert placement.fits([(0, False), (1, False), (1, True)], [10, 20, 30], 5, [15, 20])
+    assert not placement.fits([(0, False), (1, False)], [11, 20], 5, [15, 20])
+    # recover keeps a given plan that fits (both blocks streamed, where a fresh plan would stream none) and
+    # plans afresh when it does not (every block resident under a budget below one block)
+    ids = repetitive_ids()
+    kept = recover(pruned_model("2:4")[0], ids, where=[(0, True), (0, True)], **FAST)["placement"]
+    assert kept["streamed_blocks"] == 2
+    fresh = recover(pruned_model("2:4")[0], ids, where=[(0, False), (0, False)], resident_gib=100 * KB,
+                    **FAST)["placement"]
+    assert fresh["streamed_blocks"] == 2 and fresh["resident_blocks"] == {"cpu": 0}
