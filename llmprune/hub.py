@@ -403,11 +403,13 @@ def model_card(manifest: dict, repo_id: str) -> str:
     lines += ["## How to load", "", *_how_to_load(manifest, repo_id), ""]
     # every command that made it, oldest first: a packed or recovered folder's own command reads a folder
     # that an earlier command wrote (manifest.derive keeps those in `history`)
-    cmds = [h.get("command") for h in manifest.get("history") or [] if isinstance(h, dict)] + [manifest.get("command")]
-    cmds = [" ".join(c) if isinstance(c, (list, tuple)) else str(c) for c in cmds if c]
+    runs = [h for h in manifest.get("history") or [] if isinstance(h, dict)] + [manifest]
+    cmds = [" ".join(c) if isinstance(c, (list, tuple)) else str(c) for c in (r.get("command") for r in runs) if c]
     if cmds:
+        gap = [(f"{len(runs) - len(cmds)} of the {len(runs)} steps ran through the Python API and recorded no "
+                f"command; their settings are in llmprune.json."), ""] if len(cmds) < len(runs) else []
         lines += ["## Reproduce", "", *(["Each command writes the folder the next one reads:", ""] if len(cmds) > 1 else []),
-                  "```bash", *cmds, "```", ""]
+                  *gap, "```bash", *cmds, "```", ""]
     card = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     # A manifest should never hold a token, but the card is public: redact anything that looks like one.
     return _TOKEN_LIKE.sub("hf_***", card)

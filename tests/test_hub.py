@@ -210,7 +210,9 @@ def test_card_reproduces_a_derived_folder_command_by_command():
     card = model_card(m, REPO)
     assert "```bash\n" + "\n".join(cmds) + "\n```" in card and "Each command writes the folder" in card
     alone = model_card(manifest(command=cmds[0]), REPO)
-    assert "```bash\n" + cmds[0] + "\n```" in alone and "Each command writes" not in alone
+    assert "```bash\n" + cmds[0] + "\n```" in alone and "Each command writes" not in alone and "Python API" not in card
+    api_made = model_card(manifest(command=cmds[1], history=[{"steps": ["prune"], "command": None}]), REPO)
+    assert "1 of the 2 steps ran through the Python API" in api_made and "```bash\n" + cmds[1] + "\n```" in api_made
 
 
 def test_card_redacts_token_like_strings():
