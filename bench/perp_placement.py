@@ -1,7 +1,9 @@
 """Where `llmprune recover` (PERP) would put Llama-3-8B and Llama-3.3-70B on common GPUs: the planner's
 own arithmetic (llmprune/placement.py) on weightless (meta) models with the default PERP setup
 (norms, biases, rank-16 MaskLoRA, bf16 weights, batch 4 x 512 tokens). A plan, not a measurement:
-the GPU's free memory is taken as its size less 0.5 GiB (CUDA context).
+the GPU's free memory is taken as its size less 0.5 GiB (CUDA context). The last column is the CPU memory
+the weights take: the streamed blocks' frozen weights when each tensor is read from disk straight to where
+it trains (`--onload blocks`, the default on a GPU), against the whole model with `--onload whole`.
 
     python bench/perp_placement.py > bench/results/perp_placement.txt
 """
@@ -44,26 +46,27 @@ def main() -> None:
     print(f"# PERP placement plans (bench/perp_placement.py): bf16 weights, rank-16 MaskLoRA + norms, batch "
           f"{batch} x {seqlen}")
     print("| model | GPUs | reserve GiB per GPU | blocks resident per GPU | blocks streamed | "
-          "GB copied per step | s per step at 25 GB/s |")
-    print("|---|---|---:|---|---:|---:|---:|")
+          "GB copied per step | s per step at 25 GB/s | CPU GB of weights (blocks / whole) |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
     for name, label in (("llama3-8b", "Llama-3-8B"), ("llama3-70b", "Llama-3.3-70B")):
         model = meta_model(name)
         blocks = list(arch.blocks(model))
         sizes = [placement.held_bytes(b) for b in blocks]
         frozen = [sum(p.numel() * p.element_size() for p in b.parameters() if not p.requires_grad) for b in blocks]
         base = placement.held_bytes(model) - sum(sizes)
+        whole = sum(p.numel() * 2 for n, p in model.named_parameters() if ".lora_" not in n) / 1e9  # bf16 on disk
         reserve = placement.reserve_bytes(model.config, batch, seqlen, len(blocks), 2)
         for setup, gpus in SETUPS.items():
             budgets = [max(0.0, (g - 0.5) * gib - reserve) for g in gpus]
             if base > budgets[0]:
-                print(f"| {label} | {setup} | {reserve / gib:.1f} | embedding and head do not fit | | | |")
+                print(f"| {label} | {setup} | {reserve / gib:.1f} | embedding and head do not fit | | | | |")
                 continue
             where = placement.plan(sizes, base, budgets)
             resident = [sum(1 for d, s in where if d == i and not s) for i in range(len(gpus))]
             streamed = [i for i, (_, s) in enumerate(where) if s]
             copied = 2 * sum(frozen[i] for i in streamed) / 1e9  # the forward and the recomputation
             print(f"| {label} | {setup} | {reserve / gib:.1f} | {' + '.join(map(str, resident))} | {len(streamed)} | "
-                  f"{copied:.0f} | {copied / 25:.1f} |")
+                  f"{copied:.0f} | {copied / 25:.1f} | {copied / 2:.0f} / {whole:.0f} |")
 
 
 if __name__ == "__main__":
