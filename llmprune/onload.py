@@ -184,33 +184,27 @@ class Scratch:
         self.base = lz.files
 
     @torch.no_grad()
-    def block(self, i: int, module: nn.Module) -> None:
+    def _keep(self, tensors: dict[str, torch.Tensor], stem: str) -> None:
+        """Write `tensors` (full names) to a scratch file and have the LazyModel read them from there."""
         from safetensors.torch import save_file
 
-        a = archmod.arch_of(self.lz.model)
-        prefix = f"{a.blocks}.{i}."
-        path = self.dir / f"block-{i:05d}.safetensors"
-        save_file({prefix + n: t.detach().contiguous().cpu() for n, t in module.state_dict().items()}, str(path))
+        path = self.dir / f"{stem}.safetensors"
+        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path))
         overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
         overlay.folder = self.base.folder
-        overlay.where = {**self.lz.files.where, **dict.fromkeys(module.state_dict(prefix=prefix), path)}
+        overlay.where = {**self.lz.files.where, **dict.fromkeys(tensors, path)}
         self.lz.files = overlay
 
-    @torch.no_grad()
+    def block(self, i: int, module: nn.Module) -> None:
+        self._keep(module.state_dict(prefix=f"{archmod.arch_of(self.lz.model).blocks}.{i}."), f"block-{i:05d}")
+
     def outside(self, model: nn.Module) -> None:
         """The tensors outside the blocks (PERP trains the final norm), kept like a block's for a pass
         that follows (a tied head is the embedding: not stored twice)."""
-        from safetensors.torch import save_file
-
         a = archmod.arch_of(self.lz.model)
         state = model.state_dict(keep_vars=True)
-        names = [n for n in self.lz.names(exclude=(f"{a.blocks}.",)) if not (self.lz.tied and n == f"{a.head}.weight")]
-        path = self.dir / "outside.safetensors"
-        save_file({n: state[n].detach().contiguous().cpu() for n in names}, str(path))
-        overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
-        overlay.folder = self.base.folder
-        overlay.where = {**self.lz.files.where, **dict.fromkeys(names, path)}
-        self.lz.files = overlay
+        self._keep({n: state[n] for n in self.lz.names(exclude=(f"{a.blocks}.",))
+                    if not (self.lz.tied and n == f"{a.head}.weight")}, "outside")
 
     def close(self) -> None:
         self.lz.files = self.base
