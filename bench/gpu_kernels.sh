@@ -3,7 +3,7 @@
 # CUDA, sweep their launch shapes against cuBLAS / torch 2:4 / torch int4, decode a LLaMA-3-8B-shaped
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
-#                                          use_tuned microbench e2e e2e_compiled compress compress_scale perp
+#                                          use_tuned microbench e2e e2e_compiled compress compress_scale perp tune_scale
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
 # Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
@@ -112,7 +112,41 @@ PYEOF
   rm -rf $m /tmp/o-perp-*
   return $rc
 }
-export -f envinfo compress compress_scale perp
+tune_scale() {  # GPTQ's scale tuning on CUDA read from disk (onload.gptq_tuned, the default since session 17)
+  # against the source loaded whole: 2 blocks of a Llama-3-8B-shaped model in bf16, Wanda 2:4, packed w4s24 with
+  # GPTQ and 4 tuning steps of 2 windows of $SL tokens. The manifests give each pack's peak RSS and peak GPU
+  # memory (blocks: CPU memory holds no dense weight of a tuned linear), the tuning's seconds and KL figures;
+  # the two folders' tensors are compared.
+  # CPU dry run: DEVICE=cpu SL=64 OUT=/tmp/x bash bench/gpu_kernels.sh tune_scale
+  local d=${DEVICE:-cuda} sl=${SL:-512} m=/tmp/syn-tune rc=0
+  $PY bench/make_synthetic.py $m --arch llama3-8b --layers 2 --dtype bfloat16 || return 1
+  $PY -m llmprune.cli compress --model $m --solver wanda --pattern 2:4 --device $d --nsamples 4 --seqlen 256 \
+      --calib wikitext2 --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-tune-src || return 1
+  for r in blocks whole; do
+    $PY -m llmprune.cli pack /tmp/o-tune-src --format w4s24 --quant gptq --calib wikitext2 --nsamples 4 \
+        --seqlen $sl --tune-steps 4 --device $d --onload $r --no-progress --overwrite --out /tmp/o-tune-$r \
+      && cp /tmp/o-tune-$r/llmprune.json "$OUT/tune-$r.json" || rc=1
+  done
+  $PY - <<'PYEOF' || rc=1
+import json
+from pathlib import Path
+from safetensors.torch import load_file
+runs = {r: Path(f"/tmp/o-tune-{r}") for r in ("blocks", "whole")}
+w = {r: {k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(f).items()} for r, p in runs.items()}
+for r, p in runs.items():
+    m = json.loads((p / "llmprune.json").read_text())
+    t = m["format"]["quant_options"]["tune"]
+    print(f"{r:>6}: onload {m['onload']}, pack {m['timings']['pack']}, peak RSS {m['peak_rss_mib']} MiB, peak GPU "
+          f"{m.get('peak_gpu_mib')} MiB, tuning {t['seconds']} s, KL {t['kl_before']} -> {t['kl_after']} ({t['kept']})")
+assert w["blocks"].keys() == w["whole"].keys(), "the two packs hold different tensors"
+same = sum(bool((w["blocks"][k] == w["whole"][k]).all()) for k in w["whole"])
+diff = max((w["blocks"][k].float() - w["whole"][k].float()).abs().max().item() for k in w["whole"])
+print(f"tensors identical: {same} of {len(w['whole'])}, max |difference| {diff}")
+PYEOF
+  rm -rf $m /tmp/o-tune-*
+  return $rc
+}
+export -f envinfo compress compress_scale perp tune_scale
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
@@ -124,6 +158,7 @@ stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 
 stage compress 200 compress
 stage compress_scale 420 compress_scale
 stage perp ${PERP_S:-300} perp  # the CPU dry run needs PERP_S=600
+stage tune_scale ${TUNE_S:-240} tune_scale  # the CPU dry run needs TUNE_S=900
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4
@@ -132,5 +167,6 @@ tail -n 12 "$OUT"/correctness.log "$OUT"/e2e*.log "$OUT"/precompile.log 2>/dev/n
 grep -H '"compress_s"\|peak_gpu' "$OUT"/compress-*.json 2>/dev/null
 grep -H '"streamed_gb"\|"wall_s"\|peak_gpu' "$OUT"/perp-*.json 2>/dev/null
 tail -n 3 "$OUT/perp.log" 2>/dev/null
+tail -n 3 "$OUT/tune_scale.log" 2>/dev/null
 cat "$OUT/stages.txt"
 exit $rc

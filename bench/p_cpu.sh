@@ -2,7 +2,7 @@
 # Protocol P-cpu on this repo's 2-core CPU machine: fp32, CPU, calibration C4 64 x 512 seed 0,
 # WikiText-2 perplexity over 16 windows of 2048. Runs each figure of the README's tables; a
 # step whose output folder exists is skipped, so the script resumes where it stopped.
-#   [ONLY="NAME ..."] bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma
+#   [ONLY="NAME ..."] bash bench/p_cpu.sh [STAGE...]     stages: base formats zeroshot sweep solvers seeds perp slicegpt speed quant gemma plain
 #                                      alps alps60 alps_owl50 alps_seeds alps_speed dsnot dsnot_seeds gemma_alps gemma_dsnot rerun
 # Outputs go to runs/ (ignored by git); each manifest is copied to bench/results/NAME.json and
 # every command's console output is appended to bench/results/p_cpu.log. ONLY="NAME ...": run just those
@@ -83,6 +83,17 @@ stage_formats() {
   run llama-dense-w4g128-gptq $L pack $R/llama-dense --format w4g128 --quant gptq --nsamples 64 --seqlen 512 --out $R/llama-dense-w4g128-gptq --no-progress && evalp llama-dense-w4g128-gptq
   run llama-dense-w4g128-gptq-tune64 $L pack $R/llama-dense --format w4g128 --quant gptq $T --out $R/llama-dense-w4g128-gptq-tune64 --no-progress && evalp llama-dense-w4g128-gptq-tune64
   run llama-wanda-24-w4s24-gptq-tune64 $L pack $R/llama-wanda-24 --format w4s24 --quant gptq $T --out $R/llama-wanda-24-w4s24-gptq-tune64 --no-progress && evalp llama-wanda-24-w4s24-gptq-tune64
+}
+stage_plain() {  # GPTQ as the paper runs it (no act-order, sink 1), the defaults until 2026-11-30: these rows
+  # came from transformers 5.23 sources until 2026-12-05 (docs/formats.md). Again from today's sources with
+  #   ONLY="llama-wanda-24 llama-sparsegpt-24 llama-wanda-g16 llama-dense llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1
+  #         llama-wanda-24-w4s24-gptq-tune64 $(grep -o 'run llama-[a-z0-9-]*-plain' bench/p_cpu.sh | cut -c5-)" \
+  #   bash bench/p_cpu.sh base formats plain
+  N="--no-act-order --sink-weight 1 --nsamples 64 --seqlen 512 --no-progress"
+  run llama-sparsegpt-24-w4s24-gptq-plain $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq --grid asym --group-size 64 $N --out $R/llama-sparsegpt-24-w4s24-gptq-plain && evalp llama-sparsegpt-24-w4s24-gptq-plain
+  run llama-wanda-24-w4s24-gptq-plain $L pack $R/llama-wanda-24 --format w4s24 --quant gptq $N --out $R/llama-wanda-24-w4s24-gptq-plain && evalp llama-wanda-24-w4s24-gptq-plain
+  run llama-dense-w4g128-gptq-plain $L pack $R/llama-dense --format w4g128 --quant gptq $N --out $R/llama-dense-w4g128-gptq-plain && evalp llama-dense-w4g128-gptq-plain
+  run llama-wanda-g16-w4s50-gptq-plain $L pack $R/llama-wanda-g16 --format w4s50 --quant gptq $N --out $R/llama-wanda-g16-w4s50-gptq-plain && evalp llama-wanda-g16-w4s50-gptq-plain
 }
 stage_gemma() {  # Gemma-3-270M's quality per format (~55 min here, the tuning 26 of them); not a default stage.
   # Its inputs are 640, 1024 and 2048 wide (no groups of 48): asymmetric groups of 64 (0.211x) for w4s24

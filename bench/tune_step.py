@@ -16,7 +16,7 @@ import torch
 
 import llmprune
 from llmprune.quant import Quantized
-from llmprune.quant.tune import _Scaled
+from llmprune.quant.tune import ScaledLinear
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     q = Quantized(codes=torch.randint(0, 16, (a.rows, a.cols), dtype=torch.uint8),
                   scales=(torch.rand(a.rows, n_groups) * 0.01 + 1e-3).half(),
                   zeros=torch.full((a.rows, n_groups), 8, dtype=torch.uint8), group_size=a.group, symmetric=True)
-    lin = _Scaled(q, None, "cpu")
+    lin = ScaledLinear(q, None, "cpu")
     x = torch.randn(a.tokens, a.cols, requires_grad=True)
     saved = []  # (bytes, whether the tensor is held anyway: the input, the layer's buffers and parameters)
     held = {t.untyped_storage().data_ptr() for t in (x, *lin.buffers(), *lin.parameters())}

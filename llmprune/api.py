@@ -355,7 +355,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
     info["onload"] = "whole" if lz is None else "blocks"
     info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
-    new = mf.derive(old, versions(), ",".join(devs))
+    new = mf.derive(old, versions(), ",".join(devs), onload=info["onload"])
     new.recover, new.recovered_from = info, str(src)
     new.steps = [*old.steps, "recover"]
     if new.sparsity:
@@ -398,9 +398,9 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
          tasks_limit: int | None = None) -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ quantizes block by
     block on calibration data first (quant.sequential.gptq_sequential). The source stays on disk and
-    is read one block at a time (onload.pack), unless scale tuning (--tune-steps) needs it whole or
-    `onload` is "whole". With `eval` / `tasks`, the packed folder's perplexity / zero-shot accuracy
-    as saved."""
+    is read one block at a time (onload.pack; scale tuning, --tune-steps, reads it from disk to where it
+    trains: onload.gptq_tuned), unless `onload` is "whole" or the folder only loads whole. With `eval` /
+    `tasks`, the packed folder's perplexity / zero-shot accuracy as saved."""
     from . import checkpoint, formats
     from . import onload as onl
     from .eval import zeroshot
@@ -425,9 +425,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     devs = pick_devices(device)
     t = pipeline.Timer()
     dtype = old.dtype or "float32"
-    why = "scale tuning (--tune-steps) trains through the whole model" if gcfg and gcfg.tune_steps else None
-    lz = None
-    if not why and onload != "whole":
+    lz = why = None
+    if onload != "whole":
         lz, why = onl.open_output(src, dtype, old.to_dict())
     if why:
         if onload == "blocks":
@@ -445,7 +444,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         pipeline.check_context(model, seqlen, "--seqlen")
         ids, cinfo = pipeline.calibrate(calib, tok, nsamples, seqlen, seed)
     # the source's quality figures describe the unpacked weights: they do not carry over
-    new = mf.derive(old, versions(), ",".join(devs))
+    new = mf.derive(old, versions(), ",".join(devs), onload="blocks" if lz is not None else
+                    "whole" + (f": {why}" if why else ""))
     new.packed_from, new.command = str(src), command
     with outdir.atomic_dir(out, overwrite) as tmp:
         if lz is None:

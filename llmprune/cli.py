@@ -82,7 +82,7 @@ def _add_compress(sub):
     g.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
                    help="blocks: the weights stay on disk and are read one decoder block at a time (any size on one "
                         "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
-                        "the whole model (SliceGPT, global magnitude, scale tuning; PERP on the CPU)")
+                        "the whole model (SliceGPT, global magnitude; PERP on the CPU)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=200)
     g.add_argument("--recover-lr", type=float, default=None)
@@ -395,8 +395,9 @@ def _add_pack(sub):
     _add_task_flags(p)
     p.add_argument("--device", default=None)
     p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
-                   help="blocks: the source stays on disk and is packed one decoder block at a time; whole: in "
-                        "memory; auto: blocks unless scale tuning (--tune-steps) needs the whole model")
+                   help="blocks: the source stays on disk and is packed one decoder block at a time (scale "
+                        "tuning reads it to where it trains); whole: in memory; auto: blocks where the folder "
+                        "allows it")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pack)

@@ -179,6 +179,17 @@ def _tensor_names(model: nn.Module) -> list[str]:
     return list(model.state_dict(keep_vars=True))
 
 
+def placed_on(device):
+    """The device a tensor placed on `device` names: "cpu" for any CPU device ("cpu:0" would make
+    accelerate drop Parameter), the current GPU for "cuda" (as tensors name it)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class LazyModel:
     """A folder's model on the meta device, its tensors placed block by block on demand."""
 
@@ -226,11 +237,7 @@ class LazyModel:
 
         from .arch import set_module
 
-        dev = torch.device(device)
-        if dev.type == "cpu":  # one CPU memory ("cpu:0" would make accelerate drop Parameter)
-            device = "cpu"
-        elif dev.type == "cuda" and dev.index is None:  # "cuda" is the current GPU: name it, as tensors do
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = placed_on(device)
         names = self.names(prefix, exclude)
         packed = self._packed_layers(names)
         skip = set()
@@ -459,8 +466,8 @@ class BlockStore:
                     not all_finite(t.detach()):
                 raise LLMPruneError(f"{n} holds NaN/inf values: the model file is damaged; re-download or re-create it")
 
-    def load_block(self, i: int, device) -> None:
-        self.lazy.load(f"{self.blocks}.{i}.", device)
+    def load_block(self, i: int, device, exclude: tuple[str, ...] = ()) -> None:
+        self.lazy.load(f"{self.blocks}.{i}.", device, exclude)
         self._check(f"{self.blocks}.{i}.")
 
     def done(self, i: int, module: nn.Module) -> None:

@@ -27,6 +27,7 @@ from .errors import LLMPruneError
 from .runinfo import trim_heap
 
 SCRATCH = ".blocks"  # inside the output's temporary folder
+CODES = ".codes"  # GPTQ's codes waiting for scale tuning, there too
 EVAL_ACTIVATIONS = 2 * 2**30  # evaluation windows walked together: at most this many bytes of hidden states
 
 
@@ -322,6 +323,12 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
     info: dict = {}
     pending: dict[int, dict] = {}
     model = lz.model
+    if gptq.tune_steps:
+        with timer("gptq_s"):
+            gptq_tuned(lz, ids, out.folder, fmt, group_size, symmetric, gptq, batch_size, devices, progress,
+                       out.packer.dtype, info, out.block)
+        out.packer.quant_opts = {**gptq.as_dict(), **info}
+        return info
     store = block_store(lz, sink=lambda i, m: out.block(i, m, quantized=pending.pop(i, {})))
     with timer("gptq_s"), walker.onload(model, store):
         gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
@@ -329,6 +336,143 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
                         devices=devices, **gptq.as_dict())
     out.packer.quant_opts = {**gptq.as_dict(), **info}
     return info
+
+
+class Codes:
+    """GPTQ's codes, block by block, kept on disk until the scales are tuned: one safetensors file a
+    block (codes, scales, zero points of its quantized linears) in a scratch folder."""
+
+    def __init__(self, folder: Path):
+        self.dir = Path(folder) / CODES
+        self.dir.mkdir()
+        self.layers: dict[str, tuple[int, dict]] = {}  # name -> (its block, group_size / symmetric / damp)
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"block-{i:05d}.safetensors"
+
+    def put(self, i: int, codes: dict) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for n, q in codes.items():
+            tensors |= {f"{n}.codes": q.codes, f"{n}.scales": q.scales, f"{n}.zeros": q.zeros}
+            self.layers[n] = (i, {"group_size": q.group_size, "symmetric": q.symmetric, "damp": q.damp})
+        save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(self._path(i)))
+
+    def meta(self) -> dict:
+        """{name: Quantized} of every layer on the meta device (shapes and dtypes only), for planning."""
+        from .quant import Quantized
+
+        out = {}
+        for i in sorted({i for i, _ in self.layers.values()}):
+            head, _ = lazy.safetensors_header(self._path(i))
+            spec = {k: torch.empty(head[k]["shape"], dtype=lazy.ST_DTYPES[head[k]["dtype"]], device="meta")
+                    for k in head if k != "__metadata__"}
+            for n, (j, opts) in self.layers.items():
+                if j == i:
+                    out[n] = Quantized(spec[f"{n}.codes"], spec[f"{n}.scales"], spec[f"{n}.zeros"], **opts)
+        return out
+
+    def get(self, i: int) -> dict:
+        """{name: Quantized} of block i's layers, in CPU memory."""
+        from safetensors.torch import load_file
+
+        from .quant import Quantized
+
+        names = [n for n, (j, _) in self.layers.items() if j == i]
+        if not names:
+            return {}
+        t = load_file(str(self._path(i)))
+        return {n: Quantized(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"], **self.layers[n][1]) for n in names}
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@torch.no_grad()
+def teacher(lz: lazy.LazyModel, ids, batch_size: int, device, progress: bool) -> torch.Tensor:
+    """quant.tune.teacher_states of the model on disk, one block in memory at a time: the final hidden
+    states (n, seqlen, hidden) of the model as it is, in CPU memory."""
+    with through_blocks(lz, ids, batch_size, device, progress, "teacher blocks") as (norm, hidden):
+        return torch.cat([norm(h.to(device)).float().cpu() for h in hidden])
+
+
+def gptq_tuned(lz: lazy.LazyModel, ids, folder: Path, fmt: str, group_size, symmetric, gptq, batch_size: int,
+               devices: tuple[str, ...], progress: bool, dtype, info: dict, sink) -> None:
+    """GPTQ and then its scales tuned end to end (quant/tune.py, EfficientQAT's E2E-QP), the model never
+    whole in CPU memory: the teacher's final hidden states from a walk over the blocks as they are;
+    GPTQ's block-sequential pass, each block's codes kept on disk (`Codes`), its weights let go; then
+    the tuning places the model (placement.py, planned on the meta device first) and reads it from disk
+    straight there, each quantized linear as its int8 levels and scales (the dense weight is not read);
+    at the end `sink(i, block, {name: Quantized})` gets every block, its quantized linears holding the
+    tuned dequantized weights. What GPTQ and the tuning did goes into `info` (`info["tune"]`)."""
+    from .quant.sequential import gptq_sequential
+
+    targets = teacher(lz, ids, batch_size, devices[0], progress)  # before any weight changes
+    codes = Codes(folder)
+    try:
+        with walker.onload(lz.model, block_store(lz)):
+            gptq_sequential(lz.model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
+                            progress=progress, dtype=dtype, info=info, on_block=codes.put, devices=devices,
+                            **{**gptq.as_dict(), "tune_steps": 0})
+        if codes.layers:
+            info["tune"] = tune_placed(lz, codes, ids, targets, gptq.tune_steps, gptq.tune_lr, devices, progress, sink)
+        else:
+            each_block(lz, devices[0], lambda i, block: sink(i, block, {}), progress)
+    finally:
+        codes.close()
+
+
+def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: float, devices: tuple[str, ...],
+                progress: bool, sink) -> dict:
+    """The tuning of gptq_tuned: the model read to where it trains, its scales tuned (quant.tune.train),
+    each block handed to `sink`; returns the tuning's info."""
+    import time
+
+    from .quant import tune
+
+    tune.check(steps, lr)
+    t0 = time.perf_counter()
+    model = lz.model
+    a = archmod.arch_of(model)
+    blocks = list(archmod.blocks(model))  # before the linears are replaced: inference looks for them
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    originals: dict = {}
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        originals = tune.scaled_in_place(model, codes.meta(), "meta")
+        _, where, _ = tune.placement_of(model, blocks, devices, ids.shape[1])  # before any weight is read
+        store = lazy.BlockStore(lz, a.blocks)
+        store.load_outside(devices[0])
+        for i, (d, streamed) in enumerate(where):
+            dev = lazy.placed_on("cpu" if streamed else devices[d])
+            layers = codes.get(i)
+            store.load_block(i, dev, exclude=tuple(f"{n}.weight" for n in layers))
+            for n, q in layers.items():  # the meta ScaledLinear holds the bias just read
+                archmod.set_module(model, n, tune.ScaledLinear(q.to(dev), archmod.get(model, n).bias, dev))
+        kept, info = tune.train(model, ids, targets, steps, lr, devices=devices, progress=progress, blocks=blocks,
+                                where=where)
+        for i, block in enumerate(blocks):
+            layers = codes.get(i)
+            for n, q in layers.items():
+                m = archmod.get(model, n)
+                if kept:
+                    layers[n] = q = dataclasses.replace(q, scales=m.s0.half().cpu())
+                lin = nn.Linear(q.codes.shape[1], q.codes.shape[0], bias=False, device="meta", dtype=lz.dtype)
+                lin.weight = nn.Parameter(q.dequantize().to(lz.dtype), requires_grad=False)
+                lin.bias = m.bias
+                archmod.set_module(model, n, lin)
+            sink(i, block, layers)
+            tune.restore(model, {n: originals[n] for n in layers})  # the levels and dense weights let go
+    finally:
+        tune.restore(model, originals)
+        for p, rg in frozen.items():
+            p.requires_grad_(rg)
+        lz.release()
+        trim_heap()
+        placement.free_pinned()
+    return {**info, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def each_block(lz: lazy.LazyModel, device, sink, progress: bool = False, desc: str = "blocks") -> None:

@@ -134,20 +134,18 @@ def plan(cfg: CompressConfig) -> Plan:
     gptq = (cfg.gptq or GPTQConfig()) if quant == "gptq" else None
     out = Path(cfg.out or default_out(cfg, sparsity))
     outdir.check_out(out, cfg.overwrite)
-    onload, why = _onload(cfg, gptq, devices)
+    onload, why = _onload(cfg, devices)
     return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, onload, why, devices)
 
 
-def _onload(cfg: CompressConfig, gptq: GPTQConfig | None, devices: tuple[str, ...]) -> tuple[bool, str | None]:
+def _onload(cfg: CompressConfig, devices: tuple[str, ...]) -> tuple[bool, str | None]:
     """Blocks from disk one at a time unless a step needs the whole model in memory. PERP (--recover)
     trains the whole model, each block read from disk straight to where it trains (onload.recover_pass);
     on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files."""
     from . import placement
 
     whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),
-                                 ("--scope global ranks every weight of the model at once", cfg.scope == "global"),
-                                 ("scale tuning (--tune-steps) trains through the whole model",
-                                  gptq is not None and gptq.tune_steps)) if on]
+                                 ("--scope global ranks every weight of the model at once", cfg.scope == "global")) if on]
     if cfg.onload == "blocks" and whole:
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":

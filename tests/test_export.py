@@ -314,6 +314,8 @@ def test_export_eval_reads_the_export_with_transformers(tmp_path, capsys, outs):
 
 STREAMED = [("w4s24", "compressed-tensors", []), ("24", "compressed-tensors", ["--group-size", "32"]),
             ("dense", "compressed-tensors", ["--group-size", "32", "--quant", "gptq"]),
+            ("dense", "compressed-tensors", ["--group-size", "32", "--quant", "gptq", "--tune-steps", "4",
+                                             "--tune-lr", "5e-3"]),
             ("w4s24", "gguf", ["--type", "f16,q8_0"]), ("dense", "gguf", ["--type", "q4_0"])]
 
 
@@ -322,28 +324,27 @@ def test_export_reads_one_block_at_a_time_and_writes_what_the_whole_load_writes(
                                                                                 monkeypatch, src, to, extra):
     """The export walks the source from disk (a 70B source never in memory) and writes, shard by shard, the
     same tensors as the same export of the source loaded whole (forced); the sharded compressed-tensors
-    folder is read by transformers to the same logits."""
+    folder is read by transformers to the same logits. Scale tuning (--tune-steps) reads every block to
+    where it trains, one tensor at a time, the source never loaded whole (onload.gptq_tuned)."""
     from safetensors.torch import load_file
 
-    from llmprune import lazy
-    from llmprune.export import source
+    from llmprune import lazy, onload
     from llmprune.testing import hold_one_block
 
+    tuning = "--tune-steps" in extra
     if "gptq" in extra:
         extra = [*extra, "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32"]
-    real = source.Weights.__init__
     with monkeypatch.context() as m:
-        m.setattr(source.Weights, "__init__", lambda self, s, dtype=torch.float32, whole=False: real(self, s, dtype,
-                                                                                                       True))
+        m.setattr(onload, "stored_as_in_memory", lambda lz: "forced whole")
         rc, _, se = _run(capsys, "export", outs[src], "--to", to, *extra, "--out", tmp_path / "whole", "--no-progress")
         assert rc == 0, se
     with monkeypatch.context() as m:
-        most = hold_one_block(m)
+        most = hold_one_block(m, None if tuning else 1)
         m.setattr(lazy, "SHARD_BYTES", 20_000)
         rc, _, se = _run(capsys, "export", outs[src], "--to", to, *extra, "--out", tmp_path / "blocks",
                          "--no-progress")
         assert rc == 0, se
-        assert most[0] == 1
+        assert most[0] == (2 if tuning else 1)
     whole, blocks = tmp_path / "whole", tmp_path / "blocks"
     if to == "gguf":
         names = sorted(f.name for f in whole.glob("*.gguf"))
@@ -357,6 +358,11 @@ def test_export_reads_one_block_at_a_time_and_writes_what_the_whole_load_writes(
     b = {k: v for f in files for k, v in load_file(f).items()}
     assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert json.loads((whole / "config.json").read_text()) == json.loads((blocks / "config.json").read_text())
+    qa, qb = (json.loads((f / "llmprune.json").read_text())["export"].get("quant", {}) for f in (whole, blocks))
+    if tuning:
+        assert qb["tune"]["kept"] == "tuned" and qb["tune"]["kl_after"] < qb["tune"]["kl_before"]
+        assert {k: v for k, v in qa["tune"].items() if k != "seconds"} == \
+            {k: v for k, v in qb["tune"].items() if k != "seconds"}
     if "gptq" not in extra:  # (GPTQ: compared by tensors above; transformers reads it in test_ct_gptq_on_export)
         _, got = _ct_logits(blocks)
         _, want = _ct_logits(whole)

@@ -41,6 +41,7 @@ CASES = [  # every pass the sequential path runs: stats pass, sequential solver,
     ("wanda", "2:4", "sparse24", []),
     ("sparsegpt", "2:4", "w4s24", ["--quant", "gptq", "--group-size", "32"]),
     ("wanda", "unstructured", "w4g128", ["--quant", "rtn", "--group-size", "32"]),
+    ("wanda", "2:4", "w4s24", ["--quant", "gptq", "--group-size", "32", "--tune-steps", "4", "--tune-lr", "5e-3"]),
 ]
 
 
@@ -367,10 +368,84 @@ def test_pack_reads_one_block_at_a_time_and_writes_what_the_whole_load_writes(tm
     assert fa == fb
 
 
-def test_pack_onload_blocks_refuses_scale_tuning(tmp_path, capsys, sharded_24, calib_txt):
-    rc, _, se = _run(capsys, "pack", sharded_24, "--format", "w4s24", "--quant", "gptq", "--tune-steps", "2",
-                     "--onload", "blocks", "--calib", calib_txt, "--out", tmp_path / "o", "--no-progress")
-    assert rc == 2 and "--tune-steps" in se and "--onload whole" in se and not (tmp_path / "o").exists()
+TUNE = ["--quant", "gptq", "--tune-steps", "4", "--tune-lr", "5e-3", "--nsamples", "4", "--seqlen", "32"]
+
+
+@pytest.mark.parametrize("fmt,group", [("w4s24", "32"), ("w4g128", "16")])
+def test_pack_scale_tuning_from_disk_writes_what_the_whole_load_writes(tmp_path, capsys, sharded_24, calib_txt, fmt,
+                                                                       group, monkeypatch):
+    """GPTQ's scale tuning without the source loaded whole: the teacher walks the blocks, GPTQ keeps each
+    block's codes on disk, the tuning reads the model to where it trains with every quantized linear as
+    its codes (its dense weight is read twice in all: teacher and GPTQ, never for the tuning). Same
+    tensors bit for bit, the same KL figures and the same kept scales as the whole load."""
+    from llmprune import lazy
+
+    args = ["--format", fmt, "--group-size", group, *TUNE, "--calib", calib_txt, "--no-progress"]
+    rc, _, se = _run(capsys, "pack", sharded_24, *args, "--onload", "whole", "--out", tmp_path / "whole")
+    assert rc == 0, se
+    reads: dict[str, int] = {}
+    real = lazy.WeightFiles.get
+
+    def get(self, name, dtype=None):
+        reads[name] = reads.get(name, 0) + 1
+        return real(self, name, dtype)
+
+    with monkeypatch.context() as m:
+        from llmprune import checkpoint
+
+        m.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the whole model was loaded"))
+        m.setattr(lazy.WeightFiles, "get", get)
+        rc, _, se = _run(capsys, "pack", sharded_24, *args, "--out", tmp_path / "blocks")  # auto
+    assert rc == 0, se
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ma, mb = (json.loads((tmp_path / x / "llmprune.json").read_text()) for x in ("whole", "blocks"))
+    src = json.loads((sharded_24 / "llmprune.json").read_text())
+    assert (ma["onload"], mb["onload"]) == ("whole", "blocks")  # how this pack read its source
+    assert ma["history"][-1]["onload"] == mb["history"][-1]["onload"] == src["onload"]  # and how compress did
+    fa, fb = ma["format"], mb["format"]
+    ta, tb = fa["quant_options"].pop("tune"), fb["quant_options"].pop("tune")
+    assert tb["kept"] == "tuned" and tb["kl_after"] < tb["kl_before"]
+    for k in ("kl_before", "kl_after", "kept", "steps", "windows"):
+        assert ta[k] == tb[k], k
+    assert tb["placement"]["streamed_blocks"] == 0 and tb["placement"]["devices"] == ["cpu"]
+    fa["bytes"].pop("file"), fb["bytes"].pop("file")
+    assert fa == fb
+    layers = fb["layers"]
+    assert layers and all(reads[f"{n}.weight"] == 2 for n in layers)  # the teacher's and GPTQ's reads
+    norms = [n for n in reads if "layernorm" in n]
+    assert norms and all(reads[n] == 3 for n in norms)  # and the tuning's
+    assert not list((tmp_path / "blocks").glob(".*")), "scratch folders left behind"
+
+
+def test_pack_scale_tuning_from_disk_split_over_devices_or_streamed(tmp_path, capsys, sharded_24, calib_txt,
+                                                                    monkeypatch):
+    """The tuning's plan, made on the meta device, puts each block where it trains: one block on each of two
+    devices (budgets faked to hold the embedding and head plus one block), or every block streamed from CPU
+    memory (budgets of the embedding and head alone); the scales and the files are the whole load's."""
+    from llmprune import placement
+
+    args = ["--format", "w4s24", "--group-size", "32", *TUNE, "--calib", calib_txt, "--no-progress"]
+    rc, _, se = _run(capsys, "pack", sharded_24, *args, "--onload", "whole", "--out", tmp_path / "whole")
+    assert rc == 0, se
+    want = _tensors(tmp_path / "whole")
+    t0 = json.loads((tmp_path / "whole" / "llmprune.json").read_text())["format"]["quant_options"]["tune"]
+    gib, base, block = placement.GiB, t0["placement"]["base_gib"], t0["placement"]["block_gib"]
+    for name, devices, room, resident, streamed in [
+            ("split", "cpu,cpu:0", [(base + 1.5 * block) * gib, 1.5 * block * gib], {"cpu": 1, "cpu:0": 1}, 0),
+            ("streamed", "cpu", [1.2 * base * gib], {"cpu": 0}, 2)]:
+        with monkeypatch.context() as m:
+            m.setattr(placement, "budgets", lambda devs, *a, room=room, **k: room)
+            rc, _, se = _run(capsys, "pack", sharded_24, *args, "--onload", "blocks", "--device", devices,
+                             "--out", tmp_path / name)
+        assert rc == 0, se
+        t = json.loads((tmp_path / name / "llmprune.json").read_text())["format"]["quant_options"]["tune"]
+        assert t["placement"]["resident_blocks"] == resident and t["placement"]["streamed_blocks"] == streamed, name
+        assert (t["kl_before"], t["kl_after"], t["kept"]) == (t0["kl_before"], t0["kl_after"], t0["kept"]), name
+        got = _tensors(tmp_path / name)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_pack_and_export_record_their_own_peak_memory(tmp_path, capsys, sharded_24, monkeypatch):

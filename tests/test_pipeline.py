@@ -119,8 +119,11 @@ def test_a_derived_folder_records_its_own_run_and_its_sources_in_history(tmp_pat
     here = versions()
     assert made.versions["transformers"] == "0.0-elsewhere"
     first = {"steps": made.steps, "command": made.command, "device": "cuda:7", "versions": made.versions,
-             "llmprune_version": made.llmprune_version, "peak_rss_mib": made.peak_rss_mib, "peak_gpu_mib": 12345.0}
+             "llmprune_version": made.llmprune_version, "peak_rss_mib": made.peak_rss_mib, "peak_gpu_mib": 12345.0,
+             "onload": made.onload}
     r, p, e = (manifest.read(tmp_path / f) for f in ("r", "p", "e"))
+    assert made.onload and (r.onload, p.onload, e.onload) == ("whole", "blocks", "blocks")  # how each read its source
+    assert [h["onload"] for h in e.history] == [made.onload, "whole", "blocks"]
     assert r.history == [first] and r.device == "cpu" and r.versions["transformers"] == here["transformers"]
     assert r.peak_gpu_mib is None and r.peak_rss_mib and p.history[1]["peak_rss_mib"] == r.peak_rss_mib
     assert p.history[:1] == [first] and len(p.history) == 2 and p.history[1]["steps"] == r.steps

@@ -65,7 +65,7 @@ def test_scaled_linear_computes_with_the_trained_scales():
     w = torch.randn(8, 32)
     keep = _keep24(w)
     q = rtn(w * keep, keep, 16, symmetric=False)
-    m = tune._Scaled(q, None, "cpu")
+    m = tune.ScaledLinear(q, None, "cpu")
     x = torch.randn(3, 32)
     torch.testing.assert_close(m(x), x @ q.dequantize().T)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_scaled_linear_gradients_match_autograd_without_keeping_the_weight(dtype
     keep = _keep24(w)
     q = rtn(w * keep, keep, 16, symmetric=False)
     b = torch.randn(12).to(dtype) if bias else None
-    m = tune._Scaled(q, b, "cpu")
+    m = tune.ScaledLinear(q, b, "cpu")
     with torch.no_grad():
         m.t.normal_(0, 0.05)
     x = torch.randn(2, 5, 48, dtype=dtype, requires_grad=True)  # (batch, tokens, in): odd sizes

@@ -72,9 +72,9 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     out = Path(out) if out is not None else default_out(src, to)
     opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval)
     outdir.check_out(out, overwrite)
-    # scale tuning trains through the whole model; every other export reads one block at a time
-    weights = Weights(s, whole=bool(opts.get("gptq") and opts["gptq"].tune_steps))
-    new = mf.derive(s.manifest, versions(), dev, format=None)
+    weights = Weights(s)  # one decoder block at a time (scale tuning: read to where it trains)
+    new = mf.derive(s.manifest, versions(), dev, format=None, onload="blocks" if weights.lazy is not None else
+                    "whole: the checkpoint stores tensors under names transformers converts at load")
     new.exported_from, new.command = str(src), command
     steps = []
     with outdir.atomic_dir(out, overwrite) as tmp:
@@ -181,10 +181,21 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
     ids, info["calibration"] = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
     qinfo: dict = {}
     run = dict(device=device, progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
-    if weights.lazy is None:  # in memory (scale tuning, or tensors stored under converted names)
+    if weights.lazy is None:  # in memory (tensors stored under converted names)
         codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)
         for key, t in weights.tensors():
             put(key, t, lambda name, t: codes.pop(name, None))
+    elif gcfg.tune_steps:
+        from ..onload import gptq_tuned
+
+        def tuned(i, block, codes):  # a block after the tuning: its tensors, its layers' codes
+            for key, t in block.state_dict(prefix=f"{weights.blocks()}.{i}.").items():
+                put(key, t, lambda name, t: codes.get(name))
+
+        gptq_tuned(weights.lazy, ids, w.folder, "w4g128", group_size, symmetric, gcfg, 8, (device,), progress,
+                   torch.float16, qinfo, tuned)
+        for key, t in weights.tensors(blocks=False):
+            put(key, t, lambda name, t: None)
     else:
         pending: dict[int, dict] = {}
 

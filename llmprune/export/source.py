@@ -77,7 +77,7 @@ class Weights:
     folder is read one decoder block at a time (`lazy`, the default: think in 70B), or in memory when
     its tensors are stored under names transformers converts at load (only a whole load reads those)."""
 
-    def __init__(self, src: Source, dtype=torch.float32, whole: bool = False):
+    def __init__(self, src: Source, dtype=torch.float32):
         from ..checkpoint import load_tokenizer
         from ..lazy import LazyModel
         from ..onload import stored_as_in_memory
@@ -85,7 +85,7 @@ class Weights:
         section = (src.manifest.format or None) if src.fmt != "dense" else None
         self.lazy = LazyModel(src.folder, dtype, section, unpack=True)
         self.tok = load_tokenizer(src.folder)
-        if whole or stored_as_in_memory(self.lazy):
+        if stored_as_in_memory(self.lazy):
             self.lazy = None
             self.model = _whole(src, dtype)
         else:

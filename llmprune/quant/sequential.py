@@ -88,7 +88,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         # handing control back: the walker reruns the block with the quantized weights
     if tune_steps and out:
         out, tinfo = tune.tune_scales(model, out, calib_ids, targets, tune_steps, tune_lr, device=device,
-                                      progress=progress)
+                                      progress=progress, devices=devices)
         model.to("cpu")  # (tune_scales returns CPU tensors: the codes it got, scales it made on the CPU)
         if info is not None:
             info["tune"] = tinfo

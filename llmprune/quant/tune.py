@@ -113,7 +113,7 @@ class _GroupScaledLinear(torch.autograd.Function):
         return gx, None, gs, None, None
 
 
-class _Scaled(nn.Module):
+class ScaledLinear(nn.Module):
     """A quantized linear whose group scales train: w = (q - z) * s0 * (1 + t)."""
 
     def __init__(self, q: Quantized, bias: torch.Tensor | None, device):
@@ -140,76 +140,107 @@ class _Scaled(nn.Module):
         return s.clamp(FP16_TINY, FP16_MAX).half()
 
 
+def scaled_in_place(model: nn.Module, quantized: dict[str, Quantized], device=None) -> dict[str, nn.Module]:
+    """Put a ScaledLinear in place of each named linear of `model`, built from its `quantized` codes on the
+    linear's device (or `device`); returns the linears it replaced, for `restore`."""
+    originals = {n: model.get_submodule(n) for n in quantized}
+    for n, q in quantized.items():
+        lin = originals[n]
+        set_module(model, n, ScaledLinear(q, lin.bias, device or lin.weight.device))
+    return originals
+
+
+def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for n, lin in originals.items():
+        set_module(model, n, lin)
+
+
+def placement_of(model: nn.Module, blocks, devices: tuple[str, ...], seqlen: int, where=None):
+    """placement.plan_model for tuning `model` (its linears already ScaledLinear) on windows of `seqlen`
+    tokens, one at a time, with activation checkpointing; works on the meta device too (plan first,
+    read the weights to where the plan puts them after: onload.gptq_tuned)."""
+    from .. import placement
+
+    dtype = model.get_input_embeddings().weight.dtype
+    return placement.plan_model(model, devices, None, 1, seqlen, dtype, True, blocks=blocks, where=where)
+
+
+def train(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, steps: int, lr: float, batch: int = BATCH,
+          seed: int = 0, devices: tuple[str, ...] = ("cpu",), progress: bool = False, blocks=None,
+          where=None) -> tuple[bool, dict]:
+    """Train the scales of every ScaledLinear in `model` (its other parameters frozen) to match `targets`, the
+    model placed over `devices` (placement.py; `where`: a plan made before, kept while it fits). Each
+    ScaledLinear ends with t = 0 and s0 the tuned scales rounded to fp16, as stored; returns (whether they are
+    kept, i.e. closer to the unquantized model than GPTQ's, info)."""
+    from .. import placement
+
+    device = devices[0]
+    scaled = [m for m in model.modules() if isinstance(m, ScaledLinear)]
+    # The blocks on the devices as far as they hold them, the rest streamed from CPU memory (placement.py;
+    # activation checkpointing, which streaming needs, also keeps one window's activations to one block).
+    blocks, where, place_info = placement_of(model, blocks, devices, ids.shape[1], where)
+    with placement.training_mode(model, True), placement.placed(model, blocks, devices, where) as streamed:
+        kl_before = _mean_kl(model, ids, targets, device)
+        opt = torch.optim.Adam([m.t for m in scaled], lr=lr, betas=(0.9, 0.95))
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.cat([torch.randperm(len(ids), generator=gen) for _ in range(steps * batch // len(ids) + 1)])
+        it = range(steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="tune scales")
+        with torch.enable_grad():  # callers such as gptq_sequential run under no_grad
+            for s in it:
+                opt.zero_grad(set_to_none=True)
+                for i in order[s * batch:(s + 1) * batch].tolist():  # one window at a time: bounded memory
+                    (_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]) / batch).backward()
+                opt.step()
+                sched.step()
+        with torch.no_grad():
+            for m in scaled:  # evaluate exactly what will be stored (in place: a streamed s0 is the stored one)
+                m.s0.copy_(m.stored_scales().float())
+                m.t.zero_()
+        kl_after = _mean_kl(model, ids, targets, device)
+    kept = kl_after < kl_before
+    info = {"steps": steps, "lr": lr, "batch": batch, "windows": len(ids), "loss": "kl to the unquantized model",
+            "kl_before": float(f"{kl_before:.5g}"), "kl_after": float(f"{kl_after:.5g}"), "kept": "tuned" if kept else "gptq",
+            "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)}}
+    return kept, info
+
+
 def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Tensor, targets: torch.Tensor,
                 steps: int = 64, lr: float = DEFAULT_LR, batch: int = BATCH, seed: int = 0, device="cpu",
-                progress: bool = False) -> tuple[dict[str, Quantized], dict]:
+                progress: bool = False, devices: tuple[str, ...] | None = None) -> tuple[dict[str, Quantized], dict]:
     """Train the scales of the `quantized` linears of `model` to match `targets` (teacher_states of the
     unquantized model on `ids`); returns ({name: Quantized with the new scales}, info). Codes and
     zero points are unchanged. The model's named linears end with the returned dequantized weights.
+    The model trains on `devices` (default: `device`), placed as far as they hold it (placement.py).
     """
     check(steps, lr)
     if targets.shape[:2] != ids.shape:
         raise LLMPruneError(f"scale tuning: targets {tuple(targets.shape)} do not match the windows {tuple(ids.shape)}")
-    from .. import placement
-
     t0 = time.perf_counter()
     home = next(model.parameters()).device
     frozen = {p: p.requires_grad for p in model.parameters()}
-    originals = {n: model.get_submodule(n) for n in quantized}
     blocks = list(blocks_of(model))  # before its linears are replaced: inference looks for them
-    scaled = {}
+    originals = {}
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for n, q in quantized.items():
-            lin = originals[n]
-            scaled[n] = _Scaled(q, lin.bias, home)
-            set_module(model, n, scaled[n])
-        # The blocks on `device` as far as it holds them, the rest streamed from CPU memory (placement.py;
-        # activation checkpointing, which streaming needs, also keeps one window's activations to one block).
-        dtype = model.get_input_embeddings().weight.dtype
-        blocks, where, place_info = placement.plan_model(model, (str(device),), None, 1, ids.shape[1], dtype, True,
-                                                         blocks=blocks)
-        with placement.training_mode(model, True), placement.placed(model, blocks, (str(device),), where) as streamed:
-            kl_before = _mean_kl(model, ids, targets, device)
-            params = [m.t for m in scaled.values()]
-            opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
-            warm = max(1, steps // 10)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-            gen = torch.Generator().manual_seed(seed)
-            order = torch.cat([torch.randperm(len(ids), generator=gen) for _ in range(steps * batch // len(ids) + 1)])
-            it = range(steps)
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, desc="tune scales")
-            with torch.enable_grad():  # callers such as gptq_sequential run under no_grad
-                for s in it:
-                    opt.zero_grad(set_to_none=True)
-                    for i in order[s * batch:(s + 1) * batch].tolist():  # one window at a time: bounded memory
-                        (_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]) / batch).backward()
-                    opt.step()
-                    sched.step()
-            with torch.no_grad():
-                for m in scaled.values():  # evaluate exactly what will be stored
-                    m.s0.copy_(m.stored_scales().float())
-                    m.t.zero_()
-            kl_after = _mean_kl(model, ids, targets, device)
-        kept = kl_after < kl_before
-        out = {n: dataclasses.replace(q, scales=scaled[n].stored_scales().cpu()) if kept else q
+        originals = scaled_in_place(model, quantized, home)
+        kept, info = train(model, ids, targets, steps, lr, batch, seed, tuple(devices or (str(device),)), progress,
+                           blocks)
+        out = {n: dataclasses.replace(q, scales=model.get_submodule(n).s0.half().cpu()) if kept else q
                for n, q in quantized.items()}
     finally:
-        for n, lin in originals.items():
-            set_module(model, n, lin)
+        restore(model, originals)
         for p, rg in frozen.items():
             p.requires_grad_(rg)
     with torch.no_grad():
         for n, q in out.items():
             lin = originals[n]
             lin.weight.copy_(q.dequantize().to(lin.weight.device, lin.weight.dtype))
-    info = {"steps": steps, "lr": lr, "batch": batch, "windows": len(ids), "loss": "kl to the unquantized model",
-            "kl_before": float(f"{kl_before:.5g}"), "kl_after": float(f"{kl_after:.5g}"), "kept": "tuned" if kept else "gptq",
-            "seconds": round(time.perf_counter() - t0, 1),
-            "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)}}
-    return out, info
+    return out, {**info, "seconds": round(time.perf_counter() - t0, 1)}
