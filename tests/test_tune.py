@@ -33,9 +33,9 @@ def _kl_oracle(student, teacher, ids):
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def _setup(seed=0, group=16):
+def _setup(seed=0, group=16, arch="llama", **over):
     """A tiny model pruned 2:4 (the teacher) and a copy quantized with coarse RTN (the student)."""
-    teacher = tiny_model("llama", seed=seed)
+    teacher = tiny_model(arch, seed=seed, **over)
     quantized = {}
     for n in _linears(teacher):
         lin = teacher.get_submodule(n)
@@ -238,6 +238,28 @@ def test_tuning_with_streamed_blocks_is_tuning_in_place(monkeypatch):
         assert torch.equal(out[n].scales, out0[n].scales)
     assert all(torch.equal(state0[k], v) for k, v in student.state_dict().items())
     assert all(p.device.type == "cpu" and not m._forward_pre_hooks for m in student.modules() for p in m.parameters())
+
+
+@pytest.mark.parametrize("arch,over", [("llama", {"attention_dropout": 0.5}), ("opt", {"dropout": 0.5})])
+def test_tuning_measures_and_trains_without_dropout(arch, over):
+    """Training mode (for activation checkpointing) would switch dropout on: the KL figures must be those of
+    the deterministic model (the oracle, in eval mode), the same on every run, and the dropout restored."""
+    teacher, student, quantized, ids = _setup(arch=arch, **over)
+    teacher.eval(), student.eval()
+
+    def dropouts(model):
+        return [(k, v) for m in model.modules() for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]
+
+    before = dropouts(student)
+    assert 0.5 in [v for _, v in before]
+    want = _kl_oracle(student, teacher, ids)
+    targets = tune.teacher_states(teacher, ids)
+    runs = [tune.tune_scales(copy.deepcopy(student), quantized, ids, targets, steps=2, lr=1e-2)[1] for _ in range(2)]
+    assert runs[0]["kl_before"] == pytest.approx(want, rel=1e-4)
+    assert [(r["kl_before"], r["kl_after"]) for r in runs] == [(runs[0]["kl_before"], runs[0]["kl_after"])] * 2
+    with tune.no_dropout(student):
+        assert all(v == 0 for _, v in dropouts(student))
+    assert dropouts(student) == before
 
 
 def test_teacher_states_walk_the_blocks_and_match_the_whole_model():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,26 @@ def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
         set_module(model, n, lin)
 
 
+@contextmanager
+def no_dropout(model: nn.Module):
+    """Every dropout of `model` at p = 0 inside the `with`: training mode (which activation checkpointing
+    needs) would otherwise switch it on (OPT's 0.1), and the distillation target, the KL figures and the
+    choice between tuned and GPTQ's scales are those of the deterministic model. nn.Dropout modules and the
+    float `*dropout*` attributes transformers' layers pass to F.dropout / attention."""
+    saved = []
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if (k == "p" and isinstance(m, nn.Dropout) or "dropout" in k) and isinstance(v, float) and v > 0:
+                saved.append((m, k, v))
+    try:
+        for m, k, _ in saved:
+            setattr(m, k, 0.0)
+        yield
+    finally:
+        for m, k, v in saved:
+            setattr(m, k, v)
+
+
 def placement_of(model: nn.Module, blocks, devices: tuple[str, ...], seqlen: int, where=None):
     """placement.plan_model for tuning `model` (its linears already ScaledLinear) on windows of `seqlen`
     tokens, one at a time, with activation checkpointing; works on the meta device too (plan first,
@@ -179,7 +200,8 @@ def train(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, steps: int
     # The blocks on the devices as far as they hold them, the rest streamed from CPU memory (placement.py;
     # activation checkpointing, which streaming needs, also keeps one window's activations to one block).
     blocks, where, place_info = placement_of(model, blocks, devices, ids.shape[1], where)
-    with placement.training_mode(model, True), placement.placed(model, blocks, devices, where) as streamed:
+    with placement.training_mode(model, True), no_dropout(model), \
+            placement.placed(model, blocks, devices, where) as streamed:
         kl_before = _mean_kl(model, ids, targets, device)
         opt = torch.optim.Adam([m.t for m in scaled], lr=lr, betas=(0.9, 0.95))
         warm = max(1, steps // 10)
