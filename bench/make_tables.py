@@ -62,6 +62,17 @@ def _source_tf(m: dict | None) -> str | None:
     return (h[-1].get("versions") or {}).get("transformers") if h else _tf(m)
 
 
+def _same_source(src: dict | None, m: dict) -> bool:
+    """Whether `src` (a source's manifest as recorded now) is the run `m` was packed or recovered from, as far as
+    the figures go: the same transformers version, and the same processor where both record it (the same
+    command on another processor rounds differently: bench/results/machine_spread.txt)."""
+    if src is None:
+        return True
+    h = (m.get("history") or [{}])[-1] if m.get("history") else m
+    cpus = ((src.get("versions") or {}).get("cpu"), (h.get("versions") or {}).get("cpu"))
+    return _tf(src) == _source_tf(m) and (None in cpus or cpus[0] == cpus[1])
+
+
 def _bytes(m: dict) -> tuple[int, int]:
     """(packed bytes, fp16 bytes) of the packed linears."""
     layers = m["format"]["layers"]
@@ -132,7 +143,7 @@ def formats_table() -> str:
                         q += f", calibration seed {o['calibration']['seed']}"
             # a ratio only against the source as it was when packed (a source re-run since, under other
             # libraries, reads differently: `*`, no ratio)
-            same = not s or _tf(s) == _source_tf(m)
+            same = _same_source(s, m)
             rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl and same else "-"
             note += "" if same else " *"
             rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
@@ -513,7 +524,7 @@ def head_formats() -> str:
                 q += f" + scales tuned {o['tune_steps']} steps" + (" (not kept)" if o.get("tune", {}).get("kept") == "gptq"
                                                                      else "")
         ppl, note = _ppl(m), ""  # measured on the packed folder, or not shown (never the source's figure)
-        same = _tf(src) == _source_tf(m)  # else the source was re-run since, under other libraries: no ratio
+        same = _same_source(src, m)  # else the source was re-run since, under other libraries: no ratio
         rel = f"{ppl / _ppl(src):.3f}" if ppl and _ppl(src) and src is not m and same else "-"
         note += "" if same else " *"
         parts = [f(src["timings"]["compress_s"], ".0f")] if pruned else []  # the source's pruning

@@ -85,10 +85,9 @@ stage_formats() {
   run llama-wanda-24-w4s24-gptq-tune64 $L pack $R/llama-wanda-24 --format w4s24 --quant gptq $T --out $R/llama-wanda-24-w4s24-gptq-tune64 --no-progress && evalp llama-wanda-24-w4s24-gptq-tune64
 }
 stage_plain() {  # GPTQ as the paper runs it (no act-order, sink 1), the defaults until 2026-11-30: these rows
-  # came from transformers 5.23 sources until 2026-12-05 (docs/formats.md). Again from today's sources with
-  #   ONLY="llama-wanda-24 llama-sparsegpt-24 llama-wanda-g16 llama-dense llama-sparsegpt-24-w4s24-gptq-g48-tune64-seed1
-  #         llama-wanda-24-w4s24-gptq-tune64 $(grep -o 'run llama-[a-z0-9-]*-plain' bench/p_cpu.sh | cut -c5-)" \
-  #   bash bench/p_cpu.sh base formats plain
+  # were packed from transformers 5.23 sources (the `*` rows of docs/formats.md). Not a default stage, and not
+  # one to run alone: a source made again on another processor is another model (bench/results/machine_spread.txt),
+  # so run it with the sources and every pack of them on one machine: rm -rf runs; bash bench/p_cpu.sh base formats plain
   N="--no-act-order --sink-weight 1 --nsamples 64 --seqlen 512 --no-progress"
   run llama-sparsegpt-24-w4s24-gptq-plain $L pack $R/llama-sparsegpt-24 --format w4s24 --quant gptq --grid asym --group-size 64 $N --out $R/llama-sparsegpt-24-w4s24-gptq-plain && evalp llama-sparsegpt-24-w4s24-gptq-plain
   run llama-wanda-24-w4s24-gptq-plain $L pack $R/llama-wanda-24 --format w4s24 --quant gptq $N --out $R/llama-wanda-24-w4s24-gptq-plain && evalp llama-wanda-24-w4s24-gptq-plain

@@ -105,3 +105,17 @@ def test_a_packed_folder_is_compared_with_its_source_as_it_was_when_packed(mt):
         == "5.25.0"
     assert mt._source_tf({"versions": {"transformers": "5.25.0"}}) == "5.25.0"
     assert mt._source_tf(now) != mt._source_tf({**now, "history": [{"versions": {"transformers": "5.25.0"}}]})
+
+
+def test_a_source_made_again_on_another_processor_is_not_the_one_packed(mt):
+    """The same command on another processor rounds differently (bench/results/machine_spread.txt): a pack's
+    ratio stands only against the source run it was packed from: same libraries, and the same processor where
+    both manifests record one."""
+    v = {"transformers": "5.25.0"}
+    packed = {"versions": {**v, "cpu": "AMD EPYC"}, "history": [{"versions": {**v, "cpu": "AMD EPYC"}}]}
+    assert mt._same_source({"versions": {**v, "cpu": "AMD EPYC"}}, packed)
+    assert not mt._same_source({"versions": {**v, "cpu": "Intel Xeon"}}, packed)
+    assert not mt._same_source({"versions": {"transformers": "5.30.0", "cpu": "AMD EPYC"}}, packed)
+    assert mt._same_source({"versions": v}, packed)  # recorded before manifests named the processor: unknown
+    assert mt._same_source({"versions": {**v, "cpu": "Intel Xeon"}}, {"versions": v, "history": [{"versions": v}]})
+    assert mt._same_source(None, packed)
