@@ -420,6 +420,36 @@ def test_pack_scale_tuning_from_disk_writes_what_the_whole_load_writes(tmp_path,
     assert not list((tmp_path / "blocks").glob(".*")), "scratch folders left behind"
 
 
+def test_pack_scale_tuning_from_disk_that_fails_leaves_nothing(tmp_path, capsys, sharded_24, calib_txt, monkeypatch):
+    """A tuning that fails once the model is placed (here: faked) exits 2 with its one-line message and leaves
+    no output folder, no temporary sibling, and the lazy model's meta structure back as it was."""
+    from llmprune import onload
+    from llmprune.errors import LLMPruneError
+    from llmprune.quant import tune
+
+    seen = {}
+
+    def fail(model, *a, **k):
+        seen["model"] = model
+        raise LLMPruneError("scale tuning diverged (non-finite scales): lower --tune-lr, e.g. 3e-4")
+
+    monkeypatch.setattr(tune, "train", fail)
+    real = onload.tune_placed
+
+    def spy(lz, *a, **k):
+        seen["lz"] = lz
+        return real(lz, *a, **k)
+
+    monkeypatch.setattr(onload, "tune_placed", spy)
+    rc, _, se = _run(capsys, "pack", sharded_24, "--format", "w4s24", "--group-size", "32", *TUNE, "--calib", calib_txt,
+                     "--no-progress", "--out", tmp_path / "o")
+    assert rc == 2 and "lower --tune-lr" in se and len(se.strip().splitlines()) == 1, se
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    model = seen["lz"].model
+    assert not [n for n, m in model.named_modules() if isinstance(m, tune.ScaledLinear)]  # the linears restored
+    assert all(t.device.type == "meta" for t in [*model.parameters()])  # every weight let go
+
+
 def test_pack_scale_tuning_from_disk_split_over_devices_or_streamed(tmp_path, capsys, sharded_24, calib_txt,
                                                                     monkeypatch):
     """The tuning's plan, made on the meta device, puts each block where it trains: one block on each of two
