@@ -55,11 +55,16 @@ def _tf(m: dict | None) -> str | None:
     return ((m or {}).get("versions") or {}).get("transformers")
 
 
-def _source_tf(m: dict | None) -> str | None:
-    """The transformers version the source of a packed or recovered folder was made under, as it was when
-    packed: the last run in its `history` (manifest.derive); older manifests copied the source's `versions`."""
+def _source_run(m: dict | None) -> dict:
+    """The run that made the source of a packed or recovered folder, as it was when packed: the last run in
+    its `history` (manifest.derive); older manifests copied the source's `versions` (the folder's own)."""
     h = (m or {}).get("history") or []
-    return (h[-1].get("versions") or {}).get("transformers") if h else _tf(m)
+    return h[-1] if h else (m or {})
+
+
+def _source_tf(m: dict | None) -> str | None:
+    """The transformers version the source of a packed or recovered folder was made under (_source_run)."""
+    return _tf(_source_run(m))
 
 
 def _same_source(src: dict | None, m: dict) -> bool:
@@ -68,8 +73,7 @@ def _same_source(src: dict | None, m: dict) -> bool:
     command on another processor rounds differently: bench/results/machine_spread.txt)."""
     if src is None:
         return True
-    h = (m.get("history") or [{}])[-1] if m.get("history") else m
-    cpus = ((src.get("versions") or {}).get("cpu"), (h.get("versions") or {}).get("cpu"))
+    cpus = [(r.get("versions") or {}).get("cpu") for r in (src, _source_run(m))]
     return _tf(src) == _source_tf(m) and (None in cpus or cpus[0] == cpus[1])
 
 

@@ -212,15 +212,23 @@ class Scratch:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def load_placed(lz: lazy.LazyModel, devices: tuple[str, ...], where: list[tuple[int, bool]]) -> None:
+def block_device(devices: tuple[str, ...], where: list[tuple[int, bool]], i: int):
+    """Where block i of a placement plan keeps its weights: its device, or CPU memory when they stream."""
+    d, streamed = where[i]
+    return "cpu" if streamed else devices[d]
+
+
+def load_placed(lz: lazy.LazyModel, devices: tuple[str, ...], where: list[tuple[int, bool]],
+                exclude: dict[int, tuple[str, ...]] | None = None) -> None:
     """Read the model of `lz` from disk straight to where training puts it (a placement plan: per
     block, the index of its device and whether it streams): the embedding, final norm and head on the
-    first device, each block on its device, or in CPU memory when its weights stream. One tensor at a
-    time passes through CPU memory on its way to a GPU; a damaged tensor is named."""
+    first device, each block on its device, or in CPU memory when its weights stream (`block_device`),
+    block i without the tensors `exclude[i]` names. One tensor at a time passes through CPU memory on
+    its way to a GPU; a damaged tensor is named."""
     store = lazy.BlockStore(lz, archmod.arch_of(lz.model).blocks)
     store.load_outside(devices[0])
-    for i, (d, streamed) in enumerate(where):
-        store.load_block(i, "cpu" if streamed else devices[d])
+    for i in range(len(where)):
+        store.load_block(i, block_device(devices, where, i), (exclude or {}).get(i, ()))
 
 
 def recover_plan(lz: lazy.LazyModel, targets: list[str], devices: tuple[str, ...], rcfg) -> list[tuple[int, bool]]:
@@ -345,7 +353,7 @@ class Codes:
     def __init__(self, folder: Path):
         self.dir = Path(folder) / CODES
         self.dir.mkdir()
-        self.layers: dict[str, tuple[int, dict]] = {}  # name -> (its block, group_size / symmetric / damp)
+        self.blocks: dict[int, dict[str, dict]] = {}  # block -> its layers' group_size / symmetric / damp
 
     def _path(self, i: int) -> Path:
         return self.dir / f"block-{i:05d}.safetensors"
@@ -356,7 +364,8 @@ class Codes:
         tensors = {}
         for n, q in codes.items():
             tensors |= {f"{n}.codes": q.codes, f"{n}.scales": q.scales, f"{n}.zeros": q.zeros}
-            self.layers[n] = (i, {"group_size": q.group_size, "symmetric": q.symmetric, "damp": q.damp})
+        self.blocks[i] = {n: {"group_size": q.group_size, "symmetric": q.symmetric, "damp": q.damp}
+                          for n, q in codes.items()}
         save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(self._path(i)))
 
     def meta(self) -> dict:
@@ -364,13 +373,12 @@ class Codes:
         from .quant import Quantized
 
         out = {}
-        for i in sorted({i for i, _ in self.layers.values()}):
+        for i, layers in self.blocks.items():
             head, _ = lazy.safetensors_header(self._path(i))
             spec = {k: torch.empty(head[k]["shape"], dtype=lazy.ST_DTYPES[head[k]["dtype"]], device="meta")
                     for k in head if k != "__metadata__"}
-            for n, (j, opts) in self.layers.items():
-                if j == i:
-                    out[n] = Quantized(spec[f"{n}.codes"], spec[f"{n}.scales"], spec[f"{n}.zeros"], **opts)
+            out |= {n: Quantized(spec[f"{n}.codes"], spec[f"{n}.scales"], spec[f"{n}.zeros"], **opts)
+                    for n, opts in layers.items()}
         return out
 
     def get(self, i: int) -> dict:
@@ -379,11 +387,11 @@ class Codes:
 
         from .quant import Quantized
 
-        names = [n for n, (j, _) in self.layers.items() if j == i]
-        if not names:
+        if i not in self.blocks:
             return {}
         t = load_file(str(self._path(i)))
-        return {n: Quantized(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"], **self.layers[n][1]) for n in names}
+        return {n: Quantized(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"], **opts)
+                for n, opts in self.blocks[i].items()}
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -415,7 +423,7 @@ def gptq_tuned(lz: lazy.LazyModel, ids, folder: Path, fmt: str, group_size, symm
             gptq_sequential(lz.model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
                             progress=progress, dtype=dtype, info=info, on_block=codes.put, devices=devices,
                             **{**gptq.as_dict(), "tune_steps": 0})
-        if codes.layers:
+        if codes.blocks:
             info["tune"] = tune_placed(lz, codes, ids, targets, gptq.tune_steps, gptq.tune_lr, devices, progress, sink)
         else:
             each_block(lz, devices[0], lambda i, block: sink(i, block, {}), progress)
@@ -434,7 +442,6 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
     tune.check(steps, lr)
     t0 = time.perf_counter()
     model = lz.model
-    a = archmod.arch_of(model)
     blocks = list(archmod.blocks(model))  # before the linears are replaced: inference looks for them
     frozen = {p: p.requires_grad for p in model.parameters()}
     originals: dict = {}
@@ -443,13 +450,10 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
             p.requires_grad_(False)
         originals = tune.scaled_in_place(model, codes.meta(), "meta")
         _, where, _ = tune.placement_of(model, blocks, devices, ids.shape[1])  # before any weight is read
-        store = lazy.BlockStore(lz, a.blocks)
-        store.load_outside(devices[0])
-        for i, (d, streamed) in enumerate(where):
-            dev = lazy.placed_on("cpu" if streamed else devices[d])
-            layers = codes.get(i)
-            store.load_block(i, dev, exclude=tuple(f"{n}.weight" for n in layers))
-            for n, q in layers.items():  # the meta ScaledLinear holds the bias just read
+        load_placed(lz, devices, where, {i: tuple(f"{n}.weight" for n in layers) for i, layers in codes.blocks.items()})
+        for i in codes.blocks:
+            dev = lazy.placed_on(block_device(devices, where, i))  # as lz.load placed the block
+            for n, q in codes.get(i).items():  # the meta ScaledLinear holds the bias just read
                 archmod.set_module(model, n, tune.ScaledLinear(q.to(dev), archmod.get(model, n).bias, dev))
         kept, info = tune.train(model, ids, targets, steps, lr, devices=devices, progress=progress, blocks=blocks,
                                 where=where)
