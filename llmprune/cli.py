@@ -221,6 +221,12 @@ def _add_sweep(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="sweep")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                   "bfloat16, float16")
+    p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
+                   help="blocks: each point pruned from disk block by block into a scratch folder in --out and "
+                        "evaluated from there (one block in memory); whole: the model in memory; auto: blocks "
+                        "unless the checkpoint only loads whole")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
@@ -247,7 +253,7 @@ def cmd_sweep(a) -> int:
     res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
                     a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
                     a.eval_windows, _tasks(a), a.limit, a.device,
-                    progress=not a.no_progress, protocol=a.protocol)
+                    progress=not a.no_progress, protocol=a.protocol, onload=a.onload, dtype=a.dtype)
     from .bench import format_table
 
     cols = [c for c in res["rows"][0] if c not in ("model",)]

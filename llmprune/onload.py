@@ -108,13 +108,13 @@ class Output:
 
     def _count(self, prefix: str, module: nn.Module) -> None:
         """Zeros of this block's pruning targets (linears, parts of fused projections, experts)."""
+        from .prune import zeros_of
+
         if not self.counting:
             return
-        for name in self.targets:
-            if name.startswith(prefix):
-                w = archmod.target(self.lz.model, name).weight
-                self.zeros += int((w == 0).sum())
-                self.total += w.numel()
+        zeros, total = zeros_of(self.lz.model, [n for n in self.targets if n.startswith(prefix)])
+        self.zeros += zeros
+        self.total += total
 
     @torch.no_grad()
     def block(self, i: int, module: nn.Module, quantized: dict | None = None) -> None:

@@ -150,12 +150,18 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     return out
 
 
-def measured_sparsity(model, names: list[str]) -> float:
+def zeros_of(model, names) -> tuple[int, int]:
+    """(zeros, weights) of the targets `names` (linears, parts of fused projections, experts)."""
     zeros = total = 0
     for n in names:
         w = archmod.target(model, n).weight
         zeros += int((w == 0).sum())
         total += w.numel()
+    return zeros, total
+
+
+def measured_sparsity(model, names: list[str]) -> float:
+    zeros, total = zeros_of(model, names)
     return zeros / max(total, 1)
 
 

@@ -1,16 +1,28 @@
 """A solver x sparsity grid on one model, for the README's plots: the dense model, its dense
 evaluation and the calibration windows are made once and reused across the points. Points are
-not saved (nothing is published as an artifact): each is evaluated in memory, with the same stage
-functions `compress` uses (pipeline.py)."""
+not saved (nothing is published as an artifact): each is evaluated as pruned, with the same stage
+functions `compress` uses (pipeline.py, onload.py).
+
+The model stays on disk unless it can only load whole (as `compress --onload auto`): each point
+prunes it block by block from its files, each pruned block kept in the compute dtype in a scratch
+folder inside `out` (onload.Scratch: exact, read back in place of the source's block), then walks
+the pruned blocks for its perplexity and zero-shot accuracy, and deletes the folder. Peak memory
+is one block and the activations, at 8B as at 70B; the disk holds one pruned copy at a time.
+With `onload="whole"` the model is in memory and each point restores the pruned linears' dense
+weights before it prunes; both give the same figures (tested)."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from . import arch, patterns, pipeline, solvers
+from . import arch, patterns, pipeline, solvers, walker
 from .errors import LLMPruneError
 from .runinfo import peak_rss_mib, pick_device, reset_peak_rss, versions
+
+SCRATCH = ".scratch"  # inside the sweep's folder: the point being measured, pruned
 
 
 def parse_solver_spec(spec: str):
@@ -38,14 +50,121 @@ def parse_solver_spec(spec: str):
     return spec, solver, owl_opts, opts
 
 
+class _Whole:
+    """The model in memory. Each point restores the pruned linears' dense weights (a copy of those
+    alone, not of the whole state dict: embeddings and head are a large share of it) and prunes in place."""
+
+    def __init__(self, spec: str, dtype: str, why: str):
+        self.model, self.tok, self.info = pipeline.load_model(spec, dtype)
+        pipeline.check_finite(self.model)
+        self.onload = f"whole: {why}"
+
+    def keep(self, names: list[str]) -> None:
+        self.names = names
+        self.dense = {n: arch.target(self.model, n).weight.detach().clone() for n in names}
+
+    @contextmanager
+    def point(self):
+        for n, w in self.dense.items():
+            arch.target(self.model, n).weight.data.copy_(w)
+        yield
+
+    def walk(self, keep: bool = False):
+        return nullcontext()
+
+    def measured(self) -> float:
+        from . import prune
+
+        return prune.measured_sparsity(self.model, self.names)
+
+    def evaluate(self, datasets, seqlen: int, windows, device: str, progress: bool, cache: dict) -> dict:
+        self.model.to(device)
+        try:
+            return pipeline.evaluate_model(self.model, self.tok, datasets, seqlen, windows, progress, cache)
+        finally:
+            self.model.to("cpu")
+
+    def zeroshot(self, tasks: list[str], limit, device: str, progress: bool) -> dict:
+        from .eval import zeroshot
+
+        return zeroshot.zeroshot(self.model, self.tok, tasks, limit=limit, device=device, progress=progress)
+
+
+class _Blocks:
+    """The model on disk (lazy.LazyModel). Each point prunes it block by block into a scratch folder
+    (`walk(keep=True)`), which later walks read in place of the source's blocks until the point ends."""
+
+    onload = "blocks"
+
+    def __init__(self, lz, tok, info, work: Path):
+        self.lz, self.model, self.tok, self.info, self.work = lz, lz.model, tok, info, work
+
+    def keep(self, names: list[str]) -> None:
+        self.names = names
+
+    @contextmanager
+    def point(self):
+        from . import onload
+
+        shutil.rmtree(self.work, ignore_errors=True)  # what a stopped sweep left
+        self.work.mkdir(parents=True)
+        self.scratch, self.zeros, self.total = onload.Scratch(self.lz, self.work), 0, 0
+        try:
+            yield
+        finally:
+            self.scratch.close()  # the source's blocks again
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def walk(self, keep: bool = False):
+        """Walks over the blocks read from disk; with `keep`, each finished block counted and kept."""
+        from . import onload, prune
+
+        blocks = arch.arch_of(self.model).blocks
+
+        def sink(i, block):
+            zeros, total = prune.zeros_of(self.model, [n for n in self.names if n.startswith(f"{blocks}.{i}.")])
+            self.zeros, self.total = self.zeros + zeros, self.total + total
+            self.scratch.block(i, block)
+
+        return walker.onload(self.model, onload.block_store(self.lz, sink if keep else None))
+
+    def measured(self) -> float:
+        return self.zeros / max(self.total, 1)
+
+    def evaluate(self, datasets, seqlen: int, windows, device: str, progress: bool, cache: dict) -> dict:
+        from . import onload
+
+        return onload.evaluate(self.lz, self.tok, datasets, seqlen, windows, device, progress, cache)
+
+    def zeroshot(self, tasks: list[str], limit, device: str, progress: bool) -> dict:
+        from .eval import zeroshot
+
+        return zeroshot.zeroshot(self.lz, self.tok, tasks, limit=limit, device=device, progress=progress)
+
+
+def _open(spec: str, dtype: str, onload_: str, work: Path):
+    """The model as the points will read it: on disk unless `onload_` is whole or its checkpoint
+    only loads whole (compress's rule, onload.stored_as_in_memory)."""
+    if onload_ == "whole":
+        return _Whole(spec, dtype, "--onload whole")
+    from . import onload
+
+    lz, tok, info = onload.open_model(spec, dtype)
+    why = onload.stored_as_in_memory(lz)
+    if why and onload_ == "blocks":
+        raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
+    return _Whole(spec, dtype, why) if why else _Blocks(lz, tok, info, work)
+
+
 def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda"), sparsities=(0.5,),
           pattern: str = "unstructured", out: str = "sweep", calib: str = "c4", nsamples: int | None = None,
           seqlen: int | None = None, seed: int = 0, eval: tuple[str, ...] = ("wikitext2",), eval_seqlen: int = 2048,
           eval_windows: int | None = None, tasks: tuple[str, ...] = (), limit: int | None = None,
-          device: str | None = None, calib_batch: int = 8, progress: bool = True, protocol: str = "auto") -> dict:
+          device: str | None = None, calib_batch: int = 8, progress: bool = True, protocol: str = "auto",
+          onload: str = "auto", dtype: str = "auto") -> dict:
     """Run a solver x sparsity grid on one model: the dense model, its dense evaluation and the
-    calibration windows are made once and reused; each point restores the dense weights, prunes,
-    evaluates. Writes sweep.csv, sweep.json and sweep.png into `out`."""
+    calibration windows are made once and reused; each point prunes the dense model, evaluates
+    it. Writes sweep.csv, sweep.json and sweep.png into `out`."""
     import dataclasses
 
     from . import prune, report
@@ -53,7 +172,8 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
 
     dev = pick_device(device)
     cfg = CompressConfig(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, protocol=protocol,
-                         eval_windows=eval_windows, eval=eval, eval_seqlen=eval_seqlen).resolved(dev)
+                         eval_windows=eval_windows, eval=eval, eval_seqlen=eval_seqlen, onload=onload,
+                         dtype=dtype).resolved(dev)
     pat = patterns.parse(pattern)
     grid = [(*parse_solver_spec(s), patterns.resolve_sparsity(pat, sp)) for s in solvers_ for sp in sparsities]
     if any(owl_opts is not None for _, _, owl_opts, _, _ in grid) and pat.kind == "nm":
@@ -62,60 +182,58 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
         from .eval import zeroshot
 
         tasks = tuple(zeroshot.check_tasks(list(tasks)))
-    m, tok, info = pipeline.load_model(model)
-    pipeline.check_finite(m)
+    src = _open(model, cfg.dtype, cfg.onload, Path(out) / SCRATCH)
+    m, tok, info = src.model, src.tok, src.info
     names = prune.target_linears(m)
     prune.check_shapes(m, names, pat)
     pipeline.check_context(m, cfg.seqlen, "--seqlen")
     pipeline.check_context(m, eval_seqlen, "--eval-seqlen")
-    # pruning changes only the target linears' weights: their dense copies restore the model between points
-    # (a copy of those alone, not of the whole state dict: embeddings and head are a large share of it)
-    dense_state = {n: arch.target(m, n).weight.detach().clone() for n in names}
+    src.keep(names)
     ids, calib_info = pipeline.calibrate(calib, tok, cfg.nsamples, cfg.seqlen, seed)
     windows = cfg.eval_windows or None
     cache: dict = {}
 
-    def measure(model_) -> dict:
-        model_.to(dev)
-        r: dict = {"eval": pipeline.evaluate_model(model_, tok, cfg.eval, eval_seqlen, windows, progress, cache)}
+    def measure() -> dict:
+        r: dict = {"eval": src.evaluate(cfg.eval, eval_seqlen, windows, dev, progress, cache)}
         if tasks:
-            from .eval import zeroshot
-
-            r["zeroshot"] = zeroshot.zeroshot(model_, tok, list(tasks), limit=limit)
-        model_.to("cpu")
+            r["zeroshot"] = src.zeroshot(list(tasks), limit, dev, progress)
         return r
 
-    dense = measure(m)
+    dense = measure()
     Path(out).mkdir(parents=True, exist_ok=True)
     rows = [report.sweep_row({"model": info.as_dict(), "solver": "dense", "pattern": "dense",
                               "sparsity": {"target": 0.0, "measured": 0.0}, **dense})]
     for label, solver, owl_opts, opts, sp in grid:
-        for n, w in dense_state.items():
-            arch.target(m, n).weight.data.copy_(w)
-        reset_peak_rss()  # where the platform cannot restart the count, this stays the process's peak
-        t0 = time.perf_counter()
-        layer_s = {n: sp for n in names}
-        if owl_opts is not None:
-            from . import owl
+        with src.point():
+            reset_peak_rss()  # where the platform cannot restart the count, this stays the process's peak
+            t0 = time.perf_counter()
+            layer_s = {n: sp for n in names}
+            if owl_opts is not None:
+                from . import owl
 
-            layer_s = owl.layer_sparsities(m, names, ids, sp, batch_size=calib_batch, device=dev, progress=progress,
-                                           **dataclasses.asdict(OwlConfig(**owl_opts)))
-        prune.prune(m, solver, pat, layer_s, ids, opts, calib_batch, dev, progress)
-        took = time.perf_counter() - t0
-        rss = peak_rss_mib()  # of the pruning only: the dense copy and the calibration windows included
-        r = measure(m)
+                with src.walk():
+                    layer_s = owl.layer_sparsities(m, names, ids, sp, batch_size=calib_batch, device=dev,
+                                                   progress=progress, **dataclasses.asdict(OwlConfig(**owl_opts)))
+            with src.walk(keep=True):
+                prune.prune(m, solver, pat, layer_s, ids, opts, calib_batch, dev, progress)
+            took = time.perf_counter() - t0
+            rss = peak_rss_mib()  # of the pruning only: the calibration windows (and a dense copy when whole) included
+            r = measure()
+            measured = src.measured()
         for d, x in r["eval"].items():
             x["dense_ppl"] = dense["eval"][d]["ppl"]
         man = {"model": info.as_dict(), "solver": label, "pattern": str(pat),
-               "sparsity": {"target": sp, "measured": prune.measured_sparsity(m, names)},
+               "sparsity": {"target": sp, "measured": measured},
                "timings": {"compress_s": round(took, 2)}, "peak_rss_mib": rss, **r}
         rows.append(report.sweep_row(man))
         report.write_sweep(rows, out)  # after every point: a stopped sweep keeps what it measured
     csv_path, json_path = report.write_sweep(rows, out)
     png = report.plot_sweep([r for r in rows if r["solver"] != "dense"], Path(out) / "sweep.png",
                             {d: dense["eval"][d]["ppl"] for d in cfg.eval})
+    kept = ("the pruned model in memory (dense weights with zeros" if src.onload.startswith("whole") else
+            "the pruned blocks, kept in a scratch folder and walked one at a time (dense weights with zeros")
     meta = {"model": info.as_dict(), "calibration": calib_info, "protocol": cfg.protocol, "eval_seqlen": eval_seqlen,
-            "eval_windows": windows, "tasks": list(tasks), "limit": limit, "versions": versions(),
-            "measured_on": "the pruned model in memory (dense weights with zeros, --dtype float32); not saved"}
+            "eval_windows": windows, "tasks": list(tasks), "limit": limit, "onload": src.onload, "dtype": cfg.dtype,
+            "versions": versions(), "measured_on": f"{kept}, --dtype {cfg.dtype}); not saved"}
     (Path(out) / "sweep_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {"rows": rows, "csv": str(csv_path), "json": str(json_path), "png": str(png)}

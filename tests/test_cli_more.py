@@ -371,6 +371,34 @@ def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
 
 
 
+def test_sweep_from_disk_gives_the_in_memory_figures(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
+    """`sweep --onload blocks` (auto's choice) never loads the model whole nor holds more than one block,
+    and its rows (perplexity, measured sparsity, zero-shot) are those of the model in memory; each point
+    starts from the dense model (SparseGPT's, then Wanda+OWL's after it) and the scratch folder is gone."""
+    from llmprune.testing import hold_one_block
+
+    argv = ["sweep", "--model", str(tiny_dir), "--solvers", "sparsegpt,wanda+owl", "--sparsity", "0.4,0.6",
+            "--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows",
+            "2", "--tasks", "copa", "--limit", "3", "--no-progress"]
+    rows = {}
+    for how in ("blocks", "whole"):
+        out = tmp_path / how
+        with monkeypatch.context() as m:
+            most = hold_one_block(m) if how == "blocks" else [1]
+            rc = main([*argv, "--onload", how, "--out", str(out)])
+        assert rc == 0 and most[0] == 1, capsys.readouterr().err
+        rows[how] = [{k: v for k, v in r.items() if k not in ("compress_s", "peak_rss_mib")}
+                     for r in json.loads((out / "sweep.json").read_text())]
+        assert json.loads((out / "sweep_meta.json").read_text())["onload"].startswith(how)
+        assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.json", "sweep.png", "sweep_meta.json"]
+    assert [r["solver"] for r in rows["blocks"]] == ["dense", *["sparsegpt"] * 2, *["wanda+owl"] * 2]
+    assert len({r["ppl_wikitext2"] for r in rows["blocks"]}) == 5 and rows["blocks"][1]["zeroshot_mean"] is not None
+    for b, w in zip(rows["blocks"], rows["whole"]):
+        num = [k for k, v in w.items() if isinstance(v, float)]
+        assert {k: b[k] for k in num} == pytest.approx({k: w[k] for k in num}, rel=1e-5), (b, w)
+        assert {k: v for k, v in b.items() if k not in num} == {k: v for k, v in w.items() if k not in num}
+
+
 def test_sweep_of_an_nm_pattern_needs_no_sparsity(tmp_path, capsys, tiny_dir, calib_txt):
     """`--pattern 2:4` implies 50%: the default range is not applied to it."""
     out = tmp_path / "sw24"
