@@ -3,7 +3,7 @@
 # CUDA, sweep their launch shapes against cuBLAS / torch 2:4 / torch int4, decode a LLaMA-3-8B-shaped
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
-#                                          use_tuned microbench e2e e2e_compiled compress compress_scale perp tune_scale
+#                                          use_tuned microbench e2e e2e_compiled compress compress_scale perp tune_scale read_ahead
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
 # Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
@@ -146,7 +146,17 @@ PYEOF
   rm -rf $m /tmp/o-tune-*
   return $rc
 }
-export -f envinfo compress compress_scale perp tune_scale
+read_ahead() {  # blockwise perplexity on CUDA reading the next block ahead (lazy.READ_AHEAD, the default on a
+  # GPU since 2026-12-05) against not: 8 blocks of a Llama-3-8B-shaped model in bf16, $RA_W windows of 2048 tokens,
+  # each run in a fresh process, page cache dropped before each where allowed.
+  # CPU dry run: DEVICE=cpu RA_W=1 RA_SL=128 OUT=/tmp/x bash bench/gpu_kernels.sh read_ahead
+  local m=/tmp/syn-ra rc=0
+  $PY bench/make_synthetic.py $m --arch llama3-8b --layers 8 --dtype bfloat16 || return 1
+  $PY bench/read_ahead.py $m --device ${DEVICE:-cuda} --windows ${RA_W:-16} --seqlen ${RA_SL:-2048} --reps 2 --cold || rc=1
+  rm -rf $m
+  return $rc
+}
+export -f envinfo compress compress_scale perp tune_scale read_ahead
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
@@ -159,6 +169,7 @@ stage compress 200 compress
 stage compress_scale 420 compress_scale
 stage perp ${PERP_S:-300} perp  # the CPU dry run needs PERP_S=600
 stage tune_scale ${TUNE_S:-240} tune_scale  # the CPU dry run needs TUNE_S=900
+stage read_ahead ${RA_S:-180} read_ahead
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4
@@ -168,5 +179,6 @@ grep -H '"compress_s"\|peak_gpu' "$OUT"/compress-*.json 2>/dev/null
 grep -H '"streamed_gb"\|"wall_s"\|peak_gpu' "$OUT"/perp-*.json 2>/dev/null
 tail -n 3 "$OUT/perp.log" 2>/dev/null
 tail -n 3 "$OUT/tune_scale.log" 2>/dev/null
+tail -n 3 "$OUT/read_ahead.log" 2>/dev/null
 cat "$OUT/stages.txt"
 exit $rc

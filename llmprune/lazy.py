@@ -2,7 +2,7 @@
 folders written shard by shard. Think in 70B: nothing here holds more than one block.
 
 - `WeightFiles`: a folder's safetensors tensors (one file, or shards with their index), read one
-  tensor at a time through safetensors' memory-mapped safe_open.
+  tensor at a time with plain file reads straight into the tensor (no mapping).
 - `LazyModel`: the transformers model of a folder built on the meta device (accelerate's
   init_empty_weights); `load(prefix, device)` reads the tensors under a module prefix and places
   them with accelerate's set_module_tensor_to_device in the compute dtype, `release(prefix)` puts
@@ -31,6 +31,13 @@ from .runinfo import trim_heap
 
 INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 2 * 2**30  # dense outputs: at most this much per file
+# Walks read the next block's tensors on a background thread while a block computes: "gpu" when the blocks
+# run on a GPU (the default: the CPU is idle and the disk read is the larger share), True everywhere, False
+# never. Not on the CPU by default: there the reader takes the compute's cores and holds one more block (an
+# 8B-width fp32 block is 0.87 GB), for 5% with a cold page cache and next to nothing warm
+# (bench/results/read_ahead.txt).
+READ_AHEAD = "gpu"
+_READER = None
 
 
 # safetensors' dtype names (the format's spec); a header is JSON after its u64 length
@@ -126,12 +133,13 @@ class WeightFiles:
                     raise LLMPruneError(f"{path} is truncated ({name}): re-create the folder")
                 return out
             step = COPY_CHUNK // sdt.itemsize
+            buf = torch.empty(min(step, flat.numel()), dtype=sdt)  # one chunk as stored, read into in place
+            raw = buf.view(torch.uint8).numpy()
             for i in range(0, flat.numel(), step):
                 k = min(step, flat.numel() - i)
-                buf = f.read(k * sdt.itemsize)
-                if len(buf) != k * sdt.itemsize:
+                if f.readinto(raw[: k * sdt.itemsize]) != k * sdt.itemsize:
                     raise LLMPruneError(f"{path} is truncated ({name}): re-create the folder")
-                flat[i:i + k] = torch.frombuffer(bytearray(buf), dtype=sdt)
+                flat[i:i + k] = buf[:k]
         return out
 
     def nbytes(self) -> int:
@@ -172,6 +180,36 @@ def unpacked(layer: PackedLinear, dtype: torch.dtype) -> nn.Linear:
     if layer.bias is not None:
         lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
     return lin
+
+
+def reads_ahead(device) -> bool:
+    """Whether a walk on `device` reads its next block ahead (READ_AHEAD)."""
+    return READ_AHEAD is True or (READ_AHEAD == "gpu" and torch.device(device).type != "cpu")
+
+
+def _reader():
+    """The one background thread that reads ahead (file reads and copies: they release the GIL)."""
+    global _READER
+    if _READER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READER = ThreadPoolExecutor(1, thread_name_prefix="llmprune-read-ahead")
+    return _READER
+
+
+class _ReadAhead:
+    """What `LazyModel.load` reads from: `files`, with the tensors read ahead handed over first (each
+    once, keyed like `WeightFiles.get`'s arguments); anything else is read as usual."""
+
+    def __init__(self, files: WeightFiles, got: dict):
+        self.files, self.got, self.folder = files, got, files.folder
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self.got.pop((name, dtype), None)
+        return t if t is not None else self.files.get(name, dtype)
 
 
 def _tensor_names(model: nn.Module) -> list[str]:
@@ -218,6 +256,7 @@ class LazyModel:
         self._names = [n for n in _tensor_names(self.model)]
         self._meta_modules: dict[str, nn.Module] = {}
         self._loaded: set[str] = set()
+        self._ahead = None  # (prefix, {name: file}, future) of a read_ahead not taken yet
 
     @property
     def config(self):
@@ -230,6 +269,41 @@ class LazyModel:
         layers = (self.section or {}).get("layers", {})
         return {ln: spec for ln, spec in layers.items() if f"{ln}.weight" in names}
 
+    def _reads(self, prefix: str) -> list[tuple[str, torch.dtype | None]]:
+        """The stored tensors `load(prefix)` reads, as the arguments of its `WeightFiles.get` calls:
+        the parts of a packed layer as stored, every other tensor in the compute dtype."""
+        names = set(self.names(prefix))
+        packed = self._packed_layers(list(names))
+        return [(k, None) if k.rsplit(".", 1)[0] in packed else (k, self.dtype)
+                for k in self.files.where if k.startswith(prefix) and (k in names or k.rsplit(".", 1)[0] in packed)]
+
+    def read_ahead(self, prefix: str) -> None:
+        """Start reading what `load(prefix)` will read on a background thread (the next block of a walk,
+        while this one computes: the disk read overlaps the compute, for one more block in CPU memory;
+        BlockStore asks for it as READ_AHEAD says); that load takes it. Only a speed-up: a tensor whose
+        file changed since, or a read that failed, is read again by the load itself."""
+        files, reads = self.files, self._reads(prefix)
+        self._ahead = (prefix, {n: files.where[n] for n, _ in reads},
+                       _reader().submit(lambda: {(n, d): files.get(n, d) for n, d in reads}))
+
+    def drop_ahead(self) -> None:
+        """Forget a read-ahead that no load took (a walk that ended or stopped)."""
+        if self._ahead is not None:
+            self._ahead[2].cancel()
+        self._ahead = None
+
+    def _source(self, prefix: str):
+        """The files `load(prefix)` reads: with what was read ahead for it, when that still holds."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != prefix:
+            self._ahead = ahead  # for another prefix: it waits for its own load
+            return self.files
+        try:
+            got = ahead[2].result()
+        except Exception:  # noqa: BLE001 - the load reads it again and raises what it raises
+            return self.files
+        return _ReadAhead(self.files, {k: t for k, t in got.items() if self.files.where.get(k[0]) == ahead[1][k[0]]})
+
     @torch.no_grad()
     def load(self, prefix: str = "", device="cpu", exclude: tuple[str, ...] = ()) -> None:
         """Place every tensor under `prefix` (minus `exclude`) on `device` in the compute dtype."""
@@ -240,10 +314,11 @@ class LazyModel:
         device = placed_on(device)
         names = self.names(prefix, exclude)
         packed = self._packed_layers(names)
+        files = self._source(prefix)
         skip = set()
         for ln, spec in packed.items():
             self._meta_modules.setdefault(ln, self.model.get_submodule(ln))
-            layer = build_layer(self.files, ln, spec, self.dtype)
+            layer = build_layer(files, ln, spec, self.dtype)
             set_module(self.model, ln, (unpacked(layer, self.dtype) if self.unpack else layer).to(device))
             skip |= {f"{ln}.weight", f"{ln}.bias"}
         head = self.model.get_output_embeddings()
@@ -251,7 +326,7 @@ class LazyModel:
         todo = [n for n in names if n not in skip
                 and not (self.tied and head_name and n == f"{head_name}.weight" and n not in self.files)]
         for n in todo:  # one tensor at a time, read in the compute dtype (the tied head is re-tied below)
-            set_module_tensor_to_device(self.model, n, device, value=self.files.get(n, self.dtype), clear_cache=False)
+            set_module_tensor_to_device(self.model, n, device, value=files.get(n, self.dtype), clear_cache=False)
             self._loaded.add(n)
         if self.tied and head_name:
             emb = self.model.get_input_embeddings()
@@ -455,8 +530,10 @@ class BlockStore:
     evaluation). Loaded tensors are checked finite (a damaged file is named, not found later as a
     singular Hessian). `late` prefixes (the head, the final norm) are not needed before the blocks."""
 
-    def __init__(self, lazy: LazyModel, blocks: str, late: tuple[str, ...] = (), sink=None, check: bool = True):
+    def __init__(self, lazy: LazyModel, blocks: str, late: tuple[str, ...] = (), sink=None, check: bool = True,
+                 read_ahead: bool = False):
         self.lazy, self.blocks, self.late, self.sink, self.check = lazy, blocks, late, sink, check
+        self.ahead = len(lazy.model.get_submodule(blocks)) if read_ahead else 0  # a walk's blocks, read in order
 
     def _check(self, prefix: str) -> None:
         if not self.check:
@@ -469,6 +546,8 @@ class BlockStore:
     def load_block(self, i: int, device, exclude: tuple[str, ...] = ()) -> None:
         self.lazy.load(f"{self.blocks}.{i}.", device, exclude)
         self._check(f"{self.blocks}.{i}.")
+        if i + 1 < self.ahead and reads_ahead(device):
+            self.lazy.read_ahead(f"{self.blocks}.{i + 1}.")
 
     def done(self, i: int, module: nn.Module) -> None:
         if self.sink is not None:
@@ -481,6 +560,11 @@ class BlockStore:
     def load_outside(self, device) -> None:
         self.lazy.load("", device, exclude=(f"{self.blocks}.", *self.late))
         self._check("")
+        if self.ahead and reads_ahead(device):
+            self.lazy.read_ahead(f"{self.blocks}.0.")
+
+    def close(self) -> None:
+        self.lazy.drop_ahead()
 
     def release_outside(self) -> None:
         self.lazy.release("", exclude=(f"{self.blocks}.",))

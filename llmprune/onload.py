@@ -74,7 +74,7 @@ def block_store(lz: lazy.LazyModel, sink=None) -> lazy.BlockStore:
     """What walker.onload needs to walk `lz` block by block (`sink(i, block)`: each finished block)."""
     a = archmod.arch_of(lz.model)
     late = () if lz.tied else (a.head,)
-    return lazy.BlockStore(lz, a.blocks, late=(*late, a.norm), sink=sink)
+    return lazy.BlockStore(lz, a.blocks, late=(*late, a.norm), sink=sink, read_ahead=True)
 
 
 # --- the output, written block by block ----------------------------------------------------------
@@ -486,10 +486,13 @@ def each_block(lz: lazy.LazyModel, device, sink, progress: bool = False, desc: s
 
     store = block_store(lz, sink)
     blocks = archmod.blocks(lz.model)
-    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress):
-        store.load_block(i, device)
-        store.done(i, blocks[i])
-        store.release_block(i)
+    try:
+        for i in tqdm(range(len(blocks)), desc=desc, disable=not progress):
+            store.load_block(i, device)
+            store.done(i, blocks[i])
+            store.release_block(i)
+    finally:
+        store.close()
 
 
 def pack(lz: lazy.LazyModel, tok, folder: Path, fmt: str, quant: str | None, group_size, symmetric,

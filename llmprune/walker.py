@@ -166,6 +166,7 @@ def onload(model, store):
         yield store
     finally:
         object.__delattr__(model, _STORE)
+        store.close()
 
 
 def store_of(model):

@@ -494,3 +494,119 @@ def test_pack_and_export_record_their_own_peak_memory(tmp_path, capsys, sharded_
         m = json.loads((tmp_path / out / "llmprune.json").read_text())
         assert m["peak_rss_mib"] == 4242.0 != src["peak_rss_mib"]
         assert m["timings"][step]["total_s"] > 0 and m["timings"]["compress_s"] == src["timings"]["compress_s"]
+
+
+# --- reading ahead: the next block read on a background thread while a block computes ----------------------
+
+def _gets(m) -> list[tuple]:
+    """Every WeightFiles.get call from here on, as (name, dtype, the thread that made it)."""
+    import threading
+
+    from llmprune import lazy
+
+    calls, real = [], lazy.WeightFiles.get
+
+    def get(self, name, dtype=None):
+        calls.append((name, dtype, threading.current_thread().name))
+        return real(self, name, dtype)
+
+    m.setattr(lazy.WeightFiles, "get", get)
+    return calls
+
+
+def test_weight_files_convert_chunk_by_chunk(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from llmprune import lazy
+
+    t = torch.randn(37, 11, dtype=torch.float64).to(torch.bfloat16)
+    save_file({"w": t, "i": torch.arange(7, dtype=torch.int32)}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(lazy, "COPY_CHUNK", 96)  # 48 values a chunk: 9 chunks, the last one short
+    files = lazy.WeightFiles(tmp_path)
+    for dt in (torch.float32, torch.float16, None):
+        got = files.get("w", dt)
+        assert got.dtype == (dt or torch.bfloat16) and torch.equal(got, t.to(got.dtype))
+    assert torch.equal(files.get("i", torch.float32), torch.arange(7, dtype=torch.int32))  # not a float: as stored
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-30])
+    with pytest.raises(LLMPruneError, match="truncated"):
+        lazy.WeightFiles(tmp_path).get("w", torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "w4s24"])
+def test_read_ahead_reads_what_the_load_reads(tmp_path, capsys, pruned_24, fmt, monkeypatch):
+    """`_reads(prefix)` is what `load(prefix)` asks the files for: a dense block's tensors in the compute
+    dtype, a packed block's parts as stored."""
+    from llmprune import lazy, onload
+    from llmprune import manifest as mf
+
+    folder = pruned_24
+    if fmt != "dense":
+        folder = tmp_path / "p"
+        rc, _, se = _run(capsys, "pack", pruned_24, "--format", fmt, "--group-size", "32", "--out", folder,
+                         "--no-progress")
+        assert rc == 0, se
+    lz, _ = onload.open_output(folder, "float32", mf.read(folder).to_dict())
+    with monkeypatch.context() as m:
+        m.setattr(lazy, "READ_AHEAD", False)
+        calls = _gets(m)
+        lz.load("model.layers.1.")
+    reads = lz._reads("model.layers.1.")
+    assert sorted((n, str(d)) for n, d, _ in calls) == sorted((n, str(d)) for n, d in reads)
+    assert len(reads) == len(calls) > 0 and (fmt == "dense") == all(d == torch.float32 for _, d in reads)
+
+
+def test_a_walk_reads_every_block_ahead_once(tiny_dir, monkeypatch):
+    """Blockwise perplexity reading ahead (READ_AHEAD True; by default only walks on a GPU do): every
+    block's tensors are read on the reader thread (block 0 while the embeddings run), each once; the
+    figure is the one without reading ahead; nothing stays pending."""
+    from transformers import AutoTokenizer
+
+    from llmprune import lazy, onload
+
+    assert lazy.reads_ahead("cuda:1") and not lazy.reads_ahead("cpu")  # the default, "gpu"
+    lz, tok = lazy.LazyModel(tiny_dir, torch.float32), AutoTokenizer.from_pretrained(tiny_dir)
+    figures, threads = {}, {}
+    for mode in (True, "gpu"):
+        with monkeypatch.context() as m:
+            m.setattr(lazy, "READ_AHEAD", mode)
+            calls = _gets(m)
+            figures[mode] = onload.evaluate(lz, tok, ["wikitext2"], 64, 2, "cpu", False, {})["wikitext2"]["ppl"]
+        blocks = [c for c in calls if c[0].startswith("model.layers.")]
+        assert len({n for n, _, _ in blocks}) == len(blocks) == len(lz.names("model.layers."))
+        threads[mode] = {t.split("_")[0] for _, _, t in blocks}
+        assert lz._ahead is None
+    assert threads == {True: {"llmprune-read-ahead"}, "gpu": {"MainThread"}}
+    assert figures[True] == figures["gpu"]
+
+
+def test_a_read_ahead_gives_way_to_a_changed_file_and_to_a_failed_read(tiny_dir, tmp_path, monkeypatch):
+    """A tensor overlaid by a scratch file after it was read ahead is read again from there; a read
+    ahead that failed is read again by the load (which raises what it raises)."""
+    from llmprune import lazy, onload
+
+    prefix, name = "model.layers.1.", "model.layers.1.mlp.up_proj.weight"
+    lz = lazy.LazyModel(tiny_dir, torch.float32)
+    want = {n: lz.files.get(n, torch.float32) for n in lz.names(prefix)}
+    scratch = onload.Scratch(lz, tmp_path)
+    lz.read_ahead(prefix)
+    lz._ahead[2].result()
+    scratch._keep({name: torch.full_like(want[name], 0.5)}, "changed")
+    with monkeypatch.context() as m:
+        calls = _gets(m)
+        lz.load(prefix)
+    assert [n for n, _, _ in calls] == [name]  # the rest came from the read-ahead
+    assert bool((lz.model.get_parameter(name) == 0.5).all())
+    lz.release(prefix)
+    scratch.close()
+
+    def fail(*a, **k):
+        raise OSError("disk gone")
+
+    with monkeypatch.context() as m:
+        m.setattr(lazy.WeightFiles, "get", fail)
+        lz.read_ahead(prefix)
+        with pytest.raises(OSError):
+            lz._ahead[2].result()
+    lz.load(prefix)
+    assert all(torch.equal(lz.model.get_parameter(n), t) for n, t in want.items())
