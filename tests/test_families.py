@@ -295,6 +295,24 @@ def test_moe_folders_are_evaluated_through_a_whole_load(family, tmp_path, calib_
     assert r["eval"]["wikitext2"]["ppl"] == pytest.approx(e["dense_ppl"], rel=1e-6) and r["zeroshot"]["copa"]["n"] == 2
 
 
+def test_sweep_of_a_folder_with_converted_names_loads_it_whole(tmp_path, calib_txt):
+    """`sweep` reads the model from disk unless its checkpoint only loads whole (Mixtral's experts stored
+    one by one): auto loads it whole and says why, `--onload blocks` is refused before any work."""
+    import json
+
+    from llmprune import sweep
+
+    src = tiny_model_dir(tmp_path / "src", "mixtral")
+    common = dict(solvers_=("wanda",), sparsities=(0.5,), calib=str(calib_txt), nsamples=4, seqlen=16,
+                  eval_seqlen=64, eval_windows=2, calib_batch=4, progress=False)
+    with pytest.raises(LLMPruneError, match="^--onload blocks: the checkpoint stores .*: use --onload whole"):
+        sweep.sweep(str(src), out=str(tmp_path / "b"), onload="blocks", **common)
+    assert not (tmp_path / "b").exists()
+    rows = sweep.sweep(str(src), out=str(tmp_path / "a"), **common)["rows"]
+    assert json.loads((tmp_path / "a" / "sweep_meta.json").read_text())["onload"].startswith("whole: the checkpoint")
+    assert rows[1]["ppl_wikitext2"] != rows[0]["ppl_wikitext2"] and rows[1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen3_5_text", "opt", "phi3", "gpt_oss", "mixtral", "qwen2_moe"])
 def test_recover_reading_blocks_to_their_devices_equals_a_whole_load(family, tmp_path, calib_txt):
     """`recover --onload blocks` (each tensor from disk onto its device, the folder written block by block) writes
