@@ -53,16 +53,20 @@ def test_blocks_from_disk_compute_what_the_whole_model_computes(tmp_path, capsys
 
     monkeypatch.setattr(lazy, "SHARD_BYTES", 30_000)  # several shards even for the tiny model
     outs = {}
-    for mode in ("whole", "blocks"):
+    for mode in ("whole", "blocks", "ahead"):  # ahead: blocks, each walk reading its next block ahead (as on a GPU)
         outs[mode] = tmp_path / mode
-        rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", solver, "--pattern", pattern,
-                         "--format", fmt, *extra, "--calib", calib_txt, "--out", outs[mode], "--onload", mode,
-                         *CHEAP, *EVAL)
+        with monkeypatch.context() as m:
+            m.setattr(lazy, "READ_AHEAD", mode == "ahead")
+            rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", solver, "--pattern", pattern,
+                             "--format", fmt, *extra, "--calib", calib_txt, "--out", outs[mode], "--onload",
+                             mode.replace("ahead", "blocks"), *CHEAP, *EVAL)
         assert rc == 0, se
-    a, b = _tensors(outs["whole"]), _tensors(outs["blocks"])
-    assert set(a) == set(b)
+    a, b, c = _tensors(outs["whole"]), _tensors(outs["blocks"]), _tensors(outs["ahead"])
+    assert set(a) == set(b) == set(c)
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]) and torch.equal(b[k], c[k]), k
+    assert json.loads((outs["ahead"] / "llmprune.json").read_text())["eval"]["wikitext2"]["ppl"] == \
+        json.loads((outs["blocks"] / "llmprune.json").read_text())["eval"]["wikitext2"]["ppl"]
     ma, mb = (json.loads((outs[m] / "llmprune.json").read_text()) for m in ("whole", "blocks"))
     assert mb["onload"] == "blocks" and ma["onload"].startswith("whole")
     assert mb["sparsity"]["measured"] == pytest.approx(ma["sparsity"]["measured"], abs=1e-12)
