@@ -453,20 +453,21 @@ class ShardWriter:
         if tuple(e["shape"]) != shape:
             raise LLMPruneError(f"internal: {src}: {src_name or name} is {e['shape']}, the plan says {shape}")
         a, b = e["data_offsets"]
-        step = COPY_CHUNK // sdt.itemsize * sdt.itemsize
+        step = COPY_CHUNK // sdt.itemsize  # values a chunk
         f, fh = self._file(name)
+        n = (b - a) // sdt.itemsize
+        buf = torch.empty(min(step, n), dtype=sdt)  # one chunk as stored, read into in place
+        conv = torch.empty(min(step, n), dtype=dtype) if sdt != dtype else buf  # and converted
+        raw, out = buf.view(torch.uint8).numpy(), conv.view(torch.uint8).numpy()
         with open(src, "rb") as r:
             r.seek(start + a)
-            left = b - a
-            while left:
-                chunk = r.read(min(step, left))
-                if not chunk:
+            for i in range(0, n, step):
+                k = min(step, n - i)
+                if r.readinto(raw[: k * sdt.itemsize]) != k * sdt.itemsize:
                     raise LLMPruneError(f"{src} is truncated: re-create the folder")
-                left -= len(chunk)
-                if sdt != dtype:
-                    t = torch.frombuffer(bytearray(chunk), dtype=sdt).to(dtype)
-                    chunk = memoryview(t.view(torch.uint8).numpy())
-                fh.write(chunk)
+                if conv is not buf:
+                    conv[:k] = buf[:k]
+                fh.write(out[: k * conv.element_size()])
         self._done(f, name)
 
     def finish(self) -> None:
