@@ -614,3 +614,34 @@ def test_a_read_ahead_gives_way_to_a_changed_file_and_to_a_failed_read(tiny_dir,
             lz._ahead[2].result()
     lz.load(prefix)
     assert all(torch.equal(lz.model.get_parameter(n), t) for n, t in want.items())
+
+
+def test_evaluation_passes_are_sized_by_the_room_a_walk_has(tiny_dir, monkeypatch):
+    """onload.eval_budget: 2 GiB of hidden states on the CPU; on a GPU what a walk keeps there (its inputs and
+    outputs within walker.ACTIVATIONS_ON_DEVICE of the memory), so a 70B model's WikiText-2 walks its blocks
+    once, not three times. Perplexity walks the windows in passes of that size, to the same figure."""
+    from transformers import AutoTokenizer
+
+    from llmprune import lazy, onload, walker
+
+    class H100:
+        total_memory = 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: H100)
+    assert onload.eval_budget("cpu") == onload.EVAL_ACTIVATIONS
+    budget = onload.eval_budget("cuda:0")
+    assert budget == 10 * 2**30
+    assert budget // (2048 * 8192 * 2) >= 141  # Llama-3-70B, bf16: WikiText-2's 141 windows in one pass
+    lz = lazy.LazyModel(tiny_dir, torch.float32)
+    tokens = budget // (lz.config.hidden_size * 4)
+    for n, home in ((tokens, "cuda:0"), (tokens + 1, "cpu")):  # the walk keeps exactly that on the GPU
+        assert walker.activation_home(lz.model, torch.zeros(1, 1).expand(1, n), "cuda:0") == torch.device(home)
+    tok, seqlen = AutoTokenizer.from_pretrained(tiny_dir), 64
+    figures, passes = [], []
+    real = onload.through_blocks
+    monkeypatch.setattr(onload, "through_blocks", lambda *a, **k: passes.append(len(a[1])) or real(*a, **k))
+    for windows in (4, 2, 1):  # room for 4, 2 and 1 windows a pass
+        monkeypatch.setattr(onload, "eval_budget", lambda d, w=windows: w * seqlen * lz.config.hidden_size * 4)
+        figures.append(onload.evaluate(lz, tok, ["wikitext2"], seqlen, 4, "cpu", False, {})["wikitext2"]["ppl"])
+    assert passes == [4, 2, 2, 1, 1, 1, 1]
+    assert figures[0] == pytest.approx(figures[1], rel=1e-6) and figures[0] == pytest.approx(figures[2], rel=1e-6)

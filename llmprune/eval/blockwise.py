@@ -5,9 +5,10 @@ replaced by a walk over the decoder blocks, one block of weights in memory at a 
 
 All requests are walked together: sorted by length and batched as HFLM batches them (each batch padded
 on the right to its longest row: a causal model's tokens never see what follows them), the batches
-grouped into as few passes over the weights as the activation budget allows (onload.EVAL_ACTIVATIONS
-of hidden states). Each request is then read off the final hidden states through the head at its
-continuation's positions only, so a 262k vocabulary never yields a whole sequence of logits.
+grouped into as few passes over the weights as the activation budget allows (onload.eval_budget:
+2 GiB of hidden states, or on a GPU the room a walk keeps its activations in there). Each request is
+then read off the final hidden states through the head at its continuation's positions only, so a
+262k vocabulary never yields a whole sequence of logits.
 Log-probabilities are computed in fp32 (as the perplexity evaluator does; HFLM's default is the
 model's dtype), which equals HFLM on an fp32 model.
 """
@@ -54,7 +55,7 @@ class BlockwiseLM(HFLM):
             inputs.setdefault(tuple((context + continuation)[-(self.max_length + 1):][:-1]), []).append(r)
         rows = list(inputs)  # each distinct input walked once (the choices of a one-token answer share it)
         model = self.lz.model
-        budget = max(1, onload.EVAL_ACTIVATIONS // (model.config.hidden_size * self.lz.dtype.itemsize))
+        budget = max(1, onload.eval_budget(self._device) // (model.config.hidden_size * self.lz.dtype.itemsize))
         passes = plan([len(x) for x in rows], override_bs or self.batch_size, budget)
         res: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="zero-shot requests", disable=disable_tqdm or not self.progress)
