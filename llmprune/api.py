@@ -132,7 +132,10 @@ def _evaluate_dense(path, model, tok, c, windows, device, cache) -> dict:
 
 def _compress_onload(p, t, command) -> mf.Manifest:
     """The model on disk, its blocks read, solved, written and freed one at a time."""
-    from . import onload, packed
+    import sys
+
+    from . import arch as archmod
+    from . import onload, packed, resume
 
     c = p.cfg
     windows = c.eval_windows or None
@@ -153,19 +156,38 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     if p.needs_calibration:
         with t("calib_load_s"):
             ids, m.calibration = pipeline.calibrate(c.calib, tok, c.nsamples, c.seqlen, c.seed)
+    save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
+    # a pruning pass straight into a dense output commits checkpoints; a killed run's is taken over
+    fp = found = None
+    if c.checkpoint_s is not None and c.format == "dense" and not c.recover:
+        fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
+        found = resume.find(p.out, fp)
+        if found:  # said even without progress bars: the run does not start from the first block
+            print(f"llmprune: resuming {found[0].name}: blocks 0-{found[1]['next_block'] - 1} of "
+                  f"{found[1]['blocks']} were pruned by a run that stopped (checkpoint of {found[1]['time']})",
+                  file=sys.stderr)
     cache: dict = {}
     dense = {}
-    if c.eval and c.eval_dense:
+    dense_key = [list(c.eval), c.eval_seqlen, windows]
+    kept = found[1]["keep"].get("dense") if found else None
+    if c.eval and c.eval_dense and kept and kept["key"] == dense_key:
+        dense = kept["figures"]  # measured by the run that stopped, on the same source
+    elif c.eval and c.eval_dense:
         with t("dense_eval_s"):
             dense = onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
-    save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
-    with outdir.atomic_dir(p.out, c.overwrite) as tmp:
+    with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None) as tmp:
         packer = None if c.format == "dense" else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
         out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
+        checkpoints = None
+        if fp:
+            checkpoints = resume.Checkpoints(tmp, fp, c.checkpoint_s, out, len(archmod.blocks(lz.model)),
+                                             found[1] if found else None)
+            if dense:
+                checkpoints.keep["dense"] = {"key": dense_key, "figures": dense}
         train = (lambda model, where: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices,
                                                        c.progress, where)) if c.recover else None
-        sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where)
+        sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where, checkpoints)
         m.steps = sec.pop("steps")
         for k, v in sec.items():
             setattr(m, k, v)
@@ -175,6 +197,9 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
         _measure(m, p, t, tmp, windows, cache, dense)
         _finish(m, p, t, command)
+        if checkpoints is not None:
+            m.resumed = checkpoints.record()
+            checkpoints.close()
         mf.write(tmp, m)
     return m
 

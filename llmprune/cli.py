@@ -83,6 +83,10 @@ def _add_compress(sub):
                    help="blocks: the weights stay on disk and are read one decoder block at a time (any size on one "
                         "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
                         "the whole model (SliceGPT, global magnitude; PERP on the CPU)")
+    g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
+                   help="while pruning block by block into a dense output, commit a checkpoint every SECONDS (0: "
+                        "after every block; off: none): rerunning the command of a run that was killed goes on "
+                        "from its last one (default 600)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=200)
     g.add_argument("--recover-lr", type=float, default=None)
@@ -113,6 +117,7 @@ def cmd_compress(a) -> int:
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, protocol=a.protocol, seed=a.seed,
         calib_batch=a.calib_batch,
         device=a.device, dtype=a.dtype, onload=a.onload, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
+        checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"),
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, tasks=_tasks(a), tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
@@ -130,12 +135,27 @@ def cmd_compress(a) -> int:
     return 0
 
 
+def _seconds_or_off(v: str, flag: str) -> float | None:
+    from .errors import LLMPruneError
+
+    if v == "off":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise LLMPruneError(f"{flag} {v!r}: give seconds (e.g. 600; 0: after every block) or off") from None
+
+
 def print_summary(m: dict) -> None:
     sp = m.get("sparsity", {})
     what = m.get("solver", "?")
     if sp:
         what += f" {m.get('pattern')} target {sp['target']:.2f} measured {sp['measured']:.4f}"
     print(f"\nsaved {m['out']}  ({what})")
+    r = m.get("resumed")
+    if r:
+        print(f"resumed at block {r['from_block']} of {r['blocks']} from the checkpoint of {r['checkpoint']} "
+              f"({r['earlier_s']:.0f}s of pruning done by {r['runs'] - 1} earlier run(s); timings below: this run's)")
     t = m.get("timings", {})
     print(f"compress {t.get('compress_s', 0):.1f}s (forward {t.get('forward_s', 0):.1f}s, solve {t.get('solve_s', 0):.1f}s)"
           f"  total {t.get('total_s', 0):.1f}s  peak RSS {m.get('peak_rss_mib', 0):.0f} MiB")

@@ -170,6 +170,9 @@ class CompressConfig:
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
+    # a killed run's next run goes on from its last checkpoint (resume.py): one every this many seconds of the
+    # block-by-block pruning into a dense output, and after its last block; None: none
+    checkpoint_s: float | None = 600.0
     # evaluation (of the saved output)
     eval: tuple[str, ...] = ()
     eval_seqlen: int = 2048
@@ -218,6 +221,9 @@ class CompressConfig:
             raise LLMPruneError("--nsamples must be >= 1 and --seqlen >= 2")
         if self.calib_batch < 1:
             raise LLMPruneError("--calib-batch must be >= 1")
+        if self.checkpoint_s is not None and not (isinstance(self.checkpoint_s, (int, float)) and self.checkpoint_s >= 0):
+            raise LLMPruneError(f"--checkpoint-every {self.checkpoint_s!r}: give seconds >= 0 (0: after every block), "
+                                f"or off")
         if self.scope not in ("layer", "global"):
             raise LLMPruneError(f"--scope {self.scope!r}: use layer or global")
         if self.scope == "global" and self.solver != "magnitude":

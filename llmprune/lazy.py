@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -409,16 +410,25 @@ class ShardWriter:
         self.open: dict[str, object] = {}
         self.total = sum(size.values())
         self.written_bytes = 0
+        self.kept: set[str] = set()  # files a resumed run found partly written (`written`): updated, not truncated
+        self.closed: list[str] = []  # files finished since the last `sync`
 
     def _file(self, name: str):
         f = self.file_of.get(name)
         if f is None:
             raise LLMPruneError(f"internal: {name} is not in the output's shard plan")
         if f not in self.open:
-            fh = open(self.folder / f, "wb")  # noqa: SIM115  # open until the shard's last tensor is written
             raw, _ = self.headers[f]
-            fh.write(len(raw).to_bytes(8, "little"))
-            fh.write(raw)
+            if f in self.kept:  # a resumed run's file: its header and earlier tensors stay
+                fh = open(self.folder / f, "r+b")  # noqa: SIM115
+                if fh.read(8 + len(raw)) != len(raw).to_bytes(8, "little") + raw:
+                    fh.close()
+                    raise LLMPruneError(f"{self.folder / f} does not have the header this run plans: delete "
+                                        f"{self.folder} and run again")
+            else:
+                fh = open(self.folder / f, "wb")  # noqa: SIM115  # open until the shard's last tensor is written
+                fh.write(len(raw).to_bytes(8, "little"))
+                fh.write(raw)
             self.open[f] = fh
         fh = self.open[f]
         fh.seek(8 + len(self.headers[f][0]) + self.offset[name])
@@ -429,7 +439,34 @@ class ShardWriter:
         if not self.pending[f]:
             fh = self.open.pop(f)
             fh.close()
+            self.closed.append(f)
             self.written_bytes += (self.folder / f).stat().st_size
+
+    def written(self, names) -> None:
+        """Take `names` as already in their files: a resumed run (resume.py) writes only the rest, into
+        the files as they are."""
+        for name in names:
+            f = self.file_of[name]
+            if name in self.pending[f]:
+                self.kept.add(f)
+                self.pending[f].discard(name)
+                if not self.pending[f]:
+                    self.written_bytes += (self.folder / f).stat().st_size
+
+    def sync(self) -> dict[str, int]:
+        """Everything written so far flushed to the disk (os.fsync: it survives the machine going down,
+        not only the process); returns each started file's size."""
+        for f in self.closed:
+            fd = os.open(self.folder / f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.closed = []
+        for fh in self.open.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+        return {f: (self.folder / f).stat().st_size for f in self.headers if (self.folder / f).exists()}
 
     def _check(self, name: str, shape, dtype) -> None:
         want = self.spec.get(name)

@@ -282,10 +282,11 @@ def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, sc
 # --- stages ---------------------------------------------------------------------------------------
 
 def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, folder: Path, recover=None,
-              where=None) -> dict:
+              where=None, checkpoints=None) -> dict:
     """Prune block by block (OWL's outlier pass first when asked; PERP's and GPTQ's passes after, through
     the scratch folder: PERP's, `recover(model, where)`, on the devices of `where`, recover_plan); the last pass
-    writes each block into `out`."""
+    writes each block into `out`. `checkpoints` (resume.Checkpoints; a pruning pass that writes `out`): the
+    pass commits checkpoints, or goes on from one."""
     from . import prune
 
     c = p.cfg
@@ -295,12 +296,17 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
     sec: dict = {}
     with timer("compress_s"):
         layer_s = {n: p.sparsity for n in names}
-        if c.owl:
+        if c.owl and checkpoints is not None and "owl" in checkpoints.keep:
+            layer_s = checkpoints.keep["owl"]  # the killed run's outlier pass: the same walk, not done again
+        elif c.owl:
             from . import owl
 
             with walker.onload(model, block_store(lz)):
                 layer_s = owl.layer_sparsities(model, names, ids, p.sparsity, batch_size=c.calib_batch,
                                                device=p.device, progress=c.progress, **dataclasses.asdict(c.owl))
+            if checkpoints is not None:
+                checkpoints.keep["owl"] = layer_s
+        if c.owl:
             per_layer = list(layer_s.values())
             sec["owl"] = {**dataclasses.asdict(c.owl), "per_layer": sorted(set(per_layer), key=per_layer.index)}
         scratch = Scratch(lz, folder) if p.quant == "gptq" or c.recover else None
@@ -314,7 +320,7 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
         with walker.onload(model, block_store(lz, sink)):
             res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
                               c.progress, expert_min_tokens=c.expert_min_tokens, expert_fallback=c.expert_fallback,
-                              gates=c.prune_gates, devices=p.devices)
+                              gates=c.prune_gates, devices=p.devices, resume=checkpoints)
     for k, v in res["timings"].items():
         timer.s[k] = v
     if scratch:

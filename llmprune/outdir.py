@@ -3,7 +3,8 @@
 Every command writes into a temporary sibling `.<name>.tmp-<pid>-<id>` and renames it over `<name>`
 at the end. An error, Ctrl-C or a full disk removes the temporary folder and leaves `<name>` as it
 was; a run killed outright (SIGKILL, the OOM killer) cannot clean up, so the next run to the same
-output removes the siblings whose process is gone (a 70B model leaves 140 GB behind otherwise).
+output removes the siblings whose process is gone (a 70B model leaves 140 GB behind otherwise), or
+takes one over to go on from its last checkpoint (resume.py).
 `save_side_files` writes what every output carries beside its weights (config, tokenizer).
 """
 from __future__ import annotations
@@ -39,18 +40,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(out: Path) -> list[Path]:
-    """Remove temporary siblings of `out` left by runs that died (their process no longer exists).
-    Siblings named without a pid (older llmprune) are removed too: no live run can own them."""
-    removed = []
+def stale(out: Path) -> list[Path]:
+    """Temporary siblings of `out` left by runs that died (their process no longer exists). Siblings
+    named without a pid (older llmprune) count too: no live run can own them."""
+    found = []
     if not out.parent.is_dir():
-        return removed
+        return found
     pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(?:(\d+)-)?[0-9a-f]{{8}}$")
     for p in out.parent.iterdir():
         m = pat.match(p.name)
-        if m and p.is_dir() and not (m[2] and _alive(int(m[2])) and int(m[2]) != os.getpid()):
-            if m[2] and int(m[2]) == os.getpid():
-                continue  # ours, in use
+        if m and p.is_dir() and not (m[2] and (_alive(int(m[2])) or int(m[2]) == os.getpid())):
+            found.append(p)
+    return found
+
+
+def remove_stale(out: Path, keep: Path | None = None) -> list[Path]:
+    """Remove the temporary siblings of `out` left by runs that died, but `keep` (a run resumes it)."""
+    removed = []
+    for p in stale(out):
+        if keep is None or p != keep:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -64,16 +72,23 @@ def _disk_full(e: BaseException) -> bool:
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False):
-    """Yield a fresh temporary folder next to `out`; on success it replaces `out`, on any error
-    (KeyboardInterrupt included) it is removed and `out` is left as it was. A full disk becomes a
-    one-line LLMPruneError."""
+def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = None):
+    """Yield a fresh temporary folder next to `out` (or `adopt`, a dead run's, taken over: resume.py); on
+    success it replaces `out`, on any error (KeyboardInterrupt included) it is removed and `out` is left as
+    it was. A full disk becomes a one-line LLMPruneError."""
     out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
+    remove_stale(out, keep=adopt)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.with_name(f".{out.name}.tmp-{tag}")
-    tmp.mkdir()
+    if adopt is not None:
+        try:
+            os.replace(adopt, tmp)  # ours now: no other run removes it as stale
+        except FileNotFoundError:
+            raise LLMPruneError(f"{adopt.name} was taken over by another run of {out.name} meanwhile: let that one "
+                                f"finish, or write another --out") from None
+    else:
+        tmp.mkdir()
     try:
         yield tmp
         if out.exists():

@@ -64,17 +64,25 @@ def _job(mod, name, solver: Solver, stats, last: bool, pattern, sparsity, opts, 
 def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float], calib_ids: torch.Tensor | None,
           opts: dict | None = None, batch_size: int = 8, device="cpu", progress: bool = True,
           expert_min_tokens: int = moe.MIN_TOKENS, expert_fallback: str = "pooled", gates: bool = False,
-          devices: tuple[str, ...] | None = None) -> dict:
+          devices: tuple[str, ...] | None = None, resume=None) -> dict:
     """Prune the targets named in `sparsities` in place. The blocks run on `device`; with several
     `devices` their linears are solved on all of them at once (parallel.py). Returns {"layers": per-target info,
     "timings": {"forward_s", "solve_s"}[, "replayed_sublayers": how many sublayers were replayed]
     [, "experts": {expert: {"tokens", "stats"}} for Mixture-of-Experts models]}.
 
     Experts' projections see only the tokens routed to their expert (moe.py); an expert with fewer
-    than `expert_min_tokens` takes `expert_fallback` (moe.FALLBACKS), recorded per expert."""
+    than `expert_min_tokens` takes `expert_fallback` (moe.FALLBACKS), recorded per expert.
+
+    `resume` (a resume.Checkpoints, sequential onloading only): the pass starts at its first unfinished
+    block with what the blocks before recorded, and hands it every finished block (timings: this run's)."""
     opts = opts or {}
     moe.check_fallback(expert_fallback, expert_min_tokens)
     infos: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
+    replayed = 0
+    if resume is not None:
+        replayed = resume.seed(infos, experts)
+    start = resume.start if resume is not None else 0
     needs = solver.needs_for(opts)
     t_solve = 0.0
     if not needs:  # no calibration: the weights alone decide
@@ -85,7 +93,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                 infos[name] = _solve(archmod.target(model, name), name, solver, None, pattern, s, opts)
         else:  # sequential onloading: one block of weights at a time
             a = archmod.arch_of(model)
-            for i in range(len(archmod.blocks(model))):
+            for i in range(start, len(archmod.blocks(model))):
                 prefix = f"{a.blocks}.{i}."
                 store.load_block(i, device)
                 try:
@@ -93,6 +101,8 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                         if name.startswith(prefix):
                             infos[name] = _solve(archmod.target(model, name), name, solver, None, pattern, s, opts)
                     store.done(i, archmod.blocks(model)[i])
+                    if resume is not None:
+                        resume.after(i, None, infos, experts, 0)
                 finally:
                     store.release_block(i)
         return {"layers": infos, "timings": {"forward_s": 0.0, "solve_s": round(time.perf_counter() - t0, 2)}}
@@ -101,9 +111,9 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     planner = archmod.Planner(model, gates)
     sequential = solver.sequential_for(opts)
     t0 = time.perf_counter()
-    replayed = 0
-    experts: dict[str, dict] = {}
-    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks"):
+    after = (lambda i, hidden: resume.after(i, hidden, infos, experts, replayed)) if resume is not None else None
+    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks",
+                             start=start, hidden=resume and resume.hidden, after=after):
         prefix = f"{a.blocks}.{block.index}."
         plan = planner(block)  # targets in compute order (traced once per block structure)
         groups = plan.groups if sequential else (plan.order,)

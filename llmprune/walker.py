@@ -231,19 +231,22 @@ def activation_home(model, input_ids: torch.Tensor | list[torch.Tensor], device)
 
 
 def walk(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int = 8, device="cpu",
-         progress: bool = True, desc: str = "blocks") -> Iterator[Block]:
+         progress: bool = True, desc: str = "blocks", start: int = 0, hidden=None, after=None) -> Iterator[Block]:
     """Yield each decoder block (on `device`) with its calibration inputs (`batches`), in order. When the
     caller hands control back, the block is rerun with its current weights; the results
-    (block.outputs) are the next block's inputs, and the block moves back where it was."""
+    (block.outputs) are the next block's inputs, and the block moves back where it was. A resumed pass
+    (resume.py) starts at block `start` from `hidden(device)`, that block's saved inputs; `after(i, outputs)`
+    is called once block i is final (handed to the store)."""
     from tqdm.auto import tqdm
 
-    hidden, calls = catch(model, input_ids, batch_size, device)
+    first, calls = catch(model, input_ids, batch_size, device)
     act = activation_home(model, input_ids, device)
-    if act != torch.device(device):
-        hidden = [h.to(act) for h in hidden]
+    if start:
+        first = hidden(act)  # the activations of the blocks before it, saved (the caught ones are dropped)
+    hidden = first if act == torch.device(device) else [h.to(act) for h in first]
     layers = archmod.blocks(model)
     store = store_of(model)
-    for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
+    for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, initial=start, total=len(layers)):
         if store:
             store.load_block(i, device)
         module = layers[i]
@@ -257,6 +260,8 @@ def walk(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int = 
             block.outputs = hidden
             if store:
                 store.done(i, module)
+            if after is not None:
+                after(i, hidden)
         finally:
             if store:
                 store.release_block(i)

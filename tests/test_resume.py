@@ -1,0 +1,242 @@
+"""A compression killed while pruning goes on from its last checkpoint when the same command runs again, and
+writes what a run that never stopped writes: the same tensors, sparsity and figures (resume.py)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmprune import outdir, prune, resume
+from llmprune.cli import main
+from llmprune.testing import tiny_model_dir
+
+BLOCKS = 4
+ARGS = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "wikitext2",
+        "--eval-seqlen", "64", "--eval-windows", "2", "--onload", "blocks", "--checkpoint-every", "0"]
+SHARD_BYTES = 300_000  # two blocks a file: the killed run's last file holds a finished block and an unfinished one
+
+# A killed run: dies by SIGKILL (nothing cleans up) when block KILL_AT is written but its checkpoint is not
+# (KILL_AT < 0: during the evaluation of the saved folder, after every block's checkpoint)
+KILLER = """
+import os, signal, sys
+from llmprune import lazy, pipeline, resume
+from llmprune.cli import main
+lazy.SHARD_BYTES = {shard_bytes}
+kill_at = {kill_at}
+after = resume.Checkpoints.after
+def dying_after(self, i, *a):
+    if i == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return after(self, i, *a)
+resume.Checkpoints.after = dying_after
+if kill_at < 0:
+    pipeline.evaluate_saved = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("deep") / "llama", "llama", seed=3, num_hidden_layers=BLOCKS)
+
+
+def _tensors(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _kill(argv: list[str], kill_at: int) -> None:
+    code = KILLER.format(shard_bytes=SHARD_BYTES, kill_at=kill_at, argv=argv)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+
+
+def _solved(monkeypatch) -> list[str]:
+    names: list[str] = []
+    real = prune._solve
+
+    def solve(mod, name, *a, **k):
+        names.append(name)
+        return real(mod, name, *a, **k)
+
+    monkeypatch.setattr(prune, "_solve", solve)
+    return names
+
+
+CASES = [  # a stats pass, a sequential solver, no calibration at all, OWL's outlier pass first
+    ["--solver", "wanda"],
+    ["--solver", "sparsegpt", "--pattern", "2:4"],
+    ["--solver", "magnitude"],
+    ["--solver", "wanda", "--owl", "--sparsity", "0.6"],
+]
+
+
+@pytest.mark.parametrize("recipe", CASES, ids=["wanda", "sparsegpt-24", "magnitude", "wanda-owl"])
+def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                      calib_txt, recipe):
+    from llmprune import lazy
+
+    monkeypatch.setattr(lazy, "SHARD_BYTES", SHARD_BYTES)
+    argv = ["compress", "--model", str(deep_dir), *recipe, "--calib", str(calib_txt), *ARGS]
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref)]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "out"
+    _kill([*argv, "--out", str(out)], kill_at=3)  # blocks 0-3 written, checkpoint after block 2
+    assert not out.exists()
+    (left,) = outdir.stale(out)
+    state = json.loads((left / resume.RESUME / resume.STATE).read_text())
+    assert state["next_block"] == 3 and state["blocks"] == BLOCKS
+
+    solved = _solved(monkeypatch)
+    assert main([*argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming {left.name}: blocks 0-2 of {BLOCKS}" in err
+    assert solved and all(n.split(".")[2] == "3" for n in solved)  # blocks 0-2 were not pruned again
+    assert not outdir.stale(out) and not (out / resume.RESUME).exists()
+    a, b = _tensors(ref), _tensors(out)
+    assert set(a) == set(b) and len(list(out.glob("*.safetensors"))) > 1
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+    assert mb["sparsity"] == ma["sparsity"]
+    assert mb.get("owl") == ma.get("owl") and mb.get("damp_raised") == ma.get("damp_raised")
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
+    assert mb["eval"]["wikitext2"]["dense_ppl"] == ma["eval"]["wikitext2"]["dense_ppl"]
+    assert "dense_eval_s" not in mb["timings"]  # the killed run's figure, kept in its checkpoint
+    assert ma.get("resumed") is None
+    r = mb["resumed"]
+    assert r["from_block"] == 3 and r["blocks"] == BLOCKS and r["runs"] == 2 and r["earlier_s"] > 0
+
+
+def test_a_run_killed_after_its_last_block_only_writes_and_measures(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                    calib_txt):
+    from llmprune import lazy
+
+    monkeypatch.setattr(lazy, "SHARD_BYTES", SHARD_BYTES)
+    argv = ["compress", "--model", str(deep_dir), "--solver", "sparsegpt", "--calib", str(calib_txt), *ARGS]
+    out = tmp_path / "out"
+    _kill([*argv, "--out", str(out)], kill_at=-1)  # killed while evaluating the saved folder
+    solved = _solved(monkeypatch)
+    assert main([*argv, "--out", str(out), "--no-dense-eval"]) == 0  # evaluation flags are not the recipe
+    assert solved == []
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["resumed"]["from_block"] == BLOCKS and m["eval"]["wikitext2"]["ppl"] > 0
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
+    a, b = _tensors(ref), _tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
+    assert json.loads((ref / "llmprune.json").read_text())["eval"]["wikitext2"]["ppl"] == m["eval"]["wikitext2"]["ppl"]
+
+
+def test_another_recipe_starts_over_and_removes_the_killed_runs_folder(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                        calib_txt):
+    from llmprune import lazy
+
+    monkeypatch.setattr(lazy, "SHARD_BYTES", SHARD_BYTES)
+    argv = ["compress", "--model", str(deep_dir), "--solver", "wanda", "--calib", str(calib_txt), *ARGS]
+    out = tmp_path / "out"
+    _kill([*argv, "--out", str(out)], kill_at=1)
+    assert outdir.stale(out)
+    solved = _solved(monkeypatch)
+    assert main([*argv, "--out", str(out), "--sparsity", "0.6"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert {n.split(".")[2] for n in solved} == {str(i) for i in range(BLOCKS)}
+    assert not outdir.stale(out)
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m.get("resumed") is None and m["sparsity"]["target"] == 0.6
+
+
+def test_an_error_or_a_finished_run_leaves_no_checkpoint(tmp_path, capsys, monkeypatch, tiny_dir, calib_txt):
+    argv = ["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), *ARGS]
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 0
+    assert not (out / resume.RESUME).exists() and not outdir.stale(out)
+    real = resume.Checkpoints.after
+
+    def failing(self, i, *a):
+        real(self, i, *a)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(resume.Checkpoints, "after", failing)
+    with pytest.raises(RuntimeError):
+        main([*argv, "--out", str(tmp_path / "failed")])
+    assert not list(tmp_path.glob(".failed*"))
+
+
+def test_checkpoints_follow_the_clock(tmp_path, monkeypatch, tiny_dir):
+    """One commit per `every_s` seconds and one after the last block; each keeps only its own activations."""
+    import torch
+
+    commits = []
+
+    class Out:
+        blocks, zeros, total = "model.layers", 0, 0
+
+        class writer:
+            spec: typing.ClassVar[dict] = {}
+
+            @staticmethod
+            def sync():
+                commits.append("sync")
+                return {}
+
+            @staticmethod
+            def written(names):
+                commits.append(("written", names))
+
+    clock = [0.0]
+    monkeypatch.setattr(resume.time, "monotonic", lambda: clock[0])
+    ck = resume.Checkpoints(tmp_path, "fp", 10.0, Out, n_blocks=5)
+    h = [torch.randn(2, 3, 4, dtype=torch.bfloat16), torch.randn(1, 3, 4, dtype=torch.bfloat16)]
+    for i, t in enumerate([1.0, 5.0, 12.0, 13.0, 14.0]):
+        clock[0] = t
+        ck.after(i, h, {}, {}, 0)
+    assert commits == ["sync", "sync"]  # at 12 s (block 2) and after the last block
+    state = json.loads((tmp_path / resume.RESUME / resume.STATE).read_text())
+    assert state["next_block"] == 5 and state["hidden"] is None
+    assert not list((tmp_path / resume.RESUME).glob("hidden-*"))
+    clock[0] = 30.0
+    ck.after(2, h, {}, {}, 0)  # a commit with activations: read back exactly
+    again = resume.Checkpoints(tmp_path, "fp", 10.0, Out, n_blocks=5,
+                               state=json.loads((tmp_path / resume.RESUME / resume.STATE).read_text()))
+    got = again.hidden("cpu")
+    assert commits[-1] == ("written", [])
+    assert again.start == 3 and len(got) == 2 and all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(got, h))
+
+
+def test_the_fingerprint_follows_what_decides_the_weights(tmp_path, tiny_dir):
+    from llmprune.config import CompressConfig
+
+    cfg = CompressConfig(model=str(tiny_dir)).as_dict()
+    ids = torch.arange(64).reshape(2, 32)
+    base = resume.fingerprint(cfg, ids, tiny_dir, ("cpu",), torch.float32)
+    assert base == resume.fingerprint({**cfg, "eval": ("c4",), "out": "x", "checkpoint_s": 1.0}, ids, tiny_dir,
+                                      ("cpu",), torch.float32)
+    assert base != resume.fingerprint({**cfg, "sparsity": 0.6}, ids, tiny_dir, ("cpu",), torch.float32)
+    assert base != resume.fingerprint(cfg, ids + 1, tiny_dir, ("cpu",), torch.float32)
+    assert base != resume.fingerprint(cfg, ids, tiny_dir, ("cpu",), torch.bfloat16)
+    f = next(tiny_dir.glob("*.safetensors"))
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the source file replaced
+    try:
+        assert base != resume.fingerprint(cfg, ids, tiny_dir, ("cpu",), torch.float32)
+    finally:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_checkpoint_every_takes_seconds_or_off(capsys, tiny_dir):
+    rc = main(["compress", "--model", str(tiny_dir), "--checkpoint-every", "soon"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--checkpoint-every 'soon'" in err[0] and "or off" in err[0]
+    rc = main(["compress", "--model", str(tiny_dir), "--checkpoint-every", "-5"])
+    assert rc == 2 and "seconds >= 0" in capsys.readouterr().err
