@@ -4,6 +4,7 @@
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
 #                                          use_tuned microbench e2e e2e_compiled compress compress_scale perp tune_scale read_ahead
+#                                          resume
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
 # Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
@@ -156,7 +157,18 @@ read_ahead() {  # blockwise perplexity on CUDA reading the next block ahead (laz
   rm -rf $m
   return $rc
 }
-export -f envinfo compress compress_scale perp tune_scale read_ahead
+resume() {  # a compression killed (SIGKILL) after block 1 and resumed, on CUDA (resume.py: the checkpointed
+  # activations live on the GPU there), against a run never stopped: 4 blocks of a Llama-3-8B-shaped model in bf16,
+  # SparseGPT 2:4, $RS_NS x $RS_SL WikiText-2 tokens (default 128 x 2048: 2.1 GB of activations per checkpoint).
+  # CPU dry run: DEVICE=cpu RS_NS=2 RS_SL=64 RS_L=2 OUT=/tmp/x bash bench/gpu_kernels.sh resume
+  local m=/tmp/syn-resume rc=0
+  $PY bench/make_synthetic.py $m --arch llama3-8b --layers ${RS_L:-4} --dtype bfloat16 || return 1
+  $PY bench/resume_check.py $m --device ${DEVICE:-cuda} --nsamples ${RS_NS:-128} --seqlen ${RS_SL:-2048} \
+    --kill-at $(( ${RS_L:-4} / 2 - 1 )) || rc=1
+  rm -rf $m
+  return $rc
+}
+export -f envinfo compress compress_scale perp tune_scale read_ahead resume
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
@@ -170,6 +182,7 @@ stage compress_scale 420 compress_scale
 stage perp ${PERP_S:-300} perp  # the CPU dry run needs PERP_S=600
 stage tune_scale ${TUNE_S:-240} tune_scale  # the CPU dry run needs TUNE_S=900
 stage read_ahead ${RA_S:-180} read_ahead
+stage resume ${RS_S:-240} resume
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4

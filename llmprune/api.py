@@ -85,6 +85,9 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         with t("dense_eval_s"):
             dense = _evaluate_dense(info.path, model, tok, c, windows, p.device, cache)
     src_dtype = pipeline.source_dtype(info.path)
+    if c.format == "dense" and not c.slicegpt:  # (a packed or sliced output is smaller)
+        item = pipeline.save_dtype(c, src_dtype).itemsize
+        outdir.check_space(p.out, {"the output": sum(q.numel() for q in model.parameters()) * item})
     sec = pipeline.transform(p, model, names, ids, t)
     m.steps = sec.pop("steps")
     for k, v in sec.items():
@@ -166,6 +169,10 @@ def _compress_onload(p, t, command) -> mf.Manifest:
             print(f"llmprune: resuming {found[0].name}: blocks 0-{found[1]['next_block'] - 1} of "
                   f"{found[1]['blocks']} were pruned by a run that stopped (checkpoint of {found[1]['time']})",
                   file=sys.stderr)
+    acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
+    parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts)
+    there = sum(f.stat().st_size for f in found[0].rglob("*") if f.is_file()) if found else 0  # written already
+    outdir.check_space(p.out, parts, there)
     cache: dict = {}
     dense = {}
     dense_key = [list(c.eval), c.eval_seqlen, windows]

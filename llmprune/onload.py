@@ -90,6 +90,27 @@ def block_store(lz: lazy.LazyModel, sink=None) -> lazy.BlockStore:
     return lazy.BlockStore(lz, a.blocks, late=(*late, a.norm), sink=sink, read_ahead=True)
 
 
+def disk_needed(lz: lazy.LazyModel, fmt: str, save_dtype: torch.dtype, scratch: bool, activations: int) -> dict:
+    """What a compression from disk writes into its output's folder at most, in bytes, by part: a dense
+    output's tensors (exact; a packed output is smaller and not counted), the pruned blocks in the compute
+    dtype when another pass follows (`scratch`: GPTQ, PERP), and `activations` (a checkpoint's, twice: the
+    next one is written before the last is removed)."""
+    meta = lz.model.state_dict(keep_vars=True)
+    head = f"{archmod.arch_of(lz.model).head}.weight"
+    blocks = f"{archmod.arch_of(lz.model).blocks}."
+    parts = {}
+    if fmt == "dense":
+        parts["the output"] = sum(meta[n].numel() * (save_dtype.itemsize if meta[n].is_floating_point()
+                                                     else meta[n].dtype.itemsize)
+                                  for n in lz.names() if not (lz.tied and n == head))
+    if scratch:
+        parts[f"the pruned blocks in {str(lz.dtype).replace('torch.', '')}"] = sum(
+            meta[n].numel() * lz.dtype.itemsize for n in lz.names(blocks))
+    if activations:
+        parts["checkpoints"] = 2 * activations
+    return parts
+
+
 # --- the output, written block by block ----------------------------------------------------------
 
 class Output:

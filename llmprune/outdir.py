@@ -64,6 +64,24 @@ def remove_stale(out: Path, keep: Path | None = None) -> list[Path]:
     return removed
 
 
+def size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_space(out: Path, parts: dict[str, int], written: int = 0, name: str | None = None) -> None:
+    """Refuse, before any work, a run whose output folder needs more than the free space of its disk (`parts`:
+    bytes by what they hold; `written`: already there, a resumed run's): a 70B model's output is 140 GB, and
+    finding the disk full after hours of pruning loses them."""
+    where = Path(out).absolute().parent
+    while not where.exists():
+        where = where.parent
+    need, free = sum(parts.values()) - written, shutil.disk_usage(where).free
+    if need > free:
+        what = " + ".join(f"{k} {size(v)}" for k, v in parts.items()) + (f" - {size(written)} written" if written else "")
+        raise LLMPruneError(f"{name or Path(out).name} needs {size(need)} ({what}) on the disk of {where.resolve()}, which "
+                            f"has {size(free)} free: free space there or choose another --out")
+
+
 def _disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True

@@ -153,7 +153,12 @@ def _open(spec: str, dtype: str, onload_: str, work: Path):
     why = onload.stored_as_in_memory(lz)
     if why and onload_ == "blocks":
         raise LLMPruneError(f"--onload blocks: {why}: use --onload whole (or auto)")
-    return _Whole(spec, dtype, why) if why else _Blocks(lz, tok, info, work)
+    if why:
+        return _Whole(spec, dtype, why)
+    from . import outdir
+
+    outdir.check_space(work, onload.disk_needed(lz, "none", lz.dtype, True, 0), name="the sweep")  # a point's copy
+    return _Blocks(lz, tok, info, work)
 
 
 def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda"), sparsities=(0.5,),

@@ -240,3 +240,39 @@ def test_checkpoint_every_takes_seconds_or_off(capsys, tiny_dir):
     assert rc == 2 and len(err) == 1 and "--checkpoint-every 'soon'" in err[0] and "or off" in err[0]
     rc = main(["compress", "--model", str(tiny_dir), "--checkpoint-every", "-5"])
     assert rc == 2 and "seconds >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("onload", ["blocks", "whole"])
+def test_a_disk_too_small_for_the_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch, tiny_dir,
+                                                                     calib_txt, onload):
+    import shutil
+
+    argv = ["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), "--onload", onload,
+            "--nsamples", "6", "--seqlen", "32", "--no-progress", "--eval", "none"]
+    ok = tmp_path / "ok"
+    assert main([*argv, "--out", str(ok)]) == 0
+    written = sum(f.stat().st_size for f in ok.glob("*.safetensors"))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=int(written * 0.95)))
+    solved = _solved(monkeypatch)
+    capsys.readouterr()
+    rc = main([*argv, "--out", str(tmp_path / "small")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("llmprune: error: small needs ") and "MB (the output " in err[0] and \
+        "MB free: free space there or choose another --out" in err[0]
+    assert solved == [] and not list(tmp_path.glob("*small*"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=written + 2**20))
+    assert main([*argv, "--out", str(tmp_path / "fits")]) == 0
+
+
+def test_a_sweep_from_disk_checks_the_space_of_its_pruned_copy(tmp_path, capsys, monkeypatch, tiny_dir):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    rc = main(["sweep", "--model", str(tiny_dir), "--solvers", "magnitude", "--sparsity", "0.5", "--eval-windows", "1",
+               "--eval-seqlen", "32", "--out", str(tmp_path / "sw"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("llmprune: error: the sweep needs ") and \
+        "(the pruned blocks in float32 " in err[0], err
