@@ -162,7 +162,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
     # a pruning pass straight into a dense output commits checkpoints; a killed run's is taken over
     fp = found = None
-    if c.checkpoint_s is not None and c.format == "dense" and not c.recover:
+    if c.checkpoint_s is not None and p.quant != "gptq" and not c.recover:  # (one pass writes the output)
         fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
         found = resume.find(p.out, fp)
         if found:  # said even without progress bars: the run does not start from the first block
@@ -427,13 +427,18 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
          command: str | None = None, save_dtype: str = "float16", grid: str = "auto", gptq: dict | None = None,
          eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
          device: str | None = None, onload: str = "auto", tasks: tuple[str, ...] = (),
-         tasks_limit: int | None = None) -> dict:
+         tasks_limit: int | None = None, checkpoint_s: float | None = 600.0) -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ quantizes block by
     block on calibration data first (quant.sequential.gptq_sequential). The source stays on disk and
     is read one block at a time (onload.pack; scale tuning, --tune-steps, reads it from disk to where it
     trains: onload.gptq_tuned), unless `onload` is "whole" or the folder only loads whole. With `eval` /
-    `tasks`, the packed folder's perplexity / zero-shot accuracy as saved."""
-    from . import checkpoint, formats
+    `tasks`, the packed folder's perplexity / zero-shot accuracy as saved. Block by block without scale
+    tuning, a checkpoint every `checkpoint_s` seconds (None: none): a killed pack goes on from its last one
+    when run again (resume.py)."""
+    import sys
+
+    from . import arch as archmod
+    from . import checkpoint, formats, resume
     from . import onload as onl
     from .eval import zeroshot
 
@@ -479,15 +484,35 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     new = mf.derive(old, versions(), ",".join(devs), onload="blocks" if lz is not None else
                     "whole" + (f": {why}" if why else ""))
     new.packed_from, new.command = str(src), command
-    with outdir.atomic_dir(out, overwrite) as tmp:
+    fp = found = None
+    if lz is not None and checkpoint_s is not None and not (gcfg and gcfg.tune_steps):
+        import torch
+
+        recipe = {"fmt": fmt, "quant": quant, "group_size": group_size, "symmetric": symmetric, "save_dtype": save_dtype,
+                  "gptq": gcfg.as_dict() if gcfg else None, "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
+                  "seed": seed}
+        fp = resume.fingerprint(recipe, ids, lz.folder, tuple(devs), getattr(torch, save_dtype))
+        found = resume.find(Path(out), fp)
+        if found:
+            print(f"llmprune: resuming {found[0].name}: blocks 0-{found[1]['next_block'] - 1} of "
+                  f"{found[1]['blocks']} were packed by a run that stopped (checkpoint of {found[1]['time']})",
+                  file=sys.stderr)
+    made: list = []
+    with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None) as tmp:
         if lz is None:
             new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids,
                                          cinfo, devs[0], 8, progress, t, devs)
         else:
             import torch
 
+            n_blocks = len(archmod.blocks(lz.model))
+
+            def checkpoints(o):
+                made.append(resume.Checkpoints(tmp, fp, checkpoint_s, o, n_blocks, found[1] if found else None))
+                return made[0]
+
             new.format = onl.pack(lz, tok, tmp, fmt, quant, group_size, symmetric, getattr(torch, save_dtype), gcfg,
-                                  ids, cinfo, devs, 8, progress, t)
+                                  ids, cinfo, devs, 8, progress, t, checkpoints if fp else None)
         new.steps = [*old.steps, *pipeline.export_steps(new.format)]
         del model, lz
         mf.write(tmp, new)  # the loader reads the format from it; rewritten below with the figures
@@ -503,5 +528,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         for k, v in memory(devs[0]).items():  # this command's, as its timings (the source's: its history)
             setattr(new, k, v)
         new.versions = versions()  # now that CUDA has run, if it did
+        if made:
+            new.resumed = made[0].record()
+            made[0].close()
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}

@@ -420,6 +420,10 @@ def _add_pack(sub):
     p.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default all)")
     _add_task_flags(p)
     p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
+                   help="while packing block by block (not with --tune-steps), commit a checkpoint every SECONDS "
+                        "(0: after every block that completes a file; off: none): rerunning the command of a run "
+                        "that was killed goes on from its last one (default 600)")
     p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
                    help="blocks: the source stays on disk and is packed one decoder block at a time (scale "
                         "tuning reads it to where it trains); whole: in memory; auto: blocks where the folder "
@@ -436,7 +440,11 @@ def cmd_pack(a) -> int:
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
                  progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
                  gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
-                 device=a.device, onload=a.onload, tasks=_tasks(a), tasks_limit=a.tasks_limit)
+                 device=a.device, onload=a.onload, tasks=_tasks(a), tasks_limit=a.tasks_limit,
+                 checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"))
+    r = m.get("resumed")
+    if r:
+        print(f"resumed at block {r['from_block']} of {r['blocks']} from the checkpoint of {r['checkpoint']}")
     print_format(m)
     print_eval(m.get("eval", {}))
     print_zeroshot(m.get("zeroshot") or {})

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -530,14 +531,48 @@ class ShardBuffer:
         self.shard_nbytes = 0  # of the tensors gathered for the next file
         self.files: dict[str, str] = {}  # tensor name -> file
         self.nbytes = 0  # of every tensor put
+        self.held = False  # inside `unit`: a full shard waits for the unit's end
+        self.unsynced: list[str] = []  # files written since the last `sync`
 
     def put(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous().cpu()
         self.shard[name] = t
         self.shard_nbytes += t.numel() * t.element_size()
         self.nbytes += t.numel() * t.element_size()
+        if self.shard_nbytes >= self.shard_bytes and not self.held:
+            self.flush()
+
+    @contextmanager
+    def unit(self):
+        """Tensors put inside go to one file (a decoder block's): a shard full in between is written at the end,
+        so the files written so far hold whole blocks (a checkpoint commits when nothing waits: resume.py)."""
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
         if self.shard_nbytes >= self.shard_bytes:
             self.flush()
+
+    def sync(self) -> dict[str, int]:
+        """The files written so far flushed to the disk (os.fsync); returns their sizes."""
+        for f in self.unsynced:
+            fd = os.open(self.folder / f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.unsynced = []
+        return {f: (self.folder / f).stat().st_size for f in sorted(set(self.files.values()))}
+
+    def restore(self, files: dict[str, str], nbytes: int) -> None:
+        """Go on from a killed run's files (`files`, `nbytes` as its `sync` saw them): files it wrote later are
+        removed, the next file takes the next number."""
+        self.files, self.nbytes = dict(files), nbytes
+        keep = set(files.values())
+        for p in self.folder.glob(f"{self.stem}-*.safetensors"):
+            if p.name not in keep:
+                p.unlink()
 
     def flush(self) -> None:
         from safetensors.torch import save_file
@@ -546,6 +581,7 @@ class ShardBuffer:
             return
         name = f"{self.stem}-{len(set(self.files.values())) + 1:05d}.safetensors"
         save_file(self.shard, str(self.folder / name), metadata=self.metadata)
+        self.unsynced.append(name)
         self.files.update(dict.fromkeys(self.shard, name))
         self.shard, self.shard_nbytes = {}, 0
 

@@ -159,14 +159,43 @@ class Output:
                 self.writer.add(prefix + n, t.to(self.save_dtype) if t.is_floating_point() else t)
             return
         done = set()
-        for n, m in module.named_modules():
-            if isinstance(m, nn.Linear):
-                full = prefix + n
-                self.packer.add_linear(full, m, quantized=(quantized or {}).get(full))
-                done |= {f"{n}.weight", f"{n}.bias"}
-        for n, t in module.state_dict().items():
-            if n not in done:
-                self.packer.add_tensor(prefix + n, t)
+        with self.packer.out.unit():
+            for n, m in module.named_modules():
+                if isinstance(m, nn.Linear):
+                    full = prefix + n
+                    self.packer.add_linear(full, m, quantized=(quantized or {}).get(full))
+                    done |= {f"{n}.weight", f"{n}.bias"}
+            for n, t in module.state_dict().items():
+                if n not in done:
+                    self.packer.add_tensor(prefix + n, t)
+
+    # --- checkpoints (resume.py) ---
+
+    def ready(self) -> bool:
+        """Whether the files hold every block handed over so far (packed: nothing waits in the shard buffer)."""
+        return self.fmt == "dense" or not self.packer.out.shard
+
+    def sync(self) -> dict[str, int]:
+        """Every file written so far on the disk; their sizes."""
+        return self.writer.sync() if self.fmt == "dense" else self.packer.out.sync()
+
+    def snapshot(self) -> dict:
+        """What a killed run's next run needs of this output's state besides its files."""
+        s = {"zeros": self.zeros, "total": self.total}
+        if self.fmt != "dense":
+            s.update(layers=self.packer.layers, left_dense=self.packer.left_dense, files=self.packer.out.files,
+                     nbytes=self.packer.out.nbytes)
+        return s
+
+    def restore(self, s: dict, start: int) -> None:
+        """Go on from a snapshot taken after block `start` - 1: blocks from `start` on are written again."""
+        self.zeros, self.total = s["zeros"], s["total"]
+        if self.fmt == "dense":
+            prefix = tuple(f"{self.blocks}.{i}." for i in range(start))
+            self.writer.written([n for n in self.writer.spec if n.startswith(prefix)])
+        else:
+            self.packer.layers, self.packer.left_dense = s["layers"], s["left_dense"]
+            self.packer.out.restore(s["files"], s["nbytes"])
 
     @torch.no_grad()
     def outside_tensors(self, in_memory: bool) -> None:
@@ -364,8 +393,9 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
 
 
 def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size, symmetric, gptq, batch_size: int,
-              devices: tuple[str, ...], progress: bool) -> dict:
-    """GPTQ block by block; each block's codes go straight to the packer (never the whole model's)."""
+              devices: tuple[str, ...], progress: bool, checkpoints=None) -> dict:
+    """GPTQ block by block; each block's codes go straight to the packer (never the whole model's).
+    `checkpoints` (resume.Checkpoints; not with scale tuning): the pass commits checkpoints, or goes on from one."""
     from .quant.sequential import gptq_sequential
 
     info: dict = {}
@@ -381,7 +411,7 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
     with timer("gptq_s"), walker.onload(model, store):
         gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
                         progress=progress, dtype=out.packer.dtype, info=info, on_block=pending.__setitem__,
-                        devices=devices, **gptq.as_dict())
+                        devices=devices, resume=checkpoints, **gptq.as_dict())
     out.packer.quant_opts = {**gptq.as_dict(), **info}
     return info
 
@@ -519,39 +549,45 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
     return {**info, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def each_block(lz: lazy.LazyModel, device, sink, progress: bool = False, desc: str = "blocks") -> None:
+def each_block(lz: lazy.LazyModel, device, sink, progress: bool = False, desc: str = "blocks",
+               checkpoints=None) -> None:
     """A pass with no forward (RTN packing, exports): every block read, handed to `sink(i, block)`,
-    freed."""
+    freed. `checkpoints` (resume.Checkpoints): from its first unfinished block, each finished one handed to it."""
     from tqdm.auto import tqdm
 
     store = block_store(lz, sink)
     blocks = archmod.blocks(lz.model)
+    start = checkpoints.start if checkpoints is not None else 0
     try:
-        for i in tqdm(range(len(blocks)), desc=desc, disable=not progress):
+        for i in tqdm(range(start, len(blocks)), desc=desc, disable=not progress, initial=start, total=len(blocks)):
             store.load_block(i, device)
             store.done(i, blocks[i])
             store.release_block(i)
+            if checkpoints is not None:
+                checkpoints.after(i, None, {}, {}, 0)
     finally:
         store.close()
 
 
 def pack(lz: lazy.LazyModel, tok, folder: Path, fmt: str, quant: str | None, group_size, symmetric,
          save_dtype: torch.dtype, gptq, ids, calib_info: dict | None, devices: tuple[str, ...], batch_size: int,
-         progress: bool, timer) -> dict:
+         progress: bool, timer, checkpoints=None) -> dict:
     """`llmprune pack` of a saved dense output, block by block: each block read, packed (RTN here, or
-    GPTQ's pass on calibration data), written, freed. Returns the manifest's format section."""
+    GPTQ's pass on calibration data), written, freed. Returns the manifest's format section.
+    `checkpoints(out)`: the resume.Checkpoints of the pass into Output `out` (not with scale tuning)."""
     from . import packed
 
     packer = packed.PackWriter(folder, fmt, quant, group_size, symmetric, save_dtype)
     out = Output(lz, folder, fmt, save_dtype, [], packer)
     out.counting = False  # the source's sparsity stands
+    ck = checkpoints(out) if checkpoints is not None else None
     if packer.quant == "gptq":
-        gptq_pass(lz, ids, out, timer, fmt, group_size, symmetric, gptq, batch_size, devices, progress)
+        gptq_pass(lz, ids, out, timer, fmt, group_size, symmetric, gptq, batch_size, devices, progress, ck)
         if calib_info is not None:
             packer.quant_opts["calibration"] = calib_info
     with timer("save_s"):
         if packer.quant != "gptq":
-            each_block(lz, devices[0], out.block, progress, desc=f"pack {fmt}")
+            each_block(lz, devices[0], out.block, progress, desc=f"pack {fmt}", checkpoints=ck)
         return out.outside(tok)
 
 

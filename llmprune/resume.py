@@ -101,9 +101,7 @@ class Checkpoints:
         self.keep: dict = dict(self.state.get("keep", {}))
         self.t0 = self.last = time.monotonic()
         if state:  # the blocks before `start` are in the output's files: write the others into them
-            prefix = tuple(f"{out.blocks}.{i}." for i in range(self.start))
-            out.writer.written([n for n in out.writer.spec if n.startswith(prefix)])
-            out.zeros, out.total = state["zeros"], state["total"]
+            out.restore(state["out"], self.start)
 
     def hidden(self, device) -> list[torch.Tensor]:
         from .lazy import WeightFiles
@@ -122,9 +120,9 @@ class Checkpoints:
 
     def after(self, i: int, hidden: list[torch.Tensor] | None, infos: dict, experts: dict, replayed: int) -> None:
         done = i + 1
-        if done < self.n and time.monotonic() - self.last < self.every:
-            return
-        files = self.out.writer.sync()
+        if done < self.n and time.monotonic() - self.last < self.every or not self.out.ready():
+            return  # (a packed output is ready after a block that filled a file: onload.Output.ready)
+        files = self.out.sync()
         name = None
         if done < self.n and hidden is not None:
             name = f"hidden-{done:05d}"
@@ -132,8 +130,7 @@ class Checkpoints:
         seconds = self.state.get("seconds", 0.0) + time.monotonic() - self.t0
         _write_json(self.dir / STATE, {
             "fingerprint": self.fp, "next_block": done, "blocks": self.n, "hidden": name, "files": files,
-            "layers": infos, "experts": experts, "replayed": replayed, "zeros": self.out.zeros,
-            "total": self.out.total, "seconds": seconds, "runs": self.runs,
+            "layers": infos, "experts": experts, "replayed": replayed, "out": self.out.snapshot(), "seconds": seconds, "runs": self.runs,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "keep": self.keep})
         for p in self.dir.glob("hidden-*"):
             if p.name != name:

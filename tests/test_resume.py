@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
@@ -53,8 +52,8 @@ def _tensors(folder: Path) -> dict:
     return out
 
 
-def _kill(argv: list[str], kill_at: int) -> None:
-    code = KILLER.format(shard_bytes=SHARD_BYTES, kill_at=kill_at, argv=argv)
+def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES) -> None:
+    code = KILLER.format(shard_bytes=shard_bytes, kill_at=kill_at, argv=argv)
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
 
@@ -180,19 +179,22 @@ def test_checkpoints_follow_the_clock(tmp_path, monkeypatch, tiny_dir):
     commits = []
 
     class Out:
-        blocks, zeros, total = "model.layers", 0, 0
+        @staticmethod
+        def ready():
+            return True
 
-        class writer:
-            spec: typing.ClassVar[dict] = {}
+        @staticmethod
+        def sync():
+            commits.append("sync")
+            return {}
 
-            @staticmethod
-            def sync():
-                commits.append("sync")
-                return {}
+        @staticmethod
+        def snapshot():
+            return {"zeros": 0}
 
-            @staticmethod
-            def written(names):
-                commits.append(("written", names))
+        @staticmethod
+        def restore(state, start):
+            commits.append(("restore", state, start))
 
     clock = [0.0]
     monkeypatch.setattr(resume.time, "monotonic", lambda: clock[0])
@@ -210,7 +212,7 @@ def test_checkpoints_follow_the_clock(tmp_path, monkeypatch, tiny_dir):
     again = resume.Checkpoints(tmp_path, "fp", 10.0, Out, n_blocks=5,
                                state=json.loads((tmp_path / resume.RESUME / resume.STATE).read_text()))
     got = again.hidden("cpu")
-    assert commits[-1] == ("written", [])
+    assert commits[-1] == ("restore", {"zeros": 0}, 3)
     assert again.start == 3 and len(got) == 2 and all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(got, h))
 
 
@@ -276,3 +278,52 @@ def test_a_sweep_from_disk_checks_the_space_of_its_pruned_copy(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("llmprune: error: the sweep needs ") and \
         "(the pruned blocks in float32 " in err[0], err
+
+
+PACKS = {  # packed outputs: a file (and so a checkpoint) after every block with files this small
+    "pack-w4s24-gptq": ["pack", "{src}", "--format", "w4s24", "--quant", "gptq", "--group-size", "32", "--calib",
+                        "{calib}", "--nsamples", "6", "--seqlen", "32", "--eval", "wikitext2"],
+    "compress-w4g128-rtn": ["compress", "--model", "{model}", "--solver", "wanda", "--format", "w4g128", "--quant",
+                            "rtn", "--group-size", "32", "--calib", "{calib}", "--nsamples", "6", "--seqlen", "32",
+                            "--eval", "wikitext2", "--onload", "blocks"],
+    "pack-sparse24": ["pack", "{src}", "--format", "sparse24", "--eval", "wikitext2"],
+}
+
+
+@pytest.mark.parametrize("case", list(PACKS))
+def test_a_killed_pack_goes_on_from_its_checkpoint_to_the_same_tensors(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                       calib_txt, case):
+    from llmprune import lazy
+
+    src = tmp_path / "src"
+    assert main(["compress", "--model", str(deep_dir), "--solver", "sparsegpt", "--pattern", "2:4", "--calib",
+                 str(calib_txt), "--nsamples", "6", "--seqlen", "32", "--no-progress", "--eval", "none", "--out",
+                 str(src)]) == 0
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 5_000)
+    argv = [a.format(src=src, model=deep_dir, calib=calib_txt) for a in PACKS[case]] + \
+        ["--eval-seqlen", "64", "--eval-windows", "2", "--no-progress", "--checkpoint-every", "0"]
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref)]) == 0
+    out = tmp_path / "out"
+    _kill([*argv, "--out", str(out)], kill_at=2, shard_bytes=5_000)
+    (left,) = outdir.stale(out)
+    assert json.loads((left / resume.RESUME / resume.STATE).read_text())["next_block"] == 2
+    capsys.readouterr()
+    solved = []
+    from llmprune import packed
+
+    real = packed.PackWriter.add_linear
+    monkeypatch.setattr(packed.PackWriter, "add_linear", lambda self, name, *a, **k: (solved.append(name),
+                                                                                     real(self, name, *a, **k))[1])
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"resuming {left.name}: blocks 0-1 of {BLOCKS}" in capsys.readouterr().err
+    assert solved and all(n.split(".")[2] in ("2", "3") for n in solved)
+    assert not outdir.stale(out) and not (out / resume.RESUME).exists()
+    a, b = _tensors(ref), _tensors(out)
+    assert set(a) == set(b) and len(list(out.glob("*.safetensors"))) > 1
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+    assert mb["format"] == ma["format"]
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
+    assert mb["resumed"]["from_block"] == 2 and ma.get("resumed") is None

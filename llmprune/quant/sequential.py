@@ -42,7 +42,8 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
                     device="cpu", progress: bool = False, dtype: torch.dtype | None = torch.float16,
                     act_order: bool = GPTQConfig.act_order, sink_weight: float = GPTQConfig.sink_weight,
                     tune_steps: int = GPTQConfig.tune_steps, tune_lr: float = GPTQConfig.tune_lr,
-                    info: dict | None = None, on_block=None, devices: tuple[str, ...] | None = None) -> dict:
+                    info: dict | None = None, on_block=None, devices: tuple[str, ...] | None = None,
+                    resume=None) -> dict:
     """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
     Hessians come from calibration inputs that went through the already-quantized blocks before
     it, and each quantized linear computes with its dequantized weights from then on. Returns
@@ -53,7 +54,8 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     dampening raised for a layer goes into `info["damp_raised"]`. on_block(index, {name: Quantized}):
     called with each block's codes instead of collecting them (sequential onloading: the packer takes
     them block by block). With several `devices` the linears of a block are quantized on all of them at
-    once (parallel.py)."""
+    once (parallel.py). `resume` (a resume.Checkpoints, sequential onloading without tuning): the pass starts
+    at its first unfinished block, `info` seeded with what the blocks before recorded."""
     from .. import arch, parallel, walker
 
     f = formats.get(fmt)
@@ -70,7 +72,12 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         model.to("cpu")
     out = {}
     planner = arch.Planner(model, gates=True)
-    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks"):
+    start, after = 0, None
+    if resume is not None:
+        resume.seed(info, {})
+        start, after = resume.start, (lambda i, hidden: resume.after(i, hidden, info, {}, 0))
+    for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks", start=start,
+                             hidden=resume and resume.hidden, after=after):
         prefix = f"{a.blocks}.{block.index}."
         lins = [n for n in planner(block).linears if not arch.is_dense(n, gates=True)]  # in the order they run
         mods = {prefix + n: arch.get(block.module, n) for n in lins if f"{prefix}{n}.weight" not in tied}
