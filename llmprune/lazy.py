@@ -357,6 +357,16 @@ class LazyModel:
             self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
 
 
+def fsync(paths) -> None:
+    """Files already closed, flushed to the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class ShardWriter:
     """Write a dense model as sharded safetensors (+ index) into `folder`. `specs` (name, shape,
     dtype) in state-dict order fix every shard's header up front, so each tensor is written at its
@@ -457,12 +467,7 @@ class ShardWriter:
     def sync(self) -> dict[str, int]:
         """Everything written so far flushed to the disk (os.fsync: it survives the machine going down,
         not only the process); returns each started file's size."""
-        for f in self.closed:
-            fd = os.open(self.folder / f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync(self.folder / f for f in self.closed)
         self.closed = []
         for fh in self.open.values():
             fh.flush()
@@ -556,12 +561,7 @@ class ShardBuffer:
 
     def sync(self) -> dict[str, int]:
         """The files written so far flushed to the disk (os.fsync); returns their sizes."""
-        for f in self.unsynced:
-            fd = os.open(self.folder / f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync(self.folder / f for f in self.unsynced)
         self.unsynced = []
         return {f: (self.folder / f).stat().st_size for f in sorted(set(self.files.values()))}
 

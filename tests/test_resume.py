@@ -58,6 +58,17 @@ def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES) -> None
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
 
 
+def _same_output(ref: Path, out: Path) -> tuple[dict, dict]:
+    """Assert `out` (resumed) holds `ref`'s tensors, in several files, with no checkpoint or killed run's folder
+    left; returns both manifests."""
+    assert not outdir.stale(out) and not (out / resume.RESUME).exists()
+    a, b = _tensors(ref), _tensors(out)
+    assert set(a) == set(b) and len(list(out.glob("*.safetensors"))) > 1
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return tuple(json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+
+
 def _solved(monkeypatch) -> list[str]:
     names: list[str] = []
     real = prune._solve
@@ -101,12 +112,7 @@ def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, c
     err = capsys.readouterr().err
     assert f"resuming {left.name}: blocks 0-2 of {BLOCKS}" in err
     assert solved and all(n.split(".")[2] == "3" for n in solved)  # blocks 0-2 were not pruned again
-    assert not outdir.stale(out) and not (out / resume.RESUME).exists()
-    a, b = _tensors(ref), _tensors(out)
-    assert set(a) == set(b) and len(list(out.glob("*.safetensors"))) > 1
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+    ma, mb = _same_output(ref, out)
     assert mb["sparsity"] == ma["sparsity"]
     assert mb.get("owl") == ma.get("owl") and mb.get("damp_raised") == ma.get("damp_raised")
     assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
@@ -318,12 +324,7 @@ def test_a_killed_pack_goes_on_from_its_checkpoint_to_the_same_tensors(tmp_path,
     assert main([*argv, "--out", str(out)]) == 0
     assert f"resuming {left.name}: blocks 0-1 of {BLOCKS}" in capsys.readouterr().err
     assert solved and all(n.split(".")[2] in ("2", "3") for n in solved)
-    assert not outdir.stale(out) and not (out / resume.RESUME).exists()
-    a, b = _tensors(ref), _tensors(out)
-    assert set(a) == set(b) and len(list(out.glob("*.safetensors"))) > 1
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+    ma, mb = _same_output(ref, out)
     assert mb["format"] == ma["format"]
     assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
     assert mb["resumed"]["from_block"] == 2 and ma.get("resumed") is None
