@@ -135,8 +135,6 @@ def _evaluate_dense(path, model, tok, c, windows, device, cache) -> dict:
 
 def _compress_onload(p, t, command) -> mf.Manifest:
     """The model on disk, its blocks read, solved, written and freed one at a time."""
-    import sys
-
     from . import arch as archmod
     from . import onload, packed, resume
 
@@ -164,11 +162,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     fp = found = None
     if c.checkpoint_s is not None and p.quant != "gptq" and not c.recover:  # (one pass writes the output)
         fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
-        found = resume.find(p.out, fp)
-        if found:  # said even without progress bars: the run does not start from the first block
-            print(f"llmprune: resuming {found[0].name}: blocks 0-{found[1]['next_block'] - 1} of "
-                  f"{found[1]['blocks']} were pruned by a run that stopped (checkpoint of {found[1]['time']})",
-                  file=sys.stderr)
+        found = resume.find(p.out, fp, "pruned")
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
     parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts)
     there = sum(f.stat().st_size for f in found[0].rglob("*") if f.is_file()) if found else 0  # written already
@@ -435,8 +429,6 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     `tasks`, the packed folder's perplexity / zero-shot accuracy as saved. Block by block without scale
     tuning, a checkpoint every `checkpoint_s` seconds (None: none): a killed pack goes on from its last one
     when run again (resume.py)."""
-    import sys
-
     from . import arch as archmod
     from . import checkpoint, formats, resume
     from . import onload as onl
@@ -492,11 +484,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
                   "gptq": gcfg.as_dict() if gcfg else None, "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
                   "seed": seed}
         fp = resume.fingerprint(recipe, ids, lz.folder, tuple(devs), getattr(torch, save_dtype))
-        found = resume.find(Path(out), fp)
-        if found:
-            print(f"llmprune: resuming {found[0].name}: blocks 0-{found[1]['next_block'] - 1} of "
-                  f"{found[1]['blocks']} were packed by a run that stopped (checkpoint of {found[1]['time']})",
-                  file=sys.stderr)
+        found = resume.find(Path(out), fp, "packed")
     made: list = []
     with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None) as tmp:
         if lz is None:

@@ -55,9 +55,12 @@ def _state(folder: Path) -> dict | None:
         return None
 
 
-def find(out: Path, fp: str) -> tuple[Path, dict] | None:
+def find(out: Path, fp: str, done: str) -> tuple[Path, dict] | None:
     """The temporary folder of a dead run of `out` holding a checkpoint under fingerprint `fp` whose files
-    are all there (the one furthest on, if several), with its state; None if there is none."""
+    are all there (the one furthest on, if several), with its state; None if there is none. A find is said on
+    stderr, progress bars or not (the run does not start from the first block; `done`: what the blocks were)."""
+    import sys
+
     from . import outdir
 
     best = None
@@ -72,6 +75,9 @@ def find(out: Path, fp: str) -> tuple[Path, dict] | None:
             continue
         if best is None or state["next_block"] > best[1]["next_block"]:
             best = (folder, state)
+    if best:
+        print(f"llmprune: resuming {best[0].name}: blocks 0-{best[1]['next_block'] - 1} of {best[1]['blocks']} were "
+              f"{done} by a run that stopped (checkpoint of {best[1]['time']})", file=sys.stderr)
     return best
 
 
