@@ -158,11 +158,11 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         with t("calib_load_s"):
             ids, m.calibration = pipeline.calibrate(c.calib, tok, c.nsamples, c.seqlen, c.seed)
     save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
-    # a pruning pass straight into a dense output commits checkpoints; a killed run's is taken over
+    # the passes over the blocks commit checkpoints (not scale tuning's training); a killed run's is taken over
     fp = found = None
-    if c.checkpoint_s is not None and p.quant != "gptq" and not c.recover:  # (one pass writes the output)
+    if c.checkpoint_s is not None and not (p.quant == "gptq" and p.gptq.tune_steps):
         fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
-        found = resume.find(p.out, fp, "pruned")
+        found = resume.find(p.out, fp)
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
     parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts)
     there = sum(f.stat().st_size for f in found[0].rglob("*") if f.is_file()) if found else 0  # written already
@@ -182,7 +182,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
         checkpoints = None
         if fp:
-            checkpoints = resume.Checkpoints(tmp, fp, c.checkpoint_s, out, len(archmod.blocks(lz.model)),
+            checkpoints = resume.Checkpoints(tmp, fp, c.checkpoint_s, len(archmod.blocks(lz.model)),
                                              found[1] if found else None)
             if dense:
                 checkpoints.keep["dense"] = {"key": dense_key, "figures": dense}
@@ -484,8 +484,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
                   "gptq": gcfg.as_dict() if gcfg else None, "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
                   "seed": seed}
         fp = resume.fingerprint(recipe, ids, lz.folder, tuple(devs), getattr(torch, save_dtype))
-        found = resume.find(Path(out), fp, "packed")
-    made: list = []
+        found = resume.find(Path(out), fp)
+    ck = None
     with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None) as tmp:
         if lz is None:
             new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids,
@@ -493,14 +493,10 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         else:
             import torch
 
-            n_blocks = len(archmod.blocks(lz.model))
-
-            def checkpoints(o):
-                made.append(resume.Checkpoints(tmp, fp, checkpoint_s, o, n_blocks, found[1] if found else None))
-                return made[0]
-
+            if fp:
+                ck = resume.Checkpoints(tmp, fp, checkpoint_s, len(archmod.blocks(lz.model)), found[1] if found else None)
             new.format = onl.pack(lz, tok, tmp, fmt, quant, group_size, symmetric, getattr(torch, save_dtype), gcfg,
-                                  ids, cinfo, devs, 8, progress, t, checkpoints if fp else None)
+                                  ids, cinfo, devs, 8, progress, t, ck)
         new.steps = [*old.steps, *pipeline.export_steps(new.format)]
         del model, lz
         mf.write(tmp, new)  # the loader reads the format from it; rewritten below with the figures
@@ -516,8 +512,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         for k, v in memory(devs[0]).items():  # this command's, as its timings (the source's: its history)
             setattr(new, k, v)
         new.versions = versions()  # now that CUDA has run, if it did
-        if made:
-            new.resumed = made[0].record()
-            made[0].close()
+        if ck is not None:
+            new.resumed = ck.record()
+            ck.close()
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}

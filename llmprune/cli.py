@@ -135,6 +135,13 @@ def cmd_compress(a) -> int:
     return 0
 
 
+def _resumed(r: dict) -> str:
+    """Where a resumed run went on from (manifest `resumed`, resume.Checkpoints.record)."""
+    after = "".join(f", after the {d} pass" for d in r.get("passes_done", []))
+    return (f"resumed at block {r['from_block']} of {r['blocks']} of the {r.get('pass', 'prune')} pass{after}, from the "
+            f"checkpoint of {r['checkpoint']}")
+
+
 def _seconds_or_off(v: str, flag: str) -> float | None:
     from .errors import LLMPruneError
 
@@ -154,8 +161,8 @@ def print_summary(m: dict) -> None:
     print(f"\nsaved {m['out']}  ({what})")
     r = m.get("resumed")
     if r:
-        print(f"resumed at block {r['from_block']} of {r['blocks']} from the checkpoint of {r['checkpoint']} "
-              f"({r['earlier_s']:.0f}s of pruning done by {r['runs'] - 1} earlier run(s); timings below: this run's)")
+        print(f"{_resumed(r)} ({r['earlier_s']:.0f}s of work done by {r['runs'] - 1} earlier run(s); timings below: "
+              f"this run's)")
     t = m.get("timings", {})
     print(f"compress {t.get('compress_s', 0):.1f}s (forward {t.get('forward_s', 0):.1f}s, solve {t.get('solve_s', 0):.1f}s)"
           f"  total {t.get('total_s', 0):.1f}s  peak RSS {m.get('peak_rss_mib', 0):.0f} MiB")
@@ -442,9 +449,8 @@ def cmd_pack(a) -> int:
                  gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
                  device=a.device, onload=a.onload, tasks=_tasks(a), tasks_limit=a.tasks_limit,
                  checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"))
-    r = m.get("resumed")
-    if r:
-        print(f"resumed at block {r['from_block']} of {r['blocks']} from the checkpoint of {r['checkpoint']}")
+    if m.get("resumed"):
+        print(_resumed(m["resumed"]))
     print_format(m)
     print_eval(m.get("eval", {}))
     print_zeroshot(m.get("zeroshot") or {})

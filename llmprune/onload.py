@@ -181,7 +181,7 @@ class Output:
 
     def snapshot(self) -> dict:
         """What a killed run's next run needs of this output's state besides its files."""
-        s = {"zeros": self.zeros, "total": self.total}
+        s = {"zeros": self.zeros, "total": self.total, "outside": self.outside_written}
         if self.fmt != "dense":
             s.update(layers=self.packer.layers, left_dense=self.packer.left_dense, files=self.packer.out.files,
                      nbytes=self.packer.out.nbytes)
@@ -189,7 +189,7 @@ class Output:
 
     def restore(self, s: dict, start: int) -> None:
         """Go on from a snapshot taken after block `start` - 1: blocks from `start` on are written again."""
-        self.zeros, self.total = s["zeros"], s["total"]
+        self.zeros, self.total, self.outside_written = s["zeros"], s["total"], s.get("outside", False)
         if self.fmt == "dense":
             prefix = tuple(f"{self.blocks}.{i}." for i in range(start))
             self.writer.written([n for n in self.writer.spec if n.startswith(prefix)])
@@ -240,12 +240,22 @@ class Output:
 
 class Scratch:
     """Blocks finished by a pass that is not the last, kept on disk in the compute dtype (exact) and
-    read back by the next pass: the LazyModel reads a block from here once it was written."""
+    read back by the next pass: the LazyModel reads a block from here once it was written. With `counts`
+    (the output, which counts the pruning's zeros), it takes checkpoints (resume.py) as an Output does."""
 
-    def __init__(self, lz: lazy.LazyModel, folder: Path):
-        self.lz, self.dir = lz, folder / SCRATCH
-        self.dir.mkdir()
+    def __init__(self, lz: lazy.LazyModel, folder: Path, counts: Output | None = None):
+        self.lz, self.dir, self.counts = lz, folder / SCRATCH, counts
+        self.dir.mkdir(exist_ok=True)  # (a resumed run's is taken over: `restore`)
         self.base = lz.files
+        self.files: list[str] = []  # written so far, in order
+        self.unsynced: list[str] = []
+
+    def _overlay(self, where: dict[str, Path]) -> None:
+        """Have the LazyModel read the tensors of `where` from the scratch files it names."""
+        overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
+        overlay.folder = self.base.folder
+        overlay.where = {**self.lz.files.where, **where}
+        self.lz.files = overlay
 
     @torch.no_grad()
     def _keep(self, tensors: dict[str, torch.Tensor], stem: str) -> None:
@@ -254,10 +264,10 @@ class Scratch:
 
         path = self.dir / f"{stem}.safetensors"
         save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path))
-        overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
-        overlay.folder = self.base.folder
-        overlay.where = {**self.lz.files.where, **dict.fromkeys(tensors, path)}
-        self.lz.files = overlay
+        self._overlay(dict.fromkeys(tensors, path))
+        if path.name not in self.files:
+            self.files.append(path.name)
+        self.unsynced.append(path.name)
 
     def block(self, i: int, module: nn.Module) -> None:
         self._keep(module.state_dict(prefix=f"{archmod.arch_of(self.lz.model).blocks}.{i}."), f"block-{i:05d}")
@@ -269,6 +279,31 @@ class Scratch:
         state = model.state_dict(keep_vars=True)
         self._keep({n: state[n] for n in self.lz.names(exclude=(f"{a.blocks}.",))
                     if not (self.lz.tied and n == f"{a.head}.weight")}, "outside")
+
+    # --- checkpoints (resume.py), as Output's ---
+
+    def ready(self) -> bool:
+        return True
+
+    def sync(self) -> dict[str, int]:
+        lazy.fsync(self.dir / f for f in self.unsynced)
+        self.unsynced = []
+        return {f"{SCRATCH}/{f}": (self.dir / f).stat().st_size for f in self.files}
+
+    def snapshot(self) -> dict:
+        return {"zeros": self.counts.zeros, "total": self.counts.total, "files": list(self.files)}
+
+    def restore(self, s: dict, start: int) -> None:
+        """Take over a killed run's scratch files (blocks before `start`, what lies outside them once written)."""
+        from safetensors import safe_open
+
+        self.counts.zeros, self.counts.total = s["zeros"], s["total"]
+        self.files = list(s["files"])
+        where: dict[str, Path] = {}
+        for f in self.files:
+            with safe_open(str(self.dir / f), framework="pt", device="cpu") as fh:
+                where.update(dict.fromkeys(fh.keys(), self.dir / f))
+        self._overlay(where)
 
     def close(self) -> None:
         self.lz.files = self.base
@@ -305,7 +340,8 @@ def recover_plan(lz: lazy.LazyModel, targets: list[str], devices: tuple[str, ...
     return perp.plan(model, adapted, devices, rcfg.seqlen, **rcfg.perp_options())
 
 
-def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, scratch: Scratch, where) -> tuple[dict, float]:
+def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, scratch: Scratch, where,
+                 checkpoints=None) -> tuple[dict, float]:
     """PERP after pruning block by block (arXiv 2312.15230): the pruned blocks, read back from the scratch
     folder, and the rest of the model go from disk straight to where they train (`load_placed`),
     `train(model, where)` retrains them in place there (pipeline.recover); then each block is written into `out`, or into the scratch
@@ -318,6 +354,8 @@ def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, sc
     info = train(model, where)
     measured = prune.measured_sparsity(model, names)
     gptq_follows = p.quant == "gptq"
+    if gptq_follows and checkpoints is not None:
+        checkpoints.drop()
     for i, block in enumerate(archmod.blocks(model)):
         (scratch.block if gptq_follows else out.block)(i, block)
     if gptq_follows:
@@ -335,31 +373,33 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
               where=None, checkpoints=None) -> dict:
     """Prune block by block (OWL's outlier pass first when asked; PERP's and GPTQ's passes after, through
     the scratch folder: PERP's, `recover(model, where)`, on the devices of `where`, recover_plan); the last pass
-    writes each block into `out`. `checkpoints` (resume.Checkpoints; a pruning pass that writes `out`): the
-    pass commits checkpoints, or goes on from one."""
+    writes each block into `out`. `checkpoints` (resume.Checkpoints): the pruning pass and GPTQ's commit
+    checkpoints, or go on from a killed run's; PERP's training, not block by block, is done again unless the
+    killed run had finished it and GPTQ's pass follows."""
     from . import prune
 
     c = p.cfg
     model = lz.model
     if c.scope == "global":
         raise LLMPruneError("--scope global ranks every weight of the model at once: run it with --onload whole")
+    ck = checkpoints
     sec: dict = {}
     with timer("compress_s"):
         layer_s = {n: p.sparsity for n in names}
-        if c.owl and checkpoints is not None and "owl" in checkpoints.keep:
-            layer_s = checkpoints.keep["owl"]  # the killed run's outlier pass: the same walk, not done again
+        if c.owl and ck is not None and "owl" in ck.keep:
+            layer_s = ck.keep["owl"]  # the killed run's outlier pass: the same walk, not done again
         elif c.owl:
             from . import owl
 
             with walker.onload(model, block_store(lz)):
                 layer_s = owl.layer_sparsities(model, names, ids, p.sparsity, batch_size=c.calib_batch,
                                                device=p.device, progress=c.progress, **dataclasses.asdict(c.owl))
-            if checkpoints is not None:
-                checkpoints.keep["owl"] = layer_s
+            if ck is not None:
+                ck.keep["owl"] = layer_s
         if c.owl:
             per_layer = list(layer_s.values())
             sec["owl"] = {**dataclasses.asdict(c.owl), "per_layer": sorted(set(per_layer), key=per_layer.index)}
-        scratch = Scratch(lz, folder) if p.quant == "gptq" or c.recover else None
+        scratch = Scratch(lz, folder, out) if p.quant == "gptq" or c.recover else None
 
         def sink(i, module):
             if scratch is None:
@@ -370,18 +410,28 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
         with walker.onload(model, block_store(lz, sink)):
             res = prune.prune(model, p.solver, p.pattern, layer_s, ids, c.solver_opts, c.calib_batch, p.device,
                               c.progress, expert_min_tokens=c.expert_min_tokens, expert_fallback=c.expert_fallback,
-                              gates=c.prune_gates, devices=p.devices, resume=checkpoints)
+                              gates=c.prune_gates, devices=p.devices,
+                              resume=ck and ck.begin("prune", scratch or out))
     for k, v in res["timings"].items():
         timer.s[k] = v
     if scratch:
         out.counting = False
     recovered = None
-    if c.recover:
+    gptq_follows = p.quant == "gptq"
+    if c.recover and gptq_follows and ck is not None and ck.finished("recover"):
+        recovered = ck.keep["recover"]  # trained and written into the scratch folder by the killed run
+        ck.begin("recover", scratch)
+        if not ck.reached("gptq"):  # the trained final norm, from there, where PERP's pass puts it
+            out.outside_tensors(in_memory=False)
+    elif c.recover:
         with timer("recover_s"):
-            recovered = recover_pass(p, lz, recover, names, out, scratch, where)
-    if p.quant == "gptq":
+            recovered = recover_pass(p, lz, recover, names, out, scratch, where, ck if gptq_follows else None)
+        if gptq_follows and ck is not None:
+            ck.keep["recover"] = recovered
+            ck.passed("recover", scratch)
+    if gptq_follows:
         gptq_pass(lz, ids, out, timer, c.format, c.group_size, c.symmetric, p.gptq, c.calib_batch, p.devices,
-                  c.progress)
+                  c.progress, ck)
     if scratch:
         scratch.close()
     sec = prune.manifest_section(p, res, sec, out.zeros / max(out.total, 1), len(names))
@@ -411,7 +461,7 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
     with timer("gptq_s"), walker.onload(model, store):
         gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
                         progress=progress, dtype=out.packer.dtype, info=info, on_block=pending.__setitem__,
-                        devices=devices, resume=checkpoints, **gptq.as_dict())
+                        devices=devices, resume=checkpoints and checkpoints.begin("gptq", out), **gptq.as_dict())
     out.packer.quant_opts = {**gptq.as_dict(), **info}
     return info
 
@@ -574,20 +624,20 @@ def pack(lz: lazy.LazyModel, tok, folder: Path, fmt: str, quant: str | None, gro
          progress: bool, timer, checkpoints=None) -> dict:
     """`llmprune pack` of a saved dense output, block by block: each block read, packed (RTN here, or
     GPTQ's pass on calibration data), written, freed. Returns the manifest's format section.
-    `checkpoints(out)`: the resume.Checkpoints of the pass into Output `out` (not with scale tuning)."""
+    `checkpoints` (resume.Checkpoints; not with scale tuning): the pass commits checkpoints, or goes on from one."""
     from . import packed
 
     packer = packed.PackWriter(folder, fmt, quant, group_size, symmetric, save_dtype)
     out = Output(lz, folder, fmt, save_dtype, [], packer)
     out.counting = False  # the source's sparsity stands
-    ck = checkpoints(out) if checkpoints is not None else None
     if packer.quant == "gptq":
-        gptq_pass(lz, ids, out, timer, fmt, group_size, symmetric, gptq, batch_size, devices, progress, ck)
+        gptq_pass(lz, ids, out, timer, fmt, group_size, symmetric, gptq, batch_size, devices, progress, checkpoints)
         if calib_info is not None:
             packer.quant_opts["calibration"] = calib_info
     with timer("save_s"):
         if packer.quant != "gptq":
-            each_block(lz, devices[0], out.block, progress, desc=f"pack {fmt}", checkpoints=ck)
+            each_block(lz, devices[0], out.block, progress, desc=f"pack {fmt}",
+                       checkpoints=checkpoints and checkpoints.begin("pack", out))
         return out.outside(tok)
 
 

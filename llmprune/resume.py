@@ -3,16 +3,19 @@
 A 70B model's SparseGPT pass runs for hours, and a run that dies outright (preempted, SIGTERM's or
 SIGKILL's default, the OOM killer, a machine going down) cannot clean up: it leaves its temporary
 output folder (outdir.py) holding the blocks it finished. While `compress` prunes block by block
-straight into a dense output (onload.transform), it commits a checkpoint into that folder
-(`.resume/`) every `--checkpoint-every` seconds and after the last block: every output file synced
-to the disk, the calibration activations entering the next block, what the pass recorded so far
-(per-layer results, zeros counted, seconds spent; the dense model's figures and OWL's sparsities)
-and a fingerprint of all that decides the weights (the recipe, the calibration tokens, the source
-files, the versions and processors, the devices). The next run of the same command finds the folder,
-checks the fingerprint, takes the folder over and goes on from the block after the checkpoint: the
-same tensors and figures as a run that never stopped (tests/test_resume.py), for at most
-`--checkpoint-every` seconds of work done twice. An error or Ctrl-C still removes the folder
-(outdir.atomic_dir), and a run that cannot resume it (another recipe) removes it as a stale one.
+(onload.transform) and `pack` packs (onload.pack), each pass over the blocks commits a checkpoint into
+that folder (`.resume/`) every `--checkpoint-every` seconds and after its last block: every file it wrote
+synced to the disk (the output's, or the scratch folder's when GPTQ's pass or PERP follows), the
+calibration activations entering the next block, what the pass recorded so far (per-layer results,
+zeros counted, seconds spent; the dense model's figures, OWL's sparsities, PERP's results) and a
+fingerprint of all that decides the weights (the recipe, the calibration tokens, the source files, the
+versions and processors, the devices). The next run of the same command finds the folder, checks the
+fingerprint, takes the folder over, skips the passes the killed run finished and goes on in the one it
+stopped in from the block after the checkpoint: the same tensors and figures as a run that never
+stopped (tests/test_resume.py), for at most `--checkpoint-every` seconds of work done twice (PERP's
+training, not block by block, is done again unless the killed run had written its result to the scratch
+folder). An error or Ctrl-C still removes the folder (outdir.atomic_dir), and a run that cannot resume
+it (another recipe) removes it as a stale one.
 """
 from __future__ import annotations
 
@@ -55,10 +58,23 @@ def _state(folder: Path) -> dict | None:
         return None
 
 
-def find(out: Path, fp: str, done: str) -> tuple[Path, dict] | None:
+# a pass's part of a checkpoint (the rest is the run's)
+PASS = ("stage", "next_block", "hidden", "files", "layers", "experts", "replayed", "out")
+# what a pass did to the blocks, as a resume message says it
+DONE = {"prune": "pruned", "pack": "packed", "recover": "retrained (PERP)", "gptq": "quantized (GPTQ)"}
+
+
+def _files(state: dict):
+    """Every file a checkpoint counts on: its pass's and those of the passes finished before."""
+    yield from state.get("files", {}).items()
+    for st in state.get("done", {}).values():
+        yield from st.get("files", {}).items()
+
+
+def find(out: Path, fp: str) -> tuple[Path, dict] | None:
     """The temporary folder of a dead run of `out` holding a checkpoint under fingerprint `fp` whose files
     are all there (the one furthest on, if several), with its state; None if there is none. A find is said on
-    stderr, progress bars or not (the run does not start from the first block; `done`: what the blocks were)."""
+    stderr, progress bars or not (the run does not start from the first block)."""
     import sys
 
     from . import outdir
@@ -71,14 +87,21 @@ def find(out: Path, fp: str, done: str) -> tuple[Path, dict] | None:
         hidden = state.get("hidden")
         if hidden and not (folder / RESUME / hidden / "model.safetensors").is_file():
             continue
-        if any(not (folder / f).is_file() or (folder / f).stat().st_size < n for f, n in state["files"].items()):
+        if any(not (folder / f).is_file() or (folder / f).stat().st_size < n for f, n in _files(state)):
             continue
-        if best is None or state["next_block"] > best[1]["next_block"]:
+        if best is None or _progress(state) > _progress(best[1]):
             best = (folder, state)
     if best:
-        print(f"llmprune: resuming {best[0].name}: blocks 0-{best[1]['next_block'] - 1} of {best[1]['blocks']} were "
-              f"{done} by a run that stopped (checkpoint of {best[1]['time']})", file=sys.stderr)
+        state, n = best[1], best[1]["blocks"]
+        said = [f"blocks 0-{n - 1} of {n} were {DONE[s]}" for s in state.get("done", {})]
+        said.append(f"blocks 0-{state['next_block'] - 1} of {n} were {DONE[state.get('stage', 'prune')]}")
+        print(f"llmprune: resuming {best[0].name}: {', '.join(said)} by a run that stopped (checkpoint of "
+              f"{state['time']})", file=sys.stderr)
     return best
+
+
+def _progress(state: dict) -> tuple[int, int]:
+    return len(state.get("done", {})), state["next_block"]
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -92,22 +115,66 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 class Checkpoints:
-    """The checkpoints of one pruning pass into `out` (an onload.Output writing a dense folder): `start`, the
-    first block to prune; `hidden(device)`, its inputs; `seed`, what the blocks before recorded; `after`, called
-    by the pass for every finished block, commits a checkpoint when `every_s` seconds have passed since the
-    last (and after the last block). `keep`: more of the run to carry over (JSON), e.g. the dense figures."""
+    """The checkpoints of one run's passes over the blocks (`n_blocks` of them): `begin(stage, out)` starts a
+    pass (`DONE`'s names) that writes its blocks into `out` (an onload.Output, or onload.Scratch when another pass
+    follows) and returns this object, which the pass then uses: `start`, its first block to do; `hidden(device)`,
+    that block's inputs; `seed`, what the blocks before recorded; `after`, called for every finished block,
+    commits a checkpoint when `every_s` seconds have passed since the last (and after the last block). `state`:
+    a killed run's (`find`); its finished passes are not done again, the one it stopped in goes on. `keep`: more
+    of the run to carry over (JSON), e.g. the dense figures."""
 
-    def __init__(self, folder: Path, fp: str, every_s: float, out, n_blocks: int, state: dict | None = None):
+    def __init__(self, folder: Path, fp: str, every_s: float, n_blocks: int, state: dict | None = None):
         self.dir = Path(folder) / RESUME
         self.dir.mkdir(exist_ok=True)
-        self.fp, self.every, self.out, self.n = fp, every_s, out, n_blocks
-        self.state = state or {}
-        self.start = self.state.get("next_block", 0)
-        self.runs = self.state.get("runs", 0) + 1  # this one included
-        self.keep: dict = dict(self.state.get("keep", {}))
+        self.fp, self.every, self.n = fp, every_s, n_blocks
+        self.found = state or {}
+        self.runs = self.found.get("runs", 0) + 1  # this one included
+        self.keep: dict = dict(self.found.get("keep", {}))
+        self.done: dict[str, dict] = dict(self.found.get("done", {}))  # finished passes: their last states
+        self.stage = self.out = None
+        self.state: dict = {}  # the pass's last checkpoint (or the killed run's)
+        self.start = 0
         self.t0 = self.last = time.monotonic()
-        if state:  # the blocks before `start` are in the output's files: write the others into them
-            out.restore(state["out"], self.start)
+
+    def begin(self, stage: str, out) -> Checkpoints:
+        """Start pass `stage` into `out`: where the killed run left it, past its end if that run finished it, or
+        at the first block. The pass before, finished, is part of every checkpoint from now on."""
+        self._finish_pass()
+        self.stage, self.out = stage, out
+        self.state = self.found if self.found.get("stage", "prune") == stage else self.done.get(stage, {})
+        self.start = self.state.get("next_block", 0)
+        if self.state:  # the blocks before `start` are in the pass's files: write the others into them
+            out.restore(self.state["out"], self.start)
+        return self
+
+    def _finish_pass(self) -> None:
+        """The pass under way has ended: its last checkpoint (after its last block) is a finished pass's."""
+        if self.stage is not None and self.stage not in self.done:
+            if self.state.get("next_block") != self.n:
+                raise RuntimeError(f"internal: the {self.stage} pass ended without its last checkpoint")
+            self.done[self.stage] = {k: v for k, v in self.state.items() if k in PASS}
+
+    def finished(self, stage: str) -> bool:
+        """Whether the killed run finished pass `stage` (its files and records are in the checkpoint)."""
+        return stage in self.done or self.found.get("stage") == stage and self.found["next_block"] == self.n
+
+    def reached(self, stage: str) -> bool:
+        """Whether the killed run committed a checkpoint in pass `stage` (or finished it)."""
+        return stage in self.done or self.found.get("stage") == stage
+
+    def drop(self) -> None:
+        """What is about to be written invalidates the checkpoint on disk (a pass rewriting a finished one's
+        files in place): a run killed before the next commit starts over."""
+        (self.dir / STATE).unlink(missing_ok=True)
+
+    def passed(self, stage: str, out) -> None:
+        """Commit pass `stage`, done in one go rather than block by block (PERP: trained, then every block
+        written into `out`), as finished."""
+        self._finish_pass()
+        self.stage, self.out = stage, out
+        self.state = {"stage": stage, "next_block": self.n, "hidden": None, "files": out.sync(), "layers": {},
+                      "experts": {}, "replayed": 0, "out": out.snapshot()}
+        self.commit()
 
     def hidden(self, device) -> list[torch.Tensor]:
         from .lazy import WeightFiles
@@ -133,22 +200,28 @@ class Checkpoints:
         if done < self.n and hidden is not None:
             name = f"hidden-{done:05d}"
             _save_hidden(self.dir / name, hidden)
-        seconds = self.state.get("seconds", 0.0) + time.monotonic() - self.t0
-        _write_json(self.dir / STATE, {
-            "fingerprint": self.fp, "next_block": done, "blocks": self.n, "hidden": name, "files": files,
-            "layers": infos, "experts": experts, "replayed": replayed, "out": self.out.snapshot(), "seconds": seconds, "runs": self.runs,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "keep": self.keep})
+        self.state = {"stage": self.stage, "next_block": done, "hidden": name, "files": files, "layers": infos,
+                      "experts": experts, "replayed": replayed, "out": self.out.snapshot()}
+        self.commit()
         for p in self.dir.glob("hidden-*"):
             if p.name != name:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def commit(self) -> None:
+        """Write the state: the current pass's last checkpoint, the finished passes', the run's."""
+        seconds = self.found.get("seconds", 0.0) + time.monotonic() - self.t0
+        _write_json(self.dir / STATE, {
+            **self.state, "fingerprint": self.fp, "blocks": self.n, "done": self.done, "seconds": seconds,
+            "runs": self.runs, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "keep": self.keep})
         self.last = time.monotonic()
 
     def record(self) -> dict | None:
         """The manifest's `resumed` entry: None for a run that started from the first block."""
-        if not self.state:
+        if not self.found:
             return None
-        return {"from_block": self.start, "blocks": self.n, "runs": self.runs,
-                "checkpoint": self.state.get("time"), "earlier_s": round(self.state.get("seconds", 0.0), 2)}
+        return {"pass": self.found["stage"], "from_block": self.found["next_block"], "blocks": self.n,
+                "passes_done": list(self.found.get("done", {})), "runs": self.runs,
+                "checkpoint": self.found.get("time"), "earlier_s": round(self.found.get("seconds", 0.0), 2)}
 
     def close(self) -> None:
         """The output is complete: its checkpoints are not part of it."""

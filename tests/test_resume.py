@@ -20,17 +20,17 @@ ARGS = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progres
         "--eval-seqlen", "64", "--eval-windows", "2", "--onload", "blocks", "--checkpoint-every", "0"]
 SHARD_BYTES = 300_000  # two blocks a file: the killed run's last file holds a finished block and an unfinished one
 
-# A killed run: dies by SIGKILL (nothing cleans up) when block KILL_AT is written but its checkpoint is not
-# (KILL_AT < 0: during the evaluation of the saved folder, after every block's checkpoint)
+# A killed run: dies by SIGKILL (nothing cleans up) when block KILL_AT of pass STAGE (any: None) is written but its
+# checkpoint is not (KILL_AT < 0: during the evaluation of the saved folder, after every block's checkpoint)
 KILLER = """
 import os, signal, sys
 from llmprune import lazy, pipeline, resume
 from llmprune.cli import main
 lazy.SHARD_BYTES = {shard_bytes}
-kill_at = {kill_at}
+kill_at, stage = {kill_at}, {stage!r}
 after = resume.Checkpoints.after
 def dying_after(self, i, *a):
-    if i == kill_at:
+    if i == kill_at and stage in (None, self.stage):
         os.kill(os.getpid(), signal.SIGKILL)
     return after(self, i, *a)
 resume.Checkpoints.after = dying_after
@@ -52,8 +52,8 @@ def _tensors(folder: Path) -> dict:
     return out
 
 
-def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES) -> None:
-    code = KILLER.format(shard_bytes=shard_bytes, kill_at=kill_at, argv=argv)
+def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES, stage: str | None = None) -> None:
+    code = KILLER.format(shard_bytes=shard_bytes, kill_at=kill_at, argv=argv, stage=stage)
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
 
@@ -204,7 +204,7 @@ def test_checkpoints_follow_the_clock(tmp_path, monkeypatch, tiny_dir):
 
     clock = [0.0]
     monkeypatch.setattr(resume.time, "monotonic", lambda: clock[0])
-    ck = resume.Checkpoints(tmp_path, "fp", 10.0, Out, n_blocks=5)
+    ck = resume.Checkpoints(tmp_path, "fp", 10.0, n_blocks=5).begin("prune", Out)
     h = [torch.randn(2, 3, 4, dtype=torch.bfloat16), torch.randn(1, 3, 4, dtype=torch.bfloat16)]
     for i, t in enumerate([1.0, 5.0, 12.0, 13.0, 14.0]):
         clock[0] = t
@@ -215,8 +215,9 @@ def test_checkpoints_follow_the_clock(tmp_path, monkeypatch, tiny_dir):
     assert not list((tmp_path / resume.RESUME).glob("hidden-*"))
     clock[0] = 30.0
     ck.after(2, h, {}, {}, 0)  # a commit with activations: read back exactly
-    again = resume.Checkpoints(tmp_path, "fp", 10.0, Out, n_blocks=5,
+    again = resume.Checkpoints(tmp_path, "fp", 10.0, n_blocks=5,
                                state=json.loads((tmp_path / resume.RESUME / resume.STATE).read_text()))
+    again.begin("prune", Out)
     got = again.hidden("cpu")
     assert commits[-1] == ("restore", {"zeros": 0}, 3)
     assert again.start == 3 and len(got) == 2 and all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(got, h))
@@ -328,3 +329,126 @@ def test_a_killed_pack_goes_on_from_its_checkpoint_to_the_same_tensors(tmp_path,
     assert mb["format"] == ma["format"]
     assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
     assert mb["resumed"]["from_block"] == 2 and ma.get("resumed") is None
+
+
+RECOVER = ["--recover", "perp", "--recover-steps", "2"]
+W4S24_GPTQ = ["--format", "w4s24", "--quant", "gptq", "--group-size", "32"]
+ALL = {"0", "1", "2", "3"}
+TWO_PASSES = {  # compress with a pass after the pruning's, through the scratch folder:
+    # recipe, killed at (pass, block), the checkpoint left (pass, next block, passes done), what the resume says,
+    # what the next run does again (blocks pruned, PERP trainings, blocks packed)
+    "gptq-killed-pruning": (W4S24_GPTQ, ("prune", 2), ("prune", 2, []), "blocks 0-1 of 4 were pruned",
+                            ({"2", "3"}, 0, ALL)),
+    "gptq-killed-quantizing": (W4S24_GPTQ, ("gptq", 2), ("gptq", 2, ["prune"]),
+                               "blocks 0-3 of 4 were pruned, blocks 0-1 of 4 were quantized (GPTQ)",
+                               (set(), 0, {"2", "3"})),
+    "perp-gptq-killed-quantizing": ([*RECOVER, *W4S24_GPTQ], ("gptq", 2), ("gptq", 2, ["prune", "recover"]),
+                                    ("blocks 0-3 of 4 were pruned, blocks 0-3 of 4 were retrained (PERP), blocks 0-1 "
+                                     "of 4 were quantized (GPTQ)"), (set(), 0, {"2", "3"})),
+    "perp-gptq-killed-before-quantizing": ([*RECOVER, *W4S24_GPTQ], ("gptq", 0), ("recover", 4, ["prune"]),
+                                           "blocks 0-3 of 4 were pruned, blocks 0-3 of 4 were retrained (PERP)",
+                                           (set(), 0, ALL)),
+    "perp-killed-pruning": (RECOVER, ("prune", 2), ("prune", 2, []), "blocks 0-1 of 4 were pruned", ({"2", "3"}, 1, set())),
+}
+
+
+def _counted(monkeypatch) -> dict[str, list]:
+    """What a run does again: linears pruned, PERP trainings, linears packed (after GPTQ, or as written)."""
+    from llmprune import packed, pipeline
+
+    did: dict[str, list] = {"pruned": _solved(monkeypatch), "trained": [], "packed": []}
+    real_recover, real_add = pipeline.recover, packed.PackWriter.add_linear
+    monkeypatch.setattr(pipeline, "recover", lambda *a, **k: (did["trained"].append(1), real_recover(*a, **k))[1])
+    monkeypatch.setattr(packed.PackWriter, "add_linear",
+                        lambda self, name, *a, **k: (did["packed"].append(name), real_add(self, name, *a, **k))[1])
+    return did
+
+
+def _two_pass_argv(deep_dir, calib_txt, recipe) -> list[str]:
+    return ["compress", "--model", str(deep_dir), "--solver", "sparsegpt", "--pattern", "2:4", *recipe, "--calib",
+            str(calib_txt), *ARGS]
+
+
+@pytest.mark.parametrize("case", list(TWO_PASSES))
+def test_a_run_killed_in_either_pass_goes_on_from_that_pass(tmp_path, capsys, monkeypatch, deep_dir, calib_txt, case):
+    """GPTQ (and PERP) after the pruning: the pruning pass commits checkpoints of the scratch folder, PERP one when it
+    has written the trained blocks there, GPTQ's pass checkpoints of the output; a run killed in GPTQ's pass prunes
+    and trains nothing again, one killed while pruning prunes from its checkpoint on (PERP, not block by block,
+    trains again) - to the output of a run never stopped."""
+    from llmprune import lazy
+
+    recipe, (stage, at), left_at, said, (pruned, trained, packed) = TWO_PASSES[case]
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 5_000)  # a packed file, so a checkpoint, after every block
+    argv = _two_pass_argv(deep_dir, calib_txt, recipe)
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref)]) == 0
+    out = tmp_path / "out"
+    _kill([*argv, "--out", str(out)], kill_at=at, shard_bytes=5_000, stage=stage)
+    (left,) = outdir.stale(out)
+    state = json.loads((left / resume.RESUME / resume.STATE).read_text())
+    assert (state["stage"], state["next_block"], list(state["done"])) == left_at
+    capsys.readouterr()
+    did = _counted(monkeypatch)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"resuming {left.name}: {said} by a run that stopped" in capsys.readouterr().err
+    assert (blocks_of(did["pruned"]), len(did["trained"]), blocks_of(did["packed"])) == (pruned, trained, packed)
+    ma, mb = _same_output(ref, out)
+    assert not (out / onload_scratch()).exists()
+    untimed = lambda d: {k: v for k, v in d.items() if k not in ("wall_s", "seconds")} if isinstance(d, dict) else d
+    for key in ("sparsity", "format", "recover", "damp_raised", "steps"):
+        assert untimed(mb.get(key)) == untimed(ma.get(key)), key
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
+    r = mb["resumed"]
+    assert (r["pass"], r["from_block"], r["passes_done"]) == left_at
+
+
+def onload_scratch() -> str:
+    from llmprune import onload
+
+    return onload.SCRATCH
+
+
+# dies by SIGKILL while PERP's trained blocks replace the pruned ones in the scratch folder (GPTQ's pass follows)
+KILL_REWRITING = """
+import os, signal, sys
+from llmprune import lazy, onload, pipeline
+from llmprune.cli import main
+lazy.SHARD_BYTES = 5_000
+trained = []
+real_recover, real_block = pipeline.recover, onload.Scratch.block
+pipeline.recover = lambda *a, **k: (trained.append(1), real_recover(*a, **k))[1]
+def block(self, i, module):
+    if trained and i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_block(self, i, module)
+onload.Scratch.block = block
+sys.exit(main({argv!r}))
+"""
+
+
+def test_a_run_killed_while_perp_rewrites_the_pruned_blocks_starts_over(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                         calib_txt):
+    """The pruning pass's last checkpoint names the scratch files PERP then rewrites in place: it is dropped first,
+    so a run killed half-way through cannot take trained blocks for pruned ones; the next run starts over."""
+    from llmprune import lazy
+
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 5_000)
+    argv = _two_pass_argv(deep_dir, calib_txt, [*RECOVER, *W4S24_GPTQ])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", KILL_REWRITING.format(argv=[*argv, "--out", str(out)])], check=False,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    (left,) = outdir.stale(out)
+    assert (left / onload_scratch() / "block-00001.safetensors").exists()
+    assert not (left / resume.RESUME / resume.STATE).exists()
+    capsys.readouterr()
+    did = _counted(monkeypatch)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resuming" not in capsys.readouterr().err and blocks_of(did["pruned"]) == {"0", "1", "2", "3"}
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
+    _same_output(ref, out)
+
+
+def blocks_of(names) -> set[str]:
+    return {n.split(".")[2] for n in names}
