@@ -522,9 +522,28 @@ class ShardWriter:
                                                          "weight_map": dict(sorted(self.file_of.items()))}, indent=2))
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes follow from its tensors and metadata alone: safetensors' own
+    writer orders the metadata by a hash seeded per process, so the same tensors written by two runs
+    differ. Tensors go by alignment (widest first, as safetensors lays them out), then name."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    head, pos = {"__metadata__": dict(sorted(metadata.items()))}, 0
+    for n in order:
+        t = tensors[n]
+        head[n] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.numel() * t.element_size()]}
+        pos = head[n]["data_offsets"][1]
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for n in order:
+            f.write(memoryview(tensors[n].contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 class ShardBuffer:
-    """Tensors gathered into safetensors files of about `shard_bytes` (save_file needs a file's tensors
-    together), each written as soon as it is full: peak memory one shard. `finish` names a single file
+    """Tensors gathered into safetensors files of about `shard_bytes` (a file's header names all its tensors),
+    each written as soon as it is full (`save_tensors`): peak memory one shard. `finish` names a single file
     model.safetensors, as transformers does, or writes the index of several."""
 
     def __init__(self, folder: str | Path, stem: str, metadata: dict[str, str] | None = None,
@@ -575,12 +594,10 @@ class ShardBuffer:
                 p.unlink()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.shard:
             return
         name = f"{self.stem}-{len(set(self.files.values())) + 1:05d}.safetensors"
-        save_file(self.shard, str(self.folder / name), metadata=self.metadata)
+        save_tensors(self.shard, self.folder / name, self.metadata)
         self.unsynced.append(name)
         self.files.update(dict.fromkeys(self.shard, name))
         self.shard, self.shard_nbytes = {}, 0

@@ -340,3 +340,34 @@ def test_default_storage_is_fp16_and_exact_for_the_fp16_weights(tmp_path):
     loaded = load_packed(tmp_path / "o", dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 9))
     assert torch.equal(loaded(ids).logits, ref(ids).logits)
+
+
+def test_packed_files_are_the_same_bytes_from_any_run(tmp_path):
+    """lazy.save_tensors, the packed shards' writer: safetensors reads every tensor back exactly (each dtype a
+    pack holds, odd shapes, a scalar, an empty tensor), aligned, with the metadata in sorted order - safetensors'
+    own writer orders metadata by a hash seeded per process, so two runs of the same pack wrote other bytes."""
+    from safetensors import safe_open
+
+    from llmprune.lazy import save_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.qweight": torch.randint(0, 255, (3, 5), dtype=torch.uint8, generator=g),
+               "w.scales": torch.randn(7, generator=g).half(), "w.bias": torch.randn(3, generator=g).bfloat16(),
+               "w.idx": torch.randint(-9, 9, (2, 3), dtype=torch.int32, generator=g),
+               "w.codes": torch.randint(-8, 8, (1, 9), dtype=torch.int8, generator=g),
+               "norm": torch.tensor(1.5), "empty": torch.zeros(0, 4), "mask": torch.rand(5, generator=g) > 0.5}
+    meta = {k: str(i) for i, k in enumerate("hgfedcba")}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_tensors(tensors, a, meta)
+    save_tensors(dict(reversed(list(tensors.items()))), b, dict(reversed(list(meta.items()))))
+    assert a.read_bytes() == b.read_bytes()
+    got = load_file(a)
+    assert set(got) == set(tensors)
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    with safe_open(str(a), framework="pt") as f:
+        assert f.metadata() == meta
+    n = int.from_bytes(a.read_bytes()[:8], "little")
+    head = json.loads(a.read_bytes()[8:8 + n])
+    assert list(head["__metadata__"]) == sorted(meta) and (8 + n) % 8 == 0
+    assert all(e["data_offsets"][0] % tensors[k].element_size() == 0 for k, e in head.items() if k != "__metadata__")
