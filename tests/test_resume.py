@@ -59,13 +59,16 @@ def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES, stage: 
 
 
 def _same_output(ref: Path, out: Path) -> tuple[dict, dict]:
-    """Assert `out` (resumed) holds `ref`'s tensors, in several files, with no checkpoint or killed run's folder
-    left; returns both manifests."""
+    """Assert `out` (resumed) holds `ref`'s tensors, in the same several files to the byte, with no checkpoint or
+    killed run's folder left; returns both manifests."""
     assert not outdir.stale(out) and not (out / resume.RESUME).exists()
     a, b = _tensors(ref), _tensors(out)
     assert set(a) == set(b) and len(list(out.glob("*.safetensors"))) > 1
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    files = sorted(f.name for f in ref.glob("*.safetensors*"))  # the same files, byte for byte (and index)
+    assert files == sorted(f.name for f in out.glob("*.safetensors*"))
+    assert all((ref / f).read_bytes() == (out / f).read_bytes() for f in files)
     return tuple(json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
 
 
