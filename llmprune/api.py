@@ -176,7 +176,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     elif c.eval and c.eval_dense:
         with t("dense_eval_s"):
             dense = onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
-    with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None) as tmp:
+    with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None,
+                           keep=resume.kept if fp else None) as tmp:
         packer = None if c.format == "dense" else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
         out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
@@ -486,7 +487,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         fp = resume.fingerprint(recipe, ids, lz.folder, tuple(devs), getattr(torch, save_dtype))
         found = resume.find(Path(out), fp)
     ck = None
-    with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None) as tmp:
+    with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None,
+                           keep=resume.kept if fp else None) as tmp:
         if lz is None:
             new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids,
                                          cinfo, devs[0], 8, progress, t, devs)

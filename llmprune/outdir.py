@@ -2,9 +2,10 @@
 
 Every command writes into a temporary sibling `.<name>.tmp-<pid>-<id>` and renames it over `<name>`
 at the end. An error, Ctrl-C or a full disk removes the temporary folder and leaves `<name>` as it
-was; a run killed outright (SIGKILL, the OOM killer) cannot clean up, so the next run to the same
-output removes the siblings whose process is gone (a 70B model leaves 140 GB behind otherwise), or
-takes one over to go on from its last checkpoint (resume.py).
+was (a long run that committed a checkpoint keeps it, as `.<name>.tmp-<id>`, and says so); a run killed
+outright (SIGKILL, the OOM killer) cannot clean up, so the next run to the same output removes the
+siblings whose process is gone (a 70B model leaves 140 GB behind otherwise), or takes one over to go on
+from its last checkpoint (resume.py).
 `save_side_files` writes what every output carries beside its weights (config, tokenizer).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import os
 import re
 import shutil
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,10 +92,12 @@ def _disk_full(e: BaseException) -> bool:
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = None):
+def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = None, keep=None):
     """Yield a fresh temporary folder next to `out` (or `adopt`, a dead run's, taken over: resume.py); on
     success it replaces `out`, on any error (KeyboardInterrupt included) it is removed and `out` is left as
-    it was. A full disk becomes a one-line LLMPruneError."""
+    it was - unless `keep(tmp)` says what it holds (a checkpoint to go on from: resume.kept): then it stays,
+    renamed without this process's id so that any later run, in this process too, may take it over or
+    remove it, and that is said on stderr. A full disk becomes a one-line LLMPruneError."""
     out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out, keep=adopt)
@@ -117,7 +121,15 @@ def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = No
         else:
             os.replace(tmp, out)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        said = None if keep is None or _disk_full(e) else keep(tmp)
+        if said:
+            left = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+            os.replace(tmp, left)
+            print(f"llmprune: kept {left.name} ({size(sum(f.stat().st_size for f in left.rglob('*') if f.is_file()))}): "
+                  f"{said}; the same command goes on from there, any other run writing {out.name} removes it",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(e):
             raise LLMPruneError(f"no space left on the disk of {out.parent.resolve()} while writing {out.name}: "
                                 f"free space there or choose another --out (nothing was left behind)") from None

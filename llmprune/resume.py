@@ -14,8 +14,9 @@ fingerprint, takes the folder over, skips the passes the killed run finished and
 stopped in from the block after the checkpoint: the same tensors and figures as a run that never
 stopped (tests/test_resume.py), for at most `--checkpoint-every` seconds of work done twice (PERP's
 training, not block by block, is done again unless the killed run had written its result to the scratch
-folder). An error or Ctrl-C still removes the folder (outdir.atomic_dir), and a run that cannot resume
-it (another recipe) removes it as a stale one.
+folder). A run that fails or is interrupted (Ctrl-C, a CUDA out-of-memory error) after a checkpoint keeps
+the folder too, and says so (`kept`, outdir.atomic_dir); a run that cannot resume it (another recipe)
+removes it as a stale one.
 """
 from __future__ import annotations
 
@@ -92,12 +93,25 @@ def find(out: Path, fp: str) -> tuple[Path, dict] | None:
         if best is None or _progress(state) > _progress(best[1]):
             best = (folder, state)
     if best:
-        state, n = best[1], best[1]["blocks"]
-        said = [f"blocks 0-{n - 1} of {n} were {DONE[s]}" for s in state.get("done", {})]
-        said.append(f"blocks 0-{state['next_block'] - 1} of {n} were {DONE[state.get('stage', 'prune')]}")
-        print(f"llmprune: resuming {best[0].name}: {', '.join(said)} by a run that stopped (checkpoint of "
-              f"{state['time']})", file=sys.stderr)
+        print(f"llmprune: resuming {best[0].name}: {_said(best[1])} by a run that stopped (checkpoint of "
+              f"{best[1]['time']})", file=sys.stderr)
     return best
+
+
+def kept(folder: Path) -> str | None:
+    """What the checkpoint in a failed run's temporary folder holds, said (outdir.atomic_dir keeps the folder
+    then); None without one (the folder goes)."""
+    state = _state(folder)
+    if not state:
+        return None
+    return f"{_said(state)} when it stopped (checkpoint of {state['time']})"
+
+
+def _said(state: dict) -> str:
+    n = state["blocks"]
+    said = [f"blocks 0-{n - 1} of {n} were {DONE[s]}" for s in state.get("done", {})]
+    said.append(f"blocks 0-{state['next_block'] - 1} of {n} were {DONE[state.get('stage', 'prune')]}")
+    return ", ".join(said)
 
 
 def _progress(state: dict) -> tuple[int, int]:

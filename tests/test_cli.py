@@ -125,8 +125,9 @@ def test_interrupt_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_tx
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mf, "write", interrupted)
-    out = tmp_path / "o"
-    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI)
+    out = tmp_path / "o"  # (with a checkpoint committed, the folder is kept for the same command: test_resume.py)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI,
+                     "--checkpoint-every", "off")
     assert rc == 130 and "interrupted" in se
     assert list(Path(tmp_path).iterdir()) == []
 
@@ -143,8 +144,9 @@ def test_out_of_memory_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
     monkeypatch.setattr(mf, "write", oom)
-    out = tmp_path / "o"
-    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI)
+    out = tmp_path / "o"  # (with a checkpoint committed, the folder is kept for the same command: test_resume.py)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI,
+                     "--checkpoint-every", "off")
     assert rc == 2 and len(se.strip().splitlines()) == 1, se
     assert "Tried to allocate 2.00 GiB" in se and "--device cpu" in se and "Traceback" not in se
     assert list(Path(tmp_path).iterdir()) == []

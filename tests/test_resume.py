@@ -2,6 +2,7 @@
 writes what a run that never stopped writes: the same tensors, sparsity and figures (resume.py)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,21 +165,57 @@ def test_another_recipe_starts_over_and_removes_the_killed_runs_folder(tmp_path,
     assert m.get("resumed") is None and m["sparsity"]["target"] == 0.6
 
 
-def test_an_error_or_a_finished_run_leaves_no_checkpoint(tmp_path, capsys, monkeypatch, tiny_dir, calib_txt):
+def test_a_finished_run_or_one_that_fails_before_a_checkpoint_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_dir,
+                                                                            calib_txt):
     argv = ["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), *ARGS]
     out = tmp_path / "out"
     assert main([*argv, "--out", str(out)]) == 0
     assert not (out / resume.RESUME).exists() and not outdir.stale(out)
-    real = resume.Checkpoints.after
 
     def failing(self, i, *a):
-        real(self, i, *a)
-        raise RuntimeError("boom")
+        raise RuntimeError("boom")  # before the first commit
 
     monkeypatch.setattr(resume.Checkpoints, "after", failing)
     with pytest.raises(RuntimeError):
         main([*argv, "--out", str(tmp_path / "failed")])
-    assert not list(tmp_path.glob(".failed*"))
+    assert not list(tmp_path.glob(".failed*")) and "kept" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_run_that_fails_after_a_checkpoint_keeps_it_for_the_same_command(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                           calib_txt, error):
+    """Ctrl-C or an error (a CUDA out-of-memory) after a checkpoint: the folder stays, said in one line, under a
+    name no live run owns, so the same command goes on from it - in the same process too (the API's retry)."""
+    from llmprune import lazy
+
+    monkeypatch.setattr(lazy, "SHARD_BYTES", SHARD_BYTES)
+    argv = ["compress", "--model", str(deep_dir), "--solver", "sparsegpt", "--calib", str(calib_txt), *ARGS]
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref)]) == 0
+    real = resume.Checkpoints.after
+
+    def failing(self, i, *a):
+        real(self, i, *a)
+        if i == 1:
+            raise error("boom")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(resume.Checkpoints, "after", failing)
+        if error is KeyboardInterrupt:
+            assert main([*argv, "--out", str(out)]) == 130
+        else:
+            with pytest.raises(RuntimeError):
+                main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    (left,) = outdir.stale(out)
+    assert f"llmprune: kept {left.name} (" in err and "blocks 0-1 of 4 were pruned when it stopped" in err
+    assert not out.exists() and re.fullmatch(r"\.out\.tmp-[0-9a-f]{8}", left.name)
+    solved = _solved(monkeypatch)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"resuming {left.name}: blocks 0-1 of {BLOCKS} were pruned" in capsys.readouterr().err
+    assert solved and blocks_of(solved) == {"2", "3"}
+    _same_output(ref, out)
 
 
 def test_checkpoints_follow_the_clock(tmp_path, monkeypatch, tiny_dir):
