@@ -84,9 +84,9 @@ def _add_compress(sub):
                         "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
                         "the whole model (SliceGPT, global magnitude; PERP on the CPU)")
     g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
-                   help="while pruning block by block into a dense or RTN-packed output, commit a checkpoint every "
-                        "SECONDS (0: after every block; off: none): rerunning the command of a run that was killed goes on "
-                        "from its last one (default 600)")
+                   help="while pruning block by block (and in GPTQ's pass after it; not with --tune-steps), commit a "
+                        "checkpoint every SECONDS (0: after every block; off: none): rerunning the command of a run that "
+                        "was killed goes on from its last one (default 600)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=200)
     g.add_argument("--recover-lr", type=float, default=None)

@@ -170,8 +170,8 @@ class CompressConfig:
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
-    # a killed run's next run goes on from its last checkpoint (resume.py): one every this many seconds of the
-    # block-by-block pruning into a dense output, and after its last block; None: none
+    # a killed run's next run goes on from its last checkpoint (resume.py): one every this many seconds of each
+    # block-by-block pass (the pruning, GPTQ's after it), and after its last block; None: none
     checkpoint_s: float | None = 600.0
     # evaluation (of the saved output)
     eval: tuple[str, ...] = ()

@@ -56,7 +56,7 @@ class Manifest:
     peak_gpu_mib: float | None = None
     io_bytes: dict | None = None  # /proc/self/io of the run: rchar, wchar, read_bytes, write_bytes
     onload: str | None = None  # "blocks": the weights were read block by block; "whole": in memory (why)
-    resumed: dict | None = None  # the pruning went on from a killed run's checkpoint (resume.py): where, when
+    resumed: dict | None = None  # the run went on from a killed run's checkpoint (resume.py): which pass, where, when
     device: str | None = None
     dtype: str | None = None
     protocol: str | None = None

@@ -122,12 +122,12 @@ def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = No
             os.replace(tmp, out)
     except BaseException as e:
         said = None if keep is None or _disk_full(e) else keep(tmp)
-        left = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            if said:
+        if said:
+            left = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
                 os.replace(tmp, left)
-        except OSError:
-            said = None
+            except OSError:
+                said = None
         if said:
             print(f"llmprune: kept {left.name} ({size(sum(f.stat().st_size for f in left.rglob('*') if f.is_file()))}): "
                   f"{said}; the same command goes on from there, any other run writing {out.name} removes it",
