@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 256 + 2  # bytes + <bos>, <eos>
+VOCAB = 256 + 2 + 1  # bytes + <bos>, <eos> + one merge (two NUL bytes: never in text, but BPE as llama.cpp loads it)
 # `llmprune compress` options that make a tiny-model run take seconds: little calibration, no evaluation
 FAST_CLI = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
 
@@ -18,8 +18,10 @@ def byte_tokenizer():
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<bos>"], vocab["<eos>"] = 256, 257
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    nul = "\u0100"  # the character byte-level BPE maps byte 0 to
+    vocab[nul + nul] = 258
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(nul, nul)]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split (llama.cpp: gpt-2)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmprune.cli import main
-from llmprune.testing import FAST_CLI
+from llmprune.testing import FAST_CLI, VOCAB
 
 # found, not imported: compressed_tensors imports triton, which tests/test_kernels.py must import first
 # (under TRITON_INTERPRET=1, set when it is collected)
@@ -261,7 +261,7 @@ def test_gemma3_variant_gguf_cannot_express_is_refused(tmp_path, capsys, calib_t
     byte_tokenizer().save_pretrained(m)
     src = tmp_path / "s"
     assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
-    _refused(capsys, tmp_path, src, "--to", "gguf", want="Gemma-3 variant")
+    _refused(capsys, tmp_path, src, "--to", "gguf", want="gemma3_text variant")
 
 
 def test_slicegpt_with_shortcuts_is_refused(tmp_path, capsys, tiny_dir, calib_txt):
@@ -415,3 +415,223 @@ def test_gguf_encodes_large_tensors_in_pieces_of_rows_exactly(t, monkeypatch):
     got, q = target.encode(data, t)
     want = gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, t.upper()))
     assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+
+
+# --- GGUF: more families, Llama 3.1's RoPE, tokenizers from tokenizer.json ---------------------------------
+
+# what transformers' GGUF reader can rebuild from the metadata alone (it reads no key_length for Qwen3, no expert
+# widths for the MoE families, no query scale or soft-caps for Gemma-2: those tiny models use its defaults); Qwen2
+# with room for the token transformers 5 adds to the byte tokenizer (it loads it for a qwen2 model as Qwen2's)
+FAMILIES = {"qwen2": {"vocab_size": 300}, "qwen3": {"head_dim": 128, "num_attention_heads": 2, "num_key_value_heads": 1},
+            "qwen2_moe": {}, "qwen3_moe": {}, "phi3": {}, "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256}}
+
+
+def _family_export(tmp_path, capsys, calib_txt, arch, types="f32,q8_0", **over):
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    m, src, out = tmp_path / "m", tmp_path / "s", tmp_path / "g"
+    tiny_model(arch, **{**FAMILIES.get(arch, {}), **over}).save_pretrained(m)
+    byte_tokenizer().save_pretrained(m)
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    rc, _, se = _run(capsys, "export", src, "--to", "gguf", "--type", types, "--out", out, "--no-progress")
+    assert rc == 0, se
+    return src, out, json.loads((out / "llmprune.json").read_text())["export"]
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_gguf_families_read_by_transformers(tmp_path, capsys, calib_txt, arch):
+    """Each family as llama.cpp lays it out, read back by transformers' GGUF reader (its own tensor processors:
+    Gemma's 1 + w norms, the MoE experts split into gate / up / down): F32 gives the pruned model's logits
+    exactly, Q8_0 within int8 noise, and the pruned weights stay exact zeros (experts included)."""
+    import gguf
+    import numpy as np
+
+    import llmprune
+
+    src, out, e = _family_export(tmp_path, capsys, calib_txt, arch)
+    ref, _, _ = llmprune.load(str(src))
+    want = ref(_ids()).logits.detach()
+    kw = {"config": ref.config} if arch.endswith("moe") else {}  # expert widths: metadata the reader does not map
+    for fname, tol in zip(e["files"], (1e-6, 0.1 if kw else 3e-2)):  # Q8_0 noise flips some tokens' experts
+        model = AutoModelForCausalLM_gguf(out, fname, **kw)
+        got = model(_ids()).logits.detach()
+        assert (got - want).norm() / want.norm() < tol, (fname, float((got - want).norm() / want.norm()))
+        w_ref = ref.state_dict()
+        w_got = model.state_dict()
+        for k in ("model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.experts.down_proj",
+                  "model.layers.1.mlp.down_proj.weight"):
+            if k in w_ref:
+                assert int((w_ref[k] == 0).sum()) > 0 and bool((w_got[k][w_ref[k] == 0] == 0).all()), (fname, k)
+    r = gguf.GGUFReader(out / e["files"][0])
+    name = r.fields["general.architecture"].contents()
+    assert name == {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}.get(arch, arch)
+    cfg = ref.config
+    if arch.endswith("moe"):  # what llama.cpp reads and transformers' reader does not
+        assert r.fields[f"{name}.expert_feed_forward_length"].contents() == cfg.moe_intermediate_size
+        assert r.fields[f"{name}.expert_count"].contents() == cfg.num_experts
+        types = {t.name: t.tensor_type.name for t in r.tensors}
+        assert types["blk.0.ffn_gate_inp.weight"] == "F32"  # the router keeps full precision, as llama.cpp's
+    if arch == "qwen2_moe":  # llama.cpp's qwen2moe has no tied-head fallback: the embedding written twice
+        t = {x.name: x for x in r.tensors}
+        assert np.array_equal(np.array(t["output.weight"].data), np.array(t["token_embd.weight"].data))
+    if arch == "gemma2":
+        assert r.fields["gemma2.attn_logit_softcapping"].contents() == cfg.attn_logit_softcapping
+        assert r.fields["gemma2.final_logit_softcapping"].contents() == cfg.final_logit_softcapping
+
+
+def AutoModelForCausalLM_gguf(folder, fname, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, **kw)
+
+
+def test_gguf_llama31_rope_scaling_as_rope_freqs(tmp_path, capsys, calib_txt):
+    """Llama 3.1's RoPE scaling as llama.cpp reads it: `rope_freqs` whose quotients of the base frequencies are
+    exactly transformers' own llama3 frequencies (an original context of 64 so that the head's 8 frequencies
+    cover the three regimes: kept, interpolated, divided by the factor)."""
+    import gguf
+    import numpy as np
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rp = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    src, out, e = _family_export(tmp_path, capsys, calib_txt, "llama", types="f32", rope_parameters=rp)
+    r = gguf.GGUFReader(out / e["files"][0])
+    factors = torch.tensor(np.array({t.name: t for t in r.tensors}["rope_freqs.weight"].data))
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(src), "cpu")
+    base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    assert torch.allclose(base / factors, want, rtol=1e-6)
+    assert factors[0] == 1 and factors[-1] == 8 and bool(((factors > 1) & (factors < 8)).any())
+    _refused(capsys, tmp_path, _scaled(tmp_path, capsys, calib_txt), "--to", "gguf", want="RoPE scaling 'yarn'")
+
+
+def _scaled(tmp_path, capsys, calib_txt):
+    from llmprune.testing import tiny_model_dir
+
+    m = tiny_model_dir(tmp_path / "y", "qwen2", rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                "factor": 4.0, "original_max_position_embeddings": 128})
+    src = tmp_path / "ys"
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    return src
+
+
+@pytest.mark.parametrize("arch, over, want", [
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("qwen2_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+    ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 256}, "query scale"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
+])
+def test_gguf_variants_llama_cpp_would_misread_are_refused(tmp_path, capsys, calib_txt, arch, over, want):
+    from llmprune.testing import tiny_model_dir
+
+    m = tiny_model_dir(tmp_path / "m", arch, **{**FAMILIES[arch], **over})
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    _refused(capsys, tmp_path, src, "--to", "gguf", want=want)
+
+
+def _bpe_tokenizer(split_regex, merges=True, ignore_merges=False):
+    """A byte-level BPE tokenizer that splits with `split_regex` first, as Llama 3's and Qwen2's tokenizer.json do
+    (Split, then ByteLevel without its own regex); Llama 3's takes a word found whole in the vocabulary as it is
+    (ignore_merges)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<bos>"], vocab["<eos>"], vocab["\u0100\u0100"] = 256, 257, 258
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("\u0100", "\u0100")] if merges else [], ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def _spm_tokenizer(prefix=True):
+    """A SentencePiece-style tokenizer.json: BPE over "▁"-joined pieces with byte fallback (<0x00>..<0xFF>), a
+    Sequence decoder; "▁" put before the text as Llama 2's and Mistral's do (`prefix`) or not, as Gemma's. Its
+    merge order matters: "bc" before "ab", so "abc" is a + bc, where merging left to right gives ab + c."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁", "a", "b", "c", "e", "h", "t", "m", "o", "d", "l", "ab"):  # "ab" first in the vocabulary
+        vocab.setdefault(piece, len(vocab))
+    merges = [("b", "c"), ("a", "b"), ("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("▁", "m"), ("▁m", "o")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * prefix + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * prefix)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["llama-bpe", "qwen2", "spm", "spm no prefix", "unknown", "no merges"])
+def test_gguf_tokenizer_from_tokenizer_json(tmp_path, capsys, calib_txt, kind):
+    """A model not loaded from a GGUF: its tokenizer.json as llama.cpp's converter writes it. Byte-level BPE
+    gets the pre-tokenizer name llama.cpp splits the same way with (Llama 3: llama-bpe; Qwen2: qwen2); a
+    SentencePiece-style one llama.cpp's `llama` vocabulary (its pieces scored by merge rank, "▁" before the text
+    or not), which transformers' GGUF reader turns back into a tokenizer giving the same ids; any other pre-tokenizer is refused, nothing written (here Llama 3's split
+    without Llama 3's whole-word rule, which llama.cpp's llama-bpe applies), as is a BPE vocabulary without
+    merges (llama.cpp does not load one)."""
+    import gguf
+
+    from llmprune.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
+    from llmprune.testing import tiny_model
+
+    tok = {"llama-bpe": lambda: _bpe_tokenizer(LLAMA3_SPLIT, ignore_merges=True),
+           "qwen2": lambda: _bpe_tokenizer(QWEN2_SPLIT), "spm": _spm_tokenizer,
+           "spm no prefix": lambda: _spm_tokenizer(prefix=False),
+           "unknown": lambda: _bpe_tokenizer(LLAMA3_SPLIT),  # Llama 3's split without its ignore_merges
+           "no merges": lambda: _bpe_tokenizer(LLAMA3_SPLIT, merges=False)}[kind]()
+    m = tmp_path / "m"
+    spm = kind.startswith("spm")
+    tiny_model("llama", **({"vocab_size": 300} if spm else {})).save_pretrained(m)
+    tok.save_pretrained(m)
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    if kind in ("unknown", "no merges"):
+        _refused(capsys, tmp_path, src, "--to", "gguf", want="pre-tokenizer" if kind == "unknown" else "without merges")
+        return
+    out = tmp_path / "g"
+    rc, _, se = _run(capsys, "export", src, "--to", "gguf", "--type", "f32", "--out", out, "--no-progress")
+    assert rc == 0, se
+    e = json.loads((out / "llmprune.json").read_text())["export"]
+    r = gguf.GGUFReader(out / e["files"][0])
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == (300 if spm else VOCAB)
+    if not spm:
+        assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+        assert r.fields["tokenizer.ggml.pre"].contents() == kind and kind in e["tokenizer"]
+        return
+    from transformers import AutoTokenizer
+
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama" and "SentencePiece" in e["tokenizer"]
+    assert r.fields["tokenizer.ggml.add_space_prefix"].contents() is (kind == "spm")
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and tokens[3 + 0x41] == "<0x41>"
+    if kind != "spm":
+        return  # transformers' GGUF reader puts "▁" first whatever the file says (llama.cpp: bench/llamacpp_families.py)
+    back = AutoTokenizer.from_pretrained(out, gguf_file=e["files"][0])
+    text = "the model abc the mode, Äthe abc"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert back(text, add_special_tokens=False)["input_ids"] == want
+    assert vocab_of(tok)["bc"] in want and vocab_of(tok)["ab"] not in want  # the merge order, kept
+
+
+def vocab_of(tok):
+    return tok.get_vocab()
+
+
+def test_gguf_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, capsys, calib_txt):
+    """GGUF readers size the vocabulary from the token list: more tokens than embedding rows cannot be written."""
+    from llmprune.testing import byte_tokenizer, tiny_model_dir
+
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", tiny_model_dir(tmp_path / "m"), "--calib", calib_txt,
+                                  "--out", src, *FAST_CLI)]) == 0
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra-1>", "<extra-2>"])
+    tok.save_pretrained(src)
+    _refused(capsys, tmp_path, src, "--to", "gguf", want=f"has {VOCAB + 2} tokens but the model embeds {VOCAB}")

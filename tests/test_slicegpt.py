@@ -7,7 +7,7 @@ import torch
 
 from llmprune.errors import LLMPruneError
 from llmprune.sliced import SlicedDecoderLayer, load_sliced
-from llmprune.testing import tiny_model
+from llmprune.testing import VOCAB, tiny_model
 from llmprune.transforms.fuse import fuse_norms
 from llmprune.transforms.slicegpt import new_dim_for, rotate_and_slice, slice_model
 
@@ -161,10 +161,10 @@ def test_parameter_count_after_slicing(rotation, tied, slice_head):
     assert info["new_dim"] == 48 and m.config.hidden_size == 48 and m.config.head_dim == 16
     n = sum(p.numel() for p in m.parameters())
     head = None if slice_head else 64
-    assert n == info["params_after"] == _formula(m.config, 48, 2, rotation == "per-block", 258, head)
-    assert info["params_before"] == _formula(m.config, 64, 2, False, 258) - (258 * 64 if tied else 0)
+    assert n == info["params_after"] == _formula(m.config, 48, 2, rotation == "per-block", VOCAB, head)
+    assert info["params_before"] == _formula(m.config, 64, 2, False, VOCAB) - (VOCAB * 64 if tied else 0)
     w = 48 if slice_head else 64
-    assert m.model.embed_tokens.weight.shape == (258, 48) and m.lm_head.weight.shape == (258, w)
+    assert m.model.embed_tokens.weight.shape == (VOCAB, 48) and m.lm_head.weight.shape == (VOCAB, w)
     assert m.model.norm.weight.shape == (w,) and m.model.layers[-1].mlp.down_proj.weight.shape == (w, 128)
     assert all(torch.equal(p, torch.ones_like(p)) for n_, p in m.named_parameters() if "norm" in n_)
     assert info["slice_head"] is slice_head and info["head_width"] == w

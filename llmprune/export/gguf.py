@@ -2,10 +2,16 @@
 
 One file per type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: the types gguf.quants can quantize;
 it has no k-quant quantizer, so Q4_K etc. come from llama.cpp's llama-quantize run on our F16 file).
-Layout as llama.cpp's converter writes these architectures (its tensor names come from gguf's own
-TensorNameMap):
-  llama   q_proj / k_proj rows permuted per head (HF's rotate-half RoPE pairs -> llama.cpp's adjacent pairs)
-  gemma3  every RMSNorm weight stored as 1 + w (Gemma scales by 1 + w; llama.cpp by w)
+Layout as llama.cpp's converter (convert_hf_to_gguf.py) writes these architectures (tensor names from
+gguf's own TensorNameMap; what each family needs is `ARCHS`, what llama.cpp assumes rather than reads is
+refused by `check_arch`):
+  llama, mistral,   q_proj / k_proj rows permuted per head (HF's rotate-half RoPE pairs -> llama.cpp's
+  mixtral           adjacent pairs); Llama 3.1's RoPE scaling as the `rope_freqs` tensor
+  qwen2, qwen3      as stored (llama.cpp's NeoX RoPE is HF's rotate-half); q/k norms (Qwen3)
+  MoE (mixtral,     the fused experts (experts, 2 x width, hidden) split into ffn_gate_exps / ffn_up_exps,
+  qwen*_moe)        down as ffn_down_exps; the router F32; Qwen2-MoE's shared-expert gate as a vector
+  phi3              fused qkv_proj / gate_up_proj as they are (llama.cpp splits them)
+  gemma2, gemma3    every RMSNorm weight stored as 1 + w (Gemma scales by 1 + w; llama.cpp by w)
 1-D tensors (norms) stay F32; a matrix whose rows are not a multiple of the block (32) stays F16; with
 Q4/Q5 types the (tied) embedding matrix is Q8_0, as the head reads it. Symmetric block types (Q8_0,
 Q4_0, Q5_0) keep a pruned model's zeros exactly (a zero rounds to the block's zero code); Q4_1 and Q5_1
@@ -13,10 +19,15 @@ store a block minimum and do not.
 
 Tokenizer and chat template: copied key by key from the GGUF the model was loaded from (the aliases
 `llama`, `gemma3` and any --model x.gguf), so the round trip GGUF -> pruned -> GGUF keeps the exact
-vocabulary, pre-tokenizer and template; other models' BPE tokenizers are read from tokenizer.json.
+vocabulary, pre-tokenizer and template. Otherwise read from tokenizer.json: a byte-level BPE tokenizer
+with the pre-tokenizer llama.cpp knows it by (`PRE_TOKENIZERS`: the same text splits the same way), or a
+SentencePiece-style one (byte fallback: Llama 2, Mistral) as llama.cpp's `llama` vocabulary; any other
+is refused rather than written with a pre-tokenizer that would split text differently.
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +48,31 @@ KQUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q3_k_s", "q3_k_m", "q3_k_l",
 @dataclass(frozen=True)
 class GGUFArch:
     name: str  # gguf.MODEL_ARCH member name
-    norm_plus_one: bool  # store RMSNorm weights as 1 + w
-    permute_qk: bool  # llama.cpp's interleaved RoPE layout for q/k rows
+    norm_plus_one: bool = False  # store RMSNorm weights as 1 + w
+    permute_qk: bool = False  # llama.cpp's interleaved RoPE layout for q/k rows
+    rope_types: tuple[str, ...] = ("default",)  # RoPE scalings llama.cpp reads for this architecture
+    moe: bool = False  # fused 3-D experts (transformers' gate_up_proj / down_proj)
+    head_required: bool = False  # llama.cpp's loader needs output.weight: a tied head is written out
 
 
-ARCHS = {"llama": GGUFArch("LLAMA", False, True), "mistral": GGUFArch("LLAMA", False, True),
-         "gemma3_text": GGUFArch("GEMMA3", True, False)}
+ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "llama3")),
+         "mistral": GGUFArch("LLAMA", permute_qk=True), "mixtral": GGUFArch("LLAMA", permute_qk=True, moe=True),
+         "qwen2": GGUFArch("QWEN2"), "qwen3": GGUFArch("QWEN3"),
+         "qwen2_moe": GGUFArch("QWEN2MOE", moe=True, head_required=True), "qwen3_moe": GGUFArch("QWEN3MOE", moe=True),
+         "phi3": GGUFArch("PHI3"),
+         "gemma2": GGUFArch("GEMMA2", norm_plus_one=True), "gemma3_text": GGUFArch("GEMMA3", norm_plus_one=True)}
+
+# tokenizer.json pre-tokenizers (byte-level BPE) by the name llama.cpp's `tokenizer.ggml.pre` gives them: the
+# splits tokenizer.json applies, in order (a Split's regex; "<bytelevel>": ByteLevel splitting with GPT-2's
+# own regex; "<digits>": Digits, one digit each), as llama.cpp's llama-vocab.cpp splits for that name, and
+# whether a word found whole in the vocabulary skips the merges (BPE's ignore_merges: llama.cpp sets it for
+# llama-bpe alone)
+LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+PRE_TOKENIZERS = {(("<bytelevel>",), False): "gpt-2", (("<digits>", "<bytelevel>"), False): "smollm",
+                  ((LLAMA3_SPLIT,), True): "llama-bpe", ((QWEN2_SPLIT,), False): "qwen2"}
 
 
 def require() -> None:
@@ -60,21 +90,40 @@ def check(src: Source, types) -> tuple[str, ...]:
     if cfg.model_type not in ARCHS:
         raise LLMPruneError(f"--to gguf writes {', '.join(sorted(ARCHS))} models, not {cfg.model_type!r}: use --to "
                             f"compressed-tensors")
-    _rope_theta(cfg)
-    if ARCHS[cfg.model_type].name == "GEMMA3":
-        check_gemma3(cfg)
+    rope(cfg, ARCHS[cfg.model_type])
+    check_arch(cfg)
+    if source_gguf(src) is None:
+        tokenizer_kind(src.folder)
     return types
 
 
-def check_gemma3(cfg) -> None:
-    """What llama.cpp's gemma3 (and transformers' GGUF reader) assume rather than read: every 6th layer
-    global, the others sliding with RoPE base 10000, queries scaled by 1/sqrt(head_dim)."""
-    standard = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
-    local = ((getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}).get("rope_theta", 10000.0)
-    if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != cfg.head_dim or float(local) != 10000.0:
-        raise LLMPruneError("this Gemma-3 variant (layer pattern, query scale or local RoPE base) differs from what "
-                            "GGUF readers assume for gemma3 (5 sliding : 1 global, 1/sqrt(head_dim), base 10000): "
-                            "use --to compressed-tensors")
+def _refuse(cfg, what: str, assumed: str) -> None:
+    raise LLMPruneError(f"this {cfg.model_type} variant's {what} differs from what llama.cpp assumes for the "
+                        f"architecture rather than reads ({assumed}): use --to compressed-tensors")
+
+
+def check_arch(cfg) -> None:
+    """What llama.cpp (and transformers' GGUF reader) assume for an architecture rather than read."""
+    kind = cfg.model_type
+    if kind == "gemma3_text":
+        standard = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
+        local = ((getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}).get("rope_theta", 1e4)
+        if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != cfg.head_dim or float(local) != 1e4:
+            _refuse(cfg, "layer pattern, query scale or local RoPE base",
+                    "5 sliding : 1 global, queries by 1/sqrt(head_dim), local base 10000")
+    elif kind == "gemma2":
+        standard = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)]
+        # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden / heads) for the 46-layer 27B
+        scale = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 46 else cfg.head_dim
+        if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != scale:
+            _refuse(cfg, "layer pattern or query scale", f"sliding and global in turn, queries by 1/sqrt({scale})")
+    elif kind in ("qwen2_moe", "qwen3_moe"):
+        if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+            _refuse(cfg, "dense MLP layers (mlp_only_layers, decoder_sparse_step)", "experts in every layer")
+        if bool(cfg.norm_topk_prob) != (kind == "qwen3_moe"):
+            _refuse(cfg, f"norm_topk_prob ({cfg.norm_topk_prob})", f"norm_topk_prob {kind == 'qwen3_moe'}")
+    elif kind == "qwen2" and getattr(cfg, "use_sliding_window", False):
+        _refuse(cfg, "sliding-window attention (use_sliding_window)", "full attention")
 
 
 def parse_types(types) -> tuple[str, ...]:
@@ -99,8 +148,22 @@ def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, out_f // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def parts(key: str, shape: tuple[int, ...], a: GGUFArch) -> list[tuple[str, tuple[int, ...], slice | None]]:
+    """The GGUF tensors one HF tensor becomes: (the HF name gguf's TensorNameMap knows it by, shape, the rows
+    of dim 1 it takes or None). Fused experts' gate_up_proj (experts, 2 x width, hidden) is gate then up;
+    Qwen2-MoE's shared-expert gate (1, hidden) is a vector."""
+    if a.moe and key.endswith(".experts.gate_up_proj"):
+        half = shape[1] // 2
+        base = key.removesuffix("gate_up_proj")
+        return [(base + "gate_proj", (shape[0], half, shape[2]), slice(0, half)),
+                (base + "up_proj", (shape[0], half, shape[2]), slice(half, shape[1]))]
+    if key.endswith("shared_expert_gate.weight"):
+        return [(key, shape[1:], None)]
+    return [(key, shape, None)]
+
+
 def gguf_names(model, a: GGUFArch, keys) -> dict[str, str]:
-    """HF state-dict key -> GGUF tensor name, for `keys`."""
+    """HF name (as `parts` gives it) -> GGUF tensor name, for `keys`."""
     import gguf
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, a.name), model.config.num_hidden_layers)
@@ -110,7 +173,7 @@ def gguf_names(model, a: GGUFArch, keys) -> dict[str, str]:
         if name is None:
             raise LLMPruneError(f"{key} has no GGUF name for {a.name.lower()}: this architecture variant cannot be "
                                 f"exported to GGUF; use --to compressed-tensors")
-        out[key] = name
+        out[key] = name if name.endswith((".weight", ".bias")) else name + ".weight"  # fused experts: no suffix
     return out
 
 
@@ -128,7 +191,7 @@ def to_gguf(key: str, t: torch.Tensor, a: GGUFArch, cfg) -> np.ndarray:
 
 def tensor_type(name: str, shape: tuple[int, ...], want: str) -> str:
     """The type a tensor is stored in (module docstring)."""
-    if len(shape) < 2 or want == "f32":
+    if len(shape) < 2 or want == "f32" or name.endswith("ffn_gate_inp.weight"):  # the MoE router too, as llama.cpp
         return "f32"
     if want in ("f16", "bf16"):
         return want
@@ -177,13 +240,37 @@ def tensor_info(shape: tuple[int, ...], t: str) -> tuple[tuple[int, ...], np.dty
 
 # --- metadata -------------------------------------------------------------------------------------
 
-def _rope_theta(cfg) -> float:
+def _rope_parameters(cfg) -> dict:
     rp = getattr(cfg, "rope_parameters", None) or {}
     rp = rp.get("full_attention", rp) if isinstance(rp, dict) else {}
+    return {"rope_theta": getattr(cfg, "rope_theta", 10000.0), **rp}
+
+
+def rope(cfg, a: GGUFArch) -> tuple[float, np.ndarray | None]:
+    """(RoPE base, llama.cpp's `rope_freqs` factors or None): Llama 3.1's scaling (rope_type "llama3") divides
+    each frequency by a factor, which llama.cpp reads as that tensor; other scalings are refused."""
+    rp = _rope_parameters(cfg)
     kind = rp.get("rope_type", "default")
-    if kind != "default":
-        raise LLMPruneError(f"RoPE scaling {kind!r} is not written to GGUF yet: export --to compressed-tensors")
-    return float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    if kind not in a.rope_types:
+        raise LLMPruneError(f"RoPE scaling {kind!r} is not written to GGUF for {cfg.model_type}: export --to "
+                            f"compressed-tensors")
+    theta = float(rp["rope_theta"])
+    if kind != "llama3":
+        return theta, None
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    factor, low, high = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old = rp.get("original_max_position_embeddings", 8192)
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:  # between: HF's smooth interpolation, inv_freq / factor -> inv_freq
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return theta, np.asarray(factors, dtype=np.float32)
 
 
 def add_hparams(w, cfg, a: GGUFArch) -> None:
@@ -195,17 +282,35 @@ def add_hparams(w, cfg, a: GGUFArch) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_rope_freq_base(rope(cfg, a)[0])
     w.add_vocab_size(cfg.vocab_size)
-    if a.name == "GEMMA3":
+    if a.name in ("GEMMA2", "GEMMA3"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_sliding_window(cfg.sliding_window)
-    else:
-        w.add_rope_dimension_count(head_dim)
-        if head_dim * cfg.num_attention_heads != cfg.hidden_size:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
+        if a.name == "GEMMA2":
+            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        return
+    if a.name == "PHI3":  # as llama.cpp's converter: partial rotary over hidden / heads; window 0 when none
+        rp = _rope_parameters(cfg)
+        rot = getattr(cfg, "partial_rotary_factor", None) or rp.get("partial_rotary_factor", 1.0)
+        w.add_rope_dimension_count(int(rot * cfg.hidden_size) // cfg.num_attention_heads)
+        if rp.get("original_max_position_embeddings"):
+            w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        w.add_sliding_window(getattr(cfg, "sliding_window", None) or 0)
+        return
+    w.add_rope_dimension_count(head_dim)
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if a.moe:  # Mixtral's experts are intermediate_size wide (llama.cpp's llama reads feed_forward_length)
+        w.add_expert_count(getattr(cfg, "num_experts", None) or cfg.num_local_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if getattr(cfg, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
 def source_gguf(src: Source) -> Path | None:
@@ -236,37 +341,125 @@ def copy_tokenizer(w, path: Path) -> None:
             w.add_key_value(key, f.contents(), f.types[0], sub)
 
 
-def hf_tokenizer(w, folder: Path, n_vocab: int) -> None:
-    """A GPT-2-style BPE tokenizer.json as GGUF metadata (gguf.vocab), padded to the model's vocabulary."""
+def _splits(pre) -> tuple[str, ...] | None:
+    """A tokenizer.json pre-tokenizer as the splits it applies, in order (PRE_TOKENIZERS); None: one
+    that is not only splitting (e.g. Metaspace, Whitespace)."""
+    if pre is None:
+        return ()
+    kind = pre.get("type")
+    if kind == "Sequence":
+        out: tuple[str, ...] = ()
+        for p in pre.get("pretokenizers", []):
+            sub = _splits(p)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if kind == "Split" and "Regex" in pre.get("pattern", {}) and pre.get("behavior") == "Isolated" \
+            and not pre.get("invert"):
+        return (pre["pattern"]["Regex"],)
+    if kind == "ByteLevel":
+        return ("<bytelevel>",) if pre.get("use_regex", True) else ()
+    if kind == "Digits" and pre.get("individual_digits"):
+        return ("<digits>",)
+    return None
+
+
+def tokenizer_kind(folder: Path) -> tuple[str, str | None]:
+    """("gpt2", llama.cpp's pre-tokenizer name) for a byte-level BPE tokenizer.json, ("llama", None) for a
+    SentencePiece-style one (BPE with byte fallback: Llama 2, Mistral); refused otherwise (module docstring)."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise LLMPruneError(f"{folder} has no tokenizer.json: GGUF holds the tokenizer, so export a model loaded "
+                            f"from a GGUF (its tokenizer is copied) or one with a fast tokenizer")
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model, decoder = tj.get("model") or {}, tj.get("decoder") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and decoder.get("type") == "Sequence":
+        return "llama", None
+    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+        raise LLMPruneError(f"{path}: only byte-level BPE and SentencePiece-style (byte fallback) tokenizers are "
+                            f"written to GGUF: export a model loaded from a GGUF (its tokenizer is copied)")
+    splits = (_splits(tj.get("pre_tokenizer")), bool(model.get("ignore_merges")))
+    if not model.get("merges"):
+        raise LLMPruneError(f"{path}: a BPE tokenizer without merges, which llama.cpp cannot load: export a model "
+                            f"loaded from a GGUF (its tokenizer is copied)")
+    if splits not in PRE_TOKENIZERS:
+        raise LLMPruneError(f"{path}: its pre-tokenizer is none llmprune knows llama.cpp's name of "
+                            f"({', '.join(sorted(PRE_TOKENIZERS.values()))}), and another would tokenize text "
+                            f"differently: export a model loaded from a GGUF (its tokenizer is copied)")
+    return "gpt2", PRE_TOKENIZERS[splits]
+
+
+def spm_scores(tj: dict) -> dict[str, float]:
+    """Scores for llama.cpp's `llama` vocabulary from tokenizer.json's merges. llama.cpp merges the adjacent
+    pair whose joined piece scores highest, HF's BPE the pair of lowest merge rank: a piece scores minus the
+    rank of the first merge making it (gguf's LlamaHfVocab writes -1000 for every piece, which would merge
+    left to right instead)."""
+    out: dict[str, float] = {}
+    for rank, m in enumerate(tj["model"].get("merges") or []):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if len(pair) == 2:
+            out.setdefault(pair[0] + pair[1], -float(rank + 1))
+    return out
+
+
+def space_prefix(tj: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (Llama 2, Mistral: a Prepend
+    normalizer or a Metaspace pre-tokenizer; Gemma: neither), which llama.cpp reads as add_space_prefix."""
+    def walk(x):
+        if isinstance(x, dict):
+            yield x
+            for v in x.values():
+                yield from walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from walk(v)
+
+    parts = [*walk(tj.get("normalizer")), *walk(tj.get("pre_tokenizer"))]
+    return any(p.get("type") == "Prepend" and p.get("prepend") == "\u2581" for p in parts) or any(
+        p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" and p.get("add_prefix_space", True)
+        for p in parts)
+
+
+def hf_tokenizer(w, folder: Path, n_vocab: int) -> str:
+    """The tokenizer.json of `folder` as GGUF metadata (gguf.vocab, as llama.cpp's converter reads it),
+    padded to the model's vocabulary; returns what the manifest says of it."""
     import gguf
 
-    try:
-        vocab = gguf.vocab.BpeVocab(folder)
-    except (FileNotFoundError, ValueError) as e:
-        raise LLMPruneError(f"{folder}: only GPT-2-style BPE tokenizers are written from tokenizer.json ({e}); "
-                            f"export a model loaded from a GGUF (its tokenizer is copied)") from None
+    model, pre = tokenizer_kind(folder)
+    vocab = gguf.vocab.BpeVocab(folder) if model == "gpt2" else gguf.vocab.LlamaHfVocab(folder)
+    tj = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+    ranked = spm_scores(tj) if model == "llama" else {}
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text.encode() if isinstance(text, str) else text)
-        scores.append(score)
+        normal = kind == gguf.TokenType.NORMAL
+        scores.append(ranked.get(tokens[-1].decode("utf-8", "replace"), score) if normal else score)
         types.append(kind)
+    if len(tokens) > n_vocab:
+        raise LLMPruneError(f"{folder}: the tokenizer has {len(tokens)} tokens but the model embeds {n_vocab}: GGUF "
+                            f"readers size the vocabulary from the tokens; resize the embeddings or fix the tokenizer")
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre or "default")
+    if model == "llama":
+        w.add_add_space_prefix(space_prefix(tj))
     w.add_token_list(tokens)
     w.add_token_scores(scores)  # transformers' reader rebuilds merges from them when a vocabulary has none
     w.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    return f"tokenizer.json ({'SentencePiece-style' if pre is None else 'pre-tokenizer: ' + pre})"
 
 
 # --- write ----------------------------------------------------------------------------------------
 
 def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, tokenizer_from: Path, from_gguf: bool, name: str):
     """A GGUFWriter for one type with its metadata and every tensor's info written (`plan`: (gguf name,
-    shape) in data order); returns (writer, {gguf type: tensor count}). The data follows tensor by tensor."""
+    shape) in data order); returns (writer, {gguf type: tensor count}, what the tokenizer came from).
+    The data follows tensor by tensor."""
     import gguf
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, a.name)])
@@ -276,8 +469,9 @@ def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, tokenizer_from: Pat
     add_hparams(w, cfg, a)
     if from_gguf:
         copy_tokenizer(w, tokenizer_from)
+        said = f"copied from {tokenizer_from.name}"
     else:
-        hf_tokenizer(w, tokenizer_from, cfg.vocab_size)
+        said = hf_tokenizer(w, tokenizer_from, cfg.vocab_size)
     counts: dict[str, int] = {}
     for tname, shape in plan:
         t = tensor_type(tname, shape, want)
@@ -286,7 +480,7 @@ def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, tokenizer_from: Pat
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    return w, counts
+    return w, counts, said
 
 
 @torch.no_grad()
@@ -296,6 +490,8 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
     tensor is encoded into every file as it arrives from the source (one decoder block in memory)."""
     from tqdm.auto import tqdm
 
+    from ..arch import arch_of
+
     model = weights.model
     a = ARCHS[model.config.model_type]
     cfg = model.config
@@ -303,26 +499,37 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
     tokenizer_from = gg or src.folder
     name = Path(src.folder).name
     shapes = weights.shapes()
-    gnames = gguf_names(model, a, shapes)
-    plan = [(gnames[k], shapes[k]) for k in shapes]
+    split = {k: parts(k, shapes[k], a) for k in shapes}
+    embed, head = (f"{n}.weight" for n in (arch_of(model).embed, arch_of(model).head))
+    if a.head_required and head not in shapes:  # tied: the embedding once more, as the head
+        split[embed].append((head, shapes[embed], None))
+    gnames = gguf_names(model, a, [p[0] for k in shapes for p in split[k]])
+    plan = [(gnames[p[0]], p[1]) for k in shapes for p in split[k]]
+    freqs = rope(cfg, a)[1]
+    if freqs is not None:  # llama.cpp's converter writes it first
+        plan.insert(0, ("rope_freqs.weight", freqs.shape))
     files = [f"{name}-{t.upper()}.gguf" for t in types]
     writers, layout = {}, {}
     try:
         for t, fname in zip(types, files):
-            writers[t], layout[fname] = open_file(folder / fname, t, a, cfg, plan, tokenizer_from, gg is not None, name)
+            writers[t], layout[fname], said = open_file(folder / fname, t, a, cfg, plan, tokenizer_from,
+                                                        gg is not None, name)
+        if freqs is not None:
+            for w in writers.values():
+                w.write_tensor_data(freqs)
         for key, tensor in tqdm(weights.tensors(), total=len(shapes), desc="gguf", disable=not progress):
-            gname = gnames[key]
             data = to_gguf(key, tensor, a, cfg)
-            for t, w in writers.items():
-                w.write_tensor_data(encode(data, tensor_type(gname, data.shape, t))[0])
+            for hf_name, shape, rows in split[key]:
+                piece = np.ascontiguousarray(data[:, rows] if rows is not None else data).reshape(shape)
+                for t, w in writers.items():
+                    w.write_tensor_data(encode(piece, tensor_type(gnames[hf_name], shape, t))[0])
     finally:
         for w in writers.values():
             w.close()
     return {"to": NAME, "files": files, "bytes": {f: (folder / f).stat().st_size for f in files},
             "types": list(types), "tensor_types": layout,
             "exact_zeros": [t for t in types if t in EXACT_ZEROS],
-            "tokenizer": f"copied from {gg.name}" if gg else "tokenizer.json (pre-tokenizer: default)",
-            "gguf": _version()}
+            "tokenizer": said, "gguf": _version()}
 
 
 def _version() -> str:

@@ -1,0 +1,171 @@
+"""Every GGUF family llmprune exports, run by llama.cpp itself: a tiny random model of each (hidden 64,
+2 blocks, the family's own transformers config), pruned with Wanda 50%, exported to GGUF F32, F16 and Q8_0;
+llama.cpp's logits on fixed token ids against llmprune's (`llmprune.load` of the pruned folder, fp32). Then
+tokenizers from tokenizer.json (each pre-tokenizer name llmprune writes, SentencePiece-style with and without
+the "▁" prefix): llama.cpp's ids for a text against the tokenizer's own. The test suite reads these exports
+with transformers' GGUF reader; this is the engine users serve with.
+
+Two steps, two environments (llama-cpp-python is built from PyPI in its own venv, never in CI):
+
+    python bench/llamacpp_families.py make /tmp/fam            # llmprune: models, exports, reference logits
+    /root/venvs/llamacpp/bin/python bench/llamacpp_families.py check /tmp/fam   # llama.cpp: one JSON line each
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# every tiny family as tests/test_families.py builds it, except what llama.cpp assumes (Gemma queries scaled by
+# 1/sqrt(head_dim)); Llama 3.1's RoPE scaling on a 16-token original context, so that its factors are not all 1
+# on 48 tokens; Qwen's with room for the token transformers 5 adds to the byte tokenizer (it loads it as Qwen2's)
+FAMILIES = {"llama": {}, "llama31": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 16}},
+            "mistral": {}, "mixtral": {}, "qwen2": {"vocab_size": 300}, "qwen3": {"vocab_size": 300},
+            "qwen2_moe": {"vocab_size": 300}, "qwen3_moe": {"vocab_size": 300}, "phi3": {},
+            "gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"num_hidden_layers": 6,
+                                                                     "query_pre_attn_scalar": 16}}
+TYPES = "f32,f16,q8_0"
+# tokenizers read from tokenizer.json (a model not loaded from a GGUF): what llama.cpp makes of each pre-tokenizer
+# name and of a SentencePiece-style vocabulary, on a text where the splits and the merge order matter
+TOKENIZERS = ("llama-bpe", "qwen2", "gpt-2", "smollm", "spm", "spm-no-prefix")
+TEXT = "the 12345 theme's I'm\n\nabc  abcd Äpfel 1234567"
+
+
+def _byte_bpe(kind: str):
+    """A byte-level BPE tokenizer with merges across digit runs, words and contractions, split as `kind`'s
+    tokenizer.json splits (Llama 3: its regex and ignore_merges; Qwen2: digits one by one; GPT-2: ByteLevel's
+    own regex; SmolLM: Digits, then ByteLevel)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmprune.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<bos>"], vocab["<eos>"] = 256, 257
+    merges = [("1", "2"), ("12", "3"), ("4", "5"), ("Ġ", "t"), ("Ġt", "h"), ("Ġth", "e"), ("t", "h"), ("th", "e"),
+              ("'", "s"), ("'", "m"), ("Ċ", "Ċ"), ("b", "c"), ("a", "b"), ("Ġ", "Ġ"), ("Ġ", "1"), ("Ġ1", "2")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=kind == "llama-bpe"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt-2", "smollm"))
+    split = {"llama-bpe": [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated")],
+             "qwen2": [pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated")],
+             "smollm": [pre_tokenizers.Digits(individual_digits=True)], "gpt-2": []}[kind]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level]) if split else byte_level
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def _spm(prefix: bool):
+    """A SentencePiece-style tokenizer.json (BPE with byte fallback; Llama 2 and Mistral prepend "▁", Gemma
+    does not) whose merge order matters: "bc" before "ab", so "abc" is a + bc."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    merges = [("b", "c"), ("a", "b"), ("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("h", "e"), ("▁", "a"), ("▁a", "bc"),
+              ("1", "2"), ("▁", "▁")]
+    for ch in "▁abcdehmt12'":
+        vocab.setdefault(ch, len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+    norm = [normalizers.Prepend("▁")] if prefix else []
+    tok.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_tokenizers(root: Path, calib: Path) -> None:
+    from llmprune.cli import main
+    from llmprune.testing import FAST_CLI, tiny_model
+
+    ids = {}
+    for kind in TOKENIZERS:
+        tok = _spm(kind == "spm") if kind.startswith("spm") else _byte_bpe(kind)
+        m, src = root / f"tok-{kind}-model", root / f"tok-{kind}-pruned"
+        tiny_model("llama", vocab_size=320).save_pretrained(m)
+        tok.save_pretrained(m)
+        assert main([str(a) for a in ("compress", "--model", m, "--calib", calib, "--out", src, "--overwrite",
+                                      *FAST_CLI)]) == 0
+        assert main([str(a) for a in ("export", src, "--to", "gguf", "--type", "f32", "--out", root / f"tok-{kind}-gguf",
+                                      "--overwrite", "--no-progress")]) == 0
+        ids[kind] = tok(TEXT, add_special_tokens=False)["input_ids"]
+    (root / "tokens.json").write_text(json.dumps({"text": TEXT, "ids": ids}))
+
+
+def make(args) -> None:
+    import numpy as np
+    import torch
+
+    import llmprune
+    from llmprune.cli import main
+    from llmprune.testing import FAST_CLI, random_text, tiny_model_dir
+
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    calib = root / "calib.txt"
+    calib.write_text(random_text(4000, seed=1))
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    np.save(root / "ids.npy", ids.numpy())
+    for name, over in FAMILIES.items():
+        arch = "llama" if name == "llama31" else name
+        stem = name.replace("phi3", "phi")  # llama.cpp gives a general.name with "phi3" in it Phi-3's special tokens
+        m = tiny_model_dir(root / f"{stem}-model", arch, **over)
+        src, out = root / f"{stem}-pruned", root / f"{name}-gguf"
+        assert main([str(a) for a in ("compress", "--model", m, "--calib", calib, "--out", src, "--overwrite",
+                                      *FAST_CLI)]) == 0
+        assert main([str(a) for a in ("export", src, "--to", "gguf", "--type", TYPES, "--out", out, "--overwrite",
+                                      "--no-progress")]) == 0
+        model, _, _ = llmprune.load(str(src))
+        with torch.no_grad():
+            np.save(root / f"{name}-logits.npy", model(ids).logits[0].float().numpy())
+    make_tokenizers(root, calib)
+
+
+def check(args) -> None:
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    root = Path(args.dir)
+    ids = np.load(root / "ids.npy")[0].tolist()
+    for name in FAMILIES:
+        want = np.load(root / f"{name}-logits.npy").astype(np.float64)
+        row = {"family": name}
+        for f in sorted((root / f"{name}-gguf").glob("*.gguf")):
+            kind = f.stem.rsplit("-", 1)[1]
+            try:
+                llm = Llama(model_path=str(f), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
+                llm.eval(ids)
+                got = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+                row[kind] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                del llm
+            except Exception as e:  # noqa: BLE001 - a file llama.cpp refuses is the finding
+                row[kind] = f"error: {str(e)[:120]}"
+        row["engine"] = "llama.cpp via llama-cpp-python " + llama_cpp.__version__
+        print(json.dumps(row), flush=True)
+    tokens = json.loads((root / "tokens.json").read_text())
+    for kind, want in tokens["ids"].items():
+        f = next((root / f"tok-{kind}-gguf").glob("*.gguf"))
+        llm = Llama(model_path=str(f), vocab_only=True, verbose=False)
+        got = llm.tokenize(tokens["text"].encode(), add_bos=False, special=False)
+        print(json.dumps({"tokenizer": kind, "same_ids": got == want, "llama.cpp": got, "transformers": want}),
+              flush=True)
+        del llm
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd in ("make", "check"):
+        sub.add_parser(cmd).add_argument("dir", help="a working folder")
+    a = p.parse_args()
+    {"make": make, "check": check}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
