@@ -635,3 +635,33 @@ def test_gguf_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, capsys, 
     tok.add_tokens(["<extra-1>", "<extra-2>"])
     tok.save_pretrained(src)
     _refused(capsys, tmp_path, src, "--to", "gguf", want=f"has {VOCAB + 2} tokens but the model embeds {VOCAB}")
+
+
+def test_ct_of_a_moe_model_is_refused(tmp_path, capsys, calib_txt):
+    """compressed-tensors' W4A16 is one int4 linear per expert for vLLM; transformers 5 holds the experts as fused
+    3-D tensors, which the export would write dense under names vLLM does not read: refused before any work."""
+    from llmprune.testing import tiny_model_dir
+
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", tiny_model_dir(tmp_path / "m", "qwen3_moe"), "--calib",
+                                  calib_txt, "--out", src, *FAST_CLI)]) == 0
+    capsys.readouterr()  # what compressing printed
+    _refused(capsys, tmp_path, src, "--to", "compressed-tensors", want="8 experts per layer are fused 3-D tensors")
+
+
+@pytest.mark.parametrize("arch, to, want", [("olmo2", "gguf", "--to gguf writes"),
+                                            ("qwen3_moe", "compressed-tensors", "experts per layer are fused")])
+def test_compress_export_to_a_target_that_cannot_write_the_family_is_refused_before_any_work(
+        tmp_path, capsys, calib_txt, monkeypatch, arch, to, want):
+    """`compress --export` reads the model's config before it computes: a family the target does not write stops
+    there (no pruning, no output folder), not after hours of compression."""
+    from llmprune import prune
+    from llmprune.testing import tiny_model_dir
+
+    m = tiny_model_dir(tmp_path / "m", arch)
+    capsys.readouterr()
+    monkeypatch.setattr(prune, "prune", lambda *a, **k: pytest.fail("pruned before the refusal"))
+    out = tmp_path / "o"
+    rc, _, err = _run(capsys, "compress", "--model", m, "--calib", calib_txt, "--out", out, *FAST_CLI, "--export", to)
+    assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".o*")) and not (tmp_path / f"o-{to}").exists()

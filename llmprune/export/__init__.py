@@ -40,6 +40,12 @@ def precheck(to: str, types=("f16",)) -> None:
         t.parse_types(types)
 
 
+def precheck_config(to: str, cfg) -> None:
+    """What `compress --export` can check once the model's config is read, before it computes: whether the
+    target writes this family (GGUF's architectures, what llama.cpp assumes; compressed-tensors' MoE)."""
+    _target(to).check_config(cfg)
+
+
 def default_out(src: str | Path, to: str) -> Path:
     src = Path(src)
     return src.with_name(f"{src.name}-{to}")

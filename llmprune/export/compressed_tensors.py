@@ -31,9 +31,28 @@ ASYM_NOTE = ("asymmetric int4 (zero points): vLLM reads it; transformers 5.25 wi
              "(weight_zero_point size mismatch, an upstream bug): repack with --grid sym for transformers")
 
 
+# config keys that count a Mixture-of-Experts model's routed experts (Qwen-MoE, OLMoE; Mixtral, gpt-oss; DeepSeek)
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_config(cfg) -> None:
+    """What the model's config alone decides: transformers 5 holds a Mixture-of-Experts model's experts as fused
+    3-D tensors, which this export would write dense under names vLLM does not read (it reads one int4 linear
+    per expert)."""
+    experts = next((getattr(cfg, k) for k in EXPERT_COUNTS if getattr(cfg, k, None)), None)
+    if experts:
+        raise LLMPruneError(f"--to {NAME} writes int4 linear layers, but this {cfg.model_type} model's {experts} "
+                            f"experts per layer are fused 3-D tensors the export does not write per expert as vLLM "
+                            f"reads them: use --to gguf (llama.cpp: Mixtral, Qwen2-MoE, Qwen3-MoE), or serve the "
+                            f"dense output")
+
+
 def check(src: Source, quant: str | None, group_size, symmetric: bool | None) -> str | None:
     """Refuse what this target cannot express, before any model is loaded; returns the quantizer to run
     (None: the source's own codes)."""
+    from transformers import AutoConfig
+
+    check_config(AutoConfig.from_pretrained(src.folder))
     if src.fmt == "w4s50":
         raise LLMPruneError(f"{src.folder} is w4s50: its int4 groups of 16 inputs have no vLLM kernel (Marlin "
                             f"takes {', '.join(map(str, MARLIN_GROUPS))}); export the dense output it was packed "

@@ -86,15 +86,20 @@ def check(src: Source, types) -> tuple[str, ...]:
     from transformers import AutoConfig
 
     types = parse_types(types)
-    cfg = AutoConfig.from_pretrained(src.folder)
+    check_config(AutoConfig.from_pretrained(src.folder))
+    if source_gguf(src) is None:
+        tokenizer_kind(src.folder)
+    return types
+
+
+def check_config(cfg) -> None:
+    """What the model's config alone decides: a family GGUF is written for, a RoPE it can hold, nothing
+    llama.cpp would misread (`check_arch`)."""
     if cfg.model_type not in ARCHS:
         raise LLMPruneError(f"--to gguf writes {', '.join(sorted(ARCHS))} models, not {cfg.model_type!r}: use --to "
                             f"compressed-tensors")
     rope(cfg, ARCHS[cfg.model_type])
     check_arch(cfg)
-    if source_gguf(src) is None:
-        tokenizer_kind(src.folder)
-    return types
 
 
 def _refuse(cfg, what: str, assumed: str) -> None:
