@@ -25,9 +25,11 @@ keep() { cp "$1/llmprune.json" "$RES/$2.json"; }
 
 # sources: the unpruned model (magnitude at sparsity 0 prunes nothing) and Wanda 50%, P-cpu
 STAGE=${1:-all}  # all | ct | gguf | gemma
+if [ $STAGE != gemma ]; then
 [ -d $R/llama-dense ] || lp compress --model llama --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --no-progress --out $R/llama-dense
 [ -d $R/llama-wanda-50 ] || lp compress --model llama --sparsity 0.5 --protocol cpu --no-dense-eval --no-progress --out $R/llama-wanda-50
 for s in dense wanda-50; do keep $R/llama-$s llama-$s; done
+fi
 
 if [ $STAGE = all ] || [ $STAGE = ct ]; then
 # llmprune's own int4: w4g128 RTN, symmetric (compressed-tensors' W4A16 grid; transformers reads only symmetric)
@@ -91,4 +93,5 @@ GNPY=$R/gemma3-wt2-2x2048.npy
 reference $R/gemma3-dense $GNPY 2
 for t in F16 Q8_0; do llamacpp $R/gemma3-dense-gguf/gemma3-dense-$t.gguf $GNPY; done
 fi
-ls -l $R/*/model.safetensors $R/*/*.gguf > $RES/sizes.txt
+if [ $STAGE = all ]; then ls -l $R/*/model.safetensors $R/*/*.gguf > $RES/sizes.txt
+else ls -l $R/*/model.safetensors $R/*/*.gguf | grep -F -v -f $RES/sizes.txt >> $RES/sizes.txt; fi  # a stage adds its files

@@ -2,7 +2,7 @@
 llmprune's own outputs next to their exports, each file's size and its WikiText-2 perplexity as the reader
 named in the row computes it. Rows compared with each other use the same token windows: 16 x 2048 for
 llmprune's formats and compressed-tensors, 8 x 2048 (the first 8 of those) for llama.cpp and the
-llmprune figure it is compared with.
+llmprune figure it is compared with; Gemma-3-270M's rows (`export.sh gemma`) 2 x 2048.
 
     python bench/export_table.py
 """
@@ -61,11 +61,33 @@ def rows(src: str, label: str) -> list[str]:
     return out
 
 
+def gemma_rows() -> list[str]:
+    """Gemma-3-270M unpruned (`bash bench/export.sh gemma`): llmprune's figure and llama.cpp's of its GGUF F16
+    and Q8_0 on the same 2 windows (its 262k vocabulary makes a window costly on both sides)."""
+    sz, runs = sizes(), jsonl()
+    lcpp = {"/".join(Path(r["gguf"]).parts[-2:]): r for r in runs if "gguf" in r}
+    ref = next((r["ppl"] for r in runs if r.get("src", "").endswith("/gemma3-dense")), None)
+    if ref is None:
+        return []
+    file = "gemma3-dense/model.safetensors"
+    out = [f"| Gemma-3-270M | llmprune dense (fp32) | llmprune.load | {sz[file] / 2**20:.0f} | 2 | {ref:.2f} | - |"
+           if file in sz else f"| Gemma-3-270M | llmprune dense (fp32) | llmprune.load | - | 2 | {ref:.2f} | - |"]
+    for t in ("F16", "Q8_0"):
+        f = f"gemma3-dense-gguf/gemma3-dense-{t}.gguf"
+        p = (lcpp.get(f) or {}).get("ppl")
+        mib = f"{sz[f] / 2**20:.0f}" if f in sz else "-"
+        vs = f"{p / ref:.4f} (vs dense, 2 windows)" if p else "-"
+        out.append(f"| Gemma-3-270M | GGUF {t} | llama.cpp | {mib} | 2 | {f'{p:.2f}' if p else '-'} | {vs} |")
+    return out
+
+
 def main() -> None:
     print("| model | artifact | read by | MiB | windows of 2048 | WikiText-2 ppl | ratio |")
     print("|---|---|---|---|---|---|---|")
     for src, label in (("dense", "SmolLM2-135M"), ("wanda-50", "Wanda 50%")):
         print("\n".join(rows(src, label)))
+    if gemma_rows():
+        print("\n".join(gemma_rows()))
 
 
 if __name__ == "__main__":

@@ -603,7 +603,7 @@ def export_table() -> str:
     rows = ["| model | artifact | read by | MiB | windows of 2048 | WikiText-2 ppl | ratio |", "|---|---|---|---|---|---|---|"]
     for src, label in (("dense", "SmolLM2-135M"), ("wanda-50", "Wanda 50%")):
         rows += et.rows(src, label)
-    return "\n".join(rows)
+    return "\n".join(rows + et.gemma_rows())
 
 
 def scale_table() -> str:

@@ -372,7 +372,7 @@ def _splits(pre) -> tuple[str, ...] | None:
 
 def tokenizer_kind(folder: Path) -> tuple[str, str | None]:
     """("gpt2", llama.cpp's pre-tokenizer name) for a byte-level BPE tokenizer.json, ("llama", None) for a
-    SentencePiece-style one (BPE with byte fallback: Llama 2, Mistral); refused otherwise (module docstring)."""
+    SentencePiece-style one (BPE with byte fallback: Llama 2, Mistral, Gemma); refused otherwise (module docstring)."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise LLMPruneError(f"{folder} has no tokenizer.json: GGUF holds the tokenizer, so export a model loaded "
