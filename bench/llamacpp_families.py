@@ -24,19 +24,20 @@ FAMILIES = {"llama": {}, "llama31": {"rope_parameters": {"rope_type": "llama3", 
                                                         "original_max_position_embeddings": 16}},
             "mistral": {}, "mixtral": {}, "qwen2": {"vocab_size": 300}, "qwen3": {"vocab_size": 300},
             "qwen2_moe": {"vocab_size": 300}, "qwen3_moe": {"vocab_size": 300}, "phi3": {},
-            "gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"num_hidden_layers": 6,
+            "olmo2": {}, "glm4": {}, "gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"num_hidden_layers": 6,
                                                                      "query_pre_attn_scalar": 16}}
 TYPES = "f32,f16,q8_0"
 # tokenizers read from tokenizer.json (a model not loaded from a GGUF): what llama.cpp makes of each pre-tokenizer
-# name and of a SentencePiece-style vocabulary, on a text where the splits and the merge order matter
-TOKENIZERS = ("llama-bpe", "qwen2", "gpt-2", "smollm", "spm", "spm-no-prefix")
+# name and of a SentencePiece-style vocabulary, on a text where the splits, the whole-word rule and the merge
+# order matter
+TOKENIZERS = ("llama-bpe", "dbrx", "qwen2", "gpt-2", "smollm", "spm", "spm-no-prefix")
 TEXT = "the 12345 theme's I'm\n\nabc  abcd Äpfel 1234567"
 
 
 def _byte_bpe(kind: str):
     """A byte-level BPE tokenizer with merges across digit runs, words and contractions, split as `kind`'s
     tokenizer.json splits (Llama 3: its regex and ignore_merges; Qwen2: digits one by one; GPT-2: ByteLevel's
-    own regex; SmolLM: Digits, then ByteLevel)."""
+    own regex; SmolLM: Digits, then ByteLevel; dbrx: cl100k's split as Llama 3's, without its whole-word rule)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,9 +49,11 @@ def _byte_bpe(kind: str):
               ("'", "s"), ("'", "m"), ("Ċ", "Ċ"), ("b", "c"), ("a", "b"), ("Ġ", "Ġ"), ("Ġ", "1"), ("Ġ1", "2")]
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
+    vocab["Ġtheme"] = len(vocab)  # no merge makes it: only Llama 3's whole-word rule (ignore_merges) finds it
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=kind == "llama-bpe"))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt-2", "smollm"))
     split = {"llama-bpe": [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated")],
+             "dbrx": [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated")],
              "qwen2": [pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated")],
              "smollm": [pre_tokenizers.Digits(individual_digits=True)], "gpt-2": []}[kind]
     tok.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level]) if split else byte_level

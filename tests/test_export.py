@@ -568,23 +568,24 @@ def _spm_tokenizer(prefix=True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-@pytest.mark.parametrize("kind", ["llama-bpe", "qwen2", "spm", "spm no prefix", "unknown", "no merges"])
+@pytest.mark.parametrize("kind", ["llama-bpe", "dbrx", "qwen2", "spm", "spm no prefix", "unknown", "no merges"])
 def test_gguf_tokenizer_from_tokenizer_json(tmp_path, capsys, calib_txt, kind):
     """A model not loaded from a GGUF: its tokenizer.json as llama.cpp's converter writes it. Byte-level BPE
-    gets the pre-tokenizer name llama.cpp splits the same way with (Llama 3: llama-bpe; Qwen2: qwen2); a
-    SentencePiece-style one llama.cpp's `llama` vocabulary (its pieces scored by merge rank, "▁" before the text
-    or not), which transformers' GGUF reader turns back into a tokenizer giving the same ids; any other pre-tokenizer is refused, nothing written (here Llama 3's split
-    without Llama 3's whole-word rule, which llama.cpp's llama-bpe applies), as is a BPE vocabulary without
-    merges (llama.cpp does not load one)."""
+    gets the pre-tokenizer name llama.cpp tokenizes the same way with (Llama 3: llama-bpe; the same split without
+    its whole-word rule, as Phi-4's and OLMo 2's: dbrx; Qwen2: qwen2); a SentencePiece-style one llama.cpp's
+    `llama` vocabulary (its pieces scored by merge rank, "▁" before the text or not), which transformers' GGUF
+    reader turns back into a tokenizer giving the same ids; any other pre-tokenizer is refused, nothing written,
+    as is a BPE vocabulary without merges (llama.cpp does not load one)."""
     import gguf
 
     from llmprune.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
     from llmprune.testing import tiny_model
 
     tok = {"llama-bpe": lambda: _bpe_tokenizer(LLAMA3_SPLIT, ignore_merges=True),
+           "dbrx": lambda: _bpe_tokenizer(LLAMA3_SPLIT),  # cl100k's split without Llama 3's whole-word rule
            "qwen2": lambda: _bpe_tokenizer(QWEN2_SPLIT), "spm": _spm_tokenizer,
            "spm no prefix": lambda: _spm_tokenizer(prefix=False),
-           "unknown": lambda: _bpe_tokenizer(LLAMA3_SPLIT),  # Llama 3's split without its ignore_merges
+           "unknown": lambda: _bpe_tokenizer("\\s+"),
            "no merges": lambda: _bpe_tokenizer(LLAMA3_SPLIT, merges=False)}[kind]()
     m = tmp_path / "m"
     spm = kind.startswith("spm")
@@ -649,7 +650,7 @@ def test_ct_of_a_moe_model_is_refused(tmp_path, capsys, calib_txt):
     _refused(capsys, tmp_path, src, "--to", "compressed-tensors", want="8 experts per layer are fused 3-D tensors")
 
 
-@pytest.mark.parametrize("arch, to, want", [("olmo2", "gguf", "--to gguf writes"),
+@pytest.mark.parametrize("arch, to, want", [("opt", "gguf", "--to gguf writes"),
                                             ("qwen3_moe", "compressed-tensors", "experts per layer are fused")])
 def test_compress_export_to_a_target_that_cannot_write_the_family_is_refused_before_any_work(
         tmp_path, capsys, calib_txt, monkeypatch, arch, to, want):
@@ -665,3 +666,30 @@ def test_compress_export_to_a_target_that_cannot_write_the_family_is_refused_bef
     rc, _, err = _run(capsys, "compress", "--model", m, "--calib", calib_txt, "--out", out, *FAST_CLI, "--export", to)
     assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not list(tmp_path.glob(".o*")) and not (tmp_path / f"o-{to}").exists()
+
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "glm4"])
+def test_gguf_families_transformers_cannot_read(tmp_path, capsys, calib_txt, arch):
+    """OLMo 2 and GLM-4: transformers has no GGUF reader for them (llama.cpp runs them in
+    bench/llamacpp_families.py). The file holds the tensors under llama.cpp's names, exactly (F32), GLM-4's
+    heads half rotated, OLMo 2's tied head written out (llama.cpp's olmo2 requires output.weight)."""
+    import gguf
+    import numpy as np
+
+    import llmprune
+
+    src, out, e = _family_export(tmp_path, capsys, calib_txt, arch, types="f32")
+    r = gguf.GGUFReader(out / e["files"][0])
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    ref, _, _ = llmprune.load(str(src))
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    post_ffw = f"model.layers.0.post_{'mlp' if arch == 'glm4' else 'feedforward'}_layernorm.weight"
+    assert np.array_equal(t["blk.1.attn_q.weight"], sd["model.layers.1.self_attn.q_proj.weight"])  # not permuted
+    assert np.array_equal(t["blk.0.post_ffw_norm.weight"], sd[post_ffw])
+    assert ("output.weight" in t) == (arch == "olmo2")  # the tiny models are tied
+    if arch == "olmo2":
+        assert np.array_equal(t["output.weight"], sd["model.embed_tokens.weight"])
+    else:
+        assert np.array_equal(t["blk.0.ffn_up.weight"], sd["model.layers.0.mlp.gate_up_proj.weight"])
+    assert r.fields[f"{arch}.rope.dimension_count"].contents() == (8 if arch == "glm4" else 16)

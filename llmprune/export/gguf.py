@@ -10,7 +10,8 @@ refused by `check_arch`):
   qwen2, qwen3      as stored (llama.cpp's NeoX RoPE is HF's rotate-half); q/k norms (Qwen3)
   MoE (mixtral,     the fused experts (experts, 2 x width, hidden) split into ffn_gate_exps / ffn_up_exps,
   qwen*_moe)        down as ffn_down_exps; the router F32; Qwen2-MoE's shared-expert gate as a vector
-  phi3              fused qkv_proj / gate_up_proj as they are (llama.cpp splits them)
+  phi3, glm4        fused qkv_proj / gate_up_proj as they are (llama.cpp splits them); GLM-4's partial RoPE
+  olmo2             as stored (post-norms, q/k norms over whole projections)
   gemma2, gemma3    every RMSNorm weight stored as 1 + w (Gemma scales by 1 + w; llama.cpp by w)
 1-D tensors (norms) stay F32; a matrix whose rows are not a multiple of the block (32) stays F16; with
 Q4/Q5 types the (tied) embedding matrix is Q8_0, as the head reads it. Symmetric block types (Q8_0,
@@ -59,7 +60,7 @@ ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "lla
          "mistral": GGUFArch("LLAMA", permute_qk=True), "mixtral": GGUFArch("LLAMA", permute_qk=True, moe=True),
          "qwen2": GGUFArch("QWEN2"), "qwen3": GGUFArch("QWEN3"),
          "qwen2_moe": GGUFArch("QWEN2MOE", moe=True, head_required=True), "qwen3_moe": GGUFArch("QWEN3MOE", moe=True),
-         "phi3": GGUFArch("PHI3"),
+         "phi3": GGUFArch("PHI3"), "olmo2": GGUFArch("OLMO2", head_required=True), "glm4": GGUFArch("GLM4"),
          "gemma2": GGUFArch("GEMMA2", norm_plus_one=True), "gemma3_text": GGUFArch("GEMMA3", norm_plus_one=True)}
 
 # tokenizer.json pre-tokenizers (byte-level BPE) by the name llama.cpp's `tokenizer.ggml.pre` gives them: the
@@ -72,7 +73,8 @@ LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{
 QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 PRE_TOKENIZERS = {(("<bytelevel>",), False): "gpt-2", (("<digits>", "<bytelevel>"), False): "smollm",
-                  ((LLAMA3_SPLIT,), True): "llama-bpe", ((QWEN2_SPLIT,), False): "qwen2"}
+                  ((LLAMA3_SPLIT,), True): "llama-bpe", ((LLAMA3_SPLIT,), False): "dbrx",  # cl100k's split: Phi-4, OLMo 2
+                  ((QWEN2_SPLIT,), False): "qwen2"}
 
 
 def require() -> None:
@@ -305,7 +307,8 @@ def add_hparams(w, cfg, a: GGUFArch) -> None:
             w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
         w.add_sliding_window(getattr(cfg, "sliding_window", None) or 0)
         return
-    w.add_rope_dimension_count(head_dim)
+    rot = getattr(cfg, "partial_rotary_factor", None) or _rope_parameters(cfg).get("partial_rotary_factor", 1.0)
+    w.add_rope_dimension_count(int(head_dim * rot))  # GLM-4 rotates half of each head
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
