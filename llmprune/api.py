@@ -74,6 +74,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
     with t("load_s"):
         model, tok, info = pipeline.load_model(c.model, c.dtype)
     names = pipeline.check_model(p, model)
+    _precheck_export(p.cfg, model.config)
     m = mf.Manifest(model=info.as_dict(), onload="whole" + (f": {p.whole_because}" if p.whole_because else ""))
     ids = None
     if p.needs_calibration:
@@ -150,6 +151,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
 
         return _compress_whole(dataclasses.replace(p, onload=False, whole_because=why), t, command)
     names = pipeline.check_model(p, lz.model)
+    _precheck_export(p.cfg, lz.model.config)
     # PERP's placement, planned (and refused) before any work: each block then goes from disk to its device
     where = onload.recover_plan(lz, names, p.devices, c.recover) if c.recover else None
     m = mf.Manifest(model=info.as_dict(), onload="blocks")
@@ -204,6 +206,15 @@ def _compress_onload(p, t, command) -> mf.Manifest:
             checkpoints.close()
         mf.write(tmp, m)
     return m
+
+
+def _precheck_export(c: CompressConfig, model_config) -> None:
+    """`compress --export`: the target writes this family (the tokenizer is checked when it writes), known
+    once the config is read, before any compute."""
+    if c.export:
+        from . import export
+
+        export.precheck_config(c.export, model_config)
 
 
 def _export_after(c: CompressConfig, out: Path, command: str | None) -> dict:

@@ -199,8 +199,8 @@ def check_finite(model) -> None:
 
 def check_family(p: Plan, model) -> None:
     """What the model family allows (arch.py): its blocks must be found (else a one-line error naming
-    what to add), SliceGPT needs a rotation-invariant residual stream, the packed formats store
-    nn.Linear layers, not fused 3-D experts, and `--export`'s target must write the family."""
+    what to add), SliceGPT needs a rotation-invariant residual stream, and the packed formats store
+    nn.Linear layers, not fused 3-D experts."""
     from . import arch
 
     arch.arch_of(model)  # blocks found, or the one-line error naming what to add
@@ -212,10 +212,6 @@ def check_family(p: Plan, model) -> None:
         from .packed import check_packable
 
         check_packable(model, p.cfg.format)
-    if p.cfg.export:  # the export's target writes this family (the tokenizer is checked when it writes)
-        from .export import precheck_config
-
-        precheck_config(p.cfg.export, model.config)
 
 
 def check_model(p: Plan, model) -> list[str]:
