@@ -9,6 +9,12 @@ Two steps, two environments (llama-cpp-python is built from PyPI in its own venv
 
     python bench/llamacpp_families.py make /tmp/fam            # llmprune: models, exports, reference logits
     /root/venvs/llamacpp/bin/python bench/llamacpp_families.py check /tmp/fam   # llama.cpp: one JSON line each
+
+and real vocabularies (SmolLM2's byte-level BPE, Gemma-3's 262k SentencePiece-style) read from the tokenizer.json
+of llmprune outputs, on 20,000 characters of WikiText-2:
+
+    python bench/llamacpp_families.py real-make /tmp/fam OUT1 OUT2 ...
+    /root/venvs/llamacpp/bin/python bench/llamacpp_families.py real-check /tmp/fam
 """
 from __future__ import annotations
 
@@ -161,13 +167,64 @@ def check(args) -> None:
         del llm
 
 
+REAL_CHARS = 20000  # of WikiText-2's test text: real vocabularies on real text
+
+
+def real_make(args) -> None:
+    """Real vocabularies through the tokenizer.json path: each llmprune output is copied with its manifest
+    saying it came from a folder (so the export reads its tokenizer.json instead of copying the source GGUF's),
+    exported to GGUF F16; the tokenizer's own ids of a WikiText-2 excerpt saved beside it."""
+    import shutil
+
+    from llmprune.calibration import sources
+    from llmprune.checkpoint import load_tokenizer
+    from llmprune.cli import main
+
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    text = sources.wikitext2("test")[0][:REAL_CHARS]
+    ids = {}
+    for src in args.outputs:
+        name = Path(src).name
+        copy = root / f"real-{name}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(src, copy)
+        m = json.loads((copy / "llmprune.json").read_text())
+        m["model"] = {**m["model"], "source": "folder"}
+        (copy / "llmprune.json").write_text(json.dumps(m, indent=2))
+        assert main(["export", str(copy), "--to", "gguf", "--type", "f16", "--out", str(root / f"real-{name}-gguf"),
+                     "--overwrite", "--no-progress"]) == 0
+        ids[name] = load_tokenizer(copy)(text, add_special_tokens=False)["input_ids"]
+    (root / "real-tokens.json").write_text(json.dumps({"text": text, "ids": ids}))
+
+
+def real_check(args) -> None:
+    import llama_cpp
+    from llama_cpp import Llama
+
+    root = Path(args.dir)
+    tokens = json.loads((root / "real-tokens.json").read_text())
+    for name, want in tokens["ids"].items():
+        f = next((root / f"real-{name}-gguf").glob("*.gguf"))
+        llm = Llama(model_path=str(f), vocab_only=True, verbose=False)
+        got = llm.tokenize(tokens["text"].encode(), add_bos=False, special=False)
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        print(json.dumps({"output": name, "vocabulary": llm.n_vocab(), "chars": len(tokens["text"]),
+                          "tokens": len(want), "same_ids": got == want, "first_difference": first,
+                          "engine": "llama.cpp via llama-cpp-python " + llama_cpp.__version__}), flush=True)
+        del llm
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for cmd in ("make", "check"):
+    for cmd in ("make", "check", "real-check"):
         sub.add_parser(cmd).add_argument("dir", help="a working folder")
+    r = sub.add_parser("real-make")
+    r.add_argument("dir", help="a working folder")
+    r.add_argument("outputs", nargs="+", help="llmprune outputs of real models (their tokenizer.json)")
     a = p.parse_args()
-    {"make": make, "check": check}[a.cmd](a)
+    {"make": make, "check": check, "real-make": real_make, "real-check": real_check}[a.cmd](a)
 
 
 if __name__ == "__main__":
