@@ -11,7 +11,8 @@ FAST_CLI = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-pro
 
 
 def byte_tokenizer():
-    """A byte-level tokenizer (one token per UTF-8 byte) as a transformers fast tokenizer."""
+    """A byte-level BPE tokenizer (one token per UTF-8 byte; its one merge, two NUL bytes, never meets text) as a
+    transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
