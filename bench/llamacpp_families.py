@@ -36,18 +36,19 @@ TYPES = "f32,f16,q8_0"
 # tokenizers read from tokenizer.json (a model not loaded from a GGUF): what llama.cpp makes of each pre-tokenizer
 # name and of a SentencePiece-style vocabulary, on a text where the splits, the whole-word rule and the merge
 # order matter
-TOKENIZERS = ("llama-bpe", "dbrx", "qwen2", "gpt-2", "smollm", "spm", "spm-no-prefix")
-TEXT = "the 12345 theme's I'm\n\nabc  abcd Äpfel 1234567"
+TOKENIZERS = ("llama-bpe", "dbrx", "qwen2", "tekken", "gpt-4o", "gpt-2", "smollm", "spm", "spm-no-prefix")
+TEXT = "the 12345 theme's I'm\n\nabc  abcd Äpfel 1234567 the theme is a theme, The THEME's Théâtre 2024/12/05 abcABC"
 
 
 def _byte_bpe(kind: str):
     """A byte-level BPE tokenizer with merges across digit runs, words and contractions, split as `kind`'s
     tokenizer.json splits (Llama 3: its regex and ignore_merges; Qwen2: digits one by one; GPT-2: ByteLevel's
-    own regex; SmolLM: Digits, then ByteLevel; dbrx: cl100k's split as Llama 3's, without its whole-word rule)."""
+    own regex; SmolLM: Digits, then ByteLevel; dbrx: cl100k's split as Llama 3's, without its whole-word rule;
+    tekken: Mistral NeMo's, with the rule; gpt-4o: o200k's, without)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from llmprune.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
+    from llmprune.export.gguf import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, TEKKEN_SPLIT
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<bos>"], vocab["<eos>"] = 256, 257
@@ -56,11 +57,13 @@ def _byte_bpe(kind: str):
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     vocab["Ġtheme"] = len(vocab)  # no merge makes it: only Llama 3's whole-word rule (ignore_merges) finds it
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=kind == "llama-bpe"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=kind in ("llama-bpe", "tekken")))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt-2", "smollm"))
     split = {"llama-bpe": [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated")],
              "dbrx": [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated")],
              "qwen2": [pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated")],
+             "tekken": [pre_tokenizers.Split(Regex(TEKKEN_SPLIT), "isolated")],
+             "gpt-4o": [pre_tokenizers.Split(Regex(GPT4O_SPLIT), "isolated")],
              "smollm": [pre_tokenizers.Digits(individual_digits=True)], "gpt-2": []}[kind]
     tok.pre_tokenizer = pre_tokenizers.Sequence(split + [byte_level]) if split else byte_level
     tok.decoder = decoders.ByteLevel()

@@ -568,22 +568,25 @@ def _spm_tokenizer(prefix=True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-@pytest.mark.parametrize("kind", ["llama-bpe", "dbrx", "qwen2", "spm", "spm no prefix", "unknown", "no merges"])
+@pytest.mark.parametrize("kind", ["llama-bpe", "dbrx", "qwen2", "tekken", "gpt-4o", "spm", "spm no prefix", "unknown",
+                                  "no merges"])
 def test_gguf_tokenizer_from_tokenizer_json(tmp_path, capsys, calib_txt, kind):
     """A model not loaded from a GGUF: its tokenizer.json as llama.cpp's converter writes it. Byte-level BPE
     gets the pre-tokenizer name llama.cpp tokenizes the same way with (Llama 3: llama-bpe; the same split without
-    its whole-word rule, as Phi-4's and OLMo 2's: dbrx; Qwen2: qwen2); a SentencePiece-style one llama.cpp's
-    `llama` vocabulary (its pieces scored by merge rank, "▁" before the text or not), which transformers' GGUF
-    reader turns back into a tokenizer giving the same ids; any other pre-tokenizer is refused, nothing written,
-    as is a BPE vocabulary without merges (llama.cpp does not load one)."""
+    its whole-word rule, as Phi-4's and OLMo 2's: dbrx; Qwen2: qwen2; Mistral NeMo: tekken; o200k: gpt-4o); a
+    SentencePiece-style one llama.cpp's `llama` vocabulary (its pieces scored by merge rank, "▁" before the text
+    or not), which transformers' GGUF reader turns back into a tokenizer giving the same ids; any other
+    pre-tokenizer is refused, nothing written, as is a BPE vocabulary without merges (llama.cpp does not load
+    one)."""
     import gguf
 
-    from llmprune.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
+    from llmprune.export.gguf import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, TEKKEN_SPLIT
     from llmprune.testing import tiny_model
 
     tok = {"llama-bpe": lambda: _bpe_tokenizer(LLAMA3_SPLIT, ignore_merges=True),
            "dbrx": lambda: _bpe_tokenizer(LLAMA3_SPLIT),  # cl100k's split without Llama 3's whole-word rule
            "qwen2": lambda: _bpe_tokenizer(QWEN2_SPLIT), "spm": _spm_tokenizer,
+           "tekken": lambda: _bpe_tokenizer(TEKKEN_SPLIT, ignore_merges=True), "gpt-4o": lambda: _bpe_tokenizer(GPT4O_SPLIT),
            "spm no prefix": lambda: _spm_tokenizer(prefix=False),
            "unknown": lambda: _bpe_tokenizer("\\s+"),
            "no merges": lambda: _bpe_tokenizer(LLAMA3_SPLIT, merges=False)}[kind]()

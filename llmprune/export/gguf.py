@@ -67,14 +67,22 @@ ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "lla
 # splits tokenizer.json applies, in order (a Split's regex; "<bytelevel>": ByteLevel splitting with GPT-2's
 # own regex; "<digits>": Digits, one digit each), as llama.cpp's llama-vocab.cpp splits for that name, and
 # whether a word found whole in the vocabulary skips the merges (BPE's ignore_merges: llama.cpp sets it for
-# llama-bpe alone)
+# llama-bpe and tekken; found by running it, bench/llamacpp_families.py)
 LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+TEKKEN_SPLIT = ("[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+|[^\\r\\n\\p{L}\\p{N}]?"
+                "[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+"
+                "|\\s+(?!\\S)|\\s+")
+GPT4O_SPLIT = ("[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 PRE_TOKENIZERS = {(("<bytelevel>",), False): "gpt-2", (("<digits>", "<bytelevel>"), False): "smollm",
                   ((LLAMA3_SPLIT,), True): "llama-bpe", ((LLAMA3_SPLIT,), False): "dbrx",  # cl100k's split: Phi-4, OLMo 2
-                  ((QWEN2_SPLIT,), False): "qwen2"}
+                  ((QWEN2_SPLIT,), False): "qwen2",
+                  ((TEKKEN_SPLIT,), True): "tekken",  # Mistral NeMo, Mistral Small 3
+                  ((GPT4O_SPLIT,), False): "gpt-4o"}  # o200k's split
 
 
 def require() -> None:
