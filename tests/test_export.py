@@ -621,11 +621,7 @@ def test_gguf_tokenizer_from_tokenizer_json(tmp_path, capsys, calib_txt, kind):
     text = "the model abc the mode, Äthe abc"
     want = tok(text, add_special_tokens=False)["input_ids"]
     assert back(text, add_special_tokens=False)["input_ids"] == want
-    assert vocab_of(tok)["bc"] in want and vocab_of(tok)["ab"] not in want  # the merge order, kept
-
-
-def vocab_of(tok):
-    return tok.get_vocab()
+    assert tok.get_vocab()["bc"] in want and tok.get_vocab()["ab"] not in want  # the merge order, kept
 
 
 def test_gguf_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, capsys, calib_txt):

@@ -98,7 +98,7 @@ def check(src: Source, types) -> tuple[str, ...]:
     types = parse_types(types)
     check_config(AutoConfig.from_pretrained(src.folder))
     if source_gguf(src) is None:
-        tokenizer_kind(src.folder)
+        tokenizer_kind(src.folder)  # refused before any weight is read
     return types
 
 
@@ -307,15 +307,14 @@ def add_hparams(w, cfg, a: GGUFArch) -> None:
             w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
         return
+    rp = _rope_parameters(cfg)
+    rot = getattr(cfg, "partial_rotary_factor", None) or rp.get("partial_rotary_factor", 1.0)
     if a.name == "PHI3":  # as llama.cpp's converter: partial rotary over hidden / heads; window 0 when none
-        rp = _rope_parameters(cfg)
-        rot = getattr(cfg, "partial_rotary_factor", None) or rp.get("partial_rotary_factor", 1.0)
         w.add_rope_dimension_count(int(rot * cfg.hidden_size) // cfg.num_attention_heads)
         if rp.get("original_max_position_embeddings"):
             w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
         w.add_sliding_window(getattr(cfg, "sliding_window", None) or 0)
         return
-    rot = getattr(cfg, "partial_rotary_factor", None) or _rope_parameters(cfg).get("partial_rotary_factor", 1.0)
     w.add_rope_dimension_count(int(head_dim * rot))  # GLM-4 rotates half of each head
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         w.add_key_length(head_dim)
@@ -346,15 +345,19 @@ def source_gguf(src: Source) -> Path | None:
     return p if p.is_file() else None
 
 
-def copy_tokenizer(w, path: Path) -> None:
-    """Every tokenizer.* key of the GGUF at `path`, value and type as stored."""
+def copy_tokenizer(path: Path):
+    """Every tokenizer.* key of the GGUF at `path`, value and type as stored: a function writing them into a
+    GGUFWriter (the file is read once for every type exported)."""
     import gguf
 
-    r = gguf.GGUFReader(path)
-    for key, f in r.fields.items():
-        if key.startswith("tokenizer."):
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, f.contents(), f.types[0], sub)
+    fields = [(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+              for key, f in gguf.GGUFReader(path).fields.items() if key.startswith("tokenizer.")]
+
+    def add(w) -> None:
+        for key, value, kind, sub in fields:
+            w.add_key_value(key, value, kind, sub)
+
+    return add
 
 
 def _splits(pre) -> tuple[str, ...] | None:
@@ -381,9 +384,10 @@ def _splits(pre) -> tuple[str, ...] | None:
     return None
 
 
-def tokenizer_kind(folder: Path) -> tuple[str, str | None]:
-    """("gpt2", llama.cpp's pre-tokenizer name) for a byte-level BPE tokenizer.json, ("llama", None) for a
-    SentencePiece-style one (BPE with byte fallback: Llama 2, Mistral, Gemma); refused otherwise (module docstring)."""
+def tokenizer_kind(folder: Path) -> tuple[str, str | None, dict]:
+    """("gpt2", llama.cpp's pre-tokenizer name, tokenizer.json) for a byte-level BPE tokenizer.json, ("llama",
+    None, tokenizer.json) for a SentencePiece-style one (BPE with byte fallback: Llama 2, Mistral, Gemma); refused
+    otherwise (module docstring)."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise LLMPruneError(f"{folder} has no tokenizer.json: GGUF holds the tokenizer, so export a model loaded "
@@ -391,7 +395,7 @@ def tokenizer_kind(folder: Path) -> tuple[str, str | None]:
     tj = json.loads(path.read_text(encoding="utf-8"))
     model, decoder = tj.get("model") or {}, tj.get("decoder") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback") and decoder.get("type") == "Sequence":
-        return "llama", None
+        return "llama", None, tj
     if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
         raise LLMPruneError(f"{path}: only byte-level BPE and SentencePiece-style (byte fallback) tokenizers are "
                             f"written to GGUF: export a model loaded from a GGUF (its tokenizer is copied)")
@@ -403,7 +407,7 @@ def tokenizer_kind(folder: Path) -> tuple[str, str | None]:
         raise LLMPruneError(f"{path}: its pre-tokenizer is none llmprune knows llama.cpp's name of "
                             f"({', '.join(sorted(PRE_TOKENIZERS.values()))}), and another would tokenize text "
                             f"differently: export a model loaded from a GGUF (its tokenizer is copied)")
-    return "gpt2", PRE_TOKENIZERS[splits]
+    return "gpt2", PRE_TOKENIZERS[splits], tj
 
 
 def spm_scores(tj: dict) -> dict[str, float]:
@@ -437,14 +441,14 @@ def space_prefix(tj: dict) -> bool:
         for p in parts)
 
 
-def hf_tokenizer(w, folder: Path, n_vocab: int) -> str:
-    """The tokenizer.json of `folder` as GGUF metadata (gguf.vocab, as llama.cpp's converter reads it),
-    padded to the model's vocabulary; returns what the manifest says of it."""
+def hf_tokenizer(folder: Path, n_vocab: int):
+    """The tokenizer.json of `folder` as GGUF metadata (gguf.vocab, as llama.cpp's converter reads it), padded
+    to the model's vocabulary: (a function writing it into a GGUFWriter, what the manifest says of it). The
+    vocabulary is read once for every type exported."""
     import gguf
 
-    model, pre = tokenizer_kind(folder)
+    model, pre, tj = tokenizer_kind(folder)
     vocab = gguf.vocab.BpeVocab(folder) if model == "gpt2" else gguf.vocab.LlamaHfVocab(folder)
-    tj = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
     ranked = spm_scores(tj) if model == "llama" else {}
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
@@ -459,23 +463,27 @@ def hf_tokenizer(w, folder: Path, n_vocab: int) -> str:
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
-    w.add_tokenizer_model(model)
-    w.add_tokenizer_pre(pre or "default")
-    if model == "llama":
-        w.add_add_space_prefix(space_prefix(tj))
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)  # transformers' reader rebuilds merges from them when a vocabulary has none
-    w.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
-    return f"tokenizer.json ({'SentencePiece-style' if pre is None else 'pre-tokenizer: ' + pre})"
+    special = gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=len(tokens))
+
+    def add(w) -> None:
+        w.add_tokenizer_model(model)
+        w.add_tokenizer_pre(pre or "default")
+        if model == "llama":
+            w.add_add_space_prefix(space_prefix(tj))
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)  # transformers' reader rebuilds merges from them when a vocabulary has none
+        w.add_token_types(types)
+        special.add_to_gguf(w, quiet=True)
+
+    return add, f"tokenizer.json ({'SentencePiece-style' if pre is None else 'pre-tokenizer: ' + pre})"
 
 
 # --- write ----------------------------------------------------------------------------------------
 
-def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, tokenizer_from: Path, from_gguf: bool, name: str):
-    """A GGUFWriter for one type with its metadata and every tensor's info written (`plan`: (gguf name,
-    shape) in data order); returns (writer, {gguf type: tensor count}, what the tokenizer came from).
-    The data follows tensor by tensor."""
+def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, add_tokenizer, name: str):
+    """A GGUFWriter for one type with its metadata (`add_tokenizer(writer)` writes the tokenizer's) and every
+    tensor's info written (`plan`: (gguf name, shape) in data order); returns (writer, {gguf type: tensor
+    count}). The data follows tensor by tensor."""
     import gguf
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, a.name)])
@@ -483,11 +491,7 @@ def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, tokenizer_from: Pat
     w.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if want == "f32" else f"MOSTLY_{want.upper()}"))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hparams(w, cfg, a)
-    if from_gguf:
-        copy_tokenizer(w, tokenizer_from)
-        said = f"copied from {tokenizer_from.name}"
-    else:
-        said = hf_tokenizer(w, tokenizer_from, cfg.vocab_size)
+    add_tokenizer(w)
     counts: dict[str, int] = {}
     for tname, shape in plan:
         t = tensor_type(tname, shape, want)
@@ -496,7 +500,7 @@ def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, tokenizer_from: Pat
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    return w, counts, said
+    return w, counts
 
 
 @torch.no_grad()
@@ -512,7 +516,8 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
     a = ARCHS[model.config.model_type]
     cfg = model.config
     gg = source_gguf(src)
-    tokenizer_from = gg or src.folder
+    add_tokenizer, said = (copy_tokenizer(gg), f"copied from {gg.name}") if gg else hf_tokenizer(src.folder,
+                                                                                              cfg.vocab_size)
     name = Path(src.folder).name
     shapes = weights.shapes()
     split = {k: parts(k, shapes[k], a) for k in shapes}
@@ -528,8 +533,7 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
     writers, layout = {}, {}
     try:
         for t, fname in zip(types, files):
-            writers[t], layout[fname], said = open_file(folder / fname, t, a, cfg, plan, tokenizer_from,
-                                                        gg is not None, name)
+            writers[t], layout[fname] = open_file(folder / fname, t, a, cfg, plan, add_tokenizer, name)
         if freqs is not None:
             for w in writers.values():
                 w.write_tensor_data(freqs)
