@@ -406,14 +406,10 @@ class ShardWriter:
         self.file_of, self.offset, self.headers = {}, {}, {}
         for i, names in enumerate(shards, 1):
             f = f"model-{i:05d}-of-{k:05d}.safetensors" if k > 1 else "model.safetensors"
-            head, pos = {"__metadata__": {"format": "pt"}}, 0
+            specs = [(n, self.spec[n][1], self.spec[n][0], size[n]) for n in names]  # (name, dtype, shape, bytes)
+            raw, offsets, pos = st_header(specs, {"format": "pt"})
             for n in names:
-                shape, dtype = self.spec[n]
-                head[n] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size[n]]}
-                self.file_of[n], self.offset[n] = f, pos
-                pos += size[n]
-            raw = json.dumps(head, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # data 8-byte aligned, as safetensors writes it
+                self.file_of[n], self.offset[n] = f, offsets[n]
             self.headers[f] = (raw, pos)
         self.pending = {f: set() for f in self.headers}
         for name, f in self.file_of.items():
@@ -522,23 +518,29 @@ class ShardWriter:
                                                          "weight_map": dict(sorted(self.file_of.items()))}, indent=2))
 
 
+def st_header(specs, metadata: dict[str, str]) -> tuple[bytes, dict[str, int], int]:
+    """A safetensors header for tensors laid out in the order of `specs` ((name, dtype, shape, bytes)):
+    (its JSON, padded so the data is 8-byte aligned as safetensors writes it; each tensor's offset in the
+    data; the data's bytes)."""
+    head, offsets, pos = {"__metadata__": metadata}, {}, 0
+    for name, dtype, shape, nbytes in specs:
+        head[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name], pos = pos, pos + nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), offsets, pos
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file whose bytes follow from its tensors and metadata alone: safetensors' own
     writer orders the metadata by a hash seeded per process, so the same tensors written by two runs
     differ. Tensors go by alignment (widest first, as safetensors lays them out), then name."""
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    head, pos = {"__metadata__": dict(sorted(metadata.items()))}, 0
-    for n in order:
-        t = tensors[n]
-        head[n] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.numel() * t.element_size()]}
-        pos = head[n]["data_offsets"][1]
-    raw = json.dumps(head, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw, _, _ = st_header([(n, tensors[n].dtype, tensors[n].shape, tensors[n].numel() * tensors[n].element_size())
+                           for n in order], dict(sorted(metadata.items())))
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for n in order:
-            f.write(memoryview(tensors[n].contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.writelines(memoryview(tensors[n].contiguous().reshape(-1).view(torch.uint8).numpy()) for n in order)
 
 
 class ShardBuffer:
