@@ -167,7 +167,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         found = resume.find(p.out, fp)
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
     parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts)
-    there = sum(f.stat().st_size for f in found[0].rglob("*") if f.is_file()) if found else 0  # written already
+    there = outdir.folder_bytes(found[0]) if found else 0  # written already
     outdir.check_space(p.out, parts, there)
     cache: dict = {}
     dense = {}

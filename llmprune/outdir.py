@@ -66,6 +66,11 @@ def remove_stale(out: Path, keep: Path | None = None) -> list[Path]:
     return removed
 
 
+def folder_bytes(folder: Path) -> int:
+    """The bytes of every file under `folder`."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -129,7 +134,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = No
             except OSError:
                 said = None
         if said:
-            print(f"llmprune: kept {left.name} ({size(sum(f.stat().st_size for f in left.rglob('*') if f.is_file()))}): "
+            print(f"llmprune: kept {left.name} ({size(folder_bytes(left))}): "
                   f"{said}; the same command goes on from there, any other run writing {out.name} removes it",
                   file=sys.stderr)
         else:
