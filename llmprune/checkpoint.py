@@ -11,7 +11,6 @@ from pathlib import Path
 
 from . import manifest as mf
 from . import outdir
-from .errors import LLMPruneError
 
 MANIFEST = mf.NAME
 
@@ -41,7 +40,6 @@ def check_weight_files(folder: Path) -> list[Path]:
 def load(folder: str | Path, dtype="float32", device="cpu"):
     """Load an llmprune output: (model, tokenizer, manifest as a dict)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     m = mf.read(folder)
@@ -58,10 +56,9 @@ def load(folder: str | Path, dtype="float32", device="cpu"):
 
             model = load_sliced(folder, dtype=dt, device=device)
         else:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, use_safetensors=True).to(device)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise LLMPruneError(f"cannot load {folder}: {str(e).splitlines()[0]}") from None
+            from .models import from_pretrained
+
+            model = from_pretrained(folder, dtype=dt, use_safetensors=True).to(device)
     return model.eval(), load_tokenizer(folder), m.to_dict()
 
 

@@ -256,6 +256,8 @@ class LazyModel:
         if self.tied:  # one Parameter already on meta, as after a load (sizes of the model count it once)
             head.weight = emb.weight
         self._names = [n for n in _tensor_names(self.model)]
+        self._shapes = {n: tuple(t.shape) for n, t in self.model.state_dict(keep_vars=True).items()}
+        self._head = next((f"{n}.weight" for n, m in self.model.named_modules() if m is head), None)
         self._meta_modules: dict[str, nn.Module] = {}
         self._loaded: set[str] = set()
         self._ahead = None  # (prefix, {name: file}, future) of a read_ahead not taken yet
@@ -271,11 +273,48 @@ class LazyModel:
         layers = (self.section or {}).get("layers", {})
         return {ln: spec for ln, spec in layers.items() if f"{ln}.weight" in names}
 
+    def _converted(self, names) -> list[str]:
+        """Those of `names` the files hold under other names (stored.py: a Mixture-of-Experts block's
+        experts, one linear per expert on disk, fused in memory); a tied head is not stored at all."""
+        return [n for n in names if n not in self.files and not (self.tied and n == self._head)]
+
+    def _parts(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The stored tensors (meta: names and shapes) that hold the in-memory tensors `names`."""
+        from . import stored
+
+        return stored.to_stored(self.model, {n: torch.empty(self._shapes[n], device="meta") for n in names})
+
+    def unreadable(self) -> str | None:
+        """None when every tensor can be read block by block: stored under its in-memory name, or, inside
+        a decoder block, converted from what is stored as a whole load converts it; else the first tensor
+        that only a whole load converts, and how many more. A tensor the files lack under any name is an
+        LLMPruneError: transformers' whole load would fill it with random values."""
+        from . import stored
+        from .arch import arch_of
+
+        packed = {f"{ln}.{t}" for ln in ((self.section or {}).get("layers") or {}) for t in ("weight", "bias")}
+        missing = [n for n in self._converted(self._names) if n not in packed]
+        inside = f"{arch_of(self.model).blocks}."
+        groups: dict[str, list[str]] = {}  # by block (a conversion stays within one), each outside tensor alone
+        for n in missing:
+            groups.setdefault(inside + n[len(inside):].split(".")[0] if n.startswith(inside) else n, []).append(n)
+        bad = []
+        for unit, names in groups.items():
+            parts = self._parts(names)
+            lacking = [k for k in parts if k not in self.files]
+            if lacking:
+                raise LLMPruneError(f"{self.folder} lacks {lacking[0]} (and {len(lacking) - 1} more), which "
+                                    f"transformers would fill with random values: re-create or re-download the folder")
+            back = stored.to_memory(self.model, parts) if unit != names[0] else {}
+            bad += [n for n in names if n not in back or tuple(back[n].shape) != self._shapes[n]]
+        return f"{bad[0]} (and {len(bad) - 1} more)" if bad else None
+
     def _reads(self, prefix: str) -> list[tuple[str, torch.dtype | None]]:
         """The stored tensors `load(prefix)` reads, as the arguments of its `WeightFiles.get` calls:
         the parts of a packed layer as stored, every other tensor in the compute dtype."""
         names = set(self.names(prefix))
         packed = self._packed_layers(list(names))
+        names |= set(self._parts(self._converted([n for n in names if n.rsplit(".", 1)[0] not in packed])))
         return [(k, None) if k.rsplit(".", 1)[0] in packed else (k, self.dtype)
                 for k in self.files.where if k.startswith(prefix) and (k in names or k.rsplit(".", 1)[0] in packed)]
 
@@ -323,20 +362,42 @@ class LazyModel:
             layer = build_layer(files, ln, spec, self.dtype)
             set_module(self.model, ln, (unpacked(layer, self.dtype) if self.unpack else layer).to(device))
             skip |= {f"{ln}.weight", f"{ln}.bias"}
-        head = self.model.get_output_embeddings()
-        head_name = next((n for n, m in self.model.named_modules() if m is head), None)
-        todo = [n for n in names if n not in skip
-                and not (self.tied and head_name and n == f"{head_name}.weight" and n not in self.files)]
+        todo = [n for n in names if n not in skip and not (self.tied and n == self._head and n not in self.files)]
+        converted = self._converted(todo)
         for n in todo:  # one tensor at a time, read in the compute dtype (the tied head is re-tied below)
-            set_module_tensor_to_device(self.model, n, device, value=files.get(n, self.dtype), clear_cache=False)
-            self._loaded.add(n)
-        if self.tied and head_name:
+            if n not in converted:
+                set_module_tensor_to_device(self.model, n, device, value=files.get(n, self.dtype), clear_cache=False)
+                self._loaded.add(n)
+        if converted:
+            self._load_converted(converted, files, device)
+        if self.tied and self._head:
             emb = self.model.get_input_embeddings()
             if emb.weight.device.type != "meta":
-                head.weight = emb.weight  # one Parameter, as transformers ties them
+                self.model.get_output_embeddings().weight = emb.weight  # one Parameter, as transformers ties them
         for n, b in self.model.named_buffers():  # computed buffers (rotary tables) follow the device
             if n.startswith(prefix) and b.device.type != "meta" and b.device != torch.device(device):
                 set_module_tensor_to_device(self.model, n, device, value=b, clear_cache=False)
+
+    def _load_converted(self, names: list[str], files, device) -> None:
+        """Place `names` (stored under other names) as a whole load converts them: their stored parts
+        read, converted (stored.to_memory; a block's experts: one fused copy while the parts are held),
+        checked against the model's own names and shapes."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        from . import stored
+
+        parts = self._parts(names)
+        lacking = [k for k in parts if k not in files]
+        if lacking:
+            raise LLMPruneError(f"{self.folder}: {names[0]} is stored neither as it is nor as {lacking[0]}: "
+                                f"re-create the folder, or load it with --onload whole")
+        got = stored.to_memory(self.model, {k: files.get(k, self.dtype) for k in parts})
+        if set(got) != set(names) or any(tuple(got[n].shape) != self._shapes[n] for n in names):
+            raise LLMPruneError(f"{self.folder}: {names[0]} and its stored parts do not convert into the "
+                                f"model's tensors block by block: load it with --onload whole")
+        for n in names:
+            set_module_tensor_to_device(self.model, n, device, value=got.pop(n).contiguous(), clear_cache=False)
+            self._loaded.add(n)
 
     @torch.no_grad()
     def release(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> None:

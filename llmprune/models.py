@@ -236,13 +236,30 @@ def _resolve_hub(repo_id: str) -> ModelInfo:
     return ModelInfo(repo_id, repo_id, "hub", folder, revision=rev)
 
 
+def from_pretrained(folder, fix: str = "re-create or re-download the folder", **kwargs):
+    """transformers' whole load of a folder, refusing one that lacks a tensor: transformers would fill it
+    with random values and go on after a warning, and every figure of the model would be of that.
+    `fix`: what the one-line error tells the user to do."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LLMPruneError(f"transformers cannot load {folder} ({str(e).splitlines()[0][:160]}): {fix}") from None
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise LLMPruneError(f"{folder} lacks {missing[0]} (and {len(missing) - 1} more), which transformers "
+                            f"would fill with random values: {fix}")
+    return model
+
+
 def load(spec: str, dtype="float32", device="cpu"):
     """Returns (model, tokenizer, info). The model is in eval mode on `device`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     info = resolve(spec)
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dt).to(device).eval()
+    model = from_pretrained(info.path, dtype=dt).to(device).eval()
     tok = AutoTokenizer.from_pretrained(info.path)
     return model, tok, info

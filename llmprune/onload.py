@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import arch as archmod
-from . import lazy, outdir, placement, walker
+from . import lazy, outdir, placement, stored, walker
 from .errors import LLMPruneError
 from .runinfo import trim_heap
 
@@ -57,16 +57,14 @@ def open_model(spec: str, dtype: str):
 
 
 def stored_as_in_memory(lz: lazy.LazyModel) -> str | None:
-    """None when every tensor of the model is stored under its in-memory name, else why not: some
-    checkpoints store tensors that transformers converts at load (Mixtral's, Qwen3-MoE's and OLMoE's
-    experts are saved one by one and fused into 3-D parameters), which only a whole load does."""
-    a = archmod.arch_of(lz.model)
-    head = f"{a.head}.weight"
-    packed = {f"{ln}.{t}" for ln in ((lz.section or {}).get("layers") or {}) for t in ("weight", "bias")}
-    missing = [n for n in lz.names() if n not in lz.files and not (lz.tied and n == head) and n not in packed]
-    if missing:
-        return (f"the checkpoint stores {missing[0]} (and {len(missing) - 1} more) under other names that "
-                f"transformers converts when it loads the whole model")
+    """None when every tensor of the model can be read block by block, else why not. Tensors stored under
+    other names are read converted as transformers' whole load converts them (a Mixture-of-Experts block's
+    experts: stored one linear per expert, fused in memory; stored.py), inside the decoder blocks; what
+    converts otherwise only a whole load reads."""
+    bad = lz.unreadable()
+    if bad:
+        return (f"the checkpoint stores {bad} under other names that transformers converts when it loads the "
+                f"whole model")
     return None
 
 
@@ -127,11 +125,19 @@ class Output:
         a = archmod.arch_of(lz.model)
         self.blocks = a.blocks
         names = lz.names()
-        if fmt == "dense":
+        if fmt == "dense":  # the blocks' tensors under the names save_pretrained stores them (stored.py)
             meta = lz.model.state_dict(keep_vars=True)
             head = f"{a.head}.weight"
-            specs = [(n, tuple(meta[n].shape), save_dtype if meta[n].is_floating_point() else meta[n].dtype)
-                     for n in names if not (lz.tied and n == head)]
+            units: list[list[str]] = []  # names in state-dict order, a block's together
+            for n in names:
+                if not (lz.tied and n == head):
+                    if units and self._unit(n) is not None and self._unit(n) == self._unit(units[-1][0]):
+                        units[-1].append(n)
+                    else:
+                        units.append([n])
+            as_stored = lambda u: stored.to_stored(lz.model, u) if self._unit(next(iter(u))) is not None else u
+            specs = [(n, tuple(t.shape), save_dtype if t.is_floating_point() else t.dtype) for unit in units
+                     for n, t in as_stored({n: meta[n] for n in unit}).items()]
             self.writer = lazy.ShardWriter(folder, specs, self._unit, shard_bytes)
 
     def _unit(self, name: str):
@@ -155,8 +161,8 @@ class Output:
         prefix = f"{self.blocks}.{i}."
         self._count(prefix, module)
         if self.fmt == "dense":
-            for n, t in module.state_dict().items():
-                self.writer.add(prefix + n, t.to(self.save_dtype) if t.is_floating_point() else t)
+            for n, t in stored.to_stored(self.lz.model, module.state_dict(prefix=prefix)).items():
+                self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
             return
         done = set()
         with self.packer.out.unit():

@@ -423,10 +423,11 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
     import tempfile
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import checkpoint, onload
     from .eval import zeroshot
+    from .models import from_pretrained
 
     lz, _ = onload.open_output(folder, dtype, manifest)
     with tempfile.TemporaryDirectory(prefix="llmprune-offload-") as offload:
@@ -435,8 +436,8 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
         elif (manifest.get("format") or {}).get("name", "dense") != "dense" or manifest.get("slicegpt"):
             model = checkpoint.load(folder, dtype=dtype, device=device)[0]
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map="auto",
-                                                         offload_folder=offload).eval()
+            model = from_pretrained(folder, dtype=getattr(torch, dtype), device_map="auto",
+                                    offload_folder=offload).eval()
         zs = zeroshot.zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks), limit=limit,
                                batch_size=batch_size, tasks_dir=tasks_dir, device=device if lz is not None else None,
                                progress=progress)

@@ -295,22 +295,30 @@ def test_moe_folders_are_evaluated_through_a_whole_load(family, tmp_path, calib_
     assert r["eval"]["wikitext2"]["ppl"] == pytest.approx(e["dense_ppl"], rel=1e-6) and r["zeroshot"]["copa"]["n"] == 2
 
 
-def test_sweep_of_a_folder_with_converted_names_loads_it_whole(tmp_path, calib_txt):
-    """`sweep` reads the model from disk unless its checkpoint only loads whole (Mixtral's experts stored
-    one by one): auto loads it whole and says why, `--onload blocks` is refused before any work."""
+def test_sweep_of_a_folder_with_converted_names_reads_it_block_by_block(tmp_path, calib_txt, monkeypatch):
+    """`sweep` reads a Mixtral folder (experts stored one by one, fused at load: stored.py) from disk as it
+    reads any other, to the whole load's figures; a checkpoint whose conversion does not work block by
+    block (forced here) makes auto load it whole and say why, and `--onload blocks` is refused before any
+    work."""
     import json
 
-    from llmprune import sweep
+    from llmprune import stored, sweep
 
     src = tiny_model_dir(tmp_path / "src", "mixtral")
     common = dict(solvers_=("wanda",), sparsities=(0.5,), calib=str(calib_txt), nsamples=4, seqlen=16,
                   eval_seqlen=64, eval_windows=2, calib_batch=4, progress=False)
+    rows = {m: sweep.sweep(str(src), out=str(tmp_path / m), onload=m, **common)["rows"] for m in ("blocks", "whole")}
+    assert json.loads((tmp_path / "blocks" / "sweep_meta.json").read_text())["onload"] == "blocks"
+    assert [r["ppl_wikitext2"] for r in rows["blocks"]] == pytest.approx([r["ppl_wikitext2"] for r in rows["whole"]],
+                                                                         rel=1e-6)
+    assert rows["blocks"][1]["ppl_wikitext2"] != rows["blocks"][0]["ppl_wikitext2"]
+    monkeypatch.setattr(stored, "to_memory", lambda model, tensors: {})
     with pytest.raises(LLMPruneError, match="^--onload blocks: the checkpoint stores .*: use --onload whole"):
         sweep.sweep(str(src), out=str(tmp_path / "b"), onload="blocks", **common)
     assert not (tmp_path / "b").exists()
-    rows = sweep.sweep(str(src), out=str(tmp_path / "a"), **common)["rows"]
+    auto = sweep.sweep(str(src), out=str(tmp_path / "a"), **common)["rows"]
     assert json.loads((tmp_path / "a" / "sweep_meta.json").read_text())["onload"].startswith("whole: the checkpoint")
-    assert rows[1]["ppl_wikitext2"] != rows[0]["ppl_wikitext2"] and rows[1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert [r["ppl_wikitext2"] for r in auto] == [r["ppl_wikitext2"] for r in rows["whole"]]
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen3_5_text", "opt", "phi3", "gpt_oss", "mixtral", "qwen2_moe"])
@@ -318,7 +326,7 @@ def test_recover_reading_blocks_to_their_devices_equals_a_whole_load(family, tmp
     """`recover --onload blocks` (each tensor from disk onto its device, the folder written block by block) writes
     what the whole load writes, bit for bit, with the same losses, across the families' special cases: a tied
     head and soft-capping, linear attention, biases and learned positions, a fused QKV, fused experts with
-    biases; a Mixtral or Qwen2-MoE folder (experts stored one by one) is refused in one line."""
+    biases, experts stored one by one (Mixtral, Qwen2-MoE: fused as each block is read)."""
     from llmprune.lazy import WeightFiles
 
     src = tiny_model_dir(tmp_path / "src", family)
@@ -326,11 +334,6 @@ def test_recover_reading_blocks_to_their_devices_equals_a_whole_load(family, tmp
                  seqlen=16, calib_batch=4, progress=False, eval=())
     run = dict(data=str(calib_txt), seqlen=16, steps=2, batch_size=2, rank=2, device="cpu", progress=False,
                resident_gib=0.0003 if family == "opt" else None)  # OPT: every block streamed too
-    if family in ("mixtral", "qwen2_moe"):
-        with pytest.raises(LLMPruneError, match="--onload blocks: the checkpoint stores"):
-            api.recover(str(tmp_path / "p"), str(tmp_path / "b"), onload="blocks", **run)
-        assert not (tmp_path / "b").exists()
-        return
     ms = {mode: api.recover(str(tmp_path / "p"), str(tmp_path / mode), onload=mode, **run) for mode in ("whole", "blocks")}
     assert ms["whole"]["recover"]["losses"] == ms["blocks"]["recover"]["losses"]
     assert ms["blocks"]["recover"]["onload"] == "blocks" and ms["blocks"]["recover"]["zeros_unchanged"]

@@ -158,6 +158,87 @@ def test_compress_recover_block_by_block_computes_what_the_whole_model_computes(
     assert strip(ma["eval"]) == strip(mb["eval"])
 
 
+CONVERTED = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")  # experts stored per expert, fused in memory
+
+
+@pytest.mark.parametrize("family", CONVERTED)
+def test_a_block_of_experts_reads_and_writes_as_transformers_does(tmp_path, family):
+    """A Mixture-of-Experts checkpoint stores one linear per expert; transformers' whole load fuses them
+    (the oracle: from_pretrained's tensors), save_pretrained splits them again (the oracle: the files it
+    wrote). One block read from disk holds exactly the first, and writes back exactly the second."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune import lazy, stored
+    from llmprune.testing import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "m", family)
+    whole = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    files = _tensors(src)
+    lz = lazy.LazyModel(src, torch.float32)
+    assert lz.unreadable() is None
+    prefix = "model.layers.1."
+    lz.load(prefix)
+    block = {n: t for n, t in lz.model.state_dict().items() if n.startswith(prefix)}
+    assert any(t.dim() == 3 for t in block.values())  # fused experts
+    assert set(block) == {n for n in whole if n.startswith(prefix)}
+    for n, t in block.items():
+        assert torch.equal(t, whole[n]), n
+    back = stored.to_stored(lz.model, block)
+    assert set(back) == {k for k in files if k.startswith(prefix)} and any(".experts.3." in k for k in back)
+    for k, t in back.items():
+        assert torch.equal(t, files[k]), k
+    lz.release(prefix)
+    assert all(t.device.type == "meta" for n, t in lz.model.state_dict().items() if n.startswith(prefix))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_moe_blocks_from_disk_compute_and_write_what_the_whole_model_does(tmp_path, capsys, calib_txt, family,
+                                                                          monkeypatch):
+    """Compressed block by block (read ahead or not), a Mixture-of-Experts model gives the whole load's
+    output file for file: the same per-expert tensor names save_pretrained writes, the same values."""
+    from llmprune import lazy
+    from llmprune.testing import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "m", family)
+    outs = {}
+    for mode in ("whole", "blocks", "ahead"):
+        outs[mode] = tmp_path / mode
+        with monkeypatch.context() as m:
+            m.setattr(lazy, "READ_AHEAD", mode == "ahead")
+            rc, _, se = _run(capsys, "compress", "--model", src, "--solver", "sparsegpt", "--calib", calib_txt,
+                             "--out", outs[mode], "--onload", mode.replace("ahead", "blocks"), *CHEAP, *EVAL)
+        assert rc == 0, se
+    a, b, c = _tensors(outs["whole"]), _tensors(outs["blocks"]), _tensors(outs["ahead"])
+    assert set(a) == set(b) == set(c) and "model.layers.1.mlp.experts.7.down_proj.weight" in b
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(b[k], c[k]), k
+    ma, mb = (json.loads((outs[m] / "llmprune.json").read_text()) for m in ("whole", "blocks"))
+    assert mb["onload"] == "blocks" and ma["onload"].startswith("whole") and mb["sparsity"] == ma["sparsity"]
+    assert mb["eval"]["wikitext2"]["ppl"] == pytest.approx(ma["eval"]["wikitext2"]["ppl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("family,lost", [("llama", "model.layers.1.mlp.up_proj.weight"),
+                                         ("qwen3_moe", "model.layers.1.mlp.experts.5.up_proj.weight")])
+@pytest.mark.parametrize("onload", ["blocks", "whole"])
+def test_a_tensor_missing_from_the_checkpoint_is_refused(tmp_path, capsys, family, lost, onload):
+    """transformers' whole load fills a missing tensor with random values and goes on after a warning; a
+    block-by-block read has nothing to read. Either way the run stops in one line and writes nothing."""
+    from safetensors.torch import save_file
+
+    from llmprune.testing import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "m", family)
+    t = load_file(src / "model.safetensors")
+    del t[lost]
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    rc, _, se = _run(capsys, "compress", "--model", src, "--onload", onload, "--out", tmp_path / "o", *FAST_CLI)
+    err = [ln for ln in se.splitlines() if ln.startswith("llmprune: error:")]
+    assert rc == 2 and len(err) == 1 and err[0].endswith("re-create or re-download the folder"), se
+    assert f"lacks {lost} (and 0 more)" in se or (family != "llama" and onload == "whole"), se
+    assert not (tmp_path / "o").exists()
+
+
 def test_onload_blocks_refuses_what_needs_the_whole_model(tmp_path, capsys, tiny_dir):
     rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", "slicegpt", "--onload", "blocks",
                      "--out", tmp_path / "o", *FAST_CLI)

@@ -127,6 +127,23 @@ def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, c
     assert r["from_block"] == 3 and r["blocks"] == BLOCKS and r["runs"] == 2 and r["earlier_s"] > 0
 
 
+def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys, monkeypatch, calib_txt):
+    """A Mixture-of-Experts model read and written block by block (experts fused in memory, one linear
+    per expert in the files: stored.py) resumes into the same files, byte for byte."""
+    from llmprune import lazy
+
+    src = tiny_model_dir(tmp_path / "moe", "qwen3_moe", seed=3, num_hidden_layers=BLOCKS)
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 3 * SHARD_BYTES)
+    argv = ["compress", "--model", str(src), "--solver", "sparsegpt", "--calib", str(calib_txt), *ARGS]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([*argv, "--out", str(ref)]) == 0
+    _kill([*argv, "--out", str(out)], kill_at=3, shard_bytes=3 * SHARD_BYTES)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resuming" in capsys.readouterr().err
+    ma, mb = _same_output(ref, out)
+    assert "model.layers.3.mlp.experts.7.gate_proj.weight" in _tensors(out) and mb["sparsity"] == ma["sparsity"]
+
+
 def test_a_run_killed_after_its_last_block_only_writes_and_measures(tmp_path, capsys, monkeypatch, deep_dir,
                                                                     calib_txt):
     from llmprune import lazy

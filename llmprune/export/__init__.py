@@ -240,21 +240,19 @@ def reader(folder) -> str:
 def load(folder, dtype="float32", device="cpu"):
     """(model, tokenizer) of an export folder, read by transformers alone (GGUF: its first file)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .. import manifest as mf
+    from ..models import from_pretrained
 
     folder = Path(folder)
     e = mf.read(folder).export or {}
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kw = {"gguf_file": e["files"][0]} if e.get("to") == "gguf" else {}
     on_gpu = torch.device(device).type == "cuda"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, device_map="auto" if on_gpu else None, **kw)
-        model = (model if on_gpu else model.to(device)).eval()
-    except (OSError, ValueError, RuntimeError) as err:
-        why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
-        raise LLMPruneError(f"transformers cannot load {folder} ({str(err).splitlines()[0][:100]}): {why}") from None
+    why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
+    model = from_pretrained(folder, fix=why, dtype=dt, device_map="auto" if on_gpu else None, **kw)
+    model = (model if on_gpu else model.to(device)).eval()
     if hasattr(model, "ct_decompress_hook"):  # compressed-tensors decompresses on the whole model's first forward
         with torch.no_grad():  # (a pre-hook); llmprune's perplexity calls model.base_model, so run that one here
             model(torch.zeros(1, 1, dtype=torch.long, device=model.device))
