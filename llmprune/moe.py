@@ -145,6 +145,24 @@ class ExpertProj:
         return self.experts.register_forward_hook(hook, with_kwargs=True)
 
 
+def row_markers(experts: nn.Module, rel: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Stand-ins for the fused parameters of `experts` (relative name `rel`): per parameter an (experts, rows, 1)
+    int32 tensor holding, row by row, the index into the returned list of the view (`rel[e].proj`) that row
+    belongs to. Put through a checkpoint conversion in place of the parameters (stored.to_stored), they show
+    which stored tensor holds which view, at the cost of one int per row. Stored (in, out) experts: none."""
+    if experts.is_transposed:
+        return {}, []
+    marks, views = {}, []
+    for proj in projections(experts):
+        p = _param(experts, proj)
+        full = getattr(experts, p)  # (experts, rows, in)
+        mark = marks.setdefault(f"{rel}.{p}", torch.full((full.shape[0], full.shape[1], 1), -1, dtype=torch.int32))
+        for e in range(full.shape[0]):
+            mark[e, _rows(experts, proj, full.shape[1]), 0] = len(views)
+            views.append(f"{rel}[{e}].{proj}")
+    return marks, views
+
+
 def expert_name(view_name: str) -> str:
     """'model.layers.0.mlp.experts[3].down_proj' -> 'model.layers.0.mlp.experts[3]'."""
     return view_name.rsplit(".", 1)[0]

@@ -637,20 +637,102 @@ def test_gguf_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, capsys, 
     _refused(capsys, tmp_path, src, "--to", "gguf", want=f"has {VOCAB + 2} tokens but the model embeds {VOCAB}")
 
 
-def test_ct_of_a_moe_model_is_refused(tmp_path, capsys, calib_txt):
-    """compressed-tensors' W4A16 is one int4 linear per expert for vLLM; transformers 5 holds the experts as fused
-    3-D tensors, which the export would write dense under names vLLM does not read: refused before any work."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+def test_ct_of_a_moe_model_is_one_int4_linear_per_expert(tmp_path, capsys, calib_txt, family):
+    """A Mixture-of-Experts model is exported as its checkpoint stores it, one linear per expert (Mixtral's
+    `block_sparse_moe.experts.3.w1`), each packed as int4 under one scheme for every linear layer (`Linear`, as
+    vLLM looks up an experts layer's scheme), the routers (and Qwen2-MoE's shared-expert gate) listed in
+    `ignore`. transformers reads it back (decompressing each expert and fusing them): every expert's and every
+    attention layer's weights are llmprune's round-to-nearest of the source's, pruned weights exact zeros."""
+    from safetensors import safe_open
+
+    import llmprune
+    from llmprune import arch
+    from llmprune.quant.rtn import rtn
     from llmprune.testing import tiny_model_dir
 
-    src = tmp_path / "s"
-    assert main([str(a) for a in ("compress", "--model", tiny_model_dir(tmp_path / "m", "qwen3_moe"), "--calib",
+    src, out = tmp_path / "s", tmp_path / "ct"
+    assert main([str(a) for a in ("compress", "--model", tiny_model_dir(tmp_path / "m", family), "--calib",
                                   calib_txt, "--out", src, *FAST_CLI)]) == 0
-    capsys.readouterr()  # what compressing printed
-    _refused(capsys, tmp_path, src, "--to", "compressed-tensors", want="8 experts per layer are fused 3-D tensors")
+    capsys.readouterr()
+    rc, _, se = _run(capsys, "export", src, "--to", "compressed-tensors", "--out", out, "--no-progress")
+    assert rc == 0, se
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = q["config_groups"].values()
+    assert group["targets"] == ["Linear"] and group["weights"]["group_size"] == 32
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    stored = [k.removesuffix(".weight") for k in names if ".experts." in k and k.endswith(".weight")]
+    routers = [k.removesuffix(".weight") for k in names
+               if k.endswith(("mlp.gate.weight", "moe.gate.weight", "shared_expert_gate.weight"))]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert len(stored) == 2 * 8 * 3 and all(f"{n}.weight_packed" in keys and f"{n}.weight" not in keys for n in stored)
+    assert routers and sorted(q["ignore"]) == sorted([*routers, "lm_head"])
+    source, _, _ = llmprune.load(str(src))
+    model, _ = llmprune.export.load(str(out))
+    names = arch.linear_names(source)
+    assert sum(".experts[" in n for n in names) == len(stored)
+    for n in names:
+        w = arch.target(source, n).weight.detach()
+        got = arch.target(model, n).weight.detach().float()
+        want = rtn(w.half().float(), w != 0, 32, True).dequantize()
+        torch.testing.assert_close(got, want, rtol=2**-10, atol=0)  # transformers fuses experts in fp16
+        assert bool((got[w == 0] == 0).all()), n
+    m = json.loads((out / "llmprune.json").read_text())
+    assert m["export"]["layers"] == len(names) and m["export"]["quant"]["group_size"] == 32
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_ct_gptq_of_a_moe_model_writes_each_experts_own_codes(tmp_path, capsys, calib_txt, family):
+    """GPTQ on export reaches the experts (each from its routed tokens: tests/test_quant.py), and each expert's
+    codes are written under that expert's stored name (Mixtral: w1 gate, w3 up, w2 down): transformers' read of
+    the export holds, per expert, the weights GPTQ's pass over the source computes."""
+    import llmprune
+    from llmprune import arch, pipeline
+    from llmprune.config import GPTQConfig
+    from llmprune.quant.sequential import gptq_sequential
+    from llmprune.testing import tiny_model_dir
+
+    src, out = tmp_path / "s", tmp_path / "ct"
+    assert main([str(a) for a in ("compress", "--model", tiny_model_dir(tmp_path / "m", family), "--calib",
+                                  calib_txt, "--out", src, *FAST_CLI)]) == 0
+    capsys.readouterr()
+    rc, _, se = _run(capsys, "export", src, "--to", "compressed-tensors", "--quant", "gptq", "--calib", calib_txt,
+                     "--nsamples", "8", "--seqlen", "32", "--out", out, "--no-progress")
+    assert rc == 0, se
+    source, tok, _ = llmprune.load(str(src))
+    ids, _ = pipeline.calibrate(str(calib_txt), tok, 8, 32, 0)
+    codes = gptq_sequential(source, ids, "w4g128", 32, True, dtype=torch.float16, **GPTQConfig().as_dict())
+    model, _ = llmprune.export.load(str(out))
+    views = [n for n in codes if ".experts[" in n]
+    assert len(views) == 2 * 8 * 3
+    for n in views:
+        torch.testing.assert_close(arch.target(model, n).weight.detach().float(), codes[n].dequantize(),
+                                   rtol=2**-10, atol=0)
+    q = json.loads((out / "llmprune.json").read_text())["export"]["quant"]
+    assert q["quant"] == "gptq" and q["experts"]["per_expert"] and q["group_size"] == 32
+
+
+def test_ct_of_a_moe_model_refuses_what_vllm_cannot_run(tmp_path, capsys, calib_txt):
+    """gpt-oss stores its experts fused (no per-expert int4 layout), scale tuning trains nn.Linear layers only,
+    and vLLM runs an experts layer under one scheme: each refused in one line, before anything is written."""
+    from llmprune.testing import tiny_model_dir
+
+    for family in ("gpt_oss", "qwen3_moe"):
+        assert main([str(a) for a in ("compress", "--model", tiny_model_dir(tmp_path / family, family), "--calib",
+                                      calib_txt, "--out", tmp_path / f"{family}-o", *FAST_CLI)]) == 0
+    capsys.readouterr()
+    _refused(capsys, tmp_path, tmp_path / "gpt_oss-o", "--to", "compressed-tensors",
+             want="gpt_oss checkpoints store its 8 experts per layer fused")
+    _refused(capsys, tmp_path, tmp_path / "qwen3_moe-o", "--to", "compressed-tensors", "--quant", "gptq",
+             "--tune-steps", "2", want="drop --tune-steps for a Mixture-of-Experts export")
+    _refused(capsys, tmp_path, tmp_path / "qwen3_moe-o", "--to", "compressed-tensors", "--group-size", "64",
+             want="that divides every layer's width")
 
 
 @pytest.mark.parametrize("arch, to, want", [("opt", "gguf", "--to gguf writes"),
-                                            ("qwen3_moe", "compressed-tensors", "experts per layer are fused")])
+                                            ("gpt_oss", "compressed-tensors", "experts per layer fused")])
 def test_compress_export_to_a_target_that_cannot_write_the_family_is_refused_before_any_work(
         tmp_path, capsys, calib_txt, monkeypatch, arch, to, want):
     """`compress --export` reads the model's config before it computes: a family the target does not write stops

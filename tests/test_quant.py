@@ -173,3 +173,53 @@ def test_quant_registry():
     assert quant.get("rtn") is rtn and quant.get("gptq") is gptq_mod.gptq
     with pytest.raises(LLMPruneError, match="rtn or gptq"):
         quant.get("awq")
+
+
+def test_gptq_sequential_quantizes_each_expert_from_its_routed_tokens():
+    """Mixture-of-Experts: GPTQ's pass reaches every expert's projections, each quantized from the Hessian of
+    the tokens the router sent to that expert. Oracle: the experts module's own inputs and routing, recorded by
+    a hook on the unquantized first block, give expert e's gate/up inputs X_e = hidden[routed to e] and its
+    down inputs act(X_e W_gate^T) * (X_e W_up^T); GPTQ from 2 X^T X / n gives the same codes. With a
+    `--expert-min-tokens` above every expert's count, each falls back to `magnitude`: round-to-nearest."""
+    import torch.nn.functional as F
+
+    from llmprune.quant.sequential import gptq_sequential
+    from llmprune.testing import tiny_model
+
+    model = tiny_model("qwen3_moe", seed=2)
+    ids = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
+    experts = model.model.layers[0].mlp.experts
+    seen = []
+    hook = experts.register_forward_hook(lambda m, a, k, out: seen.append((a[0].detach(), a[1].detach())),
+                                         with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    hidden, index = seen[0]  # (tokens, H), (tokens, k): block 0's experts call
+    w_gate_up = experts.gate_up_proj.detach().clone()  # (E, 2I, H): [gate; up]
+    w_down = experts.down_proj.detach().clone()
+    info: dict = {}
+    codes = gptq_sequential(model, ids, "w4g128", 32, True, act_order=False, dtype=None, info=info,
+                            expert_min_tokens=1, batch_size=4)
+    inter = w_down.shape[-1]
+    checked = 0
+    for e in range(w_gate_up.shape[0]):
+        x = hidden[(index == e).any(-1)].double()
+        if x.shape[0] == 0:
+            continue
+        gate, up = w_gate_up[e, :inter], w_gate_up[e, inter:]
+        h_in = (2 * x.T @ x / x.shape[0]).float()
+        xd = (F.silu(x.float() @ gate.T) * (x.float() @ up.T)).double()
+        h_down = (2 * xd.T @ xd / xd.shape[0]).float()
+        for proj, w, h in (("gate_proj", gate, h_in), ("up_proj", up, h_in), ("down_proj", w_down[e], h_down)):
+            want = gptq(w, h, None, 32, True, act_order=False)
+            got = codes[f"model.layers.0.mlp.experts[{e}].{proj}"]
+            assert torch.equal(got.codes, want.codes), (e, proj, (got.codes != want.codes).float().mean())
+            checked += 1
+    assert checked >= 12 and info["experts"]["fell_back"] == 0
+    assert info["experts"]["per_expert"]["model.layers.0.mlp.experts[0]"]["tokens"] == int((index == 0).any(-1).sum())
+    rounded = gptq_sequential(tiny_model("qwen3_moe", seed=2), ids, "w4g128", 32, True, act_order=False, dtype=None,
+                              info=(info := {}), expert_min_tokens=10**6, expert_fallback="magnitude", batch_size=4)
+    w = w_down[3]
+    assert torch.equal(rounded["model.layers.0.mlp.experts[3].down_proj"].codes, rtn(w, None, 32, True).codes)
+    assert info["experts"]["fell_back"] == 16

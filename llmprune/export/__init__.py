@@ -131,7 +131,7 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval) -> 
             raise LLMPruneError("--quant / --grid / --group-size / GPTQ options quantize compressed-tensors exports; "
                                 "GGUF quantizes with its own types: use --type q8_0 (or q4_0, ...)")
         return {"types": t.check(s, types)}
-    q = t.check(s, quant, group_size, None if grid == "auto" else symmetric)
+    q = t.check(s, quant, group_size, None if grid == "auto" else symmetric, given.get("tune_steps", 0))
     if given and q != "gptq":
         raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: add --quant gptq "
                             "or drop them")
@@ -141,32 +141,43 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval) -> 
 def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seqlen, seed, gcfg, device,
               progress) -> dict:
     """Every tensor of the source into the compressed-tensors Writer `w`, one decoder block in memory at a
-    time: int4 sources' linears as their stored codes; dense and sparse24 ones quantized here (RTN per
-    layer, or GPTQ's block-sequential pass, each block written as it is done). Returns what quantizing
-    recorded ({} for int4 sources)."""
+    time, under the names the checkpoint stores them (a Mixture-of-Experts block's experts one linear per
+    expert: source.Weights.as_stored): int4 sources' linears as their stored codes; dense and sparse24 ones
+    quantized here (RTN per layer, or GPTQ's block-sequential pass, each block written as it is done).
+    Returns what quantizing recorded ({} for int4 sources)."""
     import torch
 
-    from .. import arch, formats
+    from .. import formats
     from ..quant.rtn import rtn
     from .source import stored_code
 
-    def put(key, t, code_of):  # code_of(layer, weight) -> its codes, or None: stored as it is
-        layer = key.removesuffix(".weight")
-        q = code_of(layer, t) if layer != key else None
-        if q is not None:
-            w.linear(layer, q)
-        else:
-            w.tensor(key, t)
+    layers = weights.linear_like()
+
+    def put(triples, code_of):  # code_of(layer, weight) -> its codes, or None: stored as it is
+        for key, t, mem in triples:
+            layer = mem.removesuffix(".weight") if mem.endswith(".weight") else None
+            q = code_of(layer, t) if layer is not None else None
+            expert = layer is not None and ".experts[" in layer
+            if q is not None:
+                w.linear(key.removesuffix(".weight"), q, expert=expert)
+            else:
+                w.tensor(key, t, layer=layer is not None and layer in layers, expert=expert)
 
     if quant is None:
-        for key, t in weights.tensors():
-            put(key, t, lambda name, t: stored_code(s, name, t))
+        put(weights.stored_tensors(), lambda name, t: stored_code(s, name, t))
         return {}
     f = formats.get("w4g128")  # dense int4 groups: the grid, defaults and layer checks of llmprune's own w4g128
     base = f.options(group_size, symmetric)
+    targets = set(weights.targets())
+    if group_size == "auto" and any(".experts[" in n for n in targets):  # one scheme for all (vLLM's MoE)
+        from .. import arch
+        from .compressed_tensors import MARLIN_GROUPS
+
+        widths = {arch.target(weights.model, n).weight.shape[1] for n in targets}
+        group_size = max([g for g in MARLIN_GROUPS if all(k % g == 0 for k in widths)], default="auto")
+        base = f.options(group_size, symmetric)
     info = {"quant": quant, "group_size": group_size, "symmetric": base["symmetric"]}
     if quant == "rtn":
-        targets = set(arch.linear_names(weights.model))
 
         def rtn_code(name, t):
             if name not in targets:
@@ -177,8 +188,7 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
                 return None  # left dense (listed in the export's ignore)
             return rtn(t, t != 0, opts["group_size"], opts["symmetric"])
 
-        for key, t in weights.tensors():
-            put(key, t, rtn_code)
+        put(weights.stored_tensors(), rtn_code)
         return info
     from .. import pipeline, walker
     from ..onload import block_store
@@ -189,31 +199,26 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
     run = dict(device=device, progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
     if weights.lazy is None:  # in memory (tensors stored under converted names)
         codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)
-        for key, t in weights.tensors():
-            put(key, t, lambda name, t: codes.pop(name, None))
+        put(weights.stored_tensors(), lambda name, t: codes.pop(name, None))
     elif gcfg.tune_steps:
         from ..onload import gptq_tuned
 
         def tuned(i, block, codes):  # a block after the tuning: its tensors, its layers' codes
-            for key, t in block.state_dict(prefix=f"{weights.blocks()}.{i}.").items():
-                put(key, t, lambda name, t: codes.get(name))
+            put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")), lambda name, t: codes.get(name))
 
         gptq_tuned(weights.lazy, ids, w.folder, "w4g128", group_size, symmetric, gcfg, 8, (device,), progress,
                    torch.float16, qinfo, tuned)
-        for key, t in weights.tensors(blocks=False):
-            put(key, t, lambda name, t: None)
+        put(weights.stored_tensors(blocks=False), lambda name, t: None)
     else:
         pending: dict[int, dict] = {}
 
         def sink(i, block):  # a block done by GPTQ: its tensors, its layers' codes
             codes = pending.pop(i, {})
-            for key, t in block.state_dict(prefix=f"{weights.blocks()}.{i}.").items():
-                put(key, t, lambda name, t: codes.get(name))
+            put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")), lambda name, t: codes.get(name))
 
         with walker.onload(weights.model, block_store(weights.lazy, sink)):
             gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__, **run)
-        for key, t in weights.tensors(blocks=False):
-            put(key, t, lambda name, t: None)
+        put(weights.stored_tensors(blocks=False), lambda name, t: None)
     info.update(gcfg.as_dict(), **qinfo)
     return info
 

@@ -35,24 +35,39 @@ ASYM_NOTE = ("asymmetric int4 (zero points): vLLM reads it; transformers 5.25 wi
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def check_config(cfg) -> None:
-    """What the model's config alone decides: transformers 5 holds a Mixture-of-Experts model's experts as fused
-    3-D tensors, which this export would write dense under names vLLM does not read (it reads one int4 linear
-    per expert)."""
+def stored_per_expert(model_type: str) -> bool:
+    """Whether the family's checkpoints store its experts one linear per expert (transformers' conversion table
+    stacks `experts.*.` tensors at load), the layout vLLM's int4 Mixture-of-Experts kernels read."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    return any("experts.*." in p for c in get_checkpoint_conversion_mapping(model_type) or ()
+               for p in getattr(c, "source_patterns", ()))
+
+
+def check_config(cfg, tune_steps: int = 0) -> None:
+    """What the model's config alone decides: a Mixture-of-Experts model is written one int4 linear per expert
+    (the checkpoint's own layout, vLLM's), so its family must store experts that way; GPTQ's scale tuning
+    trains nn.Linear layers, not experts."""
     experts = next((getattr(cfg, k) for k in EXPERT_COUNTS if getattr(cfg, k, None)), None)
-    if experts:
-        raise LLMPruneError(f"--to {NAME} writes int4 linear layers, but this {cfg.model_type} model's {experts} "
-                            f"experts per layer are fused 3-D tensors the export does not write per expert as vLLM "
-                            f"reads them: use --to gguf (llama.cpp: Mixtral, Qwen2-MoE, Qwen3-MoE), or serve the "
-                            f"dense output")
+    if not experts:
+        return
+    if not stored_per_expert(cfg.model_type):
+        raise LLMPruneError(f"--to {NAME} writes a Mixture-of-Experts model's experts one int4 linear per expert, "
+                            f"but {cfg.model_type} checkpoints store its {experts} experts per layer fused: use "
+                            f"--to gguf where it writes the family, or serve the dense output")
+    if tune_steps:
+        raise LLMPruneError(f"--tune-steps trains the scales of nn.Linear layers, not the experts of this "
+                            f"{cfg.model_type} model: drop --tune-steps for a Mixture-of-Experts export")
 
 
-def check(src: Source, quant: str | None, group_size, symmetric: bool | None) -> str | None:
+def check(src: Source, quant: str | None, group_size, symmetric: bool | None, tune_steps: int = 0) -> str | None:
     """Refuse what this target cannot express, before any model is loaded; returns the quantizer to run
     (None: the source's own codes)."""
     from transformers import AutoConfig
 
-    check_config(AutoConfig.from_pretrained(src.folder))
+    check_config(AutoConfig.from_pretrained(src.folder), tune_steps)
     if src.fmt == "w4s50":
         raise LLMPruneError(f"{src.folder} is w4s50: its int4 groups of 16 inputs have no vLLM kernel (Marlin "
                             f"takes {', '.join(map(str, MARLIN_GROUPS))}); export the dense output it was packed "
@@ -119,10 +134,14 @@ def _groups(grids: dict[str, tuple[int, bool]], blocks: str) -> dict[tuple[int, 
 
 
 def quantization_config(grids: dict[str, tuple[int, bool]], ignore: list[str], blocks: str):
+    """One scheme: every linear layer (`targets: ["Linear"]`) but those in `ignore`, as llm-compressor writes
+    it and as vLLM finds a Mixture-of-Experts layer's scheme; several: each layer named by its scheme."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     groups = {}
-    for i, ((g, sym), targets) in enumerate(sorted(_groups(grids, blocks).items())):
+    keys = set(grids.values())
+    by_scheme = {keys.pop(): ["Linear"]} if len(keys) == 1 else _groups(grids, blocks)
+    for i, ((g, sym), targets) in enumerate(sorted(by_scheme.items())):
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=scheme_args(g, sym))
     return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
                               ignore=ignore)
@@ -147,10 +166,14 @@ class Writer:
         self.out = ShardBuffer(folder, "model")
         self.grids: dict[str, tuple[int, bool]] = {}  # packed layer -> (group size, symmetric)
         self.schemes: dict[tuple[int, bool], object] = {}
+        self.dense: list[str] = []  # layers (as stored) written unquantized: `ignore`
+        self.experts: list[str] = []  # packed layers that are experts' projections
+        self.expert_dense: list[str] = []  # experts' projections left dense
 
     @torch.no_grad()
-    def linear(self, name: str, q) -> None:
-        """One layer's codes (quant.Quantized), as compressed-tensors' compressor lays them out."""
+    def linear(self, name: str, q, expert: bool = False) -> None:
+        """One layer's codes (quant.Quantized), as compressed-tensors' compressor lays them out; `expert`:
+        one expert's projection of a Mixture-of-Experts layer."""
         from compressed_tensors.quantization import QuantizationScheme
 
         check_marlin(q.group_size)
@@ -160,9 +183,15 @@ class Writer:
         for k, t in pack_layer(q, self.schemes[key]).items():
             self.out.put(f"{name}.{k}", t)
         self.grids[name] = key
+        if expert:
+            self.experts.append(name)
 
-    def tensor(self, key: str, t: torch.Tensor) -> None:
+    def tensor(self, key: str, t: torch.Tensor, layer: bool = False, expert: bool = False) -> None:
+        """Any other tensor, in save_dtype; `layer`: the weight of a layer an engine builds as a linear layer
+        (left dense: listed in `ignore`); `expert`: one expert's projection."""
         self.out.put(key, t.to(self.save_dtype) if t.is_floating_point() else t)
+        if layer and key.endswith(".weight"):
+            (self.expert_dense if expert else self.dense).append(key.removesuffix(".weight"))
 
     def finish(self, model, tok) -> dict:
         """Config (quantization_config: every nn.Linear not packed is in `ignore`), tokenizer; the
@@ -173,14 +202,21 @@ class Writer:
 
         if not self.grids:
             raise LLMPruneError("no linear layer could be packed as int4 groups: nothing to export as W4A16")
+        keys = set(self.grids.values())
+        if self.experts and (self.expert_dense or len(keys) > 1):
+            why = (f"{self.expert_dense[0]} could not be packed" if self.expert_dense else
+                   f"its layers need int4 groups of {' and '.join(str(g) for g, _ in sorted(keys))}")
+            raise LLMPruneError(f"vLLM runs a Mixture-of-Experts layer's experts with one int4 scheme, and the model's "
+                                f"other layers with the same one when they are listed as `Linear`, but {why}: pass a "
+                                f"--group-size ({', '.join(map(str, MARLIN_GROUPS))}) that divides every layer's width")
         files = self.out.finish()
-        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        ignore = [n for n in linears if n not in self.grids]
+        written = set(self.dense)  # + linears never written (a tied head)
+        ignore = self.dense + [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                               and n not in self.grids and n not in written and f"{n}.weight" not in self.out.files]
         qcfg = quantization_config(self.grids, ignore, arch.arch_of(model).blocks)
         model.config.dtype = self.save_dtype
         outdir.save_side_files(self.folder, model.config, getattr(model, "generation_config", None), tok)
         ModelCompressor(quantization_config=qcfg).update_config(str(self.folder))
-        keys = set(self.grids.values())
         return {"to": NAME, "files": files, "bytes": sum((self.folder / f).stat().st_size for f in files),
                 "format": "pack-quantized", "scheme": "W4A16", "layers": len(self.grids), "ignore": ignore,
                 "groups": sorted({g for g, _ in keys}), "symmetric": sorted({s for _, s in keys}),

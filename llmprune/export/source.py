@@ -108,27 +108,93 @@ class Weights:
 
         return arch_of(self.model).blocks
 
-    @torch.no_grad()
     def tensors(self, blocks: bool = True):
         """(name, tensor) for every key in order (`blocks` False: only those outside the decoder blocks);
         from disk, one decoder block (or one tensor outside the blocks) in memory at a time."""
+        for group in self._groups(blocks):
+            yield from group.items()
+
+    def stored_tensors(self, blocks: bool = True):
+        """`tensors` under the names the checkpoint stores them (`as_stored`): (stored key, tensor,
+        in-memory name)."""
+        for group in self._groups(blocks):
+            yield from self.as_stored(group)
+
+    @torch.no_grad()
+    def _groups(self, blocks: bool):
+        """{name: tensor} of each decoder block in turn, and of each tensor outside the blocks alone, in key
+        order; a block read from disk is in memory until the next group is asked for."""
         inside = self.blocks() + "."
         keys = self.keys if blocks else [k for k in self.keys if not k.startswith(inside)]
-        if self.lazy is None:
-            sd = self.model.state_dict()
-            yield from ((k, sd[k]) for k in keys)
-            return
+        sd = self.model.state_dict() if self.lazy is None else None
         i = 0
         while i < len(keys):
             k = keys[i]
             prefix = inside + k[len(inside):].split(".")[0] + "." if k.startswith(inside) else k
-            self.lazy.load(prefix)
-            sd = self.model.state_dict()
+            if self.lazy is not None:
+                self.lazy.load(prefix)
+                sd = self.model.state_dict()
+            group = {}
             while i < len(keys) and keys[i].startswith(prefix):
-                yield keys[i], sd[keys[i]]
+                group[keys[i]] = sd[keys[i]]
                 i += 1
-            del sd
-            self.lazy.release(prefix)
+            yield group
+            del group
+            if self.lazy is not None:
+                sd = None
+                self.lazy.release(prefix)
+
+    def as_stored(self, block: dict[str, torch.Tensor]):
+        """(stored key, tensor, in-memory name) for one decoder block's tensors (full in-memory names), as the
+        checkpoint stores them (stored.py: a Mixture-of-Experts block's experts one linear per expert). The
+        in-memory name of an expert's stored weight is its projection's target name plus ".weight"
+        (`...mlp.experts[3].gate_proj.weight`, the name its codes have), found by putting row markers through
+        the same conversion (moe.row_markers); anything else is its block key (a renamed tensor is the same
+        tensor), or else its stored key."""
+        from .. import moe, stored
+
+        first, inside = next(iter(block)), self.blocks() + "."
+        views: dict[str, str] = {}  # stored key -> view target
+        if first.startswith(inside):
+            prefix = inside + first[len(inside):].split(".")[0] + "."
+            for rel, m in self.model.get_submodule(prefix[:-1]).named_modules():
+                if moe.is_fused_experts(m):
+                    marks, names = moe.row_markers(m, prefix + rel)
+                    found = {k: names[t.unique().item()] + ".weight"
+                             for k, t in stored.to_stored(self.model, marks).items() if t.unique().numel() == 1}
+                    views.update(found)
+                    if not names or sorted(found.values()) != sorted(n + ".weight" for n in names):
+                        raise LLMPruneError(f"{prefix + rel}: the checkpoint does not store its experts one linear "
+                                            f"per expert, which is what this export writes")
+        mem = {id(t): k for k, t in block.items()}
+        for k, t in stored.to_stored(self.model, block).items():
+            yield k, t, views.get(k) or mem.get(id(t), k)
+
+    @functools.cached_property
+    def _targets(self) -> list[str]:
+        from .. import arch
+
+        return arch.linear_names(self.model, gates=True)
+
+    def targets(self) -> list[str]:
+        """The layers a quantizer may pack (arch.py's pruning targets: linears, experts' projections, no
+        routers, no shared experts' gates)."""
+        from .. import arch
+
+        return arch.linear_names(self.model)
+
+    def linear_like(self) -> set[str]:
+        """Layer names that a serving engine builds as linear layers: every nn.Linear, every target (experts'
+        projections), routers and shared experts' gates; what of these an export leaves dense it must list
+        as such (compressed-tensors' `ignore`)."""
+        from .. import arch
+
+        inside = self.blocks() + "."
+        routers = {n for n, m in self.model.named_modules() if n.startswith(inside)
+                   and arch.is_dense(n[len(inside):].split(".", 1)[-1], gates=True)
+                   and getattr(getattr(m, "weight", None), "dim", lambda: 0)() == 2}
+        return ({n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)} | set(self._targets)
+                | routers)
 
 
 def _whole(src: Source, dtype):

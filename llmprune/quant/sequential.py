@@ -43,7 +43,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
                     act_order: bool = GPTQConfig.act_order, sink_weight: float = GPTQConfig.sink_weight,
                     tune_steps: int = GPTQConfig.tune_steps, tune_lr: float = GPTQConfig.tune_lr,
                     info: dict | None = None, on_block=None, devices: tuple[str, ...] | None = None,
-                    resume=None) -> dict:
+                    resume=None, expert_min_tokens: int | None = None, expert_fallback: str = "pooled") -> dict:
     """GPTQ block by block, as the paper runs it (arXiv 2210.17323, sec. 5 setup): each block's
     Hessians come from calibration inputs that went through the already-quantized blocks before
     it, and each quantized linear computes with its dequantized weights from then on. Returns
@@ -55,8 +55,17 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     called with each block's codes instead of collecting them (sequential onloading: the packer takes
     them block by block). With several `devices` the linears of a block are quantized on all of them at
     once (parallel.py). `resume` (a resume.Checkpoints, sequential onloading without tuning): the pass starts
-    at its first unfinished block, `info` seeded with what the blocks before recorded."""
-    from .. import arch, parallel, walker
+    at its first unfinished block, `info` seeded with what the blocks before recorded.
+
+    Mixture-of-Experts: each expert's projections are quantized from the Hessian of the tokens routed to that
+    expert (moe.py; their inputs have no sequence axis, so sink_weight does not reach them); an expert routed
+    fewer than `expert_min_tokens` (moe.MIN_TOKENS) takes `expert_fallback`, as pruning does: `pooled` (every
+    token of the layer through this expert) or `magnitude` (round-to-nearest), recorded in `info["experts"]`."""
+    from .. import arch, moe, parallel, walker
+
+    expert_min_tokens = moe.MIN_TOKENS if expert_min_tokens is None else expert_min_tokens
+    moe.check_fallback(expert_fallback, expert_min_tokens)
+    experts: dict[str, dict] = {}
 
     f = formats.get(fmt)
     f.check_options("gptq", symmetric)
@@ -79,13 +88,24 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc="gptq blocks", start=start,
                              hidden=resume and resume.hidden, after=after):
         prefix = f"{a.blocks}.{block.index}."
-        lins = [n for n in planner(block).linears if not arch.is_dense(n, gates=True)]  # in the order they run
+        plan = planner(block)
+        lins = [n for n in plan.linears if not arch.is_dense(n, gates=True)]  # in the order they run
         mods = {prefix + n: arch.get(block.module, n) for n in lins if f"{prefix}{n}.weight" not in tied}
+        views = [n for n in plan.order if isinstance(plan.targets[n], moe.ExpertProj)]  # experts' projections
+        mods.update((prefix + n, plan.targets[n]) for n in views)
         if not mods:
             continue
+        last = plan.targets[plan.order[-1]] if views else arch.get(block.module, lins[-1])
         with walker.collect(mods, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
-            block.run(stop_after=arch.get(block.module, lins[-1]))
-        jobs = [(stats[n].slot, _job(mods[n], n, stats[n], last, f, base, damp, blocksize, act_order, dtype, info))
+            block.run(stop_after=arch.owner(last))
+        use = moe.fallbacks(mods, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
+        if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
+            pooled = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
+            with walker.collect(pooled, {"hessian"}, devices=devices) as more:
+                block.run(stop_after=arch.owner(next(iter(pooled.values()))))
+            stats = {**stats, **more}
+        jobs = [(stats[n].slot, _job(mods[n], n, stats[n], last, f, base, damp, blocksize, act_order, dtype, info,
+                                     rtn_only=use.get(n) == "magnitude"))
                 for n, last in last_readers(stats, list(mods))]
         block_out = {n: q for n, q in zip(mods, parallel.run(jobs, devices)) if q is not None}
         if on_block is not None:
@@ -93,6 +113,9 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         else:
             out.update(block_out)
         # handing control back: the walker reruns the block with the quantized weights
+    if experts and info is not None:
+        info["experts"] = {"min_tokens": expert_min_tokens, "fallback": expert_fallback,
+                           "fell_back": sum(e["stats"] != "routed" for e in experts.values()), "per_expert": experts}
     if tune_steps and out:
         out, tinfo = tune.tune_scales(model, out, calib_ids, targets, tune_steps, tune_lr, device=device,
                                       progress=progress, devices=devices)
@@ -102,11 +125,13 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     return out
 
 
-def _job(mod, name, stats, last: bool, f, base, damp, blocksize, act_order, dtype, info):
+def _job(mod, name, stats, last: bool, f, base, damp, blocksize, act_order, dtype, info, rtn_only: bool = False):
     """One linear's GPTQ for parallel.run, on its statistics' device: its codes (on the CPU), or None
-    when the layer does not fit the format. `last`: it is its statistics' last reader."""
+    when the layer does not fit the format. `last`: it is its statistics' last reader. `rtn_only`: an
+    expert too few calibration tokens reached (the `magnitude` fallback): rounded to nearest instead."""
     from ..packed import plan_layer
     from .gptq import gptq
+    from .rtn import rtn
 
     @torch.no_grad()
     def job():
@@ -118,8 +143,11 @@ def _job(mod, name, stats, last: bool, f, base, damp, blocksize, act_order, dtyp
         except LLMPruneError:
             return None
         w = w.to(stats.device)
-        q = gptq(w.float() * k.to(w.device), stats.take_hessian(), k.to(w.device), opts["group_size"],
-                 opts["symmetric"], damp=damp, blocksize=blocksize, act_order=act_order, overwrite_hessian=True)
+        if rtn_only:
+            q = rtn(w.float() * k.to(w.device), k.to(w.device), opts["group_size"], opts["symmetric"])
+        else:
+            q = gptq(w.float() * k.to(w.device), stats.take_hessian(), k.to(w.device), opts["group_size"],
+                     opts["symmetric"], damp=damp, blocksize=blocksize, act_order=act_order, overwrite_hessian=True)
         if info is not None and q.damp is not None and q.damp != damp:
             info.setdefault("damp_raised", {})[name] = q.damp
         mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
