@@ -27,6 +27,15 @@ PRESETS = {  # published shapes (config.json of each model)
     "llama3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
                        rope_theta=500000.0, max_position_embeddings=8192),
+    # Mixture-of-Experts: stored one linear per expert, as the published checkpoints are (transformers fuses them)
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                          tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         vocab_size=32000, tie_word_embeddings=False, rope_theta=1000000.0,
+                         max_position_embeddings=32768),
 }
 SHARD_BYTES = 2 * 2**30
 
@@ -39,14 +48,18 @@ def config(arch: str, **over):
 
 
 def tensor_shapes(cfg) -> dict[str, tuple[torch.Size, bool]]:
-    """name -> (shape, is_matrix) of the model's state dict, from a weightless (meta) instance."""
+    """name -> (shape, is_matrix) of the model's state dict as save_pretrained stores it (a Mixture-of-Experts
+    model's experts one linear per expert), from a weightless (meta) instance."""
     from transformers import AutoModelForCausalLM
+
+    from llmprune import stored
 
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg)
     sd = m.state_dict()
     if getattr(cfg, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
+    sd = stored.to_stored(m, sd)
     return {k: (v.shape, v.dim() >= 2) for k, v in sd.items()}
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -97,6 +97,25 @@ if [[ " $STAGES " == *" perp "* ]]; then  # PERP of a saved 8B-width output: the
       rm -rf "$S/perp-l$n"
     done
   done
+fi
+if [[ " $STAGES " == *" moe "* ]]; then  # a Qwen3-30B-A3B-shaped model (128 experts of 768, stored one linear per
+  # expert as the published checkpoint is), 2 and 4 blocks: compressed block by block (experts fused as each block
+  # is read), the peak should not grow with depth; --onload whole at 4 blocks for contrast (how these models ran
+  # before 2026-12-06); the 4-block output exported to compressed-tensors (RTN and GPTQ: one int4 linear per expert)
+  for n in 2 4; do
+    synth qwen3-30b-a3b-l$n --arch qwen3-30b-a3b --dtype bfloat16 --layers $n
+    run moe-l$n-wanda-50 --model "$S/qwen3-30b-a3b-l$n" --solver wanda --sparsity 0.5 --nsamples 8 --seqlen 256 \
+        --eval none --onload blocks $C
+  done
+  run moe-l4-wanda-50-whole --model "$S/qwen3-30b-a3b-l4" --solver wanda --sparsity 0.5 --nsamples 8 --seqlen 256 \
+      --eval none --onload whole $C
+  m=$S/keep-moe-l4-wanda-50
+  [ -f "$m/llmprune.json" ] || python -m llmprune.cli compress --model "$S/qwen3-30b-a3b-l4" --solver wanda \
+      --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none $C --out "$m" >> "$LOG" 2>&1
+  step moe-l4-export-ct-rtn export "$m" --to compressed-tensors --overwrite --out "$S/moe-ct"
+  step moe-l4-export-ct-gptq export "$m" --to compressed-tensors --quant gptq --calib c4 --nsamples 8 --seqlen 256 \
+      --overwrite --out "$S/moe-ct-gptq"
+  rm -rf "$S/moe-ct" "$S/moe-ct-gptq"
 fi
 if [[ " $STAGES " == *" zeroshot "* ]]; then  # zero-shot of a saved 8B-width output, 4 and 16 blocks, in bf16:
   # walked block by block, the peak should not grow with depth (random weights: the accuracies mean nothing)
