@@ -168,13 +168,11 @@ class Weights:
                                             f"per expert, which is what this export writes")
         mem = {id(t): k for k, t in block.items()}
         for k, t in stored.to_stored(self.model, block).items():
-            yield k, t, views.get(k) or mem.get(id(t), k)
-
-    @functools.cached_property
-    def _targets(self) -> list[str]:
-        from .. import arch
-
-        return arch.linear_names(self.model, gates=True)
+            name = views.get(k) or mem.get(id(t))
+            if name is None:
+                raise LLMPruneError(f"{k}: the checkpoint stores this tensor converted in a way this export cannot "
+                                    f"trace back to the model's layers; export --to gguf, or serve the dense output")
+            yield k, t, name
 
     def targets(self) -> list[str]:
         """The layers a quantizer may pack (arch.py's pruning targets: linears, experts' projections, no
@@ -190,11 +188,14 @@ class Weights:
         from .. import arch
 
         inside = self.blocks() + "."
-        routers = {n for n, m in self.model.named_modules() if n.startswith(inside)
-                   and arch.is_dense(n[len(inside):].split(".", 1)[-1], gates=True)
-                   and getattr(getattr(m, "weight", None), "dim", lambda: 0)() == 2}
-        return ({n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)} | set(self._targets)
-                | routers)
+        out = set(arch.linear_names(self.model, gates=True))
+        for n, m in self.model.named_modules():
+            w = getattr(m, "weight", None)
+            router = (n.startswith(inside) and arch.is_dense(n[len(inside):].split(".", 1)[-1], gates=True)
+                      and isinstance(w, torch.Tensor) and w.dim() == 2)
+            if isinstance(m, torch.nn.Linear) or router:
+                out.add(n)
+        return out
 
 
 def _whole(src: Source, dtype):
