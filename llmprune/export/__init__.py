@@ -169,12 +169,11 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
     f = formats.get("w4g128")  # dense int4 groups: the grid, defaults and layer checks of llmprune's own w4g128
     base = f.options(group_size, symmetric)
     targets = set(weights.targets())
-    if group_size == "auto" and any(".experts[" in n for n in targets):  # one scheme for all (vLLM's MoE)
+    if any(".experts[" in n for n in targets):  # one scheme for every layer (vLLM's MoE), known before any work
         from .. import arch
-        from .compressed_tensors import MARLIN_GROUPS
+        from .compressed_tensors import moe_group
 
-        widths = {arch.target(weights.model, n).weight.shape[1] for n in targets}
-        group_size = max([g for g in MARLIN_GROUPS if all(k % g == 0 for k in widths)], default="auto")
+        group_size = moe_group({arch.target(weights.model, n).weight.shape[1] for n in targets}, group_size)
         base = f.options(group_size, symmetric)
     info = {"quant": quant, "group_size": group_size, "symmetric": base["symmetric"]}
     if quant == "rtn":

@@ -154,6 +154,27 @@ def check_marlin(group_size: int) -> None:
                             f"they divide every layer)")
 
 
+def one_scheme_error(why: str) -> LLMPruneError:
+    return LLMPruneError(f"vLLM runs a Mixture-of-Experts layer's experts with one int4 scheme, and the model's other "
+                         f"layers with the same one when they are listed as \"Linear\", but {why}: pass a --group-size "
+                         f"({', '.join(map(str, MARLIN_GROUPS))}) that divides every layer's width")
+
+
+def moe_group(widths: set[int], group_size) -> int:
+    """The one group size of a Mixture-of-Experts export: `group_size`, or for auto the largest Marlin group
+    dividing every layer's input width (`widths`); refused when there is none."""
+    if group_size == "auto":
+        common = [g for g in MARLIN_GROUPS if all(k % g == 0 for k in widths)]
+        if not common:
+            raise one_scheme_error(f"no group of {', '.join(map(str, MARLIN_GROUPS))} divides every layer's width "
+                                   f"({', '.join(map(str, sorted(widths)))})")
+        return max(common)
+    bad = sorted(k for k in widths if k % group_size)
+    if bad:
+        raise one_scheme_error(f"groups of {group_size} do not divide a layer of width {bad[0]}")
+    return group_size
+
+
 class Writer:
     """A compressed-tensors folder written as the model's tensors arrive, shard by shard (lazy.ShardBuffer):
     `linear` packs one layer's codes, `tensor` stores anything else in save_dtype, `finish` writes the
@@ -204,11 +225,8 @@ class Writer:
             raise LLMPruneError("no linear layer could be packed as int4 groups: nothing to export as W4A16")
         keys = set(self.grids.values())
         if self.experts and (self.expert_dense or len(keys) > 1):
-            why = (f"{self.expert_dense[0]} could not be packed" if self.expert_dense else
-                   f"its layers need int4 groups of {' and '.join(str(g) for g, _ in sorted(keys))}")
-            raise LLMPruneError(f"vLLM runs a Mixture-of-Experts layer's experts with one int4 scheme, and the model's "
-                                f"other layers with the same one when they are listed as `Linear`, but {why}: pass a "
-                                f"--group-size ({', '.join(map(str, MARLIN_GROUPS))}) that divides every layer's width")
+            raise one_scheme_error(f"{self.expert_dense[0]} could not be packed" if self.expert_dense else
+                                   f"its layers need int4 groups of {' and '.join(str(g) for g, _ in sorted(keys))}")
         files = self.out.finish()
         written = set(self.dense)  # + linears never written (a tied head)
         ignore = self.dense + [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
