@@ -75,7 +75,8 @@ class Weights:
     """The source's weights for one pass in state-dict order, packed linears as the dense weights they
     encode (exact). `model` names the tensors and gives their shapes; it is on the meta device when the
     folder is read one decoder block at a time (`lazy`, the default: think in 70B), or in memory when
-    its tensors are stored under names transformers converts at load (only a whole load reads those)."""
+    some of its tensors are stored converted in a way only transformers' whole load reads (stored.py reads a
+    Mixture-of-Experts block's experts block by block)."""
 
     def __init__(self, src: Source, dtype=torch.float32):
         from ..checkpoint import load_tokenizer
