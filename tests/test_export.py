@@ -774,3 +774,38 @@ def test_gguf_families_transformers_cannot_read(tmp_path, capsys, calib_txt, arc
     else:
         assert np.array_equal(t["blk.0.ffn_up.weight"], sd["model.layers.0.mlp.gate_up_proj.weight"])
     assert r.fields[f"{arch}.rope.dimension_count"].contents() == (8 if arch == "glm4" else 16)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_an_exports_source_holds_one_block_at_a_time(tmp_path, capsys, calib_txt, family):
+    """What an export reads (source.Weights, as the model's names or as stored: a Mixture-of-Experts block's
+    experts split) is freed before the next block is read: when a block's read begins, no tensor handed out
+    before is alive (the consumer holds none)."""
+    import gc
+    import weakref
+
+    from llmprune.export.source import Weights, open_source
+    from llmprune.testing import tiny_model_dir
+
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", tiny_model_dir(tmp_path / "m", family), "--calib",
+                                  calib_txt, "--out", src, *FAST_CLI)]) == 0
+    capsys.readouterr()
+    w = Weights(open_source(src))
+    assert w.lazy is not None
+    refs, reads = [], []
+    real = w.lazy.load
+
+    def load(prefix, *a, **k):
+        gc.collect()
+        reads.append(sum(r() is not None for r in refs))  # tensors handed out earlier, still alive
+        return real(prefix, *a, **k)
+
+    w.lazy.load = load
+    for _, t in w.tensors():
+        refs.append(weakref.ref(t))
+        del t
+    for _, t, _ in w.stored_tensors():
+        refs.append(weakref.ref(t))
+        del t
+    assert len(reads) > 4 and not any(reads), reads

@@ -16,6 +16,7 @@ import torch
 
 from .. import manifest as mf
 from ..errors import LLMPruneError
+from ..runinfo import trim_heap
 
 INT4_FORMATS = ("w4g128", "w4s24")  # int4 on contiguous groups of inputs: re-expressible as dense int4 groups
 
@@ -140,10 +141,11 @@ class Weights:
                 group[keys[i]] = sd[keys[i]]
                 i += 1
             yield group
-            del group
+            group.clear()  # the caller's reference too: the block's memory goes before the next one is read
             if self.lazy is not None:
                 sd = None
                 self.lazy.release(prefix)
+                trim_heap()  # what the block freed goes back to the OS (runinfo.trim_heap), as a walk's blocks do
 
     def as_stored(self, block: dict[str, torch.Tensor]):
         """(stored key, tensor, in-memory name) for one decoder block's tensors (full in-memory names), as the
