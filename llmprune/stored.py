@@ -34,9 +34,10 @@ def _conversions(model) -> list:
 
 
 def to_stored(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`tensors` (full in-memory names, all of each conversion's parts) as the checkpoint stores them:
-    split experts are views of the fused tensor, nothing is copied."""
-    if not _conversions(model):
+    """`tensors` (full in-memory names, all of each conversion's parts) as the checkpoint stores them: a
+    block's experts split off the fused tensors (views, or copies where transformers' split makes them:
+    gate and up)."""
+    if not tensors or not _conversions(model):
         return dict(tensors)
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -48,7 +49,7 @@ def to_memory(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     into its fused parameters). transformers runs its conversions forwards only inside its loader, so
     this asks its reverting function to revert the reversed table (each reversal is exact: stacking is
     undone by splitting, concatenating by chunking); callers check the names and shapes that come out."""
-    conv = _conversions(model)
+    conv = _conversions(model) if tensors else []
     if not conv:
         return dict(tensors)
     from transformers.core_model_loading import revert_weight_conversion
