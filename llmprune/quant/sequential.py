@@ -95,9 +95,9 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         mods.update((prefix + n, plan.targets[n]) for n in views)
         if not mods:
             continue
-        last = plan.targets[plan.order[-1]] if views else arch.get(block.module, lins[-1])
+        final = plan.targets[plan.order[-1]] if views else arch.get(block.module, lins[-1])  # computed last
         with walker.collect(mods, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
-            block.run(stop_after=arch.owner(last))
+            block.run(stop_after=arch.owner(final))
         use = moe.fallbacks(mods, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
         if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
             pooled = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
