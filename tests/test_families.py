@@ -269,11 +269,12 @@ def test_moe_compress_end_to_end_records_experts(tmp_path, calib_txt):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_moe_folders_are_evaluated_through_a_whole_load(family, tmp_path, calib_txt):
-    """Checkpoints that store their experts one by one (transformers fuses them at load) cannot be walked
-    block by block: compress's evaluation of its saved output and `llmprune eval` of a folder (perplexity
-    and zero-shot) load them whole, to the figures of the model transformers loads. (Both stopped with
-    "lacks model.layers.0.mlp.gate.weight" before.)"""
+def test_moe_folders_are_evaluated_to_the_figures_of_a_whole_load(family, tmp_path, calib_txt):
+    """Checkpoints that store their experts one by one (transformers fuses them at load): compress's evaluation
+    of its saved output and `llmprune eval` of a folder (perplexity; zero-shot, walked block by block with the
+    experts fused as each block is read: stored.py) give the figures of the model transformers loads. (Both
+    stopped with "lacks model.layers.0.mlp.gate.weight" once, and zero-shot loaded them whole before
+    2026-12-06.)"""
     from transformers import AutoModelForCausalLM
 
     from llmprune.eval.perplexity import perplexity
@@ -293,6 +294,7 @@ def test_moe_folders_are_evaluated_through_a_whole_load(family, tmp_path, calib_
     assert e["dense_ppl"] == pytest.approx(ppl(src), rel=1e-6) and e["ppl"] != e["dense_ppl"]
     r = api.evaluate(str(src), seqlen=64, windows=2, progress=False, tasks=("copa",), limit=2)
     assert r["eval"]["wikitext2"]["ppl"] == pytest.approx(e["dense_ppl"], rel=1e-6) and r["zeroshot"]["copa"]["n"] == 2
+    assert r["zeroshot"]["blockwise"]
 
 
 def test_sweep_of_a_folder_with_converted_names_reads_it_block_by_block(tmp_path, calib_txt, monkeypatch):
