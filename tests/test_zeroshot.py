@@ -238,12 +238,14 @@ def test_plan_batches_longest_first_and_passes_within_the_budget():
         assert len(p) == 1 or sum(len(b) * lengths[b[0]] for b in p) <= 40
 
 
-@pytest.mark.parametrize("family,fmt", [("llama", "dense"), ("gemma2", "dense"), ("llama", "w4s24")])
+@pytest.mark.parametrize("family,fmt", [("llama", "dense"), ("gemma2", "dense"), ("llama", "w4s24"),
+                                        ("qwen3_moe", "dense")])
 def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_path, monkeypatch):
     """Every request of every offline task gets the log-likelihood and greedy flag lm-eval's HFLM gives
     the whole model (lm-eval's prompts, and its left truncation: 256 positions cut the boolq passages),
     walked in several passes with one block in memory; gemma2 soft-caps its logits and ties its head;
-    a packed output is scored through its packed modules."""
+    a packed output is scored through its packed modules; a Mixture-of-Experts checkpoint's experts are
+    fused as each block is read."""
     from llmprune import api, lazy, onload
     from llmprune.testing import hold_one_block, tiny_model_dir
 
