@@ -110,6 +110,13 @@ def arch_of(model) -> Arch:
     return a
 
 
+def block_prefix(blocks: str, name: str) -> str | None:
+    """The prefix of the decoder block a full name lies in ('model.layers.3.' for
+    'model.layers.3.mlp.up_proj.weight', blocks 'model.layers'); None outside the blocks."""
+    inside = blocks + "."
+    return inside + name[len(inside):].split(".")[0] + "." if name.startswith(inside) else None
+
+
 def get(module, dotted: str):
     for part in dotted.split("."):
         module = getattr(module, part)

@@ -290,14 +290,14 @@ class LazyModel:
         that only a whole load converts, and how many more. A tensor the files lack under any name is an
         LLMPruneError: transformers' whole load would fill it with random values."""
         from . import stored
-        from .arch import arch_of
+        from .arch import arch_of, block_prefix
 
         packed = {f"{ln}.{t}" for ln in ((self.section or {}).get("layers") or {}) for t in ("weight", "bias")}
         missing = [n for n in self._converted(self._names) if n not in packed]
-        inside = f"{arch_of(self.model).blocks}."
+        blocks = arch_of(self.model).blocks
         groups: dict[str, list[str]] = {}  # by block (a conversion stays within one), each outside tensor alone
         for n in missing:
-            groups.setdefault(inside + n[len(inside):].split(".")[0] if n.startswith(inside) else n, []).append(n)
+            groups.setdefault(block_prefix(blocks, n) or n, []).append(n)
         bad = []
         for unit, names in groups.items():
             parts = self._parts(names)

@@ -126,13 +126,15 @@ class Weights:
     def _groups(self, blocks: bool):
         """{name: tensor} of each decoder block in turn, and of each tensor outside the blocks alone, in key
         order; a block read from disk is in memory until the next group is asked for."""
+        from ..arch import block_prefix
+
         inside = self.blocks() + "."
         keys = self.keys if blocks else [k for k in self.keys if not k.startswith(inside)]
         sd = self.model.state_dict() if self.lazy is None else None
         i = 0
         while i < len(keys):
             k = keys[i]
-            prefix = inside + k[len(inside):].split(".")[0] + "." if k.startswith(inside) else k
+            prefix = block_prefix(self.blocks(), k) or k
             if self.lazy is not None:
                 self.lazy.load(prefix)
                 sd = self.model.state_dict()
@@ -155,16 +157,16 @@ class Weights:
         the same conversion (moe.row_markers); anything else is its block key (a renamed tensor is the same
         tensor), or else its stored key."""
         from .. import moe, stored
+        from ..arch import block_prefix
 
-        first, inside = next(iter(block)), self.blocks() + "."
+        prefix = block_prefix(self.blocks(), next(iter(block)))
         views: dict[str, str] = {}  # stored key -> view target
-        if first.startswith(inside):
-            prefix = inside + first[len(inside):].split(".")[0] + "."
+        if prefix is not None:
             for rel, m in self.model.get_submodule(prefix[:-1]).named_modules():
                 if moe.is_fused_experts(m):
                     marks, names = moe.row_markers(m, prefix + rel)
-                    found = {k: names[t.unique().item()] + ".weight"
-                             for k, t in stored.to_stored(self.model, marks).items() if t.unique().numel() == 1}
+                    ids = {k: t.unique() for k, t in stored.to_stored(self.model, marks).items()}
+                    found = {k: names[i.item()] + ".weight" for k, i in ids.items() if i.numel() == 1}
                     views.update(found)
                     if not names or sorted(found.values()) != sorted(n + ".weight" for n in names):
                         raise LLMPruneError(f"{prefix + rel}: the checkpoint does not store its experts one linear "
