@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H200 call (< 10 min): compile the kernels in parallel, check them against an fp64 oracle on
+# One H100 or H200 call (< 10 min): compile the kernels in parallel, check them against an fp64 oracle on
 # CUDA, sweep their launch shapes against cuBLAS / torch 2:4 / torch int4, decode a LLaMA-3-8B-shaped
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune

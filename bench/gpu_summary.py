@@ -1,4 +1,4 @@
-"""Markdown tables from the H200 results (bench/results/gpu/): kernel speed against cuBLAS and the
+"""Markdown tables from the GPU results (bench/results/gpu/): kernel speed against cuBLAS and the
 issue's targets, end-to-end decode, correctness. Reads only the recorded JSON.
 
     python bench/gpu_summary.py [bench/results/gpu] > bench/results/gpu/SUMMARY.md
@@ -110,9 +110,15 @@ def main(argv=None) -> int:
     run_ec, comp = latest(root, "e2e_compiled.json")
     env = tune["env"]
     picked = [r for r in tune["rows"] if r.get("picked", True)]
-    print(f"# H200 results\n\n{env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+    devices = {run_t: env.get("device"), run_c: corr.get("device"), run_e: e2e.get("device"),
+               run_ec: comp.get("device")}  # the newest run of each file: an H100 and an H200 run may mix
+    mixed = len(set(devices.values())) > 1
+    print(f"# GPU results\n\n{env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
           f"CUDA {env.get('cuda')}; driver in {run_t}/env.log. Kernels: {run_t}, correctness: {run_c}, "
           f"decode: {run_e} and {run_ec} (the newest run holding each file).\n")
+    if mixed:
+        print("Not one machine: " + ", ".join(f"{r} ran on {d}" for r, d in sorted(devices.items()))
+              + "; compare figures only within a run.\n")
     print(f"## Correctness\n\n{len(corr['rows'])} checks (formats x shapes x M x fp16/bf16, split-K repeat "
           f"determinism, counters re-armed, torch.compile): {corr['failures']} failures.\n")
     print("## Kernels against the targets (launch shape ops.linear picks, CUDA graph, L2 flushed, median)\n")
