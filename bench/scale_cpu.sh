@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -116,6 +116,24 @@ if [[ " $STAGES " == *" moe "* ]]; then  # a Qwen3-30B-A3B-shaped model (128 exp
   step moe-l4-export-ct-gptq export "$m" --to compressed-tensors --quant gptq --calib c4 --nsamples 8 --seqlen 256 \
       --overwrite --out "$S/moe-ct-gptq"
   rm -rf "$S/moe-ct" "$S/moe-ct-gptq"
+fi
+if [[ " $STAGES " == *" moe_stats "* ]]; then  # SparseGPT 50% on the 2-block Qwen3-30B-A3B-shaped model: a block's
+  # 256 expert Hessians (2.2 GB in fp32) held at once under the default budget (a quarter of RAM), and collected a run
+  # at a time under 1% of RAM (walker.STATS_ON_DEVICE, which no flag sets): the peak should fall, the weights not move
+  synth qwen3-30b-a3b-l2 --arch qwen3-30b-a3b --dtype bfloat16 --layers 2
+  for share in 0.25 0.01; do
+    name=moe-l2-sparsegpt-50-stats$share
+    [ -f "$R/$name.json" ] && { echo "skip $name"; continue; }
+    { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ (walker.STATS_ON_DEVICE = $share) llmprune compress ..."; } >> "$LOG"
+    python -c 'import sys; from llmprune import walker; walker.STATS_ON_DEVICE = float(sys.argv[1]);
+from llmprune.cli import main; sys.exit(main(sys.argv[2:]))' $share compress --model "$S/qwen3-30b-a3b-l2" \
+        --solver sparsegpt --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none --onload blocks $C \
+        --out "$S/out-$name" >> "$LOG" 2>&1
+    cp "$S/out-$name/llmprune.json" "$R/$name.json"
+  done
+  python bench/same_tensors.py "$S/out-moe-l2-sparsegpt-50-stats0.25" "$S/out-moe-l2-sparsegpt-50-stats0.01" \
+      | tee "$R/moe-l2-sparsegpt-50-stats.txt"
+  rm -rf "$S"/out-moe-l2-sparsegpt-50-stats*
 fi
 if [[ " $STAGES " == *" zeroshot "* ]]; then  # zero-shot of a saved 8B-width output, 4 and 16 blocks, in bf16:
   # walked block by block, the peak should not grow with depth (random weights: the accuracies mean nothing)

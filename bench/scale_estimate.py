@@ -9,11 +9,14 @@ Per decoder block, at its peak (llmprune/onload.py walks one block at a time):
             the GPU when they take <= 25% of it (walker.activation_home), else in CPU memory
   stats     SparseGPT / ALPS / GPTQ: fp32 Gram matrices of the linears solved together (llmprune/prune.py
             collects q,k,v -> o -> gate,up -> down one group at a time), the largest group: max(3 x
-            hidden^2, intermediate^2); Wanda: one fp32 vector per input (negligible)
+            hidden^2, intermediate^2); a Mixture-of-Experts block's experts: experts x hidden^2 (an
+            expert's gate and up share one), experts x moe_intermediate^2 for the downs; a group over a
+            quarter of the GPU is collected a run at a time within that quarter (walker.chunks). Wanda:
+            one fp32 vector per input (negligible)
   solve     the largest linear in fp32 and the solver's copy of it (2 x hidden x intermediate), plus for
-            SparseGPT the inverse-Hessian factor of down_proj: computed inside its Gram matrix on the CPU
-            (llmprune/linalg.py, LAPACK in place: nothing more), on a GPU by torch's chain (a working
-            copy and the copy its LAPACK call makes: 2 x intermediate^2)
+            SparseGPT the inverse-Hessian factor of the widest input (down_proj): computed inside its Gram
+            matrix on the CPU (llmprune/linalg.py, LAPACK in place: nothing more), on a GPU by torch's chain
+            (a working copy and the copy its LAPACK call makes: 2 x intermediate^2)
 """
 from __future__ import annotations
 
@@ -21,30 +24,63 @@ import argparse
 import sys
 
 GIB = 2**30
-MODELS = {  # hidden, intermediate, layers, heads, kv heads, vocab (the public configs)
+MODELS = {  # hidden, intermediate, layers, heads, kv heads, vocab[, head dim, experts, expert width] (public configs)
     "Llama-3-8B": (4096, 14336, 32, 32, 8, 128256),
     "Qwen2.5-32B": (5120, 27648, 64, 40, 8, 152064),
     "Llama-3.3-70B": (8192, 28672, 80, 64, 8, 128256),
+    "Qwen3-30B-A3B": (2048, 0, 48, 32, 4, 151936, 128, 128, 768),
+    "Mixtral-8x7B": (4096, 0, 32, 32, 8, 32000, 128, 8, 14336),
+    "Qwen3-235B-A22B": (4096, 0, 94, 64, 4, 151936, 128, 128, 1536),
 }
+STATS_SHARE = 0.25  # llmprune.walker.STATS_ON_DEVICE
+
+
+def shape(h, i, layers, heads, kv, vocab, d=None, experts=0, mi=0):
+    """(params of a block, its linears as (out, in), its solved groups as lists of Gram matrix sizes n)."""
+    d = d or h // heads
+    attn = [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d)]
+    if experts:
+        mlp = [(mi, h), (mi, h), (h, mi)] * experts
+        groups = [[h] * 3, [heads * d], [h] * experts, [mi] * experts]  # an expert's gate and up share one
+    else:
+        mlp = [(i, h), (i, h), (h, i)]
+        groups = [[h] * 3, [heads * d], [h] * 2, [i]]
+    return sum(o * n for o, n in attn + mlp), attn + mlp, groups
 
 
 def block_params(h: int, i: int, heads: int, kv: int) -> int:
-    d = h // heads
-    return h * h * 2 + 2 * h * kv * d + 3 * h * i  # q, o; k, v; gate, up, down
+    return shape(h, i, 1, heads, kv, 0)[0]
 
 
-def estimate(h, i, layers, heads, kv, vocab, n, s, item, gpu_bytes=None, solver="sparsegpt", device="cuda") -> dict:
-    w = block_params(h, i, heads, kv) * item
+def gram_bytes(groups, budget) -> int:
+    """The most fp32 Gram matrices alive at once: a group's, or within `budget` when it is over (walker.chunks)."""
+    worst = 0
+    for g in groups:
+        sizes = [4 * n * n for n in g]
+        worst = max(worst, sum(sizes) if sum(sizes) <= budget else max(max(sizes), budget))
+    return worst
+
+
+def estimate(h, i, layers, heads, kv, vocab, n, s, item, gpu_bytes=None, solver="sparsegpt", device="cuda",
+             d=None, experts=0, mi=0) -> dict:
+    per_block, linears, groups = shape(h, i, layers, heads, kv, vocab, d, experts, mi)
+    w = per_block * item
     acts = 2 * n * s * h * item
     on_gpu = gpu_bytes is None or acts <= 0.25 * gpu_bytes
-    stats = max(3 * h * h, i * i) * 4 if solver != "wanda" else (3 * h + i) * 4
-    solve = 2 * h * i * 4 + (2 * i * i * 4 if solver != "wanda" and device == "cuda" else 0)
+    budget = STATS_SHARE * gpu_bytes if gpu_bytes else float("inf")
+    widest = max(o * k for o, k in linears)
+    if solver == "wanda":
+        stats = sum(k for _, k in linears) * 4
+    else:
+        stats = gram_bytes(groups, budget)
+    widest_in = max(k for _, k in linears)
+    solve = 2 * widest * 4 + (2 * widest_in ** 2 * 4 if solver != "wanda" and device == "cuda" else 0)
     batch = 2 * min(n, 8) * s * h * item  # one batch's inputs and outputs, when the rest waits on the CPU
     dev = w + stats + solve + (acts if on_gpu else batch)
-    return {"params_B": (block_params(h, i, heads, kv) * layers + 2 * vocab * h) / 1e9,
-            "block_GiB": w / GIB, "acts_GiB": acts / GIB, "acts_on": "gpu" if on_gpu else "cpu",
+    total = per_block * layers + 2 * vocab * h
+    return {"params_B": total / 1e9, "block_GiB": w / GIB, "acts_GiB": acts / GIB, "acts_on": "gpu" if on_gpu else "cpu",
             "stats_GiB": stats / GIB, "solve_GiB": solve / GIB, "device_peak_GiB": dev / GIB,
-            "disk_GiB": (block_params(h, i, heads, kv) * layers + 2 * vocab * h) * item / GIB}
+            "disk_GiB": total * item / GIB}
 
 
 def main(argv=None) -> int:
@@ -57,10 +93,10 @@ def main(argv=None) -> int:
           f"of the GPU (then one batch of 8 at a time on it)")
     print("| model | params | GPU | solver | block | activations | Gram matrices | solve | GPU peak (est.) |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
-    for name, (h, i, l, hd, kv, v) in MODELS.items():
+    for name, (h, i, l, hd, kv, v, *moe) in MODELS.items():
         for g in (int(x) for x in a.gpu_gib.split(",")):
             for solver in ("wanda", "sparsegpt"):
-                e = estimate(h, i, l, hd, kv, v, a.nsamples, a.seqlen, 2, g * GIB, solver)
+                e = estimate(h, i, l, hd, kv, v, a.nsamples, a.seqlen, 2, g * GIB, solver, "cuda", *moe)
                 print(f"| {name} | {e['params_B']:.1f}B | {g} GiB | {solver} | {e['block_GiB']:.2f} | "
                       f"{e['acts_GiB']:.2f} ({e['acts_on']}) | {e['stats_GiB']:.2f} | {e['solve_GiB']:.2f} | "
                       f"{e['device_peak_GiB']:.1f} |")

@@ -379,9 +379,12 @@ class LazyModel:
                 set_module_tensor_to_device(self.model, n, device, value=b, clear_cache=False)
 
     def _load_converted(self, names: list[str], files, device) -> None:
-        """Place `names` (stored under other names) as a whole load converts them: their stored parts
-        read, converted (stored.to_memory; a block's experts: one fused copy while the parts are held),
-        checked against the model's own names and shapes."""
+        """Place `names` (stored under other names) as a whole load converts them. When the conversion moves
+        whole rows (a block's experts stacked and concatenated: every family transformers fuses here), each
+        stored part is read and copied straight into its rows of the in-memory tensor, allocated once on
+        `device`: one part at a time beside it, in CPU memory only that part. Else the parts are read, converted
+        (stored.to_memory: one fused copy while all parts are held) and checked against the model's own names
+        and shapes."""
         from accelerate.utils import set_module_tensor_to_device
 
         from . import stored
@@ -391,6 +394,21 @@ class LazyModel:
         if lacking:
             raise LLMPruneError(f"{self.folder}: {names[0]} is stored neither as it is nor as {lacking[0]}: "
                                 f"re-create the folder, or load it with --onload whole")
+        rows = stored.rows_of(self.model, {n: self._shapes[n] for n in names},
+                              {k: tuple(t.shape) for k, t in parts.items()})
+        if rows is not None:
+            got: dict[str, torch.Tensor] = {}
+            for k, (name, at) in rows.items():
+                t = files.get(k, self.dtype)
+                if name not in got:
+                    got[name] = torch.empty(self._shapes[name], dtype=t.dtype, device=device)
+                dest = got[name]
+                dest.view(-1, dest.shape[-1]).index_copy_(0, at.to(dest.device), t.to(dest.device))
+                del t
+            for n in names:
+                set_module_tensor_to_device(self.model, n, device, value=got.pop(n), clear_cache=False)
+                self._loaded.add(n)
+            return
         got = stored.to_memory(self.model, {k: files.get(k, self.dtype) for k in parts})
         if set(got) != set(names) or any(tuple(got[n].shape) != self._shapes[n] for n in names):
             raise LLMPruneError(f"{self.folder}: {names[0]} and its stored parts do not convert into the "

@@ -42,6 +42,7 @@ class Manifest:
     owl: dict | None = None
     damp_raised: dict | None = None
     experts: dict | None = None  # Mixture-of-Experts: {"min_tokens", "fallback", "fell_back", "per_expert"}
+    hessian_runs: dict | None = None  # groups whose Hessians were collected a run at a time: {"budget_gib", "extra"}
     slicegpt: dict | None = None
     calibration: dict | None = None
     recover: dict | None = None

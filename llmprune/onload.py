@@ -161,8 +161,7 @@ class Output:
         prefix = f"{self.blocks}.{i}."
         self._count(prefix, module)
         if self.fmt == "dense":
-            for n, t in stored.to_stored(self.lz.model, module.state_dict(prefix=prefix)).items():
-                self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
+            self._dense_block(module.state_dict(prefix=prefix))
             return
         done = set()
         with self.packer.out.unit():
@@ -174,6 +173,29 @@ class Output:
             for n, t in module.state_dict().items():
                 if n not in done:
                     self.packer.add_tensor(prefix + n, t)
+
+    def _add(self, name: str, t: torch.Tensor) -> None:
+        self.writer.add(name, t.to(self.save_dtype) if t.is_floating_point() else t)
+
+    def _dense_block(self, state: dict[str, torch.Tensor]) -> None:
+        """A block's tensors as the checkpoint stores them (stored.py). Fused experts are cut into their stored
+        linears one at a time (stored.rows_of), so no more than one of them is held beside the block; a
+        conversion that moves more than rows is reverted as a whole."""
+        fused = {n: tuple(t.shape) for n, t in state.items() if n not in self.writer.spec}
+        rows = None
+        if fused:
+            parts = stored.to_stored(self.lz.model, {n: torch.empty(s, device="meta") for n, s in fused.items()})
+            rows = stored.rows_of(self.lz.model, fused, {k: tuple(t.shape) for k, t in parts.items()})
+        if rows is None:
+            for n, t in stored.to_stored(self.lz.model, state).items():
+                self._add(n, t)
+            return
+        for n, t in state.items():
+            if n not in fused:
+                self._add(n, t)
+        for k, (n, at) in rows.items():
+            t = state[n]
+            self._add(k, t.reshape(-1, t.shape[-1]).index_select(0, at.to(t.device)))
 
     # --- checkpoints (resume.py) ---
 

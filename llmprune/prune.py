@@ -110,6 +110,8 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     a = archmod.arch_of(model)
     planner = archmod.Planner(model, gates)
     sequential = solver.sequential_for(opts)
+    budget = walker.stats_budget(devices or (device,))
+    extra_runs = 0  # statistics runs beyond one per group (Hessians over the budget)
     t0 = time.perf_counter()
     after = (lambda i, hidden: resume.after(i, hidden, infos, experts, replayed)) if resume is not None else None
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks",
@@ -130,24 +132,34 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
             sub = archmod.get(block.module, ends[group[-1]]) if group[-1] in ends else None
             if sub is not None and taped + tape_bytes > REPLAY_BUDGET:
                 sub = None
-            with walker.collect(mods, needs, devices=devices) as stats, \
-                    (block.record(sub, last) if sub is not None else nullcontext()) as tape:
-                block.run(stop_after=sub if sub is not None else archmod.owner(last))
-            use = moe.fallbacks(mods, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
-            if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
-                views = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
-                with walker.collect(views, needs, devices=devices) as pooled:
-                    block.run(stop_after=archmod.owner(next(iter(views.values()))))
-                stats = {**stats, **pooled}
-            t2 = time.perf_counter()
-            jobs, names = [], list(mods)
-            for name, taker in last_readers(stats, names):  # a last reader may take its statistics' memory
-                how = use.get(name)
-                s = solvers.get("magnitude") if how == "magnitude" else solver
-                jobs.append(_job(mods[name], name, s, stats[name], taker, pattern, sparsities[name],
-                                 opts if s is solver else {}, how))
-            infos.update(zip(names, parallel.run(jobs, devices)))  # one thread per device
-            t_solve += time.perf_counter() - t2
+            # a group's members read inputs none of them computes, so a group cut into runs (Hessians over
+            # `budget`: a Mixture-of-Experts block's experts) solves to what it solves in one
+            parts = walker.chunks(mods, needs, budget)
+            extra_runs += len(parts) - 1
+            for k, part in enumerate(parts):
+                sel = {n: mods[n] for n in part}
+                tail = sub if k == len(parts) - 1 else None  # the sublayer's output is recorded on the last run
+                with walker.collect(sel, needs, devices=devices) as stats, \
+                        (block.record(tail, last) if tail is not None else nullcontext()) as tape:
+                    block.run(stop_after=tail if tail is not None else archmod.owner(last))
+                use = moe.fallbacks(sel, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
+                if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
+                    views = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
+                    stats = {n: st for n, st in stats.items() if n not in views}  # (their routed Hessians freed)
+                    with walker.collect(views, needs, devices=devices) as pooled:
+                        block.run(stop_after=archmod.owner(next(iter(views.values()))))
+                    stats = {**stats, **pooled}
+                    del pooled
+                t2 = time.perf_counter()
+                jobs = []
+                for name, taker in last_readers(stats, part):  # a last reader may take its statistics' memory
+                    how = use.get(name)
+                    s = solvers.get("magnitude") if how == "magnitude" else solver
+                    jobs.append(_job(mods[name], name, s, stats[name], taker, pattern, sparsities[name],
+                                     opts if s is solver else {}, how))
+                infos.update(zip(part, parallel.run(jobs, devices)))  # one thread per device
+                del jobs, stats  # this run's statistics, before the next run collects its own
+                t_solve += time.perf_counter() - t2
             if sub is not None and block.replay(sub, last, tape):
                 taped += tape_bytes
                 replayed += 1
@@ -157,6 +169,8 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
            "replayed_sublayers": replayed}
     if experts:
         out["experts"] = experts
+    if extra_runs:
+        out["hessian_runs"] = {"budget_gib": round(budget / 2**30, 2), "extra": extra_runs}
     return out
 
 
@@ -186,6 +200,8 @@ def manifest_section(p, res: dict, sec: dict, measured: float, n_linears: int) -
         per = res["experts"]
         sec["experts"] = {"min_tokens": c.expert_min_tokens, "fallback": c.expert_fallback,
                           "fell_back": sum(e["stats"] != "routed" for e in per.values()), "per_expert": per}
+    if res.get("hessian_runs"):  # groups whose Hessians were collected a run at a time (the same weights)
+        sec["hessian_runs"] = res["hessian_runs"]
     raised = {n: i["damp_raised"] for n, i in res["layers"].items() if i.get("damp_raised")}
     if raised:
         sec["damp_raised"] = raised

@@ -11,6 +11,9 @@ nothing here knows a family:
   to_stored(model, tensors)  in-memory names -> as `save_pretrained` stores them (meta tensors give the
                              names and shapes alone)
   to_memory(model, tensors)  stored tensors -> the in-memory tensors transformers' load makes of them
+  rows_of(model, memory, parts)  which rows of which in-memory tensor each stored tensor is, where a
+                             conversion only moves whole rows (experts stacked and concatenated): a block
+                             is then read and written one stored tensor at a time
 
 transformers keeps these functions internal; where they are missing or give something else than the
 model's own names and shapes, the caller loads the model whole (onload.stored_as_in_memory).
@@ -57,3 +60,43 @@ def to_memory(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     reversed_model = SimpleNamespace(_weight_conversions=[c.reverse_transform() for c in conv][::-1],
                                      config=model.config)
     return revert_weight_conversion(reversed_model, tensors)
+
+
+def rows_of(model, memory: dict[str, tuple], parts: dict[str, tuple]) -> dict[str, tuple[str, torch.Tensor]] | None:
+    """Where the rows of each stored tensor (`parts`: name -> shape) lie in the in-memory tensors a load
+    converts them into (`memory`: name -> shape): {stored name: (in-memory name, its rows as a (rows, last
+    dim) view, one per stored row, in order)}. Found by putting each stored tensor's row numbers (an int per
+    row) through the conversion (to_memory). None when the conversion does more than move whole rows of
+    2-D tensors, or does not give `memory`'s names and shapes: the caller converts the tensors themselves."""
+    if any(len(shape) != 2 for shape in parts.values()):
+        return None
+    offsets, n = {}, 0
+    for k, shape in parts.items():
+        offsets[k], n = n, n + shape[0]
+    try:
+        got = to_memory(model, {k: torch.arange(o, o + parts[k][0]).view(-1, 1) for k, o in offsets.items()})
+    except Exception:  # noqa: BLE001 - a conversion row numbers cannot go through: the caller converts tensors
+        return None
+    names = list(memory)
+    if set(got) != set(names):
+        return None
+    where = torch.full((n,), -1, dtype=torch.long)  # stored row -> row of its in-memory tensor
+    owner = torch.full((n,), -1, dtype=torch.long)  # stored row -> index of that tensor in `names`
+    for i, name in enumerate(names):
+        ids = got[name]
+        if tuple(ids.shape) != tuple(memory[name][:-1]) + (1,) or ids.dtype != torch.long:
+            return None
+        ids = ids.reshape(-1)
+        if bool(((ids < 0) | (ids >= n)).any()) or bool((owner[ids] != -1).any()):
+            return None
+        where[ids], owner[ids] = torch.arange(ids.numel()), i
+    if bool((owner == -1).any()):
+        return None
+    out = {}
+    for k, o in offsets.items():
+        r, cols = parts[k]
+        own = owner[o:o + r]
+        if bool((own != own[0]).any()) or memory[names[int(own[0])]][-1] != cols:
+            return None
+        out[k] = (names[int(own[0])], where[o:o + r])
+    return out

@@ -17,6 +17,7 @@ the catch pass places only what runs before the first block (`store.load_outside
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -267,6 +268,62 @@ def walk(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int = 
                 store.release_block(i)
             else:
                 module.to(home)
+
+
+STATS_ON_DEVICE = 0.25  # at most this fraction of the solving devices' memory (CPU: RAM) holds Hessians at once
+
+
+def _memory(device) -> int:
+    """A GPU's memory; for the CPU the physical memory, or the container's limit when lower (cgroup v2, v1)."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.get_device_properties(d).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit
+        return 2**62
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(f) as fh:
+                limit = fh.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def stats_budget(devices: Sequence) -> int:
+    """Bytes of Hessians (X^T X in fp32) one collection may hold: STATS_ON_DEVICE of the devices' memory."""
+    return int(STATS_ON_DEVICE * sum(_memory(d) for d in devices))
+
+
+def chunks(modules: dict[str, nn.Module], needs, budget: int) -> list[list[str]]:
+    """The names of `modules`, in order, cut into runs whose Hessians together stay within `budget` bytes, so
+    that one run's statistics are collected, solved and freed before the next run's are collected. Only a
+    Mixture-of-Experts block comes near it: DeepSeek-V3's 256 experts' gate/up Hessians are 53 GB in fp32 (57 GB
+    with the downs, which GPTQ collects with them), a Qwen3-30B-A3B block's 2.2 GB. Names sharing statistics
+    (`stats_key`: an expert's gate and up) stay in one run; a Hessian larger than the budget is a run of its
+    own. Without a Hessian, one run."""
+    if "hessian" not in needs:
+        return [list(modules)]
+    runs: list[list[str]] = []
+    where: dict = {}  # stats key -> its run
+    size = 0
+    for name, m in modules.items():
+        key = getattr(m, "stats_key", None) or name
+        if key in where:
+            where[key].append(name)
+            continue
+        need = 4 * m.in_features ** 2
+        if runs and size + need <= budget:
+            runs[-1].append(name)
+            size += need
+        else:
+            runs.append([name])
+            size = need
+        where[key] = runs[-1]
+    return runs
 
 
 @contextmanager

@@ -23,6 +23,29 @@ def calib_txt(tmp_path_factory):
     return p
 
 
+@pytest.fixture
+def live_hessians(monkeypatch):
+    """Call it to make the engine's accumulators record, as each is made, the bytes of X^T X alive in all of
+    them; it returns [peak] (call again to start a new count)."""
+    import weakref
+
+    from llmprune import walker
+    from llmprune.stats import LayerStats
+
+    def start() -> list[int]:
+        live, peak = weakref.WeakSet(), [0]
+
+        class Tracked(LayerStats):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                live.add(self)
+                peak[0] = max(peak[0], sum(4 * s.in_features ** 2 for s in live if s.xtx is not None))
+
+        monkeypatch.setattr(walker, "LayerStats", Tracked)
+        return peak
+
+    return start
+
 
 @pytest.fixture(scope="session")
 def pruned_24(tmp_path_factory, tiny_dir, calib_txt):

@@ -162,15 +162,19 @@ CONVERTED = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")  # experts stored per
 
 
 @pytest.mark.parametrize("family", CONVERTED)
-def test_a_block_of_experts_reads_and_writes_as_transformers_does(tmp_path, family):
+@pytest.mark.parametrize("into_place", [True, False])
+def test_a_block_of_experts_reads_and_writes_as_transformers_does(tmp_path, family, into_place, monkeypatch):
     """A Mixture-of-Experts checkpoint stores one linear per expert; transformers' whole load fuses them
     (the oracle: from_pretrained's tensors), save_pretrained splits them again (the oracle: the files it
-    wrote). One block read from disk holds exactly the first, and writes back exactly the second."""
+    wrote). One block read from disk holds exactly the first, and writes back exactly the second; read into
+    place row by row (the default) or converted as a whole (what a conversion that moves more than rows gets)."""
     from transformers import AutoModelForCausalLM
 
     from llmprune import lazy, stored
     from llmprune.testing import tiny_model_dir
 
+    if not into_place:
+        monkeypatch.setattr(stored, "rows_of", lambda model, memory, parts: None)
     src = tiny_model_dir(tmp_path / "m", family)
     whole = AutoModelForCausalLM.from_pretrained(src).state_dict()
     files = _tensors(src)
@@ -189,6 +193,80 @@ def test_a_block_of_experts_reads_and_writes_as_transformers_does(tmp_path, fami
         assert torch.equal(t, files[k]), k
     lz.release(prefix)
     assert all(t.device.type == "meta" for n, t in lz.model.state_dict().items() if n.startswith(prefix))
+
+
+@pytest.mark.parametrize("family", CONVERTED)
+def test_experts_are_read_into_place_one_stored_tensor_at_a_time(tmp_path, family, monkeypatch):
+    """A block's fused expert tensors are allocated once and every stored expert linear is copied into its
+    rows as it is read: no earlier expert tensor read is alive when the next is read (converting them all at
+    once held every one of them beside the fused copy: the block's experts twice)."""
+    import weakref
+
+    from llmprune import lazy
+    from llmprune.testing import tiny_model_dir
+
+    lz = lazy.LazyModel(tiny_model_dir(tmp_path / "m", family), torch.float32)
+    live, most, reads, get = weakref.WeakSet(), [0], [0], lz.files.get
+
+    def counting_get(name, dtype=None):
+        most[0] = max(most[0], len(live))
+        t = get(name, dtype)
+        if ".experts." in name:
+            live.add(t)
+            reads[0] += 1
+        return t
+
+    monkeypatch.setattr(lz.files, "get", counting_get)
+    lz.load("model.layers.0.")
+    assert reads[0] >= 3 * 8 and most[0] == 0, (reads, most)
+
+
+@pytest.mark.parametrize("family", CONVERTED)
+def test_experts_are_written_one_stored_tensor_at_a_time(tmp_path, capsys, family, monkeypatch):
+    """The dense output cuts a block's fused experts into their stored linears one at a time: no expert tensor
+    handed to the writer is alive when the next is handed over (reverting them all at once held every split
+    copy beside the block), and the files hold what the whole load's save_pretrained writes."""
+    import weakref
+
+    from llmprune import lazy
+    from llmprune.testing import tiny_model_dir
+
+    live, most, adds, add = weakref.WeakSet(), [0], [0], lazy.ShardWriter.add
+
+    def counting_add(self, name, tensor):
+        if ".experts." in name:
+            most[0] = max(most[0], len(live))
+            live.add(tensor)
+            adds[0] += 1
+        add(self, name, tensor)
+
+    src = tiny_model_dir(tmp_path / "m", family)
+    for mode in ("whole", "blocks"):
+        with monkeypatch.context() as m:
+            if mode == "blocks":
+                m.setattr(lazy.ShardWriter, "add", counting_add)
+            rc, _, se = _run(capsys, "compress", "--model", src, "--solver", "magnitude", "--onload", mode,
+                             "--out", tmp_path / mode, *FAST_CLI)
+        assert rc == 0, se
+    assert adds[0] >= 2 * 3 * 8 and most[0] == 0, (adds, most)
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("onload", ["whole", "blocks"])
+def test_hessians_collected_a_run_at_a_time_are_recorded(tmp_path, capsys, calib_txt, onload, monkeypatch):
+    """Under a Hessian budget of 0 (walker.STATS_ON_DEVICE) every Hessian of a block is its own run (tests/
+    test_walker.py: to the same weights); the manifest says how many runs beyond one a group there were: per
+    block of tiny Qwen3-MoE q, k, v apart (2), 8 experts' gate+up (7), 8 downs (7)."""
+    from llmprune import walker
+    from llmprune.testing import tiny_model_dir
+
+    monkeypatch.setattr(walker, "STATS_ON_DEVICE", 0.0)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_model_dir(tmp_path / "m", "qwen3_moe"), "--solver",
+                     "sparsegpt", "--calib", calib_txt, "--onload", onload, "--out", tmp_path / "o", *FAST_CLI)
+    assert rc == 0, se
+    m = json.loads((tmp_path / "o" / "llmprune.json").read_text())
+    assert m["hessian_runs"] == {"budget_gib": 0.0, "extra": 2 * (2 + 7 + 7)} and m["onload"].startswith(onload)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])

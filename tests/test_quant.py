@@ -223,3 +223,32 @@ def test_gptq_sequential_quantizes_each_expert_from_its_routed_tokens():
     w = w_down[3]
     assert torch.equal(rounded["model.layers.0.mlp.experts[3].down_proj"].codes, rtn(w, None, 32, True).codes)
     assert info["experts"]["fell_back"] == 16
+
+
+@pytest.mark.parametrize("fallback", ["pooled", "magnitude"])
+def test_gptq_hessians_over_the_budget_give_the_codes_of_one_run(fallback, monkeypatch, live_hessians):
+    """GPTQ's pass takes every Hessian of a block from the unquantized block. With a Hessian budget of 0 (each
+    expert's gate/up, its down, q, k, v, ... collected and solved in a run of its own) the codes, the model's
+    weights and the expert records equal one run's, and no two Hessians are alive at once."""
+    from llmprune import walker
+    from llmprune.quant.sequential import gptq_sequential
+    from llmprune.testing import tiny_model
+
+    ids = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for share in (walker.STATS_ON_DEVICE, 0.0):
+        monkeypatch.setattr(walker, "STATS_ON_DEVICE", share)
+        peak = live_hessians()
+        model = tiny_model("qwen3_moe", seed=2)
+        codes = gptq_sequential(model, ids, "w4g128", 32, True, dtype=None, info=(info := {}), batch_size=4,
+                                expert_min_tokens=20, expert_fallback=fallback)
+        results.append((codes, model.state_dict(), info, peak[0]))
+    (c0, sd0, i0, p0), (c1, sd1, i1, p1) = results
+    assert c0.keys() == c1.keys() and len(c0) > 20
+    for n in c0:
+        assert torch.equal(c0[n].codes, c1[n].codes) and torch.equal(c0[n].scales, c1[n].scales), n
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    runs = i1.pop("hessian_runs")  # recorded: runs beyond one a block (q, k, v, o, 8 experts' gate+up, 8 downs)
+    assert "hessian_runs" not in i0 and runs == {"budget_gib": 0.0, "extra": 2 * (4 + 8 + 8 - 1)}
+    assert i0 == i1 and {e["stats"] for e in i1["experts"]["per_expert"].values()} == {"routed", fallback}
+    assert p1 == 4 * 64 ** 2 < p0  # tiny Qwen3-MoE: hidden 64, expert width 32

@@ -175,3 +175,47 @@ def test_activations_wait_in_cpu_memory_when_they_would_crowd_the_gpu(monkeypatc
     assert walker.activation_home(model, ragged, cuda) == cuda
     assert walker.activation_home(model, [*ragged, torch.zeros(1, 1, dtype=torch.long)], cuda) == torch.device("cpu")
     assert walker.activation_home(model, torch.zeros(100, 100, dtype=torch.long), "cpu") == torch.device("cpu")
+
+
+def test_chunks_keep_shared_statistics_together_within_the_budget():
+    """Names cut in order into runs of at most `budget` bytes of Hessians (4 in^2 each); names sharing a
+    stats_key (an expert's gate and up) share one Hessian and one run; a Hessian over the budget runs alone;
+    statistics without a Hessian are one run."""
+    class Lin:
+        def __init__(self, n, key=None):
+            self.in_features, self.stats_key = n, key
+
+    mods = {"a": Lin(4), "g0": Lin(4, "e0"), "u0": Lin(4, "e0"), "b": Lin(8), "g1": Lin(4, "e1"), "u1": Lin(4, "e1")}
+    assert walker.chunks(mods, {"hessian"}, 2 * 64) == [["a", "g0", "u0"], ["b"], ["g1", "u1"]]
+    assert walker.chunks(mods, {"hessian"}, 0) == [["a"], ["g0", "u0"], ["b"], ["g1", "u1"]]
+    assert walker.chunks(mods, {"hessian"}, 10**9) == [list(mods)]
+    assert walker.chunks(mods, {"norms"}, 0) == [list(mods)]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("fallback", ["pooled", "magnitude"])
+def test_hessians_over_the_budget_are_collected_a_run_at_a_time_to_the_same_weights(name, fallback, monkeypatch,
+                                                                                     live_hessians):
+    """SparseGPT with a Hessian budget of 0 (every Hessian its own run: one expert's gate and up, q, k, v apart)
+    prunes to the weights, infos and expert records of one run per group, and never holds two Hessians at once
+    (a run's statistics are freed before the next run's are made; experts falling back: their routed ones too)."""
+    ids = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for share in (walker.STATS_ON_DEVICE, 0.0):
+        monkeypatch.setattr(walker, "STATS_ON_DEVICE", share)
+        peak = live_hessians()
+        m = tiny_model(name, seed=3)
+        names = prune.target_linears(m)
+        res = prune.prune(m, get("sparsegpt"), patterns.parse("unstructured"), {n: 0.5 for n in names}, ids,
+                          batch_size=4, progress=False, expert_min_tokens=12, expert_fallback=fallback)
+        results.append((m.state_dict(), res, peak[0], max(4 * arch.target(m, n).in_features ** 2 for n in names)))
+    (sd0, r0, p0, _), (sd1, r1, p1, one) = results
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert r0["layers"] == r1["layers"] and r0.get("experts") == r1.get("experts")
+    # runs beyond one a group: q, k, v apart (2); gate, up apart (1) or 8 experts' gate+up (7), 8 downs (7)
+    assert "hessian_runs" not in r0 and r1["hessian_runs"]["extra"] == 2 * (2 + 1 if name == "llama" else 2 + 7 + 7)
+    if name == "qwen3_moe":
+        stats = {e["stats"] for e in r1["experts"].values()}
+        assert stats == {"routed", fallback}, stats  # some experts fell back, some did not
+        assert p0 > one  # one run per group held every expert's Hessian at once
+    assert p1 == one

@@ -81,6 +81,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         model.to("cpu")
     out = {}
     planner = arch.Planner(model, gates=True)
+    budget = walker.stats_budget(devices or (device,))
     start, after = 0, None
     if resume is not None:
         resume.seed(info, {})
@@ -96,18 +97,35 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         if not mods:
             continue
         final = plan.targets[plan.order[-1]] if views else arch.get(block.module, lins[-1])  # computed last
-        with walker.collect(mods, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
-            block.run(stop_after=arch.owner(final))
-        use = moe.fallbacks(mods, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
-        if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
-            pooled = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
-            with walker.collect(pooled, {"hessian"}, devices=devices) as more:
-                block.run(stop_after=arch.owner(next(iter(pooled.values()))))
-            stats = {**stats, **more}
-        jobs = [(stats[n].slot, _job(mods[n], n, stats[n], last, f, base, damp, blocksize, act_order, dtype, info,
-                                     rtn_only=use.get(n) == "magnitude"))
-                for n, last in last_readers(stats, list(mods))]
-        block_out = {n: q for n, q in zip(mods, parallel.run(jobs, devices)) if q is not None}
+        # every Hessian of a block is of its unquantized weights; when they do not fit `budget` together (a
+        # Mixture-of-Experts block's experts), they are collected and solved a run at a time and the weights
+        # written once all are solved, so that a later run's inputs are still those of the unquantized block
+        parts = walker.chunks(mods, {"hessian"}, budget)
+        if len(parts) > 1 and info is not None:
+            runs = info.setdefault("hessian_runs", {"budget_gib": round(budget / 2**30, 2), "extra": 0})
+            runs["extra"] += len(parts) - 1
+        block_out = {}
+        for part in parts:
+            sel = {n: mods[n] for n in part}
+            with walker.collect(sel, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
+                block.run(stop_after=arch.owner(final))
+            use = moe.fallbacks(sel, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
+            if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
+                pooled = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
+                stats = {n: st for n, st in stats.items() if n not in pooled}  # (their routed Hessians freed)
+                with walker.collect(pooled, {"hessian"}, devices=devices) as more:
+                    block.run(stop_after=arch.owner(next(iter(pooled.values()))))
+                stats = {**stats, **more}
+                del more
+            jobs = [(stats[n].slot, _job(mods[n], n, stats[n], last, f, base, damp, blocksize, act_order, dtype,
+                                         info, rtn_only=use.get(n) == "magnitude", write=len(parts) == 1))
+                    for n, last in last_readers(stats, part)]
+            block_out.update((n, q) for n, q in zip(part, parallel.run(jobs, devices)) if q is not None)
+            del jobs, stats  # this run's Hessians, before the next run collects its own
+        if len(parts) > 1:
+            for n, q in block_out.items():
+                w = mods[n].weight
+                w.data.copy_(q.to(w.device).dequantize().to(w.dtype))
         if on_block is not None:
             on_block(block.index, block_out)
         else:
@@ -125,10 +143,12 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     return out
 
 
-def _job(mod, name, stats, last: bool, f, base, damp, blocksize, act_order, dtype, info, rtn_only: bool = False):
+def _job(mod, name, stats, last: bool, f, base, damp, blocksize, act_order, dtype, info, rtn_only: bool = False,
+         write: bool = True):
     """One linear's GPTQ for parallel.run, on its statistics' device: its codes (on the CPU), or None
     when the layer does not fit the format. `last`: it is its statistics' last reader. `rtn_only`: an
-    expert too few calibration tokens reached (the `magnitude` fallback): rounded to nearest instead."""
+    expert too few calibration tokens reached (the `magnitude` fallback): rounded to nearest instead.
+    `write`: the layer computes with its dequantized weights at once (else the caller writes them)."""
     from ..packed import plan_layer
     from .gptq import gptq
     from .rtn import rtn
@@ -150,7 +170,8 @@ def _job(mod, name, stats, last: bool, f, base, damp, blocksize, act_order, dtyp
                      opts["symmetric"], damp=damp, blocksize=blocksize, act_order=act_order, overwrite_hessian=True)
         if info is not None and q.damp is not None and q.damp != damp:
             info.setdefault("damp_raised", {})[name] = q.damp
-        mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
+        if write:
+            mod.weight.data.copy_(q.dequantize().to(mod.weight.dtype))
         return dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
 
     return job
