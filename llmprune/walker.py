@@ -307,22 +307,26 @@ def chunks(modules: dict[str, nn.Module], needs, budget: int) -> list[list[str]]
     own. Without a Hessian, one run."""
     if "hessian" not in needs:
         return [list(modules)]
-    runs: list[list[str]] = []
-    where: dict = {}  # stats key -> its run
-    size = 0
+    units: dict = {}  # stats key -> the names sharing it, in order
     for name, m in modules.items():
-        key = getattr(m, "stats_key", None) or name
-        if key in where:
-            where[key].append(name)
-            continue
-        need = 4 * m.in_features ** 2
-        if runs and size + need <= budget:
-            runs[-1].append(name)
-            size += need
+        units.setdefault(getattr(m, "stats_key", None) or name, []).append(name)
+    members = list(units.values())
+    sizes = [4 * modules[names[0]].in_features ** 2 for names in members]
+    return [[n for i in run for n in members[i]] for run in within(sizes, budget)]
+
+
+def within(sizes: Sequence[int], budget: float) -> list[list[int]]:
+    """The indices of `sizes`, in order, cut into runs whose sizes add up to at most `budget`; an item larger
+    than the budget is a run of its own."""
+    runs: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if runs and used + size <= budget:
+            runs[-1].append(i)
+            used += size
         else:
-            runs.append([name])
-            size = need
-        where[key] = runs[-1]
+            runs.append([i])
+            used = size
     return runs
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from .. import arch, lazy, onload
+from .. import arch, lazy, onload, walker
 
 
 def plan(lengths: list[int], batch_size: int, budget: int) -> list[list[list[int]]]:
@@ -27,17 +27,9 @@ def plan(lengths: list[int], batch_size: int, budget: int) -> list[list[list[int
     row, as HFLM batches), the batches grouped into passes over the weights of at most `budget` padded
     tokens each (a larger batch is a pass of its own). Returns passes -> batches -> indices."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[list[int]]] = []
-    used = 0
-    for b in (order[k: k + batch_size] for k in range(0, len(order), batch_size)):
-        size = len(b) * lengths[b[0]]
-        if out and used + size <= budget:
-            out[-1].append(b)
-            used += size
-        else:
-            out.append([b])
-            used = size
-    return out
+    batches = [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
+    runs = walker.within([len(b) * lengths[b[0]] for b in batches], budget)
+    return [[batches[i] for i in run] for run in runs]
 
 
 class BlockwiseLM(HFLM):
