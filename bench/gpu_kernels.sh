@@ -3,7 +3,7 @@
 # CUDA, sweep their launch shapes against cuBLAS / torch 2:4 / torch int4, decode a LLaMA-3-8B-shaped
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
-#                                          use_tuned microbench e2e e2e_compiled compress compress_scale perp tune_scale read_ahead
+#                                          use_tuned microbench e2e e2e_compiled compress compress_scale compress_moe perp tune_scale read_ahead
 #                                          resume
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
@@ -49,17 +49,42 @@ compress() {  # compression on CUDA: a SmolLM2-shaped random model (the real one
   one slicegpt --solver slicegpt --slicing 0.25 --rotation shared --eval none  # blocks rotated on the GPU
   return $rc
 }
+c4() {  # the papers' calibration, C4 (the shipped sample is read with pyarrow; without it: WikiText-2, said so)
+  $PY -c "import pyarrow" 2>/dev/null && echo "--calib c4" || { echo "no pyarrow: --calib wikitext2" >&2; echo "--calib wikitext2"; }
+}
+compress_moe() {  # a Mixture-of-Experts model block by block on CUDA (docs/scale.md): 2 blocks of a Qwen3-30B-A3B-
+  # shaped random model (bf16, 128 experts of 768 a block stored one linear per expert, read into place on the GPU),
+  # the papers' calibration; Wanda, SparseGPT, and SparseGPT with the experts' Hessians collected a run at a time
+  # within 1% of the GPU (walker.STATS_ON_DEVICE, set here: no flag sets it), which must give the same tensors.
+  # Manifests: compress seconds, peak GPU memory, peak RSS, hessian_runs.
+  # CPU dry run: DEVICE=cpu NS=2 SL=64 MOE_LAYERS=1 OUT=/tmp/x bash bench/gpu_kernels.sh compress_moe
+  local rc=0 d=${DEVICE:-cuda} ns=${NS:-128} sl=${SL:-2048} n=${MOE_LAYERS:-2} m=/tmp/syn-qwen3-30b-a3b cal
+  cal=$(c4)
+  $PY bench/make_synthetic.py $m --arch qwen3-30b-a3b --layers $n --dtype bfloat16 || return 1
+  for run in "wanda 0.25" "sparsegpt 0.25" "sparsegpt 0.01"; do
+    local name=compress-moe-l$n-${run% *}-stats${run#* }
+    $PY -c 'import sys; from llmprune import walker; walker.STATS_ON_DEVICE = float(sys.argv[1]);
+from llmprune.cli import main; sys.exit(main(sys.argv[2:]))' ${run#* } compress --model $m --solver ${run% *} \
+        --sparsity 0.5 --device $d --nsamples $ns --seqlen $sl $cal --onload blocks --eval none --no-dense-eval \
+        --no-progress --overwrite --out /tmp/o-$name && cp /tmp/o-$name/llmprune.json "$OUT/$name.json" || rc=1
+  done
+  $PY bench/same_tensors.py /tmp/o-compress-moe-l$n-sparsegpt-stats0.25 /tmp/o-compress-moe-l$n-sparsegpt-stats0.01 \
+    || rc=1
+  rm -rf /tmp/o-compress-moe-l$n-* $m
+  return $rc
+}
 compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale.md): 4 blocks of a
   # Llama-3-8B-shaped and 2 of a Llama-3.3-70B-shaped random model, bf16, the papers' calibration
   # (128 x 2048 C4 tokens); manifests give compress seconds per block and the peak GPU memory.
   # CPU dry run: DEVICE=cpu NS=2 SL=64 SPECS=llama3-8b:1 OUT=/tmp/x bash bench/gpu_kernels.sh compress_scale
-  local rc=0 d=${DEVICE:-cuda} ns=${NS:-128} sl=${SL:-2048}
+  local rc=0 d=${DEVICE:-cuda} ns=${NS:-128} sl=${SL:-2048} cal
+  cal=$(c4)
   for spec in ${SPECS:-llama3-8b:4 llama3-70b:2}; do
     local a=${spec%%:*} n=${spec##*:} m=/tmp/syn-${spec%%:*}-l${spec##*:}
     $PY bench/make_synthetic.py $m --arch $a --layers $n --dtype bfloat16 || { rc=1; continue; }
     for s in "wanda --sparsity 0.5" "sparsegpt --pattern 2:4"; do
       local name=compress-$a-l$n-${s%% *}
-      $PY -m llmprune.cli compress --model $m --solver $s --device $d --nsamples $ns --seqlen $sl --calib c4 \
+      $PY -m llmprune.cli compress --model $m --solver $s --device $d --nsamples $ns --seqlen $sl $cal \
           --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-$name \
         && cp /tmp/o-$name/llmprune.json "$OUT/$name.json" || rc=1
       rm -rf /tmp/o-$name
@@ -168,7 +193,7 @@ resume() {  # a compression killed (SIGKILL) after block 1 and resumed, on CUDA 
   rm -rf $m
   return $rc
 }
-export -f envinfo compress compress_scale perp tune_scale read_ahead resume
+export -f envinfo c4 compress compress_moe compress_scale perp tune_scale read_ahead resume
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
@@ -179,6 +204,7 @@ stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30
 stage e2e 150 $PY bench/e2e_decode.py "$OUT/e2e.json" --batch 1,16 --new-tokens 128
 stage compress 200 compress
 stage compress_scale 420 compress_scale
+stage compress_moe ${MOE_S:-300} compress_moe  # the CPU dry run needs MOE_S=900
 stage perp ${PERP_S:-300} perp  # the CPU dry run needs PERP_S=600
 stage tune_scale ${TUNE_S:-240} tune_scale  # the CPU dry run needs TUNE_S=900
 stage read_ahead ${RA_S:-180} read_ahead
@@ -188,7 +214,7 @@ stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 
 cat "$OUT/env.log" 2>/dev/null | head -4
 tail -n 40 "$OUT/tune.log" 2>/dev/null
 tail -n 12 "$OUT"/correctness.log "$OUT"/e2e*.log "$OUT"/precompile.log 2>/dev/null
-grep -H '"compress_s"\|peak_gpu' "$OUT"/compress-*.json 2>/dev/null
+grep -H '"compress_s"\|peak_gpu\|hessian_runs' "$OUT"/compress-*.json 2>/dev/null
 grep -H '"streamed_gb"\|"wall_s"\|peak_gpu' "$OUT"/perp-*.json 2>/dev/null
 tail -n 3 "$OUT/perp.log" 2>/dev/null
 tail -n 3 "$OUT/tune_scale.log" 2>/dev/null
