@@ -79,9 +79,9 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     moe.check_fallback(expert_fallback, expert_min_tokens)
     infos: dict[str, dict] = {}
     experts: dict[str, dict] = {}
-    replayed = 0
+    replayed = extra_runs = 0  # extra_runs: statistics runs beyond one per group (Hessians over the budget)
     if resume is not None:
-        replayed = resume.seed(infos, experts)
+        replayed, extra_runs = resume.seed(infos, experts)
     start = resume.start if resume is not None else 0
     needs = solver.needs_for(opts)
     t_solve = 0.0
@@ -111,9 +111,9 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     planner = archmod.Planner(model, gates)
     sequential = solver.sequential_for(opts)
     budget = walker.stats_budget(devices or (device,))
-    extra_runs = 0  # statistics runs beyond one per group (Hessians over the budget)
     t0 = time.perf_counter()
-    after = (lambda i, hidden: resume.after(i, hidden, infos, experts, replayed)) if resume is not None else None
+    after = ((lambda i, hidden: resume.after(i, hidden, infos, experts, replayed, extra_runs))
+             if resume is not None else None)
     for block in walker.walk(model, calib_ids, batch_size, device, progress, desc=f"{solver.name} blocks",
                              start=start, hidden=resume and resume.hidden, after=after):
         prefix = f"{a.blocks}.{block.index}."

@@ -199,13 +199,15 @@ class Checkpoints:
         files = WeightFiles(self.dir / name)
         return [files.get(f"h.{k}").to(device) for k in range(len(files.keys()))]
 
-    def seed(self, infos: dict, experts: dict) -> int:
-        """Fill the pass's records of the blocks before `start`; returns its count of replayed sublayers."""
+    def seed(self, infos: dict, experts: dict) -> tuple[int, int]:
+        """Fill the pass's records of the blocks before `start`; returns its counts of replayed sublayers and of
+        extra Hessian runs (walker.chunks) there."""
         infos.update(self.state.get("layers", {}))
         experts.update(self.state.get("experts", {}))
-        return self.state.get("replayed", 0)
+        return self.state.get("replayed", 0), self.state.get("hessian_extra", 0)
 
-    def after(self, i: int, hidden: list[torch.Tensor] | None, infos: dict, experts: dict, replayed: int) -> None:
+    def after(self, i: int, hidden: list[torch.Tensor] | None, infos: dict, experts: dict, replayed: int,
+              hessian_extra: int = 0) -> None:
         done = i + 1
         if done < self.n and time.monotonic() - self.last < self.every or not self.out.ready():
             return  # (a packed output is ready after a block that filled a file: onload.Output.ready)
@@ -215,7 +217,8 @@ class Checkpoints:
             name = f"hidden-{done:05d}"
             _save_hidden(self.dir / name, hidden)
         self.state = {"stage": self.stage, "next_block": done, "hidden": name, "files": files, "layers": infos,
-                      "experts": experts, "replayed": replayed, "out": self.out.snapshot()}
+                      "experts": experts, "replayed": replayed, "hessian_extra": hessian_extra,
+                      "out": self.out.snapshot()}
         self.commit()
         for p in self.dir.glob("hidden-*"):
             if p.name != name:
