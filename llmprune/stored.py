@@ -64,8 +64,8 @@ def to_memory(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def rows_of(model, memory: dict[str, tuple], parts: dict[str, tuple]) -> dict[str, tuple[str, torch.Tensor]] | None:
     """Where the rows of each stored tensor (`parts`: name -> shape) lie in the in-memory tensors a load
-    converts them into (`memory`: name -> shape): {stored name: (in-memory name, its rows as a (rows, last
-    dim) view, one per stored row, in order)}. Found by putting each stored tensor's row numbers (an int per
+    converts them into (`memory`: name -> shape): {stored name: (in-memory name, the indices of its rows in
+    that tensor seen as (rows, last dim), one per stored row, in order)}. Found by putting each stored tensor's row numbers (an int per
     row) through the conversion (to_memory). None when the conversion does more than move whole rows of
     2-D tensors, or does not give `memory`'s names and shapes: the caller converts the tensors themselves."""
     if any(len(shape) != 2 for shape in parts.values()):

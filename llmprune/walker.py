@@ -294,8 +294,9 @@ def _memory(device) -> int:
 
 
 def stats_budget(devices: Sequence) -> int:
-    """Bytes of Hessians (X^T X in fp32) one collection may hold: STATS_ON_DEVICE of the devices' memory."""
-    return int(STATS_ON_DEVICE * sum(_memory(d) for d in devices))
+    """Bytes of Hessians (X^T X in fp32) one collection may hold: STATS_ON_DEVICE of the devices' memory (each
+    device once: `--device cpu,cpu` runs two solving threads in one RAM)."""
+    return int(STATS_ON_DEVICE * sum(_memory(d) for d in {str(torch.device(d)) for d in devices}))
 
 
 def chunks(modules: dict[str, nn.Module], needs, budget: int) -> list[list[str]]:
