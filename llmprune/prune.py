@@ -143,13 +143,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                         (block.record(tail, last) if tail is not None else nullcontext()) as tape:
                     block.run(stop_after=tail if tail is not None else archmod.owner(last))
                 use = moe.fallbacks(sel, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
-                if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
-                    views = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
-                    stats = {n: st for n, st in stats.items() if n not in views}  # (their routed Hessians freed)
-                    with walker.collect(views, needs, devices=devices) as pooled:
-                        block.run(stop_after=archmod.owner(next(iter(views.values()))))
-                    stats = {**stats, **pooled}
-                    del pooled
+                moe.pool(block, sel, stats, use, needs, devices)  # all tokens through the under-calibrated experts
                 t2 = time.perf_counter()
                 jobs = []
                 for name, taker in last_readers(stats, part):  # a last reader may take its statistics' memory

@@ -110,13 +110,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
             with walker.collect(sel, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
                 block.run(stop_after=arch.owner(final))
             use = moe.fallbacks(sel, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
-            if any(u == "pooled" for u in use.values()):  # all tokens through the under-calibrated experts
-                pooled = {n: moe.pooled(mods[n]) for n, u in use.items() if u == "pooled"}
-                stats = {n: st for n, st in stats.items() if n not in pooled}  # (their routed Hessians freed)
-                with walker.collect(pooled, {"hessian"}, devices=devices) as more:
-                    block.run(stop_after=arch.owner(next(iter(pooled.values()))))
-                stats = {**stats, **more}
-                del more
+            moe.pool(block, sel, stats, use, {"hessian"}, devices)  # all tokens through the under-calibrated experts
             jobs = [(stats[n].slot, _job(mods[n], n, stats[n], last, f, base, damp, blocksize, act_order, dtype,
                                          info, rtn_only=use.get(n) == "magnitude", write=len(parts) == 1))
                     for n, last in last_readers(stats, part)]
