@@ -200,23 +200,6 @@ def fallbacks(targets: dict, stats: dict, min_tokens: int, fallback: str, record
     return use
 
 
-def pool(block, targets: dict, stats: dict, use: dict, needs, devices=None) -> None:
-    """Replace in `stats` the statistics of the experts' projections that fall back to `pooled` (`use`, from
-    `fallbacks`) by those of every token that reached the layer pushed through them: one more run of `block`
-    (a walker.Block) up to the experts. Their routed statistics leave `stats` first, so they are freed before
-    the pooled ones are made."""
-    from . import arch, walker
-
-    views = {n: pooled(targets[n]) for n, u in use.items() if u == "pooled"}
-    if not views:
-        return
-    for n in views:
-        del stats[n]
-    with walker.collect(views, needs, devices=devices) as more:
-        block.run(stop_after=arch.owner(next(iter(views.values()))))
-    stats.update(more)
-
-
 def check_fallback(fallback: str, min_tokens: int) -> None:
     from .errors import LLMPruneError
 

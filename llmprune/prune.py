@@ -143,7 +143,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
                         (block.record(tail, last) if tail is not None else nullcontext()) as tape:
                     block.run(stop_after=tail if tail is not None else archmod.owner(last))
                 use = moe.fallbacks(sel, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
-                moe.pool(block, sel, stats, use, needs, devices)  # all tokens through the under-calibrated experts
+                walker.pool(block, sel, stats, use, needs, devices)  # all tokens through the under-calibrated experts
                 t2 = time.perf_counter()
                 jobs = []
                 for name, taker in last_readers(stats, part):  # a last reader may take its statistics' memory

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import arch as archmod
+from . import moe
 from .stats import LayerStats
 
 
@@ -358,3 +359,18 @@ def collect(modules: dict[str, nn.Module], needs, sink_weight: float = 1.0,
     finally:
         for h in handles:
             h.remove()
+
+
+def pool(block: Block, targets: dict, stats: dict, use: dict, needs, devices=None) -> None:
+    """Replace in `stats` the statistics of the experts' projections that fall back to `pooled` (`use`, from
+    moe.fallbacks) by those of every token that reached the layer pushed through them: one more run of `block`
+    up to the experts. Their routed statistics leave `stats` first, so they are freed before the pooled ones
+    are made."""
+    views = {n: moe.pooled(targets[n]) for n, u in use.items() if u == "pooled"}
+    if not views:
+        return
+    for n in views:
+        del stats[n]
+    with collect(views, needs, devices=devices) as more:
+        block.run(stop_after=archmod.owner(next(iter(views.values()))))
+    stats.update(more)

@@ -110,7 +110,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
             with walker.collect(sel, {"hessian"}, sink_weight=sink_weight, devices=devices) as stats:
                 block.run(stop_after=arch.owner(final))
             use = moe.fallbacks(sel, stats, expert_min_tokens, expert_fallback, experts)  # name -> how
-            moe.pool(block, sel, stats, use, {"hessian"}, devices)  # all tokens through the under-calibrated experts
+            walker.pool(block, sel, stats, use, {"hessian"}, devices)  # all tokens through the under-calibrated experts
             jobs = [(stats[n].slot, _job(mods[n], n, stats[n], last, f, base, damp, blocksize, act_order, dtype,
                                          info, rtn_only=use.get(n) == "magnitude", write=len(parts) == 1))
                     for n, last in last_readers(stats, part)]
