@@ -55,21 +55,19 @@ c4() {  # the papers' calibration, C4 (the shipped sample is read with pyarrow; 
 compress_moe() {  # a Mixture-of-Experts model block by block on CUDA (docs/scale.md): 2 blocks of a Qwen3-30B-A3B-
   # shaped random model (bf16, 128 experts of 768 a block stored one linear per expert, read into place on the GPU),
   # the papers' calibration; Wanda, SparseGPT, and SparseGPT with the experts' Hessians collected a run at a time
-  # within 1% of the GPU (walker.STATS_ON_DEVICE, set here: no flag sets it), which must give the same tensors.
+  # within 0.5 GiB (--hessian-gib; a block's gate/up Hessians are 2 GiB), which must give the same tensors.
   # Manifests: compress seconds, peak GPU memory, peak RSS, hessian_runs.
   # CPU dry run: DEVICE=cpu NS=2 SL=64 MOE_LAYERS=1 OUT=/tmp/x bash bench/gpu_kernels.sh compress_moe
   local rc=0 d=${DEVICE:-cuda} ns=${NS:-128} sl=${SL:-2048} n=${MOE_LAYERS:-2} m=/tmp/syn-qwen3-30b-a3b cal
   cal=$(c4)
   $PY bench/make_synthetic.py $m --arch qwen3-30b-a3b --layers $n --dtype bfloat16 || return 1
-  for run in "wanda 0.25" "sparsegpt 0.25" "sparsegpt 0.01"; do
-    local name=compress-moe-l$n-${run% *}-stats${run#* }
-    $PY -c 'import sys; from llmprune import walker; walker.STATS_ON_DEVICE = float(sys.argv[1]);
-from llmprune.cli import main; sys.exit(main(sys.argv[2:]))' ${run#* } compress --model $m --solver ${run% *} \
-        --sparsity 0.5 --device $d --nsamples $ns --seqlen $sl $cal --onload blocks --eval none --no-dense-eval \
-        --no-progress --overwrite --out /tmp/o-$name && cp /tmp/o-$name/llmprune.json "$OUT/$name.json" || rc=1
+  for run in "wanda" "sparsegpt" "sparsegpt --hessian-gib 0.5"; do
+    local name=compress-moe-l$n-${run%% *}$( [[ $run == *gib* ]] && echo -hessian0.5 )
+    $PY -m llmprune.cli compress --model $m --solver $run --sparsity 0.5 --device $d --nsamples $ns --seqlen $sl $cal \
+        --onload blocks --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-$name \
+        && cp /tmp/o-$name/llmprune.json "$OUT/$name.json" || rc=1
   done
-  $PY bench/same_tensors.py /tmp/o-compress-moe-l$n-sparsegpt-stats0.25 /tmp/o-compress-moe-l$n-sparsegpt-stats0.01 \
-    || rc=1
+  $PY bench/same_tensors.py /tmp/o-compress-moe-l$n-sparsegpt /tmp/o-compress-moe-l$n-sparsegpt-hessian0.5 || rc=1
   rm -rf /tmp/o-compress-moe-l$n-* $m
   return $rc
 }

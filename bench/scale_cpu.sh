@@ -118,22 +118,18 @@ if [[ " $STAGES " == *" moe "* ]]; then  # a Qwen3-30B-A3B-shaped model (128 exp
   rm -rf "$S/moe-ct" "$S/moe-ct-gptq"
 fi
 if [[ " $STAGES " == *" moe_stats "* ]]; then  # SparseGPT 50% on the 2-block Qwen3-30B-A3B-shaped model: a block's
-  # 256 expert Hessians (2.2 GB in fp32) held at once under the default budget (a quarter of RAM), and collected a run
-  # at a time under 1% of RAM (walker.STATS_ON_DEVICE, which no flag sets): the peak should fall, the weights not move
+  # 128 experts' gate/up Hessians (2 GiB in fp32) held at once under the default budget (a quarter of RAM), and
+  # collected a run at a time within 0.24 GiB (--hessian-gib; 1% of this machine's RAM): the peak should fall, the
+  # weights not move
   synth qwen3-30b-a3b-l2 --arch qwen3-30b-a3b --dtype bfloat16 --layers 2
-  for share in 0.25 0.01; do
-    name=moe-l2-sparsegpt-50-stats$share
-    [ -f "$R/$name.json" ] && { echo "skip $name"; continue; }
-    { echo; echo "### $name  $(date -u +%FT%TZ)"; echo "\$ (walker.STATS_ON_DEVICE = $share) llmprune compress ..."; } >> "$LOG"
-    python -c 'import sys; from llmprune import walker; walker.STATS_ON_DEVICE = float(sys.argv[1]);
-from llmprune.cli import main; sys.exit(main(sys.argv[2:]))' $share compress --model "$S/qwen3-30b-a3b-l2" \
-        --solver sparsegpt --sparsity 0.5 --nsamples 8 --seqlen 256 --eval none --onload blocks $C \
-        --out "$S/out-$name" >> "$LOG" 2>&1
-    cp "$S/out-$name/llmprune.json" "$R/$name.json"
+  for gib in "" 0.24; do
+    name=moe-l2-sparsegpt-50${gib:+-hessian$gib}
+    step $name compress --model "$S/qwen3-30b-a3b-l2" --solver sparsegpt --sparsity 0.5 --nsamples 8 --seqlen 256 \
+        --eval none --onload blocks ${gib:+--hessian-gib $gib} $C --out "$S/out-$name"
   done
-  python bench/same_tensors.py "$S/out-moe-l2-sparsegpt-50-stats0.25" "$S/out-moe-l2-sparsegpt-50-stats0.01" \
-      | tee "$R/moe-l2-sparsegpt-50-stats.txt"
-  rm -rf "$S"/out-moe-l2-sparsegpt-50-stats*
+  python bench/same_tensors.py "$S/out-moe-l2-sparsegpt-50" "$S/out-moe-l2-sparsegpt-50-hessian0.24" \
+      | tee "$R/moe-l2-sparsegpt-50-hessian.txt"
+  rm -rf "$S"/out-moe-l2-sparsegpt-50*
 fi
 if [[ " $STAGES " == *" zeroshot "* ]]; then  # zero-shot of a saved 8B-width output, 4 and 16 blocks, in bf16:
   # walked block by block, the peak should not grow with depth (random weights: the accuracies mean nothing)

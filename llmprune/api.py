@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from . import outdir, pipeline
-from .config import EVAL_DATASETS, CompressConfig, GPTQConfig, RecoverConfig
+from .config import EVAL_DATASETS, CompressConfig, GPTQConfig, RecoverConfig, check_hessian_gib
 from .errors import LLMPruneError
 from .runinfo import memory, pick_device, pick_devices, versions
 
@@ -36,7 +36,10 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         export.precheck(c.export, c.export_types)
         outdir.check_out(export.default_out(p.out, c.export), c.overwrite)
     run = _compress_onload if p.onload else _compress_whole
-    m = run(p, t, command)
+    from . import walker
+
+    with walker.hessian_memory(c.hessian_gib):
+        m = run(p, t, command)
     res = {**m.to_dict(), "out": str(p.out)}
     if c.export:
         res["exported"] = _export_after(c, p.out, command)
@@ -223,7 +226,7 @@ def _export_after(c: CompressConfig, out: Path, command: str | None) -> dict:
 
     return export.export(out, c.export, types=c.export_types, quant=c.export_quant, calib=c.calib,
                          nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, overwrite=c.overwrite,
-                         progress=c.progress, command=command, device=c.device)
+                         progress=c.progress, command=command, device=c.device, hessian_gib=c.hessian_gib)
 
 
 def load(path_or_spec: str, dtype="float32", device="cpu"):
@@ -433,16 +436,16 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
          command: str | None = None, save_dtype: str = "float16", grid: str = "auto", gptq: dict | None = None,
          eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
          device: str | None = None, onload: str = "auto", tasks: tuple[str, ...] = (),
-         tasks_limit: int | None = None, checkpoint_s: float | None = 600.0) -> dict:
+         tasks_limit: int | None = None, checkpoint_s: float | None = 600.0, hessian_gib: float | None = None) -> dict:
     """Pack a dense output folder (zeros in place) into a smaller format; GPTQ quantizes block by
     block on calibration data first (quant.sequential.gptq_sequential). The source stays on disk and
     is read one block at a time (onload.pack; scale tuning, --tune-steps, reads it from disk to where it
     trains: onload.gptq_tuned), unless `onload` is "whole" or the folder only loads whole. With `eval` /
     `tasks`, the packed folder's perplexity / zero-shot accuracy as saved. Block by block without scale
     tuning, a checkpoint every `checkpoint_s` seconds (None: none): a killed pack goes on from its last one
-    when run again (resume.py)."""
+    when run again (resume.py). `hessian_gib`: GiB of GPTQ's Hessians collected at once (walker.hessian_memory)."""
     from . import arch as archmod
-    from . import checkpoint, formats, resume
+    from . import checkpoint, formats, resume, walker
     from . import onload as onl
     from .eval import zeroshot
 
@@ -456,6 +459,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: "
                             "add --quant gptq or drop them")
     gcfg = GPTQConfig(**given) if quant == "gptq" else None
+    check_hessian_gib(hessian_gib)
     for d in eval:
         if d not in EVAL_DATASETS:
             raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
@@ -500,16 +504,18 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     ck = None
     with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None,
                            keep=resume.kept if fp else None) as tmp:
-        if lz is None:
-            new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids,
-                                         cinfo, devs[0], 8, progress, t, devs)
-        else:
-            import torch
+        with walker.hessian_memory(hessian_gib):
+            if lz is None:
+                new.format = pipeline.export(model, tok, tmp, fmt, quant, group_size, symmetric, save_dtype, gcfg, ids,
+                                             cinfo, devs[0], 8, progress, t, devs)
+            else:
+                import torch
 
-            if fp:
-                ck = resume.Checkpoints(tmp, fp, checkpoint_s, len(archmod.blocks(lz.model)), found[1] if found else None)
-            new.format = onl.pack(lz, tok, tmp, fmt, quant, group_size, symmetric, getattr(torch, save_dtype), gcfg,
-                                  ids, cinfo, devs, 8, progress, t, ck)
+                if fp:
+                    ck = resume.Checkpoints(tmp, fp, checkpoint_s, len(archmod.blocks(lz.model)),
+                                            found[1] if found else None)
+                new.format = onl.pack(lz, tok, tmp, fmt, quant, group_size, symmetric, getattr(torch, save_dtype),
+                                      gcfg, ids, cinfo, devs, 8, progress, t, ck)
         new.steps = [*old.steps, *pipeline.export_steps(new.format)]
         del model, lz
         mf.write(tmp, new)  # the loader reads the format from it; rewritten below with the figures

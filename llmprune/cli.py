@@ -77,6 +77,7 @@ def _add_compress(sub):
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | a list such as cuda:0,cuda:1: the blocks run "
                                                   "on the first, each block's linears are solved on all at once "
                                                   "(default: every GPU when there is one, else cpu)")
+    _add_hessian_gib(g)
     g.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
                                                    "bfloat16, float16; statistics are accumulated in fp32/fp64")
     g.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
@@ -117,7 +118,7 @@ def cmd_compress(a) -> int:
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, protocol=a.protocol, seed=a.seed,
         calib_batch=a.calib_batch,
         device=a.device, dtype=a.dtype, onload=a.onload, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
-        checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"),
+        checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"), hessian_gib=a.hessian_gib,
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, tasks=_tasks(a), tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
@@ -402,6 +403,13 @@ def _add_gptq_args(g) -> None:
     g.add_argument("--tune-lr", type=float, default=None, help="scale tuning: Adam step, relative (default 1e-3)")
 
 
+def _add_hessian_gib(g, who: str = "SparseGPT, ALPS, GPTQ") -> None:
+    g.add_argument("--hessian-gib", type=float, default=None, metavar="GIB",
+                   help=f"GiB of Hessians ({who}) held at once: beyond it a block's linears (mostly a Mixture-of-"
+                        "Experts block's experts) are collected and solved a run at a time, to the same weights "
+                        "(default: a quarter of the solving devices' memory, RAM on the CPU)")
+
+
 def _gptq_opts(a) -> dict:
     """The GPTQ flags that were given (the others keep GPTQConfig's defaults)."""
     given = {"act_order": a.act_order, "sink_weight": a.sink_weight, "tune_steps": a.tune_steps, "tune_lr": a.tune_lr}
@@ -427,6 +435,7 @@ def _add_pack(sub):
     p.add_argument("--eval-windows", type=int, default=None, help="windows evaluated (default all)")
     _add_task_flags(p)
     p.add_argument("--device", default=None)
+    _add_hessian_gib(p, "GPTQ")
     p.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
                    help="while packing block by block (not with --tune-steps), commit a checkpoint every SECONDS "
                         "(0: after every block that completes a file; off: none): rerunning the command of a run "
@@ -448,7 +457,7 @@ def cmd_pack(a) -> int:
                  progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
                  gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
                  device=a.device, onload=a.onload, tasks=_tasks(a), tasks_limit=a.tasks_limit,
-                 checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"))
+                 checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"), hessian_gib=a.hessian_gib)
     if m.get("resumed"):
         print(_resumed(m["resumed"]))
     print_format(m)
@@ -494,6 +503,7 @@ def _add_export(sub):
     g.add_argument("--nsamples", type=int, default=128)
     g.add_argument("--seqlen", type=int, default=2048)
     g.add_argument("--seed", type=int, default=0)
+    _add_hessian_gib(g, "GPTQ")
     p.add_argument("--save-dtype", default="float16", help="compressed-tensors: the unquantized tensors' dtype")
     p.add_argument("--eval", default="none", help="perplexity of the export read back by transformers: wikitext2,c4")
     p.add_argument("--eval-seqlen", type=int, default=2048)
@@ -512,7 +522,7 @@ def cmd_export(a) -> int:
                       save_dtype=a.save_dtype, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                       gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen,
                       eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
-                      progress=not a.no_progress, command=a.command_line)
+                      progress=not a.no_progress, command=a.command_line, hessian_gib=a.hessian_gib)
     print_export(m)
     print_eval(m.get("eval", {}))
     return 0

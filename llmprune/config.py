@@ -139,6 +139,13 @@ class RecoverConfig:
         return d
 
 
+def check_hessian_gib(gib) -> None:
+    """`--hessian-gib`: GiB >= 0 (0: every Hessian a run of its own), or None for the default."""
+    if gib is not None and not (isinstance(gib, (int, float)) and gib >= 0):
+        raise LLMPruneError(f"--hessian-gib {gib!r}: GiB of Hessians held at once, a number >= 0 (e.g. 8); leave it "
+                            f"out for a quarter of the solving devices' memory")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """The recipe of `llmprune compress`: load -> calibrate -> prune or slice -> recover -> export
@@ -173,6 +180,9 @@ class CompressConfig:
     # a killed run's next run goes on from its last checkpoint (resume.py): one every this many seconds of each
     # block-by-block pass (the pruning, GPTQ's after it), and after its last block; None: none
     checkpoint_s: float | None = 600.0
+    # GiB of Hessians (SparseGPT, ALPS, GPTQ) collected at once; a Mixture-of-Experts block's experts over it are
+    # collected and solved a run at a time (the same weights); None: a quarter of the solving devices' memory
+    hessian_gib: float | None = None
     # evaluation (of the saved output)
     eval: tuple[str, ...] = ()
     eval_seqlen: int = 2048
@@ -243,6 +253,7 @@ class CompressConfig:
         for d in self.eval:
             if d not in EVAL_DATASETS:
                 raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+        check_hessian_gib(self.hessian_gib)
         if self.expert_fallback not in EXPERT_FALLBACKS:
             raise LLMPruneError(f"--expert-fallback {self.expert_fallback!r}: use {' or '.join(EXPERT_FALLBACKS)}")
         if not (isinstance(self.expert_min_tokens, int) and self.expert_min_tokens >= 0):

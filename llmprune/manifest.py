@@ -42,7 +42,9 @@ class Manifest:
     owl: dict | None = None
     damp_raised: dict | None = None
     experts: dict | None = None  # Mixture-of-Experts: {"min_tokens", "fallback", "fell_back", "per_expert"}
-    hessian_runs: dict | None = None  # groups whose Hessians were collected a run at a time: {"budget_gib", "extra"}
+    # groups whose Hessians were collected a run at a time: {"budget_gib" (this run's --hessian-gib or default), "extra":
+    # runs beyond one a group, a resumed run's included}
+    hessian_runs: dict | None = None
     slicegpt: dict | None = None
     calibration: dict | None = None
     recover: dict | None = None

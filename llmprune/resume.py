@@ -33,7 +33,7 @@ RESUME = ".resume"  # inside the output's temporary folder
 STATE = "state.json"
 # what the recipe may change without changing the pruned weights (evaluation, export, display)
 NOT_WEIGHTS = ("out", "overwrite", "progress", "eval", "eval_seqlen", "eval_windows", "eval_dense", "tasks",
-               "tasks_limit", "export", "export_types", "export_quant", "checkpoint_s")
+               "tasks_limit", "export", "export_types", "export_quant", "checkpoint_s", "hessian_gib")
 
 
 def fingerprint(cfg: dict, ids: torch.Tensor | None, source: Path, devices: tuple[str, ...], save_dtype) -> str:

@@ -17,6 +17,7 @@ the catch pass places only what runs before the first block (`store.load_outside
 """
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -272,6 +273,18 @@ def walk(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int = 
 
 
 STATS_ON_DEVICE = 0.25  # at most this fraction of the solving devices' memory (CPU: RAM) holds Hessians at once
+_STATS_GIB: contextvars.ContextVar[float | None] = contextvars.ContextVar("hessian_gib", default=None)
+
+
+@contextmanager
+def hessian_memory(gib: float | None):
+    """Within it, `stats_budget` is `gib` GiB whatever the devices (`--hessian-gib`); None: STATS_ON_DEVICE of
+    their memory. Only where the runs cut falls moves with it, never the weights (`chunks`)."""
+    token = _STATS_GIB.set(gib)
+    try:
+        yield
+    finally:
+        _STATS_GIB.reset(token)
 
 
 def _memory(device) -> int:
@@ -295,8 +308,11 @@ def _memory(device) -> int:
 
 
 def stats_budget(devices: Sequence) -> int:
-    """Bytes of Hessians (X^T X in fp32) one collection may hold: STATS_ON_DEVICE of the devices' memory (each
-    device once: `--device cpu,cpu` runs two solving threads in one RAM)."""
+    """Bytes of Hessians (X^T X in fp32) one collection may hold: what `hessian_memory` set, else STATS_ON_DEVICE
+    of the devices' memory (each device once: `--device cpu,cpu` runs two solving threads in one RAM)."""
+    gib = _STATS_GIB.get()
+    if gib is not None:
+        return int(gib * 2**30)
     return int(STATS_ON_DEVICE * sum(_memory(d) for d in {str(torch.device(d)) for d in devices}))
 
 

@@ -78,6 +78,7 @@ BAD = [
     (["--eval", "lambada"], "unknown --eval"),
     (["--ignore", "("], "not a valid regex"),
     (["--expert-min-tokens", "-1"], "--expert-min-tokens -1 must be"),
+    (["--hessian-gib", "-1"], "--hessian-gib -1.0: GiB of Hessians held at once"),
 ]
 
 

@@ -246,6 +246,8 @@ def test_refusals(tmp_path, capsys, outs):
     _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--type", "q4_k_m", want="llama-quantize")
     _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--type", "q3", want="choose from")
     _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--quant", "rtn", want="GGUF quantizes")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "compressed-tensors", "--quant", "gptq", "--hessian-gib", "nan",
+             want="--hessian-gib nan")
     _refused(capsys, tmp_path, outs["dense"], "--to", "compressed-tensors", "--group-size", "16", want="Marlin")
     _refused(capsys, tmp_path, tmp_path / "nowhere", "--to", "gguf", want="not a folder")
     ok = tmp_path / "ok"
@@ -711,7 +713,16 @@ def test_ct_gptq_of_a_moe_model_writes_each_experts_own_codes(tmp_path, capsys, 
         torch.testing.assert_close(arch.target(model, n).weight.detach().float(), codes[n].dequantize(),
                                    rtol=2**-10, atol=0)
     q = json.loads((out / "llmprune.json").read_text())["export"]["quant"]
-    assert q["quant"] == "gptq" and q["experts"]["per_expert"] and q["group_size"] == 32
+    assert q["quant"] == "gptq" and q["experts"]["per_expert"] and q["group_size"] == 32 and "hessian_runs" not in q
+    if family == "qwen3_moe":  # each Hessian a run of its own (--hessian-gib 0): the same export, the runs recorded
+        rc, _, se = _run(capsys, "export", src, "--to", "compressed-tensors", "--quant", "gptq", "--calib", calib_txt,
+                         "--nsamples", "8", "--seqlen", "32", "--out", tmp_path / "ct0", "--no-progress",
+                         "--hessian-gib", "0")
+        assert rc == 0, se
+        files = sorted(f.name for f in out.glob("*.safetensors"))
+        assert files and all((out / f).read_bytes() == (tmp_path / "ct0" / f).read_bytes() for f in files)
+        q0 = json.loads((tmp_path / "ct0" / "llmprune.json").read_text())["export"]["quant"]
+        assert q0["hessian_runs"] == {"budget_gib": 0.0, "extra": 2 * (4 + 8 + 8 - 1)}  # q k v o, 8 gate+up, 8 downs
 
 
 def test_ct_of_a_moe_model_refuses_what_vllm_cannot_run(tmp_path, capsys, calib_txt):

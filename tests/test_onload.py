@@ -254,19 +254,25 @@ def test_experts_are_written_one_stored_tensor_at_a_time(tmp_path, capsys, famil
 
 
 @pytest.mark.parametrize("onload", ["whole", "blocks"])
-def test_hessians_collected_a_run_at_a_time_are_recorded(tmp_path, capsys, calib_txt, onload, monkeypatch):
-    """Under a Hessian budget of 0 (walker.STATS_ON_DEVICE) every Hessian of a block is its own run (tests/
+def test_hessians_collected_a_run_at_a_time_are_recorded(tmp_path, capsys, calib_txt, onload):
+    """Under a Hessian budget of 0 (--hessian-gib 0) every Hessian of a block is its own run (tests/
     test_walker.py: to the same weights); the manifest says how many runs beyond one a group there were: per
-    block of tiny Qwen3-MoE q, k, v apart (2), 8 experts' gate+up (7), 8 downs (7)."""
-    from llmprune import walker
+    block of tiny Qwen3-MoE q, k, v apart (2), 8 experts' gate+up (7), 8 downs (7). Without the flag: one run a
+    group, the same files."""
     from llmprune.testing import tiny_model_dir
 
-    monkeypatch.setattr(walker, "STATS_ON_DEVICE", 0.0)
-    rc, _, se = _run(capsys, "compress", "--model", tiny_model_dir(tmp_path / "m", "qwen3_moe"), "--solver",
-                     "sparsegpt", "--calib", calib_txt, "--onload", onload, "--out", tmp_path / "o", *FAST_CLI)
+    src = tiny_model_dir(tmp_path / "m", "qwen3_moe")
+    rc, _, se = _run(capsys, "compress", "--model", src, "--solver", "sparsegpt", "--calib", calib_txt,
+                     "--onload", onload, "--out", tmp_path / "o", "--hessian-gib", "0", *FAST_CLI)
     assert rc == 0, se
     m = json.loads((tmp_path / "o" / "llmprune.json").read_text())
     assert m["hessian_runs"] == {"budget_gib": 0.0, "extra": 2 * (2 + 7 + 7)} and m["onload"].startswith(onload)
+    rc, _, se = _run(capsys, "compress", "--model", src, "--solver", "sparsegpt", "--calib", calib_txt,
+                     "--onload", onload, "--out", tmp_path / "d", *FAST_CLI)  # the default budget: one run a group
+    assert rc == 0, se
+    assert "hessian_runs" not in json.loads((tmp_path / "d" / "llmprune.json").read_text())
+    a, b = _tensors(tmp_path / "o"), _tensors(tmp_path / "d")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])

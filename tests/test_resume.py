@@ -27,9 +27,7 @@ KILLER = """
 import os, signal, sys
 from llmprune import lazy, pipeline, resume
 from llmprune.cli import main
-from llmprune import walker
 lazy.SHARD_BYTES = {shard_bytes}
-walker.STATS_ON_DEVICE = {stats_share}
 kill_at, stage = {kill_at}, {stage!r}
 after = resume.Checkpoints.after
 def dying_after(self, i, *a):
@@ -55,9 +53,8 @@ def _tensors(folder: Path) -> dict:
     return out
 
 
-def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES, stage: str | None = None,
-          stats_share: float = 0.25) -> None:
-    code = KILLER.format(shard_bytes=shard_bytes, kill_at=kill_at, argv=argv, stage=stage, stats_share=stats_share)
+def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES, stage: str | None = None) -> None:
+    code = KILLER.format(shard_bytes=shard_bytes, kill_at=kill_at, argv=argv, stage=stage)
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
 
@@ -130,26 +127,34 @@ def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, c
     assert r["from_block"] == 3 and r["blocks"] == BLOCKS and r["runs"] == 2 and r["earlier_s"] > 0
 
 
-@pytest.mark.parametrize("stats_share", [0.25, 0.0])
-def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys, monkeypatch, calib_txt, stats_share):
+@pytest.mark.parametrize("killed,rerun", [([], []), (["--hessian-gib", "0"], ["--hessian-gib", "0"]),
+                                          (["--hessian-gib", "0"], [])])
+def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys, monkeypatch, calib_txt, killed,
+                                                               rerun):
     """A Mixture-of-Experts model read and written block by block (experts fused in memory, one linear
     per expert in the files: stored.py) resumes into the same files, byte for byte; with its Hessians collected a
-    run at a time too (budget 0), and the manifest counts the runs of the blocks before the kill."""
-    from llmprune import lazy, walker
+    run at a time too (--hessian-gib 0), and the manifest counts the runs of the blocks before the kill. The
+    budget is not the recipe (it moves no weight): a run killed under one goes on under another (after running
+    out of memory, say), and the count is the blocks' before the kill plus the rerun's."""
+    from llmprune import lazy
 
     src = tiny_model_dir(tmp_path / "moe", "qwen3_moe", seed=3, num_hidden_layers=BLOCKS)
     monkeypatch.setattr(lazy, "SHARD_BYTES", 3 * SHARD_BYTES)
-    monkeypatch.setattr(walker, "STATS_ON_DEVICE", stats_share)
     argv = ["compress", "--model", str(src), "--solver", "sparsegpt", "--calib", str(calib_txt), *ARGS]
     ref, out = tmp_path / "ref", tmp_path / "out"
-    assert main([*argv, "--out", str(ref)]) == 0
-    _kill([*argv, "--out", str(out)], kill_at=3, shard_bytes=3 * SHARD_BYTES, stats_share=stats_share)
-    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, *rerun, "--out", str(ref)]) == 0
+    _kill([*argv, *killed, "--out", str(out)], kill_at=3, shard_bytes=3 * SHARD_BYTES)
+    assert main([*argv, *rerun, "--out", str(out)]) == 0
     assert "resuming" in capsys.readouterr().err
     ma, mb = _same_output(ref, out)
     assert "model.layers.3.mlp.experts.7.gate_proj.weight" in _tensors(out) and mb["sparsity"] == ma["sparsity"]
-    assert mb.get("hessian_runs") == ma.get("hessian_runs") == (
-        None if stats_share else {"budget_gib": 0.0, "extra": BLOCKS * (2 + 7 + 7)})
+    per_block = 2 + 7 + 7  # q, k, v apart; 8 experts' gate+up; 8 downs
+    if not killed:
+        assert mb.get("hessian_runs") is ma.get("hessian_runs") is None
+    elif rerun:
+        assert mb["hessian_runs"] == ma["hessian_runs"] == {"budget_gib": 0.0, "extra": BLOCKS * per_block}
+    else:  # blocks 0-2 under the killed run's budget, block 3 under the default (one run a group)
+        assert ma.get("hessian_runs") is None and mb["hessian_runs"]["extra"] == 3 * per_block
 
 
 def test_a_run_killed_after_its_last_block_only_writes_and_measures(tmp_path, capsys, monkeypatch, deep_dir,

@@ -198,7 +198,8 @@ def test_pack_tune_changes_only_scales_on_disk(tmp_path, capsys, pruned_24, cali
 def test_tune_options_need_gptq(tmp_path, capsys, pruned_24):
     for extra, msg in [(["--quant", "rtn", "--tune-steps", "4"], "GPTQ options"),
                        (["--quant", "gptq", "--tune-steps", "-1"], "--tune-steps"),
-                       (["--quant", "gptq", "--tune-steps", "4", "--tune-lr", "0"], "--tune-lr")]:
+                       (["--quant", "gptq", "--tune-steps", "4", "--tune-lr", "0"], "--tune-lr"),
+                       (["--quant", "gptq", "--hessian-gib", "-1"], "--hessian-gib -1.0")]:
         rc = main(["pack", str(pruned_24), "--format", "w4s24", *extra, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err

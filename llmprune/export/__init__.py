@@ -56,16 +56,18 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
            save_dtype: str = "float16", calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
            gptq: dict | None = None, eval: tuple[str, ...] = (), eval_seqlen: int = 2048,
            eval_windows: int | None = None, device: str | None = None, overwrite: bool = False,
-           progress: bool = True, command: str | None = None) -> dict:
+           progress: bool = True, command: str | None = None, hessian_gib: float | None = None) -> dict:
     """Write the llmprune output `src` as `to` ("compressed-tensors" or "gguf") into `out` (default:
     `<src>-<to>`). compressed-tensors: int4 sources keep their codes; dense and sparse24 sources are
     quantized on export (quant rtn|gptq, group_size, grid sym|asym|auto, GPTQ's calibration options).
     gguf: `types` (e.g. "f16,q8_0") are written as one file each. `eval`: perplexity of the export read
-    back by transformers (not llmprune's loader). Returns the export's manifest with `out`."""
+    back by transformers (not llmprune's loader). `hessian_gib`: GiB of GPTQ's Hessians collected at once
+    (walker.hessian_memory). Returns the export's manifest with `out`."""
     import torch
 
     from .. import manifest as mf
-    from .. import outdir
+    from .. import outdir, walker
+    from ..config import check_hessian_gib
     from ..pipeline import Timer
     from ..runinfo import memory, pick_device, versions
     from .source import Weights, open_source
@@ -77,6 +79,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     t.require()
     out = Path(out) if out is not None else default_out(src, to)
     opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval)
+    check_hessian_gib(hessian_gib)
     outdir.check_out(out, overwrite)
     weights = Weights(s)  # one decoder block at a time (scale tuning: read to where it trains)
     new = mf.derive(s.manifest, versions(), dev, format=None, onload="blocks" if weights.lazy is not None else
@@ -84,7 +87,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     new.exported_from, new.command = str(src), command
     steps = []
     with outdir.atomic_dir(out, overwrite) as tmp:
-        with timer("write_s"):
+        with timer("write_s"), walker.hessian_memory(hessian_gib):
             if to == "compressed-tensors":
                 w = t.Writer(tmp, getattr(torch, save_dtype))
                 qinfo = _write_ct(s, weights, w, opts["quant"], group_size, opts["symmetric"], calib, nsamples,
