@@ -255,6 +255,7 @@ def _add_sweep(sub):
                    help="blocks: each point pruned from disk block by block into a scratch folder in --out and "
                         "evaluated from there (one block in memory); whole: the model in memory; auto: blocks "
                         "unless the checkpoint only loads whole")
+    _add_hessian_gib(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
@@ -281,7 +282,8 @@ def cmd_sweep(a) -> int:
     res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
                     a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
                     a.eval_windows, _tasks(a), a.limit, a.device,
-                    progress=not a.no_progress, protocol=a.protocol, onload=a.onload, dtype=a.dtype)
+                    progress=not a.no_progress, protocol=a.protocol, onload=a.onload, dtype=a.dtype,
+                    hessian_gib=a.hessian_gib)
     from .bench import format_table
 
     cols = [c for c in res["rows"][0] if c not in ("model",)]

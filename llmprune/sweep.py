@@ -166,19 +166,20 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
           seqlen: int | None = None, seed: int = 0, eval: tuple[str, ...] = ("wikitext2",), eval_seqlen: int = 2048,
           eval_windows: int | None = None, tasks: tuple[str, ...] = (), limit: int | None = None,
           device: str | None = None, calib_batch: int = 8, progress: bool = True, protocol: str = "auto",
-          onload: str = "auto", dtype: str = "auto") -> dict:
+          onload: str = "auto", dtype: str = "auto", hessian_gib: float | None = None) -> dict:
     """Run a solver x sparsity grid on one model: the dense model, its dense evaluation and the
     calibration windows are made once and reused; each point prunes the dense model, evaluates
-    it. Writes sweep.csv, sweep.json and sweep.png into `out`."""
+    it. Writes sweep.csv, sweep.json and sweep.png into `out`. `hessian_gib`: GiB of Hessians collected at
+    once (walker.hessian_memory)."""
     import dataclasses
 
-    from . import prune, report
+    from . import prune, report, walker
     from .config import CompressConfig, OwlConfig
 
     dev = pick_device(device)
     cfg = CompressConfig(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, protocol=protocol,
                          eval_windows=eval_windows, eval=eval, eval_seqlen=eval_seqlen, onload=onload,
-                         dtype=dtype).resolved(dev)
+                         dtype=dtype, hessian_gib=hessian_gib).resolved(dev)
     pat = patterns.parse(pattern)
     grid = [(*parse_solver_spec(s), patterns.resolve_sparsity(pat, sp)) for s in solvers_ for sp in sparsities]
     if any(owl_opts is not None for _, _, owl_opts, _, _ in grid) and pat.kind == "nm":
@@ -219,7 +220,7 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
                 with src.walk():
                     layer_s = owl.layer_sparsities(m, names, ids, sp, batch_size=calib_batch, device=dev,
                                                    progress=progress, **dataclasses.asdict(OwlConfig(**owl_opts)))
-            with src.walk(keep=True):
+            with src.walk(keep=True), walker.hessian_memory(hessian_gib):
                 prune.prune(m, solver, pat, layer_s, ids, opts, calib_batch, dev, progress)
             took = time.perf_counter() - t0
             rss = peak_rss_mib()  # of the pruning only: the calibration windows (and a dense copy when whole) included

@@ -374,19 +374,25 @@ def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
 def test_sweep_from_disk_gives_the_in_memory_figures(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
     """`sweep --onload blocks` (auto's choice) never loads the model whole nor holds more than one block,
     and its rows (perplexity, measured sparsity, zero-shot) are those of the model in memory; each point
-    starts from the dense model (SparseGPT's, then Wanda+OWL's after it) and the scratch folder is gone."""
+    starts from the dense model (SparseGPT's, then Wanda+OWL's after it) and the scratch folder is gone. With
+    `--hessian-gib 0` (blocks; each Hessian a run of its own) the same figures."""
+    from llmprune import walker
     from llmprune.testing import hold_one_block
 
     argv = ["sweep", "--model", str(tiny_dir), "--solvers", "sparsegpt,wanda+owl", "--sparsity", "0.4,0.6",
             "--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows",
             "2", "--tasks", "copa", "--limit", "3", "--no-progress"]
     rows = {}
+    real = walker.stats_budget
     for how in ("blocks", "whole"):
         out = tmp_path / how
+        budgets: list[int] = []
         with monkeypatch.context() as m:
             most = hold_one_block(m) if how == "blocks" else [1]
-            rc = main([*argv, "--onload", how, "--out", str(out)])
+            m.setattr(walker, "stats_budget", lambda devices, seen=budgets: seen.append(real(devices)) or seen[-1])
+            rc = main([*argv, "--onload", how, "--out", str(out), *(["--hessian-gib", "0"] if how == "blocks" else [])])
         assert rc == 0 and most[0] == 1, capsys.readouterr().err
+        assert budgets and (set(budgets) == {0} if how == "blocks" else min(budgets) > 2**20), budgets
         rows[how] = [{k: v for k, v in r.items() if k not in ("compress_s", "peak_rss_mib")}
                      for r in json.loads((out / "sweep.json").read_text())]
         assert json.loads((out / "sweep_meta.json").read_text())["onload"].startswith(how)
