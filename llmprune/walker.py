@@ -312,7 +312,7 @@ def stats_budget(devices: Sequence) -> int:
     of the devices' memory (each device once: `--device cpu,cpu` runs two solving threads in one RAM)."""
     gib = _STATS_GIB.get()
     if gib is not None:
-        return int(gib * 2**30)
+        return int(min(gib * 2**30, 2**62))  # (inf: no limit)
     return int(STATS_ON_DEVICE * sum(_memory(d) for d in {str(torch.device(d)) for d in devices}))
 
 

@@ -192,6 +192,21 @@ def test_chunks_keep_shared_statistics_together_within_the_budget():
     assert walker.chunks(mods, {"norms"}, 0) == [list(mods)]
 
 
+def test_hessian_memory_sets_the_budget_within_it_only(monkeypatch):
+    """--hessian-gib: GiB, whatever the devices (inf: no limit); outside the context (and nested ones after they
+    close) the default, STATS_ON_DEVICE of each device's memory once."""
+    monkeypatch.setattr(walker, "_memory", lambda d: 8 * 2**30)
+    assert walker.stats_budget(("cpu", "cpu")) == 2 * 2**30  # one RAM, a quarter of it
+    with walker.hessian_memory(0.5):
+        assert walker.stats_budget(("cpu",)) == 2**29
+        with walker.hessian_memory(None):
+            assert walker.stats_budget(("cpu",)) == 2 * 2**30
+        with walker.hessian_memory(float("inf")):
+            assert walker.stats_budget(("cpu",)) >= 2**62
+        assert walker.stats_budget(("cpu",)) == 2**29
+    assert walker.stats_budget(("cpu",)) == 2 * 2**30
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
 @pytest.mark.parametrize("fallback", ["pooled", "magnitude"])
 def test_hessians_over_the_budget_are_collected_a_run_at_a_time_to_the_same_weights(name, fallback, monkeypatch,
