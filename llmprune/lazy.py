@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, fp8
 from .errors import LLMPruneError
 from .linalg import all_finite
 from .modules import PackedLinear
@@ -98,6 +98,15 @@ class WeightFiles:
                                     f"re-create the folder") from None
             for n in names:
                 self.where[n] = f
+        self.fp8_block: tuple[int, int] | None = None  # block-scaled FP8 (fp8.py): read dequantized
+
+    def scaled(self, name: str) -> bool:
+        """Whether `name` is a block-scaled FP8 weight, read dequantized (fp8.py): stored in FP8 beside its
+        scales (not a weight written unquantized since, to a scratch file read in its place: onload.Scratch)."""
+        if self.fp8_block is None or name not in self.where or name + fp8.SCALE not in self.where:
+            return False
+        head, _ = _header(self.where[name])
+        return ST_DTYPES.get(head[name]["dtype"]) in fp8.FP8
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -112,7 +121,14 @@ class WeightFiles:
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, read with plain file reads (no mapping: the file's pages never count in our
         resident memory) straight into its tensor; a floating tensor converted to `dtype` chunk by
-        chunk, so a conversion holds the result and one chunk, not the tensor twice."""
+        chunk, so a conversion holds the result and one chunk, not the tensor twice. A block-scaled FP8
+        weight is read dequantized (in float32 when `dtype` is None)."""
+        if self.scaled(name):
+            w = fp8.dequantize(self._get(name), self._get(name + fp8.SCALE), self.fp8_block)
+            return w if dtype in (None, torch.float32) else w.to(dtype)
+        return self._get(name, dtype)
+
+    def _get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.where:
             raise LLMPruneError(f"{self.folder} lacks {name}: re-create the folder")
         path = self.where[name]
@@ -244,9 +260,12 @@ class LazyModel:
         except (OSError, ValueError) as e:
             raise LLMPruneError(f"{self.folder}/config.json cannot be read ({str(e).splitlines()[0][:120]}): "
                                 f"re-create the folder") from None
+        block = fp8.check(config, self.folder)  # block-scaled FP8: read dequantized, written unquantized
+        fp8.unquantized(config)
         with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers (rotary) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.files = WeightFiles(self.folder)
+        self.files.fp8_block = block
         self.dtype = dtype
         self.section = packed_section
         self.unpack = unpack
@@ -398,12 +417,12 @@ class LazyModel:
                               {k: tuple(t.shape) for k, t in parts.items()})
         if rows is not None:
             got: dict[str, torch.Tensor] = {}
-            for k, (name, at) in rows.items():
+            for k, (name, at, width) in rows.items():
                 t = files.get(k, self.dtype)
                 if name not in got:
                     got[name] = torch.empty(self._shapes[name], dtype=t.dtype, device=device)
                 dest = got[name]
-                dest.view(-1, dest.shape[-1]).index_copy_(0, at.to(dest.device), t.to(dest.device))
+                dest.view(-1, width).index_copy_(0, at.to(dest.device), t.to(dest.device).view(-1, width))
                 del t
             for n in names:
                 set_module_tensor_to_device(self.model, n, device, value=got.pop(n), clear_cache=False)

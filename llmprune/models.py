@@ -213,7 +213,7 @@ def resolve(spec: str) -> ModelInfo:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise LLMPruneError(f"{spec!r} is a folder without config.json: point --model at a Hugging Face model folder")
-        return ModelInfo(spec, str(p.resolve()), "folder", str(p.resolve()))
+        return _stored_as(ModelInfo(spec, str(p.resolve()), "folder", str(p.resolve())))
     if _HUB_ID.match(spec) and not p.exists():
         return _resolve_hub(spec)
     raise LLMPruneError(
@@ -233,7 +233,21 @@ def _resolve_hub(repo_id: str) -> ModelInfo:
             f"connection, or pass a local folder, a .gguf file, or an alias (llama, gemma3)"
         ) from None
     rev = Path(folder).name
-    return ModelInfo(repo_id, repo_id, "hub", folder, revision=rev)
+    return _stored_as(ModelInfo(repo_id, repo_id, "hub", folder, revision=rev))
+
+
+def _stored_as(info: ModelInfo) -> ModelInfo:
+    """`info`, with how its weights are stored when quantized (fp8.py; other quantizations are refused)."""
+    from . import fp8
+
+    try:
+        config = json.loads((Path(info.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return info  # (the load says what is wrong with it)
+    block = fp8.check(config, info.path)
+    if block is not None:
+        info.extra["stored"] = fp8.describe(block)
+    return info
 
 
 def from_pretrained(folder, fix: str = "re-create or re-download the folder", **kwargs):
@@ -242,6 +256,25 @@ def from_pretrained(folder, fix: str = "re-create or re-download the folder", **
     `fix`: what the one-line error tells the user to do."""
     from transformers import AutoModelForCausalLM
 
+    from . import fp8
+
+    try:
+        block = fp8.block_of(json.loads((Path(folder) / "config.json").read_text()))
+    except (OSError, ValueError):  # no config.json (a GGUF file's folder), or a damaged one: transformers says
+        block = None
+    if block is not None:  # block-scaled FP8: llmprune's reader dequantizes it (fp8.py; transformers' refuses the
+        # blocks cut short at the end of a row or column, as DeepSeek-V3's kv_a_proj_with_mqa has them)
+        import torch
+
+        from .lazy import LazyModel
+
+        lz = LazyModel(folder, kwargs.get("dtype") or torch.float32)
+        why = lz.unreadable()  # (an LLMPruneError for a lacking tensor)
+        if why:
+            raise LLMPruneError(f"{folder} stores {why} under other names that only transformers' whole load "
+                                f"converts, which does not read block-scaled FP8: use the model's bf16 checkpoint")
+        lz.load("")
+        return lz.model
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:

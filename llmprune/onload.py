@@ -193,9 +193,9 @@ class Output:
         for n, t in state.items():
             if n not in fused:
                 self._add(n, t)
-        for k, (n, at) in rows.items():
+        for k, (n, at, width) in rows.items():
             t = state[n]
-            self._add(k, t.reshape(-1, t.shape[-1]).index_select(0, at.to(t.device)))
+            self._add(k, t.reshape(-1, width).index_select(0, at.to(t.device)).reshape(parts[k].shape))
 
     # --- checkpoints (resume.py) ---
 
@@ -240,6 +240,8 @@ class Output:
                 self.packer.add_tensor(n, self.lz.files.get(n) if t is None else t)
             elif t is not None:
                 self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
+            elif self.lz.files.scaled(n):  # block-scaled FP8 (fp8.py): dequantized
+                self.writer.add(n, self.lz.files.get(n, self.save_dtype))
             else:  # file to file in chunks: a 70B model's embeddings are 2 GiB
                 self.writer.copy(n, self.lz.files.where[n])
         self.outside_written = True
@@ -283,6 +285,7 @@ class Scratch:
         overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
         overlay.folder = self.base.folder
         overlay.where = {**self.lz.files.where, **where}
+        overlay.fp8_block = self.base.fp8_block  # (FP8 weights still read from the source are dequantized)
         self.lz.files = overlay
 
     @torch.no_grad()

@@ -242,8 +242,9 @@ def check_model(p: Plan, model) -> list[str]:
 
 def source_dtype(folder) -> torch.dtype:
     """The dtype a checkpoint stores its weights in: what its safetensors files hold (the floating
-    dtype with the most bytes), not the loaded model's config, which says the compute dtype. float32
-    when the folder is unknown (a model given in memory)."""
+    dtype with the most bytes; FP8 aside: a block-scaled FP8 checkpoint's unquantized tensors say what
+    its dequantized weights are written in, fp8.py), not the loaded model's config, which says the
+    compute dtype. float32 when the folder is unknown (a model given in memory)."""
     import torch
 
     from . import lazy
@@ -255,7 +256,7 @@ def source_dtype(folder) -> torch.dtype:
         head, _ = lazy.safetensors_header(f)
         for k, e in head.items():
             dt = lazy.ST_DTYPES.get(e.get("dtype")) if k != "__metadata__" else None
-            if dt is not None and dt.is_floating_point:
+            if dt is not None and dt.is_floating_point and dt.itemsize > 1:
                 a, b = e["data_offsets"]
                 by[dt] = by.get(dt, 0) + b - a
     return max(by, key=by.get) if by else torch.float32

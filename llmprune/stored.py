@@ -62,19 +62,23 @@ def to_memory(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return revert_weight_conversion(reversed_model, tensors)
 
 
-def rows_of(model, memory: dict[str, tuple], parts: dict[str, tuple]) -> dict[str, tuple[str, torch.Tensor]] | None:
+def rows_of(model, memory: dict[str, tuple], parts: dict[str, tuple]) -> dict[str, tuple[str, torch.Tensor, int]] | None:
     """Where the rows of each stored tensor (`parts`: name -> shape) lie in the in-memory tensors a load
     converts them into (`memory`: name -> shape): {stored name: (in-memory name, the indices of its rows in
-    that tensor seen as (rows, last dim), one per stored row, in order)}. Found by putting each stored tensor's row numbers (an int per
-    row) through the conversion (to_memory). None when the conversion does more than move whole rows of
-    2-D tensors, or does not give `memory`'s names and shapes: the caller converts the tensors themselves."""
-    if any(len(shape) != 2 for shape in parts.values()):
+    that tensor seen as (rows, width), one per stored row in order, width)}; a 1-D tensor's rows are its
+    elements (width 1: a renamed bias such as MiniMax-M2's `e_score_correction_bias`). Found by putting each
+    stored tensor's row numbers (an int per row) through the conversion (to_memory). None when the conversion
+    does more than move whole rows of 1-D and 2-D tensors, or does not give `memory`'s names and shapes: the
+    caller converts the tensors themselves."""
+    if any(len(shape) not in (1, 2) for shape in parts.values()):
         return None
     offsets, n = {}, 0
     for k, shape in parts.items():
         offsets[k], n = n, n + shape[0]
+    probes = {k: torch.arange(o, o + parts[k][0]).view(-1, *([1] if len(parts[k]) == 2 else [])) for k, o in
+              offsets.items()}
     try:
-        got = to_memory(model, {k: torch.arange(o, o + parts[k][0]).view(-1, 1) for k, o in offsets.items()})
+        got = to_memory(model, probes)
     except Exception:  # noqa: BLE001 - a conversion row numbers cannot go through: the caller converts tensors
         return None
     names = list(memory)
@@ -82,9 +86,16 @@ def rows_of(model, memory: dict[str, tuple], parts: dict[str, tuple]) -> dict[st
         return None
     where = torch.full((n,), -1, dtype=torch.long)  # stored row -> row of its in-memory tensor
     owner = torch.full((n,), -1, dtype=torch.long)  # stored row -> index of that tensor in `names`
+    width = {}
     for i, name in enumerate(names):
-        ids = got[name]
-        if tuple(ids.shape) != tuple(memory[name][:-1]) + (1,) or ids.dtype != torch.long:
+        ids, shape = got[name], tuple(memory[name])
+        if ids.dtype != torch.long:
+            return None
+        if tuple(ids.shape) == shape:  # one number an element: 1-D parts
+            width[name] = 1
+        elif len(shape) >= 2 and tuple(ids.shape) == shape[:-1] + (1,):  # one a row
+            width[name] = shape[-1]
+        else:
             return None
         ids = ids.reshape(-1)
         if bool(((ids < 0) | (ids >= n)).any()) or bool((owner[ids] != -1).any()):
@@ -94,9 +105,10 @@ def rows_of(model, memory: dict[str, tuple], parts: dict[str, tuple]) -> dict[st
         return None
     out = {}
     for k, o in offsets.items():
-        r, cols = parts[k]
+        r = parts[k][0]
         own = owner[o:o + r]
-        if bool((own != own[0]).any()) or memory[names[int(own[0])]][-1] != cols:
+        name = names[int(own[0])]
+        if bool((own != own[0]).any()) or width[name] != (parts[k][1] if len(parts[k]) == 2 else 1):
             return None
-        out[k] = (names[int(own[0])], where[o:o + r])
+        out[k] = (name, where[o:o + r], width[name])
     return out

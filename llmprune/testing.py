@@ -52,8 +52,22 @@ FAMILIES: dict[str, dict] = {
     "gpt_oss": {**_MOE, "num_local_experts": 8, "intermediate_size": 32, "head_dim": 16, "sliding_window": 16,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
     "qwen2_moe": {**_MOE, "num_experts": 8, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64},
+    # DeepSeek-V3 (Kimi K2): MLA attention (low-rank q and kv), a dense first block, a shared expert, a sigmoid
+    # router with a bias term; GLM-4.5: the same MoE layout with GQA attention; 3 blocks: one dense, two MoE
+    "deepseek_v3": {**_MOE, "n_routed_experts": 8, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "num_hidden_layers": 3, "n_group": 1, "topk_group": 1,
+                    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                    "v_head_dim": 16},
+    "glm4_moe": {**_MOE, "n_routed_experts": 8, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                 "first_k_dense_replace": 1, "num_hidden_layers": 3, "n_group": 1, "topk_group": 1, "head_dim": 16},
+    # Qwen3-Next: linear-attention (Gated DeltaNet) and attention blocks, experts and a gated shared expert
+    "qwen3_next": {**_MOE, "num_experts": 8, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+                   "head_dim": 16, "layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
+                   "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16},
+    "minimax_m2": {**_MOE, "num_local_experts": 8, "intermediate_size": 32, "head_dim": 16},
 }
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe", "deepseek_v3", "glm4_moe", "qwen3_next",
+                "minimax_m2")
 
 
 def tiny_config(arch: str = "llama", **over):
@@ -95,6 +109,42 @@ def tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **over)
     path = Path(path)
     tiny_model(arch, seed, **over).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def fp8_model_dir(path: str | Path, arch: str = "llama", block: tuple[int, int] = (8, 8), seed: int = 0,
+                  unquantized: torch.dtype = torch.float32, head: bool = False, **over) -> Path:
+    """A tiny model saved as a block-scaled FP8 checkpoint, as DeepSeek-V3's is stored (llmprune/fp8.py): every
+    2-D projection weight of the decoder blocks (not the routers, embeddings, norms or head) in float8_e4m3fn
+    with a float32 `weight_scale_inv` per `block` (amax / 448, the last blocks cut short), the other floating
+    tensors in `unquantized` (`head`: an untied head quantized too), and config.json's quantization_config saying
+    so; returns the folder."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_model_dir(path, arch, seed, **over)
+    bm, bn = block
+    for f in sorted(path.glob("*.safetensors")):
+        out = {}
+        for k, w in load_file(f).items():
+            if w.dim() == 2 and ((".layers." in k and re.search(r"(proj|w1|w2|w3|fc1|fc2|mqa)\.weight$", k))
+                                 or (head and k == "lm_head.weight")):
+                r, c = w.shape
+                pad = torch.zeros(-(-r // bm) * bm, -(-c // bn) * bn)
+                pad[:r, :c] = w.float()
+                blocks = pad.view(pad.shape[0] // bm, bm, pad.shape[1] // bn, bn)
+                s = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+                q = (blocks / s[:, None, :, None]).view_as(pad)[:r, :c]
+                out[k], out[k + "_scale_inv"] = q.to(torch.float8_e4m3fn), s
+            else:
+                out[k] = w.to(unquantized) if w.is_floating_point() else w
+        save_file(out, f, metadata={"format": "pt"})
+    c = json.loads((path / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": [bm, bn]}
+    (path / "config.json").write_text(json.dumps(c, indent=2))
     return path
 
 

@@ -639,7 +639,8 @@ def test_gguf_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, capsys, 
     _refused(capsys, tmp_path, src, "--to", "gguf", want=f"has {VOCAB + 2} tokens but the model embeds {VOCAB}")
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v3", "glm4_moe",
+                                    "qwen3_next", "minimax_m2"])
 def test_ct_of_a_moe_model_is_one_int4_linear_per_expert(tmp_path, capsys, calib_txt, family):
     """A Mixture-of-Experts model is exported as its checkpoint stores it, one linear per expert (Mixtral's
     `block_sparse_moe.experts.3.w1`), each packed as int4 under one scheme for every linear layer (`Linear`, as
@@ -685,7 +686,7 @@ def test_ct_of_a_moe_model_is_one_int4_linear_per_expert(tmp_path, capsys, calib
     assert m["export"]["layers"] == len(names) and m["export"]["quant"]["group_size"] == 32
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
 def test_ct_gptq_of_a_moe_model_writes_each_experts_own_codes(tmp_path, capsys, calib_txt, family):
     """GPTQ on export reaches the experts (each from its routed tokens: tests/test_quant.py), and each expert's
     codes are written under that expert's stored name (Mixtral: w1 gate, w3 up, w2 down): transformers' read of

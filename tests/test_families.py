@@ -167,21 +167,27 @@ def _act(m, g, u):
     return torch.nn.functional.silu(g) * u
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe",
+                                    "qwen3_next", "minimax_m2"])
 def test_expert_statistics_come_from_its_routed_tokens(family):
+    """(DeepSeek-V3 and GLM-4.5: block 1, their first is dense; their sigmoid routers' bias is 0 here and one
+    group of experts, so the top-k of the logits picks their experts too.)"""
     m = tiny_model(family)
+    layer = getattr(m.config, "first_k_dense_replace", 0)
     ids = _ids(4, 16)
-    x = _moe_input(m, ids)  # (tokens, H)
-    idx = _router(m, x)  # (tokens, k)
-    block = next(walker.walk(m, ids, batch_size=4, progress=False))
-    targets = {n: t for n, t in arch.block_targets(m, 0).items() if isinstance(t, ExpertProj)}
+    x = _moe_input(m, ids, layer)  # (tokens, H)
+    idx = _router(m, x, layer)  # (tokens, k)
+    block = next(b for b in walker.walk(m, ids, batch_size=4, progress=False) if b.index == layer)
+    targets = {n: t for n, t in arch.block_targets(m, layer).items() if isinstance(t, ExpertProj)}
     with walker.collect(targets, {"norms", "hessian"}) as stats:
         block.run()
     counts = []
+    experts = next(getattr(m.config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                   if getattr(m.config, k, None))
     with torch.no_grad():
-        for e in range(m.config.num_local_experts if hasattr(m.config, "num_local_experts") else m.config.num_experts):
+        for e in range(experts):
             xe = x[(idx == e).any(-1)]  # (n_e, H): only the tokens routed to e
-            g, u, _, (bg, bu) = _expert_mats(m, e)
+            g, u, _, (bg, bu) = _expert_mats(m, e, layer)
             he = _act(m, xe @ g.T + bg, xe @ u.T + bu)  # (n_e, I): what down_proj reads
             counts.append(xe.shape[0])
             for proj, inp in (("gate_proj", xe), ("up_proj", xe), ("down_proj", he)):
@@ -373,7 +379,9 @@ def test_scale_tuning_from_disk_equals_a_whole_load(family, tmp_path, calib_txt)
 @pytest.mark.parametrize("family,why", [("gemma2", "post_feedforward_layernorm"), ("gemma3_text", "1 \\+ weight"),
                                         ("glm4", "post_mlp_layernorm"), ("olmo2", "post-norm"),
                                         ("opt", "residual wiring"), ("phi3", "residual wiring"),
-                                        ("qwen3_5_text", "residual wiring"), ("mixtral", "Mixture-of-Experts")])
+                                        ("qwen3_5_text", "residual wiring"), ("mixtral", "Mixture-of-Experts"),
+                                        ("deepseek_v3", "Mixture-of-Experts"), ("glm4_moe", "Mixture-of-Experts"),
+                                        ("qwen3_next", "Mixture-of-Experts"), ("minimax_m2", "Mixture-of-Experts")])
 def test_slicegpt_refuses_families_it_cannot_rotate(family, why):
     from llmprune.transforms.fuse import layout_of
 
