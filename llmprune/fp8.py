@@ -1,7 +1,6 @@
 """Checkpoints stored in block-scaled FP8, read as the unquantized weights they stand for.
 
-The largest open models ship this way: DeepSeek-V3/R1, Kimi K2, MiniMax-M2, Qwen3's and GLM-4.5's -FP8
-releases. config.json says `"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}`;
+The largest open models ship this way: DeepSeek-V3/R1, MiniMax-M2, Qwen3's -FP8 releases. config.json says `"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}`;
 each quantized linear stores its weight in float8_e4m3fn and a float32 `weight_scale_inv` with one entry
 per 128 x 128 block (the last blocks of a row or column cut short: DeepSeek-V3's 576-row kv_a_proj has 5
 row blocks), and the weight is q * scale_inv, blockwise (DeepSeek-V3's inference/kernel.py weight_dequant).

@@ -52,7 +52,7 @@ FAMILIES: dict[str, dict] = {
     "gpt_oss": {**_MOE, "num_local_experts": 8, "intermediate_size": 32, "head_dim": 16, "sliding_window": 16,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
     "qwen2_moe": {**_MOE, "num_experts": 8, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64},
-    # DeepSeek-V3 (Kimi K2): MLA attention (low-rank q and kv), a dense first block, a shared expert, a sigmoid
+    # DeepSeek-V3: MLA attention (low-rank q and kv), a dense first block, a shared expert, a sigmoid
     # router with a bias term; GLM-4.5: the same MoE layout with GQA attention; 3 blocks: one dense, two MoE
     "deepseek_v3": {**_MOE, "n_routed_experts": 8, "moe_intermediate_size": 32, "n_shared_experts": 1,
                     "first_k_dense_replace": 1, "num_hidden_layers": 3, "n_group": 1, "topk_group": 1,

@@ -1,4 +1,4 @@
-"""Block-scaled FP8 checkpoints (DeepSeek-V3/R1, Kimi K2, MiniMax-M2, the -FP8 releases of Qwen3 and GLM-4.5)
+"""Block-scaled FP8 checkpoints (DeepSeek-V3/R1, MiniMax-M2, Qwen3's -FP8 releases)
 are read as the weights they stand for, block by block or whole, and compressed to what the same model stored
 unquantized compresses to; other quantized checkpoints are refused in one line (llmprune/fp8.py)."""
 import json
