@@ -114,17 +114,23 @@ def tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **over)
 
 def fp8_model_dir(path: str | Path, arch: str = "llama", block: tuple[int, int] = (8, 8), seed: int = 0,
                   unquantized: torch.dtype = torch.float32, head: bool = False, **over) -> Path:
-    """A tiny model saved as a block-scaled FP8 checkpoint, as DeepSeek-V3's is stored (llmprune/fp8.py): every
-    2-D projection weight of the decoder blocks (not the routers, embeddings, norms or head) in float8_e4m3fn
-    with a float32 `weight_scale_inv` per `block` (amax / 448, the last blocks cut short), the other floating
-    tensors in `unquantized` (`head`: an untied head quantized too), and config.json's quantization_config saying
-    so; returns the folder."""
+    """A tiny model saved as a block-scaled FP8 checkpoint (to_fp8); returns the folder."""
+    return to_fp8(tiny_model_dir(path, arch, seed, **over), block, unquantized, head)
+
+
+def to_fp8(path: str | Path, block: tuple[int, int] = (128, 128), unquantized: torch.dtype | None = None,
+           head: bool = False) -> Path:
+    """Rewrite the model folder `path` as a block-scaled FP8 checkpoint, as DeepSeek-V3's is stored
+    (llmprune/fp8.py): every 2-D projection weight of the decoder blocks (not the routers, embeddings, norms or
+    head) in float8_e4m3fn with a float32 `weight_scale_inv` per `block` (amax / 448, the last blocks cut short),
+    the other floating tensors in `unquantized` (None: as they are; `head`: an untied head quantized too), and
+    config.json's quantization_config saying so; returns the folder."""
     import json
     import re
 
     from safetensors.torch import load_file, save_file
 
-    path = tiny_model_dir(path, arch, seed, **over)
+    path = Path(path)
     bm, bn = block
     for f in sorted(path.glob("*.safetensors")):
         out = {}
@@ -139,7 +145,7 @@ def fp8_model_dir(path: str | Path, arch: str = "llama", block: tuple[int, int] 
                 q = (blocks / s[:, None, :, None]).view_as(pad)[:r, :c]
                 out[k], out[k + "_scale_inv"] = q.to(torch.float8_e4m3fn), s
             else:
-                out[k] = w.to(unquantized) if w.is_floating_point() else w
+                out[k] = w.to(unquantized) if unquantized is not None and w.is_floating_point() else w
         save_file(out, f, metadata={"format": "pt"})
     c = json.loads((path / "config.json").read_text())
     c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
