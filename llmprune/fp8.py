@@ -1,12 +1,13 @@
 """Checkpoints stored in block-scaled FP8, read as the unquantized weights they stand for.
 
-The largest open models ship this way: DeepSeek-V3/R1, MiniMax-M2, Qwen3's -FP8 releases. config.json says `"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}`;
-each quantized linear stores its weight in float8_e4m3fn and a float32 `weight_scale_inv` with one entry
-per 128 x 128 block (the last blocks of a row or column cut short: DeepSeek-V3's 576-row kv_a_proj has 5
-row blocks), and the weight is q * scale_inv, blockwise (DeepSeek-V3's inference/kernel.py weight_dequant).
-llmprune prunes the dequantized weights and writes its outputs unquantized (the source's unquantized
-tensors' dtype, bf16 for these). Other quantized checkpoints (GPTQ, AWQ, bitsandbytes, compressed-tensors,
-MXFP4) are refused: their weights cannot be pruned as stored.
+The largest open models ship this way: DeepSeek-V3/R1, MiniMax-M2, Qwen3's -FP8 releases. config.json says
+`"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}`; each quantized linear
+stores its weight in float8_e4m3fn and a float32 `weight_scale_inv` with one entry per 128 x 128 block (the
+last blocks of a row or column cut short: DeepSeek-V3's 576-row kv_a_proj has 5 row blocks), and the weight
+is q * scale_inv, blockwise (DeepSeek-V3's inference/kernel.py weight_dequant). llmprune prunes the
+dequantized weights and writes its outputs unquantized (the source's unquantized tensors' dtype, bf16 for
+these). Other quantized checkpoints (GPTQ, AWQ, bitsandbytes, compressed-tensors, MXFP4) are refused: their
+weights cannot be pruned as stored.
 """
 from __future__ import annotations
 
