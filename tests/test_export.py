@@ -240,6 +240,18 @@ def _refused(capsys, tmp_path, *argv, want: str):
     assert not out.exists() and not list(tmp_path.glob(".x.*"))
 
 
+def test_eval_of_an_export_says_how_to_measure_it(tmp_path, capsys, outs):
+    """`llmprune eval` reads llmprune's outputs; an export is read by its engine's loader: the one line says to
+    measure it with `export --eval` (transformers' read of it)."""
+    out = tmp_path / "ct"
+    rc, _, se = _run(capsys, "export", outs["dense"], "--to", "compressed-tensors", "--out", out, "--no-progress")
+    assert rc == 0, se
+    rc, _, err = _run(capsys, "eval", out, "--seqlen", "64", "--windows", "2", "--no-progress")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "running its command again with --eval wikitext2 --overwrite (llmprune export " in err
+    assert str(outs["dense"]) in err
+
+
 def test_refusals(tmp_path, capsys, outs):
     _refused(capsys, tmp_path, outs["w4s50"], "--to", "compressed-tensors", want="w4s50")
     _refused(capsys, tmp_path, outs["w4sym"], "--to", "compressed-tensors", "--quant", "gptq", want="already int4")
