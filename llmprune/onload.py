@@ -40,8 +40,7 @@ def eval_budget(device) -> int:
     dev = torch.device(device)
     if dev.type != "cuda":
         return EVAL_ACTIVATIONS
-    total = torch.cuda.get_device_properties(dev).total_memory
-    return max(EVAL_ACTIVATIONS, int(walker.ACTIVATIONS_ON_DEVICE * total) // 2)
+    return max(EVAL_ACTIVATIONS, int(walker.ACTIVATIONS_ON_DEVICE * walker.device_memory(dev)) // 2)
 
 
 def open_model(spec: str, dtype: str):
@@ -239,9 +238,9 @@ class Output:
             if self.fmt != "dense":
                 self.packer.add_tensor(n, self.lz.files.get(n) if t is None else t)
             elif t is not None:
-                self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
+                self._add(n, t)
             elif self.lz.files.scaled(n):  # block-scaled FP8 (fp8.py): dequantized
-                self.writer.add(n, self.lz.files.get(n, self.save_dtype))
+                self._add(n, self.lz.files.get(n, self.save_dtype))
             else:  # file to file in chunks: a 70B model's embeddings are 2 GiB
                 self.writer.copy(n, self.lz.files.where[n])
         self.outside_written = True

@@ -218,6 +218,26 @@ def catch(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int,
 ACTIVATIONS_ON_DEVICE = 0.25  # at most this fraction of a GPU's memory holds calibration activations
 
 
+def device_memory(device) -> int:
+    """A GPU's memory; for the CPU the physical memory, or the container's limit when lower (cgroup v2, v1)."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.get_device_properties(d).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit
+        return 2**62
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(f) as fh:
+                limit = fh.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
 def activation_home(model, input_ids: torch.Tensor | list[torch.Tensor], device) -> torch.device:
     """Where the calibration activations live between blocks: on the compute device when they fit
     in ACTIVATIONS_ON_DEVICE of it (twice: a block's inputs and outputs), else in CPU memory, moved
@@ -229,8 +249,7 @@ def activation_home(model, input_ids: torch.Tensor | list[torch.Tensor], device)
     item = p.element_size() if p is not None and p.is_floating_point() else 4
     tokens = input_ids.numel() if isinstance(input_ids, torch.Tensor) else sum(b.numel() for b in input_ids)
     need = 2 * tokens * model.config.hidden_size * item
-    total = torch.cuda.get_device_properties(device).total_memory
-    return device if need <= ACTIVATIONS_ON_DEVICE * total else torch.device("cpu")
+    return device if need <= ACTIVATIONS_ON_DEVICE * device_memory(device) else torch.device("cpu")
 
 
 def walk(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int = 8, device="cpu",
@@ -287,33 +306,13 @@ def hessian_memory(gib: float | None):
         _STATS_GIB.reset(token)
 
 
-def _memory(device) -> int:
-    """A GPU's memory; for the CPU the physical memory, or the container's limit when lower (cgroup v2, v1)."""
-    d = torch.device(device)
-    if d.type == "cuda":
-        return torch.cuda.get_device_properties(d).total_memory
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit
-        return 2**62
-    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(f) as fh:
-                limit = fh.read().strip()
-        except OSError:
-            continue
-        if limit.isdigit():
-            total = min(total, int(limit))
-    return total
-
-
 def stats_budget(devices: Sequence) -> int:
     """Bytes of Hessians (X^T X in fp32) one collection may hold: what `hessian_memory` set, else STATS_ON_DEVICE
     of the devices' memory (each device once: `--device cpu,cpu` runs two solving threads in one RAM)."""
     gib = _STATS_GIB.get()
     if gib is not None:
         return int(min(gib * 2**30, 2**62))  # (inf: no limit)
-    return int(STATS_ON_DEVICE * sum(_memory(d) for d in {str(torch.device(d)) for d in devices}))
+    return int(STATS_ON_DEVICE * sum(device_memory(d) for d in {str(torch.device(d)) for d in devices}))
 
 
 def chunks(modules: dict[str, nn.Module], needs, budget: int) -> list[list[str]]:

@@ -195,7 +195,7 @@ def test_chunks_keep_shared_statistics_together_within_the_budget():
 def test_hessian_memory_sets_the_budget_within_it_only(monkeypatch):
     """--hessian-gib: GiB, whatever the devices (inf: no limit); outside the context (and nested ones after they
     close) the default, STATS_ON_DEVICE of each device's memory once."""
-    monkeypatch.setattr(walker, "_memory", lambda d: 8 * 2**30)
+    monkeypatch.setattr(walker, "device_memory", lambda d: 8 * 2**30)
     assert walker.stats_budget(("cpu", "cpu")) == 2 * 2**30  # one RAM, a quarter of it
     with walker.hessian_memory(0.5):
         assert walker.stats_budget(("cpu",)) == 2**29
