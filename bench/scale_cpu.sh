@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -130,6 +130,15 @@ if [[ " $STAGES " == *" moe_stats "* ]]; then  # SparseGPT 50% on the 2-block Qw
   python bench/same_tensors.py "$S/out-moe-l2-sparsegpt-50" "$S/out-moe-l2-sparsegpt-50-hessian0.24" \
       | tee "$R/moe-l2-sparsegpt-50-hessian.txt"
   rm -rf "$S"/out-moe-l2-sparsegpt-50*
+fi
+if [[ " $STAGES " == *" moe_pack "* ]]; then  # Wanda 2:4 on the 2-block Qwen3-30B-A3B-shaped model, packed as w4s24
+  # block by block: every expert's gate/up/down one packed linear (128 x 3 a block), then read back block by block
+  # (experts run one module each: moe.SplitExperts) for its perplexity (random weights: the figure means nothing)
+  synth qwen3-30b-a3b-l2 --arch qwen3-30b-a3b --dtype bfloat16 --layers 2
+  step moe-l2-wanda-24-w4s24 compress --model "$S/qwen3-30b-a3b-l2" --solver wanda --pattern 2:4 --format w4s24 \
+      --nsamples 8 --seqlen 256 --eval wikitext2 --eval-seqlen 256 --eval-windows 2 --no-dense-eval --onload blocks \
+      $C --out "$S/out-moe-l2-wanda-24-w4s24"
+  rm -rf "$S/out-moe-l2-wanda-24-w4s24"
 fi
 if [[ " $STAGES " == *" zeroshot "* ]]; then  # zero-shot of a saved 8B-width output, 4 and 16 blocks, in bf16:
   # walked block by block, the peak should not grow with depth (random weights: the accuracies mean nothing)

@@ -66,7 +66,8 @@ class Arch:
 # Linears that stay dense: routers always (pruning one changes which experts run), shared experts'
 # gates unless asked (prune_gates); regexes on names relative to the block. SliceGPT's residual
 # shortcuts (sliced.py) are not model linears either.
-ROUTERS = (r"(^|\.)mlp\.gate$", r"(^|\.)router$", r"(^|\.)(attn|mlp)_shortcut$")
+ROUTERS = (r"(^|\.)mlp\.gate$", r"(^|\.)router$")
+SHORTCUTS = (r"(^|\.)(attn|mlp)_shortcut$",)
 GATES = (r"shared_experts?_gate$",)
 
 
@@ -188,7 +189,13 @@ def split_rows(model, split: Split, linear: nn.Linear) -> dict[str, tuple[int, i
 
 def is_dense(rel: str, gates: bool = False) -> bool:
     """Whether the block linear `rel` stays dense: a router, or a shared expert's gate (unless gates)."""
-    return any(re.search(p, rel) for p in ROUTERS + (() if gates else GATES))
+    return any(re.search(p, rel) for p in ROUTERS + SHORTCUTS + (() if gates else GATES))
+
+
+def is_router(name: str) -> bool:
+    """Whether linear `name` decides which experts run (a router, a shared expert's gate): packed formats keep it
+    dense, as compressed-tensors exports do."""
+    return any(re.search(p, name) for p in ROUTERS + GATES)
 
 
 def block_targets(model, index: int, gates: bool = False, module: nn.Module | None = None) -> dict:

@@ -203,13 +203,21 @@ def profile_step(step, device, top: int = 15) -> dict:
             "what": "GPU kernels of one eager step" if cuda else "top-level CPU ops of one step"}
 
 
-def _summary(times: list[float], batch: int, wbytes: int) -> dict:
+def _summary(times: list[float], batch: int, wbytes: int | None) -> dict:
+    """wbytes: the weight bytes one step reads; None when unknown (Mixture-of-Experts: no GB/s is given)."""
     med = statistics.median(times)
     p90 = sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    gbs = wbytes / (med / 1e3) / 1e9  # weights are read once per step, whatever the batch
+    gbs = None if wbytes is None else wbytes / (med / 1e3) / 1e9  # weights are read once per step, whatever the batch
     return {"ms_per_step_median": med, "ms_per_step_p90": p90, "tokens_per_s": batch * 1e3 / med,
-            "effective_GBps": gbs, "pct_of_spec_bw": 100 * gbs / H200_SPEC_GBS,
-            "pct_of_target_bw": 100 * gbs / H200_TARGET_GBS}
+            "effective_GBps": gbs, "pct_of_spec_bw": None if gbs is None else 100 * gbs / H200_SPEC_GBS,
+            "pct_of_target_bw": None if gbs is None else 100 * gbs / H200_TARGET_GBS}
+
+
+def has_experts(model: torch.nn.Module) -> bool:
+    """Whether a decode step reads only some of the weights (the experts its tokens are routed to)."""
+    from . import moe
+
+    return any(moe.is_fused_experts(m) or isinstance(m, moe.SplitExperts) for m in model.modules())
 
 
 def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, new_tokens: int = 128,
@@ -221,12 +229,13 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
     profile: the kernels of one step at the first batch (`profile_step`), in that row's "profile"."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    rows = []
+    rows, routed = [], False
     for label, spec in (("dense", dense_model), ("compressed", model)):
         if spec is None:
             continue
         m = _load(spec, dtype, device)
         wb = weight_bytes(m)
+        routed = routed or has_experts(m)
         step_model = torch.compile(m) if compile else None
         for b in batches:
             _reset_peak(device)
@@ -234,7 +243,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
                              profile=profile and b == batches[0])
             rows.append({"model": label, "batch": b, "weight_bytes": wb,
                          "mode": r["mode"] + (" + torch.compile" if compile else ""),
-                         **_summary(r["ms"], b, wb), "peak_mem_MiB": _peak_mib(device),
+                         **_summary(r["ms"], b, None if routed else wb), "peak_mem_MiB": _peak_mib(device),
                          **({"profile": r["profile"]} if "profile" in r else {})})
         del m, step_model
         if compile:
@@ -244,7 +253,9 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
            "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
            "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,
            "bandwidth_reference_GBps": {"h200_spec": H200_SPEC_GBS, "issue_target": H200_TARGET_GBS},
-           "notes": "effective_GBps = weight bytes per step / median step time; KV-cache reads excluded"}
+           "notes": "effective_GBps = weight bytes per step / median step time; KV-cache reads excluded"
+                    + ("; none for a Mixture-of-Experts model: a step reads only the experts its tokens are routed "
+                       "to, weight_bytes counts them all" if routed else "")}
     dense = {r["batch"]: r for r in rows if r["model"] == "dense"}
     for r in rows:
         if r["model"] == "compressed" and r["batch"] in dense:
@@ -344,7 +355,7 @@ def kernel_microbench(shapes: dict | None = None, Ms=(1, 2, 4, 8, 16, 512),
 def format_table(rows: list[dict], cols: tuple[str, ...]) -> str:
     """A plain-text table of the given columns (floats to 3 significant digits)."""
     def cell(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+        return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
 
     body = [[cell(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import formats, fp8
+from . import formats, fp8, moe
 from .errors import LLMPruneError
 from .linalg import all_finite
 from .modules import PackedLinear
@@ -264,6 +264,8 @@ class LazyModel:
         fp8.unquantized(config)
         with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers (rotary) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        if packed_section:  # packed experts: one module each (moe.SplitExperts), as load_packed builds them
+            moe.split_packed(self.model, packed_section, self.folder)
         self.files = WeightFiles(self.folder)
         self.files.fp8_block = block
         self.dtype = dtype

@@ -208,3 +208,78 @@ def check_fallback(fallback: str, min_tokens: int) -> None:
     if not (isinstance(min_tokens, int) and min_tokens >= 0):
         raise LLMPruneError(f"--expert-min-tokens {min_tokens!r} must be a whole number >= 0 (0: only "
                             f"experts without tokens fall back)")
+
+
+# ----------------------------------------------------------------------------------------- packed experts
+def stored_name(view_name: str) -> str:
+    """Where a packed output stores an expert's projection: 'model.layers.0.mlp.experts[3].down_proj' ->
+    'model.layers.0.mlp.experts.3.down_proj' (the name SplitExperts gives the module)."""
+    head, _, rest = view_name.partition("[")
+    index, _, proj = rest.partition("]")
+    return f"{head}.{index}{proj}"
+
+
+def packable(experts: nn.Module) -> str | None:
+    """None when SplitExperts computes what `experts` computes; else why not."""
+    if getattr(experts, "has_post_expert_norm", False):
+        return "normalizes each expert's output (has_post_expert_norm)"
+    return None
+
+
+class SplitExperts(nn.ModuleList):
+    """A fused experts module as one module per expert holding `gate_proj`, `up_proj`, `down_proj` linears
+    (`up_proj`, `down_proj` without a gate), so that a packed output stores and runs each expert's projections
+    as packed linears (PackedLinear) where the fused module has 3-D parameters. Built on the meta device from the
+    fused module (`SplitExperts(fused)`), its linears are then placed by the loader. Its forward is that of
+    transformers' eager experts: per expert hit, its tokens through up (and gate, combined by the fused class's
+    own `_apply_gate`, so gpt-oss' clamped SwiGLU too), down, times the routing weight, summed per token."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        for e in range(num_experts(fused)):
+            expert = nn.Module()
+            for proj in projections(fused):
+                v = ExpertProj(fused, e, proj)
+                expert.add_module(proj, nn.Linear(v.in_features, v.out_features, bias=v.bias is not None,
+                                                  device="meta", dtype=v.weight.dtype))
+            self.append(expert)
+        self.has_gate, self.is_concatenated = fused.has_gate, getattr(fused, "is_concatenated", True)
+        object.__setattr__(self, "_fused", fused)  # for its gate function only: not a submodule, no weights used
+
+    def _gate(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up as the fused class computes it from its (tokens, 2 I) layout."""
+        h = torch.cat([g, u], -1) if self.is_concatenated else torch.stack([g, u], -1).flatten(-2)
+        return self._fused._apply_gate(h)
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """forward(hidden (tokens, H), top_k_index (tokens, k), top_k_weights (tokens, k)), any parameter names."""
+        vals = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+        index = next(v for v in vals if not v.is_floating_point())
+        weights = next(v for v in vals if v.is_floating_point())
+        x = hidden.reshape(-1, hidden.shape[-1])
+        index, weights = index.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
+        out = torch.zeros_like(x)
+        for e in index.unique().tolist():  # experts hit (an index out of range masks a token out)
+            if not 0 <= e < len(self):
+                continue
+            tok, pos = torch.where(index == e)
+            ex, xe = self[e], x[tok]
+            h = self._gate(ex.gate_proj(xe), ex.up_proj(xe)) if self.has_gate else self._fused.act_fn(ex.up_proj(xe))
+            out.index_add_(0, tok, (ex.down_proj(h) * weights[tok, pos, None]).to(out.dtype))
+        return out.reshape(hidden.shape)
+
+
+def split_packed(model: nn.Module, section: dict, folder) -> None:
+    """Replace every fused experts module a packed output lists in its format section's `experts` (PackWriter:
+    its experts stored one linear each) by its SplitExperts, on the meta device."""
+    from .errors import LLMPruneError
+
+    for n in section.get("experts") or ():
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            m = None
+        if m is None or not is_fused_experts(m):
+            raise LLMPruneError(f"{folder}/llmprune.json lists packed experts {n}, which the model of its config.json "
+                                f"does not have: the folder is inconsistent, re-create it")
+        model.set_submodule(n, SplitExperts(m))

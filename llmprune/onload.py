@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import arch as archmod
-from . import lazy, outdir, placement, stored, walker
+from . import lazy, moe, outdir, placement, stored, walker
 from .errors import LLMPruneError
 from .runinfo import trim_heap
 
@@ -165,10 +165,12 @@ class Output:
         done = set()
         with self.packer.out.unit():
             for n, m in module.named_modules():
-                if isinstance(m, nn.Linear):
+                if isinstance(m, nn.Linear) and not archmod.is_router(n):  # stays dense
                     full = prefix + n
                     self.packer.add_linear(full, m, quantized=(quantized or {}).get(full))
                     done |= {f"{n}.weight", f"{n}.bias"}
+                elif moe.is_fused_experts(m):
+                    done |= {k[len(prefix):] for k in self.packer.add_experts(prefix + n, m, quantized)}
             for n, t in module.state_dict().items():
                 if n not in done:
                     self.packer.add_tensor(prefix + n, t)
@@ -210,8 +212,8 @@ class Output:
         """What a killed run's next run needs of this output's state besides its files."""
         s = {"zeros": self.zeros, "total": self.total, "outside": self.outside_written}
         if self.fmt != "dense":
-            s.update(layers=self.packer.layers, left_dense=self.packer.left_dense, files=self.packer.out.files,
-                     nbytes=self.packer.out.nbytes)
+            s.update(layers=self.packer.layers, left_dense=self.packer.left_dense, experts=self.packer.experts,
+                     files=self.packer.out.files, nbytes=self.packer.out.nbytes)
         return s
 
     def restore(self, s: dict, start: int) -> None:
@@ -222,6 +224,7 @@ class Output:
             self.writer.written([n for n in self.writer.spec if n.startswith(prefix)])
         else:
             self.packer.layers, self.packer.left_dense = s["layers"], s["left_dense"]
+            self.packer.experts = list(s.get("experts", []))
             self.packer.out.restore(s["files"], s["nbytes"])
 
     @torch.no_grad()

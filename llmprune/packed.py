@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import formats, lazy, outdir
+from . import formats, lazy, moe, outdir
 from . import manifest as mf
-from .arch import set_module
+from .arch import is_router, set_module
 from .errors import LLMPruneError
 
 FORMAT_VERSION = 1  # of the manifest's "format" section
@@ -56,7 +56,7 @@ def _linears_to_pack(model: nn.Module, keep_masks: dict | None, tied: dict[str, 
                 raise LLMPruneError(f"{n} shares its weight with another tensor (tied embeddings): leave it dense")
         return names
     return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src]
+            if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src and not is_router(n)]
 
 
 class PackWriter:
@@ -73,6 +73,7 @@ class PackWriter:
         self.base = self.f.options(group_size, symmetric)
         self.dtype, self.quant_opts = dtype, quant_opts
         self.layers, self.left_dense, self.tied = {}, {}, {}
+        self.experts: list[str] = []  # fused experts modules whose experts are stored one linear each
         self.out = lazy.ShardBuffer(self.folder, "model-packed", {"llmprune": self.f.name}, shard_bytes)
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class PackWriter:
                    strict: bool = False) -> bool:
         """Pack one linear (its weight in the storage dtype); a layer the format cannot hold is kept
         dense (recorded in left_dense) unless `strict`. Returns whether it was packed."""
-        w = mod.weight.detach()
+        w = mod.weight.detach().contiguous()  # an expert's gate or up rows may be strided (interleaved)
         w = w.to(self.dtype) if self.dtype is not None else w
         keep = None if keep is None else keep.to(w.device).bool()
         try:  # does the layer fit the format? (structure, sizes); RTN codes are cheap to compute
@@ -109,6 +110,18 @@ class PackWriter:
                              "dense_bytes": w.numel() * 2}  # the fp16 baseline
         return True
 
+    def add_experts(self, name: str, experts: nn.Module, quantized: dict | None = None) -> list[str]:
+        """Pack every expert's projections of the fused experts module `name` as linears stored under
+        moe.stored_name (`<name>.<e>.<proj>`, as moe.SplitExperts names them); GPTQ codes are looked up by view
+        name (`<name>[e].<proj>`). Listed in the manifest's `experts`: the loader runs them as moe.SplitExperts.
+        Returns the fused module's tensors, now written."""
+        self.experts.append(name)
+        for e in range(moe.num_experts(experts)):
+            for proj in moe.projections(experts):
+                view = f"{name}[{e}].{proj}"
+                self.add_linear(moe.stored_name(view), moe.ExpertProj(experts, e, proj), quantized=(quantized or {}).get(view))
+        return [f"{name}.{p}" for p, _ in experts.named_parameters()]
+
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         """A tensor stored as it is (norms, embeddings, the head, layers left dense)."""
         self.out.put(name, self._store(t))
@@ -123,6 +136,7 @@ class PackWriter:
             "format_version": FORMAT_VERSION, "name": self.f.name, "quant": self.quant if self.f.quantized else None,
             **self.base, **({"quant_options": self.quant_opts} if self.quant_opts and self.f.quantized else {}),
             "layers": self.layers, "left_dense": self.left_dense, "tied": self.tied,
+            **({"experts": self.experts} if self.experts else {}),
             "dtype": str(self.dtype).replace("torch.", "") if self.dtype is not None else None,
             "bytes": {"packed_layers": sum(v["bytes"] for v in self.layers.values()),
                       "packed_layers_dense": sum(v["dense_bytes"] for v in self.layers.values()),
@@ -131,15 +145,13 @@ class PackWriter:
 
 
 def check_packable(model: nn.Module, fmt: str) -> None:
-    """The formats pack nn.Linear layers: a model whose experts are fused 3-D parameters (transformers 5
-    Mixture-of-Experts, moe.py) would keep most of its weights dense, so it is refused."""
-    from .moe import is_fused_experts
-
-    fused = next((n for n, m in model.named_modules() if is_fused_experts(m)), None)
-    if fused is not None:
-        raise LLMPruneError(f"--format {fmt} packs nn.Linear layers, but {model.config.model_type!r} keeps its experts "
-                            f"as 3-D parameters ({fused}.down_proj, ...) that no packed format stores: use --format "
-                            f"dense")
+    """The formats pack nn.Linear layers and each expert's projections of a fused experts module (moe.py), run
+    at load by moe.SplitExperts; experts it cannot run as their fused class does are refused."""
+    for n, m in model.named_modules():
+        why = moe.packable(m) if moe.is_fused_experts(m) else None
+        if why:
+            raise LLMPruneError(f"--format {fmt}: the experts of {model.config.model_type!r} ({n}) cannot be packed: "
+                                f"their module {why}, which llmprune's packed experts do not: use --format dense")
 
 
 @torch.no_grad()
@@ -178,6 +190,9 @@ def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dic
         keep = None if keep_masks is None else keep_masks[name]
         w.add_linear(name, mod, keep, (quantized or {}).get(name), strict=keep_masks is not None)
         done |= {f"{name}.weight", f"{name}.bias"}
+    for name, mod in model.named_modules():
+        if moe.is_fused_experts(mod):
+            done |= set(w.add_experts(name, mod, quantized))
     for key, t in model.state_dict().items():
         if key not in done and key not in w.tied:
             w.add_tensor(key, t)
@@ -256,6 +271,7 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         raise LLMPruneError(f"{out}/config.json cannot be read ({str(e).splitlines()[0][:120]}): re-create the folder") from None
     with init_empty_weights(include_buffers=False):  # parameters on meta, computed buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    moe.split_packed(model, sec, out)  # packed experts: one module each
 
     used = set()
     for name, layer in sec["layers"].items():

@@ -51,6 +51,24 @@ def test_run_bench_dense_vs_packed(tmp_path):
     json.dumps(res)
 
 
+def test_bench_of_packed_experts_decodes_and_gives_no_bandwidth(tmp_path):
+    """A packed Mixture-of-Experts folder decodes (its greedy tokens are generate's) and gets no effective GB/s:
+    a step reads only the experts its tokens are routed to, which weight_bytes (all of them) does not say."""
+    from llmprune.packed import load_packed, save_packed
+
+    out = tmp_path / "packed"
+    save_packed(tiny_model("qwen3_moe", seed=2), out, "w4g128", group_size="auto", dtype=None)
+    m = load_packed(out)
+    res = bench.decode_steps(m, batch=2, prompt_len=6, new_tokens=4, device="cpu", warmup=1)
+    ref = m.generate(res["prompt"], attention_mask=torch.ones_like(res["prompt"]), max_new_tokens=6,
+                     do_sample=False, pad_token_id=257)
+    assert torch.equal(res["tokens"], ref[:, 6:])
+    run = bench.run_bench(out, batches=(2,), prompt_len=6, new_tokens=3, device="cpu", warmup=1)
+    r = run["rows"][0]
+    assert r["effective_GBps"] is None and r["pct_of_target_bw"] is None and r["tokens_per_s"] > 0
+    assert "Mixture-of-Experts" in run["notes"] and " - " in bench.format_table(run["rows"], bench.DECODE_COLS)
+
+
 @pytest.mark.parametrize("fmt", ["sparse24", "w4g128", "w4s24", "w4s50"])
 def test_random_packed_is_valid(fmt):
     """The microbench's random weights are valid packed layers: the reference accepts them."""

@@ -73,17 +73,21 @@ def test_prune_save_reload_with_plain_transformers(family, tmp_path):
 
 
 def _check_packed(m, family, out, ids):
-    """sparse24 packs every 2:4 linear of a dense family (biases, GQA, fused projections, tied
-    embeddings) to the same logits; Mixture-of-Experts models are refused in one line."""
+    """sparse24 packs every 2:4 linear of a family (biases, GQA, fused projections, tied embeddings) and every
+    expert's projections of a Mixture-of-Experts one (as moe.SplitExperts runs them) to the logits of
+    transformers' own forward of the pruned model; routers and shared-expert gates stay dense."""
+    from llmprune import moe
     from llmprune.packed import load_packed, save_packed
 
-    if family in MOE_FAMILIES:
-        with pytest.raises(LLMPruneError, match="3-D parameters.*--format dense"):
-            save_packed(m, out, "sparse24", dtype=None)
-        return
     sec = save_packed(m, out, "sparse24", dtype=None)
     assert not sec["left_dense"], sec["left_dense"]
+    experts = {n: e for n, e in m.named_modules() if moe.is_fused_experts(e)}
+    assert bool(experts) == (family in MOE_FAMILIES)
+    for n, e in experts.items():
+        assert {moe.stored_name(v) for v in moe.view_names(n, e)} <= set(sec["layers"])
+    assert not [n for n in sec["layers"] if arch.is_router(n)]
     loaded = load_packed(out)
+    assert all(isinstance(loaded.get_submodule(n), moe.SplitExperts) for n in experts)
     torch.testing.assert_close(loaded(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -253,8 +257,8 @@ def test_under_calibrated_experts_fall_back_as_recorded(fallback):
 
 def test_moe_compress_end_to_end_records_experts(tmp_path, calib_txt):
     """`compress` on a Qwen3-MoE folder: the manifest says, per expert, how many routed tokens it saw
-    and which statistics pruned it; the folder reloads with plain transformers; packed formats and
-    SliceGPT refuse the model in one line before any work."""
+    and which statistics pruned it; the folder reloads with plain transformers; SliceGPT refuses the model in one
+    line before any work (packed experts: test_moe_packed.py)."""
     from transformers import AutoModelForCausalLM
 
     src = tiny_model_dir(tmp_path / "src", "qwen3_moe")
@@ -267,11 +271,9 @@ def test_moe_compress_end_to_end_records_experts(tmp_path, calib_txt):
     assert ex["fell_back"] == sum(e["stats"] == "pooled" for e in ex["per_expert"].values()) > 0
     assert m["sparsity"]["measured"] == 0.5
     AutoModelForCausalLM.from_pretrained(tmp_path / "o")
-    with pytest.raises(LLMPruneError, match="3-D parameters"):
-        api.compress(format="sparse24", pattern="2:4", out=str(tmp_path / "p"), **common)
     with pytest.raises(LLMPruneError, match="Mixture-of-Experts"):
         api.compress(solver="slicegpt", slicegpt={"slicing": 0.25}, out=str(tmp_path / "s"), **common)
-    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -441,7 +443,7 @@ def test_an_override_can_fix_the_order(monkeypatch):
         _plans(tiny_model("llama"))
 
 
-def test_cli_expert_options_reach_the_manifest(tmp_path, capsys, calib_txt):
+def test_cli_expert_options_reach_the_manifest(tmp_path, calib_txt):
     import json
 
     from llmprune.cli import main
@@ -454,8 +456,7 @@ def test_cli_expert_options_reach_the_manifest(tmp_path, capsys, calib_txt):
     ex = json.loads((out / "llmprune.json").read_text())["experts"]
     assert ex["fallback"] == "magnitude" and ex["fell_back"] == 16
     assert {e["stats"] for e in ex["per_expert"].values()} == {"magnitude"}
-    capsys.readouterr()
-    assert main(["compress", "--model", str(src), "--out", str(tmp_path / "bad"), *FAST_CLI, "--pattern", "2:4",
-                 "--format", "sparse24"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "3-D parameters" in err[0] and not (tmp_path / "bad").exists()
+    assert main(["compress", "--model", str(src), "--calib", str(calib_txt), "--out", str(tmp_path / "p"), *FAST_CLI,
+                 "--pattern", "2:4", "--format", "sparse24"]) == 0
+    layers = json.loads((tmp_path / "p" / "llmprune.json").read_text())["format"]["layers"]
+    assert "model.layers.1.mlp.experts.7.down_proj" in layers

@@ -157,6 +157,31 @@ def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys,
         assert ma.get("hessian_runs") is None and mb["hessian_runs"]["extra"] == 3 * per_block
 
 
+def test_a_killed_packed_moe_run_goes_on_to_the_same_files_and_experts(tmp_path, capsys, monkeypatch, calib_txt):
+    """`--format w4s24` of a Mixture-of-Experts model (each expert's projections packed): the resumed run writes
+    the uninterrupted run's files, and its manifest lists every block's packed experts (the loader splits what it
+    lists), not only those of the blocks after the kill."""
+    from llmprune import lazy
+    from llmprune.packed import load_packed
+
+    src = tiny_model_dir(tmp_path / "moe", "qwen3_moe", seed=3, num_hidden_layers=BLOCKS)
+    shard = 40_000  # a packed block is ~25 kB: a file every two blocks
+    monkeypatch.setattr(lazy, "SHARD_BYTES", shard)
+    argv = ["compress", "--model", str(src), "--pattern", "2:4", "--format", "w4s24", "--calib", str(calib_txt), *ARGS]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([*argv, "--out", str(ref)]) == 0
+    _kill([*argv, "--out", str(out)], kill_at=3, shard_bytes=shard)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resuming" in capsys.readouterr().err
+    ma, mb = _same_output(ref, out)
+    experts = [f"model.layers.{i}.mlp.experts" for i in range(BLOCKS)]
+    assert ma["format"]["experts"] == mb["format"]["experts"] == experts
+    assert mb["format"]["layers"] == ma["format"]["layers"]
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
+    ids = torch.randint(0, 256, (1, 12))
+    assert torch.equal(load_packed(out)(ids).logits, load_packed(ref)(ids).logits)
+
+
 def test_a_run_killed_after_its_last_block_only_writes_and_measures(tmp_path, capsys, monkeypatch, deep_dir,
                                                                     calib_txt):
     from llmprune import lazy

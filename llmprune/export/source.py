@@ -63,6 +63,9 @@ def open_source(folder: str | Path) -> Source:
     if m.export:
         raise LLMPruneError(f"{folder} is already an export (to {m.export.get('to')}): export the llmprune output "
                             f"it came from ({m.exported_from or 'see its llmprune.json'})")
+    if (m.format or {}).get("experts"):
+        raise LLMPruneError(f"{folder} holds packed Mixture-of-Experts experts, which exports do not read back: export "
+                            f"the dense output it was packed from (compress --format dense) with --quant rtn or gptq")
     src = Source(folder, m)
     if src.per_block_slicegpt:
         raise LLMPruneError(f"{folder} is a SliceGPT output with residual shortcuts (--rotation per-block, or shared "

@@ -1,0 +1,155 @@
+"""Packed Mixture-of-Experts outputs: each expert's projections stored as a packed linear
+(`<experts>.<e>.<proj>`) and run by moe.SplitExperts. The oracle is transformers' own fused model with
+every packed layer's dequantized weight written into it (an expert's into its rows of the 3-D parameter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmprune import api, arch, moe
+from llmprune.errors import LLMPruneError
+from llmprune.packed import load_packed, save_packed
+from llmprune.testing import byte_tokenizer, tiny_model, tiny_model_dir
+
+CAL = dict(nsamples=4, seqlen=16, calib_batch=4, progress=False)
+
+
+def _ids(n=2, t=24, seed=3):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _oracle(dense_folder, packed_model, sec):
+    """The dense folder as transformers loads it (experts fused), each packed layer's weight replaced by what the
+    packed folder decodes to, and the other tensors by the packed folder's."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(dense_folder, dtype=torch.float32).eval()
+    views = {moe.stored_name(v): v for n, e in ref.named_modules() if moe.is_fused_experts(e)
+             for v in moe.view_names(n, e)}
+    with torch.no_grad():
+        for name in sec["layers"]:
+            arch.target(ref, views.get(name, name)).weight.copy_(packed_model.get_submodule(name).dequantize())
+        dense = {k: t for k, t in packed_model.state_dict().items() if k in ref.state_dict()}
+        ref.load_state_dict(dense, strict=False)
+    return ref
+
+
+def test_split_experts_compute_what_the_fused_module_computes():
+    """SplitExperts with the fused module's weights copied into its linears: the fused forward's outputs,
+    called with positional or keyword routing, for the concatenated (Qwen3-MoE) and the interleaved, transposed,
+    biased gpt-oss layout; an index out of range (a masked token) adds nothing."""
+    for family in ("qwen3_moe", "gpt_oss"):
+        m = tiny_model(family)
+        fused = next(e for e in m.modules() if moe.is_fused_experts(e))
+        split = moe.SplitExperts(fused)
+        split.to_empty(device="cpu")
+        with torch.no_grad():
+            for e, ex in enumerate(split):
+                for proj in moe.projections(fused):
+                    v = moe.ExpertProj(fused, e, proj)
+                    getattr(ex, proj).weight.copy_(v.weight)
+                    if v.bias is not None:
+                        getattr(ex, proj).bias.copy_(v.bias)
+        g = torch.Generator().manual_seed(0)
+        n, k, E = 13, 2, moe.num_experts(fused)
+        hidden = torch.randn(n, fused.down_proj.shape[1 if not fused.is_transposed else 2], generator=g)
+        index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])
+        weights = torch.rand(n, k, generator=g)
+        want = fused(hidden, index, weights)
+        torch.testing.assert_close(split(hidden, index, weights), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(split(hidden, router_indices=index, routing_weights=weights), want,
+                                   rtol=1e-5, atol=1e-6)
+        masked = index.clone()
+        masked[0] = E  # token 0 routed nowhere
+        got = split(hidden, masked, weights)
+        assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.allclose(got[1:], want[1:], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_gptq_pack_of_experts_block_by_block_equals_whole_and_decodes_to_its_weights(family, tmp_path, calib_txt):
+    """`llmprune pack --format w4s24 --quant gptq` of a pruned MoE output: every expert's projections packed
+    (none left dense, routers dense), GPTQ's codes (not RTN's) for them, the same files read block by block or
+    whole, logits those of transformers' fused model holding the decoded weights, and `llmprune eval` of the
+    folder (block by block) the perplexity of the whole packed model."""
+    from llmprune.eval.perplexity import perplexity
+
+    src = tiny_model_dir(tmp_path / "src", family)
+    api.compress(model=str(src), solver="wanda", pattern="2:4", out=str(tmp_path / "d"), calib=str(calib_txt),
+                 eval=(), **CAL)
+    common = dict(fmt="w4s24", calib=str(calib_txt), nsamples=4, seqlen=16, progress=False, save_dtype="float32",
+                  group_size=16)
+    secs = {}
+    for how in ("blocks", "whole"):
+        secs[how] = api.pack(str(tmp_path / "d"), str(tmp_path / how), quant="gptq", onload=how, **common)["format"]
+    api.pack(str(tmp_path / "d"), str(tmp_path / "rtn"), quant="rtn", **common)
+    a, b, rtn = (_tensors(tmp_path / x) for x in ("blocks", "whole", "rtn"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sec = secs["blocks"]
+    assert sec["layers"] == secs["whole"]["layers"] and not sec["left_dense"]
+    model = load_packed(tmp_path / "blocks")
+    experts = {n: e for n, e in tiny_model(family).named_modules() if moe.is_fused_experts(e)}
+    views = [moe.stored_name(v) for n, e in experts.items() for v in moe.view_names(n, e)]
+    assert views and set(views) <= set(sec["layers"]) and not [n for n in sec["layers"] if arch.is_router(n)]
+    assert all(isinstance(model.get_submodule(n), moe.SplitExperts) for n in experts)
+    assert any(not torch.equal(a[k], rtn[k]) for k in a if k.startswith(views[0] + "."))  # GPTQ's codes
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _oracle(tmp_path / "d", model, sec)(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+        whole = perplexity(model, byte_tokenizer(), "wikitext2", 64, 2, progress=False)["ppl"]
+    got = api.evaluate(str(tmp_path / "blocks"), seqlen=64, windows=2, progress=False)["eval"]["wikitext2"]
+    assert got["blockwise"] and got["ppl"] == pytest.approx(whole, rel=1e-5)
+
+
+def test_compress_to_sparse24_block_by_block_equals_whole(tmp_path, calib_txt):
+    """`compress --pattern 2:4 --format sparse24` of a Qwen3-MoE folder: the same files and figures read block by
+    block or whole, expert layers packed at 9/16 of their fp16 bytes."""
+    src = tiny_model_dir(tmp_path / "src", "qwen3_moe")
+    ms = {how: api.compress(model=str(src), solver="sparsegpt", pattern="2:4", format="sparse24", onload=how,
+                            out=str(tmp_path / how), calib=str(calib_txt), eval=("wikitext2",), eval_seqlen=64,
+                            eval_windows=2, **CAL) for how in ("blocks", "whole")}
+    a, b = _tensors(tmp_path / "blocks"), _tensors(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ms["blocks"]["eval"]["wikitext2"]["ppl"] == pytest.approx(ms["whole"]["eval"]["wikitext2"]["ppl"], rel=1e-6)
+    layer = ms["blocks"]["format"]["layers"]["model.layers.1.mlp.experts.7.down_proj"]
+    assert layer["bytes"] / layer["dense_bytes"] == pytest.approx(9 / 16, rel=0.02)
+    assert ms["blocks"]["sparsity"]["measured"] == 0.5
+
+
+def test_experts_the_split_module_cannot_run_are_refused(tmp_path):
+    m = tiny_model("qwen3_moe")
+    for e in m.modules():
+        if moe.is_fused_experts(e):
+            e.has_post_expert_norm = True
+    with pytest.raises(LLMPruneError, match="has_post_expert_norm.*--format dense") as e:
+        save_packed(m, tmp_path / "p", "w4g128")
+    assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
+
+
+def test_exports_of_packed_experts_and_inconsistent_manifests_are_refused(tmp_path, capsys, calib_txt):
+    """An export of a folder with packed experts says in one line to export the dense output instead (its names
+    are llmprune's, not the checkpoint's); a manifest listing experts config.json lacks is a damaged folder."""
+    import json
+
+    from llmprune.cli import main
+
+    m = tiny_model("qwen3_moe")
+    save_packed(m, tmp_path / "p", "w4g128", group_size="auto", dtype=None)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "p"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--format dense" in err[0] and not (tmp_path / "ct").exists()
+    doc = json.loads((tmp_path / "p" / "llmprune.json").read_text())
+    assert doc["format"]["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    doc["format"]["experts"].append("model.layers.1.mlp")
+    (tmp_path / "p" / "llmprune.json").write_text(json.dumps(doc))
+    with pytest.raises(LLMPruneError, match="lists packed experts model.layers.1.mlp, which"):
+        load_packed(tmp_path / "p")
