@@ -264,7 +264,12 @@ class LazyModel:
         fp8.unquantized(config)
         with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers (rotary) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        if packed_section:  # packed experts: one module each (moe.SplitExperts), as load_packed builds them
+        # packed experts: one module each (moe.SplitExperts), as load_packed builds them; `unpack` (a dense model's
+        # tensors, for exports) keeps them fused, each expert's projection decoded into its rows as a block is read
+        self._packed_experts = set()
+        if packed_section and unpack:
+            self._packed_experts = set(moe.packed_experts(self.model, packed_section, self.folder))
+        elif packed_section:
             moe.split_packed(self.model, packed_section, self.folder)
         self.files = WeightFiles(self.folder)
         self.files.fp8_block = block
@@ -314,7 +319,7 @@ class LazyModel:
         from .arch import arch_of, block_prefix
 
         packed = {f"{ln}.{t}" for ln in ((self.section or {}).get("layers") or {}) for t in ("weight", "bias")}
-        missing = [n for n in self._converted(self._names) if n not in packed]
+        missing = [n for n in self._converted(self._names) if n not in packed and not self._expert_param(n)]
         blocks = arch_of(self.model).blocks
         groups: dict[str, list[str]] = {}  # by block (a conversion stays within one), each outside tensor alone
         for n in missing:
@@ -384,6 +389,10 @@ class LazyModel:
             set_module(self.model, ln, (unpacked(layer, self.dtype) if self.unpack else layer).to(device))
             skip |= {f"{ln}.weight", f"{ln}.bias"}
         todo = [n for n in names if n not in skip and not (self.tied and n == self._head and n not in self.files)]
+        experts = [n for n in todo if self._expert_param(n)]
+        if experts:
+            self._load_packed_experts(experts, files, device)
+            todo = [n for n in todo if n not in set(experts)]
         converted = self._converted(todo)
         for n in todo:  # one tensor at a time, read in the compute dtype (the tied head is re-tied below)
             if n not in converted:
@@ -398,6 +407,36 @@ class LazyModel:
         for n, b in self.model.named_buffers():  # computed buffers (rotary tables) follow the device
             if n.startswith(prefix) and b.device.type != "meta" and b.device != torch.device(device):
                 set_module_tensor_to_device(self.model, n, device, value=b, clear_cache=False)
+
+    def _expert_param(self, name: str) -> bool:
+        """Whether `name` is a tensor of a fused experts module whose experts the packed folder stores one
+        packed linear each (read with `unpack`)."""
+        return name.rsplit(".", 1)[0] in self._packed_experts
+
+    def _load_packed_experts(self, names: list[str], files, device) -> None:
+        """Place the fused experts tensors `names` (`unpack`): each expert's projection, stored as a packed linear
+        (or left dense) under moe.stored_name, decoded (exact) into its rows of the fused tensor, one at a time."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        layers = self.section.get("layers", {})
+        for n in names:
+            set_module_tensor_to_device(self.model, n, device, value=torch.empty(self._shapes[n], dtype=self.dtype),
+                                        clear_cache=False)
+            self._loaded.add(n)
+        for en in dict.fromkeys(n.rsplit(".", 1)[0] for n in names):
+            m = self.model.get_submodule(en)
+            for e in range(moe.num_experts(m)):
+                for proj in moe.projections(m):
+                    view, key = moe.ExpertProj(m, e, proj), moe.stored_name(f"{en}[{e}].{proj}")
+                    if key in layers:
+                        layer = build_layer(files, key, layers[key], self.dtype)
+                        w, b = layer.dequantize(torch.float32), layer.bias
+                    else:  # left dense
+                        w = files.get(f"{key}.weight", self.dtype)
+                        b = files.get(f"{key}.bias", self.dtype) if f"{key}.bias" in files else None
+                    view.weight.copy_(w)
+                    if view.bias is not None:
+                        view.bias.copy_(b)
 
     def _load_converted(self, names: list[str], files, device) -> None:
         """Place `names` (stored under other names) as a whole load converts them. When the conversion moves

@@ -269,17 +269,25 @@ class SplitExperts(nn.ModuleList):
         return out.reshape(hidden.shape)
 
 
-def split_packed(model: nn.Module, section: dict, folder) -> None:
-    """Replace every fused experts module a packed output lists in its format section's `experts` (PackWriter:
-    its experts stored one linear each) by its SplitExperts, on the meta device."""
+def packed_experts(model: nn.Module, section: dict, folder) -> dict[str, nn.Module]:
+    """{name: fused experts module} of those a packed output lists in its format section's `experts` (PackWriter:
+    their experts stored one linear each); one that config.json's model lacks is a damaged folder."""
     from .errors import LLMPruneError
 
+    out = {}
     for n in section.get("experts") or ():
         try:
-            m = model.get_submodule(n)
+            out[n] = model.get_submodule(n)
         except AttributeError:
-            m = None
-        if m is None or not is_fused_experts(m):
+            out[n] = None
+        if not is_fused_experts(out[n]):
             raise LLMPruneError(f"{folder}/llmprune.json lists packed experts {n}, which the model of its config.json "
                                 f"does not have: the folder is inconsistent, re-create it")
+    return out
+
+
+def split_packed(model: nn.Module, section: dict, folder) -> None:
+    """Replace every fused experts module a packed output lists (packed_experts) by its SplitExperts, on the meta
+    device."""
+    for n, m in packed_experts(model, section, folder).items():
         model.set_submodule(n, SplitExperts(m))

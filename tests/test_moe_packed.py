@@ -134,19 +134,41 @@ def test_experts_the_split_module_cannot_run_are_refused(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
 
 
-def test_exports_of_packed_experts_and_inconsistent_manifests_are_refused(tmp_path, capsys, calib_txt):
-    """An export of a folder with packed experts says in one line to export the dense output instead (its names
-    are llmprune's, not the checkpoint's); a manifest listing experts config.json lacks is a damaged folder."""
-    import json
-
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_ct_export_of_packed_experts_writes_their_own_codes(family, tmp_path, capsys, calib_txt):
+    """`export --to compressed-tensors` of a w4s24 GPTQ folder with packed experts: read block by block, each
+    expert's codes decoded into its rows of the fused tensors, written under the checkpoint's own names (Mixtral's
+    `block_sparse_moe.experts.3.w1`); transformers reads back every packed layer's decoded weight (it fuses experts
+    in fp16) and the packed model's logits."""
+    import llmprune
     from llmprune.cli import main
 
-    m = tiny_model("qwen3_moe")
-    save_packed(m, tmp_path / "p", "w4g128", group_size="auto", dtype=None)
+    p, ct = tmp_path / "p", tmp_path / "ct"
+    sec = api.compress(model=str(tiny_model_dir(tmp_path / "src", family)), solver="wanda", pattern="2:4",
+                       format="w4s24", quant="gptq", group_size=32, out=str(p), calib=str(calib_txt), eval=(),
+                       **CAL)["format"]
     capsys.readouterr()
-    assert main(["export", str(tmp_path / "p"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--format dense" in err[0] and not (tmp_path / "ct").exists()
+    assert main(["export", str(p), "--to", "compressed-tensors", "--out", str(ct), "--no-progress"]) == 0
+    model, _ = llmprune.export.load(str(ct))
+    packed = load_packed(p, dtype=torch.float32)
+    views = {moe.stored_name(v): v for n, e in model.named_modules() if moe.is_fused_experts(e)
+             for v in moe.view_names(n, e)}
+    assert len(views) == 2 * 8 * 3  # two blocks of 8 experts (DeepSeek-V3: after its dense first block)
+    assert set(views) <= set(sec["layers"])
+    for name in sec["layers"]:
+        got = arch.target(model, views.get(name, name)).weight.detach().float()
+        torch.testing.assert_close(got, packed.get_submodule(name).dequantize().float(), rtol=2**-10,
+                                   atol=0)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), packed(ids).logits, rtol=0, atol=5e-3)
+
+
+def test_inconsistent_manifests_are_refused(tmp_path):
+    """A manifest listing packed experts that config.json's model lacks is a damaged folder."""
+    import json
+
+    save_packed(tiny_model("qwen3_moe"), tmp_path / "p", "w4g128", group_size="auto", dtype=None)
     doc = json.loads((tmp_path / "p" / "llmprune.json").read_text())
     assert doc["format"]["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     doc["format"]["experts"].append("model.layers.1.mlp")

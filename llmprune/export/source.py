@@ -9,6 +9,7 @@ w bit for bit. This works the same for w4g128 and for w4s24, whose pruned weight
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,8 @@ class Source:
         """{"group_size", "symmetric"} of a packed int4 layer (None: not packed as int4)."""
         if self.fmt not in INT4_FORMATS:
             return None
-        layer = ((self.manifest.format or {}).get("layers") or {}).get(name)
+        layers = (self.manifest.format or {}).get("layers") or {}
+        layer = layers.get(name) or layers.get(packed_name(name))
         return None if layer is None else {"group_size": layer["group_size"], "symmetric": layer["symmetric"]}
 
     def describe(self) -> str:
@@ -63,9 +65,6 @@ def open_source(folder: str | Path) -> Source:
     if m.export:
         raise LLMPruneError(f"{folder} is already an export (to {m.export.get('to')}): export the llmprune output "
                             f"it came from ({m.exported_from or 'see its llmprune.json'})")
-    if (m.format or {}).get("experts"):
-        raise LLMPruneError(f"{folder} holds packed Mixture-of-Experts experts, which exports do not read back: export "
-                            f"the dense output it was packed from (compress --format dense) with --quant rtn or gptq")
     src = Source(folder, m)
     if src.per_block_slicegpt:
         raise LLMPruneError(f"{folder} is a SliceGPT output with residual shortcuts (--rotation per-block, or shared "
@@ -206,12 +205,23 @@ class Weights:
         return out
 
 
+def packed_name(name: str) -> str:
+    """Where a packed output stores layer `name`: an expert's projection (`...experts[3].gate_proj`) under
+    moe.stored_name, any other layer under its own name."""
+    from .. import moe
+
+    return moe.stored_name(name) if re.search(r"\[\d+\]\.[^.\[\]]+$", name) else name
+
+
 def _whole(src: Source, dtype):
     """The output loaded whole, every packed linear an nn.Linear holding its exact dense weight."""
     from ..checkpoint import load
     from ..lazy import unpacked
 
     model, _, _ = load(src.folder, dtype=dtype)
+    if (src.manifest.format or {}).get("experts"):
+        raise LLMPruneError(f"{src.folder}: packed experts are read block by block only, and this folder cannot be: "
+                            f"export the dense output it was packed from")
     for name, mod in list(model.named_modules()):
         if hasattr(mod, "dequantize") and hasattr(mod, "packed"):  # modules.PackedLinear
             parent, _, leaf = name.rpartition(".")
@@ -227,6 +237,7 @@ def stored_code(src: Source, name: str, w: torch.Tensor):
     grid = src.layer_grid(name)
     if grid is None:
         return None
+    name = packed_name(name)
     files = src.files
     g = grid["group_size"]
     s = files.get(f"{name}.scales")  # (out, in/G) fp16
