@@ -175,3 +175,22 @@ def test_inconsistent_manifests_are_refused(tmp_path):
     (tmp_path / "p" / "llmprune.json").write_text(json.dumps(doc))
     with pytest.raises(LLMPruneError, match="lists packed experts model.layers.1.mlp, which"):
         load_packed(tmp_path / "p")
+
+
+def test_scale_tuning_of_experts_is_refused_before_any_work(tmp_path, capsys, calib_txt):
+    """--tune-steps trains nn.Linear scales: `pack` and `compress` of a Mixture-of-Experts model refuse it in one
+    line, exit 2, nothing written (it once ended in an AttributeError traceback after GPTQ's pass)."""
+    from llmprune.cli import main
+
+    src = tiny_model_dir(tmp_path / "src", "qwen3_moe")
+    api.compress(model=str(src), solver="wanda", pattern="2:4", out=str(tmp_path / "d"), calib=str(calib_txt),
+                 eval=(), **CAL)
+    gptq = ["--format", "w4s24", "--quant", "gptq", "--tune-steps", "2", "--calib", str(calib_txt), "--nsamples", "4",
+            "--seqlen", "16", "--no-progress"]
+    for argv in (["pack", str(tmp_path / "d"), *gptq, "--out", str(tmp_path / "t")],
+                 ["compress", "--model", str(src), "--pattern", "2:4", *gptq, "--out", str(tmp_path / "t")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "drop --tune-steps" in err[0], err
+        assert not (tmp_path / "t").exists()
