@@ -33,7 +33,15 @@ def _load(model, dtype, device):
     p = Path(str(model))
     if (p / "llmprune.json").is_file():
         from llmprune import checkpoint
+        from llmprune import manifest as mf
+        from llmprune.errors import LLMPruneError
 
+        m = mf.read(p)
+        if m.exported_from:  # another engine's files: llmprune's runtime would not be what is timed
+            to = (m.export or {}).get("to", "compressed-tensors")
+            raise LLMPruneError(f"{p} is an export for another engine ({to}), which llmprune bench does not time: "
+                                f"bench the llmprune output it came from ({m.exported_from}), or time the export "
+                                f"where it is served (vLLM, SGLang, llama.cpp)")
         return checkpoint.load(p, dtype=dtype, device=device)[0]
     from llmprune import models
 

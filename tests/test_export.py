@@ -242,7 +242,9 @@ def _refused(capsys, tmp_path, *argv, want: str):
 
 def test_eval_of_an_export_says_how_to_measure_it(tmp_path, capsys, outs):
     """`llmprune eval` reads llmprune's outputs; an export is read by its engine's loader: the one line says to
-    measure it with `export --eval` (transformers' read of it)."""
+    measure it with `export --eval` (transformers' read of it). `llmprune bench` of an export timed transformers'
+    decompressed load of compressed-tensors as "compressed", and said a GGUF folder should be re-created: it names
+    the output the export came from."""
     out = tmp_path / "ct"
     rc, _, se = _run(capsys, "export", outs["dense"], "--to", "compressed-tensors", "--out", out, "--no-progress")
     assert rc == 0, se
@@ -250,6 +252,12 @@ def test_eval_of_an_export_says_how_to_measure_it(tmp_path, capsys, outs):
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "running its command again with --eval wikitext2 --overwrite (llmprune export " in err
     assert str(outs["dense"]) in err
+    for to, folder in (("compressed-tensors", out), ("gguf", tmp_path / "gguf")):  # bench: the output it came from
+        if to == "gguf":
+            assert _run(capsys, "export", outs["dense"], "--to", "gguf", "--out", folder, "--no-progress")[0] == 0
+        rc, _, err = _run(capsys, "bench", folder, "--batch", "1", "--prompt-len", "4", "--new-tokens", "2")
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"export for another engine ({to})" in err and f"came from ({outs['dense']})" in err
 
 
 def test_refusals(tmp_path, capsys, outs):
