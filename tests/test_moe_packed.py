@@ -42,12 +42,28 @@ def _oracle(dense_folder, packed_model, sec):
     return ref
 
 
+def _nemotron_h():
+    """NemotronH's experts: no gate (up, relu^2, down), not among testing.FAMILIES (a hybrid Mamba model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("nemotron_h", vocab_size=300, hidden_size=64, hybrid_override_pattern="E*",
+                               moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, mamba_num_heads=4, mamba_head_dim=16,
+                               ssm_state_size=16, n_groups=1)
+    m = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.08)
+    return m
+
+
 def test_split_experts_compute_what_the_fused_module_computes():
     """SplitExperts with the fused module's weights copied into its linears: the fused forward's outputs,
-    called with positional or keyword routing, for the concatenated (Qwen3-MoE) and the interleaved, transposed,
-    biased gpt-oss layout; an index out of range (a masked token) adds nothing."""
-    for family in ("qwen3_moe", "gpt_oss"):
-        m = tiny_model(family)
+    called with positional or keyword routing, for the concatenated (Qwen3-MoE), the interleaved, transposed,
+    biased (gpt-oss) and the gateless (NemotronH) layouts; an index out of range (a masked token) adds nothing."""
+    for m in (tiny_model("qwen3_moe"), tiny_model("gpt_oss"), _nemotron_h()):
         fused = next(e for e in m.modules() if moe.is_fused_experts(e))
         split = moe.SplitExperts(fused)
         split.to_empty(device="cpu")
