@@ -420,8 +420,8 @@ class LazyModel:
 
         layers = self.section.get("layers", {})
         for n in names:
-            set_module_tensor_to_device(self.model, n, device, value=torch.empty(self._shapes[n], dtype=self.dtype),
-                                        clear_cache=False)
+            set_module_tensor_to_device(self.model, n, device, clear_cache=False,
+                                        value=torch.empty(self._shapes[n], dtype=self.dtype, device=device))
             self._loaded.add(n)
         for en in dict.fromkeys(n.rsplit(".", 1)[0] for n in names):
             m = self.model.get_submodule(en)

@@ -218,10 +218,10 @@ def _whole(src: Source, dtype):
     from ..checkpoint import load
     from ..lazy import unpacked
 
+    if (src.manifest.format or {}).get("experts"):  # loaded whole they would be split (moe.SplitExperts)
+        raise LLMPruneError(f"{src.folder}: its packed experts are exported read block by block, which this folder "
+                            f"cannot be: export the dense output it was packed from")
     model, _, _ = load(src.folder, dtype=dtype)
-    if (src.manifest.format or {}).get("experts"):
-        raise LLMPruneError(f"{src.folder}: packed experts are read block by block only, and this folder cannot be: "
-                            f"export the dense output it was packed from")
     for name, mod in list(model.named_modules()):
         if hasattr(mod, "dequantize") and hasattr(mod, "packed"):  # modules.PackedLinear
             parent, _, leaf = name.rpartition(".")
