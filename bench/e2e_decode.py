@@ -5,6 +5,10 @@ not depend on the values). Static KV cache, one decode step captured in a CUDA g
     python3 bench/e2e_decode.py OUT.json [--arch llama3-8b] [--layers 32] [--batch 1,16]
         [--formats sparse24,w4g128,w4s24] [--compile dense,w4s24] [--device cuda]
 
+`--arch qwen3-30b-a3b` (Mixture-of-Experts): the dense model runs transformers' fused experts, the packed ones
+one packed linear per expert's projection (moe.SplitExperts, as llmprune.load runs a packed MoE folder); a step
+reads only the experts its tokens are routed to, so no effective GB/s is given (weight_bytes counts them all).
+
 Per model and batch: ms per step (median, p90), tokens/s, effective GB/s (weight bytes per step x
 steps/s), peak memory (each model alone: the dense decoder linears are freed before the packed models
 run), and at the first batch the kernels of one step (`profile`: count, GPU-busy ms, the costliest).
@@ -32,6 +36,7 @@ from llmprune.bench import (
     _summary,
     decode_steps,
     format_table,
+    has_experts,
     random_packed,
     weight_bytes,
 )
@@ -61,13 +66,24 @@ def decoder_linears(m: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torc
 
 def packed_copy(m: torch.nn.Module, fmt: str, device: str) -> torch.nn.Module:
     """A model sharing m's embeddings, norms and head, every decoder linear replaced by PackedLinear
-    (m's decoder linears are not read: they may already be dropped, see `drop_linears`)."""
+    (m's decoder linears are not read: they may already be dropped, see `drop_linears`); a Mixture-of-Experts
+    model's fused experts become moe.SplitExperts (one packed linear per expert's projection, as
+    llmprune.load builds a packed MoE folder), the routers stay as they are."""
+    from llmprune import arch, moe
+
     dt = next(m.model.norm.parameters()).dtype
     with torch.device("meta"):
         c = AutoModelForCausalLM.from_config(m.config, dtype=dt)
-    for mod, child, lin in decoder_linears(c):
-        p = random_packed(fmt, lin.out_features, lin.in_features, dt, device)
-        setattr(mod, child, PackedLinear(fmt, p, None, lin.in_features, lin.out_features))
+    for n, e in list(c.named_modules()):
+        if moe.is_fused_experts(e):
+            c.set_submodule(n, moe.SplitExperts(e))
+    for name, mod in list(c.named_modules()):
+        if not name.startswith("model.layers"):
+            continue
+        for child, lin in list(mod.named_children()):
+            if isinstance(lin, torch.nn.Linear) and not arch.is_router(f"{name}.{child}"):  # routers stay dense
+                p = random_packed(fmt, lin.out_features, lin.in_features, dt, device)
+                setattr(mod, child, PackedLinear(fmt, p, None, lin.in_features, lin.out_features))
     packed = {k for k, v in c.state_dict().items() if v.device.type != "meta"}
     c.load_state_dict({k: v for k, v in m.state_dict().items() if k in c.state_dict() and k not in packed},
                       assign=True, strict=False)  # shares m's tensors: no copy
@@ -81,9 +97,15 @@ def packed_copy(m: torch.nn.Module, fmt: str, device: str) -> torch.nn.Module:
 def drop_linears(m: torch.nn.Module) -> None:
     """Frees m's decoder linear weights (they become meta tensors), so that the packed models measured
     next hold only their own weights: their peak memory is theirs, not theirs plus the dense model's."""
+    from llmprune import moe
+
     for _, _, lin in decoder_linears(m):
         if isinstance(lin, torch.nn.Linear):
             lin.weight = torch.nn.Parameter(lin.weight.to("meta"), requires_grad=False)
+    for e in m.modules():
+        if moe.is_fused_experts(e):
+            for n, w in list(e.named_parameters(recurse=False)):
+                setattr(e, n, torch.nn.Parameter(w.to("meta"), requires_grad=False))
 
 
 @torch.no_grad()
@@ -121,6 +143,7 @@ def linears_step(model: torch.nn.Module, batch: int, device, reps: int = 20) -> 
 def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]:
     rows = []
     wb = weight_bytes(m)
+    routed = has_experts(m)  # a step reads only the experts its tokens are routed to: no effective GB/s
     step_model = torch.compile(m) if compiled else None
     for b in batches:
         _reset_peak(device)
@@ -128,7 +151,7 @@ def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]
         r = decode_steps(m, b, a.prompt_len, a.new_tokens, device, 3, True, step_model=step_model,
                          profile=b == batches[0])
         rows.append({"model": label + (" compiled" if compiled else ""), "batch": b, "weight_bytes": wb,
-                     "mode": r["mode"], **_summary(r["ms"], b, wb),
+                     "mode": r["mode"], **_summary(r["ms"], b, None if routed else wb),
                      "peak_mem_MiB": _peak_mib(device), "peak_of": "this model alone", "wall_s": time.time() - t0,
                      **({"profile": r["profile"]} if "profile" in r else {})})
         print(format_table(rows[-1:], DECODE_COLS), flush=True)
@@ -154,10 +177,14 @@ def main(argv=None) -> int:
     compiled = [c for c in a.compile.split(",") if c]
     tiny = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                 vocab_size=1000) if a.tiny else {}
+    if a.tiny and "a3b" in a.arch:  # the Qwen3-MoE dry run: 8 experts of 128
+        tiny.update(num_experts=8, moe_intermediate_size=128, head_dim=64)
     dense = dense_model(a.arch, a.layers, a.device, **tiny)
+    moe_keys = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size")
     res = {"arch": a.arch, "config": {k: getattr(dense.config, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "vocab_size")}, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        "vocab_size", *(k for k in moe_keys if getattr(dense.config, k, None)))},
+        "experts_implementation": getattr(dense.config, "_experts_implementation", None), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "triton": __import__("triton").__version__, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
         "dtype": str(next(dense.parameters()).dtype)[6:], "rows": [], "linears": [],
         "command": "python3 bench/e2e_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}

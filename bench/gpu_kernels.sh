@@ -4,7 +4,7 @@
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
 #                                          use_tuned microbench e2e e2e_compiled compress compress_scale compress_moe perp tune_scale read_ahead
-#                                          resume
+#                                          resume e2e_moe
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
 # Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
@@ -207,6 +207,10 @@ stage perp ${PERP_S:-300} perp  # the CPU dry run needs PERP_S=600
 stage tune_scale ${TUNE_S:-240} tune_scale  # the CPU dry run needs TUNE_S=900
 stage read_ahead ${RA_S:-180} read_ahead
 stage resume ${RS_S:-240} resume
+# a Qwen3-30B-A3B-shaped model's first 8 blocks (random weights): transformers' fused experts against packed experts
+# (moe.SplitExperts: one packed linear per expert's projection), batch 1 and 16; E2E_MOE_ARGS: the CPU dry run's sizes
+stage e2e_moe ${E2E_MOE_S:-150} $PY bench/e2e_decode.py "$OUT/e2e_moe.json" --arch qwen3-30b-a3b --formats w4s24,w4g128 \
+    ${E2E_MOE_ARGS:---layers 8 --batch 1,16 --new-tokens 32}
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
 cat "$OUT/env.log" 2>/dev/null | head -4
