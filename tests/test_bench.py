@@ -142,6 +142,39 @@ def test_e2e_decode_measures_each_model_alone(tmp_path, monkeypatch):
     sys.modules.pop("e2e_decode")
 
 
+def test_e2e_decode_of_a_moe_model_runs_packed_experts(tmp_path, monkeypatch):
+    """bench/e2e_decode.py --arch qwen3-30b-a3b (CPU dry run): the dense experts are freed too, the packed copy runs
+    each expert's projections as packed linears (moe.SplitExperts), the router stays as it is, and no row claims
+    an effective GB/s."""
+    import sys
+    from pathlib import Path
+
+    from llmprune import moe
+    from llmprune.modules import PackedLinear
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import e2e_decode
+
+    dense = e2e_decode.dense_model("qwen3-30b-a3b", 1, "cpu", hidden_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=128, vocab_size=300)
+    e2e_decode.drop_linears(dense)
+    assert all(p.is_meta for n, p in dense.named_parameters() if ".experts." in n)
+    c = e2e_decode.packed_copy(dense, "w4g128", "cpu")
+    assert not any(t.is_meta for t in c.state_dict().values())
+    split = c.model.layers[0].mlp.experts
+    assert isinstance(split, moe.SplitExperts) and isinstance(split[3].down_proj, PackedLinear)
+    assert not isinstance(c.model.layers[0].mlp.gate, PackedLinear)
+    with torch.no_grad():
+        assert torch.isfinite(c(torch.randint(0, 300, (1, 5))).logits).all()
+    out = tmp_path / "e.json"
+    assert e2e_decode.main([str(out), "--arch", "qwen3-30b-a3b", "--device", "cpu", "--tiny", "--layers", "1",
+                            "--batch", "1", "--new-tokens", "2", "--prompt-len", "3", "--formats", "w4s24"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["dense", "w4s24"] and all(r["effective_GBps"] is None for r in rows)
+    sys.modules.pop("e2e_decode")
+
+
 def test_bench_cli_compile_and_profile(tmp_path, capsys):
     """`llmprune bench OUT --compile --profile`: the decode step runs through torch.compile and decodes the
     same tokens as the eager step; the first batch's row carries the profile and it is printed."""
