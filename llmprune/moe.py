@@ -28,6 +28,8 @@ engine (prune.py) then uses one of FALLBACKS for it and records which in the man
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -211,12 +213,15 @@ def check_fallback(fallback: str, min_tokens: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- packed experts
-def stored_name(view_name: str) -> str:
-    """Where a packed output stores an expert's projection: 'model.layers.0.mlp.experts[3].down_proj' ->
-    'model.layers.0.mlp.experts.3.down_proj' (the name SplitExperts gives the module)."""
-    head, _, rest = view_name.partition("[")
-    index, _, proj = rest.partition("]")
-    return f"{head}.{index}{proj}"
+_VIEW = re.compile(r"^(.*)\[(\d+)\]\.([^.\[\]]+)$")  # `<experts>[e].<proj>`
+
+
+def stored_name(name: str) -> str:
+    """Where a packed output stores layer `name`: an expert's projection 'model.layers.0.mlp.experts[3].down_proj'
+    as 'model.layers.0.mlp.experts.3.down_proj' (the name SplitExperts gives the module), any other layer (a
+    fused projection's part `qkv_proj[q]` included) under its own name."""
+    m = _VIEW.match(name)
+    return f"{m[1]}.{m[2]}.{m[3]}" if m else name
 
 
 def packable(experts: nn.Module) -> str | None:

@@ -9,7 +9,6 @@ w bit for bit. This works the same for w4g128 and for w4s24, whose pruned weight
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from .. import manifest as mf
 from ..errors import LLMPruneError
+from ..moe import stored_name
 from ..runinfo import trim_heap
 
 INT4_FORMATS = ("w4g128", "w4s24")  # int4 on contiguous groups of inputs: re-expressible as dense int4 groups
@@ -48,7 +48,7 @@ class Source:
         if self.fmt not in INT4_FORMATS:
             return None
         layers = (self.manifest.format or {}).get("layers") or {}
-        layer = layers.get(name) or layers.get(packed_name(name))
+        layer = layers.get(stored_name(name))  # an expert's projection under its packed name
         return None if layer is None else {"group_size": layer["group_size"], "symmetric": layer["symmetric"]}
 
     def describe(self) -> str:
@@ -205,14 +205,6 @@ class Weights:
         return out
 
 
-def packed_name(name: str) -> str:
-    """Where a packed output stores layer `name`: an expert's projection (`...experts[3].gate_proj`) under
-    moe.stored_name, any other layer under its own name."""
-    from .. import moe
-
-    return moe.stored_name(name) if re.search(r"\[\d+\]\.[^.\[\]]+$", name) else name
-
-
 def _whole(src: Source, dtype):
     """The output loaded whole, every packed linear an nn.Linear holding its exact dense weight."""
     from ..checkpoint import load
@@ -237,7 +229,7 @@ def stored_code(src: Source, name: str, w: torch.Tensor):
     grid = src.layer_grid(name)
     if grid is None:
         return None
-    name = packed_name(name)
+    name = stored_name(name)
     files = src.files
     g = grid["group_size"]
     s = files.get(f"{name}.scales")  # (out, in/G) fp16
