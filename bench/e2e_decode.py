@@ -6,8 +6,11 @@ not depend on the values). Static KV cache, one decode step captured in a CUDA g
         [--formats sparse24,w4g128,w4s24] [--compile dense,w4s24] [--device cuda]
 
 `--arch qwen3-30b-a3b` (Mixture-of-Experts): the dense model runs transformers' fused experts, the packed ones
-one packed linear per expert's projection (moe.SplitExperts, as llmprune.load runs a packed MoE folder); a step
-reads only the experts its tokens are routed to, so no effective GB/s is given (weight_bytes counts them all).
+one packed linear per expert's projection, stacked per projection (moe.SplitExperts, as llmprune.load runs a
+packed MoE folder): decode runs each projection of every (token, expert) pair in one grouped launch, no host
+synchronization, captured in the CUDA graph; a format written `w4s24:loop` runs its experts one by one instead
+(the path before the grouped kernels, and prefill's). A step reads only the experts its tokens are routed to, so
+no effective GB/s is given (weight_bytes counts them all).
 
 Per model and batch: ms per step (median, p90), tokens/s, effective GB/s (weight bytes per step x
 steps/s), peak memory (each model alone: the dense decoder linears are freed before the packed models
@@ -64,11 +67,12 @@ def decoder_linears(m: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torc
             for child, lin in mod.named_children() if isinstance(lin, (torch.nn.Linear, PackedLinear))]
 
 
-def packed_copy(m: torch.nn.Module, fmt: str, device: str) -> torch.nn.Module:
+def packed_copy(m: torch.nn.Module, fmt: str, device: str, grouped: str = "auto") -> torch.nn.Module:
     """A model sharing m's embeddings, norms and head, every decoder linear replaced by PackedLinear
     (m's decoder linears are not read: they may already be dropped, see `drop_linears`); a Mixture-of-Experts
-    model's fused experts become moe.SplitExperts (one packed linear per expert's projection, as
-    llmprune.load builds a packed MoE folder), the routers stay as they are."""
+    model's fused experts become moe.SplitExperts (one packed linear per expert's projection, stacked per
+    projection, as llmprune.load builds a packed MoE folder; `grouped`: its mode, "never" = expert by expert),
+    the routers stay as they are."""
     from llmprune import arch, moe
 
     dt = next(m.model.norm.parameters()).dtype
@@ -91,6 +95,10 @@ def packed_copy(m: torch.nn.Module, fmt: str, device: str) -> torch.nn.Module:
     c.model.rotary_emb = m.model.rotary_emb  # non-persistent buffers are not in the state dict
     left = [k for k, v in c.state_dict().items() if v.device.type == "meta"]
     assert not left, f"packed copy left on meta: {left[:3]}"
+    moe.stack_packed(c)
+    for s in c.modules():
+        if isinstance(s, moe.SplitExperts):
+            s.grouped = grouped
     return c.eval()
 
 
@@ -202,8 +210,9 @@ def main(argv=None) -> int:
         m = None
         for compiled_pass in passes:
             try:
-                if m is None:
-                    m = dense if label == "dense" else packed_copy(dense, label, a.device)
+                if m is None:  # "w4s24:loop": packed experts run expert by expert (no grouped kernel)
+                    fmt, _, how = label.partition(":")
+                    m = dense if label == "dense" else packed_copy(dense, fmt, a.device, "never" if how else "auto")
                 if not compiled_pass:
                     for b in batches:
                         res["linears"].append({"model": label, **linears_step(m, b, device)})

@@ -208,8 +208,8 @@ stage tune_scale ${TUNE_S:-240} tune_scale  # the CPU dry run needs TUNE_S=900
 stage read_ahead ${RA_S:-180} read_ahead
 stage resume ${RS_S:-240} resume
 # a Qwen3-30B-A3B-shaped model's first 8 blocks (random weights): transformers' fused experts against packed experts
-# (moe.SplitExperts: one packed linear per expert's projection), batch 1 and 16; E2E_MOE_ARGS: the CPU dry run's sizes
-stage e2e_moe ${E2E_MOE_S:-150} $PY bench/e2e_decode.py "$OUT/e2e_moe.json" --arch qwen3-30b-a3b --formats w4s24,w4g128 \
+# (moe.SplitExperts: grouped launches, and w4s24:loop expert by expert), batch 1 and 16; E2E_MOE_ARGS: the CPU dry run's sizes
+stage e2e_moe ${E2E_MOE_S:-150} $PY bench/e2e_decode.py "$OUT/e2e_moe.json" --arch qwen3-30b-a3b --formats w4s24,w4s24:loop,w4g128 \
     ${E2E_MOE_ARGS:---layers 8 --batch 1,16 --new-tokens 32}
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 FALLBACKS = ("pooled", "magnitude")
 MIN_TOKENS = 64  # default: experts with fewer routed calibration tokens take the fallback
+GROUPED_MAX_PAIRS = 256  # packed experts on CUDA: grouped launches up to this many (token, expert) pairs (batch 32, top-8)
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -249,7 +250,107 @@ class SplitExperts(nn.ModuleList):
                                                   device="meta", dtype=v.weight.dtype))
             self.append(expert)
         self.has_gate, self.is_concatenated = fused.has_gate, getattr(fused, "is_concatenated", True)
+        self.projections = projections(fused)
         object.__setattr__(self, "_fused", fused)  # for its gate function only: not a submodule, no weights used
+        self.grouped = "auto"  # grouped kernels: "auto" (CUDA, up to GROUPED_MAX_PAIRS pairs), "always", "never"
+        self._stacks: dict[str, tuple] = {}  # proj -> (format, stacked kernel tensors, stacked bias): stack_()
+
+    # -- the experts' packed tensors stacked, for the grouped kernels -------------------------------------------
+    def stack_(self) -> bool:
+        """Stack each projection's packed tensors over the experts ((experts, out, ...), the layout of the grouped
+        kernels, kernels.ops.grouped_linear) and make every expert's buffers views of the stacks: one copy, not
+        two. False, nothing changed, when the experts are not all packed alike (a projection left dense)."""
+        from .errors import LLMPruneError
+        from .kernels import ops
+        from .modules import PackedLinear
+
+        stacks = {}
+        for proj in self.projections:
+            lins = [getattr(ex, proj) for ex in self]
+            if (not all(isinstance(m, PackedLinear) for m in lins) or len({m.format for m in lins}) != 1
+                    or len({m.bias is None for m in lins}) != 1):
+                return False
+            try:
+                args, _ = ops.stack_args(lins[0].format, lins[0].in_features, [m.packed for m in lins])
+            except LLMPruneError:
+                return False
+            bias = None if lins[0].bias is None else torch.stack([m.bias.detach() for m in lins])
+            stacks[proj] = (lins[0].format, args, bias)
+        self._stacks = stacks
+        self._bind()
+        return True
+
+    def _bound(self):
+        """(projection, 'buffer' | 'bias', tensor name, stack) of every stack the experts' tensors are views of."""
+        from .kernels import ops
+
+        for proj, (fmt, args, bias) in self._stacks.items():
+            for name, t in zip(ops.kernel_names(fmt), args):
+                if t is not None:
+                    yield proj, "buffer", name, t
+            if bias is not None:
+                yield proj, "bias", "bias", bias
+
+    def _bind(self) -> None:
+        for proj, kind, name, t in self._bound():
+            for e, ex in enumerate(self):
+                lin = getattr(ex, proj)
+                if kind == "bias":
+                    lin.bias = nn.Parameter(t[e], requires_grad=False)
+                elif name in lin._buffers:  # w4s50: the stored bitmap stays the expert's own
+                    lin._buffers[name] = t[e]
+        object.__setattr__(self, "_probe", self._held())  # a plain reference (a Parameter would register)
+
+    def _held(self):
+        """The last expert's tensor that the first stack's view was bound to."""
+        proj, kind, name, _ = next(self._bound())
+        lin = getattr(self[-1], proj)
+        return lin.bias if kind == "bias" else lin._buffers.get(name)
+
+    def _stacked(self) -> bool:
+        """Whether the experts still hold views of the stacks (a tensor moved on its own, not with the module,
+        unbinds them; then the experts run one by one)."""
+        return bool(self._stacks) and self._held() is self._probe
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .half() ...: apply `fn` to the stacks once and rebind the experts' views (applied to each
+        view, the stacks would be copied twice)."""
+        if not self._stacked():
+            self._stacks = {}
+            return super()._apply(fn, recurse)
+        for proj, kind, name, _ in self._bound():
+            for ex in self:
+                (getattr(ex, proj)._parameters if kind == "bias" else getattr(ex, proj)._buffers)[name] = None
+        self._stacks = {p: (f, tuple(None if t is None else fn(t) for t in a), None if b is None else fn(b))
+                        for p, (f, a, b) in self._stacks.items()}
+        super()._apply(fn, recurse)
+        self._bind()
+        return self
+
+    def _use_grouped(self, x: torch.Tensor, pairs: int) -> bool:
+        if self._stacks and not self._stacked():
+            self._stacks = {}  # unbound: let the stacks go once the experts no longer view them
+        if self.grouped == "never" or not self._stacks:
+            return False
+        return self.grouped == "always" or (x.is_cuda and pairs <= GROUPED_MAX_PAIRS)
+
+    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every (token, expert) pair at once: three grouped launches (gate, up, down), the experts read on the
+        device, no host synchronization (a CUDA graph captures it). An index out of range masks its pair out."""
+        from .kernels import ops
+
+        T, k = index.shape
+        valid = (index >= 0) & (index < len(self))
+        ids = torch.where(valid, index, 0).reshape(-1).to(torch.int32)
+
+        def run(proj, inp, xdiv):
+            fmt, args, bias = self._stacks[proj]
+            return ops.grouped_linear(fmt, inp, ids, xdiv, args, bias)
+
+        up = run("up_proj", x, k)  # (T k, I)
+        h = self._gate(run("gate_proj", x, k), up) if self.has_gate else self._fused.act_fn(up)
+        d = run("down_proj", h, 1).reshape(T, k, -1)  # (T, k, H)
+        return (d * (weights * valid).to(d.dtype)[..., None]).sum(1).to(x.dtype)
 
     def _gate(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """act(gate) * up as the fused class computes it from its (tokens, 2 I) layout."""
@@ -263,6 +364,8 @@ class SplitExperts(nn.ModuleList):
         weights = next(v for v in vals if v.is_floating_point())
         x = hidden.reshape(-1, hidden.shape[-1])
         index, weights = index.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
+        if self._use_grouped(x, index.numel()):
+            return self._grouped(x, index, weights).reshape(hidden.shape)
         out = torch.zeros_like(x)
         for e in index.unique().tolist():  # experts hit (an index out of range masks a token out)
             if not 0 <= e < len(self):
@@ -289,6 +392,11 @@ def packed_experts(model: nn.Module, section: dict, folder) -> dict[str, nn.Modu
             raise LLMPruneError(f"{folder}/llmprune.json lists packed experts {n}, which the model of its config.json "
                                 f"does not have: the folder is inconsistent, re-create it")
     return out
+
+
+def stack_packed(model: nn.Module) -> int:
+    """SplitExperts.stack_ for every split experts module of `model`; how many were stacked."""
+    return sum(m.stack_() for m in model.modules() if isinstance(m, SplitExperts))
 
 
 def split_packed(model: nn.Module, section: dict, folder) -> None:

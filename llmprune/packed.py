@@ -309,4 +309,5 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise LLMPruneError(f"{out} lacks {left[0]} (and {len(left) - 1} more): re-create the folder")
+    moe.stack_packed(model)  # packed experts stacked per projection for the grouped decode kernels (no 2nd copy)
     return model.to(device).eval()

@@ -144,8 +144,9 @@ def test_e2e_decode_measures_each_model_alone(tmp_path, monkeypatch):
 
 def test_e2e_decode_of_a_moe_model_runs_packed_experts(tmp_path, monkeypatch):
     """bench/e2e_decode.py --arch qwen3-30b-a3b (CPU dry run): the dense experts are freed too, the packed copy runs
-    each expert's projections as packed linears (moe.SplitExperts), the router stays as it is, and no row claims
-    an effective GB/s."""
+    each expert's projections as packed linears (moe.SplitExperts, stacked for the grouped launches: the same
+    logits as expert by expert), the router stays as it is, `w4s24:loop` rows run expert by expert, and no row
+    claims an effective GB/s."""
     import sys
     from pathlib import Path
 
@@ -165,13 +166,19 @@ def test_e2e_decode_of_a_moe_model_runs_packed_experts(tmp_path, monkeypatch):
     split = c.model.layers[0].mlp.experts
     assert isinstance(split, moe.SplitExperts) and isinstance(split[3].down_proj, PackedLinear)
     assert not isinstance(c.model.layers[0].mlp.gate, PackedLinear)
+    assert split._stacked() and split.grouped == "auto"
+    assert e2e_decode.packed_copy(dense, "w4g128", "cpu", "never").model.layers[0].mlp.experts.grouped == "never"
+    ids = torch.randint(0, 300, (2, 5))
     with torch.no_grad():
-        assert torch.isfinite(c(torch.randint(0, 300, (1, 5))).logits).all()
+        loop = c(ids).logits
+        split.grouped = "always"
+        assert torch.isfinite(loop).all()
+        torch.testing.assert_close(c(ids).logits, loop, rtol=1e-4, atol=1e-4)
     out = tmp_path / "e.json"
     assert e2e_decode.main([str(out), "--arch", "qwen3-30b-a3b", "--device", "cpu", "--tiny", "--layers", "1",
-                            "--batch", "1", "--new-tokens", "2", "--prompt-len", "3", "--formats", "w4s24"]) == 0
+                            "--batch", "1", "--new-tokens", "2", "--prompt-len", "3", "--formats", "w4s24,w4s24:loop"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["model"] for r in rows] == ["dense", "w4s24"] and all(r["effective_GBps"] is None for r in rows)
+    assert [r["model"] for r in rows] == ["dense", "w4s24", "w4s24:loop"] and all(r["effective_GBps"] is None for r in rows)
     sys.modules.pop("e2e_decode")
 
 

@@ -241,6 +241,76 @@ def test_torch_compile_fullgraph(ops):
     torch.testing.assert_close(y, torch.relu(x @ w.T) @ w2.T, rtol=1e-4, atol=1e-4)
 
 
+# --- grouped (Mixture-of-Experts decode): every (token, expert) pair in one launch ----------------------
+
+def _experts(fmt, E, out, n_in, dtype, G=64):
+    """E experts' random packed tensors (one seed each), stacked by ops.stack_args, and their dense weights."""
+    from llmprune.kernels import ops as o
+
+    packs, ws = zip(*[rand_packed(fmt, out, n_in, dtype, seed=10 + e, G=G, zeros=fmt != "sparse24")
+                      for e in range(E)])
+    args, n_out = o.stack_args(fmt, n_in, packs)
+    assert n_out == out and all(t is None or t.shape[0] == E for t in args)
+    return args, ws
+
+
+def _grouped_oracle(x, ids, xdiv, ws, bias=None):
+    return torch.stack([oracle(x[p // xdiv][None], ws[e], None if bias is None else bias[e])[0]
+                        for p, e in enumerate(ids.tolist())])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_matches_oracle(ops, fmt, dtype):
+    """Row p = x[p // xdiv] @ W_{ids[p]}^T + b_{ids[p]}: 5 experts of 37 rows (a partial row block), ids with
+    repeats and unused experts; the tokens' hidden states (xdiv = top-k) and one row per pair (xdiv = 1). The
+    Triton kernel (interpreter) and the custom op (CPU: the reference) both give the fp64 oracle's result."""
+    E, T, k, n_in = 5, 3, 2, 192
+    args, ws = _experts(fmt, E, 37, n_in, dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([4, 1, 1, 4, 0, 4], dtype=torch.int32)
+    bias = torch.randn(E, 37, generator=g).to(dtype)
+    for xdiv, rows in ((k, T), (1, T * k)):
+        x = torch.randn(rows, n_in, generator=g).to(dtype)
+        want = _grouped_oracle(x, ids, xdiv, ws, bias)
+        assert_close(ops.triton_grouped_linear(fmt, x, ids, xdiv, args, bias), want, n_in)
+        assert_close(ops.grouped_linear(fmt, x, ids, xdiv, args, bias), want, n_in)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_grouped_every_gemv_agrees(ops, fmt):
+    """Each one-token GEMV a grouped launch can run (the generic one, and the lean one of the format's family),
+    with small row blocks and K steps: the oracle's result; an empty batch gives an empty result."""
+    from llmprune.kernels import triton_gemm as tg
+
+    args, ws = _experts(fmt, 3, 24, 128, torch.float32, G=32)
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([2, 0, 2, 2], dtype=torch.int32)
+    kinds = ["gemv"] + ["gemv24"] * (fmt in tg.COMPACT_FORMATS) + ["gemv4"] * (fmt in tg.WORD_FORMATS)
+    for kind in kinds:
+        y = ops.triton_grouped_linear(fmt, x, ids, 2, args, None, config=tg.Config(kind, 16, 1, 32))
+        assert_close(y, _grouped_oracle(x, ids, 2, ws), 128)
+    assert ops.triton_grouped_linear(fmt, x[:0], ids[:0], 2, args).shape == (0, 24)
+
+
+def test_grouped_op_schema_fake_and_refusals(ops, monkeypatch):
+    """The grouped custom op passes torch's schema and fake-tensor checks (so graphs capture it); experts of
+    different shapes are not stacked, and x / ids that disagree, or more pairs than a launch's grid axis takes,
+    are refused in one line."""
+    args, _ = _experts("w4s24", 3, 16, 64, torch.float32, G=32)
+    x, ids, b = torch.randn(2, 64), torch.tensor([0, 2, 1, 1], dtype=torch.int32), torch.randn(3, 16)
+    torch.library.opcheck(ops._GROUPED_OPS["w4s24"], (x, ids, 2, *args, b), test_utils=("test_schema", "test_faketensor"))
+    p1, _ = rand_packed("w4s24", 16, 64, G=32)
+    p2, _ = rand_packed("w4s24", 24, 64, G=32)
+    with pytest.raises(LLMPruneError, match="different shapes"):
+        ops.stack_args("w4s24", 64, [p1, p2])
+    with pytest.raises(LLMPruneError, match="do not agree"):
+        ops.grouped_linear("w4s24", x, ids[:3], 2, args)
+    monkeypatch.setattr(ops, "MAX_PAIRS", 3)
+    with pytest.raises(LLMPruneError, match="one by one"):
+        ops.grouped_linear("w4s24", x, ids, 2, args)
+
+
 # --- split-K with the in-kernel reduction, and the recorded launch shapes --------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -210,3 +210,66 @@ def test_scale_tuning_of_experts_is_refused_before_any_work(tmp_path, capsys, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "drop --tune-steps" in err[0], err
         assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("family,pattern,fmt", [("qwen3_moe", "2:4", "w4g128"), ("gpt_oss", "2:4", "w4s24"),
+                                                ("mixtral", "2:4", "sparse24"), ("qwen3_moe", "group:16", "w4s50")])
+def test_grouped_experts_equal_expert_by_expert(family, pattern, fmt, tmp_path, monkeypatch):
+    """load_packed stacks each projection's experts ((experts, out, ...), every expert's tensors views of the
+    stacks: one copy); the grouped forward (all (token, expert) pairs in three launches, what CUDA decode runs;
+    here the ops' reference) gives the expert-by-expert loop's logits, for the concatenated, the interleaved and
+    biased (gpt-oss) layouts and every format; the stacks follow the module through .to()-style moves, and a
+    tensor moved on its own unbinds them (back to the loop); dynamo traces the grouped forward without a graph break.
+    On CPU, "auto" runs the loop."""
+    from llmprune.kernels import ops
+
+    src = tiny_model_dir(tmp_path / "src", family)
+    api.compress(model=str(src), solver="magnitude", pattern=pattern, sparsity=0.5, out=str(tmp_path / "d"), eval=(),
+                 progress=False)
+    api.pack(str(tmp_path / "d"), str(tmp_path / "p"), fmt=fmt, quant=None if fmt == "sparse24" else "rtn",
+             group_size=16, save_dtype="float32", progress=False)
+    model = load_packed(tmp_path / "p")
+    splits = [m for m in model.modules() if isinstance(m, moe.SplitExperts)]
+    assert splits and all(m._stacked() for m in splits)
+    for m in splits:
+        for proj, kind, name, stack in m._bound():
+            for e, ex in enumerate(m):
+                t = getattr(getattr(ex, proj), name)
+                assert t.data_ptr() == stack[e].data_ptr() and t.untyped_storage().data_ptr() == stack.data_ptr()
+    calls = []
+    real = ops.grouped_linear
+    monkeypatch.setattr(ops, "grouped_linear", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    ids = _ids()
+    with torch.no_grad():
+        loop = model(ids).logits
+        assert not calls  # CPU, "auto": expert by expert
+        for m in splits:
+            m.grouped = "always"
+        torch.testing.assert_close(model(ids).logits, loop, rtol=1e-5, atol=1e-5)
+        assert calls == [fmt] * (len(calls)) and len(calls) == len(splits) * len(splits[0].projections)
+        model._apply(lambda t: t.clone())  # what .to(device) does to every tensor
+        assert all(m._stacked() for m in splits)
+        torch.testing.assert_close(model(ids).logits, loop, rtol=1e-5, atol=1e-5)
+        m = splits[0]
+        proj, kind, name, _ = next(m._bound())
+        lin = getattr(m[-1], proj)
+        if kind == "bias":
+            lin.bias = torch.nn.Parameter(lin.bias.clone(), requires_grad=False)
+        else:
+            lin._buffers[name] = lin._buffers[name].clone()
+        n = len(calls)
+        torch.testing.assert_close(model(ids).logits, loop, rtol=1e-5, atol=1e-5)
+        assert not m._stacked() and len(calls) == n + len(m.projections) * (len(splits) - 1)
+        hidden = torch.randn(5, m[0].down_proj.out_features)
+        index = torch.tensor([[0, 1], [2, len(m)], [1, 3], [len(m), len(m)], [3, 0]])
+        w = torch.rand(5, 2)
+        other = splits[1]
+        other.grouped = "never"
+        want = other(hidden, index, w)
+        other.grouped = "always"
+        got = other(hidden, index, w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[3], torch.zeros_like(got[3]))  # routed nowhere: masked out
+        # no host synchronization, no graph break: dynamo traces the grouped forward whole (CUDA graphs need it)
+        compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(hidden, index, w), got, rtol=1e-6, atol=1e-6)

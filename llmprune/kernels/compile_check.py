@@ -101,10 +101,11 @@ def opcode(instr: str) -> str:
 
 
 def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = None, has_z: bool = False,
-              has_bias: bool = False) -> dict:
+              has_bias: bool = False, grouped: bool = False) -> dict:
     """Compile `config` (default: the one default_config(fmt, M, 4096) chooses) for sm_90; returns a
     result row. `reduce`: compile the split-K variant (default: decode shapes split, prefill not);
-    `has_z`, `has_bias`: the zero-point (asymmetric grid) and bias variants."""
+    `has_z`, `has_bias`: the zero-point (asymmetric grid) and bias variants; `grouped`: a GEMV's grouped
+    (Mixture-of-Experts) variant, one (token, expert) pair per program, never split."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -113,7 +114,7 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
     from llmprune.kernels import triton_gemm as tg
 
     cfg = config or tg.default_config(fmt, M, IN_FEATURES)
-    reduce = (M <= 16) if reduce is None else reduce
+    reduce = (M <= 16 and not grouped) if reduce is None else reduce
     kernel = getattr(tg, f"_{cfg.kind}_kernel")  # by name: bench/sass_model.py runs this on older kernels
     sig, aligned = _signature(fmt, dtype, cfg.kind)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -122,6 +123,9 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
              "BW": cfg.BW, "BT": cfg.BT, "BK": cfg.BK}
     if cfg.kind in ("gemv4", "gemv24"):  # the lean GEMVs pipeline their loop with tl.range(num_stages=)
         const["STAGES"] = cfg.num_stages
+    if "ids_ptr" in kernel.arg_names:  # the GEMVs' grouped variant (older kernels, bench/sass_model.py: none)
+        sig.update(ids_ptr="*i32", XDIV="i32")
+        const["GROUPED"] = grouped
     sig.update({k: "constexpr" for k in const})
     names = kernel.arg_names  # ASTSource wants the kernel's parameter order
     assert sorted(names) == sorted(sig), (names, sig)
@@ -130,7 +134,7 @@ def check_one(fmt: str, dtype: str, M: int, config=None, reduce: bool | None = N
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = compiled.asm["ptx"]
-    row = {"format": fmt, "dtype": dtype, "M": M, "reduce": reduce, **asdict(cfg), **_ptxas_usage(ptx),
+    row = {"format": fmt, "dtype": dtype, "M": M, "reduce": reduce, "grouped": grouped, **asdict(cfg), **_ptxas_usage(ptx),
            "wgmma": "wgmma.mma_async" in ptx, "mma": bool(re.search(r"\bmma\.sync", ptx)),
            "ld_v4": "ld.global.v4" in ptx, "ld_v2": "ld.global.v2" in ptx, "cp_async": "cp.async" in ptx,
            "atomic_acq_rel": bool(re.search(r"atom\.global\.(gpu\.)?acq_rel|atom\.acq_rel\.gpu", ptx)),

@@ -80,6 +80,18 @@ def _dense_tile(A, B, C, D, sa, sb, sc, rows, rmask, k0, FMT: tl.constexpr, G: t
 
 
 @triton.jit
+def _pair(ids_ptr, XDIV, x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc, N, sxm):
+    """GROUPED launches (Mixture-of-Experts decode): program axis 2 is one (token, expert) pair p. Its expert
+    e = ids[p] picks the weights, stacked (experts, N, ...) with rows `sa`, `sb`, `sc` apart (so expert e
+    starts e * N rows in), its input is row p // XDIV of x (XDIV = top-k for the tokens' hidden states, 1
+    for one row per pair) and its output row p of y (pairs, N); the bias is stacked (experts, N)."""
+    p = tl.program_id(2)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    return (x_ptr + (p // XDIV).to(tl.int64) * sxm, y_ptr + p.to(tl.int64) * N, bias_ptr + e * N,
+            A + e * N * sa, B + e * N * sb, C + e * N * sc, D + e * N * sc)
+
+
+@triton.jit
 def _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tmask, N, SPLIT, pid_k, tile,
             HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr):
     """Write acc (BW rows, BT tokens) to y (M, N): directly, or through the split-K reduction."""
@@ -105,14 +117,17 @@ def _finish(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rows, rmask, tok, tmask, N, S
 
 
 # token count, K-loop length and split count change from call to call: no recompilation for them
-_RUNTIME_INTS = ["M", "KG", "ITERS", "SPLIT"]
+_RUNTIME_INTS = ["M", "KG", "ITERS", "SPLIT", "XDIV"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm,
-                 ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                 ITERS, SPLIT, ids_ptr, XDIV, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
-                 BT: tl.constexpr, BK: tl.constexpr):
+                 BT: tl.constexpr, BK: tl.constexpr, GROUPED: tl.constexpr = False):
+    if GROUPED:
+        x_ptr, y_ptr, bias_ptr, A, B, C, D = _pair(ids_ptr, XDIV, x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc,
+                                                   N, sxm)
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_w * BW + tl.arange(0, BW)
@@ -225,9 +240,9 @@ def _kept(vals, g: tl.constexpr, e: tl.constexpr, FMT: tl.constexpr, VT: tl.cons
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm,
-                   ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                   ITERS, SPLIT, ids_ptr, XDIV, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
                    HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+                   BT: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, GROUPED: tl.constexpr = False):
     """The GEMV of the 2:4 formats (sparse24, w4s24; 1, 2 or 4 tokens) without expanding the weight:
     each kept value multiplies the input its 2-bit position selects (two selects), so a row costs half
     the multiply-adds. As in _gemv4_kernel, each thread holds one unit of 16 inputs of several rows
@@ -235,6 +250,9 @@ def _gemv24_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, 
     instruction (nibble_float), scales apply per unit, the row sums across threads happen after the
     K loop, and the weight loads are software-pipelined (STAGES deep). Per unit and row: sparse24 8
     fp16 values (4 int32 words), w4s24 8 int4 codes (1 int32 word); meta 2 bytes (1 int16)."""
+    if GROUPED:
+        x_ptr, y_ptr, bias_ptr, A, B, C, D = _pair(ids_ptr, XDIV, x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc,
+                                                   N, sxm)
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_w * BW + tl.arange(0, BW)
@@ -325,9 +343,9 @@ def _w4_token(acc, x_ptr, m: tl.constexpr, sxm, M, k0, wcol, wm, hm, s, z):
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, sc, M, N, KK, KG, sxm,
-                  ITERS, SPLIT, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
+                  ITERS, SPLIT, ids_ptr, XDIV, FMT: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, CDT: tl.constexpr, BW: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+                  BT: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, GROUPED: tl.constexpr = False):
     """The w4g128 GEMV (1, 2 or 4 tokens) at few instructions per weight: the codes are read as int32
     words of 8, each thread holds one word column of several rows (so each input is loaded and
     scaled once per thread for all its rows), a code becomes fp32 in one LOP3 + one FADD (magic
@@ -336,6 +354,9 @@ def _gemv4_kernel(x_ptr, y_ptr, bias_ptr, ws_ptr, cnt_ptr, A, B, C, D, sa, sb, s
     loads are software-pipelined (cp.async, STAGES deep). Codes: (out, in/2) uint8 = (out, in/8)
     int32 (the launcher copies a misaligned view); scales (and zeros) (out, in/G), G >= 16, BK <= G
     (the launcher's choice), so one scale per row and K step."""
+    if GROUPED:
+        x_ptr, y_ptr, bias_ptr, A, B, C, D = _pair(ids_ptr, XDIV, x_ptr, y_ptr, bias_ptr, A, B, C, D, sa, sb, sc,
+                                                   N, sxm)
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_w * BW + tl.arange(0, BW)
@@ -589,8 +610,7 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     cfg = fit_config(config, fmt, M, in_features) if config else pick_config(fmt, M, in_features, n_out,
                                                                                x2d.device)
     A, B, C, D = tensors
-    if cfg.kind in ("gemv4", "gemv24") and fmt != "sparse24" and cfg.BK > G:  # one scale group per tile row
-        cfg = Config(cfg.kind, cfg.BW, cfg.BT, G, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
+    cfg = _within_group(cfg, fmt, G)
     # int4 codes and sparse24's 16-bit value pairs are read as int32 words, the 2:4 GEMV's meta as int16:
     # aligned unless a view starts at an odd offset (rows are multiples of 8 bytes), which is copied
     if (fmt in INT4_WORD_FORMATS or fmt == "sparse24") and A.data_ptr() % 4:
@@ -619,10 +639,50 @@ def launch(fmt: str, x2d: torch.Tensor, tensors: tuple, n_out: int, in_features:
     args = (x2d, y, bias_arg, ws, cnt, A, B, C, D, sa, sb, sc, M, n_out, kk, kg, x2d.stride(0), iters, split)
     if cfg.kind == "tile":
         _tile_kernel[(row_blocks, tok_blocks, split)](*args, **meta)
-    elif cfg.kind == "gemv4":
-        _gemv4_kernel[(row_blocks, split)](*args, **meta, STAGES=cfg.num_stages)
-    elif cfg.kind == "gemv24":
-        _gemv24_kernel[(row_blocks, split)](*args, **meta, STAGES=cfg.num_stages)
     else:
-        _gemv_kernel[(row_blocks, split)](*args, **meta)
+        _GEMVS[cfg.kind][(row_blocks, split)](*args, x2d, 1, **meta, **_stages(cfg))
+    return y
+
+
+def _within_group(cfg: Config, fmt: str, G: int) -> Config:
+    """The lean int4 GEMVs read one scale per row and K step: BK <= G."""
+    if cfg.kind in ("gemv4", "gemv24") and fmt != "sparse24" and cfg.BK > G:
+        cfg = Config(cfg.kind, cfg.BW, cfg.BT, G, cfg.num_warps, cfg.num_stages, cfg.waves, cfg.split)
+    return cfg
+
+
+def _stages(cfg: Config) -> dict:
+    return {"STAGES": cfg.num_stages} if cfg.kind in ("gemv4", "gemv24") else {}
+
+
+_GEMVS = {"gemv": _gemv_kernel, "gemv4": _gemv4_kernel, "gemv24": _gemv24_kernel}
+
+
+def launch_grouped(fmt: str, x2d: torch.Tensor, ids: torch.Tensor, xdiv: int, tensors: tuple, n_out: int,
+                   in_features: int, kg: int, G: int, has_z: bool, bias: torch.Tensor | None,
+                   config: Config | None = None) -> torch.Tensor:
+    """y (P, n_out): row p = x2d[p // xdiv] @ W_e^T (+ b_e) for expert e = ids[p] (P = ids.numel()), the experts'
+    packed tensors stacked: `tensors` (A, B, C, D) each (experts, n_out, ...) contiguous, bias (experts, n_out).
+    One launch of the one-token GEMV per row block and pair (grid axis 2), the expert read on the device: no
+    host synchronization, so a CUDA graph captures it. Every pair reads its expert's weights (pairs of one
+    expert share them through L2): for decode; prefill runs expert by expert (moe.SplitExperts)."""
+    P = ids.shape[0]
+    # each pair runs the one-token GEMV: its tuned shape for this layer, else the default
+    cfg = fit_config(config, fmt, 1, in_features) if config else pick_config(fmt, 1, in_features, n_out, x2d.device)
+    if cfg.kind not in _GEMVS:
+        cfg = default_config(fmt, 1, in_features)
+    cfg = _within_group(cfg, fmt, G)
+    A, B, C, D = tensors
+    sa, sb, sc = A.stride(1), B.stride(1), C.stride(1)  # row strides; expert e starts e * n_out rows in
+    y = torch.empty((P, n_out), dtype=x2d.dtype, device=x2d.device)
+    if P == 0:
+        return y
+    kk = _walk_len(fmt, in_features) if cfg.kind == "gemv" else in_features
+    n_iter = triton.cdiv(kk, cfg.BK)
+    meta = {"FMT": fmt_id(fmt), "G": G, "HAS_Z": has_z, "HAS_BIAS": bias is not None, "REDUCE": False,
+            "CDT": _TL[x2d.dtype], "BW": cfg.BW, "BT": 1, "BK": cfg.BK, "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages, "GROUPED": True}
+    _GEMVS[cfg.kind][(triton.cdiv(n_out, cfg.BW), 1, P)](
+        x2d, y, bias if bias is not None else x2d, y, y, A, B, C, D, sa, sb, sc, 1, n_out, kk, kg, x2d.stride(0),
+        n_iter, 1, ids, xdiv, **meta, **_stages(cfg))
     return y
