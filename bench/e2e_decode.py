@@ -78,9 +78,7 @@ def packed_copy(m: torch.nn.Module, fmt: str, device: str, grouped: str = "auto"
     dt = next(m.model.norm.parameters()).dtype
     with torch.device("meta"):
         c = AutoModelForCausalLM.from_config(m.config, dtype=dt)
-    for n, e in list(c.named_modules()):
-        if moe.is_fused_experts(e):
-            c.set_submodule(n, moe.SplitExperts(e))
+    moe.split(c)
     for name, mod in list(c.named_modules()):
         if not name.startswith("model.layers"):
             continue

@@ -399,8 +399,15 @@ def stack_packed(model: nn.Module) -> int:
     return sum(m.stack_() for m in model.modules() if isinstance(m, SplitExperts))
 
 
-def split_packed(model: nn.Module, section: dict, folder) -> None:
-    """Replace every fused experts module a packed output lists (packed_experts) by its SplitExperts, on the meta
-    device."""
-    for n, m in packed_experts(model, section, folder).items():
+def split(model: nn.Module, experts: dict[str, nn.Module] | None = None) -> None:
+    """Replace fused experts modules ({name: module}; None: every one of `model`) by their SplitExperts, whose
+    linears are on the meta device until placed."""
+    if experts is None:
+        experts = {n: m for n, m in model.named_modules() if is_fused_experts(m)}
+    for n, m in experts.items():
         model.set_submodule(n, SplitExperts(m))
+
+
+def split_packed(model: nn.Module, section: dict, folder) -> None:
+    """Replace every fused experts module a packed output lists (packed_experts) by its SplitExperts."""
+    split(model, packed_experts(model, section, folder))
