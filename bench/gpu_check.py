@@ -6,7 +6,8 @@ default launch shape); the output buffer is poisoned with NaN first, so an unwri
 The lean GEMVs (gemv4, gemv24) are also forced at M <= 4 whatever the tuned table picks. Split-K
 launches are repeated and must be bit-identical (the in-kernel reduction is deterministic; a
 race would move the result) and leave the ticket counters at zero. Then the custom ops under
-torch.compile with CUDA graphs (mode="reduce-overhead"). Writes JSON rows; exit 1 on a failure.
+torch.compile with CUDA graphs (mode="reduce-overhead"), and the grouped GEMVs of Mixture-of-Experts decode
+(`grouped_checks`). Writes JSON rows; exit 1 on a failure.
 
     python3 bench/gpu_check.py OUT.json            (on a CUDA machine)
     TRITON_INTERPRET=1 python bench/gpu_check.py OUT.json cpu     (dry run of the script here)
@@ -59,6 +60,21 @@ def warm(job, device: str = "cuda") -> int:
     return len(MS)
 
 
+def warm_grouped(job, device: str = "cuda") -> int:
+    """Compile the grouped GEMV of one format and dtype, with and without a bias (a worker of gpu_precompile.py)."""
+    fmt, dtype = job
+    dev = torch.device(device)
+    out, n_in = (256, 2048) if dev.type == "cuda" else (32, 256)
+    dtype = dtype if dev.type == "cuda" else torch.float32
+    args, _ = ops.stack_args(fmt, n_in, [random_packed(fmt, out, n_in, dtype, dev, seed=e) for e in range(2)])
+    ids = torch.tensor([1, 0], dtype=torch.int32, device=dev)
+    x = torch.randn(1, n_in, device=dev, dtype=dtype)
+    for bias in (None, torch.randn(2, out, device=dev, dtype=dtype)):
+        ops.triton_grouped_linear(fmt, x, ids, 2, args, bias)
+    _sync(dev)
+    return 2
+
+
 def _sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -67,6 +83,71 @@ def _sync(dev) -> None:
 def _poison(shape, dtype, dev) -> None:
     """Fill the block the next allocation of this size will likely get with NaN, then free it."""
     torch.full(shape, float("nan"), dtype=dtype, device=dev)
+
+
+# Mixture-of-Experts decode: (experts, out, in) of Qwen3-30B-A3B's gate/up and down; one case past 2^31 bytes of
+# stacked codes (expert offsets in int64) for the int4 formats
+GROUPED = ((128, 768, 2048), (128, 2048, 768))
+GROUPED_BIG = (300, 2048, 7168)
+
+
+def _grouped_oracle(fmt, args, bias, x, ids, xdiv):
+    """fp64: row p = x[p // xdiv] @ W_e^T + b_e, e = ids[p], W_e decoded in x's dtype from the stacks."""
+    from llmprune.formats import get
+
+    ref = torch.empty(len(ids), bias.shape[1], dtype=torch.float64, device=x.device)
+    for e in ids.unique().tolist():
+        w = get(fmt).unpack({k: t[e] for k, t in zip(ops.kernel_names(fmt), args) if t is not None}, dtype=x.dtype)
+        p = (ids == e).nonzero().squeeze(-1)
+        ref[p] = x[p // xdiv].double() @ w.double().T + bias[e].double()
+    return ref
+
+
+def grouped_checks(dev) -> list[dict]:
+    """ops.grouped_linear (the grouped GEMVs: one launch for every (token, expert) pair) against the fp64 oracle
+    at 8, 128 and 256 pairs (batch 1, 16, 32 at top-8) with the tokens' rows (xdiv 8) and one row per pair
+    (xdiv 1), biased, output poisoned; then the same call captured in a CUDA graph and replayed with other expert
+    ids written into its ids buffer: the experts are read on the device."""
+    cuda = dev.type == "cuda"
+    rows = []
+    shapes = GROUPED if cuda else ((4, 40, 256), (4, 256, 128))
+    for fmt in FORMATS:
+        for E, out, n_in in shapes + ((GROUPED_BIG,) if cuda and fmt in ("w4g128", "w4s24") else ()):
+            for dtype in DTYPES:
+                args, _ = ops.stack_args(fmt, n_in, [random_packed(fmt, out, n_in, dtype, dev, seed=e) for e in range(E)])
+                bias = torch.randn(E, out, device=dev, dtype=dtype)
+                gen = torch.Generator(dev).manual_seed(E + out)
+                for P, xdiv in ((8, 8), (128, 8), (256, 8), (128, 1)) if cuda else ((8, 4), (6, 1)):
+                    ids = torch.randint(0, E, (P,), device=dev, generator=gen, dtype=torch.int32)
+                    ids[-1] = E - 1  # the last expert: the largest offset
+                    x = torch.randn(P // xdiv, n_in, device=dev, dtype=dtype, generator=gen)
+                    _poison((P, out), dtype, dev)
+                    y = ops.grouped_linear(fmt, x, ids, xdiv, args, bias) if cuda else \
+                        ops.triton_grouped_linear(fmt, x, ids, xdiv, args, bias)
+                    _sync(dev)
+                    ref = _grouped_oracle(fmt, args, bias, x, ids, xdiv)
+                    err = ((y.double() - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+                    ok = bool(torch.isfinite(y).all()) and err <= TOL[dtype]
+                    row = {"grouped": fmt, "experts": E, "out": out, "in": n_in, "pairs": P, "xdiv": xdiv,
+                           "dtype": str(dtype)[6:], "rel_err": err, "ok": ok}
+                    if cuda and P == 128 and xdiv == 8:  # captured, replayed with other experts
+                        try:
+                            graph = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(graph):
+                                yg = ops.grouped_linear(fmt, x, ids, xdiv, args, bias)
+                            ids.copy_(torch.randint(0, E, (P,), device=dev, generator=gen, dtype=torch.int32))
+                            graph.replay()
+                            _sync(dev)
+                            row["graph_replay_ok"] = bool(torch.equal(yg, ops.grouped_linear(fmt, x, ids, xdiv, args, bias)))
+                        except Exception as e:  # noqa: BLE001
+                            row["graph_replay_ok"], row["error"] = False, f"{type(e).__name__}: {str(e)[:200]}"
+                        row["ok"] = ok and row["graph_replay_ok"]
+                    rows.append(row)
+                    if not row["ok"]:
+                        print("FAIL", row, flush=True)
+                del args, bias
+        print(f"grouped {fmt} done", flush=True)
+    return rows
 
 
 def main(path: str, device: str = "cuda") -> int:
@@ -120,6 +201,9 @@ def main(path: str, device: str = "cuda") -> int:
                     print("FAIL", rows[-1], flush=True)
         del p, wd
         print(f"{fmt} {out}x{n_in} {str(dtype)[6:]} done ({time.time() - t0:.0f} s)", flush=True)
+    g_rows = grouped_checks(dev)
+    rows += g_rows
+    bad += sum(not r["ok"] for r in g_rows)
     # torch.compile + CUDA graphs through each custom op
     for fmt in FORMATS if cuda else ():
         try:

@@ -195,7 +195,7 @@ export -f envinfo c4 compress compress_moe compress_scale perp tune_scale read_a
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
-stage correctness 70 $PY bench/gpu_check.py "$OUT/correctness.json"
+stage correctness 100 $PY bench/gpu_check.py "$OUT/correctness.json"
 stage tune 170 $PY bench/gpu_tune.py "$OUT" --reps 10
 stage use_tuned 5 "mkdir -p llmprune/kernels/tuned && cp $OUT/sm90.json llmprune/kernels/tuned/sm90.json"
 stage microbench 90 $PY bench/gpu_tune.py "$OUT/micro" --tuned-only --reps 30

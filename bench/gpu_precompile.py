@@ -40,6 +40,11 @@ def _run(job) -> tuple[str, str]:
             import gpu_check
 
             gpu_check.warm(payload, DEVICE)
+        elif kind == "grouped":
+            sys.path.insert(0, "bench")
+            import gpu_check
+
+            gpu_check.warm_grouped(payload, DEVICE)
         else:
             _tune_job(payload)
         return kind, ""
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
         jobs += [("tune", j) for j in gpu_tune.compile_jobs(dtypes=(torch.float16,))]
     if "check" in a.only:
         jobs += [("check", c) for c in gpu_check.cases()]
+        jobs += [("grouped", (f, d)) for f in gpu_check.FORMATS for d in gpu_check.DTYPES]
     if a.limit:
         jobs = jobs[:a.limit] + jobs[-a.limit:]
     t0 = time.time()
