@@ -273,3 +273,26 @@ def test_grouped_experts_equal_expert_by_expert(family, pattern, fmt, tmp_path, 
         # no host synchronization, no graph break: dynamo traces the grouped forward whole (CUDA graphs need it)
         compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(hidden, index, w), got, rtol=1e-6, atol=1e-6)
+
+
+def test_experts_not_all_packed_alike_are_not_stacked(tmp_path):
+    """An experts module whose projections are not all packed the same way (one left a dense nn.Linear) keeps
+    its tensors as they are (stack_ says False) and runs expert by expert, even when grouped = "always"."""
+    src = tiny_model_dir(tmp_path / "src", "qwen3_moe")
+    api.compress(model=str(src), solver="magnitude", pattern="2:4", sparsity=0.5, out=str(tmp_path / "d"), eval=(),
+                 progress=False)
+    api.pack(str(tmp_path / "d"), str(tmp_path / "p"), fmt="w4s24", quant="rtn", group_size=16, save_dtype="float32",
+             progress=False)
+    model = load_packed(tmp_path / "p")
+    m = next(x for x in model.modules() if isinstance(x, moe.SplitExperts))
+    hidden, index, w = torch.randn(4, m[0].down_proj.out_features), torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]]), torch.rand(4, 2)
+    with torch.no_grad():
+        want = m(hidden, index, w)
+        lin = m[2].up_proj
+        dense = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+        dense.weight.copy_(lin.dequantize())
+        m[2].up_proj = dense
+        m._stacks = {}
+        assert not m.stack_() and not m._stacks
+        m.grouped = "always"
+        torch.testing.assert_close(m(hidden, index, w), want, rtol=1e-5, atol=1e-6)
