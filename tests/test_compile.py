@@ -20,6 +20,15 @@ def rows(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def _compiled_rows(code: str):
+    """The JSON a compile_check script prints last, run in a clean subprocess (no interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600, capture_output=True,
+                         text=True, cwd=root).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def test_all_configs_compile(rows):
     from llmprune.kernels.compile_check import FORMATS
 
@@ -117,11 +126,7 @@ for f, k in (("sparse24", "gemv24"), ("w4s24", "gemv24"), ("w4g128", "gemv4")):
                                   has_bias=True))
 print(json.dumps(rows))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600, capture_output=True,
-                         text=True, cwd=root).stdout
-    rows = json.loads(out.strip().splitlines()[-1])
+    rows = _compiled_rows(code)
     lean = [r for r in rows if r["kind"] != "gemv"]
     assert lean and all(r["spill_bytes"] == 0 and not r["tensor_cores"] for r in lean), lean
     for r in lean:
@@ -147,11 +152,7 @@ for f in FORMATS:
                      check_one(f, d, 1, has_z=hz, has_bias=hb, grouped=True)))
 print(json.dumps(rows))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600, capture_output=True,
-                         text=True, cwd=root).stdout
-    pairs = json.loads(out.strip().splitlines()[-1])
+    pairs = _compiled_rows(code)
     assert len(pairs) == 8
     for plain, grouped in pairs:
         assert grouped["grouped"] and not grouped["reduce"] and not grouped["atomic_acq_rel"], grouped
