@@ -157,10 +157,7 @@ def formats_table() -> str:
 
 FORMAT_NOTES = """Byte ratios count the packed linear layers against fp16; file MiB is the whole safetensors
 file (fp16 embeddings and norms). `--group-size auto` picks 64 for SmolLM2's 576-wide inputs and 128
-for its 1536-wide `down_proj`. The Wanda w4s24 RTN and plain-GPTQ files were written before fp16
-storage became the default and keep fp32 embeddings (hence 149 MiB); their linear bytes are
-unaffected. That plain-GPTQ row also predates block-sequential GPTQ (every Hessian from the
-unquantized model); every other GPTQ row is block-sequential (`packed.gptq_sequential`). Gemma-3's
+for its 1536-wide `down_proj`. Every GPTQ row is block-sequential (`quant.sequential.gptq_sequential`). Gemma-3's
 magnitude rows are sizes only; its quality rows (`bash bench/p_cpu.sh gemma`) use a SparseGPT 2:4 model
 and the unpruned one, whose 25.05 comes from the Wanda 50% run's dense evaluation. `*`: packed before its
 source was run again (on its saved file, under other libraries): the figure, measured on the packed folder,
