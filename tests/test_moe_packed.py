@@ -219,7 +219,8 @@ def test_grouped_experts_equal_expert_by_expert(family, pattern, fmt, tmp_path, 
     stacks: one copy); the grouped forward (all (token, expert) pairs in three launches, what CUDA decode runs;
     here the ops' reference) gives the expert-by-expert loop's logits, for the concatenated, the interleaved and
     biased (gpt-oss) layouts and every format; the stacks follow the module through .to()-style moves, and a
-    tensor moved on its own unbinds them (back to the loop); dynamo traces the grouped forward without a graph break.
+    tensor moved on its own unbinds them (back to the loop); dynamo traces the grouped forward without a graph break
+    (gpt-oss, w4s24).
     On CPU, "auto" runs the loop."""
     from llmprune.kernels import ops
 
@@ -270,9 +271,9 @@ def test_grouped_experts_equal_expert_by_expert(family, pattern, fmt, tmp_path, 
         got = other(hidden, index, w)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert torch.equal(got[3], torch.zeros_like(got[3]))  # routed nowhere: masked out
-        # no host synchronization, no graph break: dynamo traces the grouped forward whole (CUDA graphs need it)
-        compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(hidden, index, w), got, rtol=1e-6, atol=1e-6)
+        if fmt == "w4s24":  # no host synchronization, no graph break: dynamo traces the grouped forward whole
+            compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(compiled(hidden, index, w), got, rtol=1e-6, atol=1e-6)
 
 
 def test_experts_not_all_packed_alike_are_not_stacked(tmp_path):
