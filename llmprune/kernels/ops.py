@@ -158,9 +158,9 @@ def _check_grouped(x: Tensor, ids: Tensor, xdiv: int) -> None:
 
 # --- custom ops: one per format, CPU -> reference, CUDA -> Triton, fake -> shape only -------------
 
-def _schema(fmt: str) -> str:
+def _schema(fmt: str, grouped: bool = False) -> str:
     args = ", ".join(f"Tensor{'?' if k.endswith('?') else ''} {k.rstrip('?')}" for k in _FORMATS[fmt].kernel)
-    return f"(Tensor x, {args}, Tensor? bias) -> Tensor"
+    return f"(Tensor x, {'Tensor ids, int xdiv, ' if grouped else ''}{args}, Tensor? bias) -> Tensor"
 
 
 def _make_op(fmt: str):
@@ -186,14 +186,11 @@ _OPS = {fmt: _make_op(fmt) for fmt in FORMATS}
 
 
 def _make_grouped_op(fmt: str):
-    args = ", ".join(f"Tensor{'?' if k.endswith('?') else ''} {k.rstrip('?')}" for k in _FORMATS[fmt].kernel)
-
     def impl(x, ids, xdiv, *rest):  # CPU and any other device: the reference
         *a, bias = rest
         return _grouped_reference(fmt, x, ids, xdiv, tuple(a), bias)
 
-    op = torch.library.custom_op(f"llmprune::{fmt}_grouped_linear", impl, mutates_args=(),
-                                 schema=f"(Tensor x, Tensor ids, int xdiv, {args}, Tensor? bias) -> Tensor")
+    op = torch.library.custom_op(f"llmprune::{fmt}_grouped_linear", impl, mutates_args=(), schema=_schema(fmt, True))
 
     def cuda_impl(x, ids, xdiv, *rest):
         *a, bias = rest
@@ -209,8 +206,8 @@ _GROUPED_OPS = {fmt: _make_grouped_op(fmt) for fmt in FORMATS}
 
 def grouped_linear(fmt: str, x: Tensor, ids: Tensor, xdiv: int, args: tuple, bias: Tensor | None = None) -> Tensor:
     """y (P, out): row p = x[p // xdiv] @ W_{ids[p]}^T (+ bias[ids[p]]) for experts' weights packed in `fmt`
-    and stacked (stack_args); x (tokens, in), ids (P,) int32, P = tokens * xdiv. Triton on CUDA (one launch,
-    no host synchronization), the reference elsewhere."""
+    and stacked (stack_args); x (tokens, in), ids (P,) int32 in [0, experts) (not checked: that would read them on
+    the host), P = tokens * xdiv. Triton on CUDA (one launch, no host synchronization), the reference elsewhere."""
     _check_grouped(x, ids, xdiv)
     return _GROUPED_OPS[fmt](x, ids, xdiv, *args, bias)
 
