@@ -489,7 +489,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         model, tok = lz.model, checkpoint.load_tokenizer(src)  # the model on the meta device
     from .packed import check_packable
 
-    check_packable(model, fmt, gcfg.tune_steps if gcfg else 0)  # before GPTQ's work
+    check_packable(model, fmt)  # before GPTQ's work
     ids = cinfo = None
     if quant == "gptq":
         pipeline.check_context(model, seqlen, "--seqlen")

@@ -65,7 +65,8 @@ def _rows(experts: nn.Module, proj: str, out: int):
     return slice(0, out, 2) if proj == "gate_proj" else slice(1, out, 2)  # interleaved (gpt-oss)
 
 
-def _param(experts: nn.Module, proj: str) -> str:
+def fused_param(experts: nn.Module, proj: str) -> str:
+    """The name of the fused parameter that holds `proj`'s rows: `gate_up_proj`, `up_proj` or `down_proj`."""
     return "down_proj" if proj == "down_proj" else ("gate_up_proj" if experts.has_gate else "up_proj")
 
 
@@ -97,7 +98,7 @@ class ExpertProj:
         self.stats_key = (id(experts), index, which, routed)  # views with one key share one statistics
 
     def _full(self) -> torch.Tensor:
-        return _oi(self.experts, getattr(self.experts, _param(self.experts, self.proj)).data[self.index])
+        return _oi(self.experts, getattr(self.experts, fused_param(self.experts, self.proj)).data[self.index])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -106,7 +107,7 @@ class ExpertProj:
 
     @property
     def bias(self) -> torch.Tensor | None:
-        b = getattr(self.experts, _param(self.experts, self.proj) + "_bias", None)
+        b = getattr(self.experts, fused_param(self.experts, self.proj) + "_bias", None)
         if b is None or not getattr(self.experts, "has_bias", False):
             return None
         return b.data[self.index][_rows(self.experts, self.proj, b.shape[-1])]
@@ -131,7 +132,7 @@ class ExpertProj:
             x = x[self.tokens(index.reshape(-1, index.shape[-1]))]  # (n, H)
         if self.proj != "down_proj":
             return x
-        e, p = self.experts, _param(self.experts, "up_proj")
+        e, p = self.experts, fused_param(self.experts, "up_proj")
         w = _oi(e, getattr(e, p)[self.index])  # (2I or I, H)
         b = getattr(e, p + "_bias")[self.index] if getattr(e, "has_bias", False) else None
         h = F.linear(x, w, b)  # (n, 2I)
@@ -157,7 +158,7 @@ def row_markers(experts: nn.Module, rel: str) -> tuple[dict[str, torch.Tensor], 
         return {}, []
     marks, views = {}, []
     for proj in projections(experts):
-        p = _param(experts, proj)
+        p = fused_param(experts, proj)
         full = getattr(experts, p)  # (experts, rows, in)
         mark = marks.setdefault(f"{rel}.{p}", torch.full((full.shape[0], full.shape[1], 1), -1, dtype=torch.int32))
         for e in range(full.shape[0]):
@@ -217,12 +218,30 @@ def check_fallback(fallback: str, min_tokens: int) -> None:
 _VIEW = re.compile(r"^(.*)\[(\d+)\]\.([^.\[\]]+)$")  # `<experts>[e].<proj>`
 
 
+def parse_view(name: str) -> tuple[str, int, str] | None:
+    """'model.layers.0.mlp.experts[3].down_proj' -> ('model.layers.0.mlp.experts', 3, 'down_proj'); None for a name
+    that is not an expert's projection (a fused projection's part `qkv_proj[q]` is not: its index is no number)."""
+    m = _VIEW.match(name)
+    return (m[1], int(m[2]), m[3]) if m else None
+
+
 def stored_name(name: str) -> str:
     """Where a packed output stores layer `name`: an expert's projection 'model.layers.0.mlp.experts[3].down_proj'
     as 'model.layers.0.mlp.experts.3.down_proj' (the name SplitExperts gives the module), any other layer (a
     fused projection's part `qkv_proj[q]` included) under its own name."""
-    m = _VIEW.match(name)
-    return f"{m[1]}.{m[2]}.{m[3]}" if m else name
+    v = parse_view(name)
+    return f"{v[0]}.{v[1]}.{v[2]}" if v else name
+
+
+def covered_params(experts: nn.Module, views) -> list[str]:
+    """Names of the fused parameters of `experts` (`gate_up_proj`, `down_proj`, ...) every row of which belongs to
+    one of `views` ({(expert, projection)}): their values can be rebuilt from those views alone."""
+    every: dict[str, bool] = {}
+    for e in range(num_experts(experts)):
+        for proj in projections(experts):
+            p = fused_param(experts, proj)
+            every[p] = every.get(p, True) and (e, proj) in views
+    return [p for p, all_in in every.items() if all_in]
 
 
 def packable(experts: nn.Module) -> str | None:

@@ -587,7 +587,9 @@ def gptq_tuned(lz: lazy.LazyModel, ids, folder: Path, fmt: str, group_size, symm
 def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: float, devices: tuple[str, ...],
                 progress: bool, sink) -> dict:
     """The tuning of gptq_tuned: the model read to where it trains, its scales tuned (quant.tune.train),
-    each block handed to `sink`; returns the tuning's info."""
+    each block handed to `sink`; returns the tuning's info. A Mixture-of-Experts block's fused experts train as
+    quant.tune.scaled_experts: their fused weights are not read where GPTQ's codes cover them (their biases are),
+    and the sink gets the fused module back, its quantized rows the tuned codes dequantized."""
     import time
 
     from .quant import tune
@@ -603,25 +605,30 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
             p.requires_grad_(False)
         originals = tune.scaled_in_place(model, codes.meta(), "meta")
         _, where, _ = tune.placement_of(model, blocks, devices, ids.shape[1])  # before any weight is read
-        load_placed(lz, devices, where, {i: tuple(f"{n}.weight" for n in layers) for i, layers in codes.blocks.items()})
+        fused = {n: m for n, m in originals.items() if moe.is_fused_experts(m)}
+        tune.restore(model, fused)  # in the model while the loader reads their tensors by name
+        skip, biases = _not_read(lz, codes, fused)
+        load_placed(lz, devices, where, skip)
         for i in codes.blocks:
             dev = lazy.placed_on(block_device(devices, where, i))  # as lz.load placed the block
-            for n, q in codes.get(i).items():  # the meta ScaledLinear holds the bias just read
-                archmod.set_module(model, n, tune.ScaledLinear(q.to(dev), archmod.get(model, n).bias, dev))
+            for n in biases.get(i, ()):  # an experts' bias, which the exclusion of its weight's prefix skipped
+                lz.load(n, dev)
+            layers = {n: q.to(dev) for n, q in codes.get(i).items()}
+            views = {n: q for n, q in layers.items() if moe.parse_view(n)}
+            for n, q in layers.items():
+                if n not in views:  # the meta ScaledLinear holds the bias just read
+                    archmod.set_module(model, n, tune.ScaledLinear(q, archmod.get(model, n).bias, dev))
+            tune.scaled_in_place(model, views, dev)  # the fused experts (in `originals` already) split
         kept, info = tune.train(model, ids, targets, steps, lr, devices=devices, progress=progress, blocks=blocks,
                                 where=where)
         for i, block in enumerate(blocks):
             layers = codes.get(i)
-            for n, q in layers.items():
-                m = archmod.get(model, n)
-                if kept:
-                    layers[n] = q = dataclasses.replace(q, scales=m.s0.half().cpu())
-                lin = nn.Linear(q.codes.shape[1], q.codes.shape[0], bias=False, device="meta", dtype=lz.dtype)
-                lin.weight = nn.Parameter(q.dequantize().to(lz.dtype), requires_grad=False)
-                lin.bias = m.bias
-                archmod.set_module(model, n, lin)
-            sink(i, block, layers)
-            tune.restore(model, {n: originals[n] for n in layers})  # the levels and dense weights let go
+            if kept:
+                for n, q in layers.items():
+                    layers[n] = dataclasses.replace(q, scales=model.get_submodule(moe.stored_name(n)).s0.half().cpu())
+            with _tuned_weights(lz, model, layers, originals):
+                sink(i, block, layers)
+            tune.restore(model, {n: originals[n] for n in layers if n in originals})  # the levels let go
     finally:
         tune.restore(model, originals)
         for p, rg in frozen.items():
@@ -630,6 +637,58 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
         trim_heap()
         placement.free_pinned()
     return {**info, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _not_read(lz: lazy.LazyModel, codes: Codes, fused: dict[str, nn.Module]):
+    """What the tuning does not read from disk, per block: each quantized linear's weight and each fused experts
+    parameter whose rows GPTQ's codes all cover (moe.covered_params); and the biases of those parameters, which
+    excluding the parameter's name as a prefix also excludes, to be read on their own."""
+    skip, biases = {}, {}
+    names = set(lz.names())
+    for i, layers in codes.blocks.items():
+        views: dict[str, set] = {}
+        for n in layers:
+            v = moe.parse_view(n)
+            if v is None:
+                skip.setdefault(i, []).append(f"{n}.weight")
+            else:
+                views.setdefault(v[0], set()).add(v[1:])
+        for path, done in views.items():
+            for p in moe.covered_params(fused[path], done):
+                skip.setdefault(i, []).append(f"{path}.{p}")
+                biases.setdefault(i, []).extend(n for n in (f"{path}.{p}_bias",) if n in names)
+    return {i: tuple(v) for i, v in skip.items()}, biases
+
+
+@contextmanager
+def _tuned_weights(lz: lazy.LazyModel, model: nn.Module, layers: dict, originals: dict):
+    """Inside the `with`, the quantized layers of a trained block hold their tuned codes dequantized, the way the
+    sink reads a block: each linear as an nn.Linear, each fused experts module as itself, the parameters the tuning
+    did not read rebuilt in CPU memory (let go on exit)."""
+    made = []  # (fused module, parameter name, its meta Parameter)
+    try:
+        for n, q in layers.items():
+            v = moe.parse_view(n)
+            if v is None:
+                m = archmod.get(model, n)
+                lin = nn.Linear(q.codes.shape[1], q.codes.shape[0], bias=False, device="meta", dtype=lz.dtype)
+                lin.weight = nn.Parameter(q.dequantize().to(lz.dtype), requires_grad=False)
+                lin.bias = m.bias
+                archmod.set_module(model, n, lin)
+                continue
+            fused = originals[v[0]]
+            if archmod.get(model, v[0]) is not fused:
+                archmod.set_module(model, v[0], fused)
+            view = moe.ExpertProj(fused, v[1], v[2])
+            p = moe.fused_param(fused, v[2])
+            if getattr(fused, p).device.type == "meta":
+                made.append((fused, p, getattr(fused, p)))
+                fused._parameters[p] = nn.Parameter(torch.zeros(made[-1][2].shape, dtype=lz.dtype), requires_grad=False)
+            view.weight.copy_(q.dequantize())
+        yield
+    finally:
+        for fused, p, meta in made:
+            fused._parameters[p] = meta
 
 
 def each_block(lz: lazy.LazyModel, device, sink, progress: bool = False, desc: str = "blocks",

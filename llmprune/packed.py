@@ -144,10 +144,9 @@ class PackWriter:
         }
 
 
-def check_packable(model: nn.Module, fmt: str, tune_steps: int = 0) -> None:
+def check_packable(model: nn.Module, fmt: str) -> None:
     """The formats pack nn.Linear layers and each expert's projections of a fused experts module (moe.py), run
-    at load by moe.SplitExperts; experts it cannot run as their fused class does are refused, and so is scale
-    tuning of a model with experts (quant/tune.py trains nn.Linear layers)."""
+    at load by moe.SplitExperts; experts it cannot run as their fused class does are refused."""
     for n, m in model.named_modules():
         if not moe.is_fused_experts(m):
             continue
@@ -155,9 +154,6 @@ def check_packable(model: nn.Module, fmt: str, tune_steps: int = 0) -> None:
         if why:
             raise LLMPruneError(f"--format {fmt}: the experts of {model.config.model_type!r} ({n}) cannot be packed: "
                                 f"their module {why}, which llmprune's packed experts do not: use --format dense")
-        if tune_steps:
-            raise LLMPruneError(f"--tune-steps trains the scales of nn.Linear layers, not the experts of this "
-                                f"{model.config.model_type} model: drop --tune-steps for a Mixture-of-Experts model")
 
 
 @torch.no_grad()

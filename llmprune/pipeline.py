@@ -200,7 +200,7 @@ def check_finite(model) -> None:
 def check_family(p: Plan, model) -> None:
     """What the model family allows (arch.py): its blocks must be found (else a one-line error naming
     what to add), SliceGPT needs a rotation-invariant residual stream, and the packed formats refuse experts
-    they cannot run and scale tuning of experts (packed.check_packable)."""
+    they cannot run (packed.check_packable)."""
     from . import arch
 
     arch.arch_of(model)  # blocks found, or the one-line error naming what to add
@@ -211,7 +211,7 @@ def check_family(p: Plan, model) -> None:
     if p.cfg.format != "dense":  # before any work, not when writing
         from .packed import check_packable
 
-        check_packable(model, p.cfg.format, p.gptq.tune_steps if p.quant == "gptq" else 0)
+        check_packable(model, p.cfg.format)
 
 
 def check_model(p: Plan, model) -> list[str]:

@@ -3,6 +3,8 @@
 every packed layer's dequantized weight written into it (an expert's into its rows of the 3-D parameter)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -182,7 +184,6 @@ def test_ct_export_of_packed_experts_writes_their_own_codes(family, tmp_path, ca
 
 def test_inconsistent_manifests_are_refused(tmp_path):
     """A manifest listing packed experts that config.json's model lacks is a damaged folder."""
-    import json
 
     save_packed(tiny_model("qwen3_moe"), tmp_path / "p", "w4g128", group_size="auto", dtype=None)
     doc = json.loads((tmp_path / "p" / "llmprune.json").read_text())
@@ -193,23 +194,77 @@ def test_inconsistent_manifests_are_refused(tmp_path):
         load_packed(tmp_path / "p")
 
 
-def test_scale_tuning_of_experts_is_refused_before_any_work(tmp_path, capsys, calib_txt):
-    """--tune-steps trains nn.Linear scales: `pack` and `compress` of a Mixture-of-Experts model refuse it in one
-    line, exit 2, nothing written (it once ended in an AttributeError traceback after GPTQ's pass)."""
+def _kl(student, teacher, ids):
+    """Mean per-token KL(teacher || student) from the two models' own logits."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        p = F.log_softmax(teacher(ids).logits.float(), -1)
+        q = F.log_softmax(student(ids).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_scale_tuning_of_experts_whole_and_from_disk(family, tmp_path, capsys, calib_txt, monkeypatch):
+    """`pack --quant gptq --tune-steps N` of a Mixture-of-Experts model: every expert's projections train as
+    ScaledLinear layers of a split experts module (quant.tune.scaled_experts). Against plain GPTQ only scales
+    differ, the experts' among them; loaded back, the pack is closer to its source, by the KL its manifest records;
+    the block-by-block path writes the whole load's files bit for bit, without reading the fused experts' weights
+    the codes cover (gpt-oss: their biases are read). qwen3_moe: layer 0 expert 0's gate projection is made dense
+    in the source, so it has no codes and stays dense: its weights are read for the tuning and written unchanged."""
+    from safetensors.torch import save_file
+
+    from llmprune import calibration, checkpoint, lazy
     from llmprune.cli import main
 
-    src = tiny_model_dir(tmp_path / "src", "qwen3_moe")
-    api.compress(model=str(src), solver="wanda", pattern="2:4", out=str(tmp_path / "d"), calib=str(calib_txt),
-                 eval=(), **CAL)
-    gptq = ["--format", "w4s24", "--quant", "gptq", "--tune-steps", "2", "--calib", str(calib_txt), "--nsamples", "4",
-            "--seqlen", "16", "--no-progress"]
-    for argv in (["pack", str(tmp_path / "d"), *gptq, "--out", str(tmp_path / "t")],
-                 ["compress", "--model", str(src), "--pattern", "2:4", *gptq, "--out", str(tmp_path / "t")]):
-        capsys.readouterr()
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "drop --tune-steps" in err[0], err
-        assert not (tmp_path / "t").exists()
+    src = tiny_model_dir(tmp_path / "src", family)
+    d = tmp_path / "d"
+    api.compress(model=str(src), solver="wanda", pattern="2:4", out=str(d), calib=str(calib_txt), eval=(), **CAL)
+    dense = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    if family == "qwen3_moe":
+        t = load_file(d / "model.safetensors")
+        t[dense] = torch.randn_like(t[dense])
+        save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    args = ["pack", str(d), "--format", "w4s24", "--quant", "gptq", "--group-size", "16", "--calib", str(calib_txt),
+            "--nsamples", "4", "--seqlen", "32", "--save-dtype", "float32", "--no-progress"]
+    tune = ["--tune-steps", "6", "--tune-lr", "5e-3"]
+    reads: dict[str, int] = {}
+    real = lazy.WeightFiles.get
+
+    def get(self, name, dtype=None):
+        reads[name] = reads.get(name, 0) + 1
+        return real(self, name, dtype)
+
+    for out, extra in (("g", ["--onload", "whole"]), ("tw", ["--onload", "whole", *tune]),
+                       ("tb", ["--onload", "blocks", *tune])):
+        with monkeypatch.context() as m:
+            if out == "tb":
+                m.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the whole model was loaded"))
+                m.setattr(lazy.WeightFiles, "get", get)
+            assert main([*args, *extra, "--out", str(tmp_path / out)]) == 0, capsys.readouterr().err
+    g, tw, tb = (_tensors(tmp_path / x) for x in ("g", "tw", "tb"))
+    assert tw.keys() == tb.keys() == g.keys()
+    assert all(torch.equal(tw[k], tb[k]) for k in tw)
+    differ = [k for k in tw if not torch.equal(tw[k], g[k])]
+    assert {k.rsplit(".", 1)[-1] for k in differ} == {"scales"} and any(".experts." in k for k in differ), differ
+    ma, mb = (json.loads((tmp_path / x / "llmprune.json").read_text())["format"] for x in ("tw", "tb"))
+    ta, tb_ = ma["quant_options"].pop("tune"), mb["quant_options"].pop("tune")
+    assert ta["kept"] == "tuned" and ta["kl_after"] < ta["kl_before"]
+    assert all(ta[k] == tb_[k] for k in ("kl_before", "kl_after", "kept", "steps", "windows"))
+    if family == "qwen3_moe":
+        assert list(ma["left_dense"]) == ["model.layers.0.mlp.experts.0.gate_proj"]
+        assert torch.equal(tw[dense], load_file(d / "model.safetensors")[dense])
+        assert reads[dense] == 3  # teacher, GPTQ and the tuning: its fused parameter is not all codes
+        assert reads["model.layers.1.mlp.experts.0.gate_proj.weight"] == 2  # never read for the tuning
+    else:
+        assert reads["model.layers.0.mlp.experts.gate_up_proj"] == reads["model.layers.0.mlp.experts.down_proj"] == 2
+        assert reads["model.layers.0.mlp.experts.gate_up_proj_bias"] == 3
+    source, tok, _ = checkpoint.load(d)
+    tuned, _, _ = checkpoint.load(tmp_path / "tw")
+    plain, _, _ = checkpoint.load(tmp_path / "g")
+    ids, _ = calibration.load(str(calib_txt), tok, 4, 32, 0)
+    assert _kl(tuned, source, ids) == pytest.approx(ta["kl_after"], rel=1e-3)  # what was stored
+    assert _kl(plain, source, ids) == pytest.approx(ta["kl_before"], rel=1e-3) and ta["kl_before"] > ta["kl_after"]
 
 
 @pytest.mark.parametrize("family,pattern,fmt", [("qwen3_moe", "2:4", "w4g128"), ("gpt_oss", "2:4", "w4s24"),

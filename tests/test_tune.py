@@ -267,3 +267,85 @@ def test_teacher_states_walk_the_blocks_and_match_the_whole_model():
     teacher, _, _, ids = _setup()
     want = torch.cat([teacher.base_model(input_ids=b, use_cache=False).last_hidden_state for b in ids.split(3)])
     torch.testing.assert_close(tune.teacher_states(teacher, ids, batch_size=3), want.float(), rtol=0, atol=0)
+
+
+def _experts_setup(family):
+    """A tiny Mixture-of-Experts model pruned 2:4 (the teacher) and a copy quantized with coarse RTN (the student),
+    every linear and expert projection but the last expert's down projection of layer 0 (left as it is)."""
+    from llmprune import arch
+
+    teacher = tiny_model(family, seed=0)
+    left = "model.layers.0.mlp.experts[3].down_proj"
+    quantized = {}
+    with torch.no_grad():
+        for n in arch.linear_names(teacher):
+            w = arch.target(teacher, n).weight
+            keep = _keep24(w)
+            w.mul_(keep)
+            if n != left:
+                quantized[n] = rtn(w.clone(), keep, 16, symmetric=False)
+        student = copy.deepcopy(teacher)
+        for n, q in quantized.items():
+            arch.target(student, n).weight.copy_(q.dequantize())
+    ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(0))
+    return teacher, student, quantized, ids, left
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_split_experts_of_scaled_linears_compute_the_fused_module(family):
+    """quant.tune.scaled_experts: with any trained scales, the split module computes what the fused experts module
+    computes with the weights those scales give (concatenated and interleaved, biased gate/up layouts), and the
+    gradient reaches every routed expert's scales."""
+    from llmprune import moe
+
+    _, student, quantized, _, _ = _experts_setup(family)
+    fused = student.model.layers[0].mlp.experts
+    views = {moe.parse_view(n)[1:]: q for n, q in quantized.items() if n.startswith("model.layers.0.mlp.experts[")}
+    split = tune.scaled_experts(fused, views)
+    ref = copy.deepcopy(fused)
+    with torch.no_grad():
+        for (e, proj), q in views.items():
+            m = split.get_submodule(f"{e}.{proj}")
+            m.t.normal_(0, 0.05)
+            w = (q.codes.float() - q.zeros.float().repeat_interleave(16, 1)) * m.scales().repeat_interleave(16, 1)
+            moe.ExpertProj(ref, e, proj).weight.copy_(w)
+    x = torch.randn(7, moe.ExpertProj(fused, 0, "up_proj").in_features)
+    index = torch.randint(0, moe.num_experts(fused), (7, 2), generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(7, 2)
+    y = split(x, index, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref(x, index, weights), rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    hit = set(index.unique().tolist())
+    for (e, proj) in views:
+        g = split.get_submodule(f"{e}.{proj}").t.grad
+        assert (g is not None and bool(g.abs().sum() > 0)) == (e in hit), (e, proj)
+    plain = split.get_submodule("3.down_proj")  # no codes: a frozen view of the fused weights
+    assert isinstance(plain, torch.nn.Linear) and plain.weight.data_ptr() == moe.ExpertProj(fused, 3, "down_proj").weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_tuning_experts_moves_their_scales_and_lowers_the_kl(family):
+    """tune_scales on a Mixture-of-Experts model: the KL figures are those of the models' own logits, the experts'
+    scales move with the other layers', the fused parameters end with what will be stored (a projection without
+    codes unchanged), and the fused experts modules and the gradient flags come back."""
+    from llmprune import arch, moe
+
+    teacher, student, quantized, ids, left = _experts_setup(family)
+    before = _kl_oracle(student, teacher, ids)
+    kept_left = arch.target(student, left).weight.clone()
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    out, info = tune.tune_scales(student, quantized, ids, tune.teacher_states(teacher, ids), steps=20, lr=2e-2)
+    after = _kl_oracle(student, teacher, ids)
+    assert info["kept"] == "tuned" and after < 0.8 * before, (before, after)
+    assert info["kl_before"] == pytest.approx(before, rel=1e-3) and info["kl_after"] == pytest.approx(after, rel=1e-3)
+    moved = set()
+    for n, q in quantized.items():
+        assert torch.equal(out[n].codes, q.codes) and torch.equal(out[n].zeros, q.zeros)
+        assert torch.equal(arch.target(student, n).weight, out[n].dequantize())
+        if not torch.equal(out[n].scales, q.scales):
+            moved.add("expert" if moe.parse_view(n) else "linear")
+    assert moved == {"expert", "linear"}
+    assert torch.equal(arch.target(student, left).weight, kept_left)
+    assert all(moe.is_fused_experts(layer.mlp.experts) for layer in student.model.layers)
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags

@@ -134,7 +134,7 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval) -> 
             raise LLMPruneError("--quant / --grid / --group-size / GPTQ options quantize compressed-tensors exports; "
                                 "GGUF quantizes with its own types: use --type q8_0 (or q4_0, ...)")
         return {"types": t.check(s, types)}
-    q = t.check(s, quant, group_size, None if grid == "auto" else symmetric, given.get("tune_steps", 0))
+    q = t.check(s, quant, group_size, None if grid == "auto" else symmetric)
     if given and q != "gptq":
         raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: add --quant gptq "
                             "or drop them")

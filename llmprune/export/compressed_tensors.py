@@ -46,10 +46,9 @@ def stored_per_expert(model_type: str) -> bool:
                for p in getattr(c, "source_patterns", ()))
 
 
-def check_config(cfg, tune_steps: int = 0) -> None:
+def check_config(cfg) -> None:
     """What the model's config alone decides: a Mixture-of-Experts model is written one int4 linear per expert
-    (the checkpoint's own layout, vLLM's), so its family must store experts that way; GPTQ's scale tuning
-    trains nn.Linear layers, not experts."""
+    (the checkpoint's own layout, vLLM's), so its family must store experts that way."""
     experts = next((getattr(cfg, k) for k in EXPERT_COUNTS if getattr(cfg, k, None)), None)
     if not experts:
         return
@@ -57,17 +56,14 @@ def check_config(cfg, tune_steps: int = 0) -> None:
         raise LLMPruneError(f"--to {NAME} writes a Mixture-of-Experts model's experts one int4 linear per expert, "
                             f"but {cfg.model_type} checkpoints store its {experts} experts per layer fused: use "
                             f"--to gguf where it writes the family, or serve the dense output")
-    if tune_steps:
-        raise LLMPruneError(f"--tune-steps trains the scales of nn.Linear layers, not the experts of this "
-                            f"{cfg.model_type} model: drop --tune-steps for a Mixture-of-Experts export")
 
 
-def check(src: Source, quant: str | None, group_size, symmetric: bool | None, tune_steps: int = 0) -> str | None:
+def check(src: Source, quant: str | None, group_size, symmetric: bool | None) -> str | None:
     """Refuse what this target cannot express, before any model is loaded; returns the quantizer to run
     (None: the source's own codes)."""
     from transformers import AutoConfig
 
-    check_config(AutoConfig.from_pretrained(src.folder), tune_steps)
+    check_config(AutoConfig.from_pretrained(src.folder))
     if src.fmt == "w4s50":
         raise LLMPruneError(f"{src.folder} is w4s50: its int4 groups of 16 inputs have no vLLM kernel (Marlin "
                             f"takes {', '.join(map(str, MARLIN_GROUPS))}); export the dense output it was packed "

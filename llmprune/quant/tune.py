@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import moe
 from ..arch import blocks as blocks_of
-from ..arch import logits, set_module
+from ..arch import logits, set_module, target
 from ..config import TUNE_LR
 from ..errors import LLMPruneError
 from . import Quantized
@@ -143,12 +144,40 @@ class ScaledLinear(nn.Module):
 
 def scaled_in_place(model: nn.Module, quantized: dict[str, Quantized], device=None) -> dict[str, nn.Module]:
     """Put a ScaledLinear in place of each named linear of `model`, built from its `quantized` codes on the
-    linear's device (or `device`); returns the linears it replaced, for `restore`."""
-    originals = {n: model.get_submodule(n) for n in quantized}
+    linear's device (or `device`); an expert's projection (`<experts>[e].<proj>`, moe.py) turns its fused experts
+    module into a moe.SplitExperts (scaled_experts). Returns the modules it replaced, for `restore`."""
+    originals, experts = {}, {}
     for n, q in quantized.items():
-        lin = originals[n]
+        view = moe.parse_view(n)
+        if view is not None:
+            experts.setdefault(view[0], {})[view[1:]] = q
+            continue
+        lin = originals[n] = model.get_submodule(n)
         set_module(model, n, ScaledLinear(q, lin.bias, device or lin.weight.device))
+    for n, views in experts.items():
+        fused = originals[n] = model.get_submodule(n)
+        set_module(model, n, scaled_experts(fused, views, device))
     return originals
+
+
+def scaled_experts(fused: nn.Module, quantized: dict[tuple[int, str], Quantized], device=None) -> moe.SplitExperts:
+    """The fused experts module `fused` as a moe.SplitExperts (the expert-by-expert forward of transformers' eager
+    experts, differentiable) whose projections are ScaledLinear where `quantized` ({(expert, projection):
+    Quantized}) has their codes, on `device` (default: the fused weights'), and frozen views of the fused
+    weights where it has none. Its trained scales: `.get_submodule(f"{e}.{proj}").s0` (moe.stored_name)."""
+    split = moe.SplitExperts(fused)
+    for e, expert in enumerate(split):
+        for proj in split.projections:
+            v = moe.ExpertProj(fused, e, proj)
+            bias = None if v.bias is None else nn.Parameter(v.bias, requires_grad=False)
+            q = quantized.get((e, proj))
+            if q is not None:
+                mod = ScaledLinear(q, bias, device or v.weight.device)
+            else:
+                mod = getattr(expert, proj)  # its meta nn.Linear, given the fused weights' view
+                mod.weight, mod.bias = nn.Parameter(v.weight, requires_grad=False), bias
+            setattr(expert, proj, mod)
+    return split
 
 
 def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
@@ -255,14 +284,14 @@ def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Te
         originals = scaled_in_place(model, quantized, home)
         kept, info = train(model, ids, targets, steps, lr, batch, seed, tuple(devices or (str(device),)), progress,
                            blocks)
-        out = {n: dataclasses.replace(q, scales=model.get_submodule(n).s0.half().cpu()) if kept else q
-               for n, q in quantized.items()}
+        out = {n: dataclasses.replace(q, scales=model.get_submodule(moe.stored_name(n)).s0.half().cpu()) if kept
+               else q for n, q in quantized.items()}
     finally:
         restore(model, originals)
         for p, rg in frozen.items():
             p.requires_grad_(rg)
     with torch.no_grad():
         for n, q in out.items():
-            lin = originals[n]
-            lin.weight.copy_(q.dequantize().to(lin.weight.device, lin.weight.dtype))
+            w = target(model, n).weight  # a linear's, or an expert's rows of its fused parameter
+            w.copy_(q.dequantize().to(w.device, w.dtype))
     return out, {**info, "seconds": round(time.perf_counter() - t0, 1)}
