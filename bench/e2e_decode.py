@@ -9,8 +9,9 @@ not depend on the values). Static KV cache, one decode step captured in a CUDA g
 one packed linear per expert's projection, stacked per projection (moe.SplitExperts, as llmprune.load runs a
 packed MoE folder): decode runs each projection of every (token, expert) pair in one grouped launch, no host
 synchronization, captured in the CUDA graph; a format written `w4s24:loop` runs its experts one by one instead
-(the path before the grouped kernels, and prefill's). A step reads only the experts its tokens are routed to, so
-no effective GB/s is given (weight_bytes counts them all).
+(the path before the grouped kernels, and prefill's). A step reads only the experts its tokens are routed to: its
+effective GB/s counts those (read_bytes_per_step: the timed steps replayed untimed, llmprune.bench.decode_steps),
+weight_bytes counts them all.
 
 Per model and batch: ms per step (median, p90), tokens/s, effective GB/s (weight bytes per step x
 steps/s), peak memory (each model alone: the dense decoder linears are freed before the packed models
@@ -37,9 +38,9 @@ from llmprune.bench import (
     _peak_mib,
     _reset_peak,
     _summary,
+    bytes_per_step,
     decode_steps,
     format_table,
-    has_experts,
     random_packed,
     weight_bytes,
 )
@@ -149,7 +150,6 @@ def linears_step(model: torch.nn.Module, batch: int, device, reps: int = 20) -> 
 def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]:
     rows = []
     wb = weight_bytes(m)
-    routed = has_experts(m)  # a step reads only the experts its tokens are routed to: no effective GB/s
     step_model = torch.compile(m) if compiled else None
     for b in batches:
         _reset_peak(device)
@@ -157,7 +157,8 @@ def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]
         r = decode_steps(m, b, a.prompt_len, a.new_tokens, device, 3, True, step_model=step_model,
                          profile=b == batches[0])
         rows.append({"model": label + (" compiled" if compiled else ""), "batch": b, "weight_bytes": wb,
-                     "mode": r["mode"], **_summary(r["ms"], b, None if routed else wb),
+                     "read_bytes_per_step": bytes_per_step(r, wb), "mode": r["mode"],
+                     **_summary(r["ms"], b, bytes_per_step(r, wb)),
                      "peak_mem_MiB": _peak_mib(device), "peak_of": "this model alone", "wall_s": time.time() - t0,
                      **({"profile": r["profile"]} if "profile" in r else {})})
         print(format_table(rows[-1:], DECODE_COLS), flush=True)
@@ -183,8 +184,8 @@ def main(argv=None) -> int:
     compiled = [c for c in a.compile.split(",") if c]
     tiny = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                 vocab_size=1000) if a.tiny else {}
-    if a.tiny and "a3b" in a.arch:  # the Qwen3-MoE dry run: 8 experts of 128
-        tiny.update(num_experts=8, moe_intermediate_size=128, head_dim=64)
+    if a.tiny and "a3b" in a.arch:  # the Qwen3-MoE dry run: 16 experts of 128, 8 a token
+        tiny.update(num_experts=16, moe_intermediate_size=128, head_dim=64)
     dense = dense_model(a.arch, a.layers, a.device, **tiny)
     moe_keys = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size")
     res = {"arch": a.arch, "config": {k: getattr(dense.config, k) for k in (

@@ -146,7 +146,7 @@ def trace(module: nn.Module, run, targets: dict, index: int = 0) -> tuple:
         def f(mod, args, kwargs):
             if rel not in seen:
                 seen.add(rel)
-                hidden, _ = moe._routing(args, kwargs)
+                hidden, _ = moe.routing(args, kwargs)
                 events.append(("experts", rel, hidden, None))
         return f
 

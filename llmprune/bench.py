@@ -6,6 +6,9 @@ the issue's target uses 4.3 TB/s achievable). KV-cache reads are not counted in 
 Protocol: random prompt of `prompt_len` tokens, prefill, then `new_tokens` greedy decode steps with
 a static KV cache; on CUDA one decode step is captured in a CUDA graph and replayed; the first
 `warmup` steps are excluded; every step is timed on its own (median and p90).
+A Mixture-of-Experts step reads only the experts its tokens are routed to: the timed steps are replayed
+afterwards, untimed and eager, with the same input tokens and cache, counting the experts each layer hits
+(`read_bytes`); its effective GB/s is the mean of those bytes over the median step time.
 """
 from __future__ import annotations
 
@@ -94,12 +97,65 @@ def _peak_mib(device: torch.device) -> float:
     return peak_rss_mib()
 
 
+def expert_bytes(model: torch.nn.Module) -> dict[torch.nn.Module, list[int]]:
+    """{experts module: the bytes of each expert's weights} for every experts module of `model`: a fused one
+    (3-D parameters, (experts, ...)) or a packed one (moe.SplitExperts: each expert's own tensors)."""
+    from . import moe
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    out = {}
+    for m in model.modules():
+        if isinstance(m, moe.SplitExperts):
+            out[m] = [nbytes([*ex.parameters(), *ex.buffers()]) for ex in m]
+        elif moe.is_fused_experts(m):
+            n = moe.num_experts(m)
+            out[m] = [nbytes(t[0] for t in m.parameters(recurse=False) if t.shape[0] == n)] * n
+    return out
+
+
+@contextlib.contextmanager
+def counting_reads(model: torch.nn.Module):
+    """Inside the `with`, a list that gets, per call of `step` (`reads.step(fn)`), the weight bytes that call
+    read: every weight but the experts (weight_bytes), plus the experts each experts module was routed to."""
+    from . import moe
+
+    sizes = expert_bytes(model)
+    base = weight_bytes(model) - sum(sum(v) for v in sizes.values())
+    hit: list[int] = []
+
+    def hook(mod, args, kwargs, out):
+        _, index = moe.routing(args, kwargs)
+        hit.append(sum(sizes[mod][e] for e in index.unique().tolist() if 0 <= e < len(sizes[mod])))
+
+    class Reads(list):
+        def step(self, fn):
+            hit.clear()
+            fn()
+            self.append(base + sum(hit))
+
+    hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in sizes]
+    try:
+        yield Reads()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def bytes_per_step(r: dict, wbytes: int) -> int:
+    """The weight bytes a timed step of decode_steps' result `r` read: `wbytes` (all of them), or the mean over
+    the timed steps of what they read (a Mixture-of-Experts model: `read_bytes`)."""
+    return round(statistics.mean(r["read_bytes"])) if r.get("read_bytes") else wbytes
+
+
 @torch.no_grad()
 def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, warmup: int = 3,
                  cuda_graphs: bool = True, seed: int = 0, step_model=None, profile: bool = False) -> dict:
     """Per-step decode latencies (ms) after a prefill, static KV cache, CUDA graph when possible.
     `step_model`: what runs the decode steps (e.g. a torch.compile'd model), default `model`.
-    `profile`: also the kernels of one step (`profile_step`), under "profile"."""
+    `profile`: also the kernels of one step (`profile_step`), under "profile". A model with experts: the
+    weight bytes each timed step read, under "read_bytes" (the steps replayed untimed, eager, with their inputs)."""
     from transformers import StaticCache
 
     device = torch.device(device)
@@ -174,6 +230,13 @@ def decode_steps(model, batch: int, prompt_len: int, new_tokens: int, device, wa
         if i >= warmup:
             times.append(ms)
     out = {"ms": times, "mode": note, "prompt": ids.cpu(), "tokens": torch.cat(toks, 1).cpu()}
+    if has_experts(model):  # after the timed steps: the hooks' host synchronizations cannot touch them
+        with counting_reads(model) as reads:
+            for i in range(warmup, warmup + new_tokens):
+                seek(prompt_len + i)
+                tok.copy_(toks[i])  # step i's input: the cache holds what the timed step i saw
+                reads.step(lambda: model(input_ids=tok, **{kw: cache}, cache_position=cpos, use_cache=True))
+        out["read_bytes"] = list(reads)
     if profile:  # after the timed steps, so that the profiler cannot touch the capture or the timings
         seek(prompt_len)
         try:
@@ -212,7 +275,7 @@ def profile_step(step, device, top: int = 15) -> dict:
 
 
 def _summary(times: list[float], batch: int, wbytes: int | None) -> dict:
-    """wbytes: the weight bytes one step reads; None when unknown (Mixture-of-Experts: no GB/s is given)."""
+    """wbytes: the weight bytes one step reads (bytes_per_step); None when unknown: no GB/s is given."""
     med = statistics.median(times)
     p90 = sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     gbs = None if wbytes is None else wbytes / (med / 1e3) / 1e9  # weights are read once per step, whatever the batch
@@ -249,9 +312,9 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
             _reset_peak(device)
             r = decode_steps(m, b, prompt_len, new_tokens, device, warmup, cuda_graphs, step_model=step_model,
                              profile=profile and b == batches[0])
-            rows.append({"model": label, "batch": b, "weight_bytes": wb,
+            rows.append({"model": label, "batch": b, "weight_bytes": wb, "read_bytes_per_step": bytes_per_step(r, wb),
                          "mode": r["mode"] + (" + torch.compile" if compile else ""),
-                         **_summary(r["ms"], b, None if routed else wb), "peak_mem_MiB": _peak_mib(device),
+                         **_summary(r["ms"], b, bytes_per_step(r, wb)), "peak_mem_MiB": _peak_mib(device),
                          **({"profile": r["profile"]} if "profile" in r else {})})
         del m, step_model
         if compile:
@@ -261,9 +324,10 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
            "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
            "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,
            "bandwidth_reference_GBps": {"h200_spec": H200_SPEC_GBS, "issue_target": H200_TARGET_GBS},
-           "notes": "effective_GBps = weight bytes per step / median step time; KV-cache reads excluded"
-                    + ("; none for a Mixture-of-Experts model: a step reads only the experts its tokens are routed "
-                       "to, weight_bytes counts them all" if routed else "")}
+           "notes": "effective_GBps = weight bytes read per step / median step time; KV-cache reads excluded"
+                    + ("; a Mixture-of-Experts step reads only the experts its tokens are routed to: "
+                       "read_bytes_per_step is the mean over the timed steps, replayed untimed to count them "
+                       "(weight_bytes counts every expert)" if routed else "")}
     dense = {r["batch"]: r for r in rows if r["model"] == "dense"}
     for r in rows:
         if r["model"] == "compressed" and r["batch"] in dense:

@@ -75,7 +75,7 @@ def _oi(experts: nn.Module, w: torch.Tensor) -> torch.Tensor:
     return w.T if experts.is_transposed else w
 
 
-def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden (tokens, H), top_k_index (tokens, k)) from an experts forward call."""
     vals = list(args) + list(kwargs.values())  # forward(hidden, index, weights) under any parameter names
     index = next(v for v in vals[1:] if isinstance(v, torch.Tensor) and not v.is_floating_point())
@@ -141,7 +141,7 @@ class ExpertProj:
     def register_forward_hook(self, fn):
         """fn(view, (inputs (n, in),), None) after each experts call in which the expert computed (n > 0)."""
         def hook(mod, args, kwargs, out):
-            hidden, index = _routing(args, kwargs)
+            hidden, index = routing(args, kwargs)
             x = self.inputs(hidden, index)
             if x.shape[0]:
                 fn(self, (x,), None)

@@ -51,22 +51,38 @@ def test_run_bench_dense_vs_packed(tmp_path):
     json.dumps(res)
 
 
-def test_bench_of_packed_experts_decodes_and_gives_no_bandwidth(tmp_path):
-    """A packed Mixture-of-Experts folder decodes (its greedy tokens are generate's) and gets no effective GB/s:
-    a step reads only the experts its tokens are routed to, which weight_bytes (all of them) does not say."""
+def test_bench_of_experts_counts_the_experts_each_step_reads(tmp_path):
+    """A packed Mixture-of-Experts folder decodes (its greedy tokens are generate's); a step reads only the experts
+    its tokens are routed to, so its effective GB/s counts those: at batch 1, top-k of E experts, every layer reads
+    exactly k experts (all but E - k of them, sized here from the model's own tensors), at batch 2 between k and
+    2k; the same for the dense model's fused experts."""
     from llmprune.packed import load_packed, save_packed
 
+    dense = tiny_model("qwen3_moe", seed=2)
     out = tmp_path / "packed"
-    save_packed(tiny_model("qwen3_moe", seed=2), out, "w4g128", group_size="auto", dtype=None)
+    save_packed(dense, out, "w4g128", group_size="auto", dtype=None)
     m = load_packed(out)
     res = bench.decode_steps(m, batch=2, prompt_len=6, new_tokens=4, device="cpu", warmup=1)
     ref = m.generate(res["prompt"], attention_mask=torch.ones_like(res["prompt"]), max_new_tokens=6,
                      do_sample=False, pad_token_id=257)
     assert torch.equal(res["tokens"], ref[:, 6:])
-    run = bench.run_bench(out, batches=(2,), prompt_len=6, new_tokens=3, device="cpu", warmup=1)
-    r = run["rows"][0]
-    assert r["effective_GBps"] is None and r["pct_of_target_bw"] is None and r["tokens_per_s"] > 0
-    assert "Mixture-of-Experts" in run["notes"] and " - " in bench.format_table(run["rows"], bench.DECODE_COLS)
+    cfg = dense.config
+    E, k, L = cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+    assert k < E
+    packed_expert = sum(t.numel() * t.element_size() for n, t in m.state_dict().items()
+                        if n.startswith("model.layers.0.mlp.experts.0."))
+    fused = dense.model.layers[0].mlp.experts
+    dense_expert = (fused.gate_up_proj[0].numel() + fused.down_proj[0].numel()) * 4  # fp32
+    run = bench.run_bench(out, dense_model=dense, batches=(1, 2), prompt_len=6, new_tokens=3, device="cpu", warmup=1)
+    for r in run["rows"]:
+        per = packed_expert if r["model"] == "compressed" else dense_expert
+        fewest = r["weight_bytes"] - L * (E - k) * per
+        if r["batch"] == 1:
+            assert r["read_bytes_per_step"] == fewest, r
+        else:
+            assert fewest <= r["read_bytes_per_step"] <= fewest + L * min(k, E - k) * per, r
+        assert r["effective_GBps"] == pytest.approx(r["read_bytes_per_step"] / r["ms_per_step_median"] / 1e6)
+    assert "Mixture-of-Experts" in run["notes"]
 
 
 @pytest.mark.parametrize("fmt", ["sparse24", "w4g128", "w4s24", "w4s50"])
@@ -145,8 +161,8 @@ def test_e2e_decode_measures_each_model_alone(tmp_path, monkeypatch):
 def test_e2e_decode_of_a_moe_model_runs_packed_experts(tmp_path, monkeypatch):
     """bench/e2e_decode.py --arch qwen3-30b-a3b (CPU dry run): the dense experts are freed too, the packed copy runs
     each expert's projections as packed linears (moe.SplitExperts, stacked for the grouped launches: the same
-    logits as expert by expert), the router stays as it is, `w4s24:loop` rows run expert by expert, and no row
-    claims an effective GB/s."""
+    logits as expert by expert), the router stays as it is, `w4s24:loop` rows run expert by expert, and the
+    effective GB/s counts the experts a step reads (8 of 16 a layer at batch 1), not all of them."""
     import sys
     from pathlib import Path
 
@@ -178,7 +194,8 @@ def test_e2e_decode_of_a_moe_model_runs_packed_experts(tmp_path, monkeypatch):
     assert e2e_decode.main([str(out), "--arch", "qwen3-30b-a3b", "--device", "cpu", "--tiny", "--layers", "1",
                             "--batch", "1", "--new-tokens", "2", "--prompt-len", "3", "--formats", "w4s24,w4s24:loop"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["model"] for r in rows] == ["dense", "w4s24", "w4s24:loop"] and all(r["effective_GBps"] is None for r in rows)
+    assert [r["model"] for r in rows] == ["dense", "w4s24", "w4s24:loop"]
+    assert all(0 < r["read_bytes_per_step"] < r["weight_bytes"] and r["effective_GBps"] > 0 for r in rows)
     sys.modules.pop("e2e_decode")
 
 
