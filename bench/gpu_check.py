@@ -47,6 +47,12 @@ def packed_case(fmt, out, n_in, dtype, dev):
     return p, b
 
 
+def random_experts(fmt, experts, out, n_in, dtype, dev) -> tuple:
+    """The stacked kernel tensors (ops.stack_args) of `experts` random packed (out, n_in) experts."""
+    args, _ = ops.stack_args(fmt, n_in, [random_packed(fmt, out, n_in, dtype, dev, seed=e) for e in range(experts)])
+    return args
+
+
 def warm(job, device: str = "cuda") -> int:
     """Compile the kernels of one case (a worker of gpu_precompile.py): no checks."""
     fmt, out, n_in, dtype = job
@@ -66,7 +72,7 @@ def warm_grouped(job, device: str = "cuda") -> int:
     dev = torch.device(device)
     out, n_in = (256, 2048) if dev.type == "cuda" else (32, 256)
     dtype = dtype if dev.type == "cuda" else torch.float32
-    args, _ = ops.stack_args(fmt, n_in, [random_packed(fmt, out, n_in, dtype, dev, seed=e) for e in range(2)])
+    args = random_experts(fmt, 2, out, n_in, dtype, dev)
     ids = torch.tensor([1, 0], dtype=torch.int32, device=dev)
     x = torch.randn(1, n_in, device=dev, dtype=dtype)
     for bias in (None, torch.randn(2, out, device=dev, dtype=dtype)):
@@ -122,7 +128,7 @@ def grouped_checks(dev) -> list[dict]:
         big = ((_past_int32(fmt, *GROUPED_BIG, dev), *GROUPED_BIG),) if cuda else ()
         for E, out, n_in in shapes + big:
             for dtype in DTYPES if (E, out, n_in) not in big else (torch.float16,):
-                args, _ = ops.stack_args(fmt, n_in, [random_packed(fmt, out, n_in, dtype, dev, seed=e) for e in range(E)])
+                args = random_experts(fmt, E, out, n_in, dtype, dev)
                 bias = torch.randn(E, out, device=dev, dtype=dtype)
                 gen = torch.Generator(dev).manual_seed(E + out)
                 for P, xdiv in ((8, 8), (128, 8), (256, 8), (128, 1)) if cuda else ((8, 4), (6, 1)):

@@ -262,8 +262,8 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
         tasks = zeroshot.check(tasks, limit, "--limit")
     is_output = Path(target).is_dir() and mf.exists(target)
     old = mf.read(target) if is_output else None
-    if old is not None and old.exported_from:  # read by another engine's loader, not llmprune's
-        to = (old.export or {}).get("to", "compressed-tensors")
+    to = old.export_target if old is not None else None
+    if to:  # read by another engine's loader, not llmprune's
         how = old.command or f"llmprune export {old.exported_from} --to {to} --out {target}"
         raise LLMPruneError(f"{target} is an export for another engine ({to}), which llmprune eval does not read: "
                             f"measure it as transformers reads it by running its command again with --eval "

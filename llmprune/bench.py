@@ -40,8 +40,8 @@ def _load(model, dtype, device):
         from llmprune.errors import LLMPruneError
 
         m = mf.read(p)
-        if m.exported_from:  # another engine's files: llmprune's runtime would not be what is timed
-            to = (m.export or {}).get("to", "compressed-tensors")
+        to = m.export_target
+        if to:  # another engine's files: llmprune's runtime would not be what is timed
             raise LLMPruneError(f"{p} is an export for another engine ({to}), which llmprune bench does not time: "
                                 f"bench the llmprune output it came from ({m.exported_from}), or time the export "
                                 f"where it is served (vLLM, SGLang, llama.cpp)")

@@ -114,6 +114,11 @@ class Manifest:
     def format_name(self) -> str:
         return (self.format or {}).get("name", "dense")
 
+    @property
+    def export_target(self) -> str | None:
+        """The engine format an export was written for ("compressed-tensors", "gguf"); None: not an export."""
+        return (self.export or {}).get("to", "compressed-tensors") if self.exported_from else None
+
     def get(self, key: str, default: Any = None) -> Any:
         """dict-style access for readers of optional sections."""
         return self.to_dict().get(key, default)

@@ -318,11 +318,12 @@ class SplitExperts(nn.ModuleList):
                     lin.bias = nn.Parameter(t[e], requires_grad=False)
                 elif name in lin._buffers:  # w4s50: the stored bitmap stays the expert's own
                     lin._buffers[name] = t[e]
+        self._probe_key = next(self._bound())[:3]  # looked up on every forward: no generator then
         object.__setattr__(self, "_probe", self._held())  # a plain reference (a Parameter would register)
 
     def _held(self):
         """The last expert's tensor that the first stack's view was bound to."""
-        proj, kind, name, _ = next(self._bound())
+        proj, kind, name = self._probe_key
         lin = getattr(self[-1], proj)
         return lin.bias if kind == "bias" else lin._buffers.get(name)
 

@@ -164,7 +164,7 @@ def prune(model, solver: Solver, pattern: Pattern, sparsities: dict[str, float],
     if experts:
         out["experts"] = experts
     if extra_runs:
-        out["hessian_runs"] = {"budget_gib": round(budget / 2**30, 2), "extra": extra_runs}
+        out["hessian_runs"] = walker.runs_record(budget, extra_runs)
     return out
 
 

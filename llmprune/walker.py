@@ -315,6 +315,12 @@ def stats_budget(devices: Sequence) -> int:
     return int(STATS_ON_DEVICE * sum(device_memory(d) for d in {str(torch.device(d)) for d in devices}))
 
 
+def runs_record(budget: int, extra: int) -> dict:
+    """What a manifest records when Hessians were collected a run at a time: the budget and the runs beyond one
+    per group (the weights are the same; only the time differs)."""
+    return {"budget_gib": round(budget / 2**30, 2), "extra": extra}
+
+
 def chunks(modules: dict[str, nn.Module], needs, budget: int) -> list[list[str]]:
     """The names of `modules`, in order, cut into runs whose Hessians together stay within `budget` bytes, so
     that one run's statistics are collected, solved and freed before the next run's are collected. Only a

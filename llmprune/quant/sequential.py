@@ -102,7 +102,7 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         # written once all are solved, so that a later run's inputs are still those of the unquantized block
         parts = walker.chunks(mods, {"hessian"}, budget)
         if len(parts) > 1 and info is not None:
-            runs = info.setdefault("hessian_runs", {"budget_gib": round(budget / 2**30, 2), "extra": 0})
+            runs = info.setdefault("hessian_runs", walker.runs_record(budget, 0))
             runs["extra"] += len(parts) - 1
         block_out = {}
         for part in parts:
