@@ -29,6 +29,7 @@ engine (prune.py) then uses one of FALLBACKS for it and records which in the man
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -395,6 +396,60 @@ class SplitExperts(nn.ModuleList):
             h = self._gate(ex.gate_proj(xe), ex.up_proj(xe)) if self.has_gate else self._fused.act_fn(ex.up_proj(xe))
             out.index_add_(0, tok, (ex.down_proj(h) * weights[tok, pos, None]).to(out.dtype))
         return out.reshape(hidden.shape)
+
+
+def view_linear(experts: nn.Module, index: int, proj: str) -> nn.Linear:
+    """Expert `index`'s projection `proj` of a fused experts module as an nn.Linear whose weight and bias are
+    Parameters viewing the fused parameters' rows (no copy; frozen)."""
+    v = ExpertProj(experts, index, proj)
+    lin = nn.Linear(v.in_features, v.out_features, bias=False, device="meta")
+    lin.weight = nn.Parameter(v.weight, requires_grad=False)
+    lin.bias = None if v.bias is None else nn.Parameter(v.bias, requires_grad=False)
+    return lin
+
+
+def has_zeros(experts: nn.Module) -> bool:
+    """Whether any expert weight of a fused experts module holds a zero (was pruned); False on the meta device."""
+    return any(p.dim() == 3 and p.device.type != "meta" and not bool(p.detach().all())
+               for p in experts.parameters(recurse=False))
+
+
+@contextmanager
+def split_linears(model: nn.Module, paths):
+    """Inside the `with`, each fused experts module named in `paths` as a SplitExperts of nn.Linear (`view_linear`:
+    each expert's projection, its weight and bias viewing the fused rows), so that what works on nn.Linear layers
+    (PERP's adapters, its bias training) reaches the experts; their names `<experts>.<e>.<proj>` (stored_name). The
+    fused parameters let their storage go meanwhile (the linears hold it). On exit each fused module is back, its
+    parameters (the same Parameter objects) rebuilt from the linears' weights and biases as they are then: whatever
+    training wrote, whichever device and dtype placement left them on."""
+    fused = {p: model.get_submodule(p) for p in dict.fromkeys(paths)}
+    done, shapes = {}, {}
+    try:
+        for path, f in fused.items():
+            split = SplitExperts(f)
+            for e, expert in enumerate(split):
+                for proj in split.projections:
+                    setattr(expert, proj, view_linear(f, e, proj))
+            model.set_submodule(path, split)
+            done[path] = split
+            for p in f.parameters(recurse=False):
+                shapes[p] = p.shape
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        yield {path: split for path, split in done.items()}
+    finally:
+        for path, split in done.items():
+            f = fused[path]
+            ref = split[0].down_proj.weight
+            for p in f.parameters(recurse=False):
+                p.data = torch.empty(shapes[p], dtype=p.dtype, device=ref.device)
+            with torch.no_grad():
+                for e, expert in enumerate(split):
+                    for proj in split.projections:
+                        v, lin = ExpertProj(f, e, proj), getattr(expert, proj)
+                        v.weight.copy_(lin.weight)
+                        if lin.bias is not None:
+                            v.bias.copy_(lin.bias)
+            model.set_submodule(path, f)
 
 
 def packed_experts(model: nn.Module, section: dict, folder) -> dict[str, nn.Module]:

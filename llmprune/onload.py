@@ -364,12 +364,13 @@ def load_placed(lz: lazy.LazyModel, devices: tuple[str, ...], where: list[tuple[
 
 def recover_plan(lz: lazy.LazyModel, targets: list[str], devices: tuple[str, ...], rcfg) -> list[tuple[int, bool]]:
     """Where PERP will train each block of `lz` (perp.plan), worked out on the meta device before any
-    weight is read, the linears among the pruning's `targets` adapted; refuses what training would."""
+    weight is read, the linears and experts' projections among the pruning's `targets` adapted (a fused linear's
+    part adapts the whole linear); refuses what training would."""
     from .recover import perp
 
     model = lz.model
-    adapted = dict.fromkeys(n for n in dict.fromkeys(t.split("[")[0] for t in targets)
-                            if isinstance(archmod.get(model, n), nn.Linear))
+    names = dict.fromkeys(t if moe.parse_view(t) else t.split("[")[0] for t in targets)
+    adapted = dict.fromkeys(n for n in names if moe.parse_view(n) or isinstance(archmod.get(model, n), nn.Linear))
     return perp.plan(model, adapted, devices, rcfg.seqlen, **rcfg.perp_options())
 
 

@@ -158,6 +158,27 @@ def test_compress_recover_block_by_block_computes_what_the_whole_model_computes(
     assert strip(ma["eval"]) == strip(mb["eval"])
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_compress_recover_of_experts_block_by_block_computes_what_the_whole_model_computes(tmp_path, capsys, calib_txt,
+                                                                                           family):
+    """PERP adapts the experts' projections too (moe.split_linears), planned on the meta device by their view names
+    and read from disk to where they train: the folder and the losses are the whole path's, every expert adapted."""
+    from llmprune.testing import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "src", family)
+    outs = {m: tmp_path / m for m in ("whole", "blocks")}
+    for m, out in outs.items():
+        rc, _, se = _run(capsys, "compress", "--model", src, "--pattern", "2:4", *RECOVER, "--calib", calib_txt,
+                         "--out", out, "--onload", m, *CHEAP, "--eval", "none")
+        assert rc == 0, se
+    a, b = _tensors(outs["whole"]), _tensors(outs["blocks"])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((outs[m] / "llmprune.json").read_text()) for m in ("whole", "blocks"))
+    assert ma["recover"]["losses"] == mb["recover"]["losses"]
+    assert ma["recover"]["adapted_linears"] == mb["recover"]["adapted_linears"] == ma["sparsity"]["linears"]
+    assert mb["sparsity"]["measured_after_recover"] == 0.5
+
+
 # experts stored per expert, fused in memory (DeepSeek-V3 and GLM-4.5: block 0 dense, 1 and 2 Mixture-of-Experts)
 CONVERTED = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "glm4_moe", "qwen3_next", "minimax_m2")
 

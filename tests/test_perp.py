@@ -347,3 +347,81 @@ def test_rank_is_capped_for_a_narrow_linear():
     assert any("rank capped" in n and "shared_expert_gate: 1" in n for n in info["notes"])
     for n, z in zeros.items():
         assert torch.equal(model.get_submodule(n).weight == 0, z), n
+
+
+# ---- Mixture-of-Experts: the experts' projections as nn.Linear layers (moe.split_linears) ----------------------
+
+def pruned_moe(family: str, seed: int = 0):
+    """A tiny Mixture-of-Experts model whose attention linears and every expert's projections are pruned 2:4 by
+    magnitude; returns (model, {target name: keep-mask})."""
+    from llmprune import arch
+
+    pat, sp = PATTERNS["2:4"]
+    model = tiny_model(family, seed)
+    masks = {}
+    with torch.no_grad():
+        for n in arch.linear_names(model):
+            w = arch.target(model, n).weight
+            masks[n] = keep_mask(w.abs(), pat, sp, scope="row")
+            w.mul_(masks[n])
+    return model, masks
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_split_linears_compute_the_fused_experts_and_write_back(family):
+    """Split, the model computes what its fused experts compute (concatenated and interleaved, transposed, biased
+    layouts); a weight or bias the split linears end with, even moved off the fused storage (as placement and
+    dtype casts do), is what the fused parameters hold on exit, which are the same Parameter objects."""
+    import copy
+
+    from llmprune import moe
+
+    model, _ = pruned_moe(family)
+    ref = copy.deepcopy(model)
+    ids = repetitive_ids(2, 12)
+    params = dict(model.named_parameters())
+    path = "model.layers.1.mlp.experts"
+    with moe.split_linears(model, [path]) as split:
+        assert isinstance(model.get_submodule(path), moe.SplitExperts)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        lin = split[path][2].down_proj
+        new_w = torch.randn_like(lin.weight)
+        lin.weight.data = new_w.clone()  # rebound: no longer a view of the fused rows
+        if lin.bias is not None:
+            lin.bias.data = torch.full_like(lin.bias, 0.5)
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters())
+    view = moe.ExpertProj(model.get_submodule(path), 2, "down_proj")
+    assert torch.equal(view.weight, new_w) and (view.bias is None or bool((view.bias == 0.5).all()))
+    view.weight.copy_(moe.ExpertProj(ref.get_submodule(path), 2, "down_proj").weight)
+    if view.bias is not None:
+        view.bias.copy_(moe.ExpertProj(ref.get_submodule(path), 2, "down_proj").bias)
+    assert all(torch.equal(t, ref.state_dict()[k]) for k, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_recover_retrains_the_experts_too(family):
+    """PERP on a Mixture-of-Experts model adapts every pruned expert projection as well as the attention linears
+    (MaskLoRA through moe.split_linears): their kept weights retrain, their zeros stay bit for bit, gpt-oss' expert
+    biases train with the other biases, the routers stay frozen, and the loss goes down."""
+    import copy
+
+    from llmprune import arch
+
+    model, masks = pruned_moe(family)
+    ref = copy.deepcopy(model)
+    ids = repetitive_ids()
+    loss0 = lm_loss(model, ids)
+    info = recover(model, ids, train=("norms", "biases", "masklora"), **FAST)
+    assert lm_loss(model, ids) < loss0 - 0.5
+    assert info["adapted_linears"] == len(masks) and any(".experts[" in n for n in masks)
+    for n, keep in masks.items():
+        w0, w1 = arch.target(ref, n).weight.detach(), arch.target(model, n).weight.detach()
+        assert torch.equal(w1 == 0, w0 == 0) and torch.equal(bits(w1[~keep]), bits(w0[~keep])), n
+        assert not torch.equal(w1, w0), n
+    before, after = ref.state_dict(), model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not {k for k in changed if ".router." in k or k.endswith("mlp.gate.weight")}
+    assert {k for k in changed if k.endswith("_bias")} == ({k for k in before if ".experts." in k and k.endswith("_bias")}
+                                                           if family == "gpt_oss" else set())

@@ -168,15 +168,9 @@ def scaled_experts(fused: nn.Module, quantized: dict[tuple[int, str], Quantized]
     split = moe.SplitExperts(fused)
     for e, expert in enumerate(split):
         for proj in split.projections:
-            v = moe.ExpertProj(fused, e, proj)
-            bias = None if v.bias is None else nn.Parameter(v.bias, requires_grad=False)
+            lin = moe.view_linear(fused, e, proj)
             q = quantized.get((e, proj))
-            if q is not None:
-                mod = ScaledLinear(q, bias, device or v.weight.device)
-            else:
-                mod = getattr(expert, proj)  # its meta nn.Linear, given the fused weights' view
-                mod.weight, mod.bias = nn.Parameter(v.weight, requires_grad=False), bias
-            setattr(expert, proj, mod)
+            setattr(expert, proj, lin if q is None else ScaledLinear(q, lin.bias, device or lin.weight.device))
     return split
 
 

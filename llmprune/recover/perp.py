@@ -146,7 +146,25 @@ def _restore(model: nn.Module, dtypes: dict[int, torch.dtype]) -> None:
 
 
 @contextmanager
-def _trainable(model: nn.Module, keep_masks, train: tuple[str, ...], rank: int, alpha, seed: int, mixed_precision: str):
+def _trainable(model: nn.Module, keep_masks, *args):
+    """_trainable_linears, a Mixture-of-Experts model's fused experts split into nn.Linear layers first
+    (moe.split_linears: the pruned experts' projections get adapters, their biases train like any linear's) and
+    put back last, with what training wrote. `keep_masks` may name an expert's projection `<experts>[e].<proj>`;
+    None: every experts module holding zeros is split."""
+    from .. import moe
+
+    if keep_masks is None:
+        paths = [n for n, m in model.named_modules() if moe.is_fused_experts(m) and moe.has_zeros(m)]
+    else:
+        paths = [v[0] for v in map(moe.parse_view, keep_masks) if v]
+        keep_masks = {moe.stored_name(n): k for n, k in keep_masks.items()}
+    with moe.split_linears(model, paths), _trainable_linears(model, keep_masks, *args) as s:
+        yield s
+
+
+@contextmanager
+def _trainable_linears(model: nn.Module, keep_masks, train: tuple[str, ...], rank: int, alpha, seed: int,
+                       mixed_precision: str):
     """The model made ready to train, undone on exit. The selected norms and biases unfrozen and in fp32
     (AdamW steps of ~1e-4 vanish in bf16), everything else frozen in its dtype (fp16 without loss
     scaling: all in fp32, fp16 gradients underflow), adapters attached to the pruned linears. On exit
