@@ -392,8 +392,10 @@ def test_shipped_tuned_tables_are_valid():
                                          ("w4s24", False, 128), ("w4g128", False, 16), ("w4g128", True, 128)])
 def test_lean_gemvs(ops, fmt, zeros, G):
     """The lean GEMVs (gemv24: the 2:4 formats select the input of each kept value; gemv4: w4g128 as
-    int32 words): odd row counts, M = 1..4, K tiles inside and across scale groups, forced split-K,
-    bias, asymmetric grid; sparse24 with fp16 values (the int32-word path) and fp32 ones."""
+    int32 words): odd row counts, M = 1, 2 and 3 (each its own accumulator count; 3 with its last token masked),
+    K tiles inside and across scale groups, forced split-K, bias, asymmetric grid; sparse24 with fp16 values (the
+    int32-word path) and fp32 ones. M = 2 through the split-K launch alone (all three cost 20 s more interpreter
+    time)."""
     from llmprune.kernels.triton_gemm import Config
 
     kind = "gemv4" if fmt == "w4g128" else "gemv24"
@@ -402,7 +404,8 @@ def test_lean_gemvs(ops, fmt, zeros, G):
     b = torch.randn(72)
     for M in (1, 2, 3):
         x = torch.randn(M, 384, generator=torch.Generator().manual_seed(M))
-        for cfg in (Config(kind, 32, M, 128), Config(kind, 16, M, 32, split=3), Config(kind, 64, M, 64, split=2)):
+        configs = (Config(kind, 32, M, 128), Config(kind, 16, M, 32, split=3), Config(kind, 64, M, 64, split=2))
+        for cfg in configs if M != 2 else configs[1:2]:
             assert_close(ops.triton_linear(fmt, x, p, b, config=cfg), oracle(x, w, b), 384)
     if fmt == "sparse24":  # the same weight with fp16 values: 2 per int32 word
         p16 = {**p, "values": p["values"].half()}
