@@ -40,6 +40,23 @@ def test_budgets(monkeypatch):
     assert placement.budgets(("cuda:0",), None, 12 * gib) == [0.0]
 
 
+def test_streamed_training_of_experts_equals_resident_training():
+    """PERP with a Mixture-of-Experts model's experts split into linears (moe.split_linears): every block
+    streamed, the experts' frozen projections copied in with the rest; the same losses and model bit for bit."""
+    from test_perp import pruned_moe
+
+    m1, _ = pruned_moe("gpt_oss")
+    m2, _ = pruned_moe("gpt_oss")
+    ids = repetitive_ids()
+    i1 = recover(m1, ids, **FAST)
+    i2 = recover(m2, ids, resident_gib=100 * KB, **FAST)
+    assert i2["placement"]["streamed_blocks"] == 2 and i2["placement"]["streamed_gb"] > 0
+    assert i1["losses"] == i2["losses"]
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(bits(a), bits(b)), n
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in m2.modules())
+
+
 def test_streamed_training_equals_resident_training():
     """Both blocks stream (a budget that holds the embedding and head but no block): same losses and the
     same merged weights bit for bit; every frozen weight is copied in for the forward and again for the

@@ -349,3 +349,20 @@ def test_tuning_experts_moves_their_scales_and_lowers_the_kl(family):
     assert torch.equal(arch.target(student, left).weight, kept_left)
     assert all(moe.is_fused_experts(layer.mlp.experts) for layer in student.model.layers)
     assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
+
+
+def test_tuning_experts_with_streamed_blocks_is_tuning_in_place(monkeypatch):
+    """A device too small for any block (faked): the split experts' int8 levels, scales and frozen projections
+    stream in with the rest of each block, and the scales and KL figures are those of tuning in place."""
+    from llmprune import placement
+
+    teacher, student, quantized, ids, _ = _experts_setup("gpt_oss")
+    targets = tune.teacher_states(teacher, ids)
+    out0, info0 = tune.tune_scales(student, quantized, ids, targets, steps=4, lr=2e-2)
+    teacher, student, quantized, ids, _ = _experts_setup("gpt_oss")
+    base = sum(p.numel() * p.element_size() for n, p in student.named_parameters() if ".layers." not in n)
+    monkeypatch.setattr(placement, "budgets", lambda devices, *a, **k: [base * 1.2] * len(devices))  # no block
+    out, info = tune.tune_scales(student, quantized, ids, targets, steps=4, lr=2e-2)
+    assert info["placement"]["streamed_blocks"] == len(student.model.layers) and info["placement"]["streamed_gb"] > 0
+    assert (info["kl_before"], info["kl_after"], info["kept"]) == (info0["kl_before"], info0["kl_after"], info0["kept"])
+    assert all(torch.equal(out[n].scales, out0[n].scales) for n in quantized)
