@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack] [moe_tune]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -139,6 +139,21 @@ if [[ " $STAGES " == *" moe_pack "* ]]; then  # Wanda 2:4 on the 2-block Qwen3-3
       --nsamples 8 --seqlen 256 --eval wikitext2 --eval-seqlen 256 --eval-windows 2 --no-dense-eval --onload blocks \
       $C --out "$S/out-moe-l2-wanda-24-w4s24"
   rm -rf "$S/out-moe-l2-wanda-24-w4s24"
+fi
+if [[ " $STAGES " == *" moe_tune "* ]]; then  # GPTQ + scale tuning of the experts (quant/tune.py: each fused experts
+  # module trains as one ScaledLinear per expert projection) on the 2-block Qwen3-30B-A3B-shaped model pruned Wanda 2:4,
+  # packed w4s24: read from disk (the experts' fused weights the codes cover are not read for the tuning) against the
+  # source loaded whole; the two folders' tensors compared (random weights: the KL figures mean nothing)
+  synth qwen3-30b-a3b-l2 --arch qwen3-30b-a3b --dtype bfloat16 --layers 2
+  m=$S/keep-moe-l2-wanda-24
+  [ -f "$m/llmprune.json" ] || python -m llmprune.cli compress --model "$S/qwen3-30b-a3b-l2" --solver wanda \
+      --pattern 2:4 --nsamples 8 --seqlen 256 --eval none --onload blocks $C --out "$m" >> "$LOG" 2>&1
+  for r in blocks whole; do
+    step moe-l2-w4s24-gptq-tune2-$r pack "$m" --format w4s24 --quant gptq --calib c4 --nsamples 8 --seqlen 256 \
+        --tune-steps 2 --onload $r --overwrite --out "$S/moe-tune-$r"
+  done
+  python bench/same_tensors.py "$S/moe-tune-blocks" "$S/moe-tune-whole" | tee "$R/moe-l2-w4s24-gptq-tune2.txt"
+  rm -rf "$S/moe-tune-blocks" "$S/moe-tune-whole"
 fi
 if [[ " $STAGES " == *" zeroshot "* ]]; then  # zero-shot of a saved 8B-width output, 4 and 16 blocks, in bf16:
   # walked block by block, the peak should not grow with depth (random weights: the accuracies mean nothing)
