@@ -622,11 +622,15 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
             tune.scaled_in_place(model, views, dev)  # the fused experts (in `originals` already) split
         kept, info = tune.train(model, ids, targets, steps, lr, devices=devices, progress=progress, blocks=blocks,
                                 where=where)
+        trim_heap()  # the training's freed activations back to the OS before the blocks' dense weights are rebuilt
         for i, block in enumerate(blocks):
             layers = codes.get(i)
             if kept:
                 for n, q in layers.items():
                     layers[n] = dataclasses.replace(q, scales=model.get_submodule(moe.stored_name(n)).s0.half().cpu())
+            # the block's split experts (their int8 levels) let go before their fused weights are rebuilt
+            tune.restore(model, {p: originals[p] for p in dict.fromkeys(moe.parse_view(n)[0] for n in layers
+                                                                         if moe.parse_view(n))})
             with _tuned_weights(lz, model, layers, originals):
                 sink(i, block, layers)
             tune.restore(model, {n: originals[n] for n in layers if n in originals})  # the levels let go
@@ -664,8 +668,8 @@ def _not_read(lz: lazy.LazyModel, codes: Codes, fused: dict[str, nn.Module]):
 @contextmanager
 def _tuned_weights(lz: lazy.LazyModel, model: nn.Module, layers: dict, originals: dict):
     """Inside the `with`, the quantized layers of a trained block hold their tuned codes dequantized, the way the
-    sink reads a block: each linear as an nn.Linear, each fused experts module as itself, the parameters the tuning
-    did not read rebuilt in CPU memory (let go on exit)."""
+    sink reads a block: each linear as an nn.Linear, each fused experts module (back in the model) as itself, the
+    parameters the tuning did not read rebuilt in CPU memory (let go on exit)."""
     made = []  # (fused module, parameter name, its meta Parameter)
     try:
         for n, q in layers.items():
@@ -678,8 +682,6 @@ def _tuned_weights(lz: lazy.LazyModel, model: nn.Module, layers: dict, originals
                 archmod.set_module(model, n, lin)
                 continue
             fused = originals[v[0]]
-            if archmod.get(model, v[0]) is not fused:
-                archmod.set_module(model, v[0], fused)
             view = moe.ExpertProj(fused, v[1], v[2])
             p = moe.fused_param(fused, v[2])
             if getattr(fused, p).device.type == "meta":
