@@ -4,7 +4,7 @@
 # model end to end, and time compression on CUDA. Installs nothing; run from the repository root.
 #   OUT=/some/dir bash bench/gpu_kernels.sh [stage ...]     stages: env precompile correctness tune
 #                                          use_tuned microbench e2e e2e_compiled compress compress_scale compress_moe perp tune_scale read_ahead
-#                                          resume e2e_moe
+#                                          resume e2e_moe moe_train
 # (use_tuned copies the sweep's table into llmprune/kernels/tuned/ of this working tree, so the stages
 # after it run the launch shapes just measured)
 # Logs and JSON go to $OUT (default bench/out); each stage runs under its own time limit. With PACK=DIR,
@@ -69,6 +69,27 @@ compress_moe() {  # a Mixture-of-Experts model block by block on CUDA (docs/scal
   done
   $PY bench/same_tensors.py /tmp/o-compress-moe-l$n-sparsegpt /tmp/o-compress-moe-l$n-sparsegpt-hessian0.5 || rc=1
   rm -rf /tmp/o-compress-moe-l$n-* $m
+  return $rc
+}
+moe_train() {  # scale tuning and PERP of a Mixture-of-Experts model's experts on CUDA (session 27: each fused experts
+  # module trains as one linear per expert projection): 1 block of a Qwen3-30B-A3B-shaped random model (bf16), Wanda
+  # 2:4, packed w4s24 with GPTQ and 2 tuning steps read from disk and loaded whole (the tensors must agree), and
+  # 2 PERP steps from disk. Manifests: seconds, peak GPU memory, peak RSS, adapted linears.
+  # CPU dry run: DEVICE=cpu NS=2 SL=64 MT_S=900 OUT=/tmp/x bash bench/gpu_kernels.sh moe_train
+  local rc=0 d=${DEVICE:-cuda} ns=${NS:-16} sl=${SL:-512} m=/tmp/syn-moe-train
+  $PY bench/make_synthetic.py $m --arch qwen3-30b-a3b --layers 1 --dtype bfloat16 || return 1
+  $PY -m llmprune.cli compress --model $m --solver wanda --pattern 2:4 --device $d --nsamples $ns --seqlen $sl \
+      --calib wikitext2 --onload blocks --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-mt-src || return 1
+  for r in blocks whole; do
+    $PY -m llmprune.cli pack /tmp/o-mt-src --format w4s24 --quant gptq --calib wikitext2 --nsamples $ns --seqlen $sl \
+        --tune-steps 2 --device $d --onload $r --no-progress --overwrite --out /tmp/o-mt-tune-$r \
+      && cp /tmp/o-mt-tune-$r/llmprune.json "$OUT/moe-tune-$r.json" || rc=1
+  done
+  $PY bench/same_tensors.py /tmp/o-mt-tune-blocks /tmp/o-mt-tune-whole || rc=1
+  $PY -m llmprune.cli recover /tmp/o-mt-src --steps 2 --batch 1 --seqlen $sl --data wikitext2 --device $d \
+      --onload blocks --eval none --no-progress --overwrite --out /tmp/o-mt-perp \
+    && cp /tmp/o-mt-perp/llmprune.json "$OUT/moe-perp.json" || rc=1
+  rm -rf /tmp/o-mt-* $m
   return $rc
 }
 compress_scale() {  # block-by-block compression at 8B and 70B width (docs/scale.md): 4 blocks of a
@@ -191,7 +212,7 @@ resume() {  # a compression killed (SIGKILL) after block 1 and resumed, on CUDA 
   rm -rf $m
   return $rc
 }
-export -f envinfo c4 compress compress_moe compress_scale perp tune_scale read_ahead resume
+export -f envinfo c4 compress compress_moe compress_scale perp tune_scale read_ahead resume moe_train
 export OUT PY HF_HUB_OFFLINE=1
 stage env 30 envinfo
 stage precompile 90 $PY bench/gpu_precompile.py --workers 14 ${PRECOMPILE_ONLY:+--only $PRECOMPILE_ONLY}
@@ -213,6 +234,7 @@ stage e2e_moe ${E2E_MOE_S:-150} $PY bench/e2e_decode.py "$OUT/e2e_moe.json" --ar
     ${E2E_MOE_ARGS:---layers 8 --batch 1,16 --new-tokens 32}
 stage e2e_compiled 200 $PY bench/e2e_decode.py "$OUT/e2e_compiled.json" --batch 1 --new-tokens 128 \
     --formats w4s24 --compile dense,w4s24 --compiled-only
+stage moe_train ${MT_S:-240} moe_train  # optional: run it last, if time is left
 cat "$OUT/env.log" 2>/dev/null | head -4
 tail -n 40 "$OUT/tune.log" 2>/dev/null
 tail -n 12 "$OUT"/correctness.log "$OUT"/e2e*.log "$OUT"/precompile.log 2>/dev/null
