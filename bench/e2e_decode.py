@@ -156,9 +156,9 @@ def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]
         t0 = time.time()
         r = decode_steps(m, b, a.prompt_len, a.new_tokens, device, 3, True, step_model=step_model,
                          profile=b == batches[0])
+        rb = bytes_per_step(r, wb)
         rows.append({"model": label + (" compiled" if compiled else ""), "batch": b, "weight_bytes": wb,
-                     "read_bytes_per_step": bytes_per_step(r, wb), "mode": r["mode"],
-                     **_summary(r["ms"], b, bytes_per_step(r, wb)),
+                     "read_bytes_per_step": rb, "mode": r["mode"], **_summary(r["ms"], b, rb),
                      "peak_mem_MiB": _peak_mib(device), "peak_of": "this model alone", "wall_s": time.time() - t0,
                      **({"profile": r["profile"]} if "profile" in r else {})})
         print(format_table(rows[-1:], DECODE_COLS), flush=True)

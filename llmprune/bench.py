@@ -312,9 +312,10 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
             _reset_peak(device)
             r = decode_steps(m, b, prompt_len, new_tokens, device, warmup, cuda_graphs, step_model=step_model,
                              profile=profile and b == batches[0])
-            rows.append({"model": label, "batch": b, "weight_bytes": wb, "read_bytes_per_step": bytes_per_step(r, wb),
+            rb = bytes_per_step(r, wb)
+            rows.append({"model": label, "batch": b, "weight_bytes": wb, "read_bytes_per_step": rb,
                          "mode": r["mode"] + (" + torch.compile" if compile else ""),
-                         **_summary(r["ms"], b, bytes_per_step(r, wb)), "peak_mem_MiB": _peak_mib(device),
+                         **_summary(r["ms"], b, rb), "peak_mem_MiB": _peak_mib(device),
                          **({"profile": r["profile"]} if "profile" in r else {})})
         del m, step_model
         if compile:

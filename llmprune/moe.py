@@ -408,6 +408,15 @@ def view_linear(experts: nn.Module, index: int, proj: str) -> nn.Linear:
     return lin
 
 
+def view_split(experts: nn.Module) -> SplitExperts:
+    """A fused experts module as a SplitExperts whose projections are `view_linear`s of its rows."""
+    split = SplitExperts(experts)
+    for e, expert in enumerate(split):
+        for proj in split.projections:
+            setattr(expert, proj, view_linear(experts, e, proj))
+    return split
+
+
 def has_zeros(experts: nn.Module) -> bool:
     """Whether any expert weight of a fused experts module holds a zero (was pruned); False on the meta device."""
     return any(p.dim() == 3 and p.device.type != "meta" and not bool(p.detach().all())
@@ -416,8 +425,8 @@ def has_zeros(experts: nn.Module) -> bool:
 
 @contextmanager
 def split_linears(model: nn.Module, paths):
-    """Inside the `with`, each fused experts module named in `paths` as a SplitExperts of nn.Linear (`view_linear`:
-    each expert's projection, its weight and bias viewing the fused rows), so that what works on nn.Linear layers
+    """Inside the `with`, each fused experts module named in `paths` as its `view_split` (each expert's projection
+    an nn.Linear whose weight and bias view the fused rows), so that what works on nn.Linear layers
     (PERP's adapters, its bias training) reaches the experts; their names `<experts>.<e>.<proj>` (stored_name). The
     fused parameters let their storage go meanwhile (the linears hold it). On exit each fused module is back, its
     parameters (the same Parameter objects) rebuilt from the linears' weights and biases as they are then: whatever
@@ -426,16 +435,12 @@ def split_linears(model: nn.Module, paths):
     done, shapes = {}, {}
     try:
         for path, f in fused.items():
-            split = SplitExperts(f)
-            for e, expert in enumerate(split):
-                for proj in split.projections:
-                    setattr(expert, proj, view_linear(f, e, proj))
+            split = done[path] = view_split(f)
             model.set_submodule(path, split)
-            done[path] = split
             for p in f.parameters(recurse=False):
                 shapes[p] = p.shape
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        yield {path: split for path, split in done.items()}
+        yield done
     finally:
         for path, split in done.items():
             f = fused[path]

@@ -629,8 +629,7 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
                 for n, q in layers.items():
                     layers[n] = dataclasses.replace(q, scales=model.get_submodule(moe.stored_name(n)).s0.half().cpu())
             # the block's split experts (their int8 levels) let go before their fused weights are rebuilt
-            tune.restore(model, {p: originals[p] for p in dict.fromkeys(moe.parse_view(n)[0] for n in layers
-                                                                         if moe.parse_view(n))})
+            tune.restore(model, {v[0]: originals[v[0]] for v in map(moe.parse_view, layers) if v})
             with _tuned_weights(lz, model, layers, originals):
                 sink(i, block, layers)
             tune.restore(model, {n: originals[n] for n in layers if n in originals})  # the levels let go
@@ -661,7 +660,8 @@ def _not_read(lz: lazy.LazyModel, codes: Codes, fused: dict[str, nn.Module]):
         for path, done in views.items():
             for p in moe.covered_params(fused[path], done):
                 skip.setdefault(i, []).append(f"{path}.{p}")
-                biases.setdefault(i, []).extend(n for n in (f"{path}.{p}_bias",) if n in names)
+                if f"{path}.{p}_bias" in names:
+                    biases.setdefault(i, []).append(f"{path}.{p}_bias")
     return {i: tuple(v) for i, v in skip.items()}, biases
 
 

@@ -165,12 +165,10 @@ def scaled_experts(fused: nn.Module, quantized: dict[tuple[int, str], Quantized]
     experts, differentiable) whose projections are ScaledLinear where `quantized` ({(expert, projection):
     Quantized}) has their codes, on `device` (default: the fused weights'), and frozen views of the fused
     weights where it has none. Its trained scales: `.get_submodule(f"{e}.{proj}").s0` (moe.stored_name)."""
-    split = moe.SplitExperts(fused)
-    for e, expert in enumerate(split):
-        for proj in split.projections:
-            lin = moe.view_linear(fused, e, proj)
-            q = quantized.get((e, proj))
-            setattr(expert, proj, lin if q is None else ScaledLinear(q, lin.bias, device or lin.weight.device))
+    split = moe.view_split(fused)
+    for (e, proj), q in quantized.items():
+        lin = getattr(split[e], proj)
+        setattr(split[e], proj, ScaledLinear(q, lin.bias, device or lin.weight.device))
     return split
 
 
