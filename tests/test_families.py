@@ -165,7 +165,8 @@ def _expert_mats(m, e, layer=0):
 
 def _act(m, g, u):
     if m.config.model_type == "gpt_oss":  # clamped SwiGLU of the gpt-oss reference
-        c, alpha = m.config.swiglu_limit, m.config.swiglu_alpha
+        ex = m.model.layers[0].mlp.experts  # its constants (transformers 5.17: fixed; later ones: from the config)
+        c, alpha = ex.limit, ex.alpha
         g, u = g.clamp(max=c), u.clamp(-c, c)
         return (u + 1) * (g * torch.sigmoid(g * alpha))
     return torch.nn.functional.silu(g) * u

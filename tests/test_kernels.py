@@ -11,7 +11,8 @@ from llmprune.errors import LLMPruneError
 FORMATS = ("sparse24", "w4g128", "w4s24", "w4s50")
 
 # The interpreter flag is read when @triton.jit decorates a function, Triton's own tl.zeros & co.
-# included, so it must be set before anything imports triton: here, at collection time.
+# included, so it must be set before anything imports triton: conftest.py sets it; here again for a
+# run of this file alone under another conftest.
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -22,8 +23,8 @@ def ops():
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(triton.language.standard.zeros, InterpretedFunction):
-        pytest.fail("triton was imported before tests/test_kernels.py could set TRITON_INTERPRET=1: "
-                    "run this file in its own pytest process")
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: set it in the environment "
+                    "(tests/conftest.py does, before any test module is imported)")
     from llmprune.kernels import ops as mod
 
     return mod

@@ -260,6 +260,9 @@ def load(folder, dtype="float32", device="cpu"):
     why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
     model = from_pretrained(folder, fix=why, dtype=dt, device_map="auto" if on_gpu else None, **kw)
     model = (model if on_gpu else model.to(device)).eval()
+    for p in model.parameters():  # transformers 5.17 leaves a renamed module of a quantized checkpoint (Mixtral's
+        if p.is_floating_point() and p.dtype != dt:  # router) in its stored dtype, which the forward then refuses
+            p.data = p.data.to(dt)
     if hasattr(model, "ct_decompress_hook"):  # compressed-tensors decompresses on the whole model's first forward
         with torch.no_grad():  # (a pre-hook); llmprune's perplexity calls model.base_model, so run that one here
             model(torch.zeros(1, 1, dtype=torch.long, device=model.device))
