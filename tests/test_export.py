@@ -331,6 +331,28 @@ def test_export_eval_reads_the_export_with_transformers(tmp_path, capsys, outs):
         assert r["ppl"] == pytest.approx(src["ppl"], rel=2e-3)  # the same int4 weights (F16: rounded once)
 
 
+def test_export_load_computes_in_the_dtype_asked_for(tmp_path, capsys, outs, monkeypatch):
+    """A tensor transformers leaves in its stored dtype (5.17: Mixtral's router in a compressed-tensors export,
+    mimicked here) is cast to the dtype asked for, so the reader's forward runs instead of refusing mixed dtypes."""
+    import llmprune
+    from llmprune import models
+
+    out = tmp_path / "ct"
+    assert _run(capsys, "export", outs["w4sym"], "--to", "compressed-tensors", "--out", out, "--no-progress")[0] == 0
+    real = models.from_pretrained
+
+    def stale(*a, **kw):
+        m = real(*a, **kw)
+        m.model.layers[0].input_layernorm.weight.data = m.model.layers[0].input_layernorm.weight.data.half()
+        return m
+
+    monkeypatch.setattr(models, "from_pretrained", stale)
+    model, _ = llmprune.export.load(out)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.allclose(model(_ids()).logits, _ct_logits(out)[1], atol=1e-3)  # fp16 norm weights: exact
+
+
 # --- one block at a time -----------------------------------------------------------------------------
 
 STREAMED = [("w4s24", "compressed-tensors", []), ("24", "compressed-tensors", ["--group-size", "32"]),
