@@ -88,3 +88,24 @@ def test_manifests_record_every_library_that_moves_a_figure():
     assert v["tokenizers"] == metadata.version("tokenizers") and v["datasets"] == metadata.version("datasets")
     assert v["cpu"] and v["cpu"] == runinfo.cpu_name()  # the processor moves figures too (runinfo.versions)
     assert "gpu" not in v  # CUDA was not used here: not started just to name it
+
+
+def test_make_test_oldest_pins_the_declared_lower_bounds():
+    """`make test-oldest` is what makes a lower bound in pyproject a tested one: it pins each declared `>=X` at X
+    (torch excepted: one CPU wheel here), so a bound moved in one place and not the other fails here."""
+    from packaging.version import Version
+
+    text = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    oldest = re.search(r"^OLDEST\s*=(.*)$", text, re.MULTILINE)
+    target = re.search(r"^test-oldest:.*\n\t.*TRITON=triton==([\w.]+)", text, re.MULTILINE)
+    assert oldest and target, "the Makefile has no OLDEST pins or no test-oldest target pinning Triton"
+    pins = {_canon(m[1]): m[2] for m in re.finditer(r"([\w.-]+)==([\w.]+)", oldest[1])}
+    pins["triton"] = target[1]
+    project = _requirements()
+    for r in project:
+        low = [s.version for s in r.specifier if s.operator == ">="]
+        if not low or _canon(r.name) in ("torch", "pytest"):
+            continue
+        assert _canon(r.name) in pins, f"{r.name}: pyproject declares {r.specifier}, the Makefile's OLDEST pins none"
+        assert Version(pins[_canon(r.name)]) == Version(low[0]), (
+            f"{r.name}: pyproject's lower bound {low[0]}, OLDEST pins {pins[_canon(r.name)]}")
