@@ -1,8 +1,5 @@
 """Triton kernels vs. an independent unpack-then-matmul oracle (and the formats' reference), on CPU
 under TRITON_INTERPRET=1; the custom ops (fake impls, torch.compile) and input validation."""
-import os
-import sys
-
 import pytest
 import torch
 
@@ -10,11 +7,8 @@ from llmprune.errors import LLMPruneError
 
 FORMATS = ("sparse24", "w4g128", "w4s24", "w4s50")
 
-# The interpreter flag is read when @triton.jit decorates a function, Triton's own tl.zeros & co.
-# included, so it must be set before anything imports triton: conftest.py sets it; here again for a
-# run of this file alone under another conftest.
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+# Triton reads TRITON_INTERPRET=1 when @triton.jit decorates a function, so conftest.py sets it before any
+# test module imports triton; the `ops` fixture fails if it came too late.
 
 
 @pytest.fixture(scope="module")
