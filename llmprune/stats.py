@@ -11,6 +11,18 @@ from collections.abc import Iterator
 import torch
 
 KINDS = ("norms", "moments", "hessian")
+# elements of an input converted to fp64 at a time (128 MiB): a whole calibration batch at once would be 8x the
+# batch's bf16 bytes, GBs at a 70B width (8 x 2048 tokens x 28672), for every linear
+CHUNK = 1 << 24
+
+
+def _sum64(x: torch.Tensor, dim: int, square: bool = False) -> torch.Tensor:
+    """x (or x^2) summed over `dim` in fp64, converting at most CHUNK elements (or one slice along `dim`) at a time."""
+    out = torch.zeros(x.shape[:dim] + x.shape[dim + 1:], dtype=torch.float64, device=x.device)
+    for c in x.split(max(1, CHUNK * x.shape[dim] // max(x.numel(), 1)), dim):
+        c = c.double()
+        out += (c.pow_(2) if square else c).sum(dim)
+    return out
 
 
 class LayerStats:
@@ -49,14 +61,14 @@ class LayerStats:
         first = x[:, 0, :] if x.dim() == 3 and self.sink_weight != 1 and self.xtx is not None else None
         self.n_seqs += x.shape[0] if x.dim() == 3 else 1
         if self.seq_sq is not None and x.shape[-2] > 0:  # (an expert may get no token from a batch)
-            seq_sum = x.double().sum(-2).reshape(-1, self.in_features)  # (sequences, in)
+            seq_sum = torch.stack([_sum64(q, 0) for q in x.reshape(-1, *x.shape[-2:])])  # (sequences, in)
             self.seq_sq += seq_sum.pow(2).sum(0) / x.shape[-2]
         x = x.reshape(-1, self.in_features)  # (tokens, in)
         self.n += x.shape[0]
         if self.sumsq is not None:
-            self.sumsq += x.double().pow(2).sum(0)
+            self.sumsq += _sum64(x, 0, square=True)
         if self.sum is not None:
-            self.sum += x.double().sum(0)
+            self.sum += _sum64(x, 0)
         if self.xtx is not None:
             xf = x.float()
             self.xtx.addmm_(xf.T, xf)

@@ -26,6 +26,30 @@ def test_stats_match_numpy():
     np.testing.assert_allclose(s.hessian.numpy(), 2 * xn.T @ xn / 50, rtol=1e-4)
 
 
+def test_stats_convert_a_bounded_piece_to_fp64_at_a_time(monkeypatch):
+    """Sums in fp64 a few rows at a time (a whole 70B-width batch in fp64 would be GBs): the same statistics as
+    numpy over the whole input, for 3-D batches (the per-sequence sums of DSnoT too), ragged pieces and an empty
+    input (an expert no token was routed to)."""
+    from llmprune import stats
+
+    monkeypatch.setattr(stats, "CHUNK", 20)  # 2 rows of 9 features: pieces of 2 and a last one of 1
+    converted = []
+    double = torch.Tensor.double
+    monkeypatch.setattr(torch.Tensor, "double", lambda t: converted.append(t.numel()) or double(t))
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 9) * torch.arange(1, 10) + 1.0
+    s = LayerStats(9, {"norms", "moments"})
+    s.add(x)
+    s.add(torch.zeros(0, 9))
+    assert max(converted) <= 20 and s.n == 15
+    xn = x.double().numpy().reshape(-1, 9)
+    np.testing.assert_allclose(s.sq_norm.numpy(), (xn ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(s.mean.numpy(), xn.mean(0), rtol=1e-12)
+    seq = x.double().numpy()
+    want = ((seq - seq.mean(1, keepdims=True)) ** 2).sum((0, 1)) / 15
+    np.testing.assert_allclose(s.seq_var.numpy(), want, rtol=1e-10)
+
+
 @pytest.mark.parametrize("pat", ["unstructured", "2:4", "4:8"])
 @pytest.mark.parametrize("shape", [(7, 16), (13, 24)])
 def test_wanda_matches_oracle(pat, shape):
