@@ -83,7 +83,7 @@ def _add_compress(sub):
     g.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
                    help="blocks: the weights stay on disk and are read one decoder block at a time (any size on one "
                         "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
-                        "the whole model (SliceGPT, global magnitude; PERP on the CPU)")
+                        "the whole model (SliceGPT; PERP on the CPU)")
     g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
                    help="while pruning block by block (and in GPTQ's pass after it; not with --tune-steps), commit a "
                         "checkpoint every SECONDS (0: after every block; off: none): rerunning the command of a run that "
@@ -159,6 +159,9 @@ def print_summary(m: dict) -> None:
     what = m.get("solver", "?")
     if sp:
         what += f" {m.get('pattern')} target {sp['target']:.2f} measured {sp['measured']:.4f}"
+    zeros = (m.get("format") or {}).get("stored_zeros")
+    if zeros is not None:  # int4 rounds some kept weights to zero too
+        what += f", stored zeros {zeros:.4f}"
     print(f"\nsaved {m['out']}  ({what})")
     r = m.get("resumed")
     if r:
@@ -482,6 +485,10 @@ def print_format(m: dict) -> None:
     if dense:
         print(f"packed linears: {len(layers)}, {packed / 2**20:.1f} MiB vs {dense / 2**20:.1f} MiB as fp16 "
               f"({packed / dense:.3f}x); left dense: {len(f.get('left_dense', {}))}")
+    if f.get("stored_zeros") is not None:
+        sp = (m.get("sparsity") or {}).get("measured")
+        print(f"weights stored as zero in the packed linears: {f['stored_zeros']:.4f}"
+              + (f" (pruning mask {sp:.4f})" if sp is not None else ""))
     t = (f.get("quant_options") or {}).get("tune")
     if t:
         print(f"scales tuned {t['steps']} steps ({t['seconds']:.0f}s): KL to the unquantized model {t['kl_before']:.4g} -> "

@@ -403,6 +403,30 @@ def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, sc
 
 # --- stages ---------------------------------------------------------------------------------------
 
+def global_sparsities(lz: lazy.LazyModel, names: list[str], sparsity: float) -> dict[str, float]:
+    """--scope global (Global Magnitude Pruning) from disk: the per-layer sparsities of solvers.magnitude's
+    global_sparsities, its passes over the weights each reading the blocks from disk one at a time (five reads
+    of the pruned layers, one block in memory) where the whole model would hold every |W| at once."""
+    from .solvers.magnitude import global_sparsities as ranked
+
+    blocks = archmod.arch_of(lz.model).blocks
+    prefixes = [f"{blocks}.{i}." for i in range(len(lz.model.get_submodule(blocks)))]
+    groups = [(pre, [n for n in names if n.startswith(pre)]) for pre in prefixes]
+    if sum(len(g) for _, g in groups) != len(names):
+        raise LLMPruneError("--scope global from disk prunes the decoder blocks' linears only: use --onload whole")
+
+    class Walk:  # (name, weight) of every target, block by block from disk, each pass again
+        def __iter__(self):
+            for pre, group in groups:
+                lz.load(pre)
+                try:
+                    yield from ((n, archmod.target(lz.model, n).weight) for n in group)
+                finally:
+                    lz.release(pre)
+
+    return ranked(Walk(), sparsity, {n: archmod.target(lz.model, n).weight.numel() for n in names})
+
+
 def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, folder: Path, recover=None,
               where=None, checkpoints=None) -> dict:
     """Prune block by block (OWL's outlier pass first when asked; PERP's and GPTQ's passes after, through
@@ -414,13 +438,13 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
 
     c = p.cfg
     model = lz.model
-    if c.scope == "global":
-        raise LLMPruneError("--scope global ranks every weight of the model at once: run it with --onload whole")
     ck = checkpoints
     sec: dict = {}
     with timer("compress_s"):
         layer_s = {n: p.sparsity for n in names}
-        if c.owl and ck is not None and "owl" in ck.keep:
+        if c.scope == "global":
+            layer_s = global_sparsities(lz, names, p.sparsity)
+        elif c.owl and ck is not None and "owl" in ck.keep:
             layer_s = ck.keep["owl"]  # the killed run's outlier pass: the same walk, not done again
         elif c.owl:
             from . import owl

@@ -144,8 +144,7 @@ def _onload(cfg: CompressConfig, devices: tuple[str, ...]) -> tuple[bool, str | 
     on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files."""
     from . import placement
 
-    whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),
-                                 ("--scope global ranks every weight of the model at once", cfg.scope == "global")) if on]
+    whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),) if on]
     if cfg.onload == "blocks" and whole:
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":
@@ -413,7 +412,7 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
     else:
         model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
         res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
-    return {d: {**r, "measured_on": mf.SAVED} for d, r in res.items()}
+    return {d: {**r, "measured_on": mf.SAVED, "dtype": dtype} for d, r in res.items()}
 
 
 def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, device: str, dtype: str, progress: bool,
@@ -442,8 +441,21 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
         zs = zeroshot.zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks), limit=limit,
                                batch_size=batch_size, tasks_dir=tasks_dir, device=device if lz is not None else None,
                                progress=progress)
-    zs["limit"], zs["blockwise"] = limit, lz is not None
+    zs["limit"], zs["blockwise"], zs["dtype"] = limit, lz is not None, dtype
     return zs
+
+
+def merge_zeroshot(old: dict | None, new: dict) -> dict:
+    """A zero-shot run's results (`new`, zeroshot_saved) merged into an output's earlier ones: the earlier tasks stay
+    only where measured the same way (the same --limit and dtype; else they are dropped, not mixed), and the mean is
+    over every task listed."""
+    def tasks(zs):
+        return {k: v for k, v in (zs or {}).items() if isinstance(v, dict) and "acc" in v}
+
+    same = bool(old) and all(old.get(k) == new.get(k) for k in ("limit", "dtype"))
+    kept = {**(tasks(old) if same else {}), **tasks(new)}
+    rest = {k: v for k, v in new.items() if k not in kept and k != "mean" and not isinstance(v, dict)}
+    return {**kept, **rest, "mean": sum(v["acc"] for v in kept.values()) / len(kept)}
 
 
 def merge_dense(results: dict, dense: dict) -> dict:
@@ -451,11 +463,15 @@ def merge_dense(results: dict, dense: dict) -> dict:
     dataset -> the dense model's result (its "ppl")."""
     for d, r in results.items():
         ref = dense.get(d)
-        if ref and (ref.get("seqlen"), ref.get("windows")) == (r.get("seqlen"), r.get("windows")):
+        dtypes = (ref or {}).get("dtype"), r.get("dtype")  # unknown: measured by the same run, in its dtype
+        if ref and (ref.get("seqlen"), ref.get("windows")) == (r.get("seqlen"), r.get("windows")) \
+                and (None in dtypes or dtypes[0] == dtypes[1]):
             r["dense_ppl"] = ref["ppl"]
     return results
 
 
-def dense_refs(old_eval: dict) -> dict:
-    """The dense figures an output's manifest recorded, in merge_dense's form."""
-    return {d: {**r, "ppl": r["dense_ppl"]} for d, r in old_eval.items() if isinstance(r, dict) and "dense_ppl" in r}
+def dense_refs(old_eval: dict, dtype: str | None = None) -> dict:
+    """The dense figures an output's manifest recorded, in merge_dense's form; `dtype`: the one they were measured in
+    where an entry does not say (the manifest's: its compress run measured both in it)."""
+    return {d: {"dtype": dtype, **r, "ppl": r["dense_ppl"]} for d, r in old_eval.items()
+            if isinstance(r, dict) and "dense_ppl" in r}

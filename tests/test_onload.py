@@ -351,6 +351,26 @@ def test_onload_blocks_refuses_what_needs_the_whole_model(tmp_path, capsys, tiny
     assert rc == 2 and "SliceGPT" in se and "--onload whole" in se
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_global_magnitude_from_disk_holds_one_block_and_prunes_as_the_whole_model(tmp_path, capsys, monkeypatch,
+                                                                                  family):
+    """--scope global ranks every weight of the model at once, but reads them a block at a time (the radix
+    select's passes, one block in memory; experts through their views): the same files as the whole model's."""
+    from llmprune.testing import hold_one_block, tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "m", family, num_hidden_layers=3)
+    args = ["--solver", "magnitude", "--scope", "global", "--sparsity", "0.6", *FAST_CLI]
+    for mode in ("whole", "blocks"):
+        with monkeypatch.context() as m:
+            most = hold_one_block(m) if mode == "blocks" else [None]
+            rc, _, se = _run(capsys, "compress", "--model", src, "--onload", mode, "--out", tmp_path / mode, *args)
+        assert rc == 0 and most[0] in (None, 1), se
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    sp = [json.loads((tmp_path / x / "llmprune.json").read_text())["sparsity"]["measured"] for x in ("whole", "blocks")]
+    assert sp[0] == sp[1] == pytest.approx(0.6, abs=1e-4)
+
+
 def test_a_nan_in_a_block_read_from_disk_is_named(tmp_path, capsys):
     from llmprune.testing import tiny_model, tiny_model_dir
 
