@@ -38,6 +38,7 @@ from llmprune.bench import (
     _peak_mib,
     _reset_peak,
     _summary,
+    bandwidth,
     bytes_per_step,
     decode_steps,
     format_table,
@@ -158,7 +159,7 @@ def bench_model(label: str, m, batches, a, device, compiled: bool) -> list[dict]
                          profile=b == batches[0])
         rb = bytes_per_step(r, wb)
         rows.append({"model": label + (" compiled" if compiled else ""), "batch": b, "weight_bytes": wb,
-                     "read_bytes_per_step": rb, "mode": r["mode"], **_summary(r["ms"], b, rb),
+                     "read_bytes_per_step": rb, "mode": r["mode"], **_summary(r["ms"], b, rb, bandwidth(device)),
                      "peak_mem_MiB": _peak_mib(device), "peak_of": "this model alone", "wall_s": time.time() - t0,
                      **({"profile": r["profile"]} if "profile" in r else {})})
         print(format_table(rows[-1:], DECODE_COLS), flush=True)

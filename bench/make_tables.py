@@ -107,11 +107,12 @@ def formats_table() -> str:
                                                ("gemma3-sparsegpt-24-w4s24-gptq", None),
                                                ("gemma3-sparsegpt-24-w4s24-gptq-tune64", None)])]
     for model, src, outs in sets:
-        s = load(src) if src else None
+        s = base = load(src) if src else None  # base: the manifest base_ppl comes from
         base_ppl = (s or {}).get("eval", {}).get("wikitext2", {}).get("ppl")
         if src == "gemma3-dense" and base_ppl is None and load("gemma3-wanda-50"):
             # measured once, by the Wanda run's dense evaluation (same protocol): not again for 12 min
-            base_ppl = load("gemma3-wanda-50")["eval"]["wikitext2"].get("dense_ppl")
+            base = load("gemma3-wanda-50")
+            base_ppl = base["eval"]["wikitext2"].get("dense_ppl")
         what = "-"
         if s:
             what = f"{s['solver']} {s['pattern']}" if s.get("sparsity", {}).get("target") else "unpruned"
@@ -147,9 +148,9 @@ def formats_table() -> str:
                         q += f", calibration seed {o['calibration']['seed']}"
             # a ratio only against the source as it was when packed (a source re-run since, under other
             # libraries, reads differently: `*`, no ratio)
-            same = _same_source(s, m)
+            same = _same_source(s, m) and _same_source(base, m)
             rel = f"{ppl / base_ppl:.3f}" if ppl and base_ppl and same else "-"
-            note += "" if same else " *"
+            note += "" if same or not ppl else " *"
             rows.append(f"| {model} | {what} | {fm['name']} | {q} | {len(fm['layers'])} | "
                         f"{packed / dense:.3f} | {file_mib(name):.0f} | {f(ppl)}{note} | {rel} |")
     return "\n".join(rows)

@@ -274,16 +274,20 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     out: dict = {}
     if ppl:
         results = _perplexity(target, old, ppl, seqlen, windows, dev, dtype, progress)
-        if old is not None:
-            for r in results.values():
+        for r in results.values():  # this run's, which the manifest's top-level fields (of the run that made it) are not
+            r.update(dtype=dtype, device=dev, versions=versions())
+            if old is not None:
                 r["measured_on"] = mf.SAVED
-            results = pipeline.merge_dense(results, pipeline.dense_refs(old.eval))  # the dense reference of compress
+        if old is not None:  # the dense reference of compress
+            results = pipeline.merge_dense(results, pipeline.dense_refs(old.eval, old.dtype))
         out["eval"] = results
     if tasks:
-        out["zeroshot"] = pipeline.zeroshot_saved(_folder(target, old), old.to_dict() if old is not None else {}, tasks,
-                                                  limit, dev, dtype, progress, batch_size, tasks_dir)
-    if is_output and save:
-        mf.update(target, **out)
+        zs = pipeline.zeroshot_saved(_folder(target, old), old.to_dict() if old is not None else {}, tasks, limit, dev,
+                                     dtype, progress, batch_size, tasks_dir)
+        out["zeroshot"] = {**zs, "device": dev}
+    if is_output and save:  # earlier tasks measured another way are dropped, the mean is over those listed
+        zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"])} if tasks else {}
+        mf.update(target, replace=("zeroshot",), **{**out, **zs})
     return out
 
 
@@ -326,11 +330,11 @@ def _source(src: str) -> mf.Manifest:
     return mf.read(src)
 
 
-def _figures_of(m: mf.Manifest, datasets, seqlen: int, windows: int | None) -> dict:
-    """The source's own figures of these very weights, where measured the same way."""
-    return {d: m.eval[d] for d in datasets if isinstance(m.eval.get(d), dict) and "ppl" in m.eval[d]
-            and m.eval[d].get("seqlen") == seqlen and windows is not None and m.eval[d].get("windows") == windows
-            and m.eval[d].get("measured_on") == mf.SAVED}
+def _figures_of(m: mf.Manifest, datasets, seqlen: int, windows: int | None, dtype: str) -> dict:
+    """The source's own figures of these very weights, where measured the same way (protocol and dtype)."""
+    return {d: r for d in datasets if isinstance(r := m.eval.get(d), dict) and "ppl" in r
+            and r.get("seqlen") == seqlen and windows is not None and r.get("windows") == windows
+            and r.get("measured_on") == mf.SAVED and r.get("dtype", m.dtype or "float32") == dtype}
 
 
 def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int = 0, nsamples: int | None = None,
@@ -388,7 +392,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         # the source's own figures where measured the same way on these weights in this dtype, else
         # measured on the source folder (block by block, as the recovered one is afterwards, so a
         # model larger than the GPU is evaluated too)
-        same = _figures_of(old, eval, eval_seqlen, eval_windows) if dtype == (old.dtype or "float32") else {}
+        same = _figures_of(old, eval, eval_seqlen, eval_windows, dtype)
         todo = tuple(d for d in eval if d not in same)
         before = {**same, **(pipeline.evaluate_saved(Path(src), todo, eval_seqlen, eval_windows, dev, dtype, progress,
                                                      cache) if todo else {})}
@@ -424,7 +428,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
             with t("eval_s"):
                 after = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, dev, dtype, progress, cache)
             new.eval = {d: {**r, "before_recover_ppl": before[d]["ppl"]} for d, r in
-                        pipeline.merge_dense(after, pipeline.dense_refs(old.eval)).items()}
+                        pipeline.merge_dense(after, pipeline.dense_refs(old.eval, old.dtype)).items()}
         if tasks:
             with t("zeroshot_s"):
                 new.zeroshot = pipeline.zeroshot_saved(tmp, new.to_dict(), tasks, tasks_limit, dev, dtype, progress)

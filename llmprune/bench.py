@@ -22,6 +22,16 @@ import torch
 
 H200_SPEC_GBS = 4800.0
 H200_TARGET_GBS = 4300.0
+# device name -> (spec GB/s, the issue's achievable target GB/s or None): the percentages of bandwidth are given
+# only on devices listed here (a CPU's or another GPU's would be a percentage of the wrong figure)
+BANDWIDTH_GBS = {"H200": (H200_SPEC_GBS, H200_TARGET_GBS), "H100 80GB HBM3": (3350.0, None)}
+
+
+def bandwidth(device) -> tuple[float | None, float | None]:
+    """(spec, target) GB/s of `device` where BANDWIDTH_GBS knows it, else (None, None)."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((bw for key, bw in BANDWIDTH_GBS.items() if key in name), (None, None))
 
 LLAMA_SHAPES = {  # name -> (out, in) of the fused linears
     "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (22016, 4096), "7b.down": (4096, 11008),
@@ -274,14 +284,18 @@ def profile_step(step, device, top: int = 15) -> dict:
             "what": "GPU kernels of one eager step" if cuda else "top-level CPU ops of one step"}
 
 
-def _summary(times: list[float], batch: int, wbytes: int | None) -> dict:
-    """wbytes: the weight bytes one step reads (bytes_per_step); None when unknown: no GB/s is given."""
+def _pct(gbs: float | None, ref: float | None) -> float | None:
+    return None if gbs is None or ref is None else 100 * gbs / ref
+
+
+def _summary(times: list[float], batch: int, wbytes: int | None, bw: tuple = (None, None)) -> dict:
+    """wbytes: the weight bytes one step reads (bytes_per_step); None when unknown: no GB/s is given. bw: the
+    device's (spec, target) GB/s (`bandwidth`)."""
     med = statistics.median(times)
     p90 = sorted(times)[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     gbs = None if wbytes is None else wbytes / (med / 1e3) / 1e9  # weights are read once per step, whatever the batch
     return {"ms_per_step_median": med, "ms_per_step_p90": p90, "tokens_per_s": batch * 1e3 / med,
-            "effective_GBps": gbs, "pct_of_spec_bw": None if gbs is None else 100 * gbs / H200_SPEC_GBS,
-            "pct_of_target_bw": None if gbs is None else 100 * gbs / H200_TARGET_GBS}
+            "effective_GBps": gbs, "pct_of_spec_bw": _pct(gbs, bw[0]), "pct_of_target_bw": _pct(gbs, bw[1])}
 
 
 def has_experts(model: torch.nn.Module) -> bool:
@@ -315,7 +329,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
             rb = bytes_per_step(r, wb)
             rows.append({"model": label, "batch": b, "weight_bytes": wb, "read_bytes_per_step": rb,
                          "mode": r["mode"] + (" + torch.compile" if compile else ""),
-                         **_summary(r["ms"], b, rb), "peak_mem_MiB": _peak_mib(device),
+                         **_summary(r["ms"], b, rb, bandwidth(device)), "peak_mem_MiB": _peak_mib(device),
                          **({"profile": r["profile"]} if "profile" in r else {})})
         del m, step_model
         if compile:
@@ -324,7 +338,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
            "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,
-           "bandwidth_reference_GBps": {"h200_spec": H200_SPEC_GBS, "issue_target": H200_TARGET_GBS},
+           "bandwidth_reference_GBps": dict(zip(("spec", "target"), bandwidth(device))),
            "notes": "effective_GBps = weight bytes read per step / median step time; KV-cache reads excluded"
                     + ("; a Mixture-of-Experts step reads only the experts its tokens are routed to: "
                        "read_bytes_per_step is the mean over the timed steps, replayed untimed to count them "
@@ -421,7 +435,7 @@ def kernel_microbench(shapes: dict | None = None, Ms=(1, 2, 4, 8, 16, 512),
     for r in rows:
         if "ms" in r:
             r["effective_GBps"] = r["bytes"] / (r["ms"] / 1e3) / 1e9
-            r["pct_of_spec_bw"] = 100 * r["effective_GBps"] / H200_SPEC_GBS
+            r["pct_of_spec_bw"] = _pct(r["effective_GBps"], bandwidth(device)[0])
     return rows
 
 

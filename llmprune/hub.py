@@ -143,7 +143,7 @@ def _eval_results(manifest: dict) -> list[Any]:
                 dataset_name=ds_name,
                 dataset_config=ds_config,
                 metric_type="perplexity",
-                metric_name=f"{ds_name} perplexity (compressed)",
+                metric_name=f"{ds_name} perplexity (compressed; {_protocol(r, manifest)})",
                 metric_value=float(r["ppl"]),
                 verified=False,
             )
@@ -152,11 +152,18 @@ def _eval_results(manifest: dict) -> list[Any]:
 
 
 def _of_these_files(r: dict) -> bool:
-    """Was this eval entry measured on the saved files? (entries without the mark: yes, unless the
-    manifest migration marked them otherwise)."""
-    from .manifest import SAVED
+    """Was this eval entry measured on the saved files (an export's: as its engine's reader reads them)? (entries
+    without the mark: yes, unless the manifest migration marked them otherwise)."""
+    from .manifest import EXPORT, SAVED
 
-    return r.get("measured_on", SAVED) == SAVED
+    on = r.get("measured_on", SAVED)
+    return on == SAVED or str(on).startswith(EXPORT)
+
+
+def _protocol(r: dict, manifest: dict) -> str:
+    """How a perplexity was measured, as the papers state it: e.g. "2048-token windows x 16, float32"."""
+    return (f"{r.get('seqlen', '?')}-token windows x {r.get('windows', '?')}, "
+            f"{r.get('dtype') or manifest.get('dtype') or 'float32'}")
 
 
 def _num(x: Any, fmt: str = ".2f") -> str:
@@ -168,19 +175,30 @@ def _eval_table(manifest: dict) -> list[str]:
     if not rows:
         return ["No perplexity was measured for this checkpoint."]
     lines = [
-        "| dataset | dense ppl | compressed ppl | change | seqlen | windows | tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| dataset | dense ppl | compressed ppl | change | seqlen | windows | tokens | dtype | text |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, r in rows:
         ppl, dense = r.get("ppl"), r.get("dense_ppl")
         change = f"{100 * (ppl / dense - 1):+.1f}%" if isinstance(ppl, (int, float)) and dense else "-"
         lines.append(
             f"| {name} | {_num(dense)} | {_num(ppl)} | {change} | {r.get('seqlen', '-')} "
-            f"| {r.get('windows', '-')} | {r.get('tokens', '-')} |"
+            f"| {r.get('windows', '-')} | {r.get('tokens', '-')} | {r.get('dtype') or manifest.get('dtype') or '-'} "
+            f"| {_local_name(r.get('source')) or '-'} |"
         )
-    other = sorted({r.get("measured_on") for _, r in rows if not _of_these_files(r)})
-    lines += ["", "The compressed figures were measured on these files as saved (loaded with `llmprune.load`)."
-              if not other else f"Caution: some compressed figures describe the {'; '.join(other)}, not these files."]
+    from .manifest import SAVED
+
+    lines.append("")
+    ons: dict[str, list[str]] = {}
+    for name, r in rows:
+        ons.setdefault(str(r.get("measured_on", SAVED)), []).append(name)
+    for on, names in ons.items():
+        which = "The compressed figures" if len(ons) == 1 else f"The compressed {', '.join(names)} figures"
+        if _of_these_files({"measured_on": on}):
+            how = "as saved (loaded with `llmprune.load`)" if on == SAVED else f"as the {on}"
+            lines.append(f"{which} were measured on these files {how}.")
+        else:
+            lines.append(f"Caution: {which[0].lower() + which[1:]} describe the {on}, not these files.")
     return lines
 
 
@@ -202,6 +220,11 @@ def _zeroshot_table(zs: dict) -> list[str]:
     if isinstance(mean, (int, float)):
         cells = ["**mean**", f"{mean:.3f}", "", ""] + ["", ""] * dense
         lines.append("| " + " | ".join(cells) + " |")
+    how = [f"the first {zs['limit']} examples of each task" if zs.get("limit") else "every example",
+           *([zs["dtype"]] if zs.get("dtype") else [])]
+    lines += ["", f"Through lm-eval, {', '.join(how)}."]
+    if not _of_these_files(zs):
+        lines.append(f"Caution: these figures describe the {zs['measured_on']}, not these files.")
     return lines
 
 
@@ -269,7 +292,9 @@ def _recipe(manifest: dict) -> list[str]:
         ("solver", manifest.get("solver")),
         ("pattern", manifest.get("pattern")),
         ("sparsity target", _pct(target) if target is not None else None),
-        ("sparsity measured", _pct(measured) if measured is not None else None),
+        ("sparsity measured (pruning mask)", _pct(measured) if measured is not None else None),
+        ("weights stored as zero (packed layers)", _pct((manifest.get("format") or {}).get("stored_zeros"))
+         if (manifest.get("format") or {}).get("stored_zeros") is not None else None),
         ("calibration", _calibration(manifest.get("calibration") or {})),
         ("stored format", _export_format(manifest.get("export")) or _format(manifest.get("format") or {})),
         ("compress time", _unit((manifest.get("timings") or {}).get("compress_s"), "s")),

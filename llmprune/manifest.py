@@ -8,7 +8,8 @@ figure of an intermediate model is kept only under its own name (`dense_ppl`: th
 before compression; `before_recover_ppl`: the pruned model before PERP).
 
 Version 1 manifests (llmprune <= 0.1 first wave) load: they are migrated in memory, and their eval
-entries are marked with what they measured: for packed outputs, the model before packing.
+entries are marked with what they measured: the model in memory before it was saved (or packed), except a packed
+folder's figures taken by `llmprune eval`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .errors import LLMPruneError
 NAME = "llmprune.json"
 VERSION = 2
 SAVED = "saved output, loaded with llmprune.load"
+EXPORT = "export, loaded with transformers"  # + " (how)": an export's own files, read as another engine's reader does
 STEPS = ("prune", "slice", "recover", "quantize", "tune-scales", "pack", "export")
 
 
@@ -159,9 +161,14 @@ def _migrate_v1(d: dict) -> dict:
             steps.append("tune-scales")
         steps.append("pack")
     d["steps"] = steps
-    # v1 compress evaluated the model before packing; `llmprune eval` on a folder measured the folder
-    what = "model before packing (version 1 manifest)" if fmt != "dense" and not d.get("packed_from") else SAVED
+    # v1 compress and recover evaluated the model in memory before saving (and packing); v1 pack measured nothing, so
+    # a packed folder's figure came from `llmprune eval` on the folder. A dense folder's figure may have too, but
+    # nothing tells it from compress's.
+    what = (SAVED if d.get("packed_from") else "model before packing (version 1 manifest)" if fmt != "dense"
+            else "model in memory before saving (version 1 manifest)")
     d["eval"] = {k: ({"measured_on": what, **v} if isinstance(v, dict) else v) for k, v in (d.get("eval") or {}).items()}
+    if isinstance(d.get("zeroshot"), dict):
+        d["zeroshot"] = {"measured_on": what, **d["zeroshot"]}
     d["format_version"] = 2
     return d
 
@@ -195,12 +202,12 @@ def write(folder: str | Path, m: Manifest | dict) -> None:
     os.replace(tmp, p)
 
 
-def update(folder: str | Path, **sections) -> Manifest:
-    """Merge sections into an output's manifest (dict sections merge key by key)."""
+def update(folder: str | Path, replace: tuple[str, ...] = (), **sections) -> Manifest:
+    """Merge sections into an output's manifest (dict sections merge key by key, except those in `replace`)."""
     m = read(folder)
     d = m.to_dict()
     for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(d.get(k), dict):
+        if isinstance(v, dict) and isinstance(d.get(k), dict) and k not in replace:
             d[k] = {**d[k], **v}
         else:
             d[k] = v

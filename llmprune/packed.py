@@ -107,7 +107,9 @@ class PackWriter:
             self.out.put(f"{name}.bias", self._store(mod.bias))
         self.layers[name] = {"format": self.f.name, "pattern": self.f.pattern or "dense",
                              "shape": [mod.out_features, mod.in_features], **opts, "bytes": self.f.nbytes(packed),
-                             "dense_bytes": w.numel() * 2}  # the fp16 baseline
+                             "dense_bytes": w.numel() * 2,  # the fp16 baseline
+                             # weights the stored codes decode to zero: the pruned ones, and kept ones rounded to 0
+                             "zeros": int((self.f.unpack(packed, torch.float16) == 0).sum())}
         return True
 
     def add_experts(self, name: str, experts: nn.Module, quantized: dict | None = None) -> list[str]:
@@ -130,17 +132,19 @@ class PackWriter:
         if not self.layers:
             raise LLMPruneError(f"no layer fits --format {self.f.name}: "
                                 + (next(iter(self.left_dense.values()), "no linear layers")))
-        self.out.finish()
+        files = self.out.finish()
         outdir.save_side_files(self.folder, config, generation_config)
+        weights = sum(v["shape"][0] * v["shape"][1] for v in self.layers.values())
         return {
             "format_version": FORMAT_VERSION, "name": self.f.name, "quant": self.quant if self.f.quantized else None,
             **self.base, **({"quant_options": self.quant_opts} if self.quant_opts and self.f.quantized else {}),
             "layers": self.layers, "left_dense": self.left_dense, "tied": self.tied,
             **({"experts": self.experts} if self.experts else {}),
             "dtype": str(self.dtype).replace("torch.", "") if self.dtype is not None else None,
+            "stored_zeros": sum(v["zeros"] for v in self.layers.values()) / weights,  # of the packed layers' weights
             "bytes": {"packed_layers": sum(v["bytes"] for v in self.layers.values()),
                       "packed_layers_dense": sum(v["dense_bytes"] for v in self.layers.values()),
-                      "file": self.out.nbytes},
+                      "file": sum((self.folder / f).stat().st_size for f in files)},  # headers included
         }
 
 

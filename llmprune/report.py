@@ -54,26 +54,56 @@ def _cell(x: Any) -> str:
     return str(x).replace("|", "\\|").replace("\n", " ")  # a pipe would split the Markdown cell
 
 
+def _protocol(r: dict, m: dict) -> str:
+    """How a perplexity was measured: window length x windows, dtype, and what it was measured on where that is
+    not the saved output itself (a version-1 figure of the model in memory, an export as transformers reads it)."""
+    from .manifest import SAVED
+
+    how = f"{r.get('seqlen', '?')} x {r.get('windows', '?')}, {r.get('dtype') or m.get('dtype') or '?'}"
+    on = r.get("measured_on", SAVED)
+    return how if on == SAVED else f"{how}, {on}"
+
+
+def _zeroshot_protocol(m: dict) -> str:
+    zs = m.get("zeroshot") or {}
+    how = f"limit {zs['limit']}" if zs.get("limit") else "every example"
+    return f"{how}, {zs.get('dtype') or m.get('dtype') or '?'}"
+
+
 def markdown_table(manifests: list[dict], names: list[str]) -> str:
     """One row per manifest: name, model, solver, pattern, sparsity target / measured, ppl and dense
-    ppl for every dataset any manifest measured, zero-shot mean (when any has one), compress time."""
+    ppl for every dataset any manifest measured, zero-shot mean (when any has one), compress time. How each
+    figure was measured (window length x windows, dtype; zero-shot: limit, dtype) is said under the table where
+    every row measured it the same way, else in a column of its own."""
     if len(manifests) != len(names):
         raise LLMPruneError(f"markdown_table got {len(manifests)} manifests but {len(names)} names: pass one name each")
     datasets = list(dict.fromkeys(d for m in manifests for d, r in (m.get("eval") or {}).items() if isinstance(r, dict)))
     has_zs = any(_zeroshot_mean(m) is not None for m in manifests)
+    hows = {d: [_protocol(r, m) if isinstance(r := (m.get("eval") or {}).get(d), dict) else None for m in manifests]
+            for d in datasets}
+    if has_zs:
+        hows["zero-shot"] = [_zeroshot_protocol(m) if _zeroshot_mean(m) is not None else None for m in manifests]
+    mixed = {d for d, h in hows.items() if len(set(h) - {None}) > 1}
     head = ["output", "model", "solver", "pattern", "target", "measured"]
-    head += [c for d in datasets for c in (f"{d} ppl", f"{d} dense")]
-    head += ["zero-shot mean"] * has_zs + ["compress time"]
+    head += [c for d in datasets for c in (f"{d} ppl", f"{d} dense", *([f"{d} measured as"] * (d in mixed)))]
+    head += ["zero-shot mean", *(["zero-shot measured as"] * ("zero-shot" in mixed))] * has_zs + ["compress time"]
     lines = ["| " + " | ".join(map(_cell, head)) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
-    for m, name in zip(manifests, names):
+    for i, (m, name) in enumerate(zip(manifests, names)):
         target, measured = _sparsity(m)
         ev = m.get("eval") or {}
         row = [name, _model_name(m), m.get("solver") or "-", m.get("pattern") or "-", _pct(target), _pct(measured)]
-        row += [_fmt((ev.get(d) or {}).get(k)) for d in datasets for k in ("ppl", "dense_ppl")]
-        row += [_fmt(_zeroshot_mean(m), ".3f")] * has_zs
+        for d in datasets:
+            row += [_fmt((ev.get(d) or {}).get(k)) for k in ("ppl", "dense_ppl")]
+            row += [hows[d][i] or "-"] * (d in mixed)
+        if has_zs:
+            row += [_fmt(_zeroshot_mean(m), ".3f"), *([hows["zero-shot"][i] or "-"] * ("zero-shot" in mixed))]
         compress_s = _num((m.get("timings") or {}).get("compress_s"))
         row.append(f"{compress_s:.1f} s" if compress_s is not None else "-")
         lines.append("| " + " | ".join(map(_cell, row)) + " |")
+    same = [f"{d}: {next(x for x in h if x)}" for d, h in hows.items() if d not in mixed and any(h)]
+    if same:
+        lines += ["", "Measured as (window length x windows, dtype; zero-shot: examples a task, dtype): "
+                  + "; ".join(same) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -233,3 +233,20 @@ def test_reset_peak_restarts_the_cpu_count():
     del x
     bench._reset_peak(cpu)
     assert bench._peak_mib(cpu) < before - 250
+
+
+def test_bandwidth_percentages_only_against_the_device_they_describe(monkeypatch):
+    """The % of bandwidth columns are of the device's own figures (the issue's 4.3 TB/s target on an H200 only);
+    a CPU or an unknown GPU gets none, not a percentage of an H200."""
+    from llmprune import bench
+
+    cpu = bench._summary([2.0, 2.0, 4.0], 1, 2 * 10**9, bench.bandwidth("cpu"))
+    assert cpu["effective_GBps"] == pytest.approx(1000.0) and cpu["pct_of_spec_bw"] is None
+    assert cpu["pct_of_target_bw"] is None
+    for name, want in [("NVIDIA H200", (4800.0, 4300.0)), ("NVIDIA H100 80GB HBM3", (3350.0, None)),
+                       ("NVIDIA A10G", (None, None))]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, n=name: n)
+        assert bench.bandwidth("cuda:0") == want
+    h200 = bench._summary([2.0], 1, 2 * 10**9, (4800.0, 4300.0))
+    assert h200["pct_of_spec_bw"] == pytest.approx(100 * 1000 / 4800) and h200["pct_of_target_bw"] == pytest.approx(
+        100 * 1000 / 4300)

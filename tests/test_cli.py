@@ -52,6 +52,11 @@ def test_compress_end_to_end(tmp_path, capsys, tiny_dir, calib_txt, solver, patt
     m2 = json.loads((out / "llmprune.json").read_text())
     assert m2["eval"]["wikitext2"]["ppl"] == pytest.approx(ev["ppl"], rel=1e-6)
     assert m2["eval"]["wikitext2"]["dense_ppl"] == ev["dense_ppl"]
+    assert m2["eval"]["wikitext2"]["dtype"] == "float32" and "transformers" in m2["eval"]["wikitext2"]["versions"]
+    # in another dtype: its own figure, and no dense figure beside it (that one was measured in float32)
+    rc, _, _ = _run(capsys, "eval", out, "--seqlen", "64", "--windows", "2", "--dtype", "bfloat16", "--no-progress")
+    m3 = json.loads((out / "llmprune.json").read_text())["eval"]["wikitext2"]
+    assert rc == 0 and m3["dtype"] == "bfloat16" and "dense_ppl" not in m3 and m3["ppl"] != ev["ppl"]
 
 
 def test_python_api(tmp_path, tiny_dir, calib_txt):

@@ -290,8 +290,18 @@ def test_eval_tasks_and_report(tmp_path, capsys, pruned_24, monkeypatch):
     assert zs["copa"]["n"] == 3 and 0 <= zs["mean"] <= 1
     model, tok, _ = checkpoint.load(pruned_24)
     assert zs["blockwise"] and zeroshot(model, tok, "copa,rte", limit=3) == {
-        k: v for k, v in zs.items() if k not in ("limit", "blockwise")}
-    assert json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]["rte"]["n"] == 3
+        k: v for k, v in zs.items() if k not in ("limit", "blockwise", "dtype", "device")}
+    saved = json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]
+    assert saved["rte"]["n"] == 3 and (saved["limit"], saved["dtype"]) == (3, "float32")
+    # another task measured the same way joins them, the mean is over all three; another --limit replaces them
+    assert main(["eval", str(pruned_24), "--tasks", "piqa", "--limit", "3", "--no-progress"]) == 0
+    saved = json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]
+    accs = [saved[t]["acc"] for t in ("copa", "rte", "piqa")]
+    assert saved["mean"] == pytest.approx(sum(accs) / 3) and saved["limit"] == 3
+    assert main(["eval", str(pruned_24), "--tasks", "piqa", "--limit", "2", "--no-progress"]) == 0
+    saved = json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]
+    assert "copa" not in saved and "rte" not in saved and saved["limit"] == 2
+    assert saved["mean"] == saved["piqa"]["acc"] and saved["piqa"]["n"] == 2
     for argv, msg in [(["--tasks", "nope"], "unknown"), (["--tasks", "copa", "--limit", "0"], "limit")]:
         assert main(["eval", str(pruned_24), *argv, "--no-progress"]) == 2
         assert msg in capsys.readouterr().err
@@ -314,7 +324,8 @@ def test_compress_tasks_score_the_saved_output(tmp_path, capsys, tiny_dir, calib
     zs = m["zeroshot"]
     assert zs["blockwise"] and zs["limit"] == 3 and zs["copa"]["n"] == 3 and m["timings"]["zeroshot_s"] > 0
     model, tok, _ = checkpoint.load(out)
-    assert zeroshot(model, tok, "copa,rte", limit=3) == {k: v for k, v in zs.items() if k not in ("limit", "blockwise")}
+    assert zeroshot(model, tok, "copa,rte", limit=3) == {k: v for k, v in zs.items()
+                                                         if k not in ("limit", "blockwise", "dtype")}
     capsys.readouterr()
     for argv, msg in [(["--tasks", "copa,nope"], "unknown zero-shot task nope"),
                       (["--tasks", "copa", "--tasks-limit", "0"], "--tasks-limit 0 must be >= 1")]:
@@ -340,7 +351,7 @@ def test_pack_and_recover_tasks_score_the_folder_they_write(cmd, tmp_path, capsy
     zs = json.loads((out / "llmprune.json").read_text())["zeroshot"]
     assert zs["blockwise"] and zs["copa"]["n"] == 4
     model, tok, _ = checkpoint.load(out)
-    assert zeroshot(model, tok, "copa", limit=4) == {k: v for k, v in zs.items() if k not in ("limit", "blockwise")}
+    assert zeroshot(model, tok, "copa", limit=4) == {k: v for k, v in zs.items() if k not in ("limit", "blockwise", "dtype")}
     capsys.readouterr()
     assert main([cmd, str(pruned_24), *extra, "--out", str(tmp_path / "x"), "--tasks-limit", "4"]) == 2
     assert "--tasks-limit limits the zero-shot tasks: add --tasks" in capsys.readouterr().err

@@ -32,7 +32,7 @@ REPO = "someone/tiny-2of4"
 
 def manifest(**over) -> dict:
     m = {
-        "format_version": 1,
+        "format_version": 2,
         "llmprune_version": "0.1.0",
         "model": {
             "asked": "llama",
@@ -60,9 +60,12 @@ def manifest(**over) -> dict:
                 "seqlen": 2048,
                 "windows": 16,
                 "tokens": 32768,
+                "source": "/home/someone/data/wikitext2_test.txt",
             },
-            "c4": {"ppl": 40.0049, "dense_ppl": 29.996, "seqlen": 512, "windows": 64, "tokens": 32768},
+            "c4": {"ppl": 40.0049, "dense_ppl": 29.996, "seqlen": 512, "windows": 64, "tokens": 32768,
+                   "dtype": "bfloat16"},
         },
+        "dtype": "float32",
         "versions": {"torch": "2.13.0", "transformers": "5.23"},
         "command": "llmprune compress llama --solver sparsegpt --pattern 2:4 --out out",
     }
@@ -113,23 +116,33 @@ def test_card_metadata_and_tables():
     results = meta["model-index"][0]["results"]
     got = {r["dataset"]["type"]: r["metrics"][0]["value"] for r in results}
     assert got == {"wikitext": m["eval"]["wikitext2"]["ppl"], "allenai/c4": m["eval"]["c4"]["ppl"]}
-    # the body's table: dense vs compressed, rounded to 2 decimals, relative change
+    # each published figure names its protocol: window length, windows, dtype (the entry's, else the manifest's)
+    names = {r["dataset"]["type"]: r["metrics"][0]["name"] for r in results}
+    assert names == {"wikitext": "WikiText-2 perplexity (compressed; 2048-token windows x 16, float32)",
+                     "allenai/c4": "C4 perplexity (compressed; 512-token windows x 64, bfloat16)"}
+    # the body's table: dense vs compressed, rounded to 2 decimals, relative change, protocol, text
     rows = table(card, "dataset")
     assert set(rows) == set(m["eval"])
     for name, r in m["eval"].items():
-        dense, ppl, change, seqlen, windows, tokens = rows[name]
+        dense, ppl, change, seqlen, windows, tokens, dtype, text = rows[name]
         assert float(dense) == round(r["dense_ppl"], 2) and float(ppl) == round(r["ppl"], 2)
         assert float(change.rstrip("%")) == pytest.approx(100 * (r["ppl"] / r["dense_ppl"] - 1), abs=0.051)
         assert (int(seqlen), int(windows), int(tokens)) == (r["seqlen"], r["windows"], r["tokens"])
+        assert dtype == r.get("dtype", "float32")
+    assert rows["wikitext2"][-1] == "wikitext2_test.txt" and rows["c4"][-1] == "-"
+    assert "The compressed figures were measured on these files as saved" in card
     zs = table(card, "task")
     for task in ("piqa", "arc_easy"):
         assert float(zs[task][0]) == round(m["zeroshot"][task]["acc"], 3)
         assert float(zs[task][1]) == round(m["zeroshot"][task]["acc_norm"], 3)
         assert int(zs[task][2]) == m["zeroshot"][task]["n"]
     assert float(zs["**mean**"][0]) == round(0.5675, 3)
+    assert "Through lm-eval, every example." in card
+    limited = model_card({**m, "zeroshot": {**m["zeroshot"], "limit": 200, "dtype": "float32"}}, REPO)
+    assert "Through lm-eval, the first 200 examples of each task, float32." in limited
     recipe = table(card, "setting")
     assert recipe["solver"] == ["sparsegpt"] and recipe["pattern"] == ["2:4"]
-    assert recipe["sparsity measured"] == ["49.87%"]
+    assert recipe["sparsity measured (pruning mask)"] == ["49.87%"]
     assert recipe["compress time"] == ["123 s"] and recipe["peak RSS"] == ["2048 MiB"]
     packed = table(model_card({**m, "command": "llmprune pack OUT --format w4s24 --out P"}, REPO), "setting")
     assert packed["peak RSS (pack)"] == ["2048 MiB"] and "peak RSS" not in packed  # that command's own
@@ -138,6 +151,28 @@ def test_card_metadata_and_tables():
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}")' in card
     assert "```bash\n" + m["command"] + "\n```" in card
     assert MARKER in card
+
+
+def test_card_publishes_only_figures_of_these_files():
+    """An export's figures are of its own files (as its engine's reader reads them): published; a version-1
+    compress figure (the model in memory before saving, as migrated) is not, and the card says so."""
+    from llmprune.manifest import EXPORT, Manifest
+
+    gguf = manifest(export={"to": "gguf", "files": ["m-Q4_0.gguf"], "types": ["q4_0"]}, exported_from="out",
+                    eval={"wikitext2": {"ppl": 33.0, "seqlen": 2048, "windows": 16, "tokens": 32768,
+                                        "measured_on": f"{EXPORT} (gguf_file=m-Q4_0.gguf)", "dtype": "float32"}})
+    card = model_card(gguf, REPO)
+    assert [r["metrics"][0]["value"] for r in front_matter(card)["model-index"][0]["results"]] == [33.0]
+    assert "measured on these files as the export, loaded with transformers (gguf_file=m-Q4_0.gguf)" in card
+    assert "Caution" not in card
+    v1 = Manifest.from_dict({**manifest(), "format_version": 1}).to_dict()
+    card = model_card(v1, REPO)
+    assert "model-index" not in front_matter(card)
+    assert "Caution: the compressed figures describe the model in memory before saving (version 1 manifest)" in card
+    mixed = model_card({**v1, "eval": {**v1["eval"], "c4": manifest()["eval"]["c4"]}}, REPO)
+    assert [r["dataset"]["type"] for r in front_matter(mixed)["model-index"][0]["results"]] == ["allenai/c4"]
+    assert "Caution: the compressed wikitext2 figures describe the model in memory" in mixed
+    assert "The compressed c4 figures were measured on these files as saved" in mixed
 
 
 def test_card_local_base_unstructured_packed_license(tmp_path):

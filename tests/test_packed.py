@@ -93,6 +93,14 @@ def test_int4_round_trip_equals_dequantized_reference(tmp_path, fmt, pattern, op
     if masks:
         for n, keep in masks.items():
             assert bool((loaded.get_submodule(n).dequantize()[~keep] == 0).all())
+    # what the manifest says of the files is counted from the files: weights decoding to zero (int4 rounds some
+    # kept weights to zero beside the pruned ones), bytes on disk (headers included)
+    weights = [loaded.get_submodule(n).dequantize() for n in sec["layers"]]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert sec["stored_zeros"] == pytest.approx(zeros, abs=1e-12)
+    if masks:
+        assert zeros > sum(int((~k).sum()) for k in masks.values()) / sum(k.numel() for k in masks.values())
+    assert sec["bytes"]["file"] == sum(f.stat().st_size for f in (tmp_path / "o").glob("*.safetensors"))
 
 
 def test_keep_masks_inferred_from_zeros_and_misfits_left_dense(tmp_path):

@@ -256,8 +256,12 @@ def test_version_1_manifests_load_and_say_what_their_figures_measured():
     assert m.steps == ["prune", "quantize", "pack"] and m.format_name == "w4s24"
     assert m.eval["wikitext2"]["measured_on"].startswith("model before packing")
     assert m.to_dict()["some_future_key"] == [1, 2] and m.to_dict()["format_version"] == manifest.VERSION
-    dense = manifest.Manifest.from_dict({**v1, "format": None})
-    assert dense.eval["wikitext2"]["measured_on"] == manifest.SAVED
+    # v1 compress measured the model in memory before saving; v1 pack measured nothing, so a packed folder's
+    # figure came from `llmprune eval` on it
+    dense = manifest.Manifest.from_dict({**v1, "format": None, "zeroshot": {"boolq": {"acc": 0.6}, "mean": 0.6}})
+    assert dense.eval["wikitext2"]["measured_on"] == "model in memory before saving (version 1 manifest)"
+    assert dense.zeroshot["measured_on"] == dense.eval["wikitext2"]["measured_on"]
+    assert manifest.Manifest.from_dict({**v1, "packed_from": "x"}).eval["wikitext2"]["measured_on"] == manifest.SAVED
     with pytest.raises(LLMPruneError, match="newer than this llmprune"):
         manifest.Manifest.from_dict({**v1, "format_version": 99})
     with pytest.raises(LLMPruneError, match="lacks the keys"):

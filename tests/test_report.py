@@ -16,7 +16,7 @@ def _manifest(solver: str, target: float, rnd: random.Random, zs: bool = True, p
         "format_version": 1, "llmprune_version": "0.1.0",
         "model": {"asked": "llama", "loaded": "SmolLM2-135M"}, "solver": solver, "pattern": pattern,
         "sparsity": {"target": target, "measured": target - rnd.uniform(0, 0.01)},
-        "calibration": {"source": "c4", "nsamples": 8},
+        "calibration": {"source": "c4", "nsamples": 8}, "dtype": "float32",
         "timings": {"compress_s": rnd.uniform(1, 100)},
         "eval": {"wikitext2": {"ppl": 20 * (1 + 5 * target ** 3) * rnd.uniform(0.9, 1.1), "dense_ppl": 20.43,
                                "seqlen": 512, "windows": 16},
@@ -30,7 +30,8 @@ def _manifest(solver: str, target: float, rnd: random.Random, zs: bool = True, p
 
 
 def _parse_md(md: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in md.strip().splitlines()]
+    return [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in md.strip().splitlines()
+            if line.startswith("|")]
 
 
 def test_markdown_table_values():
@@ -54,6 +55,27 @@ def test_markdown_table_values():
     assert rows[1][col["zero-shot mean"]] == "-" and rows[2][col["c4 ppl"]] == "-"
     assert rows[1][0] == r"b\|c"  # a pipe in a name must not split the row
     assert rows[2][col["target"]] == "-" and rows[2][col["model"]] == "x"
+    # measured the same way in every row: said once, under the table
+    assert report.markdown_table(ms, ["a", "b", "d"]).endswith(
+        "Measured as (window length x windows, dtype; zero-shot: examples a task, dtype): wikitext2: 512 x 16, "
+        "float32; c4: 512 x 16, float32; zero-shot: every example, float32.\n")
+
+
+def test_markdown_table_says_how_each_figure_was_measured_where_rows_differ():
+    """Figures measured another way (window length, windows, dtype, a version-1 figure of the model in memory,
+    a zero-shot limit) are not put in one column unannotated."""
+    rnd = random.Random(1)
+    a, b, c = (_manifest("wanda", 0.5, rnd) for _ in range(3))
+    b["eval"]["wikitext2"].update(seqlen=2048, windows=4, dtype="bfloat16")
+    c["eval"]["wikitext2"]["measured_on"] = "model in memory before saving (version 1 manifest)"
+    c["zeroshot"]["limit"] = 20
+    md = report.markdown_table([a, b, c], ["a", "b", "c"])
+    head, _, *rows = _parse_md(md)
+    col = {h: i for i, h in enumerate(head)}
+    assert [r[col["wikitext2 measured as"]] for r in rows] == [
+        "512 x 16, float32", "2048 x 4, bfloat16", "512 x 16, float32, model in memory before saving (version 1 manifest)"]
+    assert [r[col["zero-shot measured as"]] for r in rows] == ["every example, float32"] * 2 + ["limit 20, float32"]
+    assert "c4 measured as" not in col and md.rstrip().endswith("c4: 512 x 16, float32.")
 
 
 def test_markdown_table_without_zeroshot_and_bare_sparsity():

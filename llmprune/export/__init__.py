@@ -234,7 +234,9 @@ def evaluate(folder, datasets, seqlen: int, windows: int | None, progress: bool,
 
     model, tok = load(folder, dtype=dtype, device=device)
     res = evaluate_model(model, tok, datasets, seqlen, windows, progress, {})
-    return {d: {**r, "measured_on": f"export, loaded with transformers ({reader(folder)})"} for d, r in res.items()}
+    from .. import manifest as mf
+
+    return {d: {**r, "measured_on": f"{mf.EXPORT} ({reader(folder)})", "dtype": dtype} for d, r in res.items()}
 
 
 def reader(folder) -> str:
