@@ -151,6 +151,30 @@ def io_bytes() -> dict | None:
     return {k: int(fields[k]) for k in ("rchar", "wchar", "read_bytes", "write_bytes") if k in fields}
 
 
+def free_memory(device: str, offload: bool = False) -> int:
+    """Bytes a model loaded onto `device` can take now: the CPU's available memory; a GPU's free memory, and with
+    `offload` (accelerate's device_map="auto" from there) every GPU's plus the CPU's."""
+    import psutil
+    import torch
+
+    cpu = psutil.virtual_memory().available
+    if torch.device(device).type != "cuda":
+        return cpu
+    gpus = range(torch.cuda.device_count()) if offload else [torch.device(device).index or 0]
+    return sum(torch.cuda.mem_get_info(i)[0] for i in gpus) + (cpu if offload else 0)
+
+
+def check_memory(need: int, device: str, what: str, fix: str, offload: bool = False) -> None:
+    """Refuse, before any work, what would run out of memory later: `what` needs `need` bytes on `device`."""
+    import torch
+
+    have = free_memory(device, offload)
+    if need > have:
+        where = "this machine's memory" if torch.device(device).type != "cuda" else \
+            "GPU and CPU memory" if offload else f"{device}'s free memory"
+        raise LLMPruneError(f"{what} needs {need / 2**30:.1f} GiB and {where} has {have / 2**30:.1f} GiB: {fix}")
+
+
 def memory(device: str) -> dict:
     """Manifest fields: peak RSS, peak GPU memory on CUDA, and the process's I/O."""
     out = {"peak_rss_mib": peak_rss_mib()}

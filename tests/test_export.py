@@ -239,6 +239,31 @@ def _refused(capsys, tmp_path, *argv, want: str):
     assert not out.exists() and not list(tmp_path.glob(".x.*"))
 
 
+@pytest.mark.parametrize("to", ["compressed-tensors", "gguf"])
+def test_export_eval_that_cannot_fit_is_refused_before_the_export_is_written(tmp_path, capsys, outs, monkeypatch,
+                                                                              to):
+    """`export --eval` has transformers read the whole export (GGUF: dequantized to float32 in CPU memory): where
+    that cannot fit, the one line says so before anything is written, not after hours of export."""
+    import psutil
+
+    import llmprune
+
+    params = sum(t.numel() for t in llmprune.load(str(outs["dense"]))[0].parameters())
+    limit = params * 4 - 1  # float32 either way here (the source's dtype; GGUF always)
+    real = psutil.virtual_memory
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=limit))
+    rc, _, err = _run(capsys, "export", outs["dense"], "--to", to, "--eval", "wikitext2", "--out", tmp_path / "x",
+                      "--no-progress")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--eval (transformers reads the whole export" in err and "drop --eval" in err
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=params * 8))
+    rc, _, err = _run(capsys, "export", outs["dense"], "--to", to, "--eval", "wikitext2", "--eval-seqlen", "64",
+                      "--eval-windows", "1", "--out", tmp_path / "y", "--no-progress")
+    assert rc == 0, err
+
+
 def test_eval_of_an_export_says_how_to_measure_it(tmp_path, capsys, outs):
     """`llmprune eval` reads llmprune's outputs; an export is read by its engine's loader: the one line says to
     measure it with `export --eval` (transformers' read of it). `llmprune bench` of an export timed transformers'

@@ -69,7 +69,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     from .. import outdir, walker
     from ..config import check_hessian_gib
     from ..pipeline import Timer
-    from ..runinfo import memory, pick_device, versions
+    from ..runinfo import check_memory, memory, pick_device, versions
     from .source import Weights, open_source
 
     timer = Timer()
@@ -82,6 +82,13 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     check_hessian_gib(hessian_gib)
     outdir.check_out(out, overwrite)
     weights = Weights(s)  # one decoder block at a time (scale tuning: read to where it trains)
+    edtype = s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32"
+    if eval:  # transformers reads the whole export to measure it: refused now, not once the export is written
+        gguf = to == "gguf"  # transformers dequantizes a GGUF file whole, in CPU memory, in float32
+        need = sum(p.numel() for p in weights.model.parameters()) * (4 if gguf else getattr(torch, edtype).itemsize)
+        check_memory(need, "cpu" if gguf else dev, "--eval (transformers reads the whole export" +
+                     (", dequantized to float32 in CPU memory)" if gguf else f" in {edtype})"),
+                     "drop --eval, or export on a machine with more memory", offload=not gguf)
     new = mf.derive(s.manifest, versions(), dev, format=None, onload="blocks" if weights.lazy is not None else
                     "whole: the checkpoint stores tensors under names transformers converts at load")
     new.exported_from, new.command = str(src), command
@@ -104,8 +111,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
         mf.write(tmp, new)
         if eval:
             with timer("eval_s"):
-                new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, dev,
-                                    s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32")
+                new.eval = evaluate(tmp, eval, eval_seqlen, eval_windows, progress, dev, edtype)
         new.timings = {**(s.manifest.timings or {}), "export": timer.total()}  # the source's, and this command's
         for k, v in memory(dev).items():  # this command's (the source's: its history)
             setattr(new, k, v)
