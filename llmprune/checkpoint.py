@@ -58,7 +58,8 @@ def load(folder: str | Path, dtype="float32", device="cpu"):
         else:
             from .models import from_pretrained
 
-            model = from_pretrained(folder, dtype=dt, use_safetensors=True).to(device)
+            on_gpu = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}  # read straight there
+            model = from_pretrained(folder, dtype=dt, use_safetensors=True, **on_gpu).to(device)
     return model.eval(), load_tokenizer(folder), m.to_dict()
 
 

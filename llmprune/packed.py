@@ -288,7 +288,8 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         if not isinstance(mod, nn.Linear) or [mod.out_features, mod.in_features] != list(layer["shape"]):
             raise LLMPruneError(f"manifest layer {name} {layer['shape']} does not match a linear of config.json: "
                                 f"the folder is inconsistent, re-create it")
-        set_module(model, name, lazy.build_layer(files, name, layer, dtype))
+        set_module(model, name, lazy.build_layer(files, name, layer, dtype).to(device))  # straight there: a 70B
+        # model's packed weights are not staged whole in CPU memory first
         used |= {k for k in keys if k.startswith(f"{name}.")}
 
     expected = model.state_dict()
@@ -300,7 +301,7 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         if tuple(t.shape) != tuple(expected[key].shape):
             raise LLMPruneError(f"{key} is {tuple(t.shape)} but config.json implies {tuple(expected[key].shape)}: "
                                 f"re-create the folder")
-        dense[key] = t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
+        dense[key] = (t.to(dtype) if (dtype is not None and t.is_floating_point()) else t).to(device)
     model.load_state_dict(dense, strict=False, assign=True)
     for name, src in sec.get("tied", {}).items():  # re-tie: the same Parameter object, as transformers does
         parent, _, leaf = name.rpartition(".")
