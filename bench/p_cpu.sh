@@ -217,10 +217,10 @@ stage_perp() {  # rank 4: norms + MaskLoRA stay under 1% of the parameters; one 
 stage_slicegpt() {
   # --round-to 1: the width is then a multiple of SmolLM2's 9 heads only (513, 459, 432, 396), closest to
   # the asked fraction; the default 8 would make it a multiple of 72 (504, 432, 432, 360).
-  # The LM head and the last residual stay at full width (the reference's default); the first runs sliced
-  # them too (now --slice-head): their manifests are results/llama-slicegpt-*-slicehead.json
+  # The LM head and the last residual stay at full width (the reference's default); -slicehead: sliced too
   for s in 0.25 0.1 0.2 0.3; do for r in shared per-block; do
     run llama-slicegpt-$r-$s $L compress --model llama --solver slicegpt --slicing $s --rotation $r --round-to 1 --no-dense-eval $P --out $R/llama-slicegpt-$r-$s
+    run llama-slicegpt-$r-$s-slicehead $L compress --model llama --solver slicegpt --slicing $s --rotation $r --round-to 1 --slice-head --no-dense-eval $P --out $R/llama-slicegpt-$r-$s-slicehead
   done; done
   for r in shared per-block; do  # decode speed on this CPU, dense vs sliced, batch 1 (measured with the head sliced)
     [ -e $B/bench-slicegpt-$r-0.25.json ] || { echo "### bench slicegpt $r 0.25" >> $LOG;
