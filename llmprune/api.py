@@ -104,7 +104,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         m.steps.append("recover")
         if m.sparsity:
             m.sparsity["measured_after_recover"] = prune.measured_sparsity(model, names)
-    with outdir.atomic_dir(p.out, c.overwrite) as tmp:
+    with outdir.atomic_dir(p.out, c.overwrite, sources=pipeline.local_sources(c.model)) as tmp:
         if c.format == "dense" and not c.slicegpt:
             model.to(pipeline.save_dtype(c, src_dtype))
         m.format = pipeline.export(model, tok, tmp, c.format, p.quant, c.group_size, c.symmetric,
@@ -182,7 +182,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         with t("dense_eval_s"):
             dense = onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
     with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None,
-                           keep=resume.kept if fp else None) as tmp:
+                           sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) as tmp:
         packer = None if c.format == "dense" else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
         out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
@@ -361,7 +361,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     old = _source(src)
     if old.format_name != "dense":
         raise LLMPruneError(f"{src} is packed ({old.format_name}): recover the dense output, then pack it")
-    outdir.check_out(out, overwrite)
+    outdir.check_out(out, overwrite, [src])
     rcfg = RecoverConfig(data=data, seqlen=seqlen, nsamples=nsamples, seed=seed, **perp_opts)
     perp.check_options(**rcfg.perp_options())
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
@@ -411,7 +411,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     new.steps = [*old.steps, "recover"]
     if new.sparsity:
         new.sparsity = {**new.sparsity, "measured": prune.measured_sparsity(model, targets)}
-    with outdir.atomic_dir(out, overwrite) as tmp:
+    with outdir.atomic_dir(out, overwrite, sources=[src]) as tmp:
         if lz is None:
             pipeline.export(model, tok, tmp, timer=t)
         else:  # block by block from where each trained
@@ -476,7 +476,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     if onload not in ("auto", "blocks", "whole"):
         raise LLMPruneError(f"--onload {onload!r}: use auto, blocks or whole")
     tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")
-    outdir.check_out(out, overwrite)
+    outdir.check_out(out, overwrite, [src])
     devs = pick_devices(device)
     t = pipeline.Timer()
     dtype = old.dtype or "float32"
@@ -512,7 +512,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         fp = resume.fingerprint(recipe, ids, lz.folder, tuple(devs), getattr(torch, save_dtype))
         found = resume.find(Path(out), fp)
     ck = None
-    with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None,
+    with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None, sources=[src],
                            keep=resume.kept if fp else None) as tmp:
         with walker.hessian_memory(hessian_gib):
             if lz is None:

@@ -505,6 +505,27 @@ def _commit_message(manifest: dict) -> str:
     return f"llmprune: {what or 'compressed checkpoint'}"
 
 
+def _check_weights(out: Path, manifest: dict) -> None:
+    """The folder's weights are there and whole (their headers read; a GGUF export's files named by its manifest),
+    before anything is sent: a folder that lost its weights is not published."""
+    e = manifest.get("export") or {}
+    if e.get("to") == "gguf":
+        for f in e.get("files") or []:
+            p = out / f
+            if not p.is_file() or p.stat().st_size < 24 or _magic(p) != b"GGUF":
+                raise LLMPruneError(f"{p} is missing or not a GGUF file: re-create the export "
+                                    f"(llmprune export {manifest.get('exported_from')} --to gguf --overwrite)")
+        return
+    from .checkpoint import check_weight_files
+
+    check_weight_files(out)
+
+
+def _magic(p: Path) -> bytes:
+    with open(p, "rb") as f:
+        return f.read(4)
+
+
 def push(
     out_dir: str | os.PathLike,
     repo_id: str,
@@ -528,6 +549,7 @@ def push(
     manifest = read(out).to_dict()  # LLMPruneError "... not an llmprune output folder ..." without one
     if not isinstance(repo_id, str) or not _HUB_ID.fullmatch(repo_id):
         raise LLMPruneError(f"--repo {repo_id!r} is not a Hub repo id: use user/name, e.g. me/smollm2-2of4")
+    _check_weights(out, manifest)
     token = token or get_token()
     if not token:
         raise LLMPruneError(f"no Hugging Face token found: {_LOGIN_FIX}")

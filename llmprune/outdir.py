@@ -22,13 +22,30 @@ from pathlib import Path
 from .errors import LLMPruneError
 
 
-def check_out(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output (unless overwrite) before any work is done."""
+def check_out(out: str | Path, overwrite: bool, sources=(), marker: str = "llmprune.json") -> Path:
+    """Refuse, before any work is done, an output path that cannot be written or whose replacement would lose
+    something: an existing output (unless overwrite), a file, a folder under a file, the current folder or one
+    above it, a folder that is or holds one of the command's `sources`, and (with overwrite) a non-empty folder
+    that is not an output of this kind (no `marker` file in it)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LLMPruneError(f"output folder {out} exists: pass --overwrite or choose another --out")
     if out.exists() and not out.is_dir():
         raise LLMPruneError(f"output path {out} is a file: choose another --out")
+    above = next((q for q in out.absolute().parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise LLMPruneError(f"--out {out}: {above} is a file, not a folder: choose another --out")
+    where, here = out.resolve(), Path.cwd().resolve()
+    if where == here or where in here.parents:
+        raise LLMPruneError(f"--out {out} is the current folder or one above it: give the name of a folder to write")
+    for src in map(Path, sources):
+        s = src.resolve()
+        if s == where or where in s.parents:
+            raise LLMPruneError(f"--out {out} {'is' if s == where else 'holds'} the source {src}, which writing the "
+                                f"output would delete: choose another --out")
+    if out.exists() and not overwrite:
+        raise LLMPruneError(f"output folder {out} exists: pass --overwrite or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
+        raise LLMPruneError(f"--overwrite would delete {out}, which holds no {marker} (not an output of this command): "
+                            f"remove it yourself or choose another --out")
     return out
 
 
@@ -97,13 +114,14 @@ def _disk_full(e: BaseException) -> bool:
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = None, keep=None):
+def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = None, keep=None, sources=(),
+               marker: str = "llmprune.json"):
     """Yield a fresh temporary folder next to `out` (or `adopt`, a dead run's, taken over: resume.py); on
     success it replaces `out`, on any error (KeyboardInterrupt included) it is removed and `out` is left as
     it was - unless `keep(tmp)` says what it holds (a checkpoint to go on from: resume.kept): then it stays,
     renamed without this process's id so that any later run, in this process too, may take it over or
     remove it, and that is said on stderr. A full disk becomes a one-line LLMPruneError."""
-    out = check_out(out, overwrite)
+    out = check_out(out, overwrite, sources, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out, keep=adopt)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

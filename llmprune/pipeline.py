@@ -133,7 +133,7 @@ def plan(cfg: CompressConfig) -> Plan:
         quant = formats.get(cfg.format).check_options(cfg.quant, cfg.symmetric)
     gptq = (cfg.gptq or GPTQConfig()) if quant == "gptq" else None
     out = Path(cfg.out or default_out(cfg, sparsity))
-    outdir.check_out(out, cfg.overwrite)
+    outdir.check_out(out, cfg.overwrite, local_sources(cfg.model))
     onload, why = _onload(cfg, devices)
     return Plan(cfg, device, pattern, sparsity, solver, quant, gptq, out, onload, why, devices)
 
@@ -159,6 +159,11 @@ def _onload(cfg: CompressConfig, devices: tuple[str, ...]) -> tuple[bool, str | 
 
 
 # --- load -----------------------------------------------------------------------------------------
+
+def local_sources(spec: str) -> list[str]:
+    """The model's own folder or file when --model names one on disk (an output must not replace it)."""
+    return [spec] if Path(spec).exists() else []
+
 
 def resolve_model(spec: str):
     """models.ModelInfo (with the local folder) for anything --model accepts, nothing loaded."""

@@ -117,8 +117,45 @@ def test_existing_out_needs_overwrite(tmp_path, capsys, tiny_dir, calib_txt):
     (out / "keep.txt").write_text("mine")
     rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI)
     assert rc == 2 and "--overwrite" in se and (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an output, never a folder that is not one
     rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, "--overwrite", *FAST_CLI)
-    assert rc == 0 and (out / "llmprune.json").exists() and not (out / "keep.txt").exists()
+    assert rc == 2 and "holds no llmprune.json" in se and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, "--overwrite", *FAST_CLI)
+    assert rc == 0 and (out / "llmprune.json").exists()
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, "--overwrite", *FAST_CLI)
+    assert rc == 0 and (out / "llmprune.json").exists()
+
+
+def test_an_out_whose_writing_would_lose_something_is_refused_first(tmp_path, capsys, tiny_dir, calib_txt,
+                                                                     monkeypatch):
+    """--overwrite deleted the source when --out was it or held it (compress, pack, recover, export), and an --out
+    under a file, or the current folder, failed with a traceback after the work: each is one line, before it."""
+    import shutil
+
+    src = shutil.copytree(tiny_dir, tmp_path / "sand" / "model")
+    (tmp_path / "sand" / "notes.txt").write_text("mine")
+    o = tmp_path / "o"
+    assert _run(capsys, "compress", "--model", src, "--calib", calib_txt, "--out", o, *FAST_CLI)[0] == 0
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cases = [(["compress", "--model", src, "--calib", calib_txt, "--out", tmp_path / "sand"], "holds the source"),
+             (["compress", "--model", src, "--calib", calib_txt, "--out", src], "is the source"),
+             (["pack", o, "--format", "sparse24", "--out", o], "is the source"),
+             (["recover", o, "--steps", "1", "--out", o], "is the source"),
+             (["export", o, "--to", "gguf", "--out", o], "is the source"),
+             (["compress", "--model", src, "--calib", calib_txt, "--out", tmp_path / "afile" / "x"], "is a file"),
+             (["compress", "--model", src, "--calib", calib_txt, "--out", "."], "the current folder"),
+             (["compress", "--model", src, "--calib", calib_txt, "--out", ".."], "the current folder or one above")]
+    for argv, msg in cases:
+        extra = [*FAST_CLI] if argv[0] == "compress" else ["--no-progress"]
+        rc, _, se = _run(capsys, *argv, *extra, "--overwrite")
+        assert rc == 2 and msg in se and len(se.strip().splitlines()) == 1, (argv, se)
+    assert (tmp_path / "sand" / "notes.txt").read_text() == "mine" and (src / "config.json").exists()
+    assert json.loads((o / "llmprune.json").read_text())["steps"] == ["prune"]
+    rc, _, se = _run(capsys, "compress", "--model", src, "--calib", calib_txt, "--out", tmp_path / "afile", *FAST_CLI)
+    assert rc == 2 and "is a file" in se  # not "exists: pass --overwrite"
 
 
 def test_interrupt_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):

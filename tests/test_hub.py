@@ -572,6 +572,21 @@ def test_push_bad_folder_and_repo(tmp_path, hub):
     assert hub.seen == [] and not (tmp_path / "plain" / "README.md").exists()
 
 
+def test_push_refuses_a_folder_whose_weights_are_damaged_before_sending_anything(hub, out_dir):
+    weights = out_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LLMPruneError, match="corrupted or truncated"):
+        push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    weights.unlink()
+    with pytest.raises(LLMPruneError, match="no .safetensors weights"):
+        push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    m = manifest(export={"to": "gguf", "files": ["m-Q8_0.gguf"]}, exported_from="src")
+    (out_dir / "llmprune.json").write_text(json.dumps(m))
+    with pytest.raises(LLMPruneError, match="m-Q8_0.gguf is missing or not a GGUF file"):
+        push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    assert hub.seen == [] and not (out_dir / "README.md").exists()
+
+
 def test_token_from_env(monkeypatch):
     monkeypatch.setenv("MY_HF", f"  {TOKEN}\n")
     assert token_from_env("MY_HF") == TOKEN

@@ -80,7 +80,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     out = Path(out) if out is not None else default_out(src, to)
     opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval)
     check_hessian_gib(hessian_gib)
-    outdir.check_out(out, overwrite)
+    outdir.check_out(out, overwrite, [src])
     weights = Weights(s)  # one decoder block at a time (scale tuning: read to where it trains)
     edtype = s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32"
     if eval:  # transformers reads the whole export to measure it: refused now, not once the export is written
@@ -93,7 +93,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
                     "whole: the checkpoint stores tensors under names transformers converts at load")
     new.exported_from, new.command = str(src), command
     steps = []
-    with outdir.atomic_dir(out, overwrite) as tmp:
+    with outdir.atomic_dir(out, overwrite, sources=[src]) as tmp:
         with timer("write_s"), walker.hessian_memory(hessian_gib):
             if to == "compressed-tensors":
                 w = t.Writer(tmp, getattr(torch, save_dtype))
