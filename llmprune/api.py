@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from . import outdir, pipeline
-from .config import EVAL_DATASETS, CompressConfig, GPTQConfig, RecoverConfig, check_hessian_gib
+from .config import DTYPES, CompressConfig, GPTQConfig, RecoverConfig, check_eval, check_hessian_gib
 from .errors import LLMPruneError
 from .runinfo import memory, pick_device, pick_devices, versions
 
@@ -253,9 +253,9 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     """Perplexity and zero-shot accuracy of an output folder (results merged into its manifest) or
     of any model spec. dtype None: the dtype the output was computed in (its manifest), so this
     measures what compress recorded. Returns {"eval": {dataset: ...}, "zeroshot": {task: ...}}."""
-    for d in ppl:
-        if d not in EVAL_DATASETS:
-            raise LLMPruneError(f"unknown perplexity dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+    check_eval(ppl, seqlen, windows, "--ppl")
+    if dtype is not None and dtype not in DTYPES:
+        raise LLMPruneError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
     if tasks:
         from .eval import zeroshot
 
@@ -364,6 +364,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     outdir.check_out(out, overwrite, [src])
     rcfg = RecoverConfig(data=data, seqlen=seqlen, nsamples=nsamples, seed=seed, **perp_opts)
     perp.check_options(**rcfg.perp_options())
+    check_eval(eval, eval_seqlen, eval_windows)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise LLMPruneError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     if onload not in ("auto", "blocks", "whole"):
@@ -383,6 +384,8 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     else:  # on the meta device until placed
         model, tok = lz.model, checkpoint.load_tokenizer(src)
     pipeline.check_context(model, seqlen, "--seqlen")
+    if eval:
+        pipeline.check_context(model, eval_seqlen, "--eval-seqlen")
     targets = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
     if lz is not None:  # planned (and refused) before anything is read; the adapted linears: the pruned ones
         where = onl.recover_plan(lz, targets, devs, rcfg)
@@ -463,6 +466,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     if old.format_name != "dense":
         raise LLMPruneError(f"{src} is already packed ({old.format_name}): pack the dense output it came from")
     symmetric = CompressConfig(format=fmt, grid=grid, save_dtype=save_dtype).symmetric  # checks the options
+    save_dtype = "float16" if save_dtype == "auto" else save_dtype  # a packed output's default
     quant = formats.get(fmt).check_options(quant, symmetric)  # before loading anything
     given = {k: v for k, v in (gptq or {}).items() if v is not None}
     if given and quant != "gptq":
@@ -470,9 +474,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
                             "add --quant gptq or drop them")
     gcfg = GPTQConfig(**given) if quant == "gptq" else None
     check_hessian_gib(hessian_gib)
-    for d in eval:
-        if d not in EVAL_DATASETS:
-            raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+    check_eval(eval, eval_seqlen, eval_windows)
     if onload not in ("auto", "blocks", "whole"):
         raise LLMPruneError(f"--onload {onload!r}: use auto, blocks or whole")
     tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")
@@ -494,6 +496,8 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     from .packed import check_packable
 
     check_packable(model, fmt)  # before GPTQ's work
+    if eval:
+        pipeline.check_context(model, eval_seqlen, "--eval-seqlen")
     ids = cinfo = None
     if quant == "gptq":
         pipeline.check_context(model, seqlen, "--seqlen")

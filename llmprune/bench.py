@@ -477,10 +477,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", action="store_true", help="also run the kernel microbenchmark")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
+    from . import outdir
+    from .errors import LLMPruneError
+    from .runinfo import pick_device
+
+    try:
+        batches = [int(b) for b in a.batch.split(",")]
+    except ValueError:
+        batches = [0]
+    if min(batches) < 1:
+        raise LLMPruneError(f"--batch {a.batch!r}: positive whole numbers, e.g. 1,16")
+    if a.prompt_len < 1 or a.new_tokens < 1:
+        raise LLMPruneError("--prompt-len and --new-tokens must be >= 1")
+    if not a.model and not a.kernels:
+        raise LLMPruneError("nothing to time: give an output folder (or a model), or --kernels")
+    a.device = pick_device(a.device)
+    outdir.check_file_out(a.json, "--json")
     dtype = getattr(torch, a.dtype) if a.dtype else None
     res = {}
     if a.model:
-        res["decode"] = run_bench(a.model, a.dense, [int(b) for b in a.batch.split(",")], a.prompt_len,
+        res["decode"] = run_bench(a.model, a.dense, batches, a.prompt_len,
                                   a.new_tokens, a.device, dtype, cuda_graphs=not a.no_cuda_graphs,
                                   compile=a.compile, profile=a.profile)
         d = res["decode"]

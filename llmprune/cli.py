@@ -121,10 +121,10 @@ def cmd_compress(a) -> int:
         checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"), hessian_gib=a.hessian_gib,
         eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, tasks=_tasks(a), tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
-        group_size=a.group_size if a.group_size == "auto" else int(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
+        group_size=_group_size(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
         gptq=_gptq_opts(a) or None,
         recover=({"method": a.recover, "steps": a.recover_steps,
-                  **({"lr": a.recover_lr} if a.recover_lr else {})} if a.recover else None),
+                  **({"lr": a.recover_lr} if a.recover_lr is not None else {})} if a.recover else None),
         export=a.export, export_types=a.export_type, export_quant=a.export_quant,
     )
     m = api.compress(cfg, command=a.command_line)
@@ -152,6 +152,21 @@ def _seconds_or_off(v: str, flag: str) -> float | None:
         return float(v)
     except ValueError:
         raise LLMPruneError(f"{flag} {v!r}: give seconds (e.g. 600; 0: after every block) or off") from None
+
+
+def _group_size(v: str) -> int | str:
+    """--group-size as the API takes it: a positive integer, or auto."""
+    from .errors import LLMPruneError
+
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise LLMPruneError(f"--group-size {v!r}: a positive integer (e.g. 128) or auto")
+    return n
 
 
 def print_summary(m: dict) -> None:
@@ -207,8 +222,9 @@ def _add_eval(sub):
 
 
 def cmd_eval(a) -> int:
-    from . import api
+    from . import api, outdir
 
+    outdir.check_file_out(a.json, "--json")
     tasks = _tasks(a)
     ppl = tuple(x for x in (a.ppl if a.ppl is not None else ("" if tasks else "wikitext2")).split(",") if x and x != "none")
     res = api.evaluate(a.target, ppl, a.seqlen, a.windows, a.device, progress=not a.no_progress, tasks=tasks,
@@ -303,8 +319,9 @@ def _add_report(sub):
 
 
 def cmd_report(a) -> int:
-    from . import report
+    from . import outdir, report
 
+    outdir.check_file_out(a.md, "--md")
     table = report.markdown_table(*report.load_manifests(a.outs))
     print(table)
     if a.md:
@@ -457,7 +474,7 @@ def _add_pack(sub):
 def cmd_pack(a) -> int:
     from . import api
 
-    gs = a.group_size if a.group_size == "auto" else int(a.group_size)
+    gs = _group_size(a.group_size)
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
                  progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
                  gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
@@ -526,7 +543,7 @@ def _add_export(sub):
 def cmd_export(a) -> int:
     from . import export
 
-    gs = a.group_size if a.group_size == "auto" else int(a.group_size)
+    gs = _group_size(a.group_size)
     m = export.export(a.src, a.to, a.out, quant=a.quant, group_size=gs, grid=a.grid, types=a.type,
                       save_dtype=a.save_dtype, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                       gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen,

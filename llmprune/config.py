@@ -139,6 +139,19 @@ class RecoverConfig:
         return d
 
 
+def check_eval(datasets, seqlen: int, windows: int | None, flag: str = "--eval") -> None:
+    """A perplexity evaluation's options (`flag`: "--eval" for compress / pack / recover / export, "--ppl" for eval),
+    refused before any work."""
+    pre = "--" if flag == "--ppl" else f"{flag}-"
+    for d in datasets:
+        if d not in EVAL_DATASETS:
+            raise LLMPruneError(f"unknown {flag} dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+    if windows is not None and windows < 0:
+        raise LLMPruneError(f"{pre}windows must be >= 1, or 0 for all windows")
+    if seqlen < 2:
+        raise LLMPruneError(f"{pre}seqlen must be >= 2")
+
+
 def check_hessian_gib(gib) -> None:
     """`--hessian-gib`: GiB >= 0 (0: every Hessian a run of its own), or None for the default."""
     if gib is not None and not (isinstance(gib, (int, float)) and gib >= 0):
@@ -246,13 +259,7 @@ class CompressConfig:
             raise LLMPruneError(f"--onload {self.onload!r}: use auto, blocks or whole")
         if self.grid not in ("auto", "sym", "asym"):
             raise LLMPruneError(f"--grid {self.grid!r}: use sym, asym or auto")
-        if self.eval_windows is not None and self.eval_windows < 0:
-            raise LLMPruneError("--eval-windows must be >= 1, or 0 for all windows")
-        if self.eval_seqlen < 2:
-            raise LLMPruneError("--eval-seqlen must be >= 2")
-        for d in self.eval:
-            if d not in EVAL_DATASETS:
-                raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
+        check_eval(self.eval, self.eval_seqlen, self.eval_windows)
         check_hessian_gib(self.hessian_gib)
         if self.expert_fallback not in EXPERT_FALLBACKS:
             raise LLMPruneError(f"--expert-fallback {self.expert_fallback!r}: use {' or '.join(EXPERT_FALLBACKS)}")

@@ -289,10 +289,20 @@ def from_pretrained(folder, fix: str = "re-create or re-download the folder", **
 def load(spec: str, dtype="float32", device="cpu"):
     """Returns (model, tokenizer, info). The model is in eval mode on `device`."""
     import torch
-    from transformers import AutoTokenizer
 
     info = resolve(spec)
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tok = tokenizer(info.path)  # before the weights: a folder without one is refused at once
     model = from_pretrained(info.path, dtype=dt).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(info.path)
     return model, tok, info
+
+
+def tokenizer(folder):
+    """The model folder's tokenizer; a folder without one transformers can read is a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise LLMPruneError(f"{folder} has no tokenizer transformers can read ({str(e).splitlines()[0][:100]}): copy "
+                            f"tokenizer.json and tokenizer_config.json from the model it came from") from None

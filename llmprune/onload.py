@@ -45,13 +45,11 @@ def eval_budget(device) -> int:
 
 def open_model(spec: str, dtype: str):
     """(LazyModel on the meta device, tokenizer, models.ModelInfo) for anything --model accepts."""
-    from transformers import AutoTokenizer
-
     from . import models
 
     info = models.resolve(spec)
+    tok = models.tokenizer(info.path)
     lz = lazy.LazyModel(info.path, getattr(torch, dtype))
-    tok = AutoTokenizer.from_pretrained(info.path)
     return lz, tok, info
 
 

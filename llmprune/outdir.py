@@ -49,6 +49,16 @@ def check_out(out: str | Path, overwrite: bool, sources=(), marker: str = "llmpr
     return out
 
 
+def check_file_out(path: str | None, flag: str) -> None:
+    """A file a command writes at its end (--json, --md): refused before the work when it cannot be written there."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir() or not p.absolute().parent.is_dir():
+        raise LLMPruneError(f"{flag} {path}: {'a folder' if p.is_dir() else 'its folder does not exist'}; "
+                            f"give a file in an existing folder")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

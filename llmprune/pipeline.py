@@ -121,6 +121,14 @@ def plan(cfg: CompressConfig) -> Plan:
     if not cfg.slicegpt:
         solver = solvers.get(cfg.solver)
         check_solver_options(solver, cfg.solver_opts)
+    else:  # options of pruning, which SliceGPT would ignore
+        given = [f for f, on in (("--sparsity", cfg.sparsity is not None), ("--pattern", cfg.pattern != "unstructured"),
+                                 ("--owl", bool(cfg.owl)), ("--scope global", cfg.scope == "global"),
+                                 (f"--solver {cfg.solver}", cfg.solver not in ("slicegpt", "wanda")),
+                                 *((f"--{k.replace('_', '-')}", True) for k in cfg.solver_opts)) if on]
+        if given:
+            raise LLMPruneError(f"SliceGPT deletes rows and columns (its size is --slicing) instead of pruning "
+                                f"weights: drop {', '.join(given)}")
     if cfg.owl and pattern.kind == "nm":
         raise LLMPruneError(f"--owl varies the sparsity per layer, but pattern {pattern} fixes it: drop --owl or "
                             f"use unstructured")

@@ -62,6 +62,31 @@ def test_bad_files(tmp_path, tok):
         calibration.load("nope", tok, 2, 16)
 
 
+@pytest.mark.parametrize("name, content, match", [
+    ("bin.txt", bytes(range(128, 256)) * 4, "not UTF-8 text"),
+    ("bad.jsonl", b"not json\n", "cannot be read"),
+    ("num.jsonl", b'{"text": 5}\n', "holds int 5, not a string"),
+    ("mixed.jsonl", b'{"text": "a"}\n{"other": "b"}\n', "every jsonl row needs a 'text' field"),
+    ("fake.parquet", b"this is not parquet", "cannot be read"),
+])
+def test_unreadable_files_are_one_line_errors(tmp_path, tok, name, content, match):
+    """A file that is not what its name says was a traceback (UnicodeDecodeError, JSONDecodeError, pyarrow's
+    ArrowInvalid, an AttributeError) after the model had loaded."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(LLMPruneError, match=match):
+        calibration.load(str(tmp_path / name), tok, 2, 16)
+
+
+@pytest.mark.parametrize("ids, match", [(torch.rand(2, 16), "store token ids as integers"),
+                                        (torch.full((2, 16), -1), "outside the tokenizer's"),
+                                        (torch.full((2, 16), 10**6), "outside the tokenizer's")])
+def test_token_ids_a_model_cannot_read_are_refused(tmp_path, tok, ids, match):
+    """Float ids were cast to zeros and run; ids outside the vocabulary failed deep in the embedding."""
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    with pytest.raises(LLMPruneError, match=match):
+        calibration.load(str(tmp_path / "ids.safetensors"), tok, 2, 16)
+
+
 def test_offline_named_sets(tok):
     assert not sources.online()  # conftest forces offline
     ids, info = calibration.load("c4", tok, nsamples=4, seqlen=64, seed=0)

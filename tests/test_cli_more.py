@@ -462,3 +462,58 @@ def test_compress_rejects_format_options_before_any_work(tmp_path, capsys, tiny_
     assert main(["compress", "--model", str(tiny_dir), "--out", str(out), *extra, *FAST_CLI]) == 2
     err = capsys.readouterr().err
     assert msg in err and "saved" not in err and not out.exists(), err
+
+
+def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_24, tiny_dir, calib_txt):
+    """Each was a traceback, most of them after the work was done (pack's evaluation after packing, eval's --json
+    after evaluating, bench's after timing), or a flag silently ignored."""
+    import shutil
+
+    notok = shutil.copytree(tiny_dir, tmp_path / "notok")
+    for f in notok.glob("tokenizer*"):
+        f.unlink()
+    x = str(tmp_path / "x")
+    c = ["--calib", str(calib_txt), *FAST_CLI]
+    cases = [
+        (["compress", "--model", tiny_dir, "--format", "w4g128", "--group-size", "64x", "--out", x, *c], "--group-size"),
+        (["pack", pruned_24, "--format", "w4s24", "--group-size", "abc", "--out", x], "--group-size 'abc'"),
+        (["pack", pruned_24, "--format", "sparse24", "--eval", "wikitext2", "--eval-windows", "-1", "--out", x],
+         "--eval-windows must be >= 1"),
+        (["pack", pruned_24, "--format", "sparse24", "--eval", "wikitext2", "--eval-seqlen", "0", "--out", x],
+         "--eval-seqlen must be >= 2"),
+        (["pack", pruned_24, "--format", "sparse24", "--eval", "wikitext2", "--eval-seqlen", "100000", "--out", x],
+         "longer than the model's context"),
+        (["recover", pruned_24, "--eval", "wikitext2", "--eval-seqlen", "1", "--out", x], "--eval-seqlen must be >= 2"),
+        (["eval", pruned_24, "--seqlen", "1"], "--seqlen must be >= 2"),
+        (["eval", pruned_24, "--windows", "-2"], "--windows must be >= 1"),
+        (["eval", pruned_24, "--dtype", "float8"], "--dtype 'float8'"),
+        (["eval", pruned_24, "--json", str(tmp_path / "nowhere" / "r.json")], "its folder does not exist"),
+        (["report", pruned_24, "--md", str(tmp_path)], "a folder"),
+        (["bench", pruned_24, "--batch", "0"], "--batch '0'"),
+        (["bench", pruned_24, "--batch", "abc"], "--batch 'abc'"),
+        (["bench", pruned_24, "--new-tokens", "0"], "must be >= 1"),
+        (["bench", pruned_24, "--device", "foo"], "is not a device"),
+        (["bench"], "nothing to time"),
+        (["bench", pruned_24, "--json", str(tmp_path / "nowhere" / "b.json")], "its folder does not exist"),
+        (["compress", "--model", notok, "--out", x, *c], "has no tokenizer transformers can read"),
+        (["compress", "--model", tiny_dir, "--solver", "slicegpt", "--pattern", "2:4", "--out", x, *c],
+         "drop --pattern"),
+        (["compress", "--model", tiny_dir, "--solver", "sparsegpt", "--slicing", "0.2", "--out", x, *c],
+         "drop --solver sparsegpt"),
+        (["compress", "--model", tiny_dir, "--recover", "perp", "--recover-lr", "0", "--out", x, *c], "must be > 0"),
+    ]
+    for argv, msg in cases:
+        rc = main([str(v) for v in argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*")), argv
+
+
+def test_eval_windows_0_is_every_window():
+    """As in compress, 0 windows means all of them (eval --windows 0 was a traceback)."""
+    from llmprune.eval.perplexity import windows_of
+
+    for windows in (None, 0):
+        w, available = windows_of("wikitext2", torch.arange(1050), 100, windows)
+        assert available == 10 and w.shape == (10, 100) and torch.equal(w.flatten(), torch.arange(1000))
+    assert windows_of("wikitext2", torch.arange(1050), 100, 3)[0].shape == (3, 100)

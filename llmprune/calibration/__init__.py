@@ -63,6 +63,20 @@ def _c4_windows(docs: list[str], tok, nsamples: int, seqlen: int, rnd: random.Ra
 
 
 def _file_texts(path: Path) -> list[str]:
+    try:
+        texts = _read_texts(path)
+    except UnicodeDecodeError:
+        raise LLMPruneError(f"calibration file {path} is not UTF-8 text: give a text file") from None
+    except ValueError as e:  # json.JSONDecodeError is one; so are pyarrow's errors (ArrowInvalid)
+        raise LLMPruneError(f"calibration file {path} cannot be read ({str(e).splitlines()[0][:120]}): "
+                            f"check its format") from None
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise LLMPruneError(f"{path}: a 'text' field holds {type(bad).__name__} {bad!r:.40}, not a string")
+    return texts
+
+
+def _read_texts(path: Path) -> list:
     suf = path.suffix.lower()
     if suf == ".txt":
         return [path.read_text(encoding="utf-8")]
@@ -70,13 +84,16 @@ def _file_texts(path: Path) -> list[str]:
         import json
 
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if rows and "text" not in rows[0]:
-            raise LLMPruneError(f"{path}: jsonl rows need a 'text' field")
+        if rows and not all(isinstance(r, dict) and "text" in r for r in rows):
+            raise LLMPruneError(f"{path}: every jsonl row needs a 'text' field")
         return [r["text"] for r in rows]
     if suf == ".parquet":
         import pyarrow.parquet as pq
 
-        t = pq.read_table(path)
+        try:
+            t = pq.read_table(path)
+        except OSError as e:  # pyarrow: not a parquet file (ArrowInvalid is a ValueError)
+            raise ValueError(str(e)) from None
         if "text" not in t.column_names:
             raise LLMPruneError(f"{path}: parquet needs a 'text' column (has {t.column_names})")
         return [str(x) for x in t.column("text").to_pylist()]
@@ -171,6 +188,13 @@ def load(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: in
             raise LLMPruneError(f"{path} is not a readable safetensors file ({e})") from None
         if t is None or t.dim() != 2 or t.shape[1] < 2:
             raise LLMPruneError(f"{path} must hold an 'input_ids' tensor of shape (nsamples, seqlen)")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise LLMPruneError(f"{path}: input_ids are {str(t.dtype).replace('torch.', '')}: store token ids as "
+                                f"integers (int64)")
+        vocab = len(tokenizer) if tokenizer is not None else None
+        if t.numel() and (int(t.min()) < 0 or (vocab is not None and int(t.max()) >= vocab)):
+            raise LLMPruneError(f"{path}: input_ids range over {int(t.min())}..{int(t.max())}, outside the "
+                                f"tokenizer's 0..{vocab - 1 if vocab else '?'}: tokenize with the model's tokenizer")
         info.update(nsamples=t.shape[0], seqlen=t.shape[1], sampling="used as is")
         return t.long(), info
     texts = [t for t in _file_texts(path) if t.strip()]

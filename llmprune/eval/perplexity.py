@@ -80,7 +80,7 @@ def windows_of(dataset: str, tokens: torch.Tensor, seqlen: int, windows: int | N
         available = min(available, 256)
     if available == 0:
         raise LLMPruneError(f"{dataset} has {tokens.numel()} tokens, fewer than one window of {seqlen}: lower --eval-seqlen")
-    n = available if windows is None else min(windows, available)
+    n = available if not windows else min(windows, available)  # None or 0: all
     return tokens[: n * seqlen].view(n, seqlen), available
 
 
