@@ -267,6 +267,7 @@ def _add_sweep(sub):
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="sweep")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier sweep in --out")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
                    "bfloat16, float16")
@@ -285,11 +286,17 @@ def parse_range(s: str) -> list[float]:
     try:
         if ":" in s:
             a, b, c = (float(x) for x in s.split(":"))
+            if not (c > 0 and b >= a):
+                raise ValueError
             n = round((b - a) / c) + 1
             return [round(a + i * c, 6) for i in range(n)]
-        return [float(x) for x in s.split(",") if x]
+        got = [float(x) for x in s.split(",") if x]
+        if not got:
+            raise ValueError
+        return got
     except ValueError:
-        raise LLMPruneError(f"--sparsity {s!r}: use start:stop:step (e.g. 0.3:0.8:0.1) or a list (0.5,0.6)") from None
+        raise LLMPruneError(f"--sparsity {s!r}: use start:stop:step with start <= stop and step > 0 (e.g. 0.3:0.8:0.1) "
+                            f"or a list (0.5,0.6)") from None
 
 
 def cmd_sweep(a) -> int:
@@ -298,11 +305,20 @@ def cmd_sweep(a) -> int:
 
     implied = parse(a.pattern).implied_sparsity  # N:M fixes it; other patterns sweep 30-80% by default
     grid = parse_range(a.sparsity) if a.sparsity else (implied,) if implied is not None else parse_range("0.3:0.8:0.1")
-    res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
-                    a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
-                    a.eval_windows, _tasks(a), a.limit, a.device,
-                    progress=not a.no_progress, protocol=a.protocol, onload=a.onload, dtype=a.dtype,
-                    hessian_gib=a.hessian_gib)
+    try:
+        res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
+                          a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
+                          a.eval_windows, _tasks(a), a.limit, a.device,
+                          progress=not a.no_progress, protocol=a.protocol, onload=a.onload, dtype=a.dtype,
+                          hessian_gib=a.hessian_gib, overwrite=a.overwrite)
+    except KeyboardInterrupt:  # the rows are written after every point
+        import sys
+        from pathlib import Path
+
+        done = Path(a.out) / "sweep.csv"
+        print("llmprune: interrupted; " + (f"the points measured so far are in {done} (no plot)" if done.exists()
+                                           else "no point was measured"), file=sys.stderr)
+        return 130
     from .bench import format_table
 
     cols = [c for c in res["rows"][0] if c not in ("model",)]

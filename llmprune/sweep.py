@@ -166,14 +166,16 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
           seqlen: int | None = None, seed: int = 0, eval: tuple[str, ...] = ("wikitext2",), eval_seqlen: int = 2048,
           eval_windows: int | None = None, tasks: tuple[str, ...] = (), limit: int | None = None,
           device: str | None = None, calib_batch: int = 8, progress: bool = True, protocol: str = "auto",
-          onload: str = "auto", dtype: str = "auto", hessian_gib: float | None = None) -> dict:
+          onload: str = "auto", dtype: str = "auto", hessian_gib: float | None = None,
+          overwrite: bool = False) -> dict:
     """Run a solver x sparsity grid on one model: the dense model, its dense evaluation and the
     calibration windows are made once and reused; each point prunes the dense model, evaluates
-    it. Writes sweep.csv, sweep.json and sweep.png into `out`. `hessian_gib`: GiB of Hessians collected at
-    once (walker.hessian_memory)."""
+    it. Writes sweep.csv, sweep.json and sweep.png into `out` (the rows after every point: a stopped sweep keeps
+    what it measured). An existing `out` is refused unless `overwrite`, which replaces an earlier sweep's files
+    (never a folder without a sweep.csv). `hessian_gib`: GiB of Hessians collected at once (walker.hessian_memory)."""
     import dataclasses
 
-    from . import prune, report, walker
+    from . import outdir, prune, report, walker
     from .config import CompressConfig, OwlConfig
 
     dev = pick_device(device)
@@ -188,6 +190,12 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
         from .eval import zeroshot
 
         tasks = tuple(zeroshot.check_tasks(list(tasks)))
+    if not sparsities:
+        raise LLMPruneError("--sparsity gives no point: use start:stop:step with start <= stop (e.g. 0.3:0.8:0.1) "
+                            "or a list (0.5,0.6)")
+    outdir.check_out(out, overwrite, pipeline.local_sources(model), marker="sweep.csv")
+    for f in ("sweep.csv", "sweep.json", "sweep.png", "sweep_meta.json"):  # an earlier sweep's, replaced
+        (Path(out) / f).unlink(missing_ok=True)
     src = _open(model, cfg.dtype, cfg.onload, Path(out) / SCRATCH)
     m, tok, info = src.model, src.tok, src.info
     names = prune.target_linears(m)

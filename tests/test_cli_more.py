@@ -416,6 +416,30 @@ def test_sweep_from_disk_gives_the_in_memory_figures(tmp_path, capsys, tiny_dir,
         assert {k: v for k, v in b.items() if k not in num} == {k: v for k, v in w.items() if k not in num}
 
 
+def test_sweep_refuses_an_existing_out_and_an_empty_grid(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
+    """A second sweep into the same --out overwrote the first's files (and mixed them when stopped): refused unless
+    --overwrite, which replaces only an earlier sweep; a grid without a point failed after the dense evaluation."""
+    from llmprune import sweep
+
+    out = tmp_path / "sw"
+    argv = ["sweep", "--model", str(tiny_dir), "--solvers", "magnitude", "--calib", str(calib_txt), "--nsamples",
+            "4", "--seqlen", "32", "--eval-seqlen", "64", "--eval-windows", "1", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--sparsity", "0.5"]) == 0
+    first = (out / "sweep.csv").read_text()
+    assert main([*argv, "--sparsity", "0.3"]) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "sweep.csv").read_text() == first
+    assert main([*argv, "--sparsity", "0.3", "--overwrite"]) == 0
+    assert json.loads((out / "sweep.json").read_text())[1]["target"] == 0.3
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert main([*argv[:-3], "--out", str(tmp_path / "mine"), "--no-progress", "--sparsity", "0.5", "--overwrite"]) == 2
+    assert "holds no sweep.csv" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").exists()
+    monkeypatch.setattr(sweep, "_open", lambda *a, **k: pytest.fail("loaded the model"))
+    for bad in ("0.8:0.3:0.1", "0.3:0.8:0", ","):
+        assert main([*argv[:-3], "--out", str(tmp_path / "new"), "--sparsity", bad]) == 2
+        assert "--sparsity" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
 def test_sweep_of_an_nm_pattern_needs_no_sparsity(tmp_path, capsys, tiny_dir, calib_txt):
     """`--pattern 2:4` implies 50%: the default range is not applied to it."""
     out = tmp_path / "sw24"
