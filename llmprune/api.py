@@ -33,7 +33,7 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
     if c.export:  # refused before any work: an unknown target or an export folder in the way
         from . import export
 
-        export.precheck(c.export, c.export_types)
+        export.precheck(c.export, c.export_types, c.export_quant, c.slicegpt)
         outdir.check_out(export.default_out(p.out, c.export), c.overwrite)
     run = _compress_onload if p.onload else _compress_whole
     from . import walker

@@ -840,6 +840,26 @@ def test_compress_export_to_a_target_that_cannot_write_the_family_is_refused_bef
 
 
 
+@pytest.mark.parametrize("extra, want", [
+    (["--export", "gguf", "--export-quant", "gptq"], "--export-quant quantizes compressed-tensors exports"),
+    (["--solver", "slicegpt", "--export", "gguf"], "residual shortcuts"),
+    (["--solver", "slicegpt", "--rotation", "shared", "--export", "compressed-tensors"], "--slice-head"),
+])
+def test_compress_export_options_the_export_would_refuse_are_refused_first(tmp_path, capsys, calib_txt, tiny_dir,
+                                                                          monkeypatch, extra, want):
+    """They were refused by the export, after the compression had written its output (a rerun with fixed flags
+    then found the output in the way)."""
+    from llmprune import prune
+    from llmprune.transforms import slicegpt
+
+    monkeypatch.setattr(prune, "prune", lambda *a, **k: pytest.fail("pruned before the refusal"))
+    monkeypatch.setattr(slicegpt, "slice_model", lambda *a, **k: pytest.fail("sliced before the refusal"))
+    out = tmp_path / "o"
+    rc, _, err = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI, *extra)
+    assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".o*"))
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "glm4"])
 def test_gguf_families_transformers_cannot_read(tmp_path, capsys, calib_txt, arch):
     """OLMo 2 and GLM-4: transformers has no GGUF reader for them (llama.cpp runs them in

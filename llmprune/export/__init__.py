@@ -32,12 +32,20 @@ def _target(to: str):
     return t
 
 
-def precheck(to: str, types=("f16",)) -> None:
-    """What `compress --export` can check before it computes: the target, its package, GGUF types."""
+def precheck(to: str, types=("f16",), quant: str | None = None, slicegpt=None) -> None:
+    """What `compress --export` can check before it computes: the target, its package, GGUF types, its quantizer,
+    and a SliceGPT recipe no engine can express (residual shortcuts: export/source.py refuses the output)."""
     t = _target(to)
     t.require()
     if to == "gguf":
         t.parse_types(types)
+        if quant is not None:
+            raise LLMPruneError("--export-quant quantizes compressed-tensors exports; GGUF quantizes with its own types: "
+                                "drop it and use --export-type q8_0 (or q4_0, ...)")
+    if slicegpt is not None and not (slicegpt.rotation == "shared" and slicegpt.slice_head):
+        raise LLMPruneError("--export: a SliceGPT output with residual shortcuts (--rotation per-block, or shared "
+                            "without --slice-head) has no stock architecture an engine reads: add --rotation shared "
+                            "--slice-head, or drop --export")
 
 
 def precheck_config(to: str, cfg) -> None:
