@@ -42,12 +42,12 @@ def _add_compress(sub):
     g.add_argument("--max-iter", type=int, default=None, help="ALPS ADMM iterations at most (default 300)")
     g.add_argument("--pcg-steps", type=int, default=None, help="ALPS conjugate-gradient steps on the kept weights (default 10)")
     g.add_argument("--owl", action="store_true", help="OWL non-uniform layer-wise sparsity")
-    g.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M")
-    g.add_argument("--owl-lambda", type=float, default=0.08, help="OWL sparsity range lambda")
+    g.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
+    g.add_argument("--owl-lambda", type=float, default=None, help="OWL sparsity range lambda (default 0.08)")
     g = p.add_argument_group("SliceGPT")
     g.add_argument("--slicing", type=float, default=None, help="fraction of the hidden size removed")
-    g.add_argument("--rotation", default="per-block", choices=["per-block", "shared"])
-    g.add_argument("--round-to", type=int, default=8)
+    g.add_argument("--rotation", default=None, choices=["per-block", "shared"], help="default per-block")
+    g.add_argument("--round-to", type=int, default=None, help="the kept width a multiple of this (default 8)")
     g.add_argument("--slice-head", action="store_true",
                    help="also slice the LM head and the last residual (the reference keeps them at full width)")
     g = p.add_argument_group("calibration")
@@ -89,12 +89,13 @@ def _add_compress(sub):
                         "checkpoint every SECONDS (0: after every block; off: none): rerunning the command of a run that "
                         "was killed goes on from its last one (default 600)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
-    g.add_argument("--recover-steps", type=int, default=200)
+    g.add_argument("--recover-steps", type=int, default=None, help="default 200")
     g.add_argument("--recover-lr", type=float, default=None)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--export", default=None, choices=["compressed-tensors", "gguf"],
                    help="also export the output for another engine, into OUT-<target> (see `llmprune export -h`)")
-    g.add_argument("--export-type", default="f16", help="with --export gguf: f16,q8_0,q4_0,... (one file each)")
+    g.add_argument("--export-type", default=None, help="with --export gguf: f16 (default),q8_0,q4_0,... (one file "
+                                                       "each)")
     g.add_argument("--export-quant", default=None, help="with --export compressed-tensors of an unquantized "
                                                         "output: rtn (default) | gptq")
     p.set_defaults(func=cmd_compress)
@@ -109,12 +110,22 @@ def cmd_compress(a) -> int:
                               "max_iter": a.max_iter, "pcg_steps": a.pcg_steps}.items() if v is not None}
     slicegpt = None
     if a.solver == "slicegpt" or a.slicing is not None:
-        slicegpt = {"slicing": 0.25 if a.slicing is None else a.slicing, "rotation": a.rotation,
-                    "round_to": a.round_to, **({"slice_head": True} if a.slice_head else {})}
+        slicegpt = {"slicing": 0.25 if a.slicing is None else a.slicing, "rotation": a.rotation or "per-block",
+                    "round_to": 8 if a.round_to is None else a.round_to, **({"slice_head": True} if a.slice_head else {})}
+    _orphans((("--owl-m", a.owl_m is not None, a.owl, "--owl"), ("--owl-lambda", a.owl_lambda is not None, a.owl, "--owl"),
+              ("--rotation", a.rotation is not None, slicegpt, "--solver slicegpt"),
+              ("--round-to", a.round_to is not None, slicegpt, "--solver slicegpt"),
+              ("--slice-head", a.slice_head, slicegpt, "--solver slicegpt"),
+              ("--recover-steps", a.recover_steps is not None, a.recover, "--recover perp"),
+              ("--recover-lr", a.recover_lr is not None, a.recover, "--recover perp"),
+              ("--export-type", a.export_type is not None, a.export == "gguf", "--export gguf"),
+              ("--export-quant", a.export_quant is not None, a.export == "compressed-tensors",
+               "--export compressed-tensors")))
     cfg = CompressConfig(
         model=a.model, solver=a.solver, pattern=a.pattern, sparsity=a.sparsity, scope=a.scope, ignore=a.ignore,
         expert_min_tokens=a.expert_min_tokens, expert_fallback=a.expert_fallback, prune_gates=a.prune_gates,
-        solver_opts=opts, owl={"m": a.owl_m, "lam": a.owl_lambda} if a.owl else None,
+        solver_opts=opts, owl={"m": 5.0 if a.owl_m is None else a.owl_m,
+                               "lam": 0.08 if a.owl_lambda is None else a.owl_lambda} if a.owl else None,
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, protocol=a.protocol, seed=a.seed,
         calib_batch=a.calib_batch,
         device=a.device, dtype=a.dtype, onload=a.onload, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
@@ -123,9 +134,9 @@ def cmd_compress(a) -> int:
         eval_dense=not a.no_dense_eval, tasks=_tasks(a), tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=_group_size(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
         gptq=_gptq_opts(a) or None,
-        recover=({"method": a.recover, "steps": a.recover_steps,
+        recover=({"method": a.recover, "steps": 200 if a.recover_steps is None else a.recover_steps,
                   **({"lr": a.recover_lr} if a.recover_lr is not None else {})} if a.recover else None),
-        export=a.export, export_types=a.export_type, export_quant=a.export_quant,
+        export=a.export, export_types=a.export_type or "f16", export_quant=a.export_quant,
     )
     m = api.compress(cfg, command=a.command_line)
     print_summary(m)
@@ -152,6 +163,15 @@ def _seconds_or_off(v: str, flag: str) -> float | None:
         return float(v)
     except ValueError:
         raise LLMPruneError(f"{flag} {v!r}: give seconds (e.g. 600; 0: after every block) or off") from None
+
+
+def _orphans(flags) -> None:
+    """Refuse a flag given without the one that makes it count: (flag, given, on, the flag to add)."""
+    from .errors import LLMPruneError
+
+    for flag, given, on, needs in flags:
+        if given and not on:
+            raise LLMPruneError(f"{flag} has no effect without {needs}: add {needs} or drop {flag}")
 
 
 def _group_size(v: str) -> int | str:
@@ -534,8 +554,8 @@ def _add_export(sub):
     p.add_argument("src", help="an llmprune output folder")
     p.add_argument("--to", required=True, choices=["compressed-tensors", "gguf"])
     p.add_argument("--out", default=None, help="output folder (default: SRC-<target>)")
-    p.add_argument("--type", default="f16", help="gguf: f32,f16,bf16,q8_0,q4_0,q4_1,q5_0,q5_1 (comma list: one file "
-                                                 "each)")
+    p.add_argument("--type", default=None, help="gguf: f32,f16 (default),bf16,q8_0,q4_0,q4_1,q5_0,q5_1 (comma list: "
+                                               "one file each)")
     g = p.add_argument_group("compressed-tensors of an unquantized output (dense, sparse24): int4 on export")
     g.add_argument("--quant", default=None, help="rtn (default) | gptq")
     g.add_argument("--group-size", default="auto", help="128, 64, 32 or auto (the largest that divides each layer)")
@@ -560,7 +580,8 @@ def cmd_export(a) -> int:
     from . import export
 
     gs = _group_size(a.group_size)
-    m = export.export(a.src, a.to, a.out, quant=a.quant, group_size=gs, grid=a.grid, types=a.type,
+    _orphans((("--type", a.type is not None, a.to == "gguf", "--to gguf"),))
+    m = export.export(a.src, a.to, a.out, quant=a.quant, group_size=gs, grid=a.grid, types=a.type or "f16",
                       save_dtype=a.save_dtype, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                       gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen,
                       eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,

@@ -525,6 +525,13 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
         (["compress", "--model", tiny_dir, "--solver", "sparsegpt", "--slicing", "0.2", "--out", x, *c],
          "drop --solver sparsegpt"),
         (["compress", "--model", tiny_dir, "--recover", "perp", "--recover-lr", "0", "--out", x, *c], "must be > 0"),
+        (["compress", "--model", tiny_dir, "--owl-lambda", "0.1", "--out", x, *c],
+         "--owl-lambda has no effect without --owl"),
+        (["compress", "--model", tiny_dir, "--rotation", "shared", "--out", x, *c], "without --solver slicegpt"),
+        (["compress", "--model", tiny_dir, "--recover-steps", "5", "--out", x, *c], "without --recover perp"),
+        (["compress", "--model", tiny_dir, "--export", "compressed-tensors", "--export-type", "q8_0", "--out", x, *c],
+         "--export-type has no effect without --export gguf"),
+        (["export", pruned_24, "--to", "compressed-tensors", "--type", "q4_0", "--out", x], "without --to gguf"),
     ]
     for argv, msg in cases:
         rc = main([str(v) for v in argv])
