@@ -841,7 +841,7 @@ def test_compress_export_to_a_target_that_cannot_write_the_family_is_refused_bef
 
 
 @pytest.mark.parametrize("extra, want", [
-    (["--export", "gguf", "--export-quant", "gptq"], "--export-quant quantizes compressed-tensors exports"),
+    (["--export", "gguf", "--export-quant", "gptq"], "--export-quant"),
     (["--solver", "slicegpt", "--export", "gguf"], "residual shortcuts"),
     (["--solver", "slicegpt", "--rotation", "shared", "--export", "compressed-tensors"], "--slice-head"),
 ])
@@ -858,6 +858,16 @@ def test_compress_export_options_the_export_would_refuse_are_refused_first(tmp_p
     rc, _, err = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", out, *FAST_CLI, *extra)
     assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_export_precheck_refuses_gguf_with_a_quantizer():
+    """The Python API's `compress(export="gguf", export_quant=...)` reaches precheck without the CLI's check."""
+    from llmprune import export
+    from llmprune.errors import LLMPruneError
+
+    with pytest.raises(LLMPruneError, match="GGUF quantizes with its own types"):
+        export.precheck("gguf", ("f16",), "rtn")
+    export.precheck("compressed-tensors", ("f16",), "rtn")
 
 
 @pytest.mark.parametrize("arch", ["olmo2", "glm4"])
