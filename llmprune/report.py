@@ -4,7 +4,7 @@ against sparsity, one line per solver.
 
 Rows are flat dicts so the CSV needs no schema; `sweep_row(manifest)` makes one from a manifest:
   model, solver, pattern, target, sparsity (measured, else target), ppl_<dataset>, dense_ppl_<dataset>,
-  zeroshot_mean, compress_s, peak_rss_mib.
+  protocol_<dataset> (window length x windows), zeroshot_mean, compress_s, peak_rss_mib.
 """
 from __future__ import annotations
 
@@ -132,6 +132,7 @@ def sweep_row(manifest: dict) -> dict[str, Any]:
     for d, r in (manifest.get("eval") or {}).items():
         if isinstance(r, dict):
             row[f"ppl_{d}"], row[f"dense_ppl_{d}"] = _num(r.get("ppl")), _num(r.get("dense_ppl"))
+            row[f"protocol_{d}"] = f"{r.get('seqlen', '?')} x {r.get('windows', '?')}"  # window length x windows
     row["zeroshot_mean"] = _zeroshot_mean(manifest)
     row["compress_s"] = _num((manifest.get("timings") or {}).get("compress_s"))
     row["peak_rss_mib"] = _num(manifest.get("peak_rss_mib"))

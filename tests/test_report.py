@@ -115,6 +115,7 @@ def test_sweep_row_flattens():
     r = report.sweep_row(m)
     assert r["sparsity"] == m["sparsity"]["measured"] and r["target"] == 0.5
     assert r["ppl_wikitext2"] == m["eval"]["wikitext2"]["ppl"] and r["dense_ppl_c4"] == 24.1
+    assert r["protocol_wikitext2"] == "512 x 16"  # the row says how its figure was measured
     assert r["zeroshot_mean"] == m["zeroshot"]["mean"] and r["compress_s"] == m["timings"]["compress_s"]
 
 
