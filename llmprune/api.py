@@ -286,7 +286,7 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
                                      dtype, progress, batch_size, tasks_dir)
         out["zeroshot"] = {**zs, "device": dev}
     if is_output and save:  # earlier tasks measured another way are dropped, the mean is over those listed
-        zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"])} if tasks else {}
+        zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"], old.dtype)} if tasks else {}
         mf.update(target, replace=("zeroshot",), **{**out, **zs})
     return out
 

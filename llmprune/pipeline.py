@@ -458,14 +458,16 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
     return zs
 
 
-def merge_zeroshot(old: dict | None, new: dict) -> dict:
+def merge_zeroshot(old: dict | None, new: dict, old_dtype: str | None = None) -> dict:
     """A zero-shot run's results (`new`, zeroshot_saved) merged into an output's earlier ones: the earlier tasks stay
-    only where measured the same way (the same --limit and dtype; else they are dropped, not mixed), and the mean is
-    over every task listed."""
+    only where measured the same way (the same --limit and dtype, on the saved folder; else they are dropped, not
+    mixed), and the mean is over every task listed. `old_dtype`: the earlier run's where its section does not say
+    (the manifest's: it was measured by the run that made the folder)."""
     def tasks(zs):
         return {k: v for k, v in (zs or {}).items() if isinstance(v, dict) and "acc" in v}
 
-    same = bool(old) and all(old.get(k) == new.get(k) for k in ("limit", "dtype"))
+    same = bool(old) and old.get("limit") == new.get("limit") and "measured_on" not in old \
+        and (old.get("dtype") or old_dtype) == new.get("dtype")
     kept = {**(tasks(old) if same else {}), **tasks(new)}
     rest = {k: v for k, v in new.items() if k not in kept and k != "mean" and not isinstance(v, dict)}
     return {**kept, **rest, "mean": sum(v["acc"] for v in kept.values()) / len(kept)}

@@ -193,6 +193,8 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     if not sparsities:
         raise LLMPruneError("--sparsity gives no point: use start:stop:step with start <= stop (e.g. 0.3:0.8:0.1) "
                             "or a list (0.5,0.6)")
+    if overwrite and Path(out).is_dir() and [q.name for q in Path(out).iterdir()] == [SCRATCH]:
+        shutil.rmtree(Path(out) / SCRATCH)  # a sweep stopped before its first point: nothing of it to keep
     outdir.check_out(out, overwrite, pipeline.local_sources(model), marker="sweep.csv")
     for f in ("sweep.csv", "sweep.json", "sweep.png", "sweep_meta.json"):  # an earlier sweep's, replaced
         (Path(out) / f).unlink(missing_ok=True)

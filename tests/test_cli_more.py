@@ -430,6 +430,9 @@ def test_sweep_refuses_an_existing_out_and_an_empty_grid(tmp_path, capsys, tiny_
     assert (out / "sweep.csv").read_text() == first
     assert main([*argv, "--sparsity", "0.3", "--overwrite"]) == 0
     assert json.loads((out / "sweep.json").read_text())[1]["target"] == 0.3
+    (tmp_path / "early" / ".scratch").mkdir(parents=True)  # a sweep stopped before its first point
+    assert main([*argv[:-3], "--out", str(tmp_path / "early"), "--no-progress", "--sparsity", "0.5"]) == 2
+    assert main([*argv[:-3], "--out", str(tmp_path / "early"), "--no-progress", "--sparsity", "0.5", "--overwrite"]) == 0
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
     assert main([*argv[:-3], "--out", str(tmp_path / "mine"), "--no-progress", "--sparsity", "0.5", "--overwrite"]) == 2
