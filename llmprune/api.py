@@ -253,7 +253,7 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     """Perplexity and zero-shot accuracy of an output folder (results merged into its manifest) or
     of any model spec. dtype None: the dtype the output was computed in (its manifest), so this
     measures what compress recorded. Returns {"eval": {dataset: ...}, "zeroshot": {task: ...}}."""
-    check_eval(ppl, seqlen, windows, "--ppl")
+    windows = check_eval(ppl, seqlen, windows, "--ppl")
     if dtype is not None and dtype not in DTYPES:
         raise LLMPruneError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
     if tasks:
@@ -268,9 +268,10 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
         raise LLMPruneError(f"{target} is an export for another engine ({to}), which llmprune eval does not read: "
                             f"measure it as transformers reads it by running its command again with --eval "
                             f"wikitext2 --overwrite ({how})")
-    dtype = dtype or (old.dtype if old is not None and old.dtype not in (None, "auto") else
-                      CompressConfig().resolved(pick_device(device)).dtype)
     dev = pick_device(device)
+    auto = CompressConfig(dtype="auto").resolved(dev).dtype  # --dtype auto: bfloat16 on CUDA, float32 on CPU
+    dtype = auto if dtype == "auto" else dtype or (old.dtype if old is not None and old.dtype not in (None, "auto")
+                                                   else auto)
     out: dict = {}
     if ppl:
         results = _perplexity(target, old, ppl, seqlen, windows, dev, dtype, progress)
@@ -364,7 +365,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     outdir.check_out(out, overwrite, [src])
     rcfg = RecoverConfig(data=data, seqlen=seqlen, nsamples=nsamples, seed=seed, **perp_opts)
     perp.check_options(**rcfg.perp_options())
-    check_eval(eval, eval_seqlen, eval_windows)
+    eval_windows = check_eval(eval, eval_seqlen, eval_windows)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise LLMPruneError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     if onload not in ("auto", "blocks", "whole"):
@@ -474,7 +475,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
                             "add --quant gptq or drop them")
     gcfg = GPTQConfig(**given) if quant == "gptq" else None
     check_hessian_gib(hessian_gib)
-    check_eval(eval, eval_seqlen, eval_windows)
+    eval_windows = check_eval(eval, eval_seqlen, eval_windows)
     if onload not in ("auto", "blocks", "whole"):
         raise LLMPruneError(f"--onload {onload!r}: use auto, blocks or whole")
     tasks = zeroshot.check(tasks, tasks_limit, "--tasks-limit")

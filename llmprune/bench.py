@@ -314,7 +314,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
     profile: the kernels of one step at the first batch (`profile_step`), in that row's "profile"."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    rows, routed = [], False
+    rows, routed, bw = [], False, bandwidth(device)
     for label, spec in (("dense", dense_model), ("compressed", model)):
         if spec is None:
             continue
@@ -329,7 +329,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
             rb = bytes_per_step(r, wb)
             rows.append({"model": label, "batch": b, "weight_bytes": wb, "read_bytes_per_step": rb,
                          "mode": r["mode"] + (" + torch.compile" if compile else ""),
-                         **_summary(r["ms"], b, rb, bandwidth(device)), "peak_mem_MiB": _peak_mib(device),
+                         **_summary(r["ms"], b, rb, bw), "peak_mem_MiB": _peak_mib(device),
                          **({"profile": r["profile"]} if "profile" in r else {})})
         del m, step_model
         if compile:
@@ -338,7 +338,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
            "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,
-           "bandwidth_reference_GBps": dict(zip(("spec", "target"), bandwidth(device))),
+           "bandwidth_reference_GBps": dict(zip(("spec", "target"), bw)),
            "notes": "effective_GBps = weight bytes read per step / median step time; KV-cache reads excluded"
                     + ("; a Mixture-of-Experts step reads only the experts its tokens are routed to: "
                        "read_bytes_per_step is the mean over the timed steps, replayed untimed to count them "
@@ -432,10 +432,11 @@ def kernel_microbench(shapes: dict | None = None, Ms=(1, 2, 4, 8, 16, 512),
                 ms = _time(lambda: ops.linear(f, x, p), device, reps, flush)  # noqa: B023
                 nbytes = sum(t.numel() * t.element_size() for t in p.values())
                 rows.append({**base, "format": f, "ms": ms, "bytes": nbytes, "speedup_vs_dense": dense_ms / ms})
+    spec = bandwidth(device)[0]
     for r in rows:
         if "ms" in r:
             r["effective_GBps"] = r["bytes"] / (r["ms"] / 1e3) / 1e9
-            r["pct_of_spec_bw"] = _pct(r["effective_GBps"], bandwidth(device)[0])
+            r["pct_of_spec_bw"] = _pct(r["effective_GBps"], spec)
     return rows
 
 

@@ -139,9 +139,9 @@ class RecoverConfig:
         return d
 
 
-def check_eval(datasets, seqlen: int, windows: int | None, flag: str = "--eval") -> None:
+def check_eval(datasets, seqlen: int, windows: int | None, flag: str = "--eval") -> int | None:
     """A perplexity evaluation's options (`flag`: "--eval" for compress / pack / recover / export, "--ppl" for eval),
-    refused before any work."""
+    refused before any work. Returns the windows to evaluate as the evaluators take them (0, all: None)."""
     pre = "--" if flag == "--ppl" else f"{flag}-"
     for d in datasets:
         if d not in EVAL_DATASETS:
@@ -150,6 +150,7 @@ def check_eval(datasets, seqlen: int, windows: int | None, flag: str = "--eval")
         raise LLMPruneError(f"{pre}windows must be >= 1, or 0 for all windows")
     if seqlen < 2:
         raise LLMPruneError(f"{pre}seqlen must be >= 2")
+    return windows or None
 
 
 def check_hessian_gib(gib) -> None:

@@ -57,6 +57,9 @@ def test_compress_end_to_end(tmp_path, capsys, tiny_dir, calib_txt, solver, patt
     rc, _, _ = _run(capsys, "eval", out, "--seqlen", "64", "--windows", "2", "--dtype", "bfloat16", "--no-progress")
     m3 = json.loads((out / "llmprune.json").read_text())["eval"]["wikitext2"]
     assert rc == 0 and m3["dtype"] == "bfloat16" and "dense_ppl" not in m3 and m3["ppl"] != ev["ppl"]
+    rc, _, _ = _run(capsys, "eval", out, "--seqlen", "64", "--windows", "2", "--dtype", "auto", "--no-progress")
+    m4 = json.loads((out / "llmprune.json").read_text())["eval"]["wikitext2"]  # auto: float32 on the CPU
+    assert rc == 0 and m4["dtype"] == "float32" and m4["ppl"] == pytest.approx(ev["ppl"], rel=1e-6)
 
 
 def test_python_api(tmp_path, tiny_dir, calib_txt):

@@ -511,6 +511,8 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
         (["pack", pruned_24, "--format", "sparse24", "--eval", "wikitext2", "--eval-seqlen", "100000", "--out", x],
          "longer than the model's context"),
         (["recover", pruned_24, "--eval", "wikitext2", "--eval-seqlen", "1", "--out", x], "--eval-seqlen must be >= 2"),
+        (["export", pruned_24, "--to", "gguf", "--eval", "wikitext2", "--eval-windows", "-1", "--out", x],
+         "--eval-windows must be >= 1"),
         (["eval", pruned_24, "--seqlen", "1"], "--seqlen must be >= 2"),
         (["eval", pruned_24, "--windows", "-2"], "--windows must be >= 1"),
         (["eval", pruned_24, "--dtype", "float8"], "--dtype 'float8'"),
@@ -545,8 +547,10 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
 
 def test_eval_windows_0_is_every_window():
     """As in compress, 0 windows means all of them (eval --windows 0 was a traceback)."""
+    from llmprune.config import check_eval
     from llmprune.eval.perplexity import windows_of
 
+    assert check_eval(("wikitext2",), 64, 0, "--ppl") is None and check_eval((), 64, 3) == 3  # as the evaluators take it
     for windows in (None, 0):
         w, available = windows_of("wikitext2", torch.arange(1050), 100, windows)
         assert available == 10 and w.shape == (10, 100) and torch.equal(w.flatten(), torch.arange(1000))

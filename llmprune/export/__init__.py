@@ -75,7 +75,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
 
     from .. import manifest as mf
     from .. import outdir, walker
-    from ..config import check_hessian_gib
+    from ..config import check_eval, check_hessian_gib
     from ..pipeline import Timer
     from ..runinfo import check_memory, memory, pick_device, versions
     from .source import Weights, open_source
@@ -86,7 +86,8 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     t = _target(to)
     t.require()
     out = Path(out) if out is not None else default_out(src, to)
-    opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval)
+    eval_windows = check_eval(eval, eval_seqlen, eval_windows)
+    opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq)
     check_hessian_gib(hessian_gib)
     outdir.check_out(out, overwrite, [src])
     weights = Weights(s)  # one decoder block at a time (scale tuning: read to where it trains)
@@ -128,13 +129,10 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     return {**new.to_dict(), "out": str(out)}
 
 
-def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq, eval) -> dict:
-    """Every option checked before the model is loaded."""
-    from ..config import EVAL_DATASETS, GPTQConfig
+def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq) -> dict:
+    """Every option checked before the model is loaded (the evaluation's: config.check_eval)."""
+    from ..config import GPTQConfig
 
-    for d in eval:
-        if d not in EVAL_DATASETS:
-            raise LLMPruneError(f"unknown --eval dataset {d!r}: choose from {', '.join(EVAL_DATASETS)}")
     if grid not in ("auto", "sym", "asym"):
         raise LLMPruneError(f"--grid {grid!r}: use sym, asym or auto")
     if save_dtype not in ("float16", "bfloat16", "float32"):
