@@ -618,7 +618,9 @@ def scale_table() -> str:
         n = re.search(r"-l(\d+)$", str(layers))
         io = m.get("io_bytes") or {}
         t = m["timings"]
-        rows.append((int(n[1]) if n else 32, p.stem, m.get("solver"), m.get("pattern"), t.get("compress_s"),
+        sl = m.get("slicegpt") or {}
+        pattern = f"{sl['rotation']} {sl['slicing']:.0%}" if sl else m.get("pattern")  # SliceGPT: rotation, slicing
+        rows.append((int(n[1]) if n else 32, p.stem, m.get("solver"), pattern, t.get("compress_s"),
                      t.get("total_s"), m.get("peak_rss_mib"), io.get("read_bytes"), io.get("write_bytes"), _ppl(m),
                      m.get("onload"), cfg))
     if not rows:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack] [moe_tune]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack] [moe_tune] [slicegpt]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -161,4 +161,19 @@ if [[ " $STAGES " == *" zeroshot "* ]]; then  # zero-shot of a saved 8B-width ou
     keep $n
     zeroshot zeroshot-l$n-bfloat16 "$k" --tasks piqa --limit 10 --dtype bfloat16
   done
+fi
+if [[ " $STAGES " == *" slicegpt "* ]]; then  # SliceGPT 25% (per-block rotation) at the 8B width: 4 blocks loaded
+  # whole (how SliceGPT ran before 2026-12-06) and from disk, the two folders' tensors compared, then 8 blocks from
+  # disk (the peak should not grow with depth). 16 x 256 calibration tokens: at least the hidden size (4096), for
+  # a full-rank covariance. The 4-block output from disk is evaluated block by block (its residual shortcuts walked;
+  # random weights: the figure means nothing)
+  for n in 4 8; do synth llama3-8b-l$n --arch llama3-8b --dtype bfloat16 --layers $n; done
+  SL="--solver slicegpt --slicing 0.25 --nsamples 16 --seqlen 256 --no-dense-eval"
+  step slicegpt-l4-whole compress --model "$S/llama3-8b-l4" $SL --eval none --onload whole $C --out "$S/slicegpt-l4-whole"
+  step slicegpt-l4 compress --model "$S/llama3-8b-l4" $SL --eval wikitext2 --eval-seqlen 256 --eval-windows 2 \
+      --onload blocks $C --out "$S/slicegpt-l4"
+  python bench/same_tensors.py "$S/slicegpt-l4" "$S/slicegpt-l4-whole" | tee "$R/slicegpt-l4.txt"
+  rm -rf "$S/slicegpt-l4" "$S/slicegpt-l4-whole"
+  step slicegpt-l8 compress --model "$S/llama3-8b-l8" $SL --eval none --onload blocks $C --out "$S/slicegpt-l8"
+  rm -rf "$S/slicegpt-l8"
 fi

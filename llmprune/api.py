@@ -105,7 +105,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         if m.sparsity:
             m.sparsity["measured_after_recover"] = prune.measured_sparsity(model, names)
     with outdir.atomic_dir(p.out, c.overwrite, sources=pipeline.local_sources(c.model)) as tmp:
-        if c.format == "dense" and not c.slicegpt:
+        if c.format == "dense":
             model.to(pipeline.save_dtype(c, src_dtype))
         m.format = pipeline.export(model, tok, tmp, c.format, p.quant, c.group_size, c.symmetric,
                                    pipeline.save_dtype_name(c, src_dtype), p.gptq, ids, None, p.device,
@@ -165,11 +165,17 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
     # the passes over the blocks commit checkpoints (not scale tuning's training); a killed run's is taken over
     fp = found = None
-    if c.checkpoint_s is not None and not (p.quant == "gptq" and p.gptq.tune_steps):
+    sliced_cfg = None
+    if c.slicegpt:  # the sliced config, made on the meta device: the output's size is known before any work
+        from . import onload_slicegpt
+
+        sliced_cfg = onload_slicegpt.plan(lz, c.slicegpt, ids)[4]
+    elif c.checkpoint_s is not None and not (p.quant == "gptq" and p.gptq.tune_steps):
         fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
         found = resume.find(p.out, fp)
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
-    parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts)
+    parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts) \
+        if sliced_cfg is None else {"the output": onload_slicegpt.output_bytes(lz, sliced_cfg, save_dtype)}
     there = outdir.folder_bytes(found[0]) if found else 0  # written already
     outdir.check_space(p.out, parts, there)
     cache: dict = {}
@@ -185,7 +191,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
                            sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) as tmp:
         packer = None if c.format == "dense" else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
-        out = onload.Output(lz, tmp, c.format, save_dtype, names, packer)
+        out = None if c.slicegpt else onload.Output(lz, tmp, c.format, save_dtype, names, packer)
         checkpoints = None
         if fp:
             checkpoints = resume.Checkpoints(tmp, fp, c.checkpoint_s, len(archmod.blocks(lz.model)),
@@ -194,12 +200,16 @@ def _compress_onload(p, t, command) -> mf.Manifest:
                 checkpoints.keep["dense"] = {"key": dense_key, "figures": dense}
         train = (lambda model, where: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices,
                                                        c.progress, where)) if c.recover else None
-        sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where, checkpoints)
+        if c.slicegpt:  # weights, config and tokenizer written as each part is done
+            sec = onload_slicegpt.transform(p, lz, ids, t, tmp, tok, save_dtype)
+        else:
+            sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where, checkpoints)
         m.steps = sec.pop("steps")
         for k, v in sec.items():
             setattr(m, k, v)
-        with t("save_s"):
-            m.format = out.outside(tok)
+        if not c.slicegpt:
+            with t("save_s"):
+                m.format = out.outside(tok)
         m.steps += pipeline.export_steps(m.format)
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
         _measure(m, p, t, tmp, windows, cache, dense)
@@ -321,7 +331,7 @@ def _walkable(target: str, old: mf.Manifest | None, dtype: str):
     from . import onload
 
     folder = _folder(target, old)
-    lz, _ = onload.open_output(folder, dtype, old.to_dict() if old is not None else {})
+    lz, _ = onload.open_output(folder, dtype, old.to_dict() if old is not None else {}, sliced=True)
     return lz, AutoTokenizer.from_pretrained(folder)
 
 

@@ -5,7 +5,9 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 
 
 def _float_or_none(s):
@@ -331,14 +333,16 @@ def cmd_sweep(a) -> int:
                           a.eval_windows, _tasks(a), a.limit, a.device,
                           progress=not a.no_progress, protocol=a.protocol, onload=a.onload, dtype=a.dtype,
                           hessian_gib=a.hessian_gib, overwrite=a.overwrite)
-    except KeyboardInterrupt:  # the rows are written after every point
-        import sys
+    except KeyboardInterrupt as e:  # the rows are written after every point (SIGTERM: errors.Terminated)
         from pathlib import Path
 
+        from .errors import Terminated
+
         done = Path(a.out) / "sweep.csv"
-        print("llmprune: interrupted; " + (f"the points measured so far are in {done} (no plot)" if done.exists()
-                                           else "no point was measured"), file=sys.stderr)
-        return 130
+        stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"llmprune: {stopped}; " + (f"the points measured so far are in {done} (no plot)" if done.exists()
+                                          else "no point was measured"), file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     from .bench import format_table
 
     cols = [c for c in res["rows"][0] if c not in ("model",)]
@@ -645,6 +649,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame):
+    """SIGTERM: stop as after Ctrl-C (errors.Terminated), once; a second one does not cut the clean-up short."""
+    from .errors import Terminated
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids a 2-3x slowdown of forwards after tokenizing
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -654,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from .errors import LLMPruneError
+    from .errors import LLMPruneError, Terminated
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening; theirs repeat per load
     hf_logging.set_verbosity_error()
@@ -662,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set only there)
+    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return args.func(args)
     except LLMPruneError as e:
@@ -672,9 +686,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmprune: error: {first[:200]} -- free the device, lower --batch / --batch-size / --nsamples, "
               f"or use --device cpu; no output was written", file=sys.stderr)
         return 2
+    except Terminated:  # (errors.py)
+        print("llmprune: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("llmprune: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -3,3 +3,9 @@
 
 class LLMPruneError(Exception):
     """Bad input or an unmet requirement. The CLI prints it on one line and exits 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's time limit, a preempted instance's notice), raised by the CLI where the
+    program is, so that it stops as after Ctrl-C: an output's temporary folder removed, or kept when it holds a
+    checkpoint to go on from, instead of dying with the folder left for the next run to find."""

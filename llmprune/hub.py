@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import LLMPruneError
 from .manifest import NAME as MANIFEST
-from .manifest import Manifest, read
+from .manifest import Manifest, ppl_protocol, read
 
 CARD = "README.md"
 # A card carrying this line is ours and is regenerated on every push; delete the line to keep
@@ -162,8 +162,7 @@ def _of_these_files(r: dict) -> bool:
 
 def _protocol(r: dict, manifest: dict) -> str:
     """How a perplexity was measured, as the papers state it: e.g. "2048-token windows x 16, float32"."""
-    return (f"{r.get('seqlen', '?')}-token windows x {r.get('windows', '?')}, "
-            f"{r.get('dtype') or manifest.get('dtype') or 'float32'}")
+    return ppl_protocol(r, manifest, words=True)
 
 
 def _num(x: Any, fmt: str = ".2f") -> str:

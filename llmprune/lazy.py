@@ -128,7 +128,14 @@ class WeightFiles:
             return w if dtype in (None, torch.float32) else w.to(dtype)
         return self._get(name, dtype)
 
-    def _get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows start:stop of a tensor (a vocabulary-sized embedding or head, a chunk at a time), read as `get`
+        reads a whole one; a block-scaled FP8 tensor is read whole and cut."""
+        if self.scaled(name):
+            return self.get(name, dtype)[start:stop]
+        return self._get(name, dtype, (start, stop))
+
+    def _get(self, name: str, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         if name not in self.where:
             raise LLMPruneError(f"{self.folder} lacks {name}: re-create the folder")
         path = self.where[name]
@@ -140,6 +147,10 @@ class WeightFiles:
             raise LLMPruneError(f"{path}: {name} cannot be read ({str(err)[:120]}): the file is corrupted, "
                                 f"re-create the folder") from None
         a, b = e["data_offsets"]
+        if rows is not None:  # the rows' bytes only (row-major)
+            r0, r1 = max(0, rows[0]), min(shape[0], rows[1])
+            row = math.prod(shape[1:]) * sdt.itemsize
+            a, b, shape = a + r0 * row, a + max(r0, r1) * row, (max(0, r1 - r0), *shape[1:])
         want = dtype if (dtype is not None and sdt.is_floating_point) else sdt
         out = torch.empty(shape, dtype=want)
         flat = out.view(-1)
@@ -264,6 +275,10 @@ class LazyModel:
         fp8.unquantized(config)
         with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers (rotary) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        if getattr(config, "slicegpt", None):  # SliceGPT's residual shortcuts and full-width head (sliced.py)
+            from .sliced import rebuild_per_block
+
+            rebuild_per_block(self.model, config.slicegpt)
         # packed experts: one module each (moe.SplitExperts), as load_packed builds them; `unpack` (a dense model's
         # tensors, for exports) keeps them fused, each expert's projection decoded into its rows as a block is read
         self._packed_experts = set()
@@ -558,6 +573,7 @@ class ShardWriter:
         self.written_bytes = 0
         self.kept: set[str] = set()  # files a resumed run found partly written (`written`): updated, not truncated
         self.closed: list[str] = []  # files finished since the last `sync`
+        self.rows_written: dict[str, int] = {}  # rows of the tensors written a chunk at a time (`add_rows`)
 
     def _file(self, name: str):
         f = self.file_of.get(name)
@@ -620,6 +636,21 @@ class ShardWriter:
         f, fh = self._file(name)
         fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's own memory, no copy
         self._done(f, name)
+
+    def add_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Rows start:start + len(rows) of tensor `name` (a vocabulary-sized one written a chunk at a time); it is
+        done once all of its rows are written."""
+        t = rows.detach().contiguous().cpu()
+        shape, dtype = self.spec[name]
+        if tuple(t.shape[1:]) != shape[1:] or t.dtype != dtype or not 0 <= start <= start + len(t) <= shape[0]:
+            raise LLMPruneError(f"internal: rows {start}:{start + len(t)} of {name} are {tuple(t.shape)} {t.dtype}, "
+                                f"the shard plan says {shape} {dtype}")
+        f, fh = self._file(name)
+        fh.seek(fh.tell() + start * math.prod(shape[1:]) * dtype.itemsize)
+        fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.rows_written[name] = self.rows_written.get(name, 0) + len(t)
+        if self.rows_written[name] == shape[0]:
+            self._done(f, name)
 
     def copy(self, name: str, src: Path, src_name: str | None = None) -> None:
         """Stream tensor `src_name` (default `name`) of safetensors file `src` into the output as

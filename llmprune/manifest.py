@@ -126,6 +126,15 @@ class Manifest:
         return self.to_dict().get(key, default)
 
 
+def ppl_protocol(r: dict, m: dict | None = None, words: bool = False) -> str:
+    """How a perplexity entry `r` was measured, one spelling for the report, the card and the sweep: window length x
+    windows, and with the manifest `m` its dtype (the entry's, else the run's): "2048 x 16, float32"; `words`:
+    "2048-token windows x 16, float32", as papers state it."""
+    length = f"{r.get('seqlen', '?')}-token windows" if words else r.get("seqlen", "?")
+    how = f"{length} x {r.get('windows', '?')}"
+    return how if m is None else f"{how}, {r.get('dtype') or m.get('dtype') or '?'}"
+
+
 def derive(old: Manifest, versions: dict, device: str | None, **changes) -> Manifest:
     """The manifest of a folder another command (pack, recover, export) made from `old`'s folder: its
     sections carried over, its figures and its run's memory cleared (`eval`, `zeroshot`, peak memory, I/O

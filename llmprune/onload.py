@@ -65,14 +65,20 @@ def stored_as_in_memory(lz: lazy.LazyModel) -> str | None:
     return None
 
 
-def open_output(folder: str | Path, dtype: str, manifest: dict) -> tuple[lazy.LazyModel | None, str | None]:
+def open_output(folder: str | Path, dtype: str, manifest: dict,
+                sliced: bool = False) -> tuple[lazy.LazyModel | None, str | None]:
     """(a LazyModel of an llmprune output or model folder, None) when it can be walked block by
-    block, else (None, why it only loads whole): SliceGPT's per-block shortcuts are not a stock
-    architecture, and some checkpoints store tensors under names transformers converts at load."""
+    block, else (None, why it only loads whole): some checkpoints store tensors under names transformers
+    converts at load. SliceGPT's residual shortcuts (no stock architecture) are walked when `sliced` (the
+    evaluations do; pack and recover, which would quantize or train them as linears, load them whole), a
+    packed SliceGPT output never."""
     sl = manifest.get("slicegpt") or {}
-    if sl.get("rotation") == "per-block" or sl.get("standard") is False:
-        return None, "it is a SliceGPT output with residual shortcuts, which only load whole"
-    section = manifest.get("format") if (manifest.get("format") or {}).get("name", "dense") != "dense" else None
+    packed = (manifest.get("format") or {}).get("name", "dense") != "dense"
+    if (sl.get("rotation") == "per-block" or sl.get("standard") is False) and (packed or not sliced):
+        return None, ("it is a packed SliceGPT output with residual shortcuts, which only load whole" if packed else
+                      "it is a SliceGPT output with residual shortcuts, which pack and recover read whole (their "
+                      "linears would be quantized or trained)")
+    section = manifest.get("format") if packed else None
     lz = lazy.LazyModel(folder, getattr(torch, dtype), section)
     why = stored_as_in_memory(lz)
     return (None, why) if why else (lz, None)

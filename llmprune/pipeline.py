@@ -152,7 +152,9 @@ def _onload(cfg: CompressConfig, devices: tuple[str, ...]) -> tuple[bool, str | 
     on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files."""
     from . import placement
 
-    whole = [why for why, on in (("SliceGPT rotates the embeddings and the head with the blocks", cfg.slicegpt),) if on]
+    packed_slice = ("SliceGPT into a packed --format quantizes the sliced model in memory (slice to a dense output, "
+                    "then llmprune pack it)")
+    whole = [why for why, on in ((packed_slice, cfg.slicegpt and cfg.format != "dense"),) if on]
     if cfg.onload == "blocks" and whole:
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":
@@ -416,7 +418,7 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
     disk (onload.evaluate) where the output allows it, else through llmprune.load."""
     from . import checkpoint, onload
 
-    lz, _ = onload.open_output(folder, dtype, mf.read(folder).to_dict())
+    lz, _ = onload.open_output(folder, dtype, mf.read(folder).to_dict(), sliced=True)
     if lz is not None:
         from transformers import AutoTokenizer
 
@@ -442,7 +444,7 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
     from .eval import zeroshot
     from .models import from_pretrained
 
-    lz, _ = onload.open_output(folder, dtype, manifest)
+    lz, _ = onload.open_output(folder, dtype, manifest, sliced=True)
     with tempfile.TemporaryDirectory(prefix="llmprune-offload-") as offload:
         if lz is not None:
             model = lz

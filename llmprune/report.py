@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LLMPruneError
+from .manifest import ppl_protocol
 
 
 def _num(x: Any) -> float | None:
@@ -59,7 +60,7 @@ def _protocol(r: dict, m: dict) -> str:
     not the saved output itself (a version-1 figure of the model in memory, an export as transformers reads it)."""
     from .manifest import SAVED
 
-    how = f"{r.get('seqlen', '?')} x {r.get('windows', '?')}, {r.get('dtype') or m.get('dtype') or '?'}"
+    how = ppl_protocol(r, m)
     on = r.get("measured_on", SAVED)
     return how if on == SAVED else f"{how}, {on}"
 
@@ -132,7 +133,7 @@ def sweep_row(manifest: dict) -> dict[str, Any]:
     for d, r in (manifest.get("eval") or {}).items():
         if isinstance(r, dict):
             row[f"ppl_{d}"], row[f"dense_ppl_{d}"] = _num(r.get("ppl")), _num(r.get("dense_ppl"))
-            row[f"protocol_{d}"] = f"{r.get('seqlen', '?')} x {r.get('windows', '?')}"  # window length x windows
+            row[f"protocol_{d}"] = ppl_protocol(r)  # window length x windows
     row["zeroshot_mean"] = _zeroshot_mean(manifest)
     row["compress_s"] = _num((manifest.get("timings") or {}).get("compress_s"))
     row["peak_rss_mib"] = _num(manifest.get("peak_rss_mib"))

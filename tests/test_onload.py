@@ -345,10 +345,111 @@ def test_a_tensor_missing_from_the_checkpoint_is_refused(tmp_path, capsys, famil
     assert not (tmp_path / "o").exists()
 
 
-def test_onload_blocks_refuses_what_needs_the_whole_model(tmp_path, capsys, tiny_dir):
-    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", "slicegpt", "--onload", "blocks",
+SLICES = [("per-block", False, True, "llama"), ("per-block", True, False, "llama"), ("shared", False, True, "llama"),
+          ("shared", True, False, "llama"), ("per-block", False, False, "qwen2"), ("shared", False, True, "qwen3")]
+
+
+@pytest.mark.parametrize("rotation,slice_head,tied,family", SLICES,
+                         ids=[f"{f}-{r}{'-slicehead' if h else ''}{'-tied' if t else ''}" for r, h, t, f in SLICES])
+def test_slicegpt_from_disk_writes_what_the_whole_model_writes(tmp_path, capsys, monkeypatch, calib_txt, rotation,
+                                                               slice_head, tied, family):
+    """SliceGPT block by block (one block in memory; the embedding rotated before the first block, the head
+    with the final norm folded in after the last) writes the whole model's files bit for bit, in shards,
+    with its config and manifest, and its output is evaluated block by block (its residual shortcuts walked)
+    to the figure the whole load gives. Norm scales and biases (qwen2's q/k/v) are random, so a fold left out
+    or done twice shows; qwen3 normalizes q and k inside its attention."""
+    from llmprune import checkpoint, lazy
+    from llmprune.eval.perplexity import perplexity
+    from llmprune.lazy import WeightFiles
+    from llmprune.testing import byte_tokenizer, tiny_model
+    from llmprune.transforms import slicegpt
+
+    model = tiny_model(family, seed=1, tie_word_embeddings=tied, num_hidden_layers=3)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if t.dim() == 1:  # norms' scales about 1, biases about 0
+                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3
+                        + (1.0 if "norm" in name else 0.0))
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 30_000)
+    monkeypatch.setattr(slicegpt, "ROWS", 100)  # the 258 vocabulary rows read, rotated and written in 3 chunks
+    how = ["--solver", "slicegpt", "--rotation", rotation, *(["--slice-head"] if slice_head else []),
+           "--calib", calib_txt, *CHEAP, *EVAL]
+    grad = []  # whether autograd recorded the signals (a graph through every block holds every block: a leak)
+    real_add = slicegpt._Cov.add
+    for mode in ("whole", "blocks"):
+        with monkeypatch.context() as m:
+            most = hold_one_block(m) if mode == "blocks" else [1]
+            m.setattr(slicegpt._Cov, "add", lambda self, x: grad.append(x.requires_grad) or real_add(self, x))
+            rc, _, se = _run(capsys, "compress", "--model", src, *how, "--onload", mode, "--out", tmp_path / mode)
+        assert rc == 0 and most[0] == 1, se
+    assert grad and not any(grad)
+    wa, wb = (WeightFiles(tmp_path / m) for m in ("whole", "blocks"))
+    names = wa.keys()
+    assert sorted(names) == sorted(wb.keys()) and all(torch.equal(wa.get(k), wb.get(k)) for k in names)
+    assert len(list((tmp_path / "blocks").glob("*.safetensors"))) > 1
+    ca, cb = (json.loads((tmp_path / m / "config.json").read_text()) for m in ("whole", "blocks"))
+    assert ca == cb and ca["tie_word_embeddings"] is False and ca["hidden_size"] < 64
+    ma, mb = (json.loads((tmp_path / m / "llmprune.json").read_text()) for m in ("whole", "blocks"))
+    assert mb["onload"] == "blocks" and ma["onload"] == "whole: --onload whole"
+    assert ma["slicegpt"] == mb["slicegpt"] and mb["slicegpt"]["untied_head"] is tied
+    ea, eb = ma["eval"]["wikitext2"], mb["eval"]["wikitext2"]
+    assert eb["blockwise"] and eb["ppl"] == ea["ppl"] and eb["dense_ppl"] == pytest.approx(ea["dense_ppl"], rel=1e-6)
+    model, tok, _ = checkpoint.load(tmp_path / "blocks")  # the whole load, as a user's
+    whole = perplexity(model, tok, "wikitext2", 64, 2, progress=False)["ppl"]
+    assert eb["ppl"] == pytest.approx(whole, rel=1e-6)
+
+
+def test_slicegpt_stopped_midway_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_dir, calib_txt):
+    """SliceGPT from disk takes no checkpoints: SIGTERM (or Ctrl-C) in the middle of its pass removes the output's
+    temporary folder, says so in one line and exits 143; the folder asked for is not there."""
+    import signal
+
+    from llmprune import onload_slicegpt
+
+    real = onload_slicegpt.SlicedOutput.done
+
+    def done(self, i, block):
+        real(self, i, block)
+        if i == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(onload_slicegpt.SlicedOutput, "done", done)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", "slicegpt", "--calib", calib_txt,
                      "--out", tmp_path / "o", *FAST_CLI)
-    assert rc == 2 and "SliceGPT" in se and "--onload whole" in se
+    assert rc == 143 and se.strip().splitlines()[-1] == "llmprune: terminated (SIGTERM); no output was written", se
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_slicegpt_keeps_the_sources_dtype_and_refuses_packing_from_disk(tmp_path, capsys, monkeypatch, calib_txt):
+    """A SliceGPT output is stored in the source's dtype (--save-dtype auto; it was the compute dtype, a bf16
+    model sliced on the CPU came out twice its size), from disk (the vocabulary rows read a chunk at a time,
+    converted to the compute dtype) as whole; a packed --format quantizes the sliced model in memory, so
+    --onload blocks refuses it in one line and writes nothing."""
+    from llmprune.testing import byte_tokenizer, tiny_model
+    from llmprune.transforms import slicegpt
+
+    monkeypatch.setattr(slicegpt, "ROWS", 70)
+
+    src = tmp_path / "bf16"
+    tiny_model("llama", 1, dtype=torch.bfloat16).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    how = ["--solver", "slicegpt", "--calib", calib_txt, *FAST_CLI]
+    for mode in ("whole", "blocks"):
+        rc, _, se = _run(capsys, "compress", "--model", src, *how, "--onload", mode, "--out", tmp_path / mode)
+        assert rc == 0, se
+        assert {t.dtype for t in _tensors(tmp_path / mode).values()} == {torch.bfloat16}
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    rc, _, se = _run(capsys, "compress", "--model", src, *how, "--save-dtype", "float32", "--out", tmp_path / "f32")
+    assert rc == 0 and {t.dtype for t in _tensors(tmp_path / "f32").values()} == {torch.float32}
+    rc, _, se = _run(capsys, "compress", "--model", src, *how, "--format", "w4g128", "--onload", "blocks",
+                     "--out", tmp_path / "o")
+    err = [ln for ln in se.splitlines() if ln.startswith("llmprune: error:")]
+    assert rc == 2 and len(err) == 1 and "SliceGPT" in err[0] and "llmprune pack" in err[0], se
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])

@@ -236,11 +236,12 @@ def test_a_finished_run_or_one_that_fails_before_a_checkpoint_leaves_nothing(tmp
     assert not list(tmp_path.glob(".failed*")) and "kept" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError, "SIGTERM"])
 def test_a_run_that_fails_after_a_checkpoint_keeps_it_for_the_same_command(tmp_path, capsys, monkeypatch, deep_dir,
                                                                            calib_txt, error):
-    """Ctrl-C or an error (a CUDA out-of-memory) after a checkpoint: the folder stays, said in one line, under a
-    name no live run owns, so the same command goes on from it - in the same process too (the API's retry)."""
+    """Ctrl-C, SIGTERM (a scheduler's limit, a preempted instance's notice) or an error (a CUDA out-of-memory) after
+    a checkpoint: the folder stays, said in one line, under a name no live run owns, so the same command goes on
+    from it - in the same process too (the API's retry)."""
     from llmprune import lazy
 
     monkeypatch.setattr(lazy, "SHARD_BYTES", SHARD_BYTES)
@@ -251,7 +252,9 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_it_for_the_same_command(tmp_p
 
     def failing(self, i, *a):
         real(self, i, *a)
-        if i == 1:
+        if i == 1 and error == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises errors.Terminated here
+        elif i == 1:
             raise error("boom")
 
     out = tmp_path / "out"
@@ -259,10 +262,16 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_it_for_the_same_command(tmp_p
         m.setattr(resume.Checkpoints, "after", failing)
         if error is KeyboardInterrupt:
             assert main([*argv, "--out", str(out)]) == 130
+        elif error == "SIGTERM":
+            assert main([*argv, "--out", str(out)]) == 128 + signal.SIGTERM
+            assert signal.getsignal(signal.SIGTERM) is not None and "terminated" not in \
+                getattr(signal.getsignal(signal.SIGTERM), "__qualname__", "")  # the handler before, restored
         else:
             with pytest.raises(RuntimeError):
                 main([*argv, "--out", str(out)])
     err = capsys.readouterr().err
+    if error == "SIGTERM":
+        assert err.strip().splitlines()[-1] == "llmprune: terminated (SIGTERM); no output was written", err
     (left,) = outdir.stale(out)
     assert f"llmprune: kept {left.name} (" in err and "blocks 0-1 of 4 were pruned when it stopped" in err
     assert not out.exists() and re.fullmatch(r"\.out\.tmp-[0-9a-f]{8}", left.name)

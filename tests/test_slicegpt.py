@@ -396,9 +396,14 @@ def test_slicing_on_a_device_moves_one_block_at_a_time(rotation, monkeypatch):
             moves.append((blocks[id(self)], str(args[0] if args else kwargs.get("device"))))
         return real_to(self, *args, **kwargs)
 
+    from llmprune import walker
+
+    homes = []  # where the per-block signals wait: asked of the walker (CPU memory when a GPU would be too full)
+    monkeypatch.setattr(walker, "activation_home", lambda *a: homes.append(a[2]) or torch.device("cpu"))
     monkeypatch.setattr(torch.nn.Module, "to", spy)
     slice_model(m, _ids(seed=2), slicing=0.25, rotation=rotation, progress=False, device="cpu:0")
     monkeypatch.undo()
+    assert homes == [torch.device("cpu:0")]  # once: the per-block pass's, or the shared covariance walk's
     rotated = [mv for mv in moves if mv[1] in ("cpu:0", "cpu")]
     pairs = [rotated[i:i + 2] for i in range(0, len(rotated), 2)]
     n = len(m.model.layers)  # shared: the covariance walk, then the rotation; per-block: one pass

@@ -239,13 +239,14 @@ def test_plan_batches_longest_first_and_passes_within_the_budget():
 
 
 @pytest.mark.parametrize("family,fmt", [("llama", "dense"), ("gemma2", "dense"), ("llama", "w4s24"),
-                                        ("qwen3_moe", "dense")])
+                                        ("qwen3_moe", "dense"), ("llama", "slicegpt")])
 def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_path, monkeypatch):
     """Every request of every offline task gets the log-likelihood and greedy flag lm-eval's HFLM gives
     the whole model (lm-eval's prompts, and its left truncation: 256 positions cut the boolq passages),
     walked in several passes with one block in memory; gemma2 soft-caps its logits and ties its head;
     a packed output is scored through its packed modules; a Mixture-of-Experts checkpoint's experts are
-    fused as each block is read."""
+    fused as each block is read; a SliceGPT output's blocks carry their residual shortcuts, its last one
+    widening the stream back to the head's full width."""
     from llmprune import api, lazy, onload
     from llmprune.testing import hold_one_block, tiny_model_dir
 
@@ -255,9 +256,10 @@ def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_p
         from llmprune.cli import main
         from llmprune.testing import FAST_CLI
 
-        folder = tmp_path / "packed"
-        assert main(["compress", "--model", str(src), "--solver", "magnitude", "--pattern", "2:4", "--format", fmt,
-                     "--group-size", "16", "--out", str(folder), *FAST_CLI]) == 0
+        folder = tmp_path / fmt
+        how = ["--solver", "slicegpt"] if fmt == "slicegpt" else \
+            ["--solver", "magnitude", "--pattern", "2:4", "--format", fmt, "--group-size", "16"]
+        assert main(["compress", "--model", str(src), *how, "--out", str(folder), *FAST_CLI]) == 0
     model, _, _ = api.load(str(folder))
     tok = byte_tokenizer()
     tasks = list(zs.LOCAL_TASKS)
@@ -268,7 +270,7 @@ def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_p
     real = onload.through_blocks
     monkeypatch.setattr(onload, "through_blocks", lambda *a, **k: walks.append([b.shape for b in a[1]]) or real(*a, **k))
     lz = lazy.LazyModel(folder, torch.float32, (json.loads((folder / "llmprune.json").read_text())["format"]
-                                                if fmt != "dense" else None))
+                                                if fmt not in ("dense", "slicegpt") else None))
     with monkeypatch.context() as m:
         most = hold_one_block(m)
         walked, ran2 = zs.run_lm_eval(lz, tok, tasks, limit=4, batch_size=3, tasks_dir=DATA, log_samples=True)

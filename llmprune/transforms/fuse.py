@@ -55,12 +55,17 @@ def layout_of(model) -> Layout:
             raise LLMPruneError(f"SliceGPT cannot slice block {i} of {mt!r}: extra norms {sorted(extra)} "
                                 "break the rotation invariance")
     for name in [f"{a.blocks}.0.{n}" for n, _ in a.reads] + ([a.norm] if a.norm else []):
-        norm = get(model, name)
-        if not _scales_like_rmsnorm(norm):
-            raise LLMPruneError(f"SliceGPT cannot slice {mt!r}: its norm {name} ({type(norm).__name__}) does not "
-                                f"compute x / rms(x) * weight, which the rotation needs (fuse.py folds RMSNorm "
-                                f"only); use an unstructured or N:M solver")
+        check_norm(model, name, get(model, name))
     return a
+
+
+def check_norm(model, name: str, norm: nn.Module) -> None:
+    """An LLMPruneError unless `norm` computes x / rms(x) * weight (what the fusion folds). A norm whose
+    weight is still on disk passes; the caller checks it again once read (onload_slicegpt)."""
+    if not _scales_like_rmsnorm(norm):
+        raise LLMPruneError(f"SliceGPT cannot slice {model.config.model_type!r}: its norm {name} "
+                            f"({type(norm).__name__}) does not compute x / rms(x) * weight, which the rotation needs "
+                            f"(fuse.py folds RMSNorm only); use an unstructured or N:M solver")
 
 
 def untie_head(model) -> bool:
@@ -82,7 +87,7 @@ def untie_head(model) -> bool:
 
 
 @torch.no_grad()
-def _fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
+def fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
     g = norm.weight.detach().double()  # (hidden,)
     for lin in linears:
         set_linear(lin, lin.weight.double() * g)  # W diag(g): (out, hidden) * (hidden,)
@@ -102,6 +107,6 @@ def fuse_norms(model) -> dict:
     tied = untie_head(model)
     for block in get(model, lay.blocks):
         for norm, readers in lay.reads:
-            _fold(get(block, norm), [get(block, r) for r in readers])
-    _fold(get(model, lay.norm), [get(model, lay.head)])
+            fold(get(block, norm), [get(block, r) for r in readers])
+    fold(get(model, lay.norm), [get(model, lay.head)])
     return {"untied": tied}

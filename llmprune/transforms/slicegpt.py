@@ -122,12 +122,16 @@ def _shared_cov(model, lay: Layout, ids: torch.Tensor, batch_size: int, dev: tor
 ROWS = 8192  # rows of an embedding or head rotated at a time: 0.5 GiB of fp64 at hidden 8192
 
 
-def _rotated_rows(w: torch.Tensor, q: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def _rotated_rows(w: torch.Tensor, q: torch.Tensor, scale: float = 1.0, fold: torch.Tensor | None = None) -> torch.Tensor:
     """w @ q * scale in fp64 on q's device, ROWS rows at a time (a 70B model's 128k-row embedding would
-    be 8 GiB in fp64 at once), back on w's device in w's dtype: (rows, D) @ (D, d) -> (rows, d)."""
+    be 8 GiB in fp64 at once), back on w's device in w's dtype: (rows, D) @ (D, d) -> (rows, d). `fold`:
+    a norm's scale g (D,) folded in first, rounded to w's dtype as fuse_norms rounds it (W diag(g))."""
     out = torch.empty(w.shape[0], q.shape[1], dtype=w.dtype, device=w.device)
     for r in range(0, w.shape[0], ROWS):
-        out[r:r + ROWS] = (w[r:r + ROWS].to(q.device).double() @ q * scale).to(w.device, w.dtype)
+        rows = w[r:r + ROWS].to(q.device)
+        if fold is not None:
+            rows = (rows.double() * fold.to(q.device).double()).to(w.dtype)
+        out[r:r + ROWS] = (rows.double() @ q * scale).to(w.device, w.dtype)
     return out
 
 
@@ -147,7 +151,9 @@ def _write(lin: nn.Linear, q: torch.Tensor) -> None:
     set_linear(lin, q.T @ lin.weight.double(), bias)
 
 
-def _check(model, ids: torch.Tensor, rotation: str) -> Layout:
+def check(model, ids: torch.Tensor, rotation: str) -> Layout:
+    """The model's layout, or an LLMPruneError: already sliced, an unknown rotation, token ids of the wrong
+    shape or too few for a full-rank covariance. Needs only the config and shapes (a model on the meta device)."""
     lay = layout_of(model)
     if getattr(model.config, "slicegpt", None):
         raise LLMPruneError("this model is already sliced (per-block, or with a full-width head); slice the dense "
@@ -168,6 +174,27 @@ def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def configure(cfg, n_blocks: int, hidden: int, new_dim: int, rotation: str, head_width: int, head_dim: int) -> dict:
+    """Make `cfg` the sliced model's config, in place; returns the manifest `rebuild_per_block` needs
+    (saved in the config as `slicegpt` unless the result is a standard checkpoint: shared rotation and a
+    sliced head)."""
+    eps0 = cfg.rms_norm_eps
+    manifest = {"method": "slicegpt", "rotation": rotation, "hidden_size": hidden, "new_dim": new_dim,
+                "shortcuts": list(range(n_blocks)) if rotation == "per-block" else []}
+    if head_width != new_dim:
+        manifest.update(head_width=head_width, norm_eps=eps0)
+        if rotation == "shared":
+            manifest["mlp_shortcuts"] = [n_blocks - 1]
+    cfg.head_dim = head_dim  # hidden_size / num_heads no longer gives it
+    cfg.hidden_size = new_dim
+    cfg.rms_norm_eps = eps0 * hidden / new_dim
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text.tie_word_embeddings = cfg.tie_word_embeddings = False  # see the module docstring: untied
+    if not (rotation == "shared" and head_width == new_dim):
+        cfg.slicegpt = manifest  # saved in config.json so `load_sliced` needs only the folder
+    return manifest
+
+
 def slice_model(model, calib_input_ids: torch.Tensor, slicing: float, rotation: str = "per-block",
                 round_to: int = 8, batch_size: int = 8, progress: bool = True, slice_head: bool = False,
                 device=None) -> dict:
@@ -176,7 +203,7 @@ def slice_model(model, calib_input_ids: torch.Tensor, slicing: float, rotation: 
     what `rebuild_per_block` needs to rebuild a saved per-block model. device: where the blocks, the
     covariances and the rotations compute, one block there at a time (default: where the model is);
     the model stays where it is. arXiv:2401.15024."""
-    lay = _check(model, calib_input_ids, rotation)
+    lay = check(model, calib_input_ids, rotation)
     hidden = get(model, lay.embed).weight.shape[1]
     d = new_dim_for(hidden, slicing, round_to, getattr(model.config, "num_attention_heads", 1))
     info = rotate_and_slice(model, calib_input_ids, d, rotation, batch_size, progress, slice_head, device)
@@ -184,12 +211,46 @@ def slice_model(model, calib_input_ids: torch.Tensor, slicing: float, rotation: 
     return info
 
 
+class InMemory:
+    """Where the passes below find the model's parts when it is in memory, its norms fused beforehand:
+    each block moves to `dev` while it is rotated and back after it (onload's SlicedOutput reads them
+    from disk instead, fuses their norms and writes them)."""
+
+    def __init__(self, model, lay: Layout, dev: torch.device):
+        self.model, self.lay, self.dev = model, lay, dev
+        self.blocks = get(model, lay.blocks)
+        self.dtype = get(model, lay.embed).weight.dtype
+        self._home = None
+
+    def catch(self, ids, batch_size: int):
+        return walker.catch(self.model, ids, batch_size, device=self.dev)
+
+    def covariance(self, ids, batch_size: int) -> _Cov:
+        return _shared_cov(self.model, self.lay, ids, batch_size, self.dev)
+
+    def block(self, i: int) -> nn.Module:
+        self._home = next(self.blocks[i].parameters()).device
+        return self.blocks[i].to(self.dev)
+
+    def done(self, i: int, block: nn.Module) -> None:
+        block.to(self._home)
+
+    def embedding(self, q: torch.Tensor) -> None:
+        embed = get(self.model, self.lay.embed)
+        embed.weight = nn.Parameter(_rotated_rows(embed.weight, q))  # (vocab, d)
+        embed.embedding_dim = q.shape[1]
+
+    def head(self, q: torch.Tensor, scale: float, eps: float) -> None:
+        _set_head(get(self.model, self.lay.head), q, scale)
+        _unit_norm(get(self.model, self.lay.norm), q.shape[1], eps)
+
+
 @torch.no_grad()
 def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotation: str = "per-block",
                      batch_size: int = 8, progress: bool = True, slice_head: bool = False, device=None) -> dict:
     """The transform itself for an explicit kept width new_dim (new_dim = hidden: rotation only); the
     head and the last residual keep the full width unless slice_head."""
-    lay = _check(model, calib_input_ids, rotation)
+    lay = check(model, calib_input_ids, rotation)
     embed, blocks = get(model, lay.embed), get(model, lay.blocks)
     hidden = embed.weight.shape[1]
     if not 1 <= new_dim <= hidden:
@@ -200,86 +261,91 @@ def rotate_and_slice(model, calib_input_ids: torch.Tensor, new_dim: int, rotatio
     dev = torch.device(device) if device is not None else embed.weight.device
     ids = calib_input_ids.to(dev)
     fused = fuse_norms(model)
-    cfg = model.config
-    eps0 = cfg.rms_norm_eps
-    eps = eps0 * hidden / new_dim
-    scale = math.sqrt(hidden / new_dim)  # see the module docstring: RMSNorm over d instead of D
-    head_dim = get(blocks[0], lay.attn).head_dim
     head_width = new_dim if slice_head else hidden  # the last residual, the final norm and the head
-
-    if rotation == "shared":
-        kept = _shared(model, lay, ids, new_dim, scale, eps, batch_size, head_width, dev)
-    else:
-        kept = _per_block(model, lay, ids, new_dim, scale, eps, batch_size, progress, head_width, dev)
-    _unit_norm(get(model, lay.norm), head_width, eps if head_width == new_dim else eps0)  # full width: as dense
-
-    cfg.head_dim = head_dim  # hidden_size / num_heads no longer gives it
-    cfg.hidden_size = new_dim
-    cfg.rms_norm_eps = eps
-    manifest = {"method": "slicegpt", "rotation": rotation, "hidden_size": hidden, "new_dim": new_dim,
-                "shortcuts": list(range(len(blocks))) if rotation == "per-block" else []}
-    standard = rotation == "shared" and head_width == new_dim  # a plain transformers checkpoint
-    if head_width != new_dim:
-        manifest.update(head_width=head_width, norm_eps=eps0)
-        if rotation == "shared":
-            manifest["mlp_shortcuts"] = [len(blocks) - 1]
-    if not standard:
-        cfg.slicegpt = manifest  # saved in config.json so `load_sliced` needs only the folder
+    eps0 = model.config.rms_norm_eps
+    head_dim = get(blocks[0], lay.attn).head_dim
+    kept = slice_blocks(InMemory(model, lay, dev), lay, ids, hidden, new_dim, rotation, batch_size, progress,
+                        head_width, eps0)
+    manifest = configure(model.config, len(blocks), hidden, new_dim, rotation, head_width, head_dim)
     model.train(was_training)
+    return info_of(rotation, hidden, new_dim, head_width, manifest, ids.numel(), fused["untied"], params_before,
+                   _n_params(model), kept)
+
+
+def info_of(rotation: str, hidden: int, new_dim: int, head_width: int, manifest: dict, tokens: int, untied: bool,
+            params_before: int, params_after: int, kept: list[float]) -> dict:
+    """The manifest's slicegpt section."""
     return {"method": "slicegpt", "cite": CITE, "rotation": rotation, "hidden_size": hidden,
             "new_dim": new_dim, "head_width": head_width, "slice_head": head_width == new_dim,
-            "standard": standard, "calib_tokens": ids.numel(), "untied_head": fused["untied"],
-            "params_before": params_before, "params_after": _n_params(model),
+            "standard": rotation == "shared" and head_width == new_dim, "calib_tokens": tokens,
+            "untied_head": untied, "params_before": params_before, "params_after": params_after,
             "kept_variance": kept, "manifest": manifest}
+
+
+@torch.no_grad()  # (the from-disk caller too: a graph through every block would hold them all)
+def slice_blocks(m, lay: Layout, ids, hidden: int, d: int, rotation: str, batch_size: int, progress: bool,
+                 head_width: int, eps0: float) -> list[float]:
+    """Rotate and slice the model that `m` gives access to (InMemory, or onload's SlicedOutput), its norms
+    fused (or fused by `m` as each block is handed out); returns the kept variance at each basis."""
+    eps = eps0 * hidden / d
+    scale = math.sqrt(hidden / d)  # see the module docstring: RMSNorm over d instead of D
+    run = _shared if rotation == "shared" else _per_block
+    kept, q_head = run(m, lay, ids, d, scale, eps, batch_size, progress, head_width)
+    # the head reads the last basis; at full width the final norm is the dense one (its eps, no rescaling)
+    m.head(q_head, scale if head_width == d else 1.0, eps if head_width == d else eps0)
+    return kept
 
 
 def _kept(evals: torch.Tensor, d: int) -> float:
     return float(evals[:d].sum() / evals.sum().clamp_min(1e-30))
 
 
-def _shared(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, head_width: int,
-            dev: torch.device) -> list[float]:
+def _shared(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, progress: bool,
+            head_width: int) -> tuple[list[float], torch.Tensor]:
     """One Q from every residual read point of a dense pass; no shortcuts needed, except that an
     unsliced head (head_width = D) makes the last block's MLP write all D components, its residual
     embedded into them by a (D, d) shortcut."""
-    evals, Q = _shared_cov(model, lay, ids, batch_size, dev).pca()
+    evals, Q = m.covariance(ids, batch_size).pca()
     q = Q[:, :d]  # (D, d)
-    embed = get(model, lay.embed)
-    embed.weight = nn.Parameter(_rotated_rows(embed.weight, q))  # (vocab, d)
-    embed.embedding_dim = d
-    blocks = get(model, lay.blocks)
+    m.embedding(q)
     q_head = Q[:, :head_width]  # (D, head_width)
-    for i, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(dev)
+    last = len(m.blocks) - 1
+    for i in range(len(m.blocks)):
+        block = m.block(i)
         for norm, readers in lay.reads:
             _unit_norm(get(block, norm), d, eps)
             for r in readers:
                 _read(get(block, r), q, scale)
         for w in lay.writes:
-            _write(get(block, w), q_head if i == len(blocks) - 1 and w == lay.writes[-1] else q)
-        block.to(home)
-    if head_width != d:
-        add_shortcuts(blocks[-1], lay, None, _shortcut(q_head.T @ q, embed.weight))  # weight (D, d) = [I; 0]
-    _set_head(get(model, lay.head), q_head, scale if head_width == d else 1.0)
-    return [_kept(evals, d)]
+            _write(get(block, w), q_head if i == last and w == lay.writes[-1] else q)
+        if i == last and head_width != d:  # weight (D, d) = [I; 0]
+            add_shortcuts(block, lay, None, _shortcut(q_head.T @ q, next(block.parameters())))
+        m.done(i, block)
+    return [_kept(evals, d)], q_head
 
 
-def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int,
-               progress: bool, head_width: int, dev: torch.device) -> list[float]:
+def _per_block(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, progress: bool,
+               head_width: int) -> tuple[list[float], torch.Tensor]:
     """Sequential per-block PCA (arXiv:2401.15024 sec. 3.4 and the reference rotate_and_slice_sequential):
     each Q is computed from signals of the model sliced so far, so later blocks see earlier slicing."""
     from tqdm.auto import tqdm
 
-    blocks = get(model, lay.blocks)
-    embed = get(model, lay.embed)
-    dtype = embed.weight.dtype
+    dtype, n, dev = m.dtype, len(m.blocks), m.dev
     # the engine's catch pass: block 0's inputs per batch and every block's own call arguments
-    xs, calls = walker.catch(model, ids, batch_size, device=dev)  # (b, s, D) each, on dev
+    xs, calls = m.catch(ids, batch_size)  # (b, s, D) each, on dev
+    # where the signals wait between steps: on dev, or in CPU memory when they would take too much of a GPU
+    # (a 70B model's 128 x 2048 calibration tokens: 4.3 GB in bf16 at each of the three points below)
+    home = walker.activation_home(m.model, ids, dev)
     like = torch.empty(0, dtype=dtype, device=dev)  # the shortcuts are made where the block computes
 
+    def each(f, signals):  # f on dev, a batch at a time, the results back home
+        return [f(s.to(dev)).to(home) for s in signals]
+
+    def rotated(signals, q):  # (b, s, D) @ (D, d) -> (b, s, d)
+        return each(lambda s: s @ q.to(dtype), signals)
+
     def pca_of(signals):
-        acc = _Cov(signals[0].shape[-1], signals[0].device)
+        acc = _Cov(signals[0].shape[-1], dev)
         for s in signals:
             acc.add(s)
         return acc.pca()
@@ -287,21 +353,18 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
     evals, Q = pca_of(xs)
     kept = [_kept(evals, d)]
     q_in = Q[:, :d]  # (D, d): the basis of block 0's input
-    embed.weight = nn.Parameter(_rotated_rows(embed.weight, q_in))  # (vocab, d)
-    embed.embedding_dim = d
-    xs = [x @ q_in.to(dtype) for x in xs]  # (b, s, d)
+    m.embedding(q_in)
+    xs = rotated(xs, q_in)  # (b, s, d)
     (n1, attn_readers), (n2, mlp_readers) = lay.reads
     w_attn, w_mlp = lay.writes
-    for i in tqdm(range(len(blocks)), desc="slicegpt", disable=not progress):
-        home = next(blocks[i].parameters()).device
-        blocks[i].to(dev)
+    for i in tqdm(range(n), desc="slicegpt", disable=not progress):
         # Residual back to full width (shortcut Q_in^T) so the MLP-input signal can be measured.
-        layer = add_shortcuts(blocks[i], lay, attn_shortcut=_shortcut(q_in, like))
+        layer = add_shortcuts(m.block(i), lay, attn_shortcut=_shortcut(q_in, like))
         _unit_norm(get(layer, n1), d, eps)
         _unit_norm(get(layer, n2), d, eps)
         for r in attn_readers:
             _read(get(layer, r), q_in, scale)
-        mids = [layer.attn_residual(x, **kw) for x, (_, kw) in zip(xs, calls[i])]  # (b, s, D)
+        mids = [layer.attn_residual(x.to(dev), **kw).to(home) for x, (_, kw) in zip(xs, calls[i])]  # (b, s, D)
         evals, Q = pca_of(mids)
         kept.append(_kept(evals, d))
         q_mid = Q[:, :d]
@@ -309,19 +372,18 @@ def _per_block(model, lay: Layout, ids, d: int, scale: float, eps: float, batch_
         layer.attn_shortcut = _shortcut(q_mid.T @ q_in, like)  # weight (d, d) = (Q_in^T Q_mid)^T
         for r in mlp_readers:
             _read(get(layer, r), q_mid, scale)
-        mids = [m @ q_mid.to(dtype) for m in mids]  # (b, s, d)
+        mids = rotated(mids, q_mid)  # (b, s, d)
         layer.mlp_shortcut = _shortcut(q_mid, like)
-        outs = [layer.mlp_residual(m) for m in mids]  # (b, s, D)
+        outs = each(layer.mlp_residual, mids)  # (b, s, D)
         del mids
         evals, Q = pca_of(outs)
-        width = head_width if i == len(blocks) - 1 else d  # the last residual: as wide as the head reads
+        width = head_width if i == n - 1 else d  # the last residual: as wide as the head reads
         kept.append(_kept(evals, width))
         q_out = Q[:, :width]
         _write(get(layer, w_mlp), q_out)
         layer.mlp_shortcut = _shortcut(q_out.T @ q_mid, like)  # (width, d) = (Q_mid^T Q_out)^T
-        layer.to(home)
-        xs = [o @ q_out.to(dtype) for o in outs]  # (b, s, width)
-        del outs
+        m.done(i, layer)
+        xs = rotated(outs, q_out)  # (b, s, width)
+        del outs, layer
         q_in = q_out
-    _set_head(get(model, lay.head), q_in, scale if head_width == d else 1.0)
-    return kept
+    return kept, q_in

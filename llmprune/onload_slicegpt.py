@@ -1,0 +1,173 @@
+"""SliceGPT (arXiv 2401.15024) on a model that stays on disk: the same passes as transforms/slicegpt.py,
+each block read when it is reached, its norms fused, rotated and sliced against the calibration
+activations the sliced blocks before it produced, written straight into the output and freed. The
+embedding is read, rotated and written a chunk of rows at a time before the first block, the head (the
+final norm folded into it) after the last. Shared rotation walks the dense blocks once for its covariance
+first. Peak memory: one block, the calibration activations and a chunk of the embedding or head being
+rotated, whatever the depth of the model; the output's shapes are known before any weight is read (the sliced
+config built on the meta device), so its shards are planned up front as for pruning (lazy.ShardWriter).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import arch as archmod
+from . import lazy, onload, outdir, walker
+from .errors import LLMPruneError
+from .transforms import fuse, slicegpt
+
+
+def sliced_model(lz: lazy.LazyModel, cfg) -> nn.Module:
+    """The sliced model (config `cfg`, from `configure`) on the meta device: its tensors' names and shapes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .sliced import rebuild_per_block
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=lz.dtype)
+        if getattr(cfg, "slicegpt", None):
+            rebuild_per_block(model, cfg.slicegpt)
+    return model
+
+
+class SlicedOutput:
+    """What slicegpt.slice_blocks needs of the model (as slicegpt.InMemory), read from `lz` block by block,
+    each finished block written into `folder` in `save_dtype` and freed."""
+
+    def __init__(self, lz: lazy.LazyModel, lay, dev: torch.device, folder: Path, cfg, save_dtype: torch.dtype,
+                 shard_bytes: int | None = None):
+        self.lz, self.lay, self.dev, self.folder, self.cfg, self.save_dtype = lz, lay, dev, folder, cfg, save_dtype
+        self.model = lz.model
+        self.blocks = archmod.get(self.model, lay.blocks)
+        self.dtype = lz.dtype
+        self.out = sliced_model(lz, cfg)
+        specs = [(n, tuple(t.shape), save_dtype if t.is_floating_point() else t.dtype)
+                 for n, t in self.out.state_dict(keep_vars=True).items()]
+        prefix = lay.blocks + "."
+        unit = lambda n: int(n[len(prefix):].split(".")[0]) if n.startswith(prefix) else None
+        outside = {n for n, _, _ in specs if unit(n) is None}
+        if outside != {f"{lay.embed}.weight", f"{lay.norm}.weight", f"{lay.head}.weight"}:
+            raise LLMPruneError(f"SliceGPT from disk writes the embedding, the final norm and the head outside the "
+                                f"blocks; this model also has {sorted(outside)}: use --onload whole")
+        self.writer = lazy.ShardWriter(folder, specs, unit, shard_bytes)
+        self.store = onload.block_store(lz)
+        self._skeleton = None
+
+    def catch(self, ids, batch_size: int):
+        with walker.onload(self.model, onload.block_store(self.lz)):
+            return walker.catch(self.model, ids, batch_size, device=self.dev)
+
+    def covariance(self, ids, batch_size: int):
+        """The shared rotation's covariance pass over the blocks with their norms folded, as the model in memory
+        is fused before it (the same stream, rounded the same way)."""
+        store = onload.block_store(self.lz)
+        read = store.load_block
+
+        def load_block(i, device, exclude=()):
+            read(i, device, exclude)
+            self._fold(i)
+
+        store.load_block = load_block
+        with walker.onload(self.model, store):
+            return slicegpt._shared_cov(self.model, self.lay, ids, batch_size, self.dev)
+
+    def _fold(self, i: int) -> None:
+        """Fold block i's norm scales into the linears that read them (fuse.fold), as fuse_norms does."""
+        block = self.blocks[i]
+        for norm, readers in self.lay.reads:
+            if i == 0:  # the norms' class, checked on their weights now that they are read
+                fuse.check_norm(self.model, f"{self.lay.blocks}.0.{norm}", archmod.get(block, norm))
+            fuse.fold(archmod.get(block, norm), [archmod.get(block, r) for r in readers])
+
+    def block(self, i: int) -> nn.Module:
+        self._skeleton = copy.deepcopy(self.blocks[i])  # on meta: what the model holds again once written
+        self.store.load_block(i, self.dev)
+        self._fold(i)
+        return self.blocks[i]
+
+    @torch.no_grad()
+    def done(self, i: int, block: nn.Module) -> None:
+        for n, t in block.state_dict(prefix=f"{self.lay.blocks}.{i}.").items():
+            self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
+        self.store.release_block(i)
+        self.blocks[i] = self._skeleton
+
+    @torch.no_grad()
+    def _rotated(self, src: str, dest: str, q: torch.Tensor, scale: float = 1.0, fold=None) -> None:
+        """Tensor `src` (vocabulary rows) rotated (slicegpt._rotated_rows) into `dest`, read and written a chunk of
+        slicegpt.ROWS rows at a time: a 70B model's embedding is 4 GiB in fp32, 8 GiB with its rotated copy."""
+        n = self.writer.spec[dest][0][0]
+        for r in range(0, n, slicegpt.ROWS):
+            rows = self.lz.files.rows(src, r, r + slicegpt.ROWS, self.dtype)
+            self.writer.add_rows(dest, r, slicegpt._rotated_rows(rows, q, scale, fold).to(self.save_dtype))
+
+    def embedding(self, q: torch.Tensor) -> None:
+        name = f"{self.lay.embed}.weight"
+        self._rotated(name, name, q)
+
+    @torch.no_grad()
+    def head(self, q: torch.Tensor, scale: float, eps: float) -> None:
+        """The head, the final norm's scale folded in (fuse.fold) and rotated; the final norm's scale set to 1."""
+        norm = copy.deepcopy(archmod.get(self.model, self.lay.norm)).to_empty(device="cpu")
+        g = self.lz.files.get(f"{self.lay.norm}.weight", self.dtype)
+        norm.weight.copy_(g)
+        fuse.check_norm(self.model, self.lay.norm, norm)
+        head = f"{self.lay.head}.weight"
+        self._rotated(head if head in self.lz.files else f"{self.lay.embed}.weight", head, q, scale, g)  # tied: embed
+        self.writer.add(f"{self.lay.norm}.weight", torch.ones(q.shape[1], dtype=self.save_dtype))
+
+    def finish(self, tokenizer) -> None:
+        self.writer.finish()
+        self.cfg.dtype = str(self.save_dtype).replace("torch.", "")
+        outdir.save_side_files(self.folder, self.cfg, getattr(self.model, "generation_config", None), tokenizer)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def plan(lz: lazy.LazyModel, slicing, ids) -> tuple:
+    """(layout, hidden size, kept width, head width, the sliced config, its manifest) of `lz` under the
+    SliceConfig `slicing`, on the meta device, before any weight is read."""
+    model = lz.model
+    lay = slicegpt.check(model, ids, slicing.rotation)
+    hidden = archmod.get(model, lay.embed).weight.shape[1]
+    d = slicegpt.new_dim_for(hidden, slicing.slicing, slicing.round_to, getattr(model.config, "num_attention_heads", 1))
+    head_width = d if slicing.slice_head else hidden
+    cfg = copy.deepcopy(model.config)
+    head_dim = archmod.get(archmod.get(model, lay.blocks)[0], lay.attn).head_dim
+    manifest = slicegpt.configure(cfg, len(archmod.get(model, lay.blocks)), hidden, d, slicing.rotation, head_width,
+                                  head_dim)
+    return lay, hidden, d, head_width, cfg, manifest
+
+
+def output_bytes(lz: lazy.LazyModel, cfg, save_dtype: torch.dtype) -> int:
+    """The sliced output's tensors in bytes (exact), for the disk check before any work."""
+    return sum(t.numel() * (save_dtype.itemsize if t.is_floating_point() else t.dtype.itemsize)
+               for t in sliced_model(lz, cfg).state_dict(keep_vars=True).values())
+
+
+def transform(p, lz: lazy.LazyModel, ids, timer, folder: Path, tok, save_dtype: torch.dtype) -> dict:
+    """Slice the model of `lz` block by block into `folder` (weights, config, tokenizer); returns the
+    manifest's sections as pipeline.transform does for the model in memory."""
+    c = p.cfg
+    lay, hidden, d, head_width, cfg, manifest = plan(lz, c.slicegpt, ids)
+    dev = torch.device(p.device)
+    out = SlicedOutput(lz, lay, dev, folder, cfg, save_dtype)
+    try:
+        with timer("compress_s"):
+            kept = slicegpt.slice_blocks(out, lay, ids.to(dev), hidden, d, c.slicegpt.rotation, c.calib_batch,
+                                         c.progress, head_width, lz.model.config.rms_norm_eps)
+    finally:
+        out.close()
+    with timer("save_s"):
+        out.finish(tok)
+    params = lambda m: sum(t.numel() for t in m.parameters())
+    info = slicegpt.info_of(c.slicegpt.rotation, hidden, d, head_width, manifest, ids.numel(), lz.tied,
+                            params(lz.model), params(out.out), kept)
+    info.update(slicing=c.slicegpt.slicing, round_to=c.slicegpt.round_to, slicing_actual=1 - d / hidden)
+    return {"solver": "slicegpt", "slicegpt": info, "steps": ["slice"]}
