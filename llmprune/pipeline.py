@@ -125,6 +125,7 @@ def plan(cfg: CompressConfig) -> Plan:
         given = [f for f, on in (("--sparsity", cfg.sparsity is not None), ("--pattern", cfg.pattern != "unstructured"),
                                  ("--owl", bool(cfg.owl)), ("--scope global", cfg.scope == "global"),
                                  (f"--solver {cfg.solver}", cfg.solver not in ("slicegpt", "wanda")),
+                                 ("--ignore", cfg.ignore is not None), ("--prune-gates", cfg.prune_gates),
                                  *((f"--{k.replace('_', '-')}", True) for k in cfg.solver_opts)) if on]
         if given:
             raise LLMPruneError(f"SliceGPT deletes rows and columns (its size is --slicing) instead of pruning "
@@ -152,9 +153,11 @@ def _onload(cfg: CompressConfig, devices: tuple[str, ...]) -> tuple[bool, str | 
     on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files."""
     from . import placement
 
-    packed_slice = ("SliceGPT into a packed --format quantizes the sliced model in memory (slice to a dense output, "
-                    "then llmprune pack it)")
-    whole = [why for why, on in ((packed_slice, cfg.slicegpt and cfg.format != "dense"),) if on]
+    after = [(w, cmd) for w, cmd, on in (("--recover trains", "recover", cfg.recover),
+                                         ("a packed --format quantizes", "pack", cfg.format != "dense")) if on]
+    why = (f"after SliceGPT, {' and '.join(w for w, _ in after)} the sliced model in memory (slice to a dense output, "
+           f"then llmprune {' and '.join(c for _, c in after)} it)")
+    whole = [why] if cfg.slicegpt and after else []
     if cfg.onload == "blocks" and whole:
         raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":

@@ -529,6 +529,8 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
          "drop --pattern"),
         (["compress", "--model", tiny_dir, "--solver", "sparsegpt", "--slicing", "0.2", "--out", x, *c],
          "drop --solver sparsegpt"),
+        (["compress", "--model", tiny_dir, "--solver", "slicegpt", "--ignore", "q_proj", "--out", x, *c],
+         "drop --ignore"),
         (["compress", "--model", tiny_dir, "--recover", "perp", "--recover-lr", "0", "--out", x, *c], "must be > 0"),
         (["compress", "--model", tiny_dir, "--owl-lambda", "0.1", "--out", x, *c],
          "--owl-lambda has no effect without --owl"),

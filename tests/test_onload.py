@@ -423,11 +423,11 @@ def test_slicegpt_stopped_midway_leaves_nothing(tmp_path, capsys, monkeypatch, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_slicegpt_keeps_the_sources_dtype_and_refuses_packing_from_disk(tmp_path, capsys, monkeypatch, calib_txt):
+def test_slicegpt_keeps_the_sources_dtype_and_leaves_packing_and_recovery_in_memory(tmp_path, capsys, monkeypatch, calib_txt):
     """A SliceGPT output is stored in the source's dtype (--save-dtype auto; it was the compute dtype, a bf16
     model sliced on the CPU came out twice its size), from disk (the vocabulary rows read a chunk at a time,
-    converted to the compute dtype) as whole; a packed --format quantizes the sliced model in memory, so
-    --onload blocks refuses it in one line and writes nothing."""
+    converted to the compute dtype) as whole; a packed --format quantizes and --recover trains the sliced model
+    in memory, so --onload blocks refuses them in one line and writes nothing, and auto loads the model whole."""
     from llmprune.testing import byte_tokenizer, tiny_model
     from llmprune.transforms import slicegpt
 
@@ -450,6 +450,12 @@ def test_slicegpt_keeps_the_sources_dtype_and_refuses_packing_from_disk(tmp_path
     err = [ln for ln in se.splitlines() if ln.startswith("llmprune: error:")]
     assert rc == 2 and len(err) == 1 and "SliceGPT" in err[0] and "llmprune pack" in err[0], se
     assert not (tmp_path / "o").exists()
+    rec = ["--recover", "perp", "--recover-steps", "1"]  # PERP trains the sliced model in memory too
+    rc, _, se = _run(capsys, "compress", "--model", src, *how, *rec, "--onload", "blocks", "--out", tmp_path / "o")
+    assert rc == 2 and "llmprune recover" in se.strip().splitlines()[-1] and not (tmp_path / "o").exists(), se
+    rc, _, se = _run(capsys, "compress", "--model", src, *how, *rec, "--out", tmp_path / "r")
+    m = json.loads((tmp_path / "r" / "llmprune.json").read_text())
+    assert rc == 0 and m["steps"] == ["slice", "recover"] and m["onload"].startswith("whole: after SliceGPT"), se
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
