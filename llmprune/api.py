@@ -165,17 +165,17 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
     # the passes over the blocks commit checkpoints (not scale tuning's training); a killed run's is taken over
     fp = found = None
-    sliced_cfg = None
-    if c.slicegpt:  # the sliced config, made on the meta device: the output's size is known before any work
+    sliced = None
+    if c.slicegpt:  # planned on the meta device: refused, or the output's size known, before any work
         from . import onload_slicegpt
 
-        sliced_cfg = onload_slicegpt.plan(lz, c.slicegpt, ids)[4]
+        sliced = onload_slicegpt.plan(lz, c.slicegpt, ids)
     elif c.checkpoint_s is not None and not (p.quant == "gptq" and p.gptq.tune_steps):
         fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
         found = resume.find(p.out, fp)
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
     parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts) \
-        if sliced_cfg is None else {"the output": onload_slicegpt.output_bytes(lz, sliced_cfg, save_dtype)}
+        if sliced is None else {"the output": onload_slicegpt.output_bytes(sliced, save_dtype)}
     there = outdir.folder_bytes(found[0]) if found else 0  # written already
     outdir.check_space(p.out, parts, there)
     cache: dict = {}

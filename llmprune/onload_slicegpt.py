@@ -10,6 +10,8 @@ config built on the meta device), so its shards are planned up front as for prun
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,22 +41,13 @@ class SlicedOutput:
     """What slicegpt.slice_blocks needs of the model (as slicegpt.InMemory), read from `lz` block by block,
     each finished block written into `folder` in `save_dtype` and freed."""
 
-    def __init__(self, lz: lazy.LazyModel, lay, dev: torch.device, folder: Path, cfg, save_dtype: torch.dtype,
+    def __init__(self, lz: lazy.LazyModel, pl: Plan, dev: torch.device, folder: Path, save_dtype: torch.dtype,
                  shard_bytes: int | None = None):
-        self.lz, self.lay, self.dev, self.folder, self.cfg, self.save_dtype = lz, lay, dev, folder, cfg, save_dtype
+        self.lz, self.lay, self.dev, self.folder, self.cfg, self.save_dtype = lz, pl.lay, dev, folder, pl.cfg, save_dtype
         self.model = lz.model
-        self.blocks = archmod.get(self.model, lay.blocks)
+        self.blocks = archmod.get(self.model, pl.lay.blocks)
         self.dtype = lz.dtype
-        self.out = sliced_model(lz, cfg)
-        specs = [(n, tuple(t.shape), save_dtype if t.is_floating_point() else t.dtype)
-                 for n, t in self.out.state_dict(keep_vars=True).items()]
-        prefix = lay.blocks + "."
-        unit = lambda n: int(n[len(prefix):].split(".")[0]) if n.startswith(prefix) else None
-        outside = {n for n, _, _ in specs if unit(n) is None}
-        if outside != {f"{lay.embed}.weight", f"{lay.norm}.weight", f"{lay.head}.weight"}:
-            raise LLMPruneError(f"SliceGPT from disk writes the embedding, the final norm and the head outside the "
-                                f"blocks; this model also has {sorted(outside)}: use --onload whole")
-        self.writer = lazy.ShardWriter(folder, specs, unit, shard_bytes)
+        self.writer = lazy.ShardWriter(folder, specs(pl.out, save_dtype), pl.unit, shard_bytes)
         self.store = onload.block_store(lz)
         self._skeleton = None
 
@@ -130,9 +123,25 @@ class SlicedOutput:
         self.store.close()
 
 
-def plan(lz: lazy.LazyModel, slicing, ids) -> tuple:
-    """(layout, hidden size, kept width, head width, the sliced config, its manifest) of `lz` under the
-    SliceConfig `slicing`, on the meta device, before any weight is read."""
+@dataclass
+class Plan:
+    """What SliceGPT makes of `lz`, worked out on the meta device before any weight is read (`plan`)."""
+    lay: object  # the layout (arch.Arch)
+    hidden: int
+    new_dim: int
+    head_width: int
+    cfg: object  # the sliced model's config
+    manifest: dict  # what rebuild_per_block needs (slicegpt.configure)
+    out: nn.Module  # the sliced model on the meta device: its tensors' names and shapes
+
+    def unit(self, name: str) -> int | None:
+        """The block a tensor belongs to (None: outside the blocks)."""
+        prefix = self.lay.blocks + "."
+        return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
+
+
+def plan(lz: lazy.LazyModel, slicing, ids) -> Plan:
+    """SliceGPT of `lz` under the SliceConfig `slicing`, planned; refuses (one line) what it cannot slice from disk."""
     model = lz.model
     lay = slicegpt.check(model, ids, slicing.rotation)
     hidden = archmod.get(model, lay.embed).weight.shape[1]
@@ -142,32 +151,43 @@ def plan(lz: lazy.LazyModel, slicing, ids) -> tuple:
     head_dim = archmod.get(archmod.get(model, lay.blocks)[0], lay.attn).head_dim
     manifest = slicegpt.configure(cfg, len(archmod.get(model, lay.blocks)), hidden, d, slicing.rotation, head_width,
                                   head_dim)
-    return lay, hidden, d, head_width, cfg, manifest
+    pl = Plan(lay, hidden, d, head_width, cfg, manifest, sliced_model(lz, cfg))
+    extra = sorted({n for n in pl.out.state_dict(keep_vars=True) if pl.unit(n) is None}
+                   - {f"{lay.embed}.weight", f"{lay.norm}.weight", f"{lay.head}.weight"})
+    if extra:
+        raise LLMPruneError(f"SliceGPT from disk writes the embedding, the final norm and the head outside the decoder "
+                            f"blocks, and this model also has {extra[0]} there: use --onload whole")
+    return pl
 
 
-def output_bytes(lz: lazy.LazyModel, cfg, save_dtype: torch.dtype) -> int:
+def specs(out: nn.Module, save_dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, shape, dtype) of every tensor of the sliced output, floats in `save_dtype`."""
+    return [(n, tuple(t.shape), save_dtype if t.is_floating_point() else t.dtype)
+            for n, t in out.state_dict(keep_vars=True).items()]
+
+
+def output_bytes(pl: Plan, save_dtype: torch.dtype) -> int:
     """The sliced output's tensors in bytes (exact), for the disk check before any work."""
-    return sum(t.numel() * (save_dtype.itemsize if t.is_floating_point() else t.dtype.itemsize)
-               for t in sliced_model(lz, cfg).state_dict(keep_vars=True).values())
+    return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs(pl.out, save_dtype))
 
 
 def transform(p, lz: lazy.LazyModel, ids, timer, folder: Path, tok, save_dtype: torch.dtype) -> dict:
     """Slice the model of `lz` block by block into `folder` (weights, config, tokenizer); returns the
     manifest's sections as pipeline.transform does for the model in memory."""
     c = p.cfg
-    lay, hidden, d, head_width, cfg, manifest = plan(lz, c.slicegpt, ids)
+    pl = plan(lz, c.slicegpt, ids)
     dev = torch.device(p.device)
-    out = SlicedOutput(lz, lay, dev, folder, cfg, save_dtype)
+    out = SlicedOutput(lz, pl, dev, folder, save_dtype)
     try:
         with timer("compress_s"):
-            kept = slicegpt.slice_blocks(out, lay, ids.to(dev), hidden, d, c.slicegpt.rotation, c.calib_batch,
-                                         c.progress, head_width, lz.model.config.rms_norm_eps)
+            kept = slicegpt.slice_blocks(out, pl.lay, ids.to(dev), pl.hidden, pl.new_dim, c.slicegpt.rotation,
+                                         c.calib_batch, c.progress, pl.head_width, lz.model.config.rms_norm_eps)
     finally:
         out.close()
     with timer("save_s"):
         out.finish(tok)
     params = lambda m: sum(t.numel() for t in m.parameters())
-    info = slicegpt.info_of(c.slicegpt.rotation, hidden, d, head_width, manifest, ids.numel(), lz.tied,
-                            params(lz.model), params(out.out), kept)
-    info.update(slicing=c.slicegpt.slicing, round_to=c.slicegpt.round_to, slicing_actual=1 - d / hidden)
+    info = slicegpt.info_of(c.slicegpt.rotation, pl.hidden, pl.new_dim, pl.head_width, pl.manifest, ids.numel(),
+                            lz.tied, params(lz.model), params(pl.out), kept)
+    info.update(slicing=c.slicegpt.slicing, round_to=c.slicegpt.round_to, slicing_actual=1 - pl.new_dim / pl.hidden)
     return {"solver": "slicegpt", "slicegpt": info, "steps": ["slice"]}

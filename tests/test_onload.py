@@ -402,6 +402,26 @@ def test_slicegpt_from_disk_writes_what_the_whole_model_writes(tmp_path, capsys,
     assert eb["ppl"] == pytest.approx(whole, rel=1e-6)
 
 
+def test_slicegpt_from_disk_refuses_tensors_it_would_not_write(tmp_path, capsys, monkeypatch, tiny_dir, calib_txt):
+    """A family with a tensor outside the blocks besides the embedding, final norm and head (which the pass would not
+    rotate) is refused before any work, in one line naming it; nothing is written."""
+    from llmprune import onload_slicegpt
+
+    real = onload_slicegpt.sliced_model
+
+    def with_extra(lz, cfg):
+        m = real(lz, cfg)
+        m.model.register_parameter("extra", torch.nn.Parameter(torch.empty(3, device="meta")))
+        return m
+
+    monkeypatch.setattr(onload_slicegpt, "sliced_model", with_extra)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", "slicegpt", "--calib", calib_txt,
+                     "--onload", "blocks", "--out", tmp_path / "o", *FAST_CLI)
+    err = [ln for ln in se.splitlines() if ln.startswith("llmprune: error:")]
+    assert rc == 2 and len(err) == 1 and "model.extra" in err[0] and err[0].endswith("use --onload whole"), se
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_slicegpt_stopped_midway_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_dir, calib_txt):
     """SliceGPT from disk takes no checkpoints: SIGTERM (or Ctrl-C) in the middle of its pass removes the output's
     temporary folder, says so in one line and exits 143; the folder asked for is not there."""
