@@ -198,6 +198,12 @@ def is_router(name: str) -> bool:
     return any(re.search(p, name) for p in ROUTERS + GATES)
 
 
+def packs_dense(name: str) -> bool:
+    """Whether the packed formats keep linear `name` dense: a router or a shared expert's gate (as compressed-tensors
+    exports do), or a SliceGPT residual shortcut (a small (d, d) basis change on the stream every later block reads)."""
+    return is_router(name) or any(re.search(p, name) for p in SHORTCUTS)
+
+
 def block_targets(model, index: int, gates: bool = False, module: nn.Module | None = None) -> dict:
     """Relative name -> target of block `index` (or of `module`, the block as the walker holds it),
     in module order (see the module docstring)."""

@@ -169,7 +169,7 @@ class Output:
         done = set()
         with self.packer.out.unit():
             for n, m in module.named_modules():
-                if isinstance(m, nn.Linear) and not archmod.is_router(n):  # stays dense
+                if isinstance(m, nn.Linear) and not archmod.packs_dense(n):  # stays dense
                     full = prefix + n
                     self.packer.add_linear(full, m, quantized=(quantized or {}).get(full))
                     done |= {f"{n}.weight", f"{n}.bias"}

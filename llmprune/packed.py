@@ -19,7 +19,7 @@ from torch import nn
 
 from . import formats, lazy, moe, outdir
 from . import manifest as mf
-from .arch import is_router, set_module
+from .arch import packs_dense, set_module
 from .errors import LLMPruneError
 
 FORMAT_VERSION = 1  # of the manifest's "format" section
@@ -56,7 +56,7 @@ def _linears_to_pack(model: nn.Module, keep_masks: dict | None, tied: dict[str, 
                 raise LLMPruneError(f"{n} shares its weight with another tensor (tied embeddings): leave it dense")
         return names
     return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src and not is_router(n)]
+            if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src and not packs_dense(n)]
 
 
 class PackWriter:
@@ -277,6 +277,10 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         raise LLMPruneError(f"{out}/config.json cannot be read ({str(e).splitlines()[0][:120]}): re-create the folder") from None
     with init_empty_weights(include_buffers=False):  # parameters on meta, computed buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "slicegpt", None):  # SliceGPT's residual shortcuts and full-width head (sliced.py)
+        from .sliced import rebuild_per_block
+
+        rebuild_per_block(model, config.slicegpt)
     moe.split_packed(model, sec, out)  # packed experts: one module each
 
     used = set()

@@ -422,6 +422,32 @@ def test_slicegpt_from_disk_refuses_tensors_it_would_not_write(tmp_path, capsys,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_packed_slicegpt_output_loads_with_its_shortcuts_dense(tmp_path, capsys, tiny_dir, calib_txt):
+    """A per-block SliceGPT output packed (`llmprune pack`, or `compress --format`, which slices in memory) keeps its
+    residual shortcuts dense (small basis changes on the stream every later block reads; they were quantized, and
+    the packed folder then failed to load: its config has no shortcut linears) and loads and evaluates; both ways
+    write the same tensors."""
+    from llmprune import checkpoint
+    from llmprune.modules import PackedLinear
+
+    how = ["--solver", "slicegpt", "--calib", calib_txt, *FAST_CLI]
+    ev = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
+    assert _run(capsys, "compress", "--model", tiny_dir, *how, "--out", tmp_path / "dense")[0] == 0
+    rc, _, se = _run(capsys, "pack", tmp_path / "dense", "--format", "w4g128", "--group-size", "16", *ev, "--no-progress",
+                     "--out", tmp_path / "packed")
+    assert rc == 0, se
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, *how, "--format", "w4g128", "--group-size", "16",
+                     "--out", tmp_path / "direct")
+    assert rc == 0, se
+    a, b = _tensors(tmp_path / "packed"), _tensors(tmp_path / "direct")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.layers.0.attn_shortcut.weight"].dtype == torch.float16  # dense, in the packed formats' float dtype
+    model, _, man = checkpoint.load(tmp_path / "packed")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear)
+    assert not isinstance(model.model.layers[0].attn_shortcut, PackedLinear)
+    assert 1 < man["eval"]["wikitext2"]["ppl"] < 1e4
+
+
 def test_slicegpt_stopped_midway_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_dir, calib_txt):
     """SliceGPT from disk takes no checkpoints: SIGTERM (or Ctrl-C) in the middle of its pass removes the output's
     temporary folder, says so in one line and exits 143; the folder asked for is not there."""
