@@ -201,7 +201,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         train = (lambda model, where: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices,
                                                        c.progress, where)) if c.recover else None
         if c.slicegpt:  # weights, config and tokenizer written as each part is done
-            sec = onload_slicegpt.transform(p, lz, ids, t, tmp, tok, save_dtype)
+            sec = onload_slicegpt.transform(p, lz, sliced, ids, t, tmp, tok, save_dtype)
         else:
             sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where, checkpoints)
         m.steps = sec.pop("steps")

@@ -118,6 +118,13 @@ def block_prefix(blocks: str, name: str) -> str | None:
     return inside + name[len(inside):].split(".")[0] + "." if name.startswith(inside) else None
 
 
+def block_index(blocks: str, name: str) -> int | None:
+    """The index of the decoder block a full name lies in (3 for 'model.layers.3.mlp.up_proj.weight', blocks
+    'model.layers'); None outside the blocks: the unit lazy.ShardWriter keeps together in one file."""
+    prefix = block_prefix(blocks, name)
+    return None if prefix is None else int(prefix[len(blocks) + 1:-1])
+
+
 def get(module, dotted: str):
     for part in dotted.split("."):
         module = getattr(module, part)
@@ -188,7 +195,10 @@ def split_rows(model, split: Split, linear: nn.Linear) -> dict[str, tuple[int, i
 
 
 def is_dense(rel: str, gates: bool = False) -> bool:
-    """Whether the block linear `rel` stays dense: a router, or a shared expert's gate (unless gates)."""
+    """Whether the linear `rel` (a block-relative or full name) stays dense: a router, a SliceGPT residual shortcut
+    (a small (d, d) basis change on the stream every later block reads), or a shared expert's gate (unless gates).
+    The pruning passes leave these alone, and the packed formats keep them dense (gates too), as compressed-tensors
+    exports do."""
     return any(re.search(p, rel) for p in ROUTERS + SHORTCUTS + (() if gates else GATES))
 
 
@@ -196,12 +206,6 @@ def is_router(name: str) -> bool:
     """Whether linear `name` decides which experts run (a router, a shared expert's gate): packed formats keep it
     dense, as compressed-tensors exports do."""
     return any(re.search(p, name) for p in ROUTERS + GATES)
-
-
-def packs_dense(name: str) -> bool:
-    """Whether the packed formats keep linear `name` dense: a router or a shared expert's gate (as compressed-tensors
-    exports do), or a SliceGPT residual shortcut (a small (d, d) basis change on the stream every later block reads)."""
-    return is_router(name) or any(re.search(p, name) for p in SHORTCUTS)
 
 
 def block_targets(model, index: int, gates: bool = False, module: nn.Module | None = None) -> dict:

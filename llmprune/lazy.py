@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import formats, fp8, moe
+from . import formats, fp8, moe, sliced
 from .errors import LLMPruneError
 from .linalg import all_finite
 from .modules import PackedLinear
@@ -262,8 +262,7 @@ class LazyModel:
 
     def __init__(self, folder: str | Path, dtype: torch.dtype, packed_section: dict | None = None,
                  unpack: bool = False):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.folder = Path(folder)
         try:
@@ -273,12 +272,7 @@ class LazyModel:
                                 f"re-create the folder") from None
         block = fp8.check(config, self.folder)  # block-scaled FP8: read dequantized, written unquantized
         fp8.unquantized(config)
-        with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers (rotary) real
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        if getattr(config, "slicegpt", None):  # SliceGPT's residual shortcuts and full-width head (sliced.py)
-            from .sliced import rebuild_per_block
-
-            rebuild_per_block(self.model, config.slicegpt)
+        self.model = sliced.on_meta(config, dtype).eval()  # (SliceGPT's shortcuts rebuilt when it was sliced)
         # packed experts: one module each (moe.SplitExperts), as load_packed builds them; `unpack` (a dense model's
         # tensors, for exports) keeps them fused, each expert's projection decoded into its rows as a block is read
         self._packed_experts = set()

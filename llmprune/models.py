@@ -173,9 +173,7 @@ def _stream_gguf(gguf: Path, out: Path) -> None:
     except LLMPruneError:
         blocks = "model.layers"
 
-    def unit(name):
-        return int(name[len(blocks) + 1:].split(".")[0]) if name.startswith(blocks + ".") else None
-
+    unit = lambda name: arch.block_index(blocks, name)
     sd = skeleton.state_dict()
     writer = lazy.ShardWriter(out, [(n, tuple(sd[n].shape), torch.float32) for n in names], unit)
     raw = getattr(reader.data, "_mmap", None)

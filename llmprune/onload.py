@@ -145,9 +145,7 @@ class Output:
 
     def _unit(self, name: str):
         """The block a tensor belongs to (None: outside the blocks)."""
-        if name.startswith(self.blocks + "."):
-            return int(name[len(self.blocks) + 1:].split(".")[0])
-        return None
+        return archmod.block_index(self.blocks, name)
 
     def _count(self, prefix: str, module: nn.Module) -> None:
         """Zeros of this block's pruning targets (linears, parts of fused projections, experts)."""
@@ -169,7 +167,7 @@ class Output:
         done = set()
         with self.packer.out.unit():
             for n, m in module.named_modules():
-                if isinstance(m, nn.Linear) and not archmod.packs_dense(n):  # stays dense
+                if isinstance(m, nn.Linear) and not archmod.is_dense(n):  # stays dense
                     full = prefix + n
                     self.packer.add_linear(full, m, quantized=(quantized or {}).get(full))
                     done |= {f"{n}.weight", f"{n}.bias"}

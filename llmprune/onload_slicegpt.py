@@ -20,21 +20,8 @@ from torch import nn
 from . import arch as archmod
 from . import lazy, onload, outdir, walker
 from .errors import LLMPruneError
+from .sliced import on_meta
 from .transforms import fuse, slicegpt
-
-
-def sliced_model(lz: lazy.LazyModel, cfg) -> nn.Module:
-    """The sliced model (config `cfg`, from `configure`) on the meta device: its tensors' names and shapes."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from .sliced import rebuild_per_block
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=lz.dtype)
-        if getattr(cfg, "slicegpt", None):
-            rebuild_per_block(model, cfg.slicegpt)
-    return model
 
 
 class SlicedOutput:
@@ -136,8 +123,7 @@ class Plan:
 
     def unit(self, name: str) -> int | None:
         """The block a tensor belongs to (None: outside the blocks)."""
-        prefix = self.lay.blocks + "."
-        return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
+        return archmod.block_index(self.lay.blocks, name)
 
 
 def plan(lz: lazy.LazyModel, slicing, ids) -> Plan:
@@ -151,7 +137,7 @@ def plan(lz: lazy.LazyModel, slicing, ids) -> Plan:
     head_dim = archmod.get(archmod.get(model, lay.blocks)[0], lay.attn).head_dim
     manifest = slicegpt.configure(cfg, len(archmod.get(model, lay.blocks)), hidden, d, slicing.rotation, head_width,
                                   head_dim)
-    pl = Plan(lay, hidden, d, head_width, cfg, manifest, sliced_model(lz, cfg))
+    pl = Plan(lay, hidden, d, head_width, cfg, manifest, on_meta(cfg, lz.dtype))  # the output's tensors
     extra = sorted({n for n in pl.out.state_dict(keep_vars=True) if pl.unit(n) is None}
                    - {f"{lay.embed}.weight", f"{lay.norm}.weight", f"{lay.head}.weight"})
     if extra:
@@ -171,11 +157,10 @@ def output_bytes(pl: Plan, save_dtype: torch.dtype) -> int:
     return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs(pl.out, save_dtype))
 
 
-def transform(p, lz: lazy.LazyModel, ids, timer, folder: Path, tok, save_dtype: torch.dtype) -> dict:
-    """Slice the model of `lz` block by block into `folder` (weights, config, tokenizer); returns the
-    manifest's sections as pipeline.transform does for the model in memory."""
+def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, save_dtype: torch.dtype) -> dict:
+    """Slice the model of `lz` as planned (`plan`) block by block into `folder` (weights, config, tokenizer);
+    returns the manifest's sections as pipeline.transform does for the model in memory."""
     c = p.cfg
-    pl = plan(lz, c.slicegpt, ids)
     dev = torch.device(p.device)
     out = SlicedOutput(lz, pl, dev, folder, save_dtype)
     try:

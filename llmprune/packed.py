@@ -19,8 +19,9 @@ from torch import nn
 
 from . import formats, lazy, moe, outdir
 from . import manifest as mf
-from .arch import packs_dense, set_module
+from .arch import is_dense, set_module
 from .errors import LLMPruneError
+from .sliced import on_meta
 
 FORMAT_VERSION = 1  # of the manifest's "format" section
 MANIFEST = mf.NAME
@@ -56,7 +57,7 @@ def _linears_to_pack(model: nn.Module, keep_masks: dict | None, tied: dict[str, 
                 raise LLMPruneError(f"{n} shares its weight with another tensor (tied embeddings): leave it dense")
         return names
     return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src and not packs_dense(n)]
+            if isinstance(m, nn.Linear) and m is not out_emb and f"{n}.weight" not in tied_src and not is_dense(n)]
 
 
 class PackWriter:
@@ -261,8 +262,7 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
     dtype: floating dense tensors and sparse24 values are cast to it (None: as stored); int4 scales
     stay fp16 as the format defines. The result is in eval mode on `device`.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     out = Path(out_dir)
     if not out.is_dir():
@@ -275,12 +275,7 @@ def load_packed(out_dir: str | Path, dtype: torch.dtype | None = None, device: s
         config = AutoConfig.from_pretrained(out)
     except (OSError, ValueError) as e:
         raise LLMPruneError(f"{out}/config.json cannot be read ({str(e).splitlines()[0][:120]}): re-create the folder") from None
-    with init_empty_weights(include_buffers=False):  # parameters on meta, computed buffers (rotary) real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if getattr(config, "slicegpt", None):  # SliceGPT's residual shortcuts and full-width head (sliced.py)
-        from .sliced import rebuild_per_block
-
-        rebuild_per_block(model, config.slicegpt)
+    model = on_meta(config, dtype)  # (SliceGPT's residual shortcuts rebuilt when it was sliced)
     moe.split_packed(model, sec, out)  # packed experts: one module each
 
     used = set()

@@ -112,23 +112,33 @@ def rebuild_per_block(model, manifest: dict | None = None) -> None:
         unit_norm(get(model, lay.norm), width, man["norm_eps"])
 
 
+def on_meta(config, dtype: torch.dtype | None = None):
+    """The model of `config` on the meta device (computed buffers, the rotary tables, real), with SliceGPT's
+    residual shortcuts and full-width head when the config says it was sliced (config.slicegpt): what every
+    reader of a folder builds before it places the tensors (load_sliced, lazy.LazyModel, packed.load_packed)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if getattr(config, "slicegpt", None):
+            rebuild_per_block(model, config.slicegpt)
+    return model
+
+
 def load_sliced(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a folder saved with `save_pretrained` after per-block (or shared) slicing, strictly:
     every tensor in the folder must find its place and every parameter must be filled. The model is
     built on the meta device and takes the tensors one shard at a time: the model's size, not twice it."""
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     cfg = AutoConfig.from_pretrained(path)
     if dtype is None:
         dtype = getattr(cfg, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with init_empty_weights(include_buffers=False):  # computed buffers (rotary tables) stay real
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        if getattr(cfg, "slicegpt", None):
-            rebuild_per_block(model, cfg.slicegpt)
+    model = on_meta(cfg, dtype)
     expected = set(model.state_dict())
     for f in sorted(path.glob("*.safetensors")):
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(f).items()}

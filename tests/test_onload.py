@@ -407,14 +407,14 @@ def test_slicegpt_from_disk_refuses_tensors_it_would_not_write(tmp_path, capsys,
     rotate) is refused before any work, in one line naming it; nothing is written."""
     from llmprune import onload_slicegpt
 
-    real = onload_slicegpt.sliced_model
+    real = onload_slicegpt.on_meta
 
-    def with_extra(lz, cfg):
-        m = real(lz, cfg)
+    def with_extra(cfg, dtype=None):
+        m = real(cfg, dtype)
         m.model.register_parameter("extra", torch.nn.Parameter(torch.empty(3, device="meta")))
         return m
 
-    monkeypatch.setattr(onload_slicegpt, "sliced_model", with_extra)
+    monkeypatch.setattr(onload_slicegpt, "on_meta", with_extra)  # the sliced output's plan only
     rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--solver", "slicegpt", "--calib", calib_txt,
                      "--onload", "blocks", "--out", tmp_path / "o", *FAST_CLI)
     err = [ln for ln in se.splitlines() if ln.startswith("llmprune: error:")]
