@@ -415,20 +415,25 @@ def slicegpt_bench_table() -> str:
     return "\n".join(out)
 
 
+# PERP's rows: (label, the compressed output, its recovered one)
+PERPS = [(f"Wanda {s}%", f"llama-wanda-{s}", f"llama-wanda-{s}-perp") for s in ("60", "70")] + [
+    ("SliceGPT per-block 25%", "llama-slicegpt-per-block-0.25", "llama-slicegpt-per-block-0.25-perp")]
+
+
 def perp_table() -> str:
-    out = [("| pruned | ppl pruned | ppl after PERP | dense ppl | gap closed | steps | trainable | wall s | peak RSS MiB |"
-            " sparsity before / after |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [("| compressed | ppl before | ppl after PERP | dense ppl | gap closed | steps | adapted linears | trainable "
+            "| wall s | peak RSS MiB | sparsity before / after |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = (load("llama-dense") or {}).get("eval", {}).get("wikitext2", {}).get("ppl")
-    for s in ("60", "70"):
-        src, m = load(f"llama-wanda-{s}"), load(f"llama-wanda-{s}-perp")
+    for label, a, b in PERPS:
+        src, m = load(a), load(b)
         if not (src and m):
             continue
         ev, rc = m["eval"]["wikitext2"], m["recover"]
         before, after = ev["before_recover_ppl"], ev["ppl"]
         closed = (before - after) / (before - dense) if dense else None
-        out.append(f"| Wanda {s}% | {before:.2f} | {after:.2f} | {f(dense)} | {f(closed, '.0%')} | {rc['steps']} | "
-                   f"{rc['fraction']:.3%} | {rc['wall_s']:.0f} | {m['peak_rss_mib']:.0f} | "
-                   f"{src['sparsity']['measured']:.4f} / {m['sparsity']['measured']:.4f} |")
+        sp = f"{src['sparsity']['measured']:.4f} / {m['sparsity']['measured']:.4f}" if src.get("sparsity") else "-"
+        out.append(f"| {label} | {before:.2f} | {after:.2f} | {f(dense)} | {f(closed, '.0%')} | {rc['steps']} | "
+                   f"{rc['adapted_linears']} | {rc['fraction']:.3%} | {rc['wall_s']:.0f} | {m['peak_rss_mib']:.0f} | {sp} |")
     return "\n".join(out)
 
 
@@ -559,15 +564,15 @@ def head_slicegpt() -> str:
 
 
 def head_perp() -> str:
-    out = ["| pruned | ppl pruned | ppl after PERP | file MiB | compress s (prune + recover) | manifest |",
+    out = ["| compressed | ppl before | ppl after PERP | file MiB | compress s (compress + recover) | manifest |",
            "|---|---|---|---|---|---|"]
-    for s in ("60", "70"):
-        src, m = load(f"llama-wanda-{s}"), load(f"llama-wanda-{s}-perp")
+    for label, a, b in PERPS:
+        src, m = load(a), load(b)
         if not (src and m):
             continue
         ev = m["eval"]["wikitext2"]
-        out.append(f"| Wanda {s}% | {ev['before_recover_ppl']:.2f} | {ev['ppl']:.2f} | {file_mib(f'llama-wanda-{s}-perp'):.0f} "
-                   f"| {src['timings']['compress_s']:.0f} + {m['recover']['wall_s']:.0f} | `llama-wanda-{s}-perp` |")
+        out.append(f"| {label} | {ev['before_recover_ppl']:.2f} | {ev['ppl']:.2f} | {file_mib(b):.0f} "
+                   f"| {src['timings']['compress_s']:.0f} + {m['recover']['wall_s']:.0f} | `{b}` |")
     return "\n".join(out)
 
 

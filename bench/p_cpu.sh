@@ -213,6 +213,9 @@ stage_perp() {  # rank 4: norms + MaskLoRA stay under 1% of the parameters; one 
   run llama-wanda-70-perp $L recover $R/llama-wanda-70 $Q --out $R/llama-wanda-70-perp
   run llama-wanda-60 $L compress --model llama --solver wanda --sparsity 0.6 --no-dense-eval $P --out $R/llama-wanda-60
   run llama-wanda-60-perp $L recover $R/llama-wanda-60 $Q --out $R/llama-wanda-60-perp
+  # a SliceGPT output has no zeros: PERP adapts every linear of its blocks (LoRA), its shortcuts left alone
+  run llama-slicegpt-per-block-0.25 $L compress --model llama --solver slicegpt --slicing 0.25 --rotation per-block --round-to 1 --no-dense-eval $P --out $R/llama-slicegpt-per-block-0.25
+  run llama-slicegpt-per-block-0.25-perp $L recover $R/llama-slicegpt-per-block-0.25 $Q --out $R/llama-slicegpt-per-block-0.25-perp
 }
 stage_slicegpt() {
   # --round-to 1: the width is then a multiple of SmolLM2's 9 heads only (513, 459, 432, 396), closest to

@@ -156,26 +156,30 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     names = pipeline.check_model(p, lz.model)
     _precheck_export(p.cfg, lz.model.config)
     # PERP's placement, planned (and refused) before any work: each block then goes from disk to its device
-    where = onload.recover_plan(lz, names, p.devices, c.recover) if c.recover else None
+    where = onload.recover_plan(lz.model, names, p.devices, c.recover) if c.recover and not c.slicegpt else None
     m = mf.Manifest(model=info.as_dict(), onload="blocks")
     ids = None
     if p.needs_calibration:
         with t("calib_load_s"):
             ids, m.calibration = pipeline.calibrate(c.calib, tok, c.nsamples, c.seqlen, c.seed)
     save_dtype = pipeline.save_dtype(c, pipeline.source_dtype(lz.folder))
-    # the passes over the blocks commit checkpoints (not scale tuning's training); a killed run's is taken over
     fp = found = None
     sliced = None
     if c.slicegpt:  # planned on the meta device: refused, or the output's size known, before any work
         from . import onload_slicegpt
 
         sliced = onload_slicegpt.plan(lz, c.slicegpt, ids)
-    elif c.checkpoint_s is not None and not (p.quant == "gptq" and p.gptq.tune_steps):
+        if c.recover:  # PERP's placement of the sliced model, planned (and refused) before any work too
+            from . import prune
+
+            where = onload.recover_plan(sliced.out, prune.target_linears(sliced.out), p.devices, c.recover)
+    # the passes over the blocks commit checkpoints (not scale tuning's training); a killed run's is taken over
+    if c.checkpoint_s is not None and (c.slicegpt or not (p.quant == "gptq" and p.gptq.tune_steps)):
         fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
         found = resume.find(p.out, fp)
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
     parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts) \
-        if sliced is None else {"the output": onload_slicegpt.output_bytes(sliced, save_dtype)}
+        if sliced is None else onload_slicegpt.disk_needed(sliced, c.format, save_dtype, lz.dtype, bool(c.recover), acts)
     there = outdir.folder_bytes(found[0]) if found else 0  # written already
     outdir.check_space(p.out, parts, there)
     cache: dict = {}
@@ -201,7 +205,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         train = (lambda model, where: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices,
                                                        c.progress, where)) if c.recover else None
         if c.slicegpt:  # weights, config and tokenizer written as each part is done
-            sec = onload_slicegpt.transform(p, lz, sliced, ids, t, tmp, tok, save_dtype)
+            sec = onload_slicegpt.transform(p, lz, sliced, ids, t, tmp, tok, save_dtype, train, where, checkpoints)
         else:
             sec = onload.transform(p, lz, names, ids, t, out, tmp, train, where, checkpoints)
         m.steps = sec.pop("steps")
@@ -217,6 +221,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         if checkpoints is not None:
             m.resumed = checkpoints.record()
             checkpoints.close()
+        if c.slicegpt:
+            onload_slicegpt.remove_scratch(tmp)
         mf.write(tmp, m)
     return m
 
@@ -331,7 +337,7 @@ def _walkable(target: str, old: mf.Manifest | None, dtype: str):
     from . import onload
 
     folder = _folder(target, old)
-    lz, _ = onload.open_output(folder, dtype, old.to_dict() if old is not None else {}, sliced=True)
+    lz, _ = onload.open_output(folder, dtype, old.to_dict() if old is not None else {})
     return lz, AutoTokenizer.from_pretrained(folder)
 
 
@@ -399,7 +405,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         pipeline.check_context(model, eval_seqlen, "--eval-seqlen")
     targets = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
     if lz is not None:  # planned (and refused) before anything is read; the adapted linears: the pruned ones
-        where = onl.recover_plan(lz, targets, devs, rcfg)
+        where = onl.recover_plan(lz.model, targets, devs, rcfg)
     cache: dict = {}
     before = {}
     if eval:
@@ -430,12 +436,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
             pipeline.export(model, tok, tmp, timer=t)
         else:  # block by block from where each trained
             with t("save_s"):
-                written = onl.Output(lz, tmp, "dense", getattr(torch, dtype), [])
-                for i, block in enumerate(arch.blocks(model)):
-                    written.block(i, block)
-                written.outside(tok, in_memory=True)
-            lz.release()
-            placement.free_pinned()
+                onl.write_model(lz, tok, tmp, getattr(torch, dtype))
         del model
         mf.write(tmp, new)  # the loader reads it; rewritten below with the figures
         if eval:

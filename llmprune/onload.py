@@ -65,19 +65,12 @@ def stored_as_in_memory(lz: lazy.LazyModel) -> str | None:
     return None
 
 
-def open_output(folder: str | Path, dtype: str, manifest: dict,
-                sliced: bool = False) -> tuple[lazy.LazyModel | None, str | None]:
+def open_output(folder: str | Path, dtype: str, manifest: dict) -> tuple[lazy.LazyModel | None, str | None]:
     """(a LazyModel of an llmprune output or model folder, None) when it can be walked block by
     block, else (None, why it only loads whole): some checkpoints store tensors under names transformers
-    converts at load. SliceGPT's residual shortcuts (no stock architecture) are walked when `sliced` (the
-    evaluations do; pack and recover, which would quantize or train them as linears, load them whole), a
-    packed SliceGPT output never."""
-    sl = manifest.get("slicegpt") or {}
+    converts at load. A SliceGPT output's residual shortcuts are rebuilt from its config (sliced.on_meta) and
+    stay dense (arch.is_dense: not pruned, quantized or adapted)."""
     packed = (manifest.get("format") or {}).get("name", "dense") != "dense"
-    if (sl.get("rotation") == "per-block" or sl.get("standard") is False) and (packed or not sliced):
-        return None, ("it is a packed SliceGPT output with residual shortcuts, which only load whole" if packed else
-                      "it is a SliceGPT output with residual shortcuts, which pack and recover read whole (their "
-                      "linears would be quantized or trained)")
     section = manifest.get("format") if packed else None
     lz = lazy.LazyModel(folder, getattr(torch, dtype), section)
     why = stored_as_in_memory(lz)
@@ -364,16 +357,26 @@ def load_placed(lz: lazy.LazyModel, devices: tuple[str, ...], where: list[tuple[
         store.load_block(i, block_device(devices, where, i), (exclude or {}).get(i, ()))
 
 
-def recover_plan(lz: lazy.LazyModel, targets: list[str], devices: tuple[str, ...], rcfg) -> list[tuple[int, bool]]:
-    """Where PERP will train each block of `lz` (perp.plan), worked out on the meta device before any
+def recover_plan(model: nn.Module, targets: list[str], devices: tuple[str, ...], rcfg) -> list[tuple[int, bool]]:
+    """Where PERP will train each block of `model` (perp.plan), worked out on the meta device before any
     weight is read, the linears and experts' projections among the pruning's `targets` adapted (a fused linear's
     part adapts the whole linear); refuses what training would."""
     from .recover import perp
 
-    model = lz.model
     names = dict.fromkeys(t if moe.parse_view(t) else t.split("[")[0] for t in targets)
     adapted = dict.fromkeys(n for n in names if moe.parse_view(n) or isinstance(archmod.get(model, n), nn.Linear))
     return perp.plan(model, adapted, devices, rcfg.seqlen, **rcfg.perp_options())
+
+
+def write_model(lz: lazy.LazyModel, tok, folder: Path, save_dtype: torch.dtype) -> None:
+    """The model of `lz` as placed and trained in memory (load_placed) written into `folder` block by block (dense,
+    `save_dtype`), with its config and tokenizer; its weights then freed."""
+    out = Output(lz, folder, "dense", save_dtype, [])
+    for i, block in enumerate(archmod.blocks(lz.model)):
+        out.block(i, block)
+    out.outside(tok, in_memory=True)
+    lz.release()
+    placement.free_pinned()
 
 
 def recover_pass(p, lz: lazy.LazyModel, train, names: list[str], out: Output, scratch: Scratch, where,

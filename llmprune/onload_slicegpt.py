@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +24,26 @@ from .errors import LLMPruneError
 from .sliced import on_meta
 from .transforms import fuse, slicegpt
 
+SLICED, RECOVERED = ".sliced", ".recovered"  # scratch folders inside the output's temporary folder
+
 
 class SlicedOutput:
     """What slicegpt.slice_blocks needs of the model (as slicegpt.InMemory), read from `lz` block by block,
     each finished block written into `folder` in `save_dtype` and freed."""
 
     def __init__(self, lz: lazy.LazyModel, pl: Plan, dev: torch.device, folder: Path, save_dtype: torch.dtype,
-                 shard_bytes: int | None = None):
+                 checkpoints=None, prefix: str = ""):
         self.lz, self.lay, self.dev, self.folder, self.cfg, self.save_dtype = lz, pl.lay, dev, folder, pl.cfg, save_dtype
         self.model = lz.model
         self.blocks = archmod.get(self.model, pl.lay.blocks)
         self.dtype = lz.dtype
-        self.writer = lazy.ShardWriter(folder, specs(pl.out, save_dtype), pl.unit, shard_bytes)
+        self.writer = lazy.ShardWriter(folder, specs(pl.out, save_dtype), pl.unit)
+        self.unit, self.prefix = pl.unit, prefix  # (the folder's path inside the output's, for the checkpoints)
         self.store = onload.block_store(lz)
-        self._skeleton = None
+        self._skeleton = self._state = None
+        # checkpoints (resume.Checkpoints): committed after blocks (with what the blocks after them need) and after
+        # the head; a killed run's taken over (`restore`, `resumed`)
+        self.ck = checkpoints and checkpoints.begin("slice", self)
 
     def catch(self, ids, batch_size: int):
         with walker.onload(self.model, onload.block_store(self.lz)):
@@ -71,11 +78,16 @@ class SlicedOutput:
         return self.blocks[i]
 
     @torch.no_grad()
-    def done(self, i: int, block: nn.Module) -> None:
+    def done(self, i: int, block: nn.Module, state: dict) -> None:
         for n, t in block.state_dict(prefix=f"{self.lay.blocks}.{i}.").items():
             self.writer.add(n, t.to(self.save_dtype) if t.is_floating_point() else t)
         self.store.release_block(i)
         self.blocks[i] = self._skeleton
+        self._state = state
+        if self.ck is not None and i < len(self.blocks) - 1:  # (after the last block: once the head is written)
+            xs = state.get("xs", [])
+            self.ck.after(i, [*xs, state["q"], *([state["q_head"]] if "q_head" in state else [])],
+                          {"kept": state["kept"], "xs": len(xs)}, {}, 0)
 
     @torch.no_grad()
     def _rotated(self, src: str, dest: str, q: torch.Tensor, scale: float = 1.0, fold=None) -> None:
@@ -100,6 +112,40 @@ class SlicedOutput:
         head = f"{self.lay.head}.weight"
         self._rotated(head if head in self.lz.files else f"{self.lay.embed}.weight", head, q, scale, g)  # tied: embed
         self.writer.add(f"{self.lay.norm}.weight", torch.ones(q.shape[1], dtype=self.save_dtype))
+        if self.ck is not None:
+            self.ck.after(len(self.blocks) - 1, None, {"kept": self._state["kept"]}, {}, 0)
+
+    # --- checkpoints (resume.py), as onload.Output's ---
+
+    def resumed(self) -> tuple[int, dict | None]:
+        """(the first block to slice, what the blocks before left: slicegpt.InMemory.resumed) of a killed run."""
+        if self.ck is None or not self.ck.start:
+            return 0, None
+        infos: dict = {}
+        self.ck.seed(infos, {})
+        state = {"kept": infos["kept"]}
+        if self.ck.start < len(self.blocks):
+            saved, k = self.ck.hidden("cpu"), infos["xs"]
+            state.update(q=saved[k], **({"xs": saved[:k]} if k else {"q_head": saved[k + 1]}))
+        return self.ck.start, state
+
+    def ready(self) -> bool:
+        return True
+
+    def sync(self) -> dict[str, int]:
+        return {f"{self.prefix}{f}": n for f, n in self.writer.sync().items()}
+
+    def snapshot(self) -> dict:
+        return {}
+
+    def restore(self, _s: dict, start: int) -> None:
+        """Go on after block `start` - 1: the embedding and the blocks before are in the files (the head and the
+        final norm too when `start` is past the last block)."""
+        def written(name: str) -> bool:
+            i = self.unit(name)
+            return i < start if i is not None else name == f"{self.lay.embed}.weight" or start == len(self.blocks)
+
+        self.writer.written([n for n in self.writer.spec if written(n)])
 
     def finish(self, tokenizer) -> None:
         self.writer.finish()
@@ -152,20 +198,44 @@ def specs(out: nn.Module, save_dtype: torch.dtype) -> list[tuple[str, tuple, tor
             for n, t in out.state_dict(keep_vars=True).items()]
 
 
-def output_bytes(pl: Plan, save_dtype: torch.dtype) -> int:
-    """The sliced output's tensors in bytes (exact), for the disk check before any work."""
-    return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs(pl.out, save_dtype))
+def disk_needed(pl: Plan, fmt: str, save_dtype: torch.dtype, dtype: torch.dtype, recover: bool,
+                activations: int = 0) -> dict:
+    """What slicing from disk (`transform`) writes into the output's folder at most, in bytes (exact), by part,
+    for the disk check before any work: a dense output's tensors in `save_dtype`, the scratch folders in the compute
+    `dtype` (sliced; recovered when a packed format follows PERP: both there at once), and `activations` (a
+    checkpoint's, twice); a packed output is smaller and not counted, as for pruning (onload.disk_needed)."""
+    size = lambda dt: sum(math.prod(shape) * t.itemsize for _, shape, t in specs(pl.out, dt))
+    dt = str(dtype).replace("torch.", "")
+    parts = {}
+    if fmt != "dense" or recover:
+        parts[f"the sliced model in {dt}"] = size(dtype)
+    if fmt != "dense" and recover:
+        parts[f"the recovered model in {dt}"] = size(dtype)
+    if fmt == "dense":
+        parts["the output"] = size(save_dtype)
+    if activations:
+        parts["checkpoints"] = 2 * activations
+    return parts
 
 
-def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, save_dtype: torch.dtype) -> dict:
+def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, save_dtype: torch.dtype, train=None,
+              where=None, checkpoints=None) -> dict:
     """Slice the model of `lz` as planned (`plan`) block by block into `folder` (weights, config, tokenizer);
-    returns the manifest's sections as pipeline.transform does for the model in memory."""
+    returns the manifest's sections as pipeline.transform does for the model in memory. PERP (`train`, placed by
+    `where`: onload.recover_plan of `pl.out`) and a packed format read the sliced model from a scratch folder in
+    the compute dtype (the model in memory's exact weights), as `llmprune recover` and `pack` read a saved output:
+    one block at a time from disk (PERP: straight to where it trains); `remove_scratch` removes them.
+    `checkpoints` (resume.Checkpoints): the slicing pass commits checkpoints, or goes on from a killed run's (PERP
+    and packing, after it, are done again)."""
     c = p.cfg
-    dev = torch.device(p.device)
-    out = SlicedOutput(lz, pl, dev, folder, save_dtype)
+    packs = c.format != "dense"
+    dest = folder / SLICED if packs or train else folder
+    dest.mkdir(exist_ok=True)
+    out = SlicedOutput(lz, pl, torch.device(p.device), dest, save_dtype if dest == folder else lz.dtype, checkpoints,
+                       "" if dest == folder else f"{SLICED}/")
     try:
         with timer("compress_s"):
-            kept = slicegpt.slice_blocks(out, pl.lay, ids.to(dev), pl.hidden, pl.new_dim, c.slicegpt.rotation,
+            kept = slicegpt.slice_blocks(out, pl.lay, ids.to(p.device), pl.hidden, pl.new_dim, c.slicegpt.rotation,
                                          c.calib_batch, c.progress, pl.head_width, lz.model.config.rms_norm_eps)
     finally:
         out.close()
@@ -175,4 +245,26 @@ def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, sa
     info = slicegpt.info_of(c.slicegpt.rotation, pl.hidden, pl.new_dim, pl.head_width, pl.manifest, ids.numel(),
                             lz.tied, params(lz.model), params(pl.out), kept)
     info.update(slicing=c.slicegpt.slicing, round_to=c.slicegpt.round_to, slicing_actual=1 - pl.new_dim / pl.hidden)
-    return {"solver": "slicegpt", "slicegpt": info, "steps": ["slice"]}
+    sec = {"solver": "slicegpt", "slicegpt": info, "steps": ["slice"]}
+    if train:
+        src, dest = dest, folder / RECOVERED if packs else folder
+        dest.mkdir(exist_ok=True)
+        sl = lazy.LazyModel(src, lz.dtype)
+        with timer("recover_s"):
+            onload.load_placed(sl, p.devices, where)
+            sec["recover"] = train(sl.model, where)
+        with timer("save_s"):
+            onload.write_model(sl, tok, dest, lz.dtype if packs else save_dtype)
+        sec["steps"].append("recover")
+    if packs:  # GPTQ sees the calibration the slicing saw (the manifest's `calibration`)
+        sl = lazy.LazyModel(dest, lz.dtype)
+        sec["format"] = onload.pack(sl, tok, folder, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq,
+                                    ids, None, p.devices, c.calib_batch, c.progress, timer)
+    return sec
+
+
+def remove_scratch(folder: Path) -> None:
+    """The scratch folders `transform` left in the output's folder (kept until the output is complete: a killed run's
+    checkpoint counts on them)."""
+    for name in (SLICED, RECOVERED):
+        shutil.rmtree(folder / name, ignore_errors=True)

@@ -150,25 +150,19 @@ def plan(cfg: CompressConfig) -> Plan:
 def _onload(cfg: CompressConfig, devices: tuple[str, ...]) -> tuple[bool, str | None]:
     """Blocks from disk one at a time unless a step needs the whole model in memory. PERP (--recover)
     trains the whole model, each block read from disk straight to where it trains (onload.recover_pass);
-    on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files."""
+    on the CPU alone, auto loads it whole instead: transformers' load leaves it backed by the files. SliceGPT
+    followed by packing or PERP slices into a scratch folder the next pass reads (onload_slicegpt.transform)."""
     from . import placement
 
-    after = [(w, cmd) for w, cmd, on in (("--recover trains", "recover", cfg.recover),
-                                         ("a packed --format quantizes", "pack", cfg.format != "dense")) if on]
-    why = (f"after SliceGPT, {' and '.join(w for w, _ in after)} the sliced model in memory (slice to a dense output, "
-           f"then llmprune {' and '.join(c for _, c in after)} it)")
-    whole = [why] if cfg.slicegpt and after else []
-    if cfg.onload == "blocks" and whole:
-        raise LLMPruneError(f"--onload blocks: {whole[0]}: use --onload whole (or auto)")
     if cfg.onload == "whole":
         return False, "--onload whole"
     if cfg.recover:
         placement.check_blocks_onload(cfg.onload)
     if cfg.onload == "auto" and cfg.recover and not placement.reads_to_devices(devices):
-        whole.append("PERP (--recover) on the CPU: the whole load keeps the model backed by its files"
-                     if all(d.startswith("cpu") for d in devices) else
-                     "PERP (--recover) with one replica per process (WORLD_SIZE > 1): each process loads it whole")
-    return not whole, (whole[0] if whole else None)
+        return False, ("PERP (--recover) on the CPU: the whole load keeps the model backed by its files"
+                       if all(d.startswith("cpu") for d in devices) else
+                       "PERP (--recover) with one replica per process (WORLD_SIZE > 1): each process loads it whole")
+    return True, None
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -347,10 +341,15 @@ def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], p
     ends where it came from."""
     from .recover import perp
 
+    from . import prune
+
     opts = rcfg.perp_options()
     n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum  # each window seen once
     ids, data_info = calibrate(rcfg.data or calib, tok, n, rcfg.seqlen, seed)
-    info = perp.recover(model, ids, progress=progress, devices=tuple(devices), where=where, **opts)
+    # the pruned linears adapted; with none (a SliceGPT output has no zeros) every linear of the blocks: MaskLoRA
+    # with all-ones masks is LoRA, as SliceGPT recovers its sliced models (arXiv 2401.15024, "recovery fine-tuning")
+    masks = None if perp.pruned_linears(model) else dict.fromkeys(prune.target_linears(model))
+    info = perp.recover(model, ids, keep_masks=masks, progress=progress, devices=tuple(devices), where=where, **opts)
     info["data"] = data_info
     return info
 
@@ -421,7 +420,7 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
     disk (onload.evaluate) where the output allows it, else through llmprune.load."""
     from . import checkpoint, onload
 
-    lz, _ = onload.open_output(folder, dtype, mf.read(folder).to_dict(), sliced=True)
+    lz, _ = onload.open_output(folder, dtype, mf.read(folder).to_dict())
     if lz is not None:
         from transformers import AutoTokenizer
 
@@ -447,7 +446,7 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
     from .eval import zeroshot
     from .models import from_pretrained
 
-    lz, _ = onload.open_output(folder, dtype, manifest, sliced=True)
+    lz, _ = onload.open_output(folder, dtype, manifest)
     with tempfile.TemporaryDirectory(prefix="llmprune-offload-") as offload:
         if lz is not None:
             model = lz

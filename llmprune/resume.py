@@ -62,7 +62,8 @@ def _state(folder: Path) -> dict | None:
 # a pass's part of a checkpoint (the rest is the run's)
 PASS = ("stage", "next_block", "hidden", "files", "layers", "experts", "replayed", "out")
 # what a pass did to the blocks, as a resume message says it
-DONE = {"prune": "pruned", "pack": "packed", "recover": "retrained (PERP)", "gptq": "quantized (GPTQ)"}
+DONE = {"prune": "pruned", "pack": "packed", "recover": "retrained (PERP)", "gptq": "quantized (GPTQ)",
+        "slice": "sliced (SliceGPT)"}
 
 
 def _files(state: dict):

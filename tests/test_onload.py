@@ -449,16 +449,16 @@ def test_a_packed_slicegpt_output_loads_with_its_shortcuts_dense(tmp_path, capsy
 
 
 def test_slicegpt_stopped_midway_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_dir, calib_txt):
-    """SliceGPT from disk takes no checkpoints: SIGTERM (or Ctrl-C) in the middle of its pass removes the output's
-    temporary folder, says so in one line and exits 143; the folder asked for is not there."""
+    """SIGTERM (or Ctrl-C) in the middle of SliceGPT's pass from disk, before its first checkpoint, removes the
+    output's temporary folder, says so in one line and exits 143; the folder asked for is not there."""
     import signal
 
     from llmprune import onload_slicegpt
 
     real = onload_slicegpt.SlicedOutput.done
 
-    def done(self, i, block):
-        real(self, i, block)
+    def done(self, i, block, state):
+        real(self, i, block, state)
         if i == 0:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -469,11 +469,10 @@ def test_slicegpt_stopped_midway_leaves_nothing(tmp_path, capsys, monkeypatch, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_slicegpt_keeps_the_sources_dtype_and_leaves_packing_and_recovery_in_memory(tmp_path, capsys, monkeypatch, calib_txt):
+def test_slicegpt_keeps_the_sources_dtype(tmp_path, capsys, monkeypatch, calib_txt):
     """A SliceGPT output is stored in the source's dtype (--save-dtype auto; it was the compute dtype, a bf16
     model sliced on the CPU came out twice its size), from disk (the vocabulary rows read a chunk at a time,
-    converted to the compute dtype) as whole; a packed --format quantizes and --recover trains the sliced model
-    in memory, so --onload blocks refuses them in one line and writes nothing, and auto loads the model whole."""
+    converted to the compute dtype) as whole."""
     from llmprune.testing import byte_tokenizer, tiny_model
     from llmprune.transforms import slicegpt
 
@@ -491,17 +490,59 @@ def test_slicegpt_keeps_the_sources_dtype_and_leaves_packing_and_recovery_in_mem
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     rc, _, se = _run(capsys, "compress", "--model", src, *how, "--save-dtype", "float32", "--out", tmp_path / "f32")
     assert rc == 0 and {t.dtype for t in _tensors(tmp_path / "f32").values()} == {torch.float32}
-    rc, _, se = _run(capsys, "compress", "--model", src, *how, "--format", "w4g128", "--onload", "blocks",
-                     "--out", tmp_path / "o")
-    err = [ln for ln in se.splitlines() if ln.startswith("llmprune: error:")]
-    assert rc == 2 and len(err) == 1 and "SliceGPT" in err[0] and "llmprune pack" in err[0], se
-    assert not (tmp_path / "o").exists()
-    rec = ["--recover", "perp", "--recover-steps", "1"]  # PERP trains the sliced model in memory too
-    rc, _, se = _run(capsys, "compress", "--model", src, *how, *rec, "--onload", "blocks", "--out", tmp_path / "o")
-    assert rc == 2 and "llmprune recover" in se.strip().splitlines()[-1] and not (tmp_path / "o").exists(), se
-    rc, _, se = _run(capsys, "compress", "--model", src, *how, *rec, "--out", tmp_path / "r")
-    m = json.loads((tmp_path / "r" / "llmprune.json").read_text())
-    assert rc == 0 and m["steps"] == ["slice", "recover"] and m["onload"].startswith("whole: after SliceGPT"), se
+
+
+@pytest.mark.parametrize("then", [["--format", "w4g128", "--group-size", "16"],
+                                  ["--format", "w4g128", "--group-size", "16", "--quant", "gptq"],
+                                  ["--recover", "perp", "--recover-steps", "2"],
+                                  ["--recover", "perp", "--recover-steps", "2", "--format", "w4g128", "--group-size",
+                                   "16", "--quant", "gptq"]],
+                         ids=["rtn", "gptq", "perp", "perp-gptq"])
+def test_slicegpt_then_packing_or_perp_from_disk_writes_what_the_whole_model_writes(tmp_path, capsys, monkeypatch,
+                                                                                    tiny_dir, calib_txt, then):
+    """SliceGPT followed by a packed format (RTN, GPTQ) or PERP, from disk: sliced into a scratch folder in the
+    compute dtype, which packing reads one block at a time (PERP: each block straight to where it trains), as
+    `llmprune pack` / `recover` read a saved output; the same files and manifest sections as slicing, training and
+    packing the whole model in memory, the scratch folders gone, the packed output evaluated block by block;
+    `pack` and `recover` of a saved SliceGPT output from disk write the same as the whole load's."""
+    base = ["--solver", "slicegpt", "--calib", calib_txt, *CHEAP, *EVAL, "--no-dense-eval"]
+    how = [*base, *then]
+    perp = "--recover" in then
+    for mode in ("whole", "blocks"):
+        with monkeypatch.context() as m:
+            most = hold_one_block(m, None if perp else 1) if mode == "blocks" else [1]
+            rc, _, se = _run(capsys, "compress", "--model", tiny_dir, *how, "--onload", mode, "--out", tmp_path / mode)
+        assert rc == 0 and (perp or most[0] == 1), se
+        assert sorted(p.name for p in (tmp_path / mode).iterdir() if p.name.startswith(".")) == []
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / m / "llmprune.json").read_text()) for m in ("whole", "blocks"))
+    assert mb["onload"] == "blocks" and ma["steps"] == mb["steps"] and ma["steps"][0] == "slice"
+    for k in ("slicegpt", "format", "recover"):
+        drop = ("wall_s", "seconds", "tokens_per_s", "samples_per_s")
+        strip = lambda d: {x: y for x, y in d.items() if x not in drop} if isinstance(d, dict) else d
+        assert strip(ma.get(k)) == strip(mb.get(k)), k
+    assert ("recover" in ma) == perp and ((ma.get("format") or {}).get("name") == "w4g128") == ("--format" in then)
+    if perp:  # no zeros to keep: every linear of the blocks adapted (LoRA), its shortcuts left alone
+        assert ma["recover"]["adapted_linears"] == 7 * 2
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"] and mb["eval"]["wikitext2"]["blockwise"]
+    if not perp and "gptq" not in then:  # a saved SliceGPT output packed and retrained from disk
+        assert _run(capsys, "compress", "--model", tiny_dir, *base, "--out", tmp_path / "sliced")[0] == 0
+        rec = ["--steps", "2", "--data", calib_txt, "--nsamples", "4", "--seqlen", "32", "--no-progress"]
+        for mode in ("whole", "blocks"):
+            with monkeypatch.context() as m:
+                most = hold_one_block(m) if mode == "blocks" else [1]
+                rc, _, se = _run(capsys, "pack", tmp_path / "sliced", *then, "--quant", "gptq", "--calib", calib_txt,
+                                 "--nsamples", "4", "--seqlen", "32", "--no-progress", "--onload", mode,
+                                 "--out", tmp_path / f"pack-{mode}")
+            assert rc == 0 and most[0] == 1, se
+            rc, _, se = _run(capsys, "recover", tmp_path / "sliced", *rec, "--onload", mode,
+                             "--out", tmp_path / f"perp-{mode}")
+            assert rc == 0, se
+        for x in ("pack", "perp"):
+            a, b = _tensors(tmp_path / f"{x}-whole"), _tensors(tmp_path / f"{x}-blocks")
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), x
+            assert json.loads((tmp_path / f"{x}-blocks" / "llmprune.json").read_text())["onload"] == "blocks"
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])

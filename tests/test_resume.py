@@ -556,3 +556,50 @@ def test_a_run_killed_while_perp_rewrites_the_pruned_blocks_starts_over(tmp_path
 
 def blocks_of(names) -> set[str]:
     return {n.split(".")[2] for n in names}
+
+
+SLICES = {  # recipe, block whose checkpoint is not committed (-1: killed while evaluating, after everything)
+    "per-block": (["--rotation", "per-block"], 2),
+    "shared": (["--rotation", "shared"], 1),
+    "per-block-head": (["--rotation", "per-block"], BLOCKS - 1),  # the last block's is committed with the head
+    "per-block-gptq": (["--rotation", "per-block", "--format", "w4g128", "--group-size", "16", "--quant", "gptq"], -1),
+    "shared-perp": (["--rotation", "shared", "--slice-head", "--recover", "perp", "--recover-steps", "2"], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(SLICES))
+def test_a_killed_slicegpt_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                             calib_txt, case):
+    """SliceGPT from disk commits checkpoints after blocks (the next block's inputs and their basis, or the shared
+    rotation, and the kept variances so far) and after the head: a killed run's next run slices only the blocks
+    after the checkpoint (none when the pass was finished: PERP and packing, after it, are done again) and writes
+    the files and manifest of a run that never stopped; the scratch folders and checkpoints go at the end."""
+    from llmprune import lazy, onload_slicegpt
+
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 100_000)
+    recipe, kill_at = SLICES[case]
+    argv = ["compress", "--model", str(deep_dir), "--solver", "slicegpt", *recipe, "--calib", str(calib_txt), *ARGS]
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    _kill([*argv, "--out", str(out)], kill_at, 100_000, None if kill_at < 0 else "slice")
+    (left,) = outdir.stale(out)
+    state = json.loads((left / resume.RESUME / resume.STATE).read_text())
+    start = BLOCKS if kill_at < 0 else kill_at
+    assert state["stage"] == "slice" and state["next_block"] == start
+    sliced = []
+    real = onload_slicegpt.SlicedOutput.block
+    monkeypatch.setattr(onload_slicegpt.SlicedOutput, "block", lambda self, i: sliced.append(i) or real(self, i))
+    assert main([*argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming {left.name}: blocks 0-{start - 1} of {BLOCKS} were sliced (SliceGPT)" in err
+    assert sliced == list(range(start, BLOCKS))
+    assert not outdir.stale(out) and sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    a, b = _tensors(ref), _tensors(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(out.glob("*.safetensors"))) > 1 or "--format" in recipe
+    ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+    assert mb["resumed"]["pass"] == "slice" and mb["resumed"]["from_block"] == start
+    assert ma["slicegpt"] == mb["slicegpt"] and ma["steps"] == mb["steps"]
+    assert ma["eval"]["wikitext2"]["ppl"] == mb["eval"]["wikitext2"]["ppl"]

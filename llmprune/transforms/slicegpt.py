@@ -232,7 +232,13 @@ class InMemory:
         self._home = next(self.blocks[i].parameters()).device
         return self.blocks[i].to(self.dev)
 
-    def done(self, i: int, block: nn.Module) -> None:
+    def resumed(self) -> tuple[int, dict | None]:
+        """Where the passes start (the first block to slice) and what the blocks before left them (see
+        `_per_block`, `_shared`): a killed run's, when the access object goes on from its checkpoint."""
+        return 0, None
+
+    def done(self, i: int, block: nn.Module, state: dict) -> None:
+        """Block i is sliced; `state`: what the blocks after it need (resumed's)."""
         block.to(self._home)
 
     def embedding(self, q: torch.Tensor) -> None:
@@ -289,6 +295,9 @@ def slice_blocks(m, lay: Layout, ids, hidden: int, d: int, rotation: str, batch_
     fused (or fused by `m` as each block is handed out); returns the kept variance at each basis."""
     eps = eps0 * hidden / d
     scale = math.sqrt(hidden / d)  # see the module docstring: RMSNorm over d instead of D
+    start, state = m.resumed()
+    if start == len(m.blocks):  # a killed run's head was written too
+        return state["kept"]
     run = _shared if rotation == "shared" else _per_block
     kept, q_head = run(m, lay, ids, d, scale, eps, batch_size, progress, head_width)
     # the head reads the last basis; at full width the final norm is the dense one (its eps, no rescaling)
@@ -305,12 +314,14 @@ def _shared(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: i
     """One Q from every residual read point of a dense pass; no shortcuts needed, except that an
     unsliced head (head_width = D) makes the last block's MLP write all D components, its residual
     embedded into them by a (D, d) shortcut."""
-    evals, Q = m.covariance(ids, batch_size).pca()
-    q = Q[:, :d]  # (D, d)
-    m.embedding(q)
-    q_head = Q[:, :head_width]  # (D, head_width)
+    start, state = m.resumed()
+    if state is None:
+        evals, Q = m.covariance(ids, batch_size).pca()
+        state = {"kept": [_kept(evals, d)], "q": Q[:, :d], "q_head": Q[:, :head_width]}  # (D, d), (D, head_width)
+        m.embedding(state["q"])
+    q, q_head = state["q"], state["q_head"]
     last = len(m.blocks) - 1
-    for i in range(len(m.blocks)):
+    for i in range(start, len(m.blocks)):
         block = m.block(i)
         for norm, readers in lay.reads:
             _unit_norm(get(block, norm), d, eps)
@@ -320,8 +331,8 @@ def _shared(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: i
             _write(get(block, w), q_head if i == last and w == lay.writes[-1] else q)
         if i == last and head_width != d:  # weight (D, d) = [I; 0]
             add_shortcuts(block, lay, None, _shortcut(q_head.T @ q, next(block.parameters())))
-        m.done(i, block)
-    return [_kept(evals, d)], q_head
+        m.done(i, block, state)
+    return state["kept"], q_head
 
 
 def _per_block(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, progress: bool,
@@ -350,14 +361,18 @@ def _per_block(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size
             acc.add(s)
         return acc.pca()
 
-    evals, Q = pca_of(xs)
-    kept = [_kept(evals, d)]
-    q_in = Q[:, :d]  # (D, d): the basis of block 0's input
-    m.embedding(q_in)
-    xs = rotated(xs, q_in)  # (b, s, d)
+    start, state = m.resumed()  # a killed run's next block: its inputs, their basis, the kept variances so far
+    if state is None:
+        evals, Q = pca_of(xs)
+        kept = [_kept(evals, d)]
+        q_in = Q[:, :d]  # (D, d): the basis of block 0's input
+        m.embedding(q_in)
+        xs = rotated(xs, q_in)  # (b, s, d)
+    else:
+        xs, q_in, kept = [x.to(home) for x in state["xs"]], state["q"].to(dev), state["kept"]
     (n1, attn_readers), (n2, mlp_readers) = lay.reads
     w_attn, w_mlp = lay.writes
-    for i in tqdm(range(n), desc="slicegpt", disable=not progress):
+    for i in tqdm(range(start, n), desc="slicegpt", disable=not progress, initial=start, total=n):
         # Residual back to full width (shortcut Q_in^T) so the MLP-input signal can be measured.
         layer = add_shortcuts(m.block(i), lay, attn_shortcut=_shortcut(q_in, like))
         _unit_norm(get(layer, n1), d, eps)
@@ -382,8 +397,9 @@ def _per_block(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size
         q_out = Q[:, :width]
         _write(get(layer, w_mlp), q_out)
         layer.mlp_shortcut = _shortcut(q_out.T @ q_mid, like)  # (width, d) = (Q_mid^T Q_out)^T
-        m.done(i, layer)
         xs = rotated(outs, q_out)  # (b, s, width)
-        del outs, layer
+        del outs
         q_in = q_out
+        m.done(i, layer, {"xs": xs, "q": q_in, "kept": kept})
+        del layer
     return kept, q_in
