@@ -193,7 +193,7 @@ def _compress_onload(p, t, command) -> mf.Manifest:
             dense = onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
     with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None,
                            sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) as tmp:
-        packer = None if c.format == "dense" else packed.PackWriter(
+        packer = None if c.format == "dense" or c.slicegpt else packed.PackWriter(
             tmp, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq.as_dict() if p.gptq else None)
         out = None if c.slicegpt else onload.Output(lz, tmp, c.format, save_dtype, names, packer)
         checkpoints = None

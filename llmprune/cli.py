@@ -371,7 +371,8 @@ def cmd_report(a) -> int:
 
 
 def _add_recover(sub):
-    p = sub.add_parser("recover", help="PERP: retrain norms and mask-respecting adapters of a pruned output")
+    p = sub.add_parser("recover", help="PERP: retrain norms and mask-respecting adapters of a pruned output "
+                       "(LoRA on every linear of one with no zeros, e.g. a SliceGPT output)")
     p.add_argument("src", help="an llmprune output folder (dense format)")
     p.add_argument("--out", required=True)
     p.add_argument("--method", default="perp", help="perp")

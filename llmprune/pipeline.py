@@ -339,9 +339,8 @@ def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], p
     """PERP in place on training windows drawn apart from the pruning calibration (seed + 1), on
     `devices` (placement.py; `where`: the plan the model was read onto the devices by); every tensor
     ends where it came from."""
-    from .recover import perp
-
     from . import prune
+    from .recover import perp
 
     opts = rcfg.perp_options()
     n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum  # each window seen once
