@@ -435,7 +435,7 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
                    batch_size: int = 8, tasks_dir: str | None = None) -> dict:
     """Zero-shot accuracy (eval/zeroshot.py) of a folder as saved: block by block from disk where it
     allows (eval/blockwise.py), else the whole model: dense folders placed by accelerate
-    (device_map="auto": the GPUs, then CPU memory, then disk), SliceGPT outputs through llmprune.load."""
+    (device_map="auto": the GPUs, then CPU memory, then disk), packed or SliceGPT ones through llmprune.load."""
     import tempfile
 
     import torch
