@@ -516,6 +516,8 @@ def test_slicegpt_then_packing_or_perp_from_disk_writes_what_the_whole_model_wri
         assert sorted(p.name for p in (tmp_path / mode).iterdir() if p.name.startswith(".")) == []
     a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (json.loads((tmp_path / m / "config.json").read_text()) for m in ("whole", "blocks"))
+    assert ca == cb
     ma, mb = (json.loads((tmp_path / m / "llmprune.json").read_text()) for m in ("whole", "blocks"))
     assert mb["onload"] == "blocks" and ma["steps"] == mb["steps"] and ma["steps"][0] == "slice"
     timed = ("wall_s", "seconds", "tokens_per_s", "samples_per_s")

@@ -319,7 +319,7 @@ def _shared(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: i
         evals, Q = m.covariance(ids, batch_size).pca()
         state = {"kept": [_kept(evals, d)], "q": Q[:, :d], "q_head": Q[:, :head_width]}  # (D, d), (D, head_width)
         m.embedding(state["q"])
-    q, q_head = state["q"], state["q_head"]
+    q, q_head = state["q"].to(m.dev), state["q_head"].to(m.dev)  # (a killed run's, read into CPU memory)
     last = len(m.blocks) - 1
     for i in range(start, len(m.blocks)):
         block = m.block(i)
