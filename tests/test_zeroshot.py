@@ -239,14 +239,14 @@ def test_plan_batches_longest_first_and_passes_within_the_budget():
 
 
 @pytest.mark.parametrize("family,fmt", [("llama", "dense"), ("gemma2", "dense"), ("llama", "w4s24"),
-                                        ("qwen3_moe", "dense"), ("llama", "slicegpt")])
+                                        ("qwen3_moe", "dense"), ("llama", "slicegpt"), ("llama", "slicegpt-w4g128")])
 def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_path, monkeypatch):
     """Every request of every offline task gets the log-likelihood and greedy flag lm-eval's HFLM gives
     the whole model (lm-eval's prompts, and its left truncation: 256 positions cut the boolq passages),
     walked in several passes with one block in memory; gemma2 soft-caps its logits and ties its head;
     a packed output is scored through its packed modules; a Mixture-of-Experts checkpoint's experts are
     fused as each block is read; a SliceGPT output's blocks carry their residual shortcuts, its last one
-    widening the stream back to the head's full width."""
+    widening the stream back to the head's full width (packed too: its shortcuts dense)."""
     from llmprune import api, lazy, onload
     from llmprune.testing import hold_one_block, tiny_model_dir
 
@@ -258,6 +258,7 @@ def test_blockwise_scores_what_hflm_scores_on_the_whole_model(family, fmt, tmp_p
 
         folder = tmp_path / fmt
         how = ["--solver", "slicegpt"] if fmt == "slicegpt" else \
+            ["--solver", "slicegpt", "--format", "w4g128", "--group-size", "16"] if fmt == "slicegpt-w4g128" else \
             ["--solver", "magnitude", "--pattern", "2:4", "--format", fmt, "--group-size", "16"]
         assert main(["compress", "--model", str(src), *how, "--out", str(folder), *FAST_CLI]) == 0
     model, _, _ = api.load(str(folder))
