@@ -225,8 +225,8 @@ def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, sa
     `where`: onload.recover_plan of `pl.out`) and a packed format read the sliced model from a scratch folder in
     the compute dtype (the model in memory's exact weights), as `llmprune recover` and `pack` read a saved output:
     one block at a time from disk (PERP: straight to where it trains); `remove_scratch` removes them.
-    `checkpoints` (resume.Checkpoints): the slicing pass commits checkpoints, or goes on from a killed run's (PERP
-    and packing, after it, are done again)."""
+    `checkpoints` (resume.Checkpoints): the slicing pass commits checkpoints, or goes on from a killed run's, and so
+    does packing after it (not after PERP, which is done again, nor with scale tuning)."""
     c = p.cfg
     packs = c.format != "dense"
     dest = folder / SLICED if packs or train else folder
@@ -258,8 +258,9 @@ def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, sa
         sec["steps"].append("recover")
     if packs:  # GPTQ sees the calibration the slicing saw (the manifest's `calibration`)
         sl = lazy.LazyModel(dest, lz.dtype)
+        ck = None if train or (p.gptq and p.gptq.tune_steps) else checkpoints  # (PERP's result is not kept)
         sec["format"] = onload.pack(sl, tok, folder, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq,
-                                    ids, None, p.devices, c.calib_batch, c.progress, timer)
+                                    ids, None, p.devices, c.calib_batch, c.progress, timer, ck)
     return sec
 
 

@@ -558,12 +558,13 @@ def blocks_of(names) -> set[str]:
     return {n.split(".")[2] for n in names}
 
 
-SLICES = {  # recipe, block whose checkpoint is not committed (-1: killed while evaluating, after everything)
-    "per-block": (["--rotation", "per-block"], 2),
-    "shared": (["--rotation", "shared"], 1),
-    "per-block-head": (["--rotation", "per-block"], BLOCKS - 1),  # the last block's is committed with the head
-    "per-block-gptq": (["--rotation", "per-block", "--format", "w4g128", "--group-size", "16", "--quant", "gptq"], -1),
-    "shared-perp": (["--rotation", "shared", "--slice-head", "--recover", "perp", "--recover-steps", "2"], 2),
+GPTQ = ["--format", "w4g128", "--group-size", "16", "--quant", "gptq"]
+SLICES = {  # recipe, block whose checkpoint is not committed (-1: killed while evaluating, after everything), pass
+    "per-block": (["--rotation", "per-block"], 2, "slice"),
+    "shared": (["--rotation", "shared"], 1, "slice"),
+    "per-block-head": (["--rotation", "per-block"], BLOCKS - 1, "slice"),  # the last block's is committed with the head
+    "per-block-gptq": (["--rotation", "per-block", *GPTQ], 2, "gptq"),
+    "shared-perp": (["--rotation", "shared", "--slice-head", "--recover", "perp", "--recover-steps", "2"], 2, "slice"),
 }
 
 
@@ -571,35 +572,39 @@ SLICES = {  # recipe, block whose checkpoint is not committed (-1: killed while 
 def test_a_killed_slicegpt_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, capsys, monkeypatch, deep_dir,
                                                                              calib_txt, case):
     """SliceGPT from disk commits checkpoints after blocks (the next block's inputs and their basis, or the shared
-    rotation, and the kept variances so far) and after the head: a killed run's next run slices only the blocks
-    after the checkpoint (none when the pass was finished: PERP and packing, after it, are done again) and writes
-    the files and manifest of a run that never stopped; the scratch folders and checkpoints go at the end."""
+    rotation, and the kept variances so far) and after the head, and so does GPTQ's pass after it (from the sliced
+    scratch folder): a killed run's next run slices only the blocks after the checkpoint (none when the pass was
+    finished; PERP after it is done again), quantizes only the blocks after GPTQ's, and writes the files and
+    manifest of a run that never stopped; the scratch folders and checkpoints go at the end."""
     from llmprune import lazy, onload_slicegpt
 
-    monkeypatch.setattr(lazy, "SHARD_BYTES", 100_000)
-    recipe, kill_at = SLICES[case]
+    recipe, kill_at, stage = SLICES[case]
+    shard = 100_000 if stage == "slice" else 5_000  # (a packed output commits once a block fills a file)
+    monkeypatch.setattr(lazy, "SHARD_BYTES", shard)
     argv = ["compress", "--model", str(deep_dir), "--solver", "slicegpt", *recipe, "--calib", str(calib_txt), *ARGS]
     ref = tmp_path / "ref"
     assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
-    _kill([*argv, "--out", str(out)], kill_at, 100_000, None if kill_at < 0 else "slice")
+    _kill([*argv, "--out", str(out)], kill_at, shard, None if kill_at < 0 else stage)
     (left,) = outdir.stale(out)
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
     start = BLOCKS if kill_at < 0 else kill_at
-    assert state["stage"] == "slice" and state["next_block"] == start
+    assert state["stage"] == stage and state["next_block"] == start
     sliced = []
     real = onload_slicegpt.SlicedOutput.block
     monkeypatch.setattr(onload_slicegpt.SlicedOutput, "block", lambda self, i: sliced.append(i) or real(self, i))
     assert main([*argv, "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert f"resuming {left.name}: blocks 0-{start - 1} of {BLOCKS} were sliced (SliceGPT)" in err
-    assert sliced == list(range(start, BLOCKS))
+    said = {"slice": "sliced (SliceGPT)", "gptq": "quantized (GPTQ)"}[stage]
+    assert f"resuming {left.name}: " + ("" if stage == "slice" else f"blocks 0-{BLOCKS - 1} of {BLOCKS} were sliced "
+                                        "(SliceGPT), ") + f"blocks 0-{start - 1} of {BLOCKS} were {said}" in err, err
+    assert sliced == (list(range(start, BLOCKS)) if stage == "slice" else [])
     assert not outdir.stale(out) and sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     a, b = _tensors(ref), _tensors(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list(out.glob("*.safetensors"))) > 1 or "--format" in recipe
     ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
-    assert mb["resumed"]["pass"] == "slice" and mb["resumed"]["from_block"] == start
+    assert mb["resumed"]["pass"] == stage and mb["resumed"]["from_block"] == start
     assert ma["slicegpt"] == mb["slicegpt"] and ma["steps"] == mb["steps"]
     assert ma["eval"]["wikitext2"]["ppl"] == mb["eval"]["wikitext2"]["ppl"]
