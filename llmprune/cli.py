@@ -212,6 +212,8 @@ def print_summary(m: dict) -> None:
 
 
 def print_eval(ev: dict) -> None:
+    from .manifest import SAVED
+
     if not ev:
         return
     print(f"\n{'dataset':<10} {'seqlen':>6} {'windows':>7} {'tokens':>8} {'dense ppl':>10} {'ppl':>10}")
@@ -220,8 +222,11 @@ def print_eval(ev: dict) -> None:
         print(f"{d:<10} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>8} {dense:>10} {r['ppl']:>10.3f}")
     ons = {r.get("measured_on") for r in ev.values()} - {None}
     if ons:
-        print(f"ppl: of the {' / '.join(sorted(ons))}" + ("; dense ppl: the model before compression"
-                                                          if any("dense_ppl" in r for r in ev.values()) else ""))
+        on = " / ".join(sorted(ons))
+        if ons == {SAVED} and all(r.get("blockwise") for r in ev.values()):
+            on = "saved output, read block by block from its files (the figures llmprune.load gives)"
+        print(f"ppl: of the {on}" + ("; dense ppl: the model before compression"
+                                     if any("dense_ppl" in r for r in ev.values()) else ""))
 
 
 def _add_eval(sub):

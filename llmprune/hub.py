@@ -191,10 +191,13 @@ def _eval_table(manifest: dict) -> list[str]:
     ons: dict[str, list[str]] = {}
     for name, r in rows:
         ons.setdefault(str(r.get("measured_on", SAVED)), []).append(name)
+    walked = {name for name, r in rows if r.get("blockwise")}
     for on, names in ons.items():
         which = "The compressed figures" if len(ons) == 1 else f"The compressed {', '.join(names)} figures"
         if _of_these_files({"measured_on": on}):
-            how = "as saved (loaded with `llmprune.load`)" if on == SAVED else f"as the {on}"
+            how = f"as the {on}" if on != SAVED else (
+                "as saved (read block by block from them: the figures `llmprune.load` gives)" if set(names) <= walked
+                else "as saved (loaded with `llmprune.load`)")
             lines.append(f"{which} were measured on these files {how}.")
         else:
             lines.append(f"Caution: {which[0].lower() + which[1:]} describe the {on}, not these files.")

@@ -173,6 +173,13 @@ def test_card_publishes_only_figures_of_these_files():
     assert [r["dataset"]["type"] for r in front_matter(mixed)["model-index"][0]["results"]] == ["allenai/c4"]
     assert "Caution: the compressed wikitext2 figures describe the model in memory" in mixed
     assert "The compressed c4 figures were measured on these files as saved" in mixed
+    # figures read block by block from the files (onload.evaluate) say so, not that the whole model was loaded
+    ev = {d: {**r, "blockwise": True} for d, r in manifest()["eval"].items()}
+    walked = model_card({**manifest(), "eval": ev}, REPO)
+    assert "measured on these files as saved (read block by block from them: the figures `llmprune.load` gives)" in walked
+    assert "loaded with `llmprune.load`" not in walked
+    half = model_card({**manifest(), "eval": {**ev, "c4": manifest()["eval"]["c4"]}}, REPO)
+    assert "measured on these files as saved (loaded with `llmprune.load`)" in half
 
 
 def test_card_local_base_unstructured_packed_license(tmp_path):

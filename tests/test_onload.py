@@ -511,8 +511,9 @@ def test_slicegpt_then_packing_or_perp_from_disk_writes_what_the_whole_model_wri
     for mode in ("whole", "blocks"):
         with monkeypatch.context() as m:
             most = hold_one_block(m, None if perp else 1) if mode == "blocks" else [1]
-            rc, _, se = _run(capsys, "compress", "--model", tiny_dir, *how, "--onload", mode, "--out", tmp_path / mode)
+            rc, so, se = _run(capsys, "compress", "--model", tiny_dir, *how, "--onload", mode, "--out", tmp_path / mode)
         assert rc == 0 and (perp or most[0] == 1), se
+        assert "ppl: of the saved output, read block by block from its files" in so  # (either way: the saved folder)
         assert sorted(p.name for p in (tmp_path / mode).iterdir() if p.name.startswith(".")) == []
     a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
