@@ -61,6 +61,48 @@ def _load(model, dtype, device):
     return models.load(str(model), dtype=dtype, device=device)[0]
 
 
+def load_bytes(spec, dtype: torch.dtype) -> int | None:
+    """The bytes `_load` puts in memory for the weights of `spec` (an llmprune output folder or a model spec), from
+    its safetensors headers before any weight is read: floating-point tensors in `dtype`, the others (packed codes)
+    as stored. None for an nn.Module, or a spec without safetensors files."""
+    import math
+
+    from llmprune import lazy
+
+    if isinstance(spec, torch.nn.Module):
+        return None
+    p = Path(str(spec))
+    if not (p / "llmprune.json").is_file():
+        from llmprune import models
+
+        p = Path(models.resolve(str(spec)).path)
+    files = sorted(p.glob("*.safetensors"))
+    total = 0
+    for f in files:
+        head, _ = lazy.safetensors_header(f)
+        for name, e in head.items():
+            if name != "__metadata__":
+                t = lazy.ST_DTYPES[e["dtype"]]
+                total += math.prod(e["shape"]) * (dtype.itemsize if t.is_floating_point else t.itemsize)
+    return total if files else None
+
+
+def check_fits(label: str, spec, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse in one line, before any weight is read, a model whose weights alone take more than the GPU's free
+    memory (a 70B dense model in fp16 is 140 GB: read whole into CPU memory first, then out of memory on the GPU)."""
+    from llmprune.errors import LLMPruneError
+
+    if device.type != "cuda":
+        return
+    need = load_bytes(spec, dtype)
+    free = torch.cuda.mem_get_info(device)[0]
+    if need is not None and need > free:
+        fix = "drop --dense (the compressed model is timed alone)" if label == "dense" else "bench it on a larger GPU"
+        raise LLMPruneError(f"{'--dense ' if label == 'dense' else ''}{spec}: its weights take {need / 2**30:.1f} GiB "
+                            f"in {str(dtype).replace('torch.', '')}, more than the {free / 2**30:.1f} GiB free on "
+                            f"{device}: {fix}")
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter/buffer once (tied ones once), minus
     input embeddings not shared with the output head (a step reads only its tokens' rows) and
@@ -318,6 +360,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
     for label, spec in (("dense", dense_model), ("compressed", model)):
         if spec is None:
             continue
+        check_fits(label, spec, dtype, device)
         m = _load(spec, dtype, device)
         wb = weight_bytes(m)
         routed = routed or has_experts(m)

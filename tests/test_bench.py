@@ -250,3 +250,32 @@ def test_bandwidth_percentages_only_against_the_device_they_describe(monkeypatch
     h200 = bench._summary([2.0], 1, 2 * 10**9, (4800.0, 4300.0))
     assert h200["pct_of_spec_bw"] == pytest.approx(100 * 1000 / 4800) and h200["pct_of_target_bw"] == pytest.approx(
         100 * 1000 / 4300)
+
+
+def test_a_model_larger_than_the_gpus_free_memory_is_refused_before_it_loads(tmp_path, monkeypatch):
+    """`bench` reads each model's size from its safetensors headers (floats in the bench dtype, packed codes as
+    stored: the bytes the load puts on the GPU) and refuses, in one line naming the fix, one whose weights alone
+    exceed the GPU's free memory, before reading any weight (a 70B dense model would be read whole into CPU memory,
+    then run out of GPU memory)."""
+    from llmprune import checkpoint
+    from llmprune.cli import main
+    from llmprune.errors import LLMPruneError
+    from llmprune.testing import FAST_CLI, tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "src", "llama", seed=0, tie_word_embeddings=False)
+    out = tmp_path / "packed"
+    assert main(["compress", "--model", str(src), "--solver", "magnitude", "--pattern", "2:4", "--format", "w4s24",
+                 "--group-size", "16", "--out", str(out), *FAST_CLI]) == 0
+    dense = bench._load(str(src), torch.float16, "cpu")
+    assert bench.load_bytes(src, torch.float16) == sum(p.numel() * 2 for p in dense.parameters())
+    packed = checkpoint.load(out, dtype="float16")[0]
+    state = {t.data_ptr(): t.numel() * t.element_size() for t in packed.state_dict().values()}
+    assert bench.load_bytes(out, torch.float16) == sum(state.values())
+    free = bench.load_bytes(out, torch.float16) + 1  # the packed model fits, the dense one does not
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    cuda = torch.device("cuda", 0)
+    bench.check_fits("compressed", out, torch.float16, cuda)
+    with pytest.raises(LLMPruneError, match=r"^--dense .*src: its weights take 0\.0 GiB in float16, more than the "
+                                            r"0\.0 GiB free on cuda:0: drop --dense"):
+        bench.check_fits("dense", src, torch.float16, cuda)
+    bench.check_fits("dense", src, torch.float16, torch.device("cpu"))  # CPU memory: not checked here
