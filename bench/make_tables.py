@@ -625,6 +625,9 @@ def scale_table() -> str:
         t = m["timings"]
         sl = m.get("slicegpt") or {}
         pattern = f"{sl['rotation']} {sl['slicing']:.0%}" if sl else m.get("pattern")  # SliceGPT: rotation, slicing
+        fmt = m.get("format") or {}
+        if fmt.get("name", "dense") != "dense":  # (compress --format)
+            pattern = f"{pattern} + {fmt['name']} {fmt.get('quant', '')}".rstrip()
         rows.append((int(n[1]) if n else 32, p.stem, m.get("solver"), pattern, t.get("compress_s"),
                      t.get("total_s"), m.get("peak_rss_mib"), io.get("read_bytes"), io.get("write_bytes"), _ppl(m),
                      m.get("onload"), cfg))

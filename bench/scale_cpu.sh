@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack] [moe_tune] [slicegpt]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack] [moe_tune] [slicegpt] [slicegpt_pack]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -176,4 +176,14 @@ if [[ " $STAGES " == *" slicegpt "* ]]; then  # SliceGPT 25% (per-block rotation
   rm -rf "$S/slicegpt-l4" "$S/slicegpt-l4-whole"
   step slicegpt-l8 compress --model "$S/llama3-8b-l8" $SL --eval none --onload blocks $C --out "$S/slicegpt-l8"
   rm -rf "$S/slicegpt-l8"
+fi
+
+if [[ " $STAGES " == *" slicegpt_pack "* ]]; then  # SliceGPT 25% then w4g128 GPTQ, from disk, at the 8B width (4
+  # blocks): sliced into a scratch folder (fp32, the compute dtype) that GPTQ's pass reads block by block (loaded whole
+  # until 2026-12-06); the packed output evaluated block by block (random weights: the figure means nothing)
+  synth llama3-8b-l4 --arch llama3-8b --dtype bfloat16 --layers 4
+  SL="--solver slicegpt --slicing 0.25 --nsamples 16 --seqlen 256 --no-dense-eval"
+  step slicegpt-w4g128-gptq-l4 compress --model "$S/llama3-8b-l4" $SL --format w4g128 --quant gptq --eval wikitext2 \
+      --eval-seqlen 256 --eval-windows 2 --onload blocks $C --out "$S/slicegpt-w4g128-gptq-l4"
+  rm -rf "$S/slicegpt-w4g128-gptq-l4"
 fi
