@@ -226,7 +226,7 @@ def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, sa
     the compute dtype (the model in memory's exact weights), as `llmprune recover` and `pack` read a saved output:
     one block at a time from disk (PERP: straight to where it trains); `remove_scratch` removes them.
     `checkpoints` (resume.Checkpoints): the slicing pass commits checkpoints, or goes on from a killed run's, and so
-    does packing after it (not after PERP, which is done again, nor with scale tuning)."""
+    does packing after it (not with scale tuning); PERP's result counts as a finished pass once written."""
     c = p.cfg
     packs = c.format != "dense"
     dest = folder / SLICED if packs or train else folder
@@ -249,19 +249,49 @@ def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, sa
     if train:
         src, dest = dest, folder / RECOVERED if packs else folder
         dest.mkdir(exist_ok=True)
-        sl = lazy.LazyModel(src, lz.dtype)
-        with timer("recover_s"):
-            onload.load_placed(sl, p.devices, where)
-            sec["recover"] = train(sl.model, where)
-        with timer("save_s"):
-            onload.write_model(sl, tok, dest, lz.dtype if packs else save_dtype)
+        written = _Written(dest, f"{RECOVERED}/" if packs else "")
+        if checkpoints is not None and checkpoints.finished("recover"):  # trained and written by the killed run
+            sec["recover"] = checkpoints.keep["recover"]
+            checkpoints.begin("recover", written)
+        else:
+            sl = lazy.LazyModel(src, lz.dtype)
+            with timer("recover_s"):
+                onload.load_placed(sl, p.devices, where)
+                sec["recover"] = train(sl.model, where)
+            with timer("save_s"):
+                onload.write_model(sl, tok, dest, lz.dtype if packs else save_dtype)
+            if checkpoints is not None:
+                checkpoints.keep["recover"] = sec["recover"]
+                checkpoints.passed("recover", written)
         sec["steps"].append("recover")
     if packs:  # GPTQ sees the calibration the slicing saw (the manifest's `calibration`)
         sl = lazy.LazyModel(dest, lz.dtype)
-        ck = None if train or (p.gptq and p.gptq.tune_steps) else checkpoints  # (PERP's result is not kept)
+        ck = None if p.gptq and p.gptq.tune_steps else checkpoints
         sec["format"] = onload.pack(sl, tok, folder, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq,
                                     ids, None, p.devices, c.calib_batch, c.progress, timer, ck)
     return sec
+
+
+class _Written:
+    """A folder PERP's result was written into in one go, as resume.Checkpoints.passed takes it (onload.Output's
+    checkpoint methods): its files synced and counted (`prefix`: its path inside the output's folder)."""
+
+    def __init__(self, folder: Path, prefix: str):
+        self.folder, self.prefix = folder, prefix
+
+    def ready(self) -> bool:
+        return True
+
+    def sync(self) -> dict[str, int]:
+        files = sorted(self.folder.glob("*.safetensors"))
+        lazy.fsync(files)
+        return {f"{self.prefix}{f.name}": f.stat().st_size for f in files}
+
+    def snapshot(self) -> dict:
+        return {}
+
+    def restore(self, _s: dict, _start: int) -> None:
+        pass
 
 
 def remove_scratch(folder: Path) -> None:

@@ -559,12 +559,15 @@ def blocks_of(names) -> set[str]:
 
 
 GPTQ = ["--format", "w4g128", "--group-size", "16", "--quant", "gptq"]
+PERP = ["--recover", "perp", "--recover-steps", "2"]
 SLICES = {  # recipe, block whose checkpoint is not committed (-1: killed while evaluating, after everything), pass
     "per-block": (["--rotation", "per-block"], 2, "slice"),
     "shared": (["--rotation", "shared"], 1, "slice"),
     "per-block-head": (["--rotation", "per-block"], BLOCKS - 1, "slice"),  # the last block's is committed with the head
     "per-block-gptq": (["--rotation", "per-block", *GPTQ], 2, "gptq"),
-    "shared-perp": (["--rotation", "shared", "--slice-head", "--recover", "perp", "--recover-steps", "2"], 2, "slice"),
+    "shared-perp": (["--rotation", "shared", "--slice-head", *PERP], 2, "slice"),
+    "shared-perp-eval": (["--rotation", "shared", "--slice-head", *PERP], -1, "recover"),  # PERP's output kept
+    "per-block-perp-gptq": (["--rotation", "per-block", *PERP, *GPTQ], 2, "gptq"),  # PERP's scratch folder kept
 }
 
 
@@ -572,11 +575,12 @@ SLICES = {  # recipe, block whose checkpoint is not committed (-1: killed while 
 def test_a_killed_slicegpt_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, capsys, monkeypatch, deep_dir,
                                                                              calib_txt, case):
     """SliceGPT from disk commits checkpoints after blocks (the next block's inputs and their basis, or the shared
-    rotation, and the kept variances so far) and after the head, and so does GPTQ's pass after it (from the sliced
-    scratch folder): a killed run's next run slices only the blocks after the checkpoint (none when the pass was
-    finished; PERP after it is done again), quantizes only the blocks after GPTQ's, and writes the files and
-    manifest of a run that never stopped; the scratch folders and checkpoints go at the end."""
-    from llmprune import lazy, onload_slicegpt
+    rotation, and the kept variances so far) and after the head, PERP once its result is written, and GPTQ's pass
+    after them (from the scratch folder): a killed run's next run slices only the blocks after the checkpoint (none
+    when the pass was finished), trains PERP only if the killed run had not written its result, quantizes only the
+    blocks after GPTQ's checkpoint, and writes the files and manifest of a run that never stopped; the scratch
+    folders and checkpoints go at the end."""
+    from llmprune import lazy, onload_slicegpt, pipeline
 
     recipe, kill_at, stage = SLICES[case]
     shard = 100_000 if stage == "slice" else 5_000  # (a packed output commits once a block fills a file)
@@ -591,15 +595,17 @@ def test_a_killed_slicegpt_run_goes_on_from_its_checkpoint_to_the_same_output(tm
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
     start = BLOCKS if kill_at < 0 else kill_at
     assert state["stage"] == stage and state["next_block"] == start
-    sliced = []
+    sliced, trained = [], []
     real = onload_slicegpt.SlicedOutput.block
     monkeypatch.setattr(onload_slicegpt.SlicedOutput, "block", lambda self, i: sliced.append(i) or real(self, i))
+    recover = pipeline.recover
+    monkeypatch.setattr(pipeline, "recover", lambda *a, **k: trained.append(1) or recover(*a, **k))
     assert main([*argv, "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    said = {"slice": "sliced (SliceGPT)", "gptq": "quantized (GPTQ)"}[stage]
-    assert f"resuming {left.name}: " + ("" if stage == "slice" else f"blocks 0-{BLOCKS - 1} of {BLOCKS} were sliced "
-                                        "(SliceGPT), ") + f"blocks 0-{start - 1} of {BLOCKS} were {said}" in err, err
+    said = {"slice": "sliced (SliceGPT)", "gptq": "quantized (GPTQ)", "recover": "retrained (PERP)"}[stage]
+    assert f"resuming {left.name}: " in err and f"blocks 0-{start - 1} of {BLOCKS} were {said} by" in err, err
     assert sliced == (list(range(start, BLOCKS)) if stage == "slice" else [])
+    assert trained == ([1] if stage == "slice" and "--recover" in recipe else [])  # PERP done once, by one run
     assert not outdir.stale(out) and sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     a, b = _tensors(ref), _tensors(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
