@@ -562,10 +562,8 @@ GPTQ = ["--format", "w4g128", "--group-size", "16", "--quant", "gptq"]
 PERP = ["--recover", "perp", "--recover-steps", "2"]
 SLICES = {  # recipe, block whose checkpoint is not committed (-1: killed while evaluating, after everything), pass
     "per-block": (["--rotation", "per-block"], 2, "slice"),
-    "shared": (["--rotation", "shared"], 1, "slice"),
     "per-block-head": (["--rotation", "per-block"], BLOCKS - 1, "slice"),  # the last block's is committed with the head
-    "per-block-gptq": (["--rotation", "per-block", *GPTQ], 2, "gptq"),
-    "shared-perp": (["--rotation", "shared", "--slice-head", *PERP], 2, "slice"),
+    "shared-perp": (["--rotation", "shared", "--slice-head", *PERP], 1, "slice"),
     "shared-perp-eval": (["--rotation", "shared", "--slice-head", *PERP], -1, "recover"),  # PERP's output kept
     "per-block-perp-gptq": (["--rotation", "per-block", *PERP, *GPTQ], 2, "gptq"),  # PERP's scratch folder kept
 }
