@@ -295,11 +295,11 @@ def slice_blocks(m, lay: Layout, ids, hidden: int, d: int, rotation: str, batch_
     fused (or fused by `m` as each block is handed out); returns the kept variance at each basis."""
     eps = eps0 * hidden / d
     scale = math.sqrt(hidden / d)  # see the module docstring: RMSNorm over d instead of D
-    start, state = m.resumed()
+    start, state = m.resumed()  # (0, None), or where a killed run's checkpoint left the passes
     if start == len(m.blocks):  # a killed run's head was written too
         return state["kept"]
     run = _shared if rotation == "shared" else _per_block
-    kept, q_head = run(m, lay, ids, d, scale, eps, batch_size, progress, head_width)
+    kept, q_head = run(m, lay, ids, d, scale, eps, batch_size, progress, head_width, start, state)
     # the head reads the last basis; at full width the final norm is the dense one (its eps, no rescaling)
     m.head(q_head, scale if head_width == d else 1.0, eps if head_width == d else eps0)
     return kept
@@ -310,12 +310,11 @@ def _kept(evals: torch.Tensor, d: int) -> float:
 
 
 def _shared(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, progress: bool,
-            head_width: int) -> tuple[list[float], torch.Tensor]:
+            head_width: int, start: int, state: dict | None) -> tuple[list[float], torch.Tensor]:
     """One Q from every residual read point of a dense pass; no shortcuts needed, except that an
     unsliced head (head_width = D) makes the last block's MLP write all D components, its residual
     embedded into them by a (D, d) shortcut."""
-    start, state = m.resumed()
-    if state is None:
+    if state is None:  # (else a killed run's bases and kept variance: `InMemory.resumed`)
         evals, Q = m.covariance(ids, batch_size).pca()
         state = {"kept": [_kept(evals, d)], "q": Q[:, :d], "q_head": Q[:, :head_width]}  # (D, d), (D, head_width)
         m.embedding(state["q"])
@@ -336,7 +335,7 @@ def _shared(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: i
 
 
 def _per_block(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size: int, progress: bool,
-               head_width: int) -> tuple[list[float], torch.Tensor]:
+               head_width: int, start: int, state: dict | None) -> tuple[list[float], torch.Tensor]:
     """Sequential per-block PCA (arXiv:2401.15024 sec. 3.4 and the reference rotate_and_slice_sequential):
     each Q is computed from signals of the model sliced so far, so later blocks see earlier slicing."""
     from tqdm.auto import tqdm
@@ -361,8 +360,7 @@ def _per_block(m, lay: Layout, ids, d: int, scale: float, eps: float, batch_size
             acc.add(s)
         return acc.pca()
 
-    start, state = m.resumed()  # a killed run's next block: its inputs, their basis, the kept variances so far
-    if state is None:
+    if state is None:  # (else a killed run's next block: its inputs, their basis, the kept variances so far)
         evals, Q = pca_of(xs)
         kept = [_kept(evals, d)]
         q_in = Q[:, :d]  # (D, d): the basis of block 0's input
