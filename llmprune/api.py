@@ -202,8 +202,9 @@ def _compress_onload(p, t, command) -> mf.Manifest:
                                              found[1] if found else None)
             if dense:
                 checkpoints.keep["dense"] = {"key": dense_key, "figures": dense}
-        train = (lambda model, where: pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices,
-                                                       c.progress, where)) if c.recover else None
+        train = (lambda model, where: pipeline.recover(
+            model, tok, c.recover, c.calib, c.seed + 1, p.devices, c.progress, where,
+            checkpoints and checkpoints.training(c.recover.steps))) if c.recover else None
         if c.slicegpt:  # weights, config and tokenizer written as each part is done
             sec = onload_slicegpt.transform(p, lz, sliced, ids, t, tmp, tok, save_dtype, train, where, checkpoints)
         else:
@@ -358,19 +359,23 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
             eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
             device: str | None = None, overwrite: bool = False, progress: bool = True, command: str | None = None,
             dtype: str | None = None, tasks: tuple[str, ...] = (), tasks_limit: int | None = None,
-            onload: str = "auto", **perp_opts) -> dict:
+            onload: str = "auto", checkpoint_s: float | None = 600.0, **perp_opts) -> dict:
     """PERP recovery of a pruned output folder into a new folder (arXiv 2312.15230). dtype: the
     weights' dtype while training (None: the one the source was compressed in). With `eval` / `tasks`,
-    the new folder's perplexity / zero-shot accuracy as saved.
+    the new folder's perplexity / zero-shot accuracy as saved. The training commits a checkpoint every
+    `checkpoint_s` seconds (None: none) into the new folder's temporary one (resume.Training): a killed
+    run's next run goes on from its last one.
 
     onload "blocks": the placement is planned before any weight is read, every tensor goes from disk
     straight to where it trains (a GPU, or CPU memory for the blocks that stream) and the new folder
     is written block by block from there, so a model larger than CPU memory recovers on GPUs that hold
     it; "whole": the model is loaded into CPU memory first; "auto": blocks when training on a GPU and
     the folder allows, else whole."""
+    import dataclasses
+
     import torch
 
-    from . import arch, checkpoint, placement, prune
+    from . import arch, checkpoint, placement, prune, resume
     from . import onload as onl
     from .eval import zeroshot
     from .recover import perp
@@ -406,6 +411,11 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     targets = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
     if lz is not None:  # planned (and refused) before anything is read; the adapted linears: the pruned ones
         where = onl.recover_plan(lz.model, targets, devs, rcfg)
+    fp = found = None
+    if checkpoint_s is not None:  # a killed run of the same training is taken over
+        what = {"command": "recover", **dataclasses.asdict(rcfg), "dtype": dtype, "onload": lz is not None}
+        fp = resume.fingerprint(what, None, Path(src), devs, dtype)
+        found = resume.find(Path(out), fp)
     cache: dict = {}
     before = {}
     if eval:
@@ -416,22 +426,26 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         todo = tuple(d for d in eval if d not in same)
         before = {**same, **(pipeline.evaluate_saved(Path(src), todo, eval_seqlen, eval_windows, dev, dtype, progress,
                                                      cache) if todo else {})}
-    if lz is not None:
-        with t("load_s"):
-            onl.load_placed(lz, devs, where)
-    pruned = perp.pruned_linears(model)
-    zeros_before = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned}
-    with t("recover_s"):
-        info = pipeline.recover(model, tok, rcfg, data, seed, devs, progress, where if lz is not None else None)
-    info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
-    info["onload"] = "whole" if lz is None else "blocks"
-    info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
-    new = mf.derive(old, versions(), ",".join(devs), onload=info["onload"])
-    new.recover, new.recovered_from = info, str(src)
-    new.steps = [*old.steps, "recover"]
-    if new.sparsity:
-        new.sparsity = {**new.sparsity, "measured": prune.measured_sparsity(model, targets)}
-    with outdir.atomic_dir(out, overwrite, sources=[src]) as tmp:
+    with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None, sources=[src],
+                           keep=resume.kept if fp else None) as tmp:
+        ck = resume.Checkpoints(tmp, fp, checkpoint_s, len(arch.blocks(model)), found[1] if found else None) \
+            if fp else None
+        if lz is not None:
+            with t("load_s"):
+                onl.load_placed(lz, devs, where)
+        pruned = perp.pruned_linears(model)
+        zeros_before = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned}
+        with t("recover_s"):
+            info = pipeline.recover(model, tok, rcfg, data, seed, devs, progress, where if lz is not None else None,
+                                    ck and ck.training(rcfg.steps))
+        info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
+        info["onload"] = "whole" if lz is None else "blocks"
+        info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
+        new = mf.derive(old, versions(), ",".join(devs), onload=info["onload"])
+        new.recover, new.recovered_from = info, str(src)
+        new.steps = [*old.steps, "recover"]
+        if new.sparsity:
+            new.sparsity = {**new.sparsity, "measured": prune.measured_sparsity(model, targets)}
         if lz is None:
             pipeline.export(model, tok, tmp, timer=t)
         else:  # block by block from where each trained
@@ -452,6 +466,9 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         for k, v in memory(",".join(devs)).items():  # the largest peak of the GPUs it trained on
             setattr(new, k, v)
         new.versions = versions()  # now that CUDA has run, if it did
+        if ck is not None:
+            new.resumed = ck.record()
+            ck.close()
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}
 

@@ -87,8 +87,8 @@ def _add_compress(sub):
                         "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
                         "the whole model (SliceGPT; PERP on the CPU)")
     g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
-                   help="while pruning block by block (and in GPTQ's pass after it; not with --tune-steps), commit a "
-                        "checkpoint every SECONDS (0: after every block; off: none): rerunning the command of a run that "
+                   help="while pruning or slicing block by block, in GPTQ's pass after it (not with --tune-steps) and "
+                        "while PERP trains, commit a checkpoint every SECONDS (0: after every block; off: none): rerunning the command of a run that "
                         "was killed goes on from its last one (default 600)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=None, help="default 200")
@@ -152,8 +152,11 @@ def cmd_compress(a) -> int:
 def _resumed(r: dict) -> str:
     """Where a resumed run went on from (manifest `resumed`, resume.Checkpoints.record)."""
     after = "".join(f", after the {d} pass" for d in r.get("passes_done", []))
-    return (f"resumed at block {r['from_block']} of {r['blocks']} of the {r.get('pass', 'prune')} pass{after}, from the "
-            f"checkpoint of {r['checkpoint']}")
+    where = [f"at block {r['from_block']} of {r['blocks']} of the {r.get('pass') or 'prune'} pass{after}"] \
+        if r.get("from_block") is not None else []
+    if r.get("perp_from_step") is not None:
+        where.append(f"PERP's training from step {r['perp_from_step']}")
+    return f"resumed {', '.join(where)}, from the checkpoint of {r['checkpoint']}"
 
 
 def _seconds_or_off(v: str, flag: str) -> float | None:
@@ -406,6 +409,10 @@ def _add_recover(sub):
                         "memory when its block streams) and the new folder written block by block; whole: the "
                         "model loaded into CPU memory first; auto: blocks when training on a GPU and the "
                         "folder allows")
+    p.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
+                   help="commit the training's state (trained tensors, AdamW's, the steps done) every SECONDS "
+                        "(0: after every step; off: none): rerunning the command of a run that was killed goes on "
+                        "from its last one (default 600)")
     _add_eval_flags(p)
     p.set_defaults(func=cmd_recover)
 
@@ -439,10 +446,13 @@ def cmd_recover(a) -> int:
                     eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen,
                     eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
                     progress=not a.no_progress, command=a.command_line, dtype=a.dtype, tasks=_tasks(a),
-                    tasks_limit=a.tasks_limit, onload=a.onload, **opts)
+                    tasks_limit=a.tasks_limit, onload=a.onload,
+                    checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"), **opts)
     r = m["recover"]
     print(f"\nsaved {m['out']}  (PERP {r['steps']} steps, {r['n_trainable']:,} trainable = {100 * r['fraction']:.3f}%,"
           f" {r['wall_s']:.0f}s, zeros unchanged: {r['zeros_unchanged']})")
+    if m.get("resumed"):
+        print(_resumed(m["resumed"]))
     pl = r.get("placement") or {}
     if pl.get("streamed_blocks"):
         n = pl["streamed_blocks"] + sum(pl["resident_blocks"].values())

@@ -437,8 +437,8 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
     """Prune block by block (OWL's outlier pass first when asked; PERP's and GPTQ's passes after, through
     the scratch folder: PERP's, `recover(model, where)`, on the devices of `where`, recover_plan); the last pass
     writes each block into `out`. `checkpoints` (resume.Checkpoints): the pruning pass and GPTQ's commit
-    checkpoints, or go on from a killed run's; PERP's training, not block by block, is done again unless the
-    killed run had finished it and GPTQ's pass follows."""
+    checkpoints, or go on from a killed run's; PERP's training commits its own (resume.Training, through
+    `recover`) and is skipped when the killed run had finished it and GPTQ's pass follows."""
     from . import prune
 
     c = p.cfg

@@ -335,10 +335,11 @@ def transform(p: Plan, model, names: list[str], ids, timer: Timer) -> dict:
 
 # --- recover --------------------------------------------------------------------------------------
 
-def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], progress: bool, where=None) -> dict:
+def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], progress: bool, where=None,
+            checkpoint=None) -> dict:
     """PERP in place on training windows drawn apart from the pruning calibration (seed + 1), on
     `devices` (placement.py; `where`: the plan the model was read onto the devices by); every tensor
-    ends where it came from."""
+    ends where it came from. `checkpoint`: the training's checkpoints (resume.Training), or None."""
     from . import prune
     from .recover import perp
 
@@ -348,7 +349,8 @@ def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], p
     # the pruned linears adapted; with none (a SliceGPT output has no zeros) every linear of the blocks: MaskLoRA
     # with all-ones masks is LoRA, as SliceGPT recovers its sliced models (arXiv 2401.15024, "recovery fine-tuning")
     masks = None if perp.pruned_linears(model) else dict.fromkeys(prune.target_linears(model))
-    info = perp.recover(model, ids, keep_masks=masks, progress=progress, devices=tuple(devices), where=where, **opts)
+    info = perp.recover(model, ids, keep_masks=masks, progress=progress, devices=tuple(devices), where=where,
+                        checkpoint=checkpoint, **opts)
     info["data"] = data_info
     return info
 

@@ -612,3 +612,67 @@ def test_a_killed_slicegpt_run_goes_on_from_its_checkpoint_to_the_same_output(tm
     assert mb["resumed"]["pass"] == stage and mb["resumed"]["from_block"] == start
     assert ma["slicegpt"] == mb["slicegpt"] and ma["steps"] == mb["steps"]
     assert ma["eval"]["wikitext2"]["ppl"] == mb["eval"]["wikitext2"]["ppl"]
+
+
+# dies by SIGKILL right after PERP's training checkpoint of step KILL_AT is committed
+KILL_TRAINING = """
+import os, signal, sys
+from llmprune import resume
+from llmprune.cli import main
+save = resume.Training.save
+def dying_save(self, state):
+    save(self, state)
+    if state["step"] == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+resume.Training.save = dying_save
+sys.exit(main({argv!r}))
+"""
+TRAININGS = {  # recipe, what the resume says besides the training's steps
+    "wanda-perp": (["--solver", "wanda"], "blocks 0-3 of 4 were pruned, "),
+    "slicegpt-perp": (["--solver", "slicegpt", "--rotation", "per-block"], "blocks 0-3 of 4 were sliced (SliceGPT), "),
+    "recover-command": (None, ""),  # `llmprune recover` of a pruned folder
+}
+
+
+@pytest.mark.parametrize("case", list(TRAININGS))
+def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp_path, capsys, monkeypatch, deep_dir,
+                                                                           calib_txt, case):
+    """PERP's training commits checkpoints (the trained tensors, AdamW's and the schedule's state, the losses) on
+    the run's clock, in `compress --recover perp` and in `recover`: a run killed while training trains only the
+    steps after its last one, to the tensors, losses and figures of a run that never stopped; the checkpoint goes
+    with the rest at the end."""
+    recipe, said = TRAININGS[case]
+    if recipe is None:
+        src = tmp_path / "pruned"
+        assert main(["compress", "--model", str(deep_dir), "--solver", "wanda", "--calib", str(calib_txt), *ARGS,
+                     "--out", str(src)]) == 0
+        argv = ["recover", str(src), "--steps", "5", "--data", str(calib_txt), "--seqlen", "32", *ARGS[6:]]
+    else:
+        argv = ["compress", "--model", str(deep_dir), *recipe, "--recover", "perp", "--recover-steps", "5",
+                "--calib", str(calib_txt), *ARGS]
+    ref = tmp_path / "ref"
+    assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", KILL_TRAINING.format(kill_at=3, argv=[*argv, "--out", str(out)])],
+                       check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    (left,) = outdir.stale(out)
+    state = json.loads((left / resume.RESUME / resume.STATE).read_text())
+    assert state["keep"]["train"]["step"] == 3 and state.get("next_block", BLOCKS) == BLOCKS
+    assert [p.name for p in (left / resume.RESUME).glob("train-*")] == ["train-000003"]  # (the earlier ones went)
+    capsys.readouterr()
+    updates = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or step(self, *a, **k))
+    assert main([*argv, "--out", str(out)]) == 0
+    out_err = capsys.readouterr()
+    assert f"resuming {left.name}: {said}PERP had trained 3 of 5 steps by a run that stopped" in out_err.err
+    assert "PERP's training from step 3, from the checkpoint of" in out_err.out
+    assert len(updates) == 2  # steps 4 and 5 only
+    assert not outdir.stale(out) and not (out / resume.RESUME).exists()
+    a, b = _tensors(ref), _tensors(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+    assert mb["recover"]["losses"] == ma["recover"]["losses"] and len(mb["recover"]["losses"]) == 5
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
+    assert mb["resumed"]["perp_from_step"] == 3 and ma.get("resumed") is None

@@ -262,6 +262,7 @@ def recover(
     devices: tuple[str, ...] | None = None,
     resident_gib: float | None = None,
     where: list[tuple[int, bool]] | None = None,
+    checkpoint=None,
 ) -> dict:
     """Retrain the selected subset of a pruned causal LM in place (PERP, arXiv 2312.15230).
 
@@ -287,6 +288,11 @@ def recover(
     from disk straight onto its devices: pass that plan as `where`); every tensor ends on the device
     it came on.
 
+    checkpoint: where the training state goes every so often and comes back from (resume.Training: `resumed()`,
+    the state a killed run saved, or None; `due()`; `save(state)`). A resumed training loads the trained tensors,
+    AdamW's and the schedule's state, the losses and the random state of the step saved, and goes on with the
+    windows after the ones it had trained on: the same updates as a training that never stopped (one process).
+
     Afterwards the adapters are merged, every module is a plain nn.Linear again, the zeros of each
     pruned weight are unchanged bit for bit, and the model is back in its dtype, devices and mode.
     Returns info: trainable parameter counts and fraction, the loss of every step, wall time.
@@ -306,29 +312,38 @@ def recover(
                             f"process: run recovery in a fresh process") from e
     t0, losses = time.perf_counter(), []
     with _trainable(model, keep_masks, train, rank, alpha, seed, mixed_precision) as s:
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         n_trainable = sum(p.numel() for p in params)
         if accelerator.num_processes > 1:  # one replica per process (DDP): each on its process's device
-            devices, where = (str(accelerator.device),), None
+            devices, where, checkpoint = (str(accelerator.device),), None, None
+        resumed = checkpoint.resumed() if checkpoint is not None else None
         devices = tuple(devices or (str(next(model.parameters()).device),))
         blocks, where, place_info = placement.plan_model(model, devices, resident_gib, batch_size, train_ids.shape[1],
                                                          s.compute, grad_checkpointing, accelerator.num_processes,
                                                          where=where)
         with placement.training_mode(model, grad_checkpointing) as checkpointing, \
                 placement.placed(model, blocks, devices, where) as streamed:
-            n_windows = steps * grad_accum * batch_size * accelerator.num_processes
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(train_ids.long()), batch_size=batch_size,
-                sampler=_order(train_ids.shape[0], n_windows, seed),
-            )
+            per_step = grad_accum * batch_size * accelerator.num_processes
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
             # The scheduler stays outside prepare(): it steps once per optimizer update, on every process.
             sched = _scheduler(schedule, optimizer, steps // 10 if warmup is None else warmup, steps)
+            rng = _load(resumed, named, optimizer, sched, losses) if resumed else None
+            loader = torch.utils.data.DataLoader(  # the windows of the steps still to do
+                torch.utils.data.TensorDataset(train_ids.long()), batch_size=batch_size,
+                sampler=_order(train_ids.shape[0], steps * per_step, seed)[len(losses) * per_step:],
+            )
             pmodel, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-            bar = tqdm(total=steps, desc="PERP", disable=not (progress and accelerator.is_local_main_process))
+            if accelerator.scaler is not None and resumed and resumed.get("scaler"):
+                accelerator.scaler.load_state_dict(resumed["scaler"])
+            bar = tqdm(total=steps, initial=len(losses), desc="PERP",
+                       disable=not (progress and accelerator.is_local_main_process))
             micro = []
             dev_type = torch.device(devices[0]).type
             for (batch,) in loader:
+                if rng is not None:  # (after the loader's iterator drew its seed, as the killed run's had)
+                    _set_rng(rng)
+                    rng = None
                 batch = batch.to(devices[0])
                 with accelerator.accumulate(pmodel):
                     with torch.autocast(dev_type, dtype=s.compute, enabled=s.autocast):
@@ -345,6 +360,8 @@ def recover(
                     micro = []
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    if checkpoint is not None and len(losses) < steps and checkpoint.due():
+                        checkpoint.save(_state(named, optimizer, sched, losses, accelerator.scaler))
             bar.close()
             accelerator.free_memory()
         s.merge = True
@@ -371,6 +388,38 @@ def recover(
         "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)},
         "notes": s.notes,
     }
+
+
+def _state(named, optimizer, sched, losses: list[float], scaler) -> dict:
+    """What a training resumes from after its last finished update: the trained tensors by name, AdamW's and the
+    schedule's state, the losses so far, the random state (dropout) and fp16's loss scale."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"step": len(losses), "params": {n: p.detach() for n, p in named}, "optimizer": optimizer.state_dict(),
+            "scheduler": sched.state_dict(), "losses": list(losses), "rng": rng,
+            "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def _load(state: dict, named, optimizer, sched, losses: list[float]) -> dict:
+    """A saved `_state` put back into the freshly made trainable tensors, optimizer and schedule; returns the
+    random state, to set once the data loader has started."""
+    saved = state["params"]
+    if set(saved) != {n for n, _ in named}:
+        raise RuntimeError("internal: the saved training state does not name this model's trained tensors")
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(saved[n])
+    optimizer.load_state_dict(state["optimizer"])  # (moves AdamW's moments to each tensor's device)
+    sched.load_state_dict(state["scheduler"])
+    losses[:] = state["losses"]
+    return state["rng"]
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _check_masks(model: nn.Module, keep_masks: dict[str, torch.Tensor | None]) -> None:
