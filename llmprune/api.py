@@ -180,6 +180,12 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
     parts = onload.disk_needed(lz, c.format, save_dtype, p.quant == "gptq" or bool(c.recover), acts) \
         if sliced is None else onload_slicegpt.disk_needed(sliced, c.format, save_dtype, lz.dtype, bool(c.recover), acts)
+    if fp and c.recover:
+        from . import prune
+
+        trained = sliced.out if sliced is not None else lz.model
+        parts["PERP's training checkpoints"] = onload.recover_bytes(
+            trained, prune.target_linears(trained) if sliced is not None else names, c.recover)
     there = outdir.folder_bytes(found[0]) if found else 0  # written already
     outdir.check_space(p.out, parts, there)
     cache: dict = {}
@@ -416,6 +422,10 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         what = {"command": "recover", **dataclasses.asdict(rcfg), "dtype": dtype, "onload": lz is not None}
         fp = resume.fingerprint(what, None, Path(src), devs, dtype)
         found = resume.find(Path(out), fp)
+    parts = {"the output": sum(q.numel() for q in model.parameters()) * getattr(torch, dtype).itemsize}
+    if fp:
+        parts["PERP's training checkpoints"] = onl.recover_bytes(model, targets, rcfg)
+    outdir.check_space(out, parts, outdir.folder_bytes(found[0]) if found else 0)
     cache: dict = {}
     before = {}
     if eval:

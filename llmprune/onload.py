@@ -363,9 +363,20 @@ def recover_plan(model: nn.Module, targets: list[str], devices: tuple[str, ...],
     part adapts the whole linear); refuses what training would."""
     from .recover import perp
 
+    return perp.plan(model, _adapted(model, targets), devices, rcfg.seqlen, **rcfg.perp_options())
+
+
+def recover_bytes(model: nn.Module, targets: list[str], rcfg) -> int:
+    """The disk PERP's training checkpoints take at most (two at once: the next is written before the last
+    goes), from `model` on the meta device."""
+    from .recover import perp
+
+    return 2 * 12 * perp.trainable(model, _adapted(model, targets), **rcfg.perp_options())
+
+
+def _adapted(model: nn.Module, targets: list[str]) -> dict:
     names = dict.fromkeys(t if moe.parse_view(t) else t.split("[")[0] for t in targets)
-    adapted = dict.fromkeys(n for n in names if moe.parse_view(n) or isinstance(archmod.get(model, n), nn.Linear))
-    return perp.plan(model, adapted, devices, rcfg.seqlen, **rcfg.perp_options())
+    return dict.fromkeys(n for n in names if moe.parse_view(n) or isinstance(archmod.get(model, n), nn.Linear))
 
 
 def write_model(lz: lazy.LazyModel, tok, folder: Path, save_dtype: torch.dtype) -> None:

@@ -185,6 +185,24 @@ def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
         assert rc == 2 and msg in err and not (tmp_path / "o").exists(), err
 
 
+def test_recover_refuses_a_disk_too_small_before_training(tmp_path, capsys, monkeypatch, pruned_24, calib_txt):
+    """The new folder (in the training dtype) and two of the training's checkpoints must fit the output's disk:
+    refused in one line before any training, nothing written."""
+    import shutil
+
+    from llmprune import pipeline
+
+    real, trained = shutil.disk_usage, []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(pipeline, "recover", lambda *a, **k: trained.append(1))
+    rc = main(["recover", str(pruned_24), "--out", str(tmp_path / "o"), "--steps", "3", "--data", str(calib_txt),
+               "--seqlen", "32", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("llmprune: error: o needs "), err
+    assert "(the output " in err[0] and " + PERP's training checkpoints " in err[0] and "choose another --out" in err[0]
+    assert not trained and [p.name for p in tmp_path.iterdir()] == []
+
+
 def test_onload_blocks_is_refused_with_one_replica_per_process(tmp_path, capsys, monkeypatch, pruned_24, tiny_dir,
                                                                calib_txt):
     """Under torchrun / accelerate launch (WORLD_SIZE > 1) every process trains its own replica: reading one model

@@ -611,18 +611,19 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path, calib_txt, shape, layers
 
     preset, over, per_block = SHAPES[shape]
     peaks = {}
+    modes = ("whole", "blocks") if shape == "llama" else ("blocks",)  # (the whole load's growth shown once)
     for n in layers:
         src = write(tmp_path / f"m{n}", preset, "float32", seed=0, num_hidden_layers=n, **over)
-        for mode in ("whole", "blocks"):
+        for mode in modes:
             out = subprocess.run([sys.executable, "-c", PEAK, str(src), str(tmp_path / f"o{n}{mode}"), str(calib_txt),
                                   mode], capture_output=True, text=True, check=False, timeout=600,
                                  env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
             assert out.returncode == 0, out.stderr[-2000:]
             peaks[(n, mode)] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     extra_blocks_mib = (layers[1] - layers[0]) * per_block * 4 / 2**20  # 10 blocks of 4.2M fp32 parameters
-    grow_whole = peaks[(layers[1], "whole")] - peaks[(layers[0], "whole")]
     grow_blocks = peaks[(layers[1], "blocks")] - peaks[(layers[0], "blocks")]
-    assert grow_whole > 0.5 * extra_blocks_mib, peaks
+    if "whole" in modes:  # (the measure sees the deeper model's weights where they are held)
+        assert peaks[(layers[1], "whole")] - peaks[(layers[0], "whole")] > 0.5 * extra_blocks_mib, peaks
     assert grow_blocks < 0.1 * extra_blocks_mib, peaks
 
 

@@ -127,15 +127,15 @@ def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, c
     assert r["from_block"] == 3 and r["blocks"] == BLOCKS and r["runs"] == 2 and r["earlier_s"] > 0
 
 
-@pytest.mark.parametrize("killed,rerun", [([], []), (["--hessian-gib", "0"], ["--hessian-gib", "0"]),
-                                          (["--hessian-gib", "0"], [])])
+@pytest.mark.parametrize("killed,rerun", [([], []), (["--hessian-gib", "0"], [])])
 def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys, monkeypatch, calib_txt, killed,
                                                                rerun):
     """A Mixture-of-Experts model read and written block by block (experts fused in memory, one linear
     per expert in the files: stored.py) resumes into the same files, byte for byte; with its Hessians collected a
     run at a time too (--hessian-gib 0), and the manifest counts the runs of the blocks before the kill. The
     budget is not the recipe (it moves no weight): a run killed under one goes on under another (after running
-    out of memory, say), and the count is the blocks' before the kill plus the rerun's."""
+    out of memory, say), to the files of a run under the default, and the count is the blocks' before the kill
+    plus the rerun's. (The same budget killed and rerun was a third case, dropped for the suite's time.)"""
     from llmprune import lazy
 
     src = tiny_model_dir(tmp_path / "moe", "qwen3_moe", seed=3, num_hidden_layers=BLOCKS)
@@ -151,8 +151,6 @@ def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys,
     per_block = 2 + 7 + 7  # q, k, v apart; 8 experts' gate+up; 8 downs
     if not killed:
         assert mb.get("hessian_runs") is ma.get("hessian_runs") is None
-    elif rerun:
-        assert mb["hessian_runs"] == ma["hessian_runs"] == {"budget_gib": 0.0, "extra": BLOCKS * per_block}
     else:  # blocks 0-2 under the killed run's budget, block 3 under the default (one run a group)
         assert ma.get("hessian_runs") is None and mb["hessian_runs"]["extra"] == 3 * per_block
 
@@ -452,8 +450,7 @@ TWO_PASSES = {  # compress with a pass after the pruning's, through the scratch 
     "perp-gptq-killed-before-quantizing": ([*RECOVER, *W4S24_GPTQ], ("gptq", 0), ("recover", 4, ["prune"]),
                                            "blocks 0-3 of 4 were pruned, blocks 0-3 of 4 were retrained (PERP)",
                                            (set(), 0, ALL)),
-    "perp-killed-pruning": (RECOVER, ("prune", 2), ("prune", 2, []), "blocks 0-1 of 4 were pruned", ({"2", "3"}, 1, set())),
-}
+}  # (PERP killed while pruning was a case: the training checkpoints' test kills pruning + PERP while training)
 
 
 def _counted(monkeypatch) -> dict[str, list]:
@@ -477,8 +474,8 @@ def _two_pass_argv(deep_dir, calib_txt, recipe) -> list[str]:
 def test_a_run_killed_in_either_pass_goes_on_from_that_pass(tmp_path, capsys, monkeypatch, deep_dir, calib_txt, case):
     """GPTQ (and PERP) after the pruning: the pruning pass commits checkpoints of the scratch folder, PERP one when it
     has written the trained blocks there, GPTQ's pass checkpoints of the output; a run killed in GPTQ's pass prunes
-    and trains nothing again, one killed while pruning prunes from its checkpoint on (PERP, not block by block,
-    trains again) - to the output of a run never stopped."""
+    and trains nothing again, one killed while pruning prunes from its checkpoint on - to the output of a run never
+    stopped."""
     from llmprune import lazy
 
     recipe, (stage, at), left_at, said, (pruned, trained, packed) = TWO_PASSES[case]
@@ -660,6 +657,7 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
     assert state["keep"]["train"]["step"] == 3 and state.get("next_block", BLOCKS) == BLOCKS
     assert [p.name for p in (left / resume.RESUME).glob("train-*")] == ["train-000003"]  # (the earlier ones went)
+    saved = (left / resume.RESUME / state["keep"]["train"]["file"]).stat().st_size
     capsys.readouterr()
     updates = []
     step = torch.optim.AdamW.step
@@ -676,3 +674,5 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
     assert mb["recover"]["losses"] == ma["recover"]["losses"] and len(mb["recover"]["losses"]) == 5
     assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
     assert mb["resumed"]["perp_from_step"] == 3 and ma.get("resumed") is None
+    n = mb["recover"]["n_trainable"]  # fp32 tensors and AdamW's two moments: the disk check's 12 bytes each
+    assert 12 * n < saved < 12 * n + 200_000, (saved, n)

@@ -239,6 +239,14 @@ def plan(model: nn.Module, keep_masks: dict, devices: tuple[str, ...], seqlen: i
                                     grad_checkpointing)[1]
 
 
+def trainable(model: nn.Module, keep_masks: dict, train=("norms", "biases", "masklora"), rank: int = 16,
+              alpha: float | None = None, mixed_precision: str = "no", **_) -> int:
+    """How many parameters `recover` trains in `model` (its weights may be on the meta device): what its
+    checkpoints hold, 12 bytes each with AdamW's two moments (resume.Training)."""
+    with _trainable(model, keep_masks, tuple(train), rank, alpha, 0, mixed_precision) as s:
+        return sum(s.counts.values())
+
+
 def recover(
     model: nn.Module,
     train_ids: torch.Tensor,
