@@ -117,7 +117,9 @@ perp() {  # PERP on CUDA with every block on the GPU and with the blocks streame
   # --resident-gib 2.2 (the 2.1 GB embedding and head, no block: both stream from CPU memory), and once more
   # resident with --onload whole (the source loaded into CPU memory first, as before session 16). The manifests
   # give recover seconds, peak GPU memory, peak RSS (blocks read straight to the GPU should keep it far below
-  # the whole load's) and the GB streamed; the three folders' weights are compared. Last, `compress --recover`
+  # the whole load's) and the GB streamed; the three folders' weights are compared (the streamed run commits a
+  # training checkpoint after every step: resume.Training's save of CUDA tensors and states, which must not change
+  # what it trains). Last, `compress --recover`
   # of the same model in one command (blocks path), with its timings and peak memory.
   # CPU dry run: DEVICE=cpu SL=64 PERP_S=600 OUT=/tmp/x bash bench/gpu_kernels.sh perp
   local d=${DEVICE:-cuda} sl=${SL:-512} m=/tmp/syn-perp rc=0
@@ -125,7 +127,7 @@ perp() {  # PERP on CUDA with every block on the GPU and with the blocks streame
   $PY -m llmprune.cli compress --model $m --solver wanda --device $d --nsamples 4 --seqlen 256 --calib wikitext2 \
       --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-perp-src || return 1
   for r in resident 2.2 whole; do
-    local extra="--onload blocks"; [ $r = 2.2 ] && extra="--onload blocks --resident-gib $r"
+    local extra="--onload blocks"; [ $r = 2.2 ] && extra="--onload blocks --resident-gib $r --checkpoint-every 0"
     [ $r = whole ] && extra="--onload whole"
     $PY -m llmprune.cli recover /tmp/o-perp-src --out /tmp/o-perp-$r --steps 4 --batch 2 --seqlen $sl \
         --data wikitext2 --device $d --dtype bfloat16 --no-progress --overwrite $extra \

@@ -14,9 +14,9 @@ fingerprint, takes the folder over, skips the passes the killed run finished and
 stopped in from the block after the checkpoint: the same tensors and figures as a run that never
 stopped (tests/test_resume.py), for at most `--checkpoint-every` seconds of work done twice. PERP's training
 commits its own checkpoints on the same clock (`Training`: the trained tensors, AdamW's state, the steps done)
-and goes on from the last one; once its result is written it is a finished pass. A run that fails or is interrupted (Ctrl-C, a CUDA out-of-memory error) after a checkpoint keeps
-the folder too, and says so (`kept`, outdir.atomic_dir); a run that cannot resume it (another recipe)
-removes it as a stale one.
+and goes on from the last one; once its result is written it is a finished pass. A run that fails or is
+interrupted (Ctrl-C, a CUDA out-of-memory error) after a checkpoint keeps the folder too, and says so (`kept`,
+outdir.atomic_dir); a run that cannot resume it (another recipe) removes it as a stale one.
 """
 from __future__ import annotations
 
