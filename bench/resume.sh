@@ -56,18 +56,15 @@ if [ "$EVERY_BLOCK" = 1 ]; then
   names="$names every-block"
 fi
 $PY - "$OUT" $names <<'PY'
-import hashlib, json, sys
+import json, sys
 out = sys.argv[1]
 from pathlib import Path
-def digest(name):  # every weights file, in order
-    h = hashlib.sha256()
-    for f in sorted(Path(out, name).glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+sys.path.insert(0, "bench")
+from same_tensors import digest  # sha256 of every weights file, in order
 for name in sys.argv[2:]:
     m = json.load(open(f"{out}/{name}/llmprune.json"))
     t = m["timings"]
-    print(f"{name:12s} *.safetensors sha256 {digest(name)}  sparsity {m['sparsity']['measured']:.6f}  "
+    print(f"{name:12s} *.safetensors sha256 {digest(Path(out, name))}  sparsity {m['sparsity']['measured']:.6f}  "
           f"ppl {m['eval']['wikitext2']['ppl']:.4f} (dense {m['eval']['wikitext2']['dense_ppl']:.4f})  "
           f"compress_s {t['compress_s']}  total_s {t['total_s']}  resumed {m.get('resumed')}")
 PY

@@ -45,19 +45,16 @@ grep -h "resuming\|resumed " "$OUT/resumed.log"
 echo "\$ llmprune $cmd --out OUT/every-step --checkpoint-every 0"
 run every-step --checkpoint-every 0
 $PY - "$OUT" reference resumed every-step <<'PY'
-import hashlib, json, sys
+import json, sys
 from pathlib import Path
 out = sys.argv[1]
-def digest(name):  # every weights file, in order
-    h = hashlib.sha256()
-    for f in sorted(Path(out, name).glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+sys.path.insert(0, "bench")
+from same_tensors import digest  # sha256 of every weights file, in order
 ref = json.load(open(f"{out}/reference/llmprune.json"))["recover"]["losses"]
 for name in sys.argv[2:]:
     m = json.load(open(f"{out}/{name}/llmprune.json"))
     r = m["recover"]
-    print(f"{name:10s} *.safetensors sha256 {digest(name)}  steps {r['steps']}  last loss {r['losses'][-1]:.6f}  "
+    print(f"{name:10s} *.safetensors sha256 {digest(Path(out, name))}  steps {r['steps']}  last loss {r['losses'][-1]:.6f}  "
           f"losses == reference's: {r['losses'] == ref}  trainable {r['n_trainable']:,}  recover wall_s {r['wall_s']:.1f}  "
           f"resumed {m.get('resumed')}")
 PY

@@ -2,6 +2,7 @@
 
     python bench/same_tensors.py FOLDER_A FOLDER_B     (exit 1 when they differ)
 """
+import hashlib
 import sys
 from pathlib import Path
 
@@ -16,6 +17,14 @@ def tensors(folder: Path) -> dict[str, Path]:
             names = list(h.keys())
         out.update((n, f) for n in names)
     return out
+
+
+def digest(folder) -> str:
+    """sha256 of every weights file of `folder`, in name order (the first 16 hex digits): same bytes, same digest."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def main(a: str, b: str) -> int:
