@@ -88,8 +88,8 @@ def _add_compress(sub):
                         "the whole model (SliceGPT; PERP on the CPU)")
     g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
                    help="while pruning or slicing block by block, in GPTQ's pass after it (not with --tune-steps) and "
-                        "while PERP trains, commit a checkpoint every SECONDS (0: after every block; off: none): rerunning the command of a run that "
-                        "was killed goes on from its last one (default 600)")
+                        "while PERP trains, commit a checkpoint every SECONDS (0: after every block or step; off: "
+                        "none): rerunning the command of a run that was killed goes on from its last one (default 600)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=None, help="default 200")
     g.add_argument("--recover-lr", type=float, default=None)

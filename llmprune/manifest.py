@@ -138,10 +138,11 @@ def ppl_protocol(r: dict, m: dict | None = None, words: bool = False) -> str:
 def derive(old: Manifest, versions: dict, device: str | None, **changes) -> Manifest:
     """The manifest of a folder another command (pack, recover, export) made from `old`'s folder: its
     sections carried over, its figures and its run's memory cleared (`eval`, `zeroshot`, peak memory, I/O,
-    how the weights were read and whether the run was resumed describe the old folder's run; `changes` override more), and that run
-    (steps, command, device, versions, peak memory, onload) appended to `history`, so that `device`,
-    `versions`, `onload` and the peaks name the run whose figures this manifest holds (the caller sets them
-    again once that run is done: `versions` names the GPU only once CUDA has been used)."""
+    how the weights were read and whether the run was resumed describe the old folder's run; `changes`
+    override more), and that run (steps, command, device, versions, peak memory, onload) appended to
+    `history`, so that `device`, `versions`, `onload` and the peaks name the run whose figures this manifest
+    holds (the caller sets them again once that run is done: `versions` names the GPU only once CUDA has been
+    used)."""
     new = Manifest.from_dict({**old.to_dict(), "eval": {}, "zeroshot": None, "peak_rss_mib": None,
                               "peak_gpu_mib": None, "io_bytes": None, "onload": None, "resumed": None,
                               **changes})
