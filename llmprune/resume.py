@@ -199,7 +199,7 @@ class Checkpoints:
         trained = self.keep.pop("train", None)  # (PERP's training checkpoint: its result is now the pass's)
         self.commit()
         if trained:
-            Training(self).remove()
+            _remove_but(self.dir, "train-*")
 
     def training(self, steps: int) -> Training:
         """PERP's training checkpoints, committed with the run's on the same clock (a training of `steps` steps)."""
@@ -235,9 +235,7 @@ class Checkpoints:
                       "experts": experts, "replayed": replayed, "hessian_extra": hessian_extra,
                       "out": self.out.snapshot()}
         self.commit()
-        for p in self.dir.glob("hidden-*"):
-            if p.name != name:
-                shutil.rmtree(p, ignore_errors=True)
+        _remove_but(self.dir, "hidden-*", name)
 
     def commit(self) -> None:
         """Write the state: the current pass's last checkpoint, the finished passes', the run's."""
@@ -294,12 +292,14 @@ class Training:
             os.fsync(f.fileno())
         self.ck.keep["train"] = {"file": f"{name}/{self.FILE}", "step": state["step"], "steps": self.steps}
         self.ck.commit()
-        self.remove(keep=name)
+        _remove_but(self.ck.dir, "train-*", name)
 
-    def remove(self, keep: str | None = None) -> None:
-        for p in self.ck.dir.glob("train-*"):
-            if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
+
+def _remove_but(folder: Path, pattern: str, keep: str | None = None) -> None:
+    """Remove the checkpoint folders matching `pattern` in `folder` except `keep` (the one just committed)."""
+    for p in folder.glob(pattern):
+        if p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _save_hidden(folder: Path, hidden: list[torch.Tensor]) -> None:
