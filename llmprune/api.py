@@ -173,8 +173,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
             from . import prune
 
             where = onload.recover_plan(sliced.out, prune.target_linears(sliced.out), p.devices, c.recover)
-    # the passes over the blocks commit checkpoints (not scale tuning's training); a killed run's is taken over
-    if c.checkpoint_s is not None and (c.slicegpt or not (p.quant == "gptq" and p.gptq.tune_steps)):
+    # the passes over the blocks and the trainings commit checkpoints; a killed run's is taken over
+    if c.checkpoint_s is not None:
         fp = resume.fingerprint(c.as_dict(), ids, lz.folder, p.devices, save_dtype)
         found = resume.find(p.out, fp)
     acts = ids.numel() * lz.model.config.hidden_size * lz.dtype.itemsize if fp and ids is not None else 0
@@ -186,6 +186,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
         trained = sliced.out if sliced is not None else lz.model
         parts["PERP's training checkpoints"] = onload.recover_bytes(
             trained, prune.target_linears(trained) if sliced is not None else names, c.recover)
+    if p.quant == "gptq" and p.gptq.tune_steps:
+        parts |= onload.tune_bytes(sliced.out if sliced is not None else lz.model, ids, c.group_size, bool(fp))
     there = outdir.folder_bytes(found[0]) if found else 0  # written already
     outdir.check_space(p.out, parts, there)
     cache: dict = {}
@@ -546,7 +548,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
                     "whole" + (f": {why}" if why else ""))
     new.packed_from, new.command = str(src), command
     fp = found = None
-    if lz is not None and checkpoint_s is not None and not (gcfg and gcfg.tune_steps):
+    if lz is not None and checkpoint_s is not None:
         import torch
 
         recipe = {"fmt": fmt, "quant": quant, "group_size": group_size, "symmetric": symmetric, "save_dtype": save_dtype,
@@ -554,6 +556,9 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
                   "seed": seed}
         fp = resume.fingerprint(recipe, ids, lz.folder, tuple(devs), getattr(torch, save_dtype))
         found = resume.find(Path(out), fp)
+    if lz is not None and gcfg and gcfg.tune_steps:  # (the packed output, smaller than its source, is not counted)
+        outdir.check_space(Path(out), onl.tune_bytes(lz.model, ids, group_size, bool(fp)),
+                           outdir.folder_bytes(found[0]) if found else 0)
     ck = None
     with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None, sources=[src],
                            keep=resume.kept if fp else None) as tmp:

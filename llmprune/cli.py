@@ -87,8 +87,8 @@ def _add_compress(sub):
                         "GPU or a small CPU machine); whole: the model in memory; auto: blocks unless a step needs "
                         "the whole model (SliceGPT; PERP on the CPU)")
     g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
-                   help="while pruning or slicing block by block, in GPTQ's pass after it (not with --tune-steps) and "
-                        "while PERP trains, commit a checkpoint every SECONDS (0: after every block or step; off: "
+                   help="while pruning or slicing block by block, in GPTQ's pass after it and while PERP or the "
+                        "scale tuning trains, commit a checkpoint every SECONDS (0: after every block or step; off: "
                         "none): rerunning the command of a run that was killed goes on from its last one (default 600)")
     g.add_argument("--recover", default=None, choices=["perp"], help="retrain a tiny subset after pruning (PERP)")
     g.add_argument("--recover-steps", type=int, default=None, help="default 200")
@@ -156,7 +156,10 @@ def _resumed(r: dict) -> str:
         if r.get("from_block") is not None else []
     if r.get("perp_from_step") is not None:
         where.append(f"PERP's training from step {r['perp_from_step']}")
-    return f"resumed {', '.join(where)}, from the checkpoint of {r['checkpoint']}"
+    if r.get("tune_from_step") is not None:
+        where.append(f"the scale tuning from step {r['tune_from_step']}")
+    return f"resumed {', '.join(where) or 'after the teacher pass of scale tuning'}, from the checkpoint of " \
+           f"{r['checkpoint']}"
 
 
 def _seconds_or_off(v: str, flag: str) -> float | None:
@@ -515,9 +518,10 @@ def _add_pack(sub):
     p.add_argument("--device", default=None)
     _add_hessian_gib(p, "GPTQ")
     p.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
-                   help="while packing block by block (not with --tune-steps), commit a checkpoint every SECONDS "
-                        "(0: after every block that completes a file; off: none): rerunning the command of a run "
-                        "that was killed goes on from its last one (default 600)")
+                   help="while packing block by block (and while the scales train, --tune-steps), commit a "
+                        "checkpoint every SECONDS (0: after every block that completes a file, or every step; off: "
+                        "none): rerunning the command of a run that was killed goes on from its last one "
+                        "(default 600)")
     p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
                    help="blocks: the source stays on disk and is packed one decoder block at a time (scale "
                         "tuning reads it to where it trains); whole: in memory; auto: blocks where the folder "

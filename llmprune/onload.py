@@ -105,6 +105,24 @@ def disk_needed(lz: lazy.LazyModel, fmt: str, save_dtype: torch.dtype, scratch: 
     return parts
 
 
+def tune_bytes(model: nn.Module, ids: torch.Tensor, group_size, checkpoints: bool) -> dict:
+    """What GPTQ with scale tuning from disk (gptq_tuned) writes into the output's folder besides the output, in
+    bytes, by part, at most (every weight matrix of the blocks counted as quantized, `--group-size auto` as the
+    smallest group): GPTQ's codes (a byte a weight, 3 bytes a group for its scale and zero point) and the tuned
+    scales (fp16); with `checkpoints`, the teacher's hidden states (fp32) and two training checkpoints (a scale
+    offset and Adam's two moments a group, fp32)."""
+    from .formats import GROUPS
+
+    blocks = f"{archmod.arch_of(model).blocks}."
+    n = sum(t.numel() for k, t in model.state_dict(keep_vars=True).items() if k.startswith(blocks) and t.dim() >= 2)
+    groups = n // (group_size if isinstance(group_size, int) else min(GROUPS))
+    parts = {"GPTQ's codes and tuned scales": n + 3 * groups + 2 * groups}
+    if checkpoints:
+        parts["the teacher's hidden states"] = ids.numel() * model.config.hidden_size * 4
+        parts["scale tuning's checkpoints"] = 2 * 12 * groups
+    return parts
+
+
 # --- the output, written block by block ----------------------------------------------------------
 
 class Output:
@@ -518,8 +536,9 @@ def transform(p, lz: lazy.LazyModel, names: list[str], ids, timer, out: Output, 
 
 def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size, symmetric, gptq, batch_size: int,
               devices: tuple[str, ...], progress: bool, checkpoints=None) -> dict:
-    """GPTQ block by block; each block's codes go straight to the packer (never the whole model's).
-    `checkpoints` (resume.Checkpoints; not with scale tuning): the pass commits checkpoints, or goes on from one."""
+    """GPTQ block by block; each block's codes go straight to the packer (never the whole model's), or, with
+    scale tuning, to the scratch folder until the scales are tuned (gptq_tuned). `checkpoints`
+    (resume.Checkpoints): the pass (and the tuning) commits checkpoints, or goes on from one."""
     from .quant.sequential import gptq_sequential
 
     info: dict = {}
@@ -528,7 +547,7 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
     if gptq.tune_steps:
         with timer("gptq_s"):
             gptq_tuned(lz, ids, out.folder, fmt, group_size, symmetric, gptq, batch_size, devices, progress,
-                       out.packer.dtype, info, out.block)
+                       out.packer.dtype, info, out.block, checkpoints)
         out.packer.quant_opts = {**gptq.as_dict(), **info}
         return info
     store = block_store(lz, sink=lambda i, m: out.block(i, m, quantized=pending.pop(i, {})))
@@ -542,12 +561,18 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
 
 class Codes:
     """GPTQ's codes, block by block, kept on disk until the scales are tuned: one safetensors file a
-    block (codes, scales, zero points of its quantized linears) in a scratch folder."""
+    block (codes, scales, zero points of its quantized linears) in a scratch folder; the tuned scales, once
+    trained, in one file more (`tuned`), which `get` reads over GPTQ's. Takes checkpoints (resume.py) as an
+    Output does: a killed run's next run takes its files over."""
+
+    TUNED = "tuned-scales.safetensors"
 
     def __init__(self, folder: Path):
         self.dir = Path(folder) / CODES
-        self.dir.mkdir()
+        self.dir.mkdir(exist_ok=True)  # (a resumed run's is taken over: `restore`)
         self.blocks: dict[int, dict[str, dict]] = {}  # block -> its layers' group_size / symmetric / damp
+        self.is_tuned = False
+        self.unsynced: list[Path] = []
 
     def _path(self, i: int) -> Path:
         return self.dir / f"block-{i:05d}.safetensors"
@@ -561,6 +586,34 @@ class Codes:
         self.blocks[i] = {n: {"group_size": q.group_size, "symmetric": q.symmetric, "damp": q.damp}
                           for n, q in codes.items()}
         save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(self._path(i)))
+        self.unsynced.append(self._path(i))
+
+    def tuned(self, scales: dict[str, torch.Tensor]) -> None:
+        """The tuned scales ({layer: fp16 scales}), which `get` gives from now on."""
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous().cpu() for n, t in scales.items()}, str(self.dir / self.TUNED))
+        self.unsynced.append(self.dir / self.TUNED)
+        self.is_tuned = True
+
+    # --- checkpoints (resume.py), as Output's ---
+
+    def ready(self) -> bool:
+        return True
+
+    def sync(self) -> dict[str, int]:
+        lazy.fsync(self.unsynced)
+        self.unsynced = []
+        files = [self._path(i) for i in self.blocks] + ([self.dir / self.TUNED] if self.is_tuned else [])
+        return {f"{CODES}/{f.name}": f.stat().st_size for f in files}
+
+    def snapshot(self) -> dict:
+        return {"blocks": {str(i): layers for i, layers in self.blocks.items()}, "tuned": self.is_tuned}
+
+    def restore(self, s: dict, start: int) -> None:
+        """Take over a killed run's codes (the blocks before `start`; the tuned scales once trained)."""
+        self.blocks = {int(i): layers for i, layers in s["blocks"].items() if int(i) < start}
+        self.is_tuned = s.get("tuned", False)
 
     def meta(self) -> dict:
         """{name: Quantized} of every layer on the meta device (shapes and dtypes only), for planning."""
@@ -584,6 +637,11 @@ class Codes:
         if i not in self.blocks:
             return {}
         t = load_file(str(self._path(i)))
+        if self.is_tuned:
+            from safetensors import safe_open
+
+            with safe_open(str(self.dir / self.TUNED), framework="pt") as f:
+                t |= {f"{n}.scales": f.get_tensor(n) for n in self.blocks[i]}
         return {n: Quantized(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"], **opts)
                 for n, opts in self.blocks[i].items()}
 
@@ -600,37 +658,45 @@ def teacher(lz: lazy.LazyModel, ids, batch_size: int, device, progress: bool) ->
 
 
 def gptq_tuned(lz: lazy.LazyModel, ids, folder: Path, fmt: str, group_size, symmetric, gptq, batch_size: int,
-               devices: tuple[str, ...], progress: bool, dtype, info: dict, sink) -> None:
+               devices: tuple[str, ...], progress: bool, dtype, info: dict, sink, checkpoints=None) -> None:
     """GPTQ and then its scales tuned end to end (quant/tune.py, EfficientQAT's E2E-QP), the model never
     whole in CPU memory: the teacher's final hidden states from a walk over the blocks as they are;
     GPTQ's block-sequential pass, each block's codes kept on disk (`Codes`), its weights let go; then
     the tuning places the model (placement.py, planned on the meta device first) and reads it from disk
     straight there, each quantized linear as its int8 levels and scales (the dense weight is not read);
     at the end `sink(i, block, {name: Quantized})` gets every block, its quantized linears holding the
-    tuned dequantized weights. What GPTQ and the tuning did goes into `info` (`info["tune"]`)."""
+    tuned dequantized weights. What GPTQ and the tuning did goes into `info` (`info["tune"]`).
+    `checkpoints` (resume.Checkpoints): the teacher's states are kept once computed, GPTQ's pass commits
+    checkpoints of the codes, the tuning its own (`tune_train`), and its result (the tuned scales) as the "tune"
+    pass; a killed run's next run goes on from there (only the blocks handed to `sink` are done again)."""
     from .quant.sequential import gptq_sequential
 
-    targets = teacher(lz, ids, batch_size, devices[0], progress)  # before any weight changes
-    codes = Codes(folder)
-    try:
-        with walker.onload(lz.model, block_store(lz)):
-            gptq_sequential(lz.model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
-                            progress=progress, dtype=dtype, info=info, on_block=codes.put, devices=devices,
-                            **{**gptq.as_dict(), "tune_steps": 0})
-        if codes.blocks:
-            info["tune"] = tune_placed(lz, codes, ids, targets, gptq.tune_steps, gptq.tune_lr, devices, progress, sink)
-        else:
-            each_block(lz, devices[0], lambda i, block: sink(i, block, {}), progress)
-    finally:
-        codes.close()
+    ck = checkpoints
+    targets = ck.kept_tensor("teacher") if ck is not None else None
+    if targets is None:
+        targets = teacher(lz, ids, batch_size, devices[0], progress)  # before any weight changes
+        if ck is not None:
+            ck.keep_tensor("teacher", targets)
+    codes = Codes(folder)  # (kept when this fails: a checkpoint may count on it; the output's folder goes without)
+    with walker.onload(lz.model, block_store(lz)):
+        gptq_sequential(lz.model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=devices[0],
+                        progress=progress, dtype=dtype, info=info, on_block=codes.put, devices=devices,
+                        resume=ck and ck.begin("gptq", codes), **{**gptq.as_dict(), "tune_steps": 0})
+    if codes.blocks:
+        info["tune"] = tune_placed(lz, codes, ids, targets, gptq.tune_steps, gptq.tune_lr, devices, progress, sink, ck)
+    else:
+        each_block(lz, devices[0], lambda i, block: sink(i, block, {}), progress)
+    codes.close()
 
 
 def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: float, devices: tuple[str, ...],
-                progress: bool, sink) -> dict:
+                progress: bool, sink, checkpoints=None) -> dict:
     """The tuning of gptq_tuned: the model read to where it trains, its scales tuned (quant.tune.train),
     each block handed to `sink`; returns the tuning's info. A Mixture-of-Experts block's fused experts train as
     quant.tune.scaled_experts: their fused weights are not read where GPTQ's codes cover them (their biases are),
-    and the sink gets the fused module back, its quantized rows the tuned codes dequantized."""
+    and the sink gets the fused module back, its quantized rows the tuned codes dequantized. `checkpoints`: the
+    training commits its own (resume.Training), its result (`codes.tuned`) is the "tune" pass; when the killed
+    run had finished that pass, nothing trains."""
     import time
 
     from .quant import tune
@@ -660,14 +726,21 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
                 if n not in views:  # the meta ScaledLinear holds the bias just read
                     archmod.set_module(model, n, tune.ScaledLinear(q, archmod.get(model, n).bias, dev))
             tune.scaled_in_place(model, views, dev)  # the fused experts (in `originals` already) split
-        kept, info = tune.train(model, ids, targets, steps, lr, devices=devices, progress=progress, blocks=blocks,
-                                where=where)
+        ck = checkpoints
+        if ck is not None and ck.finished("tune"):
+            info = ck.keep["tune"]  # trained by the killed run: its scales are in `codes` when they were kept
+            codes.is_tuned = info["kept"] == "tuned"
+        else:
+            kept, info = tune.train(model, ids, targets, steps, lr, devices=devices, progress=progress, blocks=blocks,
+                                    where=where, checkpoint=ck and ck.training(steps, "tune_train"))
+            if kept:
+                codes.tuned({n: model.get_submodule(moe.stored_name(n)).s0.half().cpu() for n in codes.meta()})
+            if ck is not None:
+                ck.keep["tune"] = info
+                ck.passed("tune", codes)
         trim_heap()  # the training's freed activations back to the OS before the blocks' dense weights are rebuilt
         for i, block in enumerate(blocks):
             layers = codes.get(i)
-            if kept:
-                for n, q in layers.items():
-                    layers[n] = dataclasses.replace(q, scales=model.get_submodule(moe.stored_name(n)).s0.half().cpu())
             # the block's split experts (their int8 levels) let go before their fused weights are rebuilt
             tune.restore(model, {v[0]: originals[v[0]] for v in map(moe.parse_view, layers) if v})
             with _tuned_weights(lz, model, layers, originals):
@@ -759,7 +832,7 @@ def pack(lz: lazy.LazyModel, tok, folder: Path, fmt: str, quant: str | None, gro
          progress: bool, timer, checkpoints=None) -> dict:
     """`llmprune pack` of a saved dense output, block by block: each block read, packed (RTN here, or
     GPTQ's pass on calibration data), written, freed. Returns the manifest's format section.
-    `checkpoints` (resume.Checkpoints; not with scale tuning): the pass commits checkpoints, or goes on from one."""
+    `checkpoints` (resume.Checkpoints): the pass commits checkpoints, or goes on from one."""
     from . import packed
 
     packer = packed.PackWriter(folder, fmt, quant, group_size, symmetric, save_dtype)

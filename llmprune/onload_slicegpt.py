@@ -266,9 +266,8 @@ def transform(p, lz: lazy.LazyModel, pl: Plan, ids, timer, folder: Path, tok, sa
         sec["steps"].append("recover")
     if packs:  # GPTQ sees the calibration the slicing saw (the manifest's `calibration`)
         sl = lazy.LazyModel(dest, lz.dtype)
-        ck = None if p.gptq and p.gptq.tune_steps else checkpoints
         sec["format"] = onload.pack(sl, tok, folder, c.format, p.quant, c.group_size, c.symmetric, save_dtype, p.gptq,
-                                    ids, None, p.devices, c.calib_batch, c.progress, timer, ck)
+                                    ids, None, p.devices, c.calib_batch, c.progress, timer, checkpoints)
     return sec
 
 

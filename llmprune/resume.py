@@ -13,8 +13,10 @@ versions and processors, the devices). The next run of the same command finds th
 fingerprint, takes the folder over, skips the passes the killed run finished and goes on in the one it
 stopped in from the block after the checkpoint: the same tensors and figures as a run that never
 stopped (tests/test_resume.py), for at most `--checkpoint-every` seconds of work done twice. PERP's training
-commits its own checkpoints on the same clock (`Training`: the trained tensors, AdamW's state, the steps done)
-and goes on from the last one; once its result is written it is a finished pass. A run that fails or is
+and GPTQ's scale tuning commit their own checkpoints on the same clock (`Training`: the trained tensors, the
+optimizer's state, the steps done) and go on from the last one; once its result is written it is a finished
+pass (scale tuning's GPTQ pass keeps its codes in a scratch folder, block by block, and the teacher's hidden
+states it distils from are kept once computed: `Checkpoints.keep_tensor`). A run that fails or is
 interrupted (Ctrl-C, a CUDA out-of-memory error) after a checkpoint keeps the folder too, and says so (`kept`,
 outdir.atomic_dir); a run that cannot resume it (another recipe) removes it as a stale one.
 """
@@ -63,7 +65,10 @@ def _state(folder: Path) -> dict | None:
 PASS = ("stage", "next_block", "hidden", "files", "layers", "experts", "replayed", "out")
 # what a pass did to the blocks, as a resume message says it
 DONE = {"prune": "pruned", "pack": "packed", "recover": "retrained (PERP)", "gptq": "quantized (GPTQ)",
-        "slice": "sliced (SliceGPT)"}
+        "slice": "sliced (SliceGPT)", "tune": "scale-tuned"}
+# the trainings that commit checkpoints of their own (`Training`), by their key in a checkpoint's `keep`: what
+# the resume says they are, the manifest's `resumed` key of the step they went on from, their folders' prefix
+TRAININGS = {"train": ("PERP", "perp_from_step", "train-"), "tune_train": ("scale tuning", "tune_from_step", "tune-")}
 
 
 def _files(state: dict):
@@ -91,8 +96,8 @@ def find(out: Path, fp: str) -> tuple[Path, dict] | None:
             continue
         if any(not (folder / f).is_file() or (folder / f).stat().st_size < n for f, n in _files(state)):
             continue
-        train = state.get("keep", {}).get("train")
-        if train and not (folder / RESUME / train["file"]).is_file():
+        keep = state.get("keep", {})
+        if any(not (folder / RESUME / keep[k]["file"]).is_file() for k in (*TRAININGS, "teacher") if keep.get(k)):
             continue
         if best is None or _progress(state) > _progress(best[1]):
             best = (folder, state)
@@ -116,14 +121,19 @@ def _said(state: dict) -> str:
     said = [f"blocks 0-{n - 1} of {n} were {DONE[s]}" for s in state.get("done", {})]
     if "next_block" in state:  # (none in `recover`'s checkpoints: its training is all there is)
         said.append(f"blocks 0-{state['next_block'] - 1} of {n} were {DONE[state.get('stage', 'prune')]}")
-    train = state.get("keep", {}).get("train")
-    if train:
-        said.append(f"PERP had trained {train['step']} of {train['steps']} steps")
+    for key, (what, _, _) in TRAININGS.items():
+        train = state.get("keep", {}).get(key)
+        if train:
+            said.append(f"{what} had trained {train['step']} of {train['steps']} steps")
+    if not said and state.get("keep", {}).get("teacher"):
+        said.append("the teacher's hidden states for scale tuning were computed")
     return ", ".join(said)
 
 
-def _progress(state: dict) -> tuple[int, int, int]:
-    return len(state.get("done", {})), state.get("next_block", 0), state.get("keep", {}).get("train", {}).get("step", 0)
+def _progress(state: dict) -> tuple[int, ...]:
+    keep = state.get("keep", {})
+    return (len(state.get("done", {})), state.get("next_block", 0),
+            *(keep.get(k, {}).get("step", 0) for k in TRAININGS), bool(keep.get("teacher")))
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -196,14 +206,31 @@ class Checkpoints:
         self.stage, self.out = stage, out
         self.state = {"stage": stage, "next_block": self.n, "hidden": None, "files": out.sync(), "layers": {},
                       "experts": {}, "replayed": 0, "out": out.snapshot()}
-        trained = self.keep.pop("train", None)  # (PERP's training checkpoint: its result is now the pass's)
-        self.commit()
-        if trained:
-            _remove_but(self.dir, "train-*")
+        trained = [k for k in TRAININGS if self.keep.pop(k, None)]  # (a training's checkpoint: its result is
+        self.commit()                                                # now the pass's)
+        for k in trained:
+            _remove_but(self.dir, TRAININGS[k][2] + "*")
 
-    def training(self, steps: int) -> Training:
-        """PERP's training checkpoints, committed with the run's on the same clock (a training of `steps` steps)."""
-        return Training(self, steps)
+    def training(self, steps: int, key: str = "train") -> Training:
+        """The checkpoints of a training of `steps` steps (`TRAININGS`' key: PERP's, or scale tuning's), committed
+        with the run's on the same clock."""
+        return Training(self, steps, key)
+
+    def keep_tensor(self, key: str, t: torch.Tensor) -> None:
+        """Keep `t` (in CPU memory; e.g. the teacher's hidden states of scale tuning) in the checkpoint, synced and
+        committed: `kept_tensor(key)` gives it back to the next run."""
+        name = key.replace("_", "-")
+        shutil.rmtree(self.dir / name, ignore_errors=True)
+        _save_hidden(self.dir / name, [t])
+        self.keep[key] = {"file": f"{name}/model.safetensors"}
+        self.commit()
+
+    def kept_tensor(self, key: str) -> torch.Tensor | None:
+        from .lazy import WeightFiles
+
+        if not self.keep.get(key):
+            return None
+        return WeightFiles(self.dir / Path(self.keep[key]["file"]).parent).get("h.0")
 
     def hidden(self, device) -> list[torch.Tensor]:
         from .lazy import WeightFiles
@@ -249,11 +276,11 @@ class Checkpoints:
         """The manifest's `resumed` entry: None for a run that started from the first block."""
         if not self.found:
             return None
-        train = self.found.get("keep", {}).get("train")
+        keep = self.found.get("keep", {})
         return {"pass": self.found.get("stage"), "from_block": self.found.get("next_block"), "blocks": self.n,
                 "passes_done": list(self.found.get("done", {})), "runs": self.runs,
                 "checkpoint": self.found.get("time"), "earlier_s": round(self.found.get("seconds", 0.0), 2),
-                **({"perp_from_step": train["step"]} if train else {})}
+                **{step: keep[k]["step"] for k, (_, step, _) in TRAININGS.items() if keep.get(k)}}
 
     def close(self) -> None:
         """The output is complete: its checkpoints are not part of it."""
@@ -261,19 +288,21 @@ class Checkpoints:
 
 
 class Training:
-    """PERP's training checkpoints inside a run's (perp.recover's `checkpoint`): when `due` (`every_s` seconds since
-    the run's last commit), `save` writes the training state (perp._state: at 70B with rank-16 adapters ~0.8 GB of
-    trained fp32 tensors and twice that of AdamW's moments) into `.resume/train-<step>/`, synced, and commits it
-    with the run's checkpoint (its `keep`); `resumed` reads back the one a killed run committed. Between a pass
-    over the blocks and the next (the pruned or sliced model's files are that pass's)."""
+    """A training's checkpoints inside a run's (perp.recover's and quant.tune.train's `checkpoint`; `key`, one of
+    `TRAININGS`): when `due` (`every_s` seconds since the run's last commit), `save` writes the training state
+    (perp._state: at 70B with rank-16 adapters ~0.8 GB of trained fp32 tensors and twice that of AdamW's moments;
+    quant.tune._state: 2.1 GB of scale offsets in groups of 128, 6.4 GB with Adam's moments) into `.resume/<prefix><step>/`, synced,
+    and commits it with the run's checkpoint (its `keep`); `resumed` reads back the one a killed run committed.
+    Between a pass over the blocks and the next (the pruned or sliced model's files, GPTQ's codes, are that
+    pass's)."""
 
     FILE = "state.pt"
 
-    def __init__(self, ck: Checkpoints, steps: int = 0):
-        self.ck, self.steps = ck, steps
+    def __init__(self, ck: Checkpoints, steps: int = 0, key: str = "train"):
+        self.ck, self.steps, self.key = ck, steps, key
 
     def resumed(self) -> dict | None:
-        train = self.ck.keep.get("train")
+        train = self.ck.keep.get(self.key)
         if not train:
             return None
         return torch.load(self.ck.dir / train["file"], map_location="cpu", weights_only=True)
@@ -282,7 +311,8 @@ class Training:
         return time.monotonic() - self.ck.last >= self.ck.every
 
     def save(self, state: dict) -> None:
-        name = f"train-{state['step']:06d}"
+        prefix = TRAININGS[self.key][2]
+        name = f"{prefix}{state['step']:06d}"
         folder = self.ck.dir / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
@@ -290,9 +320,9 @@ class Training:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        self.ck.keep["train"] = {"file": f"{name}/{self.FILE}", "step": state["step"], "steps": self.steps}
+        self.ck.keep[self.key] = {"file": f"{name}/{self.FILE}", "step": state["step"], "steps": self.steps}
         self.ck.commit()
-        _remove_but(self.ck.dir, "train-*", name)
+        _remove_but(self.ck.dir, prefix + "*", name)
 
 
 def _remove_but(folder: Path, pattern: str, keep: str | None = None) -> None:

@@ -187,7 +187,7 @@ def test_recover_bad_inputs(tmp_path, capsys, pruned_24):
 
 def test_recover_refuses_a_disk_too_small_before_training(tmp_path, capsys, monkeypatch, pruned_24, calib_txt):
     """The new folder (in the training dtype) and two of the training's checkpoints must fit the output's disk:
-    refused in one line before any training, nothing written."""
+    refused in one line before any training, nothing written; `pack --tune-steps` the same."""
     import shutil
 
     from llmprune import pipeline
@@ -201,6 +201,15 @@ def test_recover_refuses_a_disk_too_small_before_training(tmp_path, capsys, monk
     assert rc == 2 and len(err) == 1 and err[0].startswith("llmprune: error: o needs "), err
     assert "(the output " in err[0] and " + PERP's training checkpoints " in err[0] and "choose another --out" in err[0]
     assert not trained and [p.name for p in tmp_path.iterdir()] == []
+    # `pack` with scale tuning, the same way: GPTQ's codes in its scratch folder, the teacher's states and the tuning's
+    # checkpoints (each part's size: tests/test_resume.py's scale tuning test)
+    rc = main(["pack", str(pruned_24), "--out", str(tmp_path / "q"), "--format", "w4s24", "--quant", "gptq",
+               "--tune-steps", "2", "--calib", str(calib_txt), "--seqlen", "32", "--nsamples", "4", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("llmprune: error: q needs "), err
+    assert all(f"{part} " in err[0] for part in ("(GPTQ's codes and tuned scales", "the teacher's hidden states",
+                                                 "scale tuning's checkpoints")), err
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_onload_blocks_is_refused_with_one_replica_per_process(tmp_path, capsys, monkeypatch, pruned_24, tiny_dir,

@@ -840,7 +840,9 @@ def test_pack_scale_tuning_from_disk_writes_what_the_whole_load_writes(tmp_path,
 
 def test_pack_scale_tuning_from_disk_that_fails_leaves_nothing(tmp_path, capsys, sharded_24, calib_txt, monkeypatch):
     """A tuning that fails once the model is placed (here: faked) exits 2 with its one-line message and leaves
-    no output folder, no temporary sibling, and the lazy model's meta structure back as it was."""
+    no output folder, no temporary sibling (without checkpoints: with them, the folder and its teacher's states and
+    GPTQ's codes are kept, as after any failure past a checkpoint: tests/test_resume.py), and the lazy model's meta
+    structure back as it was."""
     from llmprune import onload
     from llmprune.errors import LLMPruneError
     from llmprune.quant import tune
@@ -860,7 +862,7 @@ def test_pack_scale_tuning_from_disk_that_fails_leaves_nothing(tmp_path, capsys,
 
     monkeypatch.setattr(onload, "tune_placed", spy)
     rc, _, se = _run(capsys, "pack", sharded_24, "--format", "w4s24", "--group-size", "32", *TUNE, "--calib", calib_txt,
-                     "--no-progress", "--out", tmp_path / "o")
+                     "--no-progress", "--out", tmp_path / "o", "--checkpoint-every", "off")
     assert rc == 2 and "lower --tune-lr" in se and len(se.strip().splitlines()) == 1, se
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     model = seen["lz"].model

@@ -59,6 +59,27 @@ def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES, stage: 
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
 
 
+def _stop(monkeypatch, argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES, stage: str | None = None) -> None:
+    """As `_kill`, by Ctrl-C in this process (KeyboardInterrupt where `_kill`'s run dies): the run keeps its folder
+    (outdir.atomic_dir), which the same command takes over as a killed run's, without a fresh interpreter's start-up
+    (seconds of the suite's time a run). `_kill` is the case where nothing cleans up."""
+    from llmprune import lazy, pipeline
+
+    after = resume.Checkpoints.after
+
+    def stopping(self, i, *a):
+        if i == kill_at and stage in (None, self.stage):
+            raise KeyboardInterrupt
+        return after(self, i, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(lazy, "SHARD_BYTES", shard_bytes)
+        m.setattr(resume.Checkpoints, "after", stopping)
+        if kill_at < 0:
+            m.setattr(pipeline, "evaluate_saved", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(argv) == 130
+
+
 def _same_output(ref: Path, out: Path) -> tuple[dict, dict]:
     """Assert `out` (resumed) holds `ref`'s tensors, in the same several files to the byte, with no checkpoint or
     killed run's folder left; returns both manifests."""
@@ -105,7 +126,10 @@ def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, c
     capsys.readouterr()
 
     out = tmp_path / "out"
-    _kill([*argv, "--out", str(out)], kill_at=3)  # blocks 0-3 written, checkpoint after block 2
+    if recipe is CASES[0]:  # SIGKILL; the other recipes stopped by Ctrl-C (the same checkpoint, seconds sooner)
+        _kill([*argv, "--out", str(out)], kill_at=3)  # blocks 0-3 written, checkpoint after block 2
+    else:
+        _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=3)
     assert not out.exists()
     (left,) = outdir.stale(out)
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
@@ -127,7 +151,7 @@ def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_output(tmp_path, c
     assert r["from_block"] == 3 and r["blocks"] == BLOCKS and r["runs"] == 2 and r["earlier_s"] > 0
 
 
-@pytest.mark.parametrize("killed,rerun", [([], []), (["--hessian-gib", "0"], [])])
+@pytest.mark.parametrize("killed,rerun", [(["--hessian-gib", "0"], [])])
 def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys, monkeypatch, calib_txt, killed,
                                                                rerun):
     """A Mixture-of-Experts model read and written block by block (experts fused in memory, one linear
@@ -135,7 +159,8 @@ def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys,
     run at a time too (--hessian-gib 0), and the manifest counts the runs of the blocks before the kill. The
     budget is not the recipe (it moves no weight): a run killed under one goes on under another (after running
     out of memory, say), to the files of a run under the default, and the count is the blocks' before the kill
-    plus the rerun's. (The same budget killed and rerun was a third case, dropped for the suite's time.)"""
+    plus the rerun's. (The same budget killed and rerun was a case, the default both times another, dropped for the
+    suite's time: this one resumes the same per-expert files.)"""
     from llmprune import lazy
 
     src = tiny_model_dir(tmp_path / "moe", "qwen3_moe", seed=3, num_hidden_layers=BLOCKS)
@@ -149,10 +174,8 @@ def test_a_killed_moe_run_goes_on_to_the_same_per_expert_files(tmp_path, capsys,
     ma, mb = _same_output(ref, out)
     assert "model.layers.3.mlp.experts.7.gate_proj.weight" in _tensors(out) and mb["sparsity"] == ma["sparsity"]
     per_block = 2 + 7 + 7  # q, k, v apart; 8 experts' gate+up; 8 downs
-    if not killed:
-        assert mb.get("hessian_runs") is ma.get("hessian_runs") is None
-    else:  # blocks 0-2 under the killed run's budget, block 3 under the default (one run a group)
-        assert ma.get("hessian_runs") is None and mb["hessian_runs"]["extra"] == 3 * per_block
+    # blocks 0-2 under the killed run's budget, block 3 under the default (one run a group)
+    assert ma.get("hessian_runs") is None and mb["hessian_runs"]["extra"] == 3 * per_block
 
 
 def test_a_killed_packed_moe_run_goes_on_to_the_same_files_and_experts(tmp_path, capsys, monkeypatch, calib_txt):
@@ -168,7 +191,7 @@ def test_a_killed_packed_moe_run_goes_on_to_the_same_files_and_experts(tmp_path,
     argv = ["compress", "--model", str(src), "--pattern", "2:4", "--format", "w4s24", "--calib", str(calib_txt), *ARGS]
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main([*argv, "--out", str(ref)]) == 0
-    _kill([*argv, "--out", str(out)], kill_at=3, shard_bytes=shard)
+    _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=3, shard_bytes=shard)
     assert main([*argv, "--out", str(out)]) == 0
     assert "resuming" in capsys.readouterr().err
     ma, mb = _same_output(ref, out)
@@ -187,7 +210,7 @@ def test_a_run_killed_after_its_last_block_only_writes_and_measures(tmp_path, ca
     monkeypatch.setattr(lazy, "SHARD_BYTES", SHARD_BYTES)
     argv = ["compress", "--model", str(deep_dir), "--solver", "sparsegpt", "--calib", str(calib_txt), *ARGS]
     out = tmp_path / "out"
-    _kill([*argv, "--out", str(out)], kill_at=-1)  # killed while evaluating the saved folder
+    _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=-1)  # stopped while evaluating the saved folder
     solved = _solved(monkeypatch)
     assert main([*argv, "--out", str(out), "--no-dense-eval"]) == 0  # evaluation flags are not the recipe
     assert solved == []
@@ -207,7 +230,7 @@ def test_another_recipe_starts_over_and_removes_the_killed_runs_folder(tmp_path,
     monkeypatch.setattr(lazy, "SHARD_BYTES", SHARD_BYTES)
     argv = ["compress", "--model", str(deep_dir), "--solver", "wanda", "--calib", str(calib_txt), *ARGS]
     out = tmp_path / "out"
-    _kill([*argv, "--out", str(out)], kill_at=1)
+    _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=1)
     assert outdir.stale(out)
     solved = _solved(monkeypatch)
     assert main([*argv, "--out", str(out), "--sparsity", "0.6"]) == 0
@@ -414,7 +437,7 @@ def test_a_killed_pack_goes_on_from_its_checkpoint_to_the_same_tensors(tmp_path,
     ref = tmp_path / "ref"
     assert main([*argv, "--out", str(ref)]) == 0
     out = tmp_path / "out"
-    _kill([*argv, "--out", str(out)], kill_at=2, shard_bytes=5_000)
+    _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=2, shard_bytes=5_000)
     (left,) = outdir.stale(out)
     assert json.loads((left / resume.RESUME / resume.STATE).read_text())["next_block"] == 2
     capsys.readouterr()
@@ -484,7 +507,7 @@ def test_a_run_killed_in_either_pass_goes_on_from_that_pass(tmp_path, capsys, mo
     ref = tmp_path / "ref"
     assert main([*argv, "--out", str(ref)]) == 0
     out = tmp_path / "out"
-    _kill([*argv, "--out", str(out)], kill_at=at, shard_bytes=5_000, stage=stage)
+    _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=at, shard_bytes=5_000, stage=stage)
     (left,) = outdir.stale(out)
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
     assert (state["stage"], state["next_block"], list(state["done"])) == left_at
@@ -585,7 +608,7 @@ def test_a_killed_slicegpt_run_goes_on_from_its_checkpoint_to_the_same_output(tm
     assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
-    _kill([*argv, "--out", str(out)], kill_at, shard, None if kill_at < 0 else stage)
+    _stop(monkeypatch, [*argv, "--out", str(out)], kill_at, shard, None if kill_at < 0 else stage)
     (left,) = outdir.stale(out)
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
     start = BLOCKS if kill_at < 0 else kill_at
@@ -650,9 +673,21 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
     ref = tmp_path / "ref"
     assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", KILL_TRAINING.format(kill_at=3, argv=[*argv, "--out", str(out)])],
-                       check=False, capture_output=True, text=True, timeout=600)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    if case == "wanda-perp":  # SIGKILL; the others stopped by Ctrl-C after the same checkpoint (seconds sooner)
+        r = subprocess.run([sys.executable, "-c", KILL_TRAINING.format(kill_at=3, argv=[*argv, "--out", str(out)])],
+                           check=False, capture_output=True, text=True, timeout=600)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    else:
+        save = resume.Training.save
+
+        def stopping(self, state):
+            save(self, state)
+            if state["step"] == 3:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(resume.Training, "save", stopping)
+            assert main([*argv, "--out", str(out)]) == 130
     (left,) = outdir.stale(out)
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
     assert state["keep"]["train"]["step"] == 3 and state.get("next_block", BLOCKS) == BLOCKS
@@ -676,3 +711,99 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
     assert mb["resumed"]["perp_from_step"] == 3 and ma.get("resumed") is None
     n = mb["recover"]["n_trainable"]  # fp32 tensors and AdamW's two moments: the disk check's 12 bytes each
     assert 12 * n < saved < 12 * n + 200_000, (saved, n)
+
+
+# dies by SIGKILL right after the tuning's checkpoint of step KILL_AT is committed
+KILL_TUNING = """
+import os, signal, sys
+from llmprune import lazy, resume
+from llmprune.cli import main
+lazy.SHARD_BYTES = 5_000
+save = resume.Training.save
+resume.Training.save = lambda self, state: (save(self, state), state["step"] == {kill_at} and os.kill(os.getpid(), 9))
+sys.exit(main({argv!r}))
+"""
+TUNE = ["--solver", "wanda", "--format", "w4g128", "--group-size", "16", "--quant", "gptq", "--tune-steps", "5"]
+PRUNED_QUANTIZED = "blocks 0-3 of 4 were pruned, blocks 0-3 of 4 were quantized (GPTQ), "
+TUNINGS = {  # stopped where, at; what the resume says; what the next run does again (GPTQ's blocks, Adam updates)
+    "gptq": (2, "blocks 0-3 of 4 were pruned, blocks 0-1 of 4 were quantized (GPTQ)", ({2, 3}, 5)),
+    "train": (3, PRUNED_QUANTIZED + "scale tuning had trained 3 of 5 steps", (set(), 2)),
+    "write": (2, PRUNED_QUANTIZED + "blocks 0-3 of 4 were scale-tuned", (set(), 0)),
+}
+
+
+@pytest.fixture(scope="module")
+def tuned_ref(deep_dir, calib_txt, tmp_path_factory):
+    """The output of a run of TUNE that never stopped (files of 5,000 bytes, as the stopped runs write)."""
+    from llmprune import lazy
+
+    ref = tmp_path_factory.mktemp("tuned") / "ref"
+    argv = ["compress", "--model", str(deep_dir), *TUNE, "--calib", str(calib_txt), *ARGS]
+    saved, lazy.SHARD_BYTES = lazy.SHARD_BYTES, 5_000
+    try:
+        assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
+    finally:
+        lazy.SHARD_BYTES = saved
+    return argv, ref
+
+
+@pytest.mark.parametrize("case", list(TUNINGS))
+def test_a_run_killed_in_scale_tuning_goes_on_from_its_checkpoint(tmp_path, capsys, monkeypatch, tuned_ref, case):
+    """GPTQ with its scales tuned (--tune-steps) after pruning: the teacher's hidden states are kept once computed,
+    GPTQ's pass commits checkpoints of its codes, the tuning its own (the scale offsets, Adam's state), its result
+    a finished pass; the next run after one killed (SIGKILL while training) or interrupted (Ctrl-C in GPTQ's pass,
+    or while the tuned blocks are written) prunes, quantizes and trains only what that one had not, to the files and
+    figures of a run never stopped."""
+    from llmprune import lazy, onload
+    from llmprune.quant import sequential
+
+    argv, ref = tuned_ref
+    at, said, (quantized, updates) = TUNINGS[case]
+    out = tmp_path / "out"
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 5_000)
+    if case == "train":  # SIGKILL: nothing cleans up
+        code = KILL_TUNING.format(kill_at=at, argv=[*argv, "--out", str(out)])
+        r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    else:  # Ctrl-C in this process after a checkpoint: the folder is kept, GPTQ's codes with it
+        cls, name = (resume.Checkpoints, "after") if case == "gptq" else (onload.Output, "block")
+        real, stop = getattr(cls, name), [True]
+
+        def interrupted(self, i, *a, **k):
+            if stop[0] and i == at and (case == "write" or self.stage == "gptq"):
+                raise KeyboardInterrupt
+            return real(self, i, *a, **k)
+
+        monkeypatch.setattr(cls, name, interrupted)
+        assert main([*argv, "--out", str(out)]) == 130
+        stop[0] = False
+    (left,) = outdir.stale(out)
+    assert len(list((left / onload.CODES).glob("block-*"))) >= (2 if case == "gptq" else 4)
+    if case == "train":  # the disk check's parts bound what the killed run left there (the output aside)
+        parts = onload.tune_bytes(lazy.LazyModel(argv[2], torch.float32).model, torch.zeros(6, 32), 16, True)
+        held = lambda pattern: sum(f.stat().st_size for f in left.glob(pattern) if f.is_file())
+        codes = held(f"{onload.CODES}/*")
+        assert 0.9 * parts["GPTQ's codes and tuned scales"] < codes <= parts["GPTQ's codes and tuned scales"]
+        assert 0 < held(f"{resume.RESUME}/teacher/*") - parts["the teacher's hidden states"] < 1000
+        (ckpt,) = (left / resume.RESUME).glob("tune-*/*")
+        offsets = sum(t.numel() for t in torch.load(ckpt, weights_only=True)["t"].values())  # a scale's each
+        assert 0.8 * parts["scale tuning's checkpoints"] < 2 * 12 * offsets <= parts["scale tuning's checkpoints"]
+        assert 12 * offsets < ckpt.stat().st_size < 12 * offsets + 100_000  # (Adam's two moments an offset)
+    did = {"pruned": _solved(monkeypatch), "teacher": [], "quantized": [], "updates": []}
+    teacher, put, step = onload.teacher, onload.Codes.put, torch.optim.Adam.step
+    monkeypatch.setattr(onload, "teacher", lambda *a, **k: did["teacher"].append(1) or teacher(*a, **k))
+    monkeypatch.setattr(onload.Codes, "put", lambda self, i, c: did["quantized"].append(i) or put(self, i, c))
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: did["updates"].append(1) or step(self, *a, **k))
+    assert sequential.GPTQ_DEFAULTS["tune_steps"] == 0  # (the recipe's 5 steps are the CLI's)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"resuming {left.name}: {said} by a run that stopped" in capsys.readouterr().err
+    assert (did["pruned"], did["teacher"], set(did["quantized"]), len(did["updates"])) == ([], [], quantized, updates)
+    ma, mb = _same_output(ref, out)
+    assert not (out / onload.CODES).exists() and not (out / onload.SCRATCH).exists()
+    untimed = lambda d: {k: v for k, v in d.items() if k != "seconds"}
+    ta, tb = ma["format"]["quant_options"].pop("tune"), mb["format"]["quant_options"].pop("tune")
+    assert untimed(tb) == untimed(ta) and ta["kept"] == "tuned", (ta, tb)
+    assert mb["format"] == ma["format"] and mb["steps"] == ma["steps"]
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
+    assert mb["resumed"].get("tune_from_step") == (3 if case == "train" else None)

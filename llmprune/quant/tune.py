@@ -18,6 +18,7 @@ scales were, GPTQ's are kept.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from contextlib import contextmanager
@@ -209,32 +210,36 @@ def placement_of(model: nn.Module, blocks, devices: tuple[str, ...], seqlen: int
 
 def train(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, steps: int, lr: float, batch: int = BATCH,
           seed: int = 0, devices: tuple[str, ...] = ("cpu",), progress: bool = False, blocks=None,
-          where=None) -> tuple[bool, dict]:
+          where=None, checkpoint=None) -> tuple[bool, dict]:
     """Train the scales of every ScaledLinear in `model` (its other parameters frozen) to match `targets`, the
     model placed over `devices` (placement.py; `where`: a plan made before, kept while it fits). Each
     ScaledLinear ends with t = 0 and s0 the tuned scales rounded to fp16, as stored; returns (whether they are
-    kept, i.e. closer to the unquantized model than GPTQ's, info)."""
+    kept, i.e. closer to the unquantized model than GPTQ's, info). `checkpoint` (resume.Training): the state
+    after an update is saved when it is `due()` (`_state`), and a killed run's (`resumed()`) is loaded first:
+    the steps after it only, on the windows they would have had, to the same scales."""
     from .. import placement
 
     device = devices[0]
-    scaled = [m for m in model.modules() if isinstance(m, ScaledLinear)]
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, ScaledLinear)]
+    scaled = [m for _, m in named]
     # The blocks on the devices as far as they hold them, the rest streamed from CPU memory (placement.py;
     # activation checkpointing, which streaming needs, also keeps one window's activations to one block).
     blocks, where, place_info = placement_of(model, blocks, devices, ids.shape[1], where)
     with placement.training_mode(model, True), no_dropout(model), \
             placement.placed(model, blocks, devices, where) as streamed:
-        kl_before = _mean_kl(model, ids, targets, device)
+        resumed = checkpoint.resumed() if checkpoint is not None else None
+        kl_before = resumed["kl_before"] if resumed else _mean_kl(model, ids, targets, device)
         opt = torch.optim.Adam([m.t for m in scaled], lr=lr, betas=(0.9, 0.95))
         warm = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_schedule, warm=warm, steps=steps))
+        first = _load(resumed, named, opt, sched) if resumed else 0
         gen = torch.Generator().manual_seed(seed)
         order = torch.cat([torch.randperm(len(ids), generator=gen) for _ in range(steps * batch // len(ids) + 1)])
-        it = range(steps)
+        it = range(first, steps)
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, desc="tune scales")
+            it = tqdm(it, desc="tune scales", initial=first, total=steps)
         with torch.enable_grad():  # callers such as gptq_sequential run under no_grad
             for s in it:
                 opt.zero_grad(set_to_none=True)
@@ -242,6 +247,8 @@ def train(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, steps: int
                     (_kl(model, ids[i:i + 1].to(device), targets[i:i + 1]) / batch).backward()
                 opt.step()
                 sched.step()
+                if checkpoint is not None and s + 1 < steps and checkpoint.due():
+                    checkpoint.save(_state(s + 1, named, opt, sched, kl_before))
         with torch.no_grad():
             for m in scaled:  # evaluate exactly what will be stored (in place: a streamed s0 is the stored one)
                 m.s0.copy_(m.stored_scales().float())
@@ -252,6 +259,31 @@ def train(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, steps: int
             "kl_before": float(f"{kl_before:.5g}"), "kl_after": float(f"{kl_after:.5g}"), "kept": "tuned" if kept else "gptq",
             "placement": {**place_info, "streamed_gb": round(streamed["streamed_bytes"] / 1e9, 3)}}
     return kept, info
+
+
+def _schedule(s: int, warm: int, steps: int) -> float:
+    """Linear warmup over `warm` steps, then cosine decay to 0 at `steps` (a factor of the learning rate)."""
+    return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+
+
+def _state(step: int, named, opt, sched, kl_before: float) -> dict:
+    """What a tuning resumes from after `step` updates: every scale offset t by its layer's name, Adam's and the
+    schedule's state, and the KL before tuning (measured once, at t = 0). No randomness: the window order is
+    drawn from the seed."""
+    return {"step": step, "t": {n: m.t.detach() for n, m in named}, "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "kl_before": kl_before}
+
+
+def _load(state: dict, named, opt, sched) -> int:
+    """A saved `_state` put back into the fresh offsets, optimizer and schedule; returns the steps done."""
+    if set(state["t"]) != {n for n, _ in named}:
+        raise RuntimeError("internal: the saved tuning state does not name this model's scaled layers")
+    with torch.no_grad():
+        for n, m in named:
+            m.t.copy_(state["t"][n])
+    opt.load_state_dict(state["optimizer"])  # (Adam's moments onto each offset's device)
+    sched.load_state_dict(state["scheduler"])
+    return state["step"]
 
 
 def tune_scales(model: nn.Module, quantized: dict[str, Quantized], ids: torch.Tensor, targets: torch.Tensor,
