@@ -163,15 +163,16 @@ tune_scale() {  # GPTQ's scale tuning on CUDA read from disk (onload.gptq_tuned,
   # against the source loaded whole: 2 blocks of a Llama-3-8B-shaped model in bf16, Wanda 2:4, packed w4s24 with
   # GPTQ and 4 tuning steps of 2 windows of $SL tokens. The manifests give each pack's peak RSS and peak GPU
   # memory (blocks: CPU memory holds no dense weight of a tuned linear), the tuning's seconds and KL figures;
-  # the two folders' tensors are compared.
+  # the two folders' tensors are compared (the blocks run commits a checkpoint after every block and tuning step).
   # CPU dry run: DEVICE=cpu SL=64 OUT=/tmp/x bash bench/gpu_kernels.sh tune_scale
   local d=${DEVICE:-cuda} sl=${SL:-512} m=/tmp/syn-tune rc=0
   $PY bench/make_synthetic.py $m --arch llama3-8b --layers 2 --dtype bfloat16 || return 1
   $PY -m llmprune.cli compress --model $m --solver wanda --pattern 2:4 --device $d --nsamples 4 --seqlen 256 \
       --calib wikitext2 --eval none --no-dense-eval --no-progress --overwrite --out /tmp/o-tune-src || return 1
-  for r in blocks whole; do
+  for r in blocks whole; do  # (blocks: a checkpoint after every block and step, its CUDA tensors saved)
+    local every=""; [ $r = blocks ] && every="--checkpoint-every 0"
     $PY -m llmprune.cli pack /tmp/o-tune-src --format w4s24 --quant gptq --calib wikitext2 --nsamples 4 \
-        --seqlen $sl --tune-steps 4 --device $d --onload $r --no-progress --overwrite --out /tmp/o-tune-$r \
+        --seqlen $sl --tune-steps 4 --device $d --onload $r $every --no-progress --overwrite --out /tmp/o-tune-$r \
       && cp /tmp/o-tune-$r/llmprune.json "$OUT/tune-$r.json" || rc=1
   done
   $PY - <<'PYEOF' || rc=1
