@@ -673,7 +673,7 @@ def gptq_tuned(lz: lazy.LazyModel, ids, folder: Path, fmt: str, group_size, symm
 
     ck = checkpoints
     targets = ck.kept_tensor("teacher") if ck is not None else None
-    if targets is None:
+    if targets is None and not (ck is not None and ck.finished("tune")):  # (a finished tuning needs no teacher)
         targets = teacher(lz, ids, batch_size, devices[0], progress)  # before any weight changes
         if ck is not None:
             ck.keep_tensor("teacher", targets)
@@ -737,7 +737,7 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
                 codes.tuned({n: model.get_submodule(moe.stored_name(n)).s0.half().cpu() for n in codes.meta()})
             if ck is not None:
                 ck.keep["tune"] = info
-                ck.passed("tune", codes)
+                ck.passed("tune", codes, forget=("teacher",))
         trim_heap()  # the training's freed activations back to the OS before the blocks' dense weights are rebuilt
         for i, block in enumerate(blocks):
             layers = codes.get(i)

@@ -199,17 +199,21 @@ class Checkpoints:
         files in place): a run killed before the next commit starts over."""
         (self.dir / STATE).unlink(missing_ok=True)
 
-    def passed(self, stage: str, out) -> None:
+    def passed(self, stage: str, out, forget: tuple[str, ...] = ()) -> None:
         """Commit pass `stage`, done in one go rather than block by block (PERP: trained, then every block
-        written into `out`), as finished."""
+        written into `out`), as finished; the tensors kept under `forget` (`keep_tensor`), which no later run needs
+        now, go."""
         self._finish_pass()
         self.stage, self.out = stage, out
         self.state = {"stage": stage, "next_block": self.n, "hidden": None, "files": out.sync(), "layers": {},
                       "experts": {}, "replayed": 0, "out": out.snapshot()}
         trained = [k for k in TRAININGS if self.keep.pop(k, None)]  # (a training's checkpoint: its result is
-        self.commit()                                                # now the pass's)
+        gone = [self.keep.pop(k)["file"] for k in forget if self.keep.get(k)]  # now the pass's)
+        self.commit()
         for k in trained:
             _remove_but(self.dir, TRAININGS[k][2] + "*")
+        for f in gone:
+            shutil.rmtree(self.dir / Path(f).parent, ignore_errors=True)
 
     def training(self, steps: int, key: str = "train") -> Training:
         """The checkpoints of a training of `steps` steps (`TRAININGS`' key: PERP's, or scale tuning's), committed

@@ -779,6 +779,7 @@ def test_a_run_killed_in_scale_tuning_goes_on_from_its_checkpoint(tmp_path, caps
         stop[0] = False
     (left,) = outdir.stale(out)
     assert len(list((left / onload.CODES).glob("block-*"))) >= (2 if case == "gptq" else 4)
+    assert (left / resume.RESUME / "teacher").exists() == (case != "write")  # (a finished tuning needs it no more)
     if case == "train":  # the disk check's parts bound what the killed run left there (the output aside)
         parts = onload.tune_bytes(lazy.LazyModel(argv[2], torch.float32).model, torch.zeros(6, 32), 16, True)
         held = lambda pattern: sum(f.stat().st_size for f in left.glob(pattern) if f.is_file())
