@@ -96,8 +96,7 @@ def find(out: Path, fp: str) -> tuple[Path, dict] | None:
             continue
         if any(not (folder / f).is_file() or (folder / f).stat().st_size < n for f, n in _files(state)):
             continue
-        keep = state.get("keep", {})
-        if any(not (folder / RESUME / keep[k]["file"]).is_file() for k in (*TRAININGS, "teacher") if keep.get(k)):
+        if any(not (folder / RESUME / f).is_file() for f in _kept_files(state)):
             continue
         if best is None or _progress(state) > _progress(best[1]):
             best = (folder, state)
@@ -114,6 +113,13 @@ def kept(folder: Path) -> str | None:
     if not state:
         return None
     return f"{_said(state)} when it stopped (checkpoint of {state['time']})"
+
+
+def _kept_files(state: dict):
+    """The files of `.resume/` a checkpoint's `keep` names (trainings' states, kept tensors)."""
+    for v in state.get("keep", {}).values():
+        if isinstance(v, dict) and isinstance(v.get("file"), str):
+            yield v["file"]
 
 
 def _said(state: dict) -> str:
@@ -207,8 +213,9 @@ class Checkpoints:
         self.stage, self.out = stage, out
         self.state = {"stage": stage, "next_block": self.n, "hidden": None, "files": out.sync(), "layers": {},
                       "experts": {}, "replayed": 0, "out": out.snapshot()}
-        trained = [k for k in TRAININGS if self.keep.pop(k, None)]  # (a training's checkpoint: its result is
-        gone = [self.keep.pop(k)["file"] for k in forget if self.keep.get(k)]  # now the pass's)
+        # a training's checkpoint goes (its result is now the pass's), and so do the tensors no run needs now
+        trained = [k for k in TRAININGS if self.keep.pop(k, None)]
+        gone = [self.keep.pop(k)["file"] for k in forget if self.keep.get(k)]
         self.commit()
         for k in trained:
             _remove_but(self.dir, TRAININGS[k][2] + "*")
@@ -230,6 +237,7 @@ class Checkpoints:
         self.commit()
 
     def kept_tensor(self, key: str) -> torch.Tensor | None:
+        """The tensor a killed run kept under `key` (`keep_tensor`), read into CPU memory; None if it kept none."""
         from .lazy import WeightFiles
 
         if not self.keep.get(key):
@@ -295,10 +303,10 @@ class Training:
     """A training's checkpoints inside a run's (perp.recover's and quant.tune.train's `checkpoint`; `key`, one of
     `TRAININGS`): when `due` (`every_s` seconds since the run's last commit), `save` writes the training state
     (perp._state: at 70B with rank-16 adapters ~0.8 GB of trained fp32 tensors and twice that of AdamW's moments;
-    quant.tune._state: 2.1 GB of scale offsets in groups of 128, 6.4 GB with Adam's moments) into `.resume/<prefix><step>/`, synced,
-    and commits it with the run's checkpoint (its `keep`); `resumed` reads back the one a killed run committed.
-    Between a pass over the blocks and the next (the pruned or sliced model's files, GPTQ's codes, are that
-    pass's)."""
+    quant.tune._state: 2.1 GB of scale offsets in groups of 128, 6.4 GB with Adam's moments) into
+    `.resume/<prefix><step>/`, synced, and commits it with the run's checkpoint (its `keep`); `resumed` reads back
+    the one a killed run committed. Between a pass over the blocks and the next (the pruned or sliced model's
+    files, GPTQ's codes, are that pass's)."""
 
     FILE = "state.pt"
 
