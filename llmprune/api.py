@@ -251,7 +251,8 @@ def _export_after(c: CompressConfig, out: Path, command: str | None) -> dict:
 
     return export.export(out, c.export, types=c.export_types, quant=c.export_quant, calib=c.calib,
                          nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, overwrite=c.overwrite,
-                         progress=c.progress, command=command, device=c.device, hessian_gib=c.hessian_gib)
+                         progress=c.progress, command=command, device=c.device, hessian_gib=c.hessian_gib,
+                         checkpoint_s=c.checkpoint_s)
 
 
 def load(path_or_spec: str, dtype="float32", device="cpu"):
@@ -495,9 +496,9 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     block on calibration data first (quant.sequential.gptq_sequential). The source stays on disk and
     is read one block at a time (onload.pack; scale tuning, --tune-steps, reads it from disk to where it
     trains: onload.gptq_tuned), unless `onload` is "whole" or the folder only loads whole. With `eval` /
-    `tasks`, the packed folder's perplexity / zero-shot accuracy as saved. Block by block without scale
-    tuning, a checkpoint every `checkpoint_s` seconds (None: none): a killed pack goes on from its last one
-    when run again (resume.py). `hessian_gib`: GiB of GPTQ's Hessians collected at once (walker.hessian_memory)."""
+    `tasks`, the packed folder's perplexity / zero-shot accuracy as saved. Block by block (scale tuning's
+    training included), a checkpoint every `checkpoint_s` seconds (None: none): a killed pack goes on from its
+    last one when run again (resume.py). `hessian_gib`: GiB of GPTQ's Hessians collected at once (walker.hessian_memory)."""
     from . import arch as archmod
     from . import checkpoint, formats, resume, walker
     from . import onload as onl

@@ -590,6 +590,10 @@ def _add_export(sub):
     g.add_argument("--seqlen", type=int, default=2048)
     g.add_argument("--seed", type=int, default=0)
     _add_hessian_gib(g, "GPTQ")
+    g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
+                   help="GPTQ's pass (and its scale tuning) commits a checkpoint every SECONDS (0: after every block "
+                        "that completes a file, or every step; off: none): rerunning the command of a run that was "
+                        "killed goes on from its last one (default 600)")
     p.add_argument("--save-dtype", default="float16", help="compressed-tensors: the unquantized tensors' dtype")
     p.add_argument("--eval", default="none", help="perplexity of the export read back by transformers: wikitext2,c4")
     p.add_argument("--eval-seqlen", type=int, default=2048)
@@ -609,7 +613,10 @@ def cmd_export(a) -> int:
                       save_dtype=a.save_dtype, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                       gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen,
                       eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
-                      progress=not a.no_progress, command=a.command_line, hessian_gib=a.hessian_gib)
+                      progress=not a.no_progress, command=a.command_line, hessian_gib=a.hessian_gib,
+                      checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"))
+    if m.get("resumed"):
+        print(_resumed(m["resumed"]))
     print_export(m)
     print_eval(m.get("eval", {}))
     return 0

@@ -808,3 +808,60 @@ def test_a_run_killed_in_scale_tuning_goes_on_from_its_checkpoint(tmp_path, caps
     assert mb["format"] == ma["format"] and mb["steps"] == ma["steps"]
     assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
     assert mb["resumed"].get("tune_from_step") == (3 if case == "train" else None)
+
+
+EXPORTS = {  # stopped where (GPTQ's pass at block 2, or the tuning after its step 2), what the resume says
+    "gptq": ([], "blocks 0-1 of 4 were quantized (GPTQ)"),
+    "tuned": (["--tune-steps", "3"], "blocks 0-3 of 4 were quantized (GPTQ), scale tuning had trained 2 of 3 steps"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_a_stopped_gptq_export_goes_on_from_its_checkpoint(tmp_path, capsys, monkeypatch, deep_dir, calib_txt, case):
+    """`export --to compressed-tensors --quant gptq` of a dense output, read from disk: GPTQ's pass commits checkpoints
+    of the export's files (each block's tensors end a file), and with --tune-steps the codes and the tuning's state;
+    the same command after a stop goes on from there (quantizes the blocks after the checkpoint, trains the steps
+    after it) to the files and figures of an export never stopped."""
+    from llmprune import lazy
+    from llmprune.export.compressed_tensors import Writer
+
+    extra, said = EXPORTS[case]
+    src = tmp_path / "src"
+    assert main(["compress", "--model", str(deep_dir), "--solver", "wanda", "--calib", str(calib_txt), "--nsamples",
+                 "6", "--seqlen", "32", "--no-progress", "--eval", "none", "--out", str(src)]) == 0
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 5_000)  # a file, so a checkpoint, after every block
+    argv = ["export", str(src), "--to", "compressed-tensors", "--quant", "gptq", "--calib", str(calib_txt),
+            "--nsamples", "6", "--seqlen", "32", "--no-progress", "--checkpoint-every", "0", *extra]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
+    if case == "gptq":
+        _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=2, shard_bytes=5_000, stage="gptq")
+    else:
+        save = resume.Training.save
+
+        def stopping(self, state):
+            save(self, state)
+            if state["step"] == 2:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(resume.Training, "save", stopping)
+            assert main([*argv, "--out", str(out)]) == 130
+    (left,) = outdir.stale(out)
+    capsys.readouterr()
+    written, updates = [], []
+    linear, step = Writer.linear, torch.optim.Adam.step
+    monkeypatch.setattr(Writer, "linear", lambda self, name, *a, **k: written.append(name) or linear(self, name, *a, **k))
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: updates.append(1) or step(self, *a, **k))
+    assert main([*argv, "--out", str(out)]) == 0
+    so, se = capsys.readouterr()
+    assert f"resuming {left.name}: {said} by a run that stopped" in se and "resumed " in so
+    if case == "gptq":  # the blocks after the checkpoint only
+        assert written and {n.split(".")[2] for n in written} == {"2", "3"} and not updates
+    else:  # every block written (after the tuning), one update
+        assert {n.split(".")[2] for n in written} == set(ALL) and len(updates) == 1
+    ma, mb = _same_output(ref, out)
+    untimed = lambda d: {k: v for k, v in d.items() if k != "seconds"} if isinstance(d, dict) else d
+    qa, qb = ma["export"].pop("quant"), mb["export"].pop("quant")
+    assert {k: untimed(v) for k, v in qa.items()} == {k: untimed(v) for k, v in qb.items()}
+    assert mb["export"] == ma["export"] and ma.get("resumed") is None and mb["resumed"]["runs"] == 2

@@ -64,17 +64,20 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
            save_dtype: str = "float16", calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
            gptq: dict | None = None, eval: tuple[str, ...] = (), eval_seqlen: int = 2048,
            eval_windows: int | None = None, device: str | None = None, overwrite: bool = False,
-           progress: bool = True, command: str | None = None, hessian_gib: float | None = None) -> dict:
+           progress: bool = True, command: str | None = None, hessian_gib: float | None = None,
+           checkpoint_s: float | None = None) -> dict:
     """Write the llmprune output `src` as `to` ("compressed-tensors" or "gguf") into `out` (default:
     `<src>-<to>`). compressed-tensors: int4 sources keep their codes; dense and sparse24 sources are
     quantized on export (quant rtn|gptq, group_size, grid sym|asym|auto, GPTQ's calibration options).
     gguf: `types` (e.g. "f16,q8_0") are written as one file each. `eval`: perplexity of the export read
     back by transformers (not llmprune's loader). `hessian_gib`: GiB of GPTQ's Hessians collected at once
-    (walker.hessian_memory). Returns the export's manifest with `out`."""
+    (walker.hessian_memory). `checkpoint_s`: GPTQ's pass from disk (and its scale tuning) commits a checkpoint
+    every so many seconds (None: none), and a killed export of the same recipe goes on from its last one
+    (resume.py). Returns the export's manifest with `out`."""
     import torch
 
     from .. import manifest as mf
-    from .. import outdir, walker
+    from .. import onload, outdir, pipeline, resume, walker
     from ..config import check_eval, check_hessian_gib
     from ..pipeline import Timer
     from ..runinfo import check_memory, memory, pick_device, versions
@@ -102,12 +105,29 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
                     "whole: the checkpoint stores tensors under names transformers converts at load")
     new.exported_from, new.command = str(src), command
     steps = []
-    with outdir.atomic_dir(out, overwrite, sources=[src]) as tmp:
+    calibration = fp = found = ck = None
+    gptq_from_disk = opts.get("quant") == "gptq" and weights.lazy is not None
+    if opts.get("quant") == "gptq":
+        calibration = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
+    if gptq_from_disk and checkpoint_s is not None:  # GPTQ's pass commits checkpoints; a killed run's is taken over
+        recipe = {"to": to, "group_size": group_size, "symmetric": opts["symmetric"], "save_dtype": save_dtype,
+                  "gptq": opts["gptq"].as_dict(), "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        fp = resume.fingerprint(recipe, calibration[0], s.folder, (dev,), getattr(torch, save_dtype))
+        found = resume.find(out, fp)
+    if gptq_from_disk and opts["gptq"].tune_steps:  # GPTQ's codes and the tuning's checkpoints (the export: int4)
+        outdir.check_space(out, onload.tune_bytes(weights.model, calibration[0], group_size, bool(fp)),
+                           outdir.folder_bytes(found[0]) if found else 0)
+    with outdir.atomic_dir(out, overwrite, sources=[src], adopt=found[0] if found else None,
+                           keep=resume.kept if fp else None) as tmp:
+        if fp:
+            from ..arch import blocks
+
+            ck = resume.Checkpoints(tmp, fp, checkpoint_s, len(blocks(weights.model)), found[1] if found else None)
         with timer("write_s"), walker.hessian_memory(hessian_gib):
             if to == "compressed-tensors":
                 w = t.Writer(tmp, getattr(torch, save_dtype))
-                qinfo = _write_ct(s, weights, w, opts["quant"], group_size, opts["symmetric"], calib, nsamples,
-                                  seqlen, seed, opts["gptq"], dev, progress)
+                qinfo = _write_ct(s, weights, w, opts["quant"], group_size, opts["symmetric"], calibration,
+                                  opts["gptq"], dev, progress, ck)
                 steps += ["quantize"] if opts["quant"] else []
                 section = w.finish(weights.model, weights.tok)
                 if qinfo:
@@ -125,6 +145,9 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
         for k, v in memory(dev).items():  # this command's (the source's: its history)
             setattr(new, k, v)
         new.versions = versions()  # now that CUDA has run, if it did
+        if ck is not None:
+            new.resumed = ck.record()
+            ck.close()
         mf.write(tmp, new)
     return {**new.to_dict(), "out": str(out)}
 
@@ -153,13 +176,15 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq) -> dict:
     return {"quant": q, "symmetric": symmetric, "gptq": GPTQConfig(**given) if q == "gptq" else None}
 
 
-def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seqlen, seed, gcfg, device,
-              progress) -> dict:
+def _write_ct(s, weights, w, quant, group_size, symmetric, calibration, gcfg, device, progress,
+              checkpoints=None) -> dict:
     """Every tensor of the source into the compressed-tensors Writer `w`, one decoder block in memory at a
     time, under the names the checkpoint stores them (a Mixture-of-Experts block's experts one linear per
     expert: source.Weights.as_stored): int4 sources' linears as their stored codes; dense and sparse24 ones
-    quantized here (RTN per layer, or GPTQ's block-sequential pass, each block written as it is done).
-    Returns what quantizing recorded ({} for int4 sources)."""
+    quantized here (RTN per layer, or GPTQ's block-sequential pass on `calibration`, (token ids, its record),
+    each block written as it is done; `checkpoints`, resume.Checkpoints: that pass, or GPTQ and its scale
+    tuning, commit checkpoints, or go on from a killed run's). Returns what quantizing recorded ({} for int4
+    sources)."""
     import torch
 
     from .. import formats
@@ -204,11 +229,11 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
 
         put(weights.stored_tensors(), rtn_code)
         return info
-    from .. import pipeline, walker
+    from .. import walker
     from ..onload import block_store
     from ..quant.sequential import gptq_sequential
 
-    ids, info["calibration"] = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
+    ids, info["calibration"] = calibration
     qinfo: dict = {}
     run = dict(device=device, progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
     if weights.lazy is None:  # in memory (tensors stored under converted names)
@@ -218,20 +243,25 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calib, nsamples, seql
         from ..onload import gptq_tuned
 
         def tuned(i, block, codes):  # a block after the tuning: its tensors, its layers' codes
-            put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")), lambda name, t: codes.get(name))
+            with w.out.unit():
+                put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")),
+                    lambda name, t: codes.get(name))
 
         gptq_tuned(weights.lazy, ids, w.folder, "w4g128", group_size, symmetric, gcfg, 8, (device,), progress,
-                   torch.float16, qinfo, tuned)
+                   torch.float16, qinfo, tuned, checkpoints)
         put(weights.stored_tensors(blocks=False), lambda name, t: None)
     else:
         pending: dict[int, dict] = {}
 
-        def sink(i, block):  # a block done by GPTQ: its tensors, its layers' codes
+        def sink(i, block):  # a block done by GPTQ: its tensors, its layers' codes (its files end with it)
             codes = pending.pop(i, {})
-            put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")), lambda name, t: codes.get(name))
+            with w.out.unit():
+                put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")),
+                    lambda name, t: codes.get(name))
 
         with walker.onload(weights.model, block_store(weights.lazy, sink)):
-            gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__, **run)
+            gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__,
+                            resume=checkpoints and checkpoints.begin("gptq", w), **run)
         put(weights.stored_tensors(blocks=False), lambda name, t: None)
     info.update(gcfg.as_dict(), **qinfo)
     return info

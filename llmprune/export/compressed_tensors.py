@@ -210,6 +210,24 @@ class Writer:
         if layer and key.endswith(".weight"):
             (self.expert_dense if expert else self.dense).append(key.removesuffix(".weight"))
 
+    # --- checkpoints (resume.py), as onload.Output's: the files hold whole blocks (each written in `out.unit()`)
+
+    def ready(self) -> bool:
+        return not self.out.shard
+
+    def sync(self) -> dict[str, int]:
+        return self.out.sync()
+
+    def snapshot(self) -> dict:
+        return {"grids": self.grids, "dense": self.dense, "experts": self.experts, "expert_dense": self.expert_dense,
+                "files": self.out.files, "nbytes": self.out.nbytes}
+
+    def restore(self, s: dict, _start: int) -> None:
+        """Go on from a killed run's snapshot (its files; what it recorded of the layers written)."""
+        self.grids = {n: tuple(g) for n, g in s["grids"].items()}
+        self.dense, self.experts, self.expert_dense = list(s["dense"]), list(s["experts"]), list(s["expert_dense"])
+        self.out.restore(s["files"], s["nbytes"])
+
     def finish(self, model, tok) -> dict:
         """Config (quantization_config: every nn.Linear not packed is in `ignore`), tokenizer; the
         export section. `model` may be on the meta device."""
