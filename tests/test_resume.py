@@ -80,6 +80,20 @@ def _stop(monkeypatch, argv: list[str], kill_at: int, shard_bytes: int = SHARD_B
         assert main(argv) == 130
 
 
+def _stop_training(monkeypatch, argv: list[str], step: int) -> None:
+    """A run stopped by Ctrl-C right after its training (PERP's, scale tuning's) committed the checkpoint of `step`."""
+    save = resume.Training.save
+
+    def stopping(self, state):
+        save(self, state)
+        if state["step"] == step:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(resume.Training, "save", stopping)
+        assert main(argv) == 130
+
+
 def _same_output(ref: Path, out: Path) -> tuple[dict, dict]:
     """Assert `out` (resumed) holds `ref`'s tensors, in the same several files to the byte, with no checkpoint or
     killed run's folder left; returns both manifests."""
@@ -678,16 +692,7 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
                            check=False, capture_output=True, text=True, timeout=600)
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     else:
-        save = resume.Training.save
-
-        def stopping(self, state):
-            save(self, state)
-            if state["step"] == 3:
-                raise KeyboardInterrupt
-
-        with monkeypatch.context() as m:
-            m.setattr(resume.Training, "save", stopping)
-            assert main([*argv, "--out", str(out)]) == 130
+        _stop_training(monkeypatch, [*argv, "--out", str(out)], step=3)
     (left,) = outdir.stale(out)
     state = json.loads((left / resume.RESUME / resume.STATE).read_text())
     assert state["keep"]["train"]["step"] == 3 and state.get("next_block", BLOCKS) == BLOCKS
@@ -837,16 +842,7 @@ def test_a_stopped_gptq_export_goes_on_from_its_checkpoint(tmp_path, capsys, mon
     if case == "gptq":
         _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=2, shard_bytes=5_000, stage="gptq")
     else:
-        save = resume.Training.save
-
-        def stopping(self, state):
-            save(self, state)
-            if state["step"] == 2:
-                raise KeyboardInterrupt
-
-        with monkeypatch.context() as m:
-            m.setattr(resume.Training, "save", stopping)
-            assert main([*argv, "--out", str(out)]) == 130
+        _stop_training(monkeypatch, [*argv, "--out", str(out)], step=2)
     (left,) = outdir.stale(out)
     capsys.readouterr()
     written, updates = [], []
