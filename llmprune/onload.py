@@ -562,10 +562,8 @@ def gptq_pass(lz: lazy.LazyModel, ids, out: Output, timer, fmt: str, group_size,
 class Codes:
     """GPTQ's codes, block by block, kept on disk until the scales are tuned: one safetensors file a
     block (codes, scales, zero points of its quantized linears) in a scratch folder; the tuned scales, once
-    trained, in one file more (`tuned`), which `get` reads over GPTQ's. Takes checkpoints (resume.py) as an
-    Output does: a killed run's next run takes its files over."""
-
-    TUNED = "tuned-scales.safetensors"
+    trained, in one file more a block (`tuned`), which `get` reads over GPTQ's. Takes checkpoints (resume.py) as
+    an Output does: a killed run's next run takes its files over."""
 
     def __init__(self, folder: Path):
         self.dir = Path(folder) / CODES
@@ -574,8 +572,8 @@ class Codes:
         self.is_tuned = False
         self.unsynced: list[Path] = []
 
-    def _path(self, i: int) -> Path:
-        return self.dir / f"block-{i:05d}.safetensors"
+    def _path(self, i: int, what: str = "block") -> Path:
+        return self.dir / f"{what}-{i:05d}.safetensors"
 
     def put(self, i: int, codes: dict) -> None:
         from safetensors.torch import save_file
@@ -588,12 +586,13 @@ class Codes:
         save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(self._path(i)))
         self.unsynced.append(self._path(i))
 
-    def tuned(self, scales: dict[str, torch.Tensor]) -> None:
-        """The tuned scales ({layer: fp16 scales}), which `get` gives from now on."""
+    def tuned(self, scales_of) -> None:
+        """The tuned scales (`scales_of(layer)`: its fp16 scales), a block at a time, which `get` gives from now on."""
         from safetensors.torch import save_file
 
-        save_file({n: t.contiguous().cpu() for n, t in scales.items()}, str(self.dir / self.TUNED))
-        self.unsynced.append(self.dir / self.TUNED)
+        for i, layers in self.blocks.items():
+            save_file({n: scales_of(n).contiguous().cpu() for n in layers}, str(self._path(i, "tuned")))
+            self.unsynced.append(self._path(i, "tuned"))
         self.is_tuned = True
 
     # --- checkpoints (resume.py), as Output's ---
@@ -604,7 +603,8 @@ class Codes:
     def sync(self) -> dict[str, int]:
         lazy.fsync(self.unsynced)
         self.unsynced = []
-        files = [self._path(i) for i in self.blocks] + ([self.dir / self.TUNED] if self.is_tuned else [])
+        kinds = ("block", "tuned") if self.is_tuned else ("block",)
+        files = [self._path(i, k) for k in kinds for i in self.blocks]
         return {f"{CODES}/{f.name}": f.stat().st_size for f in files}
 
     def snapshot(self) -> dict:
@@ -637,11 +637,8 @@ class Codes:
         if i not in self.blocks:
             return {}
         t = load_file(str(self._path(i)))
-        if self.is_tuned:
-            from safetensors import safe_open
-
-            with safe_open(str(self.dir / self.TUNED), framework="pt") as f:
-                t |= {f"{n}.scales": f.get_tensor(n) for n in self.blocks[i]}
+        if self.is_tuned:  # the tuned scales over GPTQ's
+            t |= {f"{n}.scales": s for n, s in load_file(str(self._path(i, "tuned"))).items()}
         return {n: Quantized(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"], **opts)
                 for n, opts in self.blocks[i].items()}
 
@@ -734,7 +731,7 @@ def tune_placed(lz: lazy.LazyModel, codes: Codes, ids, targets, steps: int, lr: 
             kept, info = tune.train(model, ids, targets, steps, lr, devices=devices, progress=progress, blocks=blocks,
                                     where=where, checkpoint=ck and ck.training(steps, "tune_train"))
             if kept:
-                codes.tuned({n: model.get_submodule(moe.stored_name(n)).s0.half().cpu() for n in codes.meta()})
+                codes.tuned(lambda n: model.get_submodule(moe.stored_name(n)).s0.half())
             if ck is not None:
                 ck.keep["tune"] = info
                 ck.passed("tune", codes, forget=("teacher",))
