@@ -648,11 +648,13 @@ def test_a_killed_slicegpt_run_goes_on_from_its_checkpoint_to_the_same_output(tm
     assert ma["eval"]["wikitext2"]["ppl"] == mb["eval"]["wikitext2"]["ppl"]
 
 
-# dies by SIGKILL right after PERP's training checkpoint of step KILL_AT is committed
+# dies by SIGKILL right after a training's checkpoint of step KILL_AT is committed (PERP's, scale tuning's), writing
+# files of SHARD_BYTES as the uninterrupted run it is compared with
 KILL_TRAINING = """
 import os, signal, sys
-from llmprune import resume
+from llmprune import lazy, resume
 from llmprune.cli import main
+lazy.SHARD_BYTES = {shard_bytes}
 save = resume.Training.save
 def dying_save(self, state):
     save(self, state)
@@ -661,6 +663,14 @@ def dying_save(self, state):
 resume.Training.save = dying_save
 sys.exit(main({argv!r}))
 """
+
+
+def _kill_training(argv: list[str], step: int, shard_bytes: int) -> None:
+    """A run killed by SIGKILL (in its own process) right after its training committed the checkpoint of `step`."""
+    code = KILL_TRAINING.format(kill_at=step, argv=argv, shard_bytes=shard_bytes)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+
 TRAININGS = {  # recipe, what the resume says besides the training's steps
     "wanda-perp": (["--solver", "wanda"], "blocks 0-3 of 4 were pruned, "),
     "slicegpt-perp": (["--solver", "slicegpt", "--rotation", "per-block"], "blocks 0-3 of 4 were sliced (SliceGPT), "),
@@ -688,9 +698,9 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
     assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
     out = tmp_path / "out"
     if case == "wanda-perp":  # SIGKILL; the others stopped by Ctrl-C after the same checkpoint (seconds sooner)
-        r = subprocess.run([sys.executable, "-c", KILL_TRAINING.format(kill_at=3, argv=[*argv, "--out", str(out)])],
-                           check=False, capture_output=True, text=True, timeout=600)
-        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        from llmprune import lazy
+
+        _kill_training([*argv, "--out", str(out)], step=3, shard_bytes=lazy.SHARD_BYTES)
     else:
         _stop_training(monkeypatch, [*argv, "--out", str(out)], step=3)
     (left,) = outdir.stale(out)
@@ -718,16 +728,6 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
     assert 12 * n < saved < 12 * n + 200_000, (saved, n)
 
 
-# dies by SIGKILL right after the tuning's checkpoint of step KILL_AT is committed
-KILL_TUNING = """
-import os, signal, sys
-from llmprune import lazy, resume
-from llmprune.cli import main
-lazy.SHARD_BYTES = 5_000
-save = resume.Training.save
-resume.Training.save = lambda self, state: (save(self, state), state["step"] == {kill_at} and os.kill(os.getpid(), 9))
-sys.exit(main({argv!r}))
-"""
 TUNE = ["--solver", "wanda", "--format", "w4g128", "--group-size", "16", "--quant", "gptq", "--tune-steps", "5"]
 PRUNED_QUANTIZED = "blocks 0-3 of 4 were pruned, blocks 0-3 of 4 were quantized (GPTQ), "
 TUNINGS = {  # stopped where, at; what the resume says; what the next run does again (GPTQ's blocks, Adam updates)
@@ -767,21 +767,20 @@ def test_a_run_killed_in_scale_tuning_goes_on_from_its_checkpoint(tmp_path, caps
     out = tmp_path / "out"
     monkeypatch.setattr(lazy, "SHARD_BYTES", 5_000)
     if case == "train":  # SIGKILL: nothing cleans up
-        code = KILL_TUNING.format(kill_at=at, argv=[*argv, "--out", str(out)])
-        r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
-        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    else:  # Ctrl-C in this process after a checkpoint: the folder is kept, GPTQ's codes with it
-        cls, name = (resume.Checkpoints, "after") if case == "gptq" else (onload.Output, "block")
-        real, stop = getattr(cls, name), [True]
+        _kill_training([*argv, "--out", str(out)], step=at, shard_bytes=5_000)
+    elif case == "gptq":  # Ctrl-C in this process after a checkpoint: the folder is kept, GPTQ's codes with it
+        _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=at, shard_bytes=5_000, stage="gptq")
+    else:  # Ctrl-C while the tuned block `at` is written
+        block = onload.Output.block
 
         def interrupted(self, i, *a, **k):
-            if stop[0] and i == at and (case == "write" or self.stage == "gptq"):
+            if i == at:
                 raise KeyboardInterrupt
-            return real(self, i, *a, **k)
+            return block(self, i, *a, **k)
 
-        monkeypatch.setattr(cls, name, interrupted)
-        assert main([*argv, "--out", str(out)]) == 130
-        stop[0] = False
+        with monkeypatch.context() as m:
+            m.setattr(onload.Output, "block", interrupted)
+            assert main([*argv, "--out", str(out)]) == 130
     (left,) = outdir.stale(out)
     assert len(list((left / onload.CODES).glob("block-*"))) >= (2 if case == "gptq" else 4)
     assert (left / resume.RESUME / "teacher").exists() == (case != "write")  # (a finished tuning needs it no more)
