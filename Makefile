@@ -22,6 +22,8 @@ OLDEST = transformers==5.17.0 accelerate==1.9.0 datasets==3.0.0 scipy==1.13.0 sa
 .PHONY: install demo test test-oldest test-all lint
 
 $(VPY):
+	@v=$$($(PY) -c "import platform; print(platform.python_version())" 2>/dev/null) || { echo "make: no Python at PY=$(PY): install Python 3.11 or newer, or pass PY=/path/to/python3"; exit 1; }; \
+	$(PY) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "make: $(PY) is Python $$v; llmprune needs 3.11 or newer (as transformers and compressed-tensors do): pass PY=python3.11 (or newer)"; exit 1; }
 	@$(PY) -c "import venv, ensurepip" 2>/dev/null || { echo "make: $(PY) cannot create a virtual environment (no venv/ensurepip): on Debian/Ubuntu run 'sudo apt-get install python3-venv', or pass PY=another-python3"; exit 1; }
 	$(PY) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 

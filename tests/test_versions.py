@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _requirements():
     """Every requirement pyproject declares: dependencies and all extras."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import tomllib
+
     from packaging.requirements import Requirement
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -109,3 +110,15 @@ def test_make_test_oldest_pins_the_declared_lower_bounds():
         assert _canon(r.name) in pins, f"{r.name}: pyproject declares {r.specifier}, the Makefile's OLDEST pins none"
         assert Version(pins[_canon(r.name)]) == Version(low[0]), (
             f"{r.name}: pyproject's lower bound {low[0]}, OLDEST pins {pins[_canon(r.name)]}")
+
+
+def test_the_makefile_refuses_the_pythons_pyproject_does():
+    """The quick start's check of `PY` (a one-line error naming the fix, before a venv is made) and pyproject's
+    requires-python name one minimum, the one the suite runs under or above."""
+    import sys
+    import tomllib
+
+    low = re.fullmatch(r">=\s*3\.(\d+)", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    check = re.search(r"sys\.version_info < \(3, (\d+)\)", (ROOT / "Makefile").read_text())
+    assert low and check and low[1] == check[1], "pyproject's requires-python and the Makefile's check of PY differ"
+    assert sys.version_info >= (3, int(low[1]))
