@@ -71,7 +71,14 @@ def _finish(m: mf.Manifest, p, t, command) -> None:
 
 
 def _compress_whole(p, t, command) -> mf.Manifest:
-    """The model in memory: the path of SliceGPT, PERP on the CPU, global magnitude and scale tuning."""
+    """The model in memory: `--onload whole`, PERP on the CPU alone (or one replica per process), and checkpoints
+    whose tensors only transformers' whole load reads. PERP's training commits checkpoints (resume.Training) into the
+    output's temporary folder and a killed run's next run goes on from its last one; the pruning before it is not
+    checkpointed here (the model is in memory, not written block by block): that run prunes again, to the same
+    weights on the CPU."""
+    from . import arch as archmod
+    from . import placement, resume
+
     c = p.cfg
     windows = c.eval_windows or None  # 0: all
     with t("load_s"):
@@ -83,28 +90,52 @@ def _compress_whole(p, t, command) -> mf.Manifest:
     if p.needs_calibration:
         with t("calib_load_s"):
             ids, m.calibration = pipeline.calibrate(c.calib, tok, c.nsamples, c.seqlen, c.seed)
+    src_dtype = pipeline.source_dtype(info.path)
+    fp = found = None
+    # PERP's training commits checkpoints and a killed run's is taken over (one process: DDP's replicas would share
+    # the output's folder)
+    if c.recover and c.checkpoint_s is not None and info.path and placement.replicas() <= 1:
+        fp = resume.fingerprint(c.as_dict(), ids, Path(info.path), p.devices, pipeline.save_dtype(c, src_dtype))
+        found = resume.find(p.out, fp)
     cache: dict = {}
     dense = {}
-    if c.eval and c.eval_dense:
+    dense_key = [list(c.eval), c.eval_seqlen, windows]
+    kept = found[1]["keep"].get("dense") if found else None
+    if c.eval and c.eval_dense and kept and kept["key"] == dense_key:
+        dense = kept["figures"]  # measured by the run that stopped, on the same source
+    elif c.eval and c.eval_dense:
         with t("dense_eval_s"):
             dense = _evaluate_dense(info.path, model, tok, c, windows, p.device, cache)
-    src_dtype = pipeline.source_dtype(info.path)
+    parts = {}
     if c.format == "dense" and not c.slicegpt:  # (a packed or sliced output is smaller)
         item = pipeline.save_dtype(c, src_dtype).itemsize
-        outdir.check_space(p.out, {"the output": sum(q.numel() for q in model.parameters()) * item})
-    sec = pipeline.transform(p, model, names, ids, t)
-    m.steps = sec.pop("steps")
-    for k, v in sec.items():
-        setattr(m, k, v)
-    if c.recover:
-        from . import prune
+        parts["the output"] = sum(q.numel() for q in model.parameters()) * item
+    if fp:  # (the linears PERP adapts: the pruned ones, or every one of a sliced model, at most these)
+        from . import onload
 
-        with t("recover_s"):
-            m.recover = pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices, c.progress)
-        m.steps.append("recover")
-        if m.sparsity:
-            m.sparsity["measured_after_recover"] = prune.measured_sparsity(model, names)
-    with outdir.atomic_dir(p.out, c.overwrite, sources=pipeline.local_sources(c.model)) as tmp:
+        parts["PERP's training checkpoints"] = onload.recover_bytes(model, names, c.recover)
+    outdir.check_space(p.out, parts, outdir.folder_bytes(found[0]) if found else 0)
+    with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None,
+                           sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) as tmp:
+        checkpoints = None
+        if fp:
+            checkpoints = resume.Checkpoints(tmp, fp, c.checkpoint_s, len(archmod.blocks(model)),
+                                             found[1] if found else None)
+            if dense:
+                checkpoints.keep["dense"] = {"key": dense_key, "figures": dense}
+        sec = pipeline.transform(p, model, names, ids, t)
+        m.steps = sec.pop("steps")
+        for k, v in sec.items():
+            setattr(m, k, v)
+        if c.recover:
+            from . import prune
+
+            with t("recover_s"):
+                m.recover = pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices, c.progress,
+                                             checkpoint=checkpoints and checkpoints.training(c.recover.steps))
+            m.steps.append("recover")
+            if m.sparsity:
+                m.sparsity["measured_after_recover"] = prune.measured_sparsity(model, names)
         if c.format == "dense":
             model.to(pipeline.save_dtype(c, src_dtype))
         m.format = pipeline.export(model, tok, tmp, c.format, p.quant, c.group_size, c.symmetric,
@@ -115,6 +146,9 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         mf.write(tmp, m)  # the loader reads the format from it; rewritten below with the figures
         _measure(m, p, t, tmp, windows, cache, dense)
         _finish(m, p, t, command)
+        if checkpoints is not None:
+            m.resumed = checkpoints.record()
+            checkpoints.close()
         mf.write(tmp, m)
     return m
 

@@ -674,6 +674,8 @@ def _kill_training(argv: list[str], step: int, shard_bytes: int) -> None:
 TRAININGS = {  # recipe, what the resume says besides the training's steps
     "wanda-perp": (["--solver", "wanda"], "blocks 0-3 of 4 were pruned, "),
     "slicegpt-perp": (["--solver", "slicegpt", "--rotation", "per-block"], "blocks 0-3 of 4 were sliced (SliceGPT), "),
+    # the model in memory (as `--onload auto` runs PERP on the CPU alone): the next run prunes again, then goes on
+    "wanda-perp-whole": (["--solver", "wanda", "--onload", "whole"], ""),
     "recover-command": (None, ""),  # `llmprune recover` of a pruned folder
 }
 
@@ -692,8 +694,8 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
                      "--out", str(src)]) == 0
         argv = ["recover", str(src), "--steps", "5", "--data", str(calib_txt), "--seqlen", "32", *ARGS[6:]]
     else:
-        argv = ["compress", "--model", str(deep_dir), *recipe, "--recover", "perp", "--recover-steps", "5",
-                "--calib", str(calib_txt), *ARGS]
+        argv = ["compress", "--model", str(deep_dir), "--recover", "perp", "--recover-steps", "5",
+                "--calib", str(calib_txt), *ARGS, *recipe]  # (after ARGS: its --onload blocks, replaced)
     ref = tmp_path / "ref"
     assert main([*argv, "--out", str(ref), "--checkpoint-every", "off"]) == 0
     out = tmp_path / "out"
@@ -724,6 +726,7 @@ def test_a_run_killed_while_perp_trains_goes_on_from_its_training_checkpoint(tmp
     assert mb["recover"]["losses"] == ma["recover"]["losses"] and len(mb["recover"]["losses"]) == 5
     assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
     assert mb["resumed"]["perp_from_step"] == 3 and ma.get("resumed") is None
+    assert mb["onload"].startswith("whole") == case.endswith("whole"), mb["onload"]
     n = mb["recover"]["n_trainable"]  # fp32 tensors and AdamW's two moments: the disk check's 12 bytes each
     assert 12 * n < saved < 12 * n + 200_000, (saved, n)
 
