@@ -125,6 +125,7 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
     folder = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         return folder, sha
+    _check_cache_space(gguf, folder)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -138,6 +139,21 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, sha
+
+
+def _check_cache_space(gguf: Path, folder: Path) -> None:
+    """The fp32 copy of a GGUF (4 bytes a weight: 280 GB for a 70B model's 40 GB Q4_K file) is refused, before
+    anything is dequantized, on a disk without room for it."""
+    from gguf import GGUFReader
+
+    from . import outdir
+
+    try:
+        n = sum(int(t.n_elements) for t in GGUFReader(gguf).tensors)
+    except (ValueError, KeyError, OSError):  # (a damaged file: _stream_gguf says so in its own words)
+        return
+    outdir.check_space(folder, {"its weights in fp32": 4 * n}, name=f"the cached copy of {gguf.name}",
+                       fix="free space there, or set LLMPRUNE_CACHE to a folder on a disk with room")
 
 
 def _stream_gguf(gguf: Path, out: Path) -> None:
@@ -181,7 +197,13 @@ def _stream_gguf(gguf: Path, out: Path) -> None:
         w = dequantize(t.data, t.tensor_type)
         res = processor.process(weights=w, name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
         if res.name in mapping and mapping[res.name] in present:
-            writer.add(mapping[res.name], torch.from_numpy(np.copy(res.weights)).to(torch.float32))
+            name = mapping[res.name]
+            if tuple(res.weights.shape) != tuple(sd[name].shape):  # metadata that does not describe the tensors
+                raise LLMPruneError(f"{gguf.name}: tensor {t.name} is {tuple(res.weights.shape)}, but the file's "
+                                    f"metadata makes {name} {tuple(sd[name].shape)}: the file is damaged or was "
+                                    f"not written for {config.model_type}; use a complete GGUF or a Hugging Face "
+                                    f"model folder")
+            writer.add(name, torch.from_numpy(np.copy(res.weights)).to(torch.float32))
         del w, res
         if raw is not None:  # the pages of this tensor leave our resident memory
             start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE

@@ -102,7 +102,8 @@ def size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def check_space(out: Path, parts: dict[str, int], written: int = 0, name: str | None = None) -> None:
+def check_space(out: Path, parts: dict[str, int], written: int = 0, name: str | None = None,
+                fix: str = "free space there or choose another --out") -> None:
     """Refuse, before any work, a run whose output folder needs more than the free space of its disk (`parts`:
     bytes by what they hold; `written`: already there, a resumed run's): a 70B model's output is 140 GB, and
     finding the disk full after hours of pruning loses them."""
@@ -113,7 +114,7 @@ def check_space(out: Path, parts: dict[str, int], written: int = 0, name: str | 
     if need > free:
         what = " + ".join(f"{k} {size(v)}" for k, v in parts.items()) + (f" - {size(written)} written" if written else "")
         raise LLMPruneError(f"{name or Path(out).name} needs {size(need)} ({what}) on the disk of {where.resolve()}, which "
-                            f"has {size(free)} free: free space there or choose another --out")
+                            f"has {size(free)} free: {fix}")
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -168,6 +168,37 @@ def test_a_gguf_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     assert models._sha256(f) == real(f.read_bytes()).hexdigest() and len(reads) == 3
 
 
+def test_a_gguf_whose_fp32_copy_would_not_fit_the_cache_disk_is_refused_first(tmp_path, capsys, monkeypatch):
+    """Dequantizing a GGUF writes its weights in fp32 into the cache (a 40 GB Q4_K 70B file: 280 GB): a disk
+    without room for that is refused in one line naming LLMPRUNE_CACHE, before anything is dequantized."""
+    import gguf
+    import numpy as np
+
+    from llmprune import outdir
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(f), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((300, 100), dtype=np.float16))
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((200, 100), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    usage = outdir.shutil.disk_usage
+    free = lambda n: lambda p: usage(p)._replace(free=n)
+    monkeypatch.setattr(outdir.shutil, "disk_usage", free(4 * 50_000 - 1))
+    rc, _, se = _run(capsys, "compress", "--model", f, "--out", tmp_path / "o", *FAST_CLI)
+    assert rc == 2 and len(se.strip().splitlines()) == 1, se
+    assert "the cached copy of m.gguf needs 0.2 MB (its weights in fp32 0.2 MB)" in se and "LLMPRUNE_CACHE" in se
+    assert not any((tmp_path / "cache" / "models").glob("*")) and _nothing_left(tmp_path, "o")
+    monkeypatch.setattr(outdir.shutil, "disk_usage", free(4 * 50_000))  # room: read, and its metadata (none: a
+    rc, _, se = _run(capsys, "compress", "--model", f, "--out", tmp_path / "o", *FAST_CLI)  # default config) refused
+    assert rc == 2 and len(se.strip().splitlines()) == 1, se
+    assert "m.gguf: tensor token_embd.weight is (300, 100), but the file's metadata makes model.embed_tokens" in se
+    assert not any((tmp_path / "cache" / "models").glob("*")) and _nothing_left(tmp_path, "o")
+
+
 @pytest.mark.parametrize("onload", ["blocks", "whole"])
 def test_disk_full_while_saving(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch, onload):
     import errno
