@@ -4,19 +4,27 @@
 # STEPS steps of 4 x 256-token C4 windows, a checkpoint every 10 s (the default, 600 s, fits runs of hours).
 # Prints each run's wall time, what the resumed run says, and whether its output holds the same bytes and
 # losses; then the cost of checkpoints: the uninterrupted run again with one after every step (--checkpoint-every 0).
+# MODE=compress: the same with `compress --recover perp` (Wanda 50% then PERP in one command: on the CPU alone
+# the model is in memory, so the resumed run prunes again before it trains on from the checkpoint).
 # Usage: bash bench/resume_perp.sh | tee bench/results/resume_perp.txt
+#        MODE=compress bash bench/resume_perp.sh | tee bench/results/resume_perp_compress.txt
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-/tmp/resume-perp-bench}
 STEPS=${STEPS:-40}
 KILL_AT=${KILL_AT:-20}  # kill once the checkpoint says this many steps are trained
+MODE=${MODE:-recover}
 L=($PY -m llmprune.cli)
 rm -rf "$OUT"; mkdir -p "$OUT"
 echo "# $(date -u +%F), commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(nproc) cores"
 secs() { local d=$(( ($(date +%s%N) - $1) / 100000000 )); echo "$((d / 10)).$((d % 10))"; }  # since $1 (ns)
-echo "\$ llmprune compress --model llama --solver wanda --sparsity 0.5 --eval none --out OUT/pruned"
-"${L[@]}" compress --model llama --solver wanda --sparsity 0.5 --eval none --no-progress --out "$OUT/pruned" > "$OUT/pruned.log" 2>&1
-cmd="recover OUT/pruned --steps $STEPS --seqlen 256 --batch 4 --no-progress"
+if [ "$MODE" = compress ]; then
+  cmd="compress --model llama --solver wanda --sparsity 0.5 --eval none --recover perp --recover-steps $STEPS --no-progress"
+else
+  echo "\$ llmprune compress --model llama --solver wanda --sparsity 0.5 --eval none --out OUT/pruned"
+  "${L[@]}" compress --model llama --solver wanda --sparsity 0.5 --eval none --no-progress --out "$OUT/pruned" > "$OUT/pruned.log" 2>&1
+  cmd="recover OUT/pruned --steps $STEPS --seqlen 256 --batch 4 --no-progress"
+fi
 run() {  # name, extra flags
   local t0=$(date +%s%N)
   "${L[@]}" ${cmd//OUT/$OUT} --out "$OUT/$1" "${@:2}" > "$OUT/$1.log" 2>&1
@@ -55,6 +63,6 @@ for name in sys.argv[2:]:
     m = json.load(open(f"{out}/{name}/llmprune.json"))
     r = m["recover"]
     print(f"{name:10s} *.safetensors sha256 {digest(Path(out, name))}  steps {r['steps']}  last loss {r['losses'][-1]:.6f}  "
-          f"losses == reference's: {r['losses'] == ref}  trainable {r['n_trainable']:,}  recover wall_s {r['wall_s']:.1f}  "
+          f"losses == reference's: {r['losses'] == ref}  trainable {r['n_trainable']:,}  recover wall_s {r.get('wall_s', m['timings'].get('recover_s')):.1f}  "
           f"resumed {m.get('resumed')}")
 PY
