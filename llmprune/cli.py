@@ -153,11 +153,15 @@ def _resumed(r: dict) -> str:
     """Where a resumed run went on from (manifest `resumed`, resume.Checkpoints.record)."""
     after = "".join(f", after the {d} pass" for d in r.get("passes_done", []))
     where = [f"at block {r['from_block']} of {r['blocks']} of the {r.get('pass') or 'prune'} pass{after}"] \
-        if r.get("from_block") is not None else []
+        if r.get("from_block") is not None else [after[2:]] if after else []
     if r.get("perp_from_step") is not None:
         where.append(f"PERP's training from step {r['perp_from_step']}")
     if r.get("tune_from_step") is not None:
         where.append(f"the scale tuning from step {r['tune_from_step']}")
+    if r.get("tune_recipe_was"):
+        was = r["tune_recipe_was"]
+        where.append(f"the scale tuning from its start (the run that stopped tuned with --tune-steps {was['steps']} "
+                     f"--tune-lr {was['lr']:g})")
     return f"resumed {', '.join(where) or 'after the teacher pass of scale tuning'}, from the checkpoint of " \
            f"{r['checkpoint']}"
 

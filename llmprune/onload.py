@@ -669,6 +669,12 @@ def gptq_tuned(lz: lazy.LazyModel, ids, folder: Path, fmt: str, group_size, symm
     from .quant.sequential import gptq_sequential
 
     ck = checkpoints
+    if ck is not None and (was := ck.retune({"steps": gptq.tune_steps, "lr": gptq.tune_lr})):
+        import sys
+
+        print(f"llmprune: scale tuning starts over from GPTQ's scales: --tune-steps {gptq.tune_steps} --tune-lr "
+              f"{gptq.tune_lr:g} where the run that stopped tuned with --tune-steps {was['steps']} --tune-lr "
+              f"{was['lr']:g} (the passes before it are reused)", file=sys.stderr)
     targets = ck.kept_tensor("teacher") if ck is not None else None
     if targets is None and not (ck is not None and ck.finished("tune")):  # (a finished tuning needs no teacher)
         targets = teacher(lz, ids, batch_size, devices[0], progress)  # before any weight changes

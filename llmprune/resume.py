@@ -34,6 +34,8 @@ import torch
 RESUME = ".resume"  # inside the output's temporary folder
 STATE = "state.json"
 # what the recipe may change without changing the pruned weights (evaluation, export, display)
+# scale tuning's options (GPTQConfig's): they decide its training and result only (Checkpoints.retune)
+TUNING = ("tune_steps", "tune_lr")
 NOT_WEIGHTS = ("out", "overwrite", "progress", "eval", "eval_seqlen", "eval_windows", "eval_dense", "tasks",
                "tasks_limit", "export", "export_types", "export_quant", "checkpoint_s", "hessian_gib")
 
@@ -44,7 +46,11 @@ def fingerprint(cfg: dict, ids: torch.Tensor | None, source: Path, devices: tupl
     from .runinfo import versions
 
     files = sorted(Path(source).glob("*.safetensors"))
-    what = {"config": {k: v for k, v in cfg.items() if k not in NOT_WEIGHTS}, "shard_bytes": SHARD_BYTES,
+    cfg = {k: v for k, v in cfg.items() if k not in NOT_WEIGHTS}
+    if isinstance(cfg.get("gptq"), dict) and "tune_steps" in cfg["gptq"]:  # scale tuning's steps and learning rate
+        g = cfg["gptq"]  # decide the tuning alone: a run under others reuses the passes before it (Checkpoints.retune)
+        cfg["gptq"] = {**{k: v for k, v in g.items() if k not in TUNING}, "tuned": bool(g["tune_steps"])}
+    what = {"config": cfg, "shard_bytes": SHARD_BYTES,
             "source": [str(Path(source).resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
             "calibration": None if ids is None else hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest(),
             "devices": list(devices), "save_dtype": str(save_dtype),
@@ -170,6 +176,7 @@ class Checkpoints:
         self.keep: dict = dict(self.found.get("keep", {}))
         self.done: dict[str, dict] = dict(self.found.get("done", {}))  # finished passes: their last states
         self.stage = self.out = None
+        self.retuned: dict | None = None  # the killed run's scale tuning recipe, when this run's differs (retune)
         self.state: dict = {}  # the pass's last checkpoint (or the killed run's)
         self.start = 0
         self.t0 = self.last = time.monotonic()
@@ -221,6 +228,28 @@ class Checkpoints:
             _remove_but(self.dir, TRAININGS[k][2] + "*")
         for f in gone:
             shutil.rmtree(self.dir / Path(f).parent, ignore_errors=True)
+
+    def retune(self, recipe: dict) -> dict | None:
+        """This run tunes GPTQ's scales under `recipe` (TUNING's values), which the fingerprint leaves out: a killed run
+        that tuned under another (the rerun after `scale tuning diverged: lower --tune-lr`, or asking more steps)
+        has its tuning dropped, its checkpoint or its finished pass, and the passes before it kept (the pruning,
+        GPTQ's codes, the teacher's states while kept), so that the new tuning starts from GPTQ's scales instead
+        of the whole run starting over. Returns the killed run's recipe when it differs, else None."""
+        was = self.keep.get("tune_recipe")
+        self.keep["tune_recipe"] = recipe
+        tuned = ("tune_train", "tune")
+        if was is None or was == recipe or not any(k in self.keep for k in tuned):
+            return None  # (the same tuning, or none begun: nothing to drop)
+        for k in tuned:
+            self.keep.pop(k, None)
+        self.done.pop("tune", None)
+        found = {**self.found, "keep": {k: v for k, v in self.found.get("keep", {}).items() if k not in tuned},
+                 "done": {k: v for k, v in self.found.get("done", {}).items() if k != "tune"}}
+        if found.get("stage") == "tune":  # its last checkpoint was the tuning's result: no pass goes on from it
+            found["stage"] = None
+            found.pop("next_block", None)
+        self.found, self.retuned = found, was
+        return was
 
     def training(self, steps: int, key: str = "train") -> Training:
         """The checkpoints of a training of `steps` steps (`TRAININGS`' key: PERP's, or scale tuning's), committed
@@ -292,7 +321,8 @@ class Checkpoints:
         return {"pass": self.found.get("stage"), "from_block": self.found.get("next_block"), "blocks": self.n,
                 "passes_done": list(self.found.get("done", {})), "runs": self.runs,
                 "checkpoint": self.found.get("time"), "earlier_s": round(self.found.get("seconds", 0.0), 2),
-                **{step: keep[k]["step"] for k, (_, step, _) in TRAININGS.items() if keep.get(k)}}
+                **{step: keep[k]["step"] for k, (_, step, _) in TRAININGS.items() if keep.get(k)},
+                **({"tune_recipe_was": self.retuned} if self.retuned else {})}
 
     def close(self) -> None:
         """The output is complete: its checkpoints are not part of it."""

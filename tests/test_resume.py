@@ -373,6 +373,11 @@ def test_the_fingerprint_follows_what_decides_the_weights(tmp_path, tiny_dir):
     assert base != resume.fingerprint({**cfg, "sparsity": 0.6}, ids, tiny_dir, ("cpu",), torch.float32)
     assert base != resume.fingerprint(cfg, ids + 1, tiny_dir, ("cpu",), torch.float32)
     assert base != resume.fingerprint(cfg, ids, tiny_dir, ("cpu",), torch.bfloat16)
+    fp = lambda **g: resume.fingerprint({**cfg, "gptq": {"act_order": True, "sink_weight": 16.0, **g}}, ids, tiny_dir,
+                                        ("cpu",), torch.float32)
+    # scale tuning's steps and learning rate decide its own training only (Checkpoints.retune), not whether it runs
+    assert fp(tune_steps=5, tune_lr=1e-3) == fp(tune_steps=64, tune_lr=3e-4) != fp(tune_steps=0, tune_lr=1e-3)
+    assert fp(tune_steps=5, tune_lr=1e-3) != fp(tune_steps=5, tune_lr=1e-3, act_order=False)
     f = next(tiny_dir.glob("*.safetensors"))
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the source file replaced
@@ -815,6 +820,50 @@ def test_a_run_killed_in_scale_tuning_goes_on_from_its_checkpoint(tmp_path, caps
     assert mb["format"] == ma["format"] and mb["steps"] == ma["steps"]
     assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
     assert mb["resumed"].get("tune_from_step") == (3 if case == "train" else None)
+
+
+@pytest.mark.parametrize("case", ["train", "write"])
+def test_a_stopped_tuning_run_again_under_another_tune_lr_reuses_the_passes_before_it(tmp_path, capsys, monkeypatch,
+                                                                                      tuned_ref, case):
+    """`scale tuning diverged: lower --tune-lr` (or more --tune-steps): the rerun under the new recipe takes the stopped
+    run's folder over and tunes anew from GPTQ's scales, without pruning or quantizing again (at 70B, hours), to the
+    files of a run of the new recipe never stopped; stopped while training (the teacher's states kept) or after the
+    tuning's result (the teacher computed again)."""
+    from llmprune import lazy, onload
+
+    argv, _ = tuned_ref
+    monkeypatch.setattr(lazy, "SHARD_BYTES", 5_000)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    other = [*argv, "--tune-lr", "3e-4"]
+    assert main([*other, "--out", str(ref), "--checkpoint-every", "off"]) == 0
+    if case == "train":
+        _stop_training(monkeypatch, [*argv, "--out", str(out)], step=3)
+    else:  # Ctrl-C while the tuned block 2 is written: the tuning is a finished pass, its teacher gone
+        block = onload.Output.block
+        with monkeypatch.context() as m:
+            m.setattr(onload.Output, "block", lambda self, i, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                      if i == 2 else block(self, i, *a, **k))
+            assert main([*argv, "--out", str(out)]) == 130
+    (left,) = outdir.stale(out)
+    did = {"pruned": _solved(monkeypatch), "teacher": [], "quantized": [], "updates": []}
+    teacher, put, step = onload.teacher, onload.Codes.put, torch.optim.Adam.step
+    monkeypatch.setattr(onload, "teacher", lambda *a, **k: did["teacher"].append(1) or teacher(*a, **k))
+    monkeypatch.setattr(onload.Codes, "put", lambda self, i, c: did["quantized"].append(i) or put(self, i, c))
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: did["updates"].append(1) or step(self, *a, **k))
+    capsys.readouterr()
+    assert main([*other, "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert f"resuming {left.name}: " in said.err
+    assert ("scale tuning starts over from GPTQ's scales: --tune-steps 5 --tune-lr 0.0003 where the run that stopped "
+            "tuned with --tune-steps 5 --tune-lr 0.001 (the passes before it are reused)") in said.err
+    assert "the scale tuning from its start (the run that stopped tuned with --tune-steps 5 --tune-lr 0.001)" in said.out
+    assert (did["pruned"], did["quantized"], len(did["updates"])) == ([], [], 5)
+    assert len(did["teacher"]) == (case == "write")
+    ma, mb = _same_output(ref, out)
+    untimed = lambda d: {k: v for k, v in d.items() if k != "seconds"}
+    assert untimed(mb["format"]["quant_options"]["tune"]) == untimed(ma["format"]["quant_options"]["tune"])
+    assert mb["eval"]["wikitext2"]["ppl"] == ma["eval"]["wikitext2"]["ppl"]
+    assert mb["resumed"]["tune_recipe_was"] == {"steps": 5, "lr": 1e-3} and "tune_from_step" not in mb["resumed"]
 
 
 EXPORTS = {  # stopped where (GPTQ's pass at block 2, or the tuning after its step 2), what the resume says
