@@ -34,10 +34,10 @@ import torch
 RESUME = ".resume"  # inside the output's temporary folder
 STATE = "state.json"
 # what the recipe may change without changing the pruned weights (evaluation, export, display)
-# scale tuning's options (GPTQConfig's): they decide its training and result only (Checkpoints.retune)
-TUNING = ("tune_steps", "tune_lr")
 NOT_WEIGHTS = ("out", "overwrite", "progress", "eval", "eval_seqlen", "eval_windows", "eval_dense", "tasks",
                "tasks_limit", "export", "export_types", "export_quant", "checkpoint_s", "hessian_gib")
+# scale tuning's options (GPTQConfig's): they decide its training and result only (Checkpoints.retune)
+TUNING = ("tune_steps", "tune_lr")
 
 
 def fingerprint(cfg: dict, ids: torch.Tensor | None, source: Path, devices: tuple[str, ...], save_dtype) -> str:
