@@ -16,7 +16,8 @@ stopped (tests/test_resume.py), for at most `--checkpoint-every` seconds of work
 and GPTQ's scale tuning commit their own checkpoints on the same clock (`Training`: the trained tensors, the
 optimizer's state, the steps done) and go on from the last one; once its result is written it is a finished
 pass (scale tuning's GPTQ pass keeps its codes in a scratch folder, block by block, and the teacher's hidden
-states it distils from are kept once computed: `Checkpoints.keep_tensor`). A run that fails or is
+states it distils from are kept once computed: `Checkpoints.keep_tensor`; a run under another `--tune-lr` or
+`--tune-steps` keeps the passes before the tuning and tunes anew: `Checkpoints.retune`). A run that fails or is
 interrupted (Ctrl-C, a CUDA out-of-memory error) after a checkpoint keeps the folder too, and says so (`kept`,
 outdir.atomic_dir); a run that cannot resume it (another recipe) removes it as a stale one.
 """
