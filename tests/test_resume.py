@@ -822,7 +822,7 @@ def test_a_run_killed_in_scale_tuning_goes_on_from_its_checkpoint(tmp_path, caps
     assert mb["resumed"].get("tune_from_step") == (3 if case == "train" else None)
 
 
-@pytest.mark.parametrize("case", ["train", "write"])
+@pytest.mark.parametrize("case", ["diverged", "train", "write"])
 def test_a_stopped_tuning_run_again_under_another_tune_lr_reuses_the_passes_before_it(tmp_path, capsys, monkeypatch,
                                                                                       tuned_ref, case):
     """`scale tuning diverged: lower --tune-lr` (or more --tune-steps): the rerun under the new recipe takes the stopped
@@ -838,6 +838,20 @@ def test_a_stopped_tuning_run_again_under_another_tune_lr_reuses_the_passes_befo
     assert main([*other, "--out", str(ref), "--checkpoint-every", "off"]) == 0
     if case == "train":
         _stop_training(monkeypatch, [*argv, "--out", str(out)], step=3)
+    elif case == "diverged":  # the tuning's error after its step-3 checkpoint (its scales non-finite at step 4)
+        from llmprune.errors import LLMPruneError
+
+        save = resume.Training.save
+
+        def diverging(self, state):
+            save(self, state)
+            if state["step"] == 3:
+                raise LLMPruneError("scale tuning diverged (non-finite scales): lower --tune-lr, e.g. 3e-4")
+
+        with monkeypatch.context() as m:
+            m.setattr(resume.Training, "save", diverging)
+            assert main([*argv, "--out", str(out)]) == 2
+        assert "scale tuning diverged" in capsys.readouterr().err
     else:  # Ctrl-C while the tuned block 2 is written: the tuning is a finished pass, its teacher gone
         block = onload.Output.block
         with monkeypatch.context() as m:
