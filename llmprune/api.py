@@ -40,6 +40,10 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
 
     with walker.hessian_memory(c.hessian_gib):
         m = run(p, t, command)
+    if m is None:  # a DDP replica other than the first (placement.writes_output): that one writes the output
+        from . import placement
+
+        return {"out": None, "replica": placement.rank(), "to": str(p.out)}
     res = {**m.to_dict(), "out": str(p.out)}
     if c.export:
         res["exported"] = _export_after(c, p.out, command)
@@ -75,7 +79,10 @@ def _compress_whole(p, t, command) -> mf.Manifest:
     whose tensors only transformers' whole load reads. PERP's training commits checkpoints (resume.Training) into the
     output's temporary folder and a killed run's next run goes on from its last one; the pruning before it is not
     checkpointed here (the model is in memory, not written block by block): that run prunes again, to the same
-    weights on the CPU."""
+    weights on the CPU. With one replica per process (DDP), the first process writes and measures the output, the
+    others return None after the training."""
+    from contextlib import nullcontext
+
     from . import arch as archmod
     from . import placement, resume
 
@@ -115,8 +122,10 @@ def _compress_whole(p, t, command) -> mf.Manifest:
 
         parts["PERP's training checkpoints"] = onload.recover_bytes(model, names, c.recover)
     outdir.check_space(p.out, parts, outdir.folder_bytes(found[0]) if found else 0)
+    writes = placement.writes_output()
     with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None,
-                           sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) as tmp:
+                           sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) \
+            if writes else nullcontext() as tmp:
         checkpoints = None
         if fp:
             checkpoints = resume.Checkpoints(tmp, fp, c.checkpoint_s, len(archmod.blocks(model)),
@@ -133,6 +142,8 @@ def _compress_whole(p, t, command) -> mf.Manifest:
             with t("recover_s"):
                 m.recover = pipeline.recover(model, tok, c.recover, c.calib, c.seed + 1, p.devices, c.progress,
                                              checkpoint=checkpoints and checkpoints.training(c.recover.steps))
+            if not writes:
+                return None
             m.steps.append("recover")
             if m.sparsity:
                 m.sparsity["measured_after_recover"] = prune.measured_sparsity(model, names)
@@ -415,6 +426,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     it; "whole": the model is loaded into CPU memory first; "auto": blocks when training on a GPU and
     the folder allows, else whole."""
     import dataclasses
+    from contextlib import nullcontext
 
     import torch
 
@@ -455,7 +467,8 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     if lz is not None:  # planned (and refused) before anything is read; the adapted linears: the pruned ones
         where = onl.recover_plan(lz.model, targets, devs, rcfg)
     fp = found = None
-    if checkpoint_s is not None:  # a killed run of the same training is taken over
+    writes = placement.writes_output()  # (DDP: the first replica writes, the others stop after the training)
+    if checkpoint_s is not None and placement.replicas() <= 1:  # a killed run of the same training is taken over
         what = {"command": "recover", **dataclasses.asdict(rcfg), "dtype": dtype, "onload": lz is not None}
         fp = resume.fingerprint(what, None, Path(src), devs, dtype)
         found = resume.find(Path(out), fp)
@@ -474,7 +487,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         before = {**same, **(pipeline.evaluate_saved(Path(src), todo, eval_seqlen, eval_windows, dev, dtype, progress,
                                                      cache) if todo else {})}
     with outdir.atomic_dir(out, overwrite, adopt=found[0] if found else None, sources=[src],
-                           keep=resume.kept if fp else None) as tmp:
+                           keep=resume.kept if fp else None) if writes else nullcontext() as tmp:
         ck = resume.Checkpoints(tmp, fp, checkpoint_s, len(arch.blocks(model)), found[1] if found else None) \
             if fp else None
         if lz is not None:
@@ -488,6 +501,8 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         info["wall_s"], info["dtype"] = t.s["recover_s"], dtype
         info["onload"] = "whole" if lz is None else "blocks"
         info["zeros_unchanged"] = {k: int((arch.get(model, k).weight == 0).sum()) for k in pruned} == zeros_before
+        if not writes:
+            return {"recover": info, "out": None, "replica": placement.rank(), "to": str(out)}
         new = mf.derive(old, versions(), ",".join(devs), onload=info["onload"])
         new.recover, new.recovered_from = info, str(src)
         new.steps = [*old.steps, "recover"]

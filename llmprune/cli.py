@@ -141,11 +141,19 @@ def cmd_compress(a) -> int:
         export=a.export, export_types=a.export_type or "f16", export_quant=a.export_quant,
     )
     m = api.compress(cfg, command=a.command_line)
+    if m["out"] is None:
+        return _replica_done(m)
     print_summary(m)
     if "format" in m:
         print_format(m)
     if m.get("exported"):
         print_export(m["exported"])
+    return 0
+
+
+def _replica_done(m: dict) -> int:
+    """A DDP replica other than the first: it trained, the first process writes and measures the output."""
+    print(f"replica {m['replica']}: trained; process 0 writes {m['to']}")
     return 0
 
 
@@ -455,6 +463,8 @@ def cmd_recover(a) -> int:
                     progress=not a.no_progress, command=a.command_line, dtype=a.dtype, tasks=_tasks(a),
                     tasks_limit=a.tasks_limit, onload=a.onload,
                     checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"), **opts)
+    if m["out"] is None:
+        return _replica_done(m)
     r = m["recover"]
     print(f"\nsaved {m['out']}  (PERP {r['steps']} steps, {r['n_trainable']:,} trainable = {100 * r['fraction']:.3f}%,"
           f" {r['wall_s']:.0f}s, zeros unchanged: {r['zeros_unchanged']})")

@@ -31,6 +31,20 @@ def replicas() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's place among the replicas (RANK; 0 alone)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def writes_output() -> bool:
+    """Whether this process writes the output of a training: the first of the replicas (every process alone). The
+    replicas end with the same weights (DDP averages their gradients), so one writes and measures them and the
+    others stop after the training, not writing the same folder again."""
+    return rank() == 0
+
+
 def reads_to_devices(devices: tuple[str, ...]) -> bool:
     """Whether training on `devices` should read the weights from disk straight onto them (a GPU, in one
     process). On the CPU alone the model lives in CPU memory anyway, where transformers' whole load keeps

@@ -226,6 +226,40 @@ def test_onload_blocks_is_refused_with_one_replica_per_process(tmp_path, capsys,
         assert not (tmp_path / "o").exists()
 
 
+def test_ddp_replicas_train_together_and_the_first_alone_writes(tmp_path, pruned_24, tiny_dir, calib_txt):
+    """`torchrun --nproc_per_node 2 -m llmprune.cli recover ...` (and `compress --recover perp`): two processes train a
+    replica each (DDP over gloo on the CPU, their gradients averaged), and only process 0 writes and measures the
+    output: one folder, written once, its manifest saying two processes trained it; the other process says so and
+    writes nothing (before, both wrote the same folder and raced to rename it)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                        "--standalone", "-m", "llmprune.cli", *map(str, argv), "--no-progress"],
+                                       check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    for name, argv in (("rec", ["recover", pruned_24, "--steps", "3", "--data", calib_txt, "--seqlen", "32",
+                                "--batch", "2"]),
+                       ("comp", ["compress", "--model", tiny_dir, "--calib", calib_txt, "--nsamples", "4", "--seqlen",
+                                 "32", "--eval", "none", "--recover", "perp", "--recover-steps", "3"])):
+        r = run(*argv, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count(f"saved {tmp_path / name}") == 1, r.stdout
+        assert r.stdout.count(f"replica 1: trained; process 0 writes {tmp_path / name}") == 1, r.stdout
+        assert sorted(q.name for q in tmp_path.iterdir() if name in q.name) == [name]  # no temporary sibling left
+        m = json.loads((tmp_path / name / "llmprune.json").read_text())
+        assert m["recover"]["processes"] == 2 and len(m["recover"]["losses"]) == 3, m["recover"]
+        if name == "rec":
+            assert m["recover"]["zeros_unchanged"] and m["recover"]["onload"] == "whole"
+        else:  # (PERP with a replica per process loads the model whole in each)
+            assert m["onload"].startswith("whole") and m["sparsity"]["measured_after_recover"] == 0.5
+    a, b = load_file(pruned_24 / "model.safetensors"), load_file(tmp_path / "rec" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a if "norm" in k)  # trained
+
+
 def test_recover_onload_blocks_refuses_a_plan_before_reading_a_weight(tmp_path, capsys, monkeypatch, pruned_24):
     from llmprune import lazy
 

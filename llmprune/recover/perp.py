@@ -312,12 +312,14 @@ def recover(
     train = tuple(train)
     _check(lr, steps, batch_size, grad_accum, method, train, schedule, train_ids, rank, mixed_precision)
     set_seed(seed)  # dropout, if the model has any; adapter init and data order use their own generators
+    # on the CPU alone, `cpu` lets accelerate join the processes of torchrun (WORLD_SIZE > 1) over gloo (DDP)
+    on_cpu = all(torch.device(d).type == "cpu" for d in (devices or (str(next(model.parameters()).device),)))
     try:
         accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
-                                  device_placement=False)  # placement.placed puts the model, the loop the data
-    except ValueError as e:  # accelerate fixes the precision once per process
-        raise LLMPruneError(f"mixed precision {mixed_precision!r} differs from an earlier run in this "
-                            f"process: run recovery in a fresh process") from e
+                                  device_placement=False, cpu=on_cpu)  # placement.placed puts the model, the loop the data
+    except ValueError as e:  # accelerate fixes the precision (and the CPU or not) once per process
+        raise LLMPruneError(f"mixed precision {mixed_precision!r} (on {'the CPU' if on_cpu else 'the GPU'}) differs "
+                            f"from an earlier run in this process: run recovery in a fresh process") from e
     t0, losses = time.perf_counter(), []
     with _trainable(model, keep_masks, train, rank, alpha, seed, mixed_precision) as s:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -389,6 +391,7 @@ def recover(
         "lr": lr,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
+        "processes": accelerator.num_processes,  # DDP replicas, each its own batch_size windows a micro-step
         "grad_checkpointing": bool(checkpointing),
         "frozen_dtype": str(s.compute).removeprefix("torch."),
         "autocast": "bf16" if s.autocast else mixed_precision,
