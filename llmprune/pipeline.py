@@ -340,11 +340,12 @@ def recover(model, tok, rcfg, calib: str, seed: int, devices: tuple[str, ...], p
     """PERP in place on training windows drawn apart from the pruning calibration (seed + 1), on
     `devices` (placement.py; `where`: the plan the model was read onto the devices by); every tensor
     ends where it came from. `checkpoint`: the training's checkpoints (resume.Training), or None."""
-    from . import prune
+    from . import placement, prune
     from .recover import perp
 
     opts = rcfg.perp_options()
-    n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum  # each window seen once
+    # each window seen once (by one of the replicas, under torchrun)
+    n = rcfg.nsamples or rcfg.steps * rcfg.batch_size * rcfg.grad_accum * placement.replicas()
     ids, data_info = calibrate(rcfg.data or calib, tok, n, rcfg.seqlen, seed)
     # the pruned linears adapted; with none (a SliceGPT output has no zeros) every linear of the blocks: MaskLoRA
     # with all-ones masks is LoRA, as SliceGPT recovers its sliced models (arXiv 2401.15024, "recovery fine-tuning")

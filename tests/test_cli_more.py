@@ -252,7 +252,8 @@ def test_ddp_replicas_train_together_and_the_first_alone_writes(tmp_path, pruned
         assert sorted(q.name for q in tmp_path.iterdir() if name in q.name) == [name]  # no temporary sibling left
         m = json.loads((tmp_path / name / "llmprune.json").read_text())
         assert m["recover"]["processes"] == 2 and len(m["recover"]["losses"]) == 3, m["recover"]
-        if name == "rec":
+        if name == "rec":  # 3 steps of 2 windows on each of 2 processes: each window seen once
+            assert m["recover"]["data"]["nsamples"] == 3 * 2 * 2
             assert m["recover"]["zeros_unchanged"] and m["recover"]["onload"] == "whole"
         else:  # (PERP with a replica per process loads the model whole in each)
             assert m["onload"].startswith("whole") and m["sparsity"]["measured_after_recover"] == 0.5
