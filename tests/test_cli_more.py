@@ -261,6 +261,20 @@ def test_ddp_replicas_train_together_and_the_first_alone_writes(tmp_path, pruned
     assert any(not torch.equal(a[k], b[k]) for k in a if "norm" in k)  # trained
 
 
+def test_under_torchrun_only_perps_training_runs(tmp_path, capsys, monkeypatch, pruned_24, tiny_dir):
+    """Every other command under WORLD_SIZE > 1 would run once per process, each writing the same output: refused in
+    one line before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["compress", "--model", str(tiny_dir), "--out", str(tmp_path / "o")],
+                 ["pack", str(pruned_24), "--format", "sparse24", "--out", str(tmp_path / "o")],
+                 ["eval", str(pruned_24)], ["bench", str(pruned_24)]):
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert f"2 processes (WORLD_SIZE: torchrun or accelerate launch) run `llmprune {argv[0]}` once each" in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_recover_onload_blocks_refuses_a_plan_before_reading_a_weight(tmp_path, capsys, monkeypatch, pruned_24):
     from llmprune import lazy
 
