@@ -698,20 +698,6 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
-def _one_process_unless_training(args, argv: list[str]) -> None:
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1) the processes train PERP's replicas together, the first
-    writing the output (placement.writes_output); every other command would run once per process, each writing
-    the same output: refused in one line."""
-    from .errors import LLMPruneError
-    from .placement import replicas
-
-    cmd = argv[0] if argv else ""
-    if replicas() > 1 and not (cmd == "recover" or cmd == "compress" and getattr(args, "recover", None)):
-        raise LLMPruneError(f"{replicas()} processes (WORLD_SIZE: torchrun or accelerate launch) run `llmprune {cmd}` "
-                            f"once each: only PERP's training (recover, compress --recover perp) runs as replicas; "
-                            f"run it as one process")
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids a 2-3x slowdown of forwards after tokenizing
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -732,7 +718,10 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set only there)
     before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        _one_process_unless_training(args, argv)
+        from .placement import check_one_process
+
+        cmd = argv[0] if argv else ""  # (before any work: every process would write the same output)
+        check_one_process(cmd, cmd == "recover" or cmd == "compress" and bool(getattr(args, "recover", None)))
         return args.func(args)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)

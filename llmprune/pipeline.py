@@ -105,8 +105,9 @@ def check_solver_options(solver: solvers.Solver, opts: dict) -> None:
 
 def plan(cfg: CompressConfig) -> Plan:
     """Resolve the protocol and check every option that needs no model; raises LLMPruneError."""
-    from . import formats
+    from . import formats, placement
 
+    placement.check_one_process("compress", bool(cfg.recover))  # (under torchrun; the API's callers too)
     devices = pick_devices(cfg.device)
     device = devices[0]
     cfg = cfg.resolved(device)

@@ -31,6 +31,18 @@ def replicas() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_one_process(command: str, trains: bool) -> None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) the processes train PERP's replicas together, the first
+    writing the output (writes_output); any other `command` would run once per process, each writing the same
+    output: refused in one line."""
+    from .errors import LLMPruneError
+
+    if replicas() > 1 and not trains:
+        raise LLMPruneError(f"{replicas()} processes (WORLD_SIZE: torchrun or accelerate launch) run `llmprune "
+                            f"{command}` once each: only PERP's training (recover, compress --recover perp) runs as "
+                            f"replicas; run it as one process")
+
+
 def rank() -> int:
     """This process's place among the replicas (RANK; 0 alone)."""
     import os

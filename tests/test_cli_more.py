@@ -272,6 +272,11 @@ def test_under_torchrun_only_perps_training_runs(tmp_path, capsys, monkeypatch, 
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1, err
         assert f"2 processes (WORLD_SIZE: torchrun or accelerate launch) run `llmprune {argv[0]}` once each" in err
+    import llmprune
+    from llmprune.errors import LLMPruneError
+
+    with pytest.raises(LLMPruneError, match="only PERP's training"):  # the Python API's callers too
+        llmprune.compress(model=str(tiny_dir), out=str(tmp_path / "o"))
     assert not any(tmp_path.iterdir())
 
 
