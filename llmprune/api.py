@@ -81,6 +81,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
     checkpointed here (the model is in memory, not written block by block): that run prunes again, to the same
     weights on the CPU. With one replica per process (DDP), the first process writes and measures the output, the
     others return None after the training."""
+    import functools
     from contextlib import nullcontext
 
     from . import arch as archmod
@@ -105,14 +106,8 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         fp = resume.fingerprint(c.as_dict(), ids, Path(info.path), p.devices, pipeline.save_dtype(c, src_dtype))
         found = resume.find(p.out, fp)
     cache: dict = {}
-    dense = {}
-    dense_key = [list(c.eval), c.eval_seqlen, windows]
-    kept = found[1]["keep"].get("dense") if found else None
-    if c.eval and c.eval_dense and kept and kept["key"] == dense_key:
-        dense = kept["figures"]  # measured by the run that stopped, on the same source
-    elif c.eval and c.eval_dense:
-        with t("dense_eval_s"):
-            dense = _evaluate_dense(info.path, model, tok, c, windows, p.device, cache)
+    dense, dense_key = _dense_figures(c, windows, found, t, functools.partial(
+        _evaluate_dense, info.path, model, tok, c, windows, p.device, cache))
     parts = {}
     if c.format == "dense" and not c.slicegpt:  # (a packed or sliced output is smaller)
         item = pipeline.save_dtype(c, src_dtype).itemsize
@@ -162,6 +157,20 @@ def _compress_whole(p, t, command) -> mf.Manifest:
             checkpoints.close()
         mf.write(tmp, m)
     return m
+
+
+def _dense_figures(c, windows, found, t, measure) -> tuple[dict, list]:
+    """The dense model's figures for compress's evaluation ({} without one) and the key they are kept under in a
+    checkpoint: those a stopped run (`found`, resume.find) measured on the same source the same way, else
+    `measure()`."""
+    key = [list(c.eval), c.eval_seqlen, windows]
+    kept = found[1]["keep"].get("dense") if found else None
+    if not (c.eval and c.eval_dense):
+        return {}, key
+    if kept and kept["key"] == key:
+        return kept["figures"], key
+    with t("dense_eval_s"):
+        return measure(), key
 
 
 def _evaluate_dense(path, model, tok, c, windows, device, cache) -> dict:
@@ -236,14 +245,8 @@ def _compress_onload(p, t, command) -> mf.Manifest:
     there = outdir.folder_bytes(found[0]) if found else 0  # written already
     outdir.check_space(p.out, parts, there)
     cache: dict = {}
-    dense = {}
-    dense_key = [list(c.eval), c.eval_seqlen, windows]
-    kept = found[1]["keep"].get("dense") if found else None
-    if c.eval and c.eval_dense and kept and kept["key"] == dense_key:
-        dense = kept["figures"]  # measured by the run that stopped, on the same source
-    elif c.eval and c.eval_dense:
-        with t("dense_eval_s"):
-            dense = onload.evaluate(lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache)
+    dense, dense_key = _dense_figures(c, windows, found, t, lambda: onload.evaluate(
+        lz, tok, c.eval, c.eval_seqlen, windows, p.device, c.progress, cache))
     with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None,
                            sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) as tmp:
         packer = None if c.format == "dense" or c.slicegpt else packed.PackWriter(
