@@ -721,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         from .placement import check_one_process
 
         cmd = argv[0] if argv else ""  # (before any work: every process would write the same output)
-        check_one_process(cmd, cmd == "recover" or cmd == "compress" and bool(getattr(args, "recover", None)))
+        check_one_process(cmd, cmd in ("recover", "compress"))  # (compress's plan checks its --recover)
         return args.func(args)
     except LLMPruneError as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
