@@ -1,7 +1,8 @@
 """Resolve and load models: a Hub id, a local HF folder, a .gguf file, or an alias.
 
 GGUF checkpoints are dequantized by transformers (with the `gguf` package) once and cached as a
-plain safetensors folder, keyed by the file's sha256, so later loads take seconds, not minutes.
+plain safetensors folder, keyed by the file's sha256, so later loads take seconds, not minutes: F16 and
+BF16 tensors in their own dtype (exact), quantized ones in fp32.
 """
 from __future__ import annotations
 
@@ -115,48 +116,70 @@ def check_gguf(path: Path) -> None:
 
 
 def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
-    """Dequantize a GGUF once into a cached plain HF folder (fp32, sharded safetensors); returns
-    (folder, sha256). Tensor by tensor: the file is memory-mapped, each tensor dequantized, mapped to
-    its transformers name by transformers' own GGUF tables and processors (the llama q/k permutation,
-    Gemma's norm offsets, ...), written into its shard, and its pages released, so a 70B GGUF never
-    becomes a 70B float model in memory."""
+    """Dequantize a GGUF once into a cached plain HF folder (sharded safetensors: F16 and BF16 tensors kept
+    in their dtype, quantized ones in fp32); returns (folder, sha256). Tensor by tensor: the file is
+    memory-mapped, each tensor dequantized, mapped to its transformers name by transformers' own GGUF
+    tables and processors (the llama q/k permutation, Gemma's norm offsets, ...), written into its shard,
+    and its pages released, so a 70B GGUF never becomes a 70B float model in memory."""
     check_gguf(gguf)
     sha = _sha256(gguf)
     folder = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         return folder, sha
-    _check_cache_space(gguf, folder)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
         try:
-            _stream_gguf(gguf, tmp)
-        except (ValueError, KeyError, OSError) as e:  # a GGUF transformers cannot read (architecture, damage)
-            raise LLMPruneError(f"transformers cannot read {gguf.name} ({str(e).splitlines()[0][:160]}): convert it "
-                                f"to a Hugging Face folder, or use a supported GGUF") from None
+            _stream_gguf(gguf, folder, tmp, keep16=True)
+        except _Inexact:  # a processor changed a 16-bit tensor's values past its dtype: every tensor in fp32
+            _stream_gguf(gguf, folder, tmp, keep16=False)
         os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, sha
 
 
-def _check_cache_space(gguf: Path, folder: Path) -> None:
-    """The fp32 copy of a GGUF (4 bytes a weight: 280 GB for a 70B model's 40 GB Q4_K file) is refused, before
-    anything is dequantized, on a disk without room for it."""
+class _Inexact(Exception):
+    """A tensor stored as F16/BF16 whose processed values (e.g. a norm offset) that dtype cannot hold."""
+
+
+def _cached_dtype(kind, keep16: bool):
+    """The dtype a GGUF tensor of type `kind` is cached in: F16 and BF16 as they are (exact, half of fp32's
+    bytes), everything dequantized (Q4_K, Q8_0, ...) and F32 in fp32."""
+    import torch
+    from gguf import GGMLQuantizationType as T
+
+    return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(kind, torch.float32) if keep16 else torch.float32
+
+
+def _check_cache_space(gguf: Path, folder: Path, keep16: bool) -> None:
+    """The dequantized copy of a GGUF (4 bytes a quantized weight: 280 GB for a 70B model's 40 GB Q4_K file;
+    an F16 file's own bytes) is refused, before anything is dequantized, on a disk without room for it."""
     from gguf import GGUFReader
 
     from . import outdir
 
     try:
-        n = sum(int(t.n_elements) for t in GGUFReader(gguf).tensors)
+        n = sum(int(t.n_elements) * _cached_dtype(t.tensor_type, keep16).itemsize for t in GGUFReader(gguf).tensors)
     except (ValueError, KeyError, OSError):  # (a damaged file: _stream_gguf says so in its own words)
         return
-    outdir.check_space(folder, {"its weights in fp32": 4 * n}, name=f"the cached copy of {gguf.name}",
+    what = "its weights dequantized to fp32, F16/BF16 kept" if keep16 else "its weights in fp32"
+    outdir.check_space(folder, {what: n}, name=f"the cached copy of {gguf.name}",
                        fix="free space there, or set LLMPRUNE_CACHE to a folder on a disk with room")
 
 
-def _stream_gguf(gguf: Path, out: Path) -> None:
+def _stream_gguf(gguf: Path, folder: Path, out: Path, keep16: bool) -> None:
+    """The cache's copy of `gguf` (its place `folder`) written into the empty folder `out`."""
+    shutil.rmtree(out, ignore_errors=True)  # (a first try's tensors)
+    _check_cache_space(gguf, folder, keep16)
+    out.mkdir(parents=True)
+    try:
+        _dequantize_gguf(gguf, out, keep16)
+    except (ValueError, KeyError, OSError) as e:  # a GGUF transformers cannot read (architecture, damage)
+        raise LLMPruneError(f"transformers cannot read {gguf.name} ({str(e).splitlines()[0][:160]}): convert it "
+                            f"to a Hugging Face folder, or use a supported GGUF") from None
+
+
+def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     import mmap
 
     import numpy as np
@@ -191,7 +214,8 @@ def _stream_gguf(gguf: Path, out: Path) -> None:
 
     unit = lambda name: arch.block_index(blocks, name)
     sd = skeleton.state_dict()
-    writer = lazy.ShardWriter(out, [(n, tuple(sd[n].shape), torch.float32) for n in names], unit)
+    dtype = {mapping[t.name]: _cached_dtype(t.tensor_type, keep16) for t in reader.tensors if t.name in mapping}
+    writer = lazy.ShardWriter(out, [(n, tuple(sd[n].shape), dtype[n]) for n in names], unit)
     raw = getattr(reader.data, "_mmap", None)
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type)
@@ -203,13 +227,20 @@ def _stream_gguf(gguf: Path, out: Path) -> None:
                                     f"metadata makes {name} {tuple(sd[name].shape)}: the file is damaged or was "
                                     f"not written for {config.model_type}; use a complete GGUF or a Hugging Face "
                                     f"model folder")
-            writer.add(name, torch.from_numpy(np.copy(res.weights)).to(torch.float32))
+            x = torch.from_numpy(np.copy(res.weights))
+            y = x.to(dtype[name])
+            if y.dtype != x.dtype and not torch.equal(y.to(x.dtype), x):
+                raise _Inexact(name)
+            writer.add(name, y)
         del w, res
         if raw is not None:  # the pages of this tensor leave our resident memory
             start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
             raw.madvise(mmap.MADV_DONTNEED, start, int(t.data_offset) + int(t.n_bytes) - start)
     writer.finish()
-    config.dtype = "float32"
+    by: dict = {}
+    for n in names:  # the config names the dtype holding most of the bytes, as a checkpoint's does
+        by[dtype[n]] = by.get(dtype[n], 0) + sd[n].numel() * dtype[n].itemsize
+    config.dtype = str(max(by, key=by.get) if by else torch.float32).removeprefix("torch.")
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 

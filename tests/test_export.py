@@ -230,6 +230,62 @@ def test_gguf_round_trip_copies_the_source_gguf_tokenizer(tmp_path, capsys, tiny
         assert a.fields[k].contents() == b.fields[k].contents(), k
 
 
+
+def _cached(folder):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
+    """An F16 or BF16 GGUF's cached copy holds its 16-bit tensors in their dtype: bit for bit what transformers'
+    own GGUF loader reads, in 0.5x the bytes of an F32 file's copy, and a dense output pruned from it is
+    written in that dtype, as from a Hugging Face folder of it; a tensor whose processed values (a norm
+    offset, say) its dtype cannot hold turns the whole copy to fp32, still exact."""
+    import numpy as np
+    from transformers import modeling_gguf_pytorch_utils as mg
+
+    from llmprune import models, pipeline
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "dense"
+    assert main([str(a) for a in ("compress", "--model", tiny_dir, "--sparsity", "0", "--solver", "magnitude",
+                                  "--out", first, *FAST_CLI)]) == 0
+    g = tmp_path / "g"
+    assert _run(capsys, "export", first, "--to", "gguf", "--type", "f32,f16,bf16", "--out", g, "--no-progress")[0] == 0
+    files = json.loads((g / "llmprune.json").read_text())["export"]["files"]
+    size = {}
+    for fname, dt in zip(files, (torch.float32, torch.float16, torch.bfloat16)):
+        folder, _ = models.gguf_to_folder(g / fname)
+        got, want = _cached(folder), _gguf_model(g, fname).state_dict()
+        assert got and set(got) <= set(want)
+        for k, v in got.items():
+            assert torch.equal(v.float(), want[k]), (fname, k)
+        assert got["model.layers.1.mlp.up_proj.weight"].dtype == dt and got["model.embed_tokens.weight"].dtype == dt
+        assert pipeline.source_dtype(folder) == dt
+        assert json.loads((folder / "config.json").read_text())["dtype"] == str(dt).removeprefix("torch.")
+        size[dt] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert max(size[torch.float16], size[torch.bfloat16]) < 0.55 * size[torch.float32], size
+    pruned = tmp_path / "p"
+    assert main([str(a) for a in ("compress", "--model", g / files[1], "--calib", calib_txt, "--out", pruned,
+                                  *FAST_CLI)]) == 0
+    assert {v.dtype for v in _cached(pruned).values()} == {torch.float16}
+
+    class Shifted(mg.LlamaTensorProcessor):  # a processor that changes one tensor's values
+        def process(self, weights, name, **kw):
+            r = super().process(weights, name, **kw)
+            return r._replace(weights=r.weights + np.float32(1 / 3)) if name == "blk.0.ffn_up.weight" else r
+
+    monkeypatch.setitem(mg.TENSOR_PROCESSORS, "llama", Shifted)
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache2"))
+    folder, _ = models.gguf_to_folder(g / files[2])  # BF16, dequantized to fp32: x + 1/3 is no bfloat16
+    got, want = _cached(folder), _gguf_model(g, files[2]).state_dict()
+    assert {v.dtype for v in got.values()} == {torch.float32} and pipeline.source_dtype(folder) == torch.float32
+    assert all(torch.equal(v, want[k]) for k, v in got.items())
+    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"].bfloat16().float(),
+                           got["model.layers.0.mlp.up_proj.weight"])
+    assert [p.name for p in (tmp_path / "cache2" / "models").iterdir()] == [folder.name]  # no first try left
+
 # --- what cannot be exported, and nothing half written ---------------------------------------------------
 
 def _refused(capsys, tmp_path, *argv, want: str):

@@ -168,9 +168,10 @@ def test_a_gguf_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     assert models._sha256(f) == real(f.read_bytes()).hexdigest() and len(reads) == 3
 
 
-def test_a_gguf_whose_fp32_copy_would_not_fit_the_cache_disk_is_refused_first(tmp_path, capsys, monkeypatch):
-    """Dequantizing a GGUF writes its weights in fp32 into the cache (a 40 GB Q4_K 70B file: 280 GB): a disk
-    without room for that is refused in one line naming LLMPRUNE_CACHE, before anything is dequantized."""
+def test_a_gguf_whose_dequantized_copy_would_not_fit_the_cache_disk_is_refused_first(tmp_path, capsys, monkeypatch):
+    """Dequantizing a GGUF writes its quantized and F32 weights in fp32 into the cache (a 40 GB Q4_K 70B file:
+    280 GB), F16 ones as they are: a disk without room for that is refused in one line naming LLMPRUNE_CACHE,
+    before anything is dequantized."""
     import gguf
     import numpy as np
 
@@ -187,12 +188,14 @@ def test_a_gguf_whose_fp32_copy_would_not_fit_the_cache_disk_is_refused_first(tm
     w.close()
     usage = outdir.shutil.disk_usage
     free = lambda n: lambda p: usage(p)._replace(free=n)
-    monkeypatch.setattr(outdir.shutil, "disk_usage", free(4 * 50_000 - 1))
+    need = 2 * 300 * 100 + 4 * 200 * 100  # the F16 embedding in fp16, the F32 matrix in fp32
+    monkeypatch.setattr(outdir.shutil, "disk_usage", free(need - 1))
     rc, _, se = _run(capsys, "compress", "--model", f, "--out", tmp_path / "o", *FAST_CLI)
     assert rc == 2 and len(se.strip().splitlines()) == 1, se
-    assert "the cached copy of m.gguf needs 0.2 MB (its weights in fp32 0.2 MB)" in se and "LLMPRUNE_CACHE" in se
+    assert "the cached copy of m.gguf needs 0.1 MB (its weights dequantized to fp32, F16/BF16 kept 0.1 MB)" \
+        in se and "LLMPRUNE_CACHE" in se
     assert not any((tmp_path / "cache" / "models").glob("*")) and _nothing_left(tmp_path, "o")
-    monkeypatch.setattr(outdir.shutil, "disk_usage", free(4 * 50_000))  # room: read, and its metadata (none: a
+    monkeypatch.setattr(outdir.shutil, "disk_usage", free(need))  # room: read, and its metadata (none: a
     rc, _, se = _run(capsys, "compress", "--model", f, "--out", tmp_path / "o", *FAST_CLI)  # default config) refused
     assert rc == 2 and len(se.strip().splitlines()) == 1, se
     assert "m.gguf: tensor token_embd.weight is (300, 100), but the file's metadata makes model.embed_tokens" in se
