@@ -100,9 +100,10 @@ def _compress_whole(p, t, command) -> mf.Manifest:
             ids, m.calibration = pipeline.calibrate(c.calib, tok, c.nsamples, c.seqlen, c.seed)
     src_dtype = pipeline.source_dtype(info.path)
     fp = found = None
-    # PERP's training commits checkpoints and a killed run's is taken over (one process: DDP's replicas would share
-    # the output's folder)
-    if c.recover and c.checkpoint_s is not None and info.path and placement.replicas() <= 1:
+    writes = placement.writes_output()
+    # PERP's training commits checkpoints and a killed run's is taken over (under DDP the first replica's, which
+    # writes the output: perp.recover hands them to the others)
+    if c.recover and c.checkpoint_s is not None and info.path and writes:
         fp = resume.fingerprint(c.as_dict(), ids, Path(info.path), p.devices, pipeline.save_dtype(c, src_dtype))
         found = resume.find(p.out, fp)
     cache: dict = {}
@@ -117,7 +118,6 @@ def _compress_whole(p, t, command) -> mf.Manifest:
 
         parts["PERP's training checkpoints"] = onload.recover_bytes(model, names, c.recover)
     outdir.check_space(p.out, parts, outdir.folder_bytes(found[0]) if found else 0)
-    writes = placement.writes_output()
     with outdir.atomic_dir(p.out, c.overwrite, adopt=found[0] if found else None,
                            sources=pipeline.local_sources(c.model), keep=resume.kept if fp else None) \
             if writes else nullcontext() as tmp:
@@ -471,7 +471,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         where = onl.recover_plan(lz.model, targets, devs, rcfg)
     fp = found = None
     writes = placement.writes_output()  # (DDP: the first replica writes, the others stop after the training)
-    if checkpoint_s is not None and placement.replicas() <= 1:  # a killed run of the same training is taken over
+    if checkpoint_s is not None and writes:  # a killed run of the same training is taken over (DDP: the first's)
         what = {"command": "recover", **dataclasses.asdict(rcfg), "dtype": dtype, "onload": lz is not None}
         fp = resume.fingerprint(what, None, Path(src), devs, dtype)
         found = resume.find(Path(out), fp)

@@ -43,6 +43,7 @@ TUNING = ("tune_steps", "tune_lr")
 
 def fingerprint(cfg: dict, ids: torch.Tensor | None, source: Path, devices: tuple[str, ...], save_dtype) -> str:
     """What decides the pruned weights, hashed: a checkpoint is resumed only under the same one."""
+    from . import placement
     from .lazy import SHARD_BYTES  # the output's shard plan, which the files taken over must follow
     from .runinfo import versions
 
@@ -58,6 +59,8 @@ def fingerprint(cfg: dict, ids: torch.Tensor | None, source: Path, devices: tupl
             "versions": {k: v for k, v in versions().items() if k != "gpu"}}  # (named once CUDA has started)
     if any(torch.device(d).type == "cuda" for d in devices):
         what["gpus"] = [torch.cuda.get_device_name(torch.device(d)) for d in devices]
+    if placement.replicas() > 1:  # DDP: the replicas split each step's windows, so their number decides the updates
+        what["replicas"] = placement.replicas()
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 

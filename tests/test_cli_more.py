@@ -261,6 +261,66 @@ def test_ddp_replicas_train_together_and_the_first_alone_writes(tmp_path, pruned
     assert any(not torch.equal(a[k], b[k]) for k in a if "norm" in k)  # trained
 
 
+DYING = """
+import os, signal, sys
+from llmprune import resume
+from llmprune.cli import main
+save = resume.Training.save
+def dying_save(self, state):
+    save(self, state)
+    if state["step"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+resume.Training.save = dying_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["recover", "compress"])
+def test_ddp_training_killed_goes_on_from_the_first_replicas_checkpoint(tmp_path, pruned_24, tiny_dir, calib_txt,
+                                                                        command):
+    """Under torchrun the first process commits PERP's checkpoints (with every replica's random state): killed by
+    SIGKILL after step 2 of 4 (torchrun stops the other), the next torchrun run hands that checkpoint to both
+    replicas and trains steps 3 and 4 alone, to the tensors and losses of a run never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from llmprune import outdir, resume
+
+    (tmp_path / "dying.py").write_text(DYING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda script, *argv: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *script,
+         *map(str, argv), "--no-progress"], check=False, capture_output=True, text=True, timeout=600, env=env,
+        cwd=tmp_path)
+    if command == "recover":
+        argv = ["recover", pruned_24, "--steps", "4", "--data", calib_txt, "--seqlen", "32", "--batch", "1"]
+    else:
+        argv = ["compress", "--model", tiny_dir, "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32", "--eval",
+                "none", "--recover", "perp", "--recover-steps", "4"]
+    cli = ["-m", "llmprune.cli"]
+    r = run(cli, *argv, "--checkpoint-every", "off", "--out", tmp_path / "ref")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run([str(tmp_path / "dying.py")], *argv, "--checkpoint-every", "0", "--out", tmp_path / "out")
+    assert r.returncode != 0 and f"exitcode  : {-signal.SIGKILL}" in r.stderr, r.stderr[-3000:]
+    (left,) = outdir.stale(tmp_path / "out")
+    state = json.loads((left / resume.RESUME / resume.STATE).read_text())
+    assert state["keep"]["train"]["step"] == 2
+    saved = torch.load(left / resume.RESUME / state["keep"]["train"]["file"], weights_only=True)
+    assert isinstance(saved["rng"], list) and len(saved["rng"]) == 2  # every replica's
+    r = run(cli, *argv, "--checkpoint-every", "0", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("PERP's training from step 2, from the checkpoint of") == 1, r.stdout
+    assert not outdir.stale(tmp_path / "out")
+    a, b = (load_file(tmp_path / f / "model.safetensors") for f in ("ref", "out"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / f / "llmprune.json").read_text()) for f in ("ref", "out"))
+    assert mb["recover"]["losses"] == ma["recover"]["losses"] and len(ma["recover"]["losses"]) == 4
+    assert mb["resumed"]["perp_from_step"] == 2 and mb["recover"]["processes"] == 2
+
 def test_under_torchrun_only_perps_training_runs(tmp_path, capsys, monkeypatch, pruned_24, tiny_dir):
     """Every other command under WORLD_SIZE > 1 would run once per process, each writing the same output: refused in
     one line before any work."""

@@ -299,7 +299,10 @@ def recover(
     checkpoint: where the training state goes every so often and comes back from (resume.Training: `resumed()`,
     the state a killed run saved, or None; `due()`; `save(state)`). A resumed training loads the trained tensors,
     AdamW's and the schedule's state, the losses and the random state of the step saved, and goes on with the
-    windows after the ones it had trained on: the same updates as a training that never stopped (one process).
+    windows after the ones it had trained on: the same updates as a training that never stopped. Under DDP (one
+    replica per process) the first process alone passes a `checkpoint`: it decides when one is due and writes it,
+    with every replica's random state; a resumed state goes from it to the other replicas (one pickled broadcast,
+    the size of the file, in CPU memory).
 
     Afterwards the adapters are merged, every module is a plain nn.Linear again, the zeros of each
     pruned weight are unchanged bit for bit, and the model is back in its dtype, devices and mode.
@@ -325,9 +328,11 @@ def recover(
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         n_trainable = sum(p.numel() for p in params)
-        if accelerator.num_processes > 1:  # one replica per process (DDP): each on its process's device
-            devices, where, checkpoint = (str(accelerator.device),), None, None
-        resumed = checkpoint.resumed() if checkpoint is not None else None
+        ddp = accelerator.num_processes > 1
+        saves, resumed = checkpoint is not None, checkpoint.resumed() if checkpoint is not None else None
+        if ddp:  # one replica per process: each on its process's device, the first one's checkpoints for all
+            devices, where = (str(accelerator.device),), None
+            saves, resumed = _from_first(saves, resumed)
         devices = tuple(devices or (str(next(model.parameters()).device),))
         blocks, where, place_info = placement.plan_model(model, devices, resident_gib, batch_size, train_ids.shape[1],
                                                          s.compute, grad_checkpointing, accelerator.num_processes,
@@ -339,6 +344,8 @@ def recover(
             # The scheduler stays outside prepare(): it steps once per optimizer update, on every process.
             sched = _scheduler(schedule, optimizer, steps // 10 if warmup is None else warmup, steps)
             rng = _load(resumed, named, optimizer, sched, losses) if resumed else None
+            if isinstance(rng, list):  # (every replica's, under DDP)
+                rng = rng[accelerator.process_index]
             loader = torch.utils.data.DataLoader(  # the windows of the steps still to do
                 torch.utils.data.TensorDataset(train_ids.long()), batch_size=batch_size,
                 sampler=_order(train_ids.shape[0], steps * per_step, seed)[len(losses) * per_step:],
@@ -370,8 +377,10 @@ def recover(
                     micro = []
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                    if checkpoint is not None and len(losses) < steps and checkpoint.due():
-                        checkpoint.save(_state(named, optimizer, sched, losses, accelerator.scaler))
+                    if saves and len(losses) < steps and _due(checkpoint, ddp):
+                        states = _gather(_rng()) if ddp else _rng()
+                        if checkpoint is not None:
+                            checkpoint.save(_state(named, optimizer, sched, losses, accelerator.scaler, states))
             bar.close()
             accelerator.free_memory()
         s.merge = True
@@ -401,12 +410,41 @@ def recover(
     }
 
 
-def _state(named, optimizer, sched, losses: list[float], scaler) -> dict:
-    """What a training resumes from after its last finished update: the trained tensors by name, AdamW's and the
-    schedule's state, the losses so far, the random state (dropout) and fp16's loss scale."""
+def _rng() -> dict:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _from_first(*objs) -> list:
+    """The first DDP process's `objs`, in every process."""
+    import torch.distributed as dist
+
+    box = list(objs)
+    dist.broadcast_object_list(box, src=0)
+    return box
+
+
+def _due(checkpoint, ddp: bool) -> bool:
+    """Whether a checkpoint is due: the first process's clock decides for every DDP replica."""
+    due = checkpoint is not None and checkpoint.due()
+    return _from_first(due)[0] if ddp else due
+
+
+def _gather(obj) -> list:
+    """Every DDP process's `obj`, by rank, in every process."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _state(named, optimizer, sched, losses: list[float], scaler, rng) -> dict:
+    """What a training resumes from after its last finished update: the trained tensors by name, AdamW's and the
+    schedule's state, the losses so far, the random state (dropout; under DDP a list, every replica's) and fp16's
+    loss scale."""
     return {"step": len(losses), "params": {n: p.detach() for n, p in named}, "optimizer": optimizer.state_dict(),
             "scheduler": sched.state_dict(), "losses": list(losses), "rng": rng,
             "scaler": scaler.state_dict() if scaler is not None else None}
