@@ -108,7 +108,7 @@ def _compress_whole(p, t, command) -> mf.Manifest:
         found = resume.find(p.out, fp)
     cache: dict = {}
     dense, dense_key = _dense_figures(c, windows, found, t, functools.partial(
-        _evaluate_dense, info.path, model, tok, c, windows, p.device, cache))
+        _evaluate_dense, info.path, model, tok, c, windows, p.device, cache)) if writes else ({}, None)  # (DDP: one)
     parts = {}
     if c.format == "dense" and not c.slicegpt:  # (a packed or sliced output is smaller)
         item = pipeline.save_dtype(c, src_dtype).itemsize
@@ -481,7 +481,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     outdir.check_space(out, parts, outdir.folder_bytes(found[0]) if found else 0)
     cache: dict = {}
     before = {}
-    if eval:
+    if eval and writes:  # (DDP: the other replicas stop after the training)
         # the source's own figures where measured the same way on these weights in this dtype, else
         # measured on the source folder (block by block, as the recovered one is afterwards, so a
         # model larger than the GPU is evaluated too)

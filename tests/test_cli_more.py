@@ -241,10 +241,11 @@ def test_ddp_replicas_train_together_and_the_first_alone_writes(tmp_path, pruned
     run = lambda *argv: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                         "--standalone", "-m", "llmprune.cli", *map(str, argv), "--no-progress"],
                                        check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    ev = ["--eval-seqlen", "32", "--eval-windows", "2"]  # measured by process 0 alone, before and after
     for name, argv in (("rec", ["recover", pruned_24, "--steps", "3", "--data", calib_txt, "--seqlen", "32",
-                                "--batch", "2"]),
+                                "--batch", "2", "--eval", "wikitext2", *ev]),
                        ("comp", ["compress", "--model", tiny_dir, "--calib", calib_txt, "--nsamples", "4", "--seqlen",
-                                 "32", "--eval", "none", "--recover", "perp", "--recover-steps", "3"])):
+                                 "32", "--eval", "wikitext2", *ev, "--recover", "perp", "--recover-steps", "3"])):
         r = run(*argv, "--out", tmp_path / name)
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count(f"saved {tmp_path / name}") == 1, r.stdout
@@ -252,6 +253,8 @@ def test_ddp_replicas_train_together_and_the_first_alone_writes(tmp_path, pruned
         assert sorted(q.name for q in tmp_path.iterdir() if name in q.name) == [name]  # no temporary sibling left
         m = json.loads((tmp_path / name / "llmprune.json").read_text())
         assert m["recover"]["processes"] == 2 and len(m["recover"]["losses"]) == 3, m["recover"]
+        e = m["eval"]["wikitext2"]
+        assert e["ppl"] > 1 and (e["before_recover_ppl"] if name == "rec" else e["dense_ppl"]) > 1, e
         if name == "rec":  # 3 steps of 2 windows on each of 2 processes: each window seen once
             assert m["recover"]["data"]["nsamples"] == 3 * 2 * 2
             assert m["recover"]["zeros_unchanged"] and m["recover"]["onload"] == "whole"
