@@ -138,6 +138,15 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
     return folder, sha
 
 
+PIECE = 1 << 22  # elements compared at a time (_holds)
+
+
+def _holds(y, x) -> bool:
+    """Whether `y`, `x` converted, holds x's values exactly: compared a piece at a time, not through another copy of
+    x (a 70B model's embedding is 4.2 GB in fp32)."""
+    return all(a.to(b.dtype).equal(b) for a, b in zip(y.flatten().split(PIECE), x.flatten().split(PIECE)))
+
+
 class _Inexact(Exception):
     """A tensor stored as F16/BF16 whose processed values (e.g. a norm offset) that dtype cannot hold."""
 
@@ -227,11 +236,13 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
                                     f"metadata makes {name} {tuple(sd[name].shape)}: the file is damaged or was "
                                     f"not written for {config.model_type}; use a complete GGUF or a Hugging Face "
                                     f"model folder")
-            x = torch.from_numpy(np.copy(res.weights))
+            w = res.weights  # (dequantized: a new array; F32: a read-only view of the file, copied)
+            x = torch.from_numpy(w if w.flags.writeable else np.copy(w))
             y = x.to(dtype[name])
-            if y.dtype != x.dtype and not torch.equal(y.to(x.dtype), x):
+            if y.dtype != x.dtype and not _holds(y, x):
                 raise _Inexact(name)
             writer.add(name, y)
+            del x, y
         del w, res
         if raw is not None:  # the pages of this tensor leave our resident memory
             start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
