@@ -283,8 +283,10 @@ def test_ddp_training_killed_goes_on_from_the_first_replicas_checkpoint(tmp_path
                                                                         command):
     """Under torchrun the first process commits PERP's checkpoints (with every replica's random state): killed by
     SIGKILL after step 2 of 4 (torchrun stops the other), the next torchrun run hands that checkpoint to both
-    replicas and trains steps 3 and 4 alone, to the tensors and losses of a run never stopped."""
+    replicas and trains steps 3 and 4 alone, to the tensors and losses of a run never stopped (`recover`: of a
+    model with attention dropout, whose masks the random state decides)."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -294,13 +296,17 @@ def test_ddp_training_killed_goes_on_from_the_first_replicas_checkpoint(tmp_path
     from llmprune import outdir, resume
 
     (tmp_path / "dying.py").write_text(DYING)
+    src = tmp_path / "src"
+    shutil.copytree(pruned_24, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.3}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = lambda script, *argv: subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *script,
          *map(str, argv), "--no-progress"], check=False, capture_output=True, text=True, timeout=600, env=env,
         cwd=tmp_path)
     if command == "recover":
-        argv = ["recover", pruned_24, "--steps", "4", "--data", calib_txt, "--seqlen", "32", "--batch", "1"]
+        argv = ["recover", src, "--steps", "4", "--data", calib_txt, "--seqlen", "32", "--batch", "1"]
     else:
         argv = ["compress", "--model", tiny_dir, "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32", "--eval",
                 "none", "--recover", "perp", "--recover-steps", "4"]
