@@ -139,6 +139,10 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
 
 
 PIECE = 1 << 22  # elements compared at a time (_holds)
+# GGUF keys of a Mixture-of-Experts model's expert sizes that transformers' GGUF config table does not read (5.25),
+# and the config attributes they set
+EXPERT_SIZES = (("expert_feed_forward_length", "moe_intermediate_size"),
+                ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"))
 
 
 def _holds(y, x) -> bool:
@@ -206,16 +210,33 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
 
     from . import arch, lazy
 
+    reader = GGUFReader(gguf)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    family = read_field(reader, "general.architecture")[0]
+    for key, attr in EXPERT_SIZES:  # (transformers' GGUF table leaves them at the config class's defaults)
+        field = reader.fields.get(f"{family}.{key}")
+        if field is not None and hasattr(config, attr):
+            setattr(config, attr, int(field.contents()))
+    if "output.weight" not in {t.name for t in reader.tensors} and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = True  # (llama.cpp's reading of a file without a head: the embedding's)
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict
+    parsed["tensors"] = {}  # where the processors of Mixture-of-Experts families stack the experts
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    reader = GGUFReader(gguf)
-    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
-        config=parsed.get("config", {}))
+    skeleton.tie_weights()  # (not done on the meta device: a tied head would count as missing)
+    processor = TENSOR_PROCESSORS.get(family, TensorProcessor)(config=parsed.get("config", {}))
     mapping = get_gguf_hf_weights_map(skeleton, processor)
-    present = {mapping[n] for n in (t.name for t in reader.tensors) if n in mapping}
-    names = [n for n in skeleton.state_dict() if n in present]
+    hf = lambda n: mapping.get(n, mapping.get(n.rsplit(".", 1)[0]))  # (stacked experts: mapped without ".weight")
+    sources: dict = {}  # the file's tensors each transformers tensor is made of (gate_up_proj: the gate's and up's)
+    for t in reader.tensors:
+        if hf(t.name) is not None:
+            sources.setdefault(hf(t.name), []).append(t.tensor_type)
+    missing = [n for n, _ in skeleton.named_parameters() if n not in sources]
+    if missing:  # e.g. a Mixtral GGUF, which transformers reads as a Llama without its experts
+        raise LLMPruneError(f"{gguf.name}: transformers' GGUF reader takes it for a {config.model_type} model, whose "
+                            f"{missing[0]} (and {len(missing) - 1} more) the file does not hold (a Mixtral GGUF is read "
+                            f"as a Llama without its experts): give the model's Hugging Face folder or Hub id instead")
+    names = [n for n in skeleton.state_dict() if n in sources]
     try:
         blocks = arch.arch_of(skeleton).blocks
     except LLMPruneError:
@@ -223,26 +244,35 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
 
     unit = lambda name: arch.block_index(blocks, name)
     sd = skeleton.state_dict()
-    dtype = {mapping[t.name]: _cached_dtype(t.tensor_type, keep16) for t in reader.tensors if t.name in mapping}
+    dtype = {}  # a tensor made of several: 16-bit when they all are of one such type
+    for n, kinds in sources.items():
+        dts = {_cached_dtype(k, keep16) for k in kinds}
+        dtype[n] = dts.pop() if len(dts) == 1 else torch.float32
     writer = lazy.ShardWriter(out, [(n, tuple(sd[n].shape), dtype[n]) for n in names], unit)
+
+    def write(name, x, gguf_name):
+        if tuple(x.shape) != tuple(sd[name].shape):  # metadata that does not describe the tensors
+            raise LLMPruneError(f"{gguf.name}: tensor {gguf_name} is {tuple(x.shape)}, but the file's metadata "
+                                f"makes {name} {tuple(sd[name].shape)}: the file is damaged or was not written for "
+                                f"{config.model_type}; use a complete GGUF or a Hugging Face model folder")
+        y = x.to(dtype[name])
+        if y.dtype != x.dtype and not _holds(y, x):
+            raise _Inexact(name)
+        writer.add(name, y)
+
     raw = getattr(reader.data, "_mmap", None)
+    seen: dict = {}
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type)
         res = processor.process(weights=w, name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
-        if res.name in mapping and mapping[res.name] in present:
-            name = mapping[res.name]
-            if tuple(res.weights.shape) != tuple(sd[name].shape):  # metadata that does not describe the tensors
-                raise LLMPruneError(f"{gguf.name}: tensor {t.name} is {tuple(res.weights.shape)}, but the file's "
-                                    f"metadata makes {name} {tuple(sd[name].shape)}: the file is damaged or was "
-                                    f"not written for {config.model_type}; use a complete GGUF or a Hugging Face "
-                                    f"model folder")
+        if res.name in mapping and mapping[res.name] in sources:
             w = res.weights  # (dequantized: a new array; F32: a read-only view of the file, copied)
-            x = torch.from_numpy(w if w.flags.writeable else np.copy(w))
-            y = x.to(dtype[name])
-            if y.dtype != x.dtype and not _holds(y, x):
-                raise _Inexact(name)
-            writer.add(name, y)
-            del x, y
+            write(mapping[res.name], torch.from_numpy(w if w.flags.writeable else np.copy(w)), t.name)
+        elif res.name is None and hf(t.name) is not None:  # stacked into parsed["tensors"] by the processor
+            name = hf(t.name)
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] == len(sources[name]):  # the last of its parts: complete
+                write(name, parsed["tensors"].pop(name), t.name)
         del w, res
         if raw is not None:  # the pages of this tensor leave our resident memory
             start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE

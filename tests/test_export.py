@@ -291,6 +291,83 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     assert up.numel() > 100 and up.bfloat16().float()[-1, -1] != up[-1, -1]
     assert [p.name for p in (tmp_path / "cache2" / "models").iterdir()] == [folder.name]  # no first try left
 
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_a_mixture_of_experts_gguf_is_read_with_its_experts(tmp_path, capsys, calib_txt, monkeypatch, arch):
+    """A Qwen-MoE GGUF (its experts stacked per projection, sizes under expert_feed_forward_length) read as --model:
+    transformers' own GGUF reader keeps the config class's expert sizes and stacks the experts in memory; llmprune
+    reads the sizes from the file and writes each stacked tensor once its parts are read: the cached copy holds
+    the exported model's tensors (fp16-rounded, as the F16 file stores them), its zeros included, and prunes."""
+    import llmprune
+    from llmprune import models
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    src_model = tmp_path / "m"
+    tiny_model(arch).save_pretrained(src_model)
+    byte_tokenizer().save_pretrained(src_model)
+    src = tmp_path / "w50"
+    assert main([str(a) for a in ("compress", "--model", src_model, "--calib", calib_txt, "--out", src,
+                                  *FAST_CLI)]) == 0
+    g = tmp_path / "g"
+    assert _run(capsys, "export", src, "--to", "gguf", "--type", "f16", "--out", g, "--no-progress")[0] == 0
+    (f,) = g.glob("*.gguf")
+    folder, _ = models.gguf_to_folder(f)
+    ref, _, _ = llmprune.load(str(src))  # (its experts fused, as transformers holds them)
+    got, want = _cached(folder), ref.state_dict()
+    assert set(got) <= set(want) and {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+                                      "model.layers.1.mlp.gate.weight"} <= set(got)
+    assert not [k for k, v in want.items() if k not in got and v.data_ptr() != want["model.embed_tokens.weight"].data_ptr()]
+    for k, v in got.items():
+        assert torch.equal(v.float(), want[k].to(v.dtype).float()), k
+    model, _, _ = llmprune.load(str(f))
+    a, b = ref(_ids()).logits.detach(), model(_ids()).logits.detach()
+    assert (a - b).norm() / a.norm() < 5e-3
+    out = tmp_path / "p"
+    assert main([str(a) for a in ("compress", "--model", f, "--calib", calib_txt, "--out", out, *FAST_CLI)]) == 0
+
+
+def test_a_gguf_transformers_misreads_is_refused_before_it_is_cached(tmp_path, capsys, calib_txt, monkeypatch):
+    """A Mixtral GGUF (llama.cpp writes it as a llama with stacked experts) is read by transformers as a Llama
+    without its experts, which would then be random: refused in one line, nothing cached, nothing written."""
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    src_model = tmp_path / "m"
+    tiny_model("mixtral").save_pretrained(src_model)
+    byte_tokenizer().save_pretrained(src_model)
+    src = tmp_path / "d"
+    assert main([str(a) for a in ("compress", "--model", src_model, "--sparsity", "0", "--solver", "magnitude",
+                                  "--out", src, *FAST_CLI)]) == 0
+    assert _run(capsys, "export", src, "--to", "gguf", "--type", "f16", "--out", tmp_path / "g", "--no-progress")[0] == 0
+    (f,) = (tmp_path / "g").glob("*.gguf")
+    rc, _, err = _run(capsys, "compress", "--model", f, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "transformers' GGUF reader takes it for a llama model, whose model.layers.0.mlp.gate_proj.weight" in err
+    assert not any((tmp_path / "cache" / "models").iterdir()) and not (tmp_path / "o").exists()
+
+
+def test_a_gguf_whose_metadata_does_not_describe_its_tensors_is_refused(tmp_path, capsys, tiny_dir, calib_txt,
+                                                                        monkeypatch):
+    """A GGUF whose metadata makes the model's linears another shape than its tensors (damaged, or edited): refused
+    in one line naming the tensor, nothing cached."""
+    import gguf
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "dense"
+    assert main([str(a) for a in ("compress", "--model", tiny_dir, "--sparsity", "0", "--solver", "magnitude",
+                                  "--out", first, *FAST_CLI)]) == 0
+    assert _run(capsys, "export", first, "--to", "gguf", "--type", "f32", "--out", tmp_path / "g", "--no-progress")[0] == 0
+    (f,) = (tmp_path / "g").glob("*.gguf")
+    r = gguf.GGUFReader(f, "r+")  # the FFN's length edited in place
+    field = r.fields["llama.feed_forward_length"]
+    field.parts[field.data[0]][0] += 8
+    del r
+    rc, _, err = _run(capsys, "compress", "--model", f, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "but the file's metadata makes model.layers.0.mlp." in err and "the file is damaged" in err, err
+    assert not any((tmp_path / "cache" / "models").iterdir()) and not (tmp_path / "o").exists()
+
 # --- what cannot be exported, and nothing half written ---------------------------------------------------
 
 def _refused(capsys, tmp_path, *argv, want: str):
