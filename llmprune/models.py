@@ -139,10 +139,13 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
 
 
 PIECE = 1 << 22  # elements compared at a time (_holds)
-# GGUF keys of a Mixture-of-Experts model's expert sizes that transformers' GGUF config table does not read (5.25),
-# and the config attributes they set
-EXPERT_SIZES = (("expert_feed_forward_length", "moe_intermediate_size"),
-                ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"))
+# GGUF keys that transformers' GGUF config table does not read (5.25), leaving the config class's defaults (right for
+# some released sizes only), by model type: the config attribute each sets
+GGUF_CONFIG_GAPS = {
+    "qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                  "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
 
 
 def _holds(y, x) -> bool:
@@ -162,6 +165,20 @@ def _cached_dtype(kind, keep16: bool):
     from gguf import GGMLQuantizationType as T
 
     return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(kind, torch.float32) if keep16 else torch.float32
+
+
+def _head_dim(config, reader, family: str) -> None:
+    """The head size as llama.cpp reads a GGUF: attention.key_length, else hidden / heads. transformers' GGUF table
+    reads key_length for a few families only and leaves the config class's default otherwise (Qwen3's 128: wrong
+    for a file of hidden / heads = 64, as Mistral's hidden / heads is for Mistral-Nemo's key_length 128)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    if "attention.key_length" in GGUF_CONFIG_MAPPING.get(config.model_type, {}) or not all(
+            isinstance(getattr(config, a, None), int) for a in ("hidden_size", "num_attention_heads")) \
+            or not hasattr(config, "head_dim"):
+        return
+    field = reader.fields.get(f"{family}.attention.key_length")
+    config.head_dim = int(field.contents()) if field is not None else config.hidden_size // config.num_attention_heads
 
 
 def _check_cache_space(gguf: Path, folder: Path, keep16: bool) -> None:
@@ -213,10 +230,11 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     reader = GGUFReader(gguf)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     family = read_field(reader, "general.architecture")[0]
-    for key, attr in EXPERT_SIZES:  # (transformers' GGUF table leaves them at the config class's defaults)
+    for key, attr in GGUF_CONFIG_GAPS.get(config.model_type, {}).items():
         field = reader.fields.get(f"{family}.{key}")
-        if field is not None and hasattr(config, attr):
+        if field is not None:
             setattr(config, attr, int(field.contents()))
+    _head_dim(config, reader, family)
     if "output.weight" not in {t.name for t in reader.tensors} and hasattr(config, "tie_word_embeddings"):
         config.tie_word_embeddings = True  # (llama.cpp's reading of a file without a head: the embedding's)
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict

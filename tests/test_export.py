@@ -292,19 +292,23 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     assert [p.name for p in (tmp_path / "cache2" / "models").iterdir()] == [folder.name]  # no first try left
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
-def test_a_mixture_of_experts_gguf_is_read_with_its_experts(tmp_path, capsys, calib_txt, monkeypatch, arch):
-    """A Qwen-MoE GGUF (its experts stacked per projection, sizes under expert_feed_forward_length) read as --model:
-    transformers' own GGUF reader keeps the config class's expert sizes and stacks the experts in memory; llmprune
-    reads the sizes from the file and writes each stacked tensor once its parts are read: the cached copy holds
-    the exported model's tensors (fp16-rounded, as the F16 file stores them), its zeros included, and prunes."""
+@pytest.mark.parametrize("arch,over", [("qwen2_moe", {}), ("qwen3_moe", {}), ("qwen3", {}), ("qwen3", {"head_dim": 32})],
+                         ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32"])
+def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path, capsys, calib_txt, monkeypatch, arch,
+                                                                        over):
+    """A Qwen-MoE GGUF (its experts stacked per projection, sizes under expert_feed_forward_length) or a Qwen3 one
+    (heads of hidden / heads, or of attention.key_length when not) read as --model: transformers' own GGUF reader
+    keeps the config class's defaults for those sizes (Qwen3's head_dim 128) and stacks the experts in memory;
+    llmprune reads the sizes as llama.cpp does and writes each stacked tensor once its parts are read: the cached
+    copy holds the exported model's tensors (fp16-rounded, as the F16 file stores them), its zeros included, the
+    logits agree, and it prunes."""
     import llmprune
     from llmprune import models
     from llmprune.testing import byte_tokenizer, tiny_model
 
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
     src_model = tmp_path / "m"
-    tiny_model(arch).save_pretrained(src_model)
+    tiny_model(arch, **over).save_pretrained(src_model)
     byte_tokenizer().save_pretrained(src_model)
     src = tmp_path / "w50"
     assert main([str(a) for a in ("compress", "--model", src_model, "--calib", calib_txt, "--out", src,
@@ -315,8 +319,9 @@ def test_a_mixture_of_experts_gguf_is_read_with_its_experts(tmp_path, capsys, ca
     folder, _ = models.gguf_to_folder(f)
     ref, _, _ = llmprune.load(str(src))  # (its experts fused, as transformers holds them)
     got, want = _cached(folder), ref.state_dict()
-    assert set(got) <= set(want) and {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
-                                      "model.layers.1.mlp.gate.weight"} <= set(got)
+    experts = {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
+    assert set(got) <= set(want) and (experts <= set(got) if "moe" in arch else "head_dim" in over or
+                                      ref.config.head_dim == ref.config.hidden_size // ref.config.num_attention_heads)
     assert not [k for k, v in want.items() if k not in got and v.data_ptr() != want["model.embed_tokens.weight"].data_ptr()]
     for k, v in got.items():
         assert torch.equal(v.float(), want[k].to(v.dtype).float()), k
