@@ -145,6 +145,7 @@ GGUF_CONFIG_GAPS = {
     "qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
                   "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
     "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+    "gemma2": {"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping"},
 }
 
 
@@ -226,6 +227,7 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     )
 
     from . import arch, lazy
+    from .export import gguf as gguf_export
 
     reader = GGUFReader(gguf)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -233,8 +235,10 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     for key, attr in GGUF_CONFIG_GAPS.get(config.model_type, {}).items():
         field = reader.fields.get(f"{family}.{key}")
         if field is not None:
-            setattr(config, attr, int(field.contents()))
+            setattr(config, attr, field.contents())
     _head_dim(config, reader, family)
+    if config.model_type in gguf_export.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
+        config.query_pre_attn_scalar = gguf_export.query_scale(config)
     if "output.weight" not in {t.name for t in reader.tensors} and hasattr(config, "tie_word_embeddings"):
         config.tie_word_embeddings = True  # (llama.cpp's reading of a file without a head: the embedding's)
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict

@@ -117,19 +117,29 @@ def _refuse(cfg, what: str, assumed: str) -> None:
                         f"architecture rather than reads ({assumed}): use --to compressed-tensors")
 
 
+# llama.cpp scales Gemma's queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) for the 27B, which it knows by
+# its number of layers (no GGUF key says so)
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62, "gemma3": 62}
+
+
+def query_scale(cfg) -> int:
+    """The query_pre_attn_scalar llama.cpp assumes for a Gemma-2/3 config."""
+    wide = cfg.num_hidden_layers == GEMMA_27B_LAYERS[cfg.model_type]
+    return cfg.hidden_size // cfg.num_attention_heads if wide else cfg.head_dim
+
+
 def check_arch(cfg) -> None:
     """What llama.cpp (and transformers' GGUF reader) assume for an architecture rather than read."""
     kind = cfg.model_type
     if kind == "gemma3_text":
         standard = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
         local = ((getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}).get("rope_theta", 1e4)
-        if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != cfg.head_dim or float(local) != 1e4:
+        if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != query_scale(cfg) or float(local) != 1e4:
             _refuse(cfg, "layer pattern, query scale or local RoPE base",
-                    "5 sliding : 1 global, queries by 1/sqrt(head_dim), local base 10000")
+                    f"5 sliding : 1 global, queries by 1/sqrt({query_scale(cfg)}), local base 10000")
     elif kind == "gemma2":
         standard = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)]
-        # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden / heads) for the 46-layer 27B
-        scale = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 46 else cfg.head_dim
+        scale = query_scale(cfg)
         if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != scale:
             _refuse(cfg, "layer pattern or query scale", f"sliding and global in turn, queries by 1/sqrt({scale})")
     elif kind in ("qwen2_moe", "qwen3_moe"):
