@@ -295,8 +295,10 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
 @pytest.mark.parametrize("arch,over", [
     ("qwen2_moe", {}), ("qwen3_moe", {}), ("qwen3", {}), ("qwen3", {"head_dim": 32}),
     ("gemma2", {"query_pre_attn_scalar": 16}),  # queries by 1/sqrt(head_dim), as llama.cpp assumes
-    ("gemma2", {"num_hidden_layers": 4, "head_dim": 32, "query_pre_attn_scalar": 16})],  # the "27B": hidden / heads
-    ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32", "gemma2", "gemma2-27b"])
+    ("gemma2", {"num_hidden_layers": 4, "head_dim": 32, "query_pre_attn_scalar": 16}),  # the "27B": hidden / heads
+    ("mistral", {"head_dim": 32}),  # as Mistral-Nemo: heads of attention.key_length, not hidden / heads
+    ("phi3", {}), ("qwen2", {"vocab_size": 300})],  # (the others GGUF writes and transformers reads: as they are)
+    ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32", "gemma2", "gemma2-27b", "mistral-head32", "phi3", "qwen2"])
 def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path, capsys, calib_txt, monkeypatch, arch,
                                                                         over):
     """A Qwen-MoE GGUF (its experts stacked per projection, sizes under expert_feed_forward_length), a Qwen3 one
