@@ -239,8 +239,8 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     _head_dim(config, reader, family)
     if config.model_type in gguf_export.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
         config.query_pre_attn_scalar = gguf_export.query_scale(config)
-    if "output.weight" not in {t.name for t in reader.tensors} and hasattr(config, "tie_word_embeddings"):
-        config.tie_word_embeddings = True  # (llama.cpp's reading of a file without a head: the embedding's)
+    if hasattr(config, "tie_word_embeddings"):  # as llama.cpp reads it: the file's head, else the embedding
+        config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict
     parsed["tensors"] = {}  # where the processors of Mixture-of-Experts families stack the experts
     with init_empty_weights():
