@@ -226,8 +226,7 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
         read_field,
     )
 
-    from . import arch, lazy
-    from .export import gguf as gguf_export
+    from . import arch, lazy, llamacpp
 
     reader = GGUFReader(gguf)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -237,8 +236,8 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
         if field is not None:
             setattr(config, attr, field.contents())
     _head_dim(config, reader, family)
-    if config.model_type in gguf_export.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
-        config.query_pre_attn_scalar = gguf_export.query_scale(config)
+    if config.model_type in llamacpp.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
+        config.query_pre_attn_scalar = llamacpp.query_scale(config)
     if hasattr(config, "tie_word_embeddings"):  # as llama.cpp reads it: the file's head, else the embedding
         config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict

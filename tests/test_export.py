@@ -309,12 +309,11 @@ def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path,
     exported model's tensors (fp16-rounded, as the F16 file stores them), its zeros included, the logits agree,
     and it prunes."""
     import llmprune
-    from llmprune import models
-    from llmprune.export import gguf as gguf_export
+    from llmprune import llamacpp, models
     from llmprune.testing import byte_tokenizer, tiny_model
 
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(gguf_export.GEMMA_27B_LAYERS, "gemma2", 4)  # a 4-layer "27B" (the real one has 46)
+    monkeypatch.setitem(llamacpp.GEMMA_27B_LAYERS, "gemma2", 4)  # a 4-layer "27B" (the real one has 46)
     src_model = tmp_path / "m"
     tiny_model(arch, **over).save_pretrained(src_model)
     byte_tokenizer().save_pretrained(src_model)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import LLMPruneError
+from ..llamacpp import query_scale
 from .source import Source, Weights
 
 NAME = "gguf"
@@ -115,17 +116,6 @@ def check_config(cfg) -> None:
 def _refuse(cfg, what: str, assumed: str) -> None:
     raise LLMPruneError(f"this {cfg.model_type} variant's {what} differs from what llama.cpp assumes for the "
                         f"architecture rather than reads ({assumed}): use --to compressed-tensors")
-
-
-# llama.cpp scales Gemma's queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) for the 27B, which it knows by
-# its number of layers (no GGUF key says so)
-GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62, "gemma3": 62}
-
-
-def query_scale(cfg) -> int:
-    """The query_pre_attn_scalar llama.cpp assumes for a Gemma-2/3 config."""
-    wide = cfg.num_hidden_layers == GEMMA_27B_LAYERS[cfg.model_type]
-    return cfg.hidden_size // cfg.num_attention_heads if wide else cfg.head_dim
 
 
 def check_arch(cfg) -> None:
