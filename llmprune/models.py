@@ -182,6 +182,26 @@ def _head_dim(config, reader, family: str) -> None:
     config.head_dim = int(field.contents()) if field is not None else config.hidden_size // config.num_attention_heads
 
 
+def _rope_scaling(gguf: Path, config, reader) -> None:
+    """Llama 3.1's RoPE scaling, which a GGUF holds as llama.cpp's `rope_freqs` factors and transformers' GGUF reader
+    drops (reading the model with plain RoPE), made rope_parameters again; factors of no such scaling are refused."""
+    from gguf import dequantize
+
+    from . import llamacpp
+
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    rp = getattr(config, "rope_parameters", None)
+    if t is None or not isinstance(rp, dict) or "rope_theta" not in rp:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    params = llamacpp.llama3_parameters(dequantize(t.data, t.tensor_type).reshape(-1), float(rp["rope_theta"]),
+                                        head_dim)
+    if params is None:
+        raise LLMPruneError(f"{gguf.name}: its rope_freqs factors are no Llama 3 RoPE scaling, the one transformers "
+                            f"can run of them: give the model's Hugging Face folder or Hub id instead")
+    config.rope_parameters = params
+
+
 def _check_cache_space(gguf: Path, folder: Path, keep16: bool) -> None:
     """The dequantized copy of a GGUF (4 bytes a quantized weight: 280 GB for a 70B model's 40 GB Q4_K file;
     an F16 file's own bytes) is refused, before anything is dequantized, on a disk without room for it."""
@@ -238,6 +258,7 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     _head_dim(config, reader, family)
     if config.model_type in llamacpp.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
         config.query_pre_attn_scalar = llamacpp.query_scale(config)
+    _rope_scaling(gguf, config, reader)
     if hasattr(config, "tie_word_embeddings"):  # as llama.cpp reads it: the file's head, else the embedding
         config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict

@@ -292,22 +292,29 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     assert [p.name for p in (tmp_path / "cache2" / "models").iterdir()] == [folder.name]  # no first try left
 
 
+# Llama 3.1's RoPE scaling on a 16-token original context, so that its factors are not all 1 or 8 on 48 tokens
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
 @pytest.mark.parametrize("arch,over", [
     ("qwen2_moe", {}), ("qwen3_moe", {}), ("qwen3", {}), ("qwen3", {"head_dim": 32}),
     ("gemma2", {"query_pre_attn_scalar": 16}),  # queries by 1/sqrt(head_dim), as llama.cpp assumes
     ("gemma2", {"num_hidden_layers": 4, "head_dim": 32, "query_pre_attn_scalar": 16}),  # the "27B": hidden / heads
     ("mistral", {"head_dim": 32}),  # as Mistral-Nemo: heads of attention.key_length, not hidden / heads
+    ("llama", {"rope_parameters": LLAMA31_ROPE}),  # Llama 3.1's scaling: transformers' reader drops rope_freqs
     ("phi3", {}), ("qwen2", {"vocab_size": 300})],  # (the others GGUF writes and transformers reads: as they are)
-    ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32", "gemma2", "gemma2-27b", "mistral-head32", "phi3", "qwen2"])
+    ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32", "gemma2", "gemma2-27b", "mistral-head32", "llama31", "phi3",
+         "qwen2"])
 def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path, capsys, calib_txt, monkeypatch, arch,
                                                                         over):
     """A Qwen-MoE GGUF (its experts stacked per projection, sizes under expert_feed_forward_length), a Qwen3 one
-    (heads of hidden / heads, or of attention.key_length when not) or a Gemma-2 one (queries scaled as llama.cpp
-    does by the model's size) read as --model: transformers' own GGUF reader keeps the config class's defaults for
-    those (Qwen3's head_dim 128, Gemma's query_pre_attn_scalar 256) and stacks the experts in memory; llmprune
-    reads them as llama.cpp does and writes each stacked tensor once its parts are read: the cached copy holds the
-    exported model's tensors (fp16-rounded, as the F16 file stores them), its zeros included, the logits agree,
-    and it prunes."""
+    (heads of hidden / heads, or of attention.key_length when not), a Gemma-2 one (queries scaled as llama.cpp does
+    by the model's size) or a Llama 3.1 one (its RoPE scaling as the rope_freqs factors) read as --model:
+    transformers' own GGUF reader keeps the config class's defaults for those (Qwen3's head_dim 128, Gemma's
+    query_pre_attn_scalar 256, plain RoPE) and stacks the experts in memory; llmprune reads them as llama.cpp does
+    and writes each stacked tensor once its parts are read: the cached copy holds the exported model's tensors
+    (fp16-rounded, as the F16 file stores them), its zeros included, the logits agree, and it prunes."""
     import llmprune
     from llmprune import llamacpp, models
     from llmprune.testing import byte_tokenizer, tiny_model
@@ -325,6 +332,7 @@ def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path,
     (f,) = g.glob("*.gguf")
     folder, _ = models.gguf_to_folder(f)
     ref, _, _ = llmprune.load(str(src))  # (its experts fused, as transformers holds them)
+    assert json.loads((folder / "config.json").read_text()).get("rope_parameters") == ref.config.rope_parameters
     got, want = _cached(folder), ref.state_dict()
     experts = {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
     assert set(got) <= set(want) and (experts <= set(got) if "moe" in arch else True)
@@ -356,6 +364,32 @@ def test_a_gguf_transformers_misreads_is_refused_before_it_is_cached(tmp_path, c
     rc, _, err = _run(capsys, "compress", "--model", f, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "transformers' GGUF reader takes it for a llama model, whose model.layers.0.mlp.gate_proj.weight" in err
+    assert not any((tmp_path / "cache" / "models").iterdir()) and not (tmp_path / "o").exists()
+
+
+def test_a_gguf_whose_rope_factors_are_no_llama3_scaling_is_refused(tmp_path, capsys, calib_txt, monkeypatch):
+    """rope_freqs factors that no Llama 3 scaling gives (transformers could not run them): refused in one line,
+    nothing cached, rather than read with plain RoPE as transformers' own reader would."""
+    import gguf
+
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    m = tmp_path / "m"
+    tiny_model("llama", rope_parameters=LLAMA31_ROPE).save_pretrained(m)
+    byte_tokenizer().save_pretrained(m)
+    src = tmp_path / "d"
+    assert main([str(a) for a in ("compress", "--model", m, "--sparsity", "0", "--solver", "magnitude", "--out", src,
+                                  *FAST_CLI)]) == 0
+    assert _run(capsys, "export", src, "--to", "gguf", "--type", "f32", "--out", tmp_path / "g", "--no-progress")[0] == 0
+    (f,) = (tmp_path / "g").glob("*.gguf")
+    r = gguf.GGUFReader(f, "r+")
+    (t,) = [t for t in r.tensors if t.name == "rope_freqs.weight"]
+    t.data[:] = t.data[::-1]  # the factors in the wrong order: long wavelengths left unscaled
+    del r
+    rc, _, err = _run(capsys, "compress", "--model", f, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "its rope_freqs factors are no Llama 3 RoPE scaling" in err, err
     assert not any((tmp_path / "cache" / "models").iterdir()) and not (tmp_path / "o").exists()
 
 

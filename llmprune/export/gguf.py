@@ -28,7 +28,6 @@ is refused rather than written with a pre-tokenizer that would split text differ
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import LLMPruneError
-from ..llamacpp import query_scale
+from ..llamacpp import llama3_factors, query_scale
 from .source import Source, Weights
 
 NAME = "gguf"
@@ -273,19 +272,8 @@ def rope(cfg, a: GGUFArch) -> tuple[float, np.ndarray | None]:
     if kind != "llama3":
         return theta, None
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    factor, low, high = rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
-    old = rp.get("original_max_position_embeddings", 8192)
-    factors = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * theta ** (i / head_dim)
-        if wavelen < old / high:
-            factors.append(1.0)
-        elif wavelen > old / low:
-            factors.append(factor)
-        else:  # between: HF's smooth interpolation, inv_freq / factor -> inv_freq
-            smooth = (old / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return theta, np.asarray(factors, dtype=np.float32)
+    return theta, llama3_factors(theta, head_dim, rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0),
+                                 rp.get("high_freq_factor", 4.0), rp.get("original_max_position_embeddings", 8192))
 
 
 def add_hparams(w, cfg, a: GGUFArch) -> None:
