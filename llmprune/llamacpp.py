@@ -35,13 +35,17 @@ def llama3_factors(theta: float, head_dim: int, factor: float, low: float, high:
 
 
 def llama3_parameters(freqs: np.ndarray, theta: float, head_dim: int) -> dict | None:
-    """The rope_parameters of Llama 3's scaling whose factors are a GGUF's `rope_freqs` (None if none are): the
-    factors fix `factor` and, through the interpolated wavelengths, the original context; low and high frequency
-    factors 1 and 4, as every Llama 3.x release has them (the factors depend on old / (high - low) and low /
-    (high - low) alone, so any other pair gives the same model)."""
+    """The rope_parameters whose factors are a GGUF's `rope_freqs` (None if none are): all ones, plain RoPE; else
+    Llama 3's scaling: the factors fix `factor` and, through the interpolated wavelengths, the original context;
+    low and high frequency factors 1 and 4, as every Llama 3.x release has them (the factors depend on old /
+    (high - low) and low / (high - low) alone, so any other pair gives the same model)."""
     freqs = np.asarray(freqs, dtype=np.float64)
     factor, low, high = float(freqs.max()), 1.0, 4.0
-    if freqs.shape != (head_dim // 2,) or factor <= 1:
+    if freqs.shape != (head_dim // 2,):
+        return None
+    if (freqs == 1).all():
+        return {"rope_type": "default", "rope_theta": theta}
+    if factor <= 1:
         return None
     wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
     mid = (freqs > 1) & (freqs < factor * (1 - 1e-6))
@@ -51,7 +55,7 @@ def llama3_parameters(freqs: np.ndarray, theta: float, head_dim: int) -> dict | 
     else:  # no wavelength between the two: any old with old / high above the last 1 and old below the first factor
         j = int(np.argmax(freqs > 1))
         old = math.sqrt(high * wavelen[j - 1] * wavelen[j]) if j > 0 else wavelen[0] / 2
-    old = round(old) if abs(old - round(old)) < 1e-3 * old else old
+    old = round(old) if abs(old - round(old)) < 1e-3 * old else float(old)
     params = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
               "high_freq_factor": high, "original_max_position_embeddings": old}
     if not np.allclose(llama3_factors(theta, head_dim, factor, low, high, old), freqs, rtol=1e-4, atol=0):

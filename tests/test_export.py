@@ -367,6 +367,29 @@ def test_a_gguf_transformers_misreads_is_refused_before_it_is_cached(tmp_path, c
     assert not any((tmp_path / "cache" / "models").iterdir()) and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("theta,head_dim,factor,old", [(5e5, 128, 8.0, 8192), (5e5, 64, 32.0, 8192),
+                                                       (1e4, 16, 8.0, 16), (1e4, 16, 8.0, 200), (1e6, 128, 4.0, 131072)])
+def test_llama3_rope_factors_read_back_give_transformers_frequencies(theta, head_dim, factor, old):
+    """llama.cpp's rope_freqs for a Llama 3 scaling, read back as rope_parameters (llamacpp.llama3_parameters):
+    transformers' own llama3 RoPE (the oracle) computes from them the frequencies of the file, base / factors;
+    all-ones factors are plain RoPE, factors no such scaling gives are None."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llmprune.llamacpp import llama3_factors, llama3_parameters
+
+    freqs = llama3_factors(theta, head_dim, factor, 1.0, 4.0, old)
+    params = llama3_parameters(freqs, theta, head_dim)
+    assert params["factor"] == factor
+    cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, rope_parameters=params)
+    got, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg)
+    want = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)) / torch.from_numpy(freqs)
+    assert torch.allclose(got.double(), want, rtol=1e-5), (got, want)
+    assert llama3_parameters(freqs * 0 + 1, theta, head_dim) == {"rope_type": "default", "rope_theta": theta}
+    assert llama3_parameters(freqs[::-1].copy(), theta, head_dim) is None
+    assert llama3_parameters(freqs[:-1], theta, head_dim) is None
+
+
 def test_a_gguf_whose_rope_factors_are_no_llama3_scaling_is_refused(tmp_path, capsys, calib_txt, monkeypatch):
     """rope_freqs factors that no Llama 3 scaling gives (transformers could not run them): refused in one line,
     nothing cached, rather than read with plain RoPE as transformers' own reader would."""
