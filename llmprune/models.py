@@ -259,8 +259,6 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     if config.model_type in llamacpp.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
         config.query_pre_attn_scalar = llamacpp.query_scale(config)
     _rope_scaling(gguf, config, reader)
-    if hasattr(config, "tie_word_embeddings"):  # as llama.cpp reads it: the file's head, else the embedding
-        config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict
     parsed["tensors"] = {}  # where the processors of Mixture-of-Experts families stack the experts
     with init_empty_weights():
