@@ -330,6 +330,7 @@ def test_ddp_training_killed_goes_on_from_the_first_replicas_checkpoint(tmp_path
     assert mb["recover"]["losses"] == ma["recover"]["losses"] and len(ma["recover"]["losses"]) == 4
     assert mb["resumed"]["perp_from_step"] == 2 and mb["recover"]["processes"] == 2
 
+
 def test_under_torchrun_only_perps_training_runs(tmp_path, capsys, monkeypatch, pruned_24, tiny_dir):
     """Every other command under WORLD_SIZE > 1 would run once per process, each writing the same output: refused in
     one line before any work."""
