@@ -156,6 +156,13 @@ def to_fp8(path: str | Path, block: tuple[int, int] = (128, 128), unquantized: t
     return path
 
 
+def folder_tensors(folder: str | Path) -> dict:
+    """Every tensor of a folder's safetensors files, by name (an output, a cached GGUF copy, a model folder)."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def random_text(n_words: int = 2000, seed: int = 0) -> str:
     import random
 

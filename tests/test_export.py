@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmprune.cli import main
-from llmprune.testing import FAST_CLI, VOCAB
+from llmprune.testing import FAST_CLI, VOCAB, folder_tensors
 
 # found, not imported: importing compressed_tensors imports triton (TRITON_INTERPRET=1: tests/conftest.py)
 if importlib.util.find_spec("compressed_tensors") is None:
@@ -231,12 +231,6 @@ def test_gguf_round_trip_copies_the_source_gguf_tokenizer(tmp_path, capsys, tiny
 
 
 
-def _cached(folder):
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, calib_txt, monkeypatch):
     """An F16 or BF16 GGUF's cached copy holds its 16-bit tensors in their dtype: bit for bit what transformers'
     own GGUF loader reads, in 0.5x the bytes of an F32 file's copy, and a dense output pruned from it is
@@ -257,7 +251,7 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     size = {}
     for fname, dt in zip(files, (torch.float32, torch.float16, torch.bfloat16)):
         folder, _ = models.gguf_to_folder(g / fname)
-        got, want = _cached(folder), _gguf_model(g, fname).state_dict()
+        got, want = folder_tensors(folder), _gguf_model(g, fname).state_dict()
         assert got and set(got) <= set(want)
         for k, v in got.items():
             assert torch.equal(v.float(), want[k]), (fname, k)
@@ -269,7 +263,7 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     pruned = tmp_path / "p"
     assert main([str(a) for a in ("compress", "--model", g / files[1], "--calib", calib_txt, "--out", pruned,
                                   *FAST_CLI)]) == 0
-    assert {v.dtype for v in _cached(pruned).values()} == {torch.float16}
+    assert {v.dtype for v in folder_tensors(pruned).values()} == {torch.float16}
 
     class Shifted(mg.LlamaTensorProcessor):  # a processor that changes one value of a tensor, its last
         def process(self, weights, name, **kw):
@@ -284,7 +278,7 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     monkeypatch.setattr(models, "PIECE", 100)  # compared 100 values at a time: the last piece tells
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache2"))
     folder, _ = models.gguf_to_folder(g / files[2])  # BF16, dequantized to fp32: x + 1/3 is no bfloat16
-    got, want = _cached(folder), _gguf_model(g, files[2]).state_dict()
+    got, want = folder_tensors(folder), _gguf_model(g, files[2]).state_dict()
     assert {v.dtype for v in got.values()} == {torch.float32} and pipeline.source_dtype(folder) == torch.float32
     assert all(torch.equal(v, want[k]) for k, v in got.items())
     up = got["model.layers.0.mlp.up_proj.weight"]
@@ -333,7 +327,7 @@ def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path,
     folder, _ = models.gguf_to_folder(f)
     ref, _, _ = llmprune.load(str(src))  # (its experts fused, as transformers holds them)
     assert json.loads((folder / "config.json").read_text()).get("rope_parameters") == ref.config.rope_parameters
-    got, want = _cached(folder), ref.state_dict()
+    got, want = folder_tensors(folder), ref.state_dict()
     experts = {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
     assert set(got) <= set(want) and (experts <= set(got) or "moe" not in arch)
     assert not [k for k, v in want.items() if k not in got and v.data_ptr() != want["model.embed_tokens.weight"].data_ptr()]
@@ -347,7 +341,7 @@ def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path,
         assert main([str(a) for a in ("compress", "--model", f, "--calib", calib_txt, "--out", out, *FAST_CLI)]) == 0
 
 
-def test_a_gguf_transformers_misreads_is_refused_before_it_is_cached(tmp_path, capsys, calib_txt, monkeypatch):
+def test_a_gguf_transformers_misreads_is_refused_before_it_isfolder_tensors(tmp_path, capsys, calib_txt, monkeypatch):
     """A Mixtral GGUF (llama.cpp writes it as a llama with stacked experts) is read by transformers as a Llama
     without its experts, which would then be random: refused in one line, nothing cached, nothing written."""
     from llmprune.testing import byte_tokenizer, tiny_model

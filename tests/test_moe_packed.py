@@ -13,6 +13,7 @@ from llmprune import api, arch, moe
 from llmprune.errors import LLMPruneError
 from llmprune.packed import load_packed, save_packed
 from llmprune.testing import byte_tokenizer, tiny_model, tiny_model_dir
+from llmprune.testing import folder_tensors as _tensors
 
 CAL = dict(nsamples=4, seqlen=16, calib_batch=4, progress=False)
 
@@ -20,12 +21,6 @@ CAL = dict(nsamples=4, seqlen=16, calib_batch=4, progress=False)
 def _ids(n=2, t=24, seed=3):
     return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
 
-
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _oracle(dense_folder, packed_model, sec):

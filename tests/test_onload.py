@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from llmprune.cli import main
 from llmprune.errors import LLMPruneError
 from llmprune.testing import FAST_CLI, hold_one_block
+from llmprune.testing import folder_tensors as _tensors
 
 EVAL = ["--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]
 CHEAP = FAST_CLI[:-2]
@@ -24,12 +25,6 @@ def _run(capsys, *argv):
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
-
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 CASES = [  # every pass the sequential path runs: stats pass, sequential solver, no-stats, OWL first, GPTQ after

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llmprune import outdir, prune, resume
 from llmprune.cli import main
+from llmprune.testing import folder_tensors as _tensors
 from llmprune.testing import tiny_model_dir
 
 BLOCKS = 4
@@ -44,13 +44,6 @@ sys.exit(main({argv!r}))
 @pytest.fixture(scope="module")
 def deep_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("deep") / "llama", "llama", seed=3, num_hidden_layers=BLOCKS)
-
-
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _kill(argv: list[str], kill_at: int, shard_bytes: int = SHARD_BYTES, stage: str | None = None) -> None:
