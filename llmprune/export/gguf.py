@@ -123,9 +123,10 @@ def check_arch(cfg) -> None:
     if kind == "gemma3_text":
         standard = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
         local = ((getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}).get("rope_theta", 1e4)
-        if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != query_scale(cfg) or float(local) != 1e4:
+        scale = query_scale(cfg)
+        if list(cfg.layer_types) != standard or cfg.query_pre_attn_scalar != scale or float(local) != 1e4:
             _refuse(cfg, "layer pattern, query scale or local RoPE base",
-                    f"5 sliding : 1 global, queries by 1/sqrt({query_scale(cfg)}), local base 10000")
+                    f"5 sliding : 1 global, queries by 1/sqrt({scale}), local base 10000")
     elif kind == "gemma2":
         standard = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)]
         scale = query_scale(cfg)
