@@ -22,22 +22,27 @@ import argparse
 import json
 from pathlib import Path
 
-# every tiny family as tests/test_families.py builds it, except what llama.cpp assumes (Gemma queries scaled by
-# 1/sqrt(head_dim)); Llama 3.1's RoPE scaling on a 16-token original context, so that its factors are not all 1
-# on 48 tokens; Qwen's with room for the token transformers 5 adds to the byte tokenizer (it loads it as Qwen2's)
-FAMILIES = {"llama": {}, "llama31": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                        "original_max_position_embeddings": 16}},
-            "mistral": {}, "mixtral": {}, "qwen2": {"vocab_size": 300}, "qwen3": {"vocab_size": 300},
-            "qwen2_moe": {"vocab_size": 300}, "qwen3_moe": {"vocab_size": 300}, "phi3": {},
-            "olmo2": {}, "glm4": {}, "gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"num_hidden_layers": 6,
-                                                                     "query_pre_attn_scalar": 16}}
 TYPES = "f32,f16,q8_0"
 # tokenizers read from tokenizer.json (a model not loaded from a GGUF): what llama.cpp makes of each pre-tokenizer
 # name and of a SentencePiece-style vocabulary, on a text where the splits, the whole-word rule and the merge
 # order matter
 TOKENIZERS = ("llama-bpe", "dbrx", "qwen2", "tekken", "gpt-4o", "gpt-2", "smollm", "spm", "spm-no-prefix")
 TEXT = "the 12345 theme's I'm\n\nabc  abcd Äpfel 1234567 the theme is a theme, The THEME's Théâtre 2024/12/05 abcABC"
+
+
+def families() -> dict:
+    """Every tiny family as tests/test_families.py builds it, except what llama.cpp assumes (Gemma queries scaled by
+    1/sqrt(head_dim)); Llama 3.1's RoPE scaling and Phi-3's LongRoPE (Phi-3.5's; Phi-4-mini's, half of each head
+    rotated) on a 16-token original context, so that 48 tokens exercise them (llama.cpp: a context of 64); Qwen's
+    with room for the token transformers 5 adds to the byte tokenizer (it loads it as Qwen2's)."""
+    from llmprune.testing import LLAMA31_ROPE, PHI3_LONGROPE, PHI4_LONGROPE
+
+    return {"llama": {}, "llama31": {"rope_parameters": LLAMA31_ROPE},
+            "mistral": {}, "mixtral": {}, "qwen2": {"vocab_size": 300}, "qwen3": {"vocab_size": 300},
+            "qwen2_moe": {"vocab_size": 300}, "qwen3_moe": {"vocab_size": 300}, "phi3": {},
+            "phi35": PHI3_LONGROPE, "phi4mini": PHI4_LONGROPE,
+            "olmo2": {}, "glm4": {}, "gemma2": {"query_pre_attn_scalar": 16},
+            "gemma3_text": {"num_hidden_layers": 6, "query_pre_attn_scalar": 16}}
 
 
 def _byte_bpe(kind: str):
@@ -123,8 +128,9 @@ def make(args) -> None:
     calib.write_text(random_text(4000, seed=1))
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
     np.save(root / "ids.npy", ids.numpy())
-    for name, over in FAMILIES.items():
-        arch = "llama" if name == "llama31" else name
+    (root / "families.json").write_text(json.dumps(list(families())))  # (check runs where llmprune is not)
+    for name, over in families().items():
+        arch = {"llama31": "llama", "phi35": "phi3", "phi4mini": "phi3"}.get(name, name)
         stem = name.replace("phi3", "phi")  # llama.cpp gives a general.name with "phi3" in it Phi-3's special tokens
         m = tiny_model_dir(root / f"{stem}-model", arch, **over)
         src, out = root / f"{stem}-pruned", root / f"{name}-gguf"
@@ -145,7 +151,7 @@ def check(args) -> None:
 
     root = Path(args.dir)
     ids = np.load(root / "ids.npy")[0].tolist()
-    for name in FAMILIES:
+    for name in json.loads((root / "families.json").read_text()):
         want = np.load(root / f"{name}-logits.npy").astype(np.float64)
         row = {"family": name}
         for f in sorted((root / f"{name}-gguf").glob("*.gguf")):

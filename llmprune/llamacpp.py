@@ -61,3 +61,29 @@ def llama3_parameters(freqs: np.ndarray, theta: float, head_dim: int) -> dict | 
     if not np.allclose(llama3_factors(theta, head_dim, factor, low, high, old), freqs, rtol=1e-4, atol=0):
         return None
     return params
+
+
+def longrope_attention_factor(rp: dict, max_positions: int) -> float:
+    """The factor transformers' LongRoPE (rope_type "longrope": Phi-3 128k, Phi-3.5, Phi-4-mini) scales cos and sin
+    by, which llama.cpp reads as `rope.scaling.attn_factor`: the config's `attention_factor`, else
+    sqrt(1 + ln s / ln n) for the original context n and s its `factor` or, without one, the context's growth
+    (1 when s <= 1). llama.cpp's converter writes the default alone; this is the model's own."""
+    old = rp["original_max_position_embeddings"]
+    if rp.get("attention_factor") is not None:
+        return float(rp["attention_factor"])
+    s = rp.get("factor") or max_positions / old
+    return 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(old))
+
+
+def longrope_parameters(long: np.ndarray, short: np.ndarray, theta: float, rotary: float, old: int,
+                        attention: float | None, max_positions: int) -> dict:
+    """The rope_parameters of a GGUF's LongRoPE: its `rope_factors_long` / `rope_factors_short` tensors, the original
+    context (`rope.scaling.original_context_length`) and `rope.scaling.attn_factor`, kept only where it is not the
+    default transformers computes (longrope_attention_factor)."""
+    params = {"rope_type": "longrope", "rope_theta": theta, "partial_rotary_factor": rotary,
+              "original_max_position_embeddings": old,
+              "long_factor": [float(x) for x in long], "short_factor": [float(x) for x in short]}
+    if attention is not None and not math.isclose(attention, longrope_attention_factor(params, max_positions),
+                                                  rel_tol=1e-6):
+        params["attention_factor"] = float(attention)
+    return params

@@ -182,24 +182,41 @@ def _head_dim(config, reader, family: str) -> None:
     config.head_dim = int(field.contents()) if field is not None else config.hidden_size // config.num_attention_heads
 
 
-def _rope_scaling(gguf: Path, config, reader) -> None:
-    """Llama 3.1's RoPE scaling, which a GGUF holds as llama.cpp's `rope_freqs` factors and transformers' GGUF reader
-    drops (reading the model with plain RoPE), made rope_parameters again; factors of no such scaling are refused."""
+def _rope_scaling(gguf: Path, config, reader, family: str) -> None:
+    """The RoPE a GGUF holds where transformers' GGUF reader does not look (it reads the model with plain RoPE over
+    whole heads), made rope_parameters again: Llama 3.1's scaling, as llama.cpp's `rope_freqs` factors (factors of
+    no such scaling are refused); Phi-3's LongRoPE (`rope_factors_long` / `_short`, the original context and the
+    attention factor); the rotated share of a head (rope.dimension_count: Phi-4-mini rotates 3/4)."""
     from gguf import dequantize
 
     from . import llamacpp
 
-    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    tensors = {t.name: t for t in reader.tensors if t.name.startswith("rope_")}
     rp = getattr(config, "rope_parameters", None)
-    if t is None or not isinstance(rp, dict) or "rope_theta" not in rp:
+    if not isinstance(rp, dict) or "rope_theta" not in rp:
         return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    params = llamacpp.llama3_parameters(dequantize(t.data, t.tensor_type).reshape(-1), float(rp["rope_theta"]),
-                                        head_dim)
-    if params is None:
-        raise LLMPruneError(f"{gguf.name}: its rope_freqs factors are no Llama 3 RoPE scaling, the one transformers "
-                            f"can run of them: give the model's Hugging Face folder or Hub id instead")
-    config.rope_parameters = params
+    value = lambda key: None if reader.fields.get(f"{family}.{key}") is None else \
+        reader.fields[f"{family}.{key}"].contents()
+    factors = lambda name: dequantize(tensors[name].data, tensors[name].tensor_type).reshape(-1)
+    dims = value("rope.dimension_count")
+    if "partial_rotary_factor" in rp and dims is not None and dims != head_dim:
+        rp = {**rp, "partial_rotary_factor": dims / head_dim}
+    if "rope_freqs.weight" in tensors:
+        params = llamacpp.llama3_parameters(factors("rope_freqs.weight"), float(rp["rope_theta"]), head_dim)
+        if params is None:
+            raise LLMPruneError(f"{gguf.name}: its rope_freqs factors are no Llama 3 RoPE scaling, the one "
+                                f"transformers can run of them: give the model's Hugging Face folder or Hub id instead")
+        rp = params
+    elif {"rope_factors_long.weight", "rope_factors_short.weight"} <= set(tensors) and \
+            value("rope.scaling.original_context_length"):
+        old = int(value("rope.scaling.original_context_length"))
+        rp = llamacpp.longrope_parameters(factors("rope_factors_long.weight"), factors("rope_factors_short.weight"),
+                                          float(rp["rope_theta"]), rp.get("partial_rotary_factor", 1.0), old,
+                                          value("rope.scaling.attn_factor"), config.max_position_embeddings)
+        if hasattr(config, "original_max_position_embeddings"):
+            config.original_max_position_embeddings = old
+    config.rope_parameters = rp
 
 
 def _check_cache_space(gguf: Path, folder: Path, keep16: bool) -> None:
@@ -258,7 +275,7 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     _head_dim(config, reader, family)
     if config.model_type in llamacpp.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
         config.query_pre_attn_scalar = llamacpp.query_scale(config)
-    _rope_scaling(gguf, config, reader)
+    _rope_scaling(gguf, config, reader, family)
     parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict
     parsed["tensors"] = {}  # where the processors of Mixture-of-Experts families stack the experts
     with init_empty_weights():

@@ -1,6 +1,7 @@
 """Tiny random models and tokenizers for tests: seconds, not minutes, and no download."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -72,6 +73,22 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe", "deepse
                 "minimax_m2")
 
 
+# RoPE scalings that GGUF holds in tensors, on a 16-token original context so that 48 tokens exercise them: Llama
+# 3.1's (its factors not all 1 or 8 there)
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+# Phi-3's LongRoPE (128k, Phi-3.5), config options of a tiny phi3: a 16-token original context (the long factors on
+# 48 tokens, the short ones on 16; Phi3Config takes it from its own field), factors a float32 holds exactly;
+# Phi-4-mini's shape of it: half of each head rotated (3/4 there), an attention factor of its own
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16}
+PHI3_LONGROPE = {"original_max_position_embeddings": 16, "rope_parameters": {
+    **_LONGROPE, "long_factor": [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0],
+    "short_factor": [1.0, 1.0, 1.125, 1.25, 1.25, 1.5, 1.5, 2.0]}}
+PHI4_LONGROPE = {"original_max_position_embeddings": 16, "rope_parameters": {
+    **_LONGROPE, "partial_rotary_factor": 0.5, "attention_factor": 1.25, "long_factor": [1.0, 1.5, 3.0, 6.0],
+    "short_factor": [1.0, 1.25, 1.5, 2.0]}}
+
+
 def tiny_config(arch: str = "llama", **over):
     """A tiny config of `arch`: "llama", "gemma3" (= gemma3_text) or any model type in FAMILIES."""
     from transformers import AutoConfig
@@ -86,8 +103,8 @@ def tiny_config(arch: str = "llama", **over):
     )
     if arch == "opt":  # OPT names its sizes differently and has no GQA
         common = {k: v for k, v in common.items() if k not in ("intermediate_size", "num_key_value_heads")}
-    common.update(FAMILIES[arch])
-    common.update(over)
+    common.update(copy.deepcopy(FAMILIES[arch]))
+    common.update(copy.deepcopy(over))  # (a config class may fill in the dicts it is given, rope_parameters' defaults)
     if arch == "gemma3_text" and common["num_hidden_layers"] != 2 and "layer_types" not in over:
         common["layer_types"] = None
     return AutoConfig.for_model(arch, **common)

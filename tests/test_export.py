@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmprune.cli import main
-from llmprune.testing import FAST_CLI, VOCAB, folder_tensors
+from llmprune.testing import FAST_CLI, LLAMA31_ROPE, PHI3_LONGROPE, PHI4_LONGROPE, VOCAB, folder_tensors
 
 # found, not imported: importing compressed_tensors imports triton (TRITON_INTERPRET=1: tests/conftest.py)
 if importlib.util.find_spec("compressed_tensors") is None:
@@ -286,9 +286,6 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     assert [p.name for p in (tmp_path / "cache2" / "models").iterdir()] == [folder.name]  # no first try left
 
 
-# Llama 3.1's RoPE scaling on a 16-token original context, so that its factors are not all 1 or 8 on 48 tokens
-LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
 @pytest.mark.parametrize("arch,over", [
@@ -297,9 +294,10 @@ LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "lo
     ("gemma2", {"num_hidden_layers": 4, "head_dim": 32, "query_pre_attn_scalar": 16}),  # the "27B": hidden / heads
     ("mistral", {"head_dim": 32}),  # as Mistral-Nemo: heads of attention.key_length, not hidden / heads
     ("llama", {"rope_parameters": LLAMA31_ROPE}),  # Llama 3.1's scaling: transformers' reader drops rope_freqs
+    ("phi3", PHI3_LONGROPE), ("phi3", PHI4_LONGROPE),  # Phi-3.5's and Phi-4-mini's LongRoPE: dropped
     ("phi3", {}), ("qwen2", {"vocab_size": 300})],  # (the others GGUF writes and transformers reads: as they are)
-    ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32", "gemma2", "gemma2-27b", "mistral-head32", "llama31", "phi3",
-         "qwen2"])
+    ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32", "gemma2", "gemma2-27b", "mistral-head32", "llama31",
+         "phi35-longrope", "phi4mini-longrope", "phi3", "qwen2"])
 def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path, capsys, calib_txt, monkeypatch, arch,
                                                                         over):
     """A Qwen-MoE GGUF (its experts stacked per projection, sizes under expert_feed_forward_length), a Qwen3 one
@@ -334,8 +332,9 @@ def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path,
     for k, v in got.items():
         assert torch.equal(v.float(), want[k].to(v.dtype).float()), k
     model, _, _ = llmprune.load(str(f))
-    a, b = ref(_ids()).logits.detach(), model(_ids()).logits.detach()
-    assert (a - b).norm() / a.norm() < 5e-3
+    for ids in (_ids(), _ids(16)):  # (the RoPE scalings' long and short ranges: their original context is 16)
+        a, b = ref(ids).logits.detach(), model(ids).logits.detach()
+        assert (a - b).norm() / a.norm() < 5e-3
     if arch != "gemma2":  # (transformers builds a Gemma GGUF's tokenizer with an unknown token the byte one lacks)
         out = tmp_path / "p"
         assert main([str(a) for a in ("compress", "--model", f, "--calib", calib_txt, "--out", out, *FAST_CLI)]) == 0

@@ -10,7 +10,8 @@ refused by `check_arch`):
   qwen2, qwen3      as stored (llama.cpp's NeoX RoPE is HF's rotate-half); q/k norms (Qwen3)
   MoE (mixtral,     the fused experts (experts, 2 x width, hidden) split into ffn_gate_exps / ffn_up_exps,
   qwen*_moe)        down as ffn_down_exps; the router F32; Qwen2-MoE's shared-expert gate as a vector
-  phi3, glm4        fused qkv_proj / gate_up_proj as they are (llama.cpp splits them); GLM-4's partial RoPE
+  phi3, glm4        fused qkv_proj / gate_up_proj as they are (llama.cpp splits them); GLM-4's partial RoPE;
+                    Phi-3's LongRoPE (128k, Phi-3.5, Phi-4-mini) as `rope_factors_long` / `rope_factors_short`
   olmo2             as stored (post-norms, q/k norms over whole projections)
   gemma2, gemma3    every RMSNorm weight stored as 1 + w (Gemma scales by 1 + w; llama.cpp by w)
 1-D tensors (norms) stay F32; a matrix whose rows are not a multiple of the block (32) stays F16; with
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import LLMPruneError
-from ..llamacpp import llama3_factors, query_scale
+from ..llamacpp import llama3_factors, longrope_attention_factor, query_scale
 from .source import Source, Weights
 
 NAME = "gguf"
@@ -60,7 +61,8 @@ ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "lla
          "mistral": GGUFArch("LLAMA", permute_qk=True), "mixtral": GGUFArch("LLAMA", permute_qk=True, moe=True),
          "qwen2": GGUFArch("QWEN2"), "qwen3": GGUFArch("QWEN3"),
          "qwen2_moe": GGUFArch("QWEN2MOE", moe=True, head_required=True), "qwen3_moe": GGUFArch("QWEN3MOE", moe=True),
-         "phi3": GGUFArch("PHI3"), "olmo2": GGUFArch("OLMO2", head_required=True), "glm4": GGUFArch("GLM4"),
+         "phi3": GGUFArch("PHI3", rope_types=("default", "longrope")),
+         "olmo2": GGUFArch("OLMO2", head_required=True), "glm4": GGUFArch("GLM4"),
          "gemma2": GGUFArch("GEMMA2", norm_plus_one=True), "gemma3_text": GGUFArch("GEMMA3", norm_plus_one=True)}
 
 # tokenizer.json pre-tokenizers (byte-level BPE) by the name llama.cpp's `tokenizer.ggml.pre` gives them: the
@@ -261,20 +263,35 @@ def _rope_parameters(cfg) -> dict:
     return {"rope_theta": getattr(cfg, "rope_theta", 10000.0), **rp}
 
 
-def rope(cfg, a: GGUFArch) -> tuple[float, np.ndarray | None]:
-    """(RoPE base, llama.cpp's `rope_freqs` factors or None): Llama 3.1's scaling (rope_type "llama3") divides
-    each frequency by a factor, which llama.cpp reads as that tensor; other scalings are refused."""
+def rotary_dims(cfg, a: GGUFArch) -> int:
+    """How many of each head's dimensions RoPE rotates (llama.cpp's rope.dimension_count; Phi-3's converter takes
+    the partial factor of hidden / heads)."""
+    rot = getattr(cfg, "partial_rotary_factor", None) or _rope_parameters(cfg).get("partial_rotary_factor", 1.0)
+    if a.name == "PHI3":
+        return int(rot * cfg.hidden_size) // cfg.num_attention_heads
+    return int((getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * rot)
+
+
+def rope(cfg, a: GGUFArch) -> tuple[float, list[tuple[str, np.ndarray]]]:
+    """(RoPE base, the tensors llama.cpp reads a RoPE scaling from, each (name, F32 values)): Llama 3.1's (rope_type
+    "llama3") as `rope_freqs`, each frequency's divisor; Phi-3's LongRoPE ("longrope") as `rope_factors_long` and
+    `rope_factors_short`, llama.cpp taking the long ones when its context is longer than the original one
+    (transformers: when a sequence is); other scalings are refused."""
     rp = _rope_parameters(cfg)
     kind = rp.get("rope_type", "default")
     if kind not in a.rope_types:
         raise LLMPruneError(f"RoPE scaling {kind!r} is not written to GGUF for {cfg.model_type}: export --to "
                             f"compressed-tensors")
     theta = float(rp["rope_theta"])
-    if kind != "llama3":
-        return theta, None
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return theta, llama3_factors(theta, head_dim, rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0),
-                                 rp.get("high_freq_factor", 4.0), rp.get("original_max_position_embeddings", 8192))
+    if kind == "llama3":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return theta, [("rope_freqs.weight", llama3_factors(
+            theta, head_dim, rp.get("factor", 8.0), rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0),
+            rp.get("original_max_position_embeddings", 8192)))]
+    if kind == "longrope":  # (one factor per rotated pair: transformers' config checks the lengths)
+        return theta, [(f"rope_factors_{k}.weight", np.asarray(rp[f"{k}_factor"], dtype=np.float32))
+                       for k in ("long", "short")]
+    return theta, []
 
 
 def add_hparams(w, cfg, a: GGUFArch) -> None:
@@ -297,14 +314,16 @@ def add_hparams(w, cfg, a: GGUFArch) -> None:
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
         return
     rp = _rope_parameters(cfg)
-    rot = getattr(cfg, "partial_rotary_factor", None) or rp.get("partial_rotary_factor", 1.0)
-    if a.name == "PHI3":  # as llama.cpp's converter: partial rotary over hidden / heads; window 0 when none
-        w.add_rope_dimension_count(int(rot * cfg.hidden_size) // cfg.num_attention_heads)
-        if rp.get("original_max_position_embeddings"):
-            w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+    w.add_rope_dimension_count(rotary_dims(cfg, a))  # GLM-4 rotates half of each head, Phi-4-mini 3/4
+    if a.name == "PHI3":  # as llama.cpp's converter (window 0 when none); LongRoPE's attention factor the model's
+        old = rp.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+        if old:
+            w.add_rope_scaling_orig_ctx_len(old)
+        if rp.get("rope_type") == "longrope":
+            w.add_rope_scaling_attn_factors(longrope_attention_factor({"original_max_position_embeddings": old, **rp},
+                                                                      cfg.max_position_embeddings))
         w.add_sliding_window(getattr(cfg, "sliding_window", None) or 0)
         return
-    w.add_rope_dimension_count(int(head_dim * rot))  # GLM-4 rotates half of each head
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -515,17 +534,16 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
         split[embed].append((head, shapes[embed], None))
     gnames = gguf_names(model, a, [p[0] for k in shapes for p in split[k]])
     plan = [(gnames[p[0]], p[1]) for k in shapes for p in split[k]]
-    freqs = rope(cfg, a)[1]
-    if freqs is not None:  # llama.cpp's converter writes it first
-        plan.insert(0, ("rope_freqs.weight", freqs.shape))
+    extra = rope(cfg, a)[1]
+    plan[:0] = [(n, f.shape) for n, f in extra]  # llama.cpp's converter writes them first
     files = [f"{name}-{t.upper()}.gguf" for t in types]
     writers, layout = {}, {}
     try:
         for t, fname in zip(types, files):
             writers[t], layout[fname] = open_file(folder / fname, t, a, cfg, plan, add_tokenizer, name)
-        if freqs is not None:
+        for _, f in extra:
             for w in writers.values():
-                w.write_tensor_data(freqs)
+                w.write_tensor_data(f)
         for key, tensor in tqdm(weights.tensors(), total=len(shapes), desc="gguf", disable=not progress):
             data = to_gguf(key, tensor, a, cfg)
             for hf_name, shape, rows in split[key]:
