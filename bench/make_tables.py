@@ -702,7 +702,7 @@ def scale_zeroshot_table() -> str:
         wall, rss = (re.search(r"wall ([\d.]+) s, max RSS (\d+) KiB", t.read_text()).groups() if t.exists()
                      else (None, None))
         old = p.stem.startswith("old-")
-        tasks = ", ".join(f"{k} ({v['n']})" for k, v in zs.items() if isinstance(v, dict))
+        tasks = ", ".join(f"{k} ({v['n']})" for k, v in zs.items() if isinstance(v, dict) and "acc" in v)
         out.append(f"| `{p.stem}` | {'before' if old else 'now'} | {_blocks(p) or '-'} | {p.stem.rsplit('-', 1)[-1]} | "
                    f"{'whole (accelerate device_map)' if old else 'block by block'} | {tasks} | "
                    f"{f(float(wall) if wall else None, '.0f')} | {f(int(rss) / 1024 if rss else None, ',.0f')} |")

@@ -323,10 +323,12 @@ def load(path_or_spec: str, dtype="float32", device="cpu"):
 def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2048, windows: int | None = None,
              device: str | None = None, progress: bool = True, save: bool = True, tasks: tuple[str, ...] = (),
              limit: int | None = None, tasks_dir: str | None = None, batch_size: int = 8,
-             dtype: str | None = None) -> dict:
+             dtype: str | None = None, command: str | None = None) -> dict:
     """Perplexity and zero-shot accuracy of an output folder (results merged into its manifest) or
     of any model spec. dtype None: the dtype the output was computed in (its manifest), so this
-    measures what compress recorded. Returns {"eval": {dataset: ...}, "zeroshot": {task: ...}}."""
+    measures what compress recorded. Each figure records how it was measured (dtype, device, versions and
+    `command`, the CLI line, which the model card gives beside the commands that made the folder).
+    Returns {"eval": {dataset: ...}, "zeroshot": {task: ...}}."""
     windows = check_eval(ppl, seqlen, windows, "--ppl")
     if dtype is not None and dtype not in DTYPES:
         raise LLMPruneError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
@@ -350,18 +352,19 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     if ppl:
         results = _perplexity(target, old, ppl, seqlen, windows, dev, dtype, progress)
         for r in results.values():  # this run's, which the manifest's top-level fields (of the run that made it) are not
-            r.update(dtype=dtype, device=dev, versions=versions())
+            r.update(dtype=dtype, device=dev, versions=versions(), **({"command": command} if command else {}))
             if old is not None:
                 r["measured_on"] = mf.SAVED
         if old is not None:  # the dense reference of compress
-            results = pipeline.merge_dense(results, pipeline.dense_refs(old.eval, old.dtype))
+            results = pipeline.merge_dense(results, pipeline.dense_refs(old))
         out["eval"] = results
     if tasks:
         zs = pipeline.zeroshot_saved(_folder(target, old), old.to_dict() if old is not None else {}, tasks, limit, dev,
                                      dtype, progress, batch_size, tasks_dir)
-        out["zeroshot"] = {**zs, "device": dev}
+        out["zeroshot"] = {**zs, "device": dev, "versions": versions(), **({"command": command} if command else {})}
     if is_output and save:  # earlier tasks measured another way are dropped, the mean is over those listed
-        zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"], old.dtype)} if tasks else {}
+        run = {"dtype": old.dtype, "device": old.device, "versions": old.versions}
+        zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"], run)} if tasks else {}
         mf.update(target, replace=("zeroshot",), **{**out, **zs})
     return out
 
@@ -405,11 +408,12 @@ def _source(src: str) -> mf.Manifest:
     return mf.read(src)
 
 
-def _figures_of(m: mf.Manifest, datasets, seqlen: int, windows: int | None, dtype: str) -> dict:
-    """The source's own figures of these very weights, where measured the same way (protocol and dtype)."""
-    return {d: r for d in datasets if isinstance(r := m.eval.get(d), dict) and "ppl" in r
-            and r.get("seqlen") == seqlen and windows is not None and r.get("windows") == windows
-            and r.get("measured_on") == mf.SAVED and r.get("dtype", m.dtype or "float32") == dtype}
+def _figures_of(m: mf.Manifest, here: dict) -> dict:
+    """The source's own figures of these very weights (measured on its saved folder), where measured as this run
+    would measure them (`here`: dataset -> seqlen, windows, dtype, device, versions, source; measured_alike)."""
+    run = {"dtype": m.dtype or "float32", "device": m.device, "versions": m.versions}
+    return {d: r for d, now in here.items() if isinstance(r := m.eval.get(d), dict) and "ppl" in r
+            and r.get("measured_on") == mf.SAVED and pipeline.measured_alike({**run, **r}, now)}
 
 
 def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int = 0, nsamples: int | None = None,
@@ -485,7 +489,9 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         # the source's own figures where measured the same way on these weights in this dtype, else
         # measured on the source folder (block by block, as the recovered one is afterwards, so a
         # model larger than the GPU is evaluated too)
-        same = _figures_of(old, eval, eval_seqlen, eval_windows, dtype)
+        now = {"seqlen": eval_seqlen, "windows": eval_windows, "dtype": dtype, "device": dev, "versions": versions()}
+        same = _figures_of(old, {d: {**now, "source": where} for d, where in
+                                 pipeline.eval_sources(eval, tok, cache).items()})
         todo = tuple(d for d in eval if d not in same)
         before = {**same, **(pipeline.evaluate_saved(Path(src), todo, eval_seqlen, eval_windows, dev, dtype, progress,
                                                      cache) if todo else {})}
@@ -522,7 +528,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
             with t("eval_s"):
                 after = pipeline.evaluate_saved(tmp, eval, eval_seqlen, eval_windows, dev, dtype, progress, cache)
             new.eval = {d: {**r, "before_recover_ppl": before[d]["ppl"]} for d, r in
-                        pipeline.merge_dense(after, pipeline.dense_refs(old.eval, old.dtype)).items()}
+                        pipeline.merge_dense(after, pipeline.dense_refs(old)).items()}
         if tasks:
             with t("zeroshot_s"):
                 new.zeroshot = pipeline.zeroshot_saved(tmp, new.to_dict(), tasks, tasks_limit, dev, dtype, progress)

@@ -379,6 +379,7 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
             torch._dynamo.reset()
         _reset_peak(device)  # frees the model just measured before the next one loads
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "models": {"compressed": str(model), "dense": None if dense_model is None else str(dense_model)},
            "dtype": str(dtype).replace("torch.", ""), "prompt_len": prompt_len, "new_tokens": new_tokens,
            "context_len": prompt_len + new_tokens, "warmup_steps": warmup, "rows": rows,
            "bandwidth_reference_GBps": dict(zip(("spec", "target"), bw)),
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from . import outdir
     from .errors import LLMPruneError
-    from .runinfo import pick_device
+    from .runinfo import pick_device, versions
 
     try:
         batches = [int(b) for b in a.batch.split(",")]
@@ -556,7 +557,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.kernels:
         res["kernels"] = kernel_microbench(device=a.device, dtype=dtype)
         print(format_table(res["kernels"], MICRO_COLS))
-    if a.json:
+    if a.json:  # with what ran it: the command, the machine and the software
+        import shlex
+        import sys
+
+        dev = torch.device(a.device)
+        res["run"] = {"command": shlex.join(["llmprune", "bench", *(sys.argv[1:] if argv is None else argv)]),
+                      "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                      "threads": torch.get_num_threads(), "versions": versions()}
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0
 

@@ -234,10 +234,11 @@ def print_eval(ev: dict) -> None:
 
     if not ev:
         return
-    print(f"\n{'dataset':<10} {'seqlen':>6} {'windows':>7} {'tokens':>8} {'dense ppl':>10} {'ppl':>10}")
+    print(f"\n{'dataset':<10} {'seqlen':>6} {'windows':>7} {'tokens':>8} {'dtype':>9} {'dense ppl':>10} {'ppl':>10}")
     for d, r in ev.items():
         dense = f"{r['dense_ppl']:.3f}" if "dense_ppl" in r else "-"
-        print(f"{d:<10} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>8} {dense:>10} {r['ppl']:>10.3f}")
+        print(f"{d:<10} {r['seqlen']:>6} {r['windows']:>7} {r['tokens']:>8} {r.get('dtype') or '-':>9} {dense:>10} "
+              f"{r['ppl']:>10.3f}")
     ons = {r.get("measured_on") for r in ev.values()} - {None}
     if ons:
         on = " / ".join(sorted(ons))
@@ -273,7 +274,8 @@ def cmd_eval(a) -> int:
     tasks = _tasks(a)
     ppl = tuple(x for x in (a.ppl if a.ppl is not None else ("" if tasks else "wikitext2")).split(",") if x and x != "none")
     res = api.evaluate(a.target, ppl, a.seqlen, a.windows, a.device, progress=not a.no_progress, tasks=tasks,
-                       limit=a.limit, tasks_dir=a.tasks_dir, batch_size=a.batch_size, dtype=a.dtype)
+                       limit=a.limit, tasks_dir=a.tasks_dir, batch_size=a.batch_size, dtype=a.dtype,
+                       command=a.command_line)
     print_eval(res.get("eval", {}))
     print_zeroshot(res.get("zeroshot", {}))
     if a.json:
@@ -286,10 +288,11 @@ def print_zeroshot(zs: dict) -> None:
     if not zs:
         return
     print(f"\n{'task':<15} {'acc':>7} {'acc_norm':>9} {'n':>6}")
-    for t, r in zs.items():
-        if isinstance(r, dict):
-            an = f"{r['acc_norm']:.4f}" if r.get("acc_norm") is not None else "-"
-            print(f"{t:<15} {r['acc']:>7.4f} {an:>9} {r['n']:>6}")
+    from .manifest import zeroshot_tasks
+
+    for t, r in zeroshot_tasks(zs).items():
+        an = f"{r['acc_norm']:.4f}" if r.get("acc_norm") is not None else "-"
+        print(f"{t:<15} {r['acc']:>7.4f} {an:>9} {r['n']:>6}")
     print(f"{'mean':<15} {zs['mean']:>7.4f}" + (f"   (first {zs['limit']} examples of each task)" if zs.get("limit") else ""))
 
 
@@ -478,7 +481,8 @@ def cmd_recover(a) -> int:
     ev = m.get("eval", {})
     for d, x in ev.items():
         print(f"{d}: ppl {x['before_recover_ppl']:.3f} -> {x['ppl']:.3f}"
-              + (f" (dense {x['dense_ppl']:.3f})" if "dense_ppl" in x else ""))
+              + (f" (dense {x['dense_ppl']:.3f})" if "dense_ppl" in x else "")
+              + f"  [{x['seqlen']}-token windows x {x['windows']}, {x.get('dtype')}]")
     print_zeroshot(m.get("zeroshot") or {})
     return 0
 

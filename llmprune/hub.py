@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import LLMPruneError
 from .manifest import NAME as MANIFEST
-from .manifest import Manifest, ppl_protocol, read
+from .manifest import Manifest, compress_time, ppl_protocol, read, zeroshot_tasks
 
 CARD = "README.md"
 # A card carrying this line is ours and is regenerated on every push; delete the line to keep
@@ -143,12 +143,28 @@ def _eval_results(manifest: dict) -> list[Any]:
                 dataset_name=ds_name,
                 dataset_config=ds_config,
                 metric_type="perplexity",
-                metric_name=f"{ds_name} perplexity (compressed; {_protocol(r, manifest)})",
+                metric_name=f"{ds_name} perplexity (compressed; {_protocol(r, manifest)}{_file_of(r)})",
                 metric_value=float(r["ppl"]),
                 verified=False,
             )
         )
     return out
+
+
+def _file_of(r: dict) -> str:
+    """"; file x.gguf" for a figure measured on one GGUF file of an export that holds several types."""
+    on = str(r.get("measured_on") or "")
+    return f"; file {on.split('gguf_file=', 1)[1].rstrip(')')}" if "gguf_file=" in on else ""
+
+
+def _later(section: dict) -> str | None:
+    """How a figure that `llmprune eval` measured after the folder was made was measured: its command, versions and
+    device (the Recipe's versions are of the commands that made the folder); None for the others."""
+    if not section.get("command"):
+        return None
+    v = section.get("versions") or {}
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "lm_eval", "cpu", "gpu") if v.get(k))
+    return f"`{section['command']}`" + (f" ({libs}; device {section.get('device') or '?'})" if libs else "")
 
 
 def _of_these_files(r: dict) -> bool:
@@ -201,11 +217,17 @@ def _eval_table(manifest: dict) -> list[str]:
             lines.append(f"{which} were measured on these files {how}.")
         else:
             lines.append(f"Caution: {which[0].lower() + which[1:]} describe the {on}, not these files.")
+    later: dict[str, list[str]] = {}
+    for name, r in rows:
+        if (how := _later(r)) is not None:
+            later.setdefault(how, []).append(name)
+    lines += [f"The {', '.join(names)} figure{'s' * (len(names) > 1)} {'were' if len(names) > 1 else 'was'} measured "
+              f"after the folder was made, by {how}." for how, names in later.items()]
     return lines
 
 
 def _zeroshot_table(zs: dict) -> list[str]:
-    tasks = [(k, v) for k, v in zs.items() if isinstance(v, dict)]
+    tasks = list(zeroshot_tasks(zs).items())
     dense = any("dense_acc" in v for _, v in tasks)
     head = "| task | acc | acc_norm | n |" + (" dense acc | dense acc_norm |" if dense else "")
     lines = [head, "|---|---:|---:|---:|" + ("---:|---:|" if dense else "")]
@@ -230,6 +252,12 @@ def _zeroshot_table(zs: dict) -> list[str]:
     return lines
 
 
+def _compress_time(manifest: dict) -> str | None:
+    """Every run's part of a resumed compression (manifest.compress_time)."""
+    s, runs = compress_time(manifest)
+    return None if s is None else f"{_unit(s, 's')}" + (f" ({runs} runs: resumed)" if runs > 1 else "")
+
+
 def _unit(x: Any, unit: str) -> str | None:
     if not isinstance(x, (int, float)):
         return None
@@ -251,7 +279,7 @@ def _calibration(cal: dict) -> str:
 
 
 def _format(fmt: dict) -> str:
-    """e.g. "sparse24, packed layers 62.5% of their dense bytes, file 80.1 MiB"."""
+    """e.g. "sparse24, packed layers 62.5% of their bytes in fp16, file 80.1 MiB"."""
     if not fmt.get("name"):
         return "dense HF checkpoint (the pruned weights are stored as zeros)"
     tune = (fmt.get("quant_options") or {}).get("tune") or {}
@@ -260,7 +288,7 @@ def _format(fmt: dict) -> str:
     b = fmt.get("bytes") or {}
     if b.get("packed_layers") and b.get("packed_layers_dense"):
         parts.append(
-            f"packed layers {_pct(b['packed_layers'] / b['packed_layers_dense'])} of their dense bytes"
+            f"packed layers {_pct(b['packed_layers'] / b['packed_layers_dense'])} of their bytes in fp16"
         )
     if b.get("file"):
         parts.append(f"file {b['file'] / 2**20:.1f} MiB")
@@ -299,7 +327,7 @@ def _recipe(manifest: dict) -> list[str]:
          if (manifest.get("format") or {}).get("stored_zeros") is not None else None),
         ("calibration", _calibration(manifest.get("calibration") or {})),
         ("stored format", _export_format(manifest.get("export")) or _format(manifest.get("format") or {})),
-        ("compress time", _unit((manifest.get("timings") or {}).get("compress_s"), "s")),
+        ("compress time", _compress_time(manifest)),
         (_peak_label(manifest), _unit(manifest.get("peak_rss_mib"), "MiB")),
         ("llmprune", manifest.get("llmprune_version")),
         ("versions", ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())),
@@ -361,7 +389,7 @@ def _what_was_done(manifest: dict) -> str:
         tune = (fmt.get("quant_options") or {}).get("tune") or {}
         said.append(f"int4 scales tuned end to end ({tune.get('steps', '?')} steps; codes and mask fixed)")
     if "pack" in steps:
-        said.append(f"packed as {fmt.get('name')}")
+        said.append(f"packed as {fmt.get('name') or (manifest.get('export') or {}).get('source_format')}")
     if "export" in steps:
         said.append(f"exported to {(manifest.get('export') or {}).get('to')}")
     trained = "recover" in steps or "tune-scales" in steps
@@ -426,17 +454,25 @@ def model_card(manifest: dict, repo_id: str) -> str:
         "",
     ]
     if isinstance(manifest.get("zeroshot"), dict):
-        lines += ["Zero-shot accuracy:", "", *_zeroshot_table(manifest["zeroshot"]), ""]
+        later = _later(manifest["zeroshot"])
+        lines += ["Zero-shot accuracy:", "", *_zeroshot_table(manifest["zeroshot"]), "",
+                  *([f"Measured after the folder was made, by {later}.", ""] if later else [])]
     lines += ["## How to load", "", *_how_to_load(manifest, repo_id), ""]
     # every command that made it, oldest first: a packed or recovered folder's own command reads a folder
     # that an earlier command wrote (manifest.derive keeps those in `history`)
     runs = [h for h in manifest.get("history") or [] if isinstance(h, dict)] + [manifest]
-    cmds = [" ".join(c) if isinstance(c, (list, tuple)) else str(c) for c in (r.get("command") for r in runs) if c]
+    said = [" ".join(c) if isinstance(c, (list, tuple)) else str(c) for c in (r.get("command") for r in runs) if c]
+    cmds = [c for i, c in enumerate(said) if i == 0 or c != said[i - 1]]  # (compress --export: one command, two runs)
+    measured = list(dict.fromkeys(s["command"] for s in [*(manifest.get("eval") or {}).values(),
+                                                          manifest.get("zeroshot")] if isinstance(s, dict)
+                                  and s.get("command")))
     if cmds:
-        gap = [(f"{len(runs) - len(cmds)} of the {len(runs)} steps ran through the Python API and recorded no "
-                f"command; their settings are in llmprune.json."), ""] if len(cmds) < len(runs) else []
+        gap = [(f"{len(runs) - len(said)} of the {len(runs)} steps ran through the Python API and recorded no "
+                f"command; their settings are in llmprune.json."), ""] if len(said) < len(runs) else []
         lines += ["## Reproduce", "", *(["Each command writes the folder the next one reads:", ""] if len(cmds) > 1 else []),
                   *gap, "```bash", *cmds, "```", ""]
+    if measured:  # `llmprune eval` runs after the folder was made, which measured figures above
+        lines += ["The figures marked above as measured afterwards came from:", "", "```bash", *measured, "```", ""]
     card = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     # A manifest should never hold a token, but the card is public: redact anything that looks like one.
     return _TOKEN_LIKE.sub("hf_***", card)

@@ -135,6 +135,28 @@ def ppl_protocol(r: dict, m: dict | None = None, words: bool = False) -> str:
     return how if m is None else f"{how}, {r.get('dtype') or m.get('dtype') or '?'}"
 
 
+def zeroshot_tasks(zs: dict | None) -> dict:
+    """The tasks of a zero-shot section (task -> acc, acc_norm, n), not how it was measured (limit, dtype, device,
+    versions, command)."""
+    return {k: v for k, v in (zs or {}).items() if isinstance(v, dict) and "acc" in v}
+
+
+def compress_time(m: dict) -> tuple[float | None, int]:
+    """(seconds the compression took over every run that did part of it, how many runs): a resumed run's
+    compress_s counts its own part only; the earlier runs' work (resumed.earlier_s) is added."""
+    s = (m.get("timings") or {}).get("compress_s")
+    r = m.get("resumed") or {}
+    if not isinstance(s, (int, float)):
+        return None, 1
+    return float(s) + float(r.get("earlier_s") or 0.0), int(r.get("runs") or 1)
+
+
+def compress_time_text(m: dict) -> str | None:
+    """e.g. "61.2 s" or "61.2 s (3 runs: resumed)"."""
+    s, runs = compress_time(m)
+    return None if s is None else f"{s:.1f} s" + (f" ({runs} runs: resumed)" if runs > 1 else "")
+
+
 def derive(old: Manifest, versions: dict, device: str | None, **changes) -> Manifest:
     """The manifest of a folder another command (pack, recover, export) made from `old`'s folder: its
     sections carried over, its figures and its run's memory cleared (`eval`, `zeroshot`, peak memory, I/O,

@@ -26,7 +26,7 @@ from . import manifest as mf
 from . import outdir, patterns, solvers
 from .config import CompressConfig, GPTQConfig
 from .errors import LLMPruneError
-from .runinfo import pick_devices
+from .runinfo import pick_devices, versions
 
 if TYPE_CHECKING:
     import torch
@@ -402,14 +402,24 @@ def export_steps(section: dict | None) -> list[str]:
 
 # --- evaluate -------------------------------------------------------------------------------------
 
-def evaluate_model(model, tok, datasets, seqlen: int, windows: int | None, progress: bool, cache: dict) -> dict:
-    """Perplexity of a model in memory, per dataset (test tokens cached across calls in `cache`)."""
-    from .eval.perplexity import eval_tokens, perplexity
+def eval_sources(datasets, tok, cache: dict) -> dict:
+    """Each dataset's evaluation text as its entries name it (`source`), its tokens kept in `cache` for the
+    evaluations that follow (dataset -> (tokens, source))."""
+    from .eval.perplexity import eval_tokens
 
-    out = {}
     for d in datasets:
         if d not in cache:
             cache[d] = eval_tokens(d, tok)
+    return {d: cache[d][1] for d in datasets}
+
+
+def evaluate_model(model, tok, datasets, seqlen: int, windows: int | None, progress: bool, cache: dict) -> dict:
+    """Perplexity of a model in memory, per dataset (test tokens cached across calls in `cache`)."""
+    from .eval.perplexity import perplexity
+
+    out = {}
+    for d in datasets:
+        eval_sources([d], tok, cache)
         toks, where = cache[d]
         r = perplexity(model, tok, d, seqlen, windows, progress=progress, tokens=toks)
         r["source"] = where
@@ -432,7 +442,8 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
     else:
         model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
         res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
-    return {d: {**r, "measured_on": mf.SAVED, "dtype": dtype} for d, r in res.items()}
+    return {d: {**r, "measured_on": mf.SAVED, "dtype": dtype, "device": device, "versions": versions()}
+            for d, r in res.items()}
 
 
 def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, device: str, dtype: str, progress: bool,
@@ -465,35 +476,50 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
     return zs
 
 
-def merge_zeroshot(old: dict | None, new: dict, old_dtype: str | None = None) -> dict:
+def merge_zeroshot(old: dict | None, new: dict, run: dict | None = None) -> dict:
     """A zero-shot run's results (`new`, zeroshot_saved) merged into an output's earlier ones: the earlier tasks stay
-    only where measured the same way (the same --limit and dtype, on the saved folder; else they are dropped, not
-    mixed), and the mean is over every task listed. `old_dtype`: the earlier run's where its section does not say
-    (the manifest's: it was measured by the run that made the folder)."""
-    def tasks(zs):
-        return {k: v for k, v in (zs or {}).items() if isinstance(v, dict) and "acc" in v}
-
+    only where measured the same way (the same --limit and lm-eval, on the saved folder, measured_alike; else they
+    are dropped, not mixed), and the mean is over every task listed. `run`: the dtype, device and versions of the
+    run that made the folder, for a section that does not say them (it was measured by that run)."""
+    tasks = mf.zeroshot_tasks
+    was = {**(run or {}), **(old or {})}
     same = bool(old) and old.get("limit") == new.get("limit") and "measured_on" not in old \
-        and (old.get("dtype") or old_dtype) == new.get("dtype")
+        and measured_alike(was, new, ("torch", "transformers", "lm_eval"))
     kept = {**(tasks(old) if same else {}), **tasks(new)}
-    rest = {k: v for k, v in new.items() if k not in kept and k != "mean" and not isinstance(v, dict)}
+    rest = {k: v for k, v in new.items() if k not in kept and k != "mean"}
     return {**kept, **rest, "mean": sum(v["acc"] for v in kept.values()) / len(kept)}
 
 
+def measured_alike(a: dict, b: dict, libraries: tuple[str, ...] = ("torch", "transformers")) -> bool:
+    """Whether two perplexity results were measured the same way, so that one may stand beside the other (dense_ppl,
+    before_recover_ppl): the same windows (seqlen, windows) of the same text (source: the Hub's WikiText-2 and the
+    offline copy differ, 20.43 against 20.82 for SmolLM2), in the same dtype, with the same torch and transformers
+    (`libraries`; they moved SparseGPT 2:4 80.02 -> 76.97), on the same kind of device and processor (44.74 against
+    44.90). Each
+    field is compared where both record it: an entry without one was measured by the run its manifest records."""
+    def same(x, y) -> bool:
+        return x is None or y is None or x == y
+
+    kind = [str(r.get("device") or "").split(",")[0].split(":")[0] or None for r in (a, b)]
+    va, vb = a.get("versions") or {}, b.get("versions") or {}
+    return (a.get("seqlen"), a.get("windows")) == (b.get("seqlen"), b.get("windows")) \
+        and same(a.get("dtype"), b.get("dtype")) and same(a.get("source"), b.get("source")) and same(*kind) \
+        and all(same(va.get(k), vb.get(k)) for k in (*libraries, "gpu" if "cuda" in kind else "cpu"))
+
+
 def merge_dense(results: dict, dense: dict) -> dict:
-    """Attach the dense model's figure (dense_ppl) where it was measured the same way. `dense`:
-    dataset -> the dense model's result (its "ppl")."""
+    """Attach the dense model's figure (dense_ppl) where it was measured alike (measured_alike). `dense`: dataset ->
+    the dense model's result (its "ppl")."""
     for d, r in results.items():
         ref = dense.get(d)
-        dtypes = (ref or {}).get("dtype"), r.get("dtype")  # unknown: measured by the same run, in its dtype
-        if ref and (ref.get("seqlen"), ref.get("windows")) == (r.get("seqlen"), r.get("windows")) \
-                and (None in dtypes or dtypes[0] == dtypes[1]):
+        if ref and measured_alike(ref, r):
             r["dense_ppl"] = ref["ppl"]
     return results
 
 
-def dense_refs(old_eval: dict, dtype: str | None = None) -> dict:
-    """The dense figures an output's manifest recorded, in merge_dense's form; `dtype`: the one they were measured in
-    where an entry does not say (the manifest's: its compress run measured both in it)."""
-    return {d: {"dtype": dtype, **r, "ppl": r["dense_ppl"]} for d, r in old_eval.items()
+def dense_refs(old: mf.Manifest) -> dict:
+    """The dense figures an output's manifest recorded, in merge_dense's form: what an entry does not say of how it
+    was measured (dtype, device, versions) is the manifest's, whose run measured both."""
+    run = {"dtype": old.dtype, "device": old.device, "versions": old.versions}
+    return {d: {**run, **r, "ppl": r["dense_ppl"]} for d, r in old.eval.items()
             if isinstance(r, dict) and "dense_ppl" in r}

@@ -4,7 +4,8 @@ against sparsity, one line per solver.
 
 Rows are flat dicts so the CSV needs no schema; `sweep_row(manifest)` makes one from a manifest:
   model, solver, pattern, target, sparsity (measured, else target), ppl_<dataset>, dense_ppl_<dataset>,
-  protocol_<dataset> (window length x windows), zeroshot_mean, compress_s, peak_rss_mib.
+  protocol_<dataset> (window length x windows, dtype), zeroshot_mean, compress_s (every run of a resumed one:
+  compress_runs), peak_rss_mib.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LLMPruneError
-from .manifest import ppl_protocol
+from .manifest import compress_time, compress_time_text, ppl_protocol, zeroshot_tasks
 
 
 def _num(x: Any) -> float | None:
@@ -61,14 +62,18 @@ def _protocol(r: dict, m: dict) -> str:
     from .manifest import SAVED
 
     how = ppl_protocol(r, m)
+    if r.get("source"):  # the text: the offline copy and the Hub's rows give other figures
+        how += f", {str(r['source']).split(':')[0]} text"
     on = r.get("measured_on", SAVED)
     return how if on == SAVED else f"{how}, {on}"
 
 
 def _zeroshot_protocol(m: dict) -> str:
+    """The tasks the mean is over, examples a task, dtype: "boolq, rte; every example, float32"."""
     zs = m.get("zeroshot") or {}
     how = f"limit {zs['limit']}" if zs.get("limit") else "every example"
-    return f"{how}, {zs.get('dtype') or m.get('dtype') or '?'}"
+    tasks = ", ".join(sorted(zeroshot_tasks(zs)))
+    return f"{tasks}; {how}, {zs.get('dtype') or m.get('dtype') or '?'}"
 
 
 def markdown_table(manifests: list[dict], names: list[str]) -> str:
@@ -98,12 +103,11 @@ def markdown_table(manifests: list[dict], names: list[str]) -> str:
             row += [hows[d][i] or "-"] * (d in mixed)
         if has_zs:
             row += [_fmt(_zeroshot_mean(m), ".3f"), *([hows["zero-shot"][i] or "-"] * ("zero-shot" in mixed))]
-        compress_s = _num((m.get("timings") or {}).get("compress_s"))
-        row.append(f"{compress_s:.1f} s" if compress_s is not None else "-")
+        row.append(compress_time_text(m) or "-")
         lines.append("| " + " | ".join(map(_cell, row)) + " |")
     same = [f"{d}: {next(x for x in h if x)}" for d, h in hows.items() if d not in mixed and any(h)]
     if same:
-        lines += ["", "Measured as (window length x windows, dtype; zero-shot: examples a task, dtype): "
+        lines += ["", "Measured as (window length x windows, dtype; zero-shot: tasks; examples a task, dtype): "
                   + "; ".join(same) + "."]
     return "\n".join(lines) + "\n"
 
@@ -133,9 +137,11 @@ def sweep_row(manifest: dict) -> dict[str, Any]:
     for d, r in (manifest.get("eval") or {}).items():
         if isinstance(r, dict):
             row[f"ppl_{d}"], row[f"dense_ppl_{d}"] = _num(r.get("ppl")), _num(r.get("dense_ppl"))
-            row[f"protocol_{d}"] = ppl_protocol(r)  # window length x windows
+            row[f"protocol_{d}"] = ppl_protocol(r, manifest)  # window length x windows, dtype
     row["zeroshot_mean"] = _zeroshot_mean(manifest)
-    row["compress_s"] = _num((manifest.get("timings") or {}).get("compress_s"))
+    row["compress_s"], runs = compress_time(manifest)  # a resumed run's earlier runs included
+    if runs > 1:
+        row["compress_runs"] = runs
     row["peak_rss_mib"] = _num(manifest.get("peak_rss_mib"))
     return row
 

@@ -10,6 +10,71 @@ from llmprune.cli import main
 from llmprune.testing import FAST_CLI
 
 
+@pytest.mark.parametrize("a,b,alike", [
+    ({}, {}, True),
+    ({"dtype": "float32"}, {}, True),  # a field one entry lacks: measured by the run its manifest records
+    ({"dtype": "float32"}, {"dtype": "bfloat16"}, False),
+    ({"windows": 3}, {}, False), ({"seqlen": 32}, {}, False),
+    ({"source": "offline:wikitext2_test.raw"}, {"source": "hub:wikitext"}, False),
+    ({"device": "cpu"}, {"device": "cuda:0"}, False), ({"device": "cuda:0,cuda:1"}, {"device": "cuda:1"}, True),
+    ({"versions": {"transformers": "5.23.0"}}, {"versions": {"transformers": "5.25.0"}}, False),
+    ({"versions": {"torch": "2.13.0", "numpy": "1"}}, {"versions": {"torch": "2.13.0", "numpy": "2"}}, True),
+    ({"device": "cpu", "versions": {"cpu": "AMD EPYC"}}, {"device": "cpu", "versions": {"cpu": "Intel Xeon"}}, False),
+    ({"device": "cuda", "versions": {"cpu": "AMD EPYC", "gpu": "H200"}},
+     {"device": "cuda", "versions": {"cpu": "Intel Xeon", "gpu": "H200"}}, True),  # on a GPU its name counts
+    ({"device": "cuda", "versions": {"gpu": "H100"}}, {"device": "cuda", "versions": {"gpu": "H200"}}, False)])
+def test_measured_alike(a, b, alike):
+    from llmprune.pipeline import measured_alike
+
+    base = {"seqlen": 64, "windows": 2}
+    assert measured_alike({**base, **a}, {**base, **b}) is alike and measured_alike({**base, **b}, {**base, **a}) is alike
+
+
+def test_a_reference_figure_stands_only_beside_one_measured_alike(tmp_path, monkeypatch, tiny_dir, calib_txt):
+    """The dense figure beside `eval`'s and the source's figure as recover's "before" come from the manifest only
+    where measured alike: another text (the Hub's WikiText-2 where the first run read the offline copy) or other
+    library versions drop the dense figure and make recover measure the source folder itself."""
+    from llmprune.calibration import sources
+
+    src = tmp_path / "src"
+    assert main(["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), "--out", str(src), *FAST_CLI[:-2],
+                 "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]) == 0
+    flags = ["--seqlen", "64", "--windows", "2", "--no-progress"]
+    assert main(["eval", str(src), *flags]) == 0
+    m = json.loads((src / "llmprune.json").read_text())
+    dense, ppl = m["eval"]["wikitext2"]["dense_ppl"], m["eval"]["wikitext2"]["ppl"]
+    offline = sources.wikitext2
+
+    def hub(split):  # what a machine reaching the Hub reads: its rows, blank ones kept
+        text, _ = offline(split)
+        return text.replace("\n\n", "\n\n\n\n"), f"hub:wikitext/wikitext-2-raw-v1:{split}"
+
+    with monkeypatch.context() as mp:
+        mp.setattr(sources, "wikitext2", hub)
+        assert main(["eval", str(src), *flags]) == 0
+    e = json.loads((src / "llmprune.json").read_text())["eval"]["wikitext2"]
+    assert e["source"].startswith("hub:") and e["ppl"] != ppl and "dense_ppl" not in e
+    assert main(["eval", str(src), *flags]) == 0  # the offline text again: the dense figure is gone for good
+    assert "dense_ppl" not in json.loads((src / "llmprune.json").read_text())["eval"]["wikitext2"]
+
+    def recover(name, transformers):  # the source's recorded figure made 1.0: reused only if measured alike
+        m = json.loads((src / "llmprune.json").read_text())
+        m["eval"]["wikitext2"] = {**m["eval"]["wikitext2"], "ppl": 1.0, "dense_ppl": dense}
+        m["eval"]["wikitext2"]["versions"] = {**m["eval"]["wikitext2"]["versions"], "transformers": transformers}
+        (src / "llmprune.json").write_text(json.dumps(m))
+        out = tmp_path / name
+        assert main(["recover", str(src), "--out", str(out), "--steps", "1", "--batch", "2", "--data", str(calib_txt),
+                     "--seqlen", "32", "--rank", "4", "--eval", "wikitext2", "--eval-seqlen", "64",
+                     "--eval-windows", "2", "--no-progress"]) == 0
+        return json.loads((out / "llmprune.json").read_text())["eval"]["wikitext2"]
+
+    import transformers
+    same = recover("same", transformers.__version__)
+    assert same["before_recover_ppl"] == 1.0 and same["dense_ppl"] == dense
+    other = recover("other", "0.0.1")
+    assert other["before_recover_ppl"] == pytest.approx(ppl, rel=1e-9) and "dense_ppl" not in other
+
+
 def test_recover_keeps_zeros_and_records(tmp_path, capsys, pruned_24, calib_txt):
     out = tmp_path / "rec"
     rc = main(["recover", str(pruned_24), "--out", str(out), "--steps", "3", "--batch", "2", "--data", str(calib_txt),
@@ -449,7 +514,8 @@ def test_eval_tasks_and_report(tmp_path, capsys, pruned_24, monkeypatch):
     assert zs["copa"]["n"] == 3 and 0 <= zs["mean"] <= 1
     model, tok, _ = checkpoint.load(pruned_24)
     assert zs["blockwise"] and zeroshot(model, tok, "copa,rte", limit=3) == {
-        k: v for k, v in zs.items() if k not in ("limit", "blockwise", "dtype", "device")}
+        k: v for k, v in zs.items() if k not in ("limit", "blockwise", "dtype", "device", "versions", "command")}
+    assert zs["command"].startswith("llmprune eval ") and zs["versions"]["lm_eval"]  # how it was measured
     saved = json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]
     assert saved["rte"]["n"] == 3 and (saved["limit"], saved["dtype"]) == (3, "float32")
     # another task measured the same way joins them, the mean is over all three; another --limit replaces them

@@ -257,6 +257,37 @@ def test_card_reproduces_a_derived_folder_command_by_command():
     assert "1 of the 2 steps ran through the Python API" in api_made and "```bash\n" + cmds[1] + "\n```" in api_made
 
 
+def test_card_says_how_figures_measured_afterwards_were_measured():
+    """A figure `llmprune eval` added after the folder was made names its command, libraries and device (the Recipe's
+    versions are the compress run's), and its command is listed; a compress --export's one command (two runs) once; a
+    resumed compression's time counts its earlier runs; a multi-type GGUF export's figure names its file; a
+    compressed-tensors export of a packed output says what it was packed as."""
+    m = manifest()
+    cmd = "llmprune eval out --seqlen 2048 --windows 16 --dtype bfloat16"
+    m["eval"]["wikitext2"].update(command=cmd, device="cuda:0", versions={"torch": "2.11", "transformers": "5.17",
+                                                                           "gpu": "NVIDIA H200"})
+    m["zeroshot"] = {"rte": {"acc": 0.5, "n": 8}, "mean": 0.5, "limit": 8, "command": "llmprune eval out --tasks rte",
+                     "versions": {"lm_eval": "0.4.13"}, "device": "cpu"}
+    m["history"] = [{"steps": ["prune"], "command": m["command"]}]
+    m["resumed"] = {"earlier_s": 76.6, "runs": 3}
+    card = model_card(m, REPO)
+    assert (f"The wikitext2 figure was measured after the folder was made, by `{cmd}` (torch 2.11, transformers 5.17, "
+            f"gpu NVIDIA H200; device cuda:0).") in card
+    assert "Measured after the folder was made, by `llmprune eval out --tasks rte` (lm_eval 0.4.13; device cpu)." in card
+    assert "came from:\n\n```bash\n" + cmd + "\nllmprune eval out --tasks rte\n```" in card
+    assert "```bash\n" + m["command"] + "\n```" in card and "Each command writes" not in card  # once, not twice
+    assert table(card, "setting")["compress time"] == ["200 s (3 runs: resumed)"]
+    assert "after the folder was made" not in model_card(manifest(), REPO)
+    e = {"to": "gguf", "files": ["m-F16.gguf", "m-Q4_0.gguf"], "types": ["f16", "q4_0"], "exact_zeros": ["f16"],
+         "bytes": {}, "source_format": "w4s24"}
+    g = manifest(export=e, steps=["prune", "pack", "export"], format=None)
+    g["eval"] = {"wikitext2": {**g["eval"]["wikitext2"], "measured_on": "export, loaded with transformers "
+                                                                        "(gguf_file=m-F16.gguf)"}}
+    card = model_card(g, REPO)
+    metric = front_matter(card)["model-index"][0]["results"][0]["metrics"][0]["name"]
+    assert metric == "WikiText-2 perplexity (compressed; 2048-token windows x 16, float32; file m-F16.gguf)"
+    assert "packed as w4s24" in card and "packed as None" not in card
+
 def test_card_redacts_token_like_strings():
     m = manifest(command=f"HF_TOKEN={TOKEN} llmprune compress llama --out out")
     card = model_card(m, REPO)
@@ -634,7 +665,7 @@ def test_card_packed_quantized_and_sliced():
     card = model_card(manifest(format=fmt), REPO)
     assert {"w4s24", "quantized", "2:4"} <= set(front_matter(card)["tags"])
     assert table(card, "setting")["stored format"] == [
-        "w4s24 (quant gptq), packed layers 15.62% of their dense bytes, file 3.0 MiB"
+        "w4s24 (quant gptq), packed layers 15.62% of their bytes in fp16, file 3.0 MiB"
     ]
     assert "AutoModelForCausalLM" not in card  # transformers alone cannot read packed weights
     sliced = manifest(solver="slicegpt", slicegpt={"slicing": 0.25}, pattern=None)

@@ -389,14 +389,19 @@ def test_import_llmprune_is_cheap():
 
 def test_zeroshot_results_merge_only_with_tasks_measured_the_same_way():
     """`eval --tasks` adds to an output's zero-shot section: earlier tasks stay where measured the same way (limit,
-    dtype: the manifest's where a section from before this field does not say it), the mean is over all listed."""
+    dtype, device, lm-eval: the manifest's run's where a section does not say them), the mean is over all listed."""
     from llmprune.pipeline import merge_zeroshot
 
     new = {"piqa": {"acc": 0.5, "n": 4}, "mean": 0.5, "limit": 4, "blockwise": True, "dtype": "float32"}
     old = {"boolq": {"acc": 0.25, "n": 4}, "rte": {"acc": 0.75, "n": 4}, "mean": 0.5, "limit": 4}
-    got = merge_zeroshot(old, new, "float32")
+    run = {"dtype": "float32", "versions": {"lm_eval": "0.4.13"}}
+    got = merge_zeroshot(old, new, run)
     assert set(got) == {"boolq", "rte", "piqa", "mean", "limit", "blockwise", "dtype"}
     assert got["mean"] == pytest.approx(0.5) and got["limit"] == 4
     for other in ({**old, "limit": 8}, {**old, "dtype": "bfloat16"}, {**old, "measured_on": "model in memory"}):
-        assert merge_zeroshot(other, new, "float32") == new
-    assert merge_zeroshot(old, new, "bfloat16") == new and merge_zeroshot(None, new) == new
+        assert merge_zeroshot(other, new, run) == new
+    assert merge_zeroshot(old, new, {"dtype": "bfloat16"}) == new and merge_zeroshot(None, new) == new
+    # another lm-eval (the section's own, else the run's) or device: measured another way
+    later = {**new, "versions": {"lm_eval": "0.4.14"}, "device": "cpu"}
+    assert merge_zeroshot(old, later, run) == later and merge_zeroshot(old, later, {"dtype": "float32"})["mean"] == 0.5
+    assert merge_zeroshot({**old, "device": "cuda:0"}, later, {"dtype": "float32"}) == later

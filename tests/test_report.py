@@ -57,8 +57,8 @@ def test_markdown_table_values():
     assert rows[2][col["target"]] == "-" and rows[2][col["model"]] == "x"
     # measured the same way in every row: said once, under the table
     assert report.markdown_table(ms, ["a", "b", "d"]).endswith(
-        "Measured as (window length x windows, dtype; zero-shot: examples a task, dtype): wikitext2: 512 x 16, "
-        "float32; c4: 512 x 16, float32; zero-shot: every example, float32.\n")
+        "Measured as (window length x windows, dtype; zero-shot: tasks; examples a task, dtype): wikitext2: 512 x 16, "
+        "float32; c4: 512 x 16, float32; zero-shot: copa, piqa; every example, float32.\n")
 
 
 def test_markdown_table_says_how_each_figure_was_measured_where_rows_differ():
@@ -74,9 +74,26 @@ def test_markdown_table_says_how_each_figure_was_measured_where_rows_differ():
     col = {h: i for i, h in enumerate(head)}
     assert [r[col["wikitext2 measured as"]] for r in rows] == [
         "512 x 16, float32", "2048 x 4, bfloat16", "512 x 16, float32, model in memory before saving (version 1 manifest)"]
-    assert [r[col["zero-shot measured as"]] for r in rows] == ["every example, float32"] * 2 + ["limit 20, float32"]
+    assert [r[col["zero-shot measured as"]] for r in rows] == ["copa, piqa; every example, float32"] * 2 + [
+        "copa, piqa; limit 20, float32"]
     assert "c4 measured as" not in col and md.rstrip().endswith("c4: 512 x 16, float32.")
 
+
+def test_markdown_table_marks_zeroshot_means_over_other_tasks_and_counts_every_run_of_a_resumed_one():
+    """A zero-shot mean over other tasks is another measurement (said in its column); a resumed compression's time
+    is every run's (manifest.compress_time), in the table and the sweep row."""
+    rnd = random.Random(2)
+    a, b = (_manifest("wanda", 0.5, rnd) for _ in range(2))
+    del b["zeroshot"]["copa"]
+    b["resumed"] = {"earlier_s": 100.0, "runs": 2}
+    head, _, *rows = _parse_md(report.markdown_table([a, b], ["a", "b"]))
+    col = {h: i for i, h in enumerate(head)}
+    assert [r[col["zero-shot measured as"]] for r in rows] == ["copa, piqa; every example, float32",
+                                                               "piqa; every example, float32"]
+    t = b["timings"]["compress_s"]
+    assert rows[1][col["compress time"]] == f"{t + 100:.1f} s (2 runs: resumed)"
+    assert report.sweep_row(b)["compress_s"] == pytest.approx(t + 100) and report.sweep_row(b)["compress_runs"] == 2
+    assert "compress_runs" not in report.sweep_row(a)
 
 def test_markdown_table_without_zeroshot_and_bare_sparsity():
     m = {"model": "m", "solver": "wanda", "pattern": "2:4", "sparsity": 0.5}
@@ -115,7 +132,7 @@ def test_sweep_row_flattens():
     r = report.sweep_row(m)
     assert r["sparsity"] == m["sparsity"]["measured"] and r["target"] == 0.5
     assert r["ppl_wikitext2"] == m["eval"]["wikitext2"]["ppl"] and r["dense_ppl_c4"] == 24.1
-    assert r["protocol_wikitext2"] == "512 x 16"  # the row says how its figure was measured
+    assert r["protocol_wikitext2"] == "512 x 16, float32"  # the row says how its figure was measured
     assert r["zeroshot_mean"] == m["zeroshot"]["mean"] and r["compress_s"] == m["timings"]["compress_s"]
 
 
