@@ -17,7 +17,15 @@ from pathlib import Path
 
 from . import manifest as mf
 from . import outdir, pipeline
-from .config import DTYPES, CompressConfig, GPTQConfig, RecoverConfig, check_eval, check_hessian_gib
+from .config import (
+    DTYPES,
+    CompressConfig,
+    GPTQConfig,
+    RecoverConfig,
+    calibration_of,
+    check_eval,
+    check_hessian_gib,
+)
 from .errors import LLMPruneError
 from .runinfo import memory, pick_device, pick_devices, versions
 
@@ -545,7 +553,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
 
 
 def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="auto", calib: str = "c4",
-         nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overwrite: bool = False, progress: bool = True,
+         nsamples: int | None = None, seqlen: int | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
          command: str | None = None, save_dtype: str = "float16", grid: str = "auto", gptq: dict | None = None,
          eval: tuple[str, ...] = (), eval_seqlen: int = 2048, eval_windows: int | None = None,
          device: str | None = None, onload: str = "auto", tasks: tuple[str, ...] = (),
@@ -595,10 +603,11 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
         model, tok = lz.model, checkpoint.load_tokenizer(src)  # the model on the meta device
     from .packed import check_packable
 
-    check_packable(model, fmt)  # before GPTQ's work
+    check_packable(model, fmt, group_size)  # before GPTQ's work
     if eval:
         pipeline.check_context(model, eval_seqlen, "--eval-seqlen")
     ids = cinfo = None
+    nsamples, seqlen = calibration_of(old.protocol, devs[0], nsamples, seqlen)  # (the compress run's protocol)
     if quant == "gptq":
         pipeline.check_context(model, seqlen, "--seqlen")
         ids, cinfo = pipeline.calibrate(calib, tok, nsamples, seqlen, seed)

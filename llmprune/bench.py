@@ -503,10 +503,11 @@ MICRO_COLS = ("shape", "M", "format", "ms", "effective_GBps", "pct_of_spec_bw", 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m llmprune.bench OUT [--dense MODEL] ... (the flags `llmprune bench` takes)."""
-    import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="llmprune bench", description="decode benchmark, dense vs compressed")
+    from .errors import ArgumentParser
+
+    ap = ArgumentParser(prog="llmprune bench", description="decode benchmark, dense vs compressed")
     ap.add_argument("model", nargs="?", help="compressed output folder (or any model spec)")
     ap.add_argument("--dense", help="dense model to compare with")
     ap.add_argument("--batch", default="1,16")

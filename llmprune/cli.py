@@ -487,6 +487,8 @@ def cmd_recover(a) -> int:
     return 0
 
 
+CALIB_HELP = ("GPTQ's calibration (default: the source's compress protocol's, cpu 64 x 512, paper 128 x 2048; a "
+              "folder from before it was recorded: paper on CUDA, cpu on the CPU)")
 GRIDS = ("auto", "sym", "asym")
 GRID_HELP = "int4 grid: sym (zero point 8), asym (a zero point per group), auto (w4g128 asym, w4s24/w4s50 sym)"
 
@@ -526,8 +528,8 @@ def _add_pack(sub):
     p.add_argument("--save-dtype", default="float16", help="floats are stored in float16 | bfloat16 | float32")
     p.add_argument("--out", required=True)
     p.add_argument("--calib", default="c4")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--nsamples", type=int, default=None, help=CALIB_HELP)
+    p.add_argument("--seqlen", type=int, default=None, help=CALIB_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default="none", help="perplexity of the packed folder as saved: wikitext2,c4 or none")
     p.add_argument("--eval-seqlen", type=int, default=2048)
@@ -604,8 +606,8 @@ def _add_export(sub):
     g.add_argument("--grid", default="auto", choices=GRIDS, help="int4 grid (auto: sym, compressed-tensors' W4A16)")
     _add_gptq_args(g)
     g.add_argument("--calib", default="c4")
-    g.add_argument("--nsamples", type=int, default=128)
-    g.add_argument("--seqlen", type=int, default=2048)
+    g.add_argument("--nsamples", type=int, default=None, help=CALIB_HELP)
+    g.add_argument("--seqlen", type=int, default=None, help=CALIB_HELP)
     g.add_argument("--seed", type=int, default=0)
     _add_hessian_gib(g, "GPTQ")
     g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
@@ -678,8 +680,9 @@ def _add_bench(sub):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .errors import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="llmprune", description="Post-training compression for LLMs.")
+    p = ArgumentParser(prog="llmprune", description="Post-training compression for LLMs.")
     p.add_argument("--version", action="version", version=f"llmprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_compress(sub)

@@ -23,6 +23,13 @@ PROTOCOLS = {
     "paper": {"nsamples": 128, "seqlen": 2048, "eval_windows": 0},
     "cpu": {"nsamples": 64, "seqlen": 512, "eval_windows": 16},
 }
+
+
+def calibration_of(protocol: str | None, device: str, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
+    """(nsamples, seqlen) of GPTQ's calibration where pack or export quantizes an output: those given, else its
+    compress run's protocol's (a folder from before the field: auto, paper on CUDA and cpu on the CPU)."""
+    name = protocol if protocol in PROTOCOLS else ("paper" if device.startswith("cuda") else "cpu")
+    return nsamples or PROTOCOLS[name]["nsamples"], seqlen or PROTOCOLS[name]["seqlen"]
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # auto: bfloat16 on CUDA, float32 on CPU
 TUNE_LR = 1e-3  # scale tuning's relative Adam step (quant/tune.py)
 EVAL_DATASETS = ("wikitext2", "c4")

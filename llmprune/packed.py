@@ -149,16 +149,26 @@ class PackWriter:
         }
 
 
-def check_packable(model: nn.Module, fmt: str) -> None:
+def check_packable(model: nn.Module, fmt: str, group_size: int | str = "auto") -> None:
     """The formats pack nn.Linear layers and each expert's projections of a fused experts module (moe.py), run
-    at load by moe.SplitExperts; experts it cannot run as their fused class does are refused."""
+    at load by moe.SplitExperts; experts it cannot run as their fused class does are refused. An int4 `group_size`
+    that divides no layer's inputs is refused here, before any work (a layer it does not divide stays dense)."""
+    widths = set()
     for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            widths.add(m.in_features)
         if not moe.is_fused_experts(m):
             continue
         why = moe.packable(m)
         if why:
             raise LLMPruneError(f"--format {fmt}: the experts of {model.config.model_type!r} ({n}) cannot be packed: "
                                 f"their module {why}, which llmprune's packed experts do not: use --format dense")
+        widths |= {moe.ExpertProj(m, 0, p).in_features for p in moe.projections(m)}
+    if formats.get(fmt).quantized and isinstance(group_size, int) and widths and not any(
+            group_size % 2 == 0 and w % group_size == 0 for w in widths):
+        from .quant.rtn import check_group
+
+        check_group(min(widths), group_size)
 
 
 @torch.no_grad()

@@ -223,7 +223,7 @@ def check_family(p: Plan, model) -> None:
     if p.cfg.format != "dense":  # before any work, not when writing
         from .packed import check_packable
 
-        check_packable(model, p.cfg.format)
+        check_packable(model, p.cfg.format, p.cfg.group_size)
 
 
 def check_model(p: Plan, model) -> list[str]:

@@ -87,6 +87,10 @@ BAD = [
     (["--ignore", "("], "not a valid regex"),
     (["--expert-min-tokens", "-1"], "--expert-min-tokens -1 must be"),
     (["--hessian-gib", "-1"], "--hessian-gib -1.0: GiB of Hessians held at once"),
+    # an int4 group dividing no layer (hidden 64): refused before pruning, not after it (and tuning none)
+    (["--pattern", "2:4", "--format", "w4s24", "--quant", "gptq", "--group-size", "48"], "int4 group size 48"),
+    (["--pattern", "2:4", "--format", "w4s24", "--quant", "gptq", "--group-size", "48", "--tune-steps", "2"],
+     "int4 group size 48"),
 ]
 
 

@@ -700,6 +700,15 @@ def test_bench_help_and_errors_go_through_the_cli(capsys):
     assert main(["bench", "/nonexistent/folder-xyz", "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llmprune: error:") and "Traceback" not in err
+    # argparse's own refusals: one line too, naming the help to read
+    for argv, msg in [(["pack", "x", "--format", "w4s24"], "required: --out: see `llmprune pack -h`"),
+                      (["export", "x", "--to", "onnx"], "invalid choice: 'onnx'"), (["compres"], "see `llmprune -h`"),
+                      (["bench", "x", "--batchx", "1"], "unrecognized arguments: --batchx 1: see `llmprune bench -h`")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("llmprune: error:") and msg in err, err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("extra,msg", [(["--format", "sparse24", "--quant", "gptq"], "drop --quant"),
@@ -729,6 +738,8 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
     cases = [
         (["compress", "--model", tiny_dir, "--format", "w4g128", "--group-size", "64x", "--out", x, *c], "--group-size"),
         (["pack", pruned_24, "--format", "w4s24", "--group-size", "abc", "--out", x], "--group-size 'abc'"),
+        (["pack", pruned_24, "--format", "w4s24", "--quant", "gptq", "--group-size", "48", "--tune-steps", "2",
+          "--nsamples", "4", "--seqlen", "32", "--out", x], "int4 group size 48 must be even and divide"),
         (["pack", pruned_24, "--format", "sparse24", "--eval", "wikitext2", "--eval-windows", "-1", "--out", x],
          "--eval-windows must be >= 1"),
         (["pack", pruned_24, "--format", "sparse24", "--eval", "wikitext2", "--eval-seqlen", "0", "--out", x],
@@ -782,3 +793,21 @@ def test_eval_windows_0_is_every_window():
         w, available = windows_of("wikitext2", torch.arange(1050), 100, windows)
         assert available == 10 and w.shape == (10, 100) and torch.equal(w.flatten(), torch.arange(1000))
     assert windows_of("wikitext2", torch.arange(1050), 100, 3)[0].shape == (3, 100)
+
+
+def test_pack_and_export_gptq_calibrate_by_the_sources_protocol(tmp_path, capsys, monkeypatch, pruned_24):
+    """Without --nsamples / --seqlen, pack's and export's GPTQ calibrate as the source's compress run did (its
+    protocol: cpu, 64 x 512), not with the paper's 128 x 2048 (the calibration stopped where it starts)."""
+    from llmprune import pipeline
+    from llmprune.errors import LLMPruneError
+
+    assert json.loads((pruned_24 / "llmprune.json").read_text())["protocol"] == "cpu"
+
+    def calibrate(calib, tok, nsamples, seqlen, seed):
+        raise LLMPruneError(f"calibrating {nsamples} x {seqlen}")
+
+    monkeypatch.setattr(pipeline, "calibrate", calibrate)
+    for argv in (["pack", pruned_24, "--format", "w4s24", "--quant", "gptq", "--out", tmp_path / "p"],
+                 ["export", pruned_24, "--to", "compressed-tensors", "--quant", "gptq", "--out", tmp_path / "e"]):
+        assert main([str(a) for a in argv]) == 2
+        assert "calibrating 64 x 512" in capsys.readouterr().err, argv

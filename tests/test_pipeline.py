@@ -405,3 +405,18 @@ def test_zeroshot_results_merge_only_with_tasks_measured_the_same_way():
     later = {**new, "versions": {"lm_eval": "0.4.14"}, "device": "cpu"}
     assert merge_zeroshot(old, later, run) == later and merge_zeroshot(old, later, {"dtype": "float32"})["mean"] == 0.5
     assert merge_zeroshot({**old, "device": "cuda:0"}, later, {"dtype": "float32"}) == later
+
+
+def test_pack_and_export_calibrate_as_their_source_was_compressed():
+    """GPTQ's calibration in pack and export defaults to the source's compress protocol (P-cpu: 64 x 512), not the
+    paper's 128 x 2048 under a manifest saying cpu; flags given win; a folder without one: by the device."""
+    from llmprune.cli import build_parser
+    from llmprune.config import calibration_of
+
+    assert calibration_of("cpu", "cuda:0", None, None) == (64, 512)
+    assert calibration_of("paper", "cpu", None, None) == (128, 2048)
+    assert calibration_of(None, "cpu", None, None) == (64, 512) and calibration_of(None, "cuda", None, None) == (128, 2048)
+    assert calibration_of("cpu", "cpu", 8, None) == (8, 512) and calibration_of("paper", "cpu", None, 64) == (128, 64)
+    for argv in (["pack", "x", "--format", "w4s24", "--out", "y"], ["export", "x", "--to", "compressed-tensors"]):
+        a = build_parser().parse_args(argv)
+        assert (a.nsamples, a.seqlen) == (None, None), argv

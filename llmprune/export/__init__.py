@@ -61,7 +61,8 @@ def default_out(src: str | Path, to: str) -> Path:
 
 def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: str | None = None,
            group_size: int | str = "auto", grid: str = "auto", types: tuple[str, ...] | str = ("f16",),
-           save_dtype: str = "float16", calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+           save_dtype: str = "float16", calib: str = "c4", nsamples: int | None = None, seqlen: int | None = None,
+           seed: int = 0,
            gptq: dict | None = None, eval: tuple[str, ...] = (), eval_seqlen: int = 2048,
            eval_windows: int | None = None, device: str | None = None, overwrite: bool = False,
            progress: bool = True, command: str | None = None, hessian_gib: float | None = None,
@@ -78,7 +79,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
 
     from .. import manifest as mf
     from .. import onload, outdir, pipeline, resume, walker
-    from ..config import check_eval, check_hessian_gib
+    from ..config import calibration_of, check_eval, check_hessian_gib
     from ..pipeline import Timer
     from ..runinfo import check_memory, memory, pick_device, versions
     from .source import Weights, open_source
@@ -107,6 +108,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     steps = []
     calibration = fp = found = ck = None
     gptq_from_disk = opts.get("quant") == "gptq" and weights.lazy is not None
+    nsamples, seqlen = calibration_of(s.manifest.protocol, dev, nsamples, seqlen)  # (the compress run's protocol)
     if opts.get("quant") == "gptq":
         calibration = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
     if gptq_from_disk and checkpoint_s is not None:  # GPTQ's pass commits checkpoints; a killed run's is taken over
