@@ -441,9 +441,9 @@ def split_linears(model: nn.Module, paths):
                 shapes[p] = p.shape
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         yield done
-    finally:
-        for path, split in done.items():
-            f = fused[path]
+    finally:  # one module's experts copied and let go at a time: never a second copy of every expert
+        for path in list(done):
+            split, f = done.pop(path), fused[path]
             ref = split[0].down_proj.weight
             for p in f.parameters(recurse=False):
                 p.data = torch.empty(shapes[p], dtype=p.dtype, device=ref.device)
@@ -454,6 +454,9 @@ def split_linears(model: nn.Module, paths):
                         v.weight.copy_(lin.weight)
                         if lin.bias is not None:
                             v.bias.copy_(lin.bias)
+                        for t in (lin.weight, lin.bias):  # (the split's storage, whoever still holds the linear)
+                            if t is not None:
+                                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
             model.set_submodule(path, f)
 
 

@@ -457,6 +457,7 @@ def global_sparsities(lz: lazy.LazyModel, names: list[str], sparsity: float) -> 
                     yield from ((n, archmod.target(lz.model, n).weight) for n in group)
                 finally:
                     lz.release(pre)
+                    trim_heap()  # (the allocator kept the released block's pages: RSS crept ~66 MiB a block at 8B)
 
     return ranked(Walk(), sparsity, {n: archmod.target(lz.model, n).weight.numel() for n in names})
 

@@ -43,20 +43,35 @@ def check_out(out: str | Path, overwrite: bool, sources=(), marker: str = "llmpr
                                 f"output would delete: choose another --out")
     if out.exists() and not overwrite:
         raise LLMPruneError(f"output folder {out} exists: pass --overwrite or choose another --out")
+    _check_writable(out, "--out")
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
         raise LLMPruneError(f"--overwrite would delete {out}, which holds no {marker} (not an output of this command): "
                             f"remove it yourself or choose another --out")
     return out
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """Refused before any work where this process cannot create `path` (its nearest existing folder read-only)."""
+    where = path.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise LLMPruneError(f"{flag} {path}: no permission to write in {where}: choose another {flag}")
+
+
 def check_file_out(path: str | None, flag: str) -> None:
-    """A file a command writes at its end (--json, --md): refused before the work when it cannot be written there."""
+    """A file a command writes at its end (--json, --md): refused before the work when it cannot be written there,
+    or when it would replace a file of an llmprune output (its manifest, weights, config)."""
     if path is None:
         return
     p = Path(path)
     if p.is_dir() or not p.absolute().parent.is_dir():
         raise LLMPruneError(f"{flag} {path}: {'a folder' if p.is_dir() else 'its folder does not exist'}; "
                             f"give a file in an existing folder")
+    if p.exists() and (p.absolute().parent / "llmprune.json").is_file():
+        raise LLMPruneError(f"{flag} {path} would replace a file of the llmprune output {p.absolute().parent}: "
+                            f"give a file outside it")
+    _check_writable(p, flag)
 
 
 def _alive(pid: int) -> bool:
@@ -145,9 +160,13 @@ def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = No
                                 f"finish, or write another --out") from None
     else:
         tmp.mkdir()
+    beside = None
     try:
         yield tmp
-        if out.exists():
+        if out.exists() and not overwrite:  # written by another run meanwhile: not replaced without --overwrite
+            beside = out.with_name(f"{out.name}.new-{tag}")
+            os.replace(tmp, beside)
+        elif out.exists():
             old = out.with_name(f".{out.name}.old-{tag}")
             os.replace(out, old)
             os.replace(tmp, out)
@@ -172,6 +191,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False, adopt: Path | None = No
             raise LLMPruneError(f"no space left on the disk of {out.parent.resolve()} while writing {out.name}: "
                                 f"free space there or choose another --out (nothing was left behind)") from None
         raise
+    if beside is not None:
+        raise LLMPruneError(f"output folder {out} was written by another run while this one worked, and is kept; this "
+                            f"run's output is {beside}: rename it, or rerun with --overwrite")
 
 
 def save_side_files(folder: str | Path, config=None, generation_config=None, tokenizer=None) -> None:

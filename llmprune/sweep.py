@@ -196,8 +196,6 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     if overwrite and Path(out).is_dir() and [q.name for q in Path(out).iterdir()] == [SCRATCH]:
         shutil.rmtree(Path(out) / SCRATCH)  # a sweep stopped before its first point: nothing of it to keep
     outdir.check_out(out, overwrite, pipeline.local_sources(model), marker="sweep.csv")
-    for f in ("sweep.csv", "sweep.json", "sweep.png", "sweep_meta.json"):  # an earlier sweep's, replaced
-        (Path(out) / f).unlink(missing_ok=True)
     src = _open(model, cfg.dtype, cfg.onload, Path(out) / SCRATCH)
     m, tok, info = src.model, src.tok, src.info
     names = prune.target_linears(m)
@@ -206,6 +204,8 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
     pipeline.check_context(m, eval_seqlen, "--eval-seqlen")
     src.keep(names)
     ids, calib_info = pipeline.calibrate(calib, tok, cfg.nsamples, cfg.seqlen, seed)
+    for f in ("sweep.csv", "sweep.json", "sweep.png", "sweep_meta.json"):  # an earlier sweep's, replaced (once every
+        (Path(out) / f).unlink(missing_ok=True)                            # check above has passed)
     windows = cfg.eval_windows or None
     cache: dict = {}
 

@@ -266,6 +266,7 @@ def walk(model, input_ids: torch.Tensor | list[torch.Tensor], batch_size: int = 
     if start:
         first = hidden(act)  # the activations of the blocks before it, saved (the caught ones are dropped)
     hidden = first if act == torch.device(device) else [h.to(act) for h in first]
+    del first  # (block 0's inputs are let go once block 0's outputs replace them)
     layers = archmod.blocks(model)
     store = store_of(model)
     for i in tqdm(range(start, len(layers)), desc=desc, disable=not progress, initial=start, total=len(layers)):

@@ -653,6 +653,9 @@ def test_sweep_refuses_an_existing_out_and_an_empty_grid(tmp_path, capsys, tiny_
     first = (out / "sweep.csv").read_text()
     assert main([*argv, "--sparsity", "0.3"]) == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "sweep.csv").read_text() == first
+    # --overwrite with a command refused by a check that needs the model: the earlier sweep's files stay
+    assert main([*argv, "--sparsity", "0.3", "--overwrite", "--seqlen", "100000"]) == 2
+    assert "longer than the model's context" in capsys.readouterr().err and (out / "sweep.csv").read_text() == first
     assert main([*argv, "--sparsity", "0.3", "--overwrite"]) == 0
     assert json.loads((out / "sweep.json").read_text())[1]["target"] == 0.3
     (tmp_path / "early" / ".scratch").mkdir(parents=True)  # a sweep stopped before its first point
@@ -753,6 +756,8 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
         (["eval", pruned_24, "--windows", "-2"], "--windows must be >= 1"),
         (["eval", pruned_24, "--dtype", "float8"], "--dtype 'float8'"),
         (["eval", pruned_24, "--json", str(tmp_path / "nowhere" / "r.json")], "its folder does not exist"),
+        (["eval", pruned_24, "--json", pruned_24 / "llmprune.json"], "would replace a file of the llmprune output"),
+        (["report", pruned_24, "--md", pruned_24 / "config.json"], "would replace a file of the llmprune output"),
         (["report", pruned_24, "--md", str(tmp_path)], "a folder"),
         (["bench", pruned_24, "--batch", "0"], "--batch '0'"),
         (["bench", pruned_24, "--batch", "abc"], "--batch 'abc'"),
@@ -811,3 +816,34 @@ def test_pack_and_export_gptq_calibrate_by_the_sources_protocol(tmp_path, capsys
                  ["export", pruned_24, "--to", "compressed-tensors", "--quant", "gptq", "--out", tmp_path / "e"]):
         assert main([str(a) for a in argv]) == 2
         assert "calibrating 64 x 512" in capsys.readouterr().err, argv
+
+
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced_and_an_unwritable_out_is_refused(tmp_path, capsys,
+                                                                                                monkeypatch, tiny_dir,
+                                                                                                calib_txt):
+    """Two runs writing one --out: the one finishing second does not replace the first's without --overwrite (its
+    own output kept beside, said in one line); a folder this process cannot write in is refused before any work."""
+    import os
+
+    from llmprune import outdir
+    from llmprune.errors import LLMPruneError
+
+    out = tmp_path / "race"
+    with pytest.raises(LLMPruneError, match="was written by another run while this one worked") as e, \
+            outdir.atomic_dir(out) as tmp:
+        (tmp / "mine.txt").write_text("this run")
+        out.mkdir()  # the other run's rename
+        (out / "llmprune.json").write_text("{}")
+    (beside,) = tmp_path.glob("race.new-*")
+    assert str(beside) in str(e.value) and (beside / "mine.txt").read_text() == "this run"
+    assert (out / "llmprune.json").read_text() == "{}" and not list(tmp_path.glob(".race*"))
+    with outdir.atomic_dir(out, overwrite=True) as tmp:  # --overwrite: replaced, as before
+        (tmp / "llmprune.json").write_text('{"x": 1}')
+    assert (out / "llmprune.json").read_text() == '{"x": 1}'
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))
+    (tmp_path / "ro").mkdir()
+    assert main(["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), "--out", str(tmp_path / "ro" / "o"),
+                 *FAST_CLI]) == 2
+    err = capsys.readouterr().err
+    assert f"no permission to write in {tmp_path / 'ro'}" in err and len(err.strip().splitlines()) == 1, err

@@ -392,6 +392,7 @@ def test_split_linears_compute_the_fused_experts_and_write_back(family):
             lin.bias.data = torch.full_like(lin.bias, 0.5)
     assert dict(model.named_parameters()).keys() == params.keys()
     assert all(p is params[n] for n, p in model.named_parameters())
+    assert split == {} and lin.weight.numel() == 0  # each module's split let go once copied: never two of each expert
     view = moe.ExpertProj(model.get_submodule(path), 2, "down_proj")
     assert torch.equal(view.weight, new_w) and (view.bias is None or bool((view.bias == 0.5).all()))
     view.weight.copy_(moe.ExpertProj(ref.get_submodule(path), 2, "down_proj").weight)
