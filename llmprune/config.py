@@ -135,6 +135,10 @@ class RecoverConfig:
         if self.resident_gib is not None and not self.resident_gib > 0:
             raise LLMPruneError(f"--resident-gib {self.resident_gib} must be > 0 (GiB of weights each device keeps), "
                                 f"e.g. --resident-gib 60; leave it out to keep what fits")
+        if not self.weight_decay >= 0 or (self.warmup is not None and self.warmup < 0) \
+                or not 0 <= self.seed < 2**32:
+            raise LLMPruneError(f"--weight-decay {self.weight_decay} and --warmup {self.warmup} must be >= 0 and --seed "
+                                f"{self.seed} in [0, 2**32): e.g. --weight-decay 0 --seed 0")
 
     def perp_options(self) -> dict:
         """The keyword arguments of perp.recover / perp.check_options."""

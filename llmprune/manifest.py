@@ -109,6 +109,14 @@ class Manifest:
         for name, kind in (("model", dict), ("eval", dict), ("timings", dict), ("steps", list)):
             if not isinstance(getattr(m, name), kind):
                 raise LLMPruneError(f"{where}: {name!r} must be a {kind.__name__}: the manifest is damaged")
+        for name, kinds in (("format", (dict,)), ("sparsity", (dict, int, float)), ("dtype", (str,)),
+                            ("zeroshot", (dict,))):  # (None: absent)
+            if getattr(m, name) is not None and not isinstance(getattr(m, name), kinds):
+                raise LLMPruneError(f"{where}: {name!r} is a {type(getattr(m, name)).__name__}, not a "
+                                    f"{' or '.join(k.__name__ for k in kinds)}: the manifest is damaged")
+        if m.dtype not in (None, "auto", "float32", "float16", "bfloat16"):
+            raise LLMPruneError(f"{where}: dtype {m.dtype!r} is none of float32, float16, bfloat16: the manifest is "
+                                f"damaged")
         return m
 
     # -- what a reader asks ----------------------------------------------------------------------

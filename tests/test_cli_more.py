@@ -780,6 +780,12 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
         (["compress", "--model", tiny_dir, "--export", "compressed-tensors", "--export-type", "q8_0", "--out", x, *c],
          "--export-type has no effect without --export gguf"),
         (["export", pruned_24, "--to", "compressed-tensors", "--type", "q4_0", "--out", x], "without --to gguf"),
+        (["export", pruned_24, "--to", "gguf", "--eval", "wikitext2", "--eval-seqlen", "100000", "--out", x],
+         "longer than the model's context"),
+        (["export", pruned_24, "--to", "compressed-tensors", "--quant", "gptq", "--seqlen", "100000", "--out", x],
+         "longer than the model's context"),
+        (["recover", pruned_24, "--weight-decay", "-1", "--out", x], "--weight-decay -1.0"),
+        (["recover", pruned_24, "--seed", "-1", "--out", x], "in [0, 2**32)"),
     ]
     for argv, msg in cases:
         rc = main([str(v) for v in argv])
@@ -847,3 +853,31 @@ def test_an_output_another_run_wrote_meanwhile_is_not_replaced_and_an_unwritable
                  *FAST_CLI]) == 2
     err = capsys.readouterr().err
     assert f"no permission to write in {tmp_path / 'ro'}" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("edit,msg", [({"format": "w4g128"}, "'format' is a str, not a dict"),
+                                      ({"dtype": "float64x"}, "dtype 'float64x' is none of"),
+                                      ({"sparsity": "half"}, "'sparsity' is a str")])
+def test_a_hand_edited_manifest_is_refused_in_one_line(tmp_path, capsys, pruned_24, edit, msg):
+    """Values of the wrong type in llmprune.json were tracebacks in pack, eval and export (one after writing the
+    whole output): refused in one line when the manifest is read."""
+    import shutil
+
+    src = shutil.copytree(pruned_24, tmp_path / "src")
+    m = json.loads((src / "llmprune.json").read_text())
+    (src / "llmprune.json").write_text(json.dumps({**m, **edit}))
+    for argv in (["pack", src, "--format", "sparse24", "--out", tmp_path / "p"], ["eval", src, "--windows", "1"]):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()
+
+
+def test_export_of_the_current_folder(tmp_path, capsys, pruned_24, monkeypatch):
+    """`llmprune export . --to gguf` from inside the output ('.' names no folder: it was a traceback)."""
+    import shutil
+
+    src = shutil.copytree(pruned_24, tmp_path / "w24")
+    monkeypatch.chdir(src)
+    assert main(["export", ".", "--to", "gguf", "--no-progress"]) == 0
+    assert list((tmp_path / "w24-gguf").glob("*.gguf"))

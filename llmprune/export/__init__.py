@@ -55,7 +55,7 @@ def precheck_config(to: str, cfg) -> None:
 
 
 def default_out(src: str | Path, to: str) -> Path:
-    src = Path(src)
+    src = Path(src).resolve()  # ("." names no folder: its own name does)
     return src.with_name(f"{src.name}-{to}")
 
 
@@ -95,6 +95,8 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     check_hessian_gib(hessian_gib)
     outdir.check_out(out, overwrite, [src])
     weights = Weights(s)  # one decoder block at a time (scale tuning: read to where it trains)
+    if eval:
+        pipeline.check_context(weights.model, eval_seqlen, "--eval-seqlen")
     edtype = s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32"
     if eval:  # transformers reads the whole export to measure it: refused now, not once the export is written
         gguf = to == "gguf"  # transformers dequantizes a GGUF file whole, in CPU memory, in float32
@@ -110,6 +112,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     gptq_from_disk = opts.get("quant") == "gptq" and weights.lazy is not None
     nsamples, seqlen = calibration_of(s.manifest.protocol, dev, nsamples, seqlen)  # (the compress run's protocol)
     if opts.get("quant") == "gptq":
+        pipeline.check_context(weights.model, seqlen, "--seqlen")
         calibration = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
     if gptq_from_disk and checkpoint_s is not None:  # GPTQ's pass commits checkpoints; a killed run's is taken over
         recipe = {"to": to, "group_size": group_size, "symmetric": opts["symmetric"], "save_dtype": save_dtype,
