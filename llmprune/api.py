@@ -54,7 +54,16 @@ def compress(config: CompressConfig | None = None, command: str | None = None, *
         return {"out": None, "replica": placement.rank(), "to": str(p.out)}
     res = {**m.to_dict(), "out": str(p.out)}
     if c.export:
-        res["exported"] = _export_after(c, p.out, command)
+        how = f"llmprune export {p.out} --to {c.export}"
+        try:
+            res["exported"] = _export_after(c, p.out, command)
+        except LLMPruneError as e:  # the compressed output is whole: the export alone is to do again
+            raise LLMPruneError(f"{p.out} was saved, but its export failed: {e} (then: {how})") from None
+        except KeyboardInterrupt:
+            import sys
+
+            print(f"llmprune: {p.out} was saved; its export was stopped: run `{how}` to export it", file=sys.stderr)
+            raise
     return res
 
 
@@ -293,12 +302,18 @@ def _compress_onload(p, t, command) -> mf.Manifest:
 
 
 def _precheck_export(c: CompressConfig, model_config) -> None:
-    """`compress --export`: the target writes this family (the tokenizer is checked when it writes), known
-    once the config is read, before any compute."""
+    """`compress --export`: the target writes this family, and GGUF the model's tokenizer.json (a GGUF source's own
+    tokenizer is copied key by key), known once the config is read, before any compute."""
     if c.export:
         from . import export
 
         export.precheck_config(c.export, model_config)
+        info = pipeline.resolve_model(c.model)
+        if c.export == "gguf" and info.source not in ("alias", "gguf") and info.path \
+                and (Path(info.path) / "tokenizer.json").is_file():
+            from .export.gguf import tokenizer_kind
+
+            tokenizer_kind(Path(info.path))
 
 
 def _export_after(c: CompressConfig, out: Path, command: str | None) -> dict:

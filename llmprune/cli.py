@@ -739,10 +739,10 @@ def main(argv: list[str] | None = None) -> int:
               f"or use --device cpu; no output was written", file=sys.stderr)
         return 2
     except Terminated:  # (errors.py)
-        print("llmprune: terminated (SIGTERM); no output was written", file=sys.stderr)
+        print("llmprune: terminated (SIGTERM); the output being written was not", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("llmprune: interrupted; no output was written", file=sys.stderr)
+        print("llmprune: interrupted; the output being written was not", file=sys.stderr)
         return 130
     finally:
         if main_thread:

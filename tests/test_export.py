@@ -1129,3 +1129,32 @@ def test_an_exports_source_holds_one_block_at_a_time(tmp_path, capsys, calib_txt
         refs.append(weakref.ref(t))
         del t
     assert len(reads) > 4 and not any(reads), reads
+
+
+def test_compress_export_gguf_refuses_an_unwritable_tokenizer_before_it_computes(tmp_path, capsys, calib_txt,
+                                                                                   monkeypatch):
+    """`compress --export gguf` of a model whose tokenizer.json GGUF cannot hold (a pre-tokenizer llama.cpp has no
+    name for) is refused before pruning, nothing written (it was refused after saving the output, which the same
+    command then could not write again); an export refused after the output was saved says the output was saved."""
+    from llmprune.testing import tiny_model
+
+    m = tmp_path / "m"
+    tiny_model("llama").save_pretrained(m)
+    _bpe_tokenizer(r"\s+").save_pretrained(m)  # splits on whitespace: no llama.cpp pre-tokenizer does that
+    capsys.readouterr()
+    out = tmp_path / "o"
+    rc, _, err = _run(capsys, "compress", "--model", m, "--calib", calib_txt, "--out", out, "--export", "gguf",
+                      *FAST_CLI)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and f"{m}/tokenizer.json: its pre-tokenizer" in err, err
+    assert not out.exists() and not (tmp_path / "o-gguf").exists()
+    import llmprune.export as ex
+    from llmprune.errors import LLMPruneError
+
+    def refused(*a, **k):
+        raise LLMPruneError("the disk is full")
+
+    monkeypatch.setattr(ex, "export", refused)
+    rc, _, err = _run(capsys, "compress", "--model", m, "--calib", calib_txt, "--out", out, "--export",
+                      "compressed-tensors", *FAST_CLI)
+    assert rc == 2 and f"{out} was saved, but its export failed: the disk is full (then: llmprune export {out} --to " \
+        "compressed-tensors)" in err and out.is_dir(), err

@@ -299,7 +299,7 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_it_for_the_same_command(tmp_p
                 main([*argv, "--out", str(out)])
     err = capsys.readouterr().err
     if error == "SIGTERM":
-        assert err.strip().splitlines()[-1] == "llmprune: terminated (SIGTERM); no output was written", err
+        assert err.strip().splitlines()[-1] == "llmprune: terminated (SIGTERM); the output being written was not", err
     (left,) = outdir.stale(out)
     assert f"llmprune: kept {left.name} (" in err and "blocks 0-1 of 4 were pruned when it stopped" in err
     assert not out.exists() and re.fullmatch(r"\.out\.tmp-[0-9a-f]{8}", left.name)
