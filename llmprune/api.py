@@ -361,6 +361,12 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
         tasks = zeroshot.check(tasks, limit, "--limit")
     is_output = Path(target).is_dir() and mf.exists(target)
     old = mf.read(target) if is_output else None
+    if is_output:
+        from .checkpoint import require_tokenizer
+
+        require_tokenizer(target, "eval")
+        if save:  # the figures go into its manifest: refused now, not once measured
+            outdir.check_writable(Path(target) / mf.NAME, "the output")
     to = old.export_target if old is not None else None
     if to:  # read by another engine's loader, not llmprune's
         how = old.command or f"llmprune export {old.exported_from} --to {to} --out {target}"
@@ -468,6 +474,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
     old = _source(src)
     if old.format_name != "dense":
         raise LLMPruneError(f"{src} is packed ({old.format_name}): recover the dense output, then pack it")
+    checkpoint.require_tokenizer(src, "recover")
     outdir.check_out(out, overwrite, [src])
     rcfg = RecoverConfig(data=data, seqlen=seqlen, nsamples=nsamples, seed=seed, **perp_opts)
     perp.check_options(**rcfg.perp_options())

@@ -362,6 +362,12 @@ def run_bench(model, dense_model=None, batches=(1, 16), prompt_len: int = 128, n
             continue
         check_fits(label, spec, dtype, device)
         m = _load(spec, dtype, device)
+        ctx = getattr(m.config, "max_position_embeddings", None)
+        if ctx and prompt_len + new_tokens > ctx:  # (past it: an index error in OPT, positions never trained in others)
+            from .errors import LLMPruneError
+
+            raise LLMPruneError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} is longer than {label}'s "
+                                f"context ({ctx} tokens): use a total of {ctx} or less")
         wb = weight_bytes(m)
         routed = routed or has_experts(m)
         step_model = torch.compile(m) if compile else None

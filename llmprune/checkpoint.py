@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from . import outdir
+from .errors import LLMPruneError
 
 MANIFEST = mf.NAME
 
@@ -61,6 +62,13 @@ def load(folder: str | Path, dtype="float32", device="cpu"):
             on_gpu = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}  # read straight there
             model = from_pretrained(folder, dtype=dt, use_safetensors=True, **on_gpu).to(device)
     return model.eval(), load_tokenizer(folder), m.to_dict()
+
+
+def require_tokenizer(folder: str | Path, command: str) -> None:
+    """A command that tokenizes text (eval, recover) refuses an output saved without a tokenizer, before any work."""
+    if not (Path(folder) / "tokenizer_config.json").exists():
+        raise LLMPruneError(f"{folder} has no tokenizer (tokenizer_config.json), which `llmprune {command}` needs: copy "
+                            f"the tokenizer files of the model it was made from into it")
 
 
 def load_tokenizer(folder: str | Path):

@@ -405,7 +405,12 @@ class LazyModel:
         converted = self._converted(todo)
         for n in todo:  # one tensor at a time, read in the compute dtype (the tied head is re-tied below)
             if n not in converted:
-                set_module_tensor_to_device(self.model, n, device, value=files.get(n, self.dtype), clear_cache=False)
+                value = files.get(n, self.dtype)
+                if tuple(value.shape) != self._shapes[n]:  # (accelerate's own refusal is a traceback)
+                    raise LLMPruneError(f"{self.folder}: {n} is stored as {tuple(value.shape)}, but config.json makes "
+                                        f"it {self._shapes[n]}: the config does not match the weights; re-create or "
+                                        f"re-download the folder")
+                set_module_tensor_to_device(self.model, n, device, value=value, clear_cache=False)
                 self._loaded.add(n)
         if converted:
             self._load_converted(converted, files, device)

@@ -43,14 +43,14 @@ def check_out(out: str | Path, overwrite: bool, sources=(), marker: str = "llmpr
                                 f"output would delete: choose another --out")
     if out.exists() and not overwrite:
         raise LLMPruneError(f"output folder {out} exists: pass --overwrite or choose another --out")
-    _check_writable(out, "--out")
+    check_writable(out, "--out")
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
         raise LLMPruneError(f"--overwrite would delete {out}, which holds no {marker} (not an output of this command): "
                             f"remove it yourself or choose another --out")
     return out
 
 
-def _check_writable(path: Path, flag: str) -> None:
+def check_writable(path: Path, flag: str) -> None:
     """Refused before any work where this process cannot create `path` (its nearest existing folder read-only)."""
     where = path.absolute().parent
     while not where.exists() and where != where.parent:
@@ -71,7 +71,7 @@ def check_file_out(path: str | None, flag: str) -> None:
     if p.exists() and (p.absolute().parent / "llmprune.json").is_file():
         raise LLMPruneError(f"{flag} {path} would replace a file of the llmprune output {p.absolute().parent}: "
                             f"give a file outside it")
-    _check_writable(p, flag)
+    check_writable(p, flag)
 
 
 def _alive(pid: int) -> bool:

@@ -762,6 +762,7 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
         (["bench", pruned_24, "--batch", "0"], "--batch '0'"),
         (["bench", pruned_24, "--batch", "abc"], "--batch 'abc'"),
         (["bench", pruned_24, "--new-tokens", "0"], "must be >= 1"),
+        (["bench", pruned_24, "--prompt-len", "500", "--new-tokens", "20"], "longer than compressed's context (512"),
         (["bench", pruned_24, "--device", "foo"], "is not a device"),
         (["bench"], "nothing to time"),
         (["bench", pruned_24, "--json", str(tmp_path / "nowhere" / "b.json")], "its folder does not exist"),
@@ -881,3 +882,44 @@ def test_export_of_the_current_folder(tmp_path, capsys, pruned_24, monkeypatch):
     monkeypatch.chdir(src)
     assert main(["export", ".", "--to", "gguf", "--no-progress"]) == 0
     assert list((tmp_path / "w24-gguf").glob("*.gguf"))
+
+
+def test_a_config_that_does_not_match_the_weights_is_one_line(tmp_path, capsys, tiny_dir, calib_txt):
+    """config.json edited to another intermediate size than the stored weights: accelerate's traceback before, now
+    one line naming the tensor, nothing written."""
+    import shutil
+
+    m = shutil.copytree(tiny_dir, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    out = tmp_path / "o"
+    assert main(["compress", "--model", str(m), "--calib", str(calib_txt), "--out", str(out), *FAST_CLI]) == 2
+    err = capsys.readouterr().err
+    assert "is stored as (128, 64), but config.json makes it (96, 64)" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_an_output_without_tokenizer_or_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys,
+                                                                                         monkeypatch, pruned_24,
+                                                                                         calib_txt):
+    """eval and recover of a folder saved without its tokenizer were tracebacks; eval of an output whose manifest
+    cannot be written measured first and lost the figures at the end: each refused in one line, first."""
+    import os
+    import shutil
+
+    from llmprune import api
+
+    bare = shutil.copytree(pruned_24, tmp_path / "bare")
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    for argv, cmd in ((["eval", bare, "--windows", "1"], "eval"),
+                      (["recover", bare, "--out", tmp_path / "r", "--data", calib_txt, "--steps", "1"], "recover")):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert f"has no tokenizer (tokenizer_config.json), which `llmprune {cmd}` needs" in err, err
+        assert len(err.strip().splitlines()) == 1
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(pruned_24) else real(p, mode))
+    monkeypatch.setattr(api, "_perplexity", lambda *a, **k: pytest.fail("measured"))
+    assert main(["eval", str(pruned_24), "--windows", "1", "--seqlen", "32", "--no-progress"]) == 2
+    assert f"no permission to write in {pruned_24}" in capsys.readouterr().err
