@@ -101,6 +101,13 @@ def check_solver_options(solver: solvers.Solver, opts: dict) -> None:
         flags = ", ".join("--" + b.replace("_", "-") for b in bad)
         raise LLMPruneError(f"{flags} {'is' if len(bad) == 1 else 'are'} not an option of --solver {solver.name} "
                             f"(its options: {', '.join(sorted(valid)) or 'none'}): drop {flags}")
+    fns = [solver.fn] + ([solvers.get(opts.get("init") or inspect.signature(solver.fn).parameters["init"].default).fn]
+                         if "init" in inspect.signature(solver.fn).parameters else [])
+    defaults = {n: p.default for fn in fns for n, p in inspect.signature(fn).parameters.items()}
+    for k, v in opts.items():  # a number where the solver's default is one (sweep's name+key=value specs)
+        d = defaults.get(k)
+        if isinstance(d, (int, float)) and not isinstance(d, bool) and not isinstance(v, (int, float)):
+            raise LLMPruneError(f"solver option {k}={v!r} of {solver.name} must be a number (its default: {d})")
 
 
 def plan(cfg: CompressConfig) -> Plan:

@@ -669,6 +669,10 @@ def test_sweep_refuses_an_existing_out_and_an_empty_grid(tmp_path, capsys, tiny_
     for bad in ("0.8:0.3:0.1", "0.3:0.8:0", ","):
         assert main([*argv[:-3], "--out", str(tmp_path / "new"), "--sparsity", bad]) == 2
         assert "--sparsity" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    bad = [*argv[:-3], "--out", str(tmp_path / "new"), "--sparsity", "0.5"]
+    bad[bad.index("magnitude")] = "sparsegpt+damp=x"
+    assert main(bad) == 2  # (was a traceback after the dense evaluation, leaving an empty --out)
+    assert "damp='x' of sparsegpt must be a number" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_sweep_of_an_nm_pattern_needs_no_sparsity(tmp_path, capsys, tiny_dir, calib_txt):
