@@ -651,8 +651,10 @@ class Codes:
 def teacher(lz: lazy.LazyModel, ids, batch_size: int, device, progress: bool) -> torch.Tensor:
     """quant.tune.teacher_states of the model on disk, one block in memory at a time: the final hidden
     states (n, seqlen, hidden) of the model as it is, in CPU memory."""
+    from .quant.tune import final_states
+
     with through_blocks(lz, ids, batch_size, device, progress, "teacher blocks") as (norm, hidden):
-        return torch.cat([norm(h.to(device)).float().cpu() for h in hidden])
+        return final_states(norm, hidden, device)
 
 
 def gptq_tuned(lz: lazy.LazyModel, ids, folder: Path, fmt: str, group_size, symmetric, gptq, batch_size: int,

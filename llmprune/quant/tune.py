@@ -56,6 +56,21 @@ def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def final_states(norm: nn.Module, hidden: list[torch.Tensor], device) -> torch.Tensor:
+    """norm(h) of every batch of the last block's outputs, in fp32 on the CPU, written into one (n, seqlen, hidden)
+    tensor as each is computed (a list of them and its torch.cat would hold the teacher twice: 8.6 GB each at 70B
+    under the paper's 128 x 2048)."""
+    out, at = None, 0
+    for h in hidden:
+        y = norm(h.to(device)).float().cpu()
+        if out is None:
+            out = torch.empty((sum(x.shape[0] for x in hidden), *y.shape[1:]), dtype=torch.float32)
+        out[at:at + y.shape[0]] = y
+        at += y.shape[0]
+    return out
+
+
+@torch.no_grad()
 def teacher_states(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device="cpu") -> torch.Tensor:
     """Final hidden states (n, seqlen, hidden) of the model as it is now (call before quantizing), on
     the CPU: n x seqlen x hidden floats instead of n x seqlen x vocab logits. The blocks run on `device`
@@ -71,7 +86,7 @@ def teacher_states(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, dev
     home = next(norm.parameters(), torch.empty(0)).device
     norm.to(device)  # the final norm where the last block ran
     try:
-        return torch.cat([norm(h.to(device)).float().cpu() for h in block.outputs])
+        return final_states(norm, block.outputs, device)
     finally:
         norm.to(home)
 
