@@ -361,18 +361,18 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
         tasks = zeroshot.check(tasks, limit, "--limit")
     is_output = Path(target).is_dir() and mf.exists(target)
     old = mf.read(target) if is_output else None
-    if is_output:
-        from .checkpoint import require_tokenizer
-
-        require_tokenizer(target, "eval")
-        if save:  # the figures go into its manifest: refused now, not once measured
-            outdir.check_writable(Path(target) / mf.NAME, "the output")
     to = old.export_target if old is not None else None
     if to:  # read by another engine's loader, not llmprune's
         how = old.command or f"llmprune export {old.exported_from} --to {to} --out {target}"
         raise LLMPruneError(f"{target} is an export for another engine ({to}), which llmprune eval does not read: "
                             f"measure it as transformers reads it by running its command again with --eval "
                             f"wikitext2 --overwrite ({how})")
+    if is_output:
+        from .checkpoint import require_tokenizer
+
+        require_tokenizer(target, "eval")
+        if save:  # the figures go into its manifest: refused now, not once measured
+            outdir.check_writable(Path(target) / mf.NAME, "the output")
     dev = pick_device(device)
     auto = CompressConfig(dtype="auto").resolved(dev).dtype  # --dtype auto: bfloat16 on CUDA, float32 on CPU
     dtype = auto if dtype == "auto" else dtype or (old.dtype if old is not None and old.dtype not in (None, "auto")
