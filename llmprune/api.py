@@ -372,7 +372,8 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
 
         require_tokenizer(target, "eval")
         if save:  # the figures go into its manifest: refused now, not once measured
-            outdir.check_writable(Path(target) / mf.NAME, "the output")
+            outdir.check_writable(Path(target) / mf.NAME, "the manifest", "make the output writable: eval records "
+                                  "its figures there (or use the Python API with save=False)")
     dev = pick_device(device)
     auto = CompressConfig(dtype="auto").resolved(dev).dtype  # --dtype auto: bfloat16 on CUDA, float32 on CPU
     dtype = auto if dtype == "auto" else dtype or (old.dtype if old is not None and old.dtype not in (None, "auto")

@@ -588,6 +588,9 @@ def push(
     if not isinstance(repo_id, str) or not _HUB_ID.fullmatch(repo_id):
         raise LLMPruneError(f"--repo {repo_id!r} is not a Hub repo id: use user/name, e.g. me/smollm2-2of4")
     _check_weights(out, manifest)
+    from .outdir import check_writable
+
+    check_writable(out / "README.md", "the model card", "make the folder writable: push writes its card there")
     token = token or get_token()
     if not token:
         raise LLMPruneError(f"no Hugging Face token found: {_LOGIN_FIX}")

@@ -126,6 +126,9 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
     folder = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         return folder, sha
+    from .outdir import check_writable
+
+    check_writable(folder, "the GGUF's cached copy", "set LLMPRUNE_CACHE to a folder you can write in")
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     try:
         try:
@@ -442,7 +445,8 @@ def load(spec: str, dtype="float32", device="cpu"):
     info = resolve(spec)
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tok = tokenizer(info.path)  # before the weights: a folder without one is refused at once
-    model = from_pretrained(info.path, dtype=dt).to(device).eval()
+    on_gpu = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}  # read straight there, not
+    model = from_pretrained(info.path, dtype=dt, **on_gpu).to(device).eval()           # staged whole in CPU memory
     return model, tok, info
 
 

@@ -50,13 +50,13 @@ def check_out(out: str | Path, overwrite: bool, sources=(), marker: str = "llmpr
     return out
 
 
-def check_writable(path: Path, flag: str) -> None:
+def check_writable(path: Path, flag: str, fix: str | None = None) -> None:
     """Refused before any work where this process cannot create `path` (its nearest existing folder read-only)."""
     where = path.absolute().parent
     while not where.exists() and where != where.parent:
         where = where.parent
     if not os.access(where, os.W_OK | os.X_OK):
-        raise LLMPruneError(f"{flag} {path}: no permission to write in {where}: choose another {flag}")
+        raise LLMPruneError(f"{flag} {path}: no permission to write in {where}: {fix or f'choose another {flag}'}")
 
 
 def check_file_out(path: str | None, flag: str) -> None:
