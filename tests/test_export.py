@@ -453,8 +453,8 @@ def test_export_eval_that_cannot_fit_is_refused_before_the_export_is_written(tmp
     real = psutil.virtual_memory
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=limit))
-    rc, _, err = _run(capsys, "export", outs["dense"], "--to", to, "--eval", "wikitext2", "--out", tmp_path / "x",
-                      "--no-progress")
+    rc, _, err = _run(capsys, "export", outs["dense"], "--to", to, "--eval", "wikitext2", "--eval-seqlen", "64",
+                      "--out", tmp_path / "x", "--no-progress")
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "--eval (transformers reads the whole export" in err and "drop --eval" in err
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
