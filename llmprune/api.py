@@ -393,8 +393,7 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
                                      dtype, progress, batch_size, tasks_dir)
         out["zeroshot"] = {**zs, "device": dev, "versions": versions(), **({"command": command} if command else {})}
     if is_output and save:  # earlier tasks measured another way are dropped, the mean is over those listed
-        run = {"dtype": old.dtype, "device": old.device, "versions": old.versions}
-        zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"], run)} if tasks else {}
+        zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"], old.conditions())} if tasks else {}
         mf.update(target, replace=("zeroshot",), **{**out, **zs})
     return out
 
@@ -441,7 +440,7 @@ def _source(src: str) -> mf.Manifest:
 def _figures_of(m: mf.Manifest, here: dict) -> dict:
     """The source's own figures of these very weights (measured on its saved folder), where measured as this run
     would measure them (`here`: dataset -> seqlen, windows, dtype, device, versions, source; measured_alike)."""
-    run = {"dtype": m.dtype or "float32", "device": m.device, "versions": m.versions}
+    run = {**m.conditions(), "dtype": m.dtype or "float32"}
     return {d: r for d, now in here.items() if isinstance(r := m.eval.get(d), dict) and "ppl" in r
             and r.get("measured_on") == mf.SAVED and pipeline.measured_alike({**run, **r}, now)}
 

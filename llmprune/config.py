@@ -24,15 +24,22 @@ PROTOCOLS = {
     "cpu": {"nsamples": 64, "seqlen": 512, "eval_windows": 16},
 }
 
-
-def calibration_of(protocol: str | None, device: str, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
-    """(nsamples, seqlen) of GPTQ's calibration where pack or export quantizes an output: those given, else its
-    compress run's protocol's (a folder from before the field: auto, paper on CUDA and cpu on the CPU)."""
-    name = protocol if protocol in PROTOCOLS else ("paper" if device.startswith("cuda") else "cpu")
-    return nsamples or PROTOCOLS[name]["nsamples"], seqlen or PROTOCOLS[name]["seqlen"]
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # auto: bfloat16 on CUDA, float32 on CPU
 TUNE_LR = 1e-3  # scale tuning's relative Adam step (quant/tune.py)
 EVAL_DATASETS = ("wikitext2", "c4")
+
+
+def protocol_of(protocol: str | None, device: str) -> str:
+    """The PROTOCOLS entry a run uses: the one named, else (auto, or a folder from before the field) paper on CUDA
+    and cpu on the CPU."""
+    return protocol if protocol in PROTOCOLS else ("paper" if device.startswith("cuda") else "cpu")
+
+
+def calibration_of(protocol: str | None, device: str, nsamples: int | None, seqlen: int | None) -> tuple[int, int]:
+    """(nsamples, seqlen) of GPTQ's calibration where pack or export quantizes an output: those given, else its
+    compress run's protocol's (protocol_of)."""
+    p = PROTOCOLS[protocol_of(protocol, device)]
+    return nsamples or p["nsamples"], seqlen or p["seqlen"]
 EXPERT_FALLBACKS = ("pooled", "magnitude")  # moe.FALLBACKS (kept here: this module imports no torch)
 
 
@@ -302,7 +309,7 @@ class CompressConfig:
 
     def resolved(self, device: str) -> CompressConfig:
         """The config with protocol defaults filled in for the device the run uses."""
-        name = self.protocol if self.protocol != "auto" else ("paper" if device.startswith("cuda") else "cpu")
+        name = protocol_of(self.protocol, device)
         p = PROTOCOLS[name]
         fill = {k: p[k] for k in ("nsamples", "seqlen", "eval_windows") if getattr(self, k) is None}
         if self.dtype == "auto":

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import LLMPruneError
 from .manifest import NAME as MANIFEST
-from .manifest import Manifest, compress_time, ppl_protocol, read, zeroshot_tasks
+from .manifest import Manifest, compress_time_text, ppl_protocol, read, zeroshot_tasks
 
 CARD = "README.md"
 # A card carrying this line is ours and is regenerated on every push; delete the line to keep
@@ -252,12 +252,6 @@ def _zeroshot_table(zs: dict) -> list[str]:
     return lines
 
 
-def _compress_time(manifest: dict) -> str | None:
-    """Every run's part of a resumed compression (manifest.compress_time)."""
-    s, runs = compress_time(manifest)
-    return None if s is None else f"{_unit(s, 's')}" + (f" ({runs} runs: resumed)" if runs > 1 else "")
-
-
 def _unit(x: Any, unit: str) -> str | None:
     if not isinstance(x, (int, float)):
         return None
@@ -327,7 +321,7 @@ def _recipe(manifest: dict) -> list[str]:
          if (manifest.get("format") or {}).get("stored_zeros") is not None else None),
         ("calibration", _calibration(manifest.get("calibration") or {})),
         ("stored format", _export_format(manifest.get("export")) or _format(manifest.get("format") or {})),
-        ("compress time", _compress_time(manifest)),
+        ("compress time", compress_time_text(manifest, lambda s: _unit(s, "s"))),
         (_peak_label(manifest), _unit(manifest.get("peak_rss_mib"), "MiB")),
         ("llmprune", manifest.get("llmprune_version")),
         ("versions", ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .config import DTYPES
 from .errors import LLMPruneError
 
 NAME = "llmprune.json"
@@ -109,14 +110,12 @@ class Manifest:
         for name, kind in (("model", dict), ("eval", dict), ("timings", dict), ("steps", list)):
             if not isinstance(getattr(m, name), kind):
                 raise LLMPruneError(f"{where}: {name!r} must be a {kind.__name__}: the manifest is damaged")
-        for name, kinds in (("format", (dict,)), ("sparsity", (dict, int, float)), ("dtype", (str,)),
-                            ("zeroshot", (dict,))):  # (None: absent)
-            if getattr(m, name) is not None and not isinstance(getattr(m, name), kinds):
+        for name, kinds in (("format", (dict,)), ("sparsity", (dict, int, float)), ("zeroshot", (dict,))):
+            if getattr(m, name) is not None and not isinstance(getattr(m, name), kinds):  # (None: absent)
                 raise LLMPruneError(f"{where}: {name!r} is a {type(getattr(m, name)).__name__}, not a "
                                     f"{' or '.join(k.__name__ for k in kinds)}: the manifest is damaged")
-        if m.dtype not in (None, "auto", "float32", "float16", "bfloat16"):
-            raise LLMPruneError(f"{where}: dtype {m.dtype!r} is none of float32, float16, bfloat16: the manifest is "
-                                f"damaged")
+        if m.dtype is not None and m.dtype not in DTYPES:
+            raise LLMPruneError(f"{where}: dtype {m.dtype!r} is none of {', '.join(DTYPES)}: the manifest is damaged")
         return m
 
     # -- what a reader asks ----------------------------------------------------------------------
@@ -128,6 +127,11 @@ class Manifest:
     def export_target(self) -> str | None:
         """The engine format an export was written for ("compressed-tensors", "gguf"); None: not an export."""
         return (self.export or {}).get("to", "compressed-tensors") if self.exported_from else None
+
+    def conditions(self) -> dict:
+        """How the run that made this folder measured its figures (dtype, device, versions), for an entry that does
+        not say (pipeline.measured_alike)."""
+        return {"dtype": self.dtype, "device": self.device, "versions": self.versions}
 
     def get(self, key: str, default: Any = None) -> Any:
         """dict-style access for readers of optional sections."""
@@ -159,10 +163,10 @@ def compress_time(m: dict) -> tuple[float | None, int]:
     return float(s) + float(r.get("earlier_s") or 0.0), int(r.get("runs") or 1)
 
 
-def compress_time_text(m: dict) -> str | None:
-    """e.g. "61.2 s" or "61.2 s (3 runs: resumed)"."""
+def compress_time_text(m: dict, seconds=lambda s: f"{s:.1f} s") -> str | None:
+    """e.g. "61.2 s" or "61.2 s (3 runs: resumed)" (`seconds`: how the time itself is written)."""
     s, runs = compress_time(m)
-    return None if s is None else f"{s:.1f} s" + (f" ({runs} runs: resumed)" if runs > 1 else "")
+    return None if s is None else seconds(s) + (f" ({runs} runs: resumed)" if runs > 1 else "")
 
 
 def derive(old: Manifest, versions: dict, device: str | None, **changes) -> Manifest:

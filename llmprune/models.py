@@ -171,6 +171,12 @@ def _cached_dtype(kind, keep16: bool):
     return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(kind, torch.float32) if keep16 else torch.float32
 
 
+def _field(reader, family: str, key: str):
+    """The value of the GGUF's key `<family>.<key>` (e.g. llama.attention.key_length), or None when it has none."""
+    field = reader.fields.get(f"{family}.{key}")
+    return None if field is None else field.contents()
+
+
 def _head_dim(config, reader, family: str) -> None:
     """The head size as llama.cpp reads a GGUF: attention.key_length, else hidden / heads. transformers' GGUF table
     reads key_length for a few families only and leaves the config class's default otherwise (Qwen3's 128: wrong
@@ -181,8 +187,8 @@ def _head_dim(config, reader, family: str) -> None:
             isinstance(getattr(config, a, None), int) for a in ("hidden_size", "num_attention_heads")) \
             or not hasattr(config, "head_dim"):
         return
-    field = reader.fields.get(f"{family}.attention.key_length")
-    config.head_dim = int(field.contents()) if field is not None else config.hidden_size // config.num_attention_heads
+    width = _field(reader, family, "attention.key_length")
+    config.head_dim = int(width) if width is not None else config.hidden_size // config.num_attention_heads
 
 
 def _rope_scaling(gguf: Path, config, reader, family: str) -> None:
@@ -199,8 +205,7 @@ def _rope_scaling(gguf: Path, config, reader, family: str) -> None:
     if not isinstance(rp, dict) or "rope_theta" not in rp:
         return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    value = lambda key: None if reader.fields.get(f"{family}.{key}") is None else \
-        reader.fields[f"{family}.{key}"].contents()
+    value = lambda key: _field(reader, family, key)
     factors = lambda name: dequantize(tensors[name].data, tensors[name].tensor_type).reshape(-1)
     dims = value("rope.dimension_count")
     if "partial_rotary_factor" in rp and dims is not None and dims != head_dim:
@@ -272,9 +277,8 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     family = read_field(reader, "general.architecture")[0]
     for key, attr in GGUF_CONFIG_GAPS.get(config.model_type, {}).items():
-        field = reader.fields.get(f"{family}.{key}")
-        if field is not None:
-            setattr(config, attr, field.contents())
+        if (v := _field(reader, family, key)) is not None:
+            setattr(config, attr, v)
     _head_dim(config, reader, family)
     if config.model_type in llamacpp.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
         config.query_pre_attn_scalar = llamacpp.query_scale(config)

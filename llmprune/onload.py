@@ -884,14 +884,12 @@ def evaluate(lz: lazy.LazyModel, tok, datasets, seqlen: int, windows: int | None
     import math
     import time
 
-    from .eval.perplexity import eval_tokens, window_nll_from_hidden, windows_of
+    from .eval.perplexity import cached_tokens, window_nll_from_hidden, windows_of
 
     model = lz.model
     out = {}
     for d in datasets:
-        if d not in cache:
-            cache[d] = eval_tokens(d, tok)
-        tokens, where = cache[d]
+        tokens, where = cached_tokens(d, tok, cache)
         data, available = windows_of(d, tokens, seqlen, windows)  # (n, seqlen)
         t0 = time.perf_counter()
         per = max(1, eval_budget(device) // (seqlen * model.config.hidden_size * lz.dtype.itemsize))

@@ -92,17 +92,15 @@ def check_solver_options(solver: solvers.Solver, opts: dict) -> None:
         ps = inspect.signature(fn).parameters
         return {n for n, p in list(ps.items())[4:] if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
-    valid = params(solver.fn)
-    if "init" in valid:
-        init = opts.get("init") or inspect.signature(solver.fn).parameters["init"].default
-        valid |= params(solvers.get(init).fn)
+    fns = [solver.fn]  # DSnoT's options include its initial solver's
+    if "init" in params(solver.fn):
+        fns.append(solvers.get(opts.get("init") or inspect.signature(solver.fn).parameters["init"].default).fn)
+    valid = set().union(*map(params, fns))
     bad = sorted(set(opts) - valid)
     if bad:
         flags = ", ".join("--" + b.replace("_", "-") for b in bad)
         raise LLMPruneError(f"{flags} {'is' if len(bad) == 1 else 'are'} not an option of --solver {solver.name} "
                             f"(its options: {', '.join(sorted(valid)) or 'none'}): drop {flags}")
-    fns = [solver.fn] + ([solvers.get(opts.get("init") or inspect.signature(solver.fn).parameters["init"].default).fn]
-                         if "init" in inspect.signature(solver.fn).parameters else [])
     defaults = {n: p.default for fn in fns for n, p in inspect.signature(fn).parameters.items()}
     for k, v in opts.items():  # a number where the solver's default is one (sweep's name+key=value specs)
         d = defaults.get(k)
@@ -411,23 +409,19 @@ def export_steps(section: dict | None) -> list[str]:
 
 def eval_sources(datasets, tok, cache: dict) -> dict:
     """Each dataset's evaluation text as its entries name it (`source`), its tokens kept in `cache` for the
-    evaluations that follow (dataset -> (tokens, source))."""
-    from .eval.perplexity import eval_tokens
+    evaluations that follow (eval.perplexity.cached_tokens)."""
+    from .eval.perplexity import cached_tokens
 
-    for d in datasets:
-        if d not in cache:
-            cache[d] = eval_tokens(d, tok)
-    return {d: cache[d][1] for d in datasets}
+    return {d: cached_tokens(d, tok, cache)[1] for d in datasets}
 
 
 def evaluate_model(model, tok, datasets, seqlen: int, windows: int | None, progress: bool, cache: dict) -> dict:
     """Perplexity of a model in memory, per dataset (test tokens cached across calls in `cache`)."""
-    from .eval.perplexity import perplexity
+    from .eval.perplexity import cached_tokens, perplexity
 
     out = {}
     for d in datasets:
-        eval_sources([d], tok, cache)
-        toks, where = cache[d]
+        toks, where = cached_tokens(d, tok, cache)
         r = perplexity(model, tok, d, seqlen, windows, progress=progress, tokens=toks)
         r["source"] = where
         out[d] = r
@@ -527,6 +521,5 @@ def merge_dense(results: dict, dense: dict) -> dict:
 def dense_refs(old: mf.Manifest) -> dict:
     """The dense figures an output's manifest recorded, in merge_dense's form: what an entry does not say of how it
     was measured (dtype, device, versions) is the manifest's, whose run measured both."""
-    run = {"dtype": old.dtype, "device": old.device, "versions": old.versions}
-    return {d: {**run, **r, "ppl": r["dense_ppl"]} for d, r in old.eval.items()
+    return {d: {**old.conditions(), **r, "ppl": r["dense_ppl"]} for d, r in old.eval.items()
             if isinstance(r, dict) and "dense_ppl" in r}

@@ -41,6 +41,13 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return _TOKENS[key].clone()
 
 
+def cached_tokens(dataset: str, tokenizer, cache: dict) -> tuple[torch.Tensor, str]:
+    """eval_tokens, kept in `cache` (dataset -> (tokens, source)) for the evaluations of one command."""
+    if dataset not in cache:
+        cache[dataset] = eval_tokens(dataset, tokenizer)
+    return cache[dataset]
+
+
 def eval_tokens(dataset: str, tokenizer) -> tuple[torch.Tensor, str]:
     if dataset == "wikitext2":
         text, where = sources.wikitext2("test")
