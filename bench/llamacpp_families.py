@@ -1,6 +1,9 @@
 """Every GGUF family llmprune exports, run by llama.cpp itself: a tiny random model of each (hidden 64,
 2 blocks, the family's own transformers config), pruned with Wanda 50%, exported to GGUF F32, F16 and Q8_0;
-llama.cpp's logits on fixed token ids against llmprune's (`llmprune.load` of the pruned folder, fp32). Then
+llama.cpp's logits on fixed token ids against llmprune's (`llmprune.load` of the pruned folder, fp32). A fourth
+file, Q8DQ, holds the Q8_0 file's values dequantized, as F32: llama.cpp runs the exported Q8_0 weights without
+quantizing its activations to 8 bits as its Q8_0 kernels do, which splits a Q8_0 distance into the weights'
+rounding (Q8DQ) and the kernels' (Q8_0 against Q8DQ). Then
 tokenizers from tokenizer.json (each pre-tokenizer name llmprune writes, SentencePiece-style with and without
 the "▁" prefix): llama.cpp's ids for a text against the tokenizer's own. The test suite reads these exports
 with transformers' GGUF reader; this is the engine users serve with.
@@ -114,6 +117,24 @@ def make_tokenizers(root: Path, calib: Path) -> None:
     (root / "tokens.json").write_text(json.dumps({"text": TEXT, "ids": ids}))
 
 
+def dequantized_copy(q8: Path, out: Path) -> None:
+    """The GGUF `q8` with every tensor dequantized and stored F32, every key copied."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(q8)
+    w = gguf.GGUFWriter(str(out), r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            w.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def make(args) -> None:
     import numpy as np
     import torch
@@ -138,6 +159,8 @@ def make(args) -> None:
                                       *FAST_CLI)]) == 0
         assert main([str(a) for a in ("export", src, "--to", "gguf", "--type", TYPES, "--out", out, "--overwrite",
                                       "--no-progress")]) == 0
+        q8 = next(out.glob("*-Q8_0.gguf"))
+        dequantized_copy(q8, q8.with_name(q8.name.replace("-Q8_0.gguf", "-Q8DQ.gguf")))
         model, _, _ = llmprune.load(str(src))
         with torch.no_grad():
             np.save(root / f"{name}-logits.npy", model(ids).logits[0].float().numpy())

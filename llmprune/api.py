@@ -350,8 +350,9 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     """Perplexity and zero-shot accuracy of an output folder (results merged into its manifest) or
     of any model spec. dtype None: the dtype the output was computed in (its manifest), so this
     measures what compress recorded. Each figure records how it was measured (dtype, device, versions and
-    `command`, the CLI line, which the model card gives beside the commands that made the folder).
-    Returns {"eval": {dataset: ...}, "zeroshot": {task: ...}}."""
+    `command`, the CLI line, which the model card gives beside the commands that made the folder, and the folder's
+    files_stamp). A README.md card that `push` wrote is rewritten with the new figures (hub.refresh_card).
+    Returns {"eval": {dataset: ...}, "zeroshot": {task: ...}}, and "card": what became of such a card."""
     windows = check_eval(ppl, seqlen, windows, "--ppl")
     if dtype is not None and dtype not in DTYPES:
         raise LLMPruneError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
@@ -384,7 +385,7 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
         for r in results.values():  # this run's, which the manifest's top-level fields (of the run that made it) are not
             r.update(dtype=dtype, device=dev, versions=versions(), **({"command": command} if command else {}))
             if old is not None:
-                r["measured_on"] = mf.SAVED
+                r["measured_on"], r["files"] = mf.SAVED, mf.files_stamp(target)
         if old is not None:  # the dense reference of compress
             results = pipeline.merge_dense(results, pipeline.dense_refs(old))
         out["eval"] = results
@@ -395,6 +396,10 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     if is_output and save:  # earlier tasks measured another way are dropped, the mean is over those listed
         zs = {"zeroshot": pipeline.merge_zeroshot(old.zeroshot, out["zeroshot"], old.conditions())} if tasks else {}
         mf.update(target, replace=("zeroshot",), **{**out, **zs})
+        from . import hub
+
+        if card := hub.refresh_card(target):  # a card push wrote shows the figures now recorded
+            out["card"] = card
     return out
 
 
@@ -437,12 +442,14 @@ def _source(src: str) -> mf.Manifest:
     return mf.read(src)
 
 
-def _figures_of(m: mf.Manifest, here: dict) -> dict:
-    """The source's own figures of these very weights (measured on its saved folder), where measured as this run
-    would measure them (`here`: dataset -> seqlen, windows, dtype, device, versions, source; measured_alike)."""
-    run = {**m.conditions(), "dtype": m.dtype or "float32"}
+def _figures_of(m: mf.Manifest, src: str, here: dict) -> dict:
+    """The source's own figures of these very weights (measured on its saved folder as its files are now:
+    manifest.files_stamp), where measured as this run would measure them (`here`: dataset -> seqlen, windows,
+    dtype, device, versions, source; measured_alike)."""
+    run, stamp = {**m.conditions(), "dtype": m.dtype or "float32"}, mf.files_stamp(src)
     return {d: r for d, now in here.items() if isinstance(r := m.eval.get(d), dict) and "ppl" in r
-            and r.get("measured_on") == mf.SAVED and pipeline.measured_alike({**run, **r}, now)}
+            and r.get("measured_on") == mf.SAVED and r.get("files") == stamp
+            and pipeline.measured_alike({**run, **r}, now)}
 
 
 def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int = 0, nsamples: int | None = None,
@@ -476,6 +483,9 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         raise LLMPruneError(f"{src} is packed ({old.format_name}): recover the dense output, then pack it")
     checkpoint.require_tokenizer(src, "recover")
     outdir.check_out(out, overwrite, [src])
+    from .calibration import token_file_width
+
+    seqlen = token_file_width(data) or seqlen  # a token-id file's windows, used as they are (and planned for)
     rcfg = RecoverConfig(data=data, seqlen=seqlen, nsamples=nsamples, seed=seed, **perp_opts)
     perp.check_options(**rcfg.perp_options())
     eval_windows = check_eval(eval, eval_seqlen, eval_windows)
@@ -497,7 +507,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         model, tok, _ = checkpoint.load(src, dtype=dtype)
     else:  # on the meta device until placed
         model, tok = lz.model, checkpoint.load_tokenizer(src)
-    pipeline.check_context(model, seqlen, "--seqlen")
+    pipeline.check_calibration(model, data, seqlen)
     if eval:
         pipeline.check_context(model, eval_seqlen, "--eval-seqlen")
     targets = prune.target_linears(model, old.ignore, bool((old.config or {}).get("prune_gates")))
@@ -520,7 +530,7 @@ def recover(src: str, out: str, data: str = "c4", seqlen: int = 512, seed: int =
         # measured on the source folder (block by block, as the recovered one is afterwards, so a
         # model larger than the GPU is evaluated too)
         now = {"seqlen": eval_seqlen, "windows": eval_windows, "dtype": dtype, "device": dev, "versions": versions()}
-        same = _figures_of(old, {d: {**now, "source": where} for d, where in
+        same = _figures_of(old, src, {d: {**now, "source": where} for d, where in
                                  pipeline.eval_sources(eval, tok, cache).items()})
         todo = tuple(d for d in eval if d not in same)
         before = {**same, **(pipeline.evaluate_saved(Path(src), todo, eval_seqlen, eval_windows, dev, dtype, progress,
@@ -631,7 +641,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     ids = cinfo = None
     nsamples, seqlen = calibration_of(old.protocol, devs[0], nsamples, seqlen)  # (the compress run's protocol)
     if quant == "gptq":
-        pipeline.check_context(model, seqlen, "--seqlen")
+        pipeline.check_calibration(model, calib, seqlen)
         ids, cinfo = pipeline.calibrate(calib, tok, nsamples, seqlen, seed)
     # the source's quality figures describe the unpacked weights: they do not carry over
     new = mf.derive(old, versions(), ",".join(devs), onload="blocks" if lz is not None else

@@ -114,15 +114,16 @@ def cmd_compress(a) -> int:
     if a.solver == "slicegpt" or a.slicing is not None:
         slicegpt = {"slicing": 0.25 if a.slicing is None else a.slicing, "rotation": a.rotation or "per-block",
                     "round_to": 8 if a.round_to is None else a.round_to, **({"slice_head": True} if a.slice_head else {})}
-    _orphans((("--owl-m", a.owl_m is not None, a.owl, "--owl"), ("--owl-lambda", a.owl_lambda is not None, a.owl, "--owl"),
-              ("--rotation", a.rotation is not None, slicegpt, "--solver slicegpt"),
-              ("--round-to", a.round_to is not None, slicegpt, "--solver slicegpt"),
-              ("--slice-head", a.slice_head, slicegpt, "--solver slicegpt"),
-              ("--recover-steps", a.recover_steps is not None, a.recover, "--recover perp"),
-              ("--recover-lr", a.recover_lr is not None, a.recover, "--recover perp"),
-              ("--export-type", a.export_type is not None, a.export == "gguf", "--export gguf"),
-              ("--export-quant", a.export_quant is not None, a.export == "compressed-tensors",
-               "--export compressed-tensors")))
+    evals = _datasets(a.eval)
+    _unread(a, (_needs(("owl_m", "owl_lambda"), a.owl, "--owl"),
+                _needs(("rotation", "round_to", "slice_head"), slicegpt, "--solver slicegpt"),
+                _needs(("recover_steps", "recover_lr"), a.recover, "--recover perp"),
+                _needs(("export_type",), a.export == "gguf", "--export gguf"),
+                _needs(("export_quant",), a.export == "compressed-tensors", "--export compressed-tensors"),
+                _needs(("scope",), a.solver == "magnitude", "--solver magnitude"),
+                *_int4_rules(a.format), _needs(GPTQ_FLAGS, a.quant == "gptq", "--quant gptq"),
+                _eval_rules(a, evals), (("no_dense_eval",), bool(evals), f"with --eval {a.eval}", "drop {this}"),
+                _token_file_rule(a.calib), _whole_rule(a.onload, bool(a.recover))))
     cfg = CompressConfig(
         model=a.model, solver=a.solver, pattern=a.pattern, sparsity=a.sparsity, scope=a.scope, ignore=a.ignore,
         expert_min_tokens=a.expert_min_tokens, expert_fallback=a.expert_fallback, prune_gates=a.prune_gates,
@@ -132,7 +133,7 @@ def cmd_compress(a) -> int:
         calib_batch=a.calib_batch,
         device=a.device, dtype=a.dtype, onload=a.onload, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
         checkpoint_s=_seconds_or_off(a.checkpoint_every, "--checkpoint-every"), hessian_gib=a.hessian_gib,
-        eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
+        eval=evals, eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
         eval_dense=not a.no_dense_eval, tasks=_tasks(a), tasks_limit=a.tasks_limit, slicegpt=slicegpt, format=a.format, quant=a.quant,
         group_size=_group_size(a.group_size), grid=a.grid, save_dtype=a.save_dtype,
         gptq=_gptq_opts(a) or None,
@@ -185,13 +186,68 @@ def _seconds_or_off(v: str, flag: str) -> float | None:
         raise LLMPruneError(f"{flag} {v!r}: give seconds (e.g. 600; 0: after every block) or off") from None
 
 
-def _orphans(flags) -> None:
-    """Refuse a flag given without the one that makes it count: (flag, given, on, the flag to add)."""
+def _unread(a, rules) -> None:
+    """Refuse, before any work, a flag the command line gave (`a.given`, recorded by errors.ArgumentParser: a
+    default never counts) whose value nothing reads in the combination given. `rules`: (dests, read, why, fix),
+    each flag of `dests` read only when `read`; `why` says the combination ("with --eval none", "without --owl"),
+    `fix` what to do instead ({this}: the flag)."""
     from .errors import LLMPruneError
 
-    for flag, given, on, needs in flags:
-        if given and not on:
-            raise LLMPruneError(f"{flag} has no effect without {needs}: add {needs} or drop {flag}")
+    given = getattr(a, "given", set())
+    for dests, read, why, fix in rules:
+        for dest in dests:
+            if dest in given and not read:
+                this = f"--{dest.replace('_', '-')}"
+                raise LLMPruneError(f"{this} has no effect {why}: {fix.format(this=this)}")
+
+
+def _needs(dests: tuple[str, ...], on, flag: str) -> tuple:
+    """The rule of flags that count only beside `flag` (`on`: whether it was given)."""
+    return dests, bool(on), f"without {flag}", f"add {flag} or drop {{this}}"
+
+
+def _eval_rules(a, datasets, seqlen: str = "eval_seqlen", windows: str = "eval_windows", flag: str = "--eval") -> tuple:
+    """The rule of a perplexity evaluation's window flags: read only when some dataset is evaluated."""
+    said = getattr(a, flag.lstrip("-"))
+    why = f"with {flag} {said or 'none'}" if flag.lstrip("-") in getattr(a, "given", ()) else f"without {flag}"
+    return (seqlen, windows), bool(datasets), why, f"drop {{this}}, or evaluate: {flag} wikitext2"
+
+
+def _token_file_rule(spec: str, flag: str = "--calib") -> tuple:
+    """The rule of --nsamples and --seqlen beside a token-id file, whose windows are used as they are."""
+    from .calibration import token_file_width
+
+    return (("nsamples", "seqlen"), token_file_width(spec) is None, f"with {flag} {spec} (token ids, used as they are)",
+            "drop {this}")
+
+
+def _whole_rule(onload: str, trains: bool = False) -> tuple:
+    """The rule of --checkpoint-every: the passes over the blocks commit checkpoints, a model loaded whole none
+    (but PERP's training: `trains`)."""
+    return (("checkpoint_every",), onload != "whole" or trains, "with --onload whole (they are committed block by block)",
+            "drop {this}, or use --onload blocks")
+
+
+GPTQ_FLAGS = ("act_order", "sink_weight", "tune_steps", "tune_lr")
+CALIB_FLAGS = ("calib", "nsamples", "seqlen", "seed", "hessian_gib")  # of pack's and export's GPTQ, its alone
+
+
+def _calib_rule(gptq: bool) -> tuple:
+    """The rule of pack's and export's calibration flags: GPTQ is the only step there that reads them."""
+    return (CALIB_FLAGS, gptq, "without --quant gptq (nothing else here calibrates)",
+            "drop {this}, or quantize with --quant gptq")
+
+
+def _int4_rules(fmt: str) -> tuple:
+    """The rules of --group-size and --grid, read by the int4 formats (a group size fixed by the layout: not)."""
+    from .formats import get
+
+    f = None if fmt == "dense" else get(fmt)
+    if f is None or not f.quantized:
+        return (("group_size", "grid"), False, f"with --format {fmt}, which stores unquantized values",
+                "drop {this}, or use an int4 format (w4g128, w4s24, w4s50)"),
+    return (("group_size",), f.fixed_group is None, f"with --format {fmt}, whose groups are fixed ({f.fixed_group})",
+            "drop {this}"),
 
 
 def _group_size(v: str) -> int | str:
@@ -273,11 +329,20 @@ def cmd_eval(a) -> int:
     outdir.check_file_out(a.json, "--json")
     tasks = _tasks(a)
     ppl = tuple(x for x in (a.ppl if a.ppl is not None else ("" if tasks else "wikitext2")).split(",") if x and x != "none")
+    _unread(a, (_eval_rules(a, ppl, "seqlen", "windows", "--ppl"),
+                _needs(("limit", "tasks_dir", "batch_size"), tasks, "--tasks")))
     res = api.evaluate(a.target, ppl, a.seqlen, a.windows, a.device, progress=not a.no_progress, tasks=tasks,
                        limit=a.limit, tasks_dir=a.tasks_dir, batch_size=a.batch_size, dtype=a.dtype,
                        command=a.command_line)
+    card = res.pop("card", None)
     print_eval(res.get("eval", {}))
     print_zeroshot(res.get("zeroshot", {}))
+    if card == "rewritten":
+        print(f"{a.target}/README.md (the model card push wrote) rewritten with these figures: `llmprune push` "
+              f"uploads it")
+    elif card == "stale":
+        print(f"{a.target}/README.md (the model card an older push wrote) still shows the figures of before: "
+              f"`llmprune push` rewrites it")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res.get("zeroshot", res.get("eval")) if len(res) == 1 else res, f, indent=2)
@@ -353,6 +418,7 @@ def cmd_sweep(a) -> int:
 
     implied = parse(a.pattern).implied_sparsity  # N:M fixes it; other patterns sweep 30-80% by default
     grid = parse_range(a.sparsity) if a.sparsity else (implied,) if implied is not None else parse_range("0.3:0.8:0.1")
+    _unread(a, (_needs(("limit",), _tasks(a), "--tasks"), _token_file_rule(a.calib)))
     try:
         res = sweep.sweep(a.model, tuple(a.solvers.split(",")), grid, a.pattern, a.out, a.calib,
                           a.nsamples, a.seqlen, a.seed, tuple(x for x in a.eval.split(",") if x), a.eval_seqlen,
@@ -454,14 +520,18 @@ def _add_eval_flags(p):
 def cmd_recover(a) -> int:
     from . import api
 
-    opts = dict(method=a.method, train=tuple(x for x in a.train.split(",") if x), rank=a.rank, steps=a.steps,
+    evals, train = _datasets(a.eval), tuple(x for x in a.train.split(",") if x)
+    _unread(a, (_eval_rules(a, evals),
+                (("rank",), "masklora" in train, f"with --train {a.train} (the rank is MaskLoRA's)",
+                 "add masklora to --train or drop {this}"), _token_file_rule(a.data, "--data")))
+    opts = dict(method=a.method, train=train, rank=a.rank, steps=a.steps,
                 batch_size=a.batch, grad_accum=a.grad_accum, warmup=a.warmup, schedule=a.schedule,
                 weight_decay=a.weight_decay, grad_checkpointing=not a.no_grad_checkpointing,
                 mixed_precision=a.mixed_precision, seed=a.seed, resident_gib=a.resident_gib)
     if a.lr is not None:
         opts["lr"] = a.lr
     m = api.recover(a.src, a.out, data=a.data, seqlen=a.seqlen, nsamples=a.nsamples,
-                    eval=tuple(x for x in a.eval.split(",") if x and x != "none"), eval_seqlen=a.eval_seqlen,
+                    eval=evals, eval_seqlen=a.eval_seqlen,
                     eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,
                     progress=not a.no_progress, command=a.command_line, dtype=a.dtype, tasks=_tasks(a),
                     tasks_limit=a.tasks_limit, onload=a.onload,
@@ -539,7 +609,7 @@ def _add_pack(sub):
     _add_hessian_gib(p, "GPTQ")
     p.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
                    help="while packing block by block (and while the scales train, --tune-steps), commit a "
-                        "checkpoint every SECONDS (0: after every block that completes a file, or every step; off: "
+                        "checkpoint every SECONDS (0: after every block, or every step; off: "
                         "none): rerunning the command of a run that was killed goes on from its last one "
                         "(default 600)")
     p.add_argument("--onload", default="auto", choices=["auto", "blocks", "whole"],
@@ -555,6 +625,8 @@ def cmd_pack(a) -> int:
     from . import api
 
     gs = _group_size(a.group_size)
+    _unread(a, (*_int4_rules(a.format), _calib_rule(a.quant == "gptq"), _token_file_rule(a.calib),
+                _eval_rules(a, _datasets(a.eval)), _whole_rule(a.onload)))
     m = api.pack(a.src, a.out, a.format, a.quant, gs, a.calib, a.nsamples, a.seqlen, a.seed, a.overwrite,
                  progress=not a.no_progress, command=a.command_line, save_dtype=a.save_dtype, grid=a.grid,
                  gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
@@ -611,8 +683,8 @@ def _add_export(sub):
     g.add_argument("--seed", type=int, default=0)
     _add_hessian_gib(g, "GPTQ")
     g.add_argument("--checkpoint-every", default="600", metavar="SECONDS",
-                   help="GPTQ's pass (and its scale tuning) commits a checkpoint every SECONDS (0: after every block "
-                        "that completes a file, or every step; off: none): rerunning the command of a run that was "
+                   help="GPTQ's pass (and its scale tuning) commits a checkpoint every SECONDS (0: after every block, "
+                        "or every step; off: none): rerunning the command of a run that was "
                         "killed goes on from its last one (default 600)")
     p.add_argument("--save-dtype", default="float16", help="compressed-tensors: the unquantized tensors' dtype")
     p.add_argument("--eval", default="none", help="perplexity of the export read back by transformers: wikitext2,c4")
@@ -628,7 +700,14 @@ def cmd_export(a) -> int:
     from . import export
 
     gs = _group_size(a.group_size)
-    _orphans((("--type", a.type is not None, a.to == "gguf", "--to gguf"),))
+    ct, gptq = a.to == "compressed-tensors", a.to == "compressed-tensors" and a.quant == "gptq"
+    _unread(a, (_needs(("type",), a.to == "gguf", "--to gguf"),
+                (("quant", "group_size", "grid", *GPTQ_FLAGS, "save_dtype", *CALIB_FLAGS, "checkpoint_every"), ct,
+                 "with --to gguf", ("drop {this}: compressed-tensors exports read it, GGUF quantizes with its own "
+                                    "types (--type)")),
+                _calib_rule(gptq), _needs(("checkpoint_every",), gptq, "--quant gptq"),
+                _token_file_rule(a.calib),
+                _eval_rules(a, _datasets(a.eval))))
     m = export.export(a.src, a.to, a.out, quant=a.quant, group_size=gs, grid=a.grid, types=a.type or "f16",
                       save_dtype=a.save_dtype, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                       gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen,
@@ -697,16 +776,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminated(signum, frame):
-    """SIGTERM: stop as after Ctrl-C (errors.Terminated), once; a second one does not cut the clean-up short."""
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stopped(signum, frame):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (errors.Terminated): stop, once. Both are ignored from then on, so that
+    another (a second Ctrl-C, a third) cuts short neither the clean-up (a checkpoint being kept) nor the exit (an
+    atexit callback's traceback): the run ends with its one line."""
     from .errors import Terminated
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
+    for s in STOPS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids a 2-3x slowdown of forwards after tokenizing
+    program = argv is None  # the process's own command line: it exits when this returns
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench parses its own flags; argparse's REMAINDER drops a leading "-h" / "--x"
         args = argparse.Namespace(func=lambda a: __import__("llmprune.bench", fromlist=["main"]).main(argv[1:]))
@@ -723,7 +809,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers are set only there)
-    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    before = {s: signal.getsignal(s) for s in STOPS} if main_thread else {}
+    for s, handler in before.items():
+        if handler != signal.SIG_IGN:  # (a background job started with Ctrl-C ignored keeps ignoring it)
+            signal.signal(s, _stopped)
     try:
         from .placement import check_one_process
 
@@ -745,8 +834,12 @@ def main(argv: list[str] | None = None) -> int:
         print("llmprune: interrupted; the output being written was not", file=sys.stderr)
         return 130
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, before)
+        # stopped (_stopped ran), the program keeps ignoring them while it exits; a caller in this process gets its
+        # handlers back
+        stopped = any(signal.getsignal(s) == signal.SIG_IGN and h != signal.SIG_IGN for s, h in before.items())
+        if not (program and stopped):
+            for s, handler in before.items():
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,21 @@ class Terminated(KeyboardInterrupt):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's own refusals (a missing or unknown flag, a bad choice) as every other: one line, exit 2."""
+    """argparse's own refusals (a missing or unknown flag, a bad choice) as every other: one line, exit 2. The
+    parsed namespace's `given` names (by dest) the arguments the command line gave, a default never: a flag
+    nothing reads in the combination given is refused by what was typed, not by comparing values with defaults."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given: set[str] = set()
+        ns, rest = super().parse_known_args(args, namespace)
+        ns.given = getattr(ns, "given", set()) | self._given  # (a subcommand's parser filled it first)
+        return ns, rest
+
+    def _get_values(self, action, arg_strings):
+        # argparse calls this for each argument the command line gives (and for no default): the one hook
+        # that sees them all, options in groups and BooleanOptionalAction's --no-x included
+        self._given.add(action.dest)
+        return super()._get_values(action, arg_strings)
 
     def error(self, message: str):
         self.exit(2, f"llmprune: error: {message}: see `{self.prog} -h`\n")

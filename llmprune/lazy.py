@@ -764,6 +764,13 @@ class ShardBuffer:
             if p.name not in keep:
                 p.unlink()
 
+    def hold(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back, after `restore`, the tensors a killed run had put but not yet written (its checkpoint kept
+        them: resume.py); `nbytes`, restored, already counts them."""
+        for name, t in tensors.items():
+            self.shard[name] = t
+            self.shard_nbytes += t.numel() * t.element_size()
+
     def flush(self) -> None:
         if not self.shard:
             return

@@ -226,6 +226,25 @@ def exists(folder: str | Path) -> bool:
     return path(folder).is_file()
 
 
+def files_stamp(folder: str | Path) -> str:
+    """A stamp of the files a figure of `folder` was measured on (weights, config, tokenizer; not the manifest and
+    the card, which the figures are written into): a hash of each file's name, size and modification time, as make
+    tells a changed file, read from the directory alone (hashing a 70B model's bytes would take minutes). Recorded with
+    each figure measured on the folder; a figure whose stamp differs from the folder's now was measured on other
+    bytes (weights edited since, or a copy whose files have new times) and is measured again, not reused."""
+    import hashlib
+
+    root = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in
+                                                                         p.relative_to(root).parts)):
+        if f.parent == root and f.name in (NAME, "README.md"):
+            continue
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def read(folder: str | Path) -> Manifest:
     p = path(folder)
     if not p.exists():

@@ -6,6 +6,7 @@ BF16 tensors in their own dtype (exact), quantized ones in fp32.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .errors import LLMPruneError
@@ -130,11 +132,12 @@ def gguf_to_folder(gguf: Path) -> tuple[Path, str]:
 
     check_writable(folder, "the GGUF's cached copy", "set LLMPRUNE_CACHE to a folder you can write in")
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    src = _GGUF(gguf)  # (parsed once, for both tries)
     try:
         try:
-            _stream_gguf(gguf, folder, tmp, keep16=True)
+            _stream_gguf(src, folder, tmp, keep16=True)
         except _Inexact:  # a processor changed a 16-bit tensor's values past its dtype: every tensor in fp32
-            _stream_gguf(gguf, folder, tmp, keep16=False)
+            _stream_gguf(src, folder, tmp, keep16=False)
         os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,12 +153,111 @@ GGUF_CONFIG_GAPS = {
     "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
     "gemma2": {"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping"},
 }
+# GGUF families llmprune writes (export/gguf.py) and llama.cpp runs that transformers' GGUF reader has no row for
+# (5.25: it refuses the file): the row of its config table (transformers.integrations.ggml.GGUF_CONFIG_MAPPING: the
+# key under `<family>.` -> the config attribute; None: read by llmprune, rope.dimension_count in _rope_scaling, the
+# head size in _head_dim), registered before a GGUF is read (_register_families); a row transformers has wins. The
+# tensor names need no table: transformers maps them with gguf's own TensorNameMap, the one the exporter writes with.
+_DECODER_KEYS = {"context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+                 "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+                 "rope.dimension_count": None, "rope.freq_base": "rope_theta", "attention.head_count": "num_attention_heads",
+                 "attention.head_count_kv": "num_key_value_heads", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+                 "vocab_size": "vocab_size"}
+GGUF_FAMILIES = {"olmo2": _DECODER_KEYS, "glm4": _DECODER_KEYS}
+# config flags a GGUF says by holding a tensor or not (llama.cpp loads it where there), by model type: the attribute
+# and the tensor (GLM-4's q/k/v biases: transformers' Glm4Config assumes them)
+GGUF_TENSOR_FLAGS = {"glm4": {"attention_bias": "blk.0.attn_q.bias"}}
+
+
+def reads_any_gguf_tokenizer() -> bool:
+    """Whether transformers builds a GGUF's tokenizer by its tokenizer type (5.25: select_tokenizer_builder), whatever
+    the family; older ones (5.17) pick a converter by family and have none for GGUF_FAMILIES'."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import select_tokenizer_builder  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _register_families() -> None:
+    """GGUF_FAMILIES in transformers' GGUF tables: its config table's rows, and the list of architectures
+    load_gguf_checkpoint reads (made from that table when transformers is imported); not where transformers could
+    not read their tokenizer (reads_any_gguf_tokenizer), which then refuses the file as ever."""
+    from transformers import modeling_gguf_pytorch_utils as mg
+
+    if not reads_any_gguf_tokenizer():
+        return
+    table = mg.GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    for family, keys in GGUF_FAMILIES.items():
+        table.setdefault(family, dict(keys))
+        if family not in mg.GGUF_SUPPORTED_ARCHITECTURES:
+            mg.GGUF_SUPPORTED_ARCHITECTURES.append(family)
 
 
 def _holds(y, x) -> bool:
     """Whether `y`, `x` converted, holds x's values exactly: compared a piece at a time, not through another copy of
     x (a 70B model's embedding is 4.2 GB in fp32)."""
     return all(a.to(b.dtype).equal(b) for a, b in zip(y.flatten().split(PIECE), x.flatten().split(PIECE)))
+
+
+class _GGUF:
+    """A GGUF file read once for its conversion, both tries of it: gguf's reader (the metadata; the tensors,
+    memory-mapped) and transformers' reading of the metadata (load_gguf_checkpoint: the config dict its config
+    class and tensor processors take), the config and tokenizer built from them. Each of the two parses every key,
+    the vocabulary's strings included (5 s for SmolLM2's 49k, 22 s for Gemma 3's 262k); a try parsed the file five
+    times, AutoConfig and AutoTokenizer.from_pretrained(gguf_file=) parsing it again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @cached_property
+    def reader(self):
+        from gguf import GGUFReader
+
+        return GGUFReader(self.path)
+
+    @cached_property
+    def parsed(self) -> dict:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        _register_families()
+        return load_gguf_checkpoint(str(self.path), return_tensors=False)  # metadata only
+
+    @cached_property
+    def family(self) -> str:
+        from transformers.modeling_gguf_pytorch_utils import read_field
+
+        return read_field(self.reader, "general.architecture")[0]
+
+    def own_reader(self) -> bool:
+        """Whether transformers builds this family's config with its newer GGUF reader (5.25: Qwen3.5, LFM2), not
+        from load_gguf_checkpoint's dict: then AutoConfig and AutoTokenizer read the file themselves, as ever."""
+        try:
+            from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+        except ImportError:  # (transformers before it had one)
+            return False
+        return self.family in GGUF_CONFIG_ARCHS
+
+    def config(self):
+        """transformers' config of the file, as AutoConfig.from_pretrained(gguf_file=) builds it (a fresh one)."""
+        from transformers import AutoConfig
+
+        if self.own_reader():
+            return AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        return AutoConfig.for_model(**copy.deepcopy(self.parsed["config"]))
+
+    def tokenizer(self, config):
+        """transformers' tokenizer of the file, as AutoTokenizer.from_pretrained(gguf_file=) builds it: for a file
+        with no tokenizer_config.json beside it, the class it picks by the config's type (its last resort, the one
+        such a file takes), without its own parse of the metadata for a config; otherwise AutoTokenizer itself."""
+        from transformers import AutoTokenizer
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING, TokenizersBackend
+
+        cls = TOKENIZER_MAPPING.get(type(config), TokenizersBackend)
+        if self.own_reader() or (self.path.parent / "tokenizer_config.json").exists() or \
+                getattr(config, "tokenizer_class", None) or getattr(cls, "__name__", None) == "MistralCommonBackend":
+            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        return cls.from_pretrained(self.path.parent, gguf_file=self.path.name)
 
 
 class _Inexact(Exception):
@@ -208,7 +310,7 @@ def _rope_scaling(gguf: Path, config, reader, family: str) -> None:
     value = lambda key: _field(reader, family, key)
     factors = lambda name: dequantize(tensors[name].data, tensors[name].tensor_type).reshape(-1)
     dims = value("rope.dimension_count")
-    if "partial_rotary_factor" in rp and dims is not None and dims != head_dim:
+    if "partial_rotary_factor" in rp and dims is not None:  # (GLM-4's class says 1/2, whatever the file says)
         rp = {**rp, "partial_rotary_factor": dims / head_dim}
     if "rope_freqs.weight" in tensors:
         params = llamacpp.llama3_parameters(factors("rope_freqs.weight"), float(rp["rope_theta"]), head_dim)
@@ -227,63 +329,61 @@ def _rope_scaling(gguf: Path, config, reader, family: str) -> None:
     config.rope_parameters = rp
 
 
-def _check_cache_space(gguf: Path, folder: Path, keep16: bool) -> None:
+def _check_cache_space(src: _GGUF, folder: Path, keep16: bool) -> None:
     """The dequantized copy of a GGUF (4 bytes a quantized weight: 280 GB for a 70B model's 40 GB Q4_K file;
     an F16 file's own bytes) is refused, before anything is dequantized, on a disk without room for it."""
-    from gguf import GGUFReader
-
     from . import outdir
 
     try:
-        n = sum(int(t.n_elements) * _cached_dtype(t.tensor_type, keep16).itemsize for t in GGUFReader(gguf).tensors)
+        n = sum(int(t.n_elements) * _cached_dtype(t.tensor_type, keep16).itemsize for t in src.reader.tensors)
     except (ValueError, KeyError, OSError):  # (a damaged file: _stream_gguf says so in its own words)
         return
     what = "its weights dequantized to fp32, F16/BF16 kept" if keep16 else "its weights in fp32"
-    outdir.check_space(folder, {what: n}, name=f"the cached copy of {gguf.name}",
+    outdir.check_space(folder, {what: n}, name=f"the cached copy of {src.path.name}",
                        fix="free space there, or set LLMPRUNE_CACHE to a folder on a disk with room")
 
 
-def _stream_gguf(gguf: Path, folder: Path, out: Path, keep16: bool) -> None:
-    """The cache's copy of `gguf` (its place `folder`) written into the empty folder `out`."""
+def _stream_gguf(src: _GGUF, folder: Path, out: Path, keep16: bool) -> None:
+    """The cache's copy of the GGUF `src` (its place `folder`) written into the empty folder `out`."""
     shutil.rmtree(out, ignore_errors=True)  # (a first try's tensors)
-    _check_cache_space(gguf, folder, keep16)
+    _check_cache_space(src, folder, keep16)
     out.mkdir(parents=True)
     try:
-        _dequantize_gguf(gguf, out, keep16)
+        _dequantize_gguf(src, out, keep16)
     except (ValueError, KeyError, OSError) as e:  # a GGUF transformers cannot read (architecture, damage)
-        raise LLMPruneError(f"transformers cannot read {gguf.name} ({str(e).splitlines()[0][:160]}): convert it "
-                            f"to a Hugging Face folder, or use a supported GGUF") from None
+        raise LLMPruneError(f"transformers cannot read {src.path.name} ({str(e).splitlines()[0][:160]}): convert "
+                            f"it to a Hugging Face folder, or use a supported GGUF") from None
 
 
-def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
+def _dequantize_gguf(src: _GGUF, out: Path, keep16: bool) -> None:
     import mmap
 
     import numpy as np
     import torch
     from accelerate import init_empty_weights
-    from gguf import GGUFReader, dequantize
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from gguf import dequantize
+    from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
-        read_field,
     )
 
     from . import arch, lazy, llamacpp
 
-    reader = GGUFReader(gguf)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    family = read_field(reader, "general.architecture")[0]
+    gguf, reader, family = src.path, src.reader, src.family
+    config = src.config()
     for key, attr in GGUF_CONFIG_GAPS.get(config.model_type, {}).items():
         if (v := _field(reader, family, key)) is not None:
             setattr(config, attr, v)
+    held = {t.name for t in reader.tensors}
+    for attr, name in GGUF_TENSOR_FLAGS.get(config.model_type, {}).items():
+        setattr(config, attr, name in held)
     _head_dim(config, reader, family)
     if config.model_type in llamacpp.GEMMA_27B_LAYERS:  # (transformers' reader leaves it at 256)
         config.query_pre_attn_scalar = llamacpp.query_scale(config)
     _rope_scaling(gguf, config, reader, family)
-    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata only: the config dict
+    parsed = src.parsed
     parsed["tensors"] = {}  # where the processors of Mixture-of-Experts families stack the experts
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -296,10 +396,12 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
         if hf(t.name) is not None:
             sources.setdefault(hf(t.name), []).append(t.tensor_type)
     missing = [n for n, _ in skeleton.named_parameters() if n not in sources]
-    if missing:  # e.g. a Mixtral GGUF, which transformers reads as a Llama without its experts
+    if missing:  # e.g. a Mixtral GGUF, which transformers reads as a Llama without its experts; a GPT-OSS one (5.25
+        # has its config's row, but maps none of its experts' tensors onto the fused experts of transformers 5)
+        why = " (a Mixtral GGUF is read as a Llama without its experts)" if config.model_type == "llama" else ""
         raise LLMPruneError(f"{gguf.name}: transformers' GGUF reader takes it for a {config.model_type} model, whose "
-                            f"{missing[0]} (and {len(missing) - 1} more) the file does not hold (a Mixtral GGUF is read "
-                            f"as a Llama without its experts): give the model's Hugging Face folder or Hub id instead")
+                            f"{missing[0]} (and {len(missing) - 1} more) the file does not hold{why}: give the model's "
+                            f"Hugging Face folder or Hub id instead")
     names = [n for n in skeleton.state_dict() if n in sources]
     try:
         blocks = arch.arch_of(skeleton).blocks
@@ -347,7 +449,7 @@ def _dequantize_gguf(gguf: Path, out: Path, keep16: bool) -> None:
         by[dtype[n]] = by.get(dtype[n], 0) + sd[n].numel() * dtype[n].itemsize
     config.dtype = str(max(by, key=by.get) if by else torch.float32).removeprefix("torch.")
     config.save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    src.tokenizer(config).save_pretrained(out)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

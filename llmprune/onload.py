@@ -217,6 +217,11 @@ class Output:
         """Whether the files hold every block handed over so far (packed: nothing waits in the shard buffer)."""
         return self.fmt == "dense" or not self.packer.out.shard
 
+    def buffer(self) -> lazy.ShardBuffer | None:
+        """Packed: the shard buffer whose tensors not yet in a file a checkpoint keeps (resume.py), so that one is
+        committed after any block (a small model's output fills no file before its end); dense: None."""
+        return None if self.fmt == "dense" else self.packer.out
+
     def sync(self) -> dict[str, int]:
         """Every file written so far on the disk; their sizes."""
         return self.writer.sync() if self.fmt == "dense" else self.packer.out.sync()

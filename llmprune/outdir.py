@@ -25,7 +25,7 @@ from .errors import LLMPruneError
 def check_out(out: str | Path, overwrite: bool, sources=(), marker: str = "llmprune.json") -> Path:
     """Refuse, before any work is done, an output path that cannot be written or whose replacement would lose
     something: an existing output (unless overwrite), a file, a folder under a file, the current folder or one
-    above it, a folder that is or holds one of the command's `sources`, and (with overwrite) a non-empty folder
+    above it, a folder that is, holds or lies inside one of the command's `sources`, and (with overwrite) a non-empty folder
     that is not an output of this kind (no `marker` file in it)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -41,6 +41,9 @@ def check_out(out: str | Path, overwrite: bool, sources=(), marker: str = "llmpr
         if s == where or where in s.parents:
             raise LLMPruneError(f"--out {out} {'is' if s == where else 'holds'} the source {src}, which writing the "
                                 f"output would delete: choose another --out")
+        if s in where.parents and s.is_dir():  # the source's files would change, and a copy of it hold an output
+            raise LLMPruneError(f"--out {out} is inside the source {src}, which writing the output would change: "
+                                f"choose a folder outside it")
     if out.exists() and not overwrite:
         raise LLMPruneError(f"output folder {out} exists: pass --overwrite or choose another --out")
     check_writable(out, "--out")

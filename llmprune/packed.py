@@ -101,7 +101,7 @@ class PackWriter:
         if self.quant == "gptq":
             if quantized is None:
                 raise LLMPruneError(f"--quant gptq: no GPTQ codes for {name}: quantize every packed layer")
-            packed = self.f.pack(w.float(), k, quant=quantized, **opts)
+            packed = self.f.pack(w.float(), k, quant=quantized.full(), **opts)
         for tname, t in self.f.stored(packed).items():
             self.out.put(f"{name}.{tname}", t)
         if mod.bias is not None:
@@ -171,6 +171,63 @@ def check_packable(model: nn.Module, fmt: str, group_size: int | str = "auto") -
         check_group(min(widths), group_size)
 
 
+class ModelPacker:
+    """`write_packed` of a model in memory, in steps: `block(i, quantized)` packs the linears (and fused experts)
+    of decoder block i with their codes as soon as GPTQ's pass has made them (gptq_sequential's `on_block`: then
+    only one block's codes are alive, where the whole model's held until the end were a byte a weight, 70 GB at
+    70B); `finish` packs every linear not packed yet, the other tensors, and returns the manifest's format section.
+    A block is packed from the weights it holds when handed over: the last change to them (GPTQ writes each
+    quantized linear's dequantized weights before it hands the block over)."""
+
+    def __init__(self, model: nn.Module, folder: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
+                 quant: str | None = None, *, group_size: int | str = 128, symmetric: bool | None = None,
+                 dtype: torch.dtype | None = torch.float16, quant_opts: dict | None = None):
+        self.model, self.keep_masks = model, keep_masks
+        self.w = PackWriter(folder, fmt, quant, group_size, symmetric, dtype, quant_opts)
+        check_packable(model, fmt)
+        self.w.tied = _tied(model)
+        self.names = _linears_to_pack(model, keep_masks, self.w.tied)
+        self.done: set[str] = set()  # state-dict names written
+
+    @torch.no_grad()
+    def _linear(self, name: str, quantized: dict | None) -> None:
+        keep = None if self.keep_masks is None else self.keep_masks[name]
+        self.w.add_linear(name, self.model.get_submodule(name), keep, (quantized or {}).get(name),
+                          strict=self.keep_masks is not None)
+        self.done |= {f"{name}.weight", f"{name}.bias"}
+
+    @torch.no_grad()
+    def _experts(self, prefix: str, quantized: dict | None) -> None:
+        for name, mod in self.model.named_modules():
+            if name.startswith(prefix) and moe.is_fused_experts(mod) and name not in self.w.experts:
+                self.done |= set(self.w.add_experts(name, mod, quantized))
+
+    def block(self, index: int, quantized: dict | None) -> None:
+        """Pack decoder block `index`'s linears and experts (`quantized`: their codes, by name)."""
+        from .arch import arch_of
+
+        prefix = f"{arch_of(self.model).blocks}.{index}."
+        for name in self.names:
+            if name.startswith(prefix) and f"{name}.weight" not in self.done:
+                self._linear(name, quantized)
+        self._experts(prefix, quantized)
+
+    def finish(self, quantized: dict | None = None, progress: bool = False) -> dict:
+        """Pack what `block` did not, write every other tensor and the index; the manifest's format section."""
+        todo = [n for n in self.names if f"{n}.weight" not in self.done]
+        if progress:
+            from tqdm.auto import tqdm
+
+            todo = tqdm(todo, desc=f"pack {self.w.f.name}")
+        for name in todo:
+            self._linear(name, quantized)
+        self._experts("", quantized)
+        for key, t in self.model.state_dict().items():
+            if key not in self.done and key not in self.w.tied:
+                self.w.add_tensor(key, t)
+        return self.w.finish(self.model.config, getattr(self.model, "generation_config", None))
+
+
 @torch.no_grad()
 def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,
                  quant: str | None = None, *, group_size: int | str = 128, symmetric: bool | None = None,
@@ -182,38 +239,20 @@ def write_packed(model: nn.Module, folder: str | Path, fmt: str, keep_masks: dic
     keep_masks: layer name -> keep-mask (True = stays); None packs every linear except the output
     head whose non-zeros fit the format (others stay dense, listed in "left_dense").
     quant: None | "rtn" | "gptq" for the int4 formats (None means rtn); "gptq" needs `quantized`
-    (layer name -> quant.Quantized, e.g. from quant.sequential.gptq_sequential), packed as they are.
+    (layer name -> quant.Quantized, e.g. from quant.sequential.gptq_sequential), packed as they are
+    (ModelPacker takes them block by block instead, as GPTQ makes them).
     group_size: int4 scale group; "auto" picks per layer the largest of 128/64/32/16 dividing
     in_features (SmolLM2's 576 = 9 x 64 has no 128 group). Recorded per layer in the manifest.
     dtype: floating tensors are stored in it (sparse24 values, biases, embeddings, norms; int4
     scales are fp16 by definition); fp16 by default, the baseline packed sizes are measured against.
     None keeps the model's dtype.
     """
-    w = PackWriter(folder, fmt, quant, group_size, symmetric, dtype, quant_opts)
-    if w.quant == "gptq" and quantized is None:
+    if formats.get(fmt).check_options(quant, symmetric) == "gptq" and quantized is None:
         raise LLMPruneError("--quant gptq needs the GPTQ codes (quant.sequential.gptq_sequential): run it through "
                             "compress or pack, or use --quant rtn")
-    check_packable(model, fmt)
-    w.tied = _tied(model)
-    names = _linears_to_pack(model, keep_masks, w.tied)
-    it = names
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(names, desc=f"pack {fmt}")
-    done = set()
-    for name in it:
-        mod = model.get_submodule(name)
-        keep = None if keep_masks is None else keep_masks[name]
-        w.add_linear(name, mod, keep, (quantized or {}).get(name), strict=keep_masks is not None)
-        done |= {f"{name}.weight", f"{name}.bias"}
-    for name, mod in model.named_modules():
-        if moe.is_fused_experts(mod):
-            done |= set(w.add_experts(name, mod, quantized))
-    for key, t in model.state_dict().items():
-        if key not in done and key not in w.tied:
-            w.add_tensor(key, t)
-    return w.finish(model.config, getattr(model, "generation_config", None))
+    packer = ModelPacker(model, folder, fmt, keep_masks, quant, group_size=group_size, symmetric=symmetric,
+                         dtype=dtype, quant_opts=quant_opts)
+    return packer.finish(quantized, progress)
 
 
 def save_packed(model: nn.Module, out_dir: str | Path, fmt: str, keep_masks: dict[str, torch.Tensor] | None = None,

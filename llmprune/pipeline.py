@@ -204,6 +204,17 @@ def check_context(model, seqlen: int, flag: str) -> None:
                             f"max_position_embeddings): use {flag} {ctx} or less")
 
 
+def check_calibration(model, spec: str, seqlen: int, flag: str = "--seqlen") -> None:
+    """check_context of the calibration windows: a token-id file's own width (used as is, whatever `flag` says),
+    else `seqlen`."""
+    from . import calibration
+
+    if calibration.token_file_width(spec) is None:
+        check_context(model, seqlen, flag)
+    else:
+        calibration.check_width(spec, context_length(model))
+
+
 def check_finite(model) -> None:
     """A NaN or inf in the weights is named (a damaged file), not found later as a singular Hessian."""
     import torch
@@ -248,10 +259,10 @@ def check_model(p: Plan, model) -> list[str]:
                     getattr(model.config, "num_attention_heads", 1))
     else:
         prune.check_shapes(model, names, p.pattern)
-    if p.needs_calibration:
-        check_context(model, c.seqlen, "--seqlen")
+    if p.needs_calibration or c.export_quant == "gptq":  # (the export's GPTQ calibrates as the pruning would)
+        check_calibration(model, c.calib, c.seqlen)
     if c.recover:
-        check_context(model, c.recover.seqlen, "--recover-seqlen")
+        check_calibration(model, c.recover.data or c.calib, c.recover.seqlen, "--recover-seqlen")
     if c.eval:
         check_context(model, c.eval_seqlen, "--eval-seqlen")
     return names
@@ -368,8 +379,9 @@ def export(model, tok, folder: Path, fmt: str = "dense", quant: str | None = Non
            symmetric: bool | None = None, save_dtype: str = "float16", gptq: GPTQConfig | None = None,
            ids=None, calib_info: dict | None = None, device: str = "cpu", batch_size: int = 8,
            progress: bool = False, timer: Timer | None = None, devices: tuple[str, ...] | None = None) -> dict | None:
-    """Write the model into `folder`: a dense HF folder, or packed (GPTQ block by block first when
-    quant == "gptq"; on all `devices` at once when several). Returns the packed format section (None for dense)."""
+    """Write the model into `folder`: a dense HF folder, or packed (when quant == "gptq", each block packed as
+    GPTQ's block-by-block pass finishes it, on all `devices` at once when several). Returns the packed format
+    section (None for dense)."""
     import torch
 
     from . import checkpoint, packed
@@ -381,18 +393,21 @@ def export(model, tok, folder: Path, fmt: str = "dense", quant: str | None = Non
         return None
     dtype = getattr(torch, save_dtype)
     quantized, qinfo = None, {}
+    packer = packed.ModelPacker(model, folder, fmt, quant=quant, group_size=group_size, symmetric=symmetric,
+                                dtype=dtype)
     if quant == "gptq":
         from .quant.sequential import gptq_sequential
 
+        # each block packed as GPTQ finishes it (its codes then let go), unless the tuning needs them all after
         with timer("gptq_s"):
             quantized = gptq_sequential(model, ids, fmt, group_size, symmetric, batch_size=batch_size, device=device,
-                                        progress=progress, dtype=dtype, info=qinfo, devices=devices, **gptq.as_dict())
+                                        progress=progress, dtype=dtype, info=qinfo, devices=devices,
+                                        on_block=None if gptq.tune_steps else packer.block, **gptq.as_dict())
         if calib_info is not None:
             qinfo["calibration"] = calib_info
+        packer.w.quant_opts = {**gptq.as_dict(), **qinfo}
     with timer("save_s"):
-        section = packed.write_packed(model, folder, fmt, quant=quant, quantized=quantized, group_size=group_size,
-                                      symmetric=symmetric, progress=progress, dtype=dtype,
-                                      quant_opts={**gptq.as_dict(), **qinfo} if quant == "gptq" else None)
+        section = packer.finish(quantized, progress)
         outdir.save_side_files(folder, tokenizer=tok)
     return section
 
@@ -443,8 +458,8 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
     else:
         model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
         res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
-    return {d: {**r, "measured_on": mf.SAVED, "dtype": dtype, "device": device, "versions": versions()}
-            for d, r in res.items()}
+    return {d: {**r, "measured_on": mf.SAVED, "dtype": dtype, "device": device, "versions": versions(),
+                "files": mf.files_stamp(folder)} for d, r in res.items()}
 
 
 def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, device: str, dtype: str, progress: bool,
@@ -473,18 +488,19 @@ def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, devic
         zs = zeroshot.zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks), limit=limit,
                                batch_size=batch_size, tasks_dir=tasks_dir, device=device if lz is not None else None,
                                progress=progress)
-    zs["limit"], zs["blockwise"], zs["dtype"] = limit, lz is not None, dtype
+    zs["limit"], zs["blockwise"], zs["dtype"], zs["files"] = limit, lz is not None, dtype, mf.files_stamp(folder)
     return zs
 
 
 def merge_zeroshot(old: dict | None, new: dict, run: dict | None = None) -> dict:
     """A zero-shot run's results (`new`, zeroshot_saved) merged into an output's earlier ones: the earlier tasks stay
-    only where measured the same way (the same --limit and lm-eval, on the saved folder, measured_alike; else they
-    are dropped, not mixed), and the mean is over every task listed. `run`: the dtype, device and versions of the
+    only where measured the same way (the same --limit and lm-eval, on the saved folder's same files
+    (manifest.files_stamp), measured_alike; else they are dropped, not mixed), and the mean is over every task listed. `run`: the dtype, device and versions of the
     run that made the folder, for a section that does not say them (it was measured by that run)."""
     tasks = mf.zeroshot_tasks
     was = {**(run or {}), **(old or {})}
     same = bool(old) and old.get("limit") == new.get("limit") and "measured_on" not in old \
+        and old.get("files", new.get("files")) == new.get("files") \
         and measured_alike(was, new, ("torch", "transformers", "lm_eval"))
     kept = {**(tasks(old) if same else {}), **tasks(new)}
     rest = {k: v for k, v in new.items() if k not in kept and k != "mean"}

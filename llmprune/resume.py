@@ -4,9 +4,10 @@ A 70B model's SparseGPT pass runs for hours, and a run that dies outright (preem
 SIGKILL's default, the OOM killer, a machine going down) cannot clean up: it leaves its temporary
 output folder (outdir.py) holding the blocks it finished. While `compress` prunes block by block
 (onload.transform) and `pack` packs (onload.pack), each pass over the blocks commits a checkpoint into
-that folder (`.resume/`) every `--checkpoint-every` seconds and after its last block: every file it wrote
-synced to the disk (the output's, or the scratch folder's when GPTQ's pass or PERP follows), the
-calibration activations entering the next block, what the pass recorded so far (per-layer results,
+that folder (`.resume/`) every `--checkpoint-every` seconds (0: after every block) and after its last block: every
+file it wrote synced to the disk (the output's, or the scratch folder's when GPTQ's pass or PERP follows), the
+tensors a packed output holds for a file not yet full (`Checkpoints._pending`: a small model's fills none before
+its end), the calibration activations entering the next block, what the pass recorded so far (per-layer results,
 zeros counted, seconds spent; the dense model's figures, OWL's sparsities, PERP's results) and a
 fingerprint of all that decides the weights (the recipe, the calibration tokens, the source files, the
 versions and processors, the devices). The next run of the same command finds the folder, checks the
@@ -72,7 +73,7 @@ def _state(folder: Path) -> dict | None:
 
 
 # a pass's part of a checkpoint (the rest is the run's)
-PASS = ("stage", "next_block", "hidden", "files", "layers", "experts", "replayed", "out")
+PASS = ("stage", "next_block", "hidden", "files", "layers", "experts", "replayed", "out", "pending")
 # what a pass did to the blocks, as a resume message says it
 DONE = {"prune": "pruned", "pack": "packed", "recover": "retrained (PERP)", "gptq": "quantized (GPTQ)",
         "slice": "sliced (SliceGPT)", "tune": "scale-tuned"}
@@ -126,10 +127,14 @@ def kept(folder: Path) -> str | None:
 
 
 def _kept_files(state: dict):
-    """The files of `.resume/` a checkpoint's `keep` names (trainings' states, kept tensors)."""
+    """The files of `.resume/` a checkpoint counts on: those its `keep` names (trainings' states, kept tensors) and
+    the tensors its passes' outputs held unwritten (`pending`)."""
     for v in state.get("keep", {}).values():
         if isinstance(v, dict) and isinstance(v.get("file"), str):
             yield v["file"]
+    for st in (state, *state.get("done", {}).values()):
+        for f, _ in st.get("pending", []):
+            yield f
 
 
 def _said(state: dict) -> str:
@@ -182,6 +187,7 @@ class Checkpoints:
         self.stage = self.out = None
         self.retuned: dict | None = None  # the killed run's scale tuning recipe, when this run's differs (retune)
         self.state: dict = {}  # the pass's last checkpoint (or the killed run's)
+        self.pending: list = []  # [file, names] in .resume/ of what the pass's output holds unwritten (`_pending`)
         self.start = 0
         self.t0 = self.last = time.monotonic()
 
@@ -192,8 +198,17 @@ class Checkpoints:
         self.stage, self.out = stage, out
         self.state = self.found if self.found.get("stage", "prune") == stage else self.done.get(stage, {})
         self.start = self.state.get("next_block", 0)
+        self.pending = [list(e) for e in self.state.get("pending", [])]
+        _remove_but(self.dir, f"pending-{stage}-*", *(Path(f).parent.name for f, _ in self.pending))
         if self.state:  # the blocks before `start` are in the pass's files: write the others into them
             out.restore(self.state["out"], self.start)
+            if self.pending:  # and what the output held unwritten goes back where it was
+                from safetensors.torch import load_file
+
+                held = {}
+                for f, _ in self.pending:
+                    held |= load_file(str(self.dir / f))
+                out.buffer().hold({n: held[n] for _, names in self.pending for n in names})
         return self
 
     def _finish_pass(self) -> None:
@@ -296,18 +311,47 @@ class Checkpoints:
     def after(self, i: int, hidden: list[torch.Tensor] | None, infos: dict, experts: dict, replayed: int,
               hessian_extra: int = 0) -> None:
         done = i + 1
-        if done < self.n and time.monotonic() - self.last < self.every or not self.out.ready():
-            return  # (a packed output is ready after a block that filled a file: onload.Output.ready)
+        if done < self.n and time.monotonic() - self.last < self.every:
+            return
+        buffer = self.out.buffer() if hasattr(self.out, "buffer") else None
+        if buffer is None and not self.out.ready():
+            return  # (an output that cannot keep what it holds unwritten: after a block that filled a file)
         files = self.out.sync()
+        dropped = self._pending(buffer, done) if buffer is not None else []
         name = None
         if done < self.n and hidden is not None:
             name = f"hidden-{done:05d}"
             _save_hidden(self.dir / name, hidden)
         self.state = {"stage": self.stage, "next_block": done, "hidden": name, "files": files, "layers": infos,
                       "experts": experts, "replayed": replayed, "hessian_extra": hessian_extra,
-                      "out": self.out.snapshot()}
+                      "out": self.out.snapshot(), "pending": self.pending}
         self.commit()
         _remove_but(self.dir, "hidden-*", name)
+        for f in dropped:
+            shutil.rmtree(self.dir / Path(f).parent, ignore_errors=True)
+
+    def _pending(self, buffer, done: int) -> list[str]:
+        """Keep in `.resume/` the tensors the output's shard buffer (lazy.ShardBuffer) holds unwritten, so that a
+        checkpoint needs no block that fills a file (a small model's packed output fills none before its end):
+        those put since the last checkpoint, in one file; the files of those written to the output since are
+        dropped (returned, removed once the new state is committed). Each tensor is kept once: at most the
+        output's size is written twice."""
+        held = set(buffer.shard)
+        now = [e for e in self.pending if held.issuperset(e[1])]
+        dropped = [e[0] for e in self.pending if e not in now]
+        kept = {n for _, names in now for n in names}
+        new = [n for n in buffer.shard if n not in kept]
+        if new:
+            from .lazy import fsync, save_tensors
+
+            folder = self.dir / f"pending-{self.stage}-{done:05d}"
+            shutil.rmtree(folder, ignore_errors=True)  # (a killed run's, never committed)
+            folder.mkdir()
+            save_tensors({n: buffer.shard[n] for n in new}, folder / "model.safetensors", {"format": "pt"})
+            fsync([folder / "model.safetensors"])
+            now.append([f"{folder.name}/model.safetensors", new])
+        self.pending = now
+        return dropped
 
     def commit(self) -> None:
         """Write the state: the current pass's last checkpoint, the finished passes', the run's."""
@@ -371,10 +415,10 @@ class Training:
         _remove_but(self.ck.dir, prefix + "*", name)
 
 
-def _remove_but(folder: Path, pattern: str, keep: str | None = None) -> None:
-    """Remove the checkpoint folders matching `pattern` in `folder` except `keep` (the one just committed)."""
+def _remove_but(folder: Path, pattern: str, *keep: str | None) -> None:
+    """Remove the checkpoint folders matching `pattern` in `folder` except `keep` (the ones just committed)."""
     for p in folder.glob(pattern):
-        if p.name != keep:
+        if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
 
 

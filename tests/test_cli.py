@@ -136,8 +136,9 @@ def test_existing_out_needs_overwrite(tmp_path, capsys, tiny_dir, calib_txt):
 
 def test_an_out_whose_writing_would_lose_something_is_refused_first(tmp_path, capsys, tiny_dir, calib_txt,
                                                                      monkeypatch):
-    """--overwrite deleted the source when --out was it or held it (compress, pack, recover, export), and an --out
-    under a file, or the current folder, failed with a traceback after the work: each is one line, before it."""
+    """--overwrite deleted the source when --out was it or held it (compress, pack, recover, export), an --out
+    inside the source wrote into it, and an --out under a file, or the current folder, failed with a traceback
+    after the work: each is one line, before it."""
     import shutil
 
     src = shutil.copytree(tiny_dir, tmp_path / "sand" / "model")
@@ -152,6 +153,10 @@ def test_an_out_whose_writing_would_lose_something_is_refused_first(tmp_path, ca
              (["pack", o, "--format", "sparse24", "--out", o], "is the source"),
              (["recover", o, "--steps", "1", "--out", o], "is the source"),
              (["export", o, "--to", "gguf", "--out", o], "is the source"),
+             (["pack", o, "--format", "sparse24", "--out", o / "inner"], "is inside the source"),
+             (["recover", o, "--steps", "1", "--out", o / "a" / "b"], "is inside the source"),
+             (["export", o, "--to", "gguf", "--out", o / "inner"], "is inside the source"),
+             (["compress", "--model", src, "--calib", calib_txt, "--out", src / "inner"], "is inside the source"),
              (["compress", "--model", src, "--calib", calib_txt, "--out", tmp_path / "afile" / "x"], "is a file"),
              (["compress", "--model", src, "--calib", calib_txt, "--out", "."], "the current folder"),
              (["compress", "--model", src, "--calib", calib_txt, "--out", ".."], "the current folder or one above")]
@@ -160,6 +165,7 @@ def test_an_out_whose_writing_would_lose_something_is_refused_first(tmp_path, ca
         rc, _, se = _run(capsys, *argv, *extra, "--overwrite")
         assert rc == 2 and msg in se and len(se.strip().splitlines()) == 1, (argv, se)
     assert (tmp_path / "sand" / "notes.txt").read_text() == "mine" and (src / "config.json").exists()
+    assert not [f for f in [*o.iterdir(), *src.iterdir()] if f.is_dir()]  # (nothing written inside a source)
     assert json.loads((o / "llmprune.json").read_text())["steps"] == ["prune"]
     rc, _, se = _run(capsys, "compress", "--model", src, "--calib", calib_txt, "--out", tmp_path / "afile", *FAST_CLI)
     assert rc == 2 and "is a file" in se  # not "exists: pass --overwrite"
@@ -180,6 +186,94 @@ def test_interrupt_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_tx
                      "--checkpoint-every", "off")
     assert rc == 130 and "interrupted" in se
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_a_stop_ignores_the_next_ones():
+    """Ctrl-C or SIGTERM stops the run once; from then on both are ignored (the clean-up and the exit go on)."""
+    import signal
+
+    from llmprune import cli
+    from llmprune.errors import Terminated
+
+    before = {s: signal.getsignal(s) for s in cli.STOPS}
+    try:
+        for signum, stop in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
+            for s, handler in before.items():
+                signal.signal(s, handler)
+            with pytest.raises(KeyboardInterrupt) as e:
+                cli._stopped(signum, None)
+            assert type(e.value) is stop
+            assert all(signal.getsignal(s) == signal.SIG_IGN for s in cli.STOPS)
+            signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: nothing
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_ctrl_c_again_while_stopping_does_not_cut_the_clean_up_short(tmp_path, capsys, tiny_dir, calib_txt,
+                                                                      monkeypatch):
+    """A second Ctrl-C while the output's temporary folder is being dealt with was a KeyboardInterrupt there; now it
+    is ignored until the run returns, and a caller in this process gets its handlers back."""
+    import signal
+
+    import llmprune.manifest as mf
+    from llmprune import outdir
+
+    real_write, real_full, after = mf.write, outdir._disk_full, []
+
+    def interrupted(folder, manifest):  # Ctrl-C after the weights were written
+        real_write(folder, manifest)
+        signal.raise_signal(signal.SIGINT)
+        pytest.fail("Ctrl-C did not stop the run")
+
+    def again(e):  # and again while the clean-up runs
+        signal.raise_signal(signal.SIGINT)
+        after.append(1)
+        return real_full(e)
+
+    monkeypatch.setattr(mf, "write", interrupted)
+    monkeypatch.setattr(outdir, "_disk_full", again)
+    rc, _, se = _run(capsys, "compress", "--model", tiny_dir, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI,
+                     "--checkpoint-every", "off")
+    assert rc == 130 and se.strip() == "llmprune: interrupted; the output being written was not" and after
+    assert list(Path(tmp_path).iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+STOPPED_PROGRAM = """
+import atexit, signal, sys
+from llmprune import placement
+placement.check_one_process = lambda *a: signal.raise_signal(signal.SIGINT)  # Ctrl-C as the run starts
+
+class Err:  # and again while the run says it stopped
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, s):
+        self.n += 1
+        if self.n == 1:
+            signal.raise_signal(signal.SIGINT)
+        return self.f.write(s)
+    def flush(self):
+        self.f.flush()
+
+sys.stderr = Err(sys.stderr)
+atexit.register(lambda: [signal.raise_signal(signal.SIGINT) for _ in range(2)])  # and twice more during the exit
+sys.argv = ["llmprune", "eval", "x"]
+from llmprune.cli import main
+sys.exit(main())
+"""
+
+
+def test_repeated_ctrl_c_ends_the_program_quietly():
+    """The third Ctrl-C, during the exit, printed a traceback from an atexit callback: after the first, the program
+    ignores them until it has exited with its one line."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", STOPPED_PROGRAM], check=False, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130 and r.stderr == "llmprune: interrupted; the output being written was not\n", r.stderr
 
 
 def test_out_of_memory_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, tiny_dir, calib_txt,

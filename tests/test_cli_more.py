@@ -39,6 +39,10 @@ def test_a_reference_figure_stands_only_beside_one_measured_alike(tmp_path, monk
     src = tmp_path / "src"
     assert main(["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), "--out", str(src), *FAST_CLI[:-2],
                  "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "2"]) == 0
+    from llmprune.manifest import files_stamp
+
+    stamp = json.loads((src / "llmprune.json").read_text())["eval"]["wikitext2"]["files"]
+    assert stamp == files_stamp(src)  # compress's figure, stamped with the files of the folder as it was made
     flags = ["--seqlen", "64", "--windows", "2", "--no-progress"]
     assert main(["eval", str(src), *flags]) == 0
     m = json.loads((src / "llmprune.json").read_text())
@@ -73,6 +77,19 @@ def test_a_reference_figure_stands_only_beside_one_measured_alike(tmp_path, monk
     assert same["before_recover_ppl"] == 1.0 and same["dense_ppl"] == dense
     other = recover("other", "0.0.1")
     assert other["before_recover_ppl"] == pytest.approx(ppl, rel=1e-9) and "dense_ppl" not in other
+    # the weights edited after the figure was measured (here by hand): measured again, on the edited bytes
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(src / "model.safetensors")
+    name = next(n for n in weights if n.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name] = weights[name] * 0.5
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    edited = recover("edited", transformers.__version__)["before_recover_ppl"]
+    model, tok, _ = checkpoint.load(src)
+    from llmprune.eval.perplexity import perplexity
+
+    assert edited == pytest.approx(perplexity(model, tok, "wikitext2", 64, 2, progress=False)["ppl"], rel=1e-9)
+    assert edited != pytest.approx(ppl, rel=1e-6)
 
 
 def test_recover_keeps_zeros_and_records(tmp_path, capsys, pruned_24, calib_txt):
@@ -159,7 +176,7 @@ def test_recover_reads_each_block_straight_to_where_it_trains(tmp_path, capsys, 
         assert {d for d, _ in during} == {0, 1}, "the two devices should each train a block"
     ma, mb = (json.loads((tmp_path / f / "llmprune.json").read_text()) for f in ("whole", "blocks"))
     assert (ma["recover"]["onload"], mb["recover"]["onload"]) == ("whole", "blocks")
-    timeless = lambda m: {d: {k: v for k, v in e.items() if k != "seconds"} for d, e in m["eval"].items()}
+    timeless = lambda m: {d: {k: v for k, v in e.items() if k not in ("seconds", "files")} for d, e in m["eval"].items()}
     assert ma["recover"]["losses"] == mb["recover"]["losses"] and timeless(ma) == timeless(mb)
     assert ma["sparsity"] == mb["sparsity"] and mb["recover"]["zeros_unchanged"] is True
     wa, wb = (WeightFiles(tmp_path / f) for f in ("whole", "blocks"))
@@ -514,7 +531,7 @@ def test_eval_tasks_and_report(tmp_path, capsys, pruned_24, monkeypatch):
     assert zs["copa"]["n"] == 3 and 0 <= zs["mean"] <= 1
     model, tok, _ = checkpoint.load(pruned_24)
     assert zs["blockwise"] and zeroshot(model, tok, "copa,rte", limit=3) == {
-        k: v for k, v in zs.items() if k not in ("limit", "blockwise", "dtype", "device", "versions", "command")}
+        k: v for k, v in zs.items() if k not in ("limit", "blockwise", "dtype", "device", "versions", "command", "files")}
     assert zs["command"].startswith("llmprune eval ") and zs["versions"]["lm_eval"]  # how it was measured
     saved = json.loads((pruned_24 / "llmprune.json").read_text())["zeroshot"]
     assert saved["rte"]["n"] == 3 and (saved["limit"], saved["dtype"]) == (3, "float32")
@@ -550,7 +567,7 @@ def test_compress_tasks_score_the_saved_output(tmp_path, capsys, tiny_dir, calib
     assert zs["blockwise"] and zs["limit"] == 3 and zs["copa"]["n"] == 3 and m["timings"]["zeroshot_s"] > 0
     model, tok, _ = checkpoint.load(out)
     assert zeroshot(model, tok, "copa,rte", limit=3) == {k: v for k, v in zs.items()
-                                                         if k not in ("limit", "blockwise", "dtype")}
+                                                         if k not in ("limit", "blockwise", "dtype", "files")}
     capsys.readouterr()
     for argv, msg in [(["--tasks", "copa,nope"], "unknown zero-shot task nope"),
                       (["--tasks", "copa", "--tasks-limit", "0"], "--tasks-limit 0 must be >= 1")]:
@@ -576,7 +593,8 @@ def test_pack_and_recover_tasks_score_the_folder_they_write(cmd, tmp_path, capsy
     zs = json.loads((out / "llmprune.json").read_text())["zeroshot"]
     assert zs["blockwise"] and zs["copa"]["n"] == 4
     model, tok, _ = checkpoint.load(out)
-    assert zeroshot(model, tok, "copa", limit=4) == {k: v for k, v in zs.items() if k not in ("limit", "blockwise", "dtype")}
+    assert zeroshot(model, tok, "copa", limit=4) == {k: v for k, v in zs.items()
+                                                     if k not in ("limit", "blockwise", "dtype", "files")}
     capsys.readouterr()
     assert main([cmd, str(pruned_24), *extra, "--out", str(tmp_path / "x"), "--tasks-limit", "4"]) == 2
     assert "--tasks-limit limits the zero-shot tasks: add --tasks" in capsys.readouterr().err
@@ -797,6 +815,126 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys, pruned_
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*")), argv
+
+
+def _stub_commands(monkeypatch) -> type:
+    """Replace what each command calls once its flags are read: reaching it raises the returned exception."""
+    from llmprune import api, export, sweep
+
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached
+
+    for mod, name in ((api, "compress"), (api, "pack"), (api, "recover"), (api, "evaluate"), (export, "export"),
+                      (sweep, "sweep")):
+        monkeypatch.setattr(mod, name, reached)
+    return Reached
+
+
+def test_a_flag_nothing_reads_is_refused_by_what_the_command_line_gave(tmp_path, capsys, monkeypatch):
+    """Each was accepted without a word, its value read by nothing in that combination (pack's sparse24 takes no
+    calibration, GGUF no --save-dtype, ...). A flag's default never counts, even one equal to a value typed: a flag
+    is refused for being given, and the combinations that read it are not refused."""
+    from safetensors.torch import save_file
+
+    from llmprune.cli import build_parser
+
+    reached = _stub_commands(monkeypatch)
+    ids = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.zeros(2, 16, dtype=torch.long)}, str(ids))
+    o = ["--out", str(tmp_path / "x")]
+    refused = [
+        (["compress", "--eval", "none", "--eval-windows", "3"],
+         "--eval-windows has no effect with --eval none: drop --eval-windows"),
+        (["compress", "--eval", "none", "--eval-seqlen", "64"], "--eval-seqlen has no effect with --eval none"),
+        (["compress", "--eval", "none", "--no-dense-eval"], "--no-dense-eval has no effect with --eval none"),
+        (["compress", "--scope", "layer"], "--scope has no effect without --solver magnitude"),
+        (["compress", "--format", "sparse24", "--group-size", "64"], "--group-size has no effect with --format sparse24"),
+        (["compress", "--grid", "auto"], "--grid has no effect with --format dense"),
+        (["compress", "--format", "w4s24", "--no-act-order"], "--act-order has no effect without --quant gptq"),
+        (["compress", "--calib", ids, "--seqlen", "64"], f"--seqlen has no effect with --calib {ids} (token ids"),
+        (["pack", "s", "--format", "sparse24", "--nsamples", "8"], "--nsamples has no effect without --quant gptq"),
+        (["pack", "s", "--format", "w4s24", "--hessian-gib", "1"], "--hessian-gib has no effect without --quant gptq"),
+        (["pack", "s", "--format", "w4s50", "--group-size", "32"], "whose groups are fixed (16): drop --group-size"),
+        (["pack", "s", "--format", "sparse24", "--eval-windows", "2"], "--eval-windows has no effect without --eval"),
+        (["pack", "s", "--format", "sparse24", "--onload", "whole", "--checkpoint-every", "0"],
+         "--checkpoint-every has no effect with --onload whole"),
+        (["compress", "--onload", "whole", "--checkpoint-every", "off"], "--checkpoint-every has no effect"),
+        (["export", "s", "--to", "gguf", "--save-dtype", "float16"], "--save-dtype has no effect with --to gguf"),
+        (["export", "s", "--to", "gguf", "--calib", "c4"], "--calib has no effect with --to gguf"),
+        (["export", "s", "--to", "compressed-tensors", "--seqlen", "64"], "--seqlen has no effect without --quant gptq"),
+        (["export", "s", "--to", "compressed-tensors", "--checkpoint-every", "0"], "--checkpoint-every has no effect"),
+        (["eval", "s", "--limit", "3"], "--limit has no effect without --tasks: add --tasks or drop --limit"),
+        (["eval", "s", "--tasks", "copa", "--windows", "2"], "--windows has no effect without --ppl"),
+        (["eval", "s", "--ppl", "none", "--seqlen", "64", "--tasks", "copa"], "--seqlen has no effect with --ppl none"),
+        (["eval", "s", "--batch-size", "4"], "--batch-size has no effect without --tasks"),
+        (["recover", "s", "--train", "norms", "--rank", "4"], "--rank has no effect with --train norms"),
+        (["recover", "s", "--eval-seqlen", "64"], "--eval-seqlen has no effect without --eval"),
+        (["recover", "s", "--data", ids, "--nsamples", "4"], "--nsamples has no effect with --data"),
+        (["sweep", "--limit", "3"], "--limit has no effect without --tasks"),
+    ]
+    for argv, msg in refused:
+        rc = main([str(v) for v in (*argv, *(o if argv[0] not in ("eval", "sweep") else ()))])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    read = [  # the same flags where something reads them
+        ["compress", "--eval-windows", "3", "--eval-seqlen", "64", "--no-dense-eval", "--calib", ids],
+        ["compress", "--solver", "magnitude", "--scope", "global"],
+        ["compress", "--onload", "whole", "--recover", "perp", "--checkpoint-every", "0"],
+        ["compress", "--format", "w4s24", "--quant", "gptq", "--group-size", "64", "--grid", "sym", "--no-act-order"],
+        ["pack", "s", "--format", "w4s24", "--quant", "gptq", "--nsamples", "8", "--seed", "1", "--hessian-gib", "1"],
+        ["pack", "s", "--format", "w4g128", "--group-size", "32", "--eval", "wikitext2", "--eval-windows", "2"],
+        ["export", "s", "--to", "compressed-tensors", "--quant", "gptq", "--seqlen", "64", "--save-dtype", "float16",
+         "--checkpoint-every", "0"],
+        ["export", "s", "--to", "gguf", "--type", "q8_0"],
+        ["eval", "s", "--tasks", "copa", "--limit", "3", "--batch-size", "4", "--ppl", "wikitext2", "--windows", "2"],
+        ["recover", "s", "--train", "norms,masklora", "--rank", "4", "--eval", "wikitext2", "--eval-windows", "2"],
+        ["sweep", "--tasks", "copa", "--limit", "3"],
+    ]
+    for argv in read:
+        with pytest.raises(reached):
+            main([str(v) for v in (*argv, *(o if argv[0] not in ("eval", "sweep") else ()))])
+    given = build_parser().parse_args(["export", "s", "--to", "gguf", "--no-act-order"]).given
+    assert given == {"command", "src", "to", "act_order"}  # (argparse's defaults are not "given")
+
+
+def test_a_token_id_file_wider_than_the_context_is_refused_before_any_work(tmp_path, capsys, monkeypatch, tiny_dir,
+                                                                          pruned_24):
+    """Its width (used as is) was not checked, only --seqlen's (which it ignores): the tiny model (context 512)
+    calibrated on 600-token windows. Refused before the file is read, whichever command calibrates on it."""
+    from safetensors.torch import save_file
+
+    from llmprune import calibration, pipeline
+
+    wide, narrow = tmp_path / "wide.safetensors", tmp_path / "narrow.safetensors"
+    save_file({"input_ids": torch.randint(0, 250, (2, 600))}, str(wide))
+    save_file({"input_ids": torch.randint(0, 250, (2, 40))}, str(narrow))
+    assert calibration.token_file_width(str(wide)) == 600 and calibration.token_file_width("c4") is None
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibrated before the refusal"))
+    x = str(tmp_path / "x")
+    cases = [["compress", "--model", tiny_dir, "--solver", "sparsegpt", "--calib", wide, "--eval", "none"],
+             ["compress", "--model", tiny_dir, "--solver", "sparsegpt", "--calib", wide, "--eval", "none", "--onload",
+              "whole"],
+             ["compress", "--model", tiny_dir, "--solver", "magnitude", "--recover", "perp", "--calib", wide, "--eval",
+              "none"],
+             ["compress", "--model", tiny_dir, "--solver", "magnitude", "--export", "compressed-tensors",
+              "--export-quant", "gptq", "--calib", wide, "--eval", "none"],
+             ["pack", pruned_24, "--format", "w4s24", "--quant", "gptq", "--calib", wide],
+             ["export", pruned_24, "--to", "compressed-tensors", "--quant", "gptq", "--calib", wide],
+             ["recover", pruned_24, "--data", wide],
+             ["sweep", "--model", tiny_dir, "--calib", wide]]
+    for argv in cases:
+        rc = main([str(v) for v in (*argv, "--out", x, "--no-progress")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"calibration file {wide} holds windows of 600 tokens, longer than the model's context (512" \
+            in err and "cut its input_ids to 512 tokens" in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not list(tmp_path.glob("*x*")), argv
+    # a narrow file passes the check, whatever the protocol's --seqlen default (here 2048 > 512: paper)
+    with pytest.raises(pytest.fail.Exception, match="calibrated before the refusal"):
+        main([str(v) for v in ("compress", "--model", tiny_dir, "--solver", "sparsegpt", "--calib", narrow, "--eval",
+                               "none", "--protocol", "paper", "--out", x, "--no-progress")])
 
 
 def test_eval_windows_0_is_every_window():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llmprune.cli import main
+from llmprune.models import reads_any_gguf_tokenizer
 from llmprune.testing import FAST_CLI, LLAMA31_ROPE, PHI3_LONGROPE, PHI4_LONGROPE, VOCAB, folder_tensors
 
 # found, not imported: importing compressed_tensors imports triton (TRITON_INTERPRET=1: tests/conftest.py)
@@ -36,7 +37,8 @@ def outs(tmp_path_factory, tiny_dir, calib_txt):
     for key, src, fmt, extra in (("w4sym", "dense", "w4g128", ["--grid", "sym"]), ("w4asym", "dense", "w4g128", []),
                                  ("w4s24", "24", "w4s24", []), ("w4s50", "g16", "w4s50", [])):
         o[key] = d / key
-        assert main([str(a) for a in ("pack", o[src], "--format", fmt, "--group-size", "32", *extra, "--out", o[key],
+        group = ["--group-size", "32"] if fmt != "w4s50" else []  # (w4s50's groups are fixed: 16)
+        assert main([str(a) for a in ("pack", o[src], "--format", fmt, *group, *extra, "--out", o[key],
                                       "--no-progress")]) == 0
     return o
 
@@ -286,6 +288,37 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     assert [p.name for p in (tmp_path / "cache2" / "models").iterdir()] == [folder.name]  # no first try left
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])
+def test_a_gguf_is_parsed_no_more_than_its_config_and_tokenizer_take(tmp_path, capsys, calib_txt, monkeypatch, arch):
+    """gguf's reader parses every key of a GGUF, a vocabulary's strings included (22 s for Gemma 3's 262k): a
+    conversion, both of its tries (here the 16-bit one refused, then fp32), parses the file no more often than
+    transformers' AutoConfig and AutoTokenizer.from_pretrained(gguf_file=) take to read the config and tokenizer
+    alone (2 with transformers 5.25; it was 9: each try parsed it anew, AutoConfig and AutoTokenizer again), and the
+    config and tokenizer it builds from what it read are those two build."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmprune import models
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    _, out, e = _family_export(tmp_path, capsys, calib_txt, arch, types="bf16")
+    f = out / e["files"][0]
+    parses, real = [], gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: parses.append(1) or real(self, *a, **k))
+    tries = []
+    monkeypatch.setattr(models, "_holds", lambda y, x: tries.append(1) and False)  # every 16-bit copy inexact
+    folder, _ = models.gguf_to_folder(f)
+    assert tries and {v.dtype for v in folder_tensors(folder).values()} == {torch.float32}  # (the second try's)
+    converting, parses[:] = len(parses), []
+    want = AutoConfig.from_pretrained(out, gguf_file=f.name).to_dict()
+    AutoTokenizer.from_pretrained(out, gguf_file=f.name).save_pretrained(tmp_path / "tok")
+    assert converting <= len(parses), (converting, len(parses))
+    assert models._GGUF(f).config().to_dict() == {**want, "_name_or_path": ""}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).read_text() == (tmp_path / "tok" / name).read_text(), name
+
+
+
 
 
 @pytest.mark.parametrize("arch,over", [
@@ -295,9 +328,14 @@ def test_a_16_bit_gguf_is_cached_in_its_own_dtype(tmp_path, capsys, tiny_dir, ca
     ("mistral", {"head_dim": 32}),  # as Mistral-Nemo: heads of attention.key_length, not hidden / heads
     ("llama", {"rope_parameters": LLAMA31_ROPE}),  # Llama 3.1's scaling: transformers' reader drops rope_freqs
     ("phi3", PHI3_LONGROPE), ("phi3", PHI4_LONGROPE),  # Phi-3.5's and Phi-4-mini's LongRoPE: dropped
-    ("phi3", {}), ("qwen2", {"vocab_size": 300})],  # (the others GGUF writes and transformers reads: as they are)
+    ("phi3", {}), ("qwen2", {"vocab_size": 300}),  # (the others GGUF writes and transformers reads: as they are)
+    # transformers' reader has no row for them (models.GGUF_FAMILIES); before its tokenizers by type, none read them
+    *[pytest.param(*case, marks=pytest.mark.skipif(not reads_any_gguf_tokenizer(), reason="transformers < 5.25"))
+      for case in [("olmo2", {}), ("glm4", {}),
+                   ("glm4", {"attention_bias": False, "rope_parameters": {  # (its class: biases, 1/2 rotated)
+                       "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}})]]],
     ids=["qwen2_moe", "qwen3_moe", "qwen3", "qwen3-head32", "gemma2", "gemma2-27b", "mistral-head32", "llama31",
-         "phi35-longrope", "phi4mini-longrope", "phi3", "qwen2"])
+         "phi35-longrope", "phi4mini-longrope", "phi3", "qwen2", "olmo2", "glm4", "glm4-nobias-fullrope"])
 def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path, capsys, calib_txt, monkeypatch, arch,
                                                                         over):
     """A Qwen-MoE GGUF (its experts stacked per projection, sizes under expert_feed_forward_length), a Qwen3 one
@@ -305,8 +343,10 @@ def test_a_gguf_is_read_with_the_sizes_transformers_leaves_at_defaults(tmp_path,
     by the model's size) or a Llama 3.1 one (its RoPE scaling as the rope_freqs factors) read as --model:
     transformers' own GGUF reader keeps the config class's defaults for those (Qwen3's head_dim 128, Gemma's
     query_pre_attn_scalar 256, plain RoPE) and stacks the experts in memory; llmprune reads them as llama.cpp does
-    and writes each stacked tensor once its parts are read: the cached copy holds the exported model's tensors
-    (fp16-rounded, as the F16 file stores them), its zeros included, the logits agree, and it prunes."""
+    and writes each stacked tensor once its parts are read. OLMo 2 and GLM-4 (transformers' reader refuses them: it
+    has no row for them) are read with llmprune's rows, GLM-4's biases and rotated share as the file has them. The
+    cached copy holds the exported model's tensors (fp16-rounded, as the F16 file stores them), its zeros included,
+    the logits agree, and it prunes."""
     import llmprune
     from llmprune import llamacpp, models
     from llmprune.testing import byte_tokenizer, tiny_model
@@ -357,6 +397,55 @@ def test_a_gguf_transformers_misreads_is_refused_before_it_isfolder_tensors(tmp_
     rc, _, err = _run(capsys, "compress", "--model", f, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "transformers' GGUF reader takes it for a llama model, whose model.layers.0.mlp.gate_proj.weight" in err
+    assert not any((tmp_path / "cache" / "models").iterdir()) and not (tmp_path / "o").exists()
+
+
+def test_a_gpt_oss_gguf_whose_experts_transformers_does_not_map_is_refused(tmp_path, capsys, calib_txt, monkeypatch):
+    """A GPT-OSS GGUF as llama.cpp lays it out (experts split into ffn_gate_exps / ffn_up_exps / ffn_down_exps with
+    biases; llmprune does not write the family): transformers 5.25 reads its config but maps none of those onto its
+    fused experts (its GPT-OSS processor is keyed "gpt_oss", the file says "gpt-oss", and it names per-expert
+    tensors transformers 5 no longer has): refused in one line naming the fused tensor, no talk of Mixtral."""
+    import gguf
+    import numpy as np
+
+    from llmprune.testing import tiny_config
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    c = tiny_config("gpt_oss")
+    f = tmp_path / "oss.gguf"
+    w = gguf.GGUFWriter(str(f), "gpt-oss")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_expert_count(c.num_local_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    h, e, i, q, kv = c.hidden_size, c.num_local_experts, c.intermediate_size, c.num_attention_heads * c.head_dim, \
+        c.num_key_value_heads * c.head_dim
+    shapes = {"token_embd.weight": (c.vocab_size, h), "output_norm.weight": (h,), "output.weight": (c.vocab_size, h)}
+    for b in range(c.num_hidden_layers):
+        shapes.update({f"blk.{b}.{k}": s for k, s in {
+            "attn_norm.weight": (h,), "post_attention_norm.weight": (h,), "attn_sinks.weight": (c.num_attention_heads,),
+            "attn_q.weight": (q, h), "attn_q.bias": (q,), "attn_k.weight": (kv, h), "attn_k.bias": (kv,),
+            "attn_v.weight": (kv, h), "attn_v.bias": (kv,), "attn_output.weight": (h, q), "attn_output.bias": (h,),
+            "ffn_gate_inp.weight": (e, h), "ffn_gate_inp.bias": (e,), "ffn_gate_exps.weight": (e, i, h),
+            "ffn_gate_exps.bias": (e, i), "ffn_up_exps.weight": (e, i, h), "ffn_up_exps.bias": (e, i),
+            "ffn_down_exps.weight": (e, h, i), "ffn_down_exps.bias": (e, h)}.items()})
+    for name, s in shapes.items():
+        w.add_tensor(name, np.zeros(s, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    rc, _, err = _run(capsys, "compress", "--model", f, "--calib", calib_txt, "--out", tmp_path / "o", *FAST_CLI)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "takes it for a gpt_oss model, whose model.layers.0.mlp.experts.gate_up_proj" in err, err
+    assert "Mixtral" not in err and "Hugging Face folder" in err
     assert not any((tmp_path / "cache" / "models").iterdir()) and not (tmp_path / "o").exists()
 
 
@@ -602,10 +691,25 @@ def test_export_reads_one_block_at_a_time_and_writes_what_the_whole_load_writes(
     tuning = "--tune-steps" in extra
     if "gptq" in extra:
         extra = [*extra, "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32"]
+    codes, most = [], [0]
     with monkeypatch.context() as m:
         m.setattr(onload, "stored_as_in_memory", lambda lz: "forced whole")
+        if "gptq" in extra and not tuning:  # each layer's codes watched: how many made before are still alive
+            import weakref
+
+            from llmprune.quant import gptq as gptq_mod
+
+            def gptq(*a, real=gptq_mod.gptq, **k):
+                most[0] = max(most[0], sum(c() is not None for c in codes))
+                q = real(*a, **k)
+                codes.append(weakref.ref(q.codes))
+                return q
+            m.setattr(gptq_mod, "gptq", gptq)
         rc, _, se = _run(capsys, "export", outs[src], "--to", to, *extra, "--out", tmp_path / "whole", "--no-progress")
         assert rc == 0, se
+    if codes:  # the model in memory: each block written as GPTQ finishes it, its codes alone alive (not the model's)
+        blocks = json.loads((tmp_path / "whole" / "config.json").read_text())["num_hidden_layers"]
+        assert blocks > 1 and most[0] < len(codes) // blocks, (most, len(codes))
     with monkeypatch.context() as m:
         most = hold_one_block(m, None if tuning else 1)
         m.setattr(lazy, "SHARD_BYTES", 20_000)
@@ -1072,9 +1176,10 @@ def test_export_precheck_refuses_gguf_with_a_quantizer():
 
 @pytest.mark.parametrize("arch", ["olmo2", "glm4"])
 def test_gguf_families_transformers_cannot_read(tmp_path, capsys, calib_txt, arch):
-    """OLMo 2 and GLM-4: transformers has no GGUF reader for them (llama.cpp runs them in
-    bench/llamacpp_families.py). The file holds the tensors under llama.cpp's names, exactly (F32), GLM-4's
-    heads half rotated, OLMo 2's tied head written out (llama.cpp's olmo2 requires output.weight)."""
+    """OLMo 2 and GLM-4: transformers' GGUF reader has no row for them (llama.cpp runs them in
+    bench/llamacpp_families.py; llmprune reads them with its own rows, models.GGUF_FAMILIES). The file holds the
+    tensors under llama.cpp's names, exactly (F32), GLM-4's heads half rotated, OLMo 2's tied head written out
+    (llama.cpp's olmo2 requires output.weight)."""
     import gguf
     import numpy as np
 
@@ -1094,6 +1199,39 @@ def test_gguf_families_transformers_cannot_read(tmp_path, capsys, calib_txt, arc
     else:
         assert np.array_equal(t["blk.0.ffn_up.weight"], sd["model.layers.0.mlp.gate_up_proj.weight"])
     assert r.fields[f"{arch}.rope.dimension_count"].contents() == (8 if arch == "glm4" else 16)
+
+
+def test_a_mixtral_gguf_holds_each_expert_where_llama_cpp_reads_it(tmp_path, capsys, calib_txt):
+    """Mixtral (no reader of transformers takes its GGUF): each expert's gate, up and down at its index of
+    ffn_gate_exps / ffn_up_exps / ffn_down_exps, the router F32, q/k rows in llama.cpp's RoPE order; Q8_0 holds
+    gguf's Q8_0 rounding of exactly those rows (llama.cpp running these values as F32 agrees with the dequantized
+    model to 3e-4: bench/results/llamacpp_families.txt)."""
+    import gguf
+    import numpy as np
+
+    import llmprune
+    from llmprune.export.gguf import permute_rows
+
+    src, out, e = _family_export(tmp_path, capsys, calib_txt, "mixtral", types="f32,q8_0")
+    ref, _, _ = llmprune.load(str(src))
+    sd = {k: v.detach().float() for k, v in ref.state_dict().items()}
+    half = ref.config.intermediate_size
+    q8 = lambda x: gguf.quants.dequantize(gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
+                                          gguf.GGMLQuantizationType.Q8_0)
+    for fname, kind in zip(e["files"], ("F32", "Q8_0")):
+        t = {x.name: x for x in gguf.GGUFReader(out / fname).tensors}
+        for i in range(ref.config.num_hidden_layers):
+            b, p = f"blk.{i}.", f"model.layers.{i}."
+            experts = sd[p + "mlp.experts.gate_up_proj"]  # (experts, 2 x width, hidden): gate, then up
+            want = {"ffn_gate_exps": experts[:, :half], "ffn_up_exps": experts[:, half:],
+                    "ffn_down_exps": sd[p + "mlp.experts.down_proj"], "ffn_gate_inp": sd[p + "mlp.gate.weight"],
+                    "attn_q": permute_rows(sd[p + "self_attn.q_proj.weight"], ref.config.num_attention_heads)}
+            for name, w in want.items():
+                x = t[f"{b}{name}.weight"]
+                got = gguf.quants.dequantize(x.data, x.tensor_type)
+                kept = kind == "F32" or name == "ffn_gate_inp"  # (the router: F32 in every file)
+                assert x.tensor_type.name == ("F32" if kept else kind), (fname, name)
+                assert np.array_equal(got, w.numpy() if kept else q8(w.numpy())), (fname, name)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])

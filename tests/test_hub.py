@@ -674,3 +674,27 @@ def test_card_packed_quantized_and_sliced():
     tags = front_matter(card)["tags"]
     assert "slicegpt" in tags and "sparse" not in tags and not any(t.endswith("%-sparse") for t in tags)
     assert "compressed with **slicegpt**" in card
+
+
+def test_eval_rewrites_the_card_push_wrote(hub, out_dir, capsys):
+    """`llmprune eval` after a push: the folder's card shows the figures now in its manifest (push uploads it); a
+    hand-edited README.md stays as it is; a card of ours that does not name its repo is said to be stale."""
+    from llmprune.cli import main
+    from llmprune.manifest import read
+
+    push(out_dir, REPO, token=TOKEN, endpoint=hub.url)
+    before = (out_dir / "README.md").read_text()
+    flags = ["--seqlen", "64", "--windows", "2", "--no-progress"]
+    assert main(["eval", str(out_dir), *flags]) == 0
+    assert "rewritten with these figures" in capsys.readouterr().out
+    card = (out_dir / "README.md").read_text()
+    ppl = read(out_dir).eval["wikitext2"]["ppl"]
+    assert card != before and card == model_card(read(out_dir).to_dict(), REPO)
+    assert float(table(card, "dataset")["wikitext2"][1]) == round(ppl, 2)
+    old = card.replace(f"<!-- llmprune card of {REPO} -->\n", "")
+    (out_dir / "README.md").write_text(old)
+    assert main(["eval", str(out_dir), *flags]) == 0
+    assert "still shows the figures of before" in capsys.readouterr().out and (out_dir / "README.md").read_text() == old
+    (out_dir / "README.md").write_text("# mine\n")
+    assert main(["eval", str(out_dir), *flags]) == 0
+    assert "README" not in capsys.readouterr().out and (out_dir / "README.md").read_text() == "# mine\n"

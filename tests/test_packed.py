@@ -379,3 +379,48 @@ def test_packed_files_are_the_same_bytes_from_any_run(tmp_path):
     head = json.loads(a.read_bytes()[8:8 + n])
     assert list(head["__metadata__"]) == sorted(meta) and (8 + n) % 8 == 0
     assert all(e["data_offsets"][0] % tensors[k].element_size() == 0 for k, e in head.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_whole_model_gptq_packs_each_block_as_it_is_quantized(tmp_path, monkeypatch, arch):
+    """`--quant gptq` on a model in memory (pipeline.export) packs each block as GPTQ's pass finishes it: no more
+    than one block's codes are alive at once (the whole model's were, a byte a weight until the end: 70 GB at
+    70B), and the folder is the one packing all the codes at the end writes, byte for byte."""
+    import copy
+    import weakref
+
+    from llmprune import pipeline
+    from llmprune.config import GPTQConfig
+    from llmprune.packed import write_packed
+    from llmprune.quant import gptq as gptq_mod
+    from llmprune.quant.sequential import gptq_sequential
+
+    model = pruned(arch, "unstructured")[0]
+    ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+    ref = copy.deepcopy(model)
+    info: dict = {}
+    qs = gptq_sequential(ref, ids, "w4g128", 16, None, dtype=torch.float16, info=info, **GPTQConfig().as_dict())
+    (tmp_path / "ref").mkdir()
+    sec = write_packed(ref, tmp_path / "ref", "w4g128", quant="gptq", quantized=qs, group_size=16, dtype=torch.float16,
+                       quant_opts={**GPTQConfig().as_dict(), **info})
+    per_block = max(sum(n.startswith(f"model.layers.{i}.") for n in qs) for i in range(2))
+    del qs
+
+    codes, most = [], [0]
+    real = gptq_mod.gptq
+
+    def gptq(*a, **k):  # each layer's codes, watched: how many of those made before are still alive
+        most[0] = max(most[0], sum(c() is not None for c in codes))
+        q = real(*a, **k)
+        codes.append(weakref.ref(q.codes))
+        return q
+
+    monkeypatch.setattr(gptq_mod, "gptq", gptq)
+    (tmp_path / "s").mkdir()
+    got = pipeline.export(model, byte_tokenizer(), tmp_path / "s", "w4g128", "gptq", 16, None, "float16", GPTQConfig(),
+                          ids)
+    assert len(codes) == len(sec["layers"]) > per_block > 1
+    assert most[0] < per_block  # (was every layer's before it: codes[-1] saw len(codes) - 1 alive)
+    assert got == sec
+    for f in sorted(p.name for p in (tmp_path / "ref").glob("*.safetensors")):
+        assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f

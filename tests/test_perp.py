@@ -426,3 +426,51 @@ def test_recover_retrains_the_experts_too(family):
     assert not {k for k in changed if ".router." in k or k.endswith("mlp.gate.weight")}
     assert {k for k in changed if k.endswith("_bias")} == ({k for k in before if ".experts." in k and k.endswith("_bias")}
                                                            if family == "gpt_oss" else set())
+
+
+class _Checkpoint:
+    """resume.Training's interface in memory: saves the state after step `at` (through torch.save, as the file
+    holds it) and resumes from `state`; `alive()` counts the resumed state's trained tensors still held."""
+
+    def __init__(self, at: int = 0, state: bytes | None = None):
+        self.at, self.state, self.steps, self.saved, self.refs, self.seen = at, state, 0, None, [], []
+
+    def resumed(self):
+        import io
+        import weakref
+
+        if self.state is None:
+            return None
+        s = torch.load(io.BytesIO(self.state), weights_only=True)
+        self.refs = [weakref.ref(t) for t in s["params"].values()]
+        return s
+
+    def alive(self) -> int:
+        return sum(r() is not None for r in self.refs)
+
+    def due(self) -> bool:
+        self.steps += 1
+        self.seen.append(self.alive())
+        return self.steps == self.at
+
+    def save(self, state: dict) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.saved = buf.getvalue()
+
+
+def test_a_resumed_training_lets_go_of_the_state_it_loaded():
+    """The state a resumed PERP training reads back (the trained tensors, AdamW's moments: 2.4 GB at 70B) is
+    copied into the fresh tensors and the optimizer, then let go: no tensor of its `params` is held while the
+    training goes on, and the training ends where one that never stopped ends."""
+    opts = {**FAST, "steps": 6, "rank": 2}
+    first = _Checkpoint(at=3)
+    model, _ = pruned_model("unstructured")
+    whole = recover(model, repetitive_ids(), checkpoint=first, **opts)["losses"]
+    again = _Checkpoint(state=first.saved)
+    model, _ = pruned_model("unstructured")
+    info = recover(model, repetitive_ids(), checkpoint=again, **opts)
+    assert info["losses"] == pytest.approx(whole, abs=1e-6)
+    assert again.refs and again.seen == [0, 0]  # after steps 4 and 5 (was every trained tensor, to the end)

@@ -252,3 +252,44 @@ def test_gptq_hessians_over_the_budget_give_the_codes_of_one_run(fallback, monke
     assert "hessian_runs" not in i0 and runs == {"budget_gib": 0.0, "extra": 2 * (4 + 8 + 8 - 1)}
     assert i0 == i1 and {e["stats"] for e in i1["experts"]["per_expert"].values()} == {"routed", fallback}
     assert p1 == 4 * 64 ** 2 < p0  # tiny Qwen3-MoE: hidden 64, expert width 32
+
+
+def test_codes_waiting_for_the_scale_tuning_are_held_two_a_byte(monkeypatch):
+    """GPTQ's pass in memory with scale tuning holds every layer's codes until the tuning: two a byte
+    (Quantized.compact; one a byte before, 70 GB at 70B beside the tuning's own int8 levels), unpacked one layer at
+    a time where read, to the codes and tuned scales of a pass that kept them one a byte; `full` undoes `compact`."""
+    import copy
+
+    from llmprune.quant import Quantized, tune
+    from llmprune.quant.sequential import gptq_sequential
+    from llmprune.testing import tiny_model
+
+    w = torch.randn(6, 32)
+    q = rtn(w, w.abs() > 0.3, 16, False)
+    c = q.compact()
+    assert c.nibbles and c.codes.shape == (6, 16) and c.compact() is c and q.full() is q
+    assert torch.equal(c.full().codes, q.codes) and torch.equal(c.dequantize(), q.dequantize())
+
+    model = tiny_model("llama", seed=1)
+    ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+    ref = copy.deepcopy(model)
+    got, real = {}, tune.tune_scales
+
+    def watched(model, quantized, *a, **k):
+        got.update(nibbles={q.nibbles for q in quantized.values()},
+                   held=sum(q.codes.nbytes for q in quantized.values()),
+                   weights=sum(q.codes.shape[0] * q.group_size * q.scales.shape[1] for q in quantized.values()))
+        return real(model, quantized, *a, **k)
+
+    opts = dict(group_size=16, batch_size=4, tune_steps=2, tune_lr=1e-2)
+    with monkeypatch.context() as m:
+        m.setattr(tune, "tune_scales", watched)
+        out = gptq_sequential(model, ids, "w4g128", **opts)
+    assert got["nibbles"] == {True} and got["held"] * 2 == got["weights"]  # (was one byte a weight)
+    with monkeypatch.context() as m:
+        m.setattr(Quantized, "compact", lambda self: self)  # the pass as it was: one a byte
+        want = gptq_sequential(ref, ids, "w4g128", **opts)
+    assert set(out) == set(want)
+    for n, q in out.items():
+        assert not q.nibbles and torch.equal(q.codes, want[n].codes) and torch.equal(q.scales, want[n].scales), n
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))

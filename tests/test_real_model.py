@@ -72,7 +72,7 @@ def test_compress_real_model_end_to_end(tmp_path):
     zs = pm["zeroshot"]
     assert zs["blockwise"] and zs["copa"]["n"] == 6
     assert zeroshot(ref, ref_tok, "copa,arc_easy", limit=6) == {k: v for k, v in zs.items()
-                                                                if k not in ("limit", "blockwise", "dtype")}
+                                                                if k not in ("limit", "blockwise", "dtype", "files")}
     gg = tmp_path / "smol-gguf"
     assert main(["export", str(packed), "--to", "gguf", "--type", "q8_0", "--out", str(gg), "--no-progress"]) == 0
     (fname,) = json.loads((gg / "llmprune.json").read_text())["export"]["files"]

@@ -919,3 +919,55 @@ def test_a_stopped_gptq_export_goes_on_from_its_checkpoint(tmp_path, capsys, mon
     qa, qb = ma["export"].pop("quant"), mb["export"].pop("quant")
     assert {k: untimed(v) for k, v in qa.items()} == {k: untimed(v) for k, v in qb.items()}
     assert mb["export"] == ma["export"] and ma.get("resumed") is None and mb["resumed"]["runs"] == 2
+
+
+SMALL = {  # GPTQ's pass into a packed output that fills no file before its end (the default shards: 2 GiB)
+    "compress": ["compress", "--model", "{model}", "--solver", "sparsegpt", "--pattern", "2:4", "--format", "w4s24",
+                 "--quant", "gptq", "--group-size", "32", "--calib", "{calib}", *ARGS],
+    "pack": ["pack", "{src}", "--format", "w4s24", "--quant", "gptq", "--group-size", "32", "--calib", "{calib}",
+             "--nsamples", "6", "--seqlen", "32", "--no-progress", "--checkpoint-every", "0"],
+    "export": ["export", "{src}", "--to", "compressed-tensors", "--quant", "gptq", "--calib", "{calib}", "--nsamples",
+               "6", "--seqlen", "32", "--no-progress", "--checkpoint-every", "0"],
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL))
+def test_checkpoint_every_0_commits_gptq_checkpoints_of_an_output_that_fills_no_file(tmp_path, capsys, monkeypatch,
+                                                                                    deep_dir, calib_txt, case):
+    """--checkpoint-every 0 is a checkpoint after every block. GPTQ's pass into a packed output committed one only
+    after a block that completed a file, so a model whose output fills none before its end got none at all, and a
+    stopped run started over. The tensors waiting for their file are kept in the checkpoint (each once), and the
+    same command goes on from it to the same files."""
+    from llmprune import lazy, packed
+    from llmprune.export.compressed_tensors import Writer
+
+    src = tmp_path / "src"
+    if case != "compress":
+        assert main(["compress", "--model", str(deep_dir), "--solver", "sparsegpt", "--pattern", "2:4", "--calib",
+                     str(calib_txt), "--nsamples", "6", "--seqlen", "32", "--no-progress", "--eval", "none", "--out",
+                     str(src)]) == 0
+    argv = [a.format(src=src, model=deep_dir, calib=calib_txt) for a in SMALL[case]]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main([*argv, "--out", str(ref)]) == 0
+    _stop(monkeypatch, [*argv, "--out", str(out)], kill_at=2, shard_bytes=lazy.SHARD_BYTES, stage="gptq")
+    (left,) = outdir.stale(out)
+    state = json.loads((left / resume.RESUME / resume.STATE).read_text())
+    assert (state["stage"], state["next_block"]) == ("gptq", 2)
+    assert not [f for f in left.glob("*.safetensors")]  # no file of the output was written: its tensors are kept
+    kept = {n for _, names in state["pending"] for n in names}
+    assert {n.split(".")[2] for n in kept if n.startswith("model.layers.")} == {"0", "1"}
+    capsys.readouterr()
+    written = []
+    add, linear = packed.PackWriter.add_linear, Writer.linear
+    monkeypatch.setattr(packed.PackWriter, "add_linear", lambda self, n, *a, **k: (written.append(n),
+                                                                                    add(self, n, *a, **k))[1])
+    monkeypatch.setattr(Writer, "linear", lambda self, n, *a, **k: (written.append(n), linear(self, n, *a, **k))[1])
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"resuming {left.name}: " in capsys.readouterr().err
+    assert blocks_of(written) == {"2", "3"}  # blocks 0-1 were not quantized again
+    assert not outdir.stale(out) and not (out / resume.RESUME).exists()
+    files = sorted(f.name for f in ref.glob("*.safetensors*"))
+    assert files == sorted(f.name for f in out.glob("*.safetensors*")) == ["model.safetensors"]
+    assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    ma, mb = (json.loads((f / "llmprune.json").read_text()) for f in (ref, out))
+    assert mb["resumed"]["from_block"] == 2 and ma.get("resumed") is None

@@ -159,6 +159,31 @@ def check_overlap(texts: list[str], what: str) -> str:
             f"text or the shipped C4 evaluation docs {e.start}-{e.stop - 1}")
 
 
+def token_file_width(spec: str) -> int | None:
+    """The window length of a token-id calibration file (.safetensors `input_ids`, used as is: --seqlen does not
+    cut it), read from its header alone; None for a named set, a text file, or a file `load` will refuse."""
+    path = Path(spec).expanduser()
+    if spec in NAMED or path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    from ..lazy import safetensors_header
+
+    try:
+        shape = safetensors_header(path)[0]["input_ids"]["shape"]
+    except (OSError, ValueError, KeyError, TypeError, MemoryError, OverflowError):
+        return None  # (load names what is wrong with it)
+    return shape[1] if isinstance(shape, list) and len(shape) == 2 else None
+
+
+def check_width(spec: str, context: int | None) -> None:
+    """A token-id file whose windows are longer than the model's context (`context`: max_position_embeddings,
+    None: unknown) refused before any work (`--seqlen`, which does not cut it, is checked by the caller)."""
+    width = token_file_width(spec)
+    if width is not None and context and width > context:
+        raise LLMPruneError(f"calibration file {spec} holds windows of {width} tokens, longer than the model's context "
+                            f"({context} tokens, max_position_embeddings): cut its input_ids to {context} tokens a row "
+                            f"or fewer")
+
+
 def load(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Returns (input_ids (nsamples, seqlen) int64, source facts for the manifest)."""
     if nsamples < 1 or seqlen < 2:

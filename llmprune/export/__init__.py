@@ -112,7 +112,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     gptq_from_disk = opts.get("quant") == "gptq" and weights.lazy is not None
     nsamples, seqlen = calibration_of(s.manifest.protocol, dev, nsamples, seqlen)  # (the compress run's protocol)
     if opts.get("quant") == "gptq":
-        pipeline.check_context(weights.model, seqlen, "--seqlen")
+        pipeline.check_calibration(weights.model, calib, seqlen)
         calibration = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
     if gptq_from_disk and checkpoint_s is not None:  # GPTQ's pass commits checkpoints; a killed run's is taken over
         recipe = {"to": to, "group_size": group_size, "symmetric": opts["symmetric"], "save_dtype": save_dtype,
@@ -241,9 +241,19 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calibration, gcfg, de
     ids, info["calibration"] = calibration
     qinfo: dict = {}
     run = dict(device=device, progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
-    if weights.lazy is None:  # in memory (tensors stored under converted names)
-        codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)
+    if weights.lazy is None and gcfg.tune_steps:  # in memory (tensors stored under converted names), tuned: the
+        codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)  # codes all at once
         put(weights.stored_tensors(), lambda name, t: codes.pop(name, None))
+    elif weights.lazy is None:  # in memory: each block written once GPTQ is done with it (its codes alone alive)
+
+        def done(i, codes):
+            prefix = f"{weights.blocks()}.{i}"
+            with w.out.unit():
+                put(weights.as_stored(weights.model.get_submodule(prefix).state_dict(prefix=prefix + ".")),
+                    lambda name, t: codes.get(name))
+
+        gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=done, **run)
+        put(weights.stored_tensors(blocks=False), lambda name, t: None)
     elif gcfg.tune_steps:
         from ..onload import gptq_tuned
 

@@ -215,6 +215,10 @@ class Writer:
     def ready(self) -> bool:
         return not self.out.shard
 
+    def buffer(self):
+        """The shard buffer whose tensors not yet in a file a checkpoint keeps (resume.Checkpoints._pending)."""
+        return self.out
+
     def sync(self) -> dict[str, int]:
         return self.out.sync()
 

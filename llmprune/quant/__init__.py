@@ -2,7 +2,9 @@
 
 A quantizer returns `Quantized`: codes (out, in) in [0, 15], one fp16 scale and one integer zero
 point per group of `group_size` consecutive inputs, w ~= (q - z) * s. Pruned weights get q = z,
-so they dequantize to exactly 0. Formats pack these codes; they never re-derive the grid.
+so they dequantize to exactly 0. Formats pack these codes; they never re-derive the grid. Codes held
+until later (GPTQ's, until the scale tuning) are kept two a byte (`compact`), and unpacked a layer at a
+time where they are read (`full`).
 rtn.py and gptq.py make them; tune.py then trains the scales of GPTQ's codes end to end.
 """
 from __future__ import annotations
@@ -24,6 +26,19 @@ class Quantized:
     group_size: int
     symmetric: bool
     damp: float | None = None  # GPTQ: the Hessian dampening used (raised when the first failed)
+    nibbles: bool = False  # codes two a byte, (out, in/2) (`compact`): read them through `full`
+
+    def compact(self) -> Quantized:
+        """The same codes two a byte (formats.bits.pack_nibbles): half their memory, for codes held until later."""
+        from ..formats.bits import pack_nibbles
+
+        return self if self.nibbles else replace(self, codes=pack_nibbles(self.codes), nibbles=True)  # (out, in/2)
+
+    def full(self) -> Quantized:
+        """The codes one a byte, (out, in), as quantizers make them and formats read them."""
+        from ..formats.bits import unpack_nibbles
+
+        return replace(self, codes=unpack_nibbles(self.codes), nibbles=False) if self.nibbles else self
 
     def to(self, device) -> Quantized:
         """The same codes and grid on `device` (GPTQ may keep them on the CPU while the layer is on the GPU)."""
@@ -34,7 +49,7 @@ class Quantized:
         g = self.group_size
         s = self.scales.float().repeat_interleave(g, dim=1)  # (out, in)
         z = self.zeros.float().repeat_interleave(g, dim=1)  # (out, in)
-        return (self.codes.float() - z) * s
+        return (self.full().codes.float() - z) * s
 
 
 def get(name: str):

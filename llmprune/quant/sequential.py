@@ -1,6 +1,8 @@
 """GPTQ over a whole model, block by block: the calibration pass behind `--quant gptq`.
 
-Storage (packed.py) packs the codes this returns; it never runs an algorithm itself.
+Storage (packed.py) packs the codes this makes, block by block as they come (`on_block`: onload.Output.block
+from disk, packed.ModelPacker.block in memory), or all at once when the scale tuning needs them all first; it never
+runs an algorithm itself.
 """
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
     sink_weight: see GPTQ_DEFAULTS. tune_steps > 0: then train the scales end to end against the
     unquantized model on the same windows (quant/tune.py); what it did goes into `info["tune"]`;
     dampening raised for a layer goes into `info["damp_raised"]`. on_block(index, {name: Quantized}):
-    called with each block's codes instead of collecting them (sequential onloading: the packer takes
-    them block by block). With several `devices` the linears of a block are quantized on all of them at
-    once (parallel.py). `resume` (a resume.Checkpoints, sequential onloading without tuning): the pass starts
+    called with each block's codes instead of collecting them, once the block's weights are final (the packer
+    takes them block by block, so one block's codes are alive, not the model's: a byte a weight, 70 GB at 70B);
+    not with tune_steps, which needs them all. With several `devices` the linears of a block are quantized on all
+    of them at once (parallel.py). `resume` (a resume.Checkpoints, sequential onloading without tuning): the pass starts
     at its first unfinished block, `info` seeded with what the blocks before recorded.
 
     Mixture-of-Experts: each expert's projections are quantized from the Hessian of the tokens routed to that
@@ -122,8 +125,8 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
                 w.data.copy_(q.to(w.device).dequantize().to(w.dtype))
         if on_block is not None:
             on_block(block.index, block_out)
-        else:
-            out.update(block_out)
+        else:  # held to the end; two codes a byte while they wait for the tuning (its peak: 35 GB less at 70B)
+            out.update((n, q.compact() if tune_steps else q) for n, q in block_out.items())
         # handing control back: the walker reruns the block with the quantized weights
     if experts and info is not None:
         info["experts"] = {"min_tokens": expert_min_tokens, "fallback": expert_fallback,
@@ -134,6 +137,8 @@ def gptq_sequential(model: nn.Module, calib_ids: torch.Tensor, fmt: str, group_s
         model.to("cpu")  # (tune_scales returns CPU tensors: the codes it got, scales it made on the CPU)
         if info is not None:
             info["tune"] = tinfo
+    for n in out:  # one a byte again, as callers read them (one layer's unpacked beside the others at a time)
+        out[n] = out[n].full()
     return out
 
 

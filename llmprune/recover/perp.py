@@ -344,6 +344,8 @@ def recover(
             # The scheduler stays outside prepare(): it steps once per optimizer update, on every process.
             sched = _scheduler(schedule, optimizer, steps // 10 if warmup is None else warmup, steps)
             rng = _load(resumed, named, optimizer, sched, losses) if resumed else None
+            scaler_state = resumed.get("scaler") if resumed else None
+            del resumed  # now in the trained tensors and the optimizer: not held beside them for the whole training
             if isinstance(rng, list):  # (every replica's, under DDP)
                 rng = rng[accelerator.process_index]
             loader = torch.utils.data.DataLoader(  # the windows of the steps still to do
@@ -351,8 +353,8 @@ def recover(
                 sampler=_order(train_ids.shape[0], steps * per_step, seed)[len(losses) * per_step:],
             )
             pmodel, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-            if accelerator.scaler is not None and resumed and resumed.get("scaler"):
-                accelerator.scaler.load_state_dict(resumed["scaler"])
+            if accelerator.scaler is not None and scaler_state:
+                accelerator.scaler.load_state_dict(scaler_state)
             bar = tqdm(total=steps, initial=len(losses), desc="PERP",
                        disable=not (progress and accelerator.is_local_main_process))
             micro = []
