@@ -122,7 +122,7 @@ def cmd_compress(a) -> int:
                 _needs(("export_quant",), a.export == "compressed-tensors", "--export compressed-tensors"),
                 _needs(("scope",), a.solver == "magnitude", "--solver magnitude"),
                 *_int4_rules(a.format), _needs(GPTQ_FLAGS, a.quant == "gptq", "--quant gptq"),
-                _eval_rules(a, evals), (("no_dense_eval",), bool(evals), f"with --eval {a.eval}", "drop {this}"),
+                _eval_rules(a, evals),  # (--no-dense-eval beside --eval none is no contradiction: not refused)
                 _token_file_rule(a.calib), _whole_rule(a.onload, bool(a.recover))))
     cfg = CompressConfig(
         model=a.model, solver=a.solver, pattern=a.pattern, sparsity=a.sparsity, scope=a.scope, ignore=a.ignore,
@@ -190,13 +190,14 @@ def _unread(a, rules) -> None:
     """Refuse, before any work, a flag the command line gave (`a.given`, recorded by errors.ArgumentParser: a
     default never counts) whose value nothing reads in the combination given. `rules`: (dests, read, why, fix),
     each flag of `dests` read only when `read`; `why` says the combination ("with --eval none", "without --owl"),
-    `fix` what to do instead ({this}: the flag)."""
+    `fix` what to do instead ({this}: the flag). A flag that asks for nothing (`--checkpoint-every off`,
+    `--no-dense-eval` beside `--eval none`: scripts pass them whatever else they pass) is no contradiction."""
     from .errors import LLMPruneError
 
     given = getattr(a, "given", set())
     for dests, read, why, fix in rules:
-        for dest in dests:
-            if dest in given and not read:
+        for dest in dests:  # (a flag that asks for nothing, --checkpoint-every off, contradicts nothing)
+            if dest in given and not read and getattr(a, dest, None) not in ("off", "none"):
                 this = f"--{dest.replace('_', '-')}"
                 raise LLMPruneError(f"{this} has no effect {why}: {fix.format(this=this)}")
 

@@ -316,7 +316,7 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
 
         dense = measure()
         Path(out).mkdir(parents=True, exist_ok=True)
-        rows = [report.sweep_row({"model": info.as_dict(), "solver": "dense", "pattern": "dense",
+        rows = [report.sweep_row({"model": info.as_dict(), "solver": "dense", "pattern": "dense", "dtype": cfg.dtype,
                                   "sparsity": {"target": 0.0}, **dense})]  # (its own zeros not counted)
         for label, solver, owl_opts, opts, sp in grid:
             with src.point():
@@ -337,7 +337,7 @@ def sweep(model: str = "llama", solvers_: tuple[str, ...] = ("magnitude", "wanda
                 measured = src.measured()
             for d, x in r["eval"].items():
                 x["dense_ppl"] = dense["eval"][d]["ppl"]
-            man = {"model": info.as_dict(), "solver": label, "pattern": str(pat),
+            man = {"model": info.as_dict(), "solver": label, "pattern": str(pat), "dtype": cfg.dtype,
                    "sparsity": {"target": sp, "measured": measured},
                    "timings": {"compress_s": round(took, 2)}, "peak_rss_mib": rss, **r}
             rows.append(report.sweep_row(man))

@@ -1,5 +1,6 @@
 """The other subcommands end to end on a tiny model: recover, pack, eval --tasks, sweep, report."""
 import json
+import os
 
 import pytest
 import torch
@@ -612,6 +613,7 @@ def test_sweep_writes_csv_json_png(tmp_path, capsys, tiny_dir, calib_txt):
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["solver"] for r in rows] == ["dense", "magnitude", "magnitude", "wanda", "wanda"]
     assert all(abs(r["sparsity"] - r["target"]) < 0.01 for r in rows)
+    assert {r["protocol_wikitext2"] for r in rows} == {"64 x 2, float32"}  # how each figure was measured
     assert all(r["peak_rss_mib"] > 50 for r in rows[1:])  # each point's own peak (Linux), or the process's
     with Image.open(out / "sweep.png") as im:
         assert im.size[0] > 100 and im.size[1] > 100
@@ -849,7 +851,6 @@ def test_a_flag_nothing_reads_is_refused_by_what_the_command_line_gave(tmp_path,
         (["compress", "--eval", "none", "--eval-windows", "3"],
          "--eval-windows has no effect with --eval none: drop --eval-windows"),
         (["compress", "--eval", "none", "--eval-seqlen", "64"], "--eval-seqlen has no effect with --eval none"),
-        (["compress", "--eval", "none", "--no-dense-eval"], "--no-dense-eval has no effect with --eval none"),
         (["compress", "--scope", "layer"], "--scope has no effect without --solver magnitude"),
         (["compress", "--format", "sparse24", "--group-size", "64"], "--group-size has no effect with --format sparse24"),
         (["compress", "--grid", "auto"], "--grid has no effect with --format dense"),
@@ -861,7 +862,7 @@ def test_a_flag_nothing_reads_is_refused_by_what_the_command_line_gave(tmp_path,
         (["pack", "s", "--format", "sparse24", "--eval-windows", "2"], "--eval-windows has no effect without --eval"),
         (["pack", "s", "--format", "sparse24", "--onload", "whole", "--checkpoint-every", "0"],
          "--checkpoint-every has no effect with --onload whole"),
-        (["compress", "--onload", "whole", "--checkpoint-every", "off"], "--checkpoint-every has no effect"),
+        (["compress", "--onload", "whole", "--checkpoint-every", "60"], "--checkpoint-every has no effect"),
         (["export", "s", "--to", "gguf", "--save-dtype", "float16"], "--save-dtype has no effect with --to gguf"),
         (["export", "s", "--to", "gguf", "--calib", "c4"], "--calib has no effect with --to gguf"),
         (["export", "s", "--to", "compressed-tensors", "--seqlen", "64"], "--seqlen has no effect without --quant gptq"),
@@ -892,12 +893,40 @@ def test_a_flag_nothing_reads_is_refused_by_what_the_command_line_gave(tmp_path,
         ["eval", "s", "--tasks", "copa", "--limit", "3", "--batch-size", "4", "--ppl", "wikitext2", "--windows", "2"],
         ["recover", "s", "--train", "norms,masklora", "--rank", "4", "--eval", "wikitext2", "--eval-windows", "2"],
         ["sweep", "--tasks", "copa", "--limit", "3"],
+        # flags that ask for nothing where nothing is done: no contradiction (bench/gpu_kernels.sh passes them)
+        ["compress", "--eval", "none", "--no-dense-eval"], ["compress", "--onload", "whole", "--checkpoint-every", "off"],
+        ["export", "s", "--to", "gguf", "--checkpoint-every", "off"],
     ]
     for argv in read:
         with pytest.raises(reached):
             main([str(v) for v in (*argv, *(o if argv[0] not in ("eval", "sweep") else ()))])
     given = build_parser().parse_args(["export", "s", "--to", "gguf", "--no-act-order"]).given
     assert given == {"command", "src", "to", "act_order"}  # (argparse's defaults are not "given")
+
+
+def test_every_llmprune_command_of_the_gpu_script_passes_the_cli_checks(tmp_path, capsys, monkeypatch):
+    """bench/gpu_kernels.sh's stages run llmprune's CLI on the lent GPU, where a refused flag costs device time (its
+    `--eval none --no-dense-eval` was refused for a while): every command its CPU-side stages would run, recorded by
+    a stand-in python (the stages' other scripts skipped), passes the CLI's checks and reaches the work."""
+    import subprocess
+    from pathlib import Path
+
+    reached = _stub_commands(monkeypatch)
+    log, py = tmp_path / "argv.txt", tmp_path / "py"
+    py.write_text(f'#!/usr/bin/env bash\nif [ "$1 $2" = "-m llmprune.cli" ]; then shift 2; printf "%s\\0" "$@" >> {log}; '
+                  f'echo >> {log}; fi\nexit 0\n')
+    py.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    stages = "compress compress_scale compress_moe perp tune_scale moe_train"
+    env = {**os.environ, "DEVICE": "cpu", "NS": "2", "SL": "64", "PY": str(py), "OUT": str(tmp_path / "out")}
+    subprocess.run(["bash", str(root / "bench" / "gpu_kernels.sh"), *stages.split()], cwd=root, env=env,
+                   capture_output=True, timeout=300, check=False)  # (the stages fail: no output was written)
+    calls = [line.split("\0")[:-1] for line in log.read_text().splitlines() if line]
+    assert len(calls) >= 20 and {c[0] for c in calls} == {"compress", "pack", "recover"}, calls
+    for argv in calls:
+        with pytest.raises(reached):
+            main(argv)
+        assert "error" not in capsys.readouterr().err
 
 
 def test_a_token_id_file_wider_than_the_context_is_refused_before_any_work(tmp_path, capsys, monkeypatch, tiny_dir,
