@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from llmprune.packed import _auto_group  # --group-size auto: 64 for 576 inputs, 128 for down_proj's 1536
+from llmprune.formats import auto_group  # --group-size auto: 64 for 576 inputs, 128 for down_proj's 1536
 
 
 def setup():
@@ -62,7 +62,7 @@ def tokens():
         h.remove()
     for n in probe:
         x, w = xs[n], m.get_submodule(n).weight.float()  # x: (4, 512, in)
-        y, g = (x @ w.T).pow(2).sum(-1), _auto_group(w.shape[1])  # (4, 512)
+        y, g = (x @ w.T).pow(2).sum(-1), auto_group(w.shape[1])  # (4, 512)
         for label, q in (("rtn", rtn(w, group_size=g)), ("gptq", gptq(w, H[n], group_size=g))):
             e = (x @ (w - q.dequantize()).T).pow(2).sum(-1)
             print(f"{n.replace('model.layers.', 'L')} {label}: first token {(e[:, 0] / y[:, 0]).mean():.4f}, "
@@ -83,7 +83,7 @@ def ppl(variants: list[str]):
         act = v.endswith("act")
         H = None if v == "rtn" else hessians(m, tok, names, float(v.removesuffix("act")), cache)
         for n in names:
-            w, g = orig[n], _auto_group(orig[n].shape[1])
+            w, g = orig[n], auto_group(orig[n].shape[1])
             q = rtn(w, group_size=g) if H is None else gptq(w, H[n], group_size=g, act_order=act)
             m.get_submodule(n).weight.copy_(q.dequantize())
         print(f"{v} {perplexity(m, tok, 'wikitext2', 2048, 6, progress=False)['ppl']:.3f}", flush=True)

@@ -9,7 +9,7 @@ configuration after another:
         --configs rtn:sym:auto,gptq:sym:auto,gptq:asym:64,gptq:sym:64:seq,gptq:asym:64:seq
 
 A config is quantizer:grid:group[:seq][:act][:sinkW]. `seq` is llmprune's GPTQ pass
-(packed.gptq_sequential, what `--quant gptq` runs): block by block, each block's Hessian from
+(quant.sequential.gptq_sequential, what `--quant gptq` runs): block by block, each block's Hessian from
 inputs that went through the quantized blocks before it; without it every Hessian comes from the
 unquantized pruned model. `act`: act-order (static groups); `sinkW`: each calibration window's first
 token counts W times in the Hessian (default 1, the paper; `--quant gptq` runs seq:act:sink16).
@@ -24,11 +24,11 @@ import time
 
 
 def quantize_layer(w, keep, quant, sym, group, hessian, act_order=False):
-    from llmprune.packed import _auto_group
+    from llmprune.formats import auto_group
     from llmprune.quant.gptq import gptq
     from llmprune.quant.rtn import rtn
 
-    g = _auto_group(w.shape[1]) if group == "auto" else int(group)
+    g = auto_group(w.shape[1]) if group == "auto" else int(group)
     if quant == "gptq":
         return gptq(w.float() * keep, hessian, keep, g, sym, act_order=act_order).dequantize()
     return rtn(w.float() * keep, keep, g, sym).dequantize()
@@ -44,8 +44,8 @@ def main(argv=None):
 
     from llmprune import calibration, checkpoint, prune
     from llmprune.eval.perplexity import perplexity
-    from llmprune.packed import gptq_sequential
     from llmprune.quant.gptq import collect_hessians
+    from llmprune.quant.sequential import gptq_sequential
 
     model, tok, _ = checkpoint.load(a.src)
     names = prune.target_linears(model)

@@ -51,6 +51,11 @@ QUANTIZERS = ("rtn", "gptq")
 GROUPS = (128, 64, 32, 16)  # --group-size auto: the largest of these dividing in_features
 
 
+def auto_group(in_features: int) -> int:
+    """--group-size auto for a layer of `in_features` inputs: the largest of GROUPS dividing it (else the largest)."""
+    return next((g for g in GROUPS if in_features % g == 0), GROUPS[0])
+
+
 @dataclass(frozen=True)
 class Format:
     """A packed format: its layout (the module's pack / unpack / shapes / derive), its defaults and
@@ -120,7 +125,7 @@ class Format:
         """`options()` resolved for one layer: group_size "auto" -> the largest of GROUPS dividing it."""
         opts = dict(base)
         if opts.get("group_size") == "auto":
-            opts["group_size"] = next((g for g in GROUPS if in_features % g == 0), GROUPS[0])
+            opts["group_size"] = auto_group(in_features)
         return opts
 
     # -- masks, kernels, fixtures ------------------------------------------------------------------
