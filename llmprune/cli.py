@@ -342,7 +342,7 @@ def cmd_eval(a) -> int:
         print(f"{a.target}/README.md (the model card push wrote) rewritten with these figures: `llmprune push` "
               f"uploads it")
     elif card == "stale":
-        print(f"{a.target}/README.md (the model card an older push wrote) still shows the figures of before: "
+        print(f"{a.target}/README.md (the model card push wrote) still shows the figures of before: "
               f"`llmprune push` rewrites it")
     if a.json:
         with open(a.json, "w") as f:

@@ -501,8 +501,8 @@ def _write_card(out: Path, card: str) -> bool:
 def refresh_card(out: str | os.PathLike) -> str | None:
     """Rewrite the README.md card a push wrote into `out` from its manifest as it is now (after `llmprune eval`
     added figures), so the folder's card never shows figures its manifest has replaced. Returns what became of it:
-    "rewritten"; "stale" for a card of ours that does not say its repo (llmprune before 0.3: push again); None
-    where there is no card of ours (none, or one edited by hand, which stays as it is)."""
+    "rewritten"; "stale" for a card of ours that does not say its repo (an older llmprune's: push again) or that
+    cannot be written; None where there is no card of ours (none, or one edited by hand, which stays as it is)."""
     path = Path(out) / CARD
     text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
     if MARKER not in text:
@@ -510,7 +510,10 @@ def refresh_card(out: str | os.PathLike) -> str | None:
     found = re.search(REPO_LINE.format(f"({_HUB_ID.pattern})"), text)
     if not found:
         return "stale"
-    _write_card(Path(out), model_card(read(out).to_dict(), found.group(1)))
+    try:
+        _write_card(Path(out), model_card(read(out).to_dict(), found.group(1)))
+    except OSError:  # (a card the folder's owner made read-only: the figures are in the manifest all the same)
+        return "stale"
     return "rewritten"
 
 
