@@ -382,10 +382,9 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     out: dict = {}
     if ppl:
         results = _perplexity(target, old, ppl, seqlen, windows, dev, dtype, progress)
+        saved = {"measured_on": mf.SAVED, "files": mf.files_stamp(target)} if old is not None else {}
         for r in results.values():  # this run's, which the manifest's top-level fields (of the run that made it) are not
-            r.update(dtype=dtype, device=dev, versions=versions(), **({"command": command} if command else {}))
-            if old is not None:
-                r["measured_on"], r["files"] = mf.SAVED, mf.files_stamp(target)
+            r.update(dtype=dtype, device=dev, versions=versions(), **({"command": command} if command else {}), **saved)
         if old is not None:  # the dense reference of compress
             results = pipeline.merge_dense(results, pipeline.dense_refs(old))
         out["eval"] = results
@@ -608,11 +607,7 @@ def pack(src: str, out: str, fmt: str, quant: str | None = None, group_size="aut
     symmetric = CompressConfig(format=fmt, grid=grid, save_dtype=save_dtype).symmetric  # checks the options
     save_dtype = "float16" if save_dtype == "auto" else save_dtype  # a packed output's default
     quant = formats.get(fmt).check_options(quant, symmetric)  # before loading anything
-    given = {k: v for k, v in (gptq or {}).items() if v is not None}
-    if given and quant != "gptq":
-        raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: "
-                            "add --quant gptq or drop them")
-    gcfg = GPTQConfig(**given) if quant == "gptq" else None
+    gcfg = GPTQConfig.given(gptq, quant)
     check_hessian_gib(hessian_gib)
     eval_windows = check_eval(eval, eval_seqlen, eval_windows)
     if onload not in ("auto", "blocks", "whole"):

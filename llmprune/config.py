@@ -110,6 +110,18 @@ class GPTQConfig:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def given(cls, options: dict | None, quant: str | None) -> GPTQConfig | None:
+        """The GPTQ options a caller gave (None values: not given; the others keep the defaults) for `quant` gptq,
+        None for another quant, which any given option contradicts (refused)."""
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        if given and quant != "gptq":
+            raise LLMPruneError(GPTQ_ONLY)
+        return cls(**given) if quant == "gptq" else None
+
+
+GPTQ_ONLY = "--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: add --quant gptq or drop them"
+
 
 @dataclass(frozen=True)
 class RecoverConfig:
@@ -299,8 +311,7 @@ class CompressConfig:
         if self.export_quant not in (None, "rtn", "gptq"):
             raise LLMPruneError(f"--export-quant {self.export_quant!r}: choose rtn or gptq")
         if self.gptq is not None and self.quant != "gptq" and self.gptq != GPTQConfig():
-            raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: "
-                                "add --quant gptq or drop them")
+            raise LLMPruneError(GPTQ_ONLY)
 
     @property
     def symmetric(self) -> bool | None:

@@ -209,10 +209,8 @@ def check_calibration(model, spec: str, seqlen: int, flag: str = "--seqlen") -> 
     else `seqlen`."""
     from . import calibration
 
-    if calibration.token_file_width(spec) is None:
+    if calibration.check_width(spec, context_length(model)) is None:  # (not a token-id file)
         check_context(model, seqlen, flag)
-    else:
-        calibration.check_width(spec, context_length(model))
 
 
 def check_finite(model) -> None:
@@ -458,8 +456,9 @@ def evaluate_saved(folder: Path, datasets, seqlen: int, windows: int | None, dev
     else:
         model, tok, _ = checkpoint.load(folder, dtype=dtype, device=device)
         res = evaluate_model(model, tok, datasets, seqlen, windows, progress, cache)
-    return {d: {**r, "measured_on": mf.SAVED, "dtype": dtype, "device": device, "versions": versions(),
-                "files": mf.files_stamp(folder)} for d, r in res.items()}
+    how = {"measured_on": mf.SAVED, "dtype": dtype, "device": device, "versions": versions(),
+           "files": mf.files_stamp(folder)}
+    return {d: {**r, **how} for d, r in res.items()}
 
 
 def zeroshot_saved(folder: Path, manifest: dict, tasks, limit: int | None, device: str, dtype: str, progress: bool,

@@ -174,14 +174,16 @@ def token_file_width(spec: str) -> int | None:
     return shape[1] if isinstance(shape, list) and len(shape) == 2 else None
 
 
-def check_width(spec: str, context: int | None) -> None:
+def check_width(spec: str, context: int | None) -> int | None:
     """A token-id file whose windows are longer than the model's context (`context`: max_position_embeddings,
-    None: unknown) refused before any work (`--seqlen`, which does not cut it, is checked by the caller)."""
+    None: unknown) refused before any work; returns its width (token_file_width: None for anything else, whose
+    `--seqlen` the caller checks instead)."""
     width = token_file_width(spec)
     if width is not None and context and width > context:
         raise LLMPruneError(f"calibration file {spec} holds windows of {width} tokens, longer than the model's context "
                             f"({context} tokens, max_position_embeddings): cut its input_ids to {context} tokens a row "
                             f"or fewer")
+    return width
 
 
 def load(spec: str, tokenizer, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> tuple[torch.Tensor, dict]:

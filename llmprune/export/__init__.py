@@ -168,17 +168,14 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq) -> dict:
     # compressed-tensors' W4A16 is symmetric, and transformers (5.25, compressed-tensors 0.20) cannot load an
     # asymmetric pack-quantized checkpoint (weight_zero_point size mismatch): auto means symmetric here
     symmetric = True if grid == "auto" else grid == "sym"
-    given = {k: v for k, v in (gptq or {}).items() if v is not None}
     if to == "gguf":
-        if quant is not None or grid != "auto" or group_size != "auto" or given:
+        if quant is not None or grid != "auto" or group_size != "auto" or \
+                any(v is not None for v in (gptq or {}).values()):
             raise LLMPruneError("--quant / --grid / --group-size / GPTQ options quantize compressed-tensors exports; "
                                 "GGUF quantizes with its own types: use --type q8_0 (or q4_0, ...)")
         return {"types": t.check(s, types)}
     q = t.check(s, quant, group_size, None if grid == "auto" else symmetric)
-    if given and q != "gptq":
-        raise LLMPruneError("--act-order / --sink-weight / --tune-steps / --tune-lr are GPTQ options: add --quant gptq "
-                            "or drop them")
-    return {"quant": q, "symmetric": symmetric, "gptq": GPTQConfig(**given) if q == "gptq" else None}
+    return {"quant": q, "symmetric": symmetric, "gptq": GPTQConfig.given(gptq, q)}
 
 
 def _write_ct(s, weights, w, quant, group_size, symmetric, calibration, gcfg, device, progress,
@@ -241,42 +238,29 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calibration, gcfg, de
     ids, info["calibration"] = calibration
     qinfo: dict = {}
     run = dict(device=device, progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
+
+    def write(i, block, codes):  # decoder block i once GPTQ (and the tuning) is done: its tensors, its layers' codes
+        with w.out.unit():  # (its files end with it)
+            put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")), lambda name, t: codes.get(name))
+
     if weights.lazy is None and gcfg.tune_steps:  # in memory (tensors stored under converted names), tuned: the
         codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)  # codes all at once
         put(weights.stored_tensors(), lambda name, t: codes.pop(name, None))
-    elif weights.lazy is None:  # in memory: each block written once GPTQ is done with it (its codes alone alive)
+    else:  # each block written once GPTQ (and the tuning) is done with it: its codes alone alive
+        if weights.lazy is None:  # in memory
+            blocks = weights.model.get_submodule(weights.blocks())
+            gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run,
+                            on_block=lambda i, codes: write(i, blocks[i], codes))
+        elif gcfg.tune_steps:
+            from ..onload import gptq_tuned
 
-        def done(i, codes):
-            prefix = f"{weights.blocks()}.{i}"
-            with w.out.unit():
-                put(weights.as_stored(weights.model.get_submodule(prefix).state_dict(prefix=prefix + ".")),
-                    lambda name, t: codes.get(name))
-
-        gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=done, **run)
-        put(weights.stored_tensors(blocks=False), lambda name, t: None)
-    elif gcfg.tune_steps:
-        from ..onload import gptq_tuned
-
-        def tuned(i, block, codes):  # a block after the tuning: its tensors, its layers' codes
-            with w.out.unit():
-                put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")),
-                    lambda name, t: codes.get(name))
-
-        gptq_tuned(weights.lazy, ids, w.folder, "w4g128", group_size, symmetric, gcfg, 8, (device,), progress,
-                   torch.float16, qinfo, tuned, checkpoints)
-        put(weights.stored_tensors(blocks=False), lambda name, t: None)
-    else:
-        pending: dict[int, dict] = {}
-
-        def sink(i, block):  # a block done by GPTQ: its tensors, its layers' codes (its files end with it)
-            codes = pending.pop(i, {})
-            with w.out.unit():
-                put(weights.as_stored(block.state_dict(prefix=f"{weights.blocks()}.{i}.")),
-                    lambda name, t: codes.get(name))
-
-        with walker.onload(weights.model, block_store(weights.lazy, sink)):
-            gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__,
-                            resume=checkpoints and checkpoints.begin("gptq", w), **run)
+            gptq_tuned(weights.lazy, ids, w.folder, "w4g128", group_size, symmetric, gcfg, 8, (device,), progress,
+                       torch.float16, qinfo, write, checkpoints)
+        else:  # from disk: a block's codes wait from GPTQ's pass until the walk hands the block back
+            pending: dict[int, dict] = {}
+            with walker.onload(weights.model, block_store(weights.lazy, lambda i, b: write(i, b, pending.pop(i, {})))):
+                gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__,
+                                resume=checkpoints and checkpoints.begin("gptq", w), **run)
         put(weights.stored_tensors(blocks=False), lambda name, t: None)
     info.update(gcfg.as_dict(), **qinfo)
     return info
