@@ -65,8 +65,8 @@ class Arch:
 
 # Linears that stay dense: routers always (pruning one changes which experts run), shared experts'
 # gates unless asked (prune_gates); regexes on names relative to the block. SliceGPT's residual
-# shortcuts (sliced.py) are not model linears either.
-ROUTERS = (r"(^|\.)mlp\.gate$", r"(^|\.)router$")
+# shortcuts (sliced.py) are not model linears either. (A router may hold its linear: HunYuan's `mlp.gate.wg`.)
+ROUTERS = (r"(^|\.)mlp\.gate$", r"(^|\.)mlp\.gate\.[^.]+$", r"(^|\.)router$")
 SHORTCUTS = (r"(^|\.)(attn|mlp)_shortcut$",)
 GATES = (r"shared_experts?_gate$",)
 
@@ -80,6 +80,8 @@ def _phi3_qkv(cfg) -> tuple[int, int, int]:
 _GATE_UP = Split(("gate", "up"))  # chunk(2): gate rows first
 _SANDWICH = ("{name} blocks are not rotation-invariant: their extra post-sublayer norms ({norms}) normalize the "
              "sublayer outputs before they join the residual stream")
+_POST_NORM = ("{name} blocks are post-norm (the norms sit on the sublayer outputs, post_attention_layernorm / "
+              "post_feedforward_layernorm), not pre-norm")
 
 # What inference gets wrong, per model_type: only these fields, merged over the inferred Arch.
 OVERRIDES: dict[str, dict] = {
@@ -92,8 +94,10 @@ OVERRIDES: dict[str, dict] = {
     "gemma3_text": {"not_invariant": _SANDWICH.format(
         name="Gemma-3", norms="post_attention_layernorm / post_feedforward_layernorm") + ", and their RMSNorm "
         "scales by (1 + weight)"},
-    "olmo2": {"not_invariant": "OLMo-2 blocks are post-norm (the norms sit on the sublayer outputs, "
-                               "post_attention_layernorm / post_feedforward_layernorm), not pre-norm"},
+    "olmo2": {"not_invariant": _POST_NORM.format(name="OLMo-2")},
+    "olmo3": {"not_invariant": _POST_NORM.format(name="OLMo-3")},
+    "exaone4": {"not_invariant": _POST_NORM.format(name="EXAONE-4")},
+    "granitemoehybrid": {"splits": (("shared_mlp.input_linear", _GATE_UP),)},
 }
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Arch: the tree is walked once
 
@@ -137,14 +141,36 @@ def set_module(model, dotted: str, new) -> None:
     setattr(get(model, parent) if parent else model, leaf, new)
 
 
+# Config fields by which a family's forward scales the head's output, and how: Granite's (3.x, 4.0) logits_scaling
+# divides, Falcon-H1's lm_head_multiplier and Cohere's logit_scale multiply
+LOGIT_SCALES = (("logits_scaling", "div"), ("lm_head_multiplier", "mul"), ("logit_scale", "mul"))
+
+
 def logits(model, hidden):
-    """Output-head logits (fp32) of final hidden states, with the architecture's final logit
-    soft-capping (Gemma-2/3: cap * tanh(logits / cap)) when its config sets one."""
+    """Output-head logits (fp32) of final hidden states, scaled as the family's forward scales them (LOGIT_SCALES)
+    and with the architecture's final logit soft-capping (Gemma-2/3: cap * tanh(logits / cap)) when its config
+    sets one."""
     import torch
 
-    out = model.get_output_embeddings()(hidden).float()
+    out = model.get_output_embeddings()(hidden)
+    for field, how in LOGIT_SCALES:
+        f = getattr(model.config, field, None)
+        if isinstance(f, (int, float)) and not isinstance(f, bool) and f != 1:
+            out = out / f if how == "div" else out * f
+    out = out.float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(out / cap) * cap if cap else out
+
+
+def base(model):
+    """The decoder under the head, whose forward returns `last_hidden_state`: `model.base_model`, or, where that is
+    the model itself (Llama 4's text model: base_model_prefix 'language_model', its decoder at `model`), the module
+    that holds the decoder blocks."""
+    b = model.base_model
+    if b is not model:
+        return b
+    path = arch_of(model).blocks.rpartition(".")[0]
+    return get(model, path) if path else model
 
 
 def blocks(model):

@@ -83,6 +83,11 @@ def infer(model: nn.Module) -> dict:
         raise LLMPruneError(f"{mt!r} blocks ({type(first).__name__}) hold no nn.Linear layers (they hold "
                             f"{', '.join(kinds)}): llmprune prunes nn.Linear and fused experts; add {mt!r} to "
                             f"llmprune/arch.py OVERRIDES with targets it can prune, or convert the model")
+    odd = next((m for b in blocks for m in b.modules() if isinstance(getattr(m, "down_proj", None), nn.Parameter)
+                and m.down_proj.dim() == 3 and not moe.is_fused_experts(m)), None)
+    if odd is not None:  # experts llmprune cannot see would stay dense without a word
+        raise LLMPruneError(f"{mt!r}: the experts module {type(odd).__name__} has a layout llmprune does not know (no "
+                            f"use_experts_implementation flags): describe it in llmprune/moe.py UNDECORATED")
     wiring = [n for n, _ in _LLAMA_READS] + [r for _, rs in _LLAMA_READS for r in rs] + list(_LLAMA_WRITES)
     llama = all(set(wiring) <= {n for n, _ in b.named_modules()} for b in blocks)  # every block (hybrids differ)
     experts = any(moe.is_fused_experts(m) for b in blocks for m in b.modules())

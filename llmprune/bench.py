@@ -178,8 +178,10 @@ def counting_reads(model: torch.nn.Module):
     hit: list[int] = []
 
     def hook(mod, args, kwargs, out):
-        _, index = moe.routing(args, kwargs)
-        hit.append(sum(sizes[mod][e] for e in index.unique().tolist() if 0 <= e < len(sizes[mod])))
+        hidden, index = moe.routing(args, kwargs)
+        n = len(sizes[mod])  # dense dispatch (Llama 4): the fused module reads every expert, the packed ones those hit
+        hit.append(sum(sizes[mod][e] for e in (range(n) if index is None and moe.is_fused_experts(mod)
+                                                else moe.experts_hit(hidden, index, n))))
 
     class Reads(list):
         def step(self, fn):

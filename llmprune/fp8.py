@@ -6,8 +6,8 @@ stores its weight in float8_e4m3fn and a float32 `weight_scale_inv` with one ent
 last blocks of a row or column cut short: DeepSeek-V3's 576-row kv_a_proj has 5 row blocks), and the weight
 is q * scale_inv, blockwise (DeepSeek-V3's inference/kernel.py weight_dequant). llmprune prunes the
 dequantized weights and writes its outputs unquantized (the source's unquantized tensors' dtype, bf16 for
-these). Other quantized checkpoints (GPTQ, AWQ, bitsandbytes, compressed-tensors, MXFP4) are refused: their
-weights cannot be pruned as stored.
+these). gpt-oss' MXFP4 experts are read dequantized too (mxfp4.py); other quantized checkpoints (GPTQ, AWQ,
+bitsandbytes, compressed-tensors) are refused: their weights cannot be pruned as stored.
 """
 from __future__ import annotations
 
@@ -33,20 +33,23 @@ def block_of(config) -> tuple[int, int] | None:
 
 
 def check(config, folder) -> tuple[int, int] | None:
-    """block_of(config) for a model to compress: an LLMPruneError when it is quantized any other way."""
+    """block_of(config) for a model to compress: an LLMPruneError when it is quantized any other way (gpt-oss'
+    MXFP4 aside: mxfp4.py reads it)."""
+    from . import mxfp4
+
     q = _quantization(config)
     block = block_of(config)
-    if q is not None and block is None:
+    if q is not None and block is None and not mxfp4.stored(config):
         method, blocks = q.get("quant_method"), q.get("weight_block_size")
         raise LLMPruneError(f"{folder} is quantized ({method}{'' if blocks is None else f', blocks {blocks}'}: "
                             f"config.json's quantization_config): llmprune prunes unquantized weights and reads "
-                            f"block-scaled FP8 (quant_method fp8 with weight_block_size) only: use the model's bf16 "
-                            f"or fp16 checkpoint")
+                            f"block-scaled FP8 (quant_method fp8 with weight_block_size) and gpt-oss' MXFP4 only: use "
+                            f"the model's bf16 or fp16 checkpoint")
     return block
 
 
 def unquantized(config) -> None:
-    """Drop the quantization from `config` (in place): what llmprune writes is unquantized."""
+    """Drop the quantization from `config` (in place): what llmprune writes is unquantized (FP8 or MXFP4)."""
     if hasattr(config, "quantization_config"):
         del config.quantization_config
 

@@ -314,6 +314,7 @@ def _recipe(manifest: dict) -> list[str]:
         ("base model", _local_name(model.get("loaded") or model.get("asked"))),
         ("model source", model.get("source")),
         ("base revision / sha256", model.get("revision") or model.get("sha256")),
+        ("base model stored as", model.get("stored")),  # (FP8, MXFP4: its dense figure is of those weights)
         ("solver", manifest.get("solver")),
         ("pattern", manifest.get("pattern")),
         ("sparsity target", _pct(target) if target is not None else None),

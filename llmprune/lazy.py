@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import formats, fp8, moe, sliced
+from . import formats, fp8, moe, mxfp4, sliced
 from .errors import LLMPruneError
 from .linalg import all_finite
 from .modules import PackedLinear
@@ -67,8 +67,48 @@ def _header(path: Path) -> tuple[dict, int]:
     return _header_at(str(path), st.st_size, st.st_mtime_ns)
 
 
+def indexed(folder: Path) -> list[str] | None:
+    """The files the folder's model.safetensors.index.json names (None: it has none). Only they hold the model, as
+    transformers reads it: a repo may keep other safetensors beside them (Mistral's consolidated.safetensors, the
+    same weights under other names), which must not mix into its tensors."""
+    path = folder / INDEX
+    if not path.is_file():
+        return None
+    try:
+        names = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LLMPruneError(f"{path} is damaged ({type(e).__name__}): re-create the folder") from None
+    bad = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or "/" in n or "\\" in n]
+    if bad or not names:
+        raise LLMPruneError(f"{path} is damaged (its weight_map names {bad[0] if bad else 'no file'!r}): re-create "
+                            f"the folder")
+    return names
+
+
+def indexed_files(folder: Path) -> list[Path] | None:
+    """`indexed`, as paths, each one there (a missing one is an LLMPruneError naming it)."""
+    names = indexed(folder)
+    if names is None:
+        return None
+    lacking = [n for n in names if not (folder / n).is_file()]
+    if lacking:
+        more = f" and {len(lacking) - 1} more" if len(lacking) > 1 else ""
+        raise LLMPruneError(f"{folder / lacking[0]} is missing ({INDEX} names it{more}): re-create the folder")
+    return [folder / n for n in names]
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder's model, as transformers picks them: model.safetensors, else the files its
+    index names (`indexed_files`), else every one there (a folder llmprune wrote holds one of the first two)."""
+    one = folder / "model.safetensors"
+    if one.is_file():
+        return [one]
+    files = indexed_files(folder)
+    return sorted(folder.glob("*.safetensors")) if files is None else files
+
+
 class WeightFiles:
-    """name -> tensor over a folder's safetensors files, each header checked up front. Files are
+    """name -> tensor over a folder's safetensors files (`model_files`), each header checked up front. Files are
     opened (memory-mapped) only while tensors are copied out of them and closed right after: a file
     kept mapped would count every page read so far in the process's resident memory."""
 
@@ -76,7 +116,7 @@ class WeightFiles:
         from safetensors import SafetensorError, safe_open
 
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = model_files(self.folder)
         if not files:
             pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
             if pickles:
@@ -99,14 +139,47 @@ class WeightFiles:
             for n in names:
                 self.where[n] = f
         self.fp8_block: tuple[int, int] | None = None  # block-scaled FP8 (fp8.py): read dequantized
+        self.mxfp4: set[str] = set()  # names stored as MXFP4 blocks and scales (mxfp4.py): read dequantized
+        self.stored: dict[str, str] = {}  # name -> the name the file stores it under, where they differ (prefixed)
+
+    def read_prefixed(self, names, prefix: str | None) -> None:
+        """Read tensors stored under other names as transformers' load reads them, when the model's tensors
+        `names` are stored with its base model prefix before them (Llama 4 as released: `language_model.model.
+        layers...`, read by its text model as `model.layers...`) or without it (a checkpoint of the base model
+        alone): every stored name is seen through the same change (an FP8 weight's scales, MXFP4's blocks too);
+        what is still lacking after it (a tied head) is for the caller to judge."""
+        lacking = [n for n in names if n not in self.where]
+        if not prefix or not lacking:
+            return
+        head = prefix + "."
+        if any(head + n in self.where for n in lacking):
+            seen = {k[len(head):]: k for k in self.where if k.startswith(head)}
+        elif any(n.startswith(head) and n[len(head):] in self.where for n in lacking):
+            seen = {head + k: k for k in self.where if not k.startswith(head)}
+        else:
+            return
+        for n, k in seen.items():
+            if n not in self.where:
+                self.where[n], self.stored[n] = self.where[k], self.stored.get(k, k)
+
+    def read_mxfp4(self) -> None:
+        """Read the tensors an MXFP4 checkpoint stores as `X_blocks` and `X_scales` (mxfp4.py) as `X`, dequantized."""
+        n = len(mxfp4.BLOCKS)
+        self.mxfp4 = {k[:-n] for k in self.where
+                      if k.endswith(mxfp4.BLOCKS) and k[:-n] + mxfp4.SCALES in self.where and k[:-n] not in self.where}
+        for k in self.mxfp4:
+            self.where[k] = self.where[k + mxfp4.BLOCKS]
 
     def scaled(self, name: str) -> bool:
-        """Whether `name` is a block-scaled FP8 weight, read dequantized (fp8.py): stored in FP8 beside its
-        scales (not a weight written unquantized since, to a scratch file read in its place: onload.Scratch)."""
+        """Whether `name` is read dequantized: a block-scaled FP8 weight stored in FP8 beside its scales (fp8.py),
+        or an MXFP4 one stored as its blocks and scales (mxfp4.py); not a weight written unquantized since, to a
+        scratch file read in its place (onload.Scratch)."""
+        if name in self.mxfp4:
+            return self.where.get(name) == self.where.get(name + mxfp4.BLOCKS)
         if self.fp8_block is None or name not in self.where or name + fp8.SCALE not in self.where:
             return False
         head, _ = _header(self.where[name])
-        return ST_DTYPES.get(head[name]["dtype"]) in fp8.FP8
+        return ST_DTYPES.get(head[self.stored.get(name, name)]["dtype"]) in fp8.FP8
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -121,8 +194,11 @@ class WeightFiles:
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, read with plain file reads (no mapping: the file's pages never count in our
         resident memory) straight into its tensor; a floating tensor converted to `dtype` chunk by
-        chunk, so a conversion holds the result and one chunk, not the tensor twice. A block-scaled FP8
-        weight is read dequantized (in float32 when `dtype` is None)."""
+        chunk, so a conversion holds the result and one chunk, not the tensor twice. A block-scaled FP8 or an
+        MXFP4 weight is read dequantized (in float32 when `dtype` is None)."""
+        if name in self.mxfp4 and self.scaled(name):
+            return mxfp4.dequantize(self._get(name + mxfp4.BLOCKS), self._get(name + mxfp4.SCALES),
+                                    dtype or torch.float32)
         if self.scaled(name):
             w = fp8.dequantize(self._get(name), self._get(name + fp8.SCALE), self.fp8_block)
             return w if dtype in (None, torch.float32) else w.to(dtype)
@@ -130,7 +206,7 @@ class WeightFiles:
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows start:stop of a tensor (a vocabulary-sized embedding or head, a chunk at a time), read as `get`
-        reads a whole one; a block-scaled FP8 tensor is read whole and cut."""
+        reads a whole one; a dequantized one (FP8, MXFP4) is read whole and cut."""
         if self.scaled(name):
             return self.get(name, dtype)[start:stop]
         return self._get(name, dtype, (start, stop))
@@ -141,7 +217,7 @@ class WeightFiles:
         path = self.where[name]
         try:
             head, start = _header(path)
-            e = head[name]
+            e = head[self.stored.get(name, name)]
             sdt, shape = ST_DTYPES[e["dtype"]], tuple(e["shape"])
         except (OSError, ValueError, KeyError) as err:
             raise LLMPruneError(f"{path}: {name} cannot be read ({str(err)[:120]}): the file is corrupted, "
@@ -271,6 +347,7 @@ class LazyModel:
             raise LLMPruneError(f"{self.folder}/config.json cannot be read ({str(e).splitlines()[0][:120]}): "
                                 f"re-create the folder") from None
         block = fp8.check(config, self.folder)  # block-scaled FP8: read dequantized, written unquantized
+        stored_mxfp4 = mxfp4.stored(config)  # gpt-oss' MXFP4 experts: the same
         fp8.unquantized(config)
         self.model = sliced.on_meta(config, dtype).eval()  # (SliceGPT's shortcuts rebuilt when it was sliced)
         # packed experts: one module each (moe.SplitExperts), as load_packed builds them; `unpack` (a dense model's
@@ -282,6 +359,9 @@ class LazyModel:
             moe.split_packed(self.model, packed_section, self.folder)
         self.files = WeightFiles(self.folder)
         self.files.fp8_block = block
+        self.files.read_prefixed(_tensor_names(self.model), getattr(self.model, "base_model_prefix", None))
+        if stored_mxfp4:
+            self.files.read_mxfp4()
         self.dtype = dtype
         self.section = packed_section
         self.unpack = unpack

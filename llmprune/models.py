@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -355,6 +356,29 @@ def _stream_gguf(src: _GGUF, folder: Path, out: Path, keep16: bool) -> None:
                             f"it to a Hugging Face folder, or use a supported GGUF") from None
 
 
+@contextmanager
+def one_name_map():
+    """While it lasts, gguf's get_tensor_name_map builds one map per (architecture, number of blocks) and hands
+    that one out again. transformers' get_gguf_hf_weights_map (5.25) asks for a new one in every submodule it
+    recurses into, each naming every tensor of every block: a cost of modules x blocks (397 maps, 5.5 s for
+    SmolLM2's 30 layers; 1,047 maps, 48 s for 80; bench/gguf_namemap.py). transformers only reads the map
+    (get_name): one copy maps the same names."""
+    import gguf
+
+    build, maps = gguf.get_tensor_name_map, {}
+
+    def cached(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = build(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.get_tensor_name_map = cached  # (transformers imports it from gguf inside the function, at each call)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = build
+
+
 def _dequantize_gguf(src: _GGUF, out: Path, keep16: bool) -> None:
     import mmap
 
@@ -389,7 +413,8 @@ def _dequantize_gguf(src: _GGUF, out: Path, keep16: bool) -> None:
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # (not done on the meta device: a tied head would count as missing)
     processor = TENSOR_PROCESSORS.get(family, TensorProcessor)(config=parsed.get("config", {}))
-    mapping = get_gguf_hf_weights_map(skeleton, processor)
+    with one_name_map():
+        mapping = get_gguf_hf_weights_map(skeleton, processor)
     hf = lambda n: mapping.get(n, mapping.get(n.rsplit(".", 1)[0]))  # (stacked experts: mapped without ".weight")
     sources: dict = {}  # the file's tensors each transformers tensor is made of (gate_up_proj: the gate's and up's)
     for t in reader.tensors:
@@ -481,10 +506,10 @@ def resolve(spec: str) -> ModelInfo:
 
 
 def _resolve_hub(repo_id: str) -> ModelInfo:
-    from huggingface_hub import snapshot_download
-
     try:
-        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        folder = _download_hub(repo_id)
+    except LLMPruneError:
+        raise
     except Exception as e:  # noqa: BLE001  # offline, unknown repo, gated: all end the same way for the user
         raise LLMPruneError(
             f"cannot fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): check the id and your "
@@ -494,9 +519,50 @@ def _resolve_hub(repo_id: str) -> ModelInfo:
     return _stored_as(ModelInfo(repo_id, repo_id, "hub", folder, revision=rev))
 
 
+_HUB_TOP = (".json", ".model", ".txt", ".jinja")  # config, generation config, tokenizer, chat template
+
+
+def _download_hub(repo_id: str) -> str:
+    """The snapshot folder of `repo_id` with what a load reads and nothing more: the top-level config and tokenizer
+    files, and the weights transformers loads (the shards model.safetensors.index.json names, else
+    model.safetensors), each asked for by its exact name. A pattern like "*.safetensors" would not do:
+    huggingface_hub matches it over the whole path, and repos keep other weights beside the model's
+    (openai/gpt-oss-120b another 65 GB under original/, Mistral's a consolidated.safetensors as large as its
+    shards). The listing, the index and the files are all of one commit. Offline (or the Hub unreachable): the
+    snapshot an earlier run downloaded."""
+    import glob
+
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
+
+    from .lazy import INDEX, indexed
+
+    try:
+        info = HfApi().model_info(repo_id)
+    except Exception:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+        raise
+    names = [s.rfilename for s in info.siblings or []]
+    if "model.safetensors" in names:  # (transformers reads it first, an index beside it aside)
+        weights = ["model.safetensors"]
+    elif INDEX in names:
+        weights = indexed(Path(hf_hub_download(repo_id, INDEX, revision=info.sha)).parent)
+    else:
+        raise LLMPruneError(f"{repo_id} has no safetensors weights llmprune can load (a top-level model.safetensors "
+                            f"or {INDEX}; pickle .bin files are not read): pick a repo that has them, or convert it "
+                            f"with a trusted tool and pass the folder")
+    top = [n for n in names if "/" not in n and n.endswith(_HUB_TOP)]
+    folder = snapshot_download(repo_id, allow_patterns=[glob.escape(n) for n in top + weights])
+    if Path(folder).name != info.sha:  # (resolved again there, so that the cache's refs/main serves a later offline run)
+        raise LLMPruneError(f"{repo_id} changed on the Hub while it downloaded: run the command again")
+    return folder
+
+
 def _stored_as(info: ModelInfo) -> ModelInfo:
-    """`info`, with how its weights are stored when quantized (fp8.py; other quantizations are refused)."""
-    from . import fp8
+    """`info`, with how its weights are stored when quantized (fp8.py, mxfp4.py; other quantizations are
+    refused)."""
+    from . import fp8, mxfp4
 
     try:
         config = json.loads((Path(info.path) / "config.json").read_text())
@@ -505,6 +571,8 @@ def _stored_as(info: ModelInfo) -> ModelInfo:
     block = fp8.check(config, info.path)
     if block is not None:
         info.extra["stored"] = fp8.describe(block)
+    elif mxfp4.stored(config):
+        info.extra["stored"] = mxfp4.describe()
     return info
 
 
@@ -514,14 +582,17 @@ def from_pretrained(folder, fix: str = "re-create or re-download the folder", **
     `fix`: what the one-line error tells the user to do."""
     from transformers import AutoModelForCausalLM
 
-    from . import fp8
+    from . import fp8, mxfp4
 
     try:
-        block = fp8.block_of(json.loads((Path(folder) / "config.json").read_text()))
+        config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):  # no config.json (a GGUF file's folder), or a damaged one: transformers says
-        block = None
-    if block is not None:  # block-scaled FP8: llmprune's reader dequantizes it (fp8.py; transformers' refuses the
-        # blocks cut short at the end of a row or column, as DeepSeek-V3's kv_a_proj_with_mqa has them)
+        config = {}
+    block = fp8.block_of(config)
+    # block-scaled FP8: llmprune's reader dequantizes it (fp8.py; transformers' refuses the blocks cut short at the
+    # end of a row or column, as DeepSeek-V3's kv_a_proj_with_mqa has them); gpt-oss' MXFP4 too (mxfp4.py), so the
+    # whole load reads the very weights the block walk reads
+    if block is not None or mxfp4.stored(config):
         import torch
 
         from .lazy import LazyModel
@@ -530,7 +601,8 @@ def from_pretrained(folder, fix: str = "re-create or re-download the folder", **
         why = lz.unreadable()  # (an LLMPruneError for a lacking tensor)
         if why:
             raise LLMPruneError(f"{folder} stores {why} under other names that only transformers' whole load "
-                                f"converts, which does not read block-scaled FP8: use the model's bf16 checkpoint")
+                                f"converts, which does not read {'block-scaled FP8' if block else 'MXFP4'}: use the model's "
+                                f"bf16 checkpoint")
         lz.load("")
         return lz.model
     try:

@@ -12,6 +12,11 @@ other MoE families as one 3-D parameter per projection in a module decorated by
     *_bias        (experts, out) when has_bias (gpt-oss)
     forward(hidden (tokens, H), top_k_index (tokens, k), top_k_weights (tokens, k))
 
+Experts classes transformers does not decorate are described in UNDECORATED instead. Llama 4's
+(`Llama4TextExperts`) dispatch densely: forward(hidden (experts * tokens, H)), expert e's rows the
+e-th (tokens, H) slice, each token scaled by its router score for e: a zero row where the router did
+not pick e (sigmoid(-inf)); every expert computes every row. Its routed tokens are its nonzero rows.
+
 Expert e's projections are exposed as `ExpertProj` views named `<experts>[e].gate_proj`,
 `<experts>[e].up_proj`, `<experts>[e].down_proj`: their `.weight` is an (out, in) view into the 3-D
 parameter (writes go to the model), and a forward hook on the experts module hands each view the
@@ -40,16 +45,33 @@ MIN_TOKENS = 64  # default: experts with fewer routed calibration tokens take th
 GROUPED_MAX_PAIRS = 256  # packed experts on CUDA: grouped launches up to this many (token, expert) pairs (batch 32, top-8)
 
 
+# Experts classes that `use_experts_implementation` does not decorate, by class name: the layout flags it would
+# record, and `dense` dispatch (see the module docstring)
+UNDECORATED: dict[str, dict] = {
+    "Llama4TextExperts": dict(is_transposed=True, is_concatenated=True, has_gate=True, has_bias=False, dense=True),
+}
+
+
+def flag(experts: nn.Module, name: str, default=False):
+    """A layout flag of an experts module (`is_transposed`, `has_gate`, ...): its own, else UNDECORATED's."""
+    return getattr(experts, name, UNDECORATED.get(type(experts).__name__, {}).get(name, default))
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers 5 experts module: 3-D expert weights and the layout flags of
-    `use_experts_implementation`."""
+    `use_experts_implementation` (or an UNDECORATED class)."""
     down = getattr(module, "down_proj", None)
-    return (isinstance(down, nn.Parameter) and down.dim() == 3 and hasattr(module, "is_transposed")
-            and hasattr(module, "has_gate"))
+    return (isinstance(down, nn.Parameter) and down.dim() == 3 and (
+        (hasattr(module, "is_transposed") and hasattr(module, "has_gate")) or type(module).__name__ in UNDECORATED))
+
+
+def dense_dispatch(experts: nn.Module) -> bool:
+    """Whether every expert computes every token (Llama 4: forward(hidden (experts * tokens, H)))."""
+    return bool(flag(experts, "dense"))
 
 
 def projections(experts: nn.Module) -> tuple[str, ...]:
-    return ("gate_proj", "up_proj", "down_proj") if experts.has_gate else ("up_proj", "down_proj")
+    return ("gate_proj", "up_proj", "down_proj") if flag(experts, "has_gate") else ("up_proj", "down_proj")
 
 
 def num_experts(experts: nn.Module) -> int:
@@ -58,29 +80,46 @@ def num_experts(experts: nn.Module) -> int:
 
 def _rows(experts: nn.Module, proj: str, out: int):
     """Which rows of the fused (out, in) matrix hold `proj` (a slice: a view, not a copy)."""
-    if proj == "down_proj" or not experts.has_gate:
+    if proj == "down_proj" or not flag(experts, "has_gate"):
         return slice(None)
     half = out // 2
-    if getattr(experts, "is_concatenated", True):  # [gate; up]
+    if flag(experts, "is_concatenated", True):  # [gate; up]
         return slice(0, half) if proj == "gate_proj" else slice(half, out)
     return slice(0, out, 2) if proj == "gate_proj" else slice(1, out, 2)  # interleaved (gpt-oss)
 
 
 def fused_param(experts: nn.Module, proj: str) -> str:
     """The name of the fused parameter that holds `proj`'s rows: `gate_up_proj`, `up_proj` or `down_proj`."""
-    return "down_proj" if proj == "down_proj" else ("gate_up_proj" if experts.has_gate else "up_proj")
+    return "down_proj" if proj == "down_proj" else ("gate_up_proj" if flag(experts, "has_gate") else "up_proj")
 
 
 def _oi(experts: nn.Module, w: torch.Tensor) -> torch.Tensor:
     """(out, in) view of one expert's stored matrix."""
-    return w.T if experts.is_transposed else w
+    return w.T if flag(experts, "is_transposed") else w
 
 
-def routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden (tokens, H), top_k_index (tokens, k)) from an experts forward call."""
+def apply_gate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up of (tokens, 2 I) in the experts' layout, as their class computes it."""
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(h)
+    gate, up = h.chunk(2, dim=-1)  # UNDECORATED classes: concatenated
+    return experts.act_fn(gate) * up
+
+
+def routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden (tokens, H), top_k_index (tokens, k)) from an experts forward call; index None for dense dispatch
+    (hidden is then (experts * tokens, H))."""
     vals = list(args) + list(kwargs.values())  # forward(hidden, index, weights) under any parameter names
-    index = next(v for v in vals[1:] if isinstance(v, torch.Tensor) and not v.is_floating_point())
+    index = next((v for v in vals[1:] if isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
     return vals[0], index
+
+
+def experts_hit(hidden: torch.Tensor, index: torch.Tensor | None, n: int) -> list[int]:
+    """The experts (of n) an experts call computes for: those of `index` in range; dense dispatch: those with a
+    nonzero row."""
+    if index is None:
+        return hidden.reshape(n, -1, hidden.shape[-1]).ne(0).any(-1).any(-1).nonzero().flatten().tolist()
+    return [e for e in index.unique().tolist() if 0 <= e < n]
 
 
 class ExpertProj:
@@ -126,10 +165,15 @@ class ExpertProj:
         return (index == self.index).any(-1).nonzero().squeeze(-1)
 
     @torch.no_grad()
-    def inputs(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def inputs(self, hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """This projection's inputs (n, in) for one experts call."""
         x = hidden.reshape(-1, hidden.shape[-1])
-        if self.routed:
+        if index is None:  # dense dispatch: this expert's rows, a zero row where the router did not pick it
+            xs = x.reshape(num_experts(self.experts), -1, x.shape[-1])  # (experts, tokens, H)
+            # routed: its nonzero rows; pooled: every token as the experts picked read it (summed over them: with
+            # Llama 4's top-1 router, the token scaled by its score)
+            x = xs[self.index][xs[self.index].ne(0).any(-1)] if self.routed else xs.sum(0)  # (n, H)
+        elif self.routed:
             x = x[self.tokens(index.reshape(-1, index.shape[-1]))]  # (n, H)
         if self.proj != "down_proj":
             return x
@@ -137,7 +181,7 @@ class ExpertProj:
         w = _oi(e, getattr(e, p)[self.index])  # (2I or I, H)
         b = getattr(e, p + "_bias")[self.index] if getattr(e, "has_bias", False) else None
         h = F.linear(x, w, b)  # (n, 2I)
-        return e._apply_gate(h) if e.has_gate else e.act_fn(h)  # (n, I): what down_proj reads
+        return apply_gate(e, h) if flag(e, "has_gate") else e.act_fn(h)  # (n, I): what down_proj reads
 
     def register_forward_hook(self, fn):
         """fn(view, (inputs (n, in),), None) after each experts call in which the expert computed (n > 0)."""
@@ -155,7 +199,7 @@ def row_markers(experts: nn.Module, rel: str) -> tuple[dict[str, torch.Tensor], 
     int32 tensor holding, row by row, the index into the returned list of the view (`rel[e].proj`) that row
     belongs to. Put through a checkpoint conversion in place of the parameters (stored.to_stored), they show
     which stored tensor holds which view, at the cost of one int per row. Stored (in, out) experts: none."""
-    if experts.is_transposed:
+    if flag(experts, "is_transposed"):
         return {}, []
     marks, views = {}, []
     for proj in projections(experts):
@@ -258,7 +302,8 @@ class SplitExperts(nn.ModuleList):
     as packed linears (PackedLinear) where the fused module has 3-D parameters. Built on the meta device from the
     fused module (`SplitExperts(fused)`), its linears are then placed by the loader. Its forward is that of
     transformers' eager experts: per expert hit, its tokens through up (and gate, combined by the fused class's
-    own `_apply_gate`, so gpt-oss' clamped SwiGLU too), down, times the routing weight, summed per token."""
+    own `_apply_gate`, so gpt-oss' clamped SwiGLU too), down, times the routing weight, summed per token; dense
+    dispatch (Llama 4): each expert's nonzero rows of its slice through it, the other rows zero, as its class does."""
 
     def __init__(self, fused: nn.Module):
         super().__init__()
@@ -269,7 +314,8 @@ class SplitExperts(nn.ModuleList):
                 expert.add_module(proj, nn.Linear(v.in_features, v.out_features, bias=v.bias is not None,
                                                   device="meta", dtype=v.weight.dtype))
             self.append(expert)
-        self.has_gate, self.is_concatenated = fused.has_gate, getattr(fused, "is_concatenated", True)
+        self.has_gate, self.is_concatenated = flag(fused, "has_gate"), flag(fused, "is_concatenated", True)
+        self.dense = dense_dispatch(fused)
         self.projections = projections(fused)
         object.__setattr__(self, "_fused", fused)  # for its gate function only: not a submodule, no weights used
         self.grouped = "auto"  # grouped kernels: "auto" (CUDA, up to GROUPED_MAX_PAIRS pairs), "always", "never"
@@ -376,10 +422,12 @@ class SplitExperts(nn.ModuleList):
     def _gate(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """act(gate) * up as the fused class computes it from its (tokens, 2 I) layout."""
         h = torch.cat([g, u], -1) if self.is_concatenated else torch.stack([g, u], -1).flatten(-2)
-        return self._fused._apply_gate(h)
+        return apply_gate(self._fused, h)
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """forward(hidden (tokens, H), top_k_index (tokens, k), top_k_weights (tokens, k)), any parameter names."""
+        if self.dense:
+            return self._dense(hidden)
         vals = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
         index = next(v for v in vals if not v.is_floating_point())
         weights = next(v for v in vals if v.is_floating_point())
@@ -395,6 +443,18 @@ class SplitExperts(nn.ModuleList):
             ex, xe = self[e], x[tok]
             h = self._gate(ex.gate_proj(xe), ex.up_proj(xe)) if self.has_gate else self._fused.act_fn(ex.up_proj(xe))
             out.index_add_(0, tok, (ex.down_proj(h) * weights[tok, pos, None]).to(out.dtype))
+        return out.reshape(hidden.shape)
+
+    def _dense(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Dense dispatch: hidden (experts * tokens, H), expert e's the e-th slice; a zero row computes zero (no
+        biases), so only the nonzero rows run."""
+        xs = hidden.reshape(len(self), -1, hidden.shape[-1])  # (experts, tokens, H)
+        out = torch.zeros_like(xs)
+        for e in experts_hit(hidden, None, len(self)):
+            ex, tok = self[e], xs[e].ne(0).any(-1).nonzero().squeeze(-1)
+            xe = xs[e, tok]  # (n, H)
+            h = self._gate(ex.gate_proj(xe), ex.up_proj(xe)) if self.has_gate else self._fused.act_fn(ex.up_proj(xe))
+            out[e, tok] = ex.down_proj(h).to(out.dtype)
         return out.reshape(hidden.shape)
 
 

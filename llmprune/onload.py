@@ -13,6 +13,7 @@ planned by placement.py), only those that stream from CPU memory staying there.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from contextlib import contextmanager
@@ -260,10 +261,10 @@ class Output:
                 self.packer.add_tensor(n, self.lz.files.get(n) if t is None else t)
             elif t is not None:
                 self._add(n, t)
-            elif self.lz.files.scaled(n):  # block-scaled FP8 (fp8.py): dequantized
+            elif self.lz.files.scaled(n):  # block-scaled FP8 (fp8.py), MXFP4 (mxfp4.py): dequantized
                 self._add(n, self.lz.files.get(n, self.save_dtype))
             else:  # file to file in chunks: a 70B model's embeddings are 2 GiB
-                self.writer.copy(n, self.lz.files.where[n])
+                self.writer.copy(n, self.lz.files.where[n], self.lz.files.stored.get(n))
         self.outside_written = True
 
     @torch.no_grad()
@@ -302,10 +303,8 @@ class Scratch:
 
     def _overlay(self, where: dict[str, Path]) -> None:
         """Have the LazyModel read the tensors of `where` from the scratch files it names."""
-        overlay = lazy.WeightFiles.__new__(lazy.WeightFiles)
-        overlay.folder = self.base.folder
+        overlay = copy.copy(self.base)  # (FP8 and MXFP4 weights still read from the source are dequantized)
         overlay.where = {**self.lz.files.where, **where}
-        overlay.fp8_block = self.base.fp8_block  # (FP8 weights still read from the source are dequantized)
         self.lz.files = overlay
 
     @torch.no_grad()

@@ -68,9 +68,47 @@ FAMILIES: dict[str, dict] = {
                    "head_dim": 16, "layer_types": ["linear_attention", "full_attention"], "linear_num_key_heads": 2,
                    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16},
     "minimax_m2": {**_MOE, "num_local_experts": 8, "intermediate_size": 32, "head_dim": 16},
+    # 2025-2026 families (4 experts where MoE, to keep the suite fast). Llama 4: a dense block (intermediate_size_mlp)
+    # then an MoE one (experts dispatched densely, top-1, sigmoid scores scaling their inputs; a shared expert),
+    # chunked attention on 16-token chunks, the MoE block without RoPE, attention temperature tuning from position 8
+    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size": 32,
+                    "intermediate_size_mlp": 128, "head_dim": 16, "interleave_moe_layer_step": 2,
+                    "no_rope_layer_interval": 2, "attention_chunk_size": 16, "floor_scale": 8,
+                    "router_aux_loss_coef": 0.0},
+    # Granite 4.0: a Mamba2 block and an attention block, each with experts and a shared MLP (fused input_linear);
+    # its multipliers (embeddings, residuals, attention, logits) away from 1
+    "granitemoehybrid": {**_MOE, "layer_types": ["mamba", "attention"], "num_local_experts": 4,
+                         "intermediate_size": 32, "shared_intermediate_size": 64, "mamba_n_heads": 4,
+                         "mamba_d_head": 32, "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16,
+                         "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.25,
+                         "logits_scaling": 4.0},
+    # Nemotron-H (Nano 2; Nemotron 3 Nano's MoE): a Mamba2 block, an attention block, an MoE block (gateless relu^2
+    # experts, a shared expert, a sigmoid router): one block a layer, its mixer
+    "nemotron_h": {"hybrid_override_pattern": "M*E", "num_hidden_layers": 3, "head_dim": 16, "mamba_num_heads": 4,
+                   "mamba_head_dim": 32, "ssm_state_size": 16, "n_groups": 1, "chunk_size": 16, "n_routed_experts": 4,
+                   "num_experts_per_tok": 2, "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32},
+    # Falcon-H1: Mamba2 and attention side by side in every block, muP multipliers (embeddings, head) away from 1
+    "falcon_h1": {"head_dim": 16, "mamba_d_ssm": 128, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1,
+                  "mamba_d_state": 16, "mamba_chunk_size": 16, "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5},
+    # LFM2: a short-convolution block, an attention block
+    "lfm2": {"layer_types": ["conv", "full_attention"], "block_auto_adjust_ff_dim": False},
+    # SmolLM3: every 2nd block without RoPE (NoPE)
+    "smollm3": {"no_rope_layer_interval": 2},
+    # ERNIE-4.5-MoE: a dense first block, then experts, a shared expert, a router with a score-correction bias
+    "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32, "moe_num_shared_experts": 1,
+                     "moe_layer_start_index": 1, "moe_layer_end_index": 1, "router_aux_loss_coef": 0.0},
+    # HunYuan-A13B: experts, a shared MLP, a router holding its linear (mlp.gate.wg), q/k norms
+    "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": 2, "intermediate_size": 32, "head_dim": 16},
+    # EXAONE 4.0 and OLMo 3: post-norm blocks, q/k norms, sliding-window and full attention
+    "exaone4": {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    "olmo3": {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    # Seed-OSS: q/k/v biases; Apertus: xIELU MLP without a gate, q/k norms, Llama 3.1's RoPE scaling
+    "seed_oss": {"head_dim": 16, "attention_bias": True},
+    "apertus": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
 }
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe", "deepseek_v3", "glm4_moe", "qwen3_next",
-                "minimax_m2")
+                "minimax_m2", "llama4_text", "granitemoehybrid", "nemotron_h", "ernie4_5_moe", "hunyuan_v1_moe")
 
 
 # RoPE scalings that GGUF holds in tensors, on a 16-token original context so that 48 tokens exercise them: Llama
@@ -135,6 +173,49 @@ def fp8_model_dir(path: str | Path, arch: str = "llama", block: tuple[int, int] 
                   unquantized: torch.dtype = torch.float32, head: bool = False, **over) -> Path:
     """A tiny model saved as a block-scaled FP8 checkpoint (to_fp8); returns the folder."""
     return to_fp8(tiny_model_dir(path, arch, seed, **over), block, unquantized, head)
+
+
+def mxfp4_model_dir(path: str | Path, seed: int = 0, unquantized: torch.dtype | None = torch.bfloat16,
+                    **over) -> Path:
+    """A tiny gpt-oss saved as OpenAI's MXFP4 checkpoints are (to_mxfp4); returns the folder."""
+    return to_mxfp4(tiny_model_dir(path, "gpt_oss", seed, **over), unquantized)
+
+
+def to_mxfp4(path: str | Path, unquantized: torch.dtype | None = None) -> Path:
+    """Rewrite the gpt-oss folder `path` as gpt-oss-20b/120b are stored (llmprune/mxfp4.py): each fused expert
+    tensor X, (experts, in, out) in memory, as `X_blocks` (its rows (experts, out, in) cut in blocks of 32 FP4
+    E2M1 codes, two a byte, the low nibble first) and `X_scales` (the block's exponent, biased by 127: the
+    largest weight of the block lands in [4, 8), above 6 clamped), the other floating tensors in `unquantized`
+    (None: as they are), and config.json's quantization_config saying so; returns the folder."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .mxfp4 import BLOCKS, FP4, SCALES
+
+    path = Path(path)
+    lut = torch.tensor(FP4[:8])
+    for f in sorted(path.glob("*.safetensors")):
+        out = {}
+        for k, w in load_file(f).items():
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                rows = w.float().transpose(1, 2)  # (experts, out, in)
+                e, o, i = rows.shape
+                g = rows.reshape(e, o, i // 32, 32)
+                exp = torch.floor(torch.log2(g.abs().amax(-1).clamp(min=2.0**-100))) - 2
+                v = (g / torch.exp2(exp)[..., None]).clamp(-6, 6)
+                codes = (v.abs()[..., None] - lut).abs().argmin(-1) + 8 * (v < 0)
+                codes = codes.to(torch.uint8).reshape(e, o, i // 32, 16, 2)
+                out[k + BLOCKS] = codes[..., 0] | (codes[..., 1] << 4)
+                out[k + SCALES] = (exp + 127).to(torch.uint8)
+            else:
+                out[k] = w.to(unquantized) if unquantized is not None and w.is_floating_point() else w
+        save_file(out, f, metadata={"format": "pt"})
+    c = json.loads((path / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(c, indent=2))
+    return path
 
 
 def to_fp8(path: str | Path, block: tuple[int, int] = (128, 128), unquantized: torch.dtype | None = None,

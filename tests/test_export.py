@@ -318,6 +318,39 @@ def test_a_gguf_is_parsed_no_more_than_its_config_and_tokenizer_take(tmp_path, c
         assert (folder / name).read_text() == (tmp_path / "tok" / name).read_text(), name
 
 
+def test_a_gguf_conversion_builds_its_tensor_name_map_once(tmp_path, capsys, calib_txt, monkeypatch):
+    """transformers' get_gguf_hf_weights_map asks gguf for a new TensorNameMap of the whole model in every submodule
+    it recurses into (modules x layers: nearly all of a tiny 80-layer model's 61 s conversion, bench/gguf_namemap.py): a conversion
+    builds it once (models.one_name_map), gguf's function is itself again afterwards (after an error too), and the
+    cached copy is byte for byte the one made with a map built per submodule."""
+    import contextlib
+
+    import gguf
+
+    from llmprune import models
+
+    _, out, e = _family_export(tmp_path, capsys, calib_txt, "llama", types="f32", num_hidden_layers=6)
+    builds, build = [], gguf.get_tensor_name_map
+    counting = lambda arch, n: builds.append((arch, n)) or build(arch, n)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting)
+    made = {}
+    for way in ("per submodule", "once"):
+        monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / way))
+        builds.clear()
+        with monkeypatch.context() as m:
+            if way == "per submodule":
+                m.setattr(models, "one_name_map", contextlib.nullcontext)
+            folder, _ = models.gguf_to_folder(out / e["files"][0])
+        made[way] = {p.name: p.read_bytes() for p in folder.iterdir()}
+        assert gguf.get_tensor_name_map is counting
+        assert (builds == [(gguf.MODEL_ARCH.LLAMA, 6)]) if way == "once" else (len(builds) > 6 * 5), (way, len(builds))
+    assert "model.safetensors" in made["once"] and made["once"] == made["per submodule"]
+    with pytest.raises(RuntimeError), models.one_name_map():
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        raise RuntimeError
+    assert gguf.get_tensor_name_map is counting
+
+
 
 
 

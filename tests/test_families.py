@@ -27,8 +27,8 @@ def _ids(n=8, seqlen=24, seed=0):
 def test_block_inputs_are_the_models_own_hidden_states(family):
     """The walker's calibration inputs of every block equal the model's hidden states there, batch by
     batch (a Mixture-of-Experts layer's output depends on which tokens share its batch in the last
-    bit, so the reference runs the same batches), and the last block's outputs through the final
-    norm equal the model's last hidden state."""
+    bit, so the reference runs the same batches), the last block's outputs through the final
+    norm equal the model's last hidden state, and llmprune's head (arch.logits) its logits."""
     m = tiny_model(family)
     ids = _ids(4, 17)
     bs = 2
@@ -41,6 +41,11 @@ def test_block_inputs_are_the_models_own_hidden_states(family):
     n = len(arch.blocks(m))
     out = torch.cat(last.outputs)
     assert torch.equal(arch.get(m, a.norm)(out), ref[n]) if len(ref) == n + 1 else torch.equal(out, ref[n])
+    # the head as perplexity runs it on the decoder's output gives the model's logits (Granite's logits_scaling,
+    # Falcon-H1's lm_head_multiplier; Llama 4's decoder, which base_model does not name)
+    with torch.no_grad():
+        hidden = arch.base(m)(input_ids=ids, use_cache=False).last_hidden_state
+        torch.testing.assert_close(arch.logits(m, hidden), m(ids).logits.float())
 
 
 def _expected_zeros(t, pattern, sparsity) -> int:
@@ -130,14 +135,15 @@ def test_routers_and_shared_expert_gates_stay_dense_unless_asked():
     assert "model.layers.0.mlp.shared_expert.down_proj" in names and "model.layers.0.mlp.experts[7].down_proj" in names
     gates = set(prune.target_linears(m, gates=True)) - set(names)
     assert gates == {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)}
+    assert not [n for n in prune.target_linears(tiny_model("hunyuan_v1_moe")) if ".mlp.gate." in n]  # its router's wg
 
 
 # --- Mixture-of-Experts: statistics from routed tokens only ----------------------------------------
 
-def _moe_input(m, ids, layer=0):
+def _moe_input(m, ids, layer=0, mlp="mlp"):
     """The MoE layer's input (tokens, hidden), captured from a plain forward of the model."""
     got = []
-    h = m.model.layers[layer].mlp.register_forward_pre_hook(lambda mod, args: got.append(args[0]))
+    h = getattr(m.model.layers[layer], mlp).register_forward_pre_hook(lambda mod, args: got.append(args[0]))
     with torch.no_grad():
         m(ids)
     h.remove()
@@ -202,6 +208,42 @@ def test_expert_statistics_come_from_its_routed_tokens(family):
                 if xe.shape[0]:
                     torch.testing.assert_close(s.hessian, 2 * inp.T @ inp / inp.shape[0], rtol=1e-4, atol=1e-6)
     assert sum(counts) == x.shape[0] * m.config.num_experts_per_tok and len(set(counts)) > 1
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_llama4_experts_see_their_routed_tokens_scaled_by_their_scores(k, monkeypatch):
+    """Llama 4's experts run densely (every expert on every token, a token not routed to it a zero row; moe.py
+    UNDECORATED): each expert's statistics come from the tokens its router picked, each scaled by its sigmoid score
+    as the expert reads it, checked against the router run by hand (block 1: block 0 is dense). An experts class
+    llmprune does not know stops in one line naming the table."""
+    m = tiny_model("llama4_text", num_experts_per_tok=k)
+    ids = _ids(4, 16)
+    x = _moe_input(m, ids, 1, "feed_forward")  # (tokens, H)
+    ff = m.model.layers[1].feed_forward
+    logits = x @ ff.router.weight.T  # (tokens, experts)
+    top = logits.topk(k, -1).indices
+    block = next(b for b in walker.walk(m, ids, batch_size=4, progress=False) if b.index == 1)
+    targets = {n: t for n, t in arch.block_targets(m, 1).items() if isinstance(t, ExpertProj)}
+    assert len(targets) == 4 * 3
+    with walker.collect(targets, {"norms", "hessian"}) as stats:
+        block.run()
+    counts = []
+    with torch.no_grad():
+        for e in range(4):
+            xe = (x * torch.sigmoid(logits[:, e:e + 1]))[(top == e).any(-1)]  # (n_e, H)
+            g, u = (xe @ ff.experts.gate_up_proj[e]).chunk(2, -1)  # stored (H, 2I): [gate | up]
+            counts.append(xe.shape[0])
+            for proj, inp in (("gate_proj", xe), ("up_proj", xe), ("down_proj", torch.nn.functional.silu(g) * u)):
+                s = stats[f"feed_forward.experts[{e}].{proj}"]
+                assert s.n == xe.shape[0]
+                torch.testing.assert_close(s.sq_norm.float(), inp.pow(2).sum(0), rtol=1e-4, atol=1e-6)
+    assert sum(counts) == x.shape[0] * k and len(set(counts)) > 1
+    from llmprune import moe
+
+    monkeypatch.delitem(moe.UNDECORATED, "Llama4TextExperts")
+    with pytest.raises(LLMPruneError, match="Llama4TextExperts has a layout .* llmprune/moe.py UNDECORATED") as e:
+        prune.target_linears(tiny_model("llama4_text"))
+    assert "\n" not in str(e.value)
 
 
 def test_expert_weights_are_views_in_the_stored_layout():
@@ -384,7 +426,10 @@ def test_scale_tuning_from_disk_equals_a_whole_load(family, tmp_path, calib_txt)
                                         ("opt", "residual wiring"), ("phi3", "residual wiring"),
                                         ("qwen3_5_text", "residual wiring"), ("mixtral", "Mixture-of-Experts"),
                                         ("deepseek_v3", "Mixture-of-Experts"), ("glm4_moe", "Mixture-of-Experts"),
-                                        ("qwen3_next", "Mixture-of-Experts"), ("minimax_m2", "Mixture-of-Experts")])
+                                        ("qwen3_next", "Mixture-of-Experts"), ("minimax_m2", "Mixture-of-Experts"),
+                                        ("llama4_text", "Mixture-of-Experts"), ("nemotron_h", "Mixture-of-Experts"),
+                                        ("granitemoehybrid", "Mixture-of-Experts"), ("falcon_h1", "residual wiring"),
+                                        ("lfm2", "residual wiring"), ("olmo3", "post-norm"), ("exaone4", "post-norm")])
 def test_slicegpt_refuses_families_it_cannot_rotate(family, why):
     from llmprune.transforms.fuse import layout_of
 

@@ -4,6 +4,9 @@ The stand-in implements only the endpoints huggingface_hub 2.4 calls for create_
 create_branch and upload_folder (validate-yaml, preupload, commit). It answers "regular" to
 every preupload, so file contents travel base64-encoded inside the commit call and no LFS/xet
 storage is involved. It stores what it receives under a temp folder, one subfolder per branch.
+For downloads (models.resolve of a Hub id) it serves a repo's main branch, public, without xet: the
+model info with its files and commit (model_info, snapshot_download), the recursive tree listing
+(snapshot_download), and each file's HEAD and GET (hf_hub_download).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import torch
 import yaml
 
 from llmprune.errors import LLMPruneError
@@ -321,6 +325,22 @@ class StandInHub(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def seed(self, repo: str, folder: Path) -> None:
+        """Make `folder` the main branch of the public repo `repo`, to download from."""
+        shutil.copytree(folder, self.root / repo / "main")
+
+    def sha(self, repo: str) -> str:
+        """The main branch's commit: a hash of its files."""
+        h = hashlib.sha1()
+        for name, data in self.files(repo).items():
+            h.update(name.encode() + b"\0" + hashlib.sha1(data).digest())
+        return h.hexdigest()
+
+    def downloaded(self, repo: str) -> set[str]:
+        """The files of `repo` whose contents were sent (GET)."""
+        prefix = f"/{repo}/resolve/"
+        return {unquote(p[len(prefix):]).split("/", 1)[1] for m, p in self.seen if m == "GET" and p.startswith(prefix)}
+
     def files(self, repo: str, branch: str = "main") -> dict[str, bytes]:
         base = self.root / repo / branch
         return {
@@ -347,6 +367,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.route("GET")
 
+    def do_HEAD(self) -> None:
+        self.route("HEAD")
+
     def do_POST(self) -> None:
         self.route("POST")
 
@@ -354,8 +377,10 @@ class _Handler(BaseHTTPRequestHandler):
         hub, path = self.server, urlsplit(self.path).path
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         hub.seen.append((method, path))
-        hub.auth.append(self.headers.get("Authorization"))
-        if self.headers.get("Authorization") != f"Bearer {hub.token}":
+        auth = self.headers.get("Authorization")
+        hub.auth.append(auth)
+        download = method in ("GET", "HEAD")  # public repos: no token needed, but a wrong one is refused
+        if auth != f"Bearer {hub.token}" and not (download and auth is None):
             return self.reply(401, {"error": "Invalid credentials in Authorization header"})
         if hub.forbid:
             if method == "POST":
@@ -363,6 +388,8 @@ class _Handler(BaseHTTPRequestHandler):
                     403, {"error": "You don't have the rights to create a model under this namespace"}
                 )
             return self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+        if download:
+            return self.download(method, path)
         if (method, path) == ("POST", "/api/repos/create"):
             return self.create_repo(json.loads(body))
         if (method, path) == ("POST", "/api/validate-yaml"):
@@ -392,6 +419,39 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
         return self.commit(repo, rev, body)
+
+    def download(self, method: str, path: str) -> None:
+        hub = self.server
+        m = (re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?", path)
+             or re.fullmatch(r"/([^/]+/[^/]+)/(resolve)/([^/]+)/(.+)", path))
+        if path == "/api/agent-harnesses":  # huggingface_hub 2.x's best-effort user-agent registry: it goes without
+            return self.reply(404, {"error": "not served by the stand-in"})  # (served, it would be cached in HF_HOME)
+        if not m:
+            hub.unexpected.append(f"{method} {path}")
+            return self.reply(404, {"error": "not implemented by the stand-in"})
+        repo, op, rev = m[1], m[2], unquote(m[3] or "main")
+        if not (hub.root / repo / "main").is_dir():
+            return self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+        sha = hub.sha(repo)
+        if rev not in ("main", sha):
+            return self.reply(404, {"error": "Invalid rev id"}, "RevisionNotFound")
+        files = hub.files(repo)
+        if op in (None, "revision"):
+            return self.reply(200, {"id": repo, "sha": sha, "private": False,
+                                    "siblings": [{"rfilename": n} for n in files]})
+        if op == "tree":
+            return self.reply(200, [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                                    for n, d in files.items()])
+        data = files.get(unquote(m[4]))
+        if data is None:
+            return self.reply(404, {"error": "Entry not found"}, "EntryNotFound")
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", sha)
+        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if method == "GET":
+            self.wfile.write(data)
 
     def create_repo(self, b: dict) -> None:
         repo = f"{b['organization']}/{b['name']}"
@@ -698,3 +758,134 @@ def test_eval_rewrites_the_card_push_wrote(hub, out_dir, capsys):
     (out_dir / "README.md").write_text("# mine\n")
     assert main(["eval", str(out_dir), *flags]) == 0
     assert "README" not in capsys.readouterr().out and (out_dir / "README.md").read_text() == "# mine\n"
+
+
+# ------------------------------------------------------------------------- resolving a Hub id
+
+
+@pytest.fixture
+def hub_cache(hub, tmp_path, monkeypatch):
+    """huggingface_hub pointed at the stand-in, with an empty cache of its own (its constants are read at import:
+    HF_ENDPOINT set now would not reach it), and no token (the stand-in refuses one it did not issue)."""
+    from huggingface_hub import constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return tmp_path / "hf-cache"
+
+
+def model_repo(folder: Path, sharded: bool) -> Path:
+    """The tiny llama as a Hub repo: its config and tokenizer, its weights (sharded: several files and the index),
+    and weights no load reads, as real repos keep them beside the model's (gpt-oss' original/ and metal/, Mistral's
+    consolidated.safetensors)."""
+    from safetensors.torch import save_file
+
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama", seed=0)
+    model.save_pretrained(folder, **({"max_shard_size": "100KB"} if sharded else {}))
+    byte_tokenizer().save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").exists() == sharded
+    decoy = {"tok_embeddings.weight": torch.zeros(4, 4), "model.norm.weight": torch.full((4,), 7.0)}
+    (folder / "original").mkdir()
+    save_file(decoy, str(folder / "original" / "model.safetensors"))
+    (folder / "original" / "config.json").write_text("{}")
+    (folder / "metal").mkdir()
+    (folder / "metal" / "model.bin").write_bytes(b"\0" * 64)
+    save_file(decoy, str(folder / "consolidated.safetensors"))
+    return folder
+
+
+DECOYS = {"original/model.safetensors", "original/config.json", "metal/model.bin", "consolidated.safetensors"}
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_hub_id_downloads_only_what_the_load_reads(hub, hub_cache, tmp_path, monkeypatch, sharded):
+    """`--model owner/name` fetches the top-level config and tokenizer files and the weights transformers loads (the
+    index's shards, else model.safetensors), never the other weights a repo keeps; the model loads with the logits
+    of the same folder on disk; offline, a later run takes the cached snapshot without a request."""
+    from huggingface_hub import constants
+    from safetensors.torch import load_file
+
+    from llmprune import models
+    from llmprune.lazy import WeightFiles
+
+    repo = model_repo(tmp_path / "repo", sharded)
+    hub.seed("user/name", repo)
+    wanted = {p.name for p in repo.iterdir() if p.is_file()} - DECOYS
+    assert {"config.json", "tokenizer.json"} < wanted and any(n.endswith(".safetensors") for n in wanted)
+    info = models.resolve("user/name")
+    assert (info.source, info.revision) == ("hub", hub.sha("user/name"))
+    assert hub.downloaded("user/name") == wanted and not hub.unexpected
+    assert {p.relative_to(info.path).as_posix() for p in Path(info.path).rglob("*") if p.is_file()} == wanted
+    stored = set().union(*(load_file(repo / n) for n in wanted if n.endswith(".safetensors")))
+    assert set(WeightFiles(info.path).keys()) == stored and "tok_embeddings.weight" not in stored
+    model, tok, _ = models.load("user/name")
+    ref, _, _ = models.load(str(repo))
+    ids = tok("the Hub, not the disk", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.seen.clear()
+    assert models.resolve("user/name").path == info.path and hub.seen == []
+
+
+def test_hub_id_with_pickle_weights_only_is_one_line(hub, hub_cache, tmp_path):
+    """A repo whose weights are pytorch_model.bin alone: refused before anything is downloaded; an unknown repo:
+    the usual one-line error."""
+    from llmprune import models
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    repo = tmp_path / "repo"
+    tiny_model("llama", seed=0).config.save_pretrained(repo)
+    byte_tokenizer().save_pretrained(repo)
+    (repo / "pytorch_model.bin").write_bytes(b"PK\3\4" + b"\0" * 60)
+    hub.seed("user/bin-only", repo)
+    with pytest.raises(LLMPruneError, match=r"user/bin-only has no safetensors weights llmprune can load.*"
+                                            r"pickle \.bin files are not read") as e:
+        models.resolve("user/bin-only")
+    assert "\n" not in str(e.value) and hub.downloaded("user/bin-only") == set()
+    with pytest.raises(LLMPruneError, match=r"cannot fetch 'user/missing' from the Hugging Face Hub "
+                                            r"\(RepositoryNotFoundError\): check the id"):
+        models.resolve("user/missing")
+
+
+def test_weight_files_read_the_files_transformers_reads(tmp_path):
+    """A folder with an index (a git clone of a Mistral repo): a safetensors file the index does not name is no part
+    of the model, even where it holds a tensor of the same name; a shard it names that is missing, or an index
+    that cannot be read, is a one-line error naming the file. A model.safetensors is read alone, as transformers
+    reads it: beside an index, or beside another safetensors file."""
+    from safetensors.torch import save_file
+
+    from llmprune.lazy import WeightFiles
+
+    folder = model_repo(tmp_path / "clone", sharded=True)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    save_file({"model.norm.weight": torch.full((64,), 7.0), "extra.weight": torch.ones(2)},
+              str(folder / "consolidated.safetensors"))
+    files = WeightFiles(folder)
+    assert set(files.keys()) == set(index["weight_map"])
+    assert {p.name for p in files.where.values()} == set(index["weight_map"].values())
+    assert not torch.equal(files.get("model.norm.weight"), torch.full((64,), 7.0))
+    shard = folder / index["weight_map"]["model.norm.weight"]
+    shard.rename(tmp_path / "away")
+    with pytest.raises(LLMPruneError, match=f"{shard} is missing \\(model.safetensors.index.json names it\\): "
+                                            f"re-create the folder"):
+        WeightFiles(folder)
+    (tmp_path / "away").rename(shard)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(LLMPruneError, match=r"model.safetensors.index.json is damaged \(JSONDecodeError\)"):
+        WeightFiles(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../model.safetensors"}}))
+    with pytest.raises(LLMPruneError, match=r"is damaged \(its weight_map names '\.\./model\.safetensors'\)"):
+        WeightFiles(folder)
+    one = model_repo(tmp_path / "one", sharded=False)
+    save_file({"model.norm.weight": torch.full((64,), 7.0), "extra.weight": torch.ones(2)},
+              str(one / "consolidated.safetensors"))
+    (one / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"extra.weight": "consolidated.safetensors"}}))
+    files = WeightFiles(one)
+    assert set(files.where.values()) == {one / "model.safetensors"} and "extra.weight" not in files

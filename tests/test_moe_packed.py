@@ -40,7 +40,8 @@ def _oracle(dense_folder, packed_model, sec):
 
 
 def _nemotron_h():
-    """NemotronH's experts: no gate (up, relu^2, down), not among testing.FAMILIES (a hybrid Mamba model)."""
+    """NemotronH's experts: no gate (up, relu^2, down), a block of experts alone (testing.FAMILIES' nemotron_h has
+    Mamba2 and attention blocks too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)

@@ -1056,3 +1056,49 @@ def test_evaluation_passes_are_sized_by_the_room_a_walk_has(tiny_dir, monkeypatc
         figures.append(onload.evaluate(lz, tok, ["wikitext2"], seqlen, 4, "cpu", False, {})["wikitext2"]["ppl"])
     assert passes == [4, 2, 2, 1, 1, 1, 1]
     assert figures[0] == pytest.approx(figures[1], rel=1e-6) and figures[0] == pytest.approx(figures[2], rel=1e-6)
+
+
+def _llama4_as_released(path: Path) -> Path:
+    """A tiny Llama 4 saved as Meta's are (Llama4ForConditionalGeneration: the text model under `language_model.`,
+    a vision tower beside it), which AutoModelForCausalLM reads as its text model alone."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    from llmprune.testing import byte_tokenizer, tiny_config
+
+    text = tiny_config("llama4_text", tie_word_embeddings=False).to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                  pixel_shuffle_ratio=0.5, rope_theta=10000)
+    torch.manual_seed(0)
+    Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision, boi_token_index=256,
+                                                eoi_token_index=257, image_token_index=258)).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _base_model_alone(path: Path) -> Path:
+    """A tiny Llama's base model saved alone (LlamaModel: `layers.0...`, no `model.` before them)."""
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    tiny_model("llama").model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [_llama4_as_released, _base_model_alone])
+def test_a_checkpoint_stored_under_its_base_model_prefix_is_walked_block_by_block(tmp_path, capsys, calib_txt, make):
+    """transformers reads these with the base model prefix added or dropped (Llama 4 Scout and Maverick as released:
+    `language_model.model.layers...` read as `model.layers...`); block by block reads them the same way, so a 109B
+    model is not loaded whole: the same output files as the whole load writes, and the same figures."""
+    src = make(tmp_path / "src")
+    for onload in ("blocks", "whole"):
+        rc, out, err = _run(capsys, "compress", "--model", src, "--calib", calib_txt, "--onload", onload,
+                            "--out", tmp_path / onload, *CHEAP, *EVAL)
+        assert rc == 0, err
+    a, b = _tensors(tmp_path / "blocks"), _tensors(tmp_path / "whole")
+    assert set(a) == set(b) and "model.layers.1.self_attn.q_proj.weight" in a
+    for k, t in a.items():
+        assert torch.equal(t, b[k]), k
+    ma, mb = (json.loads((tmp_path / n / "llmprune.json").read_text()) for n in ("blocks", "whole"))
+    assert ma["onload"].startswith("blocks") and ma["sparsity"] == mb["sparsity"]
+    assert ma["eval"]["wikitext2"]["ppl"] == mb["eval"]["wikitext2"]["ppl"]

@@ -76,12 +76,12 @@ def test_rotation_with_biases_keeps_logits():
         torch.testing.assert_close(_logits(r, ids), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "smollm3", "seed_oss"])
 def test_other_llama_family_rotation_keeps_logits(family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(family, vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=257)
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(cfg, dtype=F64).eval()
     with torch.no_grad():

@@ -76,7 +76,7 @@ def window_nll_from_hidden(model, hidden: torch.Tensor, ids: torch.Tensor, chunk
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Summed next-token NLL of each row of ids (B, S) through the whole model in memory."""
-    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # (B, S, H)
+    hidden = arch.base(model)(input_ids=ids, use_cache=False).last_hidden_state  # (B, S, H)
     return window_nll_from_hidden(model, hidden, ids, chunk)
 
 

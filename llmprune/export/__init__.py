@@ -293,7 +293,7 @@ def load(folder, dtype="float32", device="cpu"):
     from transformers import AutoTokenizer
 
     from .. import manifest as mf
-    from ..models import from_pretrained
+    from ..models import from_pretrained, one_name_map
 
     folder = Path(folder)
     e = mf.read(folder).export or {}
@@ -301,7 +301,8 @@ def load(folder, dtype="float32", device="cpu"):
     kw = {"gguf_file": e["files"][0]} if e.get("to") == "gguf" else {}
     on_gpu = torch.device(device).type == "cuda"
     why = e.get("note") or "check the installed compressed-tensors / gguf versions (pyproject extra export)"
-    model = from_pretrained(folder, fix=why, dtype=dt, device_map="auto" if on_gpu else None, **kw)
+    with one_name_map():  # (a GGUF's tensor names: one map, not one per submodule)
+        model = from_pretrained(folder, fix=why, dtype=dt, device_map="auto" if on_gpu else None, **kw)
     model = (model if on_gpu else model.to(device)).eval()
     for p in model.parameters():  # transformers 5.17 leaves a renamed module of a quantized checkpoint (Mixtral's
         if p.is_floating_point() and p.dtype != dt:  # router) in its stored dtype, which the forward then refuses

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import moe
+from ..arch import base, logits, set_module, target
 from ..arch import blocks as blocks_of
-from ..arch import logits, set_module, target
 from ..config import TUNE_LR
 from ..errors import LLMPruneError
 from . import Quantized
@@ -52,7 +52,7 @@ def _head_logp(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    return base(model)(input_ids=ids, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
