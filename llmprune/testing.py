@@ -175,6 +175,24 @@ def fp8_model_dir(path: str | Path, arch: str = "llama", block: tuple[int, int] 
     return to_fp8(tiny_model_dir(path, arch, seed, **over), block, unquantized, head)
 
 
+def unquantized_copy(src: str | Path, dst: str | Path, tensors) -> Path:
+    """`src` copied to `dst` with the tensors of each safetensors file rewritten by `tensors` (dict -> dict: a
+    quantized checkpoint's weights dequantized by a test's oracle) and no quantization_config; returns `dst`."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        save_file(tensors(load_file(f)), f, metadata={"format": "pt"})
+    c = json.loads((dst / "config.json").read_text())
+    del c["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
 def mxfp4_model_dir(path: str | Path, seed: int = 0, unquantized: torch.dtype | None = torch.bfloat16,
                     **over) -> Path:
     """A tiny gpt-oss saved as OpenAI's MXFP4 checkpoints are (to_mxfp4); returns the folder."""

@@ -2,17 +2,16 @@
 are read as the weights they stand for, block by block or whole, and compressed to what the same model stored
 unquantized compresses to; other quantized checkpoints are refused in one line (llmprune/fp8.py)."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llmprune import fp8, lazy, pipeline
 from llmprune.cli import main
 from llmprune.errors import LLMPruneError
-from llmprune.testing import FAST_CLI, fp8_model_dir
+from llmprune.testing import FAST_CLI, fp8_model_dir, unquantized_copy
 
 
 def _oracle(q: torch.Tensor, s: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
@@ -35,17 +34,9 @@ def test_dequantize_scales_each_block_the_last_ones_cut_short():
 
 def _plain_copy(src: Path, dst: Path) -> Path:
     """`src` stored unquantized: every scaled weight dequantized by the oracle, no quantization_config."""
-    shutil.copytree(src, dst)
     bm, bn = json.loads((src / "config.json").read_text())["quantization_config"]["weight_block_size"]
-    for f in dst.glob("*.safetensors"):
-        t = load_file(f)
-        out = {k: _oracle(v, t[k + "_scale_inv"], bm, bn) if k + "_scale_inv" in t else v
-               for k, v in t.items() if not k.endswith("_scale_inv")}
-        save_file(out, f, metadata={"format": "pt"})
-    c = json.loads((dst / "config.json").read_text())
-    del c["quantization_config"]
-    (dst / "config.json").write_text(json.dumps(c))
-    return dst
+    return unquantized_copy(src, dst, lambda t: {k: _oracle(v, t[k + "_scale_inv"], bm, bn) if k + "_scale_inv" in t
+                                                 else v for k, v in t.items() if not k.endswith("_scale_inv")})
 
 
 @pytest.mark.parametrize("family", ["llama", "deepseek_v3"])

@@ -1,17 +1,16 @@
 """gpt-oss' MXFP4 checkpoints (gpt-oss-20b and -120b as released) are read as the weights they stand for, block by
 block or whole, and compressed to what the same model stored unquantized compresses to (llmprune/mxfp4.py)."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llmprune import hub, lazy, mxfp4
 from llmprune.cli import main
 from llmprune.errors import LLMPruneError
-from llmprune.testing import FAST_CLI, mxfp4_model_dir
+from llmprune.testing import FAST_CLI, mxfp4_model_dir, unquantized_copy
 
 
 def _oracle(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -67,19 +66,15 @@ def _plain_copy(src: Path, dst: Path) -> Path:
     other tensors are, no quantization_config."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    shutil.copytree(src, dst)
-    for f in dst.glob("*.safetensors"):
-        t = load_file(f)
+    def dequantized(t: dict) -> dict:
         out = {k: v for k, v in t.items() if not k.endswith((mxfp4.BLOCKS, mxfp4.SCALES))}
-        for k in t:
+        for k, blocks in t.items():
             if k.endswith(mxfp4.BLOCKS):
                 x = k[:-len(mxfp4.BLOCKS)]
-                out[x] = convert_moe_packed_tensors(t[k], t[x + mxfp4.SCALES], dtype=torch.bfloat16)
-        save_file(out, f, metadata={"format": "pt"})
-    c = json.loads((dst / "config.json").read_text())
-    del c["quantization_config"]
-    (dst / "config.json").write_text(json.dumps(c))
-    return dst
+                out[x] = convert_moe_packed_tensors(blocks, t[x + mxfp4.SCALES], dtype=torch.bfloat16)
+        return out
+
+    return unquantized_copy(src, dst, dequantized)
 
 
 @pytest.mark.parametrize("onload", ["blocks", "whole"])
