@@ -76,7 +76,7 @@ def load_bytes(spec, dtype: torch.dtype) -> int | None:
         from llmprune import models
 
         p = Path(models.resolve(str(spec)).path)
-    files = sorted(p.glob("*.safetensors"))
+    files = lazy.model_files(p)  # (the files transformers reads: not a consolidated.safetensors beside them)
     total = 0
     for f in files:
         head, _ = lazy.safetensors_header(f)

@@ -367,7 +367,9 @@ class LazyModel:
         self.unpack = unpack
         emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.tied = head is not None and emb is not None and bool(getattr(text, "tie_word_embeddings", False))
+        # (tied where the config asks and the class ties: Nemotron-H's says tie_word_embeddings but ties nothing)
+        self.tied = (head is not None and emb is not None and bool(getattr(text, "tie_word_embeddings", False))
+                     and bool(getattr(self.model, "_tied_weights_keys", True)))
         if self.tied:  # one Parameter already on meta, as after a load (sizes of the model count it once)
             head.weight = emb.weight
         self._names = [n for n in _tensor_names(self.model)]
@@ -376,6 +378,26 @@ class LazyModel:
         self._meta_modules: dict[str, nn.Module] = {}
         self._loaded: set[str] = set()
         self._ahead = None  # (prefix, {name: file}, future) of a read_ahead not taken yet
+        self._read_renamed()
+
+    def _read_renamed(self) -> None:
+        """Tensors the checkpoint stores under another name, one for one (transformers' renamings: Nemotron-H's
+        `backbone.embeddings.weight`, read as `model.embeddings.weight`), read under their in-memory names
+        (WeightFiles.stored); a conversion of several tensors (experts) is read as `_load_converted` reads it."""
+        for n in self._converted(self._names):
+            k = self.stored_name(n)
+            if k != n and k in self.files:
+                self.files.where[n], self.files.stored[n] = self.files.where[k], self.files.stored.get(k, k)
+
+    def stored_name(self, name: str) -> str:
+        """The name a checkpoint saved by transformers gives the in-memory tensor `name` when a conversion renames
+        it alone (stored.to_stored: Nemotron-H's `backbone.`), else `name`."""
+        try:
+            parts = self._parts([name])
+        except Exception:  # noqa: BLE001 - part of a conversion of several tensors: the caller converts those
+            return name
+        k, t = next(iter(parts.items())) if len(parts) == 1 else (name, None)
+        return k if t is not None and tuple(t.shape) == self._shapes[name] else name
 
     @property
     def config(self):

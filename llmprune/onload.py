@@ -140,6 +140,7 @@ class Output:
         a = archmod.arch_of(lz.model)
         self.blocks = a.blocks
         names = lz.names()
+        self.out_names: dict[str, str] = {}
         if fmt == "dense":  # the blocks' tensors under the names save_pretrained stores them (stored.py)
             meta = lz.model.state_dict(keep_vars=True)
             head = f"{a.head}.weight"
@@ -150,7 +151,10 @@ class Output:
                         units[-1].append(n)
                     else:
                         units.append([n])
-            as_stored = lambda u: stored.to_stored(lz.model, u) if self._unit(next(iter(u))) is not None else u
+            # (outside the blocks, each tensor alone: renamed where transformers renames it, Nemotron-H's backbone.)
+            self.out_names = {u[0]: lz.stored_name(u[0]) for u in units if self._unit(u[0]) is None}
+            as_stored = lambda u: (stored.to_stored(lz.model, u) if self._unit(next(iter(u))) is not None else
+                                   {self.out_names[n]: t for n, t in u.items()})
             specs = [(n, tuple(t.shape), save_dtype if t.is_floating_point() else t.dtype) for unit in units
                      for n, t in as_stored({n: meta[n] for n in unit}).items()]
             self.writer = lazy.ShardWriter(folder, specs, self._unit, shard_bytes)
@@ -259,12 +263,14 @@ class Output:
             t = state[n].detach() if in_memory else None
             if self.fmt != "dense":
                 self.packer.add_tensor(n, self.lz.files.get(n) if t is None else t)
-            elif t is not None:
-                self._add(n, t)
+                continue
+            out = self.out_names.get(n, n)  # (the name save_pretrained gives it)
+            if t is not None:
+                self._add(out, t)
             elif self.lz.files.scaled(n):  # block-scaled FP8 (fp8.py), MXFP4 (mxfp4.py): dequantized
-                self._add(n, self.lz.files.get(n, self.save_dtype))
+                self._add(out, self.lz.files.get(n, self.save_dtype))
             else:  # file to file in chunks: a 70B model's embeddings are 2 GiB
-                self.writer.copy(n, self.lz.files.where[n], self.lz.files.stored.get(n))
+                self.writer.copy(out, self.lz.files.where[n], self.lz.files.stored.get(n, n))
         self.outside_written = True
 
     @torch.no_grad()
@@ -305,6 +311,7 @@ class Scratch:
         """Have the LazyModel read the tensors of `where` from the scratch files it names."""
         overlay = copy.copy(self.base)  # (FP8 and MXFP4 weights still read from the source are dequantized)
         overlay.where = {**self.lz.files.where, **where}
+        overlay.stored = {n: k for n, k in self.lz.files.stored.items() if n not in where}  # (written under n)
         self.lz.files = overlay
 
     @torch.no_grad()

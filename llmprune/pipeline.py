@@ -278,7 +278,7 @@ def source_dtype(folder) -> torch.dtype:
     if folder is None:
         return torch.float32
     by: dict = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    for f in lazy.model_files(Path(folder)):  # (the files transformers reads)
         head, _ = lazy.safetensors_header(f)
         for k, e in head.items():
             dt = lazy.ST_DTYPES.get(e.get("dtype")) if k != "__metadata__" else None

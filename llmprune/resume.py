@@ -45,10 +45,10 @@ TUNING = ("tune_steps", "tune_lr")
 def fingerprint(cfg: dict, ids: torch.Tensor | None, source: Path, devices: tuple[str, ...], save_dtype) -> str:
     """What decides the pruned weights, hashed: a checkpoint is resumed only under the same one."""
     from . import placement
-    from .lazy import SHARD_BYTES  # the output's shard plan, which the files taken over must follow
+    from .lazy import SHARD_BYTES, model_files  # (the output's shard plan, which resumed files follow)
     from .runinfo import versions
 
-    files = sorted(Path(source).glob("*.safetensors"))
+    files = model_files(Path(source))
     cfg = {k: v for k, v in cfg.items() if k not in NOT_WEIGHTS}
     if isinstance(cfg.get("gptq"), dict) and "tune_steps" in cfg["gptq"]:  # scale tuning's steps and learning rate
         g = cfg["gptq"]  # decide the tuning alone: a run under others reuses the passes before it (Checkpoints.retune)
