@@ -19,7 +19,8 @@ SCALE = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def _quantization(config) -> dict | None:
+def quantization(config) -> dict | None:
+    """config.json's quantization_config (a transformers config, or config.json as a dict), as a dict; None: none."""
     q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     return None if q is None else q if isinstance(q, dict) else q.to_dict()
 
@@ -27,7 +28,7 @@ def _quantization(config) -> dict | None:
 def block_of(config) -> tuple[int, int] | None:
     """The (rows, columns) of a scale block when `config` (a transformers config, or config.json as a dict) is
     a block-scaled FP8 checkpoint's, else None."""
-    q = _quantization(config) or {}
+    q = quantization(config) or {}
     block = q.get("weight_block_size")
     return (int(block[0]), int(block[1])) if q.get("quant_method") == "fp8" and block and len(block) == 2 else None
 
@@ -37,7 +38,7 @@ def check(config, folder) -> tuple[int, int] | None:
     MXFP4 aside: mxfp4.py reads it)."""
     from . import mxfp4
 
-    q = _quantization(config)
+    q = quantization(config)
     block = block_of(config)
     if q is not None and block is None and not mxfp4.stored(config):
         method, blocks = q.get("quant_method"), q.get("weight_block_size")

@@ -160,7 +160,11 @@ class WeightFiles:
             return
         for n, k in seen.items():
             if n not in self.where:
-                self.where[n], self.stored[n] = self.where[k], self.stored.get(k, k)
+                self.alias(n, k)
+
+    def alias(self, name: str, stored: str) -> None:
+        """Read `name` as the tensor stored under the name `stored` (itself possibly an alias)."""
+        self.where[name], self.stored[name] = self.where[stored], self.stored.get(stored, stored)
 
     def read_mxfp4(self) -> None:
         """Read the tensors an MXFP4 checkpoint stores as `X_blocks` and `X_scales` (mxfp4.py) as `X`, dequantized."""
@@ -359,9 +363,6 @@ class LazyModel:
             moe.split_packed(self.model, packed_section, self.folder)
         self.files = WeightFiles(self.folder)
         self.files.fp8_block = block
-        self.files.read_prefixed(_tensor_names(self.model), getattr(self.model, "base_model_prefix", None))
-        if stored_mxfp4:
-            self.files.read_mxfp4()
         self.dtype = dtype
         self.section = packed_section
         self.unpack = unpack
@@ -378,6 +379,9 @@ class LazyModel:
         self._meta_modules: dict[str, nn.Module] = {}
         self._loaded: set[str] = set()
         self._ahead = None  # (prefix, {name: file}, future) of a read_ahead not taken yet
+        self.files.read_prefixed(self._names, getattr(self.model, "base_model_prefix", None))
+        if stored_mxfp4:
+            self.files.read_mxfp4()
         self._read_renamed()
 
     def _read_renamed(self) -> None:
@@ -387,7 +391,7 @@ class LazyModel:
         for n in self._converted(self._names):
             k = self.stored_name(n)
             if k != n and k in self.files:
-                self.files.where[n], self.files.stored[n] = self.files.where[k], self.files.stored.get(k, k)
+                self.files.alias(n, k)
 
     def stored_name(self, name: str) -> str:
         """The name a checkpoint saved by transformers gives the in-memory tensor `name` when a conversion renames

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .errors import LLMPruneError
+from .fp8 import quantization
 
 BLOCKS, SCALES = "_blocks", "_scales"  # `X` is stored as `X_blocks` and `X_scales`
 # E2M1: sign, 2 exponent bits, 1 mantissa bit (the spec's table; code 8 is -0)
@@ -25,15 +26,10 @@ FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.
 FAMILIES = ("gpt_oss",)  # the model types whose MXFP4 checkpoints store experts so (transformers reads no other)
 
 
-def _quantization(config) -> dict | None:
-    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
-    return None if q is None else q if isinstance(q, dict) else q.to_dict()
-
-
 def stored(config) -> bool:
     """Whether `config` (a transformers config, or config.json as a dict) is an MXFP4 checkpoint llmprune reads."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    return (_quantization(config) or {}).get("quant_method") == "mxfp4" and model_type in FAMILIES
+    return (quantization(config) or {}).get("quant_method") == "mxfp4" and model_type in FAMILIES
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
