@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from . import mxfp4
 from .errors import LLMPruneError
+from .mxfp4 import quantization
 
 SCALE = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def quantization(config) -> dict | None:
-    """config.json's quantization_config (a transformers config, or config.json as a dict), as a dict; None: none."""
-    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
-    return None if q is None else q if isinstance(q, dict) else q.to_dict()
 
 
 def block_of(config) -> tuple[int, int] | None:
@@ -36,8 +32,6 @@ def block_of(config) -> tuple[int, int] | None:
 def check(config, folder) -> tuple[int, int] | None:
     """block_of(config) for a model to compress: an LLMPruneError when it is quantized any other way (gpt-oss'
     MXFP4 aside: mxfp4.py reads it)."""
-    from . import mxfp4
-
     q = quantization(config)
     block = block_of(config)
     if q is not None and block is None and not mxfp4.stored(config):

@@ -18,12 +18,18 @@ from __future__ import annotations
 import torch
 
 from .errors import LLMPruneError
-from .fp8 import quantization
 
 BLOCKS, SCALES = "_blocks", "_scales"  # `X` is stored as `X_blocks` and `X_scales`
 # E2M1: sign, 2 exponent bits, 1 mantissa bit (the spec's table; code 8 is -0)
 FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FAMILIES = ("gpt_oss",)  # the model types whose MXFP4 checkpoints store experts so (transformers reads no other)
+
+
+def quantization(config) -> dict | None:
+    """config.json's quantization_config (a transformers config, or config.json as a dict), as a dict; None: none
+    (fp8.py reads it too)."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    return None if q is None else q if isinstance(q, dict) else q.to_dict()
 
 
 def stored(config) -> bool:
