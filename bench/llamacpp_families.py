@@ -33,19 +33,72 @@ TOKENIZERS = ("llama-bpe", "dbrx", "qwen2", "tekken", "gpt-4o", "gpt-2", "smollm
 TEXT = "the 12345 theme's I'm\n\nabc  abcd Äpfel 1234567 the theme is a theme, The THEME's Théâtre 2024/12/05 abcABC"
 
 
+# Qwen3.5's M-RoPE sections as wide as the tiny head rotates (transformers' default, 11 + 11 + 10, is wider than it)
+QWEN35_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0]}
+
+
+# the families' variants below, by the model type each is a variant of
+VARIANTS = {"llama31": "llama", "phi35": "phi3", "phi4mini": "phi3", "glm45": "glm4_moe",
+            "hunyuan_alpha": "hunyuan_v1_moe", "gpt_oss_yarn": "gpt_oss", "gpt_oss_released": "gpt_oss",
+            "deepseek_yarn": "deepseek_v3", "qwen35_4l": "qwen3_5_text", "lfm2_auto": "lfm2",
+            "granite_rope": "granitemoehybrid", "exaone4_llama31": "exaone4", "exaone4_32b": "exaone4"}
+
+
 def families() -> dict:
     """Every tiny family as tests/test_families.py builds it, except what llama.cpp assumes (Gemma queries scaled by
     1/sqrt(head_dim)); Llama 3.1's RoPE scaling and Phi-3's LongRoPE (Phi-3.5's; Phi-4-mini's, half of each head
     rotated) on a 16-token original context, so that 48 tokens exercise them (llama.cpp: a context of 64); Qwen's
-    with room for the token transformers 5 adds to the byte tokenizer (it loads it as Qwen2's)."""
+    with room for the token transformers 5 adds to the byte tokenizer (it loads it as Qwen2's). Hybrids: Qwen3.5
+    also with 3 DeltaNet layers before its attention one (qwen35_4l), LFM2 with its MLP width adjusted as its real
+    checkpoints' (lfm2_auto), Granite 4.0-H also with RoPE (granite_rope), Falcon-H1 with every muP multiplier away
+    from 1, Nemotron-H with a second Mamba2 layer after its experts."""
     from llmprune.testing import LLAMA31_ROPE, PHI3_LONGROPE, PHI4_LONGROPE
 
     return {"llama": {}, "llama31": {"rope_parameters": LLAMA31_ROPE},
             "mistral": {}, "mixtral": {}, "qwen2": {"vocab_size": 300}, "qwen3": {"vocab_size": 300},
             "qwen2_moe": {"vocab_size": 300}, "qwen3_moe": {"vocab_size": 300}, "phi3": {},
             "phi35": PHI3_LONGROPE, "phi4mini": PHI4_LONGROPE,
+            "gpt_oss": {},
+            # GLM-4.5 (a dense first block, a shared expert); GLM-4.5's variants: q/k norms, q/k/v biases, experts
+            # picked from the best of 2 groups, weights scaled; OLMoE without GQA (llama.cpp's k_norm spans every
+            # head); HunYuan-A13B's NTK-alpha RoPE
+            "glm4_moe": {}, "glm45": {"use_qk_norm": True, "attention_bias": True, "n_group": 2, "topk_group": 1,
+                                      "routed_scaling_factor": 2.5},
+            "olmoe": {"num_key_value_heads": 4}, "ernie4_5_moe": {}, "hunyuan_v1_moe": {},
+            "hunyuan_alpha": {"rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                                  "rope_theta": 10000.0}},
+            "llama4_text": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "attention_chunk_size": 8192,
+                            "floor_scale": 8192},
+            "deepseek_v3": {},
+            # YaRN as gpt-oss and DeepSeek-V3 ship it (gpt-oss's correction range rounded: llama.cpp rounds it)
+            "gpt_oss_yarn": {"max_position_embeddings": 131072, "rope_parameters": {
+                "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": True, "original_max_position_embeddings": 4096}},
+            # gpt-oss's YaRN as released (truncate false: llama.cpp rounds the range anyway, the export's note says so)
+            "gpt_oss_released": {"max_position_embeddings": 131072, "rope_parameters": {
+                "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 4096}},
+            "deepseek_yarn": {"max_position_embeddings": 163840, "rope_parameters": {
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}},
+            "qwen3_5_text": {"vocab_size": 300, "rope_parameters": QWEN35_ROPE}, "qwen3_next": {"vocab_size": 300},
+            "lfm2": {}, "granitemoehybrid": {}, "granite_rope": {"position_embedding_type": "rope"},
+            "nemotron_h": {"num_hidden_layers": 4, "hybrid_override_pattern": "M*EM"},
+            "qwen35_4l": {"vocab_size": 300, "rope_parameters": QWEN35_ROPE, "num_hidden_layers": 4,
+                          "layer_types": ["linear_attention"] * 3 + ["full_attention"]},
+            "lfm2_auto": {"block_auto_adjust_ff_dim": True, "intermediate_size": 200, "block_multiple_of": 32},
+            "falcon_h1": {"attention_in_multiplier": 0.5, "attention_out_multiplier": 1.5, "key_multiplier": 0.75,
+                          "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.5, "mlp_multipliers": [1.5, 0.75],
+                          "ssm_multipliers": [0.5, 1.5, 0.75, 1.25, 2.0]},
             "olmo2": {}, "glm4": {}, "gemma2": {"query_pre_attn_scalar": 16},
-            "gemma3_text": {"num_hidden_layers": 6, "query_pre_attn_scalar": 16}}
+            "gemma3_text": {"num_hidden_layers": 6, "query_pre_attn_scalar": 16},
+            "smollm3": {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0], "no_rope_layer_interval": 4},
+            "seed_oss": {}, "apertus": {}, "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},
+            "exaone4_llama31": {"sliding_window": None, "layer_types": ["full_attention"] * 2,
+                                "rope_parameters": LLAMA31_ROPE},
+            "exaone4_32b": {"num_hidden_layers": 64, "sliding_window": 16, "sliding_window_pattern": 4,
+                            "layer_types": None},
+            "olmo3": {"num_hidden_layers": 4, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}}
 
 
 def _byte_bpe(kind: str):
@@ -56,7 +109,7 @@ def _byte_bpe(kind: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from llmprune.export.gguf import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, TEKKEN_SPLIT
+    from llmprune.export.gguf_tokenizer import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, TEKKEN_SPLIT
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<bos>"], vocab["<eos>"] = 256, 257
@@ -149,9 +202,10 @@ def make(args) -> None:
     calib.write_text(random_text(4000, seed=1))
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
     np.save(root / "ids.npy", ids.numpy())
-    (root / "families.json").write_text(json.dumps(list(families())))  # (check runs where llmprune is not)
-    for name, over in families().items():
-        arch = {"llama31": "llama", "phi35": "phi3", "phi4mini": "phi3"}.get(name, name)
+    fams = {k: v for k, v in families().items() if not args.only or k in args.only.split(",")}
+    (root / "families.json").write_text(json.dumps(list(fams)))  # (check runs where llmprune is not)
+    for name, over in fams.items():
+        arch = VARIANTS.get(name, name)
         stem = name.replace("phi3", "phi")  # llama.cpp gives a general.name with "phi3" in it Phi-3's special tokens
         m = tiny_model_dir(root / f"{stem}-model", arch, **over)
         src, out = root / f"{stem}-pruned", root / f"{name}-gguf"
@@ -164,7 +218,8 @@ def make(args) -> None:
         model, _, _ = llmprune.load(str(src))
         with torch.no_grad():
             np.save(root / f"{name}-logits.npy", model(ids).logits[0].float().numpy())
-    make_tokenizers(root, calib)
+    if not args.only:
+        make_tokenizers(root, calib)
 
 
 def check(args) -> None:
@@ -189,6 +244,8 @@ def check(args) -> None:
                 row[kind] = f"error: {str(e)[:120]}"
         row["engine"] = "llama.cpp via llama-cpp-python " + llama_cpp.__version__
         print(json.dumps(row), flush=True)
+    if not (root / "tokens.json").exists():  # (make --only: no tokenizers)
+        return
     tokens = json.loads((root / "tokens.json").read_text())
     for kind, want in tokens["ids"].items():
         f = next((root / f"tok-{kind}-gguf").glob("*.gguf"))
@@ -252,6 +309,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     for cmd in ("make", "check", "real-check"):
         sub.add_parser(cmd).add_argument("dir", help="a working folder")
+    sub.choices["make"].add_argument("--only", help="these families alone (comma-separated), no tokenizers")
     r = sub.add_parser("real-make")
     r.add_argument("dir", help="a working folder")
     r.add_argument("outputs", nargs="+", help="llmprune outputs of real models (their tokenizer.json)")

@@ -311,7 +311,7 @@ def _precheck_export(c: CompressConfig, model_config) -> None:
         info = pipeline.resolve_model(c.model)
         if c.export == "gguf" and info.source not in ("alias", "gguf") and info.path \
                 and (Path(info.path) / "tokenizer.json").is_file():
-            from .export.gguf import tokenizer_kind
+            from .export.gguf_tokenizer import tokenizer_kind
 
             tokenizer_kind(Path(info.path))
 
@@ -364,6 +364,13 @@ def evaluate(target: str, ppl: tuple[str, ...] = ("wikitext2",), seqlen: int = 2
     old = mf.read(target) if is_output else None
     to = old.export_target if old is not None else None
     if to:  # read by another engine's loader, not llmprune's
+        from .export.gguf_arch import READ_BY_TRANSFORMERS
+
+        kind = (old.export or {}).get("model_type")
+        if to == "gguf" and kind is not None and kind not in READ_BY_TRANSFORMERS:
+            raise LLMPruneError(f"{target} is a GGUF export of a {kind} model, which llmprune eval does not read "
+                                f"(nor transformers): measure it with llama.cpp (llama-perplexity -m FILE.gguf -f "
+                                f"wiki.test.raw)")
         how = old.command or f"llmprune export {old.exported_from} --to {to} --out {target}"
         raise LLMPruneError(f"{target} is an export for another engine ({to}), which llmprune eval does not read: "
                             f"measure it as transformers reads it by running its command again with --eval "

@@ -98,6 +98,10 @@ OVERRIDES: dict[str, dict] = {
     "olmo3": {"not_invariant": _POST_NORM.format(name="OLMo-3")},
     "exaone4": {"not_invariant": _POST_NORM.format(name="EXAONE-4")},
     "granitemoehybrid": {"splits": (("shared_mlp.input_linear", _GATE_UP),)},
+    # LLaMA's residual wiring under other names, and an MLP without a gate (up -> xIELU -> down)
+    "apertus": {"reads": (("attention_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                          ("feedforward_layernorm", ("mlp.up_proj",))),
+                "writes": ("self_attn.o_proj", "mlp.down_proj")},
 }
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Arch: the tree is walked once
 

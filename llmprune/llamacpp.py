@@ -1,4 +1,4 @@
-"""What llama.cpp assumes of an architecture rather than reads from a GGUF: the GGUF writer (export/gguf.py) refuses
+"""What llama.cpp assumes of an architecture rather than reads from a GGUF: the GGUF writer (export/gguf_arch.py) refuses
 variants it would misread, and the GGUF reader (models.py) builds the model it would run."""
 from __future__ import annotations
 

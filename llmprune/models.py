@@ -154,7 +154,7 @@ GGUF_CONFIG_GAPS = {
     "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
     "gemma2": {"attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping"},
 }
-# GGUF families llmprune writes (export/gguf.py) and llama.cpp runs that transformers' GGUF reader has no row for
+# GGUF families llmprune writes (export/gguf_arch.py) and llama.cpp runs that transformers' GGUF reader has no row for
 # (5.25: it refuses the file): the row of its config table (transformers.integrations.ggml.GGUF_CONFIG_MAPPING: the
 # key under `<family>.` -> the config attribute; None: read by llmprune, rope.dimension_count in _rope_scaling, the
 # head size in _head_dim), registered before a GGUF is read (_register_families); a row transformers has wins. The

@@ -606,6 +606,20 @@ def test_eval_of_an_export_says_how_to_measure_it(tmp_path, capsys, outs):
         assert f"export for another engine ({to})" in err and f"came from ({outs['dense']})" in err
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "smollm3"])
+def test_a_gguf_transformers_cannot_read_is_measured_by_llama_cpp(tmp_path, capsys, calib_txt, arch):
+    """`export --eval` measures the file as transformers reads it: for a family whose GGUF it does not read
+    (Mixtral's experts, SmolLM3), refused before anything is written (it wrote the whole export, then failed on
+    a reader's error that blamed the installed versions); `llmprune eval` of such an export names llama.cpp, not
+    `export --eval`."""
+    src, out, _ = _family_export(tmp_path, capsys, calib_txt, arch, types="f16", **DENSE_2025.get(arch, {}))
+    _refused(capsys, tmp_path, src, "--to", "gguf", "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows",
+             "2", want=f"GGUF reader does not read a {arch} file: drop --eval and measure the file with llama.cpp")
+    rc, _, err = _run(capsys, "eval", out, "--seqlen", "64", "--windows", "2", "--no-progress")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and f"export of a {arch} model" in err, err
+    assert "llama-perplexity" in err
+
+
 def test_refusals(tmp_path, capsys, outs):
     _refused(capsys, tmp_path, outs["w4s50"], "--to", "compressed-tensors", want="w4s50")
     _refused(capsys, tmp_path, outs["w4sym"], "--to", "compressed-tensors", "--quant", "gptq", want="already int4")
@@ -985,7 +999,7 @@ def test_gguf_tokenizer_from_tokenizer_json(tmp_path, capsys, calib_txt, kind):
     one)."""
     import gguf
 
-    from llmprune.export.gguf import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, TEKKEN_SPLIT
+    from llmprune.export.gguf_tokenizer import GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, TEKKEN_SPLIT
     from llmprune.testing import tiny_model
 
     tok = {"llama-bpe": lambda: _bpe_tokenizer(LLAMA3_SPLIT, ignore_merges=True),
@@ -1234,6 +1248,77 @@ def test_gguf_families_transformers_cannot_read(tmp_path, capsys, calib_txt, arc
     assert r.fields[f"{arch}.rope.dimension_count"].contents() == (8 if arch == "glm4" else 16)
 
 
+DENSE_2025 = {"smollm3": {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0], "no_rope_layer_interval": 4},
+              "seed_oss": {}, "apertus": {}, "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 2},
+              "olmo3": {}}
+
+
+@pytest.mark.parametrize("arch", sorted(DENSE_2025))
+def test_gguf_2025_dense_families_hold_what_llama_cpp_reads(tmp_path, capsys, calib_txt, arch):
+    """SmolLM3, Seed-OSS, Apertus, EXAONE 4.0, OLMo 3 (llama.cpp runs them in bench/llamacpp_families.py): every
+    tensor of the pruned model under llama.cpp's name, exactly (F32), SmolLM3's q/k rows in llama.cpp's RoPE order
+    (pairs adjacent: row h*d + 2j + e is HF's h*d + e*d/2 + j); Apertus' xIELU parameters as per-layer metadata, not
+    tensors, its tied head written out and its Llama 3.1 RoPE as rope_freqs; OLMo 3's sliding window and its layers'
+    pattern."""
+    import gguf
+    import numpy as np
+
+    import llmprune
+
+    src, out, e = _family_export(tmp_path, capsys, calib_txt, arch, types="f32", **DENSE_2025[arch])
+    r = gguf.GGUFReader(out / e["files"][0])
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    ref, _, _ = llmprune.load(str(src))
+    cfg = ref.config
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    name = r.fields["general.architecture"].contents()
+    assert name == {"seed_oss": "seed_oss", "olmo3": "olmo2"}.get(arch, arch)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, name.upper()), cfg.num_hidden_layers)
+    d = cfg.hidden_size // cfg.num_attention_heads
+    seen = set()
+    for k, v in sd.items():
+        if ".act_fn." in k or k == "lm_head.weight":
+            continue
+        g = names.get_name(k, try_suffixes=(".weight", ".bias"))
+        if arch == "smollm3" and k.endswith(("q_proj.weight", "k_proj.weight")):
+            n = v.shape[0] // d
+            idx = [h * d + e * (d // 2) + j for h in range(n) for j in range(d // 2) for e in range(2)]
+            v = v[idx]
+        assert np.array_equal(t[g], v), k
+        seen.add(g)
+    assert ("output.weight" in t) == (arch in ("apertus", "olmo3"))  # llama.cpp's loader requires it for these
+    if "output.weight" in t:
+        assert np.array_equal(t["output.weight"], sd["model.embed_tokens.weight"])
+        seen.add("output.weight")
+    assert set(t) - seen == ({"rope_freqs.weight"} if arch == "apertus" else set())  # (its Llama 3.1 RoPE)
+    assert "blk.1.attn_q.weight" in t and ("blk.1.attn_q.bias" in t) == (arch == "seed_oss")
+    if arch == "apertus":
+        for p in ("alpha_n", "alpha_p", "beta", "eps"):
+            got = r.fields[f"xielu.{p}"].contents()  # (no architecture prefix: llama.cpp reads them so)
+            want = [sd[f"model.layers.{i}.mlp.act_fn.{p}"].item() for i in range(cfg.num_hidden_layers)]
+            assert np.allclose(got, want, rtol=0, atol=0), p
+    swa = r.fields.get(f"{name}.attention.sliding_window")
+    assert (swa is not None) == (arch == "olmo3")
+    if swa is not None:
+        assert swa.contents() == cfg.sliding_window == 16
+        assert r.fields[f"{name}.attention.sliding_window_pattern"].contents() == [True, False]
+
+
+@pytest.mark.parametrize("arch, over, want", [
+    ("smollm3", {}, "no-RoPE layers"),  # the tiny family's interval of 2; llama.cpp's is 4
+    ("exaone4", {}, "sliding window (16) at 2 layers"),  # llama.cpp slides at 64 layers alone
+    ("seed_oss", {"attention_out_bias": True}, "output-projection"),
+    ("apertus", {"hidden_act": "silu"}, "activation (silu)"),
+])
+def test_gguf_2025_dense_variants_llama_cpp_would_misread_are_refused(tmp_path, capsys, calib_txt, arch, over, want):
+    from llmprune.testing import tiny_model_dir
+
+    m = tiny_model_dir(tmp_path / "m", arch, **over)
+    src = tmp_path / "s"
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    _refused(capsys, tmp_path, src, "--to", "gguf", want=want)
+
+
 def test_a_mixtral_gguf_holds_each_expert_where_llama_cpp_reads_it(tmp_path, capsys, calib_txt):
     """Mixtral (no reader of transformers takes its GGUF): each expert's gate, up and down at its index of
     ffn_gate_exps / ffn_up_exps / ffn_down_exps, the router F32, q/k rows in llama.cpp's RoPE order; Q8_0 holds
@@ -1243,7 +1328,7 @@ def test_a_mixtral_gguf_holds_each_expert_where_llama_cpp_reads_it(tmp_path, cap
     import numpy as np
 
     import llmprune
-    from llmprune.export.gguf import permute_rows
+    from llmprune.export.gguf_tensors import permute_rows
 
     src, out, e = _family_export(tmp_path, capsys, calib_txt, "mixtral", types="f32,q8_0")
     ref, _, _ = llmprune.load(str(src))

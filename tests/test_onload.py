@@ -341,7 +341,8 @@ def test_a_tensor_missing_from_the_checkpoint_is_refused(tmp_path, capsys, famil
 
 
 SLICES = [("per-block", False, True, "llama"), ("per-block", True, False, "llama"), ("shared", False, True, "llama"),
-          ("shared", True, False, "llama"), ("per-block", False, False, "qwen2"), ("shared", False, True, "qwen3")]
+          ("shared", True, False, "llama"), ("per-block", False, False, "qwen2"), ("shared", False, True, "qwen3"),
+          ("per-block", True, True, "apertus")]
 
 
 @pytest.mark.parametrize("rotation,slice_head,tied,family", SLICES,
@@ -352,7 +353,8 @@ def test_slicegpt_from_disk_writes_what_the_whole_model_writes(tmp_path, capsys,
     with the final norm folded in after the last) writes the whole model's files bit for bit, in shards,
     with its config and manifest, and its output is evaluated block by block (its residual shortcuts walked)
     to the figure the whole load gives. Norm scales and biases (qwen2's q/k/v) are random, so a fold left out
-    or done twice shows; qwen3 normalizes q and k inside its attention."""
+    or done twice shows; qwen3 normalizes q and k inside its attention; apertus names its norms otherwise and has no
+    gate (arch.OVERRIDES)."""
     from llmprune import checkpoint, lazy
     from llmprune.eval.perplexity import perplexity
     from llmprune.lazy import WeightFiles

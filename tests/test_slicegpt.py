@@ -76,7 +76,7 @@ def test_rotation_with_biases_keeps_logits():
         torch.testing.assert_close(_logits(r, ids), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "smollm3", "seed_oss"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "smollm3", "seed_oss", "apertus"])
 def test_other_llama_family_rotation_keeps_logits(family):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -1,7 +1,9 @@
 """Export an llmprune output to a format other engines serve: one file per target.
 
     compressed_tensors.py   pack-quantized W4A16 (vLLM, SGLang; transformers decompresses it)
-    gguf.py                 GGUF F16/BF16/Q8_0/Q4_0/... with the tokenizer and chat template (llama.cpp, Ollama)
+    gguf.py                 GGUF F16/BF16/Q8_0/Q4_0/... with the tokenizer and chat template (llama.cpp, Ollama):
+                            the writer; gguf_arch.py each family as llama.cpp reads it, gguf_tensors.py each
+                            tensor's layout, gguf_tokenizer.py the tokenizer
 
     export(src, to, out)    open the source (source.py: refusals, dense weights, int4 codes) -> check the
                             target's options -> [quantize: RTN or GPTQ, compressed-tensors from unquantized
@@ -97,6 +99,10 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     weights = Weights(s)  # one decoder block at a time (scale tuning: read to where it trains)
     if eval:
         pipeline.check_context(weights.model, eval_seqlen, "--eval-seqlen")
+        if to == "gguf":
+            from .gguf_arch import check_readable
+
+            check_readable(weights.model.config)
     edtype = s.manifest.dtype if s.manifest.dtype not in (None, "auto") else "float32"
     if eval:  # transformers reads the whole export to measure it: refused now, not once the export is written
         gguf = to == "gguf"  # transformers dequantizes a GGUF file whole, in CPU memory, in float32
