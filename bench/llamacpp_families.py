@@ -41,7 +41,8 @@ QWEN35_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_fa
 VARIANTS = {"llama31": "llama", "phi35": "phi3", "phi4mini": "phi3", "glm45": "glm4_moe",
             "hunyuan_alpha": "hunyuan_v1_moe", "gpt_oss_yarn": "gpt_oss", "gpt_oss_released": "gpt_oss",
             "deepseek_yarn": "deepseek_v3", "qwen35_4l": "qwen3_5_text", "lfm2_auto": "lfm2",
-            "granite_rope": "granitemoehybrid", "exaone4_llama31": "exaone4", "exaone4_32b": "exaone4"}
+            "granite_rope": "granitemoehybrid", "exaone4_llama31": "exaone4", "exaone4_32b": "exaone4",
+            "olmo3_yarn": "olmo3", "qwen3_yarn": "qwen3", "qwen3_moe_yarn": "qwen3_moe"}
 
 
 def families() -> dict:
@@ -98,7 +99,19 @@ def families() -> dict:
                                 "rope_parameters": LLAMA31_ROPE},
             "exaone4_32b": {"num_hidden_layers": 64, "sliding_window": 16, "sliding_window_pattern": 4,
                             "layer_types": None},
-            "olmo3": {"num_hidden_layers": 4, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}}
+            "olmo3": {"num_hidden_layers": 4, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+            # YaRN on a 16-token original context: OLMo 3's on its full layers alone, with an attention factor of its
+            # own; Qwen3's and Qwen3-MoE's long-context configs
+            "olmo3_yarn": {"num_hidden_layers": 4, "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                           "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                                               "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0,
+                                                                  "factor": 8.0, "attention_factor": 1.5,
+                                                                  "original_max_position_embeddings": 16}}},
+            "qwen3_yarn": {"vocab_size": 300, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                  "factor": 4.0, "original_max_position_embeddings": 16}},
+            "qwen3_moe_yarn": {"vocab_size": 300, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                      "factor": 4.0,
+                                                                      "original_max_position_embeddings": 16}}}
 
 
 def _byte_bpe(kind: str):

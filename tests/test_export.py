@@ -922,14 +922,14 @@ def test_gguf_llama31_rope_scaling_as_rope_freqs(tmp_path, capsys, calib_txt):
     base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
     assert torch.allclose(base / factors, want, rtol=1e-6)
     assert factors[0] == 1 and factors[-1] == 8 and bool(((factors > 1) & (factors < 8)).any())
-    _refused(capsys, tmp_path, _scaled(tmp_path, capsys, calib_txt), "--to", "gguf", want="RoPE scaling 'yarn'")
+    _refused(capsys, tmp_path, _scaled(tmp_path, capsys, calib_txt), "--to", "gguf", want="RoPE scaling 'linear'")
 
 
 def _scaled(tmp_path, capsys, calib_txt):
     from llmprune.testing import tiny_model_dir
 
-    m = tiny_model_dir(tmp_path / "y", "qwen2", rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
-                                                                "factor": 4.0, "original_max_position_embeddings": 128})
+    m = tiny_model_dir(tmp_path / "y", "qwen2", rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                "factor": 4.0})
     src = tmp_path / "ys"
     assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
     return src
@@ -1302,6 +1302,52 @@ def test_gguf_2025_dense_families_hold_what_llama_cpp_reads(tmp_path, capsys, ca
     if swa is not None:
         assert swa.contents() == cfg.sliding_window == 16
         assert r.fields[f"{name}.attention.sliding_window_pattern"].contents() == [True, False]
+
+
+OLMO3_YARN = {"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+              "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                                 "original_max_position_embeddings": 16}}
+
+
+@pytest.mark.parametrize("arch, rp, attn", [
+    ("qwen3", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}, None),
+    ("olmo3", OLMO3_YARN, None),  # OLMo 3's own attention_factor is llama.cpp's (0.1 ln 8 + 1): nothing written
+    ("olmo3", {**OLMO3_YARN, "full_attention": {**OLMO3_YARN["full_attention"], "attention_factor": 1.5}}, 1.5),
+])
+def test_gguf_yarn_is_written_as_llama_cpp_reads_it(tmp_path, arch, rp, attn):
+    """Qwen's long-context YaRN and OLMo 3's (its full-attention layers': llama.cpp leaves the sliding ones unscaled,
+    as transformers does): the type, factor and original context; an attention factor of the model's own as the
+    multiple of llama.cpp's, rope.scaling.attn_factor (llama.cpp multiplies its own 0.1 ln(factor) + 1 by it and
+    reads no yarn_attn_factor). bench/llamacpp_families.py runs them (olmo3_yarn: 0.082 off without the multiple)."""
+    import math
+
+    import gguf
+
+    from llmprune.errors import LLMPruneError
+    from llmprune.export.gguf_arch import ARCHS, add_hparams, check_config
+    from llmprune.testing import tiny_config
+
+    cfg = tiny_config(arch, rope_parameters=rp)
+    check_config(cfg)
+    name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHS[arch].name)]
+    w = gguf.GGUFWriter(tmp_path / "h.gguf", name)
+    add_hparams(w, cfg, ARCHS[arch])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    f = {k: v.contents() for k, v in gguf.GGUFReader(tmp_path / "h.gguf").fields.items()}
+    full = rp.get("full_attention", rp)
+    assert f[f"{name}.rope.scaling.type"] == "yarn" and f[f"{name}.rope.scaling.factor"] == full["factor"]
+    assert f[f"{name}.rope.scaling.original_context_length"] == 16
+    got = f.get(f"{name}.rope.scaling.attn_factor")
+    assert (got is None) == (attn is None)
+    if attn is not None:
+        assert got == pytest.approx(attn / (0.1 * math.log(full["factor"]) + 1), rel=1e-6)
+    if arch == "olmo3":  # sliding layers scaled otherwise than llama.cpp's (unscaled, the full layers' base): refused
+        for local in ({"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                       "original_max_position_embeddings": 16}, {"rope_type": "default", "rope_theta": 10000.0}):
+            with pytest.raises(LLMPruneError, match="sliding layers' RoPE"):
+                check_config(tiny_config(arch, rope_parameters={**rp, "sliding_attention": local}))
 
 
 @pytest.mark.parametrize("arch, over, want", [

@@ -7,7 +7,8 @@ Layout as llama.cpp's converter (convert_hf_to_gguf.py) writes these architectur
 gguf's own TensorNameMap):
   llama, mistral,   q_proj / k_proj rows permuted per head (HF's rotate-half RoPE pairs -> llama.cpp's
   mixtral           adjacent pairs); Llama 3.1's RoPE scaling as the `rope_freqs` tensor
-  qwen2, qwen3      as stored (llama.cpp's NeoX RoPE is HF's rotate-half); q/k norms (Qwen3)
+  qwen2, qwen3      as stored (llama.cpp's NeoX RoPE is HF's rotate-half); q/k norms (Qwen3); YaRN (theirs and
+                    their MoE's long-context configs) as metadata (`add_yarn`)
   MoE (mixtral,     the fused experts (experts, 2 x width, hidden) split into ffn_gate_exps / ffn_up_exps,
   qwen*_moe)        down as ffn_down_exps; the router F32; Qwen2-MoE's shared-expert gate as a vector
   phi3, glm4        fused qkv_proj / gate_up_proj as they are (llama.cpp splits them); GLM-4's partial RoPE;
@@ -18,7 +19,7 @@ gguf's own TensorNameMap):
   seed_oss, exaone4 as stored (Seed-OSS' q/k/v biases; EXAONE 4.0's post-norms and q/k norms, its sliding
                     window and the layers' pattern at 64 layers, the only depth llama.cpp slides at)
   apertus           as stored; its xIELU activation's per-layer parameters as metadata (`SCALARS`)
-  olmo3             as olmo2, with the sliding window and the layers' pattern
+  olmo3             as olmo2, with the sliding window and the layers' pattern; YaRN on the full layers alone
   glm4_moe, olmoe,  experts split as above; shared experts as ffn_*_shexp, the router's selection bias
   ernie4_5_moe,     (e_score_correction_bias) as exp_probs_b; leading dense blocks, sigmoid gating, routed
   hunyuan_v1_moe    scaling and top-k normalization (GLM-4.5) as metadata (`MOE_KV`); ERNIE's interleaved
@@ -54,6 +55,7 @@ gguf's own TensorNameMap):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,18 +84,20 @@ class GGUFArch:
     renames: tuple[tuple[str, str], ...] = ()  # HF name parts -> the ones gguf's TensorNameMap knows them by
 
 
+_YARN = ("default", "yarn")  # (Qwen's long-context configs; OLMo 3's full-attention layers)
 _GATED_NORM = ("linear_attn.norm.weight",)  # the DeltaNet output norm scales by w, every other norm by 1 + w
 ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "llama3")),
          "mistral": GGUFArch("LLAMA", permute_qk=True), "mixtral": GGUFArch("LLAMA", permute_qk=True, moe=True),
-         "qwen2": GGUFArch("QWEN2"), "qwen3": GGUFArch("QWEN3"),
-         "qwen2_moe": GGUFArch("QWEN2MOE", moe=True, head_required=True), "qwen3_moe": GGUFArch("QWEN3MOE", moe=True),
+         "qwen2": GGUFArch("QWEN2", rope_types=_YARN), "qwen3": GGUFArch("QWEN3", rope_types=_YARN),
+         "qwen2_moe": GGUFArch("QWEN2MOE", moe=True, head_required=True, rope_types=_YARN),
+         "qwen3_moe": GGUFArch("QWEN3MOE", moe=True, rope_types=_YARN),
          "phi3": GGUFArch("PHI3", rope_types=("default", "longrope")),
          "olmo2": GGUFArch("OLMO2", head_required=True), "glm4": GGUFArch("GLM4"),
          "gemma2": GGUFArch("GEMMA2", norm_plus_one=True), "gemma3_text": GGUFArch("GEMMA3", norm_plus_one=True),
          "smollm3": GGUFArch("SMOLLM3", permute_qk=True), "seed_oss": GGUFArch("SEED_OSS"),
          "apertus": GGUFArch("APERTUS", rope_types=("default", "llama3"), head_required=True),
          "exaone4": GGUFArch("EXAONE4", rope_types=("default", "llama3")),
-         "olmo3": GGUFArch("OLMO2", head_required=True),
+         "olmo3": GGUFArch("OLMO2", head_required=True, rope_types=_YARN),
          # MoE with shared experts, a leading dense block or a routing of their own (HunYuan's experts and shared
          # MLP are intermediate_size wide; OLMoE's too, which llama.cpp reads as feed_forward_length)
          "glm4_moe": GGUFArch("GLM4_MOE", moe=True), "olmoe": GGUFArch("OLMOE", moe=True, head_required=True),
@@ -236,6 +240,12 @@ def check_arch(cfg) -> None:
         _refuse(cfg, "output-projection or MLP biases", "none")
     elif kind == "apertus" and (cfg.hidden_act != "xielu" or getattr(cfg, "mlp_bias", False)):
         _refuse(cfg, f"activation ({cfg.hidden_act}) or MLP biases", "xIELU, no MLP biases")
+    elif kind == "olmo3":  # (llama.cpp's sliding layers: the full layers' base, unscaled)
+        rp = getattr(cfg, "rope_parameters", None) or {}
+        local, full = rp.get("sliding_attention") or {}, _rope_parameters(cfg)
+        if local and (local.get("rope_type", "default") != "default"
+                      or float(local.get("rope_theta", full["rope_theta"])) != float(full["rope_theta"])):
+            _refuse(cfg, f"sliding layers' RoPE ({local})", "the full layers' base, unscaled")
     elif kind == "exaone4" and (cfg.num_hidden_layers == 64) != (cfg.sliding_window is not None):
         # llama.cpp slides (and leaves the global layers without RoPE, as transformers does when a window is set)
         # only for a 64-layer model (EXAONE 4.0 32B); any other depth is all global layers with RoPE (1.2B)
@@ -348,15 +358,16 @@ def check_deepseek(cfg) -> None:
 
 
 def check_yarn(cfg, rp: dict) -> None:
-    """YaRN as llama.cpp's gpt-oss and deepseek2 run it: the ramp between beta_fast 32 and beta_slow 1 rotations
-    (it reads neither), its correction range rounded outwards (transformers' truncate), the attention factor its
-    own from the factor (0.1 ln(factor) + 1); DeepSeek's mscale equal to mscale_all_dim, which scales the softmax as
-    transformers' yarn_apply_mscale (llama.cpp reads mscale_all_dim alone)."""
+    """YaRN as llama.cpp runs it: the ramp between beta_fast 32 and beta_slow 1 rotations (it reads neither), its
+    correction range rounded outwards (transformers' truncate; gpt-oss's is not: `engine_note`), the attention
+    factor its own from the factor (0.1 ln(factor) + 1) times rope.scaling.attn_factor (a model's own
+    attention_factor: `add_yarn`); DeepSeek's mscale equal to mscale_all_dim, which scales the softmax as
+    transformers' yarn_apply_mscale (llama.cpp reads mscale_all_dim alone), and no attention_factor of its own."""
     mla = ARCHS[cfg.model_type].mla
     mscale, all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
     ours = (not mscale or not all_dim) if not mla else bool(all_dim) and float(mscale or 0) == float(all_dim)
     if (float(rp.get("beta_fast") or 32), float(rp.get("beta_slow") or 1)) != (32.0, 1.0) \
-            or rp.get("attention_factor") is not None or not rp.get("factor") or not ours:
+            or (mla and rp.get("attention_factor") is not None) or not rp.get("factor") or not ours:
         _refuse(cfg, f"YaRN (beta_fast {rp.get('beta_fast')}, beta_slow {rp.get('beta_slow')}, attention_factor "
                      f"{rp.get('attention_factor')}, mscale {mscale}, mscale_all_dim {all_dim})",
                 "beta 32 / 1, its own attention factor" + (", mscale = mscale_all_dim" if mla else ", no mscale"))
@@ -430,14 +441,21 @@ def rope(cfg, a: GGUFArch) -> tuple[float, list[tuple[str, np.ndarray]]]:
 
 def add_yarn(w, cfg, rp: dict) -> None:
     """YaRN's metadata (`check_yarn`): the factor, the original context; DeepSeek's mscale_all_dim as llama.cpp's
-    converter writes it (0.1 x, which llama.cpp divides out)."""
+    converter writes it (0.1 x, which llama.cpp divides out); another model's own attention_factor as the multiple
+    of llama.cpp's (0.1 ln(factor) + 1) it is (rope.scaling.attn_factor, which llama.cpp's loader reads for every
+    architecture; not the converter's yarn_attn_factor, which it does not)."""
     import gguf
 
+    factor = float(rp["factor"])
     w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_rope_scaling_factor(float(rp["factor"]))
-    w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
+    w.add_rope_scaling_factor(factor)
+    w.add_rope_scaling_orig_ctx_len(int(rp.get("original_max_position_embeddings") or cfg.max_position_embeddings))
     if ARCHS[cfg.model_type].mla:
         w.add_rope_scaling_yarn_log_mul(0.1 * float(rp["mscale_all_dim"]))
+    elif rp.get("attention_factor") is not None:  # as a multiple of llama.cpp's own (which it multiplies by this)
+        ratio = float(rp["attention_factor"]) / (0.1 * math.log(factor) + 1)
+        if abs(ratio - 1) > 1e-6:  # (OLMo 3's is llama.cpp's own)
+            w.add_rope_scaling_attn_factors(ratio)
 
 
 def ffn_width(cfg) -> int:
