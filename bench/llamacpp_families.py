@@ -42,7 +42,7 @@ VARIANTS = {"llama31": "llama", "phi35": "phi3", "phi4mini": "phi3", "glm45": "g
             "hunyuan_alpha": "hunyuan_v1_moe", "gpt_oss_yarn": "gpt_oss", "gpt_oss_released": "gpt_oss",
             "deepseek_yarn": "deepseek_v3", "qwen35_4l": "qwen3_5_text", "lfm2_auto": "lfm2",
             "granite_rope": "granitemoehybrid", "exaone4_llama31": "exaone4", "exaone4_32b": "exaone4",
-            "olmo3_yarn": "olmo3", "qwen3_yarn": "qwen3", "qwen3_moe_yarn": "qwen3_moe"}
+            "olmo3_yarn": "olmo3", "nemotron_nano2": "nemotron_h", "qwen3_yarn": "qwen3", "qwen3_moe_yarn": "qwen3_moe"}
 
 
 def families() -> dict:
@@ -109,6 +109,8 @@ def families() -> dict:
                                                                   "original_max_position_embeddings": 16}}},
             "qwen3_yarn": {"vocab_size": 300, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
                                                                   "factor": 4.0, "original_max_position_embeddings": 16}},
+            # Nemotron-H with dense relu^2 MLPs and no experts (Nemotron Nano 2: llama.cpp's nemotron_h)
+            "nemotron_nano2": {"hybrid_override_pattern": "M*-M", "num_hidden_layers": 4},
             "qwen3_moe_yarn": {"vocab_size": 300, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
                                                                       "factor": 4.0,
                                                                       "original_max_position_embeddings": 16}}}

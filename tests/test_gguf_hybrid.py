@@ -282,6 +282,34 @@ def test_a_nemotron_h_gguf_holds_one_mixer_a_layer_where_llama_cpp_reads_it(tmp_
          c.mamba_num_heads * c.mamba_head_dim)
 
 
+def test_a_dense_nemotron_h_gguf_is_llama_cpps_nemotron_h(tmp_path, capsys, calib_txt):
+    """Nemotron-H with relu^2 MLPs and no experts (Nemotron Nano 2): llama.cpp's nemotron_h (as its converter writes
+    it; nemotron_h_moe is the experts' variant), each MLP's up / down as ffn_up / ffn_down, which layer is which as
+    per-layer head_count_kv and feed_forward_length (the MLP's width, 0 elsewhere), no experts' metadata."""
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    m, src, out = tmp_path / "m", tmp_path / "s", tmp_path / "g"
+    tiny_model("nemotron_h", num_hidden_layers=4, hybrid_override_pattern="M*-M").save_pretrained(m)
+    byte_tokenizer().save_pretrained(m)
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    assert main([str(a) for a in ("export", src, "--to", "gguf", "--type", "f32", "--out", out, "--no-progress")]) == 0
+    ref, sd = _pruned(src)
+    c = ref.config
+    t, kv = _read(next(out.glob("*.gguf")))
+    p = "model.layers.2.mixer."
+    up = sd[p + "up_proj.weight"]
+    assert int((up == 0).sum()) > 0  # (pruned)
+    _same(t, "blk.2.ffn_up.weight", up)
+    _same(t, "blk.2.ffn_down.weight", sd[p + "down_proj.weight"])
+    _same(t, "blk.3.ssm_in.weight", sd["model.layers.3.mixer.in_proj.weight"])
+    assert not any("exps" in n or "exp_probs" in n for n in t)
+    a = "nemotron_h."
+    assert kv["general.architecture"] == "nemotron_h"
+    assert kv[a + "attention.head_count_kv"] == [0, c.num_key_value_heads, 0, 0]
+    assert kv[a + "feed_forward_length"] == [0, 0, up.shape[0], 0]
+    assert a + "expert_count" not in kv
+
+
 @pytest.mark.parametrize("over", [{"intermediate_size": 192}, {"intermediate_size": 200, "block_multiple_of": 32},
                                   {"intermediate_size": 300, "block_ffn_dim_multiplier": 1.5, "block_multiple_of": 64}])
 def test_lfm2s_feed_forward_length_is_the_width_transformers_builds(over):
@@ -309,7 +337,7 @@ def test_lfm2s_feed_forward_length_is_the_width_transformers_builds(over):
     ("falcon_h1", {"mamba_rms_norm": True, "mamba_norm_before_gate": True}, "norm before its gate"),
     ("falcon_h1", {"time_step_limit": (0.001, 0.1)}, "time-step limits"),
     ("falcon_h1", {"projectors_bias": True}, "biases"),
-    ("nemotron_h", {"hybrid_override_pattern": "M*-"}, "dense MLP layers"),
+    ("nemotron_h", {"hybrid_override_pattern": "M*-E"}, "experts and dense MLPs together"),
     ("nemotron_h", {"moe_latent_size": 32}, "latent MoE"),
     ("nemotron_h", {"mlp_hidden_act": "silu"}, "activations")])
 def test_hybrid_variants_llama_cpp_would_misread_are_refused(arch, over, want):

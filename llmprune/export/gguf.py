@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import LLMPruneError
-from .gguf_arch import ARCHS, GGUFArch, add_hparams, check_config, engine_note, rope, scalars
+from .gguf_arch import GGUFArch, add_hparams, arch_for, check_config, engine_note, rope, scalars
 from .gguf_tensors import gguf_names, parts, take, tensor_type, to_gguf
 from .gguf_tokenizer import copy_tokenizer, hf_tokenizer, source_gguf, tokenizer_kind
 from .source import Source, Weights
@@ -132,7 +132,7 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
     from ..arch import arch_of
 
     model = weights.model
-    a = ARCHS[model.config.model_type]
+    a = arch_for(model.config)
     cfg = model.config
     gg = source_gguf(src)
     add_tokenizer, said = (copy_tokenizer(gg), f"copied from {gg.name}") if gg else hf_tokenizer(src.folder,

@@ -49,12 +49,14 @@ gguf's own TensorNameMap):
   falcon_h1         Mamba2 as granitemoehybrid, beside attention in each block; q/k as stored (NeoX RoPE); its muP
                     multipliers (which llama.cpp does not read) folded into the weights they scale (`falcon_mup`),
                     the tied embedding written twice (embedding and head multipliers differ)
-  nemotron_h        (llama.cpp's nemotron_h_moe) one mixer a layer, renamed to the names gguf's map knows: Mamba2
-                    as granitemoehybrid, attention as stored (no RoPE), gateless experts as stored, the router's
-                    bias as exp_probs_b; each layer's kind as per-layer head_count_kv / feed_forward_length
+  nemotron_h        (llama.cpp's nemotron_h_moe; without experts, its nemotron_h) one mixer a layer, renamed to the
+                    names gguf's map knows: Mamba2 as granitemoehybrid, attention as stored (no RoPE), gateless
+                    experts or relu^2 MLPs as stored, the router's bias as exp_probs_b; each layer's kind as
+                    per-layer head_count_kv / feed_forward_length
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -123,12 +125,15 @@ ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "lla
                                                ("shared_expert.output_linear", "shared_expert.down_proj"))),
          # Falcon-H1: Mamba2 and attention side by side in each block; its muP multipliers folded (`falcon_mup`)
          "falcon_h1": GGUFArch("FALCON_H1", mamba=True),
-         # Nemotron-H (Nemotron 3 Nano's MoE): one mixer a layer (Mamba2, attention without RoPE, or experts)
+         # Nemotron-H: one mixer a layer (Mamba2, attention without RoPE, experts (Nemotron 3 Nano) or a relu^2 MLP
+         # (Nemotron Nano 2: llama.cpp's nemotron_h, `arch_for`))
          "nemotron_h": GGUFArch("NEMOTRON_H_MOE", mamba=True, kv_per_layer=True, renames=(
              *((f"mixer.{x}_proj", f"self_attn.{x}_proj") for x in "qkvo"), ("mixer.experts.", "mlp.experts."),
-             ("mixer.gate.", "mlp.gate."), ("mixer.shared_experts.", "mlp.shared_experts."), ("mixer.", "mamba.")))}
+             ("mixer.gate.", "mlp.gate."), ("mixer.shared_experts.", "mlp.shared_experts."),
+             ("mixer.up_proj", "mlp.up_proj"), ("mixer.down_proj", "mlp.down_proj"), ("mixer.", "mamba.")))}
 # Mamba2 sizes by the config fields each family names them: conv width, state size, groups, heads, head width
-MAMBA_FIELDS = {"NEMOTRON_H_MOE": ("conv_kernel", "ssm_state_size", "n_groups", "mamba_num_heads", "mamba_head_dim")}
+_NEMOTRON_MAMBA = ("conv_kernel", "ssm_state_size", "n_groups", "mamba_num_heads", "mamba_head_dim")
+MAMBA_FIELDS = {"NEMOTRON_H_MOE": _NEMOTRON_MAMBA, "NEMOTRON_H": _NEMOTRON_MAMBA}
 MAMBA2 = ("mamba_d_conv", "mamba_d_state", "mamba_n_groups", "mamba_n_heads", "mamba_d_head")  # Granite, Falcon-H1
 # per-layer scalars llama.cpp reads as metadata arrays, not tensors: (HF name suffix, GGUFWriter method), by family
 # (Apertus' xIELU activation: its parameters as stored, llama.cpp applies the softplus as transformers does)
@@ -181,8 +186,18 @@ def check_config(cfg) -> None:
     if cfg.model_type not in ARCHS:
         raise LLMPruneError(f"--to gguf writes {', '.join(sorted(ARCHS))} models, not {cfg.model_type!r}: use --to "
                             f"compressed-tensors")
-    rope(cfg, ARCHS[cfg.model_type])
+    rope(cfg, arch_for(cfg))
     check_arch(cfg)
+
+
+def arch_for(cfg) -> GGUFArch:
+    """The model's `ARCHS` entry, or the variant of it llama.cpp reads under another architecture: Nemotron-H with
+    dense MLPs and no experts (Nemotron Nano 2), which llama.cpp's converter writes as nemotron_h (its nemotron_h_moe
+    takes the experts' metadata and MTP layers)."""
+    a = ARCHS[cfg.model_type]
+    if cfg.model_type == "nemotron_h" and "moe" not in cfg.layers_block_type:
+        return dataclasses.replace(a, name="NEMOTRON_H")
+    return a
 
 
 def check_readable(cfg) -> None:
@@ -279,9 +294,11 @@ def check_hybrid(cfg) -> None:
             _refuse(cfg, "biases or activation", "a conv bias alone, SiLU")
         if not cfg.num_local_experts:  # (its shared MLP then is the MLP, under other names: not written)
             _refuse(cfg, "dense MLP (no experts)", "experts and a shared MLP")
-    if kind == "nemotron_h":  # (llama.cpp: relu^2 experts, one expert group, no latent projections, no biases)
-        if set(types) - {"linear_attention", "full_attention", "moe"} or cfg.moe_latent_size or cfg.n_group != 1:
-            _refuse(cfg, "dense MLP layers, latent MoE or expert groups", "Mamba2, attention and MoE layers alone")
+    if kind == "nemotron_h":  # (llama.cpp: relu^2 experts or MLPs, not both; one expert group, no latent projections)
+        if (set(types) - {"linear_attention", "full_attention", "moe", "mlp"} or {"moe", "mlp"} <= set(types)
+                or cfg.moe_latent_size or cfg.n_group != 1):
+            _refuse(cfg, "layer kinds (experts and dense MLPs together), latent MoE or expert groups",
+                    "Mamba2 and attention layers with either experts or dense MLPs")
         if (cfg.mlp_hidden_act != "relu2" or cfg.mamba_hidden_act != "silu" or cfg.use_bias or cfg.mlp_bias
                 or cfg.attention_bias or cfg.mamba_proj_bias or not cfg.use_conv_bias
                 or tuple(cfg.time_step_limit) != (0.0, float("inf"))):
@@ -486,7 +503,7 @@ def add_hparams(w, cfg, a: GGUFArch) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv([cfg.num_key_value_heads if t in ATTENTION else 0 for t in cfg.layer_types] if a.kv_per_layer
                         else 1 if a.mla else cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps if a.name == "LFM2" else cfg.layer_norm_epsilon if a.name == "NEMOTRON_H_MOE"
+    w.add_layer_norm_rms_eps(cfg.norm_eps if a.name == "LFM2" else cfg.layer_norm_epsilon if a.name.startswith("NEMOTRON_H")
                              else cfg.rms_norm_eps)
     w.add_rope_freq_base(rope(cfg, a)[0])
     w.add_vocab_size(cfg.vocab_size)
@@ -562,8 +579,9 @@ def add_hybrid_hparams(w, cfg, a: GGUFArch) -> None:
         w.add_ssm_group_count(groups)
         w.add_ssm_time_step_rank(heads)
         w.add_ssm_inner_size(getattr(cfg, "mamba_d_ssm", None) or heads * width)
-    if a.name == "NEMOTRON_H_MOE":  # its experts: sigmoid scores (the graph's), selection bias as exp_probs_b
+    if a.name.startswith("NEMOTRON_H"):
         w.add_layer_norm_eps(cfg.layer_norm_epsilon)  # (read, for its MTP head's norm)
+    if a.name == "NEMOTRON_H_MOE":  # its experts: sigmoid scores (the graph's), selection bias as exp_probs_b
         w.add_expert_count(cfg.n_routed_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
