@@ -5,6 +5,7 @@ it has no k-quant quantizer, so Q4_K etc. come from llama.cpp's llama-quantize r
 holding the tokenizer (gguf_tokenizer.py). What each family is to llama.cpp, what it assumes rather than
 reads (refused) and the metadata it reads: gguf_arch.py; each tensor's names, shape and values as llama.cpp
 lays them out: gguf_tensors.py.
+
 1-D tensors (norms) stay F32; a matrix whose rows are not a multiple of the block (32) stays F16; with
 Q4/Q5 types the (tied) embedding matrix is Q8_0, as the head reads it. Symmetric block types (Q8_0,
 Q4_0, Q5_0) keep a pruned model's zeros exactly (a zero rounds to the block's zero code); Q4_1 and Q5_1
@@ -99,8 +100,8 @@ def tensor_info(shape: tuple[int, ...], t: str) -> tuple[tuple[int, ...], np.dty
 
 def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, add_tokenizer, name: str, kv=()):
     """A GGUFWriter for one type with its metadata (`add_tokenizer(writer)` writes the tokenizer's; `kv`: more,
-    each (GGUFWriter method, value)) and every tensor's info written (`plan`: (gguf name, shape) in data order); returns (writer, {gguf type: tensor
-    count}). The data follows tensor by tensor."""
+    each (GGUFWriter method, value)) and every tensor's info written (`plan`: (gguf name, shape) in data order);
+    returns (writer, {gguf type: tensor count}). The data follows tensor by tensor."""
     import gguf
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, a.name)])

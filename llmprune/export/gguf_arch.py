@@ -108,10 +108,10 @@ ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "lla
                                     rope_types=("default", "dynamic")),
          # MoE whose experts transformers stores transposed (experts, in, out); DeepSeek's latent attention
          "gpt_oss": GGUFArch("GPT_OSS", moe=True, head_required=True, experts_transposed=True,
-                             experts_interleaved=True, expert_width="intermediate_size", rope_types=("default", "yarn")),
+                             experts_interleaved=True, expert_width="intermediate_size", rope_types=_YARN),
          "llama4_text": GGUFArch("LLAMA4", rope_types=("default", "llama3"), moe=True, experts_transposed=True,
                                  expert_width="intermediate_size"),
-         "deepseek_v3": GGUFArch("DEEPSEEK2", moe=True, mla=True, rope_types=("default", "yarn")),
+         "deepseek_v3": GGUFArch("DEEPSEEK2", moe=True, mla=True, rope_types=_YARN),
          # hybrids: Gated DeltaNet + gated attention (Qwen3.5, Qwen3-Next), short convolutions + attention (LFM2)
          "qwen3_5_text": GGUFArch("QWEN35", norm_plus_one=True, plain_norms=_GATED_NORM, linear_attn="tiled"),
          "qwen3_next": GGUFArch("QWEN3NEXT", moe=True, norm_plus_one=True, plain_norms=_GATED_NORM,
@@ -503,8 +503,8 @@ def add_hparams(w, cfg, a: GGUFArch) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv([cfg.num_key_value_heads if t in ATTENTION else 0 for t in cfg.layer_types] if a.kv_per_layer
                         else 1 if a.mla else cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps if a.name == "LFM2" else cfg.layer_norm_epsilon if a.name.startswith("NEMOTRON_H")
-                             else cfg.rms_norm_eps)
+    w.add_layer_norm_rms_eps(cfg.norm_eps if a.name == "LFM2"
+                             else cfg.layer_norm_epsilon if a.name.startswith("NEMOTRON_H") else cfg.rms_norm_eps)
     w.add_rope_freq_base(rope(cfg, a)[0])
     w.add_vocab_size(cfg.vocab_size)
     add_hybrid_hparams(w, cfg, a)

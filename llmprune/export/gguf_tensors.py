@@ -163,7 +163,8 @@ def to_gguf(key: str, t: torch.Tensor, a: GGUFArch, cfg) -> np.ndarray:
 # Qwen3.5's Gated DeltaNet tensors holding V heads: (name suffix, dim, whether q and k come first along it, whether a
 # head is linear_value_head_dim wide along it, else 1)
 V_HEADS = (("in_proj_qkv.weight", 0, True, True), ("conv1d.weight", 0, True, True),
-           ("in_proj_z.weight", 0, False, True), ("in_proj_a.weight", 0, False, False), ("in_proj_b.weight", 0, False, False), (".A_log", 0, False, False),
+           ("in_proj_z.weight", 0, False, True), ("in_proj_a.weight", 0, False, False),
+           ("in_proj_b.weight", 0, False, False), (".A_log", 0, False, False),
            (".dt_bias", 0, False, False), ("out_proj.weight", 1, False, True))
 
 
