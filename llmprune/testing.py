@@ -175,6 +175,23 @@ def fp8_model_dir(path: str | Path, arch: str = "llama", block: tuple[int, int] 
     return to_fp8(tiny_model_dir(path, arch, seed, **over), block, unquantized, head)
 
 
+def read_block_as_transformers(src: str | Path, ref: dict, prefix: str = "model.layers.1."):
+    """Block `prefix` of the quantized checkpoint `src` read by llmprune (lazy.LazyModel: FP8 or MXFP4 dequantized
+    as it is read) against `ref`, the state dict transformers' dequantizing load gives: the checkpoint readable, no
+    quantization_config left, the block's tensors those of `ref` by name and bit for bit. Returns the LazyModel and
+    the block's tensors."""
+    from . import lazy
+
+    lz = lazy.LazyModel(src, torch.float32)
+    assert lz.unreadable() is None and not hasattr(lz.config, "quantization_config")
+    lz.load(prefix)
+    got = {n: t for n, t in lz.model.state_dict().items() if n.startswith(prefix)}
+    assert got and set(got) == {n for n in ref if n.startswith(prefix)}
+    for n, t in got.items():
+        assert torch.equal(t, ref[n]), n
+    return lz, got
+
+
 def unquantized_copy(src: str | Path, dst: str | Path, tensors) -> Path:
     """`src` copied to `dst` with the tensors of each safetensors file rewritten by `tensors` (dict -> dict: a
     quantized checkpoint's weights dequantized by a test's oracle) and no quantization_config; returns `dst`."""

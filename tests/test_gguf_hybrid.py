@@ -286,16 +286,11 @@ def test_a_dense_nemotron_h_gguf_is_llama_cpps_nemotron_h(tmp_path, capsys, cali
     """Nemotron-H with relu^2 MLPs and no experts (Nemotron Nano 2): llama.cpp's nemotron_h (as its converter writes
     it; nemotron_h_moe is the experts' variant), each MLP's up / down as ffn_up / ffn_down, which layer is which as
     per-layer head_count_kv and feed_forward_length (the MLP's width, 0 elsewhere), no experts' metadata."""
-    from llmprune.testing import byte_tokenizer, tiny_model
-
-    m, src, out = tmp_path / "m", tmp_path / "s", tmp_path / "g"
-    tiny_model("nemotron_h", num_hidden_layers=4, hybrid_override_pattern="M*-M").save_pretrained(m)
-    byte_tokenizer().save_pretrained(m)
-    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
-    assert main([str(a) for a in ("export", src, "--to", "gguf", "--type", "f32", "--out", out, "--no-progress")]) == 0
+    src, out, e = _family_export(tmp_path, capsys, calib_txt, "nemotron_h", types="f32", num_hidden_layers=4,
+                                 hybrid_override_pattern="M*-M")
     ref, sd = _pruned(src)
     c = ref.config
-    t, kv = _read(next(out.glob("*.gguf")))
+    t, kv = _read(out / e["files"][0])
     p = "model.layers.2.mixer."
     up = sd[p + "up_proj.weight"]
     assert int((up == 0).sum()) > 0  # (pruned)

@@ -247,8 +247,7 @@ def check_arch(cfg) -> None:
     elif kind == "deepseek_v3":
         check_deepseek(cfg)
     elif kind == "smollm3":
-        if list(cfg.no_rope_layers) != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
-            _refuse(cfg, "no-RoPE layers (no_rope_layers)", "every 4th layer without RoPE")
+        _check_no_rope(cfg)
         if cfg.use_sliding_window or cfg.attention_bias or cfg.mlp_bias:
             _refuse(cfg, "sliding window or biases", "full attention, no biases")
     elif kind == "seed_oss" and (cfg.attention_out_bias or cfg.mlp_bias):
@@ -340,6 +339,13 @@ def check_moe(cfg) -> None:
                 "one top-k for every layer, no biases")
 
 
+def _check_no_rope(cfg) -> None:
+    """SmolLM3 and Llama 4: llama.cpp leaves every 4th layer without RoPE (n_no_rope_layer_step 4), whatever the
+    model's no_rope_layers (1: RoPE) say."""
+    if list(cfg.no_rope_layers) != [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]:
+        _refuse(cfg, "no-RoPE layers (no_rope_layers)", "every 4th layer without RoPE")
+
+
 def _per_layer(v) -> list:
     """A config value given once or per layer (HunYuan's moe_topk) as a list."""
     return list(v) if isinstance(v, (list, tuple)) else [v]
@@ -353,8 +359,7 @@ def check_llama4(cfg) -> None:
             != (8192, 8192, 0.1, True):
         _refuse(cfg, f"attention chunk ({cfg.attention_chunk_size}) or temperature tuning (floor_scale "
                      f"{cfg.floor_scale}, attn_scale {cfg.attn_scale})", "chunks of 8192, tuning from 8192 by 0.1")
-    if list(cfg.no_rope_layers) != [int((i + 1) % 4 != 0) for i in range(n)]:
-        _refuse(cfg, "no-RoPE layers (no_rope_layers)", "every 4th layer without RoPE")
+    _check_no_rope(cfg)
     if step < 1 or list(cfg.moe_layers) != list(range(step - 1, n, step)):
         _refuse(cfg, f"MoE layers ({cfg.moe_layers})", f"every interleave_moe_layer_step-th ({step})")
     if bool(cfg.use_qk_norm) != (cfg.num_local_experts != 128) or cfg.attention_bias:
@@ -527,14 +532,12 @@ def add_hparams(w, cfg, a: GGUFArch) -> None:
                                                                       cfg.max_position_embeddings))
         w.add_sliding_window(getattr(cfg, "sliding_window", None) or 0)
         return
-    if a.name in ("OLMO2", "EXAONE4") and getattr(cfg, "sliding_window", None):  # OLMo 3; EXAONE 4.0 32B
+    # the window and the layers using it, which llama.cpp reads as an array: OLMo 3, EXAONE 4.0 32B, gpt-oss
+    if a.name in ("OLMO2", "EXAONE4", "GPT_OSS") and getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     if rp.get("rope_type") == "yarn":
         add_yarn(w, cfg, rp)
-    if a.name == "GPT_OSS":  # the window and the layers using it (llama.cpp reads the pattern as an array)
-        w.add_sliding_window(cfg.sliding_window)
-        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     if a.name == "LLAMA4":  # experts every step-th layer; the chunked layers (llama.cpp's chunk: 8192, check_arch)
         w.add_interleave_moe_layer_step(cfg.interleave_moe_layer_step)
         w.add_sliding_window(cfg.attention_chunk_size)

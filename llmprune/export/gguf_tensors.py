@@ -149,10 +149,10 @@ def to_gguf(key: str, t: torch.Tensor, a: GGUFArch, cfg) -> np.ndarray:
         t = permute_rows(t, cfg.num_attention_heads)
     elif a.permute_qk and key.endswith("k_proj.weight"):
         t = permute_rows(t, cfg.num_key_value_heads)
+    if (a.mamba or a.linear_attn) and key.endswith(".A_log"):  # (llama.cpp's ssm_a multiplies the softplus)
+        t = -torch.exp(t)
     if a.linear_attn:
         t = linear_attn(key, t, a, cfg)
-    if a.mamba and key.endswith(".A_log"):
-        t = -torch.exp(t)
     if a.name == "FALCON_H1":
         t = falcon_mup(key, t, cfg)
     if a.norm_plus_one and key.endswith("norm.weight") and not key.endswith(a.plain_norms):
@@ -178,13 +178,11 @@ def tiled_v_heads(t: torch.Tensor, dim: int, start: int, size: int, cfg) -> torc
 
 
 def linear_attn(key: str, t: torch.Tensor, a: GGUFArch, cfg) -> torch.Tensor:
-    """A Gated DeltaNet tensor as llama.cpp reads it: A_log as -exp(A_log) (its ssm_a multiplies the softplus);
-    Qwen3-Next's in_proj_qkvz (per K head: q, k, its V heads' v, their z) as q, k, v, z of all heads; Qwen3.5's
-    V heads in llama.cpp's tiled order (`V_HEADS`, `tiled_v_heads`)."""
+    """A Gated DeltaNet tensor as llama.cpp reads it (A_log already -exp(A_log): `to_gguf`): Qwen3-Next's
+    in_proj_qkvz (per K head: q, k, its V heads' v, their z) as q, k, v, z of all heads; Qwen3.5's V heads in
+    llama.cpp's tiled order (`V_HEADS`, `tiled_v_heads`)."""
     if ".linear_attn." not in key:
         return t
-    if key.endswith(".A_log"):
-        t = -torch.exp(t)
     nk, hk = cfg.linear_num_key_heads, cfg.linear_key_head_dim
     if a.linear_attn == "grouped" and key.endswith("in_proj_qkvz.weight"):
         rv = cfg.linear_num_value_heads // nk * cfg.linear_value_head_dim
