@@ -24,7 +24,7 @@ lp() { run python -m llmprune.cli "$@"; }
 keep() { cp "$1/llmprune.json" "$RES/$2.json"; }
 
 # sources: the unpruned model (magnitude at sparsity 0 prunes nothing) and Wanda 50%, P-cpu
-STAGE=${1:-all}  # all | ct | gguf | gemma
+STAGE=${1:-all}  # all | ct | gguf | q4codes | gemma
 if [ $STAGE != gemma ]; then
 [ -d $R/llama-dense ] || lp compress --model llama --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --no-progress --out $R/llama-dense
 [ -d $R/llama-wanda-50 ] || lp compress --model llama --sparsity 0.5 --protocol cpu --no-dense-eval --no-progress --out $R/llama-wanda-50
@@ -79,6 +79,26 @@ NPY=$R/wt2-8x2048.npy
 for s in dense wanda-50; do reference $R/llama-$s $NPY 8; done
 for t in F16 Q8_0 Q4_0; do
   for s in dense wanda-50; do llamacpp $R/llama-$s-gguf/llama-$s-$t.gguf $NPY; done
+done
+fi
+
+# GGUF Q4_0 holding llmprune's own int4 codes: each output packed as w4g128 by GPTQ on the symmetric grid (Q4_0's),
+# exported as Q4_0 (every int4 linear's codes and fp16 scales as Q4_0 blocks, not gguf's rounding of the
+# dequantized weights), then llama.cpp's perplexity beside llmprune's figure of the w4g128 folder, same 8 windows
+if [ $STAGE = q4codes ]; then
+NPY=$R/wt2-8x2048.npy
+[ -f $NPY ] || run python bench/llamacpp_ppl.py windows $R/llama-dense --seqlen 2048 --windows 8 --npy $NPY
+for s in dense wanda-50; do
+  [ -d $R/llama-$s-gptq ] || lp pack $R/llama-$s --format w4g128 --quant gptq --grid sym --eval wikitext2 --eval-windows 16 --no-progress --out $R/llama-$s-gptq
+  keep $R/llama-$s-gptq llama-$s-gptq
+  [ -d $R/llama-$s-gptq-gguf ] || lp export $R/llama-$s-gptq --to gguf --type q4_0 --no-progress --out $R/llama-$s-gptq-gguf
+  keep $R/llama-$s-gptq-gguf llama-$s-gptq-gguf
+  reference $R/llama-$s-gptq $NPY 8
+  llamacpp $R/llama-$s-gptq-gguf/llama-$s-gptq-Q4_0.gguf $NPY
+  # the check of it: the same export with its codes dropped (gguf_int4.encode None: every int4 tensor quantized
+  # again by gguf from its decoded weights, as exports were written before)
+  [ -d $R/llama-$s-gptq-requant ] || run python -c "import sys; from llmprune.export import gguf_int4; gguf_int4.encode = lambda *a: None; from llmprune.cli import main; sys.exit(main(sys.argv[1:]))" export $R/llama-$s-gptq --to gguf --type q4_0 --no-progress --out $R/llama-$s-gptq-requant
+  llamacpp $R/llama-$s-gptq-requant/llama-$s-gptq-Q4_0.gguf $NPY
 done
 fi
 

@@ -2,7 +2,8 @@
 llmprune's own outputs next to their exports, each file's size and its WikiText-2 perplexity as the reader
 named in the row computes it. Rows compared with each other use the same token windows: 16 x 2048 for
 llmprune's formats and compressed-tensors, 8 x 2048 (the first 8 of those) for llama.cpp and the
-llmprune figure it is compared with; Gemma-3-270M's rows (`export.sh gemma`) 2 x 2048.
+llmprune figure it is compared with; Gemma-3-270M's rows (`export.sh gemma`) 2 x 2048. The Q4_0 file holding a
+GPTQ w4g128's own codes (`export.sh q4codes`) is compared with that w4g128 on the same 8 windows.
 
     python bench/export_table.py
 """
@@ -58,7 +59,17 @@ def rows(src: str, label: str) -> list[str]:
     for t in ("F16", "Q8_0", "Q4_0"):
         f = f"llama-{src}-gguf/llama-{src}-{t}.gguf"
         out.append(line(f"GGUF {t}", "llama.cpp", f, 8, (lcpp.get(f) or {}).get("ppl"), ref8, "dense, 8 windows"))
-    return out
+    if manifest_ppl(f"llama-{src}-gptq") is None:  # (`export.sh q4codes`: GGUF Q4_0 holding GPTQ's own codes)
+        return out
+    gptq8 = next((r["ppl"] for r in runs if r.get("src", "").endswith(f"/llama-{src}-gptq")), None)
+    f = f"llama-{src}-gptq-gguf/llama-{src}-gptq-Q4_0.gguf"
+    again = f"llama-{src}-gptq-requant/llama-{src}-gptq-Q4_0.gguf"  # (the same export, its codes dropped)
+    return [*out, line("llmprune w4g128 (GPTQ, symmetric)", "llmprune.load", f"llama-{src}-gptq/model.safetensors", 8,
+                       gptq8, ref8, "dense, 8 windows"),
+            line("GGUF Q4_0 holding that w4g128's codes", "llama.cpp", f, 8, (lcpp.get(f) or {}).get("ppl"), gptq8,
+                 "w4g128 GPTQ, 8 windows"),
+            line("GGUF Q4_0 of that w4g128 rounded again by gguf (before)", "llama.cpp", again, 8,
+                 (lcpp.get(again) or {}).get("ppl"), gptq8, "w4g128 GPTQ, 8 windows")]
 
 
 def gemma_rows() -> list[str]:

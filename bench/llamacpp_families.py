@@ -42,17 +42,28 @@ VARIANTS = {"llama31": "llama", "phi35": "phi3", "phi4mini": "phi3", "glm45": "g
             "hunyuan_alpha": "hunyuan_v1_moe", "gpt_oss_yarn": "gpt_oss", "gpt_oss_released": "gpt_oss",
             "deepseek_yarn": "deepseek_v3", "qwen35_4l": "qwen3_5_text", "lfm2_auto": "lfm2",
             "granite_rope": "granitemoehybrid", "exaone4_llama31": "exaone4", "exaone4_32b": "exaone4",
-            "olmo3_yarn": "olmo3", "nemotron_nano2": "nemotron_h", "qwen3_yarn": "qwen3", "qwen3_moe_yarn": "qwen3_moe"}
+            "olmo3_yarn": "olmo3", "nemotron_nano2": "nemotron_h", "qwen3_yarn": "qwen3", "qwen3_moe_yarn": "qwen3_moe",
+            "granite_dense": "granitemoehybrid", **{f"{k}_yarn": k for k in ("llama", "mistral", "glm4", "olmo2",
+                                                                               "smollm3", "seed_oss", "exaone4",
+                                                                               "apertus")}}
+# YaRN on a 16-token original context (48 tokens exercise it), as Qwen's long-context configs have it
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+# families made with every norm, bias and router selection bias random (testing.random_vectors), not ones and zeros:
+# a file without its q/k norms' or the router bias' values would then read otherwise
+RANDOM_VECTORS = ("minimax_m2",)
 
 
 def families() -> dict:
     """Every tiny family as tests/test_families.py builds it, except what llama.cpp assumes (Gemma queries scaled by
-    1/sqrt(head_dim)); Llama 3.1's RoPE scaling and Phi-3's LongRoPE (Phi-3.5's; Phi-4-mini's, half of each head
-    rotated) on a 16-token original context, so that 48 tokens exercise them (llama.cpp: a context of 64); Qwen's
-    with room for the token transformers 5 adds to the byte tokenizer (it loads it as Qwen2's). Hybrids: Qwen3.5
-    also with 3 DeltaNet layers before its attention one (qwen35_4l), LFM2 with its MLP width adjusted as its real
-    checkpoints' (lfm2_auto), Granite 4.0-H also with RoPE (granite_rope), Falcon-H1 with every muP multiplier away
-    from 1, Nemotron-H with a second Mamba2 layer after its experts."""
+    1/sqrt(head_dim)); Llama 3.1's RoPE scaling, Phi-3's LongRoPE (Phi-3.5's; Phi-4-mini's, half of each head
+    rotated) and YaRN (`YARN`, the *_yarn variants) on a 16-token original context, so that 48 tokens exercise them
+    (llama.cpp: a context of 64); Qwen's with room for the token transformers 5 adds to the byte tokenizer (it loads
+    it as Qwen2's). Hybrids: Qwen3.5 also with 3 DeltaNet layers before its attention one (qwen35_4l), LFM2 with its
+    MLP width adjusted as its real checkpoints' (lfm2_auto), Granite 4.0-H also with RoPE (granite_rope) and
+    without experts (granite_dense), Falcon-H1 with every muP multiplier away from 1, Nemotron-H with a second Mamba2
+    layer after its experts."""
     from llmprune.testing import LLAMA31_ROPE, PHI3_LONGROPE, PHI4_LONGROPE
 
     return {"llama": {}, "llama31": {"rope_parameters": LLAMA31_ROPE},
@@ -66,6 +77,10 @@ def families() -> dict:
             "glm4_moe": {}, "glm45": {"use_qk_norm": True, "attention_bias": True, "n_group": 2, "topk_group": 1,
                                       "routed_scaling_factor": 2.5},
             "olmoe": {"num_key_value_heads": 4}, "ernie4_5_moe": {}, "hunyuan_v1_moe": {},
+            # MiniMax-M2 as released: heads x head_dim twice the hidden size, half of each head rotated (its norms
+            # and router bias random: RANDOM_VECTORS)
+            "minimax_m2": {"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.5}},
             "hunyuan_alpha": {"rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
                                                   "rope_theta": 10000.0}},
             "llama4_text": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "attention_chunk_size": 8192,
@@ -113,7 +128,20 @@ def families() -> dict:
             "nemotron_nano2": {"hybrid_override_pattern": "M*-M", "num_hidden_layers": 4},
             "qwen3_moe_yarn": {"vocab_size": 300, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
                                                                       "factor": 4.0,
-                                                                      "original_max_position_embeddings": 16}}}
+                                                                      "original_max_position_embeddings": 16}},
+            # Granite 4.0-H without experts (H-Micro): its shared MLP alone, as wide as neither the hidden size nor
+            # the (unused) experts' intermediate_size
+            "granite_dense": {"num_local_experts": 0, "shared_intermediate_size": 96},
+            # YaRN of the Llama-like families (Mistral's with an attention factor of its own; GLM-4's on half of
+            # each head; SmolLM3's on 3 layers of 4, EXAONE 4.0's on its global ones)
+            "llama_yarn": {"rope_parameters": YARN},
+            "mistral_yarn": {"rope_parameters": {**YARN, "attention_factor": 1.25}},
+            "glm4_yarn": {"rope_parameters": {**YARN, "partial_rotary_factor": 0.5}},
+            "olmo2_yarn": {"rope_parameters": YARN},
+            "smollm3_yarn": {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0], "no_rope_layer_interval": 4,
+                             "rope_parameters": YARN},
+            "seed_oss_yarn": {"rope_parameters": YARN}, "apertus_yarn": {"rope_parameters": YARN},
+            "exaone4_yarn": {"sliding_window": None, "layer_types": ["full_attention"] * 2, "rope_parameters": YARN}}
 
 
 def _byte_bpe(kind: str):
@@ -206,10 +234,11 @@ def dequantized_copy(q8: Path, out: Path) -> None:
 def make(args) -> None:
     import numpy as np
     import torch
+    from transformers import AutoModelForCausalLM
 
     import llmprune
     from llmprune.cli import main
-    from llmprune.testing import FAST_CLI, random_text, tiny_model_dir
+    from llmprune.testing import FAST_CLI, random_text, random_vectors, tiny_model_dir
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -223,6 +252,8 @@ def make(args) -> None:
         arch = VARIANTS.get(name, name)
         stem = name.replace("phi3", "phi")  # llama.cpp gives a general.name with "phi3" in it Phi-3's special tokens
         m = tiny_model_dir(root / f"{stem}-model", arch, **over)
+        if name in RANDOM_VECTORS:
+            random_vectors(AutoModelForCausalLM.from_pretrained(m)).save_pretrained(m)
         src, out = root / f"{stem}-pruned", root / f"{name}-gguf"
         assert main([str(a) for a in ("compress", "--model", m, "--calib", calib, "--out", src, "--overwrite",
                                       *FAST_CLI)]) == 0

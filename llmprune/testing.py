@@ -169,6 +169,19 @@ def tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **over)
     return path
 
 
+def random_vectors(model, seed: int = 1):
+    """Every 1-D parameter and buffer (norms, biases) and the routers' selection biases (`e_score_correction_bias`)
+    of `model` random, norms near 1: the tiny models leave them ones and zeros, so that an export writing one under
+    another's name, or not at all, would still match. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and "inv_freq" not in n and (t.dim() == 1 or "e_score" in n):
+                noise = torch.randn(t.shape, generator=g)
+                t.copy_(1 + 0.3 * noise if "norm" in n else 0.3 * noise)
+    return model
+
+
 def fp8_model_dir(path: str | Path, arch: str = "llama", block: tuple[int, int] = (8, 8), seed: int = 0,
                   unquantized: torch.dtype = torch.float32, head: bool = False, **over) -> Path:
     """A tiny model saved as a block-scaled FP8 checkpoint (to_fp8); returns the folder."""

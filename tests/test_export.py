@@ -836,6 +836,95 @@ def test_gguf_encodes_large_tensors_in_pieces_of_rows_exactly(t, monkeypatch):
     assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_codes_encode_as_q4_blocks_that_gguf_decodes_to_the_same_weights(group):
+    """An int4 grid (x = s (q - z), fp16 s; rows permuted as q/k are) in Q4_0 / Q4_1 blocks: gguf's own
+    dequantizer gives the weights back bit for bit (symmetric; Q4_1 of an asymmetric grid within its fp16 minimum,
+    under 1% of a step); what is not one step and one offset a block, or Q4_0 of an asymmetric grid, is None."""
+    import gguf
+    import numpy as np
+
+    from llmprune.export.gguf_int4 import encode
+
+    g = torch.Generator().manual_seed(group)
+    rows, cols = 7, 3 * 128
+    s = (torch.rand(rows, cols // group, generator=g) * 0.05 + 1e-3).half().float()
+    for sym in (True, False):
+        z = torch.full_like(s, 8.0) if sym else torch.randint(0, 16, s.shape, generator=g).float()
+        q = torch.randint(0, 16, (rows, cols), generator=g).float()
+        q[:, :5] = z.repeat_interleave(group, 1)[:, :5]  # pruned weights: code z, exactly 0
+        step, zero = s.repeat_interleave(group, 1), z.repeat_interleave(group, 1)
+        perm = torch.randperm(rows, generator=g)
+        x, step, offset = ((q - zero) * step)[perm], step[perm], (-step * zero)[perm]
+        for t in ("q4_0", "q4_1"):
+            got = encode(x.numpy(), step.numpy(), offset.numpy(), t)
+            if t == "q4_0" and not sym:
+                assert got is None
+                continue
+            back = gguf.quants.dequantize(got[0], getattr(gguf.GGMLQuantizationType, t.upper()))
+            assert back.shape == x.shape
+            err = np.abs(back - x.numpy()) / step.numpy()
+            assert err.max() == got[1] == 0 if sym else 0 < err.max() <= got[1] + 1e-6 < 0.01
+            if sym:
+                assert np.array_equal(back[:, :5], np.zeros((rows, 5), np.float32))
+        wrong = step.clone()
+        wrong[2, 40] *= 2  # one weight of a block on another step
+        assert encode(x.numpy(), wrong.numpy(), offset.numpy(), "q4_1") is None
+        assert encode(x.numpy(), step.numpy(), offset.numpy() + step.numpy() / 3, "q4_1") is None  # (no codes)
+
+
+@pytest.mark.parametrize("src", ["w4sym", "w4s24", "w4asym"])
+def test_gguf_q4_of_an_int4_output_holds_its_own_codes(tmp_path, capsys, outs, src):
+    """`export --to gguf --type q4_0,q4_1` of a w4g128 / w4s24 output writes each int4 linear's own codes and
+    scales as Q4 blocks (llama.cpp runs the int4 model llmprune measured, GPTQ's codes kept), not gguf's
+    round-to-nearest of the dequantized weights, which rounds them again onto another grid (checked: it would
+    differ): read back with gguf's dequantizer, each is the source's weight (q/k rows in llama.cpp's order), bit
+    for bit for the symmetric grids, and the export counts them; an asymmetric grid keeps its codes as Q4_1 (its
+    minimum rounded to fp16) and is quantized again as Q4_0, which the export says."""
+    import gguf
+    import numpy as np
+
+    from llmprune.export.gguf_tensors import permute_rows
+    from llmprune.export.source import Weights, open_source
+
+    out = tmp_path / "g"
+    rc, so, se = _run(capsys, "export", outs[src], "--to", "gguf", "--type", "q4_0,q4_1", "--out", out,
+                      "--no-progress")
+    assert rc == 0, se
+    e = json.loads((out / "llmprune.json").read_text())["export"]
+    weights = Weights(open_source(outs[src]))  # the int4 linears dequantized, exactly
+    cfg, sd = weights.model.config, dict(weights.tensors())
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    n = cfg.num_hidden_layers * len(names)
+    sym = src != "w4asym"
+    assert e["int4_codes"]["q4_1"]["kept"] == n and e["int4_codes"]["q4_1"]["requantized"] == 0
+    assert e["int4_codes"]["q4_0"] == ({"kept": n, "requantized": 0, "max_error_steps": 0.0} if sym else
+                                       {"kept": 0, "requantized": n, "max_error_steps": 0.0})
+    assert ("int4 codes" in so) and (sym or "--type q4_1 keeps" in so), so
+    for t in ("Q4_0", "Q4_1"):
+        tensors = {x.name: x for x in gguf.GGUFReader(out / e["files"][e["types"].index(t.lower())]).tensors}
+        for i in range(cfg.num_hidden_layers):
+            for hf, gg in names.items():
+                w = sd[f"model.layers.{i}.{hf}.weight"].float()
+                if hf.endswith(("q_proj", "k_proj")):
+                    w = permute_rows(w, cfg.num_attention_heads if "q_" in hf else cfg.num_key_value_heads)
+                x = tensors[f"blk.{i}.{gg}.weight"]
+                assert x.tensor_type.name == t
+                back = gguf.quants.dequantize(x.data, x.tensor_type).reshape(w.shape)
+                w = w.numpy()
+                again = gguf.quants.dequantize(gguf.quants.quantize(w, x.tensor_type), x.tensor_type)
+                if sym or t == "Q4_1":
+                    assert not np.array_equal(again, w)  # (gguf's own rounding would have changed the weights)
+                if sym:
+                    assert np.array_equal(back, w), (t, i, hf)
+                elif t == "Q4_1":
+                    assert np.abs(back - w).max() <= 0.01 * np.abs(w).max() and not np.array_equal(back, w)
+                else:
+                    assert np.array_equal(back, again)  # quantized again by gguf, as before
+
+
 # --- GGUF: more families, Llama 3.1's RoPE, tokenizers from tokenizer.json ---------------------------------
 
 # what transformers' GGUF reader can rebuild from the metadata alone (it reads no key_length for Qwen3, no expert
@@ -1307,18 +1396,23 @@ def test_gguf_2025_dense_families_hold_what_llama_cpp_reads(tmp_path, capsys, ca
 OLMO3_YARN = {"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
               "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
                                  "original_max_position_embeddings": 16}}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
 
 
 @pytest.mark.parametrize("arch, rp, attn", [
-    ("qwen3", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}, None),
+    ("qwen3", YARN, None),
     ("olmo3", OLMO3_YARN, None),  # OLMo 3's own attention_factor is llama.cpp's (0.1 ln 8 + 1): nothing written
     ("olmo3", {**OLMO3_YARN, "full_attention": {**OLMO3_YARN["full_attention"], "attention_factor": 1.5}}, 1.5),
+    # the Llama-like families whose llama.cpp graphs pass the generic scaling into every RoPE
+    *((arch, YARN, None) for arch in ("llama", "glm4", "olmo2", "smollm3", "seed_oss", "exaone4", "apertus")),
+    ("mistral", {**YARN, "attention_factor": 1.25}, 1.25),
 ])
 def test_gguf_yarn_is_written_as_llama_cpp_reads_it(tmp_path, arch, rp, attn):
-    """Qwen's long-context YaRN and OLMo 3's (its full-attention layers': llama.cpp leaves the sliding ones unscaled,
-    as transformers does): the type, factor and original context; an attention factor of the model's own as the
-    multiple of llama.cpp's, rope.scaling.attn_factor (llama.cpp multiplies its own 0.1 ln(factor) + 1 by it and
-    reads no yarn_attn_factor). bench/llamacpp_families.py runs them (olmo3_yarn: 0.082 off without the multiple)."""
+    """Qwen's long-context YaRN, OLMo 3's (its full-attention layers': llama.cpp leaves the sliding ones unscaled,
+    as transformers does), the Llama-like families': the type, factor and original context; an attention factor of
+    the model's own as the multiple of llama.cpp's, rope.scaling.attn_factor (llama.cpp multiplies its own
+    0.1 ln(factor) + 1 by it and reads no yarn_attn_factor). bench/llamacpp_families.py runs them (olmo3_yarn: 0.082
+    off without the multiple, mistral_yarn 0.064; 0.17 to 0.59 without YaRN's metadata)."""
     import math
 
     import gguf
@@ -1327,7 +1421,7 @@ def test_gguf_yarn_is_written_as_llama_cpp_reads_it(tmp_path, arch, rp, attn):
     from llmprune.export.gguf_arch import ARCHS, add_hparams, check_config
     from llmprune.testing import tiny_config
 
-    cfg = tiny_config(arch, rope_parameters=rp)
+    cfg = tiny_config(arch, **{**DENSE_2025.get(arch, {}), "rope_parameters": rp})  # (as llama.cpp assumes them)
     check_config(cfg)
     name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHS[arch].name)]
     w = gguf.GGUFWriter(tmp_path / "h.gguf", name)
@@ -1348,6 +1442,18 @@ def test_gguf_yarn_is_written_as_llama_cpp_reads_it(tmp_path, arch, rp, attn):
                        "original_max_position_embeddings": 16}, {"rope_type": "default", "rope_theta": 10000.0}):
             with pytest.raises(LLMPruneError, match="sliding layers' RoPE"):
                 check_config(tiny_config(arch, rope_parameters={**rp, "sliding_attention": local}))
+
+
+@pytest.mark.parametrize("arch, over", [("mixtral", {"head_dim": 16}), ("gemma2", {})])
+def test_gguf_yarn_is_refused_where_llama_cpp_has_not_run_it(arch, over):
+    """YaRN is written only for the families llama.cpp has run with it (bench/llamacpp_families.py); transformers
+    runs Mixtral's (with a head_dim) and Gemma 2's, which stay refused until llama.cpp has."""
+    from llmprune.errors import LLMPruneError
+    from llmprune.export.gguf_arch import check_config
+    from llmprune.testing import tiny_config
+
+    with pytest.raises(LLMPruneError, match="RoPE scaling 'yarn' is not written to GGUF"):
+        check_config(tiny_config(arch, **over, rope_parameters=YARN))
 
 
 @pytest.mark.parametrize("arch, over, want", [

@@ -200,6 +200,34 @@ def test_a_granite_hybrid_gguf_holds_its_mamba2_layers_where_llama_cpp_reads_the
     assert {q8[b + n][1] for n in ("ssm_a", "ssm_d", "ssm_norm.weight", "ssm_conv1d.weight")} == {"F32"}
 
 
+def test_a_granite_hybrid_gguf_without_experts_holds_its_shared_mlp_as_the_dense_one(tmp_path, capsys, calib_txt):
+    """Granite 4.0-H without experts (H-Micro: transformers runs its shared MLP alone) as llama.cpp's granitehybrid
+    loads it when it reads no expert count, as its converter writes it: the fused input_linear's first half (SiLU'd:
+    the gate) as ffn_gate, its second as ffn_up, output_linear as ffn_down; feed_forward_length the shared MLP's width
+    (not intermediate_size, the absent experts'); no expert count, experts used (llama.cpp asserts none used of none)
+    or shared-expert width. bench/llamacpp_families.py runs it (granite_dense; 0.147 off with gate and up swapped)."""
+    src, out, e = _family_export(tmp_path, capsys, calib_txt, "granitemoehybrid", types="f32", num_local_experts=0,
+                                 shared_intermediate_size=96)
+    ref, sd = _pruned(src)
+    c = ref.config
+    assert ref.model.layers[1].block_sparse_moe is None and c.num_experts_per_tok  # (a leftover top-k: not written)
+    t, kv = _read(out / e["files"][0])
+    for i in range(c.num_hidden_layers):
+        m, b = f"model.layers.{i}.shared_mlp.", f"blk.{i}."
+        fused = sd[m + "input_linear.weight"]  # (2 x 96, hidden): gate, then up
+        assert fused.shape[0] == 2 * 96 and int((fused == 0).sum()) > 0  # (pruned)
+        _same(t, b + "ffn_gate.weight", fused[:96])
+        _same(t, b + "ffn_up.weight", fused[96:])
+        _same(t, b + "ffn_down.weight", sd[m + "output_linear.weight"])
+        _same(t, b + "ffn_norm.weight", sd[f"model.layers.{i}.post_attention_layernorm.weight"])
+    _same(t, "blk.0.ssm_in.weight", sd["model.layers.0.mamba.in_proj.weight"])
+    assert not any("exps" in n or "shexp" in n or "gate_inp" in n for n in t)
+    a = "granitehybrid."
+    assert kv["general.architecture"] == "granitehybrid" and kv[a + "feed_forward_length"] == 96 != c.intermediate_size
+    assert not {a + k for k in ("expert_count", "expert_used_count", "expert_shared_feed_forward_length")} & set(kv)
+    assert kv[a + "attention.head_count_kv"] == [0, 2] and kv[a + "residual_scale"] == c.residual_multiplier
+
+
 # Falcon-H1's muP multipliers, every one away from 1 (the tiny config's embedding and head ones too)
 FALCON = {"attention_in_multiplier": 0.5, "attention_out_multiplier": 1.5, "key_multiplier": 0.75,
           "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.5, "mlp_multipliers": [1.5, 0.75],
@@ -328,7 +356,7 @@ def test_lfm2s_feed_forward_length_is_the_width_transformers_builds(over):
     ("granitemoehybrid", {"mamba_expand": 3, "mamba_d_head": 48}, "Mamba2 width"),
     ("granitemoehybrid", {"time_step_limit": (0.001, 0.1)}, "time-step limits"),
     ("granitemoehybrid", {"mamba_proj_bias": True}, "biases"),
-    ("granitemoehybrid", {"num_local_experts": 0}, "dense MLP"),
+    ("granitemoehybrid", {"num_local_experts": 0, "attention_bias": True}, "biases"),  # (without experts too)
     ("falcon_h1", {"mamba_rms_norm": True, "mamba_norm_before_gate": True}, "norm before its gate"),
     ("falcon_h1", {"time_step_limit": (0.001, 0.1)}, "time-step limits"),
     ("falcon_h1", {"projectors_bias": True}, "biases"),

@@ -1,8 +1,8 @@
-"""`export --to gguf` of the Mixture-of-Experts families with shared experts, leading dense blocks or a routing of
-their own: GLM-4.5 (glm4_moe), OLMoE, ERNIE 4.5 (ernie4_5_moe), HunYuan-A13B (hunyuan_v1_moe). No reader of
-transformers takes these GGUFs; llama.cpp runs them in bench/llamacpp_families.py. Here the F32 file, read back
-with gguf's GGUFReader, holds the pruned model's tensors under the names llama.cpp's loader asks for (written out
-below from its src/models/*.cpp, not from gguf's TensorNameMap), each expert's gate / up / down (taken from the
+"""`export --to gguf` of the Mixture-of-Experts families with shared experts, leading dense blocks or a routing of their
+own: GLM-4.5 (glm4_moe), OLMoE, ERNIE 4.5 (ernie4_5_moe), HunYuan-A13B (hunyuan_v1_moe), MiniMax-M2 (minimax_m2). No
+reader of transformers takes these GGUFs; llama.cpp runs them in bench/llamacpp_families.py. Here the F32 file, read
+back with gguf's GGUFReader, holds the pruned model's tensors under the names llama.cpp's loader asks for (written
+out below from its src/models/*.cpp, not from gguf's TensorNameMap), each expert's gate / up / down (taken from the
 model with llmprune.moe's own views) at its index of the stacks, the metadata llama.cpp reads (widths read off the
 model's tensors, the RoPE base and rotated dimensions off transformers' own frequencies), and the variants llama.cpp
 would misread are refused.
@@ -18,13 +18,16 @@ pytest.importorskip("gguf")
 
 # the bench's variants (bench/llamacpp_families.py): GLM-4.5 with q/k norms, q/k/v biases, experts picked from the best
 # of 2 groups and their weights scaled; OLMoE without GQA; HunYuan's NTK-alpha RoPE; and HunYuan's top-k given
-# per layer (as HunYuan-A13B's config does)
+# per layer (as HunYuan-A13B's config does); MiniMax-M2 as released (heads x head_dim twice the hidden size, half of
+# each head rotated, said by the legacy rotary_dim its config.json has)
 ALPHA_ROPE = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}
 GLM45 = {"use_qk_norm": True, "attention_bias": True, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5}
 VARIANTS = {"glm4_moe": {}, "glm45": GLM45, "olmoe": {"num_key_value_heads": 4}, "ernie4_5_moe": {},
-            "hunyuan_v1_moe": {"rope_parameters": ALPHA_ROPE}, "hunyuan_topk_per_layer": {"moe_topk": [2, 2]}}
+            "hunyuan_v1_moe": {"rope_parameters": ALPHA_ROPE}, "hunyuan_topk_per_layer": {"moe_topk": [2, 2]},
+            "minimax_m2": {"head_dim": 32, "rotary_dim": 16}}
 ARCH = {"glm45": "glm4_moe", "hunyuan_topk_per_layer": "hunyuan_v1_moe"}
-GGUF_ARCH = {"glm4_moe": "glm4moe", "olmoe": "olmoe", "ernie4_5_moe": "ernie4_5-moe", "hunyuan_v1_moe": "hunyuan-moe"}
+GGUF_ARCH = {"glm4_moe": "glm4moe", "olmoe": "olmoe", "ernie4_5_moe": "ernie4_5-moe", "hunyuan_v1_moe": "hunyuan-moe",
+             "minimax_m2": "minimax-m2"}
 
 # HF name in a block (after `model.layers.N.`) -> the name llama.cpp's loader reads (blk.N.<name>), by family
 ATTN = {f"self_attn.{p}_proj.{k}": f"attn_{n}.{k}" for p, n in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output"))
@@ -49,29 +52,22 @@ NAMES = {
     "hunyuan_v1_moe": ATTN | shared("shared_mlp") | {
         "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.query_layernorm.weight": "attn_q_norm.weight",
         "self_attn.key_layernorm.weight": "attn_k_norm.weight", "mlp.gate.wg.weight": "ffn_gate_inp.weight"},
+    "minimax_m2": ATTN | {  # (its q/k norms over whole projections: heads x head_dim values, as llama.cpp's)
+        "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+        "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+        "mlp.e_score_correction_bias": "exp_probs_b.bias"},
 }
+TIED_HEAD = ("olmoe", "minimax_m2")  # llama.cpp's loader requires output.weight: the tied head written out
 EXPERTS = (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps"))
 SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
-def _random_vectors(model) -> None:
-    """Every 1-D parameter and buffer (norms, biases) and the routers' selection biases random, so that a tensor
-    written under another's name, or not at all, shows (the tiny models leave them ones and zeros)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point() and "inv_freq" not in n and (t.dim() == 1 or "e_score" in n):
-                noise = torch.randn(t.shape, generator=g)
-                t.copy_(1 + 0.3 * noise if "norm" in n else 0.3 * noise)
-
-
 def _export(tmp_path, capsys, calib_txt, arch, **over):
     """A tiny `arch` model (vectors random), pruned with Wanda 50%, exported to GGUF F32: (pruned folder, file)."""
-    from llmprune.testing import byte_tokenizer, tiny_model
+    from llmprune.testing import byte_tokenizer, random_vectors, tiny_model
 
     m, src, out = tmp_path / "m", tmp_path / "s", tmp_path / "g"
-    model = tiny_model(arch, **over)
-    _random_vectors(model)
+    model = random_vectors(tiny_model(arch, **over))
     model.save_pretrained(m)
     byte_tokenizer().save_pretrained(m)
     assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
@@ -101,7 +97,7 @@ def test_a_moe_gguf_holds_the_pruned_tensors_where_llama_cpp_reads_them(tmp_path
     cfg, layers = ref.config, ref.model.layers
     t = {x.name: np.array(x.data) for x in gguf.GGUFReader(path).tensors}
     want = {"token_embd.weight": ref.model.embed_tokens.weight, "output_norm.weight": ref.model.norm.weight}
-    if arch == "olmoe":  # llama.cpp's olmoe requires output.weight: the tied head written out
+    if arch in TIED_HEAD:
         want["output.weight"] = ref.model.embed_tokens.weight
     for i, layer in enumerate(layers):
         for k, w in layer.state_dict().items():
@@ -120,7 +116,7 @@ def test_a_moe_gguf_holds_the_pruned_tensors_where_llama_cpp_reads_them(tmp_path
         assert t[name].shape == w.shape and np.array_equal(t[name], w), name
     stacked = [v for k, v in t.items() if k.endswith("_exps.weight")]
     assert stacked and all((v == 0).mean() > 0.3 for v in stacked)  # the pruned experts, zeros kept
-    assert any(k.endswith("exp_probs_b.bias") for k in t) == (arch in ("glm4_moe", "ernie4_5_moe"))
+    assert any(k.endswith("exp_probs_b.bias") for k in t) == (arch in ("glm4_moe", "ernie4_5_moe", "minimax_m2"))
 
 
 def _kv(path) -> dict:
@@ -159,6 +155,12 @@ def test_a_moe_gguf_says_what_llama_cpp_reads_of_the_routing(tmp_path, capsys, c
         assert kv["feed_forward_length"] == width
         return
     assert kv["expert_feed_forward_length"] == width
+    if arch == "minimax_m2":  # sigmoid gating; top-k normalization and no scaling are llama.cpp's own, not read
+        head_dim = layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
+        assert kv["expert_gating_func"] == SIGMOID and kv["feed_forward_length"] == width
+        assert kv["attention.key_length"] == kv["attention.value_length"] == head_dim == 2 * rot
+        assert not {"expert_shared_count", "expert_weights_scale", "leading_dense_block_count"} & set(kv)
+        return
     mlp = layers[moe[0]].mlp
     shared_width = (mlp.shared_mlp if arch == "hunyuan_v1_moe" else mlp.shared_experts).down_proj.weight.shape[1]
     if arch == "glm4_moe":
@@ -184,6 +186,9 @@ def test_a_moe_gguf_says_what_llama_cpp_reads_of_the_routing(tmp_path, capsys, c
 @pytest.mark.parametrize("arch, over, want", [
     ("glm4_moe", {"hidden_act": "gelu"}, "activation (gelu)"),
     ("glm4_moe", {"n_shared_experts": 0}, "n_shared_experts 0"),
+    ("minimax_m2", {"hidden_act": "gelu"}, "activation (gelu)"),
+    ("minimax_m2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}},
+     "RoPE scaling 'yarn'"),
     ("olmoe", {}, "key-value heads (2 of 4)"),  # (GQA: llama.cpp's k_norm spans every head)
     ("olmoe", {"num_key_value_heads": 4, "norm_topk_prob": True}, "norm_topk_prob (True)"),
     ("olmoe", {"num_key_value_heads": 4, "clip_qkv": 8.0}, "clip_qkv (8.0)"),

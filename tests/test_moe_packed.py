@@ -348,3 +348,40 @@ def test_experts_not_all_packed_alike_are_not_stacked(tmp_path):
         assert not m.stack_() and not m._stacks
         m.grouped = "always"
         torch.testing.assert_close(m(hidden, index, w), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_gguf_q4_0_of_packed_experts_holds_their_own_codes(family, tmp_path, capsys, calib_txt):
+    """`export --to gguf --type q4_0` of a w4s24 MoE output: the attention linears and the stacked experts hold
+    their own codes, bit for bit (gguf_int4): each expert's projection's at its place in the stack llama.cpp
+    reads, Mixtral's as stored, gpt-oss's (stored (in, out), gate and up interleaved) split and transposed back to
+    (out, in), where its int4 groups run along llama.cpp's blocks again; the export counts them."""
+    kept = 14
+    import gguf
+    import numpy as np
+
+    from llmprune.cli import main
+
+    p, g = tmp_path / "p", tmp_path / "g"
+    api.compress(model=str(tiny_model_dir(tmp_path / "src", family)), solver="wanda", pattern="2:4",
+                 format="w4s24", quant="rtn", group_size=32, out=str(p), calib=str(calib_txt), eval=(), **CAL)
+    capsys.readouterr()
+    assert main(["export", str(p), "--to", "gguf", "--type", "q4_0", "--out", str(g), "--no-progress"]) == 0
+    again = 14 - kept  # 2 blocks of 4 attention linears and 3 expert stacks (gate, up, down)
+    said = capsys.readouterr().out
+    assert f"Q4_0 holds {kept} int4 tensors' own codes" + (f", {again} quantized again" if again else "\n") in said
+    e = json.loads((g / "llmprune.json").read_text())["export"]
+    assert e["int4_codes"] == {"q4_0": {"kept": kept, "requantized": again, "max_error_steps": 0.0}}
+    packed = load_packed(p, dtype=torch.float32)
+    t = {x.name: x for x in gguf.GGUFReader(g / e["files"][0]).tensors}
+
+    def back(name):
+        return gguf.quants.dequantize(t[name].data, t[name].tensor_type)
+
+    want = packed.get_submodule("model.layers.1.self_attn.v_proj").dequantize().float().numpy()
+    assert np.array_equal(back("blk.1.attn_v.weight").reshape(want.shape), want)
+    up = back("blk.1.ffn_up_exps.weight")  # (experts, width, hidden)
+    assert t["blk.1.ffn_up_exps.weight"].tensor_type.name == "Q4_0"
+    for x in range(up.shape[0]):
+        want = packed.get_submodule(f"model.layers.1.mlp.experts.{x}.up_proj").dequantize().float().numpy()
+        assert np.array_equal(up[x], want), x

@@ -9,7 +9,8 @@ lays them out: gguf_tensors.py.
 1-D tensors (norms) stay F32; a matrix whose rows are not a multiple of the block (32) stays F16; with
 Q4/Q5 types the (tied) embedding matrix is Q8_0, as the head reads it. Symmetric block types (Q8_0,
 Q4_0, Q5_0) keep a pruned model's zeros exactly (a zero rounds to the block's zero code); Q4_1 and Q5_1
-store a block minimum and do not.
+store a block minimum and do not. Q4_0 / Q4_1 of an int4 output (w4g128, w4s24) hold its own codes and scales
+where its grid is theirs (gguf_int4.py), not gguf's rounding of the dequantized weights.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 
 from ..errors import LLMPruneError
+from . import gguf_int4
 from .gguf_arch import GGUFArch, add_hparams, arch_for, check_config, engine_note, rope, scalars
 from .gguf_tensors import gguf_names, parts, take, tensor_type, to_gguf
 from .gguf_tokenizer import copy_tokenizer, hf_tokenizer, source_gguf, tokenizer_kind
-from .source import Source, Weights
+from .source import INT4_FORMATS, Source, Weights
 
 NAME = "gguf"
 PIP = "pip install 'llmprune[export]'"
@@ -156,17 +158,31 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
         for _, f in extra:
             for w in writers.values():
                 w.write_tensor_data(f)
+        codes = {t: {"kept": 0, "requantized": 0, "max_error_steps": 0.0} for t in types if t in gguf_int4.TYPES}
+        int4 = gguf_int4.modules(src) if codes and src.fmt in INT4_FORMATS else set()
         for key, tensor in tqdm(weights.tensors(), total=len(shapes), desc="gguf", disable=not progress):
             data = to_gguf(key, tensor, a, cfg)
+            held = key.rsplit(".", 1)[0] in int4  # (stored as int4: its codes kept where `grid` gives them)
+            steps = gguf_int4.grid(src, model, key, tensor) if held else None
+            steps = steps and [to_gguf(key, g, a, cfg) for g in steps]
             for hf_name, shape, rows in split[key]:
                 piece = np.ascontiguousarray(take(data, rows)).reshape(shape)
+                grid = steps and [np.ascontiguousarray(take(g, rows)).reshape(shape) for g in steps]
                 for t, w in writers.items():
-                    w.write_tensor_data(encode(piece, tensor_type(gnames[hf_name], shape, t))[0])
+                    tt = tensor_type(gnames[hf_name], shape, t)
+                    kept = gguf_int4.encode(piece, *grid, tt) if grid and tt in gguf_int4.TYPES else None
+                    if held and tt in gguf_int4.TYPES:
+                        c = codes[tt]
+                        c["kept" if kept else "requantized"] += 1
+                        c["max_error_steps"] = max(c["max_error_steps"], kept[1] if kept else 0.0)
+                    w.write_tensor_data(kept[0] if kept else encode(piece, tt)[0])
     finally:
         for w in writers.values():
             w.close()
     note = engine_note(cfg)
+    codes = {t: c for t, c in codes.items() if c["kept"] or c["requantized"]}
     return {"to": NAME, "files": files, "model_type": cfg.model_type, **({"note": note} if note else {}),
+            **({"int4_codes": codes} if codes else {}),
             "bytes": {f: (folder / f).stat().st_size for f in files},
             "types": list(types), "tensor_types": layout,
             "exact_zeros": [t for t in types if t in EXACT_ZEROS],

@@ -6,7 +6,8 @@ otherwise from a file that holds the model exactly (`engine_note`).
 Layout as llama.cpp's converter (convert_hf_to_gguf.py) writes these architectures (tensor names from
 gguf's own TensorNameMap):
   llama, mistral,   q_proj / k_proj rows permuted per head (HF's rotate-half RoPE pairs -> llama.cpp's
-  mixtral           adjacent pairs); Llama 3.1's RoPE scaling as the `rope_freqs` tensor
+  mixtral           adjacent pairs); Llama 3.1's RoPE scaling as the `rope_freqs` tensor; YaRN as metadata
+                    (`add_yarn`: Llama, Mistral, and GLM-4, OLMo 2, SmolLM3, Seed-OSS, EXAONE 4.0, Apertus too)
   qwen2, qwen3      as stored (llama.cpp's NeoX RoPE is HF's rotate-half); q/k norms (Qwen3); YaRN (theirs and
                     their MoE's long-context configs) as metadata (`add_yarn`)
   MoE (mixtral,     the fused experts (experts, 2 x width, hidden) split into ffn_gate_exps / ffn_up_exps,
@@ -25,6 +26,9 @@ gguf's own TensorNameMap):
   hunyuan_v1_moe    scaling and top-k normalization (GLM-4.5) as metadata (`MOE_KV`); ERNIE's interleaved
                     RoPE as stored (llama.cpp's normal RoPE); HunYuan's NTK-alpha RoPE as its scaled base;
                     GLM-4.5's MTP layers, which transformers does not hold, not written
+  minimax_m2        Mixtral's experts split as above, the router's bias (mlp.e_score_correction_bias) as
+                    exp_probs_b, sigmoid gating (`MOE_KV`); q/k norms as stored (over whole projections, as
+                    llama.cpp's); partial RoPE as rope.dimension_count; the tied head written out
   gpt_oss           experts (experts, hidden, 2 x width), gate / up alternating, split and transposed to
                     (experts, width, hidden), down transposed; their biases split alike, kept F32; attention
                     sinks; the sliding layers' pattern; dense experts (not MXFP4) in the chosen type; YaRN
@@ -45,7 +49,8 @@ gguf's own TensorNameMap):
   lfm2              short-conv kernels 2-D; each layer's kind as head_count_kv (0: convolution)
   granitemoehybrid  Mamba2: A_log as -exp(A_log), A and D as (heads, 1), the gated norm (groups, width / groups),
                     all F32; the shared MLP's input_linear split into gate / up; q/k permuted as llama; the
-                    multipliers as metadata, RoPE switched on by rope_finetuned
+                    multipliers as metadata, RoPE switched on by rope_finetuned; without experts (H-Micro) the
+                    shared MLP as llama.cpp's dense one (`arch_for`)
   falcon_h1         Mamba2 as granitemoehybrid, beside attention in each block; q/k as stored (NeoX RoPE); its muP
                     multipliers (which llama.cpp does not read) folded into the weights they scale (`falcon_mup`),
                     the tied embedding written twice (embedding and head multipliers differ)
@@ -86,23 +91,30 @@ class GGUFArch:
     renames: tuple[tuple[str, str], ...] = ()  # HF name parts -> the ones gguf's TensorNameMap knows them by
 
 
-_YARN = ("default", "yarn")  # (Qwen's long-context configs; OLMo 3's full-attention layers)
+# YaRN where llama.cpp's graph passes its generic scaling into every RoPE (rope.scaling.*: `add_yarn`): Qwen's
+# long-context configs, OLMo 3's full-attention layers, and the Llama-like families' (run by llama.cpp on each)
+_YARN = ("default", "yarn")
+_LLAMA3_YARN = ("default", "llama3", "yarn")
 _GATED_NORM = ("linear_attn.norm.weight",)  # the DeltaNet output norm scales by w, every other norm by 1 + w
-ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "llama3")),
-         "mistral": GGUFArch("LLAMA", permute_qk=True), "mixtral": GGUFArch("LLAMA", permute_qk=True, moe=True),
+ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=_LLAMA3_YARN),
+         "mistral": GGUFArch("LLAMA", permute_qk=True, rope_types=_YARN),
+         "mixtral": GGUFArch("LLAMA", permute_qk=True, moe=True),
          "qwen2": GGUFArch("QWEN2", rope_types=_YARN), "qwen3": GGUFArch("QWEN3", rope_types=_YARN),
          "qwen2_moe": GGUFArch("QWEN2MOE", moe=True, head_required=True, rope_types=_YARN),
          "qwen3_moe": GGUFArch("QWEN3MOE", moe=True, rope_types=_YARN),
          "phi3": GGUFArch("PHI3", rope_types=("default", "longrope")),
-         "olmo2": GGUFArch("OLMO2", head_required=True), "glm4": GGUFArch("GLM4"),
+         "olmo2": GGUFArch("OLMO2", head_required=True, rope_types=_YARN), "glm4": GGUFArch("GLM4", rope_types=_YARN),
          "gemma2": GGUFArch("GEMMA2", norm_plus_one=True), "gemma3_text": GGUFArch("GEMMA3", norm_plus_one=True),
-         "smollm3": GGUFArch("SMOLLM3", permute_qk=True), "seed_oss": GGUFArch("SEED_OSS"),
-         "apertus": GGUFArch("APERTUS", rope_types=("default", "llama3"), head_required=True),
-         "exaone4": GGUFArch("EXAONE4", rope_types=("default", "llama3")),
+         "smollm3": GGUFArch("SMOLLM3", permute_qk=True, rope_types=_YARN),
+         "seed_oss": GGUFArch("SEED_OSS", rope_types=_YARN),
+         "apertus": GGUFArch("APERTUS", rope_types=_LLAMA3_YARN, head_required=True),
+         "exaone4": GGUFArch("EXAONE4", rope_types=_LLAMA3_YARN),
          "olmo3": GGUFArch("OLMO2", head_required=True, rope_types=_YARN),
          # MoE with shared experts, a leading dense block or a routing of their own (HunYuan's experts and shared
-         # MLP are intermediate_size wide; OLMoE's too, which llama.cpp reads as feed_forward_length)
+         # MLP are intermediate_size wide; OLMoE's too, which llama.cpp reads as feed_forward_length; MiniMax-M2's
+         # experts, Mixtral's, intermediate_size wide, read as both)
          "glm4_moe": GGUFArch("GLM4_MOE", moe=True), "olmoe": GGUFArch("OLMOE", moe=True, head_required=True),
+         "minimax_m2": GGUFArch("MINIMAXM2", moe=True, head_required=True, expert_width="intermediate_size"),
          "ernie4_5_moe": GGUFArch("ERNIE4_5_MOE", moe=True),
          "hunyuan_v1_moe": GGUFArch("HUNYUAN_MOE", moe=True, expert_width="intermediate_size",
                                     rope_types=("default", "dynamic")),
@@ -131,6 +143,8 @@ ARCHS = {"llama": GGUFArch("LLAMA", permute_qk=True, rope_types=("default", "lla
              *((f"mixer.{x}_proj", f"self_attn.{x}_proj") for x in "qkvo"), ("mixer.experts.", "mlp.experts."),
              ("mixer.gate.", "mlp.gate."), ("mixer.shared_experts.", "mlp.shared_experts."),
              ("mixer.up_proj", "mlp.up_proj"), ("mixer.down_proj", "mlp.down_proj"), ("mixer.", "mamba.")))}
+# Granite 4.0-H without experts (H-Micro): transformers runs its shared MLP alone, llama.cpp's dense MLP (`arch_for`)
+GRANITE_DENSE = (("shared_mlp.output_linear", "mlp.down_proj"), ("shared_mlp.", "mlp."))
 # Mamba2 sizes by the config fields each family names them: conv width, state size, groups, heads, head width
 _NEMOTRON_MAMBA = ("conv_kernel", "ssm_state_size", "n_groups", "mamba_num_heads", "mamba_head_dim")
 MAMBA_FIELDS = {"NEMOTRON_H_MOE": _NEMOTRON_MAMBA, "NEMOTRON_H": _NEMOTRON_MAMBA}
@@ -158,7 +172,8 @@ def _groups(cfg) -> bool:
 # exp_probs_b tensor), top-k weights normalized (norm_topk_prob) then scaled (routed_scaling_factor), the first
 # first_k_dense_replace blocks dense, n_shared_experts shared experts moe_intermediate_size wide each; ERNIE 4.5:
 # blocks from moe_layer_start_index on MoE (check_arch: every one of them), a shared MLP of its shared experts'
-# width; HunYuan: a shared MLP intermediate_size wide
+# width; HunYuan: a shared MLP intermediate_size wide; MiniMax-M2: sigmoid scores, its selection bias as GLM-4.5's
+# (llama.cpp normalizes the top-k weights and scales them by nothing whatever the file says, as transformers does)
 MOE_KV = {"GLM4_MOE": (("add_expert_shared_count", lambda c: c.n_shared_experts),
                        ("add_leading_dense_block_count", lambda c: c.first_k_dense_replace),
                        ("add_expert_gating_func", _sigmoid_gating),
@@ -171,7 +186,8 @@ MOE_KV = {"GLM4_MOE": (("add_expert_shared_count", lambda c: c.n_shared_experts)
                            ("add_expert_shared_count", lambda c: c.moe_num_shared_experts),
                            ("add_expert_shared_feed_forward_length",
                             lambda c: c.moe_intermediate_size * c.moe_num_shared_experts)),
-          "HUNYUAN_MOE": (("add_expert_shared_feed_forward_length", lambda c: c.intermediate_size),)}
+          "HUNYUAN_MOE": (("add_expert_shared_feed_forward_length", lambda c: c.intermediate_size),),
+          "MINIMAXM2": (("add_expert_gating_func", _sigmoid_gating),)}
 MOE_KV["DEEPSEEK2"] = MOE_KV["GLM4_MOE"]  # DeepSeek-V3's MoE is GLM-4.5's (transformers' GLM-4.5 copies it)
 # families whose GGUF transformers' reader loads whole (its own rows, and llmprune's: models.GGUF_FAMILIES), so that
 # `export --eval` can measure the file; it maps no other's tensors (Mixtral's experts, the 2025 families')
@@ -193,10 +209,14 @@ def check_config(cfg) -> None:
 def arch_for(cfg) -> GGUFArch:
     """The model's `ARCHS` entry, or the variant of it llama.cpp reads under another architecture: Nemotron-H with
     dense MLPs and no experts (Nemotron Nano 2), which llama.cpp's converter writes as nemotron_h (its nemotron_h_moe
-    takes the experts' metadata and MTP layers)."""
+    takes the experts' metadata and MTP layers); Granite 4.0-H without experts (H-Micro), still granitehybrid, whose
+    loader takes dense ffn_gate / ffn_up / ffn_down when it reads no expert count, as its converter writes the
+    shared MLP then (`GRANITE_DENSE`), with no experts' metadata (llama.cpp asserts none used of none)."""
     a = ARCHS[cfg.model_type]
     if cfg.model_type == "nemotron_h" and "moe" not in cfg.layers_block_type:
         return dataclasses.replace(a, name="NEMOTRON_H")
+    if cfg.model_type == "granitemoehybrid" and not cfg.num_local_experts:
+        return dataclasses.replace(a, moe=False, renames=GRANITE_DENSE)
     return a
 
 
@@ -291,8 +311,6 @@ def check_hybrid(cfg) -> None:
             _refuse(cfg, "Mamba2 width or time-step limits", "2 x hidden_size, no limits")
         if cfg.mamba_proj_bias or not cfg.mamba_conv_bias or cfg.attention_bias or cfg.hidden_act != "silu":
             _refuse(cfg, "biases or activation", "a conv bias alone, SiLU")
-        if not cfg.num_local_experts:  # (its shared MLP then is the MLP, under other names: not written)
-            _refuse(cfg, "dense MLP (no experts)", "experts and a shared MLP")
     if kind == "nemotron_h":  # (llama.cpp: relu^2 experts or MLPs, not both; one expert group, no latent projections)
         if (set(types) - {"linear_attention", "full_attention", "moe", "mlp"} or {"moe", "mlp"} <= set(types)
                 or cfg.moe_latent_size or cfg.n_group != 1):
@@ -311,13 +329,15 @@ def check_hybrid(cfg) -> None:
 
 
 def check_moe(cfg) -> None:
-    """`check_arch` of glm4_moe, olmoe, ernie4_5_moe, hunyuan_v1_moe: llama.cpp runs their experts, dense and shared
-    MLPs SiLU-gated; GLM-4.5's shared experts always (n_shared_experts of them); OLMoE's softmax top-k weights
-    as they are (not renormalized), q/k norms over every head (k_norm as wide as q_norm: no GQA), no clip_qkv, no
-    biases; ERNIE 4.5's every block from moe_layer_start_index on an MoE block, no biases (o_proj's unread);
+    """`check_arch` of glm4_moe, olmoe, ernie4_5_moe, hunyuan_v1_moe, minimax_m2: llama.cpp runs their experts, dense
+    and shared MLPs SiLU-gated (MiniMax-M2's activation is all it could misread: the rest of its graph, q/k norms over
+    whole projections, sigmoid scores, top-k weights normalized and unscaled, no shared expert, no biases, is fixed in
+    transformers as in llama.cpp); GLM-4.5's shared experts always (n_shared_experts of them); OLMoE's softmax top-k
+    weights as they are (not renormalized), q/k norms over every head (k_norm as wide as q_norm: no GQA), no
+    clip_qkv, no biases; ERNIE 4.5's every block from moe_layer_start_index on an MoE block, no biases (o_proj's unread);
     HunYuan's one top-k for every layer, no attention biases (o_proj's unread)."""
     kind = cfg.model_type
-    if kind not in ("glm4_moe", "olmoe", "ernie4_5_moe", "hunyuan_v1_moe"):
+    if kind not in ("glm4_moe", "olmoe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2"):
         return
     if cfg.hidden_act != "silu":
         _refuse(cfg, f"activation ({cfg.hidden_act})", "SiLU")
@@ -482,8 +502,11 @@ def add_yarn(w, cfg, rp: dict) -> None:
 
 def ffn_width(cfg) -> int:
     """The MLP's width (llama.cpp's feed_forward_length): intermediate_size, or LFM2's adjusted from it as
-    transformers sizes its w1 / w3 (block_auto_adjust_ff_dim: 2/3 of it, times the multiplier, rounded up)."""
+    transformers sizes its w1 / w3 (block_auto_adjust_ff_dim: 2/3 of it, times the multiplier, rounded up); Granite
+    4.0-H's without experts, its shared MLP's (`arch_for`)."""
     ff = getattr(cfg, "intermediate_size_mlp", None) or cfg.intermediate_size  # Llama 4's dense layers: _mlp
+    if cfg.model_type == "granitemoehybrid" and not cfg.num_local_experts:
+        return cfg.shared_intermediate_size
     if cfg.model_type == "nemotron_h":  # one mixer a layer: an array, the MLP's width where there is one
         return [{"moe": cfg.moe_intermediate_size, "mlp": ff}.get(t, 0) for t in cfg.layers_block_type]
     if getattr(cfg, "block_auto_adjust_ff_dim", False):
@@ -599,7 +622,8 @@ def add_hybrid_hparams(w, cfg, a: GGUFArch) -> None:
         w.add_residual_scale(cfg.residual_multiplier)
         w.add_logit_scale(cfg.logits_scaling)
         w.add_rope_scaling_finetuned(cfg.position_embedding_type == "rope")
-        w.add_expert_shared_feed_forward_length(cfg.shared_intermediate_size)
+        if a.moe:  # (without experts the shared MLP is the dense one: feed_forward_length, `ffn_width`)
+            w.add_expert_shared_feed_forward_length(cfg.shared_intermediate_size)
 
 
 def add_mla_hparams(w, cfg) -> None:

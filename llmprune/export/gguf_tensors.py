@@ -114,7 +114,8 @@ def hybrid_parts(key: str, shape: tuple[int, ...], a: GGUFArch, cfg):
 
 def router_bias(key: str) -> str:
     """A router's expert-selection bias (GLM-4.5's `mlp.gate.e_score_correction_bias` (experts,), ERNIE 4.5's
-    `mlp.gate.moe_statics.e_score_correction_bias` (1, experts)) by the name gguf's TensorNameMap knows it by
+    `mlp.gate.moe_statics.e_score_correction_bias` (1, experts), MiniMax-M2's `mlp.e_score_correction_bias`
+    (experts,), beside its router) by the name gguf's TensorNameMap knows it by
     (exp_probs_b, one value per expert: llama.cpp adds it to the scores it selects experts by)."""
     return key.replace(".gate.moe_statics.", ".moe_statics.").removesuffix("_bias") + ".bias"
 
