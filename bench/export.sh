@@ -95,6 +95,9 @@ for s in dense wanda-50; do
   keep $R/llama-$s-gptq-gguf llama-$s-gptq-gguf
   reference $R/llama-$s-gptq $NPY 8
   llamacpp $R/llama-$s-gptq-gguf/llama-$s-gptq-Q4_0.gguf $NPY
+  # the same file read by transformers' GGUF reader (dequantized, fp32 activations) on the same 8 windows
+  [ -d $R/llama-$s-gptq-q4eval ] || lp export $R/llama-$s-gptq --to gguf --type q4_0 --eval wikitext2 --eval-windows 8 --no-progress --out $R/llama-$s-gptq-q4eval
+  keep $R/llama-$s-gptq-q4eval llama-$s-gptq-q4eval
   # the check of it: the same export with its codes dropped (gguf_int4.encode None: every int4 tensor quantized
   # again by gguf from its decoded weights, as exports were written before)
   [ -d $R/llama-$s-gptq-requant ] || run python -c "import sys; from llmprune.export import gguf_int4; gguf_int4.encode = lambda *a: None; from llmprune.cli import main; sys.exit(main(sys.argv[1:]))" export $R/llama-$s-gptq --to gguf --type q4_0 --no-progress --out $R/llama-$s-gptq-requant

@@ -66,6 +66,8 @@ def rows(src: str, label: str) -> list[str]:
     again = f"llama-{src}-gptq-requant/llama-{src}-gptq-Q4_0.gguf"  # (the same export, its codes dropped)
     return [*out, line("llmprune w4g128 (GPTQ, symmetric)", "llmprune.load", f"llama-{src}-gptq/model.safetensors", 8,
                        gptq8, ref8, "dense, 8 windows"),
+            line("GGUF Q4_0 holding that w4g128's codes", "transformers", f"llama-{src}-gptq-q4eval/llama-{src}-gptq-"
+                 "Q4_0.gguf", 8, manifest_ppl(f"llama-{src}-gptq-q4eval"), gptq8, "w4g128 GPTQ, 8 windows"),
             line("GGUF Q4_0 holding that w4g128's codes", "llama.cpp", f, 8, (lcpp.get(f) or {}).get("ppl"), gptq8,
                  "w4g128 GPTQ, 8 windows"),
             line("GGUF Q4_0 of that w4g128 rounded again by gguf (before)", "llama.cpp", again, 8,
