@@ -103,6 +103,9 @@ for s in dense wanda-50; do
   [ -d $R/llama-$s-gptq-requant ] || run python -c "import sys; from llmprune.export import gguf_int4; gguf_int4.encode = lambda *a: None; from llmprune.cli import main; sys.exit(main(sys.argv[1:]))" export $R/llama-$s-gptq --to gguf --type q4_0 --no-progress --out $R/llama-$s-gptq-requant
   llamacpp $R/llama-$s-gptq-requant/llama-$s-gptq-Q4_0.gguf $NPY
 done
+# the same codes in Q5_0 and Q8_0 blocks (which hold any int4 grid), read by llama.cpp
+[ -d $R/llama-dense-gptq-q5q8 ] || lp export $R/llama-dense-gptq --to gguf --type q5_0,q8_0 --no-progress --out $R/llama-dense-gptq-q5q8
+for t in Q5_0 Q8_0; do llamacpp $R/llama-dense-gptq-q5q8/llama-dense-gptq-$t.gguf $NPY; done
 fi
 
 # Gemma-3-270M, unpruned, as GGUF F16 and Q8_0 through llama.cpp: 2 windows of 2048 on both sides (its 262k

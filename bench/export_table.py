@@ -71,7 +71,10 @@ def rows(src: str, label: str) -> list[str]:
             line("GGUF Q4_0 holding that w4g128's codes", "llama.cpp", f, 8, (lcpp.get(f) or {}).get("ppl"), gptq8,
                  "w4g128 GPTQ, 8 windows"),
             line("GGUF Q4_0 of that w4g128 rounded again by gguf (before)", "llama.cpp", again, 8,
-                 (lcpp.get(again) or {}).get("ppl"), gptq8, "w4g128 GPTQ, 8 windows")]
+                 (lcpp.get(again) or {}).get("ppl"), gptq8, "w4g128 GPTQ, 8 windows"),
+            *(line(f"GGUF {t} holding that w4g128's codes", "llama.cpp", f5, 8, lcpp[f5]["ppl"], gptq8,
+                   "w4g128 GPTQ, 8 windows") for t in ("Q5_0", "Q8_0")
+              if (f5 := f"llama-{src}-gptq-q5q8/llama-{src}-gptq-{t}.gguf") in lcpp)]
 
 
 def gemma_rows() -> list[str]:

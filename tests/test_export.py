@@ -837,14 +837,15 @@ def test_gguf_encodes_large_tensors_in_pieces_of_rows_exactly(t, monkeypatch):
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_codes_encode_as_q4_blocks_that_gguf_decodes_to_the_same_weights(group):
-    """An int4 grid (x = s (q - z), fp16 s; rows permuted as q/k are) in Q4_0 / Q4_1 blocks: gguf's own
-    dequantizer gives the weights back bit for bit (symmetric; Q4_1 of an asymmetric grid within its fp16 minimum,
-    under 1% of a step); what is not one step and one offset a block, or Q4_0 of an asymmetric grid, is None."""
+def test_int4_codes_encode_as_gguf_blocks_that_gguf_decodes_to_the_same_weights(group):
+    """An int4 grid (x = s (q - z), fp16 s; rows permuted as q/k are) in every block type: gguf's own dequantizer
+    gives the weights back bit for bit (symmetric: every type; asymmetric: Q5_0, Q5_1, Q8_0, and Q4_1 within its
+    fp16 minimum, under 1% of a step, where a block's steps do not fit Q4's); what is not one step and one offset a
+    block, or Q4_0 of asymmetric codes that do not fit it, is None."""
     import gguf
     import numpy as np
 
-    from llmprune.export.gguf_int4 import encode
+    from llmprune.export.gguf_int4 import TYPES, encode
 
     g = torch.Generator().manual_seed(group)
     rows, cols = 7, 3 * 128
@@ -856,7 +857,7 @@ def test_int4_codes_encode_as_q4_blocks_that_gguf_decodes_to_the_same_weights(gr
         step, zero = s.repeat_interleave(group, 1), z.repeat_interleave(group, 1)
         perm = torch.randperm(rows, generator=g)
         x, step, offset = ((q - zero) * step)[perm], step[perm], (-step * zero)[perm]
-        for t in ("q4_0", "q4_1"):
+        for t in TYPES:
             got = encode(x.numpy(), step.numpy(), offset.numpy(), t)
             if t == "q4_0" and not sym:
                 assert got is None
@@ -864,23 +865,30 @@ def test_int4_codes_encode_as_q4_blocks_that_gguf_decodes_to_the_same_weights(gr
             back = gguf.quants.dequantize(got[0], getattr(gguf.GGMLQuantizationType, t.upper()))
             assert back.shape == x.shape
             err = np.abs(back - x.numpy()) / step.numpy()
-            assert err.max() == got[1] == 0 if sym else 0 < err.max() <= got[1] + 1e-6 < 0.01
-            if sym:
+            assert err.max() == got[1] == 0 if sym or t != "q4_1" else 0 < err.max() <= got[1] + 1e-6 < 0.01, t
+            if sym or t != "q4_1":
                 assert np.array_equal(back[:, :5], np.zeros((rows, 5), np.float32))
         wrong = step.clone()
         wrong[2, 40] *= 2  # one weight of a block on another step
-        assert encode(x.numpy(), wrong.numpy(), offset.numpy(), "q4_1") is None
-        assert encode(x.numpy(), step.numpy(), offset.numpy() + step.numpy() / 3, "q4_1") is None  # (no codes)
+        assert encode(x.numpy(), wrong.numpy(), offset.numpy(), "q5_0") is None
+        assert encode(x.numpy(), step.numpy(), offset.numpy() + step.numpy() / 3, "q8_0") is None  # (no codes)
+    fits = np.array([[-3.0, 7.0] * 16], np.float32) * 0.5  # an asymmetric block (z = 3) whose steps fit Q4_0's
+    got = encode(fits, np.full((1, 32), 0.5, np.float32), np.full((1, 32), -1.5, np.float32), "q4_0")
+    assert np.array_equal(gguf.quants.dequantize(got[0], gguf.GGMLQuantizationType.Q4_0), fits)
+
+
+# the block types an int4 output's codes are written in (gguf_int4.TYPES), each file's tensors of an int4 layer
+INT4_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
 
 @pytest.mark.parametrize("src", ["w4sym", "w4s24", "w4asym"])
-def test_gguf_q4_of_an_int4_output_holds_its_own_codes(tmp_path, capsys, outs, src):
-    """`export --to gguf --type q4_0,q4_1` of a w4g128 / w4s24 output writes each int4 linear's own codes and
-    scales as Q4 blocks (llama.cpp runs the int4 model llmprune measured, GPTQ's codes kept), not gguf's
+def test_gguf_blocks_of_an_int4_output_hold_its_own_codes(tmp_path, capsys, outs, src):
+    """`export --to gguf --type q4_0,...` of a w4g128 / w4s24 output writes each int4 linear's own codes and
+    scales as the type's blocks (llama.cpp runs the int4 model llmprune measured, GPTQ's codes kept), not gguf's
     round-to-nearest of the dequantized weights, which rounds them again onto another grid (checked: it would
     differ): read back with gguf's dequantizer, each is the source's weight (q/k rows in llama.cpp's order), bit
-    for bit for the symmetric grids, and the export counts them; an asymmetric grid keeps its codes as Q4_1 (its
-    minimum rounded to fp16) and is quantized again as Q4_0, which the export says."""
+    for bit, but an asymmetric grid's Q4_1 (its minima rounded to fp16); an asymmetric grid as Q4_0 is quantized
+    again, which the export counts and prints with the type that keeps it."""
     import gguf
     import numpy as np
 
@@ -888,7 +896,7 @@ def test_gguf_q4_of_an_int4_output_holds_its_own_codes(tmp_path, capsys, outs, s
     from llmprune.export.source import Weights, open_source
 
     out = tmp_path / "g"
-    rc, so, se = _run(capsys, "export", outs[src], "--to", "gguf", "--type", "q4_0,q4_1", "--out", out,
+    rc, so, se = _run(capsys, "export", outs[src], "--to", "gguf", "--type", ",".join(INT4_TYPES), "--out", out,
                       "--no-progress")
     assert rc == 0, se
     e = json.loads((out / "llmprune.json").read_text())["export"]
@@ -899,11 +907,13 @@ def test_gguf_q4_of_an_int4_output_holds_its_own_codes(tmp_path, capsys, outs, s
              "mlp.down_proj": "ffn_down"}
     n = cfg.num_hidden_layers * len(names)
     sym = src != "w4asym"
-    assert e["int4_codes"]["q4_1"]["kept"] == n and e["int4_codes"]["q4_1"]["requantized"] == 0
-    assert e["int4_codes"]["q4_0"] == ({"kept": n, "requantized": 0, "max_error_steps": 0.0} if sym else
-                                       {"kept": 0, "requantized": n, "max_error_steps": 0.0})
-    assert ("int4 codes" in so) and (sym or "--type q4_1 keeps" in so), so
-    for t in ("Q4_0", "Q4_1"):
+    for t in INT4_TYPES:
+        kept = n if sym or t != "q4_0" else 0
+        assert e["int4_codes"][t]["kept"] == kept and e["int4_codes"][t]["requantized"] == n - kept, t
+        assert (e["int4_codes"][t]["max_error_steps"] > 0) == (not sym and t == "q4_1")
+    assert "int4 codes: Q5_0 holds 14 int4 tensors' own codes\n" in so
+    assert ("Q4_0 holds 14 int4 tensors' own codes\n" if sym else "--type q5_0 keeps its codes exactly") in so, so
+    for t in (x.upper() for x in INT4_TYPES):
         tensors = {x.name: x for x in gguf.GGUFReader(out / e["files"][e["types"].index(t.lower())]).tensors}
         for i in range(cfg.num_hidden_layers):
             for hf, gg in names.items():
@@ -915,14 +925,14 @@ def test_gguf_q4_of_an_int4_output_holds_its_own_codes(tmp_path, capsys, outs, s
                 back = gguf.quants.dequantize(x.data, x.tensor_type).reshape(w.shape)
                 w = w.numpy()
                 again = gguf.quants.dequantize(gguf.quants.quantize(w, x.tensor_type), x.tensor_type)
-                if sym or t == "Q4_1":
+                if t != "Q4_0" or sym:
                     assert not np.array_equal(again, w)  # (gguf's own rounding would have changed the weights)
-                if sym:
-                    assert np.array_equal(back, w), (t, i, hf)
-                elif t == "Q4_1":
+                if t == "Q4_1" and not sym:
                     assert np.abs(back - w).max() <= 0.01 * np.abs(w).max() and not np.array_equal(back, w)
-                else:
+                elif t == "Q4_0" and not sym:
                     assert np.array_equal(back, again)  # quantized again by gguf, as before
+                else:
+                    assert np.array_equal(back, w), (t, i, hf)
 
 
 # --- GGUF: more families, Llama 3.1's RoPE, tokenizers from tokenizer.json ---------------------------------

@@ -9,8 +9,8 @@ lays them out: gguf_tensors.py.
 1-D tensors (norms) stay F32; a matrix whose rows are not a multiple of the block (32) stays F16; with
 Q4/Q5 types the (tied) embedding matrix is Q8_0, as the head reads it. Symmetric block types (Q8_0,
 Q4_0, Q5_0) keep a pruned model's zeros exactly (a zero rounds to the block's zero code); Q4_1 and Q5_1
-store a block minimum and do not. Q4_0 / Q4_1 of an int4 output (w4g128, w4s24) hold its own codes and scales
-where its grid is theirs (gguf_int4.py), not gguf's rounding of the dequantized weights.
+store a block minimum and do not. The block types of an int4 output (w4g128, w4s24) hold its own codes and
+scales where its grid fits them (gguf_int4.py), not gguf's rounding of the dequantized weights.
 """
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
-"""An int4 source's own codes as GGUF Q4_0 / Q4_1 blocks: llama.cpp then runs the int4 model llmprune packed and
-measured (GPTQ's codes, w4s24's pruned zeros), not gguf's round-to-nearest of its dequantized weights, which
-rounds every weight a second time onto another grid.
+"""An int4 source's own codes as GGUF blocks: llama.cpp then runs the int4 model llmprune packed and measured
+(GPTQ's codes, w4s24's pruned zeros), not gguf's round-to-nearest of its dequantized weights, which rounds every
+weight a second time onto another grid.
 
-llama.cpp's Q4_0 block is 32 weights x = d (q - 8) with one fp16 d; Q4_1's is x = d q + m with fp16 d and m
-(gguf.quants, ggml's dequantize_row_q4_0 / _q4_1). An llmprune int4 group (32, 64 or 128 inputs) is x = s (q - z)
-with an fp16 s (quant/rtn.py), so each of its 32-blocks has d = s and q as stored: the symmetric grid (z = 8) is
-Q4_0 exactly, and Q4_1 with m = -8 s (exact in fp16: a power of two times s); an asymmetric group is Q4_1 with
-m = -s z rounded to fp16 (each weight off by at most 2^-11 |m|, under 1% of a step; pruned weights then no
-longer exact zeros), never Q4_0.
+Each GGUF block is 32 weights on one fp16 step d (gguf.quants, ggml's dequantize_row_*): Q4_0 x = d (q - 8) and
+Q5_0 x = d (q - 16) with codes of 4 and 5 bits, Q8_0 x = d q with int8 codes, Q4_1 / Q5_1 x = d q + m with an fp16
+minimum m. An llmprune int4 group (32, 64 or 128 inputs) is x = s (q - z) with an fp16 s (quant/rtn.py), so each
+of its 32-blocks is one of these with d = s and its weights' steps q - z (-15..15) as codes: exactly in Q5_0, Q5_1
+(m = -16 d), Q8_0, and in Q4_0 and Q4_1 (m = -8 d) where they fit 8 steps down and 7 up, which the symmetric grid's
+(z = 8) always do; an asymmetric block that does not fit is Q4_1 with its own m = -s z rounded to fp16 (each weight
+off by at most 2^-11 |m|, under 1% of a step; a pruned weight then no longer an exact zero), and no Q4_0.
 
 Each weight's step s and offset -s z go through the same layout changes as the weights (gguf_tensors.to_gguf and
 take: row permutations, splits, all linear in the weight), so a block is recognised after them by one step and
@@ -24,8 +25,10 @@ import torch
 from .. import moe
 from .source import Source, stored_code
 
-TYPES = ("q4_0", "q4_1")
-BLOCK = 32  # weights a Q4_0 / Q4_1 block holds
+# each block type: (its codes' levels, None for int8; the code of 0, None where a block stores its minimum m)
+LAYOUT = {"q4_0": (16, 8), "q4_1": (16, None), "q5_0": (32, 16), "q5_1": (32, None), "q8_0": (None, 0)}
+TYPES = tuple(LAYOUT)
+BLOCK = 32  # weights a block holds
 
 
 def grid(src: Source, model, key: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -69,27 +72,45 @@ def modules(src: Source) -> set[str]:
 
 
 def encode(x: np.ndarray, step: np.ndarray, offset: np.ndarray, t: str) -> tuple[np.ndarray, float] | None:
-    """`x` (..., n) as `t` blocks ("q4_0" or "q4_1"; the bytes as gguf.quants lays them out) from its int4 grid:
-    (blocks, the largest deviation of a weight from `x`, in steps), or None when a block of 32 does not hold one
-    step and one offset with codes 0..15 that reproduce it, or Q4_0 is asked of an offset other than -8 steps."""
+    """`x` (..., n) as `t` blocks (`TYPES`; the bytes as gguf.quants lays them out) from its int4 grid: (blocks, the
+    largest deviation of a weight from `x`, in steps), or None when a block of 32 does not hold one step and one
+    offset with codes 0..15 that reproduce it, or its codes do not fit the type (Q4_0: an asymmetric block's)."""
     shape = x.shape
     x, s, o = (np.asarray(a, dtype=np.float32).reshape(-1, BLOCK) for a in (x, step, offset))
     d, m = s[:, :1], o[:, :1]
     if not (np.array_equal(s, np.broadcast_to(d, s.shape)) and np.array_equal(o, np.broadcast_to(m, o.shape))):
         return None
     d16 = d.astype(np.float16)
-    if not np.array_equal(d16.astype(np.float32), d) or (t == "q4_0" and not np.array_equal(m, -8 * d)):
+    if not np.array_equal(d16.astype(np.float32), d):
         return None
     q = (x - m) / d  # exact: x = s (q - z) and m = -s z are fp32-exact products of an fp16 s and small integers
     if not (np.array_equal(q, np.rint(q)) and q.min(initial=0) >= 0 and q.max(initial=0) <= 15):
         return None
-    q = q.astype(np.uint8)
-    nibbles = q[:, :BLOCK // 2] | (q[:, BLOCK // 2:] << np.uint8(4))  # gguf.quants' order: low nibbles first
-    if t == "q4_0":
-        return _rows(np.concatenate([d16.view(np.uint8), nibbles], axis=1), shape), 0.0
-    m16 = m.astype(np.float16)
-    dev = float((np.abs(m16.astype(np.float32) - m) / d).max(initial=0))
-    return _rows(np.concatenate([d16.view(np.uint8), m16.view(np.uint8), nibbles], axis=1), shape), dev
+    k = q + m / d  # q - z: the weights in steps, -15..15
+    levels, zero = LAYOUT[t]
+    dev, mins = 0.0, []
+    if zero is None:  # (Q4_1's minimum -8 d where a block's weights fit 8 steps down, else its own -z d, rounded)
+        fits = (k.min(1, keepdims=True) >= -8) & (k.max(1, keepdims=True) <= 7) if levels == 16 else True
+        zero = np.where(fits, levels // 2, np.rint(-m / d))
+        m16 = (-zero * d).astype(np.float16)
+        dev = float((np.abs(m16.astype(np.float32) + zero * d) / d).max(initial=0))
+        mins = [m16.view(np.uint8)]
+    codes = k + zero
+    if levels and not (codes.min(initial=0) >= 0 and codes.max(initial=0) < levels):
+        return None
+    return _rows(np.concatenate([d16.view(np.uint8), *mins, *_pack(codes, levels)], axis=1), shape), dev
+
+
+def _pack(codes: np.ndarray, levels: int | None) -> list[np.ndarray]:
+    """A block's codes as gguf.quants stores them: int8 (Q8_0); 4 bits, the first 16 codes in the low nibbles; 5
+    bits, those nibbles after the 32 fifth bits packed little-endian (qh)."""
+    if levels is None:
+        return [codes.astype(np.int8).view(np.uint8)]
+    c = codes.astype(np.uint8)
+    nibbles = (c[:, :BLOCK // 2] & np.uint8(15)) | (c[:, BLOCK // 2:] << np.uint8(4))
+    if levels == 16:
+        return [nibbles]
+    return [np.packbits(c >> np.uint8(4), axis=-1, bitorder="little"), nibbles]
 
 
 def _rows(blocks: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
