@@ -162,16 +162,14 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
         int4 = gguf_int4.modules(src) if codes and src.fmt in INT4_FORMATS else set()
         for key, tensor in tqdm(weights.tensors(), total=len(shapes), desc="gguf", disable=not progress):
             data = to_gguf(key, tensor, a, cfg)
-            held = key.rsplit(".", 1)[0] in int4  # (stored as int4: its codes kept where `grid` gives them)
-            steps = gguf_int4.grid(src, model, key, tensor) if held else None
-            steps = steps and [to_gguf(key, g, a, cfg) for g in steps]
+            held = key.rsplit(".", 1)[0] in int4  # (stored as int4: its codes kept where gguf_int4 can)
             for hf_name, shape, rows in split[key]:
                 piece = np.ascontiguousarray(take(data, rows)).reshape(shape)
-                grid = steps and [np.ascontiguousarray(take(g, rows)).reshape(shape) for g in steps]
                 for t, w in writers.items():
                     tt = tensor_type(gnames[hf_name], shape, t)
-                    kept = gguf_int4.encode(piece, *grid, tt) if grid and tt in gguf_int4.TYPES else None
+                    kept = None
                     if held and tt in gguf_int4.TYPES:
+                        kept = gguf_int4.blocks(src, model, key, tensor, rows, shape, tt, a, cfg)
                         c = codes[tt]
                         c["kept" if kept else "requantized"] += 1
                         c["max_error_steps"] = max(c["max_error_steps"], kept[1] if kept else 0.0)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from .. import moe
+from .gguf_arch import GGUFArch
+from .gguf_tensors import take, to_gguf
 from .source import Source, stored_code
 
 # each block type: (its codes' levels, None for int8; the code of 0, None where a block stores its minimum m)
@@ -31,28 +33,48 @@ TYPES = tuple(LAYOUT)
 BLOCK = 32  # weights a block holds
 
 
-def grid(src: Source, model, key: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(step, offset) of every weight of the source's int4 tensor `key` of `model` (its dense weight `w`): s and
-    -s z, each `w`'s shape, fp32; a fused experts tensor's from each expert's projection (moe's views of it);
-    None when a part of it is not stored as int4."""
+def blocks(src: Source, model, key: str, w: torch.Tensor, rows, shape: tuple[int, ...], t: str, a: GGUFArch, cfg):
+    """The GGUF tensor of `shape` that part `rows` (gguf_tensors.parts) of the source's int4 tensor `key` (its
+    dense weight `w`) becomes, as `t` blocks from its codes (`encode`), or None where they cannot be; a fused
+    experts tensor one expert at a time (its grid as large as one expert's, not the whole stack's: a 256-expert
+    stack in fp32 is tens of GB), the layout acting on each expert alone."""
+    def layout(x: torch.Tensor, sh: tuple[int, ...]) -> np.ndarray:
+        return np.ascontiguousarray(take(to_gguf(key, x, a, cfg), rows)).reshape(sh)
+
     module, param = key.rsplit(".", 1)
     experts = model.get_submodule(module)
-    if moe.is_fused_experts(experts):
-        step, offset = torch.empty_like(w, dtype=torch.float32), torch.empty_like(w, dtype=torch.float32)
-        for e in range(moe.num_experts(experts)):
-            for proj in (p for p in moe.projections(experts) if moe.fused_param(experts, p) == param):
-                full = moe._oi(experts, w[e])
-                rows = moe._rows(experts, proj, full.shape[0])
-                got = _expanded(src, f"{module}[{e}].{proj}", full[rows])
-                if got is None:
-                    return None
-                moe._oi(experts, step[e])[rows], moe._oi(experts, offset[e])[rows] = got
-        return step, offset
-    return _expanded(src, module, w) if param == "weight" and w.dim() == 2 else None
+    if not moe.is_fused_experts(experts):
+        g = grid(src, module, w) if param == "weight" and w.dim() == 2 else None
+        return g and encode(*(layout(x, shape) for x in (w, *g)), t)
+    out, dev = [], 0.0
+    for e in range(moe.num_experts(experts)):
+        g = expert_grid(src, experts, module, param, w, e)
+        got = g and encode(*(layout(x, (1, *shape[1:])) for x in (w[e:e + 1], *g)), t)
+        if not got:
+            return None
+        out.append(got[0])
+        dev = max(dev, got[1])
+    return np.concatenate(out), dev
 
 
-def _expanded(src: Source, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(s, -s z) of each weight of the int4 layer `name` (dense weight `w`, (out, in)); None: not int4."""
+def expert_grid(src: Source, experts, module: str, param: str, w: torch.Tensor, e: int):
+    """(step, offset) of expert `e`'s rows of the fused experts parameter `param` (its dense value `w`, all
+    experts), each (1, *w.shape[1:]): from each projection it holds (moe's views of it); None when one is not int4."""
+    step, offset = (torch.full_like(w[e:e + 1], torch.nan, dtype=torch.float32) for _ in "so")  # (rows no view holds
+    # stay NaN: no block of them is taken for codes)
+    for proj in (p for p in moe.projections(experts) if moe.fused_param(experts, p) == param):
+        full = moe._oi(experts, w[e])
+        rows = moe._rows(experts, proj, full.shape[0])
+        got = grid(src, f"{module}[{e}].{proj}", full[rows])
+        if got is None:
+            return None
+        moe._oi(experts, step[0])[rows], moe._oi(experts, offset[0])[rows] = got
+    return step, offset
+
+
+def grid(src: Source, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(step, offset) of every weight of the source's int4 layer `name` (its dense weight `w`, (out, in)): s and
+    -s z, each `w`'s shape, fp32; None when it is not stored as int4."""
     q = stored_code(src, name, w)
     if q is None:
         return None
