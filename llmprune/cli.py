@@ -729,8 +729,9 @@ def print_export(m: dict) -> None:
     for f, b in sizes.items():
         print(f"  {f}  {b / 2**20:.1f} MiB")
     for t, c in e.get("int4_codes", {}).items():  # (GGUF Q4 of an int4 output: its own codes, or quantized again)
-        again = (f", {c['requantized']} quantized again by gguf from their weights (a grid {t.upper()} cannot "
-                 f"hold: an asymmetric one as Q4_0; --type q5_0 keeps its codes exactly)" if c["requantized"] else "")
+        hint = "; an asymmetric grid: --type q5_0 keeps its codes exactly" if t == "q4_0" else ""
+        again = (f", {c['requantized']} quantized again by gguf from their weights (their grid or layout does not "
+                 f"fit {t.upper()}'s blocks{hint})" if c["requantized"] else "")
         print(f"  int4 codes: {t.upper()} holds {c['kept']} int4 tensors' own codes{again}")
     if e.get("note"):
         print(f"  note: {e['note']}")
