@@ -122,13 +122,10 @@ def families() -> dict:
                                                "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0,
                                                                   "factor": 8.0, "attention_factor": 1.5,
                                                                   "original_max_position_embeddings": 16}}},
-            "qwen3_yarn": {"vocab_size": 300, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
-                                                                  "factor": 4.0, "original_max_position_embeddings": 16}},
+            "qwen3_yarn": {"vocab_size": 300, "rope_parameters": YARN},
             # Nemotron-H with dense relu^2 MLPs and no experts (Nemotron Nano 2: llama.cpp's nemotron_h)
             "nemotron_nano2": {"hybrid_override_pattern": "M*-M", "num_hidden_layers": 4},
-            "qwen3_moe_yarn": {"vocab_size": 300, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
-                                                                      "factor": 4.0,
-                                                                      "original_max_position_embeddings": 16}},
+            "qwen3_moe_yarn": {"vocab_size": 300, "rope_parameters": YARN},
             # Granite 4.0-H without experts (H-Micro): its shared MLP alone, as wide as neither the hidden size nor
             # the (unused) experts' intermediate_size
             "granite_dense": {"num_local_experts": 0, "shared_intermediate_size": 96},

@@ -165,15 +165,16 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
             held = key.rsplit(".", 1)[0] in int4  # (stored as int4: its codes kept where gguf_int4 can)
             for hf_name, shape, rows in split[key]:
                 piece = np.ascontiguousarray(take(data, rows)).reshape(shape)
+                tts = {t: tensor_type(gnames[hf_name], shape, t) for t in writers}
+                want = {*tts.values()} & {*gguf_int4.TYPES} if held else set()  # (types its codes can be kept in)
+                coded = gguf_int4.blocks(src, model, key, tensor, piece, rows, want, a, cfg) if want else {}
                 for t, w in writers.items():
-                    tt = tensor_type(gnames[hf_name], shape, t)
-                    kept = None
-                    if held and tt in gguf_int4.TYPES:
-                        kept = gguf_int4.blocks(src, model, key, tensor, rows, shape, tt, a, cfg)
-                        c = codes[tt]
+                    kept = coded.get(tts[t])
+                    if tts[t] in coded:
+                        c = codes[tts[t]]
                         c["kept" if kept else "requantized"] += 1
                         c["max_error_steps"] = max(c["max_error_steps"], kept[1] if kept else 0.0)
-                    w.write_tensor_data(kept[0] if kept else encode(piece, tt)[0])
+                    w.write_tensor_data(kept[0] if kept else encode(piece, tts[t])[0])
     finally:
         for w in writers.values():
             w.close()

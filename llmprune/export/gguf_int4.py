@@ -33,28 +33,29 @@ TYPES = tuple(LAYOUT)
 BLOCK = 32  # weights a block holds
 
 
-def blocks(src: Source, model, key: str, w: torch.Tensor, rows, shape: tuple[int, ...], t: str, a: GGUFArch, cfg):
-    """The GGUF tensor of `shape` that part `rows` (gguf_tensors.parts) of the source's int4 tensor `key` (its
-    dense weight `w`) becomes, as `t` blocks from its codes (`encode`), or None where they cannot be; a fused
-    experts tensor one expert at a time (its grid as large as one expert's, not the whole stack's: a 256-expert
-    stack in fp32 is tens of GB), the layout acting on each expert alone."""
-    def layout(x: torch.Tensor, sh: tuple[int, ...]) -> np.ndarray:
+def blocks(src: Source, model, key: str, w: torch.Tensor, piece: np.ndarray, rows, types, a: GGUFArch, cfg) -> dict:
+    """{type: (blocks, largest deviation in steps) or None} for each of `types`: `piece`, the GGUF tensor the writer
+    made of part `rows` (gguf_tensors.parts) of the source's int4 tensor `key` (its dense weight `w`), in that
+    type's blocks from its codes (`encode`), None where they cannot be. Its grid is laid out as the writer laid
+    out the weights (to_gguf, then take) and made once for every type; a fused experts tensor's one expert at a time
+    (as large as one expert's, not the whole stack's: a 256-expert stack in fp32 is tens of GB)."""
+    def laid(x: torch.Tensor, sh: tuple[int, ...]) -> np.ndarray:
         return np.ascontiguousarray(take(to_gguf(key, x, a, cfg), rows)).reshape(sh)
 
     module, param = key.rsplit(".", 1)
     experts = model.get_submodule(module)
     if not moe.is_fused_experts(experts):
         g = grid(src, module, w) if param == "weight" and w.dim() == 2 else None
-        return g and encode(*(layout(x, shape) for x in (w, *g)), t)
-    out, dev = [], 0.0
+        g = g and [laid(x, piece.shape) for x in g]
+        return {t: g and encode(piece, *g, t) for t in types}
+    out = {t: [] for t in types}  # each type's experts' blocks, None once one cannot be
     for e in range(moe.num_experts(experts)):
         g = expert_grid(src, experts, module, param, w, e)
-        got = g and encode(*(layout(x, (1, *shape[1:])) for x in (w[e:e + 1], *g)), t)
-        if not got:
-            return None
-        out.append(got[0])
-        dev = max(dev, got[1])
-    return np.concatenate(out), dev
+        g = g and [laid(x, (1, *piece.shape[1:])) for x in g]
+        for t in types:
+            got = out[t] is not None and g and encode(piece[e:e + 1], *g, t)
+            out[t] = out[t] + [got] if got else None
+    return {t: v and (np.concatenate([b for b, _ in v]), max(d for _, d in v)) for t, v in out.items()}
 
 
 def expert_grid(src: Source, experts, module: str, param: str, w: torch.Tensor, e: int):
