@@ -24,7 +24,7 @@ lp() { run python -m llmprune.cli "$@"; }
 keep() { cp "$1/llmprune.json" "$RES/$2.json"; }
 
 # sources: the unpruned model (magnitude at sparsity 0 prunes nothing) and Wanda 50%, P-cpu
-STAGE=${1:-all}  # all | ct | gguf | q4codes | gemma
+STAGE=${1:-all}  # all | ct | gguf | q4codes | gptqgguf | gemma
 if [ $STAGE != gemma ]; then
 [ -d $R/llama-dense ] || lp compress --model llama --solver magnitude --sparsity 0 --protocol cpu --no-dense-eval --no-progress --out $R/llama-dense
 [ -d $R/llama-wanda-50 ] || lp compress --model llama --sparsity 0.5 --protocol cpu --no-dense-eval --no-progress --out $R/llama-wanda-50
@@ -106,6 +106,19 @@ done
 # the same codes in Q5_0 and Q8_0 blocks (which hold any int4 grid), read by llama.cpp
 [ -d $R/llama-dense-gptq-q5q8 ] || lp export $R/llama-dense-gptq --to gguf --type q5_0,q8_0 --no-progress --out $R/llama-dense-gptq-q5q8
 for t in Q5_0 Q8_0; do llamacpp $R/llama-dense-gptq-q5q8/llama-dense-gptq-$t.gguf $NPY; done
+fi
+
+# GPTQ on export in one command: each output exported as Q4_0 with `--quant gptq` (groups of 32, the default: every
+# Q4_0 block stores its own fp16 step, so the file is the size of a Q4_0 of groups of 128), read by llama.cpp and by
+# transformers' GGUF reader (--eval) on the same 8 windows
+if [ $STAGE = gptqgguf ]; then
+NPY=$R/wt2-8x2048.npy
+[ -f $NPY ] || run python bench/llamacpp_ppl.py windows $R/llama-dense --seqlen 2048 --windows 8 --npy $NPY
+for s in dense wanda-50; do
+  [ -d $R/llama-$s-gptq32-gguf ] || lp export $R/llama-$s --to gguf --quant gptq --type q4_0 --eval wikitext2 --eval-windows 8 --no-progress --out $R/llama-$s-gptq32-gguf
+  keep $R/llama-$s-gptq32-gguf llama-$s-gptq32-gguf
+  llamacpp $R/llama-$s-gptq32-gguf/llama-$s-Q4_0.gguf $NPY
+done
 fi
 
 # Gemma-3-270M, unpruned, as GGUF F16 and Q8_0 through llama.cpp: 2 windows of 2048 on both sides (its 262k

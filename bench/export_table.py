@@ -3,7 +3,8 @@ llmprune's own outputs next to their exports, each file's size and its WikiText-
 named in the row computes it. Rows compared with each other use the same token windows: 16 x 2048 for
 llmprune's formats and compressed-tensors, 8 x 2048 (the first 8 of those) for llama.cpp and the
 llmprune figure it is compared with; Gemma-3-270M's rows (`export.sh gemma`) 2 x 2048. The Q4_0 file holding a
-GPTQ w4g128's own codes (`export.sh q4codes`) is compared with that w4g128 on the same 8 windows.
+GPTQ w4g128's own codes (`export.sh q4codes`) is compared with that w4g128 on the same 8 windows; the Q4_0
+file GPTQ wrote on export (`export.sh gptqgguf`, groups of 32) with the source on the same 8 windows.
 
     python bench/export_table.py
 """
@@ -74,7 +75,20 @@ def rows(src: str, label: str) -> list[str]:
                  (lcpp.get(again) or {}).get("ppl"), gptq8, "w4g128 GPTQ, 8 windows"),
             *(line(f"GGUF {t} holding that w4g128's codes", "llama.cpp", f5, 8, lcpp[f5]["ppl"], gptq8,
                    "w4g128 GPTQ, 8 windows") for t in ("Q5_0", "Q8_0")
-              if (f5 := f"llama-{src}-gptq-q5q8/llama-{src}-gptq-{t}.gguf") in lcpp)]
+              if (f5 := f"llama-{src}-gptq-q5q8/llama-{src}-gptq-{t}.gguf") in lcpp),
+            *gptq32_rows(src, line, lcpp, ref8)]
+
+
+def gptq32_rows(src: str, line, lcpp: dict, ref8: float | None) -> list[str]:
+    """`export.sh gptqgguf`: the output exported as Q4_0 by `export --to gguf --quant gptq` (groups of 32),
+    read by transformers' GGUF reader and by llama.cpp, against the source's figure on the same 8 windows."""
+    name = f"llama-{src}-gptq32-gguf"
+    if manifest_ppl(name) is None:
+        return []
+    f = f"{name}/llama-{src}-Q4_0.gguf"
+    what = "GGUF Q4_0, GPTQ on export (groups of 32, symmetric)"
+    return [line(what, "transformers", f, 8, manifest_ppl(name), ref8, "dense, 8 windows"),
+            line(what, "llama.cpp", f, 8, (lcpp.get(f) or {}).get("ppl"), ref8, "dense, 8 windows")]
 
 
 def gemma_rows() -> list[str]:

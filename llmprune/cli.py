@@ -96,10 +96,10 @@ def _add_compress(sub):
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--export", default=None, choices=["compressed-tensors", "gguf"],
                    help="also export the output for another engine, into OUT-<target> (see `llmprune export -h`)")
-    g.add_argument("--export-type", default=None, help="with --export gguf: f16 (default),q8_0,q4_0,... (one file "
-                                                       "each)")
-    g.add_argument("--export-quant", default=None, help="with --export compressed-tensors of an unquantized "
-                                                        "output: rtn (default) | gptq")
+    g.add_argument("--export-type", default=None, help="with --export gguf: f16 (default; q4_0 with --export-quant),"
+                                                       "q8_0,q4_0,... (one file each)")
+    g.add_argument("--export-quant", default=None, help="int4 on export of an unquantized output: compressed-tensors "
+                                                        "rtn (default) | gptq; gguf gptq (its codes in the blocks)")
     p.set_defaults(func=cmd_compress)
 
 
@@ -119,7 +119,7 @@ def cmd_compress(a) -> int:
                 _needs(("rotation", "round_to", "slice_head"), slicegpt, "--solver slicegpt"),
                 _needs(("recover_steps", "recover_lr"), a.recover, "--recover perp"),
                 _needs(("export_type",), a.export == "gguf", "--export gguf"),
-                _needs(("export_quant",), a.export == "compressed-tensors", "--export compressed-tensors"),
+                _needs(("export_quant",), a.export, "--export"),
                 _needs(("scope",), a.solver == "magnitude", "--solver magnitude"),
                 *_int4_rules(a.format), _needs(GPTQ_FLAGS, a.quant == "gptq", "--quant gptq"),
                 _eval_rules(a, evals),  # (--no-dense-eval beside --eval none is no contradiction: not refused)
@@ -139,7 +139,8 @@ def cmd_compress(a) -> int:
         gptq=_gptq_opts(a) or None,
         recover=({"method": a.recover, "steps": 200 if a.recover_steps is None else a.recover_steps,
                   **({"lr": a.recover_lr} if a.recover_lr is not None else {})} if a.recover else None),
-        export=a.export, export_types=a.export_type or "f16", export_quant=a.export_quant,
+        export=a.export, export_types=a.export_type or ("q4_0" if a.export_quant else "f16"),
+        export_quant=a.export_quant,
     )
     m = api.compress(cfg, command=a.command_line)
     if m["out"] is None:
@@ -673,10 +674,13 @@ def _add_export(sub):
     p.add_argument("--out", default=None, help="output folder (default: SRC-<target>)")
     p.add_argument("--type", default=None, help="gguf: f32,f16 (default),bf16,q8_0,q4_0,q4_1,q5_0,q5_1 (comma list: "
                                                "one file each)")
-    g = p.add_argument_group("compressed-tensors of an unquantized output (dense, sparse24): int4 on export")
-    g.add_argument("--quant", default=None, help="rtn (default) | gptq")
-    g.add_argument("--group-size", default="auto", help="128, 64, 32 or auto (the largest that divides each layer)")
-    g.add_argument("--grid", default="auto", choices=GRIDS, help="int4 grid (auto: sym, compressed-tensors' W4A16)")
+    g = p.add_argument_group("an unquantized output (dense, sparse24) quantized to int4 on export: compressed-tensors, "
+                             "or GGUF's block types holding GPTQ's codes")
+    g.add_argument("--quant", default=None, help="rtn (default) | gptq; gguf: gptq")
+    g.add_argument("--group-size", default="auto", help="128, 64, 32 or auto (compressed-tensors: the largest that "
+                                                        "divides each layer; gguf: 32)")
+    g.add_argument("--grid", default="auto", choices=GRIDS, help="int4 grid (auto: sym, compressed-tensors' W4A16 "
+                                                                 "and the grid Q4_0 holds)")
     _add_gptq_args(g)
     g.add_argument("--calib", default="c4")
     g.add_argument("--nsamples", type=int, default=None, help=CALIB_HELP)
@@ -701,15 +705,16 @@ def cmd_export(a) -> int:
     from . import export
 
     gs = _group_size(a.group_size)
-    ct, gptq = a.to == "compressed-tensors", a.to == "compressed-tensors" and a.quant == "gptq"
+    ct, gptq = a.to == "compressed-tensors", a.quant == "gptq"
     _unread(a, (_needs(("type",), a.to == "gguf", "--to gguf"),
-                (("quant", "group_size", "grid", *GPTQ_FLAGS, "save_dtype", *CALIB_FLAGS, "checkpoint_every"), ct,
-                 "with --to gguf", ("drop {this}: compressed-tensors exports read it, GGUF quantizes with its own "
-                                    "types (--type)")),
+                (("save_dtype", "checkpoint_every"), ct, "with --to gguf",
+                 "drop {this}: compressed-tensors exports read it (a GGUF file is written in one go)"),
+                (("group_size", "grid", *GPTQ_FLAGS), ct or a.quant, "with --to gguf without --quant gptq",
+                 "add --quant gptq (GPTQ's int4 codes in the block types) or drop {this}"),
                 _calib_rule(gptq), _needs(("checkpoint_every",), gptq, "--quant gptq"),
                 _token_file_rule(a.calib),
                 _eval_rules(a, _datasets(a.eval))))
-    m = export.export(a.src, a.to, a.out, quant=a.quant, group_size=gs, grid=a.grid, types=a.type or "f16",
+    m = export.export(a.src, a.to, a.out, quant=a.quant, group_size=gs, grid=a.grid, types=a.type,
                       save_dtype=a.save_dtype, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                       gptq=_gptq_opts(a), eval=_datasets(a.eval), eval_seqlen=a.eval_seqlen,
                       eval_windows=a.eval_windows, device=a.device, overwrite=a.overwrite,

@@ -625,7 +625,15 @@ def test_refusals(tmp_path, capsys, outs):
     _refused(capsys, tmp_path, outs["w4sym"], "--to", "compressed-tensors", "--quant", "gptq", want="already int4")
     _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--type", "q4_k_m", want="llama-quantize")
     _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--type", "q3", want="choose from")
-    _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--quant", "rtn", want="GGUF quantizes")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--quant", "rtn", want="--quant gptq")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--group-size", "32", want="add --quant gptq")
+    _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--save-dtype", "float32", want="one go")
+    for extra, want in ((["--type", "f16,q4_0"], "--type f16 with --quant gptq"),
+                        (["--grid", "asym", "--type", "q4_0"], "--grid sym"),
+                        (["--group-size", "16"], "groups of 32, 64, 128"),
+                        (["--tune-steps", "2"], "tune the scales when packing")):
+        _refused(capsys, tmp_path, outs["dense"], "--to", "gguf", "--quant", "gptq", *extra, want=want)
+    _refused(capsys, tmp_path, outs["w4sym"], "--to", "gguf", "--quant", "gptq", want="already int4")
     _refused(capsys, tmp_path, outs["dense"], "--to", "compressed-tensors", "--quant", "gptq", "--hessian-gib", "nan",
              want="--hessian-gib nan")
     _refused(capsys, tmp_path, outs["dense"], "--to", "compressed-tensors", "--group-size", "16", want="Marlin")
@@ -933,6 +941,83 @@ def test_gguf_blocks_of_an_int4_output_hold_its_own_codes(tmp_path, capsys, outs
                     assert np.array_equal(back, again)  # quantized again by gguf, as before
                 else:
                     assert np.array_equal(back, w), (t, i, hf)
+
+
+def test_gguf_gptq_on_export_writes_the_codes_pack_then_export_writes(tmp_path, capsys, outs, calib_txt, tiny_dir):
+    """`export --to gguf --quant gptq` of a pruned output in one command: GPTQ's codes (groups of 32, the symmetric
+    grid) as the blocks of Q4_0 and Q5_0, each tensor byte for byte what `pack --format w4g128 --grid sym --group-size
+    32 --quant gptq` then `export --to gguf` writes (the same GPTQ, its codes kept), every linear's codes kept, the
+    pruned weights exact zeros; `compress --export gguf --export-quant gptq` writes Q4_0 by default."""
+    import gguf
+    import numpy as np
+
+    calib = ["--calib", calib_txt, "--nsamples", "4", "--seqlen", "32"]
+    one, packed, two = tmp_path / "one", tmp_path / "w4", tmp_path / "two"
+    rc, so, se = _run(capsys, "export", outs["dense"], "--to", "gguf", "--quant", "gptq", "--type", "q4_0,q5_0",
+                      *calib, "--out", one, "--no-progress")
+    assert rc == 0, se
+    assert "int4 codes: Q4_0 holds 14 int4 tensors' own codes\n" in so, so
+    m = json.loads((one / "llmprune.json").read_text())
+    assert m["steps"] == ["prune", "quantize", "export"]
+    q = m["export"]["quant"]
+    assert (q["quant"], q["group_size"], q["symmetric"], q["act_order"]) == ("gptq", 32, True, True)
+    assert m["export"]["int4_codes"]["q5_0"] == {"kept": 14, "requantized": 0, "max_error_steps": 0.0}
+    assert main([str(a) for a in ("pack", outs["dense"], "--format", "w4g128", "--grid", "sym", "--group-size", "32",
+                                  "--quant", "gptq", *calib, "--out", packed, "--no-progress")]) == 0
+    assert _run(capsys, "export", packed, "--to", "gguf", "--type", "q4_0,q5_0", "--out", two, "--no-progress")[0] == 0
+    dense = {k: v.float().numpy() for k, v in folder_tensors(outs["dense"]).items()}
+    files = json.loads((two / "llmprune.json").read_text())["export"]["files"]
+    for i, f in enumerate(m["export"]["files"]):
+        got = {x.name: x for x in gguf.GGUFReader(one / f).tensors}
+        want = {x.name: x for x in gguf.GGUFReader(two / files[i]).tensors}
+        assert sorted(got) == sorted(want)
+        linears = [n for n, x in got.items() if x.tensor_type.name in ("Q4_0", "Q5_0")]  # (the embedding, Q8_0, and
+        assert len(linears) == 14  # the norms are the pack's fp16 copies there)
+        for name in linears:
+            x = got[name]
+            assert x.tensor_type == want[name].tensor_type and np.array_equal(x.data, want[name].data), (f, name)
+        w = gguf.quants.dequantize(got["blk.1.ffn_down.weight"].data, got["blk.1.ffn_down.weight"].tensor_type)
+        src = dense["model.layers.1.mlp.down_proj.weight"]
+        assert (src == 0).mean() > 0.4 and np.array_equal(w.reshape(src.shape)[src == 0], src[src == 0])
+        assert not np.array_equal(w.reshape(src.shape), src)  # (quantized)
+    out = tmp_path / "c"
+    assert main([str(a) for a in ("compress", "--model", tiny_dir, *calib, "--out", out,
+                                  "--export", "gguf", "--export-quant", "gptq", "--no-progress", "--eval",
+                                  "none")]) == 0
+    e = json.loads((tmp_path / "c-gguf" / "llmprune.json").read_text())["export"]
+    assert e["types"] == ["q4_0"] and e["int4_codes"]["q4_0"]["kept"] == 14 and e["quant"]["quant"] == "gptq"
+
+
+@pytest.mark.parametrize("arch", ["phi3", "glm4"])
+def test_gguf_blocks_of_fused_linears_hold_their_codes(tmp_path, capsys, calib_txt, arch):
+    """Phi-3's qkv_proj and gate_up_proj (GLM-4's gate_up_proj), packed whole as int4 layers (one grid over the
+    parts' rows), written fused or as llama.cpp's split of them: every block holds their codes, read back by gguf's
+    dequantizer to the F32 file's tensor of the same export bit for bit."""
+    import gguf
+    import numpy as np
+
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    m, src, w4, out = (tmp_path / x for x in ("m", "s", "w4", "g"))
+    tiny_model(arch, **FAMILIES.get(arch, {})).save_pretrained(m)
+    byte_tokenizer().save_pretrained(m)
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    assert main([str(a) for a in ("pack", src, "--format", "w4g128", "--grid", "sym", "--group-size", "32", "--out",
+                                  w4, "--no-progress")]) == 0
+    layers = json.loads((w4 / "llmprune.json").read_text())["format"]["layers"]
+    assert "model.layers.1.mlp.gate_up_proj" in layers
+    rc, _, se = _run(capsys, "export", w4, "--to", "gguf", "--type", "f32,q4_0,q5_0", "--out", out, "--no-progress")
+    assert rc == 0, se
+    e = json.loads((out / "llmprune.json").read_text())["export"]
+    exact = {x.name: x.data for x in gguf.GGUFReader(out / e["files"][0]).tensors}
+    for t, f in zip(e["types"][1:], e["files"][1:]):
+        coded = [x for x in gguf.GGUFReader(out / f).tensors if x.name.startswith("blk.")
+                 and x.tensor_type.name == t.upper()]
+        assert e["int4_codes"][t] == {"kept": len(coded), "requantized": 0, "max_error_steps": 0.0}
+        assert {x.name.split(".")[2] for x in coded} >= {"ffn_up", "ffn_down", "attn_output"}
+        for x in coded:
+            back = gguf.quants.dequantize(x.data, x.tensor_type)
+            assert np.array_equal(back.reshape(exact[x.name].shape), exact[x.name]), (f, x.name)
 
 
 # --- GGUF: more families, Llama 3.1's RoPE, tokenizers from tokenizer.json ---------------------------------
@@ -1291,7 +1376,8 @@ def test_compress_export_to_a_target_that_cannot_write_the_family_is_refused_bef
 
 
 @pytest.mark.parametrize("extra, want", [
-    (["--export", "gguf", "--export-quant", "gptq"], "--export-quant"),
+    (["--export", "gguf", "--export-quant", "rtn"], "round to nearest themselves"),
+    (["--export", "gguf", "--export-quant", "gptq", "--export-type", "f16"], "GPTQ's codes go into GGUF's block"),
     (["--solver", "slicegpt", "--export", "gguf"], "residual shortcuts"),
     (["--solver", "slicegpt", "--rotation", "shared", "--export", "compressed-tensors"], "--slice-head"),
 ])
@@ -1310,13 +1396,16 @@ def test_compress_export_options_the_export_would_refuse_are_refused_first(tmp_p
     assert not out.exists() and not list(tmp_path.glob(".o*"))
 
 
-def test_export_precheck_refuses_gguf_with_a_quantizer():
+def test_export_precheck_refuses_what_a_gguf_export_cannot_quantize():
     """The Python API's `compress(export="gguf", export_quant=...)` reaches precheck without the CLI's check."""
     from llmprune import export
     from llmprune.errors import LLMPruneError
 
-    with pytest.raises(LLMPruneError, match="GGUF quantizes with its own types"):
-        export.precheck("gguf", ("f16",), "rtn")
+    with pytest.raises(LLMPruneError, match="round to nearest themselves"):
+        export.precheck("gguf", ("q4_0",), "rtn")
+    with pytest.raises(LLMPruneError, match="--type f16 with --quant gptq"):
+        export.precheck("gguf", ("f16",), "gptq")
+    export.precheck("gguf", ("q4_0",), "gptq")
     export.precheck("compressed-tensors", ("f16",), "rtn")
 
 

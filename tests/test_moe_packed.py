@@ -385,3 +385,35 @@ def test_gguf_q4_0_of_packed_experts_holds_their_own_codes(family, tmp_path, cap
     for x in range(up.shape[0]):
         want = packed.get_submodule(f"model.layers.1.mlp.experts.{x}.up_proj").dequantize().float().numpy()
         assert np.array_equal(up[x], want), x
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_gguf_gptq_on_export_of_experts_is_pack_then_export(family, tmp_path, capsys, calib_txt):
+    """`export --to gguf --quant gptq` of a pruned MoE output (Mixtral's, read whole: its checkpoint stores the
+    experts one linear each; gpt-oss's, block by block, experts fused): every expert stack holds GPTQ's codes, block
+    for block what `pack --format w4g128 --grid sym --group-size 32 --quant gptq` then `export --to gguf` writes."""
+    import gguf
+    import numpy as np
+
+    from llmprune.cli import main
+
+    d, p, one, two = (tmp_path / x for x in ("d", "p", "one", "two"))
+    api.compress(model=str(tiny_model_dir(tmp_path / "src", family)), solver="wanda", pattern="2:4", out=str(d),
+                 calib=str(calib_txt), eval=(), **CAL)
+    calib = ["--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "32", "--no-progress"]
+    assert main(["export", str(d), "--to", "gguf", "--quant", "gptq", "--out", str(one), *calib]) == 0
+    assert main(["pack", str(d), "--format", "w4g128", "--grid", "sym", "--group-size", "32", "--quant", "gptq",
+                 "--out", str(p), *calib]) == 0
+    assert main(["export", str(p), "--to", "gguf", "--type", "q4_0", "--out", str(two), "--no-progress"]) == 0
+    capsys.readouterr()
+    e = json.loads((one / "llmprune.json").read_text())["export"]
+    assert e["int4_codes"] == {"q4_0": {"kept": 14, "requantized": 0, "max_error_steps": 0.0}}
+    got = {x.name: x for x in gguf.GGUFReader(one / e["files"][0]).tensors}
+    files = json.loads((two / "llmprune.json").read_text())["export"]["files"]
+    want = {x.name: x for x in gguf.GGUFReader(two / files[0]).tensors}
+    stacks = [n for n in got if "_exps.weight" in n]
+    assert len(stacks) == 6 and all(got[n].tensor_type.name == "Q4_0" for n in stacks)
+    linears = [x for x in got if x.startswith("blk.") and got[x].tensor_type.name == "Q4_0"]  # (the head: gguf's
+    assert len(linears) == 14  # Q4_0 of the source's fp32 weight here, of the pack's fp16 copy there)
+    for n in linears:
+        assert np.array_equal(got[n].data, want[n].data), n

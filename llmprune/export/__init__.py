@@ -6,9 +6,10 @@
                             tensor's layout, gguf_tokenizer.py the tokenizer
 
     export(src, to, out)    open the source (source.py: refusals, dense weights, int4 codes) -> check the
-                            target's options -> [quantize: RTN or GPTQ, compressed-tensors from unquantized
-                            sources] -> write into a temporary sibling -> manifest (llmprune.json with an
-                            "export" section) -> [perplexity through the target's independent reader] -> rename
+                            target's options -> [quantize unquantized sources: RTN or GPTQ for compressed-tensors,
+                            GPTQ into GGUF's block types] -> write into a temporary sibling -> manifest
+                            (llmprune.json with an "export" section) -> [perplexity through the target's
+                            independent reader] -> rename
 
 `llmprune.export(...)` calls `export`: this package is callable (see the end of the file), because
 importing `llmprune.export.gguf` makes the attribute `llmprune.export` this module.
@@ -40,10 +41,9 @@ def precheck(to: str, types=("f16",), quant: str | None = None, slicegpt=None) -
     t = _target(to)
     t.require()
     if to == "gguf":
-        t.parse_types(types)
+        types = t.parse_types(types)
         if quant is not None:
-            raise LLMPruneError("--export-quant quantizes compressed-tensors exports; GGUF quantizes with its own types: "
-                                "drop it and use --export-type q8_0 (or q4_0, ...)")
+            t.check_quant_options(quant, "auto", "auto", types)
     if slicegpt is not None and not (slicegpt.rotation == "shared" and slicegpt.slice_head):
         raise LLMPruneError("--export: a SliceGPT output with residual shortcuts (--rotation per-block, or shared "
                             "without --slice-head) has no stock architecture an engine reads: add --rotation shared "
@@ -62,7 +62,7 @@ def default_out(src: str | Path, to: str) -> Path:
 
 
 def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: str | None = None,
-           group_size: int | str = "auto", grid: str = "auto", types: tuple[str, ...] | str = ("f16",),
+           group_size: int | str = "auto", grid: str = "auto", types: tuple[str, ...] | str | None = None,
            save_dtype: str = "float16", calib: str = "c4", nsamples: int | None = None, seqlen: int | None = None,
            seed: int = 0,
            gptq: dict | None = None, eval: tuple[str, ...] = (), eval_seqlen: int = 2048,
@@ -72,8 +72,9 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     """Write the llmprune output `src` as `to` ("compressed-tensors" or "gguf") into `out` (default:
     `<src>-<to>`). compressed-tensors: int4 sources keep their codes; dense and sparse24 sources are
     quantized on export (quant rtn|gptq, group_size, grid sym|asym|auto, GPTQ's calibration options).
-    gguf: `types` (e.g. "f16,q8_0") are written as one file each. `eval`: perplexity of the export read
-    back by transformers (not llmprune's loader). `hessian_gib`: GiB of GPTQ's Hessians collected at once
+    gguf: `types` (e.g. "f16,q8_0"; default f16, q4_0 with quant) are written as one file each; quant gptq: GPTQ's
+    int4 codes (group_size 32/64/128, auto 32; grid sym or asym) as the block types' codes. `eval`: perplexity of
+    the export read back by transformers (not llmprune's loader). `hessian_gib`: GiB of GPTQ's Hessians collected at once
     (walker.hessian_memory). `checkpoint_s`: GPTQ's pass from disk (and its scale tuning) commits a checkpoint
     every so many seconds (None: none), and a killed export of the same recipe goes on from its last one
     (resume.py). Returns the export's manifest with `out`."""
@@ -93,6 +94,7 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     t.require()
     out = Path(out) if out is not None else default_out(src, to)
     eval_windows = check_eval(eval, eval_seqlen, eval_windows)
+    types = types or (("q4_0",) if quant else ("f16",))
     opts = _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq)
     check_hessian_gib(hessian_gib)
     outdir.check_out(out, overwrite, [src])
@@ -120,7 +122,8 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     if opts.get("quant") == "gptq":
         pipeline.check_calibration(weights.model, calib, seqlen)
         calibration = pipeline.calibrate(calib, weights.tok, nsamples, seqlen, seed)
-    if gptq_from_disk and checkpoint_s is not None:  # GPTQ's pass commits checkpoints; a killed run's is taken over
+    if gptq_from_disk and checkpoint_s is not None and to == "compressed-tensors":  # GPTQ's pass commits checkpoints;
+        # a killed run's is taken over (a GGUF file is written in one go: a killed GGUF export starts over)
         recipe = {"to": to, "group_size": group_size, "symmetric": opts["symmetric"], "save_dtype": save_dtype,
                   "gptq": opts["gptq"].as_dict(), "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
         fp = resume.fingerprint(recipe, calibration[0], s.folder, (dev,), getattr(torch, save_dtype))
@@ -144,7 +147,16 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
                 if qinfo:
                     section["quant"] = qinfo
             else:
-                section = t.write(weights, tmp, opts["types"], s, progress=progress)
+                quantize = qinfo = None
+                if opts.get("quant"):  # GPTQ's codes straight into the block types
+                    qinfo = {"quant": opts["quant"], "group_size": opts["group_size"], "symmetric": opts["symmetric"],
+                             "calibration": calibration[1], **opts["gptq"].as_dict()}
+                    quantize = _gguf_gptq(weights, calibration[0], opts["group_size"], opts["symmetric"],
+                                          opts["gptq"], dev, progress, qinfo)
+                    steps += ["quantize"]
+                section = t.write(weights, tmp, opts["types"], s, progress=progress, quantize=quantize)
+                if qinfo:
+                    section["quant"] = qinfo
         section["source_format"] = s.describe()
         new.export, new.steps = section, [*s.manifest.steps, *steps, "export"]
         del weights
@@ -175,11 +187,19 @@ def _check(s, t, to, quant, group_size, grid, types, save_dtype, gptq) -> dict:
     # asymmetric pack-quantized checkpoint (weight_zero_point size mismatch): auto means symmetric here
     symmetric = True if grid == "auto" else grid == "sym"
     if to == "gguf":
-        if quant is not None or grid != "auto" or group_size != "auto" or \
-                any(v is not None for v in (gptq or {}).values()):
-            raise LLMPruneError("--quant / --grid / --group-size / GPTQ options quantize compressed-tensors exports; "
-                                "GGUF quantizes with its own types: use --type q8_0 (or q4_0, ...)")
-        return {"types": t.check(s, types)}
+        types = t.check(s, types)
+        if quant is None:
+            if grid != "auto" or group_size != "auto" or any(v is not None for v in (gptq or {}).values()):
+                raise LLMPruneError("--grid / --group-size / GPTQ options quantize a GGUF export with --quant gptq: "
+                                    "add it, or drop them (GGUF's types then round the weights themselves)")
+            return {"types": types}
+        group_size, symmetric = t.check_quant(s, quant, group_size, grid, types)
+        cfg = GPTQConfig.given(gptq, quant)
+        if cfg.tune_steps:
+            raise LLMPruneError("--tune-steps with --to gguf: tune the scales when packing (llmprune pack SRC "
+                                "--format w4g128 --grid sym --group-size 32 --quant gptq --tune-steps N), then "
+                                "export that output")
+        return {"types": types, "quant": quant, "group_size": group_size, "symmetric": symmetric, "gptq": cfg}
     q = t.check(s, quant, group_size, None if grid == "auto" else symmetric)
     return {"quant": q, "symmetric": symmetric, "gptq": GPTQConfig.given(gptq, q)}
 
@@ -237,8 +257,6 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calibration, gcfg, de
 
         put(weights.stored_tensors(), rtn_code)
         return info
-    from .. import walker
-    from ..onload import block_store
     from ..quant.sequential import gptq_sequential
 
     ids, info["calibration"] = calibration
@@ -253,23 +271,64 @@ def _write_ct(s, weights, w, quant, group_size, symmetric, calibration, gcfg, de
         codes = gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run)  # codes all at once
         put(weights.stored_tensors(), lambda name, t: codes.pop(name, None))
     else:  # each block written once GPTQ (and the tuning) is done with it: its codes alone alive
-        if weights.lazy is None:  # in memory
-            blocks = weights.model.get_submodule(weights.blocks())
-            gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run,
-                            on_block=lambda i, codes: write(i, blocks[i], codes))
-        elif gcfg.tune_steps:
+        if weights.lazy is not None and gcfg.tune_steps:
             from ..onload import gptq_tuned
 
             gptq_tuned(weights.lazy, ids, w.folder, "w4g128", group_size, symmetric, gcfg, 8, (device,), progress,
                        torch.float16, qinfo, write, checkpoints)
-        else:  # from disk: a block's codes wait from GPTQ's pass until the walk hands the block back
-            pending: dict[int, dict] = {}
-            with walker.onload(weights.model, block_store(weights.lazy, lambda i, b: write(i, b, pending.pop(i, {})))):
-                gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__,
-                                resume=checkpoints and checkpoints.begin("gptq", w), **run)
+        else:
+            resume = checkpoints.begin("gptq", w) if checkpoints is not None and weights.lazy is not None else None
+            _gptq_blocks(weights, ids, group_size, symmetric, run, write, resume)
         put(weights.stored_tensors(blocks=False), lambda name, t: None)
     info.update(gcfg.as_dict(), **qinfo)
     return info
+
+
+def _gptq_blocks(weights, ids, group_size: int | str, symmetric: bool, run: dict, done, resume=None) -> None:
+    """GPTQ's block-sequential pass over the source's weights (in memory, or from disk one decoder block at a time)
+    onto dense int4 groups (w4g128's grid): `done(i, block, codes)` with each decoder block, in order, once its
+    weights are final (the dequantized codes), and its layers' codes ({name: quant.Quantized}), one block's alive.
+    `run`: gptq_sequential's options; `resume`: its checkpoints (from disk)."""
+    from .. import walker
+    from ..onload import block_store
+    from ..quant.sequential import gptq_sequential
+
+    if weights.lazy is None:  # in memory
+        blocks = weights.model.get_submodule(weights.blocks())
+        gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run,
+                        on_block=lambda i, codes: done(i, blocks[i], codes))
+        return
+    pending: dict[int, dict] = {}  # from disk: a block's codes wait from GPTQ's pass until the walk hands it back
+    with walker.onload(weights.model, block_store(weights.lazy, lambda i, b: done(i, b, pending.pop(i, {})))):
+        gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, on_block=pending.__setitem__,
+                        resume=resume, **run)
+
+
+def _gguf_gptq(weights, ids, group_size: int, symmetric: bool, gcfg, device, progress: bool, info: dict):
+    """`quantize` for gguf.write: the tensors before the decoder blocks (the embedding), each decoder block with
+    its GPTQ codes as GPTQ finishes it, then the rest, in the order of `weights.keys`; what GPTQ records goes into
+    `info`."""
+    import torch
+
+    inside = weights.blocks() + "."
+    first = next(i for i, k in enumerate(weights.keys) if k.startswith(inside))
+    before = set(weights.keys[:first])
+    qinfo: dict = {}
+    run = dict(device=device, progress=progress, dtype=torch.float16, info=qinfo, **gcfg.as_dict())
+
+    def quantize(put) -> None:
+        def done(i, block, codes):
+            for key, t in block.state_dict(prefix=f"{inside}{i}.").items():
+                put(key, t, lambda name, w: codes.get(name))
+
+        for key, t in weights.tensors(blocks=False, only=before.__contains__):
+            put(key, t, lambda name, w: None)
+        _gptq_blocks(weights, ids, group_size, symmetric, run, done)
+        for key, t in weights.tensors(blocks=False, only=lambda k: k not in before):
+            put(key, t, lambda name, w: None)
+        info.update(qinfo)
+
+    return quantize
 
 
 def evaluate(folder, datasets, seqlen: int, windows: int | None, progress: bool, device: str = "cpu",

@@ -10,7 +10,8 @@ lays them out: gguf_tensors.py.
 Q4/Q5 types the (tied) embedding matrix is Q8_0, as the head reads it. Symmetric block types (Q8_0,
 Q4_0, Q5_0) keep a pruned model's zeros exactly (a zero rounds to the block's zero code); Q4_1 and Q5_1
 store a block minimum and do not. The block types of an int4 output (w4g128, w4s24) hold its own codes and
-scales where its grid fits them (gguf_int4.py), not gguf's rounding of the dequantized weights.
+scales where its grid fits them (gguf_int4.py), not gguf's rounding of the dequantized weights; with `--quant gptq`
+an unquantized output's linears are quantized by GPTQ on export, block by block, and hold GPTQ's codes.
 """
 from __future__ import annotations
 
@@ -62,6 +63,42 @@ def parse_types(types) -> tuple[str, ...]:
         if t not in TYPES:
             raise LLMPruneError(f"unknown --type {t!r}: choose from {', '.join(TYPES)}")
     return types
+
+
+GPTQ_GROUPS = (32, 64, 128)  # int4 groups whose 32-blocks are GGUF blocks (32: one fp16 step a block, as GGUF's own)
+
+
+def check_quant(src: Source, quant: str, group_size, grid: str, types: tuple[str, ...]) -> tuple[int, bool]:
+    """`--quant gptq` on a GGUF export: GPTQ's int4 codes written as the block types' codes (gguf_int4), which
+    gguf's round-to-nearest would otherwise make; refused where they cannot be. Returns (group size, symmetric):
+    auto is 32 (every GGUF block stores its own fp16 step, so smaller groups cost no bytes) and symmetric (the
+    grid Q4_0 holds)."""
+    if src.fmt not in ("dense", "sparse24"):
+        raise LLMPruneError(f"{src.folder} is already int4 ({src.fmt}): its codes are exported as they are; drop "
+                            f"--quant / --grid / --group-size, or export the dense output it was packed from")
+    return check_quant_options(quant, group_size, grid, types)
+
+
+def check_quant_options(quant: str, group_size, grid: str, types: tuple[str, ...]) -> tuple[int, bool]:
+    """`check_quant`'s checks of the options alone (`compress --export gguf --export-quant` before it computes)."""
+    from . import gguf_int4
+
+    if quant != "gptq":
+        raise LLMPruneError(f"--quant {quant} with --to gguf: GGUF's block types round to nearest themselves; use "
+                            f"--quant gptq (GPTQ's codes in the blocks), or drop --quant")
+    other = [t for t in types if t not in gguf_int4.TYPES]
+    if other:
+        raise LLMPruneError(f"--type {other[0]} with --quant gptq: GPTQ's codes go into GGUF's block types; use "
+                            f"--type {', '.join(gguf_int4.TYPES)}, or export {other[0]} without --quant")
+    group_size = 32 if group_size == "auto" else group_size
+    if group_size not in GPTQ_GROUPS:
+        raise LLMPruneError(f"--group-size {group_size} with --to gguf: GGUF's blocks take int4 groups of "
+                            f"{', '.join(map(str, GPTQ_GROUPS))} (or auto: 32)")
+    symmetric = grid != "asym"
+    if not symmetric and "q4_0" in types:
+        raise LLMPruneError("--grid asym with --type q4_0: Q4_0 stores no minimum, so it holds the symmetric grid "
+                            "alone; use --grid sym (or auto), or --type q4_1 / q5_0")
+    return group_size, symmetric
 
 
 ENCODE_CHUNK = 64 * 2**20  # bytes of fp32 rows quantized at a time (gguf's quantizers make several copies)
@@ -126,10 +163,14 @@ def open_file(path: Path, want: str, a: GGUFArch, cfg, plan, add_tokenizer, name
 
 
 @torch.no_grad()
-def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, progress: bool = False) -> dict:
+def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, progress: bool = False,
+          quantize=None) -> dict:
     """One GGUF file per type into `folder` (the tokenizer is inside each); returns the export section.
     Every file's header is written first (names, shapes, types are known without the data), then each
-    tensor is encoded into every file as it arrives from the source (one decoder block in memory)."""
+    tensor is encoded into every file as it arrives from the source (one decoder block in memory).
+    `quantize(put)`: quantizes the source on export (GPTQ's pass, export._gguf_gptq) and calls `put(key, tensor,
+    code_of)` for every tensor in `weights.keys`' order, each block's as it is done, `code_of(layer, weight)`
+    giving its layers' codes; without it, the source's tensors are written, an int4 output's with its codes."""
     from tqdm.auto import tqdm
 
     from ..arch import arch_of
@@ -152,30 +193,50 @@ def write(weights: Weights, folder: Path, types: tuple[str, ...], src: Source, p
     plan[:0] = [(n, f.shape) for n, f in extra]  # llama.cpp's converter writes them first
     files = [f"{name}-{t.upper()}.gguf" for t in types]
     writers, layout = {}, {}
+    codes = {t: {"kept": 0, "requantized": 0, "max_error_steps": 0.0} for t in types if t in gguf_int4.TYPES}
+    if quantize is not None:
+        int4 = gguf_int4.modules(weights.targets())
+    else:
+        int4 = gguf_int4.modules((src.manifest.format or {}).get("layers") or {}) \
+            if codes and src.fmt in INT4_FORMATS else set()
+    order = iter(shapes)  # the order the headers promise
+    bar = tqdm(total=len(shapes), desc="gguf", disable=not progress)
+
+    def put(key: str, tensor: torch.Tensor, code_of) -> None:
+        if key != next(order, None):
+            raise AssertionError(f"gguf: {key} written out of the headers' order")
+        data = to_gguf(key, tensor, a, cfg)
+        held = key.rsplit(".", 1)[0] in int4  # (an int4 layer's: its codes kept where gguf_int4 can)
+        for hf_name, shape, rows in split[key]:
+            piece = np.ascontiguousarray(take(data, rows)).reshape(shape)
+            tts = {t: tensor_type(gnames[hf_name], shape, t) for t in writers}
+            want = {*tts.values()} & {*gguf_int4.TYPES} if held else set()  # (types its codes can be kept in)
+            coded = gguf_int4.blocks(code_of, model, key, tensor, piece, rows, want, a, cfg) if want else {}
+            for t, w in writers.items():
+                kept = coded.get(tts[t])
+                if tts[t] in coded:
+                    c = codes[tts[t]]
+                    c["kept" if kept else "requantized"] += 1
+                    c["max_error_steps"] = max(c["max_error_steps"], kept[1] if kept else 0.0)
+                w.write_tensor_data(kept[0] if kept else encode(piece, tts[t])[0])
+        bar.update()
+
     try:
         for t, fname in zip(types, files):
             writers[t], layout[fname] = open_file(folder / fname, t, a, cfg, plan, add_tokenizer, name, kv)
         for _, f in extra:
             for w in writers.values():
                 w.write_tensor_data(f)
-        codes = {t: {"kept": 0, "requantized": 0, "max_error_steps": 0.0} for t in types if t in gguf_int4.TYPES}
-        int4 = gguf_int4.modules(src) if codes and src.fmt in INT4_FORMATS else set()
-        for key, tensor in tqdm(weights.tensors(), total=len(shapes), desc="gguf", disable=not progress):
-            data = to_gguf(key, tensor, a, cfg)
-            held = key.rsplit(".", 1)[0] in int4  # (stored as int4: its codes kept where gguf_int4 can)
-            for hf_name, shape, rows in split[key]:
-                piece = np.ascontiguousarray(take(data, rows)).reshape(shape)
-                tts = {t: tensor_type(gnames[hf_name], shape, t) for t in writers}
-                want = {*tts.values()} & {*gguf_int4.TYPES} if held else set()  # (types its codes can be kept in)
-                coded = gguf_int4.blocks(src, model, key, tensor, piece, rows, want, a, cfg) if want else {}
-                for t, w in writers.items():
-                    kept = coded.get(tts[t])
-                    if tts[t] in coded:
-                        c = codes[tts[t]]
-                        c["kept" if kept else "requantized"] += 1
-                        c["max_error_steps"] = max(c["max_error_steps"], kept[1] if kept else 0.0)
-                    w.write_tensor_data(kept[0] if kept else encode(piece, tts[t])[0])
+        if quantize is not None:
+            quantize(put)
+        else:
+            stored = gguf_int4.stored(src)
+            for key, tensor in weights.tensors():
+                put(key, tensor, stored)
+        if next(order, None) is not None:
+            raise AssertionError("gguf: a tensor the headers promise was not written")
     finally:
+        bar.close()
         for w in writers.values():
             w.close()
     note = engine_note(cfg)

@@ -1,6 +1,7 @@
 """An int4 source's own codes as GGUF blocks: llama.cpp then runs the int4 model llmprune packed and measured
 (GPTQ's codes, w4s24's pruned zeros), not gguf's round-to-nearest of its dequantized weights, which rounds every
-weight a second time onto another grid.
+weight a second time onto another grid; likewise the codes GPTQ makes on export (`export --to gguf --quant gptq`:
+`code_of` hands each layer's codes, whichever made them).
 
 Each GGUF block is 32 weights on one fp16 step d (gguf.quants, ggml's dequantize_row_*): Q4_0 x = d (q - 8) and
 Q5_0 x = d (q - 16) with codes of 4 and 5 bits, Q8_0 x = d q with int8 codes, Q4_1 / Q5_1 x = d q + m with an fp16
@@ -19,6 +20,9 @@ that would move the groups across blocks) is quantized by gguf as before, and th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -27,16 +31,21 @@ from .gguf_arch import GGUFArch
 from .gguf_tensors import take, to_gguf
 from .source import Source, stored_code
 
+if TYPE_CHECKING:
+    from ..quant import Quantized
+
 # each block type: (its codes' levels, None for int8; the code of 0, None where a block stores its minimum m)
 LAYOUT = {"q4_0": (16, 8), "q4_1": (16, None), "q5_0": (32, 16), "q5_1": (32, None), "q8_0": (None, 0)}
 TYPES = tuple(LAYOUT)
 BLOCK = 32  # weights a block holds
+CodeOf = Callable[[str, torch.Tensor], "Quantized | None"]  # (layer name, its dense weight) -> its int4 codes
 
 
-def blocks(src: Source, model, key: str, w: torch.Tensor, piece: np.ndarray, rows, types, a: GGUFArch, cfg) -> dict:
+def blocks(code_of: CodeOf, model, key: str, w: torch.Tensor, piece: np.ndarray, rows, types, a: GGUFArch,
+           cfg) -> dict:
     """{type: (blocks, largest deviation in steps) or None} for each of `types`: `piece`, the GGUF tensor the writer
-    made of part `rows` (gguf_tensors.parts) of the source's int4 tensor `key` (its dense weight `w`), in that
-    type's blocks from its codes (`encode`), None where they cannot be. Its grid is laid out as the writer laid
+    made of part `rows` (gguf_tensors.parts) of the int4 tensor `key` (its dense weight `w`; `code_of` gives its
+    layers' codes), in that type's blocks from its codes (`encode`), None where they cannot be. Its grid is laid out as the writer laid
     out the weights (to_gguf, then take) and made once for every type; a fused experts tensor's one expert at a time
     (as large as one expert's, not the whole stack's: a 256-expert stack in fp32 is tens of GB)."""
     def laid(x: torch.Tensor, sh: tuple[int, ...]) -> np.ndarray:
@@ -45,12 +54,12 @@ def blocks(src: Source, model, key: str, w: torch.Tensor, piece: np.ndarray, row
     module, param = key.rsplit(".", 1)
     experts = model.get_submodule(module)
     if not moe.is_fused_experts(experts):
-        g = grid(src, module, w) if param == "weight" and w.dim() == 2 else None
+        g = grid(code_of, module, w) if param == "weight" and w.dim() == 2 else None
         g = g and [laid(x, piece.shape) for x in g]
         return {t: g and encode(piece, *g, t) for t in types}
     out = {t: [] for t in types}  # each type's experts' blocks, None once one cannot be
     for e in range(moe.num_experts(experts)):
-        g = expert_grid(src, experts, module, param, w, e)
+        g = expert_grid(code_of, experts, module, param, w, e)
         g = g and [laid(x, (1, *piece.shape[1:])) for x in g]
         for t in types:
             got = out[t] is not None and g and encode(piece[e:e + 1], *g, t)
@@ -58,7 +67,7 @@ def blocks(src: Source, model, key: str, w: torch.Tensor, piece: np.ndarray, row
     return {t: v and (np.concatenate([b for b, _ in v]), max(d for _, d in v)) for t, v in out.items()}
 
 
-def expert_grid(src: Source, experts, module: str, param: str, w: torch.Tensor, e: int):
+def expert_grid(code_of: CodeOf, experts, module: str, param: str, w: torch.Tensor, e: int):
     """(step, offset) of expert `e`'s rows of the fused experts parameter `param` (its dense value `w`, all
     experts), each (1, *w.shape[1:]): from each projection it holds (moe's views of it); None when one is not int4."""
     step, offset = (torch.full_like(w[e:e + 1], torch.nan, dtype=torch.float32) for _ in "so")  # (rows no view holds
@@ -66,29 +75,34 @@ def expert_grid(src: Source, experts, module: str, param: str, w: torch.Tensor, 
     for proj in (p for p in moe.projections(experts) if moe.fused_param(experts, p) == param):
         full = moe._oi(experts, w[e])
         rows = moe._rows(experts, proj, full.shape[0])
-        got = grid(src, f"{module}[{e}].{proj}", full[rows])
+        got = grid(code_of, f"{module}[{e}].{proj}", full[rows])
         if got is None:
             return None
         moe._oi(experts, step[0])[rows], moe._oi(experts, offset[0])[rows] = got
     return step, offset
 
 
-def grid(src: Source, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(step, offset) of every weight of the source's int4 layer `name` (its dense weight `w`, (out, in)): s and
-    -s z, each `w`'s shape, fp32; None when it is not stored as int4."""
-    q = stored_code(src, name, w)
+def grid(code_of: CodeOf, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(step, offset) of every weight of the int4 layer `name` (its dense weight `w`, (out, in)): s and -s z, each
+    `w`'s shape, fp32; None when `code_of` gives it no codes."""
+    q = code_of(name, w)
     if q is None:
         return None
     s = q.scales.float().repeat_interleave(q.group_size, dim=1)
     return s, -s * q.zeros.float().repeat_interleave(q.group_size, dim=1)
 
 
-def modules(src: Source) -> set[str]:
-    """Every module path holding an int4 layer of the source (each dotted prefix of its packed layers' names,
-    a fused projection's part `qkv_proj[q]` as `qkv_proj`): a tensor under one that `grid` cannot give (stacked
-    experts, fused parts) is int4 in the source all the same, and quantized again by gguf."""
+def stored(src: Source) -> CodeOf:
+    """`code_of` for an int4 output: each layer's stored codes (source.stored_code)."""
+    return lambda name, w: stored_code(src, name, w)
+
+
+def modules(layers) -> set[str]:
+    """Every module path holding one of the int4 `layers` (each dotted prefix of their names, a fused projection's
+    part `qkv_proj[q]` as `qkv_proj`): a tensor under one that `grid` cannot give (stacked experts, fused parts) is
+    int4 in the source all the same, and quantized again by gguf."""
     out = set()
-    for name in (src.manifest.format or {}).get("layers") or {}:
+    for name in layers:
         parts = name.split("[", 1)[0].split(".")
         out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return out

@@ -112,10 +112,11 @@ class Weights:
 
         return arch_of(self.model).blocks
 
-    def tensors(self, blocks: bool = True):
-        """(name, tensor) for every key in order (`blocks` False: only those outside the decoder blocks);
-        from disk, one decoder block (or one tensor outside the blocks) in memory at a time."""
-        for group in self._groups(blocks):
+    def tensors(self, blocks: bool = True, only=None):
+        """(name, tensor) for every key in order (`blocks` False: only those outside the decoder blocks; `only(key)`
+        False: not that one, not read); from disk, one decoder block (or one tensor outside the blocks) in memory
+        at a time."""
+        for group in self._groups(blocks, only):
             yield from group.items()
 
     def stored_tensors(self, blocks: bool = True):
@@ -125,13 +126,13 @@ class Weights:
             yield from self.as_stored(group)
 
     @torch.no_grad()
-    def _groups(self, blocks: bool):
+    def _groups(self, blocks: bool, only=None):
         """{name: tensor} of each decoder block in turn, and of each tensor outside the blocks alone, in key
         order; a block read from disk is in memory until the next group is asked for."""
         from ..arch import block_prefix
 
         inside = self.blocks() + "."
-        keys = self.keys if blocks else [k for k in self.keys if not k.startswith(inside)]
+        keys = [k for k in self.keys if (blocks or not k.startswith(inside)) and (only is None or only(k))]
         sd = self.model.state_dict() if self.lazy is None else None
         i = 0
         while i < len(keys):
