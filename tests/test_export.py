@@ -1665,3 +1665,24 @@ def test_compress_export_gguf_refuses_an_unwritable_tokenizer_before_it_computes
                       "compressed-tensors", *FAST_CLI)
     assert rc == 2 and f"{out} was saved, but its export failed: the disk is full (then: llmprune export {out} --to " \
         "compressed-tensors)" in err and out.is_dir(), err
+
+
+def test_gptq_on_export_in_memory_hands_every_block_in_order(monkeypatch):
+    """A block GPTQ's pass hands no codes for (nothing in it to quantize: gptq_sequential skips it) is still written,
+    in its place: the GGUF writer takes tensors in its headers' order, compressed-tensors would leave it out."""
+    from types import SimpleNamespace
+
+    from llmprune import export
+    from llmprune.quant import sequential
+
+    blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
+    model = torch.nn.Module()
+    model.layers = blocks
+    weights = SimpleNamespace(lazy=None, model=model, blocks=lambda: "layers")
+    for handed in ([1, 2], [], [3], [0, 1, 2, 3]):
+        monkeypatch.setattr(sequential, "gptq_sequential",
+                            lambda *a, on_block, h=handed, **k: [on_block(i, {i: i}) for i in h])
+        got: list = []
+        export._gptq_blocks(weights, None, 32, True, {}, lambda i, block, codes, g=got: g.append((i, block, codes)))
+        assert [(i, c) for i, _, c in got] == [(i, {i: i} if i in handed else {}) for i in range(4)], handed
+        assert all(b is blocks[i] for i, b, _ in got)

@@ -293,10 +293,18 @@ def _gptq_blocks(weights, ids, group_size: int | str, symmetric: bool, run: dict
     from ..onload import block_store
     from ..quant.sequential import gptq_sequential
 
-    if weights.lazy is None:  # in memory
+    if weights.lazy is None:  # in memory; a block GPTQ hands no codes for (nothing in it to quantize) too, in order
         blocks = weights.model.get_submodule(weights.blocks())
-        gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run,
-                        on_block=lambda i, codes: done(i, blocks[i], codes))
+        handed = []
+
+        def hand(i: int, codes: dict) -> None:
+            for j in range(len(handed), i + 1):
+                done(j, blocks[j], codes if j == i else {})
+                handed.append(j)
+
+        gptq_sequential(weights.model, ids, "w4g128", group_size, symmetric, **run, on_block=hand)
+        if handed[-1:] != [len(blocks) - 1]:
+            hand(len(blocks) - 1, {})
         return
     pending: dict[int, dict] = {}  # from disk: a block's codes wait from GPTQ's pass until the walk hands it back
     with walker.onload(weights.model, block_store(weights.lazy, lambda i, b: done(i, b, pending.pop(i, {})))):
