@@ -1686,3 +1686,38 @@ def test_gptq_on_export_in_memory_hands_every_block_in_order(monkeypatch):
         export._gptq_blocks(weights, None, 32, True, {}, lambda i, block, codes, g=got: g.append((i, block, codes)))
         assert [(i, c) for i, _, c in got] == [(i, {i: i} if i in handed else {}) for i in range(4)], handed
         assert all(b is blocks[i] for i, b, _ in got)
+
+
+def test_gguf_gptq_on_export_holds_a_few_blocks_of_a_deep_model(tmp_path, capsys, calib_txt):
+    """Think in 70B: `export --to gguf --quant gptq` from disk writes each decoder block's tensors while the block
+    GPTQ finished is the one in the model (measured: 1 of 8 at every tensor; 2 allowed, should the walk read ahead
+    into it), never the model: at every tensor written, the model's blocks not on the meta device are counted."""
+    from llmprune.export import gguf as gguf_writer
+    from llmprune.export import source
+    from llmprune.testing import byte_tokenizer, tiny_model
+
+    m, src, out = tmp_path / "m", tmp_path / "s", tmp_path / "g"
+    tiny_model("llama", num_hidden_layers=8).save_pretrained(m)
+    byte_tokenizer().save_pretrained(m)
+    assert main([str(a) for a in ("compress", "--model", m, "--calib", calib_txt, "--out", src, *FAST_CLI)]) == 0
+    made, held = [], []
+    init, to_gguf = source.Weights.__init__, gguf_writer.to_gguf
+
+    def weights_init(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    def counting(key, tensor, *a):
+        layers = made[0].model.model.layers
+        held.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in layers))
+        return to_gguf(key, tensor, *a)
+
+    mp = pytest.MonkeyPatch()
+    with mp.context() as c:
+        c.setattr(source.Weights, "__init__", weights_init)
+        c.setattr(gguf_writer, "to_gguf", counting)
+        rc, _, se = _run(capsys, "export", src, "--to", "gguf", "--quant", "gptq", "--calib", calib_txt, "--nsamples",
+                         "4", "--seqlen", "32", "--out", out, "--no-progress")
+    assert rc == 0, se
+    assert made[0].lazy is not None and len(held) == len(made[0].keys)
+    assert 1 <= max(held) <= 2, held
