@@ -379,8 +379,9 @@ def _what_was_done(manifest: dict) -> str:
         r = manifest.get("recover") or {}
         said.append(f"retrained with PERP ({r.get('steps', '?')} steps, "
                     f"{_pct(r['fraction']) if isinstance(r.get('fraction'), (int, float)) else '?'} of the parameters)")
-    if "quantize" in steps:
-        said.append(f"quantized to int4 ({str(fmt.get('quant') or '').upper() or 'RTN'})")
+    if "quantize" in steps:  # (by the pack, or by an export: its own section says which)
+        quant = fmt.get("quant") or ((manifest.get("export") or {}).get("quant") or {}).get("quant")
+        said.append(f"quantized to int4 ({str(quant or '').upper() or 'RTN'})")
     if "tune-scales" in steps:
         tune = (fmt.get("quant_options") or {}).get("tune") or {}
         said.append(f"int4 scales tuned end to end ({tune.get('steps', '?')} steps; codes and mask fixed)")

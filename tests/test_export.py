@@ -984,8 +984,12 @@ def test_gguf_gptq_on_export_writes_the_codes_pack_then_export_writes(tmp_path, 
     assert main([str(a) for a in ("compress", "--model", tiny_dir, *calib, "--out", out,
                                   "--export", "gguf", "--export-quant", "gptq", "--no-progress", "--eval",
                                   "none")]) == 0
-    e = json.loads((tmp_path / "c-gguf" / "llmprune.json").read_text())["export"]
+    m = json.loads((tmp_path / "c-gguf" / "llmprune.json").read_text())
+    e = m["export"]
     assert e["types"] == ["q4_0"] and e["int4_codes"]["q4_0"]["kept"] == 14 and e["quant"]["quant"] == "gptq"
+    from llmprune import hub
+
+    assert "pruned; quantized to int4 (GPTQ); exported to gguf" in hub.model_card(m, "me/x")  # (not "RTN")
 
 
 @pytest.mark.parametrize("arch", ["phi3", "glm4"])
