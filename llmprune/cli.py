@@ -733,6 +733,12 @@ def print_export(m: dict) -> None:
     print(f"exported {m['out']}  ({e['to']}, from {e['source_format']})")
     for f, b in sizes.items():
         print(f"  {f}  {b / 2**20:.1f} MiB")
+    q = e.get("quant")
+    if q:  # (an unquantized source quantized on export)
+        g = q["group_size"]
+        print(f"  quantized on export: {q['quant'].upper()}, int4 groups of "
+              f"{g if g != 'auto' else 'the largest size dividing each layer'}, "
+              f"{'symmetric' if q['symmetric'] else 'asymmetric'} grid")
     for t, c in e.get("int4_codes", {}).items():  # (GGUF Q4 of an int4 output: its own codes, or quantized again)
         hint = "; an asymmetric grid: --type q5_0 keeps its codes exactly" if t == "q4_0" else ""
         again = (f", {c['requantized']} quantized again by gguf from their weights (their grid or layout does not "

@@ -89,9 +89,10 @@ def test_ct_quantized_on_export_keeps_zeros_within_int4_tolerance(tmp_path, caps
     from llmprune.quant.rtn import rtn
 
     out = tmp_path / "ct"
-    rc, _, se = _run(capsys, "export", outs["dense"], "--to", "compressed-tensors", "--group-size", "32", "--out", out,
-                     "--no-progress")
+    rc, so, se = _run(capsys, "export", outs["dense"], "--to", "compressed-tensors", "--group-size", "32", "--out", out,
+                      "--no-progress")
     assert rc == 0, se
+    assert "quantized on export: RTN, int4 groups of 32, symmetric grid\n" in so, so
     model, got = _ct_logits(out)
     src, _, _ = llmprune.load(str(outs["dense"]))
     want = src(_ids()).logits.detach()
@@ -957,6 +958,7 @@ def test_gguf_gptq_on_export_writes_the_codes_pack_then_export_writes(tmp_path, 
                       *calib, "--out", one, "--no-progress")
     assert rc == 0, se
     assert "int4 codes: Q4_0 holds 14 int4 tensors' own codes\n" in so, so
+    assert "quantized on export: GPTQ, int4 groups of 32, symmetric grid\n" in so, so
     m = json.loads((one / "llmprune.json").read_text())
     assert m["steps"] == ["prune", "quantize", "export"]
     q = m["export"]["quant"]
