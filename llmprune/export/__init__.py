@@ -6,10 +6,10 @@
                             tensor's layout, gguf_tokenizer.py the tokenizer
 
     export(src, to, out)    open the source (source.py: refusals, dense weights, int4 codes) -> check the
-                            target's options -> [quantize unquantized sources: RTN or GPTQ for compressed-tensors,
-                            GPTQ into GGUF's block types] -> write into a temporary sibling -> manifest
-                            (llmprune.json with an "export" section) -> [perplexity through the target's
-                            independent reader] -> rename
+                            target's options -> [quantize unquantized sources: RTN or GPTQ for
+                            compressed-tensors, GPTQ into GGUF's block types] -> write into a temporary
+                            sibling -> manifest (llmprune.json with an "export" section) -> [perplexity
+                            through the target's independent reader] -> rename
 
 `llmprune.export(...)` calls `export`: this package is callable (see the end of the file), because
 importing `llmprune.export.gguf` makes the attribute `llmprune.export` this module.
@@ -72,12 +72,12 @@ def export(src: str | Path, to: str, out: str | Path | None = None, *, quant: st
     """Write the llmprune output `src` as `to` ("compressed-tensors" or "gguf") into `out` (default:
     `<src>-<to>`). compressed-tensors: int4 sources keep their codes; dense and sparse24 sources are
     quantized on export (quant rtn|gptq, group_size, grid sym|asym|auto, GPTQ's calibration options).
-    gguf: `types` (e.g. "f16,q8_0"; default f16, q4_0 with quant) are written as one file each; quant gptq: GPTQ's
-    int4 codes (group_size 32/64/128, auto 32; grid sym or asym) as the block types' codes. `eval`: perplexity of
-    the export read back by transformers (not llmprune's loader). `hessian_gib`: GiB of GPTQ's Hessians collected at once
-    (walker.hessian_memory). `checkpoint_s`: GPTQ's pass from disk (and its scale tuning) commits a checkpoint
-    every so many seconds (None: none), and a killed export of the same recipe goes on from its last one
-    (resume.py). Returns the export's manifest with `out`."""
+    gguf: `types` (e.g. "f16,q8_0"; default f16, q4_0 with quant) are written as one file each; quant gptq:
+    GPTQ's int4 codes (group_size 32/64/128, auto 32; grid sym or asym) as the block types' codes. `eval`:
+    perplexity of the export read back by transformers (not llmprune's loader). `hessian_gib`: GiB of GPTQ's
+    Hessians collected at once (walker.hessian_memory). `checkpoint_s`: compressed-tensors' GPTQ pass from disk
+    (and its scale tuning) commits a checkpoint every so many seconds (None: none), and a killed export of the same
+    recipe goes on from its last one (resume.py). Returns the export's manifest with `out`."""
     import torch
 
     from .. import manifest as mf

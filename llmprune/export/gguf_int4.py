@@ -45,9 +45,10 @@ def blocks(code_of: CodeOf, model, key: str, w: torch.Tensor, piece: np.ndarray,
            cfg) -> dict:
     """{type: (blocks, largest deviation in steps) or None} for each of `types`: `piece`, the GGUF tensor the writer
     made of part `rows` (gguf_tensors.parts) of the int4 tensor `key` (its dense weight `w`; `code_of` gives its
-    layers' codes), in that type's blocks from its codes (`encode`), None where they cannot be. Its grid is laid out as the writer laid
-    out the weights (to_gguf, then take) and made once for every type; a fused experts tensor's one expert at a time
-    (as large as one expert's, not the whole stack's: a 256-expert stack in fp32 is tens of GB)."""
+    layers' codes), in that type's blocks from its codes (`encode`), None where they cannot be. Its grid is laid
+    out as the writer laid out the weights (to_gguf, then take) and made once for every type; a fused experts
+    tensor's one expert at a time (as large as one expert's, not the whole stack's: a 256-expert stack in fp32 is
+    tens of GB)."""
     def laid(x: torch.Tensor, sh: tuple[int, ...]) -> np.ndarray:
         return np.ascontiguousarray(take(to_gguf(key, x, a, cfg), rows)).reshape(sh)
 
