@@ -660,6 +660,7 @@ def scale_pack_table() -> str:
         n = _blocks(p)
         e = m.get("export") or {}
         what = (f"export --to {e['to']}" + (f" --type {','.join(e['types'])}" if e.get("types") else "")
+                + (f" --quant {e['quant']['quant']}" if e.get("quant") else "")
                 + f" (from {e.get('source_format', '').split(' ')[0]})") if e else \
             f"pack --format {m['format']['name']} ({m['format'].get('quant') or 'rtn'})"
         io = m.get("io_bytes") or {}

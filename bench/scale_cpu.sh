@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real sizes on this 2-core, 24 GiB CPU machine: a Llama-3-8B-shaped model (random weights, bf16 on
 # disk, 16 GB) compressed block by block from disk within a few GiB, and peak RSS against depth.
-#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [perp] [zeroshot] [moe] [moe_stats] [moe_pack] [moe_tune] [slicegpt] [slicegpt_pack]   (SYN=/some/disk for the synthetic models; ~60 GB free)
+#   bash bench/scale_cpu.sh [8b] [sgpt4] [depth] [pack_export] [gguf_gptq] [perp] [zeroshot] [moe] [moe_stats] [moe_pack] [moe_tune] [slicegpt] [slicegpt_pack]   (SYN=/some/disk for the synthetic models; ~60 GB free)
 # Each run's manifest (timings, peak_rss_mib, io_bytes) and console log go to bench/results/scale/;
 # the outputs themselves are deleted after their manifest is kept (they are 8-16 GB each).
 set -euo pipefail
@@ -85,6 +85,18 @@ if [[ " $STAGES " == *" pack_export "* ]]; then  # pack and export a saved outpu
   done
   step pack-l4-w4g128-whole pack "$S/keep-l4-wanda-50" --format w4g128 --onload whole --overwrite --out "$S/pack-l4-whole"
   rm -rf "$S/pack-l4-whole"
+fi
+if [[ " $STAGES " == *" gguf_gptq "* ]]; then  # GPTQ on a GGUF export of the 4-block 8B-width Wanda output: GPTQ's
+  # pass from disk writes each block into the file as it finishes it; its peak beside export-l4-gguf-chunked's
+  # (gguf's own Q4_0 of the same output)
+  keep 4
+  step export-l4-gguf-gptq export "$k" --to gguf --quant gptq --calib c4 --nsamples 8 --seqlen 256 --overwrite \
+      --out "$S/gguf-gptq-l4"
+  # and the same GPTQ pass packing w4g128 instead (the two commands it replaces, first of them): what GPTQ's pass
+  # itself holds, without the GGUF writer
+  step pack-l4-w4g128-gptq32 pack "$k" --format w4g128 --group-size 32 --grid sym --quant gptq --calib c4 \
+      --nsamples 8 --seqlen 256 --overwrite --out "$S/pack-gptq-l4"
+  rm -rf "$S/gguf-gptq-l4" "$S/pack-gptq-l4"
 fi
 if [[ " $STAGES " == *" perp "* ]]; then  # PERP of a saved 8B-width output: the whole model trains (it must), so
   # the peak grows with depth; what it should not hold is an fp32 copy of the frozen bf16 weights or a mask per weight.
