@@ -215,9 +215,14 @@ def arch_for(cfg) -> GGUFArch:
     a = ARCHS[cfg.model_type]
     if cfg.model_type == "nemotron_h" and "moe" not in cfg.layers_block_type:
         return dataclasses.replace(a, name="NEMOTRON_H")
-    if cfg.model_type == "granitemoehybrid" and not cfg.num_local_experts:
+    if granite_dense(cfg):
         return dataclasses.replace(a, moe=False, renames=GRANITE_DENSE)
     return a
+
+
+def granite_dense(cfg) -> bool:
+    """Granite 4.0-H without experts (H-Micro): its shared MLP is llama.cpp's dense one (`arch_for`, `ffn_width`)."""
+    return cfg.model_type == "granitemoehybrid" and not cfg.num_local_experts
 
 
 def check_readable(cfg) -> None:
@@ -505,7 +510,7 @@ def ffn_width(cfg) -> int:
     transformers sizes its w1 / w3 (block_auto_adjust_ff_dim: 2/3 of it, times the multiplier, rounded up); Granite
     4.0-H's without experts, its shared MLP's (`arch_for`)."""
     ff = getattr(cfg, "intermediate_size_mlp", None) or cfg.intermediate_size  # Llama 4's dense layers: _mlp
-    if cfg.model_type == "granitemoehybrid" and not cfg.num_local_experts:
+    if granite_dense(cfg):
         return cfg.shared_intermediate_size
     if cfg.model_type == "nemotron_h":  # one mixer a layer: an array, the MLP's width where there is one
         return [{"moe": cfg.moe_intermediate_size, "mlp": ff}.get(t, 0) for t in cfg.layers_block_type]
