@@ -98,6 +98,13 @@ def _oi(experts: nn.Module, w: torch.Tensor) -> torch.Tensor:
     return w.T if flag(experts, "is_transposed") else w
 
 
+def proj_view(experts: nn.Module, proj: str, matrix: torch.Tensor) -> torch.Tensor:
+    """`proj`'s (out, in) view of `matrix`, one expert's slice of the fused parameter holding it (the parameter's
+    own value, or any tensor laid out as it: an export's dense weight, its int4 grid)."""
+    full = _oi(experts, matrix)
+    return full[_rows(experts, proj, full.shape[0])]
+
+
 def apply_gate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """act(gate) * up of (tokens, 2 I) in the experts' layout, as their class computes it."""
     if hasattr(experts, "_apply_gate"):
@@ -142,8 +149,8 @@ class ExpertProj:
 
     @property
     def weight(self) -> torch.Tensor:
-        full = self._full()  # (out_all, in)
-        return full[_rows(self.experts, self.proj, full.shape[0])]  # (out, in) view into the parameter
+        param = getattr(self.experts, fused_param(self.experts, self.proj))
+        return proj_view(self.experts, self.proj, param.data[self.index])  # (out, in) view into the parameter
 
     @property
     def bias(self) -> torch.Tensor | None:

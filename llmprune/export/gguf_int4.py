@@ -74,12 +74,11 @@ def expert_grid(code_of: CodeOf, experts, module: str, param: str, w: torch.Tens
     step, offset = (torch.full_like(w[e:e + 1], torch.nan, dtype=torch.float32) for _ in "so")  # (rows no view holds
     # stay NaN: no block of them is taken for codes)
     for proj in (p for p in moe.projections(experts) if moe.fused_param(experts, p) == param):
-        full = moe._oi(experts, w[e])
-        rows = moe._rows(experts, proj, full.shape[0])
-        got = grid(code_of, f"{module}[{e}].{proj}", full[rows])
+        got = grid(code_of, f"{module}[{e}].{proj}", moe.proj_view(experts, proj, w[e]))
         if got is None:
             return None
-        moe._oi(experts, step[0])[rows], moe._oi(experts, offset[0])[rows] = got
+        for dst, x in zip((step[0], offset[0]), got):
+            moe.proj_view(experts, proj, dst).copy_(x)
     return step, offset
 
 
